@@ -1,0 +1,196 @@
+"""Reading official PyTorch-Lightning checkpoints and rdm_fast's own safetensors format.
+
+Official layout: the UNet under ``model.diffusion_model.``, the autoencoder under ``first_stage_model.``, EMA
+copies of the UNet under ``model_ema.`` with the dots removed from their names (LitEma), plus schedule buffers
+and a few bookkeeping tensors. rdm_fast's own layout: ``model.safetensors`` with our module names and the
+official-layout config as JSON in the file's metadata (and, for people, ``config.json`` beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+UNET_PREFIX = "model.diffusion_model."
+FIRST_STAGE_PREFIX = "first_stage_model."
+EMA_PREFIX = "model_ema."
+FORMAT_NAME = "rdm_fast"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2", "logvar")
+# Tensors official checkpoints carry that sampling does not use: EMA counters, the learned unconditional
+# vector of the RDM training code (guidance here uses the all-zero context), losses and discriminators.
+IGNORED_KEYS = {"model_ema.decay", "model_ema.num_updates", "unconditional_guidance_vex"}
+IGNORED_PREFIXES = ("first_stage_model.loss.", "loss.", "cond_stage_model.", "retrieval_encoder.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded into the configured model."""
+
+
+def ema_name(official_unet_name: str) -> str:
+    """LitEma's key for a UNet tensor: ``model_ema.`` + the name under ``model.`` with its dots removed."""
+    return EMA_PREFIX + ("diffusion_model." + official_unet_name).replace(".", "")
+
+
+def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors of a ``.ckpt``/``.pt``/``.pth``/``.bin`` (torch) or ``.safetensors`` file, and the file's metadata.
+
+    Torch files are read with ``weights_only=True``. ``allow_pickle=True`` unpickles arbitrary objects, which
+    can run code from the file: only for files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); is it truncated?") from None
+    if allow_pickle:
+        warnings.warn(f"unpickling {path} with weights_only=False: this runs any code the file contains",
+                      stacklevel=2)
+    try:
+        obj = _torch_load(path, weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds Python objects besides tensors, which are not loaded by default ({str(e).splitlines()[0]})."
+            " If you trust the file, pass allow_pickle=True (CLI: --allow-pickle), or convert it once with "
+            "`python -m rdm_fast.convert --allow-pickle`") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]});"
+                              " is it truncated or corrupt?") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(obj), {}
+
+
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    """torch.load, memory-mapped where the file format allows (large checkpoints need not fit in RAM)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
+def describe(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def match_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]],
+                     source: str) -> list[str]:
+    """Check that ``state`` holds every expected name with the expected shape; return the unexpected names.
+
+    Raises CheckpointError listing missing and mis-shaped tensors.
+    """
+    missing = [k for k in expected if k not in state]
+    mismatched = [f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k])})"
+                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    if missing or mismatched:
+        lines = [f"{source} does not match the model configuration:"]
+        if missing:
+            lines.append(f"  missing {len(missing)} tensors: {describe(missing)}")
+        if mismatched:
+            lines.append(f"  {len(mismatched)} tensors of the wrong shape: {describe(mismatched)}")
+        lines.append("  (is the config right? pass config= a preset name or the model's config.yaml)")
+        raise CheckpointError("\n".join(lines))
+    return [k for k in state if k not in expected]
+
+
+def official_sources(state: Mapping[str, Tensor], official: Mapping[str, str], *, use_ema: bool = True,
+                     source: str = "checkpoint") -> dict[str, str]:
+    """For each of our names, the key of an official-layout ``state`` to read it from.
+
+    ``official`` maps our names to official ones. UNet tensors come from the EMA copy when the file has one
+    and ``use_ema`` is set (the reference samples with its EMA weights).
+    """
+    has_ema = any(k.startswith(EMA_PREFIX) and k not in IGNORED_KEYS for k in state)
+    if not (use_ema and has_ema):
+        return dict(official)
+    log.info("%s: using the EMA weights of the UNet", source)
+    return {ours: ema_name(off[len(UNET_PREFIX):]) if off.startswith(UNET_PREFIX) else off
+            for ours, off in official.items()}
+
+
+def unexpected_official(state: Mapping[str, Tensor], official: Mapping[str, str]) -> list[str]:
+    """Keys of an official-layout file that neither the model nor the known bookkeeping tensors account for."""
+    known = set(official.values()) | IGNORED_KEYS | set(SCHEDULE_BUFFERS)
+    known |= {ema_name(off[len(UNET_PREFIX):]) for off in official.values() if off.startswith(UNET_PREFIX)}
+    return [k for k in state if k not in known and not k.startswith(IGNORED_PREFIXES)]
+
+
+def check_schedule(state: Mapping[str, Tensor], alphas_cumprod: Tensor, source: str) -> None:
+    """If the file carries the schedule, it must be the one the config describes."""
+    stored = state.get("alphas_cumprod")
+    if stored is None:
+        return
+    if stored.shape != alphas_cumprod.shape or not torch.allclose(stored.double(), alphas_cumprod, rtol=1e-5,
+                                                                    atol=1e-7):
+        raise CheckpointError(f"{source}: its alphas_cumprod differ from the configured schedule "
+                              "(check linear_start, linear_end and timesteps in the config)")
+
+
+def save_safetensors(tensors: Mapping[str, Tensor], config: dict[str, Any], directory: str | Path) -> Path:
+    """Write ``model.safetensors`` (config in its metadata) and ``config.json`` into ``directory`` atomically:
+    each file is written under a temporary name and renamed into place, so no half-written file is left."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "config": json.dumps(config)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    weights = directory / WEIGHTS_FILE
+    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(directory / CONFIG_FILE,
+                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return weights
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_own_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:
+    """The config stored by ``save_safetensors``: from the file's metadata, else ``config.json`` beside it."""
+    if metadata.get("format") == FORMAT_NAME:
+        version = int(metadata.get("format_version", "0"))
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{path} was written by a newer rdm_fast (format {version}; this version reads "
+                                  f"up to {FORMAT_VERSION}): upgrade rdm_fast")
+        return json.loads(metadata["config"])
+    beside = path.parent / CONFIG_FILE
+    if beside.is_file():
+        return json.loads(beside.read_text())
+    return None

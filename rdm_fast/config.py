@@ -1,0 +1,309 @@
+"""Model configuration as dataclasses whose fields carry the official YAML names.
+
+An official ``config.yaml`` (the released ``model.params`` tree of latent-diffusion / RDM) loads directly:
+``RDMConfig.from_yaml(path)``. rdm_fast's own presets (``rdm_fast/configs/*.yaml``) use the same layout, so
+there is one parser. Fields the reference code uses only for training bookkeeping are accepted and ignored;
+fields that would change the architecture to something the released models never use raise a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that rdm_fast cannot build."""
+
+
+def _take(cls: type, params: dict[str, Any], where: str, *, ignored: set[str],
+          fixed: dict[str, Any]) -> dict[str, Any]:
+    """Split ``params`` into the dataclass fields of ``cls``; check fixed-value and unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    unknown = []
+    for key, value in params.items():
+        if key in names:
+            out[key] = value
+        elif key in fixed:
+            if value != fixed[key]:
+                raise ConfigError(f"{where}.{key} = {value!r} is not supported (the released RDMs use "
+                                  f"{fixed[key]!r})")
+        elif key not in ignored:
+            unknown.append(key)
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown keys {sorted(unknown)}", stacklevel=3)
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in out and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where} is missing required keys {missing}")
+    return out
+
+
+def _tuple(v: Any) -> tuple[int, ...]:
+    return tuple(int(i) for i in v) if v is not None else ()
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """``unet_config.params`` of the LDM UNet with spatial transformers."""
+
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    attention_resolutions: tuple[int, ...]
+    num_res_blocks: int
+    channel_mult: tuple[int, ...]
+    context_dim: int
+    image_size: int = 64
+    num_heads: int = -1
+    num_head_channels: int = -1
+    transformer_depth: int = 1
+    legacy: bool = True
+    dropout: float = 0.0
+
+    _IGNORED = {"use_checkpoint", "use_fp16", "num_heads_upsample"}
+    _FIXED = {"dims": 2, "use_spatial_transformer": True, "use_scale_shift_norm": False,
+              "resblock_updown": False, "num_classes": None, "use_linear_in_transformer": False,
+              "use_new_attention_order": False, "conv_resample": True, "n_embed": None}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attention_resolutions", _tuple(self.attention_resolutions))
+        object.__setattr__(self, "channel_mult", _tuple(self.channel_mult))
+        if self.num_heads == -1 and self.num_head_channels == -1:
+            raise ConfigError("unet_config: set num_heads or num_head_channels")
+        for mult in self.channel_mult:
+            if (self.model_channels * mult) % 32:
+                raise ConfigError(f"unet_config: channels {self.model_channels * mult} are not divisible by "
+                                  "the 32 GroupNorm groups")
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(number of heads, head dim) of a transformer at ``channels``, following the reference rules."""
+        if self.num_head_channels == -1:
+            heads = self.num_heads
+            dim_head = channels // heads
+        else:
+            heads = channels // self.num_head_channels
+            dim_head = self.num_head_channels
+        if self.legacy:
+            dim_head = channels // heads
+        return heads, dim_head
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> "UNetConfig":
+        return cls(**_take(cls, params, "unet_config.params", ignored=cls._IGNORED, fixed=cls._FIXED))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["attention_resolutions"] = list(self.attention_resolutions)
+        d["channel_mult"] = list(self.channel_mult)
+        d["use_spatial_transformer"] = True
+        return d
+
+
+@dataclass(frozen=True)
+class DDConfig:
+    """``ddconfig`` of the first-stage encoder/decoder pair."""
+
+    z_channels: int
+    resolution: int
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    double_z: bool = True
+    in_channels: int = 3
+    out_ch: int = 3
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ch_mult", _tuple(self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", _tuple(self.attn_resolutions))
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> "DDConfig":
+        return cls(**_take(cls, params, "ddconfig", ignored={"give_pre_end", "tanh_out"}, fixed={}))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ch_mult"] = list(self.ch_mult)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+
+KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
+VQ_TARGET = "ldm.models.autoencoder.VQModelInterface"
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """``first_stage_config``: a KL (continuous) or VQ (codebook) autoencoder."""
+
+    kind: Literal["kl", "vq"]
+    embed_dim: int
+    ddconfig: DDConfig
+    n_embed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("kl", "vq"):
+            raise ConfigError(f"first_stage_config: unknown autoencoder kind {self.kind!r}")
+        if self.kind == "vq" and not self.n_embed:
+            raise ConfigError("first_stage_config: a VQ autoencoder needs n_embed (codebook size)")
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "AutoencoderConfig":
+        target = str(cfg.get("target", ""))
+        if "VQ" in target:
+            kind = "vq"
+        elif "KL" in target:
+            kind = "kl"
+        else:
+            raise ConfigError(f"first_stage_config.target {target!r}: expected an AutoencoderKL or a VQ model")
+        params = dict(cfg.get("params", {}))
+        if "ddconfig" not in params:
+            raise ConfigError("first_stage_config.params is missing ddconfig")
+        params["ddconfig"] = DDConfig.from_dict(params["ddconfig"])
+        params["kind"] = kind
+        return cls(**_take(cls, params, "first_stage_config.params", fixed={},
+                           ignored={"lossconfig", "monitor", "ckpt_path", "ignore_keys", "image_key",
+                                    "colorize_nlabels", "remap", "sane_index_shape", "batch_resize_range"}))
+
+    def to_dict(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"embed_dim": self.embed_dim, "ddconfig": self.ddconfig.to_dict()}
+        if self.n_embed:
+            params["n_embed"] = self.n_embed
+        return {"target": VQ_TARGET if self.kind == "vq" else KL_TARGET, "params": params}
+
+
+@dataclass(frozen=True)
+class RDMConfig:
+    """``model.params`` of a released RDM: diffusion schedule, UNet, first stage, retrieval conventions.
+
+    ``k_nn`` (neighbours per sample) and ``normalized_embeddings`` (whether context embeddings are
+    L2-normalised before the UNet sees them) carry the names of the official RDM configs.
+    """
+
+    unet_config: UNetConfig
+    first_stage_config: AutoencoderConfig
+    linear_start: float
+    linear_end: float
+    timesteps: int = 1000
+    beta_schedule: str = "linear"
+    parameterization: str = "eps"
+    scale_factor: float = 1.0
+    image_size: int = 64
+    channels: int = 3
+    k_nn: int = 4
+    normalized_embeddings: bool = False
+
+    _IGNORED = {"first_stage_key", "cond_stage_key", "log_every_t", "num_timesteps_cond", "cond_stage_trainable",
+                "monitor", "scale_by_std", "use_ema", "cond_stage_config", "loss_type", "ckpt_path",
+                "ignore_keys", "load_only_unet", "learn_logvar", "logvar_init", "l_simple_weight",
+                "original_elbo_weight", "v_posterior", "clip_denoised", "use_positional_encodings",
+                "scheduler_config", "cosine_s", "given_betas", "query_key", "retrieval_encoder_cfg",
+                "nn_encoder_cfg", "query_encoder_cfg", "nn_key", "retro_noise", "retrieval_cfg",
+                "retro_conditioning_key", "learn_nn_encoder", "nn_memory", "n_patches_per_side",
+                "resize_patch_size", "searcher_path", "retro_concat", "p_uncond", "guidance_vex_shape",
+                "aggregate", "k_nn_max_noise", "public_retrieval_cfg", "concat_mode", "cond_stage_forward",
+                "unet_trainable"}
+    _FIXED = {"conditioning_key": "crossattn"}
+
+    def __post_init__(self) -> None:
+        if self.beta_schedule != "linear":
+            raise ConfigError(f"beta_schedule {self.beta_schedule!r}: the released RDMs use 'linear'")
+        if self.parameterization != "eps":
+            raise ConfigError(f"parameterization {self.parameterization!r}: the released RDMs predict 'eps'")
+        if self.unet_config.in_channels != self.channels:
+            raise ConfigError(f"channels = {self.channels} but unet_config.in_channels = "
+                              f"{self.unet_config.in_channels}")
+        if self.first_stage_config.embed_dim != self.channels:
+            raise ConfigError(f"channels = {self.channels} but first_stage_config.embed_dim = "
+                              f"{self.first_stage_config.embed_dim}")
+
+    @property
+    def context_dim(self) -> int:
+        return self.unet_config.context_dim
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    @classmethod
+    def from_dict(cls, tree: dict[str, Any]) -> "RDMConfig":
+        """Build from a ``model.params`` dict, or a whole config file tree with a top-level ``model`` key."""
+        if "model" in tree and isinstance(tree["model"], dict):
+            tree = tree["model"]
+        params = dict(tree.get("params", tree))
+        for key in ("unet_config", "first_stage_config"):
+            if key not in params:
+                raise ConfigError(f"model.params is missing {key}")
+        unet_cfg = params["unet_config"]
+        params["unet_config"] = UNetConfig.from_dict(dict(unet_cfg.get("params", unet_cfg)))
+        params["first_stage_config"] = AutoencoderConfig.from_dict(params["first_stage_config"])
+        return cls(**_take(cls, params, "model.params", ignored=cls._IGNORED, fixed=cls._FIXED))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RDMConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} does not hold a config mapping")
+        return cls.from_dict(tree)
+
+    @classmethod
+    def preset(cls, name: str) -> "RDMConfig":
+        path = PRESETS_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
+        return cls.from_yaml(path)
+
+    @classmethod
+    def resolve(cls, config: "str | Path | dict | RDMConfig") -> "RDMConfig":
+        """Accept a preset name, a YAML path, a ``model.params`` dict or an RDMConfig."""
+        if isinstance(config, RDMConfig):
+            return config
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        text = str(config)
+        if text in preset_names():
+            return cls.preset(text)
+        if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+            return cls.from_yaml(text)
+        raise ConfigError(f"config {text!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The official-layout tree: ``{"model": {"target": ..., "params": {...}}}``."""
+        params: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                  if f.name not in ("unet_config", "first_stage_config")}
+        params["conditioning_key"] = "crossattn"
+        params["unet_config"] = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                                 "params": self.unet_config.to_dict()}
+        params["first_stage_config"] = self.first_stage_config.to_dict()
+        return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+__all__ = ["RDMConfig", "UNetConfig", "AutoencoderConfig", "DDConfig", "ConfigError", "preset_names"]

@@ -1,0 +1,73 @@
+"""The noise schedule of the released RDMs and the DDIM sub-sequences sampled from it.
+
+betas = linspace(sqrt(linear_start), sqrt(linear_end), T)^2 in float64, alphas_cumprod = cumprod(1 - betas).
+A DDIM run of S steps visits the timesteps arange(0, T, T // S) + 1 (S = 50: 1, 21, ..., 981) and, as the
+reference does, uses alphas_cumprod[0] (not 1) as the "previous" value of the last step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A discrete diffusion schedule (float64 on the CPU)."""
+
+    betas: Tensor
+
+    @classmethod
+    def linear(cls, linear_start: float, linear_end: float, timesteps: int = 1000) -> "Schedule":
+        """The ``"linear"`` schedule of latent diffusion: linear in sqrt(beta)."""
+        sqrt_betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64)
+        return cls(sqrt_betas ** 2)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return torch.cumprod(1.0 - self.betas, dim=0)
+
+    def ddim_timesteps(self, steps: int) -> Tensor:
+        """The "uniform" DDIM timesteps, ascending. A step count that does not divide T gives a few more steps,
+        exactly as in the reference."""
+        total = self.num_timesteps
+        if not 1 <= steps <= total // 2:
+            raise ValueError(f"steps must be between 1 and {total // 2} for a {total}-step schedule, got {steps}")
+        timesteps = torch.arange(0, total, total // steps) + 1
+        if len(timesteps) != steps:
+            log.warning("%d DDIM steps requested; the uniform schedule with stride %d gives %d (as the reference)",
+                        steps, total // steps, len(timesteps))
+        return timesteps
+
+    def ddim(self, steps: int, eta: float = 0.0) -> "DDIMCoefficients":
+        """Per-step coefficients for a DDIM/PLMS run, in sampling order (highest timestep first)."""
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        timesteps = self.ddim_timesteps(steps)
+        acp = self.alphas_cumprod
+        alphas = acp[timesteps]
+        alphas_prev = torch.cat([acp[:1], acp[timesteps[:-1]]])
+        sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+        return DDIMCoefficients(timesteps.flip(0), alphas.flip(0), alphas_prev.flip(0), sigmas.flip(0))
+
+
+@dataclass(frozen=True)
+class DDIMCoefficients:
+    """Timesteps t_i and alphā_t, alphā_prev, sigma_t per step, all ordered from the first (noisiest) step."""
+
+    timesteps: Tensor
+    alphas: Tensor
+    alphas_prev: Tensor
+    sigmas: Tensor
+
+    def __len__(self) -> int:
+        return len(self.timesteps)

@@ -1,0 +1,279 @@
+"""The RDM denoiser: the latent-diffusion UNet with spatial transformers that cross-attend to neighbour embeddings.
+
+Structure (faithful to the released models): a timestep MLP; an input conv; per resolution level
+``num_res_blocks`` stages of [ResBlock, SpatialTransformer if the level's downsampling factor is in
+``attention_resolutions``], then a strided-conv downsample (except at the last level); a middle block
+[ResBlock, SpatialTransformer, ResBlock]; the mirror image on the way up with skip connections concatenated
+on the channel axis (``num_res_blocks + 1`` stages per level, nearest x2 + conv upsampling); GroupNorm, SiLU,
+conv out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import UNetConfig
+from .layers import GroupNorm, attention, conv1x1, conv3x3, official_names
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding cat([cos, sin]) of (B,) timesteps, in fp32, as the reference computes it."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters: the residual branches and the output start as identities in training."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, add the projected timestep embedding, GN-SiLU-dropout-conv, plus a (1x1) skip."""
+
+    OFFICIAL = {"norm1": "in_layers.0", "conv1": "in_layers.2", "emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "skip": "skip_connection"}
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = GroupNorm(cin)
+        self.conv1 = conv3x3(cin, cout)
+        self.emb_proj = nn.Linear(emb_dim, cout)
+        self.norm2 = GroupNorm(cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(conv3x3(cout, cout))
+        self.skip = conv1x1(cin, cout) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.norm2(h, add=self.emb_proj(F.silu(emb)), silu=True)
+        return self.skip(x) + self.conv2(self.dropout(h))
+
+
+class Attention(nn.Module):
+    """Multi-head attention; keys/values from ``context`` (cross) or from the queries' own tokens (self)."""
+
+    OFFICIAL = {"to_out": "to_out.0"}
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        ctx = x if context is None else context
+        return self.to_out(attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads))
+
+
+class GEGLU(nn.Module):
+    """Feed-forward x -> W2 (a * gelu(g)) with [a, g] = W1 x; exact (erf) GELU; hidden width 4*dim."""
+
+    OFFICIAL = {"proj": "net.0.proj", "out": "net.2"}
+
+    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, 8 * dim)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(self.dropout(a * F.gelu(gate)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention to the context, GEGLU feed-forward; residual each."""
+
+    OFFICIAL = {"self_attn": "attn1", "cross_attn": "attn2"}
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads, dim_head)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, heads, dim_head, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLU(dim, dropout)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, 1x1 conv in, tokens (B, HW, C) through transformer blocks, 1x1 conv out, plus the input."""
+
+    OFFICIAL = {"blocks": "transformer_blocks"}
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = GroupNorm(channels, eps=1e-6)
+        self.proj_in = conv1x1(channels, inner)
+        self.blocks = nn.ModuleList(TransformerBlock(inner, heads, dim_head, context_dim, dropout)
+                                    for _ in range(depth))
+        self.proj_out = zero_init(conv1x1(inner, channels))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            tokens = block(tokens, context)
+        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w))
+
+
+class Downsample(nn.Module):
+    OFFICIAL = {"conv": "op"}
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = conv3x3(channels, channels, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = conv3x3(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.Module):
+    """One entry of the official input/output block lists: [ResBlock] [SpatialTransformer] [Down/Upsample]."""
+
+    def __init__(self, res: ResBlock | None = None, attn: SpatialTransformer | None = None,
+                 resample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.res, self.attn, self.resample = res, attn, resample
+        present = [name for name in ("res", "attn", "resample") if getattr(self, name) is not None]
+        self.OFFICIAL = {name: str(i) for i, name in enumerate(present)}
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+        if self.res is not None:
+            x = self.res(x, emb)
+        if self.attn is not None:
+            x = self.attn(x, context)
+        if self.resample is not None:
+            x = self.resample(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """ResBlock, SpatialTransformer, ResBlock at the lowest resolution."""
+
+    OFFICIAL = {"res1": "0", "attn": "1", "res2": "2"}
+
+    def __init__(self, res1: ResBlock, attn: SpatialTransformer, res2: ResBlock) -> None:
+        super().__init__()
+        self.res1, self.attn, self.res2 = res1, attn, res2
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+        return self.res2(self.attn(self.res1(x, emb), context), emb)
+
+
+class UNet(nn.Module):
+    """eps-prediction UNet: ``unet(x (B,C,H,W), t (B,), context (B,k,D)) -> eps (B,C,H,W)``."""
+
+    OFFICIAL = {"time_fc1": "time_embed.0", "time_fc2": "time_embed.2", "input_conv": "input_blocks.0.0",
+                "mid": "middle_block", "up": "output_blocks", "out_norm": "out.0", "out_conv": "out.2"}
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
+        self.time_fc1 = nn.Linear(mc, emb_dim)
+        self.time_fc2 = nn.Linear(emb_dim, emb_dim)
+        self.input_conv = conv3x3(cfg.in_channels, mc)
+
+        def transformer(ch: int) -> SpatialTransformer:
+            heads, dim_head = cfg.heads(ch)
+            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.dropout)
+
+        ch, ds, skips = mc, 1, [mc]
+        down = []
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                res = ResBlock(ch, mult * mc, emb_dim, cfg.dropout)
+                ch = mult * mc
+                down.append(Stage(res, transformer(ch) if ds in cfg.attention_resolutions else None))
+                skips.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                down.append(Stage(resample=Downsample(ch)))
+                skips.append(ch)
+                ds *= 2
+        self.down = nn.ModuleList(down)
+        self.mid = MidBlock(ResBlock(ch, ch, emb_dim, cfg.dropout), transformer(ch),
+                            ResBlock(ch, ch, emb_dim, cfg.dropout))
+        up = []
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                res = ResBlock(ch + skips.pop(), mult * mc, emb_dim, cfg.dropout)
+                ch = mult * mc
+                attn = transformer(ch) if ds in cfg.attention_resolutions else None
+                upsample = None
+                if level and i == cfg.num_res_blocks:
+                    upsample = Upsample(ch)
+                    ds //= 2
+                up.append(Stage(res, attn, upsample))
+        self.up = nn.ModuleList(up)
+        self.out_norm = GroupNorm(ch)
+        self.out_conv = zero_init(conv3x3(mc, cfg.out_channels))
+
+    def official_names(self) -> dict[str, str]:
+        """Our state-dict names -> official names (without the ``model.diffusion_model.`` prefix)."""
+        names = official_names(self)
+        for ours, off in names.items():  # down.i is input_blocks.(i+1): input_blocks.0 is the input conv
+            if ours.startswith("down."):
+                index, rest = off[len("down."):].split(".", 1)
+                names[ours] = f"input_blocks.{int(index) + 1}.{rest}"
+        return names
+
+    def _check(self, x: Tensor, t: Tensor, context: Tensor) -> None:
+        cfg = self.cfg
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"unet: x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"unet: H and W must be multiples of {factor}, got {tuple(x.shape[2:])}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"unet: t must be ({x.shape[0]},) (one timestep per sample), got {tuple(t.shape)}")
+        if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"unet: context must be ({x.shape[0]}, k, {cfg.context_dim}), "
+                             f"got {tuple(context.shape)}")
+
+    def forward(self, x: Tensor, t: Tensor | int, context: Tensor) -> Tensor:
+        if not torch.is_tensor(t) or t.dim() == 0:
+            t = torch.full((x.shape[0],), int(t), device=x.device)
+        self._check(x, t, context)
+        dtype = self.input_conv.weight.dtype
+        emb = timestep_embedding(t, self.cfg.model_channels).to(dtype)
+        emb = self.time_fc2(F.silu(self.time_fc1(emb)))
+        context = context.to(dtype)
+        h = self.input_conv(x.to(dtype))
+        hs = [h]
+        for stage in self.down:
+            h = stage(h, emb, context)
+            hs.append(h)
+        h = self.mid(h, emb, context)
+        for stage in self.up:
+            h = stage(torch.cat([h, hs.pop()], dim=1), emb, context)
+        return self.out_conv(self.out_norm(h, silu=True)).to(x.dtype)
+

@@ -1,0 +1,206 @@
+"""``RDM``: a retrieval-augmented latent diffusion model — UNet, first-stage autoencoder and noise schedule."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .config import ConfigError, RDMConfig, preset_names
+from .diffusion import Schedule, guided, sample_ddim, sample_plms
+from .models import Autoencoder, UNet
+from .models.layers import official_names
+
+log = logging.getLogger(__name__)
+
+
+class RDM(nn.Module):
+    """A retrieval-augmented diffusion model.
+
+    ``rdm.unet(x, t, context) -> eps`` is the denoiser; ``rdm.encode``/``rdm.decode`` map between images in
+    [-1, 1] and scaled latents; ``rdm.sample(context)`` runs DDIM or PLMS with classifier-free guidance.
+    The context is (B, k, D): the CLIP embeddings of the retrieved neighbours (plus the query or text
+    embedding first, by the model's convention), D = ``config.context_dim``.
+    """
+
+    def __init__(self, config: RDMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.unet = UNet(config.unet_config)
+        self.first_stage = Autoencoder(config.first_stage_config)
+        self.schedule = Schedule.linear(config.linear_start, config.linear_end, config.timesteps)
+
+    # ------------------------------------------------------------------ construction and checkpoints
+    @classmethod
+    def from_config(cls, config: str | Path | dict | RDMConfig, *, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> "RDM":
+        """A randomly initialised model (as training starts) of a preset name, YAML path or config."""
+        cfg = RDMConfig.resolve(config)
+        with torch.device(device or "cpu"):
+            model = cls(cfg)
+        return model.to(dtype=dtype or torch.float32).eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: str | Path | dict | RDMConfig | None = None, *,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        use_ema: bool = True, allow_pickle: bool = False) -> "RDM":
+        """Load an official Lightning ``.ckpt`` or an rdm_fast directory / ``.safetensors`` file.
+
+        ``config``: a preset name, a ``config.yaml`` path or an RDMConfig; when omitted, rdm_fast files use
+        the config they carry and official checkpoints use ``config.yaml`` beside them, else the preset whose
+        tensor names and shapes they match. Every tensor is checked by name and shape; missing or mis-shaped
+        tensors raise CheckpointError listing them, unexpected ones are reported and skipped.
+        ``allow_pickle`` permits full unpickling of trusted torch files (weights_only=False).
+        """
+        path = Path(path)
+        if path.is_dir():
+            if not (path / ckpt.WEIGHTS_FILE).is_file():
+                raise ckpt.CheckpointError(f"{path} is a directory without {ckpt.WEIGHTS_FILE}")
+            path = path / ckpt.WEIGHTS_FILE
+        state, metadata = ckpt.read_state_dict(path, allow_pickle=allow_pickle)
+        own = metadata.get("format") == ckpt.FORMAT_NAME or any(k.startswith("unet.") for k in state)
+        if config is not None:
+            cfg = RDMConfig.resolve(config)
+        elif own:
+            tree = ckpt.read_own_config(metadata, path)
+            if tree is None:
+                raise ckpt.CheckpointError(f"{path} carries no config: pass config=")
+            cfg = RDMConfig.from_dict(tree)
+        else:
+            cfg = _config_for_official(state, path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if own:
+            sources = {k: k for k in shapes}
+            unexpected = [k for k in state if k not in shapes]
+        else:
+            names = model.official_names()
+            sources = ckpt.official_sources(state, names, use_ema=use_ema, source=str(path))
+            unexpected = ckpt.unexpected_official(state, names)
+            ckpt.check_schedule(state, model.schedule.alphas_cumprod, str(path))
+        ckpt.match_state_dict(state, {sources[k]: shapes[k] for k in shapes}, str(path))
+        if unexpected:
+            warnings.warn(f"{path}: ignoring {len(unexpected)} unexpected tensors: {ckpt.describe(unexpected)}",
+                          stacklevel=2)
+        model.load_state_dict({k: state[sources[k]] for k in shapes}, assign=True)
+        return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+    def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (rdm_fast's format) atomically; returns the weights path."""
+        tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                   for k, v in self.state_dict().items()}
+        return ckpt.save_safetensors(tensors, self.config.to_dict(), directory)
+
+    def official_names(self) -> dict[str, str]:
+        """Our state-dict names -> the names in official checkpoints."""
+        names = {f"unet.{k}": ckpt.UNET_PREFIX + v for k, v in self.unet.official_names().items()}
+        names.update({f"first_stage.{k}": ckpt.FIRST_STAGE_PREFIX + v
+                      for k, v in official_names(self.first_stage).items()})
+        return names
+
+    def official_state_dict(self) -> dict[str, Tensor]:
+        """This model's weights in the official checkpoint layout (no EMA copy)."""
+        state = self.state_dict()
+        return {off: state[ours] for ours, off in self.official_names().items()}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.unet.input_conv.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.input_conv.weight.dtype
+
+    # ------------------------------------------------------------------ autoencoder
+    def encode(self, images: Tensor, *, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents ``scale_factor * z`` (fp32).
+
+        KL models draw a posterior sample (``sample=False``: its mean), as the reference does in training."""
+        dd = self.config.first_stage_config.ddconfig
+        f = dd.downsample_factor
+        if images.dim() != 4 or images.shape[1] != dd.in_channels or images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(f"encode: images must be (B, {dd.in_channels}, H, W) with H, W multiples of {f}, "
+                             f"got {tuple(images.shape)}")
+        z = self.first_stage.encode(images.to(self.device, self.dtype), sample=sample, generator=generator)
+        return z.float() * self.config.scale_factor
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Scaled latents (B, C, h, w) -> images in [-1, 1] (fp32). VQ models snap to the codebook first."""
+        if z.dim() != 4 or z.shape[1] != self.config.channels:
+            raise ValueError(f"decode: latents must be (B, {self.config.channels}, h, w), got {tuple(z.shape)}")
+        x = self.first_stage.decode(z.to(self.device, torch.float32).div(self.config.scale_factor).to(self.dtype))
+        return x.float().clamp(-1.0, 1.0)
+
+    # ------------------------------------------------------------------ sampling
+    def check_context(self, context: Tensor) -> None:
+        d = self.config.context_dim
+        if context.dim() != 3:
+            raise ValueError(f"context must be (B, k, {d}): B samples, k embeddings each; got {tuple(context.shape)}")
+        if context.shape[-1] != d:
+            raise ValueError(f"context embeddings have {context.shape[-1]} dimensions but this model expects {d} "
+                             "(context_dim): use embeddings from the model's retrieval encoder")
+        if context.shape[1] < 1:
+            raise ValueError("context must hold at least one embedding per sample")
+
+    @torch.no_grad()
+    def sample(self, context: Tensor, steps: int = 50, sampler: Literal["ddim", "plms"] = "ddim", eta: float = 0.0,
+               guidance_scale: float = 1.0, x_T: Tensor | None = None, generator: torch.Generator | None = None,
+               size: tuple[int, int] | None = None, progress: bool = False) -> Tensor:
+        """Draw latents (B, C, H, W), fp32, from noise conditioned on ``context`` (B, k, D).
+
+        Classifier-free guidance with ``guidance_scale != 1`` contrasts against an all-zero context. ``x_T``
+        fixes the starting noise; otherwise it is drawn from ``generator``. ``size`` (H, W) overrides the
+        configured latent size (multiples of the UNet's downsampling factor).
+        """
+        self.check_context(context)
+        context = context.to(self.device)
+        b = context.shape[0]
+        h, w = size or (self.config.image_size, self.config.image_size)
+        shape = (b, self.config.channels, h, w)
+        if x_T is None:
+            gen_device = generator.device if generator is not None else self.device
+            x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(self.device)
+        else:
+            if tuple(x_T.shape) != shape:
+                raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+            x = x_T.to(self.device, torch.float32)
+        coeffs = self.schedule.ddim(steps, eta)
+        eps_fn = guided(self.unet, context, guidance_scale)
+        if sampler == "ddim":
+            return sample_ddim(eps_fn, x, coeffs, generator=generator, progress=progress)
+        if sampler == "plms":
+            return sample_plms(eps_fn, x, coeffs, progress=progress)
+        raise ValueError(f"sampler must be 'ddim' or 'plms', got {sampler!r}")
+
+    def extra_repr(self) -> str:
+        n = sum(p.numel() for p in self.unet.parameters())
+        return f"unet_params={n:,}, latent={self.config.latent_shape}, context_dim={self.config.context_dim}"
+
+
+def _config_for_official(state: dict[str, Any], path: Path) -> RDMConfig:
+    """The config of an official checkpoint: config.yaml beside it, else the preset its tensors match."""
+    for candidate in (path.with_suffix(".yaml"), path.parent / "config.yaml"):
+        if candidate.is_file():
+            log.info("%s: using the config %s", path, candidate)
+            return RDMConfig.from_yaml(candidate)
+    for name in preset_names():
+        cfg = RDMConfig.preset(name)
+        with torch.device("meta"):
+            model = RDM(cfg)
+        shapes = {k: tuple(v.shape) for k, v in model.official_state_dict().items()}
+        if all(k in state and tuple(state[k].shape) == s for k, s in shapes.items()):
+            log.info("%s: tensors match the %r preset", path, name)
+            return cfg
+    raise ckpt.CheckpointError(f"cannot tell which model {path} holds (no config.yaml beside it and no preset "
+                               f"matches its tensors): pass config= a preset ({', '.join(preset_names())}) or "
+                               "the model's config.yaml")
+
+
+__all__ = ["RDM", "ConfigError"]
