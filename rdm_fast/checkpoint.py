@@ -67,19 +67,27 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); is it truncated?") from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # zip (torch.save) or pickle (legacy torch.save)
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (neither a torch.save zip nor a "
+                              "pickle); is it truncated or corrupt?")
     if allow_pickle:
         warnings.warn(f"unpickling {path} with weights_only=False: this runs any code the file contains",
                       stacklevel=2)
     try:
         obj = _torch_load(path, weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        why = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
         raise CheckpointError(
-            f"{path} holds Python objects besides tensors, which are not loaded by default ({str(e).splitlines()[0]})."
-            " If you trust the file, pass allow_pickle=True (CLI: --allow-pickle), or convert it once with "
+            f"{path} holds Python objects besides tensors, which are not loaded by default ({why}). If you "
+            "trust the file, pass allow_pickle=True (CLI: --allow-pickle), or convert it once with "
             "`python -m rdm_fast.convert --allow-pickle`") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]});"
-                              " is it truncated or corrupt?") from None
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({why}); is it truncated or corrupt?"
+                              ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):

@@ -146,6 +146,20 @@ class DDConfig:
         return d
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """rdm_fast's own ``sampling`` section: what ``python -m rdm_fast.sample`` uses unless told otherwise."""
+
+    steps: int = 50
+    sampler: str = "ddim"
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> "SamplingDefaults":
+        return cls(**_take(cls, params, "model.params.sampling", ignored=set(), fixed={}))
+
+
 KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
 VQ_TARGET = "ldm.models.autoencoder.VQModelInterface"
 
@@ -194,8 +208,10 @@ class AutoencoderConfig:
 class RDMConfig:
     """``model.params`` of a released RDM: diffusion schedule, UNet, first stage, retrieval conventions.
 
-    ``k_nn`` (neighbours per sample) and ``normalized_embeddings`` (whether context embeddings are
-    L2-normalised before the UNet sees them) carry the names of the official RDM configs.
+    Retrieval conventions: ``k_nn`` database entries per sample; with ``text_token`` (rdm768) a text or query
+    embedding precedes them (context of 1 + k_nn tokens), without it (imagenet: k_nn = 4) the query is the
+    first of the k_nn entries. ``normalized_embeddings``: whether the UNet sees L2-normalised embeddings.
+    ``k_nn`` and ``normalized_embeddings`` carry the names of the official RDM configs; ``text_token`` is ours.
     """
 
     unet_config: UNetConfig
@@ -209,7 +225,9 @@ class RDMConfig:
     image_size: int = 64
     channels: int = 3
     k_nn: int = 4
+    text_token: bool = False
     normalized_embeddings: bool = False
+    sampling: SamplingDefaults = SamplingDefaults()
 
     _IGNORED = {"first_stage_key", "cond_stage_key", "log_every_t", "num_timesteps_cond", "cond_stage_trainable",
                 "monitor", "scale_by_std", "use_ema", "cond_stage_config", "loss_type", "ckpt_path",
@@ -240,6 +258,11 @@ class RDMConfig:
         return self.unet_config.context_dim
 
     @property
+    def context_tokens(self) -> int:
+        """Embeddings per sample in the context this model was trained with."""
+        return self.k_nn + int(self.text_token)
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
@@ -255,6 +278,8 @@ class RDMConfig:
         unet_cfg = params["unet_config"]
         params["unet_config"] = UNetConfig.from_dict(dict(unet_cfg.get("params", unet_cfg)))
         params["first_stage_config"] = AutoencoderConfig.from_dict(params["first_stage_config"])
+        if "sampling" in params:
+            params["sampling"] = SamplingDefaults.from_dict(dict(params["sampling"] or {}))
         return cls(**_take(cls, params, "model.params", ignored=cls._IGNORED, fixed=cls._FIXED))
 
     @classmethod
@@ -294,7 +319,8 @@ class RDMConfig:
     def to_dict(self) -> dict[str, Any]:
         """The official-layout tree: ``{"model": {"target": ..., "params": {...}}}``."""
         params: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                  if f.name not in ("unet_config", "first_stage_config")}
+                                  if f.name not in ("unet_config", "first_stage_config", "sampling")}
+        params["sampling"] = dataclasses.asdict(self.sampling)
         params["conditioning_key"] = "crossattn"
         params["unet_config"] = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
                                  "params": self.unet_config.to_dict()}
@@ -306,4 +332,5 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-__all__ = ["RDMConfig", "UNetConfig", "AutoencoderConfig", "DDConfig", "ConfigError", "preset_names"]
+__all__ = ["RDMConfig", "UNetConfig", "AutoencoderConfig", "DDConfig", "SamplingDefaults", "ConfigError",
+           "preset_names"]

@@ -63,33 +63,41 @@ class RDM(nn.Module):
                 raise ckpt.CheckpointError(f"{path} is a directory without {ckpt.WEIGHTS_FILE}")
             path = path / ckpt.WEIGHTS_FILE
         state, metadata = ckpt.read_state_dict(path, allow_pickle=allow_pickle)
-        own = metadata.get("format") == ckpt.FORMAT_NAME or any(k.startswith("unet.") for k in state)
-        if config is not None:
-            cfg = RDMConfig.resolve(config)
-        elif own:
+        own = metadata.get("format") == ckpt.FORMAT_NAME or _is_own_layout(state)
+        if config is None and own:
             tree = ckpt.read_own_config(metadata, path)
             if tree is None:
                 raise ckpt.CheckpointError(f"{path} carries no config: pass config=")
-            cfg = RDMConfig.from_dict(tree)
-        else:
-            cfg = _config_for_official(state, path)
+            config = RDMConfig.from_dict(tree)
+        elif config is None:
+            config = _config_for_official(state, path)
+        model = cls.from_state_dict(state, config, use_ema=use_ema, source=str(path))
+        return model.to(device=device, dtype=dtype or torch.float32)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], config: str | Path | dict | RDMConfig, *,
+                        use_ema: bool = True, source: str = "state dict") -> "RDM":
+        """Build a model from an official-layout or rdm_fast-layout state dict, checking every tensor.
+
+        The model's tensors are the ones in ``state`` (no copies beyond dtype/device moves done later)."""
+        cfg = RDMConfig.resolve(config)
         with torch.device("meta"):
             model = cls(cfg)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if own:
+        if _is_own_layout(state):
             sources = {k: k for k in shapes}
             unexpected = [k for k in state if k not in shapes]
         else:
             names = model.official_names()
-            sources = ckpt.official_sources(state, names, use_ema=use_ema, source=str(path))
+            sources = ckpt.official_sources(state, names, use_ema=use_ema, source=source)
             unexpected = ckpt.unexpected_official(state, names)
-            ckpt.check_schedule(state, model.schedule.alphas_cumprod, str(path))
-        ckpt.match_state_dict(state, {sources[k]: shapes[k] for k in shapes}, str(path))
+            ckpt.check_schedule(state, model.schedule.alphas_cumprod, source)
+        ckpt.match_state_dict(state, {sources[k]: shapes[k] for k in shapes}, source)
         if unexpected:
-            warnings.warn(f"{path}: ignoring {len(unexpected)} unexpected tensors: {ckpt.describe(unexpected)}",
-                          stacklevel=2)
+            warnings.warn(f"{source}: ignoring {len(unexpected)} unexpected tensors: {ckpt.describe(unexpected)}",
+                          stacklevel=3)
         model.load_state_dict({k: state[sources[k]] for k in shapes}, assign=True)
-        return model.to(device=device, dtype=dtype or torch.float32).eval()
+        return model.eval()
 
     def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
         """Write ``model.safetensors`` + ``config.json`` (rdm_fast's format) atomically; returns the weights path."""
@@ -182,6 +190,10 @@ class RDM(nn.Module):
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.unet.parameters())
         return f"unet_params={n:,}, latent={self.config.latent_shape}, context_dim={self.config.context_dim}"
+
+
+def _is_own_layout(state: dict[str, Any]) -> bool:
+    return any(k.startswith("unet.") for k in state)
 
 
 def _config_for_official(state: dict[str, Any], path: Path) -> RDMConfig:

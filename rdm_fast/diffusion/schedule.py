@@ -25,7 +25,8 @@ class Schedule:
     @classmethod
     def linear(cls, linear_start: float, linear_end: float, timesteps: int = 1000) -> "Schedule":
         """The ``"linear"`` schedule of latent diffusion: linear in sqrt(beta)."""
-        sqrt_betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64)
+        sqrt_betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64,
+                                    device="cpu")
         return cls(sqrt_betas ** 2)
 
     @property
@@ -43,6 +44,9 @@ class Schedule:
         if not 1 <= steps <= total // 2:
             raise ValueError(f"steps must be between 1 and {total // 2} for a {total}-step schedule, got {steps}")
         timesteps = torch.arange(0, total, total // steps) + 1
+        if timesteps[-1] >= total:
+            raise ValueError(f"steps = {steps} would visit timestep {int(timesteps[-1])}, past the last one "
+                             f"({total - 1}); choose a step count that divides {total}")
         if len(timesteps) != steps:
             log.warning("%d DDIM steps requested; the uniform schedule with stride %d gives %d (as the reference)",
                         steps, total // steps, len(timesteps))

@@ -1,0 +1,280 @@
+"""Official key layout, parameter counts, loading official and own checkpoints, and every way loading can fail."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from refdata import IMAGENET_TSV, RDM768_TSV, all_keys, section
+
+from rdm_fast import RDM, RDMConfig, checkpoint as ckpt
+from rdm_fast.rdm import _config_for_official
+
+
+def meta_model(preset: str) -> RDM:
+    with torch.device("meta"):
+        return RDM(RDMConfig.preset(preset))
+
+
+@pytest.mark.parametrize("preset,tsv,unet_n,ae_n", [("imagenet", IMAGENET_TSV, 400_920_579, 55_322_782),
+                                                   ("rdm768", RDM768_TSV, 1_335_480_400, 69_610_963)])
+def test_official_names_and_shapes_equal_the_key_lists(preset, tsv, unet_n, ae_n):
+    model = meta_model(preset)
+    ours = {k: tuple(v.shape) for k, v in model.official_state_dict().items()}
+    unet, n_unet, e_unet = section(tsv, "UNet", "")
+    first, _, e_first = section(tsv, "first stage", "")
+    assert ours == {**unet, **first}
+    assert (n_unet, e_unet, e_first) == (688, unet_n, ae_n)
+    assert sum(p.numel() for p in model.unet.parameters()) == unet_n
+    assert sum(p.numel() for p in model.first_stage.parameters()) == ae_n
+
+
+def test_parameter_counts():
+    counts = {p: sum(t.numel() for t in meta_model(p).unet.parameters()) for p in ("imagenet", "ffhq", "rdm768")}
+    assert counts == {"imagenet": 400_920_579, "ffhq": 414_713_603, "rdm768": 1_335_480_400}
+
+
+def test_ema_names_equal_the_key_list():
+    model = meta_model("rdm768")
+    ema, n, e = section(RDM768_TSV, "EMA", "")
+    names = [ckpt.ema_name(v[len(ckpt.UNET_PREFIX):]) for v in model.official_names().values()
+             if v.startswith(ckpt.UNET_PREFIX)]
+    assert len(set(names)) == len(names) == 688  # removing the dots creates no collisions
+    assert set(names) | {"model_ema.decay", "model_ema.num_updates"} == set(ema)
+    assert e == 1_335_480_400 + 2
+
+
+def meta_state(tsv: Path, preset: str) -> dict[str, torch.Tensor]:
+    """A full-size official state dict on the meta device, with the real schedule buffers."""
+    model = meta_model(preset)
+    state = {k: torch.empty(s, device="meta") for k, s in all_keys(tsv).items()}
+    if "alphas_cumprod" in state:
+        state["alphas_cumprod"] = model.schedule.alphas_cumprod.float()
+    return state
+
+
+@pytest.mark.parametrize("preset,tsv", [("imagenet", IMAGENET_TSV), ("rdm768", RDM768_TSV)])
+def test_full_size_official_layout_loads_without_complaint(preset, tsv):
+    state = meta_state(tsv, preset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # schedule buffers, EMA counters and the guidance vector are known
+        model = RDM.from_state_dict(state, preset)
+    assert sum(p.numel() for p in model.parameters()) == sum(math.prod(v.shape) for k, v in state.items()
+                                                              if k.startswith(("model.", "first_stage")))
+    assert _config_for_official(state, Path("x.ckpt")) == RDMConfig.preset(preset)
+
+
+def test_ema_weights_are_preferred():
+    model = meta_model("rdm768")
+    state = meta_state(RDM768_TSV, "rdm768")
+    sources = ckpt.official_sources(state, model.official_names())
+    unet_sources = [v for k, v in sources.items() if k.startswith("unet.")]
+    assert all(v.startswith("model_ema.") and v in state for v in unet_sources)
+    assert ckpt.official_sources(state, model.official_names(), use_ema=False) == model.official_names()
+
+
+def official_file(tmp_path: Path, tiny_official, *, ema: bool = True, extras: bool = True) -> tuple[Path, dict]:
+    cfg, full, _, _ = tiny_official
+    state = dict(full)
+    if ema:  # EMA copies that differ from the raw weights
+        for k, v in full.items():
+            if k.startswith(ckpt.UNET_PREFIX):
+                state[ckpt.ema_name(k[len(ckpt.UNET_PREFIX):])] = v + 0.01
+        state["model_ema.decay"] = torch.tensor(0.9999)
+        state["model_ema.num_updates"] = torch.tensor(1000)
+    if extras:
+        state["alphas_cumprod"] = torch.cumprod(1 - torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000) ** 2, 0)
+        state["first_stage_model.loss.logvar"] = torch.zeros(())
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 1000}, path)
+    return path, state
+
+
+def test_official_round_trip(tmp_path, tiny_official):
+    """official ckpt -> load (EMA) -> save rdm_fast format -> load: identical tensors and outputs."""
+    cfg, full, _, _ = tiny_official
+    path, state = official_file(tmp_path, tiny_official)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = RDM.from_pretrained(path, "tiny")
+    expected = {k: state[ckpt.ema_name(k[len(ckpt.UNET_PREFIX):])] if k.startswith(ckpt.UNET_PREFIX) else v
+                for k, v in full.items()}
+    got = model.official_state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    saved = model.save_pretrained(tmp_path / "own")
+    assert saved == tmp_path / "own" / "model.safetensors"
+    assert json.loads((tmp_path / "own" / "config.json").read_text()) == cfg.to_dict()
+    assert sorted(p.name for p in (tmp_path / "own").iterdir()) == ["config.json", "model.safetensors"]
+    again = RDM.from_pretrained(tmp_path / "own")  # config from the file itself
+    assert again.config == cfg
+    s1, s2 = model.state_dict(), again.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([3, 900]), torch.randn(2, 4, 64)
+    with torch.no_grad():
+        assert torch.equal(model.unet(x, t, c), again.unet(x, t, c))
+    # the safetensors file alone carries its config
+    alone = RDM.from_pretrained(saved)
+    assert alone.config == cfg
+
+
+def test_raw_weights_without_ema(tmp_path, tiny_official):
+    _, full, _, _ = tiny_official
+    path, _ = official_file(tmp_path, tiny_official)
+    model = RDM.from_pretrained(path, "tiny", use_ema=False)
+    got = model.official_state_dict()
+    assert all(torch.equal(got[k], full[k]) for k in full)
+
+
+def test_config_inferred_from_yaml_beside_or_tensors(tmp_path, tiny_official):
+    path, _ = official_file(tmp_path, tiny_official)
+    assert RDM.from_pretrained(path).config == RDMConfig.preset("tiny")  # by matching tensors to a preset
+    import yaml
+
+    tree = RDMConfig.preset("tiny").to_dict()
+    tree["model"]["params"]["scale_factor"] = 0.25
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert RDM.from_pretrained(path).config.scale_factor == 0.25
+
+
+def test_dtype_and_saved_dtype(tmp_path, tiny_official):
+    path, _ = official_file(tmp_path, tiny_official)
+    model = RDM.from_pretrained(path, "tiny", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model.float().save_pretrained(tmp_path / "half", dtype=torch.float16)
+    back = RDM.from_pretrained(tmp_path / "half")
+    assert {p.dtype for p in back.parameters()} == {torch.float32}
+    assert RDM.from_pretrained(tmp_path / "half", dtype=torch.float16).dtype == torch.float16
+
+
+# ----------------------------------------------------------------------------------------------- failures
+def test_missing_and_misshaped_tensors_are_listed(tmp_path, tiny_official):
+    _, full, _, _ = tiny_official
+    state = dict(full)
+    del state["model.diffusion_model.out.2.bias"]
+    state["first_stage_model.decoder.conv_in.weight"] = torch.zeros(7, 4, 3, 3)
+    torch.save(state, tmp_path / "bad.ckpt")
+    with pytest.raises(ckpt.CheckpointError) as e:
+        RDM.from_pretrained(tmp_path / "bad.ckpt", "tiny")
+    msg = str(e.value)
+    assert "missing 1 tensors: model.diffusion_model.out.2.bias" in msg
+    assert "first_stage_model.decoder.conv_in.weight (7, 4, 3, 3) (model: (64, 4, 3, 3))" in msg
+
+
+def test_wrong_config_is_reported(tmp_path, tiny_official):
+    _, full, _, _ = tiny_official
+    torch.save(full, tmp_path / "m.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="does not match the model configuration"):
+        RDM.from_pretrained(tmp_path / "m.ckpt", "imagenet")
+
+
+def test_unexpected_tensors_are_reported_not_fatal(tmp_path, tiny_official):
+    _, full, _, _ = tiny_official
+    torch.save({**full, "some_new_head.weight": torch.zeros(3)}, tmp_path / "m.ckpt")
+    with pytest.warns(UserWarning, match="ignoring 1 unexpected tensors: some_new_head.weight"):
+        RDM.from_pretrained(tmp_path / "m.ckpt", "tiny")
+
+
+def test_incomplete_ema_is_an_error(tmp_path, tiny_official):
+    _, full, _, _ = tiny_official
+    path, state = official_file(tmp_path, tiny_official)
+    key = ckpt.ema_name("out.2.bias")
+    del state[key]
+    torch.save(state, path)
+    with pytest.raises(ckpt.CheckpointError, match=key):
+        RDM.from_pretrained(path, "tiny")
+    RDM.from_pretrained(path, "tiny", use_ema=False)
+
+
+def test_schedule_mismatch(tmp_path, tiny_official):
+    _, full, _, _ = tiny_official
+    wrong = torch.cumprod(1 - torch.linspace(0.0015 ** 0.5, 0.015 ** 0.5, 1000) ** 2, 0)
+    torch.save({**full, "alphas_cumprod": wrong}, tmp_path / "m.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="linear_start, linear_end"):
+        RDM.from_pretrained(tmp_path / "m.ckpt", "tiny")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage"])
+def test_corrupt_torch_file(tmp_path, content):
+    (tmp_path / "m.ckpt").write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match="not a readable PyTorch checkpoint"):
+        RDM.from_pretrained(tmp_path / "m.ckpt", "tiny")
+
+
+def test_truncated_torch_file(tmp_path, tiny_official):
+    _, full, _, _ = tiny_official
+    torch.save(full, tmp_path / "m.ckpt")
+    data = (tmp_path / "m.ckpt").read_bytes()
+    (tmp_path / "m.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
+        RDM.from_pretrained(tmp_path / "m.ckpt", "tiny")
+
+
+def test_truncated_safetensors(tmp_path):
+    RDM.from_config("tiny").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ckpt.CheckpointError, match="not a readable safetensors file"):
+        RDM.from_pretrained(tmp_path)
+
+
+def test_pickled_objects_need_opt_in(tmp_path, tiny_official):
+    _, full, _, _ = tiny_official
+    torch.save({"state_dict": full, "hyper_parameters": argparse.Namespace(lr=1e-4)}, tmp_path / "m.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="allow_pickle=True"):
+        RDM.from_pretrained(tmp_path / "m.ckpt", "tiny")
+    with pytest.warns(UserWarning, match="runs any code"):
+        model = RDM.from_pretrained(tmp_path / "m.ckpt", "tiny", allow_pickle=True)
+    assert torch.equal(model.official_state_dict()["model.diffusion_model.out.2.bias"],
+                       full["model.diffusion_model.out.2.bias"])
+
+
+def test_not_a_state_dict(tmp_path):
+    torch.save([torch.zeros(1)], tmp_path / "m.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="does not hold a state dict"):
+        RDM.from_pretrained(tmp_path / "m.ckpt", "tiny")
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        RDM.from_pretrained(tmp_path / "nope.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="directory without model.safetensors"):
+        RDM.from_pretrained(tmp_path)
+
+
+def test_newer_format_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    model = RDM.from_config("tiny")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors",
+              metadata={"format": "rdm_fast", "format_version": "99", "config": json.dumps(model.config.to_dict())})
+    with pytest.raises(ckpt.CheckpointError, match="newer rdm_fast"):
+        RDM.from_pretrained(tmp_path)
+
+
+def test_unknown_model_needs_a_config(tmp_path):
+    torch.save({"model.diffusion_model.foo": torch.zeros(1)}, tmp_path / "m.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="cannot tell which model"):
+        RDM.from_pretrained(tmp_path / "m.ckpt")
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    model = RDM.from_config("tiny")
+    model.save_pretrained(tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def boom(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "model.safetensors").read_bytes() == before

@@ -1,0 +1,186 @@
+"""Schedule and sampler checks against hand-computed numbers and toy models with known answers."""
+
+import math
+
+import pytest
+import torch
+
+from rdm_fast.diffusion import Schedule, ddim_update, guided, plms_eps, sample_ddim, sample_plms
+
+# Values computed by hand with 30-digit arithmetic (mpmath) from the schedule's definition.
+HAND = {
+    (0.0015, 0.0195): dict(beta1=0.0015078346820481534, acp1=0.99699442706997492, acp961=0.00029478561805828569,
+                           acp981=0.00020195601706088692, acp999=0.00014230397519201785,
+                           sigma_t1=0.027432087567638114),
+    (0.0015, 0.015): dict(beta1=0.0015065003535212331, acp1=0.99699575939700905, acp961=0.0014221583989888851,
+                          acp981=0.0010631672975800767, acp999=0.00081251847112864294,
+                          sigma_t1=0.02742602659346764),
+}
+
+
+@pytest.mark.parametrize("ends", list(HAND))
+def test_linear_schedule_matches_hand_computed_values(ends):
+    s = Schedule.linear(*ends)
+    h = HAND[ends]
+    assert s.betas.dtype == torch.float64 and s.num_timesteps == 1000
+    assert s.betas[0].item() == pytest.approx(ends[0], rel=1e-14)
+    assert s.betas[-1].item() == pytest.approx(ends[1], rel=1e-14)
+    assert s.betas[1].item() == pytest.approx(h["beta1"], rel=1e-13)
+    acp = s.alphas_cumprod
+    assert acp[0].item() == pytest.approx(1 - ends[0], rel=1e-15)
+    for t in (1, 961, 981, 999):
+        assert acp[t].item() == pytest.approx(h[f"acp{t}"], rel=1e-11)
+
+
+def test_ddim_timesteps_and_coefficients():
+    s = Schedule.linear(0.0015, 0.0195)
+    assert s.ddim_timesteps(50).tolist() == list(range(1, 1000, 20))
+    assert s.ddim_timesteps(100).tolist() == list(range(1, 1000, 10))
+    c = s.ddim(50, eta=0.0)
+    acp = s.alphas_cumprod
+    assert len(c) == 50 and c.timesteps[0].item() == 981 and c.timesteps[-1].item() == 1
+    assert c.alphas[0].item() == pytest.approx(HAND[(0.0015, 0.0195)]["acp981"], rel=1e-11)
+    assert c.alphas_prev[0].item() == pytest.approx(HAND[(0.0015, 0.0195)]["acp961"], rel=1e-11)
+    # the last step goes to alphā[0], not to 1
+    assert c.alphas_prev[-1].item() == acp[0].item() != 1.0
+    assert torch.all(c.sigmas == 0)
+    c1 = s.ddim(50, eta=1.0)
+    assert c1.sigmas[-1].item() == pytest.approx(HAND[(0.0015, 0.0195)]["sigma_t1"], rel=1e-11)
+    c_half = s.ddim(50, eta=0.5)
+    torch.testing.assert_close(c_half.sigmas, 0.5 * c1.sigmas)
+
+
+def test_ddim_step_count_quirk_and_bounds():
+    s = Schedule.linear(0.0015, 0.0195)
+    assert s.ddim_timesteps(6).tolist() == list(range(1, 1000, 166))  # 7 steps for 6, as in the reference
+    for bad in (0, 501, 1000):
+        with pytest.raises(ValueError, match="steps must be between"):
+            s.ddim_timesteps(bad)
+    for past_end in (3, 9, 333):  # strides dividing 999 would reach t = 1000
+        with pytest.raises(ValueError, match="past the last"):
+            s.ddim_timesteps(past_end)
+    with pytest.raises(ValueError, match="eta"):
+        s.ddim(10, eta=-1.0)
+
+
+def test_ddim_update_formula():
+    x, eps = torch.tensor([2.0]), torch.tensor([0.5])
+    a, ap, sig, z = 0.25, 0.64, 0.3, torch.tensor([-1.0])
+    x_prev, x0 = ddim_update(x, eps, a, ap, sig, z)
+    x0_hand = (2.0 - math.sqrt(0.75) * 0.5) / 0.5
+    assert x0.item() == pytest.approx(x0_hand)
+    assert x_prev.item() == pytest.approx(0.8 * x0_hand + math.sqrt(1 - 0.64 - 0.09) * 0.5 - 0.3)
+
+
+def test_plms_coefficients():
+    e = [torch.tensor([float(v)]) for v in (1.0, 10.0, 100.0, 1000.0)]  # e[-1] newest
+    assert plms_eps(e[3], []).item() == 1000.0
+    assert plms_eps(e[3], e[2:3]).item() == pytest.approx((3 * 1000 - 100) / 2)
+    assert plms_eps(e[3], e[1:3]).item() == pytest.approx((23 * 1000 - 16 * 100 + 5 * 10) / 12)
+    assert plms_eps(e[3], e[0:3]).item() == pytest.approx((55 * 1000 - 59 * 100 + 37 * 10 - 9 * 1) / 24)
+
+
+def point_mass_eps(schedule: Schedule, c: torch.Tensor):
+    """The exact eps-predictor when every data point equals c: eps = (x - sqrt(a) c) / sqrt(1 - a)."""
+    acp = schedule.alphas_cumprod
+
+    def eps_fn(x, t):
+        a = acp[t].item()
+        return (x - a ** 0.5 * c) / (1 - a) ** 0.5
+
+    return eps_fn
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 1), ("ddim", 7), ("ddim", 50), ("plms", 2), ("plms", 7),
+                                           ("plms", 50)])
+def test_samplers_are_exact_on_a_point_mass(sampler, steps):
+    """With the exact eps of a point mass, eps is constant along a deterministic trajectory, so the result is
+    known in closed form: sqrt(alphā_0) c + sqrt(1 - alphā_0) eps_T (the last step lands on t = 0).
+    (One-step PLMS is excluded: its "next" timestep is the same one, as in the reference.)"""
+    s = Schedule.linear(0.0015, 0.0195)
+    torch.manual_seed(0)
+    c = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x_T = torch.randn_like(c)
+    eps_fn = point_mass_eps(s, c)
+    coeffs = s.ddim(steps)
+    out = (sample_ddim if sampler == "ddim" else sample_plms)(eps_fn, x_T, coeffs)
+    a_T, a_0 = s.alphas_cumprod[coeffs.timesteps[0]].item(), s.alphas_cumprod[0].item()
+    eps_T = (x_T - a_T ** 0.5 * c) / (1 - a_T) ** 0.5
+    torch.testing.assert_close(out, a_0 ** 0.5 * c + (1 - a_0) ** 0.5 * eps_T, rtol=1e-9, atol=1e-9)
+
+
+def test_plms_calls_and_first_step_average():
+    """PLMS makes steps + 1 model calls; its first step evaluates eps at the next timestep too."""
+    s = Schedule.linear(0.0015, 0.0195)
+    calls = []
+
+    def eps_fn(x, t):
+        calls.append(t)
+        return torch.full_like(x, float(t) / 1000)
+
+    sample_plms(eps_fn, torch.zeros(1, 1, 2, 2, dtype=torch.float64), s.ddim(10))
+    assert calls[:3] == [901, 801, 801] and len(calls) == 11 and calls[-1] == 1
+
+
+def test_plms_matches_hand_unrolled_steps():
+    """Three PLMS steps against an independent unrolling with a nonlinear toy eps."""
+    s = Schedule.linear(0.0015, 0.0195)
+    coeffs = s.ddim(4)  # t = 751, 501, 251, 1: every PLMS branch once
+    acp = s.alphas_cumprod
+
+    def eps_fn(x, t):
+        return torch.tanh(x) * (t / 1000.0) + 0.1
+
+    x = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    ts = coeffs.timesteps.tolist()
+    prevs = [acp[ts[i + 1]].item() if i + 1 < len(ts) else acp[0].item() for i in range(len(ts))]
+
+    def step(x, e, i):
+        a, ap = acp[ts[i]].item(), prevs[i]
+        x0 = (x - math.sqrt(1 - a) * e) / math.sqrt(a)
+        return math.sqrt(ap) * x0 + math.sqrt(1 - ap) * e
+
+    hist, y = [], x.clone()
+    for i in range(len(ts)):
+        e = eps_fn(y, ts[i])
+        if i == 0:
+            e2 = eps_fn(step(y, e, 0), ts[1])
+            ep = (e + e2) / 2
+        elif i == 1:
+            ep = (3 * e - hist[-1]) / 2
+        elif i == 2:
+            ep = (23 * e - 16 * hist[-1] + 5 * hist[-2]) / 12
+        else:
+            ep = (55 * e - 59 * hist[-1] + 37 * hist[-2] - 9 * hist[-3]) / 24
+        y = step(y, ep, i)
+        hist.append(e)
+    torch.testing.assert_close(sample_plms(eps_fn, x, coeffs), y, rtol=1e-12, atol=1e-12)
+
+
+def test_guidance_combines_one_batched_call_against_zero_context():
+    seen = []
+
+    def model(x, t, ctx):
+        seen.append((x.shape[0], t.tolist(), ctx.clone()))
+        return x * 0 + ctx.sum(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    ctx = torch.arange(1.0, 7.0).view(2, 3, 1)
+    eps = guided(model, ctx, scale=3.0)(torch.zeros(2, 1, 2, 2), 41)
+    assert len(seen) == 1 and seen[0][0] == 4 and seen[0][1] == [41] * 4
+    assert torch.all(seen[0][2][:2] == 0) and torch.equal(seen[0][2][2:], ctx)
+    # eps_u = 0, eps_c = per-sample context sums (6, 15): 0 + 3 * (eps_c - 0)
+    assert eps[:, 0, 0, 0].tolist() == [18.0, 45.0]
+    seen.clear()
+    guided(model, ctx, scale=1.0)(torch.zeros(2, 1, 2, 2), 41)
+    assert seen[0][0] == 2  # no unconditional half without guidance
+
+
+def test_ddim_with_eta_is_seeded_and_noisy():
+    s = Schedule.linear(0.0015, 0.0195)
+    c = torch.zeros(1, 1, 4, 4)
+    eps_fn = point_mass_eps(s, c)
+    x_T = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    runs = [sample_ddim(eps_fn, x_T, s.ddim(20, eta=1.0), generator=torch.Generator().manual_seed(k))
+            for k in (5, 5, 6)]
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    assert not torch.allclose(runs[0], sample_ddim(eps_fn, x_T, s.ddim(20)))
