@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
+
+from ._files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -173,21 +173,10 @@ def save_safetensors(tensors: Mapping[str, Tensor], config: dict[str, Any], dire
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "config": json.dumps(config)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     weights = directory / WEIGHTS_FILE
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(directory / CONFIG_FILE,
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(directory / CONFIG_FILE,
                   lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return weights
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_own_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:

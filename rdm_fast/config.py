@@ -9,15 +9,12 @@ fields that would change the architecture to something the released models never
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-
-log = logging.getLogger(__name__)
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 

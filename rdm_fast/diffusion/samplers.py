@@ -63,7 +63,8 @@ def sample_ddim(eps_fn: EpsFn, x: Tensor, coeffs: DDIMCoefficients, *, generator
         eps = eps_fn(x, int(coeffs.timesteps[i]))
         noise = None
         if sigma > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            device = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
         x, _ = ddim_update(x, eps, float(coeffs.alphas[i]), float(coeffs.alphas_prev[i]), sigma, noise)
     return x
 

@@ -1,0 +1,47 @@
+"""What the command-line entry points share: one-line errors instead of tracebacks, logging, device choice."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+import torch
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+
+
+class CLIError(Exception):
+    """A mistake in the command line or its input files; printed as one line, exit status 2."""
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main`` with INFO logging to stderr; user errors become ``error: ...`` and exit status 2.
+    Set RDM_FAST_DEBUG=1 to see the traceback instead."""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return main(argv)
+    except (CLIError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("RDM_FAST_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+    return device
+
+
+def pick_dtype(bf16: bool, fp16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32

@@ -1,0 +1,154 @@
+"""Entry points: a real sampling run on the tiny model, conversion, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rdm_fast import RDM
+from rdm_fast import convert, sample
+from rdm_fast._cli import run
+
+
+def cli(module, *argv: str) -> int:
+    return run(module.main, list(argv))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = RDM.from_config("tiny")
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial weights (from_config zero-inits residual branches)
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(d / "model")
+    np.save(d / "ctx.npy", np.random.default_rng(0).standard_normal((2, 4, 64)).astype(np.float32))
+    np.save(d / "db.npy", np.random.default_rng(1).standard_normal((50, 64)).astype(np.float32))
+    return d
+
+
+def test_sample_with_context_file(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),
+               "--out", str(out), "--steps", "4", "--n-samples", "3", "--batch-size", "2", "--seed", "5") == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["grid.png", "run.json", "sample_00000.png", "sample_00001.png", "sample_00002.png"]
+    img = np.asarray(Image.open(out / "sample_00000.png"))
+    assert img.shape == (32, 32, 3) and img.std() > 0
+    info = json.loads((out / "run.json").read_text())
+    assert (info["steps"], info["seed"], info["n_samples"], info["guidance_scale"]) == (4, 5, 3, 2.0)
+    # same seed, same images; samples 0 and 2 share a context (cycled) but not their noise
+    again = tmp_path / "again"
+    cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--out",
+        str(again), "--steps", "4", "--n-samples", "3", "--batch-size", "2", "--seed", "5")
+    for name in ("sample_00000.png", "sample_00002.png"):
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(again / name)))
+    assert not np.array_equal(np.asarray(Image.open(out / "sample_00000.png")),
+                              np.asarray(Image.open(out / "sample_00002.png")))
+
+
+@pytest.mark.parametrize("extra", [["--bf16", "--sampler", "plms"], ["--fp16", "--eta", "1.0"]])
+def test_sample_half_precision_and_options(tiny_dir, tmp_path, extra):
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db.npy"), "--out",
+               str(tmp_path), "--steps", "4", "--n-samples", "2", *extra) == 0
+    img = np.asarray(Image.open(tmp_path / "sample_00001.png"))
+    assert img.std() > 0
+
+
+def test_random_init_needs_config(tiny_dir, tmp_path, capsys):
+    assert cli(sample, "--random-init", "--context-file", str(tiny_dir / "ctx.npy"), "--out", str(tmp_path)) == 2
+    assert capsys.readouterr().err.strip() == "error: --random-init needs --config (a preset name or config.yaml)"
+
+
+def bad_npy(tmp_path, array) -> str:
+    path = tmp_path / "bad.npy"
+    np.save(path, array)
+    return str(path)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d: str(d / "missing.npy"), "context file .*missing.npy does not exist"),
+    (lambda d: bad_npy(d, np.zeros((2, 3, 32), np.float32)),
+     "holds 32-d embeddings but the model expects 64-d"),
+    (lambda d: bad_npy(d, np.zeros((2, 3, 4, 64), np.float32)), r"holds shape \(2, 3, 4, 64\); expected"),
+    (lambda d: bad_npy(d, np.zeros((3, 64), np.int64)), "must hold a float array"),
+    (lambda d: bad_npy(d, np.full((3, 64), np.nan, np.float32)), "NaN or infinite"),
+    (lambda d: (d / "text.npy").write_text("hello") and str(d / "text.npy"), "not a readable .npy array"),
+])
+def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message):
+    code = cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", make(tmp_path), "--out",
+               str(tmp_path / "o"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ckpt", "{d}/nope.ckpt"], "nope.ckpt does not exist"),
+    (["--ckpt", "{d}/model", "--db", "{d}/nope.npy"], "nope.npy does not exist"),
+    (["--ckpt", "{d}/model", "--db", "{d}/ctx.npy"], r"expected float \(N, D\) embeddings"),
+    (["--ckpt", "{d}/model", "--steps", "999"], "steps must be between 1 and 500"),
+    (["--ckpt", "{d}/model", "--n-samples", "0"], "--n-samples must be at least 1"),
+    (["--ckpt", "{d}/model", "--sampler", "plms", "--eta", "0.5"], "plms is deterministic"),
+    (["--ckpt", "{d}/model", "--config", "imagenet"], "does not match the model configuration"),
+    (["--ckpt", "{d}/model", "--device", "cuda:0"] if not torch.cuda.is_available() else
+     ["--ckpt", "{d}/model", "--config", "nonexistent"], "no CUDA GPU|neither a preset"),
+])
+def test_sample_errors(tiny_dir, tmp_path, capsys, args, message):
+    argv = [a.format(d=tiny_dir) for a in args]
+    if "--db" not in argv:
+        argv += ["--context-file", str(tiny_dir / "ctx.npy")]
+    code = cli(sample, *argv, "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_db_too_small_and_wrong_dim(tiny_dir, tmp_path, capsys):
+    np.save(tmp_path / "small.npy", np.zeros((2, 64), np.float32))
+    np.save(tmp_path / "dim.npy", np.zeros((20, 16), np.float32))
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "small.npy"), "--out",
+               str(tmp_path / "o")) == 2
+    assert "fewer than the 4 each context needs" in capsys.readouterr().err
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "dim.npy"), "--out",
+               str(tmp_path / "o")) == 2
+    assert "holds 16-d embeddings but the model expects 64-d" in capsys.readouterr().err
+
+
+def test_official_npz_parts_as_database(tiny_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        np.savez(tmp_path / f"10x64-part_{i}.npz", embedding=rng.standard_normal((10, 64)).astype(np.float32),
+                 img_id=np.arange(10), patch_coords=np.zeros((10, 2)))
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path), "--out", str(tmp_path / "o"),
+               "--steps", "2", "--n-samples", "1") == 0
+
+
+def test_convert(tmp_path, tiny_official, capsys):
+    cfg, full, _, _ = tiny_official
+    torch.save({"state_dict": full}, tmp_path / "official.ckpt")
+    assert cli(convert, str(tmp_path / "official.ckpt"), "--out", str(tmp_path / "conv"), "--dtype", "fp16") == 0
+    model = RDM.from_pretrained(tmp_path / "conv")
+    assert model.config == cfg
+    got = model.official_state_dict()["model.diffusion_model.out.2.weight"]
+    torch.testing.assert_close(got, full["model.diffusion_model.out.2.weight"].half().float())
+    assert cli(convert, str(tmp_path / "nothing.ckpt"), "--out", str(tmp_path / "x")) == 2
+    assert "nothing.ckpt does not exist" in capsys.readouterr().err
+
+
+def test_entry_point_prints_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "rdm_fast.sample", "--ckpt", str(tmp_path / "x.ckpt"),
+                           "--context-file", "c.npy", "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("x.ckpt does not exist")

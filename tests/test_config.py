@@ -1,0 +1,169 @@
+"""Configs: presets, official config.yaml trees, and clear errors for what rdm_fast cannot build."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rdm_fast import RDMConfig
+from rdm_fast.config import ConfigError, UNetConfig, preset_names
+
+# An official-style config.yaml: the model.params tree plus the training bookkeeping the reference carries.
+OFFICIAL_768 = """
+model:
+  base_learning_rate: 1.0e-04
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.0015
+    linear_end: 0.015
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: jpg
+    cond_stage_key: nix
+    image_size: 48
+    channels: 16
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_by_std: false
+    scale_factor: 0.22765929
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 48
+        in_channels: 16
+        out_channels: 16
+        model_channels: 448
+        attention_resolutions: [4, 2, 1]
+        num_res_blocks: 2
+        channel_mult: [1, 2, 3, 4]
+        use_scale_shift_norm: false
+        resblock_updown: false
+        num_head_channels: 32
+        use_spatial_transformer: true
+        context_dim: 768
+        use_checkpoint: true
+        legacy: false
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 16
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: 16
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 128
+          ch_mult: [1, 1, 2, 2, 4]
+          num_res_blocks: 2
+          attn_resolutions: [16]
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+    cond_stage_config:
+      target: torch.nn.Identity
+data:
+  target: main.DataModuleFromConfig
+"""
+
+
+def test_presets_exist():
+    assert preset_names() == ["ffhq", "imagenet", "rdm768", "tiny"]
+
+
+@pytest.mark.parametrize("name", ["ffhq", "imagenet", "rdm768", "tiny"])
+def test_preset_round_trip(name):
+    cfg = RDMConfig.preset(name)
+    assert RDMConfig.from_dict(cfg.to_dict()) == cfg
+    assert RDMConfig.resolve(name) == cfg
+
+
+def test_official_yaml_loads_directly(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(OFFICIAL_768)
+    cfg = RDMConfig.from_yaml(path)
+    preset = RDMConfig.preset("rdm768")
+    assert cfg.unet_config.model_channels == 448 and cfg.unet_config.legacy is False
+    assert cfg.first_stage_config == preset.first_stage_config
+    assert (cfg.linear_end, cfg.scale_factor, cfg.image_size, cfg.channels) == (0.015, 0.22765929, 48, 16)
+    # legacy only changes the head width rule; with num_head_channels it is the same architecture
+    assert cfg.unet_config.heads(1792) == preset.unet_config.heads(1792) == (56, 32)
+    assert RDMConfig.resolve(str(path)) == cfg
+    # the params tree alone works too
+    assert RDMConfig.from_dict(yaml.safe_load(OFFICIAL_768)["model"]["params"]) == cfg
+
+
+def test_head_rules():
+    base = dict(in_channels=4, out_channels=4, model_channels=64, attention_resolutions=[1], num_res_blocks=1,
+                channel_mult=[1], context_dim=8)
+    assert UNetConfig(**base, num_head_channels=32).heads(192) == (6, 32)
+    assert UNetConfig(**base, num_heads=8).heads(192) == (8, 24)
+    assert UNetConfig(**base, num_heads=8, num_head_channels=16, legacy=False).heads(192) == (12, 16)
+    with pytest.raises(ConfigError, match="num_heads or num_head_channels"):
+        UNetConfig(**base)
+
+
+def edited(**changes) -> dict:
+    tree = yaml.safe_load(OFFICIAL_768)
+    for dotted, value in changes.items():
+        node = tree["model"]["params"]
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node[key]["params"] if key in ("unet_config", "first_stage_config") else node[key]
+        node[last] = value
+    return tree
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(unet_config__use_scale_shift_norm=True), "use_scale_shift_norm = True is not supported"),
+    (dict(conditioning_key="concat"), "conditioning_key = 'concat' is not supported"),
+    (dict(parameterization="x0"), "parameterization 'x0'"),
+    (dict(beta_schedule="cosine"), "beta_schedule 'cosine'"),
+    (dict(channels=4), "channels = 4 but unet_config.in_channels = 16"),
+    (dict(unet_config__model_channels=100), "not divisible by the 32 GroupNorm groups"),
+])
+def test_unsupported_configs_are_refused(change, message):
+    with pytest.raises(ConfigError, match=message):
+        RDMConfig.from_dict(edited(**change))
+
+
+def test_missing_and_unknown_keys():
+    tree = yaml.safe_load(OFFICIAL_768)
+    del tree["model"]["params"]["unet_config"]["params"]["context_dim"]
+    with pytest.raises(ConfigError, match=r"unet_config.params is missing required keys \['context_dim'\]"):
+        RDMConfig.from_dict(tree)
+    with pytest.raises(ConfigError, match="missing unet_config"):
+        RDMConfig.from_dict({"model": {"params": {"linear_start": 0.1}}})
+    with pytest.warns(UserWarning, match=r"ignoring unknown keys \['new_feature'\]"):
+        RDMConfig.from_dict(edited(new_feature=1))
+    tree = edited()
+    tree["model"]["params"]["first_stage_config"]["target"] = "some.OtherModel"
+    with pytest.raises(ConfigError, match="expected an AutoencoderKL or a VQ model"):
+        RDMConfig.from_dict(tree)
+
+
+def test_bad_files_and_names(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        RDMConfig.from_yaml(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        RDMConfig.from_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="does not hold a config mapping"):
+        RDMConfig.from_yaml(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; presets: ffhq, imagenet, rdm768, tiny"):
+        RDMConfig.preset("huge")
+    with pytest.raises(ConfigError, match="neither a preset"):
+        RDMConfig.resolve("huge")
+
+
+def test_conventions_of_the_released_families():
+    imagenet, rdm768 = RDMConfig.preset("imagenet"), RDMConfig.preset("rdm768")
+    assert (imagenet.context_tokens, imagenet.normalized_embeddings, imagenet.context_dim) == (4, False, 512)
+    assert (rdm768.context_tokens, rdm768.normalized_embeddings, rdm768.context_dim) == (11, True, 768)
+    assert (imagenet.sampling.steps, imagenet.sampling.guidance_scale) == (100, 2.0)
+    assert (rdm768.sampling.steps, rdm768.sampling.guidance_scale) == (50, 5.0)
+    assert imagenet.first_stage_config.kind == "vq" and rdm768.first_stage_config.kind == "kl"
