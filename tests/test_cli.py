@@ -149,6 +149,6 @@ def test_entry_point_prints_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "rdm_fast.sample", "--ckpt", str(tmp_path / "x.ckpt"),
                            "--context-file", "c.npy", "--out", str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().endswith("x.ckpt does not exist")

@@ -1,0 +1,51 @@
+"""One UNet call (a denoising step without guidance) of the ``tiny`` and ``imagenet`` presets, with the ops
+dispatched to the fast kernels ("auto") and to the plain-PyTorch references, in the same run.
+
+Runs on whatever is present: CUDA in bf16 at the ANCHORS.md batch (128 = 64 images with guidance) for
+imagenet, else the CPU in fp32 at batch 1. Compare the two modes' medians for the speed-up of the ops.
+Run: ``pytest bench/ --benchmark-only``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rdm_fast import RDM, ops
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+BATCH = {"tiny": 8 if CUDA else 4, "imagenet": 128 if CUDA else 1}
+ROUNDS = {"tiny": 20, "imagenet": 10 if CUDA else 3}
+
+
+@pytest.fixture(scope="module", params=["tiny", "imagenet"])
+def model_and_inputs(request):
+    preset = request.param
+    model = RDM.from_config(preset, device=DEVICE, dtype=DTYPE)
+    cfg = model.config
+    b = BATCH[preset]
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, device=DEVICE, generator=g)
+    t = torch.full((b,), 500, device=DEVICE)
+    ctx = torch.randn(b, cfg.context_tokens, cfg.context_dim, device=DEVICE, generator=g)
+    return preset, model, (x, t, ctx)
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+def test_unet_call(benchmark, model_and_inputs, mode):
+    preset, model, (x, t, ctx) = model_and_inputs
+    benchmark.group = f"unet-{preset}-b{x.shape[0]}-{str(DTYPE).replace('torch.', '')}-{DEVICE.type}"
+    benchmark.extra_info.update(preset=preset, batch=x.shape[0], mode=mode, device=str(DEVICE))
+
+    def call():
+        with torch.inference_mode():
+            out = model.unet(x, t, ctx)
+        if CUDA:
+            torch.cuda.synchronize()
+        return out
+
+    with ops.use_mode(mode):
+        call()  # warm-up: kernel selection, allocator, lazy extension load
+        benchmark.pedantic(call, rounds=ROUNDS[preset], iterations=1, warmup_rounds=1)

@@ -1,0 +1,4 @@
+// Python entry point of rdm_fast._C (CPU operators).
+#include "python_module.h"
+
+RDM_FAST_DEFINE_PY_MODULE(_C)

@@ -1,0 +1,1 @@
+"""Triton kernels of rdm_fast (installed as ``rdm_fast.kernels``); submodules import triton."""

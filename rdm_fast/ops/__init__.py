@@ -1,0 +1,26 @@
+"""Fused operators with compiled (C++/CUDA/Triton) fast paths and a plain-PyTorch reference.
+
+Importing this package loads nothing compiled; extensions load on first use. See
+:mod:`rdm_fast.ops._dispatch` for the ``RDM_FAST_OPS`` modes.
+"""
+
+from __future__ import annotations
+
+from . import _extension
+from ._dispatch import get_mode, set_mode, use_mode
+from .group_norm import _triton_unavailable, group_norm, group_norm_reference
+
+
+def available_backends() -> dict[str, bool]:
+    """Which fast backends are loaded in this process (loads the extensions and imports triton).
+
+    ``cuda-ext`` / ``triton`` being True does not imply a GPU is present; they are only used for CUDA tensors.
+    """
+    return {
+        "cpu-ext": _extension.cpu_loaded(),
+        "cuda-ext": _extension.cuda_loaded(),
+        "triton": _triton_unavailable() is None,
+    }
+
+
+__all__ = ["available_backends", "get_mode", "group_norm", "group_norm_reference", "set_mode", "use_mode"]

@@ -1,0 +1,170 @@
+"""Implementation selection for the fused ops.
+
+Each op has, per device type, an ordered list of :class:`Impl` (fastest first, the plain-PyTorch
+reference last). The mode decides how one is picked:
+
+* ``auto`` (default): the first implementation that is available and supports the call.
+* ``reference``: always the reference (the extension is not even loaded).
+* ``fast``: the first non-reference implementation that supports the call, else ``RuntimeError``.
+
+The mode comes from :func:`set_mode` / :func:`use_mode`, else from the ``RDM_FAST_OPS`` environment
+variable (read on every call), else ``auto``. The first run of each (op, impl, device type, dtype)
+is logged at INFO on the ``rdm_fast.ops`` logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._extension import BUILD_HINT
+
+logger = logging.getLogger("rdm_fast.ops")
+
+MODES = ("auto", "reference", "fast")
+ENV_VAR = "RDM_FAST_OPS"
+
+_mode_override: str | None = None
+
+
+def _check_mode(mode: str, source: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"invalid rdm_fast ops mode {mode!r} from {source}; valid modes: {', '.join(MODES)}")
+    return mode
+
+
+def get_mode() -> str:
+    """The active mode: the :func:`set_mode` / :func:`use_mode` value, else ``$RDM_FAST_OPS``, else ``auto``."""
+    if _mode_override is not None:
+        return _mode_override
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    return _check_mode(env, f"${ENV_VAR}") if env else "auto"
+
+
+def set_mode(mode: str | None) -> None:
+    """Set the mode process-wide; ``None`` goes back to following ``$RDM_FAST_OPS``."""
+    global _mode_override
+    _mode_override = None if mode is None else _check_mode(mode, "set_mode()")
+
+
+@contextlib.contextmanager
+def use_mode(mode: str) -> Iterator[None]:
+    """Context manager that sets the mode for its body and restores the previous setting."""
+    global _mode_override
+    previous = _mode_override
+    set_mode(mode)
+    try:
+        yield
+    finally:
+        _mode_override = previous
+
+
+def eager_constant(fn: Callable) -> Callable:
+    """Mark ``fn`` so that torch.compile calls it eagerly while tracing and uses its result as a constant.
+
+    Same as ``torch.compiler.assume_constant_result`` (which sets this attribute), without importing
+    torch._dynamo (about 1 s) at import time. Used for the loader, availability checks and logging,
+    whose side effects (imports, locks, log records) cannot be traced.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+_logged: set[tuple[str, str, str, str]] = set()
+_warned_missing: set[str] = set()
+
+
+@eager_constant
+def log_first_use(op: str, impl: str, device_type: str, dtype: str) -> None:
+    """Log at INFO the first run of each (op, impl, device type, dtype)."""
+    key = (op, impl, device_type, dtype)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("%s: %s (%s, %s)", op, impl, device_type, dtype.removeprefix("torch."))
+
+
+@eager_constant
+def warn_missing_once(op: str, reasons: str) -> None:
+    """Warn once per op that a missing backend made it fall back to the reference."""
+    if op not in _warned_missing:
+        _warned_missing.add(op)
+        logger.warning(
+            "%s: falling back to the slower reference implementation because %s; %s", op, reasons, BUILD_HINT
+        )
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record this call (fast impls have no backward yet)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@dataclass(eq=False)
+class Impl:
+    """One implementation of an op.
+
+    ``unavailable`` returns None when the backend can run at all (e.g. the extension loaded), else
+    the reason; ``unsupported`` takes the op's arguments and returns None when this call is
+    supported, else the reason.
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    unsupported: Callable[..., str | None] = lambda *args, **kwargs: None
+    unavailable: Callable[[], str | None] = lambda: None
+
+    def supports(self, *args, **kwargs) -> bool:
+        """Whether this implementation is available and supports the call."""
+        return self.unavailable() is None and self.unsupported(*args, **kwargs) is None
+
+
+@dataclass(eq=False)
+class Op:
+    """An op with its implementations in preference order per device type."""
+
+    name: str
+    reference: Impl
+    by_device: dict[str, list[Impl]] = field(default_factory=dict)
+
+    def impl(self, name: str) -> Impl:
+        """The implementation called ``name`` (for tests and diagnostics)."""
+        for impl in [self.reference, *(i for impls in self.by_device.values() for i in impls)]:
+            if impl.name == name:
+                return impl
+        raise KeyError(f"{self.name}: no implementation named {name!r}")
+
+    def select(self, device_type: str, *args, **kwargs) -> Impl:
+        """The implementation the current mode picks for this call."""
+        mode = get_mode()
+        if mode == "reference":
+            return self.reference
+        reasons = []
+        missing = []
+        for impl in self.by_device.get(device_type, ()):
+            why = impl.unavailable()
+            if why is not None:
+                missing.append(why)
+            else:
+                why = impl.unsupported(*args, **kwargs)
+                if why is None:
+                    return impl
+            reasons.append(f"{impl.name}: {why}")
+        if mode == "fast":
+            detail = "; ".join(reasons) if reasons else f"no fast implementation exists for {device_type} tensors"
+            hint = f"; {BUILD_HINT}" if missing else ""
+            raise RuntimeError(
+                f"{self.name}: mode 'fast' but no fast implementation can run this call ({detail}){hint}"
+            )
+        if missing:
+            warn_missing_once(self.name, "; ".join(missing))
+        return self.reference
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        impl = self.select(x.device.type, x, *args, **kwargs)
+        log_first_use(self.name, impl.name, x.device.type, str(x.dtype))
+        return impl.fn(x, *args, **kwargs)

@@ -1,0 +1,200 @@
+"""Fused GroupNorm: ``silu?(GroupNorm(x + add[:, :, None, ...]) * weight + bias)``.
+
+:func:`group_norm_reference` defines the semantics (statistics, affine and SiLU in float32, one
+rounding to ``x.dtype`` at the end, output in the memory format of ``x``) and is the CPU fallback.
+:func:`group_norm` validates the arguments and dispatches (see :mod:`rdm_fast.ops._dispatch`) to the
+CUDA extension, the Triton kernel, the C++ CPU extension or the reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _extension
+from ._dispatch import Impl, Op, eager_constant, needs_grad
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_param(t: Tensor | None, name: str, x: Tensor, shape: tuple[int, ...], desc: str) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != shape:
+        raise ValueError(f"group_norm: expected {name} of shape {desc} = {shape}, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"group_norm: unsupported {name} dtype {t.dtype} (expected float32, float16 or bfloat16)")
+    if t.device != x.device:
+        raise ValueError(f"group_norm: expected {name} on device {x.device}, got {t.device}")
+
+
+def check_args(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, add: Tensor | None) -> None:
+    """Raise ValueError when the arguments do not describe a valid group_norm call."""
+    if x.dim() < 2:
+        raise ValueError(
+            f"group_norm: expected x of shape (B, C, *spatial) with at least 2 dims, got shape {tuple(x.shape)}"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"group_norm: unsupported dtype {x.dtype} (expected float32, float16 or bfloat16)")
+    channels = x.shape[1]
+    if num_groups <= 0 or channels % num_groups:
+        raise ValueError(
+            f"group_norm: number of channels C={channels} must be divisible by num_groups={num_groups} "
+            f"(x of shape {tuple(x.shape)})"
+        )
+    _check_param(weight, "weight", x, (channels,), "(C,)")
+    _check_param(bias, "bias", x, (channels,), "(C,)")
+    _check_param(add, "add", x, (x.shape[0], channels), "(B, C)")
+
+
+def _output_like(x: Tensor, values: Tensor) -> Tensor:
+    """``values`` rounded once to ``x.dtype``, with x's strides when x is dense."""
+    out = torch.empty_like(x)
+    out.copy_(values)
+    return out
+
+
+def group_norm_reference(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int,
+    eps: float,
+    *,
+    add: Tensor | None = None,
+    silu: bool = False,
+) -> Tensor:
+    """Plain-PyTorch fused GroupNorm in float32; the oracle for every other implementation."""
+    check_args(x, weight, bias, num_groups, add)
+    # NCHW on purpose: torch's CPU channels_last GroupNorm kernel loses precision when the mean is
+    # large relative to the spread (error ~1.5 for x = 1000 + randn); the result is laid out like x.
+    h = x.float().contiguous()
+    if add is not None:
+        h = h + add.float()[(...,) + (None,) * (x.dim() - 2)]
+    h = F.group_norm(
+        h,
+        num_groups,
+        None if weight is None else weight.float(),
+        None if bias is None else bias.float(),
+        eps,
+    )
+    if silu:
+        h = F.silu(h)
+    return _output_like(x, h)
+
+
+def _layout_unsupported(x: Tensor) -> str | None:
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    return f"x must be contiguous or 4-D channels_last, got shape {tuple(x.shape)} with strides {x.stride()}"
+
+
+def _unsupported(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int,
+    eps: float,
+    *,
+    add: Tensor | None = None,
+    silu: bool = False,
+) -> str | None:
+    if needs_grad(x, weight, bias, add):
+        return "inputs require grad (no backward kernel yet)"
+    return _layout_unsupported(x)
+
+
+def _ext_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int,
+    eps: float,
+    *,
+    add: Tensor | None = None,
+    silu: bool = False,
+) -> Tensor:
+    return torch.ops.rdm_fast.group_norm.default(x, weight, bias, num_groups, eps, add, silu)
+
+
+@eager_constant
+def _cpu_ext_unavailable() -> str | None:
+    return None if _extension.cpu_loaded() else _extension.load_error("rdm_fast._C")
+
+
+@eager_constant
+def _cuda_ext_unavailable() -> str | None:
+    if _extension.cuda_loaded():
+        return None
+    return _extension.load_error("rdm_fast._C") or _extension.load_error("rdm_fast._C_cuda")
+
+
+_triton_module: ModuleType | None = None
+_triton_error: str | None = None
+
+
+@eager_constant
+def _triton_unavailable() -> str | None:
+    """None once ``rdm_fast.kernels.group_norm`` (hence triton) is imported, else why not (tried once)."""
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            _triton_module = importlib.import_module("rdm_fast.kernels.group_norm")
+        except Exception as exc:  # optional dependency: a missing or broken triton must not break the op
+            _triton_error = f"triton kernels unavailable ({type(exc).__name__}: {exc})"
+    return _triton_error
+
+
+def _triton_forward(*args, **kwargs) -> Tensor:
+    return _triton_module.group_norm(*args, **kwargs)  # loaded by _triton_unavailable() during selection
+
+
+def _register_fake() -> None:
+    """Shape/stride propagation for ``torch.ops.rdm_fast.group_norm`` (meta tensors, torch.compile)."""
+    register = getattr(torch.library, "register_fake", None) or getattr(torch.library, "impl_abstract", None)
+    if register is None:  # old torch without either API
+        return
+
+    @register("rdm_fast::group_norm")
+    def _group_norm_fake(x, weight, bias, num_groups, eps, add, silu):
+        if _layout_unsupported(x) is None:
+            return torch.empty_like(x)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_extension.add_post_load_hook(_register_fake)
+
+GROUP_NORM = Op(
+    "group_norm",
+    reference=Impl("reference", group_norm_reference),
+    by_device={
+        "cpu": [Impl("cpu-ext", _ext_forward, _unsupported, _cpu_ext_unavailable)],
+        "cuda": [
+            Impl("cuda-ext", _ext_forward, _unsupported, _cuda_ext_unavailable),
+            Impl("triton", _triton_forward, _unsupported, _triton_unavailable),
+        ],
+    },
+)
+
+
+def group_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int,
+    eps: float,
+    *,
+    add: Tensor | None = None,
+    silu: bool = False,
+) -> Tensor:
+    """Fused GroupNorm with optional per-(B, C) ``add`` before the statistics and optional SiLU after.
+
+    x is (B, C, *spatial), contiguous or 4-D channels_last, float32/float16/bfloat16; the result has
+    x's shape, dtype and memory format. Semantics are those of :func:`group_norm_reference`.
+    """
+    check_args(x, weight, bias, num_groups, add)
+    return GROUP_NORM(x, weight, bias, num_groups, eps, add=add, silu=silu)

@@ -1,0 +1,498 @@
+"""Fused GroupNorm: reference vs float64, C++ CPU op and CUDA op vs reference, errors, dispatch.
+
+Run against the installed package (``pip install --no-build-isolation .``), e.g. ``pytest tests/``
+with the pytest console script: the source tree has no compiled ``rdm_fast._C``.
+
+Tolerances: float32 outputs match the reference to ``rtol=atol=1e-5``. float16/bfloat16 outputs are
+single roundings of float32 values that agree to within that float32 tolerance, so they may differ
+from the reference by one unit in the last place of the low-precision format (at the larger of the
+two magnitudes, ``_ulp``) plus 1e-5 (which only matters near zero, e.g. among float16 subnormals).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rdm_fast
+import rdm_fast.ops as ops
+from rdm_fast.ops import _dispatch, _extension
+from rdm_fast.ops.group_norm import GROUP_NORM, group_norm, group_norm_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (shape, num_groups): 3 channels per group, 1 per group, 1x1, odd HxW, 1-D, 3-D, no spatial dims.
+SHAPES = [
+    ((3, 96, 7, 5), 32),
+    ((2, 32, 7, 5), 32),
+    ((2, 64, 1, 1), 8),
+    ((2, 64, 33, 17), 16),
+    ((3, 48, 19), 6),
+    ((2, 32, 3, 5, 7), 8),
+    ((4, 64), 16),
+]
+LAYOUT_CASES = [(shape, g, cl) for shape, g in SHAPES for cl in ((False, True) if len(shape) == 4 else (False,))]
+EPS = 1e-5
+
+
+def _layout_id(case) -> str:
+    shape, g, cl = case
+    return "x".join(map(str, shape)) + f"-g{g}" + ("-nhwc" if cl else "")
+
+
+def _make_inputs(shape, dtype, channels_last=False, *, affine=True, with_add=True, seed=0, offset=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    b, c = shape[:2]
+    x = (torch.randn(shape, generator=gen) * 2 + offset).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = 1 + 0.5 * torch.randn(c, generator=gen) if affine else None
+    bias = 0.5 * torch.randn(c, generator=gen) if affine else None
+    add = torch.randn(b, c, generator=gen) if with_add else None
+    return x, w, bias, add
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    """Spacing of the floating-point format of ``t`` at each value of ``t`` (as float32)."""
+    fi = torch.finfo(t.dtype)
+    mag = t.float().abs().clamp_min(fi.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag))) * fi.eps
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert out.stride() == ref.stride(), "memory format differs from the reference"
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        diff = (out.float() - ref.float()).abs()
+        bad = diff > _ulp(torch.maximum(out.abs(), ref.abs())) + 1e-5
+        assert not bad.any(), f"{int(bad.sum())} values differ by more than 1 ulp + 1e-5 (max diff {diff.max().item()})"
+
+
+def independent_group_norm(x, weight, bias, num_groups, eps, add=None, silu=False) -> torch.Tensor:
+    """Fused GroupNorm from first principles in float64 (no F.group_norm)."""
+    h = x.double()
+    extra = (1,) * (x.dim() - 2)
+    if add is not None:
+        h = h + add.double().reshape(add.shape + extra)
+    b, c = x.shape[:2]
+    hg = h.reshape(b, num_groups, -1)
+    mean = hg.sum(-1, keepdim=True) / hg.shape[-1]
+    var = ((hg - mean) ** 2).sum(-1, keepdim=True) / hg.shape[-1]
+    y = ((hg - mean) / torch.sqrt(var + eps)).reshape(h.shape)
+    if weight is not None:
+        y = y * weight.double().reshape((1, c) + extra)
+    if bias is not None:
+        y = y + bias.double().reshape((1, c) + extra)
+    if silu:
+        y = y / (1 + torch.exp(-y))
+    return y
+
+
+@pytest.fixture
+def cpu_ext():
+    """Fails (rather than skips) when the C++ extension is missing: it is part of the package."""
+    if not _extension.cpu_loaded():
+        pytest.fail(
+            f"rdm_fast._C is not loadable ({_extension.load_error('rdm_fast._C')}); rdm_fast was imported from "
+            f"{ops.__file__}. Install with `pip install --no-build-isolation .` and run the tests against the "
+            "installed package (the pytest console script from the repo root, or from another directory)."
+        )
+
+
+@pytest.fixture
+def fresh_dispatch(monkeypatch):
+    """Isolate mode, first-use log and fallback warning state."""
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(_dispatch, "_mode_override", None)
+    monkeypatch.setattr(_dispatch, "_logged", set())
+    monkeypatch.setattr(_dispatch, "_warned_missing", set())
+
+
+# --- the reference against an independent float64 computation
+
+
+@pytest.mark.parametrize(
+    "shape,groups,channels_last,dtype,silu",
+    [
+        ((3, 96, 7, 5), 32, False, torch.float32, True),
+        ((2, 64, 33, 17), 16, True, torch.float32, False),
+        ((3, 48, 19), 6, False, torch.float32, True),
+        ((2, 32, 3, 5, 7), 8, False, torch.bfloat16, True),
+        ((2, 64, 8, 8), 8, True, torch.float16, True),
+    ],
+)
+def test_reference_matches_float64(shape, groups, channels_last, dtype, silu):
+    x, w, b, add = _make_inputs(shape, dtype, channels_last)
+    ref = group_norm_reference(x, w, b, groups, EPS, add=add, silu=silu)
+    exact = independent_group_norm(x, w, b, groups, EPS, add, silu)
+    if dtype == torch.float32:
+        torch.testing.assert_close(ref.double(), exact, rtol=1e-5, atol=1e-5)
+    else:
+        assert ((ref.double() - exact).abs() <= _ulp(exact.to(dtype)).double() + 1e-5).all()
+    assert ref.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+# --- C++ CPU op vs reference
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=_layout_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_add", [False, True], ids=["noadd", "add"])
+@pytest.mark.parametrize("silu", [False, True], ids=["nosilu", "silu"])
+@pytest.mark.parametrize("affine", [False, True], ids=["noaffine", "affine"])
+def test_cpu_op_matches_reference(cpu_ext, fresh_dispatch, case, dtype, with_add, silu, affine):
+    shape, groups, channels_last = case
+    x, w, b, add = _make_inputs(shape, dtype, channels_last, affine=affine, with_add=with_add)
+    ref = group_norm_reference(x, w, b, groups, EPS, add=add, silu=silu)
+    with ops.use_mode("fast"):
+        out = group_norm(x, w, b, groups, EPS, add=add, silu=silu)
+    assert_matches(out, ref)
+    assert_matches(torch.ops.rdm_fast.group_norm(x, w, b, groups, EPS, add, silu), ref)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_op_mixed_parameter_dtypes(cpu_ext, dtype, param_dtype):
+    x, w, b, add = _make_inputs((2, 32, 6, 5), dtype, True)
+    w, b, add = w.to(param_dtype), b.to(param_dtype), add.to(param_dtype)
+    ref = group_norm_reference(x, w, b, 8, EPS, add=add, silu=True)
+    assert_matches(torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, add, True), ref)
+
+
+def test_cpu_op_weight_only_and_bias_only(cpu_ext):
+    x, w, b, _ = _make_inputs((2, 32, 5, 3), torch.float32)
+    for weight, bias in ((w, None), (None, b)):
+        ref = group_norm_reference(x, weight, bias, 4, EPS)
+        assert_matches(torch.ops.rdm_fast.group_norm(x, weight, bias, 4, EPS, None, False), ref)
+
+
+def test_cpu_op_non_contiguous_add(cpu_ext):
+    x, w, b, _ = _make_inputs((3, 32, 4, 4), torch.float32)
+    add = torch.randn(32, 3).t()  # (B, C) view with strides (1, 3)
+    ref = group_norm_reference(x, w, b, 8, EPS, add=add)
+    assert_matches(torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, add, False), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,groups,channels_last",
+    [((2, 4, 5000), 2, False), ((1, 4, 70, 70), 2, False), ((1, 4, 70, 70), 2, True), ((2, 6, 9000), 1, False)],
+    ids=["1d-nchw", "2d-nchw", "2d-nhwc", "1d-one-group"],
+)
+def test_cpu_op_long_rows(cpu_ext, shape, groups, channels_last, dtype):
+    """Rows longer than the kernels' 4096-value blocks and NHWC work items spanning several chunks."""
+    x, w, b, add = _make_inputs(shape, dtype, channels_last)
+    ref = group_norm_reference(x, w, b, groups, EPS, add=add, silu=True)
+    assert_matches(torch.ops.rdm_fast.group_norm(x, w, b, groups, EPS, add, True), ref)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("offset_in", ["x", "add"])
+def test_cpu_op_large_mean_offset(cpu_ext, channels_last, offset_in):
+    x, w, b, add = _make_inputs((2, 64, 48, 40), torch.float32, channels_last, offset=0.0)
+    if offset_in == "x":
+        x = x + 1000
+    else:
+        add = add + 1000
+    exact = independent_group_norm(x, w, b, 8, EPS, add, silu=False)
+    out = torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, add, False)
+    # x ~ 1000 carries ~6e-5 of float32 granularity; a naive E[x^2] - E[x]^2 would be off by O(1).
+    assert (out.double() - exact).abs().max().item() < 1e-4
+    ref = group_norm_reference(x, w, b, 8, EPS, add=add)
+    assert (ref.double() - exact).abs().max().item() < 2e-4
+    torch.testing.assert_close(out, ref, rtol=0, atol=3e-4)
+
+
+def test_cpu_op_empty_batch(cpu_ext):
+    x = torch.randn(0, 32, 4, 4)
+    assert torch.ops.rdm_fast.group_norm(x, None, None, 8, EPS, None, True).shape == x.shape
+
+
+def test_unsupported_layout_falls_back_in_auto_and_raises_in_fast(cpu_ext, fresh_dispatch):
+    x = torch.randn(2, 16, 3, 4, 5).to(memory_format=torch.channels_last_3d)
+    ref = group_norm_reference(x, None, None, 4, EPS, silu=True)
+    assert GROUP_NORM.select("cpu", x, None, None, 4, EPS).name == "reference"
+    assert_matches(group_norm(x, None, None, 4, EPS, silu=True), ref)
+    with ops.use_mode("fast"), pytest.raises(RuntimeError, match="contiguous or 4-D channels_last"):
+        group_norm(x, None, None, 4, EPS)
+    # The raw op copies other layouts to NCHW; values still match.
+    torch.testing.assert_close(torch.ops.rdm_fast.group_norm(x, None, None, 4, EPS, None, True), ref)
+
+
+# --- argument errors
+
+
+def _error_cases():
+    x = torch.randn(2, 12, 4, 4)
+    return [
+        ("divisible", (x, None, None, 5, EPS), {}, r"C=12 must be divisible by num_groups=5"),
+        ("groups0", (x, None, None, 0, EPS), {}, r"divisible by num_groups=0"),
+        ("add", (x, None, None, 4, EPS), {"add": torch.randn(2, 6)}, r"add of shape \(B, C\) = \(2, 12\).*\(2, 6\)"),
+        ("add4d", (x, None, None, 4, EPS), {"add": torch.randn(2, 12, 1, 1)}, r"add of shape \(B, C\)"),
+        ("weight", (x, torch.randn(6), None, 4, EPS), {}, r"weight of shape \(C,\) = \(12,\).*\(6,\)"),
+        ("bias", (x, None, torch.randn(12, 1), 4, EPS), {}, r"bias of shape \(C,\)"),
+        ("dtype", (x.double(), None, None, 4, EPS), {}, r"unsupported dtype .*(float64|Double)"),
+        ("intdtype", (x.int(), None, None, 4, EPS), {}, r"unsupported dtype"),
+        ("param_dtype", (x, torch.randn(12).double(), None, 4, EPS), {}, r"unsupported weight dtype"),
+        ("dim", (torch.randn(12), None, None, 4, EPS), {}, r"expected x of shape \(B, C, \*spatial\).*\(12,\)"),
+    ]
+
+
+@pytest.mark.parametrize("fn", [group_norm, group_norm_reference], ids=["group_norm", "reference"])
+@pytest.mark.parametrize("args,kwargs,match", [c[1:] for c in _error_cases()], ids=[c[0] for c in _error_cases()])
+def test_errors(fn, args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("args,kwargs,match", [c[1:] for c in _error_cases()], ids=[c[0] for c in _error_cases()])
+def test_cpu_op_errors(cpu_ext, args, kwargs, match):
+    """The C++ op raises ValueError (TORCH_CHECK_VALUE) with the same kind of message."""
+    x, weight, bias, groups, eps = args
+    with pytest.raises(ValueError, match=match):
+        torch.ops.rdm_fast.group_norm(x, weight, bias, groups, eps, kwargs.get("add"), False)
+
+
+# --- dispatch
+
+
+def test_mode_from_env_api_and_context_manager(fresh_dispatch, monkeypatch):
+    assert ops.get_mode() == "auto"
+    monkeypatch.setenv("RDM_FAST_OPS", "reference")
+    assert ops.get_mode() == "reference"
+    monkeypatch.setenv("RDM_FAST_OPS", "FAST")
+    assert ops.get_mode() == "fast"
+    ops.set_mode("auto")
+    assert ops.get_mode() == "auto"
+    with ops.use_mode("reference"):
+        assert ops.get_mode() == "reference"
+        with ops.use_mode("fast"):
+            assert ops.get_mode() == "fast"
+        assert ops.get_mode() == "reference"
+    assert ops.get_mode() == "auto"
+    ops.set_mode(None)
+    assert ops.get_mode() == "fast"
+
+
+def test_invalid_mode(fresh_dispatch, monkeypatch):
+    with pytest.raises(ValueError, match="valid modes: auto, reference, fast"):
+        ops.set_mode("turbo")
+    with pytest.raises(ValueError, match="valid modes"):
+        with ops.use_mode("slow"):
+            pass
+    monkeypatch.setenv("RDM_FAST_OPS", "bogus")
+    with pytest.raises(ValueError, match=r"'bogus' from \$RDM_FAST_OPS; valid modes: auto, reference, fast"):
+        ops.get_mode()
+
+
+def test_first_use_is_logged_once(cpu_ext, fresh_dispatch, caplog):
+    x = torch.randn(2, 8, 3, 3)
+    with caplog.at_level(logging.INFO, logger="rdm_fast.ops"):
+        group_norm(x, None, None, 2, EPS)
+        group_norm(x, None, None, 2, EPS)
+        group_norm(x.half(), None, None, 2, EPS)
+        with ops.use_mode("reference"):
+            group_norm(x, None, None, 2, EPS)
+    messages = [r.getMessage() for r in caplog.records if r.name == "rdm_fast.ops"]
+    assert messages == [
+        "group_norm: cpu-ext (cpu, float32)",
+        "group_norm: cpu-ext (cpu, float16)",
+        "group_norm: reference (cpu, float32)",
+    ]
+
+
+def test_reference_mode_does_not_call_extension(cpu_ext, fresh_dispatch, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("extension called")
+
+    monkeypatch.setattr(GROUP_NORM.impl("cpu-ext"), "fn", boom)
+    x, w, b, add = _make_inputs((2, 32, 4, 4), torch.float32)
+    with ops.use_mode("reference"):
+        out = group_norm(x, w, b, 8, EPS, add=add, silu=True)
+    assert_matches(out, group_norm_reference(x, w, b, 8, EPS, add=add, silu=True))
+    with pytest.raises(AssertionError, match="extension called"):  # the patch is effective
+        group_norm(x, w, b, 8, EPS)
+
+
+def test_requires_grad_uses_reference_and_gradients_flow(cpu_ext, fresh_dispatch):
+    x, _, _, add = _make_inputs((2, 16, 5, 5), torch.float32)
+    w = torch.nn.Parameter(torch.ones(16))
+    b = torch.nn.Parameter(torch.zeros(16))
+    x.requires_grad_(True)
+    assert not GROUP_NORM.impl("cpu-ext").supports(x, w, b, 4, EPS, add=add)
+    assert GROUP_NORM.select("cpu", x, w, b, 4, EPS, add=add).name == "reference"
+    out = group_norm(x, w, b, 4, EPS, add=add, silu=True)
+    out.square().sum().backward()
+    assert x.grad is not None and w.grad is not None and b.grad is not None
+    x2 = x.detach().clone().requires_grad_(True)
+    group_norm_reference(x2, w.detach(), b.detach(), 4, EPS, add=add, silu=True).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    with ops.use_mode("fast"), pytest.raises(RuntimeError, match="require grad"):
+        group_norm(x, w, b, 4, EPS)
+    # Parameters that require grad are fine when autograd is off (inference).
+    with torch.no_grad():
+        assert GROUP_NORM.impl("cpu-ext").supports(x, w, b, 4, EPS)
+        assert GROUP_NORM.select("cpu", x, w, b, 4, EPS).name == "cpu-ext"
+    with torch.inference_mode():
+        assert GROUP_NORM.select("cpu", x.detach(), w, b, 4, EPS).name == "cpu-ext"
+
+
+def test_missing_extension_warns_once_and_fast_mode_explains(fresh_dispatch, monkeypatch, caplog):
+    monkeypatch.setattr(GROUP_NORM.impl("cpu-ext"), "unavailable", lambda: "rdm_fast._C is not built")
+    x, w, b, _ = _make_inputs((2, 8, 3, 3), torch.float32)
+    with caplog.at_level(logging.INFO, logger="rdm_fast.ops"):
+        out1 = group_norm(x, w, b, 2, EPS)
+        group_norm(x, w, b, 2, EPS)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "rdm_fast._C is not built" in warnings[0] and "pip install --no-build-isolation ." in warnings[0]
+    assert_matches(out1, group_norm_reference(x, w, b, 2, EPS))
+    with ops.use_mode("fast"), pytest.raises(RuntimeError, match=r"not built.*pip install --no-build-isolation \."):
+        group_norm(x, w, b, 2, EPS)
+
+
+def test_available_backends(cpu_ext):
+    backends = ops.available_backends()
+    assert set(backends) == {"cpu-ext", "cuda-ext", "triton"}
+    assert backends["cpu-ext"] is True
+
+
+def run_python(code: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter that imports the same rdm_fast as this process."""
+    env = dict(os.environ, **(extra_env or {}))
+    pkg_parent = str(Path(rdm_fast.__file__).resolve().parent.parent)
+    if pkg_parent not in site.getsitepackages():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_import_does_not_load_extension(tmp_path):
+    code = (
+        "import sys, rdm_fast.ops, rdm_fast.ops.group_norm\n"
+        "loaded = [m for m in ('rdm_fast._C', 'rdm_fast._C_cuda', 'rdm_fast.kernels.group_norm') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_cpu_baseline_isa_variant(cpu_ext, tmp_path):
+    """The portable (non-AVX2) row kernels, forced with RDM_FAST_CPU_ISA=baseline in a fresh process."""
+    code = (
+        "import torch, rdm_fast.ops as ops\n"
+        "assert ops.available_backends()['cpu-ext']\n"
+        "torch.manual_seed(0)\n"
+        "for dtype in (torch.float32, torch.float16, torch.bfloat16):\n"
+        "    for cl in (False, True):\n"
+        "        x = (torch.randn(3, 96, 33, 17) + 0.5).to(dtype)\n"
+        "        x = x.to(memory_format=torch.channels_last) if cl else x\n"
+        "        w, b, a = torch.randn(96), torch.randn(96), torch.randn(3, 96)\n"
+        "        out = torch.ops.rdm_fast.group_norm(x, w, b, 32, 1e-5, a, True)\n"
+        "        ref = ops.group_norm_reference(x, w, b, 32, 1e-5, add=a, silu=True)\n"
+        "        tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps\n"
+        "        torch.testing.assert_close(out, ref, rtol=tol, atol=1e-5 + tol)\n"
+        "print('ok')\n"
+    )
+    result = run_python(code, tmp_path, {"RDM_FAST_CPU_ISA": "baseline"})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_compile_cold_start_fullgraph(tmp_path):
+    """torch.compile(fullgraph=True) over the dispatching API, with nothing loaded before tracing."""
+    code = (
+        "import sys, torch, rdm_fast.ops as ops\n"
+        "x, w, b, a = torch.randn(2, 64, 8, 8), torch.randn(64), torch.randn(64), torch.randn(2, 64)\n"
+        "f = lambda t: ops.group_norm(t, w, b, 32, 1e-5, add=a, silu=True) * 2\n"
+        "with torch.no_grad():\n"
+        "    out = torch.compile(f, backend='aot_eager', fullgraph=True)(x)\n"
+        "assert 'rdm_fast._C' in sys.modules\n"
+        "torch.testing.assert_close(out, ops.group_norm_reference(x, w, b, 32, 1e-5, add=a, silu=True) * 2)\n"
+        "print('ok')\n"
+    )
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_fake_impl_meta_and_compile(cpu_ext):
+    x = torch.empty(2, 32, 5, 7, device="meta").to(memory_format=torch.channels_last)
+    out = torch.ops.rdm_fast.group_norm(x, None, None, 8, EPS, None, True)
+    assert out.device.type == "meta" and out.shape == x.shape and out.stride() == x.stride()
+
+    def f(t, w, b, add):
+        return torch.ops.rdm_fast.group_norm(t, w, b, 8, EPS, add, True) * 2
+
+    xs, w, b, add = _make_inputs((2, 32, 5, 7), torch.float32, True)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(xs, w, b, add), f(xs, w, b, add))
+
+
+# --- CUDA
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def cuda_ext():
+    if not _extension.cuda_loaded():
+        pytest.fail(f"rdm_fast._C_cuda is not loadable: {_extension.load_error('rdm_fast._C_cuda')}")
+
+
+def _to_cuda(*tensors):
+    return [None if t is None else t.cuda() for t in tensors]
+
+
+@cuda
+@pytest.mark.parametrize(
+    "case", LAYOUT_CASES + [((4, 320, 32, 32), 32, True), ((4, 128, 64, 64), 32, False)], ids=_layout_id
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "add+silu"])
+def test_cuda_op_matches_reference(cuda_ext, fresh_dispatch, case, dtype, fused):
+    shape, groups, channels_last = case
+    x, w, b, add = _to_cuda(*_make_inputs(shape, dtype, channels_last, with_add=fused))
+    ref = group_norm_reference(x, w, b, groups, EPS, add=add, silu=fused)
+    with ops.use_mode("fast"):
+        out = group_norm(x, w, b, groups, EPS, add=add, silu=fused)
+    assert GROUP_NORM.select("cuda", x, w, b, groups, EPS, add=add, silu=fused).name == "cuda-ext"
+    assert_matches(out, ref)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_op_misaligned_and_param_dtypes(cuda_ext, dtype):
+    """A storage offset of one element forces the scalar (VEC=1) path; parameters in x.dtype."""
+    shape = (2, 64, 12, 10)
+    n = torch.Size(shape).numel()
+    x = torch.randn(n + 1, device="cuda").to(dtype)[1:].view(shape)
+    w, b, add = (t.cuda().to(dtype) for t in _make_inputs(shape, torch.float32)[1:])
+    ref = group_norm_reference(x, w, b, 16, EPS, add=add, silu=True)
+    assert_matches(torch.ops.rdm_fast.group_norm(x, w, b, 16, EPS, add, True), ref)
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_op_large_mean_offset(cuda_ext, channels_last):
+    x, w, b, add = _make_inputs((2, 64, 48, 40), torch.float32, channels_last, offset=1000.0)
+    exact = independent_group_norm(x, w, b, 8, EPS, add, silu=False)
+    out = torch.ops.rdm_fast.group_norm(*_to_cuda(x, w, b), 8, EPS, add.cuda(), False)
+    assert (out.cpu().double() - exact).abs().max().item() < 3e-4
+
+
+@cuda
+def test_cuda_op_on_current_stream(cuda_ext):
+    x, w, b, add = _to_cuda(*_make_inputs((8, 128, 32, 32), torch.bfloat16, True))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = torch.ops.rdm_fast.group_norm(x, w, b, 32, EPS, add, True)
+    stream.synchronize()
+    assert_matches(out, group_norm_reference(x, w, b, 32, EPS, add=add, silu=True))

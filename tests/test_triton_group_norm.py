@@ -1,0 +1,147 @@
+"""Triton GroupNorm kernel (``rdm_fast.kernels.group_norm``) vs ``group_norm_reference``.
+
+On CPU the kernel runs in the Triton interpreter, which is selected by ``TRITON_INTERPRET=1`` when a
+kernel is decorated (i.e. when the kernel module is imported) and read again at launch. Setting it
+in this pytest process would leak into every other test module (and a kernel module imported
+earlier without it would stay compiled-mode), so the interpreter cases run in a child interpreter:
+this file run as a script with ``TRITON_INTERPRET=1`` evaluates every case and prints JSON; the
+module fixture starts it once and each test asserts its case. bfloat16 is broken in the interpreter
+and is only tested on a GPU (in process, compiled). Tolerances as in test_ops_group_norm.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+EPS = 1e-5
+SHAPES = [
+    ((3, 96, 7, 5), 32),
+    ((2, 32, 7, 5), 32),
+    ((2, 64, 1, 1), 8),
+    ((2, 64, 33, 17), 16),
+    ((3, 48, 19), 6),
+    ((2, 32, 3, 5, 7), 8),
+    ((4, 64), 16),
+]
+
+
+def _cases() -> dict[str, tuple]:
+    """id -> (shape, groups, channels_last, dtype name, fused add+silu, affine, mean offset)."""
+    cases = {}
+    for shape, groups in SHAPES:
+        for cl in (False, True) if len(shape) == 4 else (False,):
+            base = "x".join(map(str, shape)) + f"-g{groups}" + ("-nhwc" if cl else "")
+            cases[f"{base}-float32-fused"] = (shape, groups, cl, "float32", True, True, 0.5)
+            cases[f"{base}-float16-fused"] = (shape, groups, cl, "float16", True, True, 0.5)
+            cases[f"{base}-float32-plain"] = (shape, groups, cl, "float32", False, False, 0.5)
+    cases["2x64x24x20-g8-offset1000"] = ((2, 64, 24, 20), 8, False, "float32", False, True, 1000.0)
+    cases["2x64x24x20-g8-nhwc-offset1000"] = ((2, 64, 24, 20), 8, True, "float32", False, True, 1000.0)
+    return cases
+
+
+CASES = _cases()
+
+
+def _inputs(case: tuple, device: str = "cpu"):
+    shape, _, cl, dtype, fused, affine, offset = case
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 2 + offset).to(getattr(torch, dtype))
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    c = shape[1]
+    w = 1 + 0.5 * torch.randn(c, generator=gen) if affine else None
+    b = 0.5 * torch.randn(c, generator=gen) if affine else None
+    add = torch.randn(shape[0], c, generator=gen) if fused else None
+    return [None if t is None else t.to(device) for t in (x, w, b, add)]
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    fi = torch.finfo(t.dtype)
+    return torch.exp2(torch.floor(torch.log2(t.float().abs().clamp_min(fi.tiny)))) * fi.eps
+
+
+def _mismatch(out: torch.Tensor, ref: torch.Tensor, offset: float) -> str | None:
+    """None when ``out`` matches the reference within tolerance, else a description."""
+    if out.shape != ref.shape or out.dtype != ref.dtype or out.stride() != ref.stride():
+        return f"layout: got {out.shape} {out.dtype} {out.stride()}, expected {ref.shape} {ref.dtype} {ref.stride()}"
+    diff = (out.float() - ref.float()).abs()
+    if out.dtype == torch.float32:
+        # With x ~ 1000 float32 itself is only ~6e-5 fine; the statistics must still be robust.
+        atol = 3e-4 if offset > 100 else 1e-5
+        bad = diff > atol + 1e-5 * ref.abs()
+    else:
+        bad = diff > _ulp(torch.maximum(out.abs(), ref.abs())) + 1e-5
+    if bad.any():
+        return f"{int(bad.sum())} of {bad.numel()} values out of tolerance, max abs diff {diff.max().item():.3g}"
+    return None
+
+
+def _run_case(case: tuple, device: str = "cpu") -> str | None:
+    from rdm_fast.kernels.group_norm import group_norm as triton_group_norm
+
+    from rdm_fast.ops import group_norm_reference
+
+    x, w, b, add = _inputs(case, device)
+    groups, fused, offset = case[1], case[4], case[6]
+    out = triton_group_norm(x, w, b, groups, EPS, add=add, silu=fused)
+    ref = group_norm_reference(x, w, b, groups, EPS, add=add, silu=fused)
+    return _mismatch(out, ref, offset)
+
+
+def _child_main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    print(json.dumps({name: _run_case(case) for name, case in CASES.items()}))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory) -> dict[str, str | None]:
+    import rdm_fast
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    pkg_parent = str(Path(rdm_fast.__file__).resolve().parent.parent)
+    if pkg_parent not in site.getsitepackages():  # make the child import the same rdm_fast
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        cwd=tmp_path_factory.mktemp("triton"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, f"interpreter run failed:\n{result.stderr[-4000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_interpreter_matches_reference(interpreter_results, name):
+    assert name in interpreter_results
+    assert interpreter_results[name] is None, interpreter_results[name]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "name", [n for n in CASES if n.endswith("-float32-fused")] + [n for n in CASES if "offset" in n]
+)
+def test_triton_gpu_matches_reference(name, dtype):
+    if "offset" in name and dtype != "float32":
+        pytest.skip("large-offset cases are float32 only")
+    case = CASES[name][:3] + (dtype,) + CASES[name][4:]
+    err = _run_case(case, "cuda")
+    assert err is None, err
+
+
+if __name__ == "__main__":
+    _child_main()
