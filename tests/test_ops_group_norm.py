@@ -1,7 +1,7 @@
 """Fused GroupNorm: reference vs float64, C++ CPU op and CUDA op vs reference, errors, dispatch.
 
-Run against the installed package (``pip install --no-build-isolation .``), e.g. ``pytest tests/``
-with the pytest console script: the source tree has no compiled ``rdm_fast._C``.
+Needs the compiled extension: ``pip install --no-build-isolation .`` first (a source checkout on
+``sys.path`` finds the installed copy's ``rdm_fast._C``, see ``rdm_fast/__init__.py``).
 
 Tolerances: float32 outputs match the reference to ``rtol=atol=1e-5``. float16/bfloat16 outputs are
 single roundings of float32 values that agree to within that float32 tolerance, so they may differ
@@ -102,8 +102,7 @@ def cpu_ext():
     if not _extension.cpu_loaded():
         pytest.fail(
             f"rdm_fast._C is not loadable ({_extension.load_error('rdm_fast._C')}); rdm_fast was imported from "
-            f"{ops.__file__}. Install with `pip install --no-build-isolation .` and run the tests against the "
-            "installed package (the pytest console script from the repo root, or from another directory)."
+            f"{ops.__file__}. Install it with `pip install --no-build-isolation .` first."
         )
 
 
