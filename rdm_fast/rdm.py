@@ -49,7 +49,7 @@ class RDM(nn.Module):
     def from_pretrained(cls, path: str | Path, config: str | Path | dict | RDMConfig | None = None, *,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         use_ema: bool = True, allow_pickle: bool = False) -> "RDM":
-        """Load an official Lightning ``.ckpt`` or an rdm_fast directory / ``.safetensors`` file.
+        """Load an official Lightning ``.ckpt`` (or a folder holding one) or an rdm_fast directory / ``.safetensors``.
 
         ``config``: a preset name, a ``config.yaml`` path or an RDMConfig; when omitted, rdm_fast files use
         the config they carry and official checkpoints use ``config.yaml`` beside them, else the preset whose
@@ -59,9 +59,14 @@ class RDM(nn.Module):
         """
         path = Path(path)
         if path.is_dir():
-            if not (path / ckpt.WEIGHTS_FILE).is_file():
-                raise ckpt.CheckpointError(f"{path} is a directory without {ckpt.WEIGHTS_FILE}")
-            path = path / ckpt.WEIGHTS_FILE
+            ckpts = sorted(path.glob("*.ckpt"))
+            if (path / ckpt.WEIGHTS_FILE).is_file():
+                path = path / ckpt.WEIGHTS_FILE
+            elif len(ckpts) == 1:  # an official release folder: model.ckpt (+ config.yaml)
+                path = ckpts[0]
+            else:
+                raise ckpt.CheckpointError(f"{path} is a directory without {ckpt.WEIGHTS_FILE} or a single .ckpt "
+                                           "file: pass the checkpoint file itself")
         state, metadata = ckpt.read_state_dict(path, allow_pickle=allow_pickle)
         own = metadata.get("format") == ckpt.FORMAT_NAME or _is_own_layout(state)
         if config is None and own:

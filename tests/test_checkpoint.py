@@ -139,6 +139,7 @@ def test_config_inferred_from_yaml_beside_or_tensors(tmp_path, tiny_official):
     tree["model"]["params"]["scale_factor"] = 0.25
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
     assert RDM.from_pretrained(path).config.scale_factor == 0.25
+    assert RDM.from_pretrained(tmp_path).config.scale_factor == 0.25  # the release folder itself
 
 
 def test_dtype_and_saved_dtype(tmp_path, tiny_official):
@@ -242,7 +243,7 @@ def test_not_a_state_dict(tmp_path):
 def test_missing_paths(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         RDM.from_pretrained(tmp_path / "nope.ckpt")
-    with pytest.raises(ckpt.CheckpointError, match="directory without model.safetensors"):
+    with pytest.raises(ckpt.CheckpointError, match="directory without model.safetensors or a single .ckpt"):
         RDM.from_pretrained(tmp_path)
 
 
