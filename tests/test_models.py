@@ -159,3 +159,22 @@ def test_from_config_starts_like_training():
         assert torch.count_nonzero(model.unet(x, t, ctx)) == 0
     assert model.unet.up[0].res.conv2.weight.abs().sum() == 0
     assert model.unet.down[0].attn.proj_out.weight.abs().sum() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 4e-2), (torch.float16, 1.5e-2)])
+def test_unet_on_cuda_matches_oracle(dtype, tol):
+    """The model on the GPU (fast ops by default) against the float64 oracle on the CPU; TF32 off for fp32."""
+    cfg = mini_vq_config()
+    full, unet_sd, _ = official_checkpoint(cfg, seed=17)
+    model = RDM.from_state_dict(full, cfg).to("cuda", dtype)
+    x, t, ctx = inputs(cfg, batch=4)
+    ref = oracle.unet_forward(unet_sd, x, t, ctx, num_head_channels=cfg.unet_config.num_head_channels)
+    matmul_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            out = model.unet(x.cuda(), t.cuda(), ctx.cuda()).cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
+    assert torch.isfinite(out).all() and rel_err(out, ref) < tol
