@@ -35,7 +35,7 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                     "posterior_mean_coef1", "posterior_mean_coef2", "logvar")
-# Tensors official checkpoints carry that sampling does not use: EMA counters, the learned unconditional
+# Tensors official checkpoints carry that sampling does not use: EMA counters, the unconditional
 # vector of the RDM training code (guidance here uses the all-zero context), losses and discriminators.
 IGNORED_KEYS = {"model_ema.decay", "model_ema.num_updates", "unconditional_guidance_vex"}
 IGNORED_PREFIXES = ("first_stage_model.loss.", "loss.", "cond_stage_model.", "retrieval_encoder.")
