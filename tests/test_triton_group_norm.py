@@ -130,14 +130,13 @@ def test_triton_interpreter_matches_reference(interpreter_results, name):
     assert interpreter_results[name] is None, interpreter_results[name]
 
 
+GPU_CASES = [(n, d) for n in CASES if n.endswith("-float32-fused") for d in ("float32", "float16", "bfloat16")]
+GPU_CASES += [(n, "float32") for n in CASES if "offset" in n]  # large offsets: float32 only
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize(
-    "name", [n for n in CASES if n.endswith("-float32-fused")] + [n for n in CASES if "offset" in n]
-)
+@pytest.mark.parametrize("name,dtype", GPU_CASES)
 def test_triton_gpu_matches_reference(name, dtype):
-    if "offset" in name and dtype != "float32":
-        pytest.skip("large-offset cases are float32 only")
     case = CASES[name][:3] + (dtype,) + CASES[name][4:]
     err = _run_case(case, "cuda")
     assert err is None, err
