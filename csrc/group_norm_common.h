@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Optional.h>
 
 #include <cstdint>
@@ -109,6 +110,29 @@ inline at::Tensor float_param(const c10::optional<at::Tensor>& t) {
 
 inline const float* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<float>() : nullptr;
+}
+
+// What both device kernels start from: x in a layout they read in place
+// (NCHW-contiguous or channels_last), an output of the same layout, and the
+// optional parameters as float32 tensors.
+struct GroupNormOperands {
+  at::Tensor x;
+  at::Tensor out;
+  at::Tensor weight;
+  at::Tensor bias;
+  at::Tensor add;
+  bool channels_last;
+};
+
+inline GroupNormOperands prepare_group_norm(
+    const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& add) {
+  const bool channels_last = is_channels_last_only(input);
+  at::Tensor x = channels_last || input.is_contiguous() ? input : input.contiguous();
+  at::Tensor out = at::empty_like(x);
+  return {x, out, float_param(weight), float_param(bias), float_param(add), channels_last};
 }
 
 }  // namespace rdm_fast

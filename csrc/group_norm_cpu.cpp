@@ -13,7 +13,6 @@
 // exp_poly, a branch-free exp accurate to a few float32 ulp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -525,18 +524,15 @@ at::Tensor group_norm_cpu(
   const GroupNormSizes sizes =
       check_group_norm_args(input, weight, bias, num_groups, add);
   TORCH_CHECK(input.device().is_cpu(), "group_norm_cpu: expected a CPU tensor");
-  const bool channels_last = is_channels_last_only(input);
-  const at::Tensor x =
-      channels_last || input.is_contiguous() ? input : input.contiguous();
-  at::Tensor out = at::empty_like(x);
+  const GroupNormOperands op = prepare_group_norm(input, weight, bias, add);
+  const at::Tensor& x = op.x;
+  at::Tensor out = op.out;
+  const bool channels_last = op.channels_last;
   if (x.numel() == 0) {
     return out;
   }
-  const at::Tensor w = float_param(weight);
-  const at::Tensor b = float_param(bias);
-  const at::Tensor a = float_param(add);
   const Params prm{
-      data_or_null(w), data_or_null(b), data_or_null(a),
+      data_or_null(op.weight), data_or_null(op.bias), data_or_null(op.add),
       static_cast<float>(eps), silu};
   switch (x.scalar_type()) {
     case at::kFloat:

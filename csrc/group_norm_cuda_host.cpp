@@ -2,7 +2,6 @@
 // parameter conversion, device guard and current-stream lookup. Compiled by
 // the host compiler so that nvcc never sees the torch headers.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -46,36 +45,30 @@ at::Tensor group_norm_cuda(
       "B * num_groups must each be below 2^31), got x of shape ",
       shape_str(input.sizes()), " and num_groups=", num_groups);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const bool channels_last = is_channels_last_only(input);
-  const at::Tensor x =
-      channels_last || input.is_contiguous() ? input : input.contiguous();
-  at::Tensor out = at::empty_like(x);
-  if (x.numel() == 0) {
-    return out;
+  const GroupNormOperands op = prepare_group_norm(input, weight, bias, add);
+  if (op.x.numel() == 0) {
+    return op.out;
   }
-  const at::Tensor w = float_param(weight);
-  const at::Tensor b = float_param(bias);
-  const at::Tensor a = float_param(add);
   const GroupNormCudaArgs args{
-      x.data_ptr(),
-      out.data_ptr(),
-      data_or_null(w),
-      data_or_null(b),
-      data_or_null(a),
+      op.x.data_ptr(),
+      op.out.data_ptr(),
+      data_or_null(op.weight),
+      data_or_null(op.bias),
+      data_or_null(op.add),
       sizes.batch,
       sizes.channels,
       sizes.spatial,
       sizes.groups,
       static_cast<float>(eps),
       silu,
-      channels_last,
-      to_kernel_dtype(x.scalar_type())};
+      op.channels_last,
+      to_kernel_dtype(op.x.scalar_type())};
   const cudaError_t err =
       launch_group_norm(args, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(
       err == cudaSuccess, "rdm_fast::group_norm CUDA kernel launch failed: ",
       cudaGetErrorString(err));
-  return out;
+  return op.out;
 }
 
 }  // namespace

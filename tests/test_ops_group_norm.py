@@ -25,18 +25,9 @@ import rdm_fast
 import rdm_fast.ops as ops
 from rdm_fast.ops import _dispatch, _extension
 from rdm_fast.ops.group_norm import GROUP_NORM, group_norm, group_norm_reference
+from group_norm_shapes import SHAPES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (shape, num_groups): 3 channels per group, 1 per group, 1x1, odd HxW, 1-D, 3-D, no spatial dims.
-SHAPES = [
-    ((3, 96, 7, 5), 32),
-    ((2, 32, 7, 5), 32),
-    ((2, 64, 1, 1), 8),
-    ((2, 64, 33, 17), 16),
-    ((3, 48, 19), 6),
-    ((2, 32, 3, 5, 7), 8),
-    ((4, 64), 16),
-]
 LAYOUT_CASES = [(shape, g, cl) for shape, g in SHAPES for cl in ((False, True) if len(shape) == 4 else (False,))]
 EPS = 1e-5
 

@@ -21,19 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from group_norm_shapes import SHAPES
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 EPS = 1e-5
-SHAPES = [
-    ((3, 96, 7, 5), 32),
-    ((2, 32, 7, 5), 32),
-    ((2, 64, 1, 1), 8),
-    ((2, 64, 33, 17), 16),
-    ((3, 48, 19), 6),
-    ((2, 32, 3, 5, 7), 8),
-    ((4, 64), 16),
-]
 
 
 def _cases() -> dict[str, tuple]:
