@@ -110,13 +110,15 @@ class Impl:
 
     ``unavailable`` returns None when the backend can run at all (e.g. the extension loaded), else
     the reason; ``unsupported`` takes the op's arguments and returns None when this call is
-    supported, else the reason.
+    supported, else the reason. ``fast_mode_only`` impls are skipped in ``auto`` mode (Triton's CPU
+    interpreter: correct but far slower than the reference, so only used when ``fast`` is forced).
     """
 
     name: str
     fn: Callable[..., Tensor]
     unsupported: Callable[..., str | None] = lambda *args, **kwargs: None
     unavailable: Callable[[], str | None] = lambda: None
+    fast_mode_only: bool = False
 
     def supports(self, *args, **kwargs) -> bool:
         """Whether this implementation is available and supports the call."""
@@ -146,6 +148,8 @@ class Op:
         reasons = []
         missing = []
         for impl in self.by_device.get(device_type, ()):
+            if impl.fast_mode_only and mode != "fast":
+                continue
             why = impl.unavailable()
             if why is not None:
                 missing.append(why)
