@@ -1,0 +1,81 @@
+"""The encoder interface shared by databases, retrieval and sampling, and the registry of encoders by name.
+
+An encoder maps images (and, where it has a text tower, captions) into one embedding space. Every encoder
+declares its ``name``, its output ``dim`` and whether its outputs are already L2-``normalized``; a database
+records these and refuses queries made by another encoder.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class EncoderUnavailable(RuntimeError):
+    """An encoder cannot be built here (missing weights or packages); the message says how to fix it."""
+
+
+class Encoder(nn.Module, ABC):
+    """Images in [-1, 1] (B, 3, H, W) of any size, or a list of strings -> (B, dim) float32 embeddings."""
+
+    name: str
+    dim: int
+    normalized: bool
+    image_size: int
+
+    @abstractmethod
+    def encode_images(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) float images in [-1, 1] -> (B, dim) float32, on the encoder's device."""
+
+    @abstractmethod
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        """A list of B captions -> (B, dim) float32, on the encoder's device."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder's weights live (cpu when it has none)."""
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def info(self) -> dict:
+        """What a database records about the encoder that made it."""
+        return {"name": self.name, "dim": self.dim, "normalized": self.normalized}
+
+    def check_images(self, images: Tensor) -> None:
+        """Raise ValueError unless ``images`` is a float (B, 3, H, W) batch."""
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"{self.name}: expected float images (B, 3, H, W) in [-1, 1], "
+                             f"got {images.dtype} {tuple(images.shape)}")
+
+
+EncoderFactory = Callable[..., Encoder]
+_REGISTRY: dict[str, EncoderFactory] = {}
+
+
+def register_encoder(name: str, factory: EncoderFactory, *, replace: bool = False) -> None:
+    """Make ``get_encoder(name, ...)`` call ``factory(device=..., checkpoint=..., pretrained=...)``."""
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"an encoder named {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def list_encoders() -> list[str]:
+    """Names accepted by :func:`get_encoder`."""
+    return sorted(_REGISTRY)
+
+
+def get_encoder(name: str, *, device: str | torch.device = "cpu", checkpoint: str | None = None,
+                pretrained: bool = True) -> Encoder:
+    """Build the encoder registered as ``name`` in eval mode on ``device``.
+
+    ``checkpoint`` is a local weights file (overrides any default source); ``pretrained=False`` builds the
+    architecture with random weights (tests, benchmarks). Raises :class:`EncoderUnavailable` with a one-line
+    hint when weights or packages are missing.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown encoder {name!r}; available: {', '.join(list_encoders()) or 'none'}")
+    encoder = _REGISTRY[name](device=device, checkpoint=checkpoint, pretrained=pretrained)
+    return encoder.eval().requires_grad_(False)
