@@ -185,7 +185,7 @@ class RDM(nn.Module):
                 raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
             x = x_T.to(self.device, torch.float32)
         coeffs = self.schedule.ddim(steps, eta)
-        eps_fn = guided(self.unet, context, guidance_scale)
+        eps_fn = guided(self.unet, context, guidance_scale, prepare=self.unet.prepare_context)
         if sampler == "ddim":
             return sample_ddim(eps_fn, x, coeffs, generator=generator, progress=progress)
         if sampler == "plms":

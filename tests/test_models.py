@@ -120,6 +120,29 @@ def test_half_precision_sampling_tracks_fp32(dtype, tol):
     assert torch.isfinite(images).all() and images.std() > 1e-3
 
 
+@pytest.mark.parametrize("zero_rows", [0, 2])
+def test_prepared_context_matches_plain_context(zero_rows):
+    """Keys/values projected once (and skipped for the all-zero unconditional rows) give the same eps as the
+    plain context tensor with the zeros concatenated (fp32 rounding only: the same ops on row subsets)."""
+    cfg = RDMConfig.preset("tiny")
+    full, _, _ = official_checkpoint(cfg, seed=17)
+    model = RDM.from_state_dict(full, cfg)
+    x, t, ctx = inputs(cfg, batch=2)
+    x, t = torch.cat([x] * (1 + (zero_rows > 0))), torch.cat([t] * (1 + (zero_rows > 0)))
+    plain = torch.cat([torch.zeros(zero_rows, *ctx.shape[1:]), ctx])
+    with torch.no_grad():
+        ref = model.unet(x, t, plain)
+        prepared = model.unet.prepare_context(ctx, zero_rows=zero_rows)
+        out = model.unet(x, t, prepared)
+    assert prepared.batch == x.shape[0] and len(prepared.kv) == sum(
+        1 for m in model.unet.modules() if type(m).__name__ == "TransformerBlock")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prepared context is for a batch of"):
+        model.unet(x[:1], t[:1], prepared)
+    with pytest.raises(ValueError, match="context must be"):
+        model.unet.prepare_context(ctx[..., :-1])
+
+
 def test_fast_ops_path_matches_reference_path():
     """The whole model with the extension ops forced on vs the plain-PyTorch references."""
     if not ops.available_backends().get("cpu-ext"):

@@ -6,7 +6,7 @@ timestep on its first step (two model calls) and then uses Adams-Bashforth combi
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -40,12 +40,19 @@ def plms_eps(eps: Tensor, history: list[Tensor]) -> Tensor:
     return (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
 
 
-def guided(eps_model: Callable[[Tensor, Tensor, Tensor], Tensor], context: Tensor, scale: float) -> EpsFn:
+def guided(eps_model: Callable[[Tensor, Tensor, Any], Tensor], context: Tensor, scale: float, *,
+           prepare: Callable[[Tensor, int], Any] | None = None) -> EpsFn:
     """Classifier-free guidance: eps_u + s (eps_c - eps_u), with an all-zero unconditional context, computed
-    in one batched call on cat(uncond, cond). ``scale == 1`` is plain conditional sampling (one half-size call)."""
+    in one batched call on cat(uncond, cond). ``scale == 1`` is plain conditional sampling (one half-size call).
+
+    ``prepare(context, zero_rows)`` (e.g. ``UNet.prepare_context``) turns the context once into what the model
+    takes for a batch whose first ``zero_rows`` rows are unconditional; without it the zeros are concatenated.
+    """
     if scale == 1.0:
-        return lambda x, t: eps_model(x, torch.full((x.shape[0],), t, device=x.device), context)
-    both = torch.cat([torch.zeros_like(context), context])
+        ctx = prepare(context, 0) if prepare is not None else context
+        return lambda x, t: eps_model(x, torch.full((x.shape[0],), t, device=x.device), ctx)
+    b = context.shape[0]
+    both = prepare(context, b) if prepare is not None else torch.cat([torch.zeros_like(context), context])
 
     def eps_fn(x: Tensor, t: int) -> Tensor:
         x_in = torch.cat([x, x])

@@ -11,6 +11,7 @@ conv out.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,22 @@ def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+@dataclass(eq=False)
+class PreparedContext:
+    """A context whose cross-attention keys and values are computed once, for a whole sampling trajectory.
+
+    The first ``zero_rows`` rows of the batch have an all-zero context (the unconditional half under
+    classifier-free guidance). Keys and values are bias-free projections, so those rows' attention output is
+    exactly zero and their cross-attention branch is just ``to_out``'s bias: it is skipped. ``kv`` holds, per
+    cross-attention module, the (k, v) projections of the other (conditional) rows.
+    """
+
+    kv: dict[nn.Module, tuple[Tensor, Tensor]]
+    zero_rows: int
+    batch: int
+    tokens: int
 
 
 class ResBlock(nn.Module):
@@ -107,10 +124,25 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLU(dim, dropout)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | PreparedContext) -> Tensor:
         x = x + self.self_attn(self.norm1(x))
-        x = x + self.cross_attn(self.norm2(x), context)
+        if isinstance(context, Tensor):
+            x = x + self.cross_attn(self.norm2(x), context)
+        else:
+            x = self._add_prepared_cross(x, context)
         return x + self.ff(self.norm3(x))
+
+    def _add_prepared_cross(self, x: Tensor, context: PreparedContext) -> Tensor:
+        """x + cross-attention with precomputed keys/values; zero-context rows only get to_out's bias."""
+        attn, z = self.cross_attn, context.zero_rows
+        k, v = context.kv[attn]
+        cond = attn.to_out(attention(attn.to_q(self.norm2(x[z:])), k, v, attn.heads))
+        if z == 0:
+            return x + cond
+        out = torch.empty_like(x)
+        torch.add(x[:z], attn.to_out.bias.to(x.dtype), out=out[:z])
+        torch.add(x[z:], cond, out=out[z:])
+        return out
 
 
 class SpatialTransformer(nn.Module):
@@ -128,7 +160,7 @@ class SpatialTransformer(nn.Module):
                                     for _ in range(depth))
         self.proj_out = zero_init(conv1x1(inner, channels))
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | PreparedContext) -> Tensor:
         b, _, h, w = x.shape
         tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
         for block in self.blocks:
@@ -166,7 +198,7 @@ class Stage(nn.Module):
         present = [name for name in ("res", "attn", "resample") if getattr(self, name) is not None]
         self.OFFICIAL = {name: str(i) for i, name in enumerate(present)}
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | PreparedContext) -> Tensor:
         if self.res is not None:
             x = self.res(x, emb)
         if self.attn is not None:
@@ -185,7 +217,7 @@ class MidBlock(nn.Module):
         super().__init__()
         self.res1, self.attn, self.res2 = res1, attn, res2
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | PreparedContext) -> Tensor:
         return self.res2(self.attn(self.res1(x, emb), context), emb)
 
 
@@ -246,7 +278,28 @@ class UNet(nn.Module):
                 names[ours] = f"input_blocks.{int(index) + 1}.{rest}"
         return names
 
-    def _check(self, x: Tensor, t: Tensor, context: Tensor) -> None:
+    def _check_context(self, context: Tensor, batch: int | None = None) -> None:
+        d = self.cfg.context_dim
+        if context.dim() != 3 or context.shape[2] != d or (batch is not None and context.shape[0] != batch):
+            want = f"({batch if batch is not None else 'B'}, k, {d})"
+            raise ValueError(f"unet: context must be {want}, got {tuple(context.shape)}")
+
+    @torch.no_grad()
+    def prepare_context(self, context: Tensor, zero_rows: int = 0) -> PreparedContext:
+        """Project ``context`` (B, k, D) to every cross-attention's keys and values once (for sampling).
+
+        The returned context stands for a batch of ``zero_rows + B`` rows whose first ``zero_rows`` have an
+        all-zero context; pass it to :meth:`forward` in place of the context tensor.
+        """
+        self._check_context(context)
+        if zero_rows < 0:
+            raise ValueError(f"zero_rows must be >= 0, got {zero_rows}")
+        context = context.to(self.input_conv.weight.dtype)
+        kv = {m.cross_attn: (m.cross_attn.to_k(context), m.cross_attn.to_v(context))
+              for m in self.modules() if isinstance(m, TransformerBlock)}
+        return PreparedContext(kv, zero_rows, zero_rows + context.shape[0], context.shape[1])
+
+    def _check(self, x: Tensor, t: Tensor, context: Tensor | PreparedContext) -> None:
         cfg = self.cfg
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"unet: x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
@@ -255,18 +308,22 @@ class UNet(nn.Module):
             raise ValueError(f"unet: H and W must be multiples of {factor}, got {tuple(x.shape[2:])}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"unet: t must be ({x.shape[0]},) (one timestep per sample), got {tuple(t.shape)}")
-        if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
-            raise ValueError(f"unet: context must be ({x.shape[0]}, k, {cfg.context_dim}), "
-                             f"got {tuple(context.shape)}")
+        if isinstance(context, PreparedContext):
+            if context.batch != x.shape[0]:
+                raise ValueError(f"unet: the prepared context is for a batch of {context.batch}, x has {x.shape[0]}")
+        else:
+            self._check_context(context, x.shape[0])
 
-    def forward(self, x: Tensor, t: Tensor | int, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | int, context: Tensor | PreparedContext) -> Tensor:
+        """eps for noisy latents ``x`` at timesteps ``t``, given a context tensor or a :class:`PreparedContext`."""
         if not torch.is_tensor(t) or t.dim() == 0:
             t = torch.full((x.shape[0],), int(t), device=x.device)
         self._check(x, t, context)
         dtype = self.input_conv.weight.dtype
         emb = timestep_embedding(t, self.cfg.model_channels).to(dtype)
         emb = self.time_fc2(F.silu(self.time_fc1(emb)))
-        context = context.to(dtype)
+        if isinstance(context, Tensor):
+            context = context.to(dtype)
         h = self.input_conv(x.to(dtype))
         hs = [h]
         for stage in self.down:
