@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .config import ConfigError, RDMConfig, preset_names
 from .diffusion import Schedule, guided, sample_ddim, sample_plms
+from .diffusion.graphs import maybe_graphed
 from .models import Autoencoder, UNet
 from .models.layers import official_names
 
@@ -165,12 +166,14 @@ class RDM(nn.Module):
     @torch.no_grad()
     def sample(self, context: Tensor, steps: int = 50, sampler: Literal["ddim", "plms"] = "ddim", eta: float = 0.0,
                guidance_scale: float = 1.0, x_T: Tensor | None = None, generator: torch.Generator | None = None,
-               size: tuple[int, int] | None = None, progress: bool = False) -> Tensor:
+               size: tuple[int, int] | None = None, progress: bool = False,
+               cuda_graph: bool | None = None) -> Tensor:
         """Draw latents (B, C, H, W), fp32, from noise conditioned on ``context`` (B, k, D).
 
         Classifier-free guidance with ``guidance_scale != 1`` contrasts against an all-zero context. ``x_T``
         fixes the starting noise; otherwise it is drawn from ``generator``. ``size`` (H, W) overrides the
-        configured latent size (multiples of the UNet's downsampling factor).
+        configured latent size (multiples of the UNet's downsampling factor). ``cuda_graph`` (default: on CUDA)
+        replays each guided UNet call from a CUDA graph captured once for the trajectory's shapes.
         """
         self.check_context(context)
         context = context.to(self.device)
@@ -186,6 +189,7 @@ class RDM(nn.Module):
             x = x_T.to(self.device, torch.float32)
         coeffs = self.schedule.ddim(steps, eta)
         eps_fn = guided(self.unet, context, guidance_scale, prepare=self.unet.prepare_context)
+        eps_fn = maybe_graphed(eps_fn, x, cuda_graph)
         if sampler == "ddim":
             return sample_ddim(eps_fn, x, coeffs, generator=generator, progress=progress)
         if sampler == "plms":

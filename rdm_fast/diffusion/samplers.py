@@ -14,7 +14,12 @@ from tqdm.auto import tqdm
 
 from .schedule import DDIMCoefficients
 
-EpsFn = Callable[[Tensor, int], Tensor]
+EpsFn = Callable[[Tensor, "int | Tensor"], Tensor]
+
+
+def _timesteps(t: int | Tensor, n: int, device: torch.device) -> Tensor:
+    """(n,) timesteps from an int or a 0-d tensor (expanded in place: no host synchronisation)."""
+    return t.to(device).expand(n) if torch.is_tensor(t) else torch.full((n,), t, device=device)
 
 
 def ddim_update(x: Tensor, eps: Tensor, alpha: float, alpha_prev: float, sigma: float = 0.0,
@@ -50,13 +55,13 @@ def guided(eps_model: Callable[[Tensor, Tensor, Any], Tensor], context: Tensor, 
     """
     if scale == 1.0:
         ctx = prepare(context, 0) if prepare is not None else context
-        return lambda x, t: eps_model(x, torch.full((x.shape[0],), t, device=x.device), ctx)
+        return lambda x, t: eps_model(x, _timesteps(t, x.shape[0], x.device), ctx)
     b = context.shape[0]
     both = prepare(context, b) if prepare is not None else torch.cat([torch.zeros_like(context), context])
 
     def eps_fn(x: Tensor, t: int) -> Tensor:
         x_in = torch.cat([x, x])
-        eps_u, eps_c = eps_model(x_in, torch.full((x_in.shape[0],), t, device=x.device), both).chunk(2)
+        eps_u, eps_c = eps_model(x_in, _timesteps(t, x_in.shape[0], x.device), both).chunk(2)
         return eps_u + scale * (eps_c - eps_u)
 
     return eps_fn

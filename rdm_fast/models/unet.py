@@ -316,8 +316,10 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor | int, context: Tensor | PreparedContext) -> Tensor:
         """eps for noisy latents ``x`` at timesteps ``t``, given a context tensor or a :class:`PreparedContext`."""
-        if not torch.is_tensor(t) or t.dim() == 0:
+        if not torch.is_tensor(t):
             t = torch.full((x.shape[0],), int(t), device=x.device)
+        elif t.dim() == 0:  # no int(t): a device tensor must not synchronise (CUDA graphs, sync-free loops)
+            t = t.expand(x.shape[0])
         self._check(x, t, context)
         dtype = self.input_conv.weight.dtype
         emb = timestep_embedding(t, self.cfg.model_channels).to(dtype)
