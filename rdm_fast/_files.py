@@ -2,20 +2,75 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
+
+TEMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
-def atomic_write(target: str | Path, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``target``, then rename it into place."""
+def atomic_write(target: str | Path, write: Callable[[str], object], *, fsync: bool = False) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``target``, then rename it into place.
+    ``fsync=True`` also flushes the data to disk before the rename (survives a power loss, not only a kill)."""
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; final files get the usual permissions
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save_npy(target: str | Path, array: np.ndarray) -> None:
+    """``np.save`` under a temporary name, then rename (np.save on a path would append ``.npy`` to it)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+    atomic_write(target, write, fsync=True)
+
+
+def atomic_save_npz(target: str | Path, **arrays: np.ndarray) -> None:
+    """Uncompressed ``np.savez`` written atomically (byte-identical for identical arrays)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(target, write, fsync=True)
+
+
+def atomic_write_json(target: str | Path, obj: Any) -> None:
+    """Indented JSON with a trailing newline, written atomically."""
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(target, lambda tmp: Path(tmp).write_text(text), fsync=True)
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remove_stale_temps(directory: str | Path) -> int:
+    """Delete temporary files that :func:`atomic_write` left behind in ``directory`` when a process was killed
+    mid-write; returns how many. Call only while no other process writes there."""
+    n = 0
+    for p in Path(directory).glob(f".*{TEMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+    return n

@@ -1,0 +1,348 @@
+"""``python -m rdm_fast.db``: build, import, inspect, index and search image embedding databases.
+
+Commands: ``build`` (embed a folder or list of images; resumable; split over GPUs with ``torchrun``),
+``import-npz`` (official ``{N}x{D}-part_{i}.npz`` files), ``info``, ``search`` (by caption or image, with an
+optional contact sheet), ``index`` (FAISS index for large databases) and ``neighbors`` (training neighbours
+and the top-m proposal list). ``--encoder`` takes a registered name or ``package.module:factory``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ._cli import CLIError, pick_device, run
+from ._files import atomic_save_npy, atomic_write
+from .encoders import EncoderUnavailable
+from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
+                        resolve_encoder, save_neighbors, save_proposals)
+from .retrieval.build import load_rgb, make_crops
+from .retrieval.database import BACKENDS, PROPOSALS
+
+log = logging.getLogger("rdm_fast.db")
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rdm_fast.db", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    b = sub.add_parser("build", help="embed images into a new database (resumable; torchrun for several GPUs)",
+                       formatter_class=fmt)
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of jpg/jpeg/png/webp images (searched recursively)")
+    src.add_argument("--list", help="text file: one image path per line, optionally a tab and a class id")
+    b.add_argument("--encoder", required=True, help="registered encoder name or package.module:factory")
+    b.add_argument("--out", required=True, help="database directory (rerun the same command to resume)")
+    b.add_argument("--crop", choices=["random", "center", "none"], default="center",
+                   help="random: native-resolution patches (like the OpenImages database); center: short side "
+                        "resized, central square; none: whole image resized")
+    b.add_argument("--crop-size", type=_positive, default=256)
+    b.add_argument("--crops-per-image", type=_positive, default=1, help="random crops per image")
+    b.add_argument("--batch-size", type=_positive, default=64, help="crops per encoder batch")
+    b.add_argument("--shard-size", type=_positive, default=100_000, help="rows per shard")
+    b.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
+    b.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK or cpu), cpu, cuda or cuda:N")
+    b.add_argument("--encoder-checkpoint", help="local weights file for the encoder")
+    b.add_argument("--class-from-folder", action="store_true", help="class id = index of the top-level folder")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random crops")
+    b.add_argument("--no-progress", action="store_true")
+
+    im = sub.add_parser("import-npz", help="convert official {N}x{D}-part_{i}.npz files", formatter_class=fmt)
+    im.add_argument("parts", nargs="+", help="part files (imported in part order)")
+    im.add_argument("--out", required=True, help="database directory (rerun the same command to resume)")
+    im.add_argument("--encoder", required=True,
+                    help="encoder that made the embeddings (e.g. clip-vit-b-32); its dimension is checked")
+    im.add_argument("--shard-size", type=_positive, default=100_000, help="rows per shard")
+    im.add_argument("--chunk-rows", type=_positive, default=65536, help="rows read from a part at a time")
+    im.add_argument("--allow-pickle", action="store_true",
+                    help="accept parts whose img_id is pickled (runs code from the file: trusted files only)")
+    im.add_argument("--no-progress", action="store_true")
+
+    i = sub.add_parser("info", help="summary of a database", formatter_class=fmt)
+    i.add_argument("db")
+    i.add_argument("--verify", action="store_true", help="check every file's SHA-256 (reads everything)")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    s = sub.add_parser("search", help="nearest entries of a caption or an image", formatter_class=fmt)
+    s.add_argument("db")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", help="caption query (encoders with a text tower)")
+    q.add_argument("--image", help="image query")
+    s.add_argument("--k", type=_positive, default=8)
+    s.add_argument("--encoder", help="encoder spec (default: the one the database was built with)")
+    s.add_argument("--encoder-checkpoint", help="local weights file for the encoder")
+    s.add_argument("--contact-sheet", help="write a PNG grid of the query and its neighbours")
+    s.add_argument("--image-root", help="folder the database's relative sources are resolved against "
+                                        "(default: the one recorded at build time)")
+    s.add_argument("--backend", choices=BACKENDS, default="auto")
+    s.add_argument("--device", default="auto")
+
+    x = sub.add_parser("index", help="build a FAISS index over the database", formatter_class=fmt)
+    x.add_argument("db")
+    x.add_argument("--kind", default="auto", help="auto or an index kind of rdm_fast.retrieval.faiss_index")
+    x.add_argument("--train-size", type=_positive, help="vectors sampled to train the index")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="index parameter passed to build_index (repeatable), e.g. nlist=4096")
+    x.add_argument("--no-progress", action="store_true")
+
+    n = sub.add_parser("neighbors", help="training neighbours of every entry and the top-m proposal list",
+                       formatter_class=fmt)
+    n.add_argument("db", help="the database searched (its proposal ranking is stored in it)")
+    n.add_argument("--queries", help="database of the training set (same encoder; default: DB itself)")
+    n.add_argument("--k", type=_positive, required=True)
+    n.add_argument("--exclude-self", action="store_true", help="drop each query's own entry (queries = DB)")
+    n.add_argument("--dedup-threshold", type=float, help="drop entries more similar to the query than this cosine")
+    n.add_argument("--batch-size", type=_positive, default=1024, help="queries per search")
+    n.add_argument("--out", required=True, help=".npz (ids, scores) or .npy (ids; X_scores.npy beside it)")
+    n.add_argument("--top-m-out", help="also write the proposal ranking here (.npy, (N, 2) int64: id, count)")
+    n.add_argument("--backend", choices=BACKENDS, default="auto")
+    n.add_argument("--device", default="auto")
+    n.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _encoder(spec: str, device: torch.device | str, checkpoint: str | None = None, pretrained: bool = True):
+    try:
+        return resolve_encoder(spec, device=device, checkpoint=checkpoint, pretrained=pretrained)
+    except EncoderUnavailable as e:
+        raise CLIError(f"encoder {spec!r} is unavailable: {e}") from None
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    if args.workers < 0:
+        raise CLIError(f"--workers must be at least 0, got {args.workers}")
+    try:
+        out = build_database(args.out, encoder=args.encoder, images=args.images, image_list=args.list,
+                             crop=args.crop, crop_size=args.crop_size, crops_per_image=args.crops_per_image,
+                             batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers,
+                             device=args.device, encoder_checkpoint=args.encoder_checkpoint,
+                             class_from_folder=args.class_from_folder, seed=args.seed,
+                             progress=not args.no_progress)
+    except EncoderUnavailable as e:
+        raise CLIError(f"encoder {args.encoder!r} is unavailable: {e}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(out)
+    return 0
+
+
+def _print_summary(path: Path) -> None:
+    db = Database.open(path, backend="torch", device="cpu")
+    skipped = db.manifest["skipped"]["count"]
+    print(f"{path}: {len(db)} embeddings ({db.dim}-d, {db.encoder_name}) in {len(db.manifest['shards'])} shards"
+          + (f"; skipped {skipped} unreadable images (see manifest.json)" if skipped else ""))
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    info = _encoder(args.encoder, "cpu", pretrained=False).info()
+    out = import_npz(args.parts, args.out, info, encoder_spec=args.encoder, shard_size=args.shard_size,
+                     chunk_rows=args.chunk_rows, allow_pickle=args.allow_pickle, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(out)
+    return 0
+
+
+def _disk_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _human(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    exp = min(4, int(math.log(n, 1024)))
+    return f"{n / 1024 ** exp:.1f} {('KiB', 'MiB', 'GiB', 'TiB')[exp - 1]}"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    db = Database.open(args.db, backend="torch", device="cpu", verify=args.verify)
+    m = db.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    rows = [s["rows"] for s in m["shards"]]
+    enc = m["encoder"]
+    lines = [
+        f"database   {db.path}",
+        f"format     version {m['format_version']}",
+        f"entries    {len(db)} x {db.dim} float16",
+        f"encoder    {enc['name']} ({enc['dim']}-d, {'L2-normalised' if enc['normalized'] else 'not normalised'})",
+        f"shards     {len(rows)}" + (f" ({min(rows)}-{max(rows)} rows each)" if rows else ""),
+        f"on disk    {_human(_disk_size(db.path))}",
+        "metadata   " + ", ".join(name for name, key in (("sources", "has_sources"), ("class ids", "has_class_ids"),
+                                                          ("patch coords", "has_patch_coords")) if m[key]) or "none",
+        "index      " + (f"{m['index']['kind']} ({m['index']['file']})" if m.get("index") else "none"),
+        "proposals  " + (f"ranking from {m['proposals'].get('queries', '?')} queries x k={m['proposals'].get('k', '?')}"
+                         if m.get("proposals") else "none"),
+        f"skipped    {m['skipped']['count']} unreadable inputs",
+    ]
+    if m.get("image_root"):
+        lines.append(f"images     {m['image_root']}")
+    if args.verify:
+        lines.append("verified   every file matches its SHA-256")
+    print("\n".join(lines))
+    return 0
+
+
+def _source_path(source: str, root: str | None) -> Path | None:
+    p = Path(source)
+    if not p.is_absolute() and root:
+        p = Path(root) / p
+    return p if p.is_file() else None
+
+
+def _tile(path: Path | None, coords: tuple[int, int] | None, crop_size: int | None, size: int) -> Image.Image:
+    if path is None:
+        return Image.new("RGB", (size, size), (200, 200, 200))
+    img = load_rgb(path)
+    if coords is not None and coords[0] >= 0 and crop_size:
+        x, y = coords
+        img = img.crop((x, y, x + crop_size, y + crop_size))
+    return Image.fromarray(make_crops(img, "center", size, 1, np.random.default_rng(0))[0][0])
+
+
+def contact_sheet(tiles: list[tuple[Image.Image, str]], columns: int | None = None) -> Image.Image:
+    """A grid of (image, caption) tiles, each caption written under its image."""
+    size = tiles[0][0].size[0]
+    columns = columns or min(len(tiles), math.ceil(math.sqrt(len(tiles))) + 1)
+    rows = math.ceil(len(tiles) / columns)
+    pad, text_h = 4, 14
+    sheet = Image.new("RGB", (columns * (size + pad) + pad, rows * (size + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, caption) in enumerate(tiles):
+        r, c = divmod(i, columns)
+        x, y = pad + c * (size + pad), pad + r * (size + text_h + pad)
+        sheet.paste(img, (x, y))
+        draw.text((x + 2, y + size + 1), caption, fill="black")
+    return sheet
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    db = Database.open(args.db, backend=args.backend, device=device)
+    build = db.manifest.get("build") or {}
+    spec = args.encoder or build.get("encoder_spec") or db.encoder_name
+    encoder = _encoder(spec, device, args.encoder_checkpoint)
+    if args.text is not None:
+        try:
+            scores, ids = db.search_text(encoder, [args.text], args.k)
+        except NotImplementedError as e:
+            raise CLIError(f"encoder {encoder.name!r} cannot embed text: {e}") from None
+        query_tile = None
+    else:
+        path = Path(args.image)
+        if not path.is_file():
+            raise CLIError(f"query image {path} does not exist")
+        try:
+            img = load_rgb(path)
+        except OSError as e:
+            raise CLIError(f"query image {path} cannot be read ({e})") from None
+        pixels = make_crops(img, "center", encoder.image_size, 1, np.random.default_rng(0))[0]
+        x = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()).float() / 127.5 - 1.0
+        scores, ids = db.search_images(encoder, x, args.k)
+        query_tile = path
+    scores, ids = scores[0].cpu(), ids[0].cpu()
+    sources = db.sources(ids) if db.manifest["has_sources"] else ["-"] * len(ids)
+    print("rank\tscore\tid\tsource")
+    for r, (score, i, source) in enumerate(zip(scores.tolist(), ids.tolist(), sources), 1):
+        print(f"{r}\t{score:.4f}\t{i}\t{source}")
+    if args.contact_sheet:
+        _write_contact_sheet(args, db, query_tile, scores, ids, sources)
+    return 0
+
+
+def _write_contact_sheet(args, db: Database, query: Path | None, scores, ids, sources) -> None:
+    root = args.image_root or db.manifest.get("image_root")
+    paths = [_source_path(s, root) if db.manifest["has_sources"] else None for s in sources]
+    if not any(paths):
+        log.warning("no source image of the results is reachable on disk (image root %s): no contact sheet "
+                    "written (pass --image-root)", root)
+        return
+    missing = sum(p is None for p in paths)
+    if missing:
+        log.warning("%d of %d result images are not reachable on disk: drawn as grey tiles", missing, len(paths))
+    crop_size = (db.manifest.get("build") or {}).get("crop_size")
+    coords = db.patch_coords(ids).tolist() if db.manifest["has_patch_coords"] else [None] * len(ids)
+    size = 128
+    tiles = [(_tile(query, None, None, size), "query")] if query is not None else []
+    for r, (path, xy, score, i) in enumerate(zip(paths, coords, scores.tolist(), ids.tolist()), 1):
+        tiles.append((_tile(path, xy, crop_size, size), f"#{r} id {i}  {score:.3f}"))
+    sheet = contact_sheet(tiles)
+    out = Path(args.contact_sheet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"))
+    log.info("wrote contact sheet %s", out)
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise CLIError(f"--param {text!r}: expected KEY=VALUE")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    try:
+        from .retrieval.faiss_index import INDEX_KINDS
+    except ImportError as e:
+        raise CLIError(f"FAISS indexes are unavailable here ({e}); install faiss-cpu or faiss-gpu") from None
+    if args.kind != "auto" and args.kind not in INDEX_KINDS:
+        raise CLIError(f"--kind {args.kind!r}: expected auto or one of {', '.join(INDEX_KINDS)}")
+    params = dict(_parse_param(t) for t in args.param)
+    entry = add_index(args.db, args.kind, train_size=args.train_size, seed=args.seed,
+                      progress=not args.no_progress, **params)
+    print(f"{args.db}: {entry['kind']} index written to {entry['file']}")
+    return 0
+
+
+def cmd_neighbors(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    db = Database.open(args.db, backend=args.backend, device=device)
+    queries = Database.open(args.queries, backend="torch", device="cpu") if args.queries else None
+    ids, scores = compute_neighbors(db, queries, k=args.k, exclude_self=args.exclude_self,
+                                    dedup_threshold=args.dedup_threshold, batch_size=args.batch_size,
+                                    progress=not args.no_progress)
+    written = save_neighbors(args.out, ids, scores)
+    ranked, counts = proposal_ranking(ids, len(db))
+    save_proposals(db.path, ranked.numpy(), counts.numpy(), queries=int(ids.shape[0]), k=args.k,
+                   queries_db=str(Path(args.queries).resolve()) if args.queries else None,
+                   exclude_self=args.exclude_self, dedup_threshold=args.dedup_threshold)
+    if args.top_m_out:
+        atomic_save_npy(args.top_m_out, np.stack([ranked.numpy(), counts.numpy()], 1))
+    print(f"wrote {ids.shape[0]} x {args.k} neighbours to {', '.join(map(str, written))}; proposal ranking in "
+          f"{db.path / PROPOSALS}")
+    return 0
+
+
+COMMANDS = {"build": cmd_build, "import-npz": cmd_import, "info": cmd_info, "search": cmd_search,
+            "index": cmd_index, "neighbors": cmd_neighbors}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

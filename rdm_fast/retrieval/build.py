@@ -1,0 +1,433 @@
+"""Building a database from image files: resumable, and split over processes under ``torchrun``.
+
+Inputs are listed once in a deterministic order (a folder scanned recursively and sorted by relative path, or
+a list file in its own order). Shard ``j`` always covers the same input files ``[j*F, (j+1)*F)`` with
+``F = shard_size // crops_per_image``, and random crops are drawn from a generator seeded with
+``(seed, file index)``, so any shard can be recomputed alone and gives the same bytes. Each finished shard is
+renamed into place and then gets a done-record ``progress/shard_XXXXX.json`` (its checksums). A rerun with the
+same arguments verifies the finished shards, skips them and computes the rest; a rerun with different
+arguments is refused. Under ``torchrun`` rank ``r`` computes the shards ``j % world == r``; after a barrier,
+rank 0 writes the manifest, so the result is identical to a single-process build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .._files import atomic_write_json, remove_stale_temps, sha256_file
+from ..encoders import Encoder, get_encoder, list_encoders
+from .database import MANIFEST, new_manifest, write_manifest, write_shard
+
+log = logging.getLogger("rdm_fast.retrieval")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+CROP_MODES = ("random", "center", "none")
+PROGRESS = "progress"
+MAX_SKIPPED_IN_MANIFEST = 1000
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+def resolve_encoder(spec: str, *, device: str | torch.device = "cpu", checkpoint: str | None = None,
+                    pretrained: bool = True) -> Encoder:
+    """An encoder from a registered name, or from ``"package.module:factory"``: the module is imported and
+    ``factory(device=..., checkpoint=..., pretrained=...)`` must return an :class:`Encoder` (how users plug
+    their own encoders into the command line)."""
+    if spec in list_encoders() or ":" not in spec:
+        return get_encoder(spec, device=device, checkpoint=checkpoint, pretrained=pretrained)
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as e:
+        raise ValueError(f"encoder {spec!r}: cannot import module {module_name!r} ({e})") from None
+    except AttributeError:
+        raise ValueError(f"encoder {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    encoder = factory(device=device, checkpoint=checkpoint, pretrained=pretrained)
+    if not isinstance(encoder, Encoder):
+        raise ValueError(f"encoder {spec!r}: {attr}(...) returned a {type(encoder).__name__}, not an Encoder")
+    return encoder.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def list_images(root: str | Path) -> list[str]:
+    """Image files (jpg, jpeg, png, webp; any case) under ``root``, recursively, as sorted relative paths."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    found = [p.relative_to(root).as_posix() for p in root.rglob("*")
+             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    return sorted(found)
+
+
+def read_list(file: str | Path) -> tuple[list[str], list[int] | None]:
+    """Paths (one a line; relative ones are relative to the list's folder) and, when every line has a
+    tab-separated second column, the class ids."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"image list {file} does not exist")
+    paths, classes = [], []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        path, _, cls = line.partition("\t")
+        paths.append(path)
+        if cls.strip():
+            try:
+                classes.append(int(cls))
+            except ValueError:
+                raise ValueError(f"{file}:{n}: class id {cls.strip()!r} is not an integer") from None
+    if classes and len(classes) != len(paths):
+        raise ValueError(f"{file}: {len(classes)} of {len(paths)} lines have a class id; give all or none")
+    return paths, (classes or None)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """An image as RGB, upright per its EXIF orientation, with transparency composited on white."""
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.has_transparency_data:
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            white.alpha_composite(rgba)
+            return white.convert("RGB")
+        return im.convert("RGB")
+
+
+def make_crops(img: Image.Image, mode: str, size: int, n: int, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(n, size, size, 3) uint8 crops and their (x, y) corners (-1 unless ``mode`` is "random").
+
+    random: ``n`` windows of ``size`` px at native resolution (images whose short side is below ``size`` are
+    first upscaled to it, and the corners refer to the upscaled image); center: short side resized to
+    ``size``, then the central square; none: the whole image resized to ``size`` x ``size``.
+    """
+    w, h = img.size
+    coords = np.full((n, 2), -1, np.int32)
+    if mode == "none":
+        return np.asarray(img.resize((size, size), Image.BICUBIC))[None].repeat(n, 0), coords
+    if (mode == "center" and min(w, h) != size) or (mode == "random" and min(w, h) < size):
+        scale = size / min(w, h)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((w, h), Image.BICUBIC)
+    if mode == "center":
+        x, y = (w - size) // 2, (h - size) // 2
+        return np.asarray(img.crop((x, y, x + size, y + size)))[None].repeat(n, 0), coords
+    arr = np.asarray(img)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for c in range(n):
+        x, y = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+        out[c], coords[c] = arr[y:y + size, x:x + size], (x, y)
+    return out, coords
+
+
+class ImageCrops(Dataset):
+    """File ``i`` of ``files[first:last]`` -> its crops as uint8 (n, 3, S, S); unreadable files give ok=False."""
+
+    def __init__(self, files: Sequence[Path], first: int, crop: str, size: int, crops: int, seed: int) -> None:
+        self.files, self.first, self.crop, self.size, self.crops, self.seed = files, first, crop, size, crops, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = self.first + i
+        try:
+            img = load_rgb(self.files[i])
+            rng = np.random.default_rng([self.seed, index])
+            pixels, coords = make_crops(img, self.crop, self.size, self.crops, rng)
+            ok, error = True, ""
+        except Exception as e:  # any decoding failure of any format: skip the file, never the build
+            pixels = np.zeros((self.crops, self.size, self.size, 3), np.uint8)
+            coords = np.full((self.crops, 2), -1, np.int32)
+            ok, error = False, f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))),
+                "coords": torch.from_numpy(coords), "index": index, "ok": ok, "error": error}
+
+
+# ---------------------------------------------------------------------------------------------- processes
+class Processes:
+    """This process's rank among ``torchrun`` workers (gloo process group, created only when WORLD_SIZE > 1)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+        self.dist = dist
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owned = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(hours=72))
+            self.owned = True
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.dist.barrier()
+
+    def from_rank0(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (picklable values)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.owned:
+            self.dist.destroy_process_group()
+
+
+def pick_build_device(device: str, local_rank: int) -> torch.device:
+    """``auto``: this process's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU."""
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: no CUDA GPU is available here (use cpu)")
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------- bookkeeping
+class ShardedBuild:
+    """Resumable shard bookkeeping in ``out``: ``progress/config.json`` (the arguments that determine the
+    result) and one done-record per finished shard. Used by image builds and npz imports."""
+
+    def __init__(self, out: str | Path, config: dict, n_shards: int) -> None:
+        self.out, self.n_shards = Path(out), n_shards
+        self.config = json.loads(json.dumps(config))  # as it reads back from JSON
+        self.progress = self.out / PROGRESS
+
+    def prepare(self) -> bool:
+        """Check ``out`` (empty, or a build with the same arguments), record the arguments, delete temporary
+        files of killed writers. Returns True when the database is already complete. Rank 0 only."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file, not a directory")
+        config_file = self.progress / "config.json"
+        if config_file.is_file():
+            try:
+                previous = json.loads(config_file.read_text())
+            except json.JSONDecodeError:
+                raise ValueError(f"{config_file} is corrupted: delete {self.out} and build again") from None
+            if previous != self.config:
+                keys = sorted(k for k in set(previous) | set(self.config) if previous.get(k) != self.config.get(k))
+                raise ValueError(f"{self.out} holds a build made with different arguments (they differ in: "
+                                 f"{', '.join(keys)}); rerun with the same arguments or choose a new --out")
+        elif self.out.is_dir() and any(self.out.iterdir()):
+            raise ValueError(f"--out {self.out} is not empty and holds no resumable build: choose a new directory")
+        self.progress.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temps(self.out) + remove_stale_temps(self.progress)
+        if removed:
+            log.info("removed %d temporary files left by an interrupted build", removed)
+        atomic_write_json(config_file, self.config)
+        return (self.out / MANIFEST).is_file()
+
+    def _record_file(self, j: int) -> Path:
+        return self.progress / f"shard_{j:05d}.json"
+
+    def finished(self, j: int) -> dict | None:
+        """Shard ``j``'s done-record when its files exist and match their checksums, else None."""
+        file = self._record_file(j)
+        if not file.is_file():
+            return None
+        try:
+            record = json.loads(file.read_text())
+            entry = record["entry"]
+            for name, size, digest in ((entry["embeddings"], entry["bytes"], entry["sha256"]),
+                                       (entry["meta"], entry["meta_bytes"], entry["meta_sha256"])):
+                path = self.out / name
+                if not path.is_file() or path.stat().st_size != size or sha256_file(path) != digest:
+                    log.warning("shard %d: %s does not match its done-record; computing it again", j, name)
+                    return None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            log.warning("shard %d: unreadable done-record %s; computing it again", j, file)
+            return None
+        return record
+
+    def record(self, j: int, entry: dict, **extra: Any) -> None:
+        """Mark shard ``j`` finished (after its files are in place)."""
+        atomic_write_json(self._record_file(j), {"shard": j, "entry": entry, **extra})
+
+    def records(self) -> list[dict]:
+        """All done-records in shard order (after every process finished)."""
+        out = []
+        for j in range(self.n_shards):
+            file = self._record_file(j)
+            if not file.is_file():
+                raise RuntimeError(f"shard {j} has no done-record {file} although every process finished")
+            out.append(json.loads(file.read_text()))
+        return out
+
+
+def inputs_digest(lines: Sequence[str]) -> str:
+    """SHA-256 of the input list (one entry a line), to refuse resuming over a changed input set."""
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+def run_sharded(out: Path, config: dict, n_shards: int, compute, finish) -> Path:
+    """The resumable, distributed skeleton: prepare (rank 0), compute this rank's unfinished shards with
+    ``compute(pending_shards, processes)``, barrier, then ``finish(records)`` writes the manifest (rank 0)."""
+    procs = Processes()
+    try:
+        state = ShardedBuild(out, config, n_shards)
+        complete, error = False, None
+        if procs.rank == 0:
+            try:
+                complete = state.prepare()
+            except (ValueError, OSError) as e:
+                error = (isinstance(e, FileNotFoundError), str(e))
+        complete, error = procs.from_rank0((complete, error))
+        if error is not None:  # raised on every rank, so no process waits for the others forever
+            raise (FileNotFoundError if error[0] else ValueError)(error[1])
+        if complete:
+            log.info("%s is already complete (same arguments): nothing to do", out)
+            return out
+        mine = [j for j in range(n_shards) if j % procs.world == procs.rank]
+        pending = [j for j in mine if state.finished(j) is None]
+        if len(pending) < len(mine):
+            log.info("resuming: %d of %d shards of this process are already done", len(mine) - len(pending),
+                     len(mine))
+        compute(pending, state, procs)
+        procs.barrier()
+        if procs.rank == 0:
+            finish(state.records())
+        procs.barrier()
+        return out
+    finally:
+        procs.close()
+
+
+# ---------------------------------------------------------------------------------------------- image builds
+def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Path | None = None,
+                   image_list: str | Path | None = None, crop: str = "center", crop_size: int = 256,
+                   crops_per_image: int = 1, batch_size: int = 64, shard_size: int = 100_000,
+                   workers: int = 4, device: str = "auto", encoder_checkpoint: str | None = None,
+                   class_from_folder: bool = False, seed: int = 0, progress: bool = True) -> Path:
+    """Embed every image of the folder ``images`` (or the files of ``image_list``) with ``encoder`` (an
+    Encoder, a registered name or ``"module:factory"``) into a database at ``out``. See the module docstring
+    for resumption and ``torchrun``; unreadable images are skipped and counted."""
+    if (images is None) == (image_list is None):
+        raise ValueError("give exactly one of images (a folder) or image_list (a list file)")
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}")
+    for name, value in (("crop_size", crop_size), ("crops_per_image", crops_per_image),
+                        ("batch_size", batch_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if workers < 0:
+        raise ValueError(f"workers must be at least 0, got {workers}")
+    if crops_per_image > 1 and crop != "random":
+        raise ValueError(f"crops_per_image {crops_per_image} needs crop='random' (other crops are all equal)")
+    if images is not None:
+        root = Path(images).resolve()
+        sources = list_images(root)
+        classes = None
+        if class_from_folder:
+            folders = [s.split("/")[0] if "/" in s else None for s in sources]
+            class_names = sorted({f for f in folders if f is not None})
+            classes = [class_names.index(f) if f is not None else -1 for f in folders]
+    else:
+        list_file = Path(image_list).resolve()
+        root = list_file.parent
+        sources, classes = read_list(list_file)
+        class_names = None
+        if class_from_folder:
+            if classes is not None:
+                raise ValueError(f"{list_file} has class ids; do not also ask for classes from folders")
+            folders = [Path(s).parent.name for s in sources]
+            class_names = sorted(set(folders))
+            classes = [class_names.index(f) for f in folders]
+    if not class_from_folder:
+        class_names = None
+    files = [root / s for s in sources]
+    if not files:
+        raise ValueError(f"no images found in {images}" if images is not None else f"{image_list} lists no images")
+
+    dev = pick_build_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    spec = encoder if isinstance(encoder, str) else None
+    enc = resolve_encoder(encoder, device=dev, checkpoint=encoder_checkpoint) if isinstance(encoder, str) else encoder
+    files_per_shard = max(1, shard_size // crops_per_image)
+    n_shards = -(-len(files) // files_per_shard)
+    checkpoint = Path(encoder_checkpoint).resolve() if encoder_checkpoint else None
+    config = {"kind": "images", "encoder": enc.info(), "encoder_spec": spec or enc.name,
+              "encoder_checkpoint": str(checkpoint) if checkpoint else None,
+              "encoder_checkpoint_bytes": checkpoint.stat().st_size if checkpoint else None,
+              "inputs": str(root if images is not None else list_file), "n_inputs": len(sources),
+              "inputs_sha256": inputs_digest([f"{s}\t{c}" for s, c in zip(sources, classes or [-1] * len(sources))]),
+              "crop": crop, "crop_size": crop_size, "crops_per_image": crops_per_image, "shard_size": shard_size,
+              "files_per_shard": files_per_shard, "class_from_folder": class_from_folder, "seed": seed}
+    out = Path(out)
+
+    def compute(pending: list[int], state: ShardedBuild, procs: Processes) -> None:
+        todo = sum(min(len(files), (j + 1) * files_per_shard) - j * files_per_shard for j in pending)
+        desc = "embedding" if procs.world == 1 else f"embedding (rank {procs.rank})"
+        with tqdm(total=todo, desc=desc, unit="img", disable=not progress, position=procs.rank) as bar:
+            for j in pending:
+                first, last = j * files_per_shard, min(len(files), (j + 1) * files_per_shard)
+                entry, skipped = _embed_shard(out, j, enc, files[first:last], sources[first:last],
+                                              None if classes is None else classes[first:last], first, crop,
+                                              crop_size, crops_per_image, batch_size, workers, seed, dev, bar)
+                state.record(j, entry, skipped=skipped)
+
+    def finish(records: list[dict]) -> None:
+        skipped = [s for r in records for s in r["skipped"]]
+        if skipped:
+            log.warning("skipped %d unreadable images (listed in %s), e.g. %s: %s", len(skipped),
+                        out / MANIFEST, *skipped[0])
+        manifest = new_manifest(enc.info(), [r["entry"] for r in records], has_sources=True,
+                                has_class_ids=classes is not None, has_patch_coords=crop == "random",
+                                image_root=str(root), skipped={"count": len(skipped),
+                                                               "files": skipped[:MAX_SKIPPED_IN_MANIFEST]},
+                                build=config, class_names=class_names)
+        write_manifest(out, manifest)
+        log.info("wrote %s: %d embeddings in %d shards", out, manifest["count"], len(records))
+
+    return run_sharded(out, config, n_shards, compute, finish)
+
+
+def _embed_shard(out: Path, j: int, encoder: Encoder, files: list[Path], sources: list[str],
+                 classes: list[int] | None, first: int, crop: str, size: int, crops: int, batch_size: int,
+                 workers: int, seed: int, device: torch.device, bar: tqdm) -> tuple[dict, list]:
+    loader = DataLoader(ImageCrops(files, first, crop, size, crops, seed), batch_size=max(1, batch_size // crops),
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    embs, srcs, cls, coords, skipped = [], [], [], [], []
+    for batch in loader:
+        ok = batch["ok"]
+        for index, good, error in zip(batch["index"].tolist(), ok.tolist(), batch["error"]):
+            if not good:
+                skipped.append([sources[index - first], error])
+                log.debug("skipping %s (%s)", files[index - first], error)
+        if ok.any():
+            pixels = batch["pixels"][ok].flatten(0, 1).to(device, non_blocking=True)
+            with torch.inference_mode():
+                emb = encoder.encode_images(pixels.float() / 127.5 - 1.0)
+            emb16 = emb.float().cpu().numpy().astype(np.float16)
+            kept = batch["index"][ok].tolist()
+            if not np.isfinite(emb16).all():
+                bad = kept[int(np.nonzero(~np.isfinite(emb16).all(1))[0][0]) // crops]
+                raise ValueError(f"encoder {encoder.name} gave non-finite embeddings (or values beyond float16) "
+                                 f"for {files[bad - first]}")
+            embs.append(emb16)
+            coords.append(batch["coords"][ok].flatten(0, 1).numpy())
+            for index in kept:
+                srcs += [sources[index - first]] * crops
+                cls += [classes[index - first] if classes is not None else -1] * crops
+        bar.update(len(ok))
+    emb_all = np.concatenate(embs) if embs else np.zeros((0, encoder.dim), np.float16)
+    xy = np.concatenate(coords) if coords else np.zeros((0, 2), np.int32)
+    entry = write_shard(out, j, emb_all, sources=srcs, class_ids=np.asarray(cls, np.int64), patch_coords=xy)
+    return entry, skipped

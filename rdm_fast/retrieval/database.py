@@ -1,0 +1,583 @@
+"""Image embedding databases on disk: a directory of memory-mapped float16 shards plus a JSON manifest.
+
+Format (``format_version`` 1)::
+
+    DB/
+      manifest.json       written last; a directory without it is not (yet) a database
+      emb_00000.npy       (n_0, D) float16, opened with np.load(mmap_mode="r")
+      meta_00000.npz      uncompressed: sources (n_0,) str, class_id (n_0,) int64 (-1 unknown),
+                          patch_coords (n_0, 2) int32 (x, y of the crop's top-left corner; -1 unknown)
+      emb_00001.npy ...
+      index_<kind>.faiss  optional FAISS index (``python -m rdm_fast.db index``)
+      proposals.npy       optional (N, 2) int64 [id, count]: every entry ranked by how often it was a training
+                          neighbour (descending count, ties by lower id), for top-m unconditional sampling
+      progress/           build bookkeeping (arguments and one done-record per finished shard; see build.py)
+
+``manifest.json`` holds ``format`` ("rdm_fast-database"), ``format_version``, ``encoder`` ({name, dim,
+normalized}: the encoder that made the vectors; queries must come from the same one), ``dim``, ``count``,
+``dtype`` ("float16"), ``has_sources`` / ``has_class_ids`` / ``has_patch_coords`` (whether the metadata
+arrays hold real values or only the unknown markers), ``shards`` (a list of {embeddings, meta, rows, bytes,
+sha256, meta_bytes, meta_sha256}), ``index`` (null or {file, kind, params}), ``proposals`` (null or {file,
+queries, k, ...}), ``image_root`` (directory that relative ``sources`` are resolved against, or null),
+``skipped`` ({count, files}: inputs that could not be read) and ``build`` (how the database was made).
+
+Global ids are row numbers in shard order. Every file is written under a temporary name and renamed into
+place, the manifest last, so a killed writer never leaves a truncated file under a final name. Opening
+checks each shard's size against the manifest (and its SHA-256 with ``verify=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._files import atomic_save_npy, atomic_save_npz, atomic_write_json, sha256_file
+from .search import exact_search
+
+log = logging.getLogger("rdm_fast.retrieval")
+
+FORMAT = "rdm_fast-database"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROPOSALS = "proposals.npy"
+BACKENDS = ("auto", "torch", "triton", "faiss")
+
+
+def shard_names(j: int) -> tuple[str, str]:
+    """File names of shard ``j``: (embeddings .npy, metadata .npz)."""
+    return f"emb_{j:05d}.npy", f"meta_{j:05d}.npz"
+
+
+def write_shard(directory: str | Path, j: int, embeddings: np.ndarray, *, sources: Sequence[str] | None = None,
+                class_ids: np.ndarray | None = None, patch_coords: np.ndarray | None = None) -> dict:
+    """Write shard ``j`` (embeddings as float16, metadata with unknown markers where not given) atomically;
+    returns its manifest entry (names, rows, sizes, checksums)."""
+    directory = Path(directory)
+    emb = np.ascontiguousarray(embeddings, dtype=np.float16)
+    if emb.ndim != 2:
+        raise ValueError(f"shard embeddings must be (n, D), got shape {emb.shape}")
+    n = emb.shape[0]
+    src = np.array(list(sources) if sources is not None else [""] * n, dtype=np.str_).reshape(n)
+    cls = np.full(n, -1, np.int64) if class_ids is None else np.asarray(class_ids, np.int64).reshape(n)
+    xy = np.full((n, 2), -1, np.int32) if patch_coords is None else np.asarray(patch_coords, np.int32).reshape(n, 2)
+    emb_name, meta_name = shard_names(j)
+    atomic_save_npy(directory / emb_name, emb)
+    atomic_save_npz(directory / meta_name, sources=src, class_id=cls, patch_coords=xy)
+    return {"embeddings": emb_name, "meta": meta_name, "rows": n,
+            "bytes": (directory / emb_name).stat().st_size, "sha256": sha256_file(directory / emb_name),
+            "meta_bytes": (directory / meta_name).stat().st_size, "meta_sha256": sha256_file(directory / meta_name)}
+
+
+def new_manifest(encoder_info: dict, shards: list[dict], *, has_sources: bool, has_class_ids: bool,
+                 has_patch_coords: bool, **extra: Any) -> dict:
+    """A version-1 manifest for ``shards`` made by the encoder described by ``encoder_info``."""
+    info = {"name": str(encoder_info["name"]), "dim": int(encoder_info["dim"]),
+            "normalized": bool(encoder_info["normalized"])}
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoder": info, "dim": info["dim"],
+                "count": sum(int(s["rows"]) for s in shards), "dtype": "float16", "has_sources": has_sources,
+                "has_class_ids": has_class_ids, "has_patch_coords": has_patch_coords, "shards": shards,
+                "index": None, "proposals": None, "image_root": None, "skipped": {"count": 0, "files": []},
+                "build": None}
+    manifest.update(extra)
+    return manifest
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> None:
+    """Write ``manifest.json`` atomically (the step that makes a directory a database)."""
+    atomic_write_json(Path(directory) / MANIFEST, manifest)
+
+
+def update_manifest(directory: str | Path, change: Callable[[dict], None]) -> dict:
+    """Read the manifest, apply ``change`` to it in place, write it back atomically; returns the new one."""
+    manifest = read_manifest(directory)
+    change(manifest)
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_info: dict, *,
+                   sources: Sequence[str] | None = None, class_ids: np.ndarray | None = None,
+                   patch_coords: np.ndarray | None = None, shard_size: int = 100_000, **extra: Any) -> Path:
+    """Write in-memory (N, D) embeddings (and optional per-row metadata) as a database directory."""
+    if isinstance(embeddings, Tensor):
+        embeddings = embeddings.detach().cpu().numpy()
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2 or emb.shape[1] != int(encoder_info["dim"]):
+        raise ValueError(f"embeddings of shape {emb.shape} do not match the encoder's dim {encoder_info['dim']}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if (path / MANIFEST).exists():
+        raise FileExistsError(f"{path / MANIFEST} already exists: write the database into a new directory")
+    n = emb.shape[0]
+    shards = []
+    for j, start in enumerate(range(0, max(n, 1), shard_size)):
+        sl = slice(start, start + shard_size)
+        shards.append(write_shard(path, j, emb[sl], sources=None if sources is None else list(sources)[sl],
+                                  class_ids=None if class_ids is None else np.asarray(class_ids)[sl],
+                                  patch_coords=None if patch_coords is None else np.asarray(patch_coords)[sl]))
+    write_manifest(path, new_manifest(encoder_info, shards, has_sources=sources is not None,
+                                      has_class_ids=class_ids is not None,
+                                      has_patch_coords=patch_coords is not None, **extra))
+    return path
+
+
+def _plain_name(value: Any, what: str, file: Path) -> str:
+    if not isinstance(value, str) or not value or Path(value).name != value or value.startswith("."):
+        raise ValueError(f"{file} is corrupted: {what} {value!r} is not a plain file name")
+    return value
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The checked manifest of the database in ``directory`` (one-line errors naming the file)."""
+    directory = Path(directory)
+    file = directory / MANIFEST
+    if not directory.is_dir():
+        raise FileNotFoundError(f"database directory {directory} does not exist")
+    if not file.is_file():
+        hint = (" (its build did not finish: rerun the same build command to resume)"
+                if (directory / "progress").is_dir() else "")
+        raise FileNotFoundError(f"{file} is missing: {directory} is not an rdm_fast database{hint}")
+    try:
+        m = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is corrupted: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ValueError(f"{file} is not an rdm_fast database manifest (no \"format\": \"{FORMAT}\")")
+    version = m.get("format_version")
+    if not isinstance(version, int):
+        raise ValueError(f"{file} is corrupted: format_version is {version!r}, expected an integer")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{file} has format_version {version}, but this rdm_fast reads up to version "
+                         f"{FORMAT_VERSION}: upgrade rdm_fast")
+    try:
+        enc, dim, count, shards = m["encoder"], m["dim"], m["count"], m["shards"]
+        if not (isinstance(enc, dict) and isinstance(enc["name"], str) and enc["dim"] == dim
+                and isinstance(enc["normalized"], bool)):
+            raise ValueError("encoder must be {name, dim (= dim), normalized}")
+        if not isinstance(dim, int) or dim < 1 or not isinstance(count, int) or count < 0:
+            raise ValueError(f"dim {dim!r} / count {count!r} are not valid sizes")
+        if m["dtype"] != "float16":
+            raise ValueError(f"dtype {m['dtype']!r} is not float16")
+        for key in ("has_sources", "has_class_ids", "has_patch_coords"):
+            if not isinstance(m[key], bool):
+                raise ValueError(f"{key} must be true or false")
+        if not isinstance(shards, list) or sum(int(s["rows"]) for s in shards) != count:
+            raise ValueError(f"the shards' rows do not add up to count {count}")
+        for s in shards:
+            _plain_name(s["embeddings"], "shard file", file)
+            _plain_name(s["meta"], "metadata file", file)
+            for key in ("rows", "bytes", "meta_bytes"):
+                if not isinstance(s[key], int) or s[key] < 0:
+                    raise ValueError(f"shard {s['embeddings']}: {key} {s[key]!r} is not a size")
+        for key in ("index", "proposals"):
+            if m.get(key) is not None:
+                _plain_name(m[key].get("file"), f"{key} file", file)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{file} is corrupted: missing or malformed entry {e}") from None
+    except ValueError as e:
+        if str(e).startswith(str(file)):
+            raise
+        raise ValueError(f"{file} is corrupted: {e}") from None
+    return m
+
+
+def _check_file(path: Path, size: int, sha256: str | None, verify: bool) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (listed in {MANIFEST})")
+    actual = path.stat().st_size
+    if actual != size:
+        raise ValueError(f"{path} has {actual} bytes but {MANIFEST} records {size}: it is truncated or was "
+                         "replaced; rebuild or restore it")
+    if verify and sha256_file(path) != sha256:
+        raise ValueError(f"{path} does not match its SHA-256 checksum in {MANIFEST}: it is corrupted")
+
+
+def _open_shard(path: Path, rows: int, dim: int) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable .npy array ({e})") from None
+    if arr.shape != (rows, dim) or arr.dtype != np.float16:
+        raise ValueError(f"{path} holds {arr.dtype} {arr.shape}, but {MANIFEST} records float16 ({rows}, {dim})")
+    return arr
+
+
+def _merge_topk(best: tuple[Tensor, Tensor] | None, scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Merge sorted candidate lists; ``best`` holds lower ids than ``ids``, so a stable sort keeps ties by id."""
+    if best is not None:
+        scores, ids = torch.cat([best[0], scores], 1), torch.cat([best[1], ids], 1)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), ids.gather(1, order)
+
+
+def topk_lowest_id(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k columns of (Q, n) ``scores``, best first, equal scores ordered (and chosen) by lower column.
+    Uses ``torch.topk`` and falls back to a stable sort only for rows with a tie at the k-th score."""
+    vals, idx = torch.topk(scores, k, dim=1)
+    kth = vals[:, -1:]
+    tied = (scores == kth).sum(1) != (vals == kth).sum(1)  # an equal score outside the selection
+    if tied.any():
+        rows = tied.nonzero().squeeze(1)
+        idx[rows] = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]
+        vals[rows] = scores[rows].gather(1, idx[rows])
+    # order the selection by (score desc, column asc)
+    by_col = torch.sort(idx, dim=1).indices
+    idx, vals = idx.gather(1, by_col), vals.gather(1, by_col)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, order), idx.gather(1, order)
+
+
+class TorchExactSearch:
+    """Exact cosine search in PyTorch over the memory-mapped float16 shards, streamed in row chunks, so only
+    one chunk at a time is in memory (on ``device``). Ties are broken by the lower id."""
+
+    name = "torch-exact"
+
+    def __init__(self, shards: Sequence[np.ndarray], *, device: str | torch.device = "cpu",
+                 chunk_rows: int = 65536) -> None:
+        self.shards, self.device, self.chunk_rows = list(shards), torch.device(device), chunk_rows
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        q = F.normalize(queries.to(self.device, torch.float32), dim=1)
+        best, offset = None, 0
+        for shard in self.shards:
+            for start in range(0, shard.shape[0], self.chunk_rows):
+                block = torch.from_numpy(np.asarray(shard[start:start + self.chunk_rows], dtype=np.float32))
+                block = F.normalize(block.to(self.device), dim=1)
+                scores, cols = topk_lowest_id(q @ block.T, min(k, block.shape[0]))
+                best = _merge_topk(best, scores, cols + (offset + start), k)
+            offset += shard.shape[0]
+        return best
+
+
+def _as_index_array(ids: Any) -> tuple[np.ndarray, tuple[int, ...], torch.device]:
+    t = ids if isinstance(ids, Tensor) else torch.as_tensor(np.asarray(ids))
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"ids must be integers, got {t.dtype}")
+    return t.reshape(-1).cpu().numpy().astype(np.int64), tuple(t.shape), t.device
+
+
+class Database:
+    """An opened embedding database: metadata, stored vectors and k-nearest-neighbour search by cosine.
+
+    Use :meth:`open`. The search backend is picked at open time (``backend``) and built on the first search.
+    """
+
+    def __init__(self, path: Path, manifest: dict, shards: list[np.ndarray], backend: str,
+                 device: torch.device, backend_options: dict) -> None:
+        self.path, self.manifest, self._shards = path, manifest, shards
+        self.device, self._backend_kind, self._backend_options = device, backend, backend_options
+        self._offsets = np.cumsum([0] + [s.shape[0] for s in shards]).astype(np.int64)
+        self._meta: dict[int, dict[str, np.ndarray]] = {}
+        self._engine = None
+        self._proposals: np.ndarray | None = None
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | Path, *, backend: str = "auto", device: str | torch.device | None = None,
+             verify: bool = False, nprobe: int | None = None, ef_search: int | None = None,
+             chunk_rows: int = 65536) -> "Database":
+        """Open the database directory ``path``.
+
+        ``backend``: "auto" (Triton exact search when CUDA is usable, else the FAISS index when the database has
+        one, else exact PyTorch search over the memory-mapped shards), or force "torch", "triton" or "faiss".
+        ``device``: where searches run (default: CUDA when available, else the CPU). ``verify`` checks every
+        file's SHA-256 (reads everything); sizes are always checked. ``nprobe``/``ef_search`` tune FAISS
+        indexes; ``chunk_rows`` is the torch backend's streaming block.
+        """
+        path = Path(path)
+        manifest = read_manifest(path)
+        shards = []
+        for s in manifest["shards"]:
+            _check_file(path / s["embeddings"], s["bytes"], s.get("sha256"), verify)
+            _check_file(path / s["meta"], s["meta_bytes"], s.get("meta_sha256"), verify)
+            shards.append(_open_shard(path / s["embeddings"], s["rows"], manifest["dim"]))
+        if manifest.get("proposals"):
+            proposals = manifest["proposals"]
+            if not (path / proposals["file"]).is_file():
+                raise FileNotFoundError(f"{path / proposals['file']} is missing (listed in {MANIFEST})")
+        dev = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown search backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        kind = cls._pick_backend(path, manifest, backend, dev)
+        db = cls(path, manifest, shards, kind, dev, {"nprobe": nprobe, "ef_search": ef_search,
+                                                      "chunk_rows": chunk_rows,
+                                                      "devices": None if device is None else [dev]})
+        log.info("opened %s: %d x %d embeddings from %s, search backend %s on %s", path, len(db), db.dim,
+                 db.encoder_name, db.backend, dev)
+        return db
+
+    @staticmethod
+    def _triton_unavailable(device: torch.device) -> str | None:
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return f"the Triton search runs on CUDA GPUs only (device is {device})"
+        try:
+            from .gpu_search import GPUExactSearch
+        except ImportError as e:
+            return f"rdm_fast.retrieval.gpu_search cannot be imported ({e})"
+        return GPUExactSearch.unavailable()
+
+    @staticmethod
+    def _faiss_unavailable(path: Path, manifest: dict) -> str | None:
+        if not manifest.get("index"):
+            return f"{path} has no FAISS index (build one with: python -m rdm_fast.db index {path})"
+        try:
+            from . import faiss_index  # noqa: F401
+        except ImportError as e:
+            return f"FAISS is not usable here ({e}); install faiss-cpu or faiss-gpu"
+        if not (path / manifest["index"]["file"]).is_file():
+            return f"{path / manifest['index']['file']} is missing (listed in {MANIFEST})"
+        return None
+
+    @classmethod
+    def _pick_backend(cls, path: Path, manifest: dict, backend: str, device: torch.device) -> str:
+        if backend == "auto":
+            if cls._triton_unavailable(device) is None:
+                return "triton"
+            if manifest.get("index") and cls._faiss_unavailable(path, manifest) is None:
+                return "faiss"
+            return "torch"
+        why = {"torch": lambda: None, "triton": lambda: cls._triton_unavailable(device),
+               "faiss": lambda: cls._faiss_unavailable(path, manifest)}[backend]()
+        if why is not None:
+            raise ValueError(f"search backend {backend!r} is unavailable: {why}")
+        return backend
+
+    # ---------------------------------------------------------------- properties
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def __repr__(self) -> str:
+        return f"Database({str(self.path)!r}, {len(self)} x {self.dim}, encoder={self.encoder_name!r})"
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def encoder_info(self) -> dict:
+        return dict(self.manifest["encoder"])
+
+    @property
+    def encoder_name(self) -> str:
+        return self.manifest["encoder"]["name"]
+
+    @property
+    def normalized(self) -> bool:
+        """Whether the stored vectors are L2-normalised (as the encoder produced them)."""
+        return bool(self.manifest["encoder"]["normalized"])
+
+    @property
+    def shard_arrays(self) -> list[np.ndarray]:
+        """The memory-mapped (n_i, D) float16 shards, in id order."""
+        return list(self._shards)
+
+    @property
+    def backend(self) -> str:
+        """Name of the search backend: "torch-exact", "triton-exact" or "faiss-<kind>"."""
+        if self._backend_kind == "torch":
+            return TorchExactSearch.name
+        if self._backend_kind == "triton":
+            return "triton-exact"
+        return f"faiss-{self.manifest['index']['kind']}"
+
+    # ---------------------------------------------------------------- search
+    def _search_engine(self):
+        if self._engine is None:
+            opts = self._backend_options
+            if self._backend_kind == "torch":
+                self._engine = TorchExactSearch(self._shards, device=self.device, chunk_rows=opts["chunk_rows"])
+            elif self._backend_kind == "triton":
+                from .gpu_search import GPUExactSearch
+                self._engine = GPUExactSearch(self._gathered_shards(), devices=opts["devices"],
+                                              dtype=torch.float16, normalize=True)
+            else:
+                from .faiss_index import FaissSearch
+                self._engine = FaissSearch.load(self.path / self.manifest["index"]["file"], mmap=True,
+                                                nprobe=opts["nprobe"], ef_search=opts["ef_search"],
+                                                vectors=self._shards)
+        return self._engine
+
+    def _gathered_shards(self) -> np.ndarray | Tensor:
+        """All vectors as one (N, D) array: the memory map itself for one shard, else one float16 copy in RAM."""
+        if len(self._shards) == 1:
+            return self._shards[0]
+        out = torch.empty((len(self), self.dim), dtype=torch.float16)
+        for shard, start in zip(self._shards, self._offsets[:-1]):
+            out[start:start + shard.shape[0]] = torch.from_numpy(np.asarray(shard, dtype=np.float16).copy())
+        return out
+
+    def check_encoder(self, name: str) -> None:
+        """Raise ValueError unless embeddings named ``name`` can be compared with this database's."""
+        if name != self.encoder_name:
+            raise ValueError(f"queries come from encoder {name!r}, but {self.path} holds {self.encoder_name!r} "
+                             "embeddings: use the database's encoder")
+
+    def search(self, queries: Tensor, k: int, *, encoder: str | None = None) -> tuple[Tensor, Tensor]:
+        """The k entries most similar (cosine) to each of the (Q, D) ``queries``: (scores (Q, k) float32,
+        ids (Q, k) int64), best first, on the queries' device. ``encoder`` names the queries' encoder
+        (checked against the database's)."""
+        if encoder is not None:
+            self.check_encoder(encoder)
+        if not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.dim:
+            shape = tuple(queries.shape) if isinstance(queries, Tensor) else type(queries).__name__
+            raise ValueError(f"queries must be a (Q, {self.dim}) tensor for {self.path}, got {shape}")
+        if len(self) == 0:
+            raise ValueError(f"database {self.path} is empty: nothing to search")
+        if not 1 <= k <= len(self):
+            raise ValueError(f"k must be between 1 and the database size {len(self)}, got {k}")
+        if queries.shape[0] == 0:
+            empty = torch.empty((0, k), device=queries.device)
+            return empty, empty.long()
+        scores, ids = self._search_engine().search(queries, k)
+        return scores.to(queries.device, torch.float32), ids.to(queries.device, torch.int64)
+
+    def _check_encoder_object(self, encoder) -> None:
+        self.check_encoder(encoder.name)
+        if encoder.dim != self.dim:
+            raise ValueError(f"encoder {encoder.name!r} makes {encoder.dim}-d embeddings, {self.path} holds "
+                             f"{self.dim}-d ones")
+
+    def search_images(self, encoder, images: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Embed (B, 3, H, W) images in [-1, 1] with ``encoder`` (the database's encoder) and search."""
+        self._check_encoder_object(encoder)
+        with torch.inference_mode():
+            queries = encoder.encode_images(images.to(encoder.device))
+        return self.search(queries, k)
+
+    def search_text(self, encoder, texts: Sequence[str], k: int) -> tuple[Tensor, Tensor]:
+        """Embed captions with ``encoder`` (the database's encoder, with a text tower) and search."""
+        self._check_encoder_object(encoder)
+        if isinstance(texts, str):
+            texts = [texts]
+        with torch.inference_mode():
+            queries = encoder.encode_text(list(texts))
+        return self.search(queries, k)
+
+    # ---------------------------------------------------------------- stored data
+    def _locate(self, ids: np.ndarray) -> np.ndarray:
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            bad = ids[(ids < 0) | (ids >= len(self))][0]
+            raise IndexError(f"id {bad} is out of range for {self.path} ({len(self)} entries)")
+        return np.searchsorted(self._offsets, ids, side="right") - 1
+
+    def _gather(self, ids: np.ndarray, fetch: Callable[[int, np.ndarray], np.ndarray], out: np.ndarray) -> None:
+        shard_of = self._locate(ids)
+        for j in np.unique(shard_of):
+            sel = shard_of == j
+            rows = ids[sel] - self._offsets[j]
+            order = np.argsort(rows, kind="stable")  # read each memory map in ascending row order
+            picked = np.empty((len(rows),) + out.shape[1:], out.dtype)
+            picked[order] = fetch(int(j), rows[order])
+            out[sel] = picked
+
+    def embeddings(self, ids: Tensor) -> Tensor:
+        """The stored vectors of ``ids`` (any shape) as float32, shape ids.shape + (D,), on the ids' device."""
+        flat, shape, device = _as_index_array(ids)
+        out = np.empty((flat.size, self.dim), np.float32)
+        self._gather(flat, lambda j, rows: self._shards[j][rows], out)
+        return torch.from_numpy(out).reshape(*shape, self.dim).to(device)
+
+    def _meta_of(self, j: int) -> dict[str, np.ndarray]:
+        if j not in self._meta:
+            file = self.path / self.manifest["shards"][j]["meta"]
+            try:
+                with np.load(file, allow_pickle=False) as z:
+                    self._meta[j] = {key: z[key] for key in ("sources", "class_id", "patch_coords")}
+            except (ValueError, OSError, KeyError, EOFError) as e:
+                raise ValueError(f"{file} is not a readable metadata file ({e})") from None
+        return self._meta[j]
+
+    def sources(self, ids: Tensor) -> list[str]:
+        """Where the entries came from (image paths or ids), flattened in the order of ``ids``."""
+        if not self.manifest["has_sources"]:
+            raise ValueError(f"{self.path} records no sources for its entries")
+        flat, _, _ = _as_index_array(ids)
+        out = np.empty(flat.size, object)
+        self._gather(flat, lambda j, rows: self._meta_of(j)["sources"][rows], out)
+        return [str(s) for s in out]
+
+    def class_ids(self, ids: Tensor) -> Tensor:
+        """Class ids (int64, -1 where unknown), shaped like ``ids``, on the ids' device."""
+        flat, shape, device = _as_index_array(ids)
+        out = np.empty(flat.size, np.int64)
+        self._gather(flat, lambda j, rows: self._meta_of(j)["class_id"][rows], out)
+        return torch.from_numpy(out).reshape(shape).to(device)
+
+    def patch_coords(self, ids: Tensor) -> Tensor:
+        """(x, y) of each entry's crop (int32, -1 where unknown), shape ids.shape + (2,)."""
+        flat, shape, device = _as_index_array(ids)
+        out = np.empty((flat.size, 2), np.int32)
+        self._gather(flat, lambda j, rows: self._meta_of(j)["patch_coords"][rows], out)
+        return torch.from_numpy(out).reshape(*shape, 2).to(device)
+
+    # ---------------------------------------------------------------- proposals
+    def proposal_ranking(self) -> tuple[Tensor, Tensor]:
+        """(ids, counts) of every entry, ranked by how often it was a training neighbour (see neighbors.py)."""
+        entry = self.manifest.get("proposals")
+        if not entry:
+            raise ValueError(f"{self.path} has no proposal ranking: compute it with "
+                             f"python -m rdm_fast.db neighbors {self.path} --k K --out FILE")
+        if self._proposals is None:
+            file = self.path / entry["file"]
+            arr = np.load(file, allow_pickle=False)
+            if arr.shape != (len(self), 2) or arr.dtype != np.int64:
+                raise ValueError(f"{file} holds {arr.dtype} {arr.shape}, expected int64 ({len(self)}, 2)")
+            self._proposals = arr
+        return torch.from_numpy(self._proposals[:, 0].copy()), torch.from_numpy(self._proposals[:, 1].copy())
+
+    def proposals(self, m: float) -> Tensor:
+        """The ids of the top fraction ``m`` (0 < m <= 1) of the proposal ranking (at least one id): the
+        pseudo-queries of top-m unconditional sampling."""
+        if not 0 < m <= 1:
+            raise ValueError(f"m must be a fraction in (0, 1], got {m}")
+        ids, _ = self.proposal_ranking()
+        return ids[:max(1, math.ceil(m * len(self)))]
+
+
+def save_proposals(directory: str | Path, ids: np.ndarray, counts: np.ndarray, **info: Any) -> None:
+    """Store a proposal ranking in the database directory and record it in the manifest."""
+    directory = Path(directory)
+    n = read_manifest(directory)["count"]
+    ids, counts = np.asarray(ids, np.int64), np.asarray(counts, np.int64)
+    if ids.shape != (n,) or counts.shape != (n,):
+        raise ValueError(f"a proposal ranking needs one id and count per entry ({n}), got {ids.shape}")
+    atomic_save_npy(directory / PROPOSALS, np.stack([ids, counts], 1))
+    update_manifest(directory, lambda m: m.update(proposals={"file": PROPOSALS, **info}))
+
+
+def add_index(directory: str | Path, kind: str = "auto", *, train_size: int | None = None, seed: int = 0,
+              progress: bool = True, **params: Any) -> dict:
+    """Build a FAISS index over the database's shards, store it beside them and record it in the manifest."""
+    from .faiss_index import build_index
+
+    directory = Path(directory)
+    db = Database.open(directory, backend="torch", device="cpu")
+    if len(db) == 0:
+        raise ValueError(f"database {directory} is empty: nothing to index")
+    tmp = directory / f".index.{kind}.tmp"
+    try:
+        info = build_index(db.shard_arrays, kind, out=tmp, train_size=train_size, seed=seed, progress=progress,
+                           **params)
+        actual = info.get("kind", kind)
+        file = f"index_{actual}.faiss"
+        tmp.replace(directory / file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    old = db.manifest.get("index")
+    entry = {"file": file, "kind": actual, "params": info}
+    update_manifest(directory, lambda m: m.update(index=entry))
+    if old and old["file"] != file:
+        (directory / old["file"]).unlink(missing_ok=True)
+    return entry

@@ -1,0 +1,106 @@
+"""Training neighbours and the top-m proposal list.
+
+RDM training conditions each training image on its k nearest database entries, found once in advance and
+excluding the image itself (and, optionally, near-duplicates of it). Unconditional "top-m" sampling draws its
+pseudo-queries from the database entries that were retrieved most often as such neighbours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .._files import atomic_save_npy, atomic_save_npz
+from .database import Database
+
+
+def _same_database(a: Database, b: Database) -> bool:
+    return a is b or a.path.resolve() == b.path.resolve()
+
+
+def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: int, exclude_self: bool = False,
+                      dedup_threshold: float | None = None, batch_size: int = 1024,
+                      progress: bool = True) -> tuple[Tensor, Tensor]:
+    """The k nearest entries of ``db`` for every entry of ``queries_db`` (default: ``db`` itself), as
+    (ids (N_q, k) int64, scores (N_q, k) float32) CPU tensors, best first.
+
+    ``exclude_self`` drops each query's own entry (only when the queries are ``db``); ``dedup_threshold`` drops
+    entries whose cosine similarity to the query exceeds it (near-duplicates). More candidates are retrieved
+    as needed so that k remain; ValueError when the database has fewer than k acceptable entries.
+    """
+    queries_db = db if queries_db is None else queries_db
+    own = _same_database(db, queries_db)
+    if exclude_self and not own:
+        raise ValueError("exclude_self applies only when the queries are the database itself")
+    db.check_encoder(queries_db.encoder_name)
+    if queries_db.dim != db.dim:
+        raise ValueError(f"{queries_db.path} holds {queries_db.dim}-d embeddings, {db.path} {db.dim}-d ones")
+    if dedup_threshold is not None and not -1 <= dedup_threshold <= 1:
+        raise ValueError(f"dedup_threshold is a cosine similarity in [-1, 1], got {dedup_threshold}")
+    if not 1 <= k <= len(db) - (1 if exclude_self else 0):
+        raise ValueError(f"k must be between 1 and {len(db) - (1 if exclude_self else 0)} for {db.path} "
+                         f"({len(db)} entries{', one excluded as the query' if exclude_self else ''}), got {k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    first_k = min(len(db), k + int(exclude_self) + (max(4, k // 2) if dedup_threshold is not None else 0))
+    n = len(queries_db)
+    all_ids, all_scores = torch.empty((n, k), dtype=torch.int64), torch.empty((n, k), dtype=torch.float32)
+    with tqdm(total=n, desc="neighbours", unit="query", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            qids = torch.arange(start, min(n, start + batch_size))
+            queries = queries_db.embeddings(qids)
+            rows, kk = torch.arange(len(qids)), first_k
+            while len(rows):
+                scores, ids = db.search(queries[rows], kk)
+                scores, ids = scores.cpu(), ids.cpu()
+                keep = ids >= 0  # approximate indexes mark missing results with -1
+                if exclude_self:
+                    keep &= ids != qids[rows, None]
+                if dedup_threshold is not None:
+                    keep &= scores <= dedup_threshold
+                done = keep.sum(1) >= k
+                # the first k kept candidates of each finished row, in rank order
+                pick = torch.sort((~keep[done]).to(torch.int8), dim=1, stable=True).indices[:, :k]
+                all_ids[start + rows[done]] = ids[done].gather(1, pick)
+                all_scores[start + rows[done]] = scores[done].gather(1, pick)
+                rows = rows[~done]
+                if len(rows) and kk == len(db):
+                    q = int(qids[rows[0]])
+                    raise ValueError(f"query {q} has fewer than {k} database entries left after excluding itself "
+                                     f"and near-duplicates above {dedup_threshold}")
+                kk = min(len(db), 2 * kk)
+            bar.update(len(qids))
+    return all_ids, all_scores
+
+
+def proposal_ranking(neighbor_ids: Tensor | np.ndarray, n: int) -> tuple[Tensor, Tensor]:
+    """Every id in ``[0, n)`` ranked by how often it occurs in ``neighbor_ids`` (descending count, ties by lower
+    id): (ids (n,) int64, counts (n,) int64). Negative ids (missing results) are ignored."""
+    flat = torch.as_tensor(np.asarray(neighbor_ids)).reshape(-1).long()
+    flat = flat[flat >= 0]
+    if flat.numel() and int(flat.max()) >= n:
+        raise ValueError(f"neighbour id {int(flat.max())} is out of range for a database of {n} entries")
+    counts = torch.bincount(flat, minlength=n)
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return order, counts[order]
+
+
+def save_neighbors(path: str | Path, ids: Tensor, scores: Tensor) -> list[Path]:
+    """Write neighbour ids (int64) and scores (float32) atomically: ``X.npz`` with arrays ``ids`` and
+    ``scores``, or ``X.npy`` (ids) plus ``X_scores.npy``. Returns the written paths."""
+    path = Path(path)
+    ids_np = np.ascontiguousarray(torch.as_tensor(ids).cpu().numpy(), dtype=np.int64)
+    scores_np = np.ascontiguousarray(torch.as_tensor(scores).cpu().numpy(), dtype=np.float32)
+    if path.suffix == ".npz":
+        atomic_save_npz(path, ids=ids_np, scores=scores_np)
+        return [path]
+    if path.suffix == ".npy":
+        scores_path = path.with_name(f"{path.stem}_scores.npy")
+        atomic_save_npy(path, ids_np)
+        atomic_save_npy(scores_path, scores_np)
+        return [path, scores_path]
+    raise ValueError(f"neighbour output {path} must end in .npz (ids and scores) or .npy (ids; scores beside it)")

@@ -1,0 +1,192 @@
+"""Importing the official database parts ``{N}x{D}-part_{i}.npz`` (arrays ``embedding`` (N, D), ``img_id``,
+``patch_coords`` (N, 2) and optionally ``class_id``) into the rdm_fast format, without loading a part's
+embeddings into memory: the ``embedding`` member of the zip is read row chunk by row chunk (its .npy header is
+parsed with numpy.lib.format; stored and deflated members both stream). The per-row metadata arrays are 1/D
+of the data and are loaded whole. Resumable and ``torchrun``-splittable like image builds (see build.py)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import zipfile
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+import numpy as np
+from numpy.lib import format as npformat
+from tqdm.auto import tqdm
+
+from .build import Processes, ShardedBuild, run_sharded
+from .database import new_manifest, write_manifest, write_shard
+
+log = logging.getLogger("rdm_fast.retrieval")
+
+
+def part_order(path: str | Path) -> tuple[int, str]:
+    """Sort key: the number after ``part_`` in the file name, then the name."""
+    m = re.search(r"part_(\d+)", Path(path).name)
+    return (int(m.group(1)) if m else -1, Path(path).name)
+
+
+def _member_name(zf: zipfile.ZipFile, file: Path, name: str) -> str:
+    for candidate in (f"{name}.npy", name):
+        if candidate in zf.namelist():
+            return candidate
+    raise ValueError(f"{file} has no {name!r} array (it has {', '.join(n.removesuffix('.npy') for n in zf.namelist())})")
+
+
+def _read_header(f: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        version = npformat.read_magic(f)
+        if version == (1, 0):
+            return npformat.read_array_header_1_0(f)
+        if version == (2, 0):
+            return npformat.read_array_header_2_0(f)
+    except ValueError as e:
+        raise ValueError(f"{where} is not a valid .npy member ({e})") from None
+    raise ValueError(f"{where} uses .npy format version {version}; expected 1.0 or 2.0")
+
+
+def member_info(path: str | Path, name: str = "embedding") -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of array ``name`` in the .npz ``path``, from its header only."""
+    path = Path(path)
+    with _open_zip(path) as zf, zf.open(_member_name(zf, path, name)) as f:
+        shape, _, dtype = _read_header(f, f"{path}:{name}")
+    return shape, dtype
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path} is not a readable .npz file ({e})") from None
+
+
+def _read_exact(f: IO[bytes], n: int, where: str) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = f.read(n - got)
+        if not chunk:
+            raise ValueError(f"{where} is truncated: {n - got} bytes missing")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def iter_rows(path: str | Path, name: str = "embedding", *, start: int = 0, stop: int | None = None,
+              chunk_rows: int = 65536) -> Iterator[np.ndarray]:
+    """Rows ``[start, stop)`` of the 2-D array ``name`` in the .npz ``path``, in chunks of at most
+    ``chunk_rows`` rows, reading only those bytes of the (stored or deflated) zip member."""
+    path = Path(path)
+    where = f"{path}:{name}"
+    with _open_zip(path) as zf, zf.open(_member_name(zf, path, name)) as f:
+        shape, fortran, dtype = _read_header(f, where)
+        if len(shape) != 2:
+            raise ValueError(f"{where} has shape {shape}; expected (N, D)")
+        if fortran and shape[0] > 1 and shape[1] > 1:
+            raise ValueError(f"{where} is stored in Fortran order; rows cannot be streamed (re-save it in C order)")
+        if dtype.hasobject:
+            raise ValueError(f"{where} holds Python objects, not numbers")
+        n, dim = shape
+        stop = n if stop is None else min(stop, n)
+        row_bytes = dtype.itemsize * dim
+        if start:
+            f.seek(f.tell() + start * row_bytes)
+        for s in range(start, stop, chunk_rows):
+            rows = min(chunk_rows, stop - s)
+            yield np.frombuffer(_read_exact(f, rows * row_bytes, where), dtype=dtype).reshape(rows, dim)
+
+
+class Part:
+    """One official part: its embedding header and its (small) per-row metadata."""
+
+    def __init__(self, path: Path, allow_pickle: bool) -> None:
+        self.path = path
+        (self.n, *rest), dtype = member_info(path, "embedding")
+        if len(rest) != 1:
+            raise ValueError(f"{path}: 'embedding' has shape {(self.n, *rest)}; expected (N, D)")
+        if not np.issubdtype(dtype, np.floating):
+            raise ValueError(f"{path}: 'embedding' holds {dtype}; expected floats")
+        self.dim = rest[0]
+        self.allow_pickle = allow_pickle
+
+    def metadata(self) -> tuple[list[str], np.ndarray | None, np.ndarray]:
+        """(img ids as strings, class ids or None, patch coords (N, 2) int32)."""
+        try:
+            with np.load(self.path, allow_pickle=self.allow_pickle) as z:
+                missing = [k for k in ("img_id", "patch_coords") if k not in z.files]
+                if missing:
+                    raise ValueError(f"{self.path} lacks the array(s) {', '.join(missing)}")
+                img_id, coords = z["img_id"], z["patch_coords"]
+                class_id = z["class_id"] if "class_id" in z.files else None
+        except ValueError as e:
+            if "allow_pickle" in str(e):
+                raise ValueError(f"{self.path} stores Python objects (pickled); pass --allow-pickle if you trust "
+                                 "the file") from None
+            raise
+        if img_id.reshape(-1).shape[0] != self.n:
+            raise ValueError(f"{self.path}: img_id has {img_id.size} entries for {self.n} embeddings")
+        coords = np.asarray(coords)
+        if coords.shape != (self.n, 2):
+            raise ValueError(f"{self.path}: patch_coords has shape {coords.shape}, expected ({self.n}, 2)")
+        if class_id is not None and np.asarray(class_id).reshape(-1).shape[0] != self.n:
+            raise ValueError(f"{self.path}: class_id has {class_id.size} entries for {self.n} embeddings")
+        ids = [x.decode() if isinstance(x, bytes) else str(x) for x in img_id.reshape(-1).tolist()]
+        return ids, (None if class_id is None else np.asarray(class_id, np.int64).reshape(-1)), coords.astype(np.int32)
+
+
+def import_npz(parts: Sequence[str | Path], out: str | Path, encoder_info: dict, *, encoder_spec: str | None = None,
+               shard_size: int = 100_000, chunk_rows: int = 65536, allow_pickle: bool = False,
+               progress: bool = True) -> Path:
+    """Convert official part files (sorted by part number) into a database at ``out`` whose vectors are
+    recorded as made by the encoder ``encoder_info`` ({name, dim, normalized}; dim must match the data)."""
+    if not parts:
+        raise ValueError("give at least one .npz part file")
+    if shard_size < 1 or chunk_rows < 1:
+        raise ValueError(f"shard_size and chunk_rows must be at least 1, got {shard_size} and {chunk_rows}")
+    files = sorted((Path(p).resolve() for p in parts), key=part_order)
+    loaded = [Part(f, allow_pickle) for f in files]
+    dims = {p.dim for p in loaded}
+    if len(dims) != 1:
+        raise ValueError(f"the parts have different embedding dimensions: {sorted(dims)}")
+    if dims != {int(encoder_info["dim"])}:
+        raise ValueError(f"the parts hold {dims.pop()}-d embeddings but encoder {encoder_info['name']!r} makes "
+                         f"{encoder_info['dim']}-d ones")
+    plan = [(i, s, min(s + shard_size, p.n)) for i, p in enumerate(loaded) for s in range(0, p.n, shard_size)]
+    config = {"kind": "npz", "encoder": dict(encoder_info), "encoder_spec": encoder_spec or encoder_info["name"],
+              "parts": [{"file": str(p.path), "bytes": p.path.stat().st_size, "rows": p.n} for p in loaded],
+              "shard_size": shard_size}
+    out = Path(out)
+
+    def compute(pending: list[int], state: ShardedBuild, procs: Processes) -> None:
+        todo = sum(plan[j][2] - plan[j][1] for j in pending)
+        with tqdm(total=todo, desc="importing", unit="row", unit_scale=True, disable=not progress,
+                  position=procs.rank) as bar:
+            for i, part in enumerate(loaded):
+                mine = [j for j in pending if plan[j][0] == i]
+                if not mine:
+                    continue
+                ids, class_id, coords = part.metadata()
+                for j in mine:
+                    _, s, e = plan[j]
+                    emb = np.empty((e - s, part.dim), np.float16)
+                    at = 0
+                    for chunk in iter_rows(part.path, start=s, stop=e, chunk_rows=chunk_rows):
+                        emb[at:at + len(chunk)] = chunk
+                        at += len(chunk)
+                        bar.update(len(chunk))
+                    entry = write_shard(out, j, emb, sources=ids[s:e], patch_coords=coords[s:e],
+                                        class_ids=None if class_id is None else class_id[s:e])
+                    state.record(j, entry, has_class_ids=class_id is not None)
+
+    def finish(records: list[dict]) -> None:
+        has_class = {r["has_class_ids"] for r in records}
+        manifest = new_manifest(encoder_info, [r["entry"] for r in records], has_sources=True,
+                                has_class_ids=has_class == {True}, has_patch_coords=True, build=config)
+        write_manifest(out, manifest)
+        log.info("wrote %s: %d embeddings from %d parts in %d shards", out, manifest["count"], len(loaded),
+                 len(records))
+
+    return run_sharded(out, config, len(plan), compute, finish)
