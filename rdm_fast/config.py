@@ -208,7 +208,10 @@ class RDMConfig:
     Retrieval conventions: ``k_nn`` database entries per sample; with ``text_token`` (rdm768) a text or query
     embedding precedes them (context of 1 + k_nn tokens), without it (imagenet: k_nn = 4) the query is the
     first of the k_nn entries. ``normalized_embeddings``: whether the UNet sees L2-normalised embeddings.
-    ``k_nn`` and ``normalized_embeddings`` carry the names of the official RDM configs; ``text_token`` is ours.
+    ``retrieval_encoder``: the registered encoder (rdm_fast.encoders) whose embeddings the model was trained on;
+    databases made by another encoder are refused at sampling time (None: not checked).
+    ``k_nn`` and ``normalized_embeddings`` carry the names of the official RDM configs; ``text_token`` and
+    ``retrieval_encoder`` are ours.
     """
 
     unet_config: UNetConfig
@@ -224,6 +227,7 @@ class RDMConfig:
     k_nn: int = 4
     text_token: bool = False
     normalized_embeddings: bool = False
+    retrieval_encoder: str | None = None
     sampling: SamplingDefaults = SamplingDefaults()
 
     _IGNORED = {"first_stage_key", "cond_stage_key", "log_every_t", "num_timesteps_cond", "cond_stage_trainable",
