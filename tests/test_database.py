@@ -1,0 +1,371 @@
+"""Embedding databases: on-disk format round trip, opening errors, search against an independent numpy
+brute force, stored-data accessors, neighbours, proposal ranking. Also defines the small deterministic test
+encoder used by the other database tests (importable as ``test_database:tiny_encoder``)."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Sequence
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rdm_fast.encoders import Encoder, register_encoder
+
+
+class TinyEncoder(Encoder):
+    """Fixed random 3x3 conv + ReLU + average pooling + linear on 32x32 resized images; text embedded from
+    a CRC32-seeded random vector. Deterministic, fast, not normalised."""
+
+    name, dim, normalized, image_size = "tiny-test", 16, False, 32
+
+    def __init__(self, device="cpu") -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1234)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = nn.Linear(8 * 4 * 4, self.dim)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.to(device)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        self.check_images(images)
+        x = F.interpolate(images.float(), size=(32, 32), mode="bilinear", align_corners=False)
+        x = F.adaptive_avg_pool2d(F.relu(self.conv(x)), 4)
+        return self.proj(x.flatten(1)).float()
+
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        out = [torch.randn(self.dim, generator=torch.Generator().manual_seed(zlib.crc32(t.encode())))
+               for t in texts]
+        return torch.stack(out).to(self.device)
+
+
+def tiny_encoder(*, device="cpu", checkpoint=None, pretrained=True) -> TinyEncoder:
+    """Factory in the registry's signature (also used as ``test_database:tiny_encoder`` on command lines)."""
+    return TinyEncoder(device)
+
+
+register_encoder("tiny-test", tiny_encoder, replace=True)
+
+
+from rdm_fast.retrieval import (Database, compute_neighbors, proposal_ranking, save_proposals,  # noqa: E402
+                                write_database)
+from rdm_fast.retrieval.database import topk_lowest_id  # noqa: E402
+
+INFO = {"name": "tiny-test", "dim": 16, "normalized": False}
+
+
+def one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def brute_force(stored: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Independent float64 cosine search: order by (score desc, id asc)."""
+    d = stored.astype(np.float64)
+    d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+    q = queries.astype(np.float64)
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    s = q @ d.T
+    ids = np.stack([np.lexsort((np.arange(len(d)), -row))[:k] for row in s])
+    return np.take_along_axis(s, ids, 1), ids
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((50, 16)).astype(np.float32)
+    sources = [f"img/{i:03d}.jpg" for i in range(50)]
+    classes = rng.integers(0, 5, 50)
+    coords = rng.integers(0, 900, (50, 2))
+    return emb, sources, classes, coords
+
+
+@pytest.fixture
+def db_dir(tmp_path, data):
+    emb, sources, classes, coords = data
+    return write_database(tmp_path / "db", emb, INFO, sources=sources, class_ids=classes, patch_coords=coords,
+                          shard_size=13)
+
+
+def test_round_trip(db_dir, data):
+    emb, sources, classes, coords = data
+    db = Database.open(db_dir, backend="torch", device="cpu", verify=True)
+    assert (len(db), db.dim, db.encoder_name, db.normalized, db.backend) == (50, 16, "tiny-test", False,
+                                                                            "torch-exact")
+    assert db.encoder_info == INFO
+    m = json.loads((db_dir / "manifest.json").read_text())
+    assert m["format_version"] == 1 and [s["rows"] for s in m["shards"]] == [13, 13, 13, 11]
+    assert m["has_sources"] and m["has_class_ids"] and m["has_patch_coords"]
+    for j in range(4):
+        shard = np.load(db_dir / f"emb_{j:05d}.npy", mmap_mode="r")
+        assert isinstance(shard, np.memmap) and shard.dtype == np.float16
+    ids = torch.tensor([[49, 0, 13], [12, 26, 26]])
+    got = db.embeddings(ids)
+    assert got.shape == (2, 3, 16) and got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), emb.astype(np.float16).astype(np.float32)[ids.numpy()])
+    assert db.sources(ids) == [sources[i] for i in ids.reshape(-1).tolist()]
+    np.testing.assert_array_equal(db.class_ids(ids).numpy(), classes[ids.numpy()])
+    np.testing.assert_array_equal(db.patch_coords(ids).numpy(), coords[ids.numpy()])
+    assert db.embeddings(torch.tensor([], dtype=torch.long)).shape == (0, 16)
+
+
+def test_unknown_metadata_and_empty(tmp_path, data):
+    db = Database.open(write_database(tmp_path / "plain", data[0], INFO), device="cpu")
+    assert db.class_ids(torch.arange(3)).tolist() == [-1, -1, -1]
+    assert db.patch_coords(torch.tensor([4])).tolist() == [[-1, -1]]
+    with pytest.raises(ValueError) as e:
+        db.sources(torch.arange(2))
+    assert "no sources" in one_line(e)
+    empty = Database.open(write_database(tmp_path / "empty", np.zeros((0, 16)), INFO), device="cpu")
+    assert len(empty) == 0
+    with pytest.raises(ValueError) as e:
+        empty.search(torch.zeros(1, 16), 1)
+    assert "empty" in one_line(e)
+
+
+def _manifest(db_dir):
+    return json.loads((db_dir / "manifest.json").read_text())
+
+
+def _rewrite(db_dir, change):
+    m = _manifest(db_dir)
+    change(m)
+    (db_dir / "manifest.json").write_text(json.dumps(m))
+
+
+def test_open_errors(tmp_path, db_dir):
+    with pytest.raises(FileNotFoundError) as e:
+        Database.open(tmp_path / "nope")
+    assert "does not exist" in one_line(e)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        Database.open(tmp_path / "bare")
+    assert "manifest.json is missing" in one_line(e)
+
+    original = (db_dir / "manifest.json").read_text()
+    (db_dir / "manifest.json").write_text(original[:200])
+    with pytest.raises(ValueError) as e:
+        Database.open(db_dir)
+    assert "manifest.json is corrupted" in one_line(e)
+    for change, expect in [(lambda m: m.update(format_version=2), "format_version 2"),
+                           (lambda m: m.pop("dim"), "missing or malformed entry 'dim'"),
+                           (lambda m: m.update(count=49), "do not add up"),
+                           (lambda m: m["shards"][0].update(embeddings="../x.npy"), "not a plain file name"),
+                           (lambda m: m.update(format="other"), "not an rdm_fast database manifest")]:
+        (db_dir / "manifest.json").write_text(original)
+        _rewrite(db_dir, change)
+        with pytest.raises(ValueError) as e:
+            Database.open(db_dir)
+        assert expect in one_line(e), expect
+    (db_dir / "manifest.json").write_text(original)
+
+    shard = db_dir / "emb_00001.npy"
+    content = shard.read_bytes()
+    shard.write_bytes(content[:-10])
+    with pytest.raises(ValueError) as e:
+        Database.open(db_dir)
+    assert "emb_00001.npy" in one_line(e) and "truncated" in str(e.value)
+    altered = bytearray(content)
+    altered[-1] ^= 0xFF
+    shard.write_bytes(bytes(altered))
+    Database.open(db_dir)  # same size: only the checksum notices
+    with pytest.raises(ValueError) as e:
+        Database.open(db_dir, verify=True)
+    assert "emb_00001.npy" in one_line(e) and "SHA-256" in str(e.value)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        Database.open(db_dir)
+    assert "emb_00001.npy is missing" in one_line(e)
+    shard.write_bytes(content)
+    (db_dir / "meta_00002.npz").unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        Database.open(db_dir)
+    assert "meta_00002.npz is missing" in one_line(e)
+
+
+def test_backend_choice_errors(db_dir):
+    with pytest.raises(ValueError) as e:
+        Database.open(db_dir, backend="scann")
+    assert "unknown search backend" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        Database.open(db_dir, backend="faiss")
+    assert "has no FAISS index" in one_line(e)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError) as e:
+            Database.open(db_dir, backend="triton")
+        assert "unavailable" in one_line(e)
+        assert Database.open(db_dir).backend == "torch-exact"  # auto on the CPU without an index
+
+
+def test_search_errors(db_dir):
+    db = Database.open(db_dir, device="cpu")
+    q = torch.randn(2, 16)
+    for call, expect in [(lambda: db.search(q, 3, encoder="clip-vit-b-32"), "holds 'tiny-test' embeddings"),
+                         (lambda: db.search(torch.randn(2, 8), 3), "(Q, 16) tensor"),
+                         (lambda: db.search(q[0], 3), "(Q, 16) tensor"),
+                         (lambda: db.search(q, 51), "between 1 and the database size 50"),
+                         (lambda: db.search(q, 0), "between 1 and the database size 50")]:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert expect in one_line(e)
+    with pytest.raises(IndexError, match="id 50 is out of range"):
+        db.embeddings(torch.tensor([3, 50]))
+    with pytest.raises(IndexError, match="id -1 is out of range"):
+        db.sources(torch.tensor([-1]))
+    other = TinyEncoder()
+    other.name = "other-encoder"
+    with pytest.raises(ValueError) as e:
+        db.search_images(other, torch.zeros(1, 3, 8, 8), 2)
+    assert "'other-encoder'" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        db.proposals(0.1)
+    assert "no proposal ranking" in one_line(e)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 13, 65536])
+def test_search_matches_brute_force(db_dir, data, chunk_rows):
+    db = Database.open(db_dir, backend="torch", device="cpu", chunk_rows=chunk_rows)
+    stored = data[0].astype(np.float16)
+    queries = np.random.default_rng(1).standard_normal((9, 16)).astype(np.float32)
+    for k in (1, 5, 50):
+        scores, ids = db.search(torch.from_numpy(queries), k, encoder="tiny-test")
+        ref_scores, ref_ids = brute_force(stored, queries, k)
+        assert scores.dtype == torch.float32 and ids.dtype == torch.int64 and ids.shape == (9, k)
+        np.testing.assert_array_equal(ids.numpy(), ref_ids)
+        np.testing.assert_allclose(scores.numpy(), ref_scores, atol=1e-5)
+
+
+def test_search_ties_by_lower_id(tmp_path):
+    """Vectors with four +-1 entries: every cosine is an exact multiple of 1/16, so ties are exact in any
+    summation order; duplicates are planted across shard and chunk boundaries."""
+    rng = np.random.default_rng(3)
+    base = np.zeros((40, 16), np.float32)
+    for row in base:
+        row[rng.choice(16, 4, replace=False)] = rng.choice([-1.0, 1.0], 4)
+    stored = np.concatenate([base, base[[5, 0, 22, 5, 31, 17]], base[:9]])  # many exact duplicates
+    db = Database.open(write_database(tmp_path / "ties", stored, INFO, shard_size=11), backend="torch",
+                       device="cpu", chunk_rows=4)
+    queries = np.concatenate([base[[5, 0, 17, 31]], 2 * base[[22]]])
+    for k in (1, 3, 8, 20):
+        scores, ids = db.search(torch.from_numpy(queries), k)
+        ref_scores, ref_ids = brute_force(stored, queries, k)
+        np.testing.assert_array_equal(ids.numpy(), ref_ids)
+        np.testing.assert_allclose(scores.numpy(), ref_scores, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 4, 10, 31])
+def test_topk_lowest_id(k):
+    scores = torch.randint(0, 6, (25, 31)).float()  # heavy ties
+    vals, idx = topk_lowest_id(scores, k)
+    for row, v, i in zip(scores.numpy(), vals.numpy(), idx.numpy()):
+        ref = np.lexsort((np.arange(31), -row))[:k]
+        np.testing.assert_array_equal(i, ref)
+        np.testing.assert_array_equal(v, row[ref])
+
+
+def test_search_images_and_text_use_the_encoder(db_dir):
+    db = Database.open(db_dir, device="cpu")
+    enc = TinyEncoder()
+    images = torch.rand(3, 3, 20, 24) * 2 - 1
+    scores, ids = db.search_images(enc, images, 4)
+    ref = db.search(enc.encode_images(images), 4)
+    torch.testing.assert_close(scores, ref[0])
+    assert torch.equal(ids, ref[1])
+    scores, ids = db.search_text(enc, "a red bird", 4)
+    ref = db.search(enc.encode_text(["a red bird"]), 4)
+    assert torch.equal(ids, ref[1])
+
+
+def _planted(tmp_path):
+    """30 random vectors; entries 30..33 are near-duplicates (cosine > 0.99) of entries 3, 7, 7, 12."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((30, 16)).astype(np.float32)
+    dups = base[[3, 7, 7, 12]] + 0.01 * rng.standard_normal((4, 16)).astype(np.float32)
+    stored = np.concatenate([base, dups])
+    return stored, Database.open(write_database(tmp_path / "planted", stored, INFO, shard_size=9),
+                                 backend="torch", device="cpu")
+
+
+def _filtered_brute_force(stored, k, exclude_self, threshold):
+    s, ids = brute_force(stored.astype(np.float16), stored.astype(np.float16).astype(np.float32), len(stored))
+    out_ids, out_scores = [], []
+    for q, (row_s, row_i) in enumerate(zip(s, ids)):
+        keep = np.ones(len(row_i), bool)
+        if exclude_self:
+            keep &= row_i != q
+        if threshold is not None:
+            keep &= row_s <= threshold
+        out_ids.append(row_i[keep][:k])
+        out_scores.append(row_s[keep][:k])
+    return np.stack(out_ids), np.stack(out_scores)
+
+
+@pytest.mark.parametrize("exclude_self,threshold", [(True, None), (False, 0.95), (True, 0.95)])
+def test_neighbors_exclusion_and_dedup(tmp_path, exclude_self, threshold):
+    stored, db = _planted(tmp_path)
+    ids, scores = compute_neighbors(db, k=5, exclude_self=exclude_self, dedup_threshold=threshold,
+                                    batch_size=7, progress=False)
+    ref_ids, ref_scores = _filtered_brute_force(stored, 5, exclude_self, threshold)
+    assert ids.shape == (34, 5) and ids.dtype == torch.int64 and scores.dtype == torch.float32
+    np.testing.assert_array_equal(ids.numpy(), ref_ids)
+    np.testing.assert_allclose(scores.numpy(), ref_scores, atol=1e-5)
+    if threshold is not None:  # the planted duplicates never appear as each other's neighbours
+        assert 30 not in ids[3].tolist() and 3 not in ids[30].tolist() and 31 not in ids[32].tolist()
+        assert (scores <= threshold).all()
+    if exclude_self:
+        assert not (ids == torch.arange(34)[:, None]).any()
+    else:  # dedup alone also removes the query itself (cosine 1)
+        assert not (ids == torch.arange(34)[:, None]).any()
+
+
+def test_neighbors_other_queries_and_errors(tmp_path):
+    stored, db = _planted(tmp_path)
+    queries = stored[[3, 20]] * 2.0
+    qdb = Database.open(write_database(tmp_path / "q", queries, INFO), device="cpu")
+    ids, _ = compute_neighbors(db, qdb, k=3, progress=False)
+    np.testing.assert_array_equal(ids.numpy(), brute_force(stored.astype(np.float16),
+                                                           queries.astype(np.float16).astype(np.float32), 3)[1])
+    with pytest.raises(ValueError) as e:
+        compute_neighbors(db, qdb, k=3, exclude_self=True, progress=False)
+    assert "only when the queries are the database" in one_line(e)
+    other = Database.open(write_database(tmp_path / "o", queries, {**INFO, "name": "other"}), device="cpu")
+    with pytest.raises(ValueError) as e:
+        compute_neighbors(db, other, k=3, progress=False)
+    assert "'other'" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        compute_neighbors(db, k=34, exclude_self=True, progress=False)
+    assert "k must be between 1 and 33" in one_line(e)
+    with pytest.raises(ValueError) as e:  # every entry is within 0.0 cosine of some query: too few left
+        compute_neighbors(db, k=30, dedup_threshold=-0.2, progress=False)
+    assert "fewer than 30" in one_line(e)
+
+
+def test_proposal_ranking_and_top_m(tmp_path, data):
+    ids, counts = proposal_ranking(torch.tensor([[4, 1, 2], [1, 4, 0], [-1, 2, 4]]), 6)
+    # counts: 0:1, 1:2, 2:2, 3:0, 4:3, 5:0 -> 4, then 1, 2 (tie, lower id first), 0, then 3, 5
+    assert ids.tolist() == [4, 1, 2, 0, 3, 5] and counts.tolist() == [3, 2, 2, 1, 0, 0]
+    with pytest.raises(ValueError, match="out of range"):
+        proposal_ranking(np.array([[6]]), 6)
+    path = write_database(tmp_path / "p", data[0], INFO)
+    rng = np.random.default_rng(0)
+    neighbor_ids = rng.integers(0, 50, (200, 4))
+    ranked, counts = proposal_ranking(neighbor_ids, 50)
+    ref_counts = np.bincount(neighbor_ids.ravel(), minlength=50)
+    assert counts.tolist() == sorted(ref_counts.tolist(), reverse=True)
+    assert all(ref_counts[i] == c for i, c in zip(ranked.tolist(), counts.tolist()))
+    save_proposals(path, ranked.numpy(), counts.numpy(), queries=200, k=4)
+    db = Database.open(path, device="cpu")
+    assert db.manifest["proposals"]["file"] == "proposals.npy"
+    assert db.proposals(0.1).tolist() == ranked[:5].tolist()
+    assert db.proposals(0.001).tolist() == ranked[:1].tolist()  # at least one
+    assert db.proposals(1.0).tolist() == ranked.tolist()
+    with pytest.raises(ValueError) as e:
+        db.proposals(0)
+    assert "fraction" in one_line(e)
