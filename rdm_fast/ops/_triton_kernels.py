@@ -1,0 +1,52 @@
+"""Lazy import of one Triton kernel module (``rdm_fast.kernels.<name>``) for the ops' dispatch tables."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+from ._dispatch import eager_constant
+
+
+class TritonKernels:
+    """Imports ``rdm_fast.kernels.<name>`` (hence triton) on first need; a failure is remembered, never raised.
+
+    ``unavailable`` is the :class:`~rdm_fast.ops._dispatch.Impl` availability check of the CUDA impls,
+    ``interpreter_unavailable`` the one of the CPU impls that run in Triton's interpreter (only when
+    ``TRITON_INTERPRET=1``, which must be set before the kernel module is imported).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = f"rdm_fast.kernels.{name}"
+        self._module: ModuleType | None = None
+        self._error: str | None = None
+
+        @eager_constant
+        def unavailable() -> str | None:
+            return self._load()
+
+        @eager_constant
+        def interpreter_unavailable() -> str | None:
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return "the Triton interpreter is off (set TRITON_INTERPRET=1 before importing rdm_fast)"
+            return self._load()
+
+        self.unavailable: Callable[[], str | None] = unavailable
+        self.interpreter_unavailable: Callable[[], str | None] = interpreter_unavailable
+
+    def _load(self) -> str | None:
+        if self._module is None and self._error is None:
+            try:
+                self._module = importlib.import_module(self.name)
+            except Exception as exc:  # optional dependency: a missing or broken triton must not break the op
+                self._error = f"triton kernels unavailable ({type(exc).__name__}: {exc})"
+        return self._error
+
+    @property
+    def module(self) -> ModuleType:
+        """The kernel module (call an availability check first)."""
+        if self._module is None:
+            raise RuntimeError(f"{self.name} is not loaded: {self._load() or 'call unavailable() first'}")
+        return self._module

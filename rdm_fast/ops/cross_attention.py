@@ -1,0 +1,140 @@
+"""Fused neighbour cross-attention of the UNet's transformer blocks (everything before ``to_out``).
+
+``cross_attention(x, ln_w, ln_b, eps, w_q, k, v, heads)`` = multi-head ``softmax(q k^T / sqrt(d)) v`` with
+``q = LayerNorm(x) @ w_q^T`` and keys/values ``k, v`` = ``to_k(context)``, ``to_v(context)``. The context (at
+most 32 neighbour embeddings) is fixed for a whole sampling trajectory, so the model projects k and v once per
+trajectory and this op does the per-step rest in one pass over the tokens. With classifier-free guidance the
+unconditional context is all zeros: its k = v = 0 and the attention output is exactly 0, so the model calls
+this op on the conditional half only (the unconditional half's block output is ``to_out``'s bias).
+
+:func:`cross_attention_reference` defines the semantics and is the CPU path: float32 math where the operands
+of each matrix product are rounded to the dtype of the weights they meet, as a LayerNorm -> Linear ->
+attention stack in that dtype would do (the normalised x to ``w_q``'s dtype, q to k's, the softmax
+probabilities to v's), float32 accumulation, output in x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._dispatch import Impl, Op, needs_grad
+from ._triton_kernels import TritonKernels
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_KEYS = 32
+
+_kernels = TritonKernels("cross_attention")
+
+
+def _check_tensor(name: str, t: Tensor, x: Tensor, shape: tuple[int, ...] | None, desc: str) -> None:
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"cross_attention: expected {name} of shape {desc} = {shape}, got {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"cross_attention: unsupported {name} dtype {t.dtype} (expected float32, float16 or "
+                         "bfloat16)")
+    if t.device != x.device:
+        raise ValueError(f"cross_attention: expected {name} on device {x.device}, got {t.device}")
+
+
+def check_args(x: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None, w_q: Tensor, k: Tensor, v: Tensor,
+               heads: int) -> None:
+    """Raise ValueError when the arguments do not describe a valid cross_attention call."""
+    if x.dim() != 3:
+        raise ValueError(f"cross_attention: expected x of shape (B, N, C), got {tuple(x.shape)}")
+    batch, _, channels = x.shape
+    _check_tensor("x", x, x, None, "")
+    if w_q.dim() != 2 or w_q.shape[1] != channels:
+        raise ValueError(f"cross_attention: expected w_q of shape (heads * d, C={channels}), got {tuple(w_q.shape)}")
+    _check_tensor("w_q", w_q, x, None, "")
+    inner = w_q.shape[0]
+    if heads <= 0 or inner % heads:
+        raise ValueError(f"cross_attention: w_q's {inner} output features are not divisible into {heads} heads")
+    for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if p is not None:
+            _check_tensor(name, p, x, (channels,), "(C,)")
+    if k.dim() != 3 or k.shape[0] not in (1, batch) or k.shape[2] != inner or k.shape[1] < 1:
+        raise ValueError(f"cross_attention: expected k of shape (B={batch} or 1, M >= 1, heads * d={inner}), "
+                         f"got {tuple(k.shape)}")
+    _check_tensor("k", k, x, None, "")
+    _check_tensor("v", v, x, tuple(k.shape), "k's shape")
+
+
+def cross_attention_reference(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    ln_eps: float,
+    w_q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+) -> Tensor:
+    """Plain-PyTorch cross-attention (LayerNorm from its formulas, matmuls, explicit softmax); the oracle."""
+    check_args(x, ln_weight, ln_bias, w_q, k, v, heads)
+    xf = x.float()
+    mean = xf.mean(dim=-1, keepdim=True)
+    centred = xf - mean
+    xn = centred * torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + ln_eps)
+    if ln_weight is not None:
+        xn = xn * ln_weight.float()
+    if ln_bias is not None:
+        xn = xn + ln_bias.float()
+    q = xn.to(w_q.dtype).float() @ w_q.float().t()
+    q = q.to(k.dtype).float()
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731  (B, heads, tokens, d)
+    qh, kh, vh = split(q), split(k.float()), split(v.float())
+    logits = qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5
+    p = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    p = p / p.sum(dim=-1, keepdim=True)
+    out = p.to(v.dtype).float() @ vh
+    return out.transpose(1, 2).flatten(2).to(x.dtype)
+
+
+def _unsupported(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> str | None:
+    if needs_grad(x, ln_weight, ln_bias, w_q, k, v):
+        return "inputs require grad (no backward kernel)"
+    if not x.dtype == w_q.dtype == k.dtype == v.dtype:
+        return f"x, w_q, k and v must share one dtype, got {x.dtype}, {w_q.dtype}, {k.dtype}, {v.dtype}"
+    if k.shape[1] > MAX_KEYS:
+        return f"{k.shape[1]} keys > {MAX_KEYS}"
+    dim_head = w_q.shape[0] // heads
+    if dim_head not in (16, 32, 64, 128):
+        return f"head dim {dim_head} is not 16, 32, 64 or 128"
+    return None
+
+
+def _triton_forward(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> Tensor:
+    unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731  (the kernel indexes rows)
+    return _kernels.module.cross_attention(unit(x), ln_weight, ln_bias, ln_eps, unit(w_q), unit(k), unit(v), heads)
+
+
+CROSS_ATTENTION = Op(
+    "cross_attention",
+    reference=Impl("reference", cross_attention_reference),
+    by_device={
+        "cpu": [Impl("triton-interpreter", _triton_forward, _unsupported, _kernels.interpreter_unavailable,
+                     fast_mode_only=True)],
+        "cuda": [Impl("triton", _triton_forward, _unsupported, _kernels.unavailable)],
+    },
+)
+
+
+def cross_attention(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    ln_eps: float,
+    w_q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+) -> Tensor:
+    """Multi-head attention of LayerNorm(x) @ w_q^T over precomputed keys/values; returns (B, N, heads * d).
+
+    x: (B, N, C) tokens; ln_weight, ln_bias: (C,) or None; w_q: (heads * d, C) (``to_q.weight``); k, v:
+    (B or 1, M, heads * d), the projected context (batch 1 broadcasts over x's batch). Scale d^-0.5. The
+    result is contiguous in x's dtype; ``to_out`` is applied by the caller.
+    """
+    check_args(x, ln_weight, ln_bias, w_q, k, v, heads)
+    return CROSS_ATTENTION(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads)

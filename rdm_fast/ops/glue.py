@@ -1,0 +1,393 @@
+"""Memory-bound glue of the transformer blocks and the sampler, each as one pass over memory.
+
+* :func:`layer_norm` — LayerNorm over the last dim, float32 statistics, output in x's dtype.
+* :func:`add_layer_norm` — ``s = x + residual + residual_bias`` and ``layer_norm(s)`` in one pass (a block's
+  residual add, where the linear layer before it ran without its bias, fused with the next LayerNorm).
+* :func:`geglu` — ``a * gelu_erf(gate)`` for ``[a, gate]`` on the last dim (the GEGLU feed-forward's middle).
+* :func:`ddim_guided_step` / :func:`plms_guided_step` — classifier-free guidance combine, PLMS multistep
+  combination and the DDIM update with the predicted x0, in float32.
+
+The ``*_reference`` functions define the semantics (float32 math, one rounding to the input dtype, contiguous
+outputs) and are the CPU path; the Triton kernels of ``rdm_fast.kernels.glue`` run on CUDA (and on the CPU in
+Triton's interpreter when ``RDM_FAST_OPS=fast`` and ``TRITON_INTERPRET=1``). Calls that need autograd use the
+reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._dispatch import Impl, Op, needs_grad
+from ._triton_kernels import TritonKernels
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+Coef = float | Tensor
+
+_kernels = TritonKernels("glue")
+
+
+def _check_tensor(op: str, name: str, t: Tensor, like: Tensor | None = None, shape: tuple | None = None) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: unsupported {name} dtype {t.dtype} (expected float32, float16 or bfloat16)")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: expected {name} of shape {tuple(shape)}, got {tuple(t.shape)}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{op}: expected {name} on device {like.device}, got {t.device}")
+
+
+def _check_same(op: str, name: str, t: Tensor, x: Tensor) -> None:
+    _check_tensor(op, name, t, x, x.shape)
+    if t.dtype != x.dtype:
+        raise ValueError(f"{op}: expected {name} of dtype {x.dtype} (that of x), got {t.dtype}")
+
+
+def _grad_unsupported(*tensors: Tensor | None) -> str | None:
+    return "inputs require grad (no backward kernel)" if needs_grad(*tensors) else None
+
+
+# ----------------------------------------------------------------------------------------------- LayerNorm
+
+
+def _check_layer_norm(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: expected x with a non-empty last dim to normalise, got shape {tuple(x.shape)}")
+    _check_tensor(op, "x", x)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _check_tensor(op, name, p, x, (x.shape[-1],))
+
+
+def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm over the last dim from the mean/variance formulas in float32; the oracle and CPU path."""
+    _check_layer_norm("layer_norm", x, weight, bias)
+    xf = x.float()
+    mean = xf.mean(dim=-1, keepdim=True)
+    centred = xf - mean
+    y = centred * torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).contiguous()
+
+
+def _layer_norm_unsupported(x, weight, bias, eps) -> str | None:
+    if x.shape[-1] > 16384:
+        return f"rows of {x.shape[-1]} > 16384 values"
+    return _grad_unsupported(x, weight, bias)
+
+
+def _triton_layer_norm(*args) -> Tensor:
+    return _kernels.module.layer_norm(*args)
+
+
+LAYER_NORM = Op(
+    "layer_norm",
+    reference=Impl("reference", layer_norm_reference),
+    by_device={
+        "cpu": [Impl("triton-interpreter", _triton_layer_norm, _layer_norm_unsupported,
+                     _kernels.interpreter_unavailable, fast_mode_only=True)],
+        "cuda": [Impl("triton", _triton_layer_norm, _layer_norm_unsupported, _kernels.unavailable)],
+    },
+)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """``F.layer_norm(x, (C,), weight, bias, eps)`` with float32 statistics; contiguous output in x's dtype."""
+    _check_layer_norm("layer_norm", x, weight, bias)
+    return LAYER_NORM(x, weight, bias, eps)
+
+
+def _check_add_layer_norm(x, residual, residual_bias, weight, bias) -> None:
+    _check_layer_norm("add_layer_norm", x, weight, bias)
+    if residual is not None:
+        _check_same("add_layer_norm", "residual", residual, x)
+    if residual_bias is not None:
+        _check_tensor("add_layer_norm", "residual_bias", residual_bias, x, (x.shape[-1],))
+
+
+def add_layer_norm_reference(
+    x: Tensor,
+    residual: Tensor | None,
+    residual_bias: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(s, layer_norm(s)) with ``s = x + residual + residual_bias`` summed in float32, rounded to x's dtype."""
+    _check_add_layer_norm(x, residual, residual_bias, weight, bias)
+    s = x.float()
+    if residual is not None:
+        s = s + residual.float()
+    if residual_bias is not None:
+        s = s + residual_bias.float()
+    s = s.to(x.dtype).contiguous()
+    return s, layer_norm_reference(s, weight, bias, eps)
+
+
+def _add_layer_norm_unsupported(x, residual, residual_bias, weight, bias, eps) -> str | None:
+    if x.shape[-1] > 16384:
+        return f"rows of {x.shape[-1]} > 16384 values"
+    return _grad_unsupported(x, residual, residual_bias, weight, bias)
+
+
+def _triton_add_layer_norm(*args) -> tuple[Tensor, Tensor]:
+    return _kernels.module.add_layer_norm(*args)
+
+
+ADD_LAYER_NORM = Op(
+    "add_layer_norm",
+    reference=Impl("reference", add_layer_norm_reference),
+    by_device={
+        "cpu": [Impl("triton-interpreter", _triton_add_layer_norm, _add_layer_norm_unsupported,
+                     _kernels.interpreter_unavailable, fast_mode_only=True)],
+        "cuda": [Impl("triton", _triton_add_layer_norm, _add_layer_norm_unsupported, _kernels.unavailable)],
+    },
+)
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    residual_bias: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Residual add fused with the next LayerNorm: returns ``(s, layer_norm(s))``, ``s = x + residual +
+    residual_bias`` (each optional; the sum in float32, rounded once to x's dtype; both outputs contiguous).
+
+    One read of x and residual and one write of each output, instead of an add pass plus a LayerNorm pass that
+    reads s again; ``residual_bias`` (C,) takes the bias of the linear layer that produced ``residual``.
+    """
+    _check_add_layer_norm(x, residual, residual_bias, weight, bias)
+    return ADD_LAYER_NORM(x, residual, residual_bias, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------------------------- GEGLU
+
+
+def _check_geglu(h: Tensor) -> None:
+    if h.dim() < 1 or h.shape[-1] % 2:
+        raise ValueError(f"geglu: expected h of shape (..., 2F) with an even last dim, got {tuple(h.shape)}")
+    _check_tensor("geglu", "h", h)
+
+
+def geglu_reference(h: Tensor) -> Tensor:
+    """``a * gelu(gate)`` (exact erf GELU) for ``[a, gate] = h.chunk(2, -1)``, in float32, rounded once."""
+    _check_geglu(h)
+    a, gate = h.float().chunk(2, dim=-1)
+    return (a * F.gelu(gate)).to(h.dtype).contiguous()
+
+
+def _geglu_unsupported(h: Tensor) -> str | None:
+    return _grad_unsupported(h)
+
+
+def _triton_geglu(h: Tensor) -> Tensor:
+    return _kernels.module.geglu(h)
+
+
+GEGLU = Op(
+    "geglu",
+    reference=Impl("reference", geglu_reference),
+    by_device={
+        "cpu": [Impl("triton-interpreter", _triton_geglu, _geglu_unsupported, _kernels.interpreter_unavailable,
+                     fast_mode_only=True)],
+        "cuda": [Impl("triton", _triton_geglu, _geglu_unsupported, _kernels.unavailable)],
+    },
+)
+
+
+def geglu(h: Tensor) -> Tensor:
+    """GEGLU gate: (..., 2F) -> (..., F), ``a * gelu_erf(gate)`` with ``a = h[..., :F]``, ``gate = h[..., F:]``.
+
+    Float32 math and one rounding to h's dtype; reads both halves once and writes the result once.
+    """
+    _check_geglu(h)
+    return GEGLU(h)
+
+
+# ----------------------------------------------------------------------------------------------- sampler
+
+PLMS_WEIGHTS = {
+    0: (1.0,),
+    1: (3 / 2, -1 / 2),
+    2: (23 / 12, -16 / 12, 5 / 12),
+    3: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+"""Adams-Bashforth weights (current eps, then history[-1], history[-2], ...) by number of past eps."""
+
+
+def _coef(name: str, c: Coef, x: Tensor) -> Coef:
+    """A coefficient as a Python float, or as a 0-d float tensor on x's device (kept on the device: no sync)."""
+    if isinstance(c, bool) or not isinstance(c, (int, float, Tensor)):
+        raise ValueError(f"sampler step: {name} must be a float or a 0-d tensor, got {type(c).__name__}")
+    if not torch.is_tensor(c):
+        return float(c)
+    if c.dim() != 0 or not c.dtype.is_floating_point:
+        raise ValueError(f"sampler step: {name} must be a 0-d floating-point tensor, got {c.dtype} of shape "
+                         f"{tuple(c.shape)}")
+    return c if c.device == x.device else float(c.item())
+
+
+def _check_step(x, e_uncond, e_cond, history, weights, noise) -> None:
+    op = "sampler step"
+    _check_tensor(op, "x", x)
+    _check_same(op, "e_cond", e_cond, x)
+    if e_uncond is not None:
+        _check_same(op, "e_uncond", e_uncond, x)
+    if noise is not None:
+        _check_same(op, "noise", noise, x)
+    if len(history) > 3:
+        raise ValueError(f"{op}: at most 3 past eps are supported, got {len(history)}")
+    for i, h in enumerate(history):
+        _check_same(op, f"history[{i}]", h, x)
+    if len(weights) != len(history) + 1:
+        raise ValueError(f"{op}: expected {len(history) + 1} weights (current eps, then history newest first), "
+                         f"got {len(weights)}")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise ValueError(f"{op}: multistep weights must be Python floats, got {type(w).__name__}")
+
+
+def _check_coefs(a_t: Coef, a_prev: Coef, sigma_t: Coef, noise: Tensor | None) -> None:
+    if not torch.is_tensor(a_t) and not 0.0 < a_t <= 1.0:
+        raise ValueError(f"sampler step: a_t (alpha-bar of t) must be in (0, 1], got {a_t}")
+    if not torch.is_tensor(a_prev) and not 0.0 < a_prev <= 1.0:
+        raise ValueError(f"sampler step: a_prev must be in (0, 1], got {a_prev}")
+    if not torch.is_tensor(sigma_t):
+        if sigma_t < 0:
+            raise ValueError(f"sampler step: sigma_t must be >= 0, got {sigma_t}")
+        if sigma_t > 0 and noise is None:
+            raise ValueError("sampler step: sigma_t > 0 needs noise")
+        if not torch.is_tensor(a_prev) and 1.0 - a_prev - sigma_t**2 < 0:
+            raise ValueError(f"sampler step: 1 - a_prev - sigma_t^2 must be >= 0, got a_prev={a_prev}, "
+                             f"sigma_t={sigma_t}")
+
+
+def _ddim_coefficients(a_t: Coef, a_prev: Coef, sigma_t: Coef) -> tuple[Coef, ...]:
+    """(sqrt(a_t), sqrt(1 - a_t), sqrt(a_prev), sqrt(1 - a_prev - sigma_t^2), sigma_t) computed in float64:
+    Python floats when all three inputs are floats, else float32 0-d tensors."""
+    tensors = [c for c in (a_t, a_prev, sigma_t) if torch.is_tensor(c)]
+    if not tensors:
+        return (math.sqrt(a_t), math.sqrt(1.0 - a_t), math.sqrt(a_prev), math.sqrt(1.0 - a_prev - sigma_t**2),
+                sigma_t)
+    a, ap, sg = (torch.as_tensor(c, dtype=torch.float64, device=tensors[0].device) for c in (a_t, a_prev, sigma_t))
+    return tuple(t.float() for t in (a.sqrt(), (1.0 - a).sqrt(), ap.sqrt(), (1.0 - ap - sg * sg).sqrt(), sg))
+
+
+def sampler_step_reference(
+    x: Tensor,
+    e_uncond: Tensor | None,
+    e_cond: Tensor,
+    guidance_scale: Coef,
+    history: tuple[Tensor, ...],
+    weights: tuple[float, ...],
+    a_t: Coef,
+    a_prev: Coef,
+    sigma_t: Coef,
+    noise: Tensor | None,
+    store_eps: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Guided eps, multistep combination and DDIM update in float32 (square roots of the coefficients in
+    float64); returns contiguous (x_prev, x0, guided eps or None) in x's dtype."""
+    e = e_cond.float()
+    if e_uncond is not None:
+        eu = e_uncond.float()
+        e = eu + (guidance_scale.float() if torch.is_tensor(guidance_scale) else guidance_scale) * (e - eu)
+    eps_out = e.to(x.dtype).contiguous() if store_eps else None
+    e = weights[0] * e
+    for w, h in zip(weights[1:], reversed(history)):
+        e = e + w * h.float()
+    sqrt_a, sqrt_1ma, sqrt_ap, direction, sigma = _ddim_coefficients(a_t, a_prev, sigma_t)
+    x0 = (x.float() - sqrt_1ma * e) / sqrt_a
+    x_prev = sqrt_ap * x0 + direction * e
+    if noise is not None:
+        x_prev = x_prev + sigma * noise.float()
+    return x_prev.to(x.dtype).contiguous(), x0.to(x.dtype).contiguous(), eps_out
+
+
+def _step_unsupported(x, e_uncond, e_cond, guidance_scale, history, weights, a_t, a_prev, sigma_t, noise,
+                      store_eps) -> str | None:
+    tensors = (x, e_uncond, e_cond, noise, *history)
+    if not all(t is None or t.is_contiguous() for t in tensors):
+        return "x, eps, history and noise must be contiguous"
+    return _grad_unsupported(*tensors)
+
+
+def _triton_step(*args) -> tuple[Tensor, Tensor, Tensor | None]:
+    return _kernels.module.sampler_step(*args)
+
+
+SAMPLER_STEP = Op(
+    "sampler_step",
+    reference=Impl("reference", sampler_step_reference),
+    by_device={
+        "cpu": [Impl("triton-interpreter", _triton_step, _step_unsupported, _kernels.interpreter_unavailable,
+                     fast_mode_only=True)],
+        "cuda": [Impl("triton", _triton_step, _step_unsupported, _kernels.unavailable)],
+    },
+)
+
+
+def ddim_guided_step(
+    x: Tensor,
+    e_uncond: Tensor | None,
+    e_cond: Tensor,
+    guidance_scale: Coef,
+    a_t: Coef,
+    a_prev: Coef,
+    sigma_t: Coef = 0.0,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM step on the classifier-free-guided eps; returns ``(x_prev, pred_x0)`` in x's dtype.
+
+    ``e = e_u + s (e_c - e_u)`` (``e = e_cond`` when ``e_uncond`` is None), ``x0 = (x - sqrt(1 - a_t) e) /
+    sqrt(a_t)``, ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) e + sigma_t noise`` (no noise term
+    when ``noise`` is None). The same as ``samplers.guided``'s combine followed by ``samplers.ddim_update``, in
+    one pass. Coefficients are Python floats or 0-d tensors; 0-d tensors on x's device are read by the kernel
+    (no host synchronisation, so a sampling loop can be captured in a CUDA graph; pass float64 ones for full
+    precision of ``1 - a``). Tensors: x's shape and dtype; float32 math.
+    """
+    return _step(x, e_uncond, e_cond, guidance_scale, (), (1.0,), a_t, a_prev, sigma_t, noise, False)[:2]
+
+
+def plms_guided_step(
+    x: Tensor,
+    e_uncond: Tensor | None,
+    e_cond: Tensor,
+    guidance_scale: Coef,
+    history: Sequence[Tensor],
+    a_t: Coef,
+    a_prev: Coef,
+    *,
+    weights: Sequence[float] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One PLMS (eta = 0) update; returns ``(x_prev, pred_x0, eps)``, ``eps`` the guided eps of this call.
+
+    ``e' = weights[0] eps + weights[1] history[-1] + weights[2] history[-2] + ...`` (``history`` newest last,
+    at most 3), then the DDIM update of :func:`ddim_guided_step` with ``e'``. ``weights`` default to the
+    Adams-Bashforth ones of ``samplers.plms_eps`` for ``len(history)``; the first PLMS step's second update
+    (the mean of the eps at t and at the next timestep) is ``history=[eps_t], weights=(0.5, 0.5)``.
+    """
+    history = tuple(history)
+    if weights is None:
+        if len(history) > 3:
+            raise ValueError(f"plms_guided_step: at most 3 past eps are supported, got {len(history)}")
+        weights = PLMS_WEIGHTS[len(history)]
+    return _step(x, e_uncond, e_cond, guidance_scale, history, tuple(weights), a_t, a_prev, 0.0, None, True)
+
+
+def _step(x, e_uncond, e_cond, guidance_scale, history, weights, a_t, a_prev, sigma_t, noise, store_eps):
+    _check_step(x, e_uncond, e_cond, history, weights, noise)
+    scale = _coef("guidance_scale", guidance_scale, x)
+    a_t, a_prev, sigma_t = (_coef(n, c, x) for n, c in (("a_t", a_t), ("a_prev", a_prev), ("sigma_t", sigma_t)))
+    _check_coefs(a_t, a_prev, sigma_t, noise)
+    weights = tuple(float(w) for w in weights)
+    return SAMPLER_STEP(x, e_uncond, e_cond, scale, history, weights, a_t, a_prev, sigma_t, noise, store_eps)
