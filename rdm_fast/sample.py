@@ -1,8 +1,10 @@
 """``python -m rdm_fast.sample``: draw images from an RDM conditioned on given or retrieved CLIP embeddings.
 
-Contexts come from ``--context-file`` (a .npy of shape (B, k, D) or (k, D)) or from ``--db``: pseudo-queries
-drawn at random from an embedding database, each with its nearest entries (the query first), as many as
-the model was trained with. Writes ``sample_00000.png``..., ``grid.png`` and ``run.json`` into ``--out``.
+Contexts come from ``--context-file`` (a .npy of shape (B, k, D) or (k, D)) or from ``--db`` (a database
+directory or the name of one in ``$RDM_FAST_HOME/databases``): each sample's query (a ``--text`` caption,
+an ``--image``, or for unconditional sampling a pseudo-query drawn from the database's top-m proposals) with
+its nearest database entries, laid out as the model was trained (rdm_fast.retrieval.context). Writes
+``sample_00000.png``..., ``grid.png`` and ``run.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from tqdm.auto import tqdm
 from . import RDM
 from ._cli import CLIError, pick_device, pick_dtype, run
 from .config import preset_names
+from .encoders import EncoderUnavailable, get_encoder
 from .images import grid, save_png, to_uint8
-from .retrieval import exact_search, load_embeddings
+from .retrieval.context import check_database_for_model, draw_pseudo_queries, locate_database, model_context
+from .retrieval.build import load_rgb, make_crops
+from .retrieval.database import Database
 
 log = logging.getLogger("rdm_fast.sample")
 
@@ -38,8 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: the checkpoint's own, config.yaml beside it, or the matching preset)")
     ctx = p.add_mutually_exclusive_group(required=True)
     ctx.add_argument("--context-file", help=".npy of conditioning embeddings, (B, k, D) or (k, D)")
-    ctx.add_argument("--db", help="embedding database: .npy (N, D), official .npz part(s) or a directory of them")
-    p.add_argument("--k", type=int, help="database entries per context with --db (default: as the model was trained)")
+    ctx.add_argument("--db", help="embedding database: a directory made by python -m rdm_fast.db, or its name in "
+                                  "$RDM_FAST_HOME/databases (default ~/.cache/rdm_fast/databases)")
+    query = p.add_mutually_exclusive_group()
+    query.add_argument("--text", action="append", help="with --db: caption query (repeat for several; cycled)")
+    query.add_argument("--image", action="append", help="with --db: query image file (repeat for several; cycled)")
+    p.add_argument("--top-m", type=float, default=0.01,
+                   help="with --db and no query: draw pseudo-queries from this top fraction of the proposals")
+    p.add_argument("--encoder-checkpoint", help="local weights of the database's encoder (for --text/--image)")
+    p.add_argument("--search-backend", default="auto", choices=["auto", "torch", "triton", "faiss"],
+                   help="nearest-neighbour search backend for --db")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n-samples", type=int, help="images to draw (default: one per context in the file, 4 with --db)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -52,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--bf16", action="store_true", help="weights and activations in bfloat16")
     prec.add_argument("--fp16", action="store_true", help="weights and activations in float16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="run each denoising step eagerly instead of replaying a captured CUDA graph")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA ones")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")
@@ -91,23 +106,55 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
-def database_contexts(path: str, dim: int, n: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """n contexts of k entries each: a random database entry followed by its k-1 nearest entries."""
-    emb = load_embeddings(path)
-    if emb.shape[1] != dim:
-        raise CLIError(f"database {path} holds {emb.shape[1]}-d embeddings but the model expects {dim}-d")
-    if emb.shape[0] < k:
-        raise CLIError(f"database {path} holds {emb.shape[0]} entries, fewer than the {k} each context needs")
-    db = torch.from_numpy(np.array(emb, dtype=np.float32))
-    queries = torch.randint(0, db.shape[0], (n,), generator=generator)
-    _, ids = exact_search(db[queries], db, k)
-    log.info("retrieved %d neighbours for %d random queries from %d database entries", k, n, db.shape[0])
-    return db[ids]
+def load_query_image(path: str, size: int) -> torch.Tensor:
+    """(3, size, size) in [-1, 1]: the image's central square, resized."""
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"query image {file} does not exist")
+    try:
+        pixels = make_crops(load_rgb(file), "center", size, 1, np.random.default_rng(0))[0][0]
+    except OSError as e:
+        raise CLIError(f"query image {file} cannot be read ({e})") from None
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
+
+
+class DatabaseContexts:
+    """Per-batch contexts from a database: the queries are fixed up front (seeded), retrieval runs per batch on
+    the sampling device."""
+
+    def __init__(self, args: argparse.Namespace, cfg, device: torch.device, generator: torch.Generator) -> None:
+        self.db = Database.open(locate_database(args.db), backend=args.search_backend, device=device)
+        check_database_for_model(self.db, cfg)
+        self.cfg, self.device = cfg, device
+        self.texts, self.images, self.query_ids, self.encoder = args.text, args.image, None, None
+        if args.text or args.image:
+            self.encoder = get_encoder(self.db.encoder_name, device=device, checkpoint=args.encoder_checkpoint)
+            self.n_default = len(args.text or args.image)
+        else:
+            self.n_default = 4
+        self.top_m, self.generator = args.top_m, generator
+
+    def prepare(self, n: int) -> None:
+        if self.encoder is None:
+            self.query_ids = draw_pseudo_queries(self.db, n, self.top_m, self.generator)
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        """Contexts of samples [start, stop) on the sampling device."""
+        if self.encoder is None:
+            ids = self.query_ids[start:stop].to(self.device)
+            return model_context(self.db, self.cfg, self.db.embeddings(ids).to(self.device), query_ids=ids)
+        if self.texts:
+            queries = self.encoder.encode_text([self.texts[i % len(self.texts)] for i in range(start, stop)])
+        else:
+            paths = [self.images[i % len(self.images)] for i in range(start, stop)]
+            queries = self.encoder.encode_images(torch.stack([load_query_image(p, self.encoder.image_size)
+                                                              for p in paths]).to(self.device))
+        return model_context(self.db, self.cfg, queries.to(self.device))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("n_samples", "batch_size", "k", "steps"):
+    for name in ("n_samples", "batch_size", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -115,19 +162,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_model(args, device, dtype)
     cfg = model.config
     generator = torch.Generator().manual_seed(args.seed)
+    if (args.text or args.image) and not args.db:
+        raise CLIError("--text and --image are queries into a database: add --db")
     if args.context_file:
         contexts = read_context_file(args.context_file, cfg.context_dim)
         n = args.n_samples or contexts.shape[0]
         contexts = contexts[torch.arange(n) % contexts.shape[0]]
+        if cfg.normalized_embeddings:
+            contexts = F.normalize(contexts, dim=-1)
+        batch_contexts = lambda start, stop: contexts[start:stop].to(device)  # noqa: E731
     else:
-        n = args.n_samples or 4
-        contexts = database_contexts(args.db, cfg.context_dim, n, args.k or cfg.context_tokens, generator)
-    if cfg.normalized_embeddings:
-        contexts = F.normalize(contexts, dim=-1)
+        try:
+            batch_contexts = DatabaseContexts(args, cfg, device, generator)
+        except EncoderUnavailable as e:
+            raise CLIError(str(e)) from None
+        n = args.n_samples or batch_contexts.n_default
+        batch_contexts.prepare(n)
     steps = args.steps or cfg.sampling.steps
     sampler = args.sampler or cfg.sampling.sampler
     eta = cfg.sampling.eta if args.eta is None else args.eta
     guidance = cfg.sampling.guidance_scale if args.guidance is None else args.guidance
+    if args.db and not 0 < args.top_m <= 1:
+        raise CLIError(f"--top-m must be a fraction in (0, 1], got {args.top_m}")
     model.schedule.ddim(steps, eta)  # validate before any work
     if sampler == "plms" and eta != 0:
         raise CLIError("--sampler plms is deterministic: use --eta 0")
@@ -136,12 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("sampling %d images: %s, %d steps, eta %g, guidance %g, %s on %s", n, sampler, steps, eta, guidance,
              str(dtype).replace("torch.", ""), device)
     images = []
+    starts = list(range(0, n, args.batch_size))
     with torch.inference_mode(), tqdm(total=n, desc="images", unit="img") as bar:
-        for start in range(0, n, args.batch_size):
-            batch = contexts[start:start + args.batch_size].to(device)
+        batch = batch_contexts(0, min(n, args.batch_size))
+        for start in starts:
             z = model.sample(batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance,
-                             generator=generator)
-            pixels = to_uint8(model.decode(z))
+                             generator=generator, cuda_graph=False if args.no_cuda_graph else None)
+            images_gpu = model.decode(z)
+            if start + args.batch_size < n:  # queue the next batch's retrieval before waiting for these images
+                batch = batch_contexts(start + args.batch_size, min(n, start + 2 * args.batch_size))
+            pixels = to_uint8(images_gpu)
             for i, img in enumerate(pixels):
                 save_png(img, out / f"sample_{start + i:05d}.png")
             images.append(pixels)
@@ -149,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_png(grid(np.concatenate(images)), out / "grid.png")
     run_info = {"ckpt": args.ckpt, "config": cfg.to_dict(), "n_samples": n, "steps": steps, "sampler": sampler,
                 "eta": eta, "guidance_scale": guidance, "seed": args.seed, "dtype": str(dtype),
-                "context_source": args.context_file or args.db}
+                "context_source": args.context_file or args.db, "text": args.text, "image": args.image,
+                "top_m": args.top_m if args.db and not (args.text or args.image) else None}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     log.info("wrote %d images and grid.png to %s", n, out)
     return 0

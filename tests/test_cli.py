@@ -11,11 +11,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from rdm_fast import RDM
 from rdm_fast import convert, sample
 from rdm_fast._cli import run
+from rdm_fast.retrieval.database import save_proposals, write_database
+
+TEST_ENCODER = {"name": "test-64", "dim": 64, "normalized": False}
 
 
 def cli(module, *argv: str) -> int:
@@ -32,7 +36,7 @@ def tiny_dir(tmp_path_factory):
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(d / "model")
     np.save(d / "ctx.npy", np.random.default_rng(0).standard_normal((2, 4, 64)).astype(np.float32))
-    np.save(d / "db.npy", np.random.default_rng(1).standard_normal((50, 64)).astype(np.float32))
+    write_database(d / "db", np.random.default_rng(1).standard_normal((50, 64)).astype(np.float32), TEST_ENCODER)
     return d
 
 
@@ -58,7 +62,7 @@ def test_sample_with_context_file(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("extra", [["--bf16", "--sampler", "plms"], ["--fp16", "--eta", "1.0"]])
 def test_sample_half_precision_and_options(tiny_dir, tmp_path, extra):
-    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db.npy"), "--out",
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db"), "--out",
                str(tmp_path), "--steps", "4", "--n-samples", "2", *extra) == 0
     img = np.asarray(Image.open(tmp_path / "sample_00001.png"))
     assert img.std() > 0
@@ -94,8 +98,9 @@ def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message):
 
 @pytest.mark.parametrize("args,message", [
     (["--ckpt", "{d}/nope.ckpt"], "nope.ckpt does not exist"),
-    (["--ckpt", "{d}/model", "--db", "{d}/nope.npy"], "nope.npy does not exist"),
-    (["--ckpt", "{d}/model", "--db", "{d}/ctx.npy"], r"expected float \(N, D\) embeddings"),
+    (["--ckpt", "{d}/model", "--db", "{d}/nope"], "no database .*nope.*: neither a directory nor"),
+    (["--ckpt", "{d}/model", "--db", "{d}"], "manifest.json"),
+    (["--ckpt", "{d}/model", "--text", "a cat"], "--text and --image are queries into a database: add --db"),
     (["--ckpt", "{d}/model", "--steps", "999"], "steps must be between 1 and 500"),
     (["--ckpt", "{d}/model", "--n-samples", "0"], "--n-samples must be at least 1"),
     (["--ckpt", "{d}/model", "--sampler", "plms", "--eta", "0.5"], "plms is deterministic"),
@@ -113,24 +118,45 @@ def test_sample_errors(tiny_dir, tmp_path, capsys, args, message):
     assert re.search(message, err), err
 
 
-def test_db_too_small_and_wrong_dim(tiny_dir, tmp_path, capsys):
-    np.save(tmp_path / "small.npy", np.zeros((2, 64), np.float32))
-    np.save(tmp_path / "dim.npy", np.zeros((20, 16), np.float32))
-    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "small.npy"), "--out",
+def test_db_too_small_wrong_dim_and_encoder(tiny_dir, tmp_path, capsys):
+    write_database(tmp_path / "small", np.zeros((3, 64), np.float32), TEST_ENCODER)
+    write_database(tmp_path / "dim", np.zeros((20, 16), np.float32), {**TEST_ENCODER, "dim": 16})
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "small"), "--out",
                str(tmp_path / "o")) == 2
-    assert "fewer than the 4 each context needs" in capsys.readouterr().err
-    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "dim.npy"), "--out",
+    assert "holds 3 entries; this model's contexts need at least 4" in capsys.readouterr().err
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "dim"), "--out",
                str(tmp_path / "o")) == 2
     assert "holds 16-d embeddings but the model expects 64-d" in capsys.readouterr().err
+    config = tmp_path / "config.yaml"
+    tree = RDM.from_pretrained(tiny_dir / "model").config.to_dict()
+    tree["model"]["params"]["retrieval_encoder"] = "clip-vit-b-32"
+    config.write_text(yaml.safe_dump(tree))
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--config", str(config), "--db", str(tiny_dir / "db"),
+               "--out", str(tmp_path / "o")) == 2
+    assert "was made by encoder 'test-64' but the model was trained on 'clip-vit-b-32'" in capsys.readouterr().err
 
 
-def test_official_npz_parts_as_database(tiny_dir, tmp_path):
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        np.savez(tmp_path / f"10x64-part_{i}.npz", embedding=rng.standard_normal((10, 64)).astype(np.float32),
-                 img_id=np.arange(10), patch_coords=np.zeros((10, 2)))
-    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path), "--out", str(tmp_path / "o"),
-               "--steps", "2", "--n-samples", "1") == 0
+def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch):
+    """--db NAME finds $RDM_FAST_HOME/databases/NAME; pseudo-queries come from the top-m proposals only."""
+    import shutil
+    home = tmp_path / "home"
+    shutil.copytree(tiny_dir / "db", home / "databases" / "mydb")
+    ranking = np.r_[[7, 3], np.setdiff1d(np.arange(50), [7, 3])]
+    save_proposals(home / "databases" / "mydb", ranking, np.r_[[9, 8], np.zeros(48, np.int64)])
+    monkeypatch.setenv("RDM_FAST_HOME", str(home))
+    drawn = []
+    real = sample.model_context
+
+    def spy(db, cfg, queries, *, query_ids=None):
+        drawn.extend(query_ids.tolist())
+        return real(db, cfg, queries, query_ids=query_ids)
+
+    monkeypatch.setattr(sample, "model_context", spy)
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", "mydb", "--top-m", "0.04", "--out",
+               str(tmp_path / "o"), "--steps", "2", "--n-samples", "5", "--batch-size", "2") == 0
+    assert len(drawn) == 5 and set(drawn) <= {7, 3}  # top 4 % of 50 entries = the two most retrieved
+    info = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert info["top_m"] == 0.04 and info["context_source"] == "mydb"
 
 
 def test_convert(tmp_path, tiny_official, capsys):

@@ -1,0 +1,87 @@
+"""Context assembly from a database (rdm_fast.retrieval.context) against an independent numpy brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rdm_fast import RDMConfig
+from rdm_fast.retrieval.context import (check_database_for_model, draw_pseudo_queries, locate_database,
+                                        model_context)
+from rdm_fast.retrieval.database import Database, save_proposals, write_database
+
+ENC = {"name": "test-64", "dim": 64, "normalized": False}
+
+
+@pytest.fixture(scope="module")
+def db_and_data(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((37, 64)).astype(np.float16)
+    emb[20] = emb[5]  # an exact duplicate of entry 5: ties broken by the lower id
+    path = write_database(tmp_path_factory.mktemp("db") / "db", emb, ENC, shard_size=10)
+    return Database.open(path, backend="torch", device="cpu"), emb.astype(np.float64)
+
+
+def brute_force(data: np.ndarray, query: np.ndarray, k: int, exclude: int | None = None) -> list[int]:
+    unit = data / np.linalg.norm(data, axis=1, keepdims=True)
+    scores = unit @ (query / np.linalg.norm(query))
+    order = np.lexsort((np.arange(len(data)), -np.round(scores, 6)))  # score descending, then lower id
+    return [int(i) for i in order if i != exclude][:k]
+
+
+def config(text_token: bool, k_nn: int, normalized: bool) -> RDMConfig:
+    tree = RDMConfig.preset("tiny").to_dict()
+    tree["model"]["params"].update(text_token=text_token, k_nn=k_nn, normalized_embeddings=normalized)
+    return RDMConfig.from_dict(tree)
+
+
+def test_query_first_then_neighbours_excluding_itself(db_and_data):
+    """imagenet layout: [query entry, k_nn - 1 nearest other entries], unnormalised stored vectors."""
+    db, data = db_and_data
+    cfg = config(text_token=False, k_nn=4, normalized=False)
+    ids = torch.tensor([5, 0, 36])
+    ctx = model_context(db, cfg, db.embeddings(ids), query_ids=ids)
+    assert ctx.shape == (3, 4, 64)
+    for row, q in enumerate(ids.tolist()):
+        expect = [q] + brute_force(data, data[q], 3, exclude=q)
+        torch.testing.assert_close(ctx[row], torch.from_numpy(data[expect]).float())
+    # entry 5's duplicate (20) is its first neighbour; entry 20 itself would list 5 first
+    assert torch.equal(ctx[0, 1], torch.from_numpy(data[20]).float())
+
+
+def test_text_token_layout_normalised(db_and_data):
+    """rdm768 layout: [text embedding, k_nn nearest entries], all L2-normalised."""
+    db, data = db_and_data
+    cfg = config(text_token=True, k_nn=5, normalized=True)
+    text = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 64))).float()
+    ctx = model_context(db, cfg, text)
+    assert ctx.shape == (2, 6, 64)
+    torch.testing.assert_close(ctx.norm(dim=-1), torch.ones(2, 6))
+    for row in range(2):
+        expect = brute_force(data, text[row].double().numpy(), 5)
+        unit = data[expect] / np.linalg.norm(data[expect], axis=1, keepdims=True)
+        torch.testing.assert_close(ctx[row, 1:], torch.from_numpy(unit).float())
+        torch.testing.assert_close(ctx[row, 0], text[row] / text[row].norm())
+
+
+def test_checks_and_pseudo_queries(db_and_data, tmp_path, monkeypatch, caplog):
+    db, _ = db_and_data
+    cfg = config(text_token=False, k_nn=4, normalized=False)
+    check_database_for_model(db, cfg)
+    with pytest.raises(ValueError, match="contexts need at least 39"):
+        check_database_for_model(db, config(text_token=True, k_nn=38, normalized=False))
+    g = torch.Generator().manual_seed(0)
+    assert set(draw_pseudo_queries(db, 200, 0.1, g).tolist()) == set(range(37))  # no ranking: all, warned
+    assert "no proposal ranking" in caplog.text
+    path = tmp_path / "ranked"
+    write_database(path, np.random.default_rng(2).standard_normal((10, 64)).astype(np.float16), ENC)
+    save_proposals(path, np.arange(10)[::-1], np.arange(10)[::-1])
+    ranked = Database.open(path, backend="torch", device="cpu")
+    assert set(draw_pseudo_queries(ranked, 100, 0.2, g).tolist()) == {9, 8}
+    monkeypatch.setenv("RDM_FAST_HOME", str(tmp_path))
+    (tmp_path / "databases").mkdir()
+    (tmp_path / "databases" / "named").symlink_to(path)
+    assert locate_database("named") == tmp_path / "databases" / "named"
+    with pytest.raises(FileNotFoundError, match="no database 'absent'"):
+        locate_database("absent")
