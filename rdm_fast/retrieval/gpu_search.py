@@ -1,0 +1,193 @@
+"""Exact nearest-neighbour search over an embedding database held in GPU memory (the Triton top-k kernel of
+``rdm_fast.kernels.knn``), split in contiguous row ranges across devices when it does not fit on one.
+
+Scores are inner products of L2-normalised rows (cosine similarity, as :func:`exact_search`) in fp32, ties
+broken by the lower id. A search makes no host synchronisation when the queries and the database are on
+GPUs, so it can run inside a sampling loop under ``torch.cuda.set_sync_debug_mode("error")``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import get_mode
+from .search import exact_search
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NUMPY_FLOATS = (np.float16, np.float32, np.float64)
+_FILL_FRACTION = 0.85  # share of a GPU's free memory the database may take when devices=None
+_NORMALIZE_ROWS = 1 << 16  # rows normalised at once on the device (bounds the fp32 temporary)
+
+
+def _kernel_max_k() -> int:
+    from rdm_fast.kernels.knn import MAX_K
+
+    return MAX_K
+
+
+def _interpreter_forced() -> bool:
+    """The Triton interpreter runs CPU shards only when TRITON_INTERPRET=1 and RDM_FAST_OPS=fast."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and get_mode() == "fast"
+
+
+class GPUExactSearch:
+    """Exact top-k search by cosine similarity over an (N, D) database copied once onto the device(s).
+
+    ``embeddings`` may be a read-only ``np.memmap`` (e.g. fp16); it is streamed ``chunk_rows`` rows at a time,
+    so host memory never holds an fp32 copy of the whole database. Rows are L2-normalised in fp32 per chunk
+    (``normalize=True``) and stored as ``dtype``. ``normalize=False`` promises unit-length rows and queries
+    and skips normalising them (the CPU reference path normalises regardless).
+
+    ``devices=None`` takes the visible CUDA GPUs, as few as hold the database in ``85%`` of their free
+    memory, and splits the rows evenly across those; an explicit list splits the rows evenly across exactly
+    those devices (repeat a device to cut it into several shards; ``"cpu"`` works). Ids are global row indices.
+
+    On CUDA shards the Triton kernel runs (k <= 64; larger k, or ``RDM_FAST_OPS=reference``, use
+    :func:`exact_search` on the GPU). CPU shards use :func:`exact_search`, or the Triton kernel in the
+    interpreter when ``TRITON_INTERPRET=1`` and ``RDM_FAST_OPS=fast``.
+    """
+
+    name = "triton-exact"
+
+    def __init__(
+        self,
+        embeddings: np.ndarray | Tensor,
+        *,
+        devices: Sequence[str | torch.device] | None = None,
+        dtype: torch.dtype = torch.float16,
+        normalize: bool = True,
+        chunk_rows: int = 1 << 20,
+    ) -> None:
+        if not isinstance(embeddings, (np.ndarray, Tensor)):
+            raise TypeError(f"embeddings must be a numpy array or a torch Tensor, got {type(embeddings).__name__}")
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings must be a 2-D (N, D) array, got shape {tuple(embeddings.shape)}")
+        floating = (embeddings.is_floating_point() if isinstance(embeddings, Tensor)
+                    else np.issubdtype(embeddings.dtype, np.floating))
+        if not floating:
+            raise ValueError(f"embeddings must hold floating-point values, got {embeddings.dtype}")
+        n, dim = (int(v) for v in embeddings.shape)
+        if n == 0 or dim == 0:
+            raise ValueError(f"the embedding database is empty (shape {tuple(embeddings.shape)})")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        self.dim = dim
+        self.dtype = dtype
+        self.normalize = normalize
+        self._n = n
+
+        row_bytes = dim * torch.empty((), dtype=dtype).element_size()
+        if devices is None:
+            devices = self._default_devices(n * row_bytes)
+        else:
+            devices = [torch.device(d) for d in devices]
+            if not devices:
+                raise ValueError("devices must name at least one device")
+        bounds = np.linspace(0, n, len(devices) + 1).round().astype(np.int64)
+        self._shards: list[tuple[int, Tensor]] = []
+        for device, start, stop in zip(devices, bounds[:-1], bounds[1:]):
+            if stop > start:
+                self._shards.append((int(start), self._load(embeddings, int(start), int(stop), device, chunk_rows)))
+        self.devices: list[torch.device] = [shard.device for _, shard in self._shards]
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """None when the GPU kernel can run here (CUDA GPU and triton importable), else the reason."""
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible"
+        try:
+            import rdm_fast.kernels.knn  # noqa: F401
+        except Exception as e:  # a broken triton install fails here with any exception type
+            return f"the Triton kNN kernel failed to import ({type(e).__name__}: {e})"
+        return None
+
+    def __len__(self) -> int:
+        return self._n
+
+    @staticmethod
+    def _default_devices(total_bytes: int) -> list[torch.device]:
+        """The fewest visible GPUs (current one first) whose free memory holds the database at the fill fraction."""
+        if not torch.cuda.is_available():
+            raise RuntimeError("GPUExactSearch: no CUDA GPU is visible; pass devices=['cpu'] to search on the CPU")
+        count = torch.cuda.device_count()
+        first = torch.cuda.current_device()
+        gpus = [torch.device("cuda", (first + i) % count) for i in range(count)]
+        free = [torch.cuda.mem_get_info(g)[0] * _FILL_FRACTION for g in gpus]
+        for used in range(1, count + 1):
+            if min(free[:used]) * used >= total_bytes:
+                return gpus[:used]
+        raise RuntimeError(
+            f"GPUExactSearch: the database needs {total_bytes / 2**30:.1f} GiB but the {count} visible GPU(s) "
+            f"have {sum(free) / 2**30:.1f} GiB usable ({_FILL_FRACTION:.0%} of free memory)"
+        )
+
+    def _load(self, embeddings: np.ndarray | Tensor, start: int, stop: int, device: torch.device,
+              chunk_rows: int) -> Tensor:
+        """Rows [start, stop) on ``device`` as ``self.dtype``, normalised in fp32 on the device per chunk."""
+        shard = torch.empty(stop - start, self.dim, dtype=self.dtype, device=device)
+        for c0 in range(start, stop, chunk_rows):
+            c1 = min(c0 + chunk_rows, stop)
+            part = embeddings[c0:c1]
+            if isinstance(part, np.ndarray):  # a writable native-endian copy of just this chunk
+                part = torch.from_numpy(np.array(part, dtype=part.dtype if part.dtype in _NUMPY_FLOATS
+                                                 else np.float32))
+            part = part.to(device)
+            for r0 in range(0, c1 - c0, _NORMALIZE_ROWS):
+                rows = part[r0:r0 + _NORMALIZE_ROWS].float()
+                if self.normalize:
+                    rows = F.normalize(rows, dim=1)
+                shard[c0 - start + r0:c0 - start + r0 + rows.shape[0]] = rows
+        return shard
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k rows for each query: (scores fp32 (Q, k), ids int64 (Q, k)), best first, ties by lower id.
+
+        Results are on the queries' device, or on the first database device when the queries are on the CPU.
+        """
+        if not isinstance(queries, Tensor):
+            raise TypeError(f"queries must be a torch Tensor, got {type(queries).__name__}")
+        if queries.dim() != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}), got shape {tuple(queries.shape)}")
+        if not queries.is_floating_point():
+            raise ValueError(f"queries must be floating point, got {queries.dtype}")
+        if not 1 <= k <= self._n:
+            raise ValueError(f"k must be between 1 and the database size {self._n}, got {k}")
+        out_device = self._shards[0][1].device if queries.device.type == "cpu" else queries.device
+        q = queries.to(out_device, non_blocking=True).float()
+        if self.normalize:
+            q = F.normalize(q, dim=1)
+        parts = []
+        for start, shard in self._shards:
+            scores, ids = self._search_shard(q.to(shard.device, non_blocking=True), shard, min(k, shard.shape[0]))
+            parts.append((scores.to(out_device, non_blocking=True), (ids + start).to(out_device, non_blocking=True)))
+        if len(parts) == 1:
+            return parts[0]
+        # shards come in id order and each is sorted by (score desc, id asc): a stable sort by score keeps ties
+        # in id order across shards
+        scores = torch.cat([p[0] for p in parts], dim=1)
+        ids = torch.cat([p[1] for p in parts], dim=1)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        return scores.gather(1, order), ids.gather(1, order)
+
+    def _search_shard(self, q: Tensor, shard: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        on_cuda = shard.device.type == "cuda"
+        use_kernel = (on_cuda and get_mode() != "reference") or (not on_cuda and _interpreter_forced())
+        if use_kernel and k <= _kernel_max_k():
+            from rdm_fast.kernels.knn import topk_inner_product
+
+            if on_cuda:
+                with torch.cuda.device(shard.device):  # triton launches on the current device's current stream
+                    return topk_inner_product(q.to(shard.dtype), shard, k)
+            return topk_inner_product(q.to(shard.dtype), shard, k)
+        return exact_search(q, shard, k)
