@@ -56,8 +56,8 @@ def atomic_write_json(target: str | Path, obj: Any) -> None:
     atomic_write(target, lambda tmp: Path(tmp).write_text(text), fsync=True)
 
 
-def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes, read in 4 MiB blocks."""
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):

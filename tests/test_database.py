@@ -5,6 +5,8 @@ encoder used by the other database tests (importable as ``test_database:tiny_enc
 from __future__ import annotations
 
 import json
+import os
+import time
 import zlib
 from typing import Sequence
 
@@ -19,7 +21,8 @@ from rdm_fast.encoders import Encoder, register_encoder
 
 class TinyEncoder(Encoder):
     """Fixed random 3x3 conv + ReLU + average pooling + linear on 32x32 resized images; text embedded from
-    a CRC32-seeded random vector. Deterministic, fast, not normalised."""
+    a CRC32-seeded random vector. Deterministic, fast, not normalised. RDM_TEST_ENCODER_DELAY (seconds per
+    image batch) slows it down for tests that kill a build midway."""
 
     name, dim, normalized, image_size = "tiny-test", 16, False, 32
 
@@ -35,6 +38,7 @@ class TinyEncoder(Encoder):
 
     def encode_images(self, images: Tensor) -> Tensor:
         self.check_images(images)
+        time.sleep(float(os.environ.get("RDM_TEST_ENCODER_DELAY", "0")))
         x = F.interpolate(images.float(), size=(32, 32), mode="bilinear", align_corners=False)
         x = F.adaptive_avg_pool2d(F.relu(self.conv(x)), 4)
         return self.proj(x.flatten(1)).float()

@@ -301,6 +301,9 @@ def run_sharded(out: Path, config: dict, n_shards: int, compute, finish) -> Path
         if len(pending) < len(mine):
             log.info("resuming: %d of %d shards of this process are already done", len(mine) - len(pending),
                      len(mine))
+        if procs.world > 1:
+            log.info("process %d of %d computes %d of the %d shards", procs.rank, procs.world, len(pending),
+                     n_shards)
         compute(pending, state, procs)
         procs.barrier()
         if procs.rank == 0:

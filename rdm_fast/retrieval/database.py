@@ -65,7 +65,11 @@ def write_shard(directory: str | Path, j: int, embeddings: np.ndarray, *, source
     if emb.ndim != 2:
         raise ValueError(f"shard embeddings must be (n, D), got shape {emb.shape}")
     n = emb.shape[0]
-    src = np.array(list(sources) if sources is not None else [""] * n, dtype=np.str_).reshape(n)
+    if sources is None:
+        src = np.full(n, "", dtype="<U1")
+    else:  # bytes decode as ASCII, numbers print as in str()
+        src = (sources.astype(np.str_) if isinstance(sources, np.ndarray) else np.array(list(sources), np.str_))
+        src = src.reshape(n).astype(f"<U{max(1, int(np.char.str_len(src).max(initial=0)))}")  # narrowest width
     cls = np.full(n, -1, np.int64) if class_ids is None else np.asarray(class_ids, np.int64).reshape(n)
     xy = np.full((n, 2), -1, np.int32) if patch_coords is None else np.asarray(patch_coords, np.int32).reshape(n, 2)
     emb_name, meta_name = shard_names(j)

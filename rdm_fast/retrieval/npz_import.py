@@ -6,9 +6,12 @@ of the data and are loaded whole. Resumable and ``torchrun``-splittable like ima
 
 from __future__ import annotations
 
+import io
 import logging
 import re
+import struct
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
@@ -47,10 +50,38 @@ def _read_header(f: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dt
     raise ValueError(f"{where} uses .npy format version {version}; expected 1.0 or 2.0")
 
 
+@contextmanager
+def _member_stream(path: Path, name: str) -> Iterator[IO[bytes]]:
+    """A readable stream of the member ``name``'s bytes: for a stored (uncompressed) member the zip file itself,
+    positioned at the member's data (so skipping rows is a seek); else the zip module's decompressing reader."""
+    with _open_zip(path) as zf:
+        info = zf.getinfo(_member_name(zf, path, name))
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            with zf.open(info) as f:
+                yield f
+            return
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"{path}: corrupted zip entry {info.filename}")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            yield f
+
+
+def _skip(f: IO[bytes], nbytes: int, where: str) -> None:
+    if not isinstance(f, zipfile.ZipExtFile):
+        f.seek(nbytes, io.SEEK_CUR)
+        return
+    while nbytes:  # decompress and drop, 1 MiB at a time (ZipExtFile.seek would buffer up to 16 MiB)
+        nbytes -= len(_read_exact(f, min(nbytes, 1 << 20), where))
+
+
 def member_info(path: str | Path, name: str = "embedding") -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of array ``name`` in the .npz ``path``, from its header only."""
     path = Path(path)
-    with _open_zip(path) as zf, zf.open(_member_name(zf, path, name)) as f:
+    with _member_stream(path, name) as f:
         shape, _, dtype = _read_header(f, f"{path}:{name}")
     return shape, dtype
 
@@ -81,7 +112,7 @@ def iter_rows(path: str | Path, name: str = "embedding", *, start: int = 0, stop
     ``chunk_rows`` rows, reading only those bytes of the (stored or deflated) zip member."""
     path = Path(path)
     where = f"{path}:{name}"
-    with _open_zip(path) as zf, zf.open(_member_name(zf, path, name)) as f:
+    with _member_stream(path, name) as f:
         shape, fortran, dtype = _read_header(f, where)
         if len(shape) != 2:
             raise ValueError(f"{where} has shape {shape}; expected (N, D)")
@@ -92,8 +123,7 @@ def iter_rows(path: str | Path, name: str = "embedding", *, start: int = 0, stop
         n, dim = shape
         stop = n if stop is None else min(stop, n)
         row_bytes = dtype.itemsize * dim
-        if start:
-            f.seek(f.tell() + start * row_bytes)
+        _skip(f, start * row_bytes, where)
         for s in range(start, stop, chunk_rows):
             rows = min(chunk_rows, stop - s)
             yield np.frombuffer(_read_exact(f, rows * row_bytes, where), dtype=dtype).reshape(rows, dim)
@@ -112,8 +142,8 @@ class Part:
         self.dim = rest[0]
         self.allow_pickle = allow_pickle
 
-    def metadata(self) -> tuple[list[str], np.ndarray | None, np.ndarray]:
-        """(img ids as strings, class ids or None, patch coords (N, 2) int32)."""
+    def metadata(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(img ids (N,), class ids or None, patch coords (N, 2) int32); ids become strings per shard."""
         try:
             with np.load(self.path, allow_pickle=self.allow_pickle) as z:
                 missing = [k for k in ("img_id", "patch_coords") if k not in z.files]
@@ -133,7 +163,9 @@ class Part:
             raise ValueError(f"{self.path}: patch_coords has shape {coords.shape}, expected ({self.n}, 2)")
         if class_id is not None and np.asarray(class_id).reshape(-1).shape[0] != self.n:
             raise ValueError(f"{self.path}: class_id has {class_id.size} entries for {self.n} embeddings")
-        ids = [x.decode() if isinstance(x, bytes) else str(x) for x in img_id.reshape(-1).tolist()]
+        ids = img_id.reshape(-1)
+        if ids.dtype.hasobject:
+            ids = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in ids.tolist()], dtype=np.str_)
         return ids, (None if class_id is None else np.asarray(class_id, np.int64).reshape(-1)), coords.astype(np.int32)
 
 

@@ -1,0 +1,334 @@
+"""Database builds from image folders and lists (embeddings recomputed independently), skipped files,
+resumption after a failure or a kill, a 2-process torchrun build, and the streaming import of official parts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_database import INFO, TinyEncoder
+from rdm_fast.retrieval import Database, build_database, import_npz
+from rdm_fast.retrieval.npz_import import iter_rows
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+SPEC = "test_database:tiny_encoder"
+
+
+def _noise(rng, h, w, c=3):
+    return rng.integers(0, 256, (h, w, c), np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Nested folders of png/jpg/JPEG/webp images (one RGBA with transparency, one palette image with a
+    transparent colour, one smaller than the crop), a corrupt .png, a truncated .jpg and a non-image file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    (root / "cats" / "deep").mkdir(parents=True)
+    (root / "dogs").mkdir()
+    for i in range(4):
+        Image.fromarray(_noise(rng, 40 + i, 50)).save(root / "cats" / f"c{i}.png")
+    Image.fromarray(_noise(rng, 45, 38)).save(root / "cats" / "c9.jpg", quality=95)
+    rgba = _noise(rng, 44, 44, 4)
+    rgba[..., 3] = np.where(rgba[..., 3] > 128, 255, rgba[..., 3])
+    Image.fromarray(rgba, "RGBA").save(root / "cats" / "deep" / "t.webp", lossless=True)
+    pal = Image.fromarray(_noise(rng, 36, 52)).quantize(16)
+    pal.save(root / "dogs" / "p.png", transparency=3)
+    for i in range(3):
+        Image.fromarray(_noise(rng, 34, 60 + i)).save(root / "dogs" / f"d{i}.JPEG", quality=95)
+    Image.fromarray(_noise(rng, 20, 40)).save(root / "dogs" / "small.png")
+    Image.fromarray(_noise(rng, 33, 33)).save(root / "top.png")
+    (root / "dogs" / "broken.png").write_bytes(b"this is not a png file")
+    jpg = root / "cats" / "cut.jpg"
+    Image.fromarray(_noise(rng, 40, 40)).save(jpg)
+    jpg.write_bytes(jpg.read_bytes()[:300])
+    (root / "dogs" / "readme.txt").write_text("not an image")
+    return root
+
+
+def reference_rgb(path: Path) -> np.ndarray:
+    """Independent loading: float compositing of any transparency on white."""
+    im = Image.open(path)
+    if im.mode == "P" or im.mode in ("RGBA", "LA"):
+        a = np.asarray(im.convert("RGBA")).astype(np.float64)
+        rgb = a[..., :3] * a[..., 3:] / 255 + 255 * (1 - a[..., 3:] / 255)
+        return np.round(rgb).astype(np.uint8)
+    return np.asarray(im.convert("RGB"))
+
+
+def reference_center(path: Path, size: int) -> np.ndarray:
+    img = reference_rgb(path)
+    h, w = img.shape[:2]
+    if min(h, w) != size:
+        s = size / min(h, w)
+        img = np.asarray(Image.fromarray(img).resize((max(size, round(w * s)), max(size, round(h * s))),
+                                                     Image.BICUBIC))
+        h, w = img.shape[:2]
+    y, x = (h - size) // 2, (w - size) // 2
+    return img[y:y + size, x:x + size]
+
+
+def encode(crops: list[np.ndarray]) -> np.ndarray:
+    x = torch.from_numpy(np.stack(crops).transpose(0, 3, 1, 2).copy()).float() / 127.5 - 1
+    with torch.no_grad():
+        return TinyEncoder().encode_images(x).numpy()
+
+
+def files_of(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+GOOD = ["cats/c0.png", "cats/c1.png", "cats/c2.png", "cats/c3.png", "cats/c9.jpg", "cats/deep/t.webp",
+        "dogs/d0.JPEG", "dogs/d1.JPEG", "dogs/d2.JPEG", "dogs/p.png", "dogs/small.png", "top.png"]
+
+
+def test_build_center_crops_match_independent_embeddings(image_dir, tmp_path):
+    out = build_database(tmp_path / "db", encoder=TinyEncoder(), images=image_dir, crop="center", crop_size=32,
+                         batch_size=5, shard_size=4, workers=0, device="cpu", class_from_folder=True,
+                         progress=False)
+    db = Database.open(out, device="cpu", verify=True)
+    assert len(db) == len(GOOD) and db.sources(torch.arange(len(db))) == GOOD  # sorted, corrupt ones skipped
+    m = db.manifest
+    assert m["skipped"]["count"] == 2
+    assert sorted(s for s, _ in m["skipped"]["files"]) == ["cats/cut.jpg", "dogs/broken.png"]
+    assert m["class_names"] == ["cats", "dogs"] and m["image_root"] == str(image_dir.resolve())
+    assert db.class_ids(torch.arange(len(db))).tolist() == [0] * 6 + [1] * 5 + [-1]
+    assert not m["has_patch_coords"] and m["has_class_ids"]
+    assert len(m["shards"]) == 4  # 14 files, 4 per shard
+    ref = encode([reference_center(image_dir / s, 32) for s in GOOD])
+    got = db.embeddings(torch.arange(len(db))).numpy()
+    np.testing.assert_allclose(got, ref, rtol=5e-3, atol=5e-3)
+
+
+def test_random_crops_coords_and_workers(image_dir, tmp_path):
+    kw = dict(encoder=TinyEncoder(), images=image_dir, crop="random", crop_size=32, crops_per_image=3,
+              batch_size=6, shard_size=9, device="cpu", progress=False)
+    a = build_database(tmp_path / "a", workers=0, **kw)
+    b = build_database(tmp_path / "b", workers=2, **kw)  # multi-process loading gives the same bytes
+    assert files_of(a) == files_of(b)
+    db = Database.open(a, device="cpu")
+    n = len(db)
+    assert n == 3 * len(GOOD) and db.manifest["has_patch_coords"]
+    sources, coords = db.sources(torch.arange(n)), db.patch_coords(torch.arange(n)).numpy()
+    crops = []
+    for s, (x, y) in zip(sources, coords):
+        img = reference_rgb(image_dir / s)
+        if min(img.shape[:2]) < 32:  # upscaled so the short side is the crop size
+            h, w = img.shape[:2]
+            img = np.asarray(Image.fromarray(img).resize((round(w * 32 / min(h, w)), 32), Image.BICUBIC))
+        assert 0 <= x <= img.shape[1] - 32 and 0 <= y <= img.shape[0] - 32
+        crops.append(img[y:y + 32, x:x + 32])
+    np.testing.assert_allclose(db.embeddings(torch.arange(n)).numpy(), encode(crops), rtol=5e-3, atol=5e-3)
+    assert len({tuple(c) for c in coords}) > n // 2  # crops differ
+    other = Database.open(build_database(tmp_path / "c", workers=0, seed=1, **kw), device="cpu")
+    assert not np.array_equal(other.patch_coords(torch.arange(n)).numpy(), coords)
+
+
+def test_build_from_list(image_dir, tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{image_dir / 'top.png'}\t7\n\n{os.path.relpath(image_dir / 'dogs' / 'd1.JPEG', tmp_path)}\t3\n"
+                   f"{image_dir / 'dogs' / 'broken.png'}\t1\n")
+    db = Database.open(build_database(tmp_path / "db", encoder=TinyEncoder(), image_list=lst, crop="center",
+                                      crop_size=32, workers=0, device="cpu", progress=False), device="cpu")
+    assert len(db) == 2 and db.class_ids(torch.arange(2)).tolist() == [7, 3]
+    assert db.manifest["skipped"]["count"] == 1
+    ref = encode([reference_center(image_dir / "top.png", 32), reference_center(image_dir / "dogs/d1.JPEG", 32)])
+    np.testing.assert_allclose(db.embeddings(torch.arange(2)).numpy(), ref, rtol=5e-3, atol=5e-3)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a.png\t1\nb.png\n")
+    with pytest.raises(ValueError, match="1 of 2 lines have a class id"):
+        build_database(tmp_path / "x", encoder=TinyEncoder(), image_list=bad, workers=0, progress=False)
+
+
+class FailingEncoder(TinyEncoder):
+    """Raises on its (n+1)-th batch: a build that dies midway."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.left = n
+
+    def encode_images(self, images):
+        if self.left == 0:
+            raise RuntimeError("injected failure")
+        self.left -= 1
+        return super().encode_images(images)
+
+
+def test_resume_after_failure_is_byte_identical(image_dir, tmp_path):
+    kw = dict(images=image_dir, crop="random", crop_size=32, crops_per_image=2, batch_size=4, shard_size=6,
+              workers=0, device="cpu", progress=False)
+    full = build_database(tmp_path / "full", encoder=TinyEncoder(), **kw)
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="injected"):
+        build_database(out, encoder=FailingEncoder(3), **kw)  # dies in shard 2 (2 images a batch, 3 a shard)
+    assert not (out / "manifest.json").exists()
+    done = sorted(p.name for p in (out / "progress").glob("shard_*.json"))
+    assert done == ["shard_00000.json", "shard_00001.json"]
+    with pytest.raises(FileNotFoundError, match="rerun the same build command to resume"):
+        Database.open(out)
+    (out / ".emb_00002.npy.abc.tmp").write_bytes(b"half-written")  # left by a killed writer
+    damaged = bytearray((out / "emb_00001.npy").read_bytes())
+    damaged[-2] ^= 0xFF
+    (out / "emb_00001.npy").write_bytes(bytes(damaged))  # a finished shard that no longer verifies
+    build_database(out, encoder=TinyEncoder(), **kw)
+    assert files_of(out) == files_of(full)
+    build_database(out, encoder=TinyEncoder(), **kw)  # complete: nothing to do
+    assert files_of(out) == files_of(full)
+    with pytest.raises(ValueError, match=r"different arguments \(they differ in: seed\)"):
+        build_database(out, encoder=TinyEncoder(), **{**kw, "seed": 3})
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(ValueError, match="not empty and holds no resumable build"):
+        build_database(tmp_path / "busy", encoder=TinyEncoder(), **kw)
+
+
+def _cli_build(out: Path, image_dir: Path) -> list[str]:
+    return ["-m", "rdm_fast.db", "build", "--images", str(image_dir), "--encoder", SPEC, "--out", str(out),
+            "--crop", "random", "--crop-size", "32", "--batch-size", "2", "--shard-size", "2", "--workers", "0",
+            "--device", "cpu", "--no-progress"]
+
+
+def test_resume_after_kill(image_dir, tmp_path):
+    from rdm_fast import db as db_cli
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *_cli_build(out, image_dir)], cwd=tmp_path,
+                            env={**ENV, "RDM_TEST_ENCODER_DELAY": "0.4"}, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "progress" / "shard_00001.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the build ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists() and not (out / "progress" / "shard_00006.json").exists()
+    assert db_cli.main(_cli_build(out, image_dir)[2:]) == 0
+    full = tmp_path / "full"
+    assert db_cli.main(_cli_build(full, image_dir)[2:]) == 0
+    assert files_of(out) == files_of(full)
+
+
+def test_torchrun_two_processes_equal_one(image_dir, tmp_path):
+    from rdm_fast import db as db_cli
+    single = tmp_path / "single"
+    assert db_cli.main(_cli_build(single, image_dir)[2:]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = tmp_path / "two"
+    r = subprocess.run([*torchrun, *_cli_build(two, image_dir)], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "process 0 of 2 computes 4 of the 7 shards" in r.stderr
+    assert "process 1 of 2 computes 3 of the 7 shards" in r.stderr
+    assert files_of(two) == files_of(single)
+    # a refused resume fails on every rank instead of leaving one waiting
+    args = _cli_build(two, image_dir) + ["--seed", "5"]
+    r = subprocess.run([*torchrun, *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and "different arguments" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ npz import
+def _official_part(path: Path, rng, n: int, dim: int, compressed: bool, class_ids: bool):
+    arrays = {"embedding": rng.standard_normal((n, dim)).astype(np.float32),
+              "img_id": np.array([f"oi_{rng.integers(1e9):09d}" for _ in range(n)]),
+              "patch_coords": rng.integers(0, 1000, (n, 2))}
+    if class_ids:
+        arrays["class_id"] = rng.integers(0, 1000, n)
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    return arrays
+
+
+@pytest.fixture
+def parts(tmp_path):
+    rng = np.random.default_rng(7)
+    a = _official_part(tmp_path / "30x16-part_0.npz", rng, 30, 16, compressed=False, class_ids=True)
+    b = _official_part(tmp_path / "25x16-part_1.npz", rng, 25, 16, compressed=True, class_ids=True)
+    return [tmp_path / "30x16-part_0.npz", tmp_path / "25x16-part_1.npz"], [a, b]
+
+
+def test_iter_rows_stored_and_deflated(parts):
+    (stored, deflated), (a, b) = parts
+    with zipfile.ZipFile(stored) as z:
+        assert z.getinfo("embedding.npy").compress_type == zipfile.ZIP_STORED
+    with zipfile.ZipFile(deflated) as z:
+        assert z.getinfo("embedding.npy").compress_type == zipfile.ZIP_DEFLATED
+    for path, arrays in ((stored, a), (deflated, b)):
+        chunks = list(iter_rows(path, chunk_rows=7))
+        assert [len(c) for c in chunks][:-1] == [7] * (len(chunks) - 1)
+        np.testing.assert_array_equal(np.concatenate(chunks), arrays["embedding"])
+        np.testing.assert_array_equal(np.concatenate(list(iter_rows(path, start=9, stop=20, chunk_rows=4))),
+                                      arrays["embedding"][9:20])
+
+
+def test_import_npz_equals_the_data(parts, tmp_path):
+    files, arrays = parts
+    out = import_npz(files[::-1], tmp_path / "db", INFO, shard_size=13, chunk_rows=7, progress=False)
+    db = Database.open(out, device="cpu", verify=True)
+    emb = np.concatenate([p["embedding"] for p in arrays])
+    assert len(db) == 55 and [s["rows"] for s in db.manifest["shards"]] == [13, 13, 4, 13, 12]
+    np.testing.assert_array_equal(db.embeddings(torch.arange(55)).numpy(), emb.astype(np.float16).astype(np.float32))
+    assert db.sources(torch.arange(55)) == [str(s) for p in arrays for s in p["img_id"]]
+    np.testing.assert_array_equal(db.patch_coords(torch.arange(55)).numpy(),
+                                  np.concatenate([p["patch_coords"] for p in arrays]))
+    np.testing.assert_array_equal(db.class_ids(torch.arange(55)).numpy(),
+                                  np.concatenate([p["class_id"] for p in arrays]))
+    assert db.manifest["has_class_ids"] and db.manifest["has_patch_coords"]
+    # resume: a lost shard and its done-record are recomputed to the same bytes
+    before = files_of(out)
+    (out / "emb_00003.npy").unlink()
+    (out / "progress" / "shard_00003.json").unlink()
+    (out / "manifest.json").unlink()
+    import_npz(files, out, INFO, shard_size=13, chunk_rows=5, progress=False)
+    assert files_of(out) == before
+
+
+def test_import_npz_errors(parts, tmp_path):
+    files, _ = parts
+    with pytest.raises(ValueError, match="hold 16-d embeddings but encoder 'tiny-test' makes 8-d"):
+        import_npz(files, tmp_path / "a", {**INFO, "dim": 8}, progress=False)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x-part_3.npz", embedding=rng.standard_normal((4, 16)), patch_coords=np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="lacks the array\\(s\\) img_id"):
+        import_npz([tmp_path / "x-part_3.npz"], tmp_path / "b", INFO, progress=False)
+    np.savez(tmp_path / "y-part_4.npz", img_id=np.arange(3))
+    with pytest.raises(ValueError, match="has no 'embedding' array"):
+        import_npz([tmp_path / "y-part_4.npz"], tmp_path / "c", INFO, progress=False)
+    (tmp_path / "z-part_5.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        import_npz([tmp_path / "z-part_5.npz"], tmp_path / "d", INFO, progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        import_npz([tmp_path / "missing.npz"], tmp_path / "e", INFO, progress=False)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_import_streams_rows(tmp_path, compressed):
+    """A 25.6 MB part imported in 25k-row shards never holds its embeddings in memory at once (the
+    per-row metadata, 1/D of the data, is read whole)."""
+    rng = np.random.default_rng(1)
+    n, dim = 100_000, 64
+    path = tmp_path / f"{n}x{dim}-part_0.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED,
+                         compresslevel=1) as z:  # what np.savez(_compressed) writes, faster to deflate
+        for name, arr in (("embedding", rng.standard_normal((n, dim)).astype(np.float32)),
+                          ("img_id", np.arange(n)), ("patch_coords", np.zeros((n, 2), np.int32))):
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, arr)
+    tracemalloc.start()
+    try:
+        import_npz([path], tmp_path / "db", {**INFO, "dim": dim}, shard_size=25_000, chunk_rows=4096,
+                   progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * n * dim * 4, peak
+    assert len(Database.open(tmp_path / "db", device="cpu")) == n
