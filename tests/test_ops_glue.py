@@ -1,0 +1,411 @@
+"""Glue ops (LayerNorm, add + LayerNorm, GEGLU, guided DDIM/PLMS step): references vs independent computations,
+Triton kernels vs references (in the interpreter on the CPU, compiled on a GPU), sm_90 builds without a GPU,
+errors and dispatch.
+
+Tolerances. Kernels and references compute the same float32 values up to summation order (LayerNorm), libm
+differences (erf; 1 + erf cancels for negative gates) and contraction into fused multiply-adds: float32 outputs
+within 1e-5 + 1e-5 |ref| (inputs of size ~1-5); float16/bfloat16 outputs are single roundings of such values,
+so within 1 ulp (+1e-5 near 0). References vs float64 computations: 1e-5 relative and absolute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rdm_fast.diffusion import Schedule, ddim_update, plms_eps
+from rdm_fast.ops import _dispatch
+from rdm_fast.ops.glue import (
+    ADD_LAYER_NORM,
+    GEGLU,
+    LAYER_NORM,
+    SAMPLER_STEP,
+    add_layer_norm,
+    add_layer_norm_reference,
+    ddim_guided_step,
+    geglu,
+    geglu_reference,
+    layer_norm,
+    layer_norm_reference,
+    plms_guided_step,
+)
+from triton_testing import compile_launches, mismatch, run_child
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+EPS = 1e-5
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def check(out: torch.Tensor, ref: torch.Tensor, tol32: float = 1e-5) -> str | None:
+    return mismatch(out, ref, rtol32=tol32, atol32=tol32)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+LN_CASES = {  # name -> (shape, affine, residual, residual_bias)
+    "3x37x96": ((3, 37, 96), True, True, True),
+    "7x1": ((7, 1), True, False, False),
+    "2x5x100-plain": ((2, 5, 100), False, True, False),
+    "37x768": ((37, 768), True, False, True),
+    "4x1000": ((4, 1000), True, True, True),
+    "1x3x4100": ((1, 3, 4100), True, True, False),
+}
+
+
+def ln_inputs(name: str, dtype: torch.dtype, device: str = "cpu"):
+    shape, affine, res, rbias = LN_CASES[name]
+    g = _gen()
+    c = shape[-1]
+    x = torch.randn(shape, generator=g) * 3 + 2
+    w = 1 + 0.5 * torch.randn(c, generator=g) if affine else None
+    b = 0.5 * torch.randn(c, generator=g) if affine else None
+    r = torch.randn(shape, generator=g) if res else None
+    rb = torch.randn(c, generator=g) if rbias else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), cast(r), cast(rb), cast(w), cast(b)
+
+
+GEGLU_CASES = {"7x2": (7, 2), "1x74": (1, 74), "3x5x300": (3, 5, 300), "37x600": (37, 600), "2x2000": (2, 2000)}
+
+
+def geglu_input(name: str, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    return (torch.randn(GEGLU_CASES[name], generator=_gen()) * 2).to(device=device, dtype=dtype)
+
+
+SCHEDULE = Schedule.linear(0.0015, 0.0195, 1000)
+
+
+def step_coefficients(i: int, eta: float) -> tuple[float, float, float]:
+    """(a_t, a_prev, sigma_t) of step i of a 50-step run of the imagenet schedule."""
+    c = SCHEDULE.ddim(50, eta)
+    return float(c.alphas[i]), float(c.alphas_prev[i]), float(c.sigmas[i])
+
+
+STEP_CASES = {  # name -> (shape, guided, history length (None: DDIM), eta, step index, coefficient form)
+    "ddim-guided-2x3x7x5": ((2, 3, 7, 5), True, None, 0.0, 10, "float"),
+    "ddim-guided-noise-1x16x13x11": ((1, 16, 13, 11), True, None, 1.0, 30, "float"),
+    "ddim-plain-noise-3x3x5x5": ((3, 3, 5, 5), False, None, 0.5, 49, "float"),
+    "ddim-guided-tensors-2x3x7x5": ((2, 3, 7, 5), True, None, 1.0, 0, "tensor"),
+    "ddim-guided-mixed-1x3x9x9": ((1, 3, 9, 9), True, None, 1.0, 20, "mixed"),
+    "plms0-guided-2x3x7x5": ((2, 3, 7, 5), True, 0, 0.0, 5, "float"),
+    "plms1-plain-1x16x13x11": ((1, 16, 13, 11), False, 1, 0.0, 6, "float"),
+    "plms2-guided-tensors-2x3x7x5": ((2, 3, 7, 5), True, 2, 0.0, 7, "tensor"),
+    "plms3-guided-1x16x13x11": ((1, 16, 13, 11), True, 3, 0.0, 49, "float"),
+    "plms-mean-3x3x5x5": ((3, 3, 5, 5), True, 1, 0.0, 0, "mean"),
+}
+
+
+def step_inputs(name: str, dtype: torch.dtype, device: str = "cpu") -> tuple[dict, str]:
+    """(keyword arguments of ddim_guided_step / plms_guided_step, which of the two)."""
+    shape, guided_, hist, eta, i, form = STEP_CASES[name]
+    g = _gen(1)
+    t = lambda: torch.randn(shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    a_t, a_prev, sigma = step_coefficients(i, eta)
+    scale: float | torch.Tensor = 3.5
+    if form == "tensor":
+        a_t = torch.tensor(a_t, dtype=torch.float64, device=device)
+        a_prev = torch.tensor(a_prev, dtype=torch.float32, device=device)
+        sigma = torch.tensor(sigma, dtype=torch.float64, device=device)
+        scale = torch.tensor(scale, device=device)
+    elif form == "mixed":
+        sigma = torch.tensor(sigma, dtype=torch.float64, device=device)
+    args = {"x": t(), "e_uncond": t() if guided_ else None, "e_cond": t(), "guidance_scale": scale,
+            "a_t": a_t, "a_prev": a_prev}
+    if hist is None:
+        args.update(sigma_t=sigma, noise=t() if eta > 0 else None)
+        return args, "ddim"
+    args["history"] = [t() for _ in range(hist)]
+    if form == "mean":
+        args["weights"] = (0.5, 0.5)
+    return args, "plms"
+
+
+def run_step(kind: str, args: dict) -> tuple[torch.Tensor, ...]:
+    return ddim_guided_step(**args) if kind == "ddim" else plms_guided_step(**args)
+
+
+# ----------------------------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("name", list(LN_CASES))
+def test_layer_norm_reference_matches_torch(name):
+    x, r, rb, w, b = ln_inputs(name, torch.float32)
+    ref = layer_norm_reference(x, w, b, EPS)
+    expected = F.layer_norm(x.double(), x.shape[-1:], None if w is None else w.double(),
+                            None if b is None else b.double(), EPS)
+    torch.testing.assert_close(ref.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["3x37x96", "2x5x100-plain", "37x768"])
+def test_add_layer_norm_reference(name, dtype):
+    x, r, rb, w, b = ln_inputs(name, dtype)
+    s, y = add_layer_norm_reference(x, r, rb, w, b, EPS)
+    total = x.double() + (0 if r is None else r.double()) + (0 if rb is None else rb.double())
+    assert s.dtype == dtype and s.is_contiguous() and y.is_contiguous()
+    torch.testing.assert_close(s.double(), total, rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6)
+    expected = F.layer_norm(s.double(), s.shape[-1:], w.double() if w is not None else None,
+                            b.double() if b is not None else None, EPS)
+    err = check(y, expected.to(dtype))
+    assert err is None, err
+
+
+@pytest.mark.parametrize("name", list(GEGLU_CASES))
+def test_geglu_reference_matches_erf_formula(name):
+    h = geglu_input(name, torch.float32)
+    a, g = h.double().chunk(2, dim=-1)
+    expected = a * 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))
+    torch.testing.assert_close(geglu_reference(h).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_sampler_step_reference_matches_samplers(name):
+    """The fused step against rdm_fast.diffusion's guided combine, plms_eps and ddim_update, in float64."""
+    args, kind = step_inputs(name, torch.float32)
+    out = run_step(kind, args)
+    d = {k: (v.double() if torch.is_tensor(v) and v.dim() else v) for k, v in args.items()}
+    num = lambda c: float(c) if torch.is_tensor(c) else c  # noqa: E731
+    scale = num(d["guidance_scale"])
+    eps = d["e_cond"] if d["e_uncond"] is None else d["e_uncond"] + scale * (d["e_cond"] - d["e_uncond"])
+    if kind == "ddim":
+        noise = d["noise"]
+        expected = ddim_update(d["x"], eps, num(d["a_t"]), num(d["a_prev"]), num(d["sigma_t"]), noise)
+    else:
+        hist = [h.double() for h in d["history"]]
+        combined = (eps + hist[0]) / 2 if "weights" in d else plms_eps(eps, hist)
+        expected = ddim_update(d["x"], combined, num(d["a_t"]), num(d["a_prev"]))
+        torch.testing.assert_close(out[2].double(), eps, rtol=1e-5, atol=1e-5)
+    for got, want in zip(out[:2], expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_coefficients_match_float_ones():
+    args, kind = step_inputs("ddim-guided-noise-1x16x13x11", torch.float32)
+    tensor_args = {**args, **{k: torch.tensor(args[k], dtype=torch.float64)
+                              for k in ("guidance_scale", "a_t", "a_prev", "sigma_t")}}
+    for got, want in zip(run_step(kind, tensor_args), run_step(kind, args)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x: layer_norm(x, torch.ones(5), None, EPS), "weight of shape"),
+    (lambda x: layer_norm(x.int(), None, None, EPS), "unsupported x dtype"),
+    (lambda x: add_layer_norm(x, x[:1], None, None, None, EPS), "residual of shape"),
+    (lambda x: add_layer_norm(x, x.half(), None, None, None, EPS), "residual of dtype"),
+    (lambda x: geglu(x[..., :5]), "even last dim"),
+    (lambda x: ddim_guided_step(x, x, x[:1], 2.0, 0.5, 0.6), "e_cond of shape"),
+    (lambda x: ddim_guided_step(x, x, x, 2.0, 0.5, 0.6, 0.1), "needs noise"),
+    (lambda x: ddim_guided_step(x, x, x, 2.0, 1.5, 0.6), "a_t"),
+    (lambda x: ddim_guided_step(x, x, x, 2.0, 0.5, 0.99, 0.5, x), "1 - a_prev - sigma_t"),
+    (lambda x: ddim_guided_step(x, x, x, torch.ones(2), 0.5, 0.6), "0-d floating-point tensor"),
+    (lambda x: ddim_guided_step(x, x, x, "2", 0.5, 0.6), "float or a 0-d tensor"),
+    (lambda x: plms_guided_step(x, x, x, 2.0, [x] * 4, 0.5, 0.6), "at most 3 past eps"),
+    (lambda x: plms_guided_step(x, x, x, 2.0, [x], 0.5, 0.6, weights=(1.0,)), "expected 2 weights"),
+    (lambda x: plms_guided_step(x, x, x, 2.0, [x.half()], 0.5, 0.6), r"history\[0\] of dtype"),
+])
+def test_bad_arguments_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(2, 3, 8))
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+
+
+@pytest.fixture
+def fresh_dispatch(monkeypatch):
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(_dispatch, "_mode_override", None)
+    monkeypatch.setattr(_dispatch, "_logged", set())
+    monkeypatch.setattr(_dispatch, "_warned_missing", set())
+
+
+def test_cpu_auto_uses_reference_and_fast_needs_interpreter(fresh_dispatch, caplog):
+    x = torch.randn(3, 8)
+    with caplog.at_level(logging.INFO, logger="rdm_fast.ops"):
+        layer_norm(x, None, None, EPS)
+        geglu(x)
+        ddim_guided_step(x, x, x, 2.0, 0.5, 0.6)
+    for op in ("layer_norm", "geglu", "sampler_step"):
+        assert f"{op}: reference (cpu, float32)" in caplog.text
+    with _dispatch.use_mode("fast"), pytest.raises(RuntimeError, match="Triton interpreter is off"):
+        geglu(x)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_cuda_selection(fresh_dispatch):
+    """Selection for CUDA tensors (made on the CPU: ``select`` only inspects them)."""
+    x = torch.randn(4, 6, 32)
+    w = torch.ones(32)
+    assert LAYER_NORM.select("cuda", x, w, None, EPS).name == "triton"
+    assert ADD_LAYER_NORM.select("cuda", x, x, None, w, None, EPS).name == "triton"
+    assert GEGLU.select("cuda", x).name == "triton"
+    step = (x, x, x, 2.0, (), (1.0,), 0.5, 0.6, 0.0, None, False)
+    assert SAMPLER_STEP.select("cuda", *step).name == "triton"
+    wide = torch.randn(2, 16385)
+    xt = x.transpose(0, 1)
+    unsupported = [
+        (LAYER_NORM, (wide, None, None, EPS)),
+        (LAYER_NORM, (x.clone().requires_grad_(), w, None, EPS)),
+        (GEGLU, (torch.randn(3, 4, requires_grad=True),)),
+        (SAMPLER_STEP, (xt, xt, xt) + step[3:]),
+    ]
+    for op, args in unsupported:
+        assert op.select("cuda", *args).name == "reference"
+        with _dispatch.use_mode("fast"), pytest.raises(RuntimeError, match="no fast implementation"):
+            op.select("cuda", *args)
+
+
+def test_layer_norm_grad_uses_reference():
+    x = torch.randn(3, 8, requires_grad=True)
+    layer_norm(x, torch.ones(8), None, EPS).square().sum().backward()
+    assert x.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------- Triton kernels
+
+
+def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
+    from rdm_fast.kernels import glue as kernels
+
+    op, name = case.split(":")
+    if op == "layer_norm":
+        x, _, _, w, b = ln_inputs(name, dtype, device)
+        if name == "3x37x96":  # a non-contiguous view
+            x = x.transpose(0, 1)
+        return check(kernels.layer_norm(x, w, b, EPS), layer_norm_reference(x, w, b, EPS))
+    if op == "add_layer_norm":
+        args = ln_inputs(name, dtype, device) + (EPS,)
+        errs = [check(o, r) for o, r in zip(kernels.add_layer_norm(*args), add_layer_norm_reference(*args))]
+        return "; ".join(e for e in errs if e) or None
+    if op == "geglu":
+        h = geglu_input(name, dtype, device)
+        return check(kernels.geglu(h), geglu_reference(h))
+    args, kind = step_inputs(name, dtype, device)
+    with _dispatch.use_mode("fast"):
+        out = run_step(kind, args)
+    with _dispatch.use_mode("reference"):
+        ref = run_step(kind, args)
+    errs = [check(o, r) for o, r in zip(out, ref)]
+    return "; ".join(e for e in errs if e) or None
+
+
+KERNEL_CASES = ([f"layer_norm:{n}" for n in LN_CASES] + [f"add_layer_norm:{n}" for n in LN_CASES]
+                + [f"geglu:{n}" for n in GEGLU_CASES] + [f"step:{n}" for n in STEP_CASES])
+INTERPRETER_CASES = [(c, d) for c in KERNEL_CASES for d in ("float32", "float16")]
+
+
+def _child_main() -> None:
+    import json
+
+    print(json.dumps({f"{c}-{d}": _run_case(c, getattr(torch, d)) for c, d in INTERPRETER_CASES}))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory) -> dict:
+    return run_child(Path(__file__).resolve(), tmp_path_factory.mktemp("triton"))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("case,dtype", INTERPRETER_CASES)
+def test_triton_interpreter_matches_reference(interpreter_results, case, dtype):
+    key = f"{case}-{dtype}"
+    assert key in interpreter_results
+    assert interpreter_results[key] is None, interpreter_results[key]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_triton_gpu_matches_reference(case, dtype):
+    err = _run_case(case, getattr(torch, dtype), "cuda")
+    assert err is None, err
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_gpu_model_shapes(dtype):
+    """imagenet's 32x32 transformer level at batch 16: tokens (16, 1024, 384), GEGLU hidden 2 x 1536."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(16, 1024, 384, device="cuda", generator=g).to(dtype)
+    w, b = torch.randn(384, device="cuda", generator=g), torch.randn(384, device="cuda", generator=g)
+    with _dispatch.use_mode("fast"):
+        outs = [layer_norm(x, w.to(dtype), b.to(dtype), EPS), *add_layer_norm(x, x, b.to(dtype), w, b, EPS)]
+        h = torch.randn(16, 1024, 3072, device="cuda", generator=g).to(dtype)
+        outs.append(geglu(h))
+    refs = [layer_norm_reference(x, w.to(dtype), b.to(dtype), EPS),
+            *add_layer_norm_reference(x, x, b.to(dtype), w, b, EPS), geglu_reference(h)]
+    for o, r in zip(outs, refs):
+        err = check(o, r)
+        assert err is None, err
+
+
+@needs_cuda
+def test_gpu_step_with_device_coefficients_syncs_not_and_captures():
+    """0-d CUDA coefficients: no host synchronisation, and a CUDA graph replays with new coefficient values."""
+    args, _ = step_inputs("ddim-guided-tensors-2x3x7x5", torch.float32, "cuda")
+    noise = torch.randn_like(args["x"])
+    args.update(noise=noise)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ddim_guided_step(**args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    coefs = {k: args[k].clone() for k in ("a_t", "a_prev", "sigma_t", "guidance_scale")}
+    static = {**args, **coefs}
+    ddim_guided_step(**static)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x_prev, x0 = ddim_guided_step(**static)
+    a_t, a_prev, sigma = step_coefficients(40, 1.0)
+    for k, v in (("a_t", a_t), ("a_prev", a_prev), ("sigma_t", sigma), ("guidance_scale", 1.5)):
+        coefs[k].fill_(v)
+    graph.replay()
+    expected = ddim_guided_step(args["x"], args["e_uncond"], args["e_cond"], 1.5, a_t, a_prev, sigma, noise)
+    for got, want in zip((x_prev, x0), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason="needs triton; a GPU runs the real thing")
+def test_compiles_for_sm90_without_spills():
+    """Compiled mode (which the interpreter does not exercise): every kernel builds for sm_90, no spills."""
+    from rdm_fast.kernels import glue as kernels
+
+    x = torch.randn(8, 1792, dtype=torch.bfloat16)
+    launches = [
+        (lambda: kernels.layer_norm(x[:, :384], x[0, :384], x[0, :384], EPS), kernels._layer_norm_kernel),
+        (lambda: kernels.add_layer_norm(x, x, x[0], x[0], x[0], EPS), kernels._layer_norm_kernel),
+        (lambda: kernels.add_layer_norm(torch.randn(2, 16384), None, None, None, None, EPS),
+         kernels._layer_norm_kernel),
+        (lambda: kernels.geglu(x), kernels._geglu_kernel),
+    ]
+    e = torch.randn(3, 16, 13, 11)
+    coefs = [torch.tensor(c, dtype=torch.float64) for c in step_coefficients(3, 1.0)]
+    steps = [
+        (e, e, e, 3.5, (), (1.0,), *step_coefficients(3, 1.0), e, False),
+        (e, None, e, torch.tensor(2.0), (), (1.0,), *coefs, e, False),
+        (e, e, e, 3.5, (e, e, e), (0.5, 0.2, 0.2, 0.1), *step_coefficients(3, 0.0), None, True),
+    ]
+    launches += [(lambda a=a: kernels.sampler_step(*a), kernels._sampler_step_kernel) for a in steps]
+    for launch, kernel in launches:
+        for result in compile_launches(launch, kernel):
+            assert result["spill_bytes"] == 0, result
+
+
+if __name__ == "__main__":
+    _child_main()
