@@ -27,6 +27,7 @@ from .retrieval import (Database, add_index, build_database, compute_neighbors, 
                         resolve_encoder, save_neighbors, save_proposals)
 from .retrieval.build import load_rgb, make_crops
 from .retrieval.database import BACKENDS, PROPOSALS
+from .retrieval.neighbors import neighbor_files
 
 log = logging.getLogger("rdm_fast.db")
 
@@ -317,6 +318,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_neighbors(args: argparse.Namespace) -> int:
+    neighbor_files(args.out)  # a bad output name fails before the search, not after it
+    if args.top_m_out and Path(args.top_m_out).suffix != ".npy":
+        raise CLIError(f"--top-m-out {args.top_m_out} must end in .npy")
     device = pick_device(args.device)
     db = Database.open(args.db, backend=args.backend, device=device)
     queries = Database.open(args.queries, backend="torch", device="cpu") if args.queries else None

@@ -413,13 +413,16 @@ class Database:
                                                 vectors=self._shards)
         return self._engine
 
-    def _gathered_shards(self) -> np.ndarray | Tensor:
-        """All vectors as one (N, D) array: the memory map itself for one shard, else one float16 copy in RAM."""
+    def _gathered_shards(self, chunk_rows: int = 1 << 20) -> np.ndarray | Tensor:
+        """All vectors as one (N, D) array for GPUExactSearch (which takes one array): the memory map itself
+        for a single shard, else one float16 copy in host RAM (2 bytes x N x D), filled chunk by chunk."""
         if len(self._shards) == 1:
             return self._shards[0]
         out = torch.empty((len(self), self.dim), dtype=torch.float16)
-        for shard, start in zip(self._shards, self._offsets[:-1]):
-            out[start:start + shard.shape[0]] = torch.from_numpy(np.asarray(shard, dtype=np.float16).copy())
+        for shard, start in zip(self._shards, self._offsets[:-1].tolist()):
+            for c in range(0, shard.shape[0], chunk_rows):
+                block = np.array(shard[c:c + chunk_rows])  # a writable copy of one chunk
+                out[start + c:start + c + len(block)] = torch.from_numpy(block)
         return out
 
     def check_encoder(self, name: str) -> None:

@@ -89,18 +89,25 @@ def proposal_ranking(neighbor_ids: Tensor | np.ndarray, n: int) -> tuple[Tensor,
     return order, counts[order]
 
 
+def neighbor_files(path: str | Path) -> list[Path]:
+    """The files :func:`save_neighbors` writes for ``path`` (ValueError for an unsupported suffix)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        return [path]
+    if path.suffix == ".npy":
+        return [path, path.with_name(f"{path.stem}_scores.npy")]
+    raise ValueError(f"neighbour output {path} must end in .npz (ids and scores) or .npy (ids; scores beside it)")
+
+
 def save_neighbors(path: str | Path, ids: Tensor, scores: Tensor) -> list[Path]:
     """Write neighbour ids (int64) and scores (float32) atomically: ``X.npz`` with arrays ``ids`` and
     ``scores``, or ``X.npy`` (ids) plus ``X_scores.npy``. Returns the written paths."""
-    path = Path(path)
+    files = neighbor_files(path)
     ids_np = np.ascontiguousarray(torch.as_tensor(ids).cpu().numpy(), dtype=np.int64)
     scores_np = np.ascontiguousarray(torch.as_tensor(scores).cpu().numpy(), dtype=np.float32)
-    if path.suffix == ".npz":
-        atomic_save_npz(path, ids=ids_np, scores=scores_np)
-        return [path]
-    if path.suffix == ".npy":
-        scores_path = path.with_name(f"{path.stem}_scores.npy")
-        atomic_save_npy(path, ids_np)
-        atomic_save_npy(scores_path, scores_np)
-        return [path, scores_path]
-    raise ValueError(f"neighbour output {path} must end in .npz (ids and scores) or .npy (ids; scores beside it)")
+    if len(files) == 1:
+        atomic_save_npz(files[0], ids=ids_np, scores=scores_np)
+    else:
+        atomic_save_npy(files[0], ids_np)
+        atomic_save_npy(files[1], scores_np)
+    return files

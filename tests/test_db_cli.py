@@ -1,0 +1,238 @@
+"""``python -m rdm_fast.db`` end to end: build, info, search (text, image, contact sheet), neighbors, index,
+import-npz, and one-line errors with exit status 2; FAISS and Triton search backends wired into Database."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_database import INFO, TinyEncoder, brute_force
+from rdm_fast import db as db_cli
+from rdm_fast._cli import run
+from rdm_fast.retrieval import Database, write_database
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC = "test_database:tiny_encoder"
+
+
+def cli(*argv: str) -> int:
+    return run(db_cli.main, list(argv))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A folder of 10 noise images in two class folders and a database built from it by the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        folder = root / "images" / ("a" if i < 6 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (48, 40 + i, 3), np.uint8)).save(folder / f"{i}.png")
+    assert cli("build", "--images", str(root / "images"), "--encoder", SPEC, "--out", str(root / "db"),
+               "--crop", "random", "--crop-size", "32", "--shard-size", "4", "--workers", "0", "--device", "cpu",
+               "--class-from-folder", "--no-progress") == 0
+    return root
+
+
+def test_info(built, capsys):
+    assert cli("info", str(built / "db"), "--verify") == 0
+    out = capsys.readouterr().out
+    for expect in ("entries    10 x 16 float16", "encoder    tiny-test (16-d, not normalised)",
+                   "shards     3 (2-4 rows each)", "sources, class ids, patch coords", "index      none",
+                   "proposals  none", "skipped    0 unreadable inputs", "verified"):
+        assert expect in out, expect
+    assert cli("info", str(built / "db"), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 10
+
+
+def _rows(out: str) -> list[list[str]]:
+    lines = out.strip().splitlines()
+    assert lines[0] == "rank\tscore\tid\tsource"
+    return [line.split("\t") for line in lines[1:]]
+
+
+def test_search_text_and_image_with_contact_sheet(built, tmp_path, capsys):
+    db = Database.open(built / "db", device="cpu")
+    assert cli("search", str(built / "db"), "--text", "a red bird", "--k", "3", "--device", "cpu") == 0
+    rows = _rows(capsys.readouterr().out)
+    ref_scores, ref_ids = db.search(TinyEncoder().encode_text(["a red bird"]), 3)
+    assert [int(r[2]) for r in rows] == ref_ids[0].tolist() and [r[0] for r in rows] == ["1", "2", "3"]
+    assert [r[3] for r in rows] == db.sources(ref_ids[0])
+    np.testing.assert_allclose([float(r[1]) for r in rows], ref_scores[0].numpy(), atol=1e-4)
+
+    sheet = tmp_path / "sheet.png"
+    query = built / "images" / "b" / "7.png"
+    assert cli("search", str(built / "db"), "--image", str(query), "--k", "5", "--device", "cpu",
+               "--contact-sheet", str(sheet)) == 0
+    rows = _rows(capsys.readouterr().out)
+    img = np.asarray(Image.open(query).convert("RGB"))
+    h, w = img.shape[:2]
+    s = 32 / min(h, w)  # the query is the centre square, resized to the encoder's 32 px
+    img = np.asarray(Image.fromarray(img).resize((max(32, round(w * s)), max(32, round(h * s))), Image.BICUBIC))
+    y, x = (img.shape[0] - 32) // 2, (img.shape[1] - 32) // 2
+    q = torch.from_numpy(img[y:y + 32, x:x + 32].transpose(2, 0, 1).copy()).float()[None] / 127.5 - 1
+    assert [int(r[2]) for r in rows] == db.search(TinyEncoder().encode_images(q), 5)[1][0].tolist()
+    png = Image.open(sheet)
+    assert png.format == "PNG" and png.size[0] >= 4 * 128 and np.asarray(png).std() > 10
+
+    moved = tmp_path / "elsewhere.png"
+    assert cli("search", str(built / "db"), "--image", str(query), "--k", "2", "--device", "cpu",
+               "--contact-sheet", str(moved), "--image-root", str(tmp_path / "nothing-here")) == 0
+    assert not moved.exists()  # sources unreachable: warned and skipped
+
+
+def test_neighbors_and_proposals(built, tmp_path, capsys):
+    work = tmp_path / "db"
+    shutil.copytree(built / "db", work)
+    out = tmp_path / "nb.npz"
+    top = tmp_path / "top.npy"
+    assert cli("neighbors", str(work), "--k", "3", "--exclude-self", "--out", str(out), "--top-m-out", str(top),
+               "--batch-size", "4", "--device", "cpu", "--no-progress") == 0
+    capsys.readouterr()
+    with np.load(out) as z:
+        ids, scores = z["ids"], z["scores"]
+    assert ids.dtype == np.int64 and scores.dtype == np.float32 and ids.shape == (10, 3)
+    stored = np.concatenate([np.load(work / f"emb_{j:05d}.npy") for j in range(3)])
+    _, ref = brute_force(stored, stored.astype(np.float32), 4)
+    np.testing.assert_array_equal(ids, np.stack([r[r != i][:3] for i, r in enumerate(ref)]))
+    counts = np.bincount(ids.ravel(), minlength=10)
+    ranking = np.load(top)
+    assert ranking.shape == (10, 2) and ranking[:, 1].tolist() == sorted(counts.tolist(), reverse=True)
+    db = Database.open(work, device="cpu")
+    assert db.proposals(0.2).tolist() == ranking[:2, 0].tolist()
+    assert db.manifest["proposals"]["k"] == 3 and db.manifest["proposals"]["exclude_self"]
+    assert cli("info", str(work)) == 0
+    assert "proposals  ranking from 10 queries x k=3" in capsys.readouterr().out
+
+    pair = tmp_path / "nb.npy"
+    assert cli("neighbors", str(work), "--queries", str(built / "db"), "--k", "2", "--out", str(pair),
+               "--device", "cpu", "--no-progress") == 0
+    assert np.load(pair).shape == (10, 2) and np.load(tmp_path / "nb_scores.npy").dtype == np.float32
+
+
+def test_import_npz_cli(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    emb = rng.standard_normal((21, 16)).astype(np.float32)
+    np.savez(tmp_path / "21x16-part_0.npz", embedding=emb, img_id=np.arange(100, 121),
+             patch_coords=rng.integers(0, 99, (21, 2)))
+    assert cli("import-npz", str(tmp_path / "21x16-part_0.npz"), "--out", str(tmp_path / "db"), "--encoder", SPEC,
+               "--shard-size", "8", "--chunk-rows", "5", "--no-progress") == 0
+    assert "21 embeddings (16-d, tiny-test) in 3 shards" in capsys.readouterr().out
+    db = Database.open(tmp_path / "db", device="cpu")
+    np.testing.assert_array_equal(db.embeddings(torch.arange(21)).numpy(), emb.astype(np.float16).astype(np.float32))
+    assert db.sources(torch.tensor([0, 20])) == ["100", "120"] and not db.manifest["has_class_ids"]
+
+
+def _error(capsys, *argv: str) -> str:
+    assert cli(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ")
+    return err[-1]
+
+
+def test_one_line_errors(built, tmp_path, capsys):
+    db = str(built / "db")
+    assert "does not exist" in _error(capsys, "info", str(tmp_path / "missing"))
+    newer = tmp_path / "newer"
+    shutil.copytree(built / "db", newer)
+    m = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**m, "format_version": 7}))
+    assert "format_version 7" in _error(capsys, "info", str(newer))
+    (newer / "manifest.json").write_text("{")
+    assert "manifest.json is corrupted" in _error(capsys, "search", str(newer), "--text", "x")
+    assert "unknown encoder 'nope'" in _error(capsys, "search", db, "--text", "x", "--encoder", "nope")
+    assert "no module named 'nope_mod'" in _error(capsys, "search", db, "--text", "x",
+                                                  "--encoder", "nope_mod:f").lower()
+    assert "holds 'tiny-test' embeddings" in _error(capsys, "search", db, "--text", "x",
+                                                    "--encoder", "test_db_cli:renamed_encoder")
+    assert "query image" in _error(capsys, "search", db, "--image", str(tmp_path / "none.png"))
+    assert "between 1 and the database size 10" in _error(capsys, "search", db, "--text", "x", "--k", "11")
+    assert "not empty and holds no resumable build" in _error(
+        capsys, "build", "--images", str(built / "images"), "--encoder", SPEC, "--out", str(tmp_path))
+    assert "different arguments" in _error(capsys, "build", "--images", str(built / "images"), "--encoder", SPEC,
+                                           "--out", db, "--crop-size", "16", "--workers", "0")
+    assert "needs crop='random'" in _error(capsys, "build", "--images", str(built / "images"), "--encoder", SPEC,
+                                           "--out", str(tmp_path / "n"), "--crops-per-image", "2")
+    assert "--param 'x'" in _error(capsys, "index", db, "--param", "x")
+    np.savez(tmp_path / "8d-part_0.npz", embedding=np.zeros((3, 8)), img_id=np.arange(3),
+             patch_coords=np.zeros((3, 2)))
+    assert "8-d embeddings but encoder 'tiny-test' makes 16-d" in _error(
+        capsys, "import-npz", str(tmp_path / "8d-part_0.npz"), "--out", str(tmp_path / "i"), "--encoder", SPEC)
+    other = tmp_path / "other"
+    shutil.copytree(built / "db", other)
+    assert "exclude_self applies only" in _error(capsys, "neighbors", db, "--queries", str(other), "--k", "2",
+                                                 "--exclude-self", "--out", str(tmp_path / "x.npz"))
+    assert "must end in .npz" in _error(capsys, "neighbors", db, "--k", "2", "--out", str(tmp_path / "x.txt"))
+
+
+def renamed_encoder(*, device="cpu", checkpoint=None, pretrained=True) -> TinyEncoder:
+    """The test encoder under another name (a database must refuse its queries)."""
+    enc = TinyEncoder(device)
+    enc.name = "renamed"
+    return enc
+
+
+def test_subprocess_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "rdm_fast.db", "info", str(tmp_path / "missing")], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: database directory "
+                                                                    f"{tmp_path / 'missing'} does not exist"]
+
+
+# ------------------------------------------------------------------------------------------ backends
+@pytest.fixture
+def random_db(tmp_path):
+    emb = np.random.default_rng(4).standard_normal((300, 16)).astype(np.float32)
+    return emb, write_database(tmp_path / "r", emb, INFO, shard_size=70)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_faiss_index_backend(random_db, capsys, kind):
+    pytest.importorskip("faiss")
+    emb, path = random_db
+    assert cli("index", str(path), "--kind", kind, "--no-progress") == 0
+    assert f"{kind} index written to index_{kind}.faiss" in capsys.readouterr().out
+    db = Database.open(path, device="cpu")
+    if not torch.cuda.is_available():
+        assert db.backend == f"faiss-{kind}"  # auto on the CPU with an index
+    faiss_db = Database.open(path, backend="faiss", device="cpu")
+    assert faiss_db.manifest["index"]["kind"] == kind and (path / f"index_{kind}.faiss").is_file()
+    queries = np.random.default_rng(5).standard_normal((6, 16)).astype(np.float32)
+    scores, ids = faiss_db.search(torch.from_numpy(queries), 5)
+    ref_scores, ref_ids = brute_force(emb.astype(np.float16), queries, 5)
+    np.testing.assert_array_equal(ids.numpy(), ref_ids)  # flat is exact; hnsw is exact at this size
+    np.testing.assert_allclose(scores.numpy(), ref_scores, atol=1e-4)
+    assert cli("info", str(path)) == 0
+    assert f"index      {kind} (index_{kind}.faiss)" in capsys.readouterr().out
+
+
+def test_replacing_an_index_removes_the_old_file(random_db):
+    pytest.importorskip("faiss")
+    _, path = random_db
+    assert cli("index", str(path), "--kind", "flat", "--no-progress") == 0
+    assert cli("index", str(path), "--kind", "hnsw", "--param", "M=8", "--no-progress") == 0
+    assert not (path / "index_flat.faiss").exists()
+    assert Database.open(path, backend="faiss", device="cpu").manifest["index"]["params"]["M"] == 8
+
+
+def test_triton_backend_wiring_on_cpu_shards(random_db, monkeypatch):
+    """GPUExactSearch gets the database as one array (gathered from several shards); on this machine its
+    CPU path stands in for the GPU (availability is forced, devices=['cpu'])."""
+    pytest.importorskip("rdm_fast.retrieval.gpu_search")
+    emb, path = random_db
+    monkeypatch.setattr(Database, "_triton_unavailable", staticmethod(lambda device: None))
+    db = Database.open(path, backend="triton", device="cpu")
+    assert db.backend == "triton-exact"
+    queries = np.random.default_rng(6).standard_normal((7, 16)).astype(np.float32)
+    scores, ids = db.search(torch.from_numpy(queries), 9)
+    ref_scores, ref_ids = brute_force(emb.astype(np.float16), queries, 9)
+    np.testing.assert_array_equal(ids.numpy(), ref_ids)
+    np.testing.assert_allclose(scores.numpy(), ref_scores, atol=2e-3)  # the GPU path stores fp16 unit rows
