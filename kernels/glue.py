@@ -80,7 +80,7 @@ def _layer_norm_kernel(
 def _rows(t: Tensor, width: int) -> Tensor:
     """``t`` as a (rows, width) view with unit column stride (a contiguous copy only when no such view exists)."""
     t2 = t.reshape(-1, width)
-    return t2 if t2.stride(1) == 1 or t2.shape[0] <= 1 else t2.contiguous()
+    return t2 if t2.stride(1) == 1 or width == 1 else t2.contiguous()
 
 
 def _layer_norm_launch(x, residual, residual_bias, weight, bias, eps, store_sum):
@@ -97,9 +97,9 @@ def _layer_norm_launch(x, residual, residual_bias, weight, bias, eps, store_sum)
     _layer_norm_kernel[(triton.cdiv(rows, block_r),)](
         x2,
         res2,
-        x if residual_bias is None else residual_bias,
-        x if weight is None else weight,
-        x if bias is None else bias,
+        x if residual_bias is None else residual_bias.contiguous(),
+        x if weight is None else weight.contiguous(),
+        x if bias is None else bias.contiguous(),
         s,
         y,
         rows,

@@ -58,6 +58,7 @@ LN_CASES = {  # name -> (shape, affine, residual, residual_bias)
     "37x768": ((37, 768), True, False, True),
     "4x1000": ((4, 1000), True, True, True),
     "1x3x4100": ((1, 3, 4100), True, True, False),
+    "1x50": ((1, 50), True, True, True),
 }
 
 
@@ -282,8 +283,10 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
     op, name = case.split(":")
     if op == "layer_norm":
         x, _, _, w, b = ln_inputs(name, dtype, device)
-        if name == "3x37x96":  # a non-contiguous view
+        if name == "3x37x96":  # non-contiguous views: rows not evenly spaced, a column stride of 2
             x = x.transpose(0, 1)
+        if name == "1x50":
+            x = torch.stack([x, -x], dim=-1)[..., 0]
         return check(kernels.layer_norm(x, w, b, EPS), layer_norm_reference(x, w, b, EPS))
     if op == "add_layer_norm":
         args = ln_inputs(name, dtype, device) + (EPS,)
@@ -291,6 +294,8 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
         return "; ".join(e for e in errs if e) or None
     if op == "geglu":
         h = geglu_input(name, dtype, device)
+        if name == "3x5x300":
+            h = h.transpose(0, 1)
         return check(kernels.geglu(h), geglu_reference(h))
     args, kind = step_inputs(name, dtype, device)
     with _dispatch.use_mode("fast"):

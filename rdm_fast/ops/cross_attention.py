@@ -60,6 +60,16 @@ def check_args(x: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None, w_q:
     _check_tensor("v", v, x, tuple(k.shape), "k's shape")
 
 
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, tokens, heads * d) -> (B, heads, tokens, d)."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _unit_stride(t: Tensor) -> Tensor:
+    """``t`` itself when its last dim is dense (what the kernel indexes), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def cross_attention_reference(
     x: Tensor,
     ln_weight: Tensor | None,
@@ -82,8 +92,7 @@ def cross_attention_reference(
         xn = xn + ln_bias.float()
     q = xn.to(w_q.dtype).float() @ w_q.float().t()
     q = q.to(k.dtype).float()
-    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731  (B, heads, tokens, d)
-    qh, kh, vh = split(q), split(k.float()), split(v.float())
+    qh, kh, vh = (_split_heads(t, heads) for t in (q, k.float(), v.float()))
     logits = qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5
     p = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
     p = p / p.sum(dim=-1, keepdim=True)
@@ -105,8 +114,9 @@ def _unsupported(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> str | None:
 
 
 def _triton_forward(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> Tensor:
-    unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731  (the kernel indexes rows)
-    return _kernels.module.cross_attention(unit(x), ln_weight, ln_bias, ln_eps, unit(w_q), unit(k), unit(v), heads)
+    x, w_q, k, v = (_unit_stride(t) for t in (x, w_q, k, v))
+    ln_weight, ln_bias = (None if p is None else p.contiguous() for p in (ln_weight, ln_bias))
+    return _kernels.module.cross_attention(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads)
 
 
 CROSS_ATTENTION = Op(
