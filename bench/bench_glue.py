@@ -19,7 +19,13 @@ import torch.nn.functional as F
 
 from rdm_fast import ops
 from rdm_fast.diffusion import ddim_update, plms_eps
-from rdm_fast.ops.glue import add_layer_norm, ddim_guided_step, geglu, layer_norm, plms_guided_step
+from rdm_fast.ops.glue import (
+    add_layer_norm,
+    ddim_guided_step,
+    geglu,
+    layer_norm,
+    plms_guided_step,
+)
 
 CUDA = torch.cuda.is_available()
 CALLS = 10
@@ -66,7 +72,7 @@ _compiled: dict[str, object] = {}
 
 def _inputs(op: str, model: str):
     g = torch.Generator(device="cuda").manual_seed(0)
-    rand = lambda *shape, dtype=torch.bfloat16: torch.randn(shape, device="cuda", generator=g).to(dtype)  # noqa: E731
+    rand = lambda *shape, dtype=torch.bfloat16: torch.randn(shape, device="cuda", generator=g).to(dtype)
     b, n, c = TOKENS[model]
     if op == "layer_norm":
         args = (rand(b, n, c), rand(c), rand(c))

@@ -32,8 +32,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_KEYS = 32
-
 
 @triton.jit
 def _cross_attention_kernel(
@@ -127,7 +125,7 @@ def _cross_attention_kernel(
         tl.store(out_rows + (col0 + d)[None, :], o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

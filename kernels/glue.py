@@ -25,8 +25,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_LAYER_NORM_WIDTH = 16384
-
 
 @triton.jit
 def _layer_norm_kernel(

@@ -21,10 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_testing import compile_launches, mismatch, run_child
 
 from rdm_fast.ops import _dispatch
-from rdm_fast.ops.cross_attention import CROSS_ATTENTION, cross_attention, cross_attention_reference
-from triton_testing import compile_launches, mismatch, run_child
+from rdm_fast.ops.cross_attention import (
+    CROSS_ATTENTION,
+    cross_attention,
+    cross_attention_reference,
+)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 EPS = 1e-5
@@ -53,7 +57,7 @@ def make_inputs(case: tuple, dtype: torch.dtype, device: str = "cpu", seed: int 
     kbatch = 1 if kb1 else b
     k = 2 * torch.randn(kbatch, m, c, generator=gen)  # logits of spread ~2: softmax far from uniform
     v = torch.randn(kbatch, m, c, generator=gen)
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
     return cast(x), cast(lnw), cast(lnb), EPS, cast(w_q), cast(k), cast(v), heads
 
 
@@ -64,10 +68,10 @@ def check(out: torch.Tensor, ref: torch.Tensor) -> str | None:
 
 def composition(x, lnw, lnb, eps, w_q, k, v, heads, dtype=torch.float64) -> torch.Tensor:
     """Independent cross-attention: torch's LayerNorm, Linear and SDPA in ``dtype``."""
-    up = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    up = lambda t: None if t is None else t.to(dtype)
     xn = F.layer_norm(up(x), (x.shape[-1],), up(lnw), up(lnb), eps)
     q = F.linear(xn.to(w_q.dtype).to(dtype), up(w_q)).to(k.dtype).to(dtype)
-    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)
     kk, vv = (up(t).expand(x.shape[0], -1, -1) for t in (k, v))
     out = F.scaled_dot_product_attention(split(q), split(kk), split(vv))
     return out.transpose(1, 2).flatten(2)
@@ -167,7 +171,9 @@ def test_grad_flows_through_reference():
 
 
 def _run_case(name: str, dtype: torch.dtype, device: str = "cpu", layout: str = "contiguous") -> str | None:
-    from rdm_fast.kernels.cross_attention import cross_attention as triton_cross_attention
+    from rdm_fast.kernels.cross_attention import (
+        cross_attention as triton_cross_attention,
+    )
 
     args = list(make_inputs(CASES[name], dtype, device))
     if layout == "padded-rows":  # x a column slice of a wider buffer: row stride > C
@@ -230,7 +236,7 @@ def test_compiles_for_sm90_without_spills(name, dtype):
     """Compiled mode (which the interpreter does not exercise): the kernel builds for sm_90, no register spills."""
     from rdm_fast.kernels import cross_attention as kernels
 
-    b, n, c, m, heads, kb1, affine = GPU_CASES[name]
+    _, n, c, m, heads, kb1, affine = GPU_CASES[name]
     args = make_inputs((1, min(n, 64), c, m, heads, kb1, affine), dtype)
     (result,) = compile_launches(lambda: kernels.cross_attention(*args), kernels._cross_attention_kernel)
     assert result["spill_bytes"] == 0, result

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_testing import compile_launches, mismatch, run_child
 
 from rdm_fast.diffusion import Schedule, ddim_update, plms_eps
 from rdm_fast.ops import _dispatch
@@ -35,7 +36,6 @@ from rdm_fast.ops.glue import (
     layer_norm_reference,
     plms_guided_step,
 )
-from triton_testing import compile_launches, mismatch, run_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 EPS = 1e-5
@@ -71,7 +71,7 @@ def ln_inputs(name: str, dtype: torch.dtype, device: str = "cpu"):
     b = 0.5 * torch.randn(c, generator=g) if affine else None
     r = torch.randn(shape, generator=g) if res else None
     rb = torch.randn(c, generator=g) if rbias else None
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
     return cast(x), cast(r), cast(rb), cast(w), cast(b)
 
 
@@ -109,7 +109,7 @@ def step_inputs(name: str, dtype: torch.dtype, device: str = "cpu") -> tuple[dic
     """(keyword arguments of ddim_guided_step / plms_guided_step, which of the two)."""
     shape, guided_, hist, eta, i, form = STEP_CASES[name]
     g = _gen(1)
-    t = lambda: torch.randn(shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    t = lambda: torch.randn(shape, generator=g).to(device=device, dtype=dtype)
     a_t, a_prev, sigma = step_coefficients(i, eta)
     scale: float | torch.Tensor = 3.5
     if form == "tensor":
@@ -139,7 +139,7 @@ def run_step(kind: str, args: dict) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("name", list(LN_CASES))
 def test_layer_norm_reference_matches_torch(name):
-    x, r, rb, w, b = ln_inputs(name, torch.float32)
+    x, _, _, w, b = ln_inputs(name, torch.float32)
     ref = layer_norm_reference(x, w, b, EPS)
     expected = F.layer_norm(x.double(), x.shape[-1:], None if w is None else w.double(),
                             None if b is None else b.double(), EPS)
@@ -174,7 +174,7 @@ def test_sampler_step_reference_matches_samplers(name):
     args, kind = step_inputs(name, torch.float32)
     out = run_step(kind, args)
     d = {k: (v.double() if torch.is_tensor(v) and v.dim() else v) for k, v in args.items()}
-    num = lambda c: float(c) if torch.is_tensor(c) else c  # noqa: E731
+    num = lambda c: float(c) if torch.is_tensor(c) else c
     scale = num(d["guidance_scale"])
     eps = d["e_cond"] if d["e_uncond"] is None else d["e_uncond"] + scale * (d["e_cond"] - d["e_uncond"])
     if kind == "ddim":
@@ -211,13 +211,21 @@ def test_tensor_coefficients_match_float_ones():
     (lambda x: ddim_guided_step(x, x, x, 2.0, 1.5, 0.6), "a_t"),
     (lambda x: ddim_guided_step(x, x, x, 2.0, 0.5, 0.99, 0.5, x), "1 - a_prev - sigma_t"),
     (lambda x: ddim_guided_step(x, x, x, torch.ones(2), 0.5, 0.6), "0-d floating-point tensor"),
-    (lambda x: ddim_guided_step(x, x, x, "2", 0.5, 0.6), "float or a 0-d tensor"),
     (lambda x: plms_guided_step(x, x, x, 2.0, [x] * 4, 0.5, 0.6), "at most 3 past eps"),
     (lambda x: plms_guided_step(x, x, x, 2.0, [x], 0.5, 0.6, weights=(1.0,)), "expected 2 weights"),
     (lambda x: plms_guided_step(x, x, x, 2.0, [x.half()], 0.5, 0.6), r"history\[0\] of dtype"),
 ])
 def test_bad_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):
+        call(torch.randn(2, 3, 8))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x: ddim_guided_step(x, x, x, "2", 0.5, 0.6), "float or a 0-d tensor"),
+    (lambda x: plms_guided_step(x, x, x, 2.0, [x], 0.5, 0.6, weights=(1.0, torch.tensor(0.5))), "Python floats"),
+])
+def test_bad_argument_types_raise(call, match):
+    with pytest.raises(TypeError, match=match):
         call(torch.randn(2, 3, 8))
 
 

@@ -33,7 +33,7 @@ def run_child(script: str | Path, cwd: Path, timeout: float = 600) -> dict:
     tests_dir = str(Path(__file__).resolve().parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), tests_dir]))
     result = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+                            timeout=timeout, check=False)
     assert result.returncode == 0, f"interpreter run failed:\n{result.stderr[-4000:]}"
     return json.loads(result.stdout.strip().splitlines()[-1])
 

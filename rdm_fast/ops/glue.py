@@ -26,6 +26,7 @@ from ._dispatch import Impl, Op, needs_grad
 from ._triton_kernels import TritonKernels
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_LAYER_NORM_WIDTH = 16384  # the Triton kernel holds a row in registers
 Coef = float | Tensor
 
 _kernels = TritonKernels("glue")
@@ -77,8 +78,8 @@ def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
 
 
 def _layer_norm_unsupported(x, weight, bias, eps) -> str | None:
-    if x.shape[-1] > 16384:
-        return f"rows of {x.shape[-1]} > 16384 values"
+    if x.shape[-1] > MAX_LAYER_NORM_WIDTH:
+        return f"rows of {x.shape[-1]} > {MAX_LAYER_NORM_WIDTH} values"
     return _grad_unsupported(x, weight, bias)
 
 
@@ -131,8 +132,8 @@ def add_layer_norm_reference(
 
 
 def _add_layer_norm_unsupported(x, residual, residual_bias, weight, bias, eps) -> str | None:
-    if x.shape[-1] > 16384:
-        return f"rows of {x.shape[-1]} > 16384 values"
+    if x.shape[-1] > MAX_LAYER_NORM_WIDTH:
+        return f"rows of {x.shape[-1]} > {MAX_LAYER_NORM_WIDTH} values"
     return _grad_unsupported(x, residual, residual_bias, weight, bias)
 
 
@@ -227,7 +228,7 @@ PLMS_WEIGHTS = {
 def _coef(name: str, c: Coef, x: Tensor) -> Coef:
     """A coefficient as a Python float, or as a 0-d float tensor on x's device (kept on the device: no sync)."""
     if isinstance(c, bool) or not isinstance(c, (int, float, Tensor)):
-        raise ValueError(f"sampler step: {name} must be a float or a 0-d tensor, got {type(c).__name__}")
+        raise TypeError(f"sampler step: {name} must be a float or a 0-d tensor, got {type(c).__name__}")
     if not torch.is_tensor(c):
         return float(c)
     if c.dim() != 0 or not c.dtype.is_floating_point:
@@ -253,7 +254,7 @@ def _check_step(x, e_uncond, e_cond, history, weights, noise) -> None:
                          f"got {len(weights)}")
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise ValueError(f"{op}: multistep weights must be Python floats, got {type(w).__name__}")
+            raise TypeError(f"{op}: multistep weights must be Python floats, got {type(w).__name__}")
 
 
 def _check_coefs(a_t: Coef, a_prev: Coef, sigma_t: Coef, noise: Tensor | None) -> None:
