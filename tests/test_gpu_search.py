@@ -303,6 +303,19 @@ def test_memmap_input_streams_in_chunks(tmp_path):
     assert err is None, err
 
 
+def test_parts_are_one_database(tmp_path):
+    queries, rows = unit_data(5, 100, 16, seed=13, scale=True)
+    files = []
+    for i, (a, b) in enumerate([(0, 30), (30, 33), (33, 80)]):
+        np.save(tmp_path / f"part_{i}.npy", rows[a:b].numpy().astype(np.float16))
+        files.append(np.load(tmp_path / f"part_{i}.npy", mmap_mode="r"))
+    parts = [*files, rows[80:]]  # memory maps and a tensor; shard and chunk bounds cross the part bounds
+    index = GPUExactSearch(parts, devices=["cpu"] * 3, chunk_rows=4)
+    assert len(index) == 100
+    err = mismatch(*index.search(queries, 9), normalized(queries), normalized(rows), 9)
+    assert err is None, err
+
+
 def test_query_dtypes_and_empty_batch():
     queries, rows = unit_data(3, 50, 16, seed=8)
     index = GPUExactSearch(rows.numpy(), devices=["cpu"])
@@ -312,6 +325,10 @@ def test_query_dtypes_and_empty_batch():
         assert torch.equal(got[1], expected[1]), dt
     scores, ids = index.search(queries[:0], 4)
     assert scores.shape == (0, 4) and ids.shape == (0, 4)
+    # tensors that require grad (e.g. straight from an encoder) are taken as data
+    grad_index = GPUExactSearch(rows.clone().requires_grad_(), devices=["cpu"])
+    scores, ids = grad_index.search(queries.clone().requires_grad_(), 4)
+    assert not scores.requires_grad and torch.equal(ids, expected[1])
 
 
 def test_large_k_uses_reference():
@@ -331,6 +348,8 @@ def test_large_k_uses_reference():
         (np.zeros((4, 3), np.float32), {"dtype": torch.float64}, "dtype"),
         (np.zeros((4, 3), np.float32), {"devices": []}, "at least one device"),
         (np.zeros((4, 3), np.float32), {"chunk_rows": 0}, "chunk_rows"),
+        ([], {}, "empty"),
+        ([np.zeros((4, 3), np.float32), np.zeros((2, 5), np.float32)], {}, "different dimensions"),
     ],
 )
 def test_bad_database(embeddings, kwargs, match):
@@ -351,6 +370,8 @@ def test_bad_queries():
             index.search(queries, k)
     with pytest.raises(TypeError, match="Tensor"):
         index.search(np.zeros((2, 3), np.float32), 1)
+    with pytest.raises(TypeError, match="sequence"):
+        GPUExactSearch(5, devices=["cpu"])
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only behaviour")

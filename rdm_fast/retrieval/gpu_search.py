@@ -32,6 +32,16 @@ def _kernel_max_k() -> int:
     return MAX_K
 
 
+def _check_part(part: object) -> None:
+    if not isinstance(part, (np.ndarray, Tensor)):
+        raise TypeError(f"embeddings must be numpy arrays or torch Tensors, got {type(part).__name__}")
+    if part.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (N, D), got shape {tuple(part.shape)}")
+    floating = part.is_floating_point() if isinstance(part, Tensor) else np.issubdtype(part.dtype, np.floating)
+    if not floating:
+        raise ValueError(f"embeddings must hold floating-point values, got {part.dtype}")
+
+
 def _interpreter_forced() -> bool:
     """The Triton interpreter runs CPU shards only when TRITON_INTERPRET=1 and RDM_FAST_OPS=fast."""
     return os.environ.get("TRITON_INTERPRET") == "1" and get_mode() == "fast"
@@ -40,10 +50,12 @@ def _interpreter_forced() -> bool:
 class GPUExactSearch:
     """Exact top-k search by cosine similarity over an (N, D) database copied once onto the device(s).
 
-    ``embeddings`` may be a read-only ``np.memmap`` (e.g. fp16); it is streamed ``chunk_rows`` rows at a time,
-    so host memory never holds an fp32 copy of the whole database. Rows are L2-normalised in fp32 per chunk
-    (``normalize=True``) and stored as ``dtype``. ``normalize=False`` promises unit-length rows and queries
-    and skips normalising them (the CPU reference path normalises regardless).
+    ``embeddings`` is one (N, D) array or tensor, or a sequence of (n_i, D) parts taken in order as one
+    database (e.g. memory-mapped shard files). Arrays may be read-only ``np.memmap`` (e.g. fp16): they are read
+    ``chunk_rows`` rows at a time, so host memory never holds an fp32 copy, nor any copy, of the whole
+    database. Rows are L2-normalised in fp32 per chunk on the device (``normalize=True``) and stored as
+    ``dtype``. ``normalize=False`` promises unit-length rows and queries and skips normalising them (the CPU
+    reference path normalises regardless).
 
     ``devices=None`` takes the visible CUDA GPUs, as few as hold the database in ``85%`` of their free
     memory, and splits the rows evenly across those; an explicit list splits the rows evenly across exactly
@@ -58,24 +70,30 @@ class GPUExactSearch:
 
     def __init__(
         self,
-        embeddings: np.ndarray | Tensor,
+        embeddings: np.ndarray | Tensor | Sequence[np.ndarray | Tensor],
         *,
         devices: Sequence[str | torch.device] | None = None,
         dtype: torch.dtype = torch.float16,
         normalize: bool = True,
         chunk_rows: int = 1 << 20,
     ) -> None:
-        if not isinstance(embeddings, (np.ndarray, Tensor)):
-            raise TypeError(f"embeddings must be a numpy array or a torch Tensor, got {type(embeddings).__name__}")
-        if embeddings.ndim != 2:
-            raise ValueError(f"embeddings must be a 2-D (N, D) array, got shape {tuple(embeddings.shape)}")
-        floating = (embeddings.is_floating_point() if isinstance(embeddings, Tensor)
-                    else np.issubdtype(embeddings.dtype, np.floating))
-        if not floating:
-            raise ValueError(f"embeddings must hold floating-point values, got {embeddings.dtype}")
-        n, dim = (int(v) for v in embeddings.shape)
+        if isinstance(embeddings, (np.ndarray, Tensor)):
+            parts = [embeddings]
+        elif isinstance(embeddings, Sequence):
+            parts = list(embeddings)
+        else:
+            raise TypeError(f"embeddings must be an array, a tensor or a sequence of them, got "
+                            f"{type(embeddings).__name__}")
+        for part in parts:
+            _check_part(part)
+        if not parts:
+            raise ValueError("the embedding database is empty (no parts given)")
+        dims = {int(p.shape[1]) for p in parts}
+        if len(dims) != 1:
+            raise ValueError(f"the embedding parts have different dimensions: {sorted(dims)}")
+        n, dim = sum(int(p.shape[0]) for p in parts), dims.pop()
         if n == 0 or dim == 0:
-            raise ValueError(f"the embedding database is empty (shape {tuple(embeddings.shape)})")
+            raise ValueError(f"the embedding database is empty ({n} rows of {dim} dimensions)")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
         if chunk_rows < 1:
@@ -96,7 +114,7 @@ class GPUExactSearch:
         self._shards: list[tuple[int, Tensor]] = []
         for device, start, stop in zip(devices, bounds[:-1], bounds[1:]):
             if stop > start:
-                self._shards.append((int(start), self._load(embeddings, int(start), int(stop), device, chunk_rows)))
+                self._shards.append((int(start), self._load(parts, int(start), int(stop), device, chunk_rows)))
         self.devices: list[torch.device] = [shard.device for _, shard in self._shards]
 
     @staticmethod
@@ -132,24 +150,31 @@ class GPUExactSearch:
             f"have {sum(free) / 2**30:.1f} GiB usable ({_FILL_FRACTION:.0%} of free memory)"
         )
 
-    def _load(self, embeddings: np.ndarray | Tensor, start: int, stop: int, device: torch.device,
+    @torch.no_grad()
+    def _load(self, parts: list[np.ndarray | Tensor], start: int, stop: int, device: torch.device,
               chunk_rows: int) -> Tensor:
-        """Rows [start, stop) on ``device`` as ``self.dtype``, normalised in fp32 on the device per chunk."""
+        """Global rows [start, stop) on ``device`` as ``self.dtype``, normalised in fp32 on the device per chunk."""
         shard = torch.empty(stop - start, self.dim, dtype=self.dtype, device=device)
-        for c0 in range(start, stop, chunk_rows):
-            c1 = min(c0 + chunk_rows, stop)
-            part = embeddings[c0:c1]
-            if isinstance(part, np.ndarray):  # a writable native-endian copy of just this chunk
-                part = torch.from_numpy(np.array(part, dtype=part.dtype if part.dtype in _NUMPY_FLOATS
-                                                 else np.float32))
-            part = part.to(device)
-            for r0 in range(0, c1 - c0, _NORMALIZE_ROWS):
-                rows = part[r0:r0 + _NORMALIZE_ROWS].float()
-                if self.normalize:
-                    rows = F.normalize(rows, dim=1)
-                shard[c0 - start + r0:c0 - start + r0 + rows.shape[0]] = rows
+        part_start = 0
+        for part in parts:
+            lo, hi = max(start, part_start), min(stop, part_start + part.shape[0])
+            for c0 in range(lo, hi, chunk_rows):
+                c1 = min(c0 + chunk_rows, hi)
+                rows = part[c0 - part_start:c1 - part_start]
+                if isinstance(rows, np.ndarray):  # a writable native-endian copy of just this chunk
+                    rows = torch.from_numpy(np.array(rows, dtype=rows.dtype if rows.dtype in _NUMPY_FLOATS
+                                                     else np.float32))
+                rows = rows.to(device)
+                for r0 in range(0, c1 - c0, _NORMALIZE_ROWS):
+                    block = rows[r0:r0 + _NORMALIZE_ROWS].float()
+                    if self.normalize:
+                        block = F.normalize(block, dim=1)
+                    at = c0 - start + r0
+                    shard[at:at + block.shape[0]] = block
+            part_start += part.shape[0]
         return shard
 
+    @torch.no_grad()
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-k rows for each query: (scores fp32 (Q, k), ids int64 (Q, k)), best first, ties by lower id.
 
