@@ -3,7 +3,6 @@ resumption after a failure or a kill, a 2-process torchrun build, and the stream
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

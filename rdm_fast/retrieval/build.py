@@ -19,7 +19,7 @@ import logging
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -278,9 +278,11 @@ def inputs_digest(lines: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def run_sharded(out: Path, config: dict, n_shards: int, compute, finish) -> Path:
-    """The resumable, distributed skeleton: prepare (rank 0), compute this rank's unfinished shards with
-    ``compute(pending_shards, processes)``, barrier, then ``finish(records)`` writes the manifest (rank 0)."""
+def run_sharded(out: Path, config: dict, n_shards: int,
+                compute: Callable[[list[int], ShardedBuild, Processes], None],
+                finish: Callable[[list[dict]], None]) -> Path:
+    """The resumable, distributed skeleton: prepare ``out`` (rank 0), ``compute(pending, state, processes)``
+    this process's unfinished shards, barrier, then ``finish(done_records)`` writes the manifest (rank 0)."""
     procs = Processes()
     try:
         state = ShardedBuild(out, config, n_shards)
@@ -315,6 +317,32 @@ def run_sharded(out: Path, config: dict, n_shards: int, compute, finish) -> Path
 
 
 # ---------------------------------------------------------------------------------------------- image builds
+def _inputs(images: str | Path | None, image_list: str | Path | None, class_from_folder: bool
+            ) -> tuple[Path, Path, list[str], list[int] | None, list[str] | None]:
+    """(root relative sources are resolved against, the folder or list given, sources, class ids or None,
+    class names or None). Folder classes: the top-level folder (images directly in a scanned root get -1);
+    for a list, each file's parent folder."""
+    if images is not None:
+        inputs = root = Path(images).resolve()
+        sources, classes = list_images(root), None
+        folders = [s.split("/")[0] if "/" in s else None for s in sources]
+    else:
+        inputs = Path(image_list).resolve()
+        root = inputs.parent
+        sources, classes = read_list(inputs)
+        if class_from_folder and classes is not None:
+            raise ValueError(f"{inputs} has class ids; do not also ask for classes from folders")
+        folders = [Path(s).parent.name for s in sources]
+    if not sources:
+        raise ValueError(f"no images found in {inputs}" if images is not None else f"{inputs} lists no images")
+    class_names = None
+    if class_from_folder:
+        class_names = sorted({f for f in folders if f is not None})
+        index = {name: i for i, name in enumerate(class_names)}
+        classes = [index[f] if f is not None else -1 for f in folders]
+    return root, inputs, sources, classes, class_names
+
+
 def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Path | None = None,
                    image_list: str | Path | None = None, crop: str = "center", crop_size: int = 256,
                    crops_per_image: int = 1, batch_size: int = 64, shard_size: int = 100_000,
@@ -335,30 +363,8 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         raise ValueError(f"workers must be at least 0, got {workers}")
     if crops_per_image > 1 and crop != "random":
         raise ValueError(f"crops_per_image {crops_per_image} needs crop='random' (other crops are all equal)")
-    if images is not None:
-        root = Path(images).resolve()
-        sources = list_images(root)
-        classes = None
-        if class_from_folder:
-            folders = [s.split("/")[0] if "/" in s else None for s in sources]
-            class_names = sorted({f for f in folders if f is not None})
-            classes = [class_names.index(f) if f is not None else -1 for f in folders]
-    else:
-        list_file = Path(image_list).resolve()
-        root = list_file.parent
-        sources, classes = read_list(list_file)
-        class_names = None
-        if class_from_folder:
-            if classes is not None:
-                raise ValueError(f"{list_file} has class ids; do not also ask for classes from folders")
-            folders = [Path(s).parent.name for s in sources]
-            class_names = sorted(set(folders))
-            classes = [class_names.index(f) for f in folders]
-    if not class_from_folder:
-        class_names = None
+    root, inputs, sources, classes, class_names = _inputs(images, image_list, class_from_folder)
     files = [root / s for s in sources]
-    if not files:
-        raise ValueError(f"no images found in {images}" if images is not None else f"{image_list} lists no images")
 
     dev = pick_build_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     spec = encoder if isinstance(encoder, str) else None
@@ -369,7 +375,7 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     config = {"kind": "images", "encoder": enc.info(), "encoder_spec": spec or enc.name,
               "encoder_checkpoint": str(checkpoint) if checkpoint else None,
               "encoder_checkpoint_bytes": checkpoint.stat().st_size if checkpoint else None,
-              "inputs": str(root if images is not None else list_file), "n_inputs": len(sources),
+              "inputs": str(inputs), "n_inputs": len(sources),
               "inputs_sha256": inputs_digest([f"{s}\t{c}" for s, c in zip(sources, classes or [-1] * len(sources))]),
               "crop": crop, "crop_size": crop_size, "crops_per_image": crops_per_image, "shard_size": shard_size,
               "files_per_shard": files_per_shard, "class_from_folder": class_from_folder, "seed": seed}

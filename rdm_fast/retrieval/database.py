@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._files import atomic_save_npy, atomic_save_npz, atomic_write_json, sha256_file
-from .search import exact_search
 
 log = logging.getLogger("rdm_fast.retrieval")
 

@@ -35,7 +35,8 @@ def _member_name(zf: zipfile.ZipFile, file: Path, name: str) -> str:
     for candidate in (f"{name}.npy", name):
         if candidate in zf.namelist():
             return candidate
-    raise ValueError(f"{file} has no {name!r} array (it has {', '.join(n.removesuffix('.npy') for n in zf.namelist())})")
+    present = ", ".join(n.removesuffix(".npy") for n in zf.namelist())
+    raise ValueError(f"{file} has no {name!r} array (it has {present})")
 
 
 def _read_header(f: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
