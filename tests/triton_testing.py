@@ -71,10 +71,15 @@ def compile_launches(launch: Callable[[], object], kernel, arch: int = 90) -> li
     Arguments are typed and specialised as Triton's launcher does (pointers and integers divisible by 16 are
     marked so). Returns per launch ``{"constexprs", "registers", "spill_bytes"}`` from ``ptxas -v``.
     """
+    import pytest
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
+
+    try:  # internal APIs of Triton 3.x: a Triton that moved them skips rather than fails the check
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import get_ptxas
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        pytest.skip(f"this Triton cannot compile for a GPU offline ({exc})")
 
     calls = []
 
