@@ -224,8 +224,8 @@ def test_replacing_an_index_removes_the_old_file(random_db):
 
 
 def test_triton_backend_wiring_on_cpu_shards(random_db, monkeypatch):
-    """GPUExactSearch gets the database as one array (gathered from several shards); on this machine its
-    CPU path stands in for the GPU (availability is forced, devices=['cpu'])."""
+    """GPUExactSearch gets the memory-mapped shards as the parts of one database; on this machine its CPU path
+    stands in for the GPU (availability is forced, devices=['cpu'])."""
     pytest.importorskip("rdm_fast.retrieval.gpu_search")
     emb, path = random_db
     monkeypatch.setattr(Database, "_triton_unavailable", staticmethod(lambda device: None))

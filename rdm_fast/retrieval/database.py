@@ -403,7 +403,8 @@ class Database:
                 self._engine = TorchExactSearch(self._shards, device=self.device, chunk_rows=opts["chunk_rows"])
             elif self._backend_kind == "triton":
                 from .gpu_search import GPUExactSearch
-                self._engine = GPUExactSearch(self._gathered_shards(), devices=opts["devices"],
+                # the memory-mapped shards in id order (empty ones add no rows), streamed onto the GPU(s)
+                self._engine = GPUExactSearch([s for s in self._shards if s.shape[0]], devices=opts["devices"],
                                               dtype=torch.float16, normalize=True)
             else:
                 from .faiss_index import FaissSearch
@@ -411,18 +412,6 @@ class Database:
                                                 nprobe=opts["nprobe"], ef_search=opts["ef_search"],
                                                 vectors=self._shards)
         return self._engine
-
-    def _gathered_shards(self, chunk_rows: int = 1 << 20) -> np.ndarray | Tensor:
-        """All vectors as one (N, D) array for GPUExactSearch (which takes one array): the memory map itself
-        for a single shard, else one float16 copy in host RAM (2 bytes x N x D), filled chunk by chunk."""
-        if len(self._shards) == 1:
-            return self._shards[0]
-        out = torch.empty((len(self), self.dim), dtype=torch.float16)
-        for shard, start in zip(self._shards, self._offsets[:-1].tolist()):
-            for c in range(0, shard.shape[0], chunk_rows):
-                block = np.array(shard[c:c + chunk_rows])  # a writable copy of one chunk
-                out[start + c:start + c + len(block)] = torch.from_numpy(block)
-        return out
 
     def check_encoder(self, name: str) -> None:
         """Raise ValueError unless embeddings named ``name`` can be compared with this database's."""
