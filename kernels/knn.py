@@ -32,23 +32,24 @@ MAX_K = 64
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-if _INTERPRET:  # the interpreter cannot autotune; small tiles keep it quick
-    _CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32})]
+# CONFIGS: the tile configurations autotuned over; the interpreter cannot autotune and gets one with small tiles
+if _INTERPRET:
+    CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_D": 32})]
 else:
     # sm_90 ptxas (checked offline): 150-245 registers, no spills for k <= 16; in-flight loads per SM =
     # CTAs/SM x (stages - 1) x BLOCK_N x BLOCK_D x 2 bytes, 64-96 KiB for these
-    _CONFIGS = [
+    CONFIGS = [
         triton.Config({"BLOCK_N": 128, "BLOCK_D": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_N": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 256, "BLOCK_D": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_N": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
     ]
-_SPLIT_GRANULE = max(c.kwargs["BLOCK_N"] for c in _CONFIGS)  # splits are whole tiles for every config
+_SPLIT_GRANULE = max(c.kwargs["BLOCK_N"] for c in CONFIGS)  # splits are whole tiles for every config
 _INVALID_ID = tl.constexpr(2**31 - 1)  # id of an empty slot (score -inf); above every valid id (N <= 2**31 - 1)
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "K", "BLOCK_Q", "IEEE"])
+@triton.autotune(configs=CONFIGS, key=["D", "K", "BLOCK_Q", "IEEE"])
 @triton.jit
 def _topk_ip_kernel(
     q_ptr,
@@ -152,7 +153,7 @@ def _num_programs_target(device: torch.device) -> int:
 
 
 def topk_inner_product(
-    queries: Tensor, database: Tensor, k: int, *, num_splits: int | None = None
+    queries: Tensor, database: Tensor, k: int, *, num_splits: int | None = None, config: triton.Config | None = None
 ) -> tuple[Tensor, Tensor]:
     """Exact top-k database rows by inner product for each query: (scores float32 (Q, k), ids int64 (Q, k)),
     best first, ties broken by the lower id.
@@ -160,7 +161,9 @@ def topk_inner_product(
     ``queries`` (Q, D) and ``database`` (N, D) share a float16/bfloat16/float32 dtype and a device (float32
     products are exact fp32, not TF32); rows are used as given (normalise them for cosine similarity).
     ``num_splits`` overrides how many row ranges the database is cut into (default: enough programs to fill
-    the GPU). No host synchronisation; the kernel runs in the current stream of the tensors' device.
+    the GPU); ``config`` (one of ``CONFIGS``) runs that tile configuration instead of the autotuned one. No
+    host synchronisation (except while autotuning a new shape); the kernel runs in the current stream of the
+    current device.
     """
     if queries.dim() != 2 or database.dim() != 2:
         raise ValueError(
@@ -182,6 +185,8 @@ def topk_inner_product(
         raise ValueError(f"queries are on {queries.device} but the database on {database.device}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if config is not None and config.kwargs.get("BLOCK_N", 0) > _SPLIT_GRANULE:
+        raise ValueError(f"config BLOCK_N must be at most {_SPLIT_GRANULE}, got {config.kwargs.get('BLOCK_N')}")
     if database.stride(1) != 1:
         database = database.contiguous()
     if queries.stride(1) != 1:
@@ -202,10 +207,11 @@ def topk_inner_product(
 
     cand_s = torch.empty(nq, splits * k, dtype=torch.float32, device=device)
     cand_i = torch.empty(nq, splits * k, dtype=torch.int64, device=device)
-    _topk_ip_kernel[(splits * n_qblocks,)](
+    kernel, options = (_topk_ip_kernel, {}) if config is None else (_topk_ip_kernel.fn, config.all_kwargs())
+    kernel[(splits * n_qblocks,)](
         queries, database, cand_s, cand_i,
         nq, n, queries.stride(0), database.stride(0), rows_per_split, n_qblocks, k, splits * k,
-        D=dim, K=kk, BLOCK_Q=block_q, IEEE=database.dtype == torch.float32,
+        D=dim, K=kk, BLOCK_Q=block_q, IEEE=database.dtype == torch.float32, **options,
     )
     order = merge_candidates(cand_s, cand_i, k)
     return cand_s.gather(1, order), cand_i.gather(1, order)

@@ -9,7 +9,9 @@ accumulation order) and every returned id to carry its returned score.
 
 As in test_triton_group_norm.py, the interpreter cases (TRITON_INTERPRET=1, float32/float16) run in a child
 process started once by a module fixture (this file run as a script prints JSON). CUDA cases (compiled
-kernel, float16/bfloat16/float32, no host synchronisation) run in process and skip without a GPU.
+kernel, float16/bfloat16/float32: the shape sweep with one tile configuration, every configuration on two
+cases, the autotuned kernel through GPUExactSearch; no host synchronisation) run in process and skip without
+a GPU.
 """
 
 from __future__ import annotations
@@ -148,12 +150,15 @@ def kernel_inputs(case: tuple, device: str = "cpu") -> tuple[torch.Tensor, torch
     return queries.to(dt).to(device), rows.to(dt).to(device)
 
 
-def run_kernel_case(case: tuple, device: str = "cpu") -> str | None:
-    from rdm_fast.kernels.knn import topk_inner_product
+def run_kernel_case(case: tuple, device: str = "cpu", config_index: int | None = None) -> str | None:
+    """None when the kernel matches the brute force on ``case``; ``config_index``: that entry of CONFIGS
+    instead of the autotuned choice."""
+    from rdm_fast.kernels.knn import CONFIGS, topk_inner_product
 
     queries, rows = kernel_inputs(case, device)
     k, splits, kind = case[3], case[5], case[6]
-    scores, ids = topk_inner_product(queries, rows, k, num_splits=splits)
+    config = None if config_index is None else CONFIGS[config_index]
+    scores, ids = topk_inner_product(queries, rows, k, num_splits=splits, config=config)
     if scores.device != queries.device or ids.device != queries.device:
         return f"results on {scores.device}/{ids.device}, expected {queries.device}"
     return mismatch(scores, ids, queries.cpu(), rows.cpu(), k, exact=kind != "random")
@@ -186,6 +191,7 @@ def _child_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     assert os.environ.get("RDM_FAST_OPS") == "fast", "run with RDM_FAST_OPS=fast"
     results = {name: run_kernel_case(case) for name, case in KERNEL_CASES.items()}
+    results["explicit-config"] = run_kernel_case(KERNEL_CASES["q5-n300-d64-k10-float16-unit"], config_index=0)
     results["class-two-cpu-shards"] = run_class_interpreter_case()
     print(json.dumps(results))
 
@@ -211,7 +217,7 @@ def interpreter_results(tmp_path_factory) -> dict[str, str | None]:
 
 
 @needs_triton
-@pytest.mark.parametrize("name", [*KERNEL_CASES, "class-two-cpu-shards"])
+@pytest.mark.parametrize("name", [*KERNEL_CASES, "explicit-config", "class-two-cpu-shards"])
 def test_triton_interpreter_matches_brute_force(interpreter_results, name):
     assert name in interpreter_results
     assert interpreter_results[name] is None, interpreter_results[name]
@@ -398,11 +404,31 @@ GPU_KERNEL_CASES = {
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("name", list(GPU_KERNEL_CASES))
 def test_kernel_cuda_matches_brute_force(name, dtype):
+    """The shape sweep with the first configuration (one compile per shape key instead of five)."""
     case = GPU_KERNEL_CASES[name]
     case = case[:4] + (dtype,) + case[5:]
     if case[6] == "random" and dtype != "float32":
         pytest.skip("random data: rounding to 16 bits makes near-ties; float32 only")
-    err = run_kernel_case(case, "cuda")
+    err = run_kernel_case(case, "cuda", 0)
+    assert err is None, err
+
+
+@needs_cuda
+@pytest.mark.parametrize("config_index", range(5))
+@pytest.mark.parametrize("name,dtype", [("q64-n100003-d768-k10", "float16"), ("q33-n5000-d384-k64", "bfloat16")])
+def test_kernel_cuda_every_config(name, dtype, config_index):
+    from rdm_fast.kernels.knn import CONFIGS
+
+    assert len(CONFIGS) == 5
+    case = GPU_KERNEL_CASES[name]
+    err = run_kernel_case(case[:4] + (dtype,) + case[5:], "cuda", config_index)
+    assert err is None, err
+
+
+@needs_cuda
+def test_kernel_cuda_autotuned():
+    case = GPU_KERNEL_CASES["q130-n3001-d256-k16-unit"]
+    err = run_kernel_case(case[:4] + ("float16",) + case[5:], "cuda")
     assert err is None, err
 
 
