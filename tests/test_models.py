@@ -155,8 +155,8 @@ def test_prepared_context_matches_plain_context(zero_rows):
         model.unet.prepare_context(ctx[..., :-1])
 
 
-def test_fast_ops_path_matches_reference_path():
-    """The whole model with the extension ops forced on vs the plain-PyTorch references."""
+def test_cpu_extension_path_matches_reference_path():
+    """The whole model with the C++ CPU extension (the CPU's auto path) vs the plain-PyTorch references."""
     if not ops.available_backends().get("cpu-ext"):
         pytest.fail("the C++ extension is not built: pip install --no-build-isolation .")
     cfg = RDMConfig.preset("tiny")
@@ -166,7 +166,7 @@ def test_fast_ops_path_matches_reference_path():
     with torch.no_grad():
         with ops.use_mode("reference"):
             ref = model.unet(x, t, ctx), model.decode(x)
-        with ops.use_mode("fast"):
+        with ops.use_mode("auto"):
             fast = model.unet(x, t, ctx), model.decode(x)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -33,6 +33,13 @@ class GroupNorm(nn.Module):
         return f"{self.weight.shape[0]}, groups={self.num_groups}, eps={self.eps}"
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over the last dim with fp32 statistics, through the fused op (same parameters and names)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
 

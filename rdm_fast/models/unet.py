@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import UNetConfig
-from .layers import GroupNorm, attention, conv1x1, conv3x3, official_names
+from .. import ops
+from .layers import GroupNorm, LayerNorm, attention, conv1x1, conv3x3, official_names
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -106,8 +107,7 @@ class GEGLU(nn.Module):
         self.out = nn.Linear(4 * dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)
-        return self.out(self.dropout(a * F.gelu(gate)))
+        return self.out(self.dropout(ops.geglu(self.proj(x))))
 
 
 class TransformerBlock(nn.Module):
@@ -117,32 +117,30 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.self_attn = Attention(dim, heads, dim_head)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.cross_attn = Attention(dim, heads, dim_head, context_dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = GEGLU(dim, dropout)
 
     def forward(self, x: Tensor, context: Tensor | PreparedContext) -> Tensor:
         x = x + self.self_attn(self.norm1(x))
         if isinstance(context, Tensor):
             x = x + self.cross_attn(self.norm2(x), context)
-        else:
-            x = self._add_prepared_cross(x, context)
-        return x + self.ff(self.norm3(x))
+            return x + self.ff(self.norm3(x))
+        x, h = self._add_prepared_cross(x, context)
+        return x + self.ff(h)
 
-    def _add_prepared_cross(self, x: Tensor, context: PreparedContext) -> Tensor:
-        """x + cross-attention with precomputed keys/values; zero-context rows only get to_out's bias."""
-        attn, z = self.cross_attn, context.zero_rows
+    def _add_prepared_cross(self, x: Tensor, context: PreparedContext) -> tuple[Tensor, Tensor]:
+        """(x + cross-attention, norm3 of it) with precomputed keys/values: LayerNorm, query projection and
+        attention fused in one op, run on the conditional rows only (the zero-context rows get to_out's bias);
+        the bias add is fused with norm3."""
+        attn, z, n2, n3 = self.cross_attn, context.zero_rows, self.norm2, self.norm3
         k, v = context.kv[attn]
-        cond = attn.to_out(attention(attn.to_q(self.norm2(x[z:])), k, v, attn.heads))
-        if z == 0:
-            return x + cond
-        out = torch.empty_like(x)
-        torch.add(x[:z], attn.to_out.bias.to(x.dtype), out=out[:z])
-        torch.add(x[z:], cond, out=out[z:])
-        return out
+        o = ops.cross_attention(x[z:], n2.weight, n2.bias, n2.eps, attn.to_q.weight, k, v, attn.heads)
+        x[z:] += F.linear(o, attn.to_out.weight)  # x is this block's own intermediate: safe to update in place
+        return ops.add_layer_norm(x, None, attn.to_out.bias, n3.weight, n3.bias, n3.eps)
 
 
 class SpatialTransformer(nn.Module):
