@@ -9,8 +9,9 @@ k-th best so far (the threshold): a tile that cannot enter costs one row maximum
 takes every query's best remaining tile element (lowest column among equal scores) and, where it beats the
 threshold strictly, puts it in place of the worst slot (lowest score, highest id among equal scores). Tiles
 come in id order and a tile's elements in (score descending, id ascending) order, so the kept set is exactly
-the top-k by (score descending, id ascending) of the split. The Q x N score matrix is never written: each
-program writes k (score, id) candidates per query.
+the top-k by (score descending, id ascending) of the split. One flat loop runs over (tile, D slice), so the
+software pipeline keeps loading the next tile's slices while a tile's merge runs. The Q x N score matrix is
+never written: each program writes k (score, id) candidates per query.
 
 Stage 2, in PyTorch: the (Q, splits * k) candidates are ordered by one int64 key per candidate, the score's
 order-preserving integer image in the high bits and ``2**31 - 1 - id`` in the low 31, so ``torch.topk`` on
@@ -20,6 +21,7 @@ with no host synchronisation. Runs on the CPU under ``TRITON_INTERPRET=1`` (floa
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -94,7 +96,7 @@ def _topk_ip_kernel(
     # while the current tile's top-k merge runs
     d_steps = (D + BLOCK_D - 1) // BLOCK_D  # constexpr
     acc = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
-    for it in range(0, tl.cdiv(split_len, BLOCK_N) * d_steps):
+    for it in range(tl.cdiv(split_len, BLOCK_N) * d_steps):
         t0 = (it // d_steps) * BLOCK_N
         d = (it % d_steps) * BLOCK_D + offs_d
         tile = db_ptr + (split_start + t0) * stride_db  # int64 row offset: N * D may exceed 2**31
@@ -163,7 +165,7 @@ def topk_inner_product(
     ``num_splits`` overrides how many row ranges the database is cut into (default: enough programs to fill
     the GPU); ``config`` (one of ``CONFIGS``) runs that tile configuration instead of the autotuned one. No
     host synchronisation (except while autotuning a new shape); the kernel runs in the current stream of the
-    current device.
+    tensors' device.
     """
     if queries.dim() != 2 or database.dim() != 2:
         raise ValueError(
@@ -208,10 +210,12 @@ def topk_inner_product(
     cand_s = torch.empty(nq, splits * k, dtype=torch.float32, device=device)
     cand_i = torch.empty(nq, splits * k, dtype=torch.int64, device=device)
     kernel, options = (_topk_ip_kernel, {}) if config is None else (_topk_ip_kernel.fn, config.all_kwargs())
-    kernel[(splits * n_qblocks,)](
-        queries, database, cand_s, cand_i,
-        nq, n, queries.stride(0), database.stride(0), rows_per_split, n_qblocks, k, splits * k,
-        D=dim, K=kk, BLOCK_Q=block_q, IEEE=database.dtype == torch.float32, **options,
-    )
+    # triton launches on the current device's current stream: make that the tensors' device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[(splits * n_qblocks,)](
+            queries, database, cand_s, cand_i,
+            nq, n, queries.stride(0), database.stride(0), rows_per_split, n_qblocks, k, splits * k,
+            D=dim, K=kk, BLOCK_Q=block_q, IEEE=database.dtype == torch.float32, **options,
+        )
     order = merge_candidates(cand_s, cand_i, k)
     return cand_s.gather(1, order), cand_i.gather(1, order)

@@ -128,7 +128,7 @@ class GPUExactSearch:
             return "no CUDA GPU is visible"
         try:
             import rdm_fast.kernels.knn  # noqa: F401
-        except Exception as e:  # a broken triton install fails here with any exception type
+        except Exception as e:  # noqa: BLE001 (a broken triton install fails here with any exception type)
             return f"the Triton kNN kernel failed to import ({type(e).__name__}: {e})"
         return None
 
@@ -213,8 +213,5 @@ class GPUExactSearch:
         if use_kernel and k <= _kernel_max_k():
             from rdm_fast.kernels.knn import topk_inner_product
 
-            if on_cuda:
-                with torch.cuda.device(shard.device):  # triton launches on the current device's current stream
-                    return topk_inner_product(q.to(shard.dtype), shard, k)
             return topk_inner_product(q.to(shard.dtype), shard, k)
         return exact_search(q, shard, k)
