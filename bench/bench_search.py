@@ -1,8 +1,9 @@
 """pytest-benchmark benchmarks of exact nearest-neighbour search (top-10 by inner product).
 
 GPU (skips without CUDA): 64 fp16 queries against an N x 768 fp16 database resident on the GPU, the Triton
-kernel (``rdm_fast.kernels.knn.topk_inner_product``) against ``torch.topk(q @ db.T, 10)`` and against one read
-of the database (``db.amax()``, the memory-bound floor), all in the same run and synchronised. N comes from
+kernel (``rdm_fast.kernels.knn.topk_inner_product``; default split count and 2, 4, 16 splits per SM) against
+``torch.topk(q @ db.T, 10)`` and against one read of the database (``db.amax()``, the memory-bound floor),
+all in the same run and synchronised. N comes from
 ``RDM_BENCH_SEARCH_N`` (default 20,000,000, fewer when the GPU's free memory cannot hold the database and the
 baseline's score matrix). ``extra_info`` holds the database bytes and the effective bandwidth (database bytes /
 median time), and for the kernel the fraction of its ids that the torch baseline also returns.
@@ -62,14 +63,21 @@ def _record_bandwidth(benchmark, nbytes: int) -> None:
 
 
 @needs_cuda
-@pytest.mark.parametrize("impl", ["triton-exact", "torch-matmul-topk", "read-db-once"])
+@pytest.mark.parametrize("impl", ["triton-exact", "triton-exact-splits2xSM", "triton-exact-splits4xSM",
+                                  "triton-exact-splits16xSM", "torch-matmul-topk", "read-db-once"])
 def test_search_gpu(benchmark, gpu_data, impl):
+    """The kernel with its default split count (8 programs per SM) and others, the baselines."""
     queries, db, baseline_ids = gpu_data
-    if impl == "triton-exact":
+    if impl.startswith("triton-exact"):
         from rdm_fast.kernels.knn import topk_inner_product
 
+        splits = None
+        if "splits" in impl:
+            sms = torch.cuda.get_device_properties(db.device).multi_processor_count
+            splits = int(impl.split("splits")[1].split("x")[0]) * sms
+
         def fn():
-            return topk_inner_product(queries, db, K)
+            return topk_inner_product(queries, db, K, num_splits=splits)
     elif impl == "torch-matmul-topk":
         def fn():
             return torch.topk(queries @ db.T, K)
@@ -83,7 +91,7 @@ def test_search_gpu(benchmark, gpu_data, impl):
         return out
 
     out = run()  # compile and autotune outside the timed rounds
-    if impl == "triton-exact":
+    if impl.startswith("triton-exact"):
         same = (out[1][:, :, None] == baseline_ids[:, None, :]).any(dim=2).float().mean().item()
         benchmark.extra_info["ids_also_in_torch_topk"] = round(same, 4)
     benchmark.group = f"search-gpu-top{K}-{GPU_QUERIES}q-{db.shape[0]}x{GPU_DIM}-fp16"
