@@ -59,7 +59,7 @@ register_encoder("tiny-test", tiny_encoder, replace=True)
 
 from rdm_fast.retrieval import (Database, compute_neighbors, proposal_ranking, save_proposals,  # noqa: E402
                                 write_database)
-from rdm_fast.retrieval.database import topk_lowest_id  # noqa: E402
+from rdm_fast.retrieval.search import topk_lowest_id  # noqa: E402
 
 INFO = {"name": "tiny-test", "dim": 16, "normalized": False}
 

@@ -36,10 +36,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._files import atomic_save_npy, atomic_save_npz, atomic_write_json, sha256_file
+from .search import exact_search
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -215,31 +215,6 @@ def _open_shard(path: Path, rows: int, dim: int) -> np.ndarray:
     return arr
 
 
-def _merge_topk(best: tuple[Tensor, Tensor] | None, scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Merge sorted candidate lists; ``best`` holds lower ids than ``ids``, so a stable sort keeps ties by id."""
-    if best is not None:
-        scores, ids = torch.cat([best[0], scores], 1), torch.cat([best[1], ids], 1)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return scores.gather(1, order), ids.gather(1, order)
-
-
-def topk_lowest_id(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k columns of (Q, n) ``scores``, best first, equal scores ordered (and chosen) by lower column.
-    Uses ``torch.topk`` and falls back to a stable sort only for rows with a tie at the k-th score."""
-    vals, idx = torch.topk(scores, k, dim=1)
-    kth = vals[:, -1:]
-    tied = (scores == kth).sum(1) != (vals == kth).sum(1)  # an equal score outside the selection
-    if tied.any():
-        rows = tied.nonzero().squeeze(1)
-        idx[rows] = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]
-        vals[rows] = scores[rows].gather(1, idx[rows])
-    # order the selection by (score desc, column asc)
-    by_col = torch.sort(idx, dim=1).indices
-    idx, vals = idx.gather(1, by_col), vals.gather(1, by_col)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    return vals.gather(1, order), idx.gather(1, order)
-
-
 class TorchExactSearch:
     """Exact cosine search in PyTorch over the memory-mapped float16 shards, streamed in row chunks, so only
     one chunk at a time is in memory (on ``device``). Ties are broken by the lower id."""
@@ -251,16 +226,7 @@ class TorchExactSearch:
         self.shards, self.device, self.chunk_rows = list(shards), torch.device(device), chunk_rows
 
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        q = F.normalize(queries.to(self.device, torch.float32), dim=1)
-        best, offset = None, 0
-        for shard in self.shards:
-            for start in range(0, shard.shape[0], self.chunk_rows):
-                block = torch.from_numpy(np.asarray(shard[start:start + self.chunk_rows], dtype=np.float32))
-                block = F.normalize(block.to(self.device), dim=1)
-                scores, cols = topk_lowest_id(q @ block.T, min(k, block.shape[0]))
-                best = _merge_topk(best, scores, cols + (offset + start), k)
-            offset += shard.shape[0]
-        return best
+        return exact_search(queries.to(self.device), self.shards, k, chunk=self.chunk_rows)
 
 
 def _as_index_array(ids: Any) -> tuple[np.ndarray, tuple[int, ...], torch.device]:

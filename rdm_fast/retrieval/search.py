@@ -1,32 +1,65 @@
-"""Exact nearest-neighbour search by cosine similarity in plain PyTorch (the reference every faster backend
-is checked against): streams the database in chunks, so the full Q x N score matrix never exists."""
+"""Exact nearest-neighbour search by cosine similarity in plain PyTorch: the reference every faster backend is
+checked against, and the CPU backend of a database. The database is streamed in row chunks (from tensors or
+memory-mapped arrays), so neither it nor the Q x N score matrix is ever held whole."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+Rows = Tensor | np.ndarray
 
-def exact_search(queries: Tensor, database: Tensor, k: int, *, chunk: int = 65536) -> tuple[Tensor, Tensor]:
-    """Top-k database rows by cosine similarity to each query: (scores (Q, k) fp32, ids (Q, k) int64),
-    best first, ties broken by the lower id. Rows are L2-normalised here; computed in fp32 on the queries' device."""
-    if queries.dim() != 2 or database.dim() != 2:
-        raise ValueError(f"queries must be (Q, D) and database (N, D), got {tuple(queries.shape)} and "
-                         f"{tuple(database.shape)}")
-    if queries.shape[1] != database.shape[1]:
-        raise ValueError(f"queries have {queries.shape[1]} dimensions but the database {database.shape[1]}")
-    if not 1 <= k <= database.shape[0]:
-        raise ValueError(f"k must be between 1 and the database size {database.shape[0]}, got {k}")
-    q = F.normalize(queries.float(), dim=1)
-    best_scores, best_ids = [], []
-    for start in range(0, database.shape[0], chunk):
-        block = F.normalize(database[start:start + chunk].to(q.device, torch.float32), dim=1)
-        scores = q @ block.T
-        # a stable descending sort keeps equal scores in id order; keep each chunk's k best
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-        best_scores.append(scores.gather(1, order))
-        best_ids.append(order + start)
-    scores, ids = torch.cat(best_scores, dim=1), torch.cat(best_ids, dim=1)
+
+def topk_lowest_id(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k columns of (Q, n) ``scores``, best first, equal scores ordered (and chosen) by lower column.
+    Uses ``torch.topk`` and falls back to a stable sort only for rows with a tie at the k-th score."""
+    vals, idx = torch.topk(scores, k, dim=1)
+    kth = vals[:, -1:]
+    tied = (scores == kth).sum(1) != (vals == kth).sum(1)  # an equal score outside the selection
+    if tied.any():
+        rows = tied.nonzero().squeeze(1)
+        idx[rows] = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]
+        vals[rows] = scores[rows].gather(1, idx[rows])
+    by_col = torch.sort(idx, dim=1).indices  # order the selection by (score desc, column asc)
+    idx, vals = idx.gather(1, by_col), vals.gather(1, by_col)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, order), idx.gather(1, order)
+
+
+def merge_topk(best: tuple[Tensor, Tensor] | None, scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Merge sorted candidate lists; ``best`` holds lower ids than ``ids``, so a stable sort keeps ties by id."""
+    if best is not None:
+        scores, ids = torch.cat([best[0], scores], 1), torch.cat([best[1], ids], 1)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     return scores.gather(1, order), ids.gather(1, order)
+
+
+def exact_search(queries: Tensor, database: Rows | Sequence[Rows], k: int, *,
+                 chunk: int = 65536) -> tuple[Tensor, Tensor]:
+    """Top-k database rows by cosine similarity to each query: (scores (Q, k) fp32, ids (Q, k) int64), best
+    first, ties broken by the lower id. ``database`` is one (N, D) tensor/array or a list of parts in id order
+    (e.g. memory-mapped shards). Rows are L2-normalised here; computed in fp32 on the queries' device."""
+    parts = list(database) if isinstance(database, (list, tuple)) else [database]
+    if queries.dim() != 2 or any(p.ndim != 2 for p in parts):
+        raise ValueError(f"queries must be (Q, D) and the database (N, D), got {tuple(queries.shape)} and "
+                         f"{[tuple(p.shape) for p in parts]}")
+    if any(p.shape[1] != queries.shape[1] for p in parts):
+        raise ValueError(f"queries have {queries.shape[1]} dimensions but the database {parts[0].shape[1]}")
+    n = sum(p.shape[0] for p in parts)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the database size {n}, got {k}")
+    q = F.normalize(queries.float(), dim=1)
+    best, offset = None, 0
+    for part in parts:
+        for start in range(0, part.shape[0], chunk):
+            block = part[start:start + chunk]
+            block = torch.from_numpy(np.asarray(block, np.float32)) if isinstance(block, np.ndarray) else block
+            block = F.normalize(block.to(q.device, torch.float32), dim=1)
+            scores, cols = topk_lowest_id(q @ block.T, min(k, block.shape[0]))
+            best = merge_topk(best, scores, cols + (offset + start), k)
+        offset += part.shape[0]
+    return best
