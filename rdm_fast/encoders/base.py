@@ -50,6 +50,19 @@ class Encoder(nn.Module, ABC):
             raise ValueError(f"{self.name}: expected float images (B, 3, H, W) in [-1, 1], "
                              f"got {images.dtype} {tuple(images.shape)}")
 
+    def check_texts(self, texts: Sequence[str]) -> list[str]:
+        """The captions as a non-empty list of str; TypeError/ValueError otherwise (a bare str is refused: it
+        would otherwise be read as a list of characters)."""
+        if isinstance(texts, str):
+            raise TypeError(f"{self.name}: expected a list of captions, got a single str (wrap it in a list)")
+        texts = list(texts)
+        if not texts:
+            raise ValueError(f"{self.name}: expected at least one caption, got an empty list")
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"{self.name}: captions must be str, got {type(t).__name__}")
+        return texts
+
 
 EncoderFactory = Callable[..., Encoder]
 _REGISTRY: dict[str, EncoderFactory] = {}

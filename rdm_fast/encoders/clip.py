@@ -1,0 +1,210 @@
+"""OpenAI CLIP image and text towers through open_clip: ``clip-vit-b-32`` (512-d) and ``clip-vit-l-14`` (768-d).
+
+The ImageNet and FFHQ RDMs were trained with ViT-B/32 image embeddings, rdm768 with ViT-L/14 ones. Outputs are
+the raw CLIP embeddings (``normalized = False``): databases normalise for search and the sampler applies the
+rdm768 context normalisation, as in the reference.
+
+Image preprocessing reproduces the reference ``FrozenClipImageEmbedder``: images in [-1, 1] are resized as a
+whole (no crop, aspect ratio not kept) to 224x224 with ``kornia.geometry.resize(..., interpolation='bicubic',
+align_corners=True, antialias=False)``, which is ``torch.nn.functional.interpolate`` with those arguments; then
+mapped to [0, 1] and normalised with the OpenAI mean and std. ``align_corners=True`` and the missing
+antialiasing differ from OpenAI's own PIL pipeline; they are kept because the released databases and models
+were made this way.
+
+Weights, in order: ``checkpoint=`` a local file (open_clip/OpenAI state dict as .safetensors, .bin/.pt/.pth,
+or OpenAI's TorchScript .pt); else, with ``pretrained=True``, the ``openai`` weights if open_clip already
+cached them (Hugging Face hub cache, or ``~/.cache/clip`` for the OpenAI URL download). Nothing is ever
+downloaded here. The OpenAI models use QuickGELU, so the architecture is built with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Encoder, EncoderUnavailable
+
+IMAGE_SIZE = 224
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+# registry name -> (open_clip architecture, embedding dim)
+MODELS = {"clip-vit-b-32": ("ViT-B-32", 512), "clip-vit-l-14": ("ViT-L-14", 768)}
+PRETRAINED_TAG = "openai"
+# Entries of an OpenAI TorchScript state dict that are not parameters.
+_NON_PARAMETERS = ("input_resolution", "context_length", "vocab_size")
+
+
+def preprocess(images: Tensor) -> Tensor:
+    """Reference CLIP preprocessing (module docstring): (B, 3, H, W) in [-1, 1] -> (B, 3, 224, 224) float32."""
+    x = images.float()
+    if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):  # same size: interpolate with align_corners=True is the identity
+        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", align_corners=True, antialias=False)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return ((x + 1.0) / 2.0 - mean) / std
+
+
+class ClipEncoder(Encoder):
+    """An open_clip CLIP model with the reference preprocessing; float32 embeddings."""
+
+    normalized = False
+    image_size = IMAGE_SIZE
+
+    def __init__(self, name: str, model: nn.Module, tokenizer, dim: int) -> None:
+        super().__init__()
+        self.name = name
+        self.dim = dim
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        self.check_images(images)
+        return self.model.encode_image(preprocess(images.to(self.device))).float()
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        tokens = self.tokenizer(self.check_texts(texts))
+        return self.model.encode_text(tokens.to(self.device)).float()
+
+
+def _cache_candidates(arch: str) -> list[Path]:
+    """Where open_clip (or OpenAI's clip package) would have stored the ``openai`` weights of ``arch``."""
+    import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    cfg = open_clip.get_pretrained_cfg(arch, PRETRAINED_TAG)
+    found = []
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        # open_clip asks for the safetensors file first, then the pickled default.
+        names = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+        for name in names:
+            hit = try_to_load_from_cache(repo, name, cache_dir=constants.HF_HUB_CACHE)  # a lookup, never a download
+            if isinstance(hit, str):
+                found.append(Path(hit))
+    url = cfg.get("url", "")
+    if url:
+        path = Path.home() / ".cache" / "clip" / os.path.basename(url)
+        if path.is_file():
+            found.append(path)
+    return found
+
+
+def _unavailable(name: str, arch: str) -> EncoderUnavailable:
+    from huggingface_hub import constants
+
+    return EncoderUnavailable(
+        f"encoder {name!r}: the OpenAI {arch} weights are not cached here (looked in {constants.HF_HUB_CACHE} and "
+        f"{Path.home() / '.cache' / 'clip'}); cache them once with network access "
+        f"(python -c \"import open_clip; open_clip.create_model('{arch}', pretrained='openai')\") "
+        f"or pass a local weights file (--encoder-checkpoint PATH)")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") for n in archive.namelist())
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a CLIP weights file; FileNotFoundError if absent, ValueError if unreadable or not a state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif _is_torchscript(path):  # OpenAI's release format; torch.load(weights_only=True) refuses it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation note
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # every reader raises its own types for damaged files
+        first_line = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"cannot read CLIP checkpoint {path} (expected an open_clip/OpenAI state dict as "
+                         f".safetensors, .pt or .bin, or OpenAI's TorchScript .pt): {type(exc).__name__}: "
+                         f"{first_line}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"CLIP checkpoint {path} does not hold a state dict of tensors")
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items() if k not in _NON_PARAMETERS}
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], source: str, arch: str) -> None:
+    """Strictly load ``state`` into ``model``; ValueError listing what does not fit. Copies of buffers the
+    model computes itself (the causal attention mask, kept by traced archives) are ignored."""
+    own = model.state_dict()
+    computed = {f"{prefix}.{b}" if prefix else b for prefix, module in model.named_modules()
+                for b in module._non_persistent_buffers_set}
+    state = {k: v for k, v in state.items() if k not in computed}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} tensors of the wrong shape (e.g. {wrong[0]})")
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise ValueError(f"CLIP checkpoint {source} does not fit open_clip {arch}: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip warns that no pretrained weights were loaded when we load them ourselves afterwards."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def build(name: str, *, device: str | torch.device = "cpu", checkpoint: str | None = None,
+          pretrained: bool = True) -> ClipEncoder:
+    """Registry factory for ``name`` in MODELS (see the module docstring for where weights come from)."""
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise EncoderUnavailable(f"encoder {name!r} needs open_clip: pip install open_clip_torch") from exc
+    arch, dim = MODELS[name]
+    source = None
+    if checkpoint is not None:
+        source = Path(checkpoint)
+        if not source.is_file():
+            raise FileNotFoundError(f"CLIP checkpoint {source} does not exist")
+    elif pretrained:
+        cached = _cache_candidates(arch)
+        if not cached:
+            raise _unavailable(name, arch)
+        source = cached[0]
+    state = read_state_dict(source) if source is not None else None
+    device = torch.device(device)
+    # Built directly on the target device: random initialisation is fast on a GPU and free on "meta".
+    with _quiet_open_clip(), device:
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=True, device=device)
+    if state is not None:
+        load_weights(model, state, str(source), arch)
+    return ClipEncoder(name, model, open_clip.get_tokenizer(arch), dim)
