@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-shot check on a GPU machine (the device tool's H100/H200): build the extension there, run the GPU parity
-# tests (CUDA and Triton GroupNorm in fp32/fp16/bf16, the UNet against the float64 oracle), then the benchmarks.
-# Results land in $OUT (default /tmp/gpu_check): gpu.txt, build.txt, tests.txt, bench.txt, bench.json.
-# Usage there: bash bench/gpu_check.sh   (about 3-5 minutes; nothing is downloaded)
+# tests (GroupNorm, attention, cross-attention, glue ops, exact kNN search, the UNet against the float64 oracle,
+# CUDA-graph sampling without host sync), then the benchmarks (each with its PyTorch baselines in the same run).
+# Results land in $OUT (default /tmp/gpu_check): gpu.txt, build.txt, tests.txt, bench_*.txt/json.
+# Usage there: bash bench/gpu_check.sh [quick]   (quick: parity tests + the per-op benchmarks, no torch.compile
+# baselines; about 4-6 minutes in all; nothing is downloaded)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -15,7 +17,16 @@ PY=${PYTHON:-python3}
 start=$SECONDS
 $PY -m pip install --no-build-isolation --no-deps --no-index -q . 2>&1 | tail -20 | tee "$OUT/build.txt"
 echo "build: $((SECONDS - start)) s" | tee -a "$OUT/build.txt"
-$PY -m pytest -q -rs tests/test_ops_group_norm.py tests/test_triton_group_norm.py tests/test_models.py \
-  -k "cuda or triton or gpu or models" 2>&1 | tee "$OUT/tests.txt"
-$PY -m pytest bench/ --benchmark-only --benchmark-columns=min,median,max,rounds \
-  --benchmark-json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+# GPU cases only (-k): the interpreter cases of these files are CI's job
+$PY -m pytest -q -rs -x tests/test_ops_group_norm.py tests/test_triton_group_norm.py \
+  tests/test_ops_attention.py tests/test_ops_cross_attention.py tests/test_ops_glue.py tests/test_gpu_search.py \
+  tests/test_cuda_sampling.py tests/test_models.py -k "cuda or gpu or triton or models or graph or sync" \
+  2>&1 | tail -40 | tee "$OUT/tests.txt"
+COLS="--benchmark-columns=min,median,max,rounds --benchmark-group-by=group"
+if [ "${1:-}" = quick ]; then
+  $PY -m pytest bench/bench_attention.py bench/bench_cross_attention.py bench/bench_glue.py bench/bench_search.py \
+    bench/bench_unet.py --benchmark-only $COLS -k "not compiled" --benchmark-json "$OUT/bench.json" \
+    2>&1 | tail -80 | tee "$OUT/bench.txt"
+else
+  $PY -m pytest bench/ --benchmark-only $COLS --benchmark-json "$OUT/bench.json" 2>&1 | tail -120 | tee "$OUT/bench.txt"
+fi

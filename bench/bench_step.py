@@ -1,0 +1,83 @@
+"""One guided denoising step (a UNet call on the 2B batch [unconditional; conditional] plus the guidance combine)
+at the ANCHORS.md shapes: imagenet at 64 images (UNet batch 128) and rdm768 at 16 images (batch 32), bf16, on
+CUDA; the tiny preset on the CPU as a smoke run.
+
+Variants, all in the same run on the same weights (random, every parameter non-zero):
+
+* ``rdm_fast``: what ``RDM.sample`` does: context keys/values projected once (``prepare_context``), no
+  cross-attention for the all-zero unconditional half, fused kernels (ops mode auto), the step replayed from a
+  CUDA graph.
+* ``rdm_fast-eager``: the same without the CUDA graph.
+* ``torch-eager``: the plain-PyTorch path (ops mode reference: SDPA attention, unfused norms), context tensor
+  with the zeros concatenated, weights in bf16 (the ANCHORS "SDPA + bf16" peer, without autocast's casts).
+* ``torch-compile``: that path through ``torch.compile`` (the ANCHORS peer, 76.2 ms for imagenet on an H200);
+  skipped unless ``RDM_BENCH_COMPILE=1`` (compiling the 400M/1.3B UNets takes minutes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rdm_fast import RDM, ops
+from rdm_fast.diffusion import guided
+from rdm_fast.diffusion.graphs import GraphedEps
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+CASES = {"imagenet": 64, "rdm768": 16} if CUDA else {"tiny": 2}
+VARIANTS = ["rdm_fast", "rdm_fast-eager", "torch-eager", "torch-compile"]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def setup(request):
+    preset = request.param
+    torch.manual_seed(0)
+    model = RDM.from_config(preset, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    cfg, b = model.config, CASES[preset]
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, device=DEVICE, generator=g)
+    ctx = torch.randn(b, cfg.context_tokens, cfg.context_dim, device=DEVICE, generator=g)
+    return preset, model, x, ctx
+
+
+def _step_fn(variant: str, model: RDM, x: torch.Tensor, ctx: torch.Tensor):
+    scale = model.config.sampling.guidance_scale
+    if variant.startswith("rdm_fast"):
+        eps_fn = guided(model.unet, ctx, scale, prepare=model.unet.prepare_context)
+        return GraphedEps(eps_fn, x) if variant == "rdm_fast" and CUDA else eps_fn
+    unet = model.unet
+    if variant == "torch-compile":
+        if os.environ.get("RDM_BENCH_COMPILE") != "1":
+            pytest.skip("set RDM_BENCH_COMPILE=1 to include the torch.compile baseline (minutes to compile)")
+        unet = torch.compile(unet)
+    return guided(unet, ctx, scale)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_guided_step(benchmark, setup, variant):
+    preset, model, x, ctx = setup
+    if variant == "rdm_fast" and not CUDA:
+        pytest.skip("CUDA graphs need a GPU")
+    b = x.shape[0]
+    benchmark.group = f"step-{preset}-{b}img-{str(DTYPE).removeprefix('torch.')}-{DEVICE.type}"
+    benchmark.extra_info.update(preset=preset, images=b, unet_batch=2 * b, variant=variant, device=str(DEVICE))
+    mode = "reference" if variant.startswith("torch") else "auto"
+    with ops.use_mode(mode), torch.inference_mode():
+        eps_fn = _step_fn(variant, model, x, ctx)
+
+        def step():
+            out = eps_fn(x, 500)
+            if CUDA:
+                torch.cuda.synchronize()
+            return out
+
+        for _ in range(3 if CUDA else 1):  # warm-up: autotuning, compilation, allocator
+            step()
+        benchmark.pedantic(step, rounds=20 if CUDA else 3, iterations=1, warmup_rounds=1)
