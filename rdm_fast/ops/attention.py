@@ -1,0 +1,194 @@
+"""Multi-head softmax attention on the model's (B, N, heads*d) layout: ``softmax(q k^T * d^-0.5) v`` per head.
+
+Implementations (selected by :mod:`rdm_fast.ops._dispatch`):
+
+* ``reference`` -- :func:`attention_reference`: explicit scores, softmax and product in float32; the oracle.
+* ``sdpa`` -- :func:`attention_sdpa`: ``torch.nn.functional.scaled_dot_product_attention`` on (B, heads, N, d)
+  views. The CPU default, and the CUDA fallback for calls the Triton kernels do not handle (e.g. head dims
+  other than 16/32/64/128), so ``auto`` never drops to the slow reference on a GPU.
+* ``triton`` -- the flash-attention kernels of ``rdm_fast.kernels.attention`` (forward and backward), exposed
+  as the custom ops ``rdm_fast::attention_triton`` / ``rdm_fast::attention_triton_backward`` with autograd
+  and fake (meta) implementations, so training and torch.compile work through them. The CUDA default.
+  They read q, k, v in place in the (B, N, heads*d) layout: no transposes to (B, heads, N, d) and back.
+* ``triton-interpreter`` -- the same kernels on CPU tensors under ``TRITON_INTERPRET=1``; used only in
+  ``fast`` mode (correct but far slower than SDPA), never for bfloat16 (broken in the interpreter).
+
+Per device: ``cuda: [triton, sdpa]``, ``cpu: [triton-interpreter (fast mode only), sdpa]``; ``reference``
+mode always runs the reference. Because SDPA handles every valid call, ``fast`` mode falls back to SDPA
+rather than raising when the Triton kernels cannot run a call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._dispatch import Impl, Op, eager_constant
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_args(q: Tensor, k: Tensor, v: Tensor, heads: int) -> None:
+    """Raise ValueError when (q, k, v, heads) do not describe a valid attention call."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"attention: expected {name} of shape (B, N, heads*d), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"attention: unsupported {name} dtype {t.dtype} (expected float32, float16 or bfloat16)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"attention: heads must be a positive int, got {heads!r}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1] != v.shape[1]:
+        raise ValueError(
+            f"attention: expected q (B, Nq, C), k and v (B, Nk, C), got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.shape[2] == k.shape[2] == v.shape[2]) or q.shape[2] % heads:
+        raise ValueError(
+            f"attention: q, k, v need the same width C = heads*d with C divisible by heads={heads}, got widths "
+            f"{q.shape[2]}, {k.shape[2]}, {v.shape[2]}"
+        )
+    if k.shape[1] == 0:
+        raise ValueError(f"attention: k and v hold no tokens (shape {tuple(k.shape)}); softmax needs at least one")
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """Plain-PyTorch attention in float32 (explicit scores and softmax, not SDPA); differentiable."""
+    check_args(q, k, v, heads)
+    b, n, width = q.shape
+    d = width // heads
+    qh, kh, vh = (t.float().unflatten(-1, (heads, d)).transpose(1, 2) for t in (q, k, v))
+    scores = (qh @ kh.transpose(-1, -2)) * d**-0.5
+    probs = torch.softmax(scores, dim=-1)
+    return (probs @ vh).transpose(1, 2).reshape(b, n, width).to(q.dtype)
+
+
+def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """``scaled_dot_product_attention`` on (B, heads, N, d) views of the inputs."""
+    b, n, _ = q.shape
+    qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, n, -1)
+
+
+_triton_module: ModuleType | None = None
+_triton_error: str | None = None
+
+
+@eager_constant
+def _triton_unavailable() -> str | None:
+    """None once ``rdm_fast.kernels.attention`` (hence triton) is imported, else why not (tried once)."""
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            _triton_module = importlib.import_module("rdm_fast.kernels.attention")
+        except Exception as exc:  # optional dependency: a missing or broken triton must not break the op
+            _triton_error = f"triton kernels unavailable ({type(exc).__name__}: {exc})"
+    return _triton_error
+
+
+@eager_constant
+def _interpreter_unavailable() -> str | None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
+    why = _triton_unavailable()
+    if why is None and not _triton_module._INTERPRET:
+        return "rdm_fast.kernels.attention was imported before TRITON_INTERPRET=1 was set"
+    return why
+
+
+def _kernels() -> ModuleType:
+    why = _triton_unavailable()
+    if why is not None:
+        raise RuntimeError(f"attention: {why}")
+    return _triton_module
+
+
+def _triton_unsupported(q: Tensor, k: Tensor, v: Tensor, heads: int) -> str | None:
+    return _kernels().unsupported(q, k, v, heads)
+
+
+def _interpreter_unsupported(q: Tensor, k: Tensor, v: Tensor, heads: int) -> str | None:
+    if q.dtype == torch.bfloat16:
+        return "bfloat16 is broken in the Triton interpreter"
+    return _triton_unsupported(q, k, v, heads)
+
+
+@torch.library.custom_op("rdm_fast::attention_triton", mutates_args=())
+def _attention_triton(q: Tensor, k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """Triton forward: (output (B, Nq, C) contiguous, log2-unit log-sum-exp (B, heads, Nq) float32)."""
+    return _kernels().attention_forward(q, k, v, heads)
+
+
+@_attention_triton.register_fake
+def _attention_triton_fake(q: Tensor, k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    b, n, width = q.shape
+    return q.new_empty((b, n, width)), q.new_empty((b, heads, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("rdm_fast::attention_triton_backward", mutates_args=())
+def _attention_triton_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton backward: contiguous (dq, dk, dv) from the saved output and log-sum-exp."""
+    return _kernels().attention_backward(grad_out, q, k, v, out, lse, heads)
+
+
+@_attention_triton_backward.register_fake
+def _attention_triton_backward_fake(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, heads = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.heads = heads
+
+
+def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Tensor, Tensor, Tensor, None]:
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.rdm_fast.attention_triton_backward(grad_out, q, k, v, out, lse, ctx.heads)
+    return dq, dk, dv, None
+
+
+_attention_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_triton(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """The Triton kernels through the differentiable custom op (arguments as validated by :func:`attention`)."""
+    return torch.ops.rdm_fast.attention_triton(q, k, v, heads)[0]
+
+
+ATTENTION = Op(
+    "attention",
+    reference=Impl("reference", attention_reference),
+    by_device={
+        "cuda": [
+            Impl("triton", attention_triton, _triton_unsupported, _triton_unavailable),
+            Impl("sdpa", attention_sdpa),
+        ],
+        "cpu": [
+            Impl("triton-interpreter", attention_triton, _interpreter_unsupported, _interpreter_unavailable,
+                 fast_mode_only=True),
+            Impl("sdpa", attention_sdpa),
+        ],
+    },
+)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """Multi-head attention ``softmax(q k^T * d^-0.5) v`` on (B, Nq, heads*d) queries and (B, Nk, heads*d)
+    keys/values (d = C / heads); returns (B, Nq, heads*d) in q's dtype. Differentiable on every path."""
+    check_args(q, k, v, heads)
+    return ATTENTION(q, k, v, heads)

@@ -1,0 +1,366 @@
+"""Multi-head attention op: reference vs a float64 oracle, SDPA and Triton paths vs the reference, dispatch, errors.
+
+The Triton kernels run on the CPU only in the Triton interpreter (``TRITON_INTERPRET=1``, read when the kernel
+module is imported), so those cases run in a child interpreter, as in test_triton_group_norm.py: this file run
+as a script with ``TRITON_INTERPRET=1`` evaluates every case through the public op in ``fast`` mode (forward
+and backward, through the custom op's autograd) and prints JSON; a module fixture starts it once. GPU cases
+(compiled kernels, bfloat16 included, long sequences) run in process and skip without CUDA.
+
+Inputs are unit-scale normal values. Tolerances (``diff <= atol * max(max|ref|, 0.1) + rtol * |ref|``, per
+tensor; the floor covers gradients that are exactly zero in the reference):
+float32 atol = rtol = 1e-5 (output and gradients; float32 accumulation in another order); float16 atol = 1e-3,
+rtol = 2e-3 (about 2e-3 absolute on unit-scale data: the probability tile is rounded to float16 before its
+product with v, like every flash-attention kernel, then the output is rounded once); float16 gradients
+atol = rtol = 2e-3 (dS is rounded too); bfloat16 (GPU only) 8x the float16 values. In the interpreter the
+largest errors are below 0.3x these tolerances (float16 output) and 0.1x (float32, float16 gradients).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rdm_fast.ops import use_mode
+from rdm_fast.ops._dispatch import Impl, Op
+from rdm_fast.ops.attention import (
+    ATTENTION,
+    attention,
+    attention_reference,
+    attention_sdpa,
+    attention_triton,
+    check_args,
+)
+
+SCALE_FLOOR = 0.1  # exact zeros (one key: dq = dk = 0) leave rounding residue
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+
+TOLERANCES = {  # dtype -> ((atol, rtol) of the output, (atol, rtol) of the gradients)
+    torch.float32: ((1e-5, 1e-5), (1e-5, 1e-5)),
+    torch.float16: ((1e-3, 2e-3), (2e-3, 2e-3)),
+    torch.bfloat16: ((8e-3, 1.6e-2), (1.6e-2, 1.6e-2)),
+}
+
+# id -> (B, Nq, Nk, heads, d, dtype name, layout, logit gain). layout "views": q, k, v are column blocks of one
+# (B, N, 3C) tensor (strided rows, read in place). Interpreter blocks: forward and dQ 32 queries x 16 keys,
+# dK/dV 32 keys x 16 queries, so 77, 50, 130, 33 exercise partial blocks on both axes; gain 4 makes the
+# softmax peaked.
+INTERPRETER_CASES = {}
+for _shape in [(1, 1, 1, 1, 32), (2, 77, 77, 3, 32), (2, 77, 50, 3, 32), (1, 130, 130, 2, 64),
+               (1, 20, 130, 2, 64), (2, 64, 64, 6, 32)]:
+    for _dtype in ("float32", "float16"):
+        INTERPRETER_CASES["x".join(map(str, _shape)) + f"-{_dtype}"] = (*_shape, _dtype, "dense", 1.0)
+INTERPRETER_CASES["2x64x64x6x32-float16-views"] = (2, 64, 64, 6, 32, "float16", "views", 1.0)
+INTERPRETER_CASES["2x77x50x3x32-float32-peaked"] = (2, 77, 50, 3, 32, "float32", "dense", 4.0)
+INTERPRETER_CASES["1x40x33x2x16-float32"] = (1, 40, 33, 2, 16, "float32", "dense", 1.0)
+INTERPRETER_CASES["1x33x17x1x128-float16"] = (1, 33, 17, 1, 128, "float16", "dense", 1.0)
+
+
+def _inputs(case: tuple, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """(q, k, v, grad_out) for a case; q, k, v are leaves that require grad."""
+    b, nq, nk, heads, d, dtype, layout, gain = case
+    dtype = getattr(torch, dtype)
+    width = heads * d
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "views":
+        assert nq == nk
+        qkv = torch.randn(b, nq, 3 * width, generator=gen).to(device, dtype)
+        qkv[..., :width] *= gain
+        qkv.requires_grad_(True)
+        q, k, v = qkv.split(width, dim=-1)
+        leaves = (qkv,)
+    else:
+        q = (torch.randn(b, nq, width, generator=gen) * gain).to(device, dtype).requires_grad_(True)
+        k = torch.randn(b, nk, width, generator=gen).to(device, dtype).requires_grad_(True)
+        v = torch.randn(b, nk, width, generator=gen).to(device, dtype).requires_grad_(True)
+        leaves = (q, k, v)
+    grad_out = torch.randn(b, nq, width, generator=gen).to(device, dtype)
+    return q, k, v, grad_out, leaves
+
+
+def _mismatch(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> str | None:
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return f"{name}: got {tuple(out.shape)} {out.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
+    out, ref = out.float(), ref.float()
+    if not torch.isfinite(out).all():
+        return f"{name}: non-finite values"
+    diff = (out - ref).abs()
+    bad = diff > atol * max(ref.abs().max().item(), SCALE_FLOOR) + rtol * ref.abs()
+    if bad.any():
+        return f"{name}: {int(bad.sum())} of {bad.numel()} values out of tolerance, max abs diff {diff.max().item():.3g}"
+    return None
+
+
+def compare_with_reference(fn, case: tuple, device: str = "cpu") -> str | None:
+    """None when ``fn``'s output and gradients (w.r.t. every input leaf) match the reference's, else why not."""
+    heads = case[3]
+    q, k, v, grad_out, leaves = _inputs(case, device)
+    out = fn(q, k, v, heads)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref = attention_reference(q, k, v, heads)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out)
+    (oa, orr), (ga, gr) = TOLERANCES[q.dtype]
+    errors = [_mismatch("output", out, ref, oa, orr)]
+    errors += [_mismatch(f"grad {i}", g, r, ga, gr) for i, (g, r) in enumerate(zip(grads, ref_grads))]
+    errors = [e for e in errors if e]
+    return "; ".join(errors) or None
+
+
+def _child_main() -> None:
+    """Evaluate every interpreter case through the public op in fast mode; print {id: error or None} as JSON."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    results = {}
+    with use_mode("fast"):
+        for name, case in INTERPRETER_CASES.items():
+            q, k, v, _, _ = _inputs(case)
+            chosen = ATTENTION.select("cpu", q, k, v, case[3]).name
+            if chosen != "triton-interpreter":
+                results[name] = f"dispatch chose {chosen}"
+                continue
+            results[name] = compare_with_reference(attention, case)
+
+        # The custom ops' registrations (schema, fake tensors, autograd, AOT dispatch).
+        q, k, v, grad_out, _ = _inputs((1, 20, 17, 1, 32, "float32", "dense", 1.0))
+        checks = torch.library.opcheck(torch.ops.rdm_fast.attention_triton.default, (q, k, v, 1))
+        out, lse = torch.ops.rdm_fast.attention_triton(q, k, v, 1)
+        args = (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 1)
+        checks.update({f"backward {key}": val for key, val in torch.library.opcheck(
+            torch.ops.rdm_fast.attention_triton_backward.default, args).items()})
+        failed = {key: str(val) for key, val in checks.items() if val != "SUCCESS"}
+        results["opcheck"] = json.dumps(failed) if failed else None
+
+        # torch.compile traces the dispatch and the custom op (fake kernels) without graph breaks.
+        compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
+        results["torch.compile"] = compare_with_reference(compiled, (2, 40, 24, 2, 32, "float32", "dense", 1.0))
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory) -> dict[str, str | None]:
+    import rdm_fast
+
+    env = dict(os.environ, TRITON_INTERPRET="1", RDM_FAST_OPS="auto")
+    pkg_parent = str(Path(rdm_fast.__file__).resolve().parent.parent)
+    if pkg_parent not in site.getsitepackages():  # make the child import the same rdm_fast
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        cwd=tmp_path_factory.mktemp("triton_attention"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, f"interpreter run failed:\n{result.stderr[-4000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("name", [*INTERPRETER_CASES, "opcheck", "torch.compile"])
+def test_triton_interpreter(interpreter_results, name):
+    assert name in interpreter_results
+    assert interpreter_results[name] is None, interpreter_results[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference and SDPA (CPU, in process)
+
+
+def float64_attention(q, k, v, heads):
+    """Attention from first principles in float64: exp of max-shifted scores over their sum."""
+    b, nq, width = q.shape
+    d = width // heads
+    qh, kh, vh = (t.double().reshape(b, -1, heads, d) for t in (q, k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", qh, kh) / d**0.5
+    weights = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, vh).reshape(b, nq, width)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 32), (2, 77, 50, 3, 32), (1, 20, 130, 2, 64), (2, 9, 9, 4, 48)])
+def test_reference_matches_float64(shape):
+    q, k, v, _, _ = _inputs((*shape, "float32", "dense", 2.0))
+    out = attention_reference(q, k, v, shape[3])
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    torch.testing.assert_close(out.double(), float64_attention(q, k, v, shape[3]), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_rounds_once_to_input_dtype():
+    """float16 inputs: float32 math, one rounding: within half a float16 ulp (+ float32 error) of the exact value."""
+    q, k, v, _, _ = _inputs((2, 30, 20, 2, 32, "float16", "dense", 1.0))
+    out = attention_reference(q, k, v, 2)
+    assert out.dtype == torch.float16
+    exact = float64_attention(q, k, v, 2)
+    half_ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-14)))) * 2.0**-11
+    assert ((out.double() - exact).abs() <= half_ulp + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(2, 77, 50, 3, 32), (1, 33, 33, 2, 48)])
+def test_sdpa_matches_reference(shape, dtype):
+    err = compare_with_reference(attention_sdpa, (*shape, dtype, "dense", 1.0))
+    assert err is None, err
+
+
+def test_sdpa_on_strided_views():
+    err = compare_with_reference(attention_sdpa, (2, 40, 40, 2, 32, "float32", "views", 1.0))
+    assert err is None, err
+
+
+def test_compare_with_reference_detects_errors():
+    """The comparison used everywhere fails on a wrong scale and on a wrong gradient."""
+    case = (1, 20, 20, 2, 32, "float32", "dense", 1.0)
+    assert compare_with_reference(lambda q, k, v, h: attention_reference(q * 1.01, k, v, h), case) is not None
+    assert compare_with_reference(
+        lambda q, k, v, h: attention_reference(q, k, v, h) + 1e-3 * (q - q.detach()), case
+    ) is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch and validation
+
+
+def _small(dtype=torch.float32, d=32, heads=2):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 10, heads * d, generator=g).to(dtype) for _ in range(3)]
+
+
+def test_dispatch_cpu_modes():
+    q, k, v = _small()
+    with use_mode("auto"):
+        assert ATTENTION.select("cpu", q, k, v, 2).name == "sdpa"
+    with use_mode("reference"):
+        assert ATTENTION.select("cpu", q, k, v, 2).name == "reference"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with use_mode("fast"):  # interpreter off: SDPA is the fast CPU path
+            assert ATTENTION.select("cpu", q, k, v, 2).name == "sdpa"
+    for mode in ("auto", "reference", "fast"):
+        with use_mode(mode):
+            torch.testing.assert_close(attention(q, k, v, 2), attention_reference(q, k, v, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_unsupported_calls_fall_back_in_auto_and_raise_in_fast():
+    """An op whose only fast implementation is the Triton one: head dim 48 goes to the reference in auto mode
+    and raises in fast mode, naming the reason; head dim 32 is accepted."""
+    impl = ATTENTION.impl("triton")
+    op = Op("attention", reference=ATTENTION.reference,
+            by_device={"cpu": [Impl("triton", attention_triton, impl.unsupported, impl.unavailable)]})
+    q, k, v = _small(d=48)
+    with use_mode("auto"):
+        assert op.select("cpu", q, k, v, 2).name == "reference"
+    with use_mode("fast"), pytest.raises(RuntimeError, match="head dim 48"):
+        op.select("cpu", q, k, v, 2)
+    with use_mode("fast"):
+        assert op.select("cpu", *_small(d=32), 2).name == "triton"
+        assert ATTENTION.select("cpu", q, k, v, 2).name == "sdpa"  # the real op: SDPA handles the rest
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_unsupported_reasons():
+    unsupported = ATTENTION.impl("triton").unsupported
+    for d in (16, 32, 64, 128):
+        assert unsupported(*_small(d=d, heads=1), 1) is None
+    for d in (8, 48, 256):
+        assert f"head dim {d}" in unsupported(*_small(d=d, heads=1), 1)
+    big = torch.empty(2, 4, 32 * 40000, device="meta")
+    assert "batch * heads" in unsupported(big, big, big, 40000)
+    interp = ATTENTION.impl("triton-interpreter").unsupported
+    assert "bfloat16" in interp(*_small(torch.bfloat16), 2)
+
+
+def test_interpreter_impl_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET" in ATTENTION.impl("triton-interpreter").unavailable()
+
+
+@pytest.mark.parametrize(
+    "shapes,heads,match",
+    [
+        (((2, 10, 64), (2, 10, 64), (2, 10)), 2, "expected v of shape"),
+        (((2, 10, 64), (3, 10, 64), (3, 10, 64)), 2, "expected q"),
+        (((2, 10, 64), (2, 10, 64), (2, 9, 64)), 2, "expected q"),
+        (((2, 10, 64), (2, 10, 32), (2, 10, 32)), 2, "same width"),
+        (((2, 10, 64), (2, 10, 64), (2, 10, 64)), 3, "divisible by heads=3"),
+        (((2, 10, 64), (2, 10, 64), (2, 10, 64)), 0, "positive int"),
+        (((2, 10, 64), (2, 0, 64), (2, 0, 64)), 2, "no tokens"),
+    ],
+)
+def test_invalid_shapes_raise(shapes, heads, match):
+    q, k, v = (torch.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v, heads)
+    with pytest.raises(ValueError, match=match):
+        attention_reference(q, k, v, heads)
+
+
+def test_invalid_dtypes_raise():
+    q, k, v = _small()
+    with pytest.raises(ValueError, match="unsupported q dtype torch.float64"):
+        attention(q.double(), k, v, 2)
+    with pytest.raises(ValueError, match="share a dtype"):
+        attention(q, k.half(), v, 2)
+    with pytest.raises(ValueError, match="one device"):
+        attention(q, k.to("meta"), v, 2)
+
+
+def test_check_args_accepts_cross_attention_lengths():
+    check_args(torch.zeros(2, 100, 64), torch.zeros(2, 5, 64), torch.zeros(2, 5, 64), 2)
+
+
+def test_custom_op_fake_shapes():
+    q = torch.empty(3, 50, 96, device="meta", dtype=torch.bfloat16)
+    kv = torch.empty(3, 7, 96, device="meta", dtype=torch.bfloat16)
+    out, lse = torch.ops.rdm_fast.attention_triton(q, kv, kv, 3)
+    assert (out.shape, out.dtype, out.is_contiguous()) == ((3, 50, 96), torch.bfloat16, True)
+    assert (lse.shape, lse.dtype) == ((3, 3, 50), torch.float32)
+    dq, dk, dv = torch.ops.rdm_fast.attention_triton_backward(out, q, kv, kv, out, lse, 3)
+    assert [t.shape for t in (dq, dk, dv)] == [q.shape, kv.shape, kv.shape]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiled kernels on a GPU (in process)
+
+# bfloat16 on every shape; float16 and float32 on fewer (each dtype and head dim compiles its own kernels).
+GPU_SHAPES = [(1, 1, 1, 1, 32), (2, 77, 50, 3, 32), (3, 1000, 777, 4, 64), (2, 4096, 4096, 2, 32),
+              (1, 4096, 4096, 2, 64), (4, 2304, 2304, 3, 32), (2, 300, 300, 2, 16), (2, 129, 200, 2, 128)]
+GPU_CASES = [(s, "bfloat16") for s in GPU_SHAPES]
+GPU_CASES += [(s, "float16") for s in GPU_SHAPES[1:4]] + [(s, "float32") for s in GPU_SHAPES[1:3]]
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("shape,dtype", GPU_CASES, ids=["x".join(map(str, s)) + f"-{d}" for s, d in GPU_CASES])
+def test_triton_gpu_matches_reference(shape, dtype):
+    q, k, v, _, _ = _inputs((*shape, dtype, "dense", 1.0), "cuda")
+    assert ATTENTION.select("cuda", q, k, v, shape[3]).name == "triton"
+    err = compare_with_reference(attention_triton, (*shape, dtype, "dense", 1.0), "cuda")
+    assert err is None, err
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_triton_gpu_strided_views_and_peaked_softmax(dtype):
+    for case in [(2, 1024, 1024, 12, 32, dtype, "views", 1.0), (2, 577, 577, 4, 64, dtype, "views", 4.0)]:
+        err = compare_with_reference(attention_triton, case, "cuda")
+        assert err is None, f"{case}: {err}"
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+def test_triton_gpu_auto_dispatch_and_sdpa_fallback():
+    q, k, v, _, _ = _inputs((2, 64, 64, 2, 48, "bfloat16", "dense", 1.0), "cuda")
+    with use_mode("auto"):
+        assert ATTENTION.select("cuda", q, k, v, 2).name == "sdpa"
+    err = compare_with_reference(attention, (2, 64, 64, 2, 48, "bfloat16", "dense", 1.0), "cuda")
+    assert err is None, err
+
+
+if __name__ == "__main__":
+    _child_main()
