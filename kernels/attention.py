@@ -34,12 +34,12 @@ LOG2E = 1.4426950408889634
 INT32_LIMIT = 2**31
 MAX_GRID_Y = 65535  # CUDA limit of the second grid dimension, which holds batch * heads
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs(shapes: list[tuple[int, int, int, int]], interpreter: tuple[int, int]) -> list[triton.Config]:
     """(BLOCK_M, BLOCK_N, warps, stages) candidates on a GPU, one small configuration in the interpreter."""
-    if _INTERPRET:
+    if INTERPRETER:
         return [triton.Config({"BLOCK_M": interpreter[0], "BLOCK_N": interpreter[1]}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
@@ -48,8 +48,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     """Keep the candidates that suit the call: small tiles for float32 (its IEEE products run on the CUDA cores
     and spill registers in large tiles), no 128 x 128 score tiles at head dim 128 (shared memory), no blocks
     far longer than the sequences (short low-resolution levels). Always keeps at least one."""
-    fp32 = named_args["Q"].dtype == torch.float32
-    head_dim = kwargs["HEAD_DIM"]
+    q = named_args["Q"]
+    fp32 = q.dtype == torch.float32
+    head_dim = q.shape[-1] // named_args["H"]
     cap_m = max(32, triton.next_power_of_2(named_args["N_Q"]))
     cap_n = max(32, triton.next_power_of_2(named_args["N_K"]))
 
@@ -288,6 +289,8 @@ def _attn_bwd_dkdv_kernel(
 
 def unsupported(q: Tensor, k: Tensor, v: Tensor, heads: int) -> str | None:
     """None when these kernels can run the call (arguments already validated), else why not."""
+    if q.is_cuda and torch.version.hip:
+        return "the kernels target NVIDIA GPUs (ROCm is untested)"
     d = q.shape[-1] // heads
     if d not in HEAD_DIMS:
         return f"head dim {d} is not one of {HEAD_DIMS}"

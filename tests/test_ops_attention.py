@@ -165,7 +165,7 @@ def interpreter_results(tmp_path_factory) -> dict[str, str | None]:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("name", [*INTERPRETER_CASES, "opcheck", "torch.compile"])
-def test_triton_interpreter(interpreter_results, name):
+def test_interpreter_matches_reference(interpreter_results, name):
     assert name in interpreter_results
     assert interpreter_results[name] is None, interpreter_results[name]
 
@@ -336,11 +336,18 @@ GPU_CASES = [(s, "bfloat16") for s in GPU_SHAPES]
 GPU_CASES += [(s, "float16") for s in GPU_SHAPES[1:4]] + [(s, "float32") for s in GPU_SHAPES[1:3]]
 
 
+@pytest.fixture
+def exact_float32(monkeypatch):
+    """The float32 reference must not use TF32 products."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 @pytest.mark.parametrize("shape,dtype", GPU_CASES, ids=["x".join(map(str, s)) + f"-{d}" for s, d in GPU_CASES])
-def test_triton_gpu_matches_reference(shape, dtype):
+def test_triton_gpu_matches_reference(exact_float32, shape, dtype):
     q, k, v, _, _ = _inputs((*shape, dtype, "dense", 1.0), "cuda")
-    assert ATTENTION.select("cuda", q, k, v, shape[3]).name == "triton"
+    with use_mode("auto"):
+        assert ATTENTION.select("cuda", q, k, v, shape[3]).name == "triton"
     err = compare_with_reference(attention_triton, (*shape, dtype, "dense", 1.0), "cuda")
     assert err is None, err
 
@@ -354,11 +361,23 @@ def test_triton_gpu_strided_views_and_peaked_softmax(dtype):
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
-def test_triton_gpu_auto_dispatch_and_sdpa_fallback():
-    q, k, v, _, _ = _inputs((2, 64, 64, 2, 48, "bfloat16", "dense", 1.0), "cuda")
+def test_triton_gpu_public_op_and_sdpa_fallback():
+    """auto mode on CUDA: head dim 32 runs the Triton kernels, head dim 48 SDPA; both match the reference."""
+    for d, expected in ((32, "triton"), (48, "sdpa")):
+        case = (2, 64, 40, 2, d, "bfloat16", "dense", 1.0)
+        q, k, v, _, _ = _inputs(case, "cuda")
+        with use_mode("auto"):
+            assert ATTENTION.select("cuda", q, k, v, 2).name == expected
+            err = compare_with_reference(attention, case, "cuda")
+        assert err is None, f"head dim {d}: {err}"
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+def test_triton_gpu_torch_compile():
+    """torch.compile (inductor) traces the op through its fake kernels and runs the Triton kernels."""
+    compiled = torch.compile(attention, fullgraph=True)
     with use_mode("auto"):
-        assert ATTENTION.select("cuda", q, k, v, 2).name == "sdpa"
-    err = compare_with_reference(attention, (2, 64, 64, 2, 48, "bfloat16", "dense", 1.0), "cuda")
+        err = compare_with_reference(compiled, (2, 256, 256, 6, 32, "bfloat16", "dense", 1.0), "cuda")
     assert err is None, err
 
 

@@ -99,7 +99,7 @@ def _interpreter_unavailable() -> str | None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
     why = _triton_unavailable()
-    if why is None and not _triton_module._INTERPRET:
+    if why is None and not _triton_module.INTERPRETER:
         return "rdm_fast.kernels.attention was imported before TRITON_INTERPRET=1 was set"
     return why
 
