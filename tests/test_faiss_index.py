@@ -147,6 +147,21 @@ def test_search_parameters_and_inputs(built):
         FaissSearch.load(out, nprobe=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or faiss.get_num_gpus() < 1,
+                    reason="needs CUDA and a faiss build with GPU support")
+def test_cuda_queries(built):
+    """CUDA queries: results come back on the queries' device and agree with the CPU search."""
+    kind, shards, q, out, _ = built
+    engine = FaissSearch.load(out, vectors=shards)
+    cpu_scores, cpu_ids = engine.search(torch.from_numpy(q), 10)
+    scores, ids = engine.search(torch.from_numpy(q).cuda(), 10)
+    assert scores.is_cuda and ids.is_cuda
+    # GPU rounding may swap results whose scores differ by ~1e-7, so exact search compares sorted scores
+    assert recall(ids.cpu().numpy(), cpu_ids.numpy()) >= (0.99 if kind == "flat" else 0.95)
+    if kind == "flat":
+        np.testing.assert_allclose(scores.cpu().numpy(), cpu_scores.numpy(), atol=1e-5)
+
+
 def test_flat_exact_ids_and_ties(tmp_path):
     """+-1 vectors: every score is exact in fp32 and most are tied, so ranks cut through tie groups; flat must
     return exactly the brute-force order with ties by lower id (also across shard boundaries), like
