@@ -364,7 +364,7 @@ def attention_backward(
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(d)
-    common = dict(HEAD_DIM=d, PRECISION=_precision(q))
+    common = {"HEAD_DIM": d, "PRECISION": _precision(q)}
 
     def dq_grid(meta):
         return (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)

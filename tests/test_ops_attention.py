@@ -153,6 +153,7 @@ def interpreter_results(tmp_path_factory) -> dict[str, str | None]:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, str(Path(__file__).resolve())],
+        check=False,
         cwd=tmp_path_factory.mktemp("triton_attention"),
         env=env,
         capture_output=True,
