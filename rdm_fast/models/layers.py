@@ -8,7 +8,6 @@ converter between the two layouts is defined next to the modules themselves.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -50,10 +49,7 @@ def conv1x1(cin: int, cout: int) -> nn.Conv2d:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """Multi-head softmax attention on (B, N, heads*d) tensors, scale d^-0.5; returns (B, N, heads*d)."""
-    b, n, _ = q.shape
-    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, n, -1)
+    return ops.attention(q, k, v, heads)
 
 
 def official_names(model: nn.Module, prefix: str = "") -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import _extension
 from ._dispatch import get_mode, set_mode, use_mode
+from .attention import attention, attention_reference
 from .cross_attention import cross_attention, cross_attention_reference
 from .glue import (add_layer_norm, add_layer_norm_reference, ddim_guided_step, geglu, geglu_reference, layer_norm,
                    layer_norm_reference, plms_guided_step)
@@ -26,6 +27,6 @@ def available_backends() -> dict[str, bool]:
     }
 
 
-__all__ = ["add_layer_norm", "add_layer_norm_reference", "available_backends", "cross_attention",
+__all__ = ["add_layer_norm", "add_layer_norm_reference", "attention", "attention_reference", "available_backends", "cross_attention",
            "cross_attention_reference", "ddim_guided_step", "geglu", "geglu_reference", "get_mode", "group_norm",
            "group_norm_reference", "layer_norm", "layer_norm_reference", "plms_guided_step", "set_mode", "use_mode"]
