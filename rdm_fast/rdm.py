@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .config import ConfigError, RDMConfig, preset_names
 from .diffusion import Schedule, guided, sample_ddim, sample_plms
+from .diffusion.samplers import draw_noise
 from .diffusion.graphs import maybe_graphed
 from .models import Autoencoder, UNet
 from .models.layers import official_names
@@ -181,8 +182,7 @@ class RDM(nn.Module):
         h, w = size or (self.config.image_size, self.config.image_size)
         shape = (b, self.config.channels, h, w)
         if x_T is None:
-            gen_device = generator.device if generator is not None else self.device
-            x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(self.device)
+            x = draw_noise(shape, generator, self.device)
         else:
             if tuple(x_T.shape) != shape:
                 raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")

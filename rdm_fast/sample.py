@@ -135,13 +135,13 @@ class DatabaseContexts:
         self.top_m, self.generator = args.top_m, generator
 
     def prepare(self, n: int) -> None:
-        if self.encoder is None:
-            self.query_ids = draw_pseudo_queries(self.db, n, self.top_m, self.generator)
+        if self.encoder is None:  # on the device once: no copy (and no synchronisation) per batch
+            self.query_ids = draw_pseudo_queries(self.db, n, self.top_m, self.generator).to(self.device)
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         """Contexts of samples [start, stop) on the sampling device."""
         if self.encoder is None:
-            ids = self.query_ids[start:stop].to(self.device)
+            ids = self.query_ids[start:stop]
             return model_context(self.db, self.cfg, self.db.embeddings(ids).to(self.device), query_ids=ids)
         if self.texts:
             queries = self.encoder.encode_text([self.texts[i % len(self.texts)] for i in range(start, stop)])

@@ -53,3 +53,37 @@ def test_sampling_loop_does_not_synchronise():
             model.sample(ctx, steps=4, guidance_scale=2.0, x_T=x_T, cuda_graph=graph)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_retrieval_and_sampling_loop_in_one_stream_without_sync(tmp_path):
+    """Pseudo-query gather, Triton search, neighbour gather, context assembly and guided sampling of two batches
+    on the GPU under sync-debug mode "error"; the contexts equal the CPU path's (torch backend, same ids)."""
+    import numpy as np
+
+    from rdm_fast.retrieval.context import model_context
+    from rdm_fast.retrieval.database import Database, write_database
+
+    model, _, x_T = _model(torch.bfloat16)
+    cfg = model.config
+    emb = np.random.default_rng(0).standard_normal((1000, cfg.context_dim)).astype(np.float16)
+    path = write_database(tmp_path / "db", emb, {"name": "test", "dim": cfg.context_dim, "normalized": False})
+    gpu_db = Database.open(path, backend="triton", device="cuda")
+    cpu_db = Database.open(path, backend="torch", device="cpu")
+    ids = torch.tensor([3, 141, 592, 65, 358, 979]).cuda()
+    x_T = x_T.cuda()
+    model_context(gpu_db, cfg, gpu_db.embeddings(ids[:3]), query_ids=ids[:3])  # warm-up: autotuning syncs
+    model.sample(model_context(gpu_db, cfg, gpu_db.embeddings(ids[:3]), query_ids=ids[:3]), steps=2, x_T=x_T)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        contexts = []
+        for start in (0, 3):
+            batch_ids = ids[start:start + 3]
+            ctx = model_context(gpu_db, cfg, gpu_db.embeddings(batch_ids), query_ids=batch_ids)
+            model.sample(ctx, steps=3, guidance_scale=2.0, x_T=x_T)
+            contexts.append(ctx)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu_ids = ids.cpu()
+    ref = model_context(cpu_db, cfg, cpu_db.embeddings(cpu_ids), query_ids=cpu_ids)
+    torch.testing.assert_close(torch.cat(contexts).cpu(), ref, rtol=2e-3, atol=2e-3)

@@ -475,3 +475,14 @@ def test_class_cuda_reference_mode(monkeypatch):
 
 if __name__ == "__main__":
     _child_main()
+
+
+def test_vectors_gathers_original_rows_across_shards():
+    """vectors(ids) rebuilds the stored rows (normalised copy x norm) from every shard, any id shape."""
+    rng = np.random.default_rng(5)
+    data = (rng.standard_normal((23, 12)) * rng.uniform(0.1, 10, (23, 1))).astype(np.float32)
+    index = GPUExactSearch(data, devices=["cpu", "cpu", "cpu"], dtype=torch.float32)
+    ids = torch.tensor([[0, 22, 7], [8, 15, 16]])
+    torch.testing.assert_close(index.vectors(ids), torch.from_numpy(data)[ids], rtol=1e-6, atol=1e-6)
+    half = GPUExactSearch(data, devices=["cpu", "cpu"], dtype=torch.float16)
+    torch.testing.assert_close(half.vectors(ids), torch.from_numpy(data)[ids], rtol=2e-3, atol=1e-3)

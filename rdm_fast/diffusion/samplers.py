@@ -17,6 +17,17 @@ from .schedule import DDIMCoefficients
 EpsFn = Callable[[Tensor, "int | Tensor"], Tensor]
 
 
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise from ``generator`` (on its own device, so a seed gives the same noise on any
+    device), delivered to ``device``; a CPU draw for a GPU goes through pinned memory without host sync."""
+    gen_device = generator.device if generator is not None else device
+    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
+    if gen_device.type == "cpu" and device.type == "cuda":
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
+
+
 def _timesteps(t: int | Tensor, n: int, device: torch.device) -> Tensor:
     """(n,) timesteps from an int or a 0-d tensor (expanded in place: no host synchronisation)."""
     return t.to(device).expand(n) if torch.is_tensor(t) else torch.full((n,), t, device=device)
@@ -75,8 +86,7 @@ def sample_ddim(eps_fn: EpsFn, x: Tensor, coeffs: DDIMCoefficients, *, generator
         eps = eps_fn(x, int(coeffs.timesteps[i]))
         noise = None
         if sigma > 0:
-            device = generator.device if generator is not None else x.device
-            noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+            noise = draw_noise(x.shape, generator, x.device, x.dtype)
         x, _ = ddim_update(x, eps, float(coeffs.alphas[i]), float(coeffs.alphas_prev[i]), sigma, noise)
     return x
 

@@ -444,7 +444,15 @@ class Database:
             out[sel] = picked
 
     def embeddings(self, ids: Tensor) -> Tensor:
-        """The stored vectors of ``ids`` (any shape) as float32, shape ids.shape + (D,), on the ids' device."""
+        """The stored vectors of ``ids`` (any shape) as float32, shape ids.shape + (D,), on the ids' device.
+
+        With the Triton backend and CUDA ids they are gathered from the GPU copy without leaving the device (no
+        host synchronisation; out-of-range ids are not reported there), else read from the memory-mapped shards.
+        """
+        if self._backend_kind == "triton" and isinstance(ids, Tensor) and ids.is_cuda:
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise ValueError(f"ids must be integers, got {ids.dtype}")
+            return self._search_engine().vectors(ids.long())
         flat, shape, device = _as_index_array(ids)
         out = np.empty((flat.size, self.dim), np.float32)
         self._gather(flat, lambda j, rows: self._shards[j][rows], out)

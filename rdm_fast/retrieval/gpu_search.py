@@ -114,9 +114,12 @@ class GPUExactSearch:
                 raise ValueError("devices must name at least one device")
         bounds = np.linspace(0, n, len(devices) + 1).round().astype(np.int64)
         self._shards: list[tuple[int, Tensor]] = []
+        self._norms: list[Tensor] = []  # per shard: each row's L2 norm before normalising (fp32)
         for device, start, stop in zip(devices, bounds[:-1], bounds[1:]):
             if stop > start:
-                self._shards.append((int(start), self._load(parts, int(start), int(stop), device, chunk_rows)))
+                shard, norms = self._load(parts, int(start), int(stop), device, chunk_rows)
+                self._shards.append((int(start), shard))
+                self._norms.append(norms)
         self.devices: list[torch.device] = [shard.device for _, shard in self._shards]
 
     @staticmethod
@@ -155,8 +158,10 @@ class GPUExactSearch:
     @torch.no_grad()
     def _load(self, parts: list[np.ndarray | Tensor], start: int, stop: int, device: torch.device,
               chunk_rows: int) -> Tensor:
-        """Global rows [start, stop) on ``device`` as ``self.dtype``, normalised in fp32 on the device per chunk."""
+        """Global rows [start, stop) on ``device`` as ``self.dtype``, normalised in fp32 on the device per chunk,
+        and their norms."""
         shard = torch.empty(stop - start, self.dim, dtype=self.dtype, device=device)
+        norms = torch.ones(stop - start, dtype=torch.float32, device=device)
         part_start = 0
         for part in parts:
             lo, hi = max(start, part_start), min(stop, part_start + part.shape[0])
@@ -169,12 +174,30 @@ class GPUExactSearch:
                 rows = rows.to(device)
                 for r0 in range(0, c1 - c0, _NORMALIZE_ROWS):
                     block = rows[r0:r0 + _NORMALIZE_ROWS].float()
-                    if self.normalize:
-                        block = F.normalize(block, dim=1)
                     at = c0 - start + r0
+                    if self.normalize:
+                        norm = block.norm(dim=1)
+                        norms[at:at + block.shape[0]] = norm
+                        block = block / norm.clamp_min(1e-12)[:, None]
                     shard[at:at + block.shape[0]] = block
             part_start += part.shape[0]
-        return shard
+        return shard, norms
+
+    @torch.no_grad()
+    def vectors(self, ids: Tensor) -> Tensor:
+        """The database rows of ``ids`` (any shape, int64) as float32, shape ids.shape + (D,), on the ids' device,
+        gathered from the device copy (normalised row x stored norm: the original vector to the storage dtype's
+        precision). No host synchronisation: out-of-range ids are clamped, not reported."""
+        flat = ids.reshape(-1)
+        out = None
+        for (start, shard), norms in zip(self._shards, self._norms):
+            local = flat.to(shard.device, non_blocking=True) - start
+            inside = (local >= 0) & (local < shard.shape[0])
+            local = local.clamp(0, shard.shape[0] - 1)
+            rows = shard.index_select(0, local).float() * norms.index_select(0, local)[:, None]
+            rows = torch.where(inside[:, None], rows, 0.0).to(ids.device, non_blocking=True)
+            out = rows if out is None else out + rows
+        return out.reshape(*ids.shape, self.dim)
 
     @torch.no_grad()
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
