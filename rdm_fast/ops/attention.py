@@ -20,8 +20,6 @@ rather than raising when the Triton kernels cannot run a call.
 
 from __future__ import annotations
 
-import importlib
-import os
 from types import ModuleType
 
 import torch
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import Impl, Op, eager_constant
+from ._triton_kernels import TritonKernels
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -78,28 +77,14 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, n, -1)
 
 
-_triton_module: ModuleType | None = None
-_triton_error: str | None = None
-
-
-@eager_constant
-def _triton_unavailable() -> str | None:
-    """None once ``rdm_fast.kernels.attention`` (hence triton) is imported, else why not (tried once)."""
-    global _triton_module, _triton_error
-    if _triton_module is None and _triton_error is None:
-        try:
-            _triton_module = importlib.import_module("rdm_fast.kernels.attention")
-        except Exception as exc:  # optional dependency: a missing or broken triton must not break the op
-            _triton_error = f"triton kernels unavailable ({type(exc).__name__}: {exc})"
-    return _triton_error
+_KERNELS = TritonKernels("attention")
+_triton_unavailable = _KERNELS.unavailable
 
 
 @eager_constant
 def _interpreter_unavailable() -> str | None:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
-    why = _triton_unavailable()
-    if why is None and not _triton_module.INTERPRETER:
+    why = _KERNELS.interpreter_unavailable()
+    if why is None and not _KERNELS.module.INTERPRETER:
         return "rdm_fast.kernels.attention was imported before TRITON_INTERPRET=1 was set"
     return why
 
@@ -108,7 +93,7 @@ def _kernels() -> ModuleType:
     why = _triton_unavailable()
     if why is not None:
         raise RuntimeError(f"attention: {why}")
-    return _triton_module
+    return _KERNELS.module
 
 
 def _triton_unsupported(q: Tensor, k: Tensor, v: Tensor, heads: int) -> str | None:

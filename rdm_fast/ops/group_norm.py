@@ -8,8 +8,6 @@ CUDA extension, the Triton kernel, the C++ CPU extension or the reference.
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +15,7 @@ from torch import Tensor
 
 from . import _extension
 from ._dispatch import Impl, Op, eager_constant, needs_grad
+from ._triton_kernels import TritonKernels
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -133,24 +132,12 @@ def _cuda_ext_unavailable() -> str | None:
     return _extension.load_error("rdm_fast._C") or _extension.load_error("rdm_fast._C_cuda")
 
 
-_triton_module: ModuleType | None = None
-_triton_error: str | None = None
-
-
-@eager_constant
-def _triton_unavailable() -> str | None:
-    """None once ``rdm_fast.kernels.group_norm`` (hence triton) is imported, else why not (tried once)."""
-    global _triton_module, _triton_error
-    if _triton_module is None and _triton_error is None:
-        try:
-            _triton_module = importlib.import_module("rdm_fast.kernels.group_norm")
-        except Exception as exc:  # optional dependency: a missing or broken triton must not break the op
-            _triton_error = f"triton kernels unavailable ({type(exc).__name__}: {exc})"
-    return _triton_error
+_KERNELS = TritonKernels("group_norm")
+_triton_unavailable = _KERNELS.unavailable
 
 
 def _triton_forward(*args, **kwargs) -> Tensor:
-    return _triton_module.group_norm(*args, **kwargs)  # loaded by _triton_unavailable() during selection
+    return _KERNELS.module.group_norm(*args, **kwargs)  # loaded by _triton_unavailable() during selection
 
 
 def _register_fake() -> None:
