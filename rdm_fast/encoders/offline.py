@@ -5,6 +5,7 @@ average-pooled features of the last conv stage). Text tower: all-MiniLM-L6-v2 of
 through sentence-transformers (384-d, L2-normalised). Two linear maps, trained contrastively by
 :mod:`rdm_fast.encoders.train_projection` on captioned emoji and clip art and shipped as
 ``weights/offline_projection.safetensors``, bring both into one 256-d space; outputs are L2-normalised.
+On held-out emoji (267 candidates) text->image recall@10 is 0.60 (chance 0.04).
 
 It exists so that databases, retrieval and text queries work on machines that cannot download CLIP. It is
 far weaker than CLIP and lives in a different embedding space: the official RDM checkpoints expect CLIP

