@@ -152,7 +152,10 @@ def _print_summary(path: Path) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    info = _encoder(args.encoder, "cpu", pretrained=False).info()
+    try:  # only the encoder's name/dim/normalisation are needed: build it without weights where it allows
+        info = _encoder(args.encoder, "meta", pretrained=False).info()
+    except (RuntimeError, NotImplementedError):
+        info = _encoder(args.encoder, "cpu", pretrained=False).info()
     out = import_npz(args.parts, args.out, info, encoder_spec=args.encoder, shard_size=args.shard_size,
                      chunk_rows=args.chunk_rows, allow_pickle=args.allow_pickle, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
