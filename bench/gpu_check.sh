@@ -3,8 +3,9 @@
 # tests (GroupNorm, attention, cross-attention, glue ops, exact kNN search, the UNet against the float64 oracle,
 # CUDA-graph sampling without host sync), then the benchmarks (each with its PyTorch baselines in the same run).
 # Results land in $OUT (default /tmp/gpu_check): gpu.txt, build.txt, tests.txt, bench_*.txt/json.
-# Usage there: bash bench/gpu_check.sh [quick]   (quick: parity tests + the per-op benchmarks, no torch.compile
-# baselines; about 4-6 minutes in all; nothing is downloaded)
+# Usage there: bash bench/gpu_check.sh [full]   (default: parity tests + the per-op, UNet and guided-step
+# benchmarks without torch.compile baselines, about 4-6 minutes; full: every benchmark, incl. torch.compile
+# baselines (RDM_BENCH_COMPILE=1), 10+ minutes; nothing is downloaded)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -23,10 +24,11 @@ $PY -m pytest -q -rs -x tests/test_ops_group_norm.py tests/test_triton_group_nor
   tests/test_cuda_sampling.py tests/test_models.py -k "cuda or gpu or triton or models or graph or sync" \
   2>&1 | tail -40 | tee "$OUT/tests.txt"
 COLS="--benchmark-columns=min,median,max,rounds --benchmark-group-by=group"
-if [ "${1:-}" = quick ]; then
-  $PY -m pytest bench/bench_attention.py bench/bench_cross_attention.py bench/bench_glue.py bench/bench_search.py \
-    bench/bench_unet.py --benchmark-only $COLS -k "not compiled" --benchmark-json "$OUT/bench.json" \
-    2>&1 | tail -80 | tee "$OUT/bench.txt"
+if [ "${1:-}" = full ]; then
+  RDM_BENCH_COMPILE=1 $PY -m pytest bench/ --benchmark-only $COLS --benchmark-json "$OUT/bench.json" \
+    2>&1 | tail -120 | tee "$OUT/bench.txt"
 else
-  $PY -m pytest bench/ --benchmark-only $COLS --benchmark-json "$OUT/bench.json" 2>&1 | tail -120 | tee "$OUT/bench.txt"
+  $PY -m pytest bench/bench_step.py bench/bench_unet.py bench/bench_attention.py bench/bench_cross_attention.py \
+    bench/bench_glue.py bench/bench_search.py bench/bench_ops.py --benchmark-only $COLS -k "not compiled" \
+    --benchmark-json "$OUT/bench.json" 2>&1 | tail -100 | tee "$OUT/bench.txt"
 fi
