@@ -168,15 +168,20 @@ class RDM(nn.Module):
     def sample(self, context: Tensor, steps: int = 50, sampler: Literal["ddim", "plms"] = "ddim", eta: float = 0.0,
                guidance_scale: float = 1.0, x_T: Tensor | None = None, generator: torch.Generator | None = None,
                size: tuple[int, int] | None = None, progress: bool = False,
-               cuda_graph: bool | None = None) -> Tensor:
+               cuda_graph: bool | None = None, channels_last: bool | None = None) -> Tensor:
         """Draw latents (B, C, H, W), fp32, from noise conditioned on ``context`` (B, k, D).
 
         Classifier-free guidance with ``guidance_scale != 1`` contrasts against an all-zero context. ``x_T``
         fixes the starting noise; otherwise it is drawn from ``generator``. ``size`` (H, W) overrides the
         configured latent size (multiples of the UNet's downsampling factor). ``cuda_graph`` (default: on CUDA)
         replays each guided UNet call from a CUDA graph captured once for the trajectory's shapes.
+        ``channels_last`` (default: on CUDA) converts the UNet's weights once to the channels-last layout, in
+        which convolutions use NHWC kernels and the tokens of each spatial transformer are views of the feature
+        maps (no layout copies).
         """
         self.check_context(context)
+        if channels_last if channels_last is not None else self.device.type == "cuda":
+            self.unet.to(memory_format=torch.channels_last)
         context = context.to(self.device)
         b = context.shape[0]
         h, w = size or (self.config.image_size, self.config.image_size)

@@ -155,6 +155,24 @@ def test_prepared_context_matches_plain_context(zero_rows):
         model.unet.prepare_context(ctx[..., :-1])
 
 
+def test_channels_last_sampling_matches_and_tokens_are_views():
+    """Sampling with the UNet converted to channels-last gives the same latents (fp32: conv algorithms differ
+    by rounding), and a spatial transformer's tokens are then a contiguous view of the feature map."""
+    cfg = RDMConfig.preset("tiny")
+    full, _, _ = official_checkpoint(cfg, seed=19)
+    model = RDM.from_state_dict(full, cfg)
+    _, _, ctx = inputs(cfg, batch=2)
+    x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    ref = model.sample(ctx, steps=4, guidance_scale=2.0, x_T=x_T, channels_last=False)
+    out = model.sample(ctx, steps=4, guidance_scale=2.0, x_T=x_T, channels_last=True)
+    assert model.unet.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, ref) < 1e-4
+    block = next(m for m in model.unet.modules() if type(m).__name__ == "SpatialTransformer")
+    x = torch.randn(2, block.proj_in.in_channels, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert block.proj_in(block.norm(x)).flatten(2).transpose(1, 2).is_contiguous()
+
+
 def test_cpu_extension_path_matches_reference_path():
     """The whole model with the C++ CPU extension (the CPU's auto path) vs the plain-PyTorch references."""
     if not ops.available_backends().get("cpu-ext"):

@@ -324,6 +324,9 @@ class UNet(nn.Module):
         emb = self.time_fc2(F.silu(self.time_fc1(emb)))
         if isinstance(context, Tensor):
             context = context.to(dtype)
+        w = self.input_conv.weight
+        if not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):  # converted weights
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.input_conv(x.to(dtype))
         hs = [h]
         for stage in self.down:
