@@ -2,7 +2,7 @@
 at the ANCHORS.md shapes: imagenet at 64 images (UNet batch 128) and rdm768 at 16 images (batch 32), bf16, on
 CUDA; the tiny preset on the CPU as a smoke run.
 
-Variants, all in the same run on the same weights (random, every parameter non-zero):
+Variants, all in the same run on the same weights (random, every parameter non-zero; channels-last on CUDA):
 
 * ``rdm_fast``: what ``RDM.sample`` does: context keys/values projected once (``prepare_context``), no
   cross-attention for the all-zero unconditional half, fused kernels (ops mode auto), the step replayed from a
@@ -40,6 +40,8 @@ def setup(request):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+    if CUDA:  # as RDM.sample does on CUDA, and as the ANCHORS peers ran
+        model.unet.to(memory_format=torch.channels_last)
     cfg, b = model.config, CASES[preset]
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, device=DEVICE, generator=g)
