@@ -19,9 +19,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import site
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -198,23 +195,9 @@ def _child_main() -> None:
 
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory) -> dict[str, str | None]:
-    import rdm_fast
+    from triton_testing import run_child
 
-    env = dict(os.environ, TRITON_INTERPRET="1", RDM_FAST_OPS="fast")
-    pkg_parent = str(Path(rdm_fast.__file__).resolve().parent.parent)
-    if pkg_parent not in site.getsitepackages():  # make the child import the same rdm_fast
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        cwd=tmp_path_factory.mktemp("knn"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, f"interpreter run failed:\n{result.stderr[-4000:]}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(Path(__file__).resolve(), tmp_path_factory.mktemp("knn"), timeout=600, RDM_FAST_OPS="fast")
 
 
 @needs_triton

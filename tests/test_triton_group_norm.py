@@ -14,9 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import site
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -98,22 +95,9 @@ def _child_main() -> None:
 
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory) -> dict[str, str | None]:
-    import rdm_fast
+    from triton_testing import run_child
 
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    pkg_parent = str(Path(rdm_fast.__file__).resolve().parent.parent)
-    if pkg_parent not in site.getsitepackages():  # make the child import the same rdm_fast
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        cwd=tmp_path_factory.mktemp("triton"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, f"interpreter run failed:\n{result.stderr[-4000:]}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(Path(__file__).resolve(), tmp_path_factory.mktemp("triton"), timeout=900)
 
 
 @pytest.mark.parametrize("name", list(CASES))

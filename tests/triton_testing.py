@@ -24,9 +24,10 @@ import torch
 import rdm_fast
 
 
-def run_child(script: str | Path, cwd: Path, timeout: float = 600) -> dict:
-    """Run ``script`` with ``TRITON_INTERPRET=1`` in a fresh interpreter; returns the JSON of its last line."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def run_child(script: str | Path, cwd: Path, timeout: float = 600, **env_vars: str) -> dict:
+    """Run ``script`` with ``TRITON_INTERPRET=1`` (and ``env_vars``) in a fresh interpreter; returns the JSON of
+    its last line."""
+    env = dict(os.environ, TRITON_INTERPRET="1", **env_vars)
     pkg_parent = str(Path(rdm_fast.__file__).resolve().parent.parent)
     if pkg_parent not in site.getsitepackages():  # make the child import the same rdm_fast
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
