@@ -178,3 +178,59 @@ def test_entry_point_prints_no_traceback(tmp_path):
                           env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().endswith("x.ckpt does not exist")
+
+
+class _HashEncoder(torch.nn.Module):
+    """A deterministic 64-d encoder for CLI tests: text from character codes, images from pooled pixels."""
+
+    name, dim, normalized, image_size = "test-64", 64, False, 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 64)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+
+    def encode_text(self, texts):
+        codes = torch.zeros(len(texts), 64)
+        for i, t in enumerate(texts):
+            for j, ch in enumerate(t):
+                codes[i, (ord(ch) * 7 + j) % 64] += 1.0
+        return codes
+
+    def encode_images(self, images):
+        return self.proj(images.mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def hash_encoder():
+    from rdm_fast.encoders import Encoder, register_encoder
+    from rdm_fast.encoders.base import _REGISTRY
+
+    Encoder.register(_HashEncoder)
+    register_encoder("test-64", lambda **kw: _HashEncoder(), replace=True)
+    yield
+    _REGISTRY.pop("test-64", None)
+
+
+def test_sample_with_text_and_image_queries(tiny_dir, tmp_path, hash_encoder, monkeypatch):
+    """--text / --image queries are embedded with the database's encoder and prefixed to their neighbours."""
+    seen = []
+    real = sample.model_context
+
+    def spy(db, cfg, queries, *, query_ids=None):
+        ctx = real(db, cfg, queries, query_ids=query_ids)
+        seen.append((queries.clone(), ctx))
+        return ctx
+
+    monkeypatch.setattr(sample, "model_context", spy)
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db"), "--text", "a red bird",
+               "--text", "a blue car", "--out", str(tmp_path / "t"), "--steps", "2", "--n-samples", "3") == 0
+    texts = _HashEncoder().encode_text(["a red bird", "a blue car", "a red bird"])
+    queries, ctx = seen[0]
+    torch.testing.assert_close(queries, texts)
+    assert ctx.shape == (3, 4, 64)  # tiny: text token + k_nn = 3 neighbours, normalised
+    torch.testing.assert_close(ctx[:, 0], torch.nn.functional.normalize(texts, dim=-1))
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(tmp_path / "q.png")
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db"), "--image",
+               str(tmp_path / "q.png"), "--out", str(tmp_path / "i"), "--steps", "2") == 0
+    assert len(list((tmp_path / "i").glob("sample_*.png"))) == 1
