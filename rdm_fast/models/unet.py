@@ -91,8 +91,21 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(inner, dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        ctx = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads))
+        if context is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            q, k, v = F.linear(x, self._qkv_weight()).chunk(3, dim=-1)  # strided views: the kernel reads them
+        else:
+            ctx = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
+        return self.to_out(attention(q, k, v, self.heads))
+
+    def _qkv_weight(self) -> Tensor:
+        """[W_q; W_k; W_v] for one projection GEMM in inference, concatenated once and rebuilt only when a
+        weight changes (dtype/device moves, loading, optimiser steps)."""
+        weights = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+        if getattr(self, "_qkv_key", None) != key:
+            self._qkv, self._qkv_key = torch.cat(weights), key
+        return self._qkv
 
 
 class GEGLU(nn.Module):
