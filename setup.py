@@ -113,7 +113,7 @@ def _extensions() -> list[Extension]:
 
 setup(
     name="rdm_fast",
-    version="0.1.0",
+    version="0.2.0",
     description="Fast, faithful Retrieval-Augmented Diffusion Models (arXiv 2204.11824)",
     python_requires=">=3.10",
     packages=find_packages(include=["rdm_fast", "rdm_fast.*"]) + ["rdm_fast.kernels"],

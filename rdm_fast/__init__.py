@@ -12,7 +12,7 @@ _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isfile(os.path.join(_checkout, "kernels", "__init__.py")) and _checkout not in __path__:
     __path__.insert(1, _checkout)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .config import ConfigError, RDMConfig  # noqa: E402
 from .rdm import RDM  # noqa: E402
