@@ -23,7 +23,7 @@ class GraphedEps:
     Returns a fresh tensor each call (samplers keep past eps, e.g. PLMS).
     """
 
-    def __init__(self, eps_fn: EpsFn, x: Tensor, *, warmup: int = 2) -> None:
+    def __init__(self, eps_fn: EpsFn, x: Tensor, *, warmup: int = 1) -> None:
         if x.device.type != "cuda":
             raise ValueError(f"CUDA graphs need CUDA tensors, got {x.device}")
         self.static_x = x.detach().clone()
