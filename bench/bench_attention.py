@@ -23,9 +23,10 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rdm_fast import RDMConfig, ops
-from rdm_fast.ops.attention import attention, attention_reference, attention_sdpa, attention_triton
+from rdm_fast.ops.attention import attention, attention_reference, attention_triton
 
 CUDA = torch.cuda.is_available()
 CALLS = 10
@@ -46,6 +47,13 @@ def self_attention_shapes(preset: str, batch: int) -> dict[str, tuple[int, int, 
 
 
 SHAPES = {name: s for preset, b in BATCH.items() for name, s in self_attention_shapes(preset, b).items()}
+
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """The PyTorch baseline: ``scaled_dot_product_attention`` on (B, heads, N, d) views."""
+    b, n, _ = q.shape
+    qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, n, -1)
 
 
 def _sdpa_backend(name: str):

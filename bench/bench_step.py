@@ -8,8 +8,9 @@ Variants, all in the same run on the same weights (random, every parameter non-z
   cross-attention for the all-zero unconditional half, fused kernels (ops mode auto), the step replayed from a
   CUDA graph.
 * ``rdm_fast-eager``: the same without the CUDA graph.
-* ``torch-eager``: the plain-PyTorch path (ops mode reference: SDPA attention, unfused norms), context tensor
-  with the zeros concatenated, weights in bf16 (the ANCHORS "SDPA + bf16" peer, without autocast's casts).
+* ``torch-eager``: the plain-PyTorch path (ops mode reference: unfused norms) with attention through PyTorch's
+  ``scaled_dot_product_attention``, context tensor with the zeros concatenated, weights in bf16 (the ANCHORS
+  "SDPA + bf16" peer, without autocast's casts).
 * ``torch-compile``: that path through ``torch.compile`` (the ANCHORS peer, 76.2 ms for imagenet on an H200);
   skipped unless ``RDM_BENCH_COMPILE=1`` (compiling the 400M/1.3B UNets takes minutes).
 """
@@ -20,8 +21,10 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rdm_fast import RDM, ops
+from rdm_fast.models import unet as unet_module
 from rdm_fast.diffusion import guided
 from rdm_fast.diffusion.graphs import GraphedEps
 
@@ -49,6 +52,13 @@ def setup(request):
     return preset, model, x, ctx
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """The peers' attention: ``scaled_dot_product_attention`` on (B, heads, N, d) views."""
+    b, n, _ = q.shape
+    qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, n, -1)
+
+
 def _step_fn(variant: str, model: RDM, x: torch.Tensor, ctx: torch.Tensor):
     scale = model.config.sampling.guidance_scale
     if variant.startswith("rdm_fast"):
@@ -63,7 +73,7 @@ def _step_fn(variant: str, model: RDM, x: torch.Tensor, ctx: torch.Tensor):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_guided_step(benchmark, setup, variant):
+def test_guided_step(benchmark, setup, variant, monkeypatch):
     preset, model, x, ctx = setup
     if variant == "rdm_fast" and not CUDA:
         pytest.skip("CUDA graphs need a GPU")
@@ -71,6 +81,8 @@ def test_guided_step(benchmark, setup, variant):
     benchmark.group = f"step-{preset}-{b}img-{str(DTYPE).removeprefix('torch.')}-{DEVICE.type}"
     benchmark.extra_info.update(preset=preset, images=b, unet_batch=2 * b, variant=variant, device=str(DEVICE))
     mode = "reference" if variant.startswith("torch") else "auto"
+    if variant.startswith("torch"):
+        monkeypatch.setattr(unet_module, "attention", sdpa_attention)
     with ops.use_mode(mode), torch.inference_mode():
         eps_fn = _step_fn(variant, model, x, ctx)
 

@@ -2,20 +2,17 @@
 
 Implementations (selected by :mod:`rdm_fast.ops._dispatch`):
 
-* ``reference`` -- :func:`attention_reference`: explicit scores, softmax and product in float32; the oracle.
-* ``sdpa`` -- :func:`attention_sdpa`: ``torch.nn.functional.scaled_dot_product_attention`` on (B, heads, N, d)
-  views. The CPU default, and the CUDA fallback for calls the Triton kernels do not handle (e.g. head dims
-  other than 16/32/64/128), so ``auto`` never drops to the slow reference on a GPU.
+* ``reference`` -- :func:`attention_reference`: explicit scores, softmax and product in float32. The one
+  plain-PyTorch path: the CPU default, the fallback for calls the kernels do not handle, and the tests' oracle.
 * ``triton`` -- the flash-attention kernels of ``rdm_fast.kernels.attention`` (forward and backward), exposed
   as the custom ops ``rdm_fast::attention_triton`` / ``rdm_fast::attention_triton_backward`` with autograd
   and fake (meta) implementations, so training and torch.compile work through them. The CUDA default.
   They read q, k, v in place in the (B, N, heads*d) layout: no transposes to (B, heads, N, d) and back.
 * ``triton-interpreter`` -- the same kernels on CPU tensors under ``TRITON_INTERPRET=1``; used only in
-  ``fast`` mode (correct but far slower than SDPA), never for bfloat16 (broken in the interpreter).
+  ``fast`` mode (correct but far slower than the reference), never for bfloat16 (broken in the interpreter).
 
-Per device: ``cuda: [triton, sdpa]``, ``cpu: [triton-interpreter (fast mode only), sdpa]``; ``reference``
-mode always runs the reference. Because SDPA handles every valid call, ``fast`` mode falls back to SDPA
-rather than raising when the Triton kernels cannot run a call.
+Per device: ``cuda: [triton]``, ``cpu: [triton-interpreter (fast mode only)]``, then the reference (``auto``)
+or an error naming the reason (``fast``).
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import Impl, Op, eager_constant
@@ -68,13 +64,6 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     scores = (qh @ kh.transpose(-1, -2)) * d**-0.5
     probs = torch.softmax(scores, dim=-1)
     return (probs @ vh).transpose(1, 2).reshape(b, n, width).to(q.dtype)
-
-
-def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
-    """``scaled_dot_product_attention`` on (B, heads, N, d) views of the inputs."""
-    b, n, _ = q.shape
-    qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, n, -1)
 
 
 _KERNELS = TritonKernels("attention")
@@ -159,15 +148,9 @@ ATTENTION = Op(
     "attention",
     reference=Impl("reference", attention_reference),
     by_device={
-        "cuda": [
-            Impl("triton", attention_triton, _triton_unsupported, _triton_unavailable),
-            Impl("sdpa", attention_sdpa),
-        ],
-        "cpu": [
-            Impl("triton-interpreter", attention_triton, _interpreter_unsupported, _interpreter_unavailable,
-                 fast_mode_only=True),
-            Impl("sdpa", attention_sdpa),
-        ],
+        "cuda": [Impl("triton", attention_triton, _triton_unsupported, _triton_unavailable)],
+        "cpu": [Impl("triton-interpreter", attention_triton, _interpreter_unsupported, _interpreter_unavailable,
+                     fast_mode_only=True)],
     },
 )
 
