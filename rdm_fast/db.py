@@ -25,7 +25,7 @@ from ._files import atomic_save_npy, atomic_write
 from .encoders import EncoderUnavailable
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
                         resolve_encoder, save_neighbors, save_proposals)
-from .retrieval.build import load_rgb, make_crops
+from .retrieval.build import load_query_image, load_rgb, make_crops
 from .retrieval.database import BACKENDS, PROPOSALS
 from .retrieval.neighbors import neighbor_files
 
@@ -251,15 +251,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         query_tile = None
     else:
         path = Path(args.image)
-        if not path.is_file():
-            raise CLIError(f"query image {path} does not exist")
-        try:
-            img = load_rgb(path)
-        except OSError as e:
-            raise CLIError(f"query image {path} cannot be read ({e})") from None
-        pixels = make_crops(img, "center", encoder.image_size, 1, np.random.default_rng(0))[0]
-        x = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()).float() / 127.5 - 1.0
-        scores, ids = db.search_images(encoder, x, args.k)
+        scores, ids = db.search_images(encoder, load_query_image(path, encoder.image_size)[None], args.k)
         query_tile = path
     scores, ids = scores[0].cpu(), ids[0].cpu()
     sources = db.sources(ids) if db.manifest["has_sources"] else ["-"] * len(ids)

@@ -180,7 +180,8 @@ class RDM(nn.Module):
         maps (no layout copies).
         """
         self.check_context(context)
-        if channels_last if channels_last is not None else self.device.type == "cuda":
+        wants_nhwc = channels_last if channels_last is not None else self.device.type == "cuda"
+        if wants_nhwc and self.unet.input_conv.weight.is_contiguous():  # not converted yet (3x3: formats differ)
             self.unet.to(memory_format=torch.channels_last)
         context = context.to(self.device)
         b = context.shape[0]

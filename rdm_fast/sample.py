@@ -26,7 +26,7 @@ from .config import preset_names
 from .encoders import EncoderUnavailable, get_encoder
 from .images import grid, save_png, to_uint8
 from .retrieval.context import check_database_for_model, draw_pseudo_queries, locate_database, model_context
-from .retrieval.build import load_rgb, make_crops
+from .retrieval.build import load_query_image
 from .retrieval.database import Database
 
 log = logging.getLogger("rdm_fast.sample")
@@ -104,18 +104,6 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
     if not np.isfinite(arr).all():
         raise CLIError(f"context file {file} contains NaN or infinite values")
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-
-
-def load_query_image(path: str, size: int) -> torch.Tensor:
-    """(3, size, size) in [-1, 1]: the image's central square, resized."""
-    file = Path(path)
-    if not file.is_file():
-        raise CLIError(f"query image {file} does not exist")
-    try:
-        pixels = make_crops(load_rgb(file), "center", size, 1, np.random.default_rng(0))[0][0]
-    except OSError as e:
-        raise CLIError(f"query image {file} cannot be read ({e})") from None
-    return torch.from_numpy(pixels.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
 
 
 class DatabaseContexts:

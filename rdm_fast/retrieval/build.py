@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -131,6 +132,19 @@ def make_crops(img: Image.Image, mode: str, size: int, n: int, rng: np.random.Ge
         x, y = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
         out[c], coords[c] = arr[y:y + size, x:x + size], (x, y)
     return out, coords
+
+
+def load_query_image(path: str | Path, size: int) -> Tensor:
+    """A query image as (3, size, size) in [-1, 1]: its central square, resized. FileNotFoundError if missing,
+    ValueError if unreadable."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"query image {file} does not exist")
+    try:
+        pixels = make_crops(load_rgb(file), "center", size, 1, np.random.default_rng(0))[0][0]
+    except OSError as e:
+        raise ValueError(f"query image {file} cannot be read ({e})") from None
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
 
 
 class ImageCrops(Dataset):
