@@ -27,6 +27,7 @@ def available_backends() -> dict[str, bool]:
     }
 
 
-__all__ = ["add_layer_norm", "add_layer_norm_reference", "attention", "attention_reference", "available_backends", "cross_attention",
-           "cross_attention_reference", "ddim_guided_step", "geglu", "geglu_reference", "get_mode", "group_norm",
-           "group_norm_reference", "layer_norm", "layer_norm_reference", "plms_guided_step", "set_mode", "use_mode"]
+__all__ = ["add_layer_norm", "add_layer_norm_reference", "attention", "attention_reference", "available_backends",
+           "cross_attention", "cross_attention_reference", "ddim_guided_step", "geglu", "geglu_reference", "get_mode",
+           "group_norm", "group_norm_reference", "layer_norm", "layer_norm_reference", "plms_guided_step", "set_mode",
+           "use_mode"]
