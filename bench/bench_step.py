@@ -35,21 +35,26 @@ CASES = {"imagenet": 64, "rdm768": 16} if CUDA else {"tiny": 2}
 VARIANTS = ["rdm_fast", "rdm_fast-eager", "torch-eager", "torch-compile"]
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def setup(request):
-    preset = request.param
+def make_case(preset: str, images: int, device: torch.device, dtype: torch.dtype):
+    """(model, x, context) for one guided step: random non-zero weights, channels-last on CUDA."""
     torch.manual_seed(0)
-    model = RDM.from_config(preset, device=DEVICE, dtype=DTYPE)
+    model = RDM.from_config(preset, device=device, dtype=dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    if CUDA:  # as RDM.sample does on CUDA, and as the ANCHORS peers ran
+    if device.type == "cuda":  # as RDM.sample does on CUDA, and as the ANCHORS peers ran
         model.unet.to(memory_format=torch.channels_last)
-    cfg, b = model.config, CASES[preset]
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    x = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, device=DEVICE, generator=g)
-    ctx = torch.randn(b, cfg.context_tokens, cfg.context_dim, device=DEVICE, generator=g)
-    return preset, model, x, ctx
+    cfg = model.config
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(images, cfg.channels, cfg.image_size, cfg.image_size, device=device, generator=g)
+    ctx = torch.randn(images, cfg.context_tokens, cfg.context_dim, device=device, generator=g)
+    return model, x, ctx
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def setup(request):
+    preset = request.param
+    return (preset, *make_case(preset, CASES[preset], DEVICE, DTYPE))
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -59,32 +64,45 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, n, -1)
 
 
-def _step_fn(variant: str, model: RDM, x: torch.Tensor, ctx: torch.Tensor):
+def with_sdpa(fn):
+    """``fn`` with the UNet's attention swapped for :func:`sdpa_attention` during each call."""
+    def call(*args):
+        saved, unet_module.attention = unet_module.attention, sdpa_attention
+        try:
+            return fn(*args)
+        finally:
+            unet_module.attention = saved
+    return call
+
+
+def step_fn(variant: str, model: RDM, x: torch.Tensor, ctx: torch.Tensor):
+    """The guided-step callable ``(x, t) -> eps`` of one variant (VARIANTS, or ``torch-reference``: the
+    plain-PyTorch path with its own attention reference, the parity oracle). The ops mode is the caller's."""
     scale = model.config.sampling.guidance_scale
     if variant.startswith("rdm_fast"):
         eps_fn = guided(model.unet, ctx, scale, prepare=model.unet.prepare_context)
-        return GraphedEps(eps_fn, x) if variant == "rdm_fast" and CUDA else eps_fn
+        return GraphedEps(eps_fn, x) if variant == "rdm_fast" else eps_fn
+    if variant == "torch-reference":
+        return guided(model.unet, ctx, scale)
     unet = model.unet
     if variant == "torch-compile":
-        if os.environ.get("RDM_BENCH_COMPILE") != "1":
-            pytest.skip("set RDM_BENCH_COMPILE=1 to include the torch.compile baseline (minutes to compile)")
         unet = torch.compile(unet)
-    return guided(unet, ctx, scale)
+    return with_sdpa(guided(unet, ctx, scale))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_guided_step(benchmark, setup, variant, monkeypatch):
+def test_guided_step(benchmark, setup, variant):
     preset, model, x, ctx = setup
     if variant == "rdm_fast" and not CUDA:
         pytest.skip("CUDA graphs need a GPU")
+    if variant == "torch-compile" and os.environ.get("RDM_BENCH_COMPILE") != "1":
+        pytest.skip("set RDM_BENCH_COMPILE=1 to include the torch.compile baseline (minutes to compile)")
     b = x.shape[0]
     benchmark.group = f"step-{preset}-{b}img-{str(DTYPE).removeprefix('torch.')}-{DEVICE.type}"
     benchmark.extra_info.update(preset=preset, images=b, unet_batch=2 * b, variant=variant, device=str(DEVICE))
     mode = "reference" if variant.startswith("torch") else "auto"
-    if variant.startswith("torch"):
-        monkeypatch.setattr(unet_module, "attention", sdpa_attention)
     with ops.use_mode(mode), torch.inference_mode():
-        eps_fn = _step_fn(variant, model, x, ctx)
+        eps_fn = step_fn(variant, model, x, ctx)
 
         def step():
             out = eps_fn(x, 500)

@@ -1,0 +1,186 @@
+"""Guided denoising step on a GPU: parity, timings against the PyTorch peer, and where the time goes.
+
+For each preset (default: the ANCHORS.md cases, imagenet at 64 images and rdm768 at 16, bf16, channels-last):
+
+1. parity: eps of one guided step from the fast path (what ``RDM.sample`` runs) and from the plain-PyTorch
+   reference path, both in bf16, against the same step in float32 through the reference path (TF32 off);
+2. timings (CUDA events, median of 20 after 3 warm-ups, same process and weights): ``rdm_fast`` (CUDA graph),
+   ``rdm_fast-eager``, ``torch-eager`` (reference ops + ``scaled_dot_product_attention``, the ANCHORS peer
+   without autocast's casts) and, with ``--compile``, ``torch-compile`` (that path through ``torch.compile``);
+3. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind.
+
+Run by ``bench/gpu_check.sh``; prints a short table last and writes the full tables to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import make_case, step_fn  # noqa: E402
+
+from rdm_fast import ops  # noqa: E402
+
+
+def cuda_median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return float((a - ref).norm() / ref.norm())
+
+
+KINDS = [  # (kind, substrings of the kernel name), first match wins
+    ("attention (ours)", ("_attn_fwd",)),
+    ("cross-attention (ours)", ("_cross_attn",)),
+    ("group norm (ours)", ("group_norm", "GroupNorm")),
+    ("layer norm (ours)", ("layer_norm",)),
+    ("geglu (ours)", ("geglu",)),
+    ("attention (sdpa)", ("flash", "fmha", "attention")),
+    ("convolution", ("conv", "implicit", "fprop", "dgrad", "xmma", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "cublas", "matmul")),
+    ("cat / copy / layout", ("Cat", "copy", "Copy", "transpose", "permute")),
+    ("elementwise", ("elementwise", "vectorized", "Elementwise", "reduce", "Reduce", "upsample")),
+]
+
+
+def kind_of(name: str) -> str:
+    return next((kind for kind, keys in KINDS if any(k in name for k in keys)), "other")
+
+
+def profile_kernels(fn, steps: int = 3) -> list[tuple[str, float, int]]:
+    """(kernel name, CUDA ms per step, launches per step), slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:  # kernels (and device copies/memsets)
+            totals[ev.name][0] += ev.time_range.elapsed_us() / 1000 / steps
+            totals[ev.name][1] += 1 / steps
+    return sorted(((n, t, int(round(c))) for n, (t, c) in totals.items()), key=lambda r: -r[1])
+
+
+def run_preset(preset: str, images: int, variants: list[str], out: Path, log) -> dict:
+    torch.manual_seed(0)
+    model, x, ctx = make_case(preset, images, torch.device("cuda"), torch.bfloat16)
+    result: dict = {"preset": preset, "images": images}
+    # 1. parity
+    try:
+        with torch.inference_mode():
+            with ops.use_mode("auto"):
+                eps_fast = step_fn("rdm_fast-eager", model, x, ctx)(x, 500).float()
+            with ops.use_mode("reference"):
+                eps_ref = step_fn("torch-reference", model, x, ctx)(x, 500).float()
+                ref32 = copy.deepcopy(model).float()
+                tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                try:
+                    eps32 = step_fn("torch-reference", ref32, x, ctx.float())(x, 500).float()
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+                del ref32
+        result["err_fast"] = rel_err(eps_fast, eps32)
+        result["err_ref_bf16"] = rel_err(eps_ref, eps32)
+        result["finite"] = bool(torch.isfinite(eps_fast).all())
+        log(f"[{preset}] parity vs fp32 reference: fast bf16 {result['err_fast']:.2e}, "
+            f"reference bf16 {result['err_ref_bf16']:.2e}, finite {result['finite']}")
+    except Exception:
+        log(f"[{preset}] parity FAILED\n{traceback.format_exc()}")
+    torch.cuda.empty_cache()
+    # 2. timings
+    for variant in variants:
+        try:
+            t0 = time.time()
+            with torch.inference_mode(), ops.use_mode("reference" if variant.startswith("torch") else "auto"):
+                fn = step_fn(variant, model, x, ctx)
+                ms = cuda_median_ms(lambda: fn(x, 500))
+            result[variant] = ms
+            log(f"[{preset}] {variant}: {ms:.2f} ms/step (setup+timing {time.time() - t0:.0f} s)")
+        except Exception:
+            log(f"[{preset}] {variant} FAILED\n{traceback.format_exc()}")
+    # 3. breakdown of the fast eager step
+    try:
+        with torch.inference_mode(), ops.use_mode("auto"):
+            fn = step_fn("rdm_fast-eager", model, x, ctx)
+            rows = profile_kernels(lambda: fn(x, 500))
+        by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for name, ms, n in rows:
+            by_kind[kind_of(name)][0] += ms
+            by_kind[kind_of(name)][1] += n
+        total = sum(ms for _, ms, _ in rows)
+        with open(out / f"kernels_{preset}.txt", "w") as f:
+            f.write(f"{preset} {images} images bf16, fast eager step: {total:.2f} ms kernel time per step\n")
+            for name, ms, n in rows:
+                f.write(f"{ms:9.3f} ms {n:5d}x  [{kind_of(name)}] {name[:160]}\n")
+        log(f"[{preset}] kernel time per fast eager step: {total:.2f} ms")
+        for kind, (ms, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+            log(f"    {kind:24s} {ms:8.2f} ms {n:5d} launches")
+        for name, ms, n in rows[:12]:
+            log(f"    {ms:8.3f} ms {n:4d}x {name[:110]}")
+        result["kernel_ms"] = total
+    except Exception:
+        log(f"[{preset}] profile FAILED\n{traceback.format_exc()}")
+    del model
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="imagenet:64,rdm768:16")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile peer (minutes to compile)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "step.txt", "a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    log(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, backends {ops.available_backends()}")
+    variants = ["rdm_fast", "rdm_fast-eager", "torch-eager"] + (["torch-compile"] if args.compile else [])
+    results = []
+    for item in args.presets.split(","):
+        preset, images = item.split(":")
+        results.append(run_preset(preset, int(images), variants, out, log))
+    log("\npreset      images  " + "  ".join(f"{v:>14s}" for v in variants) + "   speed-up vs torch-eager")
+    for r in results:
+        cells = "  ".join(f"{r[v]:11.2f} ms" if v in r else f"{'-':>14s}" for v in variants)
+        ratio = f"{r['torch-eager'] / r['rdm_fast']:.2f}x" if "rdm_fast" in r and "torch-eager" in r else "-"
+        log(f"{r['preset']:10s} {r['images']:6d}  {cells}   {ratio}")
+
+
+if __name__ == "__main__":
+    main()
