@@ -1,10 +1,10 @@
-"""pytest-benchmark of the fused cross-attention against the PyTorch composition it replaces (CUDA only).
+"""pytest-benchmark of rdm_fast's cross-attention against the PyTorch composition it replaces (CUDA only).
 
 Per transformer level of the released models, bf16: imagenet at batch 128 (64 images with guidance; C = 384 /
 576 / 960 at 32x32 / 16x16 / 8x8 tokens, M = 4 neighbours), rdm768 at batch 32 (C = 448 ... 1792 at 48x48 ...
 6x6, M = 11). Implementations, measured in the same run on the same inputs:
 
-* ``fused`` — ``rdm_fast.ops.cross_attention`` (LayerNorm + q projection + softmax over the keys + PV).
+* ``rdm_fast`` — ``rdm_fast.ops.cross_attention`` (LayerNorm kernel -> GEMM -> flash attention over the keys).
 * ``eager`` — ``F.layer_norm`` -> ``F.linear`` -> ``F.scaled_dot_product_attention`` with the same precomputed
   k and v (what the model does per step today, minus the k/v projections it repeats each step).
 * ``compiled`` — ``torch.compile`` of ``eager`` (one compilation per shape, done during warm-up; deselect with
@@ -13,7 +13,7 @@ Per transformer level of the released models, bf16: imagenet at batch 128 (64 im
 A round is ``CALLS`` back-to-back calls then one synchronisation, so launch overhead is included as in eager
 sampling; divide the round time by ``CALLS`` for one call. Run: ``pytest bench/bench_cross_attention.py
 --benchmark-only --benchmark-group-by=group``. The model calls the op on the conditional half only (the
-unconditional half's output is ``to_out``'s bias), so a guided step costs the ``fused`` time at half the batch.
+unconditional half's output is ``to_out``'s bias), so a guided step costs the ``rdm_fast`` time at half the batch.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ _compiled = {}
 
 
 def _impl(name: str):
-    if name == "fused":
+    if name == "rdm_fast":
         return cross_attention
     if name == "eager":
         return eager
@@ -63,7 +63,7 @@ def _impl(name: str):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", ["fused", "eager", "compiled"])
+@pytest.mark.parametrize("impl", ["rdm_fast", "eager", "compiled"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_cross_attention(benchmark, shape, impl):
     b, n, c, m = SHAPES[shape]
@@ -88,6 +88,6 @@ def test_cross_attention(benchmark, shape, impl):
         torch.cuda.synchronize()
         return out
 
-    with torch.inference_mode(), ops.use_mode("fast" if impl == "fused" else "auto"):
+    with torch.inference_mode(), ops.use_mode("fast" if impl == "rdm_fast" else "auto"):
         run()  # warm-up: Triton / Inductor compilation
         benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)

@@ -80,7 +80,7 @@ def test_retrieval_and_sampling_loop_in_one_stream_without_sync(tmp_path):
         for start in (0, 3):
             batch_ids = ids[start:start + 3]
             ctx = model_context(gpu_db, cfg, gpu_db.embeddings(batch_ids), query_ids=batch_ids)
-            model.sample(ctx, steps=3, guidance_scale=2.0, x_T=x_T)
+            model.sample(ctx, steps=4, guidance_scale=2.0, x_T=x_T)
             contexts.append(ctx)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -102,7 +102,9 @@ class Attention(nn.Module):
         """[W_q; W_k; W_v] for one projection GEMM in inference, concatenated once and rebuilt only when a
         weight changes (dtype/device moves, loading, optimiser steps)."""
         weights = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
-        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+        # inference tensors (made under torch.inference_mode) keep no version counter; they cannot be updated
+        # in place outside inference mode, so their storage and dtype identify them
+        key = tuple((w.data_ptr(), None if w.is_inference() else w._version, w.dtype) for w in weights)
         if getattr(self, "_qkv_key", None) != key:
             self._qkv, self._qkv_key = torch.cat(weights), key
         return self._qkv

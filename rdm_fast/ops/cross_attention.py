@@ -1,11 +1,15 @@
-"""Fused neighbour cross-attention of the UNet's transformer blocks (everything before ``to_out``).
+"""Neighbour cross-attention of the UNet's transformer blocks (everything before ``to_out``).
 
 ``cross_attention(x, ln_w, ln_b, eps, w_q, k, v, heads)`` = multi-head ``softmax(q k^T / sqrt(d)) v`` with
 ``q = LayerNorm(x) @ w_q^T`` and keys/values ``k, v`` = ``to_k(context)``, ``to_v(context)``. The context (at
 most 32 neighbour embeddings) is fixed for a whole sampling trajectory, so the model projects k and v once per
-trajectory and this op does the per-step rest in one pass over the tokens. With classifier-free guidance the
-unconditional context is all zeros: its k = v = 0 and the attention output is exactly 0, so the model calls
-this op on the conditional half only (the unconditional half's block output is ``to_out``'s bias).
+trajectory and this op does the per-step rest. With classifier-free guidance the unconditional context is all
+zeros: its k = v = 0 and the attention output is exactly 0, so the model calls this op on the conditional half
+only (the unconditional half's block output is ``to_out``'s bias).
+
+Fast path: the LayerNorm kernel, the query projection through the vendor GEMM, and the flash-attention kernel
+over the M keys. A single kernel that also did the projection (per-head K-loops over the channels) was measured
+2-3.5x slower than this on an H200 (bench/RESULTS.md) and was dropped.
 
 :func:`cross_attention_reference` defines the semantics and is the CPU path: float32 math where the operands
 of each matrix product are rounded to the dtype of the weights they meet, as a LayerNorm -> Linear ->
@@ -16,15 +20,14 @@ probabilities to v's), float32 accumulation, output in x's dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import Impl, Op, needs_grad
-from ._triton_kernels import TritonKernels
+from .attention import _interpreter_unavailable, _triton_unavailable, attention
+from .glue import layer_norm
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_KEYS = 32
-
-_kernels = TritonKernels("cross_attention")
 
 
 def _check_tensor(name: str, t: Tensor, x: Tensor, shape: tuple[int, ...] | None, desc: str) -> None:
@@ -65,11 +68,6 @@ def _split_heads(t: Tensor, heads: int) -> Tensor:
     return t.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-def _unit_stride(t: Tensor) -> Tensor:
-    """``t`` itself when its last dim is dense (what the kernel indexes), else a contiguous copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def cross_attention_reference(
     x: Tensor,
     ln_weight: Tensor | None,
@@ -105,27 +103,26 @@ def _unsupported(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> str | None:
         return "inputs require grad (no backward kernel)"
     if not x.dtype == w_q.dtype == k.dtype == v.dtype:
         return f"x, w_q, k and v must share one dtype, got {x.dtype}, {w_q.dtype}, {k.dtype}, {v.dtype}"
-    if k.shape[1] > MAX_KEYS:
-        return f"{k.shape[1]} keys > {MAX_KEYS}"
     dim_head = w_q.shape[0] // heads
     if dim_head not in (16, 32, 64, 128):
         return f"head dim {dim_head} is not 16, 32, 64 or 128"
     return None
 
 
-def _triton_forward(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> Tensor:
-    x, w_q, k, v = (_unit_stride(t) for t in (x, w_q, k, v))
-    ln_weight, ln_bias = (None if p is None else p.contiguous() for p in (ln_weight, ln_bias))
-    return _kernels.module.cross_attention(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads)
+def _fast_forward(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> Tensor:
+    """LayerNorm kernel -> vendor GEMM -> flash attention over the keys (each sub-op logs its own path)."""
+    q = F.linear(layer_norm(x, ln_weight, ln_bias, ln_eps), w_q)
+    batch = x.shape[0]
+    return attention(q, k.expand(batch, -1, -1), v.expand(batch, -1, -1), heads)
 
 
 CROSS_ATTENTION = Op(
     "cross_attention",
     reference=Impl("reference", cross_attention_reference),
     by_device={
-        "cpu": [Impl("triton-interpreter", _triton_forward, _unsupported, _kernels.interpreter_unavailable,
+        "cpu": [Impl("triton-interpreter", _fast_forward, _unsupported, _interpreter_unavailable,
                      fast_mode_only=True)],
-        "cuda": [Impl("triton", _triton_forward, _unsupported, _kernels.unavailable)],
+        "cuda": [Impl("triton", _fast_forward, _unsupported, _triton_unavailable)],
     },
 )
 
