@@ -23,10 +23,13 @@ from triton_testing import compile_launches, mismatch, run_child
 from rdm_fast.diffusion import Schedule, ddim_update, plms_eps
 from rdm_fast.ops import _dispatch
 from rdm_fast.ops.glue import (
+    ADD_BIAS,
     ADD_LAYER_NORM,
     GEGLU,
     LAYER_NORM,
     SAMPLER_STEP,
+    add_bias,
+    add_bias_reference,
     add_layer_norm,
     add_layer_norm_reference,
     ddim_guided_step,
@@ -73,6 +76,20 @@ def ln_inputs(name: str, dtype: torch.dtype, device: str = "cpu"):
     rb = torch.randn(c, generator=g) if rbias else None
     cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
     return cast(x), cast(r), cast(rb), cast(w), cast(b)
+
+
+# name -> (shape, residual?): widths around the 256-column tile, rows around the row tile
+BIAS_CASES = {"7x3": ((7, 3), True), "1x300": ((1, 300), True), "2x33x17x40": ((2, 33, 17, 40), True),
+              "37x256-nores": ((37, 256), False), "5x513": ((5, 513), True)}
+
+
+def bias_inputs(name: str, dtype: torch.dtype, device: str = "cpu") -> tuple:
+    shape, res = BIAS_CASES[name]
+    g = _gen(3)
+    x = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=dtype)
+    b = torch.randn(shape[-1], generator=g).to(device=device, dtype=dtype)
+    r = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=dtype) if res else None
+    return x, b, r
 
 
 GEGLU_CASES = {"7x2": (7, 2), "1x74": (1, 74), "3x5x300": (3, 5, 300), "37x600": (37, 600), "2x2000": (2, 2000)}
@@ -160,6 +177,22 @@ def test_add_layer_norm_reference(name, dtype):
     assert err is None, err
 
 
+@pytest.mark.parametrize("name", list(BIAS_CASES))
+def test_add_bias_reference_is_one_rounding_of_the_float64_sum(name):
+    x, b, r = bias_inputs(name, torch.float16)
+    expected = x.double() + b.double() + (0 if r is None else r.double())
+    assert torch.equal(add_bias_reference(x, b, r), expected.to(torch.float16))
+
+
+def test_add_bias_channels_last_view_keeps_layout():
+    """A channels-last feature map passed as its (B, H, W, C) view: the result permuted back is channels-last."""
+    x = torch.randn(2, 6, 5, 3).to(memory_format=torch.channels_last)
+    b = torch.randn(6)
+    out = add_bias(x.permute(0, 2, 3, 1), b, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, 2 * x + b[:, None, None])
+
+
 @pytest.mark.parametrize("name", list(GEGLU_CASES))
 def test_geglu_reference_matches_erf_formula(name):
     h = geglu_input(name, torch.float32)
@@ -206,6 +239,8 @@ def test_tensor_coefficients_match_float_ones():
     (lambda x: add_layer_norm(x, x[:1], None, None, None, EPS), "residual of shape"),
     (lambda x: add_layer_norm(x, x.half(), None, None, None, EPS), "residual of dtype"),
     (lambda x: geglu(x[..., :5]), "even last dim"),
+    (lambda x: add_bias(x, torch.ones(3)), "bias of shape"),
+    (lambda x: add_bias(x, torch.ones(8), x.half()), "residual of dtype"),
     (lambda x: ddim_guided_step(x, x, x[:1], 2.0, 0.5, 0.6), "e_cond of shape"),
     (lambda x: ddim_guided_step(x, x, x, 2.0, 0.5, 0.6, 0.1), "needs noise"),
     (lambda x: ddim_guided_step(x, x, x, 2.0, 1.5, 0.6), "a_t"),
@@ -260,6 +295,7 @@ def test_cuda_selection(fresh_dispatch):
     assert LAYER_NORM.select("cuda", x, w, None, EPS).name == "triton"
     assert ADD_LAYER_NORM.select("cuda", x, x, None, w, None, EPS).name == "triton"
     assert GEGLU.select("cuda", x).name == "triton"
+    assert ADD_BIAS.select("cuda", x, w, x).name == "triton"
     step = (x, x, x, 2.0, (), (1.0,), 0.5, 0.6, 0.0, None, False)
     assert SAMPLER_STEP.select("cuda", *step).name == "triton"
     wide = torch.randn(2, 16385)
@@ -268,6 +304,7 @@ def test_cuda_selection(fresh_dispatch):
         (LAYER_NORM, (wide, None, None, EPS)),
         (LAYER_NORM, (x.clone().requires_grad_(), w, None, EPS)),
         (GEGLU, (torch.randn(3, 4, requires_grad=True),)),
+        (ADD_BIAS, (x, w.clone().requires_grad_(), None)),
         (SAMPLER_STEP, (xt, xt, xt) + step[3:]),
     ]
     for op, args in unsupported:
@@ -300,6 +337,12 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
         args = ln_inputs(name, dtype, device) + (EPS,)
         errs = [check(o, r) for o, r in zip(kernels.add_layer_norm(*args), add_layer_norm_reference(*args))]
         return "; ".join(e for e in errs if e) or None
+    if op == "add_bias":
+        x, b, r = bias_inputs(name, dtype, device)
+        if name == "2x33x17x40":  # channels-last feature map as its (B, H, W, C) view; residual strided rows
+            x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+            r = torch.cat([r, r[..., :7]], dim=-1)[..., :40]
+        return check(kernels.add_bias(x, b, r), add_bias_reference(x, b, r))
     if op == "geglu":
         h = geglu_input(name, dtype, device)
         if name == "3x5x300":
@@ -315,7 +358,7 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
 
 
 KERNEL_CASES = ([f"layer_norm:{n}" for n in LN_CASES] + [f"add_layer_norm:{n}" for n in LN_CASES]
-                + [f"geglu:{n}" for n in GEGLU_CASES] + [f"step:{n}" for n in STEP_CASES])
+                + [f"add_bias:{n}" for n in BIAS_CASES] + [f"geglu:{n}" for n in GEGLU_CASES] + [f"step:{n}" for n in STEP_CASES])
 INTERPRETER_CASES = [(c, d) for c in KERNEL_CASES for d in ("float32", "float16")]
 
 
@@ -406,6 +449,7 @@ def test_compiles_for_sm90_without_spills():
         (lambda: kernels.add_layer_norm(torch.randn(2, 16384), None, None, None, None, EPS),
          kernels._layer_norm_kernel),
         (lambda: kernels.geglu(x), kernels._geglu_kernel),
+        (lambda: kernels.add_bias(x, x[0], x), kernels._add_bias_kernel),
     ]
     e = torch.randn(3, 16, 13, 11)
     coefs = [torch.tensor(c, dtype=torch.float64) for c in step_coefficients(3, 1.0)]

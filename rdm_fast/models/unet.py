@@ -38,6 +38,21 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+def _nhwc(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> its (B, H, W, C) view (a view of channels-last memory; strided for NCHW)."""
+    return x.permute(0, 2, 3, 1)
+
+
+def _nchw(x: Tensor) -> Tensor:
+    """(B, H, W, C) -> its (B, C, H, W) view: dense (B, H, W, C) memory is a channels-last feature map."""
+    return x.permute(0, 3, 1, 2)
+
+
+def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv`` without its bias (the caller adds it where it costs no extra pass)."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+
+
 @dataclass(eq=False)
 class PreparedContext:
     """A context whose cross-attention keys and values are computed once, for a whole sampling trajectory.
@@ -71,9 +86,17 @@ class ResBlock(nn.Module):
         self.skip = conv1x1(cin, cout) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(self.norm1(x, silu=True))
-        h = self.norm2(h, add=self.emb_proj(F.silu(emb)), silu=True)
-        return self.skip(x) + self.conv2(self.dropout(h))
+        # The convolutions run without their biases, which cost a full pass each on the GPU: conv1's joins the
+        # per-channel add before norm2 (exact: a per-channel constant), conv2's and the skip's join the
+        # residual add (one pass for bias + residual).
+        h = _conv(self.conv1, self.norm1(x, silu=True))
+        h = self.norm2(h, add=self.emb_proj(F.silu(emb)).float() + self.conv1.bias.float(), silu=True)
+        h = _conv(self.conv2, self.dropout(h))
+        if isinstance(self.skip, nn.Identity):
+            skip, bias = x, self.conv2.bias
+        else:
+            skip, bias = _conv(self.skip, x), self.conv2.bias + self.skip.bias
+        return _nchw(ops.add_bias(_nhwc(h), bias, _nhwc(skip)))
 
 
 class Attention(nn.Module):
@@ -174,11 +197,16 @@ class SpatialTransformer(nn.Module):
         self.proj_out = zero_init(conv1x1(inner, channels))
 
     def forward(self, x: Tensor, context: Tensor | PreparedContext) -> Tensor:
-        b, _, h, w = x.shape
-        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        # The 1x1 convolutions in and out are linear layers on the (B, H*W, C) tokens (channels-last feature
+        # maps are those tokens already): proj_in's bias rides in the GEMM's epilogue, proj_out's joins the
+        # residual add.
+        b, c, h, w = x.shape
+        tokens = _nhwc(self.norm(x)).reshape(b, h * w, c)
+        tokens = F.linear(tokens, self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.blocks:
             tokens = block(tokens, context)
-        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w))
+        out = F.linear(tokens, self.proj_out.weight.flatten(1)).view(b, h, w, c)
+        return _nchw(ops.add_bias(out, self.proj_out.bias, _nhwc(x)))
 
 
 class Downsample(nn.Module):

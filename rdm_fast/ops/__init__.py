@@ -10,8 +10,8 @@ from . import _extension
 from ._dispatch import get_mode, set_mode, use_mode
 from .attention import attention, attention_reference
 from .cross_attention import cross_attention, cross_attention_reference
-from .glue import (add_layer_norm, add_layer_norm_reference, ddim_guided_step, geglu, geglu_reference, layer_norm,
-                   layer_norm_reference, plms_guided_step)
+from .glue import (add_bias, add_bias_reference, add_layer_norm, add_layer_norm_reference, ddim_guided_step, geglu,
+                   geglu_reference, layer_norm, layer_norm_reference, plms_guided_step)
 from .group_norm import _triton_unavailable, group_norm, group_norm_reference
 
 
@@ -27,7 +27,7 @@ def available_backends() -> dict[str, bool]:
     }
 
 
-__all__ = ["add_layer_norm", "add_layer_norm_reference", "attention", "attention_reference", "available_backends",
-           "cross_attention", "cross_attention_reference", "ddim_guided_step", "geglu", "geglu_reference", "get_mode",
-           "group_norm", "group_norm_reference", "layer_norm", "layer_norm_reference", "plms_guided_step", "set_mode",
-           "use_mode"]
+__all__ = ["add_bias", "add_bias_reference", "add_layer_norm", "add_layer_norm_reference", "attention",
+           "attention_reference", "available_backends", "cross_attention", "cross_attention_reference",
+           "ddim_guided_step", "geglu", "geglu_reference", "get_mode", "group_norm", "group_norm_reference",
+           "layer_norm", "layer_norm_reference", "plms_guided_step", "set_mode", "use_mode"]

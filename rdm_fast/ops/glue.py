@@ -3,6 +3,8 @@
 * :func:`layer_norm` — LayerNorm over the last dim, float32 statistics, output in x's dtype.
 * :func:`add_layer_norm` — ``s = x + residual + residual_bias`` and ``layer_norm(s)`` in one pass (a block's
   residual add, where the linear layer before it ran without its bias, fused with the next LayerNorm).
+* :func:`add_bias` — ``x + bias + residual`` with the bias on the last dim: a convolution or linear layer run
+  without its bias, its bias and the residual it feeds, in one pass instead of a bias pass and an add pass.
 * :func:`geglu` — ``a * gelu_erf(gate)`` for ``[a, gate]`` on the last dim (the GEGLU feed-forward's middle).
 * :func:`ddim_guided_step` / :func:`plms_guided_step` — classifier-free guidance combine, PLMS multistep
   combination and the DDIM update with the predicted x0, in float32.
@@ -168,6 +170,56 @@ def add_layer_norm(
     """
     _check_add_layer_norm(x, residual, residual_bias, weight, bias)
     return ADD_LAYER_NORM(x, residual, residual_bias, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------------------------- bias + residual
+
+
+def _check_add_bias(x: Tensor, bias: Tensor, residual: Tensor | None) -> None:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"add_bias: expected x of shape (..., C) with C > 0, got {tuple(x.shape)}")
+    _check_tensor("add_bias", "x", x)
+    _check_tensor("add_bias", "bias", bias, x, (x.shape[-1],))
+    if residual is not None:
+        _check_same("add_bias", "residual", residual, x)
+
+
+def add_bias_reference(x: Tensor, bias: Tensor, residual: Tensor | None = None) -> Tensor:
+    """``x + bias + residual`` in float32 (bias broadcast over the last dim), rounded once to x's dtype."""
+    _check_add_bias(x, bias, residual)
+    y = x.float() + bias.float()
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype).contiguous()
+
+
+def _add_bias_unsupported(x: Tensor, bias: Tensor, residual: Tensor | None) -> str | None:
+    return _grad_unsupported(x, bias, residual)
+
+
+def _triton_add_bias(*args) -> Tensor:
+    return _kernels.module.add_bias(*args)
+
+
+ADD_BIAS = Op(
+    "add_bias",
+    reference=Impl("reference", add_bias_reference),
+    by_device={
+        "cpu": [Impl("triton-interpreter", _triton_add_bias, _add_bias_unsupported, _kernels.interpreter_unavailable,
+                     fast_mode_only=True)],
+        "cuda": [Impl("triton", _triton_add_bias, _add_bias_unsupported, _kernels.unavailable)],
+    },
+)
+
+
+def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None = None) -> Tensor:
+    """``x + bias + residual`` with ``bias`` (C,) on the last dim of x (..., C) and ``residual`` shaped like x.
+
+    Float32 sum, one rounding to x's dtype, output contiguous in x's shape (pass channels-last feature maps as
+    their (B, H, W, C) views). One read of x and residual and one write.
+    """
+    _check_add_bias(x, bias, residual)
+    return ADD_BIAS(x, bias, residual)
 
 
 # ----------------------------------------------------------------------------------------------- GEGLU
