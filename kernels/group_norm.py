@@ -1,10 +1,21 @@
-"""Triton forward kernel of the fused GroupNorm (semantics: ``rdm_fast.ops.group_norm_reference``).
+"""Triton forward kernels of the fused GroupNorm (semantics: ``rdm_fast.ops.group_norm_reference``).
 
-One program per (batch, group) loops over the group's ``C / G * spatial`` values in blocks of
-``BLOCK``: pass 1 sums ``x + add`` (mean), pass 2 sums squared deviations (centred variance),
-pass 3 writes ``silu?((x + add - mean) * rstd * weight + bias)``. Statistics are float32 with one
-accumulator per lane. NCHW-contiguous (any spatial rank) and 4-D channels_last inputs are read in
-place. Runs on CPU under ``TRITON_INTERPRET=1`` (float32/float16; bfloat16 needs a GPU).
+NCHW-contiguous inputs (any spatial rank): one program per (batch, group) loops over the group's
+``C / G * spatial`` contiguous values in blocks of ``BLOCK``: pass 1 sums ``x + add`` (mean), pass 2 sums
+squared deviations (centred variance), pass 3 writes ``silu?((x + add - mean) * rstd * weight + bias)``.
+
+4-D channels_last inputs: a group's channels are a few adjacent values in every C-wide pixel row, so walking
+one group at a time would read each 32-byte sector for a handful of bytes. Instead every program reads whole
+pixel rows (all channels, coalesced):
+
+1. ``_nhwc_stats``: programs (batch, split) sum, per channel over their pixel range, the deviations
+   ``x - x[pixel 0]`` and their squares (shifted sums: exact to combine, no cancellation for large means);
+2. ``_nhwc_finalize``: one program per sample adds the splits' partials, forms each group's mean and centred
+   variance from them (per channel: ``sum (dev + e)^2 = S2 + 2 e S1 + N e^2``) and writes the per-channel
+   affine ``y = (x - shift) * A + B`` that folds in ``add``, the statistics, weight and bias;
+3. ``_nhwc_apply``: programs (batch, split) apply it (and SiLU), one read and one write per value.
+
+Statistics are float32. Runs on CPU under ``TRITON_INTERPRET=1`` (float32/float16; bfloat16 needs a GPU).
 """
 
 from __future__ import annotations
@@ -100,6 +111,136 @@ def _group_norm_fwd_kernel(
         tl.store(y_ptr + base + offs, r.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, pix_per_prog, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < channels
+    base = x_ptr + b.to(tl.int64) * hw * channels
+    shift = tl.load(base + c, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    p0 = split * pix_per_prog
+    p_end = tl.minimum(p0 + pix_per_prog, hw)
+    for p in range(p0, p_end, BLOCK_P):
+        rows = p + tl.arange(0, BLOCK_P)
+        m = (rows < p_end)[:, None] & cmask[None, :]
+        v = tl.load(base + rows.to(tl.int64)[:, None] * channels + c[None, :], mask=m, other=0.0).to(tl.float32)
+        d = tl.where(m, v - shift[None, :], 0.0)
+        s1 += d
+        s2 += d * d
+    out = part_ptr + (b * tl.num_programs(1) + split).to(tl.int64) * 2 * channels
+    tl.store(out + c, tl.sum(s1, axis=0), mask=cmask)
+    tl.store(out + channels + c, tl.sum(s2, axis=0), mask=cmask)
+
+
+@triton.jit
+def _nhwc_finalize_kernel(
+    x_ptr, part_ptr, w_ptr, b_ptr, add_ptr, coef_ptr, hw, channels, splits, groups, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < channels
+    shift = tl.load(x_ptr + b.to(tl.int64) * hw * channels + c, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for split in range(splits):
+        part = part_ptr + (b * splits + split).to(tl.int64) * 2 * channels
+        s1 += tl.load(part + c, mask=cmask, other=0.0)
+        s2 += tl.load(part + channels + c, mask=cmask, other=0.0)
+    n = hw.to(tl.float32)
+    k = shift  # the values' shift: x[pixel 0] + add
+    if HAS_ADD:
+        k += tl.load(add_ptr + b * channels + c, mask=cmask, other=0.0)
+    chan_mean = k + s1 / n
+    per_group = channels // groups
+    gid = c // per_group
+    mean_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+    rstd_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for g in range(groups):
+        sel = (gid == g) & cmask
+        mean = tl.sum(tl.where(sel, chan_mean, 0.0), axis=0) / per_group
+        e = k - mean
+        m2 = tl.sum(tl.where(sel, s2 + 2.0 * e * s1 + n * e * e, 0.0), axis=0)
+        rstd = 1.0 / tl.sqrt(m2 / (n * per_group) + eps)
+        mean_c = tl.where(sel, mean, mean_c)
+        rstd_c = tl.where(sel, rstd, rstd_c)
+    scale = rstd_c
+    if HAS_WEIGHT:
+        scale = scale * tl.load(w_ptr + c, mask=cmask, other=1.0)
+    offset = (k - mean_c) * scale
+    if HAS_BIAS:
+        offset += tl.load(b_ptr + c, mask=cmask, other=0.0)
+    coef = coef_ptr + b.to(tl.int64) * 3 * channels
+    tl.store(coef + c, shift, mask=cmask)
+    tl.store(coef + channels + c, scale, mask=cmask)
+    tl.store(coef + 2 * channels + c, offset, mask=cmask)
+
+
+@triton.jit
+def _nhwc_apply_kernel(
+    x_ptr, y_ptr, coef_ptr, hw, channels, pix_per_prog,
+    SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < channels
+    coef = coef_ptr + b.to(tl.int64) * 3 * channels
+    shift = tl.load(coef + c, mask=cmask, other=0.0)[None, :]
+    scale = tl.load(coef + channels + c, mask=cmask, other=0.0)[None, :]
+    offset = tl.load(coef + 2 * channels + c, mask=cmask, other=0.0)[None, :]
+    base = b.to(tl.int64) * hw * channels
+    p0 = split * pix_per_prog
+    p_end = tl.minimum(p0 + pix_per_prog, hw)
+    for p in range(p0, p_end, BLOCK_P):
+        rows = p + tl.arange(0, BLOCK_P)
+        m = (rows < p_end)[:, None] & cmask[None, :]
+        offs = base + rows.to(tl.int64)[:, None] * channels + c[None, :]
+        r = (tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - shift) * scale + offset
+        if SILU:
+            r = r / (1.0 + tl.exp(-r))
+        tl.store(y_ptr + offs, r.to(y_ptr.dtype.element_ty), mask=m)
+
+
+MAX_NHWC_CHANNELS = 8192  # one pixel row per tile row
+
+
+def _splits(batch: int, hw: int, block_p: int, device: torch.device) -> tuple[int, int]:
+    """(splits per sample, pixels per split): enough programs to fill the GPU, whole tiles per split."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter: a few splits, so that the partial sums are combined in the tests
+        target = 3 * batch
+    splits = max(1, min(triton.cdiv(target, batch), triton.cdiv(hw, block_p)))
+    per = triton.cdiv(triton.cdiv(hw, splits), block_p) * block_p
+    return triton.cdiv(hw, per), per
+
+
+def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
+    batch, channels, h, w = x.shape
+    hw = h * w
+    out = torch.empty_like(x)  # channels_last, like x
+    block_c = triton.next_power_of_2(channels)
+    block_p = max(1, 4096 // block_c)
+    warps = 4 if block_c * block_p <= 2048 else 8
+    splits, per = _splits(batch, hw, block_p, x.device)
+    part = torch.empty((batch, splits, 2, channels), dtype=torch.float32, device=x.device)
+    coef = torch.empty((batch, 3, channels), dtype=torch.float32, device=x.device)
+    _nhwc_stats_kernel[(batch, splits)](x, part, hw, channels, per, BLOCK_P=block_p, BLOCK_C=block_c,
+                                        num_warps=warps)
+    _nhwc_finalize_kernel[(batch,)](
+        x, part, _float_param(weight, x), _float_param(bias, x), _float_param(add, x), coef, hw, channels, splits,
+        num_groups, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
+        BLOCK_C=block_c, num_warps=4 if block_c <= 1024 else 8,
+    )
+    _nhwc_apply_kernel[(batch, splits)](x, out, coef, hw, channels, per, SILU=silu, BLOCK_P=block_p,
+                                        BLOCK_C=block_c, num_warps=warps)
+    return out
+
+
 def _float_param(t: Tensor | None, like: Tensor) -> Tensor:
     """Contiguous float32 copy of an optional parameter (``like`` as a dummy pointer when absent)."""
     return like if t is None else t.to(torch.float32).contiguous()
@@ -119,9 +260,11 @@ def group_norm(
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     if not (channels_last or x.is_contiguous()):
         raise ValueError(f"triton group_norm: x must be contiguous or 4-D channels_last, got strides {x.stride()}")
-    out = torch.empty_like(x)
     if x.numel() == 0:
-        return out
+        return torch.empty_like(x)
+    if channels_last and x.shape[1] <= MAX_NHWC_CHANNELS:
+        return _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu)
+    out = torch.empty_like(x)
     batch, channels = x.shape[:2]
     spatial = x.numel() // (batch * channels)
     group_numel = channels // num_groups * spatial

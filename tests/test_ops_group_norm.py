@@ -452,8 +452,11 @@ def test_cuda_op_matches_reference(cuda_ext, fresh_dispatch, case, dtype, fused)
     ref = group_norm_reference(x, w, b, groups, EPS, add=add, silu=fused)
     with ops.use_mode("fast"):
         out = group_norm(x, w, b, groups, EPS, add=add, silu=fused)
-    assert GROUP_NORM.select("cuda", x, w, b, groups, EPS, add=add, silu=fused).name == "cuda-ext"
+    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    expected = "triton-nhwc" if nhwc else "cuda-ext"
+    assert GROUP_NORM.select("cuda", x, w, b, groups, EPS, add=add, silu=fused).name == expected
     assert_matches(out, ref)
+    assert_matches(torch.ops.rdm_fast.group_norm(x, w, b, groups, EPS, add, fused), ref)  # the CUDA kernel too
 
 
 @cuda
