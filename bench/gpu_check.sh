@@ -2,18 +2,21 @@
 # One-shot check on a GPU machine (the device tool's H100/H200), sized to a short lease. Phases, each under its
 # own time limit so that one hang cannot eat the rest, results written to $OUT as they come:
 #   1. build the C++/CUDA extension in place (background, sm_90) while 2. the Triton kernels' GPU parity tests
-#      run (attention, cross-attention, glue, kNN search, Triton GroupNorm; pytest-xdist when present);
+#      run (attention, cross-attention, glue, GroupNorm, kNN search; pytest-xdist when present);
 #   3. bench/gpu_step.py: parity of a whole guided step (fast and reference bf16 against fp32), CUDA-event
 #      timings of rdm_fast (graph / eager) against the eager SDPA peer, and a per-kernel breakdown;
 #   4. the tests that need the extension or whole models (CUDA GroupNorm, UNet vs oracle, graph sampling);
-#   5. the per-op pytest-benchmark suites with their PyTorch baselines, in the time that is left.
-# Usage there: bash bench/gpu_check.sh [full]  (full: step timings with torch.compile too; then give it a
-# longer lease).  GPU_CHECK_BUDGET (seconds, default 420) bounds the whole script; nothing is downloaded.
+#   5. per-op pytest-benchmark suites with their PyTorch baselines (cross-attention, glue, GroupNorm; `full`
+#      adds self-attention and search);
+#   6. in the time left, the torch.compile peer of the guided step (minutes of compilation per model).
+# Usage there: bash bench/gpu_check.sh [full].  GPU_CHECK_BUDGET (seconds, default 420) bounds the whole
+# script; nothing is downloaded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout (with the in-place extension) is imported
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-420}
 left() { echo $((BUDGET - SECONDS)); }
@@ -23,39 +26,46 @@ limit() { local want=$1 l; l=$(left); [ "$l" -lt "$want" ] && want=$l; [ "$want"
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-# 1. extension, in place (the checkout is what the tests and benchmarks import)
+# 1. extension, in place
 ( start=$SECONDS; $PY setup.py -q build_ext --inplace > "$OUT/build.txt" 2>&1; rc=$?
   echo "build rc=$rc in $((SECONDS - start)) s" >> "$OUT/build.txt" ) &
 BUILD=$!
 
 # 2. Triton kernels on the GPU (the interpreter cases are CI's job)
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 6"
-timeout "$(limit 150)" $PY -m pytest -q -rs $XDIST -p no:cacheprovider tests/test_ops_attention.py \
+timeout "$(limit 150)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_attention.py \
   tests/test_ops_cross_attention.py tests/test_ops_glue.py tests/test_gpu_search.py tests/test_triton_group_norm.py \
-  -k "(gpu or cuda) and not interpreter" 2>&1 | tail -40 > "$OUT/tests_triton.txt"
+  -k "(gpu or cuda) and not interpreter" > "$OUT/tests_triton.txt" 2>&1
 echo "triton tests rc=$? at $SECONDS s" >> "$OUT/tests_triton.txt"
 wait $BUILD
-tail -3 "$OUT/build.txt"; tail -4 "$OUT/tests_triton.txt"
+tail -1 "$OUT/build.txt"; grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests_triton.txt"
 
 # 3. whole guided step
-STEP_ARGS=""; [ "${1:-}" = full ] && STEP_ARGS="--compile"
-timeout "$(limit 170)" $PY bench/gpu_step.py --out "$OUT" $STEP_ARGS > "$OUT/step_stdout.txt" 2>&1
-echo "step rc=$? at $SECONDS s" >> "$OUT/step_stdout.txt"
+timeout "$(limit 150)" $PY bench/gpu_step.py --out "$OUT" > "$OUT/step_stdout.txt" 2>&1
+echo "step rc=$? at $SECONDS s" | tee -a "$OUT/step_stdout.txt"
 
 # 4. tests that need the extension or whole models
-timeout "$(limit 80)" $PY -m pytest -q -rs $XDIST -p no:cacheprovider tests/test_ops_group_norm.py \
-  tests/test_cuda_sampling.py tests/test_models.py -k "cuda or graph_replay or synchronise or without_sync" 2>&1 | tail -30 \
-  > "$OUT/tests_models.txt"
+timeout "$(limit 80)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_group_norm.py \
+  tests/test_cuda_sampling.py tests/test_models.py -k "cuda or graph_replay or synchronise or without_sync" \
+  > "$OUT/tests_models.txt" 2>&1
 echo "model tests rc=$? at $SECONDS s" >> "$OUT/tests_models.txt"
-tail -4 "$OUT/tests_models.txt"
+grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests_models.txt"
 
 # 5. per-op benchmarks (PyTorch baselines in the same run)
+BENCHES="bench/bench_cross_attention.py bench/bench_glue.py bench/bench_ops.py"
+[ "${1:-}" = full ] && BENCHES="$BENCHES bench/bench_attention.py bench/bench_search.py"
 COLS="--benchmark-columns=median,min,rounds --benchmark-group-by=group --benchmark-sort=name"
-if [ "$(left)" -gt 40 ]; then
-  timeout "$(limit 400)" $PY -m pytest -q -p no:cacheprovider bench/bench_attention.py bench/bench_cross_attention.py \
-    bench/bench_glue.py bench/bench_ops.py bench/bench_search.py --benchmark-only $COLS \
+if [ "$(left)" -gt 60 ]; then
+  timeout "$(limit 200)" $PY -m pytest -q -p no:cacheprovider $BENCHES --benchmark-only $COLS \
     --benchmark-json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
-  echo "bench rc=$? at $SECONDS s" >> "$OUT/bench.txt"
+  echo "bench rc=$? at $SECONDS s" | tee -a "$OUT/bench.txt"
 fi
-echo "=== step ==="; tail -45 "$OUT/step.txt" 2>/dev/null || tail -30 "$OUT/step_stdout.txt"
+
+# 6. the torch.compile peer, in the time left
+if [ "$(left)" -gt 90 ]; then
+  timeout "$(limit 600)" $PY bench/gpu_step.py --out "$OUT" --variants torch-compile --timings-only \
+    > "$OUT/compile_stdout.txt" 2>&1
+  echo "compile peer rc=$? at $SECONDS s" | tee -a "$OUT/compile_stdout.txt"
+fi
+echo "=== step ==="; grep -v "^  File\|^Traceback\|^ *\^" "$OUT/step.txt" | tail -70
 echo "done at $SECONDS s"

@@ -6,7 +6,8 @@ For each preset (default: the ANCHORS.md cases, imagenet at 64 images and rdm768
    reference path, both in bf16, against the same step in float32 through the reference path (TF32 off);
 2. timings (CUDA events, median of 20 after 3 warm-ups, same process and weights): ``rdm_fast`` (CUDA graph),
    ``rdm_fast-eager``, ``torch-eager`` (reference ops + ``scaled_dot_product_attention``, the ANCHORS peer
-   without autocast's casts) and, with ``--compile``, ``torch-compile`` (that path through ``torch.compile``);
+   without autocast's casts) and, with ``--variants ...,torch-compile``, ``torch-compile`` (that path through
+   ``torch.compile``);
 3. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind.
 
 Run by ``bench/gpu_check.sh``; prints a short table last and writes the full tables to ``--out``.
@@ -32,6 +33,10 @@ from bench_step import make_case, step_fn  # noqa: E402
 from rdm_fast import ops  # noqa: E402
 
 
+class _Skipped(Exception):
+    """A phase left out on request."""
+
+
 def cuda_median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -54,8 +59,8 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 KINDS = [  # (kind, substrings of the kernel name), first match wins
     ("attention (ours)", ("_attn_fwd",)),
-    ("cross-attention (ours)", ("_cross_attn",)),
-    ("group norm (ours)", ("group_norm", "GroupNorm")),
+    ("group norm (ours)", ("group_norm", "GroupNorm", "_nhwc_")),
+    ("bias + residual (ours)", ("_add_bias",)),
     ("layer norm (ours)", ("layer_norm",)),
     ("geglu (ours)", ("geglu",)),
     ("attention (sdpa)", ("flash", "fmha", "attention")),
@@ -88,12 +93,14 @@ def profile_kernels(fn, steps: int = 3) -> list[tuple[str, float, int]]:
     return sorted(((n, t, int(round(c))) for n, (t, c) in totals.items()), key=lambda r: -r[1])
 
 
-def run_preset(preset: str, images: int, variants: list[str], out: Path, log) -> dict:
+def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *, checks: bool = True) -> dict:
     torch.manual_seed(0)
     model, x, ctx = make_case(preset, images, torch.device("cuda"), torch.bfloat16)
     result: dict = {"preset": preset, "images": images}
     # 1. parity
     try:
+        if not checks:
+            raise _Skipped
         with torch.inference_mode():
             with ops.use_mode("auto"):
                 eps_fast = step_fn("rdm_fast-eager", model, x, ctx)(x, 500).float()
@@ -112,6 +119,8 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log) ->
         result["finite"] = bool(torch.isfinite(eps_fast).all())
         log(f"[{preset}] parity vs fp32 reference: fast bf16 {result['err_fast']:.2e}, "
             f"reference bf16 {result['err_ref_bf16']:.2e}, finite {result['finite']}")
+    except _Skipped:
+        pass
     except Exception:
         log(f"[{preset}] parity FAILED\n{traceback.format_exc()}")
     torch.cuda.empty_cache()
@@ -128,6 +137,8 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log) ->
             log(f"[{preset}] {variant} FAILED\n{traceback.format_exc()}")
     # 3. breakdown of the fast eager step
     try:
+        if not checks:
+            raise _Skipped
         with torch.inference_mode(), ops.use_mode("auto"):
             fn = step_fn("rdm_fast-eager", model, x, ctx)
             rows = profile_kernels(lambda: fn(x, 500))
@@ -146,6 +157,8 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log) ->
         for name, ms, n in rows[:12]:
             log(f"    {ms:8.3f} ms {n:4d}x {name[:110]}")
         result["kernel_ms"] = total
+    except _Skipped:
+        pass
     except Exception:
         log(f"[{preset}] profile FAILED\n{traceback.format_exc()}")
     del model
@@ -157,7 +170,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="imagenet:64,rdm768:16")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
-    parser.add_argument("--compile", action="store_true", help="add the torch.compile peer (minutes to compile)")
+    parser.add_argument("--variants", default="rdm_fast,rdm_fast-eager,torch-eager",
+                        help="comma-separated, from rdm_fast, rdm_fast-eager, torch-eager, torch-compile (the "
+                        "peer through torch.compile: minutes to compile)")
+    parser.add_argument("--timings-only", action="store_true", help="skip the parity check and the profile")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,11 +186,11 @@ def main() -> None:
 
     log(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, {torch.cuda.get_device_name()}, "
         f"torch {torch.__version__}, backends {ops.available_backends()}")
-    variants = ["rdm_fast", "rdm_fast-eager", "torch-eager"] + (["torch-compile"] if args.compile else [])
+    variants = args.variants.split(",")
     results = []
     for item in args.presets.split(","):
         preset, images = item.split(":")
-        results.append(run_preset(preset, int(images), variants, out, log))
+        results.append(run_preset(preset, int(images), variants, out, log, checks=not args.timings_only))
     log("\npreset      images  " + "  ".join(f"{v:>14s}" for v in variants) + "   speed-up vs torch-eager")
     for r in results:
         cells = "  ".join(f"{r[v]:11.2f} ms" if v in r else f"{'-':>14s}" for v in variants)
