@@ -128,9 +128,16 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *,
     for variant in variants:
         try:
             t0 = time.time()
-            with torch.inference_mode(), ops.use_mode("reference" if variant.startswith("torch") else "auto"):
-                fn = step_fn(variant, model, x, ctx)
-                ms = cuda_median_ms(lambda: fn(x, 500))
+            # "+cudnn-benchmark": the same variant with cuDNN's per-shape algorithm search (a process-wide flag)
+            base, _, extra = variant.partition("+")
+            saved = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = extra == "cudnn-benchmark"
+            try:
+                with torch.inference_mode(), ops.use_mode("reference" if base.startswith("torch") else "auto"):
+                    fn = step_fn(base, model, x, ctx)
+                    ms = cuda_median_ms(lambda: fn(x, 500))
+            finally:
+                torch.backends.cudnn.benchmark = saved
             result[variant] = ms
             log(f"[{preset}] {variant}: {ms:.2f} ms/step (setup+timing {time.time() - t0:.0f} s)")
         except Exception:
@@ -170,9 +177,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="imagenet:64,rdm768:16")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
-    parser.add_argument("--variants", default="rdm_fast,rdm_fast-eager,torch-eager",
+    parser.add_argument("--variants", default="rdm_fast,rdm_fast-eager,torch-eager,rdm_fast+cudnn-benchmark",
                         help="comma-separated, from rdm_fast, rdm_fast-eager, torch-eager, torch-compile (the "
-                        "peer through torch.compile: minutes to compile)")
+                        "peer through torch.compile: minutes to compile); a '+cudnn-benchmark' suffix times a "
+                        "variant with torch.backends.cudnn.benchmark on")
     parser.add_argument("--timings-only", action="store_true", help="skip the parity check and the profile")
     args = parser.parse_args()
     out = Path(args.out)
@@ -191,7 +199,7 @@ def main() -> None:
     for item in args.presets.split(","):
         preset, images = item.split(":")
         results.append(run_preset(preset, int(images), variants, out, log, checks=not args.timings_only))
-    log("\npreset      images  " + "  ".join(f"{v:>14s}" for v in variants) + "   speed-up vs torch-eager")
+    log("\npreset      images  " + "  ".join(f"{v[:14]:>14s}" for v in variants) + "   speed-up vs torch-eager")
     for r in results:
         cells = "  ".join(f"{r[v]:11.2f} ms" if v in r else f"{'-':>14s}" for v in variants)
         ratio = f"{r['torch-eager'] / r['rdm_fast']:.2f}x" if "rdm_fast" in r and "torch-eager" in r else "-"
