@@ -9,6 +9,8 @@
 #   5. per-op pytest-benchmark suites with their PyTorch baselines (cross-attention, glue, GroupNorm; `full`
 #      adds self-attention and search);
 #   6. in the time left, the torch.compile peer of the guided step (minutes of compilation per model).
+# $OUT gets at most 8 files (what the device tool returns): gpu.txt, log.txt (build, step script, compile peer),
+# tests.txt, step.txt, kernels_<preset>.txt, bench.txt, bench.json.
 # Usage there: bash bench/gpu_check.sh [full].  GPU_CHECK_BUDGET (seconds, default 420) bounds the whole
 # script; nothing is downloaded.
 set -uo pipefail
@@ -27,29 +29,31 @@ limit() { local want=$1 l; l=$(left); [ "$l" -lt "$want" ] && want=$l; [ "$want"
 } 2>&1 | tee "$OUT/gpu.txt"
 
 # 1. extension, in place
-( start=$SECONDS; $PY setup.py -q build_ext --inplace > "$OUT/build.txt" 2>&1; rc=$?
-  echo "build rc=$rc in $((SECONDS - start)) s" >> "$OUT/build.txt" ) &
+( start=$SECONDS; $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; rc=$?
+  echo "build rc=$rc in $((SECONDS - start)) s" >> "$OUT/build.log" ) &
 BUILD=$!
 
 # 2. Triton kernels on the GPU (the interpreter cases are CI's job)
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 6"
 timeout "$(limit 150)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_attention.py \
   tests/test_ops_cross_attention.py tests/test_ops_glue.py tests/test_gpu_search.py tests/test_triton_group_norm.py \
-  -k "(gpu or cuda) and not interpreter" > "$OUT/tests_triton.txt" 2>&1
-echo "triton tests rc=$? at $SECONDS s" >> "$OUT/tests_triton.txt"
+  -k "(gpu or cuda) and not interpreter" > "$OUT/tests.txt" 2>&1
+echo "triton tests rc=$? at $SECONDS s" >> "$OUT/tests.txt"
 wait $BUILD
-tail -1 "$OUT/build.txt"; grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests_triton.txt"
+cat "$OUT/build.log" >> "$OUT/log.txt"; rm "$OUT/build.log"
+tail -1 "$OUT/log.txt"; grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests.txt"
 
 # 3. whole guided step
-timeout "$(limit 150)" $PY bench/gpu_step.py --out "$OUT" > "$OUT/step_stdout.txt" 2>&1
-echo "step rc=$? at $SECONDS s" | tee -a "$OUT/step_stdout.txt"
+timeout "$(limit 150)" $PY bench/gpu_step.py --out "$OUT" >> "$OUT/log.txt" 2>&1
+echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 
 # 4. tests that need the extension or whole models
 timeout "$(limit 80)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_group_norm.py \
   tests/test_cuda_sampling.py tests/test_models.py -k "cuda or graph_replay or synchronise or without_sync" \
-  > "$OUT/tests_models.txt" 2>&1
-echo "model tests rc=$? at $SECONDS s" >> "$OUT/tests_models.txt"
-grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests_models.txt"
+  > "$OUT/tests_models.log" 2>&1
+echo "model tests rc=$? at $SECONDS s" >> "$OUT/tests_models.log"
+grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests_models.log"
+cat "$OUT/tests_models.log" >> "$OUT/tests.txt"; rm "$OUT/tests_models.log"
 
 # 5. per-op benchmarks (PyTorch baselines in the same run)
 BENCHES="bench/bench_cross_attention.py bench/bench_glue.py bench/bench_ops.py"
@@ -64,8 +68,8 @@ fi
 # 6. the torch.compile peer, in the time left
 if [ "$(left)" -gt 90 ]; then
   timeout "$(limit 600)" $PY bench/gpu_step.py --out "$OUT" --variants torch-compile --timings-only \
-    > "$OUT/compile_stdout.txt" 2>&1
-  echo "compile peer rc=$? at $SECONDS s" | tee -a "$OUT/compile_stdout.txt"
+    >> "$OUT/log.txt" 2>&1
+  echo "compile peer rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 fi
 echo "=== step ==="; grep -v "^  File\|^Traceback\|^ *\^" "$OUT/step.txt" | tail -70
 echo "done at $SECONDS s"

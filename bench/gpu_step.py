@@ -59,7 +59,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 KINDS = [  # (kind, substrings of the kernel name), first match wins
     ("attention (ours)", ("_attn_fwd",)),
-    ("group norm (ours)", ("group_norm", "GroupNorm", "_nhwc_")),
+    ("group norm (ours)", ("group_norm", "GroupNorm", "_nhwc_stats", "_nhwc_finalize", "_nhwc_apply")),
     ("bias + residual (ours)", ("_add_bias",)),
     ("layer norm (ours)", ("layer_norm",)),
     ("geglu (ours)", ("geglu",)),

@@ -35,10 +35,14 @@ def _model(dtype: torch.dtype) -> tuple[RDM, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("sampler", ["ddim", "plms"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_replay_matches_eager(sampler, dtype):
+    """Same kernels, same inputs: the replayed trajectory equals the eager one. The float32 PLMS case failed at
+    1e-5 on an H200 with default cuDNN settings (cause not established; a per-run choice of a TF32 or
+    non-deterministic convolution algorithm is the suspect), so cuDNN runs deterministic and TF32-free here."""
     model, ctx, x_T = _model(dtype)
     kw = dict(steps=8, sampler=sampler, guidance_scale=2.0, x_T=x_T)
-    eager = model.sample(ctx, cuda_graph=False, **kw)
-    graphed = model.sample(ctx, cuda_graph=True, **kw)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        eager = model.sample(ctx, cuda_graph=False, **kw)
+        graphed = model.sample(ctx, cuda_graph=True, **kw)
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 
