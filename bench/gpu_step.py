@@ -1,6 +1,7 @@
 """Guided denoising step on a GPU: parity, timings against the PyTorch peer, and where the time goes.
 
-For each preset (default: the ANCHORS.md cases, imagenet at 64 images and rdm768 at 16, bf16, channels-last):
+For each preset (default: the ANCHORS.md cases, imagenet at 64 images and rdm768 at 16, then small batches of 4
+and 1 images with timings only; bf16, channels-last):
 
 1. parity: eps of one guided step from the fast path (what ``RDM.sample`` runs) and from the plain-PyTorch
    reference path, both in bf16, against the same step in float32 through the reference path (TF32 off);
@@ -175,7 +176,9 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", default="imagenet:64,rdm768:16")
+    parser.add_argument("--presets", default="imagenet:64,rdm768:16,imagenet:4:timings,rdm768:1:timings",
+                        help="preset:images[:timings] list; ':timings' skips parity and profile for that entry "
+                        "(the small batches check that the fast path is not slower than plain PyTorch there)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
     parser.add_argument("--variants", default="rdm_fast,rdm_fast-eager,torch-eager,rdm_fast+cudnn-benchmark",
                         help="comma-separated, from rdm_fast, rdm_fast-eager, torch-eager, torch-compile (the "
@@ -197,8 +200,9 @@ def main() -> None:
     variants = args.variants.split(",")
     results = []
     for item in args.presets.split(","):
-        preset, images = item.split(":")
-        results.append(run_preset(preset, int(images), variants, out, log, checks=not args.timings_only))
+        preset, images, *flags = item.split(":")
+        checks = not args.timings_only and "timings" not in flags
+        results.append(run_preset(preset, int(images), variants, out, log, checks=checks))
     log("\npreset      images  " + "  ".join(f"{v[:14]:>14s}" for v in variants) + "   speed-up vs torch-eager")
     for r in results:
         cells = "  ".join(f"{r[v]:11.2f} ms" if v in r else f"{'-':>14s}" for v in variants)

@@ -11,8 +11,9 @@ pixel rows (all channels, coalesced):
 1. ``_nhwc_stats``: programs (batch, split) sum, per channel over their pixel range, the deviations
    ``x - x[pixel 0]`` and their squares (shifted sums: exact to combine, no cancellation for large means);
 2. ``_nhwc_finalize``: one program per sample adds the splits' partials, forms each group's mean and centred
-   variance from them (per channel: ``sum (dev + e)^2 = S2 + 2 e S1 + N e^2``) and writes the per-channel
-   affine ``y = (x - shift) * A + B`` that folds in ``add``, the statistics, weight and bias;
+   variance from them (per channel: ``sum (dev + e)^2 = S2 + 2 e S1 + N e^2``; the channels as a (group,
+   channel-in-group) tile, every group reduced at once) and writes the per-channel affine
+   ``y = (x - shift) * A + B`` that folds in ``add``, the statistics, weight and bias;
 3. ``_nhwc_apply``: programs (batch, split) apply it (and SiLU), one read and one write per value.
 
 Statistics are float32. Runs on CPU under ``TRITON_INTERPRET=1`` (float32/float16; bfloat16 needs a GPU).
@@ -137,15 +138,19 @@ def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, pix_per_prog, BLOCK_P: tl.
 
 @triton.jit
 def _nhwc_finalize_kernel(
-    x_ptr, part_ptr, w_ptr, b_ptr, add_ptr, coef_ptr, hw, channels, splits, groups, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, part_ptr, w_ptr, b_ptr, add_ptr, coef_ptr, hw, channels, splits, groups, per_group, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
+    # the sample's channels as a (group, channel-in-group) tile: every group reduced at once along axis 1
     b = tl.program_id(0)
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < channels
+    g = tl.arange(0, BLOCK_G)[:, None]
+    j = tl.arange(0, BLOCK_D)[None, :]
+    c = g * per_group + j
+    cmask = (g < groups) & (j < per_group)
     shift = tl.load(x_ptr + b.to(tl.int64) * hw * channels + c, mask=cmask, other=0.0).to(tl.float32)
-    s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for split in range(splits):
         part = part_ptr + (b * splits + split).to(tl.int64) * 2 * channels
         s1 += tl.load(part + c, mask=cmask, other=0.0)
@@ -154,23 +159,13 @@ def _nhwc_finalize_kernel(
     k = shift  # the values' shift: x[pixel 0] + add
     if HAS_ADD:
         k += tl.load(add_ptr + b * channels + c, mask=cmask, other=0.0)
-    chan_mean = k + s1 / n
-    per_group = channels // groups
-    gid = c // per_group
-    mean_c = tl.zeros([BLOCK_C], dtype=tl.float32)
-    rstd_c = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for g in range(groups):
-        sel = (gid == g) & cmask
-        mean = tl.sum(tl.where(sel, chan_mean, 0.0), axis=0) / per_group
-        e = k - mean
-        m2 = tl.sum(tl.where(sel, s2 + 2.0 * e * s1 + n * e * e, 0.0), axis=0)
-        rstd = 1.0 / tl.sqrt(m2 / (n * per_group) + eps)
-        mean_c = tl.where(sel, mean, mean_c)
-        rstd_c = tl.where(sel, rstd, rstd_c)
-    scale = rstd_c
+    mean = tl.sum(tl.where(cmask, k + s1 / n, 0.0), axis=1) / per_group
+    e = k - mean[:, None]
+    m2 = tl.sum(tl.where(cmask, s2 + 2.0 * e * s1 + n * e * e, 0.0), axis=1)
+    scale = (1.0 / tl.sqrt(m2 / (n * per_group) + eps))[:, None] + tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     if HAS_WEIGHT:
         scale = scale * tl.load(w_ptr + c, mask=cmask, other=1.0)
-    offset = (k - mean_c) * scale
+    offset = e * scale
     if HAS_BIAS:
         offset += tl.load(b_ptr + c, mask=cmask, other=0.0)
     coef = coef_ptr + b.to(tl.int64) * 3 * channels
@@ -231,10 +226,12 @@ def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
     coef = torch.empty((batch, 3, channels), dtype=torch.float32, device=x.device)
     _nhwc_stats_kernel[(batch, splits)](x, part, hw, channels, per, BLOCK_P=block_p, BLOCK_C=block_c,
                                         num_warps=warps)
+    per_group = channels // num_groups
+    block_g, block_d = triton.next_power_of_2(num_groups), triton.next_power_of_2(per_group)
     _nhwc_finalize_kernel[(batch,)](
         x, part, _float_param(weight, x), _float_param(bias, x), _float_param(add, x), coef, hw, channels, splits,
-        num_groups, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
-        BLOCK_C=block_c, num_warps=4 if block_c <= 1024 else 8,
+        num_groups, per_group, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_ADD=add is not None, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=4 if block_g * block_d <= 1024 else 8,
     )
     _nhwc_apply_kernel[(batch, splits)](x, out, coef, hw, channels, per, SILU=silu, BLOCK_P=block_p,
                                         BLOCK_C=block_c, num_warps=warps)

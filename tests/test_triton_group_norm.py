@@ -118,5 +118,29 @@ def test_triton_gpu_matches_reference(name, dtype):
     assert err is None, err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real thing")
+@pytest.mark.parametrize("channels,side", [(192, 64), (1920, 16), (4096, 4)])
+def test_nhwc_kernels_compile_for_sm90_without_spills(channels, side):
+    """Compiled mode (which the interpreter does not exercise): the three channels_last kernels build for sm_90
+    with no register spills, from 192 channels (6 per group) to 4096 (one pixel row per tile row)."""
+    from triton_testing import compile_launches
+
+    from rdm_fast.kernels import group_norm as kernels
+
+    x = torch.randn(2, channels, side, side, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    w, add = torch.randn(channels), torch.randn(2, channels)
+    nhwc = (kernels._nhwc_stats_kernel, kernels._nhwc_finalize_kernel, kernels._nhwc_apply_kernel)
+    for kernel in nhwc:
+        others = [k for k in nhwc if k is not kernel]
+        for k in others:  # record-only launch of the kernel under test; the others do nothing
+            k.run = lambda *args, **kwargs: None
+        try:
+            results = compile_launches(lambda: kernels.group_norm(x, w, w, 32, EPS, add=add, silu=True), kernel)
+        finally:
+            for k in others:
+                del k.run
+        assert len(results) == 1 and results[0]["spill_bytes"] == 0, results
+
+
 if __name__ == "__main__":
     _child_main()
