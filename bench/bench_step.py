@@ -8,10 +8,12 @@ Variants, all in the same run on the same weights (random, every parameter non-z
   cross-attention for the all-zero unconditional half, fused kernels (ops mode auto), the step replayed from a
   CUDA graph.
 * ``rdm_fast-eager``: the same without the CUDA graph.
-* ``torch-eager``: the plain-PyTorch path (ops mode reference: unfused norms) with attention through PyTorch's
-  ``scaled_dot_product_attention``, context tensor with the zeros concatenated, weights in bf16 (the ANCHORS
-  "SDPA + bf16" peer, without autocast's casts).
-* ``torch-compile``: that path through ``torch.compile`` (the ANCHORS peer, 76.2 ms for imagenet on an H200);
+* ``torch-eager``: the plain-PyTorch path (ops mode reference: unfused norms computed in float32) with attention
+  through PyTorch's ``scaled_dot_product_attention``, context tensor with the zeros concatenated, weights in
+  bf16. Slower than ANCHORS' eager "SDPA + bf16 autocast" peer (its norms and bias adds run in float32 with
+  extra casts): a baseline for our reference path, not the best eager PyTorch.
+* ``torch-compile``: that path through ``torch.compile`` (Inductor fuses those casts away; the ANCHORS peer,
+  76.2 ms for imagenet on an H200);
   skipped unless ``RDM_BENCH_COMPILE=1`` (compiling the 400M/1.3B UNets takes minutes).
 """
 
