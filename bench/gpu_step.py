@@ -7,8 +7,8 @@ and 1 images with timings only; bf16, channels-last):
    reference path, both in bf16, against the same step in float32 through the reference path (TF32 off);
 2. timings (CUDA events, median of 20 after 3 warm-ups, same process and weights): ``rdm_fast`` (CUDA graph),
    ``rdm_fast-eager``, ``torch-eager`` (our float32-norm reference ops + ``scaled_dot_product_attention``:
-   slower than ANCHORS' eager autocast peer) and, with ``--variants ...,torch-compile``, ``torch-compile`` (that path through
-   ``torch.compile``);
+   slower than ANCHORS' eager autocast peer) and, with ``--variants ...,torch-compile``, ``torch-compile``
+   (that path through ``torch.compile``);
 3. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind.
 
 Run by ``bench/gpu_check.sh``; prints a short table last and writes the full tables to ``--out``.
