@@ -5,7 +5,7 @@
   (``BLOCK_C = next_pow2(C)``, C <= 16384): float32 mean, then the centred variance from the same registers,
   one write. The fused form first forms ``s = x + residual + residual_bias`` in float32, rounds it once to the
   output dtype, stores it and normalises the rounded values (so ``y == layer_norm(s)`` exactly).
-* ``add_bias``: ``x + bias + residual`` with the bias on the last dim (a convolution's or linear layer's bias
+* ``add_bias``: ``x + residual + bias`` with the bias on the last dim (a convolution's or linear layer's bias
   and the residual it is added to, in one pass); 2-D (rows, columns) tiles, the bias read once per tile.
 * ``geglu``: ``h = [a, gate]`` on the last dim -> ``a * gelu_erf(gate)`` (float32 math, one rounding); 2-D tiles
   of (rows, columns) so both halves are read once with no per-element division.
@@ -144,7 +144,6 @@ def _add_bias_kernel(
     out_ptr,
     rows,
     width,
-    stride_x,
     stride_r,
     HAS_RES: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -155,29 +154,35 @@ def _add_bias_kernel(
     cmask = c < width
     mask = (r < rows)[:, None] & cmask[None, :]
     r64 = r.to(tl.int64)[:, None]
-    y = tl.load(x_ptr + r64 * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    y += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    y = tl.load(x_ptr + r64 * width + c[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         y += tl.load(r_ptr + r64 * stride_r + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    y += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + r64 * width + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None) -> Tensor:
-    """``x + bias + residual`` (bias on the last dim; float32 sum, one rounding); output contiguous, x's dtype."""
+    """``x + residual + bias`` (bias on the last dim; float32 sum, one rounding), laid out like x. The kernel
+    writes rows of C: a contiguous x (a channels-last map's (B, H, W, C) view) costs one pass; any other x is
+    read through a contiguous copy and the result copied into x's layout."""
     width = x.shape[-1]
-    x2 = _rows(x, width)
+    x2 = x.reshape(-1, width).contiguous()
     r2 = _rows(residual, width) if residual is not None else x2
     rows = x2.shape[0]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows == 0 or width == 0:
-        return out
+        return torch.empty_like(x)
     block_c = min(triton.next_power_of_2(width), 256)
     block_r = max(1, 4096 // block_c)
     _add_bias_kernel[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
-        x2, bias.contiguous(), r2, out, rows, width, x2.stride(0), r2.stride(0),
+        x2, bias.contiguous(), r2, out, rows, width, r2.stride(0),
         HAS_RES=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
     )
-    return out
+    if x.is_contiguous():
+        return out
+    like_x = torch.empty_like(x)
+    like_x.copy_(out)
+    return like_x
 
 
 @triton.jit

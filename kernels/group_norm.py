@@ -28,6 +28,17 @@ from torch import Tensor
 
 
 @triton.jit
+def _load_group_block(x_ptr, add_ptr, base, add_base, idx, group_numel, spatial, HAS_ADD: tl.constexpr):
+    """Values ``idx`` of an NCHW group (plus ``add``), float32, and their channel within the group."""
+    mask = idx < group_numel
+    ch = idx // spatial
+    v = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        v += tl.load(add_ptr + add_base + ch, mask=mask, other=0.0)
+    return v, ch, mask
+
+
+@triton.jit
 def _group_norm_fwd_kernel(
     x_ptr,
     y_ptr,
@@ -42,7 +53,6 @@ def _group_norm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_ADD: tl.constexpr,
     SILU: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -51,57 +61,28 @@ def _group_norm_fwd_kernel(
     d = channels // groups
     group_numel = d * spatial
     c0 = g * d
-    if CHANNELS_LAST:
-        base = b.to(tl.int64) * spatial * channels + c0
-    else:
-        base = pid.to(tl.int64) * group_numel
+    base = pid.to(tl.int64) * group_numel
+    add_base = b * channels + c0
     lanes = tl.arange(0, BLOCK)
 
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, group_numel, BLOCK):
-        idx = start + lanes
-        mask = idx < group_numel
-        if CHANNELS_LAST:
-            ch = idx % d
-            offs = (idx // d).to(tl.int64) * channels + ch
-        else:
-            ch = idx // spatial
-            offs = idx
-        v = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            v += tl.load(add_ptr + b * channels + c0 + ch, mask=mask, other=0.0)
+        v, ch, mask = _load_group_block(x_ptr, add_ptr, base, add_base, start + lanes, group_numel, spatial,
+                                        HAS_ADD)
         acc += v
     mean = tl.sum(acc, axis=0) / group_numel
 
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, group_numel, BLOCK):
-        idx = start + lanes
-        mask = idx < group_numel
-        if CHANNELS_LAST:
-            ch = idx % d
-            offs = (idx // d).to(tl.int64) * channels + ch
-        else:
-            ch = idx // spatial
-            offs = idx
-        v = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            v += tl.load(add_ptr + b * channels + c0 + ch, mask=mask, other=0.0)
+        v, ch, mask = _load_group_block(x_ptr, add_ptr, base, add_base, start + lanes, group_numel, spatial,
+                                        HAS_ADD)
         dv = tl.where(mask, v - mean, 0.0)
         acc += dv * dv
     rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / group_numel + eps)
 
     for start in range(0, group_numel, BLOCK):
         idx = start + lanes
-        mask = idx < group_numel
-        if CHANNELS_LAST:
-            ch = idx % d
-            offs = (idx // d).to(tl.int64) * channels + ch
-        else:
-            ch = idx // spatial
-            offs = idx
-        v = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            v += tl.load(add_ptr + b * channels + c0 + ch, mask=mask, other=0.0)
+        v, ch, mask = _load_group_block(x_ptr, add_ptr, base, add_base, idx, group_numel, spatial, HAS_ADD)
         r = (v - mean) * rstd
         if HAS_WEIGHT:
             r = r * tl.load(w_ptr + c0 + ch, mask=mask, other=1.0)
@@ -109,7 +90,7 @@ def _group_norm_fwd_kernel(
             r = r + tl.load(b_ptr + c0 + ch, mask=mask, other=0.0)
         if SILU:
             r = r / (1.0 + tl.exp(-r))
-        tl.store(y_ptr + base + offs, r.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + base + idx, r.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -200,9 +181,6 @@ def _nhwc_apply_kernel(
         tl.store(y_ptr + offs, r.to(y_ptr.dtype.element_ty), mask=m)
 
 
-MAX_NHWC_CHANNELS = 8192  # one pixel row per tile row
-
-
 def _splits(batch: int, hw: int, block_p: int, device: torch.device) -> tuple[int, int]:
     """(splits per sample, pixels per split): enough programs to fill the GPU, whole tiles per split."""
     if device.type == "cuda":
@@ -259,7 +237,7 @@ def group_norm(
         raise ValueError(f"triton group_norm: x must be contiguous or 4-D channels_last, got strides {x.stride()}")
     if x.numel() == 0:
         return torch.empty_like(x)
-    if channels_last and x.shape[1] <= MAX_NHWC_CHANNELS:
+    if channels_last:
         return _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu)
     out = torch.empty_like(x)
     batch, channels = x.shape[:2]
@@ -280,7 +258,6 @@ def group_norm(
         HAS_BIAS=bias is not None,
         HAS_ADD=add is not None,
         SILU=silu,
-        CHANNELS_LAST=channels_last,
         BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
     )

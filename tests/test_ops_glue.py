@@ -80,7 +80,8 @@ def ln_inputs(name: str, dtype: torch.dtype, device: str = "cpu"):
 
 # name -> (shape, residual?): widths around the 256-column tile, rows around the row tile
 BIAS_CASES = {"7x3": ((7, 3), True), "1x300": ((1, 300), True), "2x33x17x40": ((2, 33, 17, 40), True),
-              "37x256-nores": ((37, 256), False), "5x513": ((5, 513), True)}
+              "3x5x7x24-nchw": ((3, 5, 7, 24), True), "37x256-nores": ((37, 256), False),
+              "5x513": ((5, 513), True)}
 
 
 def bias_inputs(name: str, dtype: torch.dtype, device: str = "cpu") -> tuple:
@@ -184,12 +185,13 @@ def test_add_bias_reference_is_one_rounding_of_the_float64_sum(name):
     assert torch.equal(add_bias_reference(x, b, r), expected.to(torch.float16))
 
 
-def test_add_bias_channels_last_view_keeps_layout():
-    """A channels-last feature map passed as its (B, H, W, C) view: the result permuted back is channels-last."""
-    x = torch.randn(2, 6, 5, 3).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_add_bias_keeps_the_feature_map_layout(memory_format):
+    """A feature map passed as its (B, H, W, C) view comes back, permuted, in its own memory format."""
+    x = torch.randn(2, 6, 5, 3).to(memory_format=memory_format)
     b = torch.randn(6)
     out = add_bias(x.permute(0, 2, 3, 1), b, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert out.is_contiguous(memory_format=memory_format)
     torch.testing.assert_close(out, 2 * x + b[:, None, None])
 
 
@@ -342,7 +344,12 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
         if name == "2x33x17x40":  # channels-last feature map as its (B, H, W, C) view; residual strided rows
             x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
             r = torch.cat([r, r[..., :7]], dim=-1)[..., :40]
-        return check(kernels.add_bias(x, b, r), add_bias_reference(x, b, r))
+        if name == "3x5x7x24-nchw":  # an NCHW map's (B, H, W, C) view: not contiguous, result stays NCHW
+            x = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        out, ref = kernels.add_bias(x, b, r), add_bias_reference(x, b, r)
+        if out.stride() != ref.stride() or (x.is_contiguous() or "nchw" in name) and ref.stride() != x.stride():
+            return f"layout: strides {out.stride()} (kernel), {ref.stride()} (reference), {x.stride()} (x)"
+        return check(out, ref)
     if op == "geglu":
         h = geglu_input(name, dtype, device)
         if name == "3x5x300":

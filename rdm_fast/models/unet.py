@@ -53,6 +53,11 @@ def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
 
 
+def _linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 ``conv`` applied to (..., C) tokens as the linear layer it is, bias in the GEMM's epilogue."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
 @dataclass(eq=False)
 class PreparedContext:
     """A context whose cross-attention keys and values are computed once, for a whole sampling trajectory.
@@ -86,17 +91,15 @@ class ResBlock(nn.Module):
         self.skip = conv1x1(cin, cout) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        # The convolutions run without their biases, which cost a full pass each on the GPU: conv1's joins the
-        # per-channel add before norm2 (exact: a per-channel constant), conv2's and the skip's join the
-        # residual add (one pass for bias + residual).
+        # The 3x3 convolutions run without their biases, which cost a full pass each on the GPU: conv1's joins
+        # the per-channel add before norm2 (exact: a per-channel constant), conv2's joins the residual add (one
+        # pass for bias + residual). The 1x1 skip is a linear layer on the (B, H, W, C) view, its bias in the
+        # GEMM's epilogue.
         h = _conv(self.conv1, self.norm1(x, silu=True))
         h = self.norm2(h, add=self.emb_proj(F.silu(emb)).float() + self.conv1.bias.float(), silu=True)
         h = _conv(self.conv2, self.dropout(h))
-        if isinstance(self.skip, nn.Identity):
-            skip, bias = x, self.conv2.bias
-        else:
-            skip, bias = _conv(self.skip, x), self.conv2.bias + self.skip.bias
-        return _nchw(ops.add_bias(_nhwc(h), bias, _nhwc(skip)))
+        skip = _nhwc(x) if isinstance(self.skip, nn.Identity) else _linear(self.skip, _nhwc(x))
+        return _nchw(ops.add_bias(_nhwc(h), self.conv2.bias, skip))
 
 
 class Attention(nn.Module):
@@ -201,12 +204,11 @@ class SpatialTransformer(nn.Module):
         # maps are those tokens already): proj_in's bias rides in the GEMM's epilogue, proj_out's joins the
         # residual add.
         b, c, h, w = x.shape
-        tokens = _nhwc(self.norm(x)).reshape(b, h * w, c)
-        tokens = F.linear(tokens, self.proj_in.weight.flatten(1), self.proj_in.bias)
+        tokens = _linear(self.proj_in, _nhwc(self.norm(x)).reshape(b, h * w, c))
         for block in self.blocks:
             tokens = block(tokens, context)
         out = F.linear(tokens, self.proj_out.weight.flatten(1)).view(b, h, w, c)
-        return _nchw(ops.add_bias(out, self.proj_out.bias, _nhwc(x)))
+        return _nchw(ops.add_bias(_nhwc(x), self.proj_out.bias, out))
 
 
 class Downsample(nn.Module):

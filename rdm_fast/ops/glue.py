@@ -3,7 +3,7 @@
 * :func:`layer_norm` — LayerNorm over the last dim, float32 statistics, output in x's dtype.
 * :func:`add_layer_norm` — ``s = x + residual + residual_bias`` and ``layer_norm(s)`` in one pass (a block's
   residual add, where the linear layer before it ran without its bias, fused with the next LayerNorm).
-* :func:`add_bias` — ``x + bias + residual`` with the bias on the last dim: a convolution or linear layer run
+* :func:`add_bias` — ``x + residual + bias`` with the bias on the last dim: a convolution or linear layer run
   without its bias, its bias and the residual it feeds, in one pass instead of a bias pass and an add pass.
 * :func:`geglu` — ``a * gelu_erf(gate)`` for ``[a, gate]`` on the last dim (the GEGLU feed-forward's middle).
 * :func:`ddim_guided_step` / :func:`plms_guided_step` — classifier-free guidance combine, PLMS multistep
@@ -114,6 +114,17 @@ def _check_add_layer_norm(x, residual, residual_bias, weight, bias) -> None:
         _check_tensor("add_layer_norm", "residual_bias", residual_bias, x, (x.shape[-1],))
 
 
+def _residual_sum(x: Tensor, residual: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``x + residual + bias`` in float32 (either term optional; bias on the last dim): the residual adds'
+    semantics, shared by add_layer_norm and add_bias."""
+    s = x.float()
+    if residual is not None:
+        s = s + residual.float()
+    if bias is not None:
+        s = s + bias.float()
+    return s
+
+
 def add_layer_norm_reference(
     x: Tensor,
     residual: Tensor | None,
@@ -124,12 +135,7 @@ def add_layer_norm_reference(
 ) -> tuple[Tensor, Tensor]:
     """(s, layer_norm(s)) with ``s = x + residual + residual_bias`` summed in float32, rounded to x's dtype."""
     _check_add_layer_norm(x, residual, residual_bias, weight, bias)
-    s = x.float()
-    if residual is not None:
-        s = s + residual.float()
-    if residual_bias is not None:
-        s = s + residual_bias.float()
-    s = s.to(x.dtype).contiguous()
+    s = _residual_sum(x, residual, residual_bias).to(x.dtype).contiguous()
     return s, layer_norm_reference(s, weight, bias, eps)
 
 
@@ -185,12 +191,13 @@ def _check_add_bias(x: Tensor, bias: Tensor, residual: Tensor | None) -> None:
 
 
 def add_bias_reference(x: Tensor, bias: Tensor, residual: Tensor | None = None) -> Tensor:
-    """``x + bias + residual`` in float32 (bias broadcast over the last dim), rounded once to x's dtype."""
+    """``x + residual + bias`` in float32 (bias broadcast over the last dim), rounded once to x's dtype; the
+    result has x's strides when x is dense (a channels-last map's (B, H, W, C) view stays channels-last, an NCHW
+    map's stays NCHW), else it is contiguous."""
     _check_add_bias(x, bias, residual)
-    y = x.float() + bias.float()
-    if residual is not None:
-        y = y + residual.float()
-    return y.to(x.dtype).contiguous()
+    out = torch.empty_like(x)
+    out.copy_(_residual_sum(x, residual, bias))
+    return out
 
 
 def _add_bias_unsupported(x: Tensor, bias: Tensor, residual: Tensor | None) -> str | None:
@@ -213,10 +220,11 @@ ADD_BIAS = Op(
 
 
 def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None = None) -> Tensor:
-    """``x + bias + residual`` with ``bias`` (C,) on the last dim of x (..., C) and ``residual`` shaped like x.
+    """``x + residual + bias`` with ``bias`` (C,) on the last dim of x (..., C) and ``residual`` shaped like x.
 
-    Float32 sum, one rounding to x's dtype, output contiguous in x's shape (pass channels-last feature maps as
-    their (B, H, W, C) views). One read of x and residual and one write.
+    Float32 sum, one rounding to x's dtype, output laid out like x. Pass feature maps as their (B, H, W, C)
+    views: for channels-last maps that view is contiguous and the kernel makes one read of x and residual and
+    one write.
     """
     _check_add_bias(x, bias, residual)
     return ADD_BIAS(x, bias, residual)
