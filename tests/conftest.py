@@ -55,6 +55,17 @@ def mini_vq_config() -> RDMConfig:
     return RDMConfig.from_dict(tree)
 
 
+@pytest.fixture
+def fresh_dispatch(monkeypatch):
+    """Isolate the ops dispatch state: mode (env var and override), first-use log lines, fallback warnings."""
+    from rdm_fast.ops import _dispatch
+
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(_dispatch, "_mode_override", None)
+    monkeypatch.setattr(_dispatch, "_logged", set())
+    monkeypatch.setattr(_dispatch, "_warned_missing", set())
+
+
 @pytest.fixture(scope="session")
 def tiny_official():
     """(config, official state dict, unet part, first-stage part) for the ``tiny`` preset."""

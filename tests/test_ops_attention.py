@@ -213,9 +213,6 @@ def test_dispatch_cpu_modes():
     if os.environ.get("TRITON_INTERPRET") != "1":
         with use_mode("fast"), pytest.raises(RuntimeError, match="Triton interpreter is off"):
             ATTENTION.select("cpu", q, k, v, 2)
-    for mode in ("auto", "reference"):
-        with use_mode(mode):
-            torch.testing.assert_close(attention(q, k, v, 2), attention_reference(q, k, v, 2), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

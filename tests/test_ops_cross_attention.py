@@ -127,14 +127,6 @@ def test_bad_arguments_raise(change, match):
 # --- dispatch
 
 
-@pytest.fixture
-def fresh_dispatch(monkeypatch):
-    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
-    monkeypatch.setattr(_dispatch, "_mode_override", None)
-    monkeypatch.setattr(_dispatch, "_logged", set())
-    monkeypatch.setattr(_dispatch, "_warned_missing", set())
-
-
 def test_cpu_auto_uses_reference_and_fast_needs_interpreter(fresh_dispatch, caplog):
     args = make_inputs(CASES["b3-n17-c96-m11"], torch.float32)
     with caplog.at_level(logging.INFO, logger="rdm_fast.ops"):

@@ -150,11 +150,7 @@ def _triton_forward(*args, **kwargs) -> Tensor:
 
 def _register_fake() -> None:
     """Shape/stride propagation for ``torch.ops.rdm_fast.group_norm`` (meta tensors, torch.compile)."""
-    register = getattr(torch.library, "register_fake", None) or getattr(torch.library, "impl_abstract", None)
-    if register is None:  # old torch without either API
-        return
-
-    @register("rdm_fast::group_norm")
+    @torch.library.register_fake("rdm_fast::group_norm")
     def _group_norm_fake(x, weight, bias, num_groups, eps, add, silu):
         if _layout_unsupported(x) is None:
             return torch.empty_like(x)

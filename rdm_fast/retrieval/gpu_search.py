@@ -2,8 +2,9 @@
 ``rdm_fast.kernels.knn``), split in contiguous row ranges across devices when it does not fit on one.
 
 Scores are inner products of L2-normalised rows (cosine similarity, as :func:`exact_search`) in fp32, ties
-broken by the lower id. A search makes no host synchronisation when the queries and the database are on
-GPUs, so it can run inside a sampling loop under ``torch.cuda.set_sync_debug_mode("error")`` or a CUDA graph
+broken by the lower id. A search on the kernel path (k <= 64, ops mode not ``reference``; otherwise the
+reference :func:`exact_search` runs, which synchronises) makes no host synchronisation when the queries and the
+database are on GPUs, so it can run inside a sampling loop under ``torch.cuda.set_sync_debug_mode("error")`` or a CUDA graph
 capture, once a first search of the same shape (query count bucket, k, dtype) has compiled and autotuned the
 kernel, which does synchronise.
 """
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import get_mode
-from .search import exact_search
+from .search import exact_search, merge_topk
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
@@ -223,12 +224,10 @@ class GPUExactSearch:
             parts.append((scores.to(out_device, non_blocking=True), (ids + start).to(out_device, non_blocking=True)))
         if len(parts) == 1:
             return parts[0]
-        # shards come in id order and each is sorted by (score desc, id asc): a stable sort by score keeps ties
-        # in id order across shards
-        scores = torch.cat([p[0] for p in parts], dim=1)
-        ids = torch.cat([p[1] for p in parts], dim=1)
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-        return scores.gather(1, order), ids.gather(1, order)
+        best = None  # shards come in id order, each sorted by (score desc, id asc)
+        for scores, ids in parts:
+            best = merge_topk(best, scores, ids, k)
+        return best
 
     def _search_shard(self, q: Tensor, shard: Tensor, k: int) -> tuple[Tensor, Tensor]:
         on_cuda = shard.device.type == "cuda"

@@ -1,6 +1,7 @@
-"""Exact nearest-neighbour search by cosine similarity in plain PyTorch: the reference every faster backend is
-checked against, and the CPU backend of a database. The database is streamed in row chunks (from tensors or
-memory-mapped arrays), so neither it nor the Q x N score matrix is ever held whole."""
+"""Exact nearest-neighbour search by cosine similarity in plain PyTorch: the reference search, which is the CPU
+backend of a database and the GPU search's fallback (k > 64, reference mode); the tests check it, the Triton
+kernel and the FAISS re-ranking against float64 brute force. The database is streamed in row chunks (from
+tensors or memory-mapped arrays), so neither it nor the Q x N score matrix is ever held whole."""
 
 from __future__ import annotations
 
