@@ -2,7 +2,8 @@
 
 Shapes of the released models' largest transformer level and sampler state: imagenet tokens (128, 1024, 384)
 bf16 with GEGLU hidden 2 x 1536, latents (64, 3, 64, 64) fp32 (64 images, guided batch 128); rdm768 tokens
-(32, 2304, 448), hidden 2 x 1792, latents (16, 16, 48, 48). Implementations: ``fused`` (rdm_fast.ops.glue),
+(32, 2304, 448), hidden 2 x 1792, latents (16, 16, 48, 48); bias + residual on the top-level channels-last
+feature maps, (128, 64, 64, 192) and (32, 48, 48, 448) as (B, H, W, C). Implementations: ``fused`` (rdm_fast.ops.glue),
 ``eager`` (the PyTorch ops the model / sampler runs today) and ``compiled`` (``torch.compile`` of ``eager``,
 compiled during warm-up; deselect with ``-k "not compiled"``).
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from rdm_fast import ops
 from rdm_fast.diffusion import ddim_update, plms_eps
 from rdm_fast.ops.glue import (
+    add_bias,
     add_layer_norm,
     ddim_guided_step,
     geglu,
@@ -32,6 +34,7 @@ CALLS = 10
 EPS = 1e-5
 TOKENS = {"imagenet": (128, 1024, 384), "rdm768": (32, 2304, 448)}
 LATENTS = {"imagenet": (64, 3, 64, 64), "rdm768": (16, 16, 48, 48)}
+MAPS = {"imagenet": (128, 64, 64, 192), "rdm768": (32, 48, 48, 448)}  # top-level ResBlock outputs, (B, H, W, C)
 A_T, A_PREV, SCALE = 0.3, 0.45, 2.0
 
 
@@ -42,6 +45,10 @@ def eager_layer_norm(x, w, b):
 def eager_add_layer_norm(x, r, w, b):
     s = x + r  # residual add of a block's output (bias already added by its Linear), then the next LayerNorm
     return s, F.layer_norm(s, s.shape[-1:], w, b, EPS)
+
+
+def eager_add_bias(x, b, r):
+    return x + b + r  # what nn.Conv2d's bias add and the residual add cost eagerly: two passes
 
 
 def eager_geglu(h):
@@ -61,11 +68,13 @@ def eager_plms(x, e_u, e_c, h1, h2, h3):
 FUSED = {
     "layer_norm": lambda x, w, b: layer_norm(x, w, b, EPS),
     "add_layer_norm": lambda x, r, w, b: add_layer_norm(x, r, None, w, b, EPS),
+    "add_bias": add_bias,
     "geglu": geglu,
     "ddim_step": lambda x, e_u, e_c: ddim_guided_step(x, e_u, e_c, SCALE, A_T, A_PREV),
     "plms_step": lambda x, e_u, e_c, h1, h2, h3: plms_guided_step(x, e_u, e_c, SCALE, [h3, h2, h1], A_T, A_PREV),
 }
-EAGER = {"layer_norm": eager_layer_norm, "add_layer_norm": eager_add_layer_norm, "geglu": eager_geglu,
+EAGER = {"layer_norm": eager_layer_norm, "add_layer_norm": eager_add_layer_norm, "add_bias": eager_add_bias,
+         "geglu": eager_geglu,
          "ddim_step": eager_ddim, "plms_step": eager_plms}
 _compiled: dict[str, object] = {}
 
@@ -80,6 +89,10 @@ def _inputs(op: str, model: str):
     if op == "add_layer_norm":
         args = (rand(b, n, c), rand(b, n, c), rand(c), rand(c))
         return args, 4 * args[0].nbytes
+    if op == "add_bias":
+        m = MAPS[model]
+        args = (rand(*m), rand(m[-1]), rand(*m))
+        return args, 3 * args[0].nbytes
     if op == "geglu":
         h = rand(b, n, 8 * c)
         return (h,), h.nbytes * 3 // 2

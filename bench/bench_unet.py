@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rdm_fast import RDM, ops
+from bench_step import make_case
+
+from rdm_fast import ops
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -23,14 +25,9 @@ ROUNDS = {"tiny": 20, "imagenet": 10 if CUDA else 3}
 @pytest.fixture(scope="module", params=["tiny", "imagenet"])
 def model_and_inputs(request):
     preset = request.param
-    model = RDM.from_config(preset, device=DEVICE, dtype=DTYPE)
-    cfg = model.config
     b = BATCH[preset]
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    x = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, device=DEVICE, generator=g)
-    t = torch.full((b,), 500, device=DEVICE)
-    ctx = torch.randn(b, cfg.context_tokens, cfg.context_dim, device=DEVICE, generator=g)
-    return preset, model, (x, t, ctx)
+    model, x, ctx = make_case(preset, b, DEVICE, DTYPE)  # channels-last on CUDA, as RDM.sample runs it
+    return preset, model, (x, torch.full((b,), 500, device=DEVICE), ctx)
 
 
 @pytest.mark.parametrize("mode", ["auto", "reference"])

@@ -34,10 +34,6 @@ from bench_step import make_case, step_fn  # noqa: E402
 from rdm_fast import ops  # noqa: E402
 
 
-class _Skipped(Exception):
-    """A phase left out on request."""
-
-
 def cuda_median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -98,10 +94,21 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *,
     torch.manual_seed(0)
     model, x, ctx = make_case(preset, images, torch.device("cuda"), torch.bfloat16)
     result: dict = {"preset": preset, "images": images}
-    # 1. parity
+    if checks:
+        check_parity(model, x, ctx, result, log)
+    torch.cuda.empty_cache()
+    time_variants(model, x, ctx, variants, result, log)
+    if checks:
+        profile_step(model, x, ctx, images, out, result, log)
+    del model
+    torch.cuda.empty_cache()
+    return result
+
+
+def check_parity(model, x, ctx, result: dict, log) -> None:
+    """eps of the fast and the plain-PyTorch bf16 step against the float32 plain-PyTorch step (TF32 off)."""
+    preset = result["preset"]
     try:
-        if not checks:
-            raise _Skipped
         with torch.inference_mode():
             with ops.use_mode("auto"):
                 eps_fast = step_fn("rdm_fast-eager", model, x, ctx)(x, 500).float()
@@ -120,12 +127,13 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *,
         result["finite"] = bool(torch.isfinite(eps_fast).all())
         log(f"[{preset}] parity vs fp32 reference: fast bf16 {result['err_fast']:.2e}, "
             f"reference bf16 {result['err_ref_bf16']:.2e}, finite {result['finite']}")
-    except _Skipped:
-        pass
     except Exception:
         log(f"[{preset}] parity FAILED\n{traceback.format_exc()}")
-    torch.cuda.empty_cache()
-    # 2. timings
+
+
+def time_variants(model, x, ctx, variants: list[str], result: dict, log) -> None:
+    """CUDA-event median ms per guided step of each variant (a failure is logged and the others still run)."""
+    preset = result["preset"]
     for variant in variants:
         try:
             t0 = time.time()
@@ -143,10 +151,12 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *,
             log(f"[{preset}] {variant}: {ms:.2f} ms/step (setup+timing {time.time() - t0:.0f} s)")
         except Exception:
             log(f"[{preset}] {variant} FAILED\n{traceback.format_exc()}")
-    # 3. breakdown of the fast eager step
+
+
+def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> None:
+    """Per-kernel CUDA time of the fast eager step, grouped by kind (full list in kernels_<preset>.txt)."""
+    preset = result["preset"]
     try:
-        if not checks:
-            raise _Skipped
         with torch.inference_mode(), ops.use_mode("auto"):
             fn = step_fn("rdm_fast-eager", model, x, ctx)
             rows = profile_kernels(lambda: fn(x, 500))
@@ -165,13 +175,8 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *,
         for name, ms, n in rows[:12]:
             log(f"    {ms:8.3f} ms {n:4d}x {name[:110]}")
         result["kernel_ms"] = total
-    except _Skipped:
-        pass
     except Exception:
         log(f"[{preset}] profile FAILED\n{traceback.format_exc()}")
-    del model
-    torch.cuda.empty_cache()
-    return result
 
 
 def main() -> None:

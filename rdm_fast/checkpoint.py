@@ -111,8 +111,8 @@ def describe(names: list[str], limit: int = 12) -> str:
 
 
 def match_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]],
-                     source: str) -> list[str]:
-    """Check that ``state`` holds every expected name with the expected shape; return the unexpected names.
+                     source: str) -> None:
+    """Check that ``state`` holds every expected name with the expected shape.
 
     Raises CheckpointError listing missing and mis-shaped tensors.
     """
@@ -127,7 +127,6 @@ def match_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, tuple[i
             lines.append(f"  {len(mismatched)} tensors of the wrong shape: {describe(mismatched)}")
         lines.append("  (is the config right? pass config= a preset name or the model's config.yaml)")
         raise CheckpointError("\n".join(lines))
-    return [k for k in state if k not in expected]
 
 
 def official_sources(state: Mapping[str, Tensor], official: Mapping[str, str], *, use_ema: bool = True,

@@ -25,7 +25,7 @@ from ._files import atomic_save_npy, atomic_write
 from .encoders import EncoderUnavailable
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
                         resolve_encoder, save_neighbors, save_proposals)
-from .retrieval.build import load_query_image, load_rgb, make_crops
+from .retrieval.build import CROP_MODES, load_query_image, load_rgb, make_crops
 from .retrieval.database import BACKENDS, PROPOSALS
 from .retrieval.neighbors import neighbor_files
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--list", help="text file: one image path per line, optionally a tab and a class id")
     b.add_argument("--encoder", required=True, help="registered encoder name or package.module:factory")
     b.add_argument("--out", required=True, help="database directory (rerun the same command to resume)")
-    b.add_argument("--crop", choices=["random", "center", "none"], default="center",
+    b.add_argument("--crop", choices=CROP_MODES, default="center",
                    help="random: native-resolution patches (like the OpenImages database); center: short side "
                         "resized, central square; none: whole image resized")
     b.add_argument("--crop-size", type=_positive, default=256)
@@ -240,8 +240,7 @@ def contact_sheet(tiles: list[tuple[Image.Image, str]], columns: int | None = No
 def cmd_search(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     db = Database.open(args.db, backend=args.backend, device=device)
-    build = db.manifest.get("build") or {}
-    spec = args.encoder or build.get("encoder_spec") or db.encoder_name
+    spec = args.encoder or db.encoder_spec
     encoder = _encoder(spec, device, args.encoder_checkpoint)
     if args.text is not None:
         try:

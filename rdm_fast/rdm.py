@@ -180,6 +180,10 @@ class RDM(nn.Module):
         maps (no layout copies).
         """
         self.check_context(context)
+        if sampler not in ("ddim", "plms"):
+            raise ValueError(f"sampler must be 'ddim' or 'plms', got {sampler!r}")
+        if sampler == "plms" and eta != 0:
+            raise ValueError("PLMS is deterministic: use eta = 0")
         wants_nhwc = channels_last if channels_last is not None else self.device.type == "cuda"
         if wants_nhwc and self.unet.input_conv.weight.is_contiguous():  # not converted yet (3x3: formats differ)
             self.unet.to(memory_format=torch.channels_last)
@@ -198,9 +202,7 @@ class RDM(nn.Module):
         eps_fn = maybe_graphed(eps_fn, x, cuda_graph)
         if sampler == "ddim":
             return sample_ddim(eps_fn, x, coeffs, generator=generator, progress=progress)
-        if sampler == "plms":
-            return sample_plms(eps_fn, x, coeffs, progress=progress)
-        raise ValueError(f"sampler must be 'ddim' or 'plms', got {sampler!r}")
+        return sample_plms(eps_fn, x, coeffs, progress=progress)
 
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.unet.parameters())

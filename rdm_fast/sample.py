@@ -10,7 +10,6 @@ its nearest database entries, laid out as the model was trained (rdm_fast.retrie
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -22,12 +21,13 @@ from tqdm.auto import tqdm
 
 from . import RDM
 from ._cli import CLIError, pick_device, pick_dtype, run
+from ._files import atomic_write_json
 from .config import preset_names
-from .encoders import EncoderUnavailable, get_encoder
+from .encoders import EncoderUnavailable
 from .images import grid, save_png, to_uint8
 from .retrieval.context import check_database_for_model, draw_pseudo_queries, locate_database, model_context
-from .retrieval.build import load_query_image
-from .retrieval.database import Database
+from .retrieval.build import load_query_image, resolve_encoder
+from .retrieval.database import BACKENDS, Database
 
 log = logging.getLogger("rdm_fast.sample")
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-m", type=float, default=0.01,
                    help="with --db and no query: draw pseudo-queries from this top fraction of the proposals")
     p.add_argument("--encoder-checkpoint", help="local weights of the database's encoder (for --text/--image)")
-    p.add_argument("--search-backend", default="auto", choices=["auto", "torch", "triton", "faiss"],
+    p.add_argument("--search-backend", default="auto", choices=BACKENDS,
                    help="nearest-neighbour search backend for --db")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n-samples", type=int, help="images to draw (default: one per context in the file, 4 with --db)")
@@ -116,7 +116,7 @@ class DatabaseContexts:
         self.cfg, self.device = cfg, device
         self.texts, self.images, self.query_ids, self.encoder = args.text, args.image, None, None
         if args.text or args.image:
-            self.encoder = get_encoder(self.db.encoder_name, device=device, checkpoint=args.encoder_checkpoint)
+            self.encoder = resolve_encoder(self.db.encoder_spec, device=device, checkpoint=args.encoder_checkpoint)
             self.n_default = len(args.text or args.image)
         else:
             self.n_default = 4
@@ -146,12 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if (args.text or args.image) and not args.db:
+        raise CLIError("--text and --image are queries into a database: add --db")
     device, dtype = pick_device(args.device), pick_dtype(args.bf16, args.fp16)
     model = load_model(args, device, dtype)
     cfg = model.config
     generator = torch.Generator().manual_seed(args.seed)
-    if (args.text or args.image) and not args.db:
-        raise CLIError("--text and --image are queries into a database: add --db")
     if args.context_file:
         contexts = read_context_file(args.context_file, cfg.context_dim)
         n = args.n_samples or contexts.shape[0]
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "eta": eta, "guidance_scale": guidance, "seed": args.seed, "dtype": str(dtype),
                 "context_source": args.context_file or args.db, "text": args.text, "image": args.image,
                 "top_m": args.top_m if args.db and not (args.text or args.image) else None}
-    (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    atomic_write_json(out / "run.json", run_info)
     log.info("wrote %d images and grid.png to %s", n, out)
     return 0
 

@@ -323,10 +323,8 @@ def test_neighbors_exclusion_and_dedup(tmp_path, exclude_self, threshold):
     if threshold is not None:  # the planted duplicates never appear as each other's neighbours
         assert 30 not in ids[3].tolist() and 3 not in ids[30].tolist() and 31 not in ids[32].tolist()
         assert (scores <= threshold).all()
-    if exclude_self:
-        assert not (ids == torch.arange(34)[:, None]).any()
-    else:  # dedup alone also removes the query itself (cosine 1)
-        assert not (ids == torch.arange(34)[:, None]).any()
+    # a query never is its own neighbour: excluded by id, or (dedup alone) as a duplicate of itself (cosine 1)
+    assert not (ids == torch.arange(34)[:, None]).any()
 
 
 def test_neighbors_other_queries_and_errors(tmp_path):

@@ -108,11 +108,10 @@ def test_build_load_search_recall(built):
     assert np.all(np.diff(scores.numpy(), axis=1) <= 0)
 
 
+@pytest.mark.parametrize("built", ["ivfpq"], indirect=True)
 def test_ivfpq_needs_vectors_for_recall(built, caplog):
     """Without the database vectors, ivfpq ranks by PQ codes alone: approximate scores, ids still valid."""
-    kind, shards, q, out, _ = built
-    if kind != "ivfpq":
-        pytest.skip("ivfpq only")
+    _, shards, q, out, _ = built
     with caplog.at_level(logging.WARNING):
         engine = FaissSearch.load(out)
     assert "without the database vectors" in caplog.text

@@ -23,24 +23,25 @@ class GraphedEps:
     Returns a fresh tensor each call (samplers keep past eps, e.g. PLMS).
     """
 
-    def __init__(self, eps_fn: EpsFn, x: Tensor, *, warmup: int = 1) -> None:
+    def __init__(self, eps_fn: EpsFn, x: Tensor) -> None:
         if x.device.type != "cuda":
             raise ValueError(f"CUDA graphs need CUDA tensors, got {x.device}")
         self.static_x = x.detach().clone()
         self.static_t = torch.zeros((), dtype=torch.long, device=x.device)
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):  # warm up outside the graph: lazy inits, kernel autotuning, allocator
-            for _ in range(warmup):
-                eps_fn(self.static_x, self.static_t)
+        with torch.cuda.stream(side):  # one warm-up outside the graph: lazy inits, kernel autotuning, allocator
+            eps_fn(self.static_x, self.static_t)
         torch.cuda.current_stream(x.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_out = eps_fn(self.static_x, self.static_t)
 
     def __call__(self, x: Tensor, t: int | Tensor) -> Tensor:
-        if x.shape != self.static_x.shape:
-            raise ValueError(f"graph captured for x of shape {tuple(self.static_x.shape)}, got {tuple(x.shape)}")
+        s = self.static_x
+        if x.shape != s.shape or x.dtype != s.dtype or x.device != s.device:
+            raise ValueError(f"graph captured for x of shape {tuple(s.shape)}, {s.dtype} on {s.device}; got "
+                             f"{tuple(x.shape)}, {x.dtype} on {x.device}")
         self.static_x.copy_(x)
         if torch.is_tensor(t):
             self.static_t.copy_(t)

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .._files import atomic_write
 from .offline import (DIM, IMAGE_FEATURES, NAME, PROJECTION_FILE, TEXT_FEATURES, OfflineEncoder, require_packages,
                       resize)
 
@@ -259,9 +260,7 @@ def _merge(parts: list[dict]) -> Features:
 
 def _save_atomic(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class Bridge(torch.nn.Module):
@@ -369,10 +368,8 @@ def write_weights(tensors: dict[str, torch.Tensor], metadata: dict, out: Path) -
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    os.chmod(tmp, 0o644)  # package data: readable by everyone
-    os.replace(tmp, out)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta), fsync=True)
 
 
 def _default_cache() -> Path:

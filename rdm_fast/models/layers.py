@@ -8,6 +8,7 @@ converter between the two layouts is defined next to the modules themselves.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -45,6 +46,17 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 def conv1x1(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling and a 3x3 convolution (UNet and autoencoder decoder alike)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = conv3x3(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:

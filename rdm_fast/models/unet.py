@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..config import UNetConfig
 from .. import ops
-from .layers import GroupNorm, LayerNorm, attention, conv1x1, conv3x3, official_names
+from .layers import GroupNorm, LayerNorm, Upsample, attention, conv1x1, conv3x3, official_names
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -71,7 +71,6 @@ class PreparedContext:
     kv: dict[nn.Module, tuple[Tensor, Tensor]]
     zero_rows: int
     batch: int
-    tokens: int
 
 
 class ResBlock(nn.Module):
@@ -91,12 +90,13 @@ class ResBlock(nn.Module):
         self.skip = conv1x1(cin, cout) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """``emb`` is the SiLU of the timestep embedding (the first op of emb_layers), taken once per UNet call."""
         # The 3x3 convolutions run without their biases, which cost a full pass each on the GPU: conv1's joins
         # the per-channel add before norm2 (exact: a per-channel constant), conv2's joins the residual add (one
         # pass for bias + residual). The 1x1 skip is a linear layer on the (B, H, W, C) view, its bias in the
         # GEMM's epilogue.
         h = _conv(self.conv1, self.norm1(x, silu=True))
-        h = self.norm2(h, add=self.emb_proj(F.silu(emb)).float() + self.conv1.bias.float(), silu=True)
+        h = self.norm2(h, add=self.emb_proj(emb).float() + self.conv1.bias.float(), silu=True)
         h = _conv(self.conv2, self.dropout(h))
         skip = _nhwc(x) if isinstance(self.skip, nn.Identity) else _linear(self.skip, _nhwc(x))
         return _nchw(ops.add_bias(_nhwc(h), self.conv2.bias, skip))
@@ -175,8 +175,8 @@ class TransformerBlock(nn.Module):
 
     def _add_prepared_cross(self, x: Tensor, context: PreparedContext) -> tuple[Tensor, Tensor]:
         """(x + cross-attention, norm3 of it) with precomputed keys/values: LayerNorm, query projection and
-        attention fused in one op, run on the conditional rows only (the zero-context rows get to_out's bias);
-        the bias add is fused with norm3."""
+        attention in one op (``ops.cross_attention``), run on the conditional rows only (the zero-context rows
+        get to_out's bias); the bias add is fused with norm3."""
         attn, z, n2, n3 = self.cross_attn, context.zero_rows, self.norm2, self.norm3
         k, v = context.kv[attn]
         o = ops.cross_attention(x[z:], n2.weight, n2.bias, n2.eps, attn.to_q.weight, k, v, attn.heads)
@@ -220,15 +220,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = conv3x3(channels, channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Stage(nn.Module):
@@ -340,7 +331,7 @@ class UNet(nn.Module):
         context = context.to(self.input_conv.weight.dtype)
         kv = {m.cross_attn: (m.cross_attn.to_k(context), m.cross_attn.to_v(context))
               for m in self.modules() if isinstance(m, TransformerBlock)}
-        return PreparedContext(kv, zero_rows, zero_rows + context.shape[0], context.shape[1])
+        return PreparedContext(kv, zero_rows, zero_rows + context.shape[0])
 
     def _check(self, x: Tensor, t: Tensor, context: Tensor | PreparedContext) -> None:
         cfg = self.cfg
@@ -366,7 +357,7 @@ class UNet(nn.Module):
         self._check(x, t, context)
         dtype = self.input_conv.weight.dtype
         emb = timestep_embedding(t, self.cfg.model_channels).to(dtype)
-        emb = self.time_fc2(F.silu(self.time_fc1(emb)))
+        emb = F.silu(self.time_fc2(F.silu(self.time_fc1(emb))))  # every ResBlock's emb_layers starts with SiLU
         if isinstance(context, Tensor):
             context = context.to(dtype)
         w = self.input_conv.weight

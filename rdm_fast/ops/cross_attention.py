@@ -11,10 +11,10 @@ Fast path: the LayerNorm kernel, the query projection through the vendor GEMM, a
 over the M keys. A single kernel that also did the projection (per-head K-loops over the channels) was measured
 2-3.5x slower than this on an H200 (bench/RESULTS.md) and was dropped.
 
-:func:`cross_attention_reference` defines the semantics and is the CPU path: float32 math where the operands
-of each matrix product are rounded to the dtype of the weights they meet, as a LayerNorm -> Linear ->
-attention stack in that dtype would do (the normalised x to ``w_q``'s dtype, q to k's, the softmax
-probabilities to v's), float32 accumulation, output in x's dtype.
+:func:`cross_attention_reference` defines the semantics and is the CPU path: the LayerNorm and attention
+references of this package around a float32 query projection, each step rounded to the dtype the next one
+meets, as a LayerNorm -> Linear -> attention stack would (the normalised x to x's dtype, q to k's), float32
+statistics, softmax and accumulation, output in x's dtype.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import Impl, Op, needs_grad
-from .attention import _interpreter_unavailable, _triton_unavailable, attention
-from .glue import layer_norm
+from .attention import _interpreter_unavailable, _triton_unavailable, attention, attention_reference
+from .glue import layer_norm, layer_norm_reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,11 +63,6 @@ def check_args(x: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None, w_q:
     _check_tensor("v", v, x, tuple(k.shape), "k's shape")
 
 
-def _split_heads(t: Tensor, heads: int) -> Tensor:
-    """(B, tokens, heads * d) -> (B, heads, tokens, d)."""
-    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-
 def cross_attention_reference(
     x: Tensor,
     ln_weight: Tensor | None,
@@ -78,24 +73,14 @@ def cross_attention_reference(
     v: Tensor,
     heads: int,
 ) -> Tensor:
-    """Plain-PyTorch cross-attention (LayerNorm from its formulas, matmuls, explicit softmax); the oracle."""
+    """Plain-PyTorch cross-attention, the oracle: ``layer_norm_reference``, the query projection in float32
+    (operands rounded to w_q's dtype, the result to k's), ``attention_reference``; output in x's dtype."""
     check_args(x, ln_weight, ln_bias, w_q, k, v, heads)
-    xf = x.float()
-    mean = xf.mean(dim=-1, keepdim=True)
-    centred = xf - mean
-    xn = centred * torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + ln_eps)
-    if ln_weight is not None:
-        xn = xn * ln_weight.float()
-    if ln_bias is not None:
-        xn = xn + ln_bias.float()
-    q = xn.to(w_q.dtype).float() @ w_q.float().t()
-    q = q.to(k.dtype).float()
-    qh, kh, vh = (_split_heads(t, heads) for t in (q, k.float(), v.float()))
-    logits = qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5
-    p = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
-    p = p / p.sum(dim=-1, keepdim=True)
-    out = p.to(v.dtype).float() @ vh
-    return out.transpose(1, 2).flatten(2).to(x.dtype)
+    xn = layer_norm_reference(x, ln_weight, ln_bias, ln_eps)
+    q = (xn.to(w_q.dtype).float() @ w_q.float().t()).to(k.dtype)
+    batch = x.shape[0]
+    k, v = k.expand(batch, -1, -1), v.to(k.dtype).expand(batch, -1, -1)
+    return attention_reference(q, k, v, heads).to(x.dtype)
 
 
 def _unsupported(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> str | None:
@@ -104,7 +89,7 @@ def _unsupported(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> str | None:
     if not x.dtype == w_q.dtype == k.dtype == v.dtype:
         return f"x, w_q, k and v must share one dtype, got {x.dtype}, {w_q.dtype}, {k.dtype}, {v.dtype}"
     dim_head = w_q.shape[0] // heads
-    if dim_head not in (16, 32, 64, 128):
+    if dim_head not in (16, 32, 64, 128):  # the flash kernel's head dims (rdm_fast.kernels.attention.HEAD_DIMS)
         return f"head dim {dim_head} is not 16, 32, 64 or 128"
     return None
 

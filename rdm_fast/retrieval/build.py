@@ -180,7 +180,6 @@ class Processes:
         self.dist = dist
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.owned = False
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("gloo", timeout=timedelta(hours=72))

@@ -62,8 +62,8 @@ def check_database_for_model(db: Database, cfg: RDMConfig) -> None:
 
 
 def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tensor | None = None,
-                      prefix: bool = True, normalize: bool = False) -> Tensor:
-    """(Q, prefix + k, D) contexts: each query embedding (when ``prefix``) followed by its k nearest entries.
+                      normalize: bool = False) -> Tensor:
+    """(Q, 1 + k, D) contexts: each query embedding followed by its k nearest entries.
 
     ``query_ids`` (Q,) marks queries that are database entries themselves: their own entry is skipped (one extra
     neighbour is retrieved and the query's id dropped, on the device, without synchronising).
@@ -77,9 +77,7 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
         own = ids == query_ids.to(ids.device)[:, None]
         keep = torch.sort(own.to(torch.uint8), dim=1, stable=True).indices[:, :k]  # non-own first, in rank order
         ids = ids.gather(1, keep)
-    ctx = db.embeddings(ids).to(queries.device)
-    if prefix:
-        ctx = torch.cat([queries.float()[:, None], ctx], dim=1)
+    ctx = torch.cat([queries.float()[:, None], db.embeddings(ids).to(queries.device)], dim=1)
     return F.normalize(ctx, dim=-1) if normalize else ctx
 
 

@@ -343,6 +343,12 @@ class Database:
         return self.manifest["encoder"]["name"]
 
     @property
+    def encoder_spec(self) -> str:
+        """How to rebuild this database's encoder: the builder's ``package.module:factory`` spec when it used
+        one (``resolve_encoder`` takes either), else the encoder's name."""
+        return (self.manifest.get("build") or {}).get("encoder_spec") or self.encoder_name
+
+    @property
     def normalized(self) -> bool:
         """Whether the stored vectors are L2-normalised (as the encoder produced them)."""
         return bool(self.manifest["encoder"]["normalized"])
@@ -358,7 +364,9 @@ class Database:
         if self._backend_kind == "torch":
             return TorchExactSearch.name
         if self._backend_kind == "triton":
-            return "triton-exact"
+            from .gpu_search import GPUExactSearch
+
+            return GPUExactSearch.name
         return f"faiss-{self.manifest['index']['kind']}"
 
     # ---------------------------------------------------------------- search
