@@ -114,7 +114,7 @@ class DatabaseContexts:
         self.db = Database.open(locate_database(args.db), backend=args.search_backend, device=device)
         check_database_for_model(self.db, cfg)
         self.cfg, self.device = cfg, device
-        self.texts, self.images, self.query_ids, self.encoder = args.text, args.image, None, None
+        self.texts, self.images, self.query_ids, self.queries, self.encoder = args.text, args.image, None, None, None
         if args.text or args.image:
             self.encoder = resolve_encoder(self.db.encoder_spec, device=device, checkpoint=args.encoder_checkpoint)
             self.n_default = len(args.text or args.image)
@@ -123,21 +123,22 @@ class DatabaseContexts:
         self.top_m, self.generator = args.top_m, generator
 
     def prepare(self, n: int) -> None:
-        if self.encoder is None:  # on the device once: no copy (and no synchronisation) per batch
+        """Fix the queries once, on the device (no per-batch copies, encoder calls or synchronisation)."""
+        if self.encoder is None:
             self.query_ids = draw_pseudo_queries(self.db, n, self.top_m, self.generator).to(self.device)
+        elif self.texts:  # each distinct caption / image embedded once, cycled over the samples
+            self.queries = self.encoder.encode_text(self.texts).to(self.device)
+        else:
+            images = torch.stack([load_query_image(p, self.encoder.image_size) for p in self.images])
+            self.queries = self.encoder.encode_images(images.to(self.device)).to(self.device)
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         """Contexts of samples [start, stop) on the sampling device."""
         if self.encoder is None:
             ids = self.query_ids[start:stop]
             return model_context(self.db, self.cfg, self.db.embeddings(ids).to(self.device), query_ids=ids)
-        if self.texts:
-            queries = self.encoder.encode_text([self.texts[i % len(self.texts)] for i in range(start, stop)])
-        else:
-            paths = [self.images[i % len(self.images)] for i in range(start, stop)]
-            queries = self.encoder.encode_images(torch.stack([load_query_image(p, self.encoder.image_size)
-                                                              for p in paths]).to(self.device))
-        return model_context(self.db, self.cfg, queries.to(self.device))
+        rows = torch.arange(start, stop, device=self.device) % self.queries.shape[0]
+        return model_context(self.db, self.cfg, self.queries[rows])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import math
 from pathlib import Path
 
@@ -133,8 +134,9 @@ def test_cpu_auto_uses_reference_and_fast_needs_interpreter(fresh_dispatch, capl
         out = cross_attention(*args)
     assert "cross_attention: reference (cpu, float32)" in caplog.text
     assert torch.equal(out, cross_attention_reference(*args))
-    with _dispatch.use_mode("fast"), pytest.raises(RuntimeError, match="Triton interpreter is off"):
-        cross_attention(*args)
+    if os.environ.get("TRITON_INTERPRET") != "1":  # pytest itself may run under the interpreter
+        with _dispatch.use_mode("fast"), pytest.raises(RuntimeError, match="Triton interpreter is off"):
+            cross_attention(*args)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

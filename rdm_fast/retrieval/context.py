@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..config import RDMConfig
 from .database import Database
+from .search import first_kept
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -74,9 +75,7 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
         _, ids = db.search(queries, k)
     else:
         _, ids = db.search(queries, k + 1)
-        own = ids == query_ids.to(ids.device)[:, None]
-        keep = torch.sort(own.to(torch.uint8), dim=1, stable=True).indices[:, :k]  # non-own first, in rank order
-        ids = ids.gather(1, keep)
+        ids = ids.gather(1, first_kept(ids != query_ids.to(ids.device)[:, None], k))
     ctx = torch.cat([queries.float()[:, None], db.embeddings(ids).to(queries.device)], dim=1)
     return F.normalize(ctx, dim=-1) if normalize else ctx
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_save_npy, atomic_save_npz
 from .database import Database
+from .search import first_kept
 
 
 def _same_database(a: Database, b: Database) -> bool:
@@ -63,8 +64,7 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
                 if dedup_threshold is not None:
                     keep &= scores <= dedup_threshold
                 done = keep.sum(1) >= k
-                # the first k kept candidates of each finished row, in rank order
-                pick = torch.sort((~keep[done]).to(torch.int8), dim=1, stable=True).indices[:, :k]
+                pick = first_kept(keep[done], k)  # the first k kept candidates of each finished row, in rank order
                 all_ids[start + rows[done]] = ids[done].gather(1, pick)
                 all_scores[start + rows[done]] = scores[done].gather(1, pick)
                 rows = rows[~done]

@@ -31,6 +31,12 @@ def topk_lowest_id(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals.gather(1, order), idx.gather(1, order)
 
 
+def first_kept(keep: Tensor, k: int) -> Tensor:
+    """Column indices of the first ``k`` True entries of each row of (Q, n) ``keep``, in column (rank) order;
+    rows with fewer than k fill up with False columns. Runs on keep's device, without host synchronisation."""
+    return torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :k]
+
+
 def merge_topk(best: tuple[Tensor, Tensor] | None, scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Merge sorted candidate lists; ``best`` holds lower ids than ``ids``, so a stable sort keeps ties by id."""
     if best is not None:
