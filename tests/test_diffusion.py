@@ -184,3 +184,29 @@ def test_ddim_with_eta_is_seeded_and_noisy():
             for k in (5, 5, 6)]
     assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
     assert not torch.allclose(runs[0], sample_ddim(eps_fn, x_T, s.ddim(20)))
+
+
+@pytest.mark.parametrize("steps,eta", [(50, 0.0), (100, 1.0), (7, 0.5)])
+def test_schedule_and_updates_match_the_independent_oracle(steps, eta):
+    """The schedule, DDIM coefficients, DDIM update and PLMS combination against tests/oracle.py's pure-Python
+    float64 versions (written from RDM_FACTS only)."""
+    import oracle
+
+    sched = Schedule.linear(0.0015, 0.0195)
+    betas = oracle.make_betas(0.0015, 0.0195)
+    torch.testing.assert_close(sched.betas, betas, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sched.alphas_cumprod, oracle.make_alphas_cumprod(betas), rtol=1e-12, atol=0)
+    c = sched.ddim(steps, eta)
+    timesteps = oracle.ddim_timesteps(steps)
+    assert c.timesteps.tolist() == timesteps[::-1]
+    a, a_prev, sigma = oracle.ddim_coefficients(oracle.make_alphas_cumprod(betas), timesteps, eta)
+    for ours, theirs in ((c.alphas, a), (c.alphas_prev, a_prev), (c.sigmas, sigma)):
+        torch.testing.assert_close(ours, theirs.flip(0), rtol=1e-12, atol=1e-15)
+    g = torch.Generator().manual_seed(steps)
+    x, eps, noise, *hist = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(6))
+    i = len(c) // 2
+    args = (float(c.alphas[i]), float(c.alphas_prev[i]), float(c.sigmas[i]))
+    for ours, theirs in zip(ddim_update(x, eps, *args, noise=noise), oracle.ddim_step(x, eps, *args, noise)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for n in (1, 2, 3):
+        torch.testing.assert_close(plms_eps(eps, hist[:n]), oracle.plms_eps(eps, hist[:n]), rtol=1e-12, atol=1e-12)

@@ -4,17 +4,12 @@ sanity of the functional forwards on tiny configs, primitives vs torch built-ins
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import oracle  # noqa: E402
-
-from refdata import IMAGENET_TSV, RDM768_TSV, section  # noqa: E402
+from refdata import IMAGENET_TSV, RDM768_TSV, section
 
 
 # Released configurations, as derived from the key lists.
