@@ -6,7 +6,8 @@ Needs the compiled extension: ``pip install --no-build-isolation .`` first (a so
 Tolerances: float32 outputs match the reference to ``rtol=atol=1e-5``. float16/bfloat16 outputs are
 single roundings of float32 values that agree to within that float32 tolerance, so they may differ
 from the reference by one unit in the last place of the low-precision format (at the larger of the
-two magnitudes, ``_ulp``) plus 1e-5 (which only matters near zero, e.g. among float16 subnormals).
+two magnitudes, ``triton_testing.ulp``) plus 1e-5 (which only matters near zero, e.g. among float16
+subnormals).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import rdm_fast.ops as ops
 from rdm_fast.ops import _extension
 from rdm_fast.ops.group_norm import GROUP_NORM, group_norm, group_norm_reference
 from group_norm_shapes import SHAPES
+from triton_testing import ulp
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUT_CASES = [(shape, g, cl) for shape, g in SHAPES for cl in ((False, True) if len(shape) == 4 else (False,))]
@@ -49,13 +51,6 @@ def _make_inputs(shape, dtype, channels_last=False, *, affine=True, with_add=Tru
     return x, w, bias, add
 
 
-def _ulp(t: torch.Tensor) -> torch.Tensor:
-    """Spacing of the floating-point format of ``t`` at each value of ``t`` (as float32)."""
-    fi = torch.finfo(t.dtype)
-    mag = t.float().abs().clamp_min(fi.tiny)
-    return torch.exp2(torch.floor(torch.log2(mag))) * fi.eps
-
-
 def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert out.stride() == ref.stride(), "memory format differs from the reference"
@@ -63,7 +58,7 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     else:
         diff = (out.float() - ref.float()).abs()
-        bad = diff > _ulp(torch.maximum(out.abs(), ref.abs())) + 1e-5
+        bad = diff > ulp(torch.maximum(out.abs(), ref.abs())) + 1e-5
         assert not bad.any(), f"{int(bad.sum())} values differ by more than 1 ulp + 1e-5 (max diff {diff.max().item()})"
 
 
@@ -117,7 +112,7 @@ def test_reference_matches_float64(shape, groups, channels_last, dtype, silu):
     if dtype == torch.float32:
         torch.testing.assert_close(ref.double(), exact, rtol=1e-5, atol=1e-5)
     else:
-        assert ((ref.double() - exact).abs() <= _ulp(exact.to(dtype)).double() + 1e-5).all()
+        assert ((ref.double() - exact).abs() <= ulp(exact.to(dtype)).double() + 1e-5).all()
     assert ref.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from group_norm_shapes import SHAPES
+from triton_testing import ulp
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -55,11 +56,6 @@ def _inputs(case: tuple, device: str = "cpu"):
     return [None if t is None else t.to(device) for t in (x, w, b, add)]
 
 
-def _ulp(t: torch.Tensor) -> torch.Tensor:
-    fi = torch.finfo(t.dtype)
-    return torch.exp2(torch.floor(torch.log2(t.float().abs().clamp_min(fi.tiny)))) * fi.eps
-
-
 def _mismatch(out: torch.Tensor, ref: torch.Tensor, offset: float) -> str | None:
     """None when ``out`` matches the reference within tolerance, else a description."""
     if out.shape != ref.shape or out.dtype != ref.dtype or out.stride() != ref.stride():
@@ -70,7 +66,7 @@ def _mismatch(out: torch.Tensor, ref: torch.Tensor, offset: float) -> str | None
         atol = 3e-4 if offset > 100 else 1e-5
         bad = diff > atol + 1e-5 * ref.abs()
     else:
-        bad = diff > _ulp(torch.maximum(out.abs(), ref.abs())) + 1e-5
+        bad = diff > ulp(torch.maximum(out.abs(), ref.abs())) + 1e-5
     if bad.any():
         return f"{int(bad.sum())} of {bad.numel()} values out of tolerance, max abs diff {diff.max().item():.3g}"
     return None
