@@ -4,9 +4,9 @@
 Scores are inner products of L2-normalised rows (cosine similarity, as :func:`exact_search`) in fp32, ties
 broken by the lower id. A search on the kernel path (k <= 64, ops mode not ``reference``; otherwise the
 reference :func:`exact_search` runs, which synchronises) makes no host synchronisation when the queries and the
-database are on GPUs, so it can run inside a sampling loop under ``torch.cuda.set_sync_debug_mode("error")`` or a CUDA graph
-capture, once a first search of the same shape (query count bucket, k, dtype) has compiled and autotuned the
-kernel, which does synchronise.
+database are on GPUs, so it can run inside a sampling loop under ``torch.cuda.set_sync_debug_mode("error")`` or
+a CUDA graph capture, once a first search of the same shape (query count bucket, k, dtype) has compiled and
+autotuned the kernel, which does synchronise.
 """
 
 from __future__ import annotations
