@@ -172,7 +172,8 @@ def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None) -> Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows == 0 or width == 0:
         return torch.empty_like(x)
-    block_c = min(triton.next_power_of_2(width), 256)
+    pow2 = width & -width  # a column block dividing the width (192 -> 64, 384 -> 128) leaves no lane masked
+    block_c = min(pow2 if pow2 >= 16 else triton.next_power_of_2(width), 256)
     block_r = max(1, 4096 // block_c)
     _add_bias_kernel[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
         x2, bias.contiguous(), r2, out, rows, width, r2.stride(0),

@@ -5,16 +5,18 @@ NCHW-contiguous inputs (any spatial rank): one program per (batch, group) loops 
 squared deviations (centred variance), pass 3 writes ``silu?((x + add - mean) * rstd * weight + bias)``.
 
 4-D channels_last inputs: a group's channels are a few adjacent values in every C-wide pixel row, so walking
-one group at a time would read each 32-byte sector for a handful of bytes. Instead every program reads whole
-pixel rows (all channels, coalesced):
+one group at a time would read each 32-byte sector for a handful of bytes. Instead every program reads
+(pixels x channel block) tiles, the channel block a divisor of C where possible (no masked lanes), rows
+coalesced:
 
-1. ``_nhwc_stats``: programs (batch, split) sum, per channel over their pixel range, the deviations
-   ``x - x[pixel 0]`` and their squares (shifted sums: exact to combine, no cancellation for large means);
+1. ``_nhwc_stats``: programs (split, channel block, batch) sum, per channel over their pixel range, the
+   deviations ``x - x[pixel 0]`` and their squares (shifted sums: exact to combine, no cancellation for large
+   means);
 2. ``_nhwc_finalize``: one program per sample adds the splits' partials, forms each group's mean and centred
    variance from them (per channel: ``sum (dev + e)^2 = S2 + 2 e S1 + N e^2``; the channels as a (group,
    channel-in-group) tile, every group reduced at once) and writes the per-channel affine
    ``y = (x - shift) * A + B`` that folds in ``add``, the statistics, weight and bias;
-3. ``_nhwc_apply``: programs (batch, split) apply it (and SiLU), one read and one write per value.
+3. ``_nhwc_apply``: one program per tile applies it (and SiLU), one read and one write per value.
 
 Statistics are float32. Runs on CPU under ``TRITON_INTERPRET=1`` (float32/float16; bfloat16 needs a GPU).
 """
@@ -95,9 +97,9 @@ def _group_norm_fwd_kernel(
 
 @triton.jit
 def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, pix_per_prog, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0)
-    split = tl.program_id(1)
-    c = tl.arange(0, BLOCK_C)
+    split = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2)
     cmask = c < channels
     base = x_ptr + b.to(tl.int64) * hw * channels
     shift = tl.load(base + c, mask=cmask, other=0.0).to(tl.float32)
@@ -112,7 +114,7 @@ def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, pix_per_prog, BLOCK_P: tl.
         d = tl.where(m, v - shift[None, :], 0.0)
         s1 += d
         s2 += d * d
-    out = part_ptr + (b * tl.num_programs(1) + split).to(tl.int64) * 2 * channels
+    out = part_ptr + (b * tl.num_programs(0) + split).to(tl.int64) * 2 * channels
     tl.store(out + c, tl.sum(s1, axis=0), mask=cmask)
     tl.store(out + channels + c, tl.sum(s2, axis=0), mask=cmask)
 
@@ -156,54 +158,58 @@ def _nhwc_finalize_kernel(
 
 
 @triton.jit
-def _nhwc_apply_kernel(
-    x_ptr, y_ptr, coef_ptr, hw, channels, pix_per_prog,
-    SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    b = tl.program_id(0)
-    split = tl.program_id(1)
-    c = tl.arange(0, BLOCK_C)
+def _nhwc_apply_kernel(x_ptr, y_ptr, coef_ptr, hw, channels, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2)
     cmask = c < channels
     coef = coef_ptr + b.to(tl.int64) * 3 * channels
     shift = tl.load(coef + c, mask=cmask, other=0.0)[None, :]
     scale = tl.load(coef + channels + c, mask=cmask, other=0.0)[None, :]
     offset = tl.load(coef + 2 * channels + c, mask=cmask, other=0.0)[None, :]
-    base = b.to(tl.int64) * hw * channels
-    p0 = split * pix_per_prog
-    p_end = tl.minimum(p0 + pix_per_prog, hw)
-    for p in range(p0, p_end, BLOCK_P):
-        rows = p + tl.arange(0, BLOCK_P)
-        m = (rows < p_end)[:, None] & cmask[None, :]
-        offs = base + rows.to(tl.int64)[:, None] * channels + c[None, :]
-        r = (tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - shift) * scale + offset
-        if SILU:
-            r = r / (1.0 + tl.exp(-r))
-        tl.store(y_ptr + offs, r.to(y_ptr.dtype.element_ty), mask=m)
+    m = (rows < hw)[:, None] & cmask[None, :]
+    offs = b.to(tl.int64) * hw * channels + rows.to(tl.int64)[:, None] * channels + c[None, :]
+    r = (tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - shift) * scale + offset
+    if SILU:
+        r = r / (1.0 + tl.exp(-r))
+    tl.store(y_ptr + offs, r.to(y_ptr.dtype.element_ty), mask=m)
 
 
-def _splits(batch: int, hw: int, block_p: int, device: torch.device) -> tuple[int, int]:
-    """(splits per sample, pixels per split): enough programs to fill the GPU, whole tiles per split."""
+# Tunables of the channels_last kernels (bench/gpu_gn_sweep.py sweeps them on a GPU): values per tile, programs
+# per SM aimed at by the statistics kernel, warps per program, widest channel block.
+NHWC_TUNING = {"tile": 4096, "waves": 4, "warps": 4, "max_block_c": 128}
+
+
+def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dict[str, int]:
+    """Tile and grid of the channels_last kernels: a channel block that divides C where one of 16..128 does
+    (no masked lanes: 192, 576, 960 -> 64; 384, 768 -> 128), rows filling ``TILE`` values, and enough
+    (batch, channel block, split) programs for the statistics to fill the GPU with whole tiles per split."""
+    pow2, widest = channels & -channels, NHWC_TUNING["max_block_c"]  # the largest power of two dividing C
+    block_c = min(pow2, widest) if pow2 >= 16 else min(triton.next_power_of_2(channels), widest)
+    block_p = max(1, NHWC_TUNING["tile"] // block_c)
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = NHWC_TUNING["waves"] * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # the interpreter: a few splits, so that the partial sums are combined in the tests
         target = 3 * batch
-    splits = max(1, min(triton.cdiv(target, batch), triton.cdiv(hw, block_p)))
+    programs = batch * triton.cdiv(channels, block_c)
+    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(hw, block_p)))
     per = triton.cdiv(triton.cdiv(hw, splits), block_p) * block_p
-    return triton.cdiv(hw, per), per
+    return {"block_c": block_c, "block_p": block_p, "splits": triton.cdiv(hw, per), "per": per,
+            "warps": NHWC_TUNING["warps"]}
 
 
 def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
     batch, channels, h, w = x.shape
     hw = h * w
     out = torch.empty_like(x)  # channels_last, like x
-    block_c = triton.next_power_of_2(channels)
-    block_p = max(1, 4096 // block_c)
-    warps = 4 if block_c * block_p <= 2048 else 8
-    splits, per = _splits(batch, hw, block_p, x.device)
+    cfg = nhwc_config(batch, hw, channels, x.device)
+    block_c, block_p, splits, warps = cfg["block_c"], cfg["block_p"], cfg["splits"], cfg["warps"]
+    cblocks = triton.cdiv(channels, block_c)
     part = torch.empty((batch, splits, 2, channels), dtype=torch.float32, device=x.device)
     coef = torch.empty((batch, 3, channels), dtype=torch.float32, device=x.device)
-    _nhwc_stats_kernel[(batch, splits)](x, part, hw, channels, per, BLOCK_P=block_p, BLOCK_C=block_c,
-                                        num_warps=warps)
+    _nhwc_stats_kernel[(splits, cblocks, batch)](x, part, hw, channels, cfg["per"], BLOCK_P=block_p,
+                                                 BLOCK_C=block_c, num_warps=warps)
     per_group = channels // num_groups
     block_g, block_d = triton.next_power_of_2(num_groups), triton.next_power_of_2(per_group)
     _nhwc_finalize_kernel[(batch,)](
@@ -211,8 +217,8 @@ def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
         num_groups, per_group, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_ADD=add is not None, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=4 if block_g * block_d <= 1024 else 8,
     )
-    _nhwc_apply_kernel[(batch, splits)](x, out, coef, hw, channels, per, SILU=silu, BLOCK_P=block_p,
-                                        BLOCK_C=block_c, num_warps=warps)
+    _nhwc_apply_kernel[(triton.cdiv(hw, block_p), cblocks, batch)](x, out, coef, hw, channels, SILU=silu,
+                                                                  BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return out
 
 

@@ -173,6 +173,40 @@ def test_fused_qkv_inference_path_matches_and_follows_weight_changes():
                     block.self_attn.to_k.weight.mul_(1.5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 8, 1, 3)])
+def test_upsample_transposed_conv_matches_definition(shape, channels_last):
+    """The fast Upsample (one stride-2 transposed convolution with summed taps) equals nearest x2 + 3x3 conv,
+    computed here in float64 by PyTorch's own ops; its cached weight follows in-place weight updates, and
+    gradients flow to the 3x3 weight under autograd."""
+    from rdm_fast.models.layers import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(shape[1])
+    x = torch.randn(shape)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    up, x = up.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+
+    def definition(m, x):
+        w, b = m.conv.weight.double(), m.conv.bias.double()
+        return torch.nn.functional.conv2d(torch.nn.functional.interpolate(x.double(), scale_factor=2.0), w, b,
+                                          padding=1)
+
+    for _ in range(2):
+        with torch.no_grad():
+            out = up(x)
+            assert out.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
+            torch.testing.assert_close(out.double(), definition(up, x), rtol=1e-5, atol=1e-5)
+            with ops.use_mode("reference"):
+                torch.testing.assert_close(up(x).double(), definition(up, x), rtol=1e-5, atol=1e-5)
+            up.conv.weight.mul_(-1.5)  # the cached transposed weight must be rebuilt
+    up(x).square().sum().backward()
+    w = up.conv.weight.detach().double().requires_grad_()
+    torch.nn.functional.conv2d(torch.nn.functional.interpolate(x.double(), scale_factor=2.0), w,
+                               up.conv.bias.detach().double(), padding=1).square().sum().backward()
+    torch.testing.assert_close(up.conv.weight.grad.double(), w.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_channels_last_sampling_matches_and_tokens_are_views():
     """Sampling with the UNet converted to channels-last gives the same latents (fp32: conv algorithms differ
     by rounding); a spatial transformer's tokens are then a view of the feature map and its output stays

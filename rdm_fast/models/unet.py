@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from ..config import UNetConfig
 from .. import ops
-from .layers import GroupNorm, LayerNorm, Upsample, attention, conv1x1, conv3x3, official_names
+from .layers import (GroupNorm, LayerNorm, Upsample, attention, conv1x1, conv3x3, cached, conv_with_bias, nchw,
+                     nhwc, official_names)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -36,16 +37,6 @@ def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
-
-
-def _nhwc(x: Tensor) -> Tensor:
-    """(B, C, H, W) -> its (B, H, W, C) view (a view of channels-last memory; strided for NCHW)."""
-    return x.permute(0, 2, 3, 1)
-
-
-def _nchw(x: Tensor) -> Tensor:
-    """(B, H, W, C) -> its (B, C, H, W) view: dense (B, H, W, C) memory is a channels-last feature map."""
-    return x.permute(0, 3, 1, 2)
 
 
 def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -98,8 +89,8 @@ class ResBlock(nn.Module):
         h = _conv(self.conv1, self.norm1(x, silu=True))
         h = self.norm2(h, add=self.emb_proj(emb).float() + self.conv1.bias.float(), silu=True)
         h = _conv(self.conv2, self.dropout(h))
-        skip = _nhwc(x) if isinstance(self.skip, nn.Identity) else _linear(self.skip, _nhwc(x))
-        return _nchw(ops.add_bias(_nhwc(h), self.conv2.bias, skip))
+        skip = nhwc(x) if isinstance(self.skip, nn.Identity) else _linear(self.skip, nhwc(x))
+        return nchw(ops.add_bias(nhwc(h), self.conv2.bias, skip))
 
 
 class Attention(nn.Module):
@@ -118,22 +109,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if context is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            q, k, v = F.linear(x, self._qkv_weight()).chunk(3, dim=-1)  # strided views: the kernel reads them
+            # one projection GEMM with [W_q; W_k; W_v], concatenated once; q, k, v are strided views the kernel reads
+            weight = cached(self, "qkv", lambda *w: torch.cat(w), self.to_q.weight, self.to_k.weight, self.to_v.weight)
+            q, k, v = F.linear(x, weight).chunk(3, dim=-1)
         else:
             ctx = x if context is None else context
             q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
         return self.to_out(attention(q, k, v, self.heads))
-
-    def _qkv_weight(self) -> Tensor:
-        """[W_q; W_k; W_v] for one projection GEMM in inference, concatenated once and rebuilt only when a
-        weight changes (dtype/device moves, loading, optimiser steps)."""
-        weights = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
-        # inference tensors (made under torch.inference_mode) keep no version counter; they cannot be updated
-        # in place outside inference mode, so their storage and dtype identify them
-        key = tuple((w.data_ptr(), None if w.is_inference() else w._version, w.dtype) for w in weights)
-        if getattr(self, "_qkv_key", None) != key:
-            self._qkv, self._qkv_key = torch.cat(weights), key
-        return self._qkv
 
 
 class GEGLU(nn.Module):
@@ -204,11 +186,11 @@ class SpatialTransformer(nn.Module):
         # maps are those tokens already): proj_in's bias rides in the GEMM's epilogue, proj_out's joins the
         # residual add.
         b, c, h, w = x.shape
-        tokens = _linear(self.proj_in, _nhwc(self.norm(x)).reshape(b, h * w, c))
+        tokens = _linear(self.proj_in, nhwc(self.norm(x)).reshape(b, h * w, c))
         for block in self.blocks:
             tokens = block(tokens, context)
         out = F.linear(tokens, self.proj_out.weight.flatten(1)).view(b, h, w, c)
-        return _nchw(ops.add_bias(_nhwc(x), self.proj_out.bias, out))
+        return nchw(ops.add_bias(nhwc(x), self.proj_out.bias, out))
 
 
 class Downsample(nn.Module):
@@ -219,7 +201,7 @@ class Downsample(nn.Module):
         self.conv = conv3x3(channels, channels, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return conv_with_bias(self.conv, x)
 
 
 class Stage(nn.Module):
@@ -363,7 +345,7 @@ class UNet(nn.Module):
         w = self.input_conv.weight
         if not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):  # converted weights
             x = x.contiguous(memory_format=torch.channels_last)
-        h = self.input_conv(x.to(dtype))
+        h = conv_with_bias(self.input_conv, x.to(dtype))
         hs = [h]
         for stage in self.down:
             h = stage(h, emb, context)
@@ -371,5 +353,5 @@ class UNet(nn.Module):
         h = self.mid(h, emb, context)
         for stage in self.up:
             h = stage(torch.cat([h, hs.pop()], dim=1), emb, context)
-        return self.out_conv(self.out_norm(h, silu=True)).to(x.dtype)
+        return conv_with_bias(self.out_conv, self.out_norm(h, silu=True)).to(x.dtype)
 

@@ -1,0 +1,140 @@
+"""Tuning measurements on a GPU, for choosing defaults (not a benchmark of record): CUDA-graph replays, so that
+launch gaps do not hide kernel time.
+
+1. The channels_last GroupNorm (``kernels.group_norm.NHWC_TUNING``): every combination of values per tile,
+   warps and programs per SM, timed on the GroupNorm calls of one imagenet guided step (their shapes and
+   counts, batch 128, bf16), against a copy of the same tensors (``clone``: one read, one write).
+2. The UNet's Upsample: nearest x2 + 3x3 conv (the definition) vs the stride-2 transposed convolution with
+   summed taps (the fast path), at the imagenet shapes.
+
+Usage: python bench/gpu_tune.py [--out DIR]; writes tune.txt there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rdm_fast import ops
+from rdm_fast.kernels import group_norm as gn_kernels
+from rdm_fast.models.layers import upsample_conv_weight
+
+# (C, H, W): calls in one imagenet UNet call (recorded from the model; batch 128 = 64 guided images)
+IMAGENET_GROUP_NORMS = {(192, 64, 64): 8, (192, 32, 32): 1, (384, 32, 32): 11, (384, 16, 16): 1, (576, 16, 16): 11,
+                        (576, 8, 8): 1, (960, 8, 8): 16, (1920, 8, 8): 2, (1536, 8, 8): 1, (1536, 16, 16): 1,
+                        (1152, 16, 16): 1, (960, 16, 16): 1, (960, 32, 32): 1, (768, 32, 32): 1, (576, 32, 32): 1,
+                        (576, 64, 64): 1, (384, 64, 64): 2}
+IMAGENET_UPSAMPLES = [(960, 8, 8), (576, 16, 16), (384, 32, 32)]  # (C, H, W) of the input
+BATCH = 128
+
+
+def graph_ms(fn, calls: int = 10, replays: int = 7) -> float:
+    """Median time of one ``fn()`` replayed from a CUDA graph of ``calls`` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def tune_group_norm(log) -> None:
+    dev = torch.device("cuda")
+    inputs = {}
+    for (c, h, w) in IMAGENET_GROUP_NORMS:
+        x = torch.randn(BATCH, c, h, w, device=dev, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        inputs[(c, h, w)] = (x, torch.randn(c, device=dev), torch.randn(c, device=dev), torch.randn(BATCH, c, device=dev))
+    copy = sum(n * graph_ms(lambda x=inputs[s][0]: x.clone(memory_format=torch.preserve_format))
+               for s, n in IMAGENET_GROUP_NORMS.items())
+    log(f"GroupNorm calls of one imagenet step: {sum(IMAGENET_GROUP_NORMS.values())}; the same tensors cloned "
+        f"(1 read + 1 write each): {copy:.3f} ms; 3 passes at that bandwidth: {1.5 * copy:.3f} ms")
+    default = dict(gn_kernels.NHWC_TUNING)
+    rows = []
+    for tile, warps, waves, max_c in itertools.product((2048, 4096, 8192), (4, 8), (2, 4, 8), (64, 128)):
+        gn_kernels.NHWC_TUNING.update(tile=tile, warps=warps, waves=waves, max_block_c=max_c)
+        try:
+            per = {s: graph_ms(lambda t=inputs[s]: ops.group_norm(t[0], t[1], t[2], 32, 1e-5, add=t[3], silu=True))
+                   for s in IMAGENET_GROUP_NORMS}
+        except Exception as exc:  # a config that does not compile or run is reported, not fatal
+            log(f"tile {tile} warps {warps} waves {waves} max_block_c {max_c}: {type(exc).__name__}: {exc}")
+            continue
+        total = sum(n * per[s] for s, n in IMAGENET_GROUP_NORMS.items())
+        rows.append((total, tile, warps, waves, max_c, per))
+    gn_kernels.NHWC_TUNING.update(default)
+    rows.sort(key=lambda r: r[0])
+    log(f"{'step ms':>8s} {'tile':>5s} {'warps':>5s} {'waves':>5s} {'max_c':>5s}   (default {default})")
+    for total, tile, warps, waves, max_c, _ in rows:
+        log(f"{total:8.3f} {tile:5d} {warps:5d} {waves:5d} {max_c:5d}")
+    best = rows[0][5]
+    log("per shape, best config (us):   " + ", ".join(f"{c}x{h}x{w} {1000 * t:.1f}" for (c, h, w), t in best.items()))
+    per_shape_best = {s: min(r[5][s] for r in rows) for s in IMAGENET_GROUP_NORMS}
+    log(f"best config per shape, summed: {sum(n * per_shape_best[s] for s, n in IMAGENET_GROUP_NORMS.items()):.3f} ms")
+
+
+def tune_upsample(log) -> None:
+    dev = torch.device("cuda")
+    total_def = total_fast = 0.0
+    for c, h, w in IMAGENET_UPSAMPLES:
+        x = torch.randn(BATCH, c, h, w, device=dev, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        weight = (torch.randn(c, c, 3, 3, device=dev, dtype=torch.bfloat16) * 0.02).contiguous(
+            memory_format=torch.channels_last)
+        bias = torch.randn(c, device=dev, dtype=torch.bfloat16)
+        wt = upsample_conv_weight(weight)
+        ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+        fast = F.conv_transpose2d(x, wt, bias, stride=2, padding=1)
+        err = float((fast.float() - ref.float()).norm() / ref.float().norm())
+        t_def = graph_ms(lambda: F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1))
+        t_conv = graph_ms(lambda: F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, None, padding=1))
+        t_fast = graph_ms(lambda: F.conv_transpose2d(x, wt, None, stride=2, padding=1))
+        t_fast_bias = graph_ms(lambda: ops.add_bias(F.conv_transpose2d(x, wt, None, stride=2, padding=1).permute(
+            0, 2, 3, 1), bias))
+        total_def, total_fast = total_def + t_def, total_fast + t_fast_bias
+        log(f"upsample {c}x{h}x{w} -> x2: interpolate+conv+bias {t_def:.3f} ms (without bias {t_conv:.3f}), "
+            f"transposed conv {t_fast:.3f} ms, + add_bias {t_fast_bias:.3f} ms; rel. err {err:.1e}")
+    log(f"upsample, imagenet's three: definition {total_def:.3f} ms, fast path {total_fast:.3f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "tune.txt", "a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    log(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}")
+    torch.backends.cudnn.benchmark = False
+    with torch.inference_mode():
+        tune_upsample(log)
+        tune_group_norm(log)
+
+
+if __name__ == "__main__":
+    main()
