@@ -4,13 +4,14 @@
 #   1. build the C++/CUDA extension in place (background, sm_90) while 2. the Triton kernels' GPU parity tests
 #      run (attention, cross-attention, glue, GroupNorm, kNN search; pytest-xdist when present);
 #   3. bench/gpu_step.py: parity of a whole guided step (fast and reference bf16 against fp32), CUDA-event
-#      timings of rdm_fast (graph / eager) against the eager SDPA peer, and a per-kernel breakdown;
+#      timings of rdm_fast (graph / eager) against the eager SDPA peer, and a per-kernel breakdown; then
+#      bench/gpu_tune.py (GroupNorm tunables, upsample variants; GPU_CHECK_TUNE=0 skips it);
 #   4. the tests that need the extension or whole models (CUDA GroupNorm, UNet vs oracle, graph sampling);
 #   5. per-op pytest-benchmark suites with their PyTorch baselines (cross-attention, glue, GroupNorm; `full`
 #      adds self-attention and search);
 #   6. in the time left, the torch.compile peer of the guided step (minutes of compilation per model).
 # $OUT gets at most 8 files (what the device tool returns): gpu.txt, log.txt (build, step script, compile peer),
-# tests.txt, step.txt, kernels_<preset>.txt, bench.txt, bench.json.
+# tests.txt, step.txt, kernels_<preset>.txt (two), tune.txt, bench.txt (the pytest-benchmark table).
 # Usage there: bash bench/gpu_check.sh [full].  GPU_CHECK_BUDGET (seconds, default 420) bounds the whole
 # script; nothing is downloaded.
 set -uo pipefail
@@ -47,6 +48,12 @@ tail -1 "$OUT/log.txt"; grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/test
 timeout "$(limit 150)" $PY bench/gpu_step.py --out "$OUT" >> "$OUT/log.txt" 2>&1
 echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 
+# 3b. tuning sweeps (GroupNorm tunables, upsample variants), for choosing defaults
+if [ "${GPU_CHECK_TUNE:-1}" = 1 ]; then
+  timeout "$(limit 120)" $PY bench/gpu_tune.py --out "$OUT" >> "$OUT/log.txt" 2>&1
+  echo "tune rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
+fi
+
 # 4. tests that need the extension or whole models
 timeout "$(limit 80)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_group_norm.py \
   tests/test_cuda_sampling.py tests/test_models.py -k "cuda or graph_replay or synchronise or without_sync" \
@@ -61,7 +68,7 @@ BENCHES="bench/bench_cross_attention.py bench/bench_glue.py bench/bench_ops.py"
 COLS="--benchmark-columns=median,min,rounds --benchmark-group-by=group --benchmark-sort=name"
 if [ "$(left)" -gt 60 ]; then
   timeout "$(limit 200)" $PY -m pytest -q -p no:cacheprovider $BENCHES --benchmark-only $COLS \
-    --benchmark-json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+    > "$OUT/bench.txt" 2>&1
   echo "bench rc=$? at $SECONDS s" | tee -a "$OUT/bench.txt"
 fi
 
