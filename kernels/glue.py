@@ -144,7 +144,9 @@ def _add_bias_kernel(
     out_ptr,
     rows,
     width,
+    stride_x,
     stride_r,
+    stride_o,
     HAS_RES: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -154,36 +156,45 @@ def _add_bias_kernel(
     cmask = c < width
     mask = (r < rows)[:, None] & cmask[None, :]
     r64 = r.to(tl.int64)[:, None]
-    y = tl.load(x_ptr + r64 * width + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(x_ptr + r64 * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         y += tl.load(r_ptr + r64 * stride_r + c[None, :], mask=mask, other=0.0).to(tl.float32)
     y += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + r64 * width + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + r64 * stride_o + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None) -> Tensor:
-    """``x + residual + bias`` (bias on the last dim; float32 sum, one rounding), laid out like x. The kernel
-    writes rows of C: a contiguous x (a channels-last map's (B, H, W, C) view) costs one pass; any other x is
-    read through a contiguous copy and the result copied into x's layout."""
+def _row_view(t: Tensor, width: int) -> Tensor | None:
+    """``t`` as a (rows, width) view with unit column stride that writes go through, or None if none exists."""
+    try:
+        t2 = t.view(-1, width)
+    except RuntimeError:
+        return None
+    return t2 if t2.stride(1) == 1 or width == 1 else None
+
+
+def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``x + residual + bias`` (bias on the last dim; float32 sum, one rounding) into ``out`` (default: a new
+    tensor laid out like x). The kernel reads and writes rows of C at any row stride: contiguous tensors and
+    channel slices of wider channels-last maps cost one pass; other layouts go through contiguous copies."""
     width = x.shape[-1]
-    x2 = x.reshape(-1, width).contiguous()
+    dest = torch.empty_like(x) if out is None else out
+    if x.numel() == 0:
+        return dest
+    x2 = _rows(x, width)
     r2 = _rows(residual, width) if residual is not None else x2
+    d2 = _row_view(dest, width)
+    o2 = d2 if d2 is not None else torch.empty((x2.shape[0], width), dtype=x.dtype, device=x.device)
     rows = x2.shape[0]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if rows == 0 or width == 0:
-        return torch.empty_like(x)
     pow2 = width & -width  # a column block dividing the width (192 -> 64, 384 -> 128) leaves no lane masked
     block_c = min(pow2 if pow2 >= 16 else triton.next_power_of_2(width), 256)
     block_r = max(1, 4096 // block_c)
     _add_bias_kernel[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
-        x2, bias.contiguous(), r2, out, rows, width, r2.stride(0),
+        x2, bias.contiguous(), r2, o2, rows, width, x2.stride(0), r2.stride(0), o2.stride(0),
         HAS_RES=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
     )
-    if x.is_contiguous():
-        return out
-    like_x = torch.empty_like(x)
-    like_x.copy_(out)
-    return like_x
+    if d2 is None:
+        dest.copy_(o2.view(x.shape))
+    return dest
 
 
 @triton.jit

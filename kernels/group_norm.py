@@ -96,12 +96,13 @@ def _group_norm_fwd_kernel(
 
 
 @triton.jit
-def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, pix_per_prog, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, x_row, pix_per_prog, BLOCK_P: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
     cmask = c < channels
-    base = x_ptr + b.to(tl.int64) * hw * channels
+    base = x_ptr + b.to(tl.int64) * hw * x_row
     shift = tl.load(base + c, mask=cmask, other=0.0).to(tl.float32)
     s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
@@ -110,7 +111,7 @@ def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, pix_per_prog, BLOCK_P: tl.
     for p in range(p0, p_end, BLOCK_P):
         rows = p + tl.arange(0, BLOCK_P)
         m = (rows < p_end)[:, None] & cmask[None, :]
-        v = tl.load(base + rows.to(tl.int64)[:, None] * channels + c[None, :], mask=m, other=0.0).to(tl.float32)
+        v = tl.load(base + rows.to(tl.int64)[:, None] * x_row + c[None, :], mask=m, other=0.0).to(tl.float32)
         d = tl.where(m, v - shift[None, :], 0.0)
         s1 += d
         s2 += d * d
@@ -121,7 +122,7 @@ def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, pix_per_prog, BLOCK_P: tl.
 
 @triton.jit
 def _nhwc_finalize_kernel(
-    x_ptr, part_ptr, w_ptr, b_ptr, add_ptr, coef_ptr, hw, channels, splits, groups, per_group, eps,
+    x_ptr, part_ptr, w_ptr, b_ptr, add_ptr, coef_ptr, hw, channels, x_row, splits, groups, per_group, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -131,7 +132,7 @@ def _nhwc_finalize_kernel(
     j = tl.arange(0, BLOCK_D)[None, :]
     c = g * per_group + j
     cmask = (g < groups) & (j < per_group)
-    shift = tl.load(x_ptr + b.to(tl.int64) * hw * channels + c, mask=cmask, other=0.0).to(tl.float32)
+    shift = tl.load(x_ptr + b.to(tl.int64) * hw * x_row + c, mask=cmask, other=0.0).to(tl.float32)
     s1 = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for split in range(splits):
@@ -158,7 +159,7 @@ def _nhwc_finalize_kernel(
 
 
 @triton.jit
-def _nhwc_apply_kernel(x_ptr, y_ptr, coef_ptr, hw, channels, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
+def _nhwc_apply_kernel(x_ptr, y_ptr, coef_ptr, hw, channels, x_row, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -169,21 +170,23 @@ def _nhwc_apply_kernel(x_ptr, y_ptr, coef_ptr, hw, channels, SILU: tl.constexpr,
     scale = tl.load(coef + channels + c, mask=cmask, other=0.0)[None, :]
     offset = tl.load(coef + 2 * channels + c, mask=cmask, other=0.0)[None, :]
     m = (rows < hw)[:, None] & cmask[None, :]
-    offs = b.to(tl.int64) * hw * channels + rows.to(tl.int64)[:, None] * channels + c[None, :]
-    r = (tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - shift) * scale + offset
+    pix = b.to(tl.int64) * hw + rows.to(tl.int64)[:, None]
+    r = (tl.load(x_ptr + pix * x_row + c[None, :], mask=m, other=0.0).to(tl.float32) - shift) * scale + offset
     if SILU:
         r = r / (1.0 + tl.exp(-r))
-    tl.store(y_ptr + offs, r.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(y_ptr + pix * channels + c[None, :], r.to(y_ptr.dtype.element_ty), mask=m)
 
 
-# Tunables of the channels_last kernels (bench/gpu_gn_sweep.py sweeps them on a GPU): values per tile, programs
-# per SM aimed at by the statistics kernel, warps per program, widest channel block.
-NHWC_TUNING = {"tile": 4096, "waves": 4, "warps": 4, "max_block_c": 128}
+# Tunables of the channels_last kernels: values per tile, programs per SM aimed at by the statistics kernel,
+# warps per program, widest channel block. Chosen by bench/gpu_tune.py on an H200 (2026-11-26, bench/RESULTS.md):
+# over the 61 GroupNorms of an imagenet step, 5.48 ms against 6.51 ms for (4096, 4, 4, 128) and 4.26 ms for
+# three copy-bandwidth passes.
+NHWC_TUNING = {"tile": 2048, "waves": 4, "warps": 4, "max_block_c": 64}
 
 
 def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dict[str, int]:
-    """Tile and grid of the channels_last kernels: a channel block that divides C where one of 16..128 does
-    (no masked lanes: 192, 576, 960 -> 64; 384, 768 -> 128), rows filling ``TILE`` values, and enough
+    """Tile and grid of the channels_last kernels: a channel block that divides C where one of 16..64 does
+    (no masked lanes: 192, 576, 960 -> 64), rows filling ``tile`` values, and enough
     (batch, channel block, split) programs for the statistics to fill the GPU with whole tiles per split."""
     pow2, widest = channels & -channels, NHWC_TUNING["max_block_c"]  # the largest power of two dividing C
     block_c = min(pow2, widest) if pow2 >= 16 else min(triton.next_power_of_2(channels), widest)
@@ -202,22 +205,23 @@ def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dic
 def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
     batch, channels, h, w = x.shape
     hw = h * w
-    out = torch.empty_like(x)  # channels_last, like x
+    x_row = x.stride(3)  # C, or more for a channel slice of a wider map (the UNet's skip buffers)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     cfg = nhwc_config(batch, hw, channels, x.device)
     block_c, block_p, splits, warps = cfg["block_c"], cfg["block_p"], cfg["splits"], cfg["warps"]
     cblocks = triton.cdiv(channels, block_c)
     part = torch.empty((batch, splits, 2, channels), dtype=torch.float32, device=x.device)
     coef = torch.empty((batch, 3, channels), dtype=torch.float32, device=x.device)
-    _nhwc_stats_kernel[(splits, cblocks, batch)](x, part, hw, channels, cfg["per"], BLOCK_P=block_p,
+    _nhwc_stats_kernel[(splits, cblocks, batch)](x, part, hw, channels, x_row, cfg["per"], BLOCK_P=block_p,
                                                  BLOCK_C=block_c, num_warps=warps)
     per_group = channels // num_groups
     block_g, block_d = triton.next_power_of_2(num_groups), triton.next_power_of_2(per_group)
     _nhwc_finalize_kernel[(batch,)](
-        x, part, _float_param(weight, x), _float_param(bias, x), _float_param(add, x), coef, hw, channels, splits,
-        num_groups, per_group, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        x, part, _float_param(weight, x), _float_param(bias, x), _float_param(add, x), coef, hw, channels, x_row,
+        splits, num_groups, per_group, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_ADD=add is not None, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=4 if block_g * block_d <= 1024 else 8,
     )
-    _nhwc_apply_kernel[(triton.cdiv(hw, block_p), cblocks, batch)](x, out, coef, hw, channels, SILU=silu,
+    _nhwc_apply_kernel[(triton.cdiv(hw, block_p), cblocks, batch)](x, out, coef, hw, channels, x_row, SILU=silu,
                                                                   BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return out
 
@@ -238,7 +242,8 @@ def group_norm(
     silu: bool = False,
 ) -> Tensor:
     """Fused GroupNorm forward with Triton; arguments as validated by ``rdm_fast.ops.group_norm``."""
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    # channels_last, or a channel slice of a wider channels_last map (rdm_fast.ops.group_norm checks the rest)
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.stride(1) == 1
     if not (channels_last or x.is_contiguous()):
         raise ValueError(f"triton group_norm: x must be contiguous or 4-D channels_last, got strides {x.stride()}")
     if x.numel() == 0:

@@ -1,5 +1,6 @@
 """The whole UNet with every fast kernel forced on (RDM_FAST_OPS=fast: the Triton kernels in the interpreter on
-the CPU) vs the plain-PyTorch reference path, in fp32 and fp16, with a plain and with a prepared guided context.
+the CPU) vs the plain-PyTorch reference path, in fp32 and fp16, with a plain and with a prepared guided context, and with channels-last weights (skip connections written into
+channel slices of the up stages' inputs).
 
 Run as a script with TRITON_INTERPRET=1 it prints the relative errors as JSON; the test starts it once.
 Tolerances: fp32 1e-4 relative L2 (summation order only); fp16 1e-2 (each fused kernel rounds once where the
@@ -31,18 +32,22 @@ def _errors() -> dict:
     t = torch.tensor([999, 3])
     ctx = torch.randn(1, cfg.context_tokens, cfg.context_dim, generator=g)
     out = {}
-    for dtype in (torch.float32, torch.float16):
+    for dtype, nhwc in ((torch.float32, False), (torch.float16, False), (torch.float32, True), (torch.float16, True)):
         model = RDM.from_state_dict(full, cfg).to(dtype)
+        if nhwc:  # channels-last weights: the fast path writes skip connections into channel slices
+            model.unet.to(memory_format=torch.channels_last)
+        cases = [("prepared", lambda: model.unet.prepare_context(ctx, zero_rows=1))]
+        if not nhwc:
+            cases.append(("plain", lambda: torch.cat([torch.zeros_like(ctx), ctx])))
         with torch.no_grad():
-            for name, make_ctx in (("plain", lambda: torch.cat([torch.zeros_like(ctx), ctx])),
-                                   ("prepared", lambda: model.unet.prepare_context(ctx, zero_rows=1))):
+            for name, make_ctx in cases:
                 runs = {}
                 for mode in ("reference", "fast"):
                     with ops.use_mode(mode):
                         runs[mode] = model.unet(x, t, make_ctx()).double()
                 ref = runs["reference"]
                 err = ((runs["fast"] - ref).norm() / ref.norm()).item()
-                out[f"{name}-{str(dtype).removeprefix('torch.')}"] = err
+                out[f"{name}-{str(dtype).removeprefix('torch.')}" + ("-nhwc" if nhwc else "")] = err
     return out
 
 
@@ -53,7 +58,8 @@ def errors(tmp_path_factory):
     return run_child(Path(__file__), tmp_path_factory.mktemp("fastunet"), timeout=900)
 
 
-@pytest.mark.parametrize("case", ["plain-float32", "prepared-float32", "plain-float16", "prepared-float16"])
+@pytest.mark.parametrize("case", ["plain-float32", "prepared-float32", "plain-float16", "prepared-float16",
+                                  "prepared-float32-nhwc", "prepared-float16-nhwc"])
 def test_fast_unet_matches_reference(errors, case):
     tol = TOLERANCE[case.split("-")[1]]
     assert errors[case] < tol, f"{case}: relative error {errors[case]:.3g} >= {tol}"

@@ -285,3 +285,22 @@ def test_unet_on_cuda_matches_oracle(dtype, tol):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
     assert torch.isfinite(out).all() and rel_err(out, ref) < tol
+
+
+def test_channels_last_inference_writes_skips_into_slices(monkeypatch):
+    """Channels-last inference builds no [h, skip] concatenation (producers write into the up stages' input
+    buffers) and gives the same eps as the concatenating autograd path."""
+    cfg = RDMConfig.preset("tiny")
+    full, _, _ = official_checkpoint(cfg, seed=29)
+    model = RDM.from_state_dict(full, cfg)
+    model.unet.to(memory_format=torch.channels_last)
+    x, t, ctx = inputs(cfg)
+    with torch.enable_grad():
+        ref = model.unet(x, t, ctx).detach()
+    cats = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: cats.append(ts[0].dim()) or real_cat(ts, *a, **k))
+    with torch.no_grad():
+        out = model.unet(x, t, ctx)
+    assert cats and 4 not in cats, "a feature-map concatenation ran"
+    assert rel_err(out, ref) < 1e-5

@@ -196,6 +196,20 @@ def test_add_bias_keeps_the_feature_map_layout(memory_format):
     torch.testing.assert_close(out, 2 * x + b[:, None, None])
 
 
+def test_add_bias_writes_into_out():
+    """``out=`` (here a channel slice of a wider channels-last map, as the UNet's skip buffers are) receives the
+    result and is returned; nothing outside it is touched. The reference and, on CUDA, the kernel alike."""
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        x = torch.randn(2, 4, 3, 6, device=device)
+        b, r = torch.randn(6, device=device), torch.randn(2, 4, 3, 6, device=device)
+        wide = torch.zeros(2, 4, 3, 10, device=device)
+        out = add_bias(x, b, r, out=wide[..., 4:])
+        assert out.data_ptr() == wide[..., 4:].data_ptr() and bool((wide[..., :4] == 0).all())
+        torch.testing.assert_close(wide[..., 4:], x + r + b)
+    with pytest.raises(ValueError, match="out of shape"):
+        add_bias(x, b, r, out=wide)
+
+
 @pytest.mark.parametrize("name", list(GEGLU_CASES))
 def test_geglu_reference_matches_erf_formula(name):
     h = geglu_input(name, torch.float32)
@@ -343,6 +357,14 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
         out, ref = kernels.add_bias(x, b, r), add_bias_reference(x, b, r)
         if out.stride() != ref.stride() or (x.is_contiguous() or "nchw" in name) and ref.stride() != x.stride():
             return f"layout: strides {out.stride()} (kernel), {ref.stride()} (reference), {x.stride()} (x)"
+        if name in ("2x33x17x40", "3x5x7x24-nchw"):  # out=: a channel slice of a wider channels-last map
+            wide = torch.full(x.shape[:-1] + (x.shape[-1] + 24,), 7.0, dtype=dtype, device=device)
+            got = kernels.add_bias(x, b, r, out=wide[..., 24:])
+            if got.data_ptr() != wide[..., 24:].data_ptr() or not bool((wide[..., :24] == 7).all()):
+                return "out=: not the given slice, or written outside it"
+            err = check(wide[..., 24:], ref)
+            if err:
+                return f"out=: {err}"
         return check(out, ref)
     if op == "geglu":
         h = geglu_input(name, dtype, device)

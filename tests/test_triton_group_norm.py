@@ -27,11 +27,12 @@ EPS = 1e-5
 
 
 def _cases() -> dict[str, tuple]:
-    """id -> (shape, groups, channels_last, dtype name, fused add+silu, affine, mean offset)."""
+    """id -> (shape, groups, layout, dtype name, fused add+silu, affine, mean offset); layout False (contiguous),
+    True (channels_last) or "slice" (channels 5.. of a channels_last map 8 channels wider, as the UNet's skips)."""
     cases = {}
     for shape, groups in SHAPES:
-        for cl in (False, True) if len(shape) == 4 else (False,):
-            base = "x".join(map(str, shape)) + f"-g{groups}" + ("-nhwc" if cl else "")
+        for cl in (False, True, "slice") if len(shape) == 4 else (False,):
+            base = "x".join(map(str, shape)) + f"-g{groups}" + {False: "", True: "-nhwc", "slice": "-nhwcslice"}[cl]
             cases[f"{base}-float32-fused"] = (shape, groups, cl, "float32", True, True, 0.5)
             cases[f"{base}-float16-fused"] = (shape, groups, cl, "float16", True, True, 0.5)
             cases[f"{base}-float32-plain"] = (shape, groups, cl, "float32", False, False, 0.5)
@@ -47,7 +48,11 @@ def _inputs(case: tuple, device: str = "cpu"):
     shape, _, cl, dtype, fused, affine, offset = case
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 2 + offset).to(getattr(torch, dtype))
-    if cl:
+    if cl == "slice":
+        wide = torch.zeros(shape[0], shape[1] + 8, *shape[2:], dtype=x.dtype).to(memory_format=torch.channels_last)
+        wide[:, 5:5 + shape[1]] = x
+        x = wide[:, 5:5 + shape[1]]
+    elif cl:
         x = x.to(memory_format=torch.channels_last)
     c = shape[1]
     w = 1 + 0.5 * torch.randn(c, generator=gen) if affine else None

@@ -90,10 +90,15 @@ def nchw(x: Tensor) -> Tensor:
     return x.permute(0, 3, 1, 2)
 
 
-def add_channel_bias(x: Tensor, bias: Tensor | None) -> Tensor:
+def add_channel_bias(x: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
     """``x + bias[:, None, None]`` for a feature map in one vectorised pass (``ops.add_bias`` on its
-    (B, H, W, C) view): cuDNN adds a convolution's bias with a broadcast kernel that runs at a fraction of the
-    copy bandwidth on channels-last maps."""
+    (B, H, W, C) view), written into ``out`` when given (a channel slice of a wider map): cuDNN adds a
+    convolution's bias with a broadcast kernel that runs at a fraction of the copy bandwidth on channels-last
+    maps."""
+    if out is not None:
+        if bias is None:
+            return out.copy_(x)
+        return nchw(ops.add_bias(nhwc(x), bias, out=nhwc(out)))
     if bias is None:
         return x
     if ops.get_mode() == "reference" or (torch.is_grad_enabled() and (x.requires_grad or bias.requires_grad)):
@@ -101,9 +106,9 @@ def add_channel_bias(x: Tensor, bias: Tensor | None) -> Tensor:
     return nchw(ops.add_bias(nhwc(x), bias))
 
 
-def conv_with_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``conv(x)`` with its bias added by :func:`add_channel_bias`."""
-    return add_channel_bias(F.conv2d(x, conv.weight, None, conv.stride, conv.padding), conv.bias)
+def conv_with_bias(conv: nn.Conv2d, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``conv(x)`` with its bias added by :func:`add_channel_bias` (into ``out`` when given)."""
+    return add_channel_bias(F.conv2d(x, conv.weight, None, conv.stride, conv.padding), conv.bias, out)
 
 
 class Upsample(nn.Module):
@@ -118,11 +123,13 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = conv3x3(channels, channels)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """``out``: where to write the result (a channel slice of a wider map), else a new tensor."""
         if ops.get_mode() == "reference":
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+            y = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+            return y if out is None else out.copy_(y)
         weight = cached(self, "transposed", upsample_conv_weight, self.conv.weight)
-        return add_channel_bias(F.conv_transpose2d(x, weight, None, stride=2, padding=1), self.conv.bias)
+        return add_channel_bias(F.conv_transpose2d(x, weight, None, stride=2, padding=1), self.conv.bias, out)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:

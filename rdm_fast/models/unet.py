@@ -80,8 +80,9 @@ class ResBlock(nn.Module):
         self.conv2 = zero_init(conv3x3(cout, cout))
         self.skip = conv1x1(cin, cout) if cin != cout else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """``emb`` is the SiLU of the timestep embedding (the first op of emb_layers), taken once per UNet call."""
+    def forward(self, x: Tensor, emb: Tensor, out: Tensor | None = None) -> Tensor:
+        """``emb`` is the SiLU of the timestep embedding (the first op of emb_layers), taken once per UNet call;
+        ``out``: where to write the result (a channel slice of a wider map), else a new tensor."""
         # The 3x3 convolutions run without their biases, which cost a full pass each on the GPU: conv1's joins
         # the per-channel add before norm2 (exact: a per-channel constant), conv2's joins the residual add (one
         # pass for bias + residual). The 1x1 skip is a linear layer on the (B, H, W, C) view, its bias in the
@@ -90,7 +91,7 @@ class ResBlock(nn.Module):
         h = self.norm2(h, add=self.emb_proj(emb).float() + self.conv1.bias.float(), silu=True)
         h = _conv(self.conv2, self.dropout(h))
         skip = nhwc(x) if isinstance(self.skip, nn.Identity) else _linear(self.skip, nhwc(x))
-        return nchw(ops.add_bias(nhwc(h), self.conv2.bias, skip))
+        return nchw(ops.add_bias(nhwc(h), self.conv2.bias, skip, out=None if out is None else nhwc(out)))
 
 
 class Attention(nn.Module):
@@ -181,7 +182,7 @@ class SpatialTransformer(nn.Module):
                                     for _ in range(depth))
         self.proj_out = zero_init(conv1x1(inner, channels))
 
-    def forward(self, x: Tensor, context: Tensor | PreparedContext) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | PreparedContext, out: Tensor | None = None) -> Tensor:
         # The 1x1 convolutions in and out are linear layers on the (B, H*W, C) tokens (channels-last feature
         # maps are those tokens already): proj_in's bias rides in the GEMM's epilogue, proj_out's joins the
         # residual add.
@@ -189,8 +190,8 @@ class SpatialTransformer(nn.Module):
         tokens = _linear(self.proj_in, nhwc(self.norm(x)).reshape(b, h * w, c))
         for block in self.blocks:
             tokens = block(tokens, context)
-        out = F.linear(tokens, self.proj_out.weight.flatten(1)).view(b, h, w, c)
-        return nchw(ops.add_bias(nhwc(x), self.proj_out.bias, out))
+        y = F.linear(tokens, self.proj_out.weight.flatten(1)).view(b, h, w, c)
+        return nchw(ops.add_bias(nhwc(x), self.proj_out.bias, y, out=None if out is None else nhwc(out)))
 
 
 class Downsample(nn.Module):
@@ -200,8 +201,8 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = conv3x3(channels, channels, stride=2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return conv_with_bias(self.conv, x)
+    def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        return conv_with_bias(self.conv, x, out)
 
 
 class Stage(nn.Module):
@@ -214,13 +215,15 @@ class Stage(nn.Module):
         present = [name for name in ("res", "attn", "resample") if getattr(self, name) is not None]
         self.OFFICIAL = {name: str(i) for i, name in enumerate(present)}
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | PreparedContext) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | PreparedContext, out: Tensor | None = None) -> Tensor:
+        """``out``: where the last module writes the stage's result (a channel slice of a wider map), if given."""
+        last = next(m for m in (self.resample, self.attn, self.res) if m is not None)
         if self.res is not None:
-            x = self.res(x, emb)
+            x = self.res(x, emb, out if last is self.res else None)
         if self.attn is not None:
-            x = self.attn(x, context)
+            x = self.attn(x, context, out if last is self.attn else None)
         if self.resample is not None:
-            x = self.resample(x)
+            x = self.resample(x, out)
         return x
 
 
@@ -233,8 +236,8 @@ class MidBlock(nn.Module):
         super().__init__()
         self.res1, self.attn, self.res2 = res1, attn, res2
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | PreparedContext) -> Tensor:
-        return self.res2(self.attn(self.res1(x, emb), context), emb)
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | PreparedContext, out: Tensor | None = None) -> Tensor:
+        return self.res2(self.attn(self.res1(x, emb), context), emb, out)
 
 
 class UNet(nn.Module):
@@ -255,25 +258,28 @@ class UNet(nn.Module):
             heads, dim_head = cfg.heads(ch)
             return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.dropout)
 
-        ch, ds, skips = mc, 1, [mc]
+        ch, ds, skips = mc, 1, [(mc, 0)]  # skips: (channels, level) of every skip connection
         down = []
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 res = ResBlock(ch, mult * mc, emb_dim, cfg.dropout)
                 ch = mult * mc
                 down.append(Stage(res, transformer(ch) if ds in cfg.attention_resolutions else None))
-                skips.append(ch)
+                skips.append((ch, level))
             if level != len(cfg.channel_mult) - 1:
                 down.append(Stage(resample=Downsample(ch)))
-                skips.append(ch)
+                skips.append((ch, level + 1))
                 ds *= 2
         self.down = nn.ModuleList(down)
         self.mid = MidBlock(ResBlock(ch, ch, emb_dim, cfg.dropout), transformer(ch),
                             ResBlock(ch, ch, emb_dim, cfg.dropout))
         up = []
+        self.concat_plan = []  # per up stage: (channels of h, channels of the skip, level) of its input
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                res = ResBlock(ch + skips.pop(), mult * mc, emb_dim, cfg.dropout)
+                skip_ch, skip_level = skips.pop()
+                self.concat_plan.append((ch, skip_ch, skip_level))
+                res = ResBlock(ch + skip_ch, mult * mc, emb_dim, cfg.dropout)
                 ch = mult * mc
                 attn = transformer(ch) if ds in cfg.attention_resolutions else None
                 upsample = None
@@ -343,15 +349,36 @@ class UNet(nn.Module):
         if isinstance(context, Tensor):
             context = context.to(dtype)
         w = self.input_conv.weight
-        if not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):  # converted weights
+        nhwc_weights = not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+        if nhwc_weights:  # converted weights
             x = x.contiguous(memory_format=torch.channels_last)
-        h = conv_with_bias(self.input_conv, x.to(dtype))
+        # Skip connections: the plain path concatenates [h, skip] before each up stage. The fast path (channels-last
+        # inference) gives each up stage's input its buffer up front and has every producer write straight into
+        # its channel slice (the skip from the way down, h from the previous up stage): no concatenation copies.
+        inputs = self._concat_buffers(x, dtype) if nhwc_weights and not torch.is_grad_enabled() and \
+            ops.get_mode() != "reference" else None
+
+        def slot(stage: int, part: int) -> Tensor | None:  # part 0: h, part 1: skip
+            if inputs is None or stage >= len(inputs):
+                return None
+            split = self.concat_plan[stage][0]
+            return inputs[stage][:, split:] if part else inputs[stage][:, :split]
+
+        n = len(self.concat_plan)  # one up stage per skip; skip i feeds up stage n - 1 - i
+        h = conv_with_bias(self.input_conv, x.to(dtype), slot(n - 1, 1))
         hs = [h]
-        for stage in self.down:
-            h = stage(h, emb, context)
+        for i, stage in enumerate(self.down, 1):
+            h = stage(h, emb, context, slot(n - 1 - i, 1))
             hs.append(h)
-        h = self.mid(h, emb, context)
-        for stage in self.up:
-            h = stage(torch.cat([h, hs.pop()], dim=1), emb, context)
+        h = self.mid(h, emb, context, slot(0, 0))
+        for j, stage in enumerate(self.up):
+            skip = hs.pop()
+            h = stage(inputs[j] if inputs is not None else torch.cat([h, skip], dim=1), emb, context, slot(j + 1, 0))
         return conv_with_bias(self.out_conv, self.out_norm(h, silu=True)).to(x.dtype)
+
+    def _concat_buffers(self, x: Tensor, dtype: torch.dtype) -> list[Tensor]:
+        """The channels-last input map of every up stage, [h | skip] channels, at its level's resolution."""
+        b, _, height, width = x.shape
+        return [torch.empty((b, hc + sc, height >> level, width >> level), dtype=dtype, device=x.device,
+                            memory_format=torch.channels_last) for hc, sc, level in self.concat_plan]
 

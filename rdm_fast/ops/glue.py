@@ -181,27 +181,29 @@ def add_layer_norm(
 # ----------------------------------------------------------------------------------------------- bias + residual
 
 
-def _check_add_bias(x: Tensor, bias: Tensor, residual: Tensor | None) -> None:
+def _check_add_bias(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | None) -> None:
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"add_bias: expected x of shape (..., C) with C > 0, got {tuple(x.shape)}")
     _check_tensor("add_bias", "x", x)
     _check_tensor("add_bias", "bias", bias, x, (x.shape[-1],))
     if residual is not None:
         _check_same("add_bias", "residual", residual, x)
+    if out is not None:
+        _check_same("add_bias", "out", out, x)
 
 
-def add_bias_reference(x: Tensor, bias: Tensor, residual: Tensor | None = None) -> Tensor:
-    """``x + residual + bias`` in float32 (bias broadcast over the last dim), rounded once to x's dtype; the
-    result has x's strides when x is dense (a channels-last map's (B, H, W, C) view stays channels-last, an NCHW
-    map's stays NCHW), else it is contiguous."""
-    _check_add_bias(x, bias, residual)
-    out = torch.empty_like(x)
-    out.copy_(_residual_sum(x, residual, bias))
-    return out
+def add_bias_reference(x: Tensor, bias: Tensor, residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """``x + residual + bias`` in float32 (bias broadcast over the last dim), rounded once to x's dtype, written
+    into ``out`` when given; else the result has x's strides when x is dense (a channels-last map's (B, H, W, C)
+    view stays channels-last, an NCHW map's stays NCHW), or is contiguous."""
+    _check_add_bias(x, bias, residual, out)
+    dest = torch.empty_like(x) if out is None else out
+    dest.copy_(_residual_sum(x, residual, bias))
+    return dest
 
 
-def _add_bias_unsupported(x: Tensor, bias: Tensor, residual: Tensor | None) -> str | None:
-    return _grad_unsupported(x, bias, residual)
+def _add_bias_unsupported(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | None = None) -> str | None:
+    return _grad_unsupported(x, bias, residual, out)
 
 
 def _triton_add_bias(*args) -> Tensor:
@@ -219,15 +221,16 @@ ADD_BIAS = Op(
 )
 
 
-def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None = None) -> Tensor:
+def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """``x + residual + bias`` with ``bias`` (C,) on the last dim of x (..., C) and ``residual`` shaped like x.
 
-    Float32 sum, one rounding to x's dtype, output laid out like x. Pass feature maps as their (B, H, W, C)
-    views: for channels-last maps that view is contiguous and the kernel makes one read of x and residual and
-    one write.
+    Float32 sum, one rounding to x's dtype; written into ``out`` (shaped like x, e.g. a channel slice of a wider
+    map) when given and returned, else into a new tensor laid out like x. Pass feature maps as their
+    (B, H, W, C) views: for channels-last maps (and channel slices of them) those views are rows of C values and
+    the kernel makes one read of x and residual and one write.
     """
-    _check_add_bias(x, bias, residual)
-    return ADD_BIAS(x, bias, residual)
+    _check_add_bias(x, bias, residual, out)
+    return ADD_BIAS(x, bias, residual, out)
 
 
 # ----------------------------------------------------------------------------------------------- GEGLU

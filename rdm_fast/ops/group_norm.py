@@ -50,9 +50,23 @@ def check_args(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups
     _check_param(add, "add", x, (x.shape[0], channels), "(B, C)")
 
 
+def is_nhwc_rows(x: Tensor) -> bool:
+    """Whether ``x`` (B, C, H, W) is pixel rows of C unit-strided channels at one row stride: channels_last, or a
+    channel slice of a wider channels_last map (the UNet writes its skip connections into such slices)."""
+    if x.dim() != 4:
+        return False
+    b, c, h, w = x.shape
+    sb, sc, sh, sw = x.stride()
+    return (c == 1 or sc == 1) and sw >= c and (h == 1 or sh == w * sw) and (b == 1 or sb == h * w * sw)
+
+
 def _output_like(x: Tensor, values: Tensor) -> Tensor:
-    """``values`` rounded once to ``x.dtype``, with x's strides when x is dense."""
-    out = torch.empty_like(x)
+    """``values`` rounded once to ``x.dtype``, with x's strides when x is dense, channels_last for the channel
+    slice of a channels_last map."""
+    if not x.is_contiguous() and is_nhwc_rows(x):
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    else:
+        out = torch.empty_like(x)
     out.copy_(values)
     return out
 
@@ -107,12 +121,15 @@ def _unsupported(
     return _layout_unsupported(x)
 
 
-def _nhwc_unsupported(x: Tensor, *args, **kwargs) -> str | None:
+def _nhwc_unsupported(x: Tensor, weight, bias, num_groups, eps, *, add=None, silu=False) -> str | None:
     """The Triton kernels read channels_last rows whole (the CUDA kernel walks one group at a time, which on
-    NHWC reads each memory sector for a few bytes: measured 2x slower than its NCHW case on an H200)."""
-    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return "x is not a (strictly) channels_last 4-D tensor"
-    return _unsupported(x, *args, **kwargs)
+    NHWC reads each memory sector for a few bytes: measured 2x slower than its NCHW case on an H200); they also
+    read channel slices of wider channels_last maps."""
+    if x.is_contiguous() or not is_nhwc_rows(x):
+        return "x is not a (strictly) channels_last 4-D tensor or a channel slice of one"
+    if needs_grad(x, weight, bias, add):
+        return "inputs require grad (no backward kernel yet)"
+    return None
 
 
 def _ext_forward(
@@ -126,6 +143,20 @@ def _ext_forward(
     silu: bool = False,
 ) -> Tensor:
     return torch.ops.rdm_fast.group_norm.default(x, weight, bias, num_groups, eps, add, silu)
+
+
+def _cpu_unsupported(x: Tensor, *args, **kwargs) -> str | None:
+    """The C++ CPU kernels take contiguous and channels_last maps; channel slices of channels_last maps are
+    copied to channels_last first (see :func:`_cpu_forward`)."""
+    if not x.is_contiguous() and is_nhwc_rows(x):
+        return _unsupported(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
+    return _unsupported(x, *args, **kwargs)
+
+
+def _cpu_forward(x: Tensor, *args, **kwargs) -> Tensor:
+    if not x.is_contiguous() and is_nhwc_rows(x):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return _ext_forward(x, *args, **kwargs)
 
 
 @eager_constant
@@ -152,6 +183,8 @@ def _register_fake() -> None:
     """Shape/stride propagation for ``torch.ops.rdm_fast.group_norm`` (meta tensors, torch.compile)."""
     @torch.library.register_fake("rdm_fast::group_norm")
     def _group_norm_fake(x, weight, bias, num_groups, eps, add, silu):
+        if not x.is_contiguous() and is_nhwc_rows(x):
+            return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         if _layout_unsupported(x) is None:
             return torch.empty_like(x)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -163,7 +196,7 @@ GROUP_NORM = Op(
     "group_norm",
     reference=Impl("reference", group_norm_reference),
     by_device={
-        "cpu": [Impl("cpu-ext", _ext_forward, _unsupported, _cpu_ext_unavailable)],
+        "cpu": [Impl("cpu-ext", _cpu_forward, _cpu_unsupported, _cpu_ext_unavailable)],
         "cuda": [
             Impl("triton-nhwc", _triton_forward, _nhwc_unsupported, _triton_unavailable),
             Impl("cuda-ext", _ext_forward, _unsupported, _cuda_ext_unavailable),
@@ -185,8 +218,9 @@ def group_norm(
 ) -> Tensor:
     """Fused GroupNorm with optional per-(B, C) ``add`` before the statistics and optional SiLU after.
 
-    x is (B, C, *spatial), contiguous or 4-D channels_last, float32/float16/bfloat16; the result has
-    x's shape, dtype and memory format. Semantics are those of :func:`group_norm_reference`.
+    x is (B, C, *spatial), float32/float16/bfloat16, any layout; the result has x's shape and dtype and x's
+    memory format (channels_last for a channel slice of a channels_last map). Contiguous and 4-D channels_last
+    inputs (and such slices, on CUDA) run the fused kernels; other layouts the reference. Semantics are those of :func:`group_norm_reference`.
     """
     check_args(x, weight, bias, num_groups, add)
     return GROUP_NORM(x, weight, bias, num_groups, eps, add=add, silu=silu)
