@@ -47,6 +47,25 @@ def test_graph_replay_matches_eager(sampler, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_replay_follows_new_inputs(dtype):
+    """Replays at inputs other than the capture's (as along a trajectory) equal eager calls at those inputs: a
+    graph that kept reading a buffer filled at capture would pass a fixed-input check and fail here."""
+    from rdm_fast.diffusion import guided
+    from rdm_fast.diffusion.graphs import GraphedEps
+
+    model, ctx, x_T = _model(dtype)
+    model.unet.to(memory_format=torch.channels_last)
+    ctx, x_T = ctx.cuda(), x_T.cuda()
+    with torch.no_grad():
+        eps_fn = guided(model.unet, ctx, 2.0, prepare=model.unet.prepare_context)
+        graphed = GraphedEps(eps_fn, x_T)
+        for seed, t in ((1, 999), (2, 500), (3, 17)):
+            x = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(seed)).to("cuda")
+            torch.testing.assert_close(graphed(x, t), eps_fn(x, t), rtol=1e-5, atol=1e-5)
+
+
+@cuda
 def test_sampling_loop_does_not_synchronise():
     model, ctx, x_T = _model(torch.bfloat16)
     ctx, x_T = ctx.cuda(), x_T.cuda()
