@@ -179,6 +179,21 @@ def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> No
         log(f"[{preset}] profile FAILED\n{traceback.format_exc()}")
 
 
+def open_log(path: Path, header: str = ""):
+    """A ``log(msg)`` that prints and appends to ``path``; logs the time, GPU and torch version first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logf = open(path, "a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    log(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}" + (f", {header}" if header else ""))
+    return log
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="imagenet:64,rdm768:16,imagenet:4:timings,rdm768:1:timings",
@@ -192,16 +207,7 @@ def main() -> None:
     parser.add_argument("--timings-only", action="store_true", help="skip the parity check and the profile")
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "step.txt", "a")
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
-
-    log(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, {torch.cuda.get_device_name()}, "
-        f"torch {torch.__version__}, backends {ops.available_backends()}")
+    log = open_log(out / "step.txt", f"backends {ops.available_backends()}")
     variants = args.variants.split(",")
     results = []
     for item in args.presets.split(","):

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from gpu_step import open_log  # bench/ is this script's directory
 from rdm_fast import ops
 from rdm_fast.kernels import group_norm as gn_kernels
 from rdm_fast.models.layers import upsample_conv_weight
@@ -119,17 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "tune.txt", "a")
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
-
-    log(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, {torch.cuda.get_device_name()}, "
-        f"torch {torch.__version__}")
+    log = open_log(Path(args.out) / "tune.txt")
     torch.backends.cudnn.benchmark = False
     with torch.inference_mode():
         tune_upsample(log)
