@@ -7,6 +7,9 @@ converter between the two layouts is defined next to the modules themselves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,7 +30,9 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor, *, add: Tensor | None = None, silu: bool = False) -> Tensor:
-        return ops.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, add=add, silu=silu)
+        # the kernels take float32 affine parameters: converted once, not on every call of a bf16/fp16 model
+        weight, bias = cached(self, "float32", lambda w, b: (w.float(), b.float()), self.weight, self.bias)
+        return ops.group_norm(x, weight, bias, self.num_groups, self.eps, add=add, silu=silu)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, groups={self.num_groups}, eps={self.eps}"
@@ -66,7 +71,7 @@ def _is_channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def cached(module: nn.Module, name: str, fn, *weights: Tensor) -> Tensor:
+def cached(module: nn.Module, name: str, fn: Callable[..., Any], *weights: Tensor) -> Any:
     """``fn(*weights)`` for inference, computed once and rebuilt only when one of ``weights`` changes (dtype or
     device moves, loading, optimiser steps); under autograd it is computed afresh so that gradients flow."""
     if torch.is_grad_enabled():
