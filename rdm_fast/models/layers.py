@@ -73,8 +73,9 @@ def _is_channels_last(t: Tensor) -> bool:
 
 def cached(module: nn.Module, name: str, fn: Callable[..., Any], *weights: Tensor) -> Any:
     """``fn(*weights)`` for inference, computed once and rebuilt only when one of ``weights`` changes (dtype or
-    device moves, loading, optimiser steps); under autograd it is computed afresh so that gradients flow."""
-    if torch.is_grad_enabled():
+    device moves, loading, optimiser steps); under autograd it is computed afresh so that gradients flow, and
+    under torch.compile too (the compiler folds it; storage pointers would break its graph)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return fn(*weights)
     # inference tensors (made under torch.inference_mode) keep no version counter; they cannot be updated in
     # place outside inference mode, so their storage and dtype identify them
