@@ -2,8 +2,9 @@
 launch gaps do not hide kernel time.
 
 1. The channels_last GroupNorm (``kernels.group_norm.NHWC_TUNING``): every combination of values per tile,
-   warps and programs per SM, timed on the GroupNorm calls of one imagenet guided step (their shapes and
-   counts, batch 128, bf16), against a copy of the same tensors (``clone``: one read, one write).
+   warps, programs per SM, channel block and statistics-loop unrolling, timed on the GroupNorm calls of one
+   imagenet guided step (their shapes and counts, batch 128, bf16), against a copy of the same tensors
+   (``clone``: one read, one write).
 2. The UNet's Upsample: nearest x2 + 3x3 conv (the definition) vs the stride-2 transposed convolution with
    summed taps (the fast path), at the imagenet shapes.
 
@@ -71,24 +72,25 @@ def tune_group_norm(log) -> None:
         f"(1 read + 1 write each): {copy:.3f} ms; 3 passes at that bandwidth: {1.5 * copy:.3f} ms")
     default = dict(gn_kernels.NHWC_TUNING)
     rows = []
-    for tile, warps, waves, max_c in itertools.product((2048, 4096, 8192), (4, 8), (2, 4, 8), (64, 128)):
-        gn_kernels.NHWC_TUNING.update(tile=tile, warps=warps, waves=waves, max_block_c=max_c)
+    for tile, warps, waves, max_c, unroll in itertools.product((2048, 4096), (4, 8), (2, 4, 8), (64, 128), (1, 2)):
+        gn_kernels.NHWC_TUNING.update(tile=tile, warps=warps, waves=waves, max_block_c=max_c, unroll=unroll)
         try:
             per = {s: graph_ms(lambda t=inputs[s]: ops.group_norm(t[0], t[1], t[2], 32, 1e-5, add=t[3], silu=True))
                    for s in IMAGENET_GROUP_NORMS}
         except Exception as exc:  # a config that does not compile or run is reported, not fatal
-            log(f"tile {tile} warps {warps} waves {waves} max_block_c {max_c}: {type(exc).__name__}: {exc}")
+            log(f"tile {tile} warps {warps} waves {waves} max_block_c {max_c} unroll {unroll}: "
+                f"{type(exc).__name__}: {exc}")
             continue
         total = sum(n * per[s] for s, n in IMAGENET_GROUP_NORMS.items())
-        rows.append((total, tile, warps, waves, max_c, per))
+        rows.append((total, tile, warps, waves, max_c, unroll, per))
     gn_kernels.NHWC_TUNING.update(default)
     rows.sort(key=lambda r: r[0])
-    log(f"{'step ms':>8s} {'tile':>5s} {'warps':>5s} {'waves':>5s} {'max_c':>5s}   (default {default})")
-    for total, tile, warps, waves, max_c, _ in rows:
-        log(f"{total:8.3f} {tile:5d} {warps:5d} {waves:5d} {max_c:5d}")
-    best = rows[0][5]
+    log(f"{'step ms':>8s} {'tile':>5s} {'warps':>5s} {'waves':>5s} {'max_c':>5s} {'unroll':>6s}   (default {default})")
+    for total, tile, warps, waves, max_c, unroll, _ in rows:
+        log(f"{total:8.3f} {tile:5d} {warps:5d} {waves:5d} {max_c:5d} {unroll:6d}")
+    best = rows[0][-1]
     log("per shape, best config (us):   " + ", ".join(f"{c}x{h}x{w} {1000 * t:.1f}" for (c, h, w), t in best.items()))
-    per_shape_best = {s: min(r[5][s] for r in rows) for s in IMAGENET_GROUP_NORMS}
+    per_shape_best = {s: min(r[-1][s] for r in rows) for s in IMAGENET_GROUP_NORMS}
     log(f"best config per shape, summed: {sum(n * per_shape_best[s] for s, n in IMAGENET_GROUP_NORMS.items()):.3f} ms")
 
 

@@ -96,8 +96,16 @@ def _group_norm_fwd_kernel(
 
 
 @triton.jit
+def _shifted_tile(base, rows, p_end, c, cmask, x_row, shift):
+    """A (rows x channel block) tile of ``x - shift`` in float32, zero outside the pixel range and channels."""
+    m = (rows < p_end)[:, None] & cmask[None, :]
+    v = tl.load(base + rows.to(tl.int64)[:, None] * x_row + c[None, :], mask=m, other=0.0).to(tl.float32)
+    return tl.where(m, v - shift[None, :], 0.0)
+
+
+@triton.jit
 def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, x_row, pix_per_prog, BLOCK_P: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+                       BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
@@ -108,11 +116,15 @@ def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, x_row, pix_per_prog, BLOCK
     s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     p0 = split * pix_per_prog
     p_end = tl.minimum(p0 + pix_per_prog, hw)
-    for p in range(p0, p_end, BLOCK_P):
+    # UNROLL = 2: both tiles' loads are issued before either is summed, twice the bytes in flight per thread
+    # (a read-only pass is bound by how many loads wait on memory at once) for the same accumulators
+    for p in range(p0, p_end, BLOCK_P * UNROLL):
         rows = p + tl.arange(0, BLOCK_P)
-        m = (rows < p_end)[:, None] & cmask[None, :]
-        v = tl.load(base + rows.to(tl.int64)[:, None] * x_row + c[None, :], mask=m, other=0.0).to(tl.float32)
-        d = tl.where(m, v - shift[None, :], 0.0)
+        d = _shifted_tile(base, rows, p_end, c, cmask, x_row, shift)
+        if UNROLL == 2:
+            d2 = _shifted_tile(base, rows + BLOCK_P, p_end, c, cmask, x_row, shift)
+            s1 += d2
+            s2 += d2 * d2
         s1 += d
         s2 += d * d
     out = part_ptr + (b * tl.num_programs(0) + split).to(tl.int64) * 2 * channels
@@ -178,16 +190,18 @@ def _nhwc_apply_kernel(x_ptr, y_ptr, coef_ptr, hw, channels, x_row, SILU: tl.con
 
 
 # Tunables of the channels_last kernels: values per tile, programs per SM aimed at by the statistics kernel,
-# warps per program, widest channel block. Chosen by bench/gpu_tune.py on an H200 (2026-11-26, bench/RESULTS.md):
-# over the 61 GroupNorms of an imagenet step, 5.48 ms against 6.51 ms for (4096, 4, 4, 128) and 4.26 ms for
-# three copy-bandwidth passes.
-NHWC_TUNING = {"tile": 2048, "waves": 4, "warps": 4, "max_block_c": 64}
+# warps per program, widest channel block, tiles loaded per step of the statistics loop (1 or 2). The first four
+# were chosen by bench/gpu_tune.py on an H200 (2026-11-26, bench/RESULTS.md): over the 61 GroupNorms of an
+# imagenet step, 5.48 ms against 6.51 ms for (4096, 4, 4, 128) and 4.26 ms for three copy-bandwidth passes; the
+# statistics kernel (a read-only pass) then took twice its copy-bandwidth time, hence the unrolling (2: not yet
+# measured).
+NHWC_TUNING = {"tile": 2048, "waves": 4, "warps": 4, "max_block_c": 64, "unroll": 2}
 
 
 def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dict[str, int]:
     """Tile and grid of the channels_last kernels: a channel block that divides C where one of 16..64 does
     (no masked lanes: 192, 576, 960 -> 64), rows filling ``tile`` values, and enough
-    (batch, channel block, split) programs for the statistics to fill the GPU with whole tiles per split."""
+    (batch, channel block, split) programs for the statistics to fill the GPU with whole loop steps per split."""
     pow2, widest = channels & -channels, NHWC_TUNING["max_block_c"]  # the largest power of two dividing C
     block_c = min(pow2, widest) if pow2 >= 16 else min(triton.next_power_of_2(channels), widest)
     block_p = max(1, NHWC_TUNING["tile"] // block_c)
@@ -195,11 +209,12 @@ def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dic
         target = NHWC_TUNING["waves"] * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # the interpreter: a few splits, so that the partial sums are combined in the tests
         target = 3 * batch
+    step = block_p * NHWC_TUNING["unroll"]  # pixels per iteration of the statistics loop
     programs = batch * triton.cdiv(channels, block_c)
-    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(hw, block_p)))
-    per = triton.cdiv(triton.cdiv(hw, splits), block_p) * block_p
+    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(hw, step)))
+    per = triton.cdiv(triton.cdiv(hw, splits), step) * step
     return {"block_c": block_c, "block_p": block_p, "splits": triton.cdiv(hw, per), "per": per,
-            "warps": NHWC_TUNING["warps"]}
+            "warps": NHWC_TUNING["warps"], "unroll": NHWC_TUNING["unroll"]}
 
 
 def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
@@ -213,7 +228,7 @@ def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
     part = torch.empty((batch, splits, 2, channels), dtype=torch.float32, device=x.device)
     coef = torch.empty((batch, 3, channels), dtype=torch.float32, device=x.device)
     _nhwc_stats_kernel[(splits, cblocks, batch)](x, part, hw, channels, x_row, cfg["per"], BLOCK_P=block_p,
-                                                 BLOCK_C=block_c, num_warps=warps)
+                                                 BLOCK_C=block_c, UNROLL=cfg["unroll"], num_warps=warps)
     per_group = channels // num_groups
     block_g, block_d = triton.next_power_of_2(num_groups), triton.next_power_of_2(per_group)
     _nhwc_finalize_kernel[(batch,)](

@@ -89,9 +89,19 @@ def _run_case(case: tuple, device: str = "cpu") -> str | None:
     return _mismatch(out, ref, offset)
 
 
+# channels_last cases also run with the statistics loop not unrolled (NHWC_TUNING["unroll"] = 1, which the
+# tuning sweep tries): results under "<name>-unroll1"
+UNROLL1_CASES = [n for n in CASES if "-nhwc" in n and n.endswith("-fused")]
+
+
 def _child_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    print(json.dumps({name: _run_case(case) for name, case in CASES.items()}))
+    from rdm_fast.kernels.group_norm import NHWC_TUNING
+
+    results = {name: _run_case(case) for name, case in CASES.items()}
+    NHWC_TUNING["unroll"] = 1
+    results.update({f"{name}-unroll1": _run_case(CASES[name]) for name in UNROLL1_CASES})
+    print(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +111,7 @@ def interpreter_results(tmp_path_factory) -> dict[str, str | None]:
     return run_child(Path(__file__).resolve(), tmp_path_factory.mktemp("triton"), timeout=900)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES) + [f"{n}-unroll1" for n in UNROLL1_CASES])
 def test_triton_interpreter_matches_reference(interpreter_results, name):
     assert name in interpreter_results
     assert interpreter_results[name] is None, interpreter_results[name]
