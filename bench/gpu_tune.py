@@ -65,7 +65,8 @@ def tune_group_norm(log) -> None:
     inputs = {}
     for (c, h, w) in IMAGENET_GROUP_NORMS:
         x = torch.randn(BATCH, c, h, w, device=dev, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        inputs[(c, h, w)] = (x, torch.randn(c, device=dev), torch.randn(c, device=dev), torch.randn(BATCH, c, device=dev))
+        inputs[(c, h, w)] = (x, torch.randn(c, device=dev), torch.randn(c, device=dev),
+                             torch.randn(BATCH, c, device=dev))
     copy = sum(n * graph_ms(lambda x=inputs[s][0]: x.clone(memory_format=torch.preserve_format))
                for s, n in IMAGENET_GROUP_NORMS.items())
     log(f"GroupNorm calls of one imagenet step: {sum(IMAGENET_GROUP_NORMS.values())}; the same tensors cloned "

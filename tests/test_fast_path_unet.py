@@ -1,6 +1,6 @@
 """The whole UNet with every fast kernel forced on (RDM_FAST_OPS=fast: the Triton kernels in the interpreter on
-the CPU) vs the plain-PyTorch reference path, in fp32 and fp16, with a plain and with a prepared guided context, and with channels-last weights (skip connections written into
-channel slices of the up stages' inputs).
+the CPU) vs the plain-PyTorch reference path, in fp32 and fp16, with a plain and with a prepared guided context,
+and with channels-last weights (skip connections written into channel slices of the up stages' inputs).
 
 Run as a script with TRITON_INTERPRET=1 it prints the relative errors as JSON; the test starts it once.
 Tolerances: fp32 1e-4 relative L2 (summation order only); fp16 1e-2 (each fused kernel rounds once where the

@@ -132,13 +132,19 @@ def test_half_precision_sampling_tracks_fp32(dtype, eps_tol, min_psnr):
     assert psnr > min_psnr
 
 
+@pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("zero_rows", [0, 2])
-def test_prepared_context_matches_plain_context(zero_rows):
+def test_prepared_context_matches_plain_context(zero_rows, depth):
     """Keys/values projected once (and skipped for the all-zero unconditional rows) give the same eps as the
-    plain context tensor with the zeros concatenated (fp32 rounding only: the same ops on row subsets)."""
-    cfg = RDMConfig.preset("tiny")
-    full, _, _ = official_checkpoint(cfg, seed=17)
-    model = RDM.from_state_dict(full, cfg)
+    plain context tensor with the zeros concatenated (fp32 rounding only: the same ops on row subsets, the
+    feed-forward bias carried to the next block's LayerNorm (depth 2) or through the output projection)."""
+    tree = RDMConfig.preset("tiny").to_dict()
+    tree["model"]["params"]["unet_config"]["params"]["transformer_depth"] = depth
+    cfg = RDMConfig.from_dict(tree)
+    model = RDM.from_config(cfg) if depth > 1 else RDM.from_state_dict(official_checkpoint(cfg, seed=17)[0], cfg)
+    with torch.no_grad():  # every parameter non-zero (from_config zero-initialises the residual outputs)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
     x, t, ctx = inputs(cfg, batch=2)
     x, t = torch.cat([x] * (1 + (zero_rows > 0))), torch.cat([t] * (1 + (zero_rows > 0)))
     plain = torch.cat([torch.zeros(zero_rows, *ctx.shape[1:]), ctx])

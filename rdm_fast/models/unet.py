@@ -148,22 +148,38 @@ class TransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.ff = GEGLU(dim, dropout)
 
-    def forward(self, x: Tensor, context: Tensor | PreparedContext) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
         x = x + self.self_attn(self.norm1(x))
-        if isinstance(context, Tensor):
-            x = x + self.cross_attn(self.norm2(x), context)
-            return x + self.ff(self.norm3(x))
+        x = x + self.cross_attn(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+    def forward_prepared(self, x: Tensor, context: PreparedContext,
+                         pending: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The block with precomputed context keys/values, for sampling. ``x`` (B, N, C) comes without the bias
+        ``pending`` (C,) added (the previous block's, if any) and so does the result: returns ``(x', b)`` with
+        the block's output ``x' + b``. That lets the feed-forward's residual ride in its output GEMM's epilogue
+        (beta = 1) while its bias is folded into the next LayerNorm or the transformer's output projection."""
+        if pending is None:
+            h = self.norm1(x)
+        else:
+            x, h = ops.add_layer_norm(x, None, pending, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        x = x + self.self_attn(h)
         x, h = self._add_prepared_cross(x, context)
-        return x + self.ff(h)
+        ff = self.ff
+        g = ff.dropout(ops.geglu(ff.proj(h)))
+        x.view(-1, x.shape[-1]).addmm_(g.view(-1, g.shape[-1]), ff.out.weight.t())  # x: this block's own tensor
+        return x, ff.out.bias
 
     def _add_prepared_cross(self, x: Tensor, context: PreparedContext) -> tuple[Tensor, Tensor]:
         """(x + cross-attention, norm3 of it) with precomputed keys/values: LayerNorm, query projection and
         attention in one op (``ops.cross_attention``), run on the conditional rows only (the zero-context rows
-        get to_out's bias); the bias add is fused with norm3."""
+        get to_out's bias); the output projection adds into those rows in its GEMM's epilogue and the bias add
+        is fused with norm3."""
         attn, z, n2, n3 = self.cross_attn, context.zero_rows, self.norm2, self.norm3
         k, v = context.kv[attn]
         o = ops.cross_attention(x[z:], n2.weight, n2.bias, n2.eps, attn.to_q.weight, k, v, attn.heads)
-        x[z:] += F.linear(o, attn.to_out.weight)  # x is this block's own intermediate: safe to update in place
+        # x is this block's own intermediate: safe to update in place
+        x[z:].view(-1, x.shape[-1]).addmm_(o.view(-1, o.shape[-1]), attn.to_out.weight.t())
         return ops.add_layer_norm(x, None, attn.to_out.bias, n3.weight, n3.bias, n3.eps)
 
 
@@ -188,10 +204,19 @@ class SpatialTransformer(nn.Module):
         # residual add.
         b, c, h, w = x.shape
         tokens = _linear(self.proj_in, nhwc(self.norm(x)).reshape(b, h * w, c))
-        for block in self.blocks:
-            tokens = block(tokens, context)
+        bias = self.proj_out.bias
+        if isinstance(context, PreparedContext):
+            pending = None
+            for block in self.blocks:
+                tokens, pending = block.forward_prepared(tokens, context, pending)
+            # the last block's pending bias through proj_out: W (t + p) + b = W t + (W p + b), computed once
+            bias = cached(self, "out_bias", lambda w, bo, p: torch.addmv(bo.float(), w.flatten(1).float(), p.float()),
+                          self.proj_out.weight, self.proj_out.bias, pending)
+        else:
+            for block in self.blocks:
+                tokens = block(tokens, context)
         y = F.linear(tokens, self.proj_out.weight.flatten(1)).view(b, h, w, c)
-        return nchw(ops.add_bias(nhwc(x), self.proj_out.bias, y, out=None if out is None else nhwc(out)))
+        return nchw(ops.add_bias(nhwc(x), bias, y, out=None if out is None else nhwc(out)))
 
 
 class Downsample(nn.Module):
