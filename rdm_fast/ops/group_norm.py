@@ -220,8 +220,8 @@ def group_norm(
 
     x is (B, C, *spatial), float32/float16/bfloat16, any layout; the result has x's shape and dtype and x's
     memory format (channels_last for a channel slice of a channels_last map). Contiguous and 4-D channels_last
-    inputs (and such slices, on CUDA) run the fused kernels; other layouts the reference. Semantics are those
-    of :func:`group_norm_reference`.
+    inputs (and such slices; the CPU extension copies those first) run the fused kernels; other layouts the
+    reference. Semantics are those of :func:`group_norm_reference`.
     """
     check_args(x, weight, bias, num_groups, add)
     return GROUP_NORM(x, weight, bias, num_groups, eps, add=add, silu=silu)
