@@ -5,7 +5,8 @@
 #      run (attention, cross-attention, glue, GroupNorm, kNN search; pytest-xdist when present);
 #   3. bench/gpu_step.py: parity of a whole guided step (fast and reference bf16 against fp32), CUDA-event
 #      timings of rdm_fast (graph / eager) against the eager SDPA peer, and a per-kernel breakdown; then
-#      bench/gpu_tune.py (GroupNorm tunables, upsample variants; GPU_CHECK_TUNE=0 skips it);
+#      bench/gpu_tune.py (attention per level vs SDPA, upsample variants, GroupNorm tunables; GPU_CHECK_TUNE=0
+#      skips it);
 #   4. the tests that need the extension or whole models (CUDA GroupNorm, UNet vs oracle, graph sampling);
 #   5. per-op pytest-benchmark suites with their PyTorch baselines (cross-attention, glue, GroupNorm; `full`
 #      adds self-attention and search);
@@ -48,7 +49,7 @@ tail -1 "$OUT/log.txt"; grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/test
 timeout "$(limit 150)" $PY bench/gpu_step.py --out "$OUT" >> "$OUT/log.txt" 2>&1
 echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 
-# 3b. tuning sweeps (GroupNorm tunables, upsample variants), for choosing defaults
+# 3b. tuning measurements (attention per level, upsample variants, GroupNorm tunables), for choosing defaults
 if [ "${GPU_CHECK_TUNE:-1}" = 1 ]; then
   timeout "$(limit 120)" $PY bench/gpu_tune.py --out "$OUT" >> "$OUT/log.txt" 2>&1
   echo "tune rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"

@@ -7,6 +7,7 @@ launch gaps do not hide kernel time.
    (``clone``: one read, one write).
 2. The UNet's Upsample: nearest x2 + 3x3 conv (the definition) vs the stride-2 transposed convolution with
    summed taps (the fast path), at the imagenet shapes.
+3. Attention per level (imagenet, rdm768; self and cross): our flash kernel vs scaled_dot_product_attention.
 
 Usage: python bench/gpu_tune.py [--out DIR]; writes tune.txt there.
 """
@@ -60,8 +61,8 @@ def graph_ms(fn, calls: int = 10, replays: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def tune_group_norm(log) -> None:
-    dev = torch.device("cuda")
+def tune_group_norm(log, device: str = "cuda") -> None:
+    dev = torch.device(device)
     inputs = {}
     for (c, h, w) in IMAGENET_GROUP_NORMS:
         x = torch.randn(BATCH, c, h, w, device=dev, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -118,6 +119,36 @@ def tune_upsample(log) -> None:
     log(f"upsample, imagenet's three: definition {total_def:.3f} ms, fast path {total_fast:.3f} ms")
 
 
+# (batch, query tokens, key tokens, channels): the imagenet (batch 128 self / 64 cross: the conditional half) and
+# rdm768 (32 / 16) attention levels; head dim 32
+ATTENTION_SHAPES = {"imagenet": [(128, 1024, 1024, 384), (128, 256, 256, 576), (128, 64, 64, 960),
+                                 (64, 1024, 4, 384), (64, 256, 4, 576), (64, 64, 4, 960)],
+                    "rdm768": [(32, 2304, 2304, 448), (32, 576, 576, 896), (32, 144, 144, 1344), (32, 36, 36, 1792),
+                               (16, 2304, 11, 448), (16, 576, 11, 896), (16, 144, 11, 1344), (16, 36, 11, 1792)]}
+
+
+def tune_attention(log, shapes_by_model: dict = ATTENTION_SHAPES, device: str = "cuda") -> None:
+    """Our flash kernel vs PyTorch's scaled_dot_product_attention per attention level, both replayed from CUDA
+    graphs (eager per-op rounds at the small levels measure launch overhead, not GPU time)."""
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    for model, shapes in shapes_by_model.items():
+        for b, nq, nk, c in shapes:
+            heads = c // 32
+            q = torch.randn(b, nq, c, device=dev, dtype=dtype)
+            k, v = (torch.randn(b, nk, c, device=dev, dtype=dtype) for _ in range(2))
+
+            def sdpa():
+                split = (lambda t: t.view(t.shape[0], t.shape[1], heads, 32).transpose(1, 2))
+                o = F.scaled_dot_product_attention(split(q), split(k), split(v))
+                return o.transpose(1, 2).reshape(b, nq, c)
+
+            err = float((ops.attention(q, k, v, heads).float() - sdpa().float()).norm() / sdpa().float().norm())
+            ours, theirs = graph_ms(lambda: ops.attention(q, k, v, heads)), graph_ms(sdpa)
+            log(f"attention {model} b{b} q{nq} k{nk} c{c}: ours {1000 * ours:8.1f} us, sdpa {1000 * theirs:8.1f} us "
+                f"({theirs / ours:.2f}x), rel. diff {err:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
@@ -125,6 +156,7 @@ def main() -> None:
     log = open_log(Path(args.out) / "tune.txt")
     torch.backends.cudnn.benchmark = False
     with torch.inference_mode():
+        tune_attention(log)
         tune_upsample(log)
         tune_group_norm(log)
 
