@@ -110,3 +110,18 @@ def test_retrieval_and_sampling_loop_in_one_stream_without_sync(tmp_path):
     cpu_ids = ids.cpu()
     ref = model_context(cpu_db, cfg, cpu_db.embeddings(cpu_ids), query_ids=cpu_ids)
     torch.testing.assert_close(torch.cat(contexts).cpu(), ref, rtol=2e-3, atol=2e-3)
+
+
+@cuda
+def test_float32_sampling_defaults_to_eager(caplog):
+    """Until float32 graph replay is verified along a trajectory, float32 models sample eagerly by default
+    (16-bit models replay graphs)."""
+    model, ctx, x_T = _model(torch.float32)
+    with caplog.at_level("INFO", logger="rdm_fast"):
+        model.sample(ctx, steps=2, guidance_scale=2.0, x_T=x_T)
+    assert "runs eagerly by default" in caplog.text and "captured in a CUDA graph" not in caplog.text
+    caplog.clear()
+    model, ctx, x_T = _model(torch.bfloat16)
+    with caplog.at_level("INFO", logger="rdm_fast"):
+        model.sample(ctx, steps=2, guidance_scale=2.0, x_T=x_T)
+    assert "captured in a CUDA graph" in caplog.text
