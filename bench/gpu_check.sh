@@ -4,7 +4,7 @@
 #   1. build the C++/CUDA extension in place (background, sm_90) while 2. the Triton kernels' GPU parity tests
 #      run (attention, cross-attention, glue, GroupNorm, kNN search; pytest-xdist when present);
 #   3. bench/gpu_step.py: parity of a whole guided step (fast and reference bf16 against fp32), CUDA-event
-#      timings of rdm_fast (graph / eager) against the eager SDPA peer, and a per-kernel breakdown; then
+#      timings of rdm_fast (graph / eager) against the eager SDPA peer, a per-kernel and a per-module breakdown;
 #      bench/gpu_tune.py (attention per level vs SDPA, upsample variants, GroupNorm tunables; GPU_CHECK_TUNE=0
 #      skips it);
 #   4. the tests that need the extension or whole models (CUDA GroupNorm, UNet vs oracle, graph sampling);

@@ -90,6 +90,48 @@ def profile_kernels(fn, steps: int = 3) -> list[tuple[str, float, int]]:
     return sorted(((n, t, int(round(c))) for n, (t, c) in totals.items()), key=lambda r: -r[1])
 
 
+def module_times(fn, unet, steps: int = 3, cuda: bool = True) -> list[tuple[str, float, int]]:
+    """(module kind and input size, ms per step, calls per step), slowest first: the CUDA time of the kernels
+    launched inside each ResBlock / SpatialTransformer / Downsample / Upsample call (CPU time when
+    ``cuda=False``: for smoke runs), through profiler ranges opened by forward hooks."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from rdm_fast.models.layers import Upsample
+    from rdm_fast.models.unet import Downsample, ResBlock, SpatialTransformer
+
+    def enter(module, args):
+        x = args[0]
+        name = f"rdm/{type(module).__name__} {x.shape[1]}x{x.shape[2]}x{x.shape[3]}"
+        module._profile_range = record_function(name)
+        module._profile_range.__enter__()
+
+    def leave(module, args, output):
+        module._profile_range.__exit__(None, None, None)
+
+    hooks = []
+    for m in unet.modules():
+        if isinstance(m, (ResBlock, SpatialTransformer, Downsample, Upsample)):
+            hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+    try:
+        fn()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for ev in prof.key_averages():
+        if ev.key.startswith("rdm/"):
+            us = (getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)) if cuda \
+                else ev.cpu_time_total
+            rows.append((ev.key[4:], us / 1000 / steps, round(ev.count / steps)))
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *, checks: bool = True) -> dict:
     torch.manual_seed(0)
     model, x, ctx = make_case(preset, images, torch.device("cuda"), torch.bfloat16)
@@ -160,6 +202,7 @@ def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> No
         with torch.inference_mode(), ops.use_mode("auto"):
             fn = step_fn("rdm_fast-eager", model, x, ctx)
             rows = profile_kernels(lambda: fn(x, 500))
+            modules = module_times(lambda: fn(x, 500), model.unet)
         by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         for name, ms, n in rows:
             by_kind[kind_of(name)][0] += ms
@@ -169,6 +212,9 @@ def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> No
             f.write(f"{preset} {images} images bf16, fast eager step: {total:.2f} ms kernel time per step\n")
             for name, ms, n in rows:
                 f.write(f"{ms:9.3f} ms {n:5d}x  [{kind_of(name)}] {name[:160]}\n")
+            f.write("\nCUDA time per module kind and input size (C x H x W), per step:\n")
+            for name, ms, n in modules:
+                f.write(f"{ms:9.3f} ms {n:5d}x  {name}\n")
         log(f"[{preset}] kernel time per fast eager step: {total:.2f} ms")
         for kind, (ms, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
             log(f"    {kind:24s} {ms:8.2f} ms {n:5d} launches")
