@@ -1,6 +1,7 @@
 """The whole UNet with every fast kernel forced on (RDM_FAST_OPS=fast: the Triton kernels in the interpreter on
 the CPU) vs the plain-PyTorch reference path, in fp32 and fp16, with a plain and with a prepared guided context,
-and with channels-last weights (skip connections written into channel slices of the up stages' inputs).
+and with channels-last weights (skip connections written into channel slices of the up stages' inputs; also with
+guidance's shared input).
 
 Run as a script with TRITON_INTERPRET=1 it prints the relative errors as JSON; the test starts it once.
 Tolerances: fp32 1e-4 relative L2 (summation order only); fp16 1e-2 (each fused kernel rounds once where the
@@ -36,15 +37,18 @@ def _errors() -> dict:
         model = RDM.from_state_dict(full, cfg).to(dtype)
         if nhwc:  # channels-last weights: the fast path writes skip connections into channel slices
             model.unet.to(memory_format=torch.channels_last)
-        cases = [("prepared", lambda: model.unet.prepare_context(ctx, zero_rows=1))]
-        if not nhwc:
-            cases.append(("plain", lambda: torch.cat([torch.zeros_like(ctx), ctx])))
+        cases = [("prepared", lambda: model.unet.prepare_context(ctx, zero_rows=1), x, t)]
+        if nhwc:  # guidance's shared input: one row for both halves, duplicated at the first cross-attention
+            cases.append(("shared", lambda: model.unet.prepare_context(ctx, zero_rows=1, shared_input=True),
+                          x[:1], t[:1]))
+        else:
+            cases.append(("plain", lambda: torch.cat([torch.zeros_like(ctx), ctx]), x, t))
         with torch.no_grad():
-            for name, make_ctx in cases:
+            for name, make_ctx, x_in, t_in in cases:
                 runs = {}
                 for mode in ("reference", "fast"):
                     with ops.use_mode(mode):
-                        runs[mode] = model.unet(x, t, make_ctx()).double()
+                        runs[mode] = model.unet(x_in, t_in, make_ctx()).double()
                 ref = runs["reference"]
                 err = ((runs["fast"] - ref).norm() / ref.norm()).item()
                 out[f"{name}-{str(dtype).removeprefix('torch.')}" + ("-nhwc" if nhwc else "")] = err
@@ -59,7 +63,8 @@ def errors(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["plain-float32", "prepared-float32", "plain-float16", "prepared-float16",
-                                  "prepared-float32-nhwc", "prepared-float16-nhwc"])
+                                  "prepared-float32-nhwc", "prepared-float16-nhwc", "shared-float32-nhwc",
+                                  "shared-float16-nhwc"])
 def test_fast_unet_matches_reference(errors, case):
     tol = TOLERANCE[case.split("-")[1]]
     assert errors[case] < tol, f"{case}: relative error {errors[case]:.3g} >= {tol}"

@@ -155,10 +155,41 @@ def test_prepared_context_matches_plain_context(zero_rows, depth):
     assert prepared.batch == x.shape[0] and len(prepared.kv) == sum(
         1 for m in model.unet.modules() if type(m).__name__ == "TransformerBlock")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="prepared context is for a batch of"):
+    with pytest.raises(ValueError, match="prepared context takes x of"):
         model.unet(x[:1], t[:1], prepared)
     with pytest.raises(ValueError, match="context must be"):
         model.unet.prepare_context(ctx[..., :-1])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("attention_resolutions", [[1, 2], [2]])
+def test_shared_input_matches_duplicated_rows(attention_resolutions, channels_last):
+    """Guidance evaluates both halves at the same x and t: with ``shared_input`` the UNet runs the layers before
+    the first cross-attention once on those rows (a longer prefix when the first transformer is at level 1) and
+    duplicates them there; eps equals that of the explicit [x; x] batch. Channels-last inference writes the
+    duplicated skips into the up stages' buffers, NCHW concatenates them."""
+    tree = RDMConfig.preset("tiny").to_dict()
+    tree["model"]["params"]["unet_config"]["params"]["attention_resolutions"] = attention_resolutions
+    cfg = RDMConfig.from_dict(tree)
+    model = RDM.from_config(cfg)
+    with torch.no_grad():  # every parameter non-zero (from_config zero-initialises the residual outputs)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    if channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    x, _, ctx = inputs(cfg, batch=2)
+    t = torch.tensor([500, 37])
+    with torch.no_grad():
+        shared = model.unet.prepare_context(ctx, zero_rows=2, shared_input=True)
+        assert shared.shared_input and shared.input_rows == 2
+        out = model.unet(x, t, shared)
+        ref = model.unet(torch.cat([x, x]), torch.cat([t, t]), model.unet.prepare_context(ctx, zero_rows=2))
+    assert out.shape == ref.shape == (4, *x.shape[1:])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="takes x of 2 rows"):
+        model.unet(torch.cat([x, x]), torch.cat([t, t]), shared)
+    with pytest.raises(ValueError, match="as many zero rows"):
+        model.unet.prepare_context(ctx, zero_rows=1, shared_input=True)
 
 
 def test_fused_qkv_inference_path_matches_and_follows_weight_changes():

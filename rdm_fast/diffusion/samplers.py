@@ -57,21 +57,24 @@ def plms_eps(eps: Tensor, history: list[Tensor]) -> Tensor:
 
 
 def guided(eps_model: Callable[[Tensor, Tensor, Any], Tensor], context: Tensor, scale: float, *,
-           prepare: Callable[[Tensor, int], Any] | None = None) -> EpsFn:
+           prepare: Callable[..., Any] | None = None) -> EpsFn:
     """Classifier-free guidance: eps_u + s (eps_c - eps_u), with an all-zero unconditional context, computed
     in one batched call on cat(uncond, cond). ``scale == 1`` is plain conditional sampling (one half-size call).
 
-    ``prepare(context, zero_rows)`` (e.g. ``UNet.prepare_context``) turns the context once into what the model
-    takes for a batch whose first ``zero_rows`` rows are unconditional; without it the zeros are concatenated.
+    ``prepare(context, zero_rows, shared_input=...)`` (e.g. ``UNet.prepare_context``) turns the context once into
+    what the model takes for a batch whose first ``zero_rows`` rows are unconditional; without it the zeros are
+    concatenated. When the prepared context says ``shared_input``, the model takes x once for both halves.
     """
     if scale == 1.0:
         ctx = prepare(context, 0) if prepare is not None else context
         return lambda x, t: eps_model(x, _timesteps(t, x.shape[0], x.device), ctx)
     b = context.shape[0]
-    both = prepare(context, b) if prepare is not None else torch.cat([torch.zeros_like(context), context])
+    both = prepare(context, b, shared_input=True) if prepare is not None else \
+        torch.cat([torch.zeros_like(context), context])
+    shared = getattr(both, "shared_input", False)
 
     def eps_fn(x: Tensor, t: int) -> Tensor:
-        x_in = torch.cat([x, x])
+        x_in = x if shared else torch.cat([x, x])
         eps_u, eps_c = eps_model(x_in, _timesteps(t, x_in.shape[0], x.device), both).chunk(2)
         return eps_u + scale * (eps_c - eps_u)
 

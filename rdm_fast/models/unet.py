@@ -57,11 +57,21 @@ class PreparedContext:
     classifier-free guidance). Keys and values are bias-free projections, so those rows' attention output is
     exactly zero and their cross-attention branch is just ``to_out``'s bias: it is skipped. ``kv`` holds, per
     cross-attention module, the (k, v) projections of the other (conditional) rows.
+
+    ``shared_input``: the UNet gets the ``batch // 2`` rows that the unconditional and the conditional half
+    share (guidance evaluates both at the same x and t). Everything before the first cross-attention ignores
+    the context, so it runs once on those rows; the rows are duplicated just before that cross-attention.
     """
 
     kv: dict[nn.Module, tuple[Tensor, Tensor]]
     zero_rows: int
     batch: int
+    shared_input: bool = False
+
+    @property
+    def input_rows(self) -> int:
+        """Rows of the UNet's input x."""
+        return self.batch // 2 if self.shared_input else self.batch
 
 
 class ResBlock(nn.Module):
@@ -164,6 +174,8 @@ class TransformerBlock(nn.Module):
         else:
             x, h = ops.add_layer_norm(x, None, pending, self.norm1.weight, self.norm1.bias, self.norm1.eps)
         x = x + self.self_attn(h)
+        if x.shape[0] != context.batch:  # rows shared by both halves so far: the context makes them differ
+            x = torch.cat([x, x])
         x, h = self._add_prepared_cross(x, context)
         ff = self.ff
         g = ff.dropout(ops.geglu(ff.proj(h)))
@@ -215,7 +227,9 @@ class SpatialTransformer(nn.Module):
         else:
             for block in self.blocks:
                 tokens = block(tokens, context)
-        y = F.linear(tokens, self.proj_out.weight.flatten(1)).view(b, h, w, c)
+        y = F.linear(tokens, self.proj_out.weight.flatten(1)).view(tokens.shape[0], h, w, c)
+        if y.shape[0] != b:  # the blocks duplicated rows shared by both halves of a guided batch
+            x = torch.cat([x, x])
         return nchw(ops.add_bias(nhwc(x), bias, y, out=None if out is None else nhwc(out)))
 
 
@@ -313,6 +327,8 @@ class UNet(nn.Module):
                     ds //= 2
                 up.append(Stage(res, attn, upsample))
         self.up = nn.ModuleList(up)
+        # the down stage holding the first cross-attention; the stages before it never see the context
+        self.first_context_stage = next((i for i, st in enumerate(self.down) if st.attn is not None), None)
         self.out_norm = GroupNorm(ch)
         self.out_conv = zero_init(conv3x3(mc, cfg.out_channels))
 
@@ -332,19 +348,26 @@ class UNet(nn.Module):
             raise ValueError(f"unet: context must be {want}, got {tuple(context.shape)}")
 
     @torch.no_grad()
-    def prepare_context(self, context: Tensor, zero_rows: int = 0) -> PreparedContext:
+    def prepare_context(self, context: Tensor, zero_rows: int = 0, *, shared_input: bool = False) -> PreparedContext:
         """Project ``context`` (B, k, D) to every cross-attention's keys and values once (for sampling).
 
         The returned context stands for a batch of ``zero_rows + B`` rows whose first ``zero_rows`` have an
-        all-zero context; pass it to :meth:`forward` in place of the context tensor.
+        all-zero context; pass it to :meth:`forward` in place of the context tensor. ``shared_input`` (with
+        ``zero_rows == B``, classifier-free guidance): :meth:`forward` then takes the B rows x that both halves
+        share and runs the layers before the first cross-attention once (granted where the first
+        cross-attention is in a down stage, as in the released models; the result's ``shared_input`` says).
         """
         self._check_context(context)
         if zero_rows < 0:
             raise ValueError(f"zero_rows must be >= 0, got {zero_rows}")
+        if shared_input and zero_rows != context.shape[0]:
+            raise ValueError(f"shared_input needs as many zero rows as context rows, got {zero_rows} and "
+                             f"{context.shape[0]}")
         context = context.to(self.input_conv.weight.dtype)
         kv = {m.cross_attn: (m.cross_attn.to_k(context), m.cross_attn.to_v(context))
               for m in self.modules() if isinstance(m, TransformerBlock)}
-        return PreparedContext(kv, zero_rows, zero_rows + context.shape[0])
+        shared = shared_input and self.first_context_stage is not None
+        return PreparedContext(kv, zero_rows, zero_rows + context.shape[0], shared)
 
     def _check(self, x: Tensor, t: Tensor, context: Tensor | PreparedContext) -> None:
         cfg = self.cfg
@@ -356,8 +379,10 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"unet: t must be ({x.shape[0]},) (one timestep per sample), got {tuple(t.shape)}")
         if isinstance(context, PreparedContext):
-            if context.batch != x.shape[0]:
-                raise ValueError(f"unet: the prepared context is for a batch of {context.batch}, x has {x.shape[0]}")
+            if context.input_rows != x.shape[0]:
+                shared = " (rows shared by its two halves)" if context.shared_input else ""
+                raise ValueError(f"unet: the prepared context takes x of {context.input_rows} rows{shared}, x has "
+                                 f"{x.shape[0]}")
         else:
             self._check_context(context, x.shape[0])
 
@@ -380,30 +405,44 @@ class UNet(nn.Module):
         # Skip connections: the plain path concatenates [h, skip] before each up stage. The fast path (channels-last
         # inference) gives each up stage's input its buffer up front and has every producer write straight into
         # its channel slice (the skip from the way down, h from the previous up stage): no concatenation copies.
-        inputs = self._concat_buffers(x, dtype) if nhwc_weights and not torch.is_grad_enabled() and \
+        # With a shared input (guidance: both halves at the same x and t) the stages before the first cross-attention
+        # run on x's rows alone; that stage's transformer duplicates them, and the skips saved before it are
+        # duplicated then (a copy into the second half of their buffers).
+        batch = context.batch if isinstance(context, PreparedContext) else x.shape[0]
+        shared = x.shape[0] != batch
+        inputs = self._concat_buffers(batch, x, dtype) if nhwc_weights and not torch.is_grad_enabled() and \
             ops.get_mode() != "reference" else None
 
-        def slot(stage: int, part: int) -> Tensor | None:  # part 0: h, part 1: skip
+        def slot(stage: int, part: int, rows: int) -> Tensor | None:  # part 0: h, part 1: skip
             if inputs is None or stage >= len(inputs):
                 return None
             split = self.concat_plan[stage][0]
-            return inputs[stage][:, split:] if part else inputs[stage][:, :split]
+            return inputs[stage][:rows, split:] if part else inputs[stage][:rows, :split]
 
         n = len(self.concat_plan)  # one up stage per skip; skip i feeds up stage n - 1 - i
-        h = conv_with_bias(self.input_conv, x.to(dtype), slot(n - 1, 1))
+        h = conv_with_bias(self.input_conv, x.to(dtype), slot(n - 1, 1, x.shape[0]))
         hs = [h]
         for i, stage in enumerate(self.down, 1):
-            h = stage(h, emb, context, slot(n - 1 - i, 1))
+            splits_here = shared and i - 1 == self.first_context_stage
+            h = stage(h, emb, context, slot(n - 1 - i, 1, batch if splits_here else h.shape[0]))
+            if splits_here:  # the rows are the two halves' own from here on
+                hs = [torch.cat([s, s]) if inputs is None else inputs[n - 1 - k][:, self.concat_plan[n - 1 - k][0]:]
+                      for k, s in enumerate(hs)]
+                if inputs is not None:
+                    for k in range(len(hs)):
+                        hs[k][x.shape[0]:].copy_(hs[k][:x.shape[0]])
+                emb = torch.cat([emb, emb])
             hs.append(h)
-        h = self.mid(h, emb, context, slot(0, 0))
+        h = self.mid(h, emb, context, slot(0, 0, batch))
         for j, stage in enumerate(self.up):
             skip = hs.pop()
-            h = stage(inputs[j] if inputs is not None else torch.cat([h, skip], dim=1), emb, context, slot(j + 1, 0))
+            h = stage(inputs[j] if inputs is not None else torch.cat([h, skip], dim=1), emb, context,
+                      slot(j + 1, 0, batch))
         return conv_with_bias(self.out_conv, self.out_norm(h, silu=True)).to(x.dtype)
 
-    def _concat_buffers(self, x: Tensor, dtype: torch.dtype) -> list[Tensor]:
+    def _concat_buffers(self, batch: int, x: Tensor, dtype: torch.dtype) -> list[Tensor]:
         """The channels-last input map of every up stage, [h | skip] channels, at its level's resolution."""
-        b, _, height, width = x.shape
-        return [torch.empty((b, hc + sc, height >> level, width >> level), dtype=dtype, device=x.device,
+        _, _, height, width = x.shape
+        return [torch.empty((batch, hc + sc, height >> level, width >> level), dtype=dtype, device=x.device,
                             memory_format=torch.channels_last) for hc, sc, level in self.concat_plan]
 
