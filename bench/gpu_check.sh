@@ -5,8 +5,8 @@
 #      run (attention, cross-attention, glue, GroupNorm, kNN search; pytest-xdist when present);
 #   3. bench/gpu_step.py: parity of a whole guided step (fast and reference bf16 against fp32), CUDA-event
 #      timings of rdm_fast (graph / eager) against the eager SDPA peer, a per-kernel and a per-module breakdown;
-#      then bench/gpu_tune.py (attention per level vs SDPA, upsample variants, GroupNorm tunables; GPU_CHECK_TUNE=0
-#      skips it);
+#      then bench/gpu_tune.py (attention per level vs SDPA, upsample variants, add_bias and GroupNorm tunables;
+#      GPU_CHECK_TUNE=0 skips it);
 #   4. the tests that need the extension or whole models (CUDA GroupNorm, UNet vs oracle, graph sampling);
 #   5. per-op pytest-benchmark suites with their PyTorch baselines (cross-attention, glue, GroupNorm; `full`
 #      adds self-attention and search);

@@ -8,6 +8,7 @@ launch gaps do not hide kernel time.
 2. The UNet's Upsample: nearest x2 + 3x3 conv (the definition) vs the stride-2 transposed convolution with
    summed taps (the fast path), at the imagenet shapes.
 3. Attention per level (imagenet, rdm768; self and cross): our flash kernel vs scaled_dot_product_attention.
+4. ``add_bias`` (``kernels.glue.ADD_BIAS_TUNING``) over the calls of an imagenet step, against clones.
 
 Usage: python bench/gpu_tune.py [--out DIR]; writes tune.txt there.
 """
@@ -33,6 +34,11 @@ IMAGENET_GROUP_NORMS = {(192, 64, 64): 8, (192, 32, 32): 1, (384, 32, 32): 11, (
                         (1152, 16, 16): 1, (960, 16, 16): 1, (960, 32, 32): 1, (768, 32, 32): 1, (576, 32, 32): 1,
                         (576, 64, 64): 1, (384, 64, 64): 2}
 IMAGENET_UPSAMPLES = [(960, 8, 8), (576, 16, 16), (384, 32, 32)]  # (C, H, W) of the input
+# ((H, W, C), with a residual): add_bias calls in one imagenet UNet call (recorded from the model)
+IMAGENET_ADD_BIAS = {((64, 64, 192), False): 1, ((64, 64, 192), True): 5, ((32, 32, 192), False): 1,
+                     ((32, 32, 384), True): 10, ((16, 16, 384), False): 1, ((16, 16, 576), True): 10,
+                     ((8, 8, 576), False): 1, ((8, 8, 960), True): 13, ((16, 16, 960), False): 1,
+                     ((32, 32, 576), False): 1, ((64, 64, 384), False): 1, ((64, 64, 3), False): 1}
 BATCH = 128
 
 
@@ -94,6 +100,31 @@ def tune_group_norm(log, device: str = "cuda") -> None:
     log("per shape, best config (us):   " + ", ".join(f"{c}x{h}x{w} {1000 * t:.1f}" for (c, h, w), t in best.items()))
     per_shape_best = {s: min(r[-1][s] for r in rows) for s in IMAGENET_GROUP_NORMS}
     log(f"best config per shape, summed: {sum(n * per_shape_best[s] for s, n in IMAGENET_GROUP_NORMS.items()):.3f} ms")
+
+
+def tune_add_bias(log, device: str = "cuda") -> None:
+    """``add_bias`` over the calls of one imagenet step (batch 128, bf16) for every tile / warps / column block,
+    against clones of the same outputs (one read, one write: the floor without the residual read)."""
+    from rdm_fast.kernels import glue as glue_kernels
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    args = {}
+    for (hwc, res), _ in IMAGENET_ADD_BIAS.items():
+        x = torch.randn(BATCH, *hwc, device=dev, dtype=dtype)
+        args[(hwc, res)] = (x, torch.randn(hwc[-1], device=dev, dtype=dtype), torch.randn_like(x) if res else None)
+    copy = sum(n * graph_ms(lambda x=args[k][0]: x.clone()) for k, n in IMAGENET_ADD_BIAS.items())
+    default = dict(glue_kernels.ADD_BIAS_TUNING)
+    rows = []
+    for tile, warps, max_c in itertools.product((2048, 4096, 8192), (4, 8), (64, 256)):
+        glue_kernels.ADD_BIAS_TUNING.update(tile=tile, warps=warps, max_block_c=max_c)
+        total = sum(n * graph_ms(lambda a=args[k]: ops.add_bias(*a)) for k, n in IMAGENET_ADD_BIAS.items())
+        rows.append((total, tile, warps, max_c))
+    glue_kernels.ADD_BIAS_TUNING.update(default)
+    log(f"add_bias calls of one imagenet step: {sum(IMAGENET_ADD_BIAS.values())}; the outputs cloned: {copy:.3f} ms "
+        f"(default {default})")
+    for total, tile, warps, max_c in sorted(rows):
+        log(f"{total:8.3f} ms  tile {tile:5d} warps {warps} max_block_c {max_c}")
 
 
 def tune_upsample(log) -> None:
@@ -158,6 +189,7 @@ def main() -> None:
     with torch.inference_mode():
         tune_attention(log)
         tune_upsample(log)
+        tune_add_bias(log)
         tune_group_norm(log)
 
 

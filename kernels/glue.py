@@ -163,6 +163,11 @@ def _add_bias_kernel(
     tl.store(out_ptr + r64 * stride_o + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Values per program, warps and widest column block of the add_bias kernel (bench/gpu_tune.py sweeps them; these
+# are the values measured in the H200 runs of 2026-11-26, not yet tuned).
+ADD_BIAS_TUNING = {"tile": 4096, "warps": 8, "max_block_c": 256}
+
+
 def _row_view(t: Tensor, width: int) -> Tensor | None:
     """``t`` as a (rows, width) view with unit column stride that writes go through, or None if none exists."""
     try:
@@ -186,11 +191,11 @@ def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | Non
     o2 = d2 if d2 is not None else torch.empty((x2.shape[0], width), dtype=x.dtype, device=x.device)
     rows = x2.shape[0]
     pow2 = width & -width  # a column block dividing the width (192 -> 64, 384 -> 128) leaves no lane masked
-    block_c = min(pow2 if pow2 >= 16 else triton.next_power_of_2(width), 256)
-    block_r = max(1, 4096 // block_c)
+    block_c = min(pow2 if pow2 >= 16 else triton.next_power_of_2(width), ADD_BIAS_TUNING["max_block_c"])
+    block_r = max(1, ADD_BIAS_TUNING["tile"] // block_c)
     _add_bias_kernel[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
         x2, bias.contiguous(), r2, o2, rows, width, x2.stride(0), r2.stride(0), o2.stride(0),
-        HAS_RES=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
+        HAS_RES=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=ADD_BIAS_TUNING["warps"],
     )
     if d2 is None:
         dest.copy_(o2.view(x.shape))
