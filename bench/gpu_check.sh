@@ -51,7 +51,7 @@ echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 
 # 3b. tuning measurements (attention per level, upsample variants, GroupNorm tunables), for choosing defaults
 if [ "${GPU_CHECK_TUNE:-1}" = 1 ]; then
-  timeout "$(limit 120)" $PY bench/gpu_tune.py --out "$OUT" >> "$OUT/log.txt" 2>&1
+  timeout "$(limit 150)" $PY bench/gpu_tune.py --out "$OUT" >> "$OUT/log.txt" 2>&1
   echo "tune rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 fi
 

@@ -187,10 +187,10 @@ def main() -> None:
     log = open_log(Path(args.out) / "tune.txt")
     torch.backends.cudnn.benchmark = False
     with torch.inference_mode():
+        tune_group_norm(log)  # first: it decides the most (GroupNorm tunables); the rest are cheaper
         tune_attention(log)
-        tune_upsample(log)
         tune_add_bias(log)
-        tune_group_norm(log)
+        tune_upsample(log)
 
 
 if __name__ == "__main__":
