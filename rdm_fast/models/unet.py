@@ -405,9 +405,8 @@ class UNet(nn.Module):
         # Skip connections: the plain path concatenates [h, skip] before each up stage. The fast path (channels-last
         # inference) gives each up stage's input its buffer up front and has every producer write straight into
         # its channel slice (the skip from the way down, h from the previous up stage): no concatenation copies.
-        # With a shared input (guidance: both halves at the same x and t) the stages before the first cross-attention
-        # run on x's rows alone; that stage's transformer duplicates them, and the skips saved before it are
-        # duplicated then (a copy into the second half of their buffers).
+        # A shared input (guidance: both halves at the same x and t) runs the stages before the first
+        # cross-attention on x's rows alone; that stage's transformer duplicates them (see PreparedContext).
         batch = context.batch if isinstance(context, PreparedContext) else x.shape[0]
         shared = x.shape[0] != batch
         inputs = self._concat_buffers(batch, x, dtype) if nhwc_weights and not torch.is_grad_enabled() and \
@@ -426,12 +425,7 @@ class UNet(nn.Module):
             splits_here = shared and i - 1 == self.first_context_stage
             h = stage(h, emb, context, slot(n - 1 - i, 1, batch if splits_here else h.shape[0]))
             if splits_here:  # the rows are the two halves' own from here on
-                hs = [torch.cat([s, s]) if inputs is None else inputs[n - 1 - k][:, self.concat_plan[n - 1 - k][0]:]
-                      for k, s in enumerate(hs)]
-                if inputs is not None:
-                    for k in range(len(hs)):
-                        hs[k][x.shape[0]:].copy_(hs[k][:x.shape[0]])
-                emb = torch.cat([emb, emb])
+                hs, emb = self._both_halves(hs, inputs, x.shape[0]), torch.cat([emb, emb])
             hs.append(h)
         h = self.mid(h, emb, context, slot(0, 0, batch))
         for j, stage in enumerate(self.up):
@@ -439,6 +433,17 @@ class UNet(nn.Module):
             h = stage(inputs[j] if inputs is not None else torch.cat([h, skip], dim=1), emb, context,
                       slot(j + 1, 0, batch))
         return conv_with_bias(self.out_conv, self.out_norm(h, silu=True)).to(x.dtype)
+
+    def _both_halves(self, hs: list[Tensor], inputs: list[Tensor] | None, rows: int) -> list[Tensor]:
+        """Skips saved on the ``rows`` rows both halves share, extended to the whole batch: copied into the second
+        half of their up stages' input buffers (``inputs``, channels-last inference), else concatenated."""
+        if inputs is None:
+            return [torch.cat([s, s]) for s in hs]
+        n = len(self.concat_plan)
+        full = [inputs[n - 1 - k][:, self.concat_plan[n - 1 - k][0]:] for k in range(len(hs))]
+        for skip in full:
+            skip[rows:].copy_(skip[:rows])
+        return full
 
     def _concat_buffers(self, batch: int, x: Tensor, dtype: torch.dtype) -> list[Tensor]:
         """The channels-last input map of every up stage, [h | skip] channels, at its level's resolution."""
