@@ -66,6 +66,29 @@ def test_graph_replay_follows_new_inputs(dtype):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_and_eager_agree_along_a_trajectory(dtype):
+    """At every step of an 8-step DDIM trajectory (followed eagerly), the replayed eps equals the eager eps at
+    that step's x: names the first step where they part, if they do (float32 trajectories differed on an
+    H200; see bench/RESULTS.md)."""
+    from rdm_fast.diffusion import ddim_update, guided
+    from rdm_fast.diffusion.graphs import GraphedEps
+
+    model, ctx, x_T = _model(dtype)
+    model.unet.to(memory_format=torch.channels_last)
+    ctx, x = ctx.cuda(), x_T.cuda()
+    coeffs = model.schedule.ddim(8, 0.0)
+    with torch.no_grad():
+        eps_fn = guided(model.unet, ctx, 2.0, prepare=model.unet.prepare_context)
+        graphed = GraphedEps(eps_fn, x)
+        for i in range(len(coeffs)):
+            t = int(coeffs.timesteps[i])
+            eager = eps_fn(x, t)
+            torch.testing.assert_close(graphed(x, t), eager, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
+            x, _ = ddim_update(x, eager, float(coeffs.alphas[i]), float(coeffs.alphas_prev[i]))
+
+
+@cuda
 def test_sampling_loop_does_not_synchronise():
     model, ctx, x_T = _model(torch.bfloat16)
     ctx, x_T = ctx.cuda(), x_T.cuda()
