@@ -58,6 +58,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if fp32:
             return (m, n) in _FP32_TILES
+        if n < 32 and named_args["N_K"] > 64:  # 16-key tiles only for the few neighbour keys
+            return False
         return m * n * head_dim <= 128 * 64 * 128 and m <= cap_m and n <= cap_n
 
     kept = [c for c in configs if fits(c)]
@@ -71,10 +73,11 @@ _NO_SPECIALIZE = ["H", "N_Q", "N_K"]
 
 # Head dim 32 is bound by the softmax's exponentials rather than by the matrix products: large score tiles
 # (up to 256 x 64 / 128 x 128) with 8 warps amortise the per-row bookkeeping; 64 x 32 and 32 x 32 serve the
-# 36- and 64-token levels (and float32).
+# 36- and 64-token levels (and float32); x 16 tiles the cross-attention's 4 or 11 neighbour keys (a 32-key
+# tile would be mostly masked).
 _FWD_CONFIGS = _configs(
     [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-     (32, 32, 4, 2)],
+     (32, 32, 4, 2), (128, 16, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2)],
     interpreter=(32, 16),
 )
 # dQ: BLOCK_M queries per program, BLOCK_N keys per step.

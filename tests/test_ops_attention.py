@@ -350,3 +350,28 @@ def test_triton_gpu_torch_compile():
 
 if __name__ == "__main__":
     _child_main()
+
+
+@pytest.mark.skipif(not HAS_TRITON or HAS_CUDA, reason="offline compile check (a GPU runs the real thing)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_configs_compile_for_sm90_without_spills(dtype):
+    """Every autotuning candidate of the forward kernel at head dim 32 (the released models') builds for sm_90
+    with no register spills, the 16-key tiles for the neighbour cross-attention included."""
+    from triton_testing import compile_launches
+
+    from rdm_fast.kernels import attention as kernels
+
+    q = torch.zeros(2, 36, 4 * 32, dtype=dtype)
+    k = torch.zeros(2, 11, 4 * 32, dtype=dtype)
+    out, lse = torch.empty_like(q), torch.empty(2, 4, 36)
+    fn = kernels._attn_fwd_kernel.fn  # the kernel under the autotuner
+
+    def launch():
+        for cfg in kernels._FWD_CONFIGS:
+            fn[(1, 8)](q, k, k, out, lse, *q.stride()[:2], *k.stride()[:2], *k.stride()[:2], *out.stride()[:2],
+                       4, 36, 11, 0.25, HEAD_DIM=32, PRECISION="tf32", num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages, **cfg.kwargs)
+
+    results = compile_launches(launch, fn)
+    assert len(results) == len(kernels._FWD_CONFIGS)
+    assert all(r["spill_bytes"] == 0 for r in results), results
