@@ -93,23 +93,26 @@ _DKDV_CONFIGS = _configs(
 
 
 @triton.jit
+def _rows(base, rows, stride, offs_d, n, MASK: tl.constexpr):
+    """Rows ``rows`` of one head's (N, d) slice starting at ``base``; rows at or past ``n`` read as zero when
+    ``MASK`` (the tail block; full blocks load unmasked)."""
+    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    if MASK:
+        return tl.load(ptrs, mask=(rows < n)[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
 def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     """One key block of the online softmax: rescale the running sums and add p @ v."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if MASK:
-        valid = offs_n < N_K
-        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k = _rows(k_base, offs_n, stride_kn, offs_d, N_K, MASK)
+    v = _rows(v_base, offs_n, stride_vn, offs_d, N_K, MASK)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASK:
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s = tl.where((offs_n < N_K)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -134,8 +137,7 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N_Q
-    q = tl.load(Q + b * stride_qb + col + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = _rows(Q + b * stride_qb + col, offs_m, stride_qn, offs_d, N_Q, True)
     k_base = K + b * stride_kb + col
     v_base = V + b * stride_vb + col
 
@@ -162,19 +164,12 @@ def _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_
     """dQ += dS @ K for one key block, with P recomputed from the saved log-sum-exp."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if MASK:
-        valid = offs_n < N_K
-        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k = _rows(k_base, offs_n, stride_kn, offs_d, N_K, MASK)
+    v = _rows(v_base, offs_n, stride_vn, offs_d, N_K, MASK)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     p = tl.exp2(s * qk_scale - lse[:, None])
     if MASK:
-        p = tl.where(valid[None, :], p, 0.0)
+        p = tl.where((offs_n < N_K)[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -197,9 +192,9 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N_Q
     rows = offs_m[:, None]
-    q = tl.load(Q + b * stride_qb + col + rows * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + col + rows * stride_don + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    o = tl.load(O + b * stride_ob + col + rows * stride_on + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _rows(Q + b * stride_qb + col, offs_m, stride_qn, offs_d, N_Q, True)
+    do = _rows(DO + b * stride_dob + col, offs_m, stride_don, offs_d, N_Q, True)
+    o = _rows(O + b * stride_ob + col, offs_m, stride_on, offs_d, N_Q, True)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row_stats = pid_bh.to(tl.int64) * N_Q + offs_m
     tl.store(DELTA + row_stats, delta, mask=row_ok)
@@ -226,17 +221,13 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, s
     """dV += P^T dO and dK += dS^T Q for one query block, computed transposed (keys along rows)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
-    do_ptrs = do_base + offs_m[:, None] * stride_don + offs_d[None, :]
+    q = _rows(q_base, offs_m, stride_qn, offs_d, N_Q, MASK)
+    do = _rows(do_base, offs_m, stride_don, offs_d, N_Q, MASK)
+    valid = offs_m < N_Q
     if MASK:
-        valid = offs_m < N_Q
-        q = tl.load(q_ptrs, mask=valid[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=valid[:, None], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=valid, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=valid, other=0.0)
     else:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
         lse = tl.load(lse_base + offs_m)
         delta = tl.load(delta_base + offs_m)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
@@ -267,8 +258,8 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < N_K
     keys = offs_n[:, None]
-    k = tl.load(K + b * stride_kb + col + keys * stride_kn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + col + keys * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    k = _rows(K + b * stride_kb + col, offs_n, stride_kn, offs_d, N_K, True)
+    v = _rows(V + b * stride_vb + col, offs_n, stride_vn, offs_d, N_K, True)
     q_base = Q + b * stride_qb + col
     do_base = DO + b * stride_dob + col
     lse_base = LSE + pid_bh.to(tl.int64) * N_Q

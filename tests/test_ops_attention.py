@@ -375,3 +375,26 @@ def test_forward_configs_compile_for_sm90_without_spills(dtype):
     results = compile_launches(launch, fn)
     assert len(results) == len(kernels._FWD_CONFIGS)
     assert all(r["spill_bytes"] == 0 for r in results), results
+
+
+@pytest.mark.skipif(not HAS_TRITON or HAS_CUDA, reason="offline compile check (a GPU runs the real thing)")
+def test_backward_configs_compile_for_sm90():
+    """Every autotuning candidate of the two backward kernels at head dim 32 builds for sm_90 (bf16)."""
+    from triton_testing import compile_launches
+
+    from rdm_fast.kernels import attention as kernels
+
+    t = torch.zeros(2, 37, 4 * 32, dtype=torch.bfloat16)
+    stats = torch.zeros(2, 4, 37)
+    strides = [*t.stride()[:2]] * 6
+    for autotuned, configs in ((kernels._attn_bwd_dq_kernel, kernels._DQ_CONFIGS),
+                               (kernels._attn_bwd_dkdv_kernel, kernels._DKDV_CONFIGS)):
+        fn = autotuned.fn
+
+        def launch():
+            for cfg in configs:
+                fn[(1, 8)](t, t, t, t, t, t, stats, stats, *strides, 4, 37, 37, 0.25, 0.18, HEAD_DIM=32,
+                           PRECISION="tf32", num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs)
+
+        results = compile_launches(launch, fn)
+        assert len(results) == len(configs), fn.fn.__name__

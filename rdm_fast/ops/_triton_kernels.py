@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from types import ModuleType
 
-from ._dispatch import eager_constant
+from ._dispatch import Impl, Op, eager_constant
 
 
 class TritonKernels:
@@ -50,3 +50,15 @@ class TritonKernels:
         if self._module is None:
             raise RuntimeError(f"{self.name} is not loaded: {self._load() or 'call unavailable() first'}")
         return self._module
+
+    def op(self, name: str, reference: Callable, unsupported: Callable[..., str | None]) -> Op:
+        """The usual table of an op whose fast path is this module's function ``name``: the Triton kernel on
+        CUDA, the same kernel in Triton's interpreter on the CPU (``fast`` mode only), else ``reference``."""
+
+        def fast(*args, **kwargs):
+            return getattr(self.module, name)(*args, **kwargs)  # loaded by the availability check
+
+        return Op(name, reference=Impl("reference", reference), by_device={
+            "cpu": [Impl("triton-interpreter", fast, unsupported, self.interpreter_unavailable, fast_mode_only=True)],
+            "cuda": [Impl("triton", fast, unsupported, self.unavailable)],
+        })

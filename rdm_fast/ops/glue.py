@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import Impl, Op, needs_grad
+from ._dispatch import needs_grad
 from ._triton_kernels import TritonKernels
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -85,19 +85,7 @@ def _layer_norm_unsupported(x, weight, bias, eps) -> str | None:
     return _grad_unsupported(x, weight, bias)
 
 
-def _triton_layer_norm(*args) -> Tensor:
-    return _kernels.module.layer_norm(*args)
-
-
-LAYER_NORM = Op(
-    "layer_norm",
-    reference=Impl("reference", layer_norm_reference),
-    by_device={
-        "cpu": [Impl("triton-interpreter", _triton_layer_norm, _layer_norm_unsupported,
-                     _kernels.interpreter_unavailable, fast_mode_only=True)],
-        "cuda": [Impl("triton", _triton_layer_norm, _layer_norm_unsupported, _kernels.unavailable)],
-    },
-)
+LAYER_NORM = _kernels.op("layer_norm", layer_norm_reference, _layer_norm_unsupported)
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -145,19 +133,7 @@ def _add_layer_norm_unsupported(x, residual, residual_bias, weight, bias, eps) -
     return _grad_unsupported(x, residual, residual_bias, weight, bias)
 
 
-def _triton_add_layer_norm(*args) -> tuple[Tensor, Tensor]:
-    return _kernels.module.add_layer_norm(*args)
-
-
-ADD_LAYER_NORM = Op(
-    "add_layer_norm",
-    reference=Impl("reference", add_layer_norm_reference),
-    by_device={
-        "cpu": [Impl("triton-interpreter", _triton_add_layer_norm, _add_layer_norm_unsupported,
-                     _kernels.interpreter_unavailable, fast_mode_only=True)],
-        "cuda": [Impl("triton", _triton_add_layer_norm, _add_layer_norm_unsupported, _kernels.unavailable)],
-    },
-)
+ADD_LAYER_NORM = _kernels.op("add_layer_norm", add_layer_norm_reference, _add_layer_norm_unsupported)
 
 
 def add_layer_norm(
@@ -206,19 +182,7 @@ def _add_bias_unsupported(x: Tensor, bias: Tensor, residual: Tensor | None, out:
     return _grad_unsupported(x, bias, residual, out)
 
 
-def _triton_add_bias(*args) -> Tensor:
-    return _kernels.module.add_bias(*args)
-
-
-ADD_BIAS = Op(
-    "add_bias",
-    reference=Impl("reference", add_bias_reference),
-    by_device={
-        "cpu": [Impl("triton-interpreter", _triton_add_bias, _add_bias_unsupported, _kernels.interpreter_unavailable,
-                     fast_mode_only=True)],
-        "cuda": [Impl("triton", _triton_add_bias, _add_bias_unsupported, _kernels.unavailable)],
-    },
-)
+ADD_BIAS = _kernels.op("add_bias", add_bias_reference, _add_bias_unsupported)
 
 
 def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
@@ -253,19 +217,7 @@ def _geglu_unsupported(h: Tensor) -> str | None:
     return _grad_unsupported(h)
 
 
-def _triton_geglu(h: Tensor) -> Tensor:
-    return _kernels.module.geglu(h)
-
-
-GEGLU = Op(
-    "geglu",
-    reference=Impl("reference", geglu_reference),
-    by_device={
-        "cpu": [Impl("triton-interpreter", _triton_geglu, _geglu_unsupported, _kernels.interpreter_unavailable,
-                     fast_mode_only=True)],
-        "cuda": [Impl("triton", _triton_geglu, _geglu_unsupported, _kernels.unavailable)],
-    },
-)
+GEGLU = _kernels.op("geglu", geglu_reference, _geglu_unsupported)
 
 
 def geglu(h: Tensor) -> Tensor:
@@ -385,19 +337,7 @@ def _step_unsupported(x, e_uncond, e_cond, guidance_scale, history, weights, a_t
     return _grad_unsupported(*tensors)
 
 
-def _triton_step(*args) -> tuple[Tensor, Tensor, Tensor | None]:
-    return _kernels.module.sampler_step(*args)
-
-
-SAMPLER_STEP = Op(
-    "sampler_step",
-    reference=Impl("reference", sampler_step_reference),
-    by_device={
-        "cpu": [Impl("triton-interpreter", _triton_step, _step_unsupported, _kernels.interpreter_unavailable,
-                     fast_mode_only=True)],
-        "cuda": [Impl("triton", _triton_step, _step_unsupported, _kernels.unavailable)],
-    },
-)
+SAMPLER_STEP = _kernels.op("sampler_step", sampler_step_reference, _step_unsupported)
 
 
 def ddim_guided_step(
