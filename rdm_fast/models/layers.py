@@ -64,10 +64,11 @@ def upsample_conv_weight(weight: Tensor) -> Tensor:
     equals nearest x2 upsampling followed by that convolution (taps summed in float32, one rounding)."""
     taps = torch.tensor(_UPSAMPLE_TAPS, dtype=torch.float32, device=weight.device)
     out = torch.einsum("ky,lx,oiyx->iokl", taps, taps, weight.float()).to(weight.dtype)
-    return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(weight) else out
+    return out.contiguous(memory_format=torch.channels_last) if is_channels_last(weight) else out
 
 
-def _is_channels_last(t: Tensor) -> bool:
+def is_channels_last(t: Tensor) -> bool:
+    """Strictly channels-last 4-D memory (a tensor that is both, e.g. with 1x1 spatial dims, counts as NCHW)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from ..config import UNetConfig
 from .. import ops
-from .layers import (GroupNorm, LayerNorm, Upsample, attention, conv1x1, conv3x3, cached, conv_with_bias, nchw,
-                     nhwc, official_names)
+from .layers import (GroupNorm, LayerNorm, Upsample, attention, cached, conv1x1, conv3x3, conv_with_bias,
+                     is_channels_last, nchw, nhwc, official_names)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -398,8 +398,7 @@ class UNet(nn.Module):
         emb = F.silu(self.time_fc2(F.silu(self.time_fc1(emb))))  # every ResBlock's emb_layers starts with SiLU
         if isinstance(context, Tensor):
             context = context.to(dtype)
-        w = self.input_conv.weight
-        nhwc_weights = not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+        nhwc_weights = is_channels_last(self.input_conv.weight)
         if nhwc_weights:  # converted weights
             x = x.contiguous(memory_format=torch.channels_last)
         # Skip connections: the plain path concatenates [h, skip] before each up stage. The fast path (channels-last
