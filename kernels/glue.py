@@ -3,8 +3,9 @@
 
 * ``layer_norm`` / ``add_layer_norm``: one program per ``BLOCK_R`` rows, each row held whole in registers
   (``BLOCK_C = next_pow2(C)``, C <= 16384): float32 mean, then the centred variance from the same registers,
-  one write. The fused form first forms ``s = x + residual + residual_bias`` in float32, rounds it once to the
-  output dtype, stores it and normalises the rounded values (so ``y == layer_norm(s)`` exactly).
+  one write; ``shift`` (a per-channel bias) joins x in float32 before the statistics. The fused form first
+  forms ``s = x + residual + residual_bias`` in float32, rounds it once to the output dtype, stores it and
+  normalises the rounded values (so ``y == layer_norm(s)`` exactly).
 * ``add_bias``: ``x + residual + bias`` with the bias on the last dim (a convolution's or linear layer's bias
   and the residual it is added to, in one pass); 2-D (rows, columns) tiles, the bias read once per tile.
 * ``geglu``: ``h = [a, gate]`` on the last dim -> ``a * gelu_erf(gate)`` (float32 math, one rounding); 2-D tiles
@@ -119,9 +120,10 @@ def _layer_norm_launch(x, residual, residual_bias, weight, bias, eps, store_sum)
     return s, y
 
 
-def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """LayerNorm over the last dim (float32 statistics, output in x's dtype, contiguous)."""
-    return _layer_norm_launch(x, None, None, weight, bias, eps, store_sum=False)[1]
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *,
+               shift: Tensor | None = None) -> Tensor:
+    """LayerNorm over the last dim of ``x (+ shift)`` (float32 statistics, output in x's dtype, contiguous)."""
+    return _layer_norm_launch(x, None, shift, weight, bias, eps, store_sum=False)[1]
 
 
 def add_layer_norm(

@@ -132,12 +132,15 @@ def test_half_precision_sampling_tracks_fp32(dtype, eps_tol, min_psnr):
     assert psnr > min_psnr
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("zero_rows", [0, 2])
-def test_prepared_context_matches_plain_context(zero_rows, depth):
+def test_prepared_context_matches_plain_context(zero_rows, depth, channels_last):
     """Keys/values projected once (and skipped for the all-zero unconditional rows) give the same eps as the
     plain context tensor with the zeros concatenated (fp32 rounding only: the same ops on row subsets, the
-    feed-forward bias carried to the next block's LayerNorm (depth 2) or through the output projection)."""
+    biases carried: self-attention's into norm2/norm3, the feed-forward's to the next block's LayerNorm (depth
+    2) or through the output projection; channels-last, the transformer's output bias added by the ResBlock
+    before it and the residual added in place). The carried biases follow in-place weight updates."""
     tree = RDMConfig.preset("tiny").to_dict()
     tree["model"]["params"]["unet_config"]["params"]["transformer_depth"] = depth
     cfg = RDMConfig.from_dict(tree)
@@ -145,6 +148,8 @@ def test_prepared_context_matches_plain_context(zero_rows, depth):
     with torch.no_grad():  # every parameter non-zero (from_config zero-initialises the residual outputs)
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    if channels_last:
+        model.unet.to(memory_format=torch.channels_last)
     x, t, ctx = inputs(cfg, batch=2)
     x, t = torch.cat([x] * (1 + (zero_rows > 0))), torch.cat([t] * (1 + (zero_rows > 0)))
     plain = torch.cat([torch.zeros(zero_rows, *ctx.shape[1:]), ctx])
@@ -154,6 +159,13 @@ def test_prepared_context_matches_plain_context(zero_rows, depth):
         out = model.unet(x, t, prepared)
     assert prepared.batch == x.shape[0] and len(prepared.kv) == sum(
         1 for m in model.unet.modules() if type(m).__name__ == "TransformerBlock")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # every bias that is carried changes in place: the cached sums must follow
+        for name, p in model.unet.named_parameters():
+            if name.endswith(("proj_out.bias", "ff.out.bias", "to_out.bias", "conv2.bias")):
+                p.add_(0.1)
+        ref = model.unet(x, t, plain)
+        out = model.unet(x, t, model.unet.prepare_context(ctx, zero_rows=zero_rows))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="prepared context takes x of"):
         model.unet(x[:1], t[:1], prepared)

@@ -90,6 +90,18 @@ def test_reference_matches_torch_composition_float32(name):
     torch.testing.assert_close(ref.double(), composition(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["b2-n37-c96-m4-kb1", "b2-n37-c192-m21-noaffine"])
+def test_reference_shift_matches_torch_composition(name):
+    """``shift``: the queries come from LayerNorm(x + shift)."""
+    args = make_inputs(CASES[name], torch.float32)
+    shift = torch.randn(args[0].shape[-1], generator=torch.Generator().manual_seed(5))
+    ref = cross_attention_reference(*args, shift=shift)
+    expected = composition(args[0].double() + shift.double(), *args[1:])
+    torch.testing.assert_close(ref.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="shift of shape"):
+        cross_attention(*args, shift=shift[:-1])
+
+
 @pytest.mark.parametrize("name", ["b2-n37-c96-m4-kb1", "b3-n17-c96-m11"])
 def test_reference_float16_close_to_composition(name):
     args = make_inputs(CASES[name], torch.float16)
@@ -169,13 +181,17 @@ def _run_case(name: str, dtype: torch.dtype, device: str = "cpu", layout: str = 
     if layout == "padded-rows":  # x a column slice of a wider buffer: row stride > C
         x = args[0]
         args[0] = torch.cat([x, torch.full_like(x[..., :5], 1e4)], dim=-1)[..., : x.shape[-1]]
+    kwargs = {}
+    if layout == "shift":  # a per-channel bias the caller owes x, joined before the LayerNorm
+        kwargs["shift"] = torch.randn(args[0].shape[-1], generator=torch.Generator().manual_seed(5)).to(device)
     with _dispatch.use_mode("fast"):
-        out = cross_attention(*args)
-    return check(out, cross_attention_reference(*args))
+        out = cross_attention(*args, **kwargs)
+    return check(out, cross_attention_reference(*args, **kwargs))
 
 
 INTERPRETER_CASES = [(n, d, "contiguous") for n in CASES for d in ("float32", "float16")]
-INTERPRETER_CASES += [("b2-n37-c96-m4-kb1", "float32", "padded-rows")]
+INTERPRETER_CASES += [("b2-n37-c96-m4-kb1", "float32", "padded-rows"), ("b2-n37-c96-m4-kb1", "float32", "shift"),
+                      ("b3-n17-c96-m11", "float16", "shift")]
 
 
 def _child_main() -> None:
@@ -217,6 +233,13 @@ def test_triton_gpu_matches_reference(name, dtype):
     with _dispatch.use_mode("fast"):
         out = cross_attention(*args)
     err = check(out, cross_attention_reference(*args))
+    assert err is None, err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_triton_gpu_shift_matches_reference(dtype):
+    err = _run_case("b3-n17-c96-m11", getattr(torch, dtype), "cuda", layout="shift")
     assert err is None, err
 
 

@@ -166,6 +166,19 @@ def test_layer_norm_reference_matches_torch(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layer_norm_reference_shift(dtype):
+    """``shift``: the LayerNorm of x + shift, the sum in float32 (not rounded to x's dtype first)."""
+    x, _, shift, w, b = ln_inputs("37x768", dtype)
+    ref = layer_norm_reference(x, w, b, EPS, shift=shift)
+    expected = F.layer_norm(x.double() + shift.double(), x.shape[-1:], w.double(), b.double(), EPS)
+    assert ref.dtype == dtype
+    err = check(ref, expected.to(dtype))
+    assert err is None, err
+    with pytest.raises(ValueError, match="shift of shape"):
+        layer_norm(x, w, b, EPS, shift=shift[:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("name", ["3x37x96", "2x5x100-plain", "37x768"])
 def test_add_layer_norm_reference(name, dtype):
     x, r, rb, w, b = ln_inputs(name, dtype)
@@ -336,13 +349,17 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
     from rdm_fast.kernels import glue as kernels
 
     op, name = case.split(":")
-    if op == "layer_norm":
-        x, _, _, w, b = ln_inputs(name, dtype, device)
+    if op == "layer_norm":  # the residual-bias cases also normalise x + shift (with that bias as the shift)
+        x, _, shift, w, b = ln_inputs(name, dtype, device)
         if name == "3x37x96":  # non-contiguous views: rows not evenly spaced, a column stride of 2
             x = x.transpose(0, 1)
         if name == "1x50":
             x = torch.stack([x, -x], dim=-1)[..., 0]
-        return check(kernels.layer_norm(x, w, b, EPS), layer_norm_reference(x, w, b, EPS))
+        err = check(kernels.layer_norm(x, w, b, EPS), layer_norm_reference(x, w, b, EPS))
+        if err is None and shift is not None:
+            err = check(kernels.layer_norm(x, w, b, EPS, shift=shift), layer_norm_reference(x, w, b, EPS, shift=shift))
+            err = err and f"shift: {err}"
+        return err
     if op == "add_layer_norm":
         args = ln_inputs(name, dtype, device) + (EPS,)
         errs = [check(o, r) for o, r in zip(kernels.add_layer_norm(*args), add_layer_norm_reference(*args))]
@@ -469,6 +486,7 @@ def test_compiles_for_sm90_without_spills():
     x = torch.randn(8, 1792, dtype=torch.bfloat16)
     launches = [
         (lambda: kernels.layer_norm(x[:, :384], x[0, :384], x[0, :384], EPS), kernels._layer_norm_kernel),
+        (lambda: kernels.layer_norm(x, x[0], x[0], EPS, shift=x[1].float()), kernels._layer_norm_kernel),
         (lambda: kernels.add_layer_norm(x, x, x[0], x[0], x[0], EPS), kernels._layer_norm_kernel),
         (lambda: kernels.add_layer_norm(torch.randn(2, 16384), None, None, None, None, EPS),
          kernels._layer_norm_kernel),

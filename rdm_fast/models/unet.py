@@ -45,8 +45,23 @@ def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def _linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """A 1x1 ``conv`` applied to (..., C) tokens as the linear layer it is, bias in the GEMM's epilogue."""
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
+    """A 1x1 ``conv`` applied to (..., C) tokens as the linear layer it is, bias in the GEMM's epilogue. Tokens
+    that are rows at a fixed stride (a channel slice of a wider channels-last map) are read in place: F.linear
+    would run a bias-free GEMM and a separate, unvectorised bias add on them."""
+    rows = _as_rows(x) if x.dim() > 2 and conv.bias is not None else None
+    if rows is None:
+        return F.linear(x, conv.weight.flatten(1), conv.bias)
+    return torch.addmm(conv.bias, rows, conv.weight.flatten(1).t()).view(*x.shape[:-1], -1)
+
+
+def _as_rows(x: Tensor) -> Tensor | None:
+    """(..., C) -> its (rows, C) view with unit column stride, if there is one (None: it would need a copy)."""
+    if x.stride(-1) != 1 and x.shape[-1] != 1:
+        return None
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:  # the leading dims do not merge into one stride
+        return None
 
 
 @dataclass(eq=False)
@@ -90,9 +105,10 @@ class ResBlock(nn.Module):
         self.conv2 = zero_init(conv3x3(cout, cout))
         self.skip = conv1x1(cin, cout) if cin != cout else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor, out: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, out: Tensor | None = None, out_bias: Tensor | None = None) -> Tensor:
         """``emb`` is the SiLU of the timestep embedding (the first op of emb_layers), taken once per UNet call;
-        ``out``: where to write the result (a channel slice of a wider map), else a new tensor."""
+        ``out``: where to write the result (a channel slice of a wider map), else a new tensor; ``out_bias``:
+        added instead of conv2's bias (which it must include; see :meth:`SpatialTransformer.carried_biases`)."""
         # The 3x3 convolutions run without their biases, which cost a full pass each on the GPU: conv1's joins
         # the per-channel add before norm2 (exact: a per-channel constant), conv2's joins the residual add (one
         # pass for bias + residual). The 1x1 skip is a linear layer on the (B, H, W, C) view, its bias in the
@@ -101,7 +117,8 @@ class ResBlock(nn.Module):
         h = self.norm2(h, add=self.emb_proj(emb).float() + self.conv1.bias.float(), silu=True)
         h = _conv(self.conv2, self.dropout(h))
         skip = nhwc(x) if isinstance(self.skip, nn.Identity) else _linear(self.skip, nhwc(x))
-        return nchw(ops.add_bias(nhwc(h), self.conv2.bias, skip, out=None if out is None else nhwc(out)))
+        bias = self.conv2.bias if out_bias is None else out_bias
+        return nchw(ops.add_bias(nhwc(h), bias, skip, out=None if out is None else nhwc(out)))
 
 
 class Attention(nn.Module):
@@ -119,6 +136,10 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(inner, dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.to_out(self.attend(x, context))
+
+    def attend(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The heads' output before ``to_out``."""
         if context is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # one projection GEMM with [W_q; W_k; W_v], concatenated once; q, k, v are strided views the kernel reads
             weight = cached(self, "qkv", lambda *w: torch.cat(w), self.to_q.weight, self.to_k.weight, self.to_v.weight)
@@ -126,7 +147,7 @@ class Attention(nn.Module):
         else:
             ctx = x if context is None else context
             q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
-        return self.to_out(attention(q, k, v, self.heads))
+        return attention(q, k, v, self.heads)
 
 
 class GEGLU(nn.Module):
@@ -165,15 +186,18 @@ class TransformerBlock(nn.Module):
 
     def forward_prepared(self, x: Tensor, context: PreparedContext,
                          pending: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The block with precomputed context keys/values, for sampling. ``x`` (B, N, C) comes without the bias
-        ``pending`` (C,) added (the previous block's, if any) and so does the result: returns ``(x', b)`` with
-        the block's output ``x' + b``. That lets the feed-forward's residual ride in its output GEMM's epilogue
-        (beta = 1) while its bias is folded into the next LayerNorm or the transformer's output projection."""
+        """The block with precomputed context keys/values, for sampling. ``x`` (B, N, C), this block's to update
+        in place, comes without the bias ``pending`` (C,) added (the previous block's, if any) and so does the
+        result: returns ``(x', b)`` with the block's output ``x' + b``. Each residual rides in its output GEMM's
+        epilogue (``addmm_``, beta = 1) while the biases are carried: the self-attention's into norm2 (as a
+        shift) and, with the cross-attention's, into norm3; the feed-forward's into the next LayerNorm or the
+        transformer's output projection."""
         if pending is None:
             h = self.norm1(x)
         else:
             x, h = ops.add_layer_norm(x, None, pending, self.norm1.weight, self.norm1.bias, self.norm1.eps)
-        x = x + self.self_attn(h)
+        o = self.self_attn.attend(h)
+        x.view(-1, x.shape[-1]).addmm_(o.view(-1, o.shape[-1]), self.self_attn.to_out.weight.t())
         if x.shape[0] != context.batch:  # rows shared by both halves so far: the context makes them differ
             x = torch.cat([x, x])
         x, h = self._add_prepared_cross(x, context)
@@ -183,16 +207,18 @@ class TransformerBlock(nn.Module):
         return x, ff.out.bias
 
     def _add_prepared_cross(self, x: Tensor, context: PreparedContext) -> tuple[Tensor, Tensor]:
-        """(x + cross-attention, norm3 of it) with precomputed keys/values: LayerNorm, query projection and
-        attention in one op (``ops.cross_attention``), run on the conditional rows only (the zero-context rows
-        get to_out's bias); the output projection adds into those rows in its GEMM's epilogue and the bias add
-        is fused with norm3."""
+        """(x + self-attention's bias + cross-attention, norm3 of it) with precomputed keys/values: LayerNorm (of
+        x shifted by the self-attention's bias), query projection and attention in one op
+        (``ops.cross_attention``), run on the conditional rows only (the zero-context rows get to_out's bias);
+        the output projection adds into those rows in its GEMM's epilogue and both biases join norm3's pass."""
         attn, z, n2, n3 = self.cross_attn, context.zero_rows, self.norm2, self.norm3
         k, v = context.kv[attn]
-        o = ops.cross_attention(x[z:], n2.weight, n2.bias, n2.eps, attn.to_q.weight, k, v, attn.heads)
+        carried = self.self_attn.to_out.bias
+        o = ops.cross_attention(x[z:], n2.weight, n2.bias, n2.eps, attn.to_q.weight, k, v, attn.heads, shift=carried)
         # x is this block's own intermediate: safe to update in place
         x[z:].view(-1, x.shape[-1]).addmm_(o.view(-1, o.shape[-1]), attn.to_out.weight.t())
-        return ops.add_layer_norm(x, None, attn.to_out.bias, n3.weight, n3.bias, n3.eps)
+        biases = cached(self, "attn_biases", lambda a, b: a.float() + b.float(), carried, attn.to_out.bias)
+        return ops.add_layer_norm(x, None, biases, n3.weight, n3.bias, n3.eps)
 
 
 class SpatialTransformer(nn.Module):
@@ -210,27 +236,71 @@ class SpatialTransformer(nn.Module):
                                     for _ in range(depth))
         self.proj_out = zero_init(conv1x1(inner, channels))
 
-    def forward(self, x: Tensor, context: Tensor | PreparedContext, out: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | PreparedContext, out: Tensor | None = None, *,
+                carried: Tensor | None = None) -> Tensor:
+        """``out``: where to write the result (a channel slice of a wider map), else a new tensor. ``carried``:
+        ``-b`` of :meth:`carried_biases`, whose b x already holds (its producer added it): the result is then
+        computed in x's own memory and x is returned."""
         # The 1x1 convolutions in and out are linear layers on the (B, H*W, C) tokens (channels-last feature
         # maps are those tokens already): proj_in's bias rides in the GEMM's epilogue, proj_out's joins the
-        # residual add.
+        # residual add (or, carried, the residual rides in proj_out's GEMM epilogue on x itself).
         b, c, h, w = x.shape
-        tokens = _linear(self.proj_in, nhwc(self.norm(x)).reshape(b, h * w, c))
-        bias = self.proj_out.bias
+        if carried is not None:
+            x_rows = _as_rows(nhwc(x))
+            if x_rows is None or not isinstance(context, PreparedContext) or context.batch != b or out is not None:
+                raise ValueError("SpatialTransformer: carried needs channels-last rows of x, a prepared context of "
+                                 "x's batch and no out")
+            norm = self.norm(x, add=carried.expand(b, c))  # the norm of x without the carried bias
+        else:
+            norm = self.norm(x)
+        tokens = _linear(self.proj_in, nhwc(norm).reshape(b, h * w, c))
         if isinstance(context, PreparedContext):
             pending = None
             for block in self.blocks:
                 tokens, pending = block.forward_prepared(tokens, context, pending)
-            # the last block's pending bias through proj_out: W (t + p) + b = W t + (W p + b), computed once
-            bias = cached(self, "out_bias", lambda w, bo, p: torch.addmv(bo.float(), w.flatten(1).float(), p.float()),
-                          self.proj_out.weight, self.proj_out.bias, pending)
+            bias = self._output_bias()
         else:
             for block in self.blocks:
                 tokens = block(tokens, context)
-        y = F.linear(tokens, self.proj_out.weight.flatten(1)).view(tokens.shape[0], h, w, c)
+            bias = self.proj_out.bias
+        weight = self.proj_out.weight.flatten(1)
+        if carried is not None:
+            x_rows.addmm_(tokens.view(-1, tokens.shape[-1]), weight.t())
+            return x
+        y = F.linear(tokens, weight).view(tokens.shape[0], h, w, c)
         if y.shape[0] != b:  # the blocks duplicated rows shared by both halves of a guided batch
             x = torch.cat([x, x])
         return nchw(ops.add_bias(nhwc(x), bias, y, out=None if out is None else nhwc(out)))
+
+    def _output_bias(self) -> Tensor:
+        """proj_out's bias on the prepared path, float32: the last block's carried feed-forward bias p goes through
+        proj_out, W (t + p) + b = W t + (W p + b), computed once."""
+        return cached(self, "out_bias", _projected_bias, *self._output_bias_terms())
+
+    def _output_bias_terms(self) -> tuple[Tensor, Tensor, Tensor]:
+        # the last block's feed-forward bias is what forward_prepared carries out of it
+        return self.proj_out.weight, self.proj_out.bias, self.blocks[-1].ff.out.bias
+
+    def carried_biases(self, rows: int, context: Tensor | PreparedContext,
+                       producer_bias: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(producer_bias + b, -b)`` (float32; b: this transformer's output bias) for :meth:`forward`'s
+        ``carried`` path: the producer (a ResBlock whose own output bias is ``producer_bias``) adds b in its output
+        pass, the GroupNorm takes it off again, and the residual rides in proj_out's GEMM epilogue on x itself:
+        two passes over the map fewer than a separate bias + residual add. None where that path does not apply
+        (autograd, a plain context, rows the blocks will duplicate)."""
+        if torch.is_grad_enabled() or not isinstance(context, PreparedContext) or rows != context.batch:
+            return None
+
+        def biases(p: Tensor, *terms: Tensor) -> tuple[Tensor, Tensor]:
+            b = _projected_bias(*terms)
+            return p.float() + b, -b
+
+        return cached(self, "carried", biases, producer_bias, *self._output_bias_terms())
+
+
+def _projected_bias(weight: Tensor, bias: Tensor, carried: Tensor) -> Tensor:
+    """``weight @ carried + bias`` in float32 for a 1x1 conv ``weight``: a bias carried through a linear layer."""
+    return torch.addmv(bias.float(), weight.flatten(1).float(), carried.float())
 
 
 class Downsample(nn.Module):
@@ -242,6 +312,17 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         return conv_with_bias(self.conv, x, out)
+
+
+def _res_then_transformer(res: ResBlock, attn: SpatialTransformer, x: Tensor, emb: Tensor,
+                          context: Tensor | PreparedContext, out: Tensor | None) -> Tensor:
+    """``attn(res(x))`` written to ``out`` if given. Where it can (channels-last maps, which are rows of tokens),
+    the ResBlock adds the transformer's output bias in its own output pass (into ``out``) and the transformer
+    finishes in that memory (``carried``)."""
+    biases = attn.carried_biases(x.shape[0], context, res.conv2.bias) if is_channels_last(res.conv1.weight) else None
+    if biases is None:
+        return attn(res(x, emb), context, out)
+    return attn(res(x, emb, out, out_bias=biases[0]), context, carried=biases[1])
 
 
 class Stage(nn.Module):
@@ -257,9 +338,11 @@ class Stage(nn.Module):
     def forward(self, x: Tensor, emb: Tensor, context: Tensor | PreparedContext, out: Tensor | None = None) -> Tensor:
         """``out``: where the last module writes the stage's result (a channel slice of a wider map), if given."""
         last = next(m for m in (self.resample, self.attn, self.res) if m is not None)
-        if self.res is not None:
+        if self.res is not None and self.attn is not None:
+            x = _res_then_transformer(self.res, self.attn, x, emb, context, out if last is self.attn else None)
+        elif self.res is not None:
             x = self.res(x, emb, out if last is self.res else None)
-        if self.attn is not None:
+        elif self.attn is not None:
             x = self.attn(x, context, out if last is self.attn else None)
         if self.resample is not None:
             x = self.resample(x, out)
@@ -276,7 +359,7 @@ class MidBlock(nn.Module):
         self.res1, self.attn, self.res2 = res1, attn, res2
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor | PreparedContext, out: Tensor | None = None) -> Tensor:
-        return self.res2(self.attn(self.res1(x, emb), context), emb, out)
+        return self.res2(_res_then_transformer(self.res1, self.attn, x, emb, context, None), emb, out)
 
 
 class UNet(nn.Module):

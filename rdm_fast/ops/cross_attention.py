@@ -1,7 +1,7 @@
 """Neighbour cross-attention of the UNet's transformer blocks (everything before ``to_out``).
 
 ``cross_attention(x, ln_w, ln_b, eps, w_q, k, v, heads)`` = multi-head ``softmax(q k^T / sqrt(d)) v`` with
-``q = LayerNorm(x) @ w_q^T`` and keys/values ``k, v`` = ``to_k(context)``, ``to_v(context)``. The context (a few
+``q = LayerNorm(x) @ w_q^T`` (``LayerNorm(x + shift)`` with ``shift=``: a bias the caller still owes x) and keys/values ``k, v`` = ``to_k(context)``, ``to_v(context)``. The context (a few
 neighbour embeddings: 4 for imagenet, 11 for rdm768) is fixed for a whole sampling trajectory, so the model
 projects k and v once per trajectory and this op does the per-step rest. With classifier-free guidance the
 unconditional context is all zeros: its k = v = 0 and the attention output is exactly 0, so the model calls this
@@ -41,7 +41,7 @@ def _check_tensor(name: str, t: Tensor, x: Tensor, shape: tuple[int, ...] | None
 
 
 def check_args(x: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None, w_q: Tensor, k: Tensor, v: Tensor,
-               heads: int) -> None:
+               heads: int, shift: Tensor | None = None) -> None:
     """Raise ValueError when the arguments do not describe a valid cross_attention call."""
     if x.dim() != 3:
         raise ValueError(f"cross_attention: expected x of shape (B, N, C), got {tuple(x.shape)}")
@@ -53,7 +53,7 @@ def check_args(x: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None, w_q:
     inner = w_q.shape[0]
     if heads <= 0 or inner % heads:
         raise ValueError(f"cross_attention: w_q's {inner} output features are not divisible into {heads} heads")
-    for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+    for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias), ("shift", shift)):
         if p is not None:
             _check_tensor(name, p, x, (channels,), "(C,)")
     if k.dim() != 3 or k.shape[0] not in (1, batch) or k.shape[2] != inner or k.shape[1] < 1:
@@ -72,19 +72,21 @@ def cross_attention_reference(
     k: Tensor,
     v: Tensor,
     heads: int,
+    *,
+    shift: Tensor | None = None,
 ) -> Tensor:
     """Plain-PyTorch cross-attention, the oracle: ``layer_norm_reference``, the query projection in float32
     (operands rounded to w_q's dtype, the result to k's), ``attention_reference``; output in x's dtype."""
-    check_args(x, ln_weight, ln_bias, w_q, k, v, heads)
-    xn = layer_norm_reference(x, ln_weight, ln_bias, ln_eps)
+    check_args(x, ln_weight, ln_bias, w_q, k, v, heads, shift)
+    xn = layer_norm_reference(x, ln_weight, ln_bias, ln_eps, shift=shift)
     q = (xn.to(w_q.dtype).float() @ w_q.float().t()).to(k.dtype)
     batch = x.shape[0]
     k, v = k.expand(batch, -1, -1), v.to(k.dtype).expand(batch, -1, -1)
     return attention_reference(q, k, v, heads).to(x.dtype)
 
 
-def _unsupported(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> str | None:
-    if needs_grad(x, ln_weight, ln_bias, w_q, k, v):
+def _unsupported(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads, *, shift=None) -> str | None:
+    if needs_grad(x, ln_weight, ln_bias, w_q, k, v, shift):
         return "inputs require grad (no backward kernel)"
     if not x.dtype == w_q.dtype == k.dtype == v.dtype:
         return f"x, w_q, k and v must share one dtype, got {x.dtype}, {w_q.dtype}, {k.dtype}, {v.dtype}"
@@ -94,9 +96,9 @@ def _unsupported(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> str | None:
     return None
 
 
-def _fast_forward(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads) -> Tensor:
+def _fast_forward(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads, *, shift=None) -> Tensor:
     """LayerNorm kernel -> vendor GEMM -> flash attention over the keys (each sub-op logs its own path)."""
-    q = F.linear(layer_norm(x, ln_weight, ln_bias, ln_eps), w_q)
+    q = F.linear(layer_norm(x, ln_weight, ln_bias, ln_eps, shift=shift), w_q)
     batch = x.shape[0]
     return attention(q, k.expand(batch, -1, -1), v.expand(batch, -1, -1), heads)
 
@@ -121,12 +123,15 @@ def cross_attention(
     k: Tensor,
     v: Tensor,
     heads: int,
+    *,
+    shift: Tensor | None = None,
 ) -> Tensor:
     """Multi-head attention of LayerNorm(x) @ w_q^T over precomputed keys/values; returns (B, N, heads * d).
 
     x: (B, N, C) tokens; ln_weight, ln_bias: (C,) or None; w_q: (heads * d, C) (``to_q.weight``); k, v:
     (B or 1, M, heads * d), the projected context (batch 1 broadcasts over x's batch). Scale d^-0.5. The
-    result is contiguous in x's dtype; ``to_out`` is applied by the caller.
+    result is contiguous in x's dtype; ``to_out`` is applied by the caller. ``shift`` (C,): the queries come
+    from ``LayerNorm(x + shift)`` (the sum in float32, not stored).
     """
-    check_args(x, ln_weight, ln_bias, w_q, k, v, heads)
-    return CROSS_ATTENTION(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads)
+    check_args(x, ln_weight, ln_bias, w_q, k, v, heads, shift)
+    return CROSS_ATTENTION(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads, shift=shift)

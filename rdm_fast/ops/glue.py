@@ -1,6 +1,7 @@
 """Memory-bound glue of the transformer blocks and the sampler, each as one pass over memory.
 
-* :func:`layer_norm` — LayerNorm over the last dim, float32 statistics, output in x's dtype.
+* :func:`layer_norm` — LayerNorm over the last dim, float32 statistics, output in x's dtype; optionally of
+  ``x + shift`` (a per-channel bias still owed to x, added in float32 and not stored).
 * :func:`add_layer_norm` — ``s = x + residual + residual_bias`` and ``layer_norm(s)`` in one pass (a block's
   residual add, where the linear layer before it ran without its bias, fused with the next LayerNorm).
 * :func:`add_bias` — ``x + residual + bias`` with the bias on the last dim: a convolution or linear layer run
@@ -56,19 +57,22 @@ def _grad_unsupported(*tensors: Tensor | None) -> str | None:
 # ----------------------------------------------------------------------------------------------- LayerNorm
 
 
-def _check_layer_norm(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
+def _check_layer_norm(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                      shift: Tensor | None = None) -> None:
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{op}: expected x with a non-empty last dim to normalise, got shape {tuple(x.shape)}")
     _check_tensor(op, "x", x)
-    for name, p in (("weight", weight), ("bias", bias)):
+    for name, p in (("weight", weight), ("bias", bias), ("shift", shift)):
         if p is not None:
             _check_tensor(op, name, p, x, (x.shape[-1],))
 
 
-def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """LayerNorm over the last dim from the mean/variance formulas in float32; the oracle and CPU path."""
-    _check_layer_norm("layer_norm", x, weight, bias)
-    xf = x.float()
+def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *,
+                         shift: Tensor | None = None) -> Tensor:
+    """LayerNorm over the last dim of ``x (+ shift)`` from the mean/variance formulas in float32; the oracle and
+    CPU path."""
+    _check_layer_norm("layer_norm", x, weight, bias, shift)
+    xf = x.float() if shift is None else x.float() + shift.float()
     mean = xf.mean(dim=-1, keepdim=True)
     centred = xf - mean
     y = centred * torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
@@ -79,19 +83,23 @@ def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     return y.to(x.dtype).contiguous()
 
 
-def _layer_norm_unsupported(x, weight, bias, eps) -> str | None:
+def _layer_norm_unsupported(x, weight, bias, eps, *, shift=None) -> str | None:
     if x.shape[-1] > MAX_LAYER_NORM_WIDTH:
         return f"rows of {x.shape[-1]} > {MAX_LAYER_NORM_WIDTH} values"
-    return _grad_unsupported(x, weight, bias)
+    return _grad_unsupported(x, weight, bias, shift)
 
 
 LAYER_NORM = _kernels.op("layer_norm", layer_norm_reference, _layer_norm_unsupported)
 
 
-def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """``F.layer_norm(x, (C,), weight, bias, eps)`` with float32 statistics; contiguous output in x's dtype."""
-    _check_layer_norm("layer_norm", x, weight, bias)
-    return LAYER_NORM(x, weight, bias, eps)
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *,
+               shift: Tensor | None = None) -> Tensor:
+    """``F.layer_norm(x, (C,), weight, bias, eps)`` with float32 statistics; contiguous output in x's dtype.
+
+    ``shift`` (C,): normalise ``x + shift`` instead, the sum formed in float32 and not stored (a linear layer's
+    bias that its caller carries instead of adding it to x in a pass of its own)."""
+    _check_layer_norm("layer_norm", x, weight, bias, shift)
+    return LAYER_NORM(x, weight, bias, eps, shift=shift)
 
 
 def _check_add_layer_norm(x, residual, residual_bias, weight, bias) -> None:
