@@ -2,11 +2,11 @@
 # One-shot check on a GPU machine (the device tool's H100/H200), sized to a short lease. Phases, each under its
 # own time limit so that one hang cannot eat the rest, results written to $OUT as they come:
 #   1. build the C++/CUDA extension in place (background, sm_90) while 2. the Triton kernels' GPU parity tests
-#      run (attention, cross-attention, glue, GroupNorm, kNN search; pytest-xdist when present);
+#      run (attention, cross-attention, glue, GEGLU projection, GroupNorm, kNN search; pytest-xdist when present);
 #   3. bench/gpu_step.py: parity of a whole guided step (fast and reference bf16 against fp32), CUDA-event
 #      timings of rdm_fast (graph / eager) against the eager SDPA peer, a per-kernel and a per-module breakdown;
-#      then bench/gpu_tune.py (attention per level vs SDPA, upsample variants, add_bias and GroupNorm tunables;
-#      GPU_CHECK_TUNE=0 skips it);
+#      then bench/gpu_tune.py (GroupNorm tunables, the fused GEGLU projection vs GEMM + gating per level, attention
+#      per level vs SDPA, add_bias tunables, upsample variants; GPU_CHECK_TUNE=0 skips it);
 #   4. the tests that need the extension or whole models (CUDA GroupNorm, UNet vs oracle, graph sampling);
 #   5. per-op pytest-benchmark suites with their PyTorch baselines (cross-attention, glue, GroupNorm; `full`
 #      adds self-attention and search);
@@ -38,7 +38,8 @@ BUILD=$!
 # 2. Triton kernels on the GPU (the interpreter cases are CI's job)
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 6"
 timeout "$(limit 150)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_attention.py \
-  tests/test_ops_cross_attention.py tests/test_ops_glue.py tests/test_gpu_search.py tests/test_triton_group_norm.py \
+  tests/test_ops_cross_attention.py tests/test_ops_glue.py tests/test_ops_geglu_linear.py tests/test_gpu_search.py \
+  tests/test_triton_group_norm.py \
   -k "(gpu or cuda) and not interpreter" > "$OUT/tests.txt" 2>&1
 echo "triton tests rc=$? at $SECONDS s" >> "$OUT/tests.txt"
 wait $BUILD

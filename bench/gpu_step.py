@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import statistics
 import sys
@@ -252,6 +253,9 @@ def main() -> None:
                         "variant with torch.backends.cudnn.benchmark on")
     parser.add_argument("--timings-only", action="store_true", help="skip the parity check and the profile")
     args = parser.parse_args()
+    # rdm_fast's INFO lines (the path each op takes, geglu_linear's measured choices) go to stderr: log.txt
+    logging.basicConfig(format="%(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("rdm_fast").setLevel(logging.INFO)
     out = Path(args.out)
     log = open_log(out / "step.txt", f"backends {ops.available_backends()}")
     variants = args.variants.split(",")

@@ -9,6 +9,8 @@ launch gaps do not hide kernel time.
    summed taps (the fast path), at the imagenet shapes.
 3. Attention per level (imagenet, rdm768; self and cross): our flash kernel vs scaled_dot_product_attention.
 4. ``add_bias`` (``kernels.glue.ADD_BIAS_TUNING``) over the calls of an imagenet step, against clones.
+5. The GEGLU projection per transformer level: the fused kernel (``ops.geglu_linear`` in ``fast`` mode) vs the
+   vendor GEMM + the gating pass (what ``auto`` mode measures and picks per shape at run time).
 
 Usage: python bench/gpu_tune.py [--out DIR]; writes tune.txt there.
 """
@@ -180,6 +182,33 @@ def tune_attention(log, shapes_by_model: dict = ATTENTION_SHAPES, device: str = 
                 f"({theirs / ours:.2f}x), rel. diff {err:.1e}")
 
 
+# (rows, K): the feed-forward input of each transformer level (imagenet batch 128, rdm768 batch 32); W is (8K, K)
+GEGLU_SHAPES = {"imagenet": [(128 * 1024, 384), (128 * 256, 576), (128 * 64, 960)],
+                "rdm768": [(32 * 2304, 448), (32 * 576, 896), (32 * 144, 1344), (32 * 36, 1792)]}
+
+
+def tune_geglu_linear(log, device: str = "cuda") -> None:
+    """The fused GEGLU projection kernel vs F.linear + the gating kernel per level, CUDA-graph replays."""
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    for model, shapes in GEGLU_SHAPES.items():
+        total_fused = total_unfused = 0.0
+        for rows, k in shapes:
+            x = torch.randn(rows, k, device=dev, dtype=dtype)
+            w = (torch.randn(8 * k, k, device=dev) / k**0.5).to(dtype)
+            b = torch.randn(8 * k, device=dev, dtype=dtype)
+            with ops.use_mode("fast"):
+                fused = ops.geglu_linear(x, w, b)  # autotunes outside the graph
+                t_fused = graph_ms(lambda: ops.geglu_linear(x, w, b))
+            unfused = ops.geglu(F.linear(x, w, b))
+            t_unfused = graph_ms(lambda: ops.geglu(F.linear(x, w, b)))
+            err = float((fused.float() - unfused.float()).norm() / unfused.float().norm())
+            total_fused, total_unfused = total_fused + t_fused, total_unfused + t_unfused
+            log(f"geglu_linear {model} {rows}x{k} -> {4 * k}: fused {1000 * t_fused:8.1f} us, GEMM + geglu "
+                f"{1000 * t_unfused:8.1f} us ({t_unfused / t_fused:.2f}x), rel. diff {err:.1e}")
+        log(f"geglu_linear {model}, one call per level: fused {total_fused:.3f} ms, unfused {total_unfused:.3f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
@@ -188,6 +217,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = False
     with torch.inference_mode():
         tune_group_norm(log)  # first: it decides the most (GroupNorm tunables); the rest are cheaper
+        tune_geglu_linear(log)
         tune_attention(log)
         tune_add_bias(log)
         tune_upsample(log)

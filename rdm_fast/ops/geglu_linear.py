@@ -1,0 +1,117 @@
+"""The GEGLU feed-forward's input projection and gating as one op: ``a * gelu_erf(gate)``, ``[a, gate] = x W^T + b``.
+
+Unfused, the projection writes its (M, 2N) pre-activation and the :func:`~rdm_fast.ops.geglu` pass reads it back;
+the fused Triton kernel (``rdm_fast.kernels.geglu_linear``) gates in the GEMM's epilogue and writes only the
+(M, N) result. Whether that beats the vendor GEMM plus the gating pass depends on the card and the shape, so
+on CUDA in ``auto`` mode the first call of each shape times both (outside CUDA-graph capture: a graph's eager
+warm-up call decides) and keeps the faster, logging the figures; ``fast`` mode always runs the kernel.
+
+:func:`geglu_linear_reference` defines the semantics and is the CPU path: float32 products and sums, one
+rounding to x's dtype (the unfused path also rounds the pre-activation, within tolerance of this).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._dispatch import Impl, Op, get_mode, needs_grad
+from ._triton_kernels import TritonKernels
+from .glue import SUPPORTED_DTYPES, geglu
+
+logger = logging.getLogger("rdm_fast.ops")
+
+_kernels = TritonKernels("geglu_linear")
+# (rows, 2N, K, dtype, device) -> whether the fused kernel was measured faster than GEMM + gating pass
+_measured: dict[tuple, bool] = {}
+
+
+def check_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """Raise ValueError when the arguments do not describe a valid geglu_linear call."""
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"geglu_linear: expected x of shape (..., K) with K > 0, got {tuple(x.shape)}")
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] % 2:
+        raise ValueError(f"geglu_linear: expected weight of shape (2N, K={k}), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"geglu_linear: expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"geglu_linear: unsupported {name} dtype {t.dtype} (expected float32, float16 or "
+                             "bfloat16)")
+        if t.dtype != x.dtype:
+            raise ValueError(f"geglu_linear: expected {name} of dtype {x.dtype} (that of x), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"geglu_linear: expected {name} on device {x.device}, got {t.device}")
+
+
+def geglu_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Plain PyTorch, the oracle and CPU path: the projection and the exact-erf gating in float32, rounded once
+    to x's dtype; contiguous (..., N). Differentiable."""
+    check_args(x, weight, bias)
+    h = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    a, gate = h.chunk(2, dim=-1)
+    return (a * F.gelu(gate)).to(x.dtype).contiguous()
+
+
+def _unsupported(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
+    return "inputs require grad (no backward kernel)" if needs_grad(x, weight, bias) else None
+
+
+def _fused(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return _kernels.module.geglu_linear(x, weight, bias)  # loaded by the availability check
+
+
+def _unfused(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return geglu(F.linear(x, weight, bias))
+
+
+def _cuda_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``fast`` mode: the kernel. ``auto``: whichever of the kernel and GEMM + gating was faster for this shape."""
+    if get_mode() == "fast":
+        return _fused(x, weight, bias)
+    key = (x.numel() // x.shape[-1], *weight.shape, x.dtype, x.device)
+    fused = _measured.get(key)
+    if fused is None:
+        if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the eager warm-up decides
+            return _unfused(x, weight, bias)
+        fused = _measured[key] = _measure(x, weight, bias)
+    return _fused(x, weight, bias) if fused else _unfused(x, weight, bias)
+
+
+def _measure(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Time the kernel (after its autotuning) against GEMM + gating at this shape; True when the kernel wins."""
+    from triton.testing import do_bench
+
+    _fused(x, weight, bias)  # compile and autotune outside the timed runs
+    times = [do_bench(lambda f=f: f(x, weight, bias), warmup=5, rep=25, return_mode="median")
+             for f in (_fused, _unfused)]
+    rows = x.numel() // x.shape[-1]
+    logger.info("geglu_linear at (%d x %d) @ (%d x %d)^T, %s: fused kernel %.3f ms, GEMM + gating %.3f ms -> %s",
+                rows, x.shape[-1], weight.shape[0], weight.shape[1], str(x.dtype).removeprefix("torch."),
+                times[0], times[1], "fused" if times[0] < times[1] else "GEMM + gating")
+    return times[0] < times[1]
+
+
+GEGLU_LINEAR = Op(
+    "geglu_linear",
+    reference=Impl("reference", geglu_linear_reference),
+    by_device={
+        "cpu": [Impl("triton-interpreter", _fused, _unsupported, _kernels.interpreter_unavailable,
+                     fast_mode_only=True)],
+        "cuda": [Impl("triton", _cuda_forward, _unsupported, _kernels.unavailable)],
+    },
+)
+
+
+def geglu_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``geglu(F.linear(x, weight, bias))`` in one op: ``a * gelu_erf(gate)`` with ``[a, gate] = x @ weight^T +
+    bias`` split on the last dim. x (..., K); weight (2N, K); bias (2N,) or None; one dtype. Returns (..., N)
+    contiguous in x's dtype."""
+    check_args(x, weight, bias)
+    return GEGLU_LINEAR(x, weight, bias)
