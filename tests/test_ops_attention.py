@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -337,6 +338,26 @@ def test_triton_gpu_public_op_and_reference_fallback():
             assert ATTENTION.select("cuda", q, k, v, 2).name == expected
             err = compare_with_reference(attention, case, "cuda")
         assert err is None, f"head dim {d}: {err}"
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+def test_gpu_inference_measures_triton_against_sdpa_once_per_shape(monkeypatch, caplog):
+    """auto-mode inference: the first call of a shape times the Triton kernels against SDPA (logged) and keeps
+    the faster; both candidates match the reference; with gradients the Triton kernels always run."""
+    from rdm_fast.ops import attention as module
+
+    monkeypatch.setattr(module._MEASURED, "chosen", {})
+    for case in [(4, 64, 64, 30, 32, "bfloat16", "views", 1.0), (4, 1024, 4, 12, 32, "bfloat16", "dense", 1.0)]:
+        q, k, v, _, _ = _inputs(case, "cuda")
+        with use_mode("auto"), torch.no_grad(), caplog.at_level(logging.INFO, logger="rdm_fast.ops"):
+            caplog.clear()
+            out, again = attention(q, k, v, case[3]), attention(q, k, v, case[3])
+            assert caplog.text.count("triton") >= 1 and caplog.text.count(" -> ") == 1, caplog.text
+        for candidate in (module.attention_triton, module._sdpa):
+            err = compare_with_reference(candidate, case, "cuda")
+            assert err is None, f"{case} {candidate.__name__}: {err}"
+        torch.testing.assert_close(out, again, rtol=0, atol=0)
+    assert len(module._MEASURED.chosen) == 2
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")

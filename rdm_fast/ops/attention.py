@@ -8,6 +8,10 @@ Implementations (selected by :mod:`rdm_fast.ops._dispatch`):
   as the custom ops ``rdm_fast::attention_triton`` / ``rdm_fast::attention_triton_backward`` with autograd
   and fake (meta) implementations, so training and torch.compile work through them. The CUDA default.
   They read q, k, v in place in the (B, N, heads*d) layout: no transposes to (B, heads, N, d) and back.
+  Inference in ``auto`` mode times them once per call shape against PyTorch's
+  ``scaled_dot_product_attention`` on the same views and runs the faster
+  (:class:`~rdm_fast.ops._measured.Measured`; the short sequences of the lowest levels are where the vendor
+  kernels can win); training, torch.compile and ``fast`` mode always run the Triton kernels.
 * ``triton-interpreter`` -- the same kernels on CPU tensors under ``TRITON_INTERPRET=1``; used only in
   ``fast`` mode (correct but far slower than the reference), never for bfloat16 (broken in the interpreter).
 
@@ -20,9 +24,11 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import Impl, Op, eager_constant
+from ._dispatch import Impl, Op, eager_constant, get_mode, needs_grad
+from ._measured import Measured
 from ._triton_kernels import TritonKernels
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -144,11 +150,30 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     return torch.ops.rdm_fast.attention_triton(q, k, v, heads)[0]
 
 
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """PyTorch's scaled_dot_product_attention on (B, heads, N, d) views of the (B, N, heads*d) tensors."""
+    b, n, width = q.shape
+    split = lambda t: t.unflatten(-1, (heads, width // heads)).transpose(1, 2)  # noqa: E731
+    return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, width)
+
+
+_MEASURED = Measured("attention", {"triton": attention_triton, "sdpa": _sdpa})
+
+
+def _cuda_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """The Triton kernels for training, torch.compile and ``fast`` mode; for inference in ``auto`` mode, the
+    faster of them and SDPA at this call's shape and strides."""
+    if get_mode() == "fast" or torch.compiler.is_compiling() or needs_grad(q, k, v):
+        return attention_triton(q, k, v, heads)
+    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), heads, q.dtype, q.device)
+    return _MEASURED(key, lambda: f"q {tuple(q.shape)} k {tuple(k.shape)} {heads} heads {q.dtype}", q, k, v, heads)
+
+
 ATTENTION = Op(
     "attention",
     reference=Impl("reference", attention_reference),
     by_device={
-        "cuda": [Impl("triton", attention_triton, _triton_unsupported, _triton_unavailable)],
+        "cuda": [Impl("triton", _cuda_attention, _triton_unsupported, _triton_unavailable)],
         "cpu": [Impl("triton-interpreter", attention_triton, _interpreter_unsupported, _interpreter_unavailable,
                      fast_mode_only=True)],
     },

@@ -3,8 +3,8 @@
 Unfused, the projection writes its (M, 2N) pre-activation and the :func:`~rdm_fast.ops.geglu` pass reads it back;
 the fused Triton kernel (``rdm_fast.kernels.geglu_linear``) gates in the GEMM's epilogue and writes only the
 (M, N) result. Whether that beats the vendor GEMM plus the gating pass depends on the card and the shape, so
-on CUDA in ``auto`` mode the first call of each shape times both (outside CUDA-graph capture: a graph's eager
-warm-up call decides) and keeps the faster, logging the figures; ``fast`` mode always runs the kernel.
+on CUDA in ``auto`` mode the first call of each shape times both and keeps the faster
+(:class:`~rdm_fast.ops._measured.Measured`); ``fast`` mode always runs the kernel.
 
 :func:`geglu_linear_reference` defines the semantics and is the CPU path: float32 products and sums, one
 rounding to x's dtype (the unfused path also rounds the pre-activation, within tolerance of this).
@@ -12,21 +12,15 @@ rounding to x's dtype (the unfused path also rounds the pre-activation, within t
 
 from __future__ import annotations
 
-import logging
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import Impl, Op, get_mode, needs_grad
+from ._measured import Measured
 from ._triton_kernels import TritonKernels
 from .glue import SUPPORTED_DTYPES, geglu
 
-logger = logging.getLogger("rdm_fast.ops")
-
 _kernels = TritonKernels("geglu_linear")
-# (rows, 2N, K, dtype, device) -> whether the fused kernel was measured faster than GEMM + gating pass
-_measured: dict[tuple, bool] = {}
 
 
 def check_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -71,31 +65,16 @@ def _unfused(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return geglu(F.linear(x, weight, bias))
 
 
+_MEASURED = Measured("geglu_linear", {"fused": _fused, "gemm+geglu": _unfused})
+
+
 def _cuda_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``fast`` mode: the kernel. ``auto``: whichever of the kernel and GEMM + gating was faster for this shape."""
     if get_mode() == "fast":
         return _fused(x, weight, bias)
-    key = (x.numel() // x.shape[-1], *weight.shape, x.dtype, x.device)
-    fused = _measured.get(key)
-    if fused is None:
-        if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the eager warm-up decides
-            return _unfused(x, weight, bias)
-        fused = _measured[key] = _measure(x, weight, bias)
-    return _fused(x, weight, bias) if fused else _unfused(x, weight, bias)
-
-
-def _measure(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Time the kernel (after its autotuning) against GEMM + gating at this shape; True when the kernel wins."""
-    from triton.testing import do_bench
-
-    _fused(x, weight, bias)  # compile and autotune outside the timed runs
-    times = [do_bench(lambda f=f: f(x, weight, bias), warmup=5, rep=25, return_mode="median")
-             for f in (_fused, _unfused)]
     rows = x.numel() // x.shape[-1]
-    logger.info("geglu_linear at (%d x %d) @ (%d x %d)^T, %s: fused kernel %.3f ms, GEMM + gating %.3f ms -> %s",
-                rows, x.shape[-1], weight.shape[0], weight.shape[1], str(x.dtype).removeprefix("torch."),
-                times[0], times[1], "fused" if times[0] < times[1] else "GEMM + gating")
-    return times[0] < times[1]
+    key = (rows, *weight.shape, x.dtype, x.device)
+    return _MEASURED(key, lambda: f"({rows} x {x.shape[-1]}) @ {tuple(weight.shape)}^T {x.dtype}", x, weight, bias)
 
 
 GEGLU_LINEAR = Op(
