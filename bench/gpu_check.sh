@@ -37,7 +37,7 @@ BUILD=$!
 
 # 2. Triton kernels on the GPU (the interpreter cases are CI's job)
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 6"
-timeout "$(limit 150)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_attention.py \
+timeout "$(limit 170)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_attention.py \
   tests/test_ops_cross_attention.py tests/test_ops_glue.py tests/test_ops_geglu_linear.py tests/test_gpu_search.py \
   tests/test_triton_group_norm.py \
   -k "(gpu or cuda) and not interpreter" > "$OUT/tests.txt" 2>&1
@@ -58,7 +58,7 @@ fi
 
 # 4. tests that need the extension or whole models
 timeout "$(limit 80)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_group_norm.py \
-  tests/test_cuda_sampling.py tests/test_models.py -k "cuda or graph_replay or synchronise or without_sync" \
+  tests/test_cuda_sampling.py tests/test_models.py -k "cuda or graph or sync or reproducible or eager" \
   > "$OUT/tests_models.log" 2>&1
 echo "model tests rc=$? at $SECONDS s" >> "$OUT/tests_models.log"
 grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests_models.log"

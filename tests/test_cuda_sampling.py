@@ -104,7 +104,8 @@ def test_graph_and_eager_agree_along_a_trajectory(dtype):
 def test_sampling_loop_does_not_synchronise():
     model, ctx, x_T = _model(torch.bfloat16)
     ctx, x_T = ctx.cuda(), x_T.cuda()
-    model.sample(ctx, steps=4, guidance_scale=2.0, x_T=x_T)  # warm-up: lazy initialisation may synchronise
+    model.sample(ctx, steps=4, guidance_scale=2.0, x_T=x_T)  # warm-up: lazy initialisation, autotuning and the
+    # ops' one-time timing of each shape synchronise
     torch.cuda.set_sync_debug_mode("error")
     try:
         for graph in (False, True):
@@ -130,8 +131,10 @@ def test_retrieval_and_sampling_loop_in_one_stream_without_sync(tmp_path):
     cpu_db = Database.open(path, backend="torch", device="cpu")
     ids = torch.tensor([3, 141, 592, 65, 358, 979]).cuda()
     x_T = x_T.cuda()
-    model_context(gpu_db, cfg, gpu_db.embeddings(ids[:3]), query_ids=ids[:3])  # warm-up: autotuning syncs
-    model.sample(model_context(gpu_db, cfg, gpu_db.embeddings(ids[:3]), query_ids=ids[:3]), steps=2, x_T=x_T)
+    # warm-up at the loop's shapes: autotuning and the ops' one-time timing per shape synchronise
+    model_context(gpu_db, cfg, gpu_db.embeddings(ids[:3]), query_ids=ids[:3])
+    model.sample(model_context(gpu_db, cfg, gpu_db.embeddings(ids[:3]), query_ids=ids[:3]), steps=2,
+                 guidance_scale=2.0, x_T=x_T)
     torch.cuda.set_sync_debug_mode("error")
     try:
         contexts = []
