@@ -134,7 +134,7 @@ def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, x_row, pix_per_prog, BLOCK
 
 @triton.jit
 def _nhwc_finalize_kernel(
-    x_ptr, part_ptr, w_ptr, b_ptr, add_ptr, coef_ptr, hw, channels, x_row, splits, groups, per_group, eps,
+    x_ptr, part_ptr, w_ptr, b_ptr, add_ptr, coef_ptr, hw, channels, x_row, add_row, splits, groups, per_group, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -154,7 +154,7 @@ def _nhwc_finalize_kernel(
     n = hw.to(tl.float32)
     k = shift  # the values' shift: x[pixel 0] + add
     if HAS_ADD:
-        k += tl.load(add_ptr + b * channels + c, mask=cmask, other=0.0)
+        k += tl.load(add_ptr + b * add_row + c, mask=cmask, other=0.0)
     mean = tl.sum(tl.where(cmask, k + s1 / n, 0.0), axis=1) / per_group
     e = k - mean[:, None]
     m2 = tl.sum(tl.where(cmask, s2 + 2.0 * e * s1 + n * e * e, 0.0), axis=1)
@@ -231,9 +231,10 @@ def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
                                                  BLOCK_C=block_c, UNROLL=cfg["unroll"], num_warps=warps)
     per_group = channels // num_groups
     block_g, block_d = triton.next_power_of_2(num_groups), triton.next_power_of_2(per_group)
+    add_rows = _add_rows(add, x)
     _nhwc_finalize_kernel[(batch,)](
-        x, part, _float_param(weight, x), _float_param(bias, x), _float_param(add, x), coef, hw, channels, x_row,
-        splits, num_groups, per_group, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        x, part, _float_param(weight, x), _float_param(bias, x), add_rows, coef, hw, channels, x_row,
+        add_rows.stride(0) if add is not None else 0, splits, num_groups, per_group, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_ADD=add is not None, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=4 if block_g * block_d <= 1024 else 8,
     )
     _nhwc_apply_kernel[(triton.cdiv(hw, block_p), cblocks, batch)](x, out, coef, hw, channels, x_row, SILU=silu,
@@ -244,6 +245,16 @@ def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
 def _float_param(t: Tensor | None, like: Tensor) -> Tensor:
     """Contiguous float32 copy of an optional parameter (``like`` as a dummy pointer when absent)."""
     return like if t is None else t.to(torch.float32).contiguous()
+
+
+def _add_rows(add: Tensor | None, like: Tensor) -> Tensor:
+    """``add`` (B, C) as float32 rows of unit channel stride at any row stride, without a copy where it already is
+    (a column slice of the UNet's batched timestep adds, one row expanded over the batch); ``like`` when absent."""
+    if add is None:
+        return like
+    if add.dtype != torch.float32 or (add.stride(1) != 1 and add.shape[1] > 1):
+        return add.float().contiguous()
+    return add
 
 
 def group_norm(

@@ -204,6 +204,30 @@ def test_shared_input_matches_duplicated_rows(attention_resolutions, channels_la
         model.unet.prepare_context(ctx, zero_rows=1, shared_input=True)
 
 
+def test_timestep_adds_match_per_block_projections_and_follow_weight_changes():
+    """Inference projects every ResBlock's timestep embedding in one GEMM (weights concatenated once, conv1's bias
+    folded in); it equals the per-block projections of the plain path and follows in-place weight updates."""
+    from rdm_fast.models.unet import TimestepAdds
+
+    cfg = RDMConfig.preset("tiny")
+    model = RDM.from_state_dict(official_checkpoint(cfg, seed=29)[0], cfg)
+    x, t, ctx = inputs(cfg)
+    seen = set()  # what the ResBlocks get as emb
+    for block in model.unet.modules():
+        if type(block).__name__ == "ResBlock":
+            block.forward = lambda x, emb, *a, f=block.forward, **k: (seen.add(type(emb)), f(x, emb, *a, **k))[1]
+    with torch.no_grad():
+        for _ in range(2):
+            fast = model.unet(x, t, ctx)
+            with ops.use_mode("reference"):
+                ref = model.unet(x, t, ctx)
+            torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+            for name, p in model.unet.named_parameters():  # the cached concatenation must be rebuilt
+                if name.endswith(("emb_proj.weight", "emb_proj.bias", "conv1.bias")):
+                    p.mul_(1.5).add_(0.01)
+    assert seen == {TimestepAdds, torch.Tensor}
+
+
 def test_fused_qkv_inference_path_matches_and_follows_weight_changes():
     """Inference projects q, k, v with one concatenated weight (cached); it equals the separate projections of
     the autograd path and is rebuilt after an in-place weight update."""

@@ -28,7 +28,8 @@ EPS = 1e-5
 
 def _cases() -> dict[str, tuple]:
     """id -> (shape, groups, layout, dtype name, fused add+silu, affine, mean offset); layout False (contiguous),
-    True (channels_last) or "slice" (channels 5.. of a channels_last map 8 channels wider, as the UNet's skips)."""
+    True (channels_last) or "slice" (channels 5.. of a channels_last map 8 channels wider, as the UNet's skips).
+    The channels_last cases' ``add`` is strided: a column slice (slice layout) or one row expanded (float16)."""
     cases = {}
     for shape, groups in SHAPES:
         for cl in (False, True, "slice") if len(shape) == 4 else (False,):
@@ -58,6 +59,10 @@ def _inputs(case: tuple, device: str = "cpu"):
     w = 1 + 0.5 * torch.randn(c, generator=gen) if affine else None
     b = 0.5 * torch.randn(c, generator=gen) if affine else None
     add = torch.randn(shape[0], c, generator=gen) if fused else None
+    if fused and cl == "slice":  # add: a column slice of a wider float32 matrix (row stride C + 8)
+        add = torch.randn(shape[0], c + 8, generator=gen)[:, 3:3 + c]
+    elif fused and cl and dtype == "float16":  # add: one row expanded over the batch (row stride 0)
+        add = add[:1].expand(shape[0], c)
     return [None if t is None else t.to(device) for t in (x, w, b, add)]
 
 

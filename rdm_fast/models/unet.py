@@ -10,6 +10,7 @@ conv out.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -89,6 +90,23 @@ class PreparedContext:
         return self.batch // 2 if self.shared_input else self.batch
 
 
+@dataclass(eq=False)
+class TimestepAdds:
+    """Every ResBlock's per-channel add before norm2 (its timestep projection plus conv1's bias), float32, for a
+    whole UNet call from one GEMM instead of a small projection, cast and add per ResBlock: ``values`` (B, the
+    ResBlocks' channels, concatenated), ``columns[block]`` the block's slice (the GroupNorm reads it in place)."""
+
+    values: Tensor
+    columns: dict[nn.Module, slice]
+
+    def of(self, block: nn.Module) -> Tensor:
+        return self.values[:, self.columns[block]]
+
+    def repeated(self) -> TimestepAdds:
+        """For both halves of a guided batch (the shared rows twice)."""
+        return TimestepAdds(torch.cat([self.values, self.values]), self.columns)
+
+
 class ResBlock(nn.Module):
     """GN-SiLU-conv, add the projected timestep embedding, GN-SiLU-dropout-conv, plus a (1x1) skip."""
 
@@ -105,16 +123,18 @@ class ResBlock(nn.Module):
         self.conv2 = zero_init(conv3x3(cout, cout))
         self.skip = conv1x1(cin, cout) if cin != cout else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor, out: Tensor | None = None, out_bias: Tensor | None = None) -> Tensor:
-        """``emb`` is the SiLU of the timestep embedding (the first op of emb_layers), taken once per UNet call;
-        ``out``: where to write the result (a channel slice of a wider map), else a new tensor; ``out_bias``:
+    def forward(self, x: Tensor, emb: Tensor | TimestepAdds, out: Tensor | None = None,
+                out_bias: Tensor | None = None) -> Tensor:
+        """``emb`` is the SiLU of the timestep embedding (the first op of emb_layers), taken once per UNet call,
+        or (inference) the :class:`TimestepAdds` of all ResBlocks; ``out``: where to write the result (a channel slice of a wider map), else a new tensor; ``out_bias``:
         added instead of conv2's bias (which it must include; see :meth:`SpatialTransformer.carried_biases`)."""
         # The 3x3 convolutions run without their biases, which cost a full pass each on the GPU: conv1's joins
         # the per-channel add before norm2 (exact: a per-channel constant), conv2's joins the residual add (one
         # pass for bias + residual). The 1x1 skip is a linear layer on the (B, H, W, C) view, its bias in the
         # GEMM's epilogue.
         h = _conv(self.conv1, self.norm1(x, silu=True))
-        h = self.norm2(h, add=self.emb_proj(emb).float() + self.conv1.bias.float(), silu=True)
+        add = emb.of(self) if isinstance(emb, TimestepAdds) else self.emb_proj(emb).float() + self.conv1.bias.float()
+        h = self.norm2(h, add=add, silu=True)
         h = _conv(self.conv2, self.dropout(h))
         skip = nhwc(x) if isinstance(self.skip, nn.Identity) else _linear(self.skip, nhwc(x))
         bias = self.conv2.bias if out_bias is None else out_bias
@@ -314,7 +334,7 @@ class Downsample(nn.Module):
         return conv_with_bias(self.conv, x, out)
 
 
-def _res_then_transformer(res: ResBlock, attn: SpatialTransformer, x: Tensor, emb: Tensor,
+def _res_then_transformer(res: ResBlock, attn: SpatialTransformer, x: Tensor, emb: Tensor | TimestepAdds,
                           context: Tensor | PreparedContext, out: Tensor | None) -> Tensor:
     """``attn(res(x))`` written to ``out`` if given. Where it can (channels-last maps, which are rows of tokens),
     the ResBlock adds the transformer's output bias in its own output pass (into ``out``) and the transformer
@@ -335,7 +355,8 @@ class Stage(nn.Module):
         present = [name for name in ("res", "attn", "resample") if getattr(self, name) is not None]
         self.OFFICIAL = {name: str(i) for i, name in enumerate(present)}
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | PreparedContext, out: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor | TimestepAdds, context: Tensor | PreparedContext,
+                out: Tensor | None = None) -> Tensor:
         """``out``: where the last module writes the stage's result (a channel slice of a wider map), if given."""
         last = next(m for m in (self.resample, self.attn, self.res) if m is not None)
         if self.res is not None and self.attn is not None:
@@ -358,7 +379,8 @@ class MidBlock(nn.Module):
         super().__init__()
         self.res1, self.attn, self.res2 = res1, attn, res2
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | PreparedContext, out: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor | TimestepAdds, context: Tensor | PreparedContext,
+                out: Tensor | None = None) -> Tensor:
         return self.res2(_res_then_transformer(self.res1, self.attn, x, emb, context, None), emb, out)
 
 
@@ -479,6 +501,8 @@ class UNet(nn.Module):
         dtype = self.input_conv.weight.dtype
         emb = timestep_embedding(t, self.cfg.model_channels).to(dtype)
         emb = F.silu(self.time_fc2(F.silu(self.time_fc1(emb))))  # every ResBlock's emb_layers starts with SiLU
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and ops.get_mode() != "reference":
+            emb = self._timestep_adds(emb)
         if isinstance(context, Tensor):
             context = context.to(dtype)
         nhwc_weights = is_channels_last(self.input_conv.weight)
@@ -507,7 +531,8 @@ class UNet(nn.Module):
             splits_here = shared and i - 1 == self.first_context_stage
             h = stage(h, emb, context, slot(n - 1 - i, 1, batch if splits_here else h.shape[0]))
             if splits_here:  # the rows are the two halves' own from here on
-                hs, emb = self._both_halves(hs, inputs, x.shape[0]), torch.cat([emb, emb])
+                hs = self._both_halves(hs, inputs, x.shape[0])
+                emb = emb.repeated() if isinstance(emb, TimestepAdds) else torch.cat([emb, emb])
             hs.append(h)
         h = self.mid(h, emb, context, slot(0, 0, batch))
         for j, stage in enumerate(self.up):
@@ -515,6 +540,22 @@ class UNet(nn.Module):
             h = stage(inputs[j] if inputs is not None else torch.cat([h, skip], dim=1), emb, context,
                       slot(j + 1, 0, batch))
         return conv_with_bias(self.out_conv, self.out_norm(h, silu=True)).to(x.dtype)
+
+    def _timestep_adds(self, emb: Tensor) -> TimestepAdds:
+        """All ResBlocks' timestep projections in one GEMM, each plus conv1's bias (summed once, float32)."""
+        blocks = [m for m in self.modules() if isinstance(m, ResBlock)]
+        n = len(blocks)
+
+        def concatenated(*t: Tensor) -> tuple[Tensor, Tensor, dict[nn.Module, slice]]:
+            weights, biases, conv_biases = t[:n], t[n:2 * n], t[2 * n:]
+            bias = torch.cat([b.float() + c.float() for b, c in zip(biases, conv_biases)])
+            ends = itertools.accumulate(w.shape[0] for w in weights)
+            columns = {blk: slice(end - w.shape[0], end) for blk, w, end in zip(blocks, weights, ends)}
+            return torch.cat(weights), bias, columns
+
+        weight, bias, columns = cached(self, "timestep_adds", concatenated, *(b.emb_proj.weight for b in blocks),
+                                       *(b.emb_proj.bias for b in blocks), *(b.conv1.bias for b in blocks))
+        return TimestepAdds(torch.add(F.linear(emb, weight), bias), columns)  # float32: the sum promotes
 
     def _both_halves(self, hs: list[Tensor], inputs: list[Tensor] | None, rows: int) -> list[Tensor]:
         """Skips saved on the ``rows`` rows both halves share, extended to the whole batch: copied into the second
