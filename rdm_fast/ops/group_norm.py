@@ -145,12 +145,13 @@ def _ext_forward(
     return torch.ops.rdm_fast.group_norm.default(x, weight, bias, num_groups, eps, add, silu)
 
 
-def _cpu_unsupported(x: Tensor, *args, **kwargs) -> str | None:
+def _cpu_unsupported(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, *,
+                     add: Tensor | None = None, silu: bool = False) -> str | None:
     """The C++ CPU kernels take contiguous and channels_last maps; channel slices of channels_last maps are
-    copied to channels_last first (see :func:`_cpu_forward`)."""
+    copied to channels_last first (see :func:`_cpu_forward`), so for those only gradients rule them out."""
     if not x.is_contiguous() and is_nhwc_rows(x):
-        return _unsupported(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
-    return _unsupported(x, *args, **kwargs)
+        return "inputs require grad (no backward kernel yet)" if needs_grad(x, weight, bias, add) else None
+    return _unsupported(x, weight, bias, num_groups, eps, add=add, silu=silu)
 
 
 def _cpu_forward(x: Tensor, *args, **kwargs) -> Tensor:
