@@ -54,6 +54,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})  # the model's K: multiples of 64
 @triton.jit
 def _geglu_linear_kernel(
     X, W, B, Y,
@@ -65,6 +66,7 @@ def _geglu_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     # grouped order: GROUP_M row blocks share each column block's weight tiles while they are in L2
     pid = tl.program_id(0)
@@ -87,11 +89,16 @@ def _geglu_linear_kernel(
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        mask_k = rk < K - k
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_mask = mask_k[:, None] & mask_n[None, :]
-        wa = tl.load(wa_ptrs, mask=w_mask, other=0.0)
-        wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
+        if EVEN_K:  # no K tail: only the row and column edges are masked
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            wa = tl.load(wa_ptrs, mask=mask_n[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = rk < K - k
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w_mask = mask_k[:, None] & mask_n[None, :]
+            wa = tl.load(wa_ptrs, mask=w_mask, other=0.0)
+            wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
         if IEEE:
             acc_a = tl.dot(x, wa, acc_a, input_precision="ieee")
             acc_g = tl.dot(x, wg, acc_g, input_precision="ieee")

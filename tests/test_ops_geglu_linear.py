@@ -180,17 +180,19 @@ def test_configs_compile_for_sm90_without_spills(dtype):
 
     x, w = torch.zeros(256, 384, dtype=dtype), torch.zeros(2 * 1536, 384, dtype=dtype)
     y = torch.empty(256, 1536, dtype=dtype)
-    fn = kernels._geglu_linear_kernel.fn  # the kernel under the autotuner
+    fn = kernels._geglu_linear_kernel.fn.fn  # the kernel under the autotuner and the EVEN_K heuristic
     named = {"X": x, "M": 256, "N": 1536}
     configs = kernels._prune([c for c in kernels._configs()], named)
 
     def launch():
         for cfg in configs:
-            fn[(1,)](x, w, w[0], y, 256, 1536, 384, 384, 1536, HAS_BIAS=True, IEEE=dtype == torch.float32,
-                     GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs)
+            for k in (384, 400):  # EVEN_K and a K tail (16-aligned: unaligned rows spill in large tiles)
+                fn[(1,)](x, w, w[0], y, 256, 1536, k, 384, 1536, HAS_BIAS=True, IEEE=dtype == torch.float32,
+                         GROUP_M=8, EVEN_K=k % cfg.kwargs["BLOCK_K"] == 0, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages, **cfg.kwargs)
 
     results = compile_launches(launch, fn)
-    assert len(results) == len(configs) > 0
+    assert len(results) == 2 * len(configs) > 0
     assert all(r["spill_bytes"] == 0 for r in results), results
 
 
