@@ -12,6 +12,7 @@ rounding to x's dtype (the unfused path also rounds the pre-activation, within t
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -69,9 +70,12 @@ _MEASURED = Measured("geglu_linear", {"fused": _fused, "gemm+geglu": _unfused})
 
 
 def _cuda_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``fast`` mode: the kernel. ``auto``: whichever of the kernel and GEMM + gating was faster for this shape."""
+    """``fast`` mode: the kernel. ``auto``: whichever of the kernel and GEMM + gating was faster for this shape
+    (under torch.compile, which cannot time: GEMM + gating)."""
     if get_mode() == "fast":
         return _fused(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return _unfused(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     key = (rows, *weight.shape, x.dtype, x.device)
     return _MEASURED(key, lambda: f"({rows} x {x.shape[-1]}) @ {tuple(weight.shape)}^T {x.dtype}", x, weight, bias)
