@@ -53,3 +53,16 @@ def test_inside_a_graph_capture_runs_the_last_candidate_without_deciding(timings
     m = Measured("op", _candidates(calls))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert m("shape", lambda: "shape", 0) == "vendor" and calls == ["vendor"] and m.chosen == {}
+
+
+def test_a_failing_candidate_is_left_out_visibly(timings, caplog):
+    def broken(x):
+        raise RuntimeError("no kernel for this shape")
+
+    m = Measured("op", {"kernel": broken, "vendor": lambda x: "vendor"})
+    timings.update(vendor=1.0)
+    with caplog.at_level(logging.WARNING, logger="rdm_fast.ops"):
+        assert m("shape", lambda: "shape", 0) == "vendor"
+    assert "kernel failed (RuntimeError: no kernel for this shape)" in caplog.text
+    with pytest.raises(RuntimeError, match="no kernel"):
+        Measured("op", {"kernel": broken})("shape", lambda: "shape", 0)

@@ -39,10 +39,17 @@ class Measured:
     def _measure(self, what: str, *args) -> str:
         from triton.testing import do_bench
 
-        times = {}
+        times, failed = {}, None
         for name, fn in self.candidates.items():
-            fn(*args)  # compile / autotune outside the timed runs
-            times[name] = do_bench(lambda fn=fn: fn(*args), warmup=5, rep=25, return_mode="median")
+            try:
+                fn(*args)  # compile / autotune outside the timed runs
+                times[name] = do_bench(lambda fn=fn: fn(*args), warmup=5, rep=25, return_mode="median")
+            except Exception as exc:  # a candidate that cannot run this call is left out, visibly
+                logger.warning("%s at %s: %s failed (%s: %s); not a candidate here", self.op, what, name,
+                               type(exc).__name__, exc)
+                failed = exc
+        if not times:
+            raise failed
         best = min(times, key=times.get)
         logger.info("%s at %s: %s -> %s", self.op, what, ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()), best)
         return best
