@@ -436,6 +436,8 @@ class UNet(nn.Module):
         self.first_context_stage = next((i for i, st in enumerate(self.down) if st.attn is not None), None)
         self.out_norm = GroupNorm(ch)
         self.out_conv = zero_init(conv3x3(mc, cfg.out_channels))
+        # every ResBlock, in module order (a plain tuple, not registered twice): their timestep projections batch
+        self.res_blocks = tuple(m for m in self.modules() if isinstance(m, ResBlock))
 
     def official_names(self) -> dict[str, str]:
         """Our state-dict names -> official names (without the ``model.diffusion_model.`` prefix)."""
@@ -543,7 +545,7 @@ class UNet(nn.Module):
 
     def _timestep_adds(self, emb: Tensor) -> TimestepAdds:
         """All ResBlocks' timestep projections in one GEMM, each plus conv1's bias (summed once, float32)."""
-        blocks = [m for m in self.modules() if isinstance(m, ResBlock)]
+        blocks = self.res_blocks
         n = len(blocks)
 
         def concatenated(*t: Tensor) -> tuple[Tensor, Tensor, dict[nn.Module, slice]]:
