@@ -7,8 +7,9 @@ and 1 images with timings only; bf16, channels-last):
    reference path, both in bf16, against the same step in float32 through the reference path (TF32 off);
 2. timings (CUDA events, median of 20 after 3 warm-ups, same process and weights): ``rdm_fast`` (CUDA graph),
    ``rdm_fast-eager``, ``torch-eager`` (our float32-norm reference ops + ``scaled_dot_product_attention``:
-   slower than ANCHORS' eager autocast peer) and, with ``--variants ...,torch-compile``, ``torch-compile``
-   (that path through ``torch.compile``);
+   slower than ANCHORS' eager autocast peer), ``rdm_fast+fast-ops`` (the graph with rdm_fast's kernels forced,
+   against auto mode's timed choices between them and vendor kernels) and, with ``--variants ...,torch-compile``,
+   ``torch-compile`` (that path through ``torch.compile``);
 3. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind.
 
 Run by ``bench/gpu_check.sh``; prints a short table last and writes the full tables to ``--out``.
@@ -180,12 +181,14 @@ def time_variants(model, x, ctx, variants: list[str], result: dict, log) -> None
     for variant in variants:
         try:
             t0 = time.time()
-            # "+cudnn-benchmark": the same variant with cuDNN's per-shape algorithm search (a process-wide flag)
+            # "+cudnn-benchmark": the same variant with cuDNN's per-shape algorithm search (a process-wide flag);
+            # "+fast-ops": rdm_fast's kernels everywhere (ops mode "fast": none of auto mode's timed choices)
             base, _, extra = variant.partition("+")
+            mode = "reference" if base.startswith("torch") else "fast" if extra == "fast-ops" else "auto"
             saved = torch.backends.cudnn.benchmark
             torch.backends.cudnn.benchmark = extra == "cudnn-benchmark"
             try:
-                with torch.inference_mode(), ops.use_mode("reference" if base.startswith("torch") else "auto"):
+                with torch.inference_mode(), ops.use_mode(mode):
                     fn = step_fn(base, model, x, ctx)
                     ms = cuda_median_ms(lambda: fn(x, 500))
             finally:
@@ -247,10 +250,11 @@ def main() -> None:
                         help="preset:images[:timings] list; ':timings' skips parity and profile for that entry "
                         "(the small batches check that the fast path is not slower than plain PyTorch there)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
-    parser.add_argument("--variants", default="rdm_fast,rdm_fast-eager,torch-eager,rdm_fast+cudnn-benchmark",
+    parser.add_argument("--variants", default="rdm_fast,rdm_fast-eager,torch-eager,rdm_fast+fast-ops",
                         help="comma-separated, from rdm_fast, rdm_fast-eager, torch-eager, torch-compile (the "
                         "peer through torch.compile: minutes to compile); a '+cudnn-benchmark' suffix times a "
-                        "variant with torch.backends.cudnn.benchmark on")
+                        "variant with torch.backends.cudnn.benchmark on, '+fast-ops' one with rdm_fast's kernels "
+                        "forced (no timed choices between them and vendor kernels)")
     parser.add_argument("--timings-only", action="store_true", help="skip the parity check and the profile")
     args = parser.parse_args()
     # rdm_fast's INFO lines (the path each op takes, geglu_linear's measured choices) go to stderr: log.txt
