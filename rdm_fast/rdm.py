@@ -14,7 +14,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, RDMConfig, preset_names
 from .diffusion import Schedule, guided, sample_ddim, sample_plms
 from .diffusion.samplers import draw_noise
-from .diffusion.graphs import maybe_graphed
+from .diffusion.graphs import GraphCache
 from .models import Autoencoder, UNet
 from .models.layers import official_names
 
@@ -36,6 +36,7 @@ class RDM(nn.Module):
         self.unet = UNet(config.unet_config)
         self.first_stage = Autoencoder(config.first_stage_config)
         self.schedule = Schedule.linear(config.linear_start, config.linear_end, config.timesteps)
+        self._graphs = GraphCache()  # the last captured guided step, reused by the next batch of the same shapes
 
     # ------------------------------------------------------------------ construction and checkpoints
     @classmethod
@@ -175,8 +176,10 @@ class RDM(nn.Module):
         fixes the starting noise; otherwise it is drawn from ``generator``. ``size`` (H, W) overrides the
         configured latent size (multiples of the UNet's downsampling factor). ``cuda_graph`` (default: on CUDA
         for float16/bfloat16 models) replays each guided UNet call from a CUDA graph captured once for the
-        trajectory's shapes; float32 models run eagerly unless it is True (an 8-step float32 trajectory replayed
-        from graphs differed from the eager one on an H200, cause open: ``bench/RESULTS.md``).
+        trajectory's shapes and kept for the next call with the same shapes, guidance and weights (a new batch's
+        context is copied into it: no new capture per batch); float32 models run eagerly unless it is True (an
+        8-step float32 trajectory replayed from graphs differed from the eager one on an H200, cause open:
+        ``bench/RESULTS.md``).
         ``channels_last`` (default: on CUDA) converts the UNet's weights once to the channels-last layout, in
         which convolutions use NHWC kernels and the tokens of each spatial transformer are views of the feature
         maps (no layout copies).
@@ -205,7 +208,9 @@ class RDM(nn.Module):
             cuda_graph = False
             log.info("float32 sampling on CUDA runs eagerly by default (cuda_graph=True replays CUDA graphs, "
                      "not yet verified for float32 trajectories)")
-        eps_fn = maybe_graphed(eps_fn, x, cuda_graph)
+        # the graph bakes in the weights' storage and the tensors cached from them: any change means a new capture
+        weights = tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in self.unet.parameters())
+        eps_fn = self._graphs(eps_fn, x, cuda_graph, (float(guidance_scale), tuple(context.shape), weights))
         if sampler == "ddim":
             return sample_ddim(eps_fn, x, coeffs, generator=generator, progress=progress)
         return sample_plms(eps_fn, x, coeffs, progress=progress)

@@ -21,6 +21,50 @@ def test_graphs_off_or_cpu():
         maybe_graphed(fn, x, True)
 
 
+def test_graph_cache_reuses_the_capture_with_the_next_batchs_context(monkeypatch):
+    """A following trajectory with the same shapes, guidance and weights replays the last capture with its own
+    context copied in, and gets what eager sampling gives; other guidance, shapes or changed weights capture
+    anew. (CPU: a stand-in for the CUDA graph that, like one, keeps running the captured function on its own
+    static input buffer.)"""
+    from rdm_fast.diffusion import graphs
+
+    captures = []
+
+    class Captured:
+        def __init__(self, eps_fn, x):
+            self.eps_fn, self.static_x = eps_fn, x.clone()
+            captures.append(self)
+
+        def __call__(self, x, t):
+            self.static_x.copy_(x)
+            return self.eps_fn(self.static_x, t).clone()
+
+    monkeypatch.setattr(graphs, "GraphedEps", Captured)
+    monkeypatch.setattr(graphs, "maybe_graphed", lambda fn, x, enabled: Captured(fn, x) if enabled else fn)
+    cfg = RDMConfig.preset("tiny")
+    model = RDM.from_state_dict(official_checkpoint(cfg, seed=5)[0], cfg)
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(2, 3, cfg.context_dim, generator=g) for _ in range(2))
+    x_T = torch.randn(2, cfg.channels, cfg.image_size, cfg.image_size, generator=g)
+    kw = dict(steps=4, guidance_scale=2.0, x_T=x_T)
+    first = model.sample(a, cuda_graph=True, **kw)
+    second = model.sample(b, cuda_graph=True, **kw)
+    assert len(captures) == 1
+    torch.testing.assert_close(second, model.sample(b, cuda_graph=False, **kw), rtol=0, atol=0)
+    torch.testing.assert_close(first, model.sample(a, cuda_graph=False, **kw), rtol=0, atol=0)
+    model.sample(b, cuda_graph=True, steps=4, guidance_scale=3.0, x_T=x_T)  # other guidance: a new capture
+    model.sample(b[:1], cuda_graph=True, steps=4, guidance_scale=3.0, x_T=x_T[:1])  # another batch size: too
+    model.sample(a, cuda_graph=True, **kw)
+    assert len(captures) == 4
+    with torch.no_grad():
+        model.unet.out_conv.bias.add_(0.5)  # weights changed in place (a real graph would read stale copies)
+    changed = model.sample(b, cuda_graph=True, **kw)
+    assert len(captures) == 5
+    torch.testing.assert_close(changed, model.sample(b, cuda_graph=False, **kw), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="contexts differ"):
+        model.unet.prepare_context(a, 2).load_(model.unet.prepare_context(a[:1], 1))
+
+
 def _model(dtype: torch.dtype) -> tuple[RDM, torch.Tensor, torch.Tensor]:
     cfg = RDMConfig.preset("tiny")
     full, _, _ = official_checkpoint(cfg, seed=21)
@@ -43,6 +87,22 @@ def test_graph_replay_matches_eager(sampler, dtype):
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
         eager = model.sample(ctx, cuda_graph=False, **kw)
         graphed = model.sample(ctx, cuda_graph=True, **kw)
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+@cuda
+def test_graph_cache_replays_the_next_batch_on_the_gpu(caplog):
+    """The second batch of the same shapes replays the first batch's capture with its own context (no new
+    capture) and matches eager sampling of that batch."""
+    model, ctx, x_T = _model(torch.bfloat16)
+    other = torch.randn(ctx.shape, generator=torch.Generator().manual_seed(9))
+    kw = dict(steps=8, guidance_scale=2.0, x_T=x_T)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        model.sample(ctx, **kw)
+        with caplog.at_level("INFO", logger="rdm_fast"):
+            graphed = model.sample(other, **kw)
+        eager = model.sample(other, cuda_graph=False, **kw)
+    assert "captured in a CUDA graph" not in caplog.text
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 

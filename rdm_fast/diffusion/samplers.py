@@ -67,7 +67,12 @@ def guided(eps_model: Callable[[Tensor, Tensor, Any], Tensor], context: Tensor, 
     """
     if scale == 1.0:
         ctx = prepare(context, 0) if prepare is not None else context
-        return lambda x, t: eps_model(x, _timesteps(t, x.shape[0], x.device), ctx)
+
+        def eps_fn(x: Tensor, t: int) -> Tensor:
+            return eps_model(x, _timesteps(t, x.shape[0], x.device), ctx)
+
+        eps_fn.context = ctx  # what the model reads (a CUDA-graph cache swaps a new trajectory's in)
+        return eps_fn
     b = context.shape[0]
     both = prepare(context, b, shared_input=True) if prepare is not None else \
         torch.cat([torch.zeros_like(context), context])
@@ -78,6 +83,7 @@ def guided(eps_model: Callable[[Tensor, Tensor, Any], Tensor], context: Tensor, 
         eps_u, eps_c = eps_model(x_in, _timesteps(t, x_in.shape[0], x.device), both).chunk(2)
         return eps_u + scale * (eps_c - eps_u)
 
+    eps_fn.context = both
     return eps_fn
 
 

@@ -89,6 +89,17 @@ class PreparedContext:
         """Rows of the UNet's input x."""
         return self.batch // 2 if self.shared_input else self.batch
 
+    def load_(self, other: PreparedContext) -> None:
+        """Copy ``other``'s keys and values into this context's tensors (a CUDA graph captured with this context
+        then runs on ``other``'s); both must come from the same model, batch layout and context shape."""
+        same = (other.zero_rows, other.batch, other.shared_input) == (self.zero_rows, self.batch, self.shared_input)
+        if not same or other.kv.keys() != self.kv.keys() or any(
+                a.shape != b.shape for m in self.kv for a, b in zip(self.kv[m], other.kv[m])):
+            raise ValueError("PreparedContext.load_: the contexts differ in model, batch layout or shape")
+        for m, (k, v) in self.kv.items():
+            k.copy_(other.kv[m][0])
+            v.copy_(other.kv[m][1])
+
 
 @dataclass(eq=False)
 class TimestepAdds:
