@@ -179,7 +179,8 @@ class RDM(nn.Module):
         trajectory's shapes and kept for the next call with the same shapes, guidance and weights (a new batch's
         context is copied into it: no new capture per batch); float32 models run eagerly unless it is True (an
         8-step float32 trajectory replayed from graphs differed from the eager one on an H200, cause open:
-        ``bench/RESULTS.md``).
+        ``bench/RESULTS.md``). The kept graph holds its activation memory until the next capture or
+        :meth:`release_cuda_graph`.
         ``channels_last`` (default: on CUDA) converts the UNet's weights once to the channels-last layout, in
         which convolutions use NHWC kernels and the tokens of each spatial transformer are views of the feature
         maps (no layout copies).
@@ -214,6 +215,10 @@ class RDM(nn.Module):
         if sampler == "ddim":
             return sample_ddim(eps_fn, x, coeffs, generator=generator, progress=progress)
         return sample_plms(eps_fn, x, coeffs, progress=progress)
+
+    def release_cuda_graph(self) -> None:
+        """Free the CUDA graph :meth:`sample` keeps for a following batch of the same shapes (and its memory)."""
+        self._graphs.clear()
 
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.unet.parameters())

@@ -61,6 +61,9 @@ def test_graph_cache_reuses_the_capture_with_the_next_batchs_context(monkeypatch
     changed = model.sample(b, cuda_graph=True, **kw)
     assert len(captures) == 5
     torch.testing.assert_close(changed, model.sample(b, cuda_graph=False, **kw), rtol=0, atol=0)
+    model.release_cuda_graph()  # the kept graph goes: the next call captures again
+    model.sample(b, cuda_graph=True, **kw)
+    assert len(captures) == 6
     with pytest.raises(ValueError, match="contexts differ"):
         model.unet.prepare_context(a, 2).load_(model.unet.prepare_context(a[:1], 1))
 
