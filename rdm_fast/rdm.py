@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from . import ops
 from .config import ConfigError, RDMConfig, preset_names
 from .diffusion import Schedule, guided, sample_ddim, sample_plms
 from .diffusion.samplers import draw_noise
@@ -211,7 +212,8 @@ class RDM(nn.Module):
                      "not yet verified for float32 trajectories)")
         # the graph bakes in the weights' storage and the tensors cached from them: any change means a new capture
         weights = tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in self.unet.parameters())
-        eps_fn = self._graphs(eps_fn, x, cuda_graph, (float(guidance_scale), tuple(context.shape), weights))
+        key = (float(guidance_scale), tuple(context.shape), ops.get_mode(), weights)  # the mode picks the kernels
+        eps_fn = self._graphs(eps_fn, x, cuda_graph, key)
         if sampler == "ddim":
             return sample_ddim(eps_fn, x, coeffs, generator=generator, progress=progress)
         return sample_plms(eps_fn, x, coeffs, progress=progress)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import official_checkpoint
 
-from rdm_fast import RDM, RDMConfig
+from rdm_fast import RDM, RDMConfig, ops
 from rdm_fast.diffusion.graphs import maybe_graphed
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -64,6 +64,9 @@ def test_graph_cache_reuses_the_capture_with_the_next_batchs_context(monkeypatch
     model.release_cuda_graph()  # the kept graph goes: the next call captures again
     model.sample(b, cuda_graph=True, **kw)
     assert len(captures) == 6
+    with ops.use_mode("reference"):  # another ops mode runs other kernels: a new capture
+        model.sample(b, cuda_graph=True, **kw)
+    assert len(captures) == 7
     with pytest.raises(ValueError, match="contexts differ"):
         model.unet.prepare_context(a, 2).load_(model.unet.prepare_context(a[:1], 1))
 
