@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._layout import as_rows
+
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); two accumulators per program, so BLOCK_N is half of what a plain
@@ -122,9 +124,7 @@ def geglu_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     (2N,) or None, all of one dtype; returns (..., N) contiguous in x's dtype."""
     k = x.shape[-1]
     n = weight.shape[0] // 2
-    x2 = x.reshape(-1, k)
-    if x2.stride(1) != 1 and k > 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, k)
     m = x2.shape[0]
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:

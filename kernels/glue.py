@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._layout import as_rows, row_view
+
 
 @triton.jit
 def _layer_norm_kernel(
@@ -78,19 +80,13 @@ def _layer_norm_kernel(
     tl.store(y_ptr + out_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(t: Tensor, width: int) -> Tensor:
-    """``t`` as a (rows, width) view with unit column stride (a contiguous copy only when no such view exists)."""
-    t2 = t.reshape(-1, width)
-    return t2 if t2.stride(1) == 1 or width == 1 else t2.contiguous()
-
-
 def _layer_norm_launch(x, residual, residual_bias, weight, bias, eps, store_sum):
     width = x.shape[-1]
-    x2 = _rows(x, width)
+    x2 = as_rows(x, width)
     rows = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = torch.empty_like(y) if store_sum else y
-    res2 = _rows(residual, width) if residual is not None else x2
+    res2 = as_rows(residual, width) if residual is not None else x2
     if rows == 0 or width == 0:
         return s, y
     block_c = triton.next_power_of_2(width)
@@ -170,15 +166,6 @@ def _add_bias_kernel(
 ADD_BIAS_TUNING = {"tile": 4096, "warps": 8, "max_block_c": 256}
 
 
-def _row_view(t: Tensor, width: int) -> Tensor | None:
-    """``t`` as a (rows, width) view with unit column stride that writes go through, or None if none exists."""
-    try:
-        t2 = t.view(-1, width)
-    except RuntimeError:
-        return None
-    return t2 if t2.stride(1) == 1 or width == 1 else None
-
-
 def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | None = None) -> Tensor:
     """``x + residual + bias`` (bias on the last dim; float32 sum, one rounding) into ``out`` (default: a new
     tensor laid out like x). The kernel reads and writes rows of C at any row stride: contiguous tensors and
@@ -187,9 +174,9 @@ def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | Non
     dest = torch.empty_like(x) if out is None else out
     if x.numel() == 0:
         return dest
-    x2 = _rows(x, width)
-    r2 = _rows(residual, width) if residual is not None else x2
-    d2 = _row_view(dest, width)
+    x2 = as_rows(x, width)
+    r2 = as_rows(residual, width) if residual is not None else x2
+    d2 = row_view(dest, width)
     o2 = d2 if d2 is not None else torch.empty((x2.shape[0], width), dtype=x.dtype, device=x.device)
     rows = x2.shape[0]
     pow2 = width & -width  # a column block dividing the width (192 -> 64, 384 -> 128) leaves no lane masked
@@ -228,7 +215,7 @@ def _geglu_kernel(
 def geglu(h: Tensor) -> Tensor:
     """``a * gelu_erf(gate)`` for ``h = cat([a, gate], -1)``; output (..., F) contiguous, in h's dtype."""
     half = h.shape[-1] // 2
-    h2 = _rows(h, 2 * half)
+    h2 = as_rows(h, 2 * half)
     rows = h2.shape[0]
     out = torch.empty(h.shape[:-1] + (half,), dtype=h.dtype, device=h.device)
     if rows == 0 or half == 0:

@@ -234,8 +234,9 @@ def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
     add_rows = _add_rows(add, x)
     _nhwc_finalize_kernel[(batch,)](
         x, part, _float_param(weight, x), _float_param(bias, x), add_rows, coef, hw, channels, x_row,
-        add_rows.stride(0) if add is not None else 0, splits, num_groups, per_group, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_ADD=add is not None, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=4 if block_g * block_d <= 1024 else 8,
+        add_rows.stride(0) if add is not None else 0, splits, num_groups, per_group, eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None, BLOCK_G=block_g,
+        BLOCK_D=block_d, num_warps=4 if block_g * block_d <= 1024 else 8,
     )
     _nhwc_apply_kernel[(triton.cdiv(hw, block_p), cblocks, batch)](x, out, coef, hw, channels, x_row, SILU=silu,
                                                                   BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)

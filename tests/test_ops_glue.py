@@ -398,7 +398,8 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
 
 
 KERNEL_CASES = ([f"layer_norm:{n}" for n in LN_CASES] + [f"add_layer_norm:{n}" for n in LN_CASES]
-                + [f"add_bias:{n}" for n in BIAS_CASES] + [f"geglu:{n}" for n in GEGLU_CASES] + [f"step:{n}" for n in STEP_CASES])
+                + [f"add_bias:{n}" for n in BIAS_CASES] + [f"geglu:{n}" for n in GEGLU_CASES]
+                + [f"step:{n}" for n in STEP_CASES])
 INTERPRETER_CASES = [(c, d) for c in KERNEL_CASES for d in ("float32", "float16")]
 
 

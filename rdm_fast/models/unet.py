@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._layout import row_view
 from ..config import UNetConfig
 from .. import ops
 from .layers import (GroupNorm, LayerNorm, Upsample, attention, cached, conv1x1, conv3x3, conv_with_bias,
@@ -49,20 +50,10 @@ def _linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """A 1x1 ``conv`` applied to (..., C) tokens as the linear layer it is, bias in the GEMM's epilogue. Tokens
     that are rows at a fixed stride (a channel slice of a wider channels-last map) are read in place: F.linear
     would run a bias-free GEMM and a separate, unvectorised bias add on them."""
-    rows = _as_rows(x) if x.dim() > 2 and conv.bias is not None else None
+    rows = row_view(x, x.shape[-1]) if x.dim() > 2 and conv.bias is not None else None
     if rows is None:
         return F.linear(x, conv.weight.flatten(1), conv.bias)
     return torch.addmm(conv.bias, rows, conv.weight.flatten(1).t()).view(*x.shape[:-1], -1)
-
-
-def _as_rows(x: Tensor) -> Tensor | None:
-    """(..., C) -> its (rows, C) view with unit column stride, if there is one (None: it would need a copy)."""
-    if x.stride(-1) != 1 and x.shape[-1] != 1:
-        return None
-    try:
-        return x.view(-1, x.shape[-1])
-    except RuntimeError:  # the leading dims do not merge into one stride
-        return None
 
 
 @dataclass(eq=False)
@@ -137,8 +128,9 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor | TimestepAdds, out: Tensor | None = None,
                 out_bias: Tensor | None = None) -> Tensor:
         """``emb`` is the SiLU of the timestep embedding (the first op of emb_layers), taken once per UNet call,
-        or (inference) the :class:`TimestepAdds` of all ResBlocks; ``out``: where to write the result (a channel slice of a wider map), else a new tensor; ``out_bias``:
-        added instead of conv2's bias (which it must include; see :meth:`SpatialTransformer.carried_biases`)."""
+        or (inference) the :class:`TimestepAdds` of all ResBlocks; ``out``: where to write the result (a channel
+        slice of a wider map), else a new tensor; ``out_bias``: added instead of conv2's bias (which it must
+        include; see :meth:`SpatialTransformer.carried_biases`)."""
         # The 3x3 convolutions run without their biases, which cost a full pass each on the GPU: conv1's joins
         # the per-channel add before norm2 (exact: a per-channel constant), conv2's joins the residual add (one
         # pass for bias + residual). The 1x1 skip is a linear layer on the (B, H, W, C) view, its bias in the
@@ -277,7 +269,7 @@ class SpatialTransformer(nn.Module):
         # residual add (or, carried, the residual rides in proj_out's GEMM epilogue on x itself).
         b, c, h, w = x.shape
         if carried is not None:
-            x_rows = _as_rows(nhwc(x))
+            x_rows = row_view(nhwc(x), c)
             if x_rows is None or not isinstance(context, PreparedContext) or context.batch != b or out is not None:
                 raise ValueError("SpatialTransformer: carried needs channels-last rows of x, a prepared context of "
                                  "x's batch and no out")

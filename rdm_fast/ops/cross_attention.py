@@ -1,9 +1,10 @@
 """Neighbour cross-attention of the UNet's transformer blocks (everything before ``to_out``).
 
 ``cross_attention(x, ln_w, ln_b, eps, w_q, k, v, heads)`` = multi-head ``softmax(q k^T / sqrt(d)) v`` with
-``q = LayerNorm(x) @ w_q^T`` (``LayerNorm(x + shift)`` with ``shift=``: a bias the caller still owes x) and keys/values ``k, v`` = ``to_k(context)``, ``to_v(context)``. The context (a few
-neighbour embeddings: 4 for imagenet, 11 for rdm768) is fixed for a whole sampling trajectory, so the model
-projects k and v once per trajectory and this op does the per-step rest. With classifier-free guidance the
+``q = LayerNorm(x) @ w_q^T`` (``LayerNorm(x + shift)`` with ``shift=``: a bias the caller still owes x) and
+keys/values ``k, v`` = ``to_k(context)``, ``to_v(context)``. The context (a few neighbour embeddings: 4 for
+imagenet, 11 for rdm768) is fixed for a whole sampling trajectory, so the model projects k and v once per
+trajectory and this op does the per-step rest. With classifier-free guidance the
 unconditional context is all zeros: its k = v = 0 and the attention output is exactly 0, so the model calls this
 op on the conditional half only (the unconditional half's block output is ``to_out``'s bias).
 
