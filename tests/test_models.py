@@ -29,6 +29,17 @@ def inputs(cfg: RDMConfig, batch: int = 2, tokens: int = 3, seed: int = 0):
 CONFIGS = {"tiny": lambda: RDMConfig.preset("tiny"), "mini_vq": mini_vq_config}
 
 
+def nonzero(model: RDM, channels_last: bool = False) -> RDM:
+    """``model`` with every parameter perturbed to non-zero values (from_config zero-initialises the residual
+    outputs, which would hide whole branches from a comparison), optionally converted to channels-last."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    if channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    return model
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_unet_matches_oracle(name):
     """fp32 UNet vs the float64 oracle on the same official weights: agreement to float32 rounding (the
@@ -144,12 +155,8 @@ def test_prepared_context_matches_plain_context(zero_rows, depth, channels_last)
     tree = RDMConfig.preset("tiny").to_dict()
     tree["model"]["params"]["unet_config"]["params"]["transformer_depth"] = depth
     cfg = RDMConfig.from_dict(tree)
-    model = RDM.from_config(cfg) if depth > 1 else RDM.from_state_dict(official_checkpoint(cfg, seed=17)[0], cfg)
-    with torch.no_grad():  # every parameter non-zero (from_config zero-initialises the residual outputs)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    if channels_last:
-        model.unet.to(memory_format=torch.channels_last)
+    model = nonzero(RDM.from_config(cfg) if depth > 1 else RDM.from_state_dict(official_checkpoint(cfg, seed=17)[0],
+                                                                               cfg), channels_last)
     x, t, ctx = inputs(cfg, batch=2)
     x, t = torch.cat([x] * (1 + (zero_rows > 0))), torch.cat([t] * (1 + (zero_rows > 0)))
     plain = torch.cat([torch.zeros(zero_rows, *ctx.shape[1:]), ctx])
@@ -183,12 +190,7 @@ def test_shared_input_matches_duplicated_rows(attention_resolutions, channels_la
     tree = RDMConfig.preset("tiny").to_dict()
     tree["model"]["params"]["unet_config"]["params"]["attention_resolutions"] = attention_resolutions
     cfg = RDMConfig.from_dict(tree)
-    model = RDM.from_config(cfg)
-    with torch.no_grad():  # every parameter non-zero (from_config zero-initialises the residual outputs)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    if channels_last:
-        model.unet.to(memory_format=torch.channels_last)
+    model = nonzero(RDM.from_config(cfg), channels_last)
     x, _, ctx = inputs(cfg, batch=2)
     t = torch.tensor([500, 37])
     with torch.no_grad():

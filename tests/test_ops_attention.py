@@ -21,10 +21,10 @@ import importlib.util
 import json
 import logging
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from triton_testing import check_result, interpreter_fixture, print_results
 
 from rdm_fast.ops import use_mode
 from rdm_fast.ops._dispatch import Impl, Op
@@ -137,21 +137,16 @@ def _child_main() -> None:
         # torch.compile traces the dispatch and the custom op (fake kernels) without graph breaks.
         compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
         results["torch.compile"] = compare_with_reference(compiled, (2, 40, 24, 2, 32, "float32", "dense", 1.0))
-    print(json.dumps(results))
+    print_results(results)
 
 
-@pytest.fixture(scope="module")
-def interpreter_results(tmp_path_factory) -> dict[str, str | None]:
-    from triton_testing import run_child
-
-    return run_child(Path(__file__).resolve(), tmp_path_factory.mktemp("triton_attention"), timeout=900, RDM_FAST_OPS="auto")
+interpreter_results = interpreter_fixture(__file__, timeout=900, RDM_FAST_OPS="auto")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("name", [*INTERPRETER_CASES, "opcheck", "torch.compile"])
 def test_interpreter_matches_reference(interpreter_results, name):
-    assert name in interpreter_results
-    assert interpreter_results[name] is None, interpreter_results[name]
+    check_result(interpreter_results, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

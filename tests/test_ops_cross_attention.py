@@ -17,12 +17,11 @@ import importlib.util
 import logging
 import os
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_testing import mismatch, run_child
+from triton_testing import check_result, interpreter_fixture, mismatch, print_results
 
 from rdm_fast.ops import _dispatch
 from rdm_fast.ops.cross_attention import (
@@ -195,23 +194,16 @@ INTERPRETER_CASES += [("b2-n37-c96-m4-kb1", "float32", "padded-rows"), ("b2-n37-
 
 
 def _child_main() -> None:
-    import json
-
-    results = {f"{n}-{d}-{lay}": _run_case(n, getattr(torch, d), layout=lay) for n, d, lay in INTERPRETER_CASES}
-    print(json.dumps(results))
+    print_results({f"{n}-{d}-{lay}": _run_case(n, getattr(torch, d), layout=lay) for n, d, lay in INTERPRETER_CASES})
 
 
-@pytest.fixture(scope="module")
-def interpreter_results(tmp_path_factory) -> dict:
-    return run_child(Path(__file__).resolve(), tmp_path_factory.mktemp("triton"))
+interpreter_results = interpreter_fixture(__file__)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("name,dtype,layout", INTERPRETER_CASES)
 def test_triton_interpreter_matches_reference(interpreter_results, name, dtype, layout):
-    key = f"{name}-{dtype}-{layout}"
-    assert key in interpreter_results
-    assert interpreter_results[key] is None, interpreter_results[key]
+    check_result(interpreter_results, f"{name}-{dtype}-{layout}")
 
 
 # Released shapes, per transformer level: imagenet (C = 384/576/960, M = 4), rdm768 (C = 448...1792, M = 11).

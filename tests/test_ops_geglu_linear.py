@@ -14,12 +14,11 @@ import importlib.util
 import logging
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_testing import mismatch, run_child
+from triton_testing import check_result, interpreter_fixture, mismatch, print_results
 
 from rdm_fast.ops import _dispatch, geglu, geglu_linear, geglu_linear_reference
 from rdm_fast.ops.geglu_linear import GEGLU_LINEAR
@@ -152,22 +151,16 @@ INTERPRETER_CASES = [(n, d) for n in CASES for d in ("float32", "float16")]
 
 
 def _child_main() -> None:
-    import json
-
-    print(json.dumps({f"{n}-{d}": _run_case(n, getattr(torch, d)) for n, d in INTERPRETER_CASES}))
+    print_results({f"{n}-{d}": _run_case(n, getattr(torch, d)) for n, d in INTERPRETER_CASES})
 
 
-@pytest.fixture(scope="module")
-def interpreter_results(tmp_path_factory) -> dict:
-    return run_child(Path(__file__).resolve(), tmp_path_factory.mktemp("triton"))
+interpreter_results = interpreter_fixture(__file__)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("name,dtype", INTERPRETER_CASES)
 def test_triton_interpreter_matches_reference(interpreter_results, name, dtype):
-    key = f"{name}-{dtype}"
-    assert key in interpreter_results
-    assert interpreter_results[key] is None, interpreter_results[key]
+    check_result(interpreter_results, f"{name}-{dtype}")
 
 
 @pytest.mark.skipif(not HAS_TRITON or HAS_CUDA, reason="offline compile check (a GPU runs the real thing)")

@@ -14,12 +14,11 @@ import importlib.util
 import logging
 import os
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_testing import compile_launches, mismatch, run_child
+from triton_testing import check_result, compile_launches, interpreter_fixture, mismatch, print_results
 
 from rdm_fast.diffusion import Schedule, ddim_update, plms_eps
 from rdm_fast.ops import _dispatch
@@ -404,22 +403,16 @@ INTERPRETER_CASES = [(c, d) for c in KERNEL_CASES for d in ("float32", "float16"
 
 
 def _child_main() -> None:
-    import json
-
-    print(json.dumps({f"{c}-{d}": _run_case(c, getattr(torch, d)) for c, d in INTERPRETER_CASES}))
+    print_results({f"{c}-{d}": _run_case(c, getattr(torch, d)) for c, d in INTERPRETER_CASES})
 
 
-@pytest.fixture(scope="module")
-def interpreter_results(tmp_path_factory) -> dict:
-    return run_child(Path(__file__).resolve(), tmp_path_factory.mktemp("triton"))
+interpreter_results = interpreter_fixture(__file__)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("case,dtype", INTERPRETER_CASES)
 def test_triton_interpreter_matches_reference(interpreter_results, case, dtype):
-    key = f"{case}-{dtype}"
-    assert key in interpreter_results
-    assert interpreter_results[key] is None, interpreter_results[key]
+    check_result(interpreter_results, f"{case}-{dtype}")
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

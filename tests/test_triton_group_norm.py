@@ -12,14 +12,12 @@ and is only tested on a GPU (in process, compiled). Tolerances as in test_ops_gr
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from group_norm_shapes import SHAPES
-from triton_testing import ulp
+from triton_testing import check_result, interpreter_fixture, print_results, ulp
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -106,20 +104,15 @@ def _child_main() -> None:
     results = {name: _run_case(case) for name, case in CASES.items()}
     NHWC_TUNING["unroll"] = 1
     results.update({f"{name}-unroll1": _run_case(CASES[name]) for name in UNROLL1_CASES})
-    print(json.dumps(results))
+    print_results(results)
 
 
-@pytest.fixture(scope="module")
-def interpreter_results(tmp_path_factory) -> dict[str, str | None]:
-    from triton_testing import run_child
-
-    return run_child(Path(__file__).resolve(), tmp_path_factory.mktemp("triton"), timeout=900)
+interpreter_results = interpreter_fixture(__file__, timeout=900)
 
 
 @pytest.mark.parametrize("name", list(CASES) + [f"{n}-unroll1" for n in UNROLL1_CASES])
 def test_triton_interpreter_matches_reference(interpreter_results, name):
-    assert name in interpreter_results
-    assert interpreter_results[name] is None, interpreter_results[name]
+    check_result(interpreter_results, name)
 
 
 GPU_CASES = [(n, d) for n in CASES if n.endswith("-float32-fused") for d in ("float32", "float16", "bfloat16")]

@@ -39,6 +39,29 @@ def run_child(script: str | Path, cwd: Path, timeout: float = 600, **env_vars: s
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def interpreter_fixture(test_file: str, timeout: float = 600, **env_vars: str):
+    """A module-scoped ``interpreter_results`` fixture: ``test_file`` run once as a script in the interpreter
+    (its ``__main__`` prints a JSON dict: case -> None, or what went wrong)."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def interpreter_results(tmp_path_factory) -> dict[str, str | None]:
+        return run_child(Path(test_file).resolve(), tmp_path_factory.mktemp("triton"), timeout, **env_vars)
+
+    return interpreter_results
+
+
+def print_results(results: dict[str, str | None]) -> None:
+    """The child's side of :func:`interpreter_fixture`: the results as the last line of stdout."""
+    print(json.dumps(results))
+
+
+def check_result(results: dict[str, str | None], key: str) -> None:
+    """Fail unless the child ran case ``key`` and it matched."""
+    assert key in results, f"{key}: not run in the interpreter"
+    assert results[key] is None, results[key]
+
+
 def ulp(t: torch.Tensor) -> torch.Tensor:
     """Spacing of the floating-point format of ``t`` at each value of ``t`` (as float32)."""
     fi = torch.finfo(t.dtype)

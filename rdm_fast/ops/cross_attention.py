@@ -4,9 +4,9 @@
 ``q = LayerNorm(x) @ w_q^T`` (``LayerNorm(x + shift)`` with ``shift=``: a bias the caller still owes x) and
 keys/values ``k, v`` = ``to_k(context)``, ``to_v(context)``. The context (a few neighbour embeddings: 4 for
 imagenet, 11 for rdm768) is fixed for a whole sampling trajectory, so the model projects k and v once per
-trajectory and this op does the per-step rest. With classifier-free guidance the
-unconditional context is all zeros: its k = v = 0 and the attention output is exactly 0, so the model calls this
-op on the conditional half only (the unconditional half's block output is ``to_out``'s bias).
+trajectory and this op does the per-step rest. With classifier-free guidance the unconditional context is all
+zeros: its k = v = 0 and the attention output is exactly 0, so the model calls this op on the conditional half
+only (the unconditional half's block output is ``to_out``'s bias).
 
 Fast path: the LayerNorm kernel, the query projection through the vendor GEMM, and the flash-attention kernel
 over the M keys. A single kernel that also did the projection (per-head K-loops over the channels) was measured
