@@ -61,6 +61,7 @@ KINDS = [  # (kind, substrings of the kernel name), first match wins
     ("group norm (ours)", ("group_norm", "GroupNorm", "_nhwc_stats", "_nhwc_finalize", "_nhwc_apply")),
     ("bias + residual (ours)", ("_add_bias",)),
     ("layer norm (ours)", ("layer_norm",)),
+    ("geglu projection, GEMM + gating (ours)", ("_geglu_linear",)),
     ("geglu (ours)", ("geglu",)),
     ("attention (sdpa)", ("flash", "fmha", "attention")),
     ("convolution", ("conv", "implicit", "fprop", "dgrad", "xmma", "cudnn")),
