@@ -136,16 +136,19 @@ class RDM(nn.Module):
         return self.unet.input_conv.weight.dtype
 
     # ------------------------------------------------------------------ autoencoder
-    def encode(self, images: Tensor, *, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    def encode(self, images: Tensor, *, sample: bool = True, generator: torch.Generator | None = None,
+               noise: Tensor | None = None) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents ``scale_factor * z`` (fp32).
 
-        KL models draw a posterior sample (``sample=False``: its mean), as the reference does in training."""
+        KL models draw a posterior sample (``sample=False``: its mean), as the reference does in training, with
+        ``generator`` or from ``noise`` (standard normal draws of the unscaled latent's shape)."""
         dd = self.config.first_stage_config.ddconfig
         f = dd.downsample_factor
         if images.dim() != 4 or images.shape[1] != dd.in_channels or images.shape[2] % f or images.shape[3] % f:
             raise ValueError(f"encode: images must be (B, {dd.in_channels}, H, W) with H, W multiples of {f}, "
                              f"got {tuple(images.shape)}")
-        z = self.first_stage.encode(images.to(self.device, self.dtype), sample=sample, generator=generator)
+        z = self.first_stage.encode(images.to(self.device, self.dtype), sample=sample, generator=generator,
+                                    noise=noise)
         return z.float() * self.config.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:

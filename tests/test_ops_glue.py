@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from triton_testing import check_result, compile_launches, interpreter_fixture, mismatch, print_results
 
 from rdm_fast.diffusion import Schedule, ddim_update, plms_eps
+from rdm_fast import ops
 from rdm_fast.ops import _dispatch
 from rdm_fast.ops.glue import (
     ADD_BIAS,
@@ -502,3 +503,22 @@ def test_compiles_for_sm90_without_spills():
 
 if __name__ == "__main__":
     _child_main()
+
+
+# ---------------------------------------------------------------------------------------------- autocast
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ops_take_mixed_operands_under_autocast(dtype):
+    """Inside torch.autocast (mixed-precision training) the ops cast float32 operands to autocast's dtype and
+    give what they give for operands already in it; outside autocast mixed dtypes are still refused."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 8, generator=g).to(dtype)
+    bias, residual = torch.randn(8, generator=g), torch.randn(2, 6, 5, 8, generator=g)
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    with torch.autocast("cpu", dtype=dtype):
+        got = ops.add_bias(x, bias, residual)
+        ln = ops.layer_norm(x.float(), w, b, 1e-5)
+    assert got.dtype == dtype and ln.dtype == dtype
+    assert torch.equal(got, ops.add_bias(x, bias.to(dtype), residual.to(dtype)))
+    assert torch.equal(ln, ops.layer_norm(x, w.to(dtype), b.to(dtype), 1e-5))
+    with pytest.raises(ValueError, match="dtype"):
+        ops.add_bias(x, bias, residual)

@@ -1,6 +1,8 @@
-"""Diffusion: the noise schedule and the DDIM / PLMS samplers."""
+"""Diffusion: the noise schedule, the DDIM / PLMS samplers and the training objective."""
 
 from .samplers import ddim_update, guided, plms_eps, sample_ddim, sample_plms
 from .schedule import DDIMCoefficients, Schedule
+from .training import eps_losses, noised, uniform_timesteps
 
-__all__ = ["Schedule", "DDIMCoefficients", "ddim_update", "plms_eps", "guided", "sample_ddim", "sample_plms"]
+__all__ = ["Schedule", "DDIMCoefficients", "ddim_update", "plms_eps", "guided", "sample_ddim", "sample_plms",
+           "eps_losses", "noised", "uniform_timesteps"]

@@ -174,8 +174,10 @@ class Autoencoder(nn.Module):
         if cfg.kind == "vq":
             self.codebook = nn.Embedding(cfg.n_embed, cfg.embed_dim)
 
-    def encode(self, images: Tensor, *, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """Images in [-1, 1] -> latent. KL: a posterior sample (or its mean if ``sample=False``); VQ: pre-quantisation."""
+    def encode(self, images: Tensor, *, sample: bool = True, generator: torch.Generator | None = None,
+               noise: Tensor | None = None) -> Tensor:
+        """Images in [-1, 1] -> latent. KL: a posterior sample (or its mean if ``sample=False``) drawn with
+        ``generator``, or taking ``noise`` (standard normal, the latent's shape) as its draw; VQ: pre-quantisation."""
         h = self.quant_conv(self.encoder(images))
         if self.cfg.kind == "vq":
             return h
@@ -183,8 +185,11 @@ class Autoencoder(nn.Module):
         if not sample:
             return mean
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + std * noise
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        elif noise.shape != mean.shape:
+            raise ValueError(f"encode: noise must have the latent's shape {tuple(mean.shape)}, got {tuple(noise.shape)}")
+        return mean + std * noise.to(mean.dtype)
 
     def quantize(self, z: Tensor) -> Tensor:
         """Snap each latent vector (B, D, H, W) to its nearest codebook entry (squared Euclidean distance)."""

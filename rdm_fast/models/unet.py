@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .._layout import row_view
 from ..config import UNetConfig
@@ -439,6 +440,8 @@ class UNet(nn.Module):
         self.first_context_stage = next((i for i, st in enumerate(self.down) if st.attn is not None), None)
         self.out_norm = GroupNorm(ch)
         self.out_conv = zero_init(conv3x3(mc, cfg.out_channels))
+        # training: recompute each stage's activations in the backward pass instead of keeping them (less memory)
+        self.gradient_checkpointing = False
         # every ResBlock, in module order (a plain tuple, not registered twice): their timestep projections batch
         self.res_blocks = tuple(m for m in self.modules() if isinstance(m, ResBlock))
 
@@ -534,17 +537,23 @@ class UNet(nn.Module):
         hs = [h]
         for i, stage in enumerate(self.down, 1):
             splits_here = shared and i - 1 == self.first_context_stage
-            h = stage(h, emb, context, slot(n - 1 - i, 1, batch if splits_here else h.shape[0]))
+            h = self._run(stage, h, emb, context, slot(n - 1 - i, 1, batch if splits_here else h.shape[0]))
             if splits_here:  # the rows are the two halves' own from here on
                 hs = self._both_halves(hs, inputs, x.shape[0])
                 emb = emb.repeated() if isinstance(emb, TimestepAdds) else torch.cat([emb, emb])
             hs.append(h)
-        h = self.mid(h, emb, context, slot(0, 0, batch))
+        h = self._run(self.mid, h, emb, context, slot(0, 0, batch))
         for j, stage in enumerate(self.up):
             skip = hs.pop()
-            h = stage(inputs[j] if inputs is not None else torch.cat([h, skip], dim=1), emb, context,
-                      slot(j + 1, 0, batch))
+            h = self._run(stage, inputs[j] if inputs is not None else torch.cat([h, skip], dim=1), emb, context,
+                          slot(j + 1, 0, batch))
         return conv_with_bias(self.out_conv, self.out_norm(h, silu=True)).to(x.dtype)
+
+    def _run(self, stage: nn.Module, *args) -> Tensor:
+        """``stage(*args)``, under activation checkpointing when :attr:`gradient_checkpointing` is set in training."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(stage, *args, use_reentrant=False)
+        return stage(*args)
 
     def _timestep_adds(self, emb: Tensor) -> TimestepAdds:
         """All ResBlocks' timestep projections in one GEMM, each plus conv1's bias (summed once, float32)."""

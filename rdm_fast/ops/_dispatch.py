@@ -15,6 +15,7 @@ is logged at INFO on the ``rdm_fast.ops`` logger.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -97,6 +98,32 @@ def warn_missing_once(op: str, reasons: str) -> None:
         logger.warning(
             "%s: falling back to the slower reference implementation because %s; %s", op, reasons, BUILD_HINT
         )
+
+
+def autocast_inputs(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Let ``op`` run inside ``torch.autocast`` regions (mixed-precision training).
+
+    There, convolutions and linear layers return autocast's lower-precision dtype while other tensors stay
+    float32, but the ops take operands of one dtype. Under autocast the floating-point tensor arguments (all but
+    ``out``) are cast to that dtype, as autocast does for matrix products, and the op runs with autocast off.
+    The ops keep their float32 statistics and accumulation, so only the rounding of their inputs and output
+    changes. Outside autocast this adds one check.
+    """
+    @functools.wraps(op)
+    def wrapper(x: Tensor, *args, **kwargs) -> Tensor:
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return op(x, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(device)
+
+        def cast(a):
+            return a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a
+
+        kwargs = {k: v if k == "out" else cast(v) for k, v in kwargs.items()}
+        with torch.autocast(device, enabled=False):
+            return op(cast(x), *(cast(a) for a in args), **kwargs)
+
+    return wrapper
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import Impl, Op, eager_constant, get_mode, needs_grad
+from ._dispatch import Impl, Op, autocast_inputs, eager_constant, get_mode, needs_grad
 from ._measured import Measured
 from ._triton_kernels import TritonKernels
 
@@ -180,6 +180,7 @@ ATTENTION = Op(
 )
 
 
+@autocast_inputs
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """Multi-head attention ``softmax(q k^T * d^-0.5) v`` on (B, Nq, heads*d) queries and (B, Nk, heads*d)
     keys/values (d = C / heads); returns (B, Nq, heads*d) in q's dtype. Differentiable on every path."""

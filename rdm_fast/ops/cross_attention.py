@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import Impl, Op, needs_grad
+from ._dispatch import Impl, Op, autocast_inputs, needs_grad
 from .attention import _interpreter_unavailable, _triton_unavailable, attention, attention_reference
 from .glue import layer_norm, layer_norm_reference
 
@@ -115,6 +115,7 @@ CROSS_ATTENTION = Op(
 )
 
 
+@autocast_inputs
 def cross_attention(
     x: Tensor,
     ln_weight: Tensor | None,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import Impl, Op, get_mode, needs_grad
+from ._dispatch import Impl, Op, autocast_inputs, get_mode, needs_grad
 from ._measured import Measured
 from ._triton_kernels import TritonKernels
 from .glue import SUPPORTED_DTYPES, geglu
@@ -92,6 +92,7 @@ GEGLU_LINEAR = Op(
 )
 
 
+@autocast_inputs
 def geglu_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``geglu(F.linear(x, weight, bias))`` in one op: ``a * gelu_erf(gate)`` with ``[a, gate] = x @ weight^T +
     bias`` split on the last dim. x (..., K); weight (2N, K); bias (2N,) or None; one dtype. Returns (..., N)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import needs_grad
+from ._dispatch import autocast_inputs, needs_grad
 from ._triton_kernels import TritonKernels
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -92,6 +92,7 @@ def _layer_norm_unsupported(x, weight, bias, eps, *, shift=None) -> str | None:
 LAYER_NORM = _kernels.op("layer_norm", layer_norm_reference, _layer_norm_unsupported)
 
 
+@autocast_inputs
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *,
                shift: Tensor | None = None) -> Tensor:
     """``F.layer_norm(x, (C,), weight, bias, eps)`` with float32 statistics; contiguous output in x's dtype.
@@ -144,6 +145,7 @@ def _add_layer_norm_unsupported(x, residual, residual_bias, weight, bias, eps) -
 ADD_LAYER_NORM = _kernels.op("add_layer_norm", add_layer_norm_reference, _add_layer_norm_unsupported)
 
 
+@autocast_inputs
 def add_layer_norm(
     x: Tensor,
     residual: Tensor | None,
@@ -193,6 +195,7 @@ def _add_bias_unsupported(x: Tensor, bias: Tensor, residual: Tensor | None, out:
 ADD_BIAS = _kernels.op("add_bias", add_bias_reference, _add_bias_unsupported)
 
 
+@autocast_inputs
 def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """``x + residual + bias`` with ``bias`` (C,) on the last dim of x (..., C) and ``residual`` shaped like x.
 
@@ -228,6 +231,7 @@ def _geglu_unsupported(h: Tensor) -> str | None:
 GEGLU = _kernels.op("geglu", geglu_reference, _geglu_unsupported)
 
 
+@autocast_inputs
 def geglu(h: Tensor) -> Tensor:
     """GEGLU gate: (..., 2F) -> (..., F), ``a * gelu_erf(gate)`` with ``a = h[..., :F]``, ``gate = h[..., F:]``.
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _extension
-from ._dispatch import Impl, Op, eager_constant, needs_grad
+from ._dispatch import Impl, Op, autocast_inputs, eager_constant, needs_grad
 from ._triton_kernels import TritonKernels
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -207,6 +207,7 @@ GROUP_NORM = Op(
 )
 
 
+@autocast_inputs
 def group_norm(
     x: Tensor,
     weight: Tensor | None,

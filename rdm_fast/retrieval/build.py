@@ -107,6 +107,18 @@ def load_rgb(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
+def _fit(img: Image.Image, mode: str, size: int) -> Image.Image:
+    """The image a ``mode`` crop of ``size`` px is cut from: resized to ``size`` x ``size`` (none), short side to
+    ``size`` (center), short side up to ``size`` when smaller (random), else unchanged."""
+    w, h = img.size
+    if mode == "none":
+        return img.resize((size, size), Image.BICUBIC)
+    if (mode == "center" and min(w, h) != size) or (mode == "random" and min(w, h) < size):
+        scale = size / min(w, h)
+        return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    return img
+
+
 def make_crops(img: Image.Image, mode: str, size: int, n: int, rng: np.random.Generator
                ) -> tuple[np.ndarray, np.ndarray]:
     """(n, size, size, 3) uint8 crops and their (x, y) corners (-1 unless ``mode`` is "random").
@@ -115,23 +127,29 @@ def make_crops(img: Image.Image, mode: str, size: int, n: int, rng: np.random.Ge
     first upscaled to it, and the corners refer to the upscaled image); center: short side resized to
     ``size``, then the central square; none: the whole image resized to ``size`` x ``size``.
     """
-    w, h = img.size
     coords = np.full((n, 2), -1, np.int32)
-    if mode == "none":
-        return np.asarray(img.resize((size, size), Image.BICUBIC))[None].repeat(n, 0), coords
-    if (mode == "center" and min(w, h) != size) or (mode == "random" and min(w, h) < size):
-        scale = size / min(w, h)
-        w, h = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((w, h), Image.BICUBIC)
-    if mode == "center":
+    if mode == "random":
+        arr = np.asarray(_fit(img, mode, size))
+        h, w = arr.shape[:2]
+        out = np.empty((n, size, size, 3), np.uint8)
+        for c in range(n):
+            x, y = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+            out[c], coords[c] = arr[y:y + size, x:x + size], (x, y)
+        return out, coords
+    return replay_crop(img, mode, size)[None].repeat(n, 0), coords
+
+
+def replay_crop(img: Image.Image, mode: str, size: int, xy: tuple[int, int] | None = None) -> np.ndarray:
+    """The (size, size, 3) uint8 crop that :func:`make_crops` made of ``img`` (``xy``: a random crop's corner)."""
+    img = _fit(img, mode, size)
+    w, h = img.size
+    if mode == "random":
+        if xy is None or not (0 <= xy[0] <= w - size and 0 <= xy[1] <= h - size):
+            raise ValueError(f"random crop corner {xy} does not fit a {size} px crop into a {w}x{h} image")
+        x, y = xy
+    else:
         x, y = (w - size) // 2, (h - size) // 2
-        return np.asarray(img.crop((x, y, x + size, y + size)))[None].repeat(n, 0), coords
-    arr = np.asarray(img)
-    out = np.empty((n, size, size, 3), np.uint8)
-    for c in range(n):
-        x, y = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-        out[c], coords[c] = arr[y:y + size, x:x + size], (x, y)
-    return out, coords
+    return np.asarray(img.crop((x, y, x + size, y + size)))
 
 
 def load_query_image(path: str | Path, size: int) -> Tensor:

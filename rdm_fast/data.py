@@ -1,0 +1,196 @@
+"""Training data of an RDM: the images of a training database, each with the context of its precomputed
+neighbours in the retrieval database (RDM_FACTS.md: neighbours found once in advance, the image itself excluded).
+
+Three inputs, all made by ``python -m rdm_fast.db``:
+
+* the *training database* (``db build`` over the training images): its entries are the training examples. Each
+  image is cut again exactly as it was cut when embedded (the build's crop mode and size, and the recorded
+  corner of random crops), then resized to the model's image size if that differs;
+* the *retrieval database* the model will later sample with (it may be the training database itself);
+* the *neighbours file* (``db neighbors RETRIEVAL --queries TRAINING --k K --out FILE``, or ``--exclude-self``
+  when both are one database): row i holds the ids of entry i's nearest retrieval entries.
+
+Contexts follow each model's layout (:mod:`rdm_fast.retrieval.context`): without a text token (imagenet, ffhq)
+the ``k_nn`` nearest neighbours; with one (rdm768) the image's own embedding in the text token's place (an image
+embedding stands in for a caption's, which is what lets these models train without paired text) followed by
+``k_nn`` neighbours; L2-normalised where the model expects it.
+
+:class:`TrainingOrder` fixes which entries every optimizer step sees, as a function of the seed and the global
+batch only, so a run gives the same batches on any number of processes and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from .config import RDMConfig
+from .retrieval.build import load_rgb, replay_crop
+from .retrieval.context import check_database_for_model
+from .retrieval.database import Database
+from .retrieval.neighbors import neighbor_files
+
+log = logging.getLogger("rdm_fast.data")
+
+
+def image_size(cfg: RDMConfig) -> int:
+    """The side of the images the model's first stage encodes to its latent."""
+    return cfg.image_size * cfg.first_stage_config.ddconfig.downsample_factor
+
+
+def load_neighbors(path: str | Path) -> np.ndarray:
+    """The (N, K) int64 neighbour ids of ``db neighbors`` (.npz with ``ids``, or .npy)."""
+    file = neighbor_files(path)[0]
+    if not file.is_file():
+        raise FileNotFoundError(f"neighbours file {file} does not exist (make it with python -m rdm_fast.db "
+                                "neighbors RETRIEVAL_DB --queries TRAINING_DB --k K --out FILE)")
+    try:
+        if file.suffix == ".npz":
+            with np.load(file, allow_pickle=False) as z:
+                ids = z["ids"]
+        else:
+            ids = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, KeyError, EOFError) as e:
+        raise ValueError(f"{file} is not a readable neighbours file ({e})") from None
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise ValueError(f"{file} holds {ids.dtype} {ids.shape}; expected (N, K) integer neighbour ids")
+    return ids
+
+
+class TrainingImages(Dataset):
+    """Entry ``i`` of a training database -> {"pixels": (3, S, S) uint8, "index": i, "ok": bool}.
+
+    ``ok`` is False (pixels zero) when the image cannot be read any more; the trainer leaves such entries out of
+    the loss and counts them. The database is opened lazily in each data-loader worker.
+    """
+
+    def __init__(self, db: Database, size: int, image_root: str | Path | None = None) -> None:
+        build = db.manifest.get("build") or {}
+        if build.get("kind") != "images" or not db.manifest.get("has_sources"):
+            raise ValueError(f"{db.path} was not built from image files (python -m rdm_fast.db build), so its "
+                             "entries have no images to train on")
+        root = image_root if image_root is not None else db.manifest.get("image_root")
+        self.path, self.size, self.root = db.path, size, Path(root) if root else None
+        self.crop, self.crop_size = build["crop"], int(build["crop_size"])
+        self.count = len(db)
+        if self.crop_size != size:
+            log.info("%s: its %d px crops are resized to the model's %d px images", db.path, self.crop_size, size)
+        self._db: Database | None = db
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getstate__(self) -> dict[str, Any]:  # workers open their own memory maps
+        return {**self.__dict__, "_db": None}
+
+    def _database(self) -> Database:
+        if self._db is None:
+            self._db = Database.open(self.path, backend="torch", device="cpu")
+        return self._db
+
+    def file(self, i: int) -> Path:
+        """The image file of entry ``i``."""
+        source = Path(self._database().sources([i])[0])
+        return source if source.is_absolute() or self.root is None else self.root / source
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            xy = tuple(int(v) for v in self._database().patch_coords([i])[0]) if self.crop == "random" else None
+            pixels = replay_crop(load_rgb(self.file(i)), self.crop, self.crop_size, xy)
+            if self.crop_size != self.size:
+                pixels = np.asarray(Image.fromarray(pixels).resize((self.size, self.size), Image.BICUBIC))
+            ok = True
+        except (OSError, ValueError) as e:  # missing, unreadable or changed since the database was built
+            log.warning("training entry %d cannot be used: %s", i, str(e).splitlines()[0][:300])
+            pixels, ok = np.zeros((self.size, self.size, 3), np.uint8), False
+        return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), "index": i, "ok": ok}
+
+
+class TrainingContexts:
+    """Contexts (B, tokens, D) float32 of training entries, in the model's layout (see the module docstring)."""
+
+    def __init__(self, cfg: RDMConfig, training_db: str | Path, retrieval_db: str | Path,
+                 neighbors: str | Path) -> None:
+        self.training = Database.open(training_db, backend="torch", device="cpu")
+        same = Path(retrieval_db).resolve() == self.training.path.resolve()
+        self.retrieval = self.training if same else Database.open(retrieval_db, backend="torch", device="cpu")
+        check_database_for_model(self.retrieval, cfg)
+        self.retrieval.check_encoder(self.training.encoder_name)
+        ids = load_neighbors(neighbors)
+        self.k = cfg.k_nn
+        if ids.shape[0] != len(self.training):
+            raise ValueError(f"{neighbors} holds neighbours of {ids.shape[0]} entries but {self.training.path} has "
+                             f"{len(self.training)}: compute them with --queries {self.training.path}")
+        if ids.shape[1] < self.k:
+            raise ValueError(f"{neighbors} holds {ids.shape[1]} neighbours per entry; the model's contexts take "
+                             f"{self.k} (k_nn): recompute them with --k {self.k} or more")
+        ids = np.asarray(ids[:, :self.k], np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.retrieval)):
+            raise ValueError(f"{neighbors} holds ids outside {self.retrieval.path}'s {len(self.retrieval)} entries: "
+                             "were they computed against another retrieval database?")
+        self.ids = torch.from_numpy(ids)
+        self.own = cfg.text_token
+        self.normalize = cfg.normalized_embeddings
+
+    def __call__(self, entries: Tensor) -> Tensor:
+        """Contexts of training entries ``entries`` (B,)."""
+        ctx = self.retrieval.embeddings(self.ids[entries])
+        if self.own:
+            ctx = torch.cat([self.training.embeddings(entries)[:, None], ctx], dim=1)
+        return F.normalize(ctx, dim=-1) if self.normalize else ctx
+
+
+class TrainingOrder(Sampler[int]):
+    """The entries this process reads, optimizer step after step, from ``start_step`` on.
+
+    Entries come in an endless stream of epochs, each a fresh permutation drawn from (seed, epoch). Step ``s``
+    consumes stream positions ``[s * G, (s + 1) * G)`` with G = ``batch * world * accumulate``; micro-batch ``a``
+    of rank ``r`` takes the ``batch`` positions starting at ``s * G + (a * world + r) * batch``. The batches of a
+    step therefore depend only on the seed and G, not on how G is split.
+    """
+
+    def __init__(self, n: int, *, seed: int, batch: int, world: int = 1, rank: int = 0, accumulate: int = 1,
+                 start_step: int = 0) -> None:
+        if n < 1:
+            raise ValueError("the training set is empty")
+        self.n, self.seed, self.batch, self.world, self.rank = n, seed, batch, world, rank
+        self.accumulate, self.start_step = accumulate, start_step
+        self._epoch, self._perm = -1, None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch * self.world * self.accumulate
+
+    def positions(self, first: int, count: int) -> Tensor:
+        """The entries at stream positions ``[first, first + count)``."""
+        out = []
+        while count:
+            epoch, offset = divmod(first, self.n)
+            if epoch != self._epoch:
+                gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
+                self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+            take = min(count, self.n - offset)
+            out.append(self._perm[offset:offset + take])
+            first, count = first + take, count - take
+        return torch.cat(out)
+
+    def micro_batch(self, step: int, micro: int) -> Tensor:
+        """The entries of micro-batch ``micro`` of optimizer step ``step`` on this rank."""
+        start = step * self.global_batch + (micro * self.world + self.rank) * self.batch
+        return self.positions(start, self.batch)
+
+    def __iter__(self) -> Iterator[int]:
+        step = self.start_step
+        while True:
+            for micro in range(self.accumulate):
+                yield from self.micro_batch(step, micro).tolist()
+            step += 1

@@ -1,0 +1,34 @@
+"""The training objective of the released RDMs (RDM_FACTS.md): noise a clean latent to a uniformly drawn timestep
+and regress the added noise, eps, with a mean squared error ("l_simple"; no ELBO term, no learned variance)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .schedule import Schedule
+
+
+def noised(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """A draw of q(x_t | x_0): ``sqrt(a_t) * x0 + sqrt(1 - a_t) * noise`` with a = alphas_cumprod (the square
+    roots taken in float64, then rounded to float32, as the reference stores them)."""
+    a = schedule.alphas_cumprod
+    scale = a.sqrt().float().to(x0.device)[t].view(-1, 1, 1, 1)
+    sigma = (1.0 - a).sqrt().float().to(x0.device)[t].view(-1, 1, 1, 1)
+    return scale * x0.float() + sigma * noise.float()
+
+
+def eps_losses(unet: nn.Module, schedule: Schedule, x0: Tensor, context: Tensor, t: Tensor,
+               noise: Tensor) -> Tensor:
+    """(B,) per-sample mean squared errors of the UNet's eps prediction at ``noised(x0, t, noise)``, in float32.
+    Their mean is the training loss; ``unet`` may be wrapped (DistributedDataParallel, torch.compile)."""
+    if not (x0.shape == noise.shape and t.shape == (x0.shape[0],) and context.shape[0] == x0.shape[0]):
+        raise ValueError(f"eps_losses: x0 {tuple(x0.shape)}, noise {tuple(noise.shape)}, t {tuple(t.shape)} and "
+                         f"context {tuple(context.shape)} must agree on the batch (and x0 and noise on the shape)")
+    eps = unet(noised(schedule, x0, t, noise), t, context)
+    return (eps.float() - noise.float()).square().flatten(1).mean(1)
+
+
+def uniform_timesteps(schedule: Schedule, n: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
+    """n timesteps drawn uniformly from {0, ..., T-1}."""
+    return torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=device)

@@ -1,0 +1,494 @@
+"""``python -m rdm_fast.train``: train an RDM's UNet on images and the CLIP embeddings of their neighbours.
+
+The objective is the released models' (eps prediction, MSE; :mod:`rdm_fast.diffusion.training`); the first-stage
+autoencoder is frozen and encodes each batch on the fly; the data is a training database, a retrieval database and
+precomputed neighbours (:mod:`rdm_fast.data`). One process or many: ``torchrun --nproc_per_node N -m
+rdm_fast.train ...`` runs data-parallel (DistributedDataParallel; NCCL on GPUs, Gloo on CPUs).
+
+Every step's batch, timesteps and noise are drawn from (``--seed``, step) for the whole global batch, so the run
+does not depend on how the global batch is split over processes and ``--accumulate`` micro-batches, and
+``--resume`` continues exactly where a checkpoint left off (also on another number of processes, as long as the
+global batch stays the same). AdamW (PyTorch defaults apart from ``--lr``, as the reference trains) updates float32
+weights; ``--bf16``/``--fp16`` run the forward and backward passes under autocast (fp16 with loss scaling).
+An exponential moving average of the weights follows LitEma (decay min(0.9999, (1 + n) / (10 + n)) at update n).
+
+``--out`` receives ``checkpoints/step_XXXXXXX/`` (each written under a temporary name and renamed, the newest
+named in ``latest``): ``model.safetensors`` + ``config.json`` hold the EMA weights with the first stage, in
+rdm_fast's format (``python -m rdm_fast.sample --ckpt`` takes the directory); ``train_weights.safetensors``,
+``optimizer.pt`` and ``state.json`` let training resume. Also ``log.jsonl`` (loss, learning rate, images/s),
+``run.json`` (the arguments) and ``samples/step_XXXXXXX.png`` (EMA samples of the first training contexts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import RDM
+from . import checkpoint as ckpt
+from ._cli import CLIError, pick_device, run
+from ._files import atomic_write, atomic_write_json
+from .config import RDMConfig, preset_names
+from .data import TrainingContexts, TrainingImages, TrainingOrder, image_size
+from .diffusion import eps_losses
+from .images import grid, save_png, to_uint8
+from .models.layers import official_names
+
+log = logging.getLogger("rdm_fast.train")
+
+LATEST = "latest"
+CHECKPOINTS = "checkpoints"
+TRAIN_WEIGHTS = "train_weights.safetensors"
+OPTIMIZER = "optimizer.pt"
+STATE = "state.json"
+# what fixes the batches and draws of every step: a resumed run must keep these ...
+RESUME_KEYS = ("seed", "global_batch", "training_db", "db", "neighbors", "training_entries")
+# ... and may change these (with a warning: the run is then not the one an uninterrupted run would be)
+CHANGEABLE_KEYS = ("lr", "weight_decay", "warmup", "cond_drop", "grad_clip", "ema_decay", "precision")
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+class EMA:
+    """An exponential moving average of a module's trainable weights, as LitEma keeps it: at the n-th update
+    (n from 1) ``shadow += (1 - d) * (weight - shadow)`` with ``d = min(decay, (1 + n) / (10 + n))``."""
+
+    def __init__(self, module: nn.Module, decay: float = 0.9999) -> None:
+        if not 0 <= decay <= 1:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay, self.updates = decay, 0
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().float().clone() for p in self._params(module)]
+
+    def _params(self, module: nn.Module) -> list[Tensor]:
+        params = dict(module.named_parameters())
+        return [params[n] for n in self.names]
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.float() for p in self._params(module)], 1.0 - d)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, tensors: dict[str, Tensor], updates: int) -> None:
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise ckpt.CheckpointError(f"the EMA weights lack {ckpt.describe(missing)}")
+        for n, s in zip(self.names, self.shadow):
+            s.copy_(tensors[n])
+        self.updates = updates
+
+    @contextlib.contextmanager
+    def applied(self, module: nn.Module) -> Iterator[None]:
+        """The module holds the averaged weights inside the block, its own ones again after it."""
+        params = self._params(module)
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in params]
+            torch._foreach_copy_(params, self.shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, kept)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+@dataclass
+class Processes:
+    """This process among the ``torchrun`` workers (a process group exists only when WORLD_SIZE > 1)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def start(cls, device: str) -> "Processes":
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "auto":
+            dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        else:
+            dev = pick_device(device)
+            if dev.type == "cuda" and dev.index is None:
+                dev = torch.device(f"cuda:{local}")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                                 timeout=timedelta(minutes=30))
+        return cls(rank, world, dev)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_sum(self, t: Tensor) -> Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- model
+def load_first_stage(model: RDM, path: str, allow_pickle: bool = False) -> None:
+    """Load the autoencoder weights of an official latent-diffusion autoencoder checkpoint, an official RDM
+    checkpoint (``first_stage_model.*``) or an rdm_fast file (``first_stage.*``) into ``model``."""
+    state, _ = ckpt.read_state_dict(Path(path), allow_pickle=allow_pickle)
+    ours = model.first_stage.state_dict()
+    official = official_names(model.first_stage)
+    for prefix, names in ((ckpt.FIRST_STAGE_PREFIX, official), ("first_stage.", {k: k for k in ours}),
+                          ("", official)):
+        if any(prefix + off in state for off in names.values()):
+            break
+    expected = {prefix + names[k]: tuple(v.shape) for k, v in ours.items()}
+    ckpt.match_state_dict(state, expected, f"{path} (first stage)")
+    model.first_stage.load_state_dict({k: state[prefix + names[k]] for k in ours})
+    log.info("loaded the first stage from %s", path)
+
+
+def build_model(args: argparse.Namespace) -> RDM:
+    """The model a fresh run starts from (``--init``, ``--first-stage`` or ``--random-init``), float32 on CPU."""
+    if args.init:
+        return RDM.from_pretrained(args.init, args.config, allow_pickle=args.allow_pickle)
+    torch.manual_seed(args.seed)
+    model = RDM.from_config(args.config)
+    if args.first_stage:
+        load_first_stage(model, args.first_stage, args.allow_pickle)
+    else:
+        log.warning("--random-init: the first stage is random too, so the latents mean nothing (smoke runs only)")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint ``out/latest`` names, if any."""
+    pointer = out / LATEST
+    if not pointer.is_file():
+        return None
+    path = out / CHECKPOINTS / pointer.read_text().strip()
+    if not (path / STATE).is_file():
+        raise ckpt.CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def save_checkpoint(out: Path, step: int, model: RDM, ema: EMA, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, run_info: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint ``step`` under a temporary name, rename it into place, point ``latest`` at it and remove
+    all but the newest ``keep`` checkpoints."""
+    from safetensors.torch import save_file
+
+    root = out / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    tmp, final = root / f".{name}.tmp", root / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    averaged = {k: v for k, v in model.state_dict().items()}
+    averaged.update({f"unet.{k}": v for k, v in ema.state_dict().items()})
+    ckpt.save_safetensors(averaged, model.config.to_dict(), tmp)
+    raw = {k: v.detach().contiguous().cpu() for k, v in model.unet.state_dict().items()}
+    atomic_write(tmp / TRAIN_WEIGHTS, lambda f: save_file(raw, f))
+    atomic_write(tmp / OPTIMIZER, lambda f: torch.save({"optimizer": optimizer.state_dict(),
+                                                         "scaler": scaler.state_dict()}, f))
+    atomic_write_json(tmp / STATE, {"step": step, "ema_updates": ema.updates, "run": run_info})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write(out / LATEST, lambda f: Path(f).write_text(name + "\n"), fsync=True)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: Path, model: RDM, ema: EMA, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """Restore the training weights, EMA, optimizer and loss scaler of checkpoint ``path``; returns its state."""
+    from safetensors.torch import load_file
+
+    state = json.loads((path / STATE).read_text())
+    averaged, _ = ckpt.read_state_dict(path / ckpt.WEIGHTS_FILE)
+    model.first_stage.load_state_dict({k[len("first_stage."):]: v for k, v in averaged.items()
+                                       if k.startswith("first_stage.")})
+    model.unet.load_state_dict(load_file(str(path / TRAIN_WEIGHTS)))
+    ema.load_state_dict({k[len("unet."):]: v for k, v in averaged.items() if k.startswith("unet.")},
+                        state["ema_updates"])
+    saved = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rdm_fast.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init", help="start from this RDM checkpoint (official .ckpt or rdm_fast; its EMA weights "
+                                      "when it has them): fine-tuning")
+    start.add_argument("--first-stage", help="train a new UNet of --config on this autoencoder: an official "
+                                             "latent-diffusion autoencoder .ckpt or any RDM checkpoint")
+    start.add_argument("--random-init", action="store_true", help="random UNet and first stage (smoke runs only)")
+    p.add_argument("--config", help=f"preset ({', '.join(preset_names())}) or config.yaml of the model "
+                                    "(with --init: default its own)")
+    p.add_argument("--training-db", required=True, help="database built from the training images (db build)")
+    p.add_argument("--db", required=True, help="retrieval database the neighbours come from")
+    p.add_argument("--neighbors", required=True, help="neighbour ids of every training entry (db neighbors)")
+    p.add_argument("--image-root", help="where the training images are now (default: the database's image_root)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, logs and samples")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps to train to (in all, when resuming)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per process and micro-batch")
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (PyTorch's default)")
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--cond-drop", type=float, default=0.0,
+                   help="probability of training on the all-zero (unconditional) context; the released models: 0")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", action="store_true", help="autocast the passes to bfloat16")
+    prec.add_argument("--fp16", action="store_true", help="autocast the passes to float16 (with loss scaling)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass")
+    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    p.add_argument("--preview", type=int, default=8, help="EMA samples drawn at each checkpoint (0: none)")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (this process's GPU, else the CPU), cpu or cuda")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "accumulate", "save_every", "keep", "log_every"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("warmup", "preview", "workers"):
+        if getattr(args, name) < 0:
+            raise CLIError(f"--{name} must be at least 0, got {getattr(args, name)}")
+    if not args.lr > 0 or args.weight_decay < 0 or args.grad_clip < 0:
+        raise CLIError("--lr must be positive, --weight-decay and --grad-clip non-negative")
+    if not 0 <= args.cond_drop < 1:
+        raise CLIError(f"--cond-drop is a probability in [0, 1), got {args.cond_drop}")
+    if not 0 <= args.ema_decay <= 1:
+        raise CLIError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def step_draws(seed: int, step: int, n: int, model: RDM, device: torch.device) -> dict[str, Tensor]:
+    """The timesteps, noise, posterior noise (KL first stages) and context-drop draws of a whole global batch of
+    ``n`` images at optimizer step ``step``: a function of (seed, step) only."""
+    cfg = model.config
+    gen = torch.Generator(device).manual_seed(_seed(seed, step))
+    shape = (n, cfg.channels, cfg.image_size, cfg.image_size)
+    return {"t": torch.randint(0, model.schedule.num_timesteps, (n,), generator=gen, device=device),
+            "noise": torch.randn(shape, generator=gen, device=device),
+            "posterior": torch.randn(shape, generator=gen, device=device),
+            "drop": torch.rand(n, generator=gen, device=device)}
+
+
+def learning_rate(args: argparse.Namespace, step: int) -> float:
+    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    out = Path(args.out)
+    resume_from = latest_checkpoint(out) if out.exists() else None
+    if resume_from is not None and not args.resume:
+        raise CLIError(f"{out} holds a run ({resume_from.name}): pass --resume to continue it, or another --out")
+    if args.resume and resume_from is None:
+        raise CLIError(f"--resume: {out} has no checkpoint to continue from")
+    if resume_from is None and not (args.init or args.first_stage or args.random_init):
+        raise CLIError("a new run needs --init, --first-stage or --random-init")
+    if not (args.init or resume_from) and not args.config:
+        raise CLIError("--config is needed unless the run starts from --init or resumes")
+    procs = Processes.start(args.device)
+    try:
+        return _train(args, out, resume_from, procs)
+    finally:
+        procs.close()
+
+
+def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes) -> int:
+    device = procs.device
+    if resume_from is not None:
+        model = RDM.from_pretrained(resume_from)
+        if args.config and RDMConfig.resolve(args.config).to_dict() != model.config.to_dict():
+            raise CLIError(f"--config differs from the config of {resume_from}")
+    else:
+        model = build_model(args)
+    cfg = model.config
+    model = model.to(device, torch.float32)
+    model.first_stage.requires_grad_(False).eval()
+    unet = model.unet.train()
+    unet.gradient_checkpointing = args.grad_checkpoint
+
+    contexts = TrainingContexts(cfg, args.training_db, args.db, args.neighbors)
+    images = TrainingImages(contexts.training, image_size(cfg), args.image_root)
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    global_batch = args.batch_size * procs.world * args.accumulate
+    run_info = {"seed": args.seed, "global_batch": global_batch, "lr": args.lr, "weight_decay": args.weight_decay,
+                "warmup": args.warmup, "cond_drop": args.cond_drop, "grad_clip": args.grad_clip,
+                "ema_decay": args.ema_decay, "precision": precision,
+                "training_db": str(Path(args.training_db).resolve()), "db": str(Path(args.db).resolve()),
+                "neighbors": str(Path(args.neighbors).resolve()), "training_entries": len(images),
+                "batch_size": args.batch_size, "processes": procs.world, "accumulate": args.accumulate,
+                "config": cfg.to_dict()}
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
+    ema = EMA(unet, args.ema_decay)
+    start = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, ema, optimizer, scaler)
+        before = state["run"]
+        changed = [f"{k} {before.get(k)!r} -> {run_info[k]!r}" for k in RESUME_KEYS if before.get(k) != run_info[k]]
+        if changed:
+            raise CLIError(f"--resume: the run in {out} was made with other data or draws: {'; '.join(changed)}")
+        changed = [f"{k} {before.get(k)!r} -> {run_info[k]!r}" for k in CHANGEABLE_KEYS
+                   if before.get(k) != run_info[k]]
+        if changed:
+            log.warning("resuming with changed settings: %s", "; ".join(changed))
+        for group in optimizer.param_groups:  # the optimizer's state carries the old ones
+            group["weight_decay"] = args.weight_decay
+        start = state["step"]
+        log.info("resuming from %s at step %d", resume_from, start)
+    if start >= args.steps:
+        log.info("%s is already at step %d of --steps %d", out, start, args.steps)
+        return 0
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "run.json", {**run_info, "args": vars(args)})
+
+    ddp = unet if procs.world == 1 else nn.parallel.DistributedDataParallel(
+        unet, device_ids=[device.index] if device.type == "cuda" else None)
+    order = TrainingOrder(len(images), seed=args.seed, batch=args.batch_size, world=procs.world, rank=procs.rank,
+                          accumulate=args.accumulate, start_step=start)
+    loader = iter(torch.utils.data.DataLoader(images, batch_size=args.batch_size, sampler=order,
+                                              num_workers=args.workers, pin_memory=device.type == "cuda",
+                                              persistent_workers=args.workers > 0))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16,
+                              enabled=args.bf16 or args.fp16)
+    preview = contexts(torch.arange(min(args.preview, len(images)))) if args.preview else None
+    log.info("training %s steps %d -> %d: global batch %d (%d processes x %d x %d micro-batches), %s on %s",
+             f"{sum(p.numel() for p in unet.parameters()):,}-parameter UNet", start, args.steps, global_batch,
+             procs.world, args.batch_size, args.accumulate, precision, device)
+
+    loss_sum = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, images) since the last log
+    unreadable = 0
+    tick, ticked = time.perf_counter(), start
+    bar = tqdm(total=args.steps, initial=start, desc="training", unit="step",
+               disable=args.no_progress or not procs.main)
+    for step in range(start, args.steps):
+        draws = step_draws(args.seed, step, global_batch, model, device)
+        for micro in range(args.accumulate):
+            batch = next(loader)
+            rows = slice((micro * procs.world + procs.rank) * args.batch_size,
+                         (micro * procs.world + procs.rank + 1) * args.batch_size)
+            ok = batch["ok"].to(device)
+            unreadable += int((~batch["ok"]).sum())
+            pixels = batch["pixels"].to(device, non_blocking=True).float() / 127.5 - 1.0
+            context = contexts(batch["index"]).to(device, non_blocking=True)
+            context = context * (draws["drop"][rows] >= args.cond_drop)[:, None, None]
+            with torch.no_grad(), autocast:
+                x0 = model.encode(pixels, noise=draws["posterior"][rows])
+            sync = contextlib.nullcontext() if micro == args.accumulate - 1 or ddp is unet else ddp.no_sync()
+            with sync:
+                with autocast:
+                    losses = eps_losses(ddp, model.schedule, x0, context, draws["t"][rows], draws["noise"][rows])
+                losses = losses * ok  # unreadable images (zeros) take no part
+                # the mean over the global batch: DDP averages the ranks' gradients
+                scaler.scale(losses.sum() / (args.batch_size * args.accumulate)).backward()
+            loss_sum += torch.stack([losses.detach().sum().double(), ok.sum().double()])
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args, step)
+        if args.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(unet)
+        done = step + 1
+        bar.update(1)
+        if done % args.log_every == 0 or done == args.steps:
+            total = procs.all_sum(loss_sum.clone()).tolist()
+            now = time.perf_counter()
+            record = {"step": done, "loss": total[0] / max(total[1], 1.0), "lr": learning_rate(args, step),
+                      "images_per_s": (done - ticked) * global_batch / (now - tick),
+                      "unreadable": int(procs.all_sum(torch.tensor([unreadable], device=device)).item())}
+            if not math.isfinite(record["loss"]):
+                raise RuntimeError(f"the loss is {record['loss']} at step {done}: lower --lr, or train in bf16 "
+                                   "instead of fp16")
+            loss_sum.zero_()
+            tick, ticked = now, done
+            if procs.main:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if done % args.save_every == 0 or done == args.steps:
+            if procs.main:
+                path = save_checkpoint(out, done, model, ema, optimizer, scaler, run_info, args.keep)
+                if preview is not None:
+                    _preview(model, ema, preview, out / "samples" / f"step_{done:07d}.png", args.seed)
+                log.info("step %d: checkpoint %s", done, path)
+            procs.barrier()
+    bar.close()
+    if unreadable:
+        log.warning("%d training images could not be read and were left out of the loss", unreadable)
+    log.info("done: %s (sample with python -m rdm_fast.sample --ckpt %s ...)", latest_checkpoint(out),
+             latest_checkpoint(out))
+    return 0
+
+
+def _preview(model: RDM, ema: EMA, context: Tensor, file: Path, seed: int) -> None:
+    """Samples of the EMA weights for fixed contexts and noise (comparable from checkpoint to checkpoint)."""
+    s = model.config.sampling
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with ema.applied(model.unet):
+        model.unet.eval()
+        try:
+            z = model.sample(context, steps=s.steps, sampler=s.sampler, eta=s.eta, guidance_scale=s.guidance_scale,
+                             generator=torch.Generator().manual_seed(seed), cuda_graph=False, channels_last=False)
+            pixels = to_uint8(model.decode(z))
+        finally:
+            model.unet.train()
+    save_png(grid(pixels), file)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

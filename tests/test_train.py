@@ -1,0 +1,369 @@
+"""Training: the objective against a hand computation, the data (crops replayed exactly, contexts in each model's
+layout, a step's batch independent of how it is split), the EMA, checkpoints that resume bit for bit, gradient
+accumulation and a 2-process torchrun run against one process, loss going down, and the entry point's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from test_database import TinyEncoder
+from rdm_fast import RDM, RDMConfig
+from rdm_fast import train
+from rdm_fast.checkpoint import CheckpointError
+from rdm_fast.data import TrainingContexts, TrainingImages, TrainingOrder, image_size
+from rdm_fast.diffusion import Schedule, eps_losses, noised
+from rdm_fast.models.layers import official_names
+from rdm_fast.retrieval import Database, build_database, compute_neighbors, save_neighbors
+from rdm_fast.retrieval.build import make_crops, replay_crop
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+
+
+def _config(path: Path, text_token: bool = True) -> Path:
+    """The tiny preset with 16-d contexts (the test encoder's), as a config.yaml."""
+    tree = RDMConfig.preset("tiny").to_dict()
+    tree["model"]["params"]["unet_config"]["params"]["context_dim"] = TinyEncoder.dim
+    tree["model"]["params"]["text_token"] = text_token
+    tree["model"]["params"]["normalized_embeddings"] = text_token
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """12 images of varied sizes, a training database of random 32 px crops of them (also the retrieval
+    database), each entry's 3 nearest other entries, and the configs."""
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    (root / "imgs").mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (30 + 2 * i, 48 - i, 3), np.uint8)).save(root / "imgs" / f"i{i}.png")
+    build_database(root / "db", encoder=TinyEncoder(), images=root / "imgs", crop="random", crop_size=32,
+                   batch_size=4, workers=0, device="cpu", progress=False)
+    db = Database.open(root / "db", backend="torch", device="cpu")
+    ids, scores = compute_neighbors(db, k=3, exclude_self=True, progress=False)
+    save_neighbors(root / "nn.npz", ids, scores)
+    return {"root": root, "db": root / "db", "nn": root / "nn.npz", "ids": ids,
+            "cfg": _config(root / "cfg.yaml"), "cfg_plain": _config(root / "cfg_plain.yaml", text_token=False)}
+
+
+def _args(setup, out: Path, *extra: str, steps: int = 4, batch: int = 4) -> list[str]:
+    return ["--training-db", str(setup["db"]), "--db", str(setup["db"]), "--neighbors", str(setup["nn"]),
+            "--out", str(out), "--steps", str(steps), "--batch-size", str(batch), "--workers", "0",
+            "--log-every", "2", "--save-every", "2", "--preview", "0", "--no-progress", "--device", "cpu", *extra]
+
+
+def _fresh(setup, out: Path, *extra: str, **kw) -> list[str]:
+    return _args(setup, out, "--random-init", "--config", str(setup["cfg"]), *extra, **kw)
+
+
+def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / f"step_{step:07d}" / train.TRAIN_WEIGHTS))
+
+
+def _same_run(a: dict, b: dict, steps: int, lr: float = 1e-4) -> None:
+    """Two runs' weights agree up to summation order. Adam moves a weight by about lr per step whatever its
+    gradient's size, so weights whose gradients are rounding noise (a bias right before a GroupNorm of one channel
+    per group has a gradient of exactly zero in exact arithmetic) differ by a fraction of that: allow 1 %."""
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 0.01 * steps * lr, worst
+    total = sum(float((a[k] - b[k]).square().sum()) for k in a) / sum(float(b[k].square().sum()) for k in a)
+    assert total ** 0.5 <= 1e-6, total ** 0.5
+
+
+# ---------------------------------------------------------------------------------------------- objective
+def test_noised_and_eps_losses_by_hand():
+    sched = Schedule.linear(0.0015, 0.0195)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    t = torch.tensor([0, 500, 999])
+    ac = np.cumprod(1 - np.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000) ** 2)
+    want = (np.sqrt(ac[t.numpy()])[:, None, None, None] * x0.double().numpy()
+            + np.sqrt(1 - ac[t.numpy()])[:, None, None, None] * noise.double().numpy())
+    np.testing.assert_allclose(noised(sched, x0, t, noise).numpy(), want, rtol=1e-6, atol=1e-6)
+
+    seen = {}
+
+    def unet(x, tt, ctx):  # a stand-in denoiser: the loss is then known in closed form
+        seen.update(x=x, t=tt, ctx=ctx)
+        return 0.5 * x
+
+    ctx = torch.randn(3, 2, 7, generator=g)
+    losses = eps_losses(unet, sched, x0, ctx, t, noise)
+    expected = ((0.5 * torch.from_numpy(want) - noise.double()) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(losses.double(), expected, rtol=1e-5, atol=1e-6)
+    assert seen["t"] is t and seen["ctx"] is ctx
+    with pytest.raises(ValueError, match="must agree"):
+        eps_losses(unet, sched, x0, ctx[:2], t, noise)
+
+
+def test_ema_follows_litema():
+    model = torch.nn.Linear(3, 2)
+    ema = train.EMA(model, decay=0.9999)
+    shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n_update in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        d = min(0.9999, (1 + n_update) / (10 + n_update))
+        for n, p in model.named_parameters():
+            shadow[n] = shadow[n] - (1 - d) * (shadow[n] - p.detach())
+    for n, s in ema.state_dict().items():
+        torch.testing.assert_close(s, shadow[n], rtol=1e-6, atol=1e-7)
+    raw = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.applied(model):
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), shadow[n], rtol=1e-6, atol=1e-7)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), raw[n])
+
+
+def test_encode_takes_posterior_noise():
+    model = RDM.from_config("tiny")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mean, logvar = model.first_stage.quant_conv(model.first_stage.encoder(images)).chunk(2, dim=1)
+        want = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise) * model.config.scale_factor
+        torch.testing.assert_close(model.encode(images, noise=noise), want)
+        with pytest.raises(ValueError, match="latent's shape"):
+            model.encode(images, noise=noise[:1])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = RDM.from_config("tiny").train()
+    for p in model.unet.parameters():  # no zero-initialised layers: every gradient is non-trivial
+        torch.nn.init.normal_(p, std=0.05)
+    x, ctx, t = torch.randn(2, 4, 16, 16), torch.randn(2, 3, 64), torch.tensor([3, 700])
+    grads = []
+    for flag in (False, True):
+        model.unet.zero_grad()
+        model.unet.gradient_checkpointing = flag
+        model.unet(x, t, ctx).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.unet.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+# ---------------------------------------------------------------------------------------------- data
+@pytest.mark.parametrize("mode", ["random", "center", "none"])
+def test_replay_crop_matches_make_crops(mode):
+    rng = np.random.default_rng(3)
+    for shape in [(50, 40), (20, 70), (32, 32)]:
+        img = Image.fromarray(rng.integers(0, 256, (*shape, 3), np.uint8))
+        crops, coords = make_crops(img, mode, 32, 3, np.random.default_rng(5))
+        for crop, xy in zip(crops, coords):
+            again = replay_crop(img, mode, 32, tuple(int(v) for v in xy) if mode == "random" else None)
+            assert np.array_equal(again, crop)
+    if mode == "random":
+        with pytest.raises(ValueError, match="does not fit"):
+            replay_crop(img, mode, 32, (5, 0))
+
+
+def test_training_images_are_the_embedded_crops(setup):
+    """The replayed crops embed to the vectors stored in the database: they are the images that were embedded."""
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    images = TrainingImages(db, 32)
+    batch = torch.stack([images[i]["pixels"] for i in range(len(images))]).float() / 127.5 - 1
+    got = TinyEncoder().encode_images(batch)
+    torch.testing.assert_close(got, db.embeddings(torch.arange(len(db))), rtol=2e-3, atol=2e-3)
+    resized = TrainingImages(db, 16)[0]["pixels"]
+    assert resized.shape == (3, 16, 16) and resized.dtype == torch.uint8
+
+
+def test_training_images_report_unreadable_files(setup, tmp_path):
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    images = TrainingImages(db, 32, image_root=tmp_path)  # the images are not there
+    item = images[3]
+    assert item["ok"] is False and item["index"] == 3 and int(item["pixels"].sum()) == 0
+
+
+@pytest.mark.parametrize("text_token", [True, False])
+def test_training_contexts_follow_the_model_layout(setup, text_token):
+    cfg = RDMConfig.resolve(setup["cfg"] if text_token else setup["cfg_plain"])
+    contexts = TrainingContexts(cfg, setup["db"], setup["db"], setup["nn"])
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    vectors = torch.from_numpy(np.concatenate([np.asarray(s, np.float32) for s in db.shard_arrays]))
+    entries = torch.tensor([5, 0, 11])
+    got = contexts(entries)
+    nn = setup["ids"][entries]
+    want = torch.cat([vectors[entries][:, None], vectors[nn]], 1) if text_token else vectors[nn]
+    if text_token:
+        want = F.normalize(want, dim=-1)
+    assert got.shape == (3, cfg.context_tokens, 16)
+    torch.testing.assert_close(got, want)
+    assert not (nn == entries[:, None]).any()  # the entry itself is never its own neighbour
+
+
+def test_training_contexts_errors(setup, tmp_path):
+    cfg = RDMConfig.resolve(setup["cfg"])
+    ids = setup["ids"].numpy()
+    for name, bad, match in [("short.npz", ids[:5], "neighbours of 5 entries"),
+                             ("narrow.npz", ids[:, :2], "2 neighbours per entry"),
+                             ("range.npz", ids + 100, "outside")]:
+        np.savez(tmp_path / name, ids=bad, scores=np.zeros(bad.shape, np.float32))
+        with pytest.raises(ValueError, match=match):
+            TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="db neighbors"):
+        TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="expects 64-d"):
+        TrainingContexts(RDMConfig.preset("tiny"), setup["db"], setup["db"], setup["nn"])
+
+
+def test_training_order_is_independent_of_the_split():
+    n, seed = 23, 7
+    whole = TrainingOrder(n, seed=seed, batch=12)
+    for step in range(5):  # 60 positions: the stream crosses epoch boundaries
+        want = whole.micro_batch(step, 0)
+        for world, accumulate in [(2, 1), (3, 2), (1, 4)]:
+            batch = 12 // (world * accumulate)
+            parts = [TrainingOrder(n, seed=seed, batch=batch, world=world, rank=r, accumulate=accumulate)
+                     .micro_batch(step, a) for a in range(accumulate) for r in range(world)]
+            assert torch.equal(torch.cat(parts), want)
+    stream = whole.positions(0, 3 * n)
+    for e in range(3):  # every epoch is a permutation, and epochs differ
+        assert sorted(stream[e * n:(e + 1) * n].tolist()) == list(range(n))
+    assert not torch.equal(stream[:n], stream[n:2 * n])
+    resumed = iter(TrainingOrder(n, seed=seed, batch=4, accumulate=2, start_step=3))
+    assert [next(resumed) for _ in range(8)] == TrainingOrder(n, seed=seed, batch=8).micro_batch(3, 0).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def test_training_lowers_the_loss(setup, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(_fresh(setup, out, "--lr", "2e-3", steps=30, batch=6) + ["--log-every", "10"]) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_resume_is_bit_exact_and_checkpoints_sample(setup, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(_fresh(setup, straight, "--keep", "5", "--preview", "2")) == 0
+    assert train.main(_fresh(setup, split, steps=2)) == 0
+    with pytest.raises(train.CLIError, match="--resume"):
+        train.main(_fresh(setup, split))
+    assert train.main(_args(setup, split, "--resume")) == 0
+    for name in (train.TRAIN_WEIGHTS, "model.safetensors"):
+        a = load_file(str(straight / "checkpoints" / "step_0000004" / name))
+        b = load_file(str(split / "checkpoints" / "step_0000004" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "latest").read_text().strip() == "step_0000004"
+    assert (straight / "samples" / "step_0000004.png").is_file()
+    state = json.loads((straight / "checkpoints" / "step_0000004" / train.STATE).read_text())
+    assert state["step"] == 4 and state["ema_updates"] == 4
+
+    # the checkpoint is a model: the sampler loads it (EMA weights) and draws from it
+    model = RDM.from_pretrained(straight / "checkpoints" / "step_0000004")
+    ema = load_file(str(straight / "checkpoints" / "step_0000004" / "model.safetensors"))
+    assert torch.equal(model.unet.input_conv.weight, ema["unet.input_conv.weight"])
+    assert not torch.equal(ema["unet.out_conv.weight"], _weights(straight, 4)["out_conv.weight"])
+    from rdm_fast import sample
+    np.save(tmp_path / "ctx.npy", np.random.randn(2, 4, 16).astype(np.float32))
+    assert sample.main(["--ckpt", str(straight / "checkpoints" / "step_0000004"), "--context-file",
+                        str(tmp_path / "ctx.npy"), "--out", str(tmp_path / "samples"), "--steps", "2",
+                        "--device", "cpu"]) == 0
+    assert (tmp_path / "samples" / "grid.png").is_file()
+
+
+def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(_fresh(setup, out, steps=2)) == 0
+    with pytest.raises(train.CLIError, match="global_batch"):
+        train.main(_args(setup, out, "--resume", batch=2))
+    with pytest.raises(train.CLIError, match="--config differs"):
+        train.main(_args(setup, out, "--resume", "--config", str(setup["cfg_plain"])))
+    assert train.main(_args(setup, out, "--resume", steps=2)) == 0  # already there: nothing to do
+    with pytest.raises(train.CLIError, match="no checkpoint"):
+        train.main(_args(setup, tmp_path / "empty", "--resume"))
+    with pytest.raises(train.CLIError, match="--init, --first-stage or --random-init"):
+        train.main(_args(setup, tmp_path / "new"))
+
+
+def test_accumulation_equals_one_large_batch(setup, tmp_path):
+    assert train.main(_fresh(setup, tmp_path / "one", steps=2, batch=4)) == 0
+    assert train.main(_fresh(setup, tmp_path / "acc", "--accumulate", "2", steps=2, batch=2)) == 0
+    _same_run(_weights(tmp_path / "acc", 2), _weights(tmp_path / "one", 2), steps=2)
+
+
+def test_torchrun_two_processes_match_one(setup, tmp_path):
+    assert train.main(_fresh(setup, tmp_path / "one", steps=2, batch=4)) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = subprocess.run([*torchrun, "-m", "rdm_fast.train", *_fresh(setup, tmp_path / "two", steps=2, batch=2)],
+                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+    _same_run(_weights(tmp_path / "two", 2), _weights(tmp_path / "one", 2), steps=2)
+
+
+def test_context_drop_zeroes_whole_contexts(setup, tmp_path, monkeypatch):
+    seen = []
+    real = train.eps_losses
+
+    def spy(unet, schedule, x0, context, t, noise):
+        seen.append(context.detach().clone())
+        return real(unet, schedule, x0, context, t, noise)
+
+    monkeypatch.setattr(train, "eps_losses", spy)
+    assert train.main(_fresh(setup, tmp_path / "run", "--cond-drop", "0.5", steps=3, batch=4)) == 0
+    rows = torch.cat(seen).flatten(1)
+    dropped = (rows == 0).all(1)
+    assert 0 < int(dropped.sum()) < len(rows)  # 12 draws at p = 0.5 (fixed seed): some of each
+    assert bool((rows[~dropped] != 0).all())
+
+
+def test_first_stage_from_checkpoints(tmp_path):
+    source = RDM.from_config("tiny")
+    for p in source.first_stage.parameters():
+        torch.nn.init.normal_(p)
+    names = official_names(source.first_stage)
+    ae = {names[k]: v for k, v in source.first_stage.state_dict().items()}
+    layouts = {"ldm_autoencoder.ckpt": {**ae, "loss.logvar": torch.zeros(())},
+               "rdm_official.ckpt": {f"first_stage_model.{k}": v for k, v in ae.items()},
+               "rdm_fast.safetensors": None}
+    source.save_pretrained(tmp_path / "own")
+    for name, state in layouts.items():
+        path = tmp_path / "own" / "model.safetensors" if state is None else tmp_path / name
+        if state is not None:
+            torch.save({"state_dict": state}, path)
+        target = RDM.from_config("tiny")
+        train.load_first_stage(target, str(path))
+        for k, v in source.first_stage.state_dict().items():
+            assert torch.equal(target.first_stage.state_dict()[k], v), (name, k)
+    torch.save({k: v for k, v in ae.items() if not k.startswith("decoder.")}, tmp_path / "partial.ckpt")
+    with pytest.raises(CheckpointError, match="missing"):
+        train.load_first_stage(RDM.from_config("tiny"), str(tmp_path / "partial.ckpt"))
+
+
+def test_image_size_of_the_presets():
+    assert image_size(RDMConfig.preset("imagenet")) == 256
+    assert image_size(RDMConfig.preset("rdm768")) == 768
+    assert image_size(RDMConfig.preset("tiny")) == 32
+
+
+def test_mixed_precision_runs_track_float32(setup, tmp_path):
+    """bf16 autocast (with gradient checkpointing, clipping and warm-up on) follows the float32 run's losses."""
+    extra = ("--grad-clip", "1.0", "--warmup", "2")
+    assert train.main(_fresh(setup, tmp_path / "fp32", *extra, steps=2)) == 0
+    assert train.main(_fresh(setup, tmp_path / "bf16", *extra, "--bf16", "--grad-checkpoint", steps=2)) == 0
+    logs = [json.loads((tmp_path / r / "log.jsonl").read_text().splitlines()[-1]) for r in ("fp32", "bf16")]
+    assert logs[0]["lr"] == logs[1]["lr"] == 1e-4
+    assert abs(logs[1]["loss"] - logs[0]["loss"]) <= 2e-2 * logs[0]["loss"], logs
+    assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "bf16", 2).values())
