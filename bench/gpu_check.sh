@@ -7,7 +7,8 @@
 #      timings of rdm_fast (graph / eager) against the eager SDPA peer, a per-kernel and a per-module breakdown;
 #      then bench/gpu_tune.py (GroupNorm tunables, the fused GEGLU projection vs GEMM + gating per level, attention
 #      per level vs SDPA, add_bias tunables, upsample variants; GPU_CHECK_TUNE=0 skips it);
-#   4. the tests that need the extension or whole models (CUDA GroupNorm, UNet vs oracle, graph sampling);
+#   4. the tests that need the extension or whole models (CUDA GroupNorm, UNet vs oracle, graph sampling,
+#      training steps);
 #   5. per-op pytest-benchmark suites with their PyTorch baselines (cross-attention, glue, GroupNorm; `full`
 #      adds self-attention and search);
 #   6. in the time left, the torch.compile peer of the guided step (minutes of compilation per model).
@@ -58,7 +59,7 @@ fi
 
 # 4. tests that need the extension or whole models
 timeout "$(limit 80)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_group_norm.py \
-  tests/test_cuda_sampling.py tests/test_models.py -k "cuda or graph or sync or reproducible or eager" \
+  tests/test_cuda_sampling.py tests/test_models.py tests/test_train.py -k "cuda or graph or sync or reproducible or eager" \
   > "$OUT/tests_models.log" 2>&1
 echo "model tests rc=$? at $SECONDS s" >> "$OUT/tests_models.log"
 grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests_models.log"

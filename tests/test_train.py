@@ -367,3 +367,18 @@ def test_mixed_precision_runs_track_float32(setup, tmp_path):
     assert logs[0]["lr"] == logs[1]["lr"] == 1e-4
     assert abs(logs[1]["loss"] - logs[0]["loss"]) <= 2e-2 * logs[0]["loss"], logs
     assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "bf16", 2).values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_training_tracks_the_cpu_run(setup, tmp_path, precision):
+    """Two steps on the GPU (our Triton attention forward and backward; cuDNN convolutions with TF32) give the
+    CPU run's losses, and the checkpoint's preview sampling runs there."""
+    extra = () if precision == "fp32" else ("--bf16",)
+    assert train.main(_fresh(setup, tmp_path / "cpu", *extra, steps=2)) == 0
+    args = _fresh(setup, tmp_path / "gpu", *extra, "--preview", "2", steps=2)
+    args[args.index("--device") + 1] = "cuda"
+    assert train.main(args) == 0
+    logs = [json.loads((tmp_path / r / "log.jsonl").read_text().splitlines()[-1]) for r in ("cpu", "gpu")]
+    assert abs(logs[1]["loss"] - logs[0]["loss"]) <= 2e-2 * logs[0]["loss"], logs
+    assert (tmp_path / "gpu" / "samples" / "step_0000002.png").is_file()
