@@ -47,6 +47,11 @@ def image_size(cfg: RDMConfig) -> int:
     return cfg.image_size * cfg.first_stage_config.ddconfig.downsample_factor
 
 
+def derived_seed(*parts: int) -> int:
+    """A 32-bit seed mixed from integers (numpy's SeedSequence): independent streams per (seed, epoch), (seed, step)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 def load_neighbors(path: str | Path) -> np.ndarray:
     """The (N, K) int64 neighbour ids of ``db neighbors`` (.npz with ``ids``, or .npy)."""
     file = neighbor_files(path)[0]
@@ -176,7 +181,7 @@ class TrainingOrder(Sampler[int]):
         while count:
             epoch, offset = divmod(first, self.n)
             if epoch != self._epoch:
-                gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
+                gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
                 self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
             take = min(count, self.n - offset)
             out.append(self._perm[offset:offset + take])

@@ -35,7 +35,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -45,7 +44,7 @@ from . import checkpoint as ckpt
 from ._cli import CLIError, pick_device, run
 from ._files import atomic_write, atomic_write_json
 from .config import RDMConfig, preset_names
-from .data import TrainingContexts, TrainingImages, TrainingOrder, image_size
+from .data import TrainingContexts, TrainingImages, TrainingOrder, derived_seed, image_size
 from .diffusion import eps_losses
 from .images import grid, save_png, to_uint8
 from .models.layers import official_names
@@ -303,15 +302,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
 def step_draws(seed: int, step: int, n: int, model: RDM, device: torch.device) -> dict[str, Tensor]:
     """The timesteps, noise, posterior noise (KL first stages) and context-drop draws of a whole global batch of
     ``n`` images at optimizer step ``step``: a function of (seed, step) only."""
     cfg = model.config
-    gen = torch.Generator(device).manual_seed(_seed(seed, step))
+    gen = torch.Generator(device).manual_seed(derived_seed(seed, step))
     shape = (n, cfg.channels, cfg.image_size, cfg.image_size)
     return {"t": torch.randint(0, model.schedule.num_timesteps, (n,), generator=gen, device=device),
             "noise": torch.randn(shape, generator=gen, device=device),
@@ -419,6 +414,10 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
             batch = next(loader)
             rows = slice((micro * procs.world + procs.rank) * args.batch_size,
                          (micro * procs.world + procs.rank + 1) * args.batch_size)
+            if step == start and micro == 0 and not batch["ok"].any():
+                first = images.file(int(batch["index"][0]))
+                raise CLIError(f"none of the first batch's images can be read, e.g. {first}: if the images have "
+                               "moved, pass --image-root")
             ok = batch["ok"].to(device)
             unreadable += int((~batch["ok"]).sum())
             pixels = batch["pixels"].to(device, non_blocking=True).float() / 127.5 - 1.0
