@@ -10,7 +10,7 @@
 #   4. the tests that need the extension or whole models (CUDA GroupNorm, UNet vs oracle, graph sampling,
 #      training steps);
 #   5. per-op pytest-benchmark suites with their PyTorch baselines (cross-attention, glue, GroupNorm; `full`
-#      adds self-attention and search);
+#      adds self-attention, search and the training step);
 #   6. in the time left, the torch.compile peer of the guided step (minutes of compilation per model).
 # $OUT gets at most 8 files (what the device tool returns): gpu.txt, log.txt (build, step script, compile peer),
 # tests.txt, step.txt, kernels_<preset>.txt (two), tune.txt, bench.txt (the pytest-benchmark table).
@@ -67,7 +67,7 @@ cat "$OUT/tests_models.log" >> "$OUT/tests.txt"; rm "$OUT/tests_models.log"
 
 # 5. per-op benchmarks (PyTorch baselines in the same run)
 BENCHES="bench/bench_cross_attention.py bench/bench_glue.py bench/bench_ops.py"
-[ "${1:-}" = full ] && BENCHES="$BENCHES bench/bench_attention.py bench/bench_search.py"
+[ "${1:-}" = full ] && BENCHES="$BENCHES bench/bench_attention.py bench/bench_search.py bench/bench_train.py"
 COLS="--benchmark-columns=median,min,rounds --benchmark-group-by=group --benchmark-sort=name"
 if [ "$(left)" -gt 60 ]; then
   timeout "$(limit 200)" $PY -m pytest -q -p no:cacheprovider $BENCHES --benchmark-only $COLS \

@@ -50,6 +50,21 @@ def ema_name(official_unet_name: str) -> str:
     return EMA_PREFIX + ("diffusion_model." + official_unet_name).replace(".", "")
 
 
+def resolve_file(path: str | Path) -> Path:
+    """A checkpoint file given as itself or as a directory: rdm_fast's (``model.safetensors``) or an official
+    release folder holding a single ``.ckpt``."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / WEIGHTS_FILE).is_file():
+        return path / WEIGHTS_FILE
+    ckpts = sorted(path.glob("*.ckpt"))
+    if len(ckpts) == 1:
+        return ckpts[0]
+    raise CheckpointError(f"{path} is a directory without {WEIGHTS_FILE} or a single .ckpt file: pass the "
+                          "checkpoint file itself")
+
+
 def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors of a ``.ckpt``/``.pt``/``.pth``/``.bin`` (torch) or ``.safetensors`` file, and the file's metadata.
 

@@ -21,6 +21,8 @@ batch only, so a run gives the same batches on any number of processes and resum
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,7 +82,7 @@ class TrainingImages(Dataset):
 
     def __init__(self, db: Database, size: int, image_root: str | Path | None = None) -> None:
         build = db.manifest.get("build") or {}
-        if build.get("kind") != "images" or not db.manifest.get("has_sources"):
+        if build.get("kind") != "images" or not db.manifest.get("has_sources") or "crop" not in build:
             raise ValueError(f"{db.path} was not built from image files (python -m rdm_fast.db build), so its "
                              "entries have no images to train on")
         root = image_root if image_root is not None else db.manifest.get("image_root")
@@ -114,7 +116,7 @@ class TrainingImages(Dataset):
             if self.crop_size != self.size:
                 pixels = np.asarray(Image.fromarray(pixels).resize((self.size, self.size), Image.BICUBIC))
             ok = True
-        except (OSError, ValueError) as e:  # missing, unreadable or changed since the database was built
+        except Exception as e:  # missing, unreadable or changed since the build (any decoder error): skip it
             log.warning("training entry %d cannot be used: %s", i, str(e).splitlines()[0][:300])
             pixels, ok = np.zeros((self.size, self.size, 3), np.uint8), False
         return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), "index": i, "ok": ok}
@@ -142,9 +144,19 @@ class TrainingContexts:
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.retrieval)):
             raise ValueError(f"{neighbors} holds ids outside {self.retrieval.path}'s {len(self.retrieval)} entries: "
                              "were they computed against another retrieval database?")
+        if same and (ids == np.arange(len(ids))[:, None]).any():
+            raise ValueError(f"{neighbors} lists entries as their own neighbours: the model would learn to copy its "
+                             "context. Compute them with python -m rdm_fast.db neighbors ... --exclude-self")
         self.ids = torch.from_numpy(ids)
+        self._digest = hashlib.sha256(json.dumps(
+            [[s["sha256"] for s in db.manifest["shards"]] for db in (self.training, self.retrieval)]).encode()
+            + ids.tobytes()).hexdigest()
         self.own = cfg.text_token
         self.normalize = cfg.normalized_embeddings
+
+    def digest(self) -> str:
+        """SHA-256 of what the contexts are made of (both databases' shards, the neighbour ids used)."""
+        return self._digest
 
     def __call__(self, entries: Tensor) -> Tensor:
         """Contexts of training entries ``entries`` (B,)."""

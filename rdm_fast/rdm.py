@@ -61,16 +61,7 @@ class RDM(nn.Module):
         tensors raise CheckpointError listing them, unexpected ones are reported and skipped.
         ``allow_pickle`` permits full unpickling of trusted torch files (weights_only=False).
         """
-        path = Path(path)
-        if path.is_dir():
-            ckpts = sorted(path.glob("*.ckpt"))
-            if (path / ckpt.WEIGHTS_FILE).is_file():
-                path = path / ckpt.WEIGHTS_FILE
-            elif len(ckpts) == 1:  # an official release folder: model.ckpt (+ config.yaml)
-                path = ckpts[0]
-            else:
-                raise ckpt.CheckpointError(f"{path} is a directory without {ckpt.WEIGHTS_FILE} or a single .ckpt "
-                                           "file: pass the checkpoint file itself")
+        path = ckpt.resolve_file(path)
         state, metadata = ckpt.read_state_dict(path, allow_pickle=allow_pickle)
         own = metadata.get("format") == ckpt.FORMAT_NAME or _is_own_layout(state)
         if config is None and own:

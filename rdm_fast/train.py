@@ -5,10 +5,10 @@ autoencoder is frozen and encodes each batch on the fly; the data is a training 
 precomputed neighbours (:mod:`rdm_fast.data`). One process or many: ``torchrun --nproc_per_node N -m
 rdm_fast.train ...`` runs data-parallel (DistributedDataParallel; NCCL on GPUs, Gloo on CPUs).
 
-Every step's batch, timesteps and noise are drawn from (``--seed``, step) for the whole global batch, so the run
-does not depend on how the global batch is split over processes and ``--accumulate`` micro-batches, and
-``--resume`` continues exactly where a checkpoint left off (also on another number of processes, as long as the
-global batch stays the same). AdamW (PyTorch defaults apart from ``--lr``, as the reference trains) updates float32
+Every step's batch comes from (``--seed``, step) and every image's timestep and noise from (``--seed``, step,
+position in the global batch), on any device, so the run does not depend on how the global batch is split over
+processes and ``--accumulate`` micro-batches, and ``--resume`` continues exactly where a checkpoint left off
+(also on another number of processes, as long as the global batch stays the same). AdamW (PyTorch defaults apart from ``--lr``, as the reference trains) updates float32
 weights; ``--bf16``/``--fp16`` run the forward and backward passes under autocast (fp16 with loss scaling).
 An exponential moving average of the weights follows LitEma (decay min(0.9999, (1 + n) / (10 + n)) at update n).
 
@@ -52,14 +52,16 @@ from .models.layers import official_names
 log = logging.getLogger("rdm_fast.train")
 
 LATEST = "latest"
+LOG = "log.jsonl"
 CHECKPOINTS = "checkpoints"
 TRAIN_WEIGHTS = "train_weights.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
-# what fixes the batches and draws of every step: a resumed run must keep these ...
-RESUME_KEYS = ("seed", "global_batch", "training_db", "db", "neighbors", "training_entries")
+# what fixes the batches and draws of every step: a resumed run must keep these (the data by content) ...
+RESUME_KEYS = ("seed", "global_batch", "training_data")
 # ... and may change these (with a warning: the run is then not the one an uninterrupted run would be)
-CHANGEABLE_KEYS = ("lr", "weight_decay", "warmup", "cond_drop", "grad_clip", "ema_decay", "precision")
+CHANGEABLE_KEYS = ("lr", "weight_decay", "warmup", "cond_drop", "grad_clip", "ema_decay", "precision",
+                   "training_db", "db", "neighbors")
 
 
 # ---------------------------------------------------------------------------------------------- EMA
@@ -126,6 +128,9 @@ class Processes:
             dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         else:
             dev = pick_device(device)
+            if dev.type == "cuda" and dev.index is not None and world > 1:
+                raise CLIError(f"--device {device}: under torchrun each process takes its own GPU (cuda:LOCAL_RANK); "
+                               "pass --device cuda or auto")
             if dev.type == "cuda" and dev.index is None:
                 dev = torch.device(f"cuda:{local}")
         if dev.type == "cuda":
@@ -157,7 +162,7 @@ class Processes:
 def load_first_stage(model: RDM, path: str, allow_pickle: bool = False) -> None:
     """Load the autoencoder weights of an official latent-diffusion autoencoder checkpoint, an official RDM
     checkpoint (``first_stage_model.*``) or an rdm_fast file (``first_stage.*``) into ``model``."""
-    state, _ = ckpt.read_state_dict(Path(path), allow_pickle=allow_pickle)
+    state, _ = ckpt.read_state_dict(ckpt.resolve_file(path), allow_pickle=allow_pickle)
     ours = model.first_stage.state_dict()
     official = official_names(model.first_stage)
     for prefix, names in ((ckpt.FIRST_STAGE_PREFIX, official), ("first_stage.", {k: k for k in ours}),
@@ -238,7 +243,8 @@ def load_checkpoint(path: Path, model: RDM, ema: EMA, optimizer: torch.optim.Opt
                         state["ema_updates"])
     saved = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
-    scaler.load_state_dict(saved["scaler"])
+    if scaler.is_enabled() and saved["scaler"]:  # a run that was not fp16 has no loss scale to continue
+        scaler.load_state_dict(saved["scaler"])
     return state
 
 
@@ -302,16 +308,21 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
 
 
-def step_draws(seed: int, step: int, n: int, model: RDM, device: torch.device) -> dict[str, Tensor]:
-    """The timesteps, noise, posterior noise (KL first stages) and context-drop draws of a whole global batch of
-    ``n`` images at optimizer step ``step``: a function of (seed, step) only."""
+def sample_draws(seed: int, step: int, rows: range, model: RDM, device: torch.device) -> dict[str, Tensor]:
+    """The timestep, noise, posterior noise (KL first stages) and context-drop draw of the images at positions
+    ``rows`` of step ``step``'s global batch, on ``device``. Each image's draws come from a CPU generator seeded
+    with (seed, step, position) alone: the same on any device and however the global batch is split."""
     cfg = model.config
-    gen = torch.Generator(device).manual_seed(derived_seed(seed, step))
-    shape = (n, cfg.channels, cfg.image_size, cfg.image_size)
-    return {"t": torch.randint(0, model.schedule.num_timesteps, (n,), generator=gen, device=device),
-            "noise": torch.randn(shape, generator=gen, device=device),
-            "posterior": torch.randn(shape, generator=gen, device=device),
-            "drop": torch.rand(n, generator=gen, device=device)}
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    t, noise, posterior, drop = [], [], [], []
+    for row in rows:
+        gen = torch.Generator().manual_seed(derived_seed(seed, step, row))
+        t.append(torch.randint(0, model.schedule.num_timesteps, (), generator=gen))
+        noise.append(torch.randn(shape, generator=gen))
+        posterior.append(torch.randn(shape, generator=gen))
+        drop.append(torch.rand((), generator=gen))
+    return {k: torch.stack(v).to(device, non_blocking=True)
+            for k, v in (("t", t), ("noise", noise), ("posterior", posterior), ("drop", drop))}
 
 
 def learning_rate(args: argparse.Namespace, step: int) -> float:
@@ -360,7 +371,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 "warmup": args.warmup, "cond_drop": args.cond_drop, "grad_clip": args.grad_clip,
                 "ema_decay": args.ema_decay, "precision": precision,
                 "training_db": str(Path(args.training_db).resolve()), "db": str(Path(args.db).resolve()),
-                "neighbors": str(Path(args.neighbors).resolve()), "training_entries": len(images),
+                "neighbors": str(Path(args.neighbors).resolve()), "training_data": contexts.digest(),
                 "batch_size": args.batch_size, "processes": procs.world, "accumulate": args.accumulate,
                 "config": cfg.to_dict()}
 
@@ -388,6 +399,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "run.json", {**run_info, "args": vars(args)})
+        _truncate_log(out / LOG, start)
 
     ddp = unet if procs.world == 1 else nn.parallel.DistributedDataParallel(
         unet, device_ids=[device.index] if device.type == "cuda" else None)
@@ -404,31 +416,31 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
              procs.world, args.batch_size, args.accumulate, precision, device)
 
     loss_sum = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, images) since the last log
-    unreadable = 0
+    unreadable, unreadable_total = 0, 0  # since the last log line, since the start of this process
     tick, ticked = time.perf_counter(), start
     bar = tqdm(total=args.steps, initial=start, desc="training", unit="step",
                disable=args.no_progress or not procs.main)
     for step in range(start, args.steps):
-        draws = step_draws(args.seed, step, global_batch, model, device)
         for micro in range(args.accumulate):
             batch = next(loader)
-            rows = slice((micro * procs.world + procs.rank) * args.batch_size,
-                         (micro * procs.world + procs.rank + 1) * args.batch_size)
+            first = (micro * procs.world + procs.rank) * args.batch_size  # position in the global batch
+            draws = sample_draws(args.seed, step, range(first, first + args.batch_size), model, device)
             if step == start and micro == 0 and not batch["ok"].any():
                 first = images.file(int(batch["index"][0]))
                 raise CLIError(f"none of the first batch's images can be read, e.g. {first}: if the images have "
                                "moved, pass --image-root")
             ok = batch["ok"].to(device)
             unreadable += int((~batch["ok"]).sum())
+            unreadable_total += int((~batch["ok"]).sum())
             pixels = batch["pixels"].to(device, non_blocking=True).float() / 127.5 - 1.0
             context = contexts(batch["index"]).to(device, non_blocking=True)
-            context = context * (draws["drop"][rows] >= args.cond_drop)[:, None, None]
+            context = context * (draws["drop"] >= args.cond_drop)[:, None, None]
             with torch.no_grad(), autocast:
-                x0 = model.encode(pixels, noise=draws["posterior"][rows])
+                x0 = model.encode(pixels, noise=draws["posterior"])
             sync = contextlib.nullcontext() if micro == args.accumulate - 1 or ddp is unet else ddp.no_sync()
             with sync:
                 with autocast:
-                    losses = eps_losses(ddp, model.schedule, x0, context, draws["t"][rows], draws["noise"][rows])
+                    losses = eps_losses(ddp, model.schedule, x0, context, draws["t"], draws["noise"])
                 losses = losses * ok  # unreadable images (zeros) take no part
                 # the mean over the global batch: DDP averages the ranks' gradients
                 scaler.scale(losses.sum() / (args.batch_size * args.accumulate)).backward()
@@ -454,10 +466,10 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 raise RuntimeError(f"the loss is {record['loss']} at step {done}: lower --lr, or train in bf16 "
                                    "instead of fp16")
             loss_sum.zero_()
-            tick, ticked = now, done
+            unreadable, tick, ticked = 0, now, done
             if procs.main:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                with open(out / "log.jsonl", "a") as f:
+                with open(out / LOG, "a") as f:
                     f.write(json.dumps(record) + "\n")
         if done % args.save_every == 0 or done == args.steps:
             if procs.main:
@@ -467,11 +479,19 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 log.info("step %d: checkpoint %s", done, path)
             procs.barrier()
     bar.close()
-    if unreadable:
-        log.warning("%d training images could not be read and were left out of the loss", unreadable)
+    if unreadable_total:
+        log.warning("%d training images could not be read (this process) and gave no gradient", unreadable_total)
     log.info("done: %s (sample with python -m rdm_fast.sample --ckpt %s ...)", latest_checkpoint(out),
              latest_checkpoint(out))
     return 0
+
+
+def _truncate_log(file: Path, step: int) -> None:
+    """Keep the log lines of steps up to ``step`` (what a resumed run repeats goes; a fresh run starts empty)."""
+    if not file.exists():
+        return
+    kept = [line for line in file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write(file, lambda f: Path(f).write_text("".join(line + "\n" for line in kept)))
 
 
 def _preview(model: RDM, ema: EMA, context: Tensor, file: Path, seed: int) -> None:
