@@ -10,6 +10,10 @@ Three inputs, all made by ``python -m rdm_fast.db``:
 * the *neighbours file* (``db neighbors RETRIEVAL --queries TRAINING --k K --out FILE``, or ``--exclude-self``
   when both are one database): row i holds the ids of entry i's nearest retrieval entries.
 
+Since every entry's crop is fixed, so is what the frozen first stage makes of it (:meth:`RDM.encode_moments`):
+a :class:`MomentCache` stores it once (float16, memory-mapped), and training then reads it instead of decoding
+and encoding images (:class:`TrainingMoments`).
+
 Contexts follow each model's layout (:mod:`rdm_fast.retrieval.context`): without a text token (imagenet, ffhq)
 the ``k_nn`` nearest neighbours; with one (rdm768) the image's own embedding in the text token's place (an image
 embedding stands in for a caption's, which is what lets these models train without paired text) followed by
@@ -24,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from ._files import atomic_write_json
 from .config import RDMConfig
 from .retrieval.build import load_rgb, replay_crop
 from .retrieval.context import check_database_for_model
@@ -52,6 +58,21 @@ def image_size(cfg: RDMConfig) -> int:
 def derived_seed(*parts: int) -> int:
     """A 32-bit seed mixed from integers (numpy's SeedSequence): independent streams per (seed, epoch), (seed, step)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def database_digest(db: Database) -> str:
+    """SHA-256 naming a database's content (its shards' checksums)."""
+    return hashlib.sha256(json.dumps([s["sha256"] for s in db.manifest["shards"]]).encode()).hexdigest()
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_neighbors(path: str | Path) -> np.ndarray:
@@ -92,12 +113,13 @@ class TrainingImages(Dataset):
         if self.crop_size != size:
             log.info("%s: its %d px crops are resized to the model's %d px images", db.path, self.crop_size, size)
         self._db: Database | None = db
+        self.database = db  # for the main process only (workers reopen it: see __getstate__)
 
     def __len__(self) -> int:
         return self.count
 
     def __getstate__(self) -> dict[str, Any]:  # workers open their own memory maps
-        return {**self.__dict__, "_db": None}
+        return {**self.__dict__, "_db": None, "database": None}
 
     def _database(self) -> Database:
         if self._db is None:
@@ -148,9 +170,8 @@ class TrainingContexts:
             raise ValueError(f"{neighbors} lists entries as their own neighbours: the model would learn to copy its "
                              "context. Compute them with python -m rdm_fast.db neighbors ... --exclude-self")
         self.ids = torch.from_numpy(ids)
-        self._digest = hashlib.sha256(json.dumps(
-            [[s["sha256"] for s in db.manifest["shards"]] for db in (self.training, self.retrieval)]).encode()
-            + ids.tobytes()).hexdigest()
+        self._digest = hashlib.sha256((database_digest(self.training) + database_digest(self.retrieval)).encode()
+                                      + ids.tobytes()).hexdigest()
         self.own = cfg.text_token
         self.normalize = cfg.normalized_embeddings
 
@@ -211,3 +232,69 @@ class TrainingOrder(Sampler[int]):
             for micro in range(self.accumulate):
                 yield from self.micro_batch(step, micro).tolist()
             step += 1
+
+
+class MomentCache:
+    """The first stage's output for every training entry, stored once: ``DIR/moments.npy`` (N, C, h, w) float16,
+    ``DIR/readable.npy`` (N,) bool (False: the image could not be read; zeros stored) and ``DIR/manifest.json``,
+    written last, naming what the moments depend on (the first stage's weights, the training data, the image
+    size). Writers fill ``.tmp`` files (:meth:`create`, :meth:`writable`) that :meth:`commit` renames."""
+
+    FORMAT = "rdm_fast-moments"
+    FILES = ("moments.npy", "readable.npy")
+
+    def __init__(self, directory: str | Path, identity: dict[str, Any]) -> None:
+        self.dir = Path(directory)
+        self.identity = {"format": self.FORMAT, "format_version": 1, **identity}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.identity["count"], *self.identity["shape"])
+
+    def exists(self) -> bool:
+        """Whether a finished cache is there; ValueError if it was made from something else."""
+        manifest = self.dir / "manifest.json"
+        if not manifest.is_file():
+            return False
+        have = json.loads(manifest.read_text())
+        changed = [k for k in self.identity if have.get(k) != self.identity[k]]
+        if changed:
+            raise ValueError(f"{self.dir} holds first-stage outputs of another {', '.join(changed)}: delete it or "
+                             "choose another directory")
+        return True
+
+    def create(self) -> None:
+        """Allocate the temporary files (one process, before the others open them with :meth:`writable`)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name, dtype, shape in zip(self.FILES, (np.float16, np.bool_), (self.shape, self.shape[:1])):
+            np.lib.format.open_memmap(self.dir / f".{name}.tmp", mode="w+", dtype=dtype, shape=shape).flush()
+
+    def writable(self) -> tuple[np.ndarray, np.ndarray]:
+        """The temporary (moments, readable) arrays, memory-mapped for writing."""
+        return tuple(np.load(self.dir / f".{name}.tmp", mmap_mode="r+") for name in self.FILES)
+
+    def commit(self) -> None:
+        """Rename the filled files into place, then write the manifest."""
+        for name in self.FILES:
+            os.replace(self.dir / f".{name}.tmp", self.dir / name)
+        atomic_write_json(self.dir / "manifest.json", self.identity)
+
+
+class TrainingMoments(Dataset):
+    """Entry ``i`` of a :class:`MomentCache` -> {"moments": float32 (C, h, w), "index": i, "ok": bool}."""
+
+    def __init__(self, cache: MomentCache) -> None:
+        self.dir, self.count = cache.dir, cache.shape[0]
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getstate__(self) -> dict[str, Any]:  # workers open their own memory maps
+        return {**self.__dict__, "_arrays": None}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self._arrays is None:
+            self._arrays = tuple(np.load(self.dir / name, mmap_mode="r") for name in MomentCache.FILES)
+        moments, readable = self._arrays
+        return {"moments": torch.from_numpy(moments[i].astype(np.float32)), "index": i, "ok": bool(readable[i])}

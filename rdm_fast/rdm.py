@@ -133,14 +133,23 @@ class RDM(nn.Module):
 
         KL models draw a posterior sample (``sample=False``: its mean), as the reference does in training, with
         ``generator`` or from ``noise`` (standard normal draws of the unscaled latent's shape)."""
+        return self.latents(self.encode_moments(images), sample=sample, generator=generator, noise=noise)
+
+    def encode_moments(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> the first stage's deterministic output (fp32): the KL posterior's
+        (mean, log-variance), or the VQ pre-quantisation latent. :meth:`latents` turns it into latents."""
         dd = self.config.first_stage_config.ddconfig
         f = dd.downsample_factor
         if images.dim() != 4 or images.shape[1] != dd.in_channels or images.shape[2] % f or images.shape[3] % f:
             raise ValueError(f"encode: images must be (B, {dd.in_channels}, H, W) with H, W multiples of {f}, "
                              f"got {tuple(images.shape)}")
-        z = self.first_stage.encode(images.to(self.device, self.dtype), sample=sample, generator=generator,
-                                    noise=noise)
-        return z.float() * self.config.scale_factor
+        return self.first_stage.moments(images.to(self.device, self.dtype)).float()
+
+    def latents(self, moments: Tensor, *, sample: bool = True, generator: torch.Generator | None = None,
+                noise: Tensor | None = None) -> Tensor:
+        """Scaled latents (fp32) from :meth:`encode_moments`' output (see :meth:`encode`)."""
+        return self.first_stage.latent(moments.float(), sample=sample, generator=generator,
+                                       noise=noise).float() * self.config.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents (B, C, h, w) -> images in [-1, 1] (fp32). VQ models snap to the codebook first."""

@@ -1,8 +1,8 @@
 """``python -m rdm_fast.train``: train an RDM's UNet on images and the CLIP embeddings of their neighbours.
 
 The objective is the released models' (eps prediction, MSE; :mod:`rdm_fast.diffusion.training`); the first-stage
-autoencoder is frozen and encodes each batch on the fly; the data is a training database, a retrieval database and
-precomputed neighbours (:mod:`rdm_fast.data`). One process or many: ``torchrun --nproc_per_node N -m
+autoencoder is frozen and encodes each batch on the fly, or once for all with ``--latents``; the data is a training
+database, a retrieval database and precomputed neighbours (:mod:`rdm_fast.data`). One process or many: ``torchrun --nproc_per_node N -m
 rdm_fast.train ...`` runs data-parallel (DistributedDataParallel; NCCL on GPUs, Gloo on CPUs).
 
 Every step's batch comes from (``--seed``, step) and every image's timestep and noise from (``--seed``, step,
@@ -35,6 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -44,7 +45,8 @@ from . import checkpoint as ckpt
 from ._cli import CLIError, pick_device, run
 from ._files import atomic_write, atomic_write_json
 from .config import RDMConfig, preset_names
-from .data import TrainingContexts, TrainingImages, TrainingOrder, derived_seed, image_size
+from .data import (MomentCache, TrainingContexts, TrainingImages, TrainingMoments, TrainingOrder, database_digest,
+                   derived_seed, image_size, module_digest)
 from .diffusion import eps_losses
 from .images import grid, save_png, to_uint8
 from .models.layers import official_names
@@ -61,7 +63,7 @@ STATE = "state.json"
 RESUME_KEYS = ("seed", "global_batch", "training_data")
 # ... and may change these (with a warning: the run is then not the one an uninterrupted run would be)
 CHANGEABLE_KEYS = ("lr", "weight_decay", "warmup", "cond_drop", "grad_clip", "ema_decay", "precision",
-                   "training_db", "db", "neighbors")
+                   "training_db", "db", "neighbors", "cached_moments")
 
 
 # ---------------------------------------------------------------------------------------------- EMA
@@ -265,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neighbors", required=True, help="neighbour ids of every training entry (db neighbors)")
     p.add_argument("--image-root", help="where the training images are now (default: the database's image_root)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, logs and samples")
+    p.add_argument("--latents", help="directory of the first stage's outputs for every training image, made on first "
+                                     "use (all processes share the work) and reused: no image decoding or encoder "
+                                     "in the training loop")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps to train to (in all, when resuming)")
     p.add_argument("--batch-size", type=int, default=8, help="images per process and micro-batch")
@@ -365,6 +370,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
 
     contexts = TrainingContexts(cfg, args.training_db, args.db, args.neighbors)
     images = TrainingImages(contexts.training, image_size(cfg), args.image_root)
+    examples = images if args.latents is None else _cached_moments(args, model, images, procs)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     global_batch = args.batch_size * procs.world * args.accumulate
     run_info = {"seed": args.seed, "global_batch": global_batch, "lr": args.lr, "weight_decay": args.weight_decay,
@@ -372,6 +378,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 "ema_decay": args.ema_decay, "precision": precision,
                 "training_db": str(Path(args.training_db).resolve()), "db": str(Path(args.db).resolve()),
                 "neighbors": str(Path(args.neighbors).resolve()), "training_data": contexts.digest(),
+                "cached_moments": args.latents is not None,
                 "batch_size": args.batch_size, "processes": procs.world, "accumulate": args.accumulate,
                 "config": cfg.to_dict()}
 
@@ -403,9 +410,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
 
     ddp = unet if procs.world == 1 else nn.parallel.DistributedDataParallel(
         unet, device_ids=[device.index] if device.type == "cuda" else None)
-    order = TrainingOrder(len(images), seed=args.seed, batch=args.batch_size, world=procs.world, rank=procs.rank,
+    order = TrainingOrder(len(examples), seed=args.seed, batch=args.batch_size, world=procs.world, rank=procs.rank,
                           accumulate=args.accumulate, start_step=start)
-    loader = iter(torch.utils.data.DataLoader(images, batch_size=args.batch_size, sampler=order,
+    loader = iter(torch.utils.data.DataLoader(examples, batch_size=args.batch_size, sampler=order,
                                               num_workers=args.workers, pin_memory=device.type == "cuda",
                                               persistent_workers=args.workers > 0))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16,
@@ -426,17 +433,20 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
             first = (micro * procs.world + procs.rank) * args.batch_size  # position in the global batch
             draws = sample_draws(args.seed, step, range(first, first + args.batch_size), model, device)
             if step == start and micro == 0 and not batch["ok"].any():
-                first = images.file(int(batch["index"][0]))
-                raise CLIError(f"none of the first batch's images can be read, e.g. {first}: if the images have "
-                               "moved, pass --image-root")
+                file = images.file(int(batch["index"][0]))
+                raise CLIError(f"none of the first batch's images can be read, e.g. {file}: if the images have "
+                               "moved, pass --image-root" + (" (and delete --latents)" if args.latents else ""))
             ok = batch["ok"].to(device)
             unreadable += int((~batch["ok"]).sum())
             unreadable_total += int((~batch["ok"]).sum())
-            pixels = batch["pixels"].to(device, non_blocking=True).float() / 127.5 - 1.0
             context = contexts(batch["index"]).to(device, non_blocking=True)
             context = context * (draws["drop"] >= args.cond_drop)[:, None, None]
             with torch.no_grad(), autocast:
-                x0 = model.encode(pixels, noise=draws["posterior"])
+                if "moments" in batch:
+                    x0 = model.latents(batch["moments"].to(device, non_blocking=True), noise=draws["posterior"])
+                else:
+                    pixels = batch["pixels"].to(device, non_blocking=True).float() / 127.5 - 1.0
+                    x0 = model.encode(pixels, noise=draws["posterior"])
             sync = contextlib.nullcontext() if micro == args.accumulate - 1 or ddp is unet else ddp.no_sync()
             with sync:
                 with autocast:
@@ -484,6 +494,47 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     log.info("done: %s (sample with python -m rdm_fast.sample --ckpt %s ...)", latest_checkpoint(out),
              latest_checkpoint(out))
     return 0
+
+
+def _cached_moments(args: argparse.Namespace, model: RDM, images: TrainingImages,
+                    procs: Processes) -> TrainingMoments:
+    """The first stage's output for every training image from ``--latents``, computed there first if missing
+    (each process encodes a contiguous share in float32; stored as float16)."""
+    example = model.encode_moments(torch.zeros(1, 3, images.size, images.size, device=procs.device))
+    cache = MomentCache(args.latents, {"count": len(images), "shape": list(example.shape[1:]),
+                                       "image_size": images.size, "training_db": database_digest(images.database),
+                                       "first_stage": module_digest(model.first_stage)})
+    if cache.exists():
+        log.info("reading the first stage's outputs from %s", cache.dir)
+        return TrainingMoments(cache)
+    if procs.main:
+        cache.create()
+    procs.barrier()
+    share = -(-len(images) // procs.world)
+    mine = range(procs.rank * share, min(len(images), (procs.rank + 1) * share))
+    moments, readable = cache.writable()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=args.batch_size,
+                                         num_workers=args.workers, pin_memory=procs.device.type == "cuda")
+    with torch.no_grad(), tqdm(total=len(mine), desc="encoding", unit="img",
+                                disable=args.no_progress or not procs.main) as bar:
+        for batch in loader:
+            pixels = batch["pixels"].to(procs.device, non_blocking=True).float() / 127.5 - 1.0
+            values = model.encode_moments(pixels).cpu().numpy()
+            if np.abs(values).max() > np.finfo(np.float16).max:
+                raise ValueError("the first stage's outputs exceed the float16 range: train without --latents")
+            index = batch["index"].numpy()
+            moments[index] = values.astype(np.float16)
+            readable[index] = batch["ok"].numpy()
+            bar.update(len(index))
+    moments.flush()
+    readable.flush()
+    del moments, readable
+    procs.barrier()
+    if procs.main:
+        cache.commit()
+        log.info("stored the first stage's outputs for %d images in %s", len(images), cache.dir)
+    procs.barrier()
+    return TrainingMoments(cache)
 
 
 def _truncate_log(file: Path, step: int) -> None:

@@ -328,13 +328,42 @@ def test_accumulation_equals_one_large_batch(setup, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(setup, tmp_path):
-    assert train.main(_fresh(setup, tmp_path / "one", steps=2, batch=4)) == 0
+    """Also the first-stage cache, which the two processes fill together."""
+    one = _fresh(setup, tmp_path / "one", "--latents", str(tmp_path / "latents1"), steps=2, batch=4)
+    assert train.main(one) == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    r = subprocess.run([*torchrun, "-m", "rdm_fast.train", *_fresh(setup, tmp_path / "two", steps=2, batch=2)],
-                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    two = _fresh(setup, tmp_path / "two", "--latents", str(tmp_path / "latents2"), steps=2, batch=2)
+    r = subprocess.run([*torchrun, "-m", "rdm_fast.train", *two], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+    a, b = (np.load(tmp_path / d / "moments.npy").astype(np.float32) for d in ("latents1", "latents2"))
+    np.testing.assert_allclose(b, a, rtol=2e-3, atol=1e-4)
     _same_run(_weights(tmp_path / "two", 2), _weights(tmp_path / "one", 2), steps=2)
+
+
+def test_cached_moments_are_the_encoder_outputs(setup, tmp_path):
+    """--latents stores what the first stage makes of each replayed crop, trains from it as from the images (the
+    first step's loss), is reused by later runs, and refuses a first stage it was not made with."""
+    cache = tmp_path / "latents"
+    for name, extra in (("images", ()), ("cached", ("--latents", str(cache)))):
+        assert train.main(_fresh(setup, tmp_path / name, *extra, "--log-every", "1", steps=1)) == 0
+    manifest = (cache / "manifest.json").read_text()
+    torch.manual_seed(0)  # the first stage a run with --seed 0 starts from
+    model = RDM.from_config(RDMConfig.resolve(setup["cfg"]))
+    images = TrainingImages(Database.open(setup["db"], backend="torch", device="cpu"), 32)
+    pixels = torch.stack([images[i]["pixels"] for i in range(len(images))]).float() / 127.5 - 1
+    with torch.no_grad():
+        want = model.encode_moments(pixels)
+    stored = torch.from_numpy(np.load(cache / "moments.npy").astype(np.float32))
+    torch.testing.assert_close(stored, want, rtol=2e-3, atol=1e-4)
+    assert np.load(cache / "readable.npy").all()
+    losses = [json.loads((tmp_path / r / "log.jsonl").read_text().splitlines()[0])["loss"] for r in ("images", "cached")]
+    assert abs(losses[1] - losses[0]) <= 1e-4 * losses[0], losses
+    assert train.main(_fresh(setup, tmp_path / "again", "--latents", str(cache), steps=1)) == 0
+    assert (cache / "manifest.json").read_text() == manifest
+    with pytest.raises(ValueError, match="first_stage"):  # another seed: another random first stage
+        train.main(_fresh(setup, tmp_path / "other", "--latents", str(cache), "--seed", "1", steps=1))
 
 
 def test_context_drop_zeroes_whole_contexts(setup, tmp_path, monkeypatch):

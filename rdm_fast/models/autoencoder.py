@@ -178,10 +178,19 @@ class Autoencoder(nn.Module):
                noise: Tensor | None = None) -> Tensor:
         """Images in [-1, 1] -> latent. KL: a posterior sample (or its mean if ``sample=False``) drawn with
         ``generator``, or taking ``noise`` (standard normal, the latent's shape) as its draw; VQ: pre-quantisation."""
-        h = self.quant_conv(self.encoder(images))
+        return self.latent(self.moments(images), sample=sample, generator=generator, noise=noise)
+
+    def moments(self, images: Tensor) -> Tensor:
+        """What the encoder determines: KL, the posterior's (mean, log-variance) stacked on the channels; VQ, the
+        pre-quantisation latent. Deterministic, so training can store it once per image (:meth:`latent`)."""
+        return self.quant_conv(self.encoder(images))
+
+    def latent(self, moments: Tensor, *, sample: bool = True, generator: torch.Generator | None = None,
+               noise: Tensor | None = None) -> Tensor:
+        """The latent of :meth:`moments`: VQ, the moments themselves; KL, as :meth:`encode` describes."""
         if self.cfg.kind == "vq":
-            return h
-        mean, logvar = h.chunk(2, dim=1)
+            return moments
+        mean, logvar = moments.chunk(2, dim=1)
         if not sample:
             return mean
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
