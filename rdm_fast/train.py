@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
@@ -358,17 +358,20 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     device = procs.device
     if resume_from is not None:
         model = RDM.from_pretrained(resume_from)
-        if args.config and RDMConfig.resolve(args.config).to_dict() != model.config.to_dict():
+        given = RDMConfig.resolve(args.config) if args.config else model.config
+        if replace(given, retrieval_encoder=model.config.retrieval_encoder) != model.config:
             raise CLIError(f"--config differs from the config of {resume_from}")
     else:
         model = build_model(args)
-    cfg = model.config
     model = model.to(device, torch.float32)
     model.first_stage.requires_grad_(False).eval()
     unet = model.unet.train()
     unet.gradient_checkpointing = args.grad_checkpoint
 
-    contexts = TrainingContexts(cfg, args.training_db, args.db, args.neighbors)
+    contexts = TrainingContexts(model.config, args.training_db, args.db, args.neighbors)
+    if model.config.retrieval_encoder is None:  # record it: sampling then refuses databases of other encoders
+        model.config = replace(model.config, retrieval_encoder=contexts.retrieval.encoder_name)
+    cfg = model.config
     images = TrainingImages(contexts.training, image_size(cfg), args.image_root)
     examples = images if args.latents is None else _cached_moments(args, model, images, procs)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"

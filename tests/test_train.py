@@ -287,6 +287,7 @@ def test_resume_is_bit_exact_and_checkpoints_sample(setup, tmp_path):
 
     # the checkpoint is a model: the sampler loads it (EMA weights) and draws from it
     model = RDM.from_pretrained(straight / "checkpoints" / "step_0000004")
+    assert model.config.retrieval_encoder == TinyEncoder.name  # recorded: sampling checks databases against it
     ema = load_file(str(straight / "checkpoints" / "step_0000004" / "model.safetensors"))
     assert torch.equal(model.unet.input_conv.weight, ema["unet.input_conv.weight"])
     assert not torch.equal(ema["unet.out_conv.weight"], _weights(straight, 4)["out_conv.weight"])
