@@ -69,17 +69,12 @@ def _check_layer_norm(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | 
 
 def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *,
                          shift: Tensor | None = None) -> Tensor:
-    """LayerNorm over the last dim of ``x (+ shift)`` from the mean/variance formulas in float32; the oracle and
-    CPU path."""
+    """LayerNorm over the last dim of ``x (+ shift)`` in float32 (PyTorch's kernel on a float32 copy: under
+    autograd it keeps only that copy and the row statistics), rounded once; the oracle and CPU path."""
     _check_layer_norm("layer_norm", x, weight, bias, shift)
     xf = x.float() if shift is None else x.float() + shift.float()
-    mean = xf.mean(dim=-1, keepdim=True)
-    centred = xf - mean
-    y = centred * torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    if bias is not None:
-        y = y + bias.float()
+    y = F.layer_norm(xf, (x.shape[-1],), None if weight is None else weight.float(),
+                     None if bias is None else bias.float(), eps)
     return y.to(x.dtype).contiguous()
 
 
