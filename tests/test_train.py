@@ -292,10 +292,9 @@ def test_resume_is_bit_exact_and_checkpoints_sample(setup, tmp_path):
     assert torch.equal(model.unet.input_conv.weight, ema["unet.input_conv.weight"])
     assert not torch.equal(ema["unet.out_conv.weight"], _weights(straight, 4)["out_conv.weight"])
     from rdm_fast import sample
-    np.save(tmp_path / "ctx.npy", np.random.randn(2, 4, 16).astype(np.float32))
-    assert sample.main(["--ckpt", str(straight / "checkpoints" / "step_0000004"), "--context-file",
-                        str(tmp_path / "ctx.npy"), "--out", str(tmp_path / "samples"), "--steps", "2",
-                        "--device", "cpu"]) == 0
+    assert sample.main(["--ckpt", str(straight / "checkpoints" / "step_0000004"), "--db", str(setup["db"]),
+                        "--n-samples", "2", "--out", str(tmp_path / "samples"), "--steps", "2",
+                        "--device", "cpu"]) == 0  # conditioned on the training database, which it checks
     assert (tmp_path / "samples" / "grid.png").is_file()
 
 
