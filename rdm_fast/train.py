@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import CLIError, pick_device, run
+from ._cli import CLIError, run
+from ._distributed import Processes, process_device
 from ._files import atomic_write, atomic_write_json
 from .config import RDMConfig, preset_names
 from .data import (MomentCache, TrainingContexts, TrainingImages, TrainingMoments, TrainingOrder, database_digest,
@@ -111,53 +112,6 @@ class EMA:
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, kept)
-
-
-# ---------------------------------------------------------------------------------------------- processes
-@dataclass
-class Processes:
-    """This process among the ``torchrun`` workers (a process group exists only when WORLD_SIZE > 1)."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @classmethod
-    def start(cls, device: str) -> "Processes":
-        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "auto":
-            dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        else:
-            dev = pick_device(device)
-            if dev.type == "cuda" and dev.index is not None and world > 1:
-                raise CLIError(f"--device {device}: under torchrun each process takes its own GPU (cuda:LOCAL_RANK); "
-                               "pass --device cuda or auto")
-            if dev.type == "cuda" and dev.index is None:
-                dev = torch.device(f"cuda:{local}")
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        if world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                                 timeout=timedelta(minutes=30))
-        return cls(rank, world, dev)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def all_sum(self, t: Tensor) -> Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(t)
-        return t
-
-    def close(self) -> None:
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -347,15 +301,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CLIError("a new run needs --init, --first-stage or --random-init")
     if not (args.init or resume_from) and not args.config:
         raise CLIError("--config is needed unless the run starts from --init or resumes")
-    procs = Processes.start(args.device)
+    device = process_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    procs = Processes("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
     try:
-        return _train(args, out, resume_from, procs)
+        return _train(args, out, resume_from, procs, device)
     finally:
         procs.close()
 
 
-def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes) -> int:
-    device = procs.device
+def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes,
+           device: torch.device) -> int:
     if resume_from is not None:
         model = RDM.from_pretrained(resume_from)
         given = RDMConfig.resolve(args.config) if args.config else model.config
@@ -373,7 +330,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         model.config = replace(model.config, retrieval_encoder=contexts.retrieval.encoder_name)
     cfg = model.config
     images = TrainingImages(contexts.training, image_size(cfg), args.image_root)
-    examples = images if args.latents is None else _cached_moments(args, model, images, procs)
+    examples = images if args.latents is None else _cached_moments(args, model, images, procs, device)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     global_batch = args.batch_size * procs.world * args.accumulate
     run_info = {"seed": args.seed, "global_batch": global_batch, "lr": args.lr, "weight_decay": args.weight_decay,
@@ -499,11 +456,11 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     return 0
 
 
-def _cached_moments(args: argparse.Namespace, model: RDM, images: TrainingImages,
-                    procs: Processes) -> TrainingMoments:
+def _cached_moments(args: argparse.Namespace, model: RDM, images: TrainingImages, procs: Processes,
+                    device: torch.device) -> TrainingMoments:
     """The first stage's output for every training image from ``--latents``, computed there first if missing
     (each process encodes a contiguous share in float32; stored as float16)."""
-    example = model.encode_moments(torch.zeros(1, 3, images.size, images.size, device=procs.device))
+    example = model.encode_moments(torch.zeros(1, 3, images.size, images.size, device=device))
     cache = MomentCache(args.latents, {"count": len(images), "shape": list(example.shape[1:]),
                                        "image_size": images.size, "training_db": database_digest(images.database),
                                        "first_stage": module_digest(model.first_stage)})
@@ -517,11 +474,11 @@ def _cached_moments(args: argparse.Namespace, model: RDM, images: TrainingImages
     mine = range(procs.rank * share, min(len(images), (procs.rank + 1) * share))
     moments, readable = cache.writable()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=args.batch_size,
-                                         num_workers=args.workers, pin_memory=procs.device.type == "cuda")
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
     with torch.no_grad(), tqdm(total=len(mine), desc="encoding", unit="img",
                                 disable=args.no_progress or not procs.main) as bar:
         for batch in loader:
-            pixels = batch["pixels"].to(procs.device, non_blocking=True).float() / 127.5 - 1.0
+            pixels = batch["pixels"].to(device, non_blocking=True).float() / 127.5 - 1.0
             values = model.encode_moments(pixels).cpu().numpy()
             if np.abs(values).max() > np.finfo(np.float16).max:
                 raise ValueError("the first stage's outputs exceed the float16 range: train without --latents")

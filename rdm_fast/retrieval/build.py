@@ -16,8 +16,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .._distributed import Processes, process_device
 from .._files import atomic_write_json, remove_stale_temps, sha256_file
 from ..encoders import Encoder, get_encoder, list_encoders
 from .database import MANIFEST, new_manifest, write_manifest, write_shard
@@ -187,47 +186,6 @@ class ImageCrops(Dataset):
             ok, error = False, f"{type(e).__name__}: {e}".splitlines()[0][:200]
         return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))),
                 "coords": torch.from_numpy(coords), "index": index, "ok": ok, "error": error}
-
-
-# ---------------------------------------------------------------------------------------------- processes
-class Processes:
-    """This process's rank among ``torchrun`` workers (gloo process group, created only when WORLD_SIZE > 1)."""
-
-    def __init__(self) -> None:
-        import torch.distributed as dist
-        self.dist = dist
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.owned = False
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timedelta(hours=72))
-            self.owned = True
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.dist.barrier()
-
-    def from_rank0(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank (picklable values)."""
-        if self.world == 1:
-            return value
-        box = [value]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self) -> None:
-        if self.owned:
-            self.dist.destroy_process_group()
-
-
-def pick_build_device(device: str, local_rank: int) -> torch.device:
-    """``auto``: this process's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU."""
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: no CUDA GPU is available here (use cpu)")
-    return dev
 
 
 # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -397,7 +355,7 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     root, inputs, sources, classes, class_names = _inputs(images, image_list, class_from_folder)
     files = [root / s for s in sources]
 
-    dev = pick_build_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = process_device(device)
     spec = encoder if isinstance(encoder, str) else None
     enc = resolve_encoder(encoder, device=dev, checkpoint=encoder_checkpoint) if isinstance(encoder, str) else encoder
     files_per_shard = max(1, shard_size // crops_per_image)

@@ -19,7 +19,8 @@ import numpy as np
 from numpy.lib import format as npformat
 from tqdm.auto import tqdm
 
-from .build import Processes, ShardedBuild, run_sharded
+from .._distributed import Processes
+from .build import ShardedBuild, run_sharded
 from .database import new_manifest, write_manifest, write_shard
 
 log = logging.getLogger("rdm_fast.retrieval")

@@ -1,0 +1,67 @@
+"""What the entry points share under ``torchrun``: this process's rank and device, and the few collectives they
+use. Without torchrun (WORLD_SIZE unset) everything here is a no-op for a single process."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def process_device(device: str) -> torch.device:
+    """The device this process computes on. ``auto``: its GPU (cuda:LOCAL_RANK) when CUDA is available, else the
+    CPU; ``cuda``: its GPU; ``cuda:N`` only outside torchrun (each process takes its own GPU there)."""
+    local, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: no CUDA GPU is available here (use cpu)")
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device(f"cuda:{local}")
+    if dev.type == "cuda" and world > 1:
+        raise ValueError(f"device {device}: under torchrun each process takes its own GPU (cuda:LOCAL_RANK); pass "
+                         "cuda or auto")
+    return dev
+
+
+class Processes:
+    """This process among the ``torchrun`` workers; the process group (``backend``) is created only when
+    WORLD_SIZE > 1, and destroyed by :meth:`close` if this object created it."""
+
+    def __init__(self, backend: str = "gloo", timeout: timedelta = timedelta(hours=72)) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.owned = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timeout)
+            self.owned = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def from_rank0(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (picklable values)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over all processes, in place."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def close(self) -> None:
+        if self.owned:
+            dist.destroy_process_group()
