@@ -182,7 +182,24 @@ def tune_attention(log, shapes_by_model: dict = ATTENTION_SHAPES, device: str = 
                 ours = graph_ms(lambda: ops.attention(q, k, v, heads))
             theirs = graph_ms(sdpa)
             log(f"attention {model} b{b} q{nq} k{nk} c{c}: ours {1000 * ours:8.1f} us, sdpa {1000 * theirs:8.1f} us "
-                f"({theirs / ours:.2f}x), rel. diff {err:.1e}")
+                f"({theirs / ours:.2f}x), rel. diff {err:.1e}; {forward_choice()}")
+
+
+def forward_choice() -> str:
+    """The forward kernel's autotuned configuration for the last shape, and the best timing with and without
+    the split exponentials (POLY) among those the autotuner ran."""
+    from rdm_fast.kernels import attention as kernels
+
+    tuner = kernels._attn_fwd_kernel
+    best = getattr(tuner, "best_config", None)
+    timings = getattr(tuner, "configs_timings", None) or {}
+    by_poly = {}
+    for cfg, t in timings.items():
+        ms = t[0] if isinstance(t, (list, tuple)) else t
+        key = bool(cfg.kwargs.get("POLY"))
+        by_poly[key] = min(by_poly.get(key, float("inf")), ms)
+    tried = ", ".join(f"{'poly' if k else 'exp2'} {1000 * v:.1f} us" for k, v in sorted(by_poly.items()))
+    return f"forward config {best.kwargs if best else '?'} warps {best.num_warps if best else '?'} ({tried or 'cached'})"
 
 
 # (rows, K): the feed-forward input of each transformer level (imagenet batch 128, rdm768 batch 32); W is (8K, K)

@@ -137,14 +137,58 @@ def _child_main() -> None:
         # torch.compile traces the dispatch and the custom op (fake kernels) without graph breaks.
         compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
         results["torch.compile"] = compare_with_reference(compiled, (2, 40, 24, 2, 32, "float32", "dense", 1.0))
+    results.update(_split_exponential_results())
     print_results(results)
+
+
+def _split_exponential_results() -> dict[str, str | None]:
+    """The forward kernel's POLY variant (half of each full key block's exponentials on the FMA units), launched
+    under the autotuner with 32 x 32 tiles (77 and 130 keys: full blocks and a tail), against the reference;
+    and ``_exp2_fma`` against exp2 over [-130, 0]."""
+    import triton
+    import triton.language as tl
+
+    from rdm_fast.kernels import attention as kernels
+
+    results = {}
+    for name, case in {"poly-2x77x77x3x32-float16": (2, 77, 77, 3, 32, "float16", "dense", 1.0),
+                       "poly-1x20x130x2x64-float16-peaked": (1, 20, 130, 2, 64, "float16", "dense", 4.0),
+                       "poly-2x40x77x2x16-float32": (2, 40, 77, 2, 16, "float32", "dense", 1.0)}.items():
+        q, k, v, _, _ = (t.detach() if torch.is_tensor(t) else t for t in _inputs(case))
+        heads, (b, n_q, width), n_k = case[3], q.shape, k.shape[1]
+        out, lse = torch.empty_like(q), torch.empty(b, heads, n_q)
+        kernels._attn_fwd_kernel.fn[(triton.cdiv(n_q, 32), b * heads)](
+            q, k, v, out, lse, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+            heads, n_q, n_k, (width // heads) ** -0.5 * kernels.LOG2E, HEAD_DIM=width // heads,
+            PRECISION=kernels._precision(q), BLOCK_M=32, BLOCK_N=32, POLY=True)
+        # float32 (never run on a GPU: pruned there) shows the cubic's own error, 1e-4, unmasked by 16-bit rounding
+        (atol, rtol), _ = TOLERANCES[q.dtype] if q.dtype != torch.float32 else ((1e-4, 1e-4), None)
+        results[name] = _mismatch("output", out, attention_reference(q, k, v, heads), atol, rtol)
+
+    global _exp2_fma  # Triton resolves the names a kernel calls among its module's globals
+    _exp2_fma = kernels._exp2_fma
+
+    @triton.jit
+    def exp2_kernel(X, Y, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < N, other=0.0)
+        tl.store(Y + offs, _exp2_fma(x), mask=offs < N)
+
+    x = torch.cat([torch.linspace(-130.0, 0.0, 20011), -torch.rand(5000) * 3, torch.tensor([0.0, -1.0, -126.0])])
+    y = torch.empty_like(x)
+    exp2_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    want = torch.exp2(x.double().clamp(min=-126.0))
+    err = ((y.double() - want).abs() / want).max().item()
+    results["exp2_fma"] = None if err < 1e-4 else f"largest relative error {err:.3g}"
+    return results
 
 
 interpreter_results = interpreter_fixture(__file__, timeout=900, RDM_FAST_OPS="auto")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("name", [*INTERPRETER_CASES, "opcheck", "torch.compile"])
+@pytest.mark.parametrize("name", [*INTERPRETER_CASES, "opcheck", "torch.compile", "poly-2x77x77x3x32-float16",
+                                  "poly-1x20x130x2x64-float16-peaked", "poly-2x40x77x2x16-float32", "exp2_fma"])
 def test_interpreter_matches_reference(interpreter_results, name):
     check_result(interpreter_results, name)
 
