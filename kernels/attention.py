@@ -119,8 +119,8 @@ def _rows(base, rows, stride, offs_d, n, MASK: tl.constexpr):
 @triton.jit
 def _exp2_fma(x):
     """2**x for x <= 0 on the FMA units: 2**floor(x) by adding floor(x) to the exponent bits of a cubic fit of
-    2**f on [0, 1) (relative error < 9e-5). x below -126 (a weight below 1e-38) gives 2**-126."""
-    x = tl.maximum(x, -126.0)
+    2**f on [0, 1) (relative error < 9e-5). x below -126 (a weight below 1e-38) gives 2**-126; NaN stays NaN."""
+    x = tl.maximum(x, -126.0, propagate_nan=tl.PropagateNan.ALL)
     whole = tl.floor(x)
     f = x - whole
     frac = 1.0 + f * (0.6951166 + f * (0.22764581 + f * 0.0770663))

@@ -16,12 +16,12 @@ def process_device(device: str) -> torch.device:
     CPU; ``cuda``: its GPU; ``cuda:N`` only outside torchrun (each process takes its own GPU there)."""
     local, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
-        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: no CUDA GPU is available here (use cpu)")
-    if dev.type == "cuda" and dev.index is None:
-        return torch.device(f"cuda:{local}")
+    if dev.type == "cuda" and dev.index is None:  # one visible GPU per process (e.g. SLURM): that one
+        return torch.device(f"cuda:{local if torch.cuda.device_count() > 1 else 0}")
     if dev.type == "cuda" and world > 1:
         raise ValueError(f"device {device}: under torchrun each process takes its own GPU (cuda:LOCAL_RANK); pass "
                          "cuda or auto")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from ._files import atomic_write_json
+from ._files import atomic_save_npy, atomic_write_json
 from .config import RDMConfig
 from .retrieval.build import load_rgb, replay_crop
 from .retrieval.context import check_database_for_model
@@ -235,57 +234,72 @@ class TrainingOrder(Sampler[int]):
 
 
 class MomentCache:
-    """The first stage's output for every training entry, stored once: ``DIR/moments.npy`` (N, C, h, w) float16,
-    ``DIR/readable.npy`` (N,) bool (False: the image could not be read; zeros stored) and ``DIR/manifest.json``,
-    written last, naming what the moments depend on (the first stage's weights, the training data, the image
-    size). Writers fill ``.tmp`` files (:meth:`create`, :meth:`writable`) that :meth:`commit` renames."""
+    """The first stage's output for every training entry, stored once in ``DIR``: shards of contiguous entries
+    (``moments_<run>_<r>.npy``, (n, C, h, w) float16, and ``readable_<run>_<r>.npy``, (n,) bool: False where
+    the image could not be read, its row unused), one per process r of the run that made them, and
+    ``manifest.json``, written last, naming the shards and what the moments depend on (the first stage's weights,
+    the training data, the image size). Each process writes only its own files, under a temporary name renamed
+    into place; ``run`` is a token drawn per filling run, so neither a concurrent run nor the files a killed one
+    left can be mistaken for this run's."""
 
     FORMAT = "rdm_fast-moments"
-    FILES = ("moments.npy", "readable.npy")
 
     def __init__(self, directory: str | Path, identity: dict[str, Any]) -> None:
         self.dir = Path(directory)
         self.identity = {"format": self.FORMAT, "format_version": 1, **identity}
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.identity["count"], *self.identity["shape"])
+    def count(self) -> int:
+        return self.identity["count"]
 
-    def exists(self) -> bool:
-        """Whether a finished cache is there; ValueError if it was made from something else."""
-        manifest = self.dir / "manifest.json"
-        if not manifest.is_file():
-            return False
-        have = json.loads(manifest.read_text())
+    def manifest(self) -> dict | None:
+        """The finished cache's manifest (None if there is none yet); ValueError if it was made from other data."""
+        file = self.dir / "manifest.json"
+        if not file.is_file():
+            return None
+        have = json.loads(file.read_text())
         changed = [k for k in self.identity if have.get(k) != self.identity[k]]
         if changed:
             raise ValueError(f"{self.dir} holds first-stage outputs of another {', '.join(changed)}: delete it or "
                              "choose another directory")
-        return True
+        return have
 
-    def create(self) -> None:
-        """Allocate the temporary files (one process, before the others open them with :meth:`writable`)."""
+    @staticmethod
+    def share(count: int, world: int, rank: int) -> range:
+        """The entries process ``rank`` of ``world`` encodes."""
+        size = -(-count // world)
+        return range(min(count, rank * size), min(count, (rank + 1) * size))
+
+    def shard_files(self, run: str, rank: int) -> tuple[Path, Path]:
+        return self.dir / f"moments_{run}_{rank}.npy", self.dir / f"readable_{run}_{rank}.npy"
+
+    def write_shard(self, run: str, rank: int, moments: np.ndarray, readable: np.ndarray) -> None:
+        """Store this process's share (its rows in entry order)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name, dtype, shape in zip(self.FILES, (np.float16, np.bool_), (self.shape, self.shape[:1])):
-            np.lib.format.open_memmap(self.dir / f".{name}.tmp", mode="w+", dtype=dtype, shape=shape).flush()
+        for file, array in zip(self.shard_files(run, rank), (moments.astype(np.float16), readable.astype(bool))):
+            atomic_save_npy(file, array)
 
-    def writable(self) -> tuple[np.ndarray, np.ndarray]:
-        """The temporary (moments, readable) arrays, memory-mapped for writing."""
-        return tuple(np.load(self.dir / f".{name}.tmp", mmap_mode="r+") for name in self.FILES)
-
-    def commit(self) -> None:
-        """Rename the filled files into place, then write the manifest."""
-        for name in self.FILES:
-            os.replace(self.dir / f".{name}.tmp", self.dir / name)
-        atomic_write_json(self.dir / "manifest.json", self.identity)
+    def commit(self, run: str, world: int) -> None:
+        """Write the manifest naming the ``world`` shards of ``run`` (all written): the cache is then usable."""
+        shards = []
+        for rank in range(world):
+            entries = self.share(self.count, world, rank)
+            moments, readable = self.shard_files(run, rank)
+            shards.append({"moments": moments.name, "readable": readable.name, "start": entries.start,
+                           "stop": entries.stop})
+        atomic_write_json(self.dir / "manifest.json", {**self.identity, "shards": shards})
 
 
 class TrainingMoments(Dataset):
-    """Entry ``i`` of a :class:`MomentCache` -> {"moments": float32 (C, h, w), "index": i, "ok": bool}."""
+    """Entry ``i`` of a finished :class:`MomentCache` -> {"moments": float32 (C, h, w), "index": i, "ok": bool}."""
 
     def __init__(self, cache: MomentCache) -> None:
-        self.dir, self.count = cache.dir, cache.shape[0]
-        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+        manifest = cache.manifest()
+        if manifest is None:
+            raise FileNotFoundError(f"{cache.dir} holds no finished cache (manifest.json)")
+        self.dir, self.count, self.shards = cache.dir, manifest["count"], manifest["shards"]
+        self._starts = np.array([s["start"] for s in self.shards])
+        self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return self.count
@@ -293,8 +307,15 @@ class TrainingMoments(Dataset):
     def __getstate__(self) -> dict[str, Any]:  # workers open their own memory maps
         return {**self.__dict__, "_arrays": None}
 
+    def readable(self) -> np.ndarray:
+        """(N,) bool: whether each entry's image could be read when the cache was made."""
+        return np.concatenate([np.load(self.dir / s["readable"]) for s in self.shards])
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self._arrays is None:
-            self._arrays = tuple(np.load(self.dir / name, mmap_mode="r") for name in MomentCache.FILES)
-        moments, readable = self._arrays
-        return {"moments": torch.from_numpy(moments[i].astype(np.float32)), "index": i, "ok": bool(readable[i])}
+            self._arrays = [(np.load(self.dir / s["moments"], mmap_mode="r"), np.load(self.dir / s["readable"]))
+                            for s in self.shards]
+        j = int(np.searchsorted(self._starts, i, side="right")) - 1
+        moments, readable = self._arrays[j]
+        row = i - self.shards[j]["start"]
+        return {"moments": torch.from_numpy(moments[row].astype(np.float32)), "index": i, "ok": bool(readable[row])}

@@ -180,6 +180,10 @@ def _split_exponential_results() -> dict[str, str | None]:
     want = torch.exp2(x.double().clamp(min=-126.0))
     err = ((y.double() - want).abs() / want).max().item()
     results["exp2_fma"] = None if err < 1e-4 else f"largest relative error {err:.3g}"
+    nan = torch.tensor([float("nan"), -1.0])
+    exp2_kernel[(1,)](nan, y, 2, BLOCK=1024)
+    if not (torch.isnan(y[0]) and y[1] == 0.5):
+        results["exp2_fma"] = f"2**[nan, -1] gave {y[:2].tolist()}"
     return results
 
 

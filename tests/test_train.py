@@ -23,7 +23,8 @@ from test_database import TinyEncoder
 from rdm_fast import RDM, RDMConfig, ops
 from rdm_fast import train
 from rdm_fast.checkpoint import CheckpointError
-from rdm_fast.data import TrainingContexts, TrainingImages, TrainingOrder, image_size
+from rdm_fast.data import (MomentCache, TrainingContexts, TrainingImages, TrainingMoments, TrainingOrder,
+                           image_size)
 from rdm_fast.diffusion import Schedule, eps_losses, noised
 from rdm_fast.models import unet as unet_module
 from rdm_fast.models.layers import official_names
@@ -337,8 +338,9 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
-    a, b = (np.load(tmp_path / d / "moments.npy").astype(np.float32) for d in ("latents1", "latents2"))
-    np.testing.assert_allclose(b, a, rtol=2e-3, atol=1e-4)
+    a, b = (torch.stack([TrainingMoments(MomentCache(tmp_path / d, {}))[i]["moments"] for i in range(12)])
+            for d in ("latents1", "latents2"))  # one shard and two
+    torch.testing.assert_close(b, a, rtol=2e-3, atol=1e-4)
     _same_run(_weights(tmp_path / "two", 2), _weights(tmp_path / "one", 2), steps=2)
 
 
@@ -355,15 +357,34 @@ def test_cached_moments_are_the_encoder_outputs(setup, tmp_path):
     pixels = torch.stack([images[i]["pixels"] for i in range(len(images))]).float() / 127.5 - 1
     with torch.no_grad():
         want = model.encode_moments(pixels)
-    stored = torch.from_numpy(np.load(cache / "moments.npy").astype(np.float32))
-    torch.testing.assert_close(stored, want, rtol=2e-3, atol=1e-4)
-    assert np.load(cache / "readable.npy").all()
-    losses = [json.loads((tmp_path / r / "log.jsonl").read_text().splitlines()[0])["loss"] for r in ("images", "cached")]
+    stored = TrainingMoments(MomentCache(cache, {}))
+    torch.testing.assert_close(torch.stack([stored[i]["moments"] for i in range(len(stored))]), want, rtol=2e-3,
+                               atol=1e-4)
+    assert stored.readable().all()
+    losses = [json.loads((tmp_path / r / "log.jsonl").read_text().splitlines()[0])["loss"]
+              for r in ("images", "cached")]
     assert abs(losses[1] - losses[0]) <= 1e-4 * losses[0], losses
-    assert train.main(_fresh(setup, tmp_path / "again", "--latents", str(cache), steps=1)) == 0
+    # reused, and read instead of the images: training needs none of them now
+    assert train.main(_fresh(setup, tmp_path / "again", "--latents", str(cache), "--image-root", str(tmp_path),
+                             "--log-every", "1", steps=1)) == 0
     assert (cache / "manifest.json").read_text() == manifest
+    again = json.loads((tmp_path / "again" / "log.jsonl").read_text().splitlines()[0])
+    assert again["loss"] == losses[1] and again["unreadable"] == 0
     with pytest.raises(ValueError, match="first_stage"):  # another seed: another random first stage
         train.main(_fresh(setup, tmp_path / "other", "--latents", str(cache), "--seed", "1", steps=1))
+
+
+def test_cache_made_with_unreadable_images_says_so(setup, tmp_path, caplog):
+    partial = tmp_path / "imgs"
+    shutil.copytree(setup["root"] / "imgs", partial)
+    missing = TrainingImages(Database.open(setup["db"], backend="torch", device="cpu"), 32, partial).file(0)
+    missing.unlink()
+    args = _fresh(setup, tmp_path / "run", "--latents", str(tmp_path / "cache"), "--image-root", str(partial),
+                  steps=1)
+    assert train.main(args) == 0
+    assert "1 training images could not be read when it was made" in caplog.text
+    readable = np.concatenate([np.load(f) for f in sorted((tmp_path / "cache").glob("readable_*.npy"))])
+    assert readable.sum() == len(readable) - 1
 
 
 def test_context_drop_zeroes_whole_contexts(setup, tmp_path, monkeypatch):
