@@ -7,6 +7,8 @@ Variants, in the same run on the same weights:
 * ``rdm_fast``: what the trainer runs (ops mode auto: our Triton attention forward and backward on CUDA; the
   other fused ops are inference-only and fall back to their references under autograd);
 * ``rdm_fast-checkpointed``: the same with ``--grad-checkpoint`` (activations recomputed: slower, less memory);
+* ``rdm_fast-compiled``: the same through ``torch.compile`` (``--compile``; CUDA only: Inductor takes minutes
+  to compile on the CPU);
 * ``torch-sdpa``: the plain-PyTorch path (ops mode reference) with PyTorch's ``scaled_dot_product_attention``.
 """
 
@@ -23,7 +25,7 @@ from bench_step import with_sdpa
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 CASES = {"imagenet": 16, "rdm768": 4} if CUDA else {"tiny": 4}
-VARIANTS = ["rdm_fast", "rdm_fast-checkpointed", "torch-sdpa"]
+VARIANTS = ["rdm_fast", "rdm_fast-checkpointed", "rdm_fast-compiled", "torch-sdpa"]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -46,7 +48,10 @@ def setup(request):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_training_step(benchmark, setup, variant):
     preset, model, x0, ctx, t, noise = setup
+    if variant == "rdm_fast-compiled" and not CUDA:
+        pytest.skip("compiling the training step with Inductor takes minutes on the CPU")
     unet = model.unet
+    forward = torch.compile(unet) if variant == "rdm_fast-compiled" else unet
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6)
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=CUDA)
     benchmark.group = f"train-{preset}-{x0.shape[0]}img-{'bf16' if CUDA else 'fp32'}-{DEVICE.type}"
@@ -55,7 +60,7 @@ def test_training_step(benchmark, setup, variant):
 
     def step():
         with autocast:
-            loss = losses(unet, model.schedule, x0, ctx, t, noise).mean()
+            loss = losses(forward, model.schedule, x0, ctx, t, noise).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--bf16", action="store_true", help="autocast the passes to bfloat16")
     prec.add_argument("--fp16", action="store_true", help="autocast the passes to float16 (with loss scaling)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="run the UNet's training passes through torch.compile (default backend: inductor)")
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
@@ -371,6 +373,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     examples = images if args.latents is None else _cached_moments(args, model, images, procs, device)
     ddp = unet if procs.world == 1 else nn.parallel.DistributedDataParallel(
         unet, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(ddp, backend=args.compile) if args.compile else ddp
     order = TrainingOrder(len(examples), seed=args.seed, batch=args.batch_size, world=procs.world, rank=procs.rank,
                           accumulate=args.accumulate, start_step=start)
     loader = iter(torch.utils.data.DataLoader(examples, batch_size=args.batch_size, sampler=order,
@@ -411,7 +414,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
             sync = contextlib.nullcontext() if micro == args.accumulate - 1 or ddp is unet else ddp.no_sync()
             with sync:
                 with autocast:
-                    losses = eps_losses(ddp, model.schedule, x0, context, draws["t"], draws["noise"])
+                    losses = eps_losses(forward, model.schedule, x0, context, draws["t"], draws["noise"])
                 losses = losses * ok  # unreadable images (zeros) take no part
                 # the mean over the global batch: DDP averages the ranks' gradients
                 scaler.scale(losses.sum() / (args.batch_size * args.accumulate)).backward()

@@ -322,6 +322,18 @@ def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
         train.main(_fresh(setup, tmp_path / "moved", "--image-root", str(tmp_path)))
 
 
+def test_compiled_training_equals_eager(setup, tmp_path):
+    """--compile (here the aot_eager backend: traced forward and backward graphs, no code generation, so the test
+    stays fast; the default is inductor) computes the eager run's steps."""
+    from torch._dynamo.utils import counters
+
+    assert train.main(_fresh(setup, tmp_path / "eager", steps=2)) == 0
+    counters.clear()
+    assert train.main(_fresh(setup, tmp_path / "compiled", "--compile", "aot_eager", steps=2)) == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did capture graphs
+    _same_run(_weights(tmp_path / "compiled", 2), _weights(tmp_path / "eager", 2), steps=2)
+
+
 def test_accumulation_equals_one_large_batch(setup, tmp_path):
     assert train.main(_fresh(setup, tmp_path / "one", steps=2, batch=4)) == 0
     assert train.main(_fresh(setup, tmp_path / "acc", "--accumulate", "2", steps=2, batch=2)) == 0
