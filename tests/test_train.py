@@ -322,7 +322,7 @@ def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
         train.main(_fresh(setup, tmp_path / "moved", "--image-root", str(tmp_path)))
 
 
-def test_compiled_training_equals_eager(setup, tmp_path):
+def test_compiled_training_matches_uncompiled(setup, tmp_path):
     """--compile (here the aot_eager backend: traced forward and backward graphs, no code generation, so the test
     stays fast; the default is inductor) computes the eager run's steps."""
     from torch._dynamo.utils import counters
