@@ -1,6 +1,8 @@
 """Training: the objective against a hand computation, the data (crops replayed exactly, contexts in each model's
-layout, a step's batch independent of how it is split), the EMA, checkpoints that resume bit for bit, gradient
-accumulation and a 2-process torchrun run against one process, loss going down, and the entry point's errors."""
+layout, a step's batch independent of how it is split), the EMA, checkpoints that resume bit for bit and sample,
+gradient accumulation, torch.compile and a 2-process torchrun run against one process, the first-stage cache,
+mixed-precision gradients against float32 (and, on a GPU, against the CPU), loss going down, and the entry
+point's errors."""
 
 from __future__ import annotations
 
