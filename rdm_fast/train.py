@@ -268,6 +268,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--cond-drop is a probability in [0, 1), got {args.cond_drop}")
     if not 0 <= args.ema_decay <= 1:
         raise CLIError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+    if args.compile:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile not in backends:
+            raise CLIError(f"--compile {args.compile}: not a torch.compile backend ({', '.join(backends)})")
 
 
 def sample_draws(seed: int, step: int, rows: range, model: RDM, device: torch.device) -> dict[str, Tensor]:
