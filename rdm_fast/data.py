@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
 
+from ._distributed import Processes
 from ._files import atomic_save_npy, atomic_write_json
 from .config import RDMConfig
+from .rdm import RDM
 from .retrieval.build import load_rgb, replay_crop
 from .retrieval.context import check_database_for_model
 from .retrieval.database import Database
@@ -319,3 +324,56 @@ class TrainingMoments(Dataset):
         moments, readable = self._arrays[j]
         row = i - self.shards[j]["start"]
         return {"moments": torch.from_numpy(moments[row].astype(np.float32)), "index": i, "ok": bool(readable[row])}
+
+
+def cached_moments(directory: str | Path, model: RDM, images: TrainingImages, procs: Processes,
+                   device: torch.device, *, batch_size: int = 32, workers: int = 4,
+                   progress: bool = True) -> TrainingMoments:
+    """The first stage's output for every training image from the :class:`MomentCache` in ``directory``, computed
+    there first if missing: each process encodes a contiguous share in float32 into its own files (stored as
+    float16); they meet through the file system, not a collective, so a slow share cannot time the others out."""
+    example = model.encode_moments(torch.zeros(1, 3, images.size, images.size, device=device))
+    cache = MomentCache(directory, {"count": len(images), "shape": list(example.shape[1:]),
+                                       "image_size": images.size, "training_db": database_digest(images.database),
+                                       "first_stage": module_digest(model.first_stage)})
+    if cache.manifest() is None:
+        run = procs.from_rank0(uuid.uuid4().hex[:12])
+        mine = MomentCache.share(len(images), procs.world, procs.rank)
+        moments = np.zeros((len(mine), *example.shape[1:]), np.float16)
+        readable = np.zeros(len(mine), bool)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=batch_size,
+                                             num_workers=workers, pin_memory=device.type == "cuda")
+        with torch.no_grad(), tqdm(total=len(mine), desc="encoding", unit="img",
+                                    disable=not progress or not procs.main) as bar:
+            for batch in loader:
+                values = model.encode_moments(batch["pixels"].to(device).float() / 127.5 - 1.0).cpu().numpy()
+                if not (np.isfinite(values).all() and np.abs(values).max() <= np.finfo(np.float16).max):
+                    raise ValueError("the first stage's outputs are not finite in float16: train without --latents")
+                rows = batch["index"].numpy() - mine.start
+                moments[rows], readable[rows] = values, batch["ok"].numpy()
+                bar.update(len(rows))
+        cache.write_shard(run, procs.rank, moments, readable)
+        if procs.main:
+            wait_for_files([f for r in range(procs.world) for f in cache.shard_files(run, r)])
+            cache.commit(run, procs.world)
+            log.info("stored the first stage's outputs for %d images in %s", len(images), cache.dir)
+        else:
+            wait_for_files([cache.dir / "manifest.json"])
+    else:
+        log.info("reading the first stage's outputs from %s", cache.dir)
+    dataset = TrainingMoments(cache)
+    missing = int((~dataset.readable()).sum())
+    if missing and procs.main:
+        log.warning("%s: %d training images could not be read when it was made; they take no part (delete it to "
+                    "encode them again)", cache.dir, missing)
+    return dataset
+
+
+def wait_for_files(files: list[Path], poll: float = 1.0) -> None:
+    """Block until every file exists (written by other processes; torchrun stops all if one fails)."""
+    waited = 0.0
+    while not all(f.exists() for f in files):
+        time.sleep(poll)
+        waited += poll
+        if waited % 600 < poll:
+            log.info("waiting for the other processes' files in %s", files[0].parent)

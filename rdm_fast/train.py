@@ -29,14 +29,12 @@ import math
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -47,8 +45,7 @@ from ._cli import CLIError, run
 from ._distributed import Processes, process_device
 from ._files import atomic_write, atomic_write_json
 from .config import RDMConfig, preset_names
-from .data import (MomentCache, TrainingContexts, TrainingImages, TrainingMoments, TrainingOrder, database_digest,
-                   derived_seed, image_size, module_digest)
+from .data import TrainingContexts, TrainingImages, TrainingOrder, cached_moments, derived_seed, image_size
 from .diffusion import eps_losses
 from .images import grid, save_png, to_uint8
 from .models.layers import official_names
@@ -376,7 +373,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         atomic_write_json(out / "run.json", {**run_info, "args": vars(args)})
         _truncate_log(out / LOG, start)
 
-    examples = images if args.latents is None else _cached_moments(args, model, images, procs, device)
+    examples = images if args.latents is None else cached_moments(
+        args.latents, model, images, procs, device, batch_size=args.batch_size, workers=args.workers,
+        progress=not args.no_progress)
     ddp = unet if procs.world == 1 else nn.parallel.DistributedDataParallel(
         unet, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(ddp, backend=args.compile) if args.compile else ddp
@@ -464,58 +463,6 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     log.info("done: %s (sample with python -m rdm_fast.sample --ckpt %s ...)", latest_checkpoint(out),
              latest_checkpoint(out))
     return 0
-
-
-def _cached_moments(args: argparse.Namespace, model: RDM, images: TrainingImages, procs: Processes,
-                    device: torch.device) -> TrainingMoments:
-    """The first stage's output for every training image from ``--latents``, computed there first if missing:
-    each process encodes a contiguous share in float32 into its own files (stored as float16); they meet through
-    the file system, not a collective, so a slow share cannot time the others out."""
-    example = model.encode_moments(torch.zeros(1, 3, images.size, images.size, device=device))
-    cache = MomentCache(args.latents, {"count": len(images), "shape": list(example.shape[1:]),
-                                       "image_size": images.size, "training_db": database_digest(images.database),
-                                       "first_stage": module_digest(model.first_stage)})
-    if cache.manifest() is None:
-        run = procs.from_rank0(uuid.uuid4().hex[:12])
-        mine = MomentCache.share(len(images), procs.world, procs.rank)
-        moments = np.zeros((len(mine), *example.shape[1:]), np.float16)
-        readable = np.zeros(len(mine), bool)
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=args.batch_size,
-                                             num_workers=args.workers, pin_memory=device.type == "cuda")
-        with torch.no_grad(), tqdm(total=len(mine), desc="encoding", unit="img",
-                                    disable=args.no_progress or not procs.main) as bar:
-            for batch in loader:
-                values = model.encode_moments(batch["pixels"].to(device).float() / 127.5 - 1.0).cpu().numpy()
-                if not (np.isfinite(values).all() and np.abs(values).max() <= np.finfo(np.float16).max):
-                    raise ValueError("the first stage's outputs are not finite in float16: train without --latents")
-                rows = batch["index"].numpy() - mine.start
-                moments[rows], readable[rows] = values, batch["ok"].numpy()
-                bar.update(len(rows))
-        cache.write_shard(run, procs.rank, moments, readable)
-        if procs.main:
-            _wait_for([f for r in range(procs.world) for f in cache.shard_files(run, r)])
-            cache.commit(run, procs.world)
-            log.info("stored the first stage's outputs for %d images in %s", len(images), cache.dir)
-        else:
-            _wait_for([cache.dir / "manifest.json"])
-    else:
-        log.info("reading the first stage's outputs from %s", cache.dir)
-    dataset = TrainingMoments(cache)
-    missing = int((~dataset.readable()).sum())
-    if missing and procs.main:
-        log.warning("%s: %d training images could not be read when it was made; they take no part (delete it to "
-                    "encode them again)", cache.dir, missing)
-    return dataset
-
-
-def _wait_for(files: list[Path], poll: float = 1.0) -> None:
-    """Block until every file exists (written by other processes; torchrun stops all if one fails)."""
-    waited = 0.0
-    while not all(f.exists() for f in files):
-        time.sleep(poll)
-        waited += poll
-        if waited % 600 < poll:
-            log.info("waiting for the other processes' files in %s", files[0].parent)
 
 
 def _truncate_log(file: Path, step: int) -> None:
