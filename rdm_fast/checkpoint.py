@@ -51,13 +51,20 @@ def ema_name(official_unet_name: str) -> str:
 
 
 def resolve_file(path: str | Path) -> Path:
-    """A checkpoint file given as itself or as a directory: rdm_fast's (``model.safetensors``) or an official
-    release folder holding a single ``.ckpt``."""
+    """A checkpoint file given as itself or as a directory: rdm_fast's (``model.safetensors``), a training run of
+    ``python -m rdm_fast.train`` (its newest checkpoint, named in ``latest``) or an official release folder
+    holding a single ``.ckpt``."""
     path = Path(path)
     if not path.is_dir():
         return path
     if (path / WEIGHTS_FILE).is_file():
         return path / WEIGHTS_FILE
+    if (path / "latest").is_file():
+        newest = path / "checkpoints" / (path / "latest").read_text().strip() / WEIGHTS_FILE
+        if not newest.is_file():
+            raise CheckpointError(f"{path / 'latest'} names {newest.parent}, which holds no {WEIGHTS_FILE}")
+        log.info("%s: its newest checkpoint, %s", path, newest.parent.name)
+        return newest
     ckpts = sorted(path.glob("*.ckpt"))
     if len(ckpts) == 1:
         return ckpts[0]

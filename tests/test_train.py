@@ -295,7 +295,7 @@ def test_resume_is_bit_exact_and_checkpoints_sample(setup, tmp_path):
     assert torch.equal(model.unet.input_conv.weight, ema["unet.input_conv.weight"])
     assert not torch.equal(ema["unet.out_conv.weight"], _weights(straight, 4)["out_conv.weight"])
     from rdm_fast import sample
-    assert sample.main(["--ckpt", str(straight / "checkpoints" / "step_0000004"), "--db", str(setup["db"]),
+    assert sample.main(["--ckpt", str(straight), "--db", str(setup["db"]),  # the run: its newest checkpoint
                         "--n-samples", "2", "--out", str(tmp_path / "samples"), "--steps", "2",
                         "--device", "cpu"]) == 0  # conditioned on the training database, which it checks
     assert (tmp_path / "samples" / "grid.png").is_file()
