@@ -30,6 +30,10 @@ FORMAT_NAME = "rdm_fast"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# a training checkpoint of rdm_fast.train adds, beside its (EMA) model.safetensors, the UNet's training weights
+# and the run's state (step, EMA updates, settings)
+TRAIN_WEIGHTS_FILE = "train_weights.safetensors"
+TRAIN_STATE_FILE = "state.json"
 
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",

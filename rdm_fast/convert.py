@@ -1,30 +1,71 @@
-"""``python -m rdm_fast.convert``: turn an official checkpoint into rdm_fast's safetensors format.
+"""``python -m rdm_fast.convert``: turn an official checkpoint into rdm_fast's safetensors format, or back.
 
-The result (``model.safetensors`` with the config inside, and ``config.json``) loads without unpickling,
+rdm_fast's format (``model.safetensors`` with the config inside, and ``config.json``) loads without unpickling,
 memory-maps, and holds only the weights sampling needs (the EMA UNet when the checkpoint has one).
+``--to official`` writes ``model.ckpt`` (a state dict in the layout of the official Lightning checkpoints, for the
+reference code) and ``config.yaml``; from a training checkpoint of ``python -m rdm_fast.train`` the UNet's training
+weights go under ``model.diffusion_model.`` and its EMA weights under ``model_ema.``, as LitEma stores them.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import torch
+import yaml
 
 from . import RDM
+from . import checkpoint as ckpt
 from ._cli import run
+from ._files import atomic_write
 from .config import preset_names
 
 log = logging.getLogger("rdm_fast.convert")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def official_checkpoint(model: RDM, ema: RDM | None = None, ema_updates: int = 0) -> dict[str, torch.Tensor]:
+    """``model``'s weights in the official layout; with ``ema``, its UNet as LitEma's ``model_ema.`` copy."""
+    state = model.official_state_dict()
+    if ema is not None:
+        unet = ema.official_state_dict()
+        state.update({ckpt.ema_name(k[len(ckpt.UNET_PREFIX):]): v for k, v in unet.items()
+                      if k.startswith(ckpt.UNET_PREFIX)})
+        state["model_ema.decay"] = torch.tensor(0.9999, dtype=torch.float32)
+        state["model_ema.num_updates"] = torch.tensor(ema_updates, dtype=torch.int32)
+    return state
+
+
+def _export_official(args: argparse.Namespace, out: Path) -> Path:
+    sampled = RDM.from_pretrained(args.ckpt, args.config, allow_pickle=args.allow_pickle)
+    weights = ckpt.resolve_file(args.ckpt)
+    raw, ema, updates = sampled, None, 0
+    if (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file():  # a training checkpoint: raw weights beside the EMA
+        from safetensors.torch import load_file
+
+        raw = copy.deepcopy(sampled)
+        raw.unet.load_state_dict(load_file(str(weights.parent / ckpt.TRAIN_WEIGHTS_FILE)))
+        ema = sampled
+        updates = json.loads((weights.parent / ckpt.TRAIN_STATE_FILE).read_text())["ema_updates"]
+    state = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() and k != "model_ema.decay" else v
+             for k, v in official_checkpoint(raw, ema, updates).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "model.ckpt", lambda f: torch.save({"state_dict": state}, f))
+    atomic_write(out / "config.yaml", lambda f: Path(f).write_text(yaml.safe_dump(raw.config.to_dict())))
+    return out / "model.ckpt"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rdm_fast.convert", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("ckpt", help="official .ckpt (or an rdm_fast file to re-save)")
+    p.add_argument("ckpt", help="official .ckpt, rdm_fast file or directory, or a training run or checkpoint")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--to", choices=["rdm_fast", "official"], default="rdm_fast", help="format written")
     p.add_argument("--config", help=f"preset ({', '.join(preset_names())}) or config.yaml "
                                     "(default: config.yaml beside the checkpoint, else the matching preset)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the stored weights")
@@ -32,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle a checkpoint with Python objects (runs code from the file: trusted files only)")
     args = p.parse_args(argv)
+    if args.to == "official":
+        if args.no_ema:
+            raise ValueError("--no-ema applies to --to rdm_fast (official checkpoints hold both weights)")
+        path = _export_official(args, Path(args.out))
+        log.info("wrote %s and config.yaml (%s)", path, args.dtype)
+        return 0
     model = RDM.from_pretrained(args.ckpt, args.config, use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
     path = model.save_pretrained(args.out, dtype=DTYPES[args.dtype])
     n = sum(t.numel() for t in model.state_dict().values())

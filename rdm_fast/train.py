@@ -55,9 +55,7 @@ log = logging.getLogger("rdm_fast.train")
 LATEST = "latest"
 LOG = "log.jsonl"
 CHECKPOINTS = "checkpoints"
-TRAIN_WEIGHTS = "train_weights.safetensors"
 OPTIMIZER = "optimizer.pt"
-STATE = "state.json"
 # what fixes the batches and draws of every step: a resumed run must keep these (the data by content) ...
 RESUME_KEYS = ("seed", "global_batch", "training_data")
 # ... and may change these (with a warning: the run is then not the one an uninterrupted run would be)
@@ -149,7 +147,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = out / CHECKPOINTS / pointer.read_text().strip()
-    if not (path / STATE).is_file():
+    if not (path / ckpt.TRAIN_STATE_FILE).is_file():
         raise ckpt.CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
     return path
 
@@ -170,10 +168,10 @@ def save_checkpoint(out: Path, step: int, model: RDM, ema: EMA, optimizer: torch
     averaged.update({f"unet.{k}": v for k, v in ema.state_dict().items()})
     ckpt.save_safetensors(averaged, model.config.to_dict(), tmp)
     raw = {k: v.detach().contiguous().cpu() for k, v in model.unet.state_dict().items()}
-    atomic_write(tmp / TRAIN_WEIGHTS, lambda f: save_file(raw, f))
+    atomic_write(tmp / ckpt.TRAIN_WEIGHTS_FILE, lambda f: save_file(raw, f))
     atomic_write(tmp / OPTIMIZER, lambda f: torch.save({"optimizer": optimizer.state_dict(),
                                                          "scaler": scaler.state_dict()}, f))
-    atomic_write_json(tmp / STATE, {"step": step, "ema_updates": ema.updates, "run": run_info})
+    atomic_write_json(tmp / ckpt.TRAIN_STATE_FILE, {"step": step, "ema_updates": ema.updates, "run": run_info})
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -188,11 +186,11 @@ def load_checkpoint(path: Path, model: RDM, ema: EMA, optimizer: torch.optim.Opt
     """Restore the training weights, EMA, optimizer and loss scaler of checkpoint ``path``; returns its state."""
     from safetensors.torch import load_file
 
-    state = json.loads((path / STATE).read_text())
+    state = json.loads((path / ckpt.TRAIN_STATE_FILE).read_text())
     averaged, _ = ckpt.read_state_dict(path / ckpt.WEIGHTS_FILE)
     model.first_stage.load_state_dict({k[len("first_stage."):]: v for k, v in averaged.items()
                                        if k.startswith("first_stage.")})
-    model.unet.load_state_dict(load_file(str(path / TRAIN_WEIGHTS)))
+    model.unet.load_state_dict(load_file(str(path / ckpt.TRAIN_WEIGHTS_FILE)))
     ema.load_state_dict({k[len("unet."):]: v for k, v in averaged.items() if k.startswith("unet.")},
                         state["ema_updates"])
     saved = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)

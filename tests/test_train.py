@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from test_database import TinyEncoder
 from rdm_fast import RDM, RDMConfig, ops
 from rdm_fast import train
-from rdm_fast.checkpoint import CheckpointError
+from rdm_fast.checkpoint import TRAIN_STATE_FILE, TRAIN_WEIGHTS_FILE, CheckpointError
 from rdm_fast.data import (MomentCache, TrainingContexts, TrainingImages, TrainingMoments, TrainingOrder,
                            image_size)
 from rdm_fast.diffusion import Schedule, eps_losses, noised
@@ -76,7 +76,7 @@ def _fresh(setup, out: Path, *extra: str, **kw) -> list[str]:
 
 
 def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "checkpoints" / f"step_{step:07d}" / train.TRAIN_WEIGHTS))
+    return load_file(str(out / "checkpoints" / f"step_{step:07d}" / TRAIN_WEIGHTS_FILE))
 
 
 def _same_run(a: dict, b: dict, steps: int, lr: float = 1e-4) -> None:
@@ -279,13 +279,13 @@ def test_resume_is_bit_exact_and_checkpoints_sample(setup, tmp_path):
     with pytest.raises(train.CLIError, match="--resume"):
         train.main(_fresh(setup, split))
     assert train.main(_args(setup, split, "--resume")) == 0
-    for name in (train.TRAIN_WEIGHTS, "model.safetensors"):
+    for name in (TRAIN_WEIGHTS_FILE, "model.safetensors"):
         a = load_file(str(straight / "checkpoints" / "step_0000004" / name))
         b = load_file(str(split / "checkpoints" / "step_0000004" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (straight / "latest").read_text().strip() == "step_0000004"
     assert (straight / "samples" / "step_0000004.png").is_file()
-    state = json.loads((straight / "checkpoints" / "step_0000004" / train.STATE).read_text())
+    state = json.loads((straight / "checkpoints" / "step_0000004" / TRAIN_STATE_FILE).read_text())
     assert state["step"] == 4 and state["ema_updates"] == 4
 
     # the checkpoint is a model: the sampler loads it (EMA weights) and draws from it
@@ -541,3 +541,24 @@ def test_cuda_training_run_sees_the_cpu_run_data(setup, tmp_path):
     assert abs(gpu["loss"] - cpu["loss"]) <= 1e-2 * cpu["loss"], (gpu, cpu)
     assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "gpu", 2).values())
     assert (tmp_path / "gpu" / "samples" / "step_0000002.png").is_file()
+
+
+def test_training_checkpoint_exports_to_the_official_layout(setup, tmp_path):
+    """convert --to official: the training weights under model.diffusion_model., the EMA ones as LitEma's
+    model_ema. copy; the official loader reads either back (EMA by default)."""
+    from rdm_fast import convert
+
+    run = tmp_path / "run"
+    assert train.main(_fresh(setup, run, steps=2)) == 0
+    assert convert.main([str(run), "--out", str(tmp_path / "official"), "--to", "official"]) == 0
+    state = torch.load(tmp_path / "official" / "model.ckpt", weights_only=True)["state_dict"]
+    assert int(state["model_ema.num_updates"]) == 2 and any(k.startswith("first_stage_model.") for k in state)
+    ema = load_file(str(run / "checkpoints" / "step_0000002" / "model.safetensors"))
+    raw = _weights(run, 2)
+    back_ema = RDM.from_pretrained(tmp_path / "official")  # config.yaml beside it
+    back_raw = RDM.from_pretrained(tmp_path / "official" / "model.ckpt", tmp_path / "official" / "config.yaml",
+                                   use_ema=False)
+    for name, tensor in back_ema.unet.state_dict().items():
+        assert torch.equal(tensor, ema[f"unet.{name}"]), name
+        assert torch.equal(back_raw.unet.state_dict()[name], raw[name]), name
+    assert not all(torch.equal(raw[n], ema[f"unet.{n}"]) for n in raw)  # two different sets of weights
