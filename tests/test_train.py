@@ -360,13 +360,28 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     _same_run(_weights(tmp_path / "two", 2), _weights(tmp_path / "one", 2), steps=2)
 
 
-def test_cached_moments_are_the_encoder_outputs(setup, tmp_path):
-    """--latents stores what the first stage makes of each replayed crop, trains from it as from the images (the
-    first step's loss), is reused by later runs, and refuses a first stage it was not made with."""
+def _training_inputs(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """Record the clean latents and contexts every training micro-batch feeds the loss."""
+    seen, real = [], train.eps_losses
+
+    def spy(unet, schedule, x0, context, t, noise):
+        seen.append({"x0": x0.detach().clone(), "context": context.detach().clone(), "t": t.clone()})
+        return real(unet, schedule, x0, context, t, noise)
+
+    monkeypatch.setattr(train, "eps_losses", spy)
+    return seen
+
+
+def test_cached_moments_are_the_encoder_outputs(setup, tmp_path, monkeypatch):
+    """--latents stores what the first stage makes of each replayed crop, trains on the latents the images give
+    (up to the float16 storage), is reused by later runs without the images, and refuses a first stage it was not
+    made with."""
     cache = tmp_path / "latents"
-    for name, extra in (("images", ()), ("cached", ("--latents", str(cache)))):
-        assert train.main(_fresh(setup, tmp_path / name, *extra, "--log-every", "1", steps=1)) == 0
-    manifest = (cache / "manifest.json").read_text()
+    inputs = {}
+    for name, extra in (("images", ()), ("cached", ("--latents", str(cache))),
+                        ("again", ("--latents", str(cache), "--image-root", str(tmp_path)))):  # no images there
+        inputs[name] = _training_inputs(monkeypatch)
+        assert train.main(_fresh(setup, tmp_path / name, *extra, steps=2)) == 0
     torch.manual_seed(0)  # the first stage a run with --seed 0 starts from
     model = RDM.from_config(RDMConfig.resolve(setup["cfg"]))
     images = TrainingImages(Database.open(setup["db"], backend="torch", device="cpu"), 32)
@@ -377,15 +392,10 @@ def test_cached_moments_are_the_encoder_outputs(setup, tmp_path):
     torch.testing.assert_close(torch.stack([stored[i]["moments"] for i in range(len(stored))]), want, rtol=2e-3,
                                atol=1e-4)
     assert stored.readable().all()
-    losses = [json.loads((tmp_path / r / "log.jsonl").read_text().splitlines()[0])["loss"]
-              for r in ("images", "cached")]
-    assert abs(losses[1] - losses[0]) <= 1e-4 * losses[0], losses
-    # reused, and read instead of the images: training needs none of them now
-    assert train.main(_fresh(setup, tmp_path / "again", "--latents", str(cache), "--image-root", str(tmp_path),
-                             "--log-every", "1", steps=1)) == 0
-    assert (cache / "manifest.json").read_text() == manifest
-    again = json.loads((tmp_path / "again" / "log.jsonl").read_text().splitlines()[0])
-    assert again["loss"] == losses[1] and again["unreadable"] == 0
+    for a, b, c in zip(inputs["images"], inputs["cached"], inputs["again"]):
+        torch.testing.assert_close(b["x0"], a["x0"], rtol=5e-3, atol=5e-4)  # float16 moments, the same KL draw
+        assert torch.equal(c["x0"], b["x0"]) and torch.equal(b["context"], a["context"])
+    assert len(inputs["again"]) == 2 and json.loads((tmp_path / "again" / "log.jsonl").read_text())["unreadable"] == 0
     with pytest.raises(ValueError, match="first_stage"):  # another seed: another random first stage
         train.main(_fresh(setup, tmp_path / "other", "--latents", str(cache), "--seed", "1", steps=1))
 
@@ -495,17 +505,14 @@ def test_bf16_autocast_gradients_track_float32(cpu_gradients):
 
 
 def test_mixed_precision_runs(setup, tmp_path):
-    """bf16 and fp16 runs (with checkpointing, clipping and warm-up) start from the float32 run's loss (same
-    weights and draws, step 1), stay finite, and a run resumes in another precision (fp16's loss scale)."""
+    """bf16 and fp16 runs (with checkpointing, clipping and warm-up) run and stay finite, and a run resumes in
+    another precision (fp16's loss scale starts or is dropped). Their accuracy: the gradient test above."""
     extra = ("--grad-clip", "1.0", "--warmup", "2", "--log-every", "1")
-    assert train.main(_fresh(setup, tmp_path / "fp32", *extra, steps=2)) == 0
-    first = json.loads((tmp_path / "fp32" / "log.jsonl").read_text().splitlines()[0])
     for precision in ("--bf16", "--fp16"):
         out = tmp_path / precision
         assert train.main(_fresh(setup, out, *extra, precision, "--grad-checkpoint", steps=2)) == 0
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        assert log[0]["lr"] == first["lr"] == 0.5e-4
-        assert abs(log[0]["loss"] - first["loss"]) <= 1e-2 * first["loss"], (precision, log[0], first)
+        assert [r["lr"] for r in log] == [0.5e-4, 1e-4] and all(np.isfinite(r["loss"]) for r in log)
         assert all(torch.isfinite(w).all() for w in _weights(out, 2).values())
     other = {"--bf16": "--fp16", "--fp16": "--bf16"}
     for precision in other:  # into fp16 (a loss scale starts) and out of it
@@ -531,14 +538,15 @@ def test_cuda_gradients_match_cpu(cpu_gradients, precision, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_training_run_sees_the_cpu_run_data(setup, tmp_path):
-    """A run on the GPU draws the same batches and noise as on the CPU (its first loss equals the CPU run's),
-    stays finite in bf16, and draws its preview samples there."""
+    """A run on the GPU draws the same noise as on the CPU: at the first step the zero-initialised output layer
+    makes eps zero, so the loss is the mean square of the drawn noise. It stays finite in bf16 and draws its
+    preview samples there."""
     assert train.main(_fresh(setup, tmp_path / "cpu", "--log-every", "1", steps=1)) == 0
     args = _fresh(setup, tmp_path / "gpu", "--log-every", "1", "--bf16", "--preview", "2", steps=2)
     args[args.index("--device") + 1] = "cuda"
     assert train.main(args) == 0
     cpu, gpu = (json.loads((tmp_path / r / "log.jsonl").read_text().splitlines()[0]) for r in ("cpu", "gpu"))
-    assert abs(gpu["loss"] - cpu["loss"]) <= 1e-2 * cpu["loss"], (gpu, cpu)
+    assert abs(gpu["loss"] - cpu["loss"]) <= 1e-6 * cpu["loss"], (gpu, cpu)
     assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "gpu", 2).values())
     assert (tmp_path / "gpu" / "samples" / "step_0000002.png").is_file()
 
