@@ -570,3 +570,22 @@ def test_training_checkpoint_exports_to_the_official_layout(setup, tmp_path):
         assert torch.equal(tensor, ema[f"unet.{name}"]), name
         assert torch.equal(back_raw.unet.state_dict()[name], raw[name]), name
     assert not all(torch.equal(raw[n], ema[f"unet.{n}"]) for n in raw)  # two different sets of weights
+
+
+def test_runs_start_from_init_or_first_stage(setup, tmp_path):
+    """--init starts from a checkpoint's (EMA) weights, config included; --first-stage from a new UNet of --config
+    (seeded) on the given autoencoder."""
+    source = tmp_path / "source"
+    assert train.main(_fresh(setup, source, steps=1)) == 0
+    ema = RDM.from_pretrained(source)
+    parser = train.build_parser()
+    base = _args(setup, tmp_path / "new")
+    started = train.build_model(parser.parse_args([*base, "--init", str(source)]))
+    assert started.config == ema.config
+    assert all(torch.equal(a, b) for a, b in zip(started.state_dict().values(), ema.state_dict().values()))
+    fresh = train.build_model(parser.parse_args([*base, "--first-stage", str(source), "--config", str(setup["cfg"])]))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.first_stage.state_dict().values(),
+                                                 ema.first_stage.state_dict().values()))
+    torch.manual_seed(0)
+    seeded = RDM.from_config(RDMConfig.resolve(setup["cfg"])).unet.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(fresh.unet.state_dict().values(), seeded.values()))
