@@ -372,6 +372,29 @@ def test_triton_gpu_strided_views_and_peaked_softmax(dtype):
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_triton_gpu_split_exponentials_match_reference(dtype, block_n):
+    """The forward's POLY candidates launched directly (the autotuner may or may not pick them), compiled, on
+    long sequences with a tail block and a peaked softmax."""
+    import triton
+
+    from rdm_fast.kernels import attention as kernels
+
+    for case in [(2, 1000, 777, 4, 32, dtype, "dense", 1.0), (1, 700, 700, 3, 64, dtype, "views", 4.0)]:
+        q, k, v, _, _ = (t.detach() if torch.is_tensor(t) else t for t in _inputs(case, "cuda"))
+        heads, (b, n_q, width), n_k = case[3], q.shape, k.shape[1]
+        out, lse = torch.empty(q.shape, device="cuda", dtype=q.dtype), torch.empty(b, heads, n_q, device="cuda")
+        kernels._attn_fwd_kernel.fn[(triton.cdiv(n_q, 128), b * heads)](
+            q, k, v, out, lse, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+            heads, n_q, n_k, (width // heads) ** -0.5 * kernels.LOG2E, HEAD_DIM=width // heads, PRECISION="tf32",
+            BLOCK_M=128, BLOCK_N=block_n, POLY=True, num_warps=8, num_stages=3)
+        (atol, rtol), _ = TOLERANCES[q.dtype]
+        err = _mismatch("output", out, attention_reference(q, k, v, heads), atol, rtol)
+        assert err is None, f"{case}: {err}"
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 def test_triton_gpu_public_op_and_reference_fallback():
     """auto mode on CUDA: head dim 32 runs the Triton kernels, head dim 48 the reference; both match it."""
     for d, expected in ((32, "triton"), (48, "reference")):
