@@ -48,6 +48,7 @@ from .config import RDMConfig, preset_names
 from .data import TrainingContexts, TrainingImages, TrainingOrder, cached_moments, derived_seed, image_size
 from .diffusion import eps_losses
 from .images import grid, save_png, to_uint8
+from .retrieval.context import locate_database
 from .models.layers import official_names
 
 log = logging.getLogger("rdm_fast.train")
@@ -212,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--random-init", action="store_true", help="random UNet and first stage (smoke runs only)")
     p.add_argument("--config", help=f"preset ({', '.join(preset_names())}) or config.yaml of the model "
                                     "(with --init: default its own)")
-    p.add_argument("--training-db", required=True, help="database built from the training images (db build)")
-    p.add_argument("--db", required=True, help="retrieval database the neighbours come from")
+    p.add_argument("--training-db", required=True, help="database built from the training images (db build): a "
+                                                        "directory, or its name in $RDM_FAST_HOME/databases")
+    p.add_argument("--db", required=True, help="retrieval database the neighbours come from (directory or name)")
     p.add_argument("--neighbors", required=True, help="neighbour ids of every training entry (db neighbors)")
     p.add_argument("--image-root", help="where the training images are now (default: the database's image_root)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, logs and samples")
@@ -317,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes,
            device: torch.device) -> int:
+    args.training_db, args.db = str(locate_database(args.training_db)), str(locate_database(args.db))
     if resume_from is not None:
         model = RDM.from_pretrained(resume_from)
         given = RDMConfig.resolve(args.config) if args.config else model.config

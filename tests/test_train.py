@@ -310,12 +310,14 @@ def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
         train.main(_args(setup, out, "--resume", "--config", str(setup["cfg_plain"])))
     assert train.main(_args(setup, out, "--resume", steps=2)) == 0  # already there: nothing to do
     moved = tmp_path / "moved"
-    shutil.copytree(setup["db"], moved / "db")
+    shutil.copytree(setup["db"], moved / "databases" / "mine")
     shutil.copy(setup["nn"], moved / "nn.npz")
     args = _args(setup, out, "--resume", steps=3)
-    for flag, value in (("--training-db", "db"), ("--db", "db"), ("--neighbors", "nn.npz")):
-        args[args.index(flag) + 1] = str(moved / value)
-    assert train.main(args + ["--image-root", str(setup["root"] / "imgs")]) == 0  # the same data, moved
+    for flag, value in (("--training-db", "mine"), ("--db", "mine"), ("--neighbors", str(moved / "nn.npz"))):
+        args[args.index(flag) + 1] = value  # databases by name, from $RDM_FAST_HOME/databases
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RDM_FAST_HOME", str(moved))
+        assert train.main(args + ["--image-root", str(setup["root"] / "imgs")]) == 0  # the same data, moved
     with pytest.raises(train.CLIError, match="no checkpoint"):
         train.main(_args(setup, tmp_path / "empty", "--resume"))
     with pytest.raises(train.CLIError, match="--init, --first-stage or --random-init"):
