@@ -58,7 +58,7 @@ if [ "${GPU_CHECK_TUNE:-1}" = 1 ]; then
 fi
 
 # 4. tests that need the extension or whole models
-timeout "$(limit 80)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_group_norm.py \
+timeout "$(limit 100)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_group_norm.py \
   tests/test_cuda_sampling.py tests/test_models.py tests/test_train.py -k "cuda or graph or sync or reproducible or eager" \
   > "$OUT/tests_models.log" 2>&1
 echo "model tests rc=$? at $SECONDS s" >> "$OUT/tests_models.log"
