@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -55,6 +56,7 @@ log = logging.getLogger("rdm_fast.train")
 
 LATEST = "latest"
 LOG = "log.jsonl"
+STOPPED = 128 + int(signal.SIGTERM)  # exit status of a run stopped by a signal (with a checkpoint)
 CHECKPOINTS = "checkpoints"
 OPTIMIZER = "optimizer.pt"
 # what fixes the batches and draws of every step: a resumed run must keep these (the data by content) ...
@@ -109,6 +111,41 @@ class EMA:
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, kept)
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+class StopRequest:
+    """SIGTERM (a scheduler's preemption) or a first Ctrl-C asks the run to stop after the current step with a
+    checkpoint; a second Ctrl-C interrupts at once. Installed for the duration of a ``with`` block (main thread)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopRequest":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_stop_signals(worker: int) -> None:
+    """Data-loading workers leave SIGTERM/SIGINT to the trainer (a scheduler signals every process of the job;
+    a worker that died of it would fail the step the trainer is finishing before its checkpoint)."""
+    for sig in StopRequest.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -384,7 +421,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                           accumulate=args.accumulate, start_step=start)
     loader = iter(torch.utils.data.DataLoader(examples, batch_size=args.batch_size, sampler=order,
                                               num_workers=args.workers, pin_memory=device.type == "cuda",
-                                              persistent_workers=args.workers > 0))
+                                              persistent_workers=args.workers > 0,
+                                              worker_init_fn=_ignore_stop_signals))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16,
                               enabled=args.bf16 or args.fp16)
     preview = contexts(torch.arange(min(args.preview, len(images)))) if args.preview else None
@@ -394,70 +432,80 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
 
     loss_sum = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, images) since the last log
     unreadable, unreadable_total = 0, 0  # since the last log line, since the start of this process
+    stop_agreed = False
     tick, ticked = time.perf_counter(), start
     bar = tqdm(total=args.steps, initial=start, desc="training", unit="step",
                disable=args.no_progress or not procs.main)
-    for step in range(start, args.steps):
-        for micro in range(args.accumulate):
-            batch = next(loader)
-            first = (micro * procs.world + procs.rank) * args.batch_size  # position in the global batch
-            draws = sample_draws(args.seed, step, range(first, first + args.batch_size), model, device)
-            if step == start and micro == 0 and not batch["ok"].any():
-                file = images.file(int(batch["index"][0]))
-                raise CLIError(f"none of the first batch's images can be read, e.g. {file}: if the images have "
-                               "moved, pass --image-root" + (" (and delete --latents)" if args.latents else ""))
-            ok = batch["ok"].to(device)
-            unreadable += int((~batch["ok"]).sum())
-            unreadable_total += int((~batch["ok"]).sum())
-            context = contexts(batch["index"]).to(device, non_blocking=True)
-            context = context * (draws["drop"] >= args.cond_drop)[:, None, None]
-            with torch.no_grad(), autocast:
-                if "moments" in batch:
-                    x0 = model.latents(batch["moments"].to(device, non_blocking=True), noise=draws["posterior"])
-                else:
-                    pixels = batch["pixels"].to(device, non_blocking=True).float() / 127.5 - 1.0
-                    x0 = model.encode(pixels, noise=draws["posterior"])
-            sync = contextlib.nullcontext() if micro == args.accumulate - 1 or ddp is unet else ddp.no_sync()
-            with sync:
-                with autocast:
-                    losses = eps_losses(forward, model.schedule, x0, context, draws["t"], draws["noise"])
-                losses = losses * ok  # unreadable images (zeros) take no part
-                # the mean over the global batch: DDP averages the ranks' gradients
-                scaler.scale(losses.sum() / (args.batch_size * args.accumulate)).backward()
-            loss_sum += torch.stack([losses.detach().sum().double(), ok.sum().double()])
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(args, step)
-        if args.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(unet)
-        done = step + 1
-        bar.update(1)
-        if done % args.log_every == 0 or done == args.steps:
-            total = procs.all_sum(loss_sum.clone()).tolist()
-            now = time.perf_counter()
-            record = {"step": done, "loss": total[0] / max(total[1], 1.0), "lr": learning_rate(args, step),
-                      "images_per_s": (done - ticked) * global_batch / (now - tick),
-                      "unreadable": int(procs.all_sum(torch.tensor([unreadable], device=device)).item())}
-            if not math.isfinite(record["loss"]):
-                raise RuntimeError(f"the loss is {record['loss']} at step {done}: lower --lr, or train in bf16 "
-                                   "instead of fp16")
-            loss_sum.zero_()
-            unreadable, tick, ticked = 0, now, done
-            if procs.main:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                with open(out / LOG, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-        if done % args.save_every == 0 or done == args.steps:
-            if procs.main:
-                path = save_checkpoint(out, done, model, ema, optimizer, scaler, run_info, args.keep)
-                if preview is not None:
-                    _preview(model, ema, preview, out / "samples" / f"step_{done:07d}.png", args.seed)
-                log.info("step %d: checkpoint %s", done, path)
-            procs.barrier()
+    with StopRequest() as stop:
+        for step in range(start, args.steps):
+            for micro in range(args.accumulate):
+                batch = next(loader)
+                first = (micro * procs.world + procs.rank) * args.batch_size  # position in the global batch
+                draws = sample_draws(args.seed, step, range(first, first + args.batch_size), model, device)
+                if step == start and micro == 0 and not batch["ok"].any():
+                    file = images.file(int(batch["index"][0]))
+                    raise CLIError(f"none of the first batch's images can be read, e.g. {file}: if the images have "
+                                   "moved, pass --image-root" + (" (and delete --latents)" if args.latents else ""))
+                ok = batch["ok"].to(device)
+                unreadable += int((~batch["ok"]).sum())
+                unreadable_total += int((~batch["ok"]).sum())
+                context = contexts(batch["index"]).to(device, non_blocking=True)
+                context = context * (draws["drop"] >= args.cond_drop)[:, None, None]
+                with torch.no_grad(), autocast:
+                    if "moments" in batch:
+                        x0 = model.latents(batch["moments"].to(device, non_blocking=True), noise=draws["posterior"])
+                    else:
+                        pixels = batch["pixels"].to(device, non_blocking=True).float() / 127.5 - 1.0
+                        x0 = model.encode(pixels, noise=draws["posterior"])
+                sync = contextlib.nullcontext() if micro == args.accumulate - 1 or ddp is unet else ddp.no_sync()
+                with sync:
+                    with autocast:
+                        losses = eps_losses(forward, model.schedule, x0, context, draws["t"], draws["noise"])
+                    losses = losses * ok  # unreadable images (zeros) take no part
+                    # the mean over the global batch: DDP averages the ranks' gradients
+                    scaler.scale(losses.sum() / (args.batch_size * args.accumulate)).backward()
+                loss_sum += torch.stack([losses.detach().sum().double(), ok.sum().double()])
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args, step)
+            if args.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(unet)
+            done = step + 1
+            bar.update(1)
+            if done % args.log_every == 0 or done == args.steps:
+                total = procs.all_sum(loss_sum.clone()).tolist()
+                # several processes agree on stopping here, at a log line (one process stops at any step)
+                flags = procs.all_sum(torch.tensor([unreadable, int(stop.requested)], device=device)).tolist()
+                stop_agreed = flags[1] > 0
+                now = time.perf_counter()
+                record = {"step": done, "loss": total[0] / max(total[1], 1.0), "lr": learning_rate(args, step),
+                          "images_per_s": (done - ticked) * global_batch / (now - tick),
+                          "unreadable": int(flags[0])}
+                if not math.isfinite(record["loss"]):
+                    raise RuntimeError(f"the loss is {record['loss']} at step {done}: lower --lr, or train in bf16 "
+                                       "instead of fp16")
+                loss_sum.zero_()
+                unreadable, tick, ticked = 0, now, done
+                if procs.main:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                    with open(out / LOG, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            stopping = stop.requested if procs.world == 1 else stop_agreed
+            if done % args.save_every == 0 or done == args.steps or stopping:
+                if procs.main:
+                    path = save_checkpoint(out, done, model, ema, optimizer, scaler, run_info, args.keep)
+                    if preview is not None and not stopping:
+                        _preview(model, ema, preview, out / "samples" / f"step_{done:07d}.png", args.seed)
+                    log.info("step %d: checkpoint %s", done, path)
+                procs.barrier()
+            if stopping and done < args.steps:
+                bar.close()
+                log.warning("stopped at step %d of %d by a signal: continue with --resume", done, args.steps)
+                return STOPPED
     bar.close()
     if unreadable_total:
         log.warning("%d training images could not be read (this process) and gave no gradient", unreadable_total)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -591,3 +593,23 @@ def test_runs_start_from_init_or_first_stage(setup, tmp_path):
     torch.manual_seed(0)
     seeded = RDM.from_config(RDMConfig.resolve(setup["cfg"])).unet.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(fresh.unet.state_dict().values(), seeded.values()))
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resumes(setup, tmp_path):
+    """A scheduler's SIGTERM to the whole job (trainer and data-loading workers) ends the run after the current
+    step with a checkpoint of that step and exit status 143; --resume continues from it."""
+    out = tmp_path / "run"
+    args = _fresh(setup, out, steps=10_000) + ["--workers", "2", "--log-every", "1", "--save-every", "10000"]
+    proc = subprocess.Popen([sys.executable, "-m", "rdm_fast.train", *args], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.STOPPED, err[-2000:]
+    step = int((out / "latest").read_text().split("_")[1])
+    assert 2 <= step < 10_000 and "continue with --resume" in err
+    assert train.main(_args(setup, out, "--resume", steps=step + 1)) == 0
+    assert (out / "latest").read_text().strip() == f"step_{step + 1:07d}"
