@@ -57,6 +57,7 @@ log = logging.getLogger("rdm_fast.train")
 LATEST = "latest"
 LOG = "log.jsonl"
 STOPPED = 128 + int(signal.SIGTERM)  # exit status of a run stopped by a signal (with a checkpoint)
+STOP_CHECK_EVERY = 5  # steps between the processes' agreements on a stop request (one host synchronisation each)
 CHECKPOINTS = "checkpoints"
 OPTIMIZER = "optimizer.pt"
 # what fixes the batches and draws of every step: a resumed run must keep these (the data by content) ...
@@ -432,7 +433,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
 
     loss_sum = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, images) since the last log
     unreadable, unreadable_total = 0, 0  # since the last log line, since the start of this process
-    stop_agreed = False
+    stopping = False
     tick, ticked = time.perf_counter(), start
     bar = tqdm(total=args.steps, initial=start, desc="training", unit="step",
                disable=args.no_progress or not procs.main)
@@ -478,13 +479,10 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
             bar.update(1)
             if done % args.log_every == 0 or done == args.steps:
                 total = procs.all_sum(loss_sum.clone()).tolist()
-                # several processes agree on stopping here, at a log line (one process stops at any step)
-                flags = procs.all_sum(torch.tensor([unreadable, int(stop.requested)], device=device)).tolist()
-                stop_agreed = flags[1] > 0
                 now = time.perf_counter()
                 record = {"step": done, "loss": total[0] / max(total[1], 1.0), "lr": learning_rate(args, step),
                           "images_per_s": (done - ticked) * global_batch / (now - tick),
-                          "unreadable": int(flags[0])}
+                          "unreadable": int(procs.all_sum(torch.tensor([unreadable], device=device)).item())}
                 if not math.isfinite(record["loss"]):
                     raise RuntimeError(f"the loss is {record['loss']} at step {done}: lower --lr, or train in bf16 "
                                        "instead of fp16")
@@ -494,7 +492,10 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
                     with open(out / LOG, "a") as f:
                         f.write(json.dumps(record) + "\n")
-            stopping = stop.requested if procs.world == 1 else stop_agreed
+            if procs.world == 1:
+                stopping = stop.requested
+            elif done % STOP_CHECK_EVERY == 0:  # all processes must stop at the same step: agree every few steps
+                stopping = procs.all_sum(torch.tensor([int(stop.requested)], device=device)).item() > 0
             if done % args.save_every == 0 or done == args.steps or stopping:
                 if procs.main:
                     path = save_checkpoint(out, done, model, ema, optimizer, scaler, run_info, args.keep)

@@ -349,11 +349,12 @@ def test_accumulation_equals_one_large_batch(setup, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(setup, tmp_path):
-    """Also the first-stage cache, which the two processes fill together."""
-    one = _fresh(setup, tmp_path / "one", "--latents", str(tmp_path / "latents1"), steps=2, batch=4)
+    """Also the first-stage cache, which the two processes fill together, and the processes' agreement on
+    stop requests (every 5 steps)."""
+    one = _fresh(setup, tmp_path / "one", "--latents", str(tmp_path / "latents1"), steps=5, batch=4)
     assert train.main(one) == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = _fresh(setup, tmp_path / "two", "--latents", str(tmp_path / "latents2"), steps=2, batch=2)
+    two = _fresh(setup, tmp_path / "two", "--latents", str(tmp_path / "latents2"), steps=5, batch=2)
     r = subprocess.run([*torchrun, "-m", "rdm_fast.train", *two], cwd=tmp_path, env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -361,7 +362,7 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     a, b = (torch.stack([TrainingMoments(MomentCache(tmp_path / d, {}))[i]["moments"] for i in range(12)])
             for d in ("latents1", "latents2"))  # one shard and two
     torch.testing.assert_close(b, a, rtol=2e-3, atol=1e-4)
-    _same_run(_weights(tmp_path / "two", 2), _weights(tmp_path / "one", 2), steps=2)
+    _same_run(_weights(tmp_path / "two", 5), _weights(tmp_path / "one", 5), steps=5)
 
 
 def _training_inputs(monkeypatch) -> list[dict[str, torch.Tensor]]:
