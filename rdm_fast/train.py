@@ -336,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file, not a directory")
     resume_from = latest_checkpoint(out) if out.exists() else None
     if resume_from is not None and not args.resume:
         raise CLIError(f"{out} holds a run ({resume_from.name}): pass --resume to continue it, or another --out")

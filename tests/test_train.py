@@ -324,6 +324,9 @@ def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
         train.main(_args(setup, tmp_path / "empty", "--resume"))
     with pytest.raises(train.CLIError, match="--init, --first-stage or --random-init"):
         train.main(_args(setup, tmp_path / "new"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(train.CLIError, match="is a file"):
+        train.main(_fresh(setup, tmp_path / "a_file"))
     with pytest.raises(train.CLIError, match="not a torch.compile backend"):
         train.main(_fresh(setup, tmp_path / "new", "--compile", "nonsense"))
     with pytest.raises(train.CLIError, match="--image-root"):
