@@ -17,8 +17,8 @@ IEEE float32 products, never TF32). Head dims: 16, 32, 64, 128.
 On a GPU each kernel is autotuned over a few block shapes per (Nq, Nk, head dim, dtype); under
 ``TRITON_INTERPRET=1`` (read when this module is imported) a single small configuration is used.
 
-At head dim 32 the forward pass is bound by the exponentials (one per score against 64 multiply-adds of matrix
-product per score): the special-function unit that computes ``exp2`` has an eighth of the throughput of the
+At head dim 32 the forward pass should be bound by the exponentials, by a count of operations (one per score
+against 64 multiply-adds of matrix product per score; not measured): the special-function unit that computes ``exp2`` has an eighth of the throughput of the
 float32 FMA units. The ``POLY`` candidates therefore split each full key block in two halves and compute the
 second half's exponentials on the FMA units (``_exp2_fma``: a cubic for the fraction, the integer part added to
 the exponent bits; relative error below 1e-4, under the 16-bit rounding of the probabilities that follows), so

@@ -1,4 +1,4 @@
-"""What the command-line entry points share: one-line errors instead of tracebacks, logging, device choice."""
+"""What the command-line entry points share: one-line errors instead of tracebacks, logging, precision."""
 
 from __future__ import annotations
 
@@ -31,16 +31,6 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
-    return device
 
 
 def pick_dtype(bf16: bool, fp16: bool) -> torch.dtype:

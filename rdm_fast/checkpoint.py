@@ -34,6 +34,9 @@ CONFIG_FILE = "config.json"
 # and the run's state (step, EMA updates, settings)
 TRAIN_WEIGHTS_FILE = "train_weights.safetensors"
 TRAIN_STATE_FILE = "state.json"
+# a training run: RUN/checkpoints/<name>/, the newest named in RUN/latest
+RUN_CHECKPOINTS = "checkpoints"
+RUN_LATEST = "latest"
 
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -63,17 +66,27 @@ def resolve_file(path: str | Path) -> Path:
         return path
     if (path / WEIGHTS_FILE).is_file():
         return path / WEIGHTS_FILE
-    if (path / "latest").is_file():
-        newest = path / "checkpoints" / (path / "latest").read_text().strip() / WEIGHTS_FILE
-        if not newest.is_file():
-            raise CheckpointError(f"{path / 'latest'} names {newest.parent}, which holds no {WEIGHTS_FILE}")
-        log.info("%s: its newest checkpoint, %s", path, newest.parent.name)
-        return newest
+    newest = newest_run_checkpoint(path)
+    if newest is not None:
+        log.info("%s: its newest checkpoint, %s", path, newest.name)
+        return newest / WEIGHTS_FILE
     ckpts = sorted(path.glob("*.ckpt"))
     if len(ckpts) == 1:
         return ckpts[0]
     raise CheckpointError(f"{path} is a directory without {WEIGHTS_FILE} or a single .ckpt file: pass the "
                           "checkpoint file itself")
+
+
+def newest_run_checkpoint(run: Path) -> Path | None:
+    """The checkpoint directory a training run's ``latest`` names (None for a directory that is no run);
+    CheckpointError if that checkpoint is incomplete."""
+    pointer = run / RUN_LATEST
+    if not pointer.is_file():
+        return None
+    path = run / RUN_CHECKPOINTS / pointer.read_text().strip()
+    if not ((path / TRAIN_STATE_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
+        raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
 
 
 def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -117,27 +117,28 @@ class TrainingImages(Dataset):
         if self.crop_size != size:
             log.info("%s: its %d px crops are resized to the model's %d px images", db.path, self.crop_size, size)
         self._db: Database | None = db
-        self.database = db  # for the main process only (workers reopen it: see __getstate__)
 
     def __len__(self) -> int:
         return self.count
 
     def __getstate__(self) -> dict[str, Any]:  # workers open their own memory maps
-        return {**self.__dict__, "_db": None, "database": None}
+        return {**self.__dict__, "_db": None}
 
-    def _database(self) -> Database:
+    @property
+    def database(self) -> Database:
+        """The training database (each data-loading worker opens its own)."""
         if self._db is None:
             self._db = Database.open(self.path, backend="torch", device="cpu")
         return self._db
 
     def file(self, i: int) -> Path:
         """The image file of entry ``i``."""
-        source = Path(self._database().sources([i])[0])
+        source = Path(self.database.sources([i])[0])
         return source if source.is_absolute() or self.root is None else self.root / source
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
-            xy = tuple(int(v) for v in self._database().patch_coords([i])[0]) if self.crop == "random" else None
+            xy = tuple(int(v) for v in self.database.patch_coords([i])[0]) if self.crop == "random" else None
             pixels = replay_crop(load_rgb(self.file(i)), self.crop, self.crop_size, xy)
             if self.crop_size != self.size:
                 pixels = np.asarray(Image.fromarray(pixels).resize((self.size, self.size), Image.BICUBIC))

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ._cli import CLIError, pick_device, run
+from ._cli import CLIError, run
+from ._distributed import process_device
 from ._files import atomic_save_npy, atomic_write
 from .encoders import EncoderUnavailable
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
@@ -238,7 +239,7 @@ def contact_sheet(tiles: list[tuple[Image.Image, str]], columns: int | None = No
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
+    device = process_device(args.device)
     db = Database.open(args.db, backend=args.backend, device=device)
     spec = args.encoder or db.encoder_spec
     encoder = _encoder(spec, device, args.encoder_checkpoint)
@@ -315,7 +316,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     neighbor_files(args.out)  # a bad output name fails before the search, not after it
     if args.top_m_out and Path(args.top_m_out).suffix != ".npy":
         raise CLIError(f"--top-m-out {args.top_m_out} must end in .npy")
-    device = pick_device(args.device)
+    device = process_device(args.device)
     db = Database.open(args.db, backend=args.backend, device=device)
     queries = Database.open(args.queries, backend="torch", device="cpu") if args.queries else None
     ids, scores = compute_neighbors(db, queries, k=args.k, exclude_self=args.exclude_self,

@@ -149,7 +149,7 @@ class RDM(nn.Module):
                 noise: Tensor | None = None) -> Tensor:
         """Scaled latents (fp32) from :meth:`encode_moments`' output (see :meth:`encode`)."""
         return self.first_stage.latent(moments.float(), sample=sample, generator=generator,
-                                       noise=noise).float() * self.config.scale_factor
+                                       noise=noise) * self.config.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents (B, C, h, w) -> images in [-1, 1] (fp32). VQ models snap to the codebook first."""

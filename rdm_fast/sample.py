@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import RDM
-from ._cli import CLIError, pick_device, pick_dtype, run
+from ._cli import CLIError, pick_dtype, run
+from ._distributed import process_device
 from ._files import atomic_write_json
 from .config import preset_names
 from .encoders import EncoderUnavailable
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if (args.text or args.image) and not args.db:
         raise CLIError("--text and --image are queries into a database: add --db")
-    device, dtype = pick_device(args.device), pick_dtype(args.bf16, args.fp16)
+    device, dtype = process_device(args.device), pick_dtype(args.bf16, args.fp16)
     model = load_model(args, device, dtype)
     cfg = model.config
     generator = torch.Generator().manual_seed(args.seed)

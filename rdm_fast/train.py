@@ -1,22 +1,26 @@
 """``python -m rdm_fast.train``: train an RDM's UNet on images and the CLIP embeddings of their neighbours.
 
 The objective is the released models' (eps prediction, MSE; :mod:`rdm_fast.diffusion.training`); the first-stage
-autoencoder is frozen and encodes each batch on the fly, or once for all with ``--latents``; the data is a training
-database, a retrieval database and precomputed neighbours (:mod:`rdm_fast.data`). One process or many: ``torchrun --nproc_per_node N -m
-rdm_fast.train ...`` runs data-parallel (DistributedDataParallel; NCCL on GPUs, Gloo on CPUs).
+autoencoder is frozen and encodes each batch on the fly, or once for all with ``--latents``; the data is a
+training database, a retrieval database and precomputed neighbours (:mod:`rdm_fast.data`). One process or many:
+``torchrun --nproc_per_node N -m rdm_fast.train ...`` runs data-parallel (DistributedDataParallel; NCCL on GPUs,
+Gloo on CPUs).
 
 Every step's batch comes from (``--seed``, step) and every image's timestep and noise from (``--seed``, step,
 position in the global batch), on any device, so the run does not depend on how the global batch is split over
 processes and ``--accumulate`` micro-batches, and ``--resume`` continues exactly where a checkpoint left off
-(also on another number of processes, as long as the global batch stays the same). AdamW (PyTorch defaults apart from ``--lr``, as the reference trains) updates float32
-weights; ``--bf16``/``--fp16`` run the forward and backward passes under autocast (fp16 with loss scaling).
-An exponential moving average of the weights follows LitEma (decay min(0.9999, (1 + n) / (10 + n)) at update n).
+(also on another number of processes, as long as the global batch stays the same). AdamW (PyTorch's defaults
+apart from ``--lr``, as the reference trains) updates float32 weights; ``--bf16``/``--fp16`` run the forward and
+backward passes under autocast (fp16 with loss scaling). An exponential moving average of the weights follows
+LitEma (decay min(0.9999, (1 + n) / (10 + n)) at update n). SIGTERM or a first Ctrl-C stops after the current
+step with a checkpoint.
 
 ``--out`` receives ``checkpoints/step_XXXXXXX/`` (each written under a temporary name and renamed, the newest
 named in ``latest``): ``model.safetensors`` + ``config.json`` hold the EMA weights with the first stage, in
-rdm_fast's format (``python -m rdm_fast.sample --ckpt`` takes the directory); ``train_weights.safetensors``,
-``optimizer.pt`` and ``state.json`` let training resume. Also ``log.jsonl`` (loss, learning rate, images/s),
-``run.json`` (the arguments) and ``samples/step_XXXXXXX.png`` (EMA samples of the first training contexts).
+rdm_fast's format (``python -m rdm_fast.sample --ckpt`` takes the directory, or the run's); the training
+weights, ``optimizer.pt`` and ``state.json`` let training resume. Also ``log.jsonl`` (loss, learning rate,
+images/s), ``run.json`` (the arguments) and ``samples/step_XXXXXXX.png`` (EMA samples of the first training
+contexts).
 """
 
 from __future__ import annotations
@@ -49,16 +53,14 @@ from .config import RDMConfig, preset_names
 from .data import TrainingContexts, TrainingImages, TrainingOrder, cached_moments, derived_seed, image_size
 from .diffusion import eps_losses
 from .images import grid, save_png, to_uint8
-from .retrieval.context import locate_database
 from .models.layers import official_names
+from .retrieval.context import locate_database
 
 log = logging.getLogger("rdm_fast.train")
 
-LATEST = "latest"
 LOG = "log.jsonl"
 STOPPED = 128 + int(signal.SIGTERM)  # exit status of a run stopped by a signal (with a checkpoint)
 STOP_CHECK_EVERY = 5  # steps between the processes' agreements on a stop request (one host synchronisation each)
-CHECKPOINTS = "checkpoints"
 OPTIMIZER = "optimizer.pt"
 # what fixes the batches and draws of every step: a resumed run must keep these (the data by content) ...
 RESUME_KEYS = ("seed", "global_batch", "training_data")
@@ -180,30 +182,19 @@ def build_model(args: argparse.Namespace) -> RDM:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint ``out/latest`` names, if any."""
-    pointer = out / LATEST
-    if not pointer.is_file():
-        return None
-    path = out / CHECKPOINTS / pointer.read_text().strip()
-    if not (path / ckpt.TRAIN_STATE_FILE).is_file():
-        raise ckpt.CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
-
-
 def save_checkpoint(out: Path, step: int, model: RDM, ema: EMA, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, run_info: dict[str, Any], keep: int) -> Path:
     """Write checkpoint ``step`` under a temporary name, rename it into place, point ``latest`` at it and remove
     all but the newest ``keep`` checkpoints."""
     from safetensors.torch import save_file
 
-    root = out / CHECKPOINTS
+    root = out / ckpt.RUN_CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     tmp, final = root / f".{name}.tmp", root / name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    averaged = {k: v for k, v in model.state_dict().items()}
+    averaged = dict(model.state_dict())
     averaged.update({f"unet.{k}": v for k, v in ema.state_dict().items()})
     ckpt.save_safetensors(averaged, model.config.to_dict(), tmp)
     raw = {k: v.detach().contiguous().cpu() for k, v in model.unet.state_dict().items()}
@@ -214,7 +205,7 @@ def save_checkpoint(out: Path, step: int, model: RDM, ema: EMA, optimizer: torch
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write(out / LATEST, lambda f: Path(f).write_text(name + "\n"), fsync=True)
+    atomic_write(out / ckpt.RUN_LATEST, lambda f: Path(f).write_text(name + "\n"), fsync=True)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old)
     return final
@@ -338,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file, not a directory")
-    resume_from = latest_checkpoint(out) if out.exists() else None
+    resume_from = ckpt.newest_run_checkpoint(out) if out.exists() else None
     if resume_from is not None and not args.resume:
         raise CLIError(f"{out} holds a run ({resume_from.name}): pass --resume to continue it, or another --out")
     if args.resume and resume_from is None:
@@ -512,8 +503,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     bar.close()
     if unreadable_total:
         log.warning("%d training images could not be read (this process) and gave no gradient", unreadable_total)
-    log.info("done: %s (sample with python -m rdm_fast.sample --ckpt %s ...)", latest_checkpoint(out),
-             latest_checkpoint(out))
+    log.info("done: %s (sample with python -m rdm_fast.sample --ckpt %s ...)", ckpt.newest_run_checkpoint(out), out)
     return 0
 
 

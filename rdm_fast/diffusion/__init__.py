@@ -2,7 +2,7 @@
 
 from .samplers import ddim_update, guided, plms_eps, sample_ddim, sample_plms
 from .schedule import DDIMCoefficients, Schedule
-from .training import eps_losses, noised, uniform_timesteps
+from .training import eps_losses, noised
 
 __all__ = ["Schedule", "DDIMCoefficients", "ddim_update", "plms_eps", "guided", "sample_ddim", "sample_plms",
-           "eps_losses", "noised", "uniform_timesteps"]
+           "eps_losses", "noised"]

@@ -3,7 +3,6 @@ and regress the added noise, eps, with a mean squared error ("l_simple"; no ELBO
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .schedule import Schedule
@@ -28,7 +27,3 @@ def eps_losses(unet: nn.Module, schedule: Schedule, x0: Tensor, context: Tensor,
     eps = unet(noised(schedule, x0, t, noise), t, context)
     return (eps.float() - noise.float()).square().flatten(1).mean(1)
 
-
-def uniform_timesteps(schedule: Schedule, n: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
-    """n timesteps drawn uniformly from {0, ..., T-1}."""
-    return torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=device)

@@ -197,7 +197,8 @@ class Autoencoder(nn.Module):
         if noise is None:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         elif noise.shape != mean.shape:
-            raise ValueError(f"encode: noise must have the latent's shape {tuple(mean.shape)}, got {tuple(noise.shape)}")
+            raise ValueError(f"encode: noise must have the latent's shape {tuple(mean.shape)}, "
+                             f"got {tuple(noise.shape)}")
         return mean + std * noise.to(mean.dtype)
 
     def quantize(self, z: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor
 from ._dispatch import Impl, Op, autocast_inputs, get_mode, needs_grad
 from ._measured import Measured
 from ._triton_kernels import TritonKernels
-from .glue import SUPPORTED_DTYPES, geglu
+from .glue import _check_tensor, geglu, geglu_reference
 
 _kernels = TritonKernels("geglu_linear")
 
@@ -31,27 +31,20 @@ def check_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] % 2:
         raise ValueError(f"geglu_linear: expected weight of shape (2N, K={k}), got {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"geglu_linear: expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"geglu_linear: unsupported {name} dtype {t.dtype} (expected float32, float16 or "
-                             "bfloat16)")
-        if t.dtype != x.dtype:
-            raise ValueError(f"geglu_linear: expected {name} of dtype {x.dtype} (that of x), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"geglu_linear: expected {name} on device {x.device}, got {t.device}")
+    _check_tensor("geglu_linear", "x", x)
+    for name, t, shape in (("weight", weight, None), ("bias", bias, (weight.shape[0],))):
+        if t is not None:
+            _check_tensor("geglu_linear", name, t, x, shape)
+            if t.dtype != x.dtype:
+                raise ValueError(f"geglu_linear: expected {name} of dtype {x.dtype} (that of x), got {t.dtype}")
 
 
 def geglu_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Plain PyTorch, the oracle and CPU path: the projection and the exact-erf gating in float32, rounded once
-    to x's dtype; contiguous (..., N). Differentiable."""
+    """Plain PyTorch, the oracle and CPU path: the projection in float32, then :func:`geglu_reference`'s
+    exact-erf gating, rounded once to x's dtype; contiguous (..., N). Differentiable."""
     check_args(x, weight, bias)
     h = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    a, gate = h.chunk(2, dim=-1)
-    return (a * F.gelu(gate)).to(x.dtype).contiguous()
+    return geglu_reference(h).to(x.dtype).contiguous()  # float32 in, float32 out: the one rounding is here
 
 
 def _unsupported(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
