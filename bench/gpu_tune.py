@@ -186,20 +186,11 @@ def tune_attention(log, shapes_by_model: dict = ATTENTION_SHAPES, device: str = 
 
 
 def forward_choice() -> str:
-    """The forward kernel's autotuned configuration for the last shape, and the best timing with and without
-    the split exponentials (POLY) among those the autotuner ran."""
+    """The forward kernel's autotuned configuration for the last shape."""
     from rdm_fast.kernels import attention as kernels
 
-    tuner = kernels._attn_fwd_kernel
-    best = getattr(tuner, "best_config", None)
-    timings = getattr(tuner, "configs_timings", None) or {}
-    by_poly = {}
-    for cfg, t in timings.items():
-        ms = t[0] if isinstance(t, (list, tuple)) else t
-        key = bool(cfg.kwargs.get("POLY"))
-        by_poly[key] = min(by_poly.get(key, float("inf")), ms)
-    tried = ", ".join(f"{'poly' if k else 'exp2'} {1000 * v:.1f} us" for k, v in sorted(by_poly.items()))
-    return f"forward config {best.kwargs if best else '?'} warps {best.num_warps if best else '?'} ({tried or 'cached'})"
+    best = getattr(kernels._attn_fwd_kernel, "best_config", None)
+    return f"forward config {best.kwargs} warps {best.num_warps}" if best else "forward config ?"
 
 
 # (rows, K): the feed-forward input of each transformer level (imagenet batch 128, rdm768 batch 32); W is (8K, K)

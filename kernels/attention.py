@@ -16,14 +16,6 @@ IEEE float32 products, never TF32). Head dims: 16, 32, 64, 128.
 
 On a GPU each kernel is autotuned over a few block shapes per (Nq, Nk, head dim, dtype); under
 ``TRITON_INTERPRET=1`` (read when this module is imported) a single small configuration is used.
-
-At head dim 32 the forward pass should be bound by the exponentials, by a count of operations (one per score
-against 64 multiply-adds of matrix product per score; not measured): the special-function unit that computes ``exp2`` has an eighth of the throughput of the
-float32 FMA units. The ``POLY`` candidates therefore split each full key block in two halves and compute the
-second half's exponentials on the FMA units (``_exp2_fma``: a cubic for the fraction, the integer part added to
-the exponent bits; relative error below 1e-4, under the 16-bit rounding of the probabilities that follows), so
-both units work at once. They are only candidates: the autotuner keeps them where they are faster, for 16-bit
-inputs at head dims up to 64.
 """
 
 from __future__ import annotations
@@ -45,14 +37,11 @@ MAX_GRID_Y = 65535  # CUDA limit of the second grid dimension, which holds batch
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(shapes: list[tuple], interpreter: tuple[int, int], **constants) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, warps, stages[, further constants]) candidates on a GPU, one small configuration in the
-    interpreter; ``constants`` are every candidate's defaults for those further constants."""
+def _configs(shapes: list[tuple[int, int, int, int]], interpreter: tuple[int, int]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, warps, stages) candidates on a GPU, one small configuration in the interpreter."""
     if INTERPRETER:
-        return [triton.Config({"BLOCK_M": interpreter[0], "BLOCK_N": interpreter[1], **constants}, num_warps=4,
-                              num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **constants, **(extra[0] if extra else {})}, num_warps=w,
-                          num_stages=s) for m, n, w, s, *extra in shapes]
+        return [triton.Config({"BLOCK_M": interpreter[0], "BLOCK_N": interpreter[1]}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -67,8 +56,6 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
     def fits(c: triton.Config) -> bool:
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if c.kwargs.get("POLY") and (fp32 or head_dim > 64 or named_args["N_K"] < 2 * n):
-            return False  # float32: exact products, exact exponentials; d = 128: not bound by the exponentials
         if fp32:
             return (m, n) in _FP32_TILES
         if n < 32 and named_args["N_K"] > 64:  # 16-key tiles only for the few neighbour keys
@@ -90,9 +77,8 @@ _NO_SPECIALIZE = ["H", "N_Q", "N_K"]
 # tile would be mostly masked).
 _FWD_CONFIGS = _configs(
     [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-     (32, 32, 4, 2), (128, 16, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2),
-     (128, 64, 8, 3, {"POLY": True}), (128, 128, 8, 3, {"POLY": True})],
-    interpreter=(32, 16), POLY=False,
+     (32, 32, 4, 2), (128, 16, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2)],
+    interpreter=(32, 16),
 )
 # dQ: BLOCK_M queries per program, BLOCK_N keys per step.
 _DQ_CONFIGS = _configs(
@@ -114,44 +100,6 @@ def _rows(base, rows, stride, offs_d, n, MASK: tl.constexpr):
     if MASK:
         return tl.load(ptrs, mask=(rows < n)[:, None], other=0.0)
     return tl.load(ptrs)
-
-
-@triton.jit
-def _exp2_fma(x):
-    """2**x for x <= 0 on the FMA units: 2**floor(x) by adding floor(x) to the exponent bits of a cubic fit of
-    2**f on [0, 1) (relative error < 9e-5). x below -126 (a weight below 1e-38) gives 2**-126; NaN stays NaN."""
-    x = tl.maximum(x, -126.0, propagate_nan=tl.PropagateNan.ALL)
-    whole = tl.floor(x)
-    f = x - whole
-    frac = 1.0 + f * (0.6951166 + f * (0.22764581 + f * 0.0770663))
-    bits = frac.to(tl.int32, bitcast=True) + (whole.to(tl.int32) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _fwd_step_split(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, qk_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """:func:`_fwd_step` for a full key block split in two halves whose exponentials run on the special-function
-    unit (``exp2``) and on the FMA units (:func:`_exp2_fma`) respectively."""
-    HALF: tl.constexpr = BLOCK_N // 2
-    offs_a = start_n + tl.arange(0, HALF)
-    offs_b = offs_a + HALF
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_a = _rows(k_base, offs_a, stride_kn, offs_d, 0, False)
-    k_b = _rows(k_base, offs_b, stride_kn, offs_d, 0, False)
-    s_a = tl.dot(q, tl.trans(k_a), input_precision=PRECISION)
-    s_b = tl.dot(q, tl.trans(k_b), input_precision=PRECISION)
-    m_new = tl.maximum(m_i, tl.maximum(tl.max(s_a, 1), tl.max(s_b, 1)) * qk_scale)
-    p_a = tl.exp2(s_a * qk_scale - m_new[:, None])
-    p_b = _exp2_fma(s_b * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p_a, 1) + tl.sum(p_b, 1)
-    acc = acc * alpha[:, None]
-    v_a = _rows(v_base, offs_a, stride_vn, offs_d, 0, False)
-    v_b = _rows(v_base, offs_b, stride_vn, offs_d, 0, False)
-    acc = tl.dot(p_a.to(v_a.dtype), v_a, acc, input_precision=PRECISION)
-    acc = tl.dot(p_b.to(v_b.dtype), v_b, acc, input_precision=PRECISION)
-    return acc, m_new, l_i
 
 
 @triton.jit
@@ -181,7 +129,6 @@ def _attn_fwd_kernel(
     stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
     H, N_Q, N_K, qk_scale,
     HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    POLY: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -199,12 +146,8 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = (N_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        if POLY:
-            acc, m_i, l_i = _fwd_step_split(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n,
-                                            qk_scale, HEAD_DIM, BLOCK_N, PRECISION)
-        else:
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, N_K,
-                                      qk_scale, HEAD_DIM, BLOCK_N, False, PRECISION)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
+                                  HEAD_DIM, BLOCK_N, False, PRECISION)
     if n_full < N_K:
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, n_full, N_K, qk_scale,
                                   HEAD_DIM, BLOCK_N, True, PRECISION)

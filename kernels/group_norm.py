@@ -190,12 +190,11 @@ def _nhwc_apply_kernel(x_ptr, y_ptr, coef_ptr, hw, channels, x_row, SILU: tl.con
 
 
 # Tunables of the channels_last kernels: values per tile, programs per SM aimed at by the statistics kernel,
-# warps per program, widest channel block, tiles loaded per step of the statistics loop (1 or 2). The first four
-# were chosen by bench/gpu_tune.py on an H200 (2026-11-26, bench/RESULTS.md): over the 61 GroupNorms of an
-# imagenet step, 5.48 ms against 6.51 ms for (4096, 4, 4, 128) and 4.26 ms for three copy-bandwidth passes; the
-# statistics kernel (a read-only pass) then took twice its copy-bandwidth time, hence the unrolling (2: not yet
-# measured).
-NHWC_TUNING = {"tile": 2048, "waves": 4, "warps": 4, "max_block_c": 64, "unroll": 2}
+# warps per program, widest channel block, tiles loaded per step of the statistics loop (1 or 2). Chosen by
+# bench/gpu_tune.py on an H200 (2026-11-26, bench/RESULTS.md) over the 61 GroupNorms of an imagenet step: 5.32 ms,
+# against 5.48 ms for tile 2048 / 4 waves, 6.03 ms without the unrolling, and 4.26 ms for three passes at copy
+# bandwidth (the next configurations within 2 %: tile 4096 with 8 or 4 waves).
+NHWC_TUNING = {"tile": 4096, "waves": 2, "warps": 4, "max_block_c": 64, "unroll": 2}
 
 
 def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dict[str, int]:

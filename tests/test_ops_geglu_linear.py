@@ -10,6 +10,7 @@ operands: float32 within 1e-5 relative; float16 within one float16 ulp of the ou
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import math
@@ -213,10 +214,10 @@ def test_triton_gpu_matches_reference(name, dtype):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_auto_mode_measures_once_per_shape_and_graph_capture_follows(fresh_dispatch, monkeypatch, caplog):
+def test_gpu_auto_mode_measures_once_per_shape_and_graph_capture_follows(fresh_dispatch, monkeypatch, caplog):
     """auto on CUDA: the first call of a shape times the kernel against GEMM + gating (logged) and keeps the
     choice; a CUDA-graph capture of a measured shape replays that choice; both choices match the reference."""
-    from rdm_fast.ops import geglu_linear as module
+    module = importlib.import_module("rdm_fast.ops.geglu_linear")  # the package's attribute is the function
 
     monkeypatch.setattr(module._MEASURED, "chosen", {})
     g = torch.Generator(device="cuda").manual_seed(1)

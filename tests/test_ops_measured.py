@@ -1,26 +1,30 @@
 """Measured: the per-shape choice between fast implementations by timing (the timer is faked here; the GPU tests
-of geglu_linear and attention run the real one)."""
+of geglu_linear and attention, and the one of ``replay_time`` below, run the real one)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import pytest
 import torch
 
-from rdm_fast.ops._measured import Measured
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+from rdm_fast.ops import _measured
+from rdm_fast.ops._measured import Measured, replay_time
 
 
 @pytest.fixture
 def timings(monkeypatch):
-    """Fake ``triton.testing.do_bench``: the time of each candidate comes from ``times[name]``."""
-    import triton.testing
-
+    """Fake ``replay_time``: the time of each candidate comes from ``times[name]`` (a missing name: the
+    candidate cannot be captured)."""
     times: dict[str, float] = {}
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: times[fn()])
+
+    def fake(fn, **kw):
+        name = fn()
+        if name not in times:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return times[name]
+
+    monkeypatch.setattr(_measured, "replay_time", fake)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no GPU here
     return times
 
@@ -66,3 +70,40 @@ def test_a_failing_candidate_is_left_out_visibly(timings, caplog):
     assert "kernel failed (RuntimeError: no kernel for this shape)" in caplog.text
     with pytest.raises(RuntimeError, match="no kernel"):
         Measured("op", {"kernel": broken})("shape", lambda: "shape", 0)
+
+
+def test_a_candidate_that_runs_but_cannot_be_timed_is_left_out(timings, caplog):
+    calls = []
+    m = Measured("op", _candidates(calls))
+    timings.update(vendor=1.0)  # "kernel" runs eagerly but its capture fails
+    with caplog.at_level(logging.WARNING, logger="rdm_fast.ops"):
+        assert m("shape", lambda: "shape", 0) == "vendor"
+    assert "kernel could not be timed in a CUDA graph (RuntimeError: operation not permitted" in caplog.text
+
+
+def test_with_nothing_timed_the_last_candidate_that_ran_is_chosen(timings, caplog):
+    def broken(x):
+        raise RuntimeError("no kernel for this shape")
+
+    calls = []
+    m = Measured("op", {**_candidates(calls), "vendor2": broken})
+    with caplog.at_level(logging.WARNING, logger="rdm_fast.ops"):
+        assert m("shape", lambda: "shape", 0) == "vendor"
+    assert "no candidate could be timed; vendor runs untimed" in caplog.text and m.chosen == {"shape": "vendor"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_replay_time_counts_per_call_gpu_time():
+    """One matrix product of 4096^3 takes more GPU time than one of 256^3 (by far more than the graph's launch
+    cost), the per-call figure does not depend on how many calls the graph holds, and the calls ran."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    big = torch.randn(4096, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    small = torch.randn(256, 256, device="cuda", generator=g, dtype=torch.bfloat16)
+    out = torch.full((4096, 4096), float("nan"), device="cuda", dtype=torch.bfloat16)
+    torch.mm(big, big, out=out)  # warm-up outside the graph
+    t_big = replay_time(lambda: torch.mm(big, big, out=out))
+    t_big4 = replay_time(lambda: torch.mm(big, big, out=out), calls=4)
+    t_small = replay_time(lambda: torch.mm(small, small))
+    assert t_big > 10 * t_small > 0, (t_big, t_small)
+    assert 0.7 < t_big / t_big4 < 1.4, (t_big, t_big4)
+    torch.testing.assert_close(out.float(), (big.float() @ big.float()), rtol=2e-2, atol=1.0)
