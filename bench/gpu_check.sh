@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One-shot check on a GPU machine (the device tool's H100/H200), sized to a short lease. Phases, each under its
 # own time limit so that one hang cannot eat the rest, results written to $OUT as they come:
-#   1. build the C++/CUDA extension in place (background, sm_90) while 2. the Triton kernels' GPU parity tests
-#      run (attention, cross-attention, glue, GEGLU projection, GroupNorm, kNN search; pytest-xdist when present);
+#   1. build the C++/CUDA extension in place (background, sm_90), then 4. the tests that need the extension or
+#      whole models (CUDA GroupNorm, UNet vs oracle, graph sampling, training steps), while
+#   2. the Triton kernels' GPU parity tests run (attention, cross-attention, glue, GEGLU projection, GroupNorm,
+#      kNN search, the graph timer of the measured choices; pytest-xdist when present). Both test runs share
+#      the GPU; nothing is timed until they are done;
 #   3. bench/gpu_step.py: parity of a whole guided step (fast and reference bf16 against fp32), CUDA-event
 #      timings of rdm_fast (graph / eager) against the eager SDPA peer, a per-kernel and a per-module breakdown;
 #      then bench/gpu_tune.py (GroupNorm tunables, the fused GEGLU projection vs GEMM + gating per level, attention
 #      per level vs SDPA, add_bias tunables, upsample variants; GPU_CHECK_TUNE=0 skips it);
-#   4. the tests that need the extension or whole models (CUDA GroupNorm, UNet vs oracle, graph sampling,
-#      training steps);
 #   5. per-op pytest-benchmark suites with their PyTorch baselines (cross-attention, glue, GroupNorm; `full`
 #      adds self-attention, search and the training step);
 #   6. in the time left, the torch.compile peer of the guided step (minutes of compilation per model).
@@ -31,21 +32,28 @@ limit() { local want=$1 l; l=$(left); [ "$l" -lt "$want" ] && want=$l; [ "$want"
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-# 1. extension, in place
+XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 6"
+MODEL_XDIST=""; [ -n "$XDIST" ] && MODEL_XDIST="-n 4"
+
+# 1. extension, in place, then 4. the tests that need it or whole models (the float32 graph-vs-eager tests first)
 ( start=$SECONDS; $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; rc=$?
-  echo "build rc=$rc in $((SECONDS - start)) s" >> "$OUT/build.log" ) &
-BUILD=$!
+  echo "build rc=$rc in $((SECONDS - start)) s" >> "$OUT/build.log"
+  timeout "$(limit 220)" $PY -m pytest -q -rfEs $MODEL_XDIST -p no:cacheprovider tests/test_cuda_sampling.py \
+    tests/test_ops_group_norm.py tests/test_models.py tests/test_train.py \
+    -k "cuda or graph or sync or reproducible or eager" > "$OUT/tests_models.log" 2>&1
+  echo "model tests rc=$? at $SECONDS s" >> "$OUT/tests_models.log" ) &
+MODELS=$!
 
 # 2. Triton kernels on the GPU (the interpreter cases are CI's job)
-XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 6"
-timeout "$(limit 170)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_attention.py \
+timeout "$(limit 200)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_attention.py \
   tests/test_ops_cross_attention.py tests/test_ops_glue.py tests/test_ops_geglu_linear.py tests/test_gpu_search.py \
-  tests/test_triton_group_norm.py \
+  tests/test_triton_group_norm.py tests/test_ops_measured.py \
   -k "(gpu or cuda) and not interpreter" > "$OUT/tests.txt" 2>&1
 echo "triton tests rc=$? at $SECONDS s" >> "$OUT/tests.txt"
-wait $BUILD
+wait $MODELS
 cat "$OUT/build.log" >> "$OUT/log.txt"; rm "$OUT/build.log"
-tail -1 "$OUT/log.txt"; grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests.txt"
+cat "$OUT/tests_models.log" >> "$OUT/tests.txt"; rm "$OUT/tests_models.log"
+grep "build rc" "$OUT/log.txt"; grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests.txt"
 
 # 3. whole guided step
 timeout "$(limit 150)" $PY bench/gpu_step.py --out "$OUT" >> "$OUT/log.txt" 2>&1
@@ -56,14 +64,6 @@ if [ "${GPU_CHECK_TUNE:-1}" = 1 ]; then
   timeout "$(limit 150)" $PY bench/gpu_tune.py --out "$OUT" >> "$OUT/log.txt" 2>&1
   echo "tune rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 fi
-
-# 4. tests that need the extension or whole models
-timeout "$(limit 100)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_group_norm.py \
-  tests/test_cuda_sampling.py tests/test_models.py tests/test_train.py -k "cuda or graph or sync or reproducible or eager" \
-  > "$OUT/tests_models.log" 2>&1
-echo "model tests rc=$? at $SECONDS s" >> "$OUT/tests_models.log"
-grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests_models.log"
-cat "$OUT/tests_models.log" >> "$OUT/tests.txt"; rm "$OUT/tests_models.log"
 
 # 5. per-op benchmarks (PyTorch baselines in the same run)
 BENCHES="bench/bench_cross_attention.py bench/bench_glue.py bench/bench_ops.py"
