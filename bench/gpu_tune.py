@@ -198,6 +198,22 @@ GEGLU_SHAPES = {"imagenet": [(128 * 1024, 384), (128 * 256, 576), (128 * 64, 960
                 "rdm768": [(32 * 2304, 448), (32 * 576, 896), (32 * 144, 1344), (32 * 36, 1792)]}
 
 
+def geglu_choice() -> str:
+    """The fused kernel's autotuned configuration for the last shape, and the best autotuning timing of the
+    one-program-per-tile and of the persistent candidates."""
+    from rdm_fast.kernels import geglu_linear as kernels
+
+    tuner = kernels._geglu_linear_kernel
+    best = getattr(tuner, "best_config", None)
+    by_kind: dict[str, float] = {}
+    for cfg, t in (getattr(tuner, "configs_timings", None) or {}).items():
+        kind = "persistent" if cfg.kwargs.get("PER_SM") else "per tile"
+        ms = t[0] if isinstance(t, (list, tuple)) else t
+        by_kind[kind] = min(by_kind.get(kind, float("inf")), ms)
+    tried = ", ".join(f"{kind} {1000 * ms:.1f} us" for kind, ms in sorted(by_kind.items()))
+    return f"config {best.kwargs if best else '?'} warps {best.num_warps if best else '?'} ({tried or 'cached'})"
+
+
 def tune_geglu_linear(log, device: str = "cuda") -> None:
     """The fused GEGLU projection kernel vs F.linear + the gating kernel per level, CUDA-graph replays."""
     dev = torch.device(device)
@@ -216,7 +232,7 @@ def tune_geglu_linear(log, device: str = "cuda") -> None:
             err = float((fused.float() - unfused.float()).norm() / unfused.float().norm())
             total_fused, total_unfused = total_fused + t_fused, total_unfused + t_unfused
             log(f"geglu_linear {model} {rows}x{k} -> {4 * k}: fused {1000 * t_fused:8.1f} us, GEMM + geglu "
-                f"{1000 * t_unfused:8.1f} us ({t_unfused / t_fused:.2f}x), rel. diff {err:.1e}")
+                f"{1000 * t_unfused:8.1f} us ({t_unfused / t_fused:.2f}x), rel. diff {err:.1e}; {geglu_choice()}")
         log(f"geglu_linear {model}, one call per level: fused {total_fused:.3f} ms, unfused {total_unfused:.3f} ms")
 
 

@@ -214,6 +214,33 @@ def test_triton_gpu_matches_reference(name, dtype):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_triton_gpu_persistent_candidates_match_reference(dtype):
+    """Each persistent candidate (one program per SM looping over tiles, flattened with the K loop) launched
+    directly, whatever the autotuner picks, on released shapes with row and column tails, into a poisoned
+    output."""
+    from rdm_fast.kernels import geglu_linear as kernels
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    persistent = [c for c in kernels._configs() if c.kwargs["PER_SM"]]
+    assert persistent
+    for rows, k, n in ((131072 // 16 + 77, 384, 1536), (1000, 960, 3840 - 40)):
+        x = torch.randn(rows, k, device="cuda", generator=g).to(dt)
+        w = (torch.randn(2 * n, k, device="cuda", generator=g) * (1.5 / math.sqrt(k))).to(dt)
+        b = (0.5 * torch.randn(2 * n, device="cuda", generator=g)).to(dt)
+        ref = geglu_linear_reference(x, w, b)
+        for cfg in persistent:
+            y = torch.full((rows, n), float("nan"), device="cuda", dtype=dt)
+            kernels._geglu_linear_kernel.fn.fn[kernels._grid(rows, n, x.device)(cfg.kwargs)](
+                x, w, b, y, rows, n, k, k, n, HAS_BIAS=True, IEEE=False, GROUP_M=8,
+                EVEN_K=k % cfg.kwargs["BLOCK_K"] == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **cfg.kwargs)
+            err = check(y, ref)
+            assert err is None, f"{rows}x{k}->{n} {cfg}: {err}"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_gpu_auto_mode_measures_once_per_shape_and_graph_capture_follows(fresh_dispatch, monkeypatch, caplog):
     """auto on CUDA: the first call of a shape times the kernel against GEMM + gating (logged) and keeps the
     choice; a CUDA-graph capture of a measured shape replays that choice; both choices match the reference."""
