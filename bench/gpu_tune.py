@@ -186,11 +186,24 @@ def tune_attention(log, shapes_by_model: dict = ATTENTION_SHAPES, device: str = 
 
 
 def forward_choice() -> str:
-    """The forward kernel's autotuned configuration for the last shape."""
+    """The forward kernel's autotuned configuration for the last shape, and the best autotuning timing with the
+    row sums on the FMA units and on the tensor cores (SUM_ON_MMA)."""
     from rdm_fast.kernels import attention as kernels
 
-    best = getattr(kernels._attn_fwd_kernel, "best_config", None)
-    return f"forward config {best.kwargs} warps {best.num_warps}" if best else "forward config ?"
+    return _choice(kernels._attn_fwd_kernel, "SUM_ON_MMA", ("sums on FMA", "sums on MMA"))
+
+
+def _choice(tuner, flag: str, names: tuple[str, str]) -> str:
+    """An autotuned kernel's configuration for its last shape, and the best timing among the candidates without
+    and with the constexpr ``flag`` (named by ``names``)."""
+    best = getattr(tuner, "best_config", None)
+    by_kind: dict[str, float] = {}
+    for cfg, t in (getattr(tuner, "configs_timings", None) or {}).items():
+        kind = names[bool(cfg.kwargs.get(flag))]
+        ms = t[0] if isinstance(t, (list, tuple)) else t
+        by_kind[kind] = min(by_kind.get(kind, float("inf")), ms)
+    tried = ", ".join(f"{kind} {1000 * ms:.1f} us" for kind, ms in sorted(by_kind.items()))
+    return f"config {best.kwargs if best else '?'} warps {best.num_warps if best else '?'} ({tried or 'cached'})"
 
 
 # (rows, K): the feed-forward input of each transformer level (imagenet batch 128, rdm768 batch 32); W is (8K, K)
@@ -199,19 +212,11 @@ GEGLU_SHAPES = {"imagenet": [(128 * 1024, 384), (128 * 256, 576), (128 * 64, 960
 
 
 def geglu_choice() -> str:
-    """The fused kernel's autotuned configuration for the last shape, and the best autotuning timing of the
+    """The fused GEGLU kernel's autotuned configuration for the last shape, and the best autotuning timing of the
     one-program-per-tile and of the persistent candidates."""
     from rdm_fast.kernels import geglu_linear as kernels
 
-    tuner = kernels._geglu_linear_kernel
-    best = getattr(tuner, "best_config", None)
-    by_kind: dict[str, float] = {}
-    for cfg, t in (getattr(tuner, "configs_timings", None) or {}).items():
-        kind = "persistent" if cfg.kwargs.get("PER_SM") else "per tile"
-        ms = t[0] if isinstance(t, (list, tuple)) else t
-        by_kind[kind] = min(by_kind.get(kind, float("inf")), ms)
-    tried = ", ".join(f"{kind} {1000 * ms:.1f} us" for kind, ms in sorted(by_kind.items()))
-    return f"config {best.kwargs if best else '?'} warps {best.num_warps if best else '?'} ({tried or 'cached'})"
+    return _choice(kernels._geglu_linear_kernel, "PER_SM", ("per tile", "persistent"))
 
 
 def tune_geglu_linear(log, device: str = "cuda") -> None:
