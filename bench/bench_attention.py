@@ -6,7 +6,8 @@ count is (latent side / downsampling factor)^2 and the heads are channels / 32 (
 36 tokens with 14, 28, 42, 56 heads. Inputs are (B, N, heads*32) tensors, as the model's projections give them.
 
 Implementations, same inputs, same run: ``triton`` (``rdm_fast.ops.attention``'s kernels through their custom
-op), ``op`` (the public dispatching op in ``auto`` mode: the same kernels plus validation and dispatch),
+op), ``op`` (the public dispatching op in ``auto`` mode: validation and dispatch, then, forward only, whichever of
+the Triton kernels and SDPA its graph-replay timing chose for the shape, so it may be timing SDPA),
 ``sdpa-flash`` / ``sdpa-efficient`` / ``sdpa-cudnn`` (``scaled_dot_product_attention`` restricted to one
 backend, on (B, heads, N, d) views; skipped where the backend refuses the call) and ``reference`` (float32
 scores and softmax; forward only). Passes: ``fwd`` and ``fwd+bwd`` (gradients of q, k, v).

@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._layout import nhwc_row_stride
+
 
 @triton.jit
 def _load_group_block(x_ptr, add_ptr, base, add_base, idx, group_numel, spatial, HAS_ADD: tl.constexpr):
@@ -194,6 +196,7 @@ def _nhwc_apply_kernel(x_ptr, y_ptr, coef_ptr, hw, channels, x_row, SILU: tl.con
 # bench/gpu_tune.py on an H200 (2026-11-26, bench/RESULTS.md) over the 61 GroupNorms of an imagenet step: 5.32 ms,
 # against 5.48 ms for tile 2048 / 4 waves, 6.03 ms without the unrolling, and 4.26 ms for three passes at copy
 # bandwidth (the next configurations within 2 %: tile 4096 with 8 or 4 waves).
+MAX_GRID_Z = 65535  # CUDA's limit on a grid's z axis, where the channels_last kernels put the batch
 NHWC_TUNING = {"tile": 4096, "waves": 2, "warps": 4, "max_block_c": 64, "unroll": 2}
 
 
@@ -216,10 +219,12 @@ def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dic
             "warps": NHWC_TUNING["warps"], "unroll": NHWC_TUNING["unroll"]}
 
 
-def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
+def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu, x_row: int) -> Tensor:
+    """``x_row``: the pixel stride, C or more for a channel slice of a wider map (the UNet's skip buffers)."""
     batch, channels, h, w = x.shape
     hw = h * w
-    x_row = x.stride(3)  # C, or more for a channel slice of a wider map (the UNet's skip buffers)
+    if batch > MAX_GRID_Z:
+        raise ValueError(f"triton group_norm: batch {batch} exceeds the launch grid's limit of {MAX_GRID_Z}")
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     cfg = nhwc_config(batch, hw, channels, x.device)
     block_c, block_p, splits, warps = cfg["block_c"], cfg["block_p"], cfg["splits"], cfg["warps"]
@@ -269,17 +274,20 @@ def group_norm(
 ) -> Tensor:
     """Fused GroupNorm forward with Triton; arguments as validated by ``rdm_fast.ops.group_norm``."""
     # channels_last, or a channel slice of a wider channels_last map (rdm_fast.ops.group_norm checks the rest)
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.stride(1) == 1
-    if not (channels_last or x.is_contiguous()):
-        raise ValueError(f"triton group_norm: x must be contiguous or 4-D channels_last, got strides {x.stride()}")
+    x_row = None if x.is_contiguous() else nhwc_row_stride(x)
+    if x_row is None and not x.is_contiguous():
+        raise ValueError(f"triton group_norm: x must be contiguous, channels_last or a channel slice of a "
+                         f"channels_last map, got shape {tuple(x.shape)} with strides {x.stride()}")
     if x.numel() == 0:
         return torch.empty_like(x)
-    if channels_last:
-        return _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu)
+    if x_row is not None:
+        return _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu, x_row)
     out = torch.empty_like(x)
     batch, channels = x.shape[:2]
     spatial = x.numel() // (batch * channels)
     group_numel = channels // num_groups * spatial
+    if group_numel >= 2**31:
+        raise ValueError(f"triton group_norm: groups of {group_numel} values exceed the kernel's 2^31 - 1 limit")
     block = min(max(triton.next_power_of_2(group_numel), 128), 2048)
     _group_norm_fwd_kernel[(batch * num_groups,)](
         x,

@@ -336,6 +336,46 @@ def test_cuda_selection(fresh_dispatch):
             op.select("cuda", *args)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_interpreter_impls_refuse_bfloat16():
+    """Triton's interpreter computes bfloat16 wrongly without an error, so the CPU impls that run in it refuse
+    bfloat16 calls (``fast`` mode then raises instead of returning garbage) and accept the same call in float16."""
+    from rdm_fast.ops.attention import ATTENTION
+    from rdm_fast.ops.cross_attention import CROSS_ATTENTION
+    from rdm_fast.ops.geglu_linear import GEGLU_LINEAR
+
+    def calls(dtype):
+        x, w = torch.randn(2, 6, 32, dtype=dtype), torch.ones(32, dtype=dtype)
+        kv = torch.randn(4, 32, dtype=dtype)
+        return [
+            (LAYER_NORM, (x, w, None, EPS)),
+            (ADD_LAYER_NORM, (x, x, None, w, None, EPS)),
+            (ADD_BIAS, (x, w, x)),
+            (GEGLU, (x,)),
+            (SAMPLER_STEP, (x, x, x, 2.0, (), (1.0,), 0.5, 0.6, 0.0, None, False)),
+            (GEGLU_LINEAR, (x, torch.randn(64, 32, dtype=dtype), None)),
+            (ATTENTION, (x, x, x, 1)),
+            (CROSS_ATTENTION, (x, w, None, EPS, torch.randn(32, 32, dtype=dtype), kv, kv, 1)),
+        ]
+
+    for (op, args16), (_, args_bf16) in zip(calls(torch.float16), calls(torch.bfloat16)):
+        impl = op.impl("triton-interpreter")
+        assert impl.unsupported(*args16) is None, op.name
+        assert "bfloat16" in impl.unsupported(*args_bf16), op.name
+
+
+def test_add_bias_takes_out_by_keyword_only():
+    """Under autocast the ops cast every tensor argument but ``out``, which they recognise by its keyword: a
+    positional ``out`` would be cast into a temporary, and the result lost, so it is refused."""
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(TypeError):
+        ops.add_bias(x, torch.randn(8), x, torch.empty_like(x))
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.add_bias(x.bfloat16(), torch.zeros(8), x, out=out)
+    assert got is out and torch.equal(out, (2 * x).bfloat16())
+
+
 def test_layer_norm_grad_uses_reference():
     x = torch.randn(3, 8, requires_grad=True)
     layer_norm(x, torch.ones(8), None, EPS).square().sum().backward()

@@ -187,6 +187,59 @@ def test_cpu_op_large_mean_offset(cpu_ext, channels_last, offset_in):
     torch.testing.assert_close(out, ref, rtol=0, atol=3e-4)
 
 
+def _small_variance_inputs(shape=(2, 32, 6, 5), channels_last=False, dtype=torch.float32):
+    """Groups whose variance (~1e-6) is below eps = 1e-5: eps decides the output, so an implementation that left it
+    out, or added it after the square root, would be far off (asserted: the float64 result without eps differs
+    by more than 1)."""
+    x, w, b, add = _make_inputs(shape, torch.float32, channels_last, offset=0.0)
+    x, add = (x * 1e-3).to(dtype), add * 1e-3
+    exact = independent_group_norm(x, w, b, 8, EPS, add, silu=True)
+    assert (exact - independent_group_norm(x, w, b, 8, 0.0, add, silu=True)).abs().max() > 1
+    return (x, w, b, add), exact
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_eps_is_applied(cpu_ext, channels_last):
+    (x, w, b, add), exact = _small_variance_inputs(channels_last=channels_last)
+    ref = group_norm_reference(x, w, b, 8, EPS, add=add, silu=True)
+    torch.testing.assert_close(ref.double(), exact, rtol=1e-5, atol=1e-5)
+    assert_matches(torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, add, True), ref)
+
+
+def test_nhwc_row_layouts_are_recognised():
+    """Maps stored as pixel rows of C unit-strided channels, whatever the strides of their size-1 dims, take the
+    channels_last kernels (with the right row stride, tested in test_triton_group_norm.py); other strides do not."""
+    from rdm_fast._layout import nhwc_row_stride
+
+    w1 = torch.randn(2, 5, 16).permute(0, 2, 1).unsqueeze(-1)  # (2, 16, 5, 1), strides (80, 1, 16, 1)
+    c1 = torch.randn(2, 4, 3, 2)[..., 0].unsqueeze(1)  # (2, 1, 4, 3), strides (24, 24, 6, 2): rows of stride 2
+    wide = torch.randn(2, 24, 4, 3).to(memory_format=torch.channels_last)
+    assert nhwc_row_stride(w1) == 16 and nhwc_row_stride(c1) == 2 and nhwc_row_stride(wide[:, 5:21]) == 24
+    assert nhwc_row_stride(torch.randn(2, 16, 4, 6)[..., ::2]) is None  # every other pixel
+    assert nhwc_row_stride(torch.randn(2, 4, 3, 16).permute(0, 3, 2, 1)) is None  # W and H swapped
+    for x in (w1, c1, wide[:, 5:21]):
+        assert GROUP_NORM.select("cuda", x, None, None, 1, EPS).name == "triton-nhwc"
+
+
+def test_sizes_beyond_the_kernels_limits_fall_back():
+    """Batches above the grid's z limit (channels_last kernels) and groups of 2^31 values or more (32-bit offsets)
+    go to the reference in auto mode instead of failing in a kernel."""
+    big_batch = torch.empty(65536, 16, 1, 1, device="meta").to(memory_format=torch.channels_last)
+    assert GROUP_NORM.impl("triton-nhwc").unsupported(big_batch, None, None, 4, EPS) is not None
+    big_group = torch.empty(1, 64, 4096, 8192, device="meta")
+    assert "2^31" in GROUP_NORM.impl("cuda-ext").unsupported(big_group, None, None, 1, EPS)
+    assert GROUP_NORM.impl("cuda-ext").unsupported(big_group, None, None, 2, EPS) is None
+
+
+def test_fake_matches_the_op_on_channel_slices(cpu_ext):
+    """The op itself (not the dispatcher, which makes slices channels_last first) returns NCHW for the channel
+    slice of a channels_last map; its fake implementation must give the same strides."""
+    wide = torch.randn(2, 40, 5, 3).to(memory_format=torch.channels_last)
+    x, w, b, add = wide[:, 4:36], torch.randn(32), torch.randn(32), torch.randn(2, 32)
+    torch.library.opcheck(torch.ops.rdm_fast.group_norm.default, (x, w, b, 8, EPS, add, True),
+                          test_utils=("test_faketensor",))
+
+
 def test_cpu_op_empty_batch(cpu_ext):
     x = torch.randn(0, 32, 4, 4)
     assert torch.ops.rdm_fast.group_norm(x, None, None, 8, EPS, None, True).shape == x.shape
@@ -466,6 +519,18 @@ def test_cuda_op_large_mean_offset(cuda_ext, channels_last):
     assert (out.cpu().double() - exact).abs().max().item() < 3e-4
     ref = group_norm_reference(x, w, b, 8, EPS, add=add)
     torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=3e-4)
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cuda_eps_is_applied(cuda_ext, fresh_dispatch, channels_last, dtype):
+    (x, w, b, add), _ = _small_variance_inputs((2, 64, 12, 10), channels_last, dtype)
+    ref = group_norm_reference(x, w, b, 8, EPS, add=add, silu=True)
+    x, w, b, add = _to_cuda(x, w, b, add)
+    with ops.use_mode("fast"):
+        assert_matches(group_norm(x, w, b, 8, EPS, add=add, silu=True).cpu(), ref)
+    assert_matches(torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, add, True).cpu(), ref)
 
 
 @cuda

@@ -25,18 +25,26 @@ EPS = 1e-5
 
 
 def _cases() -> dict[str, tuple]:
-    """id -> (shape, groups, layout, dtype name, fused add+silu, affine, mean offset); layout False (contiguous),
-    True (channels_last) or "slice" (channels 5.. of a channels_last map 8 channels wider, as the UNet's skips).
-    The channels_last cases' ``add`` is strided: a column slice (slice layout) or one row expanded (float16)."""
+    """id -> (shape, groups, layout, dtype name, fused add+silu, affine, mean offset, spread); layout False
+    (contiguous), True (channels_last), "slice" (channels 5.. of a channels_last map 8 channels wider, as the
+    UNet's skips), "w1" (W == 1, pixel rows at H's stride, W's stride 1) or "c1" (C == 1, rows of stride 2). The
+    channels_last cases' ``add`` is strided: a column slice (slice layout) or one row expanded (float16). Spread
+    1e-3 (variance ~1e-6, below eps): eps decides the output."""
     cases = {}
     for shape, groups in SHAPES:
         for cl in (False, True, "slice") if len(shape) == 4 else (False,):
             base = "x".join(map(str, shape)) + f"-g{groups}" + {False: "", True: "-nhwc", "slice": "-nhwcslice"}[cl]
-            cases[f"{base}-float32-fused"] = (shape, groups, cl, "float32", True, True, 0.5)
-            cases[f"{base}-float16-fused"] = (shape, groups, cl, "float16", True, True, 0.5)
-            cases[f"{base}-float32-plain"] = (shape, groups, cl, "float32", False, False, 0.5)
-    cases["2x64x24x20-g8-offset1000"] = ((2, 64, 24, 20), 8, False, "float32", False, True, 1000.0)
-    cases["2x64x24x20-g8-nhwc-offset1000"] = ((2, 64, 24, 20), 8, True, "float32", False, True, 1000.0)
+            cases[f"{base}-float32-fused"] = (shape, groups, cl, "float32", True, True, 0.5, 2.0)
+            cases[f"{base}-float16-fused"] = (shape, groups, cl, "float16", True, True, 0.5, 2.0)
+            cases[f"{base}-float32-plain"] = (shape, groups, cl, "float32", False, False, 0.5, 2.0)
+    cases["2x64x24x20-g8-offset1000"] = ((2, 64, 24, 20), 8, False, "float32", False, True, 1000.0, 2.0)
+    cases["2x64x24x20-g8-nhwc-offset1000"] = ((2, 64, 24, 20), 8, True, "float32", False, True, 1000.0, 2.0)
+    for cl in (False, True, "slice"):
+        for dtype in ("float32", "float16"):
+            name = {False: "", True: "-nhwc", "slice": "-nhwcslice"}[cl]
+            cases[f"2x32x7x5-g8{name}-{dtype}-eps"] = ((2, 32, 7, 5), 8, cl, dtype, True, True, 0.0, 1e-3)
+    cases["2x16x5x1-g4-w1-float32-fused"] = ((2, 16, 5, 1), 4, "w1", "float32", True, True, 0.5, 2.0)
+    cases["2x1x4x3-g1-c1-float32-fused"] = ((2, 1, 4, 3), 1, "c1", "float32", True, True, 0.5, 2.0)
     return cases
 
 
@@ -44,10 +52,14 @@ CASES = _cases()
 
 
 def _inputs(case: tuple, device: str = "cpu"):
-    shape, _, cl, dtype, fused, affine, offset = case
+    shape, _, cl, dtype, fused, affine, offset, spread = case
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(shape, generator=gen) * 2 + offset).to(getattr(torch, dtype))
-    if cl == "slice":
+    x = (torch.randn(shape, generator=gen) * spread + offset).to(getattr(torch, dtype))
+    if cl == "w1":  # the same values at strides (H*C, 1, C, 1)
+        x = x[..., 0].transpose(1, 2).contiguous().transpose(1, 2).unsqueeze(-1)
+    elif cl == "c1":  # the same values at strides (2*H*W, 2*H*W, 2*W, 2)
+        x = torch.stack([x, torch.zeros_like(x)], dim=-1)[..., 0]
+    elif cl == "slice":
         wide = torch.zeros(shape[0], shape[1] + 8, *shape[2:], dtype=x.dtype).to(memory_format=torch.channels_last)
         wide[:, 5:5 + shape[1]] = x
         x = wide[:, 5:5 + shape[1]]
@@ -56,9 +68,9 @@ def _inputs(case: tuple, device: str = "cpu"):
     c = shape[1]
     w = 1 + 0.5 * torch.randn(c, generator=gen) if affine else None
     b = 0.5 * torch.randn(c, generator=gen) if affine else None
-    add = torch.randn(shape[0], c, generator=gen) if fused else None
+    add = torch.randn(shape[0], c, generator=gen) * min(spread, 1.0) if fused else None
     if fused and cl == "slice":  # add: a column slice of a wider float32 matrix (row stride C + 8)
-        add = torch.randn(shape[0], c + 8, generator=gen)[:, 3:3 + c]
+        add = torch.randn(shape[0], c + 8, generator=gen)[:, 3:3 + c] * min(spread, 1.0)
     elif fused and cl and dtype == "float16":  # add: one row expanded over the batch (row stride 0)
         add = add[:1].expand(shape[0], c)
     return [None if t is None else t.to(device) for t in (x, w, b, add)]
@@ -87,6 +99,8 @@ def _run_case(case: tuple, device: str = "cpu") -> str | None:
 
     x, w, b, add = _inputs(case, device)
     groups, fused, offset = case[1], case[4], case[6]
+    if case[2] in ("w1", "c1"):
+        assert not x.is_contiguous() and x.stride(3) != x.shape[1], x.stride()  # the layout the case is about
     out = triton_group_norm(x, w, b, groups, EPS, add=add, silu=fused)
     ref = group_norm_reference(x, w, b, groups, EPS, add=add, silu=fused)
     return _mismatch(out, ref, offset)

@@ -105,7 +105,8 @@ def autocast_inputs(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
     There, convolutions and linear layers return autocast's lower-precision dtype while other tensors stay
     float32, but the ops take operands of one dtype. Under autocast the floating-point tensor arguments (all but
-    ``out``) are cast to that dtype, as autocast does for matrix products, and the op runs with autocast off.
+    ``out``, which the ops take by keyword only) are cast to that dtype, as autocast does for matrix products,
+    and the op runs with autocast off.
     The ops keep their float32 statistics and accumulation, so only the rounding of their inputs and output
     changes. Outside autocast this adds one check.
     """
@@ -127,7 +128,7 @@ def autocast_inputs(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:
-    """Whether autograd would record this call (fast impls have no backward yet)."""
+    """Whether autograd would record this call (of the fast impls only attention's has a backward)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

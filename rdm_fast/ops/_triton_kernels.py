@@ -7,7 +7,21 @@ import os
 from collections.abc import Callable
 from types import ModuleType
 
+import torch
+from torch import Tensor
+
 from ._dispatch import Impl, Op, eager_constant
+
+
+def without_bfloat16(unsupported: Callable[..., str | None]) -> Callable[..., str | None]:
+    """``unsupported`` of an impl that runs in Triton's interpreter, which computes bfloat16 wrongly (no error,
+    wrong values): such calls are refused there too."""
+    def check(*args, **kwargs) -> str | None:
+        if any(isinstance(a, Tensor) and a.dtype == torch.bfloat16 for a in (*args, *kwargs.values())):
+            return "bfloat16 is broken in the Triton interpreter"
+        return unsupported(*args, **kwargs)
+
+    return check
 
 
 class TritonKernels:
@@ -59,6 +73,7 @@ class TritonKernels:
             return getattr(self.module, name)(*args, **kwargs)  # loaded by the availability check
 
         return Op(name, reference=Impl("reference", reference), by_device={
-            "cpu": [Impl("triton-interpreter", fast, unsupported, self.interpreter_unavailable, fast_mode_only=True)],
+            "cpu": [Impl("triton-interpreter", fast, without_bfloat16(unsupported), self.interpreter_unavailable,
+                         fast_mode_only=True)],
             "cuda": [Impl("triton", fast, unsupported, self.unavailable)],
         })

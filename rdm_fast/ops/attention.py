@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._dispatch import Impl, Op, autocast_inputs, eager_constant, get_mode, needs_grad
 from ._measured import Measured
-from ._triton_kernels import TritonKernels
+from ._triton_kernels import TritonKernels, without_bfloat16
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -93,12 +93,6 @@ def _kernels() -> ModuleType:
 
 def _triton_unsupported(q: Tensor, k: Tensor, v: Tensor, heads: int) -> str | None:
     return _kernels().unsupported(q, k, v, heads)
-
-
-def _interpreter_unsupported(q: Tensor, k: Tensor, v: Tensor, heads: int) -> str | None:
-    if q.dtype == torch.bfloat16:
-        return "bfloat16 is broken in the Triton interpreter"
-    return _triton_unsupported(q, k, v, heads)
 
 
 @torch.library.custom_op("rdm_fast::attention_triton", mutates_args=())
@@ -174,8 +168,8 @@ ATTENTION = Op(
     reference=Impl("reference", attention_reference),
     by_device={
         "cuda": [Impl("triton", _cuda_attention, _triton_unsupported, _triton_unavailable)],
-        "cpu": [Impl("triton-interpreter", attention_triton, _interpreter_unsupported, _interpreter_unavailable,
-                     fast_mode_only=True)],
+        "cpu": [Impl("triton-interpreter", attention_triton, without_bfloat16(_triton_unsupported),
+                     _interpreter_unavailable, fast_mode_only=True)],
     },
 )
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ._dispatch import Impl, Op, autocast_inputs, needs_grad
 from .attention import _interpreter_unavailable, _triton_unavailable, attention, attention_reference
+from ._triton_kernels import without_bfloat16
 from .glue import layer_norm, layer_norm_reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -108,7 +109,7 @@ CROSS_ATTENTION = Op(
     "cross_attention",
     reference=Impl("reference", cross_attention_reference),
     by_device={
-        "cpu": [Impl("triton-interpreter", _fast_forward, _unsupported, _interpreter_unavailable,
+        "cpu": [Impl("triton-interpreter", _fast_forward, without_bfloat16(_unsupported), _interpreter_unavailable,
                      fast_mode_only=True)],
         "cuda": [Impl("triton", _fast_forward, _unsupported, _triton_unavailable)],
     },

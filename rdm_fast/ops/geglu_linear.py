@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._dispatch import Impl, Op, autocast_inputs, get_mode, needs_grad
 from ._measured import Measured
-from ._triton_kernels import TritonKernels
+from ._triton_kernels import TritonKernels, without_bfloat16
 from .glue import _check_tensor, geglu, geglu_reference
 
 _kernels = TritonKernels("geglu_linear")
@@ -78,7 +78,7 @@ GEGLU_LINEAR = Op(
     "geglu_linear",
     reference=Impl("reference", geglu_linear_reference),
     by_device={
-        "cpu": [Impl("triton-interpreter", _fused, _unsupported, _kernels.interpreter_unavailable,
+        "cpu": [Impl("triton-interpreter", _fused, without_bfloat16(_unsupported), _kernels.interpreter_unavailable,
                      fast_mode_only=True)],
         "cuda": [Impl("triton", _cuda_forward, _unsupported, _kernels.unavailable)],
     },

@@ -10,8 +10,8 @@
 * :func:`ddim_guided_step` / :func:`plms_guided_step` — classifier-free guidance combine, PLMS multistep
   combination and the DDIM update with the predicted x0, in float32.
 
-The ``*_reference`` functions define the semantics (float32 math, one rounding to the input dtype, contiguous
-outputs) and are the CPU path; the Triton kernels of ``rdm_fast.kernels.glue`` run on CUDA (and on the CPU in
+The ``*_reference`` functions define the semantics (float32 math, one rounding to the input dtype; contiguous
+outputs, except ``add_bias``, whose output keeps x's layout) and are the CPU path; the Triton kernels of ``rdm_fast.kernels.glue`` run on CUDA (and on the CPU in
 Triton's interpreter when ``RDM_FAST_OPS=fast`` and ``TRITON_INTERPRET=1``). Calls that need autograd use the
 reference.
 """
@@ -191,7 +191,7 @@ ADD_BIAS = _kernels.op("add_bias", add_bias_reference, _add_bias_unsupported)
 
 
 @autocast_inputs
-def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
     """``x + residual + bias`` with ``bias`` (C,) on the last dim of x (..., C) and ``residual`` shaped like x.
 
     Float32 sum, one rounding to x's dtype; written into ``out`` (shaped like x, e.g. a channel slice of a wider

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _layout
 from . import _extension
 from ._dispatch import Impl, Op, autocast_inputs, eager_constant, needs_grad
 from ._triton_kernels import TritonKernels
@@ -50,14 +51,14 @@ def check_args(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups
     _check_param(add, "add", x, (x.shape[0], channels), "(B, C)")
 
 
+_INT_MAX = 2**31 - 1
+MAX_GRID_Z = 65535  # CUDA's limit on a launch grid's y and z axes; the channels_last kernels put the batch on z
+
+
 def is_nhwc_rows(x: Tensor) -> bool:
     """Whether ``x`` (B, C, H, W) is pixel rows of C unit-strided channels at one row stride: channels_last, or a
     channel slice of a wider channels_last map (the UNet writes its skip connections into such slices)."""
-    if x.dim() != 4:
-        return False
-    b, c, h, w = x.shape
-    sb, sc, sh, sw = x.stride()
-    return (c == 1 or sc == 1) and sw >= c and (h == 1 or sh == w * sw) and (b == 1 or sb == h * w * sw)
+    return _layout.nhwc_row_stride(x) is not None
 
 
 def _output_like(x: Tensor, values: Tensor) -> Tensor:
@@ -118,6 +119,8 @@ def _unsupported(
 ) -> str | None:
     if needs_grad(x, weight, bias, add):
         return "inputs require grad (no backward kernel yet)"
+    if x.numel() and x.shape[1] // num_groups * (x.numel() // (x.shape[0] * x.shape[1])) > _INT_MAX:
+        return "a group holds 2^31 values or more (32-bit offsets in the kernels)"
     return _layout_unsupported(x)
 
 
@@ -127,6 +130,8 @@ def _nhwc_unsupported(x: Tensor, weight, bias, num_groups, eps, *, add=None, sil
     read channel slices of wider channels_last maps."""
     if x.is_contiguous() or not is_nhwc_rows(x):
         return "x is not a (strictly) channels_last 4-D tensor or a channel slice of one"
+    if x.shape[0] > MAX_GRID_Z:
+        return f"batch {x.shape[0]} is above the launch grid's limit of {MAX_GRID_Z} (its z axis)"
     if needs_grad(x, weight, bias, add):
         return "inputs require grad (no backward kernel yet)"
     return None
@@ -184,9 +189,7 @@ def _register_fake() -> None:
     """Shape/stride propagation for ``torch.ops.rdm_fast.group_norm`` (meta tensors, torch.compile)."""
     @torch.library.register_fake("rdm_fast::group_norm")
     def _group_norm_fake(x, weight, bias, num_groups, eps, add, silu):
-        if not x.is_contiguous() and is_nhwc_rows(x):
-            return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        if _layout_unsupported(x) is None:
+        if _layout_unsupported(x) is None:  # the op makes other layouts contiguous (NCHW) first
             return torch.empty_like(x)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
