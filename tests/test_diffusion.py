@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from rdm_fast.diffusion import Schedule, ddim_update, guided, plms_eps, sample_ddim, sample_plms
+from rdm_fast import ops
+from rdm_fast.diffusion import Schedule, guided, sample_ddim, sample_plms
+from rdm_fast.ops.glue import PLMS_WEIGHTS
 
 # Values computed by hand with 30-digit arithmetic (mpmath) from the schedule's definition.
 HAND = {
@@ -64,20 +66,27 @@ def test_ddim_step_count_quirk_and_bounds():
 
 
 def test_ddim_update_formula():
-    x, eps = torch.tensor([2.0]), torch.tensor([0.5])
-    a, ap, sig, z = 0.25, 0.64, 0.3, torch.tensor([-1.0])
-    x_prev, x0 = ddim_update(x, eps, a, ap, sig, z)
+    """The samplers' update (``ops.ddim_guided_step``) on one value, against the formula evaluated by hand."""
+    x, eps = torch.tensor([2.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    a, ap, sig, z = 0.25, 0.64, 0.3, torch.tensor([-1.0], dtype=torch.float64)
+    x_prev, x0 = ops.ddim_guided_step(x, None, eps, 1.0, a, ap, sig, z)
     x0_hand = (2.0 - math.sqrt(0.75) * 0.5) / 0.5
-    assert x0.item() == pytest.approx(x0_hand)
-    assert x_prev.item() == pytest.approx(0.8 * x0_hand + math.sqrt(1 - 0.64 - 0.09) * 0.5 - 0.3)
+    assert x0.item() == pytest.approx(x0_hand, rel=1e-14)
+    assert x_prev.item() == pytest.approx(0.8 * x0_hand + math.sqrt(1 - 0.64 - 0.09) * 0.5 - 0.3, rel=1e-14)
 
 
 def test_plms_coefficients():
-    e = [torch.tensor([float(v)]) for v in (1.0, 10.0, 100.0, 1000.0)]  # e[-1] newest
-    assert plms_eps(e[3], []).item() == 1000.0
-    assert plms_eps(e[3], e[2:3]).item() == pytest.approx((3 * 1000 - 100) / 2)
-    assert plms_eps(e[3], e[1:3]).item() == pytest.approx((23 * 1000 - 16 * 100 + 5 * 10) / 12)
-    assert plms_eps(e[3], e[0:3]).item() == pytest.approx((55 * 1000 - 59 * 100 + 37 * 10 - 9 * 1) / 24)
+    """Adams-Bashforth weights of the current eps and past ones (newest first), and the update that uses them: with
+    a_t = 1 and x = 0 the step returns sqrt(1 - a_prev) = 0.5 times the combined eps."""
+    assert PLMS_WEIGHTS == {0: (1.0,), 1: (3 / 2, -1 / 2), 2: (23 / 12, -16 / 12, 5 / 12),
+                            3: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+    e = [torch.tensor([float(v)], dtype=torch.float64) for v in (1.0, 10.0, 100.0, 1000.0)]  # e[-1] newest
+    zero = torch.zeros(1, dtype=torch.float64)
+    combined = {0: 1000.0, 1: (3 * 1000 - 100) / 2, 2: (23 * 1000 - 16 * 100 + 5 * 10) / 12,
+                3: (55 * 1000 - 59 * 100 + 37 * 10 - 9 * 1) / 24}
+    for n, want in combined.items():
+        x_prev, _, eps = ops.plms_guided_step(zero, None, e[3], 1.0, e[3 - n:3], 1.0, 0.75)
+        assert x_prev.item() == pytest.approx(0.5 * want, rel=1e-14) and eps.item() == 1000.0
 
 
 def point_mass_eps(schedule: Schedule, c: torch.Tensor):
@@ -206,7 +215,10 @@ def test_schedule_and_updates_match_the_independent_oracle(steps, eta):
     x, eps, noise, *hist = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(6))
     i = len(c) // 2
     args = (float(c.alphas[i]), float(c.alphas_prev[i]), float(c.sigmas[i]))
-    for ours, theirs in zip(ddim_update(x, eps, *args, noise=noise), oracle.ddim_step(x, eps, *args, noise)):
+    for ours, theirs in zip(ops.ddim_guided_step(x, None, eps, 1.0, *args, noise=noise),
+                            oracle.ddim_step(x, eps, *args, noise)):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    for n in (1, 2, 3):
-        torch.testing.assert_close(plms_eps(eps, hist[:n]), oracle.plms_eps(eps, hist[:n]), rtol=1e-12, atol=1e-12)
+    for n in (1, 2, 3):  # the Adams-Bashforth combination, then the update with it
+        ours = ops.plms_guided_step(x, None, eps, 1.0, hist[:n], *args[:2])[0]
+        theirs = oracle.ddim_step(x, oracle.plms_eps(eps, hist[:n]), *args[:2], 0.0)[0]
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)

@@ -9,7 +9,7 @@ import torch
 from conftest import mini_vq_config, official_checkpoint
 
 from rdm_fast import RDM, RDMConfig, ops
-from rdm_fast.diffusion import ddim_update, guided
+from rdm_fast.diffusion import guided
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -135,7 +135,7 @@ def test_half_precision_sampling_tracks_fp32(dtype, eps_tol, min_psnr):
             t = int(coeffs.timesteps[i])
             e = eps_ref(x, t)
             assert rel_err(eps_half(x, t), e) < eps_tol, f"step {i}"
-            x, _ = ddim_update(x, e, float(coeffs.alphas[i]), float(coeffs.alphas_prev[i]))
+            x, _ = oracle.ddim_step(x, e, float(coeffs.alphas[i]), float(coeffs.alphas_prev[i]), 0.0)
         images_ref = ref_model.decode(ref_model.sample(ctx, steps=10, guidance_scale=3.0, x_T=x_T))
         images = half_model.decode(half_model.sample(ctx, steps=10, guidance_scale=3.0, x_T=x_T)).float()
     assert torch.isfinite(images).all() and images.std() > 1e-2

@@ -1,8 +1,7 @@
 """Diffusion: the noise schedule, the DDIM / PLMS samplers and the training objective."""
 
-from .samplers import ddim_update, guided, plms_eps, sample_ddim, sample_plms
+from .samplers import guided, sample_ddim, sample_plms
 from .schedule import DDIMCoefficients, Schedule
 from .training import eps_losses, noised
 
-__all__ = ["Schedule", "DDIMCoefficients", "ddim_update", "plms_eps", "guided", "sample_ddim", "sample_plms",
-           "eps_losses", "noised"]
+__all__ = ["Schedule", "DDIMCoefficients", "guided", "sample_ddim", "sample_plms", "eps_losses", "noised"]

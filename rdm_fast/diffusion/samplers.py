@@ -1,7 +1,9 @@
 """DDIM and PLMS samplers as small pure functions over an ``eps_fn(x, t) -> eps``.
 
 Both follow the reference exactly: no clipping of x0; PLMS (eta = 0) averages eps at t and at the next
-timestep on its first step (two model calls) and then uses Adams-Bashforth combinations of past eps.
+timestep on its first step (two model calls) and then uses Adams-Bashforth combinations of past eps. Each
+update (multistep combination, predicted x0, DDIM step, noise) is one fused op, ``ops.ddim_guided_step`` /
+``ops.plms_guided_step``: one Triton kernel on CUDA, its float32 (float64) PyTorch reference elsewhere.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import ops
 from .schedule import DDIMCoefficients
 
 EpsFn = Callable[[Tensor, "int | Tensor"], Tensor]
@@ -31,29 +34,6 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None, device
 def _timesteps(t: int | Tensor, n: int, device: torch.device) -> Tensor:
     """(n,) timesteps from an int or a 0-d tensor (expanded in place: no host synchronisation)."""
     return t.to(device).expand(n) if torch.is_tensor(t) else torch.full((n,), t, device=device)
-
-
-def ddim_update(x: Tensor, eps: Tensor, alpha: float, alpha_prev: float, sigma: float = 0.0,
-                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One DDIM step: returns (x_prev, predicted x0)."""
-    x0 = (x - (1.0 - alpha) ** 0.5 * eps) / alpha ** 0.5
-    x_prev = alpha_prev ** 0.5 * x0 + (1.0 - alpha_prev - sigma ** 2) ** 0.5 * eps
-    if sigma > 0:
-        if noise is None:
-            raise ValueError("ddim_update: sigma > 0 needs noise")
-        x_prev = x_prev + sigma * noise
-    return x_prev, x0
-
-
-def plms_eps(eps: Tensor, history: list[Tensor]) -> Tensor:
-    """Adams-Bashforth combination of the current eps and up to three previous ones (newest last)."""
-    if not history:
-        return eps
-    if len(history) == 1:
-        return (3 * eps - history[-1]) / 2
-    if len(history) == 2:
-        return (23 * eps - 16 * history[-1] + 5 * history[-2]) / 12
-    return (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
 
 
 def guided(eps_model: Callable[[Tensor, Tensor, Any], Tensor], context: Tensor, scale: float, *,
@@ -93,10 +73,9 @@ def sample_ddim(eps_fn: EpsFn, x: Tensor, coeffs: DDIMCoefficients, *, generator
     for i in tqdm(range(len(coeffs)), desc="DDIM", disable=not progress):
         sigma = float(coeffs.sigmas[i])
         eps = eps_fn(x, int(coeffs.timesteps[i]))
-        noise = None
-        if sigma > 0:
-            noise = draw_noise(x.shape, generator, x.device, x.dtype)
-        x, _ = ddim_update(x, eps, float(coeffs.alphas[i]), float(coeffs.alphas_prev[i]), sigma, noise)
+        noise = draw_noise(x.shape, generator, x.device, x.dtype) if sigma > 0 else None
+        x, _ = ops.ddim_guided_step(x, None, eps, 1.0, float(coeffs.alphas[i]), float(coeffs.alphas_prev[i]),
+                                    sigma, noise)
     return x
 
 
@@ -109,11 +88,12 @@ def sample_plms(eps_fn: EpsFn, x: Tensor, coeffs: DDIMCoefficients, *, progress:
     for i in tqdm(range(n), desc="PLMS", disable=not progress):
         alpha, alpha_prev = float(coeffs.alphas[i]), float(coeffs.alphas_prev[i])
         eps = eps_fn(x, int(coeffs.timesteps[i]))
-        if history:
-            eps_prime = plms_eps(eps, history)
-        else:
-            x_next, _ = ddim_update(x, eps, alpha, alpha_prev)
-            eps_prime = (eps + eps_fn(x_next, int(coeffs.timesteps[min(i + 1, n - 1)]))) / 2
-        x, _ = ddim_update(x, eps_prime, alpha, alpha_prev)
+        if history:  # Adams-Bashforth over eps and up to three past ones
+            x_prev, _, _ = ops.plms_guided_step(x, None, eps, 1.0, history, alpha, alpha_prev)
+        else:  # the mean of eps here and at the DDIM step's result, at the next timestep
+            x_next, _ = ops.ddim_guided_step(x, None, eps, 1.0, alpha, alpha_prev)
+            eps_next = eps_fn(x_next, int(coeffs.timesteps[min(i + 1, n - 1)]))
+            x_prev, _, _ = ops.plms_guided_step(x, None, eps_next, 1.0, [eps], alpha, alpha_prev, weights=(0.5, 0.5))
+        x = x_prev
         history = (history + [eps])[-3:]
     return x

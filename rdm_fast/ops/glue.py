@@ -8,12 +8,12 @@
   without its bias, its bias and the residual it feeds, in one pass instead of a bias pass and an add pass.
 * :func:`geglu` — ``a * gelu_erf(gate)`` for ``[a, gate]`` on the last dim (the GEGLU feed-forward's middle).
 * :func:`ddim_guided_step` / :func:`plms_guided_step` — classifier-free guidance combine, PLMS multistep
-  combination and the DDIM update with the predicted x0, in float32.
+  combination and the DDIM update with the predicted x0, in float32: every update of the samplers.
 
 The ``*_reference`` functions define the semantics (float32 math, one rounding to the input dtype; contiguous
-outputs, except ``add_bias``, whose output keeps x's layout) and are the CPU path; the Triton kernels of ``rdm_fast.kernels.glue`` run on CUDA (and on the CPU in
-Triton's interpreter when ``RDM_FAST_OPS=fast`` and ``TRITON_INTERPRET=1``). Calls that need autograd use the
-reference.
+outputs, except ``add_bias``, whose output keeps x's layout) and are the CPU path; the Triton kernels of
+``rdm_fast.kernels.glue`` run on CUDA (and on the CPU in Triton's interpreter when ``RDM_FAST_OPS=fast`` and
+``TRITON_INTERPRET=1``). Calls that need autograd use the reference.
 """
 
 from __future__ import annotations
@@ -35,17 +35,19 @@ Coef = float | Tensor
 _kernels = TritonKernels("glue")
 
 
-def _check_tensor(op: str, name: str, t: Tensor, like: Tensor | None = None, shape: tuple | None = None) -> None:
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{op}: unsupported {name} dtype {t.dtype} (expected float32, float16 or bfloat16)")
+def _check_tensor(op: str, name: str, t: Tensor, like: Tensor | None = None, shape: tuple | None = None,
+                  dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES) -> None:
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{op}: unsupported {name} dtype {t.dtype} (expected one of {names})")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: expected {name} of shape {tuple(shape)}, got {tuple(t.shape)}")
     if like is not None and t.device != like.device:
         raise ValueError(f"{op}: expected {name} on device {like.device}, got {t.device}")
 
 
-def _check_same(op: str, name: str, t: Tensor, x: Tensor) -> None:
-    _check_tensor(op, name, t, x, x.shape)
+def _check_same(op: str, name: str, t: Tensor, x: Tensor, dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES) -> None:
+    _check_tensor(op, name, t, x, x.shape, dtypes)
     if t.dtype != x.dtype:
         raise ValueError(f"{op}: expected {name} of dtype {x.dtype} (that of x), got {t.dtype}")
 
@@ -259,18 +261,22 @@ def _coef(name: str, c: Coef, x: Tensor) -> Coef:
     return c if c.device == x.device else float(c.item())
 
 
+STEP_DTYPES = (*SUPPORTED_DTYPES, torch.float64)
+"""The sampler step also takes float64 (reference only: the samplers run in any floating dtype, e.g. exact tests)."""
+
+
 def _check_step(x, e_uncond, e_cond, history, weights, noise) -> None:
     op = "sampler step"
-    _check_tensor(op, "x", x)
-    _check_same(op, "e_cond", e_cond, x)
+    _check_tensor(op, "x", x, dtypes=STEP_DTYPES)
+    _check_same(op, "e_cond", e_cond, x, STEP_DTYPES)
     if e_uncond is not None:
-        _check_same(op, "e_uncond", e_uncond, x)
+        _check_same(op, "e_uncond", e_uncond, x, STEP_DTYPES)
     if noise is not None:
-        _check_same(op, "noise", noise, x)
+        _check_same(op, "noise", noise, x, STEP_DTYPES)
     if len(history) > 3:
         raise ValueError(f"{op}: at most 3 past eps are supported, got {len(history)}")
     for i, h in enumerate(history):
-        _check_same(op, f"history[{i}]", h, x)
+        _check_same(op, f"history[{i}]", h, x, STEP_DTYPES)
     if len(weights) != len(history) + 1:
         raise ValueError(f"{op}: expected {len(history) + 1} weights (current eps, then history newest first), "
                          f"got {len(weights)}")
@@ -294,15 +300,15 @@ def _check_coefs(a_t: Coef, a_prev: Coef, sigma_t: Coef, noise: Tensor | None) -
                              f"sigma_t={sigma_t}")
 
 
-def _ddim_coefficients(a_t: Coef, a_prev: Coef, sigma_t: Coef) -> tuple[Coef, ...]:
+def _ddim_coefficients(a_t: Coef, a_prev: Coef, sigma_t: Coef, dtype: torch.dtype) -> tuple[Coef, ...]:
     """(sqrt(a_t), sqrt(1 - a_t), sqrt(a_prev), sqrt(1 - a_prev - sigma_t^2), sigma_t) computed in float64:
-    Python floats when all three inputs are floats, else float32 0-d tensors."""
+    Python floats when all three inputs are floats, else 0-d tensors of ``dtype``."""
     tensors = [c for c in (a_t, a_prev, sigma_t) if torch.is_tensor(c)]
     if not tensors:
         return (math.sqrt(a_t), math.sqrt(1.0 - a_t), math.sqrt(a_prev), math.sqrt(1.0 - a_prev - sigma_t**2),
                 sigma_t)
     a, ap, sg = (torch.as_tensor(c, dtype=torch.float64, device=tensors[0].device) for c in (a_t, a_prev, sigma_t))
-    return tuple(t.float() for t in (a.sqrt(), (1.0 - a).sqrt(), ap.sqrt(), (1.0 - ap - sg * sg).sqrt(), sg))
+    return tuple(t.to(dtype) for t in (a.sqrt(), (1.0 - a).sqrt(), ap.sqrt(), (1.0 - ap - sg * sg).sqrt(), sg))
 
 
 def sampler_step_reference(
@@ -318,27 +324,30 @@ def sampler_step_reference(
     noise: Tensor | None,
     store_eps: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Guided eps, multistep combination and DDIM update in float32 (square roots of the coefficients in
-    float64); returns contiguous (x_prev, x0, guided eps or None) in x's dtype."""
-    e = e_cond.float()
+    """Guided eps, multistep combination and DDIM update in float32 (float64 for float64 tensors; square roots
+    of the coefficients in float64); returns contiguous (x_prev, x0, guided eps or None) in x's dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    e = e_cond.to(acc)
     if e_uncond is not None:
-        eu = e_uncond.float()
-        e = eu + (guidance_scale.float() if torch.is_tensor(guidance_scale) else guidance_scale) * (e - eu)
+        eu = e_uncond.to(acc)
+        e = eu + (guidance_scale.to(acc) if torch.is_tensor(guidance_scale) else guidance_scale) * (e - eu)
     eps_out = e.to(x.dtype).contiguous() if store_eps else None
     e = weights[0] * e
     for w, h in zip(weights[1:], reversed(history)):
-        e = e + w * h.float()
-    sqrt_a, sqrt_1ma, sqrt_ap, direction, sigma = _ddim_coefficients(a_t, a_prev, sigma_t)
-    x0 = (x.float() - sqrt_1ma * e) / sqrt_a
+        e = e + w * h.to(acc)
+    sqrt_a, sqrt_1ma, sqrt_ap, direction, sigma = _ddim_coefficients(a_t, a_prev, sigma_t, acc)
+    x0 = (x.to(acc) - sqrt_1ma * e) / sqrt_a
     x_prev = sqrt_ap * x0 + direction * e
     if noise is not None:
-        x_prev = x_prev + sigma * noise.float()
+        x_prev = x_prev + sigma * noise.to(acc)
     return x_prev.to(x.dtype).contiguous(), x0.to(x.dtype).contiguous(), eps_out
 
 
 def _step_unsupported(x, e_uncond, e_cond, guidance_scale, history, weights, a_t, a_prev, sigma_t, noise,
                       store_eps) -> str | None:
     tensors = (x, e_uncond, e_cond, noise, *history)
+    if x.dtype == torch.float64:
+        return "float64 runs in the reference only"
     if not all(t is None or t.is_contiguous() for t in tensors):
         return "x, eps, history and noise must be contiguous"
     return _grad_unsupported(*tensors)
@@ -361,10 +370,11 @@ def ddim_guided_step(
 
     ``e = e_u + s (e_c - e_u)`` (``e = e_cond`` when ``e_uncond`` is None), ``x0 = (x - sqrt(1 - a_t) e) /
     sqrt(a_t)``, ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) e + sigma_t noise`` (no noise term
-    when ``noise`` is None). The same as ``samplers.guided``'s combine followed by ``samplers.ddim_update``, in
-    one pass. Coefficients are Python floats or 0-d tensors; 0-d tensors on x's device are read by the kernel
+    when ``noise`` is None): ``samplers.guided``'s combine and the update of ``samplers.sample_ddim`` in one
+    pass. Coefficients are Python floats or 0-d tensors; 0-d tensors on x's device are read by the kernel
     (no host synchronisation, so a sampling loop can be captured in a CUDA graph; pass float64 ones for full
-    precision of ``1 - a``). Tensors: x's shape and dtype; float32 math.
+    precision of ``1 - a``). Tensors: x's shape and dtype; float32 math (float64 for float64 tensors, which
+    only the reference takes).
     """
     return _step(x, e_uncond, e_cond, guidance_scale, (), (1.0,), a_t, a_prev, sigma_t, noise, False)[:2]
 
@@ -384,7 +394,7 @@ def plms_guided_step(
 
     ``e' = weights[0] eps + weights[1] history[-1] + weights[2] history[-2] + ...`` (``history`` newest last,
     at most 3), then the DDIM update of :func:`ddim_guided_step` with ``e'``. ``weights`` default to the
-    Adams-Bashforth ones of ``samplers.plms_eps`` for ``len(history)``; the first PLMS step's second update
+    Adams-Bashforth ones (``PLMS_WEIGHTS``) for ``len(history)``; the first PLMS step's second update
     (the mean of the eps at t and at the next timestep) is ``history=[eps_t], weights=(0.5, 0.5)``.
     """
     history = tuple(history)
