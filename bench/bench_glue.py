@@ -3,10 +3,11 @@
 Shapes of the released models' largest transformer level and sampler state: imagenet tokens (128, 1024, 384)
 bf16 with GEGLU hidden 2 x 1536, latents (64, 3, 64, 64) fp32 (64 images, guided batch 128); rdm768 tokens
 (32, 2304, 448), hidden 2 x 1792, latents (16, 16, 48, 48); the GEGLU projection with its gating
-(``geglu_linear``: fused kernel vs F.linear + gating) on those tokens; bias + residual on the top-level channels-last
-feature maps, (128, 64, 64, 192) and (32, 48, 48, 448) as (B, H, W, C). Implementations: ``fused`` (rdm_fast.ops.glue),
-``eager`` (the PyTorch ops the model / sampler runs today) and ``compiled`` (``torch.compile`` of ``eager``,
-compiled during warm-up; deselect with ``-k "not compiled"``).
+(``geglu_linear``: fused kernel vs F.linear + gating) on those tokens; bias + residual on the top-level
+channels-last feature maps, (128, 64, 64, 192) and (32, 48, 48, 448) as (B, H, W, C). Implementations:
+``fused`` (rdm_fast.ops.glue), ``eager`` (the PyTorch ops they replace: for the sampler steps, the op's own
+reference) and ``compiled`` (``torch.compile`` of ``eager``, compiled during warm-up; deselect with
+``-k "not compiled"``).
 
 A round is ``CALLS`` back-to-back calls and one synchronisation (launch overheads included, as in eager
 sampling). ``bytes_per_call`` in extra_info is the minimum memory traffic, for an effective bandwidth.
@@ -20,14 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from rdm_fast import ops
-from rdm_fast.diffusion import ddim_update, plms_eps
 from rdm_fast.ops.glue import (
+    PLMS_WEIGHTS,
     add_bias,
     add_layer_norm,
     ddim_guided_step,
     geglu,
     layer_norm,
     plms_guided_step,
+    sampler_step_reference,
 )
 
 CUDA = torch.cuda.is_available()
@@ -61,13 +63,12 @@ def eager_geglu_linear(x, w, b):
     return eager_geglu(F.linear(x, w, b))
 
 
-def eager_ddim(x, e_u, e_c):
-    return ddim_update(x, e_u + SCALE * (e_c - e_u), A_T, A_PREV)
+def eager_ddim(x, e_u, e_c):  # the sampler step's PyTorch reference: a chain of elementwise ops
+    return sampler_step_reference(x, e_u, e_c, SCALE, (), (1.0,), A_T, A_PREV, 0.0, None, False)[:2]
 
 
 def eager_plms(x, e_u, e_c, h1, h2, h3):
-    eps = e_u + SCALE * (e_c - e_u)
-    return (*ddim_update(x, plms_eps(eps, [h3, h2, h1]), A_T, A_PREV), eps)
+    return sampler_step_reference(x, e_u, e_c, SCALE, (h3, h2, h1), PLMS_WEIGHTS[3], A_T, A_PREV, 0.0, None, True)
 
 
 FUSED = {
