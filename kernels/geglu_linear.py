@@ -101,7 +101,7 @@ def _geglu_linear_kernel(
         mask_n = rn < N
         x_ptrs = X + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]
         wa_ptrs = W + rn.to(tl.int64)[None, :] * K + rk[:, None]  # (BLOCK_K, BLOCK_N) tile of W^T, the a half
-        wg_ptrs = wa_ptrs + N * K  # the gate half: rows N .. 2N of W
+        wg_ptrs = wa_ptrs + N.to(tl.int64) * K  # the gate half: rows N .. 2N of W (64-bit: N K may pass 2^31)
         acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
