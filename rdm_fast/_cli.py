@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -26,11 +27,21 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except (CLIError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         if os.environ.get("RDM_FAST_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends argparse's "(default: ...)" only where the help text states no default and there is one to show
+    (not for unset options or flags), so each option's default appears once."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def pick_dtype(bf16: bool, fp16: bool) -> torch.dtype:

@@ -17,7 +17,10 @@ def process_device(device: str) -> torch.device:
     local, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: no CUDA GPU is available here (use cpu)")
     if dev.type == "cuda" and dev.index is None:  # one visible GPU per process (e.g. SLURM): that one

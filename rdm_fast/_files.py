@@ -34,6 +34,15 @@ def atomic_write(target: str | Path, write: Callable[[str], object], *, fsync: b
         raise
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a directory's entries (the files renamed into it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_save_npy(target: str | Path, array: np.ndarray) -> None:
     """``np.save`` under a temporary name, then rename (np.save on a path would append ``.npy`` to it)."""
     def write(tmp: str) -> None:

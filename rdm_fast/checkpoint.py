@@ -52,6 +52,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded into the configured model."""
 
 
+class StateDictMismatch(CheckpointError):
+    """Tensors the model needs that a checkpoint lacks or holds in another shape. The message is one line (counts
+    and the first names); ``missing`` and ``mismatched`` keep the full lists."""
+
+    def __init__(self, source: str, missing: list[str], mismatched: list[str]) -> None:
+        self.source, self.missing, self.mismatched = source, missing, mismatched
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors: {describe(missing, 3)}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} tensors of the wrong shape: {describe(mismatched, 3)}")
+        super().__init__(f"{source} does not match the model configuration ({'; '.join(parts)}); is the config "
+                         "right? pass a preset name or the model's config.yaml as the config (CLI: --config)")
+
+
 def ema_name(official_unet_name: str) -> str:
     """LitEma's key for a UNet tensor: ``model_ema.`` + the name under ``model.`` with its dots removed."""
     return EMA_PREFIX + ("diffusion_model." + official_unet_name).replace(".", "")
@@ -134,6 +149,17 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     return dict(obj), {}
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` file, read from its header alone (no tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); is it truncated?") from None
+
+
 def _torch_load(path: Path, weights_only: bool) -> Any:
     """torch.load, memory-mapped where the file format allows (large checkpoints need not fit in RAM)."""
     try:
@@ -153,19 +179,13 @@ def match_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, tuple[i
                      source: str) -> None:
     """Check that ``state`` holds every expected name with the expected shape.
 
-    Raises CheckpointError listing missing and mis-shaped tensors.
+    Raises StateDictMismatch (a CheckpointError) with the missing and mis-shaped tensors.
     """
     missing = [k for k in expected if k not in state]
     mismatched = [f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k])})"
                   for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
     if missing or mismatched:
-        lines = [f"{source} does not match the model configuration:"]
-        if missing:
-            lines.append(f"  missing {len(missing)} tensors: {describe(missing)}")
-        if mismatched:
-            lines.append(f"  {len(mismatched)} tensors of the wrong shape: {describe(mismatched)}")
-        lines.append("  (is the config right? pass config= a preset name or the model's config.yaml)")
-        raise CheckpointError("\n".join(lines))
+        raise StateDictMismatch(source, missing, mismatched)
 
 
 def official_sources(state: Mapping[str, Tensor], official: Mapping[str, str], *, use_ema: bool = True,

@@ -4,11 +4,15 @@ An official ``config.yaml`` (the released ``model.params`` tree of latent-diffus
 ``RDMConfig.from_yaml(path)``. rdm_fast's own presets (``rdm_fast/configs/*.yaml``) use the same layout, so
 there is one parser. Fields the reference code uses only for training bookkeeping are accepted and ignored;
 fields that would change the architecture to something the released models never use raise a clear error.
+The retrieval conventions and sampling defaults rdm_fast adds (``k_nn``, ``text_token``,
+``normalized_embeddings``, ``retrieval_encoder``, ``sampling``) are missing from the official files: those a
+file lacks come from the preset of the same architecture (logged), else keep their defaults (with a warning).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,13 @@ from typing import Any, Literal
 import yaml
 
 PRESETS_DIR = Path(__file__).parent / "configs"
+# rdm_fast's own model.params fields (retrieval conventions, sampling defaults), absent from official configs
+OWN_FIELDS = ("k_nn", "text_token", "normalized_embeddings", "retrieval_encoder", "sampling")
+# conditioning keys of the released RDMs; both build the same UNet, whose cross-attention context is the
+# retrieved embeddings ("retro_only": the neighbours alone, no further conditioning; the ImageNet/FFHQ models)
+CONDITIONING_KEYS = ("crossattn", "retro_only")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -240,7 +251,6 @@ class RDMConfig:
                 "resize_patch_size", "searcher_path", "retro_concat", "p_uncond", "guidance_vex_shape",
                 "aggregate", "k_nn_max_noise", "public_retrieval_cfg", "concat_mode", "cond_stage_forward",
                 "unet_trainable"}
-    _FIXED = {"conditioning_key": "crossattn"}
 
     def __post_init__(self) -> None:
         if self.beta_schedule != "linear":
@@ -269,39 +279,54 @@ class RDMConfig:
 
     @classmethod
     def from_dict(cls, tree: dict[str, Any]) -> "RDMConfig":
-        """Build from a ``model.params`` dict, or a whole config file tree with a top-level ``model`` key."""
+        """Build from a ``model.params`` dict, or a whole config file tree with a top-level ``model`` key.
+
+        rdm_fast's own fields (``OWN_FIELDS``) that the tree lacks, as official configs do, come from the
+        preset of the same architecture; without one they keep their defaults and a warning names them."""
+        cfg, missing = cls._parse(tree)
+        if not missing:
+            return cfg
+        name = _matching_preset(cfg)
+        if name is None:
+            log.warning("model.params lacks %s and matches no preset's architecture (%s): using the defaults "
+                        "%s", ", ".join(missing), ", ".join(preset_names()),
+                        ", ".join(f"{f}={getattr(cfg, f)!r}" for f in missing))
+            return cfg
+        preset = _read_preset(name)
+        log.info("model.params lacks %s: taken from the %r preset (same architecture)", ", ".join(missing), name)
+        return dataclasses.replace(cfg, **{f: getattr(preset, f) for f in missing})
+
+    @classmethod
+    def _parse(cls, tree: dict[str, Any]) -> "tuple[RDMConfig, list[str]]":
+        """The config exactly as the tree gives it, and the ``OWN_FIELDS`` the tree lacks."""
         if "model" in tree and isinstance(tree["model"], dict):
             tree = tree["model"]
         params = dict(tree.get("params", tree))
         for key in ("unet_config", "first_stage_config"):
             if key not in params:
                 raise ConfigError(f"model.params is missing {key}")
+        key = params.pop("conditioning_key", "crossattn")
+        if key not in CONDITIONING_KEYS:
+            raise ConfigError(f"model.params.conditioning_key = {key!r} is not supported: rdm_fast builds the "
+                              "released RDMs' UNet, which takes the retrieved embeddings as cross-attention "
+                              f"context ({' or '.join(map(repr, CONDITIONING_KEYS))})")
         unet_cfg = params["unet_config"]
         params["unet_config"] = UNetConfig.from_dict(dict(unet_cfg.get("params", unet_cfg)))
         params["first_stage_config"] = AutoencoderConfig.from_dict(params["first_stage_config"])
         if "sampling" in params:
             params["sampling"] = SamplingDefaults.from_dict(dict(params["sampling"] or {}))
-        return cls(**_take(cls, params, "model.params", ignored=cls._IGNORED, fixed=cls._FIXED))
+        missing = [f for f in OWN_FIELDS if f not in params]
+        return cls(**_take(cls, params, "model.params", ignored=cls._IGNORED, fixed={})), missing
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RDMConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path} does not hold a config mapping")
-        return cls.from_dict(tree)
+        return cls.from_dict(_read_yaml(path))
 
     @classmethod
     def preset(cls, name: str) -> "RDMConfig":
-        path = PRESETS_DIR / f"{name}.yaml"
-        if not path.is_file():
+        if name not in preset_names():
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
-        return cls.from_yaml(path)
+        return cls.from_yaml(PRESETS_DIR / f"{name}.yaml")
 
     @classmethod
     def resolve(cls, config: "str | Path | dict | RDMConfig") -> "RDMConfig":
@@ -331,6 +356,39 @@ class RDMConfig:
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} does not hold a config mapping")
+    return tree
+
+
+def _read_preset(name: str) -> RDMConfig:
+    """A preset as written (no filling in: presets set every field)."""
+    return RDMConfig._parse(_read_yaml(PRESETS_DIR / f"{name}.yaml"))[0]
+
+
+def _architecture(cfg: RDMConfig) -> tuple:
+    """What fixes the network's tensors and computation: UNet layout and heads, first stage, latent channels."""
+    u = cfg.unet_config
+    widths = [u.model_channels * m for m in u.channel_mult]
+    return (cfg.channels, u.in_channels, u.out_channels, u.model_channels, u.channel_mult, u.num_res_blocks,
+            tuple(sorted(u.attention_resolutions)), u.context_dim, u.transformer_depth,
+            tuple(u.heads(w) for w in widths), cfg.first_stage_config)
+
+
+def _matching_preset(cfg: RDMConfig) -> str | None:
+    """The preset whose architecture equals ``cfg``'s (the released model a config file describes), or None."""
+    arch = _architecture(cfg)
+    return next((name for name in preset_names() if _architecture(_read_preset(name)) == arch), None)
 
 
 __all__ = ["RDMConfig", "UNetConfig", "AutoencoderConfig", "DDConfig", "SamplingDefaults", "ConfigError",

@@ -10,7 +10,6 @@ weights go under ``model.diffusion_model.`` and its EMA weights under ``model_em
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import run
+from ._cli import HelpFormatter, run
 from ._files import atomic_write
 from .config import preset_names
 
@@ -41,17 +40,29 @@ def official_checkpoint(model: RDM, ema: RDM | None = None, ema_updates: int = 0
     return state
 
 
-def _export_official(args: argparse.Namespace, out: Path) -> Path:
-    sampled = RDM.from_pretrained(args.ckpt, args.config, allow_pickle=args.allow_pickle)
-    weights = ckpt.resolve_file(args.ckpt)
-    raw, ema, updates = sampled, None, 0
-    if (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file():  # a training checkpoint: raw weights beside the EMA
-        from safetensors.torch import load_file
+def read_ema_updates(state_file: Path) -> int:
+    """The EMA update count a training checkpoint's state.json records (LitEma's ``num_updates``)."""
+    try:
+        updates = json.loads(state_file.read_text())["ema_updates"]
+    except OSError as e:
+        raise ckpt.CheckpointError(f"cannot read {state_file} ({e.strerror}): the training checkpoint is "
+                                   "incomplete") from None
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"{state_file} is not valid JSON ({e})") from None
+    except (KeyError, TypeError):
+        raise ckpt.CheckpointError(f"{state_file} records no ema_updates: is it a checkpoint of "
+                                   "python -m rdm_fast.train?") from None
+    if not isinstance(updates, int) or isinstance(updates, bool) or updates < 0:
+        raise ckpt.CheckpointError(f"{state_file}: ema_updates = {updates!r} is not a count")
+    return updates
 
-        raw = copy.deepcopy(sampled)
-        raw.unet.load_state_dict(load_file(str(weights.parent / ckpt.TRAIN_WEIGHTS_FILE)))
-        ema = sampled
-        updates = json.loads((weights.parent / ckpt.TRAIN_STATE_FILE).read_text())["ema_updates"]
+
+def _export_official(args: argparse.Namespace, out: Path) -> Path:
+    weights = ckpt.resolve_file(args.ckpt)
+    training = (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file()  # raw UNet weights beside the EMA ones
+    updates = read_ema_updates(weights.parent / ckpt.TRAIN_STATE_FILE) if training else 0
+    raw = RDM.from_pretrained(weights, args.config, use_ema=not training, allow_pickle=args.allow_pickle)
+    ema = RDM.from_pretrained(weights, args.config, allow_pickle=args.allow_pickle) if training else None
     state = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() and k != "model_ema.decay" else v
              for k, v in official_checkpoint(raw, ema, updates).items()}
     out.mkdir(parents=True, exist_ok=True)
@@ -62,14 +73,16 @@ def _export_official(args: argparse.Namespace, out: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rdm_fast.convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("ckpt", help="official .ckpt, rdm_fast file or directory, or a training run or checkpoint")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--to", choices=["rdm_fast", "official"], default="rdm_fast", help="format written")
     p.add_argument("--config", help=f"preset ({', '.join(preset_names())}) or config.yaml "
                                     "(default: config.yaml beside the checkpoint, else the matching preset)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the stored weights")
-    p.add_argument("--no-ema", action="store_true", help="store the raw weights even if EMA ones exist")
+    p.add_argument("--no-ema", action="store_true",
+                   help="store the UNet's raw weights instead of its EMA ones: an official checkpoint's, or a "
+                        "training checkpoint's train_weights.safetensors")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle a checkpoint with Python objects (runs code from the file: trusted files only)")
     args = p.parse_args(argv)

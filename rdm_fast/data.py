@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,13 +45,13 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ._distributed import Processes
-from ._files import atomic_save_npy, atomic_write_json
+from ._files import TEMP_SUFFIX, atomic_save_npy, atomic_write_json
 from .config import RDMConfig
 from .rdm import RDM
 from .retrieval.build import load_rgb, replay_crop
 from .retrieval.context import check_database_for_model
 from .retrieval.database import Database
-from .retrieval.neighbors import neighbor_files
+from .retrieval.neighbors import DIGEST_KEYS, database_digest, neighbor_files
 
 log = logging.getLogger("rdm_fast.data")
 
@@ -59,14 +61,19 @@ def image_size(cfg: RDMConfig) -> int:
     return cfg.image_size * cfg.first_stage_config.ddconfig.downsample_factor
 
 
-def derived_seed(*parts: int) -> int:
-    """A 32-bit seed mixed from integers (numpy's SeedSequence): independent streams per (seed, epoch), (seed, step)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+# what a derived seed is for: its second part, so that no two uses share a stream (SeedSequence pads short
+# entropy with zeros, so (seed, e) and (seed, e, 0) would otherwise mix to the same seed)
+SHUFFLE, DRAWS, DROPOUT = 0, 1, 2
+# neighbour scores must agree with the databases' vectors to this: the float16 vectors searched in fp32, or in
+# fp16 on a GPU, score within about 1e-3 of each other; scores for other databases are off by 1e-2 and more
+NEIGHBOR_SCORE_TOLERANCE = 5e-3
+NEIGHBOR_CHECK_ROWS = 64
 
 
-def database_digest(db: Database) -> str:
-    """SHA-256 naming a database's content (its shards' checksums)."""
-    return hashlib.sha256(json.dumps([s["sha256"] for s in db.manifest["shards"]]).encode()).hexdigest()
+def derived_seed(seed: int, purpose: int, *parts: int) -> int:
+    """A 32-bit seed mixed from integers (numpy's SeedSequence): independent streams per purpose
+    (:data:`SHUFFLE`, :data:`DRAWS`, :data:`DROPOUT`) and parts (epoch; step and position)."""
+    return int(np.random.SeedSequence([seed, purpose, *parts]).generate_state(1)[0])
 
 
 def module_digest(module: torch.nn.Module) -> str:
@@ -79,9 +86,12 @@ def module_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_neighbors(path: str | Path) -> np.ndarray:
-    """The (N, K) int64 neighbour ids of ``db neighbors`` (.npz with ``ids``, or .npy)."""
-    file = neighbor_files(path)[0]
+def load_neighbors(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, str]]:
+    """The (N, K) int64 neighbour ids of ``db neighbors`` (.npz with ``ids``, or .npy), their (N, K) scores
+    (None when the file has none) and the digests of the databases they were computed for (.npz only; {} when
+    not recorded): ``{"db": ..., "queries": ...}``."""
+    files = neighbor_files(path)
+    file = files[0]
     if not file.is_file():
         raise FileNotFoundError(f"neighbours file {file} does not exist (make it with python -m rdm_fast.db "
                                 "neighbors RETRIEVAL_DB --queries TRAINING_DB --k K --out FILE)")
@@ -89,13 +99,20 @@ def load_neighbors(path: str | Path) -> np.ndarray:
         if file.suffix == ".npz":
             with np.load(file, allow_pickle=False) as z:
                 ids = z["ids"]
+                scores = z["scores"] if "scores" in z.files else None
+                digests = {k: str(z[f"{k}_digest"]) for k in DIGEST_KEYS if f"{k}_digest" in z.files}
         else:
             ids = np.load(file, mmap_mode="r", allow_pickle=False)
+            scores = np.load(files[1], mmap_mode="r", allow_pickle=False) if files[1].is_file() else None
+            digests = {}
     except (ValueError, OSError, KeyError, EOFError) as e:
         raise ValueError(f"{file} is not a readable neighbours file ({e})") from None
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise ValueError(f"{file} holds {ids.dtype} {ids.shape}; expected (N, K) integer neighbour ids")
-    return ids
+    if scores is not None and (scores.shape != ids.shape or scores.dtype.kind != "f"):
+        raise ValueError(f"{file} holds scores {scores.dtype} {scores.shape} for ids {ids.shape}; expected one "
+                         "float score per id")
+    return ids, scores, digests
 
 
 class TrainingImages(Dataset):
@@ -159,7 +176,11 @@ class TrainingContexts:
         self.retrieval = self.training if same else Database.open(retrieval_db, backend="torch", device="cpu")
         check_database_for_model(self.retrieval, cfg)
         self.retrieval.check_encoder(self.training.encoder_name)
-        ids = load_neighbors(neighbors)
+        ids, scores, digests = load_neighbors(neighbors)
+        for key, db in (("db", self.retrieval), ("queries", self.training)):
+            if key in digests and digests[key] != database_digest(db):
+                raise ValueError(f"{neighbors} was computed for another {'retrieval' if key == 'db' else 'query'} "
+                                 f"database than {db.path}: recompute it for these databases")
         self.k = cfg.k_nn
         if ids.shape[0] != len(self.training):
             raise ValueError(f"{neighbors} holds neighbours of {ids.shape[0]} entries but {self.training.path} has "
@@ -167,18 +188,38 @@ class TrainingContexts:
         if ids.shape[1] < self.k:
             raise ValueError(f"{neighbors} holds {ids.shape[1]} neighbours per entry; the model's contexts take "
                              f"{self.k} (k_nn): recompute them with --k {self.k} or more")
-        ids = np.asarray(ids[:, :self.k], np.int64)
+        ids = np.array(ids[:, :self.k], np.int64)  # a copy: .npy files are memory-mapped read-only
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.retrieval)):
             raise ValueError(f"{neighbors} holds ids outside {self.retrieval.path}'s {len(self.retrieval)} entries: "
                              "were they computed against another retrieval database?")
         if same and (ids == np.arange(len(ids))[:, None]).any():
             raise ValueError(f"{neighbors} lists entries as their own neighbours: the model would learn to copy its "
                              "context. Compute them with python -m rdm_fast.db neighbors ... --exclude-self")
+        if scores is not None:
+            self._check_scores(neighbors, ids, np.asarray(scores[:, :self.k], np.float32))
+        else:
+            log.warning("%s holds no scores: it cannot be checked against the databases", neighbors)
         self.ids = torch.from_numpy(ids)
         self._digest = hashlib.sha256((database_digest(self.training) + database_digest(self.retrieval)).encode()
                                       + ids.tobytes()).hexdigest()
         self.own = cfg.text_token
         self.normalize = cfg.normalized_embeddings
+
+    def _check_scores(self, neighbors: str | Path, ids: np.ndarray, scores: np.ndarray) -> None:
+        """The stored scores of a sample of rows must be the cosine similarities of those training entries to
+        the listed retrieval entries: ids of another database (of the same size) pass every other check."""
+        rows = np.unique(np.linspace(0, len(ids) - 1, min(len(ids), NEIGHBOR_CHECK_ROWS)).round().astype(np.int64))
+        if not len(rows):
+            return
+        queries = F.normalize(self.training.embeddings(torch.from_numpy(rows)), dim=-1)
+        found = F.normalize(self.retrieval.embeddings(torch.from_numpy(ids[rows])), dim=-1)
+        cosine = torch.einsum("qd,qkd->qk", queries, found).numpy()
+        worst = float(np.nan_to_num(np.abs(cosine - scores[rows]), nan=np.inf).max())
+        if worst > NEIGHBOR_SCORE_TOLERANCE:
+            raise ValueError(f"{neighbors} does not match the databases: its scores differ by up to {worst:.3g} "
+                             f"(tolerance {NEIGHBOR_SCORE_TOLERANCE}) from the similarities of {self.training.path}'s "
+                             f"entries to the listed entries of {self.retrieval.path}; were they computed for other "
+                             "databases? Recompute them with python -m rdm_fast.db neighbors")
 
     def digest(self) -> str:
         """SHA-256 of what the contexts are made of (both databases' shards, the neighbour ids used)."""
@@ -219,7 +260,7 @@ class TrainingOrder(Sampler[int]):
         while count:
             epoch, offset = divmod(first, self.n)
             if epoch != self._epoch:
-                gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
+                gen = torch.Generator().manual_seed(derived_seed(self.seed, SHUFFLE, epoch))
                 self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
             take = min(count, self.n - offset)
             out.append(self._perm[offset:offset + take])
@@ -278,6 +319,17 @@ class MomentCache:
 
     def shard_files(self, run: str, rank: int) -> tuple[Path, Path]:
         return self.dir / f"moments_{run}_{rank}.npy", self.dir / f"readable_{run}_{rank}.npy"
+
+    def check_writable(self) -> None:
+        """Create the directory and write a probe file there: a bad path fails before the encoding, not after."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=TEMP_SUFFIX, dir=self.dir)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ValueError(f"--latents {self.dir}: cannot store the first stage's outputs there "
+                             f"({e.strerror or e})") from None
 
     def write_shard(self, run: str, rank: int, moments: np.ndarray, readable: np.ndarray) -> None:
         """Store this process's share (its rows in entry order)."""
@@ -338,6 +390,7 @@ def cached_moments(directory: str | Path, model: RDM, images: TrainingImages, pr
                                        "image_size": images.size, "training_db": database_digest(images.database),
                                        "first_stage": module_digest(model.first_stage)})
     if cache.manifest() is None:
+        cache.check_writable()
         run = procs.from_rank0(uuid.uuid4().hex[:12])
         mine = MomentCache.share(len(images), procs.world, procs.rank)
         moments = np.zeros((len(mine), *example.shape[1:]), np.float16)

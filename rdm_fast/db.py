@@ -26,7 +26,7 @@ from ._files import atomic_save_npy, atomic_write
 from .encoders import EncoderUnavailable
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
                         resolve_encoder, save_neighbors, save_proposals)
-from .retrieval.build import CROP_MODES, load_query_image, load_rgb, make_crops
+from .retrieval.build import CROP_MODES, load_query_image, load_rgb, make_crops, replay_crop
 from .retrieval.database import BACKENDS, PROPOSALS
 from .retrieval.neighbors import neighbor_files
 
@@ -58,11 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--crop-size", type=_positive, default=256)
     b.add_argument("--crops-per-image", type=_positive, default=1, help="random crops per image")
     b.add_argument("--batch-size", type=_positive, default=64, help="crops per encoder batch")
-    b.add_argument("--shard-size", type=_positive, default=100_000, help="rows per shard")
+    b.add_argument("--shard-size", type=_positive, default=100_000,
+                   help="rows per shard, rounded down to whole images: each shard holds shard-size // "
+                        "crops-per-image images (at least one)")
     b.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
     b.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK or cpu), cpu, cuda or cuda:N")
     b.add_argument("--encoder-checkpoint", help="local weights file for the encoder")
-    b.add_argument("--class-from-folder", action="store_true", help="class id = index of the top-level folder")
+    b.add_argument("--class-from-folder", action="store_true",
+                   help="class id = index of the image's folder (top-level under --images, parent for --list); "
+                        "-1 for images directly in the folder or the list's folder")
     b.add_argument("--seed", type=int, default=0, help="seed of the random crops")
     b.add_argument("--no-progress", action="store_true")
 
@@ -71,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--out", required=True, help="database directory (rerun the same command to resume)")
     im.add_argument("--encoder", required=True,
                     help="encoder that made the embeddings (e.g. clip-vit-b-32); its dimension is checked")
-    im.add_argument("--shard-size", type=_positive, default=100_000, help="rows per shard")
+    im.add_argument("--shard-size", type=_positive, default=100_000,
+                    help="rows per shard at most (a shard never spans two parts)")
     im.add_argument("--chunk-rows", type=_positive, default=65536, help="rows read from a part at a time")
     im.add_argument("--allow-pickle", action="store_true",
                     help="accept parts whose img_id is pickled (runs code from the file: trusted files only)")
@@ -79,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="summary of a database", formatter_class=fmt)
     i.add_argument("db")
-    i.add_argument("--verify", action="store_true", help="check every file's SHA-256 (reads everything)")
+    i.add_argument("--verify", action="store_true",
+                   help="check the SHA-256 of every shard's embeddings and metadata (reads them all; the index "
+                        "and proposals files have no checksum)")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     s = sub.add_parser("search", help="nearest entries of a caption or an image", formatter_class=fmt)
@@ -190,8 +197,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"encoder    {enc['name']} ({enc['dim']}-d, {'L2-normalised' if enc['normalized'] else 'not normalised'})",
         f"shards     {len(rows)}" + (f" ({min(rows)}-{max(rows)} rows each)" if rows else ""),
         f"on disk    {_human(_disk_size(db.path))}",
-        "metadata   " + ", ".join(name for name, key in (("sources", "has_sources"), ("class ids", "has_class_ids"),
-                                                          ("patch coords", "has_patch_coords")) if m[key]) or "none",
+        "metadata   " + (", ".join(name for name, key in (("sources", "has_sources"), ("class ids", "has_class_ids"),
+                                                           ("patch coords", "has_patch_coords")) if m[key])
+                         or "none"),
         "index      " + (f"{m['index']['kind']} ({m['index']['file']})" if m.get("index") else "none"),
         "proposals  " + (f"ranking from {m['proposals'].get('queries', '?')} queries x k={m['proposals'].get('k', '?')}"
                          if m.get("proposals") else "none"),
@@ -200,7 +208,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if m.get("image_root"):
         lines.append(f"images     {m['image_root']}")
     if args.verify:
-        lines.append("verified   every file matches its SHA-256")
+        lines.append("verified   every shard's embeddings and metadata match their SHA-256 (index and proposals "
+                     "files have no checksum)")
     print("\n".join(lines))
     return 0
 
@@ -212,13 +221,23 @@ def _source_path(source: str, root: str | None) -> Path | None:
     return p if p.is_file() else None
 
 
-def _tile(path: Path | None, coords: tuple[int, int] | None, crop_size: int | None, size: int) -> Image.Image:
-    if path is None:
-        return Image.new("RGB", (size, size), (200, 200, 200))
-    img = load_rgb(path)
-    if coords is not None and coords[0] >= 0 and crop_size:
-        x, y = coords
-        img = img.crop((x, y, x + crop_size, y + crop_size))
+def _grey_tile(size: int) -> Image.Image:
+    return Image.new("RGB", (size, size), (200, 200, 200))
+
+
+def _tile(path: Path, crop: str | None, crop_size: int | None, xy: Sequence[int] | None,
+          size: int) -> Image.Image | None:
+    """``size`` px tile of the crop the database embedded from ``path`` (replayed from the build's ``crop`` mode,
+    ``crop_size`` and the random crop's corner ``xy``; the whole image when the build recorded no crop, e.g.
+    an import), or None when the image cannot be read or no longer fits its recorded crop."""
+    try:
+        img = load_rgb(path)
+        if crop in CROP_MODES and crop_size:
+            corner = (int(xy[0]), int(xy[1])) if crop == "random" and xy is not None else None
+            img = Image.fromarray(replay_crop(img, crop, crop_size, corner))
+    except (OSError, ValueError) as e:
+        log.warning("result image %s cannot be shown (%s): drawn as a grey tile", path, e)
+        return None
     return Image.fromarray(make_crops(img, "center", size, 1, np.random.default_rng(0))[0][0])
 
 
@@ -238,7 +257,21 @@ def contact_sheet(tiles: list[tuple[Image.Image, str]], columns: int | None = No
     return sheet
 
 
+def _output_file(path: str, option: str) -> Path:
+    """``path`` as a file to write later: its folder created now, so that a bad name fails before the work."""
+    out = Path(path)
+    if out.is_dir():
+        raise CLIError(f"{option} {out} is a directory; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"{option} {out}: cannot create its folder {out.parent} ({e.strerror})") from None
+    return out
+
+
 def cmd_search(args: argparse.Namespace) -> int:
+    if args.contact_sheet:
+        _output_file(args.contact_sheet, "--contact-sheet")
     device = process_device(args.device)
     db = Database.open(args.db, backend=args.backend, device=device)
     spec = args.encoder or db.encoder_spec
@@ -273,15 +306,15 @@ def _write_contact_sheet(args, db: Database, query: Path | None, scores, ids, so
     missing = sum(p is None for p in paths)
     if missing:
         log.warning("%d of %d result images are not reachable on disk: drawn as grey tiles", missing, len(paths))
-    crop_size = (db.manifest.get("build") or {}).get("crop_size")
+    build = db.manifest.get("build") or {}
     coords = db.patch_coords(ids).tolist() if db.manifest["has_patch_coords"] else [None] * len(ids)
     size = 128
-    tiles = [(_tile(query, None, None, size), "query")] if query is not None else []
+    tiles = [(_tile(query, None, None, None, size) or _grey_tile(size), "query")] if query is not None else []
     for r, (path, xy, score, i) in enumerate(zip(paths, coords, scores.tolist(), ids.tolist()), 1):
-        tiles.append((_tile(path, xy, crop_size, size), f"#{r} id {i}  {score:.3f}"))
+        tile = _tile(path, build.get("crop"), build.get("crop_size"), xy, size) if path is not None else None
+        tiles.append((tile or _grey_tile(size), f"#{r} id {i}  {score:.3f}"))
     sheet = contact_sheet(tiles)
-    out = Path(args.contact_sheet)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _output_file(args.contact_sheet, "--contact-sheet")
     atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"))
     log.info("wrote contact sheet %s", out)
 
@@ -313,22 +346,28 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_neighbors(args: argparse.Namespace) -> int:
-    neighbor_files(args.out)  # a bad output name fails before the search, not after it
-    if args.top_m_out and Path(args.top_m_out).suffix != ".npy":
-        raise CLIError(f"--top-m-out {args.top_m_out} must end in .npy")
+    for file in neighbor_files(args.out):  # bad output names fail before the search, not after it
+        _output_file(str(file), "--out")
+    if args.top_m_out:
+        if Path(args.top_m_out).suffix != ".npy":
+            raise CLIError(f"--top-m-out {args.top_m_out} must end in .npy")
+        _output_file(args.top_m_out, "--top-m-out")
     device = process_device(args.device)
     db = Database.open(args.db, backend=args.backend, device=device)
     queries = Database.open(args.queries, backend="torch", device="cpu") if args.queries else None
+    if queries is not None and len(queries) == 0:
+        raise CLIError(f"--queries {args.queries} is empty: no neighbours to compute (the proposal ranking of "
+                       f"{args.db} is left as it is)")
     ids, scores = compute_neighbors(db, queries, k=args.k, exclude_self=args.exclude_self,
                                     dedup_threshold=args.dedup_threshold, batch_size=args.batch_size,
                                     progress=not args.no_progress)
-    written = save_neighbors(args.out, ids, scores)
+    written = save_neighbors(args.out, ids, scores, databases=(db, queries if queries is not None else db))
     ranked, counts = proposal_ranking(ids, len(db))
+    if args.top_m_out:  # before the database's own ranking changes
+        atomic_save_npy(args.top_m_out, np.stack([ranked.numpy(), counts.numpy()], 1))
     save_proposals(db.path, ranked.numpy(), counts.numpy(), queries=int(ids.shape[0]), k=args.k,
                    queries_db=str(Path(args.queries).resolve()) if args.queries else None,
                    exclude_self=args.exclude_self, dedup_threshold=args.dedup_threshold)
-    if args.top_m_out:
-        atomic_save_npy(args.top_m_out, np.stack([ranked.numpy(), counts.numpy()], 1))
     print(f"wrote {ids.shape[0]} x {args.k} neighbours to {', '.join(map(str, written))}; proposal ranking in "
           f"{db.path / PROPOSALS}")
     return 0

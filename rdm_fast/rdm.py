@@ -59,6 +59,9 @@ class RDM(nn.Module):
         the config they carry and official checkpoints use ``config.yaml`` beside them, else the preset whose
         tensor names and shapes they match. Every tensor is checked by name and shape; missing or mis-shaped
         tensors raise CheckpointError listing them, unexpected ones are reported and skipped.
+        ``use_ema=False`` takes the UNet's raw weights: an official file's ``model.diffusion_model.*``, or the
+        ``train_weights.safetensors`` beside a training checkpoint of ``python -m rdm_fast.train`` (whose
+        ``model.safetensors`` holds the EMA UNet); other rdm_fast files hold one set of weights (a warning says so).
         ``allow_pickle`` permits full unpickling of trusted torch files (weights_only=False).
         """
         path = ckpt.resolve_file(path)
@@ -71,7 +74,10 @@ class RDM(nn.Module):
             config = RDMConfig.from_dict(tree)
         elif config is None:
             config = _config_for_official(state, path)
-        model = cls.from_state_dict(state, config, use_ema=use_ema, source=str(path))
+        source = str(path)
+        if own and not use_ema:
+            state, source = _with_train_weights(state, path)
+        model = cls.from_state_dict(state, config, use_ema=use_ema, source=source)
         return model.to(device=device, dtype=dtype or torch.float32)
 
     @classmethod
@@ -176,9 +182,11 @@ class RDM(nn.Module):
                cuda_graph: bool | None = None, channels_last: bool | None = None) -> Tensor:
         """Draw latents (B, C, H, W), fp32, from noise conditioned on ``context`` (B, k, D).
 
-        Classifier-free guidance with ``guidance_scale != 1`` contrasts against an all-zero context. ``x_T``
-        fixes the starting noise; otherwise it is drawn from ``generator``. ``size`` (H, W) overrides the
-        configured latent size (multiples of the UNet's downsampling factor). ``cuda_graph`` (default: on CUDA
+        ``eta``: DDIM noise, 0 (deterministic) up to a bound >= 1 that depends on the schedule and ``steps``
+        (ValueError beyond it, see :meth:`Schedule.ddim`). Classifier-free guidance with ``guidance_scale != 1``
+        contrasts against an all-zero context. ``x_T`` fixes the starting noise; otherwise it is drawn from
+        ``generator``. ``size`` (H, W) overrides the configured latent size (multiples of the UNet's
+        downsampling factor). ``cuda_graph`` (default: on CUDA
         for float16/bfloat16 models) replays each guided UNet call from a CUDA graph captured once for the
         trajectory's shapes and kept for the next call with the same shapes, guidance and weights (a new batch's
         context is copied into it: no new capture per batch); float32 models run eagerly unless it is True (an
@@ -234,12 +242,55 @@ def _is_own_layout(state: dict[str, Any]) -> bool:
     return any(k.startswith("unet.") for k in state)
 
 
-def _config_for_official(state: dict[str, Any], path: Path) -> RDMConfig:
-    """The config of an official checkpoint: config.yaml beside it, else the preset its tensors match."""
+def _with_train_weights(state: dict[str, Tensor], path: Path) -> tuple[dict[str, Tensor], str]:
+    """``state`` (an rdm_fast file) with the UNet's raw training weights from the train_weights.safetensors beside
+    it, and the source to name in errors; without that file, ``state`` unchanged and a warning."""
+    raw_path = path.parent / ckpt.TRAIN_WEIGHTS_FILE
+    if not raw_path.is_file():
+        warnings.warn(f"use_ema=False / --no-ema: {path} holds one set of UNet weights (the EMA ones if it was made "
+                      f"from a checkpoint that had them) and no {ckpt.TRAIN_WEIGHTS_FILE} beside it: using them",
+                      stacklevel=3)
+        return state, str(path)
+    raw, _ = ckpt.read_state_dict(raw_path)
+    log.info("%s: using the UNet's training weights from %s, not the EMA ones", path, raw_path.name)
+    merged = {k: v for k, v in state.items() if not k.startswith("unet.")}
+    merged.update({f"unet.{k}": v for k, v in raw.items()})
+    return merged, f"{path} with {raw_path.name}"
+
+
+def checkpoint_config(path: str | Path, config: str | Path | dict | RDMConfig | None = None) -> RDMConfig | None:
+    """The config :meth:`RDM.from_pretrained` would use, where it is known without reading any tensors (the given
+    one, an rdm_fast file's own, or an official checkpoint's config.yaml beside it); None where only the tensors
+    tell, or where ``path`` is no checkpoint (loading it says why). Lets callers check settings before loading."""
+    if config is not None:
+        return RDMConfig.resolve(config)
+    try:
+        path = ckpt.resolve_file(path)
+    except ckpt.CheckpointError:
+        return None
+    if not path.is_file():
+        return None
+    if path.suffix == ".safetensors":
+        metadata = ckpt.read_metadata(path)
+        return RDMConfig.from_dict(ckpt.read_own_config(metadata, path)) \
+            if metadata.get("format") == ckpt.FORMAT_NAME else None
+    return _config_beside(path)
+
+
+def _config_beside(path: Path) -> RDMConfig | None:
+    """An official checkpoint's config.yaml (or NAME.yaml) beside it, if any."""
     for candidate in (path.with_suffix(".yaml"), path.parent / "config.yaml"):
         if candidate.is_file():
             log.info("%s: using the config %s", path, candidate)
             return RDMConfig.from_yaml(candidate)
+    return None
+
+
+def _config_for_official(state: dict[str, Any], path: Path) -> RDMConfig:
+    """The config of an official checkpoint: config.yaml beside it, else the preset its tensors match."""
+    beside = _config_beside(path)
+    if beside is not None:
+        return beside
     for name in preset_names():
         cfg = RDMConfig.preset(name)
         with torch.device("meta"):
@@ -253,4 +304,4 @@ def _config_for_official(state: dict[str, Any], path: Path) -> RDMConfig:
                                "the model's config.yaml")
 
 
-__all__ = ["RDM", "ConfigError"]
+__all__ = ["RDM", "ConfigError", "checkpoint_config"]

@@ -4,7 +4,10 @@ Contexts come from ``--context-file`` (a .npy of shape (B, k, D) or (k, D)) or f
 directory or the name of one in ``$RDM_FAST_HOME/databases``): each sample's query (a ``--text`` caption,
 an ``--image``, or for unconditional sampling a pseudo-query drawn from the database's top-m proposals) with
 its nearest database entries, laid out as the model was trained (rdm_fast.retrieval.context). Writes
-``sample_00000.png``..., ``grid.png`` and ``run.json`` into ``--out``.
+``sample_00000.png``..., ``grid.png`` and ``run.json`` (every setting) into ``--out``.
+
+Sample i starts from noise seeded by (--seed, i), so at eta 0 it is the same image for any --batch-size (to float
+rounding); with eta > 0 the noise added at each DDIM step is drawn per batch, so it also depends on --batch-size.
 """
 
 from __future__ import annotations
@@ -20,22 +23,24 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import RDM
-from ._cli import CLIError, pick_dtype, run
+from ._cli import CLIError, HelpFormatter, pick_dtype, run
 from ._distributed import process_device
 from ._files import atomic_write_json
-from .config import preset_names
+from .config import RDMConfig, preset_names
+from .diffusion import Schedule
 from .encoders import EncoderUnavailable
 from .images import grid, save_png, to_uint8
 from .retrieval.context import check_database_for_model, draw_pseudo_queries, locate_database, model_context
 from .retrieval.build import load_query_image, resolve_encoder
 from .retrieval.database import BACKENDS, Database
+from .rdm import checkpoint_config
 
 log = logging.getLogger("rdm_fast.sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rdm_fast.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--ckpt", help="official .ckpt, rdm_fast directory or .safetensors file")
     model.add_argument("--random-init", action="store_true",
@@ -56,32 +61,84 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nearest-neighbour search backend for --db")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n-samples", type=int, help="images to draw (default: one per context in the file, 4 with --db)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per sampling call")
     p.add_argument("--steps", type=int, help="sampling steps (default: the config's sampling.steps)")
     p.add_argument("--sampler", choices=["ddim", "plms"], help="default: the config's sampling.sampler")
-    p.add_argument("--eta", type=float, help="DDIM noise (0 = deterministic; default: the config's)")
+    p.add_argument("--eta", type=float, help="DDIM noise, 0 (deterministic) up to about 1 (the bound depends on "
+                                             "--steps); above 0 the images also depend on --batch-size "
+                                             "(default: the config's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="sample i starts from noise seeded by (seed, i), whatever the batch it is drawn in")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_true", help="weights and activations in bfloat16")
     prec.add_argument("--fp16", action="store_true", help="weights and activations in float16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="run each denoising step eagerly instead of replaying a captured CUDA graph")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA ones")
+    p.add_argument("--no-ema", action="store_true",
+                   help="the UNet's raw weights instead of its EMA ones: an official checkpoint's, or a training "
+                        "checkpoint's train_weights.safetensors (other rdm_fast files hold one set: a warning)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")
     return p
 
 
-def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> RDM:
+def check_args(args: argparse.Namespace) -> None:
+    """The checks that need no model or file, so that a bad option fails before anything is loaded."""
+    for name in ("n_samples", "batch_size", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.eta is not None and not args.eta >= 0:
+        raise CLIError(f"--eta must be >= 0, got {args.eta}")
+    if args.db and not 0 < args.top_m <= 1:
+        raise CLIError(f"--top-m must be a fraction in (0, 1], got {args.top_m}")
+    if (args.text or args.image) and not args.db:
+        raise CLIError("--text and --image are queries into a database: add --db")
+    if args.random_init and not args.config:
+        raise CLIError("--random-init needs --config (a preset name or config.yaml)")
+
+
+def known_config(args: argparse.Namespace) -> RDMConfig | None:
+    """The model's config where it is known without loading weights (see rdm_fast.rdm.checkpoint_config)."""
     if args.random_init:
-        if not args.config:
-            raise CLIError("--random-init needs --config (a preset name or config.yaml)")
+        return RDMConfig.resolve(args.config)
+    return checkpoint_config(args.ckpt, args.config)
+
+
+def sampling_settings(args: argparse.Namespace, cfg: RDMConfig) -> tuple[int, str, float, float]:
+    """(steps, sampler, eta, guidance): the options, else the config's defaults, checked against its schedule."""
+    steps = args.steps or cfg.sampling.steps
+    sampler = args.sampler or cfg.sampling.sampler
+    eta = cfg.sampling.eta if args.eta is None else args.eta
+    guidance = cfg.sampling.guidance_scale if args.guidance is None else args.guidance
+    if sampler == "plms" and eta != 0:
+        raise CLIError("--sampler plms is deterministic: use --eta 0")
+    Schedule.linear(cfg.linear_start, cfg.linear_end, cfg.timesteps).ddim(steps, eta)  # bad steps / eta: ValueError
+    return steps, sampler, eta, guidance
+
+
+def load_model(args: argparse.Namespace, cfg: RDMConfig | None, device: torch.device, dtype: torch.dtype) -> RDM:
+    """The model of --ckpt or --random-init; ``cfg``: its config if already known (else found while loading)."""
+    if args.random_init:
         torch.manual_seed(args.seed)
-        return RDM.from_config(args.config, device=device, dtype=dtype)
-    return RDM.from_pretrained(args.ckpt, args.config, device=device, dtype=dtype, use_ema=not args.no_ema,
-                               allow_pickle=args.allow_pickle)
+        return RDM.from_config(cfg, device=device, dtype=dtype)
+    return RDM.from_pretrained(args.ckpt, cfg or args.config, device=device, dtype=dtype,
+                               use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
+
+
+def seeded_generator(seed: int, *key: int) -> torch.Generator:
+    """A CPU generator for the stream (seed, *key), seeded through numpy's SeedSequence: distinct keys give
+    independent streams."""
+    state = np.random.SeedSequence([seed % 2**64, *key]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def start_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The start noise x_T of samples [start, stop), sample i's from the stream (seed, 0, i): the same for any
+    batching of the samples."""
+    return torch.stack([torch.randn(shape, generator=seeded_generator(seed, 0, i)) for i in range(start, stop)])
 
 
 def read_context_file(path: str, dim: int) -> torch.Tensor:
@@ -99,6 +156,8 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[1] == 0:
         raise CLIError(f"context file {file} holds shape {arr.shape}; expected (B, k, {dim}) or (k, {dim})")
+    if arr.shape[0] == 0:
+        raise CLIError(f"context file {file} holds no contexts (shape {arr.shape}): it needs at least one")
     if arr.shape[2] != dim:
         raise CLIError(f"context file {file} holds {arr.shape[2]}-d embeddings but the model expects {dim}-d "
                        "(its context_dim): use embeddings from the model's retrieval encoder")
@@ -144,16 +203,15 @@ class DatabaseContexts:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("n_samples", "batch_size", "steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if (args.text or args.image) and not args.db:
-        raise CLIError("--text and --image are queries into a database: add --db")
+    check_args(args)
+    cfg = known_config(args)
+    if cfg is not None:
+        sampling_settings(args, cfg)
     device, dtype = process_device(args.device), pick_dtype(args.bf16, args.fp16)
-    model = load_model(args, device, dtype)
+    model = load_model(args, cfg, device, dtype)
     cfg = model.config
-    generator = torch.Generator().manual_seed(args.seed)
+    steps, sampler, eta, guidance = sampling_settings(args, cfg)
+    generator = torch.Generator().manual_seed(args.seed)  # the --db pseudo-queries
     if args.context_file:
         contexts = read_context_file(args.context_file, cfg.context_dim)
         n = args.n_samples or contexts.shape[0]
@@ -168,15 +226,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CLIError(str(e)) from None
         n = args.n_samples or batch_contexts.n_default
         batch_contexts.prepare(n)
-    steps = args.steps or cfg.sampling.steps
-    sampler = args.sampler or cfg.sampling.sampler
-    eta = cfg.sampling.eta if args.eta is None else args.eta
-    guidance = cfg.sampling.guidance_scale if args.guidance is None else args.guidance
-    if args.db and not 0 < args.top_m <= 1:
-        raise CLIError(f"--top-m must be a fraction in (0, 1], got {args.top_m}")
-    model.schedule.ddim(steps, eta)  # validate before any work
-    if sampler == "plms" and eta != 0:
-        raise CLIError("--sampler plms is deterministic: use --eta 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log.info("sampling %d images: %s, %d steps, eta %g, guidance %g, %s on %s", n, sampler, steps, eta, guidance,
@@ -186,8 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.inference_mode(), tqdm(total=n, desc="images", unit="img") as bar:
         batch = batch_contexts(0, min(n, args.batch_size))
         for start in starts:
-            z = model.sample(batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance,
-                             generator=generator, cuda_graph=False if args.no_cuda_graph else None)
+            x_T = start_noise(args.seed, start, start + batch.shape[0], cfg.latent_shape)
+            if device.type == "cuda":  # copied without waiting for the queued retrieval
+                x_T = x_T.pin_memory().to(device, non_blocking=True)
+            z = model.sample(batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance, x_T=x_T,
+                             generator=seeded_generator(args.seed, 1, start),  # the DDIM noise of eta > 0
+                             cuda_graph=False if args.no_cuda_graph else None)
             images_gpu = model.decode(z)
             if start + args.batch_size < n:  # queue the next batch's retrieval before waiting for these images
                 batch = batch_contexts(start + args.batch_size, min(n, start + 2 * args.batch_size))
@@ -199,8 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_png(grid(np.concatenate(images)), out / "grid.png")
     run_info = {"ckpt": args.ckpt, "config": cfg.to_dict(), "n_samples": n, "steps": steps, "sampler": sampler,
                 "eta": eta, "guidance_scale": guidance, "seed": args.seed, "dtype": str(dtype),
-                "context_source": args.context_file or args.db, "text": args.text, "image": args.image,
-                "top_m": args.top_m if args.db and not (args.text or args.image) else None}
+                "batch_size": args.batch_size, "device": str(device), "no_ema": args.no_ema,
+                "random_init": args.random_init, "context_source": args.context_file or args.db, "text": args.text,
+                "image": args.image, "top_m": args.top_m if args.db and not (args.text or args.image) else None,
+                "args": vars(args)}  # the command line as given, for reproduction
     atomic_write_json(out / "run.json", run_info)
     log.info("wrote %d images and grid.png to %s", n, out)
     return 0

@@ -9,16 +9,18 @@ Gloo on CPUs).
 Every step's batch comes from (``--seed``, step) and every image's timestep and noise from (``--seed``, step,
 position in the global batch), on any device, so the run does not depend on how the global batch is split over
 processes and ``--accumulate`` micro-batches, and ``--resume`` continues exactly where a checkpoint left off
-(also on another number of processes, as long as the global batch stays the same). AdamW (PyTorch's defaults
+(also on another number of processes, as long as the global batch stays the same). A UNet with dropout draws
+its masks from torch's global generator, seeded before each micro-batch from (``--seed``, step, micro-batch,
+process): a resume with the same split stays exact, but the masks depend on the split. AdamW (PyTorch's defaults
 apart from ``--lr``, as the reference trains) updates float32 weights; ``--bf16``/``--fp16`` run the forward and
 backward passes under autocast (fp16 with loss scaling). An exponential moving average of the weights follows
 LitEma (decay min(0.9999, (1 + n) / (10 + n)) at update n). SIGTERM or a first Ctrl-C stops after the current
 step with a checkpoint.
 
-``--out`` receives ``checkpoints/step_XXXXXXX/`` (each written under a temporary name and renamed, the newest
-named in ``latest``): ``model.safetensors`` + ``config.json`` hold the EMA weights with the first stage, in
-rdm_fast's format (``python -m rdm_fast.sample --ckpt`` takes the directory, or the run's); the training
-weights, ``optimizer.pt`` and ``state.json`` let training resume. Also ``log.jsonl`` (loss, learning rate,
+``--out`` receives ``checkpoints/step_XXXXXXX/`` (each written under a temporary name, flushed to disk and
+renamed, the newest named in ``latest``): ``model.safetensors`` + ``config.json`` hold the EMA weights with the
+first stage, in rdm_fast's format (``python -m rdm_fast.sample --ckpt`` takes the directory, or the run's); the
+training weights, ``optimizer.pt`` and ``state.json`` let training resume. Also ``log.jsonl`` (loss, learning rate,
 images/s), ``run.json`` (the arguments) and ``samples/step_XXXXXXX.png`` (EMA samples of the first training
 contexts).
 """
@@ -31,9 +33,11 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import signal
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -48,9 +52,10 @@ from . import RDM
 from . import checkpoint as ckpt
 from ._cli import CLIError, run
 from ._distributed import Processes, process_device
-from ._files import atomic_write, atomic_write_json
+from ._files import atomic_write, atomic_write_json, fsync_path
 from .config import RDMConfig, preset_names
-from .data import TrainingContexts, TrainingImages, TrainingOrder, cached_moments, derived_seed, image_size
+from .data import (DRAWS, DROPOUT, TrainingContexts, TrainingImages, TrainingOrder, cached_moments, derived_seed,
+                   image_size)
 from .diffusion import eps_losses
 from .images import grid, save_png, to_uint8
 from .models.layers import official_names
@@ -62,6 +67,9 @@ LOG = "log.jsonl"
 STOPPED = 128 + int(signal.SIGTERM)  # exit status of a run stopped by a signal (with a checkpoint)
 STOP_CHECK_EVERY = 5  # steps between the processes' agreements on a stop request (one host synchronisation each)
 OPTIMIZER = "optimizer.pt"
+# how a run's random draws (batch order, noise, dropout) are derived from its seed; a run saved with other ones
+# cannot resume exactly (1: before the draws got purpose tags and dropout its seeds)
+DRAWS_VERSION = 2
 # what fixes the batches and draws of every step: a resumed run must keep these (the data by content) ...
 RESUME_KEYS = ("seed", "global_batch", "training_data")
 # ... and may change these (with a warning: the run is then not the one an uninterrupted run would be)
@@ -184,8 +192,8 @@ def build_model(args: argparse.Namespace) -> RDM:
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out: Path, step: int, model: RDM, ema: EMA, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, run_info: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step`` under a temporary name, rename it into place, point ``latest`` at it and remove
-    all but the newest ``keep`` checkpoints."""
+    """Write checkpoint ``step`` under a temporary name, flush it to disk, rename it into place, point ``latest``
+    at it and then remove all but the newest ``keep`` checkpoints (never this one)."""
     from safetensors.torch import save_file
 
     root = out / ckpt.RUN_CHECKPOINTS
@@ -202,32 +210,81 @@ def save_checkpoint(out: Path, step: int, model: RDM, ema: EMA, optimizer: torch
     atomic_write(tmp / OPTIMIZER, lambda f: torch.save({"optimizer": optimizer.state_dict(),
                                                          "scaler": scaler.state_dict()}, f))
     atomic_write_json(tmp / ckpt.TRAIN_STATE_FILE, {"step": step, "ema_updates": ema.updates, "run": run_info})
+    for file in tmp.iterdir():
+        fsync_path(file)
+    fsync_path(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_path(root)
     atomic_write(out / ckpt.RUN_LATEST, lambda f: Path(f).write_text(name + "\n"), fsync=True)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+    fsync_path(out)
+    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < name)
+    for old in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old)
     return final
 
 
+def remove_stale_checkpoints(out: Path, step: int) -> None:
+    """Remove the checkpoints after ``step``, where the run (re)starts, and temporary folders of killed writes:
+    a kill between a checkpoint's rename and the ``latest`` update, or a ``latest`` rolled back by hand, leaves
+    newer checkpoints that the continued run would otherwise keep instead of its own."""
+    root = out / ckpt.RUN_CHECKPOINTS
+    if not root.is_dir():
+        return
+    stale = sorted(root.glob(".step_*.tmp")) + sorted(p for p in root.glob("step_*") if p.name > f"step_{step:07d}")
+    for path in stale:
+        if path.is_dir():
+            log.warning("removing %s: the run continues from step %d", path, step)
+            shutil.rmtree(path)
+
+
 def load_checkpoint(path: Path, model: RDM, ema: EMA, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler) -> dict[str, Any]:
-    """Restore the training weights, EMA, optimizer and loss scaler of checkpoint ``path``; returns its state."""
-    from safetensors.torch import load_file
-
-    state = json.loads((path / ckpt.TRAIN_STATE_FILE).read_text())
+    """Restore the training weights, EMA, optimizer and loss scaler of checkpoint ``path``; returns its state.
+    CheckpointError, naming the file, for a missing, truncated or corrupt one."""
+    state = _read_state(path / ckpt.TRAIN_STATE_FILE)
     averaged, _ = ckpt.read_state_dict(path / ckpt.WEIGHTS_FILE)
     model.first_stage.load_state_dict({k[len("first_stage."):]: v for k, v in averaged.items()
                                        if k.startswith("first_stage.")})
-    model.unet.load_state_dict(load_file(str(path / ckpt.TRAIN_WEIGHTS_FILE)))
+    raw, _ = ckpt.read_state_dict(path / ckpt.TRAIN_WEIGHTS_FILE)
+    ckpt.match_state_dict(raw, {k: tuple(v.shape) for k, v in model.unet.state_dict().items()},
+                          str(path / ckpt.TRAIN_WEIGHTS_FILE))
+    model.unet.load_state_dict(raw)
     ema.load_state_dict({k[len("unet."):]: v for k, v in averaged.items() if k.startswith("unet.")},
                         state["ema_updates"])
-    saved = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    saved = _read_optimizer(path / OPTIMIZER)
     optimizer.load_state_dict(saved["optimizer"])
     if scaler.is_enabled() and saved["scaler"]:  # a run that was not fp16 has no loss scale to continue
         scaler.load_state_dict(saved["scaler"])
     return state
+
+
+def _unreadable(file: Path, e: Exception) -> ckpt.CheckpointError:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+    return ckpt.CheckpointError(f"{file} cannot be read ({why}): is the checkpoint truncated or corrupt?")
+
+
+def _read_state(file: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``: step, EMA updates and the run's settings."""
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _unreadable(file, e) from None
+    if not (isinstance(state, dict) and {"step", "ema_updates", "run"} <= state.keys()):
+        raise ckpt.CheckpointError(f"{file} lacks the step, EMA updates or run settings of a training checkpoint")
+    return state
+
+
+def _read_optimizer(file: Path) -> dict[str, Any]:
+    """A checkpoint's ``optimizer.pt``: the optimizer's and the loss scaler's states."""
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise _unreadable(file, e) from None
+    if not (isinstance(saved, dict) and {"optimizer", "scaler"} <= saved.keys()):
+        raise ckpt.CheckpointError(f"{file} does not hold an optimizer and loss scaler state")
+    return saved
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -246,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "directory, or its name in $RDM_FAST_HOME/databases")
     p.add_argument("--db", required=True, help="retrieval database the neighbours come from (directory or name)")
     p.add_argument("--neighbors", required=True, help="neighbour ids of every training entry (db neighbors)")
-    p.add_argument("--image-root", help="where the training images are now (default: the database's image_root)")
+    p.add_argument("--image-root", help="where the training images are now, if they have moved (without it: the "
+                                        "image_root recorded in the database)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, logs and samples")
     p.add_argument("--latents", help="directory of the first stage's outputs for every training image, made on first "
                                      "use (all processes share the work) and reused: no image decoding or encoder "
@@ -259,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (PyTorch's default)")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="decay of the weights' moving average: min(this, (1 + n) / (10 + n)) at update n (LitEma)")
     p.add_argument("--cond-drop", type=float, default=0.0,
                    help="probability of training on the all-zero (unconditional) context; the released models: 0")
     prec = p.add_mutually_exclusive_group()
@@ -273,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--preview", type=int, default=8, help="EMA samples drawn at each checkpoint (0: none)")
     p.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the batch order, the noise and dropout draws and a new UNet's weights")
     p.add_argument("--device", default="auto", help="auto (this process's GPU, else the CPU), cpu or cuda")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")
@@ -288,6 +348,11 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("warmup", "preview", "workers"):
         if getattr(args, name) < 0:
             raise CLIError(f"--{name} must be at least 0, got {getattr(args, name)}")
+    for name in ("lr", "weight_decay", "grad_clip", "cond_drop", "ema_decay"):
+        if not math.isfinite(getattr(args, name)):
+            raise CLIError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise CLIError(f"--seed must be in [0, 2**63), got {args.seed}")
     if not args.lr > 0 or args.weight_decay < 0 or args.grad_clip < 0:
         raise CLIError("--lr must be positive, --weight-decay and --grad-clip non-negative")
     if not 0 <= args.cond_drop < 1:
@@ -310,7 +375,7 @@ def sample_draws(seed: int, step: int, rows: range, model: RDM, device: torch.de
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     t, noise, posterior, drop = [], [], [], []
     for row in rows:
-        gen = torch.Generator().manual_seed(derived_seed(seed, step, row))
+        gen = torch.Generator().manual_seed(derived_seed(seed, DRAWS, step, row))
         t.append(torch.randint(0, model.schedule.num_timesteps, (), generator=gen))
         noise.append(torch.randn(shape, generator=gen))
         posterior.append(torch.randn(shape, generator=gen))
@@ -370,9 +435,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     images = TrainingImages(contexts.training, image_size(cfg), args.image_root)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     global_batch = args.batch_size * procs.world * args.accumulate
-    run_info = {"seed": args.seed, "global_batch": global_batch, "lr": args.lr, "weight_decay": args.weight_decay,
-                "warmup": args.warmup, "cond_drop": args.cond_drop, "grad_clip": args.grad_clip,
-                "ema_decay": args.ema_decay, "precision": precision,
+    run_info = {"draws": DRAWS_VERSION, "seed": args.seed, "global_batch": global_batch, "lr": args.lr,
+                "weight_decay": args.weight_decay, "warmup": args.warmup, "cond_drop": args.cond_drop,
+                "grad_clip": args.grad_clip, "ema_decay": args.ema_decay, "precision": precision,
                 "training_db": str(Path(args.training_db).resolve()), "db": str(Path(args.db).resolve()),
                 "neighbors": str(Path(args.neighbors).resolve()), "training_data": contexts.digest(),
                 "cached_moments": args.latents is not None,
@@ -386,6 +451,10 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, ema, optimizer, scaler)
         before = state["run"]
+        if before.get("draws") != DRAWS_VERSION:
+            raise CLIError(f"--resume: {resume_from} was saved by an older rdm_fast, whose random draws (batch "
+                           "order, noise, dropout) differ from this version's, so the run cannot continue exactly: "
+                           f"start a new --out (e.g. --init {resume_from})")
         changed = [f"{k} {before.get(k)!r} -> {run_info[k]!r}" for k in RESUME_KEYS if before.get(k) != run_info[k]]
         if changed:
             raise CLIError(f"--resume: the run in {out} was made with other data or draws: {'; '.join(changed)}")
@@ -404,6 +473,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "run.json", {**run_info, "args": vars(args)})
         _truncate_log(out / LOG, start)
+        remove_stale_checkpoints(out, start)
 
     examples = images if args.latents is None else cached_moments(
         args.latents, model, images, procs, device, batch_size=args.batch_size, workers=args.workers,
@@ -452,6 +522,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                         pixels = batch["pixels"].to(device, non_blocking=True).float() / 127.5 - 1.0
                         x0 = model.encode(pixels, noise=draws["posterior"])
                 sync = contextlib.nullcontext() if micro == args.accumulate - 1 or ddp is unet else ddp.no_sync()
+                # dropout draws from the global generators (CPU and CUDA): seeded per micro-batch and process, so a
+                # resumed run draws the masks an uninterrupted one does and processes draw different ones
+                torch.manual_seed(derived_seed(args.seed, DROPOUT, step, micro * procs.world + procs.rank))
                 with sync:
                     with autocast:
                         losses = eps_losses(forward, model.schedule, x0, context, draws["t"], draws["noise"])
@@ -477,8 +550,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                           "images_per_s": (done - ticked) * global_batch / (now - tick),
                           "unreadable": int(procs.all_sum(torch.tensor([unreadable], device=device)).item())}
                 if not math.isfinite(record["loss"]):
-                    raise RuntimeError(f"the loss is {record['loss']} at step {done}: lower --lr, or train in bf16 "
-                                       "instead of fp16")
+                    advice = "train in bf16 (--bf16) instead of fp16" if args.fp16 else "add --warmup or --grad-clip"
+                    raise CLIError(f"the loss is {record['loss']} at step {done} ({precision}): lower --lr, or "
+                                   f"{advice}")
                 loss_sum.zero_()
                 unreadable, tick, ticked = 0, now, done
                 if procs.main:
@@ -508,10 +582,25 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
 
 
 def _truncate_log(file: Path, step: int) -> None:
-    """Keep the log lines of steps up to ``step`` (what a resumed run repeats goes; a fresh run starts empty)."""
+    """Keep the log lines of steps up to ``step`` (what a resumed run repeats goes; a fresh run starts empty).
+    Lines that do not parse (a line half-written when the run was killed, NUL padding after a crash) go, with
+    a warning."""
     if not file.exists():
         return
-    kept = [line for line in file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept, dropped = [], 0
+    for line in file.read_bytes().decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            keep = record["step"] <= step
+        except (ValueError, TypeError, KeyError):
+            dropped += 1
+            continue
+        if keep:
+            kept.append(line)
+    if dropped:
+        log.warning("%s: dropping %d unreadable lines (a run killed while writing?)", file, dropped)
     atomic_write(file, lambda f: Path(f).write_text("".join(line + "\n" for line in kept)))
 
 

@@ -130,6 +130,35 @@ def test_raw_weights_without_ema(tmp_path, tiny_official):
     assert all(torch.equal(got[k], full[k]) for k in full)
 
 
+def training_checkpoint(directory: Path) -> tuple[dict, dict]:
+    """A checkpoint laid out as ``rdm_fast.train`` writes one: model.safetensors with the EMA UNet and the first
+    stage, train_weights.safetensors with the raw UNet, state.json. Returns (EMA UNet state, raw UNet state)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = RDM.from_config("tiny")
+    ema = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    raw = {k: v + 0.01 if v.is_floating_point() else v for k, v in ema.items()}
+    model.save_pretrained(directory)
+    save_file(raw, directory / ckpt.TRAIN_WEIGHTS_FILE)
+    (directory / ckpt.TRAIN_STATE_FILE).write_text(json.dumps({"step": 7, "ema_updates": 7, "run": {}}))
+    return ema, raw
+
+
+def test_no_ema_loads_a_training_checkpoints_raw_weights(tmp_path):
+    ema, raw = training_checkpoint(tmp_path / "ck")
+    for use_ema, expected in ((True, ema), (False, raw)):
+        got = RDM.from_pretrained(tmp_path / "ck", use_ema=use_ema).unet.state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    # an rdm_fast file without training weights beside it has one set: a warning, not a silent no-op
+    RDM.from_pretrained(tmp_path / "ck").save_pretrained(tmp_path / "plain")
+    with pytest.warns(UserWarning, match="holds one set of UNet weights .* no train_weights.safetensors beside it"):
+        RDM.from_pretrained(tmp_path / "plain", use_ema=False)
+    (tmp_path / "ck" / ckpt.TRAIN_WEIGHTS_FILE).write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="train_weights.safetensors is not a readable safetensors file"):
+        RDM.from_pretrained(tmp_path / "ck", use_ema=False)
+
+
 def test_config_inferred_from_yaml_beside_or_tensors(tmp_path, tiny_official):
     path, _ = official_file(tmp_path, tiny_official)
     assert RDM.from_pretrained(path).config == RDMConfig.preset("tiny")  # by matching tensors to a preset
@@ -164,6 +193,21 @@ def test_missing_and_misshaped_tensors_are_listed(tmp_path, tiny_official):
     msg = str(e.value)
     assert "missing 1 tensors: model.diffusion_model.out.2.bias" in msg
     assert "first_stage_model.decoder.conv_in.weight (7, 4, 3, 3) (model: (64, 4, 3, 3))" in msg
+
+
+def test_mismatch_message_is_one_line_and_keeps_the_lists(tmp_path, tiny_official):
+    _, full, _, _ = tiny_official
+    torch.save(full, tmp_path / "m.ckpt")
+    with pytest.raises(ckpt.StateDictMismatch) as e:
+        RDM.from_pretrained(tmp_path / "m.ckpt", "imagenet")
+    msg = str(e.value)
+    assert "\n" not in msg and isinstance(e.value, ckpt.CheckpointError)
+    expected = {k: tuple(v.shape) for k, v in meta_model("imagenet").official_state_dict().items()}
+    missing = [k for k in expected if k not in full]
+    assert e.value.missing == missing and len(missing) > 3
+    assert f"missing {len(missing)} tensors: {', '.join(missing[:3])}, ... ({len(missing) - 3} more)" in msg
+    assert len(e.value.mismatched) == sum(k in full and tuple(full[k].shape) != s for k, s in expected.items())
+    assert f"{len(e.value.mismatched)} tensors of the wrong shape: {e.value.mismatched[0]}" in msg
 
 
 def test_wrong_config_is_reported(tmp_path, tiny_official):

@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from rdm_fast import RDM
+from rdm_fast import checkpoint as ckpt
 from rdm_fast import convert, sample
 from rdm_fast._cli import run
 from rdm_fast.retrieval.database import save_proposals, write_database
@@ -87,13 +88,16 @@ def bad_npy(tmp_path, array) -> str:
     (lambda d: bad_npy(d, np.zeros((3, 64), np.int64)), "must hold a float array"),
     (lambda d: bad_npy(d, np.full((3, 64), np.nan, np.float32)), "NaN or infinite"),
     (lambda d: (d / "text.npy").write_text("hello") and str(d / "text.npy"), "not a readable .npy array"),
+    (lambda d: bad_npy(d, np.zeros((0, 4, 64), np.float32)), r"holds no contexts \(shape \(0, 4, 64\)\)"),
 ])
-def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message):
+@pytest.mark.parametrize("n_samples", [[], ["--n-samples", "3"]])
+def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message, n_samples):
     code = cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", make(tmp_path), "--out",
-               str(tmp_path / "o"))
+               str(tmp_path / "o"), *n_samples)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
     assert re.search(message, err), err
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("args,message", [
@@ -104,7 +108,11 @@ def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message):
     (["--ckpt", "{d}/model", "--steps", "999"], "steps must be between 1 and 500"),
     (["--ckpt", "{d}/model", "--n-samples", "0"], "--n-samples must be at least 1"),
     (["--ckpt", "{d}/model", "--sampler", "plms", "--eta", "0.5"], "plms is deterministic"),
-    (["--ckpt", "{d}/model", "--config", "imagenet"], "does not match the model configuration"),
+    (["--ckpt", "{d}/model", "--eta", "3"], (r"eta = 3 is too large for 20 steps .*: the DDIM update needs "
+                                             r"eta <= 1.0166$")),
+    (["--ckpt", "{d}/model", "--config", "imagenet"],
+     (r"does not match the model configuration \(missing \d+ tensors: .*, \.\.\. \(\d+ more\); \d+ tensors "
+      r"of the wrong shape: .*\); is the config right")),
     (["--ckpt", "{d}/model", "--device", "cuda:0"] if not torch.cuda.is_available() else
      ["--ckpt", "{d}/model", "--config", "nonexistent"], "no CUDA GPU|neither a preset"),
 ])
@@ -113,9 +121,74 @@ def test_sample_errors(tiny_dir, tmp_path, capsys, args, message):
     if "--db" not in argv:
         argv += ["--context-file", str(tiny_dir / "ctx.npy")]
     code = cli(sample, *argv, "--out", str(tmp_path / "o"))
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ckpt", "{d}/nope.ckpt", "--db", "{d}/nope", "--top-m", "5"], r"--top-m must be a fraction in \(0, 1\]"),
+    (["--ckpt", "{d}/nope.ckpt", "--context-file", "x.npy", "--eta", "-1"], "--eta must be >= 0"),
+    (["--ckpt", "{d}/nope.ckpt", "--context-file", "x.npy", "--steps", "0"], "--steps must be at least 1"),
+    (["--ckpt", "{d}/model", "--context-file", "x.npy", "--steps", "999"], "steps must be between 1 and 500"),
+    (["--ckpt", "{d}/model", "--context-file", "x.npy", "--eta", "1.5"], "eta = 1.5 is too large"),
+    (["--random-init", "--config", "tiny", "--context-file", "x.npy", "--eta", "2"], "eta = 2 is too large"),
+])
+def test_bad_options_fail_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, args, message):
+    """Option checks come before the model is loaded and the database or context file is read: a checkpoint
+    that does not exist, or one whose config its header gives, is not read."""
+    def never(*a, **k):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(sample, "load_model", never)
+    monkeypatch.setattr(sample.Database, "open", never)
+    monkeypatch.setattr(sample, "read_context_file", never)
+    code = cli(sample, *[a.format(d=tiny_dir) for a in args], "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and re.search(message, err), err
+
+
+def test_start_noise_and_images_do_not_depend_on_the_batch_size(tiny_dir, tmp_path, monkeypatch):
+    """Sample i starts from noise seeded by (seed, i): --batch-size 2 and 5 draw the same start noise and, at
+    eta 0, the same latents (to float rounding of the batched convolutions) and images."""
+    calls = []
+    real = RDM.sample
+
+    def spy(self, context, **kw):
+        z = real(self, context, **kw)
+        calls.append((kw["x_T"], z))
+        return z
+
+    monkeypatch.setattr(RDM, "sample", spy)
+    runs = {}
+    for b in (2, 5):
+        calls.clear()
+        assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),
+                   "--out", str(tmp_path / str(b)), "--steps", "4", "--n-samples", "5", "--batch-size", str(b),
+                   "--seed", "3") == 0
+        runs[b] = [torch.cat(t) for t in zip(*calls)]
+    assert len(calls) == 1 and torch.equal(runs[2][0], runs[5][0])
+    torch.testing.assert_close(runs[2][1], runs[5][1], rtol=1e-4, atol=1e-4)
+    for i in range(5):
+        a, b = (np.asarray(Image.open(tmp_path / d / f"sample_{i:05d}.png"), dtype=int) for d in ("2", "5"))
+        assert np.abs(a - b).max() <= 1
+    info = json.loads((tmp_path / "5" / "run.json").read_text())
+    assert (info["batch_size"], info["device"], info["no_ema"], info["random_init"]) == (5, "cpu", False, False)
+    assert info["args"]["batch_size"] == 5 and info["args"]["no_cuda_graph"] is False
+
+
+@pytest.mark.parametrize("module,shown", [
+    (sample, ["(default: 8)", "(default: 0.01)", "cuda:N (default: auto)", "(default: 0)",
+              "--steps STEPS sampling steps (default: the config's sampling.steps) --sampler"]),
+    (convert, ["(default: fp32)", "(default: rdm_fast)"]),
+])
+def test_help_shows_each_default_once(module, shown, capsys):
+    """Hand-written defaults are not followed by argparse's "(default: None)"; unset options and flags show none."""
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert all(text.count(s) == 1 for s in shown), text
 
 
 def test_db_too_small_wrong_dim_and_encoder(tiny_dir, tmp_path, capsys):
@@ -169,6 +242,33 @@ def test_convert(tmp_path, tiny_official, capsys):
     torch.testing.assert_close(got, full["model.diffusion_model.out.2.weight"].half().float())
     assert cli(convert, str(tmp_path / "nothing.ckpt"), "--out", str(tmp_path / "x")) == 2
     assert "nothing.ckpt does not exist" in capsys.readouterr().err
+
+
+def test_convert_training_checkpoints(tmp_path, capsys):
+    """--no-ema takes a training checkpoint's raw UNet; --to official stores raw and EMA weights and refuses a
+    checkpoint whose state.json lacks the EMA update count or whose training weights are unreadable."""
+    from test_checkpoint import training_checkpoint
+
+    ema, raw = training_checkpoint(tmp_path / "ck")
+    assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "raw"), "--no-ema") == 0
+    got = RDM.from_pretrained(tmp_path / "raw").unet.state_dict()
+    assert all(torch.equal(got[k], raw[k]) for k in raw)
+    assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "off"), "--to", "official") == 0
+    state = torch.load(tmp_path / "off" / "model.ckpt", weights_only=True)["state_dict"]
+    names = RDM.from_pretrained(tmp_path / "ck").unet.official_names()
+    k, off = next((k, v) for k, v in names.items() if raw[k].is_floating_point())
+    assert torch.equal(state[ckpt.UNET_PREFIX + off], raw[k]) and torch.equal(state[ckpt.ema_name(off)], ema[k])
+    assert int(state["model_ema.num_updates"]) == 7
+    (tmp_path / "ck" / ckpt.TRAIN_STATE_FILE).write_text(json.dumps({"step": 7}))
+    assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "x"), "--to", "official") == 2
+    assert capsys.readouterr().err.strip().endswith("state.json records no ema_updates: is it a checkpoint of "
+                                                    "python -m rdm_fast.train?")
+    (tmp_path / "ck" / ckpt.TRAIN_STATE_FILE).write_text(json.dumps({"step": 7, "ema_updates": 7}))
+    (tmp_path / "ck" / ckpt.TRAIN_WEIGHTS_FILE).write_bytes(b"garbage")
+    for extra in (["--to", "official"], ["--no-ema"]):
+        assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "x"), *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "train_weights.safetensors is not a readable safetensors file" in err
 
 
 def test_entry_point_prints_no_traceback(tmp_path):

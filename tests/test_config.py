@@ -167,3 +167,100 @@ def test_conventions_of_the_released_families():
     assert (imagenet.sampling.steps, imagenet.sampling.guidance_scale) == (100, 2.0)
     assert (rdm768.sampling.steps, rdm768.sampling.guidance_scale) == (50, 5.0)
     assert imagenet.first_stage_config.kind == "vq" and rdm768.first_stage_config.kind == "kl"
+
+
+# The official ImageNet RDM config (CompVis retrieval-augmented-diffusion-models, models/rdm/imagenet): the
+# reference's own model class, conditioning_key retro_only, and none of rdm_fast's sampling/retrieval fields.
+OFFICIAL_IMAGENET = """
+model:
+  base_learning_rate: 0.0001
+  target: rdm.models.diffusion.ddpm.MinimalRETRODiffusion
+  params:
+    k_nn: 4
+    query_key: clip_img_emb
+    linear_start: 0.0015
+    linear_end: 0.0195
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: image
+    cond_stage_key: nixda
+    image_size: 64
+    channels: 3
+    cond_stage_trainable: false
+    nn_key: nn_embeddings
+    nn_memory: nn_memory/oi_imagenet.p
+    conditioning_key: retro_only
+    monitor: val/loss_simple_ema
+    scale_by_std: false
+    ignore_keys: ['unconditional_guidance_vex']
+    unet_config:
+      target: rdm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 64
+        in_channels: 3
+        out_channels: 3
+        model_channels: 192
+        attention_resolutions: [8, 4, 2]
+        num_res_blocks: 2
+        channel_mult: [1, 2, 3, 5]
+        use_scale_shift_norm: false
+        resblock_updown: false
+        num_head_channels: 32
+        use_spatial_transformer: true
+        transformer_depth: 1
+        context_dim: 512
+        use_checkpoint: true
+    first_stage_config:
+      target: ldm.models.autoencoder.VQModelInterface
+      params:
+        embed_dim: 3
+        n_embed: 8192
+        ddconfig: {double_z: false, z_channels: 3, resolution: 256, in_channels: 3, out_ch: 3, ch: 128,
+                   ch_mult: [1, 2, 4], num_res_blocks: 2, attn_resolutions: [], dropout: 0.0}
+        lossconfig: {target: torch.nn.Identity}
+    retrieval_encoder_cfg: {target: torch.nn.Identity}
+    cond_stage_config: __is_unconditional__
+"""
+
+
+def test_official_imagenet_config_with_retro_only(tmp_path, caplog):
+    """retro_only (the neighbours alone as cross-attention context) is the released ImageNet model's key; the
+    fields rdm_fast adds come from the imagenet preset, which the file's architecture matches."""
+    path = tmp_path / "config.yaml"
+    path.write_text(OFFICIAL_IMAGENET)
+    with caplog.at_level("INFO", logger="rdm_fast.config"):
+        cfg = RDMConfig.from_yaml(path)
+    assert cfg == RDMConfig.preset("imagenet")
+    assert (cfg.k_nn, cfg.text_token, cfg.normalized_embeddings, cfg.retrieval_encoder) == (4, False, False,
+                                                                                           "clip-vit-b-32")
+    assert (cfg.sampling.steps, cfg.sampling.guidance_scale) == (100, 2.0)
+    assert "lacks text_token, normalized_embeddings, retrieval_encoder, sampling: taken from the 'imagenet'" \
+        in caplog.text
+
+
+def test_official_768_config_takes_the_rdm768_conventions(caplog):
+    with caplog.at_level("INFO", logger="rdm_fast.config"):
+        cfg = RDMConfig.from_dict(yaml.safe_load(OFFICIAL_768))
+    preset = RDMConfig.preset("rdm768")
+    assert (cfg.k_nn, cfg.text_token, cfg.normalized_embeddings, cfg.retrieval_encoder) == (10, True, True,
+                                                                                           "clip-vit-l-14")
+    assert cfg.sampling == preset.sampling and cfg.sampling.guidance_scale == 5.0
+    assert "taken from the 'rdm768' preset" in caplog.text
+    # a field the file sets is kept
+    assert RDMConfig.from_dict(edited(k_nn=20)).k_nn == 20
+
+
+def test_own_fields_without_a_matching_preset_keep_defaults(caplog):
+    with caplog.at_level("INFO", logger="rdm_fast.config"):
+        cfg = RDMConfig.from_dict(edited(unet_config__model_channels=256))
+    assert (cfg.k_nn, cfg.text_token, cfg.normalized_embeddings, cfg.retrieval_encoder) == (4, False, False, None)
+    warning = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and "lacks k_nn, text_token, normalized_embeddings, retrieval_encoder, sampling" \
+        in warning[0].getMessage()
+
+
+def test_unsupported_conditioning_key_message():
+    with pytest.raises(ConfigError, match=r"conditioning_key = 'hybrid' is not supported: .*cross-attention "
+                                          r"context \('crossattn' or 'retro_only'\)"):
+        RDMConfig.from_dict(edited(conditioning_key="hybrid"))

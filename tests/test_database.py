@@ -59,7 +59,7 @@ register_encoder("tiny-test", tiny_encoder, replace=True)
 
 from rdm_fast.retrieval import (Database, compute_neighbors, proposal_ranking, save_proposals,  # noqa: E402
                                 write_database)
-from rdm_fast.retrieval.search import topk_lowest_id  # noqa: E402
+from rdm_fast.retrieval.search import exact_search, topk_lowest_id  # noqa: E402
 
 INFO = {"name": "tiny-test", "dim": 16, "normalized": False}
 
@@ -371,3 +371,57 @@ def test_proposal_ranking_and_top_m(tmp_path, data):
     with pytest.raises(ValueError) as e:
         db.proposals(0)
     assert "fraction" in one_line(e)
+
+
+def test_non_finite_embeddings_are_refused(tmp_path, data):
+    """NaN, Inf and float32 values beyond float16's range (inf after the cast) never reach a shard."""
+    for bad in (np.nan, np.inf, 70000.0):
+        emb = data[0].copy()
+        emb[29, 3] = bad
+        with pytest.raises(ValueError) as e:
+            write_database(tmp_path / f"bad{bad}", emb, INFO, shard_size=13)
+        assert "embeddings row 29" in one_line(e) and "not finite" in str(e.value)
+    assert write_database(tmp_path / "edge", np.full((2, 16), 65504.0), INFO)  # the largest float16 is fine
+
+
+def test_exact_search_ranks_nan_scores_last():
+    stored = np.random.default_rng(2).standard_normal((12, 16)).astype(np.float32)
+    stored[[0, 5]] = np.nan  # e.g. a database written before non-finite rows were refused
+    queries = torch.from_numpy(stored[[3, 7]].copy())
+    scores, ids = exact_search(queries, [stored[:7], stored[7:]], 12, chunk=4)
+    finite = np.array([i for i in range(12) if i not in (0, 5)])
+    np.testing.assert_array_equal(ids[:, :10].numpy(), finite[brute_force(stored[finite], queries.numpy(), 10)[1]])
+    assert ids[:, 10:].tolist() == [[0, 5], [0, 5]] and torch.isneginf(scores[:, 10:]).all()
+    _, idx = topk_lowest_id(torch.tensor([[0.1, float("nan"), 0.3, float("-inf")]]), 3)
+    assert idx.tolist() == [[2, 0, 1]]
+
+
+def test_write_database_checks_metadata_lengths_first(tmp_path, data):
+    emb = data[0]
+    for kwargs, expect in [({"sources": ["a"] * 49}, "sources has 49 values, expected 50"),
+                           ({"class_ids": np.zeros(51)}, "class_ids has 51 values, expected 50"),
+                           ({"patch_coords": np.zeros((50, 3))}, "patch_coords has 150 values, expected 100")]:
+        with pytest.raises(ValueError) as e:
+            write_database(tmp_path / "db", emb, INFO, **kwargs)
+        assert expect in one_line(e)
+        assert not (tmp_path / "db").exists()
+
+
+def test_k_must_be_an_integer(db_dir):
+    db = Database.open(db_dir, device="cpu")
+    for k in (2.0, True, "3"):
+        with pytest.raises(TypeError, match="k must be an integer"):
+            db.search(torch.randn(2, 16), k)
+    assert db.search(torch.randn(2, 16), np.int64(3))[1].shape == (2, 3)
+
+
+def test_open_file_and_unreadable_proposals(tmp_path, db_dir):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError) as e:
+        Database.open(tmp_path / "afile")
+    assert "is a file, not a database directory" in one_line(e)
+    save_proposals(db_dir, np.arange(50), np.zeros(50), queries=1, k=1)
+    (db_dir / "proposals.npy").write_bytes((db_dir / "proposals.npy").read_bytes()[:100])
+    with pytest.raises(ValueError) as e:
+        Database.open(db_dir, device="cpu").proposal_ranking()
+    assert "proposals.npy is not a readable .npy array" in one_line(e)

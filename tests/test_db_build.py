@@ -331,3 +331,59 @@ def test_import_streams_rows(tmp_path, compressed):
         tracemalloc.stop()
     assert peak < 0.5 * n * dim * 4, peak
     assert len(Database.open(tmp_path / "db", device="cpu")) == n
+
+
+def test_import_npz_refuses_non_finite_rows_and_repeated_parts(parts, tmp_path):
+    files, _ = parts
+    rng = np.random.default_rng(3)
+    emb = rng.standard_normal((9, 16)).astype(np.float32)
+    emb[6, 2] = 1e5  # beyond float16: inf after the cast
+    np.savez(tmp_path / "9x16-part_2.npz", embedding=emb, img_id=np.arange(9), patch_coords=np.zeros((9, 2)))
+    with pytest.raises(ValueError, match=r"9x16-part_2.npz embedding row 6: the embedding is not finite"):
+        import_npz([tmp_path / "9x16-part_2.npz"], tmp_path / "a", INFO, shard_size=4, progress=False)
+    with pytest.raises(ValueError, match="30x16-part_0.npz is given more than once"):
+        import_npz([files[0], files[1], tmp_path / ".." / tmp_path.name / files[0].name], tmp_path / "b", INFO,
+                   progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_load_rgb_reduces_high_bit_depth_grayscale(tmp_path, mode):
+    """A 16-bit grayscale PNG (and 32-bit integer / float TIFFs) keep their gradient instead of turning white."""
+    from rdm_fast.retrieval.build import load_rgb
+
+    ramp = np.linspace(0, 65535, 8 * 64).astype(np.uint16).reshape(8, 64)
+    if mode == "I;16":
+        img, path, expect = Image.fromarray(ramp), tmp_path / "g.png", ramp >> 8
+    elif mode == "I":
+        img, path, expect = Image.fromarray(ramp.astype(np.int32), "I"), tmp_path / "g.tif", ramp >> 8
+    else:
+        img, path, expect = (Image.fromarray((ramp / 65535).astype(np.float32), "F"), tmp_path / "g.tif",
+                             np.round(ramp / 65535 * 255))
+    img.save(path)
+    assert Image.open(path).mode == mode
+    rgb = np.asarray(load_rgb(path))
+    assert rgb.shape == (8, 64, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb, np.repeat(expect[..., None], 3, 2))
+
+
+def test_list_class_from_folder_gives_files_beside_the_list_no_class(tmp_path):
+    rng = np.random.default_rng(4)
+    (tmp_path / "cats").mkdir()
+    for name in ("cats/a.png", "b.png"):
+        Image.fromarray(_noise(rng, 32, 32)).save(tmp_path / name)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"cats/a.png\nb.png\n{tmp_path / 'b.png'}\n")
+    db = Database.open(build_database(tmp_path / "db", encoder=TinyEncoder(), image_list=lst, crop_size=32,
+                                      workers=0, device="cpu", class_from_folder=True, progress=False), device="cpu")
+    assert db.manifest["class_names"] == ["cats"] and db.class_ids(torch.arange(3)).tolist() == [0, -1, -1]
+
+
+def test_bad_factory_and_device(tmp_path):
+    from rdm_fast.retrieval import resolve_encoder
+
+    with pytest.raises(ValueError, match=r"getcwd must be a factory callable as getcwd\(device=\.\.\."):
+        resolve_encoder("os:getcwd")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"unknown device 'gpu': expected auto, cpu, cuda or cuda:N"):
+        build_database(tmp_path / "db", encoder=TinyEncoder(), images=tmp_path, device="gpu")

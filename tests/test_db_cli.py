@@ -42,15 +42,19 @@ def built(tmp_path_factory):
     return root
 
 
-def test_info(built, capsys):
+def test_info(built, tmp_path, capsys):
     assert cli("info", str(built / "db"), "--verify") == 0
     out = capsys.readouterr().out
     for expect in ("entries    10 x 16 float16", "encoder    tiny-test (16-d, not normalised)",
                    "shards     3 (2-4 rows each)", "sources, class ids, patch coords", "index      none",
-                   "proposals  none", "skipped    0 unreadable inputs", "verified"):
+                   "proposals  none", "skipped    0 unreadable inputs",
+                   "verified   every shard's embeddings and metadata match their SHA-256"):
         assert expect in out, expect
     assert cli("info", str(built / "db"), "--json") == 0
     assert json.loads(capsys.readouterr().out)["count"] == 10
+    plain = write_database(tmp_path / "plain", np.ones((3, 16)), INFO)
+    assert cli("info", str(plain)) == 0
+    assert "\nmetadata   none\n" in capsys.readouterr().out
 
 
 def _rows(out: str) -> list[list[str]]:
@@ -131,6 +135,37 @@ def test_import_npz_cli(tmp_path, capsys):
     assert db.sources(torch.tensor([0, 20])) == ["100", "120"] and not db.manifest["has_class_ids"]
 
 
+@pytest.mark.parametrize("crop", ["random", "none"])
+def test_contact_sheet_tiles_replay_the_build_crop(tmp_path, capsys, caplog, crop):
+    """Each tile shows the crop that was embedded: a random crop of an image smaller than the crop size is
+    taken from the upscaled image, crop mode none squashes the whole image; an unreadable image is grey."""
+    from rdm_fast.retrieval.build import load_rgb, make_crops, replay_crop
+
+    rng = np.random.default_rng(6)
+    Image.fromarray(rng.integers(0, 256, (24, 20, 3), np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), np.uint8)).save(tmp_path / "wide.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    corners = {"small.png": (0, 5), "wide.png": (7, 3), "broken.png": (0, 0)}
+    names = list(corners)
+    path = write_database(tmp_path / "db", rng.standard_normal((3, 16)), INFO, sources=names,
+                          patch_coords=np.array(list(corners.values())) if crop == "random" else None,
+                          image_root=str(tmp_path), build={"crop": crop, "crop_size": 32})
+    sheet = tmp_path / "sheet.png"
+    assert cli("search", str(path), "--text", "x", "--k", "3", "--device", "cpu", "--contact-sheet", str(sheet)) == 0
+    assert "broken.png cannot be shown" in caplog.text
+    png = np.asarray(Image.open(sheet).convert("RGB"))
+    for r, row in enumerate(_rows(capsys.readouterr().out)):
+        tile = png[4:4 + 128, 4 + r * 132:4 + r * 132 + 128]  # 3 tiles in a row, 4 px apart
+        name = row[3]
+        if name == "broken.png":
+            assert (tile == 200).all()
+            continue
+        xy = corners[name] if crop == "random" else None
+        crop_px = replay_crop(load_rgb(tmp_path / name), crop, 32, xy)
+        expect = make_crops(Image.fromarray(crop_px), "center", 128, 1, np.random.default_rng(0))[0][0]
+        np.testing.assert_array_equal(tile, expect)
+
+
 def _error(capsys, *argv: str) -> str:
     assert cli(*argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -171,6 +206,40 @@ def test_one_line_errors(built, tmp_path, capsys):
     assert "exclude_self applies only" in _error(capsys, "neighbors", db, "--queries", str(other), "--k", "2",
                                                  "--exclude-self", "--out", str(tmp_path / "x.npz"))
     assert "must end in .npz" in _error(capsys, "neighbors", db, "--k", "2", "--out", str(tmp_path / "x.txt"))
+    for command in (["search", db, "--text", "x"], ["neighbors", db, "--k", "2", "--out", str(tmp_path / "x.npz")],
+                    ["build", "--images", str(built / "images"), "--encoder", SPEC, "--out", str(tmp_path / "g")]):
+        assert "unknown device 'gpu'" in _error(capsys, *command, "--device", "gpu")
+    assert "--contact-sheet " + str(tmp_path) + " is a directory" in _error(
+        capsys, "search", db, "--text", "x", "--contact-sheet", str(tmp_path))
+    assert "getcwd must be a factory callable as getcwd(device=..., checkpoint=..., pretrained=...)" in _error(
+        capsys, "build", "--images", str(built / "images"), "--encoder", "os:getcwd", "--out", str(tmp_path / "f"))
+    assert "is a file, not a database directory" in _error(capsys, "info", str(tmp_path / "8d-part_0.npz"))
+    assert "is given more than once" in _error(capsys, "import-npz", str(tmp_path / "8d-part_0.npz"),
+                                               str(tmp_path / "8d-part_0.npz"), "--out", str(tmp_path / "i2"),
+                                               "--encoder", SPEC)
+
+
+def test_neighbors_checks_outputs_and_queries_first(built, tmp_path, capsys):
+    """Bad output paths and an empty query database fail before the search, leaving the database as it was."""
+    work = tmp_path / "db"
+    shutil.copytree(built / "db", work)
+    assert cli("neighbors", str(work), "--k", "2", "--out", str(tmp_path / "new" / "dir" / "nb.npz"),
+               "--device", "cpu", "--no-progress") == 0  # a missing output folder is created
+    assert (tmp_path / "new" / "dir" / "nb.npz").is_file()
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    (tmp_path / "top.npy").mkdir()
+    assert "--top-m-out " + str(tmp_path / "top.npy") + " is a directory" in _error(
+        capsys, "neighbors", str(work), "--k", "3", "--out", str(tmp_path / "nb2.npz"), "--top-m-out",
+        str(tmp_path / "top.npy"), "--device", "cpu")
+    (tmp_path / "nb3.npz").mkdir()
+    assert "--out " + str(tmp_path / "nb3.npz") + " is a directory" in _error(
+        capsys, "neighbors", str(work), "--k", "3", "--out", str(tmp_path / "nb3.npz"), "--device", "cpu")
+    empty = write_database(tmp_path / "empty", np.zeros((0, 16)), INFO)
+    assert "--queries " + str(empty) + " is empty" in _error(
+        capsys, "neighbors", str(work), "--queries", str(empty), "--k", "3", "--out", str(tmp_path / "nb4.npz"),
+        "--device", "cpu")
+    assert not any((tmp_path / f"nb{i}.npz").is_file() for i in (2, 4))
+    assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
 
 
 def renamed_encoder(*, device="cpu", checkpoint=None, pretrained=True) -> TinyEncoder:

@@ -195,6 +195,21 @@ def test_ddim_with_eta_is_seeded_and_noisy():
     assert not torch.allclose(runs[0], sample_ddim(eps_fn, x_T, s.ddim(20)))
 
 
+@pytest.mark.parametrize("steps,bound", [(50, 1.0453), (2, 1.0001), (500, 1.4094)])
+def test_eta_beyond_the_real_bound_is_refused(steps, bound):
+    """Past eta's bound 1 - alphā_prev - sigma² < 0 and the update's square root turns complex: refused, naming
+    the bound (rounded down, so the bound itself is accepted with real coefficients)."""
+    s = Schedule.linear(0.0015, 0.0195)
+    c = s.ddim(steps, bound)
+    assert bool((1 - c.alphas_prev - c.sigmas ** 2 >= 0).all())
+    for eta in (bound + 0.001, 3.0, math.inf):
+        with pytest.raises(ValueError, match=rf"eta = .* is too large for {steps} steps .* needs eta <= {bound}$"):
+            s.ddim(steps, eta)
+    with pytest.raises(ValueError, match="eta must be >= 0, got nan"):
+        s.ddim(steps, math.nan)
+    s.ddim(steps, 1.0)  # the DDPM variance always fits
+
+
 @pytest.mark.parametrize("steps,eta", [(50, 0.0), (100, 1.0), (7, 0.5)])
 def test_schedule_and_updates_match_the_independent_oracle(steps, eta):
     """The schedule, DDIM coefficients, DDIM update and PLMS combination against tests/oracle.py's pure-Python

@@ -469,3 +469,17 @@ def test_vectors_gathers_original_rows_across_shards():
     torch.testing.assert_close(index.vectors(ids), torch.from_numpy(data)[ids], rtol=1e-6, atol=1e-6)
     half = GPUExactSearch(data, devices=["cpu", "cpu"], dtype=torch.float16)
     torch.testing.assert_close(half.vectors(ids), torch.from_numpy(data)[ids], rtol=2e-3, atol=1e-3)
+
+
+def test_non_finite_rows_are_refused():
+    """The kernel cannot rank NaN scores (and merge_candidates would put them first): such rows fail at load."""
+    emb = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
+    emb[7, 1] = np.nan
+    with pytest.raises(ValueError, match="embedding row 7 is not finite"):
+        GPUExactSearch([emb[:4], emb[4:]], devices=["cpu", "cpu"], chunk_rows=3)
+    emb[7, 1] = 1e5  # finite in fp32, inf once stored unnormalised as fp16
+    with pytest.raises(ValueError, match="embedding row 7 is not finite"):
+        GPUExactSearch(emb, devices=["cpu"], normalize=False)
+    assert len(GPUExactSearch(emb, devices=["cpu"])) == 10  # normalised first: stored finite
+    with pytest.raises(TypeError, match="k must be an integer"):
+        GPUExactSearch(emb, devices=["cpu"]).search(torch.zeros(1, 8), 2.0)

@@ -26,9 +26,10 @@ from safetensors.torch import load_file
 from test_database import TinyEncoder
 from rdm_fast import RDM, RDMConfig, ops
 from rdm_fast import train
+from rdm_fast._cli import run
 from rdm_fast.checkpoint import TRAIN_STATE_FILE, TRAIN_WEIGHTS_FILE, CheckpointError
-from rdm_fast.data import (MomentCache, TrainingContexts, TrainingImages, TrainingMoments, TrainingOrder,
-                           image_size)
+from rdm_fast.data import (DRAWS, DROPOUT, SHUFFLE, MomentCache, TrainingContexts, TrainingImages, TrainingMoments,
+                           TrainingOrder, derived_seed, image_size)
 from rdm_fast.diffusion import Schedule, eps_losses, noised
 from rdm_fast.models import unet as unet_module
 from rdm_fast.models.layers import official_names
@@ -39,10 +40,11 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
 
 
-def _config(path: Path, text_token: bool = True) -> Path:
+def _config(path: Path, text_token: bool = True, dropout: float = 0.0) -> Path:
     """The tiny preset with 16-d contexts (the test encoder's), as a config.yaml."""
     tree = RDMConfig.preset("tiny").to_dict()
     tree["model"]["params"]["unet_config"]["params"]["context_dim"] = TinyEncoder.dim
+    tree["model"]["params"]["unet_config"]["params"]["dropout"] = dropout
     tree["model"]["params"]["text_token"] = text_token
     tree["model"]["params"]["normalized_embeddings"] = text_token
     path.write_text(yaml.safe_dump(tree))
@@ -64,7 +66,8 @@ def setup(tmp_path_factory):
     ids, scores = compute_neighbors(db, k=3, exclude_self=True, progress=False)
     save_neighbors(root / "nn.npz", ids, scores)
     return {"root": root, "db": root / "db", "nn": root / "nn.npz", "ids": ids,
-            "cfg": _config(root / "cfg.yaml"), "cfg_plain": _config(root / "cfg_plain.yaml", text_token=False)}
+            "cfg": _config(root / "cfg.yaml"), "cfg_plain": _config(root / "cfg_plain.yaml", text_token=False),
+            "cfg_dropout": _config(root / "cfg_dropout.yaml", dropout=0.1)}
 
 
 def _args(setup, out: Path, *extra: str, steps: int = 4, batch: int = 4) -> list[str]:
@@ -247,6 +250,36 @@ def test_training_contexts_errors(setup, tmp_path):
         TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "self.npz")
 
 
+def test_training_contexts_refuse_neighbours_of_another_database(setup, tmp_path):
+    """Neighbours of another database of the same size pass the count, range and self checks: the stored scores
+    (and, where the file records them, the databases' digests) give them away."""
+    build_database(tmp_path / "other", encoder=TinyEncoder(), images=setup["root"] / "imgs", crop="center",
+                   crop_size=32, batch_size=4, workers=0, device="cpu", progress=False)
+    other = Database.open(tmp_path / "other", backend="torch", device="cpu")
+    ids, scores = compute_neighbors(other, k=3, exclude_self=True, progress=False)
+    cfg = RDMConfig.resolve(setup["cfg"])
+    save_neighbors(tmp_path / "plain.npz", ids, scores)
+    with pytest.raises(ValueError, match=r"plain\.npz does not match the databases.*scores differ"):
+        TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "plain.npz")
+    save_neighbors(tmp_path / "recorded.npz", ids, scores, databases=(other, other))
+    with pytest.raises(ValueError, match=r"recorded\.npz was computed for another retrieval database"):
+        TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "recorded.npz")
+    TrainingContexts(cfg, tmp_path / "other", tmp_path / "other", tmp_path / "recorded.npz")  # its own databases
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    save_neighbors(tmp_path / "right.npy", setup["ids"], compute_neighbors(db, k=3, exclude_self=True,
+                                                                           progress=False)[1], databases=(db, db))
+    TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "right.npy")  # .npy: scores beside it
+
+
+def test_derived_seeds_differ_by_purpose():
+    """A shuffle's, an image's draws' and a micro-batch's dropout seeds never share a stream (short seeds were
+    padded with zeros: epoch e's shuffle once had the seed of row 0's draws at step e)."""
+    seeds = [derived_seed(7, SHUFFLE, e) for e in range(4)]
+    seeds += [derived_seed(7, purpose, step, row) for purpose in (DRAWS, DROPOUT) for step in range(4)
+              for row in range(4)]
+    assert len(set(seeds)) == len(seeds)
+
+
 def test_training_order_is_independent_of_the_split():
     n, seed = 23, 7
     whole = TrainingOrder(n, seed=seed, batch=12)
@@ -331,6 +364,108 @@ def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
         train.main(_fresh(setup, tmp_path / "new", "--compile", "nonsense"))
     with pytest.raises(train.CLIError, match="--image-root"):
         train.main(_fresh(setup, tmp_path / "moved", "--image-root", str(tmp_path)))
+    for flag, value in (("--seed", "-1"), ("--grad-clip", "nan"), ("--lr", "inf"), ("--ema-decay", "nan"),
+                        ("--cond-drop", "nan"), ("--weight-decay", "inf")):
+        with pytest.raises(train.CLIError, match=f"^{flag} must"):
+            train.main(_fresh(setup, tmp_path / "checked", flag, value))
+        assert not (tmp_path / "checked").exists()  # refused before anything is written
+    with pytest.raises(ValueError, match="cannot store the first stage's outputs there"):  # before encoding
+        train.main(_fresh(setup, tmp_path / "latents", "--latents", str(tmp_path / "a_file"), steps=1))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_non_finite_loss_stops_with_a_one_line_error(setup, tmp_path, monkeypatch, capsys, precision):
+    real = train.eps_losses
+    monkeypatch.setattr(train, "eps_losses", lambda *a: real(*a) * float("nan"))
+    extra = ["--log-every", "1"] + (["--fp16"] if precision == "fp16" else [])
+    assert run(train.main, _fresh(setup, tmp_path / "run", *extra, steps=1)) == 2
+    err = capsys.readouterr().err
+    assert f"error: the loss is nan at step 1 ({precision}): lower --lr" in err and "Traceback" not in err
+    assert ("--bf16" in err) == (precision == "fp16")
+
+
+def test_resume_is_bit_exact_with_dropout(setup, tmp_path):
+    """Dropout draws from torch's global generator, which --resume does not restore: it is seeded per micro-batch."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = ("--config", str(setup["cfg_dropout"]), "--save-every", "1")
+    assert train.main(_fresh(setup, straight, *args, steps=2)) == 0
+    assert train.main(_fresh(setup, split, *args, steps=1)) == 0
+    torch.manual_seed(123)  # the global generator's state must not matter
+    assert train.main(_args(setup, split, "--resume", steps=2)) == 0
+    a, b = _weights(straight, 2), _weights(split, 2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def saved_run(setup, tmp_path_factory) -> Path:
+    """A 4-step run with checkpoints at steps 2 and 4 (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    assert train.main(_fresh(setup, out)) == 0
+    return out
+
+
+def test_resume_after_a_torn_log_line_and_a_rolled_back_latest(setup, saved_run, tmp_path, caplog):
+    """A log line half-written by a killed run is dropped; checkpoints newer than the one --resume continues from
+    (a kill between a checkpoint's rename and the latest update, or latest rolled back by hand) are removed
+    first, so pruning never removes the checkpoint latest names."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    with open(out / "log.jsonl", "ab") as f:
+        f.write(b'{"step": 5, "lo' + b"\0" * 16)
+    (out / "latest").write_text("step_0000002\n")
+    assert train.main(_args(setup, out, "--resume", "--keep", "1", steps=3)) == 0
+    assert (out / "latest").read_text().strip() == "step_0000003"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000003"]
+    assert train.ckpt.newest_run_checkpoint(out) == out / "checkpoints" / "step_0000003"
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 3]
+    assert "dropping 1 unreadable lines" in caplog.text and "removing" in caplog.text
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name, damage", [(TRAIN_STATE_FILE, _truncate), (TRAIN_WEIGHTS_FILE, _truncate),
+                                          ("optimizer.pt", _truncate), ("optimizer.pt", Path.unlink)])
+def test_resume_names_a_damaged_checkpoint_file(setup, saved_run, tmp_path, name, damage):
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    damage(out / "checkpoints" / "step_0000004" / name)
+    with pytest.raises(CheckpointError, match=f"step_0000004/{name}"):
+        train.main(_args(setup, out, "--resume", steps=5))
+
+
+def test_resume_refuses_runs_of_older_draws(setup, saved_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    file = out / "checkpoints" / "step_0000004" / TRAIN_STATE_FILE
+    state = json.loads(file.read_text())
+    del state["run"]["draws"]  # as the versions before draws had purpose tags saved it
+    file.write_text(json.dumps(state))
+    with pytest.raises(train.CLIError, match="older rdm_fast, whose random draws"):
+        train.main(_args(setup, out, "--resume", steps=5))
+
+
+def test_checkpoints_are_flushed_before_they_are_named(setup, tmp_path, monkeypatch):
+    """Every file and the folder reach the disk before the rename, the rename before latest names it, and older
+    checkpoints go only after that."""
+    model = RDM.from_config(RDMConfig.resolve(setup["cfg"]))
+    ema = train.EMA(model.unet)
+    optimizer = torch.optim.AdamW(model.unet.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    (tmp_path / "checkpoints" / "step_0000001").mkdir(parents=True)
+    events, replace, rmtree = [], os.replace, shutil.rmtree
+    monkeypatch.setattr(train, "fsync_path", lambda p: events.append(("fsync", Path(p))))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", Path(b))), replace(a, b))[1])
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: (events.append(("remove", Path(p))), rmtree(p, **kw))[1])
+    final = train.save_checkpoint(tmp_path, 3, model, ema, optimizer, scaler, {}, keep=1)
+    tmp = final.parent / ".step_0000003.tmp"
+    moved = events.index(("rename", final))
+    assert {("fsync", tmp / f.name) for f in final.iterdir()} | {("fsync", tmp)} <= set(events[:moved])
+    assert events.index(("fsync", final.parent)) > moved
+    latest = events.index(("rename", tmp_path / "latest"))
+    assert events.index(("fsync", tmp_path)) > latest
+    assert events[-1] == ("remove", final.parent / "step_0000001") and final.is_dir()
 
 
 def test_compiled_training_matches_uncompiled(setup, tmp_path):

@@ -8,6 +8,7 @@ reference does, uses alphas_cumprod[0] (not 1) as the "previous" value of the la
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,14 +54,23 @@ class Schedule:
         return timesteps
 
     def ddim(self, steps: int, eta: float = 0.0) -> "DDIMCoefficients":
-        """Per-step coefficients for a DDIM/PLMS run, in sampling order (highest timestep first)."""
-        if eta < 0:
+        """Per-step coefficients for a DDIM/PLMS run, in sampling order (highest timestep first).
+
+        ``eta`` scales the noise: 0 is deterministic, 1 the DDPM posterior variance. Beyond a bound (>= 1, it
+        depends on the schedule and steps) the update's sqrt(1 - alphā_prev - sigma²) has no real value:
+        ValueError naming the bound."""
+        if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         timesteps = self.ddim_timesteps(steps)
         acp = self.alphas_cumprod
         alphas = acp[timesteps]
         alphas_prev = torch.cat([acp[:1], acp[timesteps[:-1]]])
         sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+        if bool((1 - alphas_prev - sigmas ** 2 < 0).any()):
+            # eta² sigma_1² <= 1 - alphā_prev at every step, sigma_1 the eta = 1 value
+            bound = float(torch.sqrt((1 - alphas) * alphas_prev / (alphas_prev - alphas)).min())
+            raise ValueError(f"eta = {eta:g} is too large for {steps} steps of this schedule: the DDIM update "
+                             f"needs eta <= {math.floor(bound * 1e4) / 1e4:g}")
         return DDIMCoefficients(timesteps.flip(0), alphas.flip(0), alphas_prev.flip(0), sigmas.flip(0))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -54,6 +55,13 @@ def resolve_encoder(spec: str, *, device: str | torch.device = "cpu", checkpoint
         raise ValueError(f"encoder {spec!r}: cannot import module {module_name!r} ({e})") from None
     except AttributeError:
         raise ValueError(f"encoder {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    try:
+        inspect.signature(factory).bind(device=device, checkpoint=checkpoint, pretrained=pretrained)
+    except TypeError as e:  # not callable, or another signature
+        raise ValueError(f"encoder {spec!r}: {attr} must be a factory callable as {attr}(device=..., "
+                         f"checkpoint=..., pretrained=...) returning an Encoder ({e})") from None
+    except ValueError:  # no signature to inspect (some builtins): let the call decide
+        pass
     encoder = factory(device=device, checkpoint=checkpoint, pretrained=pretrained)
     if not isinstance(encoder, Encoder):
         raise ValueError(f"encoder {spec!r}: {attr}(...) returned a {type(encoder).__name__}, not an Encoder")
@@ -93,11 +101,25 @@ def read_list(file: str | Path) -> tuple[list[str], list[int] | None]:
     return paths, (classes or None)
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A high-bit-depth grayscale image as mode "L" (``convert("RGB")`` would clip it to white): 16-bit modes
+    (I;16*, and I, which is how PIL decodes 16-bit PNG/TIFF) keep their top 8 bits; F is taken as [0, 1]."""
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = np.round(np.nan_to_num(a, nan=0.0) * 255)
+    else:
+        a = a.astype(np.int64) >> 8
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """An image as RGB, upright per its EXIF orientation, with transparency composited on white."""
+    """An image as RGB, upright per its EXIF orientation, with transparency composited on white; 16-bit and
+    float grayscale images are first reduced to 8 bits (see :func:`_to_8bit`)."""
     with Image.open(path) as im:
         im.load()
         im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I") or im.mode == "F":
+            im = _to_8bit(im)
         if im.has_transparency_data:
             rgba = im.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -310,7 +332,7 @@ def _inputs(images: str | Path | None, image_list: str | Path | None, class_from
             ) -> tuple[Path, Path, list[str], list[int] | None, list[str] | None]:
     """(root relative sources are resolved against, the folder or list given, sources, class ids or None,
     class names or None). Folder classes: the top-level folder (images directly in a scanned root get -1);
-    for a list, each file's parent folder."""
+    for a list, each file's parent folder (files directly in the list's folder get -1)."""
     if images is not None:
         inputs = root = Path(images).resolve()
         sources, classes = list_images(root), None
@@ -321,7 +343,8 @@ def _inputs(images: str | Path | None, image_list: str | Path | None, class_from
         sources, classes = read_list(inputs)
         if class_from_folder and classes is not None:
             raise ValueError(f"{inputs} has class ids; do not also ask for classes from folders")
-        folders = [Path(s).parent.name for s in sources]
+        folders = [(root / s).parent for s in sources]
+        folders = [f.name if f != root and f.name else None for f in folders]
     if not sources:
         raise ValueError(f"no images found in {inputs}" if images is not None else f"{inputs} lists no images")
     class_names = None

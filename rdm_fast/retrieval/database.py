@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .._files import atomic_save_npy, atomic_save_npz, atomic_write_json, sha256_file
-from .search import exact_search
+from .search import check_k, exact_search
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -56,13 +56,22 @@ def shard_names(j: int) -> tuple[str, str]:
 
 
 def write_shard(directory: str | Path, j: int, embeddings: np.ndarray, *, sources: Sequence[str] | None = None,
-                class_ids: np.ndarray | None = None, patch_coords: np.ndarray | None = None) -> dict:
+                class_ids: np.ndarray | None = None, patch_coords: np.ndarray | None = None,
+                row_name: Callable[[int], str] | None = None) -> dict:
     """Write shard ``j`` (embeddings as float16, metadata with unknown markers where not given) atomically;
-    returns its manifest entry (names, rows, sizes, checksums)."""
+    returns its manifest entry (names, rows, sizes, checksums). A row that is not finite as float16 (NaN, Inf,
+    or beyond +-65504) is refused, since search would rank it arbitrarily; ``row_name(i)`` names the shard's
+    row ``i`` in that error (default: "shard j row i")."""
     directory = Path(directory)
-    emb = np.ascontiguousarray(embeddings, dtype=np.float16)
+    with np.errstate(over="ignore"):  # values beyond float16 become inf: reported below
+        emb = np.ascontiguousarray(embeddings, dtype=np.float16)
     if emb.ndim != 2:
         raise ValueError(f"shard embeddings must be (n, D), got shape {emb.shape}")
+    finite = np.isfinite(emb).all(1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise ValueError(f"{row_name(i) if row_name else f'shard {j} row {i}'}: the embedding is not finite "
+                         "(NaN or Inf, or beyond float16's +-65504); refusing to store it")
     n = emb.shape[0]
     if sources is None:
         src = np.full(n, "", dtype="<U1")
@@ -117,17 +126,24 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
         raise ValueError(f"embeddings of shape {emb.shape} do not match the encoder's dim {encoder_info['dim']}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    n = emb.shape[0]
+    if sources is not None:
+        sources = list(sources)
+    for name, value, size in (("sources", sources, n), ("class_ids", class_ids, n),
+                              ("patch_coords", patch_coords, 2 * n)):
+        if value is not None and np.size(value) != size:
+            raise ValueError(f"{name} has {np.size(value)} values, expected {size} for {n} embeddings")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if (path / MANIFEST).exists():
         raise FileExistsError(f"{path / MANIFEST} already exists: write the database into a new directory")
-    n = emb.shape[0]
     shards = []
     for j, start in enumerate(range(0, max(n, 1), shard_size)):
         sl = slice(start, start + shard_size)
-        shards.append(write_shard(path, j, emb[sl], sources=None if sources is None else list(sources)[sl],
+        shards.append(write_shard(path, j, emb[sl], sources=None if sources is None else sources[sl],
                                   class_ids=None if class_ids is None else np.asarray(class_ids)[sl],
-                                  patch_coords=None if patch_coords is None else np.asarray(patch_coords)[sl]))
+                                  patch_coords=None if patch_coords is None else np.asarray(patch_coords)[sl],
+                                  row_name=lambda i, start=start: f"embeddings row {start + i}"))
     write_manifest(path, new_manifest(encoder_info, shards, has_sources=sources is not None,
                                       has_class_ids=class_ids is not None,
                                       has_patch_coords=patch_coords is not None, **extra))
@@ -144,6 +160,8 @@ def read_manifest(directory: str | Path) -> dict:
     """The checked manifest of the database in ``directory`` (one-line errors naming the file)."""
     directory = Path(directory)
     file = directory / MANIFEST
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not a database directory")
     if not directory.is_dir():
         raise FileNotFoundError(f"database directory {directory} does not exist")
     if not file.is_file():
@@ -260,8 +278,9 @@ class Database:
 
         ``backend``: "auto" (Triton exact search when CUDA is usable, else the FAISS index when the database has
         one, else exact PyTorch search over the memory-mapped shards), or force "torch", "triton" or "faiss".
-        ``device``: where searches run (default: CUDA when available, else the CPU). ``verify`` checks every
-        file's SHA-256 (reads everything); sizes are always checked. ``nprobe``/``ef_search`` tune FAISS
+        ``device``: where searches run (default: CUDA when available, else the CPU). ``verify`` checks the SHA-256
+        of every shard's embeddings and metadata (reads them all; the index and proposals files have no
+        checksum); their sizes are always checked. ``nprobe``/``ef_search`` tune FAISS
         indexes; ``chunk_rows`` is the torch backend's streaming block.
         """
         path = Path(path)
@@ -404,8 +423,7 @@ class Database:
             raise ValueError(f"queries must be a (Q, {self.dim}) tensor for {self.path}, got {shape}")
         if len(self) == 0:
             raise ValueError(f"database {self.path} is empty: nothing to search")
-        if not 1 <= k <= len(self):
-            raise ValueError(f"k must be between 1 and the database size {len(self)}, got {k}")
+        check_k(k, len(self))
         if queries.shape[0] == 0:
             empty = torch.empty((0, k), device=queries.device)
             return empty, empty.long()
@@ -508,7 +526,11 @@ class Database:
                              f"python -m rdm_fast.db neighbors {self.path} --k K --out FILE")
         if self._proposals is None:
             file = self.path / entry["file"]
-            arr = np.load(file, allow_pickle=False)
+            try:
+                arr = np.load(file, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise ValueError(f"{file} is not a readable .npy array ({e}): compute the ranking again with "
+                                 f"python -m rdm_fast.db neighbors") from None
             if arr.shape != (len(self), 2) or arr.dtype != np.int64:
                 raise ValueError(f"{file} holds {arr.dtype} {arr.shape}, expected int64 ({len(self)}, 2)")
             self._proposals = arr

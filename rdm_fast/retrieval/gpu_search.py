@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import get_mode
-from .search import exact_search, merge_topk
+from .search import check_k, exact_search, merge_topk
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
@@ -58,7 +58,8 @@ class GPUExactSearch:
     ``chunk_rows`` rows at a time, so host memory never holds an fp32 copy, nor any copy, of the whole
     database. Rows are L2-normalised in fp32 per chunk on the device (``normalize=True``) and stored as
     ``dtype``. ``normalize=False`` promises unit-length rows and queries and skips normalising them (the CPU
-    reference path normalises regardless).
+    reference path normalises regardless). A row that is not finite once stored (NaN, Inf, beyond ``dtype``)
+    is refused with a ValueError, since the kernel cannot rank NaN scores.
 
     ``devices=None`` takes the visible CUDA GPUs, as few as hold the database in ``85%`` of their free
     memory, and splits the rows evenly across those; an explicit list splits the rows evenly across exactly
@@ -158,11 +159,13 @@ class GPUExactSearch:
 
     @torch.no_grad()
     def _load(self, parts: list[np.ndarray | Tensor], start: int, stop: int, device: torch.device,
-              chunk_rows: int) -> Tensor:
+              chunk_rows: int) -> tuple[Tensor, Tensor]:
         """Global rows [start, stop) on ``device`` as ``self.dtype``, normalised in fp32 on the device per chunk,
-        and their norms."""
+        and their norms. ValueError for a non-finite row (NaN/Inf, or beyond the storage dtype): the kernel
+        cannot rank NaN scores."""
         shard = torch.empty(stop - start, self.dim, dtype=self.dtype, device=device)
         norms = torch.ones(stop - start, dtype=torch.float32, device=device)
+        finite = torch.ones(stop - start, dtype=torch.bool, device=device)
         part_start = 0
         for part in parts:
             lo, hi = max(start, part_start), min(stop, part_start + part.shape[0])
@@ -181,7 +184,12 @@ class GPUExactSearch:
                         norms[at:at + block.shape[0]] = norm
                         block = block / norm.clamp_min(1e-12)[:, None]
                     shard[at:at + block.shape[0]] = block
+                    ok = shard[at:at + block.shape[0]].isfinite().all(1)
+                    finite[at:at + block.shape[0]] = ok & norm.isfinite() if self.normalize else ok
             part_start += part.shape[0]
+        if not finite.all():  # one host synchronisation per shard, at load time
+            row = start + int(finite.logical_not().nonzero()[0])
+            raise ValueError(f"embedding row {row} is not finite (NaN, Inf or beyond {self.dtype}): cannot search it")
         return shard, norms
 
     @torch.no_grad()
@@ -212,8 +220,7 @@ class GPUExactSearch:
             raise ValueError(f"queries must be (Q, {self.dim}), got shape {tuple(queries.shape)}")
         if not queries.is_floating_point():
             raise ValueError(f"queries must be floating point, got {queries.dtype}")
-        if not 1 <= k <= self._n:
-            raise ValueError(f"k must be between 1 and the database size {self._n}, got {k}")
+        check_k(k, self._n)
         out_device = self._shards[0][1].device if queries.device.type == "cpu" else queries.device
         q = queries.to(out_device, non_blocking=True).float()
         if self.normalize:

@@ -7,6 +7,8 @@ pseudo-queries from the database entries that were retrieved most often as such 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +91,9 @@ def proposal_ranking(neighbor_ids: Tensor | np.ndarray, n: int) -> tuple[Tensor,
     return order, counts[order]
 
 
+DIGEST_KEYS = ("db", "queries")  # the databases a .npz of save_neighbors records
+
+
 def neighbor_files(path: str | Path) -> list[Path]:
     """The files :func:`save_neighbors` writes for ``path`` (ValueError for an unsupported suffix)."""
     path = Path(path)
@@ -99,14 +104,24 @@ def neighbor_files(path: str | Path) -> list[Path]:
     raise ValueError(f"neighbour output {path} must end in .npz (ids and scores) or .npy (ids; scores beside it)")
 
 
-def save_neighbors(path: str | Path, ids: Tensor, scores: Tensor) -> list[Path]:
+def database_digest(db: Database) -> str:
+    """SHA-256 naming a database's content (its shards' checksums)."""
+    return hashlib.sha256(json.dumps([s["sha256"] for s in db.manifest["shards"]]).encode()).hexdigest()
+
+
+def save_neighbors(path: str | Path, ids: Tensor, scores: Tensor, *,
+                   databases: tuple[Database, Database] | None = None) -> list[Path]:
     """Write neighbour ids (int64) and scores (float32) atomically: ``X.npz`` with arrays ``ids`` and
-    ``scores``, or ``X.npy`` (ids) plus ``X_scores.npy``. Returns the written paths."""
+    ``scores``, or ``X.npy`` (ids) plus ``X_scores.npy``. Returns the written paths. ``databases`` (the searched
+    database, the queries' database) are recorded in a .npz as ``db_digest`` and ``queries_digest``
+    (:func:`database_digest`), so that training can refuse the file for other databases."""
     files = neighbor_files(path)
     ids_np = np.ascontiguousarray(torch.as_tensor(ids).cpu().numpy(), dtype=np.int64)
     scores_np = np.ascontiguousarray(torch.as_tensor(scores).cpu().numpy(), dtype=np.float32)
     if len(files) == 1:
-        atomic_save_npz(files[0], ids=ids_np, scores=scores_np)
+        digests = {} if databases is None else {f"{k}_digest": np.array(database_digest(db))
+                                                for k, db in zip(DIGEST_KEYS, databases)}
+        atomic_save_npz(files[0], ids=ids_np, scores=scores_np, **digests)
     else:
         atomic_save_npy(files[0], ids_np)
         atomic_save_npy(files[1], scores_np)

@@ -174,13 +174,17 @@ class Part:
 def import_npz(parts: Sequence[str | Path], out: str | Path, encoder_info: dict, *, encoder_spec: str | None = None,
                shard_size: int = 100_000, chunk_rows: int = 65536, allow_pickle: bool = False,
                progress: bool = True) -> Path:
-    """Convert official part files (sorted by part number) into a database at ``out`` whose vectors are
-    recorded as made by the encoder ``encoder_info`` ({name, dim, normalized}; dim must match the data)."""
+    """Convert official part files (sorted by part number; each given once) into a database at ``out`` whose
+    vectors are recorded as made by the encoder ``encoder_info`` ({name, dim, normalized}; dim must match the
+    data). A non-finite row (NaN, Inf, beyond float16) stops the import with an error naming it."""
     if not parts:
         raise ValueError("give at least one .npz part file")
     if shard_size < 1 or chunk_rows < 1:
         raise ValueError(f"shard_size and chunk_rows must be at least 1, got {shard_size} and {chunk_rows}")
     files = sorted((Path(p).resolve() for p in parts), key=part_order)
+    repeated = sorted({str(f) for f in files if files.count(f) > 1})
+    if repeated:
+        raise ValueError(f"part {repeated[0]} is given more than once: each part may be imported only once")
     loaded = [Part(f, allow_pickle) for f in files]
     dims = {p.dim for p in loaded}
     if len(dims) != 1:
@@ -208,11 +212,13 @@ def import_npz(parts: Sequence[str | Path], out: str | Path, encoder_info: dict,
                     emb = np.empty((e - s, part.dim), np.float16)
                     at = 0
                     for chunk in iter_rows(part.path, start=s, stop=e, chunk_rows=chunk_rows):
-                        emb[at:at + len(chunk)] = chunk
+                        with np.errstate(over="ignore"):  # beyond float16 becomes inf: write_shard refuses it
+                            emb[at:at + len(chunk)] = chunk
                         at += len(chunk)
                         bar.update(len(chunk))
                     entry = write_shard(out, j, emb, sources=ids[s:e], patch_coords=coords[s:e],
-                                        class_ids=None if class_id is None else class_id[s:e])
+                                        class_ids=None if class_id is None else class_id[s:e],
+                                        row_name=lambda r, s=s, part=part: f"{part.path} embedding row {s + r}")
                     state.record(j, entry, has_class_ids=class_id is not None)
 
     def finish(records: list[dict]) -> None:

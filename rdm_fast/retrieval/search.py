@@ -15,9 +15,19 @@ from torch import Tensor
 Rows = Tensor | np.ndarray
 
 
+def check_k(k: object, n: int) -> None:
+    """TypeError unless ``k`` is an integer (not a bool or float), ValueError unless 1 <= k <= n."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an integer, got {k!r}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the database size {n}, got {k}")
+
+
 def topk_lowest_id(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k columns of (Q, n) ``scores``, best first, equal scores ordered (and chosen) by lower column.
-    Uses ``torch.topk`` and falls back to a stable sort only for rows with a tie at the k-th score."""
+    """Top-k columns of (Q, n) ``scores``, best first, equal scores ordered (and chosen) by lower column; NaN
+    scores count as -inf (ranked last; torch.topk would rank them first). Uses ``torch.topk`` and falls back
+    to a stable sort only for rows with a tie at the k-th score."""
+    scores = torch.where(scores.isnan(), float("-inf"), scores)
     vals, idx = torch.topk(scores, k, dim=1)
     kth = vals[:, -1:]
     tied = (scores == kth).sum(1) != (vals == kth).sum(1)  # an equal score outside the selection
@@ -56,9 +66,7 @@ def exact_search(queries: Tensor, database: Rows | Sequence[Rows], k: int, *,
                          f"{[tuple(p.shape) for p in parts]}")
     if any(p.shape[1] != queries.shape[1] for p in parts):
         raise ValueError(f"queries have {queries.shape[1]} dimensions but the database {parts[0].shape[1]}")
-    n = sum(p.shape[0] for p in parts)
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be between 1 and the database size {n}, got {k}")
+    check_k(k, sum(p.shape[0] for p in parts))
     q = F.normalize(queries.float(), dim=1)
     best, offset = None, 0
     for part in parts:
