@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -177,7 +178,8 @@ class RDM(nn.Module):
 
     @torch.no_grad()
     def sample(self, context: Tensor, steps: int = 50, sampler: Literal["ddim", "plms"] = "ddim", eta: float = 0.0,
-               guidance_scale: float = 1.0, x_T: Tensor | None = None, generator: torch.Generator | None = None,
+               guidance_scale: float = 1.0, x_T: Tensor | None = None,
+               generator: torch.Generator | Sequence[torch.Generator] | None = None,
                size: tuple[int, int] | None = None, progress: bool = False,
                cuda_graph: bool | None = None, channels_last: bool | None = None) -> Tensor:
         """Draw latents (B, C, H, W), fp32, from noise conditioned on ``context`` (B, k, D).
@@ -185,9 +187,10 @@ class RDM(nn.Module):
         ``eta``: DDIM noise, 0 (deterministic) up to a bound >= 1 that depends on the schedule and ``steps``
         (ValueError beyond it, see :meth:`Schedule.ddim`). Classifier-free guidance with ``guidance_scale != 1``
         contrasts against an all-zero context. ``x_T`` fixes the starting noise; otherwise it is drawn from
-        ``generator``. ``size`` (H, W) overrides the configured latent size (multiples of the UNet's
-        downsampling factor). ``cuda_graph`` (default: on CUDA
-        for float16/bfloat16 models) replays each guided UNet call from a CUDA graph captured once for the
+        ``generator``, which also draws the noise of ``eta > 0``: one generator, or a sequence of one per sample
+        (each sample's draws then do not depend on the batch it is in). ``size`` (H, W) overrides the configured
+        latent size (multiples of the UNet's downsampling factor). ``cuda_graph`` (default: on CUDA for
+        float16/bfloat16 models) replays each guided UNet call from a CUDA graph captured once for the
         trajectory's shapes and kept for the next call with the same shapes, guidance and weights (a new batch's
         context is copied into it: no new capture per batch); float32 models run eagerly unless it is True (an
         8-step float32 trajectory replayed from graphs differed from the eager one on an H200, cause open:

@@ -6,8 +6,8 @@ an ``--image``, or for unconditional sampling a pseudo-query drawn from the data
 its nearest database entries, laid out as the model was trained (rdm_fast.retrieval.context). Writes
 ``sample_00000.png``..., ``grid.png`` and ``run.json`` (every setting) into ``--out``.
 
-Sample i starts from noise seeded by (--seed, i), so at eta 0 it is the same image for any --batch-size (to float
-rounding); with eta > 0 the noise added at each DDIM step is drawn per batch, so it also depends on --batch-size.
+Sample i's start noise and, with eta > 0, the noise added at each DDIM step come from streams seeded by
+(--seed, i), so it is the same image for any --batch-size (to float rounding).
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: the config's sampling.steps)")
     p.add_argument("--sampler", choices=["ddim", "plms"], help="default: the config's sampling.sampler")
     p.add_argument("--eta", type=float, help="DDIM noise, 0 (deterministic) up to about 1 (the bound depends on "
-                                             "--steps); above 0 the images also depend on --batch-size "
-                                             "(default: the config's)")
+                                             "--steps) (default: the config's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
     p.add_argument("--seed", type=int, default=0,
-                   help="sample i starts from noise seeded by (seed, i), whatever the batch it is drawn in")
+                   help="sample i's noise (start, and each step's for eta > 0) is seeded by (seed, i), whatever "
+                        "the batch it is drawn in")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_true", help="weights and activations in bfloat16")
     prec.add_argument("--fp16", action="store_true", help="weights and activations in float16")
@@ -235,11 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.inference_mode(), tqdm(total=n, desc="images", unit="img") as bar:
         batch = batch_contexts(0, min(n, args.batch_size))
         for start in starts:
-            x_T = start_noise(args.seed, start, start + batch.shape[0], cfg.latent_shape)
+            samples = range(start, start + batch.shape[0])
+            x_T = start_noise(args.seed, samples.start, samples.stop, cfg.latent_shape)
             if device.type == "cuda":  # copied without waiting for the queued retrieval
                 x_T = x_T.pin_memory().to(device, non_blocking=True)
             z = model.sample(batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance, x_T=x_T,
-                             generator=seeded_generator(args.seed, 1, start),  # the DDIM noise of eta > 0
+                             generator=[seeded_generator(args.seed, 1, i) for i in samples],  # eta > 0 noise
                              cuda_graph=False if args.no_cuda_graph else None)
             images_gpu = model.decode(z)
             if start + args.batch_size < n:  # queue the next batch's retrieval before waiting for these images

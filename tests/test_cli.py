@@ -148,9 +148,11 @@ def test_bad_options_fail_before_loading(tiny_dir, tmp_path, capsys, monkeypatch
     assert code == 2 and err.startswith("error: ") and re.search(message, err), err
 
 
-def test_start_noise_and_images_do_not_depend_on_the_batch_size(tiny_dir, tmp_path, monkeypatch):
-    """Sample i starts from noise seeded by (seed, i): --batch-size 2 and 5 draw the same start noise and, at
-    eta 0, the same latents (to float rounding of the batched convolutions) and images."""
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_start_noise_and_images_do_not_depend_on_the_batch_size(tiny_dir, tmp_path, monkeypatch, eta):
+    """Sample i's noise (start, and each DDIM step's for eta > 0) is seeded by (seed, i): --batch-size 2 and 5
+    draw the same start noise and give the same latents (to float rounding of the batched convolutions) and
+    images."""
     calls = []
     real = RDM.sample
 
@@ -165,7 +167,7 @@ def test_start_noise_and_images_do_not_depend_on_the_batch_size(tiny_dir, tmp_pa
         calls.clear()
         assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),
                    "--out", str(tmp_path / str(b)), "--steps", "4", "--n-samples", "5", "--batch-size", str(b),
-                   "--seed", "3") == 0
+                   "--seed", "3", "--eta", str(eta)) == 0
         runs[b] = [torch.cat(t) for t in zip(*calls)]
     assert len(calls) == 1 and torch.equal(runs[2][0], runs[5][0])
     torch.testing.assert_close(runs[2][1], runs[5][1], rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ update (multistep combination, predicted x0, DDIM step, noise) is one fused op, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -20,12 +21,24 @@ from .schedule import DDIMCoefficients
 EpsFn = Callable[[Tensor, "int | Tensor"], Tensor]
 
 
-def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
-               dtype: torch.dtype = torch.float32) -> Tensor:
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator] | None,
+               device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal noise from ``generator`` (on its own device, so a seed gives the same noise on any
-    device), delivered to ``device``; a CPU draw for a GPU goes through pinned memory without host sync."""
-    gen_device = generator.device if generator is not None else device
-    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
+    device), delivered to ``device``; a CPU draw for a GPU goes through pinned memory without host sync.
+    ``generator`` may be a sequence of one generator per row (sample): each row is then drawn from its own,
+    whatever the other rows of the batch."""
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} samples: give one per sample")
+        devices = {g.device for g in generator}
+        if len(devices) > 1:
+            raise ValueError(f"the per-sample generators are on several devices: {sorted(map(str, devices))}")
+        gen_device = devices.pop() if devices else device
+        noise = torch.stack([torch.randn(shape[1:], generator=g, device=gen_device, dtype=dtype)
+                             for g in generator])
+    else:
+        gen_device = generator.device if generator is not None else device
+        noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
     if gen_device.type == "cpu" and device.type == "cuda":
         return noise.pin_memory().to(device, non_blocking=True)
     return noise.to(device)
@@ -67,9 +80,10 @@ def guided(eps_model: Callable[[Tensor, Tensor, Any], Tensor], context: Tensor, 
     return eps_fn
 
 
-def sample_ddim(eps_fn: EpsFn, x: Tensor, coeffs: DDIMCoefficients, *, generator: torch.Generator | None = None,
-                progress: bool = False) -> Tensor:
-    """Run DDIM from x_T through the given coefficients; returns the final latent."""
+def sample_ddim(eps_fn: EpsFn, x: Tensor, coeffs: DDIMCoefficients, *,
+                generator: torch.Generator | Sequence[torch.Generator] | None = None, progress: bool = False) -> Tensor:
+    """Run DDIM from x_T through the given coefficients; returns the final latent. ``generator`` (one, or one
+    per sample) draws the noise of eta > 0."""
     for i in tqdm(range(len(coeffs)), desc="DDIM", disable=not progress):
         sigma = float(coeffs.sigmas[i])
         eps = eps_fn(x, int(coeffs.timesteps[i]))
