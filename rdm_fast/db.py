@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ._cli import CLIError, run
+from ._cli import CLIError, HelpFormatter, run
 from ._distributed import process_device
 from ._files import atomic_save_npy, atomic_write
 from .encoders import EncoderUnavailable
@@ -43,7 +43,7 @@ def _positive(value: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rdm_fast.db", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     b = sub.add_parser("build", help="embed images into a new database (resumable; torchrun for several GPUs)",
                        formatter_class=fmt)

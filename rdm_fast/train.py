@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import CLIError, run
+from ._cli import CLIError, HelpFormatter, run
 from ._distributed import Processes, process_device
 from ._files import atomic_write, atomic_write_json, fsync_path
 from .config import RDMConfig, preset_names
@@ -290,7 +290,7 @@ def _read_optimizer(file: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- the run
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rdm_fast.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init", help="start from this RDM checkpoint (official .ckpt or rdm_fast; its EMA weights "
                                       "when it has them): fine-tuning")
