@@ -131,12 +131,14 @@ KERNEL_CASES = {
     "q4-n200-d64-k64-float32": (4, 200, 64, 64, "float32", 2, "int"),  # the largest k
     "q3-n45-d16-k33-float16-unit": (3, 45, 16, 33, "float16", None, "unit"),
     "q5-n300-d100-k10-float32-random": (5, 300, 100, 10, "float32", None, "random"),
+    # queries the first 64 columns of a (5, 80) tensor: row stride 80, the database's 64
+    "q5-n300-d64-k10-float32-3splits-query-view": (5, 300, 64, 10, "float32", 3, "int-query-view"),
 }
 
 
 def kernel_inputs(case: tuple, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     q, n, d, _, dtype, _, kind = case
-    if kind == "int":
+    if kind.startswith("int"):
         queries, rows = int_data(q, n, d, seed=n + d)
     elif kind == "unit":
         queries, rows = (normalized(t) for t in unit_data(q, n, d, seed=n + d))
@@ -144,7 +146,10 @@ def kernel_inputs(case: tuple, device: str = "cpu") -> tuple[torch.Tensor, torch
         gen = torch.Generator().manual_seed(n)
         queries, rows = torch.randn(q, d, generator=gen), torch.randn(n, d, generator=gen)
     dt = getattr(torch, dtype)
-    return queries.to(dt).to(device), rows.to(dt).to(device)
+    queries, rows = queries.to(dt).to(device), rows.to(dt).to(device)
+    if kind.endswith("query-view"):  # read in place: the kernel gets the queries' own row stride
+        queries = torch.cat([queries, torch.full((q, 16), 3.0, dtype=dt, device=device)], dim=1)[:, :d]
+    return queries, rows
 
 
 def run_kernel_case(case: tuple, device: str = "cpu", config_index: int | None = None) -> str | None:
@@ -218,6 +223,15 @@ def test_merge_candidates_orders_by_score_then_id():
     order = merge_candidates(scores, ids, 8)[0].tolist()
     # 2.0; the three 0.5 by id; -0.0 and 0.0 are equal: id 3 first; then -1; the empty slot (-inf) last
     assert ids[0, order].tolist() == [7, 4, 9, 2**31 - 3, 3, 2**31 - 2, 0, 2**31 - 1]
+
+
+@needs_triton
+def test_merge_candidates_ties_negative_zero_by_lower_id():
+    """-0.0 equals 0.0 also when it carries the lower id: that candidate comes first."""
+    from rdm_fast.kernels.knn import merge_candidates
+
+    scores, ids = torch.tensor([[0.0, -0.0]]), torch.tensor([[5, 2]])
+    assert ids[0, merge_candidates(scores, ids, 2)[0]].tolist() == [2, 5]
 
 
 # -------------------------------------------------------------------------------------- GPUExactSearch on the CPU

@@ -6,13 +6,16 @@ as a script with ``TRITON_INTERPRET=1`` evaluates every case through the public 
 and backward, through the custom op's autograd) and prints JSON; a module fixture starts it once. GPU cases
 (compiled kernels, bfloat16 included, long sequences) run in process and skip without CUDA.
 
-Inputs are unit-scale normal values. Tolerances (``diff <= atol * max(max|ref|, 0.1) + rtol * |ref|``, per
-tensor; the floor covers gradients that are exactly zero in the reference):
+Inputs are unit-scale normal values (and a few stress cases: see INTERPRETER_CASES). Tolerances
+(``diff <= atol * max(max|ref|, 0.1) + rtol * |ref|``, per tensor; the floor covers gradients that are exactly
+zero in the reference):
 float32 atol = rtol = 1e-5 (output and gradients; float32 accumulation in another order); float16 atol = 1e-3,
 rtol = 2e-3 (about 2e-3 absolute on unit-scale data: the probability tile is rounded to float16 before its
 product with v, like every flash-attention kernel, then the output is rounded once); float16 gradients
 atol = rtol = 2e-3 (dS is rounded too); bfloat16 (GPU only) 8x the float16 values. In the interpreter the
-largest errors are below 0.3x these tolerances (float16 output) and 0.1x (float32, float16 gradients).
+largest errors are below 0.3x these tolerances (float16 output) and 0.1x (float32, float16 gradients), except
+in the stress cases: logit gain 60 (float32) 0.53x, "offset" (float16 gradients) 0.52x, "halves" (float16
+output) 0.6x.
 """
 
 from __future__ import annotations
@@ -49,9 +52,13 @@ TOLERANCES = {  # dtype -> ((atol, rtol) of the output, (atol, rtol) of the grad
 }
 
 # id -> (B, Nq, Nk, heads, d, dtype name, layout, logit gain). layout "views": q, k, v are column blocks of one
-# (B, N, 3C) tensor (strided rows, read in place). Interpreter blocks: forward and dQ 32 queries x 16 keys,
-# dK/dV 32 keys x 16 queries, so 77, 50, 130, 33 exercise partial blocks on both axes; gain 4 makes the
-# softmax peaked.
+# (B, N, 3C) tensor (strided rows, read in place); "strided-v": q, k contiguous, v the first columns of a
+# (B, Nk, 2C) tensor (row and batch strides unlike k's); "offset": v and grad_out 0.5 N(0, 1) + 1.5, so dP and
+# delta = rowsum(dO * O) are large and nearly cancel in dS; "halves": v +4 on the first half of the keys and -4
+# on the second, plus 0.5 N(0, 1) (with a small gain: the running sum of p @ v grows, then cancels).
+# Interpreter blocks: forward and dQ 32 queries x 16 keys, dK/dV 32 keys x 16 queries, so 77, 50, 130, 33
+# exercise partial blocks on both axes; gain 4 makes the softmax peaked, gain 60 spreads the logits over
+# hundreds (the running max must be kept across key blocks).
 INTERPRETER_CASES = {}
 for _shape in [(1, 1, 1, 1, 32), (2, 77, 77, 3, 32), (2, 77, 50, 3, 32), (1, 130, 130, 2, 64),
                (1, 20, 130, 2, 64), (2, 64, 64, 6, 32)]:
@@ -61,6 +68,11 @@ INTERPRETER_CASES["2x64x64x6x32-float16-views"] = (2, 64, 64, 6, 32, "float16", 
 INTERPRETER_CASES["2x77x50x3x32-float32-peaked"] = (2, 77, 50, 3, 32, "float32", "dense", 4.0)
 INTERPRETER_CASES["1x40x33x2x16-float32"] = (1, 40, 33, 2, 16, "float32", "dense", 1.0)
 INTERPRETER_CASES["1x33x17x1x128-float16"] = (1, 33, 17, 1, 128, "float16", "dense", 1.0)
+for _dtype in ("float32", "float16"):
+    INTERPRETER_CASES[f"2x40x50x2x32-{_dtype}-strided-v"] = (2, 40, 50, 2, 32, _dtype, "strided-v", 1.0)
+INTERPRETER_CASES["1x20x130x2x64-float32-gain60"] = (1, 20, 130, 2, 64, "float32", "dense", 60.0)
+INTERPRETER_CASES["1x40x50x2x32-float16-offset"] = (1, 40, 50, 2, 32, "float16", "offset", 1.0)
+INTERPRETER_CASES["1x32x512x1x32-float16-halves"] = (1, 32, 512, 1, 32, "float16", "halves", 0.05)
 
 
 def _inputs(case: tuple, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -79,9 +91,20 @@ def _inputs(case: tuple, device: str = "cpu", seed: int = 0) -> tuple[torch.Tens
     else:
         q = (torch.randn(b, nq, width, generator=gen) * gain).to(device, dtype).requires_grad_(True)
         k = torch.randn(b, nk, width, generator=gen).to(device, dtype).requires_grad_(True)
-        v = torch.randn(b, nk, width, generator=gen).to(device, dtype).requires_grad_(True)
-        leaves = (q, k, v)
-    grad_out = torch.randn(b, nq, width, generator=gen).to(device, dtype)
+        if layout == "strided-v":
+            v_wide = torch.randn(b, nk, 2 * width, generator=gen).to(device, dtype).requires_grad_(True)
+            v = v_wide[..., :width]
+            leaves = (q, k, v_wide)
+        else:
+            v = torch.randn(b, nk, width, generator=gen)
+            if layout == "offset":
+                v = 0.5 * v + 1.5
+            elif layout == "halves":
+                v = 0.5 * v + torch.where(torch.arange(nk) < nk // 2, 4.0, -4.0)[:, None]
+            v = v.to(device, dtype).requires_grad_(True)
+            leaves = (q, k, v)
+    grad_out = torch.randn(b, nq, width, generator=gen)
+    grad_out = (0.5 * grad_out + 1.5 if layout == "offset" else grad_out).to(device, dtype)
     return q, k, v, grad_out, leaves
 
 

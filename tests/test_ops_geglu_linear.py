@@ -36,6 +36,7 @@ CASES = {
     "21x64-n64-nobias": ((21, 64), 64, False, "contiguous"),
     "3x11x48-n20-padded": ((3, 11, 48), 20, True, "padded-rows"),
     "130x96-n72": ((130, 96), 72, True, "contiguous"),
+    "37x256-n24-cancelling": ((37, 256), 24, True, "cancelling"),
 }
 
 
@@ -44,8 +45,13 @@ def make_inputs(name: str, dtype: torch.dtype, device: str = "cpu", seed: int = 
     g = torch.Generator().manual_seed(seed)
     k = shape[-1]
     x = torch.randn(shape, generator=g)
-    w = torch.randn(2 * n, k, generator=g) * (1.5 / math.sqrt(k))  # gates of spread ~1.5: GELU's curved part
+    w = torch.randn(2 * n, k, generator=g)
     b = 0.5 * torch.randn(2 * n, generator=g) if has_bias else None
+    if layout == "cancelling":  # x ~ 1, weights ~ +0.1 on the first half of K and -0.1 on the second: the
+        x = 1 + 0.1 * x  # partial sums grow to ~0.1 K/2, then cancel (a float32 accumulator keeps them exact)
+        w = (0.1 + 0.01 * w) * torch.where(torch.arange(k) < k // 2, 1.0, -1.0)
+    else:
+        w = w * (1.5 / math.sqrt(k))  # gates of spread ~1.5: GELU's curved part
     if layout == "padded-rows":  # x a column slice of a wider buffer: row stride > K
         x = torch.cat([x, torch.full_like(x[..., :5], 1e4)], dim=-1)[..., :k]
     cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731

@@ -5,7 +5,8 @@ errors and dispatch.
 Tolerances. Kernels and references compute the same float32 values up to summation order (LayerNorm), libm
 differences (erf; 1 + erf cancels for negative gates) and contraction into fused multiply-adds: float32 outputs
 within 1e-5 + 1e-5 |ref| (inputs of size ~1-5); float16/bfloat16 outputs are single roundings of such values,
-so within 1 ulp (+1e-5 near 0). References vs float64 computations: 1e-5 relative and absolute.
+so within 1 ulp (+1e-5 near 0). References vs float64 computations: 1e-5 relative and absolute. The sampler
+step's kernel with 0-d tensor coefficients vs the same kernel with Python float ones: bit-identical.
 """
 
 from __future__ import annotations
@@ -153,6 +154,41 @@ def step_inputs(name: str, dtype: torch.dtype, device: str = "cpu") -> tuple[dic
 
 def run_step(kind: str, args: dict) -> tuple[torch.Tensor, ...]:
     return ddim_guided_step(**args) if kind == "ddim" else plms_guided_step(**args)
+
+
+# Views the kernels read in place whose row stride is not the one they could assume: add_layer_norm with x
+# contiguous and the residual the first 96 columns of a (37, 104) tensor; GEGLU on the first 600 columns of a
+# (37, 610) tensor (row stride 610, not 2 * 300).
+VIEW_CASES = ["add_layer_norm:37x96-residual-view", "geglu:37x600-row-view"]
+
+
+def view_inputs(case: str, dtype: torch.dtype, device: str = "cpu") -> tuple:
+    g = _gen()
+    cast = lambda t: t.to(device=device, dtype=dtype)
+    if case == "geglu:37x600-row-view":
+        return (cast(torch.randn(37, 610, generator=g) * 2)[:, :600],)
+    x = cast(torch.randn(37, 96, generator=g) * 3 + 2)
+    r = cast(torch.randn(37, 104, generator=g))[:, :96]
+    w, b = cast(1 + 0.5 * torch.randn(96, generator=g)), cast(0.5 * torch.randn(96, generator=g))
+    return x, r, None, w, b
+
+
+def tensor_coefficients_exact(dtype: torch.dtype, device: str = "cpu") -> str | None:
+    """A DDIM step with 0-d float64 tensor coefficients (square roots in float64 in the kernel) gives bit for bit
+    what Python float coefficients (square roots in float64 on the host) give, across the schedule, eta 0 and 1."""
+    differ = []
+    for i in (0, 10, 30, 49):
+        for eta in (0.0, 1.0):
+            args, _ = step_inputs("ddim-guided-noise-1x16x13x11", dtype, device)
+            args.update(zip(("a_t", "a_prev", "sigma_t"), step_coefficients(i, eta)))
+            tensors = {**args, **{k: torch.tensor(args[k], dtype=torch.float64, device=device)
+                                  for k in ("a_t", "a_prev", "sigma_t")}}
+            with _dispatch.use_mode("fast"):
+                pairs = list(zip(ddim_guided_step(**args), ddim_guided_step(**tensors)))
+            if not all(torch.equal(a, b) for a, b in pairs):
+                diff = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+                differ.append(f"step {i} eta {eta} (max abs diff {diff:.3g})")
+    return f"tensor and float coefficients differ at {', '.join(differ)}" if differ else None
 
 
 # ----------------------------------------------------------------------------------------------- references
@@ -403,7 +439,7 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
             err = err and f"shift: {err}"
         return err
     if op == "add_layer_norm":
-        args = ln_inputs(name, dtype, device) + (EPS,)
+        args = (view_inputs(case, dtype, device) if case in VIEW_CASES else ln_inputs(name, dtype, device)) + (EPS,)
         errs = [check(o, r) for o, r in zip(kernels.add_layer_norm(*args), add_layer_norm_reference(*args))]
         return "; ".join(e for e in errs if e) or None
     if op == "add_bias":
@@ -426,10 +462,12 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
                 return f"out=: {err}"
         return check(out, ref)
     if op == "geglu":
-        h = geglu_input(name, dtype, device)
+        h = view_inputs(case, dtype, device)[0] if case in VIEW_CASES else geglu_input(name, dtype, device)
         if name == "3x5x300":
             h = h.transpose(0, 1)
         return check(kernels.geglu(h), geglu_reference(h))
+    if name == "tensor-coefficients-exact":
+        return tensor_coefficients_exact(dtype, device)
     args, kind = step_inputs(name, dtype, device)
     with _dispatch.use_mode("fast"):
         out = run_step(kind, args)
@@ -441,8 +479,10 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
 
 KERNEL_CASES = ([f"layer_norm:{n}" for n in LN_CASES] + [f"add_layer_norm:{n}" for n in LN_CASES]
                 + [f"add_bias:{n}" for n in BIAS_CASES] + [f"geglu:{n}" for n in GEGLU_CASES]
-                + [f"step:{n}" for n in STEP_CASES])
-INTERPRETER_CASES = [(c, d) for c in KERNEL_CASES for d in ("float32", "float16")]
+                + [f"step:{n}" for n in STEP_CASES] + VIEW_CASES)
+# in the interpreter only: the kernel's float64 square roots of tensor coefficients against the host's
+INTERPRETER_ONLY_CASES = ["step:tensor-coefficients-exact"]
+INTERPRETER_CASES = [(c, d) for c in KERNEL_CASES + INTERPRETER_ONLY_CASES for d in ("float32", "float16")]
 
 
 def _child_main() -> None:
