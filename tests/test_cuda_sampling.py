@@ -149,7 +149,7 @@ def test_graph_and_eager_agree_along_a_trajectory(dtype):
     """At every step of an 8-step DDIM trajectory (followed eagerly), the replayed eps equals the eager eps at
     that step's x: names the first step where they part, if they do (float32 trajectories differed on an
     H200; see bench/RESULTS.md)."""
-    from rdm_fast.diffusion import ddim_update, guided
+    from rdm_fast.diffusion import guided
     from rdm_fast.diffusion.graphs import GraphedEps
 
     model, ctx, x_T = _model(dtype)
@@ -163,7 +163,7 @@ def test_graph_and_eager_agree_along_a_trajectory(dtype):
             t = int(coeffs.timesteps[i])
             eager = eps_fn(x, t)
             torch.testing.assert_close(graphed(x, t), eager, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
-            x, _ = ddim_update(x, eager, float(coeffs.alphas[i]), float(coeffs.alphas_prev[i]))
+            x, _ = ops.ddim_guided_step(x, None, eager, 1.0, float(coeffs.alphas[i]), float(coeffs.alphas_prev[i]))
 
 
 @cuda
