@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--crop", choices=CROP_MODES, default="center",
                    help="random: native-resolution patches (like the OpenImages database); center: short side "
                         "resized, central square; none: whole image resized")
-    b.add_argument("--crop-size", type=_positive, default=256)
+    b.add_argument("--crop-size", type=_positive, default=256, help="side of the square crops, in pixels")
     b.add_argument("--crops-per-image", type=_positive, default=1, help="random crops per image")
     b.add_argument("--batch-size", type=_positive, default=64, help="crops per encoder batch")
     b.add_argument("--shard-size", type=_positive, default=100_000,
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = s.add_mutually_exclusive_group(required=True)
     q.add_argument("--text", help="caption query (encoders with a text tower)")
     q.add_argument("--image", help="image query")
-    s.add_argument("--k", type=_positive, default=8)
+    s.add_argument("--k", type=_positive, default=8, help="entries to return")
     s.add_argument("--encoder", help="encoder spec (default: the one the database was built with)")
     s.add_argument("--encoder-checkpoint", help="local weights file for the encoder")
     s.add_argument("--contact-sheet", help="write a PNG grid of the query and its neighbours")
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     n.add_argument("db", help="the database searched (its proposal ranking is stored in it)")
     n.add_argument("--queries", help="database of the training set (same encoder; default: DB itself)")
-    n.add_argument("--k", type=_positive, required=True)
+    n.add_argument("--k", type=_positive, required=True, help="neighbours per entry")
     n.add_argument("--exclude-self", action="store_true", help="drop each query's own entry (queries = DB)")
     n.add_argument("--dedup-threshold", type=float, help="drop entries more similar to the query than this cosine")
     n.add_argument("--batch-size", type=_positive, default=1024, help="queries per search")

@@ -208,12 +208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg is not None:
         sampling_settings(args, cfg)
     device, dtype = process_device(args.device), pick_dtype(args.bf16, args.fp16)
+    # a bad context file fails before the (possibly minutes-long) model load where the config is already known
+    contexts = read_context_file(args.context_file, cfg.context_dim) if args.context_file and cfg else None
     model = load_model(args, cfg, device, dtype)
     cfg = model.config
     steps, sampler, eta, guidance = sampling_settings(args, cfg)
     generator = torch.Generator().manual_seed(args.seed)  # the --db pseudo-queries
     if args.context_file:
-        contexts = read_context_file(args.context_file, cfg.context_dim)
+        if contexts is None:
+            contexts = read_context_file(args.context_file, cfg.context_dim)
         n = args.n_samples or contexts.shape[0]
         contexts = contexts[torch.arange(n) % contexts.shape[0]]
         if cfg.normalized_embeddings:

@@ -12,10 +12,10 @@ processes and ``--accumulate`` micro-batches, and ``--resume`` continues exactly
 (also on another number of processes, as long as the global batch stays the same). A UNet with dropout draws
 its masks from torch's global generator, seeded before each micro-batch from (``--seed``, step, micro-batch,
 process): a resume with the same split stays exact, but the masks depend on the split. AdamW (PyTorch's defaults
-apart from ``--lr``, as the reference trains) updates float32 weights; ``--bf16``/``--fp16`` run the forward and
-backward passes under autocast (fp16 with loss scaling). An exponential moving average of the weights follows
-LitEma (decay min(0.9999, (1 + n) / (10 + n)) at update n). SIGTERM or a first Ctrl-C stops after the current
-step with a checkpoint.
+apart from ``--lr`` and ``--weight-decay``, as the reference trains) updates float32 weights; ``--bf16``/``--fp16``
+run the forward and backward passes under autocast (fp16 with loss scaling). An exponential moving average of the
+weights follows LitEma (decay min(``--ema-decay`` (0.9999), (1 + n) / (10 + n)) at update n). SIGTERM or a first
+Ctrl-C stops after the current step with a checkpoint.
 
 ``--out`` receives ``checkpoints/step_XXXXXXX/`` (each written under a temporary name, flushed to disk and
 renamed, the newest named in ``latest``): ``model.safetensors`` + ``config.json`` hold the EMA weights with the

@@ -110,15 +110,16 @@ def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message, n_sample
     (["--ckpt", "{d}/model", "--sampler", "plms", "--eta", "0.5"], "plms is deterministic"),
     (["--ckpt", "{d}/model", "--eta", "3"], (r"eta = 3 is too large for 20 steps .*: the DDIM update needs "
                                              r"eta <= 1.0166$")),
-    (["--ckpt", "{d}/model", "--config", "imagenet"],
+    (["--ckpt", "{d}/model", "--config", "imagenet", "--context-file", "{t}/ctx512.npy"],
      (r"does not match the model configuration \(missing \d+ tensors: .*, \.\.\. \(\d+ more\); \d+ tensors "
       r"of the wrong shape: .*\); is the config right")),
     (["--ckpt", "{d}/model", "--device", "cuda:0"] if not torch.cuda.is_available() else
      ["--ckpt", "{d}/model", "--config", "nonexistent"], "no CUDA GPU|neither a preset"),
 ])
 def test_sample_errors(tiny_dir, tmp_path, capsys, args, message):
-    argv = [a.format(d=tiny_dir) for a in args]
-    if "--db" not in argv:
+    np.save(tmp_path / "ctx512.npy", np.zeros((2, 4, 512), np.float32))  # contexts for the imagenet config
+    argv = [a.format(d=tiny_dir, t=tmp_path) for a in args]
+    if "--db" not in argv and "--context-file" not in argv:
         argv += ["--context-file", str(tiny_dir / "ctx.npy")]
     code = cli(sample, *argv, "--out", str(tmp_path / "o"))
     err = capsys.readouterr().err.strip()
@@ -146,6 +147,21 @@ def test_bad_options_fail_before_loading(tiny_dir, tmp_path, capsys, monkeypatch
     code = cli(sample, *[a.format(d=tiny_dir) for a in args], "--out", str(tmp_path / "o"))
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and re.search(message, err), err
+
+
+def test_bad_context_file_fails_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Where the checkpoint's header gives its config, a context file of the wrong width is refused before the
+    model is loaded."""
+    def never(*a, **k):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(sample, "load_model", never)
+    np.save(tmp_path / "bad.npy", np.zeros((2, 4, 7), dtype=np.float32))
+    code = cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tmp_path / "bad.npy"),
+               "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "7" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.7])
