@@ -254,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             images.append(pixels)
             bar.update(len(pixels))
     save_png(grid(np.concatenate(images)), out / "grid.png")
-    run_info = {"ckpt": args.ckpt, "config": cfg.to_dict(), "n_samples": n, "steps": steps, "sampler": sampler,
+    run_info = {"ckpt": args.ckpt, "config": cfg.to_dict(), "n_samples": n, "steps": steps,
+                "timesteps": len(model.schedule.ddim_timesteps(steps)),  # more than steps where they do not divide T
+                "sampler": sampler,
                 "eta": eta, "guidance_scale": guidance, "seed": args.seed, "dtype": str(dtype),
                 "batch_size": args.batch_size, "device": str(device), "no_ema": args.no_ema,
                 "random_init": args.random_init, "context_source": args.context_file or args.db, "text": args.text,

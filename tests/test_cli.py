@@ -44,17 +44,18 @@ def tiny_dir(tmp_path_factory):
 def test_sample_with_context_file(tiny_dir, tmp_path):
     out = tmp_path / "out"
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),
-               "--out", str(out), "--steps", "4", "--n-samples", "3", "--batch-size", "2", "--seed", "5") == 0
+               "--out", str(out), "--steps", "7", "--n-samples", "3", "--batch-size", "2", "--seed", "5") == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["grid.png", "run.json", "sample_00000.png", "sample_00001.png", "sample_00002.png"]
     img = np.asarray(Image.open(out / "sample_00000.png"))
     assert img.shape == (32, 32, 3) and img.std() > 0
     info = json.loads((out / "run.json").read_text())
-    assert (info["steps"], info["seed"], info["n_samples"], info["guidance_scale"]) == (4, 5, 3, 2.0)
+    assert (info["steps"], info["seed"], info["n_samples"], info["guidance_scale"]) == (7, 5, 3, 2.0)
+    assert info["timesteps"] == 8  # stride 1000 // 7 = 142 visits 8 timesteps, as the reference does
     # same seed, same images; samples 0 and 2 share a context (cycled) but not their noise
     again = tmp_path / "again"
     cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--out",
-        str(again), "--steps", "4", "--n-samples", "3", "--batch-size", "2", "--seed", "5")
+        str(again), "--steps", "7", "--n-samples", "3", "--batch-size", "2", "--seed", "5")
     for name in ("sample_00000.png", "sample_00002.png"):
         assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(again / name)))
     assert not np.array_equal(np.asarray(Image.open(out / "sample_00000.png")),
