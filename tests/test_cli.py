@@ -185,7 +185,7 @@ def test_start_noise_and_images_do_not_depend_on_the_batch_size(tiny_dir, tmp_pa
         assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),
                    "--out", str(tmp_path / str(b)), "--steps", "4", "--n-samples", "5", "--batch-size", str(b),
                    "--seed", "3", "--eta", str(eta)) == 0
-        runs[b] = [torch.cat(t) for t in zip(*calls)]
+        runs[b] = [torch.cat(t) for t in zip(*calls, strict=True)]
     assert len(calls) == 1 and torch.equal(runs[2][0], runs[5][0])
     torch.testing.assert_close(runs[2][1], runs[5][1], rtol=1e-4, atol=1e-4)
     for i in range(5):

@@ -268,7 +268,7 @@ def test_search_ties_by_lower_id(tmp_path):
 def test_topk_lowest_id(k):
     scores = torch.randint(0, 6, (25, 31)).float()  # heavy ties
     vals, idx = topk_lowest_id(scores, k)
-    for row, v, i in zip(scores.numpy(), vals.numpy(), idx.numpy()):
+    for row, v, i in zip(scores.numpy(), vals.numpy(), idx.numpy(), strict=True):
         ref = np.lexsort((np.arange(31), -row))[:k]
         np.testing.assert_array_equal(i, ref)
         np.testing.assert_array_equal(v, row[ref])
@@ -300,7 +300,7 @@ def _planted(tmp_path):
 def _filtered_brute_force(stored, k, exclude_self, threshold):
     s, ids = brute_force(stored.astype(np.float16), stored.astype(np.float16).astype(np.float32), len(stored))
     out_ids, out_scores = [], []
-    for q, (row_s, row_i) in enumerate(zip(s, ids)):
+    for q, (row_s, row_i) in enumerate(zip(s, ids, strict=True)):
         keep = np.ones(len(row_i), bool)
         if exclude_self:
             keep &= row_i != q
@@ -361,7 +361,7 @@ def test_proposal_ranking_and_top_m(tmp_path, data):
     ranked, counts = proposal_ranking(neighbor_ids, 50)
     ref_counts = np.bincount(neighbor_ids.ravel(), minlength=50)
     assert counts.tolist() == sorted(ref_counts.tolist(), reverse=True)
-    assert all(ref_counts[i] == c for i, c in zip(ranked.tolist(), counts.tolist()))
+    assert all(ref_counts[i] == c for i, c in zip(ranked.tolist(), counts.tolist(), strict=True))
     save_proposals(path, ranked.numpy(), counts.numpy(), queries=200, k=4)
     db = Database.open(path, device="cpu")
     assert db.manifest["proposals"]["file"] == "proposals.npy"

@@ -123,7 +123,7 @@ def test_random_crops_coords_and_workers(image_dir, tmp_path):
     assert n == 3 * len(GOOD) and db.manifest["has_patch_coords"]
     sources, coords = db.sources(torch.arange(n)), db.patch_coords(torch.arange(n)).numpy()
     crops = []
-    for s, (x, y) in zip(sources, coords):
+    for s, (x, y) in zip(sources, coords, strict=True):
         img = reference_rgb(image_dir / s)
         if min(img.shape[:2]) < 32:  # upscaled so the short side is the crop size
             h, w = img.shape[:2]

@@ -231,7 +231,7 @@ def test_schedule_and_updates_match_the_independent_oracle(steps, eta):
     i = len(c) // 2
     args = (float(c.alphas[i]), float(c.alphas_prev[i]), float(c.sigmas[i]))
     for ours, theirs in zip(ops.ddim_guided_step(x, None, eps, 1.0, *args, noise=noise),
-                            oracle.ddim_step(x, eps, *args, noise)):
+                            oracle.ddim_step(x, eps, *args, noise), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     for n in (1, 2, 3):  # the Adams-Bashforth combination, then the update with it
         ours = ops.plms_guided_step(x, None, eps, 1.0, hist[:n], *args[:2])[0]

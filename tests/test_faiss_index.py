@@ -67,7 +67,7 @@ def brute_force(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 
 
 def recall(ids: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.mean([len(set(a) & set(b)) / ref.shape[1] for a, b in zip(ids, ref)]))
+    return float(np.mean([len(set(a) & set(b)) / ref.shape[1] for a, b in zip(ids, ref, strict=True)]))
 
 
 def is_mapped(path: Path) -> bool:
@@ -258,7 +258,7 @@ def test_build_streams_in_chunks(tmp_path):
     results = []
     for run in range(2):
         logs = [[] for _ in arrays]
-        shards = [RecordingShard(a, lg) for a, lg in zip(arrays, logs)]
+        shards = [RecordingShard(a, lg) for a, lg in zip(arrays, logs, strict=True)]
         info = build_index(shards, "ivfpq", out=tmp_path / f"s{run}.faiss", progress=False, train_size=3000,
                            nlist=16, nbits=6, chunk=700, seed=5)
         assert info["train_size"] == 3000

@@ -315,7 +315,7 @@ def test_cpu_extension_path_matches_reference_path():
             ref = model.unet(x, t, ctx), model.decode(x)
         with ops.use_mode("auto"):
             fast = model.unet(x, t, ctx), model.decode(x)
-    for a, b in zip(fast, ref):
+    for a, b in zip(fast, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

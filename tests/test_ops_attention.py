@@ -131,7 +131,7 @@ def compare_with_reference(fn, case: tuple, device: str = "cpu") -> str | None:
     ref_grads = torch.autograd.grad(ref, leaves, grad_out)
     (oa, orr), (ga, gr) = TOLERANCES[q.dtype]
     errors = [_mismatch("output", out, ref, oa, orr)]
-    errors += [_mismatch(f"grad {i}", g, r, ga, gr) for i, (g, r) in enumerate(zip(grads, ref_grads))]
+    errors += [_mismatch(f"grad {i}", g, r, ga, gr) for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True))]
     errors = [e for e in errors if e]
     return "; ".join(errors) or None
 

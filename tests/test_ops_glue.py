@@ -180,11 +180,11 @@ def tensor_coefficients_exact(dtype: torch.dtype, device: str = "cpu") -> str | 
     for i in (0, 10, 30, 49):
         for eta in (0.0, 1.0):
             args, _ = step_inputs("ddim-guided-noise-1x16x13x11", dtype, device)
-            args.update(zip(("a_t", "a_prev", "sigma_t"), step_coefficients(i, eta)))
+            args.update(zip(("a_t", "a_prev", "sigma_t"), step_coefficients(i, eta), strict=True))
             tensors = {**args, **{k: torch.tensor(args[k], dtype=torch.float64, device=device)
                                   for k in ("a_t", "a_prev", "sigma_t")}}
             with _dispatch.use_mode("fast"):
-                pairs = list(zip(ddim_guided_step(**args), ddim_guided_step(**tensors)))
+                pairs = list(zip(ddim_guided_step(**args), ddim_guided_step(**tensors), strict=True))
             if not all(torch.equal(a, b) for a, b in pairs):
                 diff = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
                 differ.append(f"step {i} eta {eta} (max abs diff {diff:.3g})")
@@ -286,7 +286,7 @@ def test_sampler_step_reference_matches_oracle(name):
         combined = (eps + hist[0]) / 2 if "weights" in d else oracle.plms_eps(eps, hist) if hist else eps
         expected = oracle.ddim_step(d["x"], combined, num(d["a_t"]), num(d["a_prev"]), 0.0)
         torch.testing.assert_close(out[2].double(), eps, rtol=1e-5, atol=1e-5)
-    for got, want in zip(out[:2], expected):
+    for got, want in zip(out[:2], expected, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -294,7 +294,7 @@ def test_tensor_coefficients_match_float_ones():
     args, kind = step_inputs("ddim-guided-noise-1x16x13x11", torch.float32)
     tensor_args = {**args, **{k: torch.tensor(args[k], dtype=torch.float64)
                               for k in ("guidance_scale", "a_t", "a_prev", "sigma_t")}}
-    for got, want in zip(run_step(kind, tensor_args), run_step(kind, args)):
+    for got, want in zip(run_step(kind, tensor_args), run_step(kind, args), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -396,7 +396,7 @@ def test_interpreter_impls_refuse_bfloat16():
             (CROSS_ATTENTION, (x, w, None, EPS, torch.randn(32, 32, dtype=dtype), kv, kv, 1)),
         ]
 
-    for (op, args16), (_, args_bf16) in zip(calls(torch.float16), calls(torch.bfloat16)):
+    for (op, args16), (_, args_bf16) in zip(calls(torch.float16), calls(torch.bfloat16), strict=True):
         impl = op.impl("triton-interpreter")
         assert impl.unsupported(*args16) is None, op.name
         assert "bfloat16" in impl.unsupported(*args_bf16), op.name
@@ -440,7 +440,8 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
         return err
     if op == "add_layer_norm":
         args = (view_inputs(case, dtype, device) if case in VIEW_CASES else ln_inputs(name, dtype, device)) + (EPS,)
-        errs = [check(o, r) for o, r in zip(kernels.add_layer_norm(*args), add_layer_norm_reference(*args))]
+        outs = kernels.add_layer_norm(*args)
+        errs = [check(o, r) for o, r in zip(outs, add_layer_norm_reference(*args), strict=True)]
         return "; ".join(e for e in errs if e) or None
     if op == "add_bias":
         x, b, r = bias_inputs(name, dtype, device)
@@ -473,7 +474,7 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
         out = run_step(kind, args)
     with _dispatch.use_mode("reference"):
         ref = run_step(kind, args)
-    errs = [check(o, r) for o, r in zip(out, ref)]
+    errs = [check(o, r) for o, r in zip(out, ref, strict=True)]
     return "; ".join(e for e in errs if e) or None
 
 
@@ -522,7 +523,7 @@ def test_triton_gpu_model_shapes(dtype):
         outs.append(geglu(h))
     refs = [layer_norm_reference(x, w.to(dtype), b.to(dtype), EPS),
             *add_layer_norm_reference(x, x, b.to(dtype), w, b, EPS), geglu_reference(h)]
-    for o, r in zip(outs, refs):
+    for o, r in zip(outs, refs, strict=True):
         err = check(o, r)
         assert err is None, err
 
@@ -551,7 +552,7 @@ def test_gpu_step_with_device_coefficients_syncs_not_and_captures():
     graph.replay()
     with _dispatch.use_mode("reference"):
         expected = ddim_guided_step(args["x"], args["e_uncond"], args["e_cond"], 1.5, a_t, a_prev, sigma, noise)
-    for got, want in zip((x_prev, x0), expected):
+    for got, want in zip((x_prev, x0), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

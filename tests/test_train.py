@@ -188,7 +188,7 @@ def test_replay_crop_matches_make_crops(mode):
     for shape in [(50, 40), (20, 70), (32, 32)]:
         img = Image.fromarray(rng.integers(0, 256, (*shape, 3), np.uint8))
         crops, coords = make_crops(img, mode, 32, 3, np.random.default_rng(5))
-        for crop, xy in zip(crops, coords):
+        for crop, xy in zip(crops, coords, strict=True):
             again = replay_crop(img, mode, 32, tuple(int(v) for v in xy) if mode == "random" else None)
             assert np.array_equal(again, crop)
     if mode == "random":
@@ -504,8 +504,9 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
 
 
 def _training_inputs(monkeypatch) -> list[dict[str, torch.Tensor]]:
-    """Record the clean latents and contexts every training micro-batch feeds the loss."""
-    seen, real = [], train.eps_losses
+    """Record the clean latents and contexts every training micro-batch feeds the loss (from the next run on: the
+    spy wraps the library's own function, not an earlier spy)."""
+    seen, real = [], eps_losses
 
     def spy(unet, schedule, x0, context, t, noise):
         seen.append({"x0": x0.detach().clone(), "context": context.detach().clone(), "t": t.clone()})
@@ -535,7 +536,7 @@ def test_cached_moments_are_the_encoder_outputs(setup, tmp_path, monkeypatch):
     torch.testing.assert_close(torch.stack([stored[i]["moments"] for i in range(len(stored))]), want, rtol=2e-3,
                                atol=1e-4)
     assert stored.readable().all()
-    for a, b, c in zip(inputs["images"], inputs["cached"], inputs["again"]):
+    for a, b, c in zip(inputs["images"], inputs["cached"], inputs["again"], strict=True):
         torch.testing.assert_close(b["x0"], a["x0"], rtol=5e-3, atol=5e-4)  # float16 moments, the same KL draw
         assert torch.equal(c["x0"], b["x0"]) and torch.equal(b["context"], a["context"])
     assert len(inputs["again"]) == 2 and json.loads((tmp_path / "again" / "log.jsonl").read_text())["unreadable"] == 0
@@ -725,13 +726,13 @@ def test_runs_start_from_init_or_first_stage(setup, tmp_path):
     base = _args(setup, tmp_path / "new")
     started = train.build_model(parser.parse_args([*base, "--init", str(source)]))
     assert started.config == ema.config
-    assert all(torch.equal(a, b) for a, b in zip(started.state_dict().values(), ema.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(started.state_dict().values(), ema.state_dict().values(), strict=True))
     fresh = train.build_model(parser.parse_args([*base, "--first-stage", str(source), "--config", str(setup["cfg"])]))
     assert all(torch.equal(a, b) for a, b in zip(fresh.first_stage.state_dict().values(),
-                                                 ema.first_stage.state_dict().values()))
+                                                 ema.first_stage.state_dict().values(), strict=True))
     torch.manual_seed(0)
     seeded = RDM.from_config(RDMConfig.resolve(setup["cfg"])).unet.state_dict()
-    assert all(torch.equal(a, b) for a, b in zip(fresh.unet.state_dict().values(), seeded.values()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.unet.state_dict().values(), seeded.values(), strict=True))
 
 
 def test_sigterm_stops_with_a_checkpoint_and_resumes(setup, tmp_path):
