@@ -52,6 +52,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded into the configured model."""
 
 
+def unreadable(file: Path, e: Exception) -> CheckpointError:
+    """The error for a checkpoint file that is missing, truncated or corrupt (``e``: what reading it raised)."""
+    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+    return CheckpointError(f"{file} cannot be read ({why}): is the checkpoint truncated or corrupt?")
+
+
+def read_train_state(file: Path) -> dict[str, Any]:
+    """A training checkpoint's ``state.json`` (step, EMA update count, the run's settings), checked."""
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise unreadable(file, e) from None
+    if not (isinstance(state, dict) and {"step", "ema_updates"} <= state.keys()):
+        raise CheckpointError(f"{file} records no step and ema_updates: is it a checkpoint of "
+                              "python -m rdm_fast.train?")
+    updates = state["ema_updates"]
+    if not isinstance(updates, int) or isinstance(updates, bool) or updates < 0:
+        raise CheckpointError(f"{file}: ema_updates = {updates!r} is not a count")
+    return state
+
+
 class StateDictMismatch(CheckpointError):
     """Tensors the model needs that a checkpoint lacks or holds in another shape. The message is one line (counts
     and the first names); ``missing`` and ``mismatched`` keep the full lists."""

@@ -10,7 +10,6 @@ weights go under ``model.diffusion_model.`` and its EMA weights under ``model_em
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -40,27 +39,10 @@ def official_checkpoint(model: RDM, ema: RDM | None = None, ema_updates: int = 0
     return state
 
 
-def read_ema_updates(state_file: Path) -> int:
-    """The EMA update count a training checkpoint's state.json records (LitEma's ``num_updates``)."""
-    try:
-        updates = json.loads(state_file.read_text())["ema_updates"]
-    except OSError as e:
-        raise ckpt.CheckpointError(f"cannot read {state_file} ({e.strerror}): the training checkpoint is "
-                                   "incomplete") from None
-    except ValueError as e:
-        raise ckpt.CheckpointError(f"{state_file} is not valid JSON ({e})") from None
-    except (KeyError, TypeError):
-        raise ckpt.CheckpointError(f"{state_file} records no ema_updates: is it a checkpoint of "
-                                   "python -m rdm_fast.train?") from None
-    if not isinstance(updates, int) or isinstance(updates, bool) or updates < 0:
-        raise ckpt.CheckpointError(f"{state_file}: ema_updates = {updates!r} is not a count")
-    return updates
-
-
 def _export_official(args: argparse.Namespace, out: Path) -> Path:
     weights = ckpt.resolve_file(args.ckpt)
     training = (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file()  # raw UNet weights beside the EMA ones
-    updates = read_ema_updates(weights.parent / ckpt.TRAIN_STATE_FILE) if training else 0
+    updates = ckpt.read_train_state(weights.parent / ckpt.TRAIN_STATE_FILE)["ema_updates"] if training else 0
     raw = RDM.from_pretrained(weights, args.config, use_ema=not training, allow_pickle=args.allow_pickle)
     ema = RDM.from_pretrained(weights, args.config, allow_pickle=args.allow_pickle) if training else None
     state = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() and k != "model_ema.decay" else v

@@ -27,6 +27,7 @@ from ._cli import CLIError, HelpFormatter, pick_dtype, run
 from ._distributed import process_device
 from ._files import atomic_write_json
 from .config import RDMConfig, preset_names
+from .data import derived_seed
 from .diffusion import Schedule
 from .encoders import EncoderUnavailable
 from .images import grid, save_png, to_uint8
@@ -92,6 +93,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.eta is not None and not args.eta >= 0:
         raise CLIError(f"--eta must be >= 0, got {args.eta}")
+    if not 0 <= args.seed < 2**63:
+        raise CLIError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.db and not 0 < args.top_m <= 1:
         raise CLIError(f"--top-m must be a fraction in (0, 1], got {args.top_m}")
     if (args.text or args.image) and not args.db:
@@ -128,17 +131,19 @@ def load_model(args: argparse.Namespace, cfg: RDMConfig | None, device: torch.de
                                use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
 
 
-def seeded_generator(seed: int, *key: int) -> torch.Generator:
-    """A CPU generator for the stream (seed, *key), seeded through numpy's SeedSequence: distinct keys give
-    independent streams."""
-    state = np.random.SeedSequence([seed % 2**64, *key]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+START_NOISE, STEP_NOISE = 0, 1  # purposes of the per-sample streams (data.derived_seed)
+
+
+def seeded_generator(seed: int, purpose: int, sample: int) -> torch.Generator:
+    """A CPU generator for sample ``sample``'s stream of ``purpose`` (training's seed mixer, ``derived_seed``)."""
+    return torch.Generator().manual_seed(derived_seed(seed, purpose, sample))
 
 
 def start_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The start noise x_T of samples [start, stop), sample i's from the stream (seed, 0, i): the same for any
+    """The start noise x_T of samples [start, stop), sample i's from its own stream: the same for any
     batching of the samples."""
-    return torch.stack([torch.randn(shape, generator=seeded_generator(seed, 0, i)) for i in range(start, stop)])
+    return torch.stack([torch.randn(shape, generator=seeded_generator(seed, START_NOISE, i))
+                        for i in range(start, stop)])
 
 
 def read_context_file(path: str, dim: int) -> torch.Tensor:
@@ -243,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if device.type == "cuda":  # copied without waiting for the queued retrieval
                 x_T = x_T.pin_memory().to(device, non_blocking=True)
             z = model.sample(batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance, x_T=x_T,
-                             generator=[seeded_generator(args.seed, 1, i) for i in samples],  # eta > 0 noise
+                             generator=[seeded_generator(args.seed, STEP_NOISE, i) for i in samples],  # eta > 0 noise
                              cuda_graph=False if args.no_cuda_graph else None)
             images_gpu = model.decode(z)
             if start + args.batch_size < n:  # queue the next batch's retrieval before waiting for these images

@@ -243,7 +243,9 @@ def load_checkpoint(path: Path, model: RDM, ema: EMA, optimizer: torch.optim.Opt
                     scaler: torch.amp.GradScaler) -> dict[str, Any]:
     """Restore the training weights, EMA, optimizer and loss scaler of checkpoint ``path``; returns its state.
     CheckpointError, naming the file, for a missing, truncated or corrupt one."""
-    state = _read_state(path / ckpt.TRAIN_STATE_FILE)
+    state = ckpt.read_train_state(path / ckpt.TRAIN_STATE_FILE)
+    if not isinstance(state.get("run"), dict):
+        raise ckpt.CheckpointError(f"{path / ckpt.TRAIN_STATE_FILE} lacks the run's settings: cannot resume from it")
     averaged, _ = ckpt.read_state_dict(path / ckpt.WEIGHTS_FILE)
     model.first_stage.load_state_dict({k[len("first_stage."):]: v for k, v in averaged.items()
                                        if k.startswith("first_stage.")})
@@ -260,28 +262,12 @@ def load_checkpoint(path: Path, model: RDM, ema: EMA, optimizer: torch.optim.Opt
     return state
 
 
-def _unreadable(file: Path, e: Exception) -> ckpt.CheckpointError:
-    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
-    return ckpt.CheckpointError(f"{file} cannot be read ({why}): is the checkpoint truncated or corrupt?")
-
-
-def _read_state(file: Path) -> dict[str, Any]:
-    """A checkpoint's ``state.json``: step, EMA updates and the run's settings."""
-    try:
-        state = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _unreadable(file, e) from None
-    if not (isinstance(state, dict) and {"step", "ema_updates", "run"} <= state.keys()):
-        raise ckpt.CheckpointError(f"{file} lacks the step, EMA updates or run settings of a training checkpoint")
-    return state
-
-
 def _read_optimizer(file: Path) -> dict[str, Any]:
     """A checkpoint's ``optimizer.pt``: the optimizer's and the loss scaler's states."""
     try:
         saved = torch.load(file, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise _unreadable(file, e) from None
+        raise ckpt.unreadable(file, e) from None
     if not (isinstance(saved, dict) and {"optimizer", "scaler"} <= saved.keys()):
         raise ckpt.CheckpointError(f"{file} does not hold an optimizer and loss scaler state")
     return saved

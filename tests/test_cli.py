@@ -108,6 +108,7 @@ def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message, n_sample
     (["--ckpt", "{d}/model", "--text", "a cat"], "--text and --image are queries into a database: add --db"),
     (["--ckpt", "{d}/model", "--steps", "999"], "steps must be between 1 and 500"),
     (["--ckpt", "{d}/model", "--n-samples", "0"], "--n-samples must be at least 1"),
+    (["--ckpt", "{d}/model", "--seed", "-1"], r"--seed must be in \[0, 2\*\*63\)"),
     (["--ckpt", "{d}/model", "--sampler", "plms", "--eta", "0.5"], "plms is deterministic"),
     (["--ckpt", "{d}/model", "--eta", "3"], (r"eta = 3 is too large for 20 steps .*: the DDIM update needs "
                                              r"eta <= 1.0166$")),
@@ -280,7 +281,7 @@ def test_convert_training_checkpoints(tmp_path, capsys):
     assert int(state["model_ema.num_updates"]) == 7
     (tmp_path / "ck" / ckpt.TRAIN_STATE_FILE).write_text(json.dumps({"step": 7}))
     assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "x"), "--to", "official") == 2
-    assert capsys.readouterr().err.strip().endswith("state.json records no ema_updates: is it a checkpoint of "
+    assert capsys.readouterr().err.strip().endswith("state.json records no step and ema_updates: is it a checkpoint of "
                                                     "python -m rdm_fast.train?")
     (tmp_path / "ck" / ckpt.TRAIN_STATE_FILE).write_text(json.dumps({"step": 7, "ema_updates": 7}))
     (tmp_path / "ck" / ckpt.TRAIN_WEIGHTS_FILE).write_bytes(b"garbage")
