@@ -14,7 +14,7 @@ import pickle
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -135,13 +135,7 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); is it truncated?") from None
+        return _read_safetensors(path, lambda f: ({k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})))
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # zip (torch.save) or pickle (legacy torch.save)
@@ -172,11 +166,16 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of a ``.safetensors`` file, read from its header alone (no tensors)."""
+    return _read_safetensors(Path(path), lambda f: dict(f.metadata() or {}))
+
+
+def _read_safetensors(path: Path, read: Callable[[Any], Any]) -> Any:
+    """``read(f)`` on the opened safetensors file, CheckpointError if the file is damaged."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            return read(f)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); is it truncated?") from None
 
