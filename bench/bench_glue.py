@@ -2,8 +2,7 @@
 
 Shapes of the released models' largest transformer level and sampler state: imagenet tokens (128, 1024, 384)
 bf16 with GEGLU hidden 2 x 1536, latents (64, 3, 64, 64) fp32 (64 images, guided batch 128); rdm768 tokens
-(32, 2304, 448), hidden 2 x 1792, latents (16, 16, 48, 48); the GEGLU projection with its gating
-(``geglu_linear``: fused kernel vs F.linear + gating) on those tokens; bias + residual on the top-level
+(32, 2304, 448), hidden 2 x 1792, latents (16, 16, 48, 48); bias + residual on the top-level
 channels-last feature maps, (128, 64, 64, 192) and (32, 48, 48, 448) as (B, H, W, C). Implementations:
 ``fused`` (rdm_fast.ops.glue), ``eager`` (the PyTorch ops they replace: for the sampler steps, the op's own
 reference) and ``compiled`` (``torch.compile`` of ``eager``, compiled during warm-up; deselect with
@@ -59,10 +58,6 @@ def eager_geglu(h):
     return a * F.gelu(gate)
 
 
-def eager_geglu_linear(x, w, b):
-    return eager_geglu(F.linear(x, w, b))
-
-
 def eager_ddim(x, e_u, e_c):  # the sampler step's PyTorch reference: a chain of elementwise ops
     return sampler_step_reference(x, e_u, e_c, SCALE, (), (1.0,), A_T, A_PREV, 0.0, None, False)[:2]
 
@@ -76,13 +71,11 @@ FUSED = {
     "add_layer_norm": lambda x, r, w, b: add_layer_norm(x, r, None, w, b, EPS),
     "add_bias": add_bias,
     "geglu": geglu,
-    "geglu_linear": ops.geglu_linear,
     "ddim_step": lambda x, e_u, e_c: ddim_guided_step(x, e_u, e_c, SCALE, A_T, A_PREV),
     "plms_step": lambda x, e_u, e_c, h1, h2, h3: plms_guided_step(x, e_u, e_c, SCALE, [h3, h2, h1], A_T, A_PREV),
 }
 EAGER = {"layer_norm": eager_layer_norm, "add_layer_norm": eager_add_layer_norm, "add_bias": eager_add_bias,
-         "geglu": eager_geglu, "geglu_linear": eager_geglu_linear,
-         "ddim_step": eager_ddim, "plms_step": eager_plms}
+         "geglu": eager_geglu, "ddim_step": eager_ddim, "plms_step": eager_plms}
 _compiled: dict[str, object] = {}
 
 
@@ -103,9 +96,6 @@ def _inputs(op: str, model: str):
     if op == "geglu":
         h = rand(b, n, 8 * c)
         return (h,), h.nbytes * 3 // 2
-    if op == "geglu_linear":
-        args = (rand(b, n, c), rand(8 * c, c) / c**0.5, rand(8 * c))
-        return args, 5 * args[0].nbytes + args[1].nbytes
     lat = LATENTS[model]
     if op == "ddim_step":
         args = tuple(rand(*lat, dtype=torch.float32) for _ in range(3))

@@ -3,20 +3,20 @@
 # own time limit so that one hang cannot eat the rest, results written to $OUT as they come:
 #   1. build the C++/CUDA extension in place (background, sm_90), then 4. the tests that need the extension or
 #      whole models (CUDA GroupNorm, UNet vs oracle, graph sampling, training steps), while
-#   2. the Triton kernels' GPU parity tests run (attention, cross-attention, glue, GEGLU projection, GroupNorm,
+#   2. the Triton kernels' GPU parity tests run (attention, cross-attention, glue, GroupNorm,
 #      kNN search, the graph timer of the measured choices; pytest-xdist when present). Both test runs share
 #      the GPU; nothing is timed until they are done;
 #   3. bench/gpu_step.py: parity of a whole guided step (fast and reference bf16 against fp32), CUDA-event
 #      timings of rdm_fast (graph / eager) against the eager SDPA peer, a per-kernel and a per-module breakdown;
-#      then bench/gpu_tune.py (GroupNorm tunables, the fused GEGLU projection vs GEMM + gating per level, attention
-#      per level vs SDPA, add_bias tunables, upsample variants; GPU_CHECK_TUNE=0 skips it);
+#      then bench/gpu_tune.py (GroupNorm tunables, attention per level vs SDPA, add_bias tunables, upsample variants; GPU_CHECK_TUNE=0 skips it);
 #   5. per-op pytest-benchmark suites with their PyTorch baselines (cross-attention, glue, GroupNorm; `full`
 #      adds self-attention, search and the training step);
 #   6. in the time left, the torch.compile peer of the guided step (minutes of compilation per model).
 # $OUT gets at most 8 files (what the device tool returns): gpu.txt, log.txt (build, step script, compile peer),
 # tests.txt, step.txt, kernels_<preset>.txt (two), tune.txt, bench.txt (the pytest-benchmark table).
-# Usage there: bash bench/gpu_check.sh [full].  GPU_CHECK_BUDGET (seconds, default 420) bounds the whole
-# script; nothing is downloaded.
+# Usage there: bash bench/gpu_check.sh [full|tests] (`tests`: phases 1, 2 and 4 only, with the whole budget).
+# GPU_CHECK_BUDGET (seconds, default 420) bounds the whole script; nothing is downloaded. Test output is verbose
+# (one line per test, as it finishes), so that a phase cut off by its limit still names its failures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -32,28 +32,31 @@ limit() { local want=$1 l; l=$(left); [ "$l" -lt "$want" ] && want=$l; [ "$want"
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
+MODE=${1:-}
+MODEL_LIMIT=220; TRITON_LIMIT=200; [ "$MODE" = tests ] && { MODEL_LIMIT=$((BUDGET - 20)); TRITON_LIMIT=$((BUDGET - 20)); }
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 6"
 MODEL_XDIST=""; [ -n "$XDIST" ] && MODEL_XDIST="-n 4"
 
 # 1. extension, in place, then 4. the tests that need it or whole models (the float32 graph-vs-eager tests first)
 ( start=$SECONDS; $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; rc=$?
   echo "build rc=$rc in $((SECONDS - start)) s" >> "$OUT/build.log"
-  timeout "$(limit 220)" $PY -m pytest -q -rfEs $MODEL_XDIST -p no:cacheprovider tests/test_cuda_sampling.py \
+  timeout "$(limit $MODEL_LIMIT)" $PY -m pytest -v -rfEs $MODEL_XDIST -p no:cacheprovider tests/test_cuda_sampling.py \
     tests/test_ops_group_norm.py tests/test_models.py tests/test_train.py \
     -k "cuda or graph or sync or reproducible or eager" > "$OUT/tests_models.log" 2>&1
   echo "model tests rc=$? at $SECONDS s" >> "$OUT/tests_models.log" ) &
 MODELS=$!
 
 # 2. Triton kernels on the GPU (the interpreter cases are CI's job)
-timeout "$(limit 200)" $PY -m pytest -q -rfEs $XDIST -p no:cacheprovider tests/test_ops_attention.py \
-  tests/test_ops_cross_attention.py tests/test_ops_glue.py tests/test_ops_geglu_linear.py tests/test_gpu_search.py \
+timeout "$(limit $TRITON_LIMIT)" $PY -m pytest -v -rfEs $XDIST -p no:cacheprovider tests/test_ops_attention.py \
+  tests/test_ops_cross_attention.py tests/test_ops_glue.py tests/test_gpu_search.py \
   tests/test_triton_group_norm.py tests/test_ops_measured.py \
   -k "(gpu or cuda) and not interpreter" > "$OUT/tests.txt" 2>&1
 echo "triton tests rc=$? at $SECONDS s" >> "$OUT/tests.txt"
 wait $MODELS
 cat "$OUT/build.log" >> "$OUT/log.txt"; rm "$OUT/build.log"
 cat "$OUT/tests_models.log" >> "$OUT/tests.txt"; rm "$OUT/tests_models.log"
-grep "build rc" "$OUT/log.txt"; grep -E "^(FAILED|ERROR)| passed| failed|rc=" "$OUT/tests.txt"
+grep "build rc" "$OUT/log.txt"; grep -E "FAILED|ERROR| passed| failed|rc=" "$OUT/tests.txt" | grep -v "^\[gw.*PASSED" | sort -u
+[ "$MODE" = tests ] && exit 0
 
 # 3. whole guided step
 timeout "$(limit 150)" $PY bench/gpu_step.py --out "$OUT" >> "$OUT/log.txt" 2>&1
@@ -67,7 +70,7 @@ fi
 
 # 5. per-op benchmarks (PyTorch baselines in the same run)
 BENCHES="bench/bench_cross_attention.py bench/bench_glue.py bench/bench_ops.py"
-[ "${1:-}" = full ] && BENCHES="$BENCHES bench/bench_attention.py bench/bench_search.py bench/bench_train.py"
+[ "$MODE" = full ] && BENCHES="$BENCHES bench/bench_attention.py bench/bench_search.py bench/bench_train.py"
 COLS="--benchmark-columns=median,min,rounds --benchmark-group-by=group --benchmark-sort=name"
 if [ "$(left)" -gt 60 ]; then
   timeout "$(limit 200)" $PY -m pytest -q -p no:cacheprovider $BENCHES --benchmark-only $COLS \

@@ -61,7 +61,6 @@ KINDS = [  # (kind, substrings of the kernel name), first match wins
     ("group norm (ours)", ("group_norm", "GroupNorm", "_nhwc_stats", "_nhwc_finalize", "_nhwc_apply")),
     ("bias + residual (ours)", ("_add_bias",)),
     ("layer norm (ours)", ("layer_norm",)),
-    ("geglu projection, GEMM + gating (ours)", ("_geglu_linear",)),
     ("geglu (ours)", ("geglu",)),
     ("attention (sdpa)", ("flash", "fmha", "attention")),
     ("convolution", ("conv", "implicit", "fprop", "dgrad", "xmma", "cudnn")),
@@ -258,7 +257,7 @@ def main() -> None:
                         "forced (no timed choices between them and vendor kernels)")
     parser.add_argument("--timings-only", action="store_true", help="skip the parity check and the profile")
     args = parser.parse_args()
-    # rdm_fast's INFO lines (the path each op takes, geglu_linear's measured choices) go to stderr: log.txt
+    # rdm_fast's INFO lines (the path each op takes, attention's measured choices) go to stderr: log.txt
     logging.basicConfig(format="%(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("rdm_fast").setLevel(logging.INFO)
     out = Path(args.out)

@@ -10,8 +10,6 @@ launch gaps do not hide kernel time.
 3. Attention per level (imagenet, rdm768; self and cross): our flash kernel vs scaled_dot_product_attention (the
    choice ``auto`` mode measures per shape at run time).
 4. ``add_bias`` (``kernels.glue.ADD_BIAS_TUNING``) over the calls of an imagenet step, against clones.
-5. The GEGLU projection per transformer level: the fused kernel (``ops.geglu_linear`` in ``fast`` mode) vs the
-   vendor GEMM + the gating pass (what ``auto`` mode measures and picks per shape at run time).
 
 Usage: python bench/gpu_tune.py [--out DIR]; writes tune.txt there.
 """
@@ -186,59 +184,11 @@ def tune_attention(log, shapes_by_model: dict = ATTENTION_SHAPES, device: str = 
 
 
 def forward_choice() -> str:
-    """The forward kernel's autotuned configuration for the last shape, and the best autotuning timing with the
-    row sums on the FMA units and on the tensor cores (SUM_ON_MMA)."""
+    """The forward kernel's autotuned configuration for the last shape."""
     from rdm_fast.kernels import attention as kernels
 
-    return _choice(kernels._attn_fwd_kernel, "SUM_ON_MMA", ("sums on FMA", "sums on MMA"))
-
-
-def _choice(tuner, flag: str, names: tuple[str, str]) -> str:
-    """An autotuned kernel's configuration for its last shape, and the best timing among the candidates without
-    and with the constexpr ``flag`` (named by ``names``)."""
-    best = getattr(tuner, "best_config", None)
-    by_kind: dict[str, float] = {}
-    for cfg, t in (getattr(tuner, "configs_timings", None) or {}).items():
-        kind = names[bool(cfg.kwargs.get(flag))]
-        ms = t[0] if isinstance(t, (list, tuple)) else t
-        by_kind[kind] = min(by_kind.get(kind, float("inf")), ms)
-    tried = ", ".join(f"{kind} {1000 * ms:.1f} us" for kind, ms in sorted(by_kind.items()))
-    return f"config {best.kwargs if best else '?'} warps {best.num_warps if best else '?'} ({tried or 'cached'})"
-
-
-# (rows, K): the feed-forward input of each transformer level (imagenet batch 128, rdm768 batch 32); W is (8K, K)
-GEGLU_SHAPES = {"imagenet": [(128 * 1024, 384), (128 * 256, 576), (128 * 64, 960)],
-                "rdm768": [(32 * 2304, 448), (32 * 576, 896), (32 * 144, 1344), (32 * 36, 1792)]}
-
-
-def geglu_choice() -> str:
-    """The fused GEGLU kernel's autotuned configuration for the last shape, and the best autotuning timing of the
-    one-program-per-tile and of the persistent candidates."""
-    from rdm_fast.kernels import geglu_linear as kernels
-
-    return _choice(kernels._geglu_linear_kernel, "PER_SM", ("per tile", "persistent"))
-
-
-def tune_geglu_linear(log, device: str = "cuda") -> None:
-    """The fused GEGLU projection kernel vs F.linear + the gating kernel per level, CUDA-graph replays."""
-    dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    for model, shapes in GEGLU_SHAPES.items():
-        total_fused = total_unfused = 0.0
-        for rows, k in shapes:
-            x = torch.randn(rows, k, device=dev, dtype=dtype)
-            w = (torch.randn(8 * k, k, device=dev) / k**0.5).to(dtype)
-            b = torch.randn(8 * k, device=dev, dtype=dtype)
-            with ops.use_mode("fast"):
-                fused = ops.geglu_linear(x, w, b)  # autotunes outside the graph
-                t_fused = graph_ms(lambda: ops.geglu_linear(x, w, b))
-            unfused = ops.geglu(F.linear(x, w, b))
-            t_unfused = graph_ms(lambda: ops.geglu(F.linear(x, w, b)))
-            err = float((fused.float() - unfused.float()).norm() / unfused.float().norm())
-            total_fused, total_unfused = total_fused + t_fused, total_unfused + t_unfused
-            log(f"geglu_linear {model} {rows}x{k} -> {4 * k}: fused {1000 * t_fused:8.1f} us, GEMM + geglu "
-                f"{1000 * t_unfused:8.1f} us ({t_unfused / t_fused:.2f}x), rel. diff {err:.1e}; {geglu_choice()}")
-        log(f"geglu_linear {model}, one call per level: fused {total_fused:.3f} ms, unfused {total_unfused:.3f} ms")
+    best = getattr(kernels._attn_fwd_kernel, "best_config", None)
+    return f"config {best.kwargs if best else '?'} warps {best.num_warps if best else '?'}"
 
 
 def main() -> None:
@@ -249,7 +199,6 @@ def main() -> None:
     torch.backends.cudnn.benchmark = False
     with torch.inference_mode():
         tune_group_norm(log)  # first: it decides the most (GroupNorm tunables); the rest are cheaper
-        tune_geglu_linear(log)
         tune_attention(log)
         tune_add_bias(log)
         tune_upsample(log)

@@ -18,10 +18,9 @@ On a GPU each kernel is autotuned over a few block shapes per (Nq, Nk, head dim,
 ``TRITON_INTERPRET=1`` (read when this module is imported) a single small configuration is used.
 
 At head dim 32 the forward's softmax, not its matrix products, takes the issue slots: per key block of 64 a
-thread issues about 450 instructions for 64 scores, a sixth of them the row sums (sm_90 SASS, Triton 3.6). The
-``SUM_ON_MMA`` candidates compute the row sums on the tensor cores instead, as ``p @ ones`` accumulated like
-the output (the sums of the same 16-bit p that multiplies v): 10-13 % fewer instructions per block. They
-need a few more registers, so the autotuner keeps them only where they time faster (16-bit inputs).
+thread issues about 450 instructions for 64 scores (sm_90 SASS, Triton 3.6). Two ways to shorten that loop
+were measured slower on an H200 at every level of the released models and removed (``bench/RESULTS.md``):
+half of the exponentials as polynomials on the FMA units, and the row sums on the tensor cores (``p @ ones``).
 """
 
 from __future__ import annotations
@@ -43,12 +42,10 @@ MAX_GRID_Y = 65535  # CUDA limit of the second grid dimension, which holds batch
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(shapes: list[tuple], interpreter: tuple[int, int], flag: str | None = None) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, warps, stages[, flag]) candidates on a GPU, one small configuration in the interpreter;
-    ``flag`` names a boolean constexpr of the kernel that an optional fifth entry sets (default False)."""
-    def config(m: int, n: int, w: int, s: int, *on: bool) -> triton.Config:
-        kwargs = {"BLOCK_M": m, "BLOCK_N": n, **({flag: bool(on and on[0])} if flag else {})}
-        return triton.Config(kwargs, num_warps=w, num_stages=s)
+def _configs(shapes: list[tuple], interpreter: tuple[int, int]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, warps, stages) candidates on a GPU, one small configuration in the interpreter."""
+    def config(m: int, n: int, w: int, s: int) -> triton.Config:
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
     if INTERPRETER:
         return [config(*interpreter, 4, 1)]
@@ -67,8 +64,6 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
     def fits(c: triton.Config) -> bool:
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if c.kwargs.get("SUM_ON_MMA") and fp32:  # float32 products run on the CUDA cores: nothing to offload
-            return False
         if fp32:
             return (m, n) in _FP32_TILES
         if n < 32 and named_args["N_K"] > 64:  # 16-key tiles only for the few neighbour keys
@@ -88,12 +83,11 @@ _NO_SPECIALIZE = ["H", "N_Q", "N_K"]
 # large score tiles (up to 256 x 64 / 128 x 128) amortise the per-row bookkeeping (on an H200 the autotuner
 # chose 128 x 64 with 4 warps at 1024 and 2304 tokens); 64 x 32 and 32 x 32 serve the 36- and 64-token levels
 # (and float32); x 16 tiles the cross-attention's 4 or 11 neighbour keys (a 32-key tile would be mostly
-# masked); the last four sum the rows on the tensor cores.
+# masked).
 _FWD_CONFIGS = _configs(
     [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-     (32, 32, 4, 2), (128, 16, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2),
-     (128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 3, True), (256, 64, 8, 3, True)],
-    interpreter=(32, 16), flag="SUM_ON_MMA",
+     (32, 32, 4, 2), (128, 16, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2)],
+    interpreter=(32, 16),
 )
 # dQ: BLOCK_M queries per program, BLOCK_N keys per step.
 _DQ_CONFIGS = _configs(
@@ -119,10 +113,8 @@ def _rows(base, rows, stride, offs_d, n, MASK: tl.constexpr):
 
 @triton.jit
 def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
-              SUM_ON_MMA: tl.constexpr):
-    """One key block of the online softmax: rescale the running sums and add p @ v. With ``SUM_ON_MMA`` the
-    row sums ``l_i`` are a (BLOCK_M, 16) tile, every column the sum, accumulated as ``p @ ones``."""
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax: rescale the running sums and add p @ v."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k = _rows(k_base, offs_n, stride_kn, offs_d, N_K, MASK)
@@ -133,11 +125,7 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, N
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    if SUM_ON_MMA:
-        p = p.to(v.dtype)
-        l_i = tl.dot(p, tl.full((BLOCK_N, 16), 1.0, v.dtype), l_i * alpha[:, None], input_precision=PRECISION)
-    else:
-        l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return acc, m_new, l_i
@@ -150,7 +138,6 @@ def _attn_fwd_kernel(
     stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
     H, N_Q, N_K, qk_scale,
     HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUM_ON_MMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -164,20 +151,15 @@ def _attn_fwd_kernel(
     v_base = V + b * stride_vb + col
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    if SUM_ON_MMA:
-        l_i = tl.zeros([BLOCK_M, 16], tl.float32)
-    else:
-        l_i = tl.zeros([BLOCK_M], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = (N_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
-                                  HEAD_DIM, BLOCK_N, False, PRECISION, SUM_ON_MMA)
+                                  HEAD_DIM, BLOCK_N, False, PRECISION)
     if n_full < N_K:
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, n_full, N_K, qk_scale,
-                                  HEAD_DIM, BLOCK_N, True, PRECISION, SUM_ON_MMA)
-    if SUM_ON_MMA:
-        l_i = tl.max(l_i, 1)  # every column holds the sum
+                                  HEAD_DIM, BLOCK_N, True, PRECISION)
 
     acc = acc / l_i[:, None]
     tl.store(O + b * stride_ob + col + offs_m[:, None] * stride_on + offs_d[None, :],

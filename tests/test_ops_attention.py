@@ -24,7 +24,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import math
 import os
 
 import pytest
@@ -162,50 +161,14 @@ def _child_main() -> None:
         # torch.compile traces the dispatch and the custom op (fake kernels) without graph breaks.
         compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
         results["torch.compile"] = compare_with_reference(compiled, (2, 40, 24, 2, 32, "float32", "dense", 1.0))
-    for name, case in SUM_ON_MMA_CASES.items():
-        results[name] = forward_with_sums_on_mma(case, "cpu", 32, 32)
     print_results(results)
-
-
-# The forward's SUM_ON_MMA variant (row sums as p @ ones), launched directly (on a GPU the autotuner keeps it only
-# where it is faster): full key blocks with a tail, a tail alone (the neighbour keys), a peaked softmax.
-SUM_ON_MMA_CASES = {"sum-on-mma-2x77x77x3x32-float16": (2, 77, 77, 3, 32, "float16", "dense", 1.0),
-                    "sum-on-mma-2x40x5x2x32-float16": (2, 40, 5, 2, 32, "float16", "dense", 1.0),
-                    "sum-on-mma-1x20x130x2x64-float16-peaked": (1, 20, 130, 2, 64, "float16", "dense", 4.0)}
-
-
-def forward_with_sums_on_mma(case: tuple, device: str, block_m: int, block_n: int, **launch) -> str | None:
-    """Output and log-sum-exp of the SUM_ON_MMA forward against the reference and a float64 log-sum-exp."""
-    import triton
-
-    from rdm_fast.kernels import attention as kernels
-
-    q, k, v, _, _ = (t.detach() if torch.is_tensor(t) else t for t in _inputs(case, device))
-    heads, (b, n_q, width), n_k = case[3], q.shape, k.shape[1]
-    d = width // heads
-    out = torch.full(q.shape, float("nan"), device=device, dtype=q.dtype)
-    lse = torch.full((b, heads, n_q), float("nan"), device=device)
-    kernels._attn_fwd_kernel.fn[(triton.cdiv(n_q, block_m), b * heads)](
-        q, k, v, out, lse, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
-        heads, n_q, n_k, d ** -0.5 * kernels.LOG2E, HEAD_DIM=d, PRECISION=kernels._precision(q),
-        BLOCK_M=block_m, BLOCK_N=block_n, SUM_ON_MMA=True, **launch)
-    (atol, rtol), _ = TOLERANCES[q.dtype]
-    err = _mismatch("output", out, attention_reference(q, k, v, heads), atol, rtol)
-    split = lambda t: t.double().unflatten(-1, (heads, d)).transpose(1, 2)  # noqa: E731
-    scores = split(q) @ split(k).transpose(-1, -2) * d ** -0.5
-    want = torch.logsumexp(scores, -1) / math.log(2.0)  # log2 units, as the kernel stores it
-    # the sums are of the 16-bit probabilities: each term within a unit roundoff u of its exact value, so the sum
-    # too, and its log2 within u / ln 2 (u = 2^-11 for float16, 2^-8 for bfloat16); plus float32 slack
-    bound = 1.05 * torch.finfo(q.dtype).eps / 2 / math.log(2.0) + 1e-5
-    lse_err = (lse.double() - want).abs().max().item()
-    return err or (None if lse_err < bound else f"lse: max abs diff {lse_err:.3g} > {bound:.3g} (log2 units)")
 
 
 interpreter_results = interpreter_fixture(__file__, timeout=900, RDM_FAST_OPS="auto")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("name", [*INTERPRETER_CASES, "opcheck", "torch.compile", *SUM_ON_MMA_CASES])
+@pytest.mark.parametrize("name", [*INTERPRETER_CASES, "opcheck", "torch.compile"])
 def test_interpreter_matches_reference(interpreter_results, name):
     check_result(interpreter_results, name)
 
@@ -382,21 +345,6 @@ def test_triton_gpu_strided_views_and_peaked_softmax(dtype):
     for case in [(2, 1024, 1024, 12, 32, dtype, "views", 1.0), (2, 577, 577, 4, 64, dtype, "views", 4.0)]:
         err = compare_with_reference(attention_triton, case, "cuda")
         assert err is None, f"{case}: {err}"
-
-
-@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_triton_gpu_sums_on_mma_match_reference(dtype):
-    """Every SUM_ON_MMA candidate launched directly (the autotuner may or may not pick them), on long sequences
-    with a tail block, the neighbour keys, and a peaked softmax."""
-    from rdm_fast.kernels import attention as kernels
-
-    for cfg in [c for c in kernels._FWD_CONFIGS if c.kwargs["SUM_ON_MMA"]]:
-        for case in [(2, 1000, 777, 4, 32, dtype, "dense", 1.0), (2, 1024, 11, 4, 32, dtype, "views", 1.0),
-                     (1, 700, 700, 3, 64, dtype, "views", 4.0)]:
-            err = forward_with_sums_on_mma(case, "cuda", cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"],
-                                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            assert err is None, f"{cfg} {case}: {err}"
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")

@@ -1,5 +1,5 @@
 """Measured: the per-shape choice between fast implementations by timing (the timer is faked here; the GPU tests
-of geglu_linear and attention, and the one of ``replay_time`` below, run the real one)."""
+of attention, and the one of ``replay_time`` below, run the real one)."""
 
 from __future__ import annotations
 

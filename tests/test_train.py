@@ -671,13 +671,24 @@ def test_mixed_precision_runs(setup, tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_gradients_match_cpu(cpu_gradients, precision, monkeypatch):
     """One backward pass on the GPU (our Triton attention forward and backward; TF32 off for float32) against
-    the CPU float32 one."""
+    the CPU float32 one. In bfloat16 the plain-PyTorch path on the same GPU is the yardstick for single tensors
+    (some gradients are small differences of large terms that bfloat16 rounds away, whatever computes them):
+    ours may be at most twice as far from float32 as it is, per tensor and over all together."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     want, stable = cpu_gradients
-    got = _unet_gradients("cuda", None if precision == "fp32" else torch.bfloat16)
+    autocast = None if precision == "fp32" else torch.bfloat16
+    got = _unet_gradients("cuda", autocast)
     worst, total = _gradient_errors(got, want, stable)
-    assert (worst, total) < ((1e-4, 1e-5) if precision == "fp32" else (0.1, 2e-2)), (worst, total)
+    if autocast is None:
+        assert worst < 1e-4 and total < 1e-5, (worst, total)
+        return
+    plain = _unet_gradients("cuda", autocast, mode="reference")
+    rel = lambda g, n: float((g[n] - want[n]).norm() / want[n].norm())  # noqa: E731
+    report = sorted(((rel(got, n), rel(plain, n), n) for n in stable), reverse=True)[:6]
+    plain_total = _gradient_errors(plain, want, stable)[1]
+    assert total < 2e-2 and total < 2 * plain_total + 1e-3, (total, plain_total, report)
+    assert all(ours < max(0.1, 2 * theirs) for ours, theirs, _ in report), (total, plain_total, report)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -226,7 +226,7 @@ class TransformerBlock(nn.Module):
             x = torch.cat([x, x])
         x, h = self._add_prepared_cross(x, context)
         ff = self.ff
-        g = ff.dropout(ops.geglu_linear(h, ff.proj.weight, ff.proj.bias))  # the gating in the GEMM's epilogue
+        g = ff.dropout(ops.geglu(ff.proj(h)))
         x.view(-1, x.shape[-1]).addmm_(g.view(-1, g.shape[-1]), ff.out.weight.t())  # x: this block's own tensor
         return x, ff.out.bias
 

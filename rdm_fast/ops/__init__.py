@@ -12,7 +12,6 @@ from .attention import attention, attention_reference
 from .cross_attention import cross_attention, cross_attention_reference
 from .glue import (add_bias, add_bias_reference, add_layer_norm, add_layer_norm_reference, ddim_guided_step, geglu,
                    geglu_reference, layer_norm, layer_norm_reference, plms_guided_step)
-from .geglu_linear import geglu_linear, geglu_linear_reference
 from .group_norm import _triton_unavailable, group_norm, group_norm_reference
 
 
@@ -30,6 +29,5 @@ def available_backends() -> dict[str, bool]:
 
 __all__ = ["add_bias", "add_bias_reference", "add_layer_norm", "add_layer_norm_reference", "attention",
            "attention_reference", "available_backends", "cross_attention", "cross_attention_reference",
-           "ddim_guided_step", "geglu", "geglu_linear", "geglu_linear_reference", "geglu_reference", "get_mode",
-           "group_norm", "group_norm_reference", "layer_norm", "layer_norm_reference", "plms_guided_step",
-           "set_mode", "use_mode"]
+           "ddim_guided_step", "geglu", "geglu_reference", "get_mode", "group_norm", "group_norm_reference",
+           "layer_norm", "layer_norm_reference", "plms_guided_step", "set_mode", "use_mode"]
