@@ -8,9 +8,16 @@ copy. Query and key lengths may differ and need not be multiples of the block si
 
 Forward: one program per (query block, batch * head) streams over the keys with an online softmax in
 float32 (scores in log2 units: ``exp2(s * scale * log2 e - m)``) and stores the output plus the per-row
-log-sum-exp ``lse`` (log2 units, float32, (B, heads, Nq)). Backward recomputes the probabilities from
-``lse``: one kernel per query block writes ``delta = rowsum(dO * O)`` and dQ, then one kernel per key
-block accumulates dK and dV over all query blocks (no atomics; deterministic). All accumulation is float32;
+log-sum-exp ``lse`` (log2 units, float32, (B, heads, Nq)). Backward recomputes the probabilities P from
+``lse``: one kernel per query block writes ``delta = rowsum(P * dP)`` (dP = dO V^T) from a first pass over
+the keys, then dQ from a second; one kernel per key block accumulates dK and dV over all query blocks (no
+atomics; deterministic). The usual ``delta = rowsum(dO * O)`` would save that first pass, but O is rounded to
+16 bits (and was computed from 16-bit P): the error of its delta is the same for a whole row of
+``dS = P (dP - delta)``, so it does not cancel in ``dQ = dS K`` and ``dK = dS^T Q`` but is multiplied by the
+keys' (queries') mean. Where the keys or values share a large common component, as in a network's tokens,
+dQ came out of bfloat16 training 0.3-1.5x off (tiny UNet gradients on an H200; ``tests/test_ops_attention.py``
+has the case), against 1-3 % for unfused bfloat16 PyTorch. With delta from the same P and dP the row sums of
+dS vanish to float32 rounding. All accumulation is float32;
 the probability tiles fed to the second matrix product are rounded to the input dtype (float32 inputs use
 IEEE float32 products, never TF32). Head dims: 16, 32, 64, 128.
 
@@ -168,6 +175,23 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _delta_step(q, do, lse, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """(rowsum(P * dP), rowsum(P)) over one key block, P recomputed from the saved log-sum-exp (as in
+    :func:`_dq_step`)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = _rows(k_base, offs_n, stride_kn, offs_d, N_K, MASK)
+    v = _rows(v_base, offs_n, stride_vn, offs_d, N_K, MASK)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    p = tl.exp2(s * qk_scale - lse[:, None])
+    if MASK:
+        p = tl.where((offs_n < N_K)[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return tl.sum(p * dp, 1), tl.sum(p, 1)
+
+
+@triton.jit
 def _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     """dQ += dS @ K for one key block, with P recomputed from the saved log-sum-exp."""
@@ -187,9 +211,9 @@ def _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA,
+    Q, K, V, DO, DQ, LSE, DELTA,
     stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn,
-    stride_ob, stride_on, stride_dob, stride_don, stride_dqb, stride_dqn,
+    stride_dob, stride_don, stride_dqb, stride_dqn,
     H, N_Q, N_K, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -203,16 +227,30 @@ def _attn_bwd_dq_kernel(
     rows = offs_m[:, None]
     q = _rows(Q + b * stride_qb + col, offs_m, stride_qn, offs_d, N_Q, True)
     do = _rows(DO + b * stride_dob + col, offs_m, stride_don, offs_d, N_Q, True)
-    o = _rows(O + b * stride_ob + col, offs_m, stride_on, offs_d, N_Q, True)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row_stats = pid_bh.to(tl.int64) * N_Q + offs_m
-    tl.store(DELTA + row_stats, delta, mask=row_ok)
     lse = tl.load(LSE + row_stats, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + col
     v_base = V + b * stride_vb + col
 
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = (N_K // BLOCK_N) * BLOCK_N
+    # delta = rowsum(P dP) / rowsum(P): the recomputed P sums to 1 only within float32 rounding of the logits
+    # (2^-24 |s|, not negligible for logits in the hundreds); this way the rows of dS sum to zero regardless
+    weighted = tl.zeros([BLOCK_M], tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, n_full, BLOCK_N):
+        w_blk, t_blk = _delta_step(q, do, lse, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
+                                   HEAD_DIM, BLOCK_N, False, PRECISION)
+        weighted += w_blk
+        total += t_blk
+    if n_full < N_K:
+        w_blk, t_blk = _delta_step(q, do, lse, k_base, v_base, stride_kn, stride_vn, n_full, N_K, qk_scale,
+                                   HEAD_DIM, BLOCK_N, True, PRECISION)
+        weighted += w_blk
+        total += t_blk
+    delta = weighted / total
+    tl.store(DELTA + row_stats, delta, mask=row_ok)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
                       HEAD_DIM, BLOCK_N, False, PRECISION)
@@ -349,10 +387,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, heads: int) -> tuple[Tens
 
 
 def attention_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, heads: int
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, heads: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv), contiguous, in the inputs' dtype, from the forward's output and ``lse``."""
-    q, k, v, out = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v), _kernel_layout(out)
+    """Gradients (dq, dk, dv), contiguous, in the inputs' dtype, from the forward's ``lse``."""
+    q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     do = _kernel_layout(grad_out.to(q.dtype))
     batch, n_q, width = q.shape
     n_k = k.shape[1]
@@ -377,9 +415,9 @@ def attention_backward(
 
     with _device_guard(q):
         _attn_bwd_dq_kernel[dq_grid](
-            q, k, v, out, do, dq, lse, delta,
+            q, k, v, do, dq, lse, delta,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
             heads, n_q, n_k, sm_scale * LOG2E, sm_scale, **common,
         )
         _attn_bwd_dkdv_kernel[dkdv_grid](

@@ -671,9 +671,11 @@ def test_mixed_precision_runs(setup, tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_gradients_match_cpu(cpu_gradients, precision, monkeypatch):
     """One backward pass on the GPU (our Triton attention forward and backward; TF32 off for float32) against
-    the CPU float32 one. In bfloat16 the plain-PyTorch path on the same GPU is the yardstick for single tensors
-    (some gradients are small differences of large terms that bfloat16 rounds away, whatever computes them):
-    ours may be at most twice as far from float32 as it is, per tensor and over all together."""
+    the CPU float32 one. In bfloat16 each tensor's gradient must be within 0.1 (relative L2) of float32, or within
+    twice the distance of the plain-PyTorch path on the same GPU (autocast, with attention in float32) where that
+    is larger: some gradients are small differences of large terms. On an H200 (2026-11-27) the self-attention's
+    to_q/to_k gradients were 0.28 off against 0.03 for that path: the Triton backward took its delta from the
+    16-bit output (fixed; ``kernels/attention.py``)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     want, stable = cpu_gradients

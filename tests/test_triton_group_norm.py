@@ -52,28 +52,31 @@ CASES = _cases()
 
 
 def _inputs(case: tuple, device: str = "cpu"):
+    """(x, weight, bias, add) on ``device``. The strided layouts are made there: ``Tensor.to`` copies a tensor
+    with gaps between its elements into a contiguous one."""
     shape, _, cl, dtype, fused, affine, offset, spread = case
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(shape, generator=gen) * spread + offset).to(getattr(torch, dtype))
+    x = (torch.randn(shape, generator=gen) * spread + offset).to(device, getattr(torch, dtype))
     if cl == "w1":  # the same values at strides (H*C, 1, C, 1)
         x = x[..., 0].transpose(1, 2).contiguous().transpose(1, 2).unsqueeze(-1)
     elif cl == "c1":  # the same values at strides (2*H*W, 2*H*W, 2*W, 2)
         x = torch.stack([x, torch.zeros_like(x)], dim=-1)[..., 0]
     elif cl == "slice":
-        wide = torch.zeros(shape[0], shape[1] + 8, *shape[2:], dtype=x.dtype).to(memory_format=torch.channels_last)
+        wide = torch.zeros(shape[0], shape[1] + 8, *shape[2:], dtype=x.dtype, device=device).to(
+            memory_format=torch.channels_last)
         wide[:, 5:5 + shape[1]] = x
         x = wide[:, 5:5 + shape[1]]
     elif cl:
         x = x.to(memory_format=torch.channels_last)
     c = shape[1]
-    w = 1 + 0.5 * torch.randn(c, generator=gen) if affine else None
-    b = 0.5 * torch.randn(c, generator=gen) if affine else None
-    add = torch.randn(shape[0], c, generator=gen) * min(spread, 1.0) if fused else None
+    w = (1 + 0.5 * torch.randn(c, generator=gen)).to(device) if affine else None
+    b = (0.5 * torch.randn(c, generator=gen)).to(device) if affine else None
+    add = (torch.randn(shape[0], c, generator=gen) * min(spread, 1.0)).to(device) if fused else None
     if fused and cl == "slice":  # add: a column slice of a wider float32 matrix (row stride C + 8)
-        add = torch.randn(shape[0], c + 8, generator=gen)[:, 3:3 + c] * min(spread, 1.0)
+        add = (torch.randn(shape[0], c + 8, generator=gen) * min(spread, 1.0)).to(device)[:, 3:3 + c]
     elif fused and cl and dtype == "float16":  # add: one row expanded over the batch (row stride 0)
         add = add[:1].expand(shape[0], c)
-    return [None if t is None else t.to(device) for t in (x, w, b, add)]
+    return x, w, b, add
 
 
 def _mismatch(out: torch.Tensor, ref: torch.Tensor, offset: float) -> str | None:
@@ -99,8 +102,10 @@ def _run_case(case: tuple, device: str = "cpu") -> str | None:
 
     x, w, b, add = _inputs(case, device)
     groups, fused, offset = case[1], case[4], case[6]
-    if case[2] in ("w1", "c1"):
-        assert not x.is_contiguous() and x.stride(3) != x.shape[1], x.stride()  # the layout the case is about
+    if case[2] in ("w1", "c1"):  # the layouts the cases are about
+        assert not x.is_contiguous() and x.stride(3) != x.shape[1], x.stride()
+    if case[2] == "slice" and add is not None:
+        assert add.stride(0) == x.shape[1] + 8, add.stride()
     out = triton_group_norm(x, w, b, groups, EPS, add=add, silu=fused)
     ref = group_norm_reference(x, w, b, groups, EPS, add=add, silu=fused)
     return _mismatch(out, ref, offset)

@@ -109,30 +109,30 @@ def _attention_triton_fake(q: Tensor, k: Tensor, v: Tensor, heads: int) -> tuple
 
 @torch.library.custom_op("rdm_fast::attention_triton_backward", mutates_args=())
 def _attention_triton_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, heads: int
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, heads: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton backward: contiguous (dq, dk, dv) from the saved output and log-sum-exp."""
-    return _kernels().attention_backward(grad_out, q, k, v, out, lse, heads)
+    """Triton backward: contiguous (dq, dk, dv) from the saved log-sum-exp (the output is not needed)."""
+    return _kernels().attention_backward(grad_out, q, k, v, lse, heads)
 
 
 @_attention_triton_backward.register_fake
 def _attention_triton_backward_fake(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, heads: int
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, heads: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     q, k, v, heads = inputs
-    out, lse = output
+    _, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, lse)
     ctx.heads = heads
 
 
 def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Tensor, Tensor, Tensor, None]:
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.rdm_fast.attention_triton_backward(grad_out, q, k, v, out, lse, ctx.heads)
+    q, k, v, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.rdm_fast.attention_triton_backward(grad_out, q, k, v, lse, ctx.heads)
     return dq, dk, dv, None
 
 
