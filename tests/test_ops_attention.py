@@ -53,7 +53,7 @@ TOLERANCES = {  # dtype -> ((atol, rtol) of the output, (atol, rtol) of the grad
 # id -> (B, Nq, Nk, heads, d, dtype name, layout, logit gain). layout "views": q, k, v are column blocks of one
 # (B, N, 3C) tensor (strided rows, read in place); "strided-v": q, k contiguous, v the first columns of a
 # (B, Nk, 2C) tensor (row and batch strides unlike k's); "offset": v and grad_out 0.5 N(0, 1) + 1.5, so dP and
-# delta = rowsum(dO * O) are large and nearly cancel in dS; "halves": v +4 on the first half of the keys and -4
+# delta = rowsum(P dP) are large and nearly cancel in dS; "halves": v +4 on the first half of the keys and -4
 # on the second, plus 0.5 N(0, 1) (with a small gain: the running sum of p @ v grows, then cancels); "shared":
 # see SHARED_CASES.
 # Interpreter blocks: forward and dQ 32 queries x 16 keys, dK/dV 32 keys x 16 queries, so 77, 50, 130, 33
