@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# bench/ (bench_step), then the checkout under test (with its in-place extension) ahead of any installed copy
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from bench_step import make_case, step_fn  # noqa: E402
 
 from rdm_fast import ops  # noqa: E402
