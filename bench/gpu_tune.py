@@ -10,6 +10,9 @@ launch gaps do not hide kernel time.
 3. Attention per level (imagenet, rdm768; self and cross): our flash kernel vs scaled_dot_product_attention (the
    choice ``auto`` mode measures per shape at run time).
 4. ``add_bias`` (``kernels.glue.ADD_BIAS_TUNING``) over the calls of an imagenet step, against clones.
+5. Training attention per self-attention level: forward + backward of our kernels vs SDPA, and the gradients'
+   distance from float64 where keys and values share a component (the case that the backward's delta pass
+   fixed), for both.
 
 Usage: python bench/gpu_tune.py [--out DIR]; writes tune.txt there.
 """
@@ -183,6 +186,48 @@ def tune_attention(log, shapes_by_model: dict = ATTENTION_SHAPES, device: str = 
                 f"({theirs / ours:.2f}x), rel. diff {err:.1e}; {forward_choice()}")
 
 
+def tune_attention_backward(log, device: str = "cuda") -> None:
+    """Forward + backward (gradients of q, k, v) of our kernels against SDPA at the self-attention levels, timed
+    with ``triton.testing.do_bench`` (median; these calls are long enough for eager timing), and the relative L2
+    distance of dq from float64 (on the first two batch items) where keys and values share a component."""
+    import triton.testing
+
+    dev = torch.device(device)
+    for model, shapes in ATTENTION_SHAPES.items():
+        for b, nq, nk, c in (s for s in shapes if s[1] == s[2]):
+            heads = c // 32
+            gen = torch.Generator(device=dev).manual_seed(0)
+            shared = lambda n, s: s * torch.randn(b, 1, c, device=dev, generator=gen) + torch.randn(  # noqa: E731
+                b, n, c, device=dev, generator=gen)
+            leaves = [t.to(torch.bfloat16).requires_grad_(True)
+                      for t in (0.3 * torch.randn(b, nq, c, device=dev, generator=gen), shared(nk, 3.0),
+                                shared(nk, 3.0))]
+            grad_out = torch.randn(b, nq, c, device=dev, generator=gen).to(torch.bfloat16)
+
+            def split(t):
+                return t.view(t.shape[0], t.shape[1], heads, 32).transpose(1, 2)
+
+            def sdpa(q, k, v):
+                return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, nq, c)
+
+            def ours(q, k, v):
+                with ops.use_mode("fast"):
+                    return ops.attention(q, k, v, heads)
+
+            exact = [t.detach()[:2].double().requires_grad_(True) for t in leaves]
+            out = F.scaled_dot_product_attention(*(split(t) for t in exact)).transpose(1, 2).reshape(2, nq, c)
+            want = torch.autograd.grad(out, exact, grad_out[:2].double())[0]
+            row = []
+            for name, fn in (("ours", ours), ("sdpa", sdpa)):
+                def step(fn=fn):
+                    return torch.autograd.grad(fn(*leaves), leaves, grad_out)
+
+                ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
+                err = float((step()[0][:2].double() - want).norm() / want.norm())
+                row.append(f"{name} {1000 * ms:8.1f} us, dq off float64 {err:.1e}")
+            log(f"attention fwd+bwd {model} b{b} n{nq} c{c}: " + "; ".join(row))
+
+
 def forward_choice() -> str:
     """The forward kernel's autotuned configuration for the last shape."""
     from rdm_fast.kernels import attention as kernels
@@ -202,6 +247,7 @@ def main() -> None:
         tune_attention(log)
         tune_add_bias(log)
         tune_upsample(log)
+    tune_attention_backward(log)  # needs autograd: outside inference mode
 
 
 if __name__ == "__main__":
