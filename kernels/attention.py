@@ -175,10 +175,10 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _delta_step(q, do, lse, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """(rowsum(P * dP), rowsum(P)) over one key block, P recomputed from the saved log-sum-exp (as in
-    :func:`_dq_step`)."""
+def _probs_and_dp(q, do, lse, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """(K, P, dP = dO V^T) of one key block for a query block, P recomputed from the saved log-sum-exp (zero
+    past the last key)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k = _rows(k_base, offs_n, stride_kn, offs_d, N_K, MASK)
@@ -188,22 +188,24 @@ def _delta_step(q, do, lse, k_base, v_base, stride_kn, stride_vn, start_n, N_K, 
     if MASK:
         p = tl.where((offs_n < N_K)[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return k, p, dp
+
+
+@triton.jit
+def _delta_step(q, do, lse, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """(rowsum(P * dP), rowsum(P)) over one key block."""
+    _, p, dp = _probs_and_dp(q, do, lse, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
+                             HEAD_DIM, BLOCK_N, MASK, PRECISION)
     return tl.sum(p * dp, 1), tl.sum(p, 1)
 
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ += dS @ K for one key block, with P recomputed from the saved log-sum-exp."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k = _rows(k_base, offs_n, stride_kn, offs_d, N_K, MASK)
-    v = _rows(v_base, offs_n, stride_vn, offs_d, N_K, MASK)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    p = tl.exp2(s * qk_scale - lse[:, None])
-    if MASK:
-        p = tl.where((offs_n < N_K)[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    """dQ += dS @ K for one key block."""
+    k, p, dp = _probs_and_dp(q, do, lse, k_base, v_base, stride_kn, stride_vn, start_n, N_K, qk_scale,
+                             HEAD_DIM, BLOCK_N, MASK, PRECISION)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
