@@ -10,7 +10,9 @@ and 1 images with timings only; bf16, channels-last):
    slower than ANCHORS' eager autocast peer), ``rdm_fast+fast-ops`` (the graph with rdm_fast's kernels forced,
    against auto mode's timed choices between them and vendor kernels) and, with ``--variants ...,torch-compile``,
    ``torch-compile`` (that path through ``torch.compile``);
-3. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind.
+3. a whole ``RDM.sample`` trajectory (20 DDIM steps, latents), per step: the guided steps plus the sampler's
+   update and the per-step Python;
+4. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind.
 
 Run by ``bench/gpu_check.sh``; prints a short table last and writes the full tables to ``--out``.
 """
@@ -144,6 +146,7 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *,
     torch.cuda.empty_cache()
     time_variants(model, x, ctx, variants, result, log)
     if checks:
+        time_sampling(model, x, ctx, result, log)
         profile_step(model, x, ctx, images, out, result, log)
     del model
     torch.cuda.empty_cache()
@@ -198,6 +201,22 @@ def time_variants(model, x, ctx, variants: list[str], result: dict, log) -> None
             log(f"[{preset}] {variant}: {ms:.2f} ms/step (setup+timing {time.time() - t0:.0f} s)")
         except Exception:
             log(f"[{preset}] {variant} FAILED\n{traceback.format_exc()}")
+
+
+def time_sampling(model, x, ctx, result: dict, log, steps: int = 20) -> None:
+    """CUDA-event median (3 runs after one warm-up) of a whole ``RDM.sample`` DDIM trajectory, per step: the
+    guided steps (CUDA graph) plus the sampler's update kernel and the per-step Python, latents only."""
+    preset = result["preset"]
+    try:
+        scale = model.config.sampling.guidance_scale
+        with torch.inference_mode(), ops.use_mode("auto"):
+            ms = cuda_median_ms(lambda: model.sample(ctx, steps=steps, guidance_scale=scale, x_T=x),
+                                reps=3, warmup=1)
+        model.release_cuda_graph()
+        result["sample_ms_per_step"] = ms / steps
+        log(f"[{preset}] RDM.sample, {steps} DDIM steps: {ms / steps:.2f} ms per step")
+    except Exception:
+        log(f"[{preset}] RDM.sample FAILED\n{traceback.format_exc()}")
 
 
 def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> None:
