@@ -1,18 +1,19 @@
 """Tuning measurements on a GPU, for choosing defaults (not a benchmark of record): CUDA-graph replays, so that
-launch gaps do not hide kernel time.
+launch gaps do not hide kernel time (the long training calls of 1. are timed eagerly).
 
-1. The channels_last GroupNorm (``kernels.group_norm.NHWC_TUNING``): every combination of values per tile,
+In this order (the newest first, the longest sweep last, so that a cut-off run loses the least):
+
+1. Training attention per self-attention level: forward + backward of our kernels vs SDPA, and dq's distance
+   from float64 where keys and values share a component (the case the backward's delta pass fixed), for both.
+2. Attention per level (imagenet, rdm768; self and cross): our flash kernel vs scaled_dot_product_attention (the
+   choice ``auto`` mode measures per shape at run time).
+3. ``add_bias`` (``kernels.glue.ADD_BIAS_TUNING``) over the calls of an imagenet step, against clones.
+4. The UNet's Upsample: nearest x2 + 3x3 conv (the definition) vs the stride-2 transposed convolution with
+   summed taps (the fast path), at the imagenet shapes.
+5. The channels_last GroupNorm (``kernels.group_norm.NHWC_TUNING``): every combination of values per tile,
    warps, programs per SM, channel block and statistics-loop unrolling, timed on the GroupNorm calls of one
    imagenet guided step (their shapes and counts, batch 128, bf16), against a copy of the same tensors
    (``clone``: one read, one write).
-2. The UNet's Upsample: nearest x2 + 3x3 conv (the definition) vs the stride-2 transposed convolution with
-   summed taps (the fast path), at the imagenet shapes.
-3. Attention per level (imagenet, rdm768; self and cross): our flash kernel vs scaled_dot_product_attention (the
-   choice ``auto`` mode measures per shape at run time).
-4. ``add_bias`` (``kernels.glue.ADD_BIAS_TUNING``) over the calls of an imagenet step, against clones.
-5. Training attention per self-attention level: forward + backward of our kernels vs SDPA, and the gradients'
-   distance from float64 where keys and values share a component (the case that the backward's delta pass
-   fixed), for both.
 
 Usage: python bench/gpu_tune.py [--out DIR]; writes tune.txt there.
 """
@@ -242,12 +243,12 @@ def main() -> None:
     args = parser.parse_args()
     log = open_log(Path(args.out) / "tune.txt")
     torch.backends.cudnn.benchmark = False
+    tune_attention_backward(log)  # first: the newest change (2026-11-27); needs autograd, outside inference mode
     with torch.inference_mode():
-        tune_group_norm(log)  # first: it decides the most (GroupNorm tunables); the rest are cheaper
         tune_attention(log)
         tune_add_bias(log)
         tune_upsample(log)
-    tune_attention_backward(log)  # needs autograd: outside inference mode
+        tune_group_norm(log)  # last: the longest sweep, and its defaults were confirmed in two sessions
 
 
 if __name__ == "__main__":
