@@ -463,9 +463,13 @@ def test_class_cuda_search_makes_no_host_sync():
 
 @needs_cuda
 def test_class_cuda_reference_mode(monkeypatch):
+    """RDM_FAST_OPS=reference: the search runs the PyTorch path (the kernel is never called) and is exact."""
+    from rdm_fast.kernels import knn
+
     queries, rows = unit_data(4, 700, 32, seed=12)
     index = GPUExactSearch(rows, devices=["cuda"], dtype=torch.float32)
     monkeypatch.setenv("RDM_FAST_OPS", "reference")
+    monkeypatch.setattr(knn, "topk_inner_product", lambda *a, **k: pytest.fail("the kernel ran in reference mode"))
     err = mismatch(*index.search(queries, 5), normalized(queries), normalized(rows), 5)
     assert err is None, err
 

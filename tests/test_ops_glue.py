@@ -247,7 +247,7 @@ def test_add_bias_keeps_the_feature_map_layout(memory_format):
     torch.testing.assert_close(out, 2 * x + b[:, None, None])
 
 
-def test_add_bias_writes_into_out():
+def test_add_bias_writes_into_out_cpu_and_cuda():
     """``out=`` (here a channel slice of a wider channels-last map, as the UNet's skip buffers are) receives the
     result and is returned; nothing outside it is touched. The reference and, on CUDA, the kernel alike."""
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):

@@ -534,11 +534,20 @@ def test_cuda_eps_is_applied(cuda_ext, fresh_dispatch, channels_last, dtype):
 
 
 @cuda
-def test_cuda_op_on_current_stream(cuda_ext):
-    x, w, b, add = _to_cuda(*_make_inputs((8, 128, 32, 32), torch.bfloat16, True))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_op_on_current_stream(cuda_ext, channels_last):
+    """The CUDA kernel launches on the current stream: captured into a CUDA graph (capture fails on a launch
+    into any other stream) and replayed, it writes the right result."""
+    x, w, b, add = _to_cuda(*_make_inputs((8, 128, 32, 32), torch.bfloat16, channels_last))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        torch.ops.rdm_fast.group_norm(x, w, b, 32, EPS, add, True)  # warm-up (first-use allocations)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         out = torch.ops.rdm_fast.group_norm(x, w, b, 32, EPS, add, True)
-    stream.synchronize()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
     assert_matches(out, group_norm_reference(x, w, b, 32, EPS, add=add, silu=True))

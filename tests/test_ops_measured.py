@@ -101,9 +101,13 @@ def test_gpu_replay_time_counts_per_call_gpu_time():
     small = torch.randn(256, 256, device="cuda", generator=g, dtype=torch.bfloat16)
     out = torch.full((4096, 4096), float("nan"), device="cuda", dtype=torch.bfloat16)
     torch.mm(big, big, out=out)  # warm-up outside the graph
+    want = big.float() @ big.float()
+    out.fill_(float("nan"))  # from here on only the graph replays write it
     t_big = replay_time(lambda: torch.mm(big, big, out=out))
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=1.0)
+    out.fill_(float("nan"))
     t_big4 = replay_time(lambda: torch.mm(big, big, out=out), calls=4)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=1.0)
     t_small = replay_time(lambda: torch.mm(small, small))
     assert t_big > 10 * t_small > 0, (t_big, t_small)
     assert 0.7 < t_big / t_big4 < 1.4, (t_big, t_big4)
-    torch.testing.assert_close(out.float(), (big.float() @ big.float()), rtol=2e-2, atol=1.0)

@@ -118,6 +118,7 @@ def compile_launches(launch: Callable[[], object], kernel, arch: int = 90) -> li
     results = []
     for args, kwargs in calls:
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        assert len(args) <= len(kernel.arg_names), f"{len(args)} arguments for {kernel.arg_names}"
         values = dict(zip(kernel.arg_names, args), **kwargs)
         signature, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(kernel.arg_names):
