@@ -395,6 +395,7 @@ GPU_KERNEL_CASES = {
     "q130-n3001-d256-k16-unit": (130, 3001, 256, 16, None, None, "unit"),
     "q16-n20000-d512-k4-unit-1split": (16, 20_000, 512, 4, None, 1, "unit"),
     "q8-n4000-d768-k10-random": (8, 4000, 768, 10, None, None, "random"),
+    "q9-n3000-d256-k10-query-view": (9, 3000, 256, 10, None, None, "int-query-view"),  # query row stride 272
 }
 
 

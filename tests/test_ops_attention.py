@@ -406,7 +406,8 @@ def test_triton_gpu_matches_reference(exact_float32, shape, dtype):
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_triton_gpu_strided_views_and_peaked_softmax(dtype):
-    for case in [(2, 1024, 1024, 12, 32, dtype, "views", 1.0), (2, 577, 577, 4, 64, dtype, "views", 4.0)]:
+    for case in [(2, 1024, 1024, 12, 32, dtype, "views", 1.0), (2, 577, 577, 4, 64, dtype, "views", 4.0),
+                 (2, 600, 700, 4, 32, dtype, "strided-v", 1.0)]:
         err = compare_with_reference(attention_triton, case, "cuda")
         assert err is None, f"{case}: {err}"
 

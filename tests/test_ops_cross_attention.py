@@ -230,8 +230,9 @@ def test_triton_gpu_matches_reference(name, dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_triton_gpu_shift_matches_reference(dtype):
-    err = _run_case("b3-n17-c96-m11", getattr(torch, dtype), "cuda", layout="shift")
+@pytest.mark.parametrize("layout", ["shift", "padded-rows"])
+def test_triton_gpu_shift_and_padded_rows_match_reference(dtype, layout):
+    err = _run_case("b3-n17-c96-m11", getattr(torch, dtype), "cuda", layout=layout)
     assert err is None, err
 
 

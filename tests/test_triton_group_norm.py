@@ -136,6 +136,7 @@ def test_triton_interpreter_matches_reference(interpreter_results, name):
 
 GPU_CASES = [(n, d) for n in CASES if n.endswith("-float32-fused") for d in ("float32", "float16", "bfloat16")]
 GPU_CASES += [(n, "float32") for n in CASES if "offset" in n]  # large offsets: float32 only
+GPU_CASES += [(n, CASES[n][3]) for n in CASES if n.endswith("-eps")]  # variance below eps, each in its dtype
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
