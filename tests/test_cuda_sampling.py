@@ -93,6 +93,7 @@ def test_graph_replay_matches_eager(sampler, dtype):
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
         eager = model.sample(ctx, cuda_graph=False, **kw)
         graphed = model.sample(ctx, cuda_graph=True, **kw)
+    assert model._graphs._last is not None, "the capture failed: the 'graphed' trajectory ran eagerly"
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 
@@ -105,10 +106,11 @@ def test_graph_cache_replays_the_next_batch_on_the_gpu(caplog):
     kw = dict(steps=8, guidance_scale=2.0, x_T=x_T)
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
         model.sample(ctx, **kw)
-        with caplog.at_level("INFO", logger="rdm_fast"):
+        assert model._graphs._last is not None, "the first batch's capture failed"
+        with caplog.at_level("DEBUG", logger="rdm_fast"):
             graphed = model.sample(other, **kw)
         eager = model.sample(other, cuda_graph=False, **kw)
-    assert "captured in a CUDA graph" not in caplog.text
+    assert "captured in a CUDA graph" not in caplog.text and "replaying the captured denoising step" in caplog.text
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 

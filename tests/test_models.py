@@ -362,6 +362,32 @@ def test_unet_on_cuda_matches_oracle(dtype, tol):
     assert torch.isfinite(out).all() and rel_err(out, ref) < tol
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2), (torch.float16, 1.5e-2)])
+def test_guided_step_on_cuda_matches_oracle(dtype, tol):
+    """The guided step as ``RDM.sample`` runs it on CUDA (channels-last weights, the context prepared once, one
+    input for both halves, cross-attention on the conditional half only, skips written into slices, the fast
+    kernels) against the float64 oracle's eps_u + s (eps_c - eps_u); TF32 off for fp32. On the CPU the same path
+    in bf16 / fp16 is 2.3e-2 / 2.9e-3 off (scale 2)."""
+    assert ops.available_backends() == {"cpu-ext": True, "cuda-ext": True, "triton": True}
+    cfg = mini_vq_config()
+    full, unet_sd, _ = official_checkpoint(cfg, seed=19)
+    model = RDM.from_state_dict(full, cfg).to("cuda", dtype)
+    model.unet.to(memory_format=torch.channels_last)
+    x, _, ctx = inputs(cfg, batch=4)
+    t, scale, heads = 500, 2.0, cfg.unet_config.num_head_channels
+    e_u = oracle.unet_forward(unet_sd, x, torch.full((4,), t), torch.zeros_like(ctx), num_head_channels=heads)
+    e_c = oracle.unet_forward(unet_sd, x, torch.full((4,), t), ctx, num_head_channels=heads)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), torch.no_grad(), ops.use_mode("auto"):
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            out = guided(model.unet, ctx.cuda(), scale, prepare=model.unet.prepare_context)(x.cuda(), t).cpu()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    assert torch.isfinite(out).all() and rel_err(out.float(), e_u + scale * (e_c - e_u)) < tol
+
+
 def test_channels_last_inference_writes_skips_into_slices(monkeypatch):
     """Channels-last inference builds no [h, skip] concatenation (producers write into the up stages' input
     buffers) and gives the same eps as the concatenating autograd path."""
