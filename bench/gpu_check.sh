@@ -9,8 +9,8 @@
 #   3. bench/gpu_step.py: parity of a whole guided step (fast and reference bf16 against fp32), CUDA-event
 #      timings of rdm_fast (graph / eager) against the eager SDPA peer, a per-kernel and a per-module breakdown;
 #      then bench/gpu_tune.py (GroupNorm tunables, attention per level vs SDPA, add_bias tunables, upsample variants; GPU_CHECK_TUNE=0 skips it);
-#   5. per-op pytest-benchmark suites with their PyTorch baselines (cross-attention, glue, GroupNorm; `full`
-#      adds self-attention, search and the training step);
+#   5. per-op pytest-benchmark suites with their PyTorch baselines (thin convolutions, cross-attention, glue,
+#      GroupNorm; `full` adds self-attention, search and the training step);
 #   6. in the time left, the torch.compile peer of the guided step (minutes of compilation per model).
 # $OUT gets at most 8 files (what the device tool returns): gpu.txt, log.txt (build, step script, compile peer),
 # tests.txt, step.txt, kernels_<preset>.txt (two), tune.txt, bench.txt (the pytest-benchmark table).
@@ -48,7 +48,7 @@ MODELS=$!
 
 # 2. Triton kernels on the GPU (the interpreter cases are CI's job)
 timeout "$(limit $TRITON_LIMIT)" $PY -m pytest -v -rfEs $XDIST -p no:cacheprovider tests/test_ops_attention.py \
-  tests/test_ops_cross_attention.py tests/test_ops_glue.py tests/test_gpu_search.py \
+  tests/test_ops_cross_attention.py tests/test_ops_glue.py tests/test_ops_conv.py tests/test_gpu_search.py \
   tests/test_triton_group_norm.py \
   -k "(gpu or cuda) and not interpreter" > "$OUT/tests.txt" 2>&1
 echo "triton tests rc=$? at $SECONDS s" >> "$OUT/tests.txt"
@@ -72,7 +72,7 @@ if [ "${GPU_CHECK_TUNE:-1}" = 1 ]; then
 fi
 
 # 5. per-op benchmarks (PyTorch baselines in the same run)
-BENCHES="bench/bench_cross_attention.py bench/bench_glue.py bench/bench_ops.py"
+BENCHES="bench/bench_conv.py bench/bench_cross_attention.py bench/bench_glue.py bench/bench_ops.py"
 [ "$MODE" = full ] && BENCHES="$BENCHES bench/bench_attention.py bench/bench_search.py bench/bench_train.py"
 COLS="--benchmark-columns=median,min,rounds --benchmark-group-by=group --benchmark-sort=name"
 if [ "$(left)" -gt 60 ]; then

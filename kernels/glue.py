@@ -146,6 +146,7 @@ def _add_bias_kernel(
     stride_r,
     stride_o,
     HAS_RES: tl.constexpr,
+    COPIES: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -158,7 +159,9 @@ def _add_bias_kernel(
     if HAS_RES:
         y += tl.load(r_ptr + r64 * stride_r + c[None, :], mask=mask, other=0.0).to(tl.float32)
     y += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + r64 * stride_o + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    y = y.to(out_ptr.dtype.element_ty)
+    for k in tl.static_range(COPIES):  # copy k: the rows ``k * rows`` further on
+        tl.store(out_ptr + (r64 + k * rows.to(tl.int64)) * stride_o + c[None, :], y, mask=mask)
 
 
 # Values per program, warps and widest column block of the add_bias kernel (bench/gpu_tune.py sweeps them; these
@@ -168,12 +171,14 @@ ADD_BIAS_TUNING = {"tile": 4096, "warps": 8, "max_block_c": 256}
 
 def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | None = None) -> Tensor:
     """``x + residual + bias`` (bias on the last dim; float32 sum, one rounding) into ``out`` (default: a new
-    tensor laid out like x). The kernel reads and writes rows of C at any row stride: contiguous tensors and
-    channel slices of wider channels-last maps cost one pass; other layouts go through contiguous copies."""
+    tensor laid out like x; with k times x's leading rows, the result goes into each block of them). The kernel
+    reads and writes rows of C at any row stride: contiguous tensors and channel slices of wider channels-last
+    maps cost one pass; other layouts go through contiguous copies."""
     width = x.shape[-1]
     dest = torch.empty_like(x) if out is None else out
     if x.numel() == 0:
         return dest
+    copies = dest.shape[0] // x.shape[0] if dest.shape != x.shape else 1
     x2 = as_rows(x, width)
     r2 = as_rows(residual, width) if residual is not None else x2
     d2 = row_view(dest, width)
@@ -184,10 +189,11 @@ def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | Non
     block_r = max(1, ADD_BIAS_TUNING["tile"] // block_c)
     _add_bias_kernel[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
         x2, bias.contiguous(), r2, o2, rows, width, x2.stride(0), r2.stride(0), o2.stride(0),
-        HAS_RES=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=ADD_BIAS_TUNING["warps"],
+        HAS_RES=residual is not None, COPIES=copies if d2 is not None else 1, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=ADD_BIAS_TUNING["warps"],
     )
     if d2 is None:
-        dest.copy_(o2.view(x.shape))
+        dest.unflatten(0, (copies, x.shape[0])).copy_(o2.view(x.shape))
     return dest
 
 

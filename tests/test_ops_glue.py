@@ -259,6 +259,26 @@ def test_add_bias_writes_into_out_cpu_and_cuda():
         torch.testing.assert_close(wide[..., 4:], x + r + b)
     with pytest.raises(ValueError, match="out of shape"):
         add_bias(x, b, r, out=wide)
+    with pytest.raises(ValueError, match="out of shape"):  # leading rows not a multiple of x's
+        add_bias(x, b, r, out=torch.zeros(3, 4, 3, 6))
+
+
+def test_add_bias_into_repeated_rows_cpu_and_cuda():
+    """``out=`` with k times x's leading rows (both halves of a guided batch that share their input) receives the
+    result in each block of rows; a channel slice (the UNet's skip buffers) and an NCHW map's (B, H, W, C) view
+    (which the kernel cannot view as rows: it goes through a temporary) alike."""
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        x = torch.randn(2, 4, 3, 6, device=device)
+        b, r = torch.randn(6, device=device), torch.randn(2, 4, 3, 6, device=device)
+        expected = x + r + b
+        wide = torch.zeros(6, 4, 3, 10, device=device)
+        out = add_bias(x, b, r, out=wide[..., 4:])
+        assert out.data_ptr() == wide[..., 4:].data_ptr() and bool((wide[..., :4] == 0).all())
+        for k in range(3):
+            torch.testing.assert_close(wide[2 * k:2 * k + 2, ..., 4:], expected)
+        nchw = torch.zeros(4, 6, 4, 3, device=device).permute(0, 2, 3, 1)  # rows of 6 at no single stride
+        add_bias(x, b, r, out=nchw)
+        torch.testing.assert_close(nchw, torch.cat([expected, expected]))
 
 
 @pytest.mark.parametrize("name", list(GEGLU_CASES))
@@ -459,6 +479,21 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
             err = check(wide[..., 24:], ref)
             if err:
                 return f"out=: {err}"
+            # out= with twice x's leading rows (a guided batch's two halves): the result into both blocks of rows
+            wide = torch.full((2 * x.shape[0],) + wide.shape[1:], 7.0, dtype=dtype, device=device)
+            kernels.add_bias(x, b, r, out=wide[..., 24:])
+            if not bool((wide[..., :24] == 7).all()):
+                return "out= with repeated rows: written outside the slice"
+            err = check(wide[:x.shape[0], ..., 24:], ref) or check(wide[x.shape[0]:, ..., 24:], ref)
+            if err:
+                return f"out= with repeated rows: {err}"
+            # the same into an NCHW map's (B, H, W, C) view: no row view, the kernel writes a temporary
+            b_, h_, w_, c_ = x.shape
+            nchw = torch.full((2 * b_, c_, h_, w_), 7.0, dtype=dtype, device=device).permute(0, 2, 3, 1)
+            kernels.add_bias(x, b, r, out=nchw)
+            err = check(nchw[:b_], ref) or check(nchw[b_:], ref)
+            if err:
+                return f"out= with repeated rows, NCHW: {err}"
         return check(out, ref)
     if op == "geglu":
         h = view_inputs(case, dtype, device)[0] if case in VIEW_CASES else geglu_input(name, dtype, device)

@@ -99,12 +99,13 @@ def nchw(x: Tensor) -> Tensor:
 
 def add_channel_bias(x: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
     """``x + bias[:, None, None]`` for a feature map in one vectorised pass (``ops.add_bias`` on its
-    (B, H, W, C) view), written into ``out`` when given (a channel slice of a wider map): cuDNN adds a
-    convolution's bias with a broadcast kernel that runs at a fraction of the copy bandwidth on channels-last
-    maps."""
+    (B, H, W, C) view), written into ``out`` when given (a channel slice of a wider map; with k times x's rows,
+    into each block of them): cuDNN adds a convolution's bias with a broadcast kernel that runs at a fraction of
+    the copy bandwidth on channels-last maps."""
     if out is not None:
         if bias is None:
-            return out.copy_(x)
+            out.unflatten(0, (-1, x.shape[0])).copy_(x)
+            return out
         return nchw(ops.add_bias(nhwc(x), bias, out=nhwc(out)))
     if bias is None:
         return x
@@ -114,7 +115,14 @@ def add_channel_bias(x: Tensor, bias: Tensor | None, out: Tensor | None = None) 
 
 
 def conv_with_bias(conv: nn.Conv2d, x: Tensor, out: Tensor | None = None) -> Tensor:
-    """``conv(x)`` with its bias added by :func:`add_channel_bias` (into ``out`` when given)."""
+    """``conv(x)`` with its bias added by :func:`add_channel_bias` (into ``out`` when given). Thin 3x3 layers
+    (the UNet's first and last: few channels in or out) run as one ``ops.conv3x3``, bias included, outside
+    autograd and the plain-PyTorch mode."""
+    thin = (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.groups == 1
+            and conv.dilation == (1, 1) and min(conv.in_channels, conv.out_channels) <= ops.MAX_THIN_CHANNELS)
+    if thin and ops.get_mode() != "reference" and not (torch.is_grad_enabled() and (
+            x.requires_grad or conv.weight.requires_grad)):
+        return ops.conv3x3(x, conv.weight, conv.bias, out=out)
     return add_channel_bias(F.conv2d(x, conv.weight, None, conv.stride, conv.padding), conv.bias, out)
 
 

@@ -520,33 +520,37 @@ class UNet(nn.Module):
         # inference) gives each up stage's input its buffer up front and has every producer write straight into
         # its channel slice (the skip from the way down, h from the previous up stage): no concatenation copies.
         # A shared input (guidance: both halves at the same x and t) runs the stages before the first
-        # cross-attention on x's rows alone; that stage's transformer duplicates them (see PreparedContext).
+        # cross-attention on x's rows alone; that stage's transformer duplicates them (see PreparedContext). Their
+        # skips are needed for both halves: the fast path's producers write them into both halves of their slices
+        # at once (``ops.add_bias`` into k times the rows), the plain path concatenates them at the split.
         batch = context.batch if isinstance(context, PreparedContext) else x.shape[0]
         shared = x.shape[0] != batch
         inputs = self._concat_buffers(batch, x, dtype) if nhwc_weights and not torch.is_grad_enabled() and \
             ops.get_mode() != "reference" else None
 
-        def slot(stage: int, part: int, rows: int) -> Tensor | None:  # part 0: h, part 1: skip
+        def slot(stage: int, part: int) -> Tensor | None:  # part 0: h, part 1: skip; all rows of the batch
             if inputs is None or stage >= len(inputs):
                 return None
             split = self.concat_plan[stage][0]
-            return inputs[stage][:rows, split:] if part else inputs[stage][:rows, :split]
+            return inputs[stage][:, split:] if part else inputs[stage][:, :split]
 
         n = len(self.concat_plan)  # one up stage per skip; skip i feeds up stage n - 1 - i
-        h = conv_with_bias(self.input_conv, x.to(dtype), slot(n - 1, 1, x.shape[0]))
+        rows = x.shape[0]  # rows the stages run on: batch // 2 up to the split of a shared input, then batch
+        h = conv_with_bias(self.input_conv, x.to(dtype), slot(n - 1, 1))
         hs = [h]
         for i, stage in enumerate(self.down, 1):
-            splits_here = shared and i - 1 == self.first_context_stage
-            h = self._run(stage, h, emb, context, slot(n - 1 - i, 1, batch if splits_here else h.shape[0]))
-            if splits_here:  # the rows are the two halves' own from here on
-                hs = self._both_halves(hs, inputs, x.shape[0])
+            h = self._run(stage, h[:rows], emb, context, slot(n - 1 - i, 1))
+            if shared and i - 1 == self.first_context_stage:  # the rows are the two halves' own from here on
+                if inputs is None:
+                    hs = [torch.cat([s, s]) for s in hs]
                 emb = emb.repeated() if isinstance(emb, TimestepAdds) else torch.cat([emb, emb])
+                rows = batch
             hs.append(h)
-        h = self._run(self.mid, h, emb, context, slot(0, 0, batch))
+        h = self._run(self.mid, h, emb, context, slot(0, 0))
         for j, stage in enumerate(self.up):
             skip = hs.pop()
             h = self._run(stage, inputs[j] if inputs is not None else torch.cat([h, skip], dim=1), emb, context,
-                          slot(j + 1, 0, batch))
+                          slot(j + 1, 0))
         return conv_with_bias(self.out_conv, self.out_norm(h, silu=True)).to(x.dtype)
 
     def _run(self, stage: nn.Module, *args) -> Tensor:
@@ -570,17 +574,6 @@ class UNet(nn.Module):
         weight, bias, columns = cached(self, "timestep_adds", concatenated, *(b.emb_proj.weight for b in blocks),
                                        *(b.emb_proj.bias for b in blocks), *(b.conv1.bias for b in blocks))
         return TimestepAdds(torch.add(F.linear(emb, weight), bias), columns)  # float32: the sum promotes
-
-    def _both_halves(self, hs: list[Tensor], inputs: list[Tensor] | None, rows: int) -> list[Tensor]:
-        """Skips saved on the ``rows`` rows both halves share, extended to the whole batch: copied into the second
-        half of their up stages' input buffers (``inputs``, channels-last inference), else concatenated."""
-        if inputs is None:
-            return [torch.cat([s, s]) for s in hs]
-        n = len(self.concat_plan)
-        full = [inputs[n - 1 - k][:, self.concat_plan[n - 1 - k][0]:] for k in range(len(hs))]
-        for skip in full:
-            skip[rows:].copy_(skip[:rows])
-        return full
 
     def _concat_buffers(self, batch: int, x: Tensor, dtype: torch.dtype) -> list[Tensor]:
         """The channels-last input map of every up stage, [h | skip] channels, at its level's resolution."""

@@ -172,16 +172,36 @@ def _check_add_bias(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tenso
     if residual is not None:
         _check_same("add_bias", "residual", residual, x)
     if out is not None:
-        _check_same("add_bias", "out", out, x)
+        _check_tensor("add_bias", "out", out, x)
+        if out.dtype != x.dtype:
+            raise ValueError(f"add_bias: expected out of dtype {x.dtype} (that of x), got {out.dtype}")
+        if _out_copies(x, out) is None:
+            raise ValueError(f"add_bias: expected out of shape {tuple(x.shape)}, or with a multiple of its "
+                             f"{x.shape[0] if x.dim() > 1 else '-'} leading rows, got {tuple(out.shape)}")
+
+
+def _out_copies(x: Tensor, out: Tensor) -> int | None:
+    """How many copies of the result ``out`` takes: 1 if it is shaped like x; k if x has at least two dims and
+    out has k * B leading rows for x's B (all else equal); None if it fits neither."""
+    if out.shape == x.shape:
+        return 1
+    if x.dim() < 2 or out.shape[1:] != x.shape[1:] or x.shape[0] == 0 or out.shape[0] % x.shape[0]:
+        return None
+    return out.shape[0] // x.shape[0]
 
 
 def add_bias_reference(x: Tensor, bias: Tensor, residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """``x + residual + bias`` in float32 (bias broadcast over the last dim), rounded once to x's dtype, written
-    into ``out`` when given; else the result has x's strides when x is dense (a channels-last map's (B, H, W, C)
-    view stays channels-last, an NCHW map's stays NCHW), or is contiguous."""
+    into ``out`` when given (into each of its blocks of x's leading rows, where it has k times as many); else the
+    result has x's strides when x is dense (a channels-last map's (B, H, W, C) view stays channels-last, an NCHW
+    map's stays NCHW), or is contiguous."""
     _check_add_bias(x, bias, residual, out)
     dest = torch.empty_like(x) if out is None else out
-    dest.copy_(_residual_sum(x, residual, bias))
+    total = _residual_sum(x, residual, bias)
+    if dest.shape == x.shape:
+        dest.copy_(total)
+    else:  # into each block of x's leading rows
+        dest.unflatten(0, (-1, x.shape[0])).copy_(total)
     return dest
 
 
@@ -197,9 +217,11 @@ def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None = None, *, out: Te
     """``x + residual + bias`` with ``bias`` (C,) on the last dim of x (..., C) and ``residual`` shaped like x.
 
     Float32 sum, one rounding to x's dtype; written into ``out`` (shaped like x, e.g. a channel slice of a wider
-    map) when given and returned, else into a new tensor laid out like x. Pass feature maps as their
-    (B, H, W, C) views: for channels-last maps (and channel slices of them) those views are rows of C values and
-    the kernel makes one read of x and residual and one write.
+    map) when given and returned, else into a new tensor laid out like x. ``out`` may instead have k times x's
+    leading rows: the result is written into each of its k blocks of rows (the two halves of a guided batch that
+    share their input: a second write instead of a later copy). Pass feature maps as their (B, H, W, C) views:
+    for channels-last maps (and channel slices of them) those views are rows of C values and the kernel makes
+    one read of x and residual and one write (per copy).
     """
     _check_add_bias(x, bias, residual, out)
     return ADD_BIAS(x, bias, residual, out)
