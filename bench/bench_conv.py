@@ -56,4 +56,8 @@ def test_conv3x3(benchmark, shape, impl):
 
     with torch.inference_mode(), ops.use_mode("fast"):
         run()  # warm-up: Triton autotuning, cuDNN's plan
+        if impl == "triton":
+            from rdm_fast.kernels import conv
+
+            benchmark.extra_info["config"] = str(conv._conv3x3_kernel.best_config)
         benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)

@@ -14,7 +14,8 @@
 #   6. in the time left, the torch.compile peer of the guided step (minutes of compilation per model).
 # $OUT gets at most 8 files (what the device tool returns): gpu.txt, log.txt (build, step script, compile peer),
 # tests.txt, step.txt, kernels_<preset>.txt (two), tune.txt, bench.txt (the pytest-benchmark table).
-# Usage there: bash bench/gpu_check.sh [full|tests] (`tests`: phases 1, 2 and 4 only, with the whole budget).
+# Usage there: bash bench/gpu_check.sh [full|tests|quick] (`tests`: phases 1, 2 and 4 only, with the whole budget;
+# `quick`: see below).
 # GPU_CHECK_BUDGET (seconds, default 420) bounds the whole script; nothing is downloaded. Test output is verbose
 # (one line per test, as it finishes), so that a phase cut off by its limit still names its failures.
 set -uo pipefail
@@ -33,8 +34,28 @@ limit() { local want=$1 l; l=$(left); [ "$l" -lt "$want" ] && want=$l; [ "$want"
 } 2>&1 | tee "$OUT/gpu.txt"
 
 MODE=${1:-}
-MODEL_LIMIT=240; TRITON_LIMIT=240; [ "$MODE" = tests ] && { MODEL_LIMIT=$((BUDGET - 20)); TRITON_LIMIT=$((BUDGET - 20)); }
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 6"
+
+# `quick`: after a full run, for the ops changed since: the extension, their GPU tests (GPU_CHECK_TESTS, default
+# glue, GroupNorm, thin convolution), the two large guided steps, and the thin convolution's benchmark
+if [ "$MODE" = quick ]; then
+  timeout "$(limit 150)" $PY setup.py -q build_ext --inplace > "$OUT/log.txt" 2>&1; echo "build rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
+  timeout "$(limit 120)" $PY -m pytest -v -rfEs $XDIST -p no:cacheprovider \
+    ${GPU_CHECK_TESTS:-tests/test_ops_glue.py tests/test_triton_group_norm.py tests/test_ops_conv.py} \
+    -k "(gpu or cuda) and not interpreter" > "$OUT/tests.txt" 2>&1
+  echo "tests rc=$? at $SECONDS s" >> "$OUT/tests.txt"
+  grep -E "FAILED|ERROR| passed| failed|rc=" "$OUT/tests.txt" | grep -v "^\[gw.*PASSED" | sort -u
+  timeout "$(limit 150)" $PY bench/gpu_step.py --out "$OUT" --presets imagenet:64,rdm768:16 >> "$OUT/log.txt" 2>&1
+  echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
+  timeout "$(limit 90)" $PY -m pytest -q -p no:cacheprovider bench/bench_conv.py --benchmark-only \
+    --benchmark-columns=median,min,rounds --benchmark-group-by=group --benchmark-sort=name \
+    --benchmark-json="$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+  echo "bench rc=$? at $SECONDS s" | tee -a "$OUT/bench.txt"
+  grep -v "^  File\|^Traceback\|^ *\^" "$OUT/step.txt" | tail -40; grep -E "conv3x3 at" "$OUT/log.txt"
+  grep -E "^test_conv3x3|^Name" "$OUT/bench.txt"
+  echo "done at $SECONDS s"; exit 0
+fi
+MODEL_LIMIT=240; TRITON_LIMIT=240; [ "$MODE" = tests ] && { MODEL_LIMIT=$((BUDGET - 20)); TRITON_LIMIT=$((BUDGET - 20)); }
 MODEL_XDIST=""; [ -n "$XDIST" ] && MODEL_XDIST="-n 4"
 
 # 1. extension, in place, then 4. the tests that need it or whole models (the float32 graph-vs-eager tests first)

@@ -96,6 +96,32 @@ def profile_kernels(fn, steps: int = 3) -> list[tuple[str, float, int]]:
     return sorted(((n, t, int(round(c))) for n, (t, c) in totals.items()), key=lambda r: -r[1])
 
 
+COPY_OPS = ("aten.copy_", "aten.cat", "aten.clone", "aten._to_copy", "aten.contiguous")
+
+
+def copy_sites(fn) -> list[tuple[str, int]]:
+    """(op, shapes and strides, call site in rdm_fast, calls) of every copy-like ATen op of one call of ``fn``:
+    what the "cat / copy / layout" kernels of the profile come from."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict[str, int] = defaultdict(int)
+
+    class Sites(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if name.startswith(COPY_OPS):
+                flat = [a for a in args if torch.is_tensor(a)] or [a for a in args[0] if torch.is_tensor(a)]
+                layout = ", ".join(f"{tuple(t.shape)}@{t.stride()}" for t in flat)
+                frames = [f for f in traceback.extract_stack() if "rdm_fast" in f.filename]
+                site = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+                counts[f"{name} {layout} at {site}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Sites():
+        fn()
+    return sorted(counts.items(), key=lambda kv: -kv[1])
+
+
 def module_times(fn, unet, steps: int = 3, cuda: bool = True) -> list[tuple[str, float, int]]:
     """(module kind and input size, ms per step, calls per step), slowest first: the CUDA time of the kernels
     launched inside each ResBlock / SpatialTransformer / Downsample / Upsample call (CPU time when
@@ -231,6 +257,7 @@ def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> No
             fn = step_fn("rdm_fast-eager", model, x, ctx)
             rows = profile_kernels(lambda: fn(x, 500))
             modules = module_times(lambda: fn(x, 500), model.unet)
+            copies = copy_sites(lambda: fn(x, 500))
         by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         for name, ms, n in rows:
             by_kind[kind_of(name)][0] += ms
@@ -243,6 +270,9 @@ def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> No
             f.write("\nCUDA time per module kind and input size (C x H x W), per step:\n")
             for name, ms, n in modules:
                 f.write(f"{ms:9.3f} ms {n:5d}x  {name}\n")
+            f.write("\nCopy-like ATen ops of one step (shapes@strides, call site), calls:\n")
+            for site, n in copies:
+                f.write(f"{n:5d}x  {site}\n")
         log(f"[{preset}] kernel time per fast eager step: {total:.2f} ms")
         for kind, (ms, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
             log(f"    {kind:24s} {ms:8.2f} ms {n:5d} launches")

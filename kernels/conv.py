@@ -3,16 +3,19 @@
 Semantics: ``rdm_fast.ops.conv3x3_reference``. The UNet's first convolution takes 3 or 16 channels and its
 last one makes 3 or 16. cuDNN runs those at a fraction of memory bandwidth (an H200, imagenet at 64 images:
 0.252 ms for the output convolution, which only has to read 201 MB, i.e. 47 us; then a separate bias pass).
+Whether ours is faster at a shape is measured (``rdm_fast.ops.conv``).
 
-Implicit GEMM over pixels: one program computes a (BLOCK_P pixels x BLOCK_N output channels) tile of the
-output, float32 accumulation, and adds the bias in its epilogue. Two ways to walk the reduction:
+Two kernels, by which side is thin:
 
-* many input channels (the output convolution): one loop over the 9 taps x chunks of BLOCK_K channels, one
-  matrix product per step on the tap's shifted pixel rows; a step's load is a (pixels x channels) tile with
-  unit channel stride, masked per pixel only (image border) when BLOCK_K divides the channel count;
-* few input channels (``TAPS_IN_K``, the input convolution): the reduction runs over the 9 * C_in
-  (tap, channel) pairs at once, gathered into one or two BLOCK_K chunks, instead of 9 chunks of mostly
-  padding.
+* few output channels (the output convolution; ``_taps_kernel`` + ``_sum_taps_kernel``): re-reading the input
+  once per tap made a direct kernel L2-bound on an H200 (9 x 201 MB for imagenet's: 0.283 ms, cuDNN 0.268 ms).
+  Instead one GEMM over pixels reads every input pixel once and writes its 9 * C_out per-tap partial outputs
+  (float32, a few bytes per pixel); a second pass sums, per output pixel, the 9 partials its neighbours made
+  for it (zero past the image border) and adds the bias: one rounding of a float32 sum, as a direct kernel.
+* few input channels (the input convolution; ``_conv3x3_kernel``): implicit GEMM, one program per
+  (BLOCK_P pixels x BLOCK_N output channels) tile, the bias in its epilogue; the reduction runs over the
+  9 * C_in (tap, channel) pairs at once, gathered into one or two BLOCK_K chunks, for C_in < 16
+  (``TAPS_IN_K``), else tap by tap in chunks of BLOCK_K channels.
 
 x and the output are read and written through their strides (channels-last maps and channel slices of them
 need no copy); the output may take several copies of the result, ``copy_stride`` elements apart (both halves
@@ -40,6 +43,15 @@ def _configs() -> list[triton.Config]:
 
 
 CONFIGS = _configs()
+# the partial outputs' GEMM (K = C_in, N = 9 * C_out): one read of its input tile per program. 256-pixel tiles
+# only where BLOCK_K divides C_in: with masked channel chunks they spill registers on sm_90 (the compile test).
+TAPS_CONFIGS = [triton.Config({"BLOCK_P": 32}, num_warps=4, num_stages=1)] if INTERPRETER else [
+    triton.Config({"BLOCK_P": p}, num_warps=w, num_stages=3) for p, w in [(64, 4), (64, 8), (128, 8), (256, 8)]]
+
+
+def _prune_taps(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    even = kwargs.get("EVEN_K", named_args.get("EVEN_K"))
+    return [c for c in configs if even or c.kwargs["BLOCK_P"] <= 128] or configs[:1]
 
 
 @triton.autotune(configs=CONFIGS, key=["CIN", "COUT", "BLOCK_N", "BLOCK_K", "TAPS_IN_K", "COPIES"])
@@ -102,9 +114,85 @@ def _conv3x3_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y = acc.to(out_ptr.dtype.element_ty)
-    o = out_ptr + b.to(tl.int64) * sob + h * soh + w * sow
+    o = (out_ptr + b.to(tl.int64) * sob + h * soh + w * sow)[:, None] + n[None, :] * soc
     for k in tl.static_range(COPIES):
-        tl.store(o[:, None] + k * copy_stride.to(tl.int64) + n[None, :] * soc, y, mask=p_ok[:, None] & n_ok[None, :])
+        tl.store(o + k * tl.cast(copy_stride, tl.int64), y, mask=p_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=TAPS_CONFIGS, key=["CIN", "N_OUT", "BLOCK_N", "BLOCK_K"],
+                 prune_configs_by={"early_config_prune": _prune_taps})
+@triton.jit(do_not_specialize=["n_pix", "H", "W"])
+def _taps_kernel(
+    x_ptr, w_ptr, y_ptr,
+    n_pix, H, W, CIN, COUT, N_OUT,
+    sxb, sxc, sxh, sxw,
+    swo, swi, swh, sww,
+    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """y[p, t * COUT + o] = sum_c x[p, c] w[o, c, ty, tx] for every tap t = 3 * ty + tx, float32."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_ok = p < n_pix
+    n_ok = n < N_OUT
+    hw = H * W
+    b = p // hw
+    x_pix = x_ptr + b.to(tl.int64) * sxb + ((p % hw) // W) * sxh + (p % W) * sxw
+    tap = n // COUT
+    w_col = w_ptr + (n % COUT) * swo + (tap // 3) * swh + (tap % 3) * sww
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, CIN, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            a = tl.load(x_pix[:, None] + k[None, :] * sxc, mask=p_ok[:, None], other=0.0)
+            wt = tl.load(w_col[None, :] + k[:, None] * swi, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = k < CIN
+            a = tl.load(x_pix[:, None] + k[None, :] * sxc, mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_col[None, :] + k[:, None] * swi, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+    rows = y_ptr + p.to(tl.int64)[:, None] * N_OUT + n[None, :]
+    tl.store(rows, acc, mask=p_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["n_pix", "H", "W", "copy_stride"])
+def _sum_taps_kernel(
+    y_ptr, b_ptr, out_ptr,
+    n_pix, H, W, COUT,
+    sob, soc, soh, sow,
+    copy_stride,
+    HAS_BIAS: tl.constexpr, COPIES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """out[p, o] = bias[o] + sum over taps t = (ty, tx) of y[p + (ty - 1, tx - 1), t * COUT + o] (0 past the
+    image border)."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    o = tl.arange(0, BLOCK_O)
+    p_ok = p < n_pix
+    o_ok = o < COUT
+    hw = H * W
+    b = p // hw
+    h = (p % hw) // W
+    w = p % W
+    acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.float32)
+    for t in tl.static_range(9):
+        # tap t = (ty, tx) of output pixel (h, w) reads input pixel (h + ty - 1, w + tx - 1): that pixel's partial
+        hh = h + (t // 3 - 1)
+        ww = w + (t % 3 - 1)
+        ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        q = p + (t // 3 - 1) * W + (t % 3 - 1)
+        part = y_ptr + q.to(tl.int64)[:, None] * (9 * COUT) + t * COUT + o[None, :]
+        acc += tl.load(part, mask=ok[:, None] & o_ok[None, :], other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(out_ptr.dtype.element_ty)
+    dest = (out_ptr + b.to(tl.int64) * sob + h * soh + w * sow)[:, None] + o[None, :] * soc
+    for k in tl.static_range(COPIES):
+        tl.store(dest + k * tl.cast(copy_stride, tl.int64), y, mask=p_ok[:, None] & o_ok[None, :])
+
+
+def few_outputs(cin: int, cout: int) -> bool:
+    """Whether a convolution takes the per-tap partial outputs path (few outputs, more inputs)."""
+    return cout <= 16 and cin > cout
 
 
 def arguments(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> tuple[tuple, dict]:
@@ -122,16 +210,40 @@ def arguments(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> tu
     return args, meta
 
 
+SUM_BLOCK_P = 128  # pixels per program of the summing pass
+
+
+def taps_arguments(x: Tensor, weight: Tensor, partials: Tensor) -> tuple[tuple, dict]:
+    """``_taps_kernel``'s arguments: (positional, constexpr keywords other than the tuned BLOCK_P)."""
+    batch, cin, height, width = x.shape
+    cout = weight.shape[0]
+    block_k = min(64, max(16, triton.next_power_of_2(cin)))
+    args = (x, weight, partials, batch * height * width, height, width, cin, cout, 9 * cout, *x.stride(),
+            *weight.stride())
+    meta = dict(EVEN_K=cin % block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                BLOCK_N=min(64, max(16, triton.next_power_of_2(9 * cout))), BLOCK_K=block_k)
+    return args, meta
+
+
 def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
     """``conv2d(x, weight, bias, padding=1)`` into ``out`` ((k * B, C_out, H, W): k copies, each block of B
     rows one), float32 accumulation, one rounding to out's dtype."""
-    args, meta = arguments(x, weight, bias, out)
-    n_pix, cout = args[4], args[8]
+    batch, cin, height, width = x.shape
+    cout = weight.shape[0]
+    n_pix = batch * height * width
     if n_pix == 0:
         return out
-
-    def grid(cfg: dict) -> tuple[int, int]:
-        return triton.cdiv(n_pix, cfg["BLOCK_P"]), triton.cdiv(cout, cfg["BLOCK_N"])
-
-    _conv3x3_kernel[grid](*args, **meta)
+    if few_outputs(cin, cout):
+        partials = torch.empty((n_pix, 9 * cout), dtype=torch.float32, device=x.device)
+        args, meta = taps_arguments(x, weight, partials)
+        _taps_kernel[lambda cfg: (triton.cdiv(n_pix, cfg["BLOCK_P"]), triton.cdiv(9 * cout, cfg["BLOCK_N"]))](
+            *args, **meta)
+        _sum_taps_kernel[(triton.cdiv(n_pix, SUM_BLOCK_P),)](
+            partials, bias if bias is not None else weight, out, n_pix, height, width, cout, *out.stride(),
+            batch * out.stride(0), HAS_BIAS=bias is not None, COPIES=out.shape[0] // batch, BLOCK_P=SUM_BLOCK_P,
+            BLOCK_O=max(2, triton.next_power_of_2(cout)), num_warps=4)
+        return out
+    args, meta = arguments(x, weight, bias, out)
+    _conv3x3_kernel[lambda cfg: (triton.cdiv(n_pix, cfg["BLOCK_P"]), triton.cdiv(cout, cfg["BLOCK_N"]))](
+        *args, **meta)
     return out

@@ -160,8 +160,8 @@ def _add_bias_kernel(
         y += tl.load(r_ptr + r64 * stride_r + c[None, :], mask=mask, other=0.0).to(tl.float32)
     y += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     y = y.to(out_ptr.dtype.element_ty)
-    for k in tl.static_range(COPIES):  # copy k: the rows ``k * rows`` further on
-        tl.store(out_ptr + (r64 + k * rows.to(tl.int64)) * stride_o + c[None, :], y, mask=mask)
+    for k in tl.static_range(COPIES):  # copy k: the rows ``k * rows`` further on (tl.cast: rows may be a constexpr 1)
+        tl.store(out_ptr + (r64 + k * tl.cast(rows, tl.int64)) * stride_o + c[None, :], y, mask=mask)
 
 
 # Values per program, warps and widest column block of the add_bias kernel (bench/gpu_tune.py sweeps them; these

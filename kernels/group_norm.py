@@ -153,7 +153,7 @@ def _nhwc_finalize_kernel(
         part = part_ptr + (b * splits + split).to(tl.int64) * 2 * channels
         s1 += tl.load(part + c, mask=cmask, other=0.0)
         s2 += tl.load(part + channels + c, mask=cmask, other=0.0)
-    n = hw.to(tl.float32)
+    n = tl.cast(hw, tl.float32)  # not hw.to(): the launcher passes an hw of 1 as a constexpr, which has no .to
     k = shift  # the values' shift: x[pixel 0] + add
     if HAS_ADD:
         k += tl.load(add_ptr + b * add_row + c, mask=cmask, other=0.0)

@@ -210,7 +210,8 @@ def test_unet_routes_only_thin_inference_convolutions_to_the_op(monkeypatch):
 @pytest.mark.skipif(not HAS_TRITON or HAS_CUDA, reason="offline compile check (a GPU runs the real thing)")
 @pytest.mark.parametrize("cin,cout", [(3, 192), (16, 448), (192, 3), (448, 16), (50, 3)])
 def test_configs_compile_for_sm90_without_spills(cin, cout):
-    """Every autotuning candidate builds for sm_90 in bf16, for both reductions, without register spills."""
+    """Every autotuning candidate builds for sm_90 in bf16, for both reductions of the direct kernel and for the
+    two kernels of the few-outputs path, without register spills."""
     from triton_testing import compile_launches
 
     from rdm_fast.kernels import conv as kernels
@@ -218,15 +219,29 @@ def test_configs_compile_for_sm90_without_spills(cin, cout):
     x = torch.zeros(2, cin, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     weight = torch.zeros(cout, cin, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     out = torch.empty(4, cout, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    args, meta = kernels.arguments(x, weight, weight[:, 0, 0, 0], out)
-    fn = kernels._conv3x3_kernel.fn  # the kernel under the autotuner
+    if kernels.few_outputs(cin, cout):
+        args, meta = kernels.taps_arguments(x, weight, torch.empty(128, 9 * cout))
+        fn, configs = kernels._taps_kernel.fn, kernels.TAPS_CONFIGS  # the kernel under the autotuner
+        kernels._taps_kernel.run = lambda *a, **k: None  # record the summing pass alone
+        try:
+            results = compile_launches(lambda: kernels.conv3x3(x, weight, weight[:, 0, 0, 0], out),
+                                       kernels._sum_taps_kernel)
+        finally:
+            del kernels._taps_kernel.run
+        assert len(results) == 1 and results[0]["spill_bytes"] == 0, results
+    else:
+        args, meta = kernels.arguments(x, weight, weight[:, 0, 0, 0], out)
+        fn, configs = kernels._conv3x3_kernel.fn, kernels.CONFIGS
+
+    if kernels.few_outputs(cin, cout) and not meta["EVEN_K"]:
+        configs = kernels._prune_taps(configs, {}, **meta)
 
     def launch():
-        for cfg in kernels.CONFIGS:
+        for cfg in configs:
             fn[(1, 1)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     results = compile_launches(launch, fn)
-    assert len(results) == len(kernels.CONFIGS)
+    assert len(results) == len(configs)
     assert all(r["spill_bytes"] == 0 for r in results), results
 
 

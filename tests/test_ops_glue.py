@@ -260,7 +260,7 @@ def test_add_bias_writes_into_out_cpu_and_cuda():
     with pytest.raises(ValueError, match="out of shape"):
         add_bias(x, b, r, out=wide)
     with pytest.raises(ValueError, match="out of shape"):  # leading rows not a multiple of x's
-        add_bias(x, b, r, out=torch.zeros(3, 4, 3, 6))
+        add_bias(x, b, r, out=torch.zeros(3, 4, 3, 6, device=x.device))
 
 
 def test_add_bias_into_repeated_rows_cpu_and_cuda():
@@ -603,6 +603,9 @@ def test_compiles_for_sm90_without_spills():
          kernels._layer_norm_kernel),
         (lambda: kernels.geglu(x), kernels._geglu_kernel),
         (lambda: kernels.add_bias(x, x[0], x), kernels._add_bias_kernel),
+        (lambda: kernels.add_bias(x[:1], x[0], x[:1]), kernels._add_bias_kernel),  # rows == 1: a constexpr
+        (lambda: kernels.add_bias(x[:1], x[0], None, out=torch.empty(2, 1792, dtype=x.dtype)),
+         kernels._add_bias_kernel),  # and written twice
     ]
     e = torch.randn(3, 16, 13, 11)
     coefs = [torch.tensor(c, dtype=torch.float64) for c in step_coefficients(3, 1.0)]

@@ -148,15 +148,17 @@ def test_triton_gpu_matches_reference(name, dtype):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real thing")
-@pytest.mark.parametrize("channels,side", [(192, 64), (1920, 16), (4096, 4)])
+@pytest.mark.parametrize("channels,side", [(192, 64), (1920, 16), (4096, 4), (64, 1)])
 def test_nhwc_kernels_compile_for_sm90_without_spills(channels, side):
     """Compiled mode (which the interpreter does not exercise): the three channels_last kernels build for sm_90
-    with no register spills, from 192 channels (6 per group) to 4096 (one pixel row per tile row)."""
+    with no register spills, from 192 channels (6 per group) to 4096 (one pixel row per tile row), and for 1x1
+    maps (the launcher passes hw = 1 as a constexpr: this failed on an H200 once)."""
     from triton_testing import compile_launches
 
     from rdm_fast.kernels import group_norm as kernels
 
-    x = torch.randn(2, channels, side, side, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    x = torch.randn(2, channels + 8, side, side, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    x = x[:, 8:]  # a channel slice: 1x1 maps are otherwise contiguous and take the NCHW kernel
     w, add = torch.randn(channels), torch.randn(2, channels)
     nhwc = (kernels._nhwc_stats_kernel, kernels._nhwc_finalize_kernel, kernels._nhwc_apply_kernel)
     for kernel in nhwc:

@@ -93,7 +93,8 @@ def compile_launches(launch: Callable[[], object], kernel, arch: int = 90) -> li
     """Compile, for ``sm_<arch>``, every launch of ``kernel`` that ``launch()`` makes (recorded, not run).
 
     Arguments are typed and specialised as Triton's launcher does (pointers and integers divisible by 16 are
-    marked so). Returns per launch ``{"constexprs", "registers", "spill_bytes"}`` from ``ptxas -v``.
+    marked so; integers equal to 1 become constexprs unless the kernel says ``do_not_specialize``). Returns per
+    launch ``{"constexprs", "registers", "spill_bytes"}`` from ``ptxas -v``.
     """
     import pytest
     import triton
@@ -131,6 +132,8 @@ def compile_launches(launch: Callable[[], object], kernel, arch: int = 90) -> li
                     attrs[(i,)] = [["tt.divisibility", 16]]
             elif isinstance(v, bool):
                 signature[name] = "i1"
+            elif isinstance(v, int) and v == 1 and not kernel.params[i].do_not_specialize:
+                signature[name], constexprs[name] = "constexpr", 1  # as the launcher does: no .to() on it
             elif isinstance(v, int):
                 signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
                 if v % 16 == 0:

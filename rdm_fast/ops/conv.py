@@ -73,6 +73,9 @@ def _unsupported(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) ->
 
 
 def _triton(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    why = _kernels.unavailable()  # loads the kernel module (the dispatch has, unless called directly)
+    if why is not None:
+        raise RuntimeError(f"conv3x3: {why}")
     return _kernels.module.conv3x3(x, weight, bias, out)
 
 
