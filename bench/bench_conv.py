@@ -56,8 +56,9 @@ def test_conv3x3(benchmark, shape, impl):
 
     with torch.inference_mode(), ops.use_mode("fast"):
         run()  # warm-up: Triton autotuning, cuDNN's plan
-        if impl == "triton":
+        if impl == "triton":  # the autotuners' choices so far (key -> configuration)
             from rdm_fast.kernels import conv
 
-            benchmark.extra_info["config"] = str(conv._conv3x3_kernel.best_config)
+            for kernel in (conv._conv3x3_kernel, conv._taps_kernel):
+                benchmark.extra_info[kernel.fn.__name__] = {str(k): str(v) for k, v in kernel.cache.items()}
         benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
