@@ -146,6 +146,7 @@ def _add_bias_kernel(
     stride_r,
     stride_o,
     HAS_RES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     COPIES: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -158,7 +159,8 @@ def _add_bias_kernel(
     y = tl.load(x_ptr + r64 * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         y += tl.load(r_ptr + r64 * stride_r + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    y += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     y = y.to(out_ptr.dtype.element_ty)
     for k in tl.static_range(COPIES):  # copy k: the rows ``k * rows`` further on (tl.cast: rows may be a constexpr 1)
         tl.store(out_ptr + (r64 + k * tl.cast(rows, tl.int64)) * stride_o + c[None, :], y, mask=mask)
@@ -169,11 +171,12 @@ def _add_bias_kernel(
 ADD_BIAS_TUNING = {"tile": 4096, "warps": 8, "max_block_c": 256}
 
 
-def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | None = None) -> Tensor:
-    """``x + residual + bias`` (bias on the last dim; float32 sum, one rounding) into ``out`` (default: a new
-    tensor laid out like x; with k times x's leading rows, the result goes into each block of them). The kernel
-    reads and writes rows of C at any row stride: contiguous tensors and channel slices of wider channels-last
-    maps cost one pass; other layouts go through contiguous copies."""
+def add_bias(x: Tensor, bias: Tensor | None, residual: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``x + residual + bias`` (bias on the last dim, either term optional; float32 sum, one rounding) into
+    ``out`` (default: a new tensor laid out like x, contiguous where x has gaps; with k times x's leading rows,
+    the result goes into each block of them). The kernel reads and writes rows of C at any row stride:
+    contiguous tensors and channel slices of wider channels-last maps cost one pass; other layouts go through
+    contiguous copies."""
     width = x.shape[-1]
     dest = torch.empty_like(x) if out is None else out
     if x.numel() == 0:
@@ -188,8 +191,8 @@ def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | Non
     block_c = min(pow2 if pow2 >= 16 else triton.next_power_of_2(width), ADD_BIAS_TUNING["max_block_c"])
     block_r = max(1, ADD_BIAS_TUNING["tile"] // block_c)
     _add_bias_kernel[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
-        x2, bias.contiguous(), r2, o2, rows, width, x2.stride(0), r2.stride(0), o2.stride(0),
-        HAS_RES=residual is not None, COPIES=copies if d2 is not None else 1, BLOCK_R=block_r, BLOCK_C=block_c,
+        x2, bias.contiguous() if bias is not None else x2, r2, o2, rows, width, x2.stride(0), r2.stride(0),
+        o2.stride(0), HAS_RES=residual is not None, HAS_BIAS=bias is not None, COPIES=copies if d2 is not None else 1, BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=ADD_BIAS_TUNING["warps"],
     )
     if d2 is None:

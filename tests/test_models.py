@@ -405,3 +405,25 @@ def test_channels_last_inference_writes_skips_into_slices(monkeypatch):
         out = model.unet(x, t, ctx)
     assert cats and 4 not in cats, "a feature-map concatenation ran"
     assert rel_err(out, ref) < 1e-5
+
+
+def test_downsample_gives_cudnn_a_dense_copy_of_a_channel_slice(monkeypatch):
+    """A Downsample fed a channel slice of a skip buffer (channels-last inference) convolves a dense channels-last
+    copy made by ops.add_bias (the convolution would otherwise copy it with PyTorch's unvectorised copy); the
+    result equals the convolution of the slice."""
+    import torch.nn.functional as F
+
+    from rdm_fast.models import layers
+    from rdm_fast.models.unet import Downsample
+
+    down = Downsample(6).to(memory_format=torch.channels_last)
+    wide = torch.randn(2, 10, 8, 6).contiguous(memory_format=torch.channels_last)
+    x = wide[:, 4:]
+    seen = []
+    real = F.conv2d
+    monkeypatch.setattr(layers.F, "conv2d", lambda inp, *a: seen.append(inp.is_contiguous(
+        memory_format=torch.channels_last)) or real(inp, *a))
+    with torch.no_grad():
+        y = down(x)
+    assert seen == [True]
+    torch.testing.assert_close(y, real(x.contiguous(), down.conv.weight, down.conv.bias, 2, 1))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .._layout import row_view
+from .._layout import nhwc_row_stride, row_view
 from ..config import UNetConfig
 from .. import ops
 from .layers import (GroupNorm, LayerNorm, Upsample, attention, cached, conv1x1, conv3x3, conv_with_bias,
@@ -335,6 +335,9 @@ class Downsample(nn.Module):
         self.conv = conv3x3(channels, channels, stride=2)
 
     def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        row = nhwc_row_stride(x)
+        if row is not None and row > x.shape[1]:  # a channel slice of a skip buffer: cuDNN takes dense maps only,
+            x = nchw(ops.add_bias(nhwc(x), None))  # and PyTorch's own copy of a slice is unvectorised
         return conv_with_bias(self.conv, x, out)
 
 

@@ -164,11 +164,12 @@ def add_layer_norm(
 # ----------------------------------------------------------------------------------------------- bias + residual
 
 
-def _check_add_bias(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | None) -> None:
+def _check_add_bias(x: Tensor, bias: Tensor | None, residual: Tensor | None, out: Tensor | None) -> None:
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"add_bias: expected x of shape (..., C) with C > 0, got {tuple(x.shape)}")
     _check_tensor("add_bias", "x", x)
-    _check_tensor("add_bias", "bias", bias, x, (x.shape[-1],))
+    if bias is not None:
+        _check_tensor("add_bias", "bias", bias, x, (x.shape[-1],))
     if residual is not None:
         _check_same("add_bias", "residual", residual, x)
     if out is not None:
@@ -190,7 +191,8 @@ def _out_copies(x: Tensor, out: Tensor) -> int | None:
     return out.shape[0] // x.shape[0]
 
 
-def add_bias_reference(x: Tensor, bias: Tensor, residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+def add_bias_reference(x: Tensor, bias: Tensor | None, residual: Tensor | None = None,
+                       out: Tensor | None = None) -> Tensor:
     """``x + residual + bias`` in float32 (bias broadcast over the last dim), rounded once to x's dtype, written
     into ``out`` when given (into each of its blocks of x's leading rows, where it has k times as many); else the
     result has x's strides when x is dense (a channels-last map's (B, H, W, C) view stays channels-last, an NCHW
@@ -205,7 +207,8 @@ def add_bias_reference(x: Tensor, bias: Tensor, residual: Tensor | None = None, 
     return dest
 
 
-def _add_bias_unsupported(x: Tensor, bias: Tensor, residual: Tensor | None, out: Tensor | None = None) -> str | None:
+def _add_bias_unsupported(x: Tensor, bias: Tensor | None, residual: Tensor | None,
+                          out: Tensor | None = None) -> str | None:
     return _grad_unsupported(x, bias, residual, out)
 
 
@@ -213,8 +216,9 @@ ADD_BIAS = _kernels.op("add_bias", add_bias_reference, _add_bias_unsupported)
 
 
 @autocast_inputs
-def add_bias(x: Tensor, bias: Tensor, residual: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
-    """``x + residual + bias`` with ``bias`` (C,) on the last dim of x (..., C) and ``residual`` shaped like x.
+def add_bias(x: Tensor, bias: Tensor | None, residual: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
+    """``x + residual + bias`` with ``bias`` (C,) on the last dim of x (..., C) and ``residual`` shaped like x
+    (either may be None: with neither, a copy at the kernel's bandwidth, e.g. of a channel slice).
 
     Float32 sum, one rounding to x's dtype; written into ``out`` (shaped like x, e.g. a channel slice of a wider
     map) when given and returned, else into a new tensor laid out like x. ``out`` may instead have k times x's
