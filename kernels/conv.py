@@ -57,6 +57,14 @@ def _prune_taps(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
     return [c for c in configs if even or c.kwargs["BLOCK_P"] <= 128] or configs[:1]
 
 
+@triton.jit
+def _pixels(n_pix, H, W, BLOCK_P: tl.constexpr):
+    """This program's BLOCK_P flat pixel indices (b * H * W + h * W + w), which are in range, and (b, h, w)."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    hw = H * W
+    return p, p < n_pix, p // hw, (p % hw) // W, p % W
+
+
 @triton.autotune(configs=CONFIGS, key=["CIN", "COUT", "BLOCK_N", "BLOCK_K", "TAPS_IN_K", "COPIES"])
 @triton.jit(do_not_specialize=["n_pix", "H", "W", "copy_stride"])
 def _conv3x3_kernel(
@@ -69,14 +77,9 @@ def _conv3x3_kernel(
     HAS_BIAS: tl.constexpr, COPIES: tl.constexpr, TAPS_IN_K: tl.constexpr, EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p, p_ok, b, h, w = _pixels(n_pix, H, W, BLOCK_P)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_ok = p < n_pix
     n_ok = n < COUT
-    hw = H * W
-    b = p // hw
-    h = (p % hw) // W
-    w = p % W
     x_pix = x_ptr + b.to(tl.int64) * sxb + h * sxh + w * sxw
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     if TAPS_IN_K:
@@ -134,13 +137,10 @@ def _taps_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """y[p, t * COUT + o] = sum_c x[p, c] w[o, c, ty, tx] for every tap t = 3 * ty + tx, float32."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p, p_ok, b, h, w = _pixels(n_pix, H, W, BLOCK_P)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_ok = p < n_pix
     n_ok = n < N_OUT
-    hw = H * W
-    b = p // hw
-    x_pix = x_ptr + b.to(tl.int64) * sxb + ((p % hw) // W) * sxh + (p % W) * sxw
+    x_pix = x_ptr + b.to(tl.int64) * sxb + h * sxh + w * sxw
     tap = n // COUT
     w_col = w_ptr + (n % COUT) * swo + (tap // 3) * swh + (tap % 3) * sww
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
@@ -168,14 +168,9 @@ def _sum_taps_kernel(
 ):
     """out[p, o] = bias[o] + sum over taps t = (ty, tx) of y[p + (ty - 1, tx - 1), t * COUT + o] (0 past the
     image border)."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p, p_ok, b, h, w = _pixels(n_pix, H, W, BLOCK_P)
     o = tl.arange(0, BLOCK_O)
-    p_ok = p < n_pix
     o_ok = o < COUT
-    hw = H * W
-    b = p // hw
-    h = (p % hw) // W
-    w = p % W
     acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.float32)
     for t in tl.static_range(9):
         # tap t = (ty, tx) of output pixel (h, w) reads input pixel (h + ty - 1, w + tx - 1): that pixel's partial
