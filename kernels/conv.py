@@ -58,9 +58,10 @@ def _prune_taps(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 
 
 @triton.jit
-def _pixels(n_pix, H, W, BLOCK_P: tl.constexpr):
-    """This program's BLOCK_P flat pixel indices (b * H * W + h * W + w), which are in range, and (b, h, w)."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _pixels(block, n_pix, H, W, BLOCK_P: tl.constexpr):
+    """Pixel block ``block``'s BLOCK_P flat pixel indices (b * H * W + h * W + w), which are in range, and
+    (b, h, w)."""
+    p = block * BLOCK_P + tl.arange(0, BLOCK_P)
     hw = H * W
     return p, p < n_pix, p // hw, (p % hw) // W, p % W
 
@@ -77,8 +78,11 @@ def _conv3x3_kernel(
     HAS_BIAS: tl.constexpr, COPIES: tl.constexpr, TAPS_IN_K: tl.constexpr, EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    p, p_ok, b, h, w = _pixels(n_pix, H, W, BLOCK_P)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # one program per (pixel block, channel block), the channel blocks of a pixel block adjacent: they read the
+    # same input tile, which then comes from L2 instead of memory
+    n_blocks = tl.cdiv(COUT, BLOCK_N)
+    p, p_ok, b, h, w = _pixels(tl.program_id(0) // n_blocks, n_pix, H, W, BLOCK_P)
+    n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < COUT
     x_pix = x_ptr + b.to(tl.int64) * sxb + h * sxh + w * sxw
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
@@ -137,8 +141,9 @@ def _taps_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """y[p, t * COUT + o] = sum_c x[p, c] w[o, c, ty, tx] for every tap t = 3 * ty + tx, float32."""
-    p, p_ok, b, h, w = _pixels(n_pix, H, W, BLOCK_P)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_blocks = tl.cdiv(N_OUT, BLOCK_N)  # as in _conv3x3_kernel: a pixel block's column blocks adjacent
+    p, p_ok, b, h, w = _pixels(tl.program_id(0) // n_blocks, n_pix, H, W, BLOCK_P)
+    n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N_OUT
     x_pix = x_ptr + b.to(tl.int64) * sxb + h * sxh + w * sxw
     tap = n // COUT
@@ -168,7 +173,7 @@ def _sum_taps_kernel(
 ):
     """out[p, o] = bias[o] + sum over taps t = (ty, tx) of y[p + (ty - 1, tx - 1), t * COUT + o] (0 past the
     image border)."""
-    p, p_ok, b, h, w = _pixels(n_pix, H, W, BLOCK_P)
+    p, p_ok, b, h, w = _pixels(tl.program_id(0), n_pix, H, W, BLOCK_P)
     o = tl.arange(0, BLOCK_O)
     o_ok = o < COUT
     acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.float32)
@@ -234,7 +239,7 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tens
     if few_outputs(cin, cout):
         partials = torch.empty((n_pix, 9 * cout), dtype=torch.float32, device=x.device)
         args, meta = taps_arguments(x, weight, partials)
-        _taps_kernel[lambda cfg: (triton.cdiv(n_pix, cfg["BLOCK_P"]), triton.cdiv(9 * cout, cfg["BLOCK_N"]))](
+        _taps_kernel[lambda cfg: (triton.cdiv(n_pix, cfg["BLOCK_P"]) * triton.cdiv(9 * cout, cfg["BLOCK_N"]),)](
             *args, **meta)
         _sum_taps_kernel[(triton.cdiv(n_pix, SUM_BLOCK_P),)](
             partials, bias if bias is not None else weight, out, n_pix, height, width, cout, *out.stride(),
@@ -242,6 +247,6 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tens
             BLOCK_O=max(2, triton.next_power_of_2(cout)), num_warps=4)
         return out
     args, meta = arguments(x, weight, bias, out)
-    _conv3x3_kernel[lambda cfg: (triton.cdiv(n_pix, cfg["BLOCK_P"]), triton.cdiv(cout, cfg["BLOCK_N"]))](
+    _conv3x3_kernel[lambda cfg: (triton.cdiv(n_pix, cfg["BLOCK_P"]) * triton.cdiv(cout, cfg["BLOCK_N"]),)](
         *args, **meta)
     return out
