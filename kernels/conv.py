@@ -17,8 +17,8 @@ Two kernels, by which side is thin:
   for it (zero past the image border) and adds the bias: one rounding of a float32 sum, as a direct kernel.
 * few input channels (the input convolution; ``_conv3x3_kernel``): implicit GEMM, one program per
   (BLOCK_P pixels x BLOCK_N output channels) tile, the bias in its epilogue; the reduction runs over the
-  9 * C_in (tap, channel) pairs at once, gathered into one or two BLOCK_K chunks, for C_in < 16
-  (``TAPS_IN_K``), else tap by tap in chunks of BLOCK_K channels.
+  9 * C_in (tap, channel) pairs, gathered in chunks of 32 or 64 pairs, unless C_in is a multiple of 16
+  (``TAPS_IN_K``); then tap by tap, in chunks of BLOCK_K channels that divide C_in.
 
 x and the output are read and written through their strides (channels-last maps and channel slices of them
 need no copy); the output may take several copies of the result, ``copy_stride`` elements apart (both halves
@@ -35,7 +35,6 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-TAPS_IN_K_BELOW = 16  # fewer input channels: the reduction runs over (tap, channel) pairs
 
 
 def _configs() -> list[triton.Config]:
@@ -75,7 +74,7 @@ def _conv3x3_kernel(
     swo, swi, swh, sww,
     sob, soc, soh, sow,
     copy_stride,
-    HAS_BIAS: tl.constexpr, COPIES: tl.constexpr, TAPS_IN_K: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COPIES: tl.constexpr, TAPS_IN_K: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # one program per (pixel block, channel block), the channel blocks of a pixel block adjacent: they read the
@@ -113,13 +112,8 @@ def _conv3x3_kernel(
             row_ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             a_ptrs = (x_pix + ty * sxh + tx * sxw)[:, None] + k[None, :] * sxc
             w_ptrs = w_ptr + (ty + 1) * swh + (tx + 1) * sww + k[:, None] * swi + n[None, :] * swo
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                wt = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k_ok = k < CIN
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)  # BLOCK_K divides CIN: no channel mask
+            wt = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
             acc = tl.dot(a, wt, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -202,12 +196,12 @@ def arguments(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> tu
     """The kernel's arguments for a call: (positional, constexpr keywords other than the tuned BLOCK_P)."""
     batch, cin, height, width = x.shape
     cout = weight.shape[0]
-    taps_in_k = cin < TAPS_IN_K_BELOW
-    block_k = (32 if 9 * cin <= 32 else 64) if taps_in_k else min(64, max(16, triton.next_power_of_2(cin)))
+    divisor = min(cin & -cin, 64)  # the largest power of two up to 64 dividing C_in: tap by tap if >= 16
+    taps_in_k = divisor < 16
+    block_k = (32 if 9 * cin <= 32 else 64) if taps_in_k else divisor
     args = (x, weight, bias if bias is not None else weight, out, batch * height * width, height, width, cin, cout,
             *x.stride(), *weight.stride(), *out.stride(), batch * out.stride(0))
     meta = dict(HAS_BIAS=bias is not None, COPIES=out.shape[0] // batch, TAPS_IN_K=taps_in_k,
-                EVEN_K=not taps_in_k and cin % block_k == 0,
                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # ignored for 16-bit operands
                 BLOCK_N=min(64, max(16, triton.next_power_of_2(cout))), BLOCK_K=block_k)
     return args, meta

@@ -427,3 +427,17 @@ def test_downsample_gives_cudnn_a_dense_copy_of_a_channel_slice(monkeypatch):
         y = down(x)
     assert seen == [True]
     torch.testing.assert_close(y, real(x.contiguous(), down.conv.weight, down.conv.bias, 2, 1))
+
+
+def test_channels_last_network_returns_contiguous_eps():
+    """A channels-last UNet (inference, as RDM.sample runs it on CUDA) returns eps in NCHW memory, so that the
+    samplers' fused step (contiguous tensors only) takes the guided eps; the values equal the plain path's."""
+    cfg = RDMConfig.preset("tiny")
+    model = nonzero(RDM.from_config(cfg), channels_last=True)
+    x, _, ctx = inputs(cfg, batch=2)
+    with torch.no_grad():
+        eps = guided(model.unet, ctx, 2.0, prepare=model.unet.prepare_context)(x, 500)
+        with ops.use_mode("reference"):
+            ref = guided(model.unet, ctx, 2.0, prepare=model.unet.prepare_context)(x, 500)
+    assert eps.is_contiguous() and eps.dtype == x.dtype
+    torch.testing.assert_close(eps, ref, rtol=1e-4, atol=1e-4)

@@ -21,9 +21,11 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 # name -> (batch, C_in, C_out, H, W, layout of x, bias, copies of the result in out)
-# Layouts: "nhwc" channels-last, "nchw" contiguous, "slice" channels 8.. of a wider channels-last map. The
-# first four take the reduction over (tap, channel) pairs (C_in < 16), the others tap by tap, in chunks of up to
-# 64 channels: 50 and 200 leave a partial chunk, 64 and 192 none.
+# Layouts: "nhwc" channels-last, "nchw" contiguous, "slice" channels 8.. of a wider channels-last map. Paths:
+# the direct kernel over (tap, channel) pairs (in3, in7, in15: C_in not a multiple of 16) and tap by tap (in16,
+# out20); the few-outputs path (per-tap partials, then their sum) for the rest, in chunks of up to 64 input
+# channels: 50 and 200 leave a partial chunk, 64 and 192 none; 64 -> 16 makes 144 partials per pixel, three
+# column blocks.
 CASES = {
     "in3-out40": (2, 3, 40, 9, 7, "nhwc", True, 1),
     "in3-out40-copies": (2, 3, 40, 9, 7, "nhwc", True, 2),
@@ -80,8 +82,15 @@ def _run_case(name: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
     if not bool((wide[:, :3] == 7).all()):
         return "written outside out's channel slice"
     b = x.shape[0]
-    errs = [check(out[k * b:(k + 1) * b], ref) for k in range(out.shape[0] // b)]
-    return "; ".join(f"copy {k}: {e}" for k, e in enumerate(errs) if e) or None
+    errs = {f"copy {k}": check(out[k * b:(k + 1) * b], ref) for k in range(out.shape[0] // b)}
+    with _dispatch.use_mode("fast"):  # without out: a new map laid out like x (channels-last or contiguous)
+        new = conv3x3(x, weight, bias)
+    if new.is_contiguous(memory_format=torch.channels_last) != (layout != "nchw") or (
+            layout == "nchw") != new.is_contiguous():
+        errs["new output"] = f"laid out {new.stride()} for {layout} x"
+    else:
+        errs["new output"] = check(new, ref)
+    return "; ".join(f"{k}: {e}" for k, e in errs.items() if e) or None
 
 
 INTERPRETER_CASES = [(c, d) for c in CASES for d in ("float32", "float16")]
@@ -199,6 +208,7 @@ def test_unet_routes_only_thin_inference_convolutions_to_the_op(monkeypatch):
     with torch.no_grad():
         eps = unet(x, t, ctx)
     assert sorted(seen) == sorted([tuple(unet.input_conv.weight.shape), tuple(unet.out_conv.weight.shape)])
+    assert eps.is_contiguous()  # an NCHW model keeps NCHW activations (the samplers' step needs contiguous eps)
     seen.clear()
     with torch.no_grad(), _dispatch.use_mode("reference"):
         ref = unet(x, t, ctx)

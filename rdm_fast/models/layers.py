@@ -117,11 +117,12 @@ def add_channel_bias(x: Tensor, bias: Tensor | None, out: Tensor | None = None) 
 def conv_with_bias(conv: nn.Conv2d, x: Tensor, out: Tensor | None = None) -> Tensor:
     """``conv(x)`` with its bias added by :func:`add_channel_bias` (into ``out`` when given). Thin 3x3 layers
     (the UNet's first and last: few channels in or out) run as one ``ops.conv3x3``, bias included, outside
-    autograd and the plain-PyTorch mode."""
+    autograd, torch.compile and the plain-PyTorch mode."""
     thin = (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.groups == 1
-            and conv.dilation == (1, 1) and min(conv.in_channels, conv.out_channels) <= ops.MAX_THIN_CHANNELS)
-    if thin and ops.get_mode() != "reference" and not (torch.is_grad_enabled() and (
-            x.requires_grad or conv.weight.requires_grad)):
+            and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and min(conv.in_channels, conv.out_channels) <= ops.MAX_THIN_CHANNELS)
+    if thin and ops.get_mode() != "reference" and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)):
         return ops.conv3x3(x, conv.weight, conv.bias, out=out)
     return add_channel_bias(F.conv2d(x, conv.weight, None, conv.stride, conv.padding), conv.bias, out)
 

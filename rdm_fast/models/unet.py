@@ -554,7 +554,11 @@ class UNet(nn.Module):
             skip = hs.pop()
             h = self._run(stage, inputs[j] if inputs is not None else torch.cat([h, skip], dim=1), emb, context,
                           slot(j + 1, 0))
-        return conv_with_bias(self.out_conv, self.out_norm(h, silu=True)).to(x.dtype)
+        # eps leaves in NCHW memory even from a channels-last network: the samplers' fused step takes contiguous
+        # tensors only (it ran its reference, one PyTorch op at a time, on channels-last eps before)
+        eps = None if inputs is None else torch.empty((batch, self.cfg.out_channels, *x.shape[2:]), dtype=dtype,
+                                                      device=x.device)
+        return conv_with_bias(self.out_conv, self.out_norm(h, silu=True), eps).to(x.dtype)
 
     def _run(self, stage: nn.Module, *args) -> Tensor:
         """``stage(*args)``, under activation checkpointing when :attr:`gradient_checkpointing` is set in training."""

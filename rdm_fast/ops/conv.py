@@ -43,7 +43,7 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) -
         raise ValueError(f"conv3x3: expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if out is not None:
         b, _, h, w = x.shape
-        if (out.dim() != 4 or b == 0 or out.shape[0] % b or out.shape[1:] != (weight.shape[0], h, w)
+        if (out.dim() != 4 or (out.shape[0] % b if b else out.shape[0]) or out.shape[1:] != (weight.shape[0], h, w)
                 or out.dtype != x.dtype or out.device != x.device):
             raise ValueError(f"conv3x3: expected out of shape (k * {b}, {weight.shape[0]}, {h}, {w}), dtype {x.dtype} "
                              f"on {x.device}, got {tuple(out.shape)}, {out.dtype} on {out.device}")
@@ -51,16 +51,24 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) -
 
 def _write(y: Tensor, out: Tensor) -> Tensor:
     """``y`` into each block of ``y.shape[0]`` rows of ``out``."""
-    out.unflatten(0, (-1, y.shape[0])).copy_(y)
+    if y.shape[0]:
+        out.unflatten(0, (-1, y.shape[0])).copy_(y)
     return out
 
 
+def _layout(x: Tensor) -> torch.memory_format:
+    """The result's memory format: channels-last for channels-last maps and channel slices of them (as F.conv2d
+    returns for channels-last input), else contiguous."""
+    return torch.channels_last if not x.is_contiguous() and x.stride(1) == 1 and x.shape[1] > 1 else \
+        torch.contiguous_format
+
+
 def conv3x3_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """``conv2d(x, weight, bias, padding=1)`` in float32, rounded once to x's dtype; channels-last, or written
-    into ``out`` (into each of its blocks of B rows when it has k * B)."""
+    """``conv2d(x, weight, bias, padding=1)`` in float32, rounded once to x's dtype; laid out as :func:`conv3x3`
+    lays it out, or written into ``out`` (into each of its blocks of B rows when it has k * B)."""
     _check(x, weight, bias, out)
     y = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), padding=1).to(x.dtype)
-    return y.contiguous(memory_format=torch.channels_last) if out is None else _write(y, out)
+    return y.contiguous(memory_format=_layout(x)) if out is None else _write(y, out)
 
 
 def _unsupported(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> str | None:
@@ -92,7 +100,7 @@ _MEASURED = Measured("conv3x3", {"triton": _triton, "cudnn": _cudnn})
 
 
 def _cuda_conv(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
-    if get_mode() == "fast":
+    if get_mode() == "fast" or torch.compiler.is_compiling():  # no timing inside a trace
         return _triton(x, weight, bias, out)
     key = (x.shape, x.stride(), weight.shape, weight.stride(), bias is None, out.shape, out.stride(), x.dtype, x.device)
     return _MEASURED(key, lambda: f"x {tuple(x.shape)} -> {weight.shape[0]} channels {x.dtype}", x, weight, bias, out)
@@ -110,10 +118,10 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, out: Tenso
     """``conv2d(x, weight, bias, stride=1, padding=1)`` for x (B, C_in, H, W) and weight (C_out, C_in, 3, 3) of
     one dtype: float32 accumulation, one rounding to x's dtype. Written into ``out`` when given and returned (a
     (B, C_out, H, W) map or channel slice; or one with k * B rows, each block of B rows getting the result),
-    else into a new channels-last map. The fast kernel takes layers with at most ``MAX_THIN_CHANNELS`` (16)
-    input or output channels."""
+    else into a new map, channels-last if x is (or is a channel slice of a channels-last map), else contiguous.
+    The fast kernel takes layers with at most ``MAX_THIN_CHANNELS`` (16) input or output channels."""
     _check(x, weight, bias, out)
     if out is None:
         out = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last)
+                          memory_format=_layout(x))
     return CONV3X3(x, weight, bias, out)
