@@ -555,7 +555,7 @@ class UNet(nn.Module):
             h = self._run(stage, inputs[j] if inputs is not None else torch.cat([h, skip], dim=1), emb, context,
                           slot(j + 1, 0))
         # eps leaves in NCHW memory even from a channels-last network: the samplers' fused step takes contiguous
-        # tensors only (it ran its reference, one PyTorch op at a time, on channels-last eps before)
+        # tensors only (on others it falls back to its reference, one PyTorch op at a time)
         eps = None if inputs is None else torch.empty((batch, self.cfg.out_channels, *x.shape[2:]), dtype=dtype,
                                                       device=x.device)
         return conv_with_bias(self.out_conv, self.out_norm(h, silu=True), eps).to(x.dtype)
