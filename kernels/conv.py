@@ -13,8 +13,9 @@ Two kernels, by which side is thin:
 * few output channels (the output convolution; ``_taps_kernel`` + ``_sum_taps_kernel``): re-reading the input
   once per tap made a direct kernel L2-bound on an H200 (9 x 201 MB for imagenet's: 0.283 ms, cuDNN 0.268 ms).
   Instead one GEMM over pixels reads every input pixel once and writes its 9 * C_out per-tap partial outputs
-  (float32: 27 per pixel for imagenet, 144 for rdm768); a second pass sums, per output pixel, the 9 partials its neighbours made
-  for it (zero past the image border) and adds the bias: one rounding of a float32 sum, as a direct kernel.
+  (float32: 27 per pixel for imagenet, 144 for rdm768); a second pass sums, per output pixel, the 9 partials
+  its neighbours made for it (zero past the image border) and adds the bias: one rounding of a float32 sum, as
+  a direct kernel.
 * few input channels (the input convolution; ``_conv3x3_kernel``): implicit GEMM, one program per
   (BLOCK_P pixels x BLOCK_N output channels) tile, the bias in its epilogue; the reduction runs over the
   9 * C_in (tap, channel) pairs, gathered in chunks of 32 or 64 (``TAPS_IN_K``), or, where C_in is a multiple
@@ -63,6 +64,18 @@ def _pixels(block, n_pix, H, W, BLOCK_P: tl.constexpr):
     p = block * BLOCK_P + tl.arange(0, BLOCK_P)
     hw = H * W
     return p, p < n_pix, p // hw, (p % hw) // W, p % W
+
+
+@triton.jit
+def _bias_and_store(acc, b_ptr, out_ptr, n, n_ok, p_ok, b, h, w, sob, soc, soh, sow, copy_stride,
+                    HAS_BIAS: tl.constexpr, COPIES: tl.constexpr):
+    """The epilogue: acc (pixels x output channels ``n``) plus the bias, rounded once, stored into every copy."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(out_ptr.dtype.element_ty)
+    dest = (out_ptr + b.to(tl.int64) * sob + h * soh + w * sow)[:, None] + n[None, :] * soc
+    for k in tl.static_range(COPIES):
+        tl.store(dest + k * tl.cast(copy_stride, tl.int64), y, mask=p_ok[:, None] & n_ok[None, :])
 
 
 @triton.autotune(configs=CONFIGS, key=["CIN", "COUT", "BLOCK_N", "BLOCK_K", "TAPS_IN_K", "COPIES"])
@@ -115,12 +128,7 @@ def _conv3x3_kernel(
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)  # BLOCK_K divides CIN: no channel mask
             wt = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
             acc = tl.dot(a, wt, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y = acc.to(out_ptr.dtype.element_ty)
-    o = (out_ptr + b.to(tl.int64) * sob + h * soh + w * sow)[:, None] + n[None, :] * soc
-    for k in tl.static_range(COPIES):
-        tl.store(o + k * tl.cast(copy_stride, tl.int64), y, mask=p_ok[:, None] & n_ok[None, :])
+    _bias_and_store(acc, b_ptr, out_ptr, n, n_ok, p_ok, b, h, w, sob, soc, soh, sow, copy_stride, HAS_BIAS, COPIES)
 
 
 @triton.autotune(configs=TAPS_CONFIGS, key=["CIN", "N_OUT", "BLOCK_N", "BLOCK_K"],
@@ -179,12 +187,7 @@ def _sum_taps_kernel(
         q = p + (t // 3 - 1) * W + (t % 3 - 1)
         part = y_ptr + q.to(tl.int64)[:, None] * (9 * COUT) + t * COUT + o[None, :]
         acc += tl.load(part, mask=ok[:, None] & o_ok[None, :], other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    y = acc.to(out_ptr.dtype.element_ty)
-    dest = (out_ptr + b.to(tl.int64) * sob + h * soh + w * sow)[:, None] + o[None, :] * soc
-    for k in tl.static_range(COPIES):
-        tl.store(dest + k * tl.cast(copy_stride, tl.int64), y, mask=p_ok[:, None] & o_ok[None, :])
+    _bias_and_store(acc, b_ptr, out_ptr, o, o_ok, p_ok, b, h, w, sob, soc, soh, sow, copy_stride, HAS_BIAS, COPIES)
 
 
 def few_outputs(cin: int, cout: int) -> bool:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._layout import as_rows, row_view
+from .._layout import as_rows, copy_into_blocks, row_view
 
 
 @triton.jit
@@ -196,7 +196,7 @@ def add_bias(x: Tensor, bias: Tensor | None, residual: Tensor | None, out: Tenso
         num_warps=ADD_BIAS_TUNING["warps"],
     )
     if d2 is None:
-        dest.unflatten(0, (copies, x.shape[0])).copy_(o2.view(x.shape))
+        copy_into_blocks(o2.view(x.shape), dest)
     return dest
 
 

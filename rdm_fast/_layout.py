@@ -19,6 +19,14 @@ def row_view(t: Tensor, width: int) -> Tensor | None:
         return None
 
 
+def copy_into_blocks(src: Tensor, out: Tensor) -> Tensor:
+    """``src`` into each block of ``src.shape[0]`` leading rows of ``out`` (shaped like src, or with k times its
+    rows: the two halves of a guided batch); returns ``out``."""
+    if src.shape[0]:
+        out.unflatten(0, (-1, src.shape[0])).copy_(src)
+    return out
+
+
 def as_rows(t: Tensor, width: int) -> Tensor:
     """``t`` as (rows, width) with unit column stride: :func:`row_view`, else a contiguous copy."""
     view = row_view(t, width)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .._layout import copy_into_blocks
 
 
 class GroupNorm(nn.Module):
@@ -104,8 +105,7 @@ def add_channel_bias(x: Tensor, bias: Tensor | None, out: Tensor | None = None) 
     the copy bandwidth on channels-last maps."""
     if out is not None:
         if bias is None:
-            out.unflatten(0, (-1, x.shape[0])).copy_(x)
-            return out
+            return copy_into_blocks(x, out)
         return nchw(ops.add_bias(nhwc(x), bias, out=nhwc(out)))
     if bias is None:
         return x

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._layout import copy_into_blocks, nhwc_row_stride
 from ._dispatch import Impl, Op, autocast_inputs, get_mode, needs_grad
 from ._measured import Measured
 from ._triton_kernels import TritonKernels, without_bfloat16
@@ -49,18 +50,11 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) -
                              f"on {x.device}, got {tuple(out.shape)}, {out.dtype} on {out.device}")
 
 
-def _write(y: Tensor, out: Tensor) -> Tensor:
-    """``y`` into each block of ``y.shape[0]`` rows of ``out``."""
-    if y.shape[0]:
-        out.unflatten(0, (-1, y.shape[0])).copy_(y)
-    return out
-
-
 def _layout(x: Tensor) -> torch.memory_format:
     """The result's memory format: channels-last for channels-last maps and channel slices of them (as F.conv2d
     returns for channels-last input), else contiguous."""
-    return torch.channels_last if not x.is_contiguous() and x.stride(1) == 1 and x.shape[1] > 1 else \
-        torch.contiguous_format
+    nhwc = not x.is_contiguous() and nhwc_row_stride(x) is not None
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def conv3x3_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
@@ -68,7 +62,7 @@ def conv3x3_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, out
     lays it out, or written into ``out`` (into each of its blocks of B rows when it has k * B)."""
     _check(x, weight, bias, out)
     y = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), padding=1).to(x.dtype)
-    return y.contiguous(memory_format=_layout(x)) if out is None else _write(y, out)
+    return y.contiguous(memory_format=_layout(x)) if out is None else copy_into_blocks(y, out)
 
 
 def _unsupported(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> str | None:
@@ -91,7 +85,7 @@ def _cudnn(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tenso
     """cuDNN without the bias, then the bias pass of ``ops.add_bias`` into ``out`` (the plain fast path)."""
     y = F.conv2d(x, weight, None, padding=1)
     if bias is None:
-        return _write(y, out)
+        return copy_into_blocks(y, out)
     add_bias(y.permute(0, 2, 3, 1), bias, out=out.permute(0, 2, 3, 1))
     return out
 

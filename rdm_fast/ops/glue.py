@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._layout import copy_into_blocks
 from ._dispatch import autocast_inputs, needs_grad
 from ._triton_kernels import TritonKernels
 
@@ -199,12 +200,7 @@ def add_bias_reference(x: Tensor, bias: Tensor | None, residual: Tensor | None =
     map's stays NCHW), or is contiguous."""
     _check_add_bias(x, bias, residual, out)
     dest = torch.empty_like(x) if out is None else out
-    total = _residual_sum(x, residual, bias)
-    if dest.shape == x.shape:
-        dest.copy_(total)
-    else:  # into each block of x's leading rows
-        dest.unflatten(0, (-1, x.shape[0])).copy_(total)
-    return dest
+    return copy_into_blocks(_residual_sum(x, residual, bias), dest)
 
 
 def _add_bias_unsupported(x: Tensor, bias: Tensor | None, residual: Tensor | None,
