@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +51,31 @@ def atomic_save_npy(target: str | Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
     atomic_write(target, write, fsync=True)
+
+
+@contextmanager
+def atomic_npy_memmap(target: str | Path, dtype: np.dtype | type, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+    """A zero-filled ``.npy`` array of ``shape`` to fill in place, memory-mapped from a temporary file beside
+    ``target`` (so an array larger than RAM never sits in memory), flushed to disk and renamed to ``target`` when
+    the block ends without an error; on an error the temporary file is removed."""
+    target = Path(target)
+    if 0 in shape:  # an empty file cannot be memory-mapped
+        array = np.zeros(shape, dtype)
+        yield array
+        atomic_save_npy(target, array)
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    os.close(fd)
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield array
+        array.flush()
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        fsync_path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_save_npz(target: str | Path, **arrays: np.ndarray) -> None:

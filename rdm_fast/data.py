@@ -33,6 +33,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ._distributed import Processes
-from ._files import TEMP_SUFFIX, atomic_save_npy, atomic_write_json
+from ._files import TEMP_SUFFIX, atomic_npy_memmap, atomic_save_npy, atomic_write_json
 from .config import RDMConfig
 from .rdm import RDM
 from .retrieval.build import load_rgb, replay_crop
@@ -331,11 +332,22 @@ class MomentCache:
             raise ValueError(f"--latents {self.dir}: cannot store the first stage's outputs there "
                              f"({e.strerror or e})") from None
 
-    def write_shard(self, run: str, rank: int, moments: np.ndarray, readable: np.ndarray) -> None:
-        """Store this process's share (its rows in entry order)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for file, array in zip(self.shard_files(run, rank), (moments.astype(np.float16), readable.astype(bool))):
-            atomic_save_npy(file, array)
+    @contextmanager
+    def shard_writer(self, run: str, rank: int, rows: int,
+                     shape: tuple[int, ...]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """This process's share to fill in place, in entry order: ``(moments, readable)``, the moments
+        memory-mapped from a temporary file (an ImageNet-sized share never sits in RAM); both are stored under
+        their final names when the block ends without an error."""
+        moments_file, readable_file = self.shard_files(run, rank)
+        readable = np.zeros(rows, bool)
+        with atomic_npy_memmap(moments_file, np.float16, (rows, *shape)) as moments:
+            yield moments, readable
+        atomic_save_npy(readable_file, readable)
+
+    def unfinished_files(self) -> list[Path]:
+        """Files in the directory besides a manifest: shards of fills that were killed (or one running now)."""
+        return [p for p in self.dir.iterdir() if p.is_file() and p.name != "manifest.json"] if self.dir.is_dir() \
+            else []
 
     def commit(self, run: str, world: int) -> None:
         """Write the manifest naming the ``world`` shards of ``run`` (all written): the cache is then usable."""
@@ -391,14 +403,18 @@ def cached_moments(directory: str | Path, model: RDM, images: TrainingImages, pr
                                        "first_stage": module_digest(model.first_stage)})
     if cache.manifest() is None:
         cache.check_writable()
+        left = cache.unfinished_files() if procs.main else []
+        if left:
+            size = sum(p.stat().st_size for p in left) / 2**30
+            log.warning("%s holds %d files (%.1f GiB) of unfinished fills, e.g. killed runs: delete them unless "
+                        "another run is filling this cache right now", cache.dir, len(left), size)
         run = procs.from_rank0(uuid.uuid4().hex[:12])
         mine = MomentCache.share(len(images), procs.world, procs.rank)
-        moments = np.zeros((len(mine), *example.shape[1:]), np.float16)
-        readable = np.zeros(len(mine), bool)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=batch_size,
                                              num_workers=workers, pin_memory=device.type == "cuda")
-        with torch.no_grad(), tqdm(total=len(mine), desc="encoding", unit="img",
-                                    disable=not progress or not procs.main) as bar:
+        with torch.no_grad(), cache.shard_writer(run, procs.rank, len(mine), tuple(example.shape[1:])) as (
+                moments, readable), tqdm(total=len(mine), desc="encoding", unit="img",
+                                         disable=not progress or not procs.main) as bar:
             for batch in loader:
                 values = model.encode_moments(batch["pixels"].to(device).float() / 127.5 - 1.0).cpu().numpy()
                 if not (np.isfinite(values).all() and np.abs(values).max() <= np.finfo(np.float16).max):
@@ -406,7 +422,6 @@ def cached_moments(directory: str | Path, model: RDM, images: TrainingImages, pr
                 rows = batch["index"].numpy() - mine.start
                 moments[rows], readable[rows] = values, batch["ok"].numpy()
                 bar.update(len(rows))
-        cache.write_shard(run, procs.rank, moments, readable)
         if procs.main:
             wait_for_files([f for r in range(procs.world) for f in cache.shard_files(run, r)])
             cache.commit(run, procs.world)

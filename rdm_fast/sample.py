@@ -4,7 +4,7 @@ Contexts come from ``--context-file`` (a .npy of shape (B, k, D) or (k, D)) or f
 directory or the name of one in ``$RDM_FAST_HOME/databases``): each sample's query (a ``--text`` caption,
 an ``--image``, or for unconditional sampling a pseudo-query drawn from the database's top-m proposals) with
 its nearest database entries, laid out as the model was trained (rdm_fast.retrieval.context). Writes
-``sample_00000.png``..., ``grid.png`` and ``run.json`` (every setting) into ``--out``.
+``sample_00000.png``..., ``grid.png`` (the first 64) and ``run.json`` (every setting) into ``--out``.
 
 Sample i's start noise and, with eta > 0, the noise added at each DDIM step come from streams seeded by
 (--seed, i), so it is the same image for any --batch-size (to float rounding).
@@ -26,6 +26,7 @@ from . import RDM
 from ._cli import CLIError, HelpFormatter, pick_dtype, run
 from ._distributed import process_device
 from ._files import atomic_write_json
+from .checkpoint import resolve_file
 from .config import RDMConfig, preset_names
 from .data import derived_seed
 from .diffusion import Schedule
@@ -131,6 +132,7 @@ def load_model(args: argparse.Namespace, cfg: RDMConfig | None, device: torch.de
                                use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
 
 
+GRID_SAMPLES = 64  # grid.png shows the first samples only
 START_NOISE, STEP_NOISE = 0, 1  # purposes of the per-sample streams (data.derived_seed)
 
 
@@ -215,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device, dtype = process_device(args.device), pick_dtype(args.bf16, args.fp16)
     # a bad context file fails before the (possibly minutes-long) model load where the config is already known
     contexts = read_context_file(args.context_file, cfg.context_dim) if args.context_file and cfg else None
+    ckpt_file = None if args.random_init else str(resolve_file(args.ckpt))  # a run's newest checkpoint, as loaded
     model = load_model(args, cfg, device, dtype)
     cfg = model.config
     steps, sampler, eta, guidance = sampling_settings(args, cfg)
@@ -238,7 +241,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log.info("sampling %d images: %s, %d steps, eta %g, guidance %g, %s on %s", n, sampler, steps, eta, guidance,
              str(dtype).replace("torch.", ""), device)
-    images = []
+    run_info = {"ckpt": args.ckpt, "ckpt_file": ckpt_file, "config": cfg.to_dict(), "n_samples": n, "steps": steps,
+                "timesteps": len(model.schedule.ddim_timesteps(steps)),  # more than steps where they do not divide T
+                "sampler": sampler,
+                "eta": eta, "guidance_scale": guidance, "seed": args.seed, "dtype": str(dtype),
+                "batch_size": args.batch_size, "device": str(device), "no_ema": args.no_ema,
+                "random_init": args.random_init, "context_source": args.context_file or args.db, "text": args.text,
+                "image": args.image, "top_m": args.top_m if args.db and not (args.text or args.image) else None,
+                "args": vars(args)}  # the command line as given, for reproduction
+    atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
+    shown = []  # the first GRID_SAMPLES images, for grid.png (a long run's images are not all kept in memory)
     starts = list(range(0, n, args.batch_size))
     with torch.inference_mode(), tqdm(total=n, desc="images", unit="img") as bar:
         batch = batch_contexts(0, min(n, args.batch_size))
@@ -256,19 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             pixels = to_uint8(images_gpu)
             for i, img in enumerate(pixels):
                 save_png(img, out / f"sample_{start + i:05d}.png")
-            images.append(pixels)
+            shown.extend(pixels[:GRID_SAMPLES - len(shown)])
             bar.update(len(pixels))
-    save_png(grid(np.concatenate(images)), out / "grid.png")
-    run_info = {"ckpt": args.ckpt, "config": cfg.to_dict(), "n_samples": n, "steps": steps,
-                "timesteps": len(model.schedule.ddim_timesteps(steps)),  # more than steps where they do not divide T
-                "sampler": sampler,
-                "eta": eta, "guidance_scale": guidance, "seed": args.seed, "dtype": str(dtype),
-                "batch_size": args.batch_size, "device": str(device), "no_ema": args.no_ema,
-                "random_init": args.random_init, "context_source": args.context_file or args.db, "text": args.text,
-                "image": args.image, "top_m": args.top_m if args.db and not (args.text or args.image) else None,
-                "args": vars(args)}  # the command line as given, for reproduction
-    atomic_write_json(out / "run.json", run_info)
-    log.info("wrote %d images and grid.png to %s", n, out)
+    save_png(grid(np.stack(shown)), out / "grid.png")
+    atomic_write_json(out / "run.json", {**run_info, "complete": True})
+    log.info("wrote %d images and grid.png (the first %d) to %s", n, len(shown), out)
     return 0
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +53,7 @@ def test_sample_with_context_file(tiny_dir, tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert (info["steps"], info["seed"], info["n_samples"], info["guidance_scale"]) == (7, 5, 3, 2.0)
     assert info["timesteps"] == 8  # stride 1000 // 7 = 142 visits 8 timesteps, as the reference does
+    assert info["complete"] is True and info["ckpt_file"] == str(tiny_dir / "model" / "model.safetensors")
     # same seed, same images; samples 0 and 2 share a context (cycled) but not their noise
     again = tmp_path / "again"
     cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--out",
@@ -60,6 +62,27 @@ def test_sample_with_context_file(tiny_dir, tmp_path):
         assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(again / name)))
     assert not np.array_equal(np.asarray(Image.open(out / "sample_00000.png")),
                               np.asarray(Image.open(out / "sample_00002.png")))
+
+
+def test_sample_grid_shows_the_first_samples_and_run_json_comes_first(tiny_dir, tmp_path, monkeypatch):
+    """grid.png holds the first GRID_SAMPLES images only; run.json exists (incomplete) while sampling runs."""
+    monkeypatch.setattr(sample, "GRID_SAMPLES", 3)
+    seen = []
+    real = sample.save_png
+
+    def spy(image, path):
+        seen.append((Path(path).name, json.loads((tmp_path / "run.json").read_text())["complete"]))
+        real(image, path)
+
+    monkeypatch.setattr(sample, "save_png", spy)
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),
+               "--out", str(tmp_path), "--steps", "2", "--n-samples", "5", "--batch-size", "2") == 0
+    assert seen[0] == ("sample_00000.png", False) and seen[-1] == ("grid.png", False)
+    grid_img = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid_img.shape == (2 * 34 + 2, 2 * 34 + 2, 3)  # 3 images of 32 px in 2 x 2 cells, 2 px borders
+    first = np.asarray(Image.open(tmp_path / "sample_00002.png"))
+    assert np.array_equal(grid_img[36:68, 2:34], first)  # the third image fills the second row
+    assert json.loads((tmp_path / "run.json").read_text())["complete"] is True
 
 
 @pytest.mark.parametrize("extra", [["--bf16", "--sampler", "plms"], ["--fp16", "--eta", "1.0"]])

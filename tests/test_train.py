@@ -544,6 +544,30 @@ def test_cached_moments_are_the_encoder_outputs(setup, tmp_path, monkeypatch):
         train.main(_fresh(setup, tmp_path / "other", "--latents", str(cache), "--seed", "1", steps=1))
 
 
+def test_interrupted_cache_fill_leaves_no_shard(setup, tmp_path, monkeypatch, caplog):
+    """An error while encoding leaves neither a shard under its final name nor a temporary file; files of a fill
+    that was killed outright are reported (not deleted: another run may be filling the cache)."""
+    cache = tmp_path / "latents"
+    real, calls = RDM.encode_moments, []
+
+    def failing(self, pixels):
+        calls.append(1)
+        if len(calls) > 2:  # the shape probe and one batch go through
+            raise RuntimeError("interrupted")
+        return real(self, pixels)
+
+    monkeypatch.setattr(RDM, "encode_moments", failing)
+    args = _fresh(setup, tmp_path / "run", "--latents", str(cache), steps=1, batch=2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train.main(args)
+    assert list(cache.iterdir()) == []
+    monkeypatch.setattr(RDM, "encode_moments", real)
+    (cache / "moments_killed_0.npy").write_bytes(b"\0" * 1000)
+    assert train.main(_fresh(setup, tmp_path / "run2", "--latents", str(cache), steps=1)) == 0
+    assert "holds 1 files" in caplog.text and (cache / "moments_killed_0.npy").exists()
+    assert TrainingMoments(MomentCache(cache, {})).readable().all()
+
+
 def test_cache_made_with_unreadable_images_says_so(setup, tmp_path, caplog):
     partial = tmp_path / "imgs"
     shutil.copytree(setup["root"] / "imgs", partial)

@@ -1,0 +1,43 @@
+"""The atomic-write helpers: a file appears under its final name complete, or not at all."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rdm_fast._files import TEMP_SUFFIX, atomic_npy_memmap, remove_stale_temps
+
+
+def test_memmap_is_filled_on_disk_and_renamed_when_done(tmp_path):
+    target = tmp_path / "m.npy"
+    with atomic_npy_memmap(target, np.float16, (5, 3)) as a:
+        assert isinstance(a, np.memmap)  # backed by the temporary file, not by RAM
+        assert not target.exists() and len(list(tmp_path.glob(f".m.npy.*{TEMP_SUFFIX}"))) == 1
+        a[1:4] = np.arange(9, dtype=np.float32).reshape(3, 3)
+    want = np.zeros((5, 3), np.float16)
+    want[1:4] = np.arange(9).reshape(3, 3)
+    np.testing.assert_array_equal(np.load(target), want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npy"]
+
+
+def test_memmap_error_leaves_nothing(tmp_path):
+    target = tmp_path / "m.npy"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="stop"), atomic_npy_memmap(target, np.float32, (4,)) as a:
+        a[:] = 1
+        raise RuntimeError("stop")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.npy"]
+
+
+def test_memmap_of_no_rows(tmp_path):
+    with atomic_npy_memmap(tmp_path / "e.npy", np.float16, (0, 2, 3)) as a:
+        assert a.shape == (0, 2, 3)
+    assert np.load(tmp_path / "e.npy").shape == (0, 2, 3)
+
+
+def test_remove_stale_temps_only_touches_temporaries(tmp_path):
+    (tmp_path / ".a.npy.x1" f"{TEMP_SUFFIX}").write_bytes(b"half")
+    (tmp_path / "a.npy").write_bytes(b"done")
+    (tmp_path / ".hidden").write_bytes(b"keep")
+    assert remove_stale_temps(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "a.npy"]
