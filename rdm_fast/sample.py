@@ -30,7 +30,7 @@ from .checkpoint import resolve_file
 from .config import RDMConfig, preset_names
 from .data import derived_seed
 from .diffusion import Schedule
-from .encoders import EncoderUnavailable
+from .encoders import EncoderUnavailable, embed_images, embed_texts
 from .images import grid, save_png, to_uint8
 from .retrieval.context import check_database_for_model, draw_pseudo_queries, locate_database, model_context
 from .retrieval.build import load_query_image, resolve_encoder
@@ -194,10 +194,13 @@ class DatabaseContexts:
         if self.encoder is None:
             self.query_ids = draw_pseudo_queries(self.db, n, self.top_m, self.generator).to(self.device)
         elif self.texts:  # each distinct caption / image embedded once, cycled over the samples
-            self.queries = self.encoder.encode_text(self.texts).to(self.device)
+            self.queries = embed_texts(self.encoder, self.texts).to(self.device)
         else:
             images = torch.stack([load_query_image(p, self.encoder.image_size) for p in self.images])
-            self.queries = self.encoder.encode_images(images.to(self.device)).to(self.device)
+            self.queries = embed_images(self.encoder, images.to(self.device)).to(self.device)
+        if self.queries is not None and not bool(torch.isfinite(self.queries).all()):  # once, before sampling
+            raise CLIError(f"encoder {self.encoder.name} gave non-finite embeddings for the "
+                           f"{'--text captions' if self.texts else '--image files'}")
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         """Contexts of samples [start, stop) on the sampling device."""

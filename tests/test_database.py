@@ -215,7 +215,9 @@ def test_search_errors(db_dir):
                          (lambda: db.search(torch.randn(2, 8), 3), "(Q, 16) tensor"),
                          (lambda: db.search(q[0], 3), "(Q, 16) tensor"),
                          (lambda: db.search(q, 51), "between 1 and the database size 50"),
-                         (lambda: db.search(q, 0), "between 1 and the database size 50")]:
+                         (lambda: db.search(q, 0), "between 1 and the database size 50"),
+                         (lambda: db.search(torch.cat([q, torch.full((1, 16), float("nan"))]), 3),
+                          "query 2 holds NaN or infinite values")]:
         with pytest.raises(ValueError) as e:
             call()
         assert expect in one_line(e)
@@ -228,6 +230,11 @@ def test_search_errors(db_dir):
     with pytest.raises(ValueError) as e:
         db.search_images(other, torch.zeros(1, 3, 8, 8), 2)
     assert "'other-encoder'" in one_line(e)
+    narrow = TinyEncoder()  # declares 16-d embeddings but makes 15-d ones
+    narrow.encode_images = lambda images: torch.zeros(images.shape[0], 15)
+    with pytest.raises(ValueError) as e:
+        db.search_images(narrow, torch.zeros(2, 3, 8, 8), 2)
+    assert "returned (2, 15) for 2 images; it declares 16-d embeddings" in one_line(e)
     with pytest.raises(ValueError) as e:
         db.proposals(0.1)
     assert "no proposal ranking" in one_line(e)

@@ -387,3 +387,17 @@ def test_bad_factory_and_device(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"unknown device 'gpu': expected auto, cpu, cuda or cuda:N"):
         build_database(tmp_path / "db", encoder=TinyEncoder(), images=tmp_path, device="gpu")
+
+
+def test_encoder_of_another_width_fails_the_build_not_the_database(tmp_path):
+    """An encoder whose output is not as wide as it declares stops the build with a clear error; nothing that
+    looks finished is left for a rerun to trust."""
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    wide = TinyEncoder()
+    real = wide.encode_images
+    wide.encode_images = lambda images: torch.cat([real(images), real(images)[:, :1]], 1)  # 17 columns
+    with pytest.raises(ValueError, match=r"tiny-test returned \(1, 17\) for 1 images; it declares 16-d"):
+        build_database(tmp_path / "db", encoder=wide, images=tmp_path)
+    assert not (tmp_path / "db" / "manifest.json").exists() and not list((tmp_path / "db").glob("emb_*"))
+    build_database(tmp_path / "db", encoder=TinyEncoder(), images=tmp_path)  # the rerun embeds everything
+    assert len(Database.open(tmp_path / "db", device="cpu")) == 1

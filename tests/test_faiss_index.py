@@ -313,8 +313,11 @@ def test_load_errors(tmp_path):
         FaissSearch.load(foreign)
     ivf = tmp_path / "ivf.faiss"
     build_index(shards, "ivfpq", out=ivf, progress=False, nlist=8, train_size=500)
-    with pytest.raises(ValueError, match="re-ranking vectors"):
-        FaissSearch.load(ivf, vectors=shards[:2])
+    for index in (ivf, good):  # an index of another (or a changed) database, whatever its kind
+        with pytest.raises(ValueError, match="rebuild the index for this database"):
+            FaissSearch.load(index, vectors=shards[:2])
+        with pytest.raises(ValueError, match=f"x {DIM - 1} vectors, but the index holds 2000 x {DIM}"):
+            FaissSearch.load(index, vectors=[s[:, 1:] for s in shards])
 
 
 def test_estimate_memory_20m():

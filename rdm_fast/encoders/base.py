@@ -64,6 +64,26 @@ class Encoder(nn.Module, ABC):
         return texts
 
 
+def _checked(encoder: Encoder, emb: Tensor, n: int, what: str) -> Tensor:
+    if not isinstance(emb, Tensor) or emb.shape != (n, encoder.dim):
+        got = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+        raise ValueError(f"encoder {encoder.name} returned {got} for {n} {what}; it declares {encoder.dim}-d "
+                         f"embeddings, so ({n}, {encoder.dim}) was expected")
+    return emb
+
+
+def embed_images(encoder: Encoder, images: Tensor) -> Tensor:
+    """``encoder.encode_images(images)``, checked to be (B, encoder.dim): a custom encoder that declares another
+    width fails here, not in every later use of what it made (a database, a search)."""
+    return _checked(encoder, encoder.encode_images(images), images.shape[0], "images")
+
+
+def embed_texts(encoder: Encoder, texts: Sequence[str]) -> Tensor:
+    """``encoder.encode_text(texts)``, checked as :func:`embed_images`."""
+    texts = list(texts)
+    return _checked(encoder, encoder.encode_text(texts), len(texts), "captions")
+
+
 EncoderFactory = Callable[..., Encoder]
 _REGISTRY: dict[str, EncoderFactory] = {}
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .._distributed import Processes, process_device
 from .._files import atomic_write_json, remove_stale_temps, sha256_file
-from ..encoders import Encoder, get_encoder, list_encoders
+from ..encoders import Encoder, embed_images, get_encoder, list_encoders
 from .database import MANIFEST, new_manifest, write_manifest, write_shard
 
 log = logging.getLogger("rdm_fast.retrieval")
@@ -435,7 +435,7 @@ def _embed_shard(out: Path, j: int, encoder: Encoder, files: list[Path], sources
         if ok.any():
             pixels = batch["pixels"][ok].flatten(0, 1).to(device, non_blocking=True)
             with torch.inference_mode():
-                emb = encoder.encode_images(pixels.float() / 127.5 - 1.0)
+                emb = embed_images(encoder, pixels.float() / 127.5 - 1.0)
             emb16 = emb.float().cpu().numpy().astype(np.float16)
             kept = batch["index"][ok].tolist()
             if not np.isfinite(emb16).all():

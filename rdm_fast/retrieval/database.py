@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .._files import atomic_save_npy, atomic_save_npz, atomic_write_json, sha256_file
 from .search import check_k, exact_search
+from ..encoders.base import embed_images, embed_texts
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -415,7 +416,8 @@ class Database:
     def search(self, queries: Tensor, k: int, *, encoder: str | None = None) -> tuple[Tensor, Tensor]:
         """The k entries most similar (cosine) to each of the (Q, D) ``queries``: (scores (Q, k) float32,
         ids (Q, k) int64), best first, on the queries' device. ``encoder`` names the queries' encoder
-        (checked against the database's)."""
+        (checked against the database's). Queries on the CPU must be finite (ValueError); CUDA queries are not
+        checked, which would synchronise with the host (sampling's retrieval runs without)."""
         if encoder is not None:
             self.check_encoder(encoder)
         if not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.dim:
@@ -424,6 +426,9 @@ class Database:
         if len(self) == 0:
             raise ValueError(f"database {self.path} is empty: nothing to search")
         check_k(k, len(self))
+        if queries.device.type == "cpu" and not bool(torch.isfinite(queries).all()):
+            bad = int((~torch.isfinite(queries).all(1)).nonzero()[0, 0])
+            raise ValueError(f"query {bad} holds NaN or infinite values: no meaningful neighbours")
         if queries.shape[0] == 0:
             empty = torch.empty((0, k), device=queries.device)
             return empty, empty.long()
@@ -440,7 +445,7 @@ class Database:
         """Embed (B, 3, H, W) images in [-1, 1] with ``encoder`` (the database's encoder) and search."""
         self._check_encoder_object(encoder)
         with torch.inference_mode():
-            queries = encoder.encode_images(images.to(encoder.device))
+            queries = embed_images(encoder, images.to(encoder.device))
         return self.search(queries, k)
 
     def search_text(self, encoder, texts: Sequence[str], k: int) -> tuple[Tensor, Tensor]:
@@ -449,7 +454,7 @@ class Database:
         if isinstance(texts, str):
             texts = [texts]
         with torch.inference_mode():
-            queries = encoder.encode_text(list(texts))
+            queries = embed_texts(encoder, texts)
         return self.search(queries, k)
 
     # ---------------------------------------------------------------- stored data

@@ -320,12 +320,13 @@ class FaissSearch:
         self.ef_search = (ef_search or index.hnsw.efSearch) if kind == "hnsw" else None
         self.rerank = rerank
         self.vectors, self._offsets = None, None
-        if vectors is not None and kind == "ivfpq":
+        if vectors is not None:  # the database's: an index of another database (or size) is refused
             dim, offsets = _check_shards(vectors)
             if dim != self.dim or offsets[-1] != self.ntotal:
-                raise ValueError(f"the re-ranking vectors are {offsets[-1]} x {dim}, but the index holds "
-                                 f"{self.ntotal} x {self.dim}")
-            self.vectors, self._offsets = list(vectors), offsets
+                raise ValueError(f"the database holds {offsets[-1]} x {dim} vectors, but the index holds "
+                                 f"{self.ntotal} x {self.dim}: rebuild the index for this database")
+            if kind == "ivfpq":  # re-ranked exactly against them
+                self.vectors, self._offsets = list(vectors), offsets
         elif kind == "ivfpq":
             log.warning("ivfpq index loaded without the database vectors: scores and ranking come from the PQ "
                         "codes (lower recall); pass vectors= to re-rank candidates exactly")
