@@ -19,7 +19,7 @@ from PIL import Image
 
 from test_database import INFO, TinyEncoder
 from rdm_fast.retrieval import Database, build_database, import_npz
-from rdm_fast.retrieval.npz_import import iter_rows
+from rdm_fast.retrieval.npz_import import iter_row_ranges, iter_rows
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
@@ -267,6 +267,33 @@ def test_iter_rows_stored_and_deflated(parts):
         np.testing.assert_array_equal(np.concatenate(chunks), arrays["embedding"])
         np.testing.assert_array_equal(np.concatenate(list(iter_rows(path, start=9, stop=20, chunk_rows=4))),
                                       arrays["embedding"][9:20])
+
+
+def test_iter_row_ranges_reads_one_stream(parts):
+    (stored, deflated), (a, b) = parts
+    for path, arrays in ((stored, a), (deflated, b)):
+        ranges = [(0, 3), (3, 4), (9, 20), (22, None)]
+        got = {}
+        for i, chunk in iter_row_ranges(path, ranges, chunk_rows=4):
+            assert len(chunk) <= 4
+            got.setdefault(i, []).append(chunk)
+        emb = arrays["embedding"]
+        for i, (start, stop) in enumerate(ranges):
+            np.testing.assert_array_equal(np.concatenate(got[i]), emb[start:stop])
+        with pytest.raises(ValueError, match="sorted and disjoint"):
+            list(iter_row_ranges(path, [(5, 10), (8, 12)]))
+
+
+def test_import_decompresses_each_part_once(parts, tmp_path, monkeypatch):
+    """Every shard of a deflated part comes from one pass over its member (not a pass from its start per shard)."""
+    from rdm_fast.retrieval import npz_import
+
+    opened, real = [], npz_import._member_stream
+    monkeypatch.setattr(npz_import, "_member_stream", lambda path, name: opened.append(path) or real(path, name))
+    files, _ = parts
+    import_npz(files, tmp_path / "db", INFO, shard_size=4, chunk_rows=3, progress=False)
+    # per part: its header when it is listed, then one stream for all its shards (8 and 7 of them)
+    assert sorted(map(str, opened)) == sorted(2 * [str(f.resolve()) for f in files])
 
 
 def test_import_npz_equals_the_data(parts, tmp_path):

@@ -112,6 +112,15 @@ def iter_rows(path: str | Path, name: str = "embedding", *, start: int = 0, stop
               chunk_rows: int = 65536) -> Iterator[np.ndarray]:
     """Rows ``[start, stop)`` of the 2-D array ``name`` in the .npz ``path``, in chunks of at most
     ``chunk_rows`` rows, reading only those bytes of the (stored or deflated) zip member."""
+    for _, chunk in iter_row_ranges(path, [(start, stop)], name, chunk_rows=chunk_rows):
+        yield chunk
+
+
+def iter_row_ranges(path: str | Path, ranges: Sequence[tuple[int, int | None]], name: str = "embedding", *,
+                    chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+    """``(i, chunk)`` for the rows of each range ``i`` (``[start, stop)``, sorted and disjoint; ``stop`` None or
+    past the end: to the end) of the 2-D array ``name``, in chunks of at most ``chunk_rows`` rows, from one pass
+    over the member: a deflated member is decompressed once, not from its start again for every range."""
     path = Path(path)
     where = f"{path}:{name}"
     with _member_stream(path, name) as f:
@@ -123,12 +132,17 @@ def iter_rows(path: str | Path, name: str = "embedding", *, start: int = 0, stop
         if dtype.hasobject:
             raise ValueError(f"{where} holds Python objects, not numbers")
         n, dim = shape
-        stop = n if stop is None else min(stop, n)
         row_bytes = dtype.itemsize * dim
-        _skip(f, start * row_bytes, where)
-        for s in range(start, stop, chunk_rows):
-            rows = min(chunk_rows, stop - s)
-            yield np.frombuffer(_read_exact(f, rows * row_bytes, where), dtype=dtype).reshape(rows, dim)
+        at = 0  # the stream's position, in rows
+        for i, (start, stop) in enumerate(ranges):
+            stop = n if stop is None else min(stop, n)
+            if start < at:
+                raise ValueError(f"row ranges must be sorted and disjoint, got {list(ranges)}")
+            _skip(f, (start - at) * row_bytes, where)
+            for s in range(start, stop, chunk_rows):
+                rows = min(chunk_rows, stop - s)
+                yield i, np.frombuffer(_read_exact(f, rows * row_bytes, where), dtype=dtype).reshape(rows, dim)
+            at = max(start, stop)
 
 
 class Part:
@@ -207,19 +221,27 @@ def import_npz(parts: Sequence[str | Path], out: str | Path, encoder_info: dict,
                 if not mine:
                     continue
                 ids, class_id, coords = part.metadata()
-                for j in mine:
-                    _, s, e = plan[j]
-                    emb = np.empty((e - s, part.dim), np.float16)
-                    at = 0
-                    for chunk in iter_rows(part.path, start=s, stop=e, chunk_rows=chunk_rows):
-                        with np.errstate(over="ignore"):  # beyond float16 becomes inf: write_shard refuses it
-                            emb[at:at + len(chunk)] = chunk
-                        at += len(chunk)
-                        bar.update(len(chunk))
+
+                def store(j: int, emb: np.ndarray, part: Part = part) -> None:
+                    s, e = plan[j][1:]
                     entry = write_shard(out, j, emb, sources=ids[s:e], patch_coords=coords[s:e],
                                         class_ids=None if class_id is None else class_id[s:e],
-                                        row_name=lambda r, s=s, part=part: f"{part.path} embedding row {s + r}")
+                                        row_name=lambda r: f"{part.path} embedding row {s + r}")
                     state.record(j, entry, has_class_ids=class_id is not None)
+
+                current, emb, at = -1, None, 0  # this process's shards of the part, in row order, from one stream
+                for r, chunk in iter_row_ranges(part.path, [plan[j][1:] for j in mine], chunk_rows=chunk_rows):
+                    if r != current:
+                        if emb is not None:
+                            store(mine[current], emb)
+                        current, at = r, 0
+                        emb = np.empty((plan[mine[r]][2] - plan[mine[r]][1], part.dim), np.float16)
+                    with np.errstate(over="ignore"):  # beyond float16 becomes inf: write_shard refuses it
+                        emb[at:at + len(chunk)] = chunk
+                    at += len(chunk)
+                    bar.update(len(chunk))
+                if emb is not None:
+                    store(mine[current], emb)
 
     def finish(records: list[dict]) -> None:
         has_class = {r["has_class_ids"] for r in records}
