@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -101,12 +102,15 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def remove_stale_temps(directory: str | Path) -> int:
+def remove_stale_temps(directory: str | Path, names: Sequence[str] | None = None) -> int:
     """Delete temporary files that :func:`atomic_write` left behind in ``directory`` when a process was killed
-    mid-write; returns how many. Call only while no other process writes there."""
+    mid-write (only those of the target file ``names`` where given); returns how many. Call only while no other
+    process writes those files there."""
+    patterns = [f".*{TEMP_SUFFIX}"] if names is None else [f".{glob.escape(n)}.*{TEMP_SUFFIX}" for n in names]
     n = 0
-    for p in Path(directory).glob(f".*{TEMP_SUFFIX}"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            n += 1
+    for pattern in patterns:
+        for p in Path(directory).glob(pattern):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
     return n

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from ._files import atomic_write
+from ._files import atomic_write, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,7 @@ def save_safetensors(tensors: Mapping[str, Tensor], config: dict[str, Any], dire
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "config": json.dumps(config)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     weights = directory / WEIGHTS_FILE
+    remove_stale_temps(directory, [WEIGHTS_FILE, CONFIG_FILE])  # what a killed save left there
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write(directory / CONFIG_FILE,
                   lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))

@@ -20,7 +20,7 @@ import yaml
 from . import RDM
 from . import checkpoint as ckpt
 from ._cli import HelpFormatter, run
-from ._files import atomic_write
+from ._files import atomic_write, remove_stale_temps
 from .config import preset_names
 
 log = logging.getLogger("rdm_fast.convert")
@@ -48,6 +48,7 @@ def _export_official(args: argparse.Namespace, out: Path) -> Path:
     state = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() and k != "model_ema.decay" else v
              for k, v in official_checkpoint(raw, ema, updates).items()}
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, ["model.ckpt", "config.yaml"])  # what a killed export left there
     atomic_write(out / "model.ckpt", lambda f: torch.save({"state_dict": state}, f))
     atomic_write(out / "config.yaml", lambda f: Path(f).write_text(yaml.safe_dump(raw.config.to_dict())))
     return out / "model.ckpt"

@@ -278,7 +278,11 @@ def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch):
 def test_convert(tmp_path, tiny_official, capsys):
     cfg, full, _, _ = tiny_official
     torch.save({"state_dict": full}, tmp_path / "official.ckpt")
+    (tmp_path / "conv").mkdir()
+    (tmp_path / "conv" / ".model.safetensors.x1y2.tmp").write_bytes(b"left by a killed conversion")
+    (tmp_path / "conv" / ".notes.tmp").write_bytes(b"not ours")
     assert cli(convert, str(tmp_path / "official.ckpt"), "--out", str(tmp_path / "conv"), "--dtype", "fp16") == 0
+    assert sorted(p.name for p in (tmp_path / "conv").iterdir()) == [".notes.tmp", "config.json", "model.safetensors"]
     model = RDM.from_pretrained(tmp_path / "conv")
     assert model.config == cfg
     got = model.official_state_dict()["model.diffusion_model.out.2.weight"]

@@ -41,3 +41,10 @@ def test_remove_stale_temps_only_touches_temporaries(tmp_path):
     (tmp_path / ".hidden").write_bytes(b"keep")
     assert remove_stale_temps(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "a.npy"]
+
+
+def test_remove_stale_temps_of_named_targets_only(tmp_path):
+    for name in (".model.safetensors.a1.tmp", ".config.json.b2.tmp", ".other.c3.tmp", ".model.safetensorsX.d4.tmp"):
+        (tmp_path / name).write_bytes(b"half")
+    assert remove_stale_temps(tmp_path, ["model.safetensors", "config.json"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.safetensorsX.d4.tmp", ".other.c3.tmp"]

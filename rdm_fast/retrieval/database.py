@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._files import atomic_save_npy, atomic_save_npz, atomic_write_json, sha256_file
+from .._files import atomic_save_npy, atomic_save_npz, atomic_write_json, remove_stale_temps, sha256_file
 from .search import check_k, exact_search
 from ..encoders.base import embed_images, embed_texts
 
@@ -571,6 +571,8 @@ def add_index(directory: str | Path, kind: str = "auto", *, train_size: int | No
     if len(db) == 0:
         raise ValueError(f"database {directory} is empty: nothing to index")
     tmp = directory / f".index.{kind}.tmp"
+    tmp.unlink(missing_ok=True)  # what a killed build left (gigabytes, for a large index)
+    remove_stale_temps(directory, [tmp.name])
     try:
         info = build_index(db.shard_arrays, kind, out=tmp, train_size=train_size, seed=seed, progress=progress,
                            **params)
