@@ -219,10 +219,15 @@ def save_checkpoint(out: Path, step: int, model: RDM, ema: EMA, optimizer: torch
     fsync_path(root)
     atomic_write(out / ckpt.RUN_LATEST, lambda f: Path(f).write_text(name + "\n"), fsync=True)
     fsync_path(out)
-    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < name)
+    older = [p for s, p in sorted(_checkpoint_dirs(root).items()) if s < step]
     for old in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old)
     return final
+
+
+def _checkpoint_dirs(root: Path) -> dict[int, Path]:
+    """The checkpoint folders ``step_<n>`` in ``root`` by step (as numbers: past 9,999,999 the names grow)."""
+    return {int(p.name[5:]): p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()}
 
 
 def remove_stale_checkpoints(out: Path, step: int) -> None:
@@ -232,7 +237,7 @@ def remove_stale_checkpoints(out: Path, step: int) -> None:
     root = out / ckpt.RUN_CHECKPOINTS
     if not root.is_dir():
         return
-    stale = sorted(root.glob(".step_*.tmp")) + sorted(p for p in root.glob("step_*") if p.name > f"step_{step:07d}")
+    stale = sorted(root.glob(".step_*.tmp")) + [p for s, p in sorted(_checkpoint_dirs(root).items()) if s > step]
     for path in stale:
         if path.is_dir():
             log.warning("removing %s: the run continues from step %d", path, step)

@@ -468,6 +468,17 @@ def test_checkpoints_are_flushed_before_they_are_named(setup, tmp_path, monkeypa
     assert events[-1] == ("remove", final.parent / "step_0000001") and final.is_dir()
 
 
+def test_checkpoints_are_ordered_by_step_number(tmp_path):
+    """Past step 9,999,999 the folder names grow a digit: older/newer is decided by the number, not the name."""
+    root = tmp_path / "checkpoints"
+    for step in (9_999_998, 9_999_999, 10_000_000, 10_000_001):
+        (root / f"step_{step:07d}").mkdir(parents=True)
+    (root / "step_notes").mkdir()
+    train.remove_stale_checkpoints(tmp_path, 10_000_000)
+    assert sorted(p.name for p in root.iterdir()) == ["step_10000000", "step_9999998", "step_9999999", "step_notes"]
+    assert list(train._checkpoint_dirs(root)) and min(train._checkpoint_dirs(root)) == 9_999_998
+
+
 def test_compiled_training_matches_uncompiled(setup, tmp_path):
     """--compile (here the aot_eager backend: traced forward and backward graphs, no code generation, so the test
     stays fast; the default is inductor) computes the eager run's steps."""
