@@ -242,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_contexts.prepare(n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = [p for p in out.glob("sample_*.png") if not p.stem[7:].isdigit() or int(p.stem[7:]) >= n]
+    if earlier:
+        log.warning("%s already holds %d sample_*.png files beyond this run's %d images (from an earlier run): "
+                    "they are left as they are", out, len(earlier), n)
     log.info("sampling %d images: %s, %d steps, eta %g, guidance %g, %s on %s", n, sampler, steps, eta, guidance,
              str(dtype).replace("torch.", ""), device)
     run_info = {"ckpt": args.ckpt, "ckpt_file": ckpt_file, "config": cfg.to_dict(), "n_samples": n, "steps": steps,

@@ -64,9 +64,11 @@ def test_sample_with_context_file(tiny_dir, tmp_path):
                               np.asarray(Image.open(out / "sample_00002.png")))
 
 
-def test_sample_grid_shows_the_first_samples_and_run_json_comes_first(tiny_dir, tmp_path, monkeypatch):
-    """grid.png holds the first GRID_SAMPLES images only; run.json exists (incomplete) while sampling runs."""
+def test_sample_grid_shows_the_first_samples_and_run_json_comes_first(tiny_dir, tmp_path, monkeypatch, caplog):
+    """grid.png holds the first GRID_SAMPLES images only; run.json exists (incomplete) while sampling runs; images
+    of an earlier, longer run in --out are reported."""
     monkeypatch.setattr(sample, "GRID_SAMPLES", 3)
+    (tmp_path / "sample_00007.png").write_bytes(b"an earlier run's")
     seen = []
     real = sample.save_png
 
@@ -83,6 +85,7 @@ def test_sample_grid_shows_the_first_samples_and_run_json_comes_first(tiny_dir, 
     first = np.asarray(Image.open(tmp_path / "sample_00002.png"))
     assert np.array_equal(grid_img[36:68, 2:34], first)  # the third image fills the second row
     assert json.loads((tmp_path / "run.json").read_text())["complete"] is True
+    assert "already holds 1 sample_*.png files beyond this run's 5 images" in caplog.text
 
 
 @pytest.mark.parametrize("extra", [["--bf16", "--sampler", "plms"], ["--fp16", "--eta", "1.0"]])
