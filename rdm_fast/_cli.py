@@ -9,29 +9,67 @@ import sys
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .ops import FastPathUnavailable, get_mode
 
 
 class CLIError(Exception):
     """A mistake in the command line or its input files; printed as one line, exit status 2."""
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Log records written through tqdm, so that they land on their own line above a running progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging() -> None:
+    """rdm_fast's INFO messages to stderr (clear of progress bars); other libraries' at WARNING and above only
+    (faiss and open_clip log routine INFO lines that read like failures)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = _TqdmHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("rdm_fast").setLevel(logging.INFO)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename:  # "[Errno 17] File exists: 'x'" -> "x: File exists"
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(line.strip() for line in str(e).splitlines())
+
+
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main`` with INFO logging to stderr; user errors become ``error: ...`` and exit status 2.
-    Set RDM_FAST_DEBUG=1 to see the traceback instead."""
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    """Run ``main`` with INFO logging to stderr; user errors (bad arguments or input files, files that cannot be
+    written, an ops mode that cannot run) become ``error: ...`` and exit status 2. Set RDM_FAST_DEBUG=1 to see
+    the traceback instead."""
+    setup_logging()
     try:
+        get_mode()  # a bad $RDM_FAST_OPS fails now, not after the model has loaded
         return main(argv)
-    except (CLIError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CLIError, ConfigError, CheckpointError, OSError, ValueError, FastPathUnavailable) as e:
         if os.environ.get("RDM_FAST_DEBUG"):
             raise
-        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+        print("error: " + _one_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def check_out_dir(path: str, flag: str = "--out") -> None:
+    """CLIError unless ``path`` is a directory or does not exist yet (checked before anything slow runs)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"{flag} {path} is a file, not a directory")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

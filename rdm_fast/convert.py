@@ -19,7 +19,7 @@ import yaml
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import HelpFormatter, run
+from ._cli import HelpFormatter, check_out_dir, run
 from ._files import atomic_write, remove_stale_temps
 from .config import preset_names
 
@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle a checkpoint with Python objects (runs code from the file: trusted files only)")
     args = p.parse_args(argv)
+    check_out_dir(args.out)
     if args.to == "official":
         if args.no_ema:
             raise ValueError("--no-ema applies to --to rdm_fast (official checkpoints hold both weights)")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import RDM
-from ._cli import CLIError, HelpFormatter, pick_dtype, run
+from ._cli import CLIError, HelpFormatter, check_out_dir, pick_dtype, run
 from ._distributed import process_device
 from ._files import atomic_write_json
 from .checkpoint import resolve_file
@@ -102,6 +102,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError("--text and --image are queries into a database: add --db")
     if args.random_init and not args.config:
         raise CLIError("--random-init needs --config (a preset name or config.yaml)")
+    check_out_dir(args.out)
 
 
 def known_config(args: argparse.Namespace) -> RDMConfig | None:

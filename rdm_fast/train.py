@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import CLIError, HelpFormatter, run
+from ._cli import CLIError, HelpFormatter, check_out_dir, run
 from ._distributed import Processes, process_device
 from ._files import atomic_write, atomic_write_json, fsync_path
 from .config import RDMConfig, preset_names
@@ -382,9 +382,8 @@ def learning_rate(args: argparse.Namespace, step: int) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
+    check_out_dir(args.out)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} is a file, not a directory")
     resume_from = ckpt.newest_run_checkpoint(out) if out.exists() else None
     if resume_from is not None and not args.resume:
         raise CLIError(f"{out} holds a run ({resume_from.name}): pass --resume to continue it, or another --out")

@@ -155,6 +155,37 @@ def test_sample_errors(tiny_dir, tmp_path, capsys, args, message):
     assert re.search(message, err), err
 
 
+def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path, capsys, monkeypatch):
+    """An --out that is a file and a bad $RDM_FAST_OPS fail before the model loads; fast mode on the CPU without
+    the Triton interpreter says how to get it (not how to rebuild); all as one `error:` line, exit status 2."""
+    real_load = sample.load_model
+
+    def never(*a, **k):
+        raise AssertionError("loaded the model")
+
+    (tmp_path / "afile").write_text("x")
+    base = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2"]
+    monkeypatch.setattr(sample, "load_model", never)
+    cases = [(sample, [*base, "--out", str(tmp_path / "afile")], {}, "--out .*afile is a file, not a directory"),
+             (convert, [str(tiny_dir / "model"), "--out", str(tmp_path / "afile")], {},
+              "--out .*afile is a file, not a directory"),
+             (sample, [*base, "--out", str(tmp_path / "o")], {"RDM_FAST_OPS": "bogus"},
+              r"invalid rdm_fast ops mode 'bogus' from \$RDM_FAST_OPS")]
+    if not torch.cuda.is_available():
+        cases.append((sample, [*base, "--out", str(tmp_path / "o2")], {"RDM_FAST_OPS": "fast", "TRITON_INTERPRET": "0"},
+                      r"mode 'fast' but no fast implementation can run this call .*set TRITON_INTERPRET=1[^;]*$"))
+    for module, argv, env, message in cases:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        if env.get("RDM_FAST_OPS") == "fast":
+            monkeypatch.setattr(sample, "load_model", real_load)
+        assert cli(module, *argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and re.search(message, err[-1]), err
+        for k in env:
+            monkeypatch.delenv(k)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--ckpt", "{d}/nope.ckpt", "--db", "{d}/nope", "--top-m", "5"], r"--top-m must be a fraction in \(0, 1\]"),
     (["--ckpt", "{d}/nope.ckpt", "--context-file", "x.npy", "--eta", "-1"], "--eta must be >= 0"),

@@ -7,7 +7,7 @@ Importing this package loads nothing compiled; extensions load on first use. See
 from __future__ import annotations
 
 from . import _extension
-from ._dispatch import get_mode, set_mode, use_mode
+from ._dispatch import FastPathUnavailable, get_mode, set_mode, use_mode
 from .attention import attention, attention_reference
 from .conv import MAX_THIN_CHANNELS, conv3x3, conv3x3_reference
 from .cross_attention import cross_attention, cross_attention_reference
@@ -28,7 +28,7 @@ def available_backends() -> dict[str, bool]:
     }
 
 
-__all__ = ["MAX_THIN_CHANNELS", "add_bias", "add_bias_reference", "add_layer_norm", "add_layer_norm_reference",
+__all__ = ["MAX_THIN_CHANNELS", "FastPathUnavailable", "add_bias", "add_bias_reference", "add_layer_norm", "add_layer_norm_reference",
            "attention", "attention_reference", "available_backends", "conv3x3", "conv3x3_reference",
            "cross_attention", "cross_attention_reference", "ddim_guided_step", "geglu", "geglu_reference", "get_mode",
            "group_norm", "group_norm_reference", "layer_norm", "layer_norm_reference", "plms_guided_step",

@@ -34,6 +34,10 @@ ENV_VAR = "RDM_FAST_OPS"
 _mode_override: str | None = None
 
 
+class FastPathUnavailable(RuntimeError):
+    """Mode ``fast`` was asked for, and no fast implementation can run a call (the message says why)."""
+
+
 def _check_mode(mode: str, source: str) -> str:
     if mode not in MODES:
         raise ValueError(f"invalid rdm_fast ops mode {mode!r} from {source}; valid modes: {', '.join(MODES)}")
@@ -188,8 +192,8 @@ class Op:
             reasons.append(f"{impl.name}: {why}")
         if mode == "fast":
             detail = "; ".join(reasons) if reasons else f"no fast implementation exists for {device_type} tensors"
-            hint = f"; {BUILD_HINT}" if missing else ""
-            raise RuntimeError(
+            hint = f"; {BUILD_HINT}" if any("TRITON_INTERPRET" not in m for m in missing) else ""
+            raise FastPathUnavailable(
                 f"{self.name}: mode 'fast' but no fast implementation can run this call ({detail}){hint}"
             )
         if missing:
