@@ -27,6 +27,7 @@ from .encoders import EncoderUnavailable
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
                         resolve_encoder, save_neighbors, save_proposals)
 from .retrieval.build import CROP_MODES, load_query_image, load_rgb, make_crops, replay_crop
+from .retrieval.context import locate_database
 from .retrieval.database import BACKENDS, PROPOSALS
 from .retrieval.neighbors import neighbor_files
 
@@ -45,8 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = HelpFormatter
 
-    b = sub.add_parser("build", help="embed images into a new database (resumable; torchrun for several GPUs)",
-                       formatter_class=fmt)
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                              formatter_class=fmt)
+
+    db_help = "database directory, or the name of one in $RDM_FAST_HOME/databases"
+    no_progress = "no progress bar (e.g. in batch jobs' logs)"
+    backend_help = ("search backend: auto (triton on CUDA, else the FAISS index if built, else exact torch), "
+                    f"or one of {', '.join(b for b in BACKENDS if b != 'auto')}")
+    device_help = "auto (cuda if available, else cpu), cpu, cuda or cuda:N"
+    b = command("build", "embed images into a new database (resumable; torchrun for several GPUs)")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of jpg/jpeg/png/webp images (searched recursively)")
     src.add_argument("--list", help="text file: one image path per line, optionally a tab and a class id")
@@ -68,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class id = index of the image's folder (top-level under --images, parent for --list); "
                         "-1 for images directly in the folder or the list's folder")
     b.add_argument("--seed", type=int, default=0, help="seed of the random crops")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help=no_progress)
 
-    im = sub.add_parser("import-npz", help="convert official {N}x{D}-part_{i}.npz files", formatter_class=fmt)
+    im = command("import-npz", "convert official {N}x{D}-part_{i}.npz files into a database")
     im.add_argument("parts", nargs="+", help="part files (imported in part order)")
     im.add_argument("--out", required=True, help="database directory (rerun the same command to resume)")
     im.add_argument("--encoder", required=True,
@@ -80,17 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--chunk-rows", type=_positive, default=65536, help="rows read from a part at a time")
     im.add_argument("--allow-pickle", action="store_true",
                     help="accept parts whose img_id is pickled (runs code from the file: trusted files only)")
-    im.add_argument("--no-progress", action="store_true")
+    im.add_argument("--no-progress", action="store_true", help=no_progress)
 
-    i = sub.add_parser("info", help="summary of a database", formatter_class=fmt)
-    i.add_argument("db")
+    i = command("info", "summary of a database")
+    i.add_argument("db", help=db_help)
     i.add_argument("--verify", action="store_true",
                    help="check the SHA-256 of every shard's embeddings and metadata (reads them all; the index "
                         "and proposals files have no checksum)")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
-    s = sub.add_parser("search", help="nearest entries of a caption or an image", formatter_class=fmt)
-    s.add_argument("db")
+    s = command("search", "nearest entries of a caption or an image")
+    s.add_argument("db", help=db_help)
     q = s.add_mutually_exclusive_group(required=True)
     q.add_argument("--text", help="caption query (encoders with a text tower)")
     q.add_argument("--image", help="image query")
@@ -100,21 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--contact-sheet", help="write a PNG grid of the query and its neighbours")
     s.add_argument("--image-root", help="folder the database's relative sources are resolved against "
                                         "(default: the one recorded at build time)")
-    s.add_argument("--backend", choices=BACKENDS, default="auto")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--backend", choices=BACKENDS, default="auto", help=backend_help)
+    s.add_argument("--device", default="auto", help=device_help)
 
-    x = sub.add_parser("index", help="build a FAISS index over the database", formatter_class=fmt)
-    x.add_argument("db")
-    x.add_argument("--kind", default="auto", help="auto or an index kind of rdm_fast.retrieval.faiss_index")
-    x.add_argument("--train-size", type=_positive, help="vectors sampled to train the index")
-    x.add_argument("--seed", type=int, default=0)
+    x = command("index", "build a FAISS index over the database")
+    x.add_argument("db", help=db_help)
+    x.add_argument("--kind", default="auto",
+                   help="flat, hnsw or ivfpq; auto: chosen from the database's size")
+    x.add_argument("--train-size", type=_positive,
+                   help="vectors sampled to train an ivfpq index (default: max(64 nlist, 16384), at most all)")
+    x.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     x.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="index parameter passed to build_index (repeatable), e.g. nlist=4096")
-    x.add_argument("--no-progress", action="store_true")
+    x.add_argument("--no-progress", action="store_true", help=no_progress)
 
-    n = sub.add_parser("neighbors", help="training neighbours of every entry and the top-m proposal list",
-                       formatter_class=fmt)
-    n.add_argument("db", help="the database searched (its proposal ranking is stored in it)")
+    n = command("neighbors", "training neighbours of every entry and the top-m proposal list")
+    n.add_argument("db", help=db_help + " (searched; its proposal ranking is stored in it)")
     n.add_argument("--queries", help="database of the training set (same encoder; default: DB itself)")
     n.add_argument("--k", type=_positive, required=True, help="neighbours per entry")
     n.add_argument("--exclude-self", action="store_true", help="drop each query's own entry (queries = DB)")
@@ -122,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batch-size", type=_positive, default=1024, help="queries per search")
     n.add_argument("--out", required=True, help=".npz (ids, scores) or .npy (ids; X_scores.npy beside it)")
     n.add_argument("--top-m-out", help="also write the proposal ranking here (.npy, (N, 2) int64: id, count)")
-    n.add_argument("--backend", choices=BACKENDS, default="auto")
-    n.add_argument("--device", default="auto")
-    n.add_argument("--no-progress", action="store_true")
+    n.add_argument("--backend", choices=BACKENDS, default="auto", help=backend_help)
+    n.add_argument("--device", default="auto", help=device_help)
+    n.add_argument("--no-progress", action="store_true", help=no_progress)
     return p
 
 
@@ -132,7 +142,11 @@ def _encoder(spec: str, device: torch.device | str, checkpoint: str | None = Non
     try:
         return resolve_encoder(spec, device=device, checkpoint=checkpoint, pretrained=pretrained)
     except EncoderUnavailable as e:
-        raise CLIError(f"encoder {spec!r} is unavailable: {e}") from None
+        raise CLIError(_unavailable(spec, e)) from None
+
+
+def _unavailable(spec: str, e: EncoderUnavailable) -> str:
+    return str(e) if repr(spec) in str(e) else f"encoder {spec!r} is unavailable: {e}"
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -146,7 +160,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                              class_from_folder=args.class_from_folder, seed=args.seed,
                              progress=not args.no_progress)
     except EncoderUnavailable as e:
-        raise CLIError(f"encoder {args.encoder!r} is unavailable: {e}") from None
+        raise CLIError(_unavailable(args.encoder, e)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(out)
     return 0
@@ -160,6 +174,10 @@ def _print_summary(path: Path) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    for part in args.parts:  # before the encoder is built (seconds, for CLIP)
+        if not Path(part).is_file():
+            raise CLIError(f"part file {part} does not exist" if not Path(part).exists() else
+                           f"part {part} is not a file")
     try:  # only the encoder's name/dim/normalisation are needed: build it without weights where it allows
         info = _encoder(args.encoder, "meta", pretrained=False).info()
     except (RuntimeError, NotImplementedError):
@@ -183,7 +201,7 @@ def _human(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    db = Database.open(args.db, backend="torch", device="cpu", verify=args.verify)
+    db = Database.open(locate_database(args.db), backend="torch", device="cpu", verify=args.verify)
     m = db.manifest
     if args.json:
         print(json.dumps(m, indent=2))
@@ -273,7 +291,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.contact_sheet:
         _output_file(args.contact_sheet, "--contact-sheet")
     device = process_device(args.device)
-    db = Database.open(args.db, backend=args.backend, device=device)
+    db = Database.open(locate_database(args.db), backend=args.backend, device=device)
     spec = args.encoder or db.encoder_spec
     encoder = _encoder(spec, device, args.encoder_checkpoint)
     if args.text is not None:
@@ -299,13 +317,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _write_contact_sheet(args, db: Database, query: Path | None, scores, ids, sources) -> None:
     root = args.image_root or db.manifest.get("image_root")
     paths = [_source_path(s, root) if db.manifest["has_sources"] else None for s in sources]
-    if not any(paths):
-        log.warning("no source image of the results is reachable on disk (image root %s): no contact sheet "
-                    "written (pass --image-root)", root)
-        return
     missing = sum(p is None for p in paths)
     if missing:
-        log.warning("%d of %d result images are not reachable on disk: drawn as grey tiles", missing, len(paths))
+        log.warning("%d of %d result images are not reachable on disk (image root %s; see --image-root): drawn as "
+                    "grey tiles", missing, len(paths), root)
     build = db.manifest.get("build") or {}
     coords = db.patch_coords(ids).tolist() if db.manifest["has_patch_coords"] else [None] * len(ids)
     size = 128
@@ -339,7 +354,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.kind != "auto" and args.kind not in INDEX_KINDS:
         raise CLIError(f"--kind {args.kind!r}: expected auto or one of {', '.join(INDEX_KINDS)}")
     params = dict(_parse_param(t) for t in args.param)
-    entry = add_index(args.db, args.kind, train_size=args.train_size, seed=args.seed,
+    entry = add_index(locate_database(args.db), args.kind, train_size=args.train_size, seed=args.seed,
                       progress=not args.no_progress, **params)
     print(f"{args.db}: {entry['kind']} index written to {entry['file']}")
     return 0
@@ -352,9 +367,13 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         if Path(args.top_m_out).suffix != ".npy":
             raise CLIError(f"--top-m-out {args.top_m_out} must end in .npy")
         _output_file(args.top_m_out, "--top-m-out")
+    if args.exclude_self and args.queries:
+        raise CLIError("--exclude-self applies only when the queries are the database itself (no --queries)")
+    if args.dedup_threshold is not None and not -1 <= args.dedup_threshold <= 1:
+        raise CLIError(f"--dedup-threshold is a cosine similarity in [-1, 1], got {args.dedup_threshold}")
     device = process_device(args.device)
-    db = Database.open(args.db, backend=args.backend, device=device)
-    queries = Database.open(args.queries, backend="torch", device="cpu") if args.queries else None
+    db = Database.open(locate_database(args.db), backend=args.backend, device=device)
+    queries = Database.open(locate_database(args.queries), backend="torch", device="cpu") if args.queries else None
     if queries is not None and len(queries) == 0:
         raise CLIError(f"--queries {args.queries} is empty: no neighbours to compute (the proposal ranking of "
                        f"{args.db} is left as it is)")

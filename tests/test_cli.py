@@ -129,7 +129,7 @@ def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message, n_sample
 
 @pytest.mark.parametrize("args,message", [
     (["--ckpt", "{d}/nope.ckpt"], "nope.ckpt does not exist"),
-    (["--ckpt", "{d}/model", "--db", "{d}/nope"], "no database .*nope.*: neither a directory nor"),
+    (["--ckpt", "{d}/model", "--db", "{d}/nope"], "database directory .*nope does not exist"),
     (["--ckpt", "{d}/model", "--db", "{d}"], "manifest.json"),
     (["--ckpt", "{d}/model", "--text", "a cat"], "--text and --image are queries into a database: add --db"),
     (["--ckpt", "{d}/model", "--steps", "999"], "steps must be between 1 and 500"),

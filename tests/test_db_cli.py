@@ -42,6 +42,25 @@ def built(tmp_path_factory):
     return root
 
 
+def test_commands_find_databases_by_name(built, tmp_path, capsys, monkeypatch):
+    """The db argument of every command takes a name under $RDM_FAST_HOME/databases, as sample's --db does."""
+    home = tmp_path / "home"
+    shutil.copytree(built / "db", home / "databases" / "mydb")
+    monkeypatch.setenv("RDM_FAST_HOME", str(home))
+    assert cli("info", "mydb") == 0 and "entries    10 x 16" in capsys.readouterr().out
+    assert cli("search", "mydb", "--text", "x", "--k", "2", "--device", "cpu") == 0
+    assert "no database 'other': neither a directory nor a database in" in _error(capsys, "info", "other")
+
+
+def test_import_checks_its_parts_before_building_the_encoder(tmp_path, capsys, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("built the encoder")
+
+    monkeypatch.setattr(db_cli, "_encoder", never)
+    assert f"part file {tmp_path / 'none.npz'} does not exist" in _error(
+        capsys, "import-npz", str(tmp_path / "none.npz"), "--out", str(tmp_path / "db"), "--encoder", SPEC)
+
+
 def test_info(built, tmp_path, capsys):
     assert cli("info", str(built / "db"), "--verify") == 0
     out = capsys.readouterr().out
@@ -90,7 +109,9 @@ def test_search_text_and_image_with_contact_sheet(built, tmp_path, capsys):
     moved = tmp_path / "elsewhere.png"
     assert cli("search", str(built / "db"), "--image", str(query), "--k", "2", "--device", "cpu",
                "--contact-sheet", str(moved), "--image-root", str(tmp_path / "nothing-here")) == 0
-    assert not moved.exists()  # sources unreachable: warned and skipped
+    # sources unreachable: warned, and the sheet still shows the query and the ranks, ids and scores (grey tiles)
+    sheet = np.asarray(Image.open(moved))
+    assert sheet.shape[1] == 3 * (128 + 4) + 4 and (sheet == 200).all(-1).sum() >= 2 * 128 * 128
 
 
 def test_neighbors_and_proposals(built, tmp_path, capsys):
@@ -203,7 +224,7 @@ def test_one_line_errors(built, tmp_path, capsys):
         capsys, "import-npz", str(tmp_path / "8d-part_0.npz"), "--out", str(tmp_path / "i"), "--encoder", SPEC)
     other = tmp_path / "other"
     shutil.copytree(built / "db", other)
-    assert "exclude_self applies only" in _error(capsys, "neighbors", db, "--queries", str(other), "--k", "2",
+    assert "--exclude-self applies only" in _error(capsys, "neighbors", db, "--queries", str(other), "--k", "2",
                                                  "--exclude-self", "--out", str(tmp_path / "x.npz"))
     assert "must end in .npz" in _error(capsys, "neighbors", db, "--k", "2", "--out", str(tmp_path / "x.txt"))
     for command in (["search", db, "--text", "x"], ["neighbors", db, "--k", "2", "--out", str(tmp_path / "x.npz")],

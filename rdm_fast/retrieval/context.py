@@ -41,6 +41,8 @@ def locate_database(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.exists():
         return path
+    if len(path.parts) > 1:  # a path, not a name
+        raise FileNotFoundError(f"database directory {path} does not exist")
     named = databases_dir() / str(name_or_path)
     if named.exists():
         return named
