@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n-samples", type=int, help="images to draw (default: one per context in the file, 4 with --db)")
     p.add_argument("--batch-size", type=int, default=8, help="images per sampling call")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the config's sampling.steps)")
+    p.add_argument("--steps", type=int,
+                   help="sampling steps, 1 to T/2 (default: the config's sampling.steps). As in the reference, "
+                        "the timesteps are every T // steps: a count that does not divide T = 1000 runs a few "
+                        "more (7 -> 8), and one whose last timestep would be 1000 (3, 9, 27, ...) is refused")
     p.add_argument("--sampler", choices=["ddim", "plms"], help="default: the config's sampling.sampler")
     p.add_argument("--eta", type=float, help="DDIM noise, 0 (deterministic) up to about 1 (the bound depends on "
                                              "--steps) (default: the config's)")
@@ -105,11 +108,25 @@ def check_args(args: argparse.Namespace) -> None:
     check_out_dir(args.out)
 
 
-def known_config(args: argparse.Namespace) -> RDMConfig | None:
+MAX_TEXT_NEIGHBORS = 20  # the text-capable models were trained with up to 20 neighbours after the text token
+
+
+def check_context_tokens(tokens: int, cfg: RDMConfig, source: str) -> None:
+    """Warn where a context's length is not one the model was trained with: exactly k_nn (the query and its
+    neighbours) without a text token, 1 + up to 20 neighbours with one."""
+    if cfg.text_token and not 2 <= tokens <= 1 + MAX_TEXT_NEIGHBORS:
+        log.warning("%s holds contexts of %d tokens; the model was trained on a text or query embedding and 1 to "
+                    "%d neighbours (default %d)", source, tokens, MAX_TEXT_NEIGHBORS, cfg.k_nn)
+    elif not cfg.text_token and tokens != cfg.k_nn:
+        log.warning("%s holds contexts of %d tokens; the model was trained on %d (the query and %d neighbours)",
+                    source, tokens, cfg.k_nn, cfg.k_nn - 1)
+
+
+def known_config(args: argparse.Namespace, ckpt_file: Path | None) -> RDMConfig | None:
     """The model's config where it is known without loading weights (see rdm_fast.rdm.checkpoint_config)."""
     if args.random_init:
         return RDMConfig.resolve(args.config)
-    return checkpoint_config(args.ckpt, args.config)
+    return checkpoint_config(ckpt_file, args.config)
 
 
 def sampling_settings(args: argparse.Namespace, cfg: RDMConfig) -> tuple[int, str, float, float]:
@@ -124,12 +141,15 @@ def sampling_settings(args: argparse.Namespace, cfg: RDMConfig) -> tuple[int, st
     return steps, sampler, eta, guidance
 
 
-def load_model(args: argparse.Namespace, cfg: RDMConfig | None, device: torch.device, dtype: torch.dtype) -> RDM:
-    """The model of --ckpt or --random-init; ``cfg``: its config if already known (else found while loading)."""
+def load_model(args: argparse.Namespace, ckpt_file: Path | None, cfg: RDMConfig | None, device: torch.device,
+               dtype: torch.dtype) -> RDM:
+    """The model of ``ckpt_file`` (--ckpt resolved) or --random-init; ``cfg``: its config if already known (else
+    found while loading)."""
     if args.random_init:
         torch.manual_seed(args.seed)
         return RDM.from_config(cfg, device=device, dtype=dtype)
-    return RDM.from_pretrained(args.ckpt, cfg or args.config, device=device, dtype=dtype,
+    log.info("loading %s", ckpt_file)
+    return RDM.from_pretrained(ckpt_file, cfg or args.config, device=device, dtype=dtype,
                                use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
 
 
@@ -215,14 +235,14 @@ class DatabaseContexts:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    cfg = known_config(args)
+    ckpt_file = None if args.random_init else resolve_file(args.ckpt)  # a training run's newest checkpoint
+    cfg = known_config(args, ckpt_file)
     if cfg is not None:
         sampling_settings(args, cfg)
     device, dtype = process_device(args.device), pick_dtype(args.bf16, args.fp16)
     # a bad context file fails before the (possibly minutes-long) model load where the config is already known
     contexts = read_context_file(args.context_file, cfg.context_dim) if args.context_file and cfg else None
-    ckpt_file = None if args.random_init else str(resolve_file(args.ckpt))  # a run's newest checkpoint, as loaded
-    model = load_model(args, cfg, device, dtype)
+    model = load_model(args, ckpt_file, cfg, device, dtype)
     cfg = model.config
     steps, sampler, eta, guidance = sampling_settings(args, cfg)
     generator = torch.Generator().manual_seed(args.seed)  # the --db pseudo-queries
@@ -230,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if contexts is None:
             contexts = read_context_file(args.context_file, cfg.context_dim)
         n = args.n_samples or contexts.shape[0]
+        check_context_tokens(contexts.shape[1], cfg, args.context_file)
+        if n > contexts.shape[0]:
+            log.info("%d samples from %d contexts: the contexts are cycled (sample i gets context i mod %d)", n,
+                     contexts.shape[0], contexts.shape[0])
         contexts = contexts[torch.arange(n) % contexts.shape[0]]
         if cfg.normalized_embeddings:
             contexts = F.normalize(contexts, dim=-1)
@@ -247,9 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if earlier:
         log.warning("%s already holds %d sample_*.png files beyond this run's %d images (from an earlier run): "
                     "they are left as they are", out, len(earlier), n)
-    log.info("sampling %d images: %s, %d steps, eta %g, guidance %g, %s on %s", n, sampler, steps, eta, guidance,
-             str(dtype).replace("torch.", ""), device)
-    run_info = {"ckpt": args.ckpt, "ckpt_file": ckpt_file, "config": cfg.to_dict(), "n_samples": n, "steps": steps,
+    log.info("sampling %d images: %s, %d steps, eta %g, guidance %g, %s on %s", n, sampler,
+             len(model.schedule.ddim_timesteps(steps)), eta, guidance, str(dtype).replace("torch.", ""), device)
+    run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file), "config": cfg.to_dict(), "n_samples": n, "steps": steps,
                 "timesteps": len(model.schedule.ddim_timesteps(steps)),  # more than steps where they do not divide T
                 "sampler": sampler,
                 "eta": eta, "guidance_scale": guidance, "seed": args.seed, "dtype": str(dtype),

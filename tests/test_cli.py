@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from rdm_fast import RDM
+from rdm_fast import RDM, RDMConfig
 from rdm_fast import checkpoint as ckpt
 from rdm_fast import convert, sample
 from rdm_fast._cli import run
@@ -256,7 +256,7 @@ def test_start_noise_and_images_do_not_depend_on_the_batch_size(tiny_dir, tmp_pa
 
 @pytest.mark.parametrize("module,shown", [
     (sample, ["(default: 8)", "(default: 0.01)", "cuda:N (default: auto)", "(default: 0)",
-              "--steps STEPS sampling steps (default: the config's sampling.steps) --sampler"]),
+              "--steps STEPS sampling steps, 1 to T/2 (default: the config's sampling.steps). As"]),
     (convert, ["(default: fp32)", "(default: rdm_fast)"]),
 ])
 def test_help_shows_each_default_once(module, shown, capsys):
@@ -286,7 +286,27 @@ def test_db_too_small_wrong_dim_and_encoder(tiny_dir, tmp_path, capsys):
     assert "was made by encoder 'test-64' but the model was trained on 'clip-vit-b-32'" in capsys.readouterr().err
 
 
-def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tokens,warned", [(4, False), (2, False), (1, True), (22, True)])
+def test_context_length_and_cycling_are_reported(tiny_dir, tmp_path, caplog, tokens, warned):
+    """The tiny model, like rdm768, takes a text token and 1 to 20 neighbours (trained on 3): other lengths run,
+    with a warning; more samples than contexts cycle them, which is said."""
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).standard_normal((2, tokens, 64)).astype(np.float32))
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tmp_path / "c.npy"), "--out",
+               str(tmp_path / "o"), "--steps", "2", "--n-samples", "3") == 0
+    assert (f"holds contexts of {tokens} tokens; the model was trained on a text or query embedding and 1 to 20 "
+            "neighbours (default 3)" in caplog.text) == warned
+    assert "3 samples from 2 contexts: the contexts are cycled" in caplog.text
+
+
+def test_context_length_of_a_query_model(caplog):
+    """imagenet's contexts are the query and 3 neighbours, exactly 4 tokens."""
+    cfg = RDMConfig.preset("imagenet")
+    for tokens in (4, 5, 2):
+        sample.check_context_tokens(tokens, cfg, "c.npy")
+    assert caplog.text.count("the model was trained on 4 (the query and 3 neighbours)") == 2
+
+
+def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch, caplog):
     """--db NAME finds $RDM_FAST_HOME/databases/NAME; pseudo-queries come from the top-m proposals only."""
     import shutil
     home = tmp_path / "home"
@@ -305,6 +325,8 @@ def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch):
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", "mydb", "--top-m", "0.04", "--out",
                str(tmp_path / "o"), "--steps", "2", "--n-samples", "5", "--batch-size", "2") == 0
     assert len(drawn) == 5 and set(drawn) <= {7, 3}  # top 4 % of 50 entries = the two most retrieved
+    assert "top 0.04 of mydb's proposal ranking: 2 of 50 entries" in caplog.text
+    assert "5 samples from only 2 distinct pseudo-queries" in caplog.text
     info = json.loads((tmp_path / "o" / "run.json").read_text())
     assert info["top_m"] == 0.04 and info["context_source"] == "mydb"
 
