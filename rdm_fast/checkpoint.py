@@ -258,6 +258,31 @@ def save_safetensors(tensors: Mapping[str, Tensor], config: dict[str, Any], dire
     return weights
 
 
+def _warn_if_edited(file: Path, config: dict[str, Any]) -> None:
+    """config.json beside an rdm_fast file is a copy for reading: the file's own metadata is what loads. Say so
+    when the copy differs (an edit there has no effect) or is unreadable."""
+    if not file.is_file():
+        return
+    try:
+        copy = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s); the config stored in %s is used", file, e, file.parent / WEIGHTS_FILE)
+        return
+    if copy != config:
+        changed = _differing_keys(copy, config)
+        log.warning("%s differs from the config stored in %s (%s), which is the one used: edits to config.json "
+                    "have no effect; pass --config (or config=) to load with another", file,
+                    file.parent / WEIGHTS_FILE, ", ".join(changed))
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two nested dicts differ."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [prefix or "(the whole config)"] if a != b else []
+    return [k for key in sorted(set(a) | set(b), key=str)
+            for k in _differing_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))]
+
+
 def read_own_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:
     """The config stored by ``save_safetensors``: from the file's metadata, else ``config.json`` beside it."""
     if metadata.get("format") == FORMAT_NAME:
@@ -265,7 +290,9 @@ def read_own_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] |
         if version > FORMAT_VERSION:
             raise CheckpointError(f"{path} was written by a newer rdm_fast (format {version}; this version reads "
                                   f"up to {FORMAT_VERSION}): upgrade rdm_fast")
-        return json.loads(metadata["config"])
+        config = json.loads(metadata["config"])
+        _warn_if_edited(path.parent / CONFIG_FILE, config)
+        return config
     beside = path.parent / CONFIG_FILE
     if beside.is_file():
         return json.loads(beside.read_text())

@@ -323,3 +323,20 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_edited_config_json_is_reported_not_used(tmp_path, caplog):
+    """config.json beside model.safetensors is a copy: the stored config loads, and a differing or unreadable copy
+    is reported."""
+    RDM.from_config("tiny").save_pretrained(tmp_path)
+    RDM.from_pretrained(tmp_path)
+    assert "config.json" not in caplog.text  # the untouched copy
+    cfg = json.loads((tmp_path / ckpt.CONFIG_FILE).read_text())
+    params = cfg["model"]["params"]
+    params["sampling"] = {**params.get("sampling", {}), "steps": 7}
+    (tmp_path / ckpt.CONFIG_FILE).write_text(json.dumps(cfg))
+    assert RDM.from_pretrained(tmp_path).config.sampling.steps != 7
+    assert "differs from the config stored in" in caplog.text and "(model.params.sampling.steps)" in caplog.text
+    (tmp_path / ckpt.CONFIG_FILE).write_text("{")
+    RDM.from_pretrained(tmp_path)
+    assert "config.json is unreadable" in caplog.text
