@@ -93,6 +93,21 @@ def atomic_write_json(target: str | Path, obj: Any) -> None:
     atomic_write(target, lambda tmp: Path(tmp).write_text(text), fsync=True)
 
 
+def array_file_problem(path: str | Path, error: BaseException) -> str:
+    """Why ``np.load(path, allow_pickle=False)`` failed, in words that do not invite unpickling a file that is
+    simply not an array file (NumPy's own message suggests ``allow_pickle=True`` for any unknown bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        return e.strerror or str(e)
+    if not head.startswith((b"\x93NUMPY", b"PK\x03\x04")):
+        return "not a NumPy .npy or .npz file"
+    if "pickle" in str(error):
+        return "it holds Python objects (pickled), not numbers"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -55,6 +55,8 @@ class CheckpointError(RuntimeError):
 def unreadable(file: Path, e: Exception) -> CheckpointError:
     """The error for a checkpoint file that is missing, truncated or corrupt (``e``: what reading it raised)."""
     why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+    if "weights only" in why.lower() or "weights_only" in why:  # torch's advice to unpickle: not for a broken file
+        why = "not a torch file of tensors"
     return CheckpointError(f"{file} cannot be read ({why}): is the checkpoint truncated or corrupt?")
 
 

@@ -299,9 +299,13 @@ class RDMConfig:
     @classmethod
     def _parse(cls, tree: dict[str, Any]) -> "tuple[RDMConfig, list[str]]":
         """The config exactly as the tree gives it, and the ``OWN_FIELDS`` the tree lacks."""
+        top = list(tree)
         if "model" in tree and isinstance(tree["model"], dict):
             tree = tree["model"]
         params = dict(tree.get("params", tree))
+        if "unet_config" not in params and "first_stage_config" not in params:
+            raise ConfigError(f"not an RDM config: no model.params with unet_config and first_stage_config (its "
+                              f"top-level keys: {', '.join(map(str, top)) or 'none'})")
         for key in ("unet_config", "first_stage_config"):
             if key not in params:
                 raise ConfigError(f"model.params is missing {key}")
@@ -320,7 +324,11 @@ class RDMConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RDMConfig":
-        return cls.from_dict(_read_yaml(path))
+        tree = _read_yaml(path)
+        try:
+            return cls.from_dict(tree)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
     def preset(cls, name: str) -> "RDMConfig":
@@ -364,6 +372,8 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     try:
         tree = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text (YAML) file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(tree, dict):

@@ -46,7 +46,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ._distributed import Processes
-from ._files import TEMP_SUFFIX, atomic_npy_memmap, atomic_save_npy, atomic_write_json
+from ._files import TEMP_SUFFIX, array_file_problem, atomic_npy_memmap, atomic_save_npy, atomic_write_json
 from .config import RDMConfig
 from .rdm import RDM
 from .retrieval.build import load_rgb, replay_crop
@@ -106,8 +106,10 @@ def load_neighbors(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dic
             ids = np.load(file, mmap_mode="r", allow_pickle=False)
             scores = np.load(files[1], mmap_mode="r", allow_pickle=False) if files[1].is_file() else None
             digests = {}
-    except (ValueError, OSError, KeyError, EOFError) as e:
-        raise ValueError(f"{file} is not a readable neighbours file ({e})") from None
+    except KeyError as e:
+        raise ValueError(f"{file} is not a neighbours file: it has no {e} array") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{file} is not a readable neighbours file ({array_file_problem(file, e)})") from None
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise ValueError(f"{file} holds {ids.dtype} {ids.shape}; expected (N, K) integer neighbour ids")
     if scores is not None and (scores.shape != ids.shape or scores.dtype.kind != "f"):

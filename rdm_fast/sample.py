@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import RDM
 from ._cli import CLIError, HelpFormatter, check_out_dir, pick_dtype, run
 from ._distributed import process_device
-from ._files import atomic_write_json
+from ._files import array_file_problem, atomic_write_json
 from .checkpoint import resolve_file
 from .config import RDMConfig, preset_names
 from .data import derived_seed
@@ -173,11 +173,14 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
     """(B, k, D) float32 contexts from a .npy file, with errors that say what is wrong."""
     file = Path(path)
     if not file.is_file():
-        raise CLIError(f"context file {file} does not exist")
+        raise CLIError(f"context file {file} " + ("is a directory" if file.is_dir() else "does not exist"))
     try:
         arr = np.load(file, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise CLIError(f"context file {file} is not a readable .npy array ({str(e).splitlines()[0]})") from None
+        raise CLIError(f"context file {file} is not a readable .npy array ({array_file_problem(file, e)})") from None
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        arr.close()
+        raise CLIError(f"context file {file} is a .npz archive: save the contexts as one .npy array (np.save)")
     if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
         raise CLIError(f"context file {file} must hold a float array, not {getattr(arr, 'dtype', type(arr))}")
     if arr.ndim == 2:

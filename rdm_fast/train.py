@@ -439,7 +439,14 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     ema = EMA(unet, args.ema_decay)
     start = 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, ema, optimizer, scaler)
+        try:
+            state = load_checkpoint(resume_from, model, ema, optimizer, scaler)
+        except ckpt.CheckpointError as e:
+            older = [p.name for s, p in sorted(_checkpoint_dirs(resume_from.parent).items(), reverse=True)
+                     if p != resume_from]
+            hint = (f"; to continue from an older checkpoint ({', '.join(older)}), write its name into "
+                    f"{out / ckpt.RUN_LATEST}" if older else "")
+            raise ckpt.CheckpointError(f"{e}{hint}") from None
         before = state["run"]
         if before.get("draws") != DRAWS_VERSION:
             raise CLIError(f"--resume: {resume_from} was saved by an older rdm_fast, whose random draws (batch "

@@ -114,7 +114,13 @@ def bad_npy(tmp_path, array) -> str:
     (lambda d: bad_npy(d, np.zeros((2, 3, 4, 64), np.float32)), r"holds shape \(2, 3, 4, 64\); expected"),
     (lambda d: bad_npy(d, np.zeros((3, 64), np.int64)), "must hold a float array"),
     (lambda d: bad_npy(d, np.full((3, 64), np.nan, np.float32)), "NaN or infinite"),
-    (lambda d: (d / "text.npy").write_text("hello") and str(d / "text.npy"), "not a readable .npy array"),
+    (lambda d: (d / "text.npy").write_text("hello") and str(d / "text.npy"),
+     r"not a readable .npy array \(not a NumPy .npy or .npz file\)$"),
+    (lambda d: (np.save(d / "obj.npy", np.array([{}, 1], dtype=object)), str(d / "obj.npy"))[1],
+     r"not a readable .npy array \(it holds Python objects \(pickled\), not numbers\)$"),
+    (lambda d: (np.savez(d / "c.npz", a=np.zeros((2, 4, 64))), str(d / "c.npz"))[1],
+     "is a .npz archive: save the contexts as one .npy array"),
+    (lambda d: ((d / "dir.npy").mkdir(), str(d / "dir.npy"))[1], "context file .*dir.npy is a directory$"),
     (lambda d: bad_npy(d, np.zeros((0, 4, 64), np.float32)), r"holds no contexts \(shape \(0, 4, 64\)\)"),
 ])
 @pytest.mark.parametrize("n_samples", [[], ["--n-samples", "3"]])

@@ -136,6 +136,8 @@ def test_missing_and_unknown_keys():
     with pytest.raises(ConfigError, match=r"unet_config.params is missing required keys \['context_dim'\]"):
         RDMConfig.from_dict(tree)
     with pytest.raises(ConfigError, match="missing unet_config"):
+        RDMConfig.from_dict({"model": {"params": {"first_stage_config": {}}}})
+    with pytest.raises(ConfigError, match=r"not an RDM config: no model.params .* \(its top-level keys: model\)"):
         RDMConfig.from_dict({"model": {"params": {"linear_start": 0.1}}})
     with pytest.warns(UserWarning, match=r"ignoring unknown keys \['new_feature'\]"):
         RDMConfig.from_dict(edited(new_feature=1))
@@ -154,6 +156,12 @@ def test_bad_files_and_names(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="does not hold a config mapping"):
         RDMConfig.from_yaml(tmp_path / "list.yaml")
+    (tmp_path / "other.yaml").write_text("foo: bar\n")
+    with pytest.raises(ConfigError, match=r"other.yaml: not an RDM config: .*\(its top-level keys: foo\)"):
+        RDMConfig.from_yaml(tmp_path / "other.yaml")
+    (tmp_path / "ctx.npy").write_bytes(b"\x93NUMPY\x01\x00" + bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match="config file .*ctx.npy is not a text"):
+        RDMConfig.from_yaml(tmp_path / "ctx.npy")
     with pytest.raises(ConfigError, match="unknown preset 'huge'; presets: ffhq, imagenet, rdm768, tiny"):
         RDMConfig.preset("huge")
     with pytest.raises(ConfigError, match="neither a preset"):

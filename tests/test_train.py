@@ -425,14 +425,22 @@ def _truncate(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
 
 
+def _scramble(file: Path) -> None:
+    file.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
 @pytest.mark.parametrize("name, damage", [(TRAIN_STATE_FILE, _truncate), (TRAIN_WEIGHTS_FILE, _truncate),
-                                          ("optimizer.pt", _truncate), ("optimizer.pt", Path.unlink)])
+                                          ("optimizer.pt", _truncate), ("optimizer.pt", Path.unlink),
+                                          ("optimizer.pt", _scramble)])
 def test_resume_names_a_damaged_checkpoint_file(setup, saved_run, tmp_path, name, damage):
+    """The damaged file is named, with the way back to the older checkpoint; never a hint to unpickle it."""
     out = tmp_path / "run"
     shutil.copytree(saved_run, out)
     damage(out / "checkpoints" / "step_0000004" / name)
-    with pytest.raises(CheckpointError, match=f"step_0000004/{name}"):
+    with pytest.raises(CheckpointError, match=f"step_0000004/{name}") as e:
         train.main(_args(setup, out, "--resume", steps=5))
+    assert f"older checkpoint (step_0000002), write its name into {out / 'latest'}" in str(e.value)
+    assert "weights_only" not in str(e.value)
 
 
 def test_resume_refuses_runs_of_older_draws(setup, saved_run, tmp_path):

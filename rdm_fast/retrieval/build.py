@@ -73,7 +73,8 @@ def list_images(root: str | Path) -> list[str]:
     """Image files (jpg, jpeg, png, webp; any case) under ``root``, recursively, as sorted relative paths."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise FileNotFoundError(f"image folder {root} " + ("is a file, not a folder (for a list of images, use "
+                                                            "--list)" if root.exists() else "does not exist"))
     found = [p.relative_to(root).as_posix() for p in root.rglob("*")
              if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     return sorted(found)

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._files import atomic_save_npy, atomic_save_npz, atomic_write_json, remove_stale_temps, sha256_file
+from .._files import (array_file_problem, atomic_save_npy, atomic_save_npz, atomic_write_json, remove_stale_temps,
+                      sha256_file)
 from .search import check_k, exact_search
 from ..encoders.base import embed_images, embed_texts
 
@@ -534,7 +535,8 @@ class Database:
             try:
                 arr = np.load(file, allow_pickle=False)
             except (ValueError, OSError, EOFError) as e:
-                raise ValueError(f"{file} is not a readable .npy array ({e}): compute the ranking again with "
+                raise ValueError(f"{file} is not a readable .npy array ({array_file_problem(file, e)}): compute "
+                                 "the ranking again with "
                                  f"python -m rdm_fast.db neighbors") from None
             if arr.shape != (len(self), 2) or arr.dtype != np.int64:
                 raise ValueError(f"{file} holds {arr.dtype} {arr.shape}, expected int64 ({len(self)}, 2)")

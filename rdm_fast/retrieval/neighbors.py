@@ -101,7 +101,7 @@ def neighbor_files(path: str | Path) -> list[Path]:
         return [path]
     if path.suffix == ".npy":
         return [path, path.with_name(f"{path.stem}_scores.npy")]
-    raise ValueError(f"neighbour output {path} must end in .npz (ids and scores) or .npy (ids; scores beside it)")
+    raise ValueError(f"neighbours file {path} must end in .npz (ids and scores) or .npy (ids; scores beside it)")
 
 
 def database_digest(db: Database) -> str:
