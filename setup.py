@@ -118,7 +118,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rdm_fast", "rdm_fast.*"]) + ["rdm_fast.kernels"],
     package_dir={"rdm_fast.kernels": "kernels"},
-    package_data={"rdm_fast": ["configs/*.yaml", "assets/*"], "rdm_fast.encoders": ["weights/*.safetensors"]},
+    package_data={"rdm_fast": ["configs/*.yaml"], "rdm_fast.encoders": ["weights/*.safetensors"]},
     install_requires=["torch>=2.4", "numpy", "pyyaml", "safetensors", "tqdm", "pillow"],
     # extras are not in install_requires: open-clip-torch pulls an unpinned torchvision, which can replace torch
     extras_require={

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -40,6 +41,12 @@ def setup_logging() -> None:
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("rdm_fast").setLevel(logging.INFO)
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one log line (not the file, line number and source line that warnings prints)."""
+    logging.getLogger("rdm_fast").warning("%s", message)
 
 
 def _one_line(e: BaseException) -> str:

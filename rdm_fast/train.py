@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per process and micro-batch")
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (PyTorch's default)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (PyTorch's default, 0.01)")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--ema-decay", type=float, default=0.9999,
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (this process's GPU, else the CPU), cpu or cuda")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in batch jobs' logs)")
     return p
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -302,6 +303,15 @@ def test_context_length_and_cycling_are_reported(tiny_dir, tmp_path, caplog, tok
     assert (f"holds contexts of {tokens} tokens; the model was trained on a text or query embedding and 1 to 20 "
             "neighbours (default 3)" in caplog.text) == warned
     assert "3 samples from 2 contexts: the contexts are cycled" in caplog.text
+
+
+def test_python_warnings_are_one_log_line(tiny_dir, tmp_path, caplog):
+    """--no-ema on a file with one set of weights warns once, as a log line (no source file and line)."""
+    with warnings.catch_warnings():  # restores the warnings module's state that run() changes
+        assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),
+                   "--out", str(tmp_path), "--steps", "2", "--no-ema") == 0
+    lines = [r for r in caplog.records if "holds one set of UNet weights" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].name == "rdm_fast" and lines[0].levelname == "WARNING"
 
 
 def test_context_length_of_a_query_model(caplog):

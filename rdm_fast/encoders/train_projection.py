@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .._cli import HelpFormatter
 from .._files import atomic_write
 from .offline import (DIM, IMAGE_FEATURES, NAME, PROJECTION_FILE, TEXT_FEATURES, OfflineEncoder, require_packages,
                       resize)
@@ -384,23 +385,28 @@ def _positive(text: str) -> int:
     return value
 
 
+class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default."""
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point; returns the held-out metrics."""
     parser = argparse.ArgumentParser(prog="python -m rdm_fast.encoders.train_projection", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_Formatter)
     parser.add_argument("--out", type=Path, default=PROJECTION_FILE, help="weights file to write (.safetensors)")
     parser.add_argument("--cache", type=Path, default=_default_cache(), help="folder of cached tower features")
     parser.add_argument("--holdout", choices=("test", "val"), default="test",
                         help="test: train on train+val, report test; val: train on train, report val")
     parser.add_argument("--no-clipart", action="store_true", help="train on emoji only")
     parser.add_argument("--views", type=_positive, default=3, help="image views per training emoji (1: canonical only)")
-    parser.add_argument("--epochs", type=_positive, default=10)
-    parser.add_argument("--batch", type=_positive, default=512)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--epochs", type=_positive, default=10, help="passes over the training captions")
+    parser.add_argument("--batch", type=_positive, default=512,
+                        help="caption-image pairs per step (the contrastive loss's negatives)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     parser.add_argument("--dropout", type=float, default=0.5, help="dropout on the image features, in [0, 1)")
     parser.add_argument("--emoji-weight", type=_positive, default=5, help="repeat emoji captions this often per epoch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the views, batches and initialisation")
     args = parser.parse_args(argv)
     if args.out.suffix != ".safetensors":
         parser.error(f"--out must end in .safetensors, got {args.out}")
