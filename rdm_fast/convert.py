@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="unpickle a checkpoint with Python objects (runs code from the file: trusted files only)")
     args = p.parse_args(argv)
     check_out_dir(args.out)
+    log.info("reading %s", args.ckpt)
     if args.to == "official":
         if args.no_ema:
             raise ValueError("--no-ema applies to --to rdm_fast (official checkpoints hold both weights)")
