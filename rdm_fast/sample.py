@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -238,6 +239,8 @@ class DatabaseContexts:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.db:
+        locate_database(args.db)  # a missing database fails now; it is opened after the model
     ckpt_file = None if args.random_init else resolve_file(args.ckpt)  # a training run's newest checkpoint
     cfg = known_config(args, ckpt_file)
     if cfg is not None:
@@ -296,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 x_T = x_T.pin_memory().to(device, non_blocking=True)
             z = model.sample(batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance, x_T=x_T,
                              generator=[seeded_generator(args.seed, STEP_NOISE, i) for i in samples],  # eta > 0 noise
-                             cuda_graph=False if args.no_cuda_graph else None)
+                             cuda_graph=False if args.no_cuda_graph else None,
+                             progress=sys.stderr.isatty())  # a per-step bar in terminals, not in logs
             images_gpu = model.decode(z)
             if start + args.batch_size < n:  # queue the next batch's retrieval before waiting for these images
                 batch = batch_contexts(start + args.batch_size, min(n, start + 2 * args.batch_size))

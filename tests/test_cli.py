@@ -200,6 +200,7 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
     (["--ckpt", "{d}/model", "--context-file", "x.npy", "--steps", "999"], "steps must be between 1 and 500"),
     (["--ckpt", "{d}/model", "--context-file", "x.npy", "--eta", "1.5"], "eta = 1.5 is too large"),
     (["--random-init", "--config", "tiny", "--context-file", "x.npy", "--eta", "2"], "eta = 2 is too large"),
+    (["--ckpt", "{d}/model", "--db", "{d}/nope"], "database directory .*nope does not exist"),
 ])
 def test_bad_options_fail_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, args, message):
     """Option checks come before the model is loaded and the database or context file is read: a checkpoint

@@ -424,7 +424,7 @@ def test_encoder_of_another_width_fails_the_build_not_the_database(tmp_path):
     real = wide.encode_images
     wide.encode_images = lambda images: torch.cat([real(images), real(images)[:, :1]], 1)  # 17 columns
     with pytest.raises(ValueError, match=r"tiny-test returned \(1, 17\) for 1 images; it declares 16-d"):
-        build_database(tmp_path / "db", encoder=wide, images=tmp_path)
+        build_database(tmp_path / "db", encoder=wide, images=tmp_path, workers=0)
     assert not (tmp_path / "db" / "manifest.json").exists() and not list((tmp_path / "db").glob("emb_*"))
-    build_database(tmp_path / "db", encoder=TinyEncoder(), images=tmp_path)  # the rerun embeds everything
+    build_database(tmp_path / "db", encoder=TinyEncoder(), images=tmp_path, workers=0)  # the rerun embeds it all
     assert len(Database.open(tmp_path / "db", device="cpu")) == 1

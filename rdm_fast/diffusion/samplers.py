@@ -84,7 +84,7 @@ def sample_ddim(eps_fn: EpsFn, x: Tensor, coeffs: DDIMCoefficients, *,
                 generator: torch.Generator | Sequence[torch.Generator] | None = None, progress: bool = False) -> Tensor:
     """Run DDIM from x_T through the given coefficients; returns the final latent. ``generator`` (one, or one
     per sample) draws the noise of eta > 0."""
-    for i in tqdm(range(len(coeffs)), desc="DDIM", disable=not progress):
+    for i in tqdm(range(len(coeffs)), desc="DDIM", disable=not progress, leave=False):
         sigma = float(coeffs.sigmas[i])
         eps = eps_fn(x, int(coeffs.timesteps[i]))
         noise = draw_noise(x.shape, generator, x.device, x.dtype) if sigma > 0 else None
@@ -99,7 +99,7 @@ def sample_plms(eps_fn: EpsFn, x: Tensor, coeffs: DDIMCoefficients, *, progress:
         raise ValueError("PLMS is deterministic: use eta = 0")
     history: list[Tensor] = []
     n = len(coeffs)
-    for i in tqdm(range(n), desc="PLMS", disable=not progress):
+    for i in tqdm(range(n), desc="PLMS", disable=not progress, leave=False):
         alpha, alpha_prev = float(coeffs.alphas[i]), float(coeffs.alphas_prev[i])
         eps = eps_fn(x, int(coeffs.timesteps[i]))
         if history:  # Adams-Bashforth over eps and up to three past ones
