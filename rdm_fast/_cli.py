@@ -45,8 +45,13 @@ def setup_logging() -> None:
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A Python warning as one log line (not the file, line number and source line that warnings prints)."""
-    logging.getLogger("rdm_fast").warning("%s", message)
+    """A Python warning as one log line (not the file, line number and source line that warnings prints): ours
+    under "rdm_fast", other libraries' under "py.warnings" with their category, as logging.captureWarnings names
+    them."""
+    if f"{os.sep}rdm_fast{os.sep}" in str(filename):
+        logging.getLogger("rdm_fast").warning("%s", message)
+    else:
+        logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 
 
 def _one_line(e: BaseException) -> str:
@@ -58,10 +63,11 @@ def _one_line(e: BaseException) -> str:
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main`` with INFO logging to stderr; user errors (bad arguments or input files, files that cannot be
     written, an ops mode that cannot run) become ``error: ...`` and exit status 2. Set RDM_FAST_DEBUG=1 to see
-    the traceback instead."""
+    the traceback instead. For a ``__main__``: the logging and warning setup stays for the process."""
     setup_logging()
     try:
-        get_mode()  # a bad $RDM_FAST_OPS fails now, not after the model has loaded
+        if not {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
+            get_mode()  # a bad $RDM_FAST_OPS fails now, not after the model has loaded
         return main(argv)
     except (CLIError, ConfigError, CheckpointError, OSError, ValueError, FastPathUnavailable) as e:
         if os.environ.get("RDM_FAST_DEBUG"):

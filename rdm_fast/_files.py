@@ -69,6 +69,9 @@ def atomic_npy_memmap(target: str | Path, dtype: np.dtype | type, shape: tuple[i
     os.close(fd)
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        if hasattr(os, "posix_fallocate"):  # claim the disk space now: a full disk is an OSError here, not a
+            with open(tmp, "r+b") as f:     # SIGBUS (killed without a message) when a write through the map hits it
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
         yield array
         array.flush()
         os.chmod(tmp, 0o666 & ~_UMASK)

@@ -96,20 +96,24 @@ def load_neighbors(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dic
     if not file.is_file():
         raise FileNotFoundError(f"neighbours file {file} does not exist (make it with python -m rdm_fast.db "
                                 "neighbors RETRIEVAL_DB --queries TRAINING_DB --k K --out FILE)")
+    reading = file
     try:
         if file.suffix == ".npz":
             with np.load(file, allow_pickle=False) as z:
+                if "ids" not in z.files:
+                    raise ValueError(f"{file} is not a neighbours file: it has no 'ids' array")
                 ids = z["ids"]
                 scores = z["scores"] if "scores" in z.files else None
                 digests = {k: str(z[f"{k}_digest"]) for k in DIGEST_KEYS if f"{k}_digest" in z.files}
         else:
             ids = np.load(file, mmap_mode="r", allow_pickle=False)
-            scores = np.load(files[1], mmap_mode="r", allow_pickle=False) if files[1].is_file() else None
+            reading = files[1]
+            scores = np.load(reading, mmap_mode="r", allow_pickle=False) if reading.is_file() else None
             digests = {}
-    except KeyError as e:
-        raise ValueError(f"{file} is not a neighbours file: it has no {e} array") from None
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{file} is not a readable neighbours file ({array_file_problem(file, e)})") from None
+        if str(e).startswith(f"{file} is not a neighbours file"):
+            raise
+        raise ValueError(f"{reading} is not a readable neighbours file ({array_file_problem(reading, e)})") from None
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise ValueError(f"{file} holds {ids.dtype} {ids.shape}; expected (N, K) integer neighbour ids")
     if scores is not None and (scores.shape != ids.shape or scores.dtype.kind != "f"):
@@ -346,10 +350,19 @@ class MomentCache:
             yield moments, readable
         atomic_save_npy(readable_file, readable)
 
-    def unfinished_files(self) -> list[Path]:
-        """Files in the directory besides a manifest: shards of fills that were killed (or one running now)."""
-        return [p for p in self.dir.iterdir() if p.is_file() and p.name != "manifest.json"] if self.dir.is_dir() \
-            else []
+    def unfinished_bytes(self) -> tuple[int, int]:
+        """(count, bytes) of the files besides a manifest: shards of fills that were killed, or of one running now
+        (not the other processes' write probes; files that vanish while listed are skipped)."""
+        count = size = 0
+        for p in self.dir.iterdir() if self.dir.is_dir() else ():
+            if p.name == "manifest.json" or p.name.startswith(".probe."):
+                continue
+            try:
+                size += p.stat().st_size
+                count += 1
+            except FileNotFoundError:
+                pass
+        return count, size
 
     def commit(self, run: str, world: int) -> None:
         """Write the manifest naming the ``world`` shards of ``run`` (all written): the cache is then usable."""
@@ -405,11 +418,10 @@ def cached_moments(directory: str | Path, model: RDM, images: TrainingImages, pr
                                        "first_stage": module_digest(model.first_stage)})
     if cache.manifest() is None:
         cache.check_writable()
-        left = cache.unfinished_files() if procs.main else []
-        if left:
-            size = sum(p.stat().st_size for p in left) / 2**30
-            log.warning("%s holds %d files (%.1f GiB) of unfinished fills, e.g. killed runs: delete them unless "
-                        "another run is filling this cache right now", cache.dir, len(left), size)
+        count, size = cache.unfinished_bytes() if procs.main else (0, 0)
+        if count:
+            log.warning("%s holds files of unfinished fills (%d, %.1f GiB), e.g. of killed runs: delete them unless "
+                        "another run is filling this cache right now", cache.dir, count, size / 2**30)
         run = procs.from_rank0(uuid.uuid4().hex[:12])
         mine = MomentCache.share(len(images), procs.world, procs.rank)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=batch_size,

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = command("neighbors", "training neighbours of every entry and the top-m proposal list")
     n.add_argument("db", help=db_help + " (searched; its proposal ranking is stored in it)")
-    n.add_argument("--queries", help="database of the training set (same encoder; default: DB itself)")
+    n.add_argument("--queries", help="database of the training set, a directory or a name as for DB (same encoder; "
+                                     "default: DB itself)")
     n.add_argument("--k", type=_positive, required=True, help="neighbours per entry")
     n.add_argument("--exclude-self", action="store_true", help="drop each query's own entry (queries = DB)")
     n.add_argument("--dedup-threshold", type=float, help="drop entries more similar to the query than this cosine")
@@ -367,13 +368,13 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         if Path(args.top_m_out).suffix != ".npy":
             raise CLIError(f"--top-m-out {args.top_m_out} must end in .npy")
         _output_file(args.top_m_out, "--top-m-out")
-    if args.exclude_self and args.queries:
-        raise CLIError("--exclude-self applies only when the queries are the database itself (no --queries)")
     if args.dedup_threshold is not None and not -1 <= args.dedup_threshold <= 1:
         raise CLIError(f"--dedup-threshold is a cosine similarity in [-1, 1], got {args.dedup_threshold}")
     device = process_device(args.device)
     db = Database.open(locate_database(args.db), backend=args.backend, device=device)
     queries = Database.open(locate_database(args.queries), backend="torch", device="cpu") if args.queries else None
+    if args.exclude_self and queries is not None and queries.path.resolve() != db.path.resolve():
+        raise CLIError("--exclude-self applies only when the queries are the database itself")
     if queries is not None and len(queries) == 0:
         raise CLIError(f"--queries {args.queries} is empty: no neighbours to compute (the proposal ranking of "
                        f"{args.db} is left as it is)")
@@ -385,7 +386,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     if args.top_m_out:  # before the database's own ranking changes
         atomic_save_npy(args.top_m_out, np.stack([ranked.numpy(), counts.numpy()], 1))
     save_proposals(db.path, ranked.numpy(), counts.numpy(), queries=int(ids.shape[0]), k=args.k,
-                   queries_db=str(Path(args.queries).resolve()) if args.queries else None,
+                   queries_db=str(queries.path.resolve()) if queries is not None else None,
                    exclude_self=args.exclude_self, dedup_threshold=args.dedup_threshold)
     print(f"wrote {ids.shape[0]} x {args.k} neighbours to {', '.join(map(str, written))}; proposal ranking in "
           f"{db.path / PROPOSALS}")

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int,
                    help="sampling steps, 1 to T/2 (default: the config's sampling.steps). As in the reference, "
                         "the timesteps are every T // steps: a count that does not divide T = 1000 runs a few "
-                        "more (7 -> 8), and one whose last timestep would be 1000 (3, 9, 27, ...) is refused")
+                        "more (7 -> 8), and one whose last timestep would be 1000 is refused (where T // steps "
+                        "divides 999: 3, 9, 27, 36, 37, 101-111, 251-333)")
     p.add_argument("--sampler", choices=["ddim", "plms"], help="default: the config's sampling.sampler")
     p.add_argument("--eta", type=float, help="DDIM noise, 0 (deterministic) up to about 1 (the bound depends on "
                                              "--steps) (default: the config's)")
@@ -109,17 +110,17 @@ def check_args(args: argparse.Namespace) -> None:
     check_out_dir(args.out)
 
 
-MAX_TEXT_NEIGHBORS = 20  # the text-capable models were trained with up to 20 neighbours after the text token
+MAX_TEXT_NEIGHBORS = 20  # rdm768's contexts: a text (or query) embedding and up to 20 neighbours
 
 
 def check_context_tokens(tokens: int, cfg: RDMConfig, source: str) -> None:
-    """Warn where a context's length is not one the model was trained with: exactly k_nn (the query and its
-    neighbours) without a text token, 1 + up to 20 neighbours with one."""
-    if cfg.text_token and not 2 <= tokens <= 1 + MAX_TEXT_NEIGHBORS:
-        log.warning("%s holds contexts of %d tokens; the model was trained on a text or query embedding and 1 to "
-                    "%d neighbours (default %d)", source, tokens, MAX_TEXT_NEIGHBORS, cfg.k_nn)
+    """Warn where a context's length is not one the model's conventions allow: exactly k_nn tokens (the query
+    and its neighbours) without a text token; with one (rdm768), the text alone or it and up to 20 neighbours."""
+    if cfg.text_token and tokens > 1 + MAX_TEXT_NEIGHBORS:
+        log.warning("%s holds contexts of %d tokens; this model takes a text or query embedding and up to %d "
+                    "neighbours (its config's default: %d)", source, tokens, MAX_TEXT_NEIGHBORS, cfg.k_nn)
     elif not cfg.text_token and tokens != cfg.k_nn:
-        log.warning("%s holds contexts of %d tokens; the model was trained on %d (the query and %d neighbours)",
+        log.warning("%s holds contexts of %d tokens; this model takes %d (the query and %d neighbours)",
                     source, tokens, cfg.k_nn, cfg.k_nn - 1)
 
 
@@ -275,11 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     earlier = [p for p in out.glob("sample_*.png") if not p.stem[7:].isdigit() or int(p.stem[7:]) >= n]
     if earlier:
-        log.warning("%s already holds %d sample_*.png files beyond this run's %d images (from an earlier run): "
-                    "they are left as they are", out, len(earlier), n)
+        log.warning("%s already holds sample images beyond this run's %d (%d, from an earlier run): they are left "
+                    "as they are", out, n, len(earlier))
     log.info("sampling %d images: %s, %d steps, eta %g, guidance %g, %s on %s", n, sampler,
              len(model.schedule.ddim_timesteps(steps)), eta, guidance, str(dtype).replace("torch.", ""), device)
-    run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file), "config": cfg.to_dict(), "n_samples": n, "steps": steps,
+    run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file),
+                "config": cfg.to_dict(), "n_samples": n, "steps": steps,
                 "timesteps": len(model.schedule.ddim_timesteps(steps)),  # more than steps where they do not divide T
                 "sampler": sampler,
                 "eta": eta, "guidance_scale": guidance, "seed": args.seed, "dtype": str(dtype),

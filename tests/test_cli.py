@@ -86,7 +86,7 @@ def test_sample_grid_shows_the_first_samples_and_run_json_comes_first(tiny_dir, 
     first = np.asarray(Image.open(tmp_path / "sample_00002.png"))
     assert np.array_equal(grid_img[36:68, 2:34], first)  # the third image fills the second row
     assert json.loads((tmp_path / "run.json").read_text())["complete"] is True
-    assert "already holds 1 sample_*.png files beyond this run's 5 images" in caplog.text
+    assert "already holds sample images beyond this run's 5 (1, from an earlier run)" in caplog.text
 
 
 @pytest.mark.parametrize("extra", [["--bf16", "--sampler", "plms"], ["--fp16", "--eta", "1.0"]])
@@ -294,16 +294,33 @@ def test_db_too_small_wrong_dim_and_encoder(tiny_dir, tmp_path, capsys):
     assert "was made by encoder 'test-64' but the model was trained on 'clip-vit-b-32'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tokens,warned", [(4, False), (2, False), (1, True), (22, True)])
+@pytest.mark.parametrize("tokens,warned", [(4, False), (2, False), (1, False), (21, False), (22, True)])
 def test_context_length_and_cycling_are_reported(tiny_dir, tmp_path, caplog, tokens, warned):
-    """The tiny model, like rdm768, takes a text token and 1 to 20 neighbours (trained on 3): other lengths run,
-    with a warning; more samples than contexts cycle them, which is said."""
+    """The tiny model, like rdm768, takes a text token alone or with up to 20 neighbours (its config: 3): longer
+    contexts run, with a warning; more samples than contexts cycle them, which is said."""
     np.save(tmp_path / "c.npy", np.random.default_rng(0).standard_normal((2, tokens, 64)).astype(np.float32))
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tmp_path / "c.npy"), "--out",
                str(tmp_path / "o"), "--steps", "2", "--n-samples", "3") == 0
-    assert (f"holds contexts of {tokens} tokens; the model was trained on a text or query embedding and 1 to 20 "
-            "neighbours (default 3)" in caplog.text) == warned
+    assert (f"holds contexts of {tokens} tokens; this model takes a text or query embedding and up to 20 "
+            "neighbours (its config's default: 3)" in caplog.text) == warned
     assert "3 samples from 2 contexts: the contexts are cycled" in caplog.text
+
+
+def test_help_works_whatever_the_ops_mode(monkeypatch, capsys):
+    monkeypatch.setenv("RDM_FAST_OPS", "bogus")
+    with pytest.raises(SystemExit) as e:
+        cli(sample, "--help")
+    assert e.value.code == 0 and "usage: python -m rdm_fast.sample" in capsys.readouterr().out
+
+
+def test_other_libraries_warnings_keep_their_origin(caplog):
+    """A warning from outside rdm_fast is logged under py.warnings with its category, not as ours."""
+    from rdm_fast._cli import _log_warning
+
+    _log_warning(DeprecationWarning("old API"), DeprecationWarning, "/site-packages/pil/x.py", 3)
+    _log_warning(UserWarning("ours"), UserWarning, "/x/rdm_fast/rdm.py", 9)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("py.warnings", "DeprecationWarning: old API"),
+                                                                  ("rdm_fast", "ours")]
 
 
 def test_python_warnings_are_one_log_line(tiny_dir, tmp_path, caplog):
@@ -320,7 +337,7 @@ def test_context_length_of_a_query_model(caplog):
     cfg = RDMConfig.preset("imagenet")
     for tokens in (4, 5, 2):
         sample.check_context_tokens(tokens, cfg, "c.npy")
-    assert caplog.text.count("the model was trained on 4 (the query and 3 neighbours)") == 2
+    assert caplog.text.count("this model takes 4 (the query and 3 neighbours)") == 2
 
 
 def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch, caplog):

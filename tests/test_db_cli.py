@@ -141,6 +141,10 @@ def test_neighbors_and_proposals(built, tmp_path, capsys):
     assert cli("neighbors", str(work), "--queries", str(built / "db"), "--k", "2", "--out", str(pair),
                "--device", "cpu", "--no-progress") == 0
     assert np.load(pair).shape == (10, 2) and np.load(tmp_path / "nb_scores.npy").dtype == np.float32
+    # the queries may be the database itself given again (so --exclude-self applies); the ranking records its path
+    assert cli("neighbors", str(work), "--queries", str(work), "--exclude-self", "--k", "2", "--out", str(pair),
+               "--device", "cpu", "--no-progress") == 0
+    assert Database.open(work, device="cpu").manifest["proposals"]["queries_db"] == str(work.resolve())
 
 
 def test_import_npz_cli(tmp_path, capsys):
@@ -308,7 +312,7 @@ def test_replacing_an_index_removes_the_old_file(random_db):
     pytest.importorskip("faiss")
     _, path = random_db
     assert cli("index", str(path), "--kind", "flat", "--no-progress") == 0
-    killed = [path / ".index.hnsw.tmp", path / "..index.hnsw.tmp.k1ll.tmp"]  # what a killed build leaves
+    killed = [path / ".index.hnsw.tmp", path / "..index.hnsw.tmp.k1ll.tmp", path / ".index.auto.tmp"]  # killed builds
     for f in killed:
         f.write_bytes(b"partial index")
     assert cli("index", str(path), "--kind", "hnsw", "--param", "M=8", "--no-progress") == 0

@@ -48,3 +48,23 @@ def test_remove_stale_temps_of_named_targets_only(tmp_path):
         (tmp_path / name).write_bytes(b"half")
     assert remove_stale_temps(tmp_path, ["model.safetensors", "config.json"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.safetensorsX.d4.tmp", ".other.c3.tmp"]
+
+
+def test_memmap_claims_its_disk_space_first(tmp_path, monkeypatch):
+    """The space is allocated before any write through the map: a full disk is an OSError raised at the start
+    (where a write through the map would get SIGBUS), and no temporary file is left."""
+    import errno
+    import os
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this platform")
+    claimed = []
+
+    def full(fd, offset, length):
+        claimed.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space left"), atomic_npy_memmap(tmp_path / "m.npy", np.float16, (1000, 8)):
+        raise AssertionError("the block ran on unclaimed space")
+    assert claimed and claimed[0] >= 1000 * 8 * 2 and list(tmp_path.iterdir()) == []

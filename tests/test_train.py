@@ -250,6 +250,22 @@ def test_training_contexts_errors(setup, tmp_path):
         TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "self.npz")
 
 
+def test_bad_neighbours_files_name_the_file_and_the_problem(tmp_path):
+    from rdm_fast.data import load_neighbors
+
+    np.savez(tmp_path / "a.npz", scores=np.zeros((2, 3), np.float32))
+    (tmp_path / "b.npz").write_bytes(b"\x00" * 64)
+    np.save(tmp_path / "c.npy", np.zeros((2, 3), np.int64))
+    (tmp_path / "c_scores.npy").write_text("not an array")
+    for name, message in (("a.npz", "a.npz is not a neighbours file: it has no 'ids' array"),
+                          ("b.npz", "b.npz is not a readable neighbours file (not a NumPy .npy or .npz file)"),
+                          ("c.npy", "c_scores.npy is not a readable neighbours file (not a NumPy .npy or .npz "
+                                    "file)")):
+        with pytest.raises(ValueError) as e:
+            load_neighbors(tmp_path / name)
+        assert message in str(e.value), str(e.value)
+
+
 def test_training_contexts_refuse_neighbours_of_another_database(setup, tmp_path):
     """Neighbours of another database of the same size pass the count, range and self checks: the stored scores
     (and, where the file records them, the databases' digests) give them away."""
@@ -583,7 +599,7 @@ def test_interrupted_cache_fill_leaves_no_shard(setup, tmp_path, monkeypatch, ca
     monkeypatch.setattr(RDM, "encode_moments", real)
     (cache / "moments_killed_0.npy").write_bytes(b"\0" * 1000)
     assert train.main(_fresh(setup, tmp_path / "run2", "--latents", str(cache), steps=1)) == 0
-    assert "holds 1 files" in caplog.text and (cache / "moments_killed_0.npy").exists()
+    assert "holds files of unfinished fills (1, 0.0 GiB)" in caplog.text and (cache / "moments_killed_0.npy").exists()
     assert TrainingMoments(MomentCache(cache, {})).readable().all()
 
 

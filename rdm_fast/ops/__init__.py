@@ -28,7 +28,8 @@ def available_backends() -> dict[str, bool]:
     }
 
 
-__all__ = ["MAX_THIN_CHANNELS", "FastPathUnavailable", "add_bias", "add_bias_reference", "add_layer_norm", "add_layer_norm_reference",
+__all__ = ["MAX_THIN_CHANNELS", "FastPathUnavailable",
+           "add_bias", "add_bias_reference", "add_layer_norm", "add_layer_norm_reference",
            "attention", "attention_reference", "available_backends", "conv3x3", "conv3x3_reference",
            "cross_attention", "cross_attention_reference", "ddim_guided_step", "geglu", "geglu_reference", "get_mode",
            "group_norm", "group_norm_reference", "layer_norm", "layer_norm_reference", "plms_guided_step",

@@ -566,15 +566,17 @@ def save_proposals(directory: str | Path, ids: np.ndarray, counts: np.ndarray, *
 def add_index(directory: str | Path, kind: str = "auto", *, train_size: int | None = None, seed: int = 0,
               progress: bool = True, **params: Any) -> dict:
     """Build a FAISS index over the database's shards, store it beside them and record it in the manifest."""
-    from .faiss_index import build_index
+    from .faiss_index import INDEX_KINDS, build_index
 
     directory = Path(directory)
     db = Database.open(directory, backend="torch", device="cpu")
     if len(db) == 0:
         raise ValueError(f"database {directory} is empty: nothing to index")
+    stale = [directory / f".index.{k}.tmp" for k in ("auto", *INDEX_KINDS)]  # what killed builds left (gigabytes)
+    for file in stale:
+        file.unlink(missing_ok=True)
+    remove_stale_temps(directory, [file.name for file in stale])
     tmp = directory / f".index.{kind}.tmp"
-    tmp.unlink(missing_ok=True)  # what a killed build left (gigabytes, for a large index)
-    remove_stale_temps(directory, [tmp.name])
     try:
         info = build_index(db.shard_arrays, kind, out=tmp, train_size=train_size, seed=seed, progress=progress,
                            **params)
