@@ -103,6 +103,9 @@ def resolve_file(path: str | Path) -> Path:
     if not path.is_dir():
         return path
     if (path / WEIGHTS_FILE).is_file():
+        others = sorted(p.name for p in path.glob("*.ckpt"))
+        if others:
+            log.info("%s: loading %s (not %s)", path, WEIGHTS_FILE, ", ".join(others))
         return path / WEIGHTS_FILE
     newest = newest_run_checkpoint(path)
     if newest is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -340,3 +341,11 @@ def test_edited_config_json_is_reported_not_used(tmp_path, caplog):
     (tmp_path / ckpt.CONFIG_FILE).write_text("{")
     RDM.from_pretrained(tmp_path)
     assert "config.json is unreadable" in caplog.text
+
+
+def test_directory_with_both_formats_says_which_loads(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="rdm_fast")
+    RDM.from_config("tiny").save_pretrained(tmp_path)
+    (tmp_path / "model.ckpt").write_bytes(b"an official checkpoint beside it")
+    RDM.from_pretrained(tmp_path)
+    assert "loading model.safetensors (not model.ckpt)" in caplog.text
