@@ -188,6 +188,15 @@ def test_resume_after_failure_is_byte_identical(image_dir, tmp_path):
     assert files_of(out) == files_of(full)
     with pytest.raises(ValueError, match=r"different arguments \(they differ in: seed\)"):
         build_database(out, encoder=TinyEncoder(), **{**kw, "seed": 3})
+    import rdm_fast.retrieval.build as build_module
+
+    def never(*a, **k):
+        raise AssertionError("built the encoder")
+
+    with pytest.MonkeyPatch.context() as m:  # a named encoder is built only after the arguments are found equal
+        m.setattr(build_module, "resolve_encoder", never)
+        with pytest.raises(ValueError, match=r"different arguments \(they differ in: encoder_spec, seed\)"):
+            build_database(out, encoder="clip-vit-b-32", **{**kw, "seed": 3})
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(ValueError, match="not empty and holds no resumable build"):

@@ -221,6 +221,24 @@ class ShardedBuild:
         self.config = json.loads(json.dumps(config))  # as it reads back from JSON
         self.progress = self.out / PROGRESS
 
+    @staticmethod
+    def check_arguments(out: Path, config: dict, *, partial: bool = False) -> None:
+        """ValueError where ``out`` holds a build whose recorded arguments differ from ``config`` (``partial``:
+        compare only the keys ``config`` has, those known before a slow setup such as building the encoder)."""
+        config_file = out / PROGRESS / "config.json"
+        if not config_file.is_file():
+            return
+        try:
+            previous = json.loads(config_file.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{config_file} is corrupted: delete {out} and build again") from None
+        config = json.loads(json.dumps(config))  # as it reads back from JSON
+        names = set(config) if partial else set(previous) | set(config)
+        keys = sorted(k for k in names if previous.get(k) != config.get(k))
+        if keys:
+            raise ValueError(f"{out} holds a build made with different arguments (they differ in: "
+                             f"{', '.join(keys)}); rerun with the same arguments or choose a new --out")
+
     def prepare(self) -> bool:
         """Check ``out`` (empty, or a build with the same arguments), record the arguments, delete temporary
         files of killed writers. Returns True when the database is already complete. Rank 0 only."""
@@ -228,14 +246,7 @@ class ShardedBuild:
             raise ValueError(f"--out {self.out} is a file, not a directory")
         config_file = self.progress / "config.json"
         if config_file.is_file():
-            try:
-                previous = json.loads(config_file.read_text())
-            except json.JSONDecodeError:
-                raise ValueError(f"{config_file} is corrupted: delete {self.out} and build again") from None
-            if previous != self.config:
-                keys = sorted(k for k in set(previous) | set(self.config) if previous.get(k) != self.config.get(k))
-                raise ValueError(f"{self.out} holds a build made with different arguments (they differ in: "
-                                 f"{', '.join(keys)}); rerun with the same arguments or choose a new --out")
+            self.check_arguments(self.out, self.config)
         elif self.out.is_dir() and any(self.out.iterdir()):
             raise ValueError(f"--out {self.out} is not empty and holds no resumable build: choose a new directory")
         self.progress.mkdir(parents=True, exist_ok=True)
@@ -380,12 +391,10 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     files = [root / s for s in sources]
 
     dev = process_device(device)
-    spec = encoder if isinstance(encoder, str) else None
-    enc = resolve_encoder(encoder, device=dev, checkpoint=encoder_checkpoint) if isinstance(encoder, str) else encoder
     files_per_shard = max(1, shard_size // crops_per_image)
     n_shards = -(-len(files) // files_per_shard)
     checkpoint = Path(encoder_checkpoint).resolve() if encoder_checkpoint else None
-    config = {"kind": "images", "encoder": enc.info(), "encoder_spec": spec or enc.name,
+    config = {"kind": "images", "encoder_spec": encoder if isinstance(encoder, str) else encoder.name,
               "encoder_checkpoint": str(checkpoint) if checkpoint else None,
               "encoder_checkpoint_bytes": checkpoint.stat().st_size if checkpoint else None,
               "inputs": str(inputs), "n_inputs": len(sources),
@@ -393,6 +402,9 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
               "crop": crop, "crop_size": crop_size, "crops_per_image": crops_per_image, "shard_size": shard_size,
               "files_per_shard": files_per_shard, "class_from_folder": class_from_folder, "seed": seed}
     out = Path(out)
+    ShardedBuild.check_arguments(out, config, partial=True)  # before the encoder is built (seconds to minutes)
+    enc = resolve_encoder(encoder, device=dev, checkpoint=encoder_checkpoint) if isinstance(encoder, str) else encoder
+    config["encoder"] = enc.info()
 
     def compute(pending: list[int], state: ShardedBuild, procs: Processes) -> None:
         todo = sum(min(len(files), (j + 1) * files_per_shard) - j * files_per_shard for j in pending)
