@@ -18,7 +18,7 @@ from .diffusion import Schedule, guided, sample_ddim, sample_plms
 from .diffusion.samplers import draw_noise
 from .diffusion.graphs import GraphCache
 from .models import Autoencoder, UNet
-from .models.layers import official_names
+from .models.layers import official_names, refresh_cached
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,7 @@ class RDM(nn.Module):
         wants_nhwc = channels_last if channels_last is not None else self.device.type == "cuda"
         if wants_nhwc and self.unet.input_conv.weight.is_contiguous():  # not converted yet (3x3: formats differ)
             self.unet.to(memory_format=torch.channels_last)
+        refresh_cached(self.unet)  # weights may have been written through .data since the last call
         context = context.to(self.device)
         b = context.shape[0]
         h, w = size or (self.config.image_size, self.config.image_size)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rdm_fast.encoders import Encoder, register_encoder
+from rdm_fast.encoders import Encoder, embed_texts, register_encoder
 
 
 class TinyEncoder(Encoder):
@@ -289,7 +289,9 @@ def test_search_images_and_text_use_the_encoder(db_dir):
     ref = db.search(enc.encode_images(images), 4)
     torch.testing.assert_close(scores, ref[0])
     assert torch.equal(ids, ref[1])
-    scores, ids = db.search_text(enc, "a red bird", 4)
+    with pytest.raises(TypeError, match="got a single str"):
+        embed_texts(enc, "a red bird")  # not five one-letter captions
+    scores, ids = db.search_text(enc, "a red bird", 4)  # search_text takes one caption as a str
     ref = db.search(enc.encode_text(["a red bird"]), 4)
     assert torch.equal(ids, ref[1])
 

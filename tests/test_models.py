@@ -441,3 +441,19 @@ def test_channels_last_network_returns_contiguous_eps():
             ref = guided(model.unet, ctx, 2.0, prepare=model.unet.prepare_context)(x, 500)
     assert eps.is_contiguous() and eps.dtype == x.dtype
     torch.testing.assert_close(eps, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_sees_weights_written_through_data():
+    """Writes through .data (the reference's EMA copy style) bypass the version counter that the inference caches
+    (fused qkv, float32 norms, timestep adds, ...) check; sample recomputes them, so both models draw the same."""
+    torch.manual_seed(0)
+    a, b = RDM.from_config("tiny"), RDM.from_config("tiny")
+    with torch.no_grad():
+        for p in [*a.parameters(), *b.parameters()]:
+            p.add_(torch.randn_like(p) * 0.05)
+    ctx, x_T = torch.randn(2, 4, 64), torch.randn(2, 4, 16, 16)
+    a.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0)  # fills a's caches from its own weights
+    for p, q in zip(a.unet.parameters(), b.unet.parameters(), strict=True):
+        p.data.copy_(q.data)
+    assert torch.equal(a.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0),
+                       b.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0))

@@ -79,8 +79,8 @@ def embed_images(encoder: Encoder, images: Tensor) -> Tensor:
 
 
 def embed_texts(encoder: Encoder, texts: Sequence[str]) -> Tensor:
-    """``encoder.encode_text(texts)``, checked as :func:`embed_images`."""
-    texts = list(texts)
+    """``encoder.encode_text(texts)``, checked as :func:`embed_images` (a bare str is refused: it is no list)."""
+    texts = encoder.check_texts(texts)
     return _checked(encoder, encoder.encode_text(texts), len(texts), "captions")
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from .. import ops
 from .._layout import copy_into_blocks
@@ -76,7 +77,9 @@ def is_channels_last(t: Tensor) -> bool:
 def cached(module: nn.Module, name: str, fn: Callable[..., Any], *weights: Tensor) -> Any:
     """``fn(*weights)`` for inference, computed once and rebuilt only when one of ``weights`` changes (dtype or
     device moves, loading, optimiser steps); under autograd it is computed afresh so that gradients flow, and
-    under torch.compile too (the compiler folds it; storage pointers would break its graph)."""
+    under torch.compile too (the compiler folds it; storage pointers would break its graph). Writes through
+    ``.data`` change a weight without the version bump this sees: :func:`refresh_cached` recomputes after them
+    (``RDM.sample`` does so at every call)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return fn(*weights)
     # inference tensors (made under torch.inference_mode) keep no version counter; they cannot be updated in
@@ -84,8 +87,21 @@ def cached(module: nn.Module, name: str, fn: Callable[..., Any], *weights: Tenso
     key = tuple((w.data_ptr(), None if w.is_inference() else w._version, w.dtype) for w in weights)
     store = module.__dict__.setdefault("_cached", {})
     if name not in store or store[name][0] != key:
-        store[name] = (key, fn(*weights))
+        store[name] = (key, fn(*weights), fn, weights)
     return store[name][1]
+
+
+@torch.no_grad()
+def refresh_cached(root: nn.Module) -> None:
+    """Recompute every value :func:`cached` holds under ``root`` from its weights' current values, in place (a
+    CUDA graph that reads the cached tensors stays valid): for weights written through ``.data``, as EMA copies in
+    the reference code's style do, which the cache's version check cannot see."""
+    for m in root.modules():
+        for key, value, fn, weights in m.__dict__.get("_cached", {}).values():
+            fresh = fn(*weights)
+            for old, new in zip(tree_leaves(value), tree_leaves(fresh), strict=True):
+                if isinstance(old, Tensor):
+                    old.copy_(new)
 
 
 def nhwc(x: Tensor) -> Tensor:
