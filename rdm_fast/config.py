@@ -168,6 +168,7 @@ class SamplingDefaults:
         return cls(**_take(cls, params, "model.params.sampling", ignored=set(), fixed={}))
 
 
+MAX_TEXT_NEIGHBORS = 20  # rdm768's contexts: a text (or query) embedding and up to 20 neighbours
 KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
 VQ_TARGET = "ldm.models.autoencoder.VQModelInterface"
 
@@ -267,6 +268,17 @@ class RDMConfig:
     @property
     def context_dim(self) -> int:
         return self.unet_config.context_dim
+
+    def context_length_problem(self, tokens: int) -> str | None:
+        """How a context of ``tokens`` embeddings per sample departs from this model's conventions (None where it
+        does not): exactly k_nn without a text token (the query and its neighbours); with one (rdm768), the text
+        alone or it and up to 20 neighbours."""
+        if self.text_token and tokens > 1 + MAX_TEXT_NEIGHBORS:
+            return (f"this model takes a text or query embedding and up to {MAX_TEXT_NEIGHBORS} neighbours (its "
+                    f"config's default: {self.k_nn})")
+        if not self.text_token and tokens != self.k_nn:
+            return f"this model takes {self.k_nn} (the query and {self.k_nn - 1} neighbours)"
+        return None
 
     @property
     def context_tokens(self) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
@@ -21,6 +23,16 @@ from .models import Autoencoder, UNet
 from .models.layers import official_names, refresh_cached
 
 log = logging.getLogger(__name__)
+
+
+def _check_generator(generator: Any, batch: int) -> None:
+    """TypeError/ValueError unless ``generator`` is None, a torch.Generator or a sequence of one per sample."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, Sequence) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of one per sample, got {generator!r}")
+    if len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for {batch} samples: give one per sample")
 
 
 class RDM(nn.Module):
@@ -63,7 +75,8 @@ class RDM(nn.Module):
         ``use_ema=False`` takes the UNet's raw weights: an official file's ``model.diffusion_model.*``, or the
         ``train_weights.safetensors`` beside a training checkpoint of ``python -m rdm_fast.train`` (whose
         ``model.safetensors`` holds the EMA UNet); other rdm_fast files hold one set of weights (a warning says so).
-        ``allow_pickle`` permits full unpickling of trusted torch files (weights_only=False).
+        ``allow_pickle`` permits full unpickling of trusted torch files (weights_only=False). ``device`` and
+        ``dtype`` (default: the CPU, float32, whatever precision the file stores) are where and how the model runs.
         """
         path = ckpt.resolve_file(path)
         state, metadata = ckpt.read_state_dict(path, allow_pickle=allow_pickle)
@@ -167,6 +180,7 @@ class RDM(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     def check_context(self, context: Tensor) -> None:
+        """ValueError unless ``context`` is (B >= 1, k >= 1, context_dim) floats."""
         d = self.config.context_dim
         if context.dim() != 3:
             raise ValueError(f"context must be (B, k, {d}): B samples, k embeddings each; got {tuple(context.shape)}")
@@ -175,15 +189,24 @@ class RDM(nn.Module):
                              "(context_dim): use embeddings from the model's retrieval encoder")
         if context.shape[1] < 1:
             raise ValueError("context must hold at least one embedding per sample")
+        if context.shape[0] < 1:
+            raise ValueError("context holds no samples (batch of 0)")
+        if not context.is_floating_point():
+            raise ValueError(f"context must hold floats, got {context.dtype}")
 
     @torch.no_grad()
-    def sample(self, context: Tensor, steps: int = 50, sampler: Literal["ddim", "plms"] = "ddim", eta: float = 0.0,
-               guidance_scale: float = 1.0, x_T: Tensor | None = None,
+    def sample(self, context: Tensor, steps: int | None = None, sampler: Literal["ddim", "plms"] | None = None,
+               eta: float | None = None, guidance_scale: float | None = None, x_T: Tensor | None = None,
                generator: torch.Generator | Sequence[torch.Generator] | None = None,
                size: tuple[int, int] | None = None, progress: bool = False,
                cuda_graph: bool | None = None, channels_last: bool | None = None) -> Tensor:
         """Draw latents (B, C, H, W), fp32, from noise conditioned on ``context`` (B, k, D).
 
+        ``context``: the embeddings laid out as the model was trained (``rdm_fast.retrieval.model_context`` builds
+        them from a database); L2-normalised here where the config says ``normalized_embeddings``, as the command
+        line does; a length the model's conventions do not allow is warned about. ``steps``, ``sampler``, ``eta``
+        and ``guidance_scale`` default to the config's ``sampling`` section. As in the reference, DDIM's
+        timesteps are every T // steps from t = 1, so few steps start mid-schedule (steps=2: t = 501, 1).
         ``eta``: DDIM noise, 0 (deterministic) up to a bound >= 1 that depends on the schedule and ``steps``
         (ValueError beyond it, see :meth:`Schedule.ddim`). Classifier-free guidance with ``guidance_scale != 1``
         contrasts against an all-zero context. ``x_T`` fixes the starting noise; otherwise it is drawn from
@@ -201,6 +224,24 @@ class RDM(nn.Module):
         maps (no layout copies).
         """
         self.check_context(context)
+        defaults = self.config.sampling
+        steps = defaults.steps if steps is None else steps
+        sampler = defaults.sampler if sampler is None else sampler
+        eta = defaults.eta if eta is None else eta
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps must be an int, got {steps!r}")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2
+                                     and all(isinstance(v, int) and v > 0 for v in size)):
+            raise ValueError(f"size must be (H, W), two positive ints, got {size!r}")
+        _check_generator(generator, context.shape[0])
+        problem = self.config.context_length_problem(context.shape[1])
+        if problem:
+            log.warning("the context holds %d embeddings per sample; %s", context.shape[1], problem)
+        if self.config.normalized_embeddings:
+            context = F.normalize(context.float(), dim=-1)
         if sampler not in ("ddim", "plms"):
             raise ValueError(f"sampler must be 'ddim' or 'plms', got {sampler!r}")
         if sampler == "plms" and eta != 0:

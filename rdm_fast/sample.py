@@ -20,7 +20,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import RDM
@@ -108,20 +107,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.random_init and not args.config:
         raise CLIError("--random-init needs --config (a preset name or config.yaml)")
     check_out_dir(args.out)
-
-
-MAX_TEXT_NEIGHBORS = 20  # rdm768's contexts: a text (or query) embedding and up to 20 neighbours
-
-
-def check_context_tokens(tokens: int, cfg: RDMConfig, source: str) -> None:
-    """Warn where a context's length is not one the model's conventions allow: exactly k_nn tokens (the query
-    and its neighbours) without a text token; with one (rdm768), the text alone or it and up to 20 neighbours."""
-    if cfg.text_token and tokens > 1 + MAX_TEXT_NEIGHBORS:
-        log.warning("%s holds contexts of %d tokens; this model takes a text or query embedding and up to %d "
-                    "neighbours (its config's default: %d)", source, tokens, MAX_TEXT_NEIGHBORS, cfg.k_nn)
-    elif not cfg.text_token and tokens != cfg.k_nn:
-        log.warning("%s holds contexts of %d tokens; this model takes %d (the query and %d neighbours)",
-                    source, tokens, cfg.k_nn, cfg.k_nn - 1)
 
 
 def known_config(args: argparse.Namespace, ckpt_file: Path | None) -> RDMConfig | None:
@@ -257,13 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if contexts is None:
             contexts = read_context_file(args.context_file, cfg.context_dim)
         n = args.n_samples or contexts.shape[0]
-        check_context_tokens(contexts.shape[1], cfg, args.context_file)
+        problem = cfg.context_length_problem(contexts.shape[1])
+        if problem:
+            log.warning("%s holds contexts of %d tokens; %s", args.context_file, contexts.shape[1], problem)
         if n > contexts.shape[0]:
             log.info("%d samples from %d contexts: the contexts are cycled (sample i gets context i mod %d)", n,
                      contexts.shape[0], contexts.shape[0])
         contexts = contexts[torch.arange(n) % contexts.shape[0]]
-        if cfg.normalized_embeddings:
-            contexts = F.normalize(contexts, dim=-1)
         batch_contexts = lambda start, stop: contexts[start:stop].to(device)  # noqa: E731
     else:
         try:

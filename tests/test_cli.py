@@ -332,12 +332,14 @@ def test_python_warnings_are_one_log_line(tiny_dir, tmp_path, caplog):
     assert len(lines) == 1 and lines[0].name == "rdm_fast" and lines[0].levelname == "WARNING"
 
 
-def test_context_length_of_a_query_model(caplog):
-    """imagenet's contexts are the query and 3 neighbours, exactly 4 tokens."""
-    cfg = RDMConfig.preset("imagenet")
-    for tokens in (4, 5, 2):
-        sample.check_context_tokens(tokens, cfg, "c.npy")
-    assert caplog.text.count("this model takes 4 (the query and 3 neighbours)") == 2
+def test_context_length_conventions():
+    """imagenet's contexts are the query and 3 neighbours, exactly 4 tokens; rdm768's a text token alone or with
+    up to 20 neighbours."""
+    imagenet, rdm768 = RDMConfig.preset("imagenet"), RDMConfig.preset("rdm768")
+    assert [imagenet.context_length_problem(n) for n in (4, 5, 2)] == [
+        None, "this model takes 4 (the query and 3 neighbours)", "this model takes 4 (the query and 3 neighbours)"]
+    assert [rdm768.context_length_problem(n) for n in (1, 11, 21)] == [None] * 3
+    assert "up to 20 neighbours (its config's default: 10)" in rdm768.context_length_problem(22)
 
 
 def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch, caplog):

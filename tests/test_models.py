@@ -457,3 +457,39 @@ def test_sample_sees_weights_written_through_data():
         p.data.copy_(q.data)
     assert torch.equal(a.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0),
                        b.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0))
+
+
+def test_sample_follows_the_config_conventions(caplog):
+    """Defaults from the config's sampling section (tiny: DDIM, 20 steps, eta 0, guidance 2); contexts L2-normalised
+    where the config says so (tiny, like rdm768); a context length outside the conventions is warned about."""
+    torch.manual_seed(0)
+    model = RDM.from_config("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ctx, x_T = torch.randn(2, 4, 64), torch.randn(2, 4, 16, 16)
+    s = model.config.sampling
+    assert (s.steps, s.sampler, s.eta, s.guidance_scale) == (20, "ddim", 0.0, 2.0)
+    explicit = model.sample(ctx, steps=20, sampler="ddim", eta=0.0, guidance_scale=2.0, x_T=x_T)
+    assert torch.equal(model.sample(ctx, x_T=x_T), explicit)
+    torch.testing.assert_close(model.sample(ctx * 3.7, x_T=x_T), explicit, rtol=1e-3, atol=2e-4)  # rounding only
+    assert "embeddings per sample" not in caplog.text
+    model.sample(torch.randn(1, 22, 64), steps=1)
+    assert "the context holds 22 embeddings per sample; this model takes a text or query embedding" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"steps": 2.5}, TypeError, "steps must be an int"),
+    ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be finite"),
+    ({"generator": 0}, TypeError, "generator must be a torch.Generator or a list"),
+    ({"generator": [torch.Generator(), None]}, TypeError, "generator must be a torch.Generator or a list"),
+    ({"generator": [torch.Generator()], "x_T": torch.zeros(2, 4, 16, 16)}, ValueError, "1 generators for 2 samples"),
+    ({"size": 8}, ValueError, r"size must be \(H, W\), two positive ints"),
+    ({"size": (0, 0)}, ValueError, r"size must be \(H, W\), two positive ints"),
+    ({"context": torch.zeros(0, 4, 64)}, ValueError, r"context holds no samples"),
+])
+def test_sample_argument_errors(kwargs, error, message):
+    model = RDM.from_config("tiny")
+    kwargs = {"context": torch.randn(2, 4, 64), "steps": 2, **kwargs}
+    with pytest.raises(error, match=message):
+        model.sample(**kwargs)

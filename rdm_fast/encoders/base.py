@@ -80,7 +80,9 @@ def embed_images(encoder: Encoder, images: Tensor) -> Tensor:
 
 def embed_texts(encoder: Encoder, texts: Sequence[str]) -> Tensor:
     """``encoder.encode_text(texts)``, checked as :func:`embed_images` (a bare str is refused: it is no list)."""
-    texts = encoder.check_texts(texts)
+    if isinstance(texts, str):
+        raise TypeError(f"{encoder.name}: expected a list of captions, got a single str (wrap it in a list)")
+    texts = list(texts)
     return _checked(encoder, encoder.encode_text(texts), len(texts), "captions")
 
 
