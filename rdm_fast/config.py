@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +35,41 @@ class ConfigError(ValueError):
     """A configuration that rdm_fast cannot build."""
 
 
+def _checked_value(name: str, value: Any, annotation: str) -> Any:
+    """``value`` if it has the field's simple type (int, float, bool, str, tuple[int, ...], optionally None; a
+    float written as a string, as YAML reads ``1e-4``, is converted); ConfigError naming the field otherwise.
+    Other annotations (nested configs, Literal) are left to the classes' own checks."""
+    allowed = [t.strip() for t in annotation.split("|")]
+    if value is None and "None" in allowed:
+        return value
+    for t in allowed:
+        if t == "float" and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if t in ("int", "float", "bool", "str"):
+            kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}[t]
+            if isinstance(value, kinds) and (t == "bool" or not isinstance(value, bool)):
+                return float(value) if t == "float" else value
+        elif t == "tuple[int, ...]":
+            if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                          for v in value):
+                return value
+        elif t != "None":
+            return value
+    raise ConfigError(f"{name} = {value!r} must be {annotation}")
+
+
 def _take(cls: type, params: dict[str, Any], where: str, *, ignored: set[str],
           fixed: dict[str, Any]) -> dict[str, Any]:
     """Split ``params`` into the dataclass fields of ``cls``; check fixed-value and unknown keys."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
     out: dict[str, Any] = {}
     unknown = []
     for key, value in params.items():
-        if key in names:
-            out[key] = value
+        if key in types:
+            out[key] = _checked_value(f"{where}.{key}", value, str(types[key]))
         elif key in fixed:
             if value != fixed[key]:
                 raise ConfigError(f"{where}.{key} = {value!r} is not supported (the released RDMs use "
@@ -163,6 +190,16 @@ class SamplingDefaults:
     eta: float = 0.0
     guidance_scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"sampling.steps must be at least 1, got {self.steps}")
+        if self.sampler not in ("ddim", "plms"):
+            raise ConfigError(f"sampling.sampler must be 'ddim' or 'plms', got {self.sampler!r}")
+        if not (math.isfinite(self.eta) and self.eta >= 0) or (self.sampler == "plms" and self.eta != 0):
+            raise ConfigError(f"sampling.eta must be >= 0 (0 for plms), got {self.eta}")
+        if not math.isfinite(self.guidance_scale):
+            raise ConfigError(f"sampling.guidance_scale must be finite, got {self.guidance_scale}")
+
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "SamplingDefaults":
         return cls(**_take(cls, params, "model.params.sampling", ignored=set(), fixed={}))
@@ -264,6 +301,17 @@ class RDMConfig:
         if self.first_stage_config.embed_dim != self.channels:
             raise ConfigError(f"channels = {self.channels} but first_stage_config.embed_dim = "
                               f"{self.first_stage_config.embed_dim}")
+        if self.unet_config.out_channels != self.channels:
+            raise ConfigError(f"channels = {self.channels} but unet_config.out_channels = "
+                              f"{self.unet_config.out_channels} (the UNet predicts eps of the latent's shape)")
+        if self.timesteps < 2 or not (0 < self.linear_start < 1 and 0 < self.linear_end < 1):
+            raise ConfigError(f"the schedule needs timesteps >= 2 and linear_start, linear_end in (0, 1), got "
+                              f"{self.timesteps}, {self.linear_start}, {self.linear_end}")
+        for name in ("image_size", "k_nn"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.scale_factor) and self.scale_factor > 0):
+            raise ConfigError(f"scale_factor must be positive, got {self.scale_factor}")
 
     @property
     def context_dim(self) -> int:

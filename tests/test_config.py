@@ -124,10 +124,26 @@ def edited(**changes) -> dict:
     (dict(beta_schedule="cosine"), "beta_schedule 'cosine'"),
     (dict(channels=4), "channels = 4 but unet_config.in_channels = 16"),
     (dict(unet_config__model_channels=100), "not divisible by the 32 GroupNorm groups"),
+    (dict(image_size="16"), r"model.params.image_size = '16' must be int"),
+    (dict(unet_config__context_dim=768.5), r"unet_config.params.context_dim = 768.5 must be int"),
+    (dict(text_token="yes"), r"model.params.text_token = 'yes' must be bool"),
+    (dict(timesteps=0), "the schedule needs timesteps >= 2"),
+    (dict(linear_end=2.0), r"linear_start, linear_end in \(0, 1\)"),
+    (dict(scale_factor=0), "scale_factor must be positive"),
+    (dict(k_nn=0), "k_nn must be at least 1"),
+    (dict(unet_config__out_channels=3), "channels = 16 but unet_config.out_channels = 3"),
+    (dict(sampling={"sampler": "euler"}), "sampling.sampler must be 'ddim' or 'plms'"),
+    (dict(sampling={"eta": 5, "sampler": "plms"}), r"sampling.eta must be >= 0 \(0 for plms\)"),
+    (dict(sampling={"steps": "fifty"}), "sampling.steps = 'fifty' must be int"),
 ])
 def test_unsupported_configs_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
         RDMConfig.from_dict(edited(**change))
+
+
+def test_floats_written_as_yaml_strings_are_read():
+    """YAML 1.1 reads an exponent without a dot (1e-2) as a string; float fields take it as the number."""
+    assert RDMConfig.from_dict(edited(linear_end="1e-2", scale_factor=1)).linear_end == 0.01
 
 
 def test_missing_and_unknown_keys():

@@ -100,8 +100,8 @@ def refresh_cached(root: nn.Module) -> None:
         for key, value, fn, weights in m.__dict__.get("_cached", {}).values():
             fresh = fn(*weights)
             for old, new in zip(tree_leaves(value), tree_leaves(fresh), strict=True):
-                if isinstance(old, Tensor):
-                    old.copy_(new)
+                if isinstance(old, Tensor) and old.data_ptr() != new.data_ptr():  # not a weight itself (w.float()
+                    old.copy_(new)                                               # of a float32 w): no version bump
 
 
 def nhwc(x: Tensor) -> Tensor:
