@@ -147,12 +147,14 @@ class RDM(nn.Module):
         return self.unet.input_conv.weight.dtype
 
     # ------------------------------------------------------------------ autoencoder
-    def encode(self, images: Tensor, *, sample: bool = True, generator: torch.Generator | None = None,
+    def encode(self, images: Tensor, *, sample: bool = True,
+               generator: torch.Generator | Sequence[torch.Generator] | None = None,
                noise: Tensor | None = None) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents ``scale_factor * z`` (fp32).
 
         KL models draw a posterior sample (``sample=False``: its mean), as the reference does in training, with
-        ``generator`` or from ``noise`` (standard normal draws of the unscaled latent's shape)."""
+        ``generator`` (one, or one per image as in :meth:`sample`) or from ``noise`` (standard normal draws of
+        the unscaled latent's shape); not both."""
         return self.latents(self.encode_moments(images), sample=sample, generator=generator, noise=noise)
 
     def encode_moments(self, images: Tensor) -> Tensor:
@@ -163,13 +165,25 @@ class RDM(nn.Module):
         if images.dim() != 4 or images.shape[1] != dd.in_channels or images.shape[2] % f or images.shape[3] % f:
             raise ValueError(f"encode: images must be (B, {dd.in_channels}, H, W) with H, W multiples of {f}, "
                              f"got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"encode: images must be floats in [-1, 1], got {images.dtype} (uint8 pixels: "
+                             "x / 127.5 - 1)")
+        if images.device.type == "cpu" and images.numel() and float(images.abs().amax()) > 1.5:  # no GPU sync
+            log.warning("encode: the images reach %.3g; the first stage expects values in [-1, 1]",
+                        float(images.abs().amax()))
         return self.first_stage.moments(images.to(self.device, self.dtype)).float()
 
-    def latents(self, moments: Tensor, *, sample: bool = True, generator: torch.Generator | None = None,
+    def latents(self, moments: Tensor, *, sample: bool = True,
+                generator: torch.Generator | Sequence[torch.Generator] | None = None,
                 noise: Tensor | None = None) -> Tensor:
         """Scaled latents (fp32) from :meth:`encode_moments`' output (see :meth:`encode`)."""
-        return self.first_stage.latent(moments.float(), sample=sample, generator=generator,
-                                       noise=noise) * self.config.scale_factor
+        if noise is not None and generator is not None:
+            raise ValueError("encode: give noise or generator, not both")
+        if sample and noise is None and self.config.first_stage_config.kind == "kl":
+            _check_generator(generator, moments.shape[0])
+            b, c, h, w = moments.shape  # (mean, log-variance) along the channels
+            noise = draw_noise((b, c // 2, h, w), generator, moments.device)
+        return self.first_stage.latent(moments.float(), sample=sample, noise=noise) * self.config.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents (B, C, h, w) -> images in [-1, 1] (fp32). VQ models snap to the codebook first."""

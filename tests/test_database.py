@@ -217,7 +217,8 @@ def test_search_errors(db_dir):
                          (lambda: db.search(q, 51), "between 1 and the database size 50"),
                          (lambda: db.search(q, 0), "between 1 and the database size 50"),
                          (lambda: db.search(torch.cat([q, torch.full((1, 16), float("nan"))]), 3),
-                          "query 2 holds NaN or infinite values")]:
+                          "query 2 holds NaN or infinite values"),
+                         (lambda: db.search(torch.cat([torch.zeros(1, 16), q]), 3), "query 0 is all zeros")]:
         with pytest.raises(ValueError) as e:
             call()
         assert expect in one_line(e)
@@ -346,6 +347,8 @@ def test_neighbors_other_queries_and_errors(tmp_path):
     with pytest.raises(ValueError) as e:
         compute_neighbors(db, qdb, k=3, exclude_self=True, progress=False)
     assert "only when the queries are the database" in one_line(e)
+    with pytest.raises(TypeError, match="k must be an int, got 2.5"):
+        compute_neighbors(db, k=2.5, progress=False)
     other = Database.open(write_database(tmp_path / "o", queries, {**INFO, "name": "other"}), device="cpu")
     with pytest.raises(ValueError) as e:
         compute_neighbors(db, other, k=3, progress=False)

@@ -96,6 +96,34 @@ def test_kl_encode_samples_with_generator():
     torch.testing.assert_close(a.double(), (mean + (0.5 * logvar).exp() * noise) * cfg.scale_factor,
                                rtol=1e-4, atol=1e-4)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # one generator per image: each image's draw is its own, whatever the batch (as in sample)
+    pair = torch.cat([images, torch.rand(1, 3, 32, 32) * 2 - 1])
+    with torch.no_grad():
+        both = model.encode(pair, generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(7)])
+    torch.testing.assert_close(both[:1], a, rtol=1e-5, atol=1e-6)
+
+
+def test_encode_and_unet_input_errors(caplog):
+    model = RDM.from_config("tiny")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with pytest.raises(ValueError, match="give noise or generator, not both"):
+        model.encode(images, generator=torch.Generator(), noise=torch.zeros(2, 4, 16, 16))
+    with pytest.raises(ValueError, match="1 generators for 2 samples"):
+        model.encode(images, generator=[torch.Generator()])
+    with pytest.raises(ValueError, match=r"images must be floats in \[-1, 1\], got torch.uint8"):
+        model.encode((images * 127).to(torch.uint8))
+    model.encode(images * 127.5 + 127.5)
+    assert "encode: the images reach 255" in caplog.text
+    x, ctx = torch.zeros(1, 4, 16, 16, dtype=torch.long), torch.randn(1, 4, 64)
+    with pytest.raises(ValueError, match="unet: x must be a float tensor, got torch.int64"):
+        model.unet(x, 500, ctx)
+    x = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        for p in model.parameters():  # from_config zero-inits the output: eps would be 0 whatever t
+            p.add_(torch.randn_like(p) * 0.05)
+        half = model.unet(x, 500.5, ctx)  # a float timestep stays a float, as in a tensor
+        torch.testing.assert_close(half, model.unet(x, torch.tensor([500.5]), ctx))
+        assert not torch.allclose(half, model.unet(x, 500, ctx))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 4e-2), (torch.float16, 1.5e-2)])

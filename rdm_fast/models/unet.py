@@ -489,6 +489,8 @@ class UNet(nn.Module):
         cfg = self.cfg
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"unet: x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"unet: x must be a float tensor, got {x.dtype}")
         factor = 2 ** (len(cfg.channel_mult) - 1)
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"unet: H and W must be multiples of {factor}, got {tuple(x.shape[2:])}")
@@ -502,10 +504,10 @@ class UNet(nn.Module):
         else:
             self._check_context(context, x.shape[0])
 
-    def forward(self, x: Tensor, t: Tensor | int, context: Tensor | PreparedContext) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | int | float, context: Tensor | PreparedContext) -> Tensor:
         """eps for noisy latents ``x`` at timesteps ``t``, given a context tensor or a :class:`PreparedContext`."""
         if not torch.is_tensor(t):
-            t = torch.full((x.shape[0],), int(t), device=x.device)
+            t = torch.full((x.shape[0],), t, device=x.device)  # a float stays a float, as in a tensor
         elif t.dim() == 0:  # no int(t): a device tensor must not synchronise (CUDA graphs, sync-free loops)
             t = t.expand(x.shape[0])
         self._check(x, t, context)

@@ -417,8 +417,8 @@ class Database:
     def search(self, queries: Tensor, k: int, *, encoder: str | None = None) -> tuple[Tensor, Tensor]:
         """The k entries most similar (cosine) to each of the (Q, D) ``queries``: (scores (Q, k) float32,
         ids (Q, k) int64), best first, on the queries' device. ``encoder`` names the queries' encoder
-        (checked against the database's). Queries on the CPU must be finite (ValueError); CUDA queries are not
-        checked, which would synchronise with the host (sampling's retrieval runs without)."""
+        (checked against the database's). Queries on the CPU must be finite and non-zero (ValueError); CUDA
+        queries are not checked, which would synchronise with the host (sampling's retrieval runs without)."""
         if encoder is not None:
             self.check_encoder(encoder)
         if not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.dim:
@@ -430,6 +430,9 @@ class Database:
         if queries.device.type == "cpu" and not bool(torch.isfinite(queries).all()):
             bad = int((~torch.isfinite(queries).all(1)).nonzero()[0, 0])
             raise ValueError(f"query {bad} holds NaN or infinite values: no meaningful neighbours")
+        if queries.device.type == "cpu" and not bool(queries.any(1).all()):
+            bad = int((~queries.any(1)).nonzero()[0, 0])
+            raise ValueError(f"query {bad} is all zeros: it has no direction, so no cosine neighbours")
         if queries.shape[0] == 0:
             empty = torch.empty((0, k), device=queries.device)
             return empty, empty.long()

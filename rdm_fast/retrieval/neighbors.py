@@ -29,7 +29,8 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
                       dedup_threshold: float | None = None, batch_size: int = 1024,
                       progress: bool = True) -> tuple[Tensor, Tensor]:
     """The k nearest entries of ``db`` for every entry of ``queries_db`` (default: ``db`` itself), as
-    (ids (N_q, k) int64, scores (N_q, k) float32) CPU tensors, best first.
+    (ids (N_q, k) int64, scores (N_q, k) float32) CPU tensors, best first. Note the order: ids first, as the
+    neighbours files store them (``Database.search`` returns scores first).
 
     ``exclude_self`` drops each query's own entry (only when the queries are ``db``); ``dedup_threshold`` drops
     entries whose cosine similarity to the query exceeds it (near-duplicates). More candidates are retrieved
@@ -44,6 +45,8 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
         raise ValueError(f"{queries_db.path} holds {queries_db.dim}-d embeddings, {db.path} {db.dim}-d ones")
     if dedup_threshold is not None and not -1 <= dedup_threshold <= 1:
         raise ValueError(f"dedup_threshold is a cosine similarity in [-1, 1], got {dedup_threshold}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {k!r}")
     if not 1 <= k <= len(db) - (1 if exclude_self else 0):
         raise ValueError(f"k must be between 1 and {len(db) - (1 if exclude_self else 0)} for {db.path} "
                          f"({len(db)} entries{', one excluded as the query' if exclude_self else ''}), got {k}")
