@@ -315,6 +315,7 @@ class RDMConfig:
 
     @property
     def context_dim(self) -> int:
+        """Width of the context embeddings the UNet cross-attends to (the retrieval encoder's)."""
         return self.unet_config.context_dim
 
     def context_length_problem(self, tokens: int) -> str | None:
@@ -335,6 +336,7 @@ class RDMConfig:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the latents the UNet denoises at the configured size."""
         return (self.channels, self.image_size, self.image_size)
 
     @classmethod
@@ -384,6 +386,7 @@ class RDMConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RDMConfig":
+        """An official ``config.yaml`` (or a ``model.params``-only one); ConfigError naming the file if invalid."""
         tree = _read_yaml(path)
         try:
             return cls.from_dict(tree)
@@ -392,6 +395,7 @@ class RDMConfig:
 
     @classmethod
     def preset(cls, name: str) -> "RDMConfig":
+        """A shipped config by name (see :func:`preset_names`)."""
         if name not in preset_names():
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
         return cls.from_yaml(PRESETS_DIR / f"{name}.yaml")
@@ -423,6 +427,7 @@ class RDMConfig:
 
 
 def preset_names() -> list[str]:
+    """Names of the shipped configs (``RDMConfig.preset(name)``, ``--config name``)."""
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 

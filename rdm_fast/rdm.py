@@ -140,10 +140,12 @@ class RDM(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
+        """Where the model's weights live (the UNet's)."""
         return self.unet.input_conv.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The UNet's weight precision (the first stage runs in it too)."""
         return self.unet.input_conv.weight.dtype
 
     # ------------------------------------------------------------------ autoencoder

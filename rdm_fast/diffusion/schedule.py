@@ -32,10 +32,12 @@ class Schedule:
 
     @property
     def num_timesteps(self) -> int:
+        """T, the number of diffusion steps (1000 for the released models)."""
         return self.betas.shape[0]
 
     @property
     def alphas_cumprod(self) -> Tensor:
+        """alphā_t = prod_{s <= t} (1 - beta_s), float64, t = 0 .. T-1."""
         return torch.cumprod(1.0 - self.betas, dim=0)
 
     def ddim_timesteps(self, steps: int) -> Tensor:

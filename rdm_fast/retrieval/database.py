@@ -41,7 +41,7 @@ from torch import Tensor
 from .._files import (array_file_problem, atomic_save_npy, atomic_save_npz, atomic_write_json, remove_stale_temps,
                       sha256_file)
 from .search import check_k, exact_search
-from ..encoders.base import embed_images, embed_texts
+from ..encoders.base import Encoder, embed_images, embed_texts
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -353,14 +353,17 @@ class Database:
 
     @property
     def dim(self) -> int:
+        """Width of the stored embeddings."""
         return int(self.manifest["dim"])
 
     @property
     def encoder_info(self) -> dict:
+        """The encoder that made the embeddings, as recorded: {"name", "dim", "normalized"}."""
         return dict(self.manifest["encoder"])
 
     @property
     def encoder_name(self) -> str:
+        """Name of the encoder that made the embeddings (queries must come from the same one)."""
         return self.manifest["encoder"]["name"]
 
     @property
@@ -445,14 +448,14 @@ class Database:
             raise ValueError(f"encoder {encoder.name!r} makes {encoder.dim}-d embeddings, {self.path} holds "
                              f"{self.dim}-d ones")
 
-    def search_images(self, encoder, images: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def search_images(self, encoder: Encoder, images: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Embed (B, 3, H, W) images in [-1, 1] with ``encoder`` (the database's encoder) and search."""
         self._check_encoder_object(encoder)
         with torch.inference_mode():
             queries = embed_images(encoder, images.to(encoder.device))
         return self.search(queries, k)
 
-    def search_text(self, encoder, texts: Sequence[str], k: int) -> tuple[Tensor, Tensor]:
+    def search_text(self, encoder: Encoder, texts: str | Sequence[str], k: int) -> tuple[Tensor, Tensor]:
         """Embed captions with ``encoder`` (the database's encoder, with a text tower) and search."""
         self._check_encoder_object(encoder)
         if isinstance(texts, str):
