@@ -10,5 +10,5 @@ from .gpu_search import GPUExactSearch
 from .search import exact_search
 
 __all__ = ["Database", "GPUExactSearch", "add_index", "build_database", "compute_neighbors", "exact_search",
-           "import_npz", "model_context", "proposal_ranking", "read_manifest", "resolve_encoder", "save_neighbors", "save_proposals",
-           "write_database"]
+           "import_npz", "model_context", "proposal_ranking", "read_manifest", "resolve_encoder", "save_neighbors",
+           "save_proposals", "write_database"]
