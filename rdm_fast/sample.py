@@ -134,6 +134,7 @@ def load_model(args: argparse.Namespace, ckpt_file: Path | None, cfg: RDMConfig 
     found while loading)."""
     if args.random_init:
         torch.manual_seed(args.seed)
+        log.info("building a randomly initialised %s model", args.config)
         return RDM.from_config(cfg, device=device, dtype=dtype)
     log.info("loading %s", ckpt_file)
     return RDM.from_pretrained(ckpt_file, cfg or args.config, device=device, dtype=dtype,
@@ -263,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if earlier:
         log.warning("%s already holds sample images beyond this run's %d (%d, from an earlier run): they are left "
                     "as they are", out, n, len(earlier))
-    log.info("sampling %d images: %s, %d steps, eta %g, guidance %g, %s on %s", n, sampler,
+    log.info("sampling %d image%s: %s, %d steps, eta %g, guidance %g, %s on %s", n, "s"[:n != 1], sampler,
              len(model.schedule.ddim_timesteps(steps)), eta, guidance, str(dtype).replace("torch.", ""), device)
     run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file),
                 "config": cfg.to_dict(), "n_samples": n, "steps": steps,
