@@ -40,7 +40,8 @@ def setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    logging.getLogger("rdm_fast").setLevel(logging.INFO)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, INFO lines once, not once per process
+    logging.getLogger("rdm_fast").setLevel(logging.INFO if main_process else logging.WARNING)
     warnings.showwarning = _log_warning
 
 
@@ -83,6 +84,11 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
     """CLIError unless ``path`` is a directory or does not exist yet (checked before anything slow runs)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise CLIError(f"{flag} {path} is a file, not a directory")
+
+
+def summary(doc: str) -> str:
+    """A module docstring's first paragraph as --help text (without reStructuredText's double backquotes)."""
+    return doc.split("\n\n")[0].replace("``", "")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

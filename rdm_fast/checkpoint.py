@@ -12,7 +12,6 @@ import json
 import logging
 import pickle
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -54,7 +53,9 @@ class CheckpointError(RuntimeError):
 
 def unreadable(file: Path, e: Exception) -> CheckpointError:
     """The error for a checkpoint file that is missing, truncated or corrupt (``e``: what reading it raised)."""
-    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0]
+    if not isinstance(e, (OSError, RuntimeError, ValueError, EOFError)) or not why:  # e.g. KeyError: 174812789
+        why = f"{type(e).__name__}: {why}" if why else type(e).__name__
     if "weights only" in why.lower() or "weights_only" in why:  # torch's advice to unpickle: not for a broken file
         why = "not a torch file of tensors"
     return CheckpointError(f"{file} cannot be read ({why}): is the checkpoint truncated or corrupt?")
@@ -158,8 +159,9 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
             f"{path} holds Python objects besides tensors, which are not loaded by default ({why}). If you "
             "trust the file, pass allow_pickle=True (CLI: --allow-pickle), or convert it once with "
             "`python -m rdm_fast.convert --allow-pickle`") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0]
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle raises anything (KeyError, ValueError, ...)
+        why = (str(e).splitlines() or [""])[0]
+        why = why if isinstance(e, (RuntimeError, OSError, EOFError)) and why else f"{type(e).__name__}: {why}"
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({why}); is it truncated or corrupt?"
                               ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

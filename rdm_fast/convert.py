@@ -19,7 +19,7 @@ import yaml
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import HelpFormatter, check_out_dir, run
+from ._cli import HelpFormatter, check_out_dir, run, summary
 from ._files import atomic_write, remove_stale_temps
 from .config import preset_names
 
@@ -55,7 +55,7 @@ def _export_official(args: argparse.Namespace, out: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rdm_fast.convert", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m rdm_fast.convert", description=summary(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("ckpt", help="official .ckpt, rdm_fast file or directory, or a training run or checkpoint")
     p.add_argument("--out", required=True, help="output directory")

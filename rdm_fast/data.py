@@ -199,6 +199,8 @@ class TrainingContexts:
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.retrieval)):
             raise ValueError(f"{neighbors} holds ids outside {self.retrieval.path}'s {len(self.retrieval)} entries: "
                              "were they computed against another retrieval database?")
+        # the same entries, by path or by content (a copy of the training database as the retrieval one)
+        same = same or database_digest(self.retrieval) == database_digest(self.training)
         if same and (ids == np.arange(len(ids))[:, None]).any():
             raise ValueError(f"{neighbors} lists entries as their own neighbours: the model would learn to copy its "
                              "context. Compute them with python -m rdm_fast.db neighbors ... --exclude-self")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ._cli import CLIError, HelpFormatter, run
+from ._cli import CLIError, HelpFormatter, run, summary
 from ._distributed import process_device
 from ._files import atomic_save_npy, atomic_write
 from .encoders import EncoderUnavailable
@@ -42,7 +42,7 @@ def _positive(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rdm_fast.db", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rdm_fast.db", description=summary(__doc__))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = HelpFormatter
 

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import RDM
-from ._cli import CLIError, HelpFormatter, check_out_dir, pick_dtype, run
+from ._cli import CLIError, HelpFormatter, check_out_dir, pick_dtype, run, summary
 from ._distributed import process_device
 from ._files import array_file_problem, atomic_write_json
 from .checkpoint import resolve_file
@@ -41,7 +41,7 @@ log = logging.getLogger("rdm_fast.sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rdm_fast.sample", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m rdm_fast.sample", description=summary(__doc__),
                                 formatter_class=HelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--ckpt", help="official .ckpt, rdm_fast directory or .safetensors file")

@@ -33,11 +33,9 @@ import json
 import logging
 import math
 import os
-import pickle
 import shutil
 import signal
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -50,7 +48,7 @@ from tqdm.auto import tqdm
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import CLIError, HelpFormatter, check_out_dir, run
+from ._cli import CLIError, HelpFormatter, check_out_dir, run, summary
 from ._distributed import Processes, process_device
 from ._files import atomic_write, atomic_write_json, fsync_path
 from .config import RDMConfig, preset_names
@@ -271,7 +269,7 @@ def _read_optimizer(file: Path) -> dict[str, Any]:
     """A checkpoint's ``optimizer.pt``: the optimizer's and the loss scaler's states."""
     try:
         saved = torch.load(file, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle raises anything (KeyError, ValueError, ...)
         raise ckpt.unreadable(file, e) from None
     if not (isinstance(saved, dict) and {"optimizer", "scaler"} <= saved.keys()):
         raise ckpt.CheckpointError(f"{file} does not hold an optimizer and loss scaler state")
@@ -280,7 +278,7 @@ def _read_optimizer(file: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- the run
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rdm_fast.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m rdm_fast.train", description=summary(__doc__),
                                 formatter_class=HelpFormatter)
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init", help="start from this RDM checkpoint (official .ckpt or rdm_fast; its EMA weights "
@@ -345,7 +343,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if not 0 <= args.seed < 2 ** 63:
         raise CLIError(f"--seed must be in [0, 2**63), got {args.seed}")
     if not args.lr > 0 or args.weight_decay < 0 or args.grad_clip < 0:
-        raise CLIError("--lr must be positive, --weight-decay and --grad-clip non-negative")
+        raise CLIError(f"--lr must be positive, --weight-decay and --grad-clip non-negative; got {args.lr}, "
+                       f"{args.weight_decay} and {args.grad_clip}")
     if not 0 <= args.cond_drop < 1:
         raise CLIError(f"--cond-drop is a probability in [0, 1), got {args.cond_drop}")
     if not 0 <= args.ema_decay <= 1:
@@ -385,6 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_out_dir(args.out)
     out = Path(args.out)
     resume_from = ckpt.newest_run_checkpoint(out) if out.exists() else None
+    unnamed = sorted(_checkpoint_dirs(out / ckpt.RUN_CHECKPOINTS)) if out.is_dir() else []
+    if resume_from is None and unnamed:
+        raise CLIError(f"{out} holds checkpoints ({', '.join(f'step_{s:07d}' for s in unnamed)}) but no "
+                       f"{ckpt.RUN_LATEST} file naming the one to continue from: write its name into "
+                       f"{out / ckpt.RUN_LATEST} and pass --resume, or choose another --out")
+    if args.resume and (args.init or args.first_stage):
+        raise CLIError("--init and --first-stage start a new run; --resume continues the one in --out from its "
+                       "checkpoint: drop one or the other")
     if resume_from is not None and not args.resume:
         raise CLIError(f"{out} holds a run ({resume_from.name}): pass --resume to continue it, or another --out")
     if args.resume and resume_from is None:
@@ -407,7 +414,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
            device: torch.device) -> int:
     args.training_db, args.db = str(locate_database(args.training_db)), str(locate_database(args.db))
     if resume_from is not None:
-        model = RDM.from_pretrained(resume_from)
+        with _older_checkpoints_hint(resume_from, out):
+            model = RDM.from_pretrained(resume_from)
         given = RDMConfig.resolve(args.config) if args.config else model.config
         if replace(given, retrieval_encoder=model.config.retrieval_encoder) != model.config:
             raise CLIError(f"--config differs from the config of {resume_from}")
@@ -439,14 +447,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     ema = EMA(unet, args.ema_decay)
     start = 0
     if resume_from is not None:
-        try:
+        with _older_checkpoints_hint(resume_from, out):
             state = load_checkpoint(resume_from, model, ema, optimizer, scaler)
-        except ckpt.CheckpointError as e:
-            older = [p.name for s, p in sorted(_checkpoint_dirs(resume_from.parent).items(), reverse=True)
-                     if p != resume_from]
-            hint = (f"; to continue from an older checkpoint ({', '.join(older)}), write its name into "
-                    f"{out / ckpt.RUN_LATEST}" if older else "")
-            raise ckpt.CheckpointError(f"{e}{hint}") from None
         before = state["run"]
         if before.get("draws") != DRAWS_VERSION:
             raise CLIError(f"--resume: {resume_from} was saved by an older rdm_fast, whose random draws (batch "
@@ -468,7 +470,6 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         return 0
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "run.json", {**run_info, "args": vars(args)})
         _truncate_log(out / LOG, start)
         remove_stale_checkpoints(out, start)
 
@@ -487,9 +488,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16,
                               enabled=args.bf16 or args.fp16)
     preview = contexts(torch.arange(min(args.preview, len(images)))) if args.preview else None
-    log.info("training %s steps %d -> %d: global batch %d (%d processes x %d x %d micro-batches), %s on %s",
+    log.info("training %s steps %d -> %d: global batch %d (%d process%s x %d x %d micro-batches), %s on %s",
              f"{sum(p.numel() for p in unet.parameters()):,}-parameter UNet", start, args.steps, global_batch,
-             procs.world, args.batch_size, args.accumulate, precision, device)
+             procs.world, "es"[:2 * (procs.world != 1)], args.batch_size, args.accumulate, precision, device)
 
     loss_sum = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, images) since the last log
     unreadable, unreadable_total = 0, 0  # since the last log line, since the start of this process
@@ -540,27 +541,29 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
             ema.update(unet)
             done = step + 1
             bar.update(1)
-            if done % args.log_every == 0 or done == args.steps:
+            if done == start + 1 and procs.main:  # the settings, once they have run (not those of a failed start)
+                atomic_write_json(out / "run.json", {**run_info, "args": vars(args)})
+            if procs.world == 1:
+                stopping = stop.requested
+            elif done % STOP_CHECK_EVERY == 0:  # all processes must stop at the same step: agree every few steps
+                stopping = procs.all_sum(torch.tensor([int(stop.requested)], device=device)).item() > 0
+            if done % args.log_every == 0 or done == args.steps or stopping:  # a stop writes the pending line
                 total = procs.all_sum(loss_sum.clone()).tolist()
                 now = time.perf_counter()
                 record = {"step": done, "loss": total[0] / max(total[1], 1.0), "lr": learning_rate(args, step),
                           "images_per_s": (done - ticked) * global_batch / (now - tick),
                           "unreadable": int(procs.all_sum(torch.tensor([unreadable], device=device)).item())}
                 if not math.isfinite(record["loss"]):
-                    advice = "train in bf16 (--bf16) instead of fp16" if args.fp16 else "add --warmup or --grad-clip"
                     raise CLIError(f"the loss is {record['loss']} at step {done} ({precision}): lower --lr, or "
-                                   f"{advice}")
+                                   f"{_divergence_advice(args)}")
                 loss_sum.zero_()
                 unreadable, tick, ticked = 0, now, done
                 if procs.main:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
                     with open(out / LOG, "a") as f:
                         f.write(json.dumps(record) + "\n")
-            if procs.world == 1:
-                stopping = stop.requested
-            elif done % STOP_CHECK_EVERY == 0:  # all processes must stop at the same step: agree every few steps
-                stopping = procs.all_sum(torch.tensor([int(stop.requested)], device=device)).item() > 0
             if done % args.save_every == 0 or done == args.steps or stopping:
+                _check_finite_weights(unet, done, out, args)  # every process: none may wait on a failed save
                 if procs.main:
                     path = save_checkpoint(out, done, model, ema, optimizer, scaler, run_info, args.keep)
                     if preview is not None and not stopping:
@@ -576,6 +579,33 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         log.warning("%d training images could not be read (this process) and gave no gradient", unreadable_total)
     log.info("done: %s (sample with python -m rdm_fast.sample --ckpt %s ...)", ckpt.newest_run_checkpoint(out), out)
     return 0
+
+
+def _divergence_advice(args: argparse.Namespace) -> str:
+    return "train in bf16 (--bf16) instead of fp16" if args.fp16 else "add --warmup or --grad-clip"
+
+
+def _check_finite_weights(unet: nn.Module, step: int, out: Path, args: argparse.Namespace) -> None:
+    """CLIError when a weight is NaN or infinite (a diverged run): such a checkpoint is not written, so it can
+    neither replace good ones (--keep) nor be resumed from. One host synchronisation per save."""
+    if not bool(torch.stack([torch.isfinite(p).all() for p in unet.parameters()]).all()):
+        last = ckpt.newest_run_checkpoint(out) if out.is_dir() else None
+        raise CLIError(f"the weights are not finite at step {step}: not saving them"
+                       + (f" (the last checkpoint, {last.name}, is kept)" if last else "")
+                       + f"; lower --lr, or {_divergence_advice(args)}")
+
+
+@contextlib.contextmanager
+def _older_checkpoints_hint(resume_from: Path, out: Path) -> Iterator[None]:
+    """A CheckpointError of ``resume_from`` names the run's older checkpoints and how to continue from one."""
+    try:
+        yield
+    except ckpt.CheckpointError as e:
+        older = [p.name for s, p in sorted(_checkpoint_dirs(resume_from.parent).items(), reverse=True)
+                 if p != resume_from]
+        hint = (f"; to continue from an older checkpoint ({', '.join(older)}), write its name into "
+                f"{out / ckpt.RUN_LATEST}" if older else "")
+        raise ckpt.CheckpointError(f"{e}{hint}") from None
 
 
 def _truncate_log(file: Path, step: int) -> None:

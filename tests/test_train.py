@@ -248,6 +248,9 @@ def test_training_contexts_errors(setup, tmp_path):
     np.savez(tmp_path / "self.npz", ids=with_self, scores=np.zeros(with_self.shape, np.float32))
     with pytest.raises(ValueError, match="--exclude-self"):
         TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "self.npz")
+    shutil.copytree(setup["db"], tmp_path / "copy")  # the training database again, as the retrieval one
+    with pytest.raises(ValueError, match="--exclude-self"):
+        TrainingContexts(cfg, setup["db"], tmp_path / "copy", tmp_path / "self.npz")
 
 
 def test_bad_neighbours_files_name_the_file_and_the_problem(tmp_path):
@@ -398,6 +401,60 @@ def test_a_non_finite_loss_stops_with_a_one_line_error(setup, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert f"error: the loss is nan at step 1 ({precision}): lower --lr" in err and "Traceback" not in err
     assert ("--bf16" in err) == (precision == "fp16")
+
+
+def test_diverged_weights_are_not_saved(setup, tmp_path, monkeypatch):
+    """Weights that went NaN between log lines are refused at the next save: no checkpoint of them replaces the
+    good ones (which --keep would prune) or can be resumed from."""
+    out = tmp_path / "run"
+    assert train.main(_fresh(setup, out, steps=2) + ["--save-every", "2"]) == 0
+    real = train.EMA.update
+
+    def poisoned(self, unet):  # the optimizer step left a NaN in the weights
+        with torch.no_grad():
+            next(unet.parameters()).view(-1)[0] = float("nan")
+        real(self, unet)
+
+    monkeypatch.setattr(train.EMA, "update", poisoned)
+    with pytest.raises(train.CLIError, match=r"weights are not finite at step 4: not saving them \(the last "
+                                             r"checkpoint, step_0000002, is kept\)"):
+        train.main(_args(setup, out, "--resume", "--save-every", "2", "--log-every", "1000", steps=6))
+    assert (out / "latest").read_text().strip() == "step_0000002" and not (out / "checkpoints" / "step_0000004").exists()
+
+
+def test_a_stop_writes_the_pending_log_line(setup, tmp_path, monkeypatch):
+    """A signal's stop logs the steps since the last log line (they would be lost otherwise)."""
+    entered = train.StopRequest.__enter__
+
+    def enter(self):
+        entered(self)
+        self.requested = True  # as if SIGTERM came during the first step
+        return self
+
+    monkeypatch.setattr(train.StopRequest, "__enter__", enter)
+    out = tmp_path / "run"
+    assert train.main(_fresh(setup, out, steps=5) + ["--log-every", "100"]) == train.STOPPED
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_run_state_refusals(setup, saved_run, tmp_path):
+    """Checkpoints with no latest naming one are not deleted by a new run; --resume cannot take --init; a start
+    that fails writes no run.json."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    (out / "latest").unlink()
+    for extra in (["--resume"], []):
+        with pytest.raises(train.CLIError, match="holds checkpoints .* but no latest file naming the one to continue"):
+            train.main(_fresh(setup, out, *extra, steps=5))
+    assert len(list((out / "checkpoints").glob("step_*"))) >= 1
+    (out / "latest").write_text(sorted(p.name for p in (out / "checkpoints").glob("step_*"))[-1] + "\n")
+    with pytest.raises(train.CLIError, match="--init and --first-stage start a new run; --resume continues"):
+        train.main(_args(setup, out, "--resume", "--init", str(out), steps=5))
+    failed = tmp_path / "failed"
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="cannot store the first stage's outputs there"):
+        train.main(_fresh(setup, failed, "--latents", str(tmp_path / "a_file"), steps=1))
+    assert not (failed / "run.json").exists()
 
 
 def test_resume_is_bit_exact_with_dropout(setup, tmp_path):
