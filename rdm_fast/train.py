@@ -58,6 +58,7 @@ from .diffusion import eps_losses
 from .images import grid, save_png, to_uint8
 from .models.layers import official_names
 from .retrieval.context import locate_database
+from .retrieval.neighbors import neighbor_files
 
 log = logging.getLogger("rdm_fast.train")
 
@@ -259,7 +260,10 @@ def load_checkpoint(path: Path, model: RDM, ema: EMA, optimizer: torch.optim.Opt
     ema.load_state_dict({k[len("unet."):]: v for k, v in averaged.items() if k.startswith("unet.")},
                         state["ema_updates"])
     saved = _read_optimizer(path / OPTIMIZER)
-    optimizer.load_state_dict(saved["optimizer"])
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ckpt.CheckpointError(f"{path / OPTIMIZER} does not fit this model's optimizer ({e})") from None
     if scaler.is_enabled() and saved["scaler"]:  # a run that was not fp16 has no loss scale to continue
         scaler.load_state_dict(saved["scaler"])
     return state
@@ -413,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes,
            device: torch.device) -> int:
     args.training_db, args.db = str(locate_database(args.training_db)), str(locate_database(args.db))
+    neighbours_file = neighbor_files(args.neighbors)[0]
+    if not neighbours_file.is_file():  # before the (possibly large) model is built
+        raise FileNotFoundError(f"neighbours file {neighbours_file} does not exist (make it with python -m "
+                                "rdm_fast.db neighbors RETRIEVAL_DB --queries TRAINING_DB --k K --out FILE)")
     if resume_from is not None:
         with _older_checkpoints_hint(resume_from, out):
             model = RDM.from_pretrained(resume_from)

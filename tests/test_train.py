@@ -437,6 +437,17 @@ def test_a_stop_writes_the_pending_log_line(setup, tmp_path, monkeypatch):
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
 
 
+def test_missing_neighbours_fail_before_the_model_is_built(setup, tmp_path, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("built the model")
+
+    monkeypatch.setattr(train, "build_model", never)
+    args = _fresh(setup, tmp_path / "run", steps=1)
+    args[args.index("--neighbors") + 1] = str(tmp_path / "none.npz")
+    with pytest.raises(FileNotFoundError, match="neighbours file .*none.npz does not exist"):
+        train.main(args)
+
+
 def test_run_state_refusals(setup, saved_run, tmp_path):
     """Checkpoints with no latest naming one are not deleted by a new run; --resume cannot take --init; a start
     that fails writes no run.json."""
