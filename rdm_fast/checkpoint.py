@@ -51,11 +51,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded into the configured model."""
 
 
+def _reason(e: BaseException) -> str:
+    """What reading a file raised, in one line; the exception's type where its message alone says nothing (a
+    corrupt pickle's KeyError: 174812789)."""
+    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0]
+    if not isinstance(e, (OSError, RuntimeError, ValueError, EOFError)) or not why:
+        why = f"{type(e).__name__}: {why}" if why else type(e).__name__
+    return why
+
+
 def unreadable(file: Path, e: Exception) -> CheckpointError:
     """The error for a checkpoint file that is missing, truncated or corrupt (``e``: what reading it raised)."""
-    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0]
-    if not isinstance(e, (OSError, RuntimeError, ValueError, EOFError)) or not why:  # e.g. KeyError: 174812789
-        why = f"{type(e).__name__}: {why}" if why else type(e).__name__
+    why = _reason(e)
     if "weights only" in why.lower() or "weights_only" in why:  # torch's advice to unpickle: not for a broken file
         why = "not a torch file of tensors"
     return CheckpointError(f"{file} cannot be read ({why}): is the checkpoint truncated or corrupt?")
@@ -160,9 +167,8 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
             "trust the file, pass allow_pickle=True (CLI: --allow-pickle), or convert it once with "
             "`python -m rdm_fast.convert --allow-pickle`") from None
     except Exception as e:  # noqa: BLE001 - a corrupt pickle raises anything (KeyError, ValueError, ...)
-        why = (str(e).splitlines() or [""])[0]
-        why = why if isinstance(e, (RuntimeError, OSError, EOFError)) and why else f"{type(e).__name__}: {why}"
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({why}); is it truncated or corrupt?"
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_reason(e)}); is it truncated or "
+                              "corrupt?"
                               ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]

@@ -87,22 +87,26 @@ def module_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def existing_neighbors_file(path: str | Path) -> Path:
+    """The ids file of the neighbours ``path`` names; FileNotFoundError, saying how to make it, if it is missing."""
+    file = neighbor_files(path)[0]
+    if not file.is_file():
+        raise FileNotFoundError(f"neighbours file {file} does not exist (make it with python -m rdm_fast.db "
+                                "neighbors RETRIEVAL_DB --queries TRAINING_DB --k K --out FILE)")
+    return file
+
+
 def load_neighbors(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, str]]:
     """The (N, K) int64 neighbour ids of ``db neighbors`` (.npz with ``ids``, or .npy), their (N, K) scores
     (None when the file has none) and the digests of the databases they were computed for (.npz only; {} when
     not recorded): ``{"db": ..., "queries": ...}``."""
     files = neighbor_files(path)
-    file = files[0]
-    if not file.is_file():
-        raise FileNotFoundError(f"neighbours file {file} does not exist (make it with python -m rdm_fast.db "
-                                "neighbors RETRIEVAL_DB --queries TRAINING_DB --k K --out FILE)")
+    file = existing_neighbors_file(path)
     reading = file
     try:
         if file.suffix == ".npz":
             with np.load(file, allow_pickle=False) as z:
-                if "ids" not in z.files:
-                    raise ValueError(f"{file} is not a neighbours file: it has no 'ids' array")
-                ids = z["ids"]
+                ids = z["ids"] if "ids" in z.files else None
                 scores = z["scores"] if "scores" in z.files else None
                 digests = {k: str(z[f"{k}_digest"]) for k in DIGEST_KEYS if f"{k}_digest" in z.files}
         else:
@@ -111,9 +115,9 @@ def load_neighbors(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dic
             scores = np.load(reading, mmap_mode="r", allow_pickle=False) if reading.is_file() else None
             digests = {}
     except (ValueError, OSError, EOFError) as e:
-        if str(e).startswith(f"{file} is not a neighbours file"):
-            raise
         raise ValueError(f"{reading} is not a readable neighbours file ({array_file_problem(reading, e)})") from None
+    if ids is None:
+        raise ValueError(f"{file} is not a neighbours file: it has no 'ids' array")
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise ValueError(f"{file} holds {ids.dtype} {ids.shape}; expected (N, K) integer neighbour ids")
     if scores is not None and (scores.shape != ids.shape or scores.dtype.kind != "f"):

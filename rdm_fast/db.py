@@ -46,9 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = HelpFormatter
 
-    def command(name: str, summary: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
-                              formatter_class=fmt)
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", formatter_class=fmt)
 
     db_help = "database directory, or the name of one in $RDM_FAST_HOME/databases"
     no_progress = "no progress bar (e.g. in batch jobs' logs)"

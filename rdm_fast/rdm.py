@@ -17,22 +17,12 @@ from . import checkpoint as ckpt
 from . import ops
 from .config import ConfigError, RDMConfig, preset_names
 from .diffusion import Schedule, guided, sample_ddim, sample_plms
-from .diffusion.samplers import draw_noise
+from .diffusion.samplers import check_generator, draw_noise
 from .diffusion.graphs import GraphCache
 from .models import Autoencoder, UNet
 from .models.layers import official_names, refresh_cached
 
 log = logging.getLogger(__name__)
-
-
-def _check_generator(generator: Any, batch: int) -> None:
-    """TypeError/ValueError unless ``generator`` is None, a torch.Generator or a sequence of one per sample."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return
-    if not isinstance(generator, Sequence) or not all(isinstance(g, torch.Generator) for g in generator):
-        raise TypeError(f"generator must be a torch.Generator or a list of one per sample, got {generator!r}")
-    if len(generator) != batch:
-        raise ValueError(f"{len(generator)} generators for {batch} samples: give one per sample")
 
 
 class RDM(nn.Module):
@@ -51,6 +41,7 @@ class RDM(nn.Module):
         self.first_stage = Autoencoder(config.first_stage_config)
         self.schedule = Schedule.linear(config.linear_start, config.linear_end, config.timesteps)
         self._graphs = GraphCache()  # the last captured guided step, reused by the next batch of the same shapes
+        self._warned_lengths: set[int] = set()  # context lengths outside the conventions, warned about once
 
     # ------------------------------------------------------------------ construction and checkpoints
     @classmethod
@@ -170,9 +161,9 @@ class RDM(nn.Module):
         if not images.is_floating_point():
             raise ValueError(f"encode: images must be floats in [-1, 1], got {images.dtype} (uint8 pixels: "
                              "x / 127.5 - 1)")
-        if images.device.type == "cpu" and images.numel() and float(images.abs().amax()) > 1.5:  # no GPU sync
-            log.warning("encode: the images reach %.3g; the first stage expects values in [-1, 1]",
-                        float(images.abs().amax()))
+        peak = float(images.abs().amax()) if images.device.type == "cpu" and images.numel() else 0.0  # no GPU sync
+        if peak > 1.5:
+            log.warning("encode: the images reach %.3g; the first stage expects values in [-1, 1]", peak)
         return self.first_stage.moments(images.to(self.device, self.dtype)).float()
 
     def latents(self, moments: Tensor, *, sample: bool = True,
@@ -182,7 +173,6 @@ class RDM(nn.Module):
         if noise is not None and generator is not None:
             raise ValueError("encode: give noise or generator, not both")
         if sample and noise is None and self.config.first_stage_config.kind == "kl":
-            _check_generator(generator, moments.shape[0])
             b, c, h, w = moments.shape  # (mean, log-variance) along the channels
             noise = draw_noise((b, c // 2, h, w), generator, moments.device)
         return self.first_stage.latent(moments.float(), sample=sample, noise=noise) * self.config.scale_factor
@@ -252,9 +242,10 @@ class RDM(nn.Module):
         if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2
                                      and all(isinstance(v, int) and v > 0 for v in size)):
             raise ValueError(f"size must be (H, W), two positive ints, got {size!r}")
-        _check_generator(generator, context.shape[0])
+        check_generator(generator, context.shape[0])  # now: with x_T, the noise of eta > 0 is drawn after a step
         problem = self.config.context_length_problem(context.shape[1])
-        if problem:
+        if problem and context.shape[1] not in self._warned_lengths:  # once per length, not once per batch
+            self._warned_lengths.add(context.shape[1])
             log.warning("the context holds %d embeddings per sample; %s", context.shape[1], problem)
         if self.config.normalized_embeddings:
             context = F.normalize(context.float(), dim=-1)

@@ -243,9 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if contexts is None:
             contexts = read_context_file(args.context_file, cfg.context_dim)
         n = args.n_samples or contexts.shape[0]
-        problem = cfg.context_length_problem(contexts.shape[1])
-        if problem:
-            log.warning("%s holds contexts of %d tokens; %s", args.context_file, contexts.shape[1], problem)
         if n > contexts.shape[0]:
             log.info("%d samples from %d contexts: the contexts are cycled (sample i gets context i mod %d)", n,
                      contexts.shape[0], contexts.shape[0])
@@ -264,11 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if earlier:
         log.warning("%s already holds sample images beyond this run's %d (%d, from an earlier run): they are left "
                     "as they are", out, n, len(earlier))
+    timesteps = len(model.schedule.ddim_timesteps(steps))  # more than steps where they do not divide T
     log.info("sampling %d image%s: %s, %d steps, eta %g, guidance %g, %s on %s", n, "s"[:n != 1], sampler,
-             len(model.schedule.ddim_timesteps(steps)), eta, guidance, str(dtype).replace("torch.", ""), device)
+             timesteps, eta, guidance, str(dtype).replace("torch.", ""), device)
     run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file),
                 "config": cfg.to_dict(), "n_samples": n, "steps": steps,
-                "timesteps": len(model.schedule.ddim_timesteps(steps)),  # more than steps where they do not divide T
+                "timesteps": timesteps,
                 "sampler": sampler,
                 "eta": eta, "guidance_scale": guidance, "seed": args.seed, "dtype": str(dtype),
                 "batch_size": args.batch_size, "device": str(device), "no_ema": args.no_ema,

@@ -53,12 +53,11 @@ from ._distributed import Processes, process_device
 from ._files import atomic_write, atomic_write_json, fsync_path
 from .config import RDMConfig, preset_names
 from .data import (DRAWS, DROPOUT, TrainingContexts, TrainingImages, TrainingOrder, cached_moments, derived_seed,
-                   image_size)
+                   existing_neighbors_file, image_size)
 from .diffusion import eps_losses
 from .images import grid, save_png, to_uint8
 from .models.layers import official_names
 from .retrieval.context import locate_database
-from .retrieval.neighbors import neighbor_files
 
 log = logging.getLogger("rdm_fast.train")
 
@@ -417,10 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes,
            device: torch.device) -> int:
     args.training_db, args.db = str(locate_database(args.training_db)), str(locate_database(args.db))
-    neighbours_file = neighbor_files(args.neighbors)[0]
-    if not neighbours_file.is_file():  # before the (possibly large) model is built
-        raise FileNotFoundError(f"neighbours file {neighbours_file} does not exist (make it with python -m "
-                                "rdm_fast.db neighbors RETRIEVAL_DB --queries TRAINING_DB --k K --out FILE)")
+    existing_neighbors_file(args.neighbors)  # before the (possibly large) model is built
     if resume_from is not None:
         with _older_checkpoints_hint(resume_from, out):
             model = RDM.from_pretrained(resume_from)

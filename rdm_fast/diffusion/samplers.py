@@ -21,15 +21,24 @@ from .schedule import DDIMCoefficients
 EpsFn = Callable[[Tensor, "int | Tensor"], Tensor]
 
 
+def check_generator(generator: Any, batch: int) -> None:
+    """TypeError/ValueError unless ``generator`` is None, a torch.Generator or a sequence of one per sample."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, Sequence) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of one per sample, got {generator!r}")
+    if len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for {batch} samples: give one per sample")
+
+
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator] | None,
                device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal noise from ``generator`` (on its own device, so a seed gives the same noise on any
     device), delivered to ``device``; a CPU draw for a GPU goes through pinned memory without host sync.
     ``generator`` may be a sequence of one generator per row (sample): each row is then drawn from its own,
     whatever the other rows of the batch."""
+    check_generator(generator, shape[0])
     if isinstance(generator, Sequence):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for {shape[0]} samples: give one per sample")
         devices = {g.device for g in generator}
         if len(devices) > 1:
             raise ValueError(f"the per-sample generators are on several devices: {sorted(map(str, devices))}")
