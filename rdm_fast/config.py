@@ -181,6 +181,21 @@ class DDConfig:
         return d
 
 
+def _sampling_problem(steps: int, sampler: str, eta: float, guidance_scale: float) -> str | None:
+    """What is wrong with a set of sampling settings, phrased after the setting ("eta must be ..."), or None."""
+    if steps < 1:
+        return f"steps must be at least 1, got {steps}"
+    if sampler not in ("ddim", "plms"):
+        return f"sampler must be 'ddim' or 'plms', got {sampler!r}"
+    if not (math.isfinite(eta) and eta >= 0):
+        return f"eta must be finite and >= 0, got {eta}"
+    if sampler == "plms" and eta != 0:
+        return f"eta must be 0 for plms, which is deterministic; got {eta}"
+    if not math.isfinite(guidance_scale):
+        return f"guidance_scale must be finite, got {guidance_scale}"
+    return None
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """rdm_fast's own ``sampling`` section: what ``python -m rdm_fast.sample`` uses unless told otherwise."""
@@ -191,14 +206,25 @@ class SamplingDefaults:
     guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"sampling.steps must be at least 1, got {self.steps}")
-        if self.sampler not in ("ddim", "plms"):
-            raise ConfigError(f"sampling.sampler must be 'ddim' or 'plms', got {self.sampler!r}")
-        if not (math.isfinite(self.eta) and self.eta >= 0) or (self.sampler == "plms" and self.eta != 0):
-            raise ConfigError(f"sampling.eta must be >= 0 (0 for plms), got {self.eta}")
-        if not math.isfinite(self.guidance_scale):
-            raise ConfigError(f"sampling.guidance_scale must be finite, got {self.guidance_scale}")
+        problem = _sampling_problem(self.steps, self.sampler, self.eta, self.guidance_scale)
+        if problem:
+            raise ConfigError(f"sampling.{problem}")
+
+    def resolve(self, steps: int | None = None, sampler: str | None = None, eta: float | None = None,
+                guidance_scale: float | None = None) -> "SamplingDefaults":
+        """The settings of one sampling run: these defaults where an argument is None, checked together
+        (ValueError or TypeError naming the argument; ``Schedule.ddim`` checks ``steps`` and ``eta`` against the
+        schedule)."""
+        steps = self.steps if steps is None else steps
+        sampler = self.sampler if sampler is None else sampler
+        eta = self.eta if eta is None else eta
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps must be an int, got {steps!r}")
+        problem = _sampling_problem(steps, sampler, eta, guidance_scale)
+        if problem:
+            raise ValueError(problem)
+        return SamplingDefaults(steps, sampler, eta, guidance_scale)
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "SamplingDefaults":

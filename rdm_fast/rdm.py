@@ -230,15 +230,7 @@ class RDM(nn.Module):
         maps (no layout copies).
         """
         self.check_context(context)
-        defaults = self.config.sampling
-        steps = defaults.steps if steps is None else steps
-        sampler = defaults.sampler if sampler is None else sampler
-        eta = defaults.eta if eta is None else eta
-        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise TypeError(f"steps must be an int, got {steps!r}")
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        run = self.config.sampling.resolve(steps, sampler, eta, guidance_scale)
         if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2
                                      and all(isinstance(v, int) and v > 0 for v in size)):
             raise ValueError(f"size must be (H, W), two positive ints, got {size!r}")
@@ -249,10 +241,6 @@ class RDM(nn.Module):
             log.warning("the context holds %d embeddings per sample; %s", context.shape[1], problem)
         if self.config.normalized_embeddings:
             context = F.normalize(context.float(), dim=-1)
-        if sampler not in ("ddim", "plms"):
-            raise ValueError(f"sampler must be 'ddim' or 'plms', got {sampler!r}")
-        if sampler == "plms" and eta != 0:
-            raise ValueError("PLMS is deterministic: use eta = 0")
         wants_nhwc = channels_last if channels_last is not None else self.device.type == "cuda"
         if wants_nhwc and self.unet.input_conv.weight.is_contiguous():  # not converted yet (3x3: formats differ)
             self.unet.to(memory_format=torch.channels_last)
@@ -267,17 +255,17 @@ class RDM(nn.Module):
             if tuple(x_T.shape) != shape:
                 raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
             x = x_T.to(self.device, torch.float32)
-        coeffs = self.schedule.ddim(steps, eta)
-        eps_fn = guided(self.unet, context, guidance_scale, prepare=self.unet.prepare_context)
+        coeffs = self.schedule.ddim(run.steps, run.eta)
+        eps_fn = guided(self.unet, context, run.guidance_scale, prepare=self.unet.prepare_context)
         if cuda_graph is None and self.device.type == "cuda" and self.dtype == torch.float32:
             cuda_graph = False
             log.info("float32 sampling on CUDA runs eagerly by default (cuda_graph=True replays CUDA graphs, "
                      "not yet verified for float32 trajectories)")
         # the graph bakes in the weights' storage and the tensors cached from them: any change means a new capture
         weights = tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in self.unet.parameters())
-        key = (float(guidance_scale), tuple(context.shape), ops.get_mode(), weights)  # the mode picks the kernels
+        key = (float(run.guidance_scale), tuple(context.shape), ops.get_mode(), weights)  # the mode picks the kernels
         eps_fn = self._graphs(eps_fn, x, cuda_graph, key)
-        if sampler == "ddim":
+        if run.sampler == "ddim":
             return sample_ddim(eps_fn, x, coeffs, generator=generator, progress=progress)
         return sample_plms(eps_fn, x, coeffs, progress=progress)
 

@@ -27,12 +27,14 @@ from ._cli import CLIError, HelpFormatter, check_out_dir, pick_dtype, run, summa
 from ._distributed import process_device
 from ._files import array_file_problem, atomic_write_json
 from .checkpoint import resolve_file
-from .config import RDMConfig, preset_names
-from .data import derived_seed
+from .config import RDMConfig, SamplingDefaults, preset_names
+from .data import derived_seed, image_size
 from .diffusion import Schedule
+from .diffusion.samplers import draw_noise
 from .encoders import EncoderUnavailable, embed_images, embed_texts
 from .images import grid, save_png, to_uint8
-from .retrieval.context import check_database_for_model, draw_pseudo_queries, locate_database, model_context
+from .retrieval.context import (check_database_for_model, default_neighbors, draw_pseudo_queries, locate_database,
+                                model_context)
 from .retrieval.build import load_query_image, resolve_encoder
 from .retrieval.database import BACKENDS, Database
 from .rdm import checkpoint_config
@@ -56,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     query = p.add_mutually_exclusive_group()
     query.add_argument("--text", action="append", help="with --db: caption query (repeat for several; cycled)")
     query.add_argument("--image", action="append", help="with --db: query image file (repeat for several; cycled)")
+    p.add_argument("--k", type=int, dest="neighbors", metavar="K",
+                   help="with --db: neighbours retrieved per query (default: the model's convention, 3 for "
+                        "imagenet/ffhq, 10 for rdm768; 0: the query alone, e.g. caption-only text-to-image)")
+    p.add_argument("--no-query", action="store_true",
+                   help="with --db: condition on the neighbours alone, without the query's own embedding (the "
+                        "default K then fills the query's slot too)")
     p.add_argument("--top-m", type=float, default=0.01,
                    help="with --db and no query: draw pseudo-queries from this top fraction of the proposals")
     p.add_argument("--encoder-checkpoint", help="local weights of the database's encoder (for --text/--image)")
@@ -102,8 +110,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.db and not 0 < args.top_m <= 1:
         raise CLIError(f"--top-m must be a fraction in (0, 1], got {args.top_m}")
-    if (args.text or args.image) and not args.db:
-        raise CLIError("--text and --image are queries into a database: add --db")
+    if (args.text or args.image or args.neighbors is not None or args.no_query) and not args.db:
+        raise CLIError("--text, --image, --k and --no-query are about retrieval from a database: add --db")
+    if args.neighbors is not None and args.neighbors < int(args.no_query):
+        raise CLIError(f"--k must be at least {int(args.no_query)}{' with --no-query' if args.no_query else ''}, "
+                       f"got {args.neighbors}")
     if args.random_init and not args.config:
         raise CLIError("--random-init needs --config (a preset name or config.yaml)")
     check_out_dir(args.out)
@@ -116,16 +127,17 @@ def known_config(args: argparse.Namespace, ckpt_file: Path | None) -> RDMConfig 
     return checkpoint_config(ckpt_file, args.config)
 
 
-def sampling_settings(args: argparse.Namespace, cfg: RDMConfig) -> tuple[int, str, float, float]:
-    """(steps, sampler, eta, guidance): the options, else the config's defaults, checked against its schedule."""
-    steps = args.steps or cfg.sampling.steps
-    sampler = args.sampler or cfg.sampling.sampler
-    eta = cfg.sampling.eta if args.eta is None else args.eta
-    guidance = cfg.sampling.guidance_scale if args.guidance is None else args.guidance
-    if sampler == "plms" and eta != 0:
-        raise CLIError("--sampler plms is deterministic: use --eta 0")
-    Schedule.linear(cfg.linear_start, cfg.linear_end, cfg.timesteps).ddim(steps, eta)  # bad steps / eta: ValueError
-    return steps, sampler, eta, guidance
+def sampling_settings(args: argparse.Namespace, cfg: RDMConfig) -> SamplingDefaults:
+    """The run's steps, sampler, eta and guidance: the options, else the config's defaults, checked against its
+    schedule."""
+    try:
+        settings = cfg.sampling.resolve(args.steps, args.sampler, args.eta, args.guidance)
+    except (TypeError, ValueError) as e:  # the config's own values are valid: an option is at fault
+        setting, _, rest = str(e).partition(" ")
+        flag = {"guidance_scale": "guidance"}.get(setting, setting)
+        raise CLIError(f"--{flag} {rest}") from None
+    Schedule.linear(cfg.linear_start, cfg.linear_end, cfg.timesteps).ddim(settings.steps, settings.eta)  # ValueError
+    return settings
 
 
 def load_model(args: argparse.Namespace, ckpt_file: Path | None, cfg: RDMConfig | None, device: torch.device,
@@ -148,13 +160,6 @@ START_NOISE, STEP_NOISE = 0, 1  # purposes of the per-sample streams (data.deriv
 def seeded_generator(seed: int, purpose: int, sample: int) -> torch.Generator:
     """A CPU generator for sample ``sample``'s stream of ``purpose`` (training's seed mixer, ``derived_seed``)."""
     return torch.Generator().manual_seed(derived_seed(seed, purpose, sample))
-
-
-def start_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The start noise x_T of samples [start, stop), sample i's from its own stream: the same for any
-    batching of the samples."""
-    return torch.stack([torch.randn(shape, generator=seeded_generator(seed, START_NOISE, i))
-                        for i in range(start, stop)])
 
 
 def read_context_file(path: str, dim: int) -> torch.Tensor:
@@ -191,7 +196,10 @@ class DatabaseContexts:
 
     def __init__(self, args: argparse.Namespace, cfg, device: torch.device, generator: torch.Generator) -> None:
         self.db = Database.open(locate_database(args.db), backend=args.search_backend, device=device)
-        check_database_for_model(self.db, cfg)
+        self.include_query = not args.no_query
+        self.k = default_neighbors(cfg, include_query=self.include_query) if args.neighbors is None else \
+            args.neighbors
+        check_database_for_model(self.db, cfg, self.k)
         self.cfg, self.device = cfg, device
         self.texts, self.images, self.query_ids, self.queries, self.encoder = args.text, args.image, None, None, None
         if args.text or args.image:
@@ -208,7 +216,9 @@ class DatabaseContexts:
         elif self.texts:  # each distinct caption / image embedded once, cycled over the samples
             self.queries = embed_texts(self.encoder, self.texts).to(self.device)
         else:
-            images = torch.stack([load_query_image(p, self.encoder.image_size) for p in self.images])
+            # cut as the database's entries were (their crop size, the encoder resizing from there)
+            size = (self.db.manifest.get("build") or {}).get("crop_size") or image_size(self.cfg)
+            images = torch.stack([load_query_image(p, size) for p in self.images])
             self.queries = embed_images(self.encoder, images.to(self.device)).to(self.device)
         if self.queries is not None and not bool(torch.isfinite(self.queries).all()):  # once, before sampling
             raise CLIError(f"encoder {self.encoder.name} gave non-finite embeddings for the "
@@ -218,9 +228,10 @@ class DatabaseContexts:
         """Contexts of samples [start, stop) on the sampling device."""
         if self.encoder is None:
             ids = self.query_ids[start:stop]
-            return model_context(self.db, self.cfg, self.db.embeddings(ids).to(self.device), query_ids=ids)
+            return model_context(self.db, self.cfg, self.db.embeddings(ids).to(self.device), query_ids=ids,
+                                 k=self.k, include_query=self.include_query)
         rows = torch.arange(start, stop, device=self.device) % self.queries.shape[0]
-        return model_context(self.db, self.cfg, self.queries[rows])
+        return model_context(self.db, self.cfg, self.queries[rows], k=self.k, include_query=self.include_query)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     contexts = read_context_file(args.context_file, cfg.context_dim) if args.context_file and cfg else None
     model = load_model(args, ckpt_file, cfg, device, dtype)
     cfg = model.config
-    steps, sampler, eta, guidance = sampling_settings(args, cfg)
+    settings = sampling_settings(args, cfg)
     generator = torch.Generator().manual_seed(args.seed)  # the --db pseudo-queries
     if args.context_file:
         if contexts is None:
@@ -261,17 +272,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if earlier:
         log.warning("%s already holds sample images beyond this run's %d (%d, from an earlier run): they are left "
                     "as they are", out, n, len(earlier))
-    timesteps = len(model.schedule.ddim_timesteps(steps))  # more than steps where they do not divide T
-    log.info("sampling %d image%s: %s, %d steps, eta %g, guidance %g, %s on %s", n, "s"[:n != 1], sampler,
-             timesteps, eta, guidance, str(dtype).replace("torch.", ""), device)
+    timesteps = len(model.schedule.ddim_timesteps(settings.steps))  # more than steps where they do not divide T
+    log.info("sampling %d image%s: %s, %d steps, eta %g, guidance %g, %s on %s", n, "s"[:n != 1],
+             settings.sampler, timesteps, settings.eta, settings.guidance_scale, str(dtype).replace("torch.", ""),
+             device)
     run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file),
-                "config": cfg.to_dict(), "n_samples": n, "steps": steps,
-                "timesteps": timesteps,
-                "sampler": sampler,
-                "eta": eta, "guidance_scale": guidance, "seed": args.seed, "dtype": str(dtype),
+                "config": cfg.to_dict(), "n_samples": n, "steps": settings.steps,
+                "timesteps": timesteps, "sampler": settings.sampler, "eta": settings.eta,
+                "guidance_scale": settings.guidance_scale, "seed": args.seed, "dtype": str(dtype),
                 "batch_size": args.batch_size, "device": str(device), "no_ema": args.no_ema,
                 "random_init": args.random_init, "context_source": args.context_file or args.db, "text": args.text,
                 "image": args.image, "top_m": args.top_m if args.db and not (args.text or args.image) else None,
+                "neighbors": batch_contexts.k if args.db else None,
+                "include_query": batch_contexts.include_query if args.db else None,
                 "args": vars(args)}  # the command line as given, for reproduction
     atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
     shown = []  # the first GRID_SAMPLES images, for grid.png (a long run's images are not all kept in memory)
@@ -280,10 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = batch_contexts(0, min(n, args.batch_size))
         for start in starts:
             samples = range(start, start + batch.shape[0])
-            x_T = start_noise(args.seed, samples.start, samples.stop, cfg.latent_shape)
-            if device.type == "cuda":  # copied without waiting for the queued retrieval
-                x_T = x_T.pin_memory().to(device, non_blocking=True)
-            z = model.sample(batch, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance, x_T=x_T,
+            # each sample's start noise from its own stream (the same for any batching), copied to a GPU
+            # without waiting for the queued retrieval
+            x_T = draw_noise((len(samples), *cfg.latent_shape),
+                             [seeded_generator(args.seed, START_NOISE, i) for i in samples], device)
+            z = model.sample(batch, steps=settings.steps, sampler=settings.sampler, eta=settings.eta,
+                             guidance_scale=settings.guidance_scale, x_T=x_T,
                              generator=[seeded_generator(args.seed, STEP_NOISE, i) for i in samples],  # eta > 0 noise
                              cuda_graph=False if args.no_cuda_graph else None,
                              progress=sys.stderr.isatty())  # a per-step bar in terminals, not in logs

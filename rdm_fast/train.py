@@ -637,13 +637,12 @@ def _truncate_log(file: Path, step: int) -> None:
 
 def _preview(model: RDM, ema: EMA, context: Tensor, file: Path, seed: int) -> None:
     """Samples of the EMA weights for fixed contexts and noise (comparable from checkpoint to checkpoint)."""
-    s = model.config.sampling
     file.parent.mkdir(parents=True, exist_ok=True)
     with ema.applied(model.unet):
         model.unet.eval()
-        try:
-            z = model.sample(context, steps=s.steps, sampler=s.sampler, eta=s.eta, guidance_scale=s.guidance_scale,
-                             generator=torch.Generator().manual_seed(seed), cuda_graph=False, channels_last=False)
+        try:  # the config's sampling settings
+            z = model.sample(context, generator=torch.Generator().manual_seed(seed), cuda_graph=False,
+                             channels_last=False)
             pixels = to_uint8(model.decode(z))
         finally:
             model.unet.train()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -20,7 +21,8 @@ from rdm_fast import RDM, RDMConfig
 from rdm_fast import checkpoint as ckpt
 from rdm_fast import convert, sample
 from rdm_fast._cli import run
-from rdm_fast.retrieval.database import save_proposals, write_database
+from rdm_fast.data import image_size
+from rdm_fast.retrieval.database import Database, save_proposals, update_manifest, write_database
 
 TEST_ENCODER = {"name": "test-64", "dim": 64, "normalized": False}
 
@@ -138,11 +140,11 @@ def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message, n_sample
     (["--ckpt", "{d}/nope.ckpt"], "nope.ckpt does not exist"),
     (["--ckpt", "{d}/model", "--db", "{d}/nope"], "database directory .*nope does not exist"),
     (["--ckpt", "{d}/model", "--db", "{d}"], "manifest.json"),
-    (["--ckpt", "{d}/model", "--text", "a cat"], "--text and --image are queries into a database: add --db"),
+    (["--ckpt", "{d}/model", "--text", "a cat"], "--text, --image, --k and --no-query are about retrieval"),
     (["--ckpt", "{d}/model", "--steps", "999"], "steps must be between 1 and 500"),
     (["--ckpt", "{d}/model", "--n-samples", "0"], "--n-samples must be at least 1"),
     (["--ckpt", "{d}/model", "--seed", "-1"], r"--seed must be in \[0, 2\*\*63\)"),
-    (["--ckpt", "{d}/model", "--sampler", "plms", "--eta", "0.5"], "plms is deterministic"),
+    (["--ckpt", "{d}/model", "--sampler", "plms", "--eta", "0.5"], "--eta must be 0 for plms, which is deterministic"),
     (["--ckpt", "{d}/model", "--eta", "3"], (r"eta = 3 is too large for 20 steps .*: the DDIM update needs "
                                              r"eta <= 1.0166$")),
     (["--ckpt", "{d}/model", "--config", "imagenet", "--context-file", "{t}/ctx512.npy"],
@@ -281,7 +283,7 @@ def test_db_too_small_wrong_dim_and_encoder(tiny_dir, tmp_path, capsys):
     write_database(tmp_path / "dim", np.zeros((20, 16), np.float32), {**TEST_ENCODER, "dim": 16})
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "small"), "--out",
                str(tmp_path / "o")) == 2
-    assert "holds 3 entries; this model's contexts need at least 4" in capsys.readouterr().err
+    assert "holds 3 entries; contexts with 3 neighbours need at least 4" in capsys.readouterr().err
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "dim"), "--out",
                str(tmp_path / "o")) == 2
     assert "holds 16-d embeddings but the model expects 64-d" in capsys.readouterr().err
@@ -344,7 +346,6 @@ def test_context_length_conventions():
 
 def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch, caplog):
     """--db NAME finds $RDM_FAST_HOME/databases/NAME; pseudo-queries come from the top-m proposals only."""
-    import shutil
     home = tmp_path / "home"
     shutil.copytree(tiny_dir / "db", home / "databases" / "mydb")
     ranking = np.r_[[7, 3], np.setdiff1d(np.arange(50), [7, 3])]
@@ -353,9 +354,9 @@ def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch, cap
     drawn = []
     real = sample.model_context
 
-    def spy(db, cfg, queries, *, query_ids=None):
+    def spy(db, cfg, queries, *, query_ids=None, **kw):
         drawn.extend(query_ids.tolist())
-        return real(db, cfg, queries, query_ids=query_ids)
+        return real(db, cfg, queries, query_ids=query_ids, **kw)
 
     monkeypatch.setattr(sample, "model_context", spy)
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", "mydb", "--top-m", "0.04", "--out",
@@ -365,6 +366,54 @@ def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch, cap
     assert "5 samples from only 2 distinct pseudo-queries" in caplog.text
     info = json.loads((tmp_path / "o" / "run.json").read_text())
     assert info["top_m"] == 0.04 and info["context_source"] == "mydb"
+
+
+def test_sample_context_options(tiny_dir, tmp_path, hash_encoder, monkeypatch):
+    """--k sets the neighbours per query (0: the caption alone) and --no-query leaves the query out; run.json
+    records both."""
+    seen = []
+    real = sample.model_context
+
+    def spy(db, cfg, queries, **kw):
+        seen.append((queries.clone(), real(db, cfg, queries, **kw)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(sample, "model_context", spy)
+    base = ["--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db"), "--steps", "2", "--n-samples", "2"]
+    assert cli(sample, *base, "--text", "a red bird", "--k", "0", "--out", str(tmp_path / "a")) == 0
+    text = _HashEncoder().encode_text(["a red bird"])
+    torch.testing.assert_close(seen[-1][1], torch.nn.functional.normalize(text, dim=-1)[None].expand(2, 1, 64))
+    info = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert (info["neighbors"], info["include_query"]) == (0, True)
+
+    assert cli(sample, *base, "--text", "a red bird", "--k", "2", "--no-query", "--out", str(tmp_path / "b")) == 0
+    queries, ctx = seen[-1]
+    db = Database.open(tiny_dir / "db")
+    _, ids = db.search(queries, 2)
+    assert ctx.shape == (2, 2, 64)
+    torch.testing.assert_close(ctx, torch.nn.functional.normalize(db.embeddings(ids).float(), dim=-1))
+    info = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert (info["neighbors"], info["include_query"]) == (2, False)
+
+    assert cli(sample, *base, "--no-query", "--out", str(tmp_path / "c")) == 0  # top-m pseudo-queries
+    assert seen[-1][1].shape == (2, 3, 64)  # tiny has a text token: k_nn = 3 neighbours, no query
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--k", "2"], "about retrieval from a database: add --db"),
+    (["--no-query"], "about retrieval from a database: add --db"),
+])
+def test_context_options_need_a_database(tiny_dir, tmp_path, capsys, extra, message):
+    np.save(tmp_path / "ctx.npy", np.zeros((1, 4, 64), np.float32))
+    code = cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tmp_path / "ctx.npy"), *extra,
+               "--out", str(tmp_path / "o"))
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_k_zero_without_the_query_is_refused(tiny_dir, tmp_path, capsys):
+    code = cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db"), "--no-query", "--k", "0",
+               "--out", str(tmp_path / "o"))
+    assert code == 2 and "--k must be at least 1 with --no-query, got 0" in capsys.readouterr().err
 
 
 def test_convert(tmp_path, tiny_official, capsys):
@@ -456,8 +505,8 @@ def test_sample_with_text_and_image_queries(tiny_dir, tmp_path, hash_encoder, mo
     seen = []
     real = sample.model_context
 
-    def spy(db, cfg, queries, *, query_ids=None):
-        ctx = real(db, cfg, queries, query_ids=query_ids)
+    def spy(db, cfg, queries, *, query_ids=None, **kw):
+        ctx = real(db, cfg, queries, query_ids=query_ids, **kw)
         seen.append((queries.clone(), ctx))
         return ctx
 
@@ -473,3 +522,13 @@ def test_sample_with_text_and_image_queries(tiny_dir, tmp_path, hash_encoder, mo
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db"), "--image",
                str(tmp_path / "q.png"), "--out", str(tmp_path / "i"), "--steps", "2") == 0
     assert len(list((tmp_path / "i").glob("sample_*.png"))) == 1
+    sizes = []
+    monkeypatch.setattr(sample, "load_query_image", lambda p, size: sizes.append(size) or torch.zeros(3, size, size))
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db"), "--image",
+               str(tmp_path / "q.png"), "--out", str(tmp_path / "j"), "--steps", "2") == 0
+    assert sizes == [image_size(RDMConfig.resolve("tiny"))]  # no build record: the model's image size
+    shutil.copytree(tiny_dir / "db", tmp_path / "built")
+    update_manifest(tmp_path / "built", lambda m: m.update(build={"crop_size": 40}))
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "built"), "--image",
+               str(tmp_path / "q.png"), "--out", str(tmp_path / "k"), "--steps", "2") == 0
+    assert sizes[-1] == 40  # the database's crop size

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import yaml
 
@@ -133,12 +135,32 @@ def edited(**changes) -> dict:
     (dict(k_nn=0), "k_nn must be at least 1"),
     (dict(unet_config__out_channels=3), "channels = 16 but unet_config.out_channels = 3"),
     (dict(sampling={"sampler": "euler"}), "sampling.sampler must be 'ddim' or 'plms'"),
-    (dict(sampling={"eta": 5, "sampler": "plms"}), r"sampling.eta must be >= 0 \(0 for plms\)"),
+    (dict(sampling={"eta": 5, "sampler": "plms"}), r"sampling.eta must be 0 for plms"),
+    (dict(sampling={"eta": -1.0}), r"sampling.eta must be finite and >= 0"),
     (dict(sampling={"steps": "fifty"}), "sampling.steps = 'fifty' must be int"),
 ])
 def test_unsupported_configs_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
         RDMConfig.from_dict(edited(**change))
+
+
+def test_sampling_settings_resolve_against_the_defaults():
+    """``SamplingDefaults.resolve``: None takes the config's value; the result is checked as a whole (the PLMS/eta
+    pair included), with errors naming the argument rather than the config field."""
+    defaults = RDMConfig.resolve("imagenet").sampling
+    assert defaults.resolve() == defaults
+    assert defaults.resolve(steps=7, guidance_scale=1.0) == replace(defaults, steps=7, guidance_scale=1.0)
+    assert defaults.resolve(sampler="plms").sampler == "plms"  # imagenet's default eta is 0
+    with pytest.raises(ValueError, match="^eta must be 0 for plms"):
+        defaults.resolve(sampler="plms", eta=0.5)
+    with pytest.raises(ValueError, match="^sampler must be 'ddim' or 'plms'"):
+        defaults.resolve(sampler="euler")
+    with pytest.raises(ValueError, match="^guidance_scale must be finite"):
+        defaults.resolve(guidance_scale=float("inf"))
+    with pytest.raises(ValueError, match="^steps must be at least 1"):
+        defaults.resolve(steps=0)
+    with pytest.raises(TypeError, match="^steps must be an int"):
+        defaults.resolve(steps=True)
 
 
 def test_floats_written_as_yaml_strings_are_read():

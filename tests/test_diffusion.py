@@ -7,6 +7,7 @@ import torch
 
 from rdm_fast import ops
 from rdm_fast.diffusion import Schedule, guided, sample_ddim, sample_plms
+from rdm_fast.diffusion import schedule as schedule_module
 from rdm_fast.ops.glue import PLMS_WEIGHTS
 
 # Values computed by hand with 30-digit arithmetic (mpmath) from the schedule's definition.
@@ -63,6 +64,19 @@ def test_ddim_step_count_quirk_and_bounds():
             s.ddim_timesteps(past_end)
     with pytest.raises(ValueError, match="eta"):
         s.ddim(10, eta=-1.0)
+
+
+def test_ddim_step_count_warning_once_per_count(caplog, monkeypatch):
+    """A count that does not divide T is warned about once (sampling calls the schedule once per batch)."""
+    monkeypatch.setattr(schedule_module, "_WARNED", set())
+    s = Schedule.linear(0.0015, 0.0195)
+    with caplog.at_level("WARNING", logger="rdm_fast.diffusion.schedule"):
+        for _ in range(3):
+            s.ddim(11)
+        s.ddim(13)
+        s.ddim(10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [m.split(";")[0] for m in lines] == ["11 DDIM steps requested", "13 DDIM steps requested"]
 
 
 def test_ddim_update_formula():

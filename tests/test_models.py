@@ -509,6 +509,8 @@ def test_sample_follows_the_config_conventions(caplog):
 @pytest.mark.parametrize("kwargs,error,message", [
     ({"steps": 2.5}, TypeError, "steps must be an int"),
     ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be finite"),
+    ({"sampler": "plms", "eta": 0.5}, ValueError, "eta must be 0 for plms"),
+    ({"sampler": "euler"}, ValueError, "sampler must be 'ddim' or 'plms'"),
     ({"generator": 0}, TypeError, "generator must be a torch.Generator or a list"),
     ({"generator": [torch.Generator(), None]}, TypeError, "generator must be a torch.Generator or a list"),
     ({"generator": [torch.Generator()], "x_T": torch.zeros(2, 4, 16, 16)}, ValueError, "1 generators for 2 samples"),

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from rdm_fast import RDMConfig
-from rdm_fast.retrieval.context import (check_database_for_model, draw_pseudo_queries, locate_database,
-                                        model_context)
+from rdm_fast.retrieval.context import (check_database_for_model, default_neighbors, draw_pseudo_queries,
+                                        locate_database, model_context)
 from rdm_fast.retrieval.database import Database, save_proposals, write_database
 
 ENC = {"name": "test-64", "dim": 64, "normalized": False}
@@ -65,12 +65,40 @@ def test_text_token_layout_normalised(db_and_data):
         torch.testing.assert_close(ctx[row, 0], text[row] / text[row].norm())
 
 
+def test_context_options_k_and_no_query(db_and_data):
+    """``k`` neighbours instead of the convention, the neighbours without the query, or (k = 0) the query alone;
+    without a query slot the default k fills it (imagenet: 4 neighbours)."""
+    db, data = db_and_data
+    q = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 64))).float()
+    cfg = config(text_token=False, k_nn=4, normalized=False)
+    assert default_neighbors(cfg) == 3 and default_neighbors(cfg, include_query=False) == 4
+    text_cfg = config(text_token=True, k_nn=10, normalized=True)
+    assert default_neighbors(text_cfg) == default_neighbors(text_cfg, include_query=False) == 10
+    alone = model_context(db, cfg, q, k=0)
+    torch.testing.assert_close(alone, q[:, None])
+    torch.testing.assert_close(model_context(db, text_cfg, q, k=0), torch.nn.functional.normalize(q, dim=-1)[:, None])
+    without = model_context(db, cfg, q, include_query=False)
+    assert without.shape == (2, 4, 64)
+    for row in range(2):
+        expect = brute_force(data, q[row].double().numpy(), 4)
+        torch.testing.assert_close(without[row], torch.from_numpy(data[expect].astype(np.float32)), rtol=1e-3,
+                                   atol=1e-3)  # stored as float16
+    torch.testing.assert_close(model_context(db, cfg, q, k=6)[:, 1:5], without)  # nearest first
+    with pytest.raises(ValueError, match="k must be an int >= 1 without the query"):
+        model_context(db, cfg, q, k=0, include_query=False)
+    with pytest.raises(ValueError, match="k must be an int >= 0"):
+        model_context(db, cfg, q, k=-1)
+
+
 def test_checks_and_pseudo_queries(db_and_data, tmp_path, monkeypatch, caplog):
     db, _ = db_and_data
     cfg = config(text_token=False, k_nn=4, normalized=False)
     check_database_for_model(db, cfg)
-    with pytest.raises(ValueError, match="contexts need at least 39"):
+    with pytest.raises(ValueError, match="contexts with 38 neighbours need at least 39"):
         check_database_for_model(db, config(text_token=True, k_nn=38, normalized=False))
+    check_database_for_model(db, config(text_token=True, k_nn=38, normalized=False), 36)
+    with pytest.raises(ValueError, match="contexts with 37 neighbours need at least 38"):
+        check_database_for_model(db, cfg, 37)
     g = torch.Generator().manual_seed(0)
     assert set(draw_pseudo_queries(db, 200, 0.1, g).tolist()) == set(range(37))  # no ranking: all, warned
     assert "no proposal ranking" in caplog.text

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[int, int]] = set()  # (steps, T) whose step count was already warned about
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class Schedule:
         if timesteps[-1] >= total:
             raise ValueError(f"steps = {steps} would visit timestep {int(timesteps[-1])}, past the last one "
                              f"({total - 1}); choose a step count that divides {total}")
-        if len(timesteps) != steps:
+        if len(timesteps) != steps and (steps, total) not in _WARNED:  # once per count, not per batch
+            _WARNED.add((steps, total))
             log.warning("%d DDIM steps requested; the uniform schedule with stride %d gives %d (as the reference)",
                         steps, total // steps, len(timesteps))
         return timesteps

@@ -175,8 +175,9 @@ def replay_crop(img: Image.Image, mode: str, size: int, xy: tuple[int, int] | No
 
 
 def load_query_image(path: str | Path, size: int) -> Tensor:
-    """A query image as (3, size, size) in [-1, 1]: its central square, resized. FileNotFoundError if missing,
-    ValueError if unreadable."""
+    """A query image as (3, size, size) in [-1, 1]: short side resized to ``size``, then the central square, as
+    ``center`` database crops are made (pass the database's crop size, so that the encoder then resizes it as it
+    did the entries). FileNotFoundError if missing, ValueError if unreadable."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"query image {file} does not exist")

@@ -51,41 +51,60 @@ def locate_database(name_or_path: str | Path) -> Path:
                             f"parts with python -m rdm_fast.db import-npz, then pass its path or put it there)")
 
 
-def check_database_for_model(db: Database, cfg: RDMConfig) -> None:
-    """Raise ValueError unless ``db``'s embeddings are the kind the model was trained on."""
+def default_neighbors(cfg: RDMConfig, *, include_query: bool = True) -> int:
+    """Neighbours per context by the model's conventions: k_nn with a text token; without one, as many as fill
+    the k_nn slots beside the query (all k_nn when the query is left out)."""
+    return cfg.k_nn if cfg.text_token or not include_query else cfg.k_nn - 1
+
+
+def check_database_for_model(db: Database, cfg: RDMConfig, neighbors: int | None = None) -> None:
+    """Raise ValueError unless ``db``'s embeddings are the kind the model was trained on and it holds more than
+    ``neighbors`` entries (default: the model's convention)."""
     if db.dim != cfg.context_dim:
         raise ValueError(f"{db.path} holds {db.dim}-d embeddings but the model expects {cfg.context_dim}-d "
                          "(its context_dim)")
     if cfg.retrieval_encoder is not None and db.encoder_name != cfg.retrieval_encoder:
         raise ValueError(f"{db.path} was made by encoder {db.encoder_name!r} but the model was trained on "
                          f"{cfg.retrieval_encoder!r} embeddings")
-    needed = cfg.k_nn if cfg.text_token else cfg.k_nn - 1
+    needed = default_neighbors(cfg) if neighbors is None else neighbors
     if len(db) < needed + 1:
-        raise ValueError(f"{db.path} holds {len(db)} entries; this model's contexts need at least {needed + 1}")
+        raise ValueError(f"{db.path} holds {len(db)} entries; contexts with {needed} neighbours need at least "
+                         f"{needed + 1}")
 
 
 def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tensor | None = None,
-                      normalize: bool = False) -> Tensor:
-    """(Q, 1 + k, D) contexts: each query embedding followed by its k nearest entries.
+                      normalize: bool = False, include_query: bool = True) -> Tensor:
+    """(Q, 1 + k, D) contexts: each query embedding followed by its k nearest entries; (Q, k, D), the neighbours
+    alone, without ``include_query``. ``k = 0`` gives the queries alone (e.g. a caption's embedding).
 
     ``query_ids`` (Q,) marks queries that are database entries themselves: their own entry is skipped (one extra
     neighbour is retrieved and the query's id dropped, on the device, without synchronising).
     """
     if queries.dim() != 2:
         raise ValueError(f"queries must be (Q, D), got {tuple(queries.shape)}")
-    if query_ids is None:
-        _, ids = db.search(queries, k)
-    else:
-        _, ids = db.search(queries, k + 1)
-        ids = ids.gather(1, first_kept(ids != query_ids.to(ids.device)[:, None], k))
-    ctx = torch.cat([queries.float()[:, None], db.embeddings(ids).to(queries.device)], dim=1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0 or (k == 0 and not include_query):
+        raise ValueError(f"k must be an int >= {int(not include_query)}"
+                         f"{' without the query' if not include_query else ''}, got {k!r}")
+    parts = [queries.float()[:, None]] if include_query else []
+    if k > 0:
+        if query_ids is None:
+            _, ids = db.search(queries, k)
+        else:
+            _, ids = db.search(queries, k + 1)
+            ids = ids.gather(1, first_kept(ids != query_ids.to(ids.device)[:, None], k))
+        parts.append(db.embeddings(ids).to(queries.device).float())
+    ctx = torch.cat(parts, dim=1)
     return F.normalize(ctx, dim=-1) if normalize else ctx
 
 
-def model_context(db: Database, cfg: RDMConfig, queries: Tensor, *, query_ids: Tensor | None = None) -> Tensor:
-    """Contexts laid out as model ``cfg`` was trained with (see the module docstring)."""
-    k = cfg.k_nn if cfg.text_token else cfg.k_nn - 1
-    return neighbour_context(db, queries, k, query_ids=query_ids, normalize=cfg.normalized_embeddings)
+def model_context(db: Database, cfg: RDMConfig, queries: Tensor, *, query_ids: Tensor | None = None,
+                  k: int | None = None, include_query: bool = True) -> Tensor:
+    """Contexts laid out as model ``cfg`` was trained with (see the module docstring), normalised where it says.
+    ``k`` (default :func:`default_neighbors`) and ``include_query`` are the reference's sampling options: more or
+    fewer neighbours, the neighbours without the query, or (``k = 0``) the query alone, e.g. a caption."""
+    k = default_neighbors(cfg, include_query=include_query) if k is None else k
+    return neighbour_context(db, queries, k, query_ids=query_ids, normalize=cfg.normalized_embeddings,
+                             include_query=include_query)
 
 
 def draw_pseudo_queries(db: Database, n: int, top_m: float, generator: torch.Generator) -> Tensor:
