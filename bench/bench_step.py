@@ -1,6 +1,6 @@
 """One guided denoising step (a UNet call on the 2B batch [unconditional; conditional] plus the guidance combine)
-at the ANCHORS.md shapes: imagenet at 64 images (UNet batch 128) and rdm768 at 16 images (batch 32), bf16, on
-CUDA; the tiny preset on the CPU as a smoke run.
+at the anchor shapes (bench/RESULTS.md, "Anchors"): imagenet at 64 images (UNet batch 128) and rdm768 at 16
+images (batch 32), bf16, on CUDA; the tiny preset on the CPU as a smoke run.
 
 Variants, all in the same run on the same weights (random, every parameter non-zero; channels-last on CUDA):
 
@@ -10,9 +10,9 @@ Variants, all in the same run on the same weights (random, every parameter non-z
 * ``rdm_fast-eager``: the same without the CUDA graph.
 * ``torch-eager``: the plain-PyTorch path (ops mode reference: unfused norms computed in float32) with attention
   through PyTorch's ``scaled_dot_product_attention``, context tensor with the zeros concatenated, weights in
-  bf16. Slower than ANCHORS' eager "SDPA + bf16 autocast" peer (its norms and bias adds run in float32 with
+  bf16. Slower than the anchors' eager "SDPA + bf16 autocast" peer (its norms and bias adds run in float32 with
   extra casts): a baseline for our reference path, not the best eager PyTorch.
-* ``torch-compile``: that path through ``torch.compile`` (Inductor fuses those casts away; the ANCHORS peer,
+* ``torch-compile``: that path through ``torch.compile`` (Inductor fuses those casts away; the anchor peer,
   76.2 ms for imagenet on an H200);
   skipped unless ``RDM_BENCH_COMPILE=1`` (compiling the 400M/1.3B UNets takes minutes).
 """
@@ -44,7 +44,7 @@ def make_case(preset: str, images: int, device: torch.device, dtype: torch.dtype
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    if device.type == "cuda":  # as RDM.sample does on CUDA, and as the ANCHORS peers ran
+    if device.type == "cuda":  # as RDM.sample does on CUDA, and as the anchor peers ran
         model.unet.to(memory_format=torch.channels_last)
     cfg = model.config
     g = torch.Generator(device=device).manual_seed(0)

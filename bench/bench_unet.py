@@ -1,7 +1,7 @@
 """One UNet call (a denoising step without guidance) of the ``tiny`` and ``imagenet`` presets, with the ops
 dispatched to the fast kernels ("auto") and to the plain-PyTorch references, in the same run.
 
-Runs on whatever is present: CUDA in bf16 at the ANCHORS.md batch (128 = 64 images with guidance) for
+Runs on whatever is present: CUDA in bf16 at the anchors' batch (bench/RESULTS.md) (128 = 64 images with guidance) for
 imagenet, else the CPU in fp32 at batch 1. Compare the two modes' medians for the speed-up of the ops.
 Run: ``pytest bench/ --benchmark-only``.
 """

@@ -3,8 +3,8 @@
 The "two numbers first" of a GPU session (see bench/RESULTS.md): floating-point work counted by
 ``torch.utils.flop_counter`` on meta tensors (no memory, no GPU; multiply-add = 2 FLOPs), and the fewest bytes
 the memory-bound glue must move when each of its ops reads its inputs once and writes its output once (bf16
-activations). Floors use the H200 ceilings measured in ANCHORS.md (bf16 matrix product 778 TFLOP/s, copy
-4.25 TB/s); measured per-op times are to be compared against them.
+activations). Floors use the H200 ceilings of the anchor measurements (bench/RESULTS.md, "Anchors": bf16 matrix
+product 778 TFLOP/s, copy 4.25 TB/s); measured per-op times are to be compared against them.
 
 Run: ``python bench/floors.py`` (a few seconds on the CPU).
 """

@@ -1,13 +1,13 @@
 """Guided denoising step on a GPU: parity, timings against the PyTorch peer, and where the time goes.
 
-For each preset (default: the ANCHORS.md cases, imagenet at 64 images and rdm768 at 16, then small batches of 4
-and 1 images with timings only; bf16, channels-last):
+For each preset (default: the anchor cases of bench/RESULTS.md, imagenet at 64 images and rdm768 at 16, then
+small batches of 4 and 1 images with timings only; bf16, channels-last):
 
 1. parity: eps of one guided step from the fast path (what ``RDM.sample`` runs) and from the plain-PyTorch
    reference path, both in bf16, against the same step in float32 through the reference path (TF32 off);
 2. timings (CUDA events, median of 20 after 3 warm-ups, same process and weights): ``rdm_fast`` (CUDA graph),
    ``rdm_fast-eager``, ``torch-eager`` (our float32-norm reference ops + ``scaled_dot_product_attention``:
-   slower than ANCHORS' eager autocast peer), ``rdm_fast+fast-ops`` (the graph with rdm_fast's kernels forced,
+   slower than the anchors' eager autocast peer), ``rdm_fast+fast-ops`` (the graph with rdm_fast's kernels forced,
    against auto mode's timed choices between them and vendor kernels) and, with ``--variants ...,torch-compile``,
    ``torch-compile`` (that path through ``torch.compile``);
 3. a whole ``RDM.sample`` trajectory (20 DDIM steps, latents), per step: the guided steps plus the sampler's

@@ -80,10 +80,10 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         return 130
 
 
-def check_out_dir(path: str, flag: str = "--out") -> None:
-    """CLIError unless ``path`` is a directory or does not exist yet (checked before anything slow runs)."""
+def check_out_dir(path: str) -> None:
+    """CLIError unless ``--out`` ``path`` is a directory or does not exist yet (checked before anything slow runs)."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise CLIError(f"{flag} {path} is a file, not a directory")
+        raise CLIError(f"--out {path} is a file, not a directory")
 
 
 def summary(doc: str) -> str:

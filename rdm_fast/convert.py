@@ -27,14 +27,16 @@ log = logging.getLogger("rdm_fast.convert")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def official_checkpoint(model: RDM, ema: RDM | None = None, ema_updates: int = 0) -> dict[str, torch.Tensor]:
-    """``model``'s weights in the official layout; with ``ema``, its UNet as LitEma's ``model_ema.`` copy."""
+def official_checkpoint(model: RDM, ema: RDM | None = None, ema_updates: int = 0,
+                        ema_decay: float = 0.9999) -> dict[str, torch.Tensor]:
+    """``model``'s weights in the official layout; with ``ema``, its UNet as LitEma's ``model_ema.`` copy, with
+    the decay and update count it was made with (0.9999: the released models' and LitEma's default)."""
     state = model.official_state_dict()
     if ema is not None:
         unet = ema.official_state_dict()
         state.update({ckpt.ema_name(k[len(ckpt.UNET_PREFIX):]): v for k, v in unet.items()
                       if k.startswith(ckpt.UNET_PREFIX)})
-        state["model_ema.decay"] = torch.tensor(0.9999, dtype=torch.float32)
+        state["model_ema.decay"] = torch.tensor(ema_decay, dtype=torch.float32)
         state["model_ema.num_updates"] = torch.tensor(ema_updates, dtype=torch.int32)
     return state
 
@@ -42,11 +44,12 @@ def official_checkpoint(model: RDM, ema: RDM | None = None, ema_updates: int = 0
 def _export_official(args: argparse.Namespace, out: Path) -> Path:
     weights = ckpt.resolve_file(args.ckpt)
     training = (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file()  # raw UNet weights beside the EMA ones
-    updates = ckpt.read_train_state(weights.parent / ckpt.TRAIN_STATE_FILE)["ema_updates"] if training else 0
+    train_state = ckpt.read_train_state(weights.parent / ckpt.TRAIN_STATE_FILE) if training else {"ema_updates": 0}
+    decay = (train_state.get("run") or {}).get("ema_decay", 0.9999)  # the run's --ema-decay
     raw = RDM.from_pretrained(weights, args.config, use_ema=not training, allow_pickle=args.allow_pickle)
     ema = RDM.from_pretrained(weights, args.config, allow_pickle=args.allow_pickle) if training else None
     state = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() and k != "model_ema.decay" else v
-             for k, v in official_checkpoint(raw, ema, updates).items()}
+             for k, v in official_checkpoint(raw, ema, train_state["ema_updates"], decay).items()}
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, ["model.ckpt", "config.yaml"])  # what a killed export left there
     atomic_write(out / "model.ckpt", lambda f: torch.save({"state_dict": state}, f))

@@ -1,5 +1,6 @@
 """Training data of an RDM: the images of a training database, each with the context of its precomputed
-neighbours in the retrieval database (RDM_FACTS.md: neighbours found once in advance, the image itself excluded).
+neighbours in the retrieval database (as the paper's models were trained: neighbours found once in advance, the
+image itself excluded).
 
 Three inputs, all made by ``python -m rdm_fast.db``:
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from pathlib import Path
 from collections.abc import Sequence

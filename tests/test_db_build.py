@@ -19,7 +19,7 @@ from PIL import Image
 
 from test_database import INFO, TinyEncoder
 from rdm_fast.retrieval import Database, build_database, import_npz
-from rdm_fast.retrieval.npz_import import iter_row_ranges, iter_rows
+from rdm_fast.retrieval.npz_import import iter_row_ranges
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
@@ -264,18 +264,18 @@ def parts(tmp_path):
     return [tmp_path / "30x16-part_0.npz", tmp_path / "25x16-part_1.npz"], [a, b]
 
 
-def test_iter_rows_stored_and_deflated(parts):
+def test_row_ranges_stored_and_deflated(parts):
     (stored, deflated), (a, b) = parts
     with zipfile.ZipFile(stored) as z:
         assert z.getinfo("embedding.npy").compress_type == zipfile.ZIP_STORED
     with zipfile.ZipFile(deflated) as z:
         assert z.getinfo("embedding.npy").compress_type == zipfile.ZIP_DEFLATED
     for path, arrays in ((stored, a), (deflated, b)):
-        chunks = list(iter_rows(path, chunk_rows=7))
+        chunks = [c for _, c in iter_row_ranges(path, [(0, None)], chunk_rows=7)]
         assert [len(c) for c in chunks][:-1] == [7] * (len(chunks) - 1)
         np.testing.assert_array_equal(np.concatenate(chunks), arrays["embedding"])
-        np.testing.assert_array_equal(np.concatenate(list(iter_rows(path, start=9, stop=20, chunk_rows=4))),
-                                      arrays["embedding"][9:20])
+        middle = [c for _, c in iter_row_ranges(path, [(9, 20)], chunk_rows=4)]
+        np.testing.assert_array_equal(np.concatenate(middle), arrays["embedding"][9:20])
 
 
 def test_iter_row_ranges_reads_one_stream(parts):

@@ -227,7 +227,7 @@ def test_eta_beyond_the_real_bound_is_refused(steps, bound):
 @pytest.mark.parametrize("steps,eta", [(50, 0.0), (100, 1.0), (7, 0.5)])
 def test_schedule_and_updates_match_the_independent_oracle(steps, eta):
     """The schedule, DDIM coefficients, DDIM update and PLMS combination against tests/oracle.py's pure-Python
-    float64 versions (written from RDM_FACTS only)."""
+    float64 versions (written from the released models' conventions only)."""
     import oracle
 
     sched = Schedule.linear(0.0015, 0.0195)

@@ -842,10 +842,11 @@ def test_training_checkpoint_exports_to_the_official_layout(setup, tmp_path):
     from rdm_fast import convert
 
     run = tmp_path / "run"
-    assert train.main(_fresh(setup, run, steps=2)) == 0
+    assert train.main(_fresh(setup, run, "--ema-decay", "0.99", steps=2)) == 0
     assert convert.main([str(run), "--out", str(tmp_path / "official"), "--to", "official"]) == 0
     state = torch.load(tmp_path / "official" / "model.ckpt", weights_only=True)["state_dict"]
     assert int(state["model_ema.num_updates"]) == 2 and any(k.startswith("first_stage_model.") for k in state)
+    assert state["model_ema.decay"].item() == pytest.approx(0.99)  # the run's, not LitEma's default
     ema = load_file(str(run / "checkpoints" / "step_0000002" / "model.safetensors"))
     raw = _weights(run, 2)
     back_ema = RDM.from_pretrained(tmp_path / "official")  # config.yaml beside it

@@ -1,4 +1,4 @@
-"""The training objective of the released RDMs (RDM_FACTS.md): noise a clean latent to a uniformly drawn timestep
+"""The training objective of the released RDMs: noise a clean latent to a uniformly drawn timestep
 and regress the added noise, eps, with a mean squared error ("l_simple"; no ELBO term, no learned variance)."""
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from ..config import AutoencoderConfig, DDConfig
-from .layers import GroupNorm, Upsample, attention, conv1x1, conv3x3
+from .layers import GroupNorm, Upsample, conv1x1, conv3x3
 
 
 def _norm(channels: int) -> GroupNorm:
@@ -50,7 +51,7 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         hn = self.norm(x)
         q, k, v = (m(hn).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
-        out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
+        out = ops.attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
 
@@ -128,7 +129,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """``up`` is indexed by level like the encoder's ``down`` (up.0 is the full-resolution level) and runs last-first."""
+    """``up`` is indexed by level like the encoder's ``down`` (up.0: the full-resolution level); runs last-first."""
 
     def __init__(self, dd: DDConfig) -> None:
         super().__init__()
@@ -174,20 +175,15 @@ class Autoencoder(nn.Module):
         if cfg.kind == "vq":
             self.codebook = nn.Embedding(cfg.n_embed, cfg.embed_dim)
 
-    def encode(self, images: Tensor, *, sample: bool = True, generator: torch.Generator | None = None,
-               noise: Tensor | None = None) -> Tensor:
-        """Images in [-1, 1] -> latent. KL: a posterior sample (or its mean if ``sample=False``) drawn with
-        ``generator``, or taking ``noise`` (standard normal, the latent's shape) as its draw; VQ: pre-quantisation."""
-        return self.latent(self.moments(images), sample=sample, generator=generator, noise=noise)
-
     def moments(self, images: Tensor) -> Tensor:
         """What the encoder determines: KL, the posterior's (mean, log-variance) stacked on the channels; VQ, the
         pre-quantisation latent. Deterministic, so training can store it once per image (:meth:`latent`)."""
         return self.quant_conv(self.encoder(images))
 
-    def latent(self, moments: Tensor, *, sample: bool = True, generator: torch.Generator | None = None,
-               noise: Tensor | None = None) -> Tensor:
-        """The latent of :meth:`moments`: VQ, the moments themselves; KL, as :meth:`encode` describes."""
+    def latent(self, moments: Tensor, *, sample: bool = True, noise: Tensor | None = None) -> Tensor:
+        """The latent of :meth:`moments`: VQ, the moments themselves (pre-quantisation); KL, a posterior sample
+        ``mean + std * noise`` (``noise``: standard normal in the latent's shape, drawn here when None), or its mean
+        if ``sample=False``."""
         if self.cfg.kind == "vq":
             return moments
         mean, logvar = moments.chunk(2, dim=1)
@@ -195,7 +191,7 @@ class Autoencoder(nn.Module):
             return mean
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         if noise is None:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            noise = torch.randn_like(mean)
         elif noise.shape != mean.shape:
             raise ValueError(f"encode: noise must have the latent's shape {tuple(mean.shape)}, "
                              f"got {tuple(noise.shape)}")

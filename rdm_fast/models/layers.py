@@ -164,12 +164,7 @@ class Upsample(nn.Module):
         return add_channel_bias(F.conv_transpose2d(x, weight, None, stride=2, padding=1), self.conv.bias, out)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
-    """Multi-head softmax attention on (B, N, heads*d) tensors, scale d^-0.5; returns (B, N, heads*d)."""
-    return ops.attention(q, k, v, heads)
-
-
-def official_names(model: nn.Module, prefix: str = "") -> dict[str, str]:
+def official_names(model: nn.Module) -> dict[str, str]:
     """Map every state-dict key of ``model`` to its name in the official checkpoints."""
     out = {}
     for name in model.state_dict().keys():
@@ -179,5 +174,5 @@ def official_names(model: nn.Module, prefix: str = "") -> dict[str, str]:
             pieces.append(getattr(mod, "OFFICIAL", {}).get(part, part))
             mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
         pieces.append(parts[-1])
-        out[name] = prefix + ".".join(pieces)
+        out[name] = ".".join(pieces)
     return out

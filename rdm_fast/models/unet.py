@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from .._layout import nhwc_row_stride, row_view
 from ..config import UNetConfig
 from .. import ops
-from .layers import (GroupNorm, LayerNorm, Upsample, attention, cached, conv1x1, conv3x3, conv_with_bias,
+from .layers import (GroupNorm, LayerNorm, Upsample, cached, conv1x1, conv3x3, conv_with_bias,
                      is_channels_last, nchw, nhwc, official_names)
 
 
@@ -171,7 +171,7 @@ class Attention(nn.Module):
         else:
             ctx = x if context is None else context
             q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
-        return attention(q, k, v, self.heads)
+        return ops.attention(q, k, v, self.heads)
 
 
 class GEGLU(nn.Module):

@@ -1,6 +1,6 @@
 """Conditioning contexts from a database: the retrieval half of sampling an RDM.
 
-Conventions of the released models (RDM_FACTS.md, :class:`rdm_fast.RDMConfig`):
+Conventions of the released models (:class:`rdm_fast.RDMConfig`):
 
 * without a text token (imagenet, ffhq; ``k_nn`` = 4): ``[query, k_nn - 1 nearest entries]``, unnormalised;
 * with a text token (rdm768; ``k_nn`` = 10): ``[text or query embedding, k_nn nearest entries]``, L2-normalised.

@@ -108,14 +108,6 @@ def _read_exact(f: IO[bytes], n: int, where: str) -> bytes:
     return b"".join(chunks)
 
 
-def iter_rows(path: str | Path, name: str = "embedding", *, start: int = 0, stop: int | None = None,
-              chunk_rows: int = 65536) -> Iterator[np.ndarray]:
-    """Rows ``[start, stop)`` of the 2-D array ``name`` in the .npz ``path``, in chunks of at most
-    ``chunk_rows`` rows, reading only those bytes of the (stored or deflated) zip member."""
-    for _, chunk in iter_row_ranges(path, [(start, stop)], name, chunk_rows=chunk_rows):
-        yield chunk
-
-
 def iter_row_ranges(path: str | Path, ranges: Sequence[tuple[int, int | None]], name: str = "embedding", *,
                     chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
     """``(i, chunk)`` for the rows of each range ``i`` (``[start, stop)``, sorted and disjoint; ``stop`` None or
