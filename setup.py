@@ -11,6 +11,7 @@ are compiled against the torch that will import them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -28,6 +29,18 @@ except ImportError as exc:  # pragma: no cover - build-time guard
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
+
+
+def _csrc_digest() -> str:
+    """rdm_fast/_sources.py's digest of csrc/, loaded without importing the package (it is not built yet)."""
+    spec = importlib.util.spec_from_file_location("_rdm_fast_sources", ROOT / "rdm_fast" / "_sources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.csrc_digest(ROOT / CSRC)
+
+
+# hex digits only: passed unquoted (-DRDM_FAST_CSRC_DIGEST=...) and stringified in csrc/python_module.h
+DIGEST_MACRO = [("RDM_FAST_CSRC_DIGEST", _csrc_digest())]
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
@@ -95,6 +108,7 @@ def _extensions() -> list[Extension]:
             name="rdm_fast._C",
             sources=[f"{CSRC}/module_cpu.cpp", f"{CSRC}/library.cpp", f"{CSRC}/group_norm_cpu.cpp"],
             include_dirs=[str(ROOT / CSRC)],
+            define_macros=DIGEST_MACRO,
             extra_compile_args={"cxx": CXX_FLAGS},
             extra_link_args=["-fopenmp"],
         )
@@ -105,6 +119,7 @@ def _extensions() -> list[Extension]:
                 name="rdm_fast._C_cuda",
                 sources=[f"{CSRC}/module_cuda.cpp", f"{CSRC}/group_norm_cuda_host.cpp", f"{CSRC}/group_norm_cuda.cu"],
                 include_dirs=[str(ROOT / CSRC)],
+                define_macros=DIGEST_MACRO,
                 extra_compile_args={"cxx": ["-O3", CXX_STD], "nvcc": ["-O3", "-std=c++17"]},
             )
         )

@@ -388,6 +388,36 @@ def test_missing_extension_warns_once_and_fast_mode_explains(fresh_dispatch, mon
         group_norm(x, w, b, 2, EPS)
 
 
+def test_loaded_extension_was_built_from_these_sources(cpu_ext):
+    """The extension in use carries the digest of the csrc/ it was built from; run from a checkout, it equals the
+    checkout's (a stale install would have been refused)."""
+    import rdm_fast._C as ext
+    from rdm_fast._sources import csrc_digest
+
+    assert len(ext.csrc_digest) == 16 and int(ext.csrc_digest, 16) >= 0
+    if _extension.CHECKOUT_CSRC.is_dir():
+        assert ext.csrc_digest == csrc_digest(_extension.CHECKOUT_CSRC)
+
+
+def test_stale_build_is_recognised(tmp_path, monkeypatch):
+    """A module built from other sources (or before builds carried a digest) is named as stale; sources edited
+    after the build change the digest."""
+    from rdm_fast._sources import csrc_digest
+
+    (tmp_path / "op.cpp").write_text("int f() { return 1; }\n")
+    (tmp_path / "notes.txt").write_text("not a source")
+    fake = type(sys)("rdm_fast._fake")
+    monkeypatch.setitem(sys.modules, "rdm_fast._fake", fake)
+    assert "(digest unknown, sources" in _extension.stale_build("rdm_fast._fake", tmp_path)
+    fake.csrc_digest = csrc_digest(tmp_path)
+    assert _extension.stale_build("rdm_fast._fake", tmp_path) is None
+    (tmp_path / "notes.txt").write_text("still not a source")
+    assert _extension.stale_build("rdm_fast._fake", tmp_path) is None  # only C++/CUDA files count
+    (tmp_path / "op.cpp").write_text("int f() { return 2; }\n")
+    assert "a stale build" in _extension.stale_build("rdm_fast._fake", tmp_path)
+    assert _extension.stale_build("rdm_fast._fake", tmp_path / "none") is None  # an installed package: no sources
+
+
 def test_available_backends(cpu_ext):
     backends = ops.available_backends()
     assert set(backends) == {"cpu-ext", "cuda-ext", "triton"}

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
+
+from .._sources import csrc_digest
 
 logger = logging.getLogger("rdm_fast.ops")
 
@@ -35,7 +39,30 @@ def _import(module: str) -> None:
         _errors[module] = f"{module} failed to load: {exc}"
         logger.warning("%s; rebuild it against the installed torch (%s)", _errors[module], BUILD_HINT)
     else:
-        _loaded[module] = True
+        stale = stale_build(module)
+        if stale is None:
+            _loaded[module] = True
+        else:
+            _errors[module] = stale
+            logger.warning("%s: not using it (%s)", stale, BUILD_HINT)
+
+
+# csrc/ of the source checkout this package runs from, if it does (an installed package has none beside it)
+CHECKOUT_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+def stale_build(module: str, csrc: Path = CHECKOUT_CSRC) -> str | None:
+    """Why the imported ``module`` does not fit the sources in ``csrc`` (None where it does, or where there are no
+    sources to compare with): run from a source checkout, rdm_fast finds its extensions in an installed copy, which
+    may have been built from older sources."""
+    if not csrc.is_dir():
+        return None
+    built = getattr(sys.modules[module], "csrc_digest", "unknown")
+    if built == csrc_digest(csrc):
+        return None
+    where = getattr(sys.modules[module], "__file__", module)
+    return f"{module} ({where}) was built from other C++/CUDA sources than {csrc} (digest {built}, sources " \
+           f"{csrc_digest(csrc)}): a stale build"
 
 
 def load() -> None:
