@@ -8,7 +8,8 @@
 #      alone (it compares timings); nothing is timed until they are done;
 #   3. bench/gpu_step.py: parity of a whole guided step (fast and reference bf16 against fp32), CUDA-event
 #      timings of rdm_fast (graph / eager) against the eager SDPA peer, a per-kernel and a per-module breakdown;
-#      then bench/gpu_tune.py (GroupNorm tunables, attention per level vs SDPA, add_bias tunables, upsample variants; GPU_CHECK_TUNE=0 skips it);
+#      then, with GPU_CHECK_TUNE=1, bench/gpu_tune.py (GroupNorm tunables, attention per level vs SDPA, add_bias
+#      tunables, upsample variants: what chose the current defaults, bench/RESULTS.md);
 #   5. per-op pytest-benchmark suites with their PyTorch baselines (thin convolutions, cross-attention, glue,
 #      GroupNorm; `full` adds self-attention, search and the training step);
 #   6. in the time left, the torch.compile peer of the guided step (minutes of compilation per model).
@@ -16,8 +17,10 @@
 # tests.txt, step.txt, kernels_<preset>.txt (two), tune.txt, bench.txt (the pytest-benchmark table).
 # Usage there: bash bench/gpu_check.sh [full|tests|quick] (`tests`: phases 1, 2 and 4 only, with the whole budget;
 # `quick`: see below).
-# GPU_CHECK_BUDGET (seconds, default 420) bounds the whole script; nothing is downloaded. Test output is verbose
-# (one line per test, as it finishes), so that a phase cut off by its limit still names its failures.
+# GPU_CHECK_BUDGET (seconds, default 560: the tests take about 265 s and the step script about 85 s on an H200)
+# bounds the whole script; nothing is downloaded. Test output is verbose (one line per test, as it finishes), so
+# that a phase cut off by its limit still names its failures; benchmark runs are stopped with SIGINT, on which
+# pytest-benchmark still prints the table of those that finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -25,7 +28,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout (with the in-place extension) is imported
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-420}
+BUDGET=${GPU_CHECK_BUDGET:-560}
 left() { echo $((BUDGET - SECONDS)); }
 limit() { local want=$1 l; l=$(left); [ "$l" -lt "$want" ] && want=$l; [ "$want" -lt 5 ] && want=5; echo "$want"; }
 
@@ -34,6 +37,7 @@ limit() { local want=$1 l; l=$(left); [ "$l" -lt "$want" ] && want=$l; [ "$want"
 } 2>&1 | tee "$OUT/gpu.txt"
 
 MODE=${1:-}
+case "$MODE" in ""|full|tests|quick) ;; *) echo "unknown mode '$MODE': full, tests or quick (none: the default)"; exit 2;; esac
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 6"
 
 # `quick`: after a full run, for the ops changed since: the extension, their GPU tests (GPU_CHECK_TESTS, default
@@ -47,7 +51,8 @@ if [ "$MODE" = quick ]; then
   grep -E "FAILED|ERROR| passed| failed|rc=" "$OUT/tests.txt" | grep -v "^\[gw.*PASSED" | sort -u
   timeout "$(limit 150)" $PY bench/gpu_step.py --out "$OUT" --presets imagenet:64,rdm768:16 >> "$OUT/log.txt" 2>&1
   echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
-  timeout "$(limit 90)" $PY -m pytest -q -p no:cacheprovider bench/bench_conv.py --benchmark-only \
+  timeout -s INT -k 15 "$(limit 90)" $PY -m pytest -q -p no:cacheprovider bench/bench_conv.py -k "not cpu" \
+    --benchmark-only \
     --benchmark-columns=median,min,rounds --benchmark-group-by=group --benchmark-sort=name \
     --benchmark-json="$OUT/bench.json" > "$OUT/bench.txt" 2>&1
   echo "bench rc=$? at $SECONDS s" | tee -a "$OUT/bench.txt"
@@ -88,7 +93,7 @@ timeout "$(limit 150)" $PY bench/gpu_step.py --out "$OUT" >> "$OUT/log.txt" 2>&1
 echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 
 # 3b. tuning measurements (attention per level, upsample variants, GroupNorm tunables), for choosing defaults
-if [ "${GPU_CHECK_TUNE:-1}" = 1 ]; then
+if [ "${GPU_CHECK_TUNE:-0}" = 1 ]; then
   timeout "$(limit 150)" $PY bench/gpu_tune.py --out "$OUT" >> "$OUT/log.txt" 2>&1
   echo "tune rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 fi
@@ -98,8 +103,8 @@ BENCHES="bench/bench_conv.py bench/bench_cross_attention.py bench/bench_glue.py 
 [ "$MODE" = full ] && BENCHES="$BENCHES bench/bench_attention.py bench/bench_search.py bench/bench_train.py"
 COLS="--benchmark-columns=median,min,rounds --benchmark-group-by=group --benchmark-sort=name"
 if [ "$(left)" -gt 60 ]; then
-  timeout "$(limit 200)" $PY -m pytest -q -p no:cacheprovider $BENCHES --benchmark-only $COLS \
-    > "$OUT/bench.txt" 2>&1
+  timeout -s INT -k 15 "$(limit 200)" $PY -m pytest -q -p no:cacheprovider $BENCHES -k "not cpu" --benchmark-only \
+    $COLS > "$OUT/bench.txt" 2>&1
   echo "bench rc=$? at $SECONDS s" | tee -a "$OUT/bench.txt"
 fi
 

@@ -96,7 +96,12 @@ def tune_group_norm(log, device: str = "cuda") -> None:
             continue
         total = sum(n * per[s] for s, n in IMAGENET_GROUP_NORMS.items())
         rows.append((total, tile, warps, waves, max_c, unroll, per))
+        # each configuration as it finishes: a phase cut off by its time limit keeps what it measured
+        log(f"{total:8.3f} ms: tile {tile} warps {warps} waves {waves} max_block_c {max_c} unroll {unroll}")
     gn_kernels.NHWC_TUNING.update(default)
+    if not rows:
+        log("GroupNorm: no configuration ran")
+        return
     rows.sort(key=lambda r: r[0])
     log(f"{'step ms':>8s} {'tile':>5s} {'warps':>5s} {'waves':>5s} {'max_c':>5s} {'unroll':>6s}   (default {default})")
     for total, tile, warps, waves, max_c, unroll, _ in rows:
