@@ -15,6 +15,10 @@ Variants, all in the same run on the same weights (random, every parameter non-z
 * ``torch-compile``: that path through ``torch.compile`` (Inductor fuses those casts away; the anchor peer,
   76.2 ms for imagenet on an H200);
   skipped unless ``RDM_BENCH_COMPILE=1`` (compiling the 400M/1.3B UNets takes minutes).
+
+On the CPU the fast kernels are only the C++ GroupNorm: ``rdm_fast-eager`` runs the plain-PyTorch references of
+every other op (float32 attention with explicit scores), against ``torch-eager``'s SDPA. CPU ratios are smoke
+figures, not the product's speed; ``extra_info["fast_backends"]`` records what was available.
 """
 
 from __future__ import annotations
@@ -101,7 +105,8 @@ def test_guided_step(benchmark, setup, variant):
         pytest.skip("set RDM_BENCH_COMPILE=1 to include the torch.compile baseline (minutes to compile)")
     b = x.shape[0]
     benchmark.group = f"step-{preset}-{b}img-{str(DTYPE).removeprefix('torch.')}-{DEVICE.type}"
-    benchmark.extra_info.update(preset=preset, images=b, unet_batch=2 * b, variant=variant, device=str(DEVICE))
+    benchmark.extra_info.update(preset=preset, images=b, unet_batch=2 * b, variant=variant, device=str(DEVICE),
+                                fast_backends=ops.available_backends())
     mode = "reference" if variant.startswith("torch") else "auto"
     with ops.use_mode(mode), torch.inference_mode():
         eps_fn = step_fn(variant, model, x, ctx)

@@ -55,7 +55,8 @@ def test_training_step(benchmark, setup, variant):
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6)
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=CUDA)
     benchmark.group = f"train-{preset}-{x0.shape[0]}img-{'bf16' if CUDA else 'fp32'}-{DEVICE.type}"
-    benchmark.extra_info.update(preset=preset, images=x0.shape[0], variant=variant, device=str(DEVICE))
+    benchmark.extra_info.update(preset=preset, images=x0.shape[0], variant=variant, device=str(DEVICE),
+                                fast_backends=ops.available_backends())
     losses = (with_sdpa(eps_losses) if variant == "torch-sdpa" else eps_losses)
 
     def step():

@@ -34,7 +34,8 @@ def model_and_inputs(request):
 def test_unet_call(benchmark, model_and_inputs, mode):
     preset, model, (x, t, ctx) = model_and_inputs
     benchmark.group = f"unet-{preset}-b{x.shape[0]}-{str(DTYPE).replace('torch.', '')}-{DEVICE.type}"
-    benchmark.extra_info.update(preset=preset, batch=x.shape[0], mode=mode, device=str(DEVICE))
+    benchmark.extra_info.update(preset=preset, batch=x.shape[0], mode=mode, device=str(DEVICE),
+                                fast_backends=ops.available_backends())
 
     def call():
         with torch.inference_mode():
