@@ -71,13 +71,14 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
 
 
 def with_sdpa(fn):
-    """``fn`` with the UNet's attention swapped for :func:`sdpa_attention` during each call."""
+    """``fn`` with the UNet's attention (``ops.attention``, self and cross) swapped for :func:`sdpa_attention`
+    during each call."""
     def call(*args):
-        saved, unet_module.attention = unet_module.attention, sdpa_attention
+        saved, unet_module.ops.attention = unet_module.ops.attention, sdpa_attention
         try:
             return fn(*args)
         finally:
-            unet_module.attention = saved
+            unet_module.ops.attention = saved
     return call
 
 
