@@ -361,6 +361,12 @@ class RDMConfig:
         return self.k_nn + int(self.text_token)
 
     @property
+    def pixel_size(self) -> int:
+        """The side of the images the first stage encodes to a latent of ``image_size`` (256 for imagenet/ffhq,
+        768 for rdm768)."""
+        return self.image_size * self.first_stage_config.ddconfig.downsample_factor
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the latents the UNet denoises at the configured size."""
         return (self.channels, self.image_size, self.image_size)

@@ -58,11 +58,6 @@ from .retrieval.neighbors import DIGEST_KEYS, database_digest, neighbor_files
 log = logging.getLogger("rdm_fast.data")
 
 
-def image_size(cfg: RDMConfig) -> int:
-    """The side of the images the model's first stage encodes to its latent."""
-    return cfg.image_size * cfg.first_stage_config.ddconfig.downsample_factor
-
-
 # what a derived seed is for: its second part, so that no two uses share a stream (SeedSequence pads short
 # entropy with zeros, so (seed, e) and (seed, e, 0) would otherwise mix to the same seed)
 SHUFFLE, DRAWS, DROPOUT = 0, 1, 2

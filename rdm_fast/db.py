@@ -18,14 +18,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ._cli import CLIError, HelpFormatter, run, summary
 from ._distributed import process_device
 from ._files import atomic_save_npy, atomic_write
-from .encoders import EncoderUnavailable
+from .encoders import EncoderUnavailable, resolve_encoder
+from .images import contact_sheet
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
-                        resolve_encoder, save_neighbors, save_proposals)
+                        save_neighbors, save_proposals)
 from .retrieval.build import CROP_MODES, load_query_image, load_rgb, make_crops, replay_crop
 from .retrieval.context import locate_database
 from .retrieval.database import BACKENDS, PROPOSALS
@@ -257,22 +258,6 @@ def _tile(path: Path, crop: str | None, crop_size: int | None, xy: Sequence[int]
         log.warning("result image %s cannot be shown (%s): drawn as a grey tile", path, e)
         return None
     return Image.fromarray(make_crops(img, "center", size, 1, np.random.default_rng(0))[0][0])
-
-
-def contact_sheet(tiles: list[tuple[Image.Image, str]], columns: int | None = None) -> Image.Image:
-    """A grid of (image, caption) tiles, each caption written under its image."""
-    size = tiles[0][0].size[0]
-    columns = columns or min(len(tiles), math.ceil(math.sqrt(len(tiles))) + 1)
-    rows = math.ceil(len(tiles) / columns)
-    pad, text_h = 4, 14
-    sheet = Image.new("RGB", (columns * (size + pad) + pad, rows * (size + text_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (img, caption) in enumerate(tiles):
-        r, c = divmod(i, columns)
-        x, y = pad + c * (size + pad), pad + r * (size + text_h + pad)
-        sheet.paste(img, (x, y))
-        draw.text((x + 2, y + size + 1), caption, fill="black")
-    return sheet
 
 
 def _output_file(path: str, option: str) -> Path:

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from ._files import atomic_write
@@ -33,3 +33,19 @@ def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.nda
 def save_png(image: np.ndarray, path: str | Path) -> None:
     """Write an (H, W, 3) uint8 image atomically."""
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def contact_sheet(tiles: list[tuple[Image.Image, str]], columns: int | None = None) -> Image.Image:
+    """A grid of (image, caption) tiles, each caption written under its image."""
+    size = tiles[0][0].size[0]
+    columns = columns or min(len(tiles), math.ceil(math.sqrt(len(tiles))) + 1)
+    rows = math.ceil(len(tiles) / columns)
+    pad, text_h = 4, 14
+    sheet = Image.new("RGB", (columns * (size + pad) + pad, rows * (size + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, caption) in enumerate(tiles):
+        r, c = divmod(i, columns)
+        x, y = pad + c * (size + pad), pad + r * (size + text_h + pad)
+        sheet.paste(img, (x, y))
+        draw.text((x + 2, y + size + 1), caption, fill="black")
+    return sheet

@@ -28,14 +28,14 @@ from ._distributed import process_device
 from ._files import array_file_problem, atomic_write_json
 from .checkpoint import resolve_file
 from .config import RDMConfig, SamplingDefaults, preset_names
-from .data import derived_seed, image_size
+from .data import derived_seed
 from .diffusion import Schedule
 from .diffusion.samplers import draw_noise
-from .encoders import EncoderUnavailable, embed_images, embed_texts
+from .encoders import EncoderUnavailable, embed_images, embed_texts, resolve_encoder
 from .images import grid, save_png, to_uint8
 from .retrieval.context import (check_database_for_model, default_neighbors, draw_pseudo_queries, locate_database,
                                 model_context)
-from .retrieval.build import load_query_image, resolve_encoder
+from .retrieval.build import load_query_image
 from .retrieval.database import BACKENDS, Database
 from .rdm import checkpoint_config
 
@@ -217,7 +217,7 @@ class DatabaseContexts:
             self.queries = embed_texts(self.encoder, self.texts).to(self.device)
         else:
             # cut as the database's entries were (their crop size, the encoder resizing from there)
-            size = (self.db.manifest.get("build") or {}).get("crop_size") or image_size(self.cfg)
+            size = (self.db.manifest.get("build") or {}).get("crop_size") or self.cfg.pixel_size
             images = torch.stack([load_query_image(p, size) for p in self.images])
             self.queries = embed_images(self.encoder, images.to(self.device)).to(self.device)
         if self.queries is not None and not bool(torch.isfinite(self.queries).all()):  # once, before sampling

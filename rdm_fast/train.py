@@ -53,7 +53,7 @@ from ._distributed import Processes, process_device
 from ._files import atomic_write, atomic_write_json, fsync_path
 from .config import RDMConfig, preset_names
 from .data import (DRAWS, DROPOUT, TrainingContexts, TrainingImages, TrainingOrder, cached_moments, derived_seed,
-                   existing_neighbors_file, image_size)
+                   existing_neighbors_file)
 from .diffusion import eps_losses
 from .images import grid, save_png, to_uint8
 from .models.layers import official_names
@@ -434,7 +434,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     if model.config.retrieval_encoder is None:  # record it: sampling then refuses databases of other encoders
         model.config = replace(model.config, retrieval_encoder=contexts.retrieval.encoder_name)
     cfg = model.config
-    images = TrainingImages(contexts.training, image_size(cfg), args.image_root)
+    images = TrainingImages(contexts.training, cfg.pixel_size, args.image_root)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     global_batch = args.batch_size * procs.world * args.accumulate
     run_info = {"draws": DRAWS_VERSION, "seed": args.seed, "global_batch": global_batch, "lr": args.lr,

@@ -416,7 +416,7 @@ def test_list_class_from_folder_gives_files_beside_the_list_no_class(tmp_path):
 
 
 def test_bad_factory_and_device(tmp_path):
-    from rdm_fast.retrieval import resolve_encoder
+    from rdm_fast.encoders import resolve_encoder
 
     with pytest.raises(ValueError, match=r"getcwd must be a factory callable as getcwd\(device=\.\.\."):
         resolve_encoder("os:getcwd")

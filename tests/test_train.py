@@ -29,7 +29,7 @@ from rdm_fast import train
 from rdm_fast._cli import run
 from rdm_fast.checkpoint import TRAIN_STATE_FILE, TRAIN_WEIGHTS_FILE, CheckpointError
 from rdm_fast.data import (DRAWS, DROPOUT, SHUFFLE, MomentCache, TrainingContexts, TrainingImages, TrainingMoments,
-                           TrainingOrder, derived_seed, image_size)
+                           TrainingOrder, derived_seed)
 from rdm_fast.diffusion import Schedule, eps_losses, noised
 from rdm_fast.models import unet as unet_module
 from rdm_fast.models.layers import official_names
@@ -724,9 +724,9 @@ def test_first_stage_from_checkpoints(tmp_path):
 
 
 def test_image_size_of_the_presets():
-    assert image_size(RDMConfig.preset("imagenet")) == 256
-    assert image_size(RDMConfig.preset("rdm768")) == 768
-    assert image_size(RDMConfig.preset("tiny")) == 32
+    assert RDMConfig.preset("imagenet").pixel_size == 256
+    assert RDMConfig.preset("rdm768").pixel_size == 768
+    assert RDMConfig.preset("tiny").pixel_size == 32
 
 
 def _unet_gradients(device: str, autocast: torch.dtype | None, mode: str = "auto") -> dict[str, torch.Tensor]:

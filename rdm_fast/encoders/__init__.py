@@ -11,10 +11,11 @@ from functools import partial
 
 import torch
 
-from .base import Encoder, EncoderUnavailable, embed_images, embed_texts, get_encoder, list_encoders, register_encoder
+from .base import (Encoder, EncoderUnavailable, embed_images, embed_texts, get_encoder, list_encoders,
+                   register_encoder, resolve_encoder)
 
 __all__ = ["Encoder", "EncoderUnavailable", "embed_images", "embed_texts", "get_encoder", "list_encoders",
-           "register_encoder"]
+           "register_encoder", "resolve_encoder"]
 
 
 def _clip(name: str, *, device: str | torch.device, checkpoint: str | None, pretrained: bool) -> Encoder:

@@ -7,6 +7,8 @@ records these and refuses queries made by another encoder.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -113,4 +115,31 @@ def get_encoder(name: str, *, device: str | torch.device = "cpu", checkpoint: st
     if name not in _REGISTRY:
         raise ValueError(f"unknown encoder {name!r}; available: {', '.join(list_encoders()) or 'none'}")
     encoder = _REGISTRY[name](device=device, checkpoint=checkpoint, pretrained=pretrained)
+    return encoder.eval().requires_grad_(False)
+
+
+def resolve_encoder(spec: str, *, device: str | torch.device = "cpu", checkpoint: str | None = None,
+                    pretrained: bool = True) -> Encoder:
+    """An encoder from a registered name, or from ``"package.module:factory"``: the module is imported and
+    ``factory(device=..., checkpoint=..., pretrained=...)`` must return an :class:`Encoder` (how users plug
+    their own encoders into the command line)."""
+    if spec in _REGISTRY or ":" not in spec:
+        return get_encoder(spec, device=device, checkpoint=checkpoint, pretrained=pretrained)
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as e:
+        raise ValueError(f"encoder {spec!r}: cannot import module {module_name!r} ({e})") from None
+    except AttributeError:
+        raise ValueError(f"encoder {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    try:
+        inspect.signature(factory).bind(device=device, checkpoint=checkpoint, pretrained=pretrained)
+    except TypeError as e:  # not callable, or another signature
+        raise ValueError(f"encoder {spec!r}: {attr} must be a factory callable as {attr}(device=..., "
+                         f"checkpoint=..., pretrained=...) returning an Encoder ({e})") from None
+    except ValueError:  # no signature to inspect (some builtins): let the call decide
+        pass
+    encoder = factory(device=device, checkpoint=checkpoint, pretrained=pretrained)
+    if not isinstance(encoder, Encoder):
+        raise ValueError(f"encoder {spec!r}: {attr}(...) returned a {type(encoder).__name__}, not an Encoder")
     return encoder.eval().requires_grad_(False)

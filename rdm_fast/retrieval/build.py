@@ -13,8 +13,6 @@ rank 0 writes the manifest, so the result is identical to a single-process build
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -29,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .._distributed import Processes, process_device
 from .._files import atomic_write_json, remove_stale_temps, sha256_file
-from ..encoders import Encoder, embed_images, get_encoder, list_encoders
+from ..encoders import Encoder, embed_images, resolve_encoder
 from .database import MANIFEST, new_manifest, write_manifest, write_shard
 
 log = logging.getLogger("rdm_fast.retrieval")
@@ -38,34 +36,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CROP_MODES = ("random", "center", "none")
 PROGRESS = "progress"
 MAX_SKIPPED_IN_MANIFEST = 1000
-
-
-# ---------------------------------------------------------------------------------------------- encoders
-def resolve_encoder(spec: str, *, device: str | torch.device = "cpu", checkpoint: str | None = None,
-                    pretrained: bool = True) -> Encoder:
-    """An encoder from a registered name, or from ``"package.module:factory"``: the module is imported and
-    ``factory(device=..., checkpoint=..., pretrained=...)`` must return an :class:`Encoder` (how users plug
-    their own encoders into the command line)."""
-    if spec in list_encoders() or ":" not in spec:
-        return get_encoder(spec, device=device, checkpoint=checkpoint, pretrained=pretrained)
-    module_name, _, attr = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except ImportError as e:
-        raise ValueError(f"encoder {spec!r}: cannot import module {module_name!r} ({e})") from None
-    except AttributeError:
-        raise ValueError(f"encoder {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
-    try:
-        inspect.signature(factory).bind(device=device, checkpoint=checkpoint, pretrained=pretrained)
-    except TypeError as e:  # not callable, or another signature
-        raise ValueError(f"encoder {spec!r}: {attr} must be a factory callable as {attr}(device=..., "
-                         f"checkpoint=..., pretrained=...) returning an Encoder ({e})") from None
-    except ValueError:  # no signature to inspect (some builtins): let the call decide
-        pass
-    encoder = factory(device=device, checkpoint=checkpoint, pretrained=pretrained)
-    if not isinstance(encoder, Encoder):
-        raise ValueError(f"encoder {spec!r}: {attr}(...) returned a {type(encoder).__name__}, not an Encoder")
-    return encoder.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
