@@ -102,4 +102,5 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def pick_dtype(bf16: bool, fp16: bool) -> torch.dtype:
+    """The dtype of ``--bf16`` / ``--fp16`` (float32 without either)."""
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32

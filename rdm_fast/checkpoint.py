@@ -204,6 +204,7 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
 
 
 def describe(names: list[str], limit: int = 12) -> str:
+    """The first ``limit`` names joined for an error message, with a count of the rest."""
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 

@@ -43,6 +43,7 @@ def _positive(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``db`` command line: one subcommand per step of a database's life."""
     p = argparse.ArgumentParser(prog="python -m rdm_fast.db", description=summary(__doc__))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = HelpFormatter
@@ -151,6 +152,7 @@ def _unavailable(spec: str, e: EncoderUnavailable) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    """``db build``: embed an image folder or list into a new database (resumable)."""
     if args.workers < 0:
         raise CLIError(f"--workers must be at least 0, got {args.workers}")
     try:
@@ -175,6 +177,7 @@ def _print_summary(path: Path) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    """``db import-npz``: the official {N}x{D}-part_{i}.npz files as a database, streamed."""
     for part in args.parts:  # before the encoder is built (seconds, for CLIP)
         if not Path(part).is_file():
             raise CLIError(f"part file {part} does not exist" if not Path(part).exists() else
@@ -202,6 +205,7 @@ def _human(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """``db info``: a database's size, encoder, index and proposals (``--verify``: checksums)."""
     db = Database.open(locate_database(args.db), backend="torch", device="cpu", verify=args.verify)
     m = db.manifest
     if args.json:
@@ -273,6 +277,7 @@ def _output_file(path: str, option: str) -> Path:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    """``db search``: the nearest entries of a caption or an image, optionally as a contact sheet."""
     if args.contact_sheet:
         _output_file(args.contact_sheet, "--contact-sheet")
     device = process_device(args.device)
@@ -332,6 +337,7 @@ def _parse_param(text: str) -> tuple[str, object]:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    """``db index``: build a FAISS index over a database."""
     try:
         from .retrieval.faiss_index import INDEX_KINDS
     except ImportError as e:
@@ -346,6 +352,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_neighbors(args: argparse.Namespace) -> int:
+    """``db neighbors``: training neighbours per query and the top-m proposal ranking."""
     for file in neighbor_files(args.out):  # bad output names fail before the search, not after it
         _output_file(str(file), "--out")
     if args.top_m_out:
@@ -382,6 +389,7 @@ COMMANDS = {"build": cmd_build, "import-npz": cmd_import, "info": cmd_info, "sea
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the arguments and run the subcommand."""
     args = build_parser().parse_args(argv)
     return COMMANDS[args.command](args)
 

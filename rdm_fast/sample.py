@@ -194,7 +194,8 @@ class DatabaseContexts:
     """Per-batch contexts from a database: the queries are fixed up front (seeded), retrieval runs per batch on
     the sampling device."""
 
-    def __init__(self, args: argparse.Namespace, cfg, device: torch.device, generator: torch.Generator) -> None:
+    def __init__(self, args: argparse.Namespace, cfg: RDMConfig, device: torch.device,
+                 generator: torch.Generator) -> None:
         self.db = Database.open(locate_database(args.db), backend=args.search_backend, device=device)
         self.include_query = not args.no_query
         self.k = default_neighbors(cfg, include_query=self.include_query) if args.neighbors is None else \

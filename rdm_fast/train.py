@@ -93,14 +93,17 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        """Move the average towards ``module``'s current weights (one optimiser step's update)."""
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [p.float() for p in self._params(module)], 1.0 - d)
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The averaged weights (float32) by parameter name."""
         return dict(zip(self.names, self.shadow))
 
     def load_state_dict(self, tensors: dict[str, Tensor], updates: int) -> None:
+        """Restore the averaged weights and the update count of a saved run (CheckpointError if any is missing)."""
         missing = [n for n in self.names if n not in tensors]
         if missing:
             raise ckpt.CheckpointError(f"the EMA weights lack {ckpt.describe(missing)}")
@@ -378,6 +381,7 @@ def sample_draws(seed: int, step: int, rows: range, model: RDM, device: torch.de
 
 
 def learning_rate(args: argparse.Namespace, step: int) -> float:
+    """``--lr`` after a linear warm-up over the first ``--warmup`` steps (constant afterwards, as the reference)."""
     return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
 
 

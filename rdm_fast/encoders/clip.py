@@ -24,7 +24,7 @@ import logging
 import os
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -59,7 +59,7 @@ class ClipEncoder(Encoder):
     normalized = False
     image_size = IMAGE_SIZE
 
-    def __init__(self, name: str, model: nn.Module, tokenizer, dim: int) -> None:
+    def __init__(self, name: str, model: nn.Module, tokenizer: Callable[[list[str]], Tensor], dim: int) -> None:
         super().__init__()
         self.name = name
         self.dim = dim

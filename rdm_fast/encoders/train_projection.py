@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .._cli import HelpFormatter
+from .._cli import HelpFormatter, run
 from .._files import atomic_write
 from .offline import (DIM, IMAGE_FEATURES, NAME, PROJECTION_FILE, TEXT_FEATURES, OfflineEncoder, require_packages,
                       resize)
@@ -389,8 +389,8 @@ class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and each option's default."""
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry point; returns the held-out metrics."""
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (the held-out metrics are printed and stored in the weights' metadata)."""
     parser = argparse.ArgumentParser(prog="python -m rdm_fast.encoders.train_projection", description=__doc__,
                                      formatter_class=_Formatter)
     parser.add_argument("--out", type=Path, default=PROJECTION_FILE, help="weights file to write (.safetensors)")
@@ -453,8 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     write_weights(tensors, metadata, args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
-    return metrics
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

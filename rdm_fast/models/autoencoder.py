@@ -21,6 +21,8 @@ def _norm(channels: int) -> GroupNorm:
 
 
 class ResBlock(nn.Module):
+    """GN-SiLU-conv twice, plus a (1x1) skip; no timestep input (the autoencoders' block)."""
+
     OFFICIAL = {"skip": "nin_shortcut"}
 
     def __init__(self, cin: int, cout: int, dropout: float = 0.0) -> None:
@@ -88,6 +90,8 @@ class Level(nn.Module):
 
 
 class Mid(nn.Module):
+    """The lowest level's ResBlock, attention block, ResBlock."""
+
     OFFICIAL = {"res1": "block_1", "attn": "attn_1", "res2": "block_2"}
 
     def __init__(self, channels: int, dropout: float) -> None:
@@ -101,6 +105,10 @@ class Mid(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Images -> the first stage's moments before quant_conv: ResBlocks (and attention) per level, downsampling
+    between levels, then the middle block, GN-SiLU and a 3x3 convolution to 2 * z_channels (double_z: KL's mean
+    and log-variance) or z_channels."""
+
     def __init__(self, dd: DDConfig) -> None:
         super().__init__()
         self.conv_in = conv3x3(dd.in_channels, dd.ch)

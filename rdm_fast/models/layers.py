@@ -48,10 +48,12 @@ class LayerNorm(nn.LayerNorm):
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    """A 3x3 convolution with padding 1 (the UNet's and the autoencoders')."""
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
 
 
 def conv1x1(cin: int, cout: int) -> nn.Conv2d:
+    """A 1x1 convolution (channel projections: skips, proj_in/proj_out, quant convs)."""
     return nn.Conv2d(cin, cout, 1)
 
 

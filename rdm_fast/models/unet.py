@@ -328,6 +328,8 @@ def _projected_bias(weight: Tensor, bias: Tensor, carried: Tensor) -> Tensor:
 
 
 class Downsample(nn.Module):
+    """A 3x3 convolution with stride 2 (padding 1), as the released UNets downsample."""
+
     OFFICIAL = {"conv": "op"}
 
     def __init__(self, channels: int) -> None:

@@ -246,6 +246,7 @@ class TorchExactSearch:
         self.shards, self.device, self.chunk_rows = list(shards), torch.device(device), chunk_rows
 
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(scores, ids) of the k most similar entries per query, best first (see ``exact_search``)."""
         return exact_search(queries.to(self.device), self.shards, k, chunk=self.chunk_rows)
 
 
