@@ -26,6 +26,22 @@ from torch import Tensor
 
 from ._extension import BUILD_HINT
 
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # of every fused op's tensors
+
+
+def check_tensor(op: str, name: str, t: Tensor, like: Tensor | None = None, shape: tuple | None = None,
+                 desc: str | None = None, dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES) -> None:
+    """ValueError naming ``op`` and the argument ``name`` unless ``t`` has ``shape`` (written as ``desc``, e.g.
+    "(C,)", where given), one of ``dtypes`` and ``like``'s device."""
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        want = f"{desc} = {tuple(shape)}" if desc else str(tuple(shape))
+        raise ValueError(f"{op}: expected {name} of shape {want}, got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{op}: unsupported {name} dtype {t.dtype} (expected one of {names})")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{op}: expected {name} on device {like.device}, got {t.device}")
+
 logger = logging.getLogger("rdm_fast.ops")
 
 MODES = ("auto", "reference", "fast")

@@ -27,12 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import Impl, Op, autocast_inputs, eager_constant, get_mode, needs_grad
+from ._dispatch import SUPPORTED_DTYPES, Impl, Op, autocast_inputs, eager_constant, get_mode, needs_grad
 from ._measured import Measured
 from ._triton_kernels import TritonKernels, without_bfloat16
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def check_args(q: Tensor, k: Tensor, v: Tensor, heads: int) -> None:
     """Raise ValueError when (q, k, v, heads) do not describe a valid attention call."""

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._layout import copy_into_blocks, nhwc_row_stride
-from ._dispatch import Impl, Op, autocast_inputs, get_mode, needs_grad
+from ._dispatch import SUPPORTED_DTYPES, Impl, Op, autocast_inputs, get_mode, needs_grad
 from ._measured import Measured
 from ._triton_kernels import TritonKernels, without_bfloat16
-from .glue import SUPPORTED_DTYPES, add_bias
+from .glue import add_bias
 
 _kernels = TritonKernels("conv")
 MAX_THIN_CHANNELS = 16  # the kernel's layers: at most this many input or output channels

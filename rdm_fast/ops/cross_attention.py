@@ -20,27 +20,13 @@ statistics, softmax and accumulation, output in x's dtype.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import Impl, Op, autocast_inputs, needs_grad
+from ._dispatch import Impl, Op, autocast_inputs, check_tensor, needs_grad
 from .attention import _interpreter_unavailable, _triton_unavailable, attention, attention_reference
 from ._triton_kernels import without_bfloat16
 from .glue import layer_norm, layer_norm_reference
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_tensor(name: str, t: Tensor, x: Tensor, shape: tuple[int, ...] | None, desc: str) -> None:
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"cross_attention: expected {name} of shape {desc} = {shape}, got {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"cross_attention: unsupported {name} dtype {t.dtype} (expected float32, float16 or "
-                         "bfloat16)")
-    if t.device != x.device:
-        raise ValueError(f"cross_attention: expected {name} on device {x.device}, got {t.device}")
-
 
 def check_args(x: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None, w_q: Tensor, k: Tensor, v: Tensor,
                heads: int, shift: Tensor | None = None) -> None:
@@ -48,21 +34,21 @@ def check_args(x: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None, w_q:
     if x.dim() != 3:
         raise ValueError(f"cross_attention: expected x of shape (B, N, C), got {tuple(x.shape)}")
     batch, _, channels = x.shape
-    _check_tensor("x", x, x, None, "")
+    check_tensor("cross_attention", "x", x)
     if w_q.dim() != 2 or w_q.shape[1] != channels:
         raise ValueError(f"cross_attention: expected w_q of shape (heads * d, C={channels}), got {tuple(w_q.shape)}")
-    _check_tensor("w_q", w_q, x, None, "")
+    check_tensor("cross_attention", "w_q", w_q, x)
     inner = w_q.shape[0]
     if heads <= 0 or inner % heads:
         raise ValueError(f"cross_attention: w_q's {inner} output features are not divisible into {heads} heads")
     for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias), ("shift", shift)):
         if p is not None:
-            _check_tensor(name, p, x, (channels,), "(C,)")
+            check_tensor("cross_attention", name, p, x, (channels,), "(C,)")
     if k.dim() != 3 or k.shape[0] not in (1, batch) or k.shape[2] != inner or k.shape[1] < 1:
         raise ValueError(f"cross_attention: expected k of shape (B={batch} or 1, M >= 1, heads * d={inner}), "
                          f"got {tuple(k.shape)}")
-    _check_tensor("k", k, x, None, "")
-    _check_tensor("v", v, x, tuple(k.shape), "k's shape")
+    check_tensor("cross_attention", "k", k, x)
+    check_tensor("cross_attention", "v", v, x, tuple(k.shape), "k's shape")
 
 
 def cross_attention_reference(

@@ -26,29 +26,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._layout import copy_into_blocks
-from ._dispatch import autocast_inputs, needs_grad
+from ._dispatch import SUPPORTED_DTYPES, autocast_inputs, check_tensor, needs_grad
 from ._triton_kernels import TritonKernels
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_LAYER_NORM_WIDTH = 16384  # the Triton kernel holds a row in registers
 Coef = float | Tensor
 
 _kernels = TritonKernels("glue")
 
 
-def _check_tensor(op: str, name: str, t: Tensor, like: Tensor | None = None, shape: tuple | None = None,
-                  dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES) -> None:
-    if t.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{op}: unsupported {name} dtype {t.dtype} (expected one of {names})")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{op}: expected {name} of shape {tuple(shape)}, got {tuple(t.shape)}")
-    if like is not None and t.device != like.device:
-        raise ValueError(f"{op}: expected {name} on device {like.device}, got {t.device}")
-
-
 def _check_same(op: str, name: str, t: Tensor, x: Tensor, dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES) -> None:
-    _check_tensor(op, name, t, x, x.shape, dtypes)
+    check_tensor(op, name, t, x, x.shape, dtypes=dtypes)
     if t.dtype != x.dtype:
         raise ValueError(f"{op}: expected {name} of dtype {x.dtype} (that of x), got {t.dtype}")
 
@@ -64,10 +52,10 @@ def _check_layer_norm(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | 
                       shift: Tensor | None = None) -> None:
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{op}: expected x with a non-empty last dim to normalise, got shape {tuple(x.shape)}")
-    _check_tensor(op, "x", x)
+    check_tensor(op, "x", x)
     for name, p in (("weight", weight), ("bias", bias), ("shift", shift)):
         if p is not None:
-            _check_tensor(op, name, p, x, (x.shape[-1],))
+            check_tensor(op, name, p, x, (x.shape[-1],))
 
 
 def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *,
@@ -106,7 +94,7 @@ def _check_add_layer_norm(x, residual, residual_bias, weight, bias) -> None:
     if residual is not None:
         _check_same("add_layer_norm", "residual", residual, x)
     if residual_bias is not None:
-        _check_tensor("add_layer_norm", "residual_bias", residual_bias, x, (x.shape[-1],))
+        check_tensor("add_layer_norm", "residual_bias", residual_bias, x, (x.shape[-1],))
 
 
 def _residual_sum(x: Tensor, residual: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -168,13 +156,13 @@ def add_layer_norm(
 def _check_add_bias(x: Tensor, bias: Tensor | None, residual: Tensor | None, out: Tensor | None) -> None:
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"add_bias: expected x of shape (..., C) with C > 0, got {tuple(x.shape)}")
-    _check_tensor("add_bias", "x", x)
+    check_tensor("add_bias", "x", x)
     if bias is not None:
-        _check_tensor("add_bias", "bias", bias, x, (x.shape[-1],))
+        check_tensor("add_bias", "bias", bias, x, (x.shape[-1],))
     if residual is not None:
         _check_same("add_bias", "residual", residual, x)
     if out is not None:
-        _check_tensor("add_bias", "out", out, x)
+        check_tensor("add_bias", "out", out, x)
         if out.dtype != x.dtype:
             raise ValueError(f"add_bias: expected out of dtype {x.dtype} (that of x), got {out.dtype}")
         if _out_copies(x, out) is None:
@@ -233,7 +221,7 @@ def add_bias(x: Tensor, bias: Tensor | None, residual: Tensor | None = None, *, 
 def _check_geglu(h: Tensor) -> None:
     if h.dim() < 1 or h.shape[-1] % 2:
         raise ValueError(f"geglu: expected h of shape (..., 2F) with an even last dim, got {tuple(h.shape)}")
-    _check_tensor("geglu", "h", h)
+    check_tensor("geglu", "h", h)
 
 
 def geglu_reference(h: Tensor) -> Tensor:
@@ -289,7 +277,7 @@ STEP_DTYPES = (*SUPPORTED_DTYPES, torch.float64)
 
 def _check_step(x, e_uncond, e_cond, history, weights, noise) -> None:
     op = "sampler step"
-    _check_tensor(op, "x", x, dtypes=STEP_DTYPES)
+    check_tensor(op, "x", x, dtypes=STEP_DTYPES)
     _check_same(op, "e_cond", e_cond, x, STEP_DTYPES)
     if e_uncond is not None:
         _check_same(op, "e_uncond", e_uncond, x, STEP_DTYPES)

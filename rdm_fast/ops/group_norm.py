@@ -15,22 +15,8 @@ from torch import Tensor
 
 from .. import _layout
 from . import _extension
-from ._dispatch import Impl, Op, autocast_inputs, eager_constant, needs_grad
+from ._dispatch import Impl, Op, autocast_inputs, check_tensor, eager_constant, needs_grad
 from ._triton_kernels import TritonKernels
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_param(t: Tensor | None, name: str, x: Tensor, shape: tuple[int, ...], desc: str) -> None:
-    if t is None:
-        return
-    if tuple(t.shape) != shape:
-        raise ValueError(f"group_norm: expected {name} of shape {desc} = {shape}, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"group_norm: unsupported {name} dtype {t.dtype} (expected float32, float16 or bfloat16)")
-    if t.device != x.device:
-        raise ValueError(f"group_norm: expected {name} on device {x.device}, got {t.device}")
-
 
 def check_args(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, add: Tensor | None) -> None:
     """Raise ValueError when the arguments do not describe a valid group_norm call."""
@@ -38,17 +24,19 @@ def check_args(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups
         raise ValueError(
             f"group_norm: expected x of shape (B, C, *spatial) with at least 2 dims, got shape {tuple(x.shape)}"
         )
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"group_norm: unsupported dtype {x.dtype} (expected float32, float16 or bfloat16)")
+    check_tensor("group_norm", "x", x)
     channels = x.shape[1]
     if num_groups <= 0 or channels % num_groups:
         raise ValueError(
             f"group_norm: number of channels C={channels} must be divisible by num_groups={num_groups} "
             f"(x of shape {tuple(x.shape)})"
         )
-    _check_param(weight, "weight", x, (channels,), "(C,)")
-    _check_param(bias, "bias", x, (channels,), "(C,)")
-    _check_param(add, "add", x, (x.shape[0], channels), "(B, C)")
+    if weight is not None:
+        check_tensor("group_norm", "weight", weight, x, (channels,), "(C,)")
+    if bias is not None:
+        check_tensor("group_norm", "bias", bias, x, (channels,), "(C,)")
+    if add is not None:
+        check_tensor("group_norm", "add", add, x, (x.shape[0], channels), "(B, C)")
 
 
 _INT_MAX = 2**31 - 1
