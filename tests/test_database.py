@@ -272,14 +272,23 @@ def test_search_ties_by_lower_id(tmp_path):
         np.testing.assert_allclose(scores.numpy(), ref_scores, atol=1e-6)
 
 
-@pytest.mark.parametrize("k", [1, 4, 10, 31])
-def test_topk_lowest_id(k):
-    scores = torch.randint(0, 6, (25, 31)).float()  # heavy ties
+@pytest.mark.parametrize("k", [1, 4, 10, 30, 31])
+@pytest.mark.parametrize("values", [6, 1000])  # heavy ties; few (most rows need no fallback)
+def test_topk_lowest_id(k, values):
+    scores = torch.randint(0, values, (25, 31)).float()
+    scores[3, 5] = float("nan")
+    scores[4, :] = float("-inf")
+    scores[5, [2, 9]] = float("inf")
+    given = scores.clone()
     vals, idx = topk_lowest_id(scores, k)
-    for row, v, i in zip(scores.numpy(), vals.numpy(), idx.numpy(), strict=True):
+    assert torch.equal(scores.isnan(), given.isnan())  # not changed unless inplace
+    ranked = torch.nan_to_num(given, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")).numpy()
+    for row, v, i in zip(ranked, vals.numpy(), idx.numpy(), strict=True):
         ref = np.lexsort((np.arange(31), -row))[:k]
         np.testing.assert_array_equal(i, ref)
         np.testing.assert_array_equal(v, row[ref])
+    vals2, idx2 = topk_lowest_id(given, k, inplace=True)
+    assert torch.equal(idx2, idx) and not given.isnan().any()
 
 
 def test_search_images_and_text_use_the_encoder(db_dir):

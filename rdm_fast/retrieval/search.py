@@ -23,18 +23,22 @@ def check_k(k: object, n: int) -> None:
         raise ValueError(f"k must be between 1 and the database size {n}, got {k}")
 
 
-def topk_lowest_id(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def topk_lowest_id(scores: Tensor, k: int, *, inplace: bool = False) -> tuple[Tensor, Tensor]:
     """Top-k columns of (Q, n) ``scores``, best first, equal scores ordered (and chosen) by lower column; NaN
-    scores count as -inf (ranked last; torch.topk would rank them first). Uses ``torch.topk`` and falls back
-    to a stable sort only for rows with a tie at the k-th score."""
-    scores = torch.where(scores.isnan(), float("-inf"), scores)
-    vals, idx = torch.topk(scores, k, dim=1)
-    kth = vals[:, -1:]
-    tied = (scores == kth).sum(1) != (vals == kth).sum(1)  # an equal score outside the selection
-    if tied.any():
-        rows = tied.nonzero().squeeze(1)
-        idx[rows] = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]
-        vals[rows] = scores[rows].gather(1, idx[rows])
+    scores count as -inf (ranked last; torch.topk would rank them first), replaced in ``scores`` itself when
+    ``inplace``. Takes ``torch.topk`` of k + 1 and falls back to a stable sort only for rows whose (k+1)-th score
+    equals the k-th (a tie across the selection's edge): no pass over the whole score matrix besides topk's."""
+    inf = float("inf")
+    scores = scores.nan_to_num_(-inf, inf, -inf) if inplace else torch.nan_to_num(scores, -inf, inf, -inf)
+    n = scores.shape[1]
+    vals, idx = torch.topk(scores, min(k + 1, n), dim=1)
+    if n > k:
+        tied = vals[:, k] == vals[:, k - 1]  # an equal score outside the selection
+        vals, idx = vals[:, :k], idx[:, :k]
+        if tied.any():
+            rows = tied.nonzero().squeeze(1)
+            idx[rows] = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]
+            vals[rows] = scores[rows].gather(1, idx[rows])
     by_col = torch.sort(idx, dim=1).indices  # order the selection by (score desc, column asc)
     idx, vals = idx.gather(1, by_col), vals.gather(1, by_col)
     order = torch.sort(vals, dim=1, descending=True, stable=True).indices
@@ -74,7 +78,7 @@ def exact_search(queries: Tensor, database: Rows | Sequence[Rows], k: int, *,
             block = part[start:start + chunk]
             block = torch.from_numpy(np.asarray(block, np.float32)) if isinstance(block, np.ndarray) else block
             block = F.normalize(block.to(q.device, torch.float32), dim=1)
-            scores, cols = topk_lowest_id(q @ block.T, min(k, block.shape[0]))
+            scores, cols = topk_lowest_id(q @ block.T, min(k, block.shape[0]), inplace=True)
             best = merge_topk(best, scores, cols + (offset + start), k)
         offset += part.shape[0]
     return best
