@@ -33,6 +33,7 @@ from .retrieval.database import BACKENDS, PROPOSALS
 from .retrieval.neighbors import neighbor_files
 
 log = logging.getLogger("rdm_fast.db")
+EXACT_CPU_WARNING = 10**14  # multiply-adds of an exact CPU neighbour search worth a warning (about an hour)
 
 
 def _positive(value: str) -> int:
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     backend_help = ("search backend: auto (triton on CUDA, else the FAISS index if built, else exact torch), "
                     f"or one of {', '.join(b for b in BACKENDS if b != 'auto')}")
     device_help = "auto (cuda if available, else cpu), cpu, cuda or cuda:N"
+    nprobe_help = ("with an ivfpq index (the faiss backend): inverted lists searched per query (default: the one "
+                   "recorded at build, nlist / 20); fewer is faster and less exact")
     b = command("build", "embed images into a new database (resumable; torchrun for several GPUs)")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of jpg/jpeg/png/webp images (searched recursively)")
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-root", help="folder the database's relative sources are resolved against "
                                         "(default: the one recorded at build time)")
     s.add_argument("--backend", choices=BACKENDS, default="auto", help=backend_help)
+    s.add_argument("--nprobe", type=_positive, help=nprobe_help)
     s.add_argument("--device", default="auto", help=device_help)
 
     x = command("index", "build a FAISS index over the database")
@@ -135,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--out", required=True, help=".npz (ids, scores) or .npy (ids; X_scores.npy beside it)")
     n.add_argument("--top-m-out", help="also write the proposal ranking here (.npy, (N, 2) int64: id, count)")
     n.add_argument("--backend", choices=BACKENDS, default="auto", help=backend_help)
+    n.add_argument("--nprobe", type=_positive, help=nprobe_help)
     n.add_argument("--device", default="auto", help=device_help)
     n.add_argument("--no-progress", action="store_true", help=no_progress)
     return p
@@ -276,12 +281,20 @@ def _output_file(path: str, option: str) -> Path:
     return out
 
 
+def _open_for_search(args: argparse.Namespace, device: torch.device) -> Database:
+    """``args.db`` with the search options (--backend, --nprobe); --nprobe without an ivfpq index is warned about."""
+    db = Database.open(locate_database(args.db), backend=args.backend, device=device, nprobe=args.nprobe)
+    if args.nprobe and db.backend != "faiss-ivfpq":
+        log.warning("--nprobe applies to ivfpq indexes only; this search runs %s, which ignores it", db.backend)
+    return db
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """``db search``: the nearest entries of a caption or an image, optionally as a contact sheet."""
     if args.contact_sheet:
         _output_file(args.contact_sheet, "--contact-sheet")
     device = process_device(args.device)
-    db = Database.open(locate_database(args.db), backend=args.backend, device=device)
+    db = _open_for_search(args, device)
     spec = args.encoder or db.encoder_spec
     encoder = _encoder(spec, device, args.encoder_checkpoint)
     if args.text is not None:
@@ -362,13 +375,18 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     if args.dedup_threshold is not None and not -1 <= args.dedup_threshold <= 1:
         raise CLIError(f"--dedup-threshold is a cosine similarity in [-1, 1], got {args.dedup_threshold}")
     device = process_device(args.device)
-    db = Database.open(locate_database(args.db), backend=args.backend, device=device)
+    db = _open_for_search(args, device)
     queries = Database.open(locate_database(args.queries), backend="torch", device="cpu") if args.queries else None
     if args.exclude_self and queries is not None and queries.path.resolve() != db.path.resolve():
         raise CLIError("--exclude-self applies only when the queries are the database itself")
     if queries is not None and len(queries) == 0:
         raise CLIError(f"--queries {args.queries} is empty: no neighbours to compute (the proposal ranking of "
                        f"{args.db} is left as it is)")
+    work = len(db) * len(queries if queries is not None else db) * db.dim  # multiply-adds of an exact search
+    if db.backend == "torch-exact" and device.type == "cpu" and work > EXACT_CPU_WARNING:
+        log.warning("exact search on the CPU: %d queries against %d entries are %.1e multiply-adds (hours or "
+                    "more); an index (python -m rdm_fast.db index %s) or a GPU (--device cuda) is much faster",
+                    len(queries if queries is not None else db), len(db), work, args.db)
     ids, scores = compute_neighbors(db, queries, k=args.k, exclude_self=args.exclude_self,
                                     dedup_threshold=args.dedup_threshold, batch_size=args.batch_size,
                                     progress=not args.no_progress)

@@ -308,6 +308,37 @@ def test_faiss_index_backend(random_db, capsys, kind):
     assert f"index      {kind} (index_{kind}.faiss)" in capsys.readouterr().out
 
 
+def test_nprobe_reaches_the_ivfpq_search_and_is_warned_about_elsewhere(random_db, tmp_path, monkeypatch, caplog):
+    pytest.importorskip("faiss")
+    from rdm_fast.retrieval.faiss_index import FaissSearch
+
+    _, path = random_db
+    seen = []
+    real = FaissSearch.load.__func__
+    monkeypatch.setattr(FaissSearch, "load", classmethod(lambda cls, *a, **kw: seen.append(kw["nprobe"]) or
+                                                         real(cls, *a, **kw)))
+    assert cli("index", str(path), "--kind", "flat", "--no-progress") == 0
+    args = ["neighbors", str(path), "--k", "3", "--backend", "faiss", "--no-progress", "--nprobe", "3"]
+    assert cli(*args, "--out", str(tmp_path / "a.npz")) == 0
+    assert "--nprobe applies to ivfpq indexes only; this search runs faiss-flat" in caplog.text
+    caplog.clear()
+    assert cli("index", str(path), "--kind", "ivfpq", "--param", "nlist=4", "--param", "m=4", "--param", "nbits=4",
+               "--no-progress") == 0
+    assert cli(*args, "--out", str(tmp_path / "b.npz")) == 0
+    assert seen[-1] == 3 and "--nprobe applies" not in caplog.text
+    assert np.load(tmp_path / "b.npz")["ids"].shape == (300, 3)
+
+
+def test_neighbors_warns_about_long_exact_cpu_searches(random_db, tmp_path, monkeypatch, caplog):
+    _, path = random_db
+    args = ["neighbors", str(path), "--k", "3", "--backend", "torch", "--device", "cpu", "--no-progress"]
+    assert cli(*args, "--out", str(tmp_path / "a.npz")) == 0
+    assert "exact search on the CPU" not in caplog.text
+    monkeypatch.setattr(db_cli, "EXACT_CPU_WARNING", 300 * 300 * 16 - 1)
+    assert cli(*args, "--out", str(tmp_path / "b.npz")) == 0
+    assert "exact search on the CPU: 300 queries against 300 entries are 1.4e+06 multiply-adds" in caplog.text
+
+
 def test_replacing_an_index_removes_the_old_file(random_db):
     pytest.importorskip("faiss")
     _, path = random_db

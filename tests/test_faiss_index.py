@@ -326,4 +326,6 @@ def test_estimate_memory_20m():
     est = estimate_memory("ivfpq", 20_927_907, 512)
     assert est["codes"] == 20_927_907 * 64 and est["ids"] == 20_927_907 * 8
     assert est["total"] < 6 * 2**30
-    assert estimate_memory("flat", 20_927_907, 512)["total"] > 24 * 2**30
+    flat = estimate_memory("flat", 20_927_907, 512)
+    assert flat["total"] > 3 * flat["vectors"] > 24 * 2**30  # the storage is reallocated by doubling as it grows
+    assert estimate_memory("hnsw", 1000, 64)["storage_growth"] == 2 * 4 * 1000 * 64
