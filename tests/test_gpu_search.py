@@ -385,6 +385,22 @@ def test_without_cuda():
         GPUExactSearch(np.eye(4, dtype=np.float32))
 
 
+def test_explicit_gpu_too_small_is_refused_before_copying(monkeypatch):
+    """An explicit CUDA device whose free memory cannot hold its share: a readable error, no allocation (the free
+    memory is faked, so this runs without a GPU)."""
+    free = {0: 10_000, 1: 1_000_000}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free[torch.device(d).index], 2 * free[1]))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    rows = np.ones((1000, 16), np.float32)  # 1000 x (16 x 2 + 4) bytes = 36 kB in float16
+    with pytest.raises(RuntimeError, match=r"rows for cuda:0 need .* GiB but it has .* usable .*without a device"):
+        GPUExactSearch(rows, devices=["cuda:0"])
+    with pytest.raises(RuntimeError, match=r"rows for cuda:0 need"):  # two shards on one device add up
+        GPUExactSearch(rows, devices=["cuda:1", "cuda:0", "cuda:0"])
+    monkeypatch.setattr(GPUExactSearch, "_load", lambda self, parts, start, stop, device, chunk: (
+        torch.zeros(stop - start, 16), torch.ones(stop - start)))  # no GPU here to copy to
+    GPUExactSearch(rows, devices=["cuda"])  # the current device, 1, has room
+
+
 # ------------------------------------------------------------------------------------------------- CUDA (compiled)
 
 GPU_KERNEL_CASES = {

@@ -115,6 +115,7 @@ class GPUExactSearch:
             if not devices:
                 raise ValueError("devices must name at least one device")
         bounds = np.linspace(0, n, len(devices) + 1).round().astype(np.int64)
+        self._check_free_memory(devices, np.diff(bounds) * (row_bytes + 4))  # + the fp32 norm per row
         self._shards: list[tuple[int, Tensor]] = []
         self._norms: list[Tensor] = []  # per shard: each row's L2 norm before normalising (fp32)
         for device, start, stop in zip(devices, bounds[:-1], bounds[1:]):
@@ -156,6 +157,24 @@ class GPUExactSearch:
             f"GPUExactSearch: the database needs {total_bytes / 2**30:.1f} GiB but the {count} visible GPU(s) "
             f"have {sum(free) / 2**30:.1f} GiB usable ({_FILL_FRACTION:.0%} of free memory)"
         )
+
+    @staticmethod
+    def _check_free_memory(devices: list[torch.device], needed: np.ndarray) -> None:
+        """RuntimeError, before anything is copied, where a CUDA device's share exceeds its usable free memory (an
+        explicit device list; the default one is chosen to fit)."""
+        need: dict[torch.device, int] = {}
+        for device, size in zip(devices, needed):
+            if device.type == "cuda":
+                device = torch.device("cuda", device.index if device.index is not None else
+                                      torch.cuda.current_device())
+                need[device] = need.get(device, 0) + int(size)
+        for device, size in need.items():
+            usable = torch.cuda.mem_get_info(device)[0] * _FILL_FRACTION
+            if size > usable:
+                raise RuntimeError(
+                    f"GPUExactSearch: the database's rows for {device} need {size / 2**30:.1f} GiB but it has "
+                    f"{usable / 2**30:.1f} GiB usable ({_FILL_FRACTION:.0%} of free memory): open it without a "
+                    f"device to split it over the visible GPUs, or search it through a FAISS index on the CPU")
 
     @torch.no_grad()
     def _load(self, parts: list[np.ndarray | Tensor], start: int, stop: int, device: torch.device,
