@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -136,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--exclude-self", action="store_true", help="drop each query's own entry (queries = DB)")
     n.add_argument("--dedup-threshold", type=float, help="drop entries more similar to the query than this cosine")
     n.add_argument("--batch-size", type=_positive, default=1024, help="queries per search")
-    n.add_argument("--out", required=True, help=".npz (ids, scores) or .npy (ids; X_scores.npy beside it)")
+    n.add_argument("--out", required=True, help=".npz (ids, scores) or .npy (ids; X_scores.npy beside it); the "
+                                                "results so far are kept in OUT.progress/ until it is written, so "
+                                                "that a rerun after a kill continues from them")
     n.add_argument("--top-m-out", help="also write the proposal ranking here (.npy, (N, 2) int64: id, count)")
     n.add_argument("--backend", choices=BACKENDS, default="auto", help=backend_help)
     n.add_argument("--nprobe", type=_positive, help=nprobe_help)
@@ -387,10 +390,12 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         log.warning("exact search on the CPU: %d queries against %d entries are %.1e multiply-adds (hours or "
                     "more); an index (python -m rdm_fast.db index %s) or a GPU (--device cuda) is much faster",
                     len(queries if queries is not None else db), len(db), work, args.db)
+    resume_dir = Path(f"{args.out}.progress")  # the results so far: a killed run continues from them
     ids, scores = compute_neighbors(db, queries, k=args.k, exclude_self=args.exclude_self,
                                     dedup_threshold=args.dedup_threshold, batch_size=args.batch_size,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, resume_dir=resume_dir)
     written = save_neighbors(args.out, ids, scores, databases=(db, queries if queries is not None else db))
+    shutil.rmtree(resume_dir, ignore_errors=True)
     ranked, counts = proposal_ranking(ids, len(db))
     if args.top_m_out:  # before the database's own ranking changes
         atomic_save_npy(args.top_m_out, np.stack([ranked.numpy(), counts.numpy()], 1))

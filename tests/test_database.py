@@ -346,6 +346,37 @@ def test_neighbors_exclusion_and_dedup(tmp_path, exclude_self, threshold):
     assert not (ids == torch.arange(34)[:, None]).any()
 
 
+def test_neighbors_resume_after_a_kill(tmp_path, monkeypatch, caplog):
+    """With ``resume_dir`` a run killed after some batches continues from them (searching only the rest) and
+    gives the uninterrupted results; other settings start over."""
+    caplog.set_level("INFO", logger="rdm_fast.retrieval")
+    stored, db = _planted(tmp_path)
+    ref_ids, ref_scores = compute_neighbors(db, k=5, exclude_self=True, batch_size=7, progress=False)
+    searched, kill_at, real = [], [3], Database.search
+
+    def search(self, queries, k, **kw):
+        searched.append(len(queries))
+        if len(searched) == kill_at[0]:
+            raise KeyboardInterrupt  # the third batch: a kill
+        return real(self, queries, k, **kw)
+
+    monkeypatch.setattr(Database, "search", search)
+    resume = tmp_path / "nn.progress"
+    with pytest.raises(KeyboardInterrupt):
+        compute_neighbors(db, k=5, exclude_self=True, batch_size=7, progress=False, resume_dir=resume)
+    assert json.loads((resume / "state.json").read_text())["done"] == 14
+    searched.clear()
+    kill_at[0] = 0  # no kill this time
+    ids, scores = compute_neighbors(db, k=5, exclude_self=True, batch_size=7, progress=False, resume_dir=resume)
+    assert searched == [7, 7, 6]  # queries 14..33 only
+    assert "resuming the neighbours at query 14 of 34" in caplog.text
+    assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
+    searched.clear()
+    ids, _ = compute_neighbors(db, k=4, exclude_self=True, batch_size=7, progress=False, resume_dir=resume)
+    assert "other settings: starting over" in caplog.text and len(searched) == 5
+    assert torch.equal(ids, ref_ids[:, :4])
+
+
 def test_neighbors_other_queries_and_errors(tmp_path):
     stored, db = _planted(tmp_path)
     queries = stored[[3, 20]] * 2.0

@@ -334,6 +334,7 @@ def test_neighbors_warns_about_long_exact_cpu_searches(random_db, tmp_path, monk
     args = ["neighbors", str(path), "--k", "3", "--backend", "torch", "--device", "cpu", "--no-progress"]
     assert cli(*args, "--out", str(tmp_path / "a.npz")) == 0
     assert "exact search on the CPU" not in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "r"]  # the progress folder is gone
     monkeypatch.setattr(db_cli, "EXACT_CPU_WARNING", 300 * 300 * 16 - 1)
     assert cli(*args, "--out", str(tmp_path / "b.npz")) == 0
     assert "exact search on the CPU: 300 queries against 300 entries are 1.4e+06 multiply-adds" in caplog.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +17,61 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._files import atomic_save_npy, atomic_save_npz
+from .._files import atomic_save_npy, atomic_save_npz, atomic_write_json
 from .database import Database
 from .search import first_kept
+
+log = logging.getLogger("rdm_fast.retrieval")
 
 
 def _same_database(a: Database, b: Database) -> bool:
     return a is b or a.path.resolve() == b.path.resolve()
 
 
+class _Results:
+    """The (ids, scores) of a neighbours run: in memory, or with ``directory`` in memory-mapped files there,
+    with ``state.json`` recording how many queries are done, so that a killed run resumes where it stopped.
+    Those files are flushed before the count is written; a run with other settings starts over."""
+
+    def __init__(self, n: int, k: int, directory: str | Path | None, settings: dict) -> None:
+        self.directory, self.done = None if directory is None or n == 0 else Path(directory), 0
+        if self.directory is None:
+            self.ids, self.scores = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.state = self.directory / "state.json"
+        files = (self.directory / "ids.npy", self.directory / "scores.npy")
+        self.settings = settings
+        try:
+            state = json.loads(self.state.read_text()) if self.state.is_file() else None
+            if state is not None and state.get("settings") == settings:
+                self.ids, self.scores = (np.lib.format.open_memmap(f, mode="r+") for f in files)
+                if self.ids.shape != (n, k) or self.scores.shape != (n, k):
+                    raise ValueError("shapes differ")
+                self.done = int(state["done"])
+                log.info("resuming the neighbours at query %d of %d (progress in %s)", self.done, n, self.directory)
+                return
+            if state is not None:
+                log.warning("%s holds the progress of a neighbours run with other settings: starting over",
+                            self.directory)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s: unreadable progress (%s): starting over", self.directory, e)
+        self.state.unlink(missing_ok=True)
+        self.ids, self.scores = (np.lib.format.open_memmap(f, mode="w+", dtype=dt, shape=(n, k))
+                                 for f, dt in zip(files, (np.int64, np.float32)))
+
+    def finished(self, done: int) -> None:
+        """Queries [0, done) are filled in."""
+        self.done = done
+        if self.directory is not None:
+            self.ids.flush()
+            self.scores.flush()
+            atomic_write_json(self.state, {"settings": self.settings, "done": done})
+
+
 def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: int, exclude_self: bool = False,
-                      dedup_threshold: float | None = None, batch_size: int = 1024,
-                      progress: bool = True) -> tuple[Tensor, Tensor]:
+                      dedup_threshold: float | None = None, batch_size: int = 1024, progress: bool = True,
+                      resume_dir: str | Path | None = None) -> tuple[Tensor, Tensor]:
     """The k nearest entries of ``db`` for every entry of ``queries_db`` (default: ``db`` itself), as
     (ids (N_q, k) int64, scores (N_q, k) float32) CPU tensors, best first. Note the order: ids first, as the
     neighbours files store them (``Database.search`` returns scores first).
@@ -35,6 +79,8 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
     ``exclude_self`` drops each query's own entry (only when the queries are ``db``); ``dedup_threshold`` drops
     entries whose cosine similarity to the query exceeds it (near-duplicates). More candidates are retrieved
     as needed so that k remain; ValueError when the database has fewer than k acceptable entries.
+    ``resume_dir``: a folder where the results are kept as they come (memory-mapped), so that a run of the same
+    arguments continues after a kill instead of starting over; the caller removes it once the results are saved.
     """
     queries_db = db if queries_db is None else queries_db
     own = _same_database(db, queries_db)
@@ -54,9 +100,12 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     first_k = min(len(db), k + int(exclude_self) + (max(4, k // 2) if dedup_threshold is not None else 0))
     n = len(queries_db)
-    all_ids, all_scores = torch.empty((n, k), dtype=torch.int64), torch.empty((n, k), dtype=torch.float32)
-    with tqdm(total=n, desc="neighbours", unit="query", disable=not progress) as bar:
-        for start in range(0, n, batch_size):
+    settings = {"db": database_digest(db), "queries": database_digest(queries_db), "k": k, "exclude_self":
+                exclude_self, "dedup_threshold": dedup_threshold, "batch_size": batch_size, "n": n}
+    results = _Results(n, k, resume_dir, settings)
+    all_ids, all_scores = torch.from_numpy(results.ids), torch.from_numpy(results.scores)  # views: filled in place
+    with tqdm(total=n, initial=results.done, desc="neighbours", unit="query", disable=not progress) as bar:
+        for start in range(results.done, n, batch_size):
             qids = torch.arange(start, min(n, start + batch_size))
             queries = queries_db.embeddings(qids)
             rows, kk = torch.arange(len(qids)), first_k
@@ -78,8 +127,9 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
                     raise ValueError(f"query {q} has fewer than {k} database entries left after excluding itself "
                                      f"and near-duplicates above {dedup_threshold}")
                 kk = min(len(db), 2 * kk)
+            results.finished(start + len(qids))
             bar.update(len(qids))
-    return all_ids, all_scores
+    return all_ids.clone(), all_scores.clone()  # in memory, not views of files the caller may remove
 
 
 def proposal_ranking(neighbor_ids: Tensor | np.ndarray, n: int) -> tuple[Tensor, Tensor]:
