@@ -233,18 +233,23 @@ def time_variants(model, x, ctx, variants: list[str], result: dict, log) -> None
             log(f"[{preset}] {variant} FAILED\n{traceback.format_exc()}")
 
 
-def time_sampling(model, x, ctx, result: dict, log, steps: int = 20) -> None:
+def time_sampling(model, x, ctx, result: dict, log, steps: int = 20, fewer: int = 10) -> None:
     """CUDA-event median (3 runs after one warm-up) of a whole ``RDM.sample`` DDIM trajectory, per step: the
-    guided steps (CUDA graph) plus the sampler's update kernel and the per-step Python, latents only."""
+    guided steps (CUDA graph) plus the sampler's update kernel and the per-step Python, latents only. A second
+    trajectory of ``fewer`` steps separates the cost of a step (the slope) from the trajectory's fixed cost (the
+    intercept: caches refreshed, context prepared and copied into the kept graph)."""
     preset = result["preset"]
     try:
         scale = model.config.sampling.guidance_scale
         with torch.inference_mode(), ops.use_mode("auto"):
-            ms = cuda_median_ms(lambda: model.sample(ctx, steps=steps, guidance_scale=scale, x_T=x),
-                                reps=3, warmup=1)
+            ms = {n: cuda_median_ms(lambda n=n: model.sample(ctx, steps=n, guidance_scale=scale, x_T=x),
+                                    reps=3, warmup=1) for n in (steps, fewer)}
         model.release_cuda_graph()
-        result["sample_ms_per_step"] = ms / steps
-        log(f"[{preset}] RDM.sample, {steps} DDIM steps: {ms / steps:.2f} ms per step")
+        per_step = (ms[steps] - ms[fewer]) / (steps - fewer)
+        fixed = ms[steps] - steps * per_step
+        result.update(sample_ms_per_step=ms[steps] / steps, sample_step_ms=per_step, sample_fixed_ms=fixed)
+        log(f"[{preset}] RDM.sample, {steps} DDIM steps: {ms[steps] / steps:.2f} ms per step; from {fewer} and "
+            f"{steps} steps: {per_step:.2f} ms per step + {fixed:.2f} ms per trajectory")
     except Exception:
         log(f"[{preset}] RDM.sample FAILED\n{traceback.format_exc()}")
 
