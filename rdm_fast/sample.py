@@ -217,8 +217,9 @@ class DatabaseContexts:
         elif self.texts:  # each distinct caption / image embedded once, cycled over the samples
             self.queries = embed_texts(self.encoder, self.texts).to(self.device)
         else:
-            # cut as the database's entries were (their crop size, the encoder resizing from there)
-            size = (self.db.manifest.get("build") or {}).get("crop_size") or self.cfg.pixel_size
+            # cut as the database's entries were (their crop size, the encoder resizing from there); where that is
+            # not recorded (imported databases), straight to the encoder's input size with an antialiased resize
+            size = (self.db.manifest.get("build") or {}).get("crop_size") or self.encoder.image_size
             images = torch.stack([load_query_image(p, size) for p in self.images])
             self.queries = embed_images(self.encoder, images.to(self.device)).to(self.device)
         if self.queries is not None and not bool(torch.isfinite(self.queries).all()):  # once, before sampling

@@ -525,7 +525,7 @@ def test_sample_with_text_and_image_queries(tiny_dir, tmp_path, hash_encoder, mo
     monkeypatch.setattr(sample, "load_query_image", lambda p, size: sizes.append(size) or torch.zeros(3, size, size))
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db"), "--image",
                str(tmp_path / "q.png"), "--out", str(tmp_path / "j"), "--steps", "2") == 0
-    assert sizes == [RDMConfig.resolve("tiny").pixel_size]  # no build record: the model's image size
+    assert sizes == [_HashEncoder.image_size]  # no build record: the encoder's input size
     shutil.copytree(tiny_dir / "db", tmp_path / "built")
     update_manifest(tmp_path / "built", lambda m: m.update(build={"crop_size": 40}))
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "built"), "--image",
