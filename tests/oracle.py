@@ -1,8 +1,8 @@
 """Independent reference ("oracle") implementation of the RDM networks and diffusion numbers.
 
 Written from the released models' documented conventions (the paper and its official configs) and the
-official checkpoint key lists (tests/data) only; it imports
-nothing from ``rdm_fast`` on purpose, so that it can be used to check the real implementation.
+official checkpoint key lists (tests/data) only; it imports nothing from ``rdm_fast`` on purpose, so that it can
+be used to check the real implementation.
 
 Everything works on plain state dicts with the *official* tensor names:
 
