@@ -335,11 +335,16 @@ def test_query_dtypes_and_empty_batch():
     assert not scores.requires_grad and torch.equal(ids, expected[1])
 
 
-def test_large_k_uses_reference():
+def test_large_k_uses_reference(caplog, monkeypatch):
+    from rdm_fast.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_logged", set())
     queries, rows = unit_data(2, 300, 16, seed=9)
-    scores, ids = GPUExactSearch(rows, devices=["cpu", "cpu"], dtype=torch.float32).search(queries, 100)
+    with caplog.at_level("INFO", logger="rdm_fast.ops"):
+        scores, ids = GPUExactSearch(rows, devices=["cpu", "cpu"], dtype=torch.float32).search(queries, 100)
     err = mismatch(scores, ids, normalized(queries), normalized(rows), 100)
     assert err is None, err
+    assert "knn_search: reference (k > 64) (cpu, float32)" in caplog.text  # the path taken is logged once
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import get_mode
+from ..ops._dispatch import log_first_use
 from .search import check_k, exact_search, merge_topk
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -261,5 +262,9 @@ class GPUExactSearch:
         if use_kernel and k <= _kernel_max_k():
             from rdm_fast.kernels.knn import topk_inner_product
 
+            log_first_use("knn_search", "triton" if on_cuda else "triton-interpreter", shard.device.type,
+                          str(shard.dtype))
             return topk_inner_product(q.to(shard.dtype), shard, k)
+        log_first_use("knn_search", "reference" if k <= _kernel_max_k() else f"reference (k > {_kernel_max_k()})",
+                      shard.device.type, str(shard.dtype))
         return exact_search(q, shard, k)
