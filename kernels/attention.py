@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -45,7 +46,7 @@ from torch import Tensor
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 INT32_LIMIT = 2**31
-MAX_GRID_Y = 65535  # CUDA limit of the second grid dimension, which holds batch * heads
+MAX_GRID_Y = 65535  # CUDA limit of the second grid dimension, which holds batch * heads: larger calls launch per slice
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -338,8 +339,6 @@ def unsupported(q: Tensor, k: Tensor, v: Tensor, heads: int) -> str | None:
     d = q.shape[-1] // heads
     if d not in HEAD_DIMS:
         return f"head dim {d} is not one of {HEAD_DIMS}"
-    if q.shape[0] * heads > MAX_GRID_Y:
-        return f"batch * heads = {q.shape[0] * heads} exceeds {MAX_GRID_Y}"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.shape[1] * t.shape[2] >= INT32_LIMIT:
             return f"{name} has {t.shape[1] * t.shape[2]} elements per batch item (32-bit offsets)"
@@ -364,6 +363,19 @@ def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _batch_chunks(heads: int, *tensors: Tensor) -> Iterator[tuple[int, tuple[Tensor, ...]]]:
+    """(batch * heads, the tensors' batch slices) per launch: slices whose batch * heads fits the launch grid's
+    second axis (the tensors themselves when one launch holds them all)."""
+    batch = tensors[0].shape[0]
+    step = max(1, MAX_GRID_Y // heads)
+    if batch <= step:
+        yield batch * heads, tensors
+        return
+    for b0 in range(0, batch, step):
+        b = slice(b0, min(batch, b0 + step))
+        yield (b.stop - b.start) * heads, tuple(t[b] for t in tensors)
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     """Output (B, Nq, heads*d) in q's dtype (contiguous) and the log2-unit log-sum-exp (B, heads, Nq) float32."""
     q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
@@ -376,16 +388,15 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, heads: int) -> tuple[Tens
         return out, lse
     sm_scale = 1.0 / math.sqrt(d)
 
-    def grid(meta):
-        return (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)
-
     with _device_guard(q):
-        _attn_fwd_kernel[grid](
-            q, k, v, out, lse,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            heads, n_q, n_k, sm_scale * LOG2E,
-            HEAD_DIM=d, PRECISION=_precision(q),
-        )
+        for rows, tensors in _batch_chunks(heads, q, k, v, out, lse):
+            _attn_fwd_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), rows)](
+                *tensors,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1),
+                heads, n_q, n_k, sm_scale * LOG2E,
+                HEAD_DIM=d, PRECISION=_precision(q),
+            )
     return out, lse
 
 
@@ -410,23 +421,19 @@ def attention_backward(
     sm_scale = 1.0 / math.sqrt(d)
     common = {"HEAD_DIM": d, "PRECISION": _precision(q)}
 
-    def dq_grid(meta):
-        return (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)
-
-    def dkdv_grid(meta):
-        return (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads)
-
     with _device_guard(q):
-        _attn_bwd_dq_kernel[dq_grid](
-            q, k, v, do, dq, lse, delta,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            heads, n_q, n_k, sm_scale * LOG2E, sm_scale, **common,
-        )
-        _attn_bwd_dkdv_kernel[dkdv_grid](
-            q, k, v, do, dk, dv, lse, delta,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            heads, n_q, n_k, sm_scale * LOG2E, sm_scale, **common,
-        )
+        for rows, (q_, k_, v_, do_, dq_, dk_, dv_, lse_, delta_) in _batch_chunks(
+                heads, q, k, v, do, dq, dk, dv, lse, delta):
+            _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), rows)](
+                q_, k_, v_, do_, dq_, lse_, delta_,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+                heads, n_q, n_k, sm_scale * LOG2E, sm_scale, **common,
+            )
+            _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), rows)](
+                q_, k_, v_, do_, dk_, dv_, lse_, delta_,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                heads, n_q, n_k, sm_scale * LOG2E, sm_scale, **common,
+            )
     return dq, dk, dv

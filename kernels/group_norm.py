@@ -286,8 +286,8 @@ def group_norm(
     batch, channels = x.shape[:2]
     spatial = x.numel() // (batch * channels)
     group_numel = channels // num_groups * spatial
-    if group_numel >= 2**31:
-        raise ValueError(f"triton group_norm: groups of {group_numel} values exceed the kernel's 2^31 - 1 limit")
+    if group_numel > 2**31 - 1 - 4096:  # 32-bit offsets, and a loop counter that steps past the end by a block
+        raise ValueError(f"triton group_norm: groups of {group_numel} values exceed the kernel's 2^31 - 4097 limit")
     block = min(max(triton.next_power_of_2(group_numel), 128), 2048)
     _group_norm_fwd_kernel[(batch * num_groups,)](
         x,

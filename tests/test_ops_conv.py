@@ -192,6 +192,22 @@ def test_cpu_auto_runs_the_reference_and_autograd_works():
                                                             None, torch.empty(1, 32, 4, 4))
 
 
+def test_views_spanning_2_31_elements_per_image_are_not_the_kernels():
+    """The kernels index within one image with 32-bit offsets: a view whose elements of one image span 2^31 or
+    more (a huge channel stride) goes to the reference, for x and for out (shapes on the meta device)."""
+    impl = CONV3X3.impl("triton")
+    w, b = torch.empty(4, 16, 3, 3, device="meta"), torch.empty(4, device="meta")
+    dense = torch.empty(1, 16, 4, 4, device="meta")
+    out = torch.empty(1, 4, 4, 4, device="meta")
+    assert impl.unsupported(dense, w, b, out) is None
+    wide = dense.as_strided((1, 16, 4, 4), (16 * 286331153, 286331153, 4, 1))  # channel 15 past 2^31 + 2^30
+    assert "x's elements within one image span 2^31" in impl.unsupported(wide, w, b, out)
+    just = dense.as_strided((1, 16, 4, 4), (2**31, (2**31 - 16) // 15, 4, 1))  # the last element at 2^31 - 1
+    assert impl.unsupported(just, w, b, out) is None
+    wide_out = out.as_strided((1, 4, 4, 4), (2**32, 2**30, 4, 1))
+    assert "out's elements within one image span 2^31" in impl.unsupported(dense, w, b, wide_out)
+
+
 def test_unet_routes_only_thin_inference_convolutions_to_the_op(monkeypatch):
     """The UNet's first and last convolutions go through ops.conv3x3 at inference and never in autograd or the
     plain-PyTorch mode; its other convolutions never do."""

@@ -71,6 +71,9 @@ def _unsupported(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) ->
     cout, cin = weight.shape[:2]
     if min(cin, cout) > MAX_THIN_CHANNELS:
         return f"not a thin convolution ({cin} -> {cout} channels; the kernel takes <= {MAX_THIN_CHANNELS} in or out)"
+    for name, t in (("x", x), ("out", out)):
+        if 1 + sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31:
+            return f"{name}'s elements within one image span 2^31 or more (32-bit offsets in the kernels)"
     return None
 
 

@@ -40,6 +40,7 @@ def check_args(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups
 
 
 _INT_MAX = 2**31 - 1
+_GROUP_LIMIT = _INT_MAX - 4096  # the kernels' 32-bit loop counters step past a group's end by up to a block
 MAX_GRID_Z = 65535  # CUDA's limit on a launch grid's y and z axes; the channels_last kernels put the batch on z
 
 
@@ -107,8 +108,8 @@ def _unsupported(
 ) -> str | None:
     if needs_grad(x, weight, bias, add):
         return "inputs require grad (no backward kernel yet)"
-    if x.numel() and x.shape[1] // num_groups * (x.numel() // (x.shape[0] * x.shape[1])) > _INT_MAX:
-        return "a group holds 2^31 values or more (32-bit offsets in the kernels)"
+    if x.numel() and x.shape[1] // num_groups * (x.numel() // (x.shape[0] * x.shape[1])) > _GROUP_LIMIT:
+        return f"a group holds more than {_GROUP_LIMIT} values (32-bit offsets and loop counters in the kernels)"
     return _layout_unsupported(x)
 
 
