@@ -28,7 +28,7 @@ from .encoders import EncoderUnavailable, resolve_encoder
 from .images import contact_sheet
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
                         save_neighbors, save_proposals)
-from .retrieval.build import CROP_MODES, load_query_image, load_rgb, make_crops, replay_crop
+from .retrieval.build import CROP_MODES, load_query_image, load_rgb, make_crops, query_image_size, replay_crop
 from .retrieval.context import locate_database
 from .retrieval.database import BACKENDS, PROPOSALS
 from .retrieval.neighbors import neighbor_files
@@ -308,7 +308,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         query_tile = None
     else:
         path = Path(args.image)
-        scores, ids = db.search_images(encoder, load_query_image(path, encoder.image_size)[None], args.k)
+        query = load_query_image(path, query_image_size(db.manifest, encoder))  # cut as the entries were
+        scores, ids = db.search_images(encoder, query[None], args.k)
         query_tile = path
     scores, ids = scores[0].cpu(), ids[0].cpu()
     sources = db.sources(ids) if db.manifest["has_sources"] else ["-"] * len(ids)

@@ -35,7 +35,7 @@ from .encoders import EncoderUnavailable, embed_images, embed_texts, resolve_enc
 from .images import grid, save_png, to_uint8
 from .retrieval.context import (check_database_for_model, default_neighbors, draw_pseudo_queries, locate_database,
                                 model_context)
-from .retrieval.build import load_query_image
+from .retrieval.build import load_query_image, query_image_size
 from .retrieval.database import BACKENDS, Database
 from .rdm import checkpoint_config
 
@@ -217,9 +217,7 @@ class DatabaseContexts:
         elif self.texts:  # each distinct caption / image embedded once, cycled over the samples
             self.queries = embed_texts(self.encoder, self.texts).to(self.device)
         else:
-            # cut as the database's entries were (their crop size, the encoder resizing from there); where that is
-            # not recorded (imported databases), straight to the encoder's input size with an antialiased resize
-            size = (self.db.manifest.get("build") or {}).get("crop_size") or self.encoder.image_size
+            size = query_image_size(self.db.manifest, self.encoder)  # cut as the database's entries were
             images = torch.stack([load_query_image(p, size) for p in self.images])
             self.queries = embed_images(self.encoder, images.to(self.device)).to(self.device)
         if self.queries is not None and not bool(torch.isfinite(self.queries).all()):  # once, before sampling

@@ -568,6 +568,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 unreadable, tick, ticked = 0, now, done
                 if procs.main:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                    if bar.disable:  # no bar to show the loss (--no-progress, batch jobs): a log line instead
+                        log.info("step %d: loss %.4f, lr %.3g, %.1f images/s", done, record["loss"], record["lr"],
+                                 record["images_per_s"])
                     with open(out / LOG, "a") as f:
                         f.write(json.dumps(record) + "\n")
             if done % args.save_every == 0 or done == args.steps or stopping:

@@ -375,6 +375,16 @@ def test_neighbors_resume_after_a_kill(tmp_path, monkeypatch, caplog):
     ids, _ = compute_neighbors(db, k=4, exclude_self=True, batch_size=7, progress=False, resume_dir=resume)
     assert "other settings: starting over" in caplog.text and len(searched) == 5
     assert torch.equal(ids, ref_ids[:, :4])
+    # the same arguments through another search (here: other index parameters) start over too
+    caplog.clear()
+    kill_at[0], searched[:] = 2, []
+    with pytest.raises(KeyboardInterrupt):
+        compute_neighbors(db, k=5, exclude_self=True, batch_size=7, progress=False, resume_dir=resume)
+    other = Database.open(db.path, backend="torch", device="cpu", nprobe=3)
+    assert other.search_settings == {**db.search_settings, "nprobe": 3}
+    kill_at[0], searched[:] = 0, []
+    compute_neighbors(other, k=5, exclude_self=True, batch_size=7, progress=False, resume_dir=resume)
+    assert "other settings: starting over" in caplog.text and len(searched) == 5
 
 
 def test_neighbors_other_queries_and_errors(tmp_path):

@@ -82,6 +82,20 @@ def _rows(out: str) -> list[list[str]]:
     return [line.split("\t") for line in lines[1:]]
 
 
+def test_image_search_cuts_the_query_like_the_entries(built, tmp_path, capsys):
+    """A database of 48 px centre crops (the encoder resizes them to its 32 px): searching with one of its own
+    images finds that image first, at cosine 1, because the query is cut at the database's crop size too."""
+    assert cli("build", "--images", str(built / "images"), "--encoder", SPEC, "--out", str(tmp_path / "db"),
+               "--crop", "center", "--crop-size", "48", "--workers", "0", "--device", "cpu", "--no-progress") == 0
+    capsys.readouterr()
+    db = Database.open(tmp_path / "db", device="cpu")
+    for i, query in enumerate(db.sources(torch.arange(3))):
+        assert cli("search", str(tmp_path / "db"), "--image", str(built / "images" / query), "--k", "2",
+                   "--device", "cpu") == 0
+        first = _rows(capsys.readouterr().out)[0]
+        assert int(first[2]) == i and float(first[1]) > 0.9999, first
+
+
 def test_search_text_and_image_with_contact_sheet(built, tmp_path, capsys):
     db = Database.open(built / "db", device="cpu")
     assert cli("search", str(built / "db"), "--text", "a red bird", "--k", "3", "--device", "cpu") == 0

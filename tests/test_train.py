@@ -422,6 +422,14 @@ def test_diverged_weights_are_not_saved(setup, tmp_path, monkeypatch):
     assert (out / "latest").read_text().strip() == "step_0000002" and not (out / "checkpoints" / "step_0000004").exists()
 
 
+def test_without_progress_bars_the_loss_is_logged(setup, tmp_path, caplog):
+    """--no-progress (batch jobs) leaves no bar to show the loss: each --log-every record is a log line too."""
+    caplog.set_level("INFO", logger="rdm_fast.train")
+    assert train.main(_fresh(setup, tmp_path / "run", steps=4)) == 0  # --log-every 2
+    lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == ["step 2", "step 4"] and ": loss " in lines[0]
+
+
 def test_a_stop_writes_the_pending_log_line(setup, tmp_path, monkeypatch):
     """A signal's stop logs the steps since the last log line (they would be lost otherwise)."""
     entered = train.StopRequest.__enter__

@@ -144,6 +144,12 @@ def replay_crop(img: Image.Image, mode: str, size: int, xy: tuple[int, int] | No
     return np.asarray(img.crop((x, y, x + size, y + size)))
 
 
+def query_image_size(manifest: dict, encoder: Encoder) -> int:
+    """The size to cut a query image at for a database: its entries' crop size, so that the encoder then resizes
+    the query as it did them; where the database records none (imported ones), the encoder's input size."""
+    return (manifest.get("build") or {}).get("crop_size") or encoder.image_size
+
+
 def load_query_image(path: str | Path, size: int) -> Tensor:
     """A query image as (3, size, size) in [-1, 1]: short side resized to ``size``, then the central square, as
     ``center`` database crops are made (pass the database's crop size, so that the encoder then resizes it as it

@@ -394,6 +394,14 @@ class Database:
             return GPUExactSearch.name
         return f"faiss-{self.manifest['index']['kind']}"
 
+    @property
+    def search_settings(self) -> dict[str, Any]:
+        """What decides this database's search results besides the queries and k: the backend, the index it
+        reads (file and build parameters) and the search-time parameters given at open (None: the index's)."""
+        opts = self._backend_options
+        return {"backend": self.backend, "index": self.manifest.get("index") if self._backend_kind == "faiss" else
+                None, "nprobe": opts["nprobe"], "ef_search": opts["ef_search"]}
+
     # ---------------------------------------------------------------- search
     def _search_engine(self):
         if self._engine is None:

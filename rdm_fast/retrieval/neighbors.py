@@ -101,7 +101,8 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
     first_k = min(len(db), k + int(exclude_self) + (max(4, k // 2) if dedup_threshold is not None else 0))
     n = len(queries_db)
     settings = {"db": database_digest(db), "queries": database_digest(queries_db), "k": k, "exclude_self":
-                exclude_self, "dedup_threshold": dedup_threshold, "batch_size": batch_size, "n": n}
+                exclude_self, "dedup_threshold": dedup_threshold, "batch_size": batch_size, "n": n,
+                "search": db.search_settings}  # an approximate index's results differ from another search's
     results = _Results(n, k, resume_dir, settings)
     all_ids, all_scores = torch.from_numpy(results.ids), torch.from_numpy(results.scores)  # views: filled in place
     with tqdm(total=n, initial=results.done, desc="neighbours", unit="query", disable=not progress) as bar:
