@@ -325,7 +325,10 @@ def _write_contact_sheet(args, db: Database, query: Path | None, scores, ids, so
     root = args.image_root or db.manifest.get("image_root")
     paths = [_source_path(s, root) if db.manifest["has_sources"] else None for s in sources]
     missing = sum(p is None for p in paths)
-    if missing:
+    if missing and not db.manifest["has_sources"]:
+        log.warning("%s records no source images (e.g. imported embeddings): the results are drawn as grey tiles",
+                    db.path)
+    elif missing:
         log.warning("%d of %d result images are not reachable on disk (image root %s; see --image-root): drawn as "
                     "grey tiles", missing, len(paths), root)
     build = db.manifest.get("build") or {}

@@ -110,6 +110,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.db and not 0 < args.top_m <= 1:
         raise CLIError(f"--top-m must be a fraction in (0, 1], got {args.top_m}")
+    if args.text and not all(t.strip() for t in args.text):
+        raise CLIError("--text captions must not be empty")
     if (args.text or args.image or args.neighbors is not None or args.no_query) and not args.db:
         raise CLIError("--text, --image, --k and --no-query are about retrieval from a database: add --db")
     if args.neighbors is not None and args.neighbors < int(args.no_query):

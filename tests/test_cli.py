@@ -140,6 +140,7 @@ def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message, n_sample
     (["--ckpt", "{d}/model", "--db", "{d}/nope"], "database directory .*nope does not exist"),
     (["--ckpt", "{d}/model", "--db", "{d}"], "manifest.json"),
     (["--ckpt", "{d}/model", "--text", "a cat"], "--text, --image, --k and --no-query are about retrieval"),
+    (["--ckpt", "{d}/model", "--db", "{d}/db", "--text", " "], "--text captions must not be empty"),
     (["--ckpt", "{d}/model", "--steps", "999"], "steps must be between 1 and 500"),
     (["--ckpt", "{d}/model", "--n-samples", "0"], "--n-samples must be at least 1"),
     (["--ckpt", "{d}/model", "--seed", "-1"], r"--seed must be in \[0, 2\*\*63\)"),

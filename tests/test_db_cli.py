@@ -128,6 +128,19 @@ def test_search_text_and_image_with_contact_sheet(built, tmp_path, capsys):
     assert sheet.shape[1] == 3 * (128 + 4) + 4 and (sheet == 200).all(-1).sum() >= 2 * 128 * 128
 
 
+def test_contact_sheet_of_a_database_without_sources(built, tmp_path, caplog):
+    """Embeddings without source images (e.g. imported): grey tiles, and a warning that says so rather than
+    pointing at --image-root."""
+    write_database(tmp_path / "bare", np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32),
+                   {"name": "tiny-test", "dim": 16, "normalized": False})
+    sheet = tmp_path / "sheet.png"
+    assert cli("search", str(tmp_path / "bare"), "--encoder", SPEC, "--image",
+               str(built / "images" / "a" / "0.png"), "--k", "2", "--device", "cpu", "--contact-sheet",
+               str(sheet)) == 0
+    assert "records no source images" in caplog.text and "--image-root" not in caplog.text
+    assert sheet.is_file()
+
+
 def test_neighbors_and_proposals(built, tmp_path, capsys):
     work = tmp_path / "db"
     shutil.copytree(built / "db", work)
