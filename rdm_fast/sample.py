@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     query = p.add_mutually_exclusive_group()
     query.add_argument("--text", action="append", help="with --db: caption query (repeat for several; cycled)")
     query.add_argument("--image", action="append", help="with --db: query image file (repeat for several; cycled)")
-    p.add_argument("--k", type=int, dest="neighbors", metavar="K",
+    p.add_argument("--k", type=int, metavar="K",
                    help="with --db: neighbours retrieved per query (default: the model's convention, 3 for "
                         "imagenet/ffhq, 10 for rdm768; 0: the query alone, e.g. caption-only text-to-image)")
     p.add_argument("--no-query", action="store_true",
@@ -112,11 +112,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--top-m must be a fraction in (0, 1], got {args.top_m}")
     if args.text and not all(t.strip() for t in args.text):
         raise CLIError("--text captions must not be empty")
-    if (args.text or args.image or args.neighbors is not None or args.no_query) and not args.db:
+    if (args.text or args.image or args.k is not None or args.no_query) and not args.db:
         raise CLIError("--text, --image, --k and --no-query are about retrieval from a database: add --db")
-    if args.neighbors is not None and args.neighbors < int(args.no_query):
+    if args.k is not None and args.k < int(args.no_query):
         raise CLIError(f"--k must be at least {int(args.no_query)}{' with --no-query' if args.no_query else ''}, "
-                       f"got {args.neighbors}")
+                       f"got {args.k}")
     if args.random_init and not args.config:
         raise CLIError("--random-init needs --config (a preset name or config.yaml)")
     check_out_dir(args.out)
@@ -200,8 +200,8 @@ class DatabaseContexts:
                  generator: torch.Generator) -> None:
         self.db = Database.open(locate_database(args.db), backend=args.search_backend, device=device)
         self.include_query = not args.no_query
-        self.k = default_neighbors(cfg, include_query=self.include_query) if args.neighbors is None else \
-            args.neighbors
+        self.k = default_neighbors(cfg, include_query=self.include_query) if args.k is None else \
+            args.k
         check_database_for_model(self.db, cfg, self.k)
         self.cfg, self.device = cfg, device
         self.texts, self.images, self.query_ids, self.queries, self.encoder = args.text, args.image, None, None, None
@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "batch_size": args.batch_size, "device": str(device), "no_ema": args.no_ema,
                 "random_init": args.random_init, "context_source": args.context_file or args.db, "text": args.text,
                 "image": args.image, "top_m": args.top_m if args.db and not (args.text or args.image) else None,
-                "neighbors": batch_contexts.k if args.db else None,
+                "k": batch_contexts.k if args.db else None,
                 "include_query": batch_contexts.include_query if args.db else None,
                 "args": vars(args)}  # the command line as given, for reproduction
     atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was

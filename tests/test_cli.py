@@ -384,7 +384,7 @@ def test_sample_context_options(tiny_dir, tmp_path, hash_encoder, monkeypatch):
     text = _HashEncoder().encode_text(["a red bird"])
     torch.testing.assert_close(seen[-1][1], torch.nn.functional.normalize(text, dim=-1)[None].expand(2, 1, 64))
     info = json.loads((tmp_path / "a" / "run.json").read_text())
-    assert (info["neighbors"], info["include_query"]) == (0, True)
+    assert (info["k"], info["include_query"]) == (0, True)
 
     assert cli(sample, *base, "--text", "a red bird", "--k", "2", "--no-query", "--out", str(tmp_path / "b")) == 0
     queries, ctx = seen[-1]
@@ -393,7 +393,7 @@ def test_sample_context_options(tiny_dir, tmp_path, hash_encoder, monkeypatch):
     assert ctx.shape == (2, 2, 64)
     torch.testing.assert_close(ctx, torch.nn.functional.normalize(db.embeddings(ids).float(), dim=-1))
     info = json.loads((tmp_path / "b" / "run.json").read_text())
-    assert (info["neighbors"], info["include_query"]) == (2, False)
+    assert (info["k"], info["include_query"]) == (2, False)
 
     assert cli(sample, *base, "--no-query", "--out", str(tmp_path / "c")) == 0  # top-m pseudo-queries
     assert seen[-1][1].shape == (2, 3, 64)  # tiny has a text token: k_nn = 3 neighbours, no query
