@@ -48,6 +48,10 @@ def _export_official(args: argparse.Namespace, out: Path) -> Path:
     decay = (train_state.get("run") or {}).get("ema_decay", 0.9999)  # the run's --ema-decay
     raw = RDM.from_pretrained(weights, args.config, use_ema=not training, allow_pickle=args.allow_pickle)
     ema = RDM.from_pretrained(weights, args.config, allow_pickle=args.allow_pickle) if training else None
+    if ema is not None:
+        log.info("exporting both sets of UNet weights: the training ones (model.diffusion_model.) and the EMA ones "
+                 "(model_ema., %d updates, decay %g), as the official checkpoints hold them",
+                 train_state["ema_updates"], decay)
     state = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() and k != "model_ema.decay" else v
              for k, v in official_checkpoint(raw, ema, train_state["ema_updates"], decay).items()}
     out.mkdir(parents=True, exist_ok=True)
