@@ -34,7 +34,7 @@ from .retrieval.database import BACKENDS, PROPOSALS
 from .retrieval.neighbors import neighbor_files
 
 log = logging.getLogger("rdm_fast.db")
-EXACT_CPU_WARNING = 10**14  # multiply-adds of an exact CPU neighbour search worth a warning (about an hour)
+EXACT_CPU_WARNING = 10**14  # multiply-adds of an exact CPU neighbour search worth a warning (1,000 s at 1e11/s)
 
 
 def _positive(value: str) -> int:
@@ -391,9 +391,10 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
                        f"{args.db} is left as it is)")
     work = len(db) * len(queries if queries is not None else db) * db.dim  # multiply-adds of an exact search
     if db.backend == "torch-exact" and device.type == "cpu" and work > EXACT_CPU_WARNING:
-        log.warning("exact search on the CPU: %d queries against %d entries are %.1e multiply-adds (hours or "
-                    "more); an index (python -m rdm_fast.db index %s) or a GPU (--device cuda) is much faster",
-                    len(queries if queries is not None else db), len(db), work, args.db)
+        log.warning("exact search on the CPU: %d queries against %d entries are %.1e multiply-adds (%.1f hours at "
+                    "1e11 per second); an index (python -m rdm_fast.db index %s) or a GPU (--device cuda) is much "
+                    "faster",
+                    len(queries if queries is not None else db), len(db), work, work / 1e11 / 3600, args.db)
     resume_dir = Path(f"{args.out}.progress")  # the results so far: a killed run continues from them
     ids, scores = compute_neighbors(db, queries, k=args.k, exclude_self=args.exclude_self,
                                     dedup_threshold=args.dedup_threshold, batch_size=args.batch_size,

@@ -130,6 +130,8 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
                 kk = min(len(db), 2 * kk)
             results.finished(start + len(qids))
             bar.update(len(qids))
+    if results.directory is None:
+        return all_ids, all_scores
     return all_ids.clone(), all_scores.clone()  # in memory, not views of files the caller may remove
 
 
