@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +41,7 @@ from .retrieval.database import BACKENDS, Database
 from .rdm import checkpoint_config
 
 log = logging.getLogger("rdm_fast.sample")
+DEFAULT_TOP_M = 0.01  # the fraction of the proposal ranking that pseudo-queries are drawn from
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-query", action="store_true",
                    help="with --db: condition on the neighbours alone, without the query's own embedding (the "
                         "default K then fills the query's slot too)")
-    p.add_argument("--top-m", type=float, default=0.01,
-                   help="with --db and no query: draw pseudo-queries from this top fraction of the proposals")
+    p.add_argument("--top-m", type=float,
+                   help="with --db and no --text/--image: draw pseudo-queries from this top fraction of the "
+                        f"database's proposal ranking (default: {DEFAULT_TOP_M})")
     p.add_argument("--encoder-checkpoint", help="local weights of the database's encoder (for --text/--image)")
     p.add_argument("--search-backend", default="auto", choices=BACKENDS,
                    help="nearest-neighbour search backend for --db")
@@ -108,8 +111,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--eta must be >= 0, got {args.eta}")
     if not 0 <= args.seed < 2**63:
         raise CLIError(f"--seed must be in [0, 2**63), got {args.seed}")
-    if args.db and not 0 < args.top_m <= 1:
-        raise CLIError(f"--top-m must be a fraction in (0, 1], got {args.top_m}")
+    if args.top_m is not None:
+        if not args.db or args.text or args.image:
+            raise CLIError("--top-m draws pseudo-queries from a database's proposals: it needs --db and no "
+                           "--text/--image")
+        if not 0 < args.top_m <= 1:
+            raise CLIError(f"--top-m must be a fraction in (0, 1], got {args.top_m}")
     if args.text and not all(t.strip() for t in args.text):
         raise CLIError("--text captions must not be empty")
     if (args.text or args.image or args.k is not None or args.no_query) and not args.db:
@@ -210,7 +217,7 @@ class DatabaseContexts:
             self.n_default = len(args.text or args.image)
         else:
             self.n_default = 4
-        self.top_m, self.generator = args.top_m, generator
+        self.top_m, self.generator = DEFAULT_TOP_M if args.top_m is None else args.top_m, generator
 
     def prepare(self, n: int) -> None:
         """Fix the queries once, on the device (no per-batch copies, encoder calls or synchronisation)."""
@@ -284,13 +291,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "guidance_scale": settings.guidance_scale, "seed": args.seed, "dtype": str(dtype),
                 "batch_size": args.batch_size, "device": str(device), "no_ema": args.no_ema,
                 "random_init": args.random_init, "context_source": args.context_file or args.db, "text": args.text,
-                "image": args.image, "top_m": args.top_m if args.db and not (args.text or args.image) else None,
+                "image": args.image, "top_m": batch_contexts.top_m if args.db and not (args.text or args.image) else None,
                 "k": batch_contexts.k if args.db else None,
                 "include_query": batch_contexts.include_query if args.db else None,
                 "args": vars(args)}  # the command line as given, for reproduction
     atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
     shown = []  # the first GRID_SAMPLES images, for grid.png (a long run's images are not all kept in memory)
     starts = list(range(0, n, args.batch_size))
+    began = time.perf_counter()
     with torch.inference_mode(), tqdm(total=n, desc="images", unit="img") as bar:
         batch = batch_contexts(0, min(n, args.batch_size))
         for start in starts:
@@ -312,9 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save_png(img, out / f"sample_{start + i:05d}.png")
             shown.extend(pixels[:GRID_SAMPLES - len(shown)])
             bar.update(len(pixels))
+    seconds = time.perf_counter() - began  # sampling, decoding and writing, after the model and data loads
     save_png(grid(np.stack(shown)), out / "grid.png")
-    atomic_write_json(out / "run.json", {**run_info, "complete": True})
-    log.info("wrote %d images and grid.png (the first %d) to %s", n, len(shown), out)
+    atomic_write_json(out / "run.json", {**run_info, "complete": True, "seconds": round(seconds, 3)})
+    log.info("wrote %d images and grid.png (the first %d) to %s in %.1f s (%.3g s per image, first batch's "
+             "warm-up included)", n, len(shown), out, seconds, seconds / n)
     return 0
 
 

@@ -56,6 +56,7 @@ def test_sample_with_context_file(tiny_dir, tmp_path):
     assert (info["steps"], info["seed"], info["n_samples"], info["guidance_scale"]) == (7, 5, 3, 2.0)
     assert info["timesteps"] == 8  # stride 1000 // 7 = 142 visits 8 timesteps, as the reference does
     assert info["complete"] is True and info["ckpt_file"] == str(tiny_dir / "model" / "model.safetensors")
+    assert info["seconds"] > 0
     # same seed, same images; samples 0 and 2 share a context (cycled) but not their noise
     again = tmp_path / "again"
     cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--out",
@@ -203,6 +204,8 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
     (["--ckpt", "{d}/model", "--context-file", "x.npy", "--eta", "1.5"], "eta = 1.5 is too large"),
     (["--random-init", "--config", "tiny", "--context-file", "x.npy", "--eta", "2"], "eta = 2 is too large"),
     (["--ckpt", "{d}/model", "--db", "{d}/nope"], "database directory .*nope does not exist"),
+    (["--ckpt", "{d}/model", "--db", "{d}/nope", "--text", "a cat", "--top-m", "0.1"], "--top-m draws pseudo-queries"),
+    (["--ckpt", "{d}/model", "--context-file", "x.npy", "--top-m", "0.1"], "--top-m draws pseudo-queries"),
 ])
 def test_bad_options_fail_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, args, message):
     """Option checks come before the model is loaded and the database or context file is read: a checkpoint
