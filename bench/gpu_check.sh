@@ -7,7 +7,8 @@
 #      kNN search; pytest-xdist when present). Both test runs share the GPU; then the graph timer's own test,
 #      alone (it compares timings); nothing is timed until they are done;
 #   3. bench/gpu_step.py: parity of a whole guided step (fast and reference bf16 against fp32), CUDA-event
-#      timings of rdm_fast (graph / eager) against the eager SDPA peer, a per-kernel and a per-module breakdown;
+#      timings of rdm_fast (graph / eager) against the eager SDPA peer, a per-kernel and a per-module breakdown,
+#      and the first stage's decoder (parity and timings against the NCHW plain-PyTorch decoder);
 #      then, with GPU_CHECK_TUNE=1, bench/gpu_tune.py (GroupNorm tunables, attention per level vs SDPA, add_bias
 #      tunables, upsample variants: what chose the current defaults, bench/RESULTS.md);
 #   5. per-op pytest-benchmark suites with their PyTorch baselines (thin convolutions, cross-attention, glue,

@@ -12,7 +12,9 @@ small batches of 4 and 1 images with timings only; bf16, channels-last):
    ``torch-compile`` (that path through ``torch.compile``);
 3. a whole ``RDM.sample`` trajectory (20 DDIM steps, latents), per step: the guided steps plus the sampler's
    update and the per-step Python;
-4. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind.
+4. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind;
+5. the first stage's decoder at bench_decode.py's sizes (rdm768: 4 latents, imagenet: 16): parity of
+   ``RDM.decode`` and of the NCHW plain-PyTorch decoder in bf16 against float32, and their CUDA-event timings.
 
 Run by ``bench/gpu_check.sh``; prints a short table last and writes the full tables to ``--out``.
 """
@@ -34,6 +36,7 @@ import torch
 
 # bench/ (bench_step), then the checkout under test (with its in-place extension) ahead of any installed copy
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from bench_decode import CASES as DECODE_LATENTS, decode_fn  # noqa: E402
 from bench_step import make_case, step_fn  # noqa: E402
 
 from rdm_fast import ops  # noqa: E402
@@ -175,6 +178,7 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *,
     if checks:
         time_sampling(model, x, ctx, result, log)
         profile_step(model, x, ctx, images, out, result, log)
+        time_decode(model, x[:DECODE_LATENTS.get(preset, images)], result, log)
     del model
     torch.cuda.empty_cache()
     return result
@@ -252,6 +256,41 @@ def time_sampling(model, x, ctx, result: dict, log, steps: int = 20, fewer: int 
             f"{steps} steps: {per_step:.2f} ms per step + {fixed:.2f} ms per trajectory")
     except Exception:
         log(f"[{preset}] RDM.sample FAILED\n{traceback.format_exc()}")
+
+
+def time_decode(model, z, result: dict, log) -> None:
+    """The decoder's parity (bf16 ``RDM.decode`` and the NCHW plain-PyTorch decoder against the float32 plain
+    decoder, TF32 off) and CUDA-event timings of both (median of 10 after 2 warm-ups)."""
+    preset, n = result["preset"], z.shape[0]
+    try:
+        with torch.inference_mode():
+            with ops.use_mode("auto"):
+                fast = decode_fn("rdm_fast", model, z)()
+            with ops.use_mode("reference"):
+                plain = decode_fn("torch-eager", model, z)()
+                ref32 = copy.deepcopy(model).float()
+                tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                try:
+                    images32 = decode_fn("torch-eager", ref32, z)()
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+                del ref32
+        errors = {"fast": rel_err(fast, images32), "plain": rel_err(plain, images32)}
+        del fast, plain, images32
+        torch.cuda.empty_cache()
+        result.update(decode_err_fast=errors["fast"], decode_err_ref_bf16=errors["plain"])
+        for variant, mode in (("rdm_fast", "auto"), ("torch-eager", "reference")):
+            with torch.inference_mode(), ops.use_mode(mode):
+                fn = decode_fn(variant, model, z)
+                result[f"decode {variant}"] = cuda_median_ms(fn, reps=10, warmup=2)
+            del fn
+            torch.cuda.empty_cache()
+        log(f"[{preset}] decode of {n} latents: rdm_fast {result['decode rdm_fast']:.2f} ms, torch-eager "
+            f"{result['decode torch-eager']:.2f} ms; parity vs fp32: fast bf16 {errors['fast']:.2e}, plain bf16 "
+            f"{errors['plain']:.2e}")
+    except Exception:
+        log(f"[{preset}] decode FAILED\n{traceback.format_exc()}")
 
 
 def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> None:

@@ -163,7 +163,8 @@ class RDM(nn.Module):
         peak = float(images.abs().amax()) if images.device.type == "cpu" and images.numel() else 0.0  # no GPU sync
         if peak > 1.5:
             log.warning("encode: the images reach %.3g; the first stage expects values in [-1, 1]", peak)
-        return self.first_stage.moments(images.to(self.device, self.dtype)).float()
+        moments = self.first_stage.moments(self._first_stage_input(images.to(self.device, self.dtype)))
+        return moments.float().contiguous()
 
     def latents(self, moments: Tensor, *, sample: bool = True,
                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -180,8 +181,18 @@ class RDM(nn.Module):
         """Scaled latents (B, C, h, w) -> images in [-1, 1] (fp32). VQ models snap to the codebook first."""
         if z.dim() != 4 or z.shape[1] != self.config.channels:
             raise ValueError(f"decode: latents must be (B, {self.config.channels}, h, w), got {tuple(z.shape)}")
-        x = self.first_stage.decode(z.to(self.device, torch.float32).div(self.config.scale_factor).to(self.dtype))
-        return x.float().clamp(-1.0, 1.0)
+        z = z.to(self.device, torch.float32).div(self.config.scale_factor).to(self.dtype)
+        return self.first_stage.decode(self._first_stage_input(z)).float().clamp(-1.0, 1.0).contiguous()
+
+    def _first_stage_input(self, x: Tensor) -> Tensor:
+        """``x`` for the first stage. On CUDA its weights are converted once to the channels-last layout and ``x``
+        is laid out so too: NHWC convolutions (cuDNN runs NCHW ones through layout transforms), the Triton
+        GroupNorm's tile kernels, attention tokens as views of the maps. Results leave in NCHW memory."""
+        if self.device.type != "cuda":
+            return x
+        if self.first_stage.decoder.conv_in.weight.is_contiguous():  # not converted yet (3x3: formats differ)
+            self.first_stage.to(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ sampling
     def check_context(self, context: Tensor) -> None:

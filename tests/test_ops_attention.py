@@ -373,6 +373,24 @@ def test_cuda_entry_runs_the_kernels_for_gradients_and_times_only_inference(monk
     assert calls == ["triton", "measured", "measured", "triton"]
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_cuda_calls_the_kernels_cannot_run_go_to_sdpa_for_inference_only(fresh_dispatch):
+    """On CUDA (selection only: no GPU needed), a head dim the Triton kernels lack (the first stages' single
+    512-channel head; 48 here) runs PyTorch's SDPA for inference in auto mode, the float32 reference when
+    gradients are needed, and is refused in fast mode; SDPA's result there matches the reference."""
+    q, k, v = _small(d=48)
+    with use_mode("auto"):
+        assert ATTENTION.select("cuda", q, k, v, 2).name == "sdpa"
+        grad_q = q.clone().requires_grad_(True)
+        assert ATTENTION.select("cuda", grad_q, k, v, 2).name == "reference"
+        assert ATTENTION.select("cuda", *_small(d=32), 2).name == "triton"
+    with use_mode("fast"), pytest.raises(RuntimeError, match="head dim 48"):
+        ATTENTION.select("cuda", q, k, v, 2)
+    sdpa = ATTENTION.impl("sdpa").fn(q, k, v, 2)
+    assert sdpa.shape == q.shape and sdpa.is_contiguous()
+    torch.testing.assert_close(sdpa, attention_reference(q, k, v, 2), rtol=1e-5, atol=1e-5)
+
+
 def test_check_args_accepts_cross_attention_lengths():
     check_args(torch.zeros(2, 100, 64), torch.zeros(2, 5, 64), torch.zeros(2, 5, 64), 2)
 
@@ -435,10 +453,12 @@ def test_triton_gpu_gradients_with_shared_components(dtype):
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 def test_triton_gpu_public_op_and_reference_fallback():
     """auto mode on CUDA: head dim 32 runs the Triton kernels (inputs that need gradients: no timed choice),
-    head dim 48 the reference; both outputs match float64 attention (the bfloat16 output tolerance)."""
+    head dim 48 the reference, or SDPA for inference; the outputs match float64 attention (the bfloat16 output
+    tolerance)."""
     (atol, rtol), _ = TOLERANCES[torch.bfloat16]
-    for d, expected in ((32, "triton"), (48, "reference")):
+    for d, grad, expected in ((32, True, "triton"), (48, True, "reference"), (48, False, "sdpa")):
         q, k, v, _, _ = _inputs((2, 64, 40, 2, d, "bfloat16", "dense", 1.0), "cuda")
+        q, k, v = (t.detach().requires_grad_(grad) for t in (q, k, v))
         with use_mode("auto"):
             assert ATTENTION.select("cuda", q, k, v, 2).name == expected
             out = attention(q, k, v, 2).detach().double()

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from .. import ops
-from .._layout import copy_into_blocks
+from .._layout import copy_into_blocks, row_view
 
 
 class GroupNorm(nn.Module):
@@ -104,6 +104,21 @@ def refresh_cached(root: nn.Module) -> None:
             for old, new in zip(tree_leaves(value), tree_leaves(fresh), strict=True):
                 if isinstance(old, Tensor) and old.data_ptr() != new.data_ptr():  # not a weight itself (w.float()
                     old.copy_(new)                                               # of a float32 w): no version bump
+
+
+def conv_without_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv`` without its bias (the caller adds it where it costs no extra pass)."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+
+
+def pointwise_linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 ``conv`` applied to (..., C) tokens as the linear layer it is, bias in the GEMM's epilogue. Tokens
+    that are rows at a fixed stride (a channel slice of a wider channels-last map) are read in place: F.linear
+    would run a bias-free GEMM and a separate, unvectorised bias add on them."""
+    rows = row_view(x, x.shape[-1]) if x.dim() > 2 and conv.bias is not None else None
+    if rows is None:
+        return F.linear(x, conv.weight.flatten(1), conv.bias)
+    return torch.addmm(conv.bias, rows, conv.weight.flatten(1).t()).view(*x.shape[:-1], -1)
 
 
 def nhwc(x: Tensor) -> Tensor:

@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from .._layout import nhwc_row_stride, row_view
 from ..config import UNetConfig
 from .. import ops
-from .layers import (GroupNorm, LayerNorm, Upsample, cached, conv1x1, conv3x3, conv_with_bias,
-                     is_channels_last, nchw, nhwc, official_names)
+from .layers import (GroupNorm, LayerNorm, Upsample, cached, conv1x1, conv3x3, conv_with_bias, conv_without_bias,
+                     is_channels_last, nchw, nhwc, official_names, pointwise_linear)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -40,21 +40,6 @@ def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
-
-
-def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``conv`` without its bias (the caller adds it where it costs no extra pass)."""
-    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
-
-
-def _linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """A 1x1 ``conv`` applied to (..., C) tokens as the linear layer it is, bias in the GEMM's epilogue. Tokens
-    that are rows at a fixed stride (a channel slice of a wider channels-last map) are read in place: F.linear
-    would run a bias-free GEMM and a separate, unvectorised bias add on them."""
-    rows = row_view(x, x.shape[-1]) if x.dim() > 2 and conv.bias is not None else None
-    if rows is None:
-        return F.linear(x, conv.weight.flatten(1), conv.bias)
-    return torch.addmm(conv.bias, rows, conv.weight.flatten(1).t()).view(*x.shape[:-1], -1)
 
 
 @dataclass(eq=False)
@@ -136,11 +121,11 @@ class ResBlock(nn.Module):
         # the per-channel add before norm2 (exact: a per-channel constant), conv2's joins the residual add (one
         # pass for bias + residual). The 1x1 skip is a linear layer on the (B, H, W, C) view, its bias in the
         # GEMM's epilogue.
-        h = _conv(self.conv1, self.norm1(x, silu=True))
+        h = conv_without_bias(self.conv1, self.norm1(x, silu=True))
         add = emb.of(self) if isinstance(emb, TimestepAdds) else self.emb_proj(emb).float() + self.conv1.bias.float()
         h = self.norm2(h, add=add, silu=True)
-        h = _conv(self.conv2, self.dropout(h))
-        skip = nhwc(x) if isinstance(self.skip, nn.Identity) else _linear(self.skip, nhwc(x))
+        h = conv_without_bias(self.conv2, self.dropout(h))
+        skip = nhwc(x) if isinstance(self.skip, nn.Identity) else pointwise_linear(self.skip, nhwc(x))
         bias = self.conv2.bias if out_bias is None else out_bias
         return nchw(ops.add_bias(nhwc(h), bias, skip, out=None if out is None else nhwc(out)))
 
@@ -277,7 +262,7 @@ class SpatialTransformer(nn.Module):
             norm = self.norm(x, add=carried.expand(b, c))  # the norm of x without the carried bias
         else:
             norm = self.norm(x)
-        tokens = _linear(self.proj_in, nhwc(norm).reshape(b, h * w, c))
+        tokens = pointwise_linear(self.proj_in, nhwc(norm).reshape(b, h * w, c))
         if isinstance(context, PreparedContext):
             pending = None
             for block in self.blocks:

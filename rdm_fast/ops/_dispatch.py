@@ -111,13 +111,12 @@ def log_first_use(op: str, impl: str, device_type: str, dtype: str) -> None:
 
 
 @eager_constant
-def warn_missing_once(op: str, reasons: str) -> None:
-    """Warn once per op that a missing backend made it fall back to the reference."""
+def warn_missing_once(op: str, reasons: str, fallback: str = "reference") -> None:
+    """Warn once per op that a missing backend made it fall back to a slower implementation."""
     if op not in _warned_missing:
         _warned_missing.add(op)
-        logger.warning(
-            "%s: falling back to the slower reference implementation because %s; %s", op, reasons, BUILD_HINT
-        )
+        logger.warning("%s: falling back to the slower %s implementation because %s; %s", op, fallback, reasons,
+                       BUILD_HINT)
 
 
 def autocast_inputs(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -204,6 +203,8 @@ class Op:
             else:
                 why = impl.unsupported(*args, **kwargs)
                 if why is None:
+                    if missing:
+                        warn_missing_once(self.name, "; ".join(missing), impl.name)
                     return impl
             reasons.append(f"{impl.name}: {why}")
         if mode == "fast":

@@ -15,8 +15,12 @@ Implementations (selected by :mod:`rdm_fast.ops._dispatch`):
 * ``triton-interpreter`` -- the same kernels on CPU tensors under ``TRITON_INTERPRET=1``; used only in
   ``fast`` mode (correct but far slower than the reference), never for bfloat16 (broken in the interpreter).
 
-Per device: ``cuda: [triton]``, ``cpu: [triton-interpreter (fast mode only)]``, then the reference (``auto``)
-or an error naming the reason (``fast``).
+* ``sdpa`` -- PyTorch's ``scaled_dot_product_attention`` for CUDA inference calls the Triton kernels do not
+  handle (``auto`` mode only), e.g. the first-stage decoders' single head of 512 channels: a vendor kernel in
+  the input's precision instead of the reference's float32 score matrix.
+
+Per device: ``cuda: [triton, sdpa]``, ``cpu: [triton-interpreter (fast mode only)]``, then the reference
+(``auto``) or an error naming the reason (``fast``).
 """
 
 from __future__ import annotations
@@ -151,6 +155,14 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
 _MEASURED = Measured("attention", {"triton": attention_triton, "sdpa": _sdpa})
 
 
+def _sdpa_unsupported(q: Tensor, k: Tensor, v: Tensor, heads: int) -> str | None:
+    if get_mode() == "fast":
+        return "mode 'fast' runs rdm_fast's own kernels"
+    if needs_grad(q, k, v):  # training keeps the float32 reference's gradients where the Triton kernels cannot run
+        return "gradients are needed"
+    return None
+
+
 def _cuda_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """The Triton kernels for training, torch.compile and ``fast`` mode; for inference in ``auto`` mode, the
     faster of them and SDPA at this call's shape and strides."""
@@ -164,7 +176,8 @@ ATTENTION = Op(
     "attention",
     reference=Impl("reference", attention_reference),
     by_device={
-        "cuda": [Impl("triton", _cuda_attention, _triton_unsupported, _triton_unavailable)],
+        "cuda": [Impl("triton", _cuda_attention, _triton_unsupported, _triton_unavailable),
+                 Impl("sdpa", _sdpa, _sdpa_unsupported)],
         "cpu": [Impl("triton-interpreter", attention_triton, without_bfloat16(_triton_unsupported),
                      _interpreter_unavailable, fast_mode_only=True)],
     },
