@@ -116,6 +116,29 @@ def test_clip_text_tower(clip_b32):
     assert clip_b32.image_size == 224
 
 
+def test_clip_half_precision_as_the_reference_runs_it_on_a_gpu(clip_b32):
+    """precision="fp16" (the CUDA default, as OpenAI's clip.load keeps the towers): matrix weights in float16,
+    LayerNorms and embeddings in float32 with the norms computed in float32; embeddings float32 and within fp16
+    rounding of the float32 towers' (cosine > 0.9999). On the CPU the default is float32."""
+    from rdm_fast.encoders.clip import build
+
+    half = build("clip-vit-b-32", pretrained=False, precision="fp16")
+    half.model.load_state_dict(clip_b32.model.state_dict())
+    visual = half.model.visual
+    assert visual.conv1.weight.dtype == torch.float16 and visual.proj.dtype == torch.float16
+    assert visual.ln_pre.weight.dtype == torch.float32 and type(visual.ln_pre).__name__ == "LayerNormFp32"
+    assert half.model.token_embedding.weight.dtype == torch.float32
+    assert clip_b32.dtype == torch.float32 and clip_b32.model.visual.conv1.weight.dtype == torch.float32
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    texts = ["a photo of a cat", "a watercolour lighthouse"]
+    for got, want in ((half.encode_images(x), clip_b32.encode_images(x)),
+                      (half.encode_text(texts), clip_b32.encode_text(texts))):
+        assert got.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(got, want).min() > 0.9999
+    with pytest.raises(ValueError, match="precision must be one of fp16, fp32"):
+        build("clip-vit-b-32", pretrained=False, precision="bf16")
+
+
 def test_clip_vit_l14_architecture():
     enc = get_encoder("clip-vit-l-14", device="meta", pretrained=False)  # shapes only: no 1.7 GB allocation
     assert (enc.name, enc.dim, enc.normalized, enc.image_size) == ("clip-vit-l-14", 768, False, 224)

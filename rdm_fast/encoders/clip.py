@@ -11,6 +11,11 @@ mapped to [0, 1] and normalised with the OpenAI mean and std. ``align_corners=Tr
 antialiasing differ from OpenAI's own PIL pipeline; they are kept because the released databases and models
 were made this way.
 
+Precision follows the reference too: OpenAI's ``clip.load`` keeps the towers in float16 on a GPU (convolutions,
+linear layers and projections; LayerNorms and embeddings in float32, LayerNorms computed in float32), so on CUDA
+the encoder runs that way by default (open_clip's ``precision="fp16"`` builds exactly this), on the CPU in
+float32. Embeddings are returned in float32 either way.
+
 Weights, in order: ``checkpoint=`` a local file (open_clip/OpenAI state dict as .safetensors, .bin/.pt/.pth,
 or OpenAI's TorchScript .pt); else, with ``pretrained=True``, the ``openai`` weights if open_clip already
 cached them (Hugging Face hub cache, or ``~/.cache/clip`` for the OpenAI URL download). Nothing is ever
@@ -59,17 +64,19 @@ class ClipEncoder(Encoder):
     normalized = False
     image_size = IMAGE_SIZE
 
-    def __init__(self, name: str, model: nn.Module, tokenizer: Callable[[list[str]], Tensor], dim: int) -> None:
+    def __init__(self, name: str, model: nn.Module, tokenizer: Callable[[list[str]], Tensor], dim: int,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.name = name
         self.dim = dim
         self.model = model
         self.tokenizer = tokenizer
+        self.dtype = dtype  # of the towers' matrix products; the image input is cast to it, as clip.load's is
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         self.check_images(images)
-        return self.model.encode_image(preprocess(images.to(self.device))).float()
+        return self.model.encode_image(preprocess(images.to(self.device)).to(self.dtype)).float()
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:
@@ -182,9 +189,15 @@ def _quiet_open_clip() -> Iterator[None]:
         logging.disable(previous)
 
 
+PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
+
+
 def build(name: str, *, device: str | torch.device = "cpu", checkpoint: str | None = None,
-          pretrained: bool = True) -> ClipEncoder:
-    """Registry factory for ``name`` in MODELS (see the module docstring for where weights come from)."""
+          pretrained: bool = True, precision: str | None = None) -> ClipEncoder:
+    """Registry factory for ``name`` in MODELS (see the module docstring for where weights come from).
+    ``precision``: "fp16" or "fp32" (default: fp16 on CUDA as the reference ran it, else fp32)."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"encoder {name!r}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     try:
         import open_clip
     except ImportError as exc:
@@ -202,9 +215,11 @@ def build(name: str, *, device: str | torch.device = "cpu", checkpoint: str | No
         source = cached[0]
     state = read_state_dict(source) if source is not None else None
     device = torch.device(device)
+    precision = precision or ("fp16" if device.type == "cuda" else "fp32")
     # Built directly on the target device: random initialisation is fast on a GPU and free on "meta".
     with _quiet_open_clip(), device:
-        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=True, device=device)
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=True, device=device,
+                                       precision=precision)
     if state is not None:
-        load_weights(model, state, str(source), arch)
-    return ClipEncoder(name, model, open_clip.get_tokenizer(arch), dim)
+        load_weights(model, state, str(source), arch)  # copied into the parameters in their precision
+    return ClipEncoder(name, model, open_clip.get_tokenizer(arch), dim, PRECISIONS[precision])
