@@ -33,7 +33,7 @@ from .data import derived_seed
 from .diffusion import Schedule
 from .diffusion.samplers import draw_noise
 from .encoders import EncoderUnavailable, embed_images, embed_texts, resolve_encoder
-from .images import grid, save_png, to_uint8
+from .images import PngWriter, grid, save_png, to_uint8
 from .retrieval.context import (check_database_for_model, default_neighbors, draw_pseudo_queries, locate_database,
                                 model_context)
 from .retrieval.build import load_query_image, query_image_size
@@ -299,7 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = []  # the first GRID_SAMPLES images, for grid.png (a long run's images are not all kept in memory)
     starts = list(range(0, n, args.batch_size))
     began = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=n, desc="images", unit="img") as bar:
+    # PNGs are compressed on background threads while the next batch is queued on the device (PngWriter)
+    with torch.inference_mode(), tqdm(total=n, desc="images", unit="img") as bar, \
+            PngWriter(max_pending=2 * args.batch_size) as writer:
         batch = batch_contexts(0, min(n, args.batch_size))
         for start in starts:
             samples = range(start, start + batch.shape[0])
@@ -317,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch = batch_contexts(start + args.batch_size, min(n, start + 2 * args.batch_size))
             pixels = to_uint8(images_gpu)
             for i, img in enumerate(pixels):
-                save_png(img, out / f"sample_{start + i:05d}.png")
+                writer.write(img, out / f"sample_{start + i:05d}.png")
             shown.extend(pixels[:GRID_SAMPLES - len(shown)])
             bar.update(len(pixels))
     seconds = time.perf_counter() - began  # sampling, decoding and writing, after the model and data loads

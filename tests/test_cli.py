@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from PIL import Image
 
 from rdm_fast import RDM, RDMConfig
 from rdm_fast import checkpoint as ckpt
-from rdm_fast import convert, sample
+from rdm_fast import convert, images, sample
 from rdm_fast._cli import run
 from rdm_fast.retrieval.database import Database, save_proposals, update_manifest, write_database
 
@@ -79,16 +80,49 @@ def test_sample_grid_shows_the_first_samples_and_run_json_comes_first(tiny_dir, 
         seen.append((Path(path).name, json.loads((tmp_path / "run.json").read_text())["complete"]))
         real(image, path)
 
-    monkeypatch.setattr(sample, "save_png", spy)
+    monkeypatch.setattr(sample, "save_png", spy)  # grid.png
+    monkeypatch.setattr(images, "save_png", spy)  # the samples, written by PngWriter's threads
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),
                "--out", str(tmp_path), "--steps", "2", "--n-samples", "5", "--batch-size", "2") == 0
-    assert seen[0] == ("sample_00000.png", False) and seen[-1] == ("grid.png", False)
+    assert sorted(seen[:-1]) == [(f"sample_{i:05d}.png", False) for i in range(5)]
+    assert seen[-1] == ("grid.png", False)  # after every sample was written
     grid_img = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid_img.shape == (2 * 34 + 2, 2 * 34 + 2, 3)  # 3 images of 32 px in 2 x 2 cells, 2 px borders
     first = np.asarray(Image.open(tmp_path / "sample_00002.png"))
     assert np.array_equal(grid_img[36:68, 2:34], first)  # the third image fills the second row
     assert json.loads((tmp_path / "run.json").read_text())["complete"] is True
     assert "already holds sample images beyond this run's 5 (1, from an earlier run)" in caplog.text
+
+
+def test_png_writer_writes_in_the_background_bounded_and_reports_failures(tmp_path, monkeypatch):
+    """PngWriter: every queued image lands (atomically, readable); no more than max_pending wait at once; a
+    failed write is raised by close; leaving on an exception keeps that exception."""
+    release = threading.Event()
+    real = images.save_png
+
+    def slow(image, path):
+        release.wait(5)
+        real(image, path)
+
+    monkeypatch.setattr(images, "save_png", slow)
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    with images.PngWriter(max_pending=2, workers=1) as writer:
+        writer.write(pixels[0], tmp_path / "a0.png")
+        writer.write(pixels[1], tmp_path / "a1.png")
+        assert len(writer._pending) == 2  # both queued without blocking
+        release.set()
+        for i in range(2, 5):
+            writer.write(pixels[i], tmp_path / f"a{i}.png")
+            assert len(writer._pending) <= 2
+    for i in range(5):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"a{i}.png")), pixels[i])
+    writer = images.PngWriter()
+    writer.write(pixels[0], tmp_path / "missing-dir" / "x.png")
+    with pytest.raises(OSError):
+        writer.close()
+    with pytest.raises(KeyError), images.PngWriter() as writer:
+        writer.write(pixels[0], tmp_path / "missing-dir" / "y.png")
+        raise KeyError("the loop's own error")
 
 
 @pytest.mark.parametrize("extra", [["--bf16", "--sampler", "plms"], ["--fp16", "--eta", "1.0"]])
