@@ -93,6 +93,16 @@ grep "build rc" "$OUT/log.txt"; grep -E "FAILED|ERROR| passed| failed|rc=" "$OUT
 timeout "$(limit 150)" $PY bench/gpu_step.py --out "$OUT" >> "$OUT/log.txt" 2>&1
 echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 
+# 3a. the command line end to end (model build, retrieval-free contexts, 2 batches of 8 with CUDA graphs, decoding,
+#     PNGs written on background threads): its wall-clock seconds from run.json
+if [ "$(left)" -gt 120 ]; then
+  $PY -c "import numpy as np; np.save('/tmp/ctx768.npy', np.random.randn(16, 11, 768).astype('float32'))"
+  timeout "$(limit 90)" $PY -m rdm_fast.sample --random-init --config rdm768 --context-file /tmp/ctx768.npy --bf16 \
+    --steps 50 --n-samples 16 --batch-size 8 --out /tmp/sample_rdm768 >> "$OUT/log.txt" 2>&1
+  echo "sample CLI rc=$? at $SECONDS s: rdm768, 16 images, 50 steps, batch 8: $($PY -c "import json; \
+print(json.load(open('/tmp/sample_rdm768/run.json')).get('seconds'))" 2>/dev/null) s" | tee -a "$OUT/log.txt"
+fi
+
 # 3b. tuning measurements (attention per level, upsample variants, GroupNorm tunables), for choosing defaults
 if [ "${GPU_CHECK_TUNE:-0}" = 1 ]; then
   timeout "$(limit 150)" $PY bench/gpu_tune.py --out "$OUT" >> "$OUT/log.txt" 2>&1
