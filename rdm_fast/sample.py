@@ -7,7 +7,8 @@ its nearest database entries, laid out as the model was trained (rdm_fast.retrie
 ``sample_00000.png``..., ``grid.png`` (the first 64) and ``run.json`` (every setting) into ``--out``.
 
 Sample i's start noise and, with eta > 0, the noise added at each DDIM step come from streams seeded by
-(--seed, i), so it is the same image for any --batch-size (to float rounding).
+(--seed, i), so it is the same image for any --batch-size (to float rounding) and any number of processes: under
+``torchrun`` each process draws every world-th batch on its own GPU.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import RDM
 from ._cli import CLIError, HelpFormatter, check_out_dir, pick_dtype, run, summary
-from ._distributed import process_device
+from ._distributed import Processes, process_device
 from ._files import array_file_problem, atomic_write_json
 from .checkpoint import resolve_file
 from .config import RDMConfig, SamplingDefaults, preset_names
@@ -246,6 +248,14 @@ class DatabaseContexts:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    procs = Processes()  # under torchrun: the batches are shared out, and the processes meet at the end (gloo)
+    try:
+        return _main(args, procs)
+    finally:
+        procs.close()
+
+
+def _main(args: argparse.Namespace, procs: Processes) -> int:
     if args.db:
         locate_database(args.db)  # a missing database fails now; it is opened after the model
     ckpt_file = None if args.random_init else resolve_file(args.ckpt)  # a training run's newest checkpoint
@@ -277,33 +287,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_contexts.prepare(n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    earlier = [p for p in out.glob("sample_*.png") if not p.stem[7:].isdigit() or int(p.stem[7:]) >= n]
-    if earlier:
-        log.warning("%s already holds sample images beyond this run's %d (%d, from an earlier run): they are left "
-                    "as they are", out, n, len(earlier))
     timesteps = len(model.schedule.ddim_timesteps(settings.steps))  # more than steps where they do not divide T
-    log.info("sampling %d image%s: %s, %d steps, eta %g, guidance %g, %s on %s", n, "s"[:n != 1],
-             settings.sampler, timesteps, settings.eta, settings.guidance_scale, str(dtype).replace("torch.", ""),
-             device)
     run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file),
                 "config": cfg.to_dict(), "n_samples": n, "steps": settings.steps,
                 "timesteps": timesteps, "sampler": settings.sampler, "eta": settings.eta,
                 "guidance_scale": settings.guidance_scale, "seed": args.seed, "dtype": str(dtype),
-                "batch_size": args.batch_size, "device": str(device), "no_ema": args.no_ema,
-                "random_init": args.random_init, "context_source": args.context_file or args.db, "text": args.text,
-                "image": args.image, "top_m": batch_contexts.top_m if args.db and not (args.text or args.image) else None,
+                "batch_size": args.batch_size, "device": str(device), "processes": procs.world,
+                "no_ema": args.no_ema, "random_init": args.random_init,
+                "context_source": args.context_file or args.db, "text": args.text, "image": args.image,
+                "top_m": batch_contexts.top_m if args.db and not (args.text or args.image) else None,
                 "k": batch_contexts.k if args.db else None,
                 "include_query": batch_contexts.include_query if args.db else None,
                 "args": vars(args)}  # the command line as given, for reproduction
-    atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
+    if procs.main:
+        earlier = [p for p in out.glob("sample_*.png") if not p.stem[7:].isdigit() or int(p.stem[7:]) >= n]
+        if earlier:
+            log.warning("%s already holds sample images beyond this run's %d (%d, from an earlier run): they are "
+                        "left as they are", out, n, len(earlier))
+        log.info("sampling %d image%s: %s, %d steps, eta %g, guidance %g, %s on %s%s", n, "s"[:n != 1],
+                 settings.sampler, timesteps, settings.eta, settings.guidance_scale,
+                 str(dtype).replace("torch.", ""), device, f" and {procs.world - 1} more processes"
+                 if procs.world > 1 else "")
+        atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
     shown = []  # the first GRID_SAMPLES images, for grid.png (a long run's images are not all kept in memory)
-    starts = list(range(0, n, args.batch_size))
+    # under torchrun each process draws every world-th batch; sample i's noise depends on i alone
+    starts = list(range(0, n, args.batch_size))[procs.rank::procs.world]
     began = time.perf_counter()
     # PNGs are compressed on background threads while the next batch is queued on the device (PngWriter)
-    with torch.inference_mode(), tqdm(total=n, desc="images", unit="img") as bar, \
+    with torch.inference_mode(), tqdm(total=sum(min(args.batch_size, n - s) for s in starts), desc="images",
+                                      unit="img", disable=not procs.main) as bar, \
             PngWriter(max_pending=2 * args.batch_size) as writer:
-        batch = batch_contexts(0, min(n, args.batch_size))
-        for start in starts:
+        batch = batch_contexts(starts[0], min(n, starts[0] + args.batch_size)) if starts else None
+        for j, start in enumerate(starts):
             samples = range(start, start + batch.shape[0])
             # each sample's start noise from its own stream (the same for any batching), copied to a GPU
             # without waiting for the queued retrieval
@@ -313,16 +328,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                              guidance_scale=settings.guidance_scale, x_T=x_T,
                              generator=[seeded_generator(args.seed, STEP_NOISE, i) for i in samples],  # eta > 0 noise
                              cuda_graph=False if args.no_cuda_graph else None,
-                             progress=sys.stderr.isatty())  # a per-step bar in terminals, not in logs
+                             progress=sys.stderr.isatty() and procs.main)  # per-step bar in terminals, not logs
             images_gpu = model.decode(z)
-            if start + args.batch_size < n:  # queue the next batch's retrieval before waiting for these images
-                batch = batch_contexts(start + args.batch_size, min(n, start + 2 * args.batch_size))
+            if j + 1 < len(starts):  # queue the next batch's retrieval before waiting for these images
+                batch = batch_contexts(starts[j + 1], min(n, starts[j + 1] + args.batch_size))
             pixels = to_uint8(images_gpu)
             for i, img in enumerate(pixels):
                 writer.write(img, out / f"sample_{start + i:05d}.png")
-            shown.extend(pixels[:GRID_SAMPLES - len(shown)])
+            if procs.world == 1:
+                shown.extend(pixels[:GRID_SAMPLES - len(shown)])
             bar.update(len(pixels))
+    procs.barrier()  # every process's images are written
+    if not procs.main:
+        return 0
     seconds = time.perf_counter() - began  # sampling, decoding and writing, after the model and data loads
+    if procs.world > 1:  # the first samples came from several processes: read them back
+        shown = [np.asarray(Image.open(out / f"sample_{i:05d}.png").convert("RGB"))
+                 for i in range(min(n, GRID_SAMPLES))]
     save_png(grid(np.stack(shown)), out / "grid.png")
     atomic_write_json(out / "run.json", {**run_info, "complete": True, "seconds": round(seconds, 3)})
     log.info("wrote %d images and grid.png (the first %d) to %s in %.1f s (%.3g s per image, first batch's "

@@ -68,6 +68,28 @@ def test_sample_with_context_file(tiny_dir, tmp_path):
                               np.asarray(Image.open(out / "sample_00002.png")))
 
 
+def test_sample_under_torchrun_shares_the_batches_and_equals_one_process(tiny_dir, tmp_path):
+    """Two torchrun processes draw alternate batches; the images, grid.png and run.json's settings equal one
+    process's (sample i's noise depends on i alone; same batches, so the same arithmetic)."""
+    args = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "4",
+            "--n-samples", "5", "--batch-size", "2", "--seed", "2"]
+    assert cli(sample, *args, "--out", str(tmp_path / "one")) == 0
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "rdm_fast.sample", *args, "--out", str(tmp_path / "two")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "and 1 more processes" in r.stderr and r.stderr.count("wrote 5 images") == 1
+    assert "| 3/3 [" in r.stderr and "| 5/5 [" not in r.stderr  # process 0's bar: its batches 0-1 and 4 only
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    for name in [f"sample_{i:05d}.png" for i in range(5)] + ["grid.png"]:
+        assert np.array_equal(np.asarray(Image.open(one / name)), np.asarray(Image.open(two / name))), name
+    info = json.loads((two / "run.json").read_text())
+    assert info["complete"] is True and info["processes"] == 2 and info["n_samples"] == 5
+
+
 def test_sample_grid_shows_the_first_samples_and_run_json_comes_first(tiny_dir, tmp_path, monkeypatch, caplog):
     """grid.png holds the first GRID_SAMPLES images only; run.json exists (incomplete) while sampling runs; images
     of an earlier, longer run in --out are reported."""
