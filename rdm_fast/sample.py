@@ -14,6 +14,8 @@ Sample i's start noise and, with eta > 0, the noise added at each DDIM step come
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import sys
 import time
@@ -40,6 +42,7 @@ from .retrieval.context import (check_database_for_model, default_neighbors, dra
                                 model_context)
 from .retrieval.build import load_query_image, query_image_size
 from .retrieval.database import BACKENDS, Database
+from .retrieval.neighbors import database_digest
 from .rdm import checkpoint_config
 
 log = logging.getLogger("rdm_fast.sample")
@@ -98,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true",
                    help="the UNet's raw weights instead of its EMA ones: an official checkpoint's, or a training "
                         "checkpoint's train_weights.safetensors (other rdm_fast files hold one set: a warning)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out: batches whose images all exist are skipped; its "
+                        "run.json must record the same settings and conditioning (--batch-size, --device and the "
+                        "number of processes may differ: the images depend on none of them, up to float rounding)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")
     return p
@@ -201,6 +208,27 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
+# run.json entries that a resumed run must share with the run it continues (the images depend on them)
+RESUME_KEYS = ("ckpt_file", "config", "n_samples", "steps", "timesteps", "sampler", "eta", "guidance_scale", "seed",
+               "dtype", "no_ema", "random_init", "context_source", "context_digest", "text", "image", "top_m", "k",
+               "include_query")
+
+
+def check_resumable(path: Path, run_info: dict) -> None:
+    """CLIError unless ``path`` (an earlier run's run.json) records the settings of ``run_info`` (RESUME_KEYS)."""
+    try:
+        previous = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CLIError(f"--resume: {path} does not exist (no run to continue in {path.parent})") from None
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--resume: cannot read {path}: {e}") from None
+    current = json.loads(json.dumps(run_info))  # as it would be written (tuples as lists)
+    changed = [key for key in RESUME_KEYS if previous.get(key) != current.get(key)]
+    if changed:
+        raise CLIError(f"--resume: {path.parent} holds a run with other settings ({', '.join(changed)}); use the "
+                       "same options, or another --out")
+
+
 class DatabaseContexts:
     """Per-batch contexts from a database: the queries are fixed up front (seeded), retrieval runs per batch on
     the sampling device."""
@@ -234,6 +262,15 @@ class DatabaseContexts:
         if self.queries is not None and not bool(torch.isfinite(self.queries).all()):  # once, before sampling
             raise CLIError(f"encoder {self.encoder.name} gave non-finite embeddings for the "
                            f"{'--text captions' if self.texts else '--image files'}")
+
+    def digest(self) -> str:
+        """SHA-256 of what the contexts are drawn from besides the options: the database's shards and proposal
+        ranking, and the --image files."""
+        h = hashlib.sha256(database_digest(self.db).encode())
+        h.update(json.dumps(self.db.manifest.get("proposals"), sort_keys=True).encode())
+        for path in self.images or ():
+            h.update(Path(path).read_bytes())
+        return h.hexdigest()
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         """Contexts of samples [start, stop) on the sampling device."""
@@ -276,6 +313,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
         if n > contexts.shape[0]:
             log.info("%d samples from %d contexts: the contexts are cycled (sample i gets context i mod %d)", n,
                      contexts.shape[0], contexts.shape[0])
+        context_digest = hashlib.sha256(contexts.numpy().tobytes()).hexdigest()
         contexts = contexts[torch.arange(n) % contexts.shape[0]]
         batch_contexts = lambda start, stop: contexts[start:stop].to(device)  # noqa: E731
     else:
@@ -285,6 +323,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
             raise CLIError(str(e)) from None
         n = args.n_samples or batch_contexts.n_default
         batch_contexts.prepare(n)
+        context_digest = batch_contexts.digest()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timesteps = len(model.schedule.ddim_timesteps(settings.steps))  # more than steps where they do not divide T
@@ -294,11 +333,18 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                 "guidance_scale": settings.guidance_scale, "seed": args.seed, "dtype": str(dtype),
                 "batch_size": args.batch_size, "device": str(device), "processes": procs.world,
                 "no_ema": args.no_ema, "random_init": args.random_init,
-                "context_source": args.context_file or args.db, "text": args.text, "image": args.image,
+                "context_source": args.context_file or args.db, "context_digest": context_digest,
+                "text": args.text, "image": args.image,
                 "top_m": batch_contexts.top_m if args.db and not (args.text or args.image) else None,
                 "k": batch_contexts.k if args.db else None,
                 "include_query": batch_contexts.include_query if args.db else None,
                 "args": vars(args)}  # the command line as given, for reproduction
+    if args.resume:
+        check_resumable(out / "run.json", run_info)
+    # with --resume, the batches whose images all exist are skipped (each is written atomically: present = whole);
+    # rank 0's view, so that every process shares out the same list while the first images appear
+    todo = procs.from_rank0([start for start in range(0, n, args.batch_size) if not args.resume or not all(
+        (out / f"sample_{i:05d}.png").is_file() for i in range(start, min(n, start + args.batch_size)))])
     if procs.main:
         earlier = [p for p in out.glob("sample_*.png") if not p.stem[7:].isdigit() or int(p.stem[7:]) >= n]
         if earlier:
@@ -308,10 +354,13 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                  settings.sampler, timesteps, settings.eta, settings.guidance_scale,
                  str(dtype).replace("torch.", ""), device, f" and {procs.world - 1} more processes"
                  if procs.world > 1 else "")
+        if args.resume:
+            drawn = sum(min(args.batch_size, n - start) for start in todo)
+            log.info("resuming: %d of the %d images exist, %d to draw", n - drawn, n, drawn)
         atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
     shown = []  # the first GRID_SAMPLES images, for grid.png (a long run's images are not all kept in memory)
     # under torchrun each process draws every world-th batch; sample i's noise depends on i alone
-    starts = list(range(0, n, args.batch_size))[procs.rank::procs.world]
+    starts = todo[procs.rank::procs.world]
     began = time.perf_counter()
     # PNGs are compressed on background threads while the next batch is queued on the device (PngWriter)
     with torch.inference_mode(), tqdm(total=sum(min(args.batch_size, n - s) for s in starts), desc="images",
@@ -342,7 +391,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
     if not procs.main:
         return 0
     seconds = time.perf_counter() - began  # sampling, decoding and writing, after the model and data loads
-    if procs.world > 1:  # the first samples came from several processes: read them back
+    if len(shown) < min(n, GRID_SAMPLES):  # other processes or an earlier run drew some of them: read them back
         shown = [np.asarray(Image.open(out / f"sample_{i:05d}.png").convert("RGB"))
                  for i in range(min(n, GRID_SAMPLES))]
     save_png(grid(np.stack(shown)), out / "grid.png")

@@ -68,6 +68,46 @@ def test_sample_with_context_file(tiny_dir, tmp_path):
                               np.asarray(Image.open(out / "sample_00002.png")))
 
 
+def test_sample_resume_draws_only_the_missing_batches_and_refuses_other_settings(tiny_dir, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """--resume after an interruption draws only the batches with a missing image, and the images equal those
+    of an uninterrupted run (another --batch-size is allowed); other settings, other context file contents or
+    no earlier run are refused."""
+    args = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "4",
+            "--n-samples", "5", "--batch-size", "2", "--seed", "3", "--out", str(tmp_path / "run")]
+    assert cli(sample, *args) == 0
+    full = {i: np.asarray(Image.open(tmp_path / "run" / f"sample_{i:05d}.png")) for i in range(5)}
+    for i in (3, 4):  # as if killed while writing the second batch
+        (tmp_path / "run" / f"sample_{i:05d}.png").unlink()
+    drawn = []
+    real = RDM.sample
+
+    def spy(self, context, **kwargs):
+        drawn.append(context.shape[0])
+        return real(self, context, **kwargs)
+
+    monkeypatch.setattr(RDM, "sample", spy)
+    assert cli(sample, *args, "--resume") == 0
+    assert drawn == [2, 1]  # samples 2-3 and 4; 0-1 were kept
+    for i in range(5):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / f"sample_{i:05d}.png")), full[i]), i
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["complete"] is True and len(info["context_digest"]) == 64
+    drawn.clear()
+    assert cli(sample, *args, "--resume", "--batch-size", "3") == 0 and drawn == []  # nothing left to draw
+    capsys.readouterr()
+    assert cli(sample, *args, "--resume", "--seed", "4") == 2
+    assert "holds a run with other settings (seed)" in capsys.readouterr().err
+    other = tmp_path / "other.npy"
+    np.save(other, np.load(tiny_dir / "ctx.npy") + 1)
+    args[args.index(str(tiny_dir / "ctx.npy"))] = str(other)
+    (tmp_path / "run" / "sample_00004.png").unlink()
+    assert cli(sample, *args, "--resume") == 2
+    assert "(context_source, context_digest)" in capsys.readouterr().err
+    assert cli(sample, *args[:-1], str(tmp_path / "new"), "--resume") == 2
+    assert "no run to continue" in capsys.readouterr().err
+
+
 def test_sample_under_torchrun_shares_the_batches_and_equals_one_process(tiny_dir, tmp_path):
     """Two torchrun processes draw alternate batches; the images, grid.png and run.json's settings equal one
     process's (sample i's noise depends on i alone; same batches, so the same arithmetic)."""
