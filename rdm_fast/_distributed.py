@@ -13,7 +13,15 @@ import torch.distributed as dist
 
 def process_device(device: str) -> torch.device:
     """The device this process computes on. ``auto``: its GPU (cuda:LOCAL_RANK) when CUDA is available, else the
-    CPU; ``cuda``: its GPU; ``cuda:N`` only outside torchrun (each process takes its own GPU there)."""
+    CPU; ``cuda``: its GPU; ``cuda:N`` only outside torchrun (each process takes its own GPU there). A GPU is made
+    the current CUDA device too: Triton kernels and CUDA graphs run on the current device, not their tensors'."""
+    dev = _pick_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def _pick_device(device: str) -> torch.device:
     local, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

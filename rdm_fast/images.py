@@ -33,16 +33,18 @@ def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.nda
     return out
 
 
-def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Write an (H, W, 3) uint8 image atomically."""
-    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+def save_png(image: np.ndarray, path: str | Path, *, fsync: bool = False) -> None:
+    """Write an (H, W, 3) uint8 image atomically (``fsync``: its data on disk before it takes its name)."""
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"), fsync=fsync)
 
 
 class PngWriter:
-    """Writes PNGs (atomically, :func:`save_png`) on background threads, so that a sampling loop queues its next
-    batch on the GPU while the last one is compressed: Pillow's zlib compression releases the GIL, and a 768x768
-    PNG takes about 0.1 s of CPU. At most ``max_pending`` images wait to be written (``write`` blocks until one
-    is done); the first failure is raised by a later ``write`` or by ``close``. Use as a context manager."""
+    """Writes PNGs (atomically, :func:`save_png`, flushed to disk before they take their names: an image that
+    exists is whole, even after a power loss, which ``sample --resume`` relies on) on background threads, so that
+    a sampling loop queues its next batch on the GPU while the last one is compressed: Pillow's zlib compression
+    releases the GIL, and a 768x768 PNG takes about 0.1 s of CPU. At most ``max_pending`` images wait to be
+    written (``write`` blocks until one is done); the first failure is raised by a later ``write`` or by
+    ``close``. Use as a context manager."""
 
     def __init__(self, max_pending: int = 64, workers: int | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1),
@@ -54,7 +56,7 @@ class PngWriter:
         """Queue ``image`` (H, W, 3) uint8 for ``path``."""
         while self._pending and (self._pending[0].done() or len(self._pending) >= self._max_pending):
             self._pending.popleft().result()  # raises a failed write's error
-        self._pending.append(self._pool.submit(save_png, image, path))
+        self._pending.append(self._pool.submit(save_png, image, path, fsync=True))
 
     def close(self) -> None:
         """Wait for every queued image; raise the first failure."""

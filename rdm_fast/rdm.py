@@ -24,6 +24,14 @@ from .models.layers import official_names, refresh_cached
 log = logging.getLogger(__name__)
 
 
+def to_channels_last(module: nn.Module) -> None:
+    """Convert ``module``'s 4-D weights to the channels-last layout in place. Done outside inference mode even
+    when called inside it: weights made there would be inference tensors, which autograd refuses afterwards
+    (training, or a gradient through the decoder)."""
+    with torch.inference_mode(False), torch.no_grad():
+        module.to(memory_format=torch.channels_last)
+
+
 class RDM(nn.Module):
     """A retrieval-augmented diffusion model.
 
@@ -191,7 +199,7 @@ class RDM(nn.Module):
         if self.device.type != "cuda":
             return x
         if self.first_stage.decoder.conv_in.weight.is_contiguous():  # not converted yet (3x3: formats differ)
-            self.first_stage.to(memory_format=torch.channels_last)
+            to_channels_last(self.first_stage)
         return x.contiguous(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ sampling
@@ -253,7 +261,7 @@ class RDM(nn.Module):
             context = F.normalize(context.float(), dim=-1)
         wants_nhwc = channels_last if channels_last is not None else self.device.type == "cuda"
         if wants_nhwc and self.unet.input_conv.weight.is_contiguous():  # not converted yet (3x3: formats differ)
-            self.unet.to(memory_format=torch.channels_last)
+            to_channels_last(self.unet)
         refresh_cached(self.unet)  # weights may have been written through .data since the last call
         context = context.to(self.device)
         b = context.shape[0]

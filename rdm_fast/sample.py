@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 
@@ -103,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's train_weights.safetensors (other rdm_fast files hold one set: a warning)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out: batches whose images all exist are skipped; its "
-                        "run.json must record the same settings and conditioning (--batch-size, --device and the "
-                        "number of processes may differ: the images depend on none of them, up to float rounding)")
+                        "run.json must record the same settings and conditioning: contexts, search (exact, or "
+                        "which index) and query encoder (--batch-size, --device and the number of processes may "
+                        "differ: otherwise the images depend on none of them, up to float rounding)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")
     return p
@@ -211,7 +213,7 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
 # run.json entries that a resumed run must share with the run it continues (the images depend on them)
 RESUME_KEYS = ("ckpt_file", "config", "n_samples", "steps", "timesteps", "sampler", "eta", "guidance_scale", "seed",
                "dtype", "no_ema", "random_init", "context_source", "context_digest", "text", "image", "top_m", "k",
-               "include_query")
+               "include_query", "search", "query_encoder")
 
 
 def check_resumable(path: Path, run_info: dict) -> None:
@@ -248,6 +250,7 @@ class DatabaseContexts:
         else:
             self.n_default = 4
         self.top_m, self.generator = DEFAULT_TOP_M if args.top_m is None else args.top_m, generator
+        self.encoder_checkpoint = args.encoder_checkpoint
 
     def prepare(self, n: int) -> None:
         """Fix the queries once, on the device (no per-batch copies, encoder calls or synchronisation)."""
@@ -262,6 +265,16 @@ class DatabaseContexts:
         if self.queries is not None and not bool(torch.isfinite(self.queries).all()):  # once, before sampling
             raise CLIError(f"encoder {self.encoder.name} gave non-finite embeddings for the "
                            f"{'--text captions' if self.texts else '--image files'}")
+
+    def settings(self) -> dict:
+        """What else decides the contexts: the search (exact, or which index with which parameters) and the
+        query encoder (name, weights file, precision)."""
+        search = self.db.search_settings
+        exact = self.db.backend.endswith("-exact")  # the exact backends agree (ties broken by the lower id)
+        encoder = None if self.encoder is None else {
+            "name": self.encoder.name, "checkpoint": self.encoder_checkpoint,
+            "dtype": str(getattr(self.encoder, "dtype", torch.float32))}
+        return {"search": {**search, "backend": "exact" if exact else search["backend"]}, "query_encoder": encoder}
 
     def digest(self) -> str:
         """SHA-256 of what the contexts are drawn from besides the options: the database's shards and proposal
@@ -285,7 +298,9 @@ class DatabaseContexts:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    procs = Processes()  # under torchrun: the batches are shared out, and the processes meet at the end (gloo)
+    # under torchrun: the batches are shared out, and the processes meet at the end (gloo; a process that waits
+    # longer than that for the others gives up)
+    procs = Processes(timeout=timedelta(minutes=30))
     try:
         return _main(args, procs)
     finally:
@@ -338,6 +353,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                 "top_m": batch_contexts.top_m if args.db and not (args.text or args.image) else None,
                 "k": batch_contexts.k if args.db else None,
                 "include_query": batch_contexts.include_query if args.db else None,
+                **(batch_contexts.settings() if args.db else {"search": None, "query_encoder": None}),
                 "args": vars(args)}  # the command line as given, for reproduction
     if args.resume:
         check_resumable(out / "run.json", run_info)
@@ -345,6 +361,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
     # rank 0's view, so that every process shares out the same list while the first images appear
     todo = procs.from_rank0([start for start in range(0, n, args.batch_size) if not args.resume or not all(
         (out / f"sample_{i:05d}.png").is_file() for i in range(start, min(n, start + args.batch_size)))])
+    to_draw = sum(min(args.batch_size, n - start) for start in todo)
     if procs.main:
         earlier = [p for p in out.glob("sample_*.png") if not p.stem[7:].isdigit() or int(p.stem[7:]) >= n]
         if earlier:
@@ -355,10 +372,9 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                  str(dtype).replace("torch.", ""), device, f" and {procs.world - 1} more processes"
                  if procs.world > 1 else "")
         if args.resume:
-            drawn = sum(min(args.batch_size, n - start) for start in todo)
-            log.info("resuming: %d of the %d images exist, %d to draw", n - drawn, n, drawn)
+            log.info("resuming: %d of the %d images exist, %d to draw", n - to_draw, n, to_draw)
         atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
-    shown = []  # the first GRID_SAMPLES images, for grid.png (a long run's images are not all kept in memory)
+    shown = {}  # samples below GRID_SAMPLES drawn here, for grid.png (a long run's images are not all kept)
     # under torchrun each process draws every world-th batch; sample i's noise depends on i alone
     starts = todo[procs.rank::procs.world]
     began = time.perf_counter()
@@ -384,20 +400,20 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
             pixels = to_uint8(images_gpu)
             for i, img in enumerate(pixels):
                 writer.write(img, out / f"sample_{start + i:05d}.png")
-            if procs.world == 1:
-                shown.extend(pixels[:GRID_SAMPLES - len(shown)])
+            shown.update((start + i, img) for i, img in enumerate(pixels[:max(0, GRID_SAMPLES - start)]))
             bar.update(len(pixels))
     procs.barrier()  # every process's images are written
     if not procs.main:
         return 0
     seconds = time.perf_counter() - began  # sampling, decoding and writing, after the model and data loads
-    if len(shown) < min(n, GRID_SAMPLES):  # other processes or an earlier run drew some of them: read them back
-        shown = [np.asarray(Image.open(out / f"sample_{i:05d}.png").convert("RGB"))
-                 for i in range(min(n, GRID_SAMPLES))]
-    save_png(grid(np.stack(shown)), out / "grid.png")
+    # the first samples that other processes or an earlier run drew are read back
+    first = [shown[i] if i in shown else np.asarray(Image.open(out / f"sample_{i:05d}.png").convert("RGB"))
+             for i in range(min(n, GRID_SAMPLES))]
+    save_png(grid(np.stack(first)), out / "grid.png")
     atomic_write_json(out / "run.json", {**run_info, "complete": True, "seconds": round(seconds, 3)})
-    log.info("wrote %d images and grid.png (the first %d) to %s in %.1f s (%.3g s per image, first batch's "
-             "warm-up included)", n, len(shown), out, seconds, seconds / n)
+    log.info("wrote %d images%s and grid.png (the first %d) to %s in %.1f s (%.3g s per image, first batch's "
+             "warm-up included)", to_draw, f" (the other {n - to_draw} of {n} were there)" if to_draw < n else "",
+             len(first), out, seconds, seconds / max(1, to_draw))
     return 0
 
 

@@ -407,9 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CLIError("a new run needs --init, --first-stage or --random-init")
     if not (args.init or resume_from) and not args.config:
         raise CLIError("--config is needed unless the run starts from --init or resumes")
-    device = process_device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = process_device(args.device)  # also the current CUDA device
     procs = Processes("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
     try:
         return _train(args, out, resume_from, procs, device)

@@ -73,10 +73,12 @@ def test_sample_resume_draws_only_the_missing_batches_and_refuses_other_settings
     """--resume after an interruption draws only the batches with a missing image, and the images equal those
     of an uninterrupted run (another --batch-size is allowed); other settings, other context file contents or
     no earlier run are refused."""
+    monkeypatch.setattr(sample, "GRID_SAMPLES", 3)  # fewer than the images the resumed run draws
     args = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "4",
             "--n-samples", "5", "--batch-size", "2", "--seed", "3", "--out", str(tmp_path / "run")]
     assert cli(sample, *args) == 0
     full = {i: np.asarray(Image.open(tmp_path / "run" / f"sample_{i:05d}.png")) for i in range(5)}
+    full_grid = np.asarray(Image.open(tmp_path / "run" / "grid.png"))
     for i in (3, 4):  # as if killed while writing the second batch
         (tmp_path / "run" / f"sample_{i:05d}.png").unlink()
     drawn = []
@@ -91,6 +93,7 @@ def test_sample_resume_draws_only_the_missing_batches_and_refuses_other_settings
     assert drawn == [2, 1]  # samples 2-3 and 4; 0-1 were kept
     for i in range(5):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / f"sample_{i:05d}.png")), full[i]), i
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / "grid.png")), full_grid)  # samples 0-2
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["complete"] is True and len(info["context_digest"]) == 64
     drawn.clear()
@@ -108,6 +111,46 @@ def test_sample_resume_draws_only_the_missing_batches_and_refuses_other_settings
     assert "no run to continue" in capsys.readouterr().err
 
 
+def test_process_device_takes_the_local_gpu_and_makes_it_current(monkeypatch):
+    """Under torchrun each process computes on cuda:LOCAL_RANK, made the current CUDA device (Triton kernels and
+    CUDA graphs run on the current device: without it every process would launch on GPU 0); cuda:N is refused
+    there; the CPU needs no current device. (CUDA is simulated: no GPU needed.)"""
+    from rdm_fast import _distributed
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _distributed.process_device("auto") == torch.device("cuda:1") == current[-1]
+    assert _distributed.process_device("cuda") == torch.device("cuda:1") and len(current) == 2
+    with pytest.raises(ValueError, match="each process takes its own GPU"):
+        _distributed.process_device("cuda:0")
+    assert _distributed.process_device("cpu") == torch.device("cpu") and len(current) == 2
+
+
+def test_sample_resume_refuses_another_search(tiny_dir, tmp_path, capsys):
+    """Neighbours found by another search (here a FAISS index instead of the exact search) would change the
+    remaining images' contexts: --resume refuses; the exact backends count as one."""
+    pytest.importorskip("faiss")
+    from rdm_fast.retrieval.database import add_index
+
+    db = tmp_path / "db"
+    shutil.copytree(tiny_dir / "db", db)
+    args = ["--ckpt", str(tiny_dir / "model"), "--db", str(db), "--steps", "4", "--n-samples", "2",
+            "--batch-size", "1", "--out", str(tmp_path / "run")]
+    assert cli(sample, *args, "--search-backend", "torch") == 0
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["search"]["backend"] == "exact" and info["query_encoder"] is None
+    (tmp_path / "run" / "sample_00001.png").unlink()
+    add_index(db, "flat")
+    capsys.readouterr()
+    assert cli(sample, *args, "--search-backend", "faiss", "--resume") == 2
+    assert "other settings (search)" in capsys.readouterr().err
+    assert cli(sample, *args, "--search-backend", "torch", "--resume") == 0
+
+
 def test_sample_under_torchrun_shares_the_batches_and_equals_one_process(tiny_dir, tmp_path):
     """Two torchrun processes draw alternate batches; the images, grid.png and run.json's settings equal one
     process's (sample i's noise depends on i alone; same batches, so the same arithmetic)."""
@@ -120,7 +163,7 @@ def test_sample_under_torchrun_shares_the_batches_and_equals_one_process(tiny_di
                         "-m", "rdm_fast.sample", *args, "--out", str(tmp_path / "two")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "and 1 more processes" in r.stderr and r.stderr.count("wrote 5 images") == 1
+    assert "and 1 more processes" in r.stderr and r.stderr.count("wrote 5 images and grid.png") == 1
     assert "| 3/3 [" in r.stderr and "| 5/5 [" not in r.stderr  # process 0's bar: its batches 0-1 and 4 only
     one, two = tmp_path / "one", tmp_path / "two"
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
@@ -138,9 +181,9 @@ def test_sample_grid_shows_the_first_samples_and_run_json_comes_first(tiny_dir, 
     seen = []
     real = sample.save_png
 
-    def spy(image, path):
+    def spy(image, path, **kwargs):
         seen.append((Path(path).name, json.loads((tmp_path / "run.json").read_text())["complete"]))
-        real(image, path)
+        real(image, path, **kwargs)
 
     monkeypatch.setattr(sample, "save_png", spy)  # grid.png
     monkeypatch.setattr(images, "save_png", spy)  # the samples, written by PngWriter's threads
@@ -162,9 +205,10 @@ def test_png_writer_writes_in_the_background_bounded_and_reports_failures(tmp_pa
     release = threading.Event()
     real = images.save_png
 
-    def slow(image, path):
+    def slow(image, path, **kwargs):
+        assert kwargs == {"fsync": True}  # an image that exists is whole (sample --resume relies on it)
         release.wait(5)
-        real(image, path)
+        real(image, path, **kwargs)
 
     monkeypatch.setattr(images, "save_png", slow)
     pixels = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)

@@ -534,6 +534,26 @@ def test_channels_last_network_returns_contiguous_eps():
     torch.testing.assert_close(eps, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_channels_last_conversion_inside_inference_mode_keeps_the_model_trainable():
+    """The one-time channels-last conversion (sample's UNet, the first stage on CUDA) may run inside the caller's
+    inference mode; the weights must stay ordinary tensors, so that a later training step or a gradient through
+    the decoder works."""
+    from rdm_fast.rdm import to_channels_last
+
+    torch.manual_seed(0)
+    model = RDM.from_config("tiny")
+    with torch.inference_mode():
+        model.sample(torch.randn(1, 4, 64), steps=2, channels_last=True)
+        to_channels_last(model.first_stage)
+    assert not model.unet.input_conv.weight.is_contiguous()  # converted
+    assert not any(p.is_inference() for p in model.parameters())
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 700])
+    model.unet(x, t, torch.randn(2, 4, 64)).square().mean().backward()
+    z = torch.randn(1, 4, 16, 16, requires_grad=True)
+    model.decode(z).sum().backward()
+    assert z.grad is not None and model.unet.input_conv.weight.grad is not None
+
+
 def test_sample_sees_weights_written_through_data():
     """Writes through .data (the reference's EMA copy style) bypass the version counter that the inference caches
     (fused qkv, float32 norms, timestep adds, ...) check; sample recomputes them, so both models draw the same."""
