@@ -138,6 +138,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.random_init and not args.config:
         raise CLIError("--random-init needs --config (a preset name or config.yaml)")
     check_out_dir(args.out)
+    if args.resume and not (Path(args.out) / "run.json").is_file():  # before the model load
+        raise CLIError(f"--resume: {Path(args.out) / 'run.json'} does not exist (no run to continue in {args.out})")
 
 
 def known_config(args: argparse.Namespace, ckpt_file: Path | None) -> RDMConfig | None:
@@ -220,8 +222,6 @@ def check_resumable(path: Path, run_info: dict) -> None:
     """CLIError unless ``path`` (an earlier run's run.json) records the settings of ``run_info`` (RESUME_KEYS)."""
     try:
         previous = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CLIError(f"--resume: {path} does not exist (no run to continue in {path.parent})") from None
     except (OSError, ValueError) as e:
         raise CLIError(f"--resume: cannot read {path}: {e}") from None
     current = json.loads(json.dumps(run_info))  # as it would be written (tuples as lists)
