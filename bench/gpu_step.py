@@ -263,7 +263,8 @@ def time_decode(model, z, result: dict, log) -> None:
     decoder, TF32 off) and CUDA-event timings of both (median of 10 after 2 warm-ups); a failure of one part is
     logged and the other still runs."""
     preset, n = result["preset"], z.shape[0]
-    try:
+
+    def parity() -> tuple[float, float]:  # a function: its images and float32 model are freed however it ends
         with torch.inference_mode():
             with ops.use_mode("auto"):
                 fast = decode_fn("rdm_fast", model, z)()
@@ -276,9 +277,10 @@ def time_decode(model, z, result: dict, log) -> None:
                     images32 = decode_fn("torch-eager", ref32, z)()
                 finally:
                     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-                del ref32
-        result.update(decode_err_fast=rel_err(fast, images32), decode_err_ref_bf16=rel_err(plain, images32))
-        del fast, plain, images32
+        return rel_err(fast, images32), rel_err(plain, images32)
+
+    try:
+        result["decode_err_fast"], result["decode_err_ref_bf16"] = parity()
         log(f"[{preset}] decode of {n} latents, parity vs fp32: fast bf16 {result['decode_err_fast']:.2e}, "
             f"plain bf16 {result['decode_err_ref_bf16']:.2e}")
     except Exception:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from pathlib import Path
@@ -30,6 +31,18 @@ def to_channels_last(module: nn.Module) -> None:
     (training, or a gradient through the decoder)."""
     with torch.inference_mode(False), torch.no_grad():
         module.to(memory_format=torch.channels_last)
+
+
+def on_own_device(method):
+    """Run an ``RDM`` method with the model's GPU as the current CUDA device: Triton kernels and CUDA graphs
+    run on the current device, not on their tensors' (a model on cuda:1 would otherwise launch on cuda:0)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class RDM(nn.Module):
@@ -157,6 +170,7 @@ class RDM(nn.Module):
         the unscaled latent's shape); not both."""
         return self.latents(self.encode_moments(images), sample=sample, generator=generator, noise=noise)
 
+    @on_own_device
     def encode_moments(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> the first stage's deterministic output (fp32): the KL posterior's
         (mean, log-variance), or the VQ pre-quantisation latent. :meth:`latents` turns it into latents."""
@@ -185,6 +199,7 @@ class RDM(nn.Module):
             noise = draw_noise((b, c // 2, h, w), generator, moments.device)
         return self.first_stage.latent(moments.float(), sample=sample, noise=noise) * self.config.scale_factor
 
+    @on_own_device
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents (B, C, h, w) -> images in [-1, 1] (fp32). VQ models snap to the codebook first."""
         if z.dim() != 4 or z.shape[1] != self.config.channels:
@@ -219,6 +234,7 @@ class RDM(nn.Module):
             raise ValueError(f"context must hold floats, got {context.dtype}")
 
     @torch.no_grad()
+    @on_own_device
     def sample(self, context: Tensor, steps: int | None = None, sampler: Literal["ddim", "plms"] | None = None,
                eta: float | None = None, guidance_scale: float | None = None, x_T: Tensor | None = None,
                generator: torch.Generator | Sequence[torch.Generator] | None = None,

@@ -19,7 +19,6 @@ import json
 import logging
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 
@@ -103,10 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the UNet's raw weights instead of its EMA ones: an official checkpoint's, or a training "
                         "checkpoint's train_weights.safetensors (other rdm_fast files hold one set: a warning)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in --out: batches whose images all exist are skipped; its "
+                   help="continue an interrupted run in --out: only the samples without an image are drawn; its "
                         "run.json must record the same settings and conditioning: contexts, search (exact, or "
-                        "which index) and query encoder (--batch-size, --device and the number of processes may "
-                        "differ: otherwise the images depend on none of them, up to float rounding)")
+                        "which index) and query encoder (name, weights file, precision). --batch-size and the "
+                        "number of processes may differ, and --device where the search and the query encoder do "
+                        "not depend on it (CLIP runs in float16 on CUDA): the images depend on none of them, up "
+                        "to float rounding")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")
     return p
@@ -268,12 +269,13 @@ class DatabaseContexts:
 
     def settings(self) -> dict:
         """What else decides the contexts: the search (exact, or which index with which parameters) and the
-        query encoder (name, weights file, precision)."""
+        query encoder (name, precision, and the --encoder-checkpoint file's resolved path and size)."""
         search = self.db.search_settings
         exact = self.db.backend.endswith("-exact")  # the exact backends agree (ties broken by the lower id)
+        weights = None if self.encoder_checkpoint is None else Path(self.encoder_checkpoint).resolve()
         encoder = None if self.encoder is None else {
-            "name": self.encoder.name, "checkpoint": self.encoder_checkpoint,
-            "dtype": str(getattr(self.encoder, "dtype", torch.float32))}
+            "name": self.encoder.name, "dtype": str(getattr(self.encoder, "dtype", torch.float32)),
+            "checkpoint": None if weights is None else [str(weights), weights.stat().st_size]}
         return {"search": {**search, "backend": "exact" if exact else search["backend"]}, "query_encoder": encoder}
 
     def digest(self) -> str:
@@ -285,22 +287,23 @@ class DatabaseContexts:
             h.update(Path(path).read_bytes())
         return h.hexdigest()
 
-    def __call__(self, start: int, stop: int) -> torch.Tensor:
-        """Contexts of samples [start, stop) on the sampling device."""
+    def __call__(self, samples: list[int]) -> torch.Tensor:
+        """Contexts of ``samples`` (indices) on the sampling device."""
+        index = torch.tensor(samples, device=self.device)
         if self.encoder is None:
-            ids = self.query_ids[start:stop]
+            ids = self.query_ids[index]
             return model_context(self.db, self.cfg, self.db.embeddings(ids).to(self.device), query_ids=ids,
                                  k=self.k, include_query=self.include_query)
-        rows = torch.arange(start, stop, device=self.device) % self.queries.shape[0]
+        rows = index % self.queries.shape[0]
         return model_context(self.db, self.cfg, self.queries[rows], k=self.k, include_query=self.include_query)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    # under torchrun: the batches are shared out, and the processes meet at the end (gloo; a process that waits
-    # longer than that for the others gives up)
-    procs = Processes(timeout=timedelta(minutes=30))
+    # under torchrun: the batches are shared out, and the processes meet at the end (gloo; torchrun ends them all
+    # if one fails)
+    procs = Processes()
     try:
         return _main(args, procs)
     finally:
@@ -330,7 +333,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                      contexts.shape[0], contexts.shape[0])
         context_digest = hashlib.sha256(contexts.numpy().tobytes()).hexdigest()
         contexts = contexts[torch.arange(n) % contexts.shape[0]]
-        batch_contexts = lambda start, stop: contexts[start:stop].to(device)  # noqa: E731
+        batch_contexts = lambda samples: contexts[samples].to(device)  # noqa: E731
     else:
         try:
             batch_contexts = DatabaseContexts(args, cfg, device, generator)
@@ -357,11 +360,13 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                 "args": vars(args)}  # the command line as given, for reproduction
     if args.resume:
         check_resumable(out / "run.json", run_info)
-    # with --resume, the batches whose images all exist are skipped (each is written atomically: present = whole);
-    # rank 0's view, so that every process shares out the same list while the first images appear
-    todo = procs.from_rank0([start for start in range(0, n, args.batch_size) if not args.resume or not all(
-        (out / f"sample_{i:05d}.png").is_file() for i in range(start, min(n, start + args.batch_size)))])
-    to_draw = sum(min(args.batch_size, n - start) for start in todo)
+    # the samples to draw (with --resume, those without an image: each is written atomically, so present = whole),
+    # in batches; rank 0's view, so that every process shares out the same list while the first images appear
+    missing = procs.from_rank0([i for i in range(n) if not (out / f"sample_{i:05d}.png").is_file()])
+    if not args.resume and len(missing) < n:
+        raise CLIError(f"--out {out} already holds {n - len(missing)} of this run's sample images, from an earlier "
+                       "run: pass --resume to continue that run, or use another --out (or delete them)")
+    batches = [missing[b:b + args.batch_size] for b in range(0, len(missing), args.batch_size)]
     if procs.main:
         earlier = [p for p in out.glob("sample_*.png") if not p.stem[7:].isdigit() or int(p.stem[7:]) >= n]
         if earlier:
@@ -372,19 +377,18 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                  str(dtype).replace("torch.", ""), device, f" and {procs.world - 1} more processes"
                  if procs.world > 1 else "")
         if args.resume:
-            log.info("resuming: %d of the %d images exist, %d to draw", n - to_draw, n, to_draw)
+            log.info("resuming: %d of the %d images exist, %d to draw", n - len(missing), n, len(missing))
         atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
     shown = {}  # samples below GRID_SAMPLES drawn here, for grid.png (a long run's images are not all kept)
     # under torchrun each process draws every world-th batch; sample i's noise depends on i alone
-    starts = todo[procs.rank::procs.world]
+    mine = batches[procs.rank::procs.world]
     began = time.perf_counter()
     # PNGs are compressed on background threads while the next batch is queued on the device (PngWriter)
-    with torch.inference_mode(), tqdm(total=sum(min(args.batch_size, n - s) for s in starts), desc="images",
-                                      unit="img", disable=not procs.main) as bar, \
+    with torch.inference_mode(), tqdm(total=sum(map(len, mine)), desc="images", unit="img",
+                                      disable=not procs.main) as bar, \
             PngWriter(max_pending=2 * args.batch_size) as writer:
-        batch = batch_contexts(starts[0], min(n, starts[0] + args.batch_size)) if starts else None
-        for j, start in enumerate(starts):
-            samples = range(start, start + batch.shape[0])
+        batch = batch_contexts(mine[0]) if mine else None
+        for j, samples in enumerate(mine):
             # each sample's start noise from its own stream (the same for any batching), copied to a GPU
             # without waiting for the queued retrieval
             x_T = draw_noise((len(samples), *cfg.latent_shape),
@@ -395,12 +399,13 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                              cuda_graph=False if args.no_cuda_graph else None,
                              progress=sys.stderr.isatty() and procs.main)  # per-step bar in terminals, not logs
             images_gpu = model.decode(z)
-            if j + 1 < len(starts):  # queue the next batch's retrieval before waiting for these images
-                batch = batch_contexts(starts[j + 1], min(n, starts[j + 1] + args.batch_size))
+            if j + 1 < len(mine):  # queue the next batch's retrieval before waiting for these images
+                batch = batch_contexts(mine[j + 1])
             pixels = to_uint8(images_gpu)
-            for i, img in enumerate(pixels):
-                writer.write(img, out / f"sample_{start + i:05d}.png")
-            shown.update((start + i, img) for i, img in enumerate(pixels[:max(0, GRID_SAMPLES - start)]))
+            for i, img in zip(samples, pixels):
+                writer.write(img, out / f"sample_{i:05d}.png")
+                if i < GRID_SAMPLES:
+                    shown[i] = img
             bar.update(len(pixels))
     procs.barrier()  # every process's images are written
     if not procs.main:
@@ -411,9 +416,10 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
              for i in range(min(n, GRID_SAMPLES))]
     save_png(grid(np.stack(first)), out / "grid.png")
     atomic_write_json(out / "run.json", {**run_info, "complete": True, "seconds": round(seconds, 3)})
-    log.info("wrote %d images%s and grid.png (the first %d) to %s in %.1f s (%.3g s per image, first batch's "
-             "warm-up included)", to_draw, f" (the other {n - to_draw} of {n} were there)" if to_draw < n else "",
-             len(first), out, seconds, seconds / max(1, to_draw))
+    rate = f", {seconds / len(missing):.3g} s per image, first batch's warm-up included" if missing else ""
+    log.info("wrote %d images%s and grid.png (the first %d) to %s in %.1f s%s", len(missing),
+             f" (the other {n - len(missing)} of {n} were there)" if len(missing) < n else "", len(first), out,
+             seconds, rate)
     return 0
 
 

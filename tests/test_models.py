@@ -554,6 +554,35 @@ def test_channels_last_conversion_inside_inference_mode_keeps_the_model_trainabl
     assert z.grad is not None and model.unet.input_conv.weight.grad is not None
 
 
+def test_rdm_methods_run_with_the_models_gpu_current(monkeypatch):
+    """sample, decode and encode_moments make the model's GPU the current CUDA device for their duration (Triton
+    kernels and CUDA graphs launch on the current device); on the CPU nothing is switched. CUDA is simulated."""
+    import contextlib
+
+    from rdm_fast import rdm as rdm_module
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(dev):
+        entered.append(dev)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+
+    class Model:
+        device = torch.device("cuda:1")
+
+        @rdm_module.on_own_device
+        def work(self, x):
+            return x + 1
+
+    assert Model().work(1) == 2 and entered == [torch.device("cuda:1")]
+    Model.device = torch.device("cpu")
+    assert Model().work(1) == 2 and len(entered) == 1
+    assert all(hasattr(getattr(RDM, m), "__wrapped__") for m in ("sample", "decode", "encode_moments"))
+
+
 def test_sample_sees_weights_written_through_data():
     """Writes through .data (the reference's EMA copy style) bypass the version counter that the inference caches
     (fused qkv, float32 norms, timestep adds, ...) check; sample recomputes them, so both models draw the same."""

@@ -351,7 +351,8 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
                    class_from_folder: bool = False, seed: int = 0, progress: bool = True) -> Path:
     """Embed every image of the folder ``images`` (or the files of ``image_list``) with ``encoder`` (an
     Encoder, a registered name or ``"module:factory"``) into a database at ``out``. See the module docstring
-    for resumption and ``torchrun``; unreadable images are skipped and counted."""
+    for resumption and ``torchrun``; unreadable images are skipped and counted. A CUDA ``device`` becomes the
+    current CUDA device (``process_device``)."""
     if (images is None) == (image_list is None):
         raise ValueError("give exactly one of images (a folder) or image_list (a list file)")
     if crop not in CROP_MODES:
