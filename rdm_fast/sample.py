@@ -287,9 +287,8 @@ class DatabaseContexts:
             h.update(Path(path).read_bytes())
         return h.hexdigest()
 
-    def __call__(self, samples: list[int]) -> torch.Tensor:
-        """Contexts of ``samples`` (indices) on the sampling device."""
-        index = torch.tensor(samples, device=self.device)
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        """Contexts of the samples ``index`` (on the sampling device: no host copy or synchronisation)."""
         if self.encoder is None:
             ids = self.query_ids[index]
             return model_context(self.db, self.cfg, self.db.embeddings(ids).to(self.device), query_ids=ids,
@@ -332,8 +331,8 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
             log.info("%d samples from %d contexts: the contexts are cycled (sample i gets context i mod %d)", n,
                      contexts.shape[0], contexts.shape[0])
         context_digest = hashlib.sha256(contexts.numpy().tobytes()).hexdigest()
-        contexts = contexts[torch.arange(n) % contexts.shape[0]]
-        batch_contexts = lambda samples: contexts[samples].to(device)  # noqa: E731
+        on_device = contexts.to(device)  # once; sample i takes context i mod B
+        batch_contexts = lambda index: on_device[index % on_device.shape[0]]  # noqa: E731
     else:
         try:
             batch_contexts = DatabaseContexts(args, cfg, device, generator)
@@ -366,7 +365,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
     if not args.resume and len(missing) < n:
         raise CLIError(f"--out {out} already holds {n - len(missing)} of this run's sample images, from an earlier "
                        "run: pass --resume to continue that run, or use another --out (or delete them)")
-    batches = [missing[b:b + args.batch_size] for b in range(0, len(missing), args.batch_size)]
+    batches = [(b, min(b + args.batch_size, len(missing))) for b in range(0, len(missing), args.batch_size)]
     if procs.main:
         earlier = [p for p in out.glob("sample_*.png") if not p.stem[7:].isdigit() or int(p.stem[7:]) >= n]
         if earlier:
@@ -381,14 +380,16 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
         atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
     shown = {}  # samples below GRID_SAMPLES drawn here, for grid.png (a long run's images are not all kept)
     # under torchrun each process draws every world-th batch; sample i's noise depends on i alone
-    mine = batches[procs.rank::procs.world]
+    mine = batches[procs.rank::procs.world]  # (first, end) positions in ``missing``
+    order = torch.tensor(missing, device=device)  # the samples' indices on the device, copied once
     began = time.perf_counter()
     # PNGs are compressed on background threads while the next batch is queued on the device (PngWriter)
-    with torch.inference_mode(), tqdm(total=sum(map(len, mine)), desc="images", unit="img",
+    with torch.inference_mode(), tqdm(total=sum(end - first for first, end in mine), desc="images", unit="img",
                                       disable=not procs.main) as bar, \
             PngWriter(max_pending=2 * args.batch_size) as writer:
-        batch = batch_contexts(mine[0]) if mine else None
-        for j, samples in enumerate(mine):
+        batch = batch_contexts(order[slice(*mine[0])]) if mine else None
+        for j, (first, end) in enumerate(mine):
+            samples = missing[first:end]
             # each sample's start noise from its own stream (the same for any batching), copied to a GPU
             # without waiting for the queued retrieval
             x_T = draw_noise((len(samples), *cfg.latent_shape),
@@ -400,7 +401,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                              progress=sys.stderr.isatty() and procs.main)  # per-step bar in terminals, not logs
             images_gpu = model.decode(z)
             if j + 1 < len(mine):  # queue the next batch's retrieval before waiting for these images
-                batch = batch_contexts(mine[j + 1])
+                batch = batch_contexts(order[slice(*mine[j + 1])])
             pixels = to_uint8(images_gpu)
             for i, img in zip(samples, pixels):
                 writer.write(img, out / f"sample_{i:05d}.png")
