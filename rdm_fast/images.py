@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from ._files import atomic_write
@@ -33,9 +34,16 @@ def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.nda
     return out
 
 
-def save_png(image: np.ndarray, path: str | Path, *, fsync: bool = False) -> None:
-    """Write an (H, W, 3) uint8 image atomically (``fsync``: its data on disk before it takes its name)."""
-    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"), fsync=fsync)
+def save_png(image: np.ndarray, path: str | Path, *, text: dict[str, str] | None = None,
+             fsync: bool = False) -> None:
+    """Write an (H, W, 3) uint8 image atomically, with ``text`` entries in its header (``fsync``: its data on
+    disk before it takes its name)."""
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info), fsync=fsync)
 
 
 class PngWriter:
@@ -52,11 +60,11 @@ class PngWriter:
         self._pending: deque[Future] = deque()
         self._max_pending = max(1, max_pending)
 
-    def write(self, image: np.ndarray, path: str | Path) -> None:
-        """Queue ``image`` (H, W, 3) uint8 for ``path``."""
+    def write(self, image: np.ndarray, path: str | Path, text: dict[str, str] | None = None) -> None:
+        """Queue ``image`` (H, W, 3) uint8 for ``path``, with ``text`` entries in its header."""
         while self._pending and (self._pending[0].done() or len(self._pending) >= self._max_pending):
             self._pending.popleft().result()  # raises a failed write's error
-        self._pending.append(self._pool.submit(save_png, image, path, fsync=True))
+        self._pending.append(self._pool.submit(save_png, image, path, text=text, fsync=True))
 
     def close(self) -> None:
         """Wait for every queued image; raise the first failure."""

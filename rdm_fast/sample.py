@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the UNet's raw weights instead of its EMA ones: an official checkpoint's, or a training "
                         "checkpoint's train_weights.safetensors (other rdm_fast files hold one set: a warning)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in --out: only the samples without an image are drawn; its "
+                   help="continue an interrupted run in --out: only the samples without an image of that run "
+                        "(each PNG names the run that drew it) are drawn; its "
                         "run.json must record the same settings and conditioning: contexts, search (exact, or "
                         "which index) and query encoder (name, weights file, precision). --batch-size and the "
                         "number of processes may differ, and --device where the search and the query encoder do "
@@ -219,8 +221,12 @@ RESUME_KEYS = ("ckpt_file", "config", "n_samples", "steps", "timesteps", "sample
                "include_query", "search", "query_encoder")
 
 
-def check_resumable(path: Path, run_info: dict) -> None:
-    """CLIError unless ``path`` (an earlier run's run.json) records the settings of ``run_info`` (RESUME_KEYS)."""
+RUN_ID_KEY = "rdm_fast_run"  # the PNG text entry naming the run (run.json's run_id) that drew an image
+
+
+def resumed_run_id(path: Path, run_info: dict) -> str:
+    """The run id of ``path`` (an earlier run's run.json); CLIError unless it records the settings of
+    ``run_info`` (RESUME_KEYS)."""
     try:
         previous = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -230,6 +236,19 @@ def check_resumable(path: Path, run_info: dict) -> None:
     if changed:
         raise CLIError(f"--resume: {path.parent} holds a run with other settings ({', '.join(changed)}); use the "
                        "same options, or another --out")
+    if not isinstance(previous.get("run_id"), str):
+        raise CLIError(f"--resume: {path} names no run_id (written by an older rdm_fast): its images cannot be "
+                       "told from other runs'; start a new run")
+    return previous["run_id"]
+
+
+def drawn_by(path: Path, run_id: str) -> bool:
+    """Whether ``path`` is an image that the run ``run_id`` wrote (its PNG text entry; the header alone is read)."""
+    try:
+        with Image.open(path) as image:
+            return image.text.get(RUN_ID_KEY) == run_id
+    except (OSError, SyntaxError, ValueError):  # missing, or not a readable PNG
+        return False
 
 
 class DatabaseContexts:
@@ -357,14 +376,13 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                 "include_query": batch_contexts.include_query if args.db else None,
                 **(batch_contexts.settings() if args.db else {"search": None, "query_encoder": None}),
                 "args": vars(args)}  # the command line as given, for reproduction
-    if args.resume:
-        check_resumable(out / "run.json", run_info)
-    # the samples to draw (with --resume, those without an image: each is written atomically, so present = whole),
-    # in batches; rank 0's view, so that every process shares out the same list while the first images appear
-    missing = procs.from_rank0([i for i in range(n) if not (out / f"sample_{i:05d}.png").is_file()])
-    if not args.resume and len(missing) < n:
-        raise CLIError(f"--out {out} already holds {n - len(missing)} of this run's sample images, from an earlier "
-                       "run: pass --resume to continue that run, or use another --out (or delete them)")
+    # every image carries its run's id: --resume keeps only the images of the run it continues (an interrupted new
+    # run in the same --out leaves earlier runs' images behind), each written atomically (present = whole).
+    # Rank 0's view, so that every process shares out the same list while the first images appear.
+    run_id = resumed_run_id(out / "run.json", run_info) if args.resume else uuid.uuid4().hex
+    run_id, missing = procs.from_rank0((run_id, [i for i in range(n) if not (
+        args.resume and drawn_by(out / f"sample_{i:05d}.png", run_id))]))
+    run_info["run_id"] = run_id
     batches = [(b, min(b + args.batch_size, len(missing))) for b in range(0, len(missing), args.batch_size)]
     if procs.main:
         earlier = [p for p in out.glob("sample_*.png") if not p.stem[7:].isdigit() or int(p.stem[7:]) >= n]
@@ -404,7 +422,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                 batch = batch_contexts(order[slice(*mine[j + 1])])
             pixels = to_uint8(images_gpu)
             for i, img in zip(samples, pixels):
-                writer.write(img, out / f"sample_{i:05d}.png")
+                writer.write(img, out / f"sample_{i:05d}.png", text={RUN_ID_KEY: run_id})
                 if i < GRID_SAMPLES:
                     shown[i] = img
             bar.update(len(pixels))

@@ -68,11 +68,11 @@ def test_sample_with_context_file(tiny_dir, tmp_path):
                               np.asarray(Image.open(out / "sample_00002.png")))
 
 
-def test_sample_resume_draws_only_the_missing_batches_and_refuses_other_settings(tiny_dir, tmp_path, monkeypatch,
+def test_sample_resume_draws_only_the_missing_samples_and_refuses_other_settings(tiny_dir, tmp_path, monkeypatch,
                                                                                    capsys):
-    """--resume after an interruption draws only the batches with a missing image, and the images equal those
-    of an uninterrupted run (another --batch-size is allowed); other settings, other context file contents or
-    no earlier run are refused."""
+    """--resume after an interruption draws only the samples without an image of that run, and the images equal
+    those of an uninterrupted run (another --batch-size is allowed); images left by another run in the same --out
+    are drawn again; other settings, other context file contents or no earlier run are refused."""
     monkeypatch.setattr(sample, "GRID_SAMPLES", 3)  # fewer than the images the resumed run draws
     args = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "4",
             "--n-samples", "5", "--batch-size", "2", "--seed", "3", "--out", str(tmp_path / "run")]
@@ -103,9 +103,16 @@ def test_sample_resume_draws_only_the_missing_batches_and_refuses_other_settings
     capsys.readouterr()
     assert cli(sample, *args, "--resume", "--seed", "4") == 2
     assert "holds a run with other settings (seed)" in capsys.readouterr().err
-    # a new run into it would mix with the earlier run's images should it be interrupted and resumed: refused
-    assert cli(sample, *args, "--seed", "4") == 2
-    assert "already holds 5 of this run's sample images" in capsys.readouterr().err
+    # a new run into the same --out, interrupted before it replaced sample 3 of the run above: its --resume
+    # redraws sample 3 (the image names the run that drew it), not only the missing ones
+    stale = (tmp_path / "run" / "sample_00003.png").read_bytes()
+    assert cli(sample, *args, "--seed", "4") == 0
+    new_3 = np.asarray(Image.open(tmp_path / "run" / "sample_00003.png"))
+    (tmp_path / "run" / "sample_00003.png").write_bytes(stale)
+    drawn.clear()
+    assert cli(sample, *args, "--seed", "4", "--resume") == 0 and drawn == [1]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / "sample_00003.png")), new_3)
+    args[args.index("--seed") + 1] = "4"
     other = tmp_path / "other.npy"
     np.save(other, np.load(tiny_dir / "ctx.npy") + 1)
     args[args.index(str(tiny_dir / "ctx.npy"))] = str(other)
@@ -211,7 +218,7 @@ def test_png_writer_writes_in_the_background_bounded_and_reports_failures(tmp_pa
     real = images.save_png
 
     def slow(image, path, **kwargs):
-        assert kwargs == {"fsync": True}  # an image that exists is whole (sample --resume relies on it)
+        assert kwargs["fsync"] is True  # an image that exists is whole (sample --resume relies on it)
         release.wait(5)
         real(image, path, **kwargs)
 
