@@ -96,7 +96,7 @@ echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 # 3a. the command line end to end (model build, retrieval-free contexts, 2 batches of 8 with CUDA graphs, decoding,
 #     PNGs written on background threads): its wall-clock seconds from run.json
 if [ "$(left)" -gt 120 ]; then
-  rm -rf /tmp/sample_rdm768  # a rerun on the same machine: sample refuses an --out holding its images
+  rm -rf /tmp/sample_rdm768  # a fresh --out for each run on the same machine
   $PY -c "import numpy as np; np.save('/tmp/ctx768.npy', np.random.randn(16, 11, 768).astype('float32'))"
   timeout "$(limit 90)" $PY -m rdm_fast.sample --random-init --config rdm768 --context-file /tmp/ctx768.npy --bf16 \
     --steps 50 --n-samples 16 --batch-size 8 --out /tmp/sample_rdm768 >> "$OUT/log.txt" 2>&1
