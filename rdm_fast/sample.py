@@ -381,7 +381,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
     # Rank 0's view, so that every process shares out the same list while the first images appear.
     run_id = resumed_run_id(out / "run.json", run_info) if args.resume else uuid.uuid4().hex
     run_id, missing = procs.from_rank0((run_id, [i for i in range(n) if not (
-        args.resume and drawn_by(out / f"sample_{i:05d}.png", run_id))]))
+        args.resume and drawn_by(out / f"sample_{i:05d}.png", run_id))] if procs.main else None))
     run_info["run_id"] = run_id
     batches = [(b, min(b + args.batch_size, len(missing))) for b in range(0, len(missing), args.batch_size)]
     if procs.main:
