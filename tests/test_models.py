@@ -637,3 +637,16 @@ def test_sample_argument_errors(kwargs, error, message):
     kwargs = {"context": torch.randn(2, 4, 64), "steps": 2, **kwargs}
     with pytest.raises(error, match=message):
         model.sample(**kwargs)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "imagenet"])
+def test_unet_runs_on_meta_tensors(preset):
+    """Shape propagation without memory, as bench/floors.py counts FLOPs (the ops' autocast check once raised
+    for the meta device)."""
+    model = RDM.from_config(preset, device="meta", dtype=torch.bfloat16)
+    cfg, b = model.config, 4
+    x = torch.empty(b, cfg.channels, cfg.image_size, cfg.image_size, device="meta", dtype=torch.bfloat16)
+    ctx = torch.empty(b, cfg.context_tokens, cfg.context_dim, device="meta", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eps = model.unet(x, torch.zeros(b, dtype=torch.long, device="meta"), ctx)
+    assert eps.shape == x.shape and eps.device.type == "meta"

@@ -119,6 +119,9 @@ def warn_missing_once(op: str, reasons: str, fallback: str = "reference") -> Non
                        BUILD_HINT)
 
 
+_AUTOCAST_DEVICES = frozenset({"cpu", "cuda"})  # torch.is_autocast_enabled raises for others (meta tensors)
+
+
 def autocast_inputs(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Let ``op`` run inside ``torch.autocast`` regions (mixed-precision training).
 
@@ -132,7 +135,7 @@ def autocast_inputs(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
     @functools.wraps(op)
     def wrapper(x: Tensor, *args, **kwargs) -> Tensor:
         device = x.device.type
-        if not torch.is_autocast_enabled(device):
+        if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
             return op(x, *args, **kwargs)
         dtype = torch.get_autocast_dtype(device)
 
