@@ -4,7 +4,9 @@ Run against the installed package, e.g. ``pytest bench/bench_ops.py --benchmark-
 ``--benchmark-group-by=group`` to read ratios: each group holds every implementation of one
 configuration; ``extra_info`` says which implementation ``dispatch`` picked). CPU: (8, 192, 64, 64) float32,
 NCHW and NHWC, plain and with add + SiLU (the UNet ResBlock case). CUDA (when available): float32 and bfloat16 at
-batch 32, also the Triton kernel, 20 calls per timed round.
+batch 32, also the Triton kernel, 20 calls per timed round; and an inner level of the imagenet UNet at 64 guided
+images, (128, 384, 32, 32) bfloat16 channels_last with add + SiLU, through each of the two channels_last Triton
+paths (three kernels; one kernel, its second read from L2) and the dispatch, which times them and keeps one.
 """
 
 from __future__ import annotations
@@ -42,7 +44,17 @@ IMPLS = {
 }
 
 
+def _triton_path(one_kernel: bool):
+    def run(*args, **kwargs):
+        from rdm_fast.kernels import group_norm as kernels
+
+        return kernels.group_norm(*args, **kwargs, one_kernel=one_kernel)
+    return run
+
+
 def _fn(device: str, name: str):
+    if name in ("triton-three", "triton-one"):
+        return _triton_path(name == "triton-one")
     if name == "torch-unfused":
         return torch_unfused
     if name == "reference":
@@ -64,6 +76,10 @@ def _configs():
                         yield pytest.param(
                             device, (batch, 192, 64, 64), dtype, layout, fused, impl, id=f"{name}-{impl}", marks=mark
                         )
+    mark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    for impl in ("torch-unfused", "triton-three", "triton-one", "dispatch"):
+        yield pytest.param("cuda", (128, 384, 32, 32), torch.bfloat16, "nhwc", True, impl,
+                           id=f"cuda-bfloat16-nhwc-add_silu-inner-{impl}", marks=mark)
 
 
 @pytest.mark.parametrize("device,shape,dtype,layout,fused,impl", list(_configs()))

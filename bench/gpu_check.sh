@@ -57,7 +57,7 @@ if [ "$MODE" = quick ]; then
     --benchmark-columns=median,min,rounds --benchmark-group-by=group --benchmark-sort=name \
     --benchmark-json="$OUT/bench.json" > "$OUT/bench.txt" 2>&1
   echo "bench rc=$? at $SECONDS s" | tee -a "$OUT/bench.txt"
-  grep -v "^  File\|^Traceback\|^ *\^" "$OUT/step.txt" | tail -40; grep -E "conv3x3 at" "$OUT/log.txt"
+  grep -v "^  File\|^Traceback\|^ *\^" "$OUT/step.txt" | tail -40; grep -E "conv3x3 at|group_norm at" "$OUT/log.txt"
   grep -E "^test_conv3x3|^Name" "$OUT/bench.txt"
   echo "done at $SECONDS s"; exit 0
 fi

@@ -64,7 +64,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 KINDS = [  # (kind, substrings of the kernel name), first match wins
     ("attention (ours)", ("_attn_fwd",)),
-    ("group norm (ours)", ("group_norm", "GroupNorm", "_nhwc_stats", "_nhwc_finalize", "_nhwc_apply")),
+    ("group norm (ours)", ("group_norm", "GroupNorm", "_nhwc_stats", "_nhwc_finalize", "_nhwc_apply", "_nhwc_fused")),
     ("bias + residual (ours)", ("_add_bias",)),
     ("thin convolution (ours)", ("_conv3x3", "_taps_kernel", "_sum_taps_kernel")),
     ("layer norm (ours)", ("layer_norm",)),

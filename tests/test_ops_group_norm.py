@@ -221,6 +221,68 @@ def test_nhwc_row_layouts_are_recognised():
         assert GROUP_NORM.select("cuda", x, None, None, 1, EPS).name == "triton-nhwc"
 
 
+def test_one_kernel_path_is_offered_for_the_inner_levels_only(monkeypatch):
+    """fused_config on a stand-in H200 (132 SMs, 50 MiB of L2), imagenet's GroupNorms at 64 images (batch 128, bf16):
+    the 64x64 maps (and 32x32 maps of 576 channels or more) are refused, their items in progress would not fit in
+    half the L2 with a program per SM; the inner levels are offered, in blocks of whole groups that start on
+    32-byte boundaries."""
+    from rdm_fast.kernels import group_norm as kernels
+
+    monkeypatch.setattr(kernels, "_device_limits", lambda device: (132, 50 * 2**20))
+    cuda = torch.device("cuda")
+    refused = [(192, 64, 64), (384, 64, 64), (576, 64, 64), (576, 32, 32), (960, 32, 32)]
+    offered = [(384, 32, 32), (768, 32, 32), (576, 16, 16), (960, 8, 8), (1920, 8, 8)]
+    for c, h, w in refused:
+        assert kernels.fused_config(128, h * w, c, 32, 2, cuda) is None, (c, h, w)
+    for c, h, w in offered:
+        cfg = kernels.fused_config(128, h * w, c, 32, 2, cuda)
+        assert cfg is not None, (c, h, w)
+        per_group = c // 32
+        assert cfg["block_ch"] % per_group == 0 and cfg["block_ch"] * 2 % 32 == 0, cfg
+        assert cfg["items"] == 128 * c // cfg["block_ch"] and 132 <= cfg["programs"] <= 4 * 132, cfg
+        assert cfg["programs"] * h * w * cfg["block_ch"] * 2 <= 25 * 2**20, cfg
+    # few items (a small batch): one program per item is enough
+    assert kernels.fused_config(2, 64, 960, 32, 2, cuda)["programs"] == 2 * 4
+    assert kernels.fused_config(128, 16, 65536, 32, 2, cuda) is None  # a block wider than the kernel's limit
+
+
+def test_channels_last_maps_time_the_one_kernel_path_where_offered(monkeypatch, caplog):
+    """On CUDA the channels_last implementation times the two paths once per call shape where the one-kernel
+    path is offered (its log line names both), runs the three kernels elsewhere and while torch.compile traces.
+    Runs on CPU tensors with the timer and the kernels faked (GPU parity: test_triton_group_norm.py)."""
+    from rdm_fast.ops import _measured
+
+    gn = sys.modules["rdm_fast.ops.group_norm"]  # the package re-exports the function under the module's name
+    calls = []
+    monkeypatch.setattr(gn._MEASURED, "candidates", {
+        "one-kernel": lambda *a: calls.append("one") or "one",
+        "three-kernel": lambda *a: calls.append("three") or "three"})
+    monkeypatch.setattr(gn._MEASURED, "chosen", {})
+    monkeypatch.setattr(gn, "_three_kernels", lambda *a: calls.append("three") or "three")
+    monkeypatch.setattr(_measured, "replay_time", lambda fn, **kw: {"one": 1.0, "three": 2.0}[fn()])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    gn._KERNELS.unavailable()  # loads the kernel module
+    x = torch.randn(2, 64, 5, 3).to(memory_format=torch.channels_last)
+    with caplog.at_level(logging.INFO, logger="rdm_fast.ops"):
+        assert gn._triton_nhwc_forward(x, None, None, 8, EPS) == "one"
+    assert set(calls[:-1]) == {"one", "three"} and calls[-1] == "one"  # both run (and timed), then the choice
+    assert "group_norm at x (2, 64, 5, 3) torch.float32, 8 groups: one-kernel 1.000 ms, three-kernel 2.000 ms" \
+        in caplog.text
+    calls.clear()
+    assert gn._triton_nhwc_forward(x, None, None, 8, EPS, silu=True) == "one" and "three" in calls  # a new key
+    calls.clear()
+    assert gn._triton_nhwc_forward(x, None, None, 8, EPS) == "one" and calls == ["one"]  # decided: no timing
+    calls.clear()
+    other = torch.randn(2, 64, 5, 5).to(memory_format=torch.channels_last)  # a new shape, not decided yet
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert gn._triton_nhwc_forward(other, None, None, 8, EPS) == "three" and calls == ["three"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    calls.clear()
+    monkeypatch.setattr(gn._KERNELS.module, "fused_config", lambda *a: None)
+    assert gn._triton_nhwc_forward(other, None, None, 8, EPS) == "three" and calls == ["three"]
+    assert len(gn._MEASURED.chosen) == 2  # the two shapes of x, none of the others
+
+
 def test_sizes_beyond_the_kernels_limits_fall_back():
     """Batches above the grid's z limit (channels_last kernels) and groups of 2^31 values or more (32-bit offsets)
     go to the reference in auto mode instead of failing in a kernel."""

@@ -3,11 +3,12 @@
 :func:`group_norm_reference` defines the semantics (statistics, affine and SiLU in float32, one
 rounding to ``x.dtype`` at the end, output in the memory format of ``x``) and is the CPU fallback.
 :func:`group_norm` validates the arguments and dispatches (see :mod:`rdm_fast.ops._dispatch`) to the
-CUDA extension, the Triton kernel, the C++ CPU extension or the reference.
+CUDA extension, the Triton kernels, the C++ CPU extension or the reference. Channels_last maps on CUDA run the
+Triton kernels: three passes (statistics, finalize, apply), or for small maps the faster of those and a single
+kernel whose second read comes from L2, timed once per call shape (:class:`~rdm_fast.ops._measured.Measured`).
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,9 @@ from torch import Tensor
 from .. import _layout
 from . import _extension
 from ._dispatch import Impl, Op, autocast_inputs, check_tensor, eager_constant, needs_grad
+from ._measured import Measured
 from ._triton_kernels import TritonKernels
+
 
 def check_args(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, add: Tensor | None) -> None:
     """Raise ValueError when the arguments do not describe a valid group_norm call."""
@@ -174,6 +177,34 @@ def _triton_forward(*args, **kwargs) -> Tensor:
     return _KERNELS.module.group_norm(*args, **kwargs)  # loaded by _triton_unavailable() during selection
 
 
+def _one_kernel(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
+    return _KERNELS.module.group_norm(x, weight, bias, num_groups, eps, add=add, silu=silu, one_kernel=True)
+
+
+def _three_kernels(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
+    return _KERNELS.module.group_norm(x, weight, bias, num_groups, eps, add=add, silu=silu)
+
+
+# the two channels_last paths, timed per call shape where the one-kernel path applies (small maps)
+_MEASURED = Measured("group_norm", {"one-kernel": _one_kernel, "three-kernel": _three_kernels})
+
+
+def _triton_nhwc_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, *,
+                         add: Tensor | None = None, silu: bool = False) -> Tensor:
+    """Channels_last maps on CUDA: the three-kernel path, or, where :func:`fused_config` admits the call, the
+    faster of it and the one-kernel path, timed on the first call of each shape (in ``auto`` and ``fast`` mode
+    alike: both are our kernels; a trace by torch.compile runs the three kernels)."""
+    kernels = _KERNELS.module
+    b, c, h, w = x.shape
+    if torch.compiler.is_compiling() or kernels.fused_config(b, h * w, c, num_groups, x.element_size(),
+                                                             x.device) is None:
+        return _three_kernels(x, weight, bias, num_groups, eps, add, silu)
+    key = (x.shape, x.stride(), x.dtype, x.device, num_groups, weight is None, bias is None,
+           None if add is None else (add.dtype, add.stride()), silu)
+    return _MEASURED(key, lambda: f"x {tuple(x.shape)} {x.dtype}, {num_groups} groups", x, weight, bias,
+                     num_groups, eps, add, silu)
+
+
 def _register_fake() -> None:
     """Shape/stride propagation for ``torch.ops.rdm_fast.group_norm`` (meta tensors, torch.compile)."""
     @torch.library.register_fake("rdm_fast::group_norm")
@@ -191,7 +222,7 @@ GROUP_NORM = Op(
     by_device={
         "cpu": [Impl("cpu-ext", _cpu_forward, _cpu_unsupported, _cpu_ext_unavailable)],
         "cuda": [
-            Impl("triton-nhwc", _triton_forward, _nhwc_unsupported, _triton_unavailable),
+            Impl("triton-nhwc", _triton_nhwc_forward, _nhwc_unsupported, _triton_unavailable),
             Impl("cuda-ext", _ext_forward, _unsupported, _cuda_ext_unavailable),
             Impl("triton", _triton_forward, _unsupported, _triton_unavailable),
         ],
