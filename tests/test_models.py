@@ -585,6 +585,43 @@ def test_rdm_methods_run_with_the_models_gpu_current(monkeypatch):
     assert RDM.sample.__wrapped__.__code__ is wrapper  # under torch.no_grad's own wrapper
 
 
+def test_module_entry_points_run_with_their_inputs_gpu_current(monkeypatch):
+    """UNet.forward and the first stage's moments/decode (called directly, not through RDM's methods) make their
+    input's GPU current when it is not; on the current GPU and on the CPU nothing is switched. CUDA is simulated
+    (a stand-in for x with the attributes the check reads)."""
+    import contextlib
+
+    from rdm_fast.models.autoencoder import Autoencoder
+    from rdm_fast.models.layers import on_input_device
+    from rdm_fast.models.unet import UNet
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(dev):
+        entered.append(dev)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    class OnGpu:
+        is_cuda = True
+
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+        def get_device(self):
+            return self.device.index
+
+    forward = on_input_device(lambda self, x, y: y + 1)
+    assert forward(None, OnGpu(1), 1) == 2 and entered == [torch.device("cuda:1")]
+    assert forward(None, OnGpu(0), 1) == 2 and forward(None, torch.zeros(1), 1) == 2 and len(entered) == 1
+    wrapper = forward.__code__
+    for method in (UNet.forward, Autoencoder.moments, Autoencoder.decode):
+        assert method.__code__ is wrapper, method
+
+
 def test_sample_sees_weights_written_through_data():
     """Writes through .data (the reference's EMA copy style) bypass the version counter that the inference caches
     (fused qkv, float32 norms, timestep adds, ...) check; sample recomputes them, so both models draw the same."""

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..config import AutoencoderConfig, DDConfig
 from .layers import (GroupNorm, Upsample, cached, conv1x1, conv3x3, conv_with_bias, conv_without_bias, nchw, nhwc,
-                     pointwise_linear)
+                     on_input_device, pointwise_linear)
 
 
 QUANTIZE_BLOCK = 2**26  # distance values formed at a time by Autoencoder.quantize (256 MB in float32)
@@ -195,6 +195,7 @@ class Autoencoder(nn.Module):
         if cfg.kind == "vq":
             self.codebook = nn.Embedding(cfg.n_embed, cfg.embed_dim)
 
+    @on_input_device
     def moments(self, images: Tensor) -> Tensor:
         """What the encoder determines: KL, the posterior's (mean, log-variance) stacked on the channels; VQ, the
         pre-quantisation latent. Deterministic, so training can store it once per image (:meth:`latent`)."""
@@ -231,6 +232,7 @@ class Autoencoder(nn.Module):
         snapped = self.codebook.weight[index]
         return snapped.view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2).to(z.dtype)
 
+    @on_input_device
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latent -> images in roughly [-1, 1] (not clamped)."""
         if self.cfg.kind == "vq":

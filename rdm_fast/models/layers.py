@@ -7,6 +7,7 @@ converter between the two layouts is defined next to the modules themselves.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,20 @@ from torch.utils._pytree import tree_leaves
 
 from .. import ops
 from .._layout import copy_into_blocks, row_view
+
+
+def on_input_device(forward: Callable) -> Callable:
+    """Run a module's ``forward(self, x, ...)`` with x's GPU as the current CUDA device: Triton kernels launch on
+    the current device, not on their tensors' (a model on cuda:1 would otherwise launch on cuda:0). Costs one
+    device query per call where x is on the current device already; nothing on the CPU or while torch.compile
+    traces."""
+    @functools.wraps(forward)
+    def wrapper(self, x: Tensor, *args, **kwargs):
+        if x.is_cuda and not torch.compiler.is_compiling() and x.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return forward(self, x, *args, **kwargs)
+        return forward(self, x, *args, **kwargs)
+    return wrapper
 
 
 class GroupNorm(nn.Module):

@@ -23,7 +23,7 @@ from .._layout import nhwc_row_stride, row_view
 from ..config import UNetConfig
 from .. import ops
 from .layers import (GroupNorm, LayerNorm, Upsample, cached, conv1x1, conv3x3, conv_with_bias, conv_without_bias,
-                     is_channels_last, nchw, nhwc, official_names, pointwise_linear)
+                     is_channels_last, nchw, nhwc, official_names, on_input_device, pointwise_linear)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -491,6 +491,7 @@ class UNet(nn.Module):
         else:
             self._check_context(context, x.shape[0])
 
+    @on_input_device
     def forward(self, x: Tensor, t: Tensor | int | float, context: Tensor | PreparedContext) -> Tensor:
         """eps for noisy latents ``x`` at timesteps ``t``, given a context tensor or a :class:`PreparedContext`."""
         if not torch.is_tensor(t):
