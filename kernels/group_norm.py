@@ -112,18 +112,11 @@ def _shifted_tile(base, rows, p_end, c, cmask, x_row, shift):
 
 
 @triton.jit
-def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, x_row, pix_per_prog, BLOCK_P: tl.constexpr,
-                       BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
-    split = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b = tl.program_id(2)
-    cmask = c < channels
-    base = x_ptr + b.to(tl.int64) * hw * x_row
-    shift = tl.load(base + c, mask=cmask, other=0.0).to(tl.float32)
+def _shifted_sums(base, p0, p_end, c, cmask, x_row, shift, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                  UNROLL: tl.constexpr):
+    """Per channel of the block, the sums of ``x - shift`` and of its squares over pixels p0 .. p_end."""
     s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    p0 = split * pix_per_prog
-    p_end = tl.minimum(p0 + pix_per_prog, hw)
     # UNROLL = 2: both tiles' loads are issued before either is summed, twice the bytes in flight per thread
     # (a read-only pass is bound by how many loads wait on memory at once) for the same accumulators
     for p in range(p0, p_end, BLOCK_P * UNROLL):
@@ -135,9 +128,24 @@ def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, x_row, pix_per_prog, BLOCK
             s2 += d2 * d2
         s1 += d
         s2 += d * d
+    return tl.sum(s1, axis=0), tl.sum(s2, axis=0)
+
+
+@triton.jit
+def _nhwc_stats_kernel(x_ptr, part_ptr, hw, channels, x_row, pix_per_prog, BLOCK_P: tl.constexpr,
+                       BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
+    split = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2)
+    cmask = c < channels
+    base = x_ptr + b.to(tl.int64) * hw * x_row
+    shift = tl.load(base + c, mask=cmask, other=0.0).to(tl.float32)
+    p0 = split * pix_per_prog
+    t1, t2 = _shifted_sums(base, p0, tl.minimum(p0 + pix_per_prog, hw), c, cmask, x_row, shift, BLOCK_P, BLOCK_C,
+                           UNROLL)
     out = part_ptr + (b * tl.num_programs(0) + split).to(tl.int64) * 2 * channels
-    tl.store(out + c, tl.sum(s1, axis=0), mask=cmask)
-    tl.store(out + channels + c, tl.sum(s2, axis=0), mask=cmask)
+    tl.store(out + c, t1, mask=cmask)
+    tl.store(out + channels + c, t2, mask=cmask)
 
 
 @triton.jit
@@ -217,19 +225,7 @@ def _nhwc_fused_kernel(
         c = (item % blocks) * BLOCK_CH + j
         base = x_ptr + b.to(tl.int64) * hw * x_row
         shift = tl.load(base + c, mask=cmask, other=0.0).to(tl.float32)
-        s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        for p in range(0, hw, BLOCK_P * UNROLL):
-            rows = p + tl.arange(0, BLOCK_P)
-            d = _shifted_tile(base, rows, hw, c, cmask, x_row, shift)
-            if UNROLL == 2:
-                d2 = _shifted_tile(base, rows + BLOCK_P, hw, c, cmask, x_row, shift)
-                s1 += d2
-                s2 += d2 * d2
-            s1 += d
-            s2 += d * d
-        t1 = tl.sum(s1, axis=0)
-        t2 = tl.sum(s2, axis=0)
+        t1, t2 = _shifted_sums(base, 0, hw, c, cmask, x_row, shift, BLOCK_P, BLOCK_C, UNROLL)
         k = shift  # per channel: sum over pixels of (x + add) = n * k + t1, with k = x[pixel 0] + add
         if HAS_ADD:
             k += tl.load(add_ptr + b * add_row + c, mask=cmask, other=0.0)

@@ -554,12 +554,10 @@ def test_channels_last_conversion_inside_inference_mode_keeps_the_model_trainabl
     assert z.grad is not None and model.unet.input_conv.weight.grad is not None
 
 
-def test_rdm_methods_run_with_the_models_gpu_current(monkeypatch):
-    """sample, decode and encode_moments make the model's GPU the current CUDA device for their duration (Triton
-    kernels and CUDA graphs launch on the current device); on the CPU nothing is switched. CUDA is simulated."""
+@pytest.fixture
+def fake_cuda_device(monkeypatch) -> list:
+    """``torch.cuda.device`` replaced by a context that records the devices entered (returned)."""
     import contextlib
-
-    from rdm_fast import rdm as rdm_module
 
     entered = []
 
@@ -569,6 +567,15 @@ def test_rdm_methods_run_with_the_models_gpu_current(monkeypatch):
         yield
 
     monkeypatch.setattr(torch.cuda, "device", fake_device)
+    return entered
+
+
+def test_rdm_methods_run_with_the_models_gpu_current(fake_cuda_device):
+    """sample, decode and encode_moments make the model's GPU the current CUDA device for their duration (Triton
+    kernels and CUDA graphs launch on the current device); on the CPU nothing is switched. CUDA is simulated."""
+    from rdm_fast import rdm as rdm_module
+
+    entered = fake_cuda_device
 
     class Model:
         device = torch.device("cuda:1")
@@ -585,24 +592,15 @@ def test_rdm_methods_run_with_the_models_gpu_current(monkeypatch):
     assert RDM.sample.__wrapped__.__code__ is wrapper  # under torch.no_grad's own wrapper
 
 
-def test_module_entry_points_run_with_their_inputs_gpu_current(monkeypatch):
+def test_module_entry_points_run_with_their_inputs_gpu_current(fake_cuda_device, monkeypatch):
     """UNet.forward and the first stage's moments/decode (called directly, not through RDM's methods) make their
     input's GPU current when it is not; on the current GPU and on the CPU nothing is switched. CUDA is simulated
     (a stand-in for x with the attributes the check reads)."""
-    import contextlib
-
     from rdm_fast.models.autoencoder import Autoencoder
     from rdm_fast.models.layers import on_input_device
     from rdm_fast.models.unet import UNet
 
-    entered = []
-
-    @contextlib.contextmanager
-    def fake_device(dev):
-        entered.append(dev)
-        yield
-
-    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    entered = fake_cuda_device
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
     class OnGpu:
