@@ -27,8 +27,6 @@ Statistics are float32. Runs on CPU under ``TRITON_INTERPRET=1`` (float32/float1
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -259,11 +257,15 @@ MAX_GRID_Z = 65535  # CUDA's limit on a grid's z axis, where the channels_last k
 NHWC_TUNING = {"tile": 4096, "waves": 2, "warps": 4, "max_block_c": 64, "unroll": 2}
 
 
-@functools.cache
+_LIMITS: dict[torch.device, tuple[int, int]] = {}
+
+
 def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(SMs, L2 bytes) of a CUDA device."""
-    props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, props.L2_cache_size
+    """(SMs, L2 bytes) of a CUDA device (a plain dict as cache: torch.compile traces through here)."""
+    if device not in _LIMITS:
+        props = torch.cuda.get_device_properties(device)
+        _LIMITS[device] = props.multi_processor_count, props.L2_cache_size
+    return _LIMITS[device]
 
 
 def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dict[str, int]:
@@ -286,41 +288,53 @@ def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dic
 
 
 # Tunables of the one-kernel channels_last GroupNorm (_nhwc_fused_kernel): values per tile, warps, statistics-loop
-# unrolling, the share of the L2 cache that the items in progress (one per program) may fill together, and at
-# most this many programs per SM. Not tuned on a GPU yet; rdm_fast.ops.group_norm times this path against the
-# three kernels per call shape and keeps the faster.
-FUSED_TUNING = {"tile": 4096, "warps": 4, "unroll": 2, "l2_share": 0.5, "max_waves": 4}
+# unrolling, the share of the L2 cache that the items in progress (one per program, read and written) may fill
+# together, and at most this many programs per SM (2: all resident at the kernel's 128-148 registers). Not tuned on
+# a GPU yet; rdm_fast.ops.group_norm times this path against the three kernels per call shape and keeps the faster.
+FUSED_TUNING = {"tile": 4096, "warps": 4, "unroll": 2, "l2_share": 0.75, "max_waves": 2}
 MAX_FUSED_BLOCK_C = 1024
+MAX_FUSED_MEMBERS = 8192  # channel lanes x groups of a block: the membership tile the group sums reduce over
 
 
 def fused_config(batch: int, hw: int, channels: int, num_groups: int, itemsize: int,
                  device: torch.device) -> dict[str, int] | None:
     """Blocks and grid of the one-kernel path, or None where it does not apply.
 
-    An item is one sample's block of whole groups over all its pixels: the fewest groups whose channels start
-    every block on a 32-byte boundary (whole memory sectors per block and pixel). The programs loop over the
-    items; their items in progress must fit together in a share of L2 with at least one program per SM (or per
-    item, for fewer items), so that the apply pass finds its values in L2 instead of memory: small maps, i.e. the
-    UNet's inner levels."""
+    An item is one sample's block of whole groups over all its pixels: the fewest groups whose channels span a
+    multiple of 32 bytes (whole memory sectors per pixel where the rows are aligned). The programs loop over the
+    items; their items in progress, read and written, must fit together in a share of L2 with at least one
+    program per SM (or per item, for fewer items), so that the apply pass finds its values in L2 instead of
+    memory: small maps, i.e. the UNet's inner levels."""
+    key = (batch, hw, channels, num_groups, itemsize, device, tuple(FUSED_TUNING.items()))
+    if key not in _FUSED_CONFIGS:
+        _FUSED_CONFIGS[key] = _fused_config(batch, hw, channels, num_groups, itemsize, device)
+    return _FUSED_CONFIGS[key]
+
+
+_FUSED_CONFIGS: dict[tuple, dict[str, int] | None] = {}
+
+
+def _fused_config(batch: int, hw: int, channels: int, num_groups: int, itemsize: int,
+                  device: torch.device) -> dict[str, int] | None:
     per_group = channels // num_groups
     align = max(1, 32 // itemsize)
     gpb = next(g for g in range(1, num_groups + 1)
                if num_groups % g == 0 and (g * per_group % align == 0 or g == num_groups))
     block_ch = gpb * per_group
-    block_c = triton.next_power_of_2(block_ch)
-    if block_c > MAX_FUSED_BLOCK_C:
+    block_c, block_g = triton.next_power_of_2(block_ch), triton.next_power_of_2(gpb)
+    if block_c > MAX_FUSED_BLOCK_C or block_c * block_g > MAX_FUSED_MEMBERS:
         return None
     blocks = channels // block_ch
     items = batch * blocks
     if device.type == "cuda":
         sms, l2 = _device_limits(device)
-        fit = int(l2 * FUSED_TUNING["l2_share"]) // max(1, hw * block_ch * itemsize)
+        fit = int(l2 * FUSED_TUNING["l2_share"]) // max(1, 2 * hw * block_ch * itemsize)
         programs = min(items, FUSED_TUNING["max_waves"] * sms, fit)
         if programs < min(items, sms):
             return None
     else:  # the interpreter: two programs, so that the tests walk the item loop
         programs = min(items, 2)
-    return {"per_group": per_group, "block_ch": block_ch, "block_c": block_c, "block_g": triton.next_power_of_2(gpb),
+    return {"per_group": per_group, "block_ch": block_ch, "block_c": block_c, "block_g": block_g,
             "block_p": max(1, FUSED_TUNING["tile"] // block_c), "blocks": blocks, "items": items,
             "programs": programs, "warps": FUSED_TUNING["warps"], "unroll": FUSED_TUNING["unroll"]}
 

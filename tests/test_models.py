@@ -614,7 +614,9 @@ def test_module_entry_points_run_with_their_inputs_gpu_current(fake_cuda_device,
 
     forward = on_input_device(lambda self, x, y: y + 1)
     assert forward(None, OnGpu(1), 1) == 2 and entered == [torch.device("cuda:1")]
-    assert forward(None, OnGpu(0), 1) == 2 and forward(None, torch.zeros(1), 1) == 2 and len(entered) == 1
+    assert forward(None, y=1, x=OnGpu(2)) == 2 and entered[-1] == torch.device("cuda:2")  # x by keyword
+    entered.clear()
+    assert forward(None, OnGpu(0), 1) == 2 and forward(None, torch.zeros(1), 1) == 2 and entered == []
     wrapper = forward.__code__
     for method in (UNet.forward, Autoencoder.moments, Autoencoder.decode):
         assert method.__code__ is wrapper, method

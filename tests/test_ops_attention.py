@@ -9,11 +9,12 @@ and backward, through the custom op's autograd) and prints JSON; a module fixtur
 Inputs are unit-scale normal values (and a few stress cases: see INTERPRETER_CASES). Tolerances
 (``diff <= atol * max(max|ref|, 0.1) + rtol * |ref|``, per tensor; the floor covers gradients that are exactly
 zero in the reference):
-float32 atol = rtol = 1e-5 (output and gradients; float32 accumulation in another order), or 4 eps32 times the
-largest |logit| where that is more: a logit s is itself only known to about eps32 |s| in float32, and so is the
-probability exp(s - lse) computed from it, in the reference as in the kernels (the gain-60 stress case reaches
-|s| = 236: the float32 reference's dv is 1.4e-5 from float64 there, ours 1.1e-4, with a tolerance of 5.1e-4;
-at gain 1 the floor stays below 1e-5); float16 atol = 1e-3,
+float32 atol = rtol = 1e-5 (output and gradients; float32 accumulation in another order), atol raised to 4 eps32
+times the largest |logit| where that is more: a float32 logit s is only known to about eps32 |s|, and so is a
+probability computed from it. The kernels' error there is larger than the reference's (they form
+p = exp2(s log2(e) - lse log2(e)) from the stored log-sum-exp, itself about |s|, where the reference takes
+exp(s - max)): in the gain-60 stress case (|s| up to 236) the float32 reference's dv is 1.4e-5 from float64, ours
+1.1e-4, against a tolerance of 5.1e-4. At unit gain the floor stays below 1e-5. float16 atol = 1e-3,
 rtol = 2e-3 (about 2e-3 absolute on unit-scale data: the probability tile is rounded to float16 before its
 product with v, like every flash-attention kernel, then the output is rounded once); float16 gradients
 atol = rtol = 2e-3 (dS is rounded too); bfloat16 (GPU only) 8x the float16 values. In the interpreter the
@@ -153,7 +154,7 @@ def compare_with_reference(fn, case: tuple, device: str = "cpu") -> str | None:
     (oa, orr), (ga, gr) = TOLERANCES[q.dtype]
     if q.dtype == torch.float32:  # large logits: rounding them moves each probability by up to eps * |logit|
         floor = LOGIT_ROUNDING * torch.finfo(torch.float32).eps * max_logit(q, k, heads)
-        oa, orr, ga, gr = (max(t, floor) for t in (oa, orr, ga, gr))
+        oa, ga = max(oa, floor), max(ga, floor)  # on the absolute part (x the tensor's largest value) only
     errors = [_mismatch("output", out, ref, oa, orr)]
     errors += [_mismatch(f"grad {i}", g, r, ga, gr) for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True))]
     errors = [e for e in errors if e]

@@ -27,6 +27,7 @@ from test_database import TinyEncoder
 from rdm_fast import RDM, RDMConfig, ops
 from rdm_fast import train
 from rdm_fast._cli import run
+from rdm_fast.ops import _extension
 from rdm_fast.checkpoint import TRAIN_STATE_FILE, TRAIN_WEIGHTS_FILE, CheckpointError
 from rdm_fast.data import (DRAWS, DROPOUT, SHUFFLE, MomentCache, TrainingContexts, TrainingImages, TrainingMoments,
                            TrainingOrder, derived_seed)
@@ -776,17 +777,18 @@ def _gradient_errors(got: dict, want: dict, names: list[str]) -> tuple[float, fl
     return worst, total ** 0.5
 
 
-def _check_against_plain_autocast(got: dict, device: str, autocast: torch.dtype, want: dict, stable: list) -> None:
+def _check_against_plain_autocast(got: dict, device: str, autocast: torch.dtype, want: dict, stable: list,
+                                  cap: float = 1.0) -> None:
     """Each well-determined gradient within 0.1 (relative L2) of float32, or within twice the distance of the
     plain-PyTorch path under the same autocast on the same device where that is larger (some gradients are small
-    differences of large terms; how far a bfloat16 product lands depends on the device's kernels); all gradients
-    together within 2e-2 and twice the plain path's distance."""
+    differences of large terms; how far a bfloat16 product lands depends on the device's kernels), and within
+    ``cap`` in any case; all gradients together within 2e-2 and twice the plain path's distance."""
     plain = _unet_gradients(device, autocast, mode="reference")
     rel = lambda g, n: float((g[n] - want[n]).norm() / want[n].norm())  # noqa: E731
     errors = sorted(((rel(got, n), rel(plain, n), n) for n in stable), reverse=True)
     total, plain_total = _gradient_errors(got, want, stable)[1], _gradient_errors(plain, want, stable)[1]
     assert total < 2e-2 and total < 2 * plain_total + 1e-3, (total, plain_total, errors[:6])
-    bad = [e for e in errors if not e[0] < max(0.1, 2 * e[1])]
+    bad = [e for e in errors if not e[0] < min(cap, max(0.1, 2 * e[1]))]
     assert not bad, (total, plain_total, bad[:6])
 
 
@@ -794,9 +796,13 @@ def test_bf16_autocast_gradients_track_float32(cpu_gradients):
     """Mixed precision (our ops under autocast) gives the float32 gradients to bfloat16 accuracy. On a CPU with
     AVX-512 BF16 (2026-11-27) norm1's weight gradient in the first transformer was 0.156 off (the plain path:
     0.088): our ops round a norm's input to bfloat16 under autocast, where PyTorch's autocast keeps norms in
-    float32; on the previous machine every tensor was within 0.1."""
+    float32; on the previous machine every tensor was within 0.1. Without the C++ extension auto mode runs the
+    plain path itself: nothing to compare."""
+    if not _extension.cpu_loaded():
+        pytest.skip("the C++ extension is not built: auto mode runs the plain path")
     want, stable = cpu_gradients
-    _check_against_plain_autocast(_unet_gradients("cpu", torch.bfloat16), "cpu", torch.bfloat16, want, stable)
+    _check_against_plain_autocast(_unet_gradients("cpu", torch.bfloat16), "cpu", torch.bfloat16, want, stable,
+                                  cap=0.25)
 
 
 def test_mixed_precision_runs(setup, tmp_path):

@@ -8,6 +8,7 @@ converter between the two layouts is defined next to the modules themselves.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -25,12 +26,15 @@ def on_input_device(forward: Callable) -> Callable:
     the current device, not on their tensors' (a model on cuda:1 would otherwise launch on cuda:0). Costs one
     device query per call where x is on the current device already; nothing on the CPU or while torch.compile
     traces."""
+    name = list(inspect.signature(forward).parameters)[1]  # x's name, for calls that pass it by keyword
+
     @functools.wraps(forward)
-    def wrapper(self, x: Tensor, *args, **kwargs):
+    def wrapper(self, *args, **kwargs):
+        x = args[0] if args else kwargs[name]
         if x.is_cuda and not torch.compiler.is_compiling() and x.get_device() != torch.cuda.current_device():
             with torch.cuda.device(x.device):
-                return forward(self, x, *args, **kwargs)
-        return forward(self, x, *args, **kwargs)
+                return forward(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
     return wrapper
 
 

@@ -119,7 +119,15 @@ def warn_missing_once(op: str, reasons: str, fallback: str = "reference") -> Non
                        BUILD_HINT)
 
 
-_AUTOCAST_DEVICES = frozenset({"cpu", "cuda"})  # torch.is_autocast_enabled raises for others (meta tensors)
+def _autocast_devices() -> frozenset[str]:
+    """Device types autocast knows (``torch.is_autocast_enabled`` raises for others, e.g. meta); a constant set, so
+    that torch.compile traces the check as one."""
+    available = getattr(torch.amp.autocast_mode, "is_autocast_available", None)  # torch >= 2.4
+    names = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "privateuseone")
+    return frozenset(n for n in names if available(n)) if available is not None else frozenset({"cpu", "cuda"})
+
+
+_AUTOCAST_DEVICES = _autocast_devices()
 
 
 def autocast_inputs(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
