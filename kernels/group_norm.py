@@ -18,9 +18,9 @@ coalesced:
    ``y = (x - shift) * A + B`` that folds in ``add``, the statistics, weight and bias;
 3. ``_nhwc_apply``: one program per tile applies it (and SiLU), one read and one write per value.
 
-That reads every value twice from memory. For small maps ``_nhwc_fused`` does it all in one kernel: a program
-takes a sample's block of whole groups, sums over all its pixels, forms the statistics and applies them right
-away, so that the second read finds the values still in L2 (the items in progress are sized to fit in it).
+That reads every value twice from memory. ``_nhwc_fused`` does it all in one kernel: a program takes a sample's
+block of whole groups, sums over all its pixels, forms the statistics and applies them right away, so that the
+second read finds the values still in L2 (``fused_config`` sizes the blocks so that the items in progress fit).
 
 Statistics are float32. Runs on CPU under ``TRITON_INTERPRET=1`` (float32/float16; bfloat16 needs a GPU).
 """
@@ -291,7 +291,8 @@ def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dic
 # unrolling, the share of the L2 cache that the items in progress (one per program, read and written) may fill
 # together, and at most this many programs per SM (2: all resident at the kernel's 128-148 registers). Not tuned on
 # a GPU yet; rdm_fast.ops.group_norm times this path against the three kernels per call shape and keeps the faster.
-FUSED_TUNING = {"tile": 4096, "warps": 4, "unroll": 2, "l2_share": 0.75, "max_waves": 2}
+FUSED_TUNING = {"tile": 4096, "warps": 4, "unroll": 2, "l2_share": 0.75, "max_waves": 2,
+                "groups_per_block": 0}  # 0: chosen by fused_config; else that many where it divides the groups
 MAX_FUSED_BLOCK_C = 1024
 MAX_FUSED_MEMBERS = 8192  # channel lanes x groups of a block: the membership tile the group sums reduce over
 
@@ -301,10 +302,10 @@ def fused_config(batch: int, hw: int, channels: int, num_groups: int, itemsize: 
     """Blocks and grid of the one-kernel path, or None where it does not apply.
 
     An item is one sample's block of whole groups over all its pixels: the fewest groups whose channels span a
-    multiple of 32 bytes (whole memory sectors per pixel where the rows are aligned). The programs loop over the
-    items; their items in progress, read and written, must fit together in a share of L2 with at least one
-    program per SM (or per item, for fewer items), so that the apply pass finds its values in L2 instead of
-    memory: small maps, i.e. the UNet's inner levels."""
+    multiple of 32 bytes (whole memory sectors per pixel where the rows are aligned), or fewer where those items
+    are too large. The programs loop over the items; their items in progress, read and written, must fit
+    together in a share of L2 with at least one program per SM (or per item, for fewer items), so that the apply
+    pass finds its values in L2 instead of memory."""
     key = (batch, hw, channels, num_groups, itemsize, device, tuple(FUSED_TUNING.items()))
     if key not in _FUSED_CONFIGS:
         _FUSED_CONFIGS[key] = _fused_config(batch, hw, channels, num_groups, itemsize, device)
@@ -318,8 +319,21 @@ def _fused_config(batch: int, hw: int, channels: int, num_groups: int, itemsize:
                   device: torch.device) -> dict[str, int] | None:
     per_group = channels // num_groups
     align = max(1, 32 // itemsize)
-    gpb = next(g for g in range(1, num_groups + 1)
-               if num_groups % g == 0 and (g * per_group % align == 0 or g == num_groups))
+    divisors = [g for g in range(1, num_groups + 1) if num_groups % g == 0]
+    aligned = next(g for g in divisors if g * per_group % align == 0 or g == num_groups)
+    # the aligned block first; where its items do not fit, smaller blocks whose rows share memory sectors with
+    # their neighbours' (items of adjacent blocks run side by side, so a sector mostly comes from memory once)
+    forced = FUSED_TUNING["groups_per_block"]
+    order = [forced] if forced in divisors else [aligned] + [g for g in reversed(divisors) if g < aligned]
+    for gpb in order:
+        cfg = _fused_blocks(batch, hw, channels, per_group, gpb, itemsize, device)
+        if cfg is not None:
+            return cfg
+    return None
+
+
+def _fused_blocks(batch: int, hw: int, channels: int, per_group: int, gpb: int, itemsize: int,
+                  device: torch.device) -> dict[str, int] | None:
     block_ch = gpb * per_group
     block_c, block_g = triton.next_power_of_2(block_ch), triton.next_power_of_2(gpb)
     if block_c > MAX_FUSED_BLOCK_C or block_c * block_g > MAX_FUSED_MEMBERS:

@@ -221,32 +221,33 @@ def test_nhwc_row_layouts_are_recognised():
         assert GROUP_NORM.select("cuda", x, None, None, 1, EPS).name == "triton-nhwc"
 
 
-def test_one_kernel_path_is_offered_for_the_inner_levels_only(monkeypatch):
-    """fused_config on a stand-in H200 (132 SMs, 50 MiB of L2), imagenet's GroupNorms at 64 images (batch 128, bf16):
-    the 64x64 maps (and 32x32 maps of 576 channels or more) are refused, their items in progress (read and
-    written) would not fit in L2's share with a program per SM; the inner levels are offered, in blocks of whole
-    groups spanning multiples of 32 bytes."""
+def test_one_kernel_path_sizing(monkeypatch):
+    """fused_config on a stand-in H200 (132 SMs, 50 MiB of L2), imagenet's GroupNorms at 64 images (batch 128,
+    bf16): the inner levels get blocks of whole groups spanning multiples of 32 bytes; the 64x64 maps, whose
+    aligned items (read and written) would not fit in L2's share with a program per SM, get smaller blocks that
+    do; maps too large even for one group per block are refused."""
     from rdm_fast.kernels import group_norm as kernels
 
     monkeypatch.setattr(kernels, "_device_limits", lambda device: (132, 50 * 2**20))
     monkeypatch.setattr(kernels, "_FUSED_CONFIGS", {})  # nothing decided for other limits
     cuda = torch.device("cuda")
-    refused = [(192, 64, 64), (384, 64, 64), (576, 64, 64), (576, 32, 32), (960, 32, 32)]
-    offered = [(384, 32, 32), (768, 32, 32), (576, 16, 16), (960, 8, 8), (1920, 8, 8)]
-    for c, h, w in refused:
-        assert kernels.fused_config(128, h * w, c, 32, 2, cuda) is None, (c, h, w)
-    for c, h, w in offered:
+    waves, share = kernels.FUSED_TUNING["max_waves"], kernels.FUSED_TUNING["l2_share"]
+    aligned = [(384, 32, 32), (768, 32, 32), (576, 16, 16), (960, 8, 8), (1920, 8, 8)]
+    smaller = {(192, 64, 64): 12, (384, 64, 64): 12, (576, 64, 64): 18}  # channels per block
+    for c, h, w in aligned + list(smaller):
         cfg = kernels.fused_config(128, h * w, c, 32, 2, cuda)
         assert cfg is not None, (c, h, w)
-        per_group = c // 32
-        assert cfg["block_ch"] % per_group == 0 and cfg["block_ch"] * 2 % 32 == 0, cfg
-        waves, share = kernels.FUSED_TUNING["max_waves"], kernels.FUSED_TUNING["l2_share"]
+        assert cfg["block_ch"] % (c // 32) == 0 and (cfg["block_ch"] * 2 % 32 == 0) == ((c, h, w) in aligned), cfg
+        assert cfg["block_ch"] == smaller.get((c, h, w), cfg["block_ch"]), cfg
         assert cfg["items"] == 128 * c // cfg["block_ch"] and 132 <= cfg["programs"] <= waves * 132, cfg
         assert cfg["programs"] * 2 * h * w * cfg["block_ch"] * 2 <= share * 50 * 2**20, cfg
+    assert kernels.fused_config(128, 128 * 128, 512, 32, 2, cuda) is None  # 1 MiB per one-group item
     # few items (a small batch): one program per item is enough
     assert kernels.fused_config(2, 64, 960, 32, 2, cuda)["programs"] == 2 * 4
     assert kernels.fused_config(128, 16, 65536, 32, 2, cuda) is None  # a block wider than the kernel's limit
-    assert kernels.fused_config(2, 16, 999, 999, 2, cuda) is None  # no aligned divisor: all 999 groups in one block
+    # 999 groups of 1: no block spans 32 bytes but all of them, whose membership tile (1024 x 1024) is refused;
+    # the largest smaller divisor within the tile limit is taken (37 groups: 64 x 64)
+    assert kernels.fused_config(2, 16, 999, 999, 2, cuda)["block_ch"] == 37
 
 
 def test_channels_last_maps_time_the_one_kernel_path_where_offered(monkeypatch, caplog):

@@ -118,7 +118,9 @@ UNROLL1_CASES = [n for n in CASES if "-nhwc" in n and n.endswith("-fused")]
 # 1x1 maps (contiguous and channels_last at once); the fused cases again with its statistics loop not unrolled
 ONE_KERNEL_CASES = [n for n, c in CASES.items() if c[2] in (True, "slice", "w1", "c1") or c[0][2:] == (1, 1)]
 ONE_KERNEL_UNROLL1_CASES = [n for n in ONE_KERNEL_CASES if n.endswith("-fused")]
+# and with one group per block: rows of a few channels, blocks that start anywhere in a pixel row
 VARIANTS = ([f"{n}-unroll1" for n in UNROLL1_CASES] + [f"{n}-onekernel" for n in ONE_KERNEL_CASES]
+            + [f"{n}-onekernel-g1" for n in ONE_KERNEL_CASES]
             + [f"{n}-onekernel-unroll1" for n in ONE_KERNEL_UNROLL1_CASES])
 
 
@@ -128,6 +130,9 @@ def _child_main() -> None:
 
     results = {name: _run_case(case) for name, case in CASES.items()}
     results.update({f"{name}-onekernel": _run_case(CASES[name], one_kernel=True) for name in ONE_KERNEL_CASES})
+    FUSED_TUNING["groups_per_block"] = 1
+    results.update({f"{name}-onekernel-g1": _run_case(CASES[name], one_kernel=True) for name in ONE_KERNEL_CASES})
+    FUSED_TUNING["groups_per_block"] = 0
     NHWC_TUNING["unroll"] = FUSED_TUNING["unroll"] = 1
     results.update({f"{name}-unroll1": _run_case(CASES[name]) for name in UNROLL1_CASES})
     results.update({f"{name}-onekernel-unroll1": _run_case(CASES[name], one_kernel=True)
@@ -208,19 +213,23 @@ def test_nhwc_kernels_compile_for_sm90_without_spills(channels, side):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real thing")
-@pytest.mark.parametrize("channels,side", [(384, 32), (576, 16), (960, 8), (1344, 12), (896, 24), (1536, 8), (64, 1)])
-def test_one_kernel_compiles_for_sm90_without_spills(channels, side):
-    """The one-kernel path's kernel in compiled mode at the inner levels' blocks (24 to 240 channels, 6 to 56 per
-    group, tiles of 16 to 128 pixels) and for 1x1 maps."""
+@pytest.mark.parametrize("channels,side,groups_per_block", [
+    (384, 32, 0), (576, 16, 0), (960, 8, 0), (1344, 12, 0), (896, 24, 0), (1536, 8, 0), (64, 1, 0),
+    (192, 64, 2), (384, 64, 1), (576, 64, 1), (960, 32, 2)])
+def test_one_kernel_compiles_for_sm90_without_spills(monkeypatch, channels, side, groups_per_block):
+    """The one-kernel path's kernel in compiled mode at the inner levels' blocks, for 1x1 maps, and at the smaller
+    blocks an H200 takes for the 32x32 and 64x64 maps (12 to 60 channels, tiles of 64 to 256 pixels)."""
     from triton_testing import compile_launches
 
     from rdm_fast.kernels import group_norm as kernels
 
+    monkeypatch.setitem(kernels.FUSED_TUNING, "groups_per_block", groups_per_block)
     x = torch.randn(2, channels, side, side, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     w, add = torch.randn(channels), torch.randn(2, channels)
     results = compile_launches(lambda: kernels.group_norm(x, w, w, 32, EPS, add=add, silu=True, one_kernel=True),
                                kernels._nhwc_fused_kernel)
     assert len(results) == 1 and results[0]["spill_bytes"] == 0, results
+    assert groups_per_block == 0 or results[0]["constexprs"]["BLOCK_CH"] == groups_per_block * channels // 32
 
 
 if __name__ == "__main__":

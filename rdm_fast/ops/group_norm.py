@@ -4,8 +4,9 @@
 rounding to ``x.dtype`` at the end, output in the memory format of ``x``) and is the CPU fallback.
 :func:`group_norm` validates the arguments and dispatches (see :mod:`rdm_fast.ops._dispatch`) to the
 CUDA extension, the Triton kernels, the C++ CPU extension or the reference. Channels_last maps on CUDA run the
-Triton kernels: three passes (statistics, finalize, apply), or for small maps the faster of those and a single
-kernel whose second read comes from L2, timed once per call shape (:class:`~rdm_fast.ops._measured.Measured`).
+Triton kernels: three passes (statistics, finalize, apply), or, where a single kernel's blocks of groups fit in
+L2, the faster of those and that kernel (its second read comes from L2), timed once per call shape
+(:class:`~rdm_fast.ops._measured.Measured`).
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def _three_kernels(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
     return _KERNELS.module.group_norm(x, weight, bias, num_groups, eps, add=add, silu=silu)
 
 
-# the two channels_last paths, timed per call shape where the one-kernel path applies (small maps)
+# the two channels_last paths, timed per call shape where the one-kernel path applies (kernels.fused_config)
 _MEASURED = Measured("group_norm", {"one-kernel": _one_kernel, "three-kernel": _three_kernels})
 
 
