@@ -252,7 +252,8 @@ def test_one_kernel_path_sizing(monkeypatch):
 
 def test_channels_last_maps_time_the_one_kernel_path_where_offered(monkeypatch, caplog):
     """On CUDA the channels_last implementation times the two paths once per call shape where the one-kernel
-    path is offered (its log line names both), runs the three kernels elsewhere and while torch.compile traces.
+    path is offered (its log line names both), runs the three kernels elsewhere and while torch.compile traces;
+    fast mode runs the one-kernel path wherever it is offered, untimed.
     Runs on CPU tensors with the timer and the kernels faked (GPU parity: test_triton_group_norm.py)."""
     from rdm_fast.ops import _measured
 
@@ -285,6 +286,13 @@ def test_channels_last_maps_time_the_one_kernel_path_where_offered(monkeypatch, 
     monkeypatch.setattr(gn._KERNELS.module, "fused_config", lambda *a: None)
     assert gn._triton_nhwc_forward(other, None, None, 8, EPS) == "three" and calls == ["three"]
     assert len(gn._MEASURED.chosen) == 2  # the two shapes of x, none of the others
+    calls.clear()
+    monkeypatch.setattr(gn, "_one_kernel", lambda *a: calls.append("one") or "one")
+    with ops.use_mode("fast"):  # untimed: the one-kernel path wherever it is offered, else the three kernels
+        assert gn._triton_nhwc_forward(other, None, None, 8, EPS) == "three" and calls == ["three"]
+        monkeypatch.setattr(gn._KERNELS.module, "fused_config", lambda *a: {})
+        assert gn._triton_nhwc_forward(other, None, None, 8, EPS) == "one" and calls == ["three", "one"]
+    assert len(gn._MEASURED.chosen) == 2
 
 
 def test_sizes_beyond_the_kernels_limits_fall_back():

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _layout
 from . import _extension
-from ._dispatch import Impl, Op, autocast_inputs, check_tensor, eager_constant, needs_grad
+from ._dispatch import Impl, Op, autocast_inputs, check_tensor, eager_constant, get_mode, needs_grad
 from ._measured import Measured
 from ._triton_kernels import TritonKernels
 
@@ -192,14 +192,18 @@ _MEASURED = Measured("group_norm", {"one-kernel": _one_kernel, "three-kernel": _
 
 def _triton_nhwc_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, *,
                          add: Tensor | None = None, silu: bool = False) -> Tensor:
-    """Channels_last maps on CUDA: the three-kernel path, or, where :func:`fused_config` admits the call, the
-    faster of it and the one-kernel path, timed on the first call of each shape (in ``auto`` and ``fast`` mode
-    alike: both are our kernels; a trace by torch.compile runs the three kernels)."""
+    """Channels_last maps on CUDA: the three-kernel path, or, where ``fused_config`` admits the call, in ``auto``
+    mode the faster of it and the one-kernel path, timed on the first call of each shape; in ``fast`` mode the
+    one-kernel path, untimed (the same kernels in every process on a card, as fast mode promises). A trace by
+    torch.compile runs the three kernels."""
     if torch.compiler.is_compiling():
         return _three_kernels(x, weight, bias, num_groups, eps, add, silu)
+    b, c, h, w = x.shape
+    if get_mode() == "fast":
+        offered = _KERNELS.module.fused_config(b, h * w, c, num_groups, x.element_size(), x.device) is not None
+        return (_one_kernel if offered else _three_kernels)(x, weight, bias, num_groups, eps, add, silu)
     key = (x.shape, x.stride(), x.dtype, x.device, num_groups, weight is None, bias is None,
            None if add is None else (add.dtype, add.stride()), silu)
-    b, c, h, w = x.shape
     if key not in _MEASURED.chosen and _KERNELS.module.fused_config(b, h * w, c, num_groups, x.element_size(),
                                                                     x.device) is None:
         return _three_kernels(x, weight, bias, num_groups, eps, add, silu)
