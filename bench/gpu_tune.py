@@ -13,7 +13,7 @@ In this order (the newest first, the longest sweep last, so that a cut-off run l
 5. The channels_last GroupNorm's two paths, per call shape of an imagenet and an rdm768 guided step where the
    one-kernel path applies: the three kernels against the one kernel under a few of its tunables
    (``kernels.group_norm.FUSED_TUNING``: warps, values per tile, the share of L2 its items may fill, programs
-   per SM).
+   per SM, groups per block).
 6. The channels_last GroupNorm's three kernels (``kernels.group_norm.NHWC_TUNING``): every combination of values
    per tile, warps, programs per SM, channel block and statistics-loop unrolling, timed on the GroupNorm calls of
    one imagenet guided step (their shapes and counts, batch 128, bf16), against a copy of the same tensors
@@ -96,6 +96,7 @@ def tune_group_norm_paths(log, device: str = "cuda") -> None:
     default = dict(gn_kernels.FUSED_TUNING)
     variants = [dict(default, warps=wp, tile=tile, l2_share=share, max_waves=waves)
                 for wp, tile, share, waves in itertools.product((4, 8), (4096, 8192), (0.5, 0.75), (2, 4))]
+    variants += [dict(default, groups_per_block=g) for g in (1, 2, 4)]  # forced block sizes (NaN where they do not fit)
     for name, counts, batch in (("imagenet", IMAGENET_GROUP_NORMS, BATCH), ("rdm768", RDM768_GROUP_NORMS, 32)):
         offered = [s for s in counts if gn_kernels.fused_config(batch, s[1] * s[2], s[0], 32, 2, dev) is not None]
         inputs = _group_norm_inputs(offered, batch, dev)
@@ -122,7 +123,8 @@ def tune_group_norm_paths(log, device: str = "cuda") -> None:
 
 
 def _variant(v: dict) -> str:
-    return f"w{v['warps']}/t{v['tile']}/l2 {v['l2_share']}/x{v['max_waves']}"
+    groups = f"/g{v['groups_per_block']}" if v["groups_per_block"] else ""
+    return f"w{v['warps']}/t{v['tile']}/l2 {v['l2_share']}/x{v['max_waves']}{groups}"
 
 
 def tune_group_norm(log, device: str = "cuda") -> None:
