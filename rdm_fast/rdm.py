@@ -20,7 +20,7 @@ from .diffusion import Schedule, guided, sample_ddim, sample_plms
 from .diffusion.samplers import check_generator, draw_noise
 from .diffusion.graphs import GraphCache
 from .models import Autoencoder, UNet
-from .models.layers import official_names, refresh_cached
+from .models.layers import current_device, official_names, refresh_cached
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,11 @@ def to_channels_last(module: nn.Module) -> None:
 
 
 def on_own_device(method):
-    """Run an ``RDM`` method with the model's GPU as the current CUDA device: Triton kernels and CUDA graphs
-    run on the current device, not on their tensors' (a model on cuda:1 would otherwise launch on cuda:0)."""
+    """Run an ``RDM`` method with the model's GPU current (:func:`~rdm_fast.models.layers.current_device`): its
+    sampler steps and CUDA graphs as well as the networks' kernels."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if self.device.type != "cuda":
-            return method(self, *args, **kwargs)
-        with torch.cuda.device(self.device):
+        with current_device(self.device):
             return method(self, *args, **kwargs)
     return wrapper
 

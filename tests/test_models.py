@@ -556,7 +556,7 @@ def test_channels_last_conversion_inside_inference_mode_keeps_the_model_trainabl
 
 @pytest.fixture
 def fake_cuda_device(monkeypatch) -> list:
-    """``torch.cuda.device`` replaced by a context that records the devices entered (returned)."""
+    """``torch.cuda.device`` replaced by a context that records the devices entered (returned); cuda:0 current."""
     import contextlib
 
     entered = []
@@ -567,6 +567,7 @@ def fake_cuda_device(monkeypatch) -> list:
         yield
 
     monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     return entered
 
 
@@ -585,32 +586,27 @@ def test_rdm_methods_run_with_the_models_gpu_current(fake_cuda_device):
             return x + 1
 
     assert Model().work(1) == 2 and entered == [torch.device("cuda:1")]
-    Model.device = torch.device("cpu")
-    assert Model().work(1) == 2 and len(entered) == 1
+    for other in ("cpu", "cuda:0", "cuda"):  # the CPU, and the current GPU: nothing to switch
+        Model.device = torch.device(other)
+        assert Model().work(1) == 2 and len(entered) == 1
     wrapper = rdm_module.on_own_device(lambda self: None).__code__  # the code every such wrapper runs
     assert RDM.decode.__code__ is wrapper and RDM.encode_moments.__code__ is wrapper
     assert RDM.sample.__wrapped__.__code__ is wrapper  # under torch.no_grad's own wrapper
 
 
-def test_module_entry_points_run_with_their_inputs_gpu_current(fake_cuda_device, monkeypatch):
+def test_module_entry_points_run_with_their_inputs_gpu_current(fake_cuda_device):
     """UNet.forward and the first stage's moments/decode (called directly, not through RDM's methods) make their
     input's GPU current when it is not; on the current GPU and on the CPU nothing is switched. CUDA is simulated
-    (a stand-in for x with the attributes the check reads)."""
+    (a stand-in for x with the attribute the check reads)."""
     from rdm_fast.models.autoencoder import Autoencoder
     from rdm_fast.models.layers import on_input_device
     from rdm_fast.models.unet import UNet
 
     entered = fake_cuda_device
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
-    class OnGpu:
-        is_cuda = True
-
+    class OnGpu:  # a stand-in for a tensor on a GPU: the wrapper reads only its device
         def __init__(self, index):
             self.device = torch.device("cuda", index)
-
-        def get_device(self):
-            return self.device.index
 
     forward = on_input_device(lambda self, x, y: y + 1)
     assert forward(None, OnGpu(1), 1) == 2 and entered == [torch.device("cuda:1")]

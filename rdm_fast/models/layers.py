@@ -7,6 +7,7 @@ converter between the two layouts is defined next to the modules themselves.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -21,20 +22,24 @@ from .. import ops
 from .._layout import copy_into_blocks, row_view
 
 
-def on_input_device(forward: Callable) -> Callable:
-    """Run a module's ``forward(self, x, ...)`` with x's GPU as the current CUDA device: Triton kernels launch on
-    the current device, not on their tensors' (a model on cuda:1 would otherwise launch on cuda:0). Costs one
-    device query per call where x is on the current device already; nothing on the CPU or while torch.compile
+def current_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that makes ``device`` the current CUDA device for its duration where it is a GPU other than the
+    current one: Triton kernels and CUDA graphs launch on the current device, not on their tensors' (a model on
+    cuda:1 would otherwise launch on cuda:0). A no-op on the CPU, on the current GPU and while torch.compile
     traces."""
+    if device.type != "cuda" or torch.compiler.is_compiling() or device.index in (None, torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def on_input_device(forward: Callable) -> Callable:
+    """Run a module's ``forward(self, x, ...)`` with x's GPU current (:func:`current_device`)."""
     name = list(inspect.signature(forward).parameters)[1]  # x's name, for calls that pass it by keyword
 
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
-        x = args[0] if args else kwargs[name]
-        if x.is_cuda and not torch.compiler.is_compiling() and x.get_device() != torch.cuda.current_device():
-            with torch.cuda.device(x.device):
-                return forward(self, *args, **kwargs)
-        return forward(self, *args, **kwargs)
+        with current_device((args[0] if args else kwargs[name]).device):
+            return forward(self, *args, **kwargs)
     return wrapper
 
 
