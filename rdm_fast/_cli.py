@@ -35,12 +35,14 @@ def setup_logging() -> None:
     """rdm_fast's INFO messages to stderr (clear of progress bars); other libraries' at WARNING and above only
     (faiss and open_clip log routine INFO lines that read like failures)."""
     root = logging.getLogger()
+    rank = int(os.environ.get("RANK", "0"))
     if not root.handlers:
         handler = _TqdmHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        # under torchrun, the other processes' warnings say whose they are
+        handler.setFormatter(logging.Formatter(("" if rank == 0 else f"[rank {rank}] ") + "%(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, INFO lines once, not once per process
+    main_process = rank == 0  # under torchrun, INFO lines once, not once per process
     logging.getLogger("rdm_fast").setLevel(logging.INFO if main_process else logging.WARNING)
     warnings.showwarning = _log_warning
 

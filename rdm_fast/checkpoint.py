@@ -283,18 +283,18 @@ def _warn_if_edited(file: Path, config: dict[str, Any]) -> None:
         log.warning("%s is unreadable (%s); the config stored in %s is used", file, e, file.parent / WEIGHTS_FILE)
         return
     if copy != config:
-        changed = _differing_keys(copy, config)
+        changed = differing_keys(copy, config)
         log.warning("%s differs from the config stored in %s (%s), which is the one used: edits to config.json "
                     "have no effect; pass --config (or config=) to load with another", file,
                     file.parent / WEIGHTS_FILE, ", ".join(changed))
 
 
-def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     """Dotted paths where two nested dicts differ."""
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return [prefix or "(the whole config)"] if a != b else []
     return [k for key in sorted(set(a) | set(b), key=str)
-            for k in _differing_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))]
+            for k in differing_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))]
 
 
 def read_own_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:

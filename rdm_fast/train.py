@@ -63,7 +63,6 @@ log = logging.getLogger("rdm_fast.train")
 
 LOG = "log.jsonl"
 STOPPED = 128 + int(signal.SIGTERM)  # exit status of a run stopped by a signal (with a checkpoint)
-STOP_CHECK_EVERY = 5  # steps between the processes' agreements on a stop request (one host synchronisation each)
 OPTIMIZER = "optimizer.pt"
 # how a run's random draws (batch order, noise, dropout) are derived from its seed; a run saved with other ones
 # cannot resume exactly (1: before the draws got purpose tags and dropout its seeds)
@@ -73,6 +72,9 @@ RESUME_KEYS = ("seed", "global_batch", "training_data")
 # ... and may change these (with a warning: the run is then not the one an uninterrupted run would be)
 CHANGEABLE_KEYS = ("lr", "weight_decay", "warmup", "cond_drop", "grad_clip", "ema_decay", "precision",
                    "training_db", "db", "neighbors", "cached_moments")
+# the optimisation settings' defaults for a new run; a resumed run keeps its own unless they are given again
+SETTING_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.01, "warmup": 0, "grad_clip": 0.0, "ema_decay": 0.9999,
+                    "cond_drop": 0.0, "precision": "fp32"}
 
 
 # ---------------------------------------------------------------------------------------------- EMA
@@ -151,6 +153,43 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StopVote:
+    """The processes' agreement on a stop request: each step casts a vote, and the next step reads it. The vote's
+    all-reduce is queued behind the step that cast it, so reading it waits for that step only, never for the one
+    in flight (no stall of the GPU's queue), and every process reads the same result, so all stop at one step."""
+
+    def __init__(self, procs: Processes, device: torch.device) -> None:
+        self.procs = procs
+        self.ballot = torch.zeros(1, dtype=torch.int32, device=device)
+        cuda = device.type == "cuda"
+        self.result = torch.zeros(1, dtype=torch.int32, pin_memory=cuda)
+        self.ready = torch.cuda.Event() if cuda else None
+        self.pending = False
+
+    def cast(self, requested: bool) -> bool:
+        """Vote ``requested`` after the step just queued; True when a process had asked to stop by the step
+        before it (at once with a single process)."""
+        if self.procs.world == 1:
+            return requested
+        agreed = self.settle()
+        self.ballot.fill_(int(requested))
+        self.procs.all_sum(self.ballot)  # NCCL: the stream waits for it, not the host
+        self.result.copy_(self.ballot, non_blocking=True)
+        if self.ready is not None:
+            self.ready.record()
+        self.pending = True
+        return agreed
+
+    def settle(self) -> bool:
+        """Wait for the vote in flight (if any); True when some process voted to stop."""
+        if not self.pending:
+            return False
+        if self.ready is not None:
+            self.ready.synchronize()
+        self.pending = False
+        return int(self.result.item()) > 0
 
 
 def _ignore_stop_signals(worker: int) -> None:
@@ -304,21 +343,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", help="directory of the first stage's outputs for every training image, made on first "
                                      "use (all processes share the work) and reused: no image decoding or encoder "
                                      "in the training loop")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out; with --init, --first-stage or --random-init "
+                        "too, start the run that way when --out has no checkpoint yet (one command line for the "
+                        "first launch and every requeue)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps to train to (in all, when resuming)")
     p.add_argument("--batch-size", type=int, default=8, help="images per process and micro-batch")
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (PyTorch's default, 0.01)")
-    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
-    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    p.add_argument("--ema-decay", type=float, default=0.9999,
-                   help="decay of the weights' moving average: min(this, (1 + n) / (10 + n)) at update n (LitEma)")
-    p.add_argument("--cond-drop", type=float, default=0.0,
-                   help="probability of training on the all-zero (unconditional) context; the released models: 0")
+    kept = "; a resumed run keeps its own unless given"
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default 1e-4{kept})")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default 0.01, PyTorch's{kept})")
+    p.add_argument("--warmup", type=int, help=f"steps of linear learning-rate warm-up (default 0{kept})")
+    p.add_argument("--grad-clip", type=float, help=f"clip the gradient norm to this (0: off; default 0{kept})")
+    p.add_argument("--ema-decay", type=float,
+                   help="decay of the weights' moving average: min(this, (1 + n) / (10 + n)) at update n (LitEma; "
+                        f"default 0.9999{kept})")
+    p.add_argument("--cond-drop", type=float,
+                   help="probability of training on the all-zero (unconditional) context (the released models: 0; "
+                        f"default 0{kept})")
     prec = p.add_mutually_exclusive_group()
-    prec.add_argument("--bf16", action="store_true", help="autocast the passes to bfloat16")
-    prec.add_argument("--fp16", action="store_true", help="autocast the passes to float16 (with loss scaling)")
+    prec.add_argument("--bf16", action="store_const", dest="precision", const="bf16",
+                      help=f"autocast the passes to bfloat16 (default float32{kept})")
+    prec.add_argument("--fp16", action="store_const", dest="precision", const="fp16",
+                      help="autocast the passes to float16 (with loss scaling)")
+    prec.add_argument("--fp32", action="store_const", dest="precision", const="fp32",
+                      help="no autocast: float32 passes (the default of a new run)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="run the UNet's training passes through torch.compile (default backend: inductor)")
@@ -334,6 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in batch jobs' logs)")
     return p
+
+
+def _fill_settings(args: argparse.Namespace, resume_from: Path | None) -> None:
+    """Set the optimisation settings not given on the command line: a resumed run's own (so a requeue that
+    leaves one out does not change the run), a new run's defaults."""
+    saved: dict[str, Any] = {}
+    if resume_from is not None:
+        with _older_checkpoints_hint(resume_from, Path(args.out)):
+            run = ckpt.read_train_state(resume_from / ckpt.TRAIN_STATE_FILE).get("run")
+        saved = run if isinstance(run, dict) else {}
+    for key, default in SETTING_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, saved.get(key, default))
+    if args.precision not in ("fp32", "bf16", "fp16"):
+        raise CLIError(f"{resume_from} records precision {args.precision!r}; pass --fp32, --bf16 or --fp16")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -387,7 +451,6 @@ def learning_rate(args: argparse.Namespace, step: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _check_args(args)
     check_out_dir(args.out)
     out = Path(args.out)
     resume_from = ckpt.newest_run_checkpoint(out) if out.exists() else None
@@ -396,17 +459,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CLIError(f"{out} holds checkpoints ({', '.join(f'step_{s:07d}' for s in unnamed)}) but no "
                        f"{ckpt.RUN_LATEST} file naming the one to continue from: write its name into "
                        f"{out / ckpt.RUN_LATEST} and pass --resume, or choose another --out")
-    if args.resume and (args.init or args.first_stage):
-        raise CLIError("--init and --first-stage start a new run; --resume continues the one in --out from its "
-                       "checkpoint: drop one or the other")
+    starts = args.init or args.first_stage or args.random_init
     if resume_from is not None and not args.resume:
         raise CLIError(f"{out} holds a run ({resume_from.name}): pass --resume to continue it, or another --out")
-    if args.resume and resume_from is None:
-        raise CLIError(f"--resume: {out} has no checkpoint to continue from")
-    if resume_from is None and not (args.init or args.first_stage or args.random_init):
+    if args.resume and resume_from is None and not starts:
+        raise CLIError(f"--resume: {out} has no checkpoint to continue from (add --init, --first-stage or "
+                       "--random-init to start the run when there is none)")
+    if resume_from is None and not starts:
         raise CLIError("a new run needs --init, --first-stage or --random-init")
     if not (args.init or resume_from) and not args.config:
         raise CLIError("--config is needed unless the run starts from --init or resumes")
+    if resume_from is not None and starts:
+        log.info("%s holds a run: resuming it (the start options apply to a new run only)", out)
+    _fill_settings(args, resume_from)
+    _check_args(args)
     device = process_device(args.device)  # also the current CUDA device
     procs = Processes("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
     try:
@@ -423,8 +489,11 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         with _older_checkpoints_hint(resume_from, out):
             model = RDM.from_pretrained(resume_from)
         given = RDMConfig.resolve(args.config) if args.config else model.config
-        if replace(given, retrieval_encoder=model.config.retrieval_encoder) != model.config:
-            raise CLIError(f"--config differs from the config of {resume_from}")
+        given = replace(given, retrieval_encoder=model.config.retrieval_encoder)
+        if given != model.config:
+            differ = ckpt.differing_keys(given.to_dict(), model.config.to_dict())
+            raise CLIError(f"--config differs from the config of {resume_from} in {', '.join(differ)}: drop "
+                           "--config to resume with the run's own")
     else:
         model = build_model(args)
     model = model.to(device, torch.float32)
@@ -437,7 +506,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         model.config = replace(model.config, retrieval_encoder=contexts.retrieval.encoder_name)
     cfg = model.config
     images = TrainingImages(contexts.training, cfg.pixel_size, args.image_root)
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    precision = args.precision
     global_batch = args.batch_size * procs.world * args.accumulate
     run_info = {"draws": DRAWS_VERSION, "seed": args.seed, "global_batch": global_batch, "lr": args.lr,
                 "weight_decay": args.weight_decay, "warmup": args.warmup, "cond_drop": args.cond_drop,
@@ -449,7 +518,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 "config": cfg.to_dict()}
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = EMA(unet, args.ema_decay)
     start = 0
     if resume_from is not None:
@@ -491,8 +560,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                                               num_workers=args.workers, pin_memory=device.type == "cuda",
                                               persistent_workers=args.workers > 0,
                                               worker_init_fn=_ignore_stop_signals))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16,
-                              enabled=args.bf16 or args.fp16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                              enabled=precision != "fp32")
     preview = contexts(torch.arange(min(args.preview, len(images)))) if args.preview else None
     log.info("training %s steps %d -> %d: global batch %d (%d process%s x %d x %d micro-batches), %s on %s",
              f"{sum(p.numel() for p in unet.parameters()):,}-parameter UNet", start, args.steps, global_batch,
@@ -500,7 +569,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
 
     loss_sum = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, images) since the last log
     unreadable, unreadable_total = 0, 0  # since the last log line, since the start of this process
-    stopping = False
+    stopping, vote = False, StopVote(procs, device)
     tick, ticked = time.perf_counter(), start
     bar = tqdm(total=args.steps, initial=start, desc="training", unit="step",
                disable=args.no_progress or not procs.main)
@@ -549,10 +618,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
             bar.update(1)
             if done == start + 1 and procs.main:  # the settings, once they have run (not those of a failed start)
                 atomic_write_json(out / "run.json", {**run_info, "args": vars(args)})
-            if procs.world == 1:
-                stopping = stop.requested
-            elif done % STOP_CHECK_EVERY == 0:  # all processes must stop at the same step: agree every few steps
-                stopping = procs.all_sum(torch.tensor([int(stop.requested)], device=device)).item() > 0
+            stopping = vote.cast(stop.requested)
             if done % args.log_every == 0 or done == args.steps or stopping:  # a stop writes the pending line
                 total = procs.all_sum(loss_sum.clone()).tolist()
                 now = time.perf_counter()
@@ -580,9 +646,11 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                     log.info("step %d: checkpoint %s", done, path)
                 procs.barrier()
             if stopping and done < args.steps:
+                vote.settle()
                 bar.close()
                 log.warning("stopped at step %d of %d by a signal: continue with --resume", done, args.steps)
                 return STOPPED
+        vote.settle()
     bar.close()
     if unreadable_total:
         log.warning("%d training images could not be read (this process) and gave no gradient", unreadable_total)
@@ -591,7 +659,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
 
 
 def _divergence_advice(args: argparse.Namespace) -> str:
-    return "train in bf16 (--bf16) instead of fp16" if args.fp16 else "add --warmup or --grad-clip"
+    return "train in bf16 (--bf16) instead of fp16" if args.precision == "fp16" else "add --warmup or --grad-clip"
 
 
 def _check_finite_weights(unet: nn.Module, step: int, out: Path, args: argparse.Namespace) -> None:

@@ -373,7 +373,7 @@ def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RDM_FAST_HOME", str(moved))
         assert train.main(args + ["--image-root", str(setup["root"] / "imgs")]) == 0  # the same data, moved
-    with pytest.raises(train.CLIError, match="no checkpoint"):
+    with pytest.raises(train.CLIError, match="no checkpoint to continue from .*add --init, --first-stage or "):
         train.main(_args(setup, tmp_path / "empty", "--resume"))
     with pytest.raises(train.CLIError, match="--init, --first-stage or --random-init"):
         train.main(_args(setup, tmp_path / "new"))
@@ -458,8 +458,8 @@ def test_missing_neighbours_fail_before_the_model_is_built(setup, tmp_path, monk
 
 
 def test_run_state_refusals(setup, saved_run, tmp_path):
-    """Checkpoints with no latest naming one are not deleted by a new run; --resume cannot take --init; a start
-    that fails writes no run.json."""
+    """Checkpoints with no latest naming one are not deleted by a new run; a start that fails writes no
+    run.json."""
     out = tmp_path / "run"
     shutil.copytree(saved_run, out)
     (out / "latest").unlink()
@@ -467,9 +467,6 @@ def test_run_state_refusals(setup, saved_run, tmp_path):
         with pytest.raises(train.CLIError, match="holds checkpoints .* but no latest file naming the one to continue"):
             train.main(_fresh(setup, out, *extra, steps=5))
     assert len(list((out / "checkpoints").glob("step_*"))) >= 1
-    (out / "latest").write_text(sorted(p.name for p in (out / "checkpoints").glob("step_*"))[-1] + "\n")
-    with pytest.raises(train.CLIError, match="--init and --first-stage start a new run; --resume continues"):
-        train.main(_args(setup, out, "--resume", "--init", str(out), steps=5))
     failed = tmp_path / "failed"
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ValueError, match="cannot store the first stage's outputs there"):
@@ -487,6 +484,33 @@ def test_resume_is_bit_exact_with_dropout(setup, tmp_path):
     assert train.main(_args(setup, split, "--resume", steps=2)) == 0
     a, b = _weights(straight, 2), _weights(split, 2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_command_line_starts_and_resumes(setup, tmp_path, caplog):
+    """--resume with a start option starts the run where --out has no checkpoint and resumes it where it has
+    one (a scheduler's requeued job), exactly as a straight run; a resumed run keeps its optimisation settings
+    unless they are given again."""
+    settings = ("--warmup", "3", "--ema-decay", "0.9", "--cond-drop", "0.3", "--weight-decay", "0.02")
+    straight, requeued = tmp_path / "straight", tmp_path / "requeued"
+    assert train.main(_fresh(setup, straight, *settings, steps=4)) == 0
+    assert train.main(_fresh(setup, requeued, "--resume", *settings, steps=2)) == 0  # no checkpoint: starts
+    caplog.set_level("INFO", logger="rdm_fast.train")
+    assert train.main(_fresh(setup, requeued, "--resume", steps=4)) == 0  # the settings left out: the run's own
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("holds a run: resuming it" in m for m in messages)
+    assert not any("changed settings" in m for m in messages), messages
+    a, b = _weights(straight, 4), _weights(requeued, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run_info = json.loads((requeued / "run.json").read_text())
+    assert (run_info["warmup"], run_info["ema_decay"], run_info["cond_drop"], run_info["weight_decay"],
+            run_info["precision"]) == (3, 0.9, 0.3, 0.02, "fp32")
+    caplog.clear()
+    assert train.main(_args(setup, requeued, "--resume", "--lr", "2e-4", "--bf16", steps=5)) == 0  # given: used
+    assert any("changed settings: lr 0.0001 -> 0.0002; precision 'fp32' -> 'bf16'" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert json.loads((requeued / "log.jsonl").read_text().splitlines()[-1])["lr"] == 2e-4
+    with pytest.raises(train.CLIError, match=r"--config differs from the config of .* in .*text_token.*: drop --config"):
+        train.main(_args(setup, requeued, "--resume", "--config", str(setup["cfg_plain"]), steps=6))
 
 
 @pytest.fixture(scope="module")
@@ -599,8 +623,8 @@ def test_accumulation_equals_one_large_batch(setup, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(setup, tmp_path):
-    """Also the first-stage cache, which the two processes fill together, and the processes' agreement on
-    stop requests (every 5 steps)."""
+    """Also the first-stage cache, which the two processes fill together, and the processes' stop votes (every
+    step, with no stop)."""
     one = _fresh(setup, tmp_path / "one", "--latents", str(tmp_path / "latents1"), steps=5, batch=4)
     assert train.main(one) == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -613,6 +637,55 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
             for d in ("latents1", "latents2"))  # one shard and two
     torch.testing.assert_close(b, a, rtol=2e-3, atol=1e-4)
     _same_run(_weights(tmp_path / "two", 5), _weights(tmp_path / "one", 5), steps=5)
+
+
+def test_a_stop_signal_to_one_torchrun_process_stops_both_with_a_checkpoint(setup, tmp_path):
+    """SIGTERM to rank 1 alone (which writes no checkpoint) stops both processes at one step, through the vote:
+    rank 0 writes that step's checkpoint and both exit with the stop status; the run then resumes."""
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = _fresh(setup, out, steps=10_000, batch=2) + ["--log-every", "1", "--save-every", "10000"]
+    proc = subprocess.Popen([*torchrun, "-m", "rdm_fast.train", *args], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        log = out / "log.jsonl"
+        deadline = time.time() + 240
+        while not (log.exists() and len(log.read_text().splitlines()) >= 2) and time.time() < deadline:
+            time.sleep(0.2)
+        assert log.exists(), "the run did not start"
+        rank1 = [pid for pid in _children(proc.pid) if "RANK=1" in _environ(pid)]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun reports the stop status as a failure, and ends the workers still running once one has exited
+    assert proc.returncode != 0 and f"exitcode  : {train.STOPPED}" in err, err[-3000:]
+    step = int((out / "latest").read_text().split("_")[1])
+    assert 2 <= step < 10_000 and "[rank 1] rdm_fast.train: SIGTERM: stopping after this step" in err
+    assert json.loads(log.read_text().splitlines()[-1])["step"] == step  # rank 0 logged and saved the stop step
+    assert train.main(_args(setup, out, "--resume", steps=step + 1, batch=4)) == 0  # one process, same global batch
+    assert (out / "latest").read_text().strip() == f"step_{step + 1:07d}"
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _environ(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "environ").read_bytes().replace(b"\0", b"\n").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _training_inputs(monkeypatch) -> list[dict[str, torch.Tensor]]:
