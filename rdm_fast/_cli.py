@@ -83,9 +83,19 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
 
 
 def check_out_dir(path: str) -> None:
-    """CLIError unless ``--out`` ``path`` is a directory or does not exist yet (checked before anything slow runs)."""
+    """CLIError unless ``--out`` ``path`` is a writable directory or one that can be made (its nearest existing
+    ancestor a writable directory); checked before anything slow runs."""
+    if not path:
+        raise CLIError("--out is empty: name a directory")
     if os.path.exists(path) and not os.path.isdir(path):
         raise CLIError(f"--out {path} is a file, not a directory")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CLIError(f"--out {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {path}: cannot write in {parent} (no permission, or a read-only file system)")
 
 
 def summary(doc: str) -> str:

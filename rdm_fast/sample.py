@@ -212,7 +212,11 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
                        "(its context_dim): use embeddings from the model's retrieval encoder")
     if not np.isfinite(arr).all():
         raise CLIError(f"context file {file} contains NaN or infinite values")
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    with np.errstate(over="ignore"):
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise CLIError(f"context file {file} holds values beyond float32's range (about 3.4e38)")
+    return torch.from_numpy(arr)
 
 
 # run.json entries that a resumed run must share with the run it continues (the images depend on them)
@@ -231,6 +235,8 @@ def resumed_run_id(path: Path, run_info: dict) -> str:
         previous = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CLIError(f"--resume: cannot read {path}: {e}") from None
+    if not isinstance(previous, dict):
+        raise CLIError(f"--resume: {path} is not the run.json of a sample run (not a JSON object)")
     current = json.loads(json.dumps(run_info))  # as it would be written (tuples as lists)
     changed = [key for key in RESUME_KEYS if previous.get(key) != current.get(key)]
     if changed:
@@ -418,9 +424,15 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                              cuda_graph=False if args.no_cuda_graph else None,
                              progress=sys.stderr.isatty() and procs.main)  # per-step bar in terminals, not logs
             images_gpu = model.decode(z)
+            finite = torch.isfinite(images_gpu).flatten(1).all(1)  # read with the pixels, not before
             if j + 1 < len(mine):  # queue the next batch's retrieval before waiting for these images
                 batch = batch_contexts(order[slice(*mine[j + 1])])
             pixels = to_uint8(images_gpu)
+            if not bool(finite.all()):
+                bad = [i for i, ok in zip(samples, finite.tolist()) if not ok]
+                raise CLIError(f"sample{'s' * (len(bad) > 1)} {', '.join(map(str, bad[:5]))} came out NaN or "
+                               "infinite: the checkpoint's weights or the contexts are not finite" +
+                               (", or float16 overflowed (try --bf16)" if args.fp16 else ""))
             for i, img in zip(samples, pixels):
                 writer.write(img, out / f"sample_{i:05d}.png", text={RUN_ID_KEY: run_id})
                 if i < GRID_SAMPLES:

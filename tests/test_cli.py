@@ -269,6 +269,7 @@ def bad_npy(tmp_path, array) -> str:
     (lambda d: bad_npy(d, np.zeros((2, 3, 4, 64), np.float32)), r"holds shape \(2, 3, 4, 64\); expected"),
     (lambda d: bad_npy(d, np.zeros((3, 64), np.int64)), "must hold a float array"),
     (lambda d: bad_npy(d, np.full((3, 64), np.nan, np.float32)), "NaN or infinite"),
+    (lambda d: bad_npy(d, np.full((3, 64), 1e300)), "holds values beyond float32's range"),  # finite in float64
     (lambda d: (d / "text.npy").write_text("hello") and str(d / "text.npy"),
      r"not a readable .npy array \(not a NumPy .npy or .npz file\)$"),
     (lambda d: (np.save(d / "obj.npy", np.array([{}, 1], dtype=object)), str(d / "obj.npy"))[1],
@@ -329,6 +330,9 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
     base = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2"]
     monkeypatch.setattr(sample, "load_model", never)
     cases = [(sample, [*base, "--out", str(tmp_path / "afile")], {}, "--out .*afile is a file, not a directory"),
+             (sample, [*base, "--out", str(tmp_path / "afile" / "sub")], {},
+              "--out .*sub: .*afile is a file, not a directory"),
+             (sample, [*base, "--out", ""], {}, "--out is empty"),
              (convert, [str(tiny_dir / "model"), "--out", str(tmp_path / "afile")], {},
               "--out .*afile is a file, not a directory"),
              (sample, [*base, "--out", str(tmp_path / "o")], {"RDM_FAST_OPS": "bogus"},
@@ -346,6 +350,32 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
         assert err[-1].startswith("error: ") and re.search(message, err[-1]), err
         for k in env:
             monkeypatch.delenv(k)
+
+
+def test_out_dir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    """Checked at the nearest existing folder (os.access: also a read-only file system, where root is refused)."""
+    from rdm_fast._cli import CLIError, check_out_dir
+
+    check_out_dir(str(tmp_path / "new" / "deeper"))  # to be made: fine
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path))
+    with pytest.raises(CLIError, match=f"--out .*new: cannot write in {tmp_path} "):
+        check_out_dir(str(tmp_path / "new"))
+
+
+def test_non_finite_samples_fail_instead_of_black_images(tiny_dir, tmp_path, capsys, monkeypatch):
+    real = RDM.decode
+
+    def decode(self, z):  # the second image of each batch goes NaN (e.g. weights that overflowed)
+        x = real(self, z)
+        return x * torch.tensor([1.0, float("nan")] * (len(x) // 2) + [1.0] * (len(x) % 2))[:, None, None, None]
+
+    monkeypatch.setattr(RDM, "decode", decode)
+    code = cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2",
+               "--n-samples", "4", "--batch-size", "4", "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == ("error: samples 1, 3 came out NaN or infinite: the checkpoint's weights or the "
+                                     "contexts are not finite"), err
+    assert not list((tmp_path / "o").glob("sample_*.png"))
 
 
 @pytest.mark.parametrize("args,message", [
