@@ -395,10 +395,10 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
         if earlier:
             log.warning("%s already holds sample images beyond this run's %d (%d, from an earlier run): they are "
                         "left as they are", out, n, len(earlier))
-        log.info("sampling %d image%s: %s, %d steps, eta %g, guidance %g, %s on %s%s", n, "s"[:n != 1],
-                 settings.sampler, timesteps, settings.eta, settings.guidance_scale,
-                 str(dtype).replace("torch.", ""), device, f" and {procs.world - 1} more processes"
-                 if procs.world > 1 else "")
+        log.info("sampling %d image%s: %s, %d step%s, eta %g, guidance %g, %s on %s%s", n, "s"[:n != 1],
+                 settings.sampler, timesteps, "s"[:timesteps != 1], settings.eta, settings.guidance_scale,
+                 str(dtype).replace("torch.", ""), device, f" and {procs.world - 1} more process"
+                 f"{'es' * (procs.world > 2)}" if procs.world > 1 else "")
         if args.resume:
             log.info("resuming: %d of the %d images exist, %d to draw", n - len(missing), n, len(missing))
         atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
@@ -448,9 +448,9 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
     save_png(grid(np.stack(first)), out / "grid.png")
     atomic_write_json(out / "run.json", {**run_info, "complete": True, "seconds": round(seconds, 3)})
     rate = f", {seconds / len(missing):.3g} s per image, first batch's warm-up included" if missing else ""
-    log.info("wrote %d images%s and grid.png (the first %d) to %s in %.1f s%s", len(missing),
-             f" (the other {n - len(missing)} of {n} were there)" if len(missing) < n else "", len(first), out,
-             seconds, rate)
+    log.info("wrote %d image%s%s and grid.png (%s) to %s in %.1f s%s", len(missing), "s"[:len(missing) != 1],
+             f" (the other {n - len(missing)} of {n} were there)" if len(missing) < n else "",
+             f"the first {len(first)}" if len(first) > 1 else "of sample 0", out, seconds, rate)
     return 0
 
 

@@ -175,7 +175,7 @@ def test_sample_under_torchrun_shares_the_batches_and_equals_one_process(tiny_di
                         "-m", "rdm_fast.sample", *args, "--out", str(tmp_path / "two")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "and 1 more processes" in r.stderr and r.stderr.count("wrote 5 images and grid.png") == 1
+    assert "and 1 more process" in r.stderr and r.stderr.count("wrote 5 images and grid.png") == 1
     assert "| 3/3 [" in r.stderr and "| 5/5 [" not in r.stderr  # process 0's bar: its batches 0-1 and 4 only
     one, two = tmp_path / "one", tmp_path / "two"
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())

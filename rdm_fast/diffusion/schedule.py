@@ -18,6 +18,12 @@ log = logging.getLogger(__name__)
 _WARNED: set[tuple[int, int]] = set()  # (steps, T) whose step count was already warned about
 
 
+def _last_ddim_timestep(steps: int, total: int) -> int:
+    """The last timestep of the uniform DDIM schedule of ``steps`` steps (1 + stride * (count - 1))."""
+    stride = total // steps
+    return 1 + stride * ((total - 1) // stride)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A discrete diffusion schedule (float64 on the CPU)."""
@@ -49,8 +55,11 @@ class Schedule:
             raise ValueError(f"steps must be between 1 and {total // 2} for a {total}-step schedule, got {steps}")
         timesteps = torch.arange(0, total, total // steps) + 1
         if timesteps[-1] >= total:
+            fits = [s for s in range(1, total // 2 + 1) if _last_ddim_timestep(s, total) < total]
+            near = sorted(fits, key=lambda s: (abs(s - steps), s))[:2]
             raise ValueError(f"steps = {steps} would visit timestep {int(timesteps[-1])}, past the last one "
-                             f"({total - 1}); choose a step count that divides {total}")
+                             f"({total - 1}), as the reference's uniform schedule does; the nearest counts that "
+                             f"fit: {' and '.join(map(str, sorted(near)))}")
         if len(timesteps) != steps and (steps, total) not in _WARNED:  # once per count, not per batch
             _WARNED.add((steps, total))
             log.warning("%d DDIM steps requested; the uniform schedule with stride %d gives %d (as the reference)",
