@@ -6,16 +6,21 @@ there is one parser. Fields the reference code uses only for training bookkeepin
 fields that would change the architecture to something the released models never use raise a clear error.
 The retrieval conventions and sampling defaults rdm_fast adds (``k_nn``, ``text_token``,
 ``normalized_embeddings``, ``retrieval_encoder``, ``sampling``) are missing from the official files: those a
-file lacks come from the preset of the same architecture (logged), else keep their defaults (with a warning).
+file lacks (and the settings a partial ``sampling`` section lacks) come from the preset of the same architecture
+(logged), else keep their defaults (with a warning). An unknown key that closely matches a field of its section
+is taken for a typo of it (ConfigError); other unknown keys are ignored with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +81,10 @@ def _take(cls: type, params: dict[str, Any], where: str, *, ignored: set[str],
                                   f"{fixed[key]!r})")
         elif key not in ignored:
             unknown.append(key)
+    for key in unknown:
+        typo_of = difflib.get_close_matches(str(key), [*types, *fixed], n=1, cutoff=0.8)
+        if typo_of:
+            raise ConfigError(f"{where}: unknown key {key!r}; did you mean {typo_of[0]}?")
     if unknown:
         warnings.warn(f"{where}: ignoring unknown keys {sorted(unknown)}", stacklevel=3)
     missing = [f.name for f in dataclasses.fields(cls)
@@ -88,6 +97,26 @@ def _take(cls: type, params: dict[str, Any], where: str, *, ignored: set[str],
 
 def _tuple(v: Any) -> tuple[int, ...]:
     return tuple(int(i) for i in v) if v is not None else ()
+
+
+def _require(where: str, rules: Iterable[tuple[str, Any, bool, str]]) -> None:
+    """ConfigError ``<where>.<field> = <value> <requirement>`` for the first ``(field, value, ok, requirement)``
+    rule that is not ok."""
+    for name, value, ok, requirement in rules:
+        if not ok:
+            raise ConfigError(f"{where}.{name} = {list(value) if isinstance(value, tuple) else value!r} {requirement}")
+
+
+def _positive(obj: Any, *names: str) -> list[tuple[str, Any, bool, str]]:
+    """Rules that the int fields ``names`` of ``obj`` are at least 1."""
+    return [(n, getattr(obj, n), getattr(obj, n) >= 1, "must be at least 1") for n in names]
+
+
+# the group count of every GroupNorm in the UNet and the autoencoders: each layer's width is a multiple of the base
+# width (model_channels, ch), which the input convolution feeds to the first GroupNorm, so the base must divide
+_GROUPS = 32
+_GROUPED = f"must be a positive multiple of {_GROUPS} (the GroupNorm groups)"
+_MULTS = "must be a non-empty list of positive ints"
 
 
 @dataclass(frozen=True)
@@ -118,10 +147,26 @@ class UNetConfig:
         object.__setattr__(self, "channel_mult", _tuple(self.channel_mult))
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ConfigError("unet_config: set num_heads or num_head_channels")
-        for mult in self.channel_mult:
-            if (self.model_channels * mult) % 32:
-                raise ConfigError(f"unet_config: channels {self.model_channels * mult} are not divisible by "
-                                  "the 32 GroupNorm groups")
+        mc, mults, factors = self.model_channels, self.channel_mult, self.level_factors
+        # the transformers' widths: the levels listed in attention_resolutions and the middle block (last level)
+        attended = sorted({mc * m for m, f in zip(mults, factors) if f in self.attention_resolutions} |
+                          {mc * m for m in mults[-1:]})
+        head_field = "num_heads" if self.num_head_channels == -1 else "num_head_channels"  # see heads(); -1: unset
+        n = getattr(self, head_field)
+        _require("unet_config.params", [
+            ("model_channels", mc, mc > 0 and mc % _GROUPS == 0, _GROUPED),
+            ("channel_mult", mults, bool(mults) and min(mults) > 0, _MULTS),
+            *_positive(self, "in_channels", "out_channels", "num_res_blocks", "transformer_depth", "context_dim"),
+            ("attention_resolutions", self.attention_resolutions, set(self.attention_resolutions) <= set(factors),
+             f"must hold downsampling factors of the UNet's levels (one per channel_mult entry): {factors}"),
+            (head_field, n, n > 0 and all(w % n == 0 for w in attended),
+             f"must be a positive divisor of the widths of the levels with a transformer: {attended}"),
+        ])
+
+    @property
+    def level_factors(self) -> list[int]:
+        """The downsampling factor of each level (1, 2, 4, ...): what ``attention_resolutions`` lists."""
+        return [2 ** i for i in range(len(self.channel_mult))]
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(number of heads, head dim) of a transformer at ``channels``, following the reference rules."""
@@ -165,6 +210,14 @@ class DDConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", _tuple(self.ch_mult))
         object.__setattr__(self, "attn_resolutions", _tuple(self.attn_resolutions))
+        f = self.downsample_factor
+        _require("ddconfig", [
+            ("ch", self.ch, self.ch > 0 and self.ch % _GROUPS == 0, _GROUPED),
+            ("ch_mult", self.ch_mult, bool(self.ch_mult) and min(self.ch_mult) > 0, _MULTS),
+            *_positive(self, "z_channels", "num_res_blocks", "in_channels", "out_ch"),
+            ("resolution", self.resolution, self.resolution > 0 and self.resolution % f == 0,
+             f"must be a positive multiple of 2 ** (len(ch_mult) - 1) = {f}"),
+        ])
 
     @property
     def downsample_factor(self) -> int:
@@ -248,8 +301,9 @@ class AutoencoderConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("kl", "vq"):
             raise ConfigError(f"first_stage_config: unknown autoencoder kind {self.kind!r}")
-        if self.kind == "vq" and not self.n_embed:
-            raise ConfigError("first_stage_config: a VQ autoencoder needs n_embed (codebook size)")
+        if self.kind == "vq" and (self.n_embed or 0) < 1:
+            raise ConfigError(f"first_stage_config: a VQ autoencoder needs n_embed (codebook size) >= 1, got "
+                              f"{self.n_embed!r}")
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "AutoencoderConfig":
@@ -330,14 +384,18 @@ class RDMConfig:
         if self.unet_config.out_channels != self.channels:
             raise ConfigError(f"channels = {self.channels} but unet_config.out_channels = "
                               f"{self.unet_config.out_channels} (the UNet predicts eps of the latent's shape)")
-        if self.timesteps < 2 or not (0 < self.linear_start < 1 and 0 < self.linear_end < 1):
-            raise ConfigError(f"the schedule needs timesteps >= 2 and linear_start, linear_end in (0, 1), got "
-                              f"{self.timesteps}, {self.linear_start}, {self.linear_end}")
-        for name in ("image_size", "k_nn"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.scale_factor) and self.scale_factor > 0):
-            raise ConfigError(f"scale_factor must be positive, got {self.scale_factor}")
+        start, size, f = self.linear_start, self.image_size, self.unet_config.level_factors[-1]
+        _require("model.params", [
+            ("timesteps", self.timesteps, self.timesteps >= 2, "must be at least 2"),
+            ("linear_start", start, 0 < start < 1, "must be in (0, 1)"),
+            ("linear_end", self.linear_end, start < self.linear_end < 1,
+             f"must be in (linear_start, 1) = ({start}, 1)"),
+            ("image_size", size, size > 0 and size % f == 0,
+             f"must be a positive multiple of the UNet's downsampling factor {f} (2 ** (len(channel_mult) - 1))"),
+            *_positive(self, "k_nn"),
+            ("scale_factor", self.scale_factor, math.isfinite(self.scale_factor) and self.scale_factor > 0,
+             "must be positive and finite"),
+        ])
 
     @property
     def context_dim(self) -> int:
@@ -375,8 +433,9 @@ class RDMConfig:
     def from_dict(cls, tree: dict[str, Any]) -> "RDMConfig":
         """Build from a ``model.params`` dict, or a whole config file tree with a top-level ``model`` key.
 
-        rdm_fast's own fields (``OWN_FIELDS``) that the tree lacks, as official configs do, come from the
-        preset of the same architecture; without one they keep their defaults and a warning names them."""
+        rdm_fast's own fields (``OWN_FIELDS``) that the tree lacks, as official configs do, and the settings a
+        partial ``sampling`` section lacks (``sampling.<name>``) come from the preset of the same architecture;
+        without one they keep their defaults and a warning names them."""
         cfg, missing = cls._parse(tree)
         if not missing:
             return cfg
@@ -384,15 +443,20 @@ class RDMConfig:
         if name is None:
             log.warning("model.params lacks %s and matches no preset's architecture (%s): using the defaults "
                         "%s", ", ".join(missing), ", ".join(preset_names()),
-                        ", ".join(f"{f}={getattr(cfg, f)!r}" for f in missing))
+                        ", ".join(f"{f}={attrgetter(f)(cfg)!r}" for f in missing))
             return cfg
         preset = _read_preset(name)
         log.info("model.params lacks %s: taken from the %r preset (same architecture)", ", ".join(missing), name)
-        return dataclasses.replace(cfg, **{f: getattr(preset, f) for f in missing})
+        taken = {f: attrgetter(f)(preset) for f in missing}
+        settings = {f.removeprefix("sampling."): taken.pop(f) for f in list(taken) if f.startswith("sampling.")}
+        if settings:  # a partial sampling section, completed with the preset's settings
+            taken["sampling"] = dataclasses.replace(cfg.sampling, **settings)
+        return dataclasses.replace(cfg, **taken)
 
     @classmethod
     def _parse(cls, tree: dict[str, Any]) -> "tuple[RDMConfig, list[str]]":
-        """The config exactly as the tree gives it, and the ``OWN_FIELDS`` the tree lacks."""
+        """The config exactly as the tree gives it (defaults where it is silent), and the ``OWN_FIELDS`` and
+        ``sampling.<name>`` settings the tree lacks."""
         top = list(tree)
         if "model" in tree and isinstance(tree["model"], dict):
             tree = tree["model"]
@@ -411,9 +475,13 @@ class RDMConfig:
         unet_cfg = params["unet_config"]
         params["unet_config"] = UNetConfig.from_dict(dict(unet_cfg.get("params", unet_cfg)))
         params["first_stage_config"] = AutoencoderConfig.from_dict(params["first_stage_config"])
-        if "sampling" in params:
-            params["sampling"] = SamplingDefaults.from_dict(dict(params["sampling"] or {}))
         missing = [f for f in OWN_FIELDS if f not in params]
+        if "sampling" in params:
+            given = dict(params["sampling"] or {})
+            # completed with the defaults for now (ddim with eta 0 suit any given eta or sampler); from_dict
+            # replaces the missing settings, checked again, where a preset matches
+            params["sampling"] = SamplingDefaults.from_dict(given)
+            missing += [f"sampling.{f.name}" for f in dataclasses.fields(SamplingDefaults) if f.name not in given]
         return cls(**_take(cls, params, "model.params", ignored=cls._IGNORED, fixed={})), missing
 
     @classmethod

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import replace
 
 import pytest
 import yaml
 
 from rdm_fast import RDMConfig
-from rdm_fast.config import ConfigError, UNetConfig, preset_names
+from rdm_fast.config import PRESETS_DIR, ConfigError, SamplingDefaults, UNetConfig, preset_names
 
 # An official-style config.yaml: the model.params tree plus the training bookkeeping the reference carries.
 OFFICIAL_768 = """
@@ -108,8 +110,10 @@ def test_head_rules():
         UNetConfig(**base)
 
 
-def edited(**changes) -> dict:
-    tree = yaml.safe_load(OFFICIAL_768)
+def edited(base: str = OFFICIAL_768, **changes) -> dict:
+    """The config tree of ``base`` with ``changes``: ``a__b=v`` sets model.params.a.b (through the ``params`` of
+    unet_config and first_stage_config)."""
+    tree = yaml.safe_load(base)
     for dotted, value in changes.items():
         node = tree["model"]["params"]
         *parents, last = dotted.split("__")
@@ -125,14 +129,14 @@ def edited(**changes) -> dict:
     (dict(parameterization="x0"), "parameterization 'x0'"),
     (dict(beta_schedule="cosine"), "beta_schedule 'cosine'"),
     (dict(channels=4), "channels = 4 but unet_config.in_channels = 16"),
-    (dict(unet_config__model_channels=100), "not divisible by the 32 GroupNorm groups"),
+    (dict(unet_config__model_channels=100), r"model_channels = 100 must be a positive multiple of 32 \(the GroupNorm"),
     (dict(image_size="16"), r"model.params.image_size = '16' must be int"),
     (dict(unet_config__context_dim=768.5), r"unet_config.params.context_dim = 768.5 must be int"),
     (dict(text_token="yes"), r"model.params.text_token = 'yes' must be bool"),
-    (dict(timesteps=0), "the schedule needs timesteps >= 2"),
-    (dict(linear_end=2.0), r"linear_start, linear_end in \(0, 1\)"),
-    (dict(scale_factor=0), "scale_factor must be positive"),
-    (dict(k_nn=0), "k_nn must be at least 1"),
+    (dict(timesteps=0), "model.params.timesteps = 0 must be at least 2"),
+    (dict(linear_end=2.0), r"model.params.linear_end = 2.0 must be in \(linear_start, 1\)"),
+    (dict(scale_factor=0), "model.params.scale_factor = 0.0 must be positive"),
+    (dict(k_nn=0), "model.params.k_nn = 0 must be at least 1"),
     (dict(unet_config__out_channels=3), "channels = 16 but unet_config.out_channels = 3"),
     (dict(sampling={"sampler": "euler"}), "sampling.sampler must be 'ddim' or 'plms'"),
     (dict(sampling={"eta": 5, "sampler": "plms"}), r"sampling.eta must be 0 for plms"),
@@ -310,3 +314,129 @@ def test_unsupported_conditioning_key_message():
     with pytest.raises(ConfigError, match=r"conditioning_key = 'hybrid' is not supported: .*cross-attention "
                                           r"context \('crossattn' or 'retro_only'\)"):
         RDMConfig.from_dict(edited(conditioning_key="hybrid"))
+
+
+TINY = (PRESETS_DIR / "tiny.yaml").read_text()
+
+
+@pytest.mark.parametrize("change,where,typo,field", [
+    (dict(scalefactor=0.5), "model.params", "scalefactor", "scale_factor"),
+    (dict(sampling={"steps": 20, "guidence_scale": 2.0}), "model.params.sampling", "guidence_scale",
+     "guidance_scale"),
+    (dict(k_nnn=4), "model.params", "k_nnn", "k_nn"),
+    (dict(unet_config__num_head_channel=32), "unet_config.params", "num_head_channel", "num_head_channels"),
+    (dict(unet_config__use_scale_shift_nrom=True), "unet_config.params", "use_scale_shift_nrom",
+     "use_scale_shift_norm"),  # a fixed-value key: its check must not be skipped either
+    (dict(first_stage_config__ddconfig__z_channel=16), "ddconfig", "z_channel", "z_channels"),
+    (dict(first_stage_config__embed_dims=16), "first_stage_config.params", "embed_dims", "embed_dim"),
+])
+def test_near_miss_keys_are_typos(change, where, typo, field):
+    """An unknown key close to a field of its section would leave that field at its default: an error."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(where)}: unknown key '{typo}'; did you mean {field}\?$"):
+        RDMConfig.from_dict(edited(**change))
+
+
+def test_typos_in_a_config_file(tmp_path):
+    """The audit's cases on the tiny preset's file: a default (scale_factor 1.0, guidance 1.0) instead of the
+    file's value, with only a warning."""
+    path = tmp_path / "tiny.yaml"
+    for right, wrong, field in [("scale_factor: 0.5", "scalefactor: 0.5", "scale_factor"),
+                                ("guidance_scale: 2.0", "guidence_scale: 2.0", "guidance_scale")]:
+        assert TINY.count(right) == 1
+        path.write_text(TINY.replace(right, wrong))
+        with pytest.raises(ConfigError, match=rf"tiny.yaml: .*unknown key '{wrong[:-5]}'; did you mean {field}\?"):
+            RDMConfig.from_yaml(path)
+
+
+def test_official_configs_load_without_warnings():
+    """Their keys rdm_fast does not model (training bookkeeping, retrieval settings) are known and ignored."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for text in (OFFICIAL_768, OFFICIAL_IMAGENET):
+            RDMConfig.from_dict(yaml.safe_load(text))
+        for name in preset_names():
+            RDMConfig.preset(name)
+
+
+def test_partial_sampling_section_is_completed_from_the_preset(caplog):
+    """Settings a partial ``sampling`` section leaves out come from where a missing section comes from: the preset
+    of the same architecture (imagenet's guidance 2.0, not the dataclass's 1.0), else the defaults (warned)."""
+    tree = yaml.safe_load(OFFICIAL_IMAGENET)
+    tree["model"]["params"]["sampling"] = {"steps": 10}
+    with caplog.at_level("INFO", logger="rdm_fast.config"):
+        cfg = RDMConfig.from_dict(tree)
+    assert cfg.sampling == replace(RDMConfig.preset("imagenet").sampling, steps=10)
+    assert cfg.sampling.guidance_scale == 2.0
+    assert "lacks text_token, normalized_embeddings, retrieval_encoder, sampling.sampler, sampling.eta, " \
+           "sampling.guidance_scale: taken from the 'imagenet' preset" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="rdm_fast.config"):
+        cfg = RDMConfig.from_dict(edited(unet_config__model_channels=256, sampling={"steps": 10}))
+    assert cfg.sampling == SamplingDefaults(steps=10)
+    warning, = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "sampling.sampler='ddim', sampling.eta=0.0, sampling.guidance_scale=1.0" in warning
+
+
+@pytest.mark.parametrize("resolutions", [[64], [1, 3]])
+def test_attention_resolutions_must_name_levels(resolutions):
+    """A factor no level has builds no transformer there (the tiny UNet's levels: factors 1 and 2)."""
+    with pytest.raises(ConfigError, match=re.escape(
+            f"unet_config.params.attention_resolutions = {resolutions} must hold downsampling factors of the "
+            "UNet's levels (one per channel_mult entry): [1, 2]")):
+        RDMConfig.from_dict(edited(TINY, unet_config__attention_resolutions=resolutions))
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(unet_config__model_channels=0), "unet_config.params.model_channels = 0"),
+    (dict(unet_config__model_channels=-32), "unet_config.params.model_channels = -32"),
+    # 96 and 192 channels suit the GroupNorm, but the input conv's 48 do not
+    (dict(unet_config__model_channels=48, unet_config__channel_mult=[2, 4]), "unet_config.params.model_channels = 48"),
+    (dict(unet_config__channel_mult=[1, 0]), "unet_config.params.channel_mult = [1, 0]"),
+    (dict(unet_config__channel_mult=[1, -2]), "unet_config.params.channel_mult = [1, -2]"),
+    (dict(unet_config__channel_mult=[]), "unet_config.params.channel_mult = []"),
+    (dict(unet_config__num_res_blocks=0), "unet_config.params.num_res_blocks = 0"),
+    (dict(unet_config__num_res_blocks=-1), "unet_config.params.num_res_blocks = -1"),
+    (dict(unet_config__num_head_channels=0), "unet_config.params.num_head_channels = 0"),
+    (dict(unet_config__num_head_channels=2048), "unet_config.params.num_head_channels = 2048"),
+    (dict(unet_config__num_head_channels=24), "unet_config.params.num_head_channels = 24"),  # 448 % 24 != 0
+    (dict(unet_config__num_head_channels=-1, unet_config__num_heads=0), "unet_config.params.num_heads = 0"),
+    (dict(unet_config__num_head_channels=-1, unet_config__num_heads=5), "unet_config.params.num_heads = 5"),
+    (dict(unet_config__transformer_depth=0), "unet_config.params.transformer_depth = 0"),
+    (dict(unet_config__transformer_depth=-1), "unet_config.params.transformer_depth = -1"),
+    (dict(unet_config__context_dim=0), "unet_config.params.context_dim = 0"),
+    (dict(unet_config__context_dim=-768), "unet_config.params.context_dim = -768"),
+    (dict(first_stage_config__ddconfig__ch=0), "ddconfig.ch = 0"),
+    (dict(first_stage_config__ddconfig__ch=48), "ddconfig.ch = 48"),  # GroupNorm(32) of 48 channels
+    (dict(first_stage_config__ddconfig__z_channels=0), "ddconfig.z_channels = 0"),
+    (dict(first_stage_config__ddconfig__ch_mult=[]), "ddconfig.ch_mult = []"),
+    (dict(first_stage_config__ddconfig__resolution=200), "ddconfig.resolution = 200"),  # f16: 2 ** 4
+    (dict(first_stage_config__ddconfig__num_res_blocks=0), "ddconfig.num_res_blocks = 0"),
+    (dict(linear_start=0.015), "model.params.linear_end = 0.015"),  # linear_start == linear_end
+    (dict(linear_start=0.02), "model.params.linear_end = 0.015"),
+    (dict(linear_start=-0.1), "model.params.linear_start = -0.1"),
+    (dict(timesteps=1), "model.params.timesteps = 1"),
+    (dict(timesteps=-5), "model.params.timesteps = -5"),
+    (dict(image_size=44, unet_config__image_size=44), "model.params.image_size = 44"),  # 4 levels: multiples of 8
+])
+def test_invalid_sizes_are_config_errors(change, field):
+    """Sizes that would crash inside torch (or build a degenerate model) are one-line errors naming the field and
+    its value."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(field)} must ") as e:
+        RDMConfig.from_dict(edited(**change))
+    assert "\n" not in str(e.value)
+
+
+def test_vq_codebook_size_must_be_positive():
+    with pytest.raises(ConfigError, match=r"needs n_embed \(codebook size\) >= 1, got -5"):
+        RDMConfig.from_dict(edited(OFFICIAL_IMAGENET, first_stage_config__n_embed=-5))
+
+
+@pytest.mark.parametrize("change", [
+    dict(unet_config__num_head_channels=-1, unet_config__num_heads=8),  # -1: heads by count instead
+    dict(unet_config__num_heads=-1),  # the default: unset
+    dict(unet_config__attention_resolutions=[]),  # cross-attention in the middle block only
+    dict(unet_config__attention_resolutions=[8, 1]),
+    dict(first_stage_config__ddconfig__resolution=768),
+])
+def test_legal_sizes_still_load(change):
+    RDMConfig.from_dict(edited(**change))
