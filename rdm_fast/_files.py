@@ -111,6 +111,19 @@ def array_file_problem(path: str | Path, error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def make_dirs(path: str | Path) -> None:
+    """Create the folder ``path`` and its missing parents; where one of them is a file, NotADirectoryError
+    "X is a file, not a folder" (instead of "File exists" or "Not a directory" naming the whole path)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (*reversed(path.parents), path) if p.exists() and not p.is_dir()), None)
+        if blocker is None:
+            raise
+        raise NotADirectoryError(f"{blocker} is a file, not a folder") from None
+
+
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()

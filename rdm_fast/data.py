@@ -53,7 +53,7 @@ from .rdm import RDM
 from .retrieval.build import load_rgb, replay_crop
 from .retrieval.context import check_database_for_model
 from .retrieval.database import Database
-from .retrieval.neighbors import DIGEST_KEYS, database_digest, neighbor_files
+from .retrieval.neighbors import DIGEST_KEYS, database_digest, neighbor_files, same_entries
 
 log = logging.getLogger("rdm_fast.data")
 
@@ -200,10 +200,11 @@ class TrainingContexts:
             raise ValueError(f"{neighbors} holds ids outside {self.retrieval.path}'s {len(self.retrieval)} entries: "
                              "were they computed against another retrieval database?")
         # the same entries, by path or by content (a copy of the training database as the retrieval one)
-        same = same or database_digest(self.retrieval) == database_digest(self.training)
-        if same and (ids == np.arange(len(ids))[:, None]).any():
+        if same_entries(self.retrieval, self.training) and (ids == np.arange(len(ids))[:, None]).any():
+            queries = "" if same else f" --queries {self.training.path}"
             raise ValueError(f"{neighbors} lists entries as their own neighbours: the model would learn to copy its "
-                             "context. Compute them with python -m rdm_fast.db neighbors ... --exclude-self")
+                             f"context. Compute them with python -m rdm_fast.db neighbors {self.retrieval.path}"
+                             f"{queries} --k {self.k} --exclude-self --out FILE")
         if scores is not None:
             self._check_scores(neighbors, ids, np.asarray(scores[:, :self.k], np.float32))
         else:

@@ -23,15 +23,16 @@ from PIL import Image
 
 from ._cli import CLIError, HelpFormatter, run, summary
 from ._distributed import process_device
-from ._files import atomic_save_npy, atomic_write
+from ._files import atomic_save_npy, atomic_write, make_dirs
 from .encoders import EncoderUnavailable, resolve_encoder
 from .images import contact_sheet
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
                         save_neighbors, save_proposals)
-from .retrieval.build import CROP_MODES, load_query_image, load_rgb, make_crops, query_image_size, replay_crop
+from .retrieval.build import (CROP_MODES, error_line, load_query_image, load_rgb, make_crops, query_image_size,
+                              replay_crop)
 from .retrieval.context import locate_database
 from .retrieval.database import BACKENDS, PROPOSALS
-from .retrieval.neighbors import neighbor_files
+from .retrieval.neighbors import neighbor_files, same_entries
 
 log = logging.getLogger("rdm_fast.db")
 EXACT_CPU_WARNING = 10**14  # multiply-adds of an exact CPU neighbour search worth a warning (1,000 s at 1e11/s)
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--crop", choices=CROP_MODES, default="center",
                    help="random: native-resolution patches (like the OpenImages database); center: short side "
                         "resized, central square; none: whole image resized")
-    b.add_argument("--crop-size", type=_positive, default=256, help="side of the square crops, in pixels")
+    b.add_argument("--crop-size", type=_positive, default=256,
+                   help="side of the square crops, in pixels (at most 4096; the encoder resizes them to its input)")
     b.add_argument("--crops-per-image", type=_positive, default=1, help="random crops per image")
     b.add_argument("--batch-size", type=_positive, default=64, help="crops per encoder batch")
     b.add_argument("--shard-size", type=_positive, default=100_000,
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--queries", help="database of the training set, a directory or a name as for DB (same encoder; "
                                      "default: DB itself)")
     n.add_argument("--k", type=_positive, required=True, help="neighbours per entry")
-    n.add_argument("--exclude-self", action="store_true", help="drop each query's own entry (queries = DB)")
+    n.add_argument("--exclude-self", action="store_true",
+                   help="drop each query's own entry (queries = DB or a copy of it; for others, --dedup-threshold)")
     n.add_argument("--dedup-threshold", type=float, help="drop entries more similar to the query than this cosine")
     n.add_argument("--batch-size", type=_positive, default=1024, help="queries per search")
     n.add_argument("--out", required=True, help=".npz (ids, scores) or .npy (ids; X_scores.npy beside it); the "
@@ -266,8 +269,8 @@ def _tile(path: Path, crop: str | None, crop_size: int | None, xy: Sequence[int]
         if crop in CROP_MODES and crop_size:
             corner = (int(xy[0]), int(xy[1])) if crop == "random" and xy is not None else None
             img = Image.fromarray(replay_crop(img, crop, crop_size, corner))
-    except (OSError, ValueError) as e:
-        log.warning("result image %s cannot be shown (%s): drawn as a grey tile", path, e)
+    except Exception as e:  # any decoder error (OSError, SyntaxError, DecompressionBombError, ...) or a crop misfit
+        log.warning("result image %s cannot be shown (%s): drawn as a grey tile", path, error_line(e))
         return None
     return Image.fromarray(make_crops(img, "center", size, 1, np.random.default_rng(0))[0][0])
 
@@ -278,9 +281,9 @@ def _output_file(path: str, option: str) -> Path:
     if out.is_dir():
         raise CLIError(f"{option} {out} is a directory; give a file name")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(out.parent)
     except OSError as e:
-        raise CLIError(f"{option} {out}: cannot create its folder {out.parent} ({e.strerror})") from None
+        raise CLIError(f"{option} {out}: cannot create its folder {out.parent} ({e.strerror or e})") from None
     return out
 
 
@@ -384,8 +387,10 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     device = process_device(args.device)
     db = _open_for_search(args, device)
     queries = Database.open(locate_database(args.queries), backend="torch", device="cpu") if args.queries else None
-    if args.exclude_self and queries is not None and queries.path.resolve() != db.path.resolve():
-        raise CLIError("--exclude-self applies only when the queries are the database itself")
+    if args.exclude_self and queries is not None and not same_entries(db, queries):
+        raise CLIError(f"--exclude-self applies only when the queries are the database's own entries ({args.db} "
+                       f"itself or a copy of it); to leave out entries of {args.db} that duplicate images of "
+                       f"--queries {args.queries}, use --dedup-threshold (e.g. 0.95) instead")
     if queries is not None and len(queries) == 0:
         raise CLIError(f"--queries {args.queries} is empty: no neighbours to compute (the proposal ranking of "
                        f"{args.db} is left as it is)")

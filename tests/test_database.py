@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import zlib
 from typing import Sequence
@@ -396,7 +397,12 @@ def test_neighbors_other_queries_and_errors(tmp_path):
                                                            queries.astype(np.float16).astype(np.float32), 3)[1])
     with pytest.raises(ValueError) as e:
         compute_neighbors(db, qdb, k=3, exclude_self=True, progress=False)
-    assert "only when the queries are the database" in one_line(e)
+    assert "only when the queries are the database's own entries" in one_line(e) and "dedup_threshold" in str(e.value)
+    shutil.copytree(db.path, tmp_path / "copy")  # the same entries elsewhere: each query's own entry is excluded
+    copy = Database.open(tmp_path / "copy", device="cpu")
+    for got, want in zip(compute_neighbors(db, copy, k=3, exclude_self=True, progress=False),
+                         compute_neighbors(db, k=3, exclude_self=True, progress=False)):
+        assert torch.equal(got, want)
     with pytest.raises(TypeError, match="k must be an int, got 2.5"):
         compute_neighbors(db, k=2.5, progress=False)
     other = Database.open(write_database(tmp_path / "o", queries, {**INFO, "name": "other"}), device="cpu")
@@ -408,7 +414,8 @@ def test_neighbors_other_queries_and_errors(tmp_path):
     assert "k must be between 1 and 33" in one_line(e)
     with pytest.raises(ValueError) as e:  # every entry is within 0.0 cosine of some query: too few left
         compute_neighbors(db, k=30, dedup_threshold=-0.2, progress=False)
-    assert "fewer than 30" in one_line(e)
+    assert one_line(e) == "query 0 has fewer than 30 database entries left after excluding near-duplicates (cosine " \
+                          "above -0.2)"  # not "itself": it is not excluded
 
 
 def test_proposal_ranking_and_top_m(tmp_path, data):
@@ -487,3 +494,8 @@ def test_open_file_and_unreadable_proposals(tmp_path, db_dir):
     with pytest.raises(ValueError) as e:
         Database.open(db_dir, device="cpu").proposal_ranking()
     assert "proposals.npy is not a readable .npy array" in one_line(e)
+    np.save(db_dir / "proposals.npy", np.stack([np.r_[np.arange(49), 10**6], np.zeros(50, np.int64)], 1))
+    with pytest.raises(ValueError) as e:  # when loaded, not as an IndexError when sampling reaches the id
+        Database.open(db_dir, device="cpu").proposals(0.5)
+    assert one_line(e).startswith(f"{db_dir / 'proposals.npy'} holds id 1000000, outside the database's 50 entries")
+    assert f"python -m rdm_fast.db neighbors {db_dir} --k K --out FILE" in str(e.value)

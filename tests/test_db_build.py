@@ -415,6 +415,31 @@ def test_list_class_from_folder_gives_files_beside_the_list_no_class(tmp_path):
     assert db.manifest["class_names"] == ["cats"] and db.class_ids(torch.arange(3)).tolist() == [0, -1, -1]
 
 
+def test_broken_links_are_skipped_and_counted(tmp_path):
+    """A symbolic link to a file that is gone is an unreadable input like a corrupt one, not a silent omission."""
+    (tmp_path / "images").mkdir()
+    Image.fromarray(_noise(np.random.default_rng(1), 40, 40)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "images" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    db = Database.open(build_database(tmp_path / "db", encoder=TinyEncoder(), images=tmp_path / "images",
+                                      crop_size=32, workers=0, device="cpu", progress=False), device="cpu")
+    assert len(db) == 1 and db.manifest["skipped"]["count"] == 1
+    assert db.manifest["skipped"]["files"][0][0] == "gone.png"
+
+
+def test_list_files_are_text_with_any_file_name_bytes(tmp_path):
+    """A list naming a file whose name is not UTF-8 (Linux file names are bytes) works like a folder scan of it;
+    a binary file given as the list is refused, naming it."""
+    name = os.fsdecode(b"caf\xe9.png")
+    Image.fromarray(_noise(np.random.default_rng(2), 40, 40)).save(tmp_path / name)
+    (tmp_path / "list.txt").write_bytes(b"caf\xe9.png\n")
+    kw = dict(encoder=TinyEncoder(), crop_size=32, workers=0, device="cpu", progress=False)
+    db = Database.open(build_database(tmp_path / "db", image_list=tmp_path / "list.txt", **kw), device="cpu")
+    assert db.sources(torch.arange(1)) == [name] and db.manifest["skipped"]["count"] == 0
+    with pytest.raises(ValueError, match=r"image list .*\.png is not a text file \(NUL byte at offset 8\): it "
+                                         "must be a text file of image paths, one per line"):
+        build_database(tmp_path / "db2", image_list=tmp_path / name, **kw)
+
+
 def test_bad_factory_and_device(tmp_path):
     from rdm_fast.encoders import resolve_encoder
 

@@ -3,10 +3,14 @@ import-npz, and one-line errors with exit status 2; FAISS and Triton search back
 
 from __future__ import annotations
 
+import io
 import json
+import shlex
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,8 @@ from PIL import Image
 from test_database import INFO, TinyEncoder, brute_force
 from rdm_fast import db as db_cli
 from rdm_fast._cli import run
-from rdm_fast.retrieval import Database, write_database
+from rdm_fast.retrieval import Database, compute_neighbors, write_database
+from rdm_fast.retrieval.build import load_query_image
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = "test_database:tiny_encoder"
@@ -253,10 +258,10 @@ def test_one_line_errors(built, tmp_path, capsys):
              patch_coords=np.zeros((3, 2)))
     assert "8-d embeddings but encoder 'tiny-test' makes 16-d" in _error(
         capsys, "import-npz", str(tmp_path / "8d-part_0.npz"), "--out", str(tmp_path / "i"), "--encoder", SPEC)
-    other = tmp_path / "other"
-    shutil.copytree(built / "db", other)
-    assert "--exclude-self applies only" in _error(capsys, "neighbors", db, "--queries", str(other), "--k", "2",
-                                                 "--exclude-self", "--out", str(tmp_path / "x.npz"))
+    other = write_database(tmp_path / "other", np.random.default_rng(1).standard_normal((4, 16)), INFO)
+    refused = _error(capsys, "neighbors", db, "--queries", str(other), "--k", "2", "--exclude-self", "--out",
+                     str(tmp_path / "x.npz"))
+    assert "--exclude-self applies only" in refused and "use --dedup-threshold" in refused
     assert "must end in .npz" in _error(capsys, "neighbors", db, "--k", "2", "--out", str(tmp_path / "x.txt"))
     for command in (["search", db, "--text", "x"], ["neighbors", db, "--k", "2", "--out", str(tmp_path / "x.npz")],
                     ["build", "--images", str(built / "images"), "--encoder", SPEC, "--out", str(tmp_path / "g")]):
@@ -292,6 +297,103 @@ def test_neighbors_checks_outputs_and_queries_first(built, tmp_path, capsys):
         "--device", "cpu")
     assert not any((tmp_path / f"nb{i}.npz").is_file() for i in (2, 4))
     assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` pixels: a decompression bomb to PIL, without the memory."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height, then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_unreadable_query_images_are_one_line_errors(built, tmp_path, capsys):
+    """A decompression bomb, a file that is no image and a truncated image: one line naming the file."""
+    bomb = _png_claiming(tmp_path / "bomb.png", 20000, 20000)
+    (tmp_path / "text.png").write_text("not an image")
+    good = (built / "images" / "a" / "0.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(good[:len(good) // 2])
+    for name, reason in (("bomb.png", "DecompressionBombError"), ("text.png", "cannot identify image file"),
+                         ("cut.png", "truncated")):
+        message = _error(capsys, "search", str(built / "db"), "--image", str(tmp_path / name), "--device", "cpu")
+        assert f"query image {tmp_path / name} cannot be read" in message and reason in message, message
+    assert f"query image {tmp_path} is a folder, not an image" in _error(capsys, "search", str(built / "db"),
+                                                                          "--image", str(tmp_path))
+    with pytest.raises(ValueError, match="bomb.png cannot be read"):
+        load_query_image(bomb, 32)  # what sample --image calls
+
+
+def test_neighbors_of_a_copy_and_the_training_advice(built, tmp_path, capsys):
+    """A training database that is a copy of the retrieval database: the neighbours computed without excluding
+    each entry are refused by training with a command that, run as given, computes acceptable ones."""
+    from rdm_fast.config import RDMConfig
+    from rdm_fast.data import TrainingContexts
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built / "db", copy)
+    tree = RDMConfig.preset("tiny").to_dict()
+    tree["model"]["params"]["unet_config"]["params"]["context_dim"] = 16
+    cfg = RDMConfig.resolve(tree)
+    nn = tmp_path / "nn.npz"
+    assert cli("neighbors", str(built / "db"), "--queries", str(copy), "--k", "3", "--out", str(nn),
+               "--device", "cpu", "--no-progress") == 0
+    work = tmp_path / "db"  # the retrieval database (its proposal ranking is rewritten below)
+    shutil.copytree(built / "db", work)
+    with pytest.raises(ValueError) as e:
+        TrainingContexts(cfg, copy, work, nn)
+    advice = str(e.value).split("python -m rdm_fast.db ")[1]
+    assert advice.startswith(f"neighbors {work} --queries {copy} ") and "--exclude-self" in advice
+    assert cli(*[str(nn) if a == "FILE" else a for a in shlex.split(advice)], "--device", "cpu",
+               "--no-progress") == 0
+    capsys.readouterr()
+    contexts = TrainingContexts(cfg, copy, work, nn)
+    assert not (contexts.ids == torch.arange(10)[:, None]).any()
+    with np.load(nn) as z:  # the same as excluding each entry from the database itself
+        ids, _ = compute_neighbors(Database.open(work, device="cpu"), k=3, exclude_self=True, progress=False)
+        np.testing.assert_array_equal(z["ids"], ids.numpy())
+
+
+def test_outputs_below_a_file_and_unreadable_shards(built, tmp_path, capsys):
+    """An output path through a regular file names that file; a shard of random bytes is "not a NumPy file",
+    never advice to unpickle it."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile / "x.npz", afile / "sub" / "x.npz"):
+        assert f"{afile} is a file, not a folder" in _error(capsys, "neighbors", str(built / "db"), "--k", "2",
+                                                            "--out", str(out), "--device", "cpu")
+    assert f"--out {afile / 'db'}: {afile} is a file, not a folder" in _error(
+        capsys, "build", "--images", str(built / "images"), "--encoder", SPEC, "--out", str(afile / "db"),
+        "--workers", "0", "--device", "cpu", "--no-progress")
+    broken = tmp_path / "broken"
+    shutil.copytree(built / "db", broken)
+    shard = broken / "emb_00001.npy"
+    shard.write_bytes(np.random.default_rng(0).bytes(shard.stat().st_size))
+    message = _error(capsys, "info", str(broken))
+    assert f"{shard} is not a readable .npy array (not a NumPy .npy or .npz file)" in message
+    assert "pickle" not in message
+
+
+def test_build_refuses_typo_crop_sizes_and_binary_lists(built, tmp_path, capsys, caplog):
+    """A crop size above MAX_CROP_SIZE fails at once (before the encoder is built); one that enlarges the images
+    many times is warned about before the build; a binary --list names the file and what it must hold."""
+    images = str(built / "images")
+    message = _error(capsys, "build", "--images", images, "--encoder", "no_such_module:f", "--out",
+                     str(tmp_path / "a"), "--crop", "random", "--crop-size", "20000")
+    assert "crop_size 20000 is above 4096 px" in message and not (tmp_path / "a").exists()
+    assert cli("build", "--images", images, "--encoder", SPEC, "--out", str(tmp_path / "b"), "--crop", "random",
+               "--crop-size", "200", "--workers", "0", "--device", "cpu", "--no-progress") == 0
+    assert "crop size 200 px enlarges 10 of 10 sampled images more than 4x" in caplog.text
+    caplog.clear()
+    assert cli("build", "--images", images, "--encoder", SPEC, "--out", str(tmp_path / "c"), "--crop-size", "160",
+               "--workers", "0", "--device", "cpu", "--no-progress") == 0
+    assert "enlarges" not in caplog.text  # 40 px images at 160 px: 4x, not more
+    listed = built / "images" / "a" / "0.png"
+    assert (f"image list {listed} is not a text file (NUL byte at offset 8): it must be a text file of image "
+            "paths, one per line") in _error(capsys, "build", "--list", str(listed), "--encoder", SPEC, "--out",
+                                             str(tmp_path / "d"))
 
 
 def renamed_encoder(*, device="cpu", checkpoint=None, pretrained=True) -> TinyEncoder:

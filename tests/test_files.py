@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rdm_fast._files import TEMP_SUFFIX, atomic_npy_memmap, remove_stale_temps
+from rdm_fast._files import TEMP_SUFFIX, atomic_npy_memmap, make_dirs, remove_stale_temps
 
 
 def test_memmap_is_filled_on_disk_and_renamed_when_done(tmp_path):
@@ -68,3 +68,14 @@ def test_memmap_claims_its_disk_space_first(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"), atomic_npy_memmap(tmp_path / "m.npy", np.float16, (1000, 8)):
         raise AssertionError("the block ran on unclaimed space")
     assert claimed and claimed[0] >= 1000 * 8 * 2 and list(tmp_path.iterdir()) == []
+
+
+def test_make_dirs_names_the_file_in_the_way(tmp_path):
+    make_dirs(tmp_path / "a" / "b")
+    make_dirs(tmp_path / "a" / "b")  # exists: fine
+    assert (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "f").write_text("x")
+    for target in (tmp_path / "f", tmp_path / "f" / "sub", tmp_path / "f" / "sub" / "deeper"):
+        with pytest.raises(NotADirectoryError) as e:
+            make_dirs(target)
+        assert str(e.value) == f"{tmp_path / 'f'} is a file, not a folder"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .._distributed import Processes, process_device
-from .._files import atomic_write_json, remove_stale_temps, sha256_file
+from .._files import atomic_write_json, make_dirs, remove_stale_temps, sha256_file
 from ..encoders import Encoder, embed_images, resolve_encoder
 from .database import MANIFEST, new_manifest, write_manifest, write_shard
 
@@ -36,6 +37,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CROP_MODES = ("random", "center", "none")
 PROGRESS = "progress"
 MAX_SKIPPED_IN_MANIFEST = 1000
+MAX_CROP_SIZE = 4096  # px: 18x the CLIP encoders' 224 px input, 5x the largest released model's 768 px images
+MAX_UPSCALE = 4  # crops cut from images enlarged more than this are warned about (a crop size typo, or tiny images)
+UPSCALE_SAMPLE = 16  # images whose size is read up front for that warning
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -45,8 +49,8 @@ def list_images(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} " + ("is a file, not a folder (for a list of images, use "
                                                             "--list)" if root.exists() else "does not exist"))
-    found = [p.relative_to(root).as_posix() for p in root.rglob("*")
-             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    found = [p.relative_to(root).as_posix() for p in root.rglob("*")  # broken links too: skipped and counted
+             if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists()))]
     return sorted(found)
 
 
@@ -56,8 +60,12 @@ def read_list(file: str | Path) -> tuple[list[str], list[int] | None]:
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"image list {file} does not exist")
-    paths, classes = [], []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
+    data = file.read_bytes()
+    if b"\0" in data:  # binary (an image, an archive) or UTF-16: no path holds a NUL byte
+        raise ValueError(f"image list {file} is not a text file (NUL byte at offset {data.index(0)}): it must be a "
+                         "text file of image paths, one per line")
+    paths, classes = [], []  # non-UTF-8 bytes kept as the folder scan keeps them (file names are bytes)
+    for n, line in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
         if not line.strip():
             continue
         path, _, cls = line.partition("\t")
@@ -144,6 +152,11 @@ def replay_crop(img: Image.Image, mode: str, size: int, xy: tuple[int, int] | No
     return np.asarray(img.crop((x, y, x + size, y + size)))
 
 
+def error_line(e: BaseException) -> str:
+    """A decoding error as "Type: message", first line only, at most 200 characters."""
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
 def query_image_size(manifest: dict, encoder: Encoder) -> int:
     """The size to cut a query image at for a database: its entries' crop size, so that the encoder then resizes
     the query as it did them; where the database records none (imported ones), the encoder's input size."""
@@ -153,14 +166,17 @@ def query_image_size(manifest: dict, encoder: Encoder) -> int:
 def load_query_image(path: str | Path, size: int) -> Tensor:
     """A query image as (3, size, size) in [-1, 1]: short side resized to ``size``, then the central square, as
     ``center`` database crops are made (pass the database's crop size, so that the encoder then resizes it as it
-    did the entries). FileNotFoundError if missing, ValueError if unreadable."""
+    did the entries). FileNotFoundError if missing, ValueError (one line) if it cannot be decoded: not an image,
+    corrupt, or larger than PIL's decompression-bomb limit."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"query image {file} does not exist")
+        raise FileNotFoundError(f"query image {file} " + ("is a folder, not an image" if file.is_dir() else
+                                                          "does not exist"))
     try:
-        pixels = make_crops(load_rgb(file), "center", size, 1, np.random.default_rng(0))[0][0]
-    except OSError as e:
-        raise ValueError(f"query image {file} cannot be read ({e})") from None
+        img = load_rgb(file)
+    except Exception as e:  # decoders raise many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise ValueError(f"query image {file} cannot be read ({error_line(e)})") from None
+    pixels = make_crops(img, "center", size, 1, np.random.default_rng(0))[0][0]
     return torch.from_numpy(pixels.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
 
 
@@ -183,7 +199,7 @@ class ImageCrops(Dataset):
         except Exception as e:  # any decoding failure of any format: skip the file, never the build
             pixels = np.zeros((self.crops, self.size, self.size, 3), np.uint8)
             coords = np.full((self.crops, 2), -1, np.int32)
-            ok, error = False, f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            ok, error = False, error_line(e)
         return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))),
                 "coords": torch.from_numpy(coords), "index": index, "ok": ok, "error": error}
 
@@ -226,7 +242,10 @@ class ShardedBuild:
             self.check_arguments(self.out, self.config)
         elif self.out.is_dir() and any(self.out.iterdir()):
             raise ValueError(f"--out {self.out} is not empty and holds no resumable build: choose a new directory")
-        self.progress.mkdir(parents=True, exist_ok=True)
+        try:
+            make_dirs(self.progress)
+        except NotADirectoryError as e:
+            raise ValueError(f"--out {self.out}: {e}") from None
         removed = remove_stale_temps(self.out) + remove_stale_temps(self.progress)
         if removed:
             log.info("removed %d temporary files left by an interrupted build", removed)
@@ -344,6 +363,24 @@ def _inputs(images: str | Path | None, image_list: str | Path | None, class_from
     return root, inputs, sources, classes, class_names
 
 
+def _warn_upscaling(files: Sequence[Path], size: int) -> None:
+    """Warn when ``size`` px crops need more than MAX_UPSCALE times enlargement of some of an even sample of
+    ``files`` (only their headers are read): each such image is enlarged to ``size`` px before it is cut."""
+    sizes: dict[Path, tuple[int, int]] = {}
+    for file in files[::max(1, len(files) // UPSCALE_SAMPLE)][:UPSCALE_SAMPLE]:
+        try:
+            with Image.open(file) as im:
+                sizes[file] = im.size
+        except Exception:  # unreadable: the build skips and counts it
+            continue
+    small = [(file, wh) for file, wh in sizes.items() if size > MAX_UPSCALE * min(wh)]
+    if small:
+        file, (w, h) = small[0]
+        log.warning("crop size %d px enlarges %d of %d sampled images more than %dx before cutting (e.g. %s, "
+                    "%dx%d): is that the crop size you meant?", size, len(small), len(sizes), MAX_UPSCALE, file,
+                    w, h)
+
+
 def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Path | None = None,
                    image_list: str | Path | None = None, crop: str = "center", crop_size: int = 256,
                    crops_per_image: int = 1, batch_size: int = 64, shard_size: int = 100_000,
@@ -365,8 +402,15 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         raise ValueError(f"workers must be at least 0, got {workers}")
     if crops_per_image > 1 and crop != "random":
         raise ValueError(f"crops_per_image {crops_per_image} needs crop='random' (other crops are all equal)")
+    if crop_size > MAX_CROP_SIZE:
+        gib = batch_size * crop_size ** 2 * 3 * 5 / 2**30  # uint8 crops and their float32 copy
+        raise ValueError(f"crop_size {crop_size} is above {MAX_CROP_SIZE} px: the encoder resizes every crop to its "
+                         f"input size (224 px for CLIP) anyway, and a batch of {batch_size} such crops takes "
+                         f"{gib:.0f} GiB; the released models use 256 (imagenet, ffhq) or 768 (rdm768)")
     root, inputs, sources, classes, class_names = _inputs(images, image_list, class_from_folder)
     files = [root / s for s in sources]
+    if int(os.environ.get("RANK", "0")) == 0:
+        _warn_upscaling(files, crop_size)
 
     dev = process_device(device)
     files_per_shard = max(1, shard_size // crops_per_image)

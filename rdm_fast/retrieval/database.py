@@ -229,7 +229,7 @@ def _open_shard(path: Path, rows: int, dim: int) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable .npy array ({e})") from None
+        raise ValueError(f"{path} is not a readable .npy array ({array_file_problem(path, e)})") from None
     if arr.shape != (rows, dim) or arr.dtype != np.float16:
         raise ValueError(f"{path} holds {arr.dtype} {arr.shape}, but {MANIFEST} records float16 ({rows}, {dim})")
     return arr
@@ -547,14 +547,18 @@ class Database:
                              f"python -m rdm_fast.db neighbors {self.path} --k K --out FILE")
         if self._proposals is None:
             file = self.path / entry["file"]
+            again = f"compute the ranking again with python -m rdm_fast.db neighbors {self.path} --k K --out FILE"
             try:
                 arr = np.load(file, allow_pickle=False)
             except (ValueError, OSError, EOFError) as e:
-                raise ValueError(f"{file} is not a readable .npy array ({array_file_problem(file, e)}): compute "
-                                 "the ranking again with "
-                                 f"python -m rdm_fast.db neighbors") from None
+                raise ValueError(f"{file} is not a readable .npy array ({array_file_problem(file, e)}): "
+                                 f"{again}") from None
             if arr.shape != (len(self), 2) or arr.dtype != np.int64:
-                raise ValueError(f"{file} holds {arr.dtype} {arr.shape}, expected int64 ({len(self)}, 2)")
+                raise ValueError(f"{file} holds {arr.dtype} {arr.shape}, expected int64 ({len(self)}, 2): {again}")
+            bad = (arr[:, 0] < 0) | (arr[:, 0] >= len(self))
+            if bad.any():
+                raise ValueError(f"{file} holds id {arr[bad.argmax(), 0]}, outside the database's {len(self)} "
+                                 f"entries: it is corrupted or belongs to another database; {again}")
             self._proposals = arr
         return torch.from_numpy(self._proposals[:, 0].copy()), torch.from_numpy(self._proposals[:, 1].copy())
 

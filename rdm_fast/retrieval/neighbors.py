@@ -24,8 +24,9 @@ from .search import first_kept
 log = logging.getLogger("rdm_fast.retrieval")
 
 
-def _same_database(a: Database, b: Database) -> bool:
-    return a is b or a.path.resolve() == b.path.resolve()
+def same_entries(a: Database, b: Database) -> bool:
+    """Whether ``a`` and ``b`` hold the same entries in the same order: one database, or a copy of it."""
+    return a is b or a.path.resolve() == b.path.resolve() or database_digest(a) == database_digest(b)
 
 
 class _Results:
@@ -76,16 +77,18 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
     (ids (N_q, k) int64, scores (N_q, k) float32) CPU tensors, best first. Note the order: ids first, as the
     neighbours files store them (``Database.search`` returns scores first).
 
-    ``exclude_self`` drops each query's own entry (only when the queries are ``db``); ``dedup_threshold`` drops
-    entries whose cosine similarity to the query exceeds it (near-duplicates). More candidates are retrieved
-    as needed so that k remain; ValueError when the database has fewer than k acceptable entries.
+    ``exclude_self`` drops each query's own entry (only when the queries are ``db`` or a copy of it: see
+    :func:`same_entries`); ``dedup_threshold`` drops entries whose cosine similarity to the query exceeds it
+    (near-duplicates). More candidates are retrieved as needed so that k remain; ValueError when the database
+    has fewer than k acceptable entries.
     ``resume_dir``: a folder where the results are kept as they come (memory-mapped), so that a run of the same
     arguments continues after a kill instead of starting over; the caller removes it once the results are saved.
     """
     queries_db = db if queries_db is None else queries_db
-    own = _same_database(db, queries_db)
-    if exclude_self and not own:
-        raise ValueError("exclude_self applies only when the queries are the database itself")
+    if exclude_self and not same_entries(db, queries_db):
+        raise ValueError("exclude_self applies only when the queries are the database's own entries (the database "
+                         "itself or a copy of it); to leave out entries that duplicate queries of another database, "
+                         "pass dedup_threshold (e.g. 0.95)")
     db.check_encoder(queries_db.encoder_name)
     if queries_db.dim != db.dim:
         raise ValueError(f"{queries_db.path} holds {queries_db.dim}-d embeddings, {db.path} {db.dim}-d ones")
@@ -124,9 +127,11 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
                 all_scores[start + rows[done]] = scores[done].gather(1, pick)
                 rows = rows[~done]
                 if len(rows) and kk == len(db):
-                    q = int(qids[rows[0]])
-                    raise ValueError(f"query {q} has fewer than {k} database entries left after excluding itself "
-                                     f"and near-duplicates above {dedup_threshold}")
+                    excluded = (["itself"] if exclude_self else []) + (
+                        [f"near-duplicates (cosine above {dedup_threshold})"] if dedup_threshold is not None else [])
+                    left = (f"left after excluding {' and '.join(excluded)}" if excluded else
+                            f"found by the {db.backend} search")
+                    raise ValueError(f"query {int(qids[rows[0]])} has fewer than {k} database entries {left}")
                 kk = min(len(db), 2 * kk)
             results.finished(start + len(qids))
             bar.update(len(qids))
