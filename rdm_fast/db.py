@@ -229,7 +229,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"format     version {m['format_version']}",
         f"entries    {len(db)} x {db.dim} float16",
         f"encoder    {enc['name']} ({enc['dim']}-d, {'L2-normalised' if enc['normalized'] else 'not normalised'})",
-        f"shards     {len(rows)}" + (f" ({min(rows)}-{max(rows)} rows each)" if rows else ""),
+        f"shards     {len(rows)}" + (f" ({min(rows)}-{max(rows)} rows each)" if rows and min(rows) < max(rows) else
+                                     f" ({rows[0]} rows{' each' * (len(rows) > 1)})" if rows else ""),
         f"on disk    {_human(_disk_size(db.path))}",
         "metadata   " + (", ".join(name for name, key in (("sources", "has_sources"), ("class ids", "has_class_ids"),
                                                            ("patch coords", "has_patch_coords")) if m[key])
@@ -237,7 +238,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "index      " + (f"{m['index']['kind']} ({m['index']['file']})" if m.get("index") else "none"),
         "proposals  " + (f"ranking from {m['proposals'].get('queries', '?')} queries x k={m['proposals'].get('k', '?')}"
                          if m.get("proposals") else "none"),
-        f"skipped    {m['skipped']['count']} unreadable inputs",
+        f"skipped    {m['skipped']['count'] or 'no'} unreadable inputs",
     ]
     if m.get("image_root"):
         lines.append(f"images     {m['image_root']}")
@@ -391,6 +392,10 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         raise CLIError(f"--exclude-self applies only when the queries are the database's own entries ({args.db} "
                        f"itself or a copy of it); to leave out entries of {args.db} that duplicate images of "
                        f"--queries {args.queries}, use --dedup-threshold (e.g. 0.95) instead")
+    if not args.exclude_self and (queries is None or same_entries(db, queries)):
+        log.warning("the queries are %s's own entries and --exclude-self is not given: each entry's first "
+                    "neighbour is itself (training refuses such a file; pass --exclude-self for training "
+                    "neighbours)", args.db)
     if queries is not None and len(queries) == 0:
         raise CLIError(f"--queries {args.queries} is empty: no neighbours to compute (the proposal ranking of "
                        f"{args.db} is left as it is)")

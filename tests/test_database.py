@@ -213,8 +213,8 @@ def test_search_errors(db_dir):
     db = Database.open(db_dir, device="cpu")
     q = torch.randn(2, 16)
     for call, expect in [(lambda: db.search(q, 3, encoder="clip-vit-b-32"), "holds 'tiny-test' embeddings"),
-                         (lambda: db.search(torch.randn(2, 8), 3), "(Q, 16) tensor"),
-                         (lambda: db.search(q[0], 3), "(Q, 16) tensor"),
+                         (lambda: db.search(torch.randn(2, 8), 3), "(Q, 16) float tensor"),
+                         (lambda: db.search(q[0], 3), "(Q, 16) float tensor"),
                          (lambda: db.search(q, 51), "between 1 and the database size 50"),
                          (lambda: db.search(q, 0), "between 1 and the database size 50"),
                          (lambda: db.search(torch.cat([q, torch.full((1, 16), float("nan"))]), 3),
@@ -223,6 +223,11 @@ def test_search_errors(db_dir):
         with pytest.raises(ValueError) as e:
             call()
         assert expect in one_line(e)
+    with pytest.raises(ValueError, match=r"\(Q, 16\) float tensor or array .* got ndarray"):
+        db.search(np.zeros((2, 16), np.int64), 3)
+    scores, ids = db.search(q.double().numpy(), 3)  # an array: float32 CPU queries
+    ref_scores, ref_ids = db.search(q, 3)
+    assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
     with pytest.raises(IndexError, match="id 50 is out of range"):
         db.embeddings(torch.tensor([3, 50]))
     with pytest.raises(IndexError, match="id -1 is out of range"):

@@ -71,14 +71,15 @@ def test_info(built, tmp_path, capsys):
     out = capsys.readouterr().out
     for expect in ("entries    10 x 16 float16", "encoder    tiny-test (16-d, not normalised)",
                    "shards     3 (2-4 rows each)", "sources, class ids, patch coords", "index      none",
-                   "proposals  none", "skipped    0 unreadable inputs",
+                   "proposals  none", "skipped    no unreadable inputs",
                    "verified   every shard's embeddings and metadata match their SHA-256"):
         assert expect in out, expect
     assert cli("info", str(built / "db"), "--json") == 0
     assert json.loads(capsys.readouterr().out)["count"] == 10
     plain = write_database(tmp_path / "plain", np.ones((3, 16)), INFO)
     assert cli("info", str(plain)) == 0
-    assert "\nmetadata   none\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "\nmetadata   none\n" in out and "\nshards     1 (3 rows)\n" in out
 
 
 def _rows(out: str) -> list[list[str]]:
@@ -146,7 +147,7 @@ def test_contact_sheet_of_a_database_without_sources(built, tmp_path, caplog):
     assert sheet.is_file()
 
 
-def test_neighbors_and_proposals(built, tmp_path, capsys):
+def test_neighbors_and_proposals(built, tmp_path, capsys, caplog):
     work = tmp_path / "db"
     shutil.copytree(built / "db", work)
     out = tmp_path / "nb.npz"
@@ -170,8 +171,11 @@ def test_neighbors_and_proposals(built, tmp_path, capsys):
     assert "proposals  ranking from 10 queries x k=3" in capsys.readouterr().out
 
     pair = tmp_path / "nb.npy"
+    assert not any("--exclude-self is not given" in r.getMessage() for r in caplog.records)
     assert cli("neighbors", str(work), "--queries", str(built / "db"), "--k", "2", "--out", str(pair),
-               "--device", "cpu", "--no-progress") == 0
+               "--device", "cpu", "--no-progress") == 0  # a copy of the database, without --exclude-self: warned
+    assert any("own entries and --exclude-self is not given: each entry's first neighbour is itself"
+               in r.getMessage() for r in caplog.records)
     assert np.load(pair).shape == (10, 2) and np.load(tmp_path / "nb_scores.npy").dtype == np.float32
     # the queries may be the database itself given again (so --exclude-self applies); the ranking records its path
     assert cli("neighbors", str(work), "--queries", str(work), "--exclude-self", "--k", "2", "--out", str(pair),

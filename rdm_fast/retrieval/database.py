@@ -426,16 +426,19 @@ class Database:
             raise ValueError(f"queries come from encoder {name!r}, but {self.path} holds {self.encoder_name!r} "
                              "embeddings: use the database's encoder")
 
-    def search(self, queries: Tensor, k: int, *, encoder: str | None = None) -> tuple[Tensor, Tensor]:
-        """The k entries most similar (cosine) to each of the (Q, D) ``queries``: (scores (Q, k) float32,
-        ids (Q, k) int64), best first, on the queries' device. ``encoder`` names the queries' encoder
+    def search(self, queries: Tensor | np.ndarray, k: int, *, encoder: str | None = None) -> tuple[Tensor, Tensor]:
+        """The k entries most similar (cosine) to each of the (Q, D) ``queries`` (a tensor, or a NumPy array taken
+        as float32 CPU queries): (scores (Q, k) float32, ids (Q, k) int64), best first, on the queries' device
+        (CPU ids and scores for an array). ``encoder`` names the queries' encoder
         (checked against the database's). Queries on the CPU must be finite and non-zero (ValueError); CUDA
         queries are not checked, which would synchronise with the host (sampling's retrieval runs without)."""
         if encoder is not None:
             self.check_encoder(encoder)
+        if isinstance(queries, np.ndarray) and np.issubdtype(queries.dtype, np.floating):
+            queries = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
         if not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.dim:
             shape = tuple(queries.shape) if isinstance(queries, Tensor) else type(queries).__name__
-            raise ValueError(f"queries must be a (Q, {self.dim}) tensor for {self.path}, got {shape}")
+            raise ValueError(f"queries must be a (Q, {self.dim}) float tensor or array for {self.path}, got {shape}")
         if len(self) == 0:
             raise ValueError(f"database {self.path} is empty: nothing to search")
         check_k(k, len(self))
