@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Container, Mapping
 
 import torch
 from torch import Tensor
@@ -77,10 +78,17 @@ def read_train_state(file: Path) -> dict[str, Any]:
     if not (isinstance(state, dict) and {"step", "ema_updates"} <= state.keys()):
         raise CheckpointError(f"{file} records no step and ema_updates: is it a checkpoint of "
                               "python -m rdm_fast.train?")
-    updates = state["ema_updates"]
-    if not isinstance(updates, int) or isinstance(updates, bool) or updates < 0:
-        raise CheckpointError(f"{file}: ema_updates = {updates!r} is not a count")
+    for key in ("step", "ema_updates"):
+        value = state[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{file}: {key} = {value!r} is not a count (a non-negative integer)")
     return state
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a run's checkpoint folder named ``step_NNNNNNN`` (None for any other name)."""
+    match = re.fullmatch(r"step_([0-9]+)", name)
+    return int(match[1]) if match else None
 
 
 class StateDictMismatch(CheckpointError):
@@ -128,11 +136,15 @@ def resolve_file(path: str | Path) -> Path:
 
 def newest_run_checkpoint(run: Path) -> Path | None:
     """The checkpoint directory a training run's ``latest`` names (None for a directory that is no run);
-    CheckpointError if that checkpoint is incomplete."""
+    CheckpointError if ``latest`` names no ``step_NNNNNNN`` folder of the run's checkpoints, or an incomplete one."""
     pointer = run / RUN_LATEST
     if not pointer.is_file():
         return None
-    path = run / RUN_CHECKPOINTS / pointer.read_text().strip()
+    name = pointer.read_text(errors="replace").strip()
+    if checkpoint_step(name) is None:
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint of this run (a step_NNNNNNN "
+                              f"folder in {run / RUN_CHECKPOINTS})")
+    path = run / RUN_CHECKPOINTS / name
     if not ((path / TRAIN_STATE_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
         raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
     return path
@@ -211,15 +223,41 @@ def describe(names: list[str], limit: int = 12) -> str:
 
 def match_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]],
                      source: str) -> None:
-    """Check that ``state`` holds every expected name with the expected shape.
+    """Check that ``state`` holds every expected name with the expected shape, as finite floating-point values.
 
-    Raises StateDictMismatch (a CheckpointError) with the missing and mis-shaped tensors.
+    Raises StateDictMismatch (a CheckpointError) with the missing and mis-shaped tensors, CheckpointError naming
+    the tensors of another dtype or with NaN or infinite values (not checked on the meta device).
     """
     missing = [k for k in expected if k not in state]
     mismatched = [f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k])})"
                   for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
     if missing or mismatched:
         raise StateDictMismatch(source, missing, mismatched)
+    integral = [f"{k} ({state[k].dtype})" for k in expected if not state[k].is_floating_point()]
+    if integral:
+        raise CheckpointError(f"{source}: {len(integral)} tensors are not floating-point: {describe(integral, 3)}")
+    non_finite = [k for k in expected if not (state[k].is_meta or _finite(state[k]))]
+    if non_finite:
+        raise CheckpointError(f"{source}: {len(non_finite)} tensors hold NaN or infinite values: "
+                              f"{describe(non_finite, 3)}; is it the checkpoint of a diverged run?")
+
+
+def _finite(t: Tensor) -> bool:
+    """Whether ``t`` holds no NaN or infinity: its extremes (one pass, NaN propagates) are finite."""
+    return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
+def cast_floats(tensors: Mapping[str, Tensor], dtype: torch.dtype | None,
+                keep: Container[str] = ()) -> dict[str, Tensor]:
+    """``tensors`` with the floating-point ones (but those named in ``keep``) in ``dtype`` (None: unchanged).
+    ValueError naming the tensors with finite values beyond ``dtype``'s range (they would become infinite)."""
+    cast = {k: v.to(dtype) if dtype is not None and v.is_floating_point() and k not in keep else v
+            for k, v in tensors.items()}
+    overflow = [k for k, v in cast.items() if v is not tensors[k] and not _finite(v) and _finite(tensors[k])]
+    if overflow:
+        raise ValueError(f"{len(overflow)} tensors hold values beyond the range of {dtype}, which would become "
+                         f"infinite: {describe(overflow, 3)}; store them in a wider dtype")
+    return cast
 
 
 def official_sources(state: Mapping[str, Tensor], official: Mapping[str, str], *, use_ema: bool = True,
@@ -300,14 +338,29 @@ def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 def read_own_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:
     """The config stored by ``save_safetensors``: from the file's metadata, else ``config.json`` beside it."""
     if metadata.get("format") == FORMAT_NAME:
-        version = int(metadata.get("format_version", "0"))
+        try:
+            version = int(metadata.get("format_version", "0"))
+        except ValueError:
+            raise CheckpointError(f"{path}: the format_version in its metadata, {metadata['format_version']!r}, "
+                                  "is not a number; is the file damaged?") from None
         if version > FORMAT_VERSION:
             raise CheckpointError(f"{path} was written by a newer rdm_fast (format {version}; this version reads "
                                   f"up to {FORMAT_VERSION}): upgrade rdm_fast")
-        config = json.loads(metadata["config"])
+        config = _json_config(lambda: metadata["config"], f"{path} (its metadata)")
         _warn_if_edited(path.parent / CONFIG_FILE, config)
         return config
     beside = path.parent / CONFIG_FILE
     if beside.is_file():
-        return json.loads(beside.read_text())
+        return _json_config(beside.read_text, str(beside))
     return None
+
+
+def _json_config(read: Callable[[], str], where: str) -> dict[str, Any]:
+    """The config in the JSON text ``read()`` returns; CheckpointError naming ``where`` if there is none."""
+    try:
+        config = json.loads(read())
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{where}: no readable config ({_reason(e)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: the config is not a JSON object")
+    return config

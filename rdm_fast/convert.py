@@ -52,8 +52,8 @@ def _export_official(args: argparse.Namespace, out: Path) -> Path:
         log.info("exporting both sets of UNet weights: the training ones (model.diffusion_model.) and the EMA ones "
                  "(model_ema., %d updates, decay %g), as the official checkpoints hold them",
                  train_state["ema_updates"], decay)
-    state = {k: v.to(DTYPES[args.dtype]) if v.is_floating_point() and k != "model_ema.decay" else v
-             for k, v in official_checkpoint(raw, ema, train_state["ema_updates"], decay).items()}
+    state = ckpt.cast_floats(official_checkpoint(raw, ema, train_state["ema_updates"], decay), DTYPES[args.dtype],
+                             keep={"model_ema.decay"})
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, ["model.ckpt", "config.yaml"])  # what a killed export left there
     atomic_write(out / "model.ckpt", lambda f: torch.save({"state_dict": state}, f))

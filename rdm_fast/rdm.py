@@ -129,9 +129,9 @@ class RDM(nn.Module):
         return model.eval()
 
     def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-        """Write ``model.safetensors`` + ``config.json`` (rdm_fast's format) atomically; returns the weights path."""
-        tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-                   for k, v in self.state_dict().items()}
+        """Write ``model.safetensors`` + ``config.json`` (rdm_fast's format) atomically; returns the weights path.
+        ``dtype``: the precision stored (ValueError if a weight is beyond its range)."""
+        tensors = ckpt.cast_floats(self.state_dict(), dtype)
         return ckpt.save_safetensors(tensors, self.config.to_dict(), directory)
 
     def official_names(self) -> dict[str, str]:

@@ -142,8 +142,8 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("%s: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning("%s: stopping after this step, with a checkpoint%s", signal.Signals(signum).name,
+                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
 
     def __enter__(self) -> "StopRequest":
         for sig in self.SIGNALS:
@@ -270,14 +270,15 @@ def _checkpoint_dirs(root: Path) -> dict[int, Path]:
     return {int(p.name[5:]): p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()}
 
 
-def remove_stale_checkpoints(out: Path, step: int) -> None:
+def remove_stale_checkpoints(out: Path, step: int, resume_from: Path | None = None) -> None:
     """Remove the checkpoints after ``step``, where the run (re)starts, and temporary folders of killed writes:
     a kill between a checkpoint's rename and the ``latest`` update, or a ``latest`` rolled back by hand, leaves
-    newer checkpoints that the continued run would otherwise keep instead of its own."""
+    newer checkpoints that the continued run would otherwise keep instead of its own. Never ``resume_from``."""
     root = out / ckpt.RUN_CHECKPOINTS
     if not root.is_dir():
         return
-    stale = sorted(root.glob(".step_*.tmp")) + [p for s, p in sorted(_checkpoint_dirs(root).items()) if s > step]
+    stale = sorted(root.glob(".step_*.tmp")) + [p for s, p in sorted(_checkpoint_dirs(root).items())
+                                                if s > step and not (resume_from and p.name == resume_from.name)]
     for path in stale:
         if path.is_dir():
             log.warning("removing %s: the run continues from step %d", path, step)
@@ -289,6 +290,9 @@ def load_checkpoint(path: Path, model: RDM, ema: EMA, optimizer: torch.optim.Opt
     """Restore the training weights, EMA, optimizer and loss scaler of checkpoint ``path``; returns its state.
     CheckpointError, naming the file, for a missing, truncated or corrupt one."""
     state = ckpt.read_train_state(path / ckpt.TRAIN_STATE_FILE)
+    if state["step"] != ckpt.checkpoint_step(path.name):
+        raise ckpt.CheckpointError(f"{path / ckpt.TRAIN_STATE_FILE}: step {state['step']} is not the step of its "
+                                   f"folder, {path.name}")
     if not isinstance(state.get("run"), dict):
         raise ckpt.CheckpointError(f"{path / ckpt.TRAIN_STATE_FILE} lacks the run's settings: cannot resume from it")
     averaged, _ = ckpt.read_state_dict(path / ckpt.WEIGHTS_FILE)
@@ -546,7 +550,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_log(out / LOG, start)
-        remove_stale_checkpoints(out, start)
+        remove_stale_checkpoints(out, start, resume_from)
 
     examples = images if args.latents is None else cached_moments(
         args.latents, model, images, procs, device, batch_size=args.batch_size, workers=args.workers,

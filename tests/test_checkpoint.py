@@ -349,3 +349,81 @@ def test_directory_with_both_formats_says_which_loads(tmp_path, caplog):
     (tmp_path / "model.ckpt").write_bytes(b"an official checkpoint beside it")
     RDM.from_pretrained(tmp_path)
     assert "loading model.safetensors (not model.ckpt)" in caplog.text
+
+
+def _own_file(directory: Path, **tensors: torch.Tensor) -> Path:
+    """The tiny model saved in rdm_fast's format with the given tensors replaced (as stored: no checks)."""
+    from safetensors.torch import save_file
+
+    model = RDM.from_config("tiny")
+    state = {**{k: v.contiguous() for k, v in model.state_dict().items()}, **tensors}
+    directory.mkdir()
+    save_file(state, directory / ckpt.WEIGHTS_FILE,
+              metadata={"format": "rdm_fast", "format_version": "1", "config": json.dumps(model.config.to_dict())})
+    return directory
+
+
+def test_non_finite_weights_are_refused(tmp_path, tiny_official):
+    """NaN or infinite weights sample black images: loading refuses them, naming the tensors, in every format."""
+    bias = RDM.from_config("tiny").state_dict()["unet.out_conv.bias"]
+    for value in (math.nan, math.inf):
+        name = f"own_{value}"
+        with pytest.raises(ckpt.CheckpointError, match=r"1 tensors hold NaN or infinite values: unet.out_conv.bias;"):
+            RDM.from_pretrained(_own_file(tmp_path / name, **{"unet.out_conv.bias": torch.full_like(bias, value)}))
+    _, full, _, _ = tiny_official
+    bad = {k: v.clone() for k, v in full.items() if k.startswith("model.diffusion_model.out.")}
+    for v in bad.values():
+        v.view(-1)[0] = -math.inf
+    torch.save({**full, **bad}, tmp_path / "m.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match=r"m.ckpt: 4 tensors hold NaN or infinite values: "
+                                                   r"model.diffusion_model.out.\d.(weight|bias), .* \(1 more\)") as e:
+        RDM.from_pretrained(tmp_path / "m.ckpt", "tiny")
+    assert len(bad) == 4 and "\n" not in str(e.value)
+
+
+def test_integer_weights_are_refused(tmp_path):
+    weight = RDM.from_config("tiny").state_dict()["unet.out_conv.weight"]
+    path = _own_file(tmp_path / "int", **{"unet.out_conv.weight": weight.to(torch.int32)})
+    with pytest.raises(ckpt.CheckpointError, match=r"1 tensors are not floating-point: unet.out_conv.weight "
+                                                   r"\(torch.int32\)"):
+        RDM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("to", ["rdm_fast", "official"])
+def test_convert_refuses_weights_beyond_the_range_of_the_dtype(tmp_path, to):
+    """A weight of 1e6 is fine in float32 and bfloat16 but infinite in float16: convert says which, writes nothing."""
+    from rdm_fast import convert
+
+    model = RDM.from_config("tiny")
+    with torch.no_grad():
+        model.unet.out_conv.bias[0] = 1e6
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match=r"1 tensors hold values beyond the range of torch.float16, which would "
+                                         r"become infinite: (unet.out_conv.bias|model.diffusion_model.out.2.bias);"):
+        convert.main([str(tmp_path / "src"), "--out", str(tmp_path / "half"), "--dtype", "fp16", "--to", to])
+    assert not (tmp_path / "half").exists()
+    assert convert.main([str(tmp_path / "src"), "--out", str(tmp_path / "bf16"), "--dtype", "bf16", "--to", to]) == 0
+
+
+def test_damaged_config_names_the_file(tmp_path):
+    """An rdm_fast file whose metadata hold a broken config or format version, or a config.json beside a file
+    without them that is no JSON: a CheckpointError naming the file."""
+    from safetensors.torch import save_file
+
+    model = RDM.from_config("tiny")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    config = json.dumps(model.config.to_dict())
+    cases = {"json": ({"format_version": "1", "config": "{'single': 'quotes'}"}, "its metadata.*no readable config"),
+             "version": ({"format_version": "x", "config": config}, "format_version .* 'x', is not a number"),
+             "none": ({"format_version": "1"}, "its metadata.*no readable config"),
+             "list": ({"format_version": "1", "config": "[1]"}, "its metadata.*not a JSON object")}
+    for name, (metadata, message) in cases.items():
+        (tmp_path / name).mkdir()
+        save_file(state, tmp_path / name / ckpt.WEIGHTS_FILE, metadata={"format": "rdm_fast", **metadata})
+        with pytest.raises(ckpt.CheckpointError, match=f"{tmp_path / name / ckpt.WEIGHTS_FILE}.*{message}"):
+            RDM.from_pretrained(tmp_path / name)
+    (tmp_path / "beside").mkdir()
+    save_file(state, tmp_path / "beside" / ckpt.WEIGHTS_FILE)
+    (tmp_path / "beside" / ckpt.CONFIG_FILE).write_text('{"model": ')
+    with pytest.raises(ckpt.CheckpointError, match=f"{tmp_path / 'beside' / ckpt.CONFIG_FILE}: no readable config"):
+        RDM.from_pretrained(tmp_path / "beside")

@@ -560,6 +560,41 @@ def test_resume_names_a_damaged_checkpoint_file(setup, saved_run, tmp_path, name
     assert "weights_only" not in str(e.value)
 
 
+@pytest.mark.parametrize("step", [-5, 1, "6", True])
+def test_resume_refuses_a_bad_step_and_removes_nothing(setup, saved_run, tmp_path, step):
+    """A state.json whose step is no count, or not its folder's, is named before any checkpoint or log line goes
+    (the run would continue from that step: the checkpoints after it, this one too, would be removed)."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    file = out / "checkpoints" / "step_0000004" / TRAIN_STATE_FILE
+    file.write_text(json.dumps({**json.loads(file.read_text()), "step": step}))
+    log = (out / "log.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=f"step_0000004/{TRAIN_STATE_FILE}: step"):
+        train.main(_args(setup, out, "--resume", steps=5))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+    assert (out / "log.jsonl").read_bytes() == log
+
+
+def test_resume_refuses_a_latest_outside_the_run(setup, saved_run, tmp_path):
+    """latest names a checkpoint folder of its own run, never a path to another run's."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    shutil.copytree(saved_run, tmp_path / "other")
+    (out / "latest").write_text("../../other/checkpoints/step_0000004\n")
+    with pytest.raises(CheckpointError, match=r"latest names '\.\./\.\./other/checkpoints/step_0000004', which is "
+                                              r"not a checkpoint of this run \(a step_NNNNNNN folder in "):
+        train.main(_args(setup, out, "--resume", steps=5))
+    assert not (tmp_path / "other" / "checkpoints" / "step_0000005").exists()
+
+
+def test_stale_checkpoint_removal_spares_the_one_resumed_from(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"step_{step:07d}").mkdir(parents=True)
+    train.remove_stale_checkpoints(tmp_path, 1, root / "step_0000004")
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000004"]
+
+
 def test_resume_refuses_runs_of_older_draws(setup, saved_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(saved_run, out)
