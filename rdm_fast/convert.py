@@ -46,12 +46,12 @@ def _export_official(args: argparse.Namespace, out: Path) -> Path:
     training = (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file()  # raw UNet weights beside the EMA ones
     train_state = ckpt.read_train_state(weights.parent / ckpt.TRAIN_STATE_FILE) if training else {"ema_updates": 0}
     decay = (train_state.get("run") or {}).get("ema_decay", 0.9999)  # the run's --ema-decay
-    raw = RDM.from_pretrained(weights, args.config, use_ema=not training, allow_pickle=args.allow_pickle)
-    ema = RDM.from_pretrained(weights, args.config, allow_pickle=args.allow_pickle) if training else None
-    if ema is not None:
+    if training:  # said first: loading the training set logs that it is not the EMA one
         log.info("exporting both sets of UNet weights: the training ones (model.diffusion_model.) and the EMA ones "
                  "(model_ema., %d updates, decay %g), as the official checkpoints hold them",
                  train_state["ema_updates"], decay)
+    raw = RDM.from_pretrained(weights, args.config, use_ema=not training, allow_pickle=args.allow_pickle)
+    ema = RDM.from_pretrained(weights, args.config, allow_pickle=args.allow_pickle) if training else None
     state = ckpt.cast_floats(official_checkpoint(raw, ema, train_state["ema_updates"], decay), DTYPES[args.dtype],
                              keep={"model_ema.decay"})
     out.mkdir(parents=True, exist_ok=True)

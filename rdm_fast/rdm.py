@@ -56,7 +56,8 @@ class RDM(nn.Module):
         super().__init__()
         self.config = config
         self.unet = UNet(config.unet_config)
-        self.first_stage = Autoencoder(config.first_stage_config)
+        # frozen, as in the paper: encode/decode then build no autograd graph unless their input asks for one
+        self.first_stage = Autoencoder(config.first_stage_config).requires_grad_(False)
         self.schedule = Schedule.linear(config.linear_start, config.linear_end, config.timesteps)
         self._graphs = GraphCache()  # the last captured guided step, reused by the next batch of the same shapes
         self._warned_lengths: set[int] = set()  # context lengths outside the conventions, warned about once

@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--preview", type=int, default=8, help="EMA samples drawn at each checkpoint (0: none)")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading processes per training process (default: 4, or the CPU count if lower)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the batch order, the noise and dropout draws and a new UNet's weights")
     p.add_argument("--device", default="auto", help="auto (this process's GPU, else the CPU), cpu or cuda")
@@ -558,6 +559,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     ddp = unet if procs.world == 1 else nn.parallel.DistributedDataParallel(
         unet, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(ddp, backend=args.compile) if args.compile else ddp
+    if args.compile:
+        log.info("--compile: the first step compiles the UNet's passes (%s), which can take minutes", args.compile)
     order = TrainingOrder(len(examples), seed=args.seed, batch=args.batch_size, world=procs.world, rank=procs.rank,
                           accumulate=args.accumulate, start_step=start)
     loader = iter(torch.utils.data.DataLoader(examples, batch_size=args.batch_size, sampler=order,

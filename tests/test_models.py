@@ -683,3 +683,16 @@ def test_unet_runs_on_meta_tensors(preset):
     with torch.no_grad():
         eps = model.unet(x, torch.zeros(b, dtype=torch.long, device="meta"), ctx)
     assert eps.shape == x.shape and eps.device.type == "meta"
+
+
+def test_first_stage_is_frozen():
+    """The autoencoder is never trained with an RDM: decoding and encoding build no graph of its weights (the
+    results can go straight to NumPy), while gradients still reach an input that asks for them."""
+    model = RDM.from_config("tiny")
+    assert not any(p.requires_grad for p in model.first_stage.parameters())
+    assert all(p.requires_grad for p in model.unet.parameters())
+    z = torch.randn(1, 4, 16, 16)
+    assert not model.decode(z).requires_grad and not model.encode(model.decode(z)).requires_grad
+    z.requires_grad_()
+    model.decode(z).sum().backward()
+    assert z.grad is not None
