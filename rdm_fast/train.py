@@ -513,6 +513,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     images = TrainingImages(contexts.training, cfg.pixel_size, args.image_root)
     precision = args.precision
     global_batch = args.batch_size * procs.world * args.accumulate
+    if global_batch > len(images):
+        log.warning("the global batch (%d) is larger than the %d training images: each step sees some images more "
+                    "than once", global_batch, len(images))
     run_info = {"draws": DRAWS_VERSION, "seed": args.seed, "global_batch": global_batch, "lr": args.lr,
                 "weight_decay": args.weight_decay, "warmup": args.warmup, "cond_drop": args.cond_drop,
                 "grad_clip": args.grad_clip, "ema_decay": args.ema_decay, "precision": precision,

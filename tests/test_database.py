@@ -504,3 +504,17 @@ def test_open_file_and_unreadable_proposals(tmp_path, db_dir):
         Database.open(db_dir, device="cpu").proposals(0.5)
     assert one_line(e).startswith(f"{db_dir / 'proposals.npy'} holds id 1000000, outside the database's 50 entries")
     assert f"python -m rdm_fast.db neighbors {db_dir} --k K --out FILE" in str(e.value)
+
+
+def test_neighbors_name_a_damaged_entry(tmp_path):
+    """A NaN embedding (a damaged shard) is named as the database's entry, not as a query."""
+    emb = np.random.default_rng(0).standard_normal((12, 16)).astype(np.float32)
+    path = write_database(tmp_path / "db", emb, INFO, shard_size=5)
+    shard = np.load(path / "emb_00001.npy", mmap_mode="r+")  # rows 5-9
+    shard[2, 3] = np.nan
+    shard.flush()
+    del shard
+    db = Database.open(path, device="cpu")
+    with pytest.raises(ValueError, match=r"entry 7 of .*db holds NaN or infinite values: the database is damaged "
+                                         r"\(check it with python -m rdm_fast.db info .*db --verify\)"):
+        compute_neighbors(db, k=2, exclude_self=True, progress=False)

@@ -1027,3 +1027,8 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes(setup, tmp_path):
     assert 2 <= step < 10_000 and "continue with --resume" in err
     assert train.main(_args(setup, out, "--resume", steps=step + 1)) == 0
     assert (out / "latest").read_text().strip() == f"step_{step + 1:07d}"
+
+
+def test_a_batch_larger_than_the_data_is_warned_about(setup, tmp_path, caplog):
+    assert train.main(_fresh(setup, tmp_path / "run", steps=1, batch=16)) == 0
+    assert any("global batch (16) is larger than the 12 training images" in r.getMessage() for r in caplog.records)

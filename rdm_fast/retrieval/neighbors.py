@@ -112,6 +112,11 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
         for start in range(results.done, n, batch_size):
             qids = torch.arange(start, min(n, start + batch_size))
             queries = queries_db.embeddings(qids)
+            bad = ~torch.isfinite(queries).all(1)
+            if bool(bad.any()):
+                raise ValueError(f"entry {int(qids[bad][0])} of {queries_db.path} holds NaN or infinite values: the "
+                                 f"database is damaged (check it with python -m rdm_fast.db info {queries_db.path} "
+                                 "--verify)")
             rows, kk = torch.arange(len(qids)), first_k
             while len(rows):
                 scores, ids = db.search(queries[rows], kk)
