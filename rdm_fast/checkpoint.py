@@ -250,7 +250,12 @@ def _finite(t: Tensor) -> bool:
 def cast_floats(tensors: Mapping[str, Tensor], dtype: torch.dtype | None,
                 keep: Container[str] = ()) -> dict[str, Tensor]:
     """``tensors`` with the floating-point ones (but those named in ``keep``) in ``dtype`` (None: unchanged).
-    ValueError naming the tensors with finite values beyond ``dtype``'s range (they would become infinite)."""
+    ``dtype``: torch.float32, torch.float16 or torch.bfloat16, the precisions a model runs in (ValueError naming
+    the argument otherwise: integers would truncate the weights). ValueError naming the tensors with finite
+    values beyond ``dtype``'s range (they would become infinite)."""
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (or None: unchanged), "
+                         f"got {dtype!r}")
     cast = {k: v.to(dtype) if dtype is not None and v.is_floating_point() and k not in keep else v
             for k, v in tensors.items()}
     overflow = [k for k, v in cast.items() if v is not tensors[k] and not _finite(v) and _finite(tensors[k])]

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -236,6 +237,9 @@ class DDConfig:
 
 def _sampling_problem(steps: int, sampler: str, eta: float, guidance_scale: float) -> str | None:
     """What is wrong with a set of sampling settings, phrased after the setting ("eta must be ..."), or None."""
+    for name, value in (("eta", eta), ("guidance_scale", guidance_scale)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return f"{name} must be a real number, got {value!r}"
     if steps < 1:
         return f"steps must be at least 1, got {steps}"
     if sampler not in ("ddim", "plms"):
@@ -272,11 +276,12 @@ class SamplingDefaults:
         sampler = self.sampler if sampler is None else sampler
         eta = self.eta if eta is None else eta
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        if isinstance(steps, bool) or not isinstance(steps, int):
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
             raise TypeError(f"steps must be an int, got {steps!r}")
+        steps = int(steps)
         problem = _sampling_problem(steps, sampler, eta, guidance_scale)
         if problem:
-            raise ValueError(problem)
+            raise (TypeError if "must be a real number" in problem else ValueError)(problem)
         return SamplingDefaults(steps, sampler, eta, guidance_scale)
 
     @classmethod

@@ -24,6 +24,32 @@ from .models.layers import current_device, official_names, refresh_cached
 
 log = logging.getLogger(__name__)
 
+RUN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the precisions the model's kernels run in
+
+
+def _run_dtype(dtype: Any) -> torch.dtype:
+    """``dtype`` for :meth:`RDM.from_config` / :meth:`RDM.from_pretrained` (None: float32); ValueError unless the
+    model can run in it."""
+    if dtype is None:
+        return torch.float32
+    if dtype not in RUN_DTYPES:
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (the precisions the model "
+                         f"runs in; None: float32), got {dtype!r}")
+    return dtype
+
+
+def _check_tensor(value: Any, name: str, shape: str) -> None:
+    """TypeError unless ``value`` is a tensor (NumPy arrays, lists and None are not converted silently)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}")
+
+
+def _check_finite_on_cpu(value: Tensor, name: str) -> None:
+    """ValueError if a CPU tensor holds NaN or infinity (device tensors are not checked: no host synchronisation)."""
+    if value.device.type == "cpu" and value.is_floating_point() and value.numel() and \
+            not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+
 
 def to_channels_last(module: nn.Module) -> None:
     """Convert ``module``'s 4-D weights to the channels-last layout in place. Done outside inference mode even
@@ -66,11 +92,15 @@ class RDM(nn.Module):
     @classmethod
     def from_config(cls, config: str | Path | dict | RDMConfig, *, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None) -> "RDM":
-        """A randomly initialised model (as training starts) of a preset name, YAML path or config."""
+        """A randomly initialised model (as training starts) of a preset name, YAML path or config.
+
+        ``dtype``: the precision it runs in, torch.float32 (None, the default), torch.float16 or torch.bfloat16
+        (ValueError for any other: the kernels take no float64 or integers)."""
+        dtype = _run_dtype(dtype)
         cfg = RDMConfig.resolve(config)
         with torch.device(device or "cpu"):
             model = cls(cfg)
-        return model.to(dtype=dtype or torch.float32).eval()
+        return model.to(dtype=dtype).eval()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: str | Path | dict | RDMConfig | None = None, *,
@@ -86,8 +116,11 @@ class RDM(nn.Module):
         ``train_weights.safetensors`` beside a training checkpoint of ``python -m rdm_fast.train`` (whose
         ``model.safetensors`` holds the EMA UNet); other rdm_fast files hold one set of weights (a warning says so).
         ``allow_pickle`` permits full unpickling of trusted torch files (weights_only=False). ``device`` and
-        ``dtype`` (default: the CPU, float32, whatever precision the file stores) are where and how the model runs.
+        ``dtype`` (default: the CPU, float32, whatever precision the file stores) are where and how the model runs;
+        ``dtype`` is torch.float32, torch.float16 or torch.bfloat16 (ValueError for any other: the kernels take no
+        float64 or integers).
         """
+        dtype = _run_dtype(dtype)
         path = ckpt.resolve_file(path)
         state, metadata = ckpt.read_state_dict(path, allow_pickle=allow_pickle)
         own = metadata.get("format") == ckpt.FORMAT_NAME or _is_own_layout(state)
@@ -102,7 +135,7 @@ class RDM(nn.Module):
         if own and not use_ema:
             state, source = _with_train_weights(state, path)
         model = cls.from_state_dict(state, config, use_ema=use_ema, source=source)
-        return model.to(device=device, dtype=dtype or torch.float32)
+        return model.to(device=device, dtype=dtype)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], config: str | Path | dict | RDMConfig, *,
@@ -131,7 +164,8 @@ class RDM(nn.Module):
 
     def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
         """Write ``model.safetensors`` + ``config.json`` (rdm_fast's format) atomically; returns the weights path.
-        ``dtype``: the precision stored (ValueError if a weight is beyond its range)."""
+        ``dtype``: the precision stored, torch.float32, torch.float16 or torch.bfloat16 (None: the model's own;
+        ValueError for any other, or if a weight is beyond its range)."""
         tensors = ckpt.cast_floats(self.state_dict(), dtype)
         return ckpt.save_safetensors(tensors, self.config.to_dict(), directory)
 
@@ -175,12 +209,15 @@ class RDM(nn.Module):
         (mean, log-variance), or the VQ pre-quantisation latent. :meth:`latents` turns it into latents."""
         dd = self.config.first_stage_config.ddconfig
         f = dd.downsample_factor
+        _check_tensor(images, "encode: images", f"(B, {dd.in_channels}, H, W)")
         if images.dim() != 4 or images.shape[1] != dd.in_channels or images.shape[2] % f or images.shape[3] % f:
             raise ValueError(f"encode: images must be (B, {dd.in_channels}, H, W) with H, W multiples of {f}, "
                              f"got {tuple(images.shape)}")
         if not images.is_floating_point():
             raise ValueError(f"encode: images must be floats in [-1, 1], got {images.dtype} (uint8 pixels: "
                              "x / 127.5 - 1)")
+        if images.shape[0] < 1:
+            raise ValueError("encode: images hold no samples (batch of 0)")
         peak = float(images.abs().amax()) if images.device.type == "cpu" and images.numel() else 0.0  # no GPU sync
         if peak > 1.5:
             log.warning("encode: the images reach %.3g; the first stage expects values in [-1, 1]", peak)
@@ -200,9 +237,13 @@ class RDM(nn.Module):
 
     @on_own_device
     def decode(self, z: Tensor) -> Tensor:
-        """Scaled latents (B, C, h, w) -> images in [-1, 1] (fp32). VQ models snap to the codebook first."""
+        """Scaled latents (B, C, h, w) -> images in [-1, 1] (fp32). VQ models snap to the codebook first.
+        TypeError unless ``z`` is a tensor, ValueError for a batch of 0 (as :meth:`sample`)."""
+        _check_tensor(z, "decode: latents", f"(B, {self.config.channels}, h, w)")
         if z.dim() != 4 or z.shape[1] != self.config.channels:
             raise ValueError(f"decode: latents must be (B, {self.config.channels}, h, w), got {tuple(z.shape)}")
+        if z.shape[0] < 1:
+            raise ValueError("decode: latents hold no samples (batch of 0)")
         z = z.to(self.device, torch.float32).div(self.config.scale_factor).to(self.dtype)
         return self.first_stage.decode(self._first_stage_input(z)).float().clamp(-1.0, 1.0).contiguous()
 
@@ -218,8 +259,10 @@ class RDM(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     def check_context(self, context: Tensor) -> None:
-        """ValueError unless ``context`` is (B >= 1, k >= 1, context_dim) floats."""
+        """TypeError unless ``context`` is a tensor, ValueError unless it is (B >= 1, k >= 1, context_dim) floats,
+        finite where it is on the CPU (device tensors are not read: no host synchronisation)."""
         d = self.config.context_dim
+        _check_tensor(context, "context", f"(B, k, {d})")
         if context.dim() != 3:
             raise ValueError(f"context must be (B, k, {d}): B samples, k embeddings each; got {tuple(context.shape)}")
         if context.shape[-1] != d:
@@ -231,6 +274,7 @@ class RDM(nn.Module):
             raise ValueError("context holds no samples (batch of 0)")
         if not context.is_floating_point():
             raise ValueError(f"context must hold floats, got {context.dtype}")
+        _check_finite_on_cpu(context, "context")
 
     @torch.no_grad()
     @on_own_device
@@ -245,7 +289,12 @@ class RDM(nn.Module):
         them from a database); L2-normalised here where the config says ``normalized_embeddings``, as the command
         line does; a length the model's conventions do not allow is warned about. ``steps``, ``sampler``, ``eta``
         and ``guidance_scale`` default to the config's ``sampling`` section. As in the reference, DDIM's
-        timesteps are every T // steps from t = 1, so few steps start mid-schedule (steps=2: t = 501, 1).
+        timesteps are every T // steps from t = 1, so few steps start mid-schedule (steps=2: t = 501, 1);
+        ``steps`` runs from 1 to T // 2 (an integer: int, NumPy integers), and a count whose last uniform timestep
+        would pass T - 1 is refused (ValueError naming the nearest counts that fit; see
+        :meth:`Schedule.ddim_timesteps`). ``context`` and ``x_T`` must be tensors (TypeError otherwise); CPU ones
+        holding NaN or infinity are refused (ValueError; device tensors are not read, sampling stays free of host
+        synchronisation).
         ``eta``: DDIM noise, 0 (deterministic) up to a bound >= 1 that depends on the schedule and ``steps``
         (ValueError beyond it, see :meth:`Schedule.ddim`). Classifier-free guidance with ``guidance_scale != 1``
         contrasts against an all-zero context. ``x_T`` fixes the starting noise; otherwise it is drawn from
@@ -285,6 +334,8 @@ class RDM(nn.Module):
         if x_T is None:
             x = draw_noise(shape, generator, self.device)
         else:
+            _check_tensor(x_T, "x_T", str(shape))
+            _check_finite_on_cpu(x_T, "x_T")
             if tuple(x_T.shape) != shape:
                 raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
             x = x_T.to(self.device, torch.float32)

@@ -427,3 +427,16 @@ def test_damaged_config_names_the_file(tmp_path):
     (tmp_path / "beside" / ckpt.CONFIG_FILE).write_text('{"model": ')
     with pytest.raises(ckpt.CheckpointError, match=f"{tmp_path / 'beside' / ckpt.CONFIG_FILE}: no readable config"):
         RDM.from_pretrained(tmp_path / "beside")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, "fp16", torch.float64])
+def test_save_and_load_refuse_dtypes_the_model_cannot_run_in(tmp_path, dtype):
+    model = RDM.from_config("tiny")
+    with pytest.raises(ValueError, match="dtype must be torch.float32, torch.float16 or torch.bfloat16"):
+        model.save_pretrained(tmp_path / "bad", dtype=dtype)
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    model.save_pretrained(tmp_path / "good")
+    with pytest.raises(ValueError, match="dtype must be torch.float32, torch.float16 or torch.bfloat16"):
+        RDM.from_pretrained(tmp_path / "good", dtype=dtype)
+    with pytest.raises(ValueError, match="dtype must be torch.float32"):
+        ckpt.cast_floats({"w": torch.ones(1)}, dtype)

@@ -518,3 +518,59 @@ def test_neighbors_name_a_damaged_entry(tmp_path):
     with pytest.raises(ValueError, match=r"entry 7 of .*db holds NaN or infinite values: the database is damaged "
                                          r"\(check it with python -m rdm_fast.db info .*db --verify\)"):
         compute_neighbors(db, k=2, exclude_self=True, progress=False)
+
+
+def test_search_images_warns_about_0_255_images_and_refuses_wrong_types(db_dir, caplog):
+    """RDM.encode warns about images far outside [-1, 1]; the encoders' image path now does too (CPU images),
+    and wrong argument types are TypeErrors naming the argument instead of AttributeErrors."""
+    db = Database.open(db_dir, device="cpu")
+    enc = TinyEncoder()
+    images = torch.rand(2, 3, 20, 24)
+    with caplog.at_level("WARNING", logger="rdm_fast.encoders"):
+        db.search_images(enc, images * 2 - 1, 3)
+    assert "expects values in [-1, 1]" not in caplog.text
+    with caplog.at_level("WARNING", logger="rdm_fast.encoders"):
+        db.search_images(enc, images * 255, 3)  # 0-255 floats: searched, but warned about
+    assert "reach" in caplog.text and "expects values in [-1, 1]" in caplog.text
+    with pytest.raises(TypeError, match="search_images: images must be a torch.Tensor") as e:
+        db.search_images(enc, (images * 2 - 1).numpy(), 3)
+    assert "ndarray" in one_line(e)
+    for call in (lambda: db.search_images("tiny-test", images, 3), lambda: db.search_text("tiny-test", ["a"], 3)):
+        with pytest.raises(TypeError, match=r"encoder must be an rdm_fast.encoders.Encoder, got str") as e:
+            call()
+        assert "get_encoder('tiny-test')" in one_line(e)
+    with pytest.raises(TypeError, match="encoder must be an rdm_fast.encoders.Encoder, got NoneType"):
+        db.search_text(None, ["a"], 3)
+
+
+def test_open_checks_chunk_rows_device_and_path(db_dir):
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_rows must be an int >= 1") as e:
+            Database.open(db_dir, device="cpu", backend="torch", chunk_rows=bad)
+        assert repr(bad) in one_line(e)
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device") as e:
+        Database.open(db_dir, device="gpu")
+    one_line(e)
+    with pytest.raises(TypeError, match="path must be a str or a path-like object.*NoneType"):
+        Database.open(None)
+    db = Database.open(str(db_dir), device="cpu", backend="torch", chunk_rows=1)
+    assert db.search(torch.randn(2, 16), 3)[1].shape == (2, 3)
+
+
+def test_search_refuses_integer_queries(db_dir):
+    """The error says "float tensor or array"; integer tensors used to be searched anyway."""
+    db = Database.open(db_dir, device="cpu")
+    for q in (torch.ones(2, 16, dtype=torch.int64), torch.ones(2, 16, dtype=torch.bool), np.ones((2, 16), np.int64)):
+        with pytest.raises(ValueError, match=r"queries must be a \(Q, 16\) float tensor or array") as e:
+            db.search(q, 3)
+        assert "int64" in one_line(e) or "bool" in one_line(e)
+    assert db.search(torch.ones(2, 16, dtype=torch.float16), 3)[1].shape == (2, 3)
+
+
+def test_write_database_names_missing_encoder_info_keys(tmp_path, data):
+    with pytest.raises(ValueError, match="encoder_info lacks 'dim', 'normalized'") as e:
+        write_database(tmp_path / "db", data[0], {"name": "e"})
+    one_line(e)
+    with pytest.raises(TypeError, match="encoder_info must be a dict"):
+        write_database(tmp_path / "db", data[0], "tiny-test")
+    assert not (tmp_path / "db").exists()

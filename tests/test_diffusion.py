@@ -271,3 +271,39 @@ def test_per_sample_generators_draw_each_row_from_its_own():
     runs = [sample_ddim(lambda x, t: 0.1 * x, x[ids], s.ddim(5, eta=1.0), generator=gens(ids))
             for ids in ([0, 1, 2, 3], [2, 3])]
     torch.testing.assert_close(runs[0][2:], runs[1], rtol=1e-12, atol=1e-12)
+
+
+def test_sampling_settings_name_the_argument_and_take_integral_steps():
+    import numpy as np
+    from rdm_fast.config import SamplingDefaults
+    run = SamplingDefaults().resolve(steps=np.int64(4), eta=np.float32(0.5), guidance_scale=np.float64(3))
+    assert run.steps == 4 and type(run.steps) is int
+    for kwargs, name in (({"eta": "0.5"}, "eta"), ({"guidance_scale": "5"}, "guidance_scale"),
+                         ({"guidance_scale": None, "eta": [0]}, "eta")):
+        with pytest.raises(TypeError, match=f"{name} must be a real number"):
+            SamplingDefaults().resolve(**kwargs)
+    with pytest.raises(TypeError, match="steps must be an int"):
+        SamplingDefaults().resolve(steps=2.0)
+
+
+@pytest.mark.parametrize("args,name", [
+    ((0.02, 0.001, 1000), "linear_start"),      # start > end: betas would shrink with t
+    ((0.0015, 0.0195, 0), "timesteps"),         # an empty schedule
+    ((0.0015, 0.0195, -3), "timesteps"),
+    ((0.0015, 0.0195, 10.5), "timesteps"),
+    ((-0.1, 0.02, 1000), "linear_start"),       # sqrt of a negative: a complex linspace error before
+    ((0.0015, -0.02, 1000), "linear_end"),
+    ((0.0015, 1.0, 1000), "linear_end"),        # beta = 1 zeroes alphas_cumprod
+    ((float("nan"), 0.02, 1000), "linear_start"),
+])
+def test_linear_refuses_bad_arguments(args, name):
+    with pytest.raises(ValueError, match=name) as e:
+        Schedule.linear(*args)
+    assert "\n" not in str(e.value)
+
+
+def test_linear_still_builds_the_released_schedule():
+    s = Schedule.linear(0.0015, 0.0195, 1000)
+    assert s.num_timesteps == 1000
+    torch.testing.assert_close(s.betas[[0, -1]], torch.tensor([0.0015, 0.0195], dtype=torch.float64))
+    assert Schedule.linear(0.01, 0.01, 1).num_timesteps == 1  # constant and one-step schedules stay allowed

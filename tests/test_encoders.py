@@ -414,3 +414,34 @@ def test_shipped_projection_metadata():
                       "text_proj.weight": (256, 384), "text_proj.bias": (256,)}
     assert {"dims", "data", "metrics", "date", "settings"} <= set(meta)
     assert meta["encoder"] == "offline-lite0-minilm"
+
+
+def _constant_encoder():
+    from rdm_fast.encoders import Encoder
+
+    class Constant(Encoder):
+        name, dim, normalized, image_size = "constant-test", 4, False, 8
+
+        def encode_images(self, images):
+            self.check_images(images)
+            return torch.ones(images.shape[0], self.dim)
+
+        def encode_text(self, texts):
+            return torch.ones(len(self.check_texts(texts)), self.dim)
+
+    return Constant()
+
+
+def test_embed_images_warns_about_0_255_images_and_checks_types(caplog):
+    from rdm_fast.encoders import embed_images, embed_texts
+
+    enc = _constant_encoder()
+    with caplog.at_level("WARNING", logger="rdm_fast.encoders"):
+        embed_images(enc, torch.rand(2, 3, 8, 8) * 2 - 1)
+        assert not caplog.records
+        embed_images(enc, torch.rand(2, 3, 8, 8) * 255)
+    assert "constant-test: the images reach" in caplog.text and "[-1, 1]" in caplog.text
+    with pytest.raises(TypeError, match="images must be a torch.Tensor .* got ndarray"):
+        embed_images(enc, np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(TypeError, match="embed_texts: encoder must be an rdm_fast.encoders.Encoder, got str"):
+        embed_texts("constant-test", ["a"])

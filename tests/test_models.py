@@ -3,6 +3,7 @@ half-precision closeness, and the extension path against the plain-PyTorch path.
 
 from __future__ import annotations
 
+import numpy as np
 import oracle
 import pytest
 import torch
@@ -696,3 +697,75 @@ def test_first_stage_is_frozen():
     z.requires_grad_()
     model.decode(z).sum().backward()
     assert z.grad is not None
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"context": torch.tensor([[[float("nan")] * 64]])}, ValueError, "context holds NaN or infinite values"),
+    ({"x_T": torch.full((2, 4, 16, 16), float("inf"))}, ValueError, "x_T holds NaN or infinite values"),
+    ({"context": np.zeros((2, 4, 64), np.float32)}, TypeError,
+     r"context must be a torch.Tensor of shape \(B, k, 64\), got ndarray"),
+    ({"context": None}, TypeError, "context must be a torch.Tensor"),
+    ({"x_T": np.zeros((2, 4, 16, 16), np.float32)}, TypeError, "x_T must be a torch.Tensor"),
+    ({"guidance_scale": "5"}, TypeError, "guidance_scale must be a real number"),
+    ({"eta": "0.5"}, TypeError, "eta must be a real number"),
+    ({"steps": True}, TypeError, "steps must be an int"),
+])
+def test_sample_refuses_non_tensors_and_non_finite_cpu_inputs(kwargs, error, message):
+    model = RDM.from_config("tiny")
+    kwargs = {"context": torch.randn(2, 4, 64), "steps": 2, **kwargs}
+    with pytest.raises(error, match=message):
+        model.sample(**kwargs)
+
+
+def test_sample_takes_numpy_integer_steps():
+    model = RDM.from_config("tiny")
+    ctx = torch.randn(1, 4, 64)
+    x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.sample(ctx, steps=np.int64(2), x_T=x_T), model.sample(ctx, steps=2, x_T=x_T))
+
+
+def test_autoencoder_refuses_non_tensors_and_empty_batches():
+    model = RDM.from_config("tiny")
+    with pytest.raises(TypeError, match=r"encode: images must be a torch.Tensor of shape \(B, 3, H, W\), got ndarray"):
+        model.encode(np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(TypeError, match="encode: images must be a torch.Tensor.*got list"):
+        model.encode_moments([[0.0]])
+    with pytest.raises(TypeError, match=r"decode: latents must be a torch.Tensor of shape \(B, 4, h, w\), got NoneType"):
+        model.decode(None)
+    with pytest.raises(ValueError, match=r"encode: images hold no samples \(batch of 0\)"):
+        model.encode(torch.zeros(0, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"decode: latents hold no samples \(batch of 0\)"):
+        model.decode(torch.zeros(0, 4, 16, 16))
+
+
+def test_unet_refuses_wrong_types_and_empty_batches():
+    model = RDM.from_config("tiny")
+    x, t, ctx = inputs(model.config)
+    with pytest.raises(ValueError, match="unet: context must hold floats, got torch.int64"):
+        model.unet(x, t, ctx.long())
+    with pytest.raises(TypeError, match="unet: context must be a torch.Tensor.*got NoneType"):
+        model.unet(x, t, None)
+    for bad in (np.array([1, 2]), [1, 2], "5"):
+        with pytest.raises(TypeError, match=r"unet: t must be a tensor of shape \(B,\) or a number"):
+            model.unet(x, bad, ctx)
+    with pytest.raises(ValueError, match=r"unet: x holds no samples \(batch of 0\)"):
+        model.unet(x[:0], 5, ctx[:0])
+    with pytest.raises(ValueError, match="unet: context holds no samples"):
+        model.unet.prepare_context(ctx[:0])
+    with torch.no_grad():
+        torch.testing.assert_close(model.unet(x, np.int64(10), ctx), model.unet(x, 10, ctx))
+
+
+def test_unet_returns_eps_in_the_dtype_of_x():
+    """The network runs in its weights' dtype; eps leaves in x's (as UNet.forward's docstring says)."""
+    model = RDM.from_config("tiny", dtype=torch.bfloat16)
+    x, t, ctx = inputs(model.config)
+    with torch.no_grad():
+        assert model.unet(x, t, ctx).dtype == torch.float32
+        assert model.unet(x.bfloat16(), t, ctx).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, "bf16"])
+def test_from_config_refuses_dtypes_the_model_cannot_run_in(dtype):
+    with pytest.raises(ValueError, match="dtype must be torch.float32, torch.float16 or torch.bfloat16"):
+        RDM.from_config("tiny", dtype=dtype)

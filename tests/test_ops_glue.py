@@ -650,3 +650,28 @@ def test_ops_take_mixed_operands_under_autocast(dtype):
     assert torch.equal(ln, ops.layer_norm(x, w.to(dtype), b.to(dtype), 1e-5))
     with pytest.raises(ValueError, match="dtype"):
         ops.add_bias(x, bias, residual)
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf"), torch.tensor(-1.0)],
+                         ids=["neg", "nan", "inf", "cpu-tensor"])
+@pytest.mark.parametrize("name,call", [
+    ("layer_norm", lambda x, eps: layer_norm(x, None, None, eps)),
+    ("layer_norm", lambda x, eps: layer_norm_reference(x, None, None, eps)),
+    ("add_layer_norm", lambda x, eps: add_layer_norm(x, x, None, None, None, eps)),
+    ("cross_attention", lambda x, eps: ops.cross_attention(x, None, None, eps, torch.randn(8, 8), x, x, 2)),
+], ids=["layer_norm", "layer_norm_reference", "add_layer_norm", "cross_attention"])
+def test_negative_or_non_finite_eps_is_refused(name, call, eps):
+    """A negative LayerNorm eps gave NaN rows without an error."""
+    with pytest.raises(ValueError, match=f"{name}: (ln_)?eps must be a finite number >= 0"):
+        call(torch.randn(2, 3, 8), eps)
+
+
+def test_ddim_step_docstring_matches_noise_check():
+    """The docstring once said a None noise only drops the noise term; sigma_t > 0 without noise raises."""
+    doc = " ".join(ddim_guided_step.__doc__.split())
+    assert "no noise term when ``noise`` is None" not in doc
+    assert "required when ``sigma_t`` > 0" in doc
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="sigma_t > 0 needs noise"):
+        ddim_guided_step(x, x, x, 2.0, 0.5, 0.6, 0.1)
+    ddim_guided_step(x, x, x, 2.0, 0.5, 0.6, 0.0)  # sigma_t = 0: no noise needed

@@ -659,3 +659,15 @@ def test_cuda_op_on_current_stream(cuda_ext, channels_last):
     graph.replay()
     torch.cuda.synchronize()
     assert_matches(out, group_norm_reference(x, w, b, 32, EPS, add=add, silu=True))
+
+
+@pytest.mark.parametrize("eps", [-1.0, -1e-6, float("nan"), float("inf")], ids=["neg", "tiny-neg", "nan", "inf"])
+@pytest.mark.parametrize("fn", [group_norm, group_norm_reference], ids=["op", "reference"])
+def test_negative_or_non_finite_eps_is_refused(fn, eps):
+    """A negative eps made the variance + eps negative: NaN outputs without an error."""
+    x, w, b, _ = _make_inputs((2, 8, 4, 4), torch.float32)
+    with pytest.raises(ValueError, match="group_norm: eps must be a finite number >= 0"):
+        fn(x, w, b, 4, eps)
+    with pytest.raises(TypeError, match="group_norm: expected eps to be a float"):
+        fn(x, w, b, 4, "1e-5")
+    assert torch.isfinite(fn(x, w, b, 4, 0.0)).all()  # 0 stays allowed (torch's own GroupNorm takes it)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,21 @@ def test_checks_and_pseudo_queries(db_and_data, tmp_path, monkeypatch, caplog):
     assert locate_database("named") == tmp_path / "databases" / "named"
     with pytest.raises(FileNotFoundError, match="no database 'absent'"):
         locate_database("absent")
+
+
+def test_model_context_checks_the_database_against_the_model(db_and_data):
+    """model_context built contexts from a database of another width or encoder; sampling failed later."""
+    db, _ = db_and_data
+    q = torch.randn(2, 64)
+    cfg = config(text_token=False, k_nn=4, normalized=False)
+    narrow = SimpleNamespace(**{key: getattr(cfg, key) for key in
+                                ("k_nn", "text_token", "normalized_embeddings", "retrieval_encoder")},
+                             context_dim=32)  # the fields model_context reads, of a 32-d model
+    with pytest.raises(ValueError, match="holds 64-d embeddings but the model expects 32-d"):
+        model_context(db, narrow, q)
+    other = RDMConfig.preset("tiny").to_dict()
+    other["model"]["params"]["retrieval_encoder"] = "clip-vit-b-32"
+    with pytest.raises(ValueError, match="made by encoder 'test-64' but the model was trained on 'clip-vit-b-32'"):
+        model_context(db, RDMConfig.from_dict(other), q)
+    with pytest.raises(TypeError, match="expected db to be a rdm_fast.retrieval.Database"):
+        model_context(str(db.path), config(text_token=False, k_nn=4, normalized=False), q)

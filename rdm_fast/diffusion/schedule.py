@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,16 @@ class Schedule:
 
     @classmethod
     def linear(cls, linear_start: float, linear_end: float, timesteps: int = 1000) -> "Schedule":
-        """The ``"linear"`` schedule of latent diffusion: linear in sqrt(beta)."""
+        """The ``"linear"`` schedule of latent diffusion: linear in sqrt(beta). ValueError naming the argument
+        unless 0 <= linear_start <= linear_end < 1 and timesteps is an int >= 1."""
+        if isinstance(timesteps, bool) or not isinstance(timesteps, numbers.Integral) or timesteps < 1:
+            raise ValueError(f"timesteps must be an int >= 1, got {timesteps!r}")
+        for name, value in (("linear_start", linear_start), ("linear_end", linear_end)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a number in [0, 1) (a beta), got {value!r}")
+        if linear_start > linear_end:
+            raise ValueError(f"linear_start ({linear_start}) must not exceed linear_end ({linear_end}): betas grow "
+                             "with t")
         sqrt_betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64,
                                     device="cpu")
         return cls(sqrt_betas ** 2)

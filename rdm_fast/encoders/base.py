@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger("rdm_fast.encoders")
 
 
 class EncoderUnavailable(RuntimeError):
@@ -74,14 +77,41 @@ def _checked(encoder: Encoder, emb: Tensor, n: int, what: str) -> Tensor:
     return emb
 
 
+def check_encoder_arg(encoder: Encoder, where: str, name: str = "encoder") -> None:
+    """TypeError naming ``name`` unless ``encoder`` is an :class:`Encoder` (a registered name is not built here:
+    ``get_encoder(name)`` builds it once, loading its weights)."""
+    if not isinstance(encoder, Encoder):
+        hint = (f" (build it once with rdm_fast.encoders.get_encoder({encoder!r}) and pass that)"
+                if isinstance(encoder, str) else "")
+        raise TypeError(f"{where}: {name} must be an rdm_fast.encoders.Encoder, got {type(encoder).__name__}{hint}")
+
+
+def warn_image_range(images: Tensor, what: str) -> None:
+    """Warn (as ``RDM.encode`` does) when CPU images reach beyond [-1, 1] by far, e.g. 0-255 pixels passed as
+    floats; CUDA images are not read (that would synchronise with the host)."""
+    if images.device.type != "cpu" or not images.numel() or not images.is_floating_point():
+        return
+    peak = float(images.abs().amax())
+    if peak > 1.5:
+        log.warning("%s: the images reach %.3g; the encoder expects values in [-1, 1] (uint8 pixels: "
+                    "x / 127.5 - 1)", what, peak)
+
+
 def embed_images(encoder: Encoder, images: Tensor) -> Tensor:
     """``encoder.encode_images(images)``, checked to be (B, encoder.dim): a custom encoder that declares another
-    width fails here, not in every later use of what it made (a database, a search)."""
+    width fails here, not in every later use of what it made (a database, a search). ``images`` must be a
+    tensor (TypeError); CPU images far outside [-1, 1] (0-255 pixels as floats) are warned about."""
+    check_encoder_arg(encoder, "embed_images")
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{encoder.name}: images must be a torch.Tensor (B, 3, H, W) in [-1, 1], got "
+                        f"{type(images).__name__} (a NumPy array: torch.from_numpy(a))")
+    warn_image_range(images, encoder.name)
     return _checked(encoder, encoder.encode_images(images), images.shape[0], "images")
 
 
 def embed_texts(encoder: Encoder, texts: Sequence[str]) -> Tensor:
     """``encoder.encode_text(texts)``, checked as :func:`embed_images` (a bare str is refused: it is no list)."""
+    check_encoder_arg(encoder, "embed_texts")
     if isinstance(texts, str):
         raise TypeError(f"{encoder.name}: expected a list of captions, got a single str (wrap it in a list)")
     texts = list(texts)

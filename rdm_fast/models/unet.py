@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -445,10 +446,19 @@ class UNet(nn.Module):
         return names
 
     def _check_context(self, context: Tensor, batch: int | None = None) -> None:
+        """TypeError unless ``context`` is a tensor, ValueError unless it is (batch, k >= 1, context_dim) floats
+        with batch >= 1 (type, shape and dtype only: nothing is read from a device tensor)."""
         d = self.cfg.context_dim
+        if not isinstance(context, Tensor):
+            raise TypeError(f"unet: context must be a torch.Tensor of shape ({batch if batch is not None else 'B'}, "
+                            f"k, {d}) or a PreparedContext, got {type(context).__name__}")
         if context.dim() != 3 or context.shape[2] != d or (batch is not None and context.shape[0] != batch):
             want = f"({batch if batch is not None else 'B'}, k, {d})"
             raise ValueError(f"unet: context must be {want}, got {tuple(context.shape)}")
+        if context.shape[0] < 1 or context.shape[1] < 1:
+            raise ValueError(f"unet: context holds no samples or no embeddings, got {tuple(context.shape)}")
+        if not context.is_floating_point():
+            raise ValueError(f"unet: context must hold floats, got {context.dtype}")
 
     @torch.no_grad()
     def prepare_context(self, context: Tensor, zero_rows: int = 0, *, shared_input: bool = False) -> PreparedContext:
@@ -478,6 +488,8 @@ class UNet(nn.Module):
             raise ValueError(f"unet: x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"unet: x must be a float tensor, got {x.dtype}")
+        if x.shape[0] < 1:
+            raise ValueError("unet: x holds no samples (batch of 0)")
         factor = 2 ** (len(cfg.channel_mult) - 1)
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"unet: H and W must be multiples of {factor}, got {tuple(x.shape[2:])}")
@@ -493,8 +505,14 @@ class UNet(nn.Module):
 
     @on_input_device
     def forward(self, x: Tensor, t: Tensor | int | float, context: Tensor | PreparedContext) -> Tensor:
-        """eps for noisy latents ``x`` at timesteps ``t``, given a context tensor or a :class:`PreparedContext`."""
+        """eps for noisy latents ``x`` (B, C, H, W) at timesteps ``t`` ((B,) or 0-d tensor, or a Python/NumPy
+        number for every sample), given a context tensor (B, k, D) of floats or a :class:`PreparedContext`.
+
+        The network runs in its weights' dtype; eps (B, out_channels, H, W) is returned in ``x``'s dtype.
+        TypeError for a ``t`` or context of another type, ValueError for mismatched shapes or a batch of 0."""
         if not torch.is_tensor(t):
+            if isinstance(t, bool) or not isinstance(t, numbers.Real):
+                raise TypeError(f"unet: t must be a tensor of shape (B,) or a number, got {type(t).__name__}")
             t = torch.full((x.shape[0],), t, device=x.device)  # a float stays a float, as in a tensor
         elif t.dim() == 0:  # no int(t): a device tensor must not synchronise (CUDA graphs, sync-free loops)
             t = t.expand(x.shape[0])

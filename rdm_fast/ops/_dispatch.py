@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +43,21 @@ def check_tensor(op: str, name: str, t: Tensor, like: Tensor | None = None, shap
         raise ValueError(f"{op}: unsupported {name} dtype {t.dtype} (expected one of {names})")
     if like is not None and t.device != like.device:
         raise ValueError(f"{op}: expected {name} on device {like.device}, got {t.device}")
+
+
+def check_eps(op: str, eps: float, name: str = "eps") -> None:
+    """ValueError naming ``op`` and ``name`` unless ``eps`` is a finite number >= 0 (a negative one makes the
+    normalisation's variance + eps negative or zero: NaN or Inf outputs). A 0-d tensor is checked on the CPU only
+    (reading a CUDA one would synchronise with the host)."""
+    if isinstance(eps, Tensor):
+        if eps.numel() != 1 or eps.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        eps = eps.item()
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{op}: expected {name} to be a float, got {type(eps).__name__}")
+    if not math.isfinite(float(eps)) or eps < 0:
+        raise ValueError(f"{op}: {name} must be a finite number >= 0, got {eps!r}")
+
 
 logger = logging.getLogger("rdm_fast.ops")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import Impl, Op, autocast_inputs, check_tensor, needs_grad
+from ._dispatch import Impl, Op, autocast_inputs, check_eps, check_tensor, needs_grad
 from .attention import _interpreter_unavailable, _triton_unavailable, attention, attention_reference
 from ._triton_kernels import without_bfloat16
 from .glue import layer_norm, layer_norm_reference
@@ -123,4 +123,5 @@ def cross_attention(
     from ``LayerNorm(x + shift)`` (the sum in float32, not stored).
     """
     check_args(x, ln_weight, ln_bias, w_q, k, v, heads, shift)
+    check_eps("cross_attention", ln_eps, "ln_eps")
     return CROSS_ATTENTION(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads, shift=shift)

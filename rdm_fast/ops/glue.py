@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._layout import copy_into_blocks
-from ._dispatch import SUPPORTED_DTYPES, autocast_inputs, check_tensor, needs_grad
+from ._dispatch import SUPPORTED_DTYPES, autocast_inputs, check_eps, check_tensor, needs_grad
 from ._triton_kernels import TritonKernels
 
 MAX_LAYER_NORM_WIDTH = 16384  # the Triton kernel holds a row in registers
@@ -63,6 +63,7 @@ def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     """LayerNorm over the last dim of ``x (+ shift)`` in float32 (PyTorch's kernel on a float32 copy: under
     autograd it keeps only that copy and the row statistics), rounded once; the oracle and CPU path."""
     _check_layer_norm("layer_norm", x, weight, bias, shift)
+    check_eps("layer_norm", eps)
     xf = x.float() if shift is None else x.float() + shift.float()
     y = F.layer_norm(xf, (x.shape[-1],), None if weight is None else weight.float(),
                      None if bias is None else bias.float(), eps)
@@ -86,6 +87,7 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ``shift`` (C,): normalise ``x + shift`` instead, the sum formed in float32 and not stored (a linear layer's
     bias that its caller carries instead of adding it to x in a pass of its own)."""
     _check_layer_norm("layer_norm", x, weight, bias, shift)
+    check_eps("layer_norm", eps)
     return LAYER_NORM(x, weight, bias, eps, shift=shift)
 
 
@@ -147,6 +149,7 @@ def add_layer_norm(
     reads s again; ``residual_bias`` (C,) takes the bias of the linear layer that produced ``residual``.
     """
     _check_add_layer_norm(x, residual, residual_bias, weight, bias)
+    check_eps("add_layer_norm", eps)
     return ADD_LAYER_NORM(x, residual, residual_bias, weight, bias, eps)
 
 
@@ -379,9 +382,11 @@ def ddim_guided_step(
     """One DDIM step on the classifier-free-guided eps; returns ``(x_prev, pred_x0)`` in x's dtype.
 
     ``e = e_u + s (e_c - e_u)`` (``e = e_cond`` when ``e_uncond`` is None), ``x0 = (x - sqrt(1 - a_t) e) /
-    sqrt(a_t)``, ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) e + sigma_t noise`` (no noise term
-    when ``noise`` is None): ``samplers.guided``'s combine and the update of ``samplers.sample_ddim`` in one
-    pass. Coefficients are Python floats or 0-d tensors; 0-d tensors on x's device are read by the kernel
+    sqrt(a_t)``, ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) e + sigma_t noise``. ``noise`` (x's
+    shape) is required when ``sigma_t`` > 0 (ValueError "sigma_t > 0 needs noise") and may be None only for the
+    deterministic update, ``sigma_t`` = 0 (a 0-d tensor ``sigma_t`` on x's device is not read, so there a
+    missing ``noise`` is not detected and the noise term is left out). ``samplers.guided``'s combine and the
+    update of ``samplers.sample_ddim`` in one pass. Coefficients are Python floats or 0-d tensors; 0-d tensors on x's device are read by the kernel
     (no host synchronisation, so a sampling loop can be captured in a CUDA graph; pass float64 ones for full
     precision of ``1 - a``). Tensors: x's shape and dtype; float32 math (float64 for float64 tensors, which
     only the reference takes).

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _layout
 from . import _extension
-from ._dispatch import Impl, Op, autocast_inputs, check_tensor, eager_constant, get_mode, needs_grad
+from ._dispatch import Impl, Op, autocast_inputs, check_eps, check_tensor, eager_constant, get_mode, needs_grad
 from ._measured import Measured
 from ._triton_kernels import TritonKernels
 
@@ -77,6 +77,7 @@ def group_norm_reference(
 ) -> Tensor:
     """Plain-PyTorch fused GroupNorm in float32; the oracle for every other implementation."""
     check_args(x, weight, bias, num_groups, add)
+    check_eps("group_norm", eps)
     # NCHW on purpose: torch's CPU channels_last GroupNorm kernel loses precision when the mean is
     # large relative to the spread (error ~1.5 for x = 1000 + randn); the result is laid out like x.
     h = x.float().contiguous()
@@ -252,7 +253,8 @@ def group_norm(
     x is (B, C, *spatial), float32/float16/bfloat16, any layout; the result has x's shape and dtype and x's
     memory format (channels_last for a channel slice of a channels_last map). Contiguous and 4-D channels_last
     inputs (and such slices; the CPU extension copies those first) run the fused kernels; other layouts the
-    reference. Semantics are those of :func:`group_norm_reference`.
+    reference. ``eps`` must be finite and >= 0 (ValueError). Semantics are those of :func:`group_norm_reference`.
     """
     check_args(x, weight, bias, num_groups, add)
+    check_eps("group_norm", eps)
     return GROUP_NORM(x, weight, bias, num_groups, eps, add=add, silu=silu)

@@ -57,15 +57,24 @@ def default_neighbors(cfg: RDMConfig, *, include_query: bool = True) -> int:
     return cfg.k_nn if cfg.text_token or not include_query else cfg.k_nn - 1
 
 
-def check_database_for_model(db: Database, cfg: RDMConfig, neighbors: int | None = None) -> None:
-    """Raise ValueError unless ``db``'s embeddings are the kind the model was trained on and it holds more than
-    ``neighbors`` entries (default: the model's convention)."""
+def check_database_embeddings(db: Database, cfg: RDMConfig) -> None:
+    """Raise ValueError unless ``db``'s embeddings are the kind the model was trained on (width, encoder); the
+    first half of :func:`check_database_for_model`, and what :func:`model_context` checks on every call."""
+    if not isinstance(db, Database):
+        raise TypeError(f"expected db to be a rdm_fast.retrieval.Database (Database.open(path)), got "
+                        f"{type(db).__name__}")
     if db.dim != cfg.context_dim:
         raise ValueError(f"{db.path} holds {db.dim}-d embeddings but the model expects {cfg.context_dim}-d "
                          "(its context_dim)")
     if cfg.retrieval_encoder is not None and db.encoder_name != cfg.retrieval_encoder:
         raise ValueError(f"{db.path} was made by encoder {db.encoder_name!r} but the model was trained on "
                          f"{cfg.retrieval_encoder!r} embeddings")
+
+
+def check_database_for_model(db: Database, cfg: RDMConfig, neighbors: int | None = None) -> None:
+    """Raise ValueError unless ``db``'s embeddings are the kind the model was trained on and it holds more than
+    ``neighbors`` entries (default: the model's convention)."""
+    check_database_embeddings(db, cfg)
     needed = default_neighbors(cfg) if neighbors is None else neighbors
     if len(db) < needed + 1:
         raise ValueError(f"{db.path} holds {len(db)} entries; contexts with {needed} neighbours need at least "
@@ -101,7 +110,10 @@ def model_context(db: Database, cfg: RDMConfig, queries: Tensor, *, query_ids: T
                   k: int | None = None, include_query: bool = True) -> Tensor:
     """Contexts laid out as model ``cfg`` was trained with (see the module docstring), normalised where it says.
     ``k`` (default :func:`default_neighbors`) and ``include_query`` are the reference's sampling options: more or
-    fewer neighbours, the neighbours without the query, or (``k = 0``) the query alone, e.g. a caption."""
+    fewer neighbours, the neighbours without the query, or (``k = 0``) the query alone, e.g. a caption.
+    ValueError unless ``db`` holds the embeddings ``cfg`` was trained on (:func:`check_database_embeddings`:
+    width and encoder; too few entries for ``k`` are reported by the search)."""
+    check_database_embeddings(db, cfg)
     k = default_neighbors(cfg, include_query=include_query) if k is None else k
     return neighbour_context(db, queries, k, query_ids=query_ids, normalize=cfg.normalized_embeddings,
                              include_query=include_query)

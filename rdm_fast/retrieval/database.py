@@ -41,7 +41,7 @@ from torch import Tensor
 from .._files import (array_file_problem, atomic_save_npy, atomic_save_npz, atomic_write_json, remove_stale_temps,
                       sha256_file)
 from .search import check_k, exact_search
-from ..encoders.base import Encoder, embed_images, embed_texts
+from ..encoders.base import Encoder, check_encoder_arg, embed_images, embed_texts, warn_image_range
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -121,6 +121,13 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
                    sources: Sequence[str] | None = None, class_ids: np.ndarray | None = None,
                    patch_coords: np.ndarray | None = None, shard_size: int = 100_000, **extra: Any) -> Path:
     """Write in-memory (N, D) embeddings (and optional per-row metadata) as a database directory."""
+    if not isinstance(encoder_info, dict):
+        raise TypeError(f"write_database: encoder_info must be a dict {{name, dim, normalized}} (e.g. "
+                        f"encoder.info()), got {type(encoder_info).__name__}")
+    missing = [key for key in ("name", "dim", "normalized") if key not in encoder_info]
+    if missing:
+        raise ValueError(f"write_database: encoder_info lacks {', '.join(map(repr, missing))}: it must hold "
+                         f"name, dim and normalized (e.g. encoder.info()), got {encoder_info!r}")
     if isinstance(embeddings, Tensor):
         embeddings = embeddings.detach().cpu().numpy()
     emb = np.asarray(embeddings)
@@ -284,8 +291,21 @@ class Database:
         ``device``: where searches run (default: CUDA when available, else the CPU). ``verify`` checks the SHA-256
         of every shard's embeddings and metadata (reads them all; the index and proposals files have no
         checksum); their sizes are always checked. ``nprobe``/``ef_search`` tune FAISS
-        indexes; ``chunk_rows`` is the torch backend's streaming block.
+        indexes; ``chunk_rows`` (an int >= 1) is the torch backend's streaming block.
         """
+        if not isinstance(path, (str, Path)) and not hasattr(path, "__fspath__"):
+            raise TypeError(f"Database.open: path must be a str or a path-like object (the database directory), "
+                            f"got {type(path).__name__}")
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"Database.open: chunk_rows must be an int >= 1, got {chunk_rows!r}")
+        if device is not None:
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError, ValueError):
+                raise ValueError(f"Database.open: device {device!r} is not a torch device (e.g. 'cpu', 'cuda', "
+                                 "'cuda:1')") from None
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown search backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         path = Path(path)
         manifest = read_manifest(path)
         shards = []
@@ -299,8 +319,6 @@ class Database:
                 raise FileNotFoundError(f"{path / proposals['file']} is missing (listed in {MANIFEST})")
         dev = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown search backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         kind = cls._pick_backend(path, manifest, backend, dev)
         db = cls(path, manifest, shards, kind, dev, {"nprobe": nprobe, "ef_search": ef_search,
                                                       "chunk_rows": chunk_rows,
@@ -436,8 +454,11 @@ class Database:
             self.check_encoder(encoder)
         if isinstance(queries, np.ndarray) and np.issubdtype(queries.dtype, np.floating):
             queries = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-        if not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.dim:
-            shape = tuple(queries.shape) if isinstance(queries, Tensor) else type(queries).__name__
+        if (not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.dim
+                or not queries.is_floating_point()):
+            shape = (f"{queries.dtype} {tuple(queries.shape)}" if isinstance(queries, Tensor) else
+                     f"ndarray {queries.dtype} {queries.shape}" if isinstance(queries, np.ndarray) else
+                     type(queries).__name__)
             raise ValueError(f"queries must be a (Q, {self.dim}) float tensor or array for {self.path}, got {shape}")
         if len(self) == 0:
             raise ValueError(f"database {self.path} is empty: nothing to search")
@@ -454,22 +475,30 @@ class Database:
         scores, ids = self._search_engine().search(queries, k)
         return scores.to(queries.device, torch.float32), ids.to(queries.device, torch.int64)
 
-    def _check_encoder_object(self, encoder) -> None:
+    def _check_encoder_object(self, encoder, where: str) -> None:
+        check_encoder_arg(encoder, where)
         self.check_encoder(encoder.name)
         if encoder.dim != self.dim:
             raise ValueError(f"encoder {encoder.name!r} makes {encoder.dim}-d embeddings, {self.path} holds "
                              f"{self.dim}-d ones")
 
     def search_images(self, encoder: Encoder, images: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Embed (B, 3, H, W) images in [-1, 1] with ``encoder`` (the database's encoder) and search."""
-        self._check_encoder_object(encoder)
+        """Embed (B, 3, H, W) images in [-1, 1] with ``encoder`` (the database's encoder, an :class:`Encoder`)
+        and search. ``images`` must be a tensor (TypeError); CPU images far outside [-1, 1] are warned about."""
+        self._check_encoder_object(encoder, "search_images")
+        if not isinstance(images, Tensor):
+            raise TypeError(f"search_images: images must be a torch.Tensor (B, 3, H, W) in [-1, 1], got "
+                            f"{type(images).__name__} (a NumPy array: torch.from_numpy(a))")
+        if images.device != encoder.device:  # embed_images warns about CPU images it sees; these it won't
+            warn_image_range(images, f"search_images ({encoder.name})")
         with torch.inference_mode():
             queries = embed_images(encoder, images.to(encoder.device))
         return self.search(queries, k)
 
     def search_text(self, encoder: Encoder, texts: str | Sequence[str], k: int) -> tuple[Tensor, Tensor]:
-        """Embed captions with ``encoder`` (the database's encoder, with a text tower) and search."""
-        self._check_encoder_object(encoder)
+        """Embed captions with ``encoder`` (the database's encoder, an :class:`Encoder` with a text tower) and
+        search."""
+        self._check_encoder_object(encoder, "search_text")
         if isinstance(texts, str):
             texts = [texts]
         with torch.inference_mode():
