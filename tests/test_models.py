@@ -748,6 +748,10 @@ def test_unet_refuses_wrong_types_and_empty_batches():
     for bad in (np.array([1, 2]), [1, 2], "5"):
         with pytest.raises(TypeError, match=r"unet: t must be a tensor of shape \(B,\) or a number"):
             model.unet(x, bad, ctx)
+    with pytest.raises(TypeError, match="UNet: x must be a torch.Tensor, got ndarray"):
+        model.unet(x.numpy(), t, ctx)
+    with pytest.raises(TypeError, match="UNet: x must be a torch.Tensor, got list"):
+        model.unet(x=[1.0], t=t, context=ctx)
     with pytest.raises(ValueError, match=r"unet: x holds no samples \(batch of 0\)"):
         model.unet(x[:0], 5, ctx[:0])
     with pytest.raises(ValueError, match="unet: context holds no samples"):

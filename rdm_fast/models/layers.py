@@ -38,7 +38,10 @@ def on_input_device(forward: Callable) -> Callable:
 
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
-        with current_device((args[0] if args else kwargs[name]).device):
+        x = args[0] if args else kwargs[name]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        with current_device(x.device):
             return forward(self, *args, **kwargs)
     return wrapper
 
