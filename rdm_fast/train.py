@@ -400,7 +400,12 @@ def _fill_settings(args: argparse.Namespace, resume_from: Path | None) -> None:
         saved = run if isinstance(run, dict) else {}
     for key, default in SETTING_DEFAULTS.items():
         if getattr(args, key) is None:
-            setattr(args, key, saved.get(key, default))
+            value = saved.get(key, default)
+            if type(value) is not type(default) and not (type(default) is float and type(value) is int):
+                flag = "--fp32, --bf16 or --fp16" if key == "precision" else f"--{key.replace('_', '-')}"
+                raise CLIError(f"{resume_from / ckpt.TRAIN_STATE_FILE} records {key} = {value!r}, not a "
+                               f"{type(default).__name__}: pass {flag}")
+            setattr(args, key, value)
     if args.precision not in ("fp32", "bf16", "fp16"):
         raise CLIError(f"{resume_from} records precision {args.precision!r}; pass --fp32, --bf16 or --fp16")
 

@@ -574,3 +574,15 @@ def test_write_database_names_missing_encoder_info_keys(tmp_path, data):
     with pytest.raises(TypeError, match="encoder_info must be a dict"):
         write_database(tmp_path / "db", data[0], "tiny-test")
     assert not (tmp_path / "db").exists()
+
+
+def test_same_entries_without_checksums(tmp_path):
+    """Manifests need not record shard checksums: two such databases are not taken for copies (no KeyError)."""
+    from rdm_fast.retrieval.neighbors import same_entries
+
+    emb = np.random.default_rng(1).standard_normal((6, 16)).astype(np.float32)
+    a, b = (Database.open(write_database(tmp_path / name, emb, INFO), device="cpu") for name in ("a", "b"))
+    assert same_entries(a, b) and same_entries(a, a)
+    for db in (a, b):
+        db.manifest["shards"][0].pop("sha256")
+    assert not same_entries(a, b) and same_entries(a, a)

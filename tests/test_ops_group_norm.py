@@ -671,3 +671,14 @@ def test_negative_or_non_finite_eps_is_refused(fn, eps):
     with pytest.raises(TypeError, match="group_norm: expected eps to be a float"):
         fn(x, w, b, 4, "1e-5")
     assert torch.isfinite(fn(x, w, b, 4, 0.0)).all()  # 0 stays allowed (torch's own GroupNorm takes it)
+
+
+def test_eps_check_traces_with_dynamic_shapes():
+    """torch.compile(dynamic=True) traces eps as a symbolic float: the argument check must not break the graph."""
+    def f(x, w, b, eps):
+        return ops.group_norm(x, w, b, 4, eps)
+
+    compiled = torch.compile(f, backend="eager", dynamic=True, fullgraph=True)
+    x, w, b = torch.randn(2, 8, 4, 4), torch.rand(8), torch.randn(8)
+    for eps in (1e-5, 2e-5):
+        torch.testing.assert_close(compiled(x, w, b, eps), f(x, w, b, eps))

@@ -1032,3 +1032,16 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes(setup, tmp_path):
 def test_a_batch_larger_than_the_data_is_warned_about(setup, tmp_path, caplog):
     assert train.main(_fresh(setup, tmp_path / "run", steps=1, batch=16)) == 0
     assert any("global batch (16) is larger than the 12 training images" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_names_a_damaged_saved_setting(setup, saved_run, tmp_path):
+    """A resumed run takes the settings it is not given from its checkpoint: a damaged one is named."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    state_file = out / "checkpoints" / "step_0000004" / TRAIN_STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["run"]["lr"] = "fast"
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(train.CLIError, match=r"state.json records lr = 'fast', not a float: pass --lr"):
+        train.main(_args(setup, out, "--resume", steps=6))
+    assert train.main(_args(setup, out, "--resume", "--lr", "1e-4", steps=5)) == 0  # given: the saved one is unused

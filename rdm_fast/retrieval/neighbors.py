@@ -26,7 +26,10 @@ log = logging.getLogger("rdm_fast.retrieval")
 
 def same_entries(a: Database, b: Database) -> bool:
     """Whether ``a`` and ``b`` hold the same entries in the same order: one database, or a copy of it."""
-    return a is b or a.path.resolve() == b.path.resolve() or database_digest(a) == database_digest(b)
+    if a is b or a.path.resolve() == b.path.resolve():
+        return True
+    sums = [[s.get("sha256") for s in db.manifest["shards"]] for db in (a, b)]
+    return None not in sums[0] and sums[0] == sums[1]  # database_digest's content, where both record it
 
 
 class _Results:
