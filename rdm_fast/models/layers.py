@@ -39,9 +39,10 @@ def on_input_device(forward: Callable) -> Callable:
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
         x = args[0] if args else kwargs[name]
-        if not isinstance(x, torch.Tensor):
+        device = getattr(x, "device", None)  # a tensor's (NumPy arrays have a device string)
+        if not isinstance(device, torch.device):
             raise TypeError(f"{type(self).__name__}: {name} must be a torch.Tensor, got {type(x).__name__}")
-        with current_device(x.device):
+        with current_device(device):
             return forward(self, *args, **kwargs)
     return wrapper
 
