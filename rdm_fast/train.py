@@ -267,18 +267,19 @@ def save_checkpoint(out: Path, step: int, model: RDM, ema: EMA, optimizer: torch
 
 def _checkpoint_dirs(root: Path) -> dict[int, Path]:
     """The checkpoint folders ``step_<n>`` in ``root`` by step (as numbers: past 9,999,999 the names grow)."""
-    return {int(p.name[5:]): p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()}
+    steps = {p: ckpt.checkpoint_step(p.name) for p in root.glob("step_*") if p.is_dir()}
+    return {step: p for p, step in steps.items() if step is not None}
 
 
-def remove_stale_checkpoints(out: Path, step: int, resume_from: Path | None = None) -> None:
+def remove_stale_checkpoints(out: Path, step: int) -> None:
     """Remove the checkpoints after ``step``, where the run (re)starts, and temporary folders of killed writes:
     a kill between a checkpoint's rename and the ``latest`` update, or a ``latest`` rolled back by hand, leaves
-    newer checkpoints that the continued run would otherwise keep instead of its own. Never ``resume_from``."""
+    newer checkpoints that the continued run would otherwise keep instead of its own. ``step`` is the resumed
+    checkpoint's own (``load_checkpoint`` checks its state.json against its folder name), so that one stays."""
     root = out / ckpt.RUN_CHECKPOINTS
     if not root.is_dir():
         return
-    stale = sorted(root.glob(".step_*.tmp")) + [p for s, p in sorted(_checkpoint_dirs(root).items())
-                                                if s > step and not (resume_from and p.name == resume_from.name)]
+    stale = sorted(root.glob(".step_*.tmp")) + [p for s, p in sorted(_checkpoint_dirs(root).items()) if s > step]
     for path in stale:
         if path.is_dir():
             log.warning("removing %s: the run continues from step %d", path, step)
@@ -559,7 +560,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_log(out / LOG, start)
-        remove_stale_checkpoints(out, start, resume_from)
+        remove_stale_checkpoints(out, start)
 
     examples = images if args.latents is None else cached_moments(
         args.latents, model, images, procs, device, batch_size=args.batch_size, workers=args.workers,

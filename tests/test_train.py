@@ -587,14 +587,6 @@ def test_resume_refuses_a_latest_outside_the_run(setup, saved_run, tmp_path):
     assert not (tmp_path / "other" / "checkpoints" / "step_0000005").exists()
 
 
-def test_stale_checkpoint_removal_spares_the_one_resumed_from(tmp_path):
-    root = tmp_path / "checkpoints"
-    for step in (2, 4, 6):
-        (root / f"step_{step:07d}").mkdir(parents=True)
-    train.remove_stale_checkpoints(tmp_path, 1, root / "step_0000004")
-    assert sorted(p.name for p in root.iterdir()) == ["step_0000004"]
-
-
 def test_resume_refuses_runs_of_older_draws(setup, saved_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(saved_run, out)

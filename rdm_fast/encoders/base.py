@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..images import warn_image_range
+
 log = logging.getLogger("rdm_fast.encoders")
 
 
@@ -86,17 +88,6 @@ def check_encoder_arg(encoder: Encoder, where: str, name: str = "encoder") -> No
         raise TypeError(f"{where}: {name} must be an rdm_fast.encoders.Encoder, got {type(encoder).__name__}{hint}")
 
 
-def warn_image_range(images: Tensor, what: str) -> None:
-    """Warn (as ``RDM.encode`` does) when CPU images reach beyond [-1, 1] by far, e.g. 0-255 pixels passed as
-    floats; CUDA images are not read (that would synchronise with the host)."""
-    if images.device.type != "cpu" or not images.numel() or not images.is_floating_point():
-        return
-    peak = float(images.abs().amax())
-    if peak > 1.5:
-        log.warning("%s: the images reach %.3g; the encoder expects values in [-1, 1] (uint8 pixels: "
-                    "x / 127.5 - 1)", what, peak)
-
-
 def embed_images(encoder: Encoder, images: Tensor) -> Tensor:
     """``encoder.encode_images(images)``, checked to be (B, encoder.dim): a custom encoder that declares another
     width fails here, not in every later use of what it made (a database, a search). ``images`` must be a
@@ -105,7 +96,7 @@ def embed_images(encoder: Encoder, images: Tensor) -> Tensor:
     if not isinstance(images, Tensor):
         raise TypeError(f"{encoder.name}: images must be a torch.Tensor (B, 3, H, W) in [-1, 1], got "
                         f"{type(images).__name__} (a NumPy array: torch.from_numpy(a))")
-    warn_image_range(images, encoder.name)
+    warn_image_range(images, encoder.name, "the encoder")
     return _checked(encoder, encoder.encode_images(images), images.shape[0], "images")
 
 

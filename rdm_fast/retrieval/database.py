@@ -41,7 +41,8 @@ from torch import Tensor
 from .._files import (array_file_problem, atomic_save_npy, atomic_save_npz, atomic_write_json, remove_stale_temps,
                       sha256_file)
 from .search import check_k, exact_search
-from ..encoders.base import Encoder, check_encoder_arg, embed_images, embed_texts, warn_image_range
+from ..encoders.base import Encoder, check_encoder_arg, embed_images, embed_texts
+from ..images import warn_image_range
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -490,7 +491,7 @@ class Database:
             raise TypeError(f"search_images: images must be a torch.Tensor (B, 3, H, W) in [-1, 1], got "
                             f"{type(images).__name__} (a NumPy array: torch.from_numpy(a))")
         if images.device != encoder.device:  # embed_images warns about CPU images it sees; these it won't
-            warn_image_range(images, f"search_images ({encoder.name})")
+            warn_image_range(images, f"search_images ({encoder.name})", "the encoder")
         with torch.inference_mode():
             queries = embed_images(encoder, images.to(encoder.device))
         return self.search(queries, k)
