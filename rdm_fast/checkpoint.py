@@ -82,6 +82,8 @@ def read_train_state(file: Path) -> dict[str, Any]:
         value = state[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise CheckpointError(f"{file}: {key} = {value!r} is not a count (a non-negative integer)")
+    if "run" in state and not isinstance(state["run"], dict):
+        raise CheckpointError(f"{file}: run = {state['run']!r} is not the run's settings (a JSON object)")
     return state
 
 

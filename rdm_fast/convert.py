@@ -45,7 +45,10 @@ def _export_official(args: argparse.Namespace, out: Path) -> Path:
     weights = ckpt.resolve_file(args.ckpt)
     training = (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file()  # raw UNet weights beside the EMA ones
     train_state = ckpt.read_train_state(weights.parent / ckpt.TRAIN_STATE_FILE) if training else {"ema_updates": 0}
-    decay = (train_state.get("run") or {}).get("ema_decay", 0.9999)  # the run's --ema-decay
+    decay = train_state.get("run", {}).get("ema_decay", 0.9999)  # the run's --ema-decay
+    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay <= 1.0:
+        raise ckpt.CheckpointError(f"{weights.parent / ckpt.TRAIN_STATE_FILE}: ema_decay = {decay!r} is not a "
+                                   "decay in [0, 1]")
     if training:  # said first: loading the training set logs that it is not the EMA one
         log.info("exporting both sets of UNet weights: the training ones (model.diffusion_model.) and the EMA ones "
                  "(model_ema., %d updates, decay %g), as the official checkpoints hold them",

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 from tqdm.auto import tqdm
 
 from . import RDM
@@ -252,8 +253,8 @@ def drawn_by(path: Path, run_id: str) -> bool:
     """Whether ``path`` is an image that the run ``run_id`` wrote (its PNG text entry; the header alone is read)."""
     try:
         with Image.open(path) as image:
-            return image.text.get(RUN_ID_KEY) == run_id
-    except (OSError, SyntaxError, ValueError):  # missing, or not a readable PNG
+            return isinstance(image, PngImageFile) and image.text.get(RUN_ID_KEY) == run_id
+    except (OSError, SyntaxError, ValueError):  # missing, or not a readable image
         return False
 
 

@@ -112,6 +112,10 @@ def test_sample_resume_draws_only_the_missing_samples_and_refuses_other_settings
     drawn.clear()
     assert cli(sample, *args, "--seed", "4", "--resume") == 0 and drawn == [1]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / "sample_00003.png")), new_3)
+    Image.fromarray(new_3).save(tmp_path / "run" / "sample_00003.png", format="JPEG")  # recompressed in place
+    drawn.clear()
+    assert cli(sample, *args, "--seed", "4", "--resume") == 0 and drawn == [1]  # not this run's PNG: drawn again
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / "sample_00003.png")), new_3)
     args[args.index("--seed") + 1] = "4"
     other = tmp_path / "other.npy"
     np.save(other, np.load(tiny_dir / "ctx.npy") + 1)
@@ -636,6 +640,11 @@ def test_convert_training_checkpoints(tmp_path, capsys):
     assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "x"), "--to", "official") == 2
     assert capsys.readouterr().err.strip().endswith("state.json records no step and ema_updates: is it a checkpoint of "
                                                     "python -m rdm_fast.train?")
+    for run, problem in (("lr=1e-4", "run = 'lr=1e-4' is not the run's settings"),
+                         ({"ema_decay": "0.99"}, "ema_decay = '0.99' is not a decay in [0, 1]")):
+        (tmp_path / "ck" / ckpt.TRAIN_STATE_FILE).write_text(json.dumps({"step": 7, "ema_updates": 7, "run": run}))
+        assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "x"), "--to", "official") == 2
+        assert problem in capsys.readouterr().err
     (tmp_path / "ck" / ckpt.TRAIN_STATE_FILE).write_text(json.dumps({"step": 7, "ema_updates": 7}))
     (tmp_path / "ck" / ckpt.TRAIN_WEIGHTS_FILE).write_bytes(b"garbage")
     for extra in (["--to", "official"], ["--no-ema"]):
