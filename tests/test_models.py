@@ -635,6 +635,48 @@ def test_sample_sees_weights_written_through_data():
                        b.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0))
 
 
+def test_refreshing_the_caches_reads_no_host_data_and_follows_inference_mode():
+    """``RDM.sample`` refreshes the inference caches (fused qkv, transposed upsampling weights, ...) at every call:
+    on CUDA that must queue device work only. A tensor made from host data (``torch.tensor(list, device=...)``:
+    aten.lift_fresh) or a scalar read is a blocking copy that fails the GPU's sync-free sampling test; a CPU
+    dispatch scan catches either here. Caches filled under ``torch.inference_mode`` are refreshed outside it too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rdm_fast.models.layers import refresh_cached
+
+    class HostData(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith(("aten.lift_fresh", "aten._local_scalar_dense", "aten.is_nonzero")):
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = RDM.from_config("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # no zero-initialised output layers
+    ctx, x_T = torch.randn(2, 4, 64), torch.randn(2, 4, 16, 16)
+    with torch.inference_mode():
+        first = model.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0, channels_last=True)
+    caches = [m for m in model.unet.modules() if m.__dict__.get("_cached")]
+    assert len(caches) >= 5 and any("transposed" in m.__dict__["_cached"] for m in caches)
+    with HostData() as scan:
+        refresh_cached(model.unet)
+    assert scan.ops == []
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.data.mul_(0.5)  # no version bump: only the refresh sees it
+    again = model.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0, channels_last=True)  # outside inference mode
+    fresh = RDM.from_config("tiny")
+    fresh.load_state_dict(model.state_dict())
+    assert not torch.equal(again, first)
+    assert torch.equal(again, fresh.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0, channels_last=True))
+
+
 def test_sample_follows_the_config_conventions(caplog):
     """Defaults from the config's sampling section (tiny: DDIM, 20 steps, eta 0, guidance 2); contexts L2-normalised
     where the config says so (tiny, like rdm768); a context length outside the conventions is warned about."""

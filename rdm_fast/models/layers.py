@@ -85,18 +85,19 @@ def conv1x1(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1)
 
 
-# nearest x2 then a 3x3 "same" convolution, per axis: output 2i+a sees input rows i-1+a and i+a with the taps
-# summed as below; as one stride-2 transposed convolution with a 4-tap kernel (padding 1) that is tap k of
-# _UPSAMPLE_TAPS @ (w0, w1, w2).
-_UPSAMPLE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+def _upsample_taps(w: Tensor, dim: int) -> Tensor:
+    """Nearest x2 then a 3x3 "same" convolution, along one axis: output 2i+a sees input rows i-1+a and i+a, so as
+    one stride-2 transposed convolution (padding 1) its 4 taps along ``dim`` are (w2, w1+w2, w0+w1, w0)."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack((w2, w1 + w2, w0 + w1, w0), dim)
 
 
 def upsample_conv_weight(weight: Tensor) -> Tensor:
     """A 3x3 conv weight (O, I, 3, 3) -> the (I, O, 4, 4) ``conv_transpose2d(stride=2, padding=1)`` weight that
-    equals nearest x2 upsampling followed by that convolution (taps summed in float32, one rounding)."""
-    taps = torch.tensor(_UPSAMPLE_TAPS, dtype=torch.float32, device=weight.device)
-    out = torch.einsum("ky,lx,oiyx->iokl", taps, taps, weight.float()).to(weight.dtype)
-    return out.contiguous(memory_format=torch.channels_last) if is_channels_last(weight) else out
+    equals nearest x2 upsampling followed by that convolution (taps summed in float32, one rounding). Made from
+    the weight alone, with no host data: a CUDA caller does not wait on a copy (sampling refreshes it per call)."""
+    out = _upsample_taps(_upsample_taps(weight.float(), 2), 3).transpose(0, 1).to(weight.dtype)
+    return out.contiguous(memory_format=torch.channels_last) if is_channels_last(weight) else out.contiguous()
 
 
 def is_channels_last(t: Tensor) -> bool:
@@ -131,7 +132,8 @@ def refresh_cached(root: nn.Module) -> None:
             fresh = fn(*weights)
             for old, new in zip(tree_leaves(value), tree_leaves(fresh), strict=True):
                 if isinstance(old, Tensor) and old.data_ptr() != new.data_ptr():  # not a weight itself (w.float()
-                    old.copy_(new)                                               # of a float32 w): no version bump
+                    with torch.inference_mode(old.is_inference()):               # of a float32 w): no version bump
+                        old.copy_(new)  # a value cached under inference mode is updated in it (else refused)
 
 
 def conv_without_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:
