@@ -22,6 +22,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Concatenate, Generic, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -29,6 +30,8 @@ from torch import Tensor
 from ._extension import BUILD_HINT
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # of every fused op's tensors
+P = ParamSpec("P")
+R = TypeVar("R")  # what an op returns: a tensor, or a tuple of them
 
 
 def check_tensor(op: str, name: str, t: Tensor, like: Tensor | None = None, shape: tuple | None = None,
@@ -114,7 +117,7 @@ def eager_constant(fn: Callable) -> Callable:
     torch._dynamo (about 1 s) at import time. Used for the loader, availability checks and logging,
     whose side effects (imports, locks, log records) cannot be traced.
     """
-    fn._dynamo_marked_constant = True
+    setattr(fn, "_dynamo_marked_constant", True)  # an attribute Callable does not declare
     return fn
 
 
@@ -151,7 +154,7 @@ def _autocast_devices() -> frozenset[str]:
 _AUTOCAST_DEVICES = _autocast_devices()
 
 
-def autocast_inputs(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
+def autocast_inputs(op: Callable[Concatenate[Tensor, P], R]) -> Callable[Concatenate[Tensor, P], R]:
     """Let ``op`` run inside ``torch.autocast`` regions (mixed-precision training).
 
     There, convolutions and linear layers return autocast's lower-precision dtype while other tensors stay
@@ -162,7 +165,7 @@ def autocast_inputs(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
     changes. Outside autocast this adds one check.
     """
     @functools.wraps(op)
-    def wrapper(x: Tensor, *args, **kwargs) -> Tensor:
+    def wrapper(x: Tensor, *args: P.args, **kwargs: P.kwargs) -> R:
         device = x.device.type
         if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
             return op(x, *args, **kwargs)
@@ -171,9 +174,10 @@ def autocast_inputs(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
         def cast(a):
             return a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a
 
-        kwargs = {k: v if k == "out" else cast(v) for k, v in kwargs.items()}
+        cast_kwargs = {k: v if k == "out" else cast(v) for k, v in kwargs.items()}
+        call: Callable[..., R] = op  # the cast arguments are no longer typed as P
         with torch.autocast(device, enabled=False):
-            return op(cast(x), *(cast(a) for a in args), **kwargs)
+            return call(cast(x), *(cast(a) for a in args), **cast_kwargs)
 
     return wrapper
 
@@ -184,7 +188,7 @@ def needs_grad(*tensors: Tensor | None) -> bool:
 
 
 @dataclass(eq=False)
-class Impl:
+class Impl(Generic[R]):
     """One implementation of an op.
 
     ``unavailable`` returns None when the backend can run at all (e.g. the extension loaded), else
@@ -194,7 +198,7 @@ class Impl:
     """
 
     name: str
-    fn: Callable[..., Tensor]
+    fn: Callable[..., R]
     unsupported: Callable[..., str | None] = lambda *args, **kwargs: None
     unavailable: Callable[[], str | None] = lambda: None
     fast_mode_only: bool = False
@@ -205,21 +209,21 @@ class Impl:
 
 
 @dataclass(eq=False)
-class Op:
+class Op(Generic[R]):
     """An op with its implementations in preference order per device type."""
 
     name: str
-    reference: Impl
-    by_device: dict[str, list[Impl]] = field(default_factory=dict)
+    reference: Impl[R]
+    by_device: dict[str, list[Impl[R]]] = field(default_factory=dict)
 
-    def impl(self, name: str) -> Impl:
+    def impl(self, name: str) -> Impl[R]:
         """The implementation called ``name`` (for tests and diagnostics)."""
         for impl in [self.reference, *(i for impls in self.by_device.values() for i in impls)]:
             if impl.name == name:
                 return impl
         raise KeyError(f"{self.name}: no implementation named {name!r}")
 
-    def select(self, device_type: str, *args, **kwargs) -> Impl:
+    def select(self, device_type: str, *args, **kwargs) -> Impl[R]:
         """The implementation the current mode picks for this call."""
         mode = get_mode()
         if mode == "reference":
@@ -249,7 +253,7 @@ class Op:
             warn_missing_once(self.name, "; ".join(missing))
         return self.reference
 
-    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+    def __call__(self, x: Tensor, *args, **kwargs) -> R:
         impl = self.select(x.device.type, x, *args, **kwargs)
         log_first_use(self.name, impl.name, x.device.type, str(x.dtype))
         return impl.fn(x, *args, **kwargs)

@@ -17,6 +17,7 @@ makes that the exception.
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 from collections.abc import Callable, Hashable
@@ -76,15 +77,16 @@ class Measured:
                 continue
             ran.append(name)
             try:
-                times[name] = replay_time(lambda fn=fn: fn(*args))
+                times[name] = replay_time(functools.partial(fn, *args))
             except Exception as exc:  # runs, but not in a graph: kept only if nothing could be timed
                 logger.warning("%s at %s: %s could not be timed in a CUDA graph (%s: %s)", self.op, what, name,
                                type(exc).__name__, exc)
         if not ran:
+            assert failed is not None  # every candidate (there is at least one) failed
             raise failed
         if not times:
             logger.warning("%s at %s: no candidate could be timed; %s runs untimed", self.op, what, ran[-1])
             return ran[-1]
-        best = min(times, key=times.get)
+        best = min(times, key=times.__getitem__)
         logger.info("%s at %s: %s -> %s", self.op, what, ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()), best)
         return best

@@ -6,11 +6,14 @@ import importlib
 import os
 from collections.abc import Callable
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from ._dispatch import Impl, Op, eager_constant
+
+R = TypeVar("R")
 
 
 def without_bfloat16(unsupported: Callable[..., str | None]) -> Callable[..., str | None]:
@@ -65,7 +68,7 @@ class TritonKernels:
             raise RuntimeError(f"{self.name} is not loaded: {self._load() or 'call unavailable() first'}")
         return self._module
 
-    def op(self, name: str, reference: Callable, unsupported: Callable[..., str | None]) -> Op:
+    def op(self, name: str, reference: Callable[..., R], unsupported: Callable[..., str | None]) -> Op[R]:
         """The usual table of an op whose fast path is this module's function ``name``: the Triton kernel on
         CUDA, the same kernel in Triton's interpreter on the CPU (``fast`` mode only), else ``reference``."""
 
