@@ -86,7 +86,7 @@ def atomic_save_npz(target: str | Path, **arrays: np.ndarray) -> None:
     """Uncompressed ``np.savez`` written atomically (byte-identical for identical arrays)."""
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: the dict might hold allow_pickle
     atomic_write(target, write, fsync=True)
 
 

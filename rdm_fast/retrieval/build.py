@@ -94,9 +94,9 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 def load_rgb(path: str | Path) -> Image.Image:
     """An image as RGB, upright per its EXIF orientation, with transparency composited on white; 16-bit and
     float grayscale images are first reduced to 8 bits (see :func:`_to_8bit`)."""
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
+    with Image.open(path) as opened:
+        opened.load()
+        im = ImageOps.exif_transpose(opened)
         if im.mode.startswith("I") or im.mode == "F":
             im = _to_8bit(im)
         if im.has_transparency_data:
@@ -112,10 +112,10 @@ def _fit(img: Image.Image, mode: str, size: int) -> Image.Image:
     ``size`` (center), short side up to ``size`` when smaller (random), else unchanged."""
     w, h = img.size
     if mode == "none":
-        return img.resize((size, size), Image.BICUBIC)
+        return img.resize((size, size), Image.Resampling.BICUBIC)
     if (mode == "center" and min(w, h) != size) or (mode == "random" and min(w, h) < size):
         scale = size / min(w, h)
-        return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
     return img
 
 
@@ -346,13 +346,14 @@ def _inputs(images: str | Path | None, image_list: str | Path | None, class_from
         sources, classes = list_images(root), None
         folders = [s.split("/")[0] if "/" in s else None for s in sources]
     else:
+        assert image_list is not None  # build_database checks that exactly one of the two is given
         inputs = Path(image_list).resolve()
         root = inputs.parent
         sources, classes = read_list(inputs)
         if class_from_folder and classes is not None:
             raise ValueError(f"{inputs} has class ids; do not also ask for classes from folders")
-        folders = [(root / s).parent for s in sources]
-        folders = [f.name if f != root and f.name else None for f in folders]
+        parents = [(root / s).parent for s in sources]
+        folders = [f.name if f != root and f.name else None for f in parents]
     if not sources:
         raise ValueError(f"no images found in {inputs}" if images is not None else f"{inputs} lists no images")
     class_names = None
@@ -416,7 +417,7 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     files_per_shard = max(1, shard_size // crops_per_image)
     n_shards = -(-len(files) // files_per_shard)
     checkpoint = Path(encoder_checkpoint).resolve() if encoder_checkpoint else None
-    config = {"kind": "images", "encoder_spec": encoder if isinstance(encoder, str) else encoder.name,
+    config: dict[str, Any] = {"kind": "images", "encoder_spec": encoder if isinstance(encoder, str) else encoder.name,
               "encoder_checkpoint": str(checkpoint) if checkpoint else None,
               "encoder_checkpoint_bytes": checkpoint.stat().st_size if checkpoint else None,
               "inputs": str(inputs), "n_inputs": len(sources),

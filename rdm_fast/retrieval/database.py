@@ -58,7 +58,8 @@ def shard_names(j: int) -> tuple[str, str]:
     return f"emb_{j:05d}.npy", f"meta_{j:05d}.npz"
 
 
-def write_shard(directory: str | Path, j: int, embeddings: np.ndarray, *, sources: Sequence[str] | None = None,
+def write_shard(directory: str | Path, j: int, embeddings: np.ndarray, *,
+                sources: Sequence[str] | np.ndarray | None = None,
                 class_ids: np.ndarray | None = None, patch_coords: np.ndarray | None = None,
                 row_name: Callable[[int], str] | None = None) -> dict:
     """Write shard ``j`` (embeddings as float16, metadata with unknown markers where not given) atomically;
@@ -150,10 +151,14 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
     shards = []
     for j, start in enumerate(range(0, max(n, 1), shard_size)):
         sl = slice(start, start + shard_size)
+
+        def row_name(i: int, start: int = start) -> str:
+            return f"embeddings row {start + i}"
+
         shards.append(write_shard(path, j, emb[sl], sources=None if sources is None else sources[sl],
                                   class_ids=None if class_ids is None else np.asarray(class_ids)[sl],
                                   patch_coords=None if patch_coords is None else np.asarray(patch_coords)[sl],
-                                  row_name=lambda i, start=start: f"embeddings row {start + i}"))
+                                  row_name=row_name))
     write_manifest(path, new_manifest(encoder_info, shards, has_sources=sources is not None,
                                       has_class_ids=class_ids is not None,
                                       has_patch_coords=patch_coords is not None, **extra))
@@ -625,8 +630,8 @@ def add_index(directory: str | Path, kind: str = "auto", *, train_size: int | No
     if len(db) == 0:
         raise ValueError(f"database {directory} is empty: nothing to index")
     stale = [directory / f".index.{k}.tmp" for k in ("auto", *INDEX_KINDS)]  # what killed builds left (gigabytes)
-    for file in stale:
-        file.unlink(missing_ok=True)
+    for stale_file in stale:
+        stale_file.unlink(missing_ok=True)
     remove_stale_temps(directory, [file.name for file in stale])
     tmp = directory / f".index.{kind}.tmp"
     try:

@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -260,6 +260,7 @@ def build_index(shards: Sequence[np.ndarray], kind: str = "auto", *, out: str | 
     info.update(p)
 
     train_seconds = 0.0
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
@@ -320,8 +321,9 @@ class FaissSearch:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
                                       or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.nprobe = min(nprobe or index.nprobe, index.nlist) if kind == "ivfpq" else None
-        self.ef_search = (ef_search or index.hnsw.efSearch) if kind == "hnsw" else None
+        ivf, hnsw = cast(faiss.IndexIVF, index), cast(faiss.IndexHNSW, index)  # the type ``kind`` names (_kind_of)
+        self.nprobe = min(nprobe or ivf.nprobe, ivf.nlist) if kind == "ivfpq" else None
+        self.ef_search = (ef_search or hnsw.hnsw.efSearch) if kind == "hnsw" else None
         self.rerank = rerank
         self.vectors, self._offsets = None, None
         if vectors is not None:  # the database's: an index of another database (or size) is refused
@@ -361,9 +363,15 @@ class FaissSearch:
         if index is not None and k <= 2048:  # faiss GPU indexes return at most 2048 results
             return index.search(q, k)
         if self.kind == "ivfpq":
-            return self.index.search(q, k, params=faiss.SearchParametersIVF(nprobe=self.nprobe))
+            assert self.nprobe is not None  # set for ivfpq
+            ivf_params = faiss.SearchParametersIVF()
+            ivf_params.nprobe = self.nprobe
+            return self.index.search(q, k, params=ivf_params)
         if self.kind == "hnsw":
-            return self.index.search(q, k, params=faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k)))
+            assert self.ef_search is not None  # set for hnsw
+            hnsw_params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from faiss's stub
+            hnsw_params.efSearch = max(self.ef_search, k)
+            return self.index.search(q, k, params=hnsw_params)
         return self.index.search(q, k)
 
     def _gpu_index(self, device: torch.device) -> Any:
@@ -381,6 +389,7 @@ class FaissSearch:
                 options.useFloat16 = self.kind == "ivfpq"
                 gpu = faiss.index_cpu_to_gpu(res, ordinal, self.index, options)
                 if self.kind == "ivfpq":
+                    assert self.nprobe is not None  # set for ivfpq
                     faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", self.nprobe)
                 self._gpu = (res, gpu)
             except (RuntimeError, AttributeError) as e:
@@ -394,6 +403,7 @@ class FaissSearch:
         uniq = np.unique(cand[cand >= 0])
         if len(uniq) == 0:
             return _best_first(np.zeros(cand.shape, np.float32), cand, k)
+        assert self.vectors is not None and self._offsets is not None  # search re-ranks only with the vectors
         rows = torch.from_numpy(_gather(self.vectors, self._offsets, uniq, DEFAULT_CHUNK))
         pos = torch.from_numpy(np.searchsorted(uniq, np.maximum(cand, 0)))
         qt, scores = torch.from_numpy(q), np.empty(cand.shape, dtype=np.float32)

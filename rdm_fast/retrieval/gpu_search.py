@@ -110,16 +110,16 @@ class GPUExactSearch:
 
         row_bytes = dim * torch.empty((), dtype=dtype).element_size()
         if devices is None:
-            devices = self._default_devices(n * row_bytes)
+            targets = self._default_devices(n * row_bytes)
         else:
-            devices = [torch.device(d) for d in devices]
-            if not devices:
+            targets = [torch.device(d) for d in devices]
+            if not targets:
                 raise ValueError("devices must name at least one device")
-        bounds = np.linspace(0, n, len(devices) + 1).round().astype(np.int64)
-        self._check_free_memory(devices, np.diff(bounds) * (row_bytes + 4))  # + the fp32 norm per row
+        bounds = np.linspace(0, n, len(targets) + 1).round().astype(np.int64)
+        self._check_free_memory(targets, np.diff(bounds) * (row_bytes + 4))  # + the fp32 norm per row
         self._shards: list[tuple[int, Tensor]] = []
         self._norms: list[Tensor] = []  # per shard: each row's L2 norm before normalising (fp32)
-        for device, start, stop in zip(devices, bounds[:-1], bounds[1:]):
+        for device, start, stop in zip(targets, bounds[:-1], bounds[1:]):
             if stop > start:
                 shard, norms = self._load(parts, int(start), int(stop), device, chunk_rows)
                 self._shards.append((int(start), shard))
@@ -226,6 +226,7 @@ class GPUExactSearch:
             rows = shard.index_select(0, local).float() * norms.index_select(0, local)[:, None]
             rows = torch.where(inside[:, None], rows, 0.0).to(ids.device, non_blocking=True)
             out = rows if out is None else out + rows
+        assert out is not None  # there is at least one shard (the database has rows)
         return out.reshape(*ids.shape, self.dim)
 
     @torch.no_grad()
@@ -254,6 +255,7 @@ class GPUExactSearch:
         best = None  # shards come in id order, each sorted by (score desc, id asc)
         for scores, ids in parts:
             best = merge_topk(best, scores, ids, k)
+        assert best is not None  # two or more parts
         return best
 
     def _search_shard(self, q: Tensor, shard: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -68,6 +68,7 @@ class _Results:
         """Queries [0, done) are filled in."""
         self.done = done
         if self.directory is not None:
+            assert isinstance(self.ids, np.memmap) and isinstance(self.scores, np.memmap)  # opened in __init__
             self.ids.flush()
             self.scores.flush()
             atomic_write_json(self.state, {"settings": self.settings, "done": done})

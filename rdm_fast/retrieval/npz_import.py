@@ -228,6 +228,7 @@ def import_npz(parts: Sequence[str | Path], out: str | Path, encoder_info: dict,
                             store(mine[current], emb)
                         current, at = r, 0
                         emb = np.empty((plan[mine[r]][2] - plan[mine[r]][1], part.dim), np.float16)
+                    assert emb is not None  # allocated at the first chunk (r != current = -1)
                     with np.errstate(over="ignore"):  # beyond float16 becomes inf: write_shard refuses it
                         emb[at:at + len(chunk)] = chunk
                     at += len(chunk)

@@ -6,6 +6,7 @@ tensors or memory-mapped arrays), so neither it nor the Q x N score matrix is ev
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ def exact_search(queries: Tensor, database: Rows | Sequence[Rows], k: int, *,
     """Top-k database rows by cosine similarity to each query: (scores (Q, k) fp32, ids (Q, k) int64), best
     first, ties broken by the lower id. ``database`` is one (N, D) tensor/array or a list of parts in id order
     (e.g. memory-mapped shards). Rows are L2-normalised here; computed in fp32 on the queries' device."""
-    parts = list(database) if isinstance(database, (list, tuple)) else [database]
+    parts = list(database) if isinstance(database, (list, tuple)) else [cast(Rows, database)]
     if queries.dim() != 2 or any(p.ndim != 2 for p in parts):
         raise ValueError(f"queries must be (Q, D) and the database (N, D), got {tuple(queries.shape)} and "
                          f"{[tuple(p.shape) for p in parts]}")
@@ -81,4 +82,5 @@ def exact_search(queries: Tensor, database: Rows | Sequence[Rows], k: int, *,
             scores, cols = topk_lowest_id(q @ block.T, min(k, block.shape[0]), inplace=True)
             best = merge_topk(best, scores, cols + (offset + start), k)
         offset += part.shape[0]
+    assert best is not None  # check_k: the database has at least k >= 1 rows
     return best
