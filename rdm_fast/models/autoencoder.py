@@ -43,6 +43,7 @@ class ResBlock(nn.Module):
         # per-channel add (exact: a constant per channel before the statistics), conv2's joins the residual add
         # (one pass for bias + skip); the 1x1 skip is a linear layer on the (B, H, W, C) view, bias in the GEMM.
         h = conv_without_bias(self.conv1, self.norm1(x, silu=True))
+        assert self.conv1.bias is not None  # conv3x3 has a bias
         bias1 = cached(self, "conv1_bias", lambda b: b.float()[None], self.conv1.bias)
         h = self.norm2(h, add=bias1.expand(x.shape[0], -1), silu=True)
         h = conv_without_bias(self.conv2, self.dropout(h))
@@ -193,6 +194,7 @@ class Autoencoder(nn.Module):
         self.quant_conv = conv1x1(moments * dd.z_channels, moments * cfg.embed_dim)
         self.post_quant_conv = conv1x1(cfg.embed_dim, dd.z_channels)
         if cfg.kind == "vq":
+            assert cfg.n_embed is not None  # AutoencoderConfig checks it for vq
             self.codebook = nn.Embedding(cfg.n_embed, cfg.embed_dim)
 
     @on_input_device

@@ -148,6 +148,7 @@ def pointwise_linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
     rows = row_view(x, x.shape[-1]) if x.dim() > 2 and conv.bias is not None else None
     if rows is None:
         return F.linear(x, conv.weight.flatten(1), conv.bias)
+    assert conv.bias is not None  # rows are taken only with a bias
     return torch.addmm(conv.bias, rows, conv.weight.flatten(1).t()).view(*x.shape[:-1], -1)
 
 
@@ -219,7 +220,7 @@ def official_names(model: nn.Module) -> dict[str, str]:
         mod, pieces = model, []
         for part in parts[:-1]:
             pieces.append(getattr(mod, "OFFICIAL", {}).get(part, part))
-            mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+            mod = mod.get_submodule(part) if part.isdigit() else getattr(mod, part)
         pieces.append(parts[-1])
         out[name] = ".".join(pieces)
     return out

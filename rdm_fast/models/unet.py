@@ -14,6 +14,7 @@ import itertools
 import math
 import numbers
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ from .. import ops
 from .layers import (GroupNorm, LayerNorm, Upsample, cached, conv1x1, conv3x3, conv_with_bias, conv_without_bias,
                      is_channels_last, nchw, nhwc, official_names, on_input_device, pointwise_linear)
 
+M = TypeVar("M", bound=nn.Module)
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding cat([cos, sin]) of (B,) timesteps, in fp32, as the reference computes it."""
@@ -36,7 +39,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def zero_init(module: nn.Module) -> nn.Module:
+def zero_init(module: M) -> M:
     """Zero a layer's parameters: the residual branches and the output start as identities in training."""
     for p in module.parameters():
         nn.init.zeros_(p)
@@ -123,6 +126,7 @@ class ResBlock(nn.Module):
         # pass for bias + residual). The 1x1 skip is a linear layer on the (B, H, W, C) view, its bias in the
         # GEMM's epilogue.
         h = conv_without_bias(self.conv1, self.norm1(x, silu=True))
+        assert self.conv1.bias is not None  # conv3x3 has a bias
         add = emb.of(self) if isinstance(emb, TimestepAdds) else self.emb_proj(emb).float() + self.conv1.bias.float()
         h = self.norm2(h, add=add, silu=True)
         h = conv_without_bias(self.conv2, self.dropout(h))
@@ -264,10 +268,11 @@ class SpatialTransformer(nn.Module):
         else:
             norm = self.norm(x)
         tokens = pointwise_linear(self.proj_in, nhwc(norm).reshape(b, h * w, c))
+        bias: Tensor | None
         if isinstance(context, PreparedContext):
             pending = None
             for block in self.blocks:
-                tokens, pending = block.forward_prepared(tokens, context, pending)
+                tokens, pending = cast(TransformerBlock, block).forward_prepared(tokens, context, pending)
             bias = self._output_bias()
         else:
             for block in self.blocks:
@@ -275,6 +280,7 @@ class SpatialTransformer(nn.Module):
             bias = self.proj_out.bias
         weight = self.proj_out.weight.flatten(1)
         if carried is not None:
+            assert x_rows is not None  # checked above
             x_rows.addmm_(tokens.view(-1, tokens.shape[-1]), weight.t())
             return x
         y = F.linear(tokens, weight).view(tokens.shape[0], h, w, c)
@@ -289,7 +295,8 @@ class SpatialTransformer(nn.Module):
 
     def _output_bias_terms(self) -> tuple[Tensor, Tensor, Tensor]:
         # the last block's feed-forward bias is what forward_prepared carries out of it
-        return self.proj_out.weight, self.proj_out.bias, self.blocks[-1].ff.out.bias
+        assert self.proj_out.bias is not None  # conv1x1 has a bias
+        return self.proj_out.weight, self.proj_out.bias, cast(TransformerBlock, self.blocks[-1]).ff.out.bias
 
     def carried_biases(self, rows: int, context: Tensor | PreparedContext,
                        producer_bias: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -334,6 +341,7 @@ def _res_then_transformer(res: ResBlock, attn: SpatialTransformer, x: Tensor, em
     """``attn(res(x))`` written to ``out`` if given. Where it can (channels-last maps, which are rows of tokens),
     the ResBlock adds the transformer's output bias in its own output pass (into ``out``) and the transformer
     finishes in that memory (``carried``)."""
+    assert res.conv2.bias is not None  # conv3x3 has a bias
     biases = attn.carried_biases(x.shape[0], context, res.conv2.bias) if is_channels_last(res.conv1.weight) else None
     if biases is None:
         return attn(res(x, emb), context, out)
@@ -477,8 +485,9 @@ class UNet(nn.Module):
             raise ValueError(f"shared_input needs as many zero rows as context rows, got {zero_rows} and "
                              f"{context.shape[0]}")
         context = context.to(self.input_conv.weight.dtype)
-        kv = {m.cross_attn: (m.cross_attn.to_k(context), m.cross_attn.to_v(context))
-              for m in self.modules() if isinstance(m, TransformerBlock)}
+        kv: dict[nn.Module, tuple[Tensor, Tensor]] = {
+            m.cross_attn: (m.cross_attn.to_k(context), m.cross_attn.to_v(context))
+            for m in self.modules() if isinstance(m, TransformerBlock)}
         shared = shared_input and self.first_context_stage is not None
         return PreparedContext(kv, zero_rows, zero_rows + context.shape[0], shared)
 
@@ -518,7 +527,7 @@ class UNet(nn.Module):
             t = t.expand(x.shape[0])
         self._check(x, t, context)
         dtype = self.input_conv.weight.dtype
-        emb = timestep_embedding(t, self.cfg.model_channels).to(dtype)
+        emb: Tensor | TimestepAdds = timestep_embedding(t, self.cfg.model_channels).to(dtype)
         emb = F.silu(self.time_fc2(F.silu(self.time_fc1(emb))))  # every ResBlock's emb_layers starts with SiLU
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and ops.get_mode() != "reference":
             emb = self._timestep_adds(emb)
@@ -583,11 +592,13 @@ class UNet(nn.Module):
             weights, biases, conv_biases = t[:n], t[n:2 * n], t[2 * n:]
             bias = torch.cat([b.float() + c.float() for b, c in zip(biases, conv_biases)])
             ends = itertools.accumulate(w.shape[0] for w in weights)
-            columns = {blk: slice(end - w.shape[0], end) for blk, w, end in zip(blocks, weights, ends)}
+            columns: dict[nn.Module, slice] = {blk: slice(end - w.shape[0], end)
+                                               for blk, w, end in zip(blocks, weights, ends)}
             return torch.cat(weights), bias, columns
 
         weight, bias, columns = cached(self, "timestep_adds", concatenated, *(b.emb_proj.weight for b in blocks),
-                                       *(b.emb_proj.bias for b in blocks), *(b.conv1.bias for b in blocks))
+                                       *(b.emb_proj.bias for b in blocks),
+                                       *(cast(Tensor, b.conv1.bias) for b in blocks))  # conv3x3 has a bias
         return TimestepAdds(torch.add(F.linear(emb, weight), bias), columns)  # float32: the sum promotes
 
     def _concat_buffers(self, batch: int, x: Tensor, dtype: torch.dtype) -> list[Tensor]:
