@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .samplers import EpsFn
+
+if TYPE_CHECKING:
+    from ..models.unet import PreparedContext
 
 logger = logging.getLogger("rdm_fast.diffusion")
 
@@ -77,7 +81,7 @@ class GraphCache:
     pickles of its owner start empty."""
 
     def __init__(self) -> None:
-        self._last: tuple[Hashable, GraphedEps, object] | None = None
+        self._last: tuple[Hashable, GraphedEps, PreparedContext] | None = None
 
     def __call__(self, eps_fn: EpsFn, x: Tensor, enabled: bool | None, key: Hashable) -> EpsFn:
         """``eps_fn`` (from :func:`~rdm_fast.diffusion.samplers.guided`) replayed from a graph, as
@@ -85,12 +89,13 @@ class GraphCache:
         context = getattr(eps_fn, "context", None)
         if not hasattr(context, "load_") or not (x.device.type == "cuda" if enabled is None else enabled):
             return maybe_graphed(eps_fn, x, enabled)
+        assert context is not None  # it has load_: a PreparedContext
         key = (key, tuple(x.shape), x.dtype, x.device)
         if self._last is not None and self._last[0] == key:
-            _, graphed, captured = self._last
+            _, last, captured = self._last
             captured.load_(context)  # this trajectory's keys/values where the graph reads them
             logger.debug("replaying the captured denoising step with a new context (x %s)", tuple(x.shape))
-            return graphed
+            return last
         self._last = None  # the old graph's memory goes before a new capture
         graphed = maybe_graphed(eps_fn, x, enabled)
         if isinstance(graphed, GraphedEps):
