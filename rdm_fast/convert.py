@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import yaml
@@ -44,7 +44,8 @@ def official_checkpoint(model: RDM, ema: RDM | None = None, ema_updates: int = 0
 def _export_official(args: argparse.Namespace, out: Path) -> Path:
     weights = ckpt.resolve_file(args.ckpt)
     training = (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file()  # raw UNet weights beside the EMA ones
-    train_state = ckpt.read_train_state(weights.parent / ckpt.TRAIN_STATE_FILE) if training else {"ema_updates": 0}
+    train_state: dict[str, Any] = ckpt.read_train_state(weights.parent / ckpt.TRAIN_STATE_FILE) if training else \
+        {"ema_updates": 0}
     decay = train_state.get("run", {}).get("ema_decay", 0.9999)  # the run's --ema-decay
     if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay <= 1.0:
         raise ckpt.CheckpointError(f"{weights.parent / ckpt.TRAIN_STATE_FILE}: ema_decay = {decay!r} is not a "

@@ -395,8 +395,11 @@ def checkpoint_config(path: str | Path, config: str | Path | dict | RDMConfig | 
         return None
     if path.suffix == ".safetensors":
         metadata = ckpt.read_metadata(path)
-        return RDMConfig.from_dict(ckpt.read_own_config(metadata, path)) \
-            if metadata.get("format") == ckpt.FORMAT_NAME else None
+        if metadata.get("format") != ckpt.FORMAT_NAME:
+            return None
+        own = ckpt.read_own_config(metadata, path)
+        assert own is not None  # an rdm_fast file's config is read from its metadata (or the read raises)
+        return RDMConfig.from_dict(own)
     return _config_beside(path)
 
 
