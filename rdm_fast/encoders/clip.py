@@ -31,6 +31,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,14 @@ def preprocess(images: Tensor) -> Tensor:
     return ((x + 1.0) / 2.0 - mean) / std
 
 
+class _Towers(Protocol):
+    """The open_clip model's methods the encoder calls (a module's attributes type as Tensor | Module)."""
+
+    def encode_image(self, image: Tensor) -> Tensor: ...
+
+    def encode_text(self, text: Tensor) -> Tensor: ...
+
+
 class ClipEncoder(Encoder):
     """An open_clip CLIP model with the reference preprocessing; float32 embeddings."""
 
@@ -76,12 +85,12 @@ class ClipEncoder(Encoder):
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         self.check_images(images)
-        return self.model.encode_image(preprocess(images.to(self.device)).to(self.dtype)).float()
+        return cast(_Towers, self.model).encode_image(preprocess(images.to(self.device)).to(self.dtype)).float()
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         tokens = self.tokenizer(self.check_texts(texts))
-        return self.model.encode_text(tokens.to(self.device)).float()
+        return cast(_Towers, self.model).encode_text(tokens.to(self.device)).float()
 
 
 def _cache_candidates(arch: str) -> list[Path]:
@@ -132,6 +141,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CLIP checkpoint {path} does not exist")
+    state: object  # what the file holds, checked below
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

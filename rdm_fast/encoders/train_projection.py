@@ -42,7 +42,7 @@ import random
 import re
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +165,7 @@ def emoji_views(char: str, font: ImageFont.FreeTypeFont, views: int, rng: random
         scale = rng.uniform(0.55, 0.9)
         room = int(EMOJI_CANVAS * (1 - scale) / 2)
         offset = (rng.randint(-room, room), rng.randint(-room, room))
-        background = tuple(rng.randint(200, 255) for _ in range(3))
+        background = (rng.randint(200, 255), rng.randint(200, 255), rng.randint(200, 255))
         images.append(render_emoji(char, font, scale=scale, offset=offset, background=background))
     return images
 
@@ -244,7 +244,8 @@ def cached_features(cache: Path, encoder: OfflineEncoder, *, emoji_views_n: int,
 
 
 def _merge(parts: list[dict]) -> Features:
-    image, owner, text, captions, source = [], [], [], [], []
+    captions: list[str] = []
+    image, owner, text, source = [], [], [], []
     for part in parts:
         owner.append(part["image_caption"] + len(captions))
         image.append(part["image"])
@@ -266,6 +267,11 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 class Bridge(torch.nn.Module):
     """Standardise each tower's features, map both linearly into DIM, learned temperature."""
+
+    image_mean: torch.Tensor
+    image_std: torch.Tensor
+    text_mean: torch.Tensor
+    text_std: torch.Tensor
 
     def __init__(self, image_stats: tuple[torch.Tensor, torch.Tensor],
                  text_stats: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -314,7 +320,7 @@ def train(feats: Features, train_captions: torch.Tensor, *, epochs: int, batch: 
     rows = torch.isin(feats.image_caption, train_captions)
     bridge = Bridge(_stats(feats.image[rows]), _stats(feats.text[train_captions]))
     opt = torch.optim.AdamW(bridge.parameters(), lr=lr, weight_decay=weight_decay)
-    views = [[] for _ in feats.captions]
+    views: list[list[int]] = [[] for _ in feats.captions]
     for row, owner in enumerate(feats.image_caption.tolist()):
         views[owner].append(row)
     is_emoji = torch.tensor([s == "emoji" for s in feats.source])
@@ -389,7 +395,7 @@ class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and each option's default."""
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (the held-out metrics are printed and stored in the weights' metadata)."""
     parser = argparse.ArgumentParser(prog="python -m rdm_fast.encoders.train_projection", description=__doc__,
                                      formatter_class=_Formatter)
