@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -162,10 +162,11 @@ class TrainingImages(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
-            xy = tuple(int(v) for v in self.database.patch_coords([i])[0]) if self.crop == "random" else None
+            xy = cast(tuple[int, int], tuple(int(v) for v in self.database.patch_coords([i])[0])) \
+                if self.crop == "random" else None
             pixels = replay_crop(load_rgb(self.file(i)), self.crop, self.crop_size, xy)
             if self.crop_size != self.size:
-                pixels = np.asarray(Image.fromarray(pixels).resize((self.size, self.size), Image.BICUBIC))
+                pixels = np.asarray(Image.fromarray(pixels).resize((self.size, self.size), Image.Resampling.BICUBIC))
             ok = True
         except Exception as e:  # missing, unreadable or changed since the build (any decoder error): skip it
             log.warning("training entry %d cannot be used: %s", i, str(e).splitlines()[0][:300])
@@ -258,7 +259,8 @@ class TrainingOrder(Sampler[int]):
             raise ValueError("the training set is empty")
         self.n, self.seed, self.batch, self.world, self.rank = n, seed, batch, world, rank
         self.accumulate, self.start_step = accumulate, start_step
-        self._epoch, self._perm = -1, None
+        self._epoch = -1
+        self._perm: Tensor | None = None
 
     @property
     def global_batch(self) -> int:
@@ -273,6 +275,7 @@ class TrainingOrder(Sampler[int]):
                 gen = torch.Generator().manual_seed(derived_seed(self.seed, SHUFFLE, epoch))
                 self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
             take = min(count, self.n - offset)
+            assert self._perm is not None  # drawn for this epoch above
             out.append(self._perm[offset:offset + take])
             first, count = first + take, count - take
         return torch.cat(out)

@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import torch
@@ -150,6 +150,7 @@ def known_config(args: argparse.Namespace, ckpt_file: Path | None) -> RDMConfig 
     """The model's config where it is known without loading weights (see rdm_fast.rdm.checkpoint_config)."""
     if args.random_init:
         return RDMConfig.resolve(args.config)
+    assert ckpt_file is not None  # --ckpt, resolved
     return checkpoint_config(ckpt_file, args.config)
 
 
@@ -173,7 +174,9 @@ def load_model(args: argparse.Namespace, ckpt_file: Path | None, cfg: RDMConfig 
     if args.random_init:
         torch.manual_seed(args.seed)
         log.info("building a randomly initialised %s model", args.config)
+        assert cfg is not None  # known_config resolves --config for --random-init
         return RDM.from_config(cfg, device=device, dtype=dtype)
+    assert ckpt_file is not None  # --ckpt, resolved
     log.info("loading %s", ckpt_file)
     return RDM.from_pretrained(ckpt_file, cfg or args.config, device=device, dtype=dtype,
                                use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
@@ -262,6 +265,9 @@ class DatabaseContexts:
     """Per-batch contexts from a database: the queries are fixed up front (seeded), retrieval runs per batch on
     the sampling device."""
 
+    query_ids: torch.Tensor | None
+    queries: torch.Tensor | None
+
     def __init__(self, args: argparse.Namespace, cfg: RDMConfig, device: torch.device,
                  generator: torch.Generator) -> None:
         self.db = Database.open(locate_database(args.db), backend=args.search_backend, device=device)
@@ -290,6 +296,7 @@ class DatabaseContexts:
             images = torch.stack([load_query_image(p, size) for p in self.images])
             self.queries = embed_images(self.encoder, images.to(self.device)).to(self.device)
         if self.queries is not None and not bool(torch.isfinite(self.queries).all()):  # once, before sampling
+            assert self.encoder is not None  # the queries' encoder
             raise CLIError(f"encoder {self.encoder.name} gave non-finite embeddings for the "
                            f"{'--text captions' if self.texts else '--image files'}")
 
@@ -316,9 +323,11 @@ class DatabaseContexts:
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
         """Contexts of the samples ``index`` (on the sampling device: no host copy or synchronisation)."""
         if self.encoder is None:
+            assert self.query_ids is not None  # drawn by prepare()
             ids = self.query_ids[index]
             return model_context(self.db, self.cfg, self.db.embeddings(ids).to(self.device), query_ids=ids,
                                  k=self.k, include_query=self.include_query)
+        assert self.queries is not None  # embedded by prepare()
         rows = index % self.queries.shape[0]
         return model_context(self.db, self.cfg, self.queries[rows], k=self.k, include_query=self.include_query)
 
@@ -369,6 +378,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
         context_digest = batch_contexts.digest()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    db_contexts = cast(DatabaseContexts, batch_contexts)  # read below with --db only
     timesteps = len(model.schedule.ddim_timesteps(settings.steps))  # more than steps where they do not divide T
     run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file),
                 "config": cfg.to_dict(), "n_samples": n, "steps": settings.steps,
@@ -378,10 +388,10 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
                 "no_ema": args.no_ema, "random_init": args.random_init,
                 "context_source": args.context_file or args.db, "context_digest": context_digest,
                 "text": args.text, "image": args.image,
-                "top_m": batch_contexts.top_m if args.db and not (args.text or args.image) else None,
-                "k": batch_contexts.k if args.db else None,
-                "include_query": batch_contexts.include_query if args.db else None,
-                **(batch_contexts.settings() if args.db else {"search": None, "query_encoder": None}),
+                "top_m": db_contexts.top_m if args.db and not (args.text or args.image) else None,
+                "k": db_contexts.k if args.db else None,
+                "include_query": db_contexts.include_query if args.db else None,
+                **(db_contexts.settings() if args.db else {"search": None, "query_encoder": None}),
                 "args": vars(args)}  # the command line as given, for reproduction
     # every image carries its run's id: --resume keeps only the images of the run it continues (an interrupted new
     # run in the same --out leaves earlier runs' images behind), each written atomically (present = whole).
@@ -444,14 +454,14 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
         return 0
     seconds = time.perf_counter() - began  # sampling, decoding and writing, after the model and data loads
     # the first samples that other processes or an earlier run drew are read back
-    first = [shown[i] if i in shown else np.asarray(Image.open(out / f"sample_{i:05d}.png").convert("RGB"))
-             for i in range(min(n, GRID_SAMPLES))]
-    save_png(grid(np.stack(first)), out / "grid.png")
+    first_images = [shown[i] if i in shown else np.asarray(Image.open(out / f"sample_{i:05d}.png").convert("RGB"))
+                    for i in range(min(n, GRID_SAMPLES))]
+    save_png(grid(np.stack(first_images)), out / "grid.png")
     atomic_write_json(out / "run.json", {**run_info, "complete": True, "seconds": round(seconds, 3)})
     rate = f", {seconds / len(missing):.3g} s per image, first batch's warm-up included" if missing else ""
     log.info("wrote %d image%s%s and grid.png (%s) to %s in %.1f s%s", len(missing), "s"[:len(missing) != 1],
              f" (the other {n - len(missing)} of {n} were there)" if len(missing) < n else "",
-             f"the first {len(first)}" if len(first) > 1 else "of sample 0", out, seconds, rate)
+             f"the first {len(first_images)}" if len(first_images) > 1 else "of sample 0", out, seconds, rate)
     return 0
 
 

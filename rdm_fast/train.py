@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -403,6 +403,7 @@ def _fill_settings(args: argparse.Namespace, resume_from: Path | None) -> None:
         if getattr(args, key) is None:
             value = saved.get(key, default)
             if type(value) is not type(default) and not (type(default) is float and type(value) is int):
+                assert resume_from is not None  # the defaults have their own types: the value is a saved one
                 flag = "--fp32, --bf16 or --fp16" if key == "precision" else f"--{key.replace('_', '-')}"
                 raise CLIError(f"{resume_from / ckpt.TRAIN_STATE_FILE} records {key} = {value!r}, not a "
                                f"{type(default).__name__}: pass {flag}")
@@ -610,7 +611,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                     else:
                         pixels = batch["pixels"].to(device, non_blocking=True).float() / 127.5 - 1.0
                         x0 = model.encode(pixels, noise=draws["posterior"])
-                sync = contextlib.nullcontext() if micro == args.accumulate - 1 or ddp is unet else ddp.no_sync()
+                sync = contextlib.nullcontext() if micro == args.accumulate - 1 or ddp is unet else \
+                    cast(nn.parallel.DistributedDataParallel, ddp).no_sync()
                 # dropout draws from the global generators (CPU and CUDA): seeded per micro-batch and process, so a
                 # resumed run draws the masks an uninterrupted one does and processes draw different ones
                 torch.manual_seed(derived_seed(args.seed, DROPOUT, step, micro * procs.world + procs.rank))

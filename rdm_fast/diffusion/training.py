@@ -3,7 +3,9 @@ and regress the added noise, eps, with a mean squared error ("l_simple"; no ELBO
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from collections.abc import Callable
+
+from torch import Tensor
 
 from .schedule import Schedule
 
@@ -17,7 +19,7 @@ def noised(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     return scale * x0.float() + sigma * noise.float()
 
 
-def eps_losses(unet: nn.Module, schedule: Schedule, x0: Tensor, context: Tensor, t: Tensor,
+def eps_losses(unet: Callable[..., Tensor], schedule: Schedule, x0: Tensor, context: Tensor, t: Tensor,
                noise: Tensor) -> Tensor:
     """(B,) per-sample mean squared errors of the UNet's eps prediction at ``noised(x0, t, noise)``, in float32.
     Their mean is the training loss; ``unet`` may be wrapped (DistributedDataParallel, torch.compile)."""

@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 from .._files import (array_file_problem, atomic_save_npy, atomic_save_npz, atomic_write_json, remove_stale_temps,
@@ -553,7 +554,7 @@ class Database:
                 raise ValueError(f"{file} is not a readable metadata file ({e})") from None
         return self._meta[j]
 
-    def sources(self, ids: Tensor) -> list[str]:
+    def sources(self, ids: ArrayLike) -> list[str]:
         """Where the entries came from (image paths or ids), flattened in the order of ``ids``."""
         if not self.manifest["has_sources"]:
             raise ValueError(f"{self.path} records no sources for its entries")
@@ -562,14 +563,14 @@ class Database:
         self._gather(flat, lambda j, rows: self._meta_of(j)["sources"][rows], out)
         return [str(s) for s in out]
 
-    def class_ids(self, ids: Tensor) -> Tensor:
+    def class_ids(self, ids: ArrayLike) -> Tensor:
         """Class ids (int64, -1 where unknown), shaped like ``ids``, on the ids' device."""
         flat, shape, device = _as_index_array(ids)
         out = np.empty(flat.size, np.int64)
         self._gather(flat, lambda j, rows: self._meta_of(j)["class_id"][rows], out)
         return torch.from_numpy(out).reshape(shape).to(device)
 
-    def patch_coords(self, ids: Tensor) -> Tensor:
+    def patch_coords(self, ids: ArrayLike) -> Tensor:
         """(x, y) of each entry's crop (int32, -1 where unknown), shape ids.shape + (2,)."""
         flat, shape, device = _as_index_array(ids)
         out = np.empty((flat.size, 2), np.int32)
