@@ -82,6 +82,29 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         return 130
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, refusing empty values: an empty path would otherwise mean the current
+    directory (``Path("")``), or be taken for an option not given."""
+    args = parser.parse_args(argv)
+    for name, value in vars(args).items():
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise CLIError(f"{_option_name(parser, name)} is empty")
+    return args
+
+
+def _option_name(parser: argparse.ArgumentParser, dest: str) -> str:
+    """How the command line spells the option (or positional argument) stored in ``dest``, subcommands included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                name = _option_name(sub, dest)
+                if name != dest:
+                    return name
+        elif action.dest == dest:
+            return max(action.option_strings, key=len) if action.option_strings else dest
+    return dest
+
+
 def check_out_dir(path: str) -> None:
     """CLIError unless ``--out`` ``path`` is a writable directory or one that can be made (its nearest existing
     ancestor a writable directory); checked before anything slow runs."""

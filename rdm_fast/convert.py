@@ -19,7 +19,7 @@ import yaml
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import HelpFormatter, check_out_dir, run, summary
+from ._cli import HelpFormatter, check_out_dir, parse_args, run, summary
 from ._files import atomic_write, remove_stale_temps
 from .config import preset_names
 
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "training checkpoint's train_weights.safetensors")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle a checkpoint with Python objects (runs code from the file: trusted files only)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     check_out_dir(args.out)
     log.info("reading %s", args.ckpt)
     if args.to == "official":

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._cli import CLIError, HelpFormatter, run, summary
+from ._cli import CLIError, HelpFormatter, parse_args, run, summary
 from ._distributed import process_device
 from ._files import atomic_save_npy, atomic_write, make_dirs
 from .encoders import EncoderUnavailable, resolve_encoder
@@ -428,7 +428,7 @@ COMMANDS = {"build": cmd_build, "import-npz": cmd_import, "info": cmd_info, "sea
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the arguments and run the subcommand."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     return COMMANDS[args.command](args)
 
 

@@ -30,7 +30,7 @@ from PIL.PngImagePlugin import PngImageFile
 from tqdm.auto import tqdm
 
 from . import RDM
-from ._cli import CLIError, HelpFormatter, check_out_dir, pick_dtype, run, summary
+from ._cli import CLIError, HelpFormatter, check_out_dir, parse_args, pick_dtype, run, summary
 from ._distributed import Processes, process_device
 from ._files import array_file_problem, atomic_write_json
 from .checkpoint import resolve_file
@@ -333,7 +333,7 @@ class DatabaseContexts:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     check_args(args)
     # under torchrun: the batches are shared out, and the processes meet at the end (gloo; torchrun ends them all
     # if one fails)

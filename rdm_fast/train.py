@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import CLIError, HelpFormatter, check_out_dir, run, summary
+from ._cli import CLIError, HelpFormatter, check_out_dir, parse_args, run, summary
 from ._distributed import Processes, process_device
 from ._files import atomic_write, atomic_write_json, fsync_path
 from .config import RDMConfig, preset_names
@@ -462,7 +462,7 @@ def learning_rate(args: argparse.Namespace, step: int) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     check_out_dir(args.out)
     out = Path(args.out)
     resume_from = ckpt.newest_run_checkpoint(out) if out.exists() else None

@@ -172,7 +172,12 @@ def test_sample_under_torchrun_shares_the_batches_and_equals_one_process(tiny_di
     process's (sample i's noise depends on i alone; same batches, so the same arithmetic)."""
     args = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "4",
             "--n-samples", "5", "--batch-size", "2", "--seed", "2"]
-    assert cli(sample, *args, "--out", str(tmp_path / "one")) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process below: CPU kernels may split sums by thread
+    try:
+        assert cli(sample, *args, "--out", str(tmp_path / "one")) == 0
+    finally:
+        torch.set_num_threads(threads)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")]), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -354,6 +359,27 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
         assert err[-1].startswith("error: ") and re.search(message, err[-1]), err
         for k in env:
             monkeypatch.delenv(k)
+
+
+@pytest.mark.parametrize("module,argv,name", [
+    ("sample", ["--random-init", "--config", "tiny", "--context-file", "", "--out", "o"], "--context-file"),
+    ("sample", ["--random-init", "--config", "tiny", "--db", "", "--out", "o"], "--db"),
+    ("sample", ["--random-init", "--config", "tiny", "--db", "d", "--text", "a", "--text", "", "--out", "o"],
+     "--text"),
+    ("db", ["build", "--images", "", "--encoder", "offline-lite0-minilm", "--out", "o"], "--images"),
+    ("db", ["import-npz", "", "--encoder", "clip-vit-b-32", "--out", "o"], "parts"),
+    ("train", ["--training-db", "d", "--db", "d", "--neighbors", "", "--steps", "1", "--out", "o", "--random-init"],
+     "--neighbors"),
+    ("convert", ["", "--out", "o"], "ckpt"),
+])
+def test_empty_arguments_are_refused(module, argv, name, capsys):
+    """An empty value is refused by name before anything runs: as a path it would mean the current directory
+    (``db build --images ""`` embedded the working directory; ``sample --context-file ""`` fell through to the
+    database branch and crashed)."""
+    import importlib
+
+    assert cli(importlib.import_module(f"rdm_fast.{module}"), *argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {name} is empty"
 
 
 def test_out_dir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):

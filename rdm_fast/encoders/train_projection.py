@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .._cli import HelpFormatter, run
+from .._cli import HelpFormatter, parse_args, run
 from .._files import atomic_write
 from .offline import (DIM, IMAGE_FEATURES, NAME, PROJECTION_FILE, TEXT_FEATURES, OfflineEncoder, require_packages,
                       resize)
@@ -413,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.5, help="dropout on the image features, in [0, 1)")
     parser.add_argument("--emoji-weight", type=_positive, default=5, help="repeat emoji captions this often per epoch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the views, batches and initialisation")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.out.suffix != ".safetensors":
         parser.error(f"--out must end in .safetensors, got {args.out}")
     if not 0 <= args.dropout < 1:
