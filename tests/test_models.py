@@ -667,6 +667,11 @@ def test_refreshing_the_caches_reads_no_host_data_and_follows_inference_mode():
     with HostData() as scan:
         refresh_cached(model.unet)
     assert scan.ops == []
+    # a whole warm call: scalars are read, but only from CPU tensors (the schedule, CPU inputs' checks); nothing is
+    # made from host data
+    with torch.inference_mode(), HostData() as scan:
+        model.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0, channels_last=True)
+    assert "aten.lift_fresh.default" not in scan.ops
     with torch.no_grad():
         for p in model.unet.parameters():
             p.data.mul_(0.5)  # no version bump: only the refresh sees it
