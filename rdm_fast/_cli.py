@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import logging
 import os
+import socket
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -15,6 +21,9 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .ops import FastPathUnavailable, get_mode
+
+log = logging.getLogger("rdm_fast")
+LOCK_FILE = ".rdm_fast.lock"
 
 
 class CLIError(Exception):
@@ -119,6 +128,57 @@ def check_out_dir(path: str) -> None:
         raise CLIError(f"--out {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CLIError(f"--out {path}: cannot write in {parent} (no permission, or a read-only file system)")
+
+
+class OutDirLock:
+    """An exclusive lock on an output directory (``flock`` on its ``.rdm_fast.lock``), held until :meth:`release`
+    or the end of the process (a killed run's lock goes with it): a second run into the same ``--out`` is refused
+    instead of mixing its files with the first's."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self._file = open(path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks (some network mounts)
+                log.warning("cannot lock %s (%s): nothing stops another run from writing there too", path,
+                            e.strerror)
+                return
+            self._file.seek(0)
+            holder = self._file.read().strip()
+            self._file.close()
+            raise CLIError(f"--out {path} is in use by another run ({holder or 'a running process'}): wait for it "
+                           "to end, or choose another --out") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.close()
+
+
+@contextmanager
+def claim_out_dir(path: Path, share: Callable[[str | None], str | None] | None = None) -> Iterator[None]:
+    """Hold ``--out`` ``path`` (:class:`OutDirLock`) while the body runs. Under torchrun rank 0 holds it; ``share``
+    (``Processes.from_rank0``) tells every process whether it could, for commands whose other processes write
+    there too. Without it only rank 0 fails (and torchrun ends the others)."""
+    lock, problem = None, None
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            lock = OutDirLock(path)
+        except CLIError as e:
+            problem = str(e)
+    if share is not None:
+        problem = share(problem)
+    if problem:
+        raise CLIError(problem)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def summary(doc: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -32,8 +31,10 @@ def atomic_write(target: str | Path, write: Callable[[str], object], *, fsync: b
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, OSError):  # a serialiser's own error for a full disk or
+            raise OSError(f"cannot write {target}: {e}") from e       # a failed write (torch, safetensors)
         raise
 
 
@@ -135,9 +136,9 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
 
 def remove_stale_temps(directory: str | Path, names: Sequence[str] | None = None) -> int:
     """Delete temporary files that :func:`atomic_write` left behind in ``directory`` when a process was killed
-    mid-write (only those of the target file ``names`` where given); returns how many. Call only while no other
-    process writes those files there."""
-    patterns = [f".*{TEMP_SUFFIX}"] if names is None else [f".{glob.escape(n)}.*{TEMP_SUFFIX}" for n in names]
+    mid-write (only those of the target files ``names``, glob patterns, where given); returns how many. Call only
+    while no other process writes those files there."""
+    patterns = [f".*{TEMP_SUFFIX}"] if names is None else [f".{n}.*{TEMP_SUFFIX}" for n in names]
     n = 0
     for pattern in patterns:
         for p in Path(directory).glob(pattern):

@@ -60,8 +60,11 @@ def _export_official(args: argparse.Namespace, out: Path) -> Path:
                              keep={"model_ema.decay"})
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, ["model.ckpt", "config.yaml"])  # what a killed export left there
-    atomic_write(out / "model.ckpt", lambda f: torch.save({"state_dict": state}, f))
+    # never a pair of one model's weights and another's config, even if killed midway: the old weights go first,
+    # and the new weights come last (a folder without model.ckpt fails to load, loudly)
+    (out / "model.ckpt").unlink(missing_ok=True)
     atomic_write(out / "config.yaml", lambda f: Path(f).write_text(yaml.safe_dump(raw.config.to_dict())))
+    atomic_write(out / "model.ckpt", lambda f: torch.save({"state_dict": state}, f))
     return out / "model.ckpt"
 
 

@@ -410,13 +410,13 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
                                     dedup_threshold=args.dedup_threshold, batch_size=args.batch_size,
                                     progress=not args.no_progress, resume_dir=resume_dir)
     written = save_neighbors(args.out, ids, scores, databases=(db, queries if queries is not None else db))
-    shutil.rmtree(resume_dir, ignore_errors=True)
     ranked, counts = proposal_ranking(ids, len(db))
     if args.top_m_out:  # before the database's own ranking changes
         atomic_save_npy(args.top_m_out, np.stack([ranked.numpy(), counts.numpy()], 1))
     save_proposals(db.path, ranked.numpy(), counts.numpy(), queries=int(ids.shape[0]), k=args.k,
                    queries_db=str(queries.path.resolve()) if queries is not None else None,
                    exclude_self=args.exclude_self, dedup_threshold=args.dedup_threshold)
+    shutil.rmtree(resume_dir, ignore_errors=True)  # last: a failed write above is retried without a new search
     print(f"wrote {ids.shape[0]} x {args.k} neighbours to {', '.join(map(str, written))}; proposal ranking in "
           f"{db.path / PROPOSALS}")
     return 0

@@ -14,6 +14,7 @@ Sample i's start noise and, with eta > 0, the noise added at each DDIM step come
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,9 +31,9 @@ from PIL.PngImagePlugin import PngImageFile
 from tqdm.auto import tqdm
 
 from . import RDM
-from ._cli import CLIError, HelpFormatter, check_out_dir, parse_args, pick_dtype, run, summary
+from ._cli import CLIError, HelpFormatter, check_out_dir, claim_out_dir, parse_args, pick_dtype, run, summary
 from ._distributed import Processes, process_device
-from ._files import array_file_problem, atomic_write_json
+from ._files import array_file_problem, atomic_write_json, remove_stale_temps
 from .checkpoint import resolve_file
 from .config import RDMConfig, SamplingDefaults, preset_names
 from .data import derived_seed
@@ -339,12 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # if one fails)
     procs = Processes()
     try:
-        return _main(args, procs)
+        with contextlib.ExitStack() as held:
+            return _main(args, procs, held)
     finally:
         procs.close()
 
 
-def _main(args: argparse.Namespace, procs: Processes) -> int:
+def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack) -> int:
+    """The run: model and contexts, then the batches. ``held`` keeps what the run holds until it ends."""
     if args.db:
         locate_database(args.db)  # a missing database fails now; it is opened after the model
     ckpt_file = None if args.random_init else resolve_file(args.ckpt)  # a training run's newest checkpoint
@@ -377,7 +380,7 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
         batch_contexts.prepare(n)
         context_digest = batch_contexts.digest()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(claim_out_dir(out, procs.from_rank0))  # one run at a time into --out; makes it
     db_contexts = cast(DatabaseContexts, batch_contexts)  # read below with --db only
     timesteps = len(model.schedule.ddim_timesteps(settings.steps))  # more than steps where they do not divide T
     run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file),
@@ -397,6 +400,10 @@ def _main(args: argparse.Namespace, procs: Processes) -> int:
     # run in the same --out leaves earlier runs' images behind), each written atomically (present = whole).
     # Rank 0's view, so that every process shares out the same list while the first images appear.
     run_id = resumed_run_id(out / "run.json", run_info) if args.resume else uuid.uuid4().hex
+    if procs.main:  # before the others write (they wait below): what killed runs left half-written
+        removed = remove_stale_temps(out, ["sample_*.png", "grid.png", "run.json"])
+        if removed:
+            log.info("removed %d temporary file%s left by an interrupted run", removed, "s"[:removed != 1])
     run_id, missing = procs.from_rank0((run_id, [i for i in range(n) if not (
         args.resume and drawn_by(out / f"sample_{i:05d}.png", run_id))] if procs.main else None))
     run_info["run_id"] = run_id

@@ -48,9 +48,9 @@ from tqdm.auto import tqdm
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import CLIError, HelpFormatter, check_out_dir, parse_args, run, summary
+from ._cli import CLIError, HelpFormatter, check_out_dir, claim_out_dir, parse_args, run, summary
 from ._distributed import Processes, process_device
-from ._files import atomic_write, atomic_write_json, fsync_path
+from ._files import atomic_write, atomic_write_json, fsync_path, remove_stale_temps
 from .config import RDMConfig, preset_names
 from .data import (DRAWS, DROPOUT, TrainingContexts, TrainingImages, TrainingOrder, cached_moments, derived_seed,
                    existing_neighbors_file)
@@ -254,15 +254,24 @@ def save_checkpoint(out: Path, step: int, model: RDM, ema: EMA, optimizer: torch
         fsync_path(file)
     fsync_path(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        _remove_checkpoint(final)
     os.replace(tmp, final)
     fsync_path(root)
     atomic_write(out / ckpt.RUN_LATEST, lambda f: Path(f).write_text(name + "\n"), fsync=True)
     fsync_path(out)
     older = [p for s, p in sorted(_checkpoint_dirs(root).items()) if s < step]
     for old in older[:max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(old)
+        _remove_checkpoint(old)
     return final
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder, first renamed to a temporary name: a kill midway never leaves a partial
+    checkpoint under a checkpoint's name (the next start removes the temporary folder)."""
+    trash = path.with_name(f".{path.name}.old.tmp")  # not the name of a checkpoint being written
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
 
 
 def _checkpoint_dirs(root: Path) -> dict[int, Path]:
@@ -466,11 +475,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_out_dir(args.out)
     out = Path(args.out)
     resume_from = ckpt.newest_run_checkpoint(out) if out.exists() else None
-    unnamed = sorted(_checkpoint_dirs(out / ckpt.RUN_CHECKPOINTS)) if out.is_dir() else []
-    if resume_from is None and unnamed:
-        raise CLIError(f"{out} holds checkpoints ({', '.join(f'step_{s:07d}' for s in unnamed)}) but no "
-                       f"{ckpt.RUN_LATEST} file naming the one to continue from: write its name into "
-                       f"{out / ckpt.RUN_LATEST} and pass --resume, or choose another --out")
+    unnamed = _checkpoint_dirs(out / ckpt.RUN_CHECKPOINTS) if out.is_dir() else {}
+    if resume_from is None and unnamed:  # killed between its first checkpoint's rename and the latest file
+        resume_from = unnamed[max(unnamed)]  # renamed into place only when complete
+        log.warning("%s has no %s file: its newest checkpoint is %s", out, ckpt.RUN_LATEST, resume_from.name)
     starts = args.init or args.first_stage or args.random_init
     if resume_from is not None and not args.resume:
         raise CLIError(f"{out} holds a run ({resume_from.name}): pass --resume to continue it, or another --out")
@@ -488,13 +496,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = process_device(args.device)  # also the current CUDA device
     procs = Processes("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
     try:
-        return _train(args, out, resume_from, procs, device)
+        with contextlib.ExitStack() as held:
+            return _train(args, out, resume_from, procs, device, held)
     finally:
         procs.close()
 
 
 def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes,
-           device: torch.device) -> int:
+           device: torch.device, held: contextlib.ExitStack) -> int:
+    """The run: model, data, optimizer; then the steps. ``held`` keeps what the run holds until it ends."""
     args.training_db, args.db = str(locate_database(args.training_db)), str(locate_database(args.db))
     existing_neighbors_file(args.neighbors)  # before the (possibly large) model is built
     if resume_from is not None:
@@ -559,9 +569,12 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         log.info("%s is already at step %d of --steps %d", out, start, args.steps)
         return 0
     if procs.main:
-        out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(claim_out_dir(out))  # one run at a time into --out; makes it (the first write)
         _truncate_log(out / LOG, start)
         remove_stale_checkpoints(out, start)
+        remove_stale_temps(out, ["run.json", ckpt.RUN_LATEST, LOG])  # the other files killed writes left
+        if (out / "samples").is_dir():
+            remove_stale_temps(out / "samples", ["step_*.png"])
 
     examples = images if args.latents is None else cached_moments(
         args.latents, model, images, procs, device, batch_size=args.batch_size, workers=args.workers,

@@ -50,7 +50,8 @@ def test_sample_with_context_file(tiny_dir, tmp_path):
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),
                "--out", str(out), "--steps", "7", "--n-samples", "3", "--batch-size", "2", "--seed", "5") == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["grid.png", "run.json", "sample_00000.png", "sample_00001.png", "sample_00002.png"]
+    assert names == [".rdm_fast.lock", "grid.png", "run.json", "sample_00000.png", "sample_00001.png",
+                     "sample_00002.png"]
     img = np.asarray(Image.open(out / "sample_00000.png"))
     assert img.shape == (32, 32, 3) and img.std() > 0
     info = json.loads((out / "run.json").read_text())
@@ -144,6 +145,24 @@ def test_process_device_takes_the_local_gpu_and_makes_it_current(monkeypatch):
     with pytest.raises(ValueError, match="each process takes its own GPU"):
         _distributed.process_device("cuda:0")
     assert _distributed.process_device("cpu") == torch.device("cpu") and len(current) == 2
+
+
+def test_sample_refuses_an_out_in_use_and_removes_killed_writes(tiny_dir, tmp_path, capsys):
+    """Two runs into one --out would mix their images under one run.json: the second is refused before it writes
+    anything. Temporary files a killed run left are removed (only sample's own: a user's are left alone)."""
+    from rdm_fast._cli import OutDirLock
+
+    args = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2",
+            "--n-samples", "2", "--out", str(tmp_path / "run")]
+    held = OutDirLock(tmp_path / "run")
+    assert cli(sample, *args) == 2
+    assert "--out " + str(tmp_path / "run") + " is in use by another run (process" in capsys.readouterr().err
+    held.release()
+    left = [".sample_00001.png.k1.tmp", ".run.json.k2.tmp", ".grid.png.k3.tmp"]
+    for name in [*left, ".notes.txt.k4.tmp"]:
+        (tmp_path / "run" / name).write_bytes(b"half")
+    assert cli(sample, *args) == 0
+    assert sorted(p.name for p in (tmp_path / "run").glob(".*")) == [".notes.txt.k4.tmp", ".rdm_fast.lock"]
 
 
 def test_sample_resume_refuses_another_search(tiny_dir, tmp_path, capsys):
@@ -645,6 +664,30 @@ def test_convert(tmp_path, tiny_official, capsys):
     torch.testing.assert_close(got, full["model.diffusion_model.out.2.weight"].half().float())
     assert cli(convert, str(tmp_path / "nothing.ckpt"), "--out", str(tmp_path / "x")) == 2
     assert "nothing.ckpt does not exist" in capsys.readouterr().err
+
+
+def test_convert_to_official_never_pairs_weights_with_another_models_config(tmp_path, capsys, monkeypatch):
+    """Exported over an earlier export, killed (here: a failed write) after the config but before the weights: the
+    folder holds the new config and no weights, so loading fails by name instead of pairing the old weights with
+    the new config (or the reverse). The failed write is a one-line error naming the file."""
+    from test_checkpoint import training_checkpoint
+
+    training_checkpoint(tmp_path / "ck")
+    assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "off"), "--to", "official") == 0
+    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == ["config.yaml", "model.ckpt"]
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        if str(f).endswith(".tmp") and ".model.ckpt." in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "off"), "--to", "official") == 2
+    assert re.search(r"^error: cannot write .*off/model\.ckpt: \[enforce fail", capsys.readouterr().err.strip())
+    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == ["config.yaml"]
+    with pytest.raises(ckpt.CheckpointError, match="model.ckpt does not exist"):
+        RDM.from_pretrained(tmp_path / "off" / "model.ckpt")
 
 
 def test_convert_training_checkpoints(tmp_path, capsys):

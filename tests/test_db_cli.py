@@ -498,3 +498,45 @@ def test_triton_backend_wiring_on_cpu_shards(random_db, monkeypatch):
     ref_scores, ref_ids = brute_force(emb.astype(np.float16), queries, 9)
     np.testing.assert_array_equal(ids.numpy(), ref_ids)
     np.testing.assert_allclose(scores.numpy(), ref_scores, atol=2e-3)  # the GPU path stores fp16 unit rows
+
+
+def test_interrupted_writes_of_neighbors_and_builds_resume(built, tmp_path, capsys, monkeypatch):
+    """A kill while the proposal ranking is replaced leaves no ranking, never the new file under the old record;
+    neighbors keeps its search results until the ranking is written (a failed write reruns without a new search);
+    a build killed before it recorded its arguments (progress/ holding nothing else) is started again."""
+    from rdm_fast.retrieval import database
+
+    work = tmp_path / "db"
+    shutil.copytree(built / "db", work)
+    args = ["neighbors", str(work), "--k", "3", "--exclude-self", "--out", str(tmp_path / "nb.npz"),
+            "--device", "cpu", "--no-progress"]
+    assert cli(*args) == 0 and Database.open(work, device="cpu").manifest["proposals"]["k"] == 3
+    real = database.atomic_save_npy
+
+    def killed(target, array):
+        raise OSError(28, "No space left on device", str(target))
+
+    monkeypatch.setattr(database, "atomic_save_npy", killed)
+    args[args.index("--k") + 1] = "1"
+    assert cli(*args) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert Database.open(work, device="cpu").manifest["proposals"] is None
+    progress = tmp_path / "nb.npz.progress"
+    assert progress.is_dir()  # the search is not repeated
+    monkeypatch.setattr(database, "atomic_save_npy", real)
+    for name in (".proposals.npy.k1.tmp", ".manifest.json.k2.tmp"):  # what a kill mid-write leaves
+        (work / name).write_bytes(b"half")
+    searched = []
+    monkeypatch.setattr(db_cli, "compute_neighbors", lambda *a, **k: searched.append(k["resume_dir"]) or
+                        compute_neighbors(*a, **k))
+    assert cli(*args) == 0 and not progress.exists() and searched == [progress]
+    assert Database.open(work, device="cpu").manifest["proposals"]["k"] == 1 and not list(work.glob(".*.tmp"))
+
+    out = tmp_path / "new"
+    (out / "progress").mkdir(parents=True)
+    (out / "progress" / ".config.json.k1.tmp").write_text("{")
+    assert cli("build", "--images", str(built / "images"), "--encoder", SPEC, "--out", str(out), "--crop", "random",
+               "--crop-size", "32", "--shard-size", "4", "--workers", "0", "--device", "cpu", "--class-from-folder",
+               "--no-progress") == 0
+    a, b = Database.open(out, device="cpu"), Database.open(built / "db", device="cpu")
+    assert torch.equal(a.embeddings(torch.arange(len(b))), b.embeddings(torch.arange(len(b))))

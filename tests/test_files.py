@@ -79,3 +79,57 @@ def test_make_dirs_names_the_file_in_the_way(tmp_path):
         with pytest.raises(NotADirectoryError) as e:
             make_dirs(target)
         assert str(e.value) == f"{tmp_path / 'f'} is a file, not a folder"
+
+
+def test_a_serialisers_error_is_an_oserror_naming_the_file(tmp_path):
+    """torch.save and safetensors report a full disk as their own errors (RuntimeError, SafetensorError): the
+    command lines show OSErrors as one line, so atomic_write names the target in one; nothing is left behind."""
+    from rdm_fast._files import atomic_write
+
+    def full_disk(path):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 64 vs 0")
+
+    with pytest.raises(OSError, match=r"cannot write .*w\.pt: \[enforce fail .*unexpected pos") as e:
+        atomic_write(tmp_path / "w.pt", full_disk)
+    assert isinstance(e.value.__cause__, RuntimeError) and list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):  # not an error of the write: passed on as it is
+        atomic_write(tmp_path / "w.pt", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_remove_stale_temps_of_patterns(tmp_path):
+    for name in (".sample_00001.png.a1.tmp", ".run.json.b2.tmp", ".mine.c3.tmp", "sample_00002.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_stale_temps(tmp_path, ["sample_*.png", "run.json"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.c3.tmp", "sample_00002.png"]
+
+
+def test_out_dir_lock_refuses_a_second_holder(tmp_path):
+    """One run at a time per --out: a second lock (another process, or another open here: flock locks belong to
+    the open file) is refused naming the holder; released, the directory can be claimed again."""
+    import os
+
+    from rdm_fast._cli import CLIError, OutDirLock, claim_out_dir
+
+    first = OutDirLock(tmp_path / "out")
+    with pytest.raises(CLIError, match=f"--out .*out is in use by another run \\(process {os.getpid()} on "):
+        OutDirLock(tmp_path / "out")
+    with pytest.raises(CLIError, match="is in use by another run"), claim_out_dir(tmp_path / "out"):
+        pass
+    first.release()
+    with claim_out_dir(tmp_path / "out"):
+        with pytest.raises(CLIError, match="is in use"):
+            OutDirLock(tmp_path / "out")
+    OutDirLock(tmp_path / "out").release()
+    held, shared = OutDirLock(tmp_path / "out"), []
+
+    def share(problem):  # Processes.from_rank0 in one process
+        shared.append(problem)
+        return problem
+
+    with pytest.raises(CLIError, match="is in use"), claim_out_dir(tmp_path / "out", share):
+        pass
+    held.release()
+    assert len(shared) == 1 and "is in use" in shared[0]  # what rank 0 tells the other processes

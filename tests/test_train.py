@@ -457,16 +457,28 @@ def test_missing_neighbours_fail_before_the_model_is_built(setup, tmp_path, monk
         train.main(args)
 
 
-def test_run_state_refusals(setup, saved_run, tmp_path):
-    """Checkpoints with no latest naming one are not deleted by a new run; a start that fails writes no
-    run.json."""
+def test_run_state_refusals(setup, saved_run, tmp_path, caplog):
+    """A run killed between its first checkpoint's rename and the latest file resumes from its newest checkpoint
+    (folders get their checkpoint names only when complete), and a new run there is refused like in any run;
+    a second run into an --out in use is refused; a start that fails writes no run.json."""
+    from rdm_fast._cli import OutDirLock
+
     out = tmp_path / "run"
     shutil.copytree(saved_run, out)
     (out / "latest").unlink()
-    for extra in (["--resume"], []):
-        with pytest.raises(train.CLIError, match="holds checkpoints .* but no latest file naming the one to continue"):
-            train.main(_fresh(setup, out, *extra, steps=5))
-    assert len(list((out / "checkpoints").glob("step_*"))) >= 1
+    newest = max((out / "checkpoints").glob("step_*"))
+    with pytest.raises(train.CLIError, match=rf"holds a run \({newest.name}\): pass --resume"):
+        train.main(_fresh(setup, out, steps=5))
+    held = OutDirLock(out)
+    with pytest.raises(train.CLIError, match="is in use by another run"):
+        train.main(_args(setup, out, "--resume", steps=5))
+    held.release()
+    (out / "checkpoints" / f".{newest.name}.old.tmp").mkdir()  # a pruning killed midway
+    (out / ".run.json.x1.tmp").write_text("{")
+    assert train.main(_args(setup, out, "--resume", steps=int(newest.name[5:]) + 1)) == 0
+    assert f"has no latest file: its newest checkpoint is {newest.name}" in caplog.text
+    assert (out / "latest").read_text().strip() != newest.name
+    assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*"))
     failed = tmp_path / "failed"
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ValueError, match="cannot store the first stage's outputs there"):
@@ -600,7 +612,7 @@ def test_resume_refuses_runs_of_older_draws(setup, saved_run, tmp_path):
 
 def test_checkpoints_are_flushed_before_they_are_named(setup, tmp_path, monkeypatch):
     """Every file and the folder reach the disk before the rename, the rename before latest names it, and older
-    checkpoints go only after that."""
+    checkpoints go only after that, each renamed to a temporary name before it is removed."""
     model = RDM.from_config(RDMConfig.resolve(setup["cfg"]))
     ema = train.EMA(model.unet)
     optimizer = torch.optim.AdamW(model.unet.parameters())
@@ -617,7 +629,11 @@ def test_checkpoints_are_flushed_before_they_are_named(setup, tmp_path, monkeypa
     assert events.index(("fsync", final.parent)) > moved
     latest = events.index(("rename", tmp_path / "latest"))
     assert events.index(("fsync", tmp_path)) > latest
-    assert events[-1] == ("remove", final.parent / "step_0000001") and final.is_dir()
+    old = final.parent / "step_0000001"  # renamed away, then removed: never half-deleted under its own name
+    assert events[-2:] == [("rename", final.parent / ".step_0000001.old.tmp"),
+                           ("remove", final.parent / ".step_0000001.old.tmp")]
+    assert events.index(("rename", final.parent / ".step_0000001.old.tmp")) > latest
+    assert final.is_dir() and not old.exists() and sorted(p.name for p in final.parent.iterdir()) == [final.name]
 
 
 def test_checkpoints_are_ordered_by_step_number(tmp_path):

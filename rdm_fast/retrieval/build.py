@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .._distributed import Processes, process_device
-from .._files import atomic_write_json, make_dirs, remove_stale_temps, sha256_file
+from .._files import TEMP_SUFFIX, atomic_write_json, make_dirs, remove_stale_temps, sha256_file
 from ..encoders import Encoder, embed_images, resolve_encoder
 from .database import MANIFEST, new_manifest, write_manifest, write_shard
 
@@ -205,6 +205,13 @@ class ImageCrops(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- bookkeeping
+
+def _holds_files(progress: Path) -> bool:
+    """Whether a build's ``progress/`` folder holds more than the temporary files of a killed first write (a build
+    killed before it recorded its arguments left nothing to resume, and nothing to protect)."""
+    return not progress.is_dir() or any(not p.name.endswith(TEMP_SUFFIX) for p in progress.iterdir())
+
+
 class ShardedBuild:
     """Resumable shard bookkeeping in ``out``: ``progress/config.json`` (the arguments that determine the
     result) and one done-record per finished shard. Used by image builds and npz imports."""
@@ -240,7 +247,7 @@ class ShardedBuild:
         config_file = self.progress / "config.json"
         if config_file.is_file():
             self.check_arguments(self.out, self.config)
-        elif self.out.is_dir() and any(self.out.iterdir()):
+        elif self.out.is_dir() and any(p != self.progress or _holds_files(p) for p in self.out.iterdir()):
             raise ValueError(f"--out {self.out} is not empty and holds no resumable build: choose a new directory")
         try:
             make_dirs(self.progress)

@@ -617,6 +617,9 @@ def save_proposals(directory: str | Path, ids: np.ndarray, counts: np.ndarray, *
     ids, counts = np.asarray(ids, np.int64), np.asarray(counts, np.int64)
     if ids.shape != (n,) or counts.shape != (n,):
         raise ValueError(f"a proposal ranking needs one id and count per entry ({n}), got {ids.shape}")
+    remove_stale_temps(directory, [PROPOSALS, MANIFEST])  # what a killed write of them left
+    if read_manifest(directory).get("proposals"):  # a kill while the file is replaced leaves no ranking, never
+        update_manifest(directory, lambda m: m.update(proposals=None))  # a new file under the old one's record
     atomic_save_npy(directory / PROPOSALS, np.stack([ids, counts], 1))
     update_manifest(directory, lambda m: m.update(proposals={"file": PROPOSALS, **info}))
 
@@ -640,10 +643,12 @@ def add_index(directory: str | Path, kind: str = "auto", *, train_size: int | No
                            **params)
         actual = info.get("kind", kind)
         file = f"index_{actual}.faiss"
+        old = db.manifest.get("index")
+        if old and old["file"] == file:  # replaced in place: a kill before the record below leaves no index,
+            update_manifest(directory, lambda m: m.update(index=None))  # never the new file under the old record
         tmp.replace(directory / file)
     finally:
         tmp.unlink(missing_ok=True)
-    old = db.manifest.get("index")
     entry = {"file": file, "kind": actual, "params": info}
     update_manifest(directory, lambda m: m.update(index=entry))
     if old and old["file"] != file:
