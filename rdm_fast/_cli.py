@@ -24,6 +24,7 @@ from .ops import FastPathUnavailable, get_mode
 
 log = logging.getLogger("rdm_fast")
 LOCK_FILE = ".rdm_fast.lock"
+_HELD_LOCKS: set[OutDirLock] = set()  # closed in forked children (DataLoader workers), which would share the lock
 
 
 class CLIError(Exception):
@@ -154,9 +155,21 @@ class OutDirLock:
         self._file.truncate()
         self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         self._file.flush()
+        _HELD_LOCKS.add(self)
 
     def release(self) -> None:
+        _HELD_LOCKS.discard(self)
         self._file.close()
+
+
+def _forget_locks_in_child() -> None:
+    """A forked process closes its copies of the lock files: a flock belongs to the open file, which fork shares,
+    so a worker outliving a killed parent would otherwise keep ``--out`` locked."""
+    for lock in list(_HELD_LOCKS):
+        lock.release()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import yaml
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import HelpFormatter, check_out_dir, parse_args, run, summary
+from ._cli import CLIError, HelpFormatter, check_out_dir, parse_args, run, summary
 from ._files import atomic_write, remove_stale_temps
 from .config import preset_names
 
@@ -43,6 +43,9 @@ def official_checkpoint(model: RDM, ema: RDM | None = None, ema_updates: int = 0
 
 def _export_official(args: argparse.Namespace, out: Path) -> Path:
     weights = ckpt.resolve_file(args.ckpt)
+    if (out / "model.ckpt").resolve() == weights.resolve():  # deleted below before its replacement is written
+        raise CLIError(f"--out {out} would replace the checkpoint being converted ({weights}): choose another "
+                       "folder")
     training = (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file()  # raw UNet weights beside the EMA ones
     train_state: dict[str, Any] = ckpt.read_train_state(weights.parent / ckpt.TRAIN_STATE_FILE) if training else \
         {"ema_updates": 0}

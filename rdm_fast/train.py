@@ -474,10 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     check_out_dir(args.out)
     out = Path(args.out)
-    resume_from = ckpt.newest_run_checkpoint(out) if out.exists() else None
-    unnamed = _checkpoint_dirs(out / ckpt.RUN_CHECKPOINTS) if out.is_dir() else {}
-    if resume_from is None and unnamed:  # killed between its first checkpoint's rename and the latest file
-        resume_from = unnamed[max(unnamed)]  # renamed into place only when complete
+    resume_from = _resume_point(out)
+    if resume_from is not None and not (out / ckpt.RUN_LATEST).is_file():
         log.warning("%s has no %s file: its newest checkpoint is %s", out, ckpt.RUN_LATEST, resume_from.name)
     starts = args.init or args.first_stage or args.random_init
     if resume_from is not None and not args.resume:
@@ -500,6 +498,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args, out, resume_from, procs, device, held)
     finally:
         procs.close()
+
+
+def _resume_point(out: Path) -> Path | None:
+    """The checkpoint a run in ``out`` continues from: the one ``latest`` names, else (a kill between the first
+    checkpoint's rename and the ``latest`` file) the newest, since folders get checkpoint names only when complete;
+    None where ``out`` holds no checkpoint."""
+    latest = ckpt.newest_run_checkpoint(out) if out.exists() else None
+    unnamed = _checkpoint_dirs(out / ckpt.RUN_CHECKPOINTS) if latest is None and out.is_dir() else {}
+    return unnamed[max(unnamed)] if unnamed else latest
 
 
 def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes,
@@ -565,16 +572,20 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
             group["weight_decay"] = args.weight_decay
         start = state["step"]
         log.info("resuming from %s at step %d", resume_from, start)
-    if start >= args.steps:
-        log.info("%s is already at step %d of --steps %d", out, start, args.steps)
-        return 0
     if procs.main:
         held.enter_context(claim_out_dir(out))  # one run at a time into --out; makes it (the first write)
-        _truncate_log(out / LOG, start)
+        if _resume_point(out) != resume_from:  # read before the lock: another run wrote there meanwhile
+            raise CLIError(f"{out} changed while this run was starting (another run saved a checkpoint there): "
+                           "run the command again")
         remove_stale_checkpoints(out, start)
         remove_stale_temps(out, ["run.json", ckpt.RUN_LATEST, LOG])  # the other files killed writes left
         if (out / "samples").is_dir():
             remove_stale_temps(out / "samples", ["step_*.png"])
+    if start >= args.steps:
+        log.info("%s is already at step %d of --steps %d", out, start, args.steps)
+        return 0
+    if procs.main:
+        _truncate_log(out / LOG, start)
 
     examples = images if args.latents is None else cached_moments(
         args.latents, model, images, procs, device, batch_size=args.batch_size, workers=args.workers,

@@ -390,6 +390,7 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
     ("train", ["--training-db", "d", "--db", "d", "--neighbors", "", "--steps", "1", "--out", "o", "--random-init"],
      "--neighbors"),
     ("convert", ["", "--out", "o"], "ckpt"),
+    ("encoders.train_projection", ["--cache", ""], "--cache"),
 ])
 def test_empty_arguments_are_refused(module, argv, name, capsys):
     """An empty value is refused by name before anything runs: as a path it would mean the current directory
@@ -688,6 +689,12 @@ def test_convert_to_official_never_pairs_weights_with_another_models_config(tmp_
     assert sorted(p.name for p in (tmp_path / "off").iterdir()) == ["config.yaml"]
     with pytest.raises(ckpt.CheckpointError, match="model.ckpt does not exist"):
         RDM.from_pretrained(tmp_path / "off" / "model.ckpt")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "off"), "--to", "official") == 0
+    # into its own folder: the checkpoint converted would be deleted before its replacement exists
+    assert cli(convert, str(tmp_path / "off"), "--out", str(tmp_path / "off"), "--to", "official") == 2
+    assert "would replace the checkpoint being converted" in capsys.readouterr().err
+    assert (tmp_path / "off" / "model.ckpt").is_file()
 
 
 def test_convert_training_checkpoints(tmp_path, capsys):

@@ -133,3 +133,29 @@ def test_out_dir_lock_refuses_a_second_holder(tmp_path):
         pass
     held.release()
     assert len(shared) == 1 and "is in use" in shared[0]  # what rank 0 tells the other processes
+
+
+def test_out_dir_lock_is_not_kept_by_forked_children(tmp_path):
+    """flock belongs to the open file, which fork shares: a DataLoader worker outliving its killed parent kept
+    --out locked. Children close their copies, so only the process that took the lock holds it."""
+    import os
+    import time
+
+    from rdm_fast._cli import OutDirLock
+
+    lock = OutDirLock(tmp_path)
+    started, ready = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child (its fork hooks have run): outlives the parent's hold on the lock
+        os.write(ready, b"1")
+        time.sleep(3)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"1"
+        lock.release()
+        OutDirLock(tmp_path).release()  # refused while the child still held its copy
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(started)
+        os.close(ready)

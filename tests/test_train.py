@@ -486,6 +486,30 @@ def test_run_state_refusals(setup, saved_run, tmp_path, caplog):
     assert not (failed / "run.json").exists()
 
 
+def test_a_run_that_finished_meanwhile_is_not_overwritten(setup, saved_run, tmp_path, monkeypatch, caplog):
+    """--out is read before the lock is taken (at the first write, after the model is built): a run that saved a
+    checkpoint there meanwhile makes this one stop, instead of removing that run's checkpoints as newer than its
+    own start. A finished run's leftovers of killed writes are removed also when there is nothing to train."""
+    out = tmp_path / "run"
+    real = train.claim_out_dir
+
+    def finished_meanwhile(path, *args):
+        shutil.copytree(saved_run, path, dirs_exist_ok=True)
+        return real(path, *args)
+
+    monkeypatch.setattr(train, "claim_out_dir", finished_meanwhile)
+    with pytest.raises(train.CLIError, match="changed while this run was starting"):
+        train.main(_fresh(setup, out, steps=2))
+    monkeypatch.setattr(train, "claim_out_dir", real)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+    (out / "checkpoints" / ".step_0000002.old.tmp").mkdir()
+    (out / "samples").mkdir(exist_ok=True)
+    (out / "samples" / ".step_0000004.png.k1.tmp").write_bytes(b"half")
+    assert train.main(_args(setup, out, "--resume", steps=4)) == 0
+    assert "is already at step 4" in caplog.text
+    assert not list(out.rglob(".*.tmp")) and (out / "checkpoints" / "step_0000004").is_dir()
+
+
 def test_resume_is_bit_exact_with_dropout(setup, tmp_path):
     """Dropout draws from torch's global generator, which --resume does not restore: it is seeded per micro-batch."""
     straight, split = tmp_path / "straight", tmp_path / "split"

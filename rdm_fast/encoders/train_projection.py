@@ -399,8 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (the held-out metrics are printed and stored in the weights' metadata)."""
     parser = argparse.ArgumentParser(prog="python -m rdm_fast.encoders.train_projection", description=__doc__,
                                      formatter_class=_Formatter)
-    parser.add_argument("--out", type=Path, default=PROJECTION_FILE, help="weights file to write (.safetensors)")
-    parser.add_argument("--cache", type=Path, default=_default_cache(), help="folder of cached tower features")
+    parser.add_argument("--out", default=PROJECTION_FILE, help="weights file to write (.safetensors)")
+    parser.add_argument("--cache", default=_default_cache(), help="folder of cached tower features")
     parser.add_argument("--holdout", choices=("test", "val"), default="test",
                         help="test: train on train+val, report test; val: train on train, report val")
     parser.add_argument("--no-clipart", action="store_true", help="train on emoji only")
@@ -413,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.5, help="dropout on the image features, in [0, 1)")
     parser.add_argument("--emoji-weight", type=_positive, default=5, help="repeat emoji captions this often per epoch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the views, batches and initialisation")
-    args = parse_args(parser, argv)
+    args = parse_args(parser, argv)  # strings until checked: Path("") would be the current directory
+    args.out, args.cache = Path(args.out), Path(args.cache)
     if args.out.suffix != ".safetensors":
         parser.error(f"--out must end in .safetensors, got {args.out}")
     if not 0 <= args.dropout < 1:
