@@ -94,8 +94,9 @@ def _upsample_taps(w: Tensor, dim: int) -> Tensor:
 
 def upsample_conv_weight(weight: Tensor) -> Tensor:
     """A 3x3 conv weight (O, I, 3, 3) -> the (I, O, 4, 4) ``conv_transpose2d(stride=2, padding=1)`` weight that
-    equals nearest x2 upsampling followed by that convolution (taps summed in float32, one rounding). Made from
-    the weight alone, with no host data: a CUDA caller does not wait on a copy (sampling refreshes it per call)."""
+    equals nearest x2 upsampling followed by that convolution (taps summed in float32, so a float16 or bfloat16
+    weight is rounded once). Made from the weight alone, with no host data: a CUDA caller does not wait on a copy
+    (sampling refreshes it per call)."""
     out = _upsample_taps(_upsample_taps(weight.float(), 2), 3).transpose(0, 1).to(weight.dtype)
     return out.contiguous(memory_format=torch.channels_last) if is_channels_last(weight) else out.contiguous()
 
