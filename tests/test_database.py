@@ -586,3 +586,16 @@ def test_same_entries_without_checksums(tmp_path):
     for db in (a, b):
         db.manifest["shards"][0].pop("sha256")
     assert not same_entries(a, b) and same_entries(a, a)
+
+
+def test_scattered_rows_are_read_through_their_own_maps(db_dir, data):
+    """Gathers of scattered rows go through a second map of each shard, advised MADV_RANDOM (on a cold cache the
+    default read-ahead read about 1.3 GB for 256 rows of a 3M-entry database: bench/cold_gather.py, RESULTS.md);
+    the streaming scans keep the shards' default maps. The rows are the same."""
+    db = Database.open(db_dir, backend="torch", device="cpu")
+    ids = torch.tensor([[49, 0], [13, 12]])
+    got = db.embeddings(ids)
+    assert torch.equal(got, torch.from_numpy(data[0][ids.numpy()]).half().float())
+    scattered = db._scattered_shards()
+    assert len(scattered) == len(db.shard_arrays) and scattered is db._scattered_shards()
+    assert all(a is not b and np.array_equal(a, b) for a, b in zip(scattered, db.shard_arrays))

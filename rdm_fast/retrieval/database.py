@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -249,6 +250,19 @@ def _open_shard(path: Path, rows: int, dim: int) -> np.ndarray:
     return arr
 
 
+def _scattered_rows(shard: np.ndarray) -> np.ndarray:
+    """Another memory map of a shard's file, for reads of scattered rows (neighbour gathers, re-ranking): advised
+    MADV_RANDOM, the kernel reads the pages asked for instead of its read-ahead of up to megabytes around each.
+    The streaming scans keep the default map, whose read-ahead they need."""
+    if not isinstance(shard, np.memmap) or shard.filename is None:
+        return shard
+    scattered = np.load(shard.filename, mmap_mode="r", allow_pickle=False)
+    mapped = getattr(scattered, "_mmap", None)  # numpy's own mmap object (none for an empty shard)
+    if mapped is not None and hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return scattered
+
+
 class TorchExactSearch:
     """Exact cosine search in PyTorch over the memory-mapped float16 shards, streamed in row chunks, so only
     one chunk at a time is in memory (on ``device``). Ties are broken by the lower id."""
@@ -283,6 +297,7 @@ class Database:
         self.device, self._backend_kind, self._backend_options = device, backend, backend_options
         self._offsets = np.cumsum([0] + [s.shape[0] for s in shards]).astype(np.int64)
         self._meta: dict[int, dict[str, np.ndarray]] = {}
+        self._scattered: list[np.ndarray] | None = None  # the shards mapped for random rows, made on first use
         self._engine = None
         self._proposals: np.ndarray | None = None
 
@@ -442,7 +457,7 @@ class Database:
                 from .faiss_index import FaissSearch
                 self._engine = FaissSearch.load(self.path / self.manifest["index"]["file"], mmap=True,
                                                 nprobe=opts["nprobe"], ef_search=opts["ef_search"],
-                                                vectors=self._shards)
+                                                vectors=self._scattered_shards())  # re-ranks candidates
         return self._engine
 
     def check_encoder(self, name: str) -> None:
@@ -541,8 +556,14 @@ class Database:
             return self._search_engine().vectors(ids.long())
         flat, shape, device = _as_index_array(ids)
         out = np.empty((flat.size, self.dim), np.float32)
-        self._gather(flat, lambda j, rows: self._shards[j][rows], out)
+        scattered = self._scattered_shards()
+        self._gather(flat, lambda j, rows: scattered[j][rows], out)
         return torch.from_numpy(out).reshape(*shape, self.dim).to(device)
+
+    def _scattered_shards(self) -> list[np.ndarray]:
+        if self._scattered is None:
+            self._scattered = [_scattered_rows(s) for s in self._shards]
+        return self._scattered
 
     def _meta_of(self, j: int) -> dict[str, np.ndarray]:
         if j not in self._meta:
