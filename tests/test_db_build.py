@@ -166,7 +166,7 @@ class FailingEncoder(TinyEncoder):
         return super().encode_images(images)
 
 
-def test_resume_after_failure_is_byte_identical(image_dir, tmp_path):
+def test_resume_after_failure_is_byte_identical(image_dir, tmp_path, caplog):
     kw = dict(images=image_dir, crop="random", crop_size=32, crops_per_image=2, batch_size=4, shard_size=6,
               workers=0, device="cpu", progress=False)
     full = build_database(tmp_path / "full", encoder=TinyEncoder(), **kw)
@@ -182,8 +182,10 @@ def test_resume_after_failure_is_byte_identical(image_dir, tmp_path):
     damaged = bytearray((out / "emb_00001.npy").read_bytes())
     damaged[-2] ^= 0xFF
     (out / "emb_00001.npy").write_bytes(bytes(damaged))  # a finished shard that no longer verifies
+    caplog.clear()
     build_database(out, encoder=TinyEncoder(), **kw)
     assert files_of(out) == files_of(full)
+    assert "checking the 2 shards an earlier run finished" in caplog.text  # said before the silent hashing
     build_database(out, encoder=TinyEncoder(), **kw)  # complete: nothing to do
     assert files_of(out) == files_of(full)
     with pytest.raises(ValueError, match=r"different arguments \(they differ in: seed\)"):

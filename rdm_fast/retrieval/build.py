@@ -325,6 +325,9 @@ def run_sharded(out: Path, config: dict, n_shards: int,
             log.info("%s is already complete (same arguments): nothing to do", out)
             return out
         mine = [j for j in range(n_shards) if j % procs.world == procs.rank]
+        recorded = [j for j in mine if state._record_file(j).is_file()]
+        if recorded:  # each is checked against its checksums: a pass over those shards' bytes
+            log.info("checking the %d shards an earlier run finished", len(recorded))
         pending = [j for j in mine if state.finished(j) is None]
         if len(pending) < len(mine):
             log.info("resuming: %d of %d shards of this process are already done", len(mine) - len(pending),

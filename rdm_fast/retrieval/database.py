@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .._files import (array_file_problem, atomic_save_npy, atomic_save_npz, atomic_write_json, remove_stale_temps,
                       sha256_file)
@@ -331,10 +332,14 @@ class Database:
         path = Path(path)
         manifest = read_manifest(path)
         shards = []
-        for s in manifest["shards"]:
-            _check_file(path / s["embeddings"], s["bytes"], s.get("sha256"), verify)
-            _check_file(path / s["meta"], s["meta_bytes"], s.get("meta_sha256"), verify)
-            shards.append(_open_shard(path / s["embeddings"], s["rows"], manifest["dim"]))
+        # hashing a large database takes minutes: a bar over its bytes (in terminals)
+        with tqdm(total=sum(s["bytes"] + s["meta_bytes"] for s in manifest["shards"]), desc="verifying", unit="B",
+                  unit_scale=True, disable=None if verify else True) as bar:
+            for s in manifest["shards"]:
+                _check_file(path / s["embeddings"], s["bytes"], s.get("sha256"), verify)
+                _check_file(path / s["meta"], s["meta_bytes"], s.get("meta_sha256"), verify)
+                shards.append(_open_shard(path / s["embeddings"], s["rows"], manifest["dim"]))
+                bar.update(s["bytes"] + s["meta_bytes"])
         if manifest.get("proposals"):
             proposals = manifest["proposals"]
             if not (path / proposals["file"]).is_file():
