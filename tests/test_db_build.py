@@ -183,7 +183,8 @@ def test_resume_after_failure_is_byte_identical(image_dir, tmp_path, caplog):
     damaged[-2] ^= 0xFF
     (out / "emb_00001.npy").write_bytes(bytes(damaged))  # a finished shard that no longer verifies
     caplog.clear()
-    build_database(out, encoder=TinyEncoder(), **kw)
+    with caplog.at_level("INFO", logger="rdm_fast"):
+        build_database(out, encoder=TinyEncoder(), **kw)
     assert files_of(out) == files_of(full)
     assert "checking the 2 shards an earlier run finished" in caplog.text  # said before the silent hashing
     build_database(out, encoder=TinyEncoder(), **kw)  # complete: nothing to do
