@@ -297,7 +297,7 @@ class Database:
         self.path, self.manifest, self._shards = path, manifest, shards
         self.device, self._backend_kind, self._backend_options = device, backend, backend_options
         self._offsets = np.cumsum([0] + [s.shape[0] for s in shards]).astype(np.int64)
-        self._meta: dict[int, dict[str, np.ndarray]] = {}
+        self._meta: dict[tuple[int, str], np.ndarray] = {}
         self._scattered: list[np.ndarray] | None = None  # the shards mapped for random rows, made on first use
         self._engine = None
         self._proposals: np.ndarray | None = None
@@ -570,15 +570,19 @@ class Database:
             self._scattered = [_scattered_rows(s) for s in self._shards]
         return self._scattered
 
-    def _meta_of(self, j: int) -> dict[str, np.ndarray]:
-        if j not in self._meta:
+    def _meta_of(self, j: int, key: str) -> np.ndarray:
+        """Shard ``j``'s metadata array ``key``, read once per process: only the arrays asked for, and sources as
+        UTF-8 bytes (NumPy's strings take 4 bytes a character; each training data worker keeps its own copy)."""
+        if (j, key) not in self._meta:
             file = self.path / self.manifest["shards"][j]["meta"]
             try:
                 with np.load(file, allow_pickle=False) as z:
-                    self._meta[j] = {key: z[key] for key in ("sources", "class_id", "patch_coords")}
+                    value = z[key]
             except (ValueError, OSError, KeyError, EOFError) as e:
                 raise ValueError(f"{file} is not a readable metadata file ({e})") from None
-        return self._meta[j]
+            # file names that are not UTF-8 (os.fsdecode's surrogates) round-trip
+            self._meta[j, key] = np.char.encode(value, "utf-8", "surrogateescape") if value.dtype.kind == "U" else value
+        return self._meta[j, key]
 
     def sources(self, ids: ArrayLike) -> list[str]:
         """Where the entries came from (image paths or ids), flattened in the order of ``ids``."""
@@ -586,21 +590,21 @@ class Database:
             raise ValueError(f"{self.path} records no sources for its entries")
         flat, _, _ = _as_index_array(ids)
         out = np.empty(flat.size, object)
-        self._gather(flat, lambda j, rows: self._meta_of(j)["sources"][rows], out)
-        return [str(s) for s in out]
+        self._gather(flat, lambda j, rows: self._meta_of(j, "sources")[rows], out)
+        return [s.decode("utf-8", "surrogateescape") if isinstance(s, bytes) else str(s) for s in out]
 
     def class_ids(self, ids: ArrayLike) -> Tensor:
         """Class ids (int64, -1 where unknown), shaped like ``ids``, on the ids' device."""
         flat, shape, device = _as_index_array(ids)
         out = np.empty(flat.size, np.int64)
-        self._gather(flat, lambda j, rows: self._meta_of(j)["class_id"][rows], out)
+        self._gather(flat, lambda j, rows: self._meta_of(j, "class_id")[rows], out)
         return torch.from_numpy(out).reshape(shape).to(device)
 
     def patch_coords(self, ids: ArrayLike) -> Tensor:
         """(x, y) of each entry's crop (int32, -1 where unknown), shape ids.shape + (2,)."""
         flat, shape, device = _as_index_array(ids)
         out = np.empty((flat.size, 2), np.int32)
-        self._gather(flat, lambda j, rows: self._meta_of(j)["patch_coords"][rows], out)
+        self._gather(flat, lambda j, rows: self._meta_of(j, "patch_coords")[rows], out)
         return torch.from_numpy(out).reshape(*shape, 2).to(device)
 
     # ---------------------------------------------------------------- proposals
