@@ -599,3 +599,13 @@ def test_scattered_rows_are_read_through_their_own_maps(db_dir, data):
     scattered = db._scattered_shards()
     assert len(scattered) == len(db.shard_arrays) and scattered is db._scattered_shards()
     assert all(a is not b and np.array_equal(a, b) for a, b in zip(scattered, db.shard_arrays))
+
+
+@pytest.mark.parametrize("names", [["a/1.jpg", "b/22.png"], ["café/1.jpg", "b/22.png"], ["x\udce9.jpg", "b/2.png"]])
+def test_sources_round_trip_through_the_compact_metadata(tmp_path, names):
+    """Sources are kept as UTF-8 bytes per process (ASCII by one cast, others element by element, file names
+    that are not UTF-8 through their surrogates) and come back as the strings written."""
+    path = write_database(tmp_path / "db", np.ones((2, 16), np.float32), INFO, sources=names, shard_size=1)
+    db = Database.open(path, device="cpu")
+    assert db.sources([1, 0, 1]) == [names[1], names[0], names[1]]
+    assert all(v.dtype.kind == "S" for (_, key), v in db._meta.items() if key == "sources")

@@ -132,9 +132,11 @@ def refresh_cached(root: nn.Module) -> None:
         for key, value, fn, weights in m.__dict__.get("_cached", {}).values():
             fresh = fn(*weights)
             for old, new in zip(tree_leaves(value), tree_leaves(fresh), strict=True):
-                if isinstance(old, Tensor) and old.data_ptr() != new.data_ptr():  # not a weight itself (w.float()
-                    with torch.inference_mode(old.is_inference()):               # of a float32 w): no version bump
-                        old.copy_(new)  # a value cached under inference mode is updated in it (else refused)
+                # a value that is not a weight itself (w.float() of a float32 w is w: no version bump); one
+                # cached under inference mode is updated in it (refused outside)
+                if isinstance(old, Tensor) and old.data_ptr() != new.data_ptr():
+                    with torch.inference_mode(old.is_inference()):
+                        old.copy_(new)
 
 
 def conv_without_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -221,7 +223,7 @@ def official_names(model: nn.Module) -> dict[str, str]:
         mod, pieces = model, []
         for part in parts[:-1]:
             pieces.append(getattr(mod, "OFFICIAL", {}).get(part, part))
-            mod = mod.get_submodule(part) if part.isdigit() else getattr(mod, part)
+            mod = mod.get_submodule(part)
         pieces.append(parts[-1])
         out[name] = ".".join(pieces)
     return out

@@ -259,12 +259,13 @@ class ShardedBuild:
         atomic_write_json(config_file, self.config)
         return (self.out / MANIFEST).is_file()
 
-    def _record_file(self, j: int) -> Path:
+    def record_file(self, j: int) -> Path:
+        """Where shard ``j``'s done-record is kept."""
         return self.progress / f"shard_{j:05d}.json"
 
     def finished(self, j: int) -> dict | None:
         """Shard ``j``'s done-record when its files exist and match their checksums, else None."""
-        file = self._record_file(j)
+        file = self.record_file(j)
         if not file.is_file():
             return None
         try:
@@ -283,13 +284,13 @@ class ShardedBuild:
 
     def record(self, j: int, entry: dict, **extra: Any) -> None:
         """Mark shard ``j`` finished (after its files are in place)."""
-        atomic_write_json(self._record_file(j), {"shard": j, "entry": entry, **extra})
+        atomic_write_json(self.record_file(j), {"shard": j, "entry": entry, **extra})
 
     def records(self) -> list[dict]:
         """All done-records in shard order (after every process finished)."""
         out = []
         for j in range(self.n_shards):
-            file = self._record_file(j)
+            file = self.record_file(j)
             if not file.is_file():
                 raise RuntimeError(f"shard {j} has no done-record {file} although every process finished")
             out.append(json.loads(file.read_text()))
@@ -325,7 +326,7 @@ def run_sharded(out: Path, config: dict, n_shards: int,
             log.info("%s is already complete (same arguments): nothing to do", out)
             return out
         mine = [j for j in range(n_shards) if j % procs.world == procs.rank]
-        recorded = [j for j in mine if state._record_file(j).is_file()]
+        recorded = [j for j in mine if state.record_file(j).is_file()]
         if recorded:  # each is checked against its checksums: a pass over those shards' bytes
             log.info("checking the %d shards an earlier run finished", len(recorded))
         pending = [j for j in mine if state.finished(j) is None]
@@ -427,13 +428,14 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     files_per_shard = max(1, shard_size // crops_per_image)
     n_shards = -(-len(files) // files_per_shard)
     checkpoint = Path(encoder_checkpoint).resolve() if encoder_checkpoint else None
-    config: dict[str, Any] = {"kind": "images", "encoder_spec": encoder if isinstance(encoder, str) else encoder.name,
-              "encoder_checkpoint": str(checkpoint) if checkpoint else None,
-              "encoder_checkpoint_bytes": checkpoint.stat().st_size if checkpoint else None,
-              "inputs": str(inputs), "n_inputs": len(sources),
-              "inputs_sha256": inputs_digest([f"{s}\t{c}" for s, c in zip(sources, classes or [-1] * len(sources))]),
-              "crop": crop, "crop_size": crop_size, "crops_per_image": crops_per_image, "shard_size": shard_size,
-              "files_per_shard": files_per_shard, "class_from_folder": class_from_folder, "seed": seed}
+    config: dict[str, Any] = {
+        "kind": "images", "encoder_spec": encoder if isinstance(encoder, str) else encoder.name,
+        "encoder_checkpoint": str(checkpoint) if checkpoint else None,
+        "encoder_checkpoint_bytes": checkpoint.stat().st_size if checkpoint else None,
+        "inputs": str(inputs), "n_inputs": len(sources),
+        "inputs_sha256": inputs_digest([f"{s}\t{c}" for s, c in zip(sources, classes or [-1] * len(sources))]),
+        "crop": crop, "crop_size": crop_size, "crops_per_image": crops_per_image, "shard_size": shard_size,
+        "files_per_shard": files_per_shard, "class_from_folder": class_from_folder, "seed": seed}
     out = Path(out)
     ShardedBuild.check_arguments(out, config, partial=True)  # before the encoder is built (seconds to minutes)
     enc = resolve_encoder(encoder, device=dev, checkpoint=encoder_checkpoint) if isinstance(encoder, str) else encoder

@@ -251,6 +251,15 @@ def _open_shard(path: Path, rows: int, dim: int) -> np.ndarray:
     return arr
 
 
+def _utf8(strings: np.ndarray) -> np.ndarray:
+    """NumPy strings as UTF-8 bytes (a quarter of the memory for ASCII): ASCII in one C-level cast, else element by
+    element, keeping names that are not UTF-8 (os.fsdecode's surrogates) for the decode."""
+    try:
+        return strings.astype(np.bytes_)
+    except UnicodeEncodeError:
+        return np.char.encode(strings, "utf-8", "surrogateescape")
+
+
 def _scattered_rows(shard: np.ndarray) -> np.ndarray:
     """Another memory map of a shard's file, for reads of scattered rows (neighbour gathers, re-ranking): advised
     MADV_RANDOM, the kernel reads the pages asked for instead of its read-ahead of up to megabytes around each.
@@ -580,8 +589,7 @@ class Database:
                     value = z[key]
             except (ValueError, OSError, KeyError, EOFError) as e:
                 raise ValueError(f"{file} is not a readable metadata file ({e})") from None
-            # file names that are not UTF-8 (os.fsdecode's surrogates) round-trip
-            self._meta[j, key] = np.char.encode(value, "utf-8", "surrogateescape") if value.dtype.kind == "U" else value
+            self._meta[j, key] = _utf8(value) if value.dtype.kind == "U" else value
         return self._meta[j, key]
 
     def sources(self, ids: ArrayLike) -> list[str]:
