@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from test_database import INFO, TinyEncoder
-from rdm_fast.retrieval import Database, build_database, import_npz
+from rdm_fast.retrieval import Database, build, build_database, import_npz
 from rdm_fast.retrieval.npz_import import iter_row_ranges
 
 REPO = Path(__file__).resolve().parent.parent
@@ -465,3 +465,158 @@ def test_encoder_of_another_width_fails_the_build_not_the_database(tmp_path):
     assert not (tmp_path / "db" / "manifest.json").exists() and not list((tmp_path / "db").glob("emb_*"))
     build_database(tmp_path / "db", encoder=TinyEncoder(), images=tmp_path, workers=0)  # the rerun embeds it all
     assert len(Database.open(tmp_path / "db", device="cpu")) == 1
+
+
+# ---------------------------------------------------------------------------------------------- the input list
+# Each compact structure is checked against the Python objects the build held before (the oracle): a folder
+# scan with Path.rglob, a list parsed by str.splitlines on the whole file, the digest over "source\tclass" lines.
+def _rglob_oracle(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.suffix.lower() in build.IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists())))
+
+
+def _splitlines_oracle(file: Path) -> tuple[list[str], list[int] | None]:
+    paths, classes = [], []
+    for line in file.read_bytes().decode("utf-8", "surrogateescape").splitlines():
+        if line.strip():
+            path, _, cls = line.partition("\t")
+            paths.append(path)
+            if cls.strip():
+                classes.append(int(cls))
+    return paths, (classes or None)
+
+
+STRINGS = ["", "a", "train/n01/x_1.JPEG", "été/ß.png", "日本/画像.webp", "raw\udcff\udc80.jpg", "tab\there", "z" * 300]
+
+
+def test_path_list_round_trips_indexes_and_slices():
+    paths = build.PathList.of(STRINGS)
+    assert len(paths) == len(STRINGS) and list(paths) == STRINGS
+    assert [paths[i] for i in range(-len(STRINGS), 0)] == STRINGS
+    assert paths.encoded(5) == b"raw\xff\x80.jpg"
+    for first in range(len(STRINGS) + 1):
+        for last in range(len(STRINGS) + 2):
+            part = paths[first:last]
+            assert list(part) == STRINGS[first:last]
+            for a in range(len(part) + 1):  # slices of slices re-base their offsets
+                assert list(part[a:]) == STRINGS[first:last][a:] and list(part[:a]) == STRINGS[first:last][:a]
+    assert list(paths[-3:]) == STRINGS[-3:] and list(paths[::1]) == STRINGS
+    with pytest.raises(IndexError):
+        paths[len(STRINGS)]
+    with pytest.raises(IndexError):
+        paths[-len(STRINGS) - 1]
+    with pytest.raises(ValueError, match="contiguous"):
+        paths[::2]
+    assert len(build.PathList.of([])) == 0 and list(build.PathList.of([])[0:5]) == []
+
+
+def test_path_list_slice_pickles_only_its_part():
+    import pickle
+    paths = build.PathList.of(f"folder/{i:07d}.jpg" for i in range(20_000))
+    part = paths[10_000:10_010]
+    assert list(pickle.loads(pickle.dumps(part))) == [f"folder/{i:07d}.jpg" for i in range(10_000, 10_010)]
+    assert len(pickle.dumps(part)) < 2_000 < len(pickle.dumps(paths)) // 100
+
+
+def test_list_images_equals_a_path_rglob_scan(tmp_path):
+    root = tmp_path / "images"
+    names = ["a.jpg", "A.JPG", "b.Jpeg", "c.png", "d.webp", ".hidden.png", ".jpg", "..jpg", "e.jpg.", "f.gif",
+             "no_suffix", "sub/x.png", "sub/deeper/y.JPEG", "sub.png/inside.png", "a/b.png", "a.b/c.png",
+             "a-/z.jpg", "été/ß.png"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    os.mkdir(root / "dir.jpg")  # a folder with an image's suffix
+    (root / "dir.jpg" / "in.png").write_bytes(b"x")
+    (root / "link.png").symlink_to(root / "c.png")  # a link to a file counts
+    (root / "gone.jpg").symlink_to(root / "missing.jpg")  # a broken link counts (and is skipped by the build)
+    (root / "linked_dir").symlink_to(root / "sub")  # a link to a folder is not entered
+    (root / "linkdir.png").symlink_to(root / "sub")  # nor counted as a file
+    raw = os.fsencode(str(root)) + b"/raw\xff.png"  # a file name that is not UTF-8
+    with open(raw, "wb") as f:
+        f.write(b"x")
+    expected = _rglob_oracle(root)
+    assert "raw\udcff.png" in expected and "gone.jpg" in expected and "dir.jpg/in.png" in expected
+    assert not any(e.startswith("linked_dir") for e in expected) and "linkdir.png" not in expected
+    assert list(build.list_images(root)) == expected
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 1 << 24])
+def test_read_list_equals_whole_file_splitlines_in_any_blocks(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(build, "LIST_BLOCK", block)
+    for content in [b"a.png\t1\r\nb/c.jpg\t2\n\n  \nraw\xff.png\t-3\rlast.png\t4",  # CRLF, CR, blank, no final EOL
+                    b"x.png\x0cy.png\x1cz.png\xc2\x85w.png\xe2\x80\xa8v.png\n",  # splitlines' other breaks
+                    "été/ß.png\n日本/画像.webp\n".encode(), b"\n\n", b"only.png"]:
+        file = tmp_path / "list.txt"
+        file.write_bytes(content)
+        paths, classes = build.read_list(file)
+        expected, expected_classes = _splitlines_oracle(file)
+        assert list(paths) == expected
+        assert (classes is None and expected_classes is None) or classes.tolist() == expected_classes
+
+
+@pytest.mark.parametrize("block", [3, 1 << 24])
+def test_read_list_errors_name_the_place(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(build, "LIST_BLOCK", block)
+    file = tmp_path / "list.txt"
+    file.write_bytes(b"a.png\nb.png\nc\x00.png\n")
+    with pytest.raises(ValueError, match=r"NUL byte at offset 13\)"):
+        build.read_list(file)
+    file.write_bytes(b"a.png\t1\n\nb.png\tx\n")
+    with pytest.raises(ValueError, match=r"list.txt:3: class id 'x' is not a 64-bit integer"):
+        build.read_list(file)
+    file.write_bytes(b"a.png\t1\nb.png\t99999999999999999999\n")
+    with pytest.raises(ValueError, match=r"list.txt:2: class id '99999999999999999999' is not a 64-bit"):
+        build.read_list(file)
+    file.write_bytes(b"a.png\t1\nb.png\n")
+    with pytest.raises(ValueError, match="1 of 2 lines have a class id"):
+        build.read_list(file)
+
+
+@pytest.mark.parametrize("with_classes", [False, True])
+def test_inputs_digest_equals_the_digest_of_source_class_lines(with_classes):
+    import hashlib
+    rng = np.random.default_rng(0)
+    sources = STRINGS * 20_000  # more than one DIGEST_BLOCK
+    classes = rng.integers(-1, 10**12, len(sources)) if with_classes else None
+    lines = "".join(f"{s}\t{c}\n" for s, c in zip(sources, classes.tolist() if with_classes else [-1] * len(sources)))
+    expected = hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()
+    assert build.inputs_digest(build.PathList.of(sources), classes) == expected
+
+
+def test_folder_classes_are_the_sorted_folder_names(tmp_path):
+    sources = build.PathList.of(["b/1.png", "top.png", "a/2.png", "b/3.png", "c/d/4.png", "a/5.png"])
+    classes, names = build._folder_classes(sources, lambda s: s.split("/", 1)[0] if "/" in s else None)
+    assert names == ["a", "b", "c"] and classes.dtype == np.int64
+    assert classes.tolist() == [1, -1, 0, 1, 2, 0]
+    classes, names = build._folder_classes(build.PathList.of(["x.png"]), lambda s: None)
+    assert names == [] and classes.tolist() == [-1]
+
+
+@pytest.mark.parametrize("kind", ["list", "folder"])
+def test_input_list_memory_per_image(tmp_path, monkeypatch, kind):
+    """The build's input list costs about a path's UTF-8 bytes and 16 B per image (Python objects cost some 500 B),
+    also at its peak (Path.rglob holds every Path it found until it ends; a list is parsed a block at a time, here
+    1 MiB, a 25th of the list as the 16 MiB blocks are of a 20M-line list)."""
+    monkeypatch.setattr(build, "LIST_BLOCK", 1 << 20)
+    n = 100_000 if kind == "list" else 20_000
+    sources = [f"train/n{i % 7:08d}/n{i % 7:08d}_{i}.JPEG" for i in range(n)]  # 33-39 bytes
+    if kind == "list":
+        (tmp_path / "list.txt").write_text("".join(f"{s}\t{i % 7}\n" for i, s in enumerate(sources)))
+        args = (None, tmp_path / "list.txt", False)
+    else:
+        for s in sources:
+            (tmp_path / s).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / s).touch()
+        args = (tmp_path / "train", None, True)
+    tracemalloc.start()
+    try:
+        inputs = build._inputs(*args)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    order = range(n) if kind == "list" else np.argsort(sources, kind="stable")  # a folder scan sorts
+    assert list(inputs[2]) == [sources[i][6 * (kind == "folder"):] for i in order]
+    assert inputs[3].tolist() == [i % 7 for i in order]
+    assert kept / n < 80, f"{kept / n:.0f} B per image kept"
+    assert peak / n < 250, f"{peak / n:.0f} B per image at the peak"

@@ -16,8 +16,9 @@ import hashlib
 import json
 import logging
 import os
+from array import array
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, overload
 
 import numpy as np
 import torch
@@ -40,44 +41,145 @@ MAX_SKIPPED_IN_MANIFEST = 1000
 MAX_CROP_SIZE = 4096  # px: 18x the CLIP encoders' 224 px input, 5x the largest released model's 768 px images
 MAX_UPSCALE = 4  # crops cut from images enlarged more than this are warned about (a crop size typo, or tiny images)
 UPSCALE_SAMPLE = 16  # images whose size is read up front for that warning
+LIST_BLOCK = 1 << 24  # bytes of an image list parsed at a time
+DIGEST_BLOCK = 1 << 16  # inputs hashed at a time
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def list_images(root: str | Path) -> list[str]:
-    """Image files (jpg, jpeg, png, webp; any case) under ``root``, recursively, as sorted relative paths."""
+class PathList(Sequence[str]):
+    """Strings kept as one UTF-8 buffer (surrogates escaped back to their bytes) and their end offsets: about
+    ``len + 8`` bytes each, against some 110 for a Python str and 300 more for its Path, so that the input list
+    of a 20M-image build fits in about 1 GiB per process. A contiguous slice is a view of the buffer (and pickles
+    only its part); forked data-loader workers share the buffer without touching its pages."""
+
+    def __init__(self, data: np.ndarray, ends: np.ndarray) -> None:
+        self._data, self._ends = data, ends  # item i is data[ends[i - 1] (0 for i = 0) : ends[i]]
+
+    @classmethod
+    def of(cls, strings: Iterable[str]) -> PathList:
+        """The strings, in order."""
+        data, ends = bytearray(), array("q")
+        for s in strings:
+            data += s.encode("utf-8", "surrogateescape")
+            ends.append(len(data))
+        return cls(np.frombuffer(data, np.uint8), np.frombuffer(ends, np.int64))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def _bounds(self, i: int) -> tuple[int, int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} paths")
+        i %= len(self)
+        return (int(self._ends[i - 1]) if i else 0), int(self._ends[i])
+
+    def encoded(self, i: int) -> bytes:
+        """Item ``i`` as the bytes it is stored as."""
+        a, b = self._bounds(i)
+        return self._data[a:b].tobytes()
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> PathList: ...
+
+    def __getitem__(self, i: int | slice) -> str | PathList:
+        if isinstance(i, slice):
+            first, last, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("PathList slices must be contiguous")
+            last = max(first, last)
+            start = int(self._ends[first - 1]) if first else 0
+            end = int(self._ends[last - 1]) if last > first else start
+            return PathList(self._data[start:end], self._ends[first:last] - start)
+        return self.encoded(i).decode("utf-8", "surrogateescape")
+
+
+def _suffix(name: str) -> str:
+    """A file name's suffix as pathlib gives it ("" for ".jpg" and "a.")."""
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
+
+
+def _is_file_or_broken_link(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
+    except OSError:
+        return False
+
+
+def list_images(root: str | Path) -> PathList:
+    """Image files (jpg, jpeg, png, webp; any case) under ``root``, recursively, as sorted relative paths.
+    Hidden files count; links to files count, broken links too (the build skips and counts them); links to
+    folders are not entered; unreadable folders are passed over."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} " + ("is a file, not a folder (for a list of images, use "
                                                             "--list)" if root.exists() else "does not exist"))
-    found = [p.relative_to(root).as_posix() for p in root.rglob("*")  # broken links too: skipped and counted
-             if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists()))]
-    return sorted(found)
+    found: list[str] = []  # a walk of our own: Path.rglob holds a Path (~400 B) for every file until it ends
+    folders = [""]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(root / folder) as it:
+                entries = list(it)
+        except PermissionError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(folder + entry.name + "/")
+                    continue
+            except OSError:
+                pass
+            if _suffix(entry.name).lower() in IMAGE_SUFFIXES and _is_file_or_broken_link(entry):
+                found.append(folder + entry.name)
+    found.sort()
+    return PathList.of(found)
 
 
-def read_list(file: str | Path) -> tuple[list[str], list[int] | None]:
+def read_list(file: str | Path) -> tuple[PathList, np.ndarray | None]:
     """Paths (one a line; relative ones are relative to the list's folder) and, when every line has a
-    tab-separated second column, the class ids."""
+    tab-separated second column, the class ids (int64). Read in blocks of whole lines, so that a list of 20M paths
+    is never held as Python strings."""
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"image list {file} does not exist")
-    data = file.read_bytes()
-    if b"\0" in data:  # binary (an image, an archive) or UTF-16: no path holds a NUL byte
-        raise ValueError(f"image list {file} is not a text file (NUL byte at offset {data.index(0)}): it must be a "
-                         "text file of image paths, one per line")
-    paths, classes = [], []  # non-UTF-8 bytes kept as the folder scan keeps them (file names are bytes)
-    for n, line in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
-        if not line.strip():
-            continue
-        path, _, cls = line.partition("\t")
-        paths.append(path)
-        if cls.strip():
-            try:
-                classes.append(int(cls))
-            except ValueError:
-                raise ValueError(f"{file}:{n}: class id {cls.strip()!r} is not an integer") from None
+    classes = array("q")
+
+    def lines() -> Iterator[str]:
+        n, offset, rest = 0, 0, b""
+        with open(file, "rb") as f:
+            while True:
+                block = f.read(LIST_BLOCK)
+                data = rest + block
+                cut = len(data) if not block else data.rfind(b"\n") + 1  # a block ends after a line break
+                data, rest = data[:cut], data[cut:]
+                if b"\0" in data:  # binary (an image, an archive) or UTF-16: no path holds a NUL byte
+                    raise ValueError(f"image list {file} is not a text file (NUL byte at offset "
+                                     f"{offset + data.index(0)}): it must be a text file of image paths, one per line")
+                offset += len(data)
+                # non-UTF-8 bytes kept as the folder scan keeps them (file names are bytes)
+                for line in data.decode("utf-8", "surrogateescape").splitlines():
+                    n += 1
+                    if not line.strip():
+                        continue
+                    path, _, cls = line.partition("\t")
+                    if cls.strip():
+                        try:
+                            classes.append(int(cls))
+                        except (ValueError, OverflowError):
+                            raise ValueError(f"{file}:{n}: class id {cls.strip()!r} is not a 64-bit integer"
+                                             ) from None
+                    yield path
+                if not block:
+                    return
+
+    paths = PathList.of(lines())
     if classes and len(classes) != len(paths):
         raise ValueError(f"{file}: {len(classes)} of {len(paths)} lines have a class id; give all or none")
-    return paths, (classes or None)
+    return paths, (np.frombuffer(classes, np.int64) if classes else None)
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -181,18 +283,21 @@ def load_query_image(path: str | Path, size: int) -> Tensor:
 
 
 class ImageCrops(Dataset):
-    """File ``i`` of ``files[first:last]`` -> its crops as uint8 (n, 3, S, S); unreadable files give ok=False."""
+    """File ``i`` of ``sources[first:last]`` (under ``root``) -> its crops as uint8 (n, 3, S, S); unreadable files
+    give ok=False."""
 
-    def __init__(self, files: Sequence[Path], first: int, crop: str, size: int, crops: int, seed: int) -> None:
-        self.files, self.first, self.crop, self.size, self.crops, self.seed = files, first, crop, size, crops, seed
+    def __init__(self, root: Path, sources: PathList, first: int, crop: str, size: int, crops: int, seed: int
+                 ) -> None:
+        self.root, self.sources, self.first = root, sources, first
+        self.crop, self.size, self.crops, self.seed = crop, size, crops, seed
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.sources)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = self.first + i
         try:
-            img = load_rgb(self.files[i])
+            img = load_rgb(self.root / self.sources[i])
             rng = np.random.default_rng([self.seed, index])
             pixels, coords = make_crops(img, self.crop, self.size, self.crops, rng)
             ok, error = True, ""
@@ -297,11 +402,14 @@ class ShardedBuild:
         return out
 
 
-def inputs_digest(lines: Sequence[str]) -> str:
-    """SHA-256 of the input list (one entry a line), to refuse resuming over a changed input set."""
+def inputs_digest(sources: PathList, classes: np.ndarray | None) -> str:
+    """SHA-256 of the input list as lines "source<TAB>class id" (-1 without classes), to refuse resuming over a
+    changed input set."""
     h = hashlib.sha256()
-    for line in lines:
-        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    for first in range(0, len(sources), DIGEST_BLOCK):
+        last = min(len(sources), first + DIGEST_BLOCK)
+        ids = classes[first:last].tolist() if classes is not None else [-1] * (last - first)
+        h.update(b"".join(b"%s\t%d\n" % (sources.encoded(i), c) for i, c in zip(range(first, last), ids)))
     return h.hexdigest()
 
 
@@ -347,15 +455,31 @@ def run_sharded(out: Path, config: dict, n_shards: int,
 
 
 # ---------------------------------------------------------------------------------------------- image builds
+def _folder_classes(sources: PathList, folder: Callable[[str], str | None]) -> tuple[np.ndarray, list[str]]:
+    """Class ids from each source's ``folder`` name (names in sorted order are 0, 1, ...; None is -1) and the
+    names. Keeps one small integer per source, not a string."""
+    seen: dict[str, int] = {}
+    ids = array("q")
+    for s in sources:
+        name = folder(s)
+        ids.append(-1 if name is None else seen.setdefault(name, len(seen)))
+    names = sorted(seen)
+    final = {name: i for i, name in enumerate(names)}
+    remap = np.array([final[name] for name in seen] + [-1], np.int64)  # the last entry maps -1 to itself
+    return remap[np.frombuffer(ids, np.int64)], names
+
+
 def _inputs(images: str | Path | None, image_list: str | Path | None, class_from_folder: bool
-            ) -> tuple[Path, Path, list[str], list[int] | None, list[str] | None]:
+            ) -> tuple[Path, Path, PathList, np.ndarray | None, list[str] | None]:
     """(root relative sources are resolved against, the folder or list given, sources, class ids or None,
     class names or None). Folder classes: the top-level folder (images directly in a scanned root get -1);
     for a list, each file's parent folder (files directly in the list's folder get -1)."""
     if images is not None:
         inputs = root = Path(images).resolve()
         sources, classes = list_images(root), None
-        folders = [s.split("/")[0] if "/" in s else None for s in sources]
+
+        def folder(s: str) -> str | None:
+            return s.split("/", 1)[0] if "/" in s else None
     else:
         assert image_list is not None  # build_database checks that exactly one of the two is given
         inputs = Path(image_list).resolve()
@@ -363,23 +487,24 @@ def _inputs(images: str | Path | None, image_list: str | Path | None, class_from
         sources, classes = read_list(inputs)
         if class_from_folder and classes is not None:
             raise ValueError(f"{inputs} has class ids; do not also ask for classes from folders")
-        parents = [(root / s).parent for s in sources]
-        folders = [f.name if f != root and f.name else None for f in parents]
+
+        def folder(s: str) -> str | None:
+            parent = (root / s).parent
+            return parent.name if parent != root and parent.name else None
     if not sources:
         raise ValueError(f"no images found in {inputs}" if images is not None else f"{inputs} lists no images")
     class_names = None
     if class_from_folder:
-        class_names = sorted({f for f in folders if f is not None})
-        index = {name: i for i, name in enumerate(class_names)}
-        classes = [index[f] if f is not None else -1 for f in folders]
+        classes, class_names = _folder_classes(sources, folder)
     return root, inputs, sources, classes, class_names
 
 
-def _warn_upscaling(files: Sequence[Path], size: int) -> None:
+def _warn_upscaling(root: Path, sources: PathList, size: int) -> None:
     """Warn when ``size`` px crops need more than MAX_UPSCALE times enlargement of some of an even sample of
-    ``files`` (only their headers are read): each such image is enlarged to ``size`` px before it is cut."""
+    ``sources`` (only their headers are read): each such image is enlarged to ``size`` px before it is cut."""
     sizes: dict[Path, tuple[int, int]] = {}
-    for file in files[::max(1, len(files) // UPSCALE_SAMPLE)][:UPSCALE_SAMPLE]:
+    for i in range(0, len(sources), max(1, len(sources) // UPSCALE_SAMPLE))[:UPSCALE_SAMPLE]:
+        file = root / sources[i]
         try:
             with Image.open(file) as im:
                 sizes[file] = im.size
@@ -420,20 +545,19 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
                          f"input size (224 px for CLIP) anyway, and a batch of {batch_size} such crops takes "
                          f"{gib:.0f} GiB; the released models use 256 (imagenet, ffhq) or 768 (rdm768)")
     root, inputs, sources, classes, class_names = _inputs(images, image_list, class_from_folder)
-    files = [root / s for s in sources]
     if int(os.environ.get("RANK", "0")) == 0:
-        _warn_upscaling(files, crop_size)
+        _warn_upscaling(root, sources, crop_size)
 
     dev = process_device(device)
     files_per_shard = max(1, shard_size // crops_per_image)
-    n_shards = -(-len(files) // files_per_shard)
+    n_shards = -(-len(sources) // files_per_shard)
     checkpoint = Path(encoder_checkpoint).resolve() if encoder_checkpoint else None
     config: dict[str, Any] = {
         "kind": "images", "encoder_spec": encoder if isinstance(encoder, str) else encoder.name,
         "encoder_checkpoint": str(checkpoint) if checkpoint else None,
         "encoder_checkpoint_bytes": checkpoint.stat().st_size if checkpoint else None,
         "inputs": str(inputs), "n_inputs": len(sources),
-        "inputs_sha256": inputs_digest([f"{s}\t{c}" for s, c in zip(sources, classes or [-1] * len(sources))]),
+        "inputs_sha256": inputs_digest(sources, classes),
         "crop": crop, "crop_size": crop_size, "crops_per_image": crops_per_image, "shard_size": shard_size,
         "files_per_shard": files_per_shard, "class_from_folder": class_from_folder, "seed": seed}
     out = Path(out)
@@ -442,12 +566,12 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     config["encoder"] = enc.info()
 
     def compute(pending: list[int], state: ShardedBuild, procs: Processes) -> None:
-        todo = sum(min(len(files), (j + 1) * files_per_shard) - j * files_per_shard for j in pending)
+        todo = sum(min(len(sources), (j + 1) * files_per_shard) - j * files_per_shard for j in pending)
         desc = "embedding" if procs.world == 1 else f"embedding (rank {procs.rank})"
         with tqdm(total=todo, desc=desc, unit="img", disable=not progress, position=procs.rank) as bar:
             for j in pending:
-                first, last = j * files_per_shard, min(len(files), (j + 1) * files_per_shard)
-                entry, skipped = _embed_shard(out, j, enc, files[first:last], sources[first:last],
+                first, last = j * files_per_shard, min(len(sources), (j + 1) * files_per_shard)
+                entry, skipped = _embed_shard(out, j, enc, root, sources[first:last],
                                               None if classes is None else classes[first:last], first, crop,
                                               crop_size, crops_per_image, batch_size, workers, seed, dev, bar)
                 state.record(j, entry, skipped=skipped)
@@ -468,18 +592,18 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     return run_sharded(out, config, n_shards, compute, finish)
 
 
-def _embed_shard(out: Path, j: int, encoder: Encoder, files: list[Path], sources: list[str],
-                 classes: list[int] | None, first: int, crop: str, size: int, crops: int, batch_size: int,
+def _embed_shard(out: Path, j: int, encoder: Encoder, root: Path, sources: PathList,
+                 classes: np.ndarray | None, first: int, crop: str, size: int, crops: int, batch_size: int,
                  workers: int, seed: int, device: torch.device, bar: tqdm) -> tuple[dict, list]:
-    loader = DataLoader(ImageCrops(files, first, crop, size, crops, seed), batch_size=max(1, batch_size // crops),
-                        num_workers=workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(ImageCrops(root, sources, first, crop, size, crops, seed),
+                        batch_size=max(1, batch_size // crops), num_workers=workers, pin_memory=device.type == "cuda")
     embs, srcs, cls, coords, skipped = [], [], [], [], []
     for batch in loader:
         ok = batch["ok"]
         for index, good, error in zip(batch["index"].tolist(), ok.tolist(), batch["error"]):
             if not good:
                 skipped.append([sources[index - first], error])
-                log.debug("skipping %s (%s)", files[index - first], error)
+                log.debug("skipping %s (%s)", root / sources[index - first], error)
         if ok.any():
             pixels = batch["pixels"][ok].flatten(0, 1).to(device, non_blocking=True)
             with torch.inference_mode():
@@ -489,12 +613,12 @@ def _embed_shard(out: Path, j: int, encoder: Encoder, files: list[Path], sources
             if not np.isfinite(emb16).all():
                 bad = kept[int(np.nonzero(~np.isfinite(emb16).all(1))[0][0]) // crops]
                 raise ValueError(f"encoder {encoder.name} gave non-finite embeddings (or values beyond float16) "
-                                 f"for {files[bad - first]}")
+                                 f"for {root / sources[bad - first]}")
             embs.append(emb16)
             coords.append(batch["coords"][ok].flatten(0, 1).numpy())
             for index in kept:
                 srcs += [sources[index - first]] * crops
-                cls += [classes[index - first] if classes is not None else -1] * crops
+                cls += [int(classes[index - first]) if classes is not None else -1] * crops
         bar.update(len(ok))
     emb_all = np.concatenate(embs) if embs else np.zeros((0, encoder.dim), np.float16)
     xy = np.concatenate(coords) if coords else np.zeros((0, 2), np.int32)
