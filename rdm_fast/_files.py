@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,6 +112,48 @@ def array_file_problem(path: str | Path, error: BaseException) -> str:
     if "pickle" in str(error):
         return "it holds Python objects (pickled), not numbers"
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def map_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive by name: members stored uncompressed (``np.savez``, as rdm_fast writes them)
+    as read-only memory maps, so that opening a large file reads only what is used; compressed members
+    (``np.savez_compressed``) read whole. ValueError for a damaged archive, a truncated member or a member of
+    Python objects; OSError where the file cannot be read."""
+    path = Path(path)
+    out: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = info.filename[:-4]
+                if info.compress_type != zipfile.ZIP_STORED:
+                    with archive.open(info) as member:
+                        out[name] = np.lib.format.read_array(member, allow_pickle=False)
+                    continue
+                f.seek(info.header_offset)
+                local = f.read(30)  # the local file header: its name and extra field precede the data
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise ValueError(f"member {info.filename} has no local header")
+                start = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
+                f.seek(start)
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"member {info.filename} is .npy version {version}")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                if dtype.hasobject:
+                    raise ValueError(f"member {info.filename} holds Python objects (pickled), not numbers")
+                offset = f.tell()
+                nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+                if offset + nbytes > start + info.file_size:
+                    raise ValueError(f"member {info.filename} is truncated")
+                out[name] = (np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C") if nbytes
+                             else np.empty(shape, dtype))
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"not a readable .npz archive ({e})") from None
+    return out
 
 
 def make_dirs(path: str | Path) -> None:

@@ -47,7 +47,8 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ._distributed import Processes
-from ._files import TEMP_SUFFIX, array_file_problem, atomic_npy_memmap, atomic_save_npy, atomic_write_json
+from ._files import (TEMP_SUFFIX, array_file_problem, atomic_npy_memmap, atomic_save_npy, atomic_write_json,
+                     map_npz)
 from .config import RDMConfig
 from .rdm import RDM
 from .retrieval.build import load_rgb, replay_crop
@@ -100,11 +101,10 @@ def load_neighbors(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dic
     file = existing_neighbors_file(path)
     reading = file
     try:
-        if file.suffix == ".npz":
-            with np.load(file, allow_pickle=False) as z:
-                ids = z["ids"] if "ids" in z.files else None
-                scores = z["scores"] if "scores" in z.files else None
-                digests = {k: str(z[f"{k}_digest"]) for k in DIGEST_KEYS if f"{k}_digest" in z.files}
+        if file.suffix == ".npz":  # memory-mapped: a file of K columns for 20M entries is gigabytes
+            z = map_npz(file)
+            ids, scores = z.get("ids"), z.get("scores")
+            digests = {k: str(z[f"{k}_digest"][()]) for k in DIGEST_KEYS if f"{k}_digest" in z}
         else:
             ids = np.load(file, mmap_mode="r", allow_pickle=False)
             reading = files[1]
@@ -196,7 +196,7 @@ class TrainingContexts:
         if ids.shape[1] < self.k:
             raise ValueError(f"{neighbors} holds {ids.shape[1]} neighbours per entry; the model's contexts take "
                              f"{self.k} (k_nn): recompute them with --k {self.k} or more")
-        ids = np.array(ids[:, :self.k], np.int64)  # a copy: .npy files are memory-mapped read-only
+        ids = np.array(ids[:, :self.k], np.int64)  # a copy: the files are memory-mapped read-only
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.retrieval)):
             raise ValueError(f"{neighbors} holds ids outside {self.retrieval.path}'s {len(self.retrieval)} entries: "
                              "were they computed against another retrieval database?")
@@ -207,25 +207,28 @@ class TrainingContexts:
                              f"context. Compute them with python -m rdm_fast.db neighbors {self.retrieval.path}"
                              f"{queries} --k {self.k} --exclude-self --out FILE")
         if scores is not None:
-            self._check_scores(neighbors, ids, np.asarray(scores[:, :self.k], np.float32))
+            self._check_scores(neighbors, ids, scores)
         else:
             log.warning("%s holds no scores: it cannot be checked against the databases", neighbors)
         self.ids = torch.from_numpy(ids)
-        self._digest = hashlib.sha256((database_digest(self.training) + database_digest(self.retrieval)).encode()
-                                      + ids.tobytes()).hexdigest()
+        digest = hashlib.sha256((database_digest(self.training) + database_digest(self.retrieval)).encode())
+        digest.update(ids.data)  # the ids' own buffer: no copy of N x k x 8 bytes
+        self._digest = digest.hexdigest()
         self.own = cfg.text_token
         self.normalize = cfg.normalized_embeddings
 
     def _check_scores(self, neighbors: str | Path, ids: np.ndarray, scores: np.ndarray) -> None:
-        """The stored scores of a sample of rows must be the cosine similarities of those training entries to
-        the listed retrieval entries: ids of another database (of the same size) pass every other check."""
+        """The stored scores (N, K >= k) of a sample of rows must be the cosine similarities of those training
+        entries to the listed retrieval entries (N, k): ids of another database (of the same size) pass every
+        other check."""
         rows = np.unique(np.linspace(0, len(ids) - 1, min(len(ids), NEIGHBOR_CHECK_ROWS)).round().astype(np.int64))
         if not len(rows):
             return
         queries = F.normalize(self.training.embeddings(torch.from_numpy(rows)), dim=-1)
         found = F.normalize(self.retrieval.embeddings(torch.from_numpy(ids[rows])), dim=-1)
         cosine = torch.einsum("qd,qkd->qk", queries, found).numpy()
-        worst = float(np.nan_to_num(np.abs(cosine - scores[rows]), nan=np.inf).max())
+        stored = np.asarray(scores[rows, :ids.shape[1]], np.float32)
+        worst = float(np.nan_to_num(np.abs(cosine - stored), nan=np.inf).max())
         if worst > NEIGHBOR_SCORE_TOLERANCE:
             raise ValueError(f"{neighbors} does not match the databases: its scores differ by up to {worst:.3g} "
                              f"(tolerance {NEIGHBOR_SCORE_TOLERANCE}) from the similarities of {self.training.path}'s "

@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Sequence, cast
 
@@ -199,7 +200,7 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
         raise CLIError(f"context file {file} " + ("is a directory" if file.is_dir() else "does not exist"))
     try:
         arr = np.load(file, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise CLIError(f"context file {file} is not a readable .npy array ({array_file_problem(file, e)})") from None
     if isinstance(arr, np.lib.npyio.NpzFile):
         arr.close()

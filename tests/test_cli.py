@@ -304,6 +304,9 @@ def bad_npy(tmp_path, array) -> str:
      r"not a readable .npy array \(it holds Python objects \(pickled\), not numbers\)$"),
     (lambda d: (np.savez(d / "c.npz", a=np.zeros((2, 4, 64))), str(d / "c.npz"))[1],
      "is a .npz archive: save the contexts as one .npy array"),
+    (lambda d: (np.savez(d / "cut.npz", a=np.zeros((2, 4, 64))), (d / "cut.npz").write_bytes(
+        (d / "cut.npz").read_bytes()[:500]), str(d / "cut.npz"))[2], r"cut.npz is not a readable .npy array \(File is "
+     r"not a zip file\)$"),
     (lambda d: ((d / "dir.npy").mkdir(), str(d / "dir.npy"))[1], "context file .*dir.npy is a directory$"),
     (lambda d: bad_npy(d, np.zeros((0, 4, 64), np.float32)), r"holds no contexts \(shape \(0, 4, 64\)\)"),
 ])

@@ -58,8 +58,8 @@ def tiny_encoder(*, device="cpu", checkpoint=None, pretrained=True) -> TinyEncod
 register_encoder("tiny-test", tiny_encoder, replace=True)
 
 
-from rdm_fast.retrieval import (Database, compute_neighbors, proposal_ranking, save_proposals,  # noqa: E402
-                                write_database)
+from rdm_fast.retrieval import (Database, compute_neighbors, proposal_ranking, read_manifest,  # noqa: E402
+                                save_proposals, write_database)
 from rdm_fast.retrieval.search import exact_search, topk_lowest_id  # noqa: E402
 
 INFO = {"name": "tiny-test", "dim": 16, "normalized": False}
@@ -506,6 +506,26 @@ def test_open_file_and_unreadable_proposals(tmp_path, db_dir):
     assert f"python -m rdm_fast.db neighbors {db_dir} --k K --out FILE" in str(e.value)
 
 
+def test_proposals_are_memory_mapped_and_checked_in_blocks(tmp_path, db_dir, monkeypatch):
+    """The ranking stays on disk (a 20M-entry ranking is 320 MB), each block of ids is checked, and top-m reads
+    only its rows."""
+    from rdm_fast.retrieval import database
+    monkeypatch.setattr(database, "SCAN_ROWS", 7)  # 50 rows: 8 blocks, the last one short
+    ranking = np.random.default_rng(1).permutation(50)
+    save_proposals(db_dir, ranking, np.arange(50)[::-1], queries=1, k=1)
+    db = Database.open(db_dir, device="cpu")
+    assert db.proposals(0.1).tolist() == ranking[:5].tolist()
+    assert isinstance(db._proposals, np.memmap)
+    ids, counts = db.proposal_ranking()
+    assert ids.tolist() == ranking.tolist() and counts.tolist() == list(range(49, -1, -1))
+    for row in (0, 6, 7, 49):  # first and last rows of blocks
+        bad = np.stack([ranking, np.zeros(50, np.int64)], 1)
+        bad[row, 0] = -1 - row
+        np.save(db_dir / "proposals.npy", bad)
+        with pytest.raises(ValueError, match=f"holds id {-1 - row}, outside"):
+            Database.open(db_dir, device="cpu").proposals(0.1)
+
+
 def test_neighbors_name_a_damaged_entry(tmp_path):
     """A NaN embedding (a damaged shard) is named as the database's entry, not as a query."""
     emb = np.random.default_rng(0).standard_normal((12, 16)).astype(np.float32)
@@ -609,3 +629,18 @@ def test_sources_round_trip_through_the_compact_metadata(tmp_path, names):
     db = Database.open(path, device="cpu")
     assert db.sources([1, 0, 1]) == [names[1], names[0], names[1]]
     assert all(v.dtype.kind == "S" for (_, key), v in db._meta.items() if key == "sources")
+
+
+@pytest.mark.parametrize("keep", [0, 0.5])
+def test_zeroed_metadata_file_is_named(db_dir, keep):
+    """A metadata file whose bytes from some point on are zeros (what a crash of some file systems leaves) passes
+    the size check at open and is named when read, not reported as a bare zipfile error."""
+    meta = db_dir / read_manifest(db_dir)["shards"][1]["meta"]
+    data = meta.read_bytes()
+    cut = int(keep * len(data))
+    meta.write_bytes(data[:cut] + bytes(len(data) - cut))
+    db = Database.open(db_dir, device="cpu")
+    assert db.sources([0]) == ["img/000.jpg"]  # shard 0 is intact
+    with pytest.raises(ValueError) as e:
+        db.sources([13])
+    assert one_line(e).startswith(f"{meta} is not a readable metadata file (")

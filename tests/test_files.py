@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rdm_fast._files import TEMP_SUFFIX, atomic_npy_memmap, make_dirs, remove_stale_temps
+from rdm_fast._files import TEMP_SUFFIX, atomic_npy_memmap, make_dirs, map_npz, remove_stale_temps
 
 
 def test_memmap_is_filled_on_disk_and_renamed_when_done(tmp_path):
@@ -159,3 +159,52 @@ def test_out_dir_lock_is_not_kept_by_forked_children(tmp_path):
         os.waitpid(pid, 0)
         os.close(started)
         os.close(ready)
+
+
+def _npz_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"ids": rng.integers(-5, 10**9, (37, 5)), "scores": rng.standard_normal((37, 5)).astype(np.float32),
+            "fortran": np.asfortranarray(rng.standard_normal((6, 4))), "digest": np.array("ab" * 32),
+            "scalar": np.float16(1.5), "empty": np.zeros((0, 3), np.int32), "bytes": np.array([b"x", b"yz"]),
+            "bools": rng.random(11) > 0.5, "wide" * 10: np.arange(3, dtype=">i4")}
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_map_npz_equals_np_load(tmp_path, compressed):
+    arrays = _npz_arrays()
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "a.npz", **arrays)
+    mapped = map_npz(tmp_path / "a.npz")
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        assert sorted(mapped) == sorted(z.files)
+        for name in z.files:
+            expected = z[name]
+            assert mapped[name].dtype == expected.dtype and mapped[name].shape == expected.shape, name
+            np.testing.assert_array_equal(mapped[name], expected, err_msg=name)
+            assert mapped[name].flags.f_contiguous == expected.flags.f_contiguous, name
+            # stored members are mapped, not read (except empty ones, which cannot be mapped)
+            assert isinstance(mapped[name], np.memmap) == (not compressed and expected.size > 0), name
+    assert mapped["ids"].flags.writeable == compressed  # maps are read-only
+
+
+def test_map_npz_refuses_damaged_archives(tmp_path):
+    import zipfile
+    np.savez(tmp_path / "a.npz", ids=np.arange(100))
+    data = (tmp_path / "a.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable .npz archive"):
+        map_npz(tmp_path / "cut.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(ValueError, match="not a readable .npz archive"):
+        map_npz(tmp_path / "text.npz")
+    np.savez(tmp_path / "obj.npz", ok=np.arange(3), obj=np.array([{"a": 1}], object))
+    with pytest.raises(ValueError, match="obj.npy holds Python objects"):
+        map_npz(tmp_path / "obj.npz")
+    # a member whose header promises more rows than it holds (its archive is otherwise intact)
+    header = np.lib.format.header_data_from_array_1_0(np.arange(100))
+    with zipfile.ZipFile(tmp_path / "short.npz", "w", zipfile.ZIP_STORED) as z, z.open("ids.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(np.arange(60).tobytes())
+    with pytest.raises(ValueError, match="ids.npy is truncated"):
+        map_npz(tmp_path / "short.npz")
+    with pytest.raises(FileNotFoundError):
+        map_npz(tmp_path / "missing.npz")

@@ -268,6 +268,29 @@ def test_bad_neighbours_files_name_the_file_and_the_problem(tmp_path):
         with pytest.raises(ValueError) as e:
             load_neighbors(tmp_path / name)
         assert message in str(e.value), str(e.value)
+    np.savez(tmp_path / "d.npz", ids=np.zeros((100, 3), np.int64))
+    (tmp_path / "d.npz").write_bytes((tmp_path / "d.npz").read_bytes()[:1000])  # a copy that was cut off
+    with pytest.raises(ValueError, match=r"d\.npz is not a readable neighbours file \(not a readable \.npz archive"):
+        load_neighbors(tmp_path / "d.npz")
+
+
+def test_neighbours_are_memory_mapped_and_only_k_columns_kept(setup, tmp_path):
+    """A neighbours .npz stays on disk (20M entries x 20 neighbours are 4.8 GB of ids and scores); the training
+    contexts keep a copy of the model's k columns, and their digest is of those ids."""
+    import hashlib
+    from rdm_fast.data import load_neighbors
+    from rdm_fast.retrieval.neighbors import database_digest
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    ids, scores = compute_neighbors(db, k=6, exclude_self=True, progress=False)
+    save_neighbors(tmp_path / "six.npz", ids, scores, databases=(db, db))
+    loaded, loaded_scores, digests = load_neighbors(tmp_path / "six.npz")
+    assert isinstance(loaded, np.memmap) and isinstance(loaded_scores, np.memmap)
+    assert np.array_equal(loaded, ids.numpy()) and np.array_equal(loaded_scores, scores.numpy())
+    assert digests == {"db": database_digest(db), "queries": database_digest(db)}
+    contexts = TrainingContexts(RDMConfig.resolve(setup["cfg"]), setup["db"], setup["db"], tmp_path / "six.npz")
+    kept = ids[:, :3].numpy()  # the test config's k_nn
+    assert contexts.ids.tolist() == kept.tolist()
+    assert contexts.digest() == hashlib.sha256((database_digest(db) * 2).encode() + kept.tobytes()).hexdigest()
 
 
 def test_training_contexts_refuse_neighbours_of_another_database(setup, tmp_path):
