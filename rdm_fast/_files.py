@@ -8,14 +8,16 @@ import os
 import struct
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
 TEMP_SUFFIX = ".tmp"
+CRC_BLOCK = 1 << 24  # bytes of a mapped .npz member checked at a time
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -116,44 +118,61 @@ def array_file_problem(path: str | Path, error: BaseException) -> str:
 
 def map_npz(path: str | Path) -> dict[str, np.ndarray]:
     """The arrays of an .npz archive by name: members stored uncompressed (``np.savez``, as rdm_fast writes them)
-    as read-only memory maps, so that opening a large file reads only what is used; compressed members
-    (``np.savez_compressed``) read whole. ValueError for a damaged archive, a truncated member or a member of
-    Python objects; OSError where the file cannot be read."""
+    as read-only memory maps, so that opening a large file holds no copy of it; compressed members
+    (``np.savez_compressed``) and unusual .npy versions read whole. Every member's CRC-32 is checked (a mapped
+    one in blocks). ValueError for a damaged archive or member, or a member of Python objects; OSError where the
+    file cannot be read."""
     path = Path(path)
     out: dict[str, np.ndarray] = {}
     try:
         with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
             for info in archive.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                name = info.filename[:-4]
-                if info.compress_type != zipfile.ZIP_STORED:
-                    with archive.open(info) as member:
-                        out[name] = np.lib.format.read_array(member, allow_pickle=False)
-                    continue
-                f.seek(info.header_offset)
-                local = f.read(30)  # the local file header: its name and extra field precede the data
-                if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                    raise ValueError(f"member {info.filename} has no local header")
-                start = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
-                f.seek(start)
-                version = np.lib.format.read_magic(f)
-                if version not in ((1, 0), (2, 0)):
-                    raise ValueError(f"member {info.filename} is .npy version {version}")
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, fortran, dtype = read_header(f)
-                if dtype.hasobject:
-                    raise ValueError(f"member {info.filename} holds Python objects (pickled), not numbers")
-                offset = f.tell()
-                nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-                if offset + nbytes > start + info.file_size:
-                    raise ValueError(f"member {info.filename} is truncated")
-                out[name] = (np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C") if nbytes
-                             else np.empty(shape, dtype))
+                if info.filename.endswith(".npy"):
+                    out[info.filename[:-4]] = _mapped_member(path, f, archive, info)
     except zipfile.BadZipFile as e:
         raise ValueError(f"not a readable .npz archive ({e})") from None
     return out
+
+
+def _mapped_member(path: Path, f: BinaryIO, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One .npy member of an .npz: mapped where stored as is in a version 1.0/2.0 .npy, else read (zipfile checks
+    the CRC-32 of what it reads)."""
+    def read() -> np.ndarray:
+        with archive.open(info) as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
+
+    if info.compress_type != zipfile.ZIP_STORED:
+        return read()
+    f.seek(info.header_offset)
+    local = f.read(30)  # the local file header: its name and extra field precede the data
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise ValueError(f"member {info.filename} has no local header")
+    start = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
+    if start + info.file_size > os.fstat(f.fileno()).st_size:
+        raise ValueError(f"member {info.filename} is truncated")
+    crc = 0
+    if info.file_size:  # checked through a map of the member: no copy of it in memory
+        member = np.memmap(path, np.uint8, "r", start, (info.file_size,))
+        for first in range(0, info.file_size, CRC_BLOCK):  # a flipped bit in an id would pass any other check
+            crc = zlib.crc32(member[first:first + CRC_BLOCK].data, crc)
+        del member
+    if crc != info.CRC:
+        raise ValueError(f"member {info.filename} is corrupted (its CRC-32 does not match)")
+    f.seek(start)
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        return read()
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if dtype.hasobject:
+        raise ValueError(f"member {info.filename} holds Python objects (pickled), not numbers")
+    offset = f.tell()
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if offset + nbytes > start + info.file_size:
+        raise ValueError(f"member {info.filename} is truncated")
+    if not nbytes:
+        return np.empty(shape, dtype)
+    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
 
 
 def make_dirs(path: str | Path) -> None:

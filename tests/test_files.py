@@ -208,3 +208,27 @@ def test_map_npz_refuses_damaged_archives(tmp_path):
         map_npz(tmp_path / "short.npz")
     with pytest.raises(FileNotFoundError):
         map_npz(tmp_path / "missing.npz")
+
+
+def test_map_npz_checks_each_members_crc(tmp_path, monkeypatch):
+    """A flipped bit inside a mapped member (a neighbour id off by one would pass every range check) is refused,
+    as np.load refuses it; checked in blocks, also where the member is not a multiple of the block."""
+    import rdm_fast._files as files
+    monkeypatch.setattr(files, "CRC_BLOCK", 100)
+    np.savez(tmp_path / "a.npz", ids=np.arange(517), other=np.arange(3))
+    data = bytearray((tmp_path / "a.npz").read_bytes())
+    assert map_npz(tmp_path / "a.npz")["ids"][200] == 200
+    at = data.index(np.int64(200).tobytes())
+    data[at] ^= 1
+    (tmp_path / "a.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"member ids.npy is corrupted \(its CRC-32 does not match\)"):
+        map_npz(tmp_path / "a.npz")
+
+
+def test_map_npz_reads_other_npy_versions(tmp_path):
+    import zipfile
+    array = np.arange(12, dtype=np.int32).reshape(3, 4)
+    with zipfile.ZipFile(tmp_path / "v3.npz", "w", zipfile.ZIP_STORED) as z, z.open("a.npy", "w") as f:
+        np.lib.format.write_array(f, array, version=(3, 0))
+    mapped = map_npz(tmp_path / "v3.npz")["a"]
+    assert not isinstance(mapped, np.memmap) and np.array_equal(mapped, array)

@@ -278,6 +278,7 @@ def test_neighbours_are_memory_mapped_and_only_k_columns_kept(setup, tmp_path):
     """A neighbours .npz stays on disk (20M entries x 20 neighbours are 4.8 GB of ids and scores); the training
     contexts keep a copy of the model's k columns, and their digest is of those ids."""
     import hashlib
+    from rdm_fast._files import map_npz
     from rdm_fast.data import load_neighbors
     from rdm_fast.retrieval.neighbors import database_digest
     db = Database.open(setup["db"], backend="torch", device="cpu")
@@ -291,6 +292,11 @@ def test_neighbours_are_memory_mapped_and_only_k_columns_kept(setup, tmp_path):
     kept = ids[:, :3].numpy()  # the test config's k_nn
     assert contexts.ids.tolist() == kept.tolist()
     assert contexts.digest() == hashlib.sha256((database_digest(db) * 2).encode() + kept.tobytes()).hexdigest()
+    # ids stored in Fortran order (e.g. saved from a transposed array): the kept copy and the digest are the same
+    np.savez(tmp_path / "fortran.npz", ids=np.asfortranarray(ids.numpy()), scores=np.asfortranarray(scores.numpy()))
+    assert map_npz(tmp_path / "fortran.npz")["ids"].flags.f_contiguous
+    fortran = TrainingContexts(RDMConfig.resolve(setup["cfg"]), setup["db"], setup["db"], tmp_path / "fortran.npz")
+    assert fortran.ids.tolist() == kept.tolist() and fortran.digest() == contexts.digest()
 
 
 def test_training_contexts_refuse_neighbours_of_another_database(setup, tmp_path):

@@ -12,6 +12,7 @@ rank 0 writes the manifest, so the result is identical to a single-process build
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -102,11 +103,26 @@ def _suffix(name: str) -> str:
     return name[i:] if 0 < i < len(name) - 1 else ""
 
 
-def _is_file_or_broken_link(entry: os.DirEntry[str]) -> bool:
+# what pathlib (3.11) takes to mean "no such file" rather than an error: a link loop, a link through a file
+_NO_FILE_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
+
+
+def _no_file(check: Callable[[], bool]) -> bool:
+    """``check()``, False where it fails with one of pathlib's "no such file" errors (others propagate)."""
     try:
-        return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
-    except OSError:
+        return check()
+    except OSError as e:
+        if e.errno not in _NO_FILE_ERRNOS:
+            raise
         return False
+
+
+def _is_file_or_broken_link(entry: os.DirEntry[str]) -> bool:
+    """``Path.is_file() or (Path.is_symlink() and not Path.exists())``, as pathlib 3.11 answers it: links that loop or
+    lead through a file count as broken (listed, then skipped and counted by the build)."""
+    if _no_file(entry.is_file):
+        return True
+    return _no_file(entry.is_symlink) and not _no_file(lambda: os.stat(entry.path) is not None)
 
 
 def list_images(root: str | Path) -> PathList:
@@ -127,12 +143,9 @@ def list_images(root: str | Path) -> PathList:
         except PermissionError:
             continue
         for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    folders.append(folder + entry.name + "/")
-                    continue
-            except OSError:
-                pass
+            if _no_file(lambda: entry.is_dir(follow_symlinks=False)):
+                folders.append(folder + entry.name + "/")
+                continue
             if _suffix(entry.name).lower() in IMAGE_SUFFIXES and _is_file_or_broken_link(entry):
                 found.append(folder + entry.name)
     found.sort()
@@ -148,33 +161,38 @@ def read_list(file: str | Path) -> tuple[PathList, np.ndarray | None]:
         raise FileNotFoundError(f"image list {file} does not exist")
     classes = array("q")
 
-    def lines() -> Iterator[str]:
-        n, offset, rest = 0, 0, b""
+    def blocks() -> Iterator[bytes | memoryview]:
+        """The file in pieces that end after a line break (or at the end): a piece never splits a line, and
+        "\r" is a break only where the next byte is known not to be "\n"."""
+        read, rest = 0, bytearray()
         with open(file, "rb") as f:
-            while True:
-                block = f.read(LIST_BLOCK)
-                data = rest + block
-                cut = len(data) if not block else data.rfind(b"\n") + 1  # a block ends after a line break
-                data, rest = data[:cut], data[cut:]
-                if b"\0" in data:  # binary (an image, an archive) or UTF-16: no path holds a NUL byte
+            while block := f.read(LIST_BLOCK):
+                if b"\0" in block:  # binary (an image, an archive) or UTF-16: no path holds a NUL byte
                     raise ValueError(f"image list {file} is not a text file (NUL byte at offset "
-                                     f"{offset + data.index(0)}): it must be a text file of image paths, one per line")
-                offset += len(data)
-                # non-UTF-8 bytes kept as the folder scan keeps them (file names are bytes)
-                for line in data.decode("utf-8", "surrogateescape").splitlines():
-                    n += 1
-                    if not line.strip():
-                        continue
-                    path, _, cls = line.partition("\t")
-                    if cls.strip():
-                        try:
-                            classes.append(int(cls))
-                        except (ValueError, OverflowError):
-                            raise ValueError(f"{file}:{n}: class id {cls.strip()!r} is not a 64-bit integer"
-                                             ) from None
-                    yield path
-                if not block:
-                    return
+                                     f"{read + block.index(0)}): it must be a text file of image paths, one per line")
+                read += len(block)
+                cut = max(block.rfind(b"\n"), block.rfind(b"\r", 0, len(block) - 1)) + 1
+                if not cut:  # no break in this block (a long line): searched once, kept for the next one
+                    rest += block
+                    continue
+                yield bytes(rest) + block[:cut] if rest else memoryview(block)[:cut]
+                rest = bytearray(memoryview(block)[cut:])
+        yield bytes(rest)
+
+    def lines() -> Iterator[str]:
+        n = 0
+        for data in blocks():  # non-UTF-8 bytes kept as the folder scan keeps them (file names are bytes)
+            for line in str(data, "utf-8", "surrogateescape").splitlines():
+                n += 1
+                if not line.strip():
+                    continue
+                path, _, cls = line.partition("\t")
+                if cls.strip():
+                    try:
+                        classes.append(int(cls))
+                    except (ValueError, OverflowError):
+                        raise ValueError(f"{file}:{n}: class id {cls.strip()!r} is not a 64-bit integer") from None
+                yield path
 
     paths = PathList.of(lines())
     if classes and len(classes) != len(paths):
