@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "recorded at build, nlist / 20); fewer is faster and less exact")
     b = command("build", "embed images into a new database (resumable; torchrun for several GPUs)")
     src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of jpg/jpeg/png/webp images (searched recursively)")
-    src.add_argument("--list", help="text file: one image path per line, optionally a tab and a class id")
+    src.add_argument("--images", help="folder of jpg/jpeg/png/webp images (searched recursively, links to folders "
+                                      "followed)")
+    src.add_argument("--list", help="text file: one image path per line (relative paths are read from the list's "
+                                    "folder), optionally a tab and a class id")
     b.add_argument("--encoder", required=True, help="registered encoder name or package.module:factory")
     b.add_argument("--out", required=True, help="database directory (rerun the same command to resume)")
     b.add_argument("--crop", choices=CROP_MODES, default="center",

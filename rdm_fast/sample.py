@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-backend", default="auto", choices=BACKENDS,
                    help="nearest-neighbour search backend for --db")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n-samples", type=int, help="images to draw (default: one per context in the file, 4 with --db)")
+    p.add_argument("--n-samples", type=int, help="images to draw (default: one per context in the file; with "
+                   "--db, one per --text or --image query, else 4)")
     p.add_argument("--batch-size", type=int, default=8, help="images per sampling call")
     p.add_argument("--steps", type=int,
                    help="sampling steps, 1 to T/2 (default: the config's sampling.steps). As in the reference, "

@@ -72,6 +72,8 @@ RESUME_KEYS = ("seed", "global_batch", "training_data")
 # ... and may change these (with a warning: the run is then not the one an uninterrupted run would be)
 CHANGEABLE_KEYS = ("lr", "weight_decay", "warmup", "cond_drop", "grad_clip", "ema_decay", "precision",
                    "training_db", "db", "neighbors", "cached_moments")
+# the data a run trains on: a resumed run's own unless given again
+DATA_KEYS = ("training_db", "db", "neighbors")
 # the optimisation settings' defaults for a new run; a resumed run keeps its own unless they are given again
 SETTING_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.01, "warmup": 0, "grad_clip": 0.0, "ema_decay": 0.9999,
                     "cond_drop": 0.0, "precision": "fp32"}
@@ -347,10 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--random-init", action="store_true", help="random UNet and first stage (smoke runs only)")
     p.add_argument("--config", help=f"preset ({', '.join(preset_names())}) or config.yaml of the model "
                                     "(with --init: default its own)")
-    p.add_argument("--training-db", required=True, help="database built from the training images (db build): a "
-                                                        "directory, or its name in $RDM_FAST_HOME/databases")
-    p.add_argument("--db", required=True, help="retrieval database the neighbours come from (directory or name)")
-    p.add_argument("--neighbors", required=True, help="neighbour ids of every training entry (db neighbors)")
+    own = "; a resumed run's own unless given"
+    p.add_argument("--training-db", help="database built from the training images (db build): a directory, or its "
+                                         f"name in $RDM_FAST_HOME/databases{own}")
+    p.add_argument("--db", help=f"retrieval database the neighbours come from (directory or name){own}")
+    p.add_argument("--neighbors", help=f"neighbour ids of every training entry (db neighbors){own}")
     p.add_argument("--image-root", help="where the training images are now, if they have moved (without it: the "
                                         "image_root recorded in the database)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, logs and samples")
@@ -401,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fill_settings(args: argparse.Namespace, resume_from: Path | None) -> None:
-    """Set the optimisation settings not given on the command line: a resumed run's own (so a requeue that
+    """Set the data and optimisation settings not given on the command line: a resumed run's own (so a requeue that
     leaves one out does not change the run), a new run's defaults."""
     saved: dict[str, Any] = {}
     if resume_from is not None:
@@ -419,6 +422,14 @@ def _fill_settings(args: argparse.Namespace, resume_from: Path | None) -> None:
             setattr(args, key, value)
     if args.precision not in ("fp32", "bf16", "fp16"):
         raise CLIError(f"{resume_from} records precision {args.precision!r}; pass --fp32, --bf16 or --fp16")
+    for key in DATA_KEYS:
+        if getattr(args, key) is None:
+            flag = f"--{key.replace('_', '-')}"
+            if not isinstance(saved.get(key), str):
+                raise CLIError(f"{flag} is needed" + (f" ({resume_from / ckpt.TRAIN_STATE_FILE} records none)"
+                                                      if resume_from is not None else ""))
+            setattr(args, key, saved[key])
+            log.info("%s %s (the run's own)", flag, saved[key])
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -468,11 +468,16 @@ def test_encoder_of_another_width_fails_the_build_not_the_database(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the input list
-# Each compact structure is checked against the Python objects the build held before (the oracle): a folder
-# scan with Path.rglob, a list parsed by str.splitlines on the whole file, the digest over "source\tclass" lines.
-def _rglob_oracle(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.suffix.lower() in build.IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists())))
+# Each compact structure is checked against plain Python (the oracle): a folder scan with os.walk following links
+# and pathlib's file tests, a list parsed by str.splitlines on the whole file, the digest over "source\tclass" lines.
+def _walk_oracle(root: Path) -> list[str]:
+    found = []
+    for folder, _, names in os.walk(root, followlinks=True):  # no loop protection: trees without loops only
+        for name in names:
+            p = Path(folder) / name
+            if p.suffix.lower() in build.IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists())):
+                found.append(p.relative_to(root).as_posix())
+    return sorted(found)
 
 
 def _splitlines_oracle(file: Path) -> tuple[list[str], list[int] | None]:
@@ -518,7 +523,7 @@ def test_path_list_slice_pickles_only_its_part():
     assert len(pickle.dumps(part)) < 2_000 < len(pickle.dumps(paths)) // 100
 
 
-def test_list_images_equals_a_path_rglob_scan(tmp_path):
+def test_list_images_equals_an_os_walk_scan(tmp_path):
     root = tmp_path / "images"
     names = ["a.jpg", "A.JPG", "b.Jpeg", "c.png", "d.webp", ".hidden.png", ".jpg", "..jpg", "e.jpg.", "f.gif",
              "no_suffix", "sub/x.png", "sub/deeper/y.JPEG", "sub.png/inside.png", "a/b.png", "a.b/c.png",
@@ -530,17 +535,34 @@ def test_list_images_equals_a_path_rglob_scan(tmp_path):
     (root / "dir.jpg" / "in.png").write_bytes(b"x")
     (root / "link.png").symlink_to(root / "c.png")  # a link to a file counts
     (root / "gone.jpg").symlink_to(root / "missing.jpg")  # a broken link counts (and is skipped by the build)
-    (root / "linked_dir").symlink_to(root / "sub")  # a link to a folder is not entered
-    (root / "linkdir.png").symlink_to(root / "sub")  # nor counted as a file
+    (root / "linked_dir").symlink_to(root / "sub")  # a link to a folder is entered
+    (root / "linkdir.png").symlink_to(root / "sub")  # and not counted as a file
+    (root / "sub" / "deeper" / "up").symlink_to(root / "a.b")  # nor is it a loop when it leads elsewhere
     (root / "loop.jpg").symlink_to(root / "loop.jpg")  # links that loop or lead through a file: broken links
     (root / "through.jpg").symlink_to(root / "c.png" / "x.jpg")
     raw = os.fsencode(str(root)) + b"/raw\xff.png"  # a file name that is not UTF-8
     with open(raw, "wb") as f:
         f.write(b"x")
-    expected = _rglob_oracle(root)
-    assert {"raw\udcff.png", "gone.jpg", "dir.jpg/in.png", "loop.jpg", "through.jpg"} <= set(expected)
-    assert not any(e.startswith("linked_dir") for e in expected) and "linkdir.png" not in expected
+    expected = _walk_oracle(root)
+    assert {"raw\udcff.png", "gone.jpg", "dir.jpg/in.png", "loop.jpg", "through.jpg", "linked_dir/x.png",
+            "linkdir.png/deeper/y.JPEG", "linked_dir/deeper/up/c.png", "sub/deeper/up/c.png"} <= set(expected)
+    assert "linkdir.png" not in expected
     assert list(build.list_images(root)) == expected
+
+
+def test_list_images_does_not_follow_links_back_up(tmp_path, caplog):
+    root = tmp_path / "images"
+    (root / "a" / "b").mkdir(parents=True)
+    for name in ("top.png", "a/x.png", "a/b/y.png"):
+        (root / name).write_bytes(b"x")
+    (root / "a" / "b" / "to_root").symlink_to(root)
+    (root / "a" / "b" / "to_a").symlink_to(root / "a")
+    (root / "a" / "here").symlink_to(".")
+    (root / "a" / "b" / "sideways").symlink_to(root / "a" / "b")  # itself: a loop too
+    with caplog.at_level("WARNING", logger="rdm_fast.retrieval"):
+        assert list(build.list_images(root)) == ["a/b/y.png", "a/x.png", "top.png"]
+    assert sorted(m.split(" ")[2].rstrip(":") for m in caplog.messages) == [
+        str(root / "a" / "b" / n) for n in ("sideways", "to_a", "to_root")] + [str(root / "a" / "here")]
 
 
 @pytest.mark.parametrize("block", [1, 2, 3, 7, 1 << 24])
@@ -622,3 +644,43 @@ def test_input_list_memory_per_image(tmp_path, monkeypatch, kind):
     assert inputs[3].tolist() == [i % 7 for i in order]
     assert kept / n < 80, f"{kept / n:.0f} B per image kept"
     assert peak / n < 250, f"{peak / n:.0f} B per image at the peak"
+
+
+@pytest.mark.parametrize("shard_size", [1, 100])
+def test_a_build_that_reads_no_image_fails_and_leaves_nothing(tmp_path, shard_size):
+    """Every input unreadable (typically list paths relative to the wrong folder) is an error, not an empty
+    database: nothing is kept, so that the same --out takes the corrected inputs."""
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(_noise(np.random.default_rng(i), 32, 32)).save(tmp_path / "imgs" / f"{i}.png")
+    lst = tmp_path / "lists" / "l.txt"
+    lst.write_text("imgs/0.png\nimgs/1.png\nimgs/2.png\n")  # relative to tmp_path, not to the list's folder
+    kwargs = dict(encoder=TinyEncoder(), crop_size=32, workers=0, device="cpu", progress=False,
+                  shard_size=shard_size)
+    with pytest.raises(ValueError) as e:
+        build_database(tmp_path / "db", image_list=lst, **kwargs)
+    message = str(e.value)
+    assert message.startswith(f"none of the 3 images could be read (e.g. {tmp_path / 'lists' / 'imgs' / '0.png'}: "
+                              "FileNotFoundError")
+    assert f"relative paths in a list are read from the list's folder, {tmp_path / 'lists'}" in message
+    assert not any((tmp_path / "db").iterdir())
+    lst.write_text("../imgs/0.png\n../imgs/1.png\n../imgs/2.png\n")
+    assert len(Database.open(build_database(tmp_path / "db", image_list=lst, **kwargs), device="cpu")) == 3
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"none of the 1 images could be read \(e.g. .*x.png: "):
+        build_database(tmp_path / "kept", images=tmp_path / "bad", **kwargs)
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+
+
+def test_db_build_cli_exits_2_when_no_image_is_read(tmp_path, capsys):
+    from rdm_fast import db as db_cli
+    from rdm_fast._cli import run
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    code = run(db_cli.main, ["build", "--images", str(tmp_path / "bad"), "--encoder", SPEC, "--out",
+                             str(tmp_path / "db"), "--workers", "0", "--device", "cpu", "--crop-size", "32",
+                             "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: none of the 1 images could be read"), err

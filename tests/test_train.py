@@ -385,6 +385,36 @@ def test_resume_is_bit_exact_and_checkpoints_sample(setup, tmp_path):
     assert (tmp_path / "samples" / "grid.png").is_file()
 
 
+def _without_data(args: list[str]) -> list[str]:
+    """``args`` without --training-db, --db and --neighbors (and their values)."""
+    out = []
+    for a in args:
+        if out and out[-1] in ("--training-db", "--db", "--neighbors"):
+            out.pop()
+        else:
+            out.append(a)
+    return out
+
+
+def test_resume_takes_the_runs_own_data(setup, tmp_path, caplog):
+    """A requeue may leave out the data: the run's recorded databases and neighbours (an uninterrupted run's
+    weights); a new run may not."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(_fresh(setup, straight)) == 0
+    assert train.main(_fresh(setup, split, steps=2)) == 0
+    with caplog.at_level("INFO", logger="rdm_fast"):
+        assert train.main(_without_data(_args(setup, split, "--resume"))) == 0
+    assert f"--neighbors {setup['nn'].resolve()} (the run's own)" in caplog.messages
+    a, b = _weights(straight, 4), _weights(split, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for flag in ("--training-db", "--db", "--neighbors"):
+        args = _fresh(setup, tmp_path / "new")
+        del args[args.index(flag):args.index(flag) + 2]
+        with pytest.raises(train.CLIError, match=f"^{flag} is needed$"):
+            train.main(args)
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
     out = tmp_path / "run"
     assert train.main(_fresh(setup, out, steps=2)) == 0

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from array import array
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, overload
@@ -125,26 +126,36 @@ def _is_file_or_broken_link(entry: os.DirEntry[str]) -> bool:
     return _no_file(entry.is_symlink) and not _no_file(lambda: os.stat(entry.path) is not None)
 
 
+def _folder_id(path: str | Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def list_images(root: str | Path) -> PathList:
     """Image files (jpg, jpeg, png, webp; any case) under ``root``, recursively, as sorted relative paths.
     Hidden files count; links to files count, broken links too (the build skips and counts them); links to
-    folders are not entered; unreadable folders are passed over."""
+    folders are followed (as torchvision's ImageFolder does), except a link back to a folder that contains it;
+    unreadable folders are passed over."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} " + ("is a file, not a folder (for a list of images, use "
                                                             "--list)" if root.exists() else "does not exist"))
     found: list[str] = []  # a walk of our own: Path.rglob holds a Path (~400 B) for every file until it ends
-    folders = [""]
+    folders: list[tuple[str, frozenset]] = [("", frozenset([_folder_id(root)]))]  # (folder, it and its parents)
     while folders:
-        folder = folders.pop()
+        folder, above = folders.pop()
         try:
             with os.scandir(root / folder) as it:
                 entries = list(it)
         except PermissionError:
             continue
         for entry in entries:
-            if _no_file(lambda: entry.is_dir(follow_symlinks=False)):
-                folders.append(folder + entry.name + "/")
+            if _no_file(entry.is_dir):
+                key = _folder_id(entry.path)
+                if key in above:
+                    log.warning("not following %s: it links back to a folder that contains it", entry.path)
+                else:
+                    folders.append((folder + entry.name + "/", above | {key}))
                 continue
             if _suffix(entry.name).lower() in IMAGE_SUFFIXES and _is_file_or_broken_link(entry):
                 found.append(folder + entry.name)
@@ -465,8 +476,13 @@ def run_sharded(out: Path, config: dict, n_shards: int,
         compute(pending, state, procs)
         procs.barrier()
         if procs.rank == 0:
-            finish(state.records())
-        procs.barrier()
+            try:
+                finish(state.records())
+            except (ValueError, OSError) as e:
+                error = (isinstance(e, FileNotFoundError), str(e))
+        error = procs.from_rank0(error)
+        if error is not None:  # on every rank, as above
+            raise (FileNotFoundError if error[0] else ValueError)(error[1])
         return out
     finally:
         procs.close()
@@ -596,6 +612,12 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
 
     def finish(records: list[dict]) -> None:
         skipped = [s for r in records for s in r["skipped"]]
+        if skipped and not any(r["entry"]["rows"] for r in records):
+            _remove_build(out, records)  # nothing worth resuming: a rerun, once the images can be read, starts over
+            relative = (f"; relative paths in a list are read from the list's folder, {root}" if image_list is not
+                        None else "")
+            raise ValueError(f"none of the {len(skipped)} images could be read (e.g. {root / skipped[0][0]}: "
+                             f"{skipped[0][1]}){relative}; nothing was kept in {out}")
         if skipped:
             log.warning("skipped %d unreadable images (listed in %s), e.g. %s: %s", len(skipped),
                         out / MANIFEST, *skipped[0])
@@ -608,6 +630,14 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         log.info("wrote %s: %d embeddings in %d shards", out, manifest["count"], len(records))
 
     return run_sharded(out, config, n_shards, compute, finish)
+
+
+def _remove_build(out: Path, records: list[dict]) -> None:
+    """Delete what a build wrote to ``out``: its shards and its progress (the folder itself stays)."""
+    for r in records:
+        for name in (r["entry"]["embeddings"], r["entry"]["meta"]):
+            (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)
 
 
 def _embed_shard(out: Path, j: int, encoder: Encoder, root: Path, sources: PathList,
