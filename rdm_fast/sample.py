@@ -1,4 +1,4 @@
-"""``python -m rdm_fast.sample``: draw images from an RDM conditioned on given or retrieved CLIP embeddings.
+"""``python -m rdm_fast.sample``: draw images from an RDM conditioned on given or retrieved embeddings.
 
 Contexts come from ``--context-file`` (a .npy of shape (B, k, D) or (k, D)) or from ``--db`` (a database
 directory or the name of one in ``$RDM_FAST_HOME/databases``): each sample's query (a ``--text`` caption,

@@ -1,4 +1,4 @@
-"""``python -m rdm_fast.train``: train an RDM's UNet on images and the CLIP embeddings of their neighbours.
+"""``python -m rdm_fast.train``: train an RDM's UNet on images and the embeddings of their neighbours.
 
 The objective is the released models' (eps prediction, MSE; :mod:`rdm_fast.diffusion.training`); the first-stage
 autoencoder is frozen and encodes each batch on the fly, or once for all with ``--latents``; the data is a

@@ -408,11 +408,13 @@ def test_first_use_is_logged_once(cpu_ext, fresh_dispatch, caplog):
         group_norm(x.half(), None, None, 2, EPS)
         with ops.use_mode("reference"):
             group_norm(x, None, None, 2, EPS)
+        group_norm(x.bfloat16().requires_grad_(), None, None, 2, EPS)  # says why the preferred path did not run
     messages = [r.getMessage() for r in caplog.records if r.name == "rdm_fast.ops"]
     assert messages == [
         "group_norm: cpu-ext (cpu, float32)",
         "group_norm: cpu-ext (cpu, float16)",
         "group_norm: reference (cpu, float32)",
+        "group_norm: reference (cpu, bfloat16; not cpu-ext: inputs require grad (no backward kernel yet))",
     ]
 
 

@@ -126,12 +126,14 @@ _warned_missing: set[str] = set()
 
 
 @eager_constant
-def log_first_use(op: str, impl: str, device_type: str, dtype: str) -> None:
-    """Log at INFO the first run of each (op, impl, device type, dtype)."""
+def log_first_use(op: str, impl: str, device_type: str, dtype: str, passed_over: str = "") -> None:
+    """Log at INFO the first run of each (op, impl, device type, dtype), with why the implementations preferred
+    to it did not take the call (``passed_over``), e.g. the reference for a call that needs gradients."""
     key = (op, impl, device_type, dtype)
     if key not in _logged:
         _logged.add(key)
-        logger.info("%s: %s (%s, %s)", op, impl, device_type, dtype.removeprefix("torch."))
+        logger.info("%s: %s (%s, %s%s)", op, impl, device_type, dtype.removeprefix("torch."),
+                    f"; not {passed_over}" if passed_over else "")
 
 
 @eager_constant
@@ -225,10 +227,14 @@ class Op(Generic[R]):
 
     def select(self, device_type: str, *args, **kwargs) -> Impl[R]:
         """The implementation the current mode picks for this call."""
+        return self._select(device_type, *args, **kwargs)[0]
+
+    def _select(self, device_type: str, *args, **kwargs) -> tuple[Impl[R], list[str]]:
+        """The implementation the current mode picks, and why the ones preferred to it do not support the call."""
         mode = get_mode()
         if mode == "reference":
-            return self.reference
-        reasons = []
+            return self.reference, []
+        reasons: list[str] = []
         missing = []
         for impl in self.by_device.get(device_type, ()):
             if impl.fast_mode_only and mode != "fast":
@@ -241,7 +247,7 @@ class Op(Generic[R]):
                 if why is None:
                     if missing:
                         warn_missing_once(self.name, "; ".join(missing), impl.name)
-                    return impl
+                    return impl, reasons
             reasons.append(f"{impl.name}: {why}")
         if mode == "fast":
             detail = "; ".join(reasons) if reasons else f"no fast implementation exists for {device_type} tensors"
@@ -251,9 +257,9 @@ class Op(Generic[R]):
             )
         if missing:
             warn_missing_once(self.name, "; ".join(missing))
-        return self.reference
+        return self.reference, reasons
 
     def __call__(self, x: Tensor, *args, **kwargs) -> R:
-        impl = self.select(x.device.type, x, *args, **kwargs)
-        log_first_use(self.name, impl.name, x.device.type, str(x.dtype))
+        impl, passed_over = self._select(x.device.type, x, *args, **kwargs)
+        log_first_use(self.name, impl.name, x.device.type, str(x.dtype), "; ".join(passed_over))
         return impl.fn(x, *args, **kwargs)
