@@ -74,9 +74,9 @@ CHANGEABLE_KEYS = ("lr", "weight_decay", "warmup", "cond_drop", "grad_clip", "em
                    "training_db", "db", "neighbors", "cached_moments")
 # the data a run trains on: a resumed run's own unless given again
 DATA_KEYS = ("training_db", "db", "neighbors")
-# the optimisation settings' defaults for a new run; a resumed run keeps its own unless they are given again
+# the batch, seed and optimisation settings' defaults for a new run; a resumed run keeps its own unless given again
 SETTING_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.01, "warmup": 0, "grad_clip": 0.0, "ema_decay": 0.9999,
-                    "cond_drop": 0.0, "precision": "fp32"}
+                    "cond_drop": 0.0, "precision": "fp32", "batch_size": 8, "accumulate": 1, "seed": 0}
 
 
 # ---------------------------------------------------------------------------------------------- EMA
@@ -365,9 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "too, start the run that way when --out has no checkpoint yet (one command line for the "
                         "first launch and every requeue)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps to train to (in all, when resuming)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per process and micro-batch")
-    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     kept = "; a resumed run keeps its own unless given"
+    p.add_argument("--batch-size", type=int, help=f"images per process and micro-batch (default 8{kept})")
+    p.add_argument("--accumulate", type=int, help=f"micro-batches per optimizer step (default 1{kept})")
     p.add_argument("--lr", type=float, help=f"AdamW learning rate (default 1e-4{kept})")
     p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default 0.01, PyTorch's{kept})")
     p.add_argument("--warmup", type=int, help=f"steps of linear learning-rate warm-up (default 0{kept})")
@@ -394,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", type=int, default=8, help="EMA samples drawn at each checkpoint (0: none)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data-loading processes per training process (default: 4, or the CPU count if lower)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the batch order, the noise and dropout draws and a new UNet's weights")
+    p.add_argument("--seed", type=int, help="seed of the batch order, the noise and dropout draws and a new UNet's "
+                                            f"weights (default 0{kept})")
     p.add_argument("--device", default="auto", help="auto (this process's GPU, else the CPU), cpu or cuda")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")

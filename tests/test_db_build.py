@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 import zipfile
@@ -684,3 +685,53 @@ def test_db_build_cli_exits_2_when_no_image_is_read(tmp_path, capsys):
                              "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: none of the 1 images could be read"), err
+
+
+def test_list_images_passes_over_folders_it_cannot_enter(tmp_path):
+    """Links into folders this user may not search, and link chains longer than the system's path limit, are
+    passed over as os.walk(followlinks=True) passes them (they ended the whole build)."""
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_bytes(b"x")
+    (root / "sub" / "b.png").write_bytes(b"x")
+    chain = [root / (f"d{i:02d}" + "x" * 240) for i in range(20)]  # each links to the next: no loop, long paths
+    for i, d in enumerate(chain):
+        d.mkdir()
+        (d / "c.png").write_bytes(b"x")
+        if i + 1 < len(chain):
+            (d / ("L" * 250)).symlink_to(chain[i + 1])
+    expected = _walk_oracle(root)
+    assert len(expected) > 20 and max(len(str(root / e)) for e in expected) < os.pathconf("/", "PC_PATH_MAX")
+    assert list(build.list_images(root)) == expected
+    if os.geteuid() == 0:
+        with tempfile.TemporaryDirectory() as shared:  # pytest's folders are root's alone: one others may search
+            _scan_as_another_user(Path(shared))
+
+
+def _scan_as_another_user(base: Path) -> None:
+    root, secret = base / "images", base / "secret"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_bytes(b"x")
+    (root / "sub" / "b.png").write_bytes(b"x")
+    (secret / "inner").mkdir(parents=True)
+    (secret / "inner" / "c.png").write_bytes(b"x")
+    for p in (base, root, root / "sub"):
+        os.chmod(p, 0o755)
+    os.chmod(secret, 0o700)  # root's: uid 65534 may not search it
+    (root / "shared").symlink_to(secret / "inner")  # e.g. a link into another group's tree
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the scan as another user
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write, "\n".join(build.list_images(root)).encode())
+        except BaseException as e:
+            os.write(write, f"ERROR {type(e).__name__}: {e}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        got = f.read().decode()
+    os.waitpid(pid, 0)
+    assert got.split("\n") == ["a.png", "sub/b.png"], got[:300]

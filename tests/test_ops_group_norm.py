@@ -675,6 +675,22 @@ def test_negative_or_non_finite_eps_is_refused(fn, eps):
     assert torch.isfinite(fn(x, w, b, 4, 0.0)).all()  # 0 stays allowed (torch's own GroupNorm takes it)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dispatch_traces_when_a_preferred_impl_declines(cpu_ext, fresh_dispatch, dynamic):
+    """A declined implementation's reason can hold the call's (symbolic) sizes: the dispatch must still trace as one
+    graph (the first-use log line leaves the reasons out under torch.compile)."""
+    def f(x):
+        return ops.group_norm(x, None, None, 2, EPS)
+
+    compiled = torch.compile(f, backend="eager", dynamic=dynamic, fullgraph=True)
+    for make in (lambda: torch.randn(2, 8, 5, 6).transpose(2, 3),  # strided: the layout reason names the strides
+                 lambda: torch.randn(2, 8, 5, 5, requires_grad=True)):
+        torch._dynamo.reset()
+        for _ in range(2):
+            x = make()
+            torch.testing.assert_close(compiled(x), torch.nn.functional.group_norm(x, 2, eps=EPS))
+
+
 def test_eps_check_traces_with_dynamic_shapes():
     """torch.compile(dynamic=True) traces eps as a symbolic float: the argument check must not break the graph."""
     def f(x, w, b, eps):

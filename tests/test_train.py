@@ -385,11 +385,11 @@ def test_resume_is_bit_exact_and_checkpoints_sample(setup, tmp_path):
     assert (tmp_path / "samples" / "grid.png").is_file()
 
 
-def _without_data(args: list[str]) -> list[str]:
-    """``args`` without --training-db, --db and --neighbors (and their values)."""
+def _without(args: list[str], *flags: str) -> list[str]:
+    """``args`` without ``flags`` and their values."""
     out = []
     for a in args:
-        if out and out[-1] in ("--training-db", "--db", "--neighbors"):
+        if out and out[-1] in flags:
             out.pop()
         else:
             out.append(a)
@@ -397,13 +397,14 @@ def _without_data(args: list[str]) -> list[str]:
 
 
 def test_resume_takes_the_runs_own_data(setup, tmp_path, caplog):
-    """A requeue may leave out the data: the run's recorded databases and neighbours (an uninterrupted run's
-    weights); a new run may not."""
+    """A requeue may leave out the data, the batch and the seed: the run's recorded ones (an uninterrupted run's
+    weights; the batch is not the default 8 here); a new run needs the data."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train.main(_fresh(setup, straight)) == 0
-    assert train.main(_fresh(setup, split, steps=2)) == 0
+    assert train.main(_fresh(setup, straight, "--seed", "3")) == 0
+    assert train.main(_fresh(setup, split, "--seed", "3", steps=2)) == 0
     with caplog.at_level("INFO", logger="rdm_fast"):
-        assert train.main(_without_data(_args(setup, split, "--resume"))) == 0
+        assert train.main(_without(_args(setup, split, "--resume"), "--training-db", "--db", "--neighbors",
+                                   "--batch-size")) == 0
     assert f"--neighbors {setup['nn'].resolve()} (the run's own)" in caplog.messages
     a, b = _weights(straight, 4), _weights(split, 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -1088,7 +1089,7 @@ def test_runs_start_from_init_or_first_stage(setup, tmp_path):
     assert train.main(_fresh(setup, source, steps=1)) == 0
     ema = RDM.from_pretrained(source)
     parser = train.build_parser()
-    base = _args(setup, tmp_path / "new")
+    base = [*_args(setup, tmp_path / "new"), "--seed", "0"]  # main fills in a default seed; build_model takes it
     started = train.build_model(parser.parse_args([*base, "--init", str(source)]))
     assert started.config == ema.config
     assert all(torch.equal(a, b) for a, b in zip(started.state_dict().values(), ema.state_dict().values(), strict=True))

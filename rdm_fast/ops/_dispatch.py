@@ -261,5 +261,7 @@ class Op(Generic[R]):
 
     def __call__(self, x: Tensor, *args, **kwargs) -> R:
         impl, passed_over = self._select(x.device.type, x, *args, **kwargs)
-        log_first_use(self.name, impl.name, x.device.type, str(x.dtype), "; ".join(passed_over))
+        # under torch.compile the reasons can hold symbolic sizes, which str.join cannot trace: logged without them
+        why = "" if torch.compiler.is_compiling() else "; ".join(passed_over)
+        log_first_use(self.name, impl.name, x.device.type, str(x.dtype), why)
         return impl.fn(x, *args, **kwargs)

@@ -20,7 +20,7 @@ import os
 import shutil
 from array import array
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, overload
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, overload
 
 import numpy as np
 import torch
@@ -126,8 +126,28 @@ def _is_file_or_broken_link(entry: os.DirEntry[str]) -> bool:
     return _no_file(entry.is_symlink) and not _no_file(lambda: os.stat(entry.path) is not None)
 
 
-def _folder_id(path: str | Path) -> tuple[int, int]:
-    st = os.stat(path)
+class _Chain(NamedTuple):
+    """A folder's (device, inode) and its parent's chain, up to the root of a scan."""
+
+    key: tuple[int, int]
+    up: _Chain | None
+
+    def holds(self, key: tuple[int, int]) -> bool:
+        link: _Chain | None = self
+        while link is not None and link.key != key:
+            link = link.up
+        return link is not None
+
+
+def _enterable_folder(entry: os.DirEntry[str]) -> tuple[int, int] | None:
+    """(device, inode) of the folder ``entry`` is or links to, or None where it is not one that can be looked at
+    (a file, a broken link, a link this user may not follow, a name too long; os.walk passes those over too)."""
+    try:
+        if not entry.is_dir():
+            return None
+        st = os.stat(entry.path)  # not entry.stat(), which the folder's listing would keep for every entry
+    except OSError:
+        return None
     return st.st_dev, st.st_ino
 
 
@@ -135,27 +155,30 @@ def list_images(root: str | Path) -> PathList:
     """Image files (jpg, jpeg, png, webp; any case) under ``root``, recursively, as sorted relative paths.
     Hidden files count; links to files count, broken links too (the build skips and counts them); links to
     folders are followed (as torchvision's ImageFolder does), except a link back to a folder that contains it;
-    unreadable folders are passed over."""
+    folders that cannot be read are passed over (with a warning, unless for want of permission)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} " + ("is a file, not a folder (for a list of images, use "
                                                             "--list)" if root.exists() else "does not exist"))
     found: list[str] = []  # a walk of our own: Path.rglob holds a Path (~400 B) for every file until it ends
-    folders: list[tuple[str, frozenset]] = [("", frozenset([_folder_id(root)]))]  # (folder, it and its parents)
+    st = root.stat()
+    folders: list[tuple[str, _Chain]] = [("", _Chain((st.st_dev, st.st_ino), None))]
     while folders:
-        folder, above = folders.pop()
+        folder, chain = folders.pop()
         try:
             with os.scandir(root / folder) as it:
                 entries = list(it)
-        except PermissionError:
+        except OSError as e:
+            if not isinstance(e, PermissionError):
+                log.warning("cannot list the folder %s (%s): its images are left out", root / folder, e.strerror or e)
             continue
         for entry in entries:
-            if _no_file(entry.is_dir):
-                key = _folder_id(entry.path)
-                if key in above:
+            key = _enterable_folder(entry)
+            if key is not None:
+                if chain.holds(key):
                     log.warning("not following %s: it links back to a folder that contains it", entry.path)
                 else:
-                    folders.append((folder + entry.name + "/", above | {key}))
+                    folders.append((folder + entry.name + "/", _Chain(key, chain)))
                 continue
             if _suffix(entry.name).lower() in IMAGE_SUFFIXES and _is_file_or_broken_link(entry):
                 found.append(folder + entry.name)
