@@ -31,6 +31,14 @@ class CLIError(Exception):
     """A mistake in the command line or its input files; printed as one line, exit status 2."""
 
 
+def one_process(command: str) -> None:
+    """Refuse to run ``command`` under torchrun with more than one process: it is not split over processes, so each
+    would do all of the work and write the same files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CLIError(f"{command} runs in one process (it is not split over torchrun's processes, and their copies "
+                       "would write the same files): run it with python, not torchrun")
+
+
 class _TqdmHandler(logging.StreamHandler):
     """Log records written through tqdm, so that they land on their own line above a running progress bar."""
 

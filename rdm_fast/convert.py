@@ -19,7 +19,7 @@ import yaml
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import CLIError, HelpFormatter, check_out_dir, parse_args, run, summary
+from ._cli import CLIError, HelpFormatter, check_out_dir, one_process, parse_args, run, summary
 from ._files import atomic_write, remove_stale_temps
 from .config import preset_names
 
@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle a checkpoint with Python objects (runs code from the file: trusted files only)")
     args = parse_args(p, argv)
+    one_process("convert")
     check_out_dir(args.out)
     log.info("reading %s", args.ckpt)
     if args.to == "official":

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._cli import CLIError, HelpFormatter, parse_args, run, summary
+from ._cli import CLIError, HelpFormatter, one_process, parse_args, run, summary
 from ._distributed import process_device
 from ._files import atomic_save_npy, atomic_write, make_dirs
 from .encoders import EncoderUnavailable, resolve_encoder
@@ -424,6 +424,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     return 0
 
 
+DISTRIBUTED = ("build", "import-npz")  # the commands that split their work over torchrun's processes
 COMMANDS = {"build": cmd_build, "import-npz": cmd_import, "info": cmd_info, "search": cmd_search,
             "index": cmd_index, "neighbors": cmd_neighbors}
 
@@ -431,6 +432,8 @@ COMMANDS = {"build": cmd_build, "import-npz": cmd_import, "info": cmd_info, "sea
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the arguments and run the subcommand."""
     args = parse_args(build_parser(), argv)
+    if args.command not in DISTRIBUTED:
+        one_process(f"db {args.command}")
     return COMMANDS[args.command](args)
 
 

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=int, help="images to draw (default: one per context in the file; with "
                    "--db, one per --text or --image query, else 4)")
     p.add_argument("--batch-size", type=int, default=8, help="images per sampling call")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in batch jobs' logs)")
     p.add_argument("--steps", type=int,
                    help="sampling steps, 1 to T/2 (default: the config's sampling.steps). As in the reference, "
                         "the timesteps are every T // steps: a count that does not divide T = 1000 runs a few "
@@ -429,7 +430,7 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
     began = time.perf_counter()
     # PNGs are compressed on background threads while the next batch is queued on the device (PngWriter)
     with torch.inference_mode(), tqdm(total=sum(end - first for first, end in mine), desc="images", unit="img",
-                                      disable=not procs.main) as bar, \
+                                      disable=args.no_progress or not procs.main) as bar, \
             PngWriter(max_pending=2 * args.batch_size) as writer:
         batch = batch_contexts(order[slice(*mine[0])]) if mine else None
         for j, (first, end) in enumerate(mine):
@@ -442,7 +443,7 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
                              guidance_scale=settings.guidance_scale, x_T=x_T,
                              generator=[seeded_generator(args.seed, STEP_NOISE, i) for i in samples],  # eta > 0 noise
                              cuda_graph=False if args.no_cuda_graph else None,
-                             progress=sys.stderr.isatty() and procs.main)  # per-step bar in terminals, not logs
+                             progress=sys.stderr.isatty() and procs.main and not args.no_progress)  # terminals
             images_gpu = model.decode(z)
             finite = torch.isfinite(images_gpu).flatten(1).all(1)  # read with the pixels, not before
             if j + 1 < len(mine):  # queue the next batch's retrieval before waiting for these images

@@ -45,6 +45,13 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_sample_progress_bar_and_no_progress(tiny_dir, tmp_path, capsys, quiet):
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),
+               "--out", str(tmp_path / "out"), "--steps", "2", *(["--no-progress"] if quiet else [])) == 0
+    assert ("images: 100%" in capsys.readouterr().err) != quiet
+
+
 def test_sample_with_context_file(tiny_dir, tmp_path):
     out = tmp_path / "out"
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),

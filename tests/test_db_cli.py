@@ -540,3 +540,20 @@ def test_interrupted_writes_of_neighbors_and_builds_resume(built, tmp_path, caps
                "--no-progress") == 0
     a, b = Database.open(out, device="cpu"), Database.open(built / "db", device="cpu")
     assert torch.equal(a.embeddings(torch.arange(len(b))), b.embeddings(torch.arange(len(b))))
+
+
+@pytest.mark.parametrize("argv", [["neighbors", "DB", "--k", "2", "--out", "OUT/nn.npz"], ["index", "DB"],
+                                  ["info", "DB"], ["search", "DB", "--text", "x"]])
+def test_one_process_commands_refuse_torchrun(tmp_path, monkeypatch, capsys, argv):
+    """Under torchrun every process would run the whole command and write the same files (neighbours runs
+    collided on their progress files): refused on every process, before anything is read or written."""
+    from rdm_fast import convert
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = [a.replace("DB", str(tmp_path / "missing")).replace("OUT", str(tmp_path)) for a in argv]
+    assert run(db_cli.main, argv) == 2
+    assert capsys.readouterr().err.strip() == (f"error: db {argv[0]} runs in one process (it is not split over "
+                                               "torchrun's processes, and their copies would write the same files): "
+                                               "run it with python, not torchrun")
+    assert run(convert.main, [str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.startswith("error: convert runs in one process")
+    assert list(tmp_path.iterdir()) == []

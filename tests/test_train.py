@@ -419,7 +419,8 @@ def test_resume_takes_the_runs_own_data(setup, tmp_path, caplog):
 def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
     out = tmp_path / "run"
     assert train.main(_fresh(setup, out, steps=2)) == 0
-    with pytest.raises(train.CLIError, match="global_batch"):
+    with pytest.raises(train.CLIError, match=r"global_batch 4 -> 2; the run's global batch is 1 processes x 4 images "
+                                             r"x 1 micro-batches, this launch's 1 x 2 x 1: give --batch-size or "):
         train.main(_args(setup, out, "--resume", batch=2))
     with pytest.raises(train.CLIError, match="--config differs"):
         train.main(_args(setup, out, "--resume", "--config", str(setup["cfg_plain"])))
@@ -764,6 +765,32 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
             for d in ("latents1", "latents2"))  # one shard and two
     torch.testing.assert_close(b, a, rtol=2e-3, atol=1e-4)
     _same_run(_weights(tmp_path / "two", 5), _weights(tmp_path / "one", 5), steps=5)
+
+
+def test_torchrun_first_batch_check_counts_every_process(setup, tmp_path):
+    """The first step's unreadable-images check is over the global batch: one process whose only first image is
+    unreadable trains on (as one process with that global batch does), and where no process can read one, every
+    process stops with the error."""
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    first = TrainingOrder(len(db), seed=0, batch=1, world=2, rank=0).micro_batch(0, 0).tolist()[0]
+    keep = db.sources([first])[0]
+    images = tmp_path / "images"
+    shutil.copytree(setup["root"] / "imgs", images)
+    for f in images.iterdir():
+        if f.name != Path(keep).name:
+            f.write_bytes(b"not an image any more")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = _fresh(setup, tmp_path / "run", "--image-root", str(images), steps=1, batch=1)
+    r = subprocess.run([*torchrun, "-m", "rdm_fast.train", *args], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (images / Path(keep).name).write_bytes(b"not an image either")
+    args = _fresh(setup, tmp_path / "none", "--image-root", str(images), steps=1, batch=1)
+    r = subprocess.run([*torchrun, "-m", "rdm_fast.train", *args], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith(("error:", "[rank 1] error:"))]
+    assert r.returncode != 0 and len(errors) == 2, r.stderr[-3000:]
+    assert all("none of the first batch's images can be read" in line for line in errors)
 
 
 def test_a_stop_signal_to_one_torchrun_process_stops_both_with_a_checkpoint(setup, tmp_path):
