@@ -39,6 +39,8 @@ def atomic_write(target: str | Path, write: Callable[[str], object], *, fsync: b
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, Exception) and not isinstance(e, OSError):  # a serialiser's own error for a full disk or
             raise OSError(f"cannot write {target}: {e}") from e       # a failed write (torch, safetensors)
+        if isinstance(e, OSError) and e.filename == tmp:  # name the file the user knows, not its temporary name
+            e.filename, e.filename2 = str(target), None
         raise
 
 

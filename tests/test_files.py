@@ -99,6 +99,25 @@ def test_a_serialisers_error_is_an_oserror_naming_the_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_oserror_names_the_target_not_its_temporary_name(tmp_path):
+    """A target that is a folder fails at the rename, a full disk while writing: either names the file the user
+    asked for (the command lines print "FILE: reason"), keeping the error's type."""
+    from rdm_fast._cli import _one_line
+    from rdm_fast._files import atomic_write
+    (tmp_path / "x.png").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        atomic_write(tmp_path / "x.png", lambda path: open(path, "wb").close())
+    assert _one_line(e.value) == f"{tmp_path / 'x.png'}: Is a directory"
+
+    def full(path):
+        raise OSError(28, "No space left on device", path)
+
+    with pytest.raises(OSError) as e:
+        atomic_write(tmp_path / "y.npy", full)
+    assert _one_line(e.value) == f"{tmp_path / 'y.npy'}: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
 def test_remove_stale_temps_of_patterns(tmp_path):
     for name in (".sample_00001.png.a1.tmp", ".run.json.b2.tmp", ".mine.c3.tmp", "sample_00002.png"):
         (tmp_path / name).write_bytes(b"x")
