@@ -129,12 +129,12 @@ def check_out_dir(path: str) -> None:
     if not path:
         raise CLIError("--out is empty: name a directory")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise CLIError(f"--out {path} is a file, not a directory")
+        raise CLIError(f"--out {path} is a file, not a folder")
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise CLIError(f"--out {path}: {parent} is a file, not a directory")
+        raise CLIError(f"--out {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CLIError(f"--out {path}: cannot write in {parent} (no permission, or a read-only file system)")
 

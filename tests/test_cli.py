@@ -367,12 +367,12 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
     (tmp_path / "afile").write_text("x")
     base = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2"]
     monkeypatch.setattr(sample, "load_model", never)
-    cases = [(sample, [*base, "--out", str(tmp_path / "afile")], {}, "--out .*afile is a file, not a directory"),
+    cases = [(sample, [*base, "--out", str(tmp_path / "afile")], {}, "--out .*afile is a file, not a folder"),
              (sample, [*base, "--out", str(tmp_path / "afile" / "sub")], {},
-              "--out .*sub: .*afile is a file, not a directory"),
+              "--out .*sub: .*afile is a file, not a folder"),
              (sample, [*base, "--out", ""], {}, "--out is empty"),
              (convert, [str(tiny_dir / "model"), "--out", str(tmp_path / "afile")], {},
-              "--out .*afile is a file, not a directory"),
+              "--out .*afile is a file, not a folder"),
              (sample, [*base, "--out", str(tmp_path / "o")], {"RDM_FAST_OPS": "bogus"},
               r"invalid rdm_fast ops mode 'bogus' from \$RDM_FAST_OPS")]
     if not torch.cuda.is_available():

@@ -400,7 +400,7 @@ class ShardedBuild:
         """Check ``out`` (empty, or a build with the same arguments), record the arguments, delete temporary
         files of killed writers. Returns True when the database is already complete. Rank 0 only."""
         if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"--out {self.out} is a file, not a directory")
+            raise ValueError(f"--out {self.out} is a file, not a folder")
         config_file = self.progress / "config.json"
         if config_file.is_file():
             self.check_arguments(self.out, self.config)
