@@ -33,10 +33,10 @@ class CLIError(Exception):
 
 def one_process(command: str) -> None:
     """Refuse to run ``command`` under torchrun with more than one process: it is not split over processes, so each
-    would do all of the work and write the same files."""
+    would do all of the work and write the same outputs."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise CLIError(f"{command} runs in one process (it is not split over torchrun's processes, and their copies "
-                       "would write the same files): run it with python, not torchrun")
+        raise CLIError(f"{command} runs in one process (under torchrun each process would do all of it, writing "
+                       "the same outputs): run it with python, not torchrun")
 
 
 class _TqdmHandler(logging.StreamHandler):

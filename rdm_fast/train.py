@@ -574,10 +574,10 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                            f"start a new --out (e.g. --init {resume_from})")
         changed = [f"{k} {before.get(k)!r} -> {run_info[k]!r}" for k in RESUME_KEYS if before.get(k) != run_info[k]]
         if before.get("global_batch") != global_batch:  # typically another number of processes
-            split = [before.get(k, "?") for k in ("processes", "batch_size", "accumulate")]
-            changed.append(f"the run's global batch is {split[0]} processes x {split[1]} images x {split[2]} "
-                           f"micro-batches, this launch's {procs.world} x {args.batch_size} x {args.accumulate}: give "
-                           "--batch-size or --accumulate to make it the same")
+            split = " x ".join(str(before.get(k, "?")) for k in ("processes", "batch_size", "accumulate"))
+            changed.append(f"the run's global batch is {split} (processes x images x micro-batches), this launch's "
+                           f"{procs.world} x {args.batch_size} x {args.accumulate}: run on as many processes as the "
+                           "run, or give --batch-size and --accumulate that make the same product")
         if changed:
             raise CLIError(f"--resume: the run in {out} was made with other data or draws: {'; '.join(changed)}")
         changed = [f"{k} {before.get(k)!r} -> {run_info[k]!r}" for k in CHANGEABLE_KEYS
@@ -628,6 +628,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     unreadable, unreadable_total = 0, 0  # since the last log line, since the start of this process
     stopping, vote = False, StopVote(procs, device)
     tick, ticked = time.perf_counter(), start
+    first_readable, first_file = 0, None  # the first step's readable images on this rank, and one of its files
     bar = tqdm(total=args.steps, initial=start, desc="training", unit="step",
                disable=args.no_progress or not procs.main)
     with StopRequest() as stop:
@@ -636,13 +637,14 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 batch = next(loader)
                 first = (micro * procs.world + procs.rank) * args.batch_size  # position in the global batch
                 draws = sample_draws(args.seed, step, range(first, first + args.batch_size), model, device)
-                if step == start and micro == 0:  # moved images: say so before training on nothing
-                    readable = procs.all_sum(batch["ok"].sum().to(device))  # the global batch's, on every rank
-                    if not int(readable):
-                        file = images.file(int(batch["index"][0]))
-                        raise CLIError(f"none of the first batch's images can be read, e.g. {file}: if the images "
-                                       "have moved, pass --image-root" + (" (and delete --latents)" if args.latents
-                                                                          else ""))
+                if step == start:  # moved images: say so before the first update, made of nothing
+                    first_readable += int(batch["ok"].sum())
+                    first_file = first_file or images.file(int(batch["index"][0]))
+                    if micro == args.accumulate - 1 and not int(procs.all_sum(  # the whole global batch's count
+                            torch.tensor(first_readable, device=device))):
+                        raise CLIError(f"none of the first batch's images can be read, e.g. {first_file}: if the "
+                                       "images have moved, pass --image-root" + (" (and delete --latents)"
+                                                                                 if args.latents else ""))
                 ok = batch["ok"].to(device)
                 unreadable += int((~batch["ok"]).sum())
                 unreadable_total += int((~batch["ok"]).sum())

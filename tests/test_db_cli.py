@@ -551,9 +551,9 @@ def test_one_process_commands_refuse_torchrun(tmp_path, monkeypatch, capsys, arg
     monkeypatch.setenv("WORLD_SIZE", "2")
     argv = [a.replace("DB", str(tmp_path / "missing")).replace("OUT", str(tmp_path)) for a in argv]
     assert run(db_cli.main, argv) == 2
-    assert capsys.readouterr().err.strip() == (f"error: db {argv[0]} runs in one process (it is not split over "
-                                               "torchrun's processes, and their copies would write the same files): "
-                                               "run it with python, not torchrun")
+    assert capsys.readouterr().err.strip() == (f"error: db {argv[0]} runs in one process (under torchrun each "
+                                               "process would do all of it, writing the same outputs): run it with "
+                                               "python, not torchrun")
     assert run(convert.main, [str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "c")]) == 2
     assert capsys.readouterr().err.startswith("error: convert runs in one process")
     assert list(tmp_path.iterdir()) == []

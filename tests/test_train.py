@@ -419,8 +419,9 @@ def test_resume_takes_the_runs_own_data(setup, tmp_path, caplog):
 def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
     out = tmp_path / "run"
     assert train.main(_fresh(setup, out, steps=2)) == 0
-    with pytest.raises(train.CLIError, match=r"global_batch 4 -> 2; the run's global batch is 1 processes x 4 images "
-                                             r"x 1 micro-batches, this launch's 1 x 2 x 1: give --batch-size or "):
+    with pytest.raises(train.CLIError, match=r"global_batch 4 -> 2; the run's global batch is 1 x 4 x 1 \(processes x "
+                                             r"images x micro-batches\), this launch's 1 x 2 x 1: run on as many "
+                                             r"processes as the run, or give --batch-size and --accumulate"):
         train.main(_args(setup, out, "--resume", batch=2))
     with pytest.raises(train.CLIError, match="--config differs"):
         train.main(_args(setup, out, "--resume", "--config", str(setup["cfg_plain"])))
@@ -765,6 +766,25 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
             for d in ("latents1", "latents2"))  # one shard and two
     torch.testing.assert_close(b, a, rtol=2e-3, atol=1e-4)
     _same_run(_weights(tmp_path / "two", 5), _weights(tmp_path / "one", 5), steps=5)
+
+
+def test_first_batch_check_counts_every_micro_batch(setup, tmp_path):
+    """With --accumulate the first step's micro-batches are one global batch: an unreadable first micro-batch is
+    not the end of the run when a later one of the step can be read (as 2 processes of one micro-batch each)."""
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    second = TrainingOrder(len(db), seed=0, batch=1, accumulate=2).micro_batch(0, 1).tolist()[0]
+    keep = Path(db.sources([second])[0]).name
+    images = tmp_path / "images"
+    shutil.copytree(setup["root"] / "imgs", images)
+    for f in images.iterdir():
+        if f.name != keep:
+            f.write_bytes(b"not an image any more")
+    args = _fresh(setup, tmp_path / "run", "--image-root", str(images), "--accumulate", "2", steps=1, batch=1)
+    assert train.main(args) == 0
+    (images / keep).write_bytes(b"not an image either")
+    with pytest.raises(train.CLIError, match="none of the first batch's images can be read"):
+        train.main(_fresh(setup, tmp_path / "none", "--image-root", str(images), "--accumulate", "2", steps=1,
+                          batch=1))
 
 
 def test_torchrun_first_batch_check_counts_every_process(setup, tmp_path):

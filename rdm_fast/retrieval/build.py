@@ -497,8 +497,8 @@ def run_sharded(out: Path, config: dict, n_shards: int,
             log.info("process %d of %d computes %d of the %d shards", procs.rank, procs.world, len(pending),
                      n_shards)
         compute(pending, state, procs)
-        if procs.world > 1:  # a slow (or stuck) process keeps the others here: say so rather than go quiet
-            log.info("process %d has finished its shards; waiting for the other processes", procs.rank)
+        if procs.world > 1:  # a slow (or stuck) process keeps the others here (INFO lines come from rank 0 only)
+            log.info("this process has finished its shards; waiting for the other processes")
         procs.barrier()
         if procs.rank == 0:
             try:
