@@ -26,7 +26,11 @@ def atomic_write(target: str | Path, write: Callable[[str], object], *, fsync: b
     """Call ``write(tmp_path)`` on a temporary file beside ``target``, then rename it into place.
     ``fsync=True`` also flushes the data to disk before the rename (survives a power loss, not only a kill)."""
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    except OSError as e:  # e.g. a missing folder: named by the file asked for, not the temporary one
+        e.filename, e.filename2 = str(target), None
+        raise
     os.close(fd)
     try:
         write(tmp)

@@ -644,3 +644,21 @@ def test_zeroed_metadata_file_is_named(db_dir, keep):
     with pytest.raises(ValueError) as e:
         db.sources([13])
     assert one_line(e).startswith(f"{meta} is not a readable metadata file (")
+
+
+def test_write_database_refuses_what_is_no_embedding(tmp_path, data):
+    """Integer, boolean and complex arrays (the imaginary part was dropped), non-integer class ids (0.5 was stored
+    as 0) and encoder_info that is not what it says were written without a word."""
+    emb = data[0]
+    for kwargs, message in (({"embeddings": emb.astype(np.int32)}, "embeddings must be floating point, got int32"),
+                            ({"embeddings": emb > 0}, "embeddings must be floating point, got bool"),
+                            ({"embeddings": emb + 1j}, "embeddings must be floating point, got complex"),
+                            ({"class_ids": np.full(50, 0.5)}, "class_ids must be integers, got float64"),
+                            ({"encoder_info": {**INFO, "normalized": "no"}}, "normalized must be True or False"),
+                            ({"encoder_info": {**INFO, "dim": 16.0}}, "dim must be a positive integer, got 16.0"),
+                            ({"encoder_info": {**INFO, "dim": 0}}, "dim must be a positive integer, got 0")):
+        args = {"embeddings": emb, "encoder_info": INFO, **kwargs}
+        with pytest.raises(ValueError) as e:
+            write_database(tmp_path / "db", args.pop("embeddings"), args.pop("encoder_info"), **args)
+        assert message in one_line(e)
+        assert not (tmp_path / "db").exists()

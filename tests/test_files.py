@@ -251,3 +251,11 @@ def test_map_npz_reads_other_npy_versions(tmp_path):
         np.lib.format.write_array(f, array, version=(3, 0))
     mapped = map_npz(tmp_path / "v3.npz")["a"]
     assert not isinstance(mapped, np.memmap) and np.array_equal(mapped, array)
+
+
+def test_a_missing_folder_names_the_target(tmp_path):
+    from rdm_fast._cli import _one_line
+    from rdm_fast._files import atomic_write
+    with pytest.raises(FileNotFoundError) as e:
+        atomic_write(tmp_path / "gone" / "x.npz", lambda path: None)
+    assert _one_line(e.value) == f"{tmp_path / 'gone' / 'x.npz'}: No such file or directory"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -122,9 +120,10 @@ def test_model_context_checks_the_database_against_the_model(db_and_data):
     db, _ = db_and_data
     q = torch.randn(2, 64)
     cfg = config(text_token=False, k_nn=4, normalized=False)
-    narrow = SimpleNamespace(**{key: getattr(cfg, key) for key in
-                                ("k_nn", "text_token", "normalized_embeddings", "retrieval_encoder")},
-                             context_dim=32)  # the fields model_context reads, of a 32-d model
+    tree = cfg.to_dict()
+    tree["model"]["params"]["unet_config"]["params"]["context_dim"] = 32
+    narrow = RDMConfig.from_dict(tree)  # a 32-d model
+    assert narrow.context_dim == 32
     with pytest.raises(ValueError, match="holds 64-d embeddings but the model expects 32-d"):
         model_context(db, narrow, q)
     other = RDMConfig.preset("tiny").to_dict()
@@ -133,3 +132,45 @@ def test_model_context_checks_the_database_against_the_model(db_and_data):
         model_context(db, RDMConfig.from_dict(other), q)
     with pytest.raises(TypeError, match="expected db to be a rdm_fast.retrieval.Database"):
         model_context(str(db.path), config(text_token=False, k_nn=4, normalized=False), q)
+
+
+def test_contexts_refuse_bad_queries_and_query_ids(db_and_data):
+    """query_ids that do not mark each query's own entry would let it through as its own neighbour (a (1,) tensor
+    was broadcast over every query): refused, as are queries of another width, also with k = 0."""
+    db, data = db_and_data
+    cfg = config(text_token=False, k_nn=3, normalized=False)
+    ids = torch.tensor([0, 1])
+    queries = db.embeddings(ids)
+    torch.testing.assert_close(model_context(db, cfg, queries, query_ids=[0, 1]),  # a list is taken as ids
+                               model_context(db, cfg, queries, query_ids=ids))
+    for bad, message in (([0], r"query_ids must be the \(2,\) integer entry ids of the queries, got torch.int64 \(1,\)"),
+                         (torch.tensor([[0, 1]]), r"got torch.int64 \(1, 2\)"),
+                         (torch.tensor([0.5, 1.5]), r"got torch.float32 \(2,\)"),
+                         (torch.tensor([True, False]), r"got torch.bool \(2,\)"),
+                         (torch.tensor([0, 37]), r"query_ids holds 37, not an entry id of .* \(\[0, 37\)\)"),
+                         (torch.tensor([-1, 1]), r"query_ids holds -1")):
+        with pytest.raises(ValueError, match=message):
+            model_context(db, cfg, queries, query_ids=bad)
+    for k in (0, 2):
+        with pytest.raises(ValueError, match=r"queries must be a \(Q, 64\) float tensor or array"):
+            model_context(db, cfg, torch.randn(2, 32), k=k)
+        with pytest.raises(ValueError, match="query 1 holds NaN"):
+            model_context(db, cfg, torch.tensor([[1.0] * 64, [float("nan")] * 64]), k=k)
+    with pytest.raises(TypeError, match=r"cfg must be the model's RDMConfig \(e.g. rdm.config\), got str"):
+        model_context(db, "tiny", queries)
+
+
+def test_contexts_refuse_an_approximate_search_that_found_too_few(db_and_data, monkeypatch):
+    """An approximate index pads missing results with id -1: named as too few neighbours, not as a bad id."""
+    db, _ = db_and_data
+    cfg = config(text_token=False, k_nn=3, normalized=False)
+
+    def padded(queries, k):
+        scores, ids = Database.search(db, queries, k)
+        ids[1, -1], scores[1, -1] = -1, float("-inf")
+        return scores, ids
+
+    monkeypatch.setattr(db, "search", padded)
+    with pytest.raises(ValueError, match=r"the torch-exact search of .* found fewer than 2 neighbours for query 1: "
+                                         r"search more of the index \(e.g. a larger nprobe\) or ask for fewer"):
+        model_context(db, cfg, db.embeddings(torch.tensor([0, 1])))

@@ -274,6 +274,24 @@ def test_bad_neighbours_files_name_the_file_and_the_problem(tmp_path):
         load_neighbors(tmp_path / "d.npz")
 
 
+def test_save_neighbors_refuses_what_training_could_not_use(setup, tmp_path):
+    """Float ids were truncated (0.7 became 0), and mismatched or negative ids saved, to fail only in training."""
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    ids, scores = torch.tensor([[1, 2], [0, 2]]), torch.rand(2, 2)
+    for bad_ids, bad_scores, message in (
+            (ids.float() + 0.7, scores, r"ids must be an \(N, K\) integer array, got torch.float32 \(2, 2\)"),
+            (ids[0], scores[0], r"ids must be an \(N, K\) integer array, got torch.int64 \(2,\)"),
+            (ids, scores[:, :1], r"scores must be float, one per id \(2, 2\), got torch.float32 \(2, 1\)"),
+            (ids, ids, r"scores must be float, one per id \(2, 2\), got torch.int64"),
+            (ids - 1, scores, r"ids must be entry ids \(>= 0\), got -1")):
+        with pytest.raises(ValueError, match=message):
+            save_neighbors(tmp_path / "nn.npz", bad_ids, bad_scores)
+    with pytest.raises(ValueError, match=r"databases must be \(the searched database, the queries' database\)"):
+        save_neighbors(tmp_path / "nn.npz", ids, scores, databases=(db,))
+    assert list(tmp_path.iterdir()) == []
+    save_neighbors(tmp_path / "nn.npz", ids.numpy(), scores.numpy())  # arrays too
+
+
 def test_neighbours_are_memory_mapped_and_only_k_columns_kept(setup, tmp_path):
     """A neighbours .npz stays on disk (20M entries x 20 neighbours are 4.8 GB of ids and scores); the training
     contexts keep a copy of the model's k columns, and their digest is of those ids."""

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -87,10 +89,12 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
     alone, without ``include_query``. ``k = 0`` gives the queries alone (e.g. a caption's embedding).
 
     ``query_ids`` (Q,) marks queries that are database entries themselves: their own entry is skipped (one extra
-    neighbour is retrieved and the query's id dropped, on the device, without synchronising).
+    neighbour is retrieved and the query's id dropped, on the device, without synchronising). ValueError for
+    queries that are not (Q, D) float of the database's width, ``query_ids`` that are not (Q,) integer ids, and
+    (on the CPU, where checking costs no synchronisation) values out of range and approximate searches that found
+    fewer than k neighbours.
     """
-    if queries.dim() != 2:
-        raise ValueError(f"queries must be (Q, D), got {tuple(queries.shape)}")
+    queries = db.checked_queries(queries)
     if isinstance(k, bool) or not isinstance(k, int) or k < 0 or (k == 0 and not include_query):
         raise ValueError(f"k must be an int >= {int(not include_query)}"
                          f"{' without the query' if not include_query else ''}, got {k!r}")
@@ -99,11 +103,28 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
         if query_ids is None:
             _, ids = db.search(queries, k)
         else:
+            own = _checked_query_ids(db, query_ids, len(queries))
             _, ids = db.search(queries, k + 1)
-            ids = ids.gather(1, first_kept(ids != query_ids.to(ids.device)[:, None], k))
+            ids = ids.gather(1, first_kept(ids != own.to(ids.device)[:, None], k))
+        if ids.device.type == "cpu" and bool((ids < 0).any()):  # an approximate index marks missing results -1
+            short = int((ids < 0).any(1).nonzero()[0, 0])
+            raise ValueError(f"the {db.backend} search of {db.path} found fewer than {k} neighbours for query "
+                             f"{short}: search more of the index (e.g. a larger nprobe) or ask for fewer")
         parts.append(db.embeddings(ids).to(queries.device).float())
     ctx = torch.cat(parts, dim=1)
     return F.normalize(ctx, dim=-1) if normalize else ctx
+
+
+def _checked_query_ids(db: Database, query_ids: Tensor | np.ndarray | Sequence[int], n: int) -> Tensor:
+    """``query_ids`` as a (n,) integer tensor (arrays and lists converted), ids in range where they are on the CPU."""
+    ids = query_ids if isinstance(query_ids, Tensor) else torch.as_tensor(np.asarray(query_ids))
+    if ids.shape != (n,) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"query_ids must be the ({n},) integer entry ids of the queries, got {ids.dtype} "
+                         f"{tuple(ids.shape)}")
+    if ids.device.type == "cpu" and n and (int(ids.min()) < 0 or int(ids.max()) >= len(db)):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"query_ids holds {bad}, not an entry id of {db.path} ([0, {len(db)}))")
+    return ids
 
 
 def model_context(db: Database, cfg: RDMConfig, queries: Tensor, *, query_ids: Tensor | None = None,
@@ -113,6 +134,8 @@ def model_context(db: Database, cfg: RDMConfig, queries: Tensor, *, query_ids: T
     fewer neighbours, the neighbours without the query, or (``k = 0``) the query alone, e.g. a caption.
     ValueError unless ``db`` holds the embeddings ``cfg`` was trained on (:func:`check_database_embeddings`:
     width and encoder; too few entries for ``k`` are reported by the search)."""
+    if not isinstance(cfg, RDMConfig):
+        raise TypeError(f"cfg must be the model's RDMConfig (e.g. rdm.config), got {type(cfg).__name__}")
     check_database_embeddings(db, cfg)
     k = default_neighbors(cfg, include_query=include_query) if k is None else k
     return neighbour_context(db, queries, k, query_ids=query_ids, normalize=cfg.normalized_embeddings,

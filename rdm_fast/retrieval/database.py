@@ -138,8 +138,15 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
     if isinstance(embeddings, Tensor):
         embeddings = embeddings.detach().cpu().numpy()
     emb = np.asarray(embeddings)
-    if emb.ndim != 2 or emb.shape[1] != int(encoder_info["dim"]):
-        raise ValueError(f"embeddings of shape {emb.shape} do not match the encoder's dim {encoder_info['dim']}")
+    dim, normalized = encoder_info["dim"], encoder_info["normalized"]
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"write_database: encoder_info's dim must be a positive integer, got {dim!r}")
+    if not isinstance(normalized, (bool, np.bool_)):
+        raise ValueError(f"write_database: encoder_info's normalized must be True or False, got {normalized!r}")
+    if emb.dtype.kind != "f":  # ints and bools are no embeddings; complex ones would lose their imaginary part
+        raise ValueError(f"embeddings must be floating point, got {emb.dtype}")
+    if emb.ndim != 2 or emb.shape[1] != int(dim):
+        raise ValueError(f"embeddings of shape {emb.shape} do not match the encoder's dim {dim}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     n = emb.shape[0]
@@ -149,6 +156,8 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
                               ("patch_coords", patch_coords, 2 * n)):
         if value is not None and np.size(value) != size:
             raise ValueError(f"{name} has {np.size(value)} values, expected {size} for {n} embeddings")
+    if class_ids is not None and np.asarray(class_ids).dtype.kind not in "iu":
+        raise ValueError(f"class_ids must be integers, got {np.asarray(class_ids).dtype}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if (path / MANIFEST).exists():
@@ -490,6 +499,20 @@ class Database:
         queries are not checked, which would synchronise with the host (sampling's retrieval runs without)."""
         if encoder is not None:
             self.check_encoder(encoder)
+        if len(self) == 0:
+            raise ValueError(f"database {self.path} is empty: nothing to search")
+        queries = self.checked_queries(queries)
+        check_k(k, len(self))
+        if queries.shape[0] == 0:
+            empty = torch.empty((0, k), device=queries.device)
+            return empty, empty.long()
+        scores, ids = self._search_engine().search(queries, k)
+        return scores.to(queries.device, torch.float32), ids.to(queries.device, torch.int64)
+
+    def checked_queries(self, queries: Tensor | np.ndarray) -> Tensor:
+        """``queries`` as a (Q, D) float tensor of this database's width (a NumPy array becomes float32 CPU queries),
+        else ValueError. Queries on the CPU must be finite and non-zero; CUDA queries are not checked, which would
+        synchronise with the host (sampling's retrieval runs without)."""
         if isinstance(queries, np.ndarray) and np.issubdtype(queries.dtype, np.floating):
             queries = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
         if (not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.dim
@@ -498,20 +521,13 @@ class Database:
                      f"ndarray {queries.dtype} {queries.shape}" if isinstance(queries, np.ndarray) else
                      type(queries).__name__)
             raise ValueError(f"queries must be a (Q, {self.dim}) float tensor or array for {self.path}, got {shape}")
-        if len(self) == 0:
-            raise ValueError(f"database {self.path} is empty: nothing to search")
-        check_k(k, len(self))
         if queries.device.type == "cpu" and not bool(torch.isfinite(queries).all()):
             bad = int((~torch.isfinite(queries).all(1)).nonzero()[0, 0])
             raise ValueError(f"query {bad} holds NaN or infinite values: no meaningful neighbours")
         if queries.device.type == "cpu" and not bool(queries.any(1).all()):
             bad = int((~queries.any(1)).nonzero()[0, 0])
             raise ValueError(f"query {bad} is all zeros: it has no direction, so no cosine neighbours")
-        if queries.shape[0] == 0:
-            empty = torch.empty((0, k), device=queries.device)
-            return empty, empty.long()
-        scores, ids = self._search_engine().search(queries, k)
-        return scores.to(queries.device, torch.float32), ids.to(queries.device, torch.int64)
+        return queries
 
     def _check_encoder_object(self, encoder, where: str) -> None:
         check_encoder_arg(encoder, where)

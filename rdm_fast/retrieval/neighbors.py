@@ -186,8 +186,18 @@ def save_neighbors(path: str | Path, ids: Tensor, scores: Tensor, *,
     database, the queries' database) are recorded in a .npz as ``db_digest`` and ``queries_digest``
     (:func:`database_digest`), so that training can refuse the file for other databases."""
     files = neighbor_files(path)
-    ids_np = np.ascontiguousarray(torch.as_tensor(ids).cpu().numpy(), dtype=np.int64)
-    scores_np = np.ascontiguousarray(torch.as_tensor(scores).cpu().numpy(), dtype=np.float32)
+    ids_t, scores_t = torch.as_tensor(ids).cpu(), torch.as_tensor(scores).cpu()
+    if ids_t.dim() != 2 or ids_t.is_floating_point() or ids_t.is_complex() or ids_t.dtype == torch.bool:
+        raise ValueError(f"neighbour ids must be an (N, K) integer array, got {ids_t.dtype} {tuple(ids_t.shape)}")
+    if scores_t.shape != ids_t.shape or not scores_t.is_floating_point():
+        raise ValueError(f"neighbour scores must be float, one per id {tuple(ids_t.shape)}, got {scores_t.dtype} "
+                         f"{tuple(scores_t.shape)}")
+    if ids_t.numel() and int(ids_t.min()) < 0:
+        raise ValueError(f"neighbour ids must be entry ids (>= 0), got {int(ids_t.min())}")
+    if databases is not None and len(databases) != 2:
+        raise ValueError(f"databases must be (the searched database, the queries' database), got {len(databases)}")
+    ids_np = np.ascontiguousarray(ids_t.numpy(), dtype=np.int64)
+    scores_np = np.ascontiguousarray(scores_t.numpy(), dtype=np.float32)
     if len(files) == 1:
         digests = {} if databases is None else {f"{k}_digest": np.array(database_digest(db))
                                                 for k, db in zip(DIGEST_KEYS, databases)}
