@@ -39,6 +39,18 @@ def _run_dtype(dtype: Any) -> torch.dtype:
     return dtype
 
 
+def _run_device(device: Any) -> torch.device:
+    """``device`` for :meth:`RDM.from_config` / :meth:`RDM.from_pretrained` (None: the CPU); ValueError, before any
+    weights are read, for a name torch does not know or a GPU this machine lacks."""
+    try:
+        dev = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available here (use 'cpu')")
+    return dev
+
+
 def _check_tensor(value: Any, name: str, shape: str) -> None:
     """TypeError unless ``value`` is a tensor (NumPy arrays, lists and None are not converted silently)."""
     if not isinstance(value, Tensor):
@@ -97,9 +109,9 @@ class RDM(nn.Module):
 
         ``dtype``: the precision it runs in, torch.float32 (None, the default), torch.float16 or torch.bfloat16
         (ValueError for any other: the kernels take no float64 or integers)."""
-        dtype = _run_dtype(dtype)
+        dtype, device = _run_dtype(dtype), _run_device(device)
         cfg = RDMConfig.resolve(config)
-        with torch.device(device or "cpu"):
+        with device:
             model = cls(cfg)
         return model.to(dtype=dtype).eval()
 
@@ -121,7 +133,7 @@ class RDM(nn.Module):
         ``dtype`` is torch.float32, torch.float16 or torch.bfloat16 (ValueError for any other: the kernels take no
         float64 or integers).
         """
-        dtype = _run_dtype(dtype)
+        dtype, device = _run_dtype(dtype), _run_device(device)
         path = ckpt.resolve_file(path)
         state, metadata = ckpt.read_state_dict(path, allow_pickle=allow_pickle)
         own = metadata.get("format") == ckpt.FORMAT_NAME or _is_own_layout(state)
@@ -211,8 +223,9 @@ class RDM(nn.Module):
         dd = self.config.first_stage_config.ddconfig
         f = dd.downsample_factor
         _check_tensor(images, "encode: images", f"(B, {dd.in_channels}, H, W)")
-        if images.dim() != 4 or images.shape[1] != dd.in_channels or images.shape[2] % f or images.shape[3] % f:
-            raise ValueError(f"encode: images must be (B, {dd.in_channels}, H, W) with H, W multiples of {f}, "
+        if (images.dim() != 4 or images.shape[1] != dd.in_channels or images.shape[2] % f or images.shape[3] % f
+                or not images.shape[2] or not images.shape[3]):
+            raise ValueError(f"encode: images must be (B, {dd.in_channels}, H, W) with H, W positive multiples of {f}, "
                              f"got {tuple(images.shape)}")
         if not images.is_floating_point():
             raise ValueError(f"encode: images must be floats in [-1, 1], got {images.dtype} (uint8 pixels: "
@@ -239,8 +252,9 @@ class RDM(nn.Module):
         """Scaled latents (B, C, h, w) -> images in [-1, 1] (fp32). VQ models snap to the codebook first.
         TypeError unless ``z`` is a tensor, ValueError for a batch of 0 (as :meth:`sample`)."""
         _check_tensor(z, "decode: latents", f"(B, {self.config.channels}, h, w)")
-        if z.dim() != 4 or z.shape[1] != self.config.channels:
-            raise ValueError(f"decode: latents must be (B, {self.config.channels}, h, w), got {tuple(z.shape)}")
+        if z.dim() != 4 or z.shape[1] != self.config.channels or not z.shape[2] or not z.shape[3]:
+            raise ValueError(f"decode: latents must be (B, {self.config.channels}, h, w) with h, w >= 1, got "
+                             f"{tuple(z.shape)}")
         if z.shape[0] < 1:
             raise ValueError("decode: latents hold no samples (batch of 0)")
         z = z.to(self.device, torch.float32).div(self.config.scale_factor).to(self.dtype)

@@ -820,3 +820,28 @@ def test_unet_returns_eps_in_the_dtype_of_x():
 def test_from_config_refuses_dtypes_the_model_cannot_run_in(dtype):
     with pytest.raises(ValueError, match="dtype must be torch.float32, torch.float16 or torch.bfloat16"):
         RDM.from_config("tiny", dtype=dtype)
+
+
+def test_from_config_and_from_pretrained_name_a_bad_device(tmp_path):
+    """Checked before any weights are read: torch's own message for "gpu" is a long list of device types."""
+    for load in (lambda d: RDM.from_config("tiny", device=d),
+                 lambda d: RDM.from_pretrained(tmp_path / "missing.ckpt", device=d)):
+        with pytest.raises(ValueError, match=r"device 'gpu' is not a torch device \(e.g. 'cpu', 'cuda', 'cuda:1'\)"):
+            load("gpu")
+        if not torch.cuda.is_available():
+            with pytest.raises(ValueError, match=r"device 'cuda': no CUDA GPU is available here \(use 'cpu'\)"):
+                load("cuda")
+    assert RDM.from_config("tiny", device=torch.device("cpu")).unet.input_conv.weight.device.type == "cpu"
+
+
+def test_zero_sized_maps_are_refused_by_name():
+    """0 is a multiple of every factor: an empty H or W reached a convolution's "padded input size" error."""
+    rdm = RDM.from_config("tiny")
+    c, f = rdm.config.channels, rdm.config.first_stage_config.ddconfig.downsample_factor
+    with pytest.raises(ValueError, match=r"decode: latents must be \(B, 4, h, w\) with h, w >= 1, got \(1, 4, 0, 8\)"):
+        rdm.decode(torch.randn(1, c, 0, 8))
+    with pytest.raises(ValueError, match=f"encode: images must be .* positive multiples of {f}"):
+        rdm.encode(torch.rand(1, 3, 8 * f, 0))
+    with pytest.raises(ValueError, match=r"unet: H and W must be positive multiples of \d+, got \(0, 8\)"):
+        rdm.unet(torch.randn(1, c, 0, 8), torch.tensor([5]), torch.randn(1, rdm.config.context_tokens,
+                                                                        rdm.config.context_dim))

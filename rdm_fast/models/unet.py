@@ -500,8 +500,8 @@ class UNet(nn.Module):
         if x.shape[0] < 1:
             raise ValueError("unet: x holds no samples (batch of 0)")
         factor = 2 ** (len(cfg.channel_mult) - 1)
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"unet: H and W must be multiples of {factor}, got {tuple(x.shape[2:])}")
+        if x.shape[2] % factor or x.shape[3] % factor or not x.shape[2] or not x.shape[3]:
+            raise ValueError(f"unet: H and W must be positive multiples of {factor}, got {tuple(x.shape[2:])}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"unet: t must be ({x.shape[0]},) (one timestep per sample), got {tuple(t.shape)}")
         if isinstance(context, PreparedContext):
