@@ -646,6 +646,15 @@ def test_zeroed_metadata_file_is_named(db_dir, keep):
     assert one_line(e).startswith(f"{meta} is not a readable metadata file (")
 
 
+def test_compute_neighbors_takes_numpy_integers_as_k(db_dir):
+    db = Database.open(db_dir, device="cpu")
+    a = compute_neighbors(db, k=np.int64(3), exclude_self=True, progress=False)
+    b = compute_neighbors(db, k=3, exclude_self=True, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(TypeError, match="k must be an int, got 3.0"):
+        compute_neighbors(db, k=3.0, progress=False)
+
+
 def test_write_database_refuses_what_is_no_embedding(tmp_path, data):
     """Integer, boolean and complex arrays (the imaginary part was dropped), non-integer class ids (0.5 was stored
     as 0) and encoder_info that is not what it says were written without a word."""

@@ -95,9 +95,10 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
     fewer than k neighbours.
     """
     queries = db.checked_queries(queries)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0 or (k == 0 and not include_query):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0 or (k == 0 and not include_query):
         raise ValueError(f"k must be an int >= {int(not include_query)}"
                          f"{' without the query' if not include_query else ''}, got {k!r}")
+    k = int(k)
     parts = [queries.float()[:, None]] if include_query else []
     if k > 0:
         if query_ids is None:

@@ -98,8 +98,9 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
         raise ValueError(f"{queries_db.path} holds {queries_db.dim}-d embeddings, {db.path} {db.dim}-d ones")
     if dedup_threshold is not None and not -1 <= dedup_threshold <= 1:
         raise ValueError(f"dedup_threshold is a cosine similarity in [-1, 1], got {dedup_threshold}")
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {k!r}")
+    k = int(k)
     if not 1 <= k <= len(db) - (1 if exclude_self else 0):
         raise ValueError(f"k must be between 1 and {len(db) - (1 if exclude_self else 0)} for {db.path} "
                          f"({len(db)} entries{', one excluded as the query' if exclude_self else ''}), got {k}")
