@@ -19,12 +19,15 @@ from ._files import atomic_write
 log = logging.getLogger("rdm_fast.images")
 
 
-def warn_image_range(images: Tensor, what: str, expects: str) -> None:
-    """Warn when CPU images reach far beyond [-1, 1] (0-255 pixels passed as floats); ``expects`` names who takes
-    [-1, 1]. CUDA images are not read (that would synchronise with the host)."""
+def check_image_range(images: Tensor, what: str, expects: str) -> None:
+    """ValueError when CPU images hold NaN or infinite values; a warning when they reach far beyond [-1, 1] (0-255
+    pixels passed as floats). ``expects`` names who takes [-1, 1]. CUDA images are not read (that would
+    synchronise with the host)."""
     if images.device.type != "cpu" or not images.numel() or not images.is_floating_point():
         return
     peak = float(images.abs().amax())
+    if not math.isfinite(peak):  # amax propagates NaN
+        raise ValueError(f"{what}: the images hold NaN or infinite values")
     if peak > 1.5:
         log.warning("%s: the images reach %.3g; %s expects values in [-1, 1] (uint8 pixels: x / 127.5 - 1)", what,
                     peak, expects)

@@ -19,7 +19,7 @@ from .config import ConfigError, RDMConfig, preset_names
 from .diffusion import Schedule, guided, sample_ddim, sample_plms
 from .diffusion.samplers import check_generator, draw_noise
 from .diffusion.graphs import GraphCache
-from .images import warn_image_range
+from .images import check_image_range
 from .models import Autoencoder, UNet
 from .models.layers import current_device, official_names, refresh_cached
 
@@ -232,7 +232,7 @@ class RDM(nn.Module):
                              "x / 127.5 - 1)")
         if images.shape[0] < 1:
             raise ValueError("encode: images hold no samples (batch of 0)")
-        warn_image_range(images, "encode", "the first stage")
+        check_image_range(images, "encode", "the first stage")
         moments = self.first_stage.moments(self._first_stage_input(images.to(self.device, self.dtype)))
         return moments.float().contiguous()
 

@@ -845,3 +845,12 @@ def test_zero_sized_maps_are_refused_by_name():
     with pytest.raises(ValueError, match=r"unet: H and W must be positive multiples of \d+, got \(0, 8\)"):
         rdm.unet(torch.randn(1, c, 0, 8), torch.tensor([5]), torch.randn(1, rdm.config.context_tokens,
                                                                         rdm.config.context_dim))
+
+
+def test_encode_refuses_non_finite_images():
+    rdm = RDM.from_config("tiny")
+    f = rdm.config.first_stage_config.ddconfig.downsample_factor
+    images = torch.zeros(1, 3, 8 * f, 8 * f)
+    images[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="encode: the images hold NaN or infinite values"):
+        rdm.encode(images)

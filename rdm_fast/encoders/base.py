@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..images import warn_image_range
+from ..images import check_image_range
 
 log = logging.getLogger("rdm_fast.encoders")
 
@@ -96,7 +96,7 @@ def embed_images(encoder: Encoder, images: Tensor) -> Tensor:
     if not isinstance(images, Tensor):
         raise TypeError(f"{encoder.name}: images must be a torch.Tensor (B, 3, H, W) in [-1, 1], got "
                         f"{type(images).__name__} (a NumPy array: torch.from_numpy(a))")
-    warn_image_range(images, encoder.name, "the encoder")
+    check_image_range(images, encoder.name, "the encoder")
     return _checked(encoder, encoder.encode_images(images), images.shape[0], "images")
 
 

@@ -46,7 +46,7 @@ from .._files import (array_file_problem, atomic_save_npy, atomic_save_npz, atom
                       sha256_file)
 from .search import check_k, exact_search
 from ..encoders.base import Encoder, check_encoder_arg, embed_images, embed_texts
-from ..images import warn_image_range
+from ..images import check_image_range
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -544,7 +544,7 @@ class Database:
             raise TypeError(f"search_images: images must be a torch.Tensor (B, 3, H, W) in [-1, 1], got "
                             f"{type(images).__name__} (a NumPy array: torch.from_numpy(a))")
         if images.device != encoder.device:  # embed_images warns about CPU images it sees; these it won't
-            warn_image_range(images, f"search_images ({encoder.name})", "the encoder")
+            check_image_range(images, f"search_images ({encoder.name})", "the encoder")
         with torch.inference_mode():
             queries = embed_images(encoder, images.to(encoder.device))
         return self.search(queries, k)
