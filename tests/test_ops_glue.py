@@ -16,6 +16,7 @@ import logging
 import os
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -675,3 +676,11 @@ def test_ddim_step_docstring_matches_noise_check():
     with pytest.raises(ValueError, match="sigma_t > 0 needs noise"):
         ddim_guided_step(x, x, x, 2.0, 0.5, 0.6, 0.1)
     ddim_guided_step(x, x, x, 2.0, 0.5, 0.6, 0.0)  # sigma_t = 0: no noise needed
+
+
+@pytest.mark.parametrize("name", ["add_bias", "add_layer_norm", "attention", "conv3x3", "cross_attention", "geglu",
+                                  "group_norm", "layer_norm"])
+def test_ops_name_a_numpy_input(name):
+    """A NumPy array has a .device (the string "cpu"): the dispatch failed on it with an AttributeError."""
+    with pytest.raises(TypeError, match=f"^{name}: expected a torch.Tensor, got ndarray$"):
+        getattr(ops, name)(np.zeros((2, 8, 4, 4), np.float32), None, None, None, None)

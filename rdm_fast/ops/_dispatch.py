@@ -37,7 +37,9 @@ R = TypeVar("R")  # what an op returns: a tensor, or a tuple of them
 def check_tensor(op: str, name: str, t: Tensor, like: Tensor | None = None, shape: tuple | None = None,
                  desc: str | None = None, dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES) -> None:
     """ValueError naming ``op`` and the argument ``name`` unless ``t`` has ``shape`` (written as ``desc``, e.g.
-    "(C,)", where given), one of ``dtypes`` and ``like``'s device."""
+    "(C,)", where given), one of ``dtypes`` and ``like``'s device; TypeError unless it is a tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         want = f"{desc} = {tuple(shape)}" if desc else str(tuple(shape))
         raise ValueError(f"{op}: expected {name} of shape {want}, got {tuple(t.shape)}")
@@ -168,6 +170,8 @@ def autocast_inputs(op: Callable[Concatenate[Tensor, P], R]) -> Callable[Concate
     """
     @functools.wraps(op)
     def wrapper(x: Tensor, *args: P.args, **kwargs: P.kwargs) -> R:
+        if not isinstance(x, Tensor):  # a NumPy array has a .device too (the string "cpu")
+            raise TypeError(f"{op.__name__}: expected a torch.Tensor, got {type(x).__name__}")
         device = x.device.type
         if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
             return op(x, *args, **kwargs)
@@ -260,6 +264,8 @@ class Op(Generic[R]):
         return self.reference, reasons
 
     def __call__(self, x: Tensor, *args, **kwargs) -> R:
+        if not isinstance(x, Tensor):  # a NumPy array has a .device too (the string "cpu")
+            raise TypeError(f"{self.name}: expected a torch.Tensor, got {type(x).__name__}")
         impl, passed_over = self._select(x.device.type, x, *args, **kwargs)
         # under torch.compile the reasons can hold symbolic sizes, which str.join cannot trace: logged without them
         why = "" if torch.compiler.is_compiling() else "; ".join(passed_over)
