@@ -854,3 +854,12 @@ def test_encode_refuses_non_finite_images():
     images[0, 1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match="encode: the images hold NaN or infinite values"):
         rdm.encode(images)
+
+
+def test_unet_refuses_non_finite_timesteps():
+    model = RDM.from_config("tiny")
+    x, t, ctx = inputs(model.config)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="unet: t holds NaN or infinite timesteps"):
+            model.unet(x, torch.full(t.shape, bad), ctx)
+    model.unet(x, t.float() + 0.5, ctx)  # fractional timesteps stay allowed (continuous-time samplers use them)

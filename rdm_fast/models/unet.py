@@ -504,6 +504,9 @@ class UNet(nn.Module):
             raise ValueError(f"unet: H and W must be positive multiples of {factor}, got {tuple(x.shape[2:])}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"unet: t must be ({x.shape[0]},) (one timestep per sample), got {tuple(t.shape)}")
+        if (t.device.type == "cpu" and t.is_floating_point() and not torch.compiler.is_compiling()  # no sync, no
+                and not bool(torch.isfinite(t).all())):                                            # graph break
+            raise ValueError("unet: t holds NaN or infinite timesteps")
         if isinstance(context, PreparedContext):
             if context.input_rows != x.shape[0]:
                 shared = " (rows shared by its two halves)" if context.shared_input else ""
