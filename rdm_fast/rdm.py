@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import warnings
 from pathlib import Path
 from collections.abc import Sequence
@@ -326,9 +327,11 @@ class RDM(nn.Module):
         """
         self.check_context(context)
         run = self.config.sampling.resolve(steps, sampler, eta, guidance_scale)
-        if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2
-                                     and all(isinstance(v, int) and v > 0 for v in size)):
-            raise ValueError(f"size must be (H, W), two positive ints, got {size!r}")
+        if size is not None:
+            if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(
+                    isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in size)):
+                raise ValueError(f"size must be (H, W), two positive ints, got {size!r}")
+            size = (int(size[0]), int(size[1]))  # NumPy integers too
         check_generator(generator, context.shape[0])  # now: with x_T, the noise of eta > 0 is drawn after a step
         problem = self.config.context_length_problem(context.shape[1])
         if problem and context.shape[1] not in self._warned_lengths:  # once per length, not once per batch

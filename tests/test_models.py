@@ -711,6 +711,7 @@ def test_sample_follows_the_config_conventions(caplog):
     ({"generator": [torch.Generator()], "x_T": torch.zeros(2, 4, 16, 16)}, ValueError, "1 generators for 2 samples"),
     ({"size": 8}, ValueError, r"size must be \(H, W\), two positive ints"),
     ({"size": (0, 0)}, ValueError, r"size must be \(H, W\), two positive ints"),
+    ({"size": (True, 8)}, ValueError, r"size must be \(H, W\), two positive ints"),
     ({"context": torch.zeros(0, 4, 64)}, ValueError, r"context holds no samples"),
 ])
 def test_sample_argument_errors(kwargs, error, message):
@@ -718,6 +719,14 @@ def test_sample_argument_errors(kwargs, error, message):
     kwargs = {"context": torch.randn(2, 4, 64), "steps": 2, **kwargs}
     with pytest.raises(error, match=message):
         model.sample(**kwargs)
+
+
+def test_sample_size_takes_numpy_integers():
+    model = RDM.from_config("tiny")
+    ctx = torch.randn(1, 4, 64)
+    a = model.sample(ctx, steps=1, size=(np.int64(8), np.int64(16)), generator=torch.Generator().manual_seed(0))
+    b = model.sample(ctx, steps=1, size=(8, 16), generator=torch.Generator().manual_seed(0))
+    assert a.shape == (1, 4, 8, 16) and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "imagenet"])
