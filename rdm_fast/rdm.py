@@ -52,10 +52,13 @@ def _run_device(device: Any) -> torch.device:
     return dev
 
 
-def _check_tensor(value: Any, name: str, shape: str) -> None:
-    """TypeError unless ``value`` is a tensor (NumPy arrays, lists and None are not converted silently)."""
+def _check_tensor(value: Any, name: str, shape: str, device: torch.device) -> None:
+    """TypeError unless ``value`` is a tensor (NumPy arrays, lists and None are not converted silently);
+    ValueError for a meta tensor (shapes only) given to a model on a real device."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}")
+    if value.is_meta and device.type != "meta":
+        raise ValueError(f"{name} is on the meta device (shapes without values); the model runs on {device}")
 
 
 def _check_finite_on_cpu(value: Tensor, name: str) -> None:
@@ -223,7 +226,7 @@ class RDM(nn.Module):
         (mean, log-variance), or the VQ pre-quantisation latent. :meth:`latents` turns it into latents."""
         dd = self.config.first_stage_config.ddconfig
         f = dd.downsample_factor
-        _check_tensor(images, "encode: images", f"(B, {dd.in_channels}, H, W)")
+        _check_tensor(images, "encode: images", f"(B, {dd.in_channels}, H, W)", self.device)
         if (images.dim() != 4 or images.shape[1] != dd.in_channels or images.shape[2] % f or images.shape[3] % f
                 or not images.shape[2] or not images.shape[3]):
             raise ValueError(f"encode: images must be (B, {dd.in_channels}, H, W) with H, W positive multiples of {f}, "
@@ -252,7 +255,7 @@ class RDM(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents (B, C, h, w) -> images in [-1, 1] (fp32). VQ models snap to the codebook first.
         TypeError unless ``z`` is a tensor, ValueError for a batch of 0 (as :meth:`sample`)."""
-        _check_tensor(z, "decode: latents", f"(B, {self.config.channels}, h, w)")
+        _check_tensor(z, "decode: latents", f"(B, {self.config.channels}, h, w)", self.device)
         if z.dim() != 4 or z.shape[1] != self.config.channels or not z.shape[2] or not z.shape[3]:
             raise ValueError(f"decode: latents must be (B, {self.config.channels}, h, w) with h, w >= 1, got "
                              f"{tuple(z.shape)}")
@@ -276,7 +279,7 @@ class RDM(nn.Module):
         """TypeError unless ``context`` is a tensor, ValueError unless it is (B >= 1, k >= 1, context_dim) floats,
         finite where it is on the CPU (device tensors are not read: no host synchronisation)."""
         d = self.config.context_dim
-        _check_tensor(context, "context", f"(B, k, {d})")
+        _check_tensor(context, "context", f"(B, k, {d})", self.device)
         if context.dim() != 3:
             raise ValueError(f"context must be (B, k, {d}): B samples, k embeddings each; got {tuple(context.shape)}")
         if context.shape[-1] != d:
@@ -350,7 +353,7 @@ class RDM(nn.Module):
         if x_T is None:
             x = draw_noise(shape, generator, self.device)
         else:
-            _check_tensor(x_T, "x_T", str(shape))
+            _check_tensor(x_T, "x_T", str(shape), self.device)
             _check_finite_on_cpu(x_T, "x_T")
             if tuple(x_T.shape) != shape:
                 raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")

@@ -872,3 +872,22 @@ def test_unet_refuses_non_finite_timesteps():
         with pytest.raises(ValueError, match="unet: t holds NaN or infinite timesteps"):
             model.unet(x, torch.full(t.shape, bad), ctx)
     model.unet(x, t.float() + 0.5, ctx)  # fractional timesteps stay allowed (continuous-time samplers use them)
+
+
+def test_meta_inputs_to_a_real_model_are_named(tmp_path):
+    """Meta tensors carry shapes only: they reached "Cannot copy out of meta tensor; no data!"."""
+    from rdm_fast.retrieval import Database, write_database
+    rdm = RDM.from_config("tiny")
+    c, f = rdm.config.channels, rdm.config.first_stage_config.ddconfig.downsample_factor
+    for call, name in ((lambda: rdm.sample(torch.empty(1, 4, 64, device="meta"), steps=1), "context"),
+                       (lambda: rdm.sample(torch.randn(1, 4, 64), steps=1, x_T=torch.empty(1, c, 8, 8, device="meta")),
+                        "x_T"),
+                       (lambda: rdm.decode(torch.empty(1, c, 8, 8, device="meta")), "decode: latents"),
+                       (lambda: rdm.encode(torch.empty(1, 3, 8 * f, 8 * f, device="meta")), "encode: images")):
+        with pytest.raises(ValueError, match=f"^{name} is on the meta device \\(shapes without values\\); the model "
+                                             "runs on cpu$"):
+            call()
+    db = Database.open(write_database(tmp_path / "db", np.random.default_rng(0).standard_normal((5, 64)),
+                                      {"name": "t", "dim": 64, "normalized": False}), device="cpu")
+    with pytest.raises(ValueError, match="queries are on the meta device"):
+        db.search(torch.empty(2, 64, device="meta"), 2)

@@ -521,6 +521,8 @@ class Database:
                      f"ndarray {queries.dtype} {queries.shape}" if isinstance(queries, np.ndarray) else
                      type(queries).__name__)
             raise ValueError(f"queries must be a (Q, {self.dim}) float tensor or array for {self.path}, got {shape}")
+        if queries.is_meta:
+            raise ValueError("queries are on the meta device (shapes without values): nothing to search with")
         if queries.device.type == "cpu" and not bool(torch.isfinite(queries).all()):
             bad = int((~torch.isfinite(queries).all(1)).nonzero()[0, 0])
             raise ValueError(f"query {bad} holds NaN or infinite values: no meaningful neighbours")
