@@ -28,9 +28,8 @@ def atomic_write(target: str | Path, write: Callable[[str], object], *, fsync: b
     target = Path(target)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
-    except OSError as e:  # e.g. a missing folder: named by the file asked for, not the temporary one
-        e.filename, e.filename2 = str(target), None
-        raise
+    except OSError as e:  # e.g. a missing folder
+        raise _naming(e, target) from e
     os.close(fd)
     try:
         write(tmp)
@@ -43,9 +42,16 @@ def atomic_write(target: str | Path, write: Callable[[str], object], *, fsync: b
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, Exception) and not isinstance(e, OSError):  # a serialiser's own error for a full disk or
             raise OSError(f"cannot write {target}: {e}") from e       # a failed write (torch, safetensors)
-        if isinstance(e, OSError) and e.filename == tmp:  # name the file the user knows, not its temporary name
-            e.filename, e.filename2 = str(target), None
+        if isinstance(e, OSError) and e.filename == tmp:
+            raise _naming(e, target) from e
         raise
+
+
+def _naming(e: OSError, target: Path) -> OSError:
+    """``e`` about the file the user asked for instead of its temporary name (same type and errno)."""
+    if e.errno is None or e.strerror is None:
+        return e
+    return type(e)(e.errno, e.strerror, str(target))
 
 
 def fsync_path(path: str | Path) -> None:

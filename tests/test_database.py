@@ -671,3 +671,4 @@ def test_write_database_refuses_what_is_no_embedding(tmp_path, data):
             write_database(tmp_path / "db", args.pop("embeddings"), args.pop("encoder_info"), **args)
         assert message in one_line(e)
         assert not (tmp_path / "db").exists()
+    assert len(Database.open(write_database(tmp_path / "none", emb[:0], INFO, class_ids=[]), device="cpu")) == 0

@@ -108,6 +108,7 @@ def test_an_oserror_names_the_target_not_its_temporary_name(tmp_path):
     with pytest.raises(IsADirectoryError) as e:
         atomic_write(tmp_path / "x.png", lambda path: open(path, "wb").close())
     assert _one_line(e.value) == f"{tmp_path / 'x.png'}: Is a directory"
+    assert str(e.value) == f"[Errno 21] Is a directory: '{tmp_path / 'x.png'}'"  # as the API's callers see it
 
     def full(path):
         raise OSError(28, "No space left on device", path)
@@ -259,3 +260,4 @@ def test_a_missing_folder_names_the_target(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         atomic_write(tmp_path / "gone" / "x.npz", lambda path: None)
     assert _one_line(e.value) == f"{tmp_path / 'gone' / 'x.npz'}: No such file or directory"
+    assert str(e.value) == f"[Errno 2] No such file or directory: '{tmp_path / 'gone' / 'x.npz'}'"

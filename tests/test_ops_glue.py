@@ -684,3 +684,5 @@ def test_ops_name_a_numpy_input(name):
     """A NumPy array has a .device (the string "cpu"): the dispatch failed on it with an AttributeError."""
     with pytest.raises(TypeError, match=f"^{name}: expected a torch.Tensor, got ndarray$"):
         getattr(ops, name)(np.zeros((2, 8, 4, 4), np.float32), None, None, None, None)
+    with pytest.raises(TypeError, match=f"^{name}: argument 3 must be a torch.Tensor, not a NumPy array$"):
+        getattr(ops, name)(torch.zeros(2, 8, 4, 4), None, np.zeros(8, np.float32), None, None)

@@ -145,6 +145,7 @@ def test_contexts_refuse_bad_queries_and_query_ids(db_and_data):
                                model_context(db, cfg, queries, query_ids=ids))
     torch.testing.assert_close(model_context(db, cfg, queries, k=np.int64(2)),  # NumPy integers as k, as search
                                model_context(db, cfg, queries, k=2))
+    assert model_context(db, cfg, queries[:0], query_ids=[]).shape == (0, 3, 64)  # [] is float64 to NumPy
     for bad, message in (([0], r"query_ids must be the \(2,\) integer entry ids of the queries, got torch.int64 \(1,\)"),
                          (torch.tensor([[0, 1]]), r"got torch.int64 \(1, 2\)"),
                          (torch.tensor([0.5, 1.5]), r"got torch.float32 \(2,\)"),

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Concatenate, Generic, ParamSpec, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -172,6 +173,10 @@ def autocast_inputs(op: Callable[Concatenate[Tensor, P], R]) -> Callable[Concate
     def wrapper(x: Tensor, *args: P.args, **kwargs: P.kwargs) -> R:
         if not isinstance(x, Tensor):  # a NumPy array has a .device too (the string "cpu")
             raise TypeError(f"{op.__name__}: expected a torch.Tensor, got {type(x).__name__}")
+        arrays = [f"argument {i + 2}" for i, a in enumerate(args) if isinstance(a, np.ndarray)]
+        arrays += [k for k, v in kwargs.items() if isinstance(v, np.ndarray)]
+        if arrays:
+            raise TypeError(f"{op.__name__}: {', '.join(arrays)} must be a torch.Tensor, not a NumPy array")
         device = x.device.type
         if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
             return op(x, *args, **kwargs)

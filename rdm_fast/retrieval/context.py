@@ -119,6 +119,8 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
 def _checked_query_ids(db: Database, query_ids: Tensor | np.ndarray | Sequence[int], n: int) -> Tensor:
     """``query_ids`` as a (n,) integer tensor (arrays and lists converted), ids in range where they are on the CPU."""
     ids = query_ids if isinstance(query_ids, Tensor) else torch.as_tensor(np.asarray(query_ids))
+    if ids.shape == (0,) == (n,):
+        return ids.long()  # no queries: an empty list is float64 to NumPy
     if ids.shape != (n,) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"query_ids must be the ({n},) integer entry ids of the queries, got {ids.dtype} "
                          f"{tuple(ids.shape)}")

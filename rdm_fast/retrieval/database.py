@@ -156,7 +156,7 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
                               ("patch_coords", patch_coords, 2 * n)):
         if value is not None and np.size(value) != size:
             raise ValueError(f"{name} has {np.size(value)} values, expected {size} for {n} embeddings")
-    if class_ids is not None and np.asarray(class_ids).dtype.kind not in "iu":
+    if class_ids is not None and np.size(class_ids) and np.asarray(class_ids).dtype.kind not in "iu":
         raise ValueError(f"class_ids must be integers, got {np.asarray(class_ids).dtype}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
