@@ -21,6 +21,17 @@ def process_device(device: str) -> torch.device:
     return dev
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device; ValueError for a name torch does not know or a GPU this machine lacks."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available here (use 'cpu')")
+    return dev
+
+
 def _pick_device(device: str) -> torch.device:
     local, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from . import ops
+from ._distributed import parse_device
 from .config import ConfigError, RDMConfig, preset_names
 from .diffusion import Schedule, guided, sample_ddim, sample_plms
 from .diffusion.samplers import check_generator, draw_noise
@@ -38,18 +39,6 @@ def _run_dtype(dtype: Any) -> torch.dtype:
         raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (the precisions the model "
                          f"runs in; None: float32), got {dtype!r}")
     return dtype
-
-
-def _run_device(device: Any) -> torch.device:
-    """``device`` for :meth:`RDM.from_config` / :meth:`RDM.from_pretrained` (None: the CPU); ValueError, before any
-    weights are read, for a name torch does not know or a GPU this machine lacks."""
-    try:
-        dev = torch.device(device if device is not None else "cpu")
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA GPU is available here (use 'cpu')")
-    return dev
 
 
 def _check_tensor(value: Any, name: str, shape: str, device: torch.device) -> None:
@@ -113,7 +102,7 @@ class RDM(nn.Module):
 
         ``dtype``: the precision it runs in, torch.float32 (None, the default), torch.float16 or torch.bfloat16
         (ValueError for any other: the kernels take no float64 or integers)."""
-        dtype, device = _run_dtype(dtype), _run_device(device)
+        dtype, device = _run_dtype(dtype), parse_device(device if device is not None else "cpu")
         cfg = RDMConfig.resolve(config)
         with device:
             model = cls(cfg)
@@ -137,7 +126,7 @@ class RDM(nn.Module):
         ``dtype`` is torch.float32, torch.float16 or torch.bfloat16 (ValueError for any other: the kernels take no
         float64 or integers).
         """
-        dtype, device = _run_dtype(dtype), _run_device(device)
+        dtype, device = _run_dtype(dtype), parse_device(device if device is not None else "cpu")
         path = ckpt.resolve_file(path)
         state, metadata = ckpt.read_state_dict(path, allow_pickle=allow_pickle)
         own = metadata.get("format") == ckpt.FORMAT_NAME or _is_own_layout(state)

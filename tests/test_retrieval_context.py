@@ -169,11 +169,11 @@ def test_contexts_refuse_an_approximate_search_that_found_too_few(db_and_data, m
     cfg = config(text_token=False, k_nn=3, normalized=False)
 
     def padded(queries, k):
-        scores, ids = Database.search(db, queries, k)
+        scores, ids = Database.search_checked(db, queries, k)
         ids[1, -1], scores[1, -1] = -1, float("-inf")
         return scores, ids
 
-    monkeypatch.setattr(db, "search", padded)
+    monkeypatch.setattr(db, "search_checked", padded)
     with pytest.raises(ValueError, match=r"the torch-exact search of .* found fewer than 2 neighbours for query 1: "
                                          r"search more of the index \(e.g. a larger nprobe\) or ask for fewer"):
         model_context(db, cfg, db.embeddings(torch.tensor([0, 1])))

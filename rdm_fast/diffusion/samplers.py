@@ -70,24 +70,23 @@ def guided(eps_model: Callable[[Tensor, Tensor, Any], Tensor], context: Tensor, 
     if scale == 1.0:
         ctx = prepare(context, 0) if prepare is not None else context
 
-        def eps_fn(x: Tensor, t: int | Tensor) -> Tensor:
+        def conditional(x: Tensor, t: int | Tensor) -> Tensor:
             return eps_model(x, _timesteps(t, x.shape[0], x.device), ctx)
 
-        setattr(eps_fn, "context", ctx)  # what the model reads (a CUDA-graph cache swaps a new trajectory's in)
-        return eps_fn
-    else:
-        b = context.shape[0]
-        both = prepare(context, b, shared_input=True) if prepare is not None else \
-            torch.cat([torch.zeros_like(context), context])
-        shared = getattr(both, "shared_input", False)
+        setattr(conditional, "context", ctx)  # what the model reads (a CUDA-graph cache swaps a new trajectory's in)
+        return conditional
+    b = context.shape[0]
+    both = prepare(context, b, shared_input=True) if prepare is not None else \
+        torch.cat([torch.zeros_like(context), context])
+    shared = getattr(both, "shared_input", False)
 
-        def eps_fn(x: Tensor, t: int | Tensor) -> Tensor:
-            x_in = x if shared else torch.cat([x, x])
-            eps_u, eps_c = eps_model(x_in, _timesteps(t, x_in.shape[0], x.device), both).chunk(2)
-            return eps_u + scale * (eps_c - eps_u)
+    def combined(x: Tensor, t: int | Tensor) -> Tensor:
+        x_in = x if shared else torch.cat([x, x])
+        eps_u, eps_c = eps_model(x_in, _timesteps(t, x_in.shape[0], x.device), both).chunk(2)
+        return eps_u + scale * (eps_c - eps_u)
 
-        setattr(eps_fn, "context", both)
-        return eps_fn
+    setattr(combined, "context", both)
+    return combined
 
 
 def sample_ddim(eps_fn: EpsFn, x: Tensor, coeffs: DDIMCoefficients, *,

@@ -269,8 +269,6 @@ class Op(Generic[R]):
         return self.reference, reasons
 
     def __call__(self, x: Tensor, *args, **kwargs) -> R:
-        if not isinstance(x, Tensor):  # a NumPy array has a .device too (the string "cpu")
-            raise TypeError(f"{self.name}: expected a torch.Tensor, got {type(x).__name__}")
         impl, passed_over = self._select(x.device.type, x, *args, **kwargs)
         # under torch.compile the reasons can hold symbolic sizes, which str.join cannot trace: logged without them
         why = "" if torch.compiler.is_compiling() else "; ".join(passed_over)

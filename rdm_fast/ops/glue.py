@@ -388,8 +388,8 @@ def ddim_guided_step(
     missing ``noise`` is not detected and the noise term is left out). ``samplers.guided``'s combine and the
     update of ``samplers.sample_ddim`` in one pass. Coefficients are Python floats or 0-d tensors; 0-d tensors
     on x's device are read by the kernel (no host synchronisation, so a sampling loop can be captured in a CUDA
-    graph; pass float64 ones for full precision of ``1 - a``). Tensors: x's shape and dtype; float32 math (float64 for float64 tensors, which
-    only the reference takes).
+    graph; pass float64 ones for full precision of ``1 - a``). Tensors: x's shape and dtype; float32 math
+    (float64 for float64 tensors, which only the reference takes).
     """
     return _step(x, e_uncond, e_cond, guidance_scale, (), (1.0,), a_t, a_prev, sigma_t, noise, False)[:2]
 

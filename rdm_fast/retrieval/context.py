@@ -94,7 +94,7 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
     (on the CPU, where checking costs no synchronisation) values out of range and approximate searches that found
     fewer than k neighbours.
     """
-    queries = db.checked_queries(queries)
+    queries = db.checked_queries(queries)  # once: the searches below take them as checked
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0 or (k == 0 and not include_query):
         raise ValueError(f"k must be an int >= {int(not include_query)}"
                          f"{' without the query' if not include_query else ''}, got {k!r}")
@@ -102,10 +102,10 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
     parts = [queries.float()[:, None]] if include_query else []
     if k > 0:
         if query_ids is None:
-            _, ids = db.search(queries, k)
+            _, ids = db.search_checked(queries, k)
         else:
             own = _checked_query_ids(db, query_ids, len(queries))
-            _, ids = db.search(queries, k + 1)
+            _, ids = db.search_checked(queries, k + 1)
             ids = ids.gather(1, first_kept(ids != own.to(ids.device)[:, None], k))
         if ids.device.type == "cpu" and bool((ids < 0).any()):  # an approximate index marks missing results -1
             short = int((ids < 0).any(1).nonzero()[0, 0])

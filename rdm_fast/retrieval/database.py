@@ -42,6 +42,7 @@ from numpy.typing import ArrayLike
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._distributed import parse_device
 from .._files import (array_file_problem, atomic_save_npy, atomic_save_npz, atomic_write_json, remove_stale_temps,
                       sha256_file)
 from .search import check_k, exact_search
@@ -342,11 +343,7 @@ class Database:
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"Database.open: chunk_rows must be an int >= 1, got {chunk_rows!r}")
         if device is not None:
-            try:
-                torch.device(device)
-            except (RuntimeError, TypeError, ValueError):
-                raise ValueError(f"Database.open: device {device!r} is not a torch device (e.g. 'cpu', 'cuda', "
-                                 "'cuda:1')") from None
+            parse_device(device)  # a bad name or a missing GPU, before the shards are read
         if backend not in BACKENDS:
             raise ValueError(f"unknown search backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         path = Path(path)
@@ -501,7 +498,10 @@ class Database:
             self.check_encoder(encoder)
         if len(self) == 0:
             raise ValueError(f"database {self.path} is empty: nothing to search")
-        queries = self.checked_queries(queries)
+        return self.search_checked(self.checked_queries(queries), k)
+
+    def search_checked(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """:meth:`search` for queries that :meth:`checked_queries` has passed (not read again)."""
         check_k(k, len(self))
         if queries.shape[0] == 0:
             empty = torch.empty((0, k), device=queries.device)
