@@ -575,6 +575,8 @@ def test_open_checks_chunk_rows_device_and_path(db_dir):
         Database.open(None)
     db = Database.open(str(db_dir), device="cpu", backend="torch", chunk_rows=1)
     assert db.search(torch.randn(2, 16), 3)[1].shape == (2, 3)
+    db = Database.open(str(db_dir), device="cpu", backend="torch", chunk_rows=np.int64(2))  # e.g. from a config array
+    assert db.search(torch.randn(2, 16), 3)[1].shape == (2, 3)
 
 
 def test_search_refuses_integer_queries(db_dir):

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 from triton_testing import check_result, interpreter_fixture, print_results
@@ -350,6 +351,8 @@ def test_interpreter_impl_needs_the_interpreter(monkeypatch):
         (((2, 10, 64), (2, 10, 32), (2, 10, 32)), 2, "same width"),
         (((2, 10, 64), (2, 10, 64), (2, 10, 64)), 3, "divisible by heads=3"),
         (((2, 10, 64), (2, 10, 64), (2, 10, 64)), 0, "positive int"),
+        (((2, 10, 64), (2, 10, 64), (2, 10, 64)), True, "positive int"),
+        (((2, 10, 64), (2, 10, 64), (2, 10, 64)), 2.0, "positive int"),
         (((2, 10, 64), (2, 0, 64), (2, 0, 64)), 2, "no tokens"),
     ],
 )
@@ -359,6 +362,12 @@ def test_invalid_shapes_raise(shapes, heads, match):
         attention(q, k, v, heads)
     with pytest.raises(ValueError, match=match):
         attention_reference(q, k, v, heads)
+
+
+def test_numpy_integer_heads_are_accepted():
+    """A head count read from a NumPy array (np.int64) means the same as the Python int."""
+    q, k, v = _small()
+    torch.testing.assert_close(attention(q, k, v, np.int64(2)), attention(q, k, v, 2), rtol=0, atol=0)
 
 
 def test_invalid_dtypes_raise():

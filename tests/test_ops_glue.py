@@ -317,6 +317,23 @@ def test_sampler_step_reference_matches_oracle(name):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_numpy_coefficients_match_float_ones():
+    """Coefficients and multistep weights taken from NumPy schedule arrays (np.float32/np.float64 elements) give the
+    Python floats' result; NumPy bools are refused like Python ones."""
+    args, kind = step_inputs("ddim-guided-noise-1x16x13x11", torch.float32)
+    np_args = {**args, "guidance_scale": np.float32(args["guidance_scale"]), "a_t": np.float64(args["a_t"]),
+               "a_prev": np.float32(args["a_prev"]), "sigma_t": np.float64(args["sigma_t"])}
+    for got, want in zip(run_step(kind, np_args), run_step(kind, args), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    x = torch.randn(2, 3, 8)
+    weights = (np.float32(0.5), np.float64(0.5))
+    for got, want in zip(plms_guided_step(x, x, x, 2.0, [x], 0.5, 0.6, weights=weights),
+                         plms_guided_step(x, x, x, 2.0, [x], 0.5, 0.6, weights=(0.5, 0.5)), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="guidance_scale must be a float"):
+        ddim_guided_step(x, x, x, np.bool_(True), 0.5, 0.6)
+
+
 def test_tensor_coefficients_match_float_ones():
     args, kind = step_inputs("ddim-guided-noise-1x16x13x11", torch.float32)
     tensor_args = {**args, **{k: torch.tensor(args[k], dtype=torch.float64)
@@ -352,7 +369,8 @@ def test_bad_arguments_raise(call, match):
 
 @pytest.mark.parametrize("call,match", [
     (lambda x: ddim_guided_step(x, x, x, "2", 0.5, 0.6), "float or a 0-d tensor"),
-    (lambda x: plms_guided_step(x, x, x, 2.0, [x], 0.5, 0.6, weights=(1.0, torch.tensor(0.5))), "Python floats"),
+    (lambda x: plms_guided_step(x, x, x, 2.0, [x], 0.5, 0.6, weights=(1.0, torch.tensor(0.5))),
+     "Python or NumPy floats"),
 ])
 def test_bad_argument_types_raise(call, match):
     with pytest.raises(TypeError, match=match):

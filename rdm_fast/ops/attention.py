@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,7 +47,7 @@ def check_args(q: Tensor, k: Tensor, v: Tensor, heads: int) -> None:
         raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not isinstance(heads, int) or heads <= 0:
+    if isinstance(heads, (bool, np.bool_)) or not isinstance(heads, (int, np.integer)) or heads <= 0:
         raise ValueError(f"attention: heads must be a positive int, got {heads!r}")
     if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1] != v.shape[1]:
         raise ValueError(
@@ -189,4 +190,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """Multi-head attention ``softmax(q k^T * d^-0.5) v`` on (B, Nq, heads*d) queries and (B, Nk, heads*d)
     keys/values (d = C / heads); returns (B, Nq, heads*d) in q's dtype. Differentiable on every path."""
     check_args(q, k, v, heads)
-    return ATTENTION(q, k, v, heads)
+    return ATTENTION(q, k, v, int(heads))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -262,9 +263,15 @@ PLMS_WEIGHTS = {
 """Adams-Bashforth weights (current eps, then history[-1], history[-2], ...) by number of past eps."""
 
 
+def _is_real(c: object) -> bool:
+    """A Python or NumPy int or float, not a bool."""
+    return isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, (bool, np.bool_))
+
+
 def _coef(name: str, c: Coef, x: Tensor) -> Coef:
-    """A coefficient as a Python float, or as a 0-d float tensor on x's device (kept on the device: no sync)."""
-    if isinstance(c, bool) or not isinstance(c, (int, float, Tensor)):
+    """A coefficient as a Python float (from a Python or NumPy number, e.g. a schedule array's element), or as a
+    0-d float tensor on x's device (kept on the device: no sync)."""
+    if not _is_real(c) and not isinstance(c, Tensor):
         raise TypeError(f"sampler step: {name} must be a float or a 0-d tensor, got {type(c).__name__}")
     if not torch.is_tensor(c):
         return float(c)
@@ -294,8 +301,8 @@ def _check_step(x, e_uncond, e_cond, history, weights, noise) -> None:
         raise ValueError(f"{op}: expected {len(history) + 1} weights (current eps, then history newest first), "
                          f"got {len(weights)}")
     for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise TypeError(f"{op}: multistep weights must be Python floats, got {type(w).__name__}")
+        if not _is_real(w):
+            raise TypeError(f"{op}: multistep weights must be Python or NumPy floats, got {type(w).__name__}")
 
 
 def _check_coefs(a_t: Coef, a_prev: Coef, sigma_t: Coef, noise: Tensor | None) -> None:

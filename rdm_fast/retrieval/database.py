@@ -340,8 +340,9 @@ class Database:
         if not isinstance(path, (str, Path)) and not hasattr(path, "__fspath__"):
             raise TypeError(f"Database.open: path must be a str or a path-like object (the database directory), "
                             f"got {type(path).__name__}")
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
             raise ValueError(f"Database.open: chunk_rows must be an int >= 1, got {chunk_rows!r}")
+        chunk_rows = int(chunk_rows)
         if device is not None:
             parse_device(device)  # a bad name or a missing GPU, before the shards are read
         if backend not in BACKENDS:
