@@ -5,8 +5,8 @@ Run against the installed package, e.g. ``pytest bench/bench_ops.py --benchmark-
 configuration; ``extra_info`` says which implementation ``dispatch`` picked). CPU: (8, 192, 64, 64) float32,
 NCHW and NHWC, plain and with add + SiLU (the UNet ResBlock case). CUDA (when available): float32 and bfloat16 at
 batch 32, also the Triton kernel, 20 calls per timed round; and an inner level of the imagenet UNet at 64 guided
-images, (128, 384, 32, 32) bfloat16 channels_last with add + SiLU, through each of the two channels_last Triton
-paths (three kernels; one kernel, its second read from L2) and the dispatch, which times them and keeps one.
+images, (128, 384, 32, 32) bfloat16 channels_last with add + SiLU, through the channels_last Triton kernels
+(``triton-nhwc``: three passes) and the dispatch.
 """
 
 from __future__ import annotations
@@ -44,17 +44,7 @@ IMPLS = {
 }
 
 
-def _triton_path(one_kernel: bool):
-    def run(*args, **kwargs):
-        from rdm_fast.kernels import group_norm as kernels
-
-        return kernels.group_norm(*args, **kwargs, one_kernel=one_kernel)
-    return run
-
-
 def _fn(device: str, name: str):
-    if name in ("triton-three", "triton-one"):
-        return _triton_path(name == "triton-one")
     if name == "torch-unfused":
         return torch_unfused
     if name == "reference":
@@ -77,7 +67,7 @@ def _configs():
                             device, (batch, 192, 64, 64), dtype, layout, fused, impl, id=f"{name}-{impl}", marks=mark
                         )
     mark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-    for impl in ("torch-unfused", "triton-three", "triton-one", "dispatch"):
+    for impl in ("torch-unfused", "triton-nhwc", "dispatch"):
         yield pytest.param("cuda", (128, 384, 32, 32), torch.bfloat16, "nhwc", True, impl,
                            id=f"cuda-bfloat16-nhwc-add_silu-inner-{impl}", marks=mark)
 
@@ -88,11 +78,6 @@ def test_group_norm(benchmark, device, shape, dtype, layout, fused, impl):
     if fn is None:
         pytest.skip(f"{impl} is not available")
     x, w, b, add = _inputs(shape, dtype, device, layout == "nhwc")
-    if impl == "triton-one":
-        from rdm_fast.kernels.group_norm import fused_config
-
-        if fused_config(shape[0], shape[2] * shape[3], shape[1], GROUPS, x.element_size(), x.device) is None:
-            pytest.skip("the one-kernel path is not offered at this shape on this card")
     kwargs = {"add": add, "silu": True} if fused else {}
     benchmark.group = f"{device}-{str(dtype)[6:]}-{layout}-{'add_silu' if fused else 'plain'}-{tuple(shape)}"
     # CUDA: calls queued back to back, one synchronisation per round, so that the GPU's time is measured rather

@@ -75,8 +75,8 @@ MODEL_XDIST=""; [ -n "$XDIST" ] && MODEL_XDIST="-n 4"
   echo "model tests rc=$? at $SECONDS s" >> "$OUT/tests_models.log" ) &
 MODELS=$!
 
-# 2. Triton kernels on the GPU (the interpreter cases are CI's job); the kernels never yet run on a GPU first (the
-#    one-kernel GroupNorm, the thin convolutions' new grid order), since the limit may cut off the last file
+# 2. Triton kernels on the GPU (the interpreter cases are CI's job); put kernels never yet run on a GPU first,
+#    since the limit may cut off the last file
 timeout "$(limit $TRITON_LIMIT)" $PY -m pytest -v -rfEs $XDIST -p no:cacheprovider tests/test_triton_group_norm.py \
   tests/test_ops_conv.py tests/test_ops_glue.py tests/test_ops_attention.py tests/test_ops_cross_attention.py \
   tests/test_gpu_search.py \

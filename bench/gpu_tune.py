@@ -10,11 +10,7 @@ In this order (the newest first, the longest sweep last, so that a cut-off run l
 3. ``add_bias`` (``kernels.glue.ADD_BIAS_TUNING``) over the calls of an imagenet step, against clones.
 4. The UNet's Upsample: nearest x2 + 3x3 conv (the definition) vs the stride-2 transposed convolution with
    summed taps (the fast path), at the imagenet shapes.
-5. The channels_last GroupNorm's two paths, per call shape of an imagenet and an rdm768 guided step where the
-   one-kernel path applies: the three kernels against the one kernel under a few of its tunables
-   (``kernels.group_norm.FUSED_TUNING``: warps, values per tile, the share of L2 its items may fill, programs
-   per SM, groups per block).
-6. The channels_last GroupNorm's three kernels (``kernels.group_norm.NHWC_TUNING``): every combination of values
+5. The channels_last GroupNorm's three kernels (``kernels.group_norm.NHWC_TUNING``): every combination of values
    per tile, warps, programs per SM, channel block and statistics-loop unrolling, timed on the GroupNorm calls of
    one imagenet guided step (their shapes and counts, batch 128, bf16), against a copy of the same tensors
    (``clone``: one read, one write).
@@ -42,10 +38,6 @@ IMAGENET_GROUP_NORMS = {(192, 64, 64): 8, (192, 32, 32): 1, (384, 32, 32): 11, (
                         (576, 8, 8): 1, (960, 8, 8): 16, (1920, 8, 8): 2, (1536, 8, 8): 1, (1536, 16, 16): 1,
                         (1152, 16, 16): 1, (960, 16, 16): 1, (960, 32, 32): 1, (768, 32, 32): 1, (576, 32, 32): 1,
                         (576, 64, 64): 1, (384, 64, 64): 2}
-RDM768_GROUP_NORMS = {(448, 48, 48): 13, (896, 24, 24): 11, (896, 48, 48): 2, (1344, 48, 48): 1, (1344, 12, 12): 11,
-                      (2240, 24, 24): 1, (1792, 24, 24): 1, (1344, 24, 24): 1, (1792, 6, 6): 11, (3136, 12, 12): 1,
-                      (2688, 12, 12): 1, (2240, 12, 12): 1, (448, 24, 24): 1, (3584, 6, 6): 2, (896, 12, 12): 1,
-                      (3136, 6, 6): 1, (1344, 6, 6): 1}  # batch 32 = 16 guided images
 IMAGENET_UPSAMPLES = [(960, 8, 8), (576, 16, 16), (384, 32, 32)]  # (C, H, W) of the input
 # ((H, W, C), with a residual): add_bias calls in one imagenet UNet call (recorded from the model)
 IMAGENET_ADD_BIAS = {((64, 64, 192), False): 1, ((64, 64, 192), True): 5, ((32, 32, 192), False): 1,
@@ -89,44 +81,6 @@ def _group_norm_inputs(shapes, batch: int, dev: torch.device) -> dict:
     return inputs
 
 
-def tune_group_norm_paths(log, device: str = "cuda") -> None:
-    """Per shape where ``fused_config`` offers it: the three kernels against the one kernel under each of a few
-    FUSED_TUNING variants; per model, the sum over a step's calls of those shapes for each."""
-    dev = torch.device(device)
-    default = dict(gn_kernels.FUSED_TUNING)
-    variants = [dict(default, warps=wp, tile=tile, l2_share=share, max_waves=waves)
-                for wp, tile, share, waves in itertools.product((4, 8), (4096, 8192), (0.5, 0.75), (2, 4))]
-    variants += [dict(default, groups_per_block=g) for g in (1, 2, 4)]  # forced block sizes (NaN where they do not fit)
-    for name, counts, batch in (("imagenet", IMAGENET_GROUP_NORMS, BATCH), ("rdm768", RDM768_GROUP_NORMS, 32)):
-        offered = [s for s in counts if gn_kernels.fused_config(batch, s[1] * s[2], s[0], 32, 2, dev) is not None]
-        inputs = _group_norm_inputs(offered, batch, dev)
-        totals = [0.0] * (len(variants) + 1)
-        for s in offered:
-            x, w, b, add = inputs[s]
-            row = [graph_ms(lambda: gn_kernels.group_norm(x, w, b, 32, 1e-5, add=add, silu=True))]
-            for v in variants:
-                gn_kernels.FUSED_TUNING.update(v)
-                try:
-                    row.append(graph_ms(lambda: gn_kernels.group_norm(x, w, b, 32, 1e-5, add=add, silu=True,
-                                                                      one_kernel=True)))
-                except Exception as exc:  # a variant that does not apply or compile here is reported, not fatal
-                    log(f"{name} {s} {v}: {type(exc).__name__}: {str(exc)[:200]}")
-                    row.append(float("nan"))
-            gn_kernels.FUSED_TUNING.update(default)
-            totals = [t + counts[s] * r for t, r in zip(totals, row)]
-            log(f"{name} {s[0]}x{s[1]}x{s[2]} x{counts[s]}: three kernels {1000 * row[0]:.1f} us; one kernel "
-                + ", ".join(f"{_variant(v)}: {1000 * r:.1f}" for v, r in zip(variants, row[1:])))
-        calls = sum(counts[s] for s in offered)
-        log(f"{name}, {len(offered)} of {len(counts)} shapes offered ({calls} calls per step), summed per step: "
-            f"three kernels {totals[0]:.3f} ms; one kernel "
-            + ", ".join(f"{_variant(v)}: {t:.3f}" for v, t in zip(variants, totals[1:])) + f" (default {default})")
-
-
-def _variant(v: dict) -> str:
-    groups = f"/g{v['groups_per_block']}" if v["groups_per_block"] else ""
-    return f"w{v['warps']}/t{v['tile']}/l2 {v['l2_share']}/x{v['max_waves']}{groups}"
-
-
 def tune_group_norm(log, device: str = "cuda") -> None:
     inputs = _group_norm_inputs(IMAGENET_GROUP_NORMS, BATCH, torch.device(device))
     copy = sum(n * graph_ms(lambda x=inputs[s][0]: x.clone(memory_format=torch.preserve_format))
@@ -138,7 +92,6 @@ def tune_group_norm(log, device: str = "cuda") -> None:
     for tile, warps, waves, max_c, unroll in itertools.product((2048, 4096), (4, 8), (2, 4, 8), (64, 128), (1, 2)):
         gn_kernels.NHWC_TUNING.update(tile=tile, warps=warps, waves=waves, max_block_c=max_c, unroll=unroll)
         try:
-            # the three kernels themselves: ops.group_norm may run the one-kernel path at the inner levels
             per = {s: graph_ms(lambda t=inputs[s]: gn_kernels.group_norm(t[0], t[1], t[2], 32, 1e-5, add=t[3],
                                                                         silu=True))
                    for s in IMAGENET_GROUP_NORMS}
@@ -308,7 +261,6 @@ def main() -> None:
     with torch.inference_mode():
         tune_attention(log)
         tune_add_bias(log)
-        tune_group_norm_paths(log)  # the newest change (2026-11-27, fifth session): before the slower phases
         tune_upsample(log)
         tune_group_norm(log)  # last: the longest sweep, and its defaults were confirmed in two sessions
 

@@ -18,10 +18,6 @@ coalesced:
    ``y = (x - shift) * A + B`` that folds in ``add``, the statistics, weight and bias;
 3. ``_nhwc_apply``: one program per tile applies it (and SiLU), one read and one write per value.
 
-That reads every value twice from memory. ``_nhwc_fused`` does it all in one kernel: a program takes a sample's
-block of whole groups, sums over all its pixels, forms the statistics and applies them right away, so that the
-second read finds the values still in L2 (``fused_config`` sizes the blocks so that the items in progress fit).
-
 Statistics are float32. Runs on CPU under ``TRITON_INTERPRET=1`` (float32/float16; bfloat16 needs a GPU).
 """
 
@@ -203,51 +199,6 @@ def _nhwc_apply_kernel(x_ptr, y_ptr, coef_ptr, hw, channels, x_row, SILU: tl.con
     tl.store(y_ptr + pix * channels + c[None, :], r.to(y_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def _nhwc_fused_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, add_ptr, hw, channels, x_row, add_row, blocks, items, eps, PER_GROUP: tl.constexpr,
-    BLOCK_CH: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, UNROLL: tl.constexpr,
-):
-    # persistent: each program takes items (sample, block of BLOCK_CH channels = whole groups) in turn; for each,
-    # the shifted sums over all its pixels, the block's group statistics, then the apply pass, which walks the
-    # pixels backwards so that the tiles the sums read last (most likely still in L2) are read again first
-    j = tl.arange(0, BLOCK_C)
-    cmask = j < BLOCK_CH
-    # membership of each channel lane in the block's groups: group sums as masked reductions, no atomics
-    member = ((j // PER_GROUP)[:, None] == tl.arange(0, BLOCK_G)[None, :]) & cmask[:, None]
-    n = tl.cast(hw, tl.float32)
-    tiles = tl.cdiv(hw, BLOCK_P)
-    for item in range(tl.program_id(0), items, tl.num_programs(0)):
-        b = item // blocks
-        c = (item % blocks) * BLOCK_CH + j
-        base = x_ptr + b.to(tl.int64) * hw * x_row
-        shift = tl.load(base + c, mask=cmask, other=0.0).to(tl.float32)
-        t1, t2 = _shifted_sums(base, 0, hw, c, cmask, x_row, shift, BLOCK_P, BLOCK_C, UNROLL)
-        k = shift  # per channel: sum over pixels of (x + add) = n * k + t1, with k = x[pixel 0] + add
-        if HAS_ADD:
-            k += tl.load(add_ptr + b * add_row + c, mask=cmask, other=0.0)
-        mean = tl.sum(tl.where(member, (k + t1 / n)[:, None], 0.0), axis=0) / PER_GROUP  # per group
-        e = k - tl.sum(tl.where(member, mean[None, :], 0.0), axis=1)  # k - the channel's group mean
-        m2 = tl.sum(tl.where(member, (t2 + 2.0 * e * t1 + n * e * e)[:, None], 0.0), axis=0)
-        rstd = 1.0 / tl.sqrt(m2 / (n * PER_GROUP) + eps)
-        scale = tl.sum(tl.where(member, rstd[None, :], 0.0), axis=1)
-        if HAS_WEIGHT:
-            scale = scale * tl.load(w_ptr + c, mask=cmask, other=1.0)
-        offset = e * scale
-        if HAS_BIAS:
-            offset += tl.load(b_ptr + c, mask=cmask, other=0.0)
-        for i in range(0, tiles):
-            rows = (tiles - 1 - i) * BLOCK_P + tl.arange(0, BLOCK_P)
-            m = (rows < hw)[:, None] & cmask[None, :]
-            pix = b.to(tl.int64) * hw + rows.to(tl.int64)[:, None]
-            v = tl.load(x_ptr + pix * x_row + c[None, :], mask=m, other=0.0).to(tl.float32)
-            r = (v - shift[None, :]) * scale[None, :] + offset[None, :]
-            if SILU:
-                r = r / (1.0 + tl.exp(-r))
-            tl.store(y_ptr + pix * channels + c[None, :], r.to(y_ptr.dtype.element_ty), mask=m)
-
-
 # Tunables of the channels_last kernels: values per tile, programs per SM aimed at by the statistics kernel,
 # warps per program, widest channel block, tiles loaded per step of the statistics loop (1 or 2). Chosen by
 # bench/gpu_tune.py on an H200 (2026-11-26, bench/RESULTS.md) over the 61 GroupNorms of an imagenet step: 5.32 ms,
@@ -257,15 +208,14 @@ MAX_GRID_Z = 65535  # CUDA's limit on a grid's z axis, where the channels_last k
 NHWC_TUNING = {"tile": 4096, "waves": 2, "warps": 4, "max_block_c": 64, "unroll": 2}
 
 
-_LIMITS: dict[torch.device, tuple[int, int]] = {}
+_SMS: dict[torch.device, int] = {}
 
 
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(SMs, L2 bytes) of a CUDA device (a plain dict as cache: torch.compile traces through here)."""
-    if device not in _LIMITS:
-        props = torch.cuda.get_device_properties(device)
-        _LIMITS[device] = props.multi_processor_count, props.L2_cache_size
-    return _LIMITS[device]
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (a plain dict as cache: torch.compile traces through here)."""
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
 
 
 def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dict[str, int]:
@@ -276,7 +226,7 @@ def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dic
     block_c = min(pow2, widest) if pow2 >= 16 else min(triton.next_power_of_2(channels), widest)
     block_p = max(1, NHWC_TUNING["tile"] // block_c)
     if device.type == "cuda":
-        target = NHWC_TUNING["waves"] * _device_limits(device)[0]
+        target = NHWC_TUNING["waves"] * _sm_count(device)
     else:  # the interpreter: a few splits, so that the partial sums are combined in the tests
         target = 3 * batch
     step = block_p * NHWC_TUNING["unroll"]  # pixels per iteration of the statistics loop
@@ -285,72 +235,6 @@ def nhwc_config(batch: int, hw: int, channels: int, device: torch.device) -> dic
     per = triton.cdiv(triton.cdiv(hw, splits), step) * step
     return {"block_c": block_c, "block_p": block_p, "splits": triton.cdiv(hw, per), "per": per,
             "warps": NHWC_TUNING["warps"], "unroll": NHWC_TUNING["unroll"]}
-
-
-# Tunables of the one-kernel channels_last GroupNorm (_nhwc_fused_kernel): values per tile, warps, statistics-loop
-# unrolling, the share of the L2 cache that the items in progress (one per program, read and written) may fill
-# together, and at most this many programs per SM (2: all resident at the kernel's 128-148 registers). Not tuned on
-# a GPU yet; rdm_fast.ops.group_norm times this path against the three kernels per call shape and keeps the faster.
-FUSED_TUNING = {"tile": 4096, "warps": 4, "unroll": 2, "l2_share": 0.75, "max_waves": 2,
-                "groups_per_block": 0}  # 0: chosen by fused_config; else that many where it divides the groups
-MAX_FUSED_BLOCK_C = 1024
-MAX_FUSED_MEMBERS = 8192  # channel lanes x groups of a block: the membership tile the group sums reduce over
-
-
-def fused_config(batch: int, hw: int, channels: int, num_groups: int, itemsize: int,
-                 device: torch.device) -> dict[str, int] | None:
-    """Blocks and grid of the one-kernel path, or None where it does not apply.
-
-    An item is one sample's block of whole groups over all its pixels: the fewest groups whose channels span a
-    multiple of 32 bytes (whole memory sectors per pixel where the rows are aligned), or fewer where those items
-    are too large. The programs loop over the items; their items in progress, read and written, must fit
-    together in a share of L2 with at least one program per SM (or per item, for fewer items), so that the apply
-    pass finds its values in L2 instead of memory."""
-    key = (batch, hw, channels, num_groups, itemsize, device, tuple(FUSED_TUNING.items()))
-    if key not in _FUSED_CONFIGS:
-        _FUSED_CONFIGS[key] = _fused_config(batch, hw, channels, num_groups, itemsize, device)
-    return _FUSED_CONFIGS[key]
-
-
-_FUSED_CONFIGS: dict[tuple, dict[str, int] | None] = {}
-
-
-def _fused_config(batch: int, hw: int, channels: int, num_groups: int, itemsize: int,
-                  device: torch.device) -> dict[str, int] | None:
-    per_group = channels // num_groups
-    align = max(1, 32 // itemsize)
-    divisors = [g for g in range(1, num_groups + 1) if num_groups % g == 0]
-    aligned = next(g for g in divisors if g * per_group % align == 0 or g == num_groups)
-    # the aligned block first; where its items do not fit, smaller blocks whose rows share memory sectors with
-    # their neighbours' (items of adjacent blocks run side by side, so a sector mostly comes from memory once)
-    forced = FUSED_TUNING["groups_per_block"]
-    order = [forced] if forced in divisors else [aligned] + [g for g in reversed(divisors) if g < aligned]
-    for gpb in order:
-        cfg = _fused_blocks(batch, hw, channels, per_group, gpb, itemsize, device)
-        if cfg is not None:
-            return cfg
-    return None
-
-
-def _fused_blocks(batch: int, hw: int, channels: int, per_group: int, gpb: int, itemsize: int,
-                  device: torch.device) -> dict[str, int] | None:
-    block_ch = gpb * per_group
-    block_c, block_g = triton.next_power_of_2(block_ch), triton.next_power_of_2(gpb)
-    if block_c > MAX_FUSED_BLOCK_C or block_c * block_g > MAX_FUSED_MEMBERS:
-        return None
-    blocks = channels // block_ch
-    items = batch * blocks
-    if device.type == "cuda":
-        sms, l2 = _device_limits(device)
-        fit = int(l2 * FUSED_TUNING["l2_share"]) // max(1, 2 * hw * block_ch * itemsize)
-        programs = min(items, FUSED_TUNING["max_waves"] * sms, fit)
-        if programs < min(items, sms):
-            return None
-    else:  # the interpreter: two programs, so that the tests walk the item loop
-        programs = min(items, 2)
-    return {"per_group": per_group, "block_ch": block_ch, "block_c": block_c, "block_g": block_g,
-            "block_p": max(1, FUSED_TUNING["tile"] // block_c), "blocks": blocks, "items": items,
-            "programs": programs, "warps": FUSED_TUNING["warps"], "unroll": FUSED_TUNING["unroll"]}
 
 
 def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu, x_row: int) -> Tensor:
@@ -381,26 +265,6 @@ def _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu, x_row: int) ->
     return out
 
 
-def _group_norm_nhwc_fused(x, weight, bias, num_groups, eps, add, silu, x_row: int) -> Tensor:
-    batch, channels, h, w = x.shape
-    cfg = fused_config(batch, h * w, channels, num_groups, x.element_size(), x.device)
-    if cfg is None:
-        raise ValueError(f"triton group_norm: the one-kernel path does not take x of shape {tuple(x.shape)} "
-                         f"({num_groups} groups): a sample's group block does not fit its share of L2")
-    # pixel rows of C channels either way (a contiguous x here is a 1x1 map), laid out as the three kernels do
-    out = torch.empty_like(x) if x.is_contiguous() else torch.empty(
-        x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    add_rows = _add_rows(add, x)
-    _nhwc_fused_kernel[(cfg["programs"],)](
-        x, out, _float_param(weight, x), _float_param(bias, x), add_rows, h * w, channels, x_row,
-        add_rows.stride(0) if add is not None else 0, cfg["blocks"], cfg["items"], eps, PER_GROUP=cfg["per_group"],
-        BLOCK_CH=cfg["block_ch"], HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
-        SILU=silu, BLOCK_P=cfg["block_p"], BLOCK_C=cfg["block_c"], BLOCK_G=cfg["block_g"], UNROLL=cfg["unroll"],
-        num_warps=cfg["warps"],
-    )
-    return out
-
-
 def _float_param(t: Tensor | None, like: Tensor) -> Tensor:
     """Contiguous float32 copy of an optional parameter (``like`` as a dummy pointer when absent)."""
     return like if t is None else t.to(torch.float32).contiguous()
@@ -425,24 +289,17 @@ def group_norm(
     *,
     add: Tensor | None = None,
     silu: bool = False,
-    one_kernel: bool = False,
 ) -> Tensor:
-    """Fused GroupNorm forward with Triton; arguments as validated by ``rdm_fast.ops.group_norm``.
-    ``one_kernel``: channels_last maps run :func:`_nhwc_fused_kernel` (where :func:`fused_config` admits them)
-    instead of the three kernels."""
+    """Fused GroupNorm forward with Triton; arguments as validated by ``rdm_fast.ops.group_norm``."""
     # channels_last, or a channel slice of a wider channels_last map (rdm_fast.ops.group_norm checks the rest)
-    x_row = nhwc_row_stride(x) if one_kernel or not x.is_contiguous() else None
+    x_row = nhwc_row_stride(x) if not x.is_contiguous() else None
     if x_row is None and not x.is_contiguous():
         raise ValueError(f"triton group_norm: x must be contiguous, channels_last or a channel slice of a "
                          f"channels_last map, got shape {tuple(x.shape)} with strides {x.stride()}")
     if x.numel() == 0:
         return torch.empty_like(x)
     if x_row is not None:
-        nhwc = _group_norm_nhwc_fused if one_kernel else _group_norm_nhwc
-        return nhwc(x, weight, bias, num_groups, eps, add, silu, x_row)
-    if one_kernel:
-        raise ValueError(f"triton group_norm: the one-kernel path takes channels_last maps, got x of shape "
-                         f"{tuple(x.shape)} with strides {x.stride()}")
+        return _group_norm_nhwc(x, weight, bias, num_groups, eps, add, silu, x_row)
     out = torch.empty_like(x)
     batch, channels = x.shape[:2]
     spatial = x.numel() // (batch * channels)

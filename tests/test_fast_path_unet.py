@@ -2,7 +2,7 @@
 the CPU) vs the plain-PyTorch reference path, in fp32 and fp16, with a plain and with a prepared guided context,
 and with channels-last weights (skip connections written into channel slices of the up stages' inputs; also with
 guidance's shared input). The channels-last cases also run with GroupNorm through the Triton kernels that CUDA
-runs (three kernels, and the one-kernel path), where the CPU would run the C++ op.
+runs (its three channels_last kernels), where the CPU would run the C++ op.
 
 Run as a script with TRITON_INTERPRET=1 it prints the relative errors as JSON; the test starts it once.
 Tolerances: fp32 1e-4 relative L2 (summation order only); fp16 1e-2 (each fused kernel rounds once where the
@@ -51,10 +51,9 @@ def _errors() -> dict:
                 for mode in ("reference", "fast"):
                     with ops.use_mode(mode):
                         runs[mode] = model.unet(x_in, t_in, make_ctx()).double()
-                if nhwc:  # GroupNorm through the CUDA path's Triton kernels (three; one) instead of the C++ op
-                    for one in (False, True):
-                        with ops.use_mode("fast"), _triton_group_norm(one):
-                            runs[f"tritongn{int(one) or 3}"] = model.unet(x_in, t_in, make_ctx()).double()
+                if nhwc:  # GroupNorm through the CUDA path's Triton kernels instead of the C++ op
+                    with ops.use_mode("fast"), _triton_group_norm():
+                        runs["tritongn"] = model.unet(x_in, t_in, make_ctx()).double()
                 ref = runs.pop("reference")
                 key = f"{name}-{str(dtype).removeprefix('torch.')}" + ("-nhwc" if nhwc else "")
                 for run, eps in runs.items():
@@ -63,19 +62,15 @@ def _errors() -> dict:
 
 
 @contextlib.contextmanager
-def _triton_group_norm(one_kernel: bool):
-    """On the CPU, GroupNorm runs the C++ op; here, the Triton kernels of CUDA's channels_last path (in the
-    interpreter): the three kernels, or the one-kernel path for every map stored as pixel rows."""
+def _triton_group_norm():
+    """On the CPU, GroupNorm runs the C++ op; here, the Triton kernels that CUDA runs for channels_last maps (in
+    the interpreter)."""
     from rdm_fast.kernels import group_norm as kernels
     from rdm_fast.ops._dispatch import Impl
-    from rdm_fast.ops.group_norm import GROUP_NORM, is_nhwc_rows
-
-    def run(x, weight, bias, num_groups, eps, *, add=None, silu=False):
-        return kernels.group_norm(x, weight, bias, num_groups, eps, add=add, silu=silu,
-                                  one_kernel=one_kernel and is_nhwc_rows(x))
+    from rdm_fast.ops.group_norm import GROUP_NORM
 
     saved = GROUP_NORM.by_device["cpu"]
-    GROUP_NORM.by_device["cpu"] = [Impl("triton-interpreter", run)]
+    GROUP_NORM.by_device["cpu"] = [Impl("triton-interpreter", kernels.group_norm)]
     try:
         yield
     finally:
@@ -93,7 +88,7 @@ NHWC_CASES = ["prepared-float32-nhwc", "prepared-float16-nhwc", "shared-float32-
 
 
 @pytest.mark.parametrize("case", ["plain-float32", "prepared-float32", "plain-float16", "prepared-float16"]
-                         + NHWC_CASES + [f"{c}-tritongn{n}" for c in NHWC_CASES for n in (3, 1)])
+                         + NHWC_CASES + [f"{c}-tritongn" for c in NHWC_CASES])
 def test_fast_unet_matches_reference(errors, case):
     tol = TOLERANCE[case.split("-")[1]]
     assert errors[case] < tol, f"{case}: relative error {errors[case]:.3g} >= {tol}"

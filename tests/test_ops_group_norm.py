@@ -221,78 +221,33 @@ def test_nhwc_row_layouts_are_recognised():
         assert GROUP_NORM.select("cuda", x, None, None, 1, EPS).name == "triton-nhwc"
 
 
-def test_one_kernel_path_sizing(monkeypatch):
-    """fused_config on a stand-in H200 (132 SMs, 50 MiB of L2), imagenet's GroupNorms at 64 images (batch 128,
-    bf16): the inner levels get blocks of whole groups spanning multiples of 32 bytes; the 64x64 maps, whose
-    aligned items (read and written) would not fit in L2's share with a program per SM, get smaller blocks that
-    do; maps too large even for one group per block are refused."""
-    from rdm_fast.kernels import group_norm as kernels
-
-    monkeypatch.setattr(kernels, "_device_limits", lambda device: (132, 50 * 2**20))
-    monkeypatch.setattr(kernels, "_FUSED_CONFIGS", {})  # nothing decided for other limits
-    cuda = torch.device("cuda")
-    waves, share = kernels.FUSED_TUNING["max_waves"], kernels.FUSED_TUNING["l2_share"]
-    aligned = [(384, 32, 32), (768, 32, 32), (576, 16, 16), (960, 8, 8), (1920, 8, 8)]
-    smaller = {(192, 64, 64): 12, (384, 64, 64): 12, (576, 64, 64): 18}  # channels per block
-    for c, h, w in aligned + list(smaller):
-        cfg = kernels.fused_config(128, h * w, c, 32, 2, cuda)
-        assert cfg is not None, (c, h, w)
-        assert cfg["block_ch"] % (c // 32) == 0 and (cfg["block_ch"] * 2 % 32 == 0) == ((c, h, w) in aligned), cfg
-        assert cfg["block_ch"] == smaller.get((c, h, w), cfg["block_ch"]), cfg
-        assert cfg["items"] == 128 * c // cfg["block_ch"] and 132 <= cfg["programs"] <= waves * 132, cfg
-        assert cfg["programs"] * 2 * h * w * cfg["block_ch"] * 2 <= share * 50 * 2**20, cfg
-    assert kernels.fused_config(128, 128 * 128, 512, 32, 2, cuda) is None  # 1 MiB per one-group item
-    # few items (a small batch): one program per item is enough
-    assert kernels.fused_config(2, 64, 960, 32, 2, cuda)["programs"] == 2 * 4
-    assert kernels.fused_config(128, 16, 65536, 32, 2, cuda) is None  # a block wider than the kernel's limit
-    # 999 groups of 1: no block spans 32 bytes but all of them, whose membership tile (1024 x 1024) is refused;
-    # the largest smaller divisor within the tile limit is taken (37 groups: 64 x 64)
-    assert kernels.fused_config(2, 16, 999, 999, 2, cuda)["block_ch"] == 37
-
-
-def test_channels_last_maps_time_the_one_kernel_path_where_offered(monkeypatch, caplog):
-    """On CUDA the channels_last implementation times the two paths once per call shape where the one-kernel
-    path is offered (its log line names both), runs the three kernels elsewhere and while torch.compile traces;
-    fast mode runs the one-kernel path wherever it is offered, untimed.
-    Runs on CPU tensors with the timer and the kernels faked (GPU parity: test_triton_group_norm.py)."""
+def test_channels_last_maps_run_the_three_kernels_untimed(monkeypatch, caplog):
+    """On CUDA, channels_last maps (and channel slices of them) go to the Triton kernels with the call's own
+    arguments (the three-kernel path: test_triton_group_norm.py), in auto and fast mode alike, with nothing timed
+    per call shape (no "group_norm at" line). Runs on CPU tensors with the kernels and the timer faked."""
     from rdm_fast.ops import _measured
 
     gn = sys.modules["rdm_fast.ops.group_norm"]  # the package re-exports the function under the module's name
-    calls = []
-    monkeypatch.setattr(gn._MEASURED, "candidates", {
-        "one-kernel": lambda *a: calls.append("one") or "one",
-        "three-kernel": lambda *a: calls.append("three") or "three"})
-    monkeypatch.setattr(gn._MEASURED, "chosen", {})
-    monkeypatch.setattr(gn, "_three_kernels", lambda *a: calls.append("three") or "three")
-    monkeypatch.setattr(_measured, "replay_time", lambda fn, **kw: {"one": 1.0, "three": 2.0}[fn()])
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     gn._KERNELS.unavailable()  # loads the kernel module
-    x = torch.randn(2, 64, 5, 3).to(memory_format=torch.channels_last)
+    calls = []
+    monkeypatch.setattr(gn._KERNELS.module, "group_norm", lambda *a, **kw: calls.append((a, kw)) or "three")
+    monkeypatch.setattr(_measured, "replay_time", lambda *a, **kw: pytest.fail("a channels_last call was timed"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    wide = torch.randn(2, 72, 5, 3).to(memory_format=torch.channels_last)
+    add = torch.randn(2, 64)
     with caplog.at_level(logging.INFO, logger="rdm_fast.ops"):
-        assert gn._triton_nhwc_forward(x, None, None, 8, EPS) == "one"
-    assert set(calls[:-1]) == {"one", "three"} and calls[-1] == "one"  # both run (and timed), then the choice
-    assert "group_norm at x (2, 64, 5, 3) torch.float32, 8 groups: one-kernel 1.000 ms, three-kernel 2.000 ms" \
-        in caplog.text
-    calls.clear()
-    assert gn._triton_nhwc_forward(x, None, None, 8, EPS, silu=True) == "one" and "three" in calls  # a new key
-    calls.clear()
-    assert gn._triton_nhwc_forward(x, None, None, 8, EPS) == "one" and calls == ["one"]  # decided: no timing
-    calls.clear()
-    other = torch.randn(2, 64, 5, 5).to(memory_format=torch.channels_last)  # a new shape, not decided yet
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert gn._triton_nhwc_forward(other, None, None, 8, EPS) == "three" and calls == ["three"]
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    calls.clear()
-    monkeypatch.setattr(gn._KERNELS.module, "fused_config", lambda *a: None)
-    assert gn._triton_nhwc_forward(other, None, None, 8, EPS) == "three" and calls == ["three"]
-    assert len(gn._MEASURED.chosen) == 2  # the two shapes of x, none of the others
-    calls.clear()
-    monkeypatch.setattr(gn, "_one_kernel", lambda *a: calls.append("one") or "one")
-    with ops.use_mode("fast"):  # untimed: the one-kernel path wherever it is offered, else the three kernels
-        assert gn._triton_nhwc_forward(other, None, None, 8, EPS) == "three" and calls == ["three"]
-        monkeypatch.setattr(gn._KERNELS.module, "fused_config", lambda *a: {})
-        assert gn._triton_nhwc_forward(other, None, None, 8, EPS) == "one" and calls == ["three", "one"]
-    assert len(gn._MEASURED.chosen) == 2
+        for mode in ("auto", "fast"):
+            for x in (wide[:, :64].contiguous(memory_format=torch.channels_last), wide[:, 8:]):
+                with ops.use_mode(mode):
+                    impl = GROUP_NORM.select("cuda", x, None, None, 8, EPS, add=add, silu=True)
+                    assert impl.name == "triton-nhwc"
+                    calls.clear()
+                    assert impl.fn(x, None, None, 8, EPS, add=add, silu=True) == "three"
+                    assert len(calls) == 1, calls
+                    (args, kwargs), = calls
+                    assert args[0] is x and args[1:] == (None, None, 8, EPS), args
+                    assert kwargs.keys() == {"add", "silu"} and kwargs["add"] is add and kwargs["silu"] is True
+    assert "group_norm at" not in caplog.text
 
 
 def test_sizes_beyond_the_kernels_limits_fall_back():

@@ -95,7 +95,7 @@ def _mismatch(out: torch.Tensor, ref: torch.Tensor, offset: float) -> str | None
     return None
 
 
-def _run_case(case: tuple, device: str = "cpu", one_kernel: bool = False) -> str | None:
+def _run_case(case: tuple, device: str = "cpu") -> str | None:
     from rdm_fast.kernels.group_norm import group_norm as triton_group_norm
 
     from rdm_fast.ops import group_norm_reference
@@ -106,7 +106,7 @@ def _run_case(case: tuple, device: str = "cpu", one_kernel: bool = False) -> str
         assert not x.is_contiguous() and x.stride(3) != x.shape[1], x.stride()
     if case[2] == "slice" and add is not None:
         assert add.stride(0) == x.shape[1] + 8, add.stride()
-    out = triton_group_norm(x, w, b, groups, EPS, add=add, silu=fused, one_kernel=one_kernel)
+    out = triton_group_norm(x, w, b, groups, EPS, add=add, silu=fused)
     ref = group_norm_reference(x, w, b, groups, EPS, add=add, silu=fused)
     return _mismatch(out, ref, offset)
 
@@ -114,36 +114,22 @@ def _run_case(case: tuple, device: str = "cpu", one_kernel: bool = False) -> str
 # channels_last cases also run with the statistics loop not unrolled (NHWC_TUNING["unroll"] = 1, which the
 # tuning sweep tries): results under "<name>-unroll1"
 UNROLL1_CASES = [n for n in CASES if "-nhwc" in n and n.endswith("-fused")]
-# every pixel-rows layout through the one-kernel path (two programs walking the items in the interpreter), also
-# 1x1 maps (contiguous and channels_last at once); the fused cases again with its statistics loop not unrolled
-ONE_KERNEL_CASES = [n for n, c in CASES.items() if c[2] in (True, "slice", "w1", "c1") or c[0][2:] == (1, 1)]
-ONE_KERNEL_UNROLL1_CASES = [n for n in ONE_KERNEL_CASES if n.endswith("-fused")]
-# and with one group per block: rows of a few channels, blocks that start anywhere in a pixel row
-VARIANTS = ([f"{n}-unroll1" for n in UNROLL1_CASES] + [f"{n}-onekernel" for n in ONE_KERNEL_CASES]
-            + [f"{n}-onekernel-g1" for n in ONE_KERNEL_CASES]
-            + [f"{n}-onekernel-unroll1" for n in ONE_KERNEL_UNROLL1_CASES])
 
 
 def _child_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    from rdm_fast.kernels.group_norm import FUSED_TUNING, NHWC_TUNING
+    from rdm_fast.kernels.group_norm import NHWC_TUNING
 
     results = {name: _run_case(case) for name, case in CASES.items()}
-    results.update({f"{name}-onekernel": _run_case(CASES[name], one_kernel=True) for name in ONE_KERNEL_CASES})
-    FUSED_TUNING["groups_per_block"] = 1
-    results.update({f"{name}-onekernel-g1": _run_case(CASES[name], one_kernel=True) for name in ONE_KERNEL_CASES})
-    FUSED_TUNING["groups_per_block"] = 0
-    NHWC_TUNING["unroll"] = FUSED_TUNING["unroll"] = 1
+    NHWC_TUNING["unroll"] = 1
     results.update({f"{name}-unroll1": _run_case(CASES[name]) for name in UNROLL1_CASES})
-    results.update({f"{name}-onekernel-unroll1": _run_case(CASES[name], one_kernel=True)
-                    for name in ONE_KERNEL_UNROLL1_CASES})
     print_results(results)
 
 
 interpreter_results = interpreter_fixture(__file__, timeout=900)
 
 
-@pytest.mark.parametrize("name", list(CASES) + VARIANTS)
+@pytest.mark.parametrize("name", list(CASES) + [f"{n}-unroll1" for n in UNROLL1_CASES])
 def test_triton_interpreter_matches_reference(interpreter_results, name):
     check_result(interpreter_results, name)
 
@@ -154,19 +140,18 @@ GPU_CASES += [(n, CASES[n][3]) for n in CASES if n.endswith("-eps")]  # variance
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name,dtype,one_kernel", [(n, d, False) for n, d in GPU_CASES]
-                         + [(n, d, True) for n, d in GPU_CASES if n in ONE_KERNEL_CASES])  # pixel-rows layouts
-def test_triton_gpu_matches_reference(name, dtype, one_kernel):
+@pytest.mark.parametrize("name,dtype", GPU_CASES)
+def test_triton_gpu_matches_reference(name, dtype):
     case = CASES[name][:3] + (dtype,) + CASES[name][4:]
-    err = _run_case(case, "cuda", one_kernel)
+    err = _run_case(case, "cuda")
     assert err is None, err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", [(128, 384, 32, 32), (128, 576, 16, 16), (32, 1344, 12, 12), (4, 960, 8, 8)])
-def test_one_kernel_at_model_shapes_on_gpu(shape):
-    """The one-kernel path at the released models' inner levels (bf16; items per program as on the card), against
-    the three kernels (both against the float32 reference)."""
+def test_nhwc_kernels_at_model_shapes_on_gpu(shape):
+    """The three channels_last kernels at the released models' inner levels (bf16, the card's own grid), against
+    the float32 reference."""
     from rdm_fast.kernels import group_norm as kernels
 
     from rdm_fast.ops import group_norm_reference
@@ -176,12 +161,9 @@ def test_one_kernel_at_model_shapes_on_gpu(shape):
     c = shape[1]
     w, b = torch.randn(c, device="cuda", generator=g), torch.randn(c, device="cuda", generator=g)
     add = torch.randn(shape[0], c, device="cuda", generator=g)
-    if kernels.fused_config(shape[0], shape[2] * shape[3], c, 32, 2, x.device) is None:
-        pytest.skip("this card's L2 takes no such blocks: the one-kernel path is not offered at this shape")
     ref = group_norm_reference(x, w, b, 32, EPS, add=add, silu=True)
-    for one_kernel in (False, True):
-        out = kernels.group_norm(x, w, b, 32, EPS, add=add, silu=True, one_kernel=one_kernel)
-        assert _mismatch(out, ref, 0.0) is None, (one_kernel, _mismatch(out, ref, 0.0))
+    out = kernels.group_norm(x, w, b, 32, EPS, add=add, silu=True)
+    assert _mismatch(out, ref, 0.0) is None, _mismatch(out, ref, 0.0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real thing")
@@ -208,26 +190,6 @@ def test_nhwc_kernels_compile_for_sm90_without_spills(channels, side):
             for k in others:
                 del k.run
         assert len(results) == 1 and results[0]["spill_bytes"] == 0, results
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real thing")
-@pytest.mark.parametrize("channels,side,groups_per_block", [
-    (384, 32, 0), (576, 16, 0), (960, 8, 0), (1344, 12, 0), (896, 24, 0), (1536, 8, 0), (64, 1, 0),
-    (192, 64, 2), (384, 64, 1), (576, 64, 1), (960, 32, 2)])
-def test_one_kernel_compiles_for_sm90_without_spills(monkeypatch, channels, side, groups_per_block):
-    """The one-kernel path's kernel in compiled mode at the inner levels' blocks, for 1x1 maps, and at the smaller
-    blocks an H200 takes for the 32x32 and 64x64 maps (12 to 60 channels, tiles of 64 to 256 pixels)."""
-    from triton_testing import compile_launches
-
-    from rdm_fast.kernels import group_norm as kernels
-
-    monkeypatch.setitem(kernels.FUSED_TUNING, "groups_per_block", groups_per_block)
-    x = torch.randn(2, channels, side, side, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-    w, add = torch.randn(channels), torch.randn(2, channels)
-    results = compile_launches(lambda: kernels.group_norm(x, w, w, 32, EPS, add=add, silu=True, one_kernel=True),
-                               kernels._nhwc_fused_kernel)
-    assert len(results) == 1 and results[0]["spill_bytes"] == 0, results
-    assert groups_per_block == 0 or results[0]["constexprs"]["BLOCK_CH"] == groups_per_block * channels // 32
 
 
 if __name__ == "__main__":

@@ -4,9 +4,7 @@
 rounding to ``x.dtype`` at the end, output in the memory format of ``x``) and is the CPU fallback.
 :func:`group_norm` validates the arguments and dispatches (see :mod:`rdm_fast.ops._dispatch`) to the
 CUDA extension, the Triton kernels, the C++ CPU extension or the reference. Channels_last maps on CUDA run the
-Triton kernels: three passes (statistics, finalize, apply), or, where a single kernel's blocks of groups fit in
-L2, the faster of those and that kernel (its second read comes from L2), timed once per call shape
-(:class:`~rdm_fast.ops._measured.Measured`).
+Triton kernels' three passes (statistics, finalize, apply), untimed.
 """
 
 from __future__ import annotations
@@ -17,8 +15,7 @@ from torch import Tensor
 
 from .. import _layout
 from . import _extension
-from ._dispatch import Impl, Op, autocast_inputs, check_eps, check_tensor, eager_constant, get_mode, needs_grad
-from ._measured import Measured
+from ._dispatch import Impl, Op, autocast_inputs, check_eps, check_tensor, eager_constant, needs_grad
 from ._triton_kernels import TritonKernels
 
 
@@ -179,39 +176,6 @@ def _triton_forward(*args, **kwargs) -> Tensor:
     return _KERNELS.module.group_norm(*args, **kwargs)  # loaded by _triton_unavailable() during selection
 
 
-def _one_kernel(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
-    return _KERNELS.module.group_norm(x, weight, bias, num_groups, eps, add=add, silu=silu, one_kernel=True)
-
-
-def _three_kernels(x, weight, bias, num_groups, eps, add, silu) -> Tensor:
-    return _KERNELS.module.group_norm(x, weight, bias, num_groups, eps, add=add, silu=silu)
-
-
-# the two channels_last paths, timed per call shape where the one-kernel path applies (kernels.fused_config)
-_MEASURED = Measured("group_norm", {"one-kernel": _one_kernel, "three-kernel": _three_kernels})
-
-
-def _triton_nhwc_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, *,
-                         add: Tensor | None = None, silu: bool = False) -> Tensor:
-    """Channels_last maps on CUDA: the three-kernel path, or, where ``fused_config`` admits the call, in ``auto``
-    mode the faster of it and the one-kernel path, timed on the first call of each shape; in ``fast`` mode the
-    one-kernel path, untimed (the same kernels in every process on a card, as fast mode promises). A trace by
-    torch.compile runs the three kernels."""
-    if torch.compiler.is_compiling():
-        return _three_kernels(x, weight, bias, num_groups, eps, add, silu)
-    b, c, h, w = x.shape
-    if get_mode() == "fast":
-        offered = _KERNELS.module.fused_config(b, h * w, c, num_groups, x.element_size(), x.device) is not None
-        return (_one_kernel if offered else _three_kernels)(x, weight, bias, num_groups, eps, add, silu)
-    key = (x.shape, x.stride(), x.dtype, x.device, num_groups, weight is None, bias is None,
-           None if add is None else (add.dtype, add.stride()), silu)
-    if key not in _MEASURED.chosen and _KERNELS.module.fused_config(b, h * w, c, num_groups, x.element_size(),
-                                                                    x.device) is None:
-        return _three_kernels(x, weight, bias, num_groups, eps, add, silu)
-    return _MEASURED(key, lambda: f"x {tuple(x.shape)} {x.dtype}, {num_groups} groups", x, weight, bias,
-                     num_groups, eps, add, silu)
-
-
 def _register_fake() -> None:
     """Shape/stride propagation for ``torch.ops.rdm_fast.group_norm`` (meta tensors, torch.compile)."""
     @torch.library.register_fake("rdm_fast::group_norm")
@@ -229,7 +193,9 @@ GROUP_NORM = Op(
     by_device={
         "cpu": [Impl("cpu-ext", _cpu_forward, _cpu_unsupported, _cpu_ext_unavailable)],
         "cuda": [
-            Impl("triton-nhwc", _triton_nhwc_forward, _nhwc_unsupported, _triton_unavailable),
+            # the three kernels: a single-kernel variant (its second read from L2) measured 2-5x slower on an H200
+            # (2026-11-27, bench/RESULTS.md), so there is one channels_last path and nothing to time per shape
+            Impl("triton-nhwc", _triton_forward, _nhwc_unsupported, _triton_unavailable),
             Impl("cuda-ext", _ext_forward, _unsupported, _cuda_ext_unavailable),
             Impl("triton", _triton_forward, _unsupported, _triton_unavailable),
         ],
