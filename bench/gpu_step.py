@@ -11,7 +11,8 @@ small batches of 4 and 1 images with timings only; bf16, channels-last):
    against auto mode's timed choices between them and vendor kernels) and, with ``--variants ...,torch-compile``,
    ``torch-compile`` (that path through ``torch.compile``);
 3. a whole ``RDM.sample`` trajectory (20 DDIM steps, latents), per step: the guided steps plus the sampler's
-   update and the per-step Python;
+   update and the per-step Python; then, for 4 images, the bf16 trajectory and its decoded images against the
+   float32 reference trajectory from the same noise (latents' relative L2 error, images' PSNR);
 4. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind;
 5. the first stage's decoder at bench_decode.py's sizes (rdm768: 4 latents, imagenet: 16): parity of
    ``RDM.decode`` and of the NCHW plain-PyTorch decoder in bf16 against float32, and their CUDA-event timings.
@@ -181,6 +182,7 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *,
     time_variants(model, x, ctx, variants, result, log)
     if checks:
         time_sampling(model, x, ctx, result, log)
+        trajectory_parity(model, x, ctx, result, log)
         profile_step(model, x, ctx, images, out, result, log)
         time_decode(model, x[:DECODE_LATENTS.get(preset, images)], result, log)
     del model
@@ -260,6 +262,40 @@ def time_sampling(model, x, ctx, result: dict, log, steps: int = 20, fewer: int 
             f"{steps} steps: {per_step:.2f} ms per step + {fixed:.2f} ms per trajectory")
     except Exception:
         log(f"[{preset}] RDM.sample FAILED\n{traceback.format_exc()}")
+
+
+def trajectory_parity(model, x, ctx, result: dict, log, images: int = 4, steps: int = 20) -> None:
+    """A whole bf16 ``RDM.sample`` trajectory (auto mode: the fast kernels and the CUDA graph) and its decoded
+    images against the float32 plain-PyTorch trajectory from the same noise (TF32 off): the final latents'
+    relative L2 error and the images' PSNR (range [-1, 1]), for ``images`` of the batch."""
+    preset = result["preset"]
+    x_T, c = x[:images].float(), ctx[:images]
+    scale = model.config.sampling.guidance_scale
+    try:
+        with torch.inference_mode():
+            with ops.use_mode("auto"):
+                z = model.sample(c, steps=steps, guidance_scale=scale, x_T=x_T)
+                img = model.decode(z).float()
+            model.release_cuda_graph()
+            ref32 = copy.deepcopy(model).float()
+            tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            try:
+                with ops.use_mode("reference"):
+                    z32 = ref32.sample(c.float(), steps=steps, guidance_scale=scale, x_T=x_T)
+                    img32 = ref32.decode(z32).float()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            del ref32
+        psnr = 10 * torch.log10(4.0 / (img - img32).pow(2).mean()).item()
+        result.update(trajectory_latent_err=rel_err(z, z32), trajectory_psnr_db=psnr,
+                      trajectory_finite=bool(torch.isfinite(img).all()))
+        log(f"[{preset}] {steps}-step trajectory of {images} images, bf16 fast vs fp32 reference from the same "
+            f"noise: latents {result['trajectory_latent_err']:.2e}, images {psnr:.1f} dB PSNR, finite "
+            f"{result['trajectory_finite']}")
+    except Exception:
+        log(f"[{preset}] trajectory parity FAILED\n{traceback.format_exc()}")
+    torch.cuda.empty_cache()
 
 
 def time_decode(model, z, result: dict, log) -> None:

@@ -25,3 +25,29 @@ def test_module_times_leaves_the_model_copyable():
     assert {name.split()[0] for name, _, _ in rows} >= {"ResBlock", "SpatialTransformer"}
     assert all(ms > 0 and calls >= 1 for _, ms, calls in rows)
     copy.deepcopy(model)
+
+
+def test_trajectory_parity_reports_close_bf16_and_fp32_trajectories(monkeypatch):
+    """The bf16-vs-float32 trajectory check (run here on the CPU, on the ``tiny`` preset) records a small latent
+    error and a high PSNR, and a large error and a low PSNR where the bf16 model's eps is off by 20 %."""
+    from bench_step import make_case
+
+    model, x, ctx = make_case("tiny", 2, torch.device("cpu"), torch.bfloat16)
+    lines: list[str] = []
+    good: dict = {"preset": "tiny"}
+    gpu_step.trajectory_parity(model, x, ctx, good, lines.append, images=2, steps=4)
+    assert "4-step trajectory of 2 images" in lines[-1], lines
+    assert good["trajectory_finite"] and good["trajectory_latent_err"] < 5e-2 and good["trajectory_psnr_db"] > 30
+
+    unet_type = type(model.unet)
+    forward = unet_type.forward
+
+    def off_in_bf16(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        return out * 1.2 if next(self.parameters()).dtype == torch.bfloat16 else out
+
+    monkeypatch.setattr(unet_type, "forward", off_in_bf16)
+    bad: dict = {"preset": "tiny"}
+    gpu_step.trajectory_parity(model, x, ctx, bad, lines.append, images=2, steps=4)
+    assert bad["trajectory_latent_err"] > 10 * good["trajectory_latent_err"], lines[-1]
+    assert bad["trajectory_psnr_db"] < good["trajectory_psnr_db"] - 10, lines[-1]

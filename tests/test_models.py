@@ -178,30 +178,35 @@ def test_half_precision_unet_stays_close_to_fp32(dtype, tol):
     assert rel_err(half, ref) < tol
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype,eps_tol,min_psnr", [(torch.bfloat16, 5e-2, 35.0), (torch.float16, 1e-2, 50.0)])
-def test_half_precision_sampling_tracks_fp32(dtype, eps_tol, min_psnr):
+def test_half_precision_sampling_tracks_fp32(dtype, eps_tol, min_psnr, device):
     """Guided 10-step DDIM in bf16/fp16 with weights converted once: at every state of the fp32 trajectory the
     half-precision guided eps is within a relative L2 error of 5e-2 (bf16, 8 mantissa bits) / 1e-2 (fp16); the
     decoded images of the two runs from the same noise agree to >= 35 dB / 50 dB PSNR (range [-1, 1]; measured
-    ~47 / ~64 dB); the half-precision images are finite and not blank."""
+    ~47 / ~64 dB on the CPU); the half-precision images are finite and not blank. The float32 run is on the CPU;
+    on CUDA the half-precision model runs as ``RDM.sample`` runs it there (fast kernels, channels-last, CUDA
+    graph)."""
     cfg = RDMConfig.preset("tiny")
     full, _, _ = official_checkpoint(cfg, seed=11)
-    ref_model, half_model = RDM.from_state_dict(full, cfg), RDM.from_state_dict(full, cfg).to(dtype)
+    ref_model, half_model = RDM.from_state_dict(full, cfg), RDM.from_state_dict(full, cfg).to(device, dtype)
     assert all(p.dtype == dtype for p in half_model.parameters())
     _, _, ctx = inputs(cfg, batch=2)
     x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     coeffs = ref_model.schedule.ddim(10)
     eps_ref = guided(ref_model.unet, ctx, 3.0, prepare=ref_model.unet.prepare_context)
-    eps_half = guided(half_model.unet, ctx, 3.0, prepare=half_model.unet.prepare_context)
+    eps_half = guided(half_model.unet, ctx.to(device), 3.0, prepare=half_model.unet.prepare_context)
     x = x_T
     with torch.no_grad():
         for i in range(len(coeffs)):
             t = int(coeffs.timesteps[i])
             e = eps_ref(x, t)
-            assert rel_err(eps_half(x, t), e) < eps_tol, f"step {i}"
+            assert rel_err(eps_half(x.to(device), t).cpu(), e) < eps_tol, f"step {i}"
             x, _ = oracle.ddim_step(x, e, float(coeffs.alphas[i]), float(coeffs.alphas_prev[i]), 0.0)
         images_ref = ref_model.decode(ref_model.sample(ctx, steps=10, guidance_scale=3.0, x_T=x_T))
-        images = half_model.decode(half_model.sample(ctx, steps=10, guidance_scale=3.0, x_T=x_T)).float()
+        latents = half_model.sample(ctx.to(device), steps=10, guidance_scale=3.0, x_T=x_T.to(device))
+        images = half_model.decode(latents).float().cpu()
     assert torch.isfinite(images).all() and images.std() > 1e-2
     psnr = 10 * torch.log10(4.0 / (images - images_ref).pow(2).mean()).item()
     assert psnr > min_psnr
