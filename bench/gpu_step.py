@@ -100,6 +100,53 @@ def profile_kernels(fn, steps: int = 3) -> list[tuple[str, float, int]]:
     return sorted(((n, t, int(round(c))) for n, (t, c) in totals.items()), key=lambda r: -r[1])
 
 
+def idle_time(intervals: list[tuple[float, float, str]], top: int = 5) -> dict:
+    """Where a stream of device work (start, end, name) sat idle: its span (first start to last end), the time
+    covered by at least one interval, the idle rest, the number of idle gaps and their median, and the ``top``
+    longest gaps with the work before and after each."""
+    if not intervals:
+        return {"span": 0.0, "busy": 0.0, "idle": 0.0, "gaps": 0, "median_gap": 0.0, "longest": []}
+    work = sorted(intervals)
+    busy, gaps = 0.0, []
+    cur_start, cur_end, cur_name = work[0]
+    for start, end, name in work[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gaps.append((start - cur_end, cur_name, name))
+            cur_start, cur_end = start, end
+        elif end > cur_end:
+            cur_end = end
+        cur_name = name if end >= cur_end else cur_name
+    busy += cur_end - cur_start
+    span = max(e for _, e, _ in work) - work[0][0]
+    sizes = sorted(g for g, _, _ in gaps)
+    return {"span": span, "busy": busy, "idle": span - busy, "gaps": len(gaps),
+            "median_gap": statistics.median(sizes) if sizes else 0.0,
+            "longest": sorted(gaps, key=lambda g: -g[0])[:top]}
+
+
+def graph_idle(fn, steps: int = 3) -> dict:
+    """:func:`idle_time` of the device work (kernels, memsets, copies) of one call of ``fn`` (a CUDA graph
+    replay), in microseconds, averaged over ``steps`` calls profiled one at a time; ``ops``: device operations per
+    call; ``longest``: the last call's longest gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    stats, ops_per_call = [], []
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        work = [(ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                if ev.device_type == torch.autograd.DeviceType.CUDA]
+        stats.append(idle_time(work))
+        ops_per_call.append(len(work))
+    out = {k: statistics.mean(st[k] for st in stats) for k in ("span", "busy", "idle", "gaps", "median_gap")}
+    out.update(ops=statistics.mean(ops_per_call), longest=stats[-1]["longest"])
+    return out
+
+
 COPY_OPS = ("aten.copy_", "aten.cat", "aten.clone", "aten._to_copy", "aten.contiguous")
 
 
@@ -339,7 +386,8 @@ def time_decode(model, z, result: dict, log) -> None:
 
 
 def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> None:
-    """Per-kernel CUDA time of the fast eager step, grouped by kind (full list in kernels_<preset>.txt)."""
+    """Per-kernel CUDA time of the fast eager step, grouped by kind (full list in kernels_<preset>.txt), and the
+    device's idle time inside a CUDA-graph replay of the step (launch gaps between its kernels)."""
     preset = result["preset"]
     try:
         with torch.inference_mode(), ops.use_mode("auto"):
@@ -347,6 +395,8 @@ def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> No
             rows = profile_kernels(lambda: fn(x, 500))
             modules = module_times(lambda: fn(x, 500), model.unet)
             copies = copy_sites(lambda: fn(x, 500))
+            graphed = step_fn("rdm_fast", model, x, ctx)
+            idle = graph_idle(lambda: graphed(x, 500))
         by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         for name, ms, n in rows:
             by_kind[kind_of(name)][0] += ms
@@ -363,6 +413,11 @@ def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> No
             for site, n in copies:
                 f.write(f"{n:5d}x  {site}\n")
         log(f"[{preset}] kernel time per fast eager step: {total:.2f} ms")
+        log(f"[{preset}] graph replay of the step: {idle['ops']:.0f} device operations over {idle['span'] / 1000:.2f} "
+            f"ms, busy {idle['busy'] / 1000:.2f} ms, idle {idle['idle'] / 1000:.2f} ms in {idle['gaps']:.0f} gaps "
+            f"(median {idle['median_gap']:.2f} us); longest: " + "; ".join(
+                f"{g:.1f} us {a[:40]} -> {b[:40]}" for g, a, b in idle["longest"]))
+        result.update(graph_span_ms=idle["span"] / 1000, graph_idle_ms=idle["idle"] / 1000)
         for kind, (ms, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
             log(f"    {kind:24s} {ms:8.2f} ms {n:5d} launches")
         for name, ms, n in rows[:12]:

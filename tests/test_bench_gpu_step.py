@@ -51,3 +51,15 @@ def test_trajectory_parity_reports_close_bf16_and_fp32_trajectories(monkeypatch)
     gpu_step.trajectory_parity(model, x, ctx, bad, lines.append, images=2, steps=4)
     assert bad["trajectory_latent_err"] > 10 * good["trajectory_latent_err"], lines[-1]
     assert bad["trajectory_psnr_db"] < good["trajectory_psnr_db"] - 10, lines[-1]
+
+
+def test_idle_time_counts_the_gaps_between_overlapping_work():
+    """Span, busy time (the union of the intervals: overlaps counted once), idle gaps and the longest gap with the
+    work on either side, against a hand count."""
+    work = [(0.0, 10.0, "a"), (5.0, 12.0, "b"), (15.0, 20.0, "c"), (20.0, 21.0, "d"), (30.0, 31.0, "e"),
+            (30.5, 30.7, "f")]
+    st = gpu_step.idle_time(work, top=2)
+    assert st["span"] == 31.0 and st["busy"] == 12.0 + 6.0 + 1.0 and st["idle"] == 3.0 + 9.0
+    assert st["gaps"] == 2 and st["median_gap"] == 6.0
+    assert st["longest"] == [(9.0, "d", "e"), (3.0, "b", "c")]
+    assert gpu_step.idle_time([])["gaps"] == 0
