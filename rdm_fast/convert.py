@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--to", choices=["rdm_fast", "official"], default="rdm_fast", help="format written")
     p.add_argument("--config", help=f"preset ({', '.join(preset_names())}) or config.yaml "
-                                    "(default: config.yaml beside the checkpoint, else the matching preset)")
+                                    "(default: an rdm_fast checkpoint's own; for an official .ckpt, config.yaml "
+                                    "beside it, else the matching preset)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the stored weights")
     p.add_argument("--no-ema", action="store_true",
                    help="store the UNet's raw weights instead of its EMA ones: an official checkpoint's, or a "

@@ -7,8 +7,8 @@
 * :func:`add_bias` — ``x + residual + bias`` with the bias on the last dim: a convolution or linear layer run
   without its bias, its bias and the residual it feeds, in one pass instead of a bias pass and an add pass.
 * :func:`geglu` — ``a * gelu_erf(gate)`` for ``[a, gate]`` on the last dim (the GEGLU feed-forward's middle).
-* :func:`ddim_guided_step` / :func:`plms_guided_step` — classifier-free guidance combine, PLMS multistep
-  combination and the DDIM update with the predicted x0, in float32: every update of the samplers.
+* :func:`ddim_guided_step` / :func:`plms_guided_step` — PLMS multistep combination and the DDIM update with the
+  predicted x0 (and optionally the classifier-free guidance combine), in float32: every update of the samplers.
 
 The ``*_reference`` functions define the semantics (float32 math, one rounding to the input dtype; contiguous
 outputs, except ``add_bias``, whose output keeps x's layout) and are the CPU path; the Triton kernels of
@@ -392,8 +392,9 @@ def ddim_guided_step(
     sqrt(a_t)``, ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) e + sigma_t noise``. ``noise`` (x's
     shape) is required when ``sigma_t`` > 0 (ValueError "sigma_t > 0 needs noise") and may be None only for the
     deterministic update, ``sigma_t`` = 0 (a 0-d tensor ``sigma_t`` on x's device is not read, so there a
-    missing ``noise`` is not detected and the noise term is left out). ``samplers.guided``'s combine and the
-    update of ``samplers.sample_ddim`` in one pass. Coefficients are Python floats or 0-d tensors; 0-d tensors
+    missing ``noise`` is not detected and the noise term is left out). The update of ``samplers.sample_ddim``,
+    which passes the guided eps (``samplers.guided`` combines the halves inside the graphed step), and optionally
+    that combine, in one pass. Coefficients are Python floats or 0-d tensors; 0-d tensors
     on x's device are read by the kernel (no host synchronisation, so a sampling loop can be captured in a CUDA
     graph; pass float64 ones for full precision of ``1 - a``). Tensors: x's shape and dtype; float32 math
     (float64 for float64 tensors, which only the reference takes).
