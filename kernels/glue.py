@@ -192,8 +192,8 @@ def add_bias(x: Tensor, bias: Tensor | None, residual: Tensor | None, out: Tenso
     block_r = max(1, ADD_BIAS_TUNING["tile"] // block_c)
     _add_bias_kernel[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
         x2, bias.contiguous() if bias is not None else x2, r2, o2, rows, width, x2.stride(0), r2.stride(0),
-        o2.stride(0), HAS_RES=residual is not None, HAS_BIAS=bias is not None, COPIES=copies if d2 is not None else 1, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=ADD_BIAS_TUNING["warps"],
+        o2.stride(0), HAS_RES=residual is not None, HAS_BIAS=bias is not None,
+        COPIES=copies if d2 is not None else 1, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=ADD_BIAS_TUNING["warps"],
     )
     if d2 is None:
         copy_into_blocks(o2.view(x.shape), dest)
