@@ -93,11 +93,18 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except (CLIError, ConfigError, CheckpointError, OSError, ValueError, FastPathUnavailable) as e:
         if os.environ.get("RDM_FAST_DEBUG"):
             raise
-        print("error: " + _one_line(e), file=sys.stderr)
+        _say("error: " + _one_line(e))
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
+
+
+def _say(line: str) -> None:
+    """``line`` to stderr in one write: under torchrun the processes share stderr, and print's separate write of
+    the newline let two processes' error lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -812,3 +812,29 @@ def test_sample_with_text_and_image_queries(tiny_dir, tmp_path, hash_encoder, mo
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "built"), "--image",
                str(tmp_path / "q.png"), "--out", str(tmp_path / "k"), "--steps", "2") == 0
     assert sizes[-1] == 40  # the database's crop size
+
+
+def test_error_and_interrupt_lines_are_single_writes(monkeypatch):
+    """Under torchrun the processes share one stderr: each message goes out in one write with its newline (print's
+    separate newline let two processes' error lines run together in CI)."""
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    def fails(argv):
+        raise ValueError("bad input\nsecond line")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("RDM_FAST_DEBUG", raising=False)
+    monkeypatch.setattr("rdm_fast._cli.setup_logging", lambda: None)  # no log handler left on the recorder
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert run(fails, []) == 2 and run(interrupted, []) == 130
+    assert writes == ["error: bad input second line\n", "interrupted\n"]
