@@ -318,18 +318,21 @@ def trajectory_parity(model, x, ctx, result: dict, log, images: int = 4, steps: 
     preset = result["preset"]
     x_T, c = x[:images].float(), ctx[:images]
     scale = model.config.sampling.guidance_scale
+    run = dict(steps=steps, sampler="ddim", eta=0.0, guidance_scale=scale, x_T=x_T)  # deterministic: no noise
     try:
         with torch.inference_mode():
-            with ops.use_mode("auto"):
-                z = model.sample(c, steps=steps, guidance_scale=scale, x_T=x_T)
-                img = model.decode(z).float()
-            model.release_cuda_graph()
+            try:
+                with ops.use_mode("auto"):
+                    z = model.sample(c, **run)
+                    img = model.decode(z).float()
+            finally:
+                model.release_cuda_graph()
             ref32 = copy.deepcopy(model).float()
             tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             try:
                 with ops.use_mode("reference"):
-                    z32 = ref32.sample(c.float(), steps=steps, guidance_scale=scale, x_T=x_T)
+                    z32 = ref32.sample(c.float(), **run)
                     img32 = ref32.decode(z32).float()
             finally:
                 torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
@@ -387,7 +390,8 @@ def time_decode(model, z, result: dict, log) -> None:
 
 def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> None:
     """Per-kernel CUDA time of the fast eager step, grouped by kind (full list in kernels_<preset>.txt), and the
-    device's idle time inside a CUDA-graph replay of the step (launch gaps between its kernels)."""
+    device's idle time inside one graphed step call as the timings run it (copy-in, replay, clone of the output):
+    the gaps between its kernels and around the graph's launch."""
     preset = result["preset"]
     try:
         with torch.inference_mode(), ops.use_mode("auto"):
@@ -413,8 +417,8 @@ def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> No
             for site, n in copies:
                 f.write(f"{n:5d}x  {site}\n")
         log(f"[{preset}] kernel time per fast eager step: {total:.2f} ms")
-        log(f"[{preset}] graph replay of the step: {idle['ops']:.0f} device operations over {idle['span'] / 1000:.2f} "
-            f"ms, busy {idle['busy'] / 1000:.2f} ms, idle {idle['idle'] / 1000:.2f} ms in {idle['gaps']:.0f} gaps "
+        log(f"[{preset}] graphed step call (copy-in, replay, clone): {idle['ops']:.0f} device operations over "
+            f"{idle['span'] / 1000:.2f} ms, busy {idle['busy'] / 1000:.2f} ms, idle {idle['idle'] / 1000:.2f} ms in {idle['gaps']:.0f} gaps "
             f"(median {idle['median_gap']:.2f} us); longest: " + "; ".join(
                 f"{g:.1f} us {a[:40]} -> {b[:40]}" for g, a, b in idle["longest"]))
         result.update(graph_span_ms=idle["span"] / 1000, graph_idle_ms=idle["idle"] / 1000)

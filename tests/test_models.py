@@ -10,6 +10,7 @@ import torch
 from conftest import mini_vq_config, official_checkpoint
 
 from rdm_fast import RDM, RDMConfig, ops
+from rdm_fast.rdm import to_channels_last
 from rdm_fast.diffusion import guided
 
 
@@ -186,12 +187,14 @@ def test_half_precision_sampling_tracks_fp32(dtype, eps_tol, min_psnr, device):
     half-precision guided eps is within a relative L2 error of 5e-2 (bf16, 8 mantissa bits) / 1e-2 (fp16); the
     decoded images of the two runs from the same noise agree to >= 35 dB / 50 dB PSNR (range [-1, 1]; measured
     ~47 / ~64 dB on the CPU); the half-precision images are finite and not blank. The float32 run is on the CPU;
-    on CUDA the half-precision model runs as ``RDM.sample`` runs it there (fast kernels, channels-last, CUDA
-    graph)."""
+    on CUDA the half-precision UNet runs as ``RDM.sample`` runs it there (fast kernels, channels-last weights; the
+    whole trajectory from its CUDA graph)."""
     cfg = RDMConfig.preset("tiny")
     full, _, _ = official_checkpoint(cfg, seed=11)
     ref_model, half_model = RDM.from_state_dict(full, cfg), RDM.from_state_dict(full, cfg).to(device, dtype)
     assert all(p.dtype == dtype for p in half_model.parameters())
+    if device == "cuda":  # as RDM.sample converts it there: the per-step check runs the channels-last path too
+        to_channels_last(half_model.unet)
     _, _, ctx = inputs(cfg, batch=2)
     x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     coeffs = ref_model.schedule.ddim(10)

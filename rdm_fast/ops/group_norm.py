@@ -193,8 +193,9 @@ GROUP_NORM = Op(
     by_device={
         "cpu": [Impl("cpu-ext", _cpu_forward, _cpu_unsupported, _cpu_ext_unavailable)],
         "cuda": [
-            # the three kernels: a single-kernel variant (its second read from L2) measured 2-5x slower on an H200
-            # (2026-11-27, bench/RESULTS.md), so there is one channels_last path and nothing to time per shape
+            # the three kernels: a single-kernel variant (its second read from L2) was slower on an H200 at most
+            # shapes, by up to 6x, and ahead by at most 0.008 ms (2026-11-27, bench/RESULTS.md), so there is one
+            # channels_last path and nothing to time per shape
             Impl("triton-nhwc", _triton_forward, _nhwc_unsupported, _triton_unavailable),
             Impl("cuda-ext", _ext_forward, _unsupported, _cuda_ext_unavailable),
             Impl("triton", _triton_forward, _unsupported, _triton_unavailable),
