@@ -11,8 +11,9 @@ small batches of 4 and 1 images with timings only; bf16, channels-last):
    against auto mode's timed choices between them and vendor kernels) and, with ``--variants ...,torch-compile``,
    ``torch-compile`` (that path through ``torch.compile``);
 3. a whole ``RDM.sample`` trajectory (20 DDIM steps, latents), per step: the guided steps plus the sampler's
-   update and the per-step Python; then, for 4 images, the bf16 trajectory and its decoded images against the
-   float32 reference trajectory from the same noise (latents' relative L2 error, images' PSNR);
+   update and the per-step Python; then, for 4 images, the bf16 and fp16 trajectories and their decoded images
+   against the float32 reference trajectory from the same noise (latents' relative L2 error, images' PSNR,
+   finite, not blank);
 4. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind;
 5. the first stage's decoder at bench_decode.py's sizes (rdm768: 4 latents, imagenet: 16): parity of
    ``RDM.decode`` and of the NCHW plain-PyTorch decoder in bf16 against float32, and their CUDA-event timings.
@@ -312,21 +313,16 @@ def time_sampling(model, x, ctx, result: dict, log, steps: int = 20, fewer: int 
 
 
 def trajectory_parity(model, x, ctx, result: dict, log, images: int = 4, steps: int = 20) -> None:
-    """A whole bf16 ``RDM.sample`` trajectory (auto mode: the fast kernels and the CUDA graph) and its decoded
-    images against the float32 plain-PyTorch trajectory from the same noise (TF32 off): the final latents'
-    relative L2 error and the images' PSNR (range [-1, 1]), for ``images`` of the batch."""
+    """Whole ``RDM.sample`` trajectories in bf16 (``model``) and fp16 (a copy) as sampling runs them (auto mode:
+    the fast kernels and the CUDA graph), and their decoded images, against the float32 plain-PyTorch trajectory
+    from the same noise (TF32 off), for ``images`` of the batch: the final latents' relative L2 error, the images'
+    PSNR (range [-1, 1]), and whether they are finite and not blank. Results under ``trajectory_<dtype>_*``."""
     preset = result["preset"]
     x_T, c = x[:images].float(), ctx[:images]
     scale = model.config.sampling.guidance_scale
     run = dict(steps=steps, sampler="ddim", eta=0.0, guidance_scale=scale, x_T=x_T)  # deterministic: no noise
     try:
         with torch.inference_mode():
-            try:
-                with ops.use_mode("auto"):
-                    z = model.sample(c, **run)
-                    img = model.decode(z).float()
-            finally:
-                model.release_cuda_graph()
             ref32 = copy.deepcopy(model).float()
             tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -337,15 +333,31 @@ def trajectory_parity(model, x, ctx, result: dict, log, images: int = 4, steps: 
             finally:
                 torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
             del ref32
-        psnr = 10 * torch.log10(4.0 / (img - img32).pow(2).mean()).item()
-        result.update(trajectory_latent_err=rel_err(z, z32), trajectory_psnr_db=psnr,
-                      trajectory_finite=bool(torch.isfinite(img).all()))
-        log(f"[{preset}] {steps}-step trajectory of {images} images, bf16 fast vs fp32 reference from the same "
-            f"noise: latents {result['trajectory_latent_err']:.2e}, images {psnr:.1f} dB PSNR, finite "
-            f"{result['trajectory_finite']}")
     except Exception:
-        log(f"[{preset}] trajectory parity FAILED\n{traceback.format_exc()}")
-    torch.cuda.empty_cache()
+        log(f"[{preset}] trajectory parity FAILED (float32 reference)\n{traceback.format_exc()}")
+        return
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        half = model if model.dtype == dtype else None
+        try:
+            with torch.inference_mode():
+                if half is None:
+                    half = copy.deepcopy(model).to(dtype)
+                try:
+                    with ops.use_mode("auto"):
+                        z = half.sample(c, **run)
+                        img = half.decode(z).float()
+                finally:
+                    half.release_cuda_graph()
+            psnr = 10 * torch.log10(4.0 / (img - img32).pow(2).mean()).item()
+            err, finite, std = rel_err(z, z32), bool(torch.isfinite(img).all()), float(img.std())
+            result.update({f"trajectory_{name}_latent_err": err, f"trajectory_{name}_psnr_db": psnr,
+                           f"trajectory_{name}_finite": finite, f"trajectory_{name}_blank": std < 1e-2})
+            log(f"[{preset}] {steps}-step trajectory of {images} images, {name} fast vs fp32 reference from the "
+                f"same noise: latents {err:.2e}, images {psnr:.1f} dB PSNR, finite {finite}, image std {std:.3f}")
+        except Exception:
+            log(f"[{preset}] trajectory parity FAILED ({name})\n{traceback.format_exc()}")
+        del half
+        torch.cuda.empty_cache()
 
 
 def time_decode(model, z, result: dict, log) -> None:
@@ -418,8 +430,8 @@ def profile_step(model, x, ctx, images: int, out: Path, result: dict, log) -> No
                 f.write(f"{n:5d}x  {site}\n")
         log(f"[{preset}] kernel time per fast eager step: {total:.2f} ms")
         log(f"[{preset}] graphed step call (copy-in, replay, clone): {idle['ops']:.0f} device operations over "
-            f"{idle['span'] / 1000:.2f} ms, busy {idle['busy'] / 1000:.2f} ms, idle {idle['idle'] / 1000:.2f} ms in {idle['gaps']:.0f} gaps "
-            f"(median {idle['median_gap']:.2f} us); longest: " + "; ".join(
+            f"{idle['span'] / 1000:.2f} ms, busy {idle['busy'] / 1000:.2f} ms, idle {idle['idle'] / 1000:.2f} ms in "
+            f"{idle['gaps']:.0f} gaps (median {idle['median_gap']:.2f} us); longest: " + "; ".join(
                 f"{g:.1f} us {a[:40]} -> {b[:40]}" for g, a, b in idle["longest"]))
         result.update(graph_span_ms=idle["span"] / 1000, graph_idle_ms=idle["idle"] / 1000)
         for kind, (ms, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):

@@ -27,30 +27,35 @@ def test_module_times_leaves_the_model_copyable():
     copy.deepcopy(model)
 
 
-def test_trajectory_parity_reports_close_bf16_and_fp32_trajectories(monkeypatch):
-    """The bf16-vs-float32 trajectory check (run here on the CPU, on the ``tiny`` preset) records a small latent
-    error and a high PSNR, and a large error and a low PSNR where the bf16 model's eps is off by 20 %."""
+def test_trajectory_parity_reports_close_half_precision_and_fp32_trajectories(monkeypatch):
+    """The half-precision-vs-float32 trajectory check (run here on the CPU, on the ``tiny`` preset) records, for
+    bf16 and fp16, a small latent error, a high PSNR, finite and not blank images; and a large error and a low
+    PSNR where the half-precision model's eps is off by 20 %."""
     from bench_step import make_case
 
     model, x, ctx = make_case("tiny", 2, torch.device("cpu"), torch.bfloat16)
     lines: list[str] = []
     good: dict = {"preset": "tiny"}
     gpu_step.trajectory_parity(model, x, ctx, good, lines.append, images=2, steps=4)
-    assert "4-step trajectory of 2 images" in lines[-1], lines
-    assert good["trajectory_finite"] and good["trajectory_latent_err"] < 5e-2 and good["trajectory_psnr_db"] > 30
+    assert len(lines) == 2 and "4-step trajectory of 2 images, fp16" in lines[-1], lines
+    for name, max_err, min_psnr in (("bf16", 5e-2, 30), ("fp16", 1e-2, 45)):
+        assert good[f"trajectory_{name}_finite"] and not good[f"trajectory_{name}_blank"]
+        assert good[f"trajectory_{name}_latent_err"] < max_err and good[f"trajectory_{name}_psnr_db"] > min_psnr
+    assert model.dtype == torch.bfloat16  # the fp16 run used a copy
 
     unet_type = type(model.unet)
     forward = unet_type.forward
 
-    def off_in_bf16(self, *args, **kwargs):
+    def off_in_half(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
-        return out * 1.2 if next(self.parameters()).dtype == torch.bfloat16 else out
+        return out * 1.2 if next(self.parameters()).dtype != torch.float32 else out
 
-    monkeypatch.setattr(unet_type, "forward", off_in_bf16)
+    monkeypatch.setattr(unet_type, "forward", off_in_half)
     bad: dict = {"preset": "tiny"}
     gpu_step.trajectory_parity(model, x, ctx, bad, lines.append, images=2, steps=4)
-    assert bad["trajectory_latent_err"] > 10 * good["trajectory_latent_err"], lines[-1]
-    assert bad["trajectory_psnr_db"] < good["trajectory_psnr_db"] - 10, lines[-1]
+    for name in ("bf16", "fp16"):
+        assert bad[f"trajectory_{name}_latent_err"] > 10 * good[f"trajectory_{name}_latent_err"], lines[-2:]
+        assert bad[f"trajectory_{name}_psnr_db"] < good[f"trajectory_{name}_psnr_db"] - 10, lines[-2:]
 
 
 def test_idle_time_counts_the_gaps_between_overlapping_work():
