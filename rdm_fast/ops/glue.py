@@ -394,10 +394,10 @@ def ddim_guided_step(
     deterministic update, ``sigma_t`` = 0 (a 0-d tensor ``sigma_t`` on x's device is not read, so there a
     missing ``noise`` is not detected and the noise term is left out). The update of ``samplers.sample_ddim``,
     which passes the guided eps (``samplers.guided`` combines the halves inside the graphed step), and optionally
-    that combine, in one pass. Coefficients are Python floats or 0-d tensors; 0-d tensors
-    on x's device are read by the kernel (no host synchronisation, so a sampling loop can be captured in a CUDA
-    graph; pass float64 ones for full precision of ``1 - a``). Tensors: x's shape and dtype; float32 math
-    (float64 for float64 tensors, which only the reference takes).
+    that combine, in one pass. Coefficients are Python or NumPy floats or 0-d tensors; 0-d tensors on x's device
+    are read by the kernel (no host synchronisation, so a sampling loop can be captured in a CUDA graph; pass
+    float64 ones for full precision of ``1 - a``). Tensors: x's shape and dtype; float32 math (float64 for
+    float64 tensors, which only the reference takes).
     """
     return _step(x, e_uncond, e_cond, guidance_scale, (), (1.0,), a_t, a_prev, sigma_t, noise, False)[:2]
 
