@@ -81,10 +81,13 @@ def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines())
 
 
-def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, *,
+        memory_advice: str = "") -> int:
     """Run ``main`` with INFO logging to stderr; user errors (bad arguments or input files, files that cannot be
-    written, an ops mode that cannot run) become ``error: ...`` and exit status 2. Set RDM_FAST_DEBUG=1 to see
-    the traceback instead. For a ``__main__``: the logging and warning setup stays for the process."""
+    written, an ops mode that cannot run) become ``error: ...`` and exit status 2, and so does running out of
+    GPU or host memory, followed by ``memory_advice`` (what the command can do with less, e.g. a smaller batch).
+    Set RDM_FAST_DEBUG=1 to see the traceback instead. For a ``__main__``: the logging and warning setup stays
+    for the process."""
     setup_logging()
     try:
         if not {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
@@ -95,9 +98,30 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
             raise
         _say("error: " + _one_line(e))
         return 2
+    except (RuntimeError, MemoryError) as e:
+        if os.environ.get("RDM_FAST_DEBUG") or not _out_of_memory(e):
+            raise
+        _say(f"error: out of memory: {_memory_line(e)}" + (f"; {memory_advice}" if memory_advice else ""))
+        return 2
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """True for a failed allocation: CUDA's (torch.OutOfMemoryError), Python's, and PyTorch's CPU allocator's
+    (a plain RuntimeError)."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator: can't allocate" in str(e)
+
+
+def _memory_line(e: BaseException) -> str:
+    """The allocation that failed and what the device had, without PyTorch's allocator statistics and advice."""
+    text = _one_line(e) or type(e).__name__
+    for tail in (" Including non-PyTorch memory", " Of the allocated memory"):
+        text = text.split(tail)[0]
+    if "DefaultCPUAllocator" in text:  # "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ..."
+        text = text[text.index("DefaultCPUAllocator"):]
+    return text.strip()
 
 
 def _say(line: str) -> None:

@@ -424,6 +424,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     return 0
 
 
+MEMORY_ADVICE = "lower --batch-size (db build and db neighbors take one)"  # after an out-of-memory error
 DISTRIBUTED = ("build", "import-npz")  # the commands that split their work over torchrun's processes
 COMMANDS = {"build": cmd_build, "import-npz": cmd_import, "info": cmd_info, "search": cmd_search,
             "index": cmd_index, "neighbors": cmd_neighbors}
@@ -438,4 +439,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(run(main, memory_advice=MEMORY_ADVICE))

@@ -186,6 +186,7 @@ def load_model(args: argparse.Namespace, ckpt_file: Path | None, cfg: RDMConfig 
                                use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
 
 
+MEMORY_ADVICE = "lower --batch-size (the images do not depend on it)"  # after an out-of-memory error
 GRID_SAMPLES = 64  # grid.png shows the first samples only
 START_NOISE, STEP_NOISE = 0, 1  # purposes of the per-sample streams (data.derived_seed)
 
@@ -476,4 +477,4 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(run(main, memory_advice=MEMORY_ADVICE))

@@ -61,6 +61,8 @@ from .retrieval.context import locate_database
 
 log = logging.getLogger("rdm_fast.train")
 
+MEMORY_ADVICE = ("lower --batch-size and raise --accumulate by the same factor (the same global batch, also "
+                 "with --resume), or add --grad-checkpoint")  # after an out-of-memory error
 LOG = "log.jsonl"
 STOPPED = 128 + int(signal.SIGTERM)  # exit status of a run stopped by a signal (with a checkpoint)
 OPTIMIZER = "optimizer.pt"
@@ -786,4 +788,4 @@ def _preview(model: RDM, ema: EMA, context: Tensor, file: Path, seed: int) -> No
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(run(main, memory_advice=MEMORY_ADVICE))

@@ -838,3 +838,66 @@ def test_error_and_interrupt_lines_are_single_writes(monkeypatch):
     monkeypatch.setattr(sys, "stderr", Recorder())
     assert run(fails, []) == 2 and run(interrupted, []) == 130
     assert writes == ["error: bad input second line\n", "interrupted\n"]
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
+            "is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. Of the allocated memory "
+            "76.50 GiB is allocated by PyTorch, and 1.10 GiB is reserved by PyTorch but unallocated.")
+
+
+@pytest.mark.parametrize("error, line", [
+    (lambda: torch.OutOfMemoryError(CUDA_OOM),
+     "error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB "
+     "of which 1.06 GiB is free.; lower --batch-size"),
+    (lambda: torch.empty(2 ** 60, dtype=torch.uint8),  # a real failed allocation of PyTorch's CPU allocator
+     "error: out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate 1152921504606846976 bytes"),
+    (lambda: MemoryError(), "error: out of memory: MemoryError; lower --batch-size"),
+])
+def test_out_of_memory_is_one_line_with_the_commands_advice(error, line, capsys, monkeypatch):
+    """Running out of GPU or host memory is an error line that names the failed allocation (not PyTorch's
+    allocator statistics) and what the command can do with less; other RuntimeErrors keep their traceback."""
+    def fails(argv):
+        e = error()  # torch.empty raises here
+        raise e
+
+    monkeypatch.delenv("RDM_FAST_DEBUG", raising=False)
+    assert run(fails, [], memory_advice="lower --batch-size") == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(line)
+
+    def broken(argv):
+        raise RuntimeError("an unexpected failure")
+
+    with pytest.raises(RuntimeError, match="an unexpected failure"):
+        run(broken, [], memory_advice="lower --batch-size")
+    monkeypatch.setenv("RDM_FAST_DEBUG", "1")
+    with pytest.raises((RuntimeError, MemoryError)):
+        run(fails, [], memory_advice="lower --batch-size")
+
+
+def test_each_entry_point_gives_its_memory_advice(tmp_path):
+    """``python -m`` of every command that runs batches passes its own advice (an allocation failure injected
+    where the arguments are parsed)."""
+    script = """
+import runpy, sys, torch
+import rdm_fast._cli as cli
+def boom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+cli.parse_args = boom
+for module in sys.argv[1:]:
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=False)
+    except SystemExit as e:
+        print(module, e.code)
+"""
+    modules = {"rdm_fast.sample": "--batch-size", "rdm_fast.train": "--accumulate", "rdm_fast.db": "--batch-size",
+               "rdm_fast.encoders.train_projection": "--batch"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::RuntimeWarning"}
+    env.pop("RDM_FAST_DEBUG", None)
+    r = subprocess.run([sys.executable, "-c", script, *modules], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env=env)
+    assert r.stdout.split() == [x for m in modules for x in (m, "2")], r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(modules), r.stderr
+    for line, option in zip(errors, modules.values()):
+        assert line.startswith("error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB.; lower "), line
+        assert option in line, line

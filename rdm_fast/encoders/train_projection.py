@@ -56,6 +56,7 @@ from .._files import atomic_write
 from .offline import (DIM, IMAGE_FEATURES, NAME, PROJECTION_FILE, TEXT_FEATURES, OfflineEncoder, require_packages,
                       resize)
 
+MEMORY_ADVICE = "lower --batch (fewer negatives per step)"  # after an out-of-memory error
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_FONT_SIZE = 109
 EMOJI_CANVAS = 160
@@ -464,4 +465,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(run(main, memory_advice=MEMORY_ADVICE))
