@@ -122,6 +122,20 @@ def test_noised_and_eps_losses_by_hand():
         eps_losses(unet, sched, x0, ctx[:2], t, noise)
 
 
+@pytest.mark.parametrize("t, error, message", [
+    (torch.tensor([0, 1, -1]), ValueError, r"in \[0, 1000\), got -1 to 1"),  # -1 indexed the last timestep
+    (torch.tensor([0, 1000, 5]), ValueError, r"in \[0, 1000\), got 0 to 1000"),
+    (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integer timesteps, got torch.float32"),
+    (torch.tensor([True, False, True]), TypeError, "integer timesteps, got torch.bool"),
+    (torch.tensor([1, 2]), ValueError, r"must be \(3,\)"),
+    (torch.tensor(3), ValueError, r"must be \(3,\)"),
+])
+def test_noised_refuses_timesteps_outside_the_schedule(t, error, message):
+    x0 = torch.zeros(3, 4, 2, 2)
+    with pytest.raises(error, match=message):
+        noised(Schedule.linear(0.0015, 0.0195), x0, t, x0)
+
+
 def test_ema_follows_litema():
     model = torch.nn.Linear(3, 2)
     ema = train.EMA(model, decay=0.9999)

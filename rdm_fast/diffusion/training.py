@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from .schedule import Schedule
@@ -12,7 +13,16 @@ from .schedule import Schedule
 
 def noised(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     """A draw of q(x_t | x_0): ``sqrt(a_t) * x0 + sqrt(1 - a_t) * noise`` with a = alphas_cumprod (the square
-    roots taken in float64, then rounded to float32, as the reference stores them)."""
+    roots taken in float64, then rounded to float32, as the reference stores them). ``t``: (B,) integer
+    timesteps in [0, T); TypeError for other dtypes, ValueError for a CPU ``t`` out of range (a GPU ``t`` is not
+    read back, which would synchronise: its range is the caller's to keep)."""
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"noised: t must hold integer timesteps, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != x0.shape[0]:
+        raise ValueError(f"noised: t must be ({x0.shape[0]},) (one timestep per sample), got {tuple(t.shape)}")
+    total = schedule.num_timesteps
+    if t.device.type == "cpu" and t.numel() and not (0 <= int(t.min()) and int(t.max()) < total):
+        raise ValueError(f"noised: timesteps must be in [0, {total}), got {int(t.min())} to {int(t.max())}")
     a = schedule.alphas_cumprod
     scale = a.sqrt().float().to(x0.device)[t].view(-1, 1, 1, 1)
     sigma = (1.0 - a).sqrt().float().to(x0.device)[t].view(-1, 1, 1, 1)

@@ -519,6 +519,8 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor | int | float, context: Tensor | PreparedContext) -> Tensor:
         """eps for noisy latents ``x`` (B, C, H, W) at timesteps ``t`` ((B,) or 0-d tensor, or a Python/NumPy
         number for every sample), given a context tensor (B, k, D) of floats or a :class:`PreparedContext`.
+        ``t`` is taken as given (its sinusoidal embedding is defined for any real value, and continuous-time
+        samplers pass fractions); the released models were trained on the integers 0 to 999.
 
         The network runs in its weights' dtype; eps (B, out_channels, H, W) is returned in ``x``'s dtype.
         TypeError for a ``t`` or context of another type, ValueError for mismatched shapes or a batch of 0."""
