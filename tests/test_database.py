@@ -667,10 +667,17 @@ def test_write_database_refuses_what_is_no_embedding(tmp_path, data):
                             ({"class_ids": np.full(50, 0.5)}, "class_ids must be integers, got float64"),
                             ({"encoder_info": {**INFO, "normalized": "no"}}, "normalized must be True or False"),
                             ({"encoder_info": {**INFO, "dim": 16.0}}, "dim must be a positive integer, got 16.0"),
-                            ({"encoder_info": {**INFO, "dim": 0}}, "dim must be a positive integer, got 0")):
+                            ({"encoder_info": {**INFO, "dim": 0}}, "dim must be a positive integer, got 0"),
+                            ({"encoder_info": {**INFO, "name": 3}}, "name must be a non-empty string, got 3")):
         args = {"embeddings": emb, "encoder_info": INFO, **kwargs}
         with pytest.raises(ValueError) as e:
             write_database(tmp_path / "db", args.pop("embeddings"), args.pop("encoder_info"), **args)
         assert message in one_line(e)
         assert not (tmp_path / "db").exists()
+    # a single string was split into one-letter sources; a float shard size failed deep inside
+    with pytest.raises(TypeError, match="sources must be a sequence of strings"):
+        write_database(tmp_path / "db", emb[:3], INFO, sources="abc")
+    with pytest.raises(TypeError, match="shard_size must be an int, got 7.5"):
+        write_database(tmp_path / "db", emb, INFO, shard_size=7.5)
+    assert not (tmp_path / "db").exists()
     assert len(Database.open(write_database(tmp_path / "none", emb[:0], INFO, class_ids=[]), device="cpu")) == 0

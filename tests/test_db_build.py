@@ -347,6 +347,17 @@ def test_import_npz_errors(parts, tmp_path):
         import_npz([tmp_path / "z-part_5.npz"], tmp_path / "d", INFO, progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         import_npz([tmp_path / "missing.npz"], tmp_path / "e", INFO, progress=False)
+    # encoder_info is checked before anything is written: a missing key failed after every part was converted,
+    # leaving shards that made the corrected rerun a "different build"; normalized="no" was stored as True
+    for info, error, message in (({"name": "t", "dim": 16}, ValueError, "lacks 'normalized'"),
+                                 ({**INFO, "normalized": "no"}, ValueError, "normalized must be True or False"),
+                                 ({**INFO, "dim": "16"}, ValueError, "dim must be a positive integer"),
+                                 ({**INFO, "name": ""}, ValueError, "name must be a non-empty string"),
+                                 ("tiny-test", TypeError, "encoder_info must be a dict")):
+        with pytest.raises(error, match=message):
+            import_npz(files, tmp_path / "f", info, progress=False)
+        assert not (tmp_path / "f").exists()
+    assert len(Database.open(import_npz(files, tmp_path / "f", INFO, progress=False), device="cpu")) == 55
 
 
 @pytest.mark.parametrize("compressed", [False, True])

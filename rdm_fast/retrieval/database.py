@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import mmap
+import numbers
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -125,25 +126,39 @@ def update_manifest(directory: str | Path, change: Callable[[dict], None]) -> di
     return manifest
 
 
+def check_encoder_info(encoder_info: Any, where: str) -> None:
+    """TypeError/ValueError (prefixed with ``where``) unless ``encoder_info`` is a dict {name: str, dim: positive
+    int, normalized: bool}, as ``Encoder.info()`` returns: the manifest records it, and queries are checked
+    against it."""
+    if not isinstance(encoder_info, dict):
+        raise TypeError(f"{where}: encoder_info must be a dict {{name, dim, normalized}} (e.g. encoder.info()), got "
+                        f"{type(encoder_info).__name__}")
+    missing = [key for key in ("name", "dim", "normalized") if key not in encoder_info]
+    if missing:
+        raise ValueError(f"{where}: encoder_info lacks {', '.join(map(repr, missing))}: it must hold name, dim and "
+                         f"normalized (e.g. encoder.info()), got {encoder_info!r}")
+    name, dim, normalized = encoder_info["name"], encoder_info["dim"], encoder_info["normalized"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: encoder_info's name must be a non-empty string, got {name!r}")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"{where}: encoder_info's dim must be a positive integer, got {dim!r}")
+    if not isinstance(normalized, (bool, np.bool_)):
+        raise ValueError(f"{where}: encoder_info's normalized must be True or False, got {normalized!r}")
+
+
 def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_info: dict, *,
                    sources: Sequence[str] | None = None, class_ids: np.ndarray | None = None,
                    patch_coords: np.ndarray | None = None, shard_size: int = 100_000, **extra: Any) -> Path:
     """Write in-memory (N, D) embeddings (and optional per-row metadata) as a database directory."""
-    if not isinstance(encoder_info, dict):
-        raise TypeError(f"write_database: encoder_info must be a dict {{name, dim, normalized}} (e.g. "
-                        f"encoder.info()), got {type(encoder_info).__name__}")
-    missing = [key for key in ("name", "dim", "normalized") if key not in encoder_info]
-    if missing:
-        raise ValueError(f"write_database: encoder_info lacks {', '.join(map(repr, missing))}: it must hold "
-                         f"name, dim and normalized (e.g. encoder.info()), got {encoder_info!r}")
+    check_encoder_info(encoder_info, "write_database")
     if isinstance(embeddings, Tensor):
         embeddings = embeddings.detach().cpu().numpy()
     emb = np.asarray(embeddings)
-    dim, normalized = encoder_info["dim"], encoder_info["normalized"]
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise ValueError(f"write_database: encoder_info's dim must be a positive integer, got {dim!r}")
-    if not isinstance(normalized, (bool, np.bool_)):
-        raise ValueError(f"write_database: encoder_info's normalized must be True or False, got {normalized!r}")
+    dim = encoder_info["dim"]
+    if isinstance(sources, (str, bytes)):  # list("abc") would be three one-letter sources
+        raise TypeError("write_database: sources must be a sequence of strings (one per row), got a single string")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, numbers.Integral):
+        raise TypeError(f"write_database: shard_size must be an int, got {shard_size!r}")
     if emb.dtype.kind != "f":  # ints and bools are no embeddings; complex ones would lose their imaginary part
         raise ValueError(f"embeddings must be floating point, got {emb.dtype}")
     if emb.ndim != 2 or emb.shape[1] != int(dim):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .._distributed import Processes
 from .build import ShardedBuild, run_sharded
-from .database import new_manifest, write_manifest, write_shard
+from .database import check_encoder_info, new_manifest, write_manifest, write_shard
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -185,6 +185,7 @@ def import_npz(parts: Sequence[str | Path], out: str | Path, encoder_info: dict,
     data). A non-finite row (NaN, Inf, beyond float16) stops the import with an error naming it."""
     if not parts:
         raise ValueError("give at least one .npz part file")
+    check_encoder_info(encoder_info, "import_npz")
     if shard_size < 1 or chunk_rows < 1:
         raise ValueError(f"shard_size and chunk_rows must be at least 1, got {shard_size} and {chunk_rows}")
     files = sorted((Path(p).resolve() for p in parts), key=part_order)
