@@ -232,11 +232,24 @@ class RDM(nn.Module):
     def latents(self, moments: Tensor, *, sample: bool = True,
                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
                 noise: Tensor | None = None) -> Tensor:
-        """Scaled latents (fp32) from :meth:`encode_moments`' output (see :meth:`encode`)."""
+        """Scaled latents (fp32) from :meth:`encode_moments`' output (see :meth:`encode`). TypeError unless
+        ``moments`` (and ``noise``, if given) are tensors; ValueError for moments of another shape or, on the CPU,
+        holding NaN or infinity."""
+        kl = self.config.first_stage_config.kind == "kl"
+        channels = self.config.channels * (2 if kl else 1)  # KL: (mean, log-variance) along the channels
+        _check_tensor(moments, "latents: moments", f"(B, {channels}, h, w)", self.device)
+        if moments.dim() != 4 or moments.shape[1] != channels or not moments.shape[0]:
+            raise ValueError(f"latents: moments must be (B, {channels}, h, w) as encode_moments returns them, got "
+                             f"{tuple(moments.shape)}")
+        if not moments.is_floating_point():
+            raise ValueError(f"latents: moments must be floats, got {moments.dtype}")
+        _check_finite_on_cpu(moments, "latents: moments")
+        if noise is not None:
+            _check_tensor(noise, "encode: noise", f"(B, {self.config.channels}, h, w)", self.device)
         if noise is not None and generator is not None:
             raise ValueError("encode: give noise or generator, not both")
-        if sample and noise is None and self.config.first_stage_config.kind == "kl":
-            b, c, h, w = moments.shape  # (mean, log-variance) along the channels
+        if sample and noise is None and kl:
+            b, c, h, w = moments.shape
             noise = draw_noise((b, c // 2, h, w), generator, moments.device)
         return self.first_stage.latent(moments.float(), sample=sample, noise=noise) * self.config.scale_factor
 
@@ -250,6 +263,9 @@ class RDM(nn.Module):
                              f"{tuple(z.shape)}")
         if z.shape[0] < 1:
             raise ValueError("decode: latents hold no samples (batch of 0)")
+        if not z.is_floating_point():
+            raise ValueError(f"decode: latents must be floats, got {z.dtype}")
+        _check_finite_on_cpu(z, "decode: latents")  # one NaN made the whole image NaN, written as black
         z = z.to(self.device, torch.float32).div(self.config.scale_factor).to(self.dtype)
         return self.first_stage.decode(self._first_stage_input(z)).float().clamp(-1.0, 1.0).contiguous()
 

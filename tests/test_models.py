@@ -802,6 +802,30 @@ def test_autoencoder_refuses_non_tensors_and_empty_batches():
         model.decode(torch.zeros(0, 4, 16, 16))
 
 
+
+def test_latents_and_decode_check_their_inputs():
+    """A NaN latent made the whole decoded image NaN (written as black); moments of the wrong shape were blamed on
+    a noise never given, and NumPy moments failed deep inside."""
+    model = RDM.from_config("tiny")  # a KL first stage: moments hold (mean, log-variance), 8 channels
+    z = torch.randn(1, 4, 16, 16)
+    z[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="decode: latents holds NaN or infinite values"):
+        model.decode(z)
+    with pytest.raises(ValueError, match="decode: latents must be floats, got torch.int64"):
+        model.decode(torch.zeros(1, 4, 16, 16, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"latents: moments must be a torch.Tensor of shape \(B, 8, h, w\), got ndarray"):
+        model.latents(np.zeros((2, 8, 16, 16), np.float32))
+    with pytest.raises(ValueError, match=r"latents: moments must be \(B, 8, h, w\) .*got \(2, 5, 16, 16\)"):
+        model.latents(torch.zeros(2, 5, 16, 16))
+    with pytest.raises(ValueError, match="latents: moments holds NaN"):
+        model.latents(torch.full((1, 8, 16, 16), float("inf")))
+    with pytest.raises(TypeError, match="encode: noise must be a torch.Tensor.*got ndarray"):
+        model.encode(torch.zeros(1, 3, 32, 32), noise=np.zeros((1, 4, 16, 16), np.float32))
+    moments = model.encode_moments(torch.zeros(1, 3, 32, 32))
+    noise = torch.randn(1, 4, 16, 16)
+    torch.testing.assert_close(model.latents(moments, noise=noise), model.encode(torch.zeros(1, 3, 32, 32), noise=noise))
+
+
 def test_unet_refuses_wrong_types_and_empty_batches():
     model = RDM.from_config("tiny")
     x, t, ctx = inputs(model.config)

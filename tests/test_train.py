@@ -136,6 +136,19 @@ def test_noised_refuses_timesteps_outside_the_schedule(t, error, message):
         noised(Schedule.linear(0.0015, 0.0195), x0, t, x0)
 
 
+def test_noised_takes_one_shape_for_x0_and_noise():
+    """Other shapes broadcast into wrong results: (2, 16) inputs gave (2, 1, 2, 16), a (2, 4, 8, 1) noise was
+    spread over (2, 4, 8, 8)."""
+    sched, t = Schedule.linear(0.0015, 0.0195), torch.tensor([3, 700])
+    with pytest.raises(ValueError, match=r"x0 \(2, 4, 8, 8\) and noise \(2, 4, 8, 1\) must have one shape"):
+        noised(sched, torch.randn(2, 4, 8, 8), t, torch.randn(2, 4, 8, 1))
+    with pytest.raises(ValueError, match="must have one shape"):
+        noised(sched, torch.randn(2, 4, 8, 8), t, torch.tensor(0.5))
+    x0, noise = torch.randn(2, 16), torch.randn(2, 16)  # any per-sample shape: the schedule's factor per row
+    a = sched.alphas_cumprod[t].float()[:, None]
+    torch.testing.assert_close(noised(sched, x0, t, noise), a.sqrt() * x0 + (1 - a).sqrt() * noise)
+
+
 def test_ema_follows_litema():
     model = torch.nn.Linear(3, 2)
     ema = train.EMA(model, decay=0.9999)

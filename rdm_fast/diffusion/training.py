@@ -18,14 +18,18 @@ def noised(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     read back, which would synchronise: its range is the caller's to keep)."""
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"noised: t must hold integer timesteps, got {t.dtype}")
+    if x0.dim() < 1 or noise.shape != x0.shape:
+        raise ValueError(f"noised: x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have one shape, the batch "
+                         "first")
     if t.dim() != 1 or t.shape[0] != x0.shape[0]:
         raise ValueError(f"noised: t must be ({x0.shape[0]},) (one timestep per sample), got {tuple(t.shape)}")
     total = schedule.num_timesteps
     if t.device.type == "cpu" and t.numel() and not (0 <= int(t.min()) and int(t.max()) < total):
         raise ValueError(f"noised: timesteps must be in [0, {total}), got {int(t.min())} to {int(t.max())}")
     a = schedule.alphas_cumprod
-    scale = a.sqrt().float().to(x0.device)[t].view(-1, 1, 1, 1)
-    sigma = (1.0 - a).sqrt().float().to(x0.device)[t].view(-1, 1, 1, 1)
+    per_sample = (-1,) + (1,) * (x0.dim() - 1)  # broadcast over each sample's values, whatever their shape
+    scale = a.sqrt().float().to(x0.device)[t].view(per_sample)
+    sigma = (1.0 - a).sqrt().float().to(x0.device)[t].view(per_sample)
     return scale * x0.float() + sigma * noise.float()
 
 
