@@ -23,6 +23,7 @@ from rdm_fast import checkpoint as ckpt
 from rdm_fast import convert, images, sample
 from rdm_fast._cli import run
 from rdm_fast.retrieval.database import Database, save_proposals, update_manifest, write_database
+from child_env import child_env
 
 TEST_ENCODER = {"name": "test-64", "dim": 64, "normalized": False}
 
@@ -204,8 +205,7 @@ def test_sample_under_torchrun_shares_the_batches_and_equals_one_process(tiny_di
         assert cli(sample, *args, "--out", str(tmp_path / "one")) == 0
     finally:
         torch.set_num_threads(threads)
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")]), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "rdm_fast.sample", *args, "--out", str(tmp_path / "two")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)

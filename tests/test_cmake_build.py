@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import site
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from child_env import child_env
 
-import rdm_fast
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_DIR = Path(os.environ.get("RDM_FAST_CMAKE_BUILD_DIR", REPO / "build" / "cmake-test"))
@@ -63,12 +62,8 @@ def cmake_build() -> dict[str, Path | None]:
 
 
 def _run_child(code: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    pkg_parent = str(Path(rdm_fast.__file__).resolve().parent.parent)
-    if pkg_parent not in site.getsitepackages():  # make the child import the same rdm_fast
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code, *args], cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=300
     )
 
 

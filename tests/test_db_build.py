@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
+from child_env import child_env
 from test_database import INFO, TinyEncoder
 from rdm_fast.retrieval import Database, build, build_database, import_npz
 from rdm_fast.retrieval.npz_import import iter_row_ranges
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+ENV = child_env(OMP_NUM_THREADS="1")
 SPEC = "test_database:tiny_encoder"
 
 

@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
+from child_env import child_env
 from test_database import INFO, TinyEncoder, brute_force
 from rdm_fast import db as db_cli
 from rdm_fast._cli import run
 from rdm_fast.retrieval import Database, compute_neighbors, write_database
 from rdm_fast.retrieval.build import load_query_image
 
-REPO = Path(__file__).resolve().parent.parent
 SPEC = "test_database:tiny_encoder"
 
 
@@ -408,8 +408,8 @@ def renamed_encoder(*, device="cpu", checkpoint=None, pretrained=True) -> TinyEn
 
 
 def test_subprocess_entry_point(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "rdm_fast.db", "info", str(tmp_path / "missing")], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "rdm_fast.db", "info", str(tmp_path / "missing")], cwd=tmp_path,
+                       env=child_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: database directory "
                                                                     f"{tmp_path / 'missing'} does not exist"]
 

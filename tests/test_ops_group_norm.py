@@ -13,8 +13,6 @@ subnormals).
 from __future__ import annotations
 
 import logging
-import os
-import site
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import rdm_fast
 import rdm_fast.ops as ops
 from rdm_fast.ops import _extension
 from rdm_fast.ops.group_norm import GROUP_NORM, group_norm, group_norm_reference
+from child_env import child_env
 from group_norm_shapes import SHAPES
 from triton_testing import ulp
 
@@ -430,8 +428,24 @@ def test_loaded_extension_was_built_from_these_sources(cpu_ext):
     from rdm_fast._sources import csrc_digest
 
     assert len(ext.csrc_digest) == 16 and int(ext.csrc_digest, 16) >= 0
-    if _extension.CHECKOUT_CSRC.is_dir():
+    if _extension.CHECKOUT_CSRC is not None:
         assert ext.csrc_digest == csrc_digest(_extension.CHECKOUT_CSRC)
+
+
+def test_an_installed_copy_is_not_taken_for_a_checkout(tmp_path):
+    """Installed, rdm_fast's parent is site-packages: another distribution's top-level ``csrc/`` there made both
+    (good) extensions count as stale builds, and its ``kernels`` package joined rdm_fast's search path. A checkout
+    is recognised by rdm_fast's own build files."""
+    from rdm_fast import _source_checkout
+
+    site = tmp_path / "site-packages"
+    for name in ("rdm_fast/__init__.py", "kernels/__init__.py", "csrc/library.cpp"):
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text("")
+    assert _source_checkout(str(site / "rdm_fast")) is None
+    for name in ("setup.py", "CMakeLists.txt"):
+        (site / name).write_text("")
+    assert _source_checkout(str(site / "rdm_fast")) == str(site)
 
 
 def test_stale_build_is_recognised(tmp_path, monkeypatch):
@@ -461,11 +475,8 @@ def test_available_backends(cpu_ext):
 
 def run_python(code: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter that imports the same rdm_fast as this process."""
-    env = dict(os.environ, **(extra_env or {}))
-    pkg_parent = str(Path(rdm_fast.__file__).resolve().parent.parent)
-    if pkg_parent not in site.getsitepackages():
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=child_env(**(extra_env or {})),
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_import_does_not_load_extension(tmp_path):

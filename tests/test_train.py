@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from child_env import child_env
 from test_database import TinyEncoder
 from rdm_fast import RDM, RDMConfig, ops
 from rdm_fast import train
@@ -37,8 +38,7 @@ from rdm_fast.models.layers import official_names
 from rdm_fast.retrieval import Database, build_database, compute_neighbors, save_neighbors
 from rdm_fast.retrieval.build import make_crops, replay_crop
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+ENV = child_env(OMP_NUM_THREADS="1")
 
 
 def _config(path: Path, text_token: bool = True, dropout: float = 0.0) -> Path:

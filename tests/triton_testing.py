@@ -13,26 +13,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import site
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-import rdm_fast
+from child_env import child_env
 
 
 def run_child(script: str | Path, cwd: Path, timeout: float = 600, **env_vars: str) -> dict:
     """Run ``script`` with ``TRITON_INTERPRET=1`` (and ``env_vars``) in a fresh interpreter; returns the JSON of
     its last line."""
-    env = dict(os.environ, TRITON_INTERPRET="1", **env_vars)
-    pkg_parent = str(Path(rdm_fast.__file__).resolve().parent.parent)
-    if pkg_parent not in site.getsitepackages():  # make the child import the same rdm_fast
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
-    tests_dir = str(Path(__file__).resolve().parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), tests_dir]))
+    env = child_env(TRITON_INTERPRET="1", **env_vars)
     result = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout, check=False)
     assert result.returncode == 0, f"interpreter run failed:\n{result.stderr[-4000:]}"

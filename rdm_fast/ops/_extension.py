@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import SOURCE_CHECKOUT
 from .._sources import csrc_digest
 
 logger = logging.getLogger("rdm_fast.ops")
@@ -47,15 +48,15 @@ def _import(module: str) -> None:
             logger.warning("%s: not using it (%s)", stale, BUILD_HINT)
 
 
-# csrc/ of the source checkout this package runs from, if it does (an installed package has none beside it)
-CHECKOUT_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# csrc/ of the source checkout this package runs from, if it does (None for an installed package)
+CHECKOUT_CSRC = None if SOURCE_CHECKOUT is None else Path(SOURCE_CHECKOUT) / "csrc"
 
 
-def stale_build(module: str, csrc: Path = CHECKOUT_CSRC) -> str | None:
+def stale_build(module: str, csrc: Path | None = CHECKOUT_CSRC) -> str | None:
     """Why the imported ``module`` does not fit the sources in ``csrc`` (None where it does, or where there are no
     sources to compare with): run from a source checkout, rdm_fast finds its extensions in an installed copy, which
     may have been built from older sources."""
-    if not csrc.is_dir():
+    if csrc is None or not csrc.is_dir():
         return None
     built = getattr(sys.modules[module], "csrc_digest", "unknown")
     if built == csrc_digest(csrc):
