@@ -35,6 +35,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -393,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    p.add_argument("--preview", type=int, default=8, help="EMA samples drawn at each checkpoint (0: none)")
+    p.add_argument("--preview", type=int, default=8,
+                   help="EMA samples drawn at each checkpoint but a signal's stop (0: none)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data-loading processes per training process (default: 4, or the CPU count if lower)")
     p.add_argument("--seed", type=int, help="seed of the batch order, the noise and dropout draws and a new UNet's "
@@ -697,7 +699,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 unreadable, tick, ticked = 0, now, done
                 if procs.main:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                    if bar.disable:  # no bar to show the loss (--no-progress, batch jobs): a log line instead
+                    if bar.disable or not sys.stderr.isatty():  # no bar, or one whose frames a log file runs
+                        # together into one line (a batch job without --no-progress): the loss as a log line
                         log.info("step %d: loss %.4f, lr %.3g, %.1f images/s", done, record["loss"], record["lr"],
                                  record["images_per_s"])
                     with open(out / LOG, "a") as f:
@@ -710,6 +713,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                         _preview(model, ema, preview, out / "samples" / f"step_{done:07d}.png", args.seed)
                     log.info("step %d: checkpoint %s", done, path)
                 procs.barrier()
+                tick, ticked = time.perf_counter(), done  # the throughput of training steps, not of saving
             if stopping and done < args.steps:
                 vote.settle()
                 bar.close()

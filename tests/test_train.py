@@ -530,12 +530,33 @@ def test_diverged_weights_are_not_saved(setup, tmp_path, monkeypatch):
     assert (out / "latest").read_text().strip() == "step_0000002" and not (out / "checkpoints" / "step_0000004").exists()
 
 
-def test_without_progress_bars_the_loss_is_logged(setup, tmp_path, caplog):
-    """--no-progress (batch jobs) leaves no bar to show the loss: each --log-every record is a log line too."""
+@pytest.mark.parametrize("bar", [False, True])
+def test_without_progress_bars_the_loss_is_logged(setup, tmp_path, caplog, bar):
+    """--no-progress (batch jobs) leaves no bar to show the loss: each --log-every record is a log line too. So
+    does a bar written to a file (here pytest's capture), whose frames run together into one line."""
     caplog.set_level("INFO", logger="rdm_fast.train")
-    assert train.main(_fresh(setup, tmp_path / "run", steps=4)) == 0  # --log-every 2
+    args = [a for a in _fresh(setup, tmp_path / "run", steps=4) if not (bar and a == "--no-progress")]
+    assert train.main(args) == 0  # --log-every 2
     lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
     assert [line.split(":")[0] for line in lines] == ["step 2", "step 4"] and ": loss " in lines[0]
+
+
+def test_throughput_leaves_out_checkpoint_time(setup, tmp_path, monkeypatch):
+    """The logged images/s measures training steps: the checkpoint written after a log line (and its preview)
+    counted in the next interval."""
+    offset = [0.0]
+    real_clock, real_save = time.perf_counter, train.save_checkpoint
+    monkeypatch.setattr(train.time, "perf_counter", lambda: real_clock() + offset[0])
+
+    def slow_save(*args, **kwargs):
+        offset[0] += 1000.0  # a checkpoint that takes 1000 s
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train, "save_checkpoint", slow_save)
+    assert train.main(_fresh(setup, tmp_path / "run", steps=4)) == 0  # log and save every 2 steps
+    records = [json.loads(line) for line in (tmp_path / "run" / train.LOG).read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert records[1]["images_per_s"] > 8 / 100  # 8 images in well under 100 s, not in the save's 1000 s
 
 
 def test_a_stop_writes_the_pending_log_line(setup, tmp_path, monkeypatch):
