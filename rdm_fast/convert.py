@@ -53,11 +53,17 @@ def _export_official(args: argparse.Namespace, out: Path) -> Path:
     if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay <= 1.0:
         raise ckpt.CheckpointError(f"{weights.parent / ckpt.TRAIN_STATE_FILE}: ema_decay = {decay!r} is not a "
                                    "decay in [0, 1]")
-    if training:  # said first: loading the training set logs that it is not the EMA one
+    if training:
         log.info("exporting both sets of UNet weights: the training ones (model.diffusion_model.) and the EMA ones "
                  "(model_ema., %d updates, decay %g), as the official checkpoints hold them",
                  train_state["ema_updates"], decay)
-    raw = RDM.from_pretrained(weights, args.config, use_ema=not training, allow_pickle=args.allow_pickle)
+    loading = logging.getLogger("rdm_fast.rdm")
+    level = loading.level
+    loading.setLevel(logging.WARNING)  # not its "using the training weights, not the EMA ones": both are exported
+    try:
+        raw = RDM.from_pretrained(weights, args.config, use_ema=not training, allow_pickle=args.allow_pickle)
+    finally:
+        loading.setLevel(level)
     ema = RDM.from_pretrained(weights, args.config, allow_pickle=args.allow_pickle) if training else None
     state = ckpt.cast_floats(official_checkpoint(raw, ema, train_state["ema_updates"], decay), DTYPES[args.dtype],
                              keep={"model_ema.decay"})

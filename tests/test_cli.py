@@ -707,16 +707,21 @@ def test_convert_to_official_never_pairs_weights_with_another_models_config(tmp_
     assert (tmp_path / "off" / "model.ckpt").is_file()
 
 
-def test_convert_training_checkpoints(tmp_path, capsys):
-    """--no-ema takes a training checkpoint's raw UNet; --to official stores raw and EMA weights and refuses a
-    checkpoint whose state.json lacks the EMA update count or whose training weights are unreadable."""
+def test_convert_training_checkpoints(tmp_path, capsys, caplog):
+    """--no-ema takes a training checkpoint's raw UNet; --to official stores raw and EMA weights (and does not also
+    log that it uses the training weights, "not the EMA ones") and refuses a checkpoint whose state.json lacks the
+    EMA update count or whose training weights are unreadable."""
     from test_checkpoint import training_checkpoint
 
     ema, raw = training_checkpoint(tmp_path / "ck")
     assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "raw"), "--no-ema") == 0
     got = RDM.from_pretrained(tmp_path / "raw").unet.state_dict()
     assert all(torch.equal(got[k], raw[k]) for k in raw)
+    caplog.set_level("INFO", logger="rdm_fast")
+    caplog.clear()
     assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "off"), "--to", "official") == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any("exporting both sets" in m for m in said) and not any("not the EMA ones" in m for m in said), said
     state = torch.load(tmp_path / "off" / "model.ckpt", weights_only=True)["state_dict"]
     names = RDM.from_pretrained(tmp_path / "ck").unet.official_names()
     k, off = next((k, v) for k, v in names.items() if raw[k].is_floating_point())
