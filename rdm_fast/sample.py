@@ -346,8 +346,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as held:
             return _main(args, procs, held)
+    except KeyboardInterrupt:
+        if procs.main and _incomplete_run(Path(args.out)):
+            log.warning("interrupted: the same command with --resume draws only the images still missing")
+        raise
     finally:
         procs.close()
+
+
+def _incomplete_run(out: Path) -> bool:
+    """True when ``out``'s run.json says its run has not finished (sampling had begun)."""
+    try:
+        return json.loads((out / "run.json").read_text()).get("complete") is False
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack) -> int:
@@ -417,6 +429,10 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
         if earlier:
             log.warning("%s already holds sample images beyond this run's %d (%d, from an earlier run): they are "
                         "left as they are", out, n, len(earlier))
+        replaced = 0 if args.resume else sum((out / f"sample_{i:05d}.png").exists() for i in range(n))
+        if replaced:
+            log.warning("%s holds %d of this run's image names from an earlier run: they are replaced (--resume "
+                        "would keep that run's images and draw only the missing ones)", out, replaced)
         log.info("sampling %d image%s: %s, %d step%s, eta %g, guidance %g, %s on %s%s", n, "s"[:n != 1],
                  settings.sampler, timesteps, "s"[:timesteps != 1], settings.eta, settings.guidance_scale,
                  str(dtype).replace("torch.", ""), device, f" and {procs.world - 1} more process"

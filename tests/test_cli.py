@@ -77,6 +77,28 @@ def test_sample_with_context_file(tiny_dir, tmp_path):
                               np.asarray(Image.open(out / "sample_00002.png")))
 
 
+def test_sample_says_what_it_replaces_and_how_to_continue(tiny_dir, tmp_path, monkeypatch, caplog):
+    """A new run into a --out holding an earlier run's images replaced them without a word; Ctrl-C said only
+    "interrupted", not that --resume continues."""
+    args = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2",
+            "--n-samples", "2", "--out", str(tmp_path / "run")]
+    caplog.set_level("INFO", logger="rdm_fast")
+    assert cli(sample, *args) == 0
+    assert not any("replaced" in r.getMessage() for r in caplog.records)
+    assert cli(sample, *args) == 0
+    assert any("holds 2 of this run's image names from an earlier run: they are replaced" in r.getMessage()
+               for r in caplog.records)
+
+    def interrupted(self, context, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RDM, "sample", interrupted)
+    caplog.clear()
+    assert cli(sample, *args[:-1], str(tmp_path / "cut")) == 130
+    assert any("the same command with --resume draws only the images still missing" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_sample_resume_draws_only_the_missing_samples_and_refuses_other_settings(tiny_dir, tmp_path, monkeypatch,
                                                                                    capsys):
     """--resume after an interruption draws only the samples without an image of that run, and the images equal
