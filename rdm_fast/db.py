@@ -185,8 +185,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 def _print_summary(path: Path) -> None:
     db = Database.open(path, backend="torch", device="cpu")
     skipped = db.manifest["skipped"]["count"]
-    print(f"{path}: {len(db)} embeddings ({db.dim}-d, {db.encoder_name}) in {len(db.manifest['shards'])} shards"
-          + (f"; skipped {skipped} unreadable images (see manifest.json)" if skipped else ""))
+    shards = len(db.manifest["shards"])
+    print(f"{path}: {len(db)} embeddings ({db.dim}-d, {db.encoder_name}) in {shards} shard{'s' * (shards != 1)}"
+          + (f"; skipped {skipped} unreadable image{'s' * (skipped != 1)} (see manifest.json)" if skipped else ""))
 
 
 def cmd_import(args: argparse.Namespace) -> int:

@@ -629,7 +629,7 @@ def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch, cap
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", "mydb", "--top-m", "0.04", "--out",
                str(tmp_path / "o"), "--steps", "2", "--n-samples", "5", "--batch-size", "2") == 0
     assert len(drawn) == 5 and set(drawn) <= {7, 3}  # top 4 % of 50 entries = the two most retrieved
-    assert "top 0.04 of mydb's proposal ranking: 2 of 50 entries" in caplog.text
+    assert "top 0.04 of the proposal ranking of mydb: 2 of 50 entries" in caplog.text
     assert "5 samples from only 2 distinct pseudo-queries" in caplog.text
     info = json.loads((tmp_path / "o" / "run.json").read_text())
     assert info["top_m"] == 0.04 and info["context_source"] == "mydb"

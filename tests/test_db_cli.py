@@ -191,6 +191,9 @@ def test_import_npz_cli(tmp_path, capsys):
     assert cli("import-npz", str(tmp_path / "21x16-part_0.npz"), "--out", str(tmp_path / "db"), "--encoder", SPEC,
                "--shard-size", "8", "--chunk-rows", "5", "--no-progress") == 0
     assert "21 embeddings (16-d, tiny-test) in 3 shards" in capsys.readouterr().out
+    assert cli("import-npz", str(tmp_path / "21x16-part_0.npz"), "--out", str(tmp_path / "one"), "--encoder", SPEC,
+               "--no-progress") == 0
+    assert "21 embeddings (16-d, tiny-test) in 1 shard\n" in capsys.readouterr().out  # not "1 shards"
     db = Database.open(tmp_path / "db", device="cpu")
     np.testing.assert_array_equal(db.embeddings(torch.arange(21)).numpy(), emb.astype(np.float16).astype(np.float32))
     assert db.sources(torch.tensor([0, 20])) == ["100", "120"] and not db.manifest["has_class_ids"]

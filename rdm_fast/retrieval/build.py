@@ -644,15 +644,16 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
             raise ValueError(f"none of the {len(skipped)} images could be read (e.g. {root / skipped[0][0]}: "
                              f"{skipped[0][1]}){relative}; nothing was kept in {out}")
         if skipped:
-            log.warning("skipped %d unreadable images (listed in %s), e.g. %s: %s", len(skipped),
-                        out / MANIFEST, *skipped[0])
+            log.warning("skipped %d unreadable image%s (listed in %s), e.g. %s: %s", len(skipped),
+                        "s"[:len(skipped) != 1], out / MANIFEST, *skipped[0])
         manifest = new_manifest(enc.info(), [r["entry"] for r in records], has_sources=True,
                                 has_class_ids=classes is not None, has_patch_coords=crop == "random",
                                 image_root=str(root), skipped={"count": len(skipped),
                                                                "files": skipped[:MAX_SKIPPED_IN_MANIFEST]},
                                 build=config, class_names=class_names)
         write_manifest(out, manifest)
-        log.info("wrote %s: %d embeddings in %d shards", out, manifest["count"], len(records))
+        log.info("wrote %s: %d embeddings in %d shard%s", out, manifest["count"], len(records),
+                 "s"[:len(records) != 1])
 
     return run_sharded(out, config, n_shards, compute, finish)
 

@@ -150,11 +150,12 @@ def draw_pseudo_queries(db: Database, n: int, top_m: float, generator: torch.Gen
     entry when the database has no ranking, with a warning)."""
     if db.manifest.get("proposals"):
         pool = db.proposals(top_m)
-        log.info("pseudo-queries drawn from the top %g of %s's proposal ranking: %d of %d entries", top_m,
+        log.info("pseudo-queries drawn from the top %g of the proposal ranking of %s: %d of %d entries", top_m,
                  db.path.name, len(pool), len(db))
         if len(pool) < n:
-            log.warning("%d samples from only %d distinct pseudo-queries (top %g of %d entries): some repeat; "
-                        "raise --top-m for more variety", n, len(pool), top_m, len(db))
+            log.warning("%d samples from only %d distinct pseudo-quer%s (top %g of %d entries): some repeat; "
+                        "raise --top-m for more variety", n, len(pool), "ies" if len(pool) != 1 else "y", top_m,
+                        len(db))
     else:
         log.warning("%s has no proposal ranking (python -m rdm_fast.db neighbors ...): drawing pseudo-queries "
                     "uniformly from all %d entries instead of the top %g", db.path, len(db), top_m)

@@ -242,7 +242,7 @@ def import_npz(parts: Sequence[str | Path], out: str | Path, encoder_info: dict,
         manifest = new_manifest(encoder_info, [r["entry"] for r in records], has_sources=True,
                                 has_class_ids=has_class == {True}, has_patch_coords=True, build=config)
         write_manifest(out, manifest)
-        log.info("wrote %s: %d embeddings from %d parts in %d shards", out, manifest["count"], len(loaded),
-                 len(records))
+        log.info("wrote %s: %d embeddings from %d part%s in %d shard%s", out, manifest["count"], len(loaded),
+                 "s"[:len(loaded) != 1], len(records), "s"[:len(records) != 1])
 
     return run_sharded(out, config, len(plan), compute, finish)
