@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import zlib
@@ -494,7 +495,7 @@ def test_open_file_and_unreadable_proposals(tmp_path, db_dir):
     with pytest.raises(ValueError) as e:
         Database.open(tmp_path / "afile")
     assert "is a file, not a database directory" in one_line(e)
-    save_proposals(db_dir, np.arange(50), np.zeros(50), queries=1, k=1)
+    save_proposals(db_dir, np.arange(50), np.zeros(50, np.int64), queries=1, k=1)
     (db_dir / "proposals.npy").write_bytes((db_dir / "proposals.npy").read_bytes()[:100])
     with pytest.raises(ValueError) as e:
         Database.open(db_dir, device="cpu").proposal_ranking()
@@ -504,6 +505,21 @@ def test_open_file_and_unreadable_proposals(tmp_path, db_dir):
         Database.open(db_dir, device="cpu").proposals(0.5)
     assert one_line(e).startswith(f"{db_dir / 'proposals.npy'} holds id 1000000, outside the database's 50 entries")
     assert f"python -m rdm_fast.db neighbors {db_dir} --k K --out FILE" in str(e.value)
+
+
+def test_save_proposals_refuses_what_every_read_would_refuse(db_dir):
+    """Ids outside the entries were recorded, and then every proposals() / proposal_ranking() failed on them."""
+    perm = np.random.default_rng(0).permutation(50)
+    for ids, counts, message in ((np.full(50, 99), np.zeros(50, np.int64), "lists each of the database's 50 entries"),
+                                 (np.r_[perm[:49], perm[0]], np.zeros(50, np.int64), "each of the database's 50"),
+                                 (perm, np.zeros(50), "holds integers, got int64 ids and float64 counts"),
+                                 (perm, np.full(50, -1), "counts are numbers of times, >= 0; got -1"),
+                                 (perm[:10], np.zeros(10, np.int64), "one id and count per entry (50)")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            save_proposals(db_dir, ids, counts)
+    assert not read_manifest(db_dir).get("proposals") and not (db_dir / "proposals.npy").exists()
+    save_proposals(db_dir, perm, np.arange(50)[::-1])
+    assert Database.open(db_dir, device="cpu").proposals(0.1).tolist() == perm[:5].tolist()
 
 
 def test_proposals_are_memory_mapped_and_checked_in_blocks(tmp_path, db_dir, monkeypatch):

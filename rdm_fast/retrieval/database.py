@@ -691,12 +691,23 @@ class Database:
 
 
 def save_proposals(directory: str | Path, ids: np.ndarray, counts: np.ndarray, **info: Any) -> None:
-    """Store a proposal ranking in the database directory and record it in the manifest."""
+    """Store a proposal ranking in the database directory and record it in the manifest: ``ids`` every entry
+    once, in ranked order, ``counts`` how often each was a training neighbour (see neighbors.py). ValueError for
+    other shapes, non-integers, ids that are not the entries or negative counts (such a ranking was recorded,
+    then refused by every later read)."""
     directory = Path(directory)
     n = read_manifest(directory)["count"]
-    ids, counts = np.asarray(ids, np.int64), np.asarray(counts, np.int64)
+    ids, counts = np.asarray(ids), np.asarray(counts)
     if ids.shape != (n,) or counts.shape != (n,):
-        raise ValueError(f"a proposal ranking needs one id and count per entry ({n}), got {ids.shape}")
+        raise ValueError(f"a proposal ranking needs one id and count per entry ({n}), got {ids.shape} and "
+                         f"{counts.shape}")
+    if n and (ids.dtype.kind not in "iu" or counts.dtype.kind not in "iu"):
+        raise ValueError(f"a proposal ranking holds integers, got {ids.dtype} ids and {counts.dtype} counts")
+    ids, counts = ids.astype(np.int64), counts.astype(np.int64)
+    if n and not np.array_equal(np.sort(ids), np.arange(n)):
+        raise ValueError(f"a proposal ranking lists each of the database's {n} entries once (ids 0 to {n - 1})")
+    if n and counts.min() < 0:
+        raise ValueError(f"a proposal ranking's counts are numbers of times, >= 0; got {counts.min()}")
     remove_stale_temps(directory, [PROPOSALS, MANIFEST])  # what a killed write of them left
     if read_manifest(directory).get("proposals"):  # a kill while the file is replaced leaves no ranking, never
         update_manifest(directory, lambda m: m.update(proposals=None))  # a new file under the old one's record
