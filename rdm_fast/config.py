@@ -401,6 +401,13 @@ class RDMConfig:
             ("scale_factor", self.scale_factor, math.isfinite(self.scale_factor) and self.scale_factor > 0,
              "must be positive and finite"),
         ])
+        # imported here: the diffusion package imports the ops, which import this module
+        from .diffusion.schedule import uniform_timesteps
+
+        try:  # a default step count the schedule refuses would fail every sampling run that relies on it
+            uniform_timesteps(self.sampling.steps, self.timesteps)
+        except ValueError as e:
+            raise ConfigError(f"sampling.{e}") from None
 
     @property
     def context_dim(self) -> int:

@@ -142,6 +142,9 @@ def edited(base: str = OFFICIAL_768, **changes) -> dict:
     (dict(sampling={"eta": 5, "sampler": "plms"}), r"sampling.eta must be 0 for plms"),
     (dict(sampling={"eta": -1.0}), r"sampling.eta must be finite and >= 0"),
     (dict(sampling={"steps": "fifty"}), "sampling.steps = 'fifty' must be int"),
+    # default step counts the schedule refuses: every sampling run relying on them failed
+    (dict(sampling={"steps": 3}), "sampling.steps = 3 would visit timestep 1000, past the last one"),
+    (dict(sampling={"steps": 10000}), "sampling.steps must be between 1 and 500 for a 1000-step schedule"),
 ])
 def test_unsupported_configs_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,15 @@ def test_ddim_step_count_quirk_and_bounds():
             s.ddim_timesteps(past_end)
     with pytest.raises(ValueError, match="eta"):
         s.ddim(10, eta=-1.0)
+    # other types: 2.5 steps gave float timesteps (and an IndexError in ddim), True one step, None or "0.5" as
+    # eta a TypeError from a comparison
+    for bad in (2.5, True, "10"):
+        with pytest.raises(TypeError, match=f"steps must be an int, got {bad!r}"):
+            s.ddim(bad)
+    for bad in (None, "0.5", False):
+        with pytest.raises(TypeError, match=f"eta must be a real number, got {bad!r}"):
+            s.ddim(10, eta=bad)
+    assert s.ddim(np.int64(10), eta=np.float32(0.5)).timesteps.tolist() == s.ddim(10, eta=0.5).timesteps.tolist()
 
 
 def test_ddim_step_count_warning_once_per_count(caplog, monkeypatch):

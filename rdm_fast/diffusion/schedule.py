@@ -25,6 +25,26 @@ def _last_ddim_timestep(steps: int, total: int) -> int:
     return 1 + stride * ((total - 1) // stride)
 
 
+def uniform_timesteps(steps: int, total: int) -> Tensor:
+    """The "uniform" DDIM timesteps of ``steps`` steps over a ``total``-step schedule, ascending, as the reference
+    picks them: every ``total // steps`` from 1, so a count that does not divide ``total`` gives a few more.
+    TypeError unless ``steps`` is an int (NumPy's too); ValueError outside 1 to total // 2 or where the last
+    timestep would be ``total``."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, got {steps!r}")
+    steps = int(steps)
+    if not 1 <= steps <= total // 2:
+        raise ValueError(f"steps must be between 1 and {total // 2} for a {total}-step schedule, got {steps}")
+    timesteps = torch.arange(0, total, total // steps) + 1
+    if timesteps[-1] >= total:
+        fits = [s for s in range(1, total // 2 + 1) if _last_ddim_timestep(s, total) < total]
+        near = sorted(fits, key=lambda s: (abs(s - steps), s))[:2]
+        raise ValueError(f"steps = {steps} would visit timestep {int(timesteps[-1])}, past the last one "
+                         f"({total - 1}), as the reference's uniform schedule does; the nearest counts that "
+                         f"fit: {' and '.join(map(str, sorted(near)))}")
+    return timesteps
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A discrete diffusion schedule (float64 on the CPU)."""
@@ -58,18 +78,10 @@ class Schedule:
         return torch.cumprod(1.0 - self.betas, dim=0)
 
     def ddim_timesteps(self, steps: int) -> Tensor:
-        """The "uniform" DDIM timesteps, ascending. A step count that does not divide T gives a few more steps,
-        exactly as in the reference."""
+        """The "uniform" DDIM timesteps, ascending (see :func:`uniform_timesteps`), with a warning (once per
+        count) where they are more than ``steps``."""
         total = self.num_timesteps
-        if not 1 <= steps <= total // 2:
-            raise ValueError(f"steps must be between 1 and {total // 2} for a {total}-step schedule, got {steps}")
-        timesteps = torch.arange(0, total, total // steps) + 1
-        if timesteps[-1] >= total:
-            fits = [s for s in range(1, total // 2 + 1) if _last_ddim_timestep(s, total) < total]
-            near = sorted(fits, key=lambda s: (abs(s - steps), s))[:2]
-            raise ValueError(f"steps = {steps} would visit timestep {int(timesteps[-1])}, past the last one "
-                             f"({total - 1}), as the reference's uniform schedule does; the nearest counts that "
-                             f"fit: {' and '.join(map(str, sorted(near)))}")
+        timesteps = uniform_timesteps(steps, total)
         if len(timesteps) != steps and (steps, total) not in _WARNED:  # once per count, not per batch
             _WARNED.add((steps, total))
             log.warning("%d DDIM steps requested; the uniform schedule with stride %d gives %d (as the reference)",
@@ -82,6 +94,8 @@ class Schedule:
         ``eta`` scales the noise: 0 is deterministic, 1 the DDPM posterior variance. Beyond a bound (>= 1, it
         depends on the schedule and steps) the update's sqrt(1 - alphā_prev - sigma²) has no real value:
         ValueError naming the bound."""
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+            raise TypeError(f"eta must be a real number, got {eta!r}")
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         timesteps = self.ddim_timesteps(steps)
