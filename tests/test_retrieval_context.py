@@ -88,6 +88,13 @@ def test_context_options_k_and_no_query(db_and_data):
         model_context(db, cfg, q, k=0, include_query=False)
     with pytest.raises(ValueError, match="k must be an int >= 0"):
         model_context(db, cfg, q, k=-1)
+    with pytest.raises(TypeError, match="k must be an int, got 2.0"):  # as Database.search says it
+        model_context(db, cfg, q, k=2.0)
+    # leaving out the queries' own entries: the message counted the extra result the search asks for
+    n = len(db)
+    with pytest.raises(ValueError, match=f"k must be at most {n - 1} .*the query's own entry.*got {n}$"):
+        model_context(db, cfg, q, k=n, query_ids=torch.tensor([0, 1]))
+    assert model_context(db, cfg, q, k=n - 1, query_ids=torch.tensor([0, 1])).shape == (2, n, 64)
 
 
 def test_checks_and_pseudo_queries(db_and_data, tmp_path, monkeypatch, caplog):

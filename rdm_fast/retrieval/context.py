@@ -95,10 +95,15 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
     fewer than k neighbours.
     """
     queries = db.checked_queries(queries)  # once: the searches below take them as checked
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0 or (k == 0 and not include_query):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {k!r}")  # as the searches say it
+    if k < 0 or (k == 0 and not include_query):
         raise ValueError(f"k must be an int >= {int(not include_query)}"
                          f"{' without the query' if not include_query else ''}, got {k!r}")
     k = int(k)
+    if query_ids is not None and k >= len(db) > 0:  # the search asks for one more, the query's own entry
+        raise ValueError(f"k must be at most {len(db) - 1} (the database size {len(db)} less the query's own "
+                         f"entry, which is left out), got {k}")
     parts = [queries.float()[:, None]] if include_query else []
     if k > 0:
         if query_ids is None:
