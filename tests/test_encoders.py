@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rdm_fast.encoders import EncoderUnavailable, get_encoder, list_encoders
+from rdm_fast.encoders import EncoderUnavailable, get_encoder, list_encoders, register_encoder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -23,6 +23,22 @@ def test_builtin_encoders_are_registered():
     assert {"clip-vit-b-32", "clip-vit-l-14", "offline-lite0-minilm"} <= set(list_encoders())
     with pytest.raises(ValueError, match="unknown encoder"):
         get_encoder("clip-vit-h-99")
+
+
+def test_get_encoder_checks_the_device_and_what_the_factory_returns(monkeypatch):
+    """A GPU the machine lacks gave PyTorch's driver error from inside the encoder; a factory returning no
+    Encoder failed on ``.eval``."""
+    from rdm_fast.encoders import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    register_encoder("not-an-encoder", lambda **kwargs: 3)
+    with pytest.raises(ValueError, match="registered factory returned a 'int' object, not an Encoder"):
+        get_encoder("not-an-encoder")
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
+        get_encoder("not-an-encoder", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available here"):
+            get_encoder("not-an-encoder", device="cuda")
 
 
 def test_registration_is_lazy():

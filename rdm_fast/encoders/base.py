@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._distributed import parse_device
 from ..images import check_image_range
 
 log = logging.getLogger("rdm_fast.encoders")
@@ -131,11 +132,16 @@ def get_encoder(name: str, *, device: str | torch.device = "cpu", checkpoint: st
 
     ``checkpoint`` is a local weights file (overrides any default source); ``pretrained=False`` builds the
     architecture with random weights (tests, benchmarks). Raises :class:`EncoderUnavailable` with a one-line
-    hint when weights or packages are missing.
+    hint when weights or packages are missing; ValueError for an unknown name or device, or a GPU this machine
+    lacks, and for a registered factory that returns no :class:`Encoder`.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown encoder {name!r}; available: {', '.join(list_encoders()) or 'none'}")
+    parse_device(device)
     encoder = _REGISTRY[name](device=device, checkpoint=checkpoint, pretrained=pretrained)
+    if not isinstance(encoder, Encoder):
+        raise ValueError(f"encoder {name!r}: its registered factory returned a {type(encoder).__name__!r} object, "
+                         "not an Encoder")
     return encoder.eval().requires_grad_(False)
 
 
@@ -147,6 +153,7 @@ def resolve_encoder(spec: str, *, device: str | torch.device = "cpu", checkpoint
     if spec in _REGISTRY or ":" not in spec:
         return get_encoder(spec, device=device, checkpoint=checkpoint, pretrained=pretrained)
     module_name, _, attr = spec.partition(":")
+    parse_device(device)
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except ImportError as e:
@@ -162,5 +169,6 @@ def resolve_encoder(spec: str, *, device: str | torch.device = "cpu", checkpoint
         pass
     encoder = factory(device=device, checkpoint=checkpoint, pretrained=pretrained)
     if not isinstance(encoder, Encoder):
-        raise ValueError(f"encoder {spec!r}: {attr}(...) returned a {type(encoder).__name__}, not an Encoder")
+        raise ValueError(f"encoder {spec!r}: {attr}(...) returned a {type(encoder).__name__!r} object, not an "
+                         "Encoder")
     return encoder.eval().requires_grad_(False)
