@@ -159,6 +159,9 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     can run code from the file: only for files you trust.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file (resolve_file finds the file in an "
+                              "rdm_fast directory or training run)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":

@@ -34,13 +34,21 @@ def check_image_range(images: Tensor, what: str, expects: str) -> None:
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 (NaN becomes 0: check for it before, as sampling does)."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"to_uint8: images must be a (B, 3, H, W) tensor, got {shape}")
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile (B, H, W, 3) uint8 images into one (rows, columns) image with a white border."""
+    """Tile (B, H, W, 3) uint8 images into one (rows, columns) image with a white border; ``columns`` default:
+    about the square root of B."""
+    if images.ndim != 4 or images.shape[0] < 1:
+        raise ValueError(f"grid: images must be (B, H, W, C) with B >= 1, got {images.shape}")
+    if columns is not None and columns < 1:
+        raise ValueError(f"grid: columns must be at least 1, got {columns}")
     b, h, w, c = images.shape
     columns = columns or math.ceil(math.sqrt(b))
     rows = math.ceil(b / columns)
@@ -103,6 +111,10 @@ class PngWriter:
 
 def contact_sheet(tiles: list[tuple[Image.Image, str]], columns: int | None = None) -> Image.Image:
     """A grid of (image, caption) tiles, each caption written under its image."""
+    if not tiles:
+        raise ValueError("contact_sheet: no tiles")
+    if columns is not None and columns < 1:
+        raise ValueError(f"contact_sheet: columns must be at least 1, got {columns}")
     size = tiles[0][0].size[0]
     columns = columns or min(len(tiles), math.ceil(math.sqrt(len(tiles))) + 1)
     rows = math.ceil(len(tiles) / columns)

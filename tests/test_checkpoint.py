@@ -288,6 +288,8 @@ def test_not_a_state_dict(tmp_path):
 def test_missing_paths(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         RDM.from_pretrained(tmp_path / "nope.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="is a directory, not a file"):  # it said "does not exist"
+        ckpt.read_state_dict(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="directory without model.safetensors or a single .ckpt"):
         RDM.from_pretrained(tmp_path)
 

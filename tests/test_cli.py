@@ -867,6 +867,20 @@ def test_error_and_interrupt_lines_are_single_writes(monkeypatch):
     assert writes == ["error: bad input second line\n", "interrupted\n"]
 
 
+def test_image_helpers_refuse_what_they_cannot_draw():
+    """An empty batch divided by zero, a (3, H, W) image failed in ``permute``, no tiles in an IndexError, and
+    ``columns=0`` was taken for the default."""
+    with pytest.raises(ValueError, match=r"to_uint8: images must be a \(B, 3, H, W\) tensor, got \(3, 8, 8\)"):
+        images.to_uint8(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match="grid: images must be .* with B >= 1"):
+        images.grid(np.zeros((0, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="grid: columns must be at least 1, got 0"):
+        images.grid(np.zeros((2, 8, 8, 3), np.uint8), columns=0)
+    with pytest.raises(ValueError, match="contact_sheet: no tiles"):
+        images.contact_sheet([])
+    assert images.grid(np.zeros((3, 8, 8, 3), np.uint8), columns=3).shape == (12, 32, 3)
+
+
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
             "is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. Of the allocated memory "
             "76.50 GiB is allocated by PyTorch, and 1.10 GiB is reserved by PyTorch but unallocated.")

@@ -471,6 +471,19 @@ def test_exact_search_ranks_nan_scores_last():
     assert idx.tolist() == [[2, 0, 1]]
 
 
+def test_exact_search_and_proposals_check_argument_types(db_dir):
+    """NumPy queries failed on ``.dim``, ``chunk=0`` in ``range()``, a string fraction on ``<``."""
+    stored = np.random.default_rng(2).standard_normal((12, 16)).astype(np.float32)
+    with pytest.raises(TypeError, match="queries must be a torch.Tensor .*got ndarray"):
+        exact_search(stored[:2], stored, 3)
+    for chunk in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"chunk must be a positive int .*got {chunk!r}"):
+            exact_search(torch.from_numpy(stored[:2]), stored, 3, chunk=chunk)
+    save_proposals(db_dir, np.arange(50), np.zeros(50, np.int64))
+    with pytest.raises(TypeError, match="m must be a fraction in \\(0, 1\\], got '0.1'"):
+        Database.open(db_dir, device="cpu").proposals("0.1")
+
+
 def test_write_database_checks_metadata_lengths_first(tmp_path, data):
     emb = data[0]
     for kwargs, expect in [({"sources": ["a"] * 49}, "sources has 49 values, expected 50"),

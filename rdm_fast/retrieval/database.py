@@ -685,6 +685,8 @@ class Database:
     def proposals(self, m: float) -> Tensor:
         """The ids of the top fraction ``m`` (0 < m <= 1) of the proposal ranking (at least one id): the
         pseudo-queries of top-m unconditional sampling. Reads only those rows of the ranking."""
+        if isinstance(m, bool) or not isinstance(m, numbers.Real):
+            raise TypeError(f"m must be a fraction in (0, 1], got {m!r}")
         if not 0 < m <= 1:
             raise ValueError(f"m must be a fraction in (0, 1], got {m}")
         return torch.from_numpy(np.array(self._ranking()[:max(1, math.ceil(m * len(self))), 0]))

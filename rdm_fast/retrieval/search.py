@@ -66,6 +66,10 @@ def exact_search(queries: Tensor, database: Rows | Sequence[Rows], k: int, *,
     first, ties broken by the lower id. ``database`` is one (N, D) tensor/array or a list of parts in id order
     (e.g. memory-mapped shards). Rows are L2-normalised here; computed in fp32 on the queries' device."""
     parts = list(database) if isinstance(database, (list, tuple)) else [cast(Rows, database)]
+    if not isinstance(queries, Tensor):
+        raise TypeError(f"queries must be a torch.Tensor (Q, D), got {type(queries).__name__}")
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int (database rows per block), got {chunk!r}")
     if queries.dim() != 2 or any(p.ndim != 2 for p in parts):
         raise ValueError(f"queries must be (Q, D) and the database (N, D), got {tuple(queries.shape)} and "
                          f"{[tuple(p.shape) for p in parts]}")
