@@ -18,7 +18,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 import uuid
 import zipfile
@@ -343,15 +345,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     # under torchrun: the batches are shared out, and the processes meet at the end (gloo; torchrun ends them all
     # if one fails)
     procs = Processes()
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         with contextlib.ExitStack() as held:
             return _main(args, procs, held)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (_terminated)
         if procs.main and _incomplete_run(Path(args.out)):
-            log.warning("interrupted: the same command with --resume draws only the images still missing")
+            log.warning("stopped: the same command with --resume draws only the images still missing")
         raise
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         procs.close()
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler's preemption; torchrun ending the other processes when one fails) unwinds the run as
+    Ctrl-C does: images being written are finished or removed, and the exit status is 143."""
+    raise SystemExit(128 + signum)
 
 
 def _incomplete_run(out: Path) -> bool:
@@ -364,6 +376,7 @@ def _incomplete_run(out: Path) -> bool:
 
 def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack) -> int:
     """The run: model and contexts, then the batches. ``held`` keeps what the run holds until it ends."""
+    started = time.perf_counter()
     if args.db:
         locate_database(args.db)  # a missing database fails now; it is opened after the model
     ckpt_file = None if args.random_init else resolve_file(args.ckpt)  # a training run's newest checkpoint
@@ -486,9 +499,11 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
     save_png(grid(np.stack(first_images)), out / "grid.png")
     atomic_write_json(out / "run.json", {**run_info, "complete": True, "seconds": round(seconds, 3)})
     rate = f", {seconds / len(missing):.3g} s per image, first batch's warm-up included" if missing else ""
-    log.info("wrote %d image%s%s and grid.png (%s) to %s in %.1f s%s", len(missing), "s"[:len(missing) != 1],
+    log.info("wrote %d image%s%s and grid.png (%s) to %s in %.1f s of sampling, decoding and writing%s; %.1f s "
+             "with loading", len(missing), "s"[:len(missing) != 1],
              f" (the other {n - len(missing)} of {n} were there)" if len(missing) < n else "",
-             f"the first {len(first_images)}" if len(first_images) > 1 else "of sample 0", out, seconds, rate)
+             f"the first {len(first_images)}" if len(first_images) > 1 else "of sample 0", out, seconds, rate,
+             time.perf_counter() - started)
     return 0
 
 

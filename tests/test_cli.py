@@ -6,9 +6,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -95,8 +97,21 @@ def test_sample_says_what_it_replaces_and_how_to_continue(tiny_dir, tmp_path, mo
     monkeypatch.setattr(RDM, "sample", interrupted)
     caplog.clear()
     assert cli(sample, *args[:-1], str(tmp_path / "cut")) == 130
-    assert any("the same command with --resume draws only the images still missing" in r.getMessage()
+    assert any("stopped: the same command with --resume draws only the images still missing" in r.getMessage()
                for r in caplog.records)
+
+    def terminated(self, context, **kwargs):  # a scheduler's SIGTERM killed the process without a word
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(RDM, "sample", terminated)
+    caplog.clear()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        cli(sample, *args[:-1], str(tmp_path / "term"))
+    assert e.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+    assert any("stopped: the same command with --resume" in r.getMessage() for r in caplog.records)
 
 
 def test_sample_resume_draws_only_the_missing_samples_and_refuses_other_settings(tiny_dir, tmp_path, monkeypatch,

@@ -35,14 +35,14 @@ def uniform_timesteps(steps: int, total: int) -> Tensor:
     steps = int(steps)
     if not 1 <= steps <= total // 2:
         raise ValueError(f"steps must be between 1 and {total // 2} for a {total}-step schedule, got {steps}")
-    timesteps = torch.arange(0, total, total // steps) + 1
-    if timesteps[-1] >= total:
+    last = _last_ddim_timestep(steps, total)
+    if last >= total:
         fits = [s for s in range(1, total // 2 + 1) if _last_ddim_timestep(s, total) < total]
         near = sorted(fits, key=lambda s: (abs(s - steps), s))[:2]
-        raise ValueError(f"steps = {steps} would visit timestep {int(timesteps[-1])}, past the last one "
-                         f"({total - 1}), as the reference's uniform schedule does; the nearest counts that "
-                         f"fit: {' and '.join(map(str, sorted(near)))}")
-    return timesteps
+        raise ValueError(f"steps = {steps} would visit timestep {last}, past the last one ({total - 1}), as the "
+                         f"reference's uniform schedule does; the nearest counts that fit: "
+                         f"{' and '.join(map(str, sorted(near)))}")
+    return torch.arange(0, total, total // steps, device="cpu") + 1  # the CPU whatever the default device
 
 
 @dataclass(frozen=True)
