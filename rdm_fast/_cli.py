@@ -177,6 +177,7 @@ class OutDirLock:
 
     def __init__(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
+        self._held = False
         self._file = open(path / LOCK_FILE, "a+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -194,10 +195,20 @@ class OutDirLock:
         self._file.truncate()
         self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         self._file.flush()
+        self._held = True
         _HELD_LOCKS.add(self)
 
     def release(self) -> None:
+        """Unlock; the file stays (removing a lock file races with a run opening it), emptied of the holder's name
+        so that it does not read as held."""
+        if self._held and not self._file.closed:
+            self._file.truncate(0)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Close this process's copy of the file, leaving its contents (a forked child's: the parent holds on)."""
         _HELD_LOCKS.discard(self)
+        self._held = False
         self._file.close()
 
 
@@ -205,7 +216,7 @@ def _forget_locks_in_child() -> None:
     """A forked process closes its copies of the lock files: a flock belongs to the open file, which fork shares,
     so a worker outliving a killed parent would otherwise keep ``--out`` locked."""
     for lock in list(_HELD_LOCKS):
-        lock.release()
+        lock._forget()
 
 
 os.register_at_fork(after_in_child=_forget_locks_in_child)

@@ -139,6 +139,7 @@ def test_out_dir_lock_refuses_a_second_holder(tmp_path):
     with pytest.raises(CLIError, match="is in use by another run"), claim_out_dir(tmp_path / "out"):
         pass
     first.release()
+    assert (tmp_path / "out" / ".rdm_fast.lock").read_text() == ""  # it read "process N on HOST" after the run
     with claim_out_dir(tmp_path / "out"):
         with pytest.raises(CLIError, match="is in use"):
             OutDirLock(tmp_path / "out")
@@ -172,6 +173,7 @@ def test_out_dir_lock_is_not_kept_by_forked_children(tmp_path):
         os._exit(0)
     try:
         assert os.read(started, 1) == b"1"
+        assert f"process {os.getpid()} on" in (tmp_path / ".rdm_fast.lock").read_text()  # the child kept it whole
         lock.release()
         OutDirLock(tmp_path).release()  # refused while the child still held its copy
     finally:
