@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from array import array
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, overload
@@ -586,6 +587,7 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     Encoder, a registered name or ``"module:factory"``) into a database at ``out``. See the module docstring
     for resumption and ``torchrun``; unreadable images are skipped and counted. A CUDA ``device`` becomes the
     current CUDA device (``process_device``)."""
+    began = time.perf_counter()
     if (images is None) == (image_list is None):
         raise ValueError("give exactly one of images (a folder) or image_list (a list file)")
     if crop not in CROP_MODES:
@@ -652,8 +654,8 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
                                                                "files": skipped[:MAX_SKIPPED_IN_MANIFEST]},
                                 build=config, class_names=class_names)
         write_manifest(out, manifest)
-        log.info("wrote %s: %d embeddings in %d shard%s", out, manifest["count"], len(records),
-                 "s"[:len(records) != 1])
+        log.info("wrote %s: %d embeddings in %d shard%s (%.1f s for this run)", out, manifest["count"], len(records),
+                 "s"[:len(records) != 1], time.perf_counter() - began)
 
     return run_sharded(out, config, n_shards, compute, finish)
 
