@@ -108,10 +108,15 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         return 130
 
 
+# failed allocations that PyTorch reports as plain RuntimeErrors: its CPU allocator's two wordings, pinned host
+# memory and cuBLAS workspaces
+_MEMORY_ERRORS = ("DefaultCPUAllocator: can't allocate", "DefaultCPUAllocator: not enough memory",
+                  "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def _out_of_memory(e: BaseException) -> bool:
-    """True for a failed allocation: CUDA's (torch.OutOfMemoryError), Python's, and PyTorch's CPU allocator's
-    (a plain RuntimeError)."""
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator: can't allocate" in str(e)
+    """True for a failed allocation: CUDA's (torch.OutOfMemoryError), Python's, and those of ``_MEMORY_ERRORS``."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(m in str(e) for m in _MEMORY_ERRORS)
 
 
 def _memory_line(e: BaseException) -> str:
@@ -121,7 +126,7 @@ def _memory_line(e: BaseException) -> str:
         text = text.split(tail)[0]
     if "DefaultCPUAllocator" in text:  # "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ..."
         text = text[text.index("DefaultCPUAllocator"):]
-    return text.strip()
+    return text.strip().rstrip(".")
 
 
 def _say(line: str) -> None:

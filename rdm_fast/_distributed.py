@@ -29,7 +29,16 @@ def parse_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: no CUDA GPU is available here (use 'cpu')")
+    _check_gpu_index(dev)
     return dev
+
+
+def _check_gpu_index(dev: torch.device) -> None:
+    """ValueError for ``cuda:N`` past this machine's visible GPUs (the driver's error came from the first use)."""
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device {str(dev)!r}: this machine has {count} visible GPU{'s' * (count != 1)} "
+                         f"(cuda:0 to cuda:{count - 1}; CUDA_VISIBLE_DEVICES selects them)")
 
 
 def _pick_device(device: str) -> torch.device:
@@ -42,6 +51,7 @@ def _pick_device(device: str) -> torch.device:
         raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: no CUDA GPU is available here (use cpu)")
+    _check_gpu_index(dev)
     if dev.type == "cuda" and dev.index is None:  # one visible GPU per process (e.g. SLURM): that one
         return torch.device(f"cuda:{local if torch.cuda.device_count() > 1 else 0}")
     if dev.type == "cuda" and world > 1:

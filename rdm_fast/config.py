@@ -35,6 +35,7 @@ OWN_FIELDS = ("k_nn", "text_token", "normalized_embeddings", "retrieval_encoder"
 CONDITIONING_KEYS = ("crossattn", "retro_only")
 
 log = logging.getLogger(__name__)
+_STEPS_WARNED: set[tuple[int, int]] = set()  # (sampling.steps, timesteps) pairs already warned about
 
 
 class ConfigError(ValueError):
@@ -263,6 +264,8 @@ class SamplingDefaults:
     guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
+            raise ConfigError(f"sampling.steps must be an int, got {self.steps!r}")
         problem = _sampling_problem(self.steps, self.sampler, self.eta, self.guidance_scale)
         if problem:
             raise ConfigError(f"sampling.{problem}")
@@ -401,13 +404,17 @@ class RDMConfig:
             ("scale_factor", self.scale_factor, math.isfinite(self.scale_factor) and self.scale_factor > 0,
              "must be positive and finite"),
         ])
-        # imported here: the diffusion package imports the ops, which import this module
+        # A default step count the schedule refuses fails every sampling run that relies on it: said at load, as a
+        # warning (the config still trains, and samples with other steps). Imported here: the diffusion package
+        # imports the ops, which import this module.
         from .diffusion.schedule import uniform_timesteps
 
-        try:  # a default step count the schedule refuses would fail every sampling run that relies on it
+        try:
             uniform_timesteps(self.sampling.steps, self.timesteps)
         except ValueError as e:
-            raise ConfigError(f"sampling.{e}") from None
+            if (self.sampling.steps, self.timesteps) not in _STEPS_WARNED:
+                _STEPS_WARNED.add((self.sampling.steps, self.timesteps))
+                log.warning("sampling.%s: this config's default step count cannot sample; give steps= (--steps)", e)
 
     @property
     def context_dim(self) -> int:

@@ -59,7 +59,8 @@ def _export_official(args: argparse.Namespace, out: Path) -> Path:
                  train_state["ema_updates"], decay)
     loading = logging.getLogger("rdm_fast.rdm")
     level = loading.level
-    loading.setLevel(logging.WARNING)  # not its "using the training weights, not the EMA ones": both are exported
+    if training:  # not its "using the training weights, not the EMA ones": both are exported
+        loading.setLevel(logging.WARNING)
     try:
         raw = RDM.from_pretrained(weights, args.config, use_ema=not training, allow_pickle=args.allow_pickle)
     finally:

@@ -345,17 +345,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # under torchrun: the batches are shared out, and the processes meet at the end (gloo; torchrun ends them all
     # if one fails)
     procs = Processes()
-    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    # signal handlers can be set in the main thread only; an ignored SIGTERM (inherited) stays ignored
+    own_handler = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+    previous = signal.signal(signal.SIGTERM, _terminated) if own_handler else None
+    state = {"sampling": False}  # set once this run's run.json says it is under way
     try:
         with contextlib.ExitStack() as held:
-            return _main(args, procs, held)
+            return _main(args, procs, held, state)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (_terminated)
-        if procs.main and _incomplete_run(Path(args.out)):
+        if procs.main and state["sampling"]:
             log.warning("stopped: the same command with --resume draws only the images still missing")
         raise
     finally:
-        if main_thread:
+        if own_handler and previous is not None:  # None: a handler set outside Python, which cannot be restored
             signal.signal(signal.SIGTERM, previous)
         procs.close()
 
@@ -366,16 +369,9 @@ def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _incomplete_run(out: Path) -> bool:
-    """True when ``out``'s run.json says its run has not finished (sampling had begun)."""
-    try:
-        return json.loads((out / "run.json").read_text()).get("complete") is False
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack) -> int:
-    """The run: model and contexts, then the batches. ``held`` keeps what the run holds until it ends."""
+def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack, state: dict[str, bool]) -> int:
+    """The run: model and contexts, then the batches. ``held`` keeps what the run holds until it ends;
+    ``state["sampling"]`` is set once run.json records the run (from then on, --resume continues it)."""
     started = time.perf_counter()
     if args.db:
         locate_database(args.db)  # a missing database fails now; it is opened after the model
@@ -453,6 +449,7 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
         if args.resume:
             log.info("resuming: %d of the %d images exist, %d to draw", n - len(missing), n, len(missing))
         atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
+    state["sampling"] = True
     shown = {}  # samples below GRID_SAMPLES drawn here, for grid.png (a long run's images are not all kept)
     # under torchrun each process draws every world-th batch; sample i's noise depends on i alone
     mine = batches[procs.rank::procs.world]  # (first, end) positions in ``missing``
@@ -474,8 +471,10 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
                              generator=[seeded_generator(args.seed, STEP_NOISE, i) for i in samples],  # eta > 0 noise
                              cuda_graph=False if args.no_cuda_graph else None,
                              progress=sys.stderr.isatty() and procs.main and not args.no_progress)  # terminals
-            images_gpu = model.decode(z)
-            finite = torch.isfinite(images_gpu).flatten(1).all(1)  # read with the pixels, not before
+            # read with the pixels, not before: non-finite latents (which decode refuses on the CPU) and images
+            finite = torch.isfinite(z).flatten(1).all(1)
+            images_gpu = model.decode(torch.nan_to_num(z))
+            finite &= torch.isfinite(images_gpu).flatten(1).all(1)
             if j + 1 < len(mine):  # queue the next batch's retrieval before waiting for these images
                 batch = batch_contexts(order[slice(*mine[j + 1])])
             pixels = to_uint8(images_gpu)

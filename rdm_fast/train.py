@@ -152,12 +152,14 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # an ignored signal (inherited, nohup) stays ignored
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler set outside Python, which cannot be restored
+                signal.signal(sig, handler)
 
 
 class StopVote:

@@ -100,17 +100,40 @@ def test_sample_says_what_it_replaces_and_how_to_continue(tiny_dir, tmp_path, mo
     assert any("stopped: the same command with --resume draws only the images still missing" in r.getMessage()
                for r in caplog.records)
 
-    def terminated(self, context, **kwargs):  # a scheduler's SIGTERM killed the process without a word
+    # stopped before its own run.json (while loading): no hint, though the folder holds an unfinished run's
+    monkeypatch.setattr(sample, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    caplog.clear()
+    assert cli(sample, *args[:-1], str(tmp_path / "cut")) == 130
+    assert not any("--resume" in r.getMessage() for r in caplog.records)
+
+
+def test_sample_unwinds_on_sigterm_and_restores_the_handler(tiny_dir, tmp_path, monkeypatch, caplog):
+    """A scheduler's SIGTERM killed the process without a word: it now unwinds as Ctrl-C does, exit status 143.
+    The test's own SIGTERM handler stands in for the default one, so that a regression fails the test instead of
+    ending pytest."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are set in the main thread only")
+    received = []
+
+    def test_handler(signum, frame):
+        received.append(signum)
+
+    def terminated(self, context, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler interrupts this
-        raise AssertionError("SIGTERM did not stop the run")
+        time.sleep(5)  # sample's handler interrupts this
+        raise AssertionError(f"SIGTERM did not stop the run (the test's handler got {received})")
 
     monkeypatch.setattr(RDM, "sample", terminated)
-    caplog.clear()
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as e:
-        cli(sample, *args[:-1], str(tmp_path / "term"))
-    assert e.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+    caplog.set_level("INFO", logger="rdm_fast")
+    previous = signal.signal(signal.SIGTERM, test_handler)
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps",
+                "2", "--n-samples", "2", "--out", str(tmp_path / "term"))
+        assert signal.getsignal(signal.SIGTERM) is test_handler and not received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.code == 143
     assert any("stopped: the same command with --resume" in r.getMessage() for r in caplog.records)
 
 
@@ -190,6 +213,13 @@ def test_process_device_takes_the_local_gpu_and_makes_it_current(monkeypatch):
     with pytest.raises(ValueError, match="each process takes its own GPU"):
         _distributed.process_device("cuda:0")
     assert _distributed.process_device("cpu") == torch.device("cpu") and len(current) == 2
+    # a GPU index past the visible ones failed at its first use, with the driver's message
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="device 'cuda:2': this machine has 2 visible GPUs"):
+        _distributed.process_device("cuda:2")
+    with pytest.raises(ValueError, match="device 'cuda:7': this machine has 2 visible GPUs"):
+        _distributed.parse_device("cuda:7")
+    assert _distributed.parse_device("cuda:1") == torch.device("cuda:1")
 
 
 def test_sample_refuses_an_out_in_use_and_removes_killed_writes(tiny_dir, tmp_path, capsys):
@@ -473,6 +503,17 @@ def test_non_finite_samples_fail_instead_of_black_images(tiny_dir, tmp_path, cap
     assert code == 2 and err[-1] == ("error: samples 1, 3 came out NaN or infinite: the checkpoint's weights or the "
                                      "contexts are not finite"), err
     assert not list((tmp_path / "o").glob("sample_*.png"))
+    real_sample = RDM.sample
+
+    def nan_latents(self, context, **kwargs):  # NaN latents: named the same way (decode refuses them on the CPU)
+        z = real_sample(self, context, **kwargs)
+        return z * torch.tensor([float("nan")] + [1.0] * (len(z) - 1))[:, None, None, None]
+
+    monkeypatch.setattr(RDM, "decode", real)
+    monkeypatch.setattr(RDM, "sample", nan_latents)
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2",
+               "--n-samples", "4", "--batch-size", "4", "--out", str(tmp_path / "p")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: sample 0 came out NaN or infinite")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -698,9 +739,13 @@ def test_k_zero_without_the_query_is_refused(tiny_dir, tmp_path, capsys):
     assert code == 2 and "--k must be at least 1 with --no-query, got 0" in capsys.readouterr().err
 
 
-def test_convert(tmp_path, tiny_official, capsys):
+def test_convert(tmp_path, tiny_official, capsys, caplog):
     cfg, full, _, _ = tiny_official
     torch.save({"state_dict": full}, tmp_path / "official.ckpt")
+    caplog.set_level("INFO", logger="rdm_fast")
+    assert cli(convert, str(tmp_path / "official.ckpt"), "--out", str(tmp_path / "back"), "--to", "official") == 0
+    assert any(r.name == "rdm_fast.rdm" for r in caplog.records)  # what the load says (only a training
+    # checkpoint's "training weights, not the EMA ones" is left out, as both sets are exported)
     (tmp_path / "conv").mkdir()
     (tmp_path / "conv" / ".model.safetensors.x1y2.tmp").write_bytes(b"left by a killed conversion")
     (tmp_path / "conv" / ".notes.tmp").write_bytes(b"not ours")
@@ -904,7 +949,14 @@ CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total c
 @pytest.mark.parametrize("error, line", [
     (lambda: torch.OutOfMemoryError(CUDA_OOM),
      "error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB "
-     "of which 1.06 GiB is free.; lower --batch-size"),
+     "of which 1.06 GiB is free; lower --batch-size"),
+    (lambda: RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+     "error: out of memory: CUDA error: out of memory CUDA kernel errors"),  # e.g. pinned host memory
+    (lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+     "error: out of memory: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling"),
+    (lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
+                          "tried to allocate 100 bytes."),
+     "error: out of memory: DefaultCPUAllocator: not enough memory: you tried to allocate 100 bytes; lower"),
     (lambda: torch.empty(2 ** 60, dtype=torch.uint8),  # a real failed allocation of PyTorch's CPU allocator
      "error: out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate 1152921504606846976 bytes"),
     (lambda: MemoryError(), "error: out of memory: MemoryError; lower --batch-size"),
@@ -947,7 +999,7 @@ for module in sys.argv[1:]:
 """
     modules = {"rdm_fast.sample": "--batch-size", "rdm_fast.train": "--accumulate", "rdm_fast.db": "--batch-size",
                "rdm_fast.encoders.train_projection": "--batch"}
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::RuntimeWarning"}
+    env = child_env(PYTHONWARNINGS="ignore::RuntimeWarning")  # the rdm_fast this process tests
     env.pop("RDM_FAST_DEBUG", None)
     r = subprocess.run([sys.executable, "-c", script, *modules], capture_output=True, text=True, timeout=300,
                        cwd=tmp_path, env=env)
@@ -955,5 +1007,5 @@ for module in sys.argv[1:]:
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == len(modules), r.stderr
     for line, option in zip(errors, modules.values()):
-        assert line.startswith("error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB.; lower "), line
+        assert line.startswith("error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB; lower "), line
         assert option in line, line

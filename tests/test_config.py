@@ -142,13 +142,30 @@ def edited(base: str = OFFICIAL_768, **changes) -> dict:
     (dict(sampling={"eta": 5, "sampler": "plms"}), r"sampling.eta must be 0 for plms"),
     (dict(sampling={"eta": -1.0}), r"sampling.eta must be finite and >= 0"),
     (dict(sampling={"steps": "fifty"}), "sampling.steps = 'fifty' must be int"),
-    # default step counts the schedule refuses: every sampling run relying on them failed
-    (dict(sampling={"steps": 3}), "sampling.steps = 3 would visit timestep 1000, past the last one"),
-    (dict(sampling={"steps": 10000}), "sampling.steps must be between 1 and 500 for a 1000-step schedule"),
 ])
 def test_unsupported_configs_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
         RDMConfig.from_dict(edited(**change))
+
+
+def test_a_default_step_count_the_schedule_refuses_is_warned_about_at_load(caplog, monkeypatch):
+    """Every sampling run relying on it failed; the config still loads (it trains, and samples with other steps),
+    with one warning per count and schedule length."""
+    from rdm_fast import config as config_module
+
+    monkeypatch.setattr(config_module, "_STEPS_WARNED", set())
+    for steps, problem in ((3, "sampling.steps = 3 would visit timestep 1000, past the last one"),
+                           (10000, "sampling.steps must be between 1 and 500 for a 1000-step schedule")):
+        caplog.clear()
+        for _ in range(2):
+            assert RDMConfig.from_dict(edited(sampling={"steps": steps})).sampling.steps == steps
+        warned = [r.getMessage() for r in caplog.records if "cannot sample" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].startswith(problem), warned
+    caplog.clear()
+    RDMConfig.from_dict(edited(sampling={"steps": 50}))
+    assert not [r for r in caplog.records if "cannot sample" in r.getMessage()]
+    with pytest.raises(ConfigError, match="sampling.steps must be an int, got 2.5"):
+        SamplingDefaults(steps=2.5)
 
 
 def test_sampling_settings_resolve_against_the_defaults():

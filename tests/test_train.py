@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -531,10 +532,11 @@ def test_diverged_weights_are_not_saved(setup, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bar", [False, True])
-def test_without_progress_bars_the_loss_is_logged(setup, tmp_path, caplog, bar):
+def test_without_progress_bars_the_loss_is_logged(setup, tmp_path, caplog, monkeypatch, bar):
     """--no-progress (batch jobs) leaves no bar to show the loss: each --log-every record is a log line too. So
     does a bar written to a file (here pytest's capture), whose frames run together into one line."""
     caplog.set_level("INFO", logger="rdm_fast.train")
+    monkeypatch.setattr(train.sys.stderr, "isatty", lambda: False)  # also under pytest -s in a terminal
     args = [a for a in _fresh(setup, tmp_path / "run", steps=4) if not (bar and a == "--no-progress")]
     assert train.main(args) == 0  # --log-every 2
     lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
@@ -546,7 +548,7 @@ def test_throughput_leaves_out_checkpoint_time(setup, tmp_path, monkeypatch):
     counted in the next interval."""
     offset = [0.0]
     real_clock, real_save = time.perf_counter, train.save_checkpoint
-    monkeypatch.setattr(train.time, "perf_counter", lambda: real_clock() + offset[0])
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: real_clock() + offset[0]))
 
     def slow_save(*args, **kwargs):
         offset[0] += 1000.0  # a checkpoint that takes 1000 s
@@ -572,6 +574,20 @@ def test_a_stop_writes_the_pending_log_line(setup, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert train.main(_fresh(setup, out, steps=5) + ["--log-every", "100"]) == train.STOPPED
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_stop_request_leaves_ignored_signals_ignored():
+    """A job started with SIGINT ignored (``nohup``, a background job of a script) kept it ignored only until
+    training installed its handler; handlers are restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        term = signal.getsignal(signal.SIGTERM)
+        with train.StopRequest() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_missing_neighbours_fail_before_the_model_is_built(setup, tmp_path, monkeypatch):
