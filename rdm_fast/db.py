@@ -245,6 +245,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     if m.get("image_root"):
         lines.append(f"images     {m['image_root']}")
+    build = m.get("build") or {}
+    if build.get("crop"):  # what training crops its images as, and a query image is cut like
+        per = build.get("crops_per_image", 1)
+        lines.append(f"crops      {build['crop']}, {build.get('crop_size', '?')} px" +
+                     (f", {per} per image" if per != 1 else ""))
     if args.verify:
         lines.append("verified   every shard's embeddings and metadata match their SHA-256 (index and proposals "
                      "files have no checksum)")

@@ -71,7 +71,7 @@ def test_info(built, tmp_path, capsys):
     out = capsys.readouterr().out
     for expect in ("entries    10 x 16 float16", "encoder    tiny-test (16-d, not normalised)",
                    "shards     3 (2-4 rows each)", "sources, class ids, patch coords", "index      none",
-                   "proposals  none", "skipped    no unreadable inputs",
+                   "proposals  none", "skipped    no unreadable inputs", "crops      random, 32 px\n",
                    "verified   every shard's embeddings and metadata match their SHA-256"):
         assert expect in out, expect
     assert cli("info", str(built / "db"), "--json") == 0
@@ -79,7 +79,7 @@ def test_info(built, tmp_path, capsys):
     plain = write_database(tmp_path / "plain", np.ones((3, 16)), INFO)
     assert cli("info", str(plain)) == 0
     out = capsys.readouterr().out
-    assert "\nmetadata   none\n" in out and "\nshards     1 (3 rows)\n" in out
+    assert "\nmetadata   none\n" in out and "\nshards     1 (3 rows)\n" in out and "crops" not in out  # no build
 
 
 def _rows(out: str) -> list[list[str]]:
