@@ -441,6 +441,31 @@ def test_broken_links_are_skipped_and_counted(tmp_path):
     assert db.manifest["skipped"]["files"][0][0] == "gone.png"
 
 
+def test_elongated_images_and_fifos_are_skipped_not_fatal(tmp_path):
+    """A 20000x1 PNG (143 bytes) was resized to 5,120,000x256 for a 256 px crop: 13 GB, and the build died of the
+    out-of-memory killer; a FIFO named in a list blocked the build forever. Both are skipped and counted now, as
+    image queries and training refuse them."""
+    from rdm_fast.retrieval.build import load_query_image, replay_crop
+
+    Image.fromarray(_noise(np.random.default_rng(1), 40, 40)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((1, 20000, 3), np.uint8)).save(tmp_path / "thin.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "list.txt").write_text("a.png\nthin.png\npipe.png\n")
+    db = Database.open(build_database(tmp_path / "db", encoder=TinyEncoder(), image_list=tmp_path / "list.txt",
+                                      crop="random", crop_size=256, workers=0, device="cpu", progress=False),
+                       device="cpu")
+    skipped = dict(db.manifest["skipped"]["files"])
+    assert len(db) == 1 and db.manifest["skipped"]["count"] == 2, skipped
+    assert "would be resized to 5120000x256 for its 256 px random crop: too elongated" in skipped["thin.png"]
+    assert "is not a regular file" in skipped["pipe.png"]
+    with pytest.raises(ValueError, match="query image .*thin.png cannot be read .*too elongated"):
+        load_query_image(tmp_path / "thin.png", 256)
+    thin = Image.open(tmp_path / "thin.png")
+    with pytest.raises(ValueError, match="too elongated"):  # training replays crops through the same resize
+        replay_crop(thin, "center", 256)
+    assert replay_crop(thin, "center", 8).shape == (8, 8, 3)  # 160000x8: within the limit
+
+
 def test_list_files_are_text_with_any_file_name_bytes(tmp_path):
     """A list naming a file whose name is not UTF-8 (Linux file names are bytes) works like a folder scan of it;
     a binary file given as the list is refused, naming it."""

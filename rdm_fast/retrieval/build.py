@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from array import array
 from pathlib import Path
@@ -43,6 +44,7 @@ PROGRESS = "progress"
 MAX_SKIPPED_IN_MANIFEST = 1000
 MAX_CROP_SIZE = 4096  # px: 18x the CLIP encoders' 224 px input, 5x the largest released model's 768 px images
 MAX_UPSCALE = 4  # crops cut from images enlarged more than this are warned about (a crop size typo, or tiny images)
+MAX_FIT_PIXELS = 1 << 26  # an image resized for its crop may have at most this many pixels (192 MiB as RGB)
 UPSCALE_SAMPLE = 16  # images whose size is read up front for that warning
 LIST_BLOCK = 1 << 24  # bytes of an image list parsed at a time
 DIGEST_BLOCK = 1 << 16  # inputs hashed at a time
@@ -249,6 +251,8 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 def load_rgb(path: str | Path) -> Image.Image:
     """An image as RGB, upright per its EXIF orientation, with transparency composited on white; 16-bit and
     float grayscale images are first reduced to 8 bits (see :func:`_to_8bit`)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # Image.open would wait forever on a FIFO
+        raise ValueError(f"{path} is not a regular file")
     with Image.open(path) as opened:
         opened.load()
         im = ImageOps.exif_transpose(opened)
@@ -270,7 +274,11 @@ def _fit(img: Image.Image, mode: str, size: int) -> Image.Image:
         return img.resize((size, size), Image.Resampling.BICUBIC)
     if (mode == "center" and min(w, h) != size) or (mode == "random" and min(w, h) < size):
         scale = size / min(w, h)
-        return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+        fit = (max(size, round(w * scale)), max(size, round(h * scale)))
+        if fit[0] * fit[1] > MAX_FIT_PIXELS:  # a 20000x1 image of 143 bytes took 13 GB at 256 px
+            raise ValueError(f"a {w}x{h} image would be resized to {fit[0]}x{fit[1]} for its {size} px {mode} crop: "
+                             "too elongated")
+        return img.resize(fit, Image.Resampling.BICUBIC)
     return img
 
 
@@ -328,10 +336,9 @@ def load_query_image(path: str | Path, size: int) -> Tensor:
         raise FileNotFoundError(f"query image {file} " + ("is a folder, not an image" if file.is_dir() else
                                                           "does not exist"))
     try:
-        img = load_rgb(file)
+        pixels = make_crops(load_rgb(file), "center", size, 1, np.random.default_rng(0))[0][0]
     except Exception as e:  # decoders raise many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise ValueError(f"query image {file} cannot be read ({error_line(e)})") from None
-    pixels = make_crops(img, "center", size, 1, np.random.default_rng(0))[0][0]
     return torch.from_numpy(pixels.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
 
 
@@ -565,6 +572,8 @@ def _warn_upscaling(root: Path, sources: PathList, size: int) -> None:
     sizes: dict[Path, tuple[int, int]] = {}
     for i in range(0, len(sources), max(1, len(sources) // UPSCALE_SAMPLE))[:UPSCALE_SAMPLE]:
         file = root / sources[i]
+        if not file.is_file():  # missing, or a FIFO (whose open would block): the build skips and counts it
+            continue
         try:
             with Image.open(file) as im:
                 sizes[file] = im.size
