@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,7 @@ def fresh_dispatch(monkeypatch):
 
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(_dispatch, "_mode_override", None)
+    monkeypatch.setattr(_dispatch, "_thread", threading.local())
     monkeypatch.setattr(_dispatch, "_logged", set())
     monkeypatch.setattr(_dispatch, "_warned_missing", set())
 

@@ -650,7 +650,7 @@ def test_refreshing_the_caches_reads_no_host_data_and_follows_inference_mode():
     dispatch scan catches either here. Caches filled under ``torch.inference_mode`` are refreshed outside it too."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from rdm_fast.models.layers import refresh_cached
+    from rdm_fast.models.layers import cached_names, refresh_cached
 
     class HostData(TorchDispatchMode):
         def __init__(self):
@@ -670,8 +670,8 @@ def test_refreshing_the_caches_reads_no_host_data_and_follows_inference_mode():
     ctx, x_T = torch.randn(2, 4, 64), torch.randn(2, 4, 16, 16)
     with torch.inference_mode():
         first = model.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0, channels_last=True)
-    caches = [m for m in model.unet.modules() if m.__dict__.get("_cached")]
-    assert len(caches) >= 5 and any("transposed" in m.__dict__["_cached"] for m in caches)
+    caches = [m for m in model.unet.modules() if cached_names(m)]
+    assert len(caches) >= 5 and any("transposed" in cached_names(m) for m in caches)
     with HostData() as scan:
         refresh_cached(model.unet)
     assert scan.ops == []
@@ -688,6 +688,71 @@ def test_refreshing_the_caches_reads_no_host_data_and_follows_inference_mode():
     fresh.load_state_dict(model.state_dict())
     assert not torch.equal(again, first)
     assert torch.equal(again, fresh.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0, channels_last=True))
+
+
+def _perturbed(seed: int) -> RDM:
+    torch.manual_seed(seed)
+    model = RDM.from_config("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_derived_weights_follow_every_kind_of_weight_update():
+    """Direct UNet calls under no_grad reuse derived weights (fused projections, float32 norms, timestep adds).
+    They went stale after a fused optimiser step (no version bump), after load_state_dict inside inference mode
+    (inference tensors keep no version), and decode/encode never refreshed the first stage after .data writes."""
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 4, 64)
+    other = _perturbed(1)
+
+    def same_as_fresh(model: RDM, what: str) -> None:
+        fresh = RDM.from_config("tiny")
+        fresh.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert torch.equal(model.unet(x, t, ctx), fresh.unet(x, t, ctx)), what
+
+    model = _perturbed(0)
+    with torch.no_grad():
+        model.unet(x, t, ctx)  # fills the caches
+    optimizer = torch.optim.AdamW(model.unet.parameters(), lr=1e-2, fused=True)
+    model.unet(x, t, ctx).square().mean().backward()
+    optimizer.step()
+    same_as_fresh(model, "after a fused AdamW step")
+
+    with torch.inference_mode():
+        loaded = RDM.from_config("tiny")  # inference-tensor weights
+        loaded.unet(x, t, ctx)
+        loaded.load_state_dict(other.state_dict())
+        assert torch.equal(loaded.unet(x, t, ctx), other.unet(x, t, ctx)), "after load_state_dict in inference mode"
+
+    z, images = torch.randn(1, 4, 16, 16), torch.rand(1, 3, 32, 32) * 2 - 1
+    model.decode(z), model.encode_moments(images)  # fills the first stage's caches
+    with torch.no_grad():
+        for a, b in zip(model.first_stage.parameters(), other.first_stage.parameters()):
+            a.data.copy_(b.data)  # no version bump
+    assert torch.equal(model.decode(z), other.decode(z))
+    assert torch.equal(model.encode_moments(images), other.encode_moments(images))
+
+
+def test_models_pickle_and_copy_after_use(tmp_path):
+    """The caches held functions in the modules: a model could not be pickled once it had run."""
+    import copy
+    import pickle
+
+    model = _perturbed(0)
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 4, 64)
+    with torch.no_grad():
+        want = model.unet(x, t, ctx)
+        again = pickle.loads(pickle.dumps(model))
+        assert torch.equal(again.unet(x, t, ctx), want)
+        twin = copy.deepcopy(model)
+        for p in twin.unet.parameters():
+            p.data.zero_()
+        refresh_cached = __import__("rdm_fast.models.layers", fromlist=["refresh_cached"]).refresh_cached
+        refresh_cached(twin.unet)
+        assert torch.equal(model.unet(x, t, ctx), want)  # the copy's caches are its own
+    torch.save(model, tmp_path / "model.pt")
 
 
 def test_sample_follows_the_config_conventions(caplog):

@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._pytree import tree_leaves
 
 from .. import ops
@@ -106,37 +108,79 @@ def is_channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+# Derived weights per module (name -> (key, value, fn, weights)), outside the modules: a pickle or deep copy of a
+# model carries none (the values hold functions, and a copy recomputes its own).
+_CACHES: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[Any, Any, Callable[..., Any], tuple[Tensor, ...]]]] = \
+    weakref.WeakKeyDictionary()
+# Bumped after every optimiser step: fused optimisers update weights in place without the version bump.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _weights_key(weights: tuple[Tensor, ...]) -> tuple:
+    """What identifies the weights' current values as far as can be seen without reading them: storage, version
+    (inference tensors keep none) and dtype of each, and the process's optimiser step count."""
+    return (_OPTIMIZER_STEPS[0], *((w.data_ptr(), None if w.is_inference() else w._version, w.dtype)
+                                   for w in weights))
+
+
 def cached(module: nn.Module, name: str, fn: Callable[..., Any], *weights: Tensor) -> Any:
     """``fn(*weights)`` for inference, computed once and rebuilt only when one of ``weights`` changes (dtype or
-    device moves, loading, optimiser steps); under autograd it is computed afresh so that gradients flow, and
-    under torch.compile too (the compiler folds it; storage pointers would break its graph). Writes through
-    ``.data`` change a weight without the version bump this sees: :func:`refresh_cached` recomputes after them
-    (``RDM.sample`` does so at every call)."""
+    device moves, optimiser steps, in-place updates), and recomputed in place by ``load_state_dict``; under
+    autograd it is computed afresh so that gradients flow, and under torch.compile too (the compiler folds it;
+    storage pointers would break its graph). Writes through ``.data``, and in-place updates of inference tensors
+    inside inference mode, change a weight without anything this sees: :func:`refresh_cached` recomputes after
+    them (``RDM.sample``, ``decode`` and ``encode`` do so at every call)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return fn(*weights)
-    # inference tensors (made under torch.inference_mode) keep no version counter; they cannot be updated in
-    # place outside inference mode, so their storage and dtype identify them
-    key = tuple((w.data_ptr(), None if w.is_inference() else w._version, w.dtype) for w in weights)
-    store = module.__dict__.setdefault("_cached", {})
+    key = _weights_key(weights)
+    store = _CACHES.get(module)
+    if store is None:
+        store = _CACHES[module] = {}
+        if _refresh_after_load not in module._load_state_dict_post_hooks.values():  # a copy has its original's
+            module.register_load_state_dict_post_hook(_refresh_after_load)
     if name not in store or store[name][0] != key:
         store[name] = (key, fn(*weights), fn, weights)
     return store[name][1]
 
 
+def cached_names(module: nn.Module) -> list[str]:
+    """The names of the values :func:`cached` holds for ``module``."""
+    return list(_CACHES.get(module, {}))
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    _refresh(module)
+
+
 @torch.no_grad()
+def _refresh(module: nn.Module) -> None:
+    """Recompute ``module``'s cached values from their weights' current values, in place (a CUDA graph that reads
+    them stays valid)."""
+    store = _CACHES.get(module, {})
+    for name, (_, value, fn, weights) in list(store.items()):
+        fresh = fn(*weights)
+        for old, new in zip(tree_leaves(value), tree_leaves(fresh), strict=True):
+            # a value that is not a weight itself (w.float() of a float32 w is w: no version bump); one cached
+            # under inference mode is updated in it (refused outside)
+            if isinstance(old, Tensor) and old.data_ptr() != new.data_ptr():
+                with torch.inference_mode(old.is_inference()):
+                    old.copy_(new)
+        store[name] = (_weights_key(weights), value, fn, weights)
+
+
 def refresh_cached(root: nn.Module) -> None:
     """Recompute every value :func:`cached` holds under ``root`` from its weights' current values, in place (a
     CUDA graph that reads the cached tensors stays valid): for weights written through ``.data``, as EMA copies in
-    the reference code's style do, which the cache's version check cannot see."""
+    the reference code's style do, which the cache's checks cannot see."""
     for m in root.modules():
-        for key, value, fn, weights in m.__dict__.get("_cached", {}).values():
-            fresh = fn(*weights)
-            for old, new in zip(tree_leaves(value), tree_leaves(fresh), strict=True):
-                # a value that is not a weight itself (w.float() of a float32 w is w: no version bump); one
-                # cached under inference mode is updated in it (refused outside)
-                if isinstance(old, Tensor) and old.data_ptr() != new.data_ptr():
-                    with torch.inference_mode(old.is_inference()):
-                        old.copy_(new)
+        _refresh(m)
 
 
 def conv_without_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:

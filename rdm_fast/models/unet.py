@@ -48,7 +48,8 @@ def zero_init(module: M) -> M:
 
 @dataclass(eq=False)
 class PreparedContext:
-    """A context whose cross-attention keys and values are computed once, for a whole sampling trajectory.
+    """A context whose cross-attention keys and values are computed once, for a whole sampling trajectory: a
+    snapshot of the weights, to be prepared again after they change.
 
     The first ``zero_rows`` rows of the batch have an all-zero context (the unconditional half under
     classifier-free guidance). Keys and values are bias-free projections, so those rows' attention output is

@@ -20,6 +20,7 @@ import logging
 import math
 import numbers
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Concatenate, Generic, ParamSpec, TypeVar
@@ -74,7 +75,8 @@ logger = logging.getLogger("rdm_fast.ops")
 MODES = ("auto", "reference", "fast")
 ENV_VAR = "RDM_FAST_OPS"
 
-_mode_override: str | None = None
+_mode_override: str | None = None  # set_mode's, process-wide
+_thread = threading.local()  # use_mode's, per thread
 
 
 class FastPathUnavailable(RuntimeError):
@@ -88,7 +90,11 @@ def _check_mode(mode: str, source: str) -> str:
 
 
 def get_mode() -> str:
-    """The active mode: the :func:`set_mode` / :func:`use_mode` value, else ``$RDM_FAST_OPS``, else ``auto``."""
+    """The active mode: this thread's :func:`use_mode` value, else the process's :func:`set_mode` value, else
+    ``$RDM_FAST_OPS``, else ``auto``."""
+    mode = _thread_mode()
+    if mode is not None:
+        return mode
     if _mode_override is not None:
         return _mode_override
     env = os.environ.get(ENV_VAR, "").strip().lower()
@@ -103,14 +109,14 @@ def set_mode(mode: str | None) -> None:
 
 @contextlib.contextmanager
 def use_mode(mode: str) -> Iterator[None]:
-    """Context manager that sets the mode for its body and restores the previous setting."""
-    global _mode_override
-    previous = _mode_override
-    set_mode(mode)
+    """Context manager that sets the mode for its body in the calling thread (other threads keep theirs: two
+    threads' overlapping bodies once left the mode of the first) and restores the previous setting."""
+    previous = getattr(_thread, "mode", None)
+    _thread.mode = _check_mode(mode, "use_mode()")
     try:
         yield
     finally:
-        _mode_override = previous
+        _thread.mode = previous
 
 
 def eager_constant(fn: Callable) -> Callable:
@@ -122,6 +128,12 @@ def eager_constant(fn: Callable) -> Callable:
     """
     setattr(fn, "_dynamo_marked_constant", True)  # an attribute Callable does not declare
     return fn
+
+
+@eager_constant
+def _thread_mode() -> str | None:
+    """The calling thread's :func:`use_mode` value (None outside one); a constant of a torch.compile trace."""
+    return getattr(_thread, "mode", None)
 
 
 _logged: set[tuple[str, str, str, str]] = set()
