@@ -137,6 +137,7 @@ class TrainingImages(Dataset):
         root = image_root if image_root is not None else db.manifest.get("image_root")
         self.path, self.size, self.root = db.path, size, Path(root) if root else None
         self.crop, self.crop_size = build["crop"], int(build["crop_size"])
+        self._warned: set[int] = set()  # entries already warned about (per data-loading process)
         self.count = len(db)
         if self.crop_size != size:
             log.info("%s: its %d px crops are resized to the model's %d px images", db.path, self.crop_size, size)
@@ -169,7 +170,9 @@ class TrainingImages(Dataset):
                 pixels = np.asarray(Image.fromarray(pixels).resize((self.size, self.size), Image.Resampling.BICUBIC))
             ok = True
         except Exception as e:  # missing, unreadable or changed since the build (any decoder error): skip it
-            log.warning("training entry %d cannot be used: %s", i, str(e).splitlines()[0][:300])
+            if i not in self._warned:  # once per entry, not at every draw of it
+                self._warned.add(i)
+                log.warning("training entry %d cannot be used: %s", i, str(e).splitlines()[0][:300])
             pixels, ok = np.zeros((self.size, self.size, 3), np.uint8), False
         return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), "index": i, "ok": ok}
 

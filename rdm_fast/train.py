@@ -724,7 +724,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         vote.settle()
     bar.close()
     if unreadable_total:
-        log.warning("%d training images could not be read (this process) and gave no gradient", unreadable_total)
+        log.warning("%d draws of training images could not be read (this process) and gave no gradient",
+                    unreadable_total)
     log.info("done: %s (sample with python -m rdm_fast.sample --ckpt %s ...)", ckpt.newest_run_checkpoint(out), out)
     return 0
 

@@ -744,6 +744,27 @@ def test_list_images_passes_over_folders_it_cannot_enter(tmp_path):
             _scan_as_another_user(Path(shared))
 
 
+def test_folders_that_cannot_be_listed_are_warned_about_once(tmp_path, monkeypatch, caplog):
+    """A folder without read permission dropped its images without a word; now one warning says how many folders
+    were left out and names one."""
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.png").write_bytes(b"x")
+    real = os.scandir
+
+    def scandir(path):
+        if Path(path).name in ("b", "c"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(build.os, "scandir", scandir)
+    with caplog.at_level("WARNING", logger="rdm_fast"):
+        assert list(build.list_images(tmp_path)) == ["a/x.png"]
+    warned = [r.getMessage() for r in caplog.records if "could not be listed" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("2 folders could not be listed (e.g. ")
+    assert "Permission denied): the images in them are left out" in warned[0]
+
+
 def _scan_as_another_user(base: Path) -> None:
     root, secret = base / "images", base / "secret"
     (root / "sub").mkdir(parents=True)

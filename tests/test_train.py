@@ -236,11 +236,16 @@ def test_training_images_are_the_embedded_crops(setup):
     assert resized.shape == (3, 16, 16) and resized.dtype == torch.uint8
 
 
-def test_training_images_report_unreadable_files(setup, tmp_path):
+def test_training_images_report_unreadable_files(setup, tmp_path, caplog):
+    """An unreadable entry is skipped, with one warning however often it is drawn."""
     db = Database.open(setup["db"], backend="torch", device="cpu")
     images = TrainingImages(db, 32, image_root=tmp_path)  # the images are not there
-    item = images[3]
+    with caplog.at_level("WARNING", logger="rdm_fast"):
+        item = images[3]
+        images[3], images[3], images[4]
     assert item["ok"] is False and item["index"] == 3 and int(item["pixels"].sum()) == 0
+    warned = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
+    assert [m.split(":")[0] for m in warned] == ["training entry 3 cannot be used", "training entry 4 cannot be used"]
 
 
 @pytest.mark.parametrize("text_token", [True, False])

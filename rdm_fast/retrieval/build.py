@@ -158,7 +158,7 @@ def list_images(root: str | Path) -> PathList:
     """Image files (jpg, jpeg, png, webp; any case) under ``root``, recursively, as sorted relative paths.
     Hidden files count; links to files count, broken links too (the build skips and counts them); links to
     folders are followed (as torchvision's ImageFolder does), except a link back to a folder that contains it;
-    folders that cannot be read are passed over (with a warning, unless for want of permission)."""
+    folders that cannot be read are passed over, with one warning naming how many and one of them."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} " + ("is a file, not a folder (for a list of images, use "
@@ -166,14 +166,14 @@ def list_images(root: str | Path) -> PathList:
     found: list[str] = []  # a walk of our own: Path.rglob holds a Path (~400 B) for every file until it ends
     st = root.stat()
     folders: list[tuple[str, _Chain]] = [("", _Chain((st.st_dev, st.st_ino), None))]
+    unlisted: list[tuple[Path, str]] = []  # folders that could not be read, and why
     while folders:
         folder, chain = folders.pop()
         try:
             with os.scandir(root / folder) as it:
                 entries = list(it)
         except OSError as e:
-            if not isinstance(e, PermissionError):
-                log.warning("cannot list the folder %s (%s): its images are left out", root / folder, e.strerror or e)
+            unlisted.append((root / folder, str(e.strerror or e)))
             continue
         for entry in entries:
             key = _enterable_folder(entry)
@@ -185,6 +185,9 @@ def list_images(root: str | Path) -> PathList:
                 continue
             if _suffix(entry.name).lower() in IMAGE_SUFFIXES and _is_file_or_broken_link(entry):
                 found.append(folder + entry.name)
+    if unlisted:  # a folder without read permission was left out without a word
+        log.warning("%d folder%s could not be listed (e.g. %s: %s): the images in %s are left out", len(unlisted),
+                    "s"[:len(unlisted) != 1], *unlisted[0], "them" if len(unlisted) != 1 else "it")
     found.sort()
     return PathList.of(found)
 
