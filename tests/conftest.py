@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -63,7 +62,6 @@ def fresh_dispatch(monkeypatch):
 
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(_dispatch, "_mode_override", None)
-    monkeypatch.setattr(_dispatch, "_thread", threading.local())
     monkeypatch.setattr(_dispatch, "_logged", set())
     monkeypatch.setattr(_dispatch, "_warned_missing", set())
 

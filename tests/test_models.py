@@ -7,9 +7,11 @@ import numpy as np
 import oracle
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 from conftest import mini_vq_config, official_checkpoint
 
 from rdm_fast import RDM, RDMConfig, ops
+from rdm_fast.models.layers import refresh_cached
 from rdm_fast.rdm import to_channels_last
 from rdm_fast.diffusion import guided
 
@@ -735,6 +737,54 @@ def test_derived_weights_follow_every_kind_of_weight_update():
     assert torch.equal(model.encode_moments(images), other.encode_moments(images))
 
 
+def test_derived_weights_stay_where_graphs_read_them():
+    """A CUDA graph reads the cached tensors: an update must write into them, not replace them, unless the weights
+    themselves moved (which changes the graph's key). An optimiser step anywhere in the process (it changes the
+    caches' key) replaced them while a graph made before could still be replayed."""
+    from rdm_fast.models.layers import _CACHES
+
+    def leaves(model: RDM) -> dict[tuple[int, str, int], int]:
+        return {(id(m), name, i): leaf.data_ptr() for m in model.unet.modules() for name, entry in
+                _CACHES.get(m, {}).items() for i, leaf in enumerate(tree_leaves(entry[1])) if torch.is_tensor(leaf)}
+
+    model, other = _perturbed(0), torch.nn.Linear(2, 2)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 4, 64)
+    with torch.no_grad():
+        model.unet(x, t, ctx)
+    before = leaves(model)
+    optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    other(torch.ones(1, 2)).sum().backward()
+    optimizer.step()  # another model's step: every cache's key changes
+    with torch.no_grad():
+        model.unet(x, t, ctx)
+        model.load_state_dict(_perturbed(1).state_dict())
+        got = model.unet(x, t, ctx)
+    assert leaves(model) == before and len(before) > 10
+    with torch.no_grad():
+        assert torch.equal(got, _perturbed(1).unet(x, t, ctx))
+
+
+def test_derived_weights_follow_dtype_moves():
+    """After ``.to(dtype)`` the refresh copied into the old float32 values (a Parameter itself, for float32
+    weights): sample and load_state_dict failed, and a refreshed value kept its old dtype."""
+    model = _perturbed(0)
+    ctx, x_T = torch.randn(1, 4, 64), torch.randn(1, 4, 16, 16)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
+    with torch.no_grad():
+        model.unet(x, t, ctx)
+    model.sample(ctx, steps=2, x_T=x_T)
+    model.to(torch.bfloat16)
+    model.load_state_dict(_perturbed(1).to(torch.bfloat16).state_dict())
+    want = _perturbed(1).to(torch.bfloat16)
+    assert torch.equal(model.sample(ctx, steps=2, x_T=x_T), want.sample(ctx, steps=2, x_T=x_T))
+    with torch.no_grad():
+        assert torch.equal(model.unet(x, t, ctx), want.unet(x, t, ctx))
+    model.float()
+    refresh_cached(model.unet)
+    with torch.no_grad():
+        assert torch.equal(model.unet(x, t, ctx), want.float().unet(x, t, ctx))
+
+
 def test_models_pickle_and_copy_after_use(tmp_path):
     """The caches held functions in the modules: a model could not be pickled once it had run."""
     import copy
@@ -749,7 +799,6 @@ def test_models_pickle_and_copy_after_use(tmp_path):
         twin = copy.deepcopy(model)
         for p in twin.unet.parameters():
             p.data.zero_()
-        refresh_cached = __import__("rdm_fast.models.layers", fromlist=["refresh_cached"]).refresh_cached
         refresh_cached(twin.unet)
         assert torch.equal(model.unet(x, t, ctx), want)  # the copy's caches are its own
     torch.save(model, tmp_path / "model.pt")

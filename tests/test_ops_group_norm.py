@@ -342,36 +342,6 @@ def test_mode_from_env_api_and_context_manager(fresh_dispatch, monkeypatch):
     assert ops.get_mode() == "fast"
 
 
-def test_use_mode_is_per_thread(fresh_dispatch):
-    """One thread's use_mode switched another thread's sampling to the references, and two threads' overlapping
-    bodies left the process in the first one's mode; set_mode stays process-wide."""
-    import threading
-
-    entered, leave, seen = threading.Event(), threading.Event(), []
-
-    def other():
-        with ops.use_mode("reference"):
-            entered.set()
-            leave.wait(10)
-            seen.append(ops.get_mode())
-
-    thread = threading.Thread(target=other)
-    thread.start()
-    entered.wait(10)
-    assert ops.get_mode() == "auto"  # the other thread's body does not reach this one
-    with ops.use_mode("fast"):
-        leave.set()
-        thread.join(10)
-        assert ops.get_mode() == "fast"
-    assert seen == ["reference"] and ops.get_mode() == "auto"  # overlapping bodies, then nothing left behind
-    ops.set_mode("reference")
-    seen.clear()
-    worker = threading.Thread(target=lambda: seen.append(ops.get_mode()))
-    worker.start()
-    worker.join(10)
-    assert seen == ["reference"]
-
-
 def test_invalid_mode(fresh_dispatch, monkeypatch):
     with pytest.raises(ValueError, match="valid modes: auto, reference, fast"):
         ops.set_mode("turbo")

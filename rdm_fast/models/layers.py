@@ -142,11 +142,13 @@ def cached(module: nn.Module, name: str, fn: Callable[..., Any], *weights: Tenso
     key = _weights_key(weights)
     store = _CACHES.get(module)
     if store is None:
-        store = _CACHES[module] = {}
+        store = _CACHES.setdefault(module, {})  # one dict even if two threads get here at once
         if _refresh_after_load not in module._load_state_dict_post_hooks.values():  # a copy has its original's
             module.register_load_state_dict_post_hook(_refresh_after_load)
-    if name not in store or store[name][0] != key:
+    if name not in store:
         store[name] = (key, fn(*weights), fn, weights)
+    elif store[name][0] != key:
+        store[name] = (key, _update(store[name][1], fn(*weights)), fn, weights)
     return store[name][1]
 
 
@@ -159,20 +161,39 @@ def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
     _refresh(module)
 
 
+def _update(value: Any, fresh: Any) -> Any:
+    """``fresh`` written into ``value``'s tensors, which stay (a CUDA graph that reads them stays valid), where
+    each can take it: same shape, dtype, device and strides, and not a weight itself (``w.float()`` of a float32
+    ``w`` is ``w``); else ``fresh`` (after a dtype, device or layout move, which also moves the weights and so
+    changes the key of any graph made with them)."""
+    olds, news = tree_leaves(value), tree_leaves(fresh)
+    if len(olds) != len(news):
+        return fresh
+    copies = []
+    for old, new in zip(olds, news):
+        if not isinstance(old, Tensor) or not isinstance(new, Tensor):
+            if old != new:  # e.g. the column slices of the timestep adds
+                return fresh
+        elif old.data_ptr() != new.data_ptr():
+            if isinstance(old, nn.Parameter) or old.requires_grad or (old.shape, old.dtype, old.device,
+                                                                      old.stride()) != (new.shape, new.dtype,
+                                                                                        new.device, new.stride()):
+                return fresh
+            copies.append((old, new))
+    with torch.no_grad():
+        for old, new in copies:
+            with torch.inference_mode(old.is_inference()):  # one made under inference mode is updated in it
+                old.copy_(new)
+    return value
+
+
 @torch.no_grad()
 def _refresh(module: nn.Module) -> None:
-    """Recompute ``module``'s cached values from their weights' current values, in place (a CUDA graph that reads
-    them stays valid)."""
+    """Recompute ``module``'s cached values from their weights' current values, in place where they can take them
+    (see :func:`_update`)."""
     store = _CACHES.get(module, {})
     for name, (_, value, fn, weights) in list(store.items()):
-        fresh = fn(*weights)
-        for old, new in zip(tree_leaves(value), tree_leaves(fresh), strict=True):
-            # a value that is not a weight itself (w.float() of a float32 w is w: no version bump); one cached
-            # under inference mode is updated in it (refused outside)
-            if isinstance(old, Tensor) and old.data_ptr() != new.data_ptr():
-                with torch.inference_mode(old.is_inference()):
-                    old.copy_(new)
-        store[name] = (_weights_key(weights), value, fn, weights)
+        store[name] = (_weights_key(weights), _update(value, fn(*weights)), fn, weights)
 
 
 def refresh_cached(root: nn.Module) -> None:

@@ -20,7 +20,6 @@ import logging
 import math
 import numbers
 import os
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Concatenate, Generic, ParamSpec, TypeVar
@@ -75,8 +74,7 @@ logger = logging.getLogger("rdm_fast.ops")
 MODES = ("auto", "reference", "fast")
 ENV_VAR = "RDM_FAST_OPS"
 
-_mode_override: str | None = None  # set_mode's, process-wide
-_thread = threading.local()  # use_mode's, per thread
+_mode_override: str | None = None
 
 
 class FastPathUnavailable(RuntimeError):
@@ -90,11 +88,7 @@ def _check_mode(mode: str, source: str) -> str:
 
 
 def get_mode() -> str:
-    """The active mode: this thread's :func:`use_mode` value, else the process's :func:`set_mode` value, else
-    ``$RDM_FAST_OPS``, else ``auto``."""
-    mode = _thread_mode()
-    if mode is not None:
-        return mode
+    """The active mode: the :func:`set_mode` / :func:`use_mode` value, else ``$RDM_FAST_OPS``, else ``auto``."""
     if _mode_override is not None:
         return _mode_override
     env = os.environ.get(ENV_VAR, "").strip().lower()
@@ -109,14 +103,16 @@ def set_mode(mode: str | None) -> None:
 
 @contextlib.contextmanager
 def use_mode(mode: str) -> Iterator[None]:
-    """Context manager that sets the mode for its body in the calling thread (other threads keep theirs: two
-    threads' overlapping bodies once left the mode of the first) and restores the previous setting."""
-    previous = getattr(_thread, "mode", None)
-    _thread.mode = _check_mode(mode, "use_mode()")
+    """Context manager that sets the mode for its body and restores the previous setting. Process-wide, as
+    :func:`set_mode`: threads that switch modes at once see each other's (and overlapping bodies restore out of
+    order)."""
+    global _mode_override
+    previous = _mode_override
+    set_mode(mode)
     try:
         yield
     finally:
-        _thread.mode = previous
+        _mode_override = previous
 
 
 def eager_constant(fn: Callable) -> Callable:
@@ -128,12 +124,6 @@ def eager_constant(fn: Callable) -> Callable:
     """
     setattr(fn, "_dynamo_marked_constant", True)  # an attribute Callable does not declare
     return fn
-
-
-@eager_constant
-def _thread_mode() -> str | None:
-    """The calling thread's :func:`use_mode` value (None outside one); a constant of a torch.compile trace."""
-    return getattr(_thread, "mode", None)
 
 
 _logged: set[tuple[str, str, str, str]] = set()

@@ -186,8 +186,9 @@ def list_images(root: str | Path) -> PathList:
             if _suffix(entry.name).lower() in IMAGE_SUFFIXES and _is_file_or_broken_link(entry):
                 found.append(folder + entry.name)
     if unlisted:  # a folder without read permission was left out without a word
-        log.warning("%d folder%s could not be listed (e.g. %s: %s): the images in %s are left out", len(unlisted),
-                    "s"[:len(unlisted) != 1], *unlisted[0], "them" if len(unlisted) != 1 else "it")
+        many = len(unlisted) != 1
+        log.warning("%d folder%s could not be listed (%s%s: %s): the images in %s are left out", len(unlisted),
+                    "s"[:many], "e.g. " * many, *unlisted[0], "them" if many else "it")
     found.sort()
     return PathList.of(found)
 
