@@ -23,7 +23,7 @@ from .diffusion.samplers import check_generator, draw_noise
 from .diffusion.graphs import GraphCache
 from .images import check_image_range
 from .models import Autoencoder, UNet
-from .models.layers import current_device, official_names, refresh_cached
+from .models.layers import cache_updates, current_device, official_names, refresh_cached
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,8 @@ class RDM(nn.Module):
             log.info("float32 sampling on CUDA runs eagerly by default (cuda_graph=True replays CUDA graphs, "
                      "not yet verified for float32 trajectories)")
         # the graph bakes in the weights' storage and the tensors cached from them: any change means a new capture
-        weights = tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in self.unet.parameters())
+        weights = (cache_updates(), *((p.data_ptr(), None if p.is_inference() else p._version)
+                                      for p in self.unet.parameters()))
         key = (float(run.guidance_scale), tuple(context.shape), ops.get_mode(), weights)  # the mode picks the kernels
         eps_fn = self._graphs(eps_fn, x, cuda_graph, key)
         if run.sampler == "ddim":

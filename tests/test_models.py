@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_leaves
 from conftest import mini_vq_config, official_checkpoint
 
 from rdm_fast import RDM, RDMConfig, ops
-from rdm_fast.models.layers import refresh_cached
+from rdm_fast.models.layers import cached_names, refresh_cached
 from rdm_fast.rdm import to_channels_last
 from rdm_fast.diffusion import guided
 
@@ -745,7 +745,7 @@ def test_derived_weights_stay_where_graphs_read_them():
 
     def leaves(model: RDM) -> dict[tuple[int, str, int], int]:
         return {(id(m), name, i): leaf.data_ptr() for m in model.unet.modules() for name, entry in
-                _CACHES.get(m, {}).items() for i, leaf in enumerate(tree_leaves(entry[1])) if torch.is_tensor(leaf)}
+                _CACHES.get(m, {}).items() for i, leaf in enumerate(tree_leaves(entry.value)) if torch.is_tensor(leaf)}
 
     model, other = _perturbed(0), torch.nn.Linear(2, 2)
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 4, 64)
@@ -762,6 +762,56 @@ def test_derived_weights_stay_where_graphs_read_them():
     assert leaves(model) == before and len(before) > 10
     with torch.no_grad():
         assert torch.equal(got, _perturbed(1).unet(x, t, ctx))
+
+
+def test_cache_updates_say_when_a_graph_may_not_be_replayed():
+    """``RDM.sample`` keys its CUDA graph by the weights' storage and versions and by ``cache_updates()``. Swapping
+    weight tensors back and forth (assign=True loads; ``.data`` swaps across dtypes) restores storage and versions
+    while the cached tensors were recomputed or replaced in between: the count must have moved. Repeated sampling
+    with unchanged weights must not move it (the graph is reused)."""
+    from rdm_fast.models.layers import cache_updates
+
+    model = _perturbed(0).to(torch.bfloat16)
+    ctx, x_T = torch.randn(1, 4, 64), torch.randn(1, 4, 16, 16)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
+    model.sample(ctx, steps=2, x_T=x_T)
+    captured = cache_updates()
+    model.sample(ctx, steps=2, x_T=x_T)
+    assert cache_updates() == captured  # nothing changed: the graph of the first call would be replayed
+    backup = model.unet.state_dict()
+    model.unet.load_state_dict({k: v + 0.01 for k, v in backup.items()}, assign=True)
+    with torch.no_grad():
+        model.unet(x, t, ctx)  # recomputes for the other weights
+    model.unet.load_state_dict(backup, assign=True)  # the first storage and versions again
+    assert cache_updates() != captured
+    want = _perturbed(0).to(torch.bfloat16)
+    assert torch.equal(model.sample(ctx, steps=2, x_T=x_T), want.sample(ctx, steps=2, x_T=x_T))
+    captured = cache_updates()
+    saved = [p.data for p in model.unet.parameters()]
+    for p in model.unet.parameters():
+        p.data = p.data.float()  # e.g. float32 shadows swapped in
+    with torch.no_grad():
+        model.unet(x.float(), t, ctx)
+    for p, data in zip(model.unet.parameters(), saved):
+        p.data = data
+    assert cache_updates() != captured
+
+
+def test_cache_updates_never_write_into_a_weights_storage():
+    """A float32 first stage caches ``conv1.bias.float()[None]``, a view of the bias itself: after ``.data`` swaps,
+    the update copied the new bias into the old storage, the user's saved copy."""
+    model = _perturbed(0)
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        first = model.decode(z)
+        block = next(m for m in model.first_stage.modules() if "conv1_bias" in cached_names(m))
+        saved = block.conv1.bias.data
+        kept = saved.clone()
+        block.conv1.bias.data = saved + 1.0
+        assert not torch.equal(model.decode(z), first)
+        assert torch.equal(saved, kept)  # the saved bias is untouched
+        block.conv1.bias.data = saved
+        assert torch.equal(model.decode(z), first)
 
 
 def test_derived_weights_follow_dtype_moves():

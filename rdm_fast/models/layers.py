@@ -12,7 +12,7 @@ import functools
 import inspect
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,10 +110,19 @@ def is_channels_last(t: Tensor) -> bool:
 
 # Derived weights per module (name -> (key, value, fn, weights)), outside the modules: a pickle or deep copy of a
 # model carries none (the values hold functions, and a copy recomputes its own).
-_CACHES: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[Any, Any, Callable[..., Any], tuple[Tensor, ...]]]] = \
-    weakref.WeakKeyDictionary()
+_CACHES: weakref.WeakKeyDictionary[nn.Module, dict[str, _Entry]] = weakref.WeakKeyDictionary()
 # Bumped after every optimiser step: fused optimisers update weights in place without the version bump.
 _OPTIMIZER_STEPS = [0]
+# Bumped whenever a cached value is recomputed for other weights by a forward call, or replaced: part of the key of
+# a CUDA graph made with the cached tensors (see cache_updates).
+_CACHE_UPDATES = [0]
+
+
+def cache_updates() -> int:
+    """How often cached values were recomputed in a forward call, or replaced, in this process so far. A CUDA graph
+    reads the cached tensors: a graph captured at one count may be replayed only at the same count (the refresh
+    that ``RDM.sample`` runs before it writes in place and counts nothing)."""
+    return _CACHE_UPDATES[0]
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -130,13 +139,32 @@ def _weights_key(weights: tuple[Tensor, ...]) -> tuple:
                                    for w in weights))
 
 
+class _Entry(NamedTuple):
+    """A cached value: the key of the weights it was computed from, the value, how to compute it, those weights,
+    and which of its tensors have storage of their own (the others alias a weight: ``w.float()`` of a float32
+    ``w`` is ``w``, and views share it), the only ones ever written into."""
+
+    key: tuple
+    value: Any
+    fn: Callable[..., Any]
+    weights: tuple[Tensor, ...]
+    owned: tuple[bool, ...]
+
+
+def _entry(key: tuple, fn: Callable[..., Any], weights: tuple[Tensor, ...]) -> _Entry:
+    value = fn(*weights)
+    shared = {w.untyped_storage().data_ptr() for w in weights}
+    owned = tuple(isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in shared for t in tree_leaves(value))
+    return _Entry(key, value, fn, weights, owned)
+
+
 def cached(module: nn.Module, name: str, fn: Callable[..., Any], *weights: Tensor) -> Any:
     """``fn(*weights)`` for inference, computed once and rebuilt only when one of ``weights`` changes (dtype or
-    device moves, optimiser steps, in-place updates), and recomputed in place by ``load_state_dict``; under
-    autograd it is computed afresh so that gradients flow, and under torch.compile too (the compiler folds it;
-    storage pointers would break its graph). Writes through ``.data``, and in-place updates of inference tensors
-    inside inference mode, change a weight without anything this sees: :func:`refresh_cached` recomputes after
-    them (``RDM.sample``, ``decode`` and ``encode`` do so at every call)."""
+    device moves, optimiser steps, in-place updates), and recomputed by ``load_state_dict``; under autograd it is
+    computed afresh so that gradients flow, and under torch.compile too (the compiler folds it; storage pointers
+    would break its graph). Writes through ``.data``, and in-place updates of inference tensors inside inference
+    mode, change a weight without anything this sees: :func:`refresh_cached` recomputes after them
+    (``RDM.sample``, ``decode`` and ``encode`` do so at every call)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return fn(*weights)
     key = _weights_key(weights)
@@ -145,11 +173,13 @@ def cached(module: nn.Module, name: str, fn: Callable[..., Any], *weights: Tenso
         store = _CACHES.setdefault(module, {})  # one dict even if two threads get here at once
         if _refresh_after_load not in module._load_state_dict_post_hooks.values():  # a copy has its original's
             module.register_load_state_dict_post_hook(_refresh_after_load)
-    if name not in store:
-        store[name] = (key, fn(*weights), fn, weights)
-    elif store[name][0] != key:
-        store[name] = (key, _update(store[name][1], fn(*weights)), fn, weights)
-    return store[name][1]
+    entry = store.get(name)
+    if entry is None:
+        store[name] = _entry(key, fn, weights)
+    elif entry.key != key:
+        _CACHE_UPDATES[0] += 1
+        store[name] = _update(entry, _entry(key, fn, weights))
+    return store[name].value
 
 
 def cached_names(module: nn.Module) -> list[str]:
@@ -161,30 +191,38 @@ def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
     _refresh(module)
 
 
-def _update(value: Any, fresh: Any) -> Any:
-    """``fresh`` written into ``value``'s tensors, which stay (a CUDA graph that reads them stays valid), where
-    each can take it: same shape, dtype, device and strides, and not a weight itself (``w.float()`` of a float32
-    ``w`` is ``w``); else ``fresh`` (after a dtype, device or layout move, which also moves the weights and so
-    changes the key of any graph made with them)."""
-    olds, news = tree_leaves(value), tree_leaves(fresh)
-    if len(olds) != len(news):
+def _update(entry: _Entry, fresh: _Entry) -> _Entry:
+    """``fresh``'s values written into ``entry``'s tensors, which stay (a CUDA graph that reads them stays valid),
+    where they can all take them (see :func:`_copies`); else ``fresh``, counted in :func:`cache_updates`."""
+    copies = _copies(entry, fresh)
+    if copies is None:
+        _CACHE_UPDATES[0] += 1
         return fresh
-    copies = []
-    for old, new in zip(olds, news):
-        if not isinstance(old, Tensor) or not isinstance(new, Tensor):
-            if old != new:  # e.g. the column slices of the timestep adds
-                return fresh
-        elif old.data_ptr() != new.data_ptr():
-            if isinstance(old, nn.Parameter) or old.requires_grad or (old.shape, old.dtype, old.device,
-                                                                      old.stride()) != (new.shape, new.dtype,
-                                                                                        new.device, new.stride()):
-                return fresh
-            copies.append((old, new))
     with torch.no_grad():
         for old, new in copies:
             with torch.inference_mode(old.is_inference()):  # one made under inference mode is updated in it
                 old.copy_(new)
-    return value
+    return fresh._replace(value=entry.value, owned=entry.owned)
+
+
+def _copies(entry: _Entry, fresh: _Entry) -> list[tuple[Tensor, Tensor]] | None:
+    """The (old, new) tensor pairs to copy for ``entry`` to hold ``fresh``'s values, or None where an old tensor
+    cannot take its new value: another shape, dtype, device or strides (a move of the weights), or no storage of
+    its own (writing into a weight's storage would change the weight, or a user's copy of an older one)."""
+    olds, news = tree_leaves(entry.value), tree_leaves(fresh.value)
+    if len(olds) != len(news):
+        return None
+    copies = []
+    for old, new, owned in zip(olds, news, entry.owned):
+        if not isinstance(old, Tensor) or not isinstance(new, Tensor):
+            if old != new:  # e.g. the column slices of the timestep adds
+                return None
+        elif old.data_ptr() != new.data_ptr():
+            if not owned or (old.shape, old.dtype, old.device, old.stride()) != (new.shape, new.dtype, new.device,
+                                                                                  new.stride()):
+                return None
+            copies.append((old, new))
+    return copies
 
 
 @torch.no_grad()
@@ -192,8 +230,8 @@ def _refresh(module: nn.Module) -> None:
     """Recompute ``module``'s cached values from their weights' current values, in place where they can take them
     (see :func:`_update`)."""
     store = _CACHES.get(module, {})
-    for name, (_, value, fn, weights) in list(store.items()):
-        store[name] = (_weights_key(weights), _update(value, fn(*weights)), fn, weights)
+    for name, entry in list(store.items()):
+        store[name] = _update(entry, _entry(_weights_key(entry.weights), entry.fn, entry.weights))
 
 
 def refresh_cached(root: nn.Module) -> None:
