@@ -226,7 +226,7 @@ class RDM(nn.Module):
         if images.shape[0] < 1:
             raise ValueError("encode: images hold no samples (batch of 0)")
         check_image_range(images, "encode", "the first stage")
-        refresh_cached(self.first_stage)  # weights may have been written through .data since the last call
+        refresh_cached(self.first_stage.encoder)  # weights may have been written through .data since the last call
         moments = self.first_stage.moments(self._first_stage_input(images.to(self.device, self.dtype)))
         return moments.float().contiguous()
 
@@ -268,7 +268,7 @@ class RDM(nn.Module):
             raise ValueError(f"decode: latents must be floats, got {z.dtype}")
         _check_finite_on_cpu(z, "decode: latents")  # one NaN made the whole image NaN, written as black
         z = z.to(self.device, torch.float32).div(self.config.scale_factor).to(self.dtype)
-        refresh_cached(self.first_stage)  # weights may have been written through .data since the last call
+        refresh_cached(self.first_stage.decoder)  # weights may have been written through .data since the last call
         return self.first_stage.decode(self._first_stage_input(z)).float().clamp(-1.0, 1.0).contiguous()
 
     def _first_stage_input(self, x: Tensor) -> Tensor:

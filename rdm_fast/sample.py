@@ -471,9 +471,10 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
                              generator=[seeded_generator(args.seed, STEP_NOISE, i) for i in samples],  # eta > 0 noise
                              cuda_graph=False if args.no_cuda_graph else None,
                              progress=sys.stderr.isatty() and procs.main and not args.no_progress)  # terminals
-            # read with the pixels, not before: non-finite latents (which decode refuses on the CPU) and images
+            # read with the pixels, not before: non-finite latents (which decode refuses on the CPU: they are
+            # zeroed there, to be named below) and images
             finite = torch.isfinite(z).flatten(1).all(1)
-            images_gpu = model.decode(torch.nan_to_num(z))
+            images_gpu = model.decode(torch.nan_to_num(z) if z.device.type == "cpu" else z)
             finite &= torch.isfinite(images_gpu).flatten(1).all(1)
             if j + 1 < len(mine):  # queue the next batch's retrieval before waiting for these images
                 batch = batch_contexts(order[slice(*mine[j + 1])])

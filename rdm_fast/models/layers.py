@@ -108,7 +108,7 @@ def is_channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-# Derived weights per module (name -> (key, value, fn, weights)), outside the modules: a pickle or deep copy of a
+# Derived weights per module (name -> _Entry), outside the modules: a pickle or deep copy of a
 # model carries none (the values hold functions, and a copy recomputes its own).
 _CACHES: weakref.WeakKeyDictionary[nn.Module, dict[str, _Entry]] = weakref.WeakKeyDictionary()
 # Bumped after every optimiser step: fused optimisers update weights in place without the version bump.
@@ -235,8 +235,9 @@ def _refresh(module: nn.Module) -> None:
 
 
 def refresh_cached(root: nn.Module) -> None:
-    """Recompute every value :func:`cached` holds under ``root`` from its weights' current values, in place (a
-    CUDA graph that reads the cached tensors stays valid): for weights written through ``.data``, as EMA copies in
+    """Recompute every value :func:`cached` holds under ``root`` from its weights' current values, in place where
+    they can take them (see :func:`_copies`; a CUDA graph that reads the cached tensors stays valid): for weights
+    written through ``.data``, as EMA copies in
     the reference code's style do, which the cache's checks cannot see."""
     for m in root.modules():
         _refresh(m)
