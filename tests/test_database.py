@@ -353,6 +353,21 @@ def test_neighbors_exclusion_and_dedup(tmp_path, exclude_self, threshold):
     assert not (ids == torch.arange(34)[:, None]).any()
 
 
+def test_neighbors_warn_of_copies_left_by_exclude_self(tmp_path, caplog):
+    """exclude_self drops a query's own entry only: the planted near-copies (cosine above 0.99) of entries 3, 7,
+    7 and 12 stay each other's nearest neighbours, which is named; a dedup threshold or distinct entries are
+    not warned about."""
+    caplog.set_level("WARNING", logger="rdm_fast.retrieval")
+    stored, db = _planted(tmp_path)
+    compute_neighbors(db, k=2, exclude_self=True, progress=False)
+    assert "7 of 34 queries have a nearest neighbour with cosine similarity 0.99 or more" in caplog.text
+    caplog.clear()
+    compute_neighbors(db, k=2, exclude_self=True, dedup_threshold=0.95, progress=False)
+    distinct = Database.open(write_database(tmp_path / "distinct", stored[:30], INFO), backend="torch", device="cpu")
+    compute_neighbors(distinct, k=2, exclude_self=True, progress=False)
+    assert caplog.text == ""
+
+
 def test_neighbors_resume_after_a_kill(tmp_path, monkeypatch, caplog):
     """With ``resume_dir`` a run killed after some batches continues from them (searching only the rest) and
     gives the uninterrupted results; other settings start over."""

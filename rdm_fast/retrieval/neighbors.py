@@ -145,9 +145,25 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
                 kk = min(len(db), 2 * kk)
             results.finished(start + len(qids))
             bar.update(len(qids))
+    if exclude_self and dedup_threshold is None and n:
+        _warn_duplicates(all_scores[:, 0], db)
     if results.directory is None:
         return all_ids, all_scores
     return all_ids.clone(), all_scores.clone()  # in memory, not views of files the caller may remove
+
+
+DUPLICATE_COSINE = 0.99  # a nearest neighbour this similar to its query is taken for a copy of the same image
+
+
+def _warn_duplicates(first_scores: Tensor, db: Database) -> None:
+    """Warn where ``exclude_self`` left copies of queries as their neighbours: a path listed twice or a file
+    stored twice is a separate entry, which training would condition on as the image itself."""
+    copies = int((first_scores >= DUPLICATE_COSINE).sum())
+    if copies:
+        log.warning("%d of %d queries have a nearest neighbour with cosine similarity %g or more to them (%s holds "
+                    "copies of the same images, e.g. a file listed twice): training conditions such queries on "
+                    "themselves; a dedup_threshold (db neighbors --dedup-threshold, e.g. 0.95) leaves them out",
+                    copies, len(first_scores), DUPLICATE_COSINE, db.path)
 
 
 def proposal_ranking(neighbor_ids: Tensor | np.ndarray, n: int) -> tuple[Tensor, Tensor]:
