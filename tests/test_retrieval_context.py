@@ -170,8 +170,12 @@ def test_contexts_refuse_bad_queries_and_query_ids(db_and_data):
         model_context(db, "tiny", queries)
 
 
-def test_contexts_refuse_an_approximate_search_that_found_too_few(db_and_data, monkeypatch):
-    """An approximate index pads missing results with id -1: named as too few neighbours, not as a bad id."""
+@pytest.mark.parametrize("device,backend", [("cpu", None), ("cuda", "faiss-ivfpq")])
+def test_contexts_refuse_an_approximate_search_that_found_too_few(db_and_data, monkeypatch, device, backend):
+    """An approximate index pads missing results with id -1: named as too few neighbours, not as a bad id; for
+    FAISS also with CUDA queries (its ids come from the host, so the check costs no synchronisation)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     db, _ = db_and_data
     cfg = config(text_token=False, k_nn=3, normalized=False)
 
@@ -181,6 +185,9 @@ def test_contexts_refuse_an_approximate_search_that_found_too_few(db_and_data, m
         return scores, ids
 
     monkeypatch.setattr(db, "search_checked", padded)
-    with pytest.raises(ValueError, match=r"the torch-exact search of .* found fewer than 2 neighbours for query 1: "
-                                         r"search more of the index \(e.g. a larger nprobe\) or ask for fewer"):
-        model_context(db, cfg, db.embeddings(torch.tensor([0, 1])))
+    if backend is not None:  # the ids as FAISS returns them, on the queries' device
+        monkeypatch.setattr(Database, "backend", property(lambda self: backend))
+    with pytest.raises(ValueError, match=rf"the {backend or 'torch-exact'} search of .* found fewer than 2 neighbours "
+                                         r"for query 1: search more of the index \(e.g. a larger nprobe\) or ask for "
+                                         r"fewer"):
+        model_context(db, cfg, db.embeddings(torch.tensor([0, 1])).to(device))

@@ -91,8 +91,8 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
     ``query_ids`` (Q,) marks queries that are database entries themselves: their own entry is skipped (one extra
     neighbour is retrieved and the query's id dropped, on the device, without synchronising). ValueError for
     queries that are not (Q, D) float of the database's width, ``query_ids`` that are not (Q,) integer ids, and
-    (on the CPU, where checking costs no synchronisation) values out of range and approximate searches that found
-    fewer than k neighbours.
+    (on the CPU, where checking costs no synchronisation) values out of range; and approximate searches that found
+    fewer than k neighbours (on the CPU, and for FAISS searches on any device).
     """
     queries = db.checked_queries(queries)  # once: the searches below take them as checked
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -112,7 +112,9 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
             own = _checked_query_ids(db, query_ids, len(queries))
             _, ids = db.search_checked(queries, k + 1)
             ids = ids.gather(1, first_kept(ids != own.to(ids.device)[:, None], k))
-        if ids.device.type == "cpu" and bool((ids < 0).any()):  # an approximate index marks missing results -1
+        # an approximate index marks missing results -1; FAISS's ids come from the host, so checking them costs
+        # no synchronisation on any device
+        if (ids.device.type == "cpu" or db.backend.startswith("faiss")) and bool((ids < 0).any()):
             short = int((ids < 0).any(1).nonzero()[0, 0])
             raise ValueError(f"the {db.backend} search of {db.path} found fewer than {k} neighbours for query "
                              f"{short}: search more of the index (e.g. a larger nprobe) or ask for fewer")
