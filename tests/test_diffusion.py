@@ -155,10 +155,12 @@ def test_plms_calls_and_first_step_average():
     assert calls[:3] == [901, 801, 801] and len(calls) == 11 and calls[-1] == 1
 
 
-def test_plms_matches_hand_unrolled_steps():
-    """Three PLMS steps against an independent unrolling with a nonlinear toy eps."""
+@pytest.mark.parametrize("steps", [4, 10])
+def test_plms_matches_hand_unrolled_steps(steps):
+    """PLMS against an independent unrolling with a nonlinear toy eps: 4 steps take every branch once
+    (t = 751, 501, 251, 1); 10 steps check that the history keeps the newest three eps."""
     s = Schedule.linear(0.0015, 0.0195)
-    coeffs = s.ddim(4)  # t = 751, 501, 251, 1: every PLMS branch once
+    coeffs = s.ddim(steps)
     acp = s.alphas_cumprod
 
     def eps_fn(x, t):
@@ -217,6 +219,30 @@ def test_ddim_with_eta_is_seeded_and_noisy():
             for k in (5, 5, 6)]
     assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
     assert not torch.allclose(runs[0], sample_ddim(eps_fn, x_T, s.ddim(20)))
+
+
+@pytest.mark.parametrize("steps,eta", [(10, 1.0), (25, 0.5)])
+def test_ddim_with_eta_matches_an_unrolled_loop(steps, eta):
+    """The whole DDIM loop with eta > 0 against a float64 unrolling of the update from the formulas, fed the
+    same noise: sample_ddim draws each step's noise in x's shape from the generator, float32."""
+    s = Schedule.linear(0.0015, 0.0195)
+    acp = s.alphas_cumprod.tolist()
+
+    def eps_fn(x, t):
+        return torch.tanh(x) * (t / 1000.0) + 0.05 * torch.cos(3 * x)
+
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    ours = sample_ddim(eps_fn, x_T, s.ddim(steps, eta), generator=torch.Generator().manual_seed(7))
+    g, x = torch.Generator().manual_seed(7), x_T.double()
+    ts = list(range(1, 1000, 1000 // steps))[::-1]
+    for i, t in enumerate(ts):
+        a, a_prev = acp[t], acp[ts[i + 1]] if i + 1 < len(ts) else acp[0]
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        e = eps_fn(x, t)
+        x0 = (x - math.sqrt(1 - a) * e) / math.sqrt(a)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * e + sigma * torch.randn(
+            x.shape, generator=g).double()
+    torch.testing.assert_close(ours.double(), x, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("steps,bound", [(50, 1.0453), (2, 1.0001), (500, 1.4094)])

@@ -3,10 +3,13 @@ half-precision closeness, and the extension path against the plain-PyTorch path.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import oracle
 import pytest
 import torch
+from torch import nn
 from torch.utils._pytree import tree_leaves
 from conftest import mini_vq_config, official_checkpoint
 
@@ -873,6 +876,61 @@ def test_sample_follows_the_config_conventions(caplog):
     assert "the context holds 22 embeddings per sample; this model takes a text or query embedding" in caplog.text
 
 
+@pytest.mark.parametrize("name,sampler,steps,eta,scale", [
+    ("tiny", "ddim", 5, 0.0, 2.0), ("tiny", "ddim", 5, 1.0, 3.0), ("tiny", "plms", 6, 0.0, 5.0),
+    ("tiny", "ddim", 4, 0.0, 1.0), ("mini_vq", "ddim", 4, 0.0, 2.0)])
+def test_sample_matches_a_plain_guided_loop(name, sampler, steps, eta, scale):
+    """RDM.sample (prepared context, shared unconditional half, fused guided updates) against a loop written
+    from the conventions alone: two plain UNet calls per step (zero context, then the context, L2-normalised
+    where the config says), eps_u + s (eps_c - eps_u), and the DDIM/PLMS updates in float64 from the schedule."""
+    torch.manual_seed(0)
+    cfg = mini_vq_config() if name == "mini_vq" else RDMConfig.preset(name)
+    model = RDM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    b = 2
+    ctx = torch.randn(b, cfg.context_tokens, cfg.context_dim) * 3
+    x_T = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size)
+    ours = model.sample(ctx, steps=steps, sampler=sampler, eta=eta, guidance_scale=scale, x_T=x_T,
+                        generator=torch.Generator().manual_seed(9))
+    c = torch.nn.functional.normalize(ctx, dim=-1) if cfg.normalized_embeddings else ctx
+    acp = model.schedule.alphas_cumprod.tolist()
+    ts = list(range(1, 1000, 1000 // steps))[::-1]
+
+    def eps(x, t):
+        with torch.no_grad():
+            tt = torch.full((b,), t)
+            e_c = model.unet(x.float(), tt, c).double()
+            e_u = model.unet(x.float(), tt, torch.zeros_like(c)).double() if scale != 1 else e_c
+        return e_u + scale * (e_c - e_u)
+
+    def update(x, e, i, noise=None):
+        a, a_prev = acp[ts[i]], acp[ts[i + 1]] if i + 1 < len(ts) else acp[0]
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        x0 = (x - math.sqrt(1 - a) * e) / math.sqrt(a)
+        out = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * e
+        return out + sigma * noise if sigma > 0 else out
+
+    g, x, history = torch.Generator().manual_seed(9), x_T.double(), []
+    for i, t in enumerate(ts):
+        e = eps(x, t)
+        if sampler == "ddim":
+            x = update(x, e, i, torch.randn(x.shape, generator=g).double() if eta > 0 else None)
+            continue
+        if not history:
+            e_next = (e + eps(update(x, e, i), ts[i + 1])) / 2
+        elif len(history) == 1:
+            e_next = (3 * e - history[-1]) / 2
+        elif len(history) == 2:
+            e_next = (23 * e - 16 * history[-1] + 5 * history[-2]) / 12
+        else:
+            e_next = (55 * e - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+        x, history = update(x, e_next, i), (history + [e])[-3:]
+    scale_of_x = float(x.abs().max())
+    torch.testing.assert_close(ours.double(), x, rtol=0, atol=1e-5 * max(scale_of_x, 1.0))
+
+
 @pytest.mark.parametrize("kwargs,error,message", [
     ({"steps": 2.5}, TypeError, "steps must be an int"),
     ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be finite"),
@@ -912,6 +970,34 @@ def test_unet_runs_on_meta_tensors(preset):
     with torch.no_grad():
         eps = model.unet(x, torch.zeros(b, dtype=torch.long, device="meta"), ctx)
     assert eps.shape == x.shape and eps.device.type == "meta"
+
+
+@pytest.mark.parametrize("preset", ["imagenet", "rdm768"])
+def test_every_norm_has_the_released_eps_and_groups(preset):
+    """The norms' eps by role, as the released models have them: a wrong eps moves outputs by only about 1e-5
+    relative on random weights, below the oracle tests' tolerance. UNet GroupNorms 1e-5 except the spatial
+    transformers' 1e-6, LayerNorms 1e-5, the autoencoder's GroupNorms 1e-6; 32 groups everywhere."""
+    from rdm_fast.models.layers import GroupNorm, LayerNorm
+    from rdm_fast.models.unet import SpatialTransformer
+
+    model = RDM.from_config(preset, device="meta")
+    in_transformer = {f"{name}.{child}" for name, m in model.unet.named_modules() if isinstance(m, SpatialTransformer)
+                      for child, c in m.named_children() if isinstance(c, GroupNorm)}
+    seen = {"unet GroupNorm 1e-05": 0, "unet GroupNorm 1e-06": 0, "unet LayerNorm 1e-05": 0,
+            "first_stage GroupNorm 1e-06": 0}
+    for part in ("unet", "first_stage"):
+        for name, m in getattr(model, part).named_modules():
+            if isinstance(m, GroupNorm):
+                want = 1e-6 if part == "first_stage" or name in in_transformer else 1e-5
+                assert (m.eps, m.num_groups) == (want, 32), f"{part}.{name}"
+                seen[f"{part} GroupNorm {want:g}"] += 1
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+                assert isinstance(m, LayerNorm) and part == "unet" and m.eps == 1e-5, f"{part}.{name}"
+                seen["unet LayerNorm 1e-05"] += 1
+    # attention at 3 levels, 2 blocks down and 3 up each, and in the middle
+    assert seen["unet GroupNorm 1e-06"] == len(in_transformer) == 16
+    assert seen["unet LayerNorm 1e-05"] == 3 * 16
+    assert seen["unet GroupNorm 1e-05"] > 0 and seen["first_stage GroupNorm 1e-06"] > 0
 
 
 def test_first_stage_is_frozen():
