@@ -24,7 +24,7 @@ from PIL import Image
 from ._cli import CLIError, HelpFormatter, one_process, parse_args, run, summary
 from ._distributed import process_device
 from ._files import atomic_save_npy, atomic_write, make_dirs
-from .encoders import EncoderUnavailable, resolve_encoder
+from .encoders import EncoderUnavailable, query_encoder, resolve_encoder
 from .images import contact_sheet
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
                         save_neighbors, save_proposals)
@@ -153,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _encoder(spec: str, device: torch.device | str, checkpoint: str | None = None, pretrained: bool = True):
+def _encoder_info(spec: str, device: str) -> dict:
+    """The name, dim and normalisation of encoder ``spec``, built without weights on ``device``."""
     try:
-        return resolve_encoder(spec, device=device, checkpoint=checkpoint, pretrained=pretrained)
+        return resolve_encoder(spec, device=device, pretrained=False).info()
     except EncoderUnavailable as e:
         raise CLIError(_unavailable(spec, e)) from None
 
@@ -197,9 +198,9 @@ def cmd_import(args: argparse.Namespace) -> int:
             raise CLIError(f"part file {part} does not exist" if not Path(part).exists() else
                            f"part {part} is not a file")
     try:  # only the encoder's name/dim/normalisation are needed: build it without weights where it allows
-        info = _encoder(args.encoder, "meta", pretrained=False).info()
+        info = _encoder_info(args.encoder, "meta")
     except (RuntimeError, NotImplementedError):
-        info = _encoder(args.encoder, "cpu", pretrained=False).info()
+        info = _encoder_info(args.encoder, "cpu")
     out = import_npz(args.parts, args.out, info, encoder_spec=args.encoder, shard_size=args.shard_size,
                      chunk_rows=args.chunk_rows, allow_pickle=args.allow_pickle, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -311,7 +312,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     device = process_device(args.device)
     db = _open_for_search(args, device)
     spec = args.encoder or db.encoder_spec
-    encoder = _encoder(spec, device, args.encoder_checkpoint)
+    try:  # in float32, as the reference embeds queries (see query_encoder)
+        encoder = query_encoder(spec, device=device, checkpoint=args.encoder_checkpoint)
+    except EncoderUnavailable as e:
+        raise CLIError(_unavailable(spec, e)) from None
     if args.text is not None:
         try:
             scores, ids = db.search_text(encoder, [args.text], args.k)

@@ -34,11 +34,14 @@ def check_image_range(images: Tensor, what: str, expects: str) -> None:
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 (NaN becomes 0: check for it before, as sampling does)."""
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 (NaN becomes 0: check for it before, as sampling does).
+
+    Quantised as the reference sampling scripts save their images, whose files gave the published FIDs:
+    ``(255 * clamp((x + 1) / 2, 0, 1)).astype(uint8)`` in float32, truncating (not rounding) the levels."""
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"to_uint8: images must be a (B, 3, H, W) tensor, got {shape}")
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    x = (((images.detach().float() + 1) / 2).clamp(0, 1) * 255).byte()  # float to uint8 truncates, as NumPy's
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 

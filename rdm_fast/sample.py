@@ -42,7 +42,7 @@ from .config import RDMConfig, SamplingDefaults, preset_names
 from .data import derived_seed
 from .diffusion import Schedule
 from .diffusion.samplers import draw_noise
-from .encoders import EncoderUnavailable, embed_images, embed_texts, resolve_encoder
+from .encoders import EncoderUnavailable, embed_images, embed_texts, query_encoder
 from .images import PngWriter, grid, save_png, to_uint8
 from .retrieval.context import (check_database_for_model, default_neighbors, draw_pseudo_queries, locate_database,
                                 model_context)
@@ -285,7 +285,7 @@ class DatabaseContexts:
         self.cfg, self.device = cfg, device
         self.texts, self.images, self.query_ids, self.queries, self.encoder = args.text, args.image, None, None, None
         if args.text or args.image:
-            self.encoder = resolve_encoder(self.db.encoder_spec, device=device, checkpoint=args.encoder_checkpoint)
+            self.encoder = query_encoder(self.db.encoder_spec, device=device, checkpoint=args.encoder_checkpoint)
             self.n_default = len(args.text or args.image)
         else:
             self.n_default = 4

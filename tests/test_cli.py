@@ -925,6 +925,21 @@ def test_error_and_interrupt_lines_are_single_writes(monkeypatch):
     assert writes == ["error: bad input second line\n", "interrupted\n"]
 
 
+def test_to_uint8_quantises_as_the_reference_scripts():
+    """Sampled images are saved as the reference's knn2img.py and rdm_sample.py save theirs (the files behind the
+    published FIDs): ``(255 * clamp((x + 1) / 2, 0, 1)).astype(uint8)`` in float32 NumPy, truncating. Checked
+    at every level's exact value, just below and above it, out of range, and on random values, in float32,
+    bfloat16 and float16."""
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    x = torch.cat([levels, levels - 1e-6, levels + 1e-6, torch.tensor([-3.0, 3.0]), torch.rand(3000) * 2.2 - 1.1])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        batch = x.to(dtype)[: len(x) // 3 * 3].reshape(1, 3, -1, 1)
+        half = np.clip((batch.float().numpy() + 1.0) / 2.0, 0.0, 1.0)  # the reference's float32 arithmetic
+        expected = (255.0 * half).astype(np.uint8).transpose(0, 2, 3, 1)
+        assert half.dtype == np.float32
+        np.testing.assert_array_equal(images.to_uint8(batch), expected)
+
+
 def test_image_helpers_refuse_what_they_cannot_draw():
     """An empty batch divided by zero, a (3, H, W) image failed in ``permute``, no tiles in an IndexError, and
     ``columns=0`` was taken for the default."""

@@ -61,7 +61,7 @@ def test_import_checks_its_parts_before_building_the_encoder(tmp_path, capsys, m
     def never(*a, **k):
         raise AssertionError("built the encoder")
 
-    monkeypatch.setattr(db_cli, "_encoder", never)
+    monkeypatch.setattr(db_cli, "_encoder_info", never)
     assert f"part file {tmp_path / 'none.npz'} does not exist" in _error(
         capsys, "import-npz", str(tmp_path / "none.npz"), "--out", str(tmp_path / "db"), "--encoder", SPEC)
 

@@ -12,10 +12,10 @@ from functools import partial
 import torch
 
 from .base import (Encoder, EncoderUnavailable, embed_images, embed_texts, get_encoder, list_encoders,
-                   register_encoder, resolve_encoder)
+                   query_encoder, register_encoder, resolve_encoder)
 
 __all__ = ["Encoder", "EncoderUnavailable", "embed_images", "embed_texts", "get_encoder", "list_encoders",
-           "register_encoder", "resolve_encoder"]
+           "query_encoder", "register_encoder", "resolve_encoder"]
 
 
 def _clip(name: str, *, device: str | torch.device, checkpoint: str | None, pretrained: bool) -> Encoder:
