@@ -293,6 +293,29 @@ class SamplingDefaults:
 
 
 MAX_TEXT_NEIGHBORS = 20  # rdm768's contexts: a text (or query) embedding and up to 20 neighbours
+
+# The learning-rate schedule of the released training configs (model.params.scheduler_config): LDM's
+# LambdaLinearScheduler with one cycle that never ends, the rate's factor rising linearly from WARM_UP_START to 1
+# over warm_up_steps (100 for imagenet, 10000 for ffhq), then constant.
+WARM_UP_SCHEDULER = "ldm.lr_scheduler.LambdaLinearScheduler"
+WARM_UP_START = 1e-6
+_ENDLESS_CYCLE = 10000000000000
+
+
+def _warm_up_steps(tree: Any) -> int:
+    """The ``warm_up_steps`` of a ``scheduler_config`` of the released form (see ``WARM_UP_SCHEDULER``); 0, with
+    a warning, for other schedules, which training does not reproduce."""
+    params = tree.get("params") if isinstance(tree, dict) else None
+    if isinstance(params, dict) and str(tree.get("target", "")).endswith("LambdaLinearScheduler"):
+        one = {k: v[0] for k, v in params.items() if isinstance(v, (list, tuple)) and len(v) == 1}
+        steps = one.get("warm_up_steps")
+        if (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0 and one.get("f_max") == 1
+                and one.get("f_min") == 1 and one.get("f_start", WARM_UP_START) == WARM_UP_START):
+            return steps
+    log.warning("model.params.scheduler_config is not a linear warm-up from %g to a constant rate (%s, one cycle, "
+                "f_max = f_min = 1): training does not reproduce it and warms up only with --warmup",
+                WARM_UP_START, WARM_UP_SCHEDULER)
+    return 0
 KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
 VQ_TARGET = "ldm.models.autoencoder.VQModelInterface"
 
@@ -348,7 +371,8 @@ class RDMConfig:
     ``retrieval_encoder``: the registered encoder (rdm_fast.encoders) whose embeddings the model was trained on;
     databases made by another encoder are refused at sampling time (None: not checked).
     ``k_nn`` and ``normalized_embeddings`` carry the names of the official RDM configs; ``text_token`` and
-    ``retrieval_encoder`` are ours.
+    ``retrieval_encoder`` are ours. ``warm_up_steps``: the learning-rate warm-up of the released training
+    configs, read from and written as their ``scheduler_config`` (training's default ``--warmup``).
     """
 
     unet_config: UNetConfig
@@ -366,12 +390,13 @@ class RDMConfig:
     normalized_embeddings: bool = False
     retrieval_encoder: str | None = None
     sampling: SamplingDefaults = SamplingDefaults()
+    warm_up_steps: int = 0
 
     _IGNORED = {"first_stage_key", "cond_stage_key", "log_every_t", "num_timesteps_cond", "cond_stage_trainable",
                 "monitor", "scale_by_std", "use_ema", "cond_stage_config", "loss_type", "ckpt_path",
                 "ignore_keys", "load_only_unet", "learn_logvar", "logvar_init", "l_simple_weight",
                 "original_elbo_weight", "v_posterior", "clip_denoised", "use_positional_encodings",
-                "scheduler_config", "cosine_s", "given_betas", "query_key", "retrieval_encoder_cfg",
+                "cosine_s", "given_betas", "query_key", "retrieval_encoder_cfg",
                 "nn_encoder_cfg", "query_encoder_cfg", "nn_key", "retro_noise", "retrieval_cfg",
                 "retro_conditioning_key", "learn_nn_encoder", "nn_memory", "n_patches_per_side",
                 "resize_patch_size", "searcher_path", "retro_concat", "p_uncond", "guidance_vex_shape",
@@ -401,6 +426,7 @@ class RDMConfig:
             ("image_size", size, size > 0 and size % f == 0,
              f"must be a positive multiple of the UNet's downsampling factor {f} (2 ** (len(channel_mult) - 1))"),
             *_positive(self, "k_nn"),
+            ("warm_up_steps", self.warm_up_steps, self.warm_up_steps >= 0, "must be at least 0"),
             ("scale_factor", self.scale_factor, math.isfinite(self.scale_factor) and self.scale_factor > 0,
              "must be positive and finite"),
         ])
@@ -495,6 +521,8 @@ class RDMConfig:
         params["unet_config"] = UNetConfig.from_dict(dict(unet_cfg.get("params", unet_cfg)))
         params["first_stage_config"] = AutoencoderConfig.from_dict(params["first_stage_config"])
         missing = [f for f in OWN_FIELDS if f not in params]
+        if "scheduler_config" in params:
+            params["warm_up_steps"] = _warm_up_steps(params.pop("scheduler_config"))
         if "sampling" in params:
             given = dict(params["sampling"] or {})
             # completed with the defaults for now (ddim with eta 0 suit any given eta or sampler); from_dict
@@ -536,8 +564,12 @@ class RDMConfig:
     def to_dict(self) -> dict[str, Any]:
         """The official-layout tree: ``{"model": {"target": ..., "params": {...}}}``."""
         params: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                  if f.name not in ("unet_config", "first_stage_config", "sampling")}
+                                  if f.name not in ("unet_config", "first_stage_config", "sampling", "warm_up_steps")}
         params["sampling"] = dataclasses.asdict(self.sampling)
+        if self.warm_up_steps:
+            params["scheduler_config"] = {"target": WARM_UP_SCHEDULER, "params": {
+                "warm_up_steps": [self.warm_up_steps], "cycle_lengths": [_ENDLESS_CYCLE], "f_start": [WARM_UP_START],
+                "f_max": [1.0], "f_min": [1.0]}}
         params["conditioning_key"] = "crossattn"
         params["unet_config"] = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
                                  "params": self.unet_config.to_dict()}

@@ -52,7 +52,7 @@ from . import checkpoint as ckpt
 from ._cli import CLIError, HelpFormatter, check_out_dir, claim_out_dir, parse_args, run, summary
 from ._distributed import Processes, process_device
 from ._files import atomic_write, atomic_write_json, fsync_path, remove_stale_temps
-from .config import RDMConfig, preset_names
+from .config import WARM_UP_START, RDMConfig, preset_names
 from .data import (DRAWS, DROPOUT, TrainingContexts, TrainingImages, TrainingOrder, cached_moments, derived_seed,
                    existing_neighbors_file)
 from .diffusion import eps_losses
@@ -78,7 +78,8 @@ CHANGEABLE_KEYS = ("lr", "weight_decay", "warmup", "cond_drop", "grad_clip", "em
 # the data a run trains on: a resumed run's own unless given again
 DATA_KEYS = ("training_db", "db", "neighbors")
 # the batch, seed and optimisation settings' defaults for a new run; a resumed run keeps its own unless given again
-SETTING_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.01, "warmup": 0, "grad_clip": 0.0, "ema_decay": 0.9999,
+# (--warmup's default is the model config's warm_up_steps, set once the model is known)
+SETTING_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.01, "grad_clip": 0.0, "ema_decay": 0.9999,
                     "cond_drop": 0.0, "precision": "fp32", "batch_size": 8, "accumulate": 1, "seed": 0}
 
 
@@ -375,7 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulate", type=int, help=f"micro-batches per optimizer step (default 1{kept})")
     p.add_argument("--lr", type=float, help=f"AdamW learning rate (default 1e-4{kept})")
     p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default 0.01, PyTorch's{kept})")
-    p.add_argument("--warmup", type=int, help=f"steps of linear learning-rate warm-up (default 0{kept})")
+    p.add_argument("--warmup", type=int,
+                   help="steps of linear learning-rate warm-up from 1e-6 x --lr, as the released configs' "
+                        "scheduler_config (default: the config's, 100 for imagenet, 10000 for ffhq, else 0"
+                        f"{kept})")
     p.add_argument("--grad-clip", type=float, help=f"clip the gradient norm to this (0: off; default 0{kept})")
     p.add_argument("--ema-decay", type=float,
                    help="decay of the weights' moving average: min(this, (1 + n) / (10 + n)) at update n (LitEma; "
@@ -426,6 +430,10 @@ def _fill_settings(args: argparse.Namespace, resume_from: Path | None) -> None:
                 raise CLIError(f"{resume_from / ckpt.TRAIN_STATE_FILE} records {key} = {value!r}, not a "
                                f"{type(default).__name__}: pass {flag}")
             setattr(args, key, value)
+    if args.warmup is None and "warmup" in saved:
+        if type(saved["warmup"]) is not int:
+            raise CLIError(f"{resume_from} records warmup = {saved['warmup']!r}, not an int: pass --warmup")
+        args.warmup = saved["warmup"]
     if args.precision not in ("fp32", "bf16", "fp16"):
         raise CLIError(f"{resume_from} records precision {args.precision!r}; pass --fp32, --bf16 or --fp16")
     for key in DATA_KEYS:
@@ -443,7 +451,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("warmup", "preview", "workers"):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:  # warmup: None until the config gives it
             raise CLIError(f"--{name} must be at least 0, got {getattr(args, name)}")
     for name in ("lr", "weight_decay", "grad_clip", "cond_drop", "ema_decay"):
         if not math.isfinite(getattr(args, name)):
@@ -483,8 +491,11 @@ def sample_draws(seed: int, step: int, rows: range, model: RDM, device: torch.de
 
 
 def learning_rate(args: argparse.Namespace, step: int) -> float:
-    """``--lr`` after a linear warm-up over the first ``--warmup`` steps (constant afterwards, as the reference)."""
-    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+    """``--lr`` for optimizer step ``step`` (from 0), as the released configs' scheduler_config sets it: a factor
+    rising linearly from WARM_UP_START at step 0 towards 1 over ``--warmup`` steps, then 1."""
+    if step >= args.warmup:
+        return args.lr
+    return args.lr * (WARM_UP_START + (1 - WARM_UP_START) * step / args.warmup)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -535,7 +546,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         with _older_checkpoints_hint(resume_from, out):
             model = RDM.from_pretrained(resume_from)
         given = RDMConfig.resolve(args.config) if args.config else model.config
-        given = replace(given, retrieval_encoder=model.config.retrieval_encoder)
+        # the run's warm-up is its recorded --warmup, whatever the config says
+        given = replace(given, retrieval_encoder=model.config.retrieval_encoder,
+                        warm_up_steps=model.config.warm_up_steps)
         if given != model.config:
             differ = ckpt.differing_keys(given.to_dict(), model.config.to_dict())
             raise CLIError(f"--config differs from the config of {resume_from} in {', '.join(differ)}: drop "
@@ -547,6 +560,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     unet = model.unet.train()
     unet.gradient_checkpointing = args.grad_checkpoint
 
+    if args.warmup is None:  # a new run (or one saved without it) warms up as its config's scheduler_config
+        args.warmup = model.config.warm_up_steps
+        log.info("--warmup %d (the config's scheduler_config)", args.warmup)
     contexts = TrainingContexts(model.config, args.training_db, args.db, args.neighbors)
     if model.config.retrieval_encoder is None:  # record it: sampling then refuses databases of other encoders
         model.config = replace(model.config, retrieval_encoder=contexts.retrieval.encoder_name)

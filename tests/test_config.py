@@ -264,6 +264,14 @@ model:
     monitor: val/loss_simple_ema
     scale_by_std: false
     ignore_keys: ['unconditional_guidance_vex']
+    scheduler_config:
+      target: ldm.lr_scheduler.LambdaLinearScheduler
+      params:
+        warm_up_steps: [100]
+        cycle_lengths: [10000000000000]
+        f_start: [1.0e-06]
+        f_max: [1.0]
+        f_min: [1.0]
     unet_config:
       target: rdm.modules.diffusionmodules.openaimodel.UNetModel
       params:
@@ -307,6 +315,30 @@ def test_official_imagenet_config_with_retro_only(tmp_path, caplog):
     assert (cfg.sampling.steps, cfg.sampling.guidance_scale) == (100, 2.0)
     assert "lacks text_token, normalized_embeddings, retrieval_encoder, sampling: taken from the 'imagenet'" \
         in caplog.text
+
+
+def test_the_released_warm_up_is_read_and_written_as_scheduler_config(caplog):
+    """The released training configs' learning-rate warm-up (imagenet 100 steps, ffhq 10000) is the config's
+    warm_up_steps, written back in the official form; schedules training does not reproduce load with a warning
+    and no warm-up, and the config without one has none."""
+    tree = yaml.safe_load(OFFICIAL_IMAGENET)
+    assert RDMConfig.from_dict(tree).warm_up_steps == 100
+    assert (RDMConfig.preset("ffhq").warm_up_steps, RDMConfig.preset("rdm768").warm_up_steps) == (10000, 0)
+    written = RDMConfig.preset("imagenet").to_dict()["model"]["params"]["scheduler_config"]
+    assert written == tree["model"]["params"]["scheduler_config"]
+    assert "scheduler_config" not in RDMConfig.preset("rdm768").to_dict()["model"]["params"]
+    for change in ({"target": "ldm.lr_scheduler.LambdaWarmUpCosineScheduler"}, {"params": {"f_min": [0.1]}},
+                   {"params": {"warm_up_steps": [100, 100]}}, {"params": {"f_start": [0.5]}}):
+        other = yaml.safe_load(OFFICIAL_IMAGENET)
+        sched = other["model"]["params"]["scheduler_config"]
+        sched["target"] = change.get("target", sched["target"])
+        sched["params"].update(change.get("params", {}))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="rdm_fast.config"):
+            assert RDMConfig.from_dict(other).warm_up_steps == 0
+        assert "scheduler_config is not a linear warm-up from 1e-06 to a constant rate" in caplog.text, change
+    with pytest.raises(ConfigError, match="warm_up_steps = -1 must be at least 0"):
+        replace(RDMConfig.preset("tiny"), warm_up_steps=-1)
 
 
 def test_official_768_config_takes_the_rdm768_conventions(caplog):

@@ -1139,6 +1139,33 @@ def test_bf16_autocast_gradients_track_float32(cpu_gradients):
                                   cap=0.25)
 
 
+def test_warm_up_follows_the_configs_scheduler(setup, tmp_path, caplog):
+    """The learning rate of each step as the released configs' scheduler_config (LDM's LambdaLinearScheduler:
+    f = (f_max - f_start) / W * n + f_start for step n < W, then f_max = f_min = 1) sets it, with W from the config
+    by default and from --warmup where given; the run records it, and a resume with the same --config keeps it."""
+    tree = yaml.safe_load(setup["cfg"].read_text())
+    tree["model"]["params"]["scheduler_config"] = {"target": "ldm.lr_scheduler.LambdaLinearScheduler", "params": {
+        "warm_up_steps": [3], "cycle_lengths": [10000000000000], "f_start": [1e-6], "f_max": [1.0], "f_min": [1.0]}}
+    cfg = tmp_path / "warm.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+
+    def official(n, warm_up):
+        f_start, f_max, f_min, cycle = 1e-6, 1.0, 1.0, 10000000000000
+        f = (f_max - f_start) / warm_up * n + f_start if n < warm_up else f_min + (f_max - f_min) * (cycle - n) / cycle
+        return 1e-4 * f
+
+    caplog.set_level("INFO", logger="rdm_fast.train")
+    for extra, warm_up in (((), 3), (("--warmup", "2"), 2)):
+        out = tmp_path / f"run{warm_up}"
+        argv = _args(setup, out, "--random-init", "--config", str(cfg), "--log-every", "1", *extra, steps=4)
+        assert train.main(argv) == 0
+        lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
+        assert lrs == pytest.approx([official(n, warm_up) for n in range(4)], rel=1e-12, abs=0)
+        assert json.loads((out / "run.json").read_text())["warmup"] == warm_up
+    assert "--warmup 3 (the config's scheduler_config)" in caplog.text
+    assert train.main(_args(setup, tmp_path / "run3", "--resume", "--config", str(cfg), steps=5)) == 0
+
+
 def test_mixed_precision_runs(setup, tmp_path):
     """bf16 and fp16 runs (with checkpointing, clipping and warm-up) run and stay finite, and a run resumes in
     another precision (fp16's loss scale starts or is dropped). Their accuracy: the gradient test above."""
@@ -1147,7 +1174,8 @@ def test_mixed_precision_runs(setup, tmp_path):
         out = tmp_path / precision
         assert train.main(_fresh(setup, out, *extra, precision, "--grad-checkpoint", steps=2)) == 0
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        assert [r["lr"] for r in log] == [0.5e-4, 1e-4] and all(np.isfinite(r["loss"]) for r in log)
+        assert [r["lr"] for r in log] == pytest.approx([1e-4 * 1e-6, 1e-4 * (1e-6 + (1 - 1e-6) / 2)], rel=1e-12)
+        assert all(np.isfinite(r["loss"]) for r in log)
         assert all(torch.isfinite(w).all() for w in _weights(out, 2).values())
     other = {"--bf16": "--fp16", "--fp16": "--bf16"}
     for precision in other:  # into fp16 (a loss scale starts) and out of it
