@@ -6,7 +6,8 @@ Three inputs, all made by ``python -m rdm_fast.db``:
 
 * the *training database* (``db build`` over the training images): its entries are the training examples. Each
   image is cut again exactly as it was cut when embedded (the build's crop mode and size, and the recorded
-  corner of random crops), then resized to the model's image size if that differs;
+  corner of random crops), then resized to the model's image size if that differs; or, with random crops (the
+  released ImageNet model's augmentation), cut at a new random window each epoch (:class:`TrainingImages`);
 * the *retrieval database* the model will later sample with (it may be the training database itself);
 * the *neighbours file* (``db neighbors RETRIEVAL --queries TRAINING --k K --out FILE``, or ``--exclude-self``
   when both are one database): row i holds the ids of entry i's nearest retrieval entries.
@@ -51,7 +52,7 @@ from ._files import (TEMP_SUFFIX, array_file_problem, atomic_npy_memmap, atomic_
                      map_npz)
 from .config import RDMConfig
 from .rdm import RDM
-from .retrieval.build import load_rgb, replay_crop
+from .retrieval.build import fit_short_side, load_rgb, replay_crop
 from .retrieval.context import check_database_for_model
 from .retrieval.database import Database
 from .retrieval.neighbors import DIGEST_KEYS, database_digest, neighbor_files, same_entries
@@ -61,7 +62,7 @@ log = logging.getLogger("rdm_fast.data")
 
 # what a derived seed is for: its second part, so that no two uses share a stream (SeedSequence pads short
 # entropy with zeros, so (seed, e) and (seed, e, 0) would otherwise mix to the same seed)
-SHUFFLE, DRAWS, DROPOUT = 0, 1, 2
+SHUFFLE, DRAWS, DROPOUT, CROP = 0, 1, 2, 3
 # neighbour scores must agree with the databases' vectors to this: the float16 vectors searched in fp32, or in
 # fp16 on a GPU, score within about 1e-3 of each other; scores for other databases are off by 1e-2 and more
 NEIGHBOR_SCORE_TOLERANCE = 5e-3
@@ -70,7 +71,7 @@ NEIGHBOR_CHECK_ROWS = 64
 
 def derived_seed(seed: int, purpose: int, *parts: int) -> int:
     """A 32-bit seed mixed from integers (numpy's SeedSequence): independent streams per purpose
-    (:data:`SHUFFLE`, :data:`DRAWS`, :data:`DROPOUT`) and parts (epoch; step and position)."""
+    (:data:`SHUFFLE`, :data:`DRAWS`, :data:`DROPOUT`, :data:`CROP`) and parts (epoch; step and position)."""
     return int(np.random.SeedSequence([seed, purpose, *parts]).generate_state(1)[0])
 
 
@@ -125,11 +126,17 @@ def load_neighbors(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dic
 class TrainingImages(Dataset):
     """Entry ``i`` of a training database -> {"pixels": (3, S, S) uint8, "index": i, "ok": bool}.
 
+    The image is its database crop, cut again (see the module docstring); with ``random_crop`` it is instead the
+    whole image with its short side resized to S (bicubic, as center crops are), cut at a random S x S window
+    drawn anew each epoch from (``seed``, epoch, i): the released ImageNet model's augmentation, whose
+    neighbours also stayed those found once per image. Items are then asked for as (i, epoch) (TrainingOrder's
+    ``epochs``).
     ``ok`` is False (pixels zero) when the image cannot be read any more; the trainer leaves such entries out of
     the loss and counts them. The database is opened lazily in each data-loader worker.
     """
 
-    def __init__(self, db: Database, size: int, image_root: str | Path | None = None) -> None:
+    def __init__(self, db: Database, size: int, image_root: str | Path | None = None, *, random_crop: bool = False,
+                 seed: int = 0) -> None:
         build = db.manifest.get("build") or {}
         if build.get("kind") != "images" or not db.manifest.get("has_sources") or "crop" not in build:
             raise ValueError(f"{db.path} was not built from image files (python -m rdm_fast.db build), so its "
@@ -137,9 +144,10 @@ class TrainingImages(Dataset):
         root = image_root if image_root is not None else db.manifest.get("image_root")
         self.path, self.size, self.root = db.path, size, Path(root) if root else None
         self.crop, self.crop_size = build["crop"], int(build["crop_size"])
+        self.random_crop, self.seed = random_crop, seed
         self._warned: set[int] = set()  # entries already warned about (per data-loading process)
         self.count = len(db)
-        if self.crop_size != size:
+        if self.crop_size != size and not random_crop:
             log.info("%s: its %d px crops are resized to the model's %d px images", db.path, self.crop_size, size)
         self._db: Database | None = db
 
@@ -161,13 +169,20 @@ class TrainingImages(Dataset):
         source = Path(self.database.sources([i])[0])
         return source if source.is_absolute() or self.root is None else self.root / source
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, epoch = key if isinstance(key, tuple) else (key, None)
+        if self.random_crop and epoch is None:
+            raise ValueError("random crops are drawn per epoch: ask for entries as (index, epoch)")
         try:
-            xy = cast(tuple[int, int], tuple(int(v) for v in self.database.patch_coords([i])[0])) \
-                if self.crop == "random" else None
-            pixels = replay_crop(load_rgb(self.file(i)), self.crop, self.crop_size, xy)
-            if self.crop_size != self.size:
-                pixels = np.asarray(Image.fromarray(pixels).resize((self.size, self.size), Image.Resampling.BICUBIC))
+            if self.random_crop:
+                pixels = self._random_crop(i, cast(int, epoch))
+            else:
+                xy = cast(tuple[int, int], tuple(int(v) for v in self.database.patch_coords([i])[0])) \
+                    if self.crop == "random" else None
+                pixels = replay_crop(load_rgb(self.file(i)), self.crop, self.crop_size, xy)
+                if self.crop_size != self.size:
+                    pixels = np.asarray(Image.fromarray(pixels).resize((self.size, self.size),
+                                                                       Image.Resampling.BICUBIC))
             ok = True
         except Exception as e:  # missing, unreadable or changed since the build (any decoder error): skip it
             if i not in self._warned:  # once per entry, not at every draw of it
@@ -175,6 +190,14 @@ class TrainingImages(Dataset):
                 log.warning("training entry %d cannot be used: %s", i, str(e).splitlines()[0][:300])
             pixels, ok = np.zeros((self.size, self.size, 3), np.uint8), False
         return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), "index": i, "ok": ok}
+
+    def _random_crop(self, i: int, epoch: int) -> np.ndarray:
+        """Entry ``i``'s image, short side resized to the model's size, at epoch ``epoch``'s random window."""
+        img = np.asarray(fit_short_side(load_rgb(self.file(i)), self.size))
+        rng = np.random.default_rng(derived_seed(self.seed, CROP, epoch, i))
+        h, w = img.shape[:2]
+        x, y = int(rng.integers(0, w - self.size + 1)), int(rng.integers(0, h - self.size + 1))
+        return img[y:y + self.size, x:x + self.size]
 
 
 class TrainingContexts:
@@ -250,7 +273,7 @@ class TrainingContexts:
         return F.normalize(ctx, dim=-1) if self.normalize else ctx
 
 
-class TrainingOrder(Sampler[int]):
+class TrainingOrder(Sampler[Any]):
     """The entries this process reads, optimizer step after step, from ``start_step`` on.
 
     Entries come in an endless stream of epochs, each a fresh permutation drawn from (seed, epoch). Step ``s``
@@ -260,11 +283,11 @@ class TrainingOrder(Sampler[int]):
     """
 
     def __init__(self, n: int, *, seed: int, batch: int, world: int = 1, rank: int = 0, accumulate: int = 1,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, epochs: bool = False) -> None:
         if n < 1:
             raise ValueError("the training set is empty")
         self.n, self.seed, self.batch, self.world, self.rank = n, seed, batch, world, rank
-        self.accumulate, self.start_step = accumulate, start_step
+        self.accumulate, self.start_step, self.epochs = accumulate, start_step, epochs
         self._epoch = -1
         self._perm: Tensor | None = None
 
@@ -286,16 +309,24 @@ class TrainingOrder(Sampler[int]):
             first, count = first + take, count - take
         return torch.cat(out)
 
+    def _start(self, step: int, micro: int) -> int:
+        return step * self.global_batch + (micro * self.world + self.rank) * self.batch
+
     def micro_batch(self, step: int, micro: int) -> Tensor:
         """The entries of micro-batch ``micro`` of optimizer step ``step`` on this rank."""
-        start = step * self.global_batch + (micro * self.world + self.rank) * self.batch
-        return self.positions(start, self.batch)
+        return self.positions(self._start(step, micro), self.batch)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+        """The entries, or with ``epochs`` (entry, epoch of its stream position) pairs."""
         step = self.start_step
         while True:
             for micro in range(self.accumulate):
-                yield from self.micro_batch(step, micro).tolist()
+                entries = self.micro_batch(step, micro).tolist()
+                if self.epochs:
+                    first = self._start(step, micro)
+                    yield from ((e, (first + j) // self.n) for j, e in enumerate(entries))
+                else:
+                    yield from entries
             step += 1
 
 

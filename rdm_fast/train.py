@@ -71,7 +71,8 @@ OPTIMIZER = "optimizer.pt"
 # cannot resume exactly (1: before the draws got purpose tags and dropout its seeds)
 DRAWS_VERSION = 2
 # what fixes the batches and draws of every step: a resumed run must keep these (the data by content) ...
-RESUME_KEYS = ("seed", "global_batch", "training_data")
+RESUME_KEYS = ("seed", "global_batch", "training_data", "random_crop")
+RESUME_DEFAULTS = {"random_crop": False}  # what runs saved before a key existed did
 # ... and may change these (with a warning: the run is then not the one an uninterrupted run would be)
 CHANGEABLE_KEYS = ("lr", "weight_decay", "warmup", "cond_drop", "grad_clip", "ema_decay", "precision",
                    "training_db", "db", "neighbors", "cached_moments")
@@ -366,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", help="directory of the first stage's outputs for every training image, made on first "
                                      "use (all processes share the work) and reused: no image decoding or encoder "
                                      "in the training loop")
+    p.add_argument("--random-crop", action="store_true", default=None,
+                   help="train on a random window of each image, drawn anew each epoch after its short side is "
+                        "resized to the model's image size (the released ImageNet model's augmentation; build the "
+                        "training database with --crop center); without it, each entry's database crop. Not with "
+                        "--latents; a resumed run keeps its own")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out; with --init, --first-stage or --random-init "
                         "too, start the run that way when --out has no checkpoint yet (one command line for the "
@@ -430,6 +436,8 @@ def _fill_settings(args: argparse.Namespace, resume_from: Path | None) -> None:
                 raise CLIError(f"{resume_from / ckpt.TRAIN_STATE_FILE} records {key} = {value!r}, not a "
                                f"{type(default).__name__}: pass {flag}")
             setattr(args, key, value)
+    if args.random_crop is None:
+        args.random_crop = bool(saved.get("random_crop", False))
     if args.warmup is None and "warmup" in saved:
         if type(saved["warmup"]) is not int:
             raise CLIError(f"{resume_from} records warmup = {saved['warmup']!r}, not an int: pass --warmup")
@@ -465,6 +473,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--cond-drop is a probability in [0, 1), got {args.cond_drop}")
     if not 0 <= args.ema_decay <= 1:
         raise CLIError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+    if args.random_crop and args.latents:
+        raise CLIError("--random-crop cuts each image anew every epoch, while --latents stores the first stage's "
+                       "outputs of each entry's one crop: use one or the other")
     if args.compile:
         import torch._dynamo
 
@@ -567,7 +578,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     if model.config.retrieval_encoder is None:  # record it: sampling then refuses databases of other encoders
         model.config = replace(model.config, retrieval_encoder=contexts.retrieval.encoder_name)
     cfg = model.config
-    images = TrainingImages(contexts.training, cfg.pixel_size, args.image_root)
+    images = TrainingImages(contexts.training, cfg.pixel_size, args.image_root, random_crop=args.random_crop,
+                            seed=args.seed)
     precision = args.precision
     global_batch = args.batch_size * procs.world * args.accumulate
     if global_batch > len(images):
@@ -578,6 +590,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 "grad_clip": args.grad_clip, "ema_decay": args.ema_decay, "precision": precision,
                 "training_db": str(Path(args.training_db).resolve()), "db": str(Path(args.db).resolve()),
                 "neighbors": str(Path(args.neighbors).resolve()), "training_data": contexts.digest(),
+                "random_crop": args.random_crop,
                 "cached_moments": args.latents is not None,
                 "batch_size": args.batch_size, "processes": procs.world, "accumulate": args.accumulate,
                 "config": cfg.to_dict()}
@@ -594,7 +607,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
             raise CLIError(f"--resume: {resume_from} was saved by an older rdm_fast, whose random draws (batch "
                            "order, noise, dropout) differ from this version's, so the run cannot continue exactly: "
                            f"start a new --out (e.g. --init {resume_from})")
-        changed = [f"{k} {before.get(k)!r} -> {run_info[k]!r}" for k in RESUME_KEYS if before.get(k) != run_info[k]]
+        changed = [f"{k} {before.get(k, RESUME_DEFAULTS.get(k))!r} -> {run_info[k]!r}" for k in RESUME_KEYS
+                   if before.get(k, RESUME_DEFAULTS.get(k)) != run_info[k]]
         if before.get("global_batch") != global_batch:  # typically another number of processes
             split = " x ".join(str(before.get(k, "?")) for k in ("processes", "batch_size", "accumulate"))
             changed.append(f"the run's global batch is {split} (processes x images x micro-batches), this launch's "
@@ -634,7 +648,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     if args.compile:
         log.info("--compile: the first step compiles the UNet's passes (%s), which can take minutes", args.compile)
     order = TrainingOrder(len(examples), seed=args.seed, batch=args.batch_size, world=procs.world, rank=procs.rank,
-                          accumulate=args.accumulate, start_step=start)
+                          accumulate=args.accumulate, start_step=start, epochs=args.random_crop)
     loader = iter(torch.utils.data.DataLoader(examples, batch_size=args.batch_size, sampler=order,
                                               num_workers=args.workers, pin_memory=device.type == "cuda",
                                               persistent_workers=args.workers > 0,

@@ -456,7 +456,7 @@ def test_elongated_images_and_fifos_are_skipped_not_fatal(tmp_path):
                        device="cpu")
     skipped = dict(db.manifest["skipped"]["files"])
     assert len(db) == 1 and db.manifest["skipped"]["count"] == 2, skipped
-    assert "would be resized to 5120000x256 for its 256 px random crop: too elongated" in skipped["thin.png"]
+    assert "would be resized to 5120000x256 for 256 px crops: too elongated" in skipped["thin.png"]
     assert "is not a regular file" in skipped["pipe.png"]
     with pytest.raises(ValueError, match="query image .*thin.png cannot be read .*too elongated"):
         load_query_image(tmp_path / "thin.png", 256)

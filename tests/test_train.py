@@ -236,6 +236,34 @@ def test_training_images_are_the_embedded_crops(setup):
     assert resized.shape == (3, 16, 16) and resized.dtype == torch.uint8
 
 
+def test_random_crops_are_windows_of_the_short_side_resized_image_drawn_per_epoch(setup):
+    """With random_crop an entry is a size x size window of its whole image, short side resized to size (bicubic,
+    here recomputed with PIL), at a position that is fixed for (seed, epoch, entry) and differs between epochs."""
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    images = TrainingImages(db, 24, random_crop=True, seed=5)
+    for i in (0, 7, 11):
+        img = Image.open(images.file(i)).convert("RGB")
+        w, h = img.size
+        scale = 24 / min(w, h)
+        whole = np.asarray(img.resize((max(24, round(w * scale)), max(24, round(h * scale))),
+                                      Image.Resampling.BICUBIC))
+        corners = set()
+        for epoch in range(6):
+            item = images[i, epoch]
+            pixels = item["pixels"].numpy().transpose(1, 2, 0)
+            assert item["ok"] and item["index"] == i and pixels.shape == (24, 24, 3)
+            assert np.array_equal(images[i, epoch]["pixels"], item["pixels"])  # the same draw for the same key
+            found = [(x, y) for y in range(whole.shape[0] - 23) for x in range(whole.shape[1] - 23)
+                     if np.array_equal(whole[y:y + 24, x:x + 24], pixels)]
+            assert found, (i, epoch)
+            corners.add(found[0])
+        assert len(corners) > 1  # these images are wider than tall: the window moves between epochs
+        other_seed = TrainingImages(db, 24, random_crop=True, seed=6)
+        assert any(not torch.equal(other_seed[i, e]["pixels"], images[i, e]["pixels"]) for e in range(6))
+    with pytest.raises(ValueError, match=r"ask for entries as \(index, epoch\)"):
+        images[0]
+
+
 def test_training_images_report_unreadable_files(setup, tmp_path, caplog):
     """An unreadable entry is skipped, with one warning however often it is drawn."""
     db = Database.open(setup["db"], backend="torch", device="cpu")
@@ -396,6 +424,17 @@ def test_training_order_is_independent_of_the_split():
     assert not torch.equal(stream[:n], stream[n:2 * n])
     resumed = iter(TrainingOrder(n, seed=seed, batch=4, accumulate=2, start_step=3))
     assert [next(resumed) for _ in range(8)] == TrainingOrder(n, seed=seed, batch=8).micro_batch(3, 0).tolist()
+    # with epochs, each entry comes with the epoch of its stream position (what random crops are drawn for)
+    keyed = iter(TrainingOrder(n, seed=seed, batch=4, world=2, rank=1, accumulate=2, epochs=True, start_step=2))
+    plain = TrainingOrder(n, seed=seed, batch=4, world=2, rank=1, accumulate=2)
+    epochs = []
+    for step in (2, 3):
+        for micro in range(2):
+            first = step * 16 + (micro * 2 + 1) * 4
+            want = [(e, (first + j) // n) for j, e in enumerate(plain.micro_batch(step, micro).tolist())]
+            assert [next(keyed) for _ in range(4)] == want
+            epochs.append({epoch for _, epoch in want})
+    assert {1, 2} in epochs  # a micro-batch that crosses an epoch boundary (positions 44 to 47)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -445,6 +484,25 @@ def _without(args: list[str], *flags: str) -> list[str]:
         else:
             out.append(a)
     return out
+
+
+def test_random_crop_runs_resume_exactly_and_keep_their_crops(setup, tmp_path):
+    """--random-crop trains on per-epoch windows: a run resumed half-way (without repeating the flag) equals a
+    straight one, and a run's crop setting cannot change on resume or go with --latents."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(_fresh(setup, straight, "--random-crop", steps=4)) == 0
+    assert train.main(_fresh(setup, split, "--random-crop", steps=2)) == 0
+    assert train.main(_args(setup, split, "--resume", steps=4)) == 0
+    a, b = _weights(straight, 4), _weights(split, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((split / "run.json").read_text())["random_crop"] is True
+    fixed = tmp_path / "fixed"
+    assert train.main(_fresh(setup, fixed, steps=2)) == 0
+    assert not all(torch.equal(a[k], b[k]) for a, b in [(_weights(fixed, 2), _weights(straight, 2))] for k in a)
+    with pytest.raises(train.CLIError, match="other data or draws: random_crop False -> True"):
+        train.main(_args(setup, fixed, "--resume", "--random-crop", steps=4))
+    with pytest.raises(train.CLIError, match="--random-crop cuts each image anew every epoch, while --latents"):
+        train.main(_fresh(setup, tmp_path / "cached", "--random-crop", "--latents", str(tmp_path / "lat")))
 
 
 def test_resume_takes_the_runs_own_data(setup, tmp_path, caplog):

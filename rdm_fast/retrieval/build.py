@@ -273,17 +273,24 @@ def load_rgb(path: str | Path) -> Image.Image:
 def _fit(img: Image.Image, mode: str, size: int) -> Image.Image:
     """The image a ``mode`` crop of ``size`` px is cut from: resized to ``size`` x ``size`` (none), short side to
     ``size`` (center), short side up to ``size`` when smaller (random), else unchanged."""
-    w, h = img.size
     if mode == "none":
         return img.resize((size, size), Image.Resampling.BICUBIC)
-    if (mode == "center" and min(w, h) != size) or (mode == "random" and min(w, h) < size):
-        scale = size / min(w, h)
-        fit = (max(size, round(w * scale)), max(size, round(h * scale)))
-        if fit[0] * fit[1] > MAX_FIT_PIXELS:  # a 20000x1 image of 143 bytes took 13 GB at 256 px
-            raise ValueError(f"a {w}x{h} image would be resized to {fit[0]}x{fit[1]} for its {size} px {mode} crop: "
-                             "too elongated")
-        return img.resize(fit, Image.Resampling.BICUBIC)
+    if mode == "center" or (mode == "random" and min(img.size) < size):
+        return fit_short_side(img, size)
     return img
+
+
+def fit_short_side(img: Image.Image, size: int) -> Image.Image:
+    """``img`` with its short side resized to ``size`` (bicubic; as it is where it already fits); ValueError for an
+    image so elongated that the result would pass MAX_FIT_PIXELS."""
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    scale = size / min(w, h)
+    fit = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if fit[0] * fit[1] > MAX_FIT_PIXELS:  # a 20000x1 image of 143 bytes took 13 GB at 256 px
+        raise ValueError(f"a {w}x{h} image would be resized to {fit[0]}x{fit[1]} for {size} px crops: too elongated")
+    return img.resize(fit, Image.Resampling.BICUBIC)
 
 
 def make_crops(img: Image.Image, mode: str, size: int, n: int, rng: np.random.Generator
