@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decay of the weights' moving average: min(this, (1 + n) / (10 + n)) at update n (LitEma; "
                         f"default 0.9999{kept})")
     p.add_argument("--cond-drop", type=float,
-                   help="probability of training on the all-zero (unconditional) context (the released models: 0; "
+                   help="probability of training on the all-zero context that guidance contrasts with (the "
+                        "released models: 0; the reference's p_uncond would substitute a learned vector instead; "
                         f"default 0{kept})")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_const", dest="precision", const="bf16",
