@@ -425,6 +425,11 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     ranked, counts = proposal_ranking(ids, len(db))
     if args.top_m_out:  # before the database's own ranking changes
         atomic_save_npy(args.top_m_out, np.stack([ranked.numpy(), counts.numpy()], 1))
+    old = db.manifest.get("proposals")
+    if old:
+        log.warning("replacing the proposal ranking of %s (from %s queries x k=%s) with this run's (%d x k=%d): "
+                    "top-m sampling draws its pseudo-queries from it, so a sample run begun with the old one cannot "
+                    "be resumed", args.db, old.get("queries", "?"), old.get("k", "?"), ids.shape[0], args.k)
     save_proposals(db.path, ranked.numpy(), counts.numpy(), queries=int(ids.shape[0]), k=args.k,
                    queries_db=str(queries.path.resolve()) if queries is not None else None,
                    exclude_self=args.exclude_self, dedup_threshold=args.dedup_threshold)

@@ -236,6 +236,12 @@ RESUME_KEYS = ("ckpt_file", "config", "n_samples", "steps", "timesteps", "sample
                "include_query", "search", "query_encoder")
 
 
+# what a changed entry means where its name does not say it
+RESUME_KEY_MEANINGS = {"context_digest": "context_digest: the contents of the context file, or of the database, its "
+                                         "proposal ranking or the --image files",
+                       "ckpt_file": "ckpt_file: the checkpoint file (a training run's newest changes as it trains)"}
+
+
 RUN_ID_KEY = "rdm_fast_run"  # the PNG text entry naming the run (run.json's run_id) that drew an image
 
 
@@ -249,10 +255,10 @@ def resumed_run_id(path: Path, run_info: dict) -> str:
     if not isinstance(previous, dict):
         raise CLIError(f"--resume: {path} is not the run.json of a sample run (not a JSON object)")
     current = json.loads(json.dumps(run_info))  # as it would be written (tuples as lists)
-    changed = [key for key in RESUME_KEYS if previous.get(key) != current.get(key)]
+    changed = [RESUME_KEY_MEANINGS.get(key, key) for key in RESUME_KEYS if previous.get(key) != current.get(key)]
     if changed:
         raise CLIError(f"--resume: {path.parent} holds a run with other settings ({', '.join(changed)}); use the "
-                       "same options, or another --out")
+                       "same options and inputs, or another --out")
     if not isinstance(previous.get("run_id"), str):
         raise CLIError(f"--resume: {path} names no run_id (written by an older rdm_fast): its images cannot be "
                        "told from other runs'; start a new run")

@@ -189,7 +189,8 @@ def test_sample_resume_draws_only_the_missing_samples_and_refuses_other_settings
     args[args.index(str(tiny_dir / "ctx.npy"))] = str(other)
     (tmp_path / "run" / "sample_00004.png").unlink()
     assert cli(sample, *args, "--resume") == 2
-    assert "(context_source, context_digest)" in capsys.readouterr().err
+    assert "(context_source, context_digest: the contents of the context file, or of the database, its proposal " \
+           "ranking or the --image files)" in capsys.readouterr().err
     assert cli(sample, *args[:-1], str(tmp_path / "new"), "--resume") == 2
     assert "no run to continue" in capsys.readouterr().err
 

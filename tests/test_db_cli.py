@@ -177,6 +177,8 @@ def test_neighbors_and_proposals(built, tmp_path, capsys, caplog):
     assert any("own entries and --exclude-self is not given: each entry's first neighbour is itself"
                in r.getMessage() for r in caplog.records)
     assert np.load(pair).shape == (10, 2) and np.load(tmp_path / "nb_scores.npy").dtype == np.float32
+    assert "replacing the proposal ranking of" in caplog.text and "(from 10 queries x k=3) with this run's " \
+        "(10 x k=2): top-m sampling draws its pseudo-queries from it" in caplog.text  # the first run's ranking
     # the queries may be the database itself given again (so --exclude-self applies); the ranking records its path
     assert cli("neighbors", str(work), "--queries", str(work), "--exclude-self", "--k", "2", "--out", str(pair),
                "--device", "cpu", "--no-progress") == 0
