@@ -65,6 +65,7 @@ log = logging.getLogger("rdm_fast.train")
 MEMORY_ADVICE = ("lower --batch-size and raise --accumulate by the same factor (the same global batch, also "
                  "with --resume), or add --grad-checkpoint")  # after an out-of-memory error
 LOG = "log.jsonl"
+MOVED_CHECK = 16  # training images looked for, spread over the training database, before a run starts
 STOPPED = 128 + int(signal.SIGTERM)  # exit status of a run stopped by a signal (with a checkpoint)
 OPTIMIZER = "optimizer.pt"
 # how a run's random draws (batch order, noise, dropout) are derived from its seed; a run saved with other ones
@@ -581,6 +582,12 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     cfg = model.config
     images = TrainingImages(contexts.training, cfg.pixel_size, args.image_root, random_crop=args.random_crop,
                             seed=args.seed)
+    if args.latents is None:  # moved images: one line now, not a warning per entry from the data workers first
+        looked = min(len(images), MOVED_CHECK)
+        files = [images.file(round(j * (len(images) - 1) / max(looked - 1, 1))) for j in range(looked)]
+        if not any(f.exists() for f in files):
+            raise CLIError(f"none of {len(files)} training images looked for exists, e.g. {files[0]}: if the images "
+                           "have moved, pass --image-root")
     precision = args.precision
     global_batch = args.batch_size * procs.world * args.accumulate
     if global_batch > len(images):

@@ -913,6 +913,20 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     _same_run(_weights(tmp_path / "two", 5), _weights(tmp_path / "one", 5), steps=5)
 
 
+def test_moved_images_are_named_before_the_run_starts(setup, tmp_path, caplog):
+    """Images no longer where the training database recorded them stop the run with one line before any data
+    worker starts (it printed a warning per entry first); where some exist, the run goes on."""
+    caplog.set_level("WARNING", logger="rdm_fast")
+    with pytest.raises(train.CLIError, match=r"none of 12 training images looked for exists, e.g. .*i0.png: if the "
+                                             r"images have moved, pass --image-root"):
+        train.main(_fresh(setup, tmp_path / "moved", "--image-root", str(tmp_path / "nowhere"), steps=1))
+    assert "cannot be used" not in caplog.text
+    partial = tmp_path / "partial"
+    shutil.copytree(setup["root"] / "imgs", partial)
+    (partial / "i0.png").unlink()  # the first entry looked for: the others are found
+    assert train.main(_fresh(setup, tmp_path / "run", "--image-root", str(partial), steps=1)) == 0
+
+
 def test_first_batch_check_counts_every_micro_batch(setup, tmp_path):
     """With --accumulate the first step's micro-batches are one global batch: an unreadable first micro-batch is
     not the end of the run when a later one of the step can be read (as 2 processes of one micro-batch each)."""
