@@ -82,7 +82,8 @@ DATA_KEYS = ("training_db", "db", "neighbors")
 # the batch, seed and optimisation settings' defaults for a new run; a resumed run keeps its own unless given again
 # (--warmup's default is the model config's warm_up_steps, set once the model is known)
 SETTING_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.01, "grad_clip": 0.0, "ema_decay": 0.9999,
-                    "cond_drop": 0.0, "precision": "fp32", "batch_size": 8, "accumulate": 1, "seed": 0}
+                    "cond_drop": 0.0, "precision": "fp32", "batch_size": 8, "accumulate": 1, "seed": 0,
+                    "save_every": 1000, "keep": 3, "log_every": 50, "preview": 8}
 
 
 # ---------------------------------------------------------------------------------------------- EMA
@@ -405,11 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="run the UNet's training passes through torch.compile (default backend: inductor)")
-    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    p.add_argument("--preview", type=int, default=8,
-                   help="EMA samples drawn at each checkpoint but a signal's stop (0: none)")
+    p.add_argument("--save-every", type=int, help=f"steps between checkpoints (and at the end; default 1000{kept})")
+    p.add_argument("--keep", type=int, help=f"checkpoints kept (default 3{kept})")
+    p.add_argument("--log-every", type=int, help=f"steps between log lines (default 50{kept})")
+    p.add_argument("--preview", type=int,
+                   help=f"EMA samples drawn at each checkpoint but a signal's stop (0: none; default 8{kept})")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data-loading processes per training process (default: 4, or the CPU count if lower)")
     p.add_argument("--seed", type=int, help="seed of the batch order, the noise and dropout draws and a new UNet's "
@@ -601,6 +602,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 "random_crop": args.random_crop,
                 "cached_moments": args.latents is not None,
                 "batch_size": args.batch_size, "processes": procs.world, "accumulate": args.accumulate,
+                "save_every": args.save_every, "keep": args.keep, "log_every": args.log_every,
+                "preview": args.preview,
                 "config": cfg.to_dict()}
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -72,10 +72,12 @@ def setup(tmp_path_factory):
             "cfg_dropout": _config(root / "cfg_dropout.yaml", dropout=0.1)}
 
 
-def _args(setup, out: Path, *extra: str, steps: int = 4, batch: int = 4) -> list[str]:
+def _args(setup, out: Path, *extra: str, steps: int = 4, batch: int = 4, bookkeeping: bool = True) -> list[str]:
+    """``bookkeeping``: log and save every 2 steps, without previews."""
     return ["--training-db", str(setup["db"]), "--db", str(setup["db"]), "--neighbors", str(setup["nn"]),
             "--out", str(out), "--steps", str(steps), "--batch-size", str(batch), "--workers", "0",
-            "--log-every", "2", "--save-every", "2", "--preview", "0", "--no-progress", "--device", "cpu", *extra]
+            *(["--log-every", "2", "--save-every", "2", "--preview", "0"] if bookkeeping else []),
+            "--no-progress", "--device", "cpu", *extra]
 
 
 def _fresh(setup, out: Path, *extra: str, **kw) -> list[str]:
@@ -1209,6 +1211,20 @@ def test_bf16_autocast_gradients_track_float32(cpu_gradients):
     want, stable = cpu_gradients
     _check_against_plain_autocast(_unet_gradients("cpu", torch.bfloat16), "cpu", torch.bfloat16, want, stable,
                                   cap=0.25)
+
+
+def test_a_resumed_run_keeps_its_checkpoint_and_log_settings(setup, tmp_path):
+    """--save-every, --keep, --log-every and --preview are the run's own on resume unless given again (a resume
+    without them saved only at the end and logged one averaged line)."""
+    out = tmp_path / "run"
+    assert train.main(_args(setup, out, "--random-init", "--config", str(setup["cfg"]), "--save-every", "1", "--keep",
+                            "2", "--log-every", "1", "--preview", "0", steps=2, bookkeeping=False)) == 0
+    assert train.main(_args(setup, out, "--resume", steps=4, bookkeeping=False)) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert not (out / "samples").exists()
+    run_info = json.loads((out / "run.json").read_text())
+    assert (run_info["save_every"], run_info["keep"], run_info["log_every"], run_info["preview"]) == (1, 2, 1, 0)
 
 
 def test_warm_up_follows_the_configs_scheduler(setup, tmp_path, caplog):
