@@ -159,13 +159,30 @@ def _option_name(parser: argparse.ArgumentParser, dest: str) -> str:
     return dest
 
 
-def check_out_dir(path: str) -> None:
+def folder_kind(path: str | Path) -> str | None:
+    """What another rdm_fast command made of folder ``path``, told by the files it writes: "a database" (db build),
+    "a training run" (train), "a sample run" (sample); None for anything else."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return "a database"
+    if (path / "checkpoints").is_dir() or (path / "log.jsonl").is_file():
+        return "a training run"
+    if next(path.glob("sample_[0-9]*.png"), None) is not None:
+        return "a sample run"
+    return None
+
+
+def check_out_dir(path: str, kind: str | None = None) -> None:
     """CLIError unless ``--out`` ``path`` is a writable directory or one that can be made (its nearest existing
-    ancestor a writable directory); checked before anything slow runs."""
+    ancestor a writable directory), and holds no other command's output than ``kind`` (see :func:`folder_kind`:
+    a sample run's run.json would replace a training run's, for example); checked before anything slow runs."""
     if not path:
         raise CLIError("--out is empty: name a directory")
     if os.path.exists(path) and not os.path.isdir(path):
         raise CLIError(f"--out {path} is a file, not a folder")
+    found = folder_kind(path) if os.path.isdir(path) else None
+    if found is not None and found != kind:
+        raise CLIError(f"--out {path} holds {found}: write {kind or 'this output'} into a folder of its own")
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

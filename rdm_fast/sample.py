@@ -147,7 +147,7 @@ def check_args(args: argparse.Namespace) -> None:
                        f"got {args.k}")
     if args.random_init and not args.config:
         raise CLIError("--random-init needs --config (a preset name or config.yaml)")
-    check_out_dir(args.out)
+    check_out_dir(args.out, "a sample run")
     if args.resume and not (Path(args.out) / "run.json").is_file():  # before the model load
         raise CLIError(f"--resume: {Path(args.out) / 'run.json'} does not exist (no run to continue in {args.out})")
 

@@ -514,7 +514,7 @@ def learning_rate(args: argparse.Namespace, step: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    check_out_dir(args.out)
+    check_out_dir(args.out, "a training run")
     out = Path(args.out)
     resume_from = _resume_point(out)
     if resume_from is not None and not (out / ckpt.RUN_LATEST).is_file():

@@ -433,7 +433,18 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
     (tmp_path / "afile").write_text("x")
     base = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2"]
     monkeypatch.setattr(sample, "load_model", never)
+    # other commands' outputs, which a sample run's run.json or PNGs (or converted weights) would mix into
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "manifest.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "sample_00000.png").write_bytes(b"")
     cases = [(sample, [*base, "--out", str(tmp_path / "afile")], {}, "--out .*afile is a file, not a folder"),
+             (sample, [*base, "--out", str(tmp_path / "db")], {},
+              "--out .*db holds a database: write a sample run into a folder of its own"),
+             (sample, [*base, "--out", str(tmp_path / "run")], {}, "--out .*run holds a training run: write a sample"),
+             (convert, [str(tiny_dir / "model"), "--out", str(tmp_path / "samples")], {},
+              "--out .*samples holds a sample run: write this output into a folder of its own"),
              (sample, [*base, "--out", str(tmp_path / "afile" / "sub")], {},
               "--out .*sub: .*afile is a file, not a folder"),
              (sample, [*base, "--out", ""], {}, "--out is empty"),
