@@ -478,6 +478,20 @@ def test_neighbors_warns_about_long_exact_cpu_searches(random_db, tmp_path, monk
     assert "exact search on the CPU: 300 queries against 300 entries are 1.4e+06 multiply-adds" in caplog.text
 
 
+def test_a_missing_index_file_is_named(random_db, capsys, caplog):
+    """An index file deleted by hand: the automatic backend says it searches exactly instead (it did so
+    silently) and db info --verify names the file (it reported the database verified)."""
+    pytest.importorskip("faiss")
+    _, path = random_db
+    assert cli("index", str(path), "--kind", "flat", "--no-progress") == 0
+    (path / "index_flat.faiss").unlink()
+    if not torch.cuda.is_available():  # on a GPU the automatic backend is the Triton search, which needs no index
+        assert Database.open(path, device="cpu").backend == "torch-exact"
+        assert "its flat index cannot be used" in caplog.text and "index_flat.faiss is missing" in caplog.text
+    assert "index_flat.faiss is missing (listed in manifest.json): rebuild it with python -m rdm_fast.db index" \
+        in _error(capsys, "info", str(path), "--verify")
+
+
 def test_replacing_an_index_removes_the_old_file(random_db):
     pytest.importorskip("faiss")
     _, path = random_db

@@ -377,6 +377,9 @@ class Database:
             proposals = manifest["proposals"]
             if not (path / proposals["file"]).is_file():
                 raise FileNotFoundError(f"{path / proposals['file']} is missing (listed in {MANIFEST})")
+        if verify and manifest.get("index") and not (path / manifest["index"]["file"]).is_file():
+            raise FileNotFoundError(f"{path / manifest['index']['file']} is missing (listed in {MANIFEST}): rebuild "
+                                    f"it with python -m rdm_fast.db index {path}")
         dev = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         kind = cls._pick_backend(path, manifest, backend, dev)
@@ -414,8 +417,12 @@ class Database:
         if backend == "auto":
             if cls._triton_unavailable(device) is None:
                 return "triton"
-            if manifest.get("index") and cls._faiss_unavailable(path, manifest) is None:
-                return "faiss"
+            if manifest.get("index"):
+                why = cls._faiss_unavailable(path, manifest)
+                if why is None:
+                    return "faiss"
+                log.warning("%s: its %s index cannot be used (%s): searching exactly instead", path,
+                            manifest["index"].get("kind", "FAISS"), why)
             return "torch"
         why = {"torch": lambda: None, "triton": lambda: cls._triton_unavailable(device),
                "faiss": lambda: cls._faiss_unavailable(path, manifest)}[backend]()
