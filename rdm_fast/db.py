@@ -441,6 +441,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
 
 MEMORY_ADVICE = "lower --batch-size (db build and db neighbors take one)"  # after an out-of-memory error
 DISTRIBUTED = ("build", "import-npz")  # the commands that split their work over torchrun's processes
+RESUMABLE = ("build", "import-npz", "neighbors")  # the commands whose rerun continues where a stopped one was
 COMMANDS = {"build": cmd_build, "import-npz": cmd_import, "info": cmd_info, "search": cmd_search,
             "index": cmd_index, "neighbors": cmd_neighbors}
 
@@ -450,7 +451,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if args.command not in DISTRIBUTED:
         one_process(f"db {args.command}")
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        if args.command in RESUMABLE:
+            log.warning("stopped: the same command continues where this one stopped")
+        raise
 
 
 if __name__ == "__main__":

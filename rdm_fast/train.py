@@ -793,8 +793,8 @@ def _older_checkpoints_hint(resume_from: Path, out: Path) -> Iterator[None]:
     except ckpt.CheckpointError as e:
         older = [p.name for s, p in sorted(_checkpoint_dirs(resume_from.parent).items(), reverse=True)
                  if p != resume_from]
-        hint = (f"; to continue from an older checkpoint ({', '.join(older)}), write its name into "
-                f"{out / ckpt.RUN_LATEST}" if older else "")
+        hint = (f"{'' if str(e).endswith(('?', '.')) else '.'} To continue from an older checkpoint "
+                f"({', '.join(older)}), write its name into {out / ckpt.RUN_LATEST}" if older else "")
         raise ckpt.CheckpointError(f"{e}{hint}") from None
 
 

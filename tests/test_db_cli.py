@@ -519,6 +519,23 @@ def test_triton_backend_wiring_on_cpu_shards(random_db, monkeypatch):
     np.testing.assert_allclose(scores.numpy(), ref_scores, atol=2e-3)  # the GPU path stores fp16 unit rows
 
 
+def test_ctrl_c_says_whether_the_same_command_continues(built, tmp_path, capsys, caplog, monkeypatch):
+    """Ctrl-C in a command that resumes (build, import-npz, neighbors) says that rerunning it continues; the
+    others stop with 'interrupted' alone."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(db_cli, "compute_neighbors", interrupt)
+    monkeypatch.setattr(db_cli, "add_index", interrupt)
+    assert cli("neighbors", str(built / "db"), "--k", "2", "--exclude-self", "--out", str(tmp_path / "nb.npz"),
+               "--device", "cpu", "--no-progress") == 130
+    assert "stopped: the same command continues where this one stopped" in caplog.text
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    caplog.clear()
+    assert cli("index", str(built / "db"), "--no-progress") == 130
+    assert "the same command continues" not in caplog.text
+
+
 def test_interrupted_writes_of_neighbors_and_builds_resume(built, tmp_path, capsys, monkeypatch):
     """A kill while the proposal ranking is replaced leaves no ranking, never the new file under the old record;
     neighbors keeps its search results until the ranking is written (a failed write reruns without a new search);
