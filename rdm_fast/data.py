@@ -143,7 +143,7 @@ class TrainingImages(Dataset):
                              "entries have no images to train on")
         root = image_root if image_root is not None else db.manifest.get("image_root")
         self.path, self.size, self.root = db.path, size, Path(root) if root else None
-        self.crop, self.crop_size = build["crop"], int(build["crop_size"])
+        self.crop, self.crop_size, self.square = build["crop"], int(build["crop_size"]), build.get("fit_square")
         self.random_crop, self.seed = random_crop, seed
         self._warned: set[int] = set()  # entries already warned about (per data-loading process)
         self.count = len(db)
@@ -179,7 +179,7 @@ class TrainingImages(Dataset):
             else:
                 xy = cast(tuple[int, int], tuple(int(v) for v in self.database.patch_coords([i])[0])) \
                     if self.crop == "random" else None
-                pixels = replay_crop(load_rgb(self.file(i)), self.crop, self.crop_size, xy)
+                pixels = replay_crop(load_rgb(self.file(i)), self.crop, self.crop_size, xy, self.square)
                 if self.crop_size != self.size:
                     pixels = np.asarray(Image.fromarray(pixels).resize((self.size, self.size),
                                                                        Image.Resampling.BICUBIC))

@@ -70,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--encoder", required=True, help="registered encoder name or package.module:factory")
     b.add_argument("--out", required=True, help="database directory (rerun the same command to resume)")
     b.add_argument("--crop", choices=CROP_MODES, default="center",
-                   help="random: native-resolution patches (like the OpenImages database); center: short side "
+                   help="random: patches at native resolution, or of --fit-square squares; center: short side "
                         "resized, central square; none: whole image resized")
+    b.add_argument("--fit-square", type=_positive, metavar="S",
+                   help="with --crop random: cut the patches from each image's central S x S square, its short side "
+                        "resized to S first (the official OpenImages database: 1200, with 256 px patches, 3 per "
+                        "image)")
     b.add_argument("--crop-size", type=_positive, default=256,
                    help="side of the square crops, in pixels (at most 4096; the encoder resizes them to its input)")
     b.add_argument("--crops-per-image", type=_positive, default=1, help="random crops per image")
@@ -175,7 +179,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers,
                              device=args.device, encoder_checkpoint=args.encoder_checkpoint,
                              class_from_folder=args.class_from_folder, seed=args.seed,
-                             progress=not args.no_progress)
+                             fit_square=args.fit_square, progress=not args.no_progress)
     except EncoderUnavailable as e:
         raise CLIError(_unavailable(args.encoder, e)) from None
     if int(os.environ.get("RANK", "0")) == 0:
@@ -250,7 +254,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if build.get("crop"):  # what training crops its images as, and a query image is cut like
         per = build.get("crops_per_image", 1)
         lines.append(f"crops      {build['crop']}, {build.get('crop_size', '?')} px" +
-                     (f", {per} per image" if per != 1 else ""))
+                     (f", {per} per image" if per != 1 else "") +
+                     (f", of {build['fit_square']} px squares" if build.get("fit_square") else ""))
     if args.verify:
         lines.append("verified   every shard's embeddings and metadata match their SHA-256 (index and proposals "
                      "files have no checksum)")
@@ -269,16 +274,17 @@ def _grey_tile(size: int) -> Image.Image:
     return Image.new("RGB", (size, size), (200, 200, 200))
 
 
-def _tile(path: Path, crop: str | None, crop_size: int | None, xy: Sequence[int] | None,
-          size: int) -> Image.Image | None:
-    """``size`` px tile of the crop the database embedded from ``path`` (replayed from the build's ``crop`` mode,
-    ``crop_size`` and the random crop's corner ``xy``; the whole image when the build recorded no crop, e.g.
-    an import), or None when the image cannot be read or no longer fits its recorded crop."""
+def _tile(path: Path, build: dict, xy: Sequence[int] | None, size: int) -> Image.Image | None:
+    """``size`` px tile of the crop the database embedded from ``path`` (replayed from the ``build``'s crop mode,
+    size and square, and the random crop's corner ``xy``; the whole image when the build recorded no crop, e.g.
+    an import, or for the query: ``build`` {}), or None when the image cannot be read or no longer fits its
+    recorded crop."""
+    crop, crop_size = build.get("crop"), build.get("crop_size")
     try:
         img = load_rgb(path)
         if crop in CROP_MODES and crop_size:
             corner = (int(xy[0]), int(xy[1])) if crop == "random" and xy is not None else None
-            img = Image.fromarray(replay_crop(img, crop, crop_size, corner))
+            img = Image.fromarray(replay_crop(img, crop, crop_size, corner, build.get("fit_square")))
     except Exception as e:  # any decoder error (OSError, SyntaxError, DecompressionBombError, ...) or a crop misfit
         log.warning("result image %s cannot be shown (%s): drawn as a grey tile", path, error_line(e))
         return None
@@ -350,9 +356,9 @@ def _write_contact_sheet(args, db: Database, query: Path | None, scores, ids, so
     build = db.manifest.get("build") or {}
     coords = db.patch_coords(ids).tolist() if db.manifest["has_patch_coords"] else [None] * len(ids)
     size = 128
-    tiles = [(_tile(query, None, None, None, size) or _grey_tile(size), "query")] if query is not None else []
+    tiles = [(_tile(query, {}, None, size) or _grey_tile(size), "query")] if query is not None else []
     for r, (path, xy, score, i) in enumerate(zip(paths, coords, scores.tolist(), ids.tolist()), 1):
-        tile = _tile(path, build.get("crop"), build.get("crop_size"), xy, size) if path is not None else None
+        tile = _tile(path, build, xy, size) if path is not None else None
         tiles.append((tile or _grey_tile(size), f"#{r} id {i}  {score:.3f}"))
     sheet = contact_sheet(tiles)
     out = _output_file(args.contact_sheet, "--contact-sheet")

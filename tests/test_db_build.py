@@ -137,6 +137,32 @@ def test_random_crops_coords_and_workers(image_dir, tmp_path):
     assert not np.array_equal(other.patch_coords(torch.arange(n)).numpy(), coords)
 
 
+def test_random_crops_of_fitted_squares(image_dir, tmp_path):
+    """fit_square (the official OpenImages database's 1200 px squares): each image's short side is resized to S,
+    its central S x S square kept, and the random patches cut from it, with corners in that square; training and
+    contact sheets replay them; other crop modes and squares smaller than the crops are refused."""
+    out = build_database(tmp_path / "db", encoder=TinyEncoder(), images=image_dir, crop="random", crop_size=32,
+                         crops_per_image=2, fit_square=48, workers=0, device="cpu", progress=False)
+    db = Database.open(out, device="cpu")
+    assert db.manifest["build"]["fit_square"] == 48
+    sources, coords = db.sources(torch.arange(len(db))), db.patch_coords(torch.arange(len(db))).numpy()
+    crops = []
+    for s, (x, y) in zip(sources, coords, strict=True):
+        square = reference_center(image_dir / s, 48)  # short side to 48, central square: what the patches see
+        assert 0 <= x <= 16 and 0 <= y <= 16
+        crops.append(square[y:y + 32, x:x + 32])
+    np.testing.assert_allclose(db.embeddings(torch.arange(len(db))).numpy(), encode(crops), rtol=5e-3, atol=5e-3)
+    from rdm_fast.data import TrainingImages
+
+    replayed = TrainingImages(db, 32, image_root=image_dir)
+    for i in (0, 5):
+        assert np.array_equal(replayed[i]["pixels"].numpy().transpose(1, 2, 0), crops[i])
+    for crop, square in (("center", 48), ("random", 31)):
+        with pytest.raises(ValueError, match=f"fit_square {square} needs crop='random' and a side from crop_size"):
+            build_database(tmp_path / "bad", encoder=TinyEncoder(), images=image_dir, crop=crop, crop_size=32,
+                           fit_square=square, workers=0, device="cpu", progress=False)
+
+
 def test_build_from_list(image_dir, tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text(f"{image_dir / 'top.png'}\t7\n\n{os.path.relpath(image_dir / 'dogs' / 'd1.JPEG', tmp_path)}\t3\n"
@@ -358,6 +384,25 @@ def test_import_npz_errors(parts, tmp_path):
             import_npz(files, tmp_path / "f", info, progress=False)
         assert not (tmp_path / "f").exists()
     assert len(Database.open(import_npz(files, tmp_path / "f", INFO, progress=False), device="cpu")) == 55
+
+
+def test_import_npz_takes_the_official_builders_patch_boxes(tmp_path):
+    """The official builder stores patch_coords as boxes (x_tl, y_tl, x_br, y_br), also with a patch axis from its
+    collation ((N, 1, 4)): their top-left corners are kept (these were refused as not (N, 2)); other shapes are
+    refused by name."""
+    rng = np.random.default_rng(3)
+    emb = rng.standard_normal((5, 16)).astype(np.float32)
+    corners = rng.integers(0, 944, (5, 2))
+    boxes = np.concatenate([corners, corners + 256], 1)
+    for i, coords in enumerate((boxes, boxes[:, None])):
+        np.savez(tmp_path / f"5x16-part_{i}.npz", embedding=emb, img_id=np.arange(5), patch_coords=coords)
+        db = Database.open(import_npz([tmp_path / f"5x16-part_{i}.npz"], tmp_path / f"db{i}", INFO, progress=False),
+                           device="cpu")
+        np.testing.assert_array_equal(db.patch_coords(torch.arange(5)).numpy(), corners)
+    np.savez(tmp_path / "5x16-part_9.npz", embedding=emb, img_id=np.arange(5), patch_coords=np.zeros((5, 3)))
+    with pytest.raises(ValueError, match=r"patch_coords has shape \(5, 3\), expected \(5, 2\) corners or "
+                                         r"\(5, 4\) boxes"):
+        import_npz([tmp_path / "5x16-part_9.npz"], tmp_path / "bad", INFO, progress=False)
 
 
 @pytest.mark.parametrize("compressed", [False, True])

@@ -47,6 +47,18 @@ def built(tmp_path_factory):
     return root
 
 
+def test_build_fit_square_is_recorded_and_shown(built, tmp_path, capsys):
+    """--fit-square reaches the build, which db info shows; without --crop random it is one error line."""
+    common = ["--images", str(built / "images"), "--encoder", SPEC, "--crop-size", "32", "--workers", "0",
+              "--device", "cpu", "--no-progress"]
+    assert cli("build", *common, "--out", str(tmp_path / "sq"), "--crop", "random", "--fit-square", "40") == 0
+    capsys.readouterr()
+    assert cli("info", str(tmp_path / "sq")) == 0
+    assert "crops      random, 32 px, of 40 px squares\n" in capsys.readouterr().out
+    assert "fit_square 40 needs crop='random'" in _error(capsys, "build", *common, "--out", str(tmp_path / "c"),
+                                                         "--fit-square", "40")
+
+
 def test_commands_find_databases_by_name(built, tmp_path, capsys, monkeypatch):
     """The db argument of every command takes a name under $RDM_FAST_HOME/databases, as sample's --db does."""
     home = tmp_path / "home"

@@ -43,6 +43,7 @@ CROP_MODES = ("random", "center", "none")
 PROGRESS = "progress"
 MAX_SKIPPED_IN_MANIFEST = 1000
 MAX_CROP_SIZE = 4096  # px: 18x the CLIP encoders' 224 px input, 5x the largest released model's 768 px images
+MAX_SQUARE = 8192  # px: the largest fit_square (the official OpenImages database used 1200)
 MAX_UPSCALE = 4  # crops cut from images enlarged more than this are warned about (a crop size typo, or tiny images)
 MAX_FIT_PIXELS = 1 << 26  # an image resized for its crop may have at most this many pixels (192 MiB as RGB)
 UPSCALE_SAMPLE = 16  # images whose size is read up front for that warning
@@ -270,9 +271,15 @@ def load_rgb(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def _fit(img: Image.Image, mode: str, size: int) -> Image.Image:
+def _fit(img: Image.Image, mode: str, size: int, square: int | None = None) -> Image.Image:
     """The image a ``mode`` crop of ``size`` px is cut from: resized to ``size`` x ``size`` (none), short side to
-    ``size`` (center), short side up to ``size`` when smaller (random), else unchanged."""
+    ``size`` (center), short side up to ``size`` when smaller (random), else unchanged; with ``square``, first its
+    central ``square`` x ``square`` after the short side is resized to ``square`` (the official OpenImages
+    database's 1200 px squares, from which its 256 px patches were cut)."""
+    if square is not None:
+        img = fit_short_side(img, square)
+        x, y = (img.size[0] - square) // 2, (img.size[1] - square) // 2
+        img = img.crop((x, y, x + square, y + square))
     if mode == "none":
         return img.resize((size, size), Image.Resampling.BICUBIC)
     if mode == "center" or (mode == "random" and min(img.size) < size):
@@ -293,29 +300,31 @@ def fit_short_side(img: Image.Image, size: int) -> Image.Image:
     return img.resize(fit, Image.Resampling.BICUBIC)
 
 
-def make_crops(img: Image.Image, mode: str, size: int, n: int, rng: np.random.Generator
+def make_crops(img: Image.Image, mode: str, size: int, n: int, rng: np.random.Generator, square: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
     """(n, size, size, 3) uint8 crops and their (x, y) corners (-1 unless ``mode`` is "random").
 
     random: ``n`` windows of ``size`` px at native resolution (images whose short side is below ``size`` are
     first upscaled to it, and the corners refer to the upscaled image); center: short side resized to
-    ``size``, then the central square; none: the whole image resized to ``size`` x ``size``.
+    ``size``, then the central square; none: the whole image resized to ``size`` x ``size``. With ``square``
+    every mode starts from the image's central square of that side (see :func:`_fit`), which the corners refer to.
     """
     coords = np.full((n, 2), -1, np.int32)
     if mode == "random":
-        arr = np.asarray(_fit(img, mode, size))
+        arr = np.asarray(_fit(img, mode, size, square))
         h, w = arr.shape[:2]
         out = np.empty((n, size, size, 3), np.uint8)
         for c in range(n):
             x, y = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
             out[c], coords[c] = arr[y:y + size, x:x + size], (x, y)
         return out, coords
-    return replay_crop(img, mode, size)[None].repeat(n, 0), coords
+    return replay_crop(img, mode, size, square=square)[None].repeat(n, 0), coords
 
 
-def replay_crop(img: Image.Image, mode: str, size: int, xy: tuple[int, int] | None = None) -> np.ndarray:
+def replay_crop(img: Image.Image, mode: str, size: int, xy: tuple[int, int] | None = None,
+                square: int | None = None) -> np.ndarray:
     """The (size, size, 3) uint8 crop that :func:`make_crops` made of ``img`` (``xy``: a random crop's corner)."""
-    img = _fit(img, mode, size)
+    img = _fit(img, mode, size, square)
     w, h = img.size
     if mode == "random":
         if xy is None or not (0 <= xy[0] <= w - size and 0 <= xy[1] <= h - size):
@@ -357,10 +366,10 @@ class ImageCrops(Dataset):
     """File ``i`` of ``sources[first:last]`` (under ``root``) -> its crops as uint8 (n, 3, S, S); unreadable files
     give ok=False."""
 
-    def __init__(self, root: Path, sources: PathList, first: int, crop: str, size: int, crops: int, seed: int
-                 ) -> None:
+    def __init__(self, root: Path, sources: PathList, first: int, crop: str, size: int, crops: int, seed: int,
+                 square: int | None = None) -> None:
         self.root, self.sources, self.first = root, sources, first
-        self.crop, self.size, self.crops, self.seed = crop, size, crops, seed
+        self.crop, self.size, self.crops, self.seed, self.square = crop, size, crops, seed, square
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -370,7 +379,7 @@ class ImageCrops(Dataset):
         try:
             img = load_rgb(self.root / self.sources[i])
             rng = np.random.default_rng([self.seed, index])
-            pixels, coords = make_crops(img, self.crop, self.size, self.crops, rng)
+            pixels, coords = make_crops(img, self.crop, self.size, self.crops, rng, self.square)
             ok, error = True, ""
         except Exception as e:  # any decoding failure of any format: skip the file, never the build
             pixels = np.zeros((self.crops, self.size, self.size, 3), np.uint8)
@@ -602,11 +611,13 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
                    image_list: str | Path | None = None, crop: str = "center", crop_size: int = 256,
                    crops_per_image: int = 1, batch_size: int = 64, shard_size: int = 100_000,
                    workers: int = 4, device: str = "auto", encoder_checkpoint: str | None = None,
-                   class_from_folder: bool = False, seed: int = 0, progress: bool = True) -> Path:
+                   class_from_folder: bool = False, seed: int = 0, fit_square: int | None = None,
+                   progress: bool = True) -> Path:
     """Embed every image of the folder ``images`` (or the files of ``image_list``) with ``encoder`` (an
     Encoder, a registered name or ``"module:factory"``) into a database at ``out``. See the module docstring
     for resumption and ``torchrun``; unreadable images are skipped and counted. A CUDA ``device`` becomes the
-    current CUDA device (``process_device``)."""
+    current CUDA device (``process_device``). ``fit_square``: random crops are cut from each image's central
+    square of this side, its short side resized to it first (the official OpenImages database: 1200)."""
     began = time.perf_counter()
     if (images is None) == (image_list is None):
         raise ValueError("give exactly one of images (a folder) or image_list (a list file)")
@@ -620,6 +631,9 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         raise ValueError(f"workers must be at least 0, got {workers}")
     if crops_per_image > 1 and crop != "random":
         raise ValueError(f"crops_per_image {crops_per_image} needs crop='random' (other crops are all equal)")
+    if fit_square is not None and (crop != "random" or not crop_size <= fit_square <= MAX_SQUARE):
+        raise ValueError(f"fit_square {fit_square} needs crop='random' and a side from crop_size ({crop_size}) to "
+                         f"{MAX_SQUARE} px")
     if crop_size > MAX_CROP_SIZE:
         gib = batch_size * crop_size ** 2 * 3 * 5 / 2**30  # uint8 crops and their float32 copy
         raise ValueError(f"crop_size {crop_size} is above {MAX_CROP_SIZE} px: the encoder resizes every crop to its "
@@ -627,7 +641,7 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
                          f"{gib:.0f} GiB; the released models use 256 (imagenet, ffhq) or 768 (rdm768)")
     root, inputs, sources, classes, class_names = _inputs(images, image_list, class_from_folder)
     if int(os.environ.get("RANK", "0")) == 0:
-        _warn_upscaling(root, sources, crop_size)
+        _warn_upscaling(root, sources, fit_square or crop_size)
 
     dev = process_device(device)
     files_per_shard = max(1, shard_size // crops_per_image)
@@ -640,7 +654,8 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         "inputs": str(inputs), "n_inputs": len(sources),
         "inputs_sha256": inputs_digest(sources, classes),
         "crop": crop, "crop_size": crop_size, "crops_per_image": crops_per_image, "shard_size": shard_size,
-        "files_per_shard": files_per_shard, "class_from_folder": class_from_folder, "seed": seed}
+        "files_per_shard": files_per_shard, "class_from_folder": class_from_folder, "seed": seed,
+        **({"fit_square": fit_square} if fit_square is not None else {})}  # absent: as builds before the option
     out = Path(out)
     ShardedBuild.check_arguments(out, config, partial=True)  # before the encoder is built (seconds to minutes)
     enc = resolve_encoder(encoder, device=dev, checkpoint=encoder_checkpoint) if isinstance(encoder, str) else encoder
@@ -654,7 +669,8 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
                 first, last = j * files_per_shard, min(len(sources), (j + 1) * files_per_shard)
                 entry, skipped = _embed_shard(out, j, enc, root, sources[first:last],
                                               None if classes is None else classes[first:last], first, crop,
-                                              crop_size, crops_per_image, batch_size, workers, seed, dev, bar)
+                                              crop_size, crops_per_image, batch_size, workers, seed, dev, bar,
+                                              fit_square)
                 state.record(j, entry, skipped=skipped)
 
     def finish(records: list[dict]) -> None:
@@ -690,8 +706,8 @@ def _remove_build(out: Path, records: list[dict]) -> None:
 
 def _embed_shard(out: Path, j: int, encoder: Encoder, root: Path, sources: PathList,
                  classes: np.ndarray | None, first: int, crop: str, size: int, crops: int, batch_size: int,
-                 workers: int, seed: int, device: torch.device, bar: tqdm) -> tuple[dict, list]:
-    loader = DataLoader(ImageCrops(root, sources, first, crop, size, crops, seed),
+                 workers: int, seed: int, device: torch.device, bar: tqdm, square: int | None) -> tuple[dict, list]:
+    loader = DataLoader(ImageCrops(root, sources, first, crop, size, crops, seed, square),
                         batch_size=max(1, batch_size // crops), num_workers=workers, pin_memory=device.type == "cuda")
     embs, srcs, cls, coords, skipped = [], [], [], [], []
     for batch in loader:

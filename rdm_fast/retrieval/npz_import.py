@@ -1,8 +1,13 @@
 """Importing the official database parts ``{N}x{D}-part_{i}.npz`` (arrays ``embedding`` (N, D), ``img_id``,
-``patch_coords`` (N, 2) and optionally ``class_id``) into the rdm_fast format, without loading a part's
+``patch_coords`` and optionally ``class_id``) into the rdm_fast format, without loading a part's
 embeddings into memory: the ``embedding`` member of the zip is read row chunk by row chunk (its .npy header is
 parsed with numpy.lib.format; stored and deflated members both stream). The per-row metadata arrays are 1/D
-of the data and are loaded whole. Resumable and ``torchrun``-splittable like image builds (see build.py)."""
+of the data and are loaded whole. Resumable and ``torchrun``-splittable like image builds (see build.py).
+
+``patch_coords`` may be (N, 2) (x, y) corners or, as the official builder writes them, (N, 4) boxes
+(x_tl, y_tl, x_br, y_br), of which the top-left corners are kept. The official corners are positions in the
+1200 x 1200 square each image was resized and cropped to before its patches were cut (not in the original
+file), and its ``img_id`` is a row of the builder's image list, which was not released."""
 
 from __future__ import annotations
 
@@ -167,8 +172,10 @@ class Part:
         if img_id.reshape(-1).shape[0] != self.n:
             raise ValueError(f"{self.path}: img_id has {img_id.size} entries for {self.n} embeddings")
         coords = np.asarray(coords)
-        if coords.shape != (self.n, 2):
-            raise ValueError(f"{self.path}: patch_coords has shape {coords.shape}, expected ({self.n}, 2)")
+        if coords.size not in (2 * self.n, 4 * self.n) or coords.shape[:1] != (self.n,):
+            raise ValueError(f"{self.path}: patch_coords has shape {coords.shape}, expected ({self.n}, 2) corners or "
+                             f"({self.n}, 4) boxes")
+        coords = coords.reshape(self.n, -1)[:, :2]  # the builder's boxes (x_tl, y_tl, x_br, y_br): their corners
         if class_id is not None and np.asarray(class_id).reshape(-1).shape[0] != self.n:
             raise ValueError(f"{self.path}: class_id has {class_id.size} entries for {self.n} embeddings")
         ids = img_id.reshape(-1)
