@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .ops import FastPathUnavailable, get_mode
@@ -159,15 +161,29 @@ def _option_name(parser: argparse.ArgumentParser, dest: str) -> str:
     return dest
 
 
+def _json_object(file: Path) -> dict:
+    """The JSON object in ``file``; {} where it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def folder_kind(path: str | Path) -> str | None:
-    """What another rdm_fast command made of folder ``path``, told by the files it writes: "a database" (db build),
-    "a training run" (train), "a sample run" (sample); None for anything else."""
+    """What another rdm_fast command made of folder ``path``, told by the content of the files it writes: "a
+    database" (its manifest, or a build's progress), "a training run" (checkpoints, or train's run.json), "a sample
+    run" (sample's run.json or images); None for anything else, other tools' files of the same names included."""
+    from .retrieval.build import PROGRESS
+    from .retrieval.database import FORMAT, MANIFEST
+
     path = Path(path)
-    if (path / "manifest.json").is_file():
+    if _json_object(path / MANIFEST).get("format") == FORMAT or (path / PROGRESS / "config.json").is_file():
         return "a database"
-    if (path / "checkpoints").is_dir() or (path / "log.jsonl").is_file():
+    run = _json_object(path / "run.json")
+    if (path / ckpt.RUN_CHECKPOINTS).is_dir() or "global_batch" in run:
         return "a training run"
-    if next(path.glob("sample_[0-9]*.png"), None) is not None:
+    if "n_samples" in run or next(path.glob("sample_[0-9]*.png"), None) is not None:
         return "a sample run"
     return None
 

@@ -316,6 +316,8 @@ def _warm_up_steps(tree: Any) -> int:
                 "f_max = f_min = 1): training does not reproduce it and warms up only with --warmup",
                 WARM_UP_START, WARM_UP_SCHEDULER)
     return 0
+
+
 KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
 VQ_TARGET = "ldm.models.autoencoder.VQModelInterface"
 

@@ -173,6 +173,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     """``db build``: embed an image folder or list into a new database (resumable)."""
     if args.workers < 0:
         raise CLIError(f"--workers must be at least 0, got {args.workers}")
+    if args.fit_square is not None and (args.crop != "random" or args.fit_square < args.crop_size):
+        raise CLIError(f"--fit-square {args.fit_square} needs --crop random and a square of at least --crop-size "
+                       f"({args.crop_size}) px")
     try:
         out = build_database(args.out, encoder=args.encoder, images=args.images, image_list=args.list,
                              crop=args.crop, crop_size=args.crop_size, crops_per_image=args.crops_per_image,
@@ -432,7 +435,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     if args.top_m_out:  # before the database's own ranking changes
         atomic_save_npy(args.top_m_out, np.stack([ranked.numpy(), counts.numpy()], 1))
     old = db.manifest.get("proposals")
-    if old:
+    if old and not np.array_equal(db.proposal_ranking()[0].numpy(), ranked.numpy()):
         log.warning("replacing the proposal ranking of %s (from %s queries x k=%s) with this run's (%d x k=%d): "
                     "top-m sampling draws its pseudo-queries from it, so a sample run begun with the old one cannot "
                     "be resumed", args.db, old.get("queries", "?"), old.get("k", "?"), ids.shape[0], args.k)

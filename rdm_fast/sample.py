@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence, cast
 
@@ -233,13 +234,16 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
 # run.json entries that a resumed run must share with the run it continues (the images depend on them)
 RESUME_KEYS = ("ckpt_file", "config", "n_samples", "steps", "timesteps", "sampler", "eta", "guidance_scale", "seed",
                "dtype", "no_ema", "random_init", "context_source", "context_digest", "text", "image", "top_m", "k",
-               "include_query", "search", "query_encoder")
+               "include_query", "search", "query_encoder", "png_levels")
+PNG_LEVELS = "truncated"  # how images are quantised (images.to_uint8); older versions rounded them
 
 
 # what a changed entry means where its name does not say it
 RESUME_KEY_MEANINGS = {"context_digest": "context_digest: the contents of the context file, or of the database, its "
                                          "proposal ranking or the --image files",
-                       "ckpt_file": "ckpt_file: the checkpoint file (a training run's newest changes as it trains)"}
+                       "ckpt_file": "ckpt_file: the checkpoint file (a training run's newest changes as it trains)",
+                       "query_encoder": "query_encoder: the query encoder's name, weights or precision (float32 since "
+                                        "rdm_fast embeds queries as the reference scripts do)"}
 
 
 RUN_ID_KEY = "rdm_fast_run"  # the PNG text entry naming the run (run.json's run_id) that drew an image
@@ -254,6 +258,10 @@ def resumed_run_id(path: Path, run_info: dict) -> str:
         raise CLIError(f"--resume: cannot read {path}: {e}") from None
     if not isinstance(previous, dict):
         raise CLIError(f"--resume: {path} is not the run.json of a sample run (not a JSON object)")
+    if previous.get("png_levels") != PNG_LEVELS:
+        raise CLIError(f"--resume: {path.parent} holds a run of an older rdm_fast, which rounded its PNG levels where "
+                       "this version truncates them as the reference scripts do: finish it with that version, or "
+                       "start a new --out")
     current = json.loads(json.dumps(run_info))  # as it would be written (tuples as lists)
     changed = [RESUME_KEY_MEANINGS.get(key, key) for key in RESUME_KEYS if previous.get(key) != current.get(key)]
     if changed:
@@ -415,7 +423,8 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
     db_contexts = cast(DatabaseContexts, batch_contexts)  # read below with --db only
     timesteps = len(model.schedule.ddim_timesteps(settings.steps))  # more than steps where they do not divide T
     run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file),
-                "config": cfg.to_dict(), "n_samples": n, "steps": settings.steps,
+                # the training warm-up does not change the images (runs recorded before it was read compare)
+                "config": replace(cfg, warm_up_steps=0).to_dict(), "n_samples": n, "steps": settings.steps,
                 "timesteps": timesteps, "sampler": settings.sampler, "eta": settings.eta,
                 "guidance_scale": settings.guidance_scale, "seed": args.seed, "dtype": str(dtype),
                 "batch_size": args.batch_size, "device": str(device), "processes": procs.world,
@@ -424,7 +433,7 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
                 "text": args.text, "image": args.image,
                 "top_m": db_contexts.top_m if args.db and not (args.text or args.image) else None,
                 "k": db_contexts.k if args.db else None,
-                "include_query": db_contexts.include_query if args.db else None,
+                "include_query": db_contexts.include_query if args.db else None, "png_levels": PNG_LEVELS,
                 **(db_contexts.settings() if args.db else {"search": None, "query_encoder": None}),
                 "args": vars(args)}  # the command line as given, for reproduction
     # every image carries its run's id: --resume keeps only the images of the run it continues (an interrupted new

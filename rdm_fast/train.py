@@ -576,7 +576,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
 
     if args.warmup is None:  # a new run (or one saved without it) warms up as its config's scheduler_config
         args.warmup = model.config.warm_up_steps
-        log.info("--warmup %d (the config's scheduler_config)", args.warmup)
+        if args.warmup:
+            log.warning("--warmup %d (the config's scheduler_config, the released training recipe): the learning "
+                        "rate reaches --lr at step %d; give --warmup to change that", args.warmup, args.warmup)
     contexts = TrainingContexts(model.config, args.training_db, args.db, args.neighbors)
     if model.config.retrieval_encoder is None:  # record it: sampling then refuses databases of other encoders
         model.config = replace(model.config, retrieval_encoder=contexts.retrieval.encoder_name)

@@ -55,6 +55,25 @@ def test_sample_progress_bar_and_no_progress(tiny_dir, tmp_path, capsys, quiet):
     assert ("images: 100%" in capsys.readouterr().err) != quiet
 
 
+def test_resume_of_runs_recorded_by_older_versions(tiny_dir, tmp_path, capsys):
+    """A run recorded before PNG levels were truncated is refused as an older version's (its images were
+    rounded), not as one of other settings; the config's training warm-up is not part of the run's record (runs
+    recorded before it was read stay resumable)."""
+    tree = RDMConfig.preset("tiny").to_dict()
+    tree["model"]["params"]["scheduler_config"] = RDMConfig.preset("imagenet").to_dict()["model"]["params"][
+        "scheduler_config"]
+    (tmp_path / "warm.yaml").write_text(yaml.safe_dump(tree))
+    args = ["--random-init", "--config", str(tmp_path / "warm.yaml"), "--context-file", str(tiny_dir / "ctx.npy"),
+            "--out", str(tmp_path / "run"), "--steps", "2", "--no-progress"]
+    assert cli(sample, *args) == 0
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert "scheduler_config" not in info["config"]["model"]["params"] and info["png_levels"] == "truncated"
+    del info["png_levels"]
+    (tmp_path / "run" / "run.json").write_text(json.dumps(info))
+    assert cli(sample, *args, "--resume") == 2
+    assert "holds a run of an older rdm_fast, which rounded its PNG levels" in capsys.readouterr().err
+
+
 def test_sample_with_context_file(tiny_dir, tmp_path):
     out = tmp_path / "out"
     assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"),
@@ -435,7 +454,7 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
     monkeypatch.setattr(sample, "load_model", never)
     # other commands' outputs, which a sample run's run.json or PNGs (or converted weights) would mix into
     (tmp_path / "db").mkdir()
-    (tmp_path / "db" / "manifest.json").write_text("{}")
+    (tmp_path / "db" / "manifest.json").write_text('{"format": "rdm_fast-database"}')
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "sample_00000.png").write_bytes(b"")
@@ -950,6 +969,29 @@ def test_to_uint8_quantises_as_the_reference_scripts():
         expected = (255.0 * half).astype(np.uint8).transpose(0, 2, 3, 1)
         assert half.dtype == np.float32
         np.testing.assert_array_equal(images.to_uint8(batch), expected)
+
+
+def test_folder_kinds_are_told_by_content(tmp_path):
+    """Only rdm_fast's own outputs count as another command's folder: files of the same names from other tools
+    (a web app's manifest.json, a logger's log.jsonl, the latents cache's manifest) do not."""
+    from rdm_fast._cli import folder_kind
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"name": "my web app"}')
+    (other / "log.jsonl").write_text('{"step": 1}\n')
+    (other / "run.json").write_text("[1, 2]")
+    assert folder_kind(other) is None
+    (other / "progress").mkdir()
+    (other / "progress" / "config.json").write_text("{}")  # a database build under way
+    assert folder_kind(other) == "a database"
+    train_run = tmp_path / "train"
+    train_run.mkdir()
+    (train_run / "run.json").write_text('{"global_batch": 8, "seed": 0}')
+    assert folder_kind(train_run) == "a training run"
+    (tmp_path / "sample").mkdir()
+    (tmp_path / "sample" / "run.json").write_text('{"n_samples": 4, "complete": false}')
+    assert folder_kind(tmp_path / "sample") == "a sample run"
 
 
 def test_image_helpers_refuse_what_they_cannot_draw():

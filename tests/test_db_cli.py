@@ -55,8 +55,8 @@ def test_build_fit_square_is_recorded_and_shown(built, tmp_path, capsys):
     capsys.readouterr()
     assert cli("info", str(tmp_path / "sq")) == 0
     assert "crops      random, 32 px, of 40 px squares\n" in capsys.readouterr().out
-    assert "fit_square 40 needs crop='random'" in _error(capsys, "build", *common, "--out", str(tmp_path / "c"),
-                                                         "--fit-square", "40")
+    assert "--fit-square 40 needs --crop random and a square of at least --crop-size (32) px" in _error(
+        capsys, "build", *common, "--out", str(tmp_path / "c"), "--fit-square", "40")
 
 
 def test_commands_find_databases_by_name(built, tmp_path, capsys, monkeypatch):
@@ -191,6 +191,10 @@ def test_neighbors_and_proposals(built, tmp_path, capsys, caplog):
     assert np.load(pair).shape == (10, 2) and np.load(tmp_path / "nb_scores.npy").dtype == np.float32
     assert "replacing the proposal ranking of" in caplog.text and "(from 10 queries x k=3) with this run's " \
         "(10 x k=2): top-m sampling draws its pseudo-queries from it" in caplog.text  # the first run's ranking
+    caplog.clear()
+    assert cli("neighbors", str(work), "--queries", str(built / "db"), "--k", "2", "--out", str(pair),
+               "--device", "cpu", "--no-progress") == 0  # the same ranking again: nothing to warn about
+    assert "replacing the proposal ranking" not in caplog.text
     # the queries may be the database itself given again (so --exclude-self applies); the ranking records its path
     assert cli("neighbors", str(work), "--queries", str(work), "--exclude-self", "--k", "2", "--out", str(pair),
                "--device", "cpu", "--no-progress") == 0
@@ -538,13 +542,13 @@ def test_ctrl_c_says_whether_the_same_command_continues(built, tmp_path, capsys,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(db_cli, "compute_neighbors", interrupt)
-    monkeypatch.setattr(db_cli, "add_index", interrupt)
+    monkeypatch.setitem(db_cli.COMMANDS, "info", interrupt)
     assert cli("neighbors", str(built / "db"), "--k", "2", "--exclude-self", "--out", str(tmp_path / "nb.npz"),
                "--device", "cpu", "--no-progress") == 130
     assert "stopped: the same command continues where this one stopped" in caplog.text
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
     caplog.clear()
-    assert cli("index", str(built / "db"), "--no-progress") == 130
+    assert cli("info", str(built / "db")) == 130
     assert "the same command continues" not in caplog.text
 
 

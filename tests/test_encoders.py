@@ -41,39 +41,45 @@ def test_get_encoder_checks_the_device_and_what_the_factory_returns(monkeypatch)
             get_encoder("not-an-encoder", device="cuda")
 
 
-def test_query_encoders_are_built_on_the_cpu_in_float32_and_moved(monkeypatch):
-    """Queries are embedded as the reference's sampling scripts embed them: the encoder built on the CPU (where
-    CLIP's towers are float32; on a GPU its factory would make them float16) and moved to the device."""
-    from rdm_fast.encoders import base, query_encoder
+def test_query_encoders_run_clip_in_float32_and_others_as_built(monkeypatch):
+    """Queries are embedded as the reference's sampling scripts embed them: the built-in CLIP encoders are built
+    in float32 on the requested device (on a GPU their default is float16, as databases are embedded); other
+    encoders, and a user's factory registered under a CLIP name, get the device as any factory does."""
+    from rdm_fast.encoders import base, clip, query_encoder
 
-    built_on = []
+    calls = []
 
     class Towers(base.Encoder):
         name, dim, normalized, image_size = "towers-test", 4, False, 8
 
-        def __init__(self, device):
-            super().__init__()
-            dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16  # as CLIP's default
-            self.proj = torch.nn.Linear(3, 4, device=device, dtype=dtype)
-
         def encode_images(self, images):
-            return self.proj(images.mean((2, 3)).to(self.proj.weight.dtype)).float()
+            raise NotImplementedError
 
         def encode_text(self, texts):
             raise NotImplementedError
 
-    def factory(*, device, checkpoint, pretrained):
-        built_on.append((str(device), checkpoint))
-        return Towers(device)
+    def fake_build(name, **kwargs):
+        calls.append((name, kwargs))
+        return Towers()
 
+    def factory(*, device, checkpoint, pretrained):
+        calls.append(("towers-test", {"device": device, "checkpoint": checkpoint}))
+        return Towers()
+
+    monkeypatch.setattr(clip, "build", fake_build)
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    enc = query_encoder("clip-vit-l-14", device="meta", checkpoint="weights.pt")
+    assert calls == [("clip-vit-l-14", {"device": "meta", "checkpoint": "weights.pt", "pretrained": True,
+                                         "precision": "fp32"})]
+    assert not enc.training
     register_encoder("towers-test", factory)
-    enc = query_encoder("towers-test", device="meta", checkpoint="weights.pt")
-    assert built_on == [("cpu", "weights.pt")]
-    assert enc.proj.weight.device.type == "meta" and enc.proj.weight.dtype == torch.float32
+    query_encoder("towers-test", device="meta")
+    register_encoder("clip-vit-b-32", factory, replace=True)  # a user's own factory under the name
+    query_encoder("clip-vit-b-32", device="meta")
+    assert calls[1:] == [("towers-test", {"device": "meta", "checkpoint": None})] * 2
     with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
-        query_encoder("towers-test", device="gpu")
-    assert len(built_on) == 1  # a bad device is refused before the (slow) build
+        query_encoder("clip-vit-l-14", device="gpu")
+    assert len(calls) == 3  # a bad device is refused before the (slow) build
 
 
 def test_registration_is_lazy():

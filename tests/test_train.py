@@ -259,7 +259,7 @@ def test_random_crops_are_windows_of_the_short_side_resized_image_drawn_per_epoc
                      if np.array_equal(whole[y:y + 24, x:x + 24], pixels)]
             assert found, (i, epoch)
             corners.add(found[0])
-        assert len(corners) > 1  # these images are wider than tall: the window moves between epochs
+        assert len(corners) > 1  # these images are not square: the window moves between epochs
         other_seed = TrainingImages(db, 24, random_crop=True, seed=6)
         assert any(not torch.equal(other_seed[i, e]["pixels"], images[i, e]["pixels"]) for e in range(6))
     with pytest.raises(ValueError, match=r"ask for entries as \(index, epoch\)"):
@@ -1250,8 +1250,16 @@ def test_warm_up_follows_the_configs_scheduler(setup, tmp_path, caplog):
         lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
         assert lrs == pytest.approx([official(n, warm_up) for n in range(4)], rel=1e-12, abs=0)
         assert json.loads((out / "run.json").read_text())["warmup"] == warm_up
-    assert "--warmup 3 (the config's scheduler_config)" in caplog.text
+    assert "--warmup 3 (the config's scheduler_config, the released training recipe): the learning rate reaches " \
+        "--lr at step 3" in caplog.text
     assert train.main(_args(setup, tmp_path / "run3", "--resume", "--config", str(cfg), steps=5)) == 0
+    # a run whose config has no warm-up (as runs saved before it was read) resumes with a config that has one,
+    # keeping its own: at step 1, within the config's warm-up, the rate is --lr
+    plain = tmp_path / "plain"
+    assert train.main(_args(setup, plain, "--random-init", "--config", str(setup["cfg"]), "--log-every", "1",
+                            steps=1)) == 0
+    assert train.main(_args(setup, plain, "--resume", "--config", str(cfg), "--log-every", "1", steps=2)) == 0
+    assert [json.loads(line)["lr"] for line in (plain / "log.jsonl").read_text().splitlines()] == [1e-4, 1e-4]
 
 
 def test_mixed_precision_runs(setup, tmp_path):

@@ -172,13 +172,3 @@ def resolve_encoder(spec: str, *, device: str | torch.device = "cpu", checkpoint
         raise ValueError(f"encoder {spec!r}: {attr}(...) returned a {type(encoder).__name__!r} object, not an "
                          "Encoder")
     return encoder.eval().requires_grad_(False)
-
-
-def query_encoder(spec: str, *, device: str | torch.device = "cpu", checkpoint: str | None = None) -> Encoder:
-    """The encoder ``spec`` (as for :func:`resolve_encoder`) for embedding queries when sampling or searching:
-    built on the CPU, where the CLIP towers are float32, then moved to ``device``. The reference's sampling
-    scripts embed their captions and query images this way (``clip.load`` on the CPU, then moved), while
-    databases are embedded in an encoder's default precision (float16 CLIP towers on a GPU, as the reference
-    embedded its databases)."""
-    parse_device(device)
-    return resolve_encoder(spec, device="cpu", checkpoint=checkpoint).to(device)

@@ -15,7 +15,7 @@ Precision follows the reference too: OpenAI's ``clip.load`` keeps the towers in 
 linear layers and projections; LayerNorms and embeddings in float32, LayerNorms computed in float32), so on CUDA
 the encoder runs that way by default (open_clip's ``precision="fp16"`` builds exactly this), on the CPU in
 float32. Embeddings are returned in float32 either way. The reference's sampling scripts, though, load CLIP on
-the CPU and move it to the GPU in float32: ``sample`` and ``db search`` build their query encoders the same way
+the CPU and move it to the GPU in float32: ``sample`` and ``db search`` build their query encoders in float32
 (:func:`rdm_fast.encoders.query_encoder`).
 
 Weights, in order: ``checkpoint=`` a local file (open_clip/OpenAI state dict as .safetensors, .bin/.pt/.pth,

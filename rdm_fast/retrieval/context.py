@@ -92,7 +92,7 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
     neighbour is retrieved and the query's id dropped, on the device, without synchronising). ValueError for
     queries that are not (Q, D) float of the database's width, ``query_ids`` that are not (Q,) integer ids, and
     (on the CPU, where checking costs no synchronisation) values out of range; and approximate searches that found
-    fewer than k neighbours (on the CPU, and for FAISS searches on any device).
+    fewer than k neighbours (on the CPU, and after FAISS searches, which synchronise anyway, on any device).
     """
     queries = db.checked_queries(queries)  # once: the searches below take them as checked
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -112,8 +112,8 @@ def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tenso
             own = _checked_query_ids(db, query_ids, len(queries))
             _, ids = db.search_checked(queries, k + 1)
             ids = ids.gather(1, first_kept(ids != own.to(ids.device)[:, None], k))
-        # an approximate index marks missing results -1; FAISS's ids come from the host, so checking them costs
-        # no synchronisation on any device
+        # an approximate index marks missing results -1; a FAISS search waits for the host anyway (its queries and
+        # ids pass through it), so checking CUDA ids after one adds no stall to a loop that has none
         if (ids.device.type == "cpu" or db.backend.startswith("faiss")) and bool((ids < 0).any()):
             short = int((ids < 0).any(1).nonzero()[0, 0])
             raise ValueError(f"the {db.backend} search of {db.path} found fewer than {k} neighbours for query "
