@@ -70,7 +70,7 @@ MODEL_XDIST=""; [ -n "$XDIST" ] && MODEL_XDIST="-n 4"
 ( start=$SECONDS; timeout "$(limit 150)" $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; rc=$?
   echo "build rc=$rc in $((SECONDS - start)) s" >> "$OUT/build.log"
   timeout "$(limit $MODEL_LIMIT)" $PY -m pytest -v -rfEs $MODEL_XDIST -p no:cacheprovider tests/test_cuda_sampling.py \
-    tests/test_ops_group_norm.py tests/test_models.py tests/test_train.py \
+    tests/test_ops_group_norm.py tests/test_models.py tests/test_train.py tests/test_retrieval_context.py \
     -k "(cuda or graph or sync or reproducible or eager) and not cold_start" > "$OUT/tests_models.log" 2>&1
   echo "model tests rc=$? at $SECONDS s" >> "$OUT/tests_models.log" ) &
 MODELS=$!
