@@ -28,8 +28,8 @@ from .encoders import EncoderUnavailable, query_encoder, resolve_encoder
 from .images import contact_sheet
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
                         save_neighbors, save_proposals)
-from .retrieval.build import (CROP_MODES, error_line, load_query_image, load_rgb, make_crops, query_image_size,
-                              replay_crop)
+from .retrieval.build import (CROP_MODES, MAX_UPSCALE, error_line, load_query_image, load_rgb, make_crops,
+                              query_image_size, replay_crop)
 from .retrieval.context import locate_database
 from .retrieval.database import BACKENDS, PROPOSALS
 from .retrieval.neighbors import neighbor_files, same_entries
@@ -251,6 +251,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                          if m.get("proposals") else "none"),
         f"skipped    {m['skipped']['count'] or 'no'} unreadable inputs",
     ]
+    enlarged = (m.get("enlarged") or {}).get("count")
+    if enlarged:
+        lines.append(f"enlarged   {enlarged} image{'s' * (enlarged != 1)}, more than {MAX_UPSCALE}x for their crops "
+                     "(listed in manifest.json)")
     if m.get("image_root"):
         lines.append(f"images     {m['image_root']}")
     build = m.get("build") or {}

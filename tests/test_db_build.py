@@ -163,6 +163,26 @@ def test_random_crops_of_fitted_squares(image_dir, tmp_path):
                            fit_square=square, workers=0, device="cpu", progress=False)
 
 
+def test_images_enlarged_for_their_crops_are_counted(image_dir, tmp_path, caplog, capsys):
+    """Every image enlarged more than MAX_UPSCALE times for its crop is counted and named (the up-front check
+    reads only a sample of the images): 96 px crops enlarge the 40x20 image 4.8 times, the others less."""
+    caplog.set_level("WARNING", logger="rdm_fast.retrieval")
+    out = build_database(tmp_path / "db", encoder=TinyEncoder(), images=image_dir, crop="center", crop_size=96,
+                         workers=0, device="cpu", progress=False)
+    enlarged = Database.open(out, device="cpu").manifest["enlarged"]
+    assert enlarged == {"count": 1, "files": [["dogs/small.png", 40, 20]]}
+    assert "1 image had to be enlarged more than 4x for 96 px crops (listed in" in caplog.text
+    assert "e.g. dogs/small.png (40x20): their entries are blurry" in caplog.text
+    from rdm_fast import db as db_cli
+    from rdm_fast._cli import run
+
+    assert run(db_cli.main, ["info", str(out)]) == 0
+    assert "enlarged   1 image, more than 4x for their crops (listed in manifest.json)" in capsys.readouterr().out
+    normal = build_database(tmp_path / "normal", encoder=TinyEncoder(), images=image_dir, crop="center",
+                            crop_size=32, workers=0, device="cpu", progress=False)
+    assert Database.open(normal, device="cpu").manifest["enlarged"] == {"count": 0, "files": []}
+
+
 def test_build_from_list(image_dir, tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text(f"{image_dir / 'top.png'}\t7\n\n{os.path.relpath(image_dir / 'dogs' / 'd1.JPEG', tmp_path)}\t3\n"

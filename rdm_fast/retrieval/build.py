@@ -376,8 +376,10 @@ class ImageCrops(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = self.first + i
+        size = (0, 0)
         try:
             img = load_rgb(self.root / self.sources[i])
+            size = img.size
             rng = np.random.default_rng([self.seed, index])
             pixels, coords = make_crops(img, self.crop, self.size, self.crops, rng, self.square)
             ok, error = True, ""
@@ -386,7 +388,8 @@ class ImageCrops(Dataset):
             coords = np.full((self.crops, 2), -1, np.int32)
             ok, error = False, error_line(e)
         return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))),
-                "coords": torch.from_numpy(coords), "index": index, "ok": ok, "error": error}
+                "coords": torch.from_numpy(coords), "index": index, "ok": ok, "error": error,
+                "size": torch.tensor(size)}
 
 
 # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -667,11 +670,11 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         with tqdm(total=todo, desc=desc, unit="img", disable=not progress, position=procs.rank) as bar:
             for j in pending:
                 first, last = j * files_per_shard, min(len(sources), (j + 1) * files_per_shard)
-                entry, skipped = _embed_shard(out, j, enc, root, sources[first:last],
+                entry, skipped, enlarged = _embed_shard(out, j, enc, root, sources[first:last],
                                               None if classes is None else classes[first:last], first, crop,
                                               crop_size, crops_per_image, batch_size, workers, seed, dev, bar,
                                               fit_square)
-                state.record(j, entry, skipped=skipped)
+                state.record(j, entry, skipped=skipped, enlarged=enlarged)
 
     def finish(records: list[dict]) -> None:
         skipped = [s for r in records for s in r["skipped"]]
@@ -684,10 +687,16 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         if skipped:
             log.warning("skipped %d unreadable image%s (listed in %s), e.g. %s: %s", len(skipped),
                         "s"[:len(skipped) != 1], out / MANIFEST, *skipped[0])
+        enlarged = [e for r in records for e in r.get("enlarged", [])]  # records of older builds have none
+        if enlarged:
+            log.warning("%d image%s had to be enlarged more than %dx for %d px crops (listed in %s), e.g. %s (%dx%d): "
+                        "their entries are blurry", len(enlarged), "s"[:len(enlarged) != 1], MAX_UPSCALE,
+                        fit_square or crop_size, out / MANIFEST, *enlarged[0])
         manifest = new_manifest(enc.info(), [r["entry"] for r in records], has_sources=True,
                                 has_class_ids=classes is not None, has_patch_coords=crop == "random",
                                 image_root=str(root), skipped={"count": len(skipped),
                                                                "files": skipped[:MAX_SKIPPED_IN_MANIFEST]},
+                                enlarged={"count": len(enlarged), "files": enlarged[:MAX_SKIPPED_IN_MANIFEST]},
                                 build=config, class_names=class_names)
         write_manifest(out, manifest)
         log.info("wrote %s: %d embeddings in %d shard%s (%.1f s for this run)", out, manifest["count"], len(records),
@@ -706,16 +715,22 @@ def _remove_build(out: Path, records: list[dict]) -> None:
 
 def _embed_shard(out: Path, j: int, encoder: Encoder, root: Path, sources: PathList,
                  classes: np.ndarray | None, first: int, crop: str, size: int, crops: int, batch_size: int,
-                 workers: int, seed: int, device: torch.device, bar: tqdm, square: int | None) -> tuple[dict, list]:
+                 workers: int, seed: int, device: torch.device, bar: tqdm, square: int | None
+                 ) -> tuple[dict, list, list]:
+    """Embed and write shard ``j``: its entry, the images skipped ([source, error]) and those enlarged more than
+    MAX_UPSCALE times for their crops ([source, width, height])."""
     loader = DataLoader(ImageCrops(root, sources, first, crop, size, crops, seed, square),
                         batch_size=max(1, batch_size // crops), num_workers=workers, pin_memory=device.type == "cuda")
-    embs, srcs, cls, coords, skipped = [], [], [], [], []
+    embs, srcs, cls, coords, skipped, enlarged = [], [], [], [], [], []
     for batch in loader:
         ok = batch["ok"]
-        for index, good, error in zip(batch["index"].tolist(), ok.tolist(), batch["error"]):
+        for index, good, error, (w, h) in zip(batch["index"].tolist(), ok.tolist(), batch["error"],
+                                              batch["size"].tolist()):
             if not good:
                 skipped.append([sources[index - first], error])
                 log.debug("skipping %s (%s)", root / sources[index - first], error)
+            elif (square or size) > MAX_UPSCALE * min(w, h):
+                enlarged.append([sources[index - first], w, h])
         if ok.any():
             pixels = batch["pixels"][ok].flatten(0, 1).to(device, non_blocking=True)
             with torch.inference_mode():
@@ -735,4 +750,4 @@ def _embed_shard(out: Path, j: int, encoder: Encoder, root: Path, sources: PathL
     emb_all = np.concatenate(embs) if embs else np.zeros((0, encoder.dim), np.float16)
     xy = np.concatenate(coords) if coords else np.zeros((0, 2), np.int32)
     entry = write_shard(out, j, emb_all, sources=srcs, class_ids=np.asarray(cls, np.int64), patch_coords=xy)
-    return entry, skipped
+    return entry, skipped, enlarged
