@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "resized, central square; none: whole image resized")
     b.add_argument("--fit-square", type=_positive, metavar="S",
                    help="with --crop random: cut the patches from each image's central S x S square, its short side "
-                        "resized to S first (the official OpenImages database: 1200, with 256 px patches, 3 per "
-                        "image)")
+                        "resized to S first (--crop-size to 8192; the official OpenImages database: 1200, with 256 px "
+                        "patches, 3 per image)")
     b.add_argument("--crop-size", type=_positive, default=256,
                    help="side of the square crops, in pixels (at most 4096; the encoder resizes them to its input)")
     b.add_argument("--crops-per-image", type=_positive, default=1, help="random crops per image")
@@ -173,9 +173,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     """``db build``: embed an image folder or list into a new database (resumable)."""
     if args.workers < 0:
         raise CLIError(f"--workers must be at least 0, got {args.workers}")
-    if args.fit_square is not None and (args.crop != "random" or args.fit_square < args.crop_size):
-        raise CLIError(f"--fit-square {args.fit_square} needs --crop random and a square of at least --crop-size "
-                       f"({args.crop_size}) px")
     try:
         out = build_database(args.out, encoder=args.encoder, images=args.images, image_list=args.list,
                              crop=args.crop, crop_size=args.crop_size, crops_per_image=args.crops_per_image,
@@ -253,8 +250,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     enlarged = (m.get("enlarged") or {}).get("count")
     if enlarged:
-        lines.append(f"enlarged   {enlarged} image{'s' * (enlarged != 1)}, more than {MAX_UPSCALE}x for their crops "
-                     "(listed in manifest.json)")
+        uncounted = m["enlarged"].get("uncounted_shards")
+        older = f"; {uncounted} older shards not counted" if uncounted else ""
+        lines.append(f"enlarged   {enlarged} image{'s' * (enlarged != 1)}, more than {MAX_UPSCALE}x for their crops or "
+                     f"squares (listed in manifest.json{older})")
     if m.get("image_root"):
         lines.append(f"images     {m['image_root']}")
     build = m.get("build") or {}
@@ -325,7 +324,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     device = process_device(args.device)
     db = _open_for_search(args, device)
     spec = args.encoder or db.encoder_spec
-    try:  # in float32, as the reference embeds queries (see query_encoder)
+    try:  # CLIP in float32, as the reference embeds queries (see query_encoder)
         encoder = query_encoder(spec, device=device, checkpoint=args.encoder_checkpoint)
     except EncoderUnavailable as e:
         raise CLIError(_unavailable(spec, e)) from None

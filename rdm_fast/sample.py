@@ -259,9 +259,9 @@ def resumed_run_id(path: Path, run_info: dict) -> str:
     if not isinstance(previous, dict):
         raise CLIError(f"--resume: {path} is not the run.json of a sample run (not a JSON object)")
     if previous.get("png_levels") != PNG_LEVELS:
-        raise CLIError(f"--resume: {path.parent} holds a run of an older rdm_fast, which rounded its PNG levels where "
-                       "this version truncates them as the reference scripts do: finish it with that version, or "
-                       "start a new --out")
+        raise CLIError(f"--resume: {path.parent} holds a run of an older rdm_fast (its run.json records no "
+                       "png_levels), whose images may be quantised otherwise (this version truncates the levels as "
+                       "the reference scripts do): finish it with that version, or start a new --out")
     current = json.loads(json.dumps(run_info))  # as it would be written (tuples as lists)
     changed = [RESUME_KEY_MEANINGS.get(key, key) for key in RESUME_KEYS if previous.get(key) != current.get(key)]
     if changed:

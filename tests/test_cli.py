@@ -56,7 +56,7 @@ def test_sample_progress_bar_and_no_progress(tiny_dir, tmp_path, capsys, quiet):
 
 
 def test_resume_of_runs_recorded_by_older_versions(tiny_dir, tmp_path, capsys):
-    """A run recorded before PNG levels were truncated is refused as an older version's (its images were
+    """A run recorded before run.json named its PNG levels is refused as an older version's (its images may be
     rounded), not as one of other settings; the config's training warm-up is not part of the run's record (runs
     recorded before it was read stay resumable)."""
     tree = RDMConfig.preset("tiny").to_dict()
@@ -71,7 +71,8 @@ def test_resume_of_runs_recorded_by_older_versions(tiny_dir, tmp_path, capsys):
     del info["png_levels"]
     (tmp_path / "run" / "run.json").write_text(json.dumps(info))
     assert cli(sample, *args, "--resume") == 2
-    assert "holds a run of an older rdm_fast, which rounded its PNG levels" in capsys.readouterr().err
+    assert "holds a run of an older rdm_fast (its run.json records no png_levels), whose images may be " \
+           "quantised otherwise" in capsys.readouterr().err
 
 
 def test_sample_with_context_file(tiny_dir, tmp_path):

@@ -3,6 +3,7 @@ resumption after a failure or a kill, a 2-process torchrun build, and the stream
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -157,10 +158,14 @@ def test_random_crops_of_fitted_squares(image_dir, tmp_path):
     replayed = TrainingImages(db, 32, image_root=image_dir)
     for i in (0, 5):
         assert np.array_equal(replayed[i]["pixels"].numpy().transpose(1, 2, 0), crops[i])
-    for crop, square in (("center", 48), ("random", 31)):
-        with pytest.raises(ValueError, match=f"fit_square {square} needs crop='random' and a side from crop_size"):
+    for crop, square in (("center", 48), ("random", 31), ("random", 8193)):
+        with pytest.raises(ValueError, match=rf"fit_square \(--fit-square\) {square} needs crop='random' \(--crop "
+                                             r"random\) and a side from crop_size \(32\) to 8192 px"):
             build_database(tmp_path / "bad", encoder=TinyEncoder(), images=image_dir, crop=crop, crop_size=32,
                            fit_square=square, workers=0, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="equal to crop_size makes all 3 crops of an image the same"):
+        build_database(tmp_path / "bad", encoder=TinyEncoder(), images=image_dir, crop="random", crop_size=32,
+                       crops_per_image=3, fit_square=32, workers=0, device="cpu", progress=False)
 
 
 def test_images_enlarged_for_their_crops_are_counted(image_dir, tmp_path, caplog, capsys):
@@ -170,17 +175,31 @@ def test_images_enlarged_for_their_crops_are_counted(image_dir, tmp_path, caplog
     out = build_database(tmp_path / "db", encoder=TinyEncoder(), images=image_dir, crop="center", crop_size=96,
                          workers=0, device="cpu", progress=False)
     enlarged = Database.open(out, device="cpu").manifest["enlarged"]
-    assert enlarged == {"count": 1, "files": [["dogs/small.png", 40, 20]]}
+    assert enlarged == {"count": 1, "files": [["dogs/small.png", 40, 20]], "uncounted_shards": 0}
     assert "1 image had to be enlarged more than 4x for 96 px crops (listed in" in caplog.text
     assert "e.g. dogs/small.png (40x20): their entries are blurry" in caplog.text
     from rdm_fast import db as db_cli
     from rdm_fast._cli import run
 
     assert run(db_cli.main, ["info", str(out)]) == 0
-    assert "enlarged   1 image, more than 4x for their crops (listed in manifest.json)" in capsys.readouterr().out
+    assert "enlarged   1 image, more than 4x for their crops or squares (listed in manifest.json)\n" \
+        in capsys.readouterr().out
     normal = build_database(tmp_path / "normal", encoder=TinyEncoder(), images=image_dir, crop="center",
                             crop_size=32, workers=0, device="cpu", progress=False)
-    assert Database.open(normal, device="cpu").manifest["enlarged"] == {"count": 0, "files": []}
+    assert Database.open(normal, device="cpu").manifest["enlarged"]["count"] == 0
+    # a build resumed from shards an older version finished (their done-records count nothing) says so
+    kw = dict(encoder=TinyEncoder(), images=image_dir, crop="center", crop_size=96, shard_size=4, workers=0,
+              device="cpu", progress=False)
+    resumed = build_database(tmp_path / "resumed", **kw)
+    for record in sorted((resumed / "progress").glob("shard_*.json"))[:2]:
+        old = json.loads(record.read_text())
+        del old["enlarged"], old["enlarged_count"]
+        record.write_text(json.dumps(old))
+    (resumed / "manifest.json").unlink()
+    build_database(resumed, **kw)
+    assert Database.open(resumed, device="cpu").manifest["enlarged"]["uncounted_shards"] == 2
+    assert run(db_cli.main, ["info", str(resumed)]) == 0
+    assert "; 2 older shards not counted)" in capsys.readouterr().out
 
 
 def test_build_from_list(image_dir, tmp_path):
@@ -407,22 +426,23 @@ def test_import_npz_errors(parts, tmp_path):
 
 
 def test_import_npz_takes_the_official_builders_patch_boxes(tmp_path):
-    """The official builder stores patch_coords as boxes (x_tl, y_tl, x_br, y_br), also with a patch axis from its
-    collation ((N, 1, 4)): their top-left corners are kept (these were refused as not (N, 2)); other shapes are
-    refused by name."""
+    """The official builder stores patch_coords as boxes (x_tl, y_tl, x_br, y_br), with the axes its collation
+    made ((N, 1, 4), (N / n, n, 4) for n patches an image): their top-left corners are kept (these were refused as
+    not (N, 2)); shapes whose last axis is not a corner or a box, which would give wrong corners, are refused."""
     rng = np.random.default_rng(3)
-    emb = rng.standard_normal((5, 16)).astype(np.float32)
-    corners = rng.integers(0, 944, (5, 2))
+    emb = rng.standard_normal((6, 16)).astype(np.float32)
+    corners = rng.integers(0, 944, (6, 2))
     boxes = np.concatenate([corners, corners + 256], 1)
-    for i, coords in enumerate((boxes, boxes[:, None])):
-        np.savez(tmp_path / f"5x16-part_{i}.npz", embedding=emb, img_id=np.arange(5), patch_coords=coords)
-        db = Database.open(import_npz([tmp_path / f"5x16-part_{i}.npz"], tmp_path / f"db{i}", INFO, progress=False),
+    for i, coords in enumerate((boxes, boxes[:, None], boxes[None], boxes.reshape(3, 2, 4), corners)):
+        np.savez(tmp_path / f"6x16-part_{i}.npz", embedding=emb, img_id=np.arange(6), patch_coords=coords)
+        db = Database.open(import_npz([tmp_path / f"6x16-part_{i}.npz"], tmp_path / f"db{i}", INFO, progress=False),
                            device="cpu")
-        np.testing.assert_array_equal(db.patch_coords(torch.arange(5)).numpy(), corners)
-    np.savez(tmp_path / "5x16-part_9.npz", embedding=emb, img_id=np.arange(5), patch_coords=np.zeros((5, 3)))
-    with pytest.raises(ValueError, match=r"patch_coords has shape \(5, 3\), expected \(5, 2\) corners or "
-                                         r"\(5, 4\) boxes"):
-        import_npz([tmp_path / "5x16-part_9.npz"], tmp_path / "bad", INFO, progress=False)
+        np.testing.assert_array_equal(db.patch_coords(torch.arange(6)).numpy(), corners)
+    for j, bad in enumerate(((6, 3), (6, 2, 2), (4, 6), (6, 4, 1), (12,))):
+        np.savez(tmp_path / f"6x16-part_{10 + j}.npz", embedding=emb, img_id=np.arange(6), patch_coords=np.zeros(bad))
+        with pytest.raises(ValueError, match=r"patch_coords has shape \(.*\), expected 6 \(x, y\) corners or "
+                                             r"\(x_tl, y_tl, x_br, y_br\) boxes along its last axis"):
+            import_npz([tmp_path / f"6x16-part_{10 + j}.npz"], tmp_path / f"bad{j}", INFO, progress=False)
 
 
 @pytest.mark.parametrize("compressed", [False, True])
@@ -521,7 +541,7 @@ def test_elongated_images_and_fifos_are_skipped_not_fatal(tmp_path):
                        device="cpu")
     skipped = dict(db.manifest["skipped"]["files"])
     assert len(db) == 1 and db.manifest["skipped"]["count"] == 2, skipped
-    assert "would be resized to 5120000x256 for 256 px crops: too elongated" in skipped["thin.png"]
+    assert "would be resized to 5120000x256 (short side 256 px): too elongated" in skipped["thin.png"]
     assert "is not a regular file" in skipped["pipe.png"]
     with pytest.raises(ValueError, match="query image .*thin.png cannot be read .*too elongated"):
         load_query_image(tmp_path / "thin.png", 256)

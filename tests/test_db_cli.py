@@ -55,7 +55,7 @@ def test_build_fit_square_is_recorded_and_shown(built, tmp_path, capsys):
     capsys.readouterr()
     assert cli("info", str(tmp_path / "sq")) == 0
     assert "crops      random, 32 px, of 40 px squares\n" in capsys.readouterr().out
-    assert "--fit-square 40 needs --crop random and a square of at least --crop-size (32) px" in _error(
+    assert "fit_square (--fit-square) 40 needs crop='random' (--crop random)" in _error(
         capsys, "build", *common, "--out", str(tmp_path / "c"), "--fit-square", "40")
 
 
@@ -410,7 +410,7 @@ def test_build_refuses_typo_crop_sizes_and_binary_lists(built, tmp_path, capsys,
     assert "crop_size 20000 is above 4096 px" in message and not (tmp_path / "a").exists()
     assert cli("build", "--images", images, "--encoder", SPEC, "--out", str(tmp_path / "b"), "--crop", "random",
                "--crop-size", "200", "--workers", "0", "--device", "cpu", "--no-progress") == 0
-    assert "crop size 200 px enlarges 10 of 10 sampled images more than 4x" in caplog.text
+    assert "200 px crops enlarge 10 of 10 sampled images more than 4x" in caplog.text
     caplog.clear()
     assert cli("build", "--images", images, "--encoder", SPEC, "--out", str(tmp_path / "c"), "--crop-size", "160",
                "--workers", "0", "--device", "cpu", "--no-progress") == 0

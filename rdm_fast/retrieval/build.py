@@ -296,7 +296,8 @@ def fit_short_side(img: Image.Image, size: int) -> Image.Image:
     scale = size / min(w, h)
     fit = (max(size, round(w * scale)), max(size, round(h * scale)))
     if fit[0] * fit[1] > MAX_FIT_PIXELS:  # a 20000x1 image of 143 bytes took 13 GB at 256 px
-        raise ValueError(f"a {w}x{h} image would be resized to {fit[0]}x{fit[1]} for {size} px crops: too elongated")
+        raise ValueError(f"a {w}x{h} image would be resized to {fit[0]}x{fit[1]} (short side {size} px): too "
+                         "elongated")
     return img.resize(fit, Image.Resampling.BICUBIC)
 
 
@@ -589,9 +590,9 @@ def _inputs(images: str | Path | None, image_list: str | Path | None, class_from
     return root, inputs, sources, classes, class_names
 
 
-def _warn_upscaling(root: Path, sources: PathList, size: int) -> None:
-    """Warn when ``size`` px crops need more than MAX_UPSCALE times enlargement of some of an even sample of
-    ``sources`` (only their headers are read): each such image is enlarged to ``size`` px before it is cut."""
+def _warn_upscaling(root: Path, sources: PathList, size: int, target: str) -> None:
+    """Warn when ``target`` (``size`` px crops or squares) need more than MAX_UPSCALE times enlargement of some of
+    an even sample of ``sources`` (only their headers are read): each such image is enlarged to ``size`` px."""
     sizes: dict[Path, tuple[int, int]] = {}
     for i in range(0, len(sources), max(1, len(sources) // UPSCALE_SAMPLE))[:UPSCALE_SAMPLE]:
         file = root / sources[i]
@@ -605,9 +606,8 @@ def _warn_upscaling(root: Path, sources: PathList, size: int) -> None:
     small = [(file, wh) for file, wh in sizes.items() if size > MAX_UPSCALE * min(wh)]
     if small:
         file, (w, h) = small[0]
-        log.warning("crop size %d px enlarges %d of %d sampled images more than %dx before cutting (e.g. %s, "
-                    "%dx%d): is that the crop size you meant?", size, len(small), len(sizes), MAX_UPSCALE, file,
-                    w, h)
+        log.warning("%s enlarge %d of %d sampled images more than %dx before cutting (e.g. %s, %dx%d): is that the "
+                    "size you meant?", target, len(small), len(sizes), MAX_UPSCALE, file, w, h)
 
 
 def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Path | None = None,
@@ -635,16 +635,20 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     if crops_per_image > 1 and crop != "random":
         raise ValueError(f"crops_per_image {crops_per_image} needs crop='random' (other crops are all equal)")
     if fit_square is not None and (crop != "random" or not crop_size <= fit_square <= MAX_SQUARE):
-        raise ValueError(f"fit_square {fit_square} needs crop='random' and a side from crop_size ({crop_size}) to "
-                         f"{MAX_SQUARE} px")
+        raise ValueError(f"fit_square (--fit-square) {fit_square} needs crop='random' (--crop random) and a side from "
+                         f"crop_size ({crop_size}) to {MAX_SQUARE} px")
+    if fit_square == crop_size and crops_per_image > 1:
+        raise ValueError(f"fit_square (--fit-square) equal to crop_size makes all {crops_per_image} crops of an image "
+                         "the same: use a larger square or one crop per image")
     if crop_size > MAX_CROP_SIZE:
         gib = batch_size * crop_size ** 2 * 3 * 5 / 2**30  # uint8 crops and their float32 copy
         raise ValueError(f"crop_size {crop_size} is above {MAX_CROP_SIZE} px: the encoder resizes every crop to its "
                          f"input size (224 px for CLIP) anyway, and a batch of {batch_size} such crops takes "
                          f"{gib:.0f} GiB; the released models use 256 (imagenet, ffhq) or 768 (rdm768)")
     root, inputs, sources, classes, class_names = _inputs(images, image_list, class_from_folder)
+    target = f"{fit_square} px squares" if fit_square is not None else f"{crop_size} px crops"  # what images fit
     if int(os.environ.get("RANK", "0")) == 0:
-        _warn_upscaling(root, sources, fit_square or crop_size)
+        _warn_upscaling(root, sources, fit_square or crop_size, target)
 
     dev = process_device(device)
     files_per_shard = max(1, shard_size // crops_per_image)
@@ -670,11 +674,12 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         with tqdm(total=todo, desc=desc, unit="img", disable=not progress, position=procs.rank) as bar:
             for j in pending:
                 first, last = j * files_per_shard, min(len(sources), (j + 1) * files_per_shard)
-                entry, skipped, enlarged = _embed_shard(out, j, enc, root, sources[first:last],
-                                              None if classes is None else classes[first:last], first, crop,
-                                              crop_size, crops_per_image, batch_size, workers, seed, dev, bar,
-                                              fit_square)
-                state.record(j, entry, skipped=skipped, enlarged=enlarged)
+                entry, skipped, enlarged = _embed_shard(
+                    out, j, enc, root, sources[first:last], None if classes is None else classes[first:last], first,
+                    crop, crop_size, crops_per_image, batch_size, workers, seed, dev, bar, fit_square)
+                # the count, and the first names only: all of a 20M-image build's could be gigabytes
+                state.record(j, entry, skipped=skipped, enlarged=enlarged[:MAX_SKIPPED_IN_MANIFEST],
+                             enlarged_count=len(enlarged))
 
     def finish(records: list[dict]) -> None:
         skipped = [s for r in records for s in r["skipped"]]
@@ -687,16 +692,19 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         if skipped:
             log.warning("skipped %d unreadable image%s (listed in %s), e.g. %s: %s", len(skipped),
                         "s"[:len(skipped) != 1], out / MANIFEST, *skipped[0])
-        enlarged = [e for r in records for e in r.get("enlarged", [])]  # records of older builds have none
+        counted = [r for r in records if "enlarged_count" in r]  # shards finished by older versions count none
+        n_enlarged = sum(r["enlarged_count"] for r in counted)
+        enlarged = [e for r in counted for e in r["enlarged"]][:MAX_SKIPPED_IN_MANIFEST]
+        uncounted = len(records) - len(counted)
         if enlarged:
-            log.warning("%d image%s had to be enlarged more than %dx for %d px crops (listed in %s), e.g. %s (%dx%d): "
-                        "their entries are blurry", len(enlarged), "s"[:len(enlarged) != 1], MAX_UPSCALE,
-                        fit_square or crop_size, out / MANIFEST, *enlarged[0])
+            log.warning("%d image%s had to be enlarged more than %dx for %s (listed in %s), e.g. %s (%dx%d): their "
+                        "entries are blurry%s", n_enlarged, "s"[:n_enlarged != 1], MAX_UPSCALE, target, out / MANIFEST,
+                        *enlarged[0], f" ({uncounted} shards of an older version not counted)" if uncounted else "")
         manifest = new_manifest(enc.info(), [r["entry"] for r in records], has_sources=True,
                                 has_class_ids=classes is not None, has_patch_coords=crop == "random",
                                 image_root=str(root), skipped={"count": len(skipped),
                                                                "files": skipped[:MAX_SKIPPED_IN_MANIFEST]},
-                                enlarged={"count": len(enlarged), "files": enlarged[:MAX_SKIPPED_IN_MANIFEST]},
+                                enlarged={"count": n_enlarged, "files": enlarged, "uncounted_shards": uncounted},
                                 build=config, class_names=class_names)
         write_manifest(out, manifest)
         log.info("wrote %s: %d embeddings in %d shard%s (%.1f s for this run)", out, manifest["count"], len(records),

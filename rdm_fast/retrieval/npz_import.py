@@ -172,10 +172,12 @@ class Part:
         if img_id.reshape(-1).shape[0] != self.n:
             raise ValueError(f"{self.path}: img_id has {img_id.size} entries for {self.n} embeddings")
         coords = np.asarray(coords)
-        if coords.size not in (2 * self.n, 4 * self.n) or coords.shape[:1] != (self.n,):
-            raise ValueError(f"{self.path}: patch_coords has shape {coords.shape}, expected ({self.n}, 2) corners or "
-                             f"({self.n}, 4) boxes")
-        coords = coords.reshape(self.n, -1)[:, :2]  # the builder's boxes (x_tl, y_tl, x_br, y_br): their corners
+        # the last axis holds a row's corner or box; the others, in any layout the builder's collation made
+        # ((N, 4), (N / n, n, 4) for n patches an image), count the N rows
+        if coords.ndim < 2 or coords.shape[-1] not in (2, 4) or coords.size // coords.shape[-1] != self.n:
+            raise ValueError(f"{self.path}: patch_coords has shape {coords.shape}, expected {self.n} (x, y) corners "
+                             f"or (x_tl, y_tl, x_br, y_br) boxes along its last axis, e.g. ({self.n}, 4)")
+        coords = coords.reshape(self.n, -1)[:, :2]  # the builder's boxes: their top-left corners
         if class_id is not None and np.asarray(class_id).reshape(-1).shape[0] != self.n:
             raise ValueError(f"{self.path}: class_id has {class_id.size} entries for {self.n} embeddings")
         ids = img_id.reshape(-1)
