@@ -915,6 +915,20 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     _same_run(_weights(tmp_path / "two", 5), _weights(tmp_path / "one", 5), steps=5)
 
 
+def test_torchrun_random_crops_match_one_process(setup, tmp_path):
+    """--random-crop's per-epoch windows depend on (seed, epoch, entry) alone: two processes with data-loading
+    workers (which receive (entry, epoch) keys) train the steps one process does, across an epoch boundary."""
+    one = _fresh(setup, tmp_path / "one", "--random-crop", steps=4, batch=4)
+    assert train.main(one) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = _fresh(setup, tmp_path / "two", "--random-crop", steps=4, batch=2)
+    two[two.index("--workers") + 1] = "1"  # a data-loading worker per process
+    r = subprocess.run([*torchrun, "-m", "rdm_fast.train", *two], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_run(_weights(tmp_path / "two", 4), _weights(tmp_path / "one", 4), steps=4)
+
+
 def test_moved_images_are_named_before_the_run_starts(setup, tmp_path, caplog):
     """Images no longer where the training database recorded them stop the run with one line before any data
     worker starts (it printed a warning per entry first); where some exist, the run goes on."""
