@@ -190,8 +190,9 @@ def folder_kind(path: str | Path) -> str | None:
 
 def check_out_dir(path: str, kind: str | None = None) -> None:
     """CLIError unless ``--out`` ``path`` is a writable directory or one that can be made (its nearest existing
-    ancestor a writable directory), and holds no other command's output than ``kind`` (see :func:`folder_kind`:
-    a sample run's run.json would replace a training run's, for example); checked before anything slow runs."""
+    ancestor a writable directory), holds no other command's output than ``kind`` (see :func:`folder_kind`:
+    a sample run's run.json would replace a training run's, for example) and is not in use by another run;
+    checked before anything slow runs."""
     if not path:
         raise CLIError("--out is empty: name a directory")
     if os.path.exists(path) and not os.path.isdir(path):
@@ -199,6 +200,7 @@ def check_out_dir(path: str, kind: str | None = None) -> None:
     found = folder_kind(path) if os.path.isdir(path) else None
     if found is not None and found != kind:
         raise CLIError(f"--out {path} holds {found}: write {kind or 'this output'} into a folder of its own")
+    _check_lock(path)
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -206,6 +208,31 @@ def check_out_dir(path: str, kind: str | None = None) -> None:
         raise CLIError(f"--out {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CLIError(f"--out {path}: cannot write in {parent} (no permission, or a read-only file system)")
+
+
+def _in_use(path: str | Path, holder: str) -> CLIError:
+    return CLIError(f"--out {path} is in use by another run ({holder or 'a running process'}): wait for it to end, "
+                    "or choose another --out")
+
+
+def _check_lock(path: str) -> None:
+    """CLIError when another run holds ``--out`` ``path`` now, told before anything slow runs (the run takes the
+    lock itself later, :func:`claim_out_dir`). Rank 0 only: under torchrun it is the one that takes it."""
+    file = Path(path) / LOCK_FILE
+    if int(os.environ.get("RANK", "0")) != 0 or not file.is_file():
+        return
+    try:
+        f = open(file)
+    except OSError:
+        return  # unreadable here: the claim decides
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise _in_use(path, f.read().strip()) from None
+            return  # a file system without locks: the claim warns
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class OutDirLock:
@@ -227,8 +254,7 @@ class OutDirLock:
             self._file.seek(0)
             holder = self._file.read().strip()
             self._file.close()
-            raise CLIError(f"--out {path} is in use by another run ({holder or 'a running process'}): wait for it "
-                           "to end, or choose another --out") from None
+            raise _in_use(path, holder) from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")

@@ -241,15 +241,21 @@ def test_process_device_takes_the_local_gpu_and_makes_it_current(monkeypatch):
     assert _distributed.parse_device("cuda:1") == torch.device("cuda:1")
 
 
-def test_sample_refuses_an_out_in_use_and_removes_killed_writes(tiny_dir, tmp_path, capsys):
+def test_sample_refuses_an_out_in_use_and_removes_killed_writes(tiny_dir, tmp_path, capsys, monkeypatch):
     """Two runs into one --out would mix their images under one run.json: the second is refused before it writes
-    anything. Temporary files a killed run left are removed (only sample's own: a user's are left alone)."""
+    anything, and before it loads the model. Temporary files a killed run left are removed (only sample's own: a
+    user's are left alone)."""
     from rdm_fast._cli import OutDirLock
+
+    def never(*a, **k):
+        raise AssertionError("loaded the model")
 
     args = ["--ckpt", str(tiny_dir / "model"), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2",
             "--n-samples", "2", "--out", str(tmp_path / "run")]
     held = OutDirLock(tmp_path / "run")
-    assert cli(sample, *args) == 2
+    with monkeypatch.context() as m:
+        m.setattr(sample, "load_model", never)
+        assert cli(sample, *args) == 2
     assert "--out " + str(tmp_path / "run") + " is in use by another run (process" in capsys.readouterr().err
     held.release()
     left = [".sample_00001.png.k1.tmp", ".run.json.k2.tmp", ".grid.png.k3.tmp"]
