@@ -52,7 +52,7 @@ from ._files import (TEMP_SUFFIX, array_file_problem, atomic_npy_memmap, atomic_
                      map_npz)
 from .config import RDMConfig
 from .rdm import RDM
-from .retrieval.build import fit_short_side, load_rgb, replay_crop
+from .retrieval.build import fit_short_side, load_rgb, random_window, replay_crop
 from .retrieval.context import check_database_for_model
 from .retrieval.database import Database
 from .retrieval.neighbors import DIGEST_KEYS, database_digest, neighbor_files, same_entries
@@ -194,10 +194,7 @@ class TrainingImages(Dataset):
     def _random_crop(self, i: int, epoch: int) -> np.ndarray:
         """Entry ``i``'s image, short side resized to the model's size, at epoch ``epoch``'s random window."""
         img = np.asarray(fit_short_side(load_rgb(self.file(i)), self.size))
-        rng = np.random.default_rng(derived_seed(self.seed, CROP, epoch, i))
-        h, w = img.shape[:2]
-        x, y = int(rng.integers(0, w - self.size + 1)), int(rng.integers(0, h - self.size + 1))
-        return img[y:y + self.size, x:x + self.size]
+        return random_window(img, self.size, np.random.default_rng(derived_seed(self.seed, CROP, epoch, i)))[0]
 
 
 class TrainingContexts:

@@ -234,8 +234,8 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
 # run.json entries that a resumed run must share with the run it continues (the images depend on them)
 RESUME_KEYS = ("ckpt_file", "config", "n_samples", "steps", "timesteps", "sampler", "eta", "guidance_scale", "seed",
                "dtype", "no_ema", "random_init", "context_source", "context_digest", "text", "image", "top_m", "k",
-               "include_query", "search", "query_encoder", "png_levels")
-PNG_LEVELS = "truncated"  # how images are quantised (images.to_uint8); older versions rounded them
+               "include_query", "search", "query_encoder")
+PNG_LEVELS = "truncated"  # how images are quantised (images.to_uint8), checked first on resume; older versions rounded
 
 
 # what a changed entry means where its name does not say it

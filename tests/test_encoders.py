@@ -49,22 +49,13 @@ def test_query_encoders_run_clip_in_float32_and_others_as_built(monkeypatch):
 
     calls = []
 
-    class Towers(base.Encoder):
-        name, dim, normalized, image_size = "towers-test", 4, False, 8
-
-        def encode_images(self, images):
-            raise NotImplementedError
-
-        def encode_text(self, texts):
-            raise NotImplementedError
-
     def fake_build(name, **kwargs):
         calls.append((name, kwargs))
-        return Towers()
+        return _constant_encoder()
 
     def factory(*, device, checkpoint, pretrained):
         calls.append(("towers-test", {"device": device, "checkpoint": checkpoint}))
-        return Towers()
+        return _constant_encoder()
 
     monkeypatch.setattr(clip, "build", fake_build)
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))

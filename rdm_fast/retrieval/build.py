@@ -313,13 +313,19 @@ def make_crops(img: Image.Image, mode: str, size: int, n: int, rng: np.random.Ge
     coords = np.full((n, 2), -1, np.int32)
     if mode == "random":
         arr = np.asarray(_fit(img, mode, size, square))
-        h, w = arr.shape[:2]
         out = np.empty((n, size, size, 3), np.uint8)
         for c in range(n):
-            x, y = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-            out[c], coords[c] = arr[y:y + size, x:x + size], (x, y)
+            out[c], coords[c] = random_window(arr, size, rng)
         return out, coords
     return replay_crop(img, mode, size, square=square)[None].repeat(n, 0), coords
+
+
+def random_window(arr: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int]]:
+    """A ``size`` x ``size`` window of the (H, W, C) image ``arr`` at a corner drawn from ``rng`` (x, then y), and
+    that corner."""
+    h, w = arr.shape[:2]
+    x, y = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+    return arr[y:y + size, x:x + size], (x, y)
 
 
 def replay_crop(img: Image.Image, mode: str, size: int, xy: tuple[int, int] | None = None,
