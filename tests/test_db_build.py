@@ -272,6 +272,27 @@ def test_resume_after_failure_is_byte_identical(image_dir, tmp_path, caplog):
         build_database(tmp_path / "busy", encoder=TinyEncoder(), **kw)
 
 
+def test_rerun_of_a_finished_build_does_not_build_the_encoder(image_dir, tmp_path, caplog, monkeypatch):
+    kw = dict(images=image_dir, crop_size=32, batch_size=4, workers=0, device="cpu", progress=False)
+    out = build_database(tmp_path / "db", encoder=SPEC, **kw)
+    before = files_of(out)
+    import rdm_fast.retrieval.build as build_module
+
+    def never(*a, **k):
+        raise AssertionError("built the encoder")
+
+    monkeypatch.setattr(build_module, "resolve_encoder", never)
+    with caplog.at_level("INFO", logger="rdm_fast"):
+        assert build_database(out, encoder=SPEC, **kw) == out
+    assert "already complete (same arguments): nothing to do" in caplog.text
+    assert files_of(out) == before
+    with pytest.raises(ValueError, match=r"different arguments \(they differ in: crop_size\)"):
+        build_database(out, encoder=SPEC, **{**kw, "crop_size": 24})
+    (out / "manifest.json").unlink()  # unfinished: the encoder is needed
+    with pytest.raises(AssertionError, match="built the encoder"):
+        build_database(out, encoder=SPEC, **kw)
+
+
 def _cli_build(out: Path, image_dir: Path) -> list[str]:
     return ["-m", "rdm_fast.db", "build", "--images", str(image_dir), "--encoder", SPEC, "--out", str(out),
             "--crop", "random", "--crop-size", "32", "--batch-size", "2", "--shard-size", "2", "--workers", "0",

@@ -671,6 +671,10 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         **({"fit_square": fit_square} if fit_square is not None else {})}  # absent: as builds before the option
     out = Path(out)
     ShardedBuild.check_arguments(out, config, partial=True)  # before the encoder is built (seconds to minutes)
+    if isinstance(encoder, str) and (out / MANIFEST).is_file() and (out / PROGRESS / "config.json").is_file():
+        # a named encoder's info follows from its name and checkpoint, both compared above
+        log.info("%s is already complete (same arguments): nothing to do", out)
+        return out
     enc = resolve_encoder(encoder, device=dev, checkpoint=encoder_checkpoint) if isinstance(encoder, str) else encoder
     config["encoder"] = enc.info()
 
