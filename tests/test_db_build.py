@@ -564,12 +564,45 @@ def test_elongated_images_and_fifos_are_skipped_not_fatal(tmp_path):
     assert len(db) == 1 and db.manifest["skipped"]["count"] == 2, skipped
     assert "would be resized to 5120000x256 (short side 256 px): too elongated" in skipped["thin.png"]
     assert "is not a regular file" in skipped["pipe.png"]
-    with pytest.raises(ValueError, match="query image .*thin.png cannot be read .*too elongated"):
-        load_query_image(tmp_path / "thin.png", 256)
+    assert load_query_image(tmp_path / "thin.png", 256).shape == (3, 256, 256)  # its centre (test below)
     thin = Image.open(tmp_path / "thin.png")
     with pytest.raises(ValueError, match="too elongated"):  # training replays crops through the same resize
-        replay_crop(thin, "center", 256)
+        replay_crop(thin, "random", 256, (0, 0))
     assert replay_crop(thin, "center", 8).shape == (8, 8, 3)  # 160000x8: within the limit
+
+
+def _float_fit_centre(img: Image.Image, size: int) -> np.ndarray:
+    """The central ``size`` px square of ``img`` with its short side resized to ``size``: bicubic per channel in
+    float32 (no 8-bit rounding between PIL's two passes), clipped, unrounded."""
+    w, h = img.size
+    fit = (max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h))))
+    x, y = (fit[0] - size) // 2, (fit[1] - size) // 2
+    channels = [Image.fromarray(np.asarray(img)[..., c].astype(np.float32)).resize(fit, Image.Resampling.BICUBIC)
+                for c in range(3)]
+    return np.stack([np.asarray(c.crop((x, y, x + size, y + size))) for c in channels], -1).clip(0, 255)
+
+
+@pytest.mark.parametrize("size, wh", [(24, (3, 700)), (17, (900, 5)), (40, (2, 1000)), (33, (613, 7))])
+def test_elongated_images_resize_only_their_central_square(monkeypatch, size, wh):
+    """Where only the central square of the resized image is kept (center crops, --fit-square), an image too
+    elongated to resize whole (above MAX_FIT_PIXELS) has just that square resized, within one level of an exact
+    resize or as close as PIL's whole resize (before, such images were skipped; with --fit-square 1200, any beyond
+    46:1). A random window may lie anywhere in the image: such images are still refused there."""
+    import rdm_fast.retrieval.build as build_module
+
+    img = Image.fromarray(_noise(np.random.default_rng(sum(wh)), wh[1], wh[0]))
+    exact = _float_fit_centre(img, size)
+    # PIL rounds and clips to 8 bits between its passes: its whole resize can be several levels off (up to 18 here)
+    bound = max(1.06, np.abs(build_module.replay_crop(img, "center", size) - exact).max())
+    monkeypatch.setattr(build_module, "MAX_FIT_PIXELS", size ** 2 * 3)  # each image's resize passes it
+    for part in (build_module.replay_crop(img, "center", size),
+                 build_module.replay_crop(img, "random", size, (0, 0), square=size)):
+        assert part.shape == (size, size, 3)
+        assert np.abs(part - exact).max() <= bound  # as close as PIL's whole resize, or one level
+    square = build_module.replay_crop(img, "random", 8, (3, 5), square=size)
+    assert np.array_equal(square, build_module.replay_crop(img, "random", size, (0, 0), square=size)[5:13, 3:11])
+    with pytest.raises(ValueError, match="too elongated"):
+        build_module.replay_crop(img.resize((wh[0] // 2 or 1, wh[1] // 2 or 1)), "random", size * 4, (0, 0))
 
 
 def test_list_files_are_text_with_any_file_name_bytes(tmp_path):

@@ -277,24 +277,30 @@ def _fit(img: Image.Image, mode: str, size: int, square: int | None = None) -> I
     central ``square`` x ``square`` after the short side is resized to ``square`` (the official OpenImages
     database's 1200 px squares, from which its 256 px patches were cut)."""
     if square is not None:
-        img = fit_short_side(img, square)
+        img = fit_short_side(img, square, central=True)
         x, y = (img.size[0] - square) // 2, (img.size[1] - square) // 2
         img = img.crop((x, y, x + square, y + square))
     if mode == "none":
         return img.resize((size, size), Image.Resampling.BICUBIC)
     if mode == "center" or (mode == "random" and min(img.size) < size):
-        return fit_short_side(img, size)
+        return fit_short_side(img, size, central=mode == "center")
     return img
 
 
-def fit_short_side(img: Image.Image, size: int) -> Image.Image:
-    """``img`` with its short side resized to ``size`` (bicubic; as it is where it already fits); ValueError for an
-    image so elongated that the result would pass MAX_FIT_PIXELS."""
+def fit_short_side(img: Image.Image, size: int, central: bool = False) -> Image.Image:
+    """``img`` with its short side resized to ``size`` (bicubic; as it is where it already fits). An image so
+    elongated that the result would pass MAX_FIT_PIXELS is refused (ValueError), unless ``central``: the caller
+    keeps only the central ``size`` px square, which is then all that is resized (PIL's resize of a source box,
+    within one level of the whole image's centre)."""
     w, h = img.size
     if min(w, h) == size:
         return img
     scale = size / min(w, h)
     fit = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if fit[0] * fit[1] > MAX_FIT_PIXELS and central:  # the same source-to-target mapping as the whole resize
+        x, y = (fit[0] - size) // 2, (fit[1] - size) // 2
+        box = (x * w / fit[0], y * h / fit[1], (x + size) * w / fit[0], (y + size) * h / fit[1])
+        return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     if fit[0] * fit[1] > MAX_FIT_PIXELS:  # a 20000x1 image of 143 bytes took 13 GB at 256 px
         raise ValueError(f"a {w}x{h} image would be resized to {fit[0]}x{fit[1]} (short side {size} px): too "
                          "elongated")
