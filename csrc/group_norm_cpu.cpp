@@ -3,8 +3,11 @@
 // Computes  y = act(GN(x + add[:, :, None...]) * weight + bias)  with all
 // statistics, the affine and the SiLU in float32 and a single rounding to the
 // input dtype. The mean and the centred variance are computed in two passes
-// (robust to large mean offsets); partial sums are kept in float32 lanes over
-// runs of at most kRunLength values and accumulated in double. NCHW-contiguous tensors with any number of spatial dims and 4-D
+// (robust to large mean offsets): the first pass sums the differences to one
+// value of each group (NCHW) or channel (NHWC), so a near-constant input loses
+// nothing to the float sums, and a constant one has its exact mean; partial
+// sums are kept in float32 lanes over runs of at most kRunLength values and
+// accumulated in double. NCHW-contiguous tensors with any number of spatial dims and 4-D
 // channels_last tensors are read in place; other layouts are made contiguous.
 //
 // The inner loops work on float rows and are written to auto-vectorise. On
@@ -83,8 +86,9 @@ RDM_FAST_INLINE float silu(float v) {
   return v / (1.0f + exp_poly(-v));
 }
 
-// Sum of p[0, n) in float lanes, flushed to double every kRunLength values.
-RDM_FAST_INLINE double sum_row_impl(const float* p, int64_t n) {
+// Sum of p[i] - shift over [0, n) in float lanes, flushed to double every
+// kRunLength values.
+RDM_FAST_INLINE double shifted_sum_row_impl(const float* p, int64_t n, float shift) {
   double total = 0.0;
   for (int64_t start = 0; start < n; start += kRunLength) {
     const int64_t len = std::min(kRunLength, n - start);
@@ -93,12 +97,12 @@ RDM_FAST_INLINE double sum_row_impl(const float* p, int64_t n) {
     int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
       for (int j = 0; j < kLanes; ++j) {
-        acc[j] += q[i + j];
+        acc[j] += q[i + j] - shift;
       }
     }
     double run = 0.0;
     for (; i < len; ++i) {
-      run += q[i];
+      run += q[i] - shift;
     }
     for (int j = 0; j < kLanes; ++j) {
       run += acc[j];
@@ -108,7 +112,7 @@ RDM_FAST_INLINE double sum_row_impl(const float* p, int64_t n) {
   return total;
 }
 
-// Sum of (p[i] - centre)^2 over [0, n), accumulated like sum_row_impl.
+// Sum of (p[i] - centre)^2 over [0, n), accumulated like shifted_sum_row_impl.
 RDM_FAST_INLINE double centred_sq_sum_row_impl(const float* p, int64_t n, float centre) {
   double total = 0.0;
   for (int64_t start = 0; start < n; start += kRunLength) {
@@ -149,10 +153,10 @@ RDM_FAST_INLINE void normalize_row_impl(
   }
 }
 
-// acc[c] += row[c] for c in [0, n).
-RDM_FAST_INLINE void add_channels_impl(const float* row, float* acc, int64_t n) {
+// acc[c] += row[c] - shift[c] for c in [0, n).
+RDM_FAST_INLINE void add_channels_impl(const float* row, const float* shift, float* acc, int64_t n) {
   for (int64_t c = 0; c < n; ++c) {
-    acc[c] += row[c];
+    acc[c] += row[c] - shift[c];
   }
 }
 
@@ -181,10 +185,10 @@ RDM_FAST_INLINE void normalize_channels_impl(
 
 // One ISA variant of the row kernels.
 struct RowKernels {
-  double (*sum)(const float*, int64_t);
+  double (*shifted_sum)(const float*, int64_t, float);
   double (*centred_sq_sum)(const float*, int64_t, float);
   void (*normalize)(const float*, float*, int64_t, float, float, float, bool);
-  void (*add_channels)(const float*, float*, int64_t);
+  void (*add_channels)(const float*, const float*, float*, int64_t);
   void (*add_sq_channels)(const float*, const float*, float*, int64_t);
   void (*normalize_channels)(const float*, float*, const float*, const float*, const float*, int64_t, bool);
   void (*half_to_float)(const c10::Half*, float*, int64_t);
@@ -208,14 +212,18 @@ void float_to_half_scalar(const float* in, c10::Half* out, int64_t n) {
 // the always-inline bodies above are compiled for that ISA inside them.
 // h2f / f2h are the float16 converters to use.
 #define RDM_FAST_ROW_KERNELS(name, attr, h2f, f2h)                                                \
-  attr double name##_sum(const float* p, int64_t n) { return sum_row_impl(p, n); }                \
+  attr double name##_shifted_sum(const float* p, int64_t n, float c) {                           \
+    return shifted_sum_row_impl(p, n, c);                                                         \
+  }                                                                                               \
   attr double name##_centred_sq_sum(const float* p, int64_t n, float c) {                         \
     return centred_sq_sum_row_impl(p, n, c);                                                      \
   }                                                                                               \
   attr void name##_normalize(const float* p, float* o, int64_t n, float c, float s, float b, bool a) { \
     normalize_row_impl(p, o, n, c, s, b, a);                                                      \
   }                                                                                               \
-  attr void name##_add_channels(const float* r, float* acc, int64_t n) { add_channels_impl(r, acc, n); } \
+  attr void name##_add_channels(const float* r, const float* c, float* acc, int64_t n) {          \
+    add_channels_impl(r, c, acc, n);                                                              \
+  }                                                                                               \
   attr void name##_add_sq_channels(const float* r, const float* c, float* acc, int64_t n) {       \
     add_sq_channels_impl(r, c, acc, n);                                                           \
   }                                                                                               \
@@ -223,7 +231,7 @@ void float_to_half_scalar(const float* in, c10::Half* out, int64_t n) {
       const float* r, float* o, const float* c, const float* s, const float* b, int64_t n, bool a) { \
     normalize_channels_impl(r, o, c, s, b, n, a);                                                 \
   }                                                                                               \
-  constexpr RowKernels name = {name##_sum, name##_centred_sq_sum, name##_normalize,               \
+  constexpr RowKernels name = {name##_shifted_sum, name##_centred_sq_sum, name##_normalize,               \
                                name##_add_channels, name##_add_sq_channels, name##_normalize_channels, \
                                h2f, f2h};
 
@@ -351,10 +359,11 @@ void group_norm_nchw(const T* x, T* y, const GroupNormSizes& s, const Params& pr
       T* yg = y + bg * group_numel;
       const float* add_row = prm.add ? prm.add + b * s.channels + c0 : nullptr;
 
-      double total = 0.0;
+      const float first = static_cast<float>(xg[0]);  // the sums are of x - first
+      double total = static_cast<double>(first) * group_numel;
       for (int64_t c = 0; c < D; ++c) {
         for_blocks(k, xg + c * HW, HW, in_buf, [&](const float* v, int64_t, int64_t len) {
-          total += k.sum(v, len);
+          total += k.shifted_sum(v, len, first);
         });
         if (add_row) {
           total += static_cast<double>(add_row[c]) * HW;
@@ -402,6 +411,7 @@ void group_norm_nhwc(const T* x, T* y, const GroupNormSizes& s, const Params& pr
   const int64_t n_chunks = (HW + rows_per_chunk - 1) / rows_per_chunk;
   const int64_t n_items = B * n_chunks;
   std::vector<double> partial(n_items * C);
+  std::vector<float> first(B * C);   // pixel 0's values: the first pass sums x - first
   std::vector<float> centre(B * C);  // x - centre == x + add - mean
   std::vector<float> scale(B * C);
   std::vector<float> shift(B * C);
@@ -440,7 +450,7 @@ void group_norm_nhwc(const T* x, T* y, const GroupNormSizes& s, const Params& pr
         if (squares) {
           k.add_sq_channels(row, centre.data() + b * C, acc.data(), C);
         } else {
-          k.add_channels(row, acc.data(), C);
+          k.add_channels(row, first.data() + b * C, acc.data(), C);
         }
       });
       flush();
@@ -458,9 +468,17 @@ void group_norm_nhwc(const T* x, T* y, const GroupNormSizes& s, const Params& pr
   };
 
   std::vector<double> totals(G);
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<float> row_buf(std::is_same_v<T, float> ? 0 : C);
+    const float* row = as_float(k, x + b * HW * C, C, row_buf);
+    std::copy(row, row + C, first.begin() + b * C);
+  }
   accumulate(false);
   for (int64_t b = 0; b < B; ++b) {
     group_totals(b, totals);
+    for (int64_t c = 0; c < C; ++c) {
+      totals[c / D] += static_cast<double>(first[b * C + c]) * HW;
+    }
     for (int64_t c = 0; c < C; ++c) {
       const int64_t g = c / D;
       double total = totals[g];

@@ -185,6 +185,25 @@ def test_cpu_op_large_mean_offset(cpu_ext, channels_last, offset_in):
     torch.testing.assert_close(out, ref, rtol=0, atol=3e-4)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cpu_op_constant_and_near_constant_groups(cpu_ext, channels_last):
+    """A group of one value (here 1000.1 + g) has x - mean = 0 exactly, so the output is the bias. The first pass
+    summed x itself in float32 runs of up to 4096 values: the mean came out ~1e-3 off, which rstd = 1/sqrt(eps)
+    made 0.8 (channels_last; 0.3 NCHW). It now sums x minus one value of the group (or channel)."""
+    gen = torch.Generator().manual_seed(3)
+    level = (1000.1 + torch.arange(16.0)).reshape(2, 8, 1, 1, 1).expand(2, 8, 4, 80, 80).reshape(2, 32, 80, 80)
+    w, b = 1 + 0.5 * torch.randn(32, generator=gen), 0.5 * torch.randn(32, generator=gen)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = level.contiguous(memory_format=fmt)  # 6400 pixels: more than one run
+    assert torch.equal(torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, None, False), b[:, None, None].expand_as(x))
+    reference_nan = group_norm_reference(x, w, b, 8, 0.0).isnan()  # eps 0: 0 / 0, as the reference
+    assert reference_nan.all() and torch.ops.rdm_fast.group_norm(x, w, b, 8, 0.0, None, False).isnan().all()
+    # variance ~1e-6, below eps: the float32 centre (1000.1 to ~3e-5) alone moves outputs by up to ~0.01
+    x = (level + 1e-3 * torch.randn(level.shape, generator=gen)).contiguous(memory_format=fmt)
+    exact = independent_group_norm(x, w, b, 8, EPS)
+    assert (torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, None, False).double() - exact).abs().max() < 0.02
+
+
 def _small_variance_inputs(shape=(2, 32, 6, 5), channels_last=False, dtype=torch.float32):
     """Groups whose variance (~1e-6) is below eps = 1e-5: eps decides the output, so an implementation that left it
     out, or added it after the square root, would be far off (asserted: the float64 result without eps differs
@@ -638,6 +657,8 @@ def test_negative_or_non_finite_eps_is_refused(fn, eps):
         fn(x, w, b, 4, eps)
     with pytest.raises(TypeError, match="group_norm: expected eps to be a float"):
         fn(x, w, b, 4, "1e-5")
+    with pytest.raises(TypeError, match=r"group_norm: expected eps to be a float, got a tensor of shape \(2,\)"):
+        fn(x, w, b, 4, torch.tensor([1e-5, 1e-5]))
     assert torch.isfinite(fn(x, w, b, 4, 0.0)).all()  # 0 stays allowed (torch's own GroupNorm takes it)
 
 
