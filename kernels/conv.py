@@ -233,6 +233,8 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tens
     n_pix = batch * height * width
     if n_pix == 0:
         return out
+    if bias is not None:  # the kernels read it as consecutive values (a strided view gave other channels' bias)
+        bias = bias.contiguous()
     if few_outputs(cin, cout):
         partials = torch.empty((n_pix, 9 * cout), dtype=torch.float32, device=x.device)
         args, meta = taps_arguments(x, weight, partials)

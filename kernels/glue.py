@@ -224,11 +224,11 @@ def _geglu_kernel(
 def geglu(h: Tensor) -> Tensor:
     """``a * gelu_erf(gate)`` for ``h = cat([a, gate], -1)``; output (..., F) contiguous, in h's dtype."""
     half = h.shape[-1] // 2
+    out = torch.empty(h.shape[:-1] + (half,), dtype=h.dtype, device=h.device)
+    if out.numel() == 0:  # before the row view, which cannot size rows of no values
+        return out
     h2 = as_rows(h, 2 * half)
     rows = h2.shape[0]
-    out = torch.empty(h.shape[:-1] + (half,), dtype=h.dtype, device=h.device)
-    if rows == 0 or half == 0:
-        return out
     block_f = min(triton.next_power_of_2(half), 256)
     block_r = max(1, 2048 // block_f)
     _geglu_kernel[(triton.cdiv(rows, block_r), triton.cdiv(half, block_f))](

@@ -221,6 +221,20 @@ def _child_main() -> None:
         finally:
             kernels.MAX_GRID_Y = saved
 
+        # keys and values made under inference_mode (a context projected there), gradients for the queries only:
+        # autograd could not save them ("Inference tensors cannot be saved for backward")
+        q, k, v, grad_out, _ = _inputs((2, 9, 5, 2, 32, "float32", "dense", 1.0))
+        with torch.inference_mode():
+            k_inf, v_inf = k.detach().clone(), v.detach().clone()
+        try:
+            q_ = q.detach().requires_grad_()
+            attention(q_, k_inf, v_inf, 2).backward(grad_out)
+            q_ref = q.detach().requires_grad_()
+            attention_reference(q_ref, k.detach(), v.detach(), 2).backward(grad_out)
+            results["inference-mode keys"] = _mismatch("dq", q_.grad, q_ref.grad, 1e-5, 1e-5)
+        except RuntimeError as e:
+            results["inference-mode keys"] = str(e).splitlines()[0]
+
         # The custom ops' registrations (schema, fake tensors, autograd, AOT dispatch).
         q, k, v, grad_out, _ = _inputs((1, 20, 17, 1, 32, "float32", "dense", 1.0))
         checks = torch.library.opcheck(torch.ops.rdm_fast.attention_triton.default, (q, k, v, 1))
@@ -241,7 +255,8 @@ interpreter_results = interpreter_fixture(__file__, timeout=900, RDM_FAST_OPS="a
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("name", [*INTERPRETER_CASES, *SHARED_CASES, *BATCH_SPLIT_CASES, "opcheck", "torch.compile"])
+@pytest.mark.parametrize("name", [*INTERPRETER_CASES, *SHARED_CASES, *BATCH_SPLIT_CASES, "inference-mode keys",
+                                  "opcheck", "torch.compile"])
 def test_interpreter_matches_reference(interpreter_results, name):
     check_result(interpreter_results, name)
 

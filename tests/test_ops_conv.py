@@ -41,7 +41,8 @@ CASES = {
 
 def conv_inputs(name: str, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
     """(x, weight, bias, out) of a case, random, on ``device``; ``out`` a channel slice (channels 3..) of a wider
-    channels-last map filled with 7 (what lies outside the slice must stay 7), with ``copies * batch`` rows."""
+    channels-last map filled with 7 (what lies outside the slice must stay 7), with ``copies * batch`` rows; the
+    "-copies" cases' bias a strided view."""
     b, cin, cout, h, w, layout, has_bias, copies = CASES[name]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, cin, h, w, generator=g)
@@ -55,6 +56,8 @@ def conv_inputs(name: str, dtype: torch.dtype, device: str = "cpu", seed: int = 
     elif layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
     bias = bias.to(device, dtype) if bias is not None else None
+    if name.endswith("-copies"):  # a strided bias (every other value of a longer one; the kernels read it packed)
+        bias = torch.stack([bias, torch.full_like(bias, 100.0)], -1)[:, 0]
     out = torch.full((copies * b, cout + 3, h, w), 7.0, dtype=dtype, device=device)
     out = out.contiguous(memory_format=torch.channels_last)[:, 3:]
     return x, weight, bias, out

@@ -104,7 +104,8 @@ def bias_inputs(name: str, dtype: torch.dtype, device: str = "cpu") -> tuple:
     return x, b, r
 
 
-GEGLU_CASES = {"7x2": (7, 2), "1x74": (1, 74), "3x5x300": (3, 5, 300), "37x600": (37, 600), "2x2000": (2, 2000)}
+GEGLU_CASES = {"7x2": (7, 2), "1x74": (1, 74), "3x5x300": (3, 5, 300), "37x600": (37, 600), "2x2000": (2, 2000),
+               "3x0": (3, 0), "0x8": (0, 8)}  # empty features, no rows
 
 
 def geglu_input(name: str, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
@@ -529,6 +530,8 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
         return check(kernels.geglu(h), geglu_reference(h))
     if name == "tensor-coefficients-exact":
         return tensor_coefficients_exact(dtype, device)
+    if name == "eps-types":
+        return eps_types(dtype, device)
     args, kind = step_inputs(name, dtype, device)
     with _dispatch.use_mode("fast"):
         out = run_step(kind, args)
@@ -538,9 +541,30 @@ def _run_case(case: str, dtype: torch.dtype, device: str = "cpu") -> str | None:
     return "; ".join(e for e in errs if e) or None
 
 
+def eps_types(dtype: torch.dtype, device: str = "cpu") -> str | None:
+    """The normalising ops in fast mode take eps as a NumPy scalar or a one-element tensor, as their references do
+    (the Triton launches failed on both: they take a Python float)."""
+    x, r, _, w, b = ln_inputs("3x37x96", dtype, device)
+    g = _gen(5)
+    w_q = torch.randn(96, 96, generator=g).to(device, dtype)
+    kv = torch.randn(3, 4, 96, generator=g).to(device, dtype)
+    fm = torch.randn(2, 8, 5, 3, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    calls = {"layer_norm": lambda e: ops.layer_norm(x, w, b, e),
+             "add_layer_norm": lambda e: ops.add_layer_norm(x, r, None, w, b, e)[1],
+             "cross_attention": lambda e: ops.cross_attention(x, w, b, e, w_q, kv, kv, 3),
+             "group_norm": lambda e: ops.group_norm(fm, None, None, 4, e, silu=True)}
+    for op, call in calls.items():
+        with _dispatch.use_mode("fast"):
+            ref = call(float(np.float32(EPS)))  # the same value as a Python float: the same bits out
+            for eps in (np.float32(EPS), torch.tensor(EPS), torch.tensor([EPS], device=device)):
+                if not torch.equal(call(eps), ref):
+                    return f"{op}, eps {eps!r}: not the result of the same eps as a float"
+    return None
+
+
 KERNEL_CASES = ([f"layer_norm:{n}" for n in LN_CASES] + [f"add_layer_norm:{n}" for n in LN_CASES]
                 + [f"add_bias:{n}" for n in BIAS_CASES] + [f"geglu:{n}" for n in GEGLU_CASES]
-                + [f"step:{n}" for n in STEP_CASES] + VIEW_CASES)
+                + [f"step:{n}" for n in STEP_CASES] + VIEW_CASES + ["ops:eps-types"])
 # in the interpreter only: the kernel's float64 square roots of tensor coefficients against the host's
 INTERPRETER_ONLY_CASES = ["step:tensor-coefficients-exact"]
 INTERPRETER_CASES = [(c, d) for c in KERNEL_CASES + INTERPRETER_ONLY_CASES for d in ("float32", "float16")]

@@ -51,22 +51,24 @@ def check_tensor(op: str, name: str, t: Tensor, like: Tensor | None = None, shap
         raise ValueError(f"{op}: expected {name} on device {like.device}, got {t.device}")
 
 
-def check_eps(op: str, eps: float, name: str = "eps") -> None:
-    """ValueError naming ``op`` and ``name`` unless ``eps`` is a finite number >= 0 (a negative one makes the
-    normalisation's variance + eps negative or zero: NaN or Inf outputs). A 0-d tensor is checked on the CPU only
-    (reading a CUDA one would synchronise with the host). Skipped while torch.compile traces (a symbolic float)."""
+def check_eps(op: str, eps: float, name: str = "eps") -> float:
+    """``eps`` as a Python float, the type the kernels take (a NumPy scalar or a one-element tensor is converted:
+    reading a CUDA tensor synchronises with the host). ValueError naming ``op`` and ``name`` unless it is finite
+    and >= 0 (a negative one makes the normalisation's variance + eps negative or zero: NaN or Inf outputs),
+    TypeError unless it is a real number. Returned as it is while torch.compile traces (a symbolic float)."""
     if type(eps) is float and 0.0 <= eps < math.inf:  # the usual case, in a few tens of nanoseconds
-        return
+        return eps
     if torch.compiler.is_compiling():
-        return
+        return eps
     if isinstance(eps, Tensor):
-        if eps.numel() != 1 or eps.device.type != "cpu":
-            return
+        if eps.numel() != 1:
+            raise TypeError(f"{op}: expected {name} to be a float, got a tensor of shape {tuple(eps.shape)}")
         eps = eps.item()
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{op}: expected {name} to be a float, got {type(eps).__name__}")
     if not math.isfinite(float(eps)) or eps < 0:
         raise ValueError(f"{op}: {name} must be a finite number >= 0, got {eps!r}")
+    return float(eps)
 
 
 logger = logging.getLogger("rdm_fast.ops")

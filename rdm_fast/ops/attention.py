@@ -128,6 +128,8 @@ def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     q, k, v, heads = inputs
     _, lse = output
     ctx.mark_non_differentiable(lse)
+    # autograd cannot save tensors made under inference_mode (e.g. a context projected there): a copy of those
+    q, k, v = (t.clone() if t.is_inference() else t for t in (q, k, v))
     ctx.save_for_backward(q, k, v, lse)
     ctx.heads = heads
 
@@ -188,6 +190,7 @@ ATTENTION = Op(
 @autocast_inputs
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """Multi-head attention ``softmax(q k^T * d^-0.5) v`` on (B, Nq, heads*d) queries and (B, Nk, heads*d)
-    keys/values (d = C / heads); returns (B, Nq, heads*d) in q's dtype. Differentiable on every path."""
+    keys/values (d = C / heads); returns (B, Nq, heads*d) in q's dtype. Differentiable on every path (twice,
+    e.g. for a gradient penalty, on the reference path only: the Triton backward has no derivative of its own)."""
     check_args(q, k, v, heads)
     return ATTENTION(q, k, v, int(heads))

@@ -123,5 +123,5 @@ def cross_attention(
     from ``LayerNorm(x + shift)`` (the sum in float32, not stored).
     """
     check_args(x, ln_weight, ln_bias, w_q, k, v, heads, shift)
-    check_eps("cross_attention", ln_eps, "ln_eps")
+    ln_eps = check_eps("cross_attention", ln_eps, "ln_eps")
     return CROSS_ATTENTION(x, ln_weight, ln_bias, ln_eps, w_q, k, v, heads, shift=shift)

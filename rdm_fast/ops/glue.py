@@ -64,7 +64,7 @@ def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     """LayerNorm over the last dim of ``x (+ shift)`` in float32 (PyTorch's kernel on a float32 copy: under
     autograd it keeps only that copy and the row statistics), rounded once; the oracle and CPU path."""
     _check_layer_norm("layer_norm", x, weight, bias, shift)
-    check_eps("layer_norm", eps)
+    eps = check_eps("layer_norm", eps)
     xf = x.float() if shift is None else x.float() + shift.float()
     y = F.layer_norm(xf, (x.shape[-1],), None if weight is None else weight.float(),
                      None if bias is None else bias.float(), eps)
@@ -88,7 +88,7 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ``shift`` (C,): normalise ``x + shift`` instead, the sum formed in float32 and not stored (a linear layer's
     bias that its caller carries instead of adding it to x in a pass of its own)."""
     _check_layer_norm("layer_norm", x, weight, bias, shift)
-    check_eps("layer_norm", eps)
+    eps = check_eps("layer_norm", eps)
     return LAYER_NORM(x, weight, bias, eps, shift=shift)
 
 
@@ -150,7 +150,7 @@ def add_layer_norm(
     reads s again; ``residual_bias`` (C,) takes the bias of the linear layer that produced ``residual``.
     """
     _check_add_layer_norm(x, residual, residual_bias, weight, bias)
-    check_eps("add_layer_norm", eps)
+    eps = check_eps("add_layer_norm", eps)
     return ADD_LAYER_NORM(x, residual, residual_bias, weight, bias, eps)
 
 

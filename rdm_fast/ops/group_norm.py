@@ -74,7 +74,7 @@ def group_norm_reference(
 ) -> Tensor:
     """Plain-PyTorch fused GroupNorm in float32; the oracle for every other implementation."""
     check_args(x, weight, bias, num_groups, add)
-    check_eps("group_norm", eps)
+    eps = check_eps("group_norm", eps)
     # NCHW on purpose: torch's CPU channels_last GroupNorm kernel loses precision when the mean is
     # large relative to the spread (error ~1.5 for x = 1000 + randn); the result is laid out like x.
     h = x.float().contiguous()
@@ -223,5 +223,5 @@ def group_norm(
     reference. ``eps`` must be finite and >= 0 (ValueError). Semantics are those of :func:`group_norm_reference`.
     """
     check_args(x, weight, bias, num_groups, add)
-    check_eps("group_norm", eps)
+    eps = check_eps("group_norm", eps)
     return GROUP_NORM(x, weight, bias, num_groups, eps, add=add, silu=silu)
