@@ -1,8 +1,9 @@
 """Triton forward kernels of the fused GroupNorm (semantics: ``rdm_fast.ops.group_norm_reference``).
 
 NCHW-contiguous inputs (any spatial rank): one program per (batch, group) loops over the group's
-``C / G * spatial`` contiguous values in blocks of ``BLOCK``: pass 1 sums ``x + add`` (mean), pass 2 sums
-squared deviations (centred variance), pass 3 writes ``silu?((x + add - mean) * rstd * weight + bias)``.
+``C / G * spatial`` contiguous values in blocks of ``BLOCK``: pass 1 sums ``x + add`` less the group's first
+such value (the mean, exact for a constant group, no float32 loss for large means), pass 2 sums squared
+deviations (centred variance), pass 3 writes ``silu?((x + add - mean) * rstd * weight + bias)``.
 
 4-D channels_last inputs: a group's channels are a few adjacent values in every C-wide pixel row, so walking
 one group at a time would read each 32-byte sector for a handful of bytes. Instead every program reads
@@ -69,12 +70,15 @@ def _group_norm_fwd_kernel(
     add_base = b * channels + c0
     lanes = tl.arange(0, BLOCK)
 
+    first = tl.load(x_ptr + base).to(tl.float32)  # the group's first value: pass 1 sums the deviations from it
+    if HAS_ADD:
+        first += tl.load(add_ptr + add_base)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, group_numel, BLOCK):
         v, ch, mask = _load_group_block(x_ptr, add_ptr, base, add_base, start + lanes, group_numel, spatial,
                                         HAS_ADD)
-        acc += v
-    mean = tl.sum(acc, axis=0) / group_numel
+        acc += tl.where(mask, v - first, 0.0)
+    mean = first + tl.sum(acc, axis=0) / group_numel
 
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, group_numel, BLOCK):

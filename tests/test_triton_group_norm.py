@@ -29,7 +29,7 @@ def _cases() -> dict[str, tuple]:
     (contiguous), True (channels_last), "slice" (channels 5.. of a channels_last map 8 channels wider, as the
     UNet's skips), "w1" (W == 1, pixel rows at H's stride, W's stride 1) or "c1" (C == 1, rows of stride 2). The
     channels_last cases' ``add`` is strided: a column slice (slice layout) or one row expanded (float16). Spread
-    1e-3 (variance ~1e-6, below eps): eps decides the output."""
+    1e-3 (variance ~1e-6, below eps): eps decides the output; spread 0: constant groups."""
     cases = {}
     for shape, groups in SHAPES:
         for cl in (False, True, "slice") if len(shape) == 4 else (False,):
@@ -39,6 +39,9 @@ def _cases() -> dict[str, tuple]:
             cases[f"{base}-float32-plain"] = (shape, groups, cl, "float32", False, False, 0.5, 2.0)
     cases["2x64x24x20-g8-offset1000"] = ((2, 64, 24, 20), 8, False, "float32", False, True, 1000.0, 2.0)
     cases["2x64x24x20-g8-nhwc-offset1000"] = ((2, 64, 24, 20), 8, True, "float32", False, True, 1000.0, 2.0)
+    for cl in (False, True):  # spread 0: every group holds one value, the output is exactly the bias
+        name = "-nhwc" if cl else ""
+        cases[f"2x32x48x48-g8{name}-constant1000"] = ((2, 32, 48, 48), 8, cl, "float32", False, True, 1000.1, 0.0)
     for cl in (False, True, "slice"):
         for dtype in ("float32", "float16"):
             name = {False: "", True: "-nhwc", "slice": "-nhwcslice"}[cl]
@@ -107,6 +110,10 @@ def _run_case(case: tuple, device: str = "cpu") -> str | None:
     if case[2] == "slice" and add is not None:
         assert add.stride(0) == x.shape[1] + 8, add.stride()
     out = triton_group_norm(x, w, b, groups, EPS, add=add, silu=fused)
+    if case[7] == 0:  # x - mean is exactly 0 (the reference's own float32 mean is ~1e-4 off here, times 316)
+        expected = b.reshape(-1, *[1] * (x.dim() - 2)).expand_as(x).to(x.dtype)
+        diff = (out - expected).abs().max().item()
+        return None if diff == 0 else f"constant groups: max abs diff {diff:.3g} from the bias"
     ref = group_norm_reference(x, w, b, groups, EPS, add=add, silu=fused)
     return _mismatch(out, ref, offset)
 
@@ -135,7 +142,7 @@ def test_triton_interpreter_matches_reference(interpreter_results, name):
 
 
 GPU_CASES = [(n, d) for n in CASES if n.endswith("-float32-fused") for d in ("float32", "float16", "bfloat16")]
-GPU_CASES += [(n, "float32") for n in CASES if "offset" in n]  # large offsets: float32 only
+GPU_CASES += [(n, "float32") for n in CASES if "offset" in n or "constant" in n]  # large means: float32 only
 GPU_CASES += [(n, CASES[n][3]) for n in CASES if n.endswith("-eps")]  # variance below eps, each in its dtype
 
 
@@ -164,6 +171,20 @@ def test_nhwc_kernels_at_model_shapes_on_gpu(shape):
     ref = group_norm_reference(x, w, b, 32, EPS, add=add, silu=True)
     out = kernels.group_norm(x, w, b, 32, EPS, add=add, silu=True)
     assert _mismatch(out, ref, 0.0) is None, _mismatch(out, ref, 0.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real thing")
+@pytest.mark.parametrize("add", [False, True])
+def test_nchw_kernel_compiles_for_sm90_without_spills(add):
+    """Compiled mode for the NCHW kernel (contiguous maps), with and without the fused add."""
+    from triton_testing import compile_launches
+
+    from rdm_fast.kernels import group_norm as kernels
+
+    x, w = torch.randn(2, 64, 12, 12, dtype=torch.bfloat16), torch.randn(64)
+    results = compile_launches(lambda: kernels.group_norm(x, w, w, 32, EPS, add=torch.randn(2, 64) if add else None,
+                                                          silu=True), kernels._group_norm_fwd_kernel)
+    assert len(results) == 1 and results[0]["spill_bytes"] == 0, results
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real thing")
