@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "imagenet/ffhq, 10 for rdm768; 0: the query alone, e.g. caption-only text-to-image)")
     p.add_argument("--no-query", action="store_true",
                    help="with --db: condition on the neighbours alone, without the query's own embedding (the "
-                        "default K then fills the query's slot too)")
+                        "default K then fills the query's slot too, 4 for imagenet/ffhq; with a text token, as rdm768, K "
+                        "stays 10 and the context is one embedding shorter)")
     p.add_argument("--top-m", type=float,
                    help="with --db and no --text/--image: draw pseudo-queries from this top fraction of the "
                         f"database's proposal ranking (default: {DEFAULT_TOP_M})")
@@ -115,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(each PNG names the run that drew it) are drawn; its "
                         "run.json must record the same settings and conditioning: contexts, search (exact, or "
                         "which index) and query encoder (name, weights file, precision). --batch-size and the "
-                        "number of processes may differ, and --device where the search and the query encoder do "
-                        "not depend on it (CLIP runs in float16 on CUDA): the images depend on none of them, up "
-                        "to float rounding")
+                        "number of processes may differ, and --device where the search does not depend on it (the "
+                        "CLIP query encoders run in float32 on every device): the images depend on none of them, "
+                        "up to float rounding")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")
     return p
