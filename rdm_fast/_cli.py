@@ -172,8 +172,10 @@ def _json_object(file: Path) -> dict:
 
 def folder_kind(path: str | Path) -> str | None:
     """What another rdm_fast command made of folder ``path``, told by the content of the files it writes: "a
-    database" (its manifest, or a build's progress), "a training run" (checkpoints, or train's run.json), "a sample
-    run" (sample's run.json or images); None for anything else, other tools' files of the same names included."""
+    database" (its manifest, or a build's progress), "a training run" (checkpoints, or train's run.json), "a
+    training checkpoint" (one of a run's step folders), "a model" (rdm_fast's weights, or an official ``.ckpt``),
+    "a sample run" (sample's run.json or images); None for anything else, other tools' files of the same names
+    included."""
     from .retrieval.build import PROGRESS
     from .retrieval.database import FORMAT, MANIFEST
 
@@ -183,6 +185,10 @@ def folder_kind(path: str | Path) -> str | None:
     run = _json_object(path / "run.json")
     if (path / ckpt.RUN_CHECKPOINTS).is_dir() or "global_batch" in run:
         return "a training run"
+    if (path / ckpt.TRAIN_STATE_FILE).is_file() and (path / ckpt.WEIGHTS_FILE).is_file():
+        return "a training checkpoint"
+    if (path / ckpt.WEIGHTS_FILE).is_file() or next(path.glob("*.ckpt"), None) is not None:
+        return "a model"
     if "n_samples" in run or next(path.glob("sample_[0-9]*.png"), None) is not None:
         return "a sample run"
     return None

@@ -121,6 +121,10 @@ def resolve_file(path: str | Path) -> Path:
     if not path.is_dir():
         return path
     if (path / WEIGHTS_FILE).is_file():
+        if (path / RUN_LATEST).is_file():
+            raise CheckpointError(f"{path} holds both a model ({WEIGHTS_FILE}) and a training run ({RUN_LATEST}): "
+                                  f"pass {path / WEIGHTS_FILE}, or a checkpoint folder of the run "
+                                  f"({path / RUN_CHECKPOINTS}/step_NNNNNNN)")
         others = sorted(p.name for p in path.glob("*.ckpt"))
         if others:
             log.info("%s: loading %s (not %s)", path, WEIGHTS_FILE, ", ".join(others))

@@ -41,11 +41,21 @@ def official_checkpoint(model: RDM, ema: RDM | None = None, ema_updates: int = 0
     return state
 
 
-def _export_official(args: argparse.Namespace, out: Path) -> Path:
-    weights = ckpt.resolve_file(args.ckpt)
-    if (out / "model.ckpt").resolve() == weights.resolve():  # deleted below before its replacement is written
+def _check_not_in_place(source: str, out: Path, to: str) -> None:
+    """CLIError where writing ``to``'s files into ``out`` would replace the checkpoint being converted, or leave
+    beside them a model of the other format that loading ``out`` would pick instead (rdm_fast's weights win)."""
+    weights = ckpt.resolve_file(source)
+    written = out / ("model.ckpt" if to == "official" else ckpt.WEIGHTS_FILE)
+    if written.resolve() == weights.resolve():
         raise CLIError(f"--out {out} would replace the checkpoint being converted ({weights}): choose another "
                        "folder")
+    if to == "official" and (out / ckpt.WEIGHTS_FILE).is_file():
+        raise CLIError(f"--out {out} holds {ckpt.WEIGHTS_FILE}, which loading the folder would use instead of the "
+                       "model.ckpt written: choose another folder")
+
+
+def _export_official(args: argparse.Namespace, out: Path) -> Path:
+    weights = ckpt.resolve_file(args.ckpt)
     training = (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file()  # raw UNet weights beside the EMA ones
     train_state: dict[str, Any] = ckpt.read_train_state(weights.parent / ckpt.TRAIN_STATE_FILE) if training else \
         {"ema_updates": 0}
@@ -95,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="unpickle a checkpoint with Python objects (runs code from the file: trusted files only)")
     args = parse_args(p, argv)
     one_process("convert")
-    check_out_dir(args.out)
+    check_out_dir(args.out, "a model")  # an earlier conversion's output is replaced
+    _check_not_in_place(args.ckpt, Path(args.out), args.to)
     log.info("reading %s", args.ckpt)
     if args.to == "official":
         if args.no_ema:

@@ -470,7 +470,7 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
               "--out .*db holds a database: write a sample run into a folder of its own"),
              (sample, [*base, "--out", str(tmp_path / "run")], {}, "--out .*run holds a training run: write a sample"),
              (convert, [str(tiny_dir / "model"), "--out", str(tmp_path / "samples")], {},
-              "--out .*samples holds a sample run: write this output into a folder of its own"),
+              "--out .*samples holds a sample run: write a model into a folder of its own"),
              (sample, [*base, "--out", str(tmp_path / "afile" / "sub")], {},
               "--out .*sub: .*afile is a file, not a folder"),
              (sample, [*base, "--out", ""], {}, "--out is empty"),
@@ -999,6 +999,41 @@ def test_folder_kinds_are_told_by_content(tmp_path):
     (tmp_path / "sample").mkdir()
     (tmp_path / "sample" / "run.json").write_text('{"n_samples": 4, "complete": false}')
     assert folder_kind(tmp_path / "sample") == "a sample run"
+
+
+def test_models_are_not_overwritten_or_mixed_with_runs(tiny_dir, tmp_path, capsys):
+    """convert --out its own source folder replaced the weights being converted (in bf16, or without the EMA ones);
+    train and sample wrote their runs into a model's folder, after which ``--ckpt`` of the folder loaded the old
+    model instead of the run's newest checkpoint."""
+    from rdm_fast._cli import folder_kind
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir / "model", model)
+    before = (model / "model.safetensors").read_bytes()
+    assert folder_kind(model) == "a model"
+    assert cli(convert, str(model), "--out", str(model), "--dtype", "bf16") == 2
+    assert "would replace the checkpoint being converted" in capsys.readouterr().err
+    assert (model / "model.safetensors").read_bytes() == before
+    assert cli(convert, str(model), "--out", str(model), "--to", "official") == 2  # model.ckpt beside it: never used
+    assert "holds model.safetensors, which loading the folder would use instead" in capsys.readouterr().err
+    assert not (model / "model.ckpt").exists()
+    assert cli(convert, str(model), "--out", str(tmp_path / "half"), "--dtype", "bf16") == 0
+    assert cli(convert, str(model), "--out", str(tmp_path / "half"), "--dtype", "fp16") == 0  # a conversion redone
+    assert cli(convert, str(model), "--out", str(tmp_path / "official"), "--to", "official") == 0
+    assert folder_kind(tmp_path / "official") == "a model"
+    assert cli(convert, str(tmp_path / "official"), "--out", str(tmp_path / "official")) == 0  # beside its .ckpt
+    capsys.readouterr()
+    assert cli(sample, "--ckpt", str(model), "--context-file", str(tiny_dir / "ctx.npy"), "--out", str(model)) == 2
+    assert "--out" in capsys.readouterr().err and (model / "model.safetensors").read_bytes() == before
+    step = tmp_path / "run" / "checkpoints" / "step_0000002"
+    shutil.copytree(model, step)
+    (step / "state.json").write_text("{}")
+    assert folder_kind(step) == "a training checkpoint"
+    assert cli(convert, str(model), "--out", str(step)) == 2
+    assert "holds a training checkpoint" in capsys.readouterr().err
+    (model / "latest").write_text("step_0000002")  # a run's files in a model's folder (made by hand)
+    with pytest.raises(ckpt.CheckpointError, match="holds both a model .* and a training run"):
+        ckpt.resolve_file(model)
 
 
 def test_image_helpers_refuse_what_they_cannot_draw():
