@@ -22,15 +22,25 @@ def process_device(device: str) -> torch.device:
 
 
 def parse_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device; ValueError for a name torch does not know or a GPU this machine lacks."""
+    """``device`` as a torch.device; ValueError for a name torch does not know, a device type rdm_fast does not run
+    on (other than the CPU, CUDA and "meta") or a GPU this machine lacks."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    _check_supported(dev, device, "meta")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: no CUDA GPU is available here (use 'cpu')")
     _check_gpu_index(dev)
     return dev
+
+
+def _check_supported(dev: torch.device, given: object, *also: str) -> None:
+    """ValueError for device types other than the CPU, CUDA GPUs and ``also`` (mps, xpu, ...: torch parses their
+    names, and the first tensor moved there failed with a traceback; "meta" builds models without weights)."""
+    if dev.type not in ("cpu", "cuda", *also):
+        raise ValueError(f"device {str(given)!r} is not supported: rdm_fast runs on 'cpu' or CUDA GPUs ('cuda', "
+                         "'cuda:N')")
 
 
 def _check_gpu_index(dev: torch.device) -> None:
@@ -49,6 +59,7 @@ def _pick_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    _check_supported(dev, device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: no CUDA GPU is available here (use cpu)")
     _check_gpu_index(dev)

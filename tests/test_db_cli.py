@@ -291,6 +291,9 @@ def test_one_line_errors(built, tmp_path, capsys):
     for command in (["search", db, "--text", "x"], ["neighbors", db, "--k", "2", "--out", str(tmp_path / "x.npz")],
                     ["build", "--images", str(built / "images"), "--encoder", SPEC, "--out", str(tmp_path / "g")]):
         assert "unknown device 'gpu'" in _error(capsys, *command, "--device", "gpu")
+        for other in ("mps", "meta"):  # names torch knows: the first tensor moved there failed, with a traceback
+            assert f"device '{other}' is not supported: rdm_fast runs on 'cpu' or CUDA GPUs" in _error(
+                capsys, *command, "--device", other)
     assert "--contact-sheet " + str(tmp_path) + " is a directory" in _error(
         capsys, "search", db, "--text", "x", "--contact-sheet", str(tmp_path))
     assert "getcwd must be a factory callable as getcwd(device=..., checkpoint=..., pretrained=...)" in _error(

@@ -1119,6 +1119,8 @@ def test_from_config_and_from_pretrained_name_a_bad_device(tmp_path):
                  lambda d: RDM.from_pretrained(tmp_path / "missing.ckpt", device=d)):
         with pytest.raises(ValueError, match=r"device 'gpu' is not a torch device \(e.g. 'cpu', 'cuda', 'cuda:1'\)"):
             load("gpu")
+        with pytest.raises(ValueError, match=r"device 'xpu' is not supported: rdm_fast runs on 'cpu' or CUDA"):
+            load("xpu")
         if not torch.cuda.is_available():
             with pytest.raises(ValueError, match=r"device 'cuda': no CUDA GPU is available here \(use 'cpu'\)"):
                 load("cuda")
