@@ -166,6 +166,10 @@ def test_random_crops_of_fitted_squares(image_dir, tmp_path):
     with pytest.raises(ValueError, match="equal to crop_size makes all 3 crops of an image the same"):
         build_database(tmp_path / "bad", encoder=TinyEncoder(), images=image_dir, crop="random", crop_size=32,
                        crops_per_image=3, fit_square=32, workers=0, device="cpu", progress=False)
+    for seed in (-1, 2**63):  # -1 failed every crop, reported as "none of the images could be read"
+        with pytest.raises(ValueError, match=rf"seed \(--seed\) must be in \[0, 2\*\*63\), got {seed}"):
+            build_database(tmp_path / "bad", encoder=TinyEncoder(), images=image_dir, crop="random", crop_size=32,
+                           seed=seed, workers=0, device="cpu", progress=False)
 
 
 def test_images_enlarged_for_their_crops_are_counted(image_dir, tmp_path, caplog, capsys):

@@ -212,6 +212,9 @@ def test_auto_kind_and_bad_arguments(tmp_path):
         build_index([np.zeros((3, DIM), np.int32)], out=tmp_path / "b.faiss")
     with pytest.raises(ValueError, match="train_size"):
         build_index(shards, "ivfpq", out=tmp_path / "b.faiss", train_size=0)
+    for seed in (-1, 2**31 - 1):  # FAISS's C ints: an OverflowError traceback, or numpy's nameless message
+        with pytest.raises(ValueError, match=rf"seed \(--seed\) must be in \[0, 2\*\*31 - 1\), got {seed}"):
+            build_index(shards, "ivfpq", out=tmp_path / "b.faiss", seed=seed)
     with pytest.raises(ValueError, match="choose_kind|at least one"):
         choose_kind(0, 512)
     assert not (tmp_path / "b.faiss").exists()

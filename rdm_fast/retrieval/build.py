@@ -644,6 +644,8 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
             raise ValueError(f"{name} must be at least 1, got {value}")
     if workers < 0:
         raise ValueError(f"workers must be at least 0, got {workers}")
+    if not 0 <= seed < 2**63:  # a negative one failed every image's crop, reported as unreadable images
+        raise ValueError(f"seed (--seed) must be in [0, 2**63), got {seed}")
     if crops_per_image > 1 and crop != "random":
         raise ValueError(f"crops_per_image {crops_per_image} needs crop='random' (other crops are all equal)")
     if fit_square is not None and (crop != "random" or not crop_size <= fit_square <= MAX_SQUARE):
