@@ -142,8 +142,13 @@ def check_args(args: argparse.Namespace) -> None:
             raise CLIError(f"--top-m must be a fraction in (0, 1], got {args.top_m}")
     if args.text and not all(t.strip() for t in args.text):
         raise CLIError("--text captions must not be empty")
-    if (args.text or args.image or args.k is not None or args.no_query) and not args.db:
-        raise CLIError("--text, --image, --k and --no-query are about retrieval from a database: add --db")
+    if (args.text or args.image or args.k is not None or args.no_query or args.search_backend != "auto") and \
+            not args.db:
+        raise CLIError("--text, --image, --k, --no-query and --search-backend are about retrieval from a database: "
+                       "add --db")
+    if args.encoder_checkpoint and not (args.text or args.image):  # only queries are embedded here
+        raise CLIError("--encoder-checkpoint is the weights of the encoder that embeds --text/--image queries: "
+                       "without those it is not used")
     if args.k is not None and args.k < int(args.no_query):
         raise CLIError(f"--k must be at least {int(args.no_query)}{' with --no-query' if args.no_query else ''}, "
                        f"got {args.k}")
