@@ -437,6 +437,11 @@ def test_import_npz_errors(parts, tmp_path):
         import_npz([tmp_path / "z-part_5.npz"], tmp_path / "d", INFO, progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         import_npz([tmp_path / "missing.npz"], tmp_path / "e", INFO, progress=False)
+    np.savez(tmp_path / "w-part_6.npz", embedding=np.zeros((0, 16), np.float32), img_id=np.arange(0),
+             patch_coords=np.zeros((0, 4)))
+    with pytest.raises(ValueError, match=r"the part holds no embeddings \(0 rows\): nothing to import"):
+        import_npz([tmp_path / "w-part_6.npz"], tmp_path / "e", INFO, progress=False)  # an empty database before
+    assert not (tmp_path / "e").exists()
     # encoder_info is checked before anything is written: a missing key failed after every part was converted,
     # leaving shards that made the corrected rerun a "different build"; normalized="no" was stored as True
     for info, error, message in (({"name": "t", "dim": 16}, ValueError, "lacks 'normalized'"),

@@ -208,6 +208,9 @@ def import_npz(parts: Sequence[str | Path], out: str | Path, encoder_info: dict,
     if dims != {int(encoder_info["dim"])}:
         raise ValueError(f"the parts hold {dims.pop()}-d embeddings but encoder {encoder_info['name']!r} makes "
                          f"{encoder_info['dim']}-d ones")
+    if not sum(p.n for p in loaded):  # an empty database fails at every later use
+        raise ValueError(f"the part{'s' * (len(loaded) > 1)} hold{'s' * (len(loaded) == 1)} no embeddings (0 rows): "
+                         "nothing to import")
     plan = [(i, s, min(s + shard_size, p.n)) for i, p in enumerate(loaded) for s in range(0, p.n, shard_size)]
     config = {"kind": "npz", "encoder": dict(encoder_info), "encoder_spec": encoder_spec or encoder_info["name"],
               "parts": [{"file": str(p.path), "bytes": p.path.stat().st_size, "rows": p.n} for p in loaded],
