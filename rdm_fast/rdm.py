@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import numbers
 import warnings
 from pathlib import Path
@@ -48,6 +49,10 @@ def _check_tensor(value: Any, name: str, shape: str, device: torch.device) -> No
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}")
     if value.is_meta and device.type != "meta":
         raise ValueError(f"{name} is on the meta device (shapes without values); the model runs on {device}")
+
+
+NORM_LIMIT = math.sqrt(torch.finfo(torch.float32).max)  # a longer embedding's float32 norm overflows: normalised,
+# it became all zeros, the unconditional context
 
 
 def _check_finite_on_cpu(value: Tensor, name: str) -> None:
@@ -299,6 +304,10 @@ class RDM(nn.Module):
         if not context.is_floating_point():
             raise ValueError(f"context must hold floats, got {context.dtype}")
         _check_finite_on_cpu(context, "context")
+        if context.device.type == "cpu" and context.numel() and \
+                float(context.double().square().sum(-1).max()) > NORM_LIMIT ** 2:
+            raise ValueError(f"context embeddings have norms beyond {NORM_LIMIT:.3g}, more than the model computes "
+                             "with in float32")
 
     @torch.no_grad()
     @on_own_device

@@ -50,7 +50,7 @@ from .retrieval.context import (check_database_for_model, default_neighbors, dra
 from .retrieval.build import load_query_image, query_image_size
 from .retrieval.database import BACKENDS, Database
 from .retrieval.neighbors import database_digest
-from .rdm import checkpoint_config
+from .rdm import NORM_LIMIT, checkpoint_config
 
 log = logging.getLogger("rdm_fast.sample")
 DEFAULT_TOP_M = 0.01  # the fraction of the proposal ranking that pseudo-queries are drawn from
@@ -234,6 +234,10 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         raise CLIError(f"context file {file} holds values beyond float32's range (about 3.4e38)")
+    norms = np.sqrt(np.square(arr, dtype=np.float64).sum(-1))
+    if norms.max() > NORM_LIMIT:
+        raise CLIError(f"context file {file} holds embeddings of norm up to {norms.max():.3g}, beyond what the "
+                       f"model computes with in float32 ({NORM_LIMIT:.3g})")
     return torch.from_numpy(arr)
 
 

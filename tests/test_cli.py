@@ -397,6 +397,9 @@ def bad_npy(tmp_path, array) -> str:
     (lambda d: bad_npy(d, np.zeros((3, 64), np.int64)), "must hold a float array"),
     (lambda d: bad_npy(d, np.full((3, 64), np.nan, np.float32)), "NaN or infinite"),
     (lambda d: bad_npy(d, np.full((3, 64), 1e300)), "holds values beyond float32's range"),  # finite in float64
+    # finite in float32, but the norm is not: normalised (tiny's embeddings are), the contexts were all zeros
+    (lambda d: bad_npy(d, np.full((3, 64), 1e20, np.float32)), r"holds embeddings of norm up to 8e\+20, beyond what "
+     r"the model computes with in float32 \(1.84e\+19\)"),
     (lambda d: (d / "text.npy").write_text("hello") and str(d / "text.npy"),
      r"not a readable .npy array \(not a NumPy .npy or .npz file\)$"),
     (lambda d: (np.save(d / "obj.npy", np.array([{}, 1], dtype=object)), str(d / "obj.npy"))[1],

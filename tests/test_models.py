@@ -1015,6 +1015,7 @@ def test_first_stage_is_frozen():
 
 @pytest.mark.parametrize("kwargs,error,message", [
     ({"context": torch.tensor([[[float("nan")] * 64]])}, ValueError, "context holds NaN or infinite values"),
+    ({"context": torch.full((1, 4, 64), 1e20)}, ValueError, r"context embeddings have norms beyond 1.84e\+19"),
     ({"x_T": torch.full((2, 4, 16, 16), float("inf"))}, ValueError, "x_T holds NaN or infinite values"),
     ({"context": np.zeros((2, 4, 64), np.float32)}, TypeError,
      r"context must be a torch.Tensor of shape \(B, k, 64\), got ndarray"),
