@@ -351,7 +351,13 @@ class MomentCache:
         file = self.dir / "manifest.json"
         if not file.is_file():
             return None
-        have = json.loads(file.read_text())
+        try:
+            have = json.loads(file.read_text())
+            if not isinstance(have, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is damaged ({str(e).splitlines()[0]}): delete {self.dir} to encode the images "
+                             "again") from None
         changed = [k for k in self.identity if have.get(k) != self.identity[k]]
         if changed:
             raise ValueError(f"{self.dir} holds first-stage outputs of another {', '.join(changed)}: delete it or "
@@ -423,8 +429,24 @@ class TrainingMoments(Dataset):
         if manifest is None:
             raise FileNotFoundError(f"{cache.dir} holds no finished cache (manifest.json)")
         self.dir, self.count, self.shards = cache.dir, manifest["count"], manifest["shards"]
+        for shard in self.shards:  # now, not at the first step or in a data-loading worker
+            rows = shard["stop"] - shard["start"]
+            self._check_shard(shard["moments"], np.float16, (rows, *manifest["shape"]))
+            self._check_shard(shard["readable"], np.bool_, (rows,))
         self._starts = np.array([s["start"] for s in self.shards])
         self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    def _check_shard(self, name: str, dtype: type, shape: tuple[int, ...]) -> None:
+        """ValueError naming a shard file that is missing, truncated or not the array the manifest records."""
+        file = self.dir / name
+        try:
+            arr = np.load(file, mmap_mode="r", allow_pickle=False)
+            problem = None if arr.dtype == dtype and arr.shape == shape else \
+                f"holds {arr.dtype} {arr.shape}, not the {np.dtype(dtype)} {shape} that manifest.json records"
+        except (OSError, ValueError, EOFError) as e:
+            problem = "is missing" if not file.exists() else f"cannot be read ({str(e).splitlines()[0]})"
+        if problem:
+            raise ValueError(f"{file} {problem}: delete {self.dir} to encode the images again")
 
     def __len__(self) -> int:
         return self.count

@@ -1078,6 +1078,35 @@ def test_cached_moments_are_the_encoder_outputs(setup, tmp_path, monkeypatch):
         train.main(_fresh(setup, tmp_path / "other", "--latents", str(cache), "--seed", "1", steps=1))
 
 
+def test_damaged_cache_files_are_named_when_the_cache_is_opened(setup, tmp_path, monkeypatch):
+    """A damaged --latents cache failed with errors naming no file ("mmap length is greater than file size"), some
+    only at the first training step; each damage is now named when the cache is opened, with the fix."""
+    cache = tmp_path / "latents"
+    assert train.main(_fresh(setup, tmp_path / "run", "--latents", str(cache), steps=1)) == 0
+    moments = next(cache.glob("moments_*.npy"))
+    full = np.load(moments)
+
+    def damaged(name, damage):
+        copy = tmp_path / name
+        shutil.copytree(cache, copy)
+        damage(copy)
+        return copy
+
+    cases = [("json", lambda d: (d / "manifest.json").write_text("{"), r"manifest.json is damaged \(Expecting"),
+             ("cut", lambda d: (d / moments.name).write_bytes(moments.read_bytes()[:400]),
+              rf"{moments.name} cannot be read \(.*\): delete .*cut to encode the images again"),
+             ("shape", lambda d: np.save(d / moments.name, full[:, :2]),
+              rf"{moments.name} holds float16 \({full.shape[0]}, 2, .*not the float16 \({full.shape[0]}, "
+              rf"{full.shape[1]}, .* that manifest.json records"),
+             ("gone", lambda d: (d / moments.name).unlink(), rf"{moments.name} is missing: delete")]
+    for name, damage, message in cases:
+        with pytest.raises(ValueError, match=message):
+            TrainingMoments(MomentCache(damaged(name, damage), {}))
+    with pytest.raises(ValueError, match=r"is missing: delete"):  # the run stops before its first step
+        train.main(_fresh(setup, tmp_path / "run2", "--latents", str(tmp_path / "gone"), steps=1))
+    assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
 def test_interrupted_cache_fill_leaves_no_shard(setup, tmp_path, monkeypatch, caplog):
     """An error while encoding leaves neither a shard under its final name nor a temporary file; files of a fill
     that was killed outright are reported (not deleted: another run may be filling the cache)."""
