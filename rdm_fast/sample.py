@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "imagenet/ffhq, 10 for rdm768; 0: the query alone, e.g. caption-only text-to-image)")
     p.add_argument("--no-query", action="store_true",
                    help="with --db: condition on the neighbours alone, without the query's own embedding (the "
-                        "default K then fills the query's slot too, 4 for imagenet/ffhq; with a text token, as rdm768, K "
-                        "stays 10 and the context is one embedding shorter)")
+                        "default K then fills the query's slot too, 4 for imagenet/ffhq; with a text token, as "
+                        "rdm768, K stays 10 and the context is one embedding shorter)")
     p.add_argument("--top-m", type=float,
                    help="with --db and no --text/--image: draw pseudo-queries from this top fraction of the "
                         f"database's proposal ranking (default: {DEFAULT_TOP_M})")
@@ -130,6 +130,9 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.n_samples is not None and args.n_samples > MAX_SAMPLES:  # its lists alone would take gigabytes
+        raise CLIError(f"--n-samples {args.n_samples}: at most {MAX_SAMPLES:,} per run (more images are several "
+                       "runs, each with its own --seed and --out)")
     if args.eta is not None and not args.eta >= 0:
         raise CLIError(f"--eta must be >= 0, got {args.eta}")
     if not 0 <= args.seed < 2**63:
@@ -245,6 +248,7 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
 RESUME_KEYS = ("ckpt_file", "config", "n_samples", "steps", "timesteps", "sampler", "eta", "guidance_scale", "seed",
                "dtype", "no_ema", "random_init", "context_source", "context_digest", "text", "image", "top_m", "k",
                "include_query", "search", "query_encoder")
+MAX_SAMPLES = 10**7  # images per run (the list of their indices alone takes about 0.4 GB)
 PNG_LEVELS = "truncated"  # how images are quantised (images.to_uint8), checked first on resume; older versions rounded
 
 
@@ -281,6 +285,16 @@ def resumed_run_id(path: Path, run_info: dict) -> str:
         raise CLIError(f"--resume: {path} names no run_id (written by an older rdm_fast): its images cannot be "
                        "told from other runs'; start a new run")
     return previous["run_id"]
+
+
+def sample_images(out: Path) -> dict[int, Path]:
+    """The images in ``out`` named as sample i's (``sample_{i:05d}.png``), by index."""
+    found = {}
+    for file in out.glob("sample_*.png"):
+        digits = file.stem[len("sample_"):]
+        if digits.isdigit() and file.name == f"sample_{int(digits):05d}.png":
+            found[int(digits)] = file
+    return found
 
 
 def drawn_by(path: Path, run_id: str) -> bool:
@@ -454,16 +468,18 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
         removed = remove_stale_temps(out, ["sample_*.png", "grid.png", "run.json"])
         if removed:
             log.info("removed %d temporary file%s left by an interrupted run", removed, "s"[:removed != 1])
-    run_id, missing = procs.from_rank0((run_id, [i for i in range(n) if not (
-        args.resume and drawn_by(out / f"sample_{i:05d}.png", run_id))] if procs.main else None))
+    present = sample_images(out) if procs.main else {}  # index -> file, listed once (not a lookup per index)
+    kept = {i for i, file in present.items() if i < n and drawn_by(file, run_id)} if args.resume else set()
+    run_id, missing = procs.from_rank0((run_id, [i for i in range(n) if i not in kept] if procs.main else None))
     run_info["run_id"] = run_id
     batches = [(b, min(b + args.batch_size, len(missing))) for b in range(0, len(missing), args.batch_size)]
     if procs.main:
-        earlier = [p for p in out.glob("sample_*.png") if not p.stem[7:].isdigit() or int(p.stem[7:]) >= n]
+        named = set(present.values())
+        earlier = sum(p not in named for p in out.glob("sample_*.png")) + sum(i >= n for i in present)
         if earlier:
             log.warning("%s already holds sample images beyond this run's %d (%d, from an earlier run): they are "
-                        "left as they are", out, n, len(earlier))
-        replaced = 0 if args.resume else sum((out / f"sample_{i:05d}.png").exists() for i in range(n))
+                        "left as they are", out, n, earlier)
+        replaced = 0 if args.resume else sum(i < n for i in present)
         if replaced:
             log.warning("%s holds %d of this run's image names from an earlier run: they are replaced (--resume "
                         "would keep that run's images and draw only the missing ones)", out, replaced)

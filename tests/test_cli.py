@@ -433,6 +433,8 @@ def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message, n_sample
     (["--ckpt", "{d}/model", "--db", "{d}/db", "--text", " "], "--text captions must not be empty"),
     (["--ckpt", "{d}/model", "--steps", "999"], "steps must be between 1 and 500"),
     (["--ckpt", "{d}/model", "--n-samples", "0"], "--n-samples must be at least 1"),
+    (["--ckpt", "{d}/model", "--n-samples", "1000000000"],  # 14 GB of lists before the first image, without a word
+     r"--n-samples 1000000000: at most 10,000,000 per run \(more images are several runs"),
     (["--ckpt", "{d}/model", "--seed", "-1"], r"--seed must be in \[0, 2\*\*63\)"),
     (["--ckpt", "{d}/model", "--sampler", "plms", "--eta", "0.5"], "--eta must be 0 for plms, which is deterministic"),
     (["--ckpt", "{d}/model", "--eta", "3"], (r"eta = 3 is too large for 20 steps .*: the DDIM update needs "
