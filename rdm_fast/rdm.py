@@ -440,13 +440,18 @@ def checkpoint_config(path: str | Path, config: str | Path | dict | RDMConfig | 
     return _config_beside(path)
 
 
+def config_file_beside(path: Path) -> Path | None:
+    """The config.yaml (or NAME.yaml) beside an official checkpoint file, if any."""
+    return next((c for c in (path.with_suffix(".yaml"), path.parent / "config.yaml") if c.is_file()), None)
+
+
 def _config_beside(path: Path) -> RDMConfig | None:
-    """An official checkpoint's config.yaml (or NAME.yaml) beside it, if any."""
-    for candidate in (path.with_suffix(".yaml"), path.parent / "config.yaml"):
-        if candidate.is_file():
-            log.info("%s: using the config %s", path, candidate)
-            return RDMConfig.from_yaml(candidate)
-    return None
+    """An official checkpoint's config from the file beside it, if any."""
+    candidate = config_file_beside(path)
+    if candidate is None:
+        return None
+    log.info("%s: using the config %s", path, candidate)
+    return RDMConfig.from_yaml(candidate)
 
 
 def _config_for_official(state: dict[str, Any], path: Path) -> RDMConfig:

@@ -50,7 +50,7 @@ from .retrieval.context import (check_database_for_model, default_neighbors, dra
 from .retrieval.build import load_query_image, query_image_size
 from .retrieval.database import BACKENDS, Database
 from .retrieval.neighbors import database_digest
-from .rdm import NORM_LIMIT, checkpoint_config
+from .rdm import NORM_LIMIT, checkpoint_config, config_file_beside
 
 log = logging.getLogger("rdm_fast.sample")
 DEFAULT_TOP_M = 0.01  # the fraction of the proposal ranking that pseudo-queries are drawn from
@@ -162,12 +162,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--resume: {Path(args.out) / 'run.json'} does not exist (no run to continue in {args.out})")
 
 
-def known_config(args: argparse.Namespace, ckpt_file: Path | None) -> RDMConfig | None:
-    """The model's config where it is known without loading weights (see rdm_fast.rdm.checkpoint_config)."""
-    if args.random_init:
-        return RDMConfig.resolve(args.config)
+def known_config(args: argparse.Namespace, ckpt_file: Path | None) -> tuple[RDMConfig | None, str]:
+    """The model's config where it is known without loading weights (see rdm_fast.rdm.checkpoint_config), and
+    where it comes from, for messages."""
+    if args.random_init or args.config:
+        return (RDMConfig.resolve(args.config) if args.random_init else checkpoint_config(ckpt_file, args.config),
+                f"--config {args.config}")
     assert ckpt_file is not None  # --ckpt, resolved
-    return checkpoint_config(ckpt_file, args.config)
+    beside = config_file_beside(ckpt_file) if ckpt_file.suffix != ".safetensors" else None
+    source = f"{beside}, beside the checkpoint" if beside else f"the checkpoint {ckpt_file}"
+    return checkpoint_config(ckpt_file), source
 
 
 def sampling_settings(args: argparse.Namespace, cfg: RDMConfig) -> SamplingDefaults:
@@ -208,8 +212,9 @@ def seeded_generator(seed: int, purpose: int, sample: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(seed, purpose, sample))
 
 
-def read_context_file(path: str, dim: int) -> torch.Tensor:
-    """(B, k, D) float32 contexts from a .npy file, with errors that say what is wrong."""
+def read_context_file(path: str, dim: int, config_source: str) -> torch.Tensor:
+    """(B, k, D) float32 contexts from a .npy file, with errors that say what is wrong (``config_source``: where
+    the model's config, and so D, comes from)."""
     file = Path(path)
     if not file.is_file():
         raise CLIError(f"context file {file} " + ("is a directory" if file.is_dir() else "does not exist"))
@@ -230,7 +235,8 @@ def read_context_file(path: str, dim: int) -> torch.Tensor:
         raise CLIError(f"context file {file} holds no contexts (shape {arr.shape}): it needs at least one")
     if arr.shape[2] != dim:
         raise CLIError(f"context file {file} holds {arr.shape[2]}-d embeddings but the model expects {dim}-d "
-                       "(its context_dim): use embeddings from the model's retrieval encoder")
+                       f"(context_dim in {config_source}): use embeddings from the model's retrieval encoder, or "
+                       "the model's own config")
     if not np.isfinite(arr).all():
         raise CLIError(f"context file {file} contains NaN or infinite values")
     with np.errstate(over="ignore"):
@@ -414,19 +420,21 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
     if args.db:
         locate_database(args.db)  # a missing database fails now; it is opened after the model
     ckpt_file = None if args.random_init else resolve_file(args.ckpt)  # a training run's newest checkpoint
-    cfg = known_config(args, ckpt_file)
+    cfg, config_source = known_config(args, ckpt_file)
     if cfg is not None:
         sampling_settings(args, cfg)
     device, dtype = process_device(args.device), pick_dtype(args.bf16, args.fp16)
     # a bad context file fails before the (possibly minutes-long) model load where the config is already known
-    contexts = read_context_file(args.context_file, cfg.context_dim) if args.context_file and cfg else None
+    contexts = read_context_file(args.context_file, cfg.context_dim, config_source) if args.context_file and cfg \
+        else None
     model = load_model(args, ckpt_file, cfg, device, dtype)
     cfg = model.config
     settings = sampling_settings(args, cfg)
     generator = torch.Generator().manual_seed(args.seed)  # the --db pseudo-queries
     if args.context_file:
-        if contexts is None:
-            contexts = read_context_file(args.context_file, cfg.context_dim)
+        if contexts is None:  # the config came from the tensors
+            contexts = read_context_file(args.context_file, cfg.context_dim,
+                                         "the preset the checkpoint's tensors match")
         n = args.n_samples or contexts.shape[0]
         if n > contexts.shape[0]:
             log.info("%d samples from %d contexts: the contexts are cycled (sample i gets context i mod %d)", n,

@@ -392,7 +392,7 @@ def bad_npy(tmp_path, array) -> str:
 @pytest.mark.parametrize("make,message", [
     (lambda d: str(d / "missing.npy"), "context file .*missing.npy does not exist"),
     (lambda d: bad_npy(d, np.zeros((2, 3, 32), np.float32)),
-     "holds 32-d embeddings but the model expects 64-d"),
+     r"holds 32-d embeddings but the model expects 64-d \(context_dim in the checkpoint .*model.safetensors\)"),
     (lambda d: bad_npy(d, np.zeros((2, 3, 4, 64), np.float32)), r"holds shape \(2, 3, 4, 64\); expected"),
     (lambda d: bad_npy(d, np.zeros((3, 64), np.int64)), "must hold a float array"),
     (lambda d: bad_npy(d, np.full((3, 64), np.nan, np.float32)), "NaN or infinite"),
@@ -1007,6 +1007,21 @@ def test_folder_kinds_are_told_by_content(tmp_path):
     (tmp_path / "sample").mkdir()
     (tmp_path / "sample" / "run.json").write_text('{"n_samples": 4, "complete": false}')
     assert folder_kind(tmp_path / "sample") == "a sample run"
+
+
+def test_context_dim_errors_name_where_the_config_came_from(tiny_dir, tmp_path, capsys):
+    """A wrong config.yaml beside an official checkpoint was reported as a bad context file, naming no config."""
+    assert cli(convert, str(tiny_dir / "model"), "--out", str(tmp_path / "off"), "--to", "official") == 0
+    config = yaml.safe_load((tmp_path / "off" / "config.yaml").read_text())
+    config["model"]["params"]["unet_config"]["params"]["context_dim"] = 256
+    (tmp_path / "off" / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    argv = ["--ckpt", str(tmp_path / "off" / "model.ckpt"), "--context-file", str(tiny_dir / "ctx.npy")]
+    assert cli(sample, *argv, "--out", str(tmp_path / "o")) == 2
+    assert re.search(r"expects 256-d \(context_dim in .*off/config.yaml, beside the checkpoint\): use embeddings "
+                     "from the model's retrieval encoder, or the model's own config", capsys.readouterr().err)
+    assert cli(sample, *argv, "--config", "imagenet", "--out", str(tmp_path / "o")) == 2
+    assert "expects 512-d (context_dim in --config imagenet)" in capsys.readouterr().err
 
 
 def test_models_are_not_overwritten_or_mixed_with_runs(tiny_dir, tmp_path, capsys):
