@@ -165,9 +165,8 @@ def check_args(args: argparse.Namespace) -> None:
 def known_config(args: argparse.Namespace, ckpt_file: Path | None) -> tuple[RDMConfig | None, str]:
     """The model's config where it is known without loading weights (see rdm_fast.rdm.checkpoint_config), and
     where it comes from, for messages."""
-    if args.random_init or args.config:
-        return (RDMConfig.resolve(args.config) if args.random_init else checkpoint_config(ckpt_file, args.config),
-                f"--config {args.config}")
+    if args.config:  # --random-init needs it
+        return RDMConfig.resolve(args.config), f"--config {args.config}"
     assert ckpt_file is not None  # --ckpt, resolved
     beside = config_file_beside(ckpt_file) if ckpt_file.suffix != ".safetensors" else None
     source = f"{beside}, beside the checkpoint" if beside else f"the checkpoint {ckpt_file}"
