@@ -61,6 +61,10 @@ def _reason(e: BaseException) -> str:
     return why
 
 
+NOT_CHECKPOINTS = {".yaml": "a config", ".yml": "a config", ".json": "a JSON file", ".npy": "a NumPy array",
+                   ".png": "an image", ".jpg": "an image", ".jpeg": "an image", ".txt": "a text file"}
+
+
 def unreadable(file: Path, e: Exception) -> CheckpointError:
     """The error for a checkpoint file that is missing, truncated or corrupt (``e``: what reading it raised)."""
     why = _reason(e)
@@ -173,7 +177,9 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # zip (torch.save) or pickle (legacy torch.save)
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (neither a torch.save zip nor a "
+        what = NOT_CHECKPOINTS.get(path.suffix.lower())
+        raise CheckpointError(f"{path} is {what}, not a checkpoint" if what else
+                              f"{path} is not a readable PyTorch checkpoint (neither a torch.save zip nor a "
                               "pickle); is it truncated or corrupt?")
     if allow_pickle:
         warnings.warn(f"unpickling {path} with weights_only=False: this runs any code the file contains",

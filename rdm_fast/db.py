@@ -321,6 +321,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     """``db search``: the nearest entries of a caption or an image, optionally as a contact sheet."""
     if args.contact_sheet:
         _output_file(args.contact_sheet, "--contact-sheet")
+        _sheet_format(args.contact_sheet)
     device = process_device(args.device)
     db = _open_for_search(args, device)
     spec = args.encoder or db.encoder_spec
@@ -349,6 +350,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sheet_format(path: str) -> str:
+    """The image format a contact sheet's file name asks for (PNG without a suffix); CLIError for an unknown one
+    (a .jpg sheet held PNG bytes)."""
+    suffix = Path(path).suffix.lower()
+    found = Image.registered_extensions().get(suffix) if suffix else "PNG"
+    if found is None or found not in Image.SAVE:
+        raise CLIError(f"--contact-sheet {path}: {suffix} is not an image type Pillow writes (e.g. .png, .jpg)")
+    return found
+
+
 def _write_contact_sheet(args, db: Database, query: Path | None, scores, ids, sources) -> None:
     root = args.image_root or db.manifest.get("image_root")
     paths = [_source_path(s, root) if db.manifest["has_sources"] else None for s in sources]
@@ -368,7 +379,7 @@ def _write_contact_sheet(args, db: Database, query: Path | None, scores, ids, so
         tiles.append((tile or _grey_tile(size), f"#{r} id {i}  {score:.3f}"))
     sheet = contact_sheet(tiles)
     out = _output_file(args.contact_sheet, "--contact-sheet")
-    atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"))
+    atomic_write(out, lambda tmp: sheet.save(tmp, format=_sheet_format(args.contact_sheet)))
     log.info("wrote contact sheet %s", out)
 
 

@@ -138,7 +138,8 @@ class RDM(nn.Module):
         if config is None and own:
             tree = ckpt.read_own_config(metadata, path)
             if tree is None:
-                raise ckpt.CheckpointError(f"{path} carries no config: pass config=")
+                raise ckpt.CheckpointError(f"{path} carries no config: pass config= (--config on the command "
+                                           "line)")
             config = RDMConfig.from_dict(tree)
         elif config is None:
             config = _config_for_official(state, path)
@@ -468,8 +469,8 @@ def _config_for_official(state: dict[str, Any], path: Path) -> RDMConfig:
             log.info("%s: tensors match the %r preset", path, name)
             return cfg
     raise ckpt.CheckpointError(f"cannot tell which model {path} holds (no config.yaml beside it and no preset "
-                               f"matches its tensors): pass config= a preset ({', '.join(preset_names())}) or "
-                               "the model's config.yaml")
+                               f"matches its tensors): pass config= (--config on the command line) a preset "
+                               f"({', '.join(preset_names())}) or the model's config.yaml")
 
 
 __all__ = ["RDM", "ConfigError", "checkpoint_config"]

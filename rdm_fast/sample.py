@@ -223,7 +223,8 @@ def read_context_file(path: str, dim: int, config_source: str) -> torch.Tensor:
         raise CLIError(f"context file {file} is not a readable .npy array ({array_file_problem(file, e)})") from None
     if isinstance(arr, np.lib.npyio.NpzFile):
         arr.close()
-        raise CLIError(f"context file {file} is a .npz archive: save the contexts as one .npy array (np.save)")
+        raise CLIError(f"context file {file} is a zip archive (.npz, or torch.save's format): save the contexts as "
+                       "one .npy array (np.save)")
     if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
         raise CLIError(f"context file {file} must hold a float array, not {getattr(arr, 'dtype', type(arr))}")
     if arr.ndim == 2:

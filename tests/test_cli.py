@@ -405,7 +405,9 @@ def bad_npy(tmp_path, array) -> str:
     (lambda d: (np.save(d / "obj.npy", np.array([{}, 1], dtype=object)), str(d / "obj.npy"))[1],
      r"not a readable .npy array \(it holds Python objects \(pickled\), not numbers\)$"),
     (lambda d: (np.savez(d / "c.npz", a=np.zeros((2, 4, 64))), str(d / "c.npz"))[1],
-     "is a .npz archive: save the contexts as one .npy array"),
+     r"is a zip archive \(.npz, or torch.save's format\): save the contexts as one .npy array"),
+    (lambda d: (torch.save(torch.zeros(2, 4, 64), d / "c.pt"), str(d / "c.pt"))[1],  # it said "a .npz archive"
+     r"c.pt is a zip archive \(.npz, or torch.save's format\)"),
     (lambda d: (np.savez(d / "cut.npz", a=np.zeros((2, 4, 64))), (d / "cut.npz").write_bytes(
         (d / "cut.npz").read_bytes()[:500]), str(d / "cut.npz"))[2], r"cut.npz is not a readable .npy array \(File is "
      r"not a zip file\)$"),
@@ -424,6 +426,7 @@ def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message, n_sample
 
 @pytest.mark.parametrize("args,message", [
     (["--ckpt", "{d}/nope.ckpt"], "nope.ckpt does not exist"),
+    (["--ckpt", "{t}/ctx512.npy"], r"ctx512.npy is a NumPy array, not a checkpoint$"),  # "truncated or corrupt?"
     (["--ckpt", "{d}/model", "--db", "{d}/nope"], "database directory .*nope does not exist"),
     (["--ckpt", "{d}/model", "--db", "{d}"], "manifest.json"),
     (["--ckpt", "{d}/model", "--text", "a cat"], "--text, --image, --k, --no-query and --search-backend are about"),

@@ -366,6 +366,9 @@ def test_neighbors_warn_of_copies_left_by_exclude_self(tmp_path, caplog):
     distinct = Database.open(write_database(tmp_path / "distinct", stored[:30], INFO), backend="torch", device="cpu")
     compute_neighbors(distinct, k=2, exclude_self=True, progress=False)
     assert caplog.text == ""
+    one = Database.open(write_database(tmp_path / "one", stored[:1], INFO), backend="torch", device="cpu")
+    with pytest.raises(ValueError, match="holds one entry: with exclude_self .* no entry is left"):  # "between 1 and 0"
+        compute_neighbors(one, k=1, exclude_self=True, progress=False)
 
 
 def test_neighbors_resume_after_a_kill(tmp_path, monkeypatch, caplog):

@@ -144,6 +144,14 @@ def test_search_text_and_image_with_contact_sheet(built, tmp_path, capsys):
     # sources unreachable: warned, and the sheet still shows the query and the ranks, ids and scores (grey tiles)
     sheet = np.asarray(Image.open(moved))
     assert sheet.shape[1] == 3 * (128 + 4) + 4 and (sheet == 200).all(-1).sum() >= 2 * 128 * 128
+    jpeg = tmp_path / "sheet.jpg"  # the file name's format (a .jpg held PNG bytes)
+    assert cli("search", str(built / "db"), "--text", "x", "--k", "2", "--device", "cpu", "--contact-sheet",
+               str(jpeg)) == 0
+    assert Image.open(jpeg).format == "JPEG"
+    capsys.readouterr()
+    assert cli("search", str(built / "db"), "--text", "x", "--k", "2", "--device", "cpu", "--contact-sheet",
+               str(tmp_path / "sheet.docx")) == 2
+    assert ".docx is not an image type Pillow writes" in capsys.readouterr().err
 
 
 def test_contact_sheet_of_a_database_without_sources(built, tmp_path, caplog):

@@ -933,8 +933,8 @@ def test_moved_images_are_named_before_the_run_starts(setup, tmp_path, caplog):
     """Images no longer where the training database recorded them stop the run with one line before any data
     worker starts (it printed a warning per entry first); where some exist, the run goes on."""
     caplog.set_level("WARNING", logger="rdm_fast")
-    with pytest.raises(train.CLIError, match=r"none of 12 training images looked for exists, e.g. .*i0.png: if the "
-                                             r"images have moved, pass --image-root"):
+    with pytest.raises(train.CLIError, match=r"none of 12 training images looked for exists, e.g. .*i0.png: is "
+                                             r"--image-root the folder the database was built from\?"):
         train.main(_fresh(setup, tmp_path / "moved", "--image-root", str(tmp_path / "nowhere"), steps=1))
     assert "cannot be used" not in caplog.text
     partial = tmp_path / "partial"

@@ -101,6 +101,9 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {k!r}")
     k = int(k)
+    if exclude_self and len(db) == 1:
+        raise ValueError(f"{db.path} holds one entry: with exclude_self (--exclude-self) no entry is left to be its "
+                         "neighbour")
     if not 1 <= k <= len(db) - (1 if exclude_self else 0):
         raise ValueError(f"k must be between 1 and {len(db) - (1 if exclude_self else 0)} for {db.path} "
                          f"({len(db)} entries{', one excluded as the query' if exclude_self else ''}), got {k}")
