@@ -374,7 +374,14 @@ class MomentCache:
         return self.dir / f"moments_{run}_{rank}.npy", self.dir / f"readable_{run}_{rank}.npy"
 
     def check_writable(self) -> None:
-        """Create the directory and write a probe file there: a bad path fails before the encoding, not after."""
+        """Create the directory and write a probe file there: a bad path fails before the encoding, not after.
+        ValueError for a folder holding other files than a cache's (e.g. the training images themselves)."""
+        foreign = sorted(p.name for p in self.dir.iterdir() if not (
+            p.name == "manifest.json" or p.name.startswith(("moments_", "readable_", "."))
+        )) if self.dir.is_dir() else []
+        if foreign:
+            raise ValueError(f"--latents {self.dir} holds {len(foreign)} other file{'s' * (len(foreign) > 1)} (e.g. "
+                             f"{foreign[0]}): give the cache a folder of its own")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=TEMP_SUFFIX, dir=self.dir)

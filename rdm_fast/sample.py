@@ -47,7 +47,7 @@ from .encoders import EncoderUnavailable, embed_images, embed_texts, query_encod
 from .images import PngWriter, grid, save_png, to_uint8
 from .retrieval.context import (check_database_for_model, default_neighbors, draw_pseudo_queries, locate_database,
                                 model_context)
-from .retrieval.build import load_query_image, query_image_size
+from .retrieval.build import IMAGE_SUFFIXES, load_query_image, query_image_size
 from .retrieval.database import BACKENDS, Database
 from .retrieval.neighbors import database_digest
 from .rdm import NORM_LIMIT, checkpoint_config, config_file_beside
@@ -158,6 +158,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.random_init and not args.config:
         raise CLIError("--random-init needs --config (a preset name or config.yaml)")
     check_out_dir(args.out, "a sample run")
+    foreign = sorted(p.name for p in Path(args.out).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not (
+        p.name == "grid.png" or p.name.startswith("sample_"))) if Path(args.out).is_dir() else []
+    if foreign:  # an image folder: the samples would be mixed into it (and into what is later built from it)
+        raise CLIError(f"--out {args.out} holds {len(foreign)} image{'s' * (len(foreign) > 1)} that sample did not "
+                       f"write (e.g. {foreign[0]}): write the samples into a folder of their own")
     if args.resume and not (Path(args.out) / "run.json").is_file():  # before the model load
         raise CLIError(f"--resume: {Path(args.out) / 'run.json'} does not exist (no run to continue in {args.out})")
 

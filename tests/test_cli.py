@@ -476,6 +476,8 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "sample_00000.png").write_bytes(b"")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.JPG").write_bytes(b"")
     cases = [(sample, [*base, "--out", str(tmp_path / "afile")], {}, "--out .*afile is a file, not a folder"),
              (sample, [*base, "--out", str(tmp_path / "db")], {},
               "--out .*db holds a database: write a sample run into a folder of its own"),
@@ -485,6 +487,8 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
              (sample, [*base, "--out", str(tmp_path / "afile" / "sub")], {},
               "--out .*sub: .*afile is a file, not a folder"),
              (sample, [*base, "--out", ""], {}, "--out is empty"),
+             (sample, [*base, "--out", str(tmp_path / "photos")], {},  # a later db build of the folder takes both
+              "--out .*photos holds 1 image that sample did not write \\(e.g. cat.JPG\\): write the samples into"),
              (convert, [str(tiny_dir / "model"), "--out", str(tmp_path / "afile")], {},
               "--out .*afile is a file, not a folder"),
              (sample, [*base, "--out", str(tmp_path / "o")], {"RDM_FAST_OPS": "bogus"},

@@ -1102,6 +1102,10 @@ def test_damaged_cache_files_are_named_when_the_cache_is_opened(setup, tmp_path,
     for name, damage, message in cases:
         with pytest.raises(ValueError, match=message):
             TrainingMoments(MomentCache(damaged(name, damage), {}))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"--latents .*photos holds 1 other file \(e.g. cat.png\): give the cache"):
+        train.main(_fresh(setup, tmp_path / "run3", "--latents", str(tmp_path / "photos"), steps=1))
     with pytest.raises(ValueError, match=r"is missing: delete"):  # the run stops before its first step
         train.main(_fresh(setup, tmp_path / "run2", "--latents", str(tmp_path / "gone"), steps=1))
     assert not (tmp_path / "run2" / "checkpoints").exists()
