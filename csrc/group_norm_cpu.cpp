@@ -7,8 +7,9 @@
 // value of each group (NCHW) or channel (NHWC), so a near-constant input loses
 // nothing to the float sums, and a constant one has its exact mean; partial
 // sums are kept in float32 lanes over runs of at most kRunLength values and
-// accumulated in double. NCHW-contiguous tensors with any number of spatial dims and 4-D
-// channels_last tensors are read in place; other layouts are made contiguous.
+// accumulated in double. NCHW-contiguous tensors with any number of spatial
+// dims and 4-D channels_last tensors are read in place; other layouts are
+// made contiguous.
 //
 // The inner loops work on float rows and are written to auto-vectorise. On
 // x86-64 they are compiled twice, for the baseline ISA and for AVX2+FMA, and
@@ -231,7 +232,7 @@ void float_to_half_scalar(const float* in, c10::Half* out, int64_t n) {
       const float* r, float* o, const float* c, const float* s, const float* b, int64_t n, bool a) { \
     normalize_channels_impl(r, o, c, s, b, n, a);                                                 \
   }                                                                                               \
-  constexpr RowKernels name = {name##_shifted_sum, name##_centred_sq_sum, name##_normalize,               \
+  constexpr RowKernels name = {name##_shifted_sum, name##_centred_sq_sum, name##_normalize,       \
                                name##_add_channels, name##_add_sq_channels, name##_normalize_channels, \
                                h2f, f2h};
 

@@ -173,9 +173,9 @@ def _json_object(file: Path) -> dict:
 def folder_kind(path: str | Path) -> str | None:
     """What another rdm_fast command made of folder ``path``, told by the content of the files it writes: "a
     database" (its manifest, or a build's progress), "a training run" (checkpoints, or train's run.json), "a
-    training checkpoint" (one of a run's step folders), "a model" (rdm_fast's weights, or an official ``.ckpt``),
-    "a sample run" (sample's run.json or images); None for anything else, other tools' files of the same names
-    included."""
+    training checkpoint" (one of a run's step folders), "a model" (rdm_fast's weights, told by their metadata, or
+    any ``.ckpt`` file, as official releases hold), "a sample run" (sample's run.json or images); None for anything
+    else, other tools' files of the same names included."""
     from .retrieval.build import PROGRESS
     from .retrieval.database import FORMAT, MANIFEST
 
@@ -185,13 +185,22 @@ def folder_kind(path: str | Path) -> str | None:
     run = _json_object(path / "run.json")
     if (path / ckpt.RUN_CHECKPOINTS).is_dir() or "global_batch" in run:
         return "a training run"
-    if (path / ckpt.TRAIN_STATE_FILE).is_file() and (path / ckpt.WEIGHTS_FILE).is_file():
+    weights = _rdm_fast_weights(path / ckpt.WEIGHTS_FILE)
+    if weights and (path / ckpt.TRAIN_STATE_FILE).is_file():
         return "a training checkpoint"
-    if (path / ckpt.WEIGHTS_FILE).is_file() or next(path.glob("*.ckpt"), None) is not None:
+    if weights or any(p.is_file() for p in path.glob("*.ckpt")):
         return "a model"
     if "n_samples" in run or next(path.glob("sample_[0-9]*.png"), None) is not None:
         return "a sample run"
     return None
+
+
+def _rdm_fast_weights(file: Path) -> bool:
+    """Whether ``file`` is a safetensors file that rdm_fast wrote (its metadata says so; read from the header)."""
+    try:
+        return file.is_file() and ckpt.read_metadata(file).get("format") == ckpt.FORMAT_NAME
+    except ckpt.CheckpointError:
+        return False
 
 
 def check_out_dir(path: str, kind: str | None = None) -> None:

@@ -192,7 +192,8 @@ class TrainingImages(Dataset):
         return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), "index": i, "ok": ok}
 
     def _random_crop(self, i: int, epoch: int) -> np.ndarray:
-        """Entry ``i``'s image, short side resized to the model's size, at epoch ``epoch``'s random window."""
+        """Entry ``i``'s image, short side resized to the model's size, at epoch ``epoch``'s random window (an
+        image too elongated to resize whole, beyond MAX_FIT_PIXELS, is refused: the entry is left out)."""
         img = np.asarray(fit_short_side(load_rgb(self.file(i)), self.size))
         return random_window(img, self.size, np.random.default_rng(derived_seed(self.seed, CROP, epoch, i)))[0]
 

@@ -303,7 +303,7 @@ def sample_images(out: Path) -> dict[int, Path]:
     found = {}
     for file in out.glob("sample_*.png"):
         digits = file.stem[len("sample_"):]
-        if digits.isdigit() and file.name == f"sample_{int(digits):05d}.png":
+        if digits.isascii() and digits.isdigit() and file.name == f"sample_{int(digits):05d}.png":
             found[int(digits)] = file
     return found
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from rdm_fast import RDM, RDMConfig
 from rdm_fast import checkpoint as ckpt
-from rdm_fast import convert, images, sample
+from rdm_fast import convert, images, sample, train
 from rdm_fast._cli import run
 from rdm_fast.retrieval.database import Database, save_proposals, update_manifest, write_database
 from child_env import child_env
@@ -1054,7 +1054,16 @@ def test_models_are_not_overwritten_or_mixed_with_runs(tiny_dir, tmp_path, capsy
     assert cli(convert, str(tmp_path / "official"), "--out", str(tmp_path / "official")) == 0  # beside its .ckpt
     capsys.readouterr()
     assert cli(sample, "--ckpt", str(model), "--context-file", str(tiny_dir / "ctx.npy"), "--out", str(model)) == 2
-    assert "--out" in capsys.readouterr().err and (model / "model.safetensors").read_bytes() == before
+    assert "holds a model: write a sample run" in capsys.readouterr().err
+    assert cli(train, "--random-init", "--config", "tiny", "--training-db", str(tiny_dir / "db"), "--db",
+               str(tiny_dir / "db"), "--neighbors", str(tmp_path / "nn.npz"), "--steps", "1",
+               "--out", str(model)) == 2
+    assert "holds a model: write a training run" in capsys.readouterr().err
+    assert (model / "model.safetensors").read_bytes() == before and not (model / "checkpoints").exists()
+    other = tmp_path / "other-tool"  # another library's model.safetensors is not one of ours
+    other.mkdir()
+    (other / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:8] + b"{}")
+    assert folder_kind(other) is None
     step = tmp_path / "run" / "checkpoints" / "step_0000002"
     shutil.copytree(model, step)
     (step / "state.json").write_text("{}")

@@ -279,6 +279,7 @@ def test_resume_after_failure_is_byte_identical(image_dir, tmp_path, caplog):
 def test_rerun_of_a_finished_build_does_not_build_the_encoder(image_dir, tmp_path, caplog, monkeypatch):
     kw = dict(images=image_dir, crop_size=32, batch_size=4, workers=0, device="cpu", progress=False)
     out = build_database(tmp_path / "db", encoder=SPEC, **kw)
+    squares = build_database(tmp_path / "squares", encoder=SPEC, **{**kw, "crop": "random", "fit_square": 40})
     before = files_of(out)
     import rdm_fast.retrieval.build as build_module
 
@@ -292,6 +293,8 @@ def test_rerun_of_a_finished_build_does_not_build_the_encoder(image_dir, tmp_pat
     assert files_of(out) == before
     with pytest.raises(ValueError, match=r"different arguments \(they differ in: crop_size\)"):
         build_database(out, encoder=SPEC, **{**kw, "crop_size": 24})
+    with pytest.raises(ValueError, match=r"different arguments \(they differ in: fit_square\)"):  # a key it lacks
+        build_database(squares, encoder=SPEC, **{**kw, "crop": "random"})
     (out / "manifest.json").unlink()  # unfinished: the encoder is needed
     with pytest.raises(AssertionError, match="built the encoder"):
         build_database(out, encoder=SPEC, **kw)
@@ -557,9 +560,9 @@ def test_broken_links_are_skipped_and_counted(tmp_path):
 
 
 def test_elongated_images_and_fifos_are_skipped_not_fatal(tmp_path):
-    """A 20000x1 PNG (143 bytes) was resized to 5,120,000x256 for a 256 px crop: 13 GB, and the build died of the
-    out-of-memory killer; a FIFO named in a list blocked the build forever. Both are skipped and counted now, as
-    image queries and training refuse them."""
+    """A 20000x1 PNG (143 bytes) was resized to 5,120,000x256 for a 256 px random crop: 13 GB, and the build died
+    of the out-of-memory killer; a FIFO named in a list blocked the build forever. Both are skipped and counted now
+    (a center crop of the thin image, which needs only its central square, is made: see the next test)."""
     from rdm_fast.retrieval.build import load_query_image, replay_crop
 
     Image.fromarray(_noise(np.random.default_rng(1), 40, 40)).save(tmp_path / "a.png")

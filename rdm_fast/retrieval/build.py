@@ -290,8 +290,9 @@ def _fit(img: Image.Image, mode: str, size: int, square: int | None = None) -> I
 def fit_short_side(img: Image.Image, size: int, central: bool = False) -> Image.Image:
     """``img`` with its short side resized to ``size`` (bicubic; as it is where it already fits). An image so
     elongated that the result would pass MAX_FIT_PIXELS is refused (ValueError), unless ``central``: the caller
-    keeps only the central ``size`` px square, which is then all that is resized (PIL's resize of a source box,
-    within one level of the whole image's centre)."""
+    keeps only the central ``size`` px square, which is then all that is resized (PIL's resize of a source box:
+    the same source-to-target mapping, though PIL's 8-bit rounding between its two passes can put narrow images
+    several levels from the whole resize; such images take this path every time, at build and replay alike)."""
     w, h = img.size
     if min(w, h) == size:
         return img
@@ -423,9 +424,10 @@ class ShardedBuild:
         self.progress = self.out / PROGRESS
 
     @staticmethod
-    def check_arguments(out: Path, config: dict, *, partial: bool = False) -> None:
+    def check_arguments(out: Path, config: dict, *, partial: bool = False, ignore: Sequence[str] = ()) -> None:
         """ValueError where ``out`` holds a build whose recorded arguments differ from ``config`` (``partial``:
-        compare only the keys ``config`` has, those known before a slow setup such as building the encoder)."""
+        compare only the keys ``config`` has, those known before a slow setup such as building the encoder; keys in
+        ``ignore`` are not compared)."""
         config_file = out / PROGRESS / "config.json"
         if not config_file.is_file():
             return
@@ -435,7 +437,7 @@ class ShardedBuild:
             raise ValueError(f"{config_file} is corrupted: delete {out} and build again") from None
         config = json.loads(json.dumps(config))  # as it reads back from JSON
         names = set(config) if partial else set(previous) | set(config)
-        keys = sorted(k for k in names if previous.get(k) != config.get(k))
+        keys = sorted(k for k in names - set(ignore) if previous.get(k) != config.get(k))
         if keys:
             raise ValueError(f"{out} holds a build made with different arguments (they differ in: "
                              f"{', '.join(keys)}); rerun with the same arguments or choose a new --out")
@@ -680,7 +682,8 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     out = Path(out)
     ShardedBuild.check_arguments(out, config, partial=True)  # before the encoder is built (seconds to minutes)
     if isinstance(encoder, str) and (out / MANIFEST).is_file() and (out / PROGRESS / "config.json").is_file():
-        # a named encoder's info follows from its name and checkpoint, both compared above
+        # every argument but the encoder's info, which follows from its name and checkpoint file, compared here
+        ShardedBuild.check_arguments(out, config, ignore=("encoder",))
         log.info("%s is already complete (same arguments): nothing to do", out)
         return out
     enc = resolve_encoder(encoder, device=dev, checkpoint=encoder_checkpoint) if isinstance(encoder, str) else encoder
