@@ -52,7 +52,7 @@ from ._files import (TEMP_SUFFIX, array_file_problem, atomic_npy_memmap, atomic_
                      map_npz)
 from .config import RDMConfig
 from .rdm import RDM
-from .retrieval.build import fit_short_side, load_rgb, random_window, replay_crop
+from .retrieval.build import load_rgb, random_fitted_window, replay_crop
 from .retrieval.context import check_database_for_model
 from .retrieval.database import Database
 from .retrieval.neighbors import DIGEST_KEYS, database_digest, neighbor_files, same_entries
@@ -192,10 +192,9 @@ class TrainingImages(Dataset):
         return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), "index": i, "ok": ok}
 
     def _random_crop(self, i: int, epoch: int) -> np.ndarray:
-        """Entry ``i``'s image, short side resized to the model's size, at epoch ``epoch``'s random window (an
-        image too elongated to resize whole, beyond MAX_FIT_PIXELS, is refused: the entry is left out)."""
-        img = np.asarray(fit_short_side(load_rgb(self.file(i)), self.size))
-        return random_window(img, self.size, np.random.default_rng(derived_seed(self.seed, CROP, epoch, i)))[0]
+        """Entry ``i``'s image, short side resized to the model's size, at epoch ``epoch``'s random window."""
+        return random_fitted_window(load_rgb(self.file(i)), self.size,
+                                    np.random.default_rng(derived_seed(self.seed, CROP, epoch, i)))
 
 
 class TrainingContexts:

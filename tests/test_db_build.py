@@ -617,6 +617,27 @@ def test_elongated_images_resize_only_their_central_square(monkeypatch, size, wh
         build_module.replay_crop(img.resize((wh[0] // 2 or 1, wh[1] // 2 or 1)), "random", size * 4, (0, 0))
 
 
+@pytest.mark.parametrize("wh", [(37, 50), (50, 37), (24, 24), (10, 13), (900, 5), (613, 7)])
+def test_random_fitted_windows_resize_only_the_window_of_elongated_images(monkeypatch, wh):
+    """train --random-crop's windows: the same draws and pixels as resizing the whole image and cutting the window
+    (random_window), also where only the window is resized because the image is too elongated to resize whole
+    (which, before, left such an entry out of training; wide images come out within a level)."""
+    import rdm_fast.retrieval.build as build_module
+
+    img = Image.fromarray(_noise(np.random.default_rng(sum(wh)), wh[1], wh[0]))
+    for seed in range(4):
+        whole = build_module.random_window(np.asarray(build_module.fit_short_side(img, 24)), 24,
+                                           np.random.default_rng(seed))[0]
+        assert np.array_equal(build_module.random_fitted_window(img, 24, np.random.default_rng(seed)), whole)
+        if min(wh) < 24 and max(wh) > 24 * 3:
+            with monkeypatch.context() as m:
+                m.setattr(build_module, "MAX_FIT_PIXELS", 24 ** 2 * 3)
+                with pytest.raises(ValueError, match="too elongated"):
+                    build_module.fit_short_side(img, 24)
+                part = build_module.random_fitted_window(img, 24, np.random.default_rng(seed))
+            assert np.abs(part.astype(int) - whole).max() <= 1  # the box's float corners: a level at most here
+
+
 def test_list_files_are_text_with_any_file_name_bytes(tmp_path):
     """A list naming a file whose name is not UTF-8 (Linux file names are bytes) works like a folder scan of it;
     a binary file given as the list is refused, naming it."""

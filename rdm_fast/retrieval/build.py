@@ -277,35 +277,52 @@ def _fit(img: Image.Image, mode: str, size: int, square: int | None = None) -> I
     central ``square`` x ``square`` after the short side is resized to ``square`` (the official OpenImages
     database's 1200 px squares, from which its 256 px patches were cut)."""
     if square is not None:
-        img = fit_short_side(img, square, central=True)
+        img = fit_short_side(img, square, window="center")
         x, y = (img.size[0] - square) // 2, (img.size[1] - square) // 2
         img = img.crop((x, y, x + square, y + square))
     if mode == "none":
         return img.resize((size, size), Image.Resampling.BICUBIC)
     if mode == "center" or (mode == "random" and min(img.size) < size):
-        return fit_short_side(img, size, central=mode == "center")
+        return fit_short_side(img, size, window="center" if mode == "center" else None)
     return img
 
 
-def fit_short_side(img: Image.Image, size: int, central: bool = False) -> Image.Image:
-    """``img`` with its short side resized to ``size`` (bicubic; as it is where it already fits). An image so
-    elongated that the result would pass MAX_FIT_PIXELS is refused (ValueError), unless ``central``: the caller
-    keeps only the central ``size`` px square, which is then all that is resized (PIL's resize of a source box:
-    the same source-to-target mapping, though PIL's 8-bit rounding between its two passes can put narrow images
-    several levels from the whole resize; such images take this path every time, at build and replay alike)."""
-    w, h = img.size
+def fitted_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """The size of a ``w`` x ``h`` image once :func:`fit_short_side` has resized its short side to ``size``."""
     if min(w, h) == size:
-        return img
+        return w, h
     scale = size / min(w, h)
-    fit = (max(size, round(w * scale)), max(size, round(h * scale)))
-    if fit[0] * fit[1] > MAX_FIT_PIXELS and central:  # the same source-to-target mapping as the whole resize
-        x, y = (fit[0] - size) // 2, (fit[1] - size) // 2
+    return max(size, round(w * scale)), max(size, round(h * scale))
+
+
+def fit_short_side(img: Image.Image, size: int, window: tuple[int, int] | str | None = None) -> Image.Image:
+    """``img`` with its short side resized to ``size`` (bicubic; as it is where it already fits). An image so
+    elongated that the result would pass MAX_FIT_PIXELS is refused (ValueError), unless the caller keeps only one
+    ``size`` px square of the result, at corner ``window`` ((x, y), or "center"): then that square alone is
+    resized and returned (PIL's resize of a source box: the same source-to-target mapping, though PIL's 8-bit
+    rounding between its two passes can put narrow images several levels from the whole resize; such images
+    take this path every time, at build and replay alike)."""
+    w, h = img.size
+    fit = fitted_size(w, h, size)
+    if fit == (w, h):
+        return img
+    if fit[0] * fit[1] > MAX_FIT_PIXELS and window is not None:  # the mapping of the whole resize
+        x, y = ((fit[0] - size) // 2, (fit[1] - size) // 2) if window == "center" else window
         box = (x * w / fit[0], y * h / fit[1], (x + size) * w / fit[0], (y + size) * h / fit[1])
         return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     if fit[0] * fit[1] > MAX_FIT_PIXELS:  # a 20000x1 image of 143 bytes took 13 GB at 256 px
         raise ValueError(f"a {w}x{h} image would be resized to {fit[0]}x{fit[1]} (short side {size} px): too "
                          "elongated")
     return img.resize(fit, Image.Resampling.BICUBIC)
+
+
+def random_fitted_window(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The window of :func:`random_window` (the same draws from ``rng``) of ``img`` with its short side resized
+    to ``size``, resizing only the window where the whole image is too elongated to resize."""
+    fit = fitted_size(*img.size, size)
+    x, y = int(rng.integers(0, fit[0] - size + 1)), int(rng.integers(0, fit[1] - size + 1))
+    arr = np.asarray(fit_short_side(img, size, window=(x, y)))
+    return arr if arr.shape[:2] == (size, size) else arr[y:y + size, x:x + size]  # the window alone, or all
 
 
 def make_crops(img: Image.Image, mode: str, size: int, n: int, rng: np.random.Generator, square: int | None = None
