@@ -728,3 +728,40 @@ def test_write_database_refuses_what_is_no_embedding(tmp_path, data):
         write_database(tmp_path / "db", emb, INFO, shard_size=7.5)
     assert not (tmp_path / "db").exists()
     assert len(Database.open(write_database(tmp_path / "none", emb[:0], INFO, class_ids=[]), device="cpu")) == 0
+
+
+def test_write_database_checks_everything_before_writing(tmp_path):
+    """Found by a Python API audit: keywords replacing the manifest's own keys gave a database every reader called
+    corrupted; a NumPy scalar keyword, or a bad row in a later shard, failed after earlier shards were written;
+    (2, N) corners were read as (N, 2) pairs; float corners were truncated; bfloat16 tensors were refused."""
+    emb = np.random.default_rng(0).standard_normal((10, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="write_database: count is set from the embeddings, not by keyword"):
+        write_database(tmp_path / "a", emb, INFO, count=3)
+    with pytest.raises(TypeError, match=r"write_database: note=<object .*> cannot be stored in the manifest"):
+        write_database(tmp_path / "b", emb, INFO, note=object())
+    bad = emb.copy()
+    bad[7] = np.nan
+    with pytest.raises(ValueError, match=r"embeddings row 7: the embedding is not finite"):
+        write_database(tmp_path / "c", bad, INFO, shard_size=3)
+    corners = np.stack([np.arange(10), 100 + np.arange(10)])
+    with pytest.raises(ValueError, match=r"patch_coords must have shape \(10, 2\) for 10 embeddings, got \(2, 10\)"):
+        write_database(tmp_path / "d", emb, INFO, patch_coords=corners)
+    with pytest.raises(ValueError, match="patch_coords must be integers"):
+        write_database(tmp_path / "e", emb, INFO, patch_coords=np.full((10, 2), 1.7))
+    for name in "abcde":  # refused before anything was written
+        assert not (tmp_path / name).exists() or not any((tmp_path / name).iterdir())
+    db = Database.open(write_database(tmp_path / "f", torch.from_numpy(emb).bfloat16(), INFO, note=np.int64(3),
+                                      patch_coords=corners.T), device="cpu")
+    assert db.manifest["note"] == 3 and db.patch_coords([0, 1]).tolist() == [[0, 100], [1, 101]]
+
+
+def test_a_refused_proposal_ranking_keeps_the_recorded_one(tmp_path):
+    """save_proposals cleared the recorded ranking before its JSON write failed on a value it cannot hold."""
+    path = write_database(tmp_path / "db", np.random.default_rng(1).standard_normal((6, 16)), INFO)
+    ids, counts = np.arange(6)[::-1].copy(), np.arange(6)
+    save_proposals(path, ids, counts, k=np.int64(3))  # NumPy scalars are stored as numbers
+    assert read_manifest(path)["proposals"] == {"file": "proposals.npy", "k": 3}
+    with pytest.raises(TypeError, match=r"save_proposals: k=.* cannot be stored in the manifest"):
+        save_proposals(path, np.arange(6), counts, k={1, 2})
+    assert read_manifest(path)["proposals"]["k"] == 3
+    assert Database.open(path, device="cpu").proposals(1.0)[0] == 5  # the first ranking, unchanged

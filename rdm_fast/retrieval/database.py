@@ -113,6 +113,27 @@ def new_manifest(encoder_info: dict, shards: list[dict], *, has_sources: bool, h
     return manifest
 
 
+RESERVED_KEYS = ("format", "format_version", "encoder", "dim", "count", "dtype", "has_sources", "has_class_ids",
+                 "has_patch_coords", "shards", "index", "proposals")  # what a manifest's reader relies on
+
+
+def json_values(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` as they read back from the manifest's JSON (NumPy scalars and arrays as numbers and lists);
+    TypeError naming a key whose value JSON cannot hold, before anything is written."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (np.generic, np.ndarray)):
+            return value.tolist()
+        raise TypeError
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = json.loads(json.dumps(value, default=plain))
+        except (TypeError, ValueError):
+            raise TypeError(f"{where}: {key}={value!r} cannot be stored in the manifest (it holds JSON: numbers, "
+                            "strings, lists and dicts)") from None
+    return out
+
+
 def write_manifest(directory: str | Path, manifest: dict) -> None:
     """Write ``manifest.json`` atomically (the step that makes a directory a database)."""
     atomic_write_json(Path(directory) / MANIFEST, manifest)
@@ -151,8 +172,9 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
                    patch_coords: np.ndarray | None = None, shard_size: int = 100_000, **extra: Any) -> Path:
     """Write in-memory (N, D) embeddings (and optional per-row metadata) as a database directory."""
     check_encoder_info(encoder_info, "write_database")
-    if isinstance(embeddings, Tensor):
-        embeddings = embeddings.detach().cpu().numpy()
+    if isinstance(embeddings, Tensor):  # bfloat16 has no NumPy type
+        embeddings = embeddings.detach().cpu().float().numpy() if embeddings.is_floating_point() else \
+            embeddings.detach().cpu().numpy()
     emb = np.asarray(embeddings)
     dim = encoder_info["dim"]
     if isinstance(sources, (str, bytes)):  # list("abc") would be three one-letter sources
@@ -174,6 +196,21 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
             raise ValueError(f"{name} has {np.size(value)} values, expected {size} for {n} embeddings")
     if class_ids is not None and np.size(class_ids) and np.asarray(class_ids).dtype.kind not in "iu":
         raise ValueError(f"class_ids must be integers, got {np.asarray(class_ids).dtype}")
+    for name, value, shape in (("class_ids", class_ids, (n,)), ("patch_coords", patch_coords, (n, 2))):
+        if value is not None and np.shape(value) != shape:  # a (2, N) array of corners read as (N, 2) pairs
+            raise ValueError(f"{name} must have shape {shape} for {n} embeddings, got {np.shape(value)}")
+    if patch_coords is not None and np.size(patch_coords) and np.asarray(patch_coords).dtype.kind not in "iu":
+        raise ValueError(f"patch_coords must be integers (pixel corners), got {np.asarray(patch_coords).dtype}")
+    reserved = sorted(set(extra) & set(RESERVED_KEYS))
+    if reserved:
+        raise ValueError(f"write_database: {', '.join(reserved)} {'is' if len(reserved) == 1 else 'are'} set from "
+                         "the embeddings, not by keyword")
+    extra = json_values(extra, "write_database")
+    with np.errstate(over="ignore"):  # every row checked before the first shard is written
+        finite = np.isfinite(emb.astype(np.float16)).all(1) if n else np.ones(0, bool)
+    if not finite.all():
+        raise ValueError(f"embeddings row {int(np.argmin(finite))}: the embedding is not finite (NaN or Inf, or beyond "
+                         "float16's +-65504); refusing to store it")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if (path / MANIFEST).exists():
@@ -717,6 +754,7 @@ def save_proposals(directory: str | Path, ids: np.ndarray, counts: np.ndarray, *
         raise ValueError(f"a proposal ranking lists each of the database's {n} entries once (ids 0 to {n - 1})")
     if n and counts.min() < 0:
         raise ValueError(f"a proposal ranking's counts are numbers of times, >= 0; got {counts.min()}")
+    info = json_values(info, "save_proposals")  # before the old ranking is touched
     remove_stale_temps(directory, [PROPOSALS, MANIFEST])  # what a killed write of them left
     if read_manifest(directory).get("proposals"):  # a kill while the file is replaced leaves no ranking, never
         update_manifest(directory, lambda m: m.update(proposals=None))  # a new file under the old one's record
