@@ -319,6 +319,16 @@ def save_safetensors(tensors: Mapping[str, Tensor], config: dict[str, Any], dire
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    if directory.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):  # made a folder of that name
+        raise ValueError(f"{directory} names a file: the model is saved into a folder (its {WEIGHTS_FILE} and "
+                         f"{CONFIG_FILE}); pass the folder")
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not a folder to save the model into")
+    from ._cli import folder_kind  # here: the command-line helpers import this module
+
+    found = folder_kind(directory) if directory.is_dir() else None
+    if found in ("a database", "a training run", "a sample run"):
+        raise ValueError(f"{directory} holds {found}: save the model into a folder of its own")
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "config": json.dumps(config)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -9,6 +9,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from refdata import IMAGENET_TSV, RDM768_TSV, all_keys, section
@@ -442,3 +443,22 @@ def test_save_and_load_refuse_dtypes_the_model_cannot_run_in(tmp_path, dtype):
         RDM.from_pretrained(tmp_path / "good", dtype=dtype)
     with pytest.raises(ValueError, match="dtype must be torch.float32"):
         ckpt.cast_floats({"w": torch.ones(1)}, dtype)
+
+
+def test_save_pretrained_refuses_files_and_other_outputs(tmp_path):
+    """From a Python API audit: saving into a database's folder mixed the files; a path ending in .safetensors
+    became a folder of that name; a file gave a bare "[Errno 17] File exists"."""
+    from rdm_fast.retrieval import write_database
+
+    model = RDM.from_config("tiny")
+    db = write_database(tmp_path / "db", np.zeros((2, 8), np.float32), {"name": "e", "dim": 8, "normalized": False})
+    with pytest.raises(ValueError, match="holds a database: save the model into a folder of its own"):
+        model.save_pretrained(db)
+    with pytest.raises(ValueError, match=r"model.safetensors names a file: the model is saved into a folder"):
+        model.save_pretrained(tmp_path / "m" / "model.safetensors")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="afile is a file, not a folder to save the model into"):
+        model.save_pretrained(tmp_path / "afile")
+    assert not (tmp_path / "m").exists() and not (db / "model.safetensors").exists()
+    model.save_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")  # over itself: a model's folder
