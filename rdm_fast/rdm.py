@@ -55,6 +55,11 @@ NORM_LIMIT = math.sqrt(torch.finfo(torch.float32).max)  # a longer embedding's f
 # it became all zeros, the unconditional context
 
 
+def _runnable(t: Tensor) -> Tensor:
+    """``t``, float64 as float32 (the model runs in float32, float16 or bfloat16)."""
+    return t.float() if t.dtype == torch.float64 else t
+
+
 def _check_finite_on_cpu(value: Tensor, name: str) -> None:
     """ValueError if a CPU tensor holds NaN or infinity (device tensors are not checked: no host synchronisation)."""
     if value.device.type == "cpu" and value.is_floating_point() and value.numel() and \
@@ -154,7 +159,8 @@ class RDM(nn.Module):
                         use_ema: bool = True, source: str = "state dict") -> "RDM":
         """Build a model from an official-layout or rdm_fast-layout state dict, checking every tensor.
 
-        The model's tensors are the ones in ``state`` (no copies beyond dtype/device moves done later)."""
+        The model's tensors are the ones in ``state`` (no copies beyond dtype/device moves done later), except
+        float64 ones, which become float32: the kernels take no float64."""
         cfg = RDMConfig.resolve(config)
         with torch.device("meta"):
             model = cls(cfg)
@@ -171,7 +177,7 @@ class RDM(nn.Module):
         if unexpected:
             warnings.warn(f"{source}: ignoring {len(unexpected)} unexpected tensors: {ckpt.describe(unexpected)}",
                           stacklevel=3)
-        model.load_state_dict({k: state[sources[k]] for k in shapes}, assign=True)
+        model.load_state_dict({k: _runnable(state[sources[k]]) for k in shapes}, assign=True)
         return model.eval()
 
     def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:

@@ -440,6 +440,9 @@ def test_import_npz_errors(parts, tmp_path):
         import_npz([tmp_path / "z-part_5.npz"], tmp_path / "d", INFO, progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         import_npz([tmp_path / "missing.npz"], tmp_path / "e", INFO, progress=False)
+    for single in (str(files[0]), files[0]):  # a str was taken as one part per character
+        with pytest.raises(TypeError, match="parts must be a list of .npz files, got the single path"):
+            import_npz(single, tmp_path / "e", INFO, progress=False)
     np.savez(tmp_path / "w-part_6.npz", embedding=np.zeros((0, 16), np.float32), img_id=np.arange(0),
              patch_coords=np.zeros((0, 4)))
     with pytest.raises(ValueError, match=r"the part holds no embeddings \(0 rows\): nothing to import"):

@@ -1176,3 +1176,13 @@ def test_meta_inputs_to_a_real_model_are_named(tmp_path):
                                       {"name": "t", "dim": 64, "normalized": False}), device="cpu")
     with pytest.raises(ValueError, match="queries are on the meta device"):
         db.search(torch.empty(2, 64, device="meta"), 2)
+
+
+def test_a_float64_state_dict_gives_a_runnable_model():
+    """From a Python API audit: from_state_dict kept float64 tensors, and the model failed at its first kernel
+    ("unsupported x dtype torch.float64")."""
+    model = RDM.from_config("tiny")
+    doubled = RDM.from_state_dict({k: v.double() for k, v in model.state_dict().items()}, "tiny")
+    assert doubled.dtype == torch.float32
+    context, x_T = torch.randn(1, 4, 64), torch.randn(1, *model.config.latent_shape)
+    torch.testing.assert_close(doubled.sample(context, steps=2, x_T=x_T), model.sample(context, steps=2, x_T=x_T))

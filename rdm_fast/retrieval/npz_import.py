@@ -192,6 +192,9 @@ def import_npz(parts: Sequence[str | Path], out: str | Path, encoder_info: dict,
     """Convert official part files (sorted by part number; each given once) into a database at ``out`` whose
     vectors are recorded as made by the encoder ``encoder_info`` ({name, dim, normalized}; dim must match the
     data). A non-finite row (NaN, Inf, beyond float16) stops the import with an error naming it."""
+    if isinstance(parts, (str, Path)):  # a str would be read as one part per character
+        raise TypeError(f"import_npz: parts must be a list of .npz files, got the single path {str(parts)!r} "
+                        "(wrap it in a list)")
     if not parts:
         raise ValueError("give at least one .npz part file")
     check_encoder_info(encoder_info, "import_npz")
