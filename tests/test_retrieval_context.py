@@ -114,6 +114,15 @@ def test_checks_and_pseudo_queries(db_and_data, tmp_path, monkeypatch, caplog):
     save_proposals(path, np.arange(10)[::-1], np.arange(10)[::-1])
     ranked = Database.open(path, backend="torch", device="cpu")
     assert set(draw_pseudo_queries(ranked, 100, 0.2, g).tolist()) == {9, 8}
+    # checked with or without a ranking (without one, top_m 5 and "x" were taken; n -1 and 2.0 failed in torch)
+    for database in (db, ranked):
+        for args, error, message in (((4, 5.0, g), ValueError, "top_m must be a fraction in"),
+                                     ((4, "x", g), ValueError, "top_m must be a fraction in"),
+                                     ((-1, 0.1, g), ValueError, "n must be an int >= 0, got -1"),
+                                     ((2.0, 0.1, g), TypeError, "n must be an int >= 0, got 2.0"),
+                                     ((2, 0.1, 0), TypeError, "generator must be a torch.Generator, got int")):
+            with pytest.raises(error, match=f"draw_pseudo_queries: {message}"):
+                draw_pseudo_queries(database, *args)
     monkeypatch.setenv("RDM_FAST_HOME", str(tmp_path))
     (tmp_path / "databases").mkdir()
     (tmp_path / "databases" / "named").symlink_to(path)

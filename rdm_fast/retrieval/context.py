@@ -14,6 +14,7 @@ waits for the GPU, so the next batch's retrieval can be queued while the current
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,9 +153,17 @@ def model_context(db: Database, cfg: RDMConfig, queries: Tensor, *, query_ids: T
                              include_query=include_query)
 
 
-def draw_pseudo_queries(db: Database, n: int, top_m: float, generator: torch.Generator) -> Tensor:
+def draw_pseudo_queries(db: Database, n: int, top_m: float, generator: torch.Generator | None) -> Tensor:
     """n entry ids drawn uniformly from the top fraction ``top_m`` of the database's proposal ranking (every
-    entry when the database has no ranking, with a warning)."""
+    entry when the database has no ranking, with a warning). TypeError/ValueError for an ``n`` that is not an int
+    >= 0, a ``top_m`` outside (0, 1] (also without a ranking) or a ``generator`` that is no torch.Generator."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise (ValueError if isinstance(n, numbers.Integral) and not isinstance(n, bool) else TypeError)(
+            f"draw_pseudo_queries: n must be an int >= 0, got {n!r}")
+    if isinstance(top_m, bool) or not isinstance(top_m, numbers.Real) or not 0 < top_m <= 1:
+        raise ValueError(f"draw_pseudo_queries: top_m must be a fraction in (0, 1], got {top_m!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"draw_pseudo_queries: generator must be a torch.Generator, got {type(generator).__name__}")
     if db.manifest.get("proposals"):
         pool = db.proposals(top_m)
         log.info("pseudo-queries drawn from the top %g of the proposal ranking of %s: %d of %d entries", top_m,
