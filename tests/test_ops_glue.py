@@ -362,6 +362,11 @@ def test_tensor_coefficients_match_float_ones():
     (lambda x: plms_guided_step(x, x, x, 2.0, [x] * 4, 0.5, 0.6), "at most 3 past eps"),
     (lambda x: plms_guided_step(x, x, x, 2.0, [x], 0.5, 0.6, weights=(1.0,)), "expected 2 weights"),
     (lambda x: plms_guided_step(x, x, x, 2.0, [x.half()], 0.5, 0.6), r"history\[0\] of dtype"),
+    # NaN coefficients made every output NaN without an error
+    (lambda x: ddim_guided_step(x, None, x, 1.0, 0.5, 0.9, float("nan"), x), "sigma_t must be >= 0, got nan"),
+    (lambda x: ddim_guided_step(x, x, x, float("nan"), 0.5, 0.9), "guidance_scale must be finite, got nan"),
+    (lambda x: plms_guided_step(x, x, x, 2.0, [x], 0.5, 0.6, weights=(1.0, float("inf"))),
+     "multistep weights must be finite, got inf"),
 ])
 def test_bad_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):

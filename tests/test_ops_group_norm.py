@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -659,6 +660,12 @@ def test_negative_or_non_finite_eps_is_refused(fn, eps):
         fn(x, w, b, 4, "1e-5")
     with pytest.raises(TypeError, match=r"group_norm: expected eps to be a float, got a tensor of shape \(2,\)"):
         fn(x, w, b, 4, torch.tensor([1e-5, 1e-5]))
+    with pytest.raises(TypeError, match="group_norm: num_groups must be an int, got 4.0"):  # a dispatcher dump
+        fn(x, w, b, 4.0, 1e-5)
+    if fn is group_norm:
+        with pytest.raises(TypeError, match="group_norm: silu must be True or False, got 'yes'"):
+            fn(x, w, b, 4, 1e-5, silu="yes")
+        torch.testing.assert_close(fn(x, w, b, np.int64(4), 1e-5, silu=np.bool_(True)), fn(x, w, b, 4, 1e-5, silu=True))
     assert torch.isfinite(fn(x, w, b, 4, 0.0)).all()  # 0 stays allowed (torch's own GroupNorm takes it)
 
 

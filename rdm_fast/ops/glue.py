@@ -303,6 +303,8 @@ def _check_step(x, e_uncond, e_cond, history, weights, noise) -> None:
     for w in weights:
         if not _is_real(w):
             raise TypeError(f"{op}: multistep weights must be Python or NumPy floats, got {type(w).__name__}")
+        if not math.isfinite(w):
+            raise ValueError(f"{op}: multistep weights must be finite, got {w}")
 
 
 def _check_coefs(a_t: Coef, a_prev: Coef, sigma_t: Coef, noise: Tensor | None) -> None:
@@ -311,7 +313,7 @@ def _check_coefs(a_t: Coef, a_prev: Coef, sigma_t: Coef, noise: Tensor | None) -
     if not torch.is_tensor(a_prev) and not 0.0 < a_prev <= 1.0:
         raise ValueError(f"sampler step: a_prev must be in (0, 1], got {a_prev}")
     if not torch.is_tensor(sigma_t):
-        if sigma_t < 0:
+        if not sigma_t >= 0:  # NaN too: every output NaN
             raise ValueError(f"sampler step: sigma_t must be >= 0, got {sigma_t}")
         if sigma_t > 0 and noise is None:
             raise ValueError("sampler step: sigma_t > 0 needs noise")
@@ -431,6 +433,8 @@ def plms_guided_step(
 def _step(x, e_uncond, e_cond, guidance_scale, history, weights, a_t, a_prev, sigma_t, noise, store_eps):
     _check_step(x, e_uncond, e_cond, history, weights, noise)
     scale = _coef("guidance_scale", guidance_scale, x)
+    if not torch.is_tensor(scale) and not math.isfinite(scale):  # a tensor is not read (no host synchronisation)
+        raise ValueError(f"sampler step: guidance_scale must be finite, got {scale}")
     a_t, a_prev, sigma_t = (_coef(n, c, x) for n, c in (("a_t", a_t), ("a_prev", a_prev), ("sigma_t", sigma_t)))
     _check_coefs(a_t, a_prev, sigma_t, noise)
     weights = tuple(float(w) for w in weights)

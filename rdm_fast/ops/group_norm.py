@@ -9,6 +9,9 @@ Triton kernels' three passes (statistics, finalize, apply), untimed.
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,6 +30,8 @@ def check_args(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups
         )
     check_tensor("group_norm", "x", x)
     channels = x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):  # the kernels' dispatcher dumped
+        raise TypeError(f"group_norm: num_groups must be an int, got {num_groups!r}")
     if num_groups <= 0 or channels % num_groups:
         raise ValueError(
             f"group_norm: number of channels C={channels} must be divisible by num_groups={num_groups} "
@@ -224,4 +229,6 @@ def group_norm(
     """
     check_args(x, weight, bias, num_groups, add)
     eps = check_eps("group_norm", eps)
-    return GROUP_NORM(x, weight, bias, num_groups, eps, add=add, silu=silu)
+    if not isinstance(silu, (bool, np.bool_)):
+        raise TypeError(f"group_norm: silu must be True or False, got {silu!r}")
+    return GROUP_NORM(x, weight, bias, int(num_groups), eps, add=add, silu=bool(silu))
