@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rdm_fast import ops
-from rdm_fast.diffusion import Schedule, guided, sample_ddim, sample_plms
+from rdm_fast.diffusion import Schedule, guided, noised, sample_ddim, sample_plms
 from rdm_fast.diffusion import schedule as schedule_module
 from rdm_fast.ops.glue import PLMS_WEIGHTS
 
@@ -343,3 +343,19 @@ def test_linear_still_builds_the_released_schedule():
     assert s.num_timesteps == 1000
     torch.testing.assert_close(s.betas[[0, -1]], torch.tensor([0.0015, 0.0195], dtype=torch.float64))
     assert Schedule.linear(0.01, 0.01, 1).num_timesteps == 1  # constant and one-step schedules stay allowed
+
+
+def test_schedules_and_noised_check_their_inputs():
+    """From a Python API audit: betas above 1 gave negative alpha-bars that the samplers took; a list or NumPy
+    betas failed inside cumprod; a NumPy t failed with an AttributeError."""
+    with pytest.raises(ValueError, match=r"betas must lie in \[0, 1\), got values from 0.3 to 1.5"):
+        Schedule(torch.tensor([0.5, 1.5, 0.3], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"betas must be a non-empty \(T,\) array, got shape \(2, 2\)"):
+        Schedule(torch.full((2, 2), 0.1))
+    with pytest.raises(TypeError, match="betas must be a .* array of numbers, got str"):
+        Schedule("0.1")
+    from_list = Schedule([0.1, 0.2])
+    assert from_list.betas.dtype == torch.float64 and torch.equal(from_list.betas, Schedule(np.array([0.1, 0.2])).betas)
+    x = torch.randn(2, 4)
+    with pytest.raises(TypeError, match="noised: t must be a torch.Tensor, got ndarray"):
+        noised(Schedule.linear(0.0015, 0.0195), x, np.array([0, 1]), x)

@@ -47,9 +47,24 @@ def uniform_timesteps(steps: int, total: int) -> Tensor:
 
 @dataclass(frozen=True)
 class Schedule:
-    """A discrete diffusion schedule (float64 on the CPU)."""
+    """A discrete diffusion schedule (float64 on the CPU). ``betas``: (T,) values in [0, 1), a tensor or anything
+    ``torch.as_tensor`` takes (stored as float64 on the CPU); ValueError otherwise (a beta above 1 gave negative
+    alpha-bars, which the samplers took)."""
 
     betas: Tensor
+
+    def __post_init__(self) -> None:
+        try:
+            betas = torch.as_tensor(self.betas, dtype=torch.float64, device="cpu")
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"Schedule: betas must be a (T,) array of numbers, got {type(self.betas).__name__}") \
+                from None
+        if betas.dim() != 1 or not betas.numel():
+            raise ValueError(f"Schedule: betas must be a non-empty (T,) array, got shape {tuple(betas.shape)}")
+        if not bool(((betas >= 0) & (betas < 1)).all()):
+            raise ValueError(f"Schedule: betas must lie in [0, 1), got values from {betas.min().item()} to "
+                             f"{betas.max().item()}")
+        object.__setattr__(self, "betas", betas)  # frozen dataclass
 
     @classmethod
     def linear(cls, linear_start: float, linear_end: float, timesteps: int = 1000) -> "Schedule":

@@ -16,6 +16,9 @@ def noised(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     roots taken in float64, then rounded to float32, as the reference stores them). ``t``: (B,) integer
     timesteps in [0, T); TypeError for other dtypes, ValueError for a CPU ``t`` out of range (a GPU ``t`` is not
     read back, which would synchronise: its range is the caller's to keep)."""
+    for name, value in (("x0", x0), ("t", t), ("noise", noise)):
+        if not isinstance(value, Tensor):  # a NumPy array failed with an AttributeError
+            raise TypeError(f"noised: {name} must be a torch.Tensor, got {type(value).__name__}")
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"noised: t must hold integer timesteps, got {t.dtype}")
     if x0.dim() < 1 or noise.shape != x0.shape:
