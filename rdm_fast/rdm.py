@@ -259,6 +259,9 @@ class RDM(nn.Module):
         _check_finite_on_cpu(moments, "latents: moments")
         if noise is not None:
             _check_tensor(noise, "encode: noise", f"(B, {self.config.channels}, h, w)", self.device)
+            if not noise.is_floating_point():  # bools and ints were taken as draws
+                raise ValueError(f"encode: noise must hold floats (standard normal draws), got {noise.dtype}")
+            _check_finite_on_cpu(noise, "encode: noise")
         if noise is not None and generator is not None:
             raise ValueError("encode: give noise or generator, not both")
         if sample and noise is None and kl:

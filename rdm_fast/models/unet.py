@@ -480,8 +480,9 @@ class UNet(nn.Module):
         cross-attention is in a down stage, as in the released models; the result's ``shared_input`` says).
         """
         self._check_context(context)
-        if zero_rows < 0:
-            raise ValueError(f"zero_rows must be >= 0, got {zero_rows}")
+        if isinstance(zero_rows, bool) or not isinstance(zero_rows, numbers.Integral) or zero_rows < 0:
+            raise ValueError(f"zero_rows must be an int >= 0, got {zero_rows!r}")
+        zero_rows = int(zero_rows)
         if shared_input and zero_rows != context.shape[0]:
             raise ValueError(f"shared_input needs as many zero rows as context rows, got {zero_rows} and "
                              f"{context.shape[0]}")
