@@ -765,3 +765,18 @@ def test_a_refused_proposal_ranking_keeps_the_recorded_one(tmp_path):
         save_proposals(path, np.arange(6), counts, k={1, 2})
     assert read_manifest(path)["proposals"]["k"] == 3
     assert Database.open(path, device="cpu").proposals(1.0)[0] == 5  # the first ranking, unchanged
+
+
+def test_neighbors_arguments_are_checked_by_name(tmp_path):
+    """From a Python API audit: a float or None batch_size, a str threshold and a path for the database failed
+    inside the computation ('float' object cannot be interpreted as an integer, no attribute 'check_encoder')."""
+    path = write_database(tmp_path / "db", np.random.default_rng(3).standard_normal((10, 16)), INFO)
+    db = Database.open(path, backend="torch", device="cpu")
+    for kwargs, error, message in (({"batch_size": 2.5}, TypeError, "batch_size must be an int, got 2.5"),
+                                   ({"batch_size": None}, TypeError, "batch_size must be an int, got None"),
+                                   ({"batch_size": 0}, ValueError, "batch_size must be at least 1, got 0"),
+                                   ({"dedup_threshold": "0.9"}, ValueError, "dedup_threshold is a cosine similarity")):
+        with pytest.raises(error, match=message):
+            compute_neighbors(db, k=2, progress=False, **kwargs)
+    with pytest.raises(TypeError, match=r"compute_neighbors: db must be a Database \(Database.open\(path\)\), got str"):
+        compute_neighbors(str(path), k=2, progress=False)

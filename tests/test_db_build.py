@@ -166,6 +166,13 @@ def test_random_crops_of_fitted_squares(image_dir, tmp_path):
     with pytest.raises(ValueError, match="equal to crop_size makes all 3 crops of an image the same"):
         build_database(tmp_path / "bad", encoder=TinyEncoder(), images=image_dir, crop="random", crop_size=32,
                        crops_per_image=3, fit_square=32, workers=0, device="cpu", progress=False)
+    for kwargs, error, message in (({"crop_size": None}, TypeError, "crop_size must be an int, got None"),
+                                   ({"batch_size": "64"}, TypeError, "batch_size must be an int, got '64'"),
+                                   ({"workers": -1}, ValueError, "workers must be at least 0, got -1"),
+                                   ({"encoder": 42}, TypeError, "encoder must be an Encoder or a registered name")):
+        with pytest.raises(error, match=message):  # raw comparisons and attribute errors before
+            build_database(tmp_path / "bad", **{"encoder": TinyEncoder(), "images": image_dir, "device": "cpu",
+                                                "progress": False, **kwargs})
     for seed in (-1, 2**63):  # -1 failed every crop, reported as "none of the images could be read"
         with pytest.raises(ValueError, match=rf"seed \(--seed\) must be in \[0, 2\*\*63\), got {seed}"):
             build_database(tmp_path / "bad", encoder=TinyEncoder(), images=image_dir, crop="random", crop_size=32,

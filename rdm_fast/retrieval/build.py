@@ -35,6 +35,7 @@ from .._distributed import Processes, process_device
 from .._files import TEMP_SUFFIX, atomic_write_json, make_dirs, remove_stale_temps, sha256_file
 from ..encoders import Encoder, embed_images, resolve_encoder
 from .database import MANIFEST, new_manifest, write_manifest, write_shard
+from .search import check_count
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -657,12 +658,13 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         raise ValueError("give exactly one of images (a folder) or image_list (a list file)")
     if crop not in CROP_MODES:
         raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}")
-    for name, value in (("crop_size", crop_size), ("crops_per_image", crops_per_image),
-                        ("batch_size", batch_size), ("shard_size", shard_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    if workers < 0:
-        raise ValueError(f"workers must be at least 0, got {workers}")
+    if not isinstance(encoder, (Encoder, str)):
+        raise TypeError(f"encoder must be an Encoder or a registered name or 'module:factory', got "
+                        f"{type(encoder).__name__}")
+    crop_size, crops_per_image, batch_size, shard_size = (
+        check_count(value, name) for name, value in (("crop_size", crop_size), ("crops_per_image", crops_per_image),
+                                                     ("batch_size", batch_size), ("shard_size", shard_size)))
+    workers = check_count(workers, "workers", 0)
     if not 0 <= seed < 2**63:  # a negative one failed every image's crop, reported as unreadable images
         raise ValueError(f"seed (--seed) must be in [0, 2**63), got {seed}")
     if crops_per_image > 1 and crop != "random":

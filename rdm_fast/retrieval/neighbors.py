@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_save_npy, atomic_save_npz, atomic_write_json
 from .database import Database
-from .search import first_kept
+from .search import check_count, first_kept
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -89,6 +90,11 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
     arguments continues after a kill instead of starting over; the caller removes it once the results are saved.
     """
     queries_db = db if queries_db is None else queries_db
+    for name, value in (("db", db), ("queries_db", queries_db)):
+        if not isinstance(value, Database):  # a path failed with "'str' object has no attribute 'check_encoder'"
+            raise TypeError(f"compute_neighbors: {name} must be a Database (Database.open(path)), got "
+                            f"{type(value).__name__}")
+    batch_size = check_count(batch_size, "batch_size")
     if exclude_self and not same_entries(db, queries_db):
         raise ValueError("exclude_self applies only when the queries are the database's own entries (the database "
                          "itself or a copy of it); to leave out entries that duplicate queries of another database, "
@@ -96,7 +102,8 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
     db.check_encoder(queries_db.encoder_name)
     if queries_db.dim != db.dim:
         raise ValueError(f"{queries_db.path} holds {queries_db.dim}-d embeddings, {db.path} {db.dim}-d ones")
-    if dedup_threshold is not None and not -1 <= dedup_threshold <= 1:
+    if dedup_threshold is not None and (isinstance(dedup_threshold, bool) or not isinstance(
+            dedup_threshold, numbers.Real) or not -1 <= dedup_threshold <= 1):
         raise ValueError(f"dedup_threshold is a cosine similarity in [-1, 1], got {dedup_threshold}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {k!r}")
@@ -107,8 +114,6 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
     if not 1 <= k <= len(db) - (1 if exclude_self else 0):
         raise ValueError(f"k must be between 1 and {len(db) - (1 if exclude_self else 0)} for {db.path} "
                          f"({len(db)} entries{', one excluded as the query' if exclude_self else ''}), got {k}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     first_k = min(len(db), k + int(exclude_self) + (max(4, k // 2) if dedup_threshold is not None else 0))
     n = len(queries_db)
     settings = {"db": database_digest(db), "queries": database_digest(queries_db), "k": k, "exclude_self":

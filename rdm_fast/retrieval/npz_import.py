@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .._distributed import Processes
 from .build import ShardedBuild, run_sharded
 from .database import check_encoder_info, new_manifest, write_manifest, write_shard
+from .search import check_count
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -198,8 +199,7 @@ def import_npz(parts: Sequence[str | Path], out: str | Path, encoder_info: dict,
     if not parts:
         raise ValueError("give at least one .npz part file")
     check_encoder_info(encoder_info, "import_npz")
-    if shard_size < 1 or chunk_rows < 1:
-        raise ValueError(f"shard_size and chunk_rows must be at least 1, got {shard_size} and {chunk_rows}")
+    shard_size, chunk_rows = check_count(shard_size, "shard_size"), check_count(chunk_rows, "chunk_rows")
     files = sorted((Path(p).resolve() for p in parts), key=part_order)
     repeated = sorted({str(f) for f in files if files.count(f) > 1})
     if repeated:

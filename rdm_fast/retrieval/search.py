@@ -24,6 +24,15 @@ def check_k(k: object, n: int) -> None:
         raise ValueError(f"k must be between 1 and the database size {n}, got {k}")
 
 
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    """``value`` as an int; TypeError unless it is an integer (not a bool or float), ValueError below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
 def topk_lowest_id(scores: Tensor, k: int, *, inplace: bool = False) -> tuple[Tensor, Tensor]:
     """Top-k columns of (Q, n) ``scores``, best first, equal scores ordered (and chosen) by lower column; NaN
     scores count as -inf (ranked last; torch.topk would rank them first), replaced in ``scores`` itself when
