@@ -780,3 +780,18 @@ def test_neighbors_arguments_are_checked_by_name(tmp_path):
             compute_neighbors(db, k=2, progress=False, **kwargs)
     with pytest.raises(TypeError, match=r"compute_neighbors: db must be a Database \(Database.open\(path\)\), got str"):
         compute_neighbors(str(path), k=2, progress=False)
+
+
+def test_small_api_checks(tmp_path):
+    """From a Python API audit: a non-callable factory was registered and failed at first use; float neighbour
+    ids were truncated into a ranking; an empty id list was refused as float64."""
+    from rdm_fast.encoders import register_encoder
+
+    with pytest.raises(TypeError, match="register_encoder: factory must be callable"):
+        register_encoder("never-callable", 3)
+    with pytest.raises(ValueError, match="proposal_ranking: neighbour ids must be integers, got torch.float64"):
+        proposal_ranking(np.array([[0.7, 1.9]]), 3)
+    with pytest.raises(TypeError, match="proposal_ranking: n must be an int, got 2.5"):
+        proposal_ranking(np.array([[0, 1]]), 2.5)
+    db = Database.open(write_database(tmp_path / "db", np.ones((3, 16)), INFO), backend="torch", device="cpu")
+    assert db.embeddings([]).shape == (0, 16) and db.patch_coords([]).shape == (0, 2)

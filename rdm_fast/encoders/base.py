@@ -116,6 +116,11 @@ _REGISTRY: dict[str, EncoderFactory] = {}
 
 def register_encoder(name: str, factory: EncoderFactory, *, replace: bool = False) -> None:
     """Make ``get_encoder(name, ...)`` call ``factory(device=..., checkpoint=..., pretrained=...)``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_encoder: name must be a non-empty str, got {name!r}")
+    if not callable(factory):  # it failed at the first get_encoder, "'int' object is not callable"
+        raise TypeError(f"register_encoder: factory must be callable as factory(device=..., checkpoint=..., "
+                        f"pretrained=...), got {type(factory).__name__}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"an encoder named {name!r} is already registered")
     _REGISTRY[name] = factory

@@ -354,6 +354,8 @@ class TorchExactSearch:
 
 def _as_index_array(ids: Any) -> tuple[np.ndarray, tuple[int, ...], torch.device]:
     t = ids if isinstance(ids, Tensor) else torch.as_tensor(np.asarray(ids))
+    if not t.numel():  # an empty list reads as float64
+        t = t.long()
     if t.dtype.is_floating_point or t.dtype == torch.bool:
         raise ValueError(f"ids must be integers, got {t.dtype}")
     return t.reshape(-1).cpu().numpy().astype(np.int64), tuple(t.shape), t.device

@@ -177,7 +177,11 @@ def _warn_duplicates(first_scores: Tensor, db: Database) -> None:
 def proposal_ranking(neighbor_ids: Tensor | np.ndarray, n: int) -> tuple[Tensor, Tensor]:
     """Every id in ``[0, n)`` ranked by how often it occurs in ``neighbor_ids`` (descending count, ties by lower
     id): (ids (n,) int64, counts (n,) int64). Negative ids (missing results) are ignored."""
-    flat = torch.as_tensor(np.asarray(neighbor_ids)).reshape(-1).long()
+    n = check_count(n, "proposal_ranking: n", 0)
+    flat = torch.as_tensor(np.asarray(neighbor_ids)).reshape(-1)
+    if flat.numel() and (flat.is_floating_point() or flat.is_complex() or flat.dtype == torch.bool):
+        raise ValueError(f"proposal_ranking: neighbour ids must be integers, got {flat.dtype}")  # were truncated
+    flat = flat.long()
     flat = flat[flat >= 0]
     if flat.numel() and int(flat.max()) >= n:
         raise ValueError(f"neighbour id {int(flat.max())} is out of range for a database of {n} entries")
