@@ -315,7 +315,9 @@ def check_schedule(state: Mapping[str, Tensor], alphas_cumprod: Tensor, source: 
 
 def save_safetensors(tensors: Mapping[str, Tensor], config: dict[str, Any], directory: str | Path) -> Path:
     """Write ``model.safetensors`` (config in its metadata) and ``config.json`` into ``directory`` atomically:
-    each file is written under a temporary name and renamed into place, so no half-written file is left."""
+    each file is written under a temporary name and renamed into place, so no half-written file is left.
+    ValueError for a ``directory`` that names a file or holds a database, a training run or one of its
+    checkpoints, or sample images."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -327,7 +329,7 @@ def save_safetensors(tensors: Mapping[str, Tensor], config: dict[str, Any], dire
     from ._cli import folder_kind  # here: the command-line helpers import this module
 
     found = folder_kind(directory) if directory.is_dir() else None
-    if found in ("a database", "a training run", "a sample run"):
+    if found in ("a database", "a training run", "a training checkpoint", "a sample run"):
         raise ValueError(f"{directory} holds {found}: save the model into a folder of its own")
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "config": json.dumps(config)}

@@ -183,7 +183,8 @@ class RDM(nn.Module):
     def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
         """Write ``model.safetensors`` + ``config.json`` (rdm_fast's format) atomically; returns the weights path.
         ``dtype``: the precision stored, torch.float32, torch.float16 or torch.bfloat16 (None: the model's own;
-        ValueError for any other, or if a weight is beyond its range)."""
+        ValueError for any other, or if a weight is beyond its range). ValueError for a ``directory`` that names
+        a file or holds another command's output (see :func:`rdm_fast.checkpoint.save_safetensors`)."""
         tensors = ckpt.cast_floats(self.state_dict(), dtype)
         return ckpt.save_safetensors(tensors, self.config.to_dict(), directory)
 

@@ -462,3 +462,6 @@ def test_save_pretrained_refuses_files_and_other_outputs(tmp_path):
     assert not (tmp_path / "m").exists() and not (db / "model.safetensors").exists()
     model.save_pretrained(tmp_path / "m")
     model.save_pretrained(tmp_path / "m")  # over itself: a model's folder
+    (tmp_path / "m" / "state.json").write_text("{}")  # a training checkpoint's folder: its EMA weights alone
+    with pytest.raises(ValueError, match="holds a training checkpoint: save the model into a folder of its own"):
+        model.save_pretrained(tmp_path / "m")

@@ -1047,6 +1047,8 @@ def test_models_are_not_overwritten_or_mixed_with_runs(tiny_dir, tmp_path, capsy
     assert cli(convert, str(model), "--out", str(model), "--to", "official") == 2  # model.ckpt beside it: never used
     assert "holds model.safetensors, which loading the folder would use instead" in capsys.readouterr().err
     assert not (model / "model.ckpt").exists()
+    assert cli(convert, str(model), "--out", str(tmp_path / "m.safetensors")) == 2  # before the load, not after
+    assert "m.safetensors names a file: the converted model is written into a folder" in capsys.readouterr().err
     assert cli(convert, str(model), "--out", str(tmp_path / "half"), "--dtype", "bf16") == 0
     assert cli(convert, str(model), "--out", str(tmp_path / "half"), "--dtype", "fp16") == 0  # a conversion redone
     assert cli(convert, str(model), "--out", str(tmp_path / "official"), "--to", "official") == 0

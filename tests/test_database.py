@@ -735,7 +735,7 @@ def test_write_database_checks_everything_before_writing(tmp_path):
     corrupted; a NumPy scalar keyword, or a bad row in a later shard, failed after earlier shards were written;
     (2, N) corners were read as (N, 2) pairs; float corners were truncated; bfloat16 tensors were refused."""
     emb = np.random.default_rng(0).standard_normal((10, 16)).astype(np.float32)
-    with pytest.raises(ValueError, match="write_database: count is set from the embeddings, not by keyword"):
+    with pytest.raises(ValueError, match=r"write_database: count is the manifest.s own \(written by rdm_fast\)"):
         write_database(tmp_path / "a", emb, INFO, count=3)
     with pytest.raises(TypeError, match=r"write_database: note=<object .*> cannot be stored in the manifest"):
         write_database(tmp_path / "b", emb, INFO, note=object())
@@ -753,6 +753,10 @@ def test_write_database_checks_everything_before_writing(tmp_path):
     db = Database.open(write_database(tmp_path / "f", torch.from_numpy(emb).bfloat16(), INFO, note=np.int64(3),
                                       patch_coords=corners.T), device="cpu")
     assert db.manifest["note"] == 3 and db.patch_coords([0, 1]).tolist() == [[0, 100], [1, 101]]
+    close = np.array([[1 + 2**-11 + 2**-40] + [0.5] * 15])  # float64 -> float32 -> float16 rounds it down
+    for i, rows in enumerate((close, torch.from_numpy(close))):  # a float64 tensor is stored as its array is
+        stored = Database.open(write_database(tmp_path / f"g{i}", rows, INFO), device="cpu").embeddings([0])
+        assert stored[0, 0].item() == np.float16(close[0, 0]).item() == 1 + 2**-10
 
 
 def test_a_refused_proposal_ranking_keeps_the_recorded_one(tmp_path):
@@ -763,6 +767,8 @@ def test_a_refused_proposal_ranking_keeps_the_recorded_one(tmp_path):
     assert read_manifest(path)["proposals"] == {"file": "proposals.npy", "k": 3}
     with pytest.raises(TypeError, match=r"save_proposals: k=.* cannot be stored in the manifest"):
         save_proposals(path, np.arange(6), counts, k={1, 2})
+    with pytest.raises(ValueError, match="save_proposals: file is the manifest's own"):  # it recorded another name
+        save_proposals(path, np.arange(6), counts, file="other.npy")
     assert read_manifest(path)["proposals"]["k"] == 3
     assert Database.open(path, device="cpu").proposals(1.0)[0] == 5  # the first ranking, unchanged
 
@@ -775,7 +781,7 @@ def test_neighbors_arguments_are_checked_by_name(tmp_path):
     for kwargs, error, message in (({"batch_size": 2.5}, TypeError, "batch_size must be an int, got 2.5"),
                                    ({"batch_size": None}, TypeError, "batch_size must be an int, got None"),
                                    ({"batch_size": 0}, ValueError, "batch_size must be at least 1, got 0"),
-                                   ({"dedup_threshold": "0.9"}, ValueError, "dedup_threshold is a cosine similarity")):
+                                   ({"dedup_threshold": "0.9"}, TypeError, "dedup_threshold is a cosine similarity")):
         with pytest.raises(error, match=message):
             compute_neighbors(db, k=2, progress=False, **kwargs)
     with pytest.raises(TypeError, match=r"compute_neighbors: db must be a Database \(Database.open\(path\)\), got str"):

@@ -974,3 +974,16 @@ def _scan_as_another_user(base: Path) -> None:
         got = f.read().decode()
     os.waitpid(pid, 0)
     assert got.split("\n") == ["a.png", "sub/b.png"], got[:300]
+
+
+def test_fit_short_side_refuses_a_malformed_window():
+    """A list or a misspelt string was taken as "center" (only too elongated images read the window)."""
+    from rdm_fast.retrieval import build as build_module
+
+    img = Image.fromarray(np.zeros((2, 900, 3), np.uint8))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(build_module, "MAX_FIT_PIXELS", 16 ** 2 * 3)
+        for window in ([3, 0], "centre"):
+            with pytest.raises(ValueError, match="window must be an \\(x, y\\) corner or 'center'"):
+                build_module.fit_short_side(img, 16, window=window)
+        assert build_module.fit_short_side(img, 16, window=(3, 0)).size == (16, 16)

@@ -354,6 +354,8 @@ def test_schedules_and_noised_check_their_inputs():
         Schedule(torch.full((2, 2), 0.1))
     with pytest.raises(TypeError, match="betas must be a .* array of numbers, got str"):
         Schedule("0.1")
+    with pytest.raises(ValueError, match=r"betas must lie in \[0, 1\), got NaN"):
+        Schedule([0.1, float("nan")])
     from_list = Schedule([0.1, 0.2])
     assert from_list.betas.dtype == torch.float64 and torch.equal(from_list.betas, Schedule(np.array([0.1, 0.2])).betas)
     x = torch.randn(2, 4)

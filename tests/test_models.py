@@ -1076,8 +1076,8 @@ def test_latents_and_decode_check_their_inputs():
         model.encode(torch.zeros(1, 3, 32, 32), noise=torch.full((1, 4, 16, 16), float("nan")))
     with pytest.raises(ValueError, match="encode: noise must hold floats"):
         model.encode(torch.zeros(1, 3, 32, 32), noise=torch.ones(1, 4, 16, 16, dtype=torch.bool))
-    for rows in (1.5, "2", -1):  # 1.5 made a context for 3.5 rows
-        with pytest.raises(ValueError, match=f"zero_rows must be an int >= 0, got {rows!r}"):
+    for rows, error in ((1.5, TypeError), ("2", TypeError), (-1, ValueError)):  # 1.5 made a context for 3.5 rows
+        with pytest.raises(error, match=f"zero_rows must be an int >= 0, got {rows!r}"):
             model.unet.prepare_context(torch.randn(2, 4, 64), rows)
     moments = model.encode_moments(torch.zeros(1, 3, 32, 32))
     noise = torch.randn(1, 4, 16, 16)

@@ -48,8 +48,8 @@ def uniform_timesteps(steps: int, total: int) -> Tensor:
 @dataclass(frozen=True)
 class Schedule:
     """A discrete diffusion schedule (float64 on the CPU). ``betas``: (T,) values in [0, 1), a tensor or anything
-    ``torch.as_tensor`` takes (stored as float64 on the CPU); ValueError otherwise (a beta above 1 gave negative
-    alpha-bars, which the samplers took)."""
+    ``torch.as_tensor`` takes (stored as float64 on the CPU); TypeError for what is no array of numbers,
+    ValueError for other shapes or values (a beta above 1 gave negative alpha-bars, which the samplers took)."""
 
     betas: Tensor
 
@@ -61,6 +61,8 @@ class Schedule:
                 from None
         if betas.dim() != 1 or not betas.numel():
             raise ValueError(f"Schedule: betas must be a non-empty (T,) array, got shape {tuple(betas.shape)}")
+        if bool(betas.isnan().any()):
+            raise ValueError("Schedule: betas must lie in [0, 1), got NaN")
         if not bool(((betas >= 0) & (betas < 1)).all()):
             raise ValueError(f"Schedule: betas must lie in [0, 1), got values from {betas.min().item()} to "
                              f"{betas.max().item()}")

@@ -116,8 +116,10 @@ _REGISTRY: dict[str, EncoderFactory] = {}
 
 def register_encoder(name: str, factory: EncoderFactory, *, replace: bool = False) -> None:
     """Make ``get_encoder(name, ...)`` call ``factory(device=..., checkpoint=..., pretrained=...)``."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str):
         raise TypeError(f"register_encoder: name must be a non-empty str, got {name!r}")
+    if not name:
+        raise ValueError("register_encoder: name must be a non-empty str, got ''")
     if not callable(factory):  # it failed at the first get_encoder, "'int' object is not callable"
         raise TypeError(f"register_encoder: factory must be callable as factory(device=..., checkpoint=..., "
                         f"pretrained=...), got {type(factory).__name__}")

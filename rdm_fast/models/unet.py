@@ -480,7 +480,9 @@ class UNet(nn.Module):
         cross-attention is in a down stage, as in the released models; the result's ``shared_input`` says).
         """
         self._check_context(context)
-        if isinstance(zero_rows, bool) or not isinstance(zero_rows, numbers.Integral) or zero_rows < 0:
+        if isinstance(zero_rows, bool) or not isinstance(zero_rows, numbers.Integral):
+            raise TypeError(f"zero_rows must be an int >= 0, got {zero_rows!r}")
+        if zero_rows < 0:
             raise ValueError(f"zero_rows must be an int >= 0, got {zero_rows!r}")
         zero_rows = int(zero_rows)
         if shared_input and zero_rows != context.shape[0]:

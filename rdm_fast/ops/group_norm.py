@@ -23,7 +23,8 @@ from ._triton_kernels import TritonKernels
 
 
 def check_args(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, add: Tensor | None) -> None:
-    """Raise ValueError when the arguments do not describe a valid group_norm call."""
+    """Raise ValueError (TypeError for a num_groups that is no int) when the arguments do not describe a valid
+    group_norm call."""
     if x.dim() < 2:
         raise ValueError(
             f"group_norm: expected x of shape (B, C, *spatial) with at least 2 dims, got shape {tuple(x.shape)}"
@@ -225,7 +226,8 @@ def group_norm(
     x is (B, C, *spatial), float32/float16/bfloat16, any layout; the result has x's shape and dtype and x's
     memory format (channels_last for a channel slice of a channels_last map). Contiguous and 4-D channels_last
     inputs (and such slices; the CPU extension copies those first) run the fused kernels; other layouts the
-    reference. ``eps`` must be finite and >= 0 (ValueError). Semantics are those of :func:`group_norm_reference`.
+    reference. ``eps`` must be finite and >= 0 (ValueError); ``num_groups`` an int and ``silu`` a bool (TypeError).
+    Semantics are those of :func:`group_norm_reference`.
     """
     check_args(x, weight, bias, num_groups, add)
     eps = check_eps("group_norm", eps)

@@ -308,7 +308,12 @@ def fit_short_side(img: Image.Image, size: int, window: tuple[int, int] | str | 
     if fit == (w, h):
         return img
     if fit[0] * fit[1] > MAX_FIT_PIXELS and window is not None:  # the mapping of the whole resize
-        x, y = window if isinstance(window, tuple) else ((fit[0] - size) // 2, (fit[1] - size) // 2)
+        if window == "center":
+            x, y = (fit[0] - size) // 2, (fit[1] - size) // 2
+        elif isinstance(window, tuple) and len(window) == 2:
+            x, y = window
+        else:
+            raise ValueError(f"window must be an (x, y) corner or 'center', got {window!r}")
         box = (x * w / fit[0], y * h / fit[1], (x + size) * w / fit[0], (y + size) * h / fit[1])
         return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     if fit[0] * fit[1] > MAX_FIT_PIXELS:  # a 20000x1 image of 143 bytes took 13 GB at 256 px

@@ -160,7 +160,9 @@ def draw_pseudo_queries(db: Database, n: int, top_m: float, generator: torch.Gen
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise (ValueError if isinstance(n, numbers.Integral) and not isinstance(n, bool) else TypeError)(
             f"draw_pseudo_queries: n must be an int >= 0, got {n!r}")
-    if isinstance(top_m, bool) or not isinstance(top_m, numbers.Real) or not 0 < top_m <= 1:
+    if isinstance(top_m, bool) or not isinstance(top_m, numbers.Real):
+        raise TypeError(f"draw_pseudo_queries: top_m must be a fraction in (0, 1], got {top_m!r}")
+    if not 0 < top_m <= 1:
         raise ValueError(f"draw_pseudo_queries: top_m must be a fraction in (0, 1], got {top_m!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"draw_pseudo_queries: generator must be a torch.Generator, got {type(generator).__name__}")

@@ -172,9 +172,10 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
                    patch_coords: np.ndarray | None = None, shard_size: int = 100_000, **extra: Any) -> Path:
     """Write in-memory (N, D) embeddings (and optional per-row metadata) as a database directory."""
     check_encoder_info(encoder_info, "write_database")
-    if isinstance(embeddings, Tensor):  # bfloat16 has no NumPy type
-        embeddings = embeddings.detach().cpu().float().numpy() if embeddings.is_floating_point() else \
-            embeddings.detach().cpu().numpy()
+    if isinstance(embeddings, Tensor):
+        embeddings = embeddings.detach().cpu()
+        embeddings = (embeddings.float() if embeddings.dtype == torch.bfloat16 else embeddings).numpy()  # no NumPy
+        # bfloat16; other dtypes convert to float16 directly, as NumPy arrays do
     emb = np.asarray(embeddings)
     dim = encoder_info["dim"]
     if isinstance(sources, (str, bytes)):  # list("abc") would be three one-letter sources
@@ -203,14 +204,15 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
         raise ValueError(f"patch_coords must be integers (pixel corners), got {np.asarray(patch_coords).dtype}")
     reserved = sorted(set(extra) & set(RESERVED_KEYS))
     if reserved:
-        raise ValueError(f"write_database: {', '.join(reserved)} {'is' if len(reserved) == 1 else 'are'} set from "
-                         "the embeddings, not by keyword")
+        raise ValueError(f"write_database: {', '.join(reserved)} {'is' if len(reserved) == 1 else 'are'} the "
+                         "manifest's own (written by rdm_fast), not a keyword")
     extra = json_values(extra, "write_database")
-    with np.errstate(over="ignore"):  # every row checked before the first shard is written
-        finite = np.isfinite(emb.astype(np.float16)).all(1) if n else np.ones(0, bool)
-    if not finite.all():
-        raise ValueError(f"embeddings row {int(np.argmin(finite))}: the embedding is not finite (NaN or Inf, or beyond "
-                         "float16's +-65504); refusing to store it")
+    for start in range(0, n, shard_size):  # every row checked before the first shard is written, a shard at a time
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(emb[start:start + shard_size].astype(np.float16)).all(1)
+        if not finite.all():
+            raise ValueError(f"embeddings row {start + int(np.argmin(finite))}: the embedding is not finite (NaN or "
+                             "Inf, or beyond float16's +-65504); refusing to store it")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if (path / MANIFEST).exists():
@@ -756,6 +758,8 @@ def save_proposals(directory: str | Path, ids: np.ndarray, counts: np.ndarray, *
         raise ValueError(f"a proposal ranking lists each of the database's {n} entries once (ids 0 to {n - 1})")
     if n and counts.min() < 0:
         raise ValueError(f"a proposal ranking's counts are numbers of times, >= 0; got {counts.min()}")
+    if "file" in info:  # it would name another file than the one written
+        raise ValueError("save_proposals: file is the manifest's own (the ranking's file name), not a keyword")
     info = json_values(info, "save_proposals")  # before the old ranking is touched
     remove_stale_temps(directory, [PROPOSALS, MANIFEST])  # what a killed write of them left
     if read_manifest(directory).get("proposals"):  # a kill while the file is replaced leaves no ranking, never

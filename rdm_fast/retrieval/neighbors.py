@@ -103,7 +103,9 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
     if queries_db.dim != db.dim:
         raise ValueError(f"{queries_db.path} holds {queries_db.dim}-d embeddings, {db.path} {db.dim}-d ones")
     if dedup_threshold is not None and (isinstance(dedup_threshold, bool) or not isinstance(
-            dedup_threshold, numbers.Real) or not -1 <= dedup_threshold <= 1):
+            dedup_threshold, numbers.Real)):
+        raise TypeError(f"dedup_threshold is a cosine similarity in [-1, 1], got {dedup_threshold!r}")
+    if dedup_threshold is not None and not -1 <= dedup_threshold <= 1:
         raise ValueError(f"dedup_threshold is a cosine similarity in [-1, 1], got {dedup_threshold}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {k!r}")
