@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
 import warnings
@@ -121,6 +122,8 @@ def resolve_file(path: str | Path) -> Path:
     """A checkpoint file given as itself or as a directory: rdm_fast's (``model.safetensors``), a training run of
     ``python -m rdm_fast.train`` (its newest checkpoint, named in ``latest``) or an official release folder
     holding a single ``.ckpt``."""
+    if not isinstance(path, (str, os.PathLike)):  # pathlib's TypeError named no argument
+        raise TypeError(f"a checkpoint path must be a str or Path, got {type(path).__name__}")
     path = Path(path)
     if not path.is_dir():
         return path
@@ -320,6 +323,8 @@ def save_safetensors(tensors: Mapping[str, Tensor], config: dict[str, Any], dire
     checkpoints, or sample images."""
     from safetensors.torch import save_file
 
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"the folder to save the model into must be a str or Path, got {type(directory).__name__}")
     directory = Path(directory)
     if directory.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):  # made a folder of that name
         raise ValueError(f"{directory} names a file: the model is saved into a folder (its {WEIGHTS_FILE} and "

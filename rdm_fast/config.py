@@ -483,6 +483,8 @@ class RDMConfig:
         rdm_fast's own fields (``OWN_FIELDS``) that the tree lacks, as official configs do, and the settings a
         partial ``sampling`` section lacks (``sampling.<name>``) come from the preset of the same architecture;
         without one they keep their defaults and a warning names them."""
+        if not isinstance(tree, dict):  # a list failed with an AttributeError
+            raise TypeError(f"RDMConfig.from_dict: expected a dict (a config tree), got {type(tree).__name__}")
         cfg, missing = cls._parse(tree)
         if not missing:
             return cfg

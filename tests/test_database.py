@@ -801,3 +801,23 @@ def test_small_api_checks(tmp_path):
         proposal_ranking(np.array([[0, 1]]), 2.5)
     db = Database.open(write_database(tmp_path / "db", np.ones((3, 16)), INFO), backend="torch", device="cpu")
     assert db.embeddings([]).shape == (0, 16) and db.patch_coords([]).shape == (0, 2)
+
+
+def test_missing_paths_and_containers_are_named(tmp_path):
+    """From a Python API audit: None paths gave pathlib's TypeError, naming no argument; a None caption list and
+    database names instead of Database objects failed deep inside; a list as a config tree, an AttributeError."""
+    from rdm_fast import RDM, RDMConfig
+    from rdm_fast.retrieval import read_manifest, save_neighbors
+
+    with pytest.raises(TypeError, match="a database directory must be a str or Path, got NoneType"):
+        read_manifest(None)
+    with pytest.raises(TypeError, match="a checkpoint path must be a str or Path, got NoneType"):
+        RDM.from_pretrained(None)
+    with pytest.raises(TypeError, match="the folder to save the model into must be a str or Path, got NoneType"):
+        RDM.from_config("tiny").save_pretrained(None)
+    with pytest.raises(TypeError, match="expected a list of captions, got NoneType"):
+        embed_texts(TinyEncoder(), None)
+    with pytest.raises(ValueError, match="databases must be .* as Database objects"):
+        save_neighbors(tmp_path / "n.npz", torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1), databases=("a", "b"))
+    with pytest.raises(TypeError, match="RDMConfig.from_dict: expected a dict"):
+        RDMConfig.from_dict([1])

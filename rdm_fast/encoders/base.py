@@ -11,7 +11,7 @@ import importlib
 import inspect
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -106,6 +106,8 @@ def embed_texts(encoder: Encoder, texts: Sequence[str]) -> Tensor:
     check_encoder_arg(encoder, "embed_texts")
     if isinstance(texts, str):
         raise TypeError(f"{encoder.name}: expected a list of captions, got a single str (wrap it in a list)")
+    if not isinstance(texts, Iterable):
+        raise TypeError(f"{encoder.name}: expected a list of captions, got {type(texts).__name__}")
     texts = list(texts)
     return _checked(encoder, encoder.encode_text(texts), len(texts), "captions")
 

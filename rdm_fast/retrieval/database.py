@@ -33,6 +33,7 @@ import logging
 import math
 import mmap
 import numbers
+import os
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -242,6 +243,8 @@ def _plain_name(value: Any, what: str, file: Path) -> str:
 
 def read_manifest(directory: str | Path) -> dict:
     """The checked manifest of the database in ``directory`` (one-line errors naming the file)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"a database directory must be a str or Path, got {type(directory).__name__}")
     directory = Path(directory)
     file = directory / MANIFEST
     if directory.exists() and not directory.is_dir():

@@ -225,8 +225,9 @@ def save_neighbors(path: str | Path, ids: Tensor, scores: Tensor, *,
                          f"{tuple(scores_t.shape)}")
     if ids_t.numel() and int(ids_t.min()) < 0:
         raise ValueError(f"neighbour ids must be entry ids (>= 0), got {int(ids_t.min())}")
-    if databases is not None and len(databases) != 2:
-        raise ValueError(f"databases must be (the searched database, the queries' database), got {len(databases)}")
+    if databases is not None and (len(databases) != 2 or not all(isinstance(d, Database) for d in databases)):
+        raise ValueError("databases must be (the searched database, the queries' database) as Database objects, "
+                         f"got {databases!r}")
     ids_np = np.ascontiguousarray(ids_t.numpy(), dtype=np.int64)
     scores_np = np.ascontiguousarray(scores_t.numpy(), dtype=np.float32)
     if len(files) == 1:
