@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -347,6 +349,32 @@ def test_torchrun_two_processes_equal_one(image_dir, tmp_path):
     args = _cli_build(two, image_dir) + ["--seed", "5"]
     r = subprocess.run([*torchrun, *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode != 0 and "different arguments" in r.stderr
+
+
+def test_torchrun_processes_must_share_the_inputs_and_out(image_dir, tmp_path):
+    """A process given other images, or an --out it cannot see (a node without the shared file system), was found
+    only after all the embedding, with a traceback and a half-built database; now before any shard, on every
+    process. The wrapper gives each rank its own argument: "A@@B" is A on rank 0 and B on rank 1."""
+    wrapper = tmp_path / "per_rank.py"
+    wrapper.write_text("import os, runpy, sys\nrank = int(os.environ['RANK'])\n"
+                       "sys.argv = [sys.argv[1]] + [a.split('@@')[rank] if '@@' in a else a for a in sys.argv[2:]]\n"
+                       "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+    fewer = tmp_path / "fewer"
+    shutil.copytree(image_dir / "dogs", fewer)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper)]
+    for out, images, message in (
+            (tmp_path / "mixed", f"{image_dir}@@{fewer}", "process 1 was given other build arguments or inputs than "
+                                                          r"process 0 \(they differ in: inputs, inputs_sha256"),
+            (f"{tmp_path / 'unshared'}@@{tmp_path / 'afile' / 'x'}", str(image_dir),
+             r"--out .*x is not shared: process 1 cannot see what process 0 wrote there")):
+        (tmp_path / "afile").write_text("x")
+        args = [images if a == str(image_dir) else str(out) if a == "OUT" else a
+                for a in _cli_build(Path("OUT"), image_dir)][1:]  # without "-m": the wrapper runs the module
+        r = subprocess.run([*torchrun, *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
+        assert r.returncode != 0 and re.search(message, r.stderr), r.stderr[-3000:]
+        assert "another process was given other build arguments" in r.stderr  # rank 0's line
+        rank0_out = Path(str(out).split("@@")[0])
+        assert not list(rank0_out.glob("emb_*.npy")) and not (rank0_out / "manifest.json").exists()
 
 
 # ------------------------------------------------------------------------------------------ npz import

@@ -518,7 +518,8 @@ class ShardedBuild:
         for j in range(self.n_shards):
             file = self.record_file(j)
             if not file.is_file():
-                raise RuntimeError(f"shard {j} has no done-record {file} although every process finished")
+                raise ValueError(f"shard {j} has no done-record {file} although every process finished: do all "
+                                 "processes write to one shared --out?")
             out.append(json.loads(file.read_text()))
         return out
 
@@ -532,6 +533,25 @@ def inputs_digest(sources: PathList, classes: np.ndarray | None) -> str:
         ids = classes[first:last].tolist() if classes is not None else [-1] * (last - first)
         h.update(b"".join(b"%s\t%d\n" % (sources.encoded(i), c) for i, c in zip(range(first, last), ids)))
     return h.hexdigest()
+
+
+def _check_same_build(procs: Processes, state: ShardedBuild) -> None:
+    """ValueError on every process unless each one was given rank 0's build arguments and inputs and sees the
+    ``out`` rank 0 prepared (a node with other files, or without the shared file system, was found only after
+    all the embedding, with a traceback and a half-built database)."""
+    theirs = procs.from_rank0(state.config)
+    differ = sorted(k for k in set(theirs) | set(state.config) if theirs.get(k) != state.config.get(k))
+    unseen = not (state.progress / "config.json").is_file()
+    if not int(procs.all_sum(torch.tensor(int(bool(differ)) + 2 * int(unseen))).item()):
+        return
+    if differ:
+        raise ValueError(f"process {procs.rank} was given other build arguments or inputs than process 0 (they "
+                         f"differ in: {', '.join(differ)}): every process must see the same command and files")
+    if unseen:
+        raise ValueError(f"--out {state.out} is not shared: process {procs.rank} cannot see what process 0 wrote "
+                         "there (put --out on a file system every process shares)")
+    raise ValueError("another process was given other build arguments or inputs, or cannot see --out (its error "
+                     "says which)")
 
 
 def run_sharded(out: Path, config: dict, n_shards: int,
@@ -551,6 +571,8 @@ def run_sharded(out: Path, config: dict, n_shards: int,
         complete, error = procs.from_rank0((complete, error))
         if error is not None:  # raised on every rank, so no process waits for the others forever
             raise (FileNotFoundError if error[0] else ValueError)(error[1])
+        if procs.world > 1:
+            _check_same_build(procs, state)
         if complete:
             log.info("%s is already complete (same arguments): nothing to do", out)
             return out
