@@ -101,8 +101,11 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         _say("error: " + _one_line(e))
         return 2
     except (RuntimeError, MemoryError) as e:
-        if os.environ.get("RDM_FAST_DEBUG") or not _out_of_memory(e):
+        if os.environ.get("RDM_FAST_DEBUG") or not (_out_of_memory(e) or _peer_failed(e)):
             raise
+        if _peer_failed(e):  # the process that failed first has printed why
+            _say("error: another process of this torchrun stopped (its error is above): this one stops too")
+            return 2
         _say(f"error: out of memory: {_memory_line(e)}" + (f"; {memory_advice}" if memory_advice else ""))
         return 2
     except KeyboardInterrupt:
@@ -114,6 +117,13 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
 # memory and cuBLAS workspaces
 _MEMORY_ERRORS = ("DefaultCPUAllocator: can't allocate", "DefaultCPUAllocator: not enough memory",
                   "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """True for a collective that failed because another torchrun process ended (a gloo or NCCL error, with a
+    traceback on every surviving process before)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (isinstance(e, torch.distributed.DistError) or any(
+        m in str(e) for m in ("Connection closed by peer", "Connection reset by peer")))
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -1132,6 +1132,27 @@ def test_out_of_memory_is_one_line_with_the_commands_advice(error, line, capsys,
         run(fails, [], memory_advice="lower --batch-size")
 
 
+@pytest.mark.parametrize("error", [
+    lambda: RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                         "[127.0.0.1]:43557"),
+    lambda: torch.distributed.DistBackendError("NCCL communicator was aborted on rank 0"),
+])
+def test_a_process_whose_peer_failed_says_so_in_one_line(error, capsys, monkeypatch):
+    """Under torchrun, when one process fails, the others' next collective fails: they printed a gloo traceback
+    each (from a torchrun audit). Outside torchrun such an error keeps its traceback."""
+    def fails(argv):
+        raise error()
+
+    monkeypatch.delenv("RDM_FAST_DEBUG", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run(fails, []) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: another process of this torchrun stopped (its error is above): this one stops too"]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError):
+        run(fails, [])
+
+
 def test_each_entry_point_gives_its_memory_advice(tmp_path):
     """``python -m`` of every command that runs batches passes its own advice (an allocation failure injected
     where the arguments are parsed)."""
