@@ -143,8 +143,10 @@ def _memory_line(e: BaseException) -> str:
 
 def _say(line: str) -> None:
     """``line`` to stderr in one write: under torchrun the processes share stderr, and print's separate write of
-    the newline let two processes' error lines run together."""
-    sys.stderr.write(line + "\n")
+    the newline let two processes' error lines run together. Processes other than rank 0 say which they are, as
+    their log lines do."""
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    sys.stderr.write(("" if rank == 0 else f"[rank {rank}] ") + line + "\n")
     sys.stderr.flush()
 
 

@@ -1148,6 +1148,9 @@ def test_a_process_whose_peer_failed_says_so_in_one_line(error, capsys, monkeypa
     assert run(fails, []) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: another process of this torchrun stopped (its error is above): this one stops too"]
+    monkeypatch.setenv("RANK", "1")  # the other processes say which they are, as their log lines do
+    assert run(fails, []) == 2
+    assert capsys.readouterr().err.startswith("[rank 1] error: another process of this torchrun stopped")
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(RuntimeError):
         run(fails, [])
