@@ -62,6 +62,7 @@ def _reason(e: BaseException) -> str:
     return why
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # the files read_state_dict reads
 NOT_CHECKPOINTS = {".yaml": "a config", ".yml": "a config", ".json": "a JSON file", ".npy": "a NumPy array",
                    ".png": "an image", ".jpg": "an image", ".jpeg": "an image", ".txt": "a text file"}
 
@@ -326,7 +327,7 @@ def save_safetensors(tensors: Mapping[str, Tensor], config: dict[str, Any], dire
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"the folder to save the model into must be a str or Path, got {type(directory).__name__}")
     directory = Path(directory)
-    if directory.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):  # made a folder of that name
+    if directory.suffix in WEIGHT_SUFFIXES:  # a folder of that name was made
         raise ValueError(f"{directory} names a file: the model is saved into a folder (its {WEIGHTS_FILE} and "
                          f"{CONFIG_FILE}); pass the folder")
     if directory.exists() and not directory.is_dir():

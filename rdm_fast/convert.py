@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="unpickle a checkpoint with Python objects (runs code from the file: trusted files only)")
     args = parse_args(p, argv)
     one_process("convert")
-    if Path(args.out).suffix in (".safetensors", ".ckpt", ".pt", ".pth"):  # refused at the save, after the load
+    if Path(args.out).suffix in ckpt.WEIGHT_SUFFIXES:  # else refused only at the save, after the load
         raise CLIError(f"--out {args.out} names a file: the converted model is written into a folder")
     check_out_dir(args.out, "a model")  # an earlier conversion's output is replaced
     _check_not_in_place(args.ckpt, Path(args.out), args.to)

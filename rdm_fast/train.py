@@ -504,6 +504,12 @@ def sample_draws(seed: int, step: int, rows: range, model: RDM, device: torch.de
             for k, v in (("t", t), ("noise", noise), ("posterior", posterior), ("drop", drop))}
 
 
+def _moved_hint(args: argparse.Namespace) -> str:
+    """What to do when the training images are not where the database recorded them."""
+    return ("is --image-root the folder the database was built from?" if args.image_root else
+            "if the images have moved, pass --image-root")
+
+
 def learning_rate(args: argparse.Namespace, step: int) -> float:
     """``--lr`` for optimizer step ``step`` (from 0), as the released configs' scheduler_config sets it: a factor
     rising linearly from WARM_UP_START at step 0 towards 1 over ``--warmup`` steps, then 1."""
@@ -589,9 +595,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         looked = min(len(images), MOVED_CHECK)
         files = [images.file(round(j * (len(images) - 1) / max(looked - 1, 1))) for j in range(looked)]
         if not any(f.exists() for f in files):
-            raise CLIError(f"none of {len(files)} training images looked for exists, e.g. {files[0]}: " +
-                           ("is --image-root the folder the database was built from?" if args.image_root else
-                            "if the images have moved, pass --image-root"))
+            raise CLIError(f"none of {len(files)} training images looked for exists, e.g. {files[0]}: "
+                           f"{_moved_hint(args)}")
     precision = args.precision
     global_batch = args.batch_size * procs.world * args.accumulate
     if global_batch > len(images):
@@ -692,10 +697,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                     first_file = first_file or images.file(int(batch["index"][0]))
                     if micro == args.accumulate - 1 and not int(procs.all_sum(  # the whole global batch's count
                             torch.tensor(first_readable, device=device))):
-                        raise CLIError(f"none of the first batch's images can be read, e.g. {first_file}: " + (
-                            "is --image-root the folder the database was built from?" if args.image_root else
-                            "if the images have moved, pass --image-root") + (" (and delete --latents)"
-                                                                              if args.latents else ""))
+                        raise CLIError(f"none of the first batch's images can be read, e.g. {first_file}: "
+                                       f"{_moved_hint(args)}" + (" (and delete --latents)" if args.latents else ""))
                 ok = batch["ok"].to(device)
                 unreadable += int((~batch["ok"]).sum())
                 unreadable_total += int((~batch["ok"]).sum())

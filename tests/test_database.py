@@ -505,8 +505,10 @@ def test_exact_search_and_proposals_check_argument_types(db_dir):
 def test_write_database_checks_metadata_lengths_first(tmp_path, data):
     emb = data[0]
     for kwargs, expect in [({"sources": ["a"] * 49}, "sources has 49 values, expected 50"),
-                           ({"class_ids": np.zeros(51)}, "class_ids has 51 values, expected 50"),
-                           ({"patch_coords": np.zeros((50, 3))}, "patch_coords has 150 values, expected 100")]:
+                           ({"class_ids": np.zeros(51, np.int64)},
+                            "class_ids must have shape (50,) for 50 embeddings, got (51,)"),
+                           ({"patch_coords": np.zeros((50, 3), np.int64)},
+                            "patch_coords must have shape (50, 2) for 50 embeddings, got (50, 3)")]:
         with pytest.raises(ValueError) as e:
             write_database(tmp_path / "db", emb, INFO, **kwargs)
         assert expect in one_line(e)

@@ -118,8 +118,8 @@ def test_checks_and_pseudo_queries(db_and_data, tmp_path, monkeypatch, caplog):
     for database in (db, ranked):
         for args, error, message in (((4, 5.0, g), ValueError, "top_m must be a fraction in"),
                                      ((4, "x", g), TypeError, "top_m must be a fraction in"),
-                                     ((-1, 0.1, g), ValueError, "n must be an int >= 0, got -1"),
-                                     ((2.0, 0.1, g), TypeError, "n must be an int >= 0, got 2.0"),
+                                     ((-1, 0.1, g), ValueError, "n must be at least 0, got -1"),
+                                     ((2.0, 0.1, g), TypeError, "n must be an int, got 2.0"),
                                      ((2, 0.1, 0), TypeError, "generator must be a torch.Generator, got int")):
             with pytest.raises(error, match=f"draw_pseudo_queries: {message}"):
                 draw_pseudo_queries(database, *args)

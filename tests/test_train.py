@@ -699,6 +699,7 @@ def test_a_run_that_finished_meanwhile_is_not_overwritten(setup, saved_run, tmp_
     """--out is read before the lock is taken (at the first write, after the model is built): a run that saved a
     checkpoint there meanwhile makes this one stop, instead of removing that run's checkpoints as newer than its
     own start. A finished run's leftovers of killed writes are removed also when there is nothing to train."""
+    caplog.set_level("INFO", logger="rdm_fast.train")  # not left to an earlier test's logging setup
     out = tmp_path / "run"
     real = train.claim_out_dir
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..config import RDMConfig
 from .database import Database
-from .search import first_kept
+from .search import check_count, first_kept
 
 log = logging.getLogger("rdm_fast.retrieval")
 
@@ -157,9 +157,7 @@ def draw_pseudo_queries(db: Database, n: int, top_m: float, generator: torch.Gen
     """n entry ids drawn uniformly from the top fraction ``top_m`` of the database's proposal ranking (every
     entry when the database has no ranking, with a warning). TypeError/ValueError for an ``n`` that is not an int
     >= 0, a ``top_m`` outside (0, 1] (also without a ranking) or a ``generator`` that is no torch.Generator."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise (ValueError if isinstance(n, numbers.Integral) and not isinstance(n, bool) else TypeError)(
-            f"draw_pseudo_queries: n must be an int >= 0, got {n!r}")
+    n = check_count(n, "draw_pseudo_queries: n", 0)
     if isinstance(top_m, bool) or not isinstance(top_m, numbers.Real):
         raise TypeError(f"draw_pseudo_queries: top_m must be a fraction in (0, 1], got {top_m!r}")
     if not 0 < top_m <= 1:

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from .._distributed import parse_device
 from .._files import (array_file_problem, atomic_save_npy, atomic_save_npz, atomic_write_json, remove_stale_temps,
                       sha256_file)
-from .search import check_k, exact_search
+from .search import check_count, check_k, exact_search
 from ..encoders.base import Encoder, check_encoder_arg, embed_images, embed_texts
 from ..images import check_image_range
 
@@ -66,6 +66,16 @@ def shard_names(j: int) -> tuple[str, str]:
     return f"emb_{j:05d}.npy", f"meta_{j:05d}.npz"
 
 
+def _check_finite(rows: np.ndarray, row_name: Callable[[int], str]) -> None:
+    """ValueError naming the first of ``rows`` that is not finite once stored as float16 (NaN, Inf, or beyond
+    +-65504): search would rank it arbitrarily."""
+    with np.errstate(over="ignore"):  # values beyond float16 become inf
+        finite = np.isfinite(rows.astype(np.float16, copy=False)).all(1)
+    if not finite.all():
+        raise ValueError(f"{row_name(int(np.argmin(finite)))}: the embedding is not finite (NaN or Inf, or beyond "
+                         "float16's +-65504); refusing to store it")
+
+
 def write_shard(directory: str | Path, j: int, embeddings: np.ndarray, *,
                 sources: Sequence[str] | np.ndarray | None = None,
                 class_ids: np.ndarray | None = None, patch_coords: np.ndarray | None = None,
@@ -79,11 +89,7 @@ def write_shard(directory: str | Path, j: int, embeddings: np.ndarray, *,
         emb = np.ascontiguousarray(embeddings, dtype=np.float16)
     if emb.ndim != 2:
         raise ValueError(f"shard embeddings must be (n, D), got shape {emb.shape}")
-    finite = np.isfinite(emb).all(1)
-    if not finite.all():
-        i = int(np.argmin(finite))
-        raise ValueError(f"{row_name(i) if row_name else f'shard {j} row {i}'}: the embedding is not finite "
-                         "(NaN or Inf, or beyond float16's +-65504); refusing to store it")
+    _check_finite(emb, row_name or (lambda i: f"shard {j} row {i}"))
     n = emb.shape[0]
     if sources is None:
         src = np.full(n, "", dtype="<U1")
@@ -181,54 +187,40 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
     dim = encoder_info["dim"]
     if isinstance(sources, (str, bytes)):  # list("abc") would be three one-letter sources
         raise TypeError("write_database: sources must be a sequence of strings (one per row), got a single string")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, numbers.Integral):
-        raise TypeError(f"write_database: shard_size must be an int, got {shard_size!r}")
+    shard_size = check_count(shard_size, "write_database: shard_size")
     if emb.dtype.kind != "f":  # ints and bools are no embeddings; complex ones would lose their imaginary part
         raise ValueError(f"embeddings must be floating point, got {emb.dtype}")
     if emb.ndim != 2 or emb.shape[1] != int(dim):
         raise ValueError(f"embeddings of shape {emb.shape} do not match the encoder's dim {dim}")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     n = emb.shape[0]
     if sources is not None:
         sources = list(sources)
-    for name, value, size in (("sources", sources, n), ("class_ids", class_ids, n),
-                              ("patch_coords", patch_coords, 2 * n)):
-        if value is not None and np.size(value) != size:
-            raise ValueError(f"{name} has {np.size(value)} values, expected {size} for {n} embeddings")
-    if class_ids is not None and np.size(class_ids) and np.asarray(class_ids).dtype.kind not in "iu":
-        raise ValueError(f"class_ids must be integers, got {np.asarray(class_ids).dtype}")
+        if len(sources) != n:
+            raise ValueError(f"sources has {len(sources)} values, expected {n} for {n} embeddings")
     for name, value, shape in (("class_ids", class_ids, (n,)), ("patch_coords", patch_coords, (n, 2))):
-        if value is not None and np.shape(value) != shape:  # a (2, N) array of corners read as (N, 2) pairs
+        if value is None:
+            continue
+        if np.shape(value) != shape:  # a (2, N) array of corners was read as (N, 2) pairs
             raise ValueError(f"{name} must have shape {shape} for {n} embeddings, got {np.shape(value)}")
-    if patch_coords is not None and np.size(patch_coords) and np.asarray(patch_coords).dtype.kind not in "iu":
-        raise ValueError(f"patch_coords must be integers (pixel corners), got {np.asarray(patch_coords).dtype}")
+        if np.size(value) and np.asarray(value).dtype.kind not in "iu":  # 0.5 was stored as 0
+            raise ValueError(f"{name} must be integers, got {np.asarray(value).dtype}")
     reserved = sorted(set(extra) & set(RESERVED_KEYS))
     if reserved:
         raise ValueError(f"write_database: {', '.join(reserved)} {'is' if len(reserved) == 1 else 'are'} the "
                          "manifest's own (written by rdm_fast), not a keyword")
     extra = json_values(extra, "write_database")
     for start in range(0, n, shard_size):  # every row checked before the first shard is written, a shard at a time
-        with np.errstate(over="ignore"):
-            finite = np.isfinite(emb[start:start + shard_size].astype(np.float16)).all(1)
-        if not finite.all():
-            raise ValueError(f"embeddings row {start + int(np.argmin(finite))}: the embedding is not finite (NaN or "
-                             "Inf, or beyond float16's +-65504); refusing to store it")
+        _check_finite(emb[start:start + shard_size], lambda i: f"embeddings row {start + i}")  # called at once
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if (path / MANIFEST).exists():
         raise FileExistsError(f"{path / MANIFEST} already exists: write the database into a new directory")
     shards = []
-    for j, start in enumerate(range(0, max(n, 1), shard_size)):
+    for j, start in enumerate(range(0, max(n, 1), shard_size)):  # rows checked above
         sl = slice(start, start + shard_size)
-
-        def row_name(i: int, start: int = start) -> str:
-            return f"embeddings row {start + i}"
-
         shards.append(write_shard(path, j, emb[sl], sources=None if sources is None else sources[sl],
                                   class_ids=None if class_ids is None else np.asarray(class_ids)[sl],
-                                  patch_coords=None if patch_coords is None else np.asarray(patch_coords)[sl],
-                                  row_name=row_name))
+                                  patch_coords=None if patch_coords is None else np.asarray(patch_coords)[sl]))
     write_manifest(path, new_manifest(encoder_info, shards, has_sources=sources is not None,
                                       has_class_ids=class_ids is not None,
                                       has_patch_coords=patch_coords is not None, **extra))
