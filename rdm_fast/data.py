@@ -494,7 +494,8 @@ def cached_moments(directory: str | Path, model: RDM, images: TrainingImages, pr
         run = procs.from_rank0(uuid.uuid4().hex[:12])
         mine = MomentCache.share(len(images), procs.world, procs.rank)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=batch_size,
-                                             num_workers=workers, pin_memory=device.type == "cuda")
+                                             num_workers=workers, pin_memory=device.type == "cuda",
+                                             generator=torch.Generator())  # not a global RNG draw
         with torch.no_grad(), cache.shard_writer(run, procs.rank, len(mine), tuple(example.shape[1:])) as (
                 moments, readable), tqdm(total=len(mine), desc="encoding", unit="img",
                                          disable=not progress or not procs.main) as bar:

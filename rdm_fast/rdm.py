@@ -8,7 +8,6 @@ import math
 import numbers
 import warnings
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -20,7 +19,7 @@ from . import ops
 from ._distributed import parse_device
 from .config import ConfigError, RDMConfig, preset_names
 from .diffusion import Schedule, guided, sample_ddim, sample_plms
-from .diffusion.samplers import check_generator, draw_noise
+from .diffusion.samplers import Generators, check_generator, draw_noise
 from .diffusion.graphs import GraphCache
 from .images import check_image_range
 from .models import Autoencoder, UNet
@@ -213,7 +212,7 @@ class RDM(nn.Module):
 
     # ------------------------------------------------------------------ autoencoder
     def encode(self, images: Tensor, *, sample: bool = True,
-               generator: torch.Generator | Sequence[torch.Generator] | None = None,
+               generator: Generators = None,
                noise: Tensor | None = None) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents ``scale_factor * z`` (fp32).
 
@@ -244,7 +243,7 @@ class RDM(nn.Module):
         return moments.float().contiguous()
 
     def latents(self, moments: Tensor, *, sample: bool = True,
-                generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                generator: Generators = None,
                 noise: Tensor | None = None) -> Tensor:
         """Scaled latents (fp32) from :meth:`encode_moments`' output (see :meth:`encode`). TypeError unless
         ``moments`` (and ``noise``, if given) are tensors; ValueError for moments of another shape or, on the CPU,
@@ -324,7 +323,7 @@ class RDM(nn.Module):
     @on_own_device
     def sample(self, context: Tensor, steps: int | None = None, sampler: Literal["ddim", "plms"] | None = None,
                eta: float | None = None, guidance_scale: float | None = None, x_T: Tensor | None = None,
-               generator: torch.Generator | Sequence[torch.Generator] | None = None,
+               generator: Generators = None,
                size: tuple[int, int] | None = None, progress: bool = False,
                cuda_graph: bool | None = None, channels_last: bool | None = None) -> Tensor:
         """Draw latents (B, C, H, W), fp32, from noise conditioned on ``context`` (B, k, D).
@@ -343,7 +342,8 @@ class RDM(nn.Module):
         (ValueError beyond it, see :meth:`Schedule.ddim`). Classifier-free guidance with ``guidance_scale != 1``
         contrasts against an all-zero context. ``x_T`` fixes the starting noise; otherwise it is drawn from
         ``generator``, which also draws the noise of ``eta > 0``: one generator, or a sequence of one per sample
-        (each sample's draws then do not depend on the batch it is in). ``size`` (H, W) overrides the configured
+        (each sample's draws then do not depend on the batch it is in), torch or NumPy ones (NumPy's take seeds of
+        any size: the command line's per-sample streams; torch's CPU generator keeps 32 bits of its seed). ``size`` (H, W) overrides the configured
         latent size (multiples of the UNet's downsampling factor). ``cuda_graph`` (default: on CUDA for
         float16/bfloat16 models) replays each guided UNet call from a CUDA graph captured once for the
         trajectory's shapes and kept for the next call with the same shapes, guidance and weights (a new batch's

@@ -40,7 +40,6 @@ from ._distributed import Processes, process_device
 from ._files import array_file_problem, atomic_write_json, remove_stale_temps
 from .checkpoint import resolve_file
 from .config import RDMConfig, SamplingDefaults, preset_names
-from .data import derived_seed
 from .diffusion import Schedule
 from .diffusion.samplers import draw_noise
 from .encoders import EncoderUnavailable, embed_images, embed_texts, query_encoder
@@ -208,12 +207,16 @@ def load_model(args: argparse.Namespace, ckpt_file: Path | None, cfg: RDMConfig 
 
 MEMORY_ADVICE = "lower --batch-size (the images do not depend on it)"  # after an out-of-memory error
 GRID_SAMPLES = 64  # grid.png shows the first samples only
-START_NOISE, STEP_NOISE = 0, 1  # purposes of the per-sample streams (data.derived_seed)
+START_NOISE, STEP_NOISE = 0, 1  # purposes of the per-sample streams
+NOISE_STREAMS = "pcg64"  # how the per-sample streams are drawn, checked on resume; older versions seeded torch's
+# CPU generator with a 32-bit mix of (seed, purpose, sample), so samples of one run could share their noise
 
 
-def seeded_generator(seed: int, purpose: int, sample: int) -> torch.Generator:
-    """A CPU generator for sample ``sample``'s stream of ``purpose`` (training's seed mixer, ``derived_seed``)."""
-    return torch.Generator().manual_seed(derived_seed(seed, purpose, sample))
+def seeded_generator(seed: int, purpose: int, sample: int) -> np.random.Generator:
+    """Sample ``sample``'s stream of ``purpose``: NumPy's PCG64 seeded by SeedSequence([seed, purpose, sample]),
+    a 128-bit state, so distinct (seed, sample) pairs do not share noise (torch's CPU generator keeps 32 bits of
+    its seed: a 50,000-image run held a pair with the same start noise for 3 of the seeds 0-9)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, purpose, sample]))
 
 
 def read_context_file(path: str, dim: int, config_source: str) -> torch.Tensor:
@@ -287,6 +290,10 @@ def resumed_run_id(path: Path, run_info: dict) -> str:
         raise CLIError(f"--resume: {path.parent} holds a run of an older rdm_fast (its run.json records no "
                        "png_levels), whose images may be quantised otherwise (this version truncates the levels as "
                        "the reference scripts do): finish it with that version, or start a new --out")
+    if previous.get("noise") != NOISE_STREAMS:
+        raise CLIError(f"--resume: {path.parent} holds a run of an older rdm_fast (its run.json records no "
+                       f"noise = {NOISE_STREAMS}), whose noise came from other streams: finish it with that version, "
+                       "or start a new --out")
     current = json.loads(json.dumps(run_info))  # as it would be written (tuples as lists)
     changed = [RESUME_KEY_MEANINGS.get(key, key) for key in RESUME_KEYS if previous.get(key) != current.get(key)]
     if changed:
@@ -471,6 +478,7 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
                 "top_m": db_contexts.top_m if args.db and not (args.text or args.image) else None,
                 "k": db_contexts.k if args.db else None,
                 "include_query": db_contexts.include_query if args.db else None, "png_levels": PNG_LEVELS,
+                "noise": NOISE_STREAMS,
                 **(db_contexts.settings() if args.db else {"search": None, "query_encoder": None}),
                 "args": vars(args)}  # the command line as given, for reproduction
     # every image carries its run's id: --resume keeps only the images of the run it continues (an interrupted new

@@ -671,7 +671,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     loader = iter(torch.utils.data.DataLoader(examples, batch_size=args.batch_size, sampler=order,
                                               num_workers=args.workers, pin_memory=device.type == "cuda",
                                               persistent_workers=args.workers > 0,
-                                              worker_init_fn=_ignore_stop_signals))
+                                              worker_init_fn=_ignore_stop_signals,
+                                              generator=torch.Generator()))  # not a global RNG draw
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
                               enabled=precision != "fp32")
     preview = contexts(torch.arange(min(args.preview, len(images)))) if args.preview else None

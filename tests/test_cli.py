@@ -73,6 +73,27 @@ def test_resume_of_runs_recorded_by_older_versions(tiny_dir, tmp_path, capsys):
     assert cli(sample, *args, "--resume") == 2
     assert "holds a run of an older rdm_fast (its run.json records no png_levels), whose images may be " \
            "quantised otherwise" in capsys.readouterr().err
+    info["png_levels"] = "truncated"
+    del info["noise"]  # recorded before the per-sample streams were NumPy's
+    (tmp_path / "run" / "run.json").write_text(json.dumps(info))
+    assert cli(sample, *args, "--resume") == 2
+    assert "(its run.json records no noise = pcg64), whose noise came from other streams" in capsys.readouterr().err
+
+
+def test_sample_noise_streams_do_not_collide():
+    """Each (seed, sample) pair has its own start-noise stream. Torch's CPU generator keeps 32 bits of its seed:
+    with the 32-bit mix used before, samples 12092 and 122801 of seed 0 (and sample 0 of seeds 14375 and 53572)
+    started from the same noise."""
+    from rdm_fast.data import derived_seed
+    from rdm_fast.sample import START_NOISE, seeded_generator
+    pairs = [((0, 12092), (0, 122801)), ((14375, 0), (53572, 0))]
+    for (seed_a, i), (seed_b, j) in pairs:
+        assert derived_seed(seed_a, START_NOISE, i) == derived_seed(seed_b, START_NOISE, j)  # the old collision
+        a = seeded_generator(seed_a, START_NOISE, i).standard_normal(16)
+        b = seeded_generator(seed_b, START_NOISE, j).standard_normal(16)
+        assert not np.allclose(a, b)
+    big = [seeded_generator(s, START_NOISE, 0).standard_normal(4) for s in (1, 1 + 2**32, 2**63 - 1)]
+    assert not np.allclose(big[0], big[1]) and not np.allclose(big[1], big[2])  # torch would keep the low 32 bits
 
 
 def test_sample_with_context_file(tiny_dir, tmp_path):

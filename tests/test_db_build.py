@@ -99,9 +99,12 @@ GOOD = ["cats/c0.png", "cats/c1.png", "cats/c2.png", "cats/c3.png", "cats/c9.jpg
 
 
 def test_build_center_crops_match_independent_embeddings(image_dir, tmp_path):
-    out = build_database(tmp_path / "db", encoder=TinyEncoder(), images=image_dir, crop="center", crop_size=32,
+    encoder = TinyEncoder()
+    state = torch.random.get_rng_state()
+    out = build_database(tmp_path / "db", encoder=encoder, images=image_dir, crop="center", crop_size=32,
                          batch_size=5, shard_size=4, workers=0, device="cpu", class_from_folder=True,
                          progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)  # its loaders drew no seed from the global RNG
     db = Database.open(out, device="cpu", verify=True)
     assert len(db) == len(GOOD) and db.sources(torch.arange(len(db))) == GOOD  # sorted, corrupt ones skipped
     m = db.manifest

@@ -309,6 +309,31 @@ def test_per_sample_generators_draw_each_row_from_its_own():
     torch.testing.assert_close(runs[0][2:], runs[1], rtol=1e-12, atol=1e-12)
 
 
+def test_numpy_generators_draw_rows_and_step_noise():
+    """NumPy generators (the command line's per-sample streams) work as torch ones do: row i from generator i in
+    float32, the same whatever the batch, also for the noise of eta > 0; a mixed or wrong list is named."""
+    import numpy as np
+    from rdm_fast.diffusion.samplers import draw_noise
+
+    def gens(ids):
+        return [np.random.default_rng(np.random.SeedSequence([3, i])) for i in ids]
+
+    whole = draw_noise((4, 2, 3), gens(range(4)), torch.device("cpu"))
+    assert whole.dtype == torch.float32
+    assert torch.equal(whole[2], torch.from_numpy(gens([2])[0].standard_normal((2, 3), dtype=np.float32)))
+    assert torch.equal(whole[2:], draw_noise((2, 2, 3), gens([2, 3]), torch.device("cpu")))
+    assert draw_noise((1, 2), gens([0]), torch.device("cpu"), torch.float16).dtype == torch.float16
+    mixed = gens([0]) + [torch.Generator().manual_seed(1)]
+    assert draw_noise((2, 3), mixed, torch.device("cpu")).shape == (2, 3)
+    with pytest.raises(TypeError, match="numpy.random.Generator"):
+        draw_noise((2, 3), gens([0]) + [np.random.RandomState(0)], torch.device("cpu"))
+    s = Schedule.linear(0.0015, 0.0195)
+    x = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    runs = [sample_ddim(lambda x, t: 0.1 * x, x[ids], s.ddim(5, eta=1.0), generator=gens(ids))
+            for ids in ([0, 1, 2, 3], [2, 3])]
+    torch.testing.assert_close(runs[0][2:], runs[1], rtol=1e-12, atol=1e-12)
+
+
 def test_sampling_settings_name_the_argument_and_take_integral_steps():
     import numpy as np
     from rdm_fast.config import SamplingDefaults

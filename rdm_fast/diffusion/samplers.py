@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -21,34 +22,48 @@ from .schedule import DDIMCoefficients
 EpsFn = Callable[[Tensor, "int | Tensor"], Tensor]
 
 
+Generator = torch.Generator | np.random.Generator  # a NumPy one: PCG64 streams from 128-bit seeds
+Generators = Generator | Sequence[Generator] | None
+
+
 def check_generator(generator: Any, batch: int) -> None:
-    """TypeError/ValueError unless ``generator`` is None, a torch.Generator or a sequence of one per sample."""
-    if generator is None or isinstance(generator, torch.Generator):
+    """TypeError/ValueError unless ``generator`` is None, a torch or NumPy generator, or a sequence of one per
+    sample. NumPy's streams (``np.random.default_rng(SeedSequence(...))``) take seeds of any size; torch's CPU
+    generator keeps only 32 bits of its seed, so about 2**32 / n samples of a run of n share a stream."""
+    if generator is None or isinstance(generator, (torch.Generator, np.random.Generator)):
         return
-    if not isinstance(generator, Sequence) or not all(isinstance(g, torch.Generator) for g in generator):
-        raise TypeError(f"generator must be a torch.Generator or a list of one per sample, got {generator!r}")
+    if not isinstance(generator, Sequence) or \
+            not all(isinstance(g, (torch.Generator, np.random.Generator)) for g in generator):
+        raise TypeError("generator must be a torch.Generator or numpy.random.Generator, or a list of one per sample, "
+                        f"got {generator!r}")
     if len(generator) != batch:
         raise ValueError(f"{len(generator)} generators for {batch} samples: give one per sample")
 
 
-def draw_noise(shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator] | None,
-               device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+def _draw(shape: tuple[int, ...], generator: Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Standard normal ``shape`` from one generator: a torch one on its own device, a NumPy one in float32."""
+    if isinstance(generator, np.random.Generator):
+        return torch.from_numpy(generator.standard_normal(shape, dtype=np.float32)).to(dtype)
+    return torch.randn(shape, generator=generator, device=device if generator is None else generator.device,
+                       dtype=dtype)
+
+
+def draw_noise(shape: tuple[int, ...], generator: Generators, device: torch.device,
+               dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal noise from ``generator`` (on its own device, so a seed gives the same noise on any
-    device), delivered to ``device``; a CPU draw for a GPU goes through pinned memory without host sync.
-    ``generator`` may be a sequence of one generator per row (sample): each row is then drawn from its own,
-    whatever the other rows of the batch."""
+    device; NumPy generators draw on the CPU), delivered to ``device``; a CPU draw for a GPU goes through pinned
+    memory without host sync. ``generator`` may be a sequence of one generator per row (sample): each row is then
+    drawn from its own, whatever the other rows of the batch."""
     check_generator(generator, shape[0])
     if isinstance(generator, Sequence):
-        devices = {g.device for g in generator}
+        devices = {torch.device("cpu") if isinstance(g, np.random.Generator) else g.device for g in generator}
         if len(devices) > 1:
             raise ValueError(f"the per-sample generators are on several devices: {sorted(map(str, devices))}")
-        gen_device = devices.pop() if devices else device
-        noise = torch.stack([torch.randn(shape[1:], generator=g, device=gen_device, dtype=dtype)
-                             for g in generator])
+        noise = torch.stack([_draw(shape[1:], g, device, dtype) for g in generator]) if generator else \
+            torch.empty(shape, device=device, dtype=dtype)
     else:
-        gen_device = generator.device if generator is not None else device
-        noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
-    if gen_device.type == "cpu" and device.type == "cuda":
+        noise = _draw(shape, generator, device, dtype)
+    if noise.device.type == "cpu" and device.type == "cuda":
         return noise.pin_memory().to(device, non_blocking=True)
     return noise.to(device)
 
@@ -90,7 +105,7 @@ def guided(eps_model: Callable[[Tensor, Tensor, Any], Tensor], context: Tensor, 
 
 
 def sample_ddim(eps_fn: EpsFn, x: Tensor, coeffs: DDIMCoefficients, *,
-                generator: torch.Generator | Sequence[torch.Generator] | None = None, progress: bool = False) -> Tensor:
+                generator: Generators = None, progress: bool = False) -> Tensor:
     """Run DDIM from x_T through the given coefficients; returns the final latent. ``generator`` (one, or one
     per sample) draws the noise of eta > 0."""
     for i in tqdm(range(len(coeffs)), desc="DDIM", disable=not progress, leave=False):

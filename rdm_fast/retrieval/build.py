@@ -795,7 +795,8 @@ def _embed_shard(out: Path, j: int, encoder: Encoder, root: Path, sources: PathL
     """Embed and write shard ``j``: its entry, the images skipped ([source, error]) and those enlarged more than
     MAX_UPSCALE times for their crops ([source, width, height])."""
     loader = DataLoader(ImageCrops(root, sources, first, crop, size, crops, seed, square),
-                        batch_size=max(1, batch_size // crops), num_workers=workers, pin_memory=device.type == "cuda")
+                        batch_size=max(1, batch_size // crops), num_workers=workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # its workers' base seed: not a draw from the global RNG
     embs, srcs, cls, coords, skipped, enlarged = [], [], [], [], [], []
     for batch in loader:
         ok = batch["ok"]
