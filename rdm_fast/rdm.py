@@ -343,13 +343,13 @@ class RDM(nn.Module):
         contrasts against an all-zero context. ``x_T`` fixes the starting noise; otherwise it is drawn from
         ``generator``, which also draws the noise of ``eta > 0``: one generator, or a sequence of one per sample
         (each sample's draws then do not depend on the batch it is in), torch or NumPy ones (NumPy's take seeds of
-        any size: the command line's per-sample streams; torch's CPU generator keeps 32 bits of its seed). ``size`` (H, W) overrides the configured
-        latent size (multiples of the UNet's downsampling factor). ``cuda_graph`` (default: on CUDA for
-        float16/bfloat16 models) replays each guided UNet call from a CUDA graph captured once for the
-        trajectory's shapes and kept for the next call with the same shapes, guidance and weights (a new batch's
-        context is copied into it: no new capture per batch); float32 models run eagerly unless it is True (an
-        8-step float32 trajectory replayed from graphs differed from the eager one on an H200, cause open:
-        ``bench/RESULTS.md``). The kept graph holds its activation memory until the next capture or
+        any size: the command line's per-sample streams; torch's CPU generator keeps 32 bits of its seed).
+        ``size`` (H, W) overrides the configured latent size (multiples of the UNet's downsampling factor).
+        ``cuda_graph`` (default: on CUDA for float16/bfloat16 models) replays each guided UNet call from a CUDA
+        graph captured once for the trajectory's shapes and kept for the next call with the same shapes, guidance
+        and weights (a new batch's context is copied into it: no new capture per batch); float32 models run eagerly
+        unless it is True (an 8-step float32 trajectory replayed from graphs differed from the eager one on an
+        H200, cause open: ``bench/RESULTS.md``). The kept graph holds its activation memory until the next capture or
         :meth:`release_cuda_graph`.
         ``channels_last`` (default: on CUDA) converts the UNet's weights once to the channels-last layout, in
         which convolutions use NHWC kernels and the tokens of each spatial transformer are views of the feature

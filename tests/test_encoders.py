@@ -73,6 +73,28 @@ def test_query_encoders_run_clip_in_float32_and_others_as_built(monkeypatch):
     assert len(calls) == 3  # a bad device is refused before the (slow) build
 
 
+def test_open_clip_advice_keeps_the_installed_torch(monkeypatch):
+    """Without open_clip, the advice pins the torchvision of the installed torch: an unpinned one pulls the newest
+    torch, replacing the one the extensions were built against."""
+    import builtins
+
+    from rdm_fast.encoders import clip
+    from rdm_fast.encoders.base import EncoderUnavailable
+    assert "torchvision==0.29.*" in clip.open_clip_install("2.14.1+cu130")
+    assert "torchvision==0.19.*" in clip.open_clip_install("2.4.0")
+    assert "the torchvision built for your torch" in clip.open_clip_install("3.0.0")
+    real_import = builtins.__import__
+
+    def no_open_clip(name, *args, **kwargs):
+        if name == "open_clip":
+            raise ImportError("No module named 'open_clip'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_open_clip)
+    with pytest.raises(EncoderUnavailable, match=r"pip install open_clip_torch torchvision==0\.\d+\.\*"):
+        clip.build("clip-vit-b-32", pretrained=False)
+
+
 def test_registration_is_lazy():
     code = ("import sys, rdm_fast.encoders as e; "
             "print(sorted(m for m in ('open_clip', 'sentence_transformers', 'efficientnet_lite_pytorch') "
@@ -115,6 +137,7 @@ def reference_clip_preprocess(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def clip_b32():
+    pytest.importorskip("open_clip")  # the optional CLIP dependency
     torch.manual_seed(0)
     return get_encoder("clip-vit-b-32", pretrained=False)
 
@@ -188,6 +211,7 @@ def test_clip_half_precision_as_the_reference_runs_it_on_a_gpu(clip_b32):
 
 
 def test_clip_vit_l14_architecture():
+    pytest.importorskip("open_clip")
     enc = get_encoder("clip-vit-l-14", device="meta", pretrained=False)  # shapes only: no 1.7 GB allocation
     assert (enc.name, enc.dim, enc.normalized, enc.image_size) == ("clip-vit-l-14", 768, False, 224)
     assert sum(p.numel() for p in enc.model.parameters()) == 427_616_513  # OpenAI ViT-L/14
@@ -264,7 +288,8 @@ def test_clip_checkpoint_errors(b32_files, tmp_path):
 
 @pytest.fixture
 def empty_caches(tmp_path, monkeypatch):
-    """Point the Hugging Face hub cache and ~/.cache/clip at empty folders."""
+    """Point the Hugging Face hub cache and ~/.cache/clip at empty folders (for the CLIP tests)."""
+    pytest.importorskip("open_clip")
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -13,10 +13,11 @@ import itertools
 import logging
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
+
+faiss = pytest.importorskip("faiss")  # the optional FAISS dependency (setup.py extra "retrieval")
 
 from rdm_fast.retrieval.faiss_index import INDEX_KINDS, FaissSearch, build_index, choose_kind, estimate_memory
 from rdm_fast.retrieval.search import exact_search

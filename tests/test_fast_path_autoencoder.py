@@ -9,11 +9,14 @@ Tolerances as for the UNet (tests/test_fast_path_unet.py): fp32 1e-4 relative L2
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
 CASES = [f"{model}-{part}-{dtype}{layout}" for model in ("kl", "vq") for part in ("encode", "decode")

@@ -12,11 +12,14 @@ reference rounds at each step, through about 40 layers).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
 

@@ -335,16 +335,37 @@ def test_query_dtypes_and_empty_batch():
     assert not scores.requires_grad and torch.equal(ids, expected[1])
 
 
+@needs_triton
 def test_large_k_uses_reference(caplog, monkeypatch):
     from rdm_fast.ops import _dispatch
+    from rdm_fast.retrieval import gpu_search
 
     monkeypatch.setattr(_dispatch, "_logged", set())
+    monkeypatch.setattr(gpu_search, "_interpreter_forced", lambda: True)  # the kernel would take k <= 64
     queries, rows = unit_data(2, 300, 16, seed=9)
     with caplog.at_level("INFO", logger="rdm_fast.ops"):
         scores, ids = GPUExactSearch(rows, devices=["cpu", "cpu"], dtype=torch.float32).search(queries, 100)
     err = mismatch(scores, ids, normalized(queries), normalized(rows), 100)
     assert err is None, err
     assert "knn_search: reference (k > 64) (cpu, float32)" in caplog.text  # the path taken is logged once
+
+
+def test_reference_path_runs_without_triton(caplog, monkeypatch):
+    """The reference search (CPU shards; CUDA ones in reference mode) does not need triton: it had read the
+    kernel's k limit for its log line, and failed with ModuleNotFoundError where triton is not installed."""
+    from rdm_fast.ops import _dispatch
+    from rdm_fast.retrieval import gpu_search
+
+    def no_triton():
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    monkeypatch.setattr(_dispatch, "_logged", set())
+    monkeypatch.setattr(gpu_search, "_kernel_max_k", no_triton)
+    queries, rows = unit_data(2, 300, 16, seed=9)
+    with caplog.at_level("INFO", logger="rdm_fast.ops"):
+        scores, ids = GPUExactSearch(rows, devices=["cpu"], dtype=torch.float32).search(queries, 10)
+    assert mismatch(scores, ids, normalized(queries), normalized(rows), 10) is None
+    assert "knn_search: reference (cpu, float32)" in caplog.text
 
 
 @pytest.mark.parametrize(

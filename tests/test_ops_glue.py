@@ -733,3 +733,25 @@ def test_ops_name_a_numpy_input(name):
         getattr(ops, name)(np.zeros((2, 8, 4, 4), np.float32), None, None, None, None)
     with pytest.raises(TypeError, match=f"^{name}: argument 3 must be a torch.Tensor, not a NumPy array$"):
         getattr(ops, name)(torch.zeros(2, 8, 4, 4), None, np.zeros(8, np.float32), None, None)
+
+
+def test_missing_triton_is_named_with_its_install_not_a_rebuild(fresh_dispatch, monkeypatch, caplog):
+    """Without triton, the fallback warning and the fast-mode error say to install it; rebuilding rdm_fast (the
+    advice for a missing compiled extension) would not help."""
+    from rdm_fast.ops import _triton_kernels
+    from rdm_fast.ops._dispatch import BUILD_HINT, build_hint
+
+    def no_triton(name):
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    monkeypatch.setattr(_triton_kernels.importlib, "import_module", no_triton)
+    op = _triton_kernels.TritonKernels("glue").op("doubled", lambda x: 2 * x, lambda x: None)
+    x = torch.ones(3)
+    with caplog.at_level(logging.WARNING, logger="rdm_fast.ops"):
+        assert op.select("cuda", x).name == "reference"
+    assert "doubled: falling back" in caplog.text and "pip install triton" in caplog.text
+    assert BUILD_HINT not in caplog.text
+    with _dispatch.use_mode("fast"), pytest.raises(RuntimeError, match="pip install triton") as info:
+        op.select("cuda", x)
+    assert BUILD_HINT not in str(info.value)
+    assert build_hint("rdm_fast._C_cuda is not built") == f"; {BUILD_HINT}"

@@ -12,6 +12,7 @@ subnormals).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from rdm_fast.ops.group_norm import GROUP_NORM, group_norm, group_norm_reference
 from child_env import child_env
 from group_norm_shapes import SHAPES
 from triton_testing import ulp
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUT_CASES = [(shape, g, cl) for shape, g in SHAPES for cl in ((False, True) if len(shape) == 4 else (False,))]
@@ -224,6 +227,7 @@ def test_eps_is_applied(cpu_ext, channels_last):
     assert_matches(torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, add, True), ref)
 
 
+@needs_triton
 def test_nhwc_row_layouts_are_recognised():
     """Maps stored as pixel rows of C unit-strided channels, whatever the strides of their size-1 dims, take the
     channels_last kernels (with the right row stride, tested in test_triton_group_norm.py); other strides do not."""
@@ -239,6 +243,7 @@ def test_nhwc_row_layouts_are_recognised():
         assert GROUP_NORM.select("cuda", x, None, None, 1, EPS).name == "triton-nhwc"
 
 
+@needs_triton
 def test_channels_last_maps_run_the_three_kernels_untimed(monkeypatch, caplog):
     """On CUDA, channels_last maps (and channel slices of them) go to the Triton kernels with the call's own
     arguments (the three-kernel path: test_triton_group_norm.py), in auto and fast mode alike, with nothing timed

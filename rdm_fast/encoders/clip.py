@@ -204,6 +204,15 @@ def _quiet_open_clip() -> Iterator[None]:
 PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
 
 
+def open_clip_install(torch_version: str = torch.__version__) -> str:
+    """How to install open_clip without replacing torch: its torchvision dependency, unpinned, pulls the newest
+    torch (torch 2.N pairs with torchvision 0.(N + 15))."""
+    major, minor = (torch_version.split("+")[0].split(".") + ["", ""])[:2]
+    match = f"torchvision==0.{int(minor) + 15}.*" if major == "2" and minor.isdigit() else \
+        "the torchvision built for your torch"
+    return f"pip install open_clip_torch {match} (an unpinned torchvision can replace the installed torch)"
+
+
 def build(name: str, *, device: str | torch.device = "cpu", checkpoint: str | None = None,
           pretrained: bool = True, precision: str | None = None) -> ClipEncoder:
     """Registry factory for ``name`` in MODELS (see the module docstring for where weights come from).
@@ -213,7 +222,7 @@ def build(name: str, *, device: str | torch.device = "cpu", checkpoint: str | No
     try:
         import open_clip
     except ImportError as exc:
-        raise EncoderUnavailable(f"encoder {name!r} needs open_clip: pip install open_clip_torch") from exc
+        raise EncoderUnavailable(f"encoder {name!r} needs open_clip: {open_clip_install()}") from exc
     arch, dim = MODELS[name]
     source = None
     if checkpoint is not None:

@@ -148,8 +148,14 @@ def warn_missing_once(op: str, reasons: str, fallback: str = "reference") -> Non
     """Warn once per op that a missing backend made it fall back to a slower implementation."""
     if op not in _warned_missing:
         _warned_missing.add(op)
-        logger.warning("%s: falling back to the slower %s implementation because %s; %s", op, fallback, reasons,
-                       BUILD_HINT)
+        logger.warning("%s: falling back to the slower %s implementation because %s%s", op, fallback, reasons,
+                       build_hint(reasons))
+
+
+def build_hint(reasons: str) -> str:
+    """The advice to (re)build rdm_fast where a compiled extension is among the missing backends' ``reasons``
+    (a missing triton says itself how to install it)."""
+    return f"; {BUILD_HINT}" if "rdm_fast._C" in reasons else ""
 
 
 def _autocast_devices() -> frozenset[str]:
@@ -264,10 +270,8 @@ class Op(Generic[R]):
             reasons.append(f"{impl.name}: {why}")
         if mode == "fast":
             detail = "; ".join(reasons) if reasons else f"no fast implementation exists for {device_type} tensors"
-            hint = f"; {BUILD_HINT}" if any("TRITON_INTERPRET" not in m for m in missing) else ""
-            raise FastPathUnavailable(
-                f"{self.name}: mode 'fast' but no fast implementation can run this call ({detail}){hint}"
-            )
+            raise FastPathUnavailable(f"{self.name}: mode 'fast' but no fast implementation can run this call "
+                                      f"({detail}){build_hint('; '.join(missing))}")
         if missing:
             warn_missing_once(self.name, "; ".join(missing))
         return self.reference, reasons

@@ -58,7 +58,9 @@ class TritonKernels:
             try:
                 self._module = importlib.import_module(self.name)
             except Exception as exc:  # optional dependency: a missing or broken triton must not break the op
-                self._error = f"triton kernels unavailable ({type(exc).__name__}: {exc})"
+                missing = isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "triton"
+                self._error = f"triton kernels unavailable ({type(exc).__name__}: {exc}" + \
+                    ("; pip install triton)" if missing else ")")
         return self._error
 
     @property

@@ -267,6 +267,6 @@ class GPUExactSearch:
             log_first_use("knn_search", "triton" if on_cuda else "triton-interpreter", shard.device.type,
                           str(shard.dtype))
             return topk_inner_product(q.to(shard.dtype), shard, k)
-        log_first_use("knn_search", "reference" if k <= _kernel_max_k() else f"reference (k > {_kernel_max_k()})",
-                      shard.device.type, str(shard.dtype))
+        log_first_use("knn_search", f"reference (k > {_kernel_max_k()})" if use_kernel else "reference",
+                      shard.device.type, str(shard.dtype))  # the kernel's limit is read only where it would run
         return exact_search(q, shard, k)
