@@ -267,21 +267,26 @@ class OutDirLock:
     or the end of the process (a killed run's lock goes with it): a second run into the same ``--out`` is refused
     instead of mixing its files with the first's."""
 
-    def __init__(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, name: str | Path | None = None) -> None:
+        """``name``: the ``--out`` its error names (default ``path``; db neighbors locks its progress folder)."""
         self._held = False
-        self._file = open(path / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks (some network mounts)
-                log.warning("cannot lock %s (%s): nothing stops another run from writing there too", path,
-                            e.strerror)
-                return
-            self._file.seek(0)
-            holder = self._file.read().strip()
+        while True:  # again where the holder removed the file (with its folder) before it let go of it
+            path.mkdir(parents=True, exist_ok=True)
+            self._file = open(path / LOCK_FILE, "a+")
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks (some network mounts)
+                    log.warning("cannot lock %s (%s): nothing stops another run from writing there too", path,
+                                e.strerror)
+                    return
+                self._file.seek(0)
+                holder = self._file.read().strip()
+                self._file.close()
+                raise _in_use(path if name is None else name, holder) from None
+            if _still_at(self._file.fileno(), path / LOCK_FILE):
+                break
             self._file.close()
-            raise _in_use(path, holder) from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
@@ -301,6 +306,14 @@ class OutDirLock:
         _HELD_LOCKS.discard(self)
         self._held = False
         self._file.close()
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the one at ``path`` (not removed or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _forget_locks_in_child() -> None:

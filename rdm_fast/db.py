@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._cli import CLIError, HelpFormatter, one_process, parse_args, run, summary
+from ._cli import LOCK_FILE, CLIError, HelpFormatter, OutDirLock, one_process, parse_args, run, summary
 from ._distributed import process_device
 from ._files import atomic_save_npy, atomic_write, make_dirs
 from .encoders import EncoderUnavailable, query_encoder, resolve_encoder
@@ -420,6 +420,18 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         _output_file(args.top_m_out, "--top-m-out")
     if args.dedup_threshold is not None and not -1 <= args.dedup_threshold <= 1:
         raise CLIError(f"--dedup-threshold is a cosine similarity in [-1, 1], got {args.dedup_threshold}")
+    resume_dir = Path(f"{args.out}.progress")  # the results so far: a killed run continues from them
+    lock = OutDirLock(resume_dir, args.out)  # one run at a time: a second would rewrite the files the first maps
+    try:
+        return _neighbors(args, resume_dir)
+    finally:
+        if resume_dir.is_dir() and [p.name for p in resume_dir.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(resume_dir)  # a run that stopped before its search: no progress to keep
+        lock.release()
+
+
+def _neighbors(args: argparse.Namespace, resume_dir: Path) -> int:
+    """``db neighbors`` once its arguments are checked and its ``--out`` is locked."""
     device = process_device(args.device)
     db = _open_for_search(args, device)
     queries = Database.open(locate_database(args.queries), backend="torch", device="cpu") if args.queries else None
@@ -440,7 +452,6 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
                     "1e11 per second); an index (python -m rdm_fast.db index %s) or a GPU (--device cuda) is much "
                     "faster",
                     len(queries if queries is not None else db), len(db), work, work / 1e11 / 3600, args.db)
-    resume_dir = Path(f"{args.out}.progress")  # the results so far: a killed run continues from them
     ids, scores = compute_neighbors(db, queries, k=args.k, exclude_self=args.exclude_self,
                                     dedup_threshold=args.dedup_threshold, batch_size=args.batch_size,
                                     progress=not args.no_progress, resume_dir=resume_dir)

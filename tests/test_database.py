@@ -412,6 +412,19 @@ def test_neighbors_resume_after_a_kill(tmp_path, monkeypatch, caplog):
     assert "other settings: starting over" in caplog.text and len(searched) == 5
 
 
+def test_neighbors_starting_over_replaces_the_progress_files(tmp_path):
+    """A run that starts over makes its progress files under temporary names and renames them into place: writing
+    them in place truncated a file another run still mapped (a bus error there, or rows of zeros saved)."""
+    _, db = _planted(tmp_path)
+    resume = tmp_path / "nn.progress"
+    ref_ids, _ = compute_neighbors(db, k=5, exclude_self=True, batch_size=7, progress=False)
+    compute_neighbors(db, k=5, exclude_self=True, batch_size=7, progress=False, resume_dir=resume)
+    mapped = np.load(resume / "ids.npy", mmap_mode="r")  # as the first run holds it
+    ids, _ = compute_neighbors(db, k=4, exclude_self=True, batch_size=7, progress=False, resume_dir=resume)
+    assert np.array_equal(mapped, ref_ids.numpy()) and torch.equal(ids, ref_ids[:, :4])
+    assert sorted(p.name for p in resume.iterdir()) == ["ids.npy", "scores.npy", "state.json"]
+
+
 def test_neighbors_other_queries_and_errors(tmp_path):
     stored, db = _planted(tmp_path)
     queries = stored[[3, 20]] * 2.0

@@ -610,6 +610,29 @@ def test_interrupted_writes_of_neighbors_and_builds_resume(built, tmp_path, caps
     assert torch.equal(a.embeddings(torch.arange(len(b))), b.embeddings(torch.arange(len(b))))
 
 
+def test_neighbors_refuses_an_out_in_use(built, tmp_path, capsys):
+    """Two neighbours runs into one --out rewrote each other's progress files (rows of zeros saved with exit status
+    0): the second is refused while the first holds --out, and leaves the first's progress as it was."""
+    from rdm_fast._cli import OutDirLock
+
+    progress = tmp_path / "nb.npz.progress"
+    args = ["neighbors", str(built / "db"), "--k", "3", "--exclude-self", "--out", str(tmp_path / "nb.npz"),
+            "--device", "cpu", "--no-progress"]
+    held = OutDirLock(progress, tmp_path / "nb.npz")  # what a running neighbours command holds
+    (progress / "state.json").write_text("{}")
+    assert f"--out {tmp_path / 'nb.npz'} is in use by another run (process" in _error(capsys, *args)
+    assert sorted(p.name for p in progress.iterdir()) == [".rdm_fast.lock", "state.json"]
+    assert not (tmp_path / "nb.npz").exists()
+    held.release()
+    shutil.rmtree(progress)
+    args[args.index("--k") + 1] = "100"
+    assert "k must be between 1 and" in _error(capsys, *args)
+    assert not progress.exists()  # no progress folder is left by a run that stopped before its search
+    args[args.index("--k") + 1] = "3"
+    assert cli(*args) == 0 and not progress.exists()
+    assert cli(*args) == 0  # the finished run let go of --out
+
+
 @pytest.mark.parametrize("argv", [["neighbors", "DB", "--k", "2", "--out", "OUT/nn.npz"], ["index", "DB"],
                                   ["info", "DB"], ["search", "DB", "--text", "x"]])
 def test_one_process_commands_refuse_torchrun(tmp_path, monkeypatch, capsys, argv):

@@ -156,6 +156,29 @@ def test_out_dir_lock_refuses_a_second_holder(tmp_path):
     assert len(shared) == 1 and "is in use" in shared[0]  # what rank 0 tells the other processes
 
 
+def test_out_dir_lock_removed_by_its_holder(tmp_path, monkeypatch):
+    """db neighbors removes its locked progress folder, then lets go of the lock: a run that opened the lock file
+    before the removal takes the new file instead of the removed one (which would let a third run in beside it)."""
+    import fcntl
+    import shutil
+
+    from rdm_fast._cli import CLIError, OutDirLock
+
+    first, real = [OutDirLock(tmp_path / "out")], fcntl.flock
+
+    def flock(f, op):  # the first run ends between the second's opening of the file and its flock
+        if first:
+            shutil.rmtree(tmp_path / "out")
+            first.pop().release()
+        return real(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    second = OutDirLock(tmp_path / "out")
+    with pytest.raises(CLIError, match="is in use by another run"):
+        OutDirLock(tmp_path / "out")
+    second.release()
+
+
 def test_out_dir_lock_is_not_kept_by_forked_children(tmp_path):
     """flock belongs to the open file, which fork shares: a DataLoader worker outliving its killed parent kept
     --out locked. Children close their copies, so only the process that took the lock holds it."""

@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import numbers
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._files import atomic_save_npy, atomic_save_npz, atomic_write_json
+from .._files import TEMP_SUFFIX, atomic_save_npy, atomic_save_npz, atomic_write_json
 from .database import Database
 from .search import check_count, first_kept
 
@@ -31,6 +33,20 @@ def same_entries(a: Database, b: Database) -> bool:
         return True
     sums = [[s.get("sha256") for s in db.manifest["shards"]] for db in (a, b)]
     return None not in sums[0] and sums[0] == sums[1]  # database_digest's content, where both record it
+
+
+def _fresh_memmap(target: Path, dtype: type, shape: tuple[int, int]) -> np.memmap:
+    """A new memory-mapped ``.npy`` array, made under a temporary name and renamed to ``target``: a file of that
+    name that another process still maps is replaced, not truncated under it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    os.close(fd)
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return array
 
 
 class _Results:
@@ -62,8 +78,7 @@ class _Results:
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("%s: unreadable progress (%s): starting over", self.directory, e)
         self.state.unlink(missing_ok=True)
-        self.ids, self.scores = (np.lib.format.open_memmap(f, mode="w+", dtype=dt, shape=(n, k))
-                                 for f, dt in zip(files, (np.int64, np.float32)))
+        self.ids, self.scores = (_fresh_memmap(f, dt, (n, k)) for f, dt in zip(files, (np.int64, np.float32)))
 
     def finished(self, done: int) -> None:
         """Queries [0, done) are filled in."""
@@ -87,7 +102,8 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
     (near-duplicates). More candidates are retrieved as needed so that k remain; ValueError when the database
     has fewer than k acceptable entries.
     ``resume_dir``: a folder where the results are kept as they come (memory-mapped), so that a run of the same
-    arguments continues after a kill instead of starting over; the caller removes it once the results are saved.
+    arguments continues after a kill instead of starting over; the caller removes it once the results are saved,
+    and lets one run at a time use it (``db neighbors`` holds a lock there).
     """
     queries_db = db if queries_db is None else queries_db
     for name, value in (("db", db), ("queries_db", queries_db)):
