@@ -462,6 +462,19 @@ def test_import_npz_equals_the_data(parts, tmp_path):
     assert files_of(out) == before
 
 
+def test_import_npz_refuses_to_resume_over_a_changed_part(parts, tmp_path):
+    """A part rewritten with other values of the same shape keeps its size, which was all a resume compared: the
+    shards imported from its old values were kept. Its members' CRC-32s tell it apart."""
+    files, _ = parts
+    out = import_npz(files, tmp_path / "db", INFO, shard_size=13, progress=False)
+    (out / "manifest.json").unlink()  # as an import stopped after its last shard
+    size = files[0].stat().st_size
+    _official_part(files[0], np.random.default_rng(99), 30, 16, compressed=False, class_ids=True)
+    assert files[0].stat().st_size == size
+    with pytest.raises(ValueError, match="holds a build made with different arguments .*differ in: parts"):
+        import_npz(files, out, INFO, shard_size=13, progress=False)
+
+
 def test_import_npz_errors(parts, tmp_path):
     files, _ = parts
     with pytest.raises(ValueError, match="hold 16-d embeddings but encoder 'tiny-test' makes 8-d"):

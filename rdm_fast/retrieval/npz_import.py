@@ -155,6 +155,8 @@ class Part:
             raise ValueError(f"{path}: 'embedding' holds {dtype}; expected floats")
         self.dim = rest[0]
         self.allow_pickle = allow_pickle
+        with _open_zip(path) as zf:  # from the zip's directory: a part rewritten with other values keeps its size
+            self.crc32 = {info.filename: info.CRC for info in zf.infolist()}
 
     def metadata(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """(img ids (N,), class ids or None, patch coords (N, 2) int32); ids become strings per shard."""
@@ -216,7 +218,8 @@ def import_npz(parts: Sequence[str | Path], out: str | Path, encoder_info: dict,
                          "nothing to import")
     plan = [(i, s, min(s + shard_size, p.n)) for i, p in enumerate(loaded) for s in range(0, p.n, shard_size)]
     config = {"kind": "npz", "encoder": dict(encoder_info), "encoder_spec": encoder_spec or encoder_info["name"],
-              "parts": [{"file": str(p.path), "bytes": p.path.stat().st_size, "rows": p.n} for p in loaded],
+              "parts": [{"file": str(p.path), "bytes": p.path.stat().st_size, "rows": p.n, "crc32": p.crc32}
+                        for p in loaded],
               "shard_size": shard_size}
     out = Path(out)
 
