@@ -312,6 +312,23 @@ def test_rerun_of_a_finished_build_does_not_build_the_encoder(image_dir, tmp_pat
         build_database(out, encoder=SPEC, **kw)
 
 
+def test_rerun_repairs_a_finished_build_with_a_damaged_shard(image_dir, tmp_path, caplog):
+    """A finished database whose shard file was truncated or lost: the rerun of its build said "nothing to do", then
+    everything refused the database, asking for a rebuild. It computes those shards again, to the same bytes."""
+    kw = dict(images=image_dir, crop="random", crop_size=32, batch_size=4, shard_size=4, workers=0, device="cpu",
+              progress=False)
+    out = build_database(tmp_path / "db", encoder=SPEC, **kw)
+    before = files_of(out)
+    (out / "emb_00001.npy").write_bytes(before["emb_00001.npy"][:-10])
+    (out / "meta_00002.npz").unlink()
+    with caplog.at_level("INFO", logger="rdm_fast"):
+        build_database(out, encoder=SPEC, **kw)
+    assert f"{out / 'emb_00001.npy'} is missing or not the size manifest.json records: computing its shard again" \
+        in caplog.text and "nothing to do" not in caplog.text
+    assert "resuming: 2 of 4 shards of this process are already done" in caplog.text
+    assert files_of(out) == before
+
+
 def _cli_build(out: Path, image_dir: Path) -> list[str]:
     return ["-m", "rdm_fast.db", "build", "--images", str(image_dir), "--encoder", SPEC, "--out", str(out),
             "--crop", "random", "--crop-size", "32", "--batch-size", "2", "--shard-size", "2", "--workers", "0",
@@ -473,6 +490,22 @@ def test_import_npz_refuses_to_resume_over_a_changed_part(parts, tmp_path):
     assert files[0].stat().st_size == size
     with pytest.raises(ValueError, match="holds a build made with different arguments .*differ in: parts"):
         import_npz(files, out, INFO, shard_size=13, progress=False)
+
+
+def test_import_npz_rerun_repairs_a_damaged_shard(parts, tmp_path, caplog):
+    """A finished import whose shard file was truncated: the rerun imports that shard again, and says that the
+    proposal ranking recorded in the manifest it replaces must be made again."""
+    from rdm_fast.retrieval import save_proposals
+
+    files, _ = parts
+    out = import_npz(files, tmp_path / "db", INFO, shard_size=13, progress=False)
+    before = files_of(out)
+    save_proposals(out, np.arange(55), np.zeros(55, np.int64))
+    (out / "meta_00003.npz").write_bytes(before["meta_00003.npz"][:100])
+    import_npz(files, out, INFO, shard_size=13, progress=False)
+    assert "meta_00003.npz is missing or not the size manifest.json records: computing its shard again (the " \
+        "proposals recorded there must be made again)" in caplog.text
+    assert files_of(out) == {**before, "proposals.npy": (out / "proposals.npy").read_bytes()}
 
 
 def test_import_npz_errors(parts, tmp_path):

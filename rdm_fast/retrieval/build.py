@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .._distributed import Processes, process_device
 from .._files import TEMP_SUFFIX, atomic_write_json, make_dirs, remove_stale_temps, sha256_file
 from ..encoders import Encoder, embed_images, resolve_encoder
-from .database import MANIFEST, new_manifest, write_manifest, write_shard
+from .database import MANIFEST, new_manifest, read_manifest, write_manifest, write_shard
 from .search import check_count
 
 log = logging.getLogger("rdm_fast.retrieval")
@@ -483,7 +483,16 @@ class ShardedBuild:
         if removed:
             log.info("removed %d temporary files left by an interrupted build", removed)
         atomic_write_json(config_file, self.config)
-        return (self.out / MANIFEST).is_file()
+        if not (self.out / MANIFEST).is_file():
+            return False
+        damaged = damaged_shard(self.out)
+        if damaged is None:
+            return True
+        dropped = [key for key in ("index", "proposals") if read_manifest(self.out).get(key)]
+        log.warning("%s is missing or not the size %s records: computing its shard again%s", self.out / damaged,
+                    MANIFEST, f" (the {' and '.join(dropped)} recorded there must be made again)" if dropped else "")
+        (self.out / MANIFEST).unlink()  # the resume computes again the shards that no longer match their records
+        return False
 
     def record_file(self, j: int) -> Path:
         """Where shard ``j``'s done-record is kept."""
@@ -522,6 +531,21 @@ class ShardedBuild:
                                  "processes write to one shared --out?")
             out.append(json.loads(file.read_text()))
         return out
+
+
+def damaged_shard(out: Path) -> str | None:
+    """The first file the manifest of the database ``out`` lists that is missing or not the size it records (a
+    stat, no reading: what Database.open refuses), the manifest's name where it is gone, or None."""
+    try:
+        shards = read_manifest(out)["shards"]
+    except FileNotFoundError:  # removed since it was seen (by process 0 of a torchrun build, for a damaged shard)
+        return MANIFEST
+    for entry in shards:
+        for name, size in ((entry["embeddings"], entry["bytes"]), (entry["meta"], entry["meta_bytes"])):
+            path = out / name
+            if not path.is_file() or path.stat().st_size != size:
+                return name
+    return None
 
 
 def inputs_digest(sources: PathList, classes: np.ndarray | None) -> str:
@@ -730,8 +754,9 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     if isinstance(encoder, str) and (out / MANIFEST).is_file() and (out / PROGRESS / "config.json").is_file():
         # every argument but the encoder's info, which follows from its name and checkpoint file, compared here
         ShardedBuild.check_arguments(out, config, ignore=("encoder",))
-        log.info("%s is already complete (same arguments): nothing to do", out)
-        return out
+        if damaged_shard(out) is None:  # else the build computes that shard again (ShardedBuild.prepare)
+            log.info("%s is already complete (same arguments): nothing to do", out)
+            return out
     enc = resolve_encoder(encoder, device=dev, checkpoint=encoder_checkpoint) if isinstance(encoder, str) else encoder
     config["encoder"] = enc.info()
 
