@@ -267,8 +267,8 @@ PNG_LEVELS = "truncated"  # how images are quantised (images.to_uint8), checked 
 
 
 # what a changed entry means where its name does not say it
-RESUME_KEY_MEANINGS = {"context_digest": "context_digest: the contents of the context file, or of the database, its "
-                                         "proposal ranking or the --image files",
+RESUME_KEY_MEANINGS = {"context_digest": "context_digest: the contents of the context file, or of the database, the "
+                                         "pseudo-queries drawn from its proposal ranking or the --image files",
                        "ckpt_file": "ckpt_file: the checkpoint file (a training run's newest changes as it trains)",
                        "query_encoder": "query_encoder: the query encoder's name, weights or precision (float32 since "
                                         "rdm_fast embeds queries as the reference scripts do)"}
@@ -375,10 +375,12 @@ class DatabaseContexts:
         return {"search": {**search, "backend": "exact" if exact else search["backend"]}, "query_encoder": encoder}
 
     def digest(self) -> str:
-        """SHA-256 of what the contexts are drawn from besides the options: the database's shards and proposal
-        ranking, and the --image files."""
+        """SHA-256 of what the contexts are drawn from besides the options (after prepare()): the database's shards,
+        and the pseudo-queries drawn from its proposal ranking (a rerun of db neighbors can change them under the
+        same manifest record) or the --image files."""
         h = hashlib.sha256(database_digest(self.db).encode())
-        h.update(json.dumps(self.db.manifest.get("proposals"), sort_keys=True).encode())
+        if self.query_ids is not None:
+            h.update(self.query_ids.cpu().numpy().tobytes())
         for path in self.images or ():
             h.update(Path(path).read_bytes())
         return h.hexdigest()

@@ -230,8 +230,8 @@ def test_sample_resume_draws_only_the_missing_samples_and_refuses_other_settings
     args[args.index(str(tiny_dir / "ctx.npy"))] = str(other)
     (tmp_path / "run" / "sample_00004.png").unlink()
     assert cli(sample, *args, "--resume") == 2
-    assert "(context_source, context_digest: the contents of the context file, or of the database, its proposal " \
-           "ranking or the --image files)" in capsys.readouterr().err
+    assert "(context_source, context_digest: the contents of the context file, or of the database, the " \
+           "pseudo-queries drawn from its proposal ranking or the --image files)" in capsys.readouterr().err
     assert cli(sample, *args[:-1], str(tmp_path / "new"), "--resume") == 2
     assert "no run to continue" in capsys.readouterr().err
 
@@ -761,6 +761,29 @@ def test_named_database_and_top_m_proposals(tiny_dir, tmp_path, monkeypatch, cap
     assert "5 samples from only 2 distinct pseudo-queries" in caplog.text
     info = json.loads((tmp_path / "o" / "run.json").read_text())
     assert info["top_m"] == 0.04 and info["context_source"] == "mydb"
+
+
+def test_sample_resume_compares_the_pseudo_queries_drawn_from_the_proposal_ranking(tiny_dir, tmp_path,
+                                                                                      hash_encoder, capsys):
+    """A rerun of db neighbors can change the proposal ranking under the same manifest record: --resume refuses a
+    run whose pseudo-queries it changes, and accepts one where they stay (a ranking changed below --top-m, a new
+    record) and --text runs, which draw none."""
+    db = tmp_path / "db"
+    shutil.copytree(tiny_dir / "db", db)
+    rest = np.setdiff1d(np.arange(50), [7, 3, 5])
+    save_proposals(db, np.r_[[7, 3, 5], rest], np.r_[[9, 8, 1], np.zeros(47, np.int64)], queries=50, k=3)
+    args = ["--ckpt", str(tiny_dir / "model"), "--db", str(db), "--top-m", "0.04", "--steps", "2", "--n-samples",
+            "2", "--out", str(tmp_path / "run")]
+    text = [*args[:4], "--text", "a red bird", *args[6:-1], str(tmp_path / "text")]
+    assert cli(sample, *args) == 0 and cli(sample, *text) == 0
+    save_proposals(db, np.r_[[7, 3, 5], rest[::-1]], np.r_[[9, 8, 2], np.zeros(47, np.int64)], queries=40, k=3)
+    assert cli(sample, *args, "--resume") == 0 and cli(sample, *text, "--resume") == 0  # the top 2 are 7 and 3
+    save_proposals(db, np.r_[[7, 5, 3], rest], np.r_[[9, 8, 1], np.zeros(47, np.int64)], queries=50, k=3)
+    capsys.readouterr()
+    assert cli(sample, *args, "--resume") == 2
+    assert "other settings (context_digest: the contents of the context file, or of the database, the " \
+           "pseudo-queries drawn from its proposal ranking" in capsys.readouterr().err
+    assert cli(sample, *text, "--resume") == 0
 
 
 def test_sample_context_options(tiny_dir, tmp_path, hash_encoder, monkeypatch):
