@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import RDM
 from ._cli import CLIError, HelpFormatter, check_out_dir, claim_out_dir, parse_args, pick_dtype, run, summary
 from ._distributed import Processes, process_device
-from ._files import array_file_problem, atomic_write_json, remove_stale_temps
+from ._files import array_file_problem, atomic_write_json, remove_stale_temps, sha256_file
 from .checkpoint import resolve_file
 from .config import RDMConfig, SamplingDefaults, preset_names
 from .diffusion import Schedule
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out: only the samples without an image of that run "
                         "(each PNG names the run that drew it) are drawn; its "
-                        "run.json must record the same settings and conditioning: contexts, search (exact, or "
+                        "run.json must record the same settings, checkpoint file (path and contents) and "
+                        "conditioning: contexts, search (exact, or "
                         "which index) and query encoder (name, weights file, precision). --batch-size and the "
                         "number of processes may differ, and --device where the search does not depend on it (the "
                         "CLIP query encoders run in float32 on every device): the images depend on none of them, "
@@ -259,9 +260,9 @@ def read_context_file(path: str, dim: int, config_source: str) -> torch.Tensor:
 
 
 # run.json entries that a resumed run must share with the run it continues (the images depend on them)
-RESUME_KEYS = ("ckpt_file", "config", "n_samples", "steps", "timesteps", "sampler", "eta", "guidance_scale", "seed",
-               "dtype", "no_ema", "random_init", "context_source", "context_digest", "text", "image", "top_m", "k",
-               "include_query", "search", "query_encoder")
+RESUME_KEYS = ("ckpt_file", "ckpt_sha256", "config", "n_samples", "steps", "timesteps", "sampler", "eta",
+               "guidance_scale", "seed", "dtype", "no_ema", "random_init", "context_source", "context_digest", "text",
+               "image", "top_m", "k", "include_query", "search", "query_encoder")
 MAX_SAMPLES = 10**7  # images per run (the list of their indices alone takes about 0.4 GB)
 PNG_LEVELS = "truncated"  # how images are quantised (images.to_uint8), checked first on resume; older versions rounded
 
@@ -270,6 +271,8 @@ PNG_LEVELS = "truncated"  # how images are quantised (images.to_uint8), checked 
 RESUME_KEY_MEANINGS = {"context_digest": "context_digest: the contents of the context file, or of the database, the "
                                          "pseudo-queries drawn from its proposal ranking or the --image files",
                        "ckpt_file": "ckpt_file: the checkpoint file (a training run's newest changes as it trains)",
+                       "ckpt_sha256": "ckpt_sha256: the checkpoint file's contents (another model saved at its path, "
+                                      "e.g. by convert into the same --out)",
                        "query_encoder": "query_encoder: the query encoder's name, weights or precision (float32 since "
                                         "rdm_fast embeds queries as the reference scripts do)"}
 
@@ -295,7 +298,11 @@ def resumed_run_id(path: Path, run_info: dict) -> str:
                        f"noise = {NOISE_STREAMS}), whose noise came from other streams: finish it with that version, "
                        "or start a new --out")
     current = json.loads(json.dumps(run_info))  # as it would be written (tuples as lists)
-    changed = [RESUME_KEY_MEANINGS.get(key, key) for key in RESUME_KEYS if previous.get(key) != current.get(key)]
+    changed = [key for key in RESUME_KEYS if previous.get(key) != current.get(key)]
+    if "ckpt_file" in changed and "ckpt_sha256" in changed:  # another file: that its contents differ goes unsaid
+        changed.remove("ckpt_sha256")
+    changed = [RESUME_KEY_MEANINGS.get(key, key) if key in previous else f"{key}: not recorded by the older rdm_fast "
+               "that began it" for key in changed]
     if changed:
         raise CLIError(f"--resume: {path.parent} holds a run with other settings ({', '.join(changed)}); use the "
                        "same options and inputs, or another --out")
@@ -469,6 +476,9 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
     db_contexts = cast(DatabaseContexts, batch_contexts)  # read below with --db only
     timesteps = len(model.schedule.ddim_timesteps(settings.steps))  # more than steps where they do not divide T
     run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file),
+                # by content: a file replaced at the same path (convert again into its folder) holds other weights,
+                # and a copy moved to another machine the same ones (a size and mtime would change with the copy)
+                "ckpt_sha256": None if ckpt_file is None else sha256_file(ckpt_file),
                 # the training warm-up does not change the images (runs recorded before it was read compare)
                 "config": replace(cfg, warm_up_steps=0).to_dict(), "n_samples": n, "steps": settings.steps,
                 "timesteps": timesteps, "sampler": settings.sampler, "eta": settings.eta,

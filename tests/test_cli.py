@@ -236,6 +236,46 @@ def test_sample_resume_draws_only_the_missing_samples_and_refuses_other_settings
     assert "no run to continue" in capsys.readouterr().err
 
 
+def test_sample_resume_compares_the_checkpoint_by_content(tiny_dir, tmp_path, capsys):
+    """Another model saved at the --ckpt path (convert again into its folder) would draw the remaining images:
+    --resume refuses it, and accepts a copy of the same file (another mtime); a training run's folder whose newest
+    checkpoint changed is refused as another file; a run.json without the digest names it as not recorded."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir / "model", model)
+    args = ["--ckpt", str(model), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2", "--n-samples", "2",
+            "--out", str(tmp_path / "run")]
+    assert cli(sample, *args) == 0
+    (tmp_path / "run" / "sample_00001.png").unlink()
+    other = RDM.from_pretrained(model)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(0.01)
+    other.save_pretrained(model)
+    capsys.readouterr()
+    assert cli(sample, *args, "--resume") == 2
+    assert "holds a run with other settings (ckpt_sha256: the checkpoint file's contents (another model saved at " \
+           "its path, e.g. by convert into the same --out))" in capsys.readouterr().err
+    (model / "model.safetensors").write_bytes((tiny_dir / "model" / "model.safetensors").read_bytes())
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert cli(sample, *args, "--resume") == 0
+    del info["ckpt_sha256"]
+    (tmp_path / "run" / "run.json").write_text(json.dumps(info))
+    assert cli(sample, *args, "--resume") == 2
+    assert "(ckpt_sha256: not recorded by the older rdm_fast that began it)" in capsys.readouterr().err
+    run = tmp_path / "training"
+    for step, weights in ((1, tiny_dir / "model"), (2, model)):
+        shutil.copytree(weights, run / "checkpoints" / f"step_{step:07d}")
+        state = {"step": step, "ema_updates": step}
+        (run / "checkpoints" / f"step_{step:07d}" / ckpt.TRAIN_STATE_FILE).write_text(json.dumps(state))
+    (run / ckpt.RUN_LATEST).write_text("step_0000001")
+    args[1], args[-1] = str(run), str(tmp_path / "from-run")
+    assert cli(sample, *args) == 0
+    (tmp_path / "from-run" / "sample_00001.png").unlink()
+    (run / ckpt.RUN_LATEST).write_text("step_0000002")  # the run trained on
+    assert cli(sample, *args, "--resume") == 2
+    assert "other settings (ckpt_file: the checkpoint file (a training run's newest changes as it trains));" in \
+        capsys.readouterr().err
+
+
 def test_process_device_takes_the_local_gpu_and_makes_it_current(monkeypatch):
     """Under torchrun each process computes on cuda:LOCAL_RANK, made the current CUDA device (Triton kernels and
     CUDA graphs run on the current device: without it every process would launch on GPU 0); cuda:N is refused
