@@ -99,6 +99,12 @@ def checkpoint_step(name: str) -> int | None:
     return int(match[1]) if match else None
 
 
+def run_checkpoints(root: Path) -> dict[int, Path]:
+    """The checkpoint folders ``step_<n>`` in ``root`` by step (as numbers: past 9,999,999 the names grow)."""
+    steps = {p: checkpoint_step(p.name) for p in root.glob("step_*") if p.is_dir()}
+    return {step: p for p, step in steps.items() if step is not None}
+
+
 class StateDictMismatch(CheckpointError):
     """Tensors the model needs that a checkpoint lacks or holds in another shape. The message is one line (counts
     and the first names); ``missing`` and ``mismatched`` keep the full lists."""
@@ -121,17 +127,17 @@ def ema_name(official_unet_name: str) -> str:
 
 def resolve_file(path: str | Path) -> Path:
     """A checkpoint file given as itself or as a directory: rdm_fast's (``model.safetensors``), a training run of
-    ``python -m rdm_fast.train`` (its newest checkpoint, named in ``latest``) or an official release folder
-    holding a single ``.ckpt``."""
+    ``python -m rdm_fast.train`` (its newest checkpoint, named in ``latest``, else the newest folder: see
+    :func:`newest_run_checkpoint`) or an official release folder holding a single ``.ckpt``."""
     if not isinstance(path, (str, os.PathLike)):  # pathlib's TypeError named no argument
         raise TypeError(f"a checkpoint path must be a str or Path, got {type(path).__name__}")
     path = Path(path)
     if not path.is_dir():
         return path
     if (path / WEIGHTS_FILE).is_file():
-        if (path / RUN_LATEST).is_file():
-            raise CheckpointError(f"{path} holds both a model ({WEIGHTS_FILE}) and a training run ({RUN_LATEST}): "
-                                  f"pass {path / WEIGHTS_FILE}, or a checkpoint folder of the run "
+        if (path / RUN_LATEST).is_file() or run_checkpoints(path / RUN_CHECKPOINTS):
+            raise CheckpointError(f"{path} holds both a model ({WEIGHTS_FILE}) and a training run ({RUN_LATEST} or "
+                                  f"{RUN_CHECKPOINTS}/): pass {path / WEIGHTS_FILE}, or a checkpoint folder of the run "
                                   f"({path / RUN_CHECKPOINTS}/step_NNNNNNN)")
         others = sorted(p.name for p in path.glob("*.ckpt"))
         if others:
@@ -139,7 +145,11 @@ def resolve_file(path: str | Path) -> Path:
         return path / WEIGHTS_FILE
     newest = newest_run_checkpoint(path)
     if newest is not None:
-        log.info("%s: its newest checkpoint, %s", path, newest.name)
+        if (path / RUN_LATEST).is_file():
+            log.info("%s: its newest checkpoint, %s", path, newest.name)
+        else:  # the one train --resume continues from
+            log.warning("%s has no %s file (a run killed right after its first checkpoint leaves none): loading its "
+                        "newest checkpoint, %s", path, RUN_LATEST, newest.name)
         return newest / WEIGHTS_FILE
     ckpts = sorted(path.glob("*.ckpt"))
     if len(ckpts) == 1:
@@ -149,11 +159,14 @@ def resolve_file(path: str | Path) -> Path:
 
 
 def newest_run_checkpoint(run: Path) -> Path | None:
-    """The checkpoint directory a training run's ``latest`` names (None for a directory that is no run);
-    CheckpointError if ``latest`` names no ``step_NNNNNNN`` folder of the run's checkpoints, or an incomplete one."""
+    """The checkpoint directory a training run's ``latest`` names, else (a kill between the first checkpoint's
+    rename and the ``latest`` file) its newest, since folders get checkpoint names only when complete; None for a
+    directory that holds no checkpoint. CheckpointError if ``latest`` names no ``step_NNNNNNN`` folder of the run's
+    checkpoints, or an incomplete one."""
     pointer = run / RUN_LATEST
     if not pointer.is_file():
-        return None
+        unnamed = run_checkpoints(run / RUN_CHECKPOINTS)
+        return unnamed[max(unnamed)] if unnamed else None
     name = pointer.read_text(errors="replace").strip()
     if checkpoint_step(name) is None:
         raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint of this run (a step_NNNNNNN "

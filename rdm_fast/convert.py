@@ -41,10 +41,9 @@ def official_checkpoint(model: RDM, ema: RDM | None = None, ema_updates: int = 0
     return state
 
 
-def _check_not_in_place(source: str, out: Path, to: str) -> None:
-    """CLIError where writing ``to``'s files into ``out`` would replace the checkpoint being converted, or leave
+def _check_not_in_place(weights: Path, out: Path, to: str) -> None:
+    """CLIError where writing ``to``'s files into ``out`` would replace the checkpoint file being converted, or leave
     beside them a model of the other format that loading ``out`` would pick instead (rdm_fast's weights win)."""
-    weights = ckpt.resolve_file(source)
     written = out / ("model.ckpt" if to == "official" else ckpt.WEIGHTS_FILE)
     if written.resolve() == weights.resolve():
         raise CLIError(f"--out {out} would replace the checkpoint being converted ({weights}): choose another "
@@ -54,8 +53,7 @@ def _check_not_in_place(source: str, out: Path, to: str) -> None:
                        "model.ckpt written: choose another folder")
 
 
-def _export_official(args: argparse.Namespace, out: Path) -> Path:
-    weights = ckpt.resolve_file(args.ckpt)
+def _export_official(args: argparse.Namespace, weights: Path, out: Path) -> Path:
     training = (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file()  # raw UNet weights beside the EMA ones
     train_state: dict[str, Any] = ckpt.read_train_state(weights.parent / ckpt.TRAIN_STATE_FILE) if training else \
         {"ema_updates": 0}
@@ -108,15 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if Path(args.out).suffix in ckpt.WEIGHT_SUFFIXES:  # else refused only at the save, after the load
         raise CLIError(f"--out {args.out} names a file: the converted model is written into a folder")
     check_out_dir(args.out, "a model")  # an earlier conversion's output is replaced
-    _check_not_in_place(args.ckpt, Path(args.out), args.to)
+    weights = ckpt.resolve_file(args.ckpt)  # once: a training run's newest checkpoint is named in one log line
+    _check_not_in_place(weights, Path(args.out), args.to)
     log.info("reading %s", args.ckpt)
     if args.to == "official":
         if args.no_ema:
             raise ValueError("--no-ema applies to --to rdm_fast (official checkpoints hold both weights)")
-        path = _export_official(args, Path(args.out))
+        path = _export_official(args, weights, Path(args.out))
         log.info("wrote %s and config.yaml (%s)", path, args.dtype)
         return 0
-    model = RDM.from_pretrained(args.ckpt, args.config, use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
+    model = RDM.from_pretrained(weights, args.config, use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
     path = model.save_pretrained(args.out, dtype=DTYPES[args.dtype])
     n = sum(t.numel() for t in model.state_dict().values())
     log.info("wrote %s (%s tensors, %s values, %s)", path, len(model.state_dict()), f"{n:,}", args.dtype)

@@ -270,7 +270,7 @@ def save_checkpoint(out: Path, step: int, model: RDM, ema: EMA, optimizer: torch
     fsync_path(root)
     atomic_write(out / ckpt.RUN_LATEST, lambda f: Path(f).write_text(name + "\n"), fsync=True)
     fsync_path(out)
-    older = [p for s, p in sorted(_checkpoint_dirs(root).items()) if s < step]
+    older = [p for s, p in sorted(ckpt.run_checkpoints(root).items()) if s < step]
     for old in older[:max(0, len(older) - (keep - 1))]:
         _remove_checkpoint(old)
     return final
@@ -285,12 +285,6 @@ def _remove_checkpoint(path: Path) -> None:
     shutil.rmtree(trash)
 
 
-def _checkpoint_dirs(root: Path) -> dict[int, Path]:
-    """The checkpoint folders ``step_<n>`` in ``root`` by step (as numbers: past 9,999,999 the names grow)."""
-    steps = {p: ckpt.checkpoint_step(p.name) for p in root.glob("step_*") if p.is_dir()}
-    return {step: p for p, step in steps.items() if step is not None}
-
-
 def remove_stale_checkpoints(out: Path, step: int) -> None:
     """Remove the checkpoints after ``step``, where the run (re)starts, and temporary folders of killed writes:
     a kill between a checkpoint's rename and the ``latest`` update, or a ``latest`` rolled back by hand, leaves
@@ -299,7 +293,7 @@ def remove_stale_checkpoints(out: Path, step: int) -> None:
     root = out / ckpt.RUN_CHECKPOINTS
     if not root.is_dir():
         return
-    stale = sorted(root.glob(".step_*.tmp")) + [p for s, p in sorted(_checkpoint_dirs(root).items()) if s > step]
+    stale = sorted(root.glob(".step_*.tmp")) + [p for s, p in sorted(ckpt.run_checkpoints(root).items()) if s > step]
     for path in stale:
         if path.is_dir():
             log.warning("removing %s: the run continues from step %d", path, step)
@@ -522,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     check_out_dir(args.out, "a training run")
     out = Path(args.out)
-    resume_from = _resume_point(out)
+    resume_from = ckpt.newest_run_checkpoint(out)
     if resume_from is not None and not (out / ckpt.RUN_LATEST).is_file():
         log.warning("%s has no %s file: its newest checkpoint is %s", out, ckpt.RUN_LATEST, resume_from.name)
     starts = args.init or args.first_stage or args.random_init
@@ -546,15 +540,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args, out, resume_from, procs, device, held)
     finally:
         procs.close()
-
-
-def _resume_point(out: Path) -> Path | None:
-    """The checkpoint a run in ``out`` continues from: the one ``latest`` names, else (a kill between the first
-    checkpoint's rename and the ``latest`` file) the newest, since folders get checkpoint names only when complete;
-    None where ``out`` holds no checkpoint."""
-    latest = ckpt.newest_run_checkpoint(out) if out.exists() else None
-    unnamed = _checkpoint_dirs(out / ckpt.RUN_CHECKPOINTS) if latest is None and out.is_dir() else {}
-    return unnamed[max(unnamed)] if unnamed else latest
 
 
 def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes,
@@ -645,7 +630,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         log.info("resuming from %s at step %d", resume_from, start)
     if procs.main:
         held.enter_context(claim_out_dir(out))  # one run at a time into --out; makes it (the first write)
-        if _resume_point(out) != resume_from:  # read before the lock: another run wrote there meanwhile
+        if ckpt.newest_run_checkpoint(out) != resume_from:  # read before the lock: another run wrote there meanwhile
             raise CLIError(f"{out} changed while this run was starting (another run saved a checkpoint there): "
                            "run the command again")
         remove_stale_checkpoints(out, start)
@@ -799,7 +784,7 @@ def _older_checkpoints_hint(resume_from: Path, out: Path) -> Iterator[None]:
     try:
         yield
     except ckpt.CheckpointError as e:
-        older = [p.name for s, p in sorted(_checkpoint_dirs(resume_from.parent).items(), reverse=True)
+        older = [p.name for s, p in sorted(ckpt.run_checkpoints(resume_from.parent).items(), reverse=True)
                  if p != resume_from]
         hint = (f"{'' if str(e).endswith(('?', '.')) else '.'} To continue from an older checkpoint "
                 f"({', '.join(older)}), write its name into {out / ckpt.RUN_LATEST}" if older else "")

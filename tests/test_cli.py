@@ -276,6 +276,39 @@ def test_sample_resume_compares_the_checkpoint_by_content(tiny_dir, tmp_path, ca
         capsys.readouterr().err
 
 
+def test_sample_and_convert_take_the_newest_checkpoint_of_a_run_without_latest(tiny_dir, tmp_path, caplog):
+    """A run killed right after its first checkpoint has no latest file: sample and convert load its newest
+    checkpoint (by step number, the one train --resume continues from) and say so in one line, where they called
+    the run a folder without a checkpoint; a model's folder that also holds a run's checkpoints stays ambiguous."""
+    run = tmp_path / "run"
+    newer = RDM.from_pretrained(tiny_dir / "model")
+    with torch.no_grad():
+        next(newer.unet.parameters()).add_(0.01)
+    shutil.copytree(tiny_dir / "model", run / "checkpoints" / "step_0000009")
+    newer.save_pretrained(run / "checkpoints" / "step_0000010")
+    for step in (9, 10):
+        state = {"step": step, "ema_updates": step}
+        (run / "checkpoints" / f"step_{step:07d}" / ckpt.TRAIN_STATE_FILE).write_text(json.dumps(state))
+    newest = run / "checkpoints" / "step_0000010" / ckpt.WEIGHTS_FILE
+    said = f"{run} has no latest file (a run killed right after its first checkpoint leaves none): loading its " \
+           "newest checkpoint, step_0000010"
+    assert cli(sample, "--ckpt", str(run), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2",
+               "--n-samples", "1", "--out", str(tmp_path / "samples")) == 0
+    assert json.loads((tmp_path / "samples" / "run.json").read_text())["ckpt_file"] == str(newest)
+    assert caplog.text.count(said) == 1
+    caplog.clear()
+    assert cli(convert, str(run), "--out", str(tmp_path / "converted")) == 0
+    assert caplog.text.count(said) == 1
+    converted, _ = ckpt.read_state_dict(tmp_path / "converted" / ckpt.WEIGHTS_FILE)
+    expected, _ = ckpt.read_state_dict(newest)
+    assert converted.keys() == expected.keys() and all(torch.equal(converted[k], expected[k]) for k in expected)
+    both = tmp_path / "both"
+    shutil.copytree(tiny_dir / "model", both)
+    shutil.copytree(run / "checkpoints", both / "checkpoints")
+    with pytest.raises(ckpt.CheckpointError, match="holds both a model .* and a training run"):
+        ckpt.resolve_file(both)
+
+
 def test_process_device_takes_the_local_gpu_and_makes_it_current(monkeypatch):
     """Under torchrun each process computes on cuda:LOCAL_RANK, made the current CUDA device (Triton kernels and
     CUDA graphs run on the current device: without it every process would launch on GPU 0); cuda:N is refused

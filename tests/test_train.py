@@ -878,7 +878,7 @@ def test_checkpoints_are_ordered_by_step_number(tmp_path):
     (root / "step_notes").mkdir()
     train.remove_stale_checkpoints(tmp_path, 10_000_000)
     assert sorted(p.name for p in root.iterdir()) == ["step_10000000", "step_9999998", "step_9999999", "step_notes"]
-    assert list(train._checkpoint_dirs(root)) and min(train._checkpoint_dirs(root)) == 9_999_998
+    assert list(train.ckpt.run_checkpoints(root)) and min(train.ckpt.run_checkpoints(root)) == 9_999_998
 
 
 def test_compiled_training_matches_uncompiled(setup, tmp_path):
