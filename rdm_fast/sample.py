@@ -372,13 +372,14 @@ class DatabaseContexts:
 
     def settings(self) -> dict:
         """What else decides the contexts: the search (exact, or which index with which parameters) and the
-        query encoder (name, precision, and the --encoder-checkpoint file's resolved path and size)."""
+        query encoder (name, precision, and the --encoder-checkpoint file's resolved path and SHA-256: two CLIP
+        checkpoints of one architecture have the same size)."""
         search = self.db.search_settings
         exact = self.db.backend.endswith("-exact")  # the exact backends agree (ties broken by the lower id)
         weights = None if self.encoder_checkpoint is None else Path(self.encoder_checkpoint).resolve()
         encoder = None if self.encoder is None else {
             "name": self.encoder.name, "dtype": str(getattr(self.encoder, "dtype", torch.float32)),
-            "checkpoint": None if weights is None else [str(weights), weights.stat().st_size]}
+            "checkpoint": None if weights is None else [str(weights), sha256_file(weights)]}
         return {"search": {**search, "backend": "exact" if exact else search["backend"]}, "query_encoder": encoder}
 
     def digest(self) -> str:

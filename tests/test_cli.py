@@ -859,6 +859,22 @@ def test_sample_resume_compares_the_pseudo_queries_drawn_from_the_proposal_ranki
     assert cli(sample, *text, "--resume") == 0
 
 
+def test_sample_resume_compares_the_encoder_checkpoint_by_content(tiny_dir, tmp_path, hash_encoder, capsys):
+    """Query-encoder weights replaced at the same path with a file of the same size (another CLIP checkpoint of
+    the same architecture) are refused on --resume; a copy of the same bytes resumes."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"a" * 64)
+    args = ["--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db"), "--text", "a red bird",
+            "--encoder-checkpoint", str(weights), "--steps", "2", "--n-samples", "2", "--out", str(tmp_path / "run")]
+    assert cli(sample, *args) == 0
+    weights.write_bytes(b"a" * 64)  # the same bytes again (a new mtime)
+    assert cli(sample, *args, "--resume") == 0
+    weights.write_bytes(b"b" * 64)
+    capsys.readouterr()
+    assert cli(sample, *args, "--resume") == 2
+    assert "other settings (query_encoder: the query encoder's name, weights" in capsys.readouterr().err
+
+
 def test_sample_context_options(tiny_dir, tmp_path, hash_encoder, monkeypatch):
     """--k sets the neighbours per query (0: the caption alone) and --no-query leaves the query out; run.json
     records both."""
