@@ -42,16 +42,22 @@ MODE=${1:-}
 case "$MODE" in ""|full|tests|quick) ;; *) echo "unknown mode '$MODE': full, tests or quick (none: the default)"; exit 2;; esac
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 6"
 
-# `quick`: after a full run, for the ops changed since: the extension, their GPU tests (GPU_CHECK_TESTS, default
-# glue, GroupNorm, thin convolution), the two large guided steps, and the thin convolution's benchmark
+# `quick`: after a full run, for the ops changed since: the extension (a failed build ends the run, rc 1), their GPU
+# tests (GPU_CHECK_TESTS, default glue, GroupNorm, thin convolution), the two large guided steps (GPU_CHECK_STEP_ARGS,
+# GPU_CHECK_STEP_LIMIT seconds, default 200), and the thin convolution's benchmark
 if [ "$MODE" = quick ]; then
-  timeout "$(limit 150)" $PY setup.py -q build_ext --inplace > "$OUT/log.txt" 2>&1; echo "build rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
+  timeout "$(limit 150)" $PY setup.py -q build_ext --inplace > "$OUT/log.txt" 2>&1; rc=$?
+  echo "build rc=$rc at $SECONDS s" | tee -a "$OUT/log.txt"
+  # without the extension, the tests fail at their fixture and the timings are of fallback kernels: stop here
+  [ "$rc" = 0 ] || { tail -30 "$OUT/log.txt"; exit 1; }
   timeout "$(limit 120)" $PY -m pytest -v -rfEs $XDIST -p no:cacheprovider \
     ${GPU_CHECK_TESTS:-tests/test_ops_glue.py tests/test_triton_group_norm.py tests/test_ops_conv.py} \
     -k "(gpu or cuda) and not interpreter" > "$OUT/tests.txt" 2>&1
   echo "tests rc=$? at $SECONDS s" >> "$OUT/tests.txt"
   grep -E "FAILED|ERROR| passed| failed|rc=" "$OUT/tests.txt" | grep -v "^\[gw.*PASSED" | sort -u
-  timeout "$(limit 200)" $PY bench/gpu_step.py --out "$OUT" --presets imagenet:64,rdm768:16 >> "$OUT/log.txt" 2>&1
+  # GPU_CHECK_STEP_ARGS replaces the presets (e.g. "--presets rdm768:16,imagenet:64": the first is timed first)
+  timeout "$(limit "${GPU_CHECK_STEP_LIMIT:-200}")" $PY bench/gpu_step.py --out "$OUT" \
+    ${GPU_CHECK_STEP_ARGS:---presets imagenet:64,rdm768:16} >> "$OUT/log.txt" 2>&1
   echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
   timeout -s INT -k 15 "$(limit 90)" $PY -m pytest -q -p no:cacheprovider bench/bench_conv.py -k "not cpu" \
     --benchmark-only \
