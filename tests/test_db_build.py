@@ -311,6 +311,14 @@ def test_rerun_of_a_finished_build_does_not_build_the_encoder(image_dir, tmp_pat
     with pytest.raises(AssertionError, match="built the encoder"):
         build_database(out, encoder=SPEC, **kw)
 
+    monkeypatch.undo()
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"a" * 64)
+    with_weights = build_database(tmp_path / "w", encoder=SPEC, encoder_checkpoint=str(weights), **kw)
+    weights.write_bytes(b"b" * 64)  # other weights of the same size at the same path
+    with pytest.raises(ValueError, match=r"different arguments \(they differ in: encoder_checkpoint_sha256\)"):
+        build_database(with_weights, encoder=SPEC, encoder_checkpoint=str(weights), **kw)
+
 
 def test_rerun_repairs_a_finished_build_with_a_damaged_shard(image_dir, tmp_path, caplog):
     """A finished database whose shard file was truncated or lost: the rerun of its build said "nothing to do", then

@@ -743,7 +743,8 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     config: dict[str, Any] = {
         "kind": "images", "encoder_spec": encoder if isinstance(encoder, str) else encoder.name,
         "encoder_checkpoint": str(checkpoint) if checkpoint else None,
-        "encoder_checkpoint_bytes": checkpoint.stat().st_size if checkpoint else None,
+        # by content: two checkpoints of one architecture (CLIP weights of two trainings) have the same size
+        "encoder_checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
         "inputs": str(inputs), "n_inputs": len(sources),
         "inputs_sha256": inputs_digest(sources, classes),
         "crop": crop, "crop_size": crop_size, "crops_per_image": crops_per_image, "shard_size": shard_size,
