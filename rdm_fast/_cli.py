@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .ops import FastPathUnavailable, get_mode
+from .retrieval.build import PILLOW_MAX_PIXELS, set_max_image_pixels
 
 log = logging.getLogger("rdm_fast")
 LOCK_FILE = ".rdm_fast.lock"
@@ -152,12 +153,23 @@ def _say(line: str) -> None:
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """``parser.parse_args(argv)``, refusing empty values: an empty path would otherwise mean the current
-    directory (``Path("")``), or be taken for an option not given."""
+    directory (``Path("")``), or be taken for an option not given. Applies ``--max-image-pixels``."""
     args = parser.parse_args(argv)
     for name, value in vars(args).items():
         if value == "" or (isinstance(value, list) and "" in value):
             raise CLIError(f"{_option_name(parser, name)} is empty")
+    if getattr(args, "max_image_pixels", None) is not None:
+        if args.max_image_pixels < 0:
+            raise CLIError(f"--max-image-pixels must be 0 (no limit) or more, got {args.max_image_pixels}")
+        set_max_image_pixels(args.max_image_pixels)
     return args
+
+
+def add_max_image_pixels(parser: argparse.ArgumentParser) -> None:
+    """The ``--max-image-pixels`` option of the commands that decode images."""
+    parser.add_argument("--max-image-pixels", type=int, default=PILLOW_MAX_PIXELS, metavar="N",
+                        help="refuse images of more than N pixels, a guard against decompression bombs (Pillow's "
+                             "limit; 0: none, for trusted images such as large drawings)")
 
 
 def _option_name(parser: argparse.ArgumentParser, dest: str) -> str:

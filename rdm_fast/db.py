@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._cli import LOCK_FILE, CLIError, HelpFormatter, OutDirLock, one_process, parse_args, run, summary
+from ._cli import (LOCK_FILE, CLIError, HelpFormatter, OutDirLock, add_max_image_pixels, one_process, parse_args,
+                   run, summary)
 from ._distributed import process_device
 from ._files import atomic_save_npy, atomic_write, make_dirs
 from .encoders import EncoderUnavailable, query_encoder, resolve_encoder
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--list", help="text file: one image path per line (relative paths are read from the list's "
                                     "folder), optionally a tab and a class id")
     b.add_argument("--encoder", required=True, help="registered encoder name or package.module:factory")
+    add_max_image_pixels(b)
     b.add_argument("--out", required=True, help="database directory (rerun the same command to resume)")
     b.add_argument("--crop", choices=CROP_MODES, default="center",
                    help="random: patches at native resolution, or of --fit-square squares; center: short side "
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoder", help="encoder spec (default: the one the database was built with)")
     s.add_argument("--encoder-checkpoint", help="local weights file for the encoder")
     s.add_argument("--contact-sheet", help="write a PNG grid of the query and its neighbours")
+    add_max_image_pixels(s)
     s.add_argument("--image-root", help="folder the database's relative sources are resolved against "
                                         "(default: the one recorded at build time)")
     s.add_argument("--backend", choices=BACKENDS, default="auto", help=backend_help)

@@ -35,7 +35,8 @@ from PIL.PngImagePlugin import PngImageFile
 from tqdm.auto import tqdm
 
 from . import RDM
-from ._cli import CLIError, HelpFormatter, check_out_dir, claim_out_dir, parse_args, pick_dtype, run, summary
+from ._cli import (CLIError, HelpFormatter, add_max_image_pixels, check_out_dir, claim_out_dir, parse_args,
+                   pick_dtype, run, summary)
 from ._distributed import Processes, process_device
 from ._files import array_file_problem, atomic_write_json, remove_stale_temps, sha256_file
 from .checkpoint import resolve_file
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     query = p.add_mutually_exclusive_group()
     query.add_argument("--text", action="append", help="with --db: caption query (repeat for several; cycled)")
     query.add_argument("--image", action="append", help="with --db: query image file (repeat for several; cycled)")
+    add_max_image_pixels(p)
     p.add_argument("--k", type=int, metavar="K",
                    help="with --db: neighbours retrieved per query (default: the model's convention, 3 for "
                         "imagenet/ffhq, 10 for rdm768; 0: the query alone, e.g. caption-only text-to-image)")

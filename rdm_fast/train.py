@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -49,7 +50,8 @@ from tqdm.auto import tqdm
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import CLIError, HelpFormatter, check_out_dir, claim_out_dir, parse_args, run, summary
+from ._cli import (CLIError, HelpFormatter, add_max_image_pixels, check_out_dir, claim_out_dir, parse_args, run,
+                   summary)
 from ._distributed import Processes, process_device
 from ._files import atomic_write, atomic_write_json, fsync_path, remove_stale_temps
 from .config import WARM_UP_START, RDMConfig, preset_names
@@ -360,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="where the training images are now, if they have moved (without it: the "
                                         "image_root recorded in the database)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, logs and samples")
+    add_max_image_pixels(p)
     p.add_argument("--latents", help="directory of the first stage's outputs for every training image, made on first "
                                      "use (all processes share the work) and reused: no image decoding or encoder "
                                      "in the training loop")
@@ -594,6 +597,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 "neighbors": str(Path(args.neighbors).resolve()), "training_data": contexts.digest(),
                 "random_crop": args.random_crop,
                 "cached_moments": args.latents is not None,
+                "latents": None if args.latents is None else str(Path(args.latents).resolve()),  # not compared
                 "batch_size": args.batch_size, "processes": procs.world, "accumulate": args.accumulate,
                 "save_every": args.save_every, "keep": args.keep, "log_every": args.log_every,
                 "preview": args.preview,
@@ -622,6 +626,11 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
             raise CLIError(f"--resume: the run in {out} was made with other data or draws: {'; '.join(changed)}")
         changed = [f"{k} {before.get(k)!r} -> {run_info[k]!r}" for k in CHANGEABLE_KEYS
                    if before.get(k) != run_info[k]]
+        if before.get("cached_moments") and args.latents is None:  # the same draws, from the images: slower
+            where = f" ({before['latents']})" if before.get("latents") else ""
+            changed = [c for c in changed if not c.startswith("cached_moments")] + [
+                f"the run trained from a --latents cache{where}; without --latents each step decodes and encodes "
+                "its images (the same draws, slower): pass it again"]
         if changed:
             log.warning("resuming with changed settings: %s", "; ".join(changed))
         for group in optimizer.param_groups:  # the optimizer's state carries the old ones
@@ -737,17 +746,21 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
                     if bar.disable or not sys.stderr.isatty():  # no bar, or one whose frames a log file runs
                         # together into one line (a batch job without --no-progress): the loss as a log line
-                        log.info("step %d: loss %.4f, lr %.3g, %.1f images/s", done, record["loss"], record["lr"],
-                                 record["images_per_s"])
+                        left = (args.steps - done) * global_batch / max(record["images_per_s"], 1e-9)
+                        log.info("step %d of %d: loss %.4f, lr %.3g, %.1f images/s, about %s left", done, args.steps,
+                                 record["loss"], record["lr"], record["images_per_s"],
+                                 datetime.timedelta(seconds=round(left)))
                     with open(out / LOG, "a") as f:
                         f.write(json.dumps(record) + "\n")
             if done % args.save_every == 0 or done == args.steps or stopping:
                 _check_finite_weights(unet, done, out, args)  # every process: none may wait on a failed save
                 if procs.main:
                     path = save_checkpoint(out, done, model, ema, optimizer, scaler, run_info, args.keep)
+                    shown = ""
                     if preview is not None and not stopping:
                         _preview(model, ema, preview, out / "samples" / f"step_{done:07d}.png", args.seed)
-                    log.info("step %d: checkpoint %s", done, path)
+                        shown = f", preview {out / 'samples' / f'step_{done:07d}.png'}"
+                    log.info("step %d: checkpoint %s%s", done, path, shown)
                 procs.barrier()
                 tick, ticked = time.perf_counter(), done  # the throughput of training steps, not of saving
             if stopping and done < args.steps:

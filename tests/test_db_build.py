@@ -611,6 +611,25 @@ def test_import_npz_refuses_non_finite_rows_and_repeated_parts(parts, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_decompression_bomb_limit_is_settable_and_named(tmp_path, monkeypatch):
+    """load_rgb refuses images above the limit, naming the option that raises it; Pillow's unnamed warning (from
+    half the limit) is silenced; 0 lifts the limit (a few openclipart drawings pass 600 million pixels)."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    path = tmp_path / "big.png"
+    Image.new("RGB", (30, 20), "red").save(path)  # 600 pixels
+    build.set_max_image_pixels(500)
+    with pytest.raises(Image.DecompressionBombError, match="exceeds limit of 500 pixels.*--max-image-pixels raises"):
+        build.load_rgb(path)
+    build.set_max_image_pixels(1000)  # Pillow warns from 500
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build.load_rgb(path).size == (30, 20)
+    build.set_max_image_pixels(0)
+    assert Image.MAX_IMAGE_PIXELS is None and build.load_rgb(path).size == (30, 20)
+
+
 @pytest.mark.parametrize("mode", ["I;16", "I", "F"])
 def test_load_rgb_reduces_high_bit_depth_grayscale(tmp_path, mode):
     """A 16-bit grayscale PNG (and 32-bit integer / float TIFFs) keep their gradient instead of turning white."""

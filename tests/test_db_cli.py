@@ -256,6 +256,18 @@ def test_contact_sheet_tiles_replay_the_build_crop(tmp_path, capsys, caplog, cro
         np.testing.assert_array_equal(tile, expect)
 
 
+def test_max_image_pixels_option(built, tmp_path, capsys, monkeypatch):
+    """--max-image-pixels sets the decompression-bomb limit of the commands that decode images; a query image
+    above it is refused with the option named."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the commands set it for the process
+    query = built / "images" / "a" / "0.png"  # 40 x 48
+    assert "--max-image-pixels raises the limit" in _error(capsys, "search", str(built / "db"), "--image",
+                                                           str(query), "--max-image-pixels", "1000")
+    assert cli("search", str(built / "db"), "--image", str(query), "--max-image-pixels", "0") == 0
+    assert "--max-image-pixels must be 0 (no limit) or more" in _error(
+        capsys, "search", str(built / "db"), "--image", str(query), "--max-image-pixels", "-1")
+
+
 def _error(capsys, *argv: str) -> str:
     assert cli(*argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -448,9 +449,12 @@ def test_training_lowers_the_loss(setup, tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_resume_is_bit_exact_and_checkpoints_sample(setup, tmp_path):
+def test_resume_is_bit_exact_and_checkpoints_sample(setup, tmp_path, caplog):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train.main(_fresh(setup, straight, "--keep", "5", "--preview", "2")) == 0
+    with caplog.at_level("INFO", logger="rdm_fast.train"):
+        assert train.main(_fresh(setup, straight, "--keep", "5", "--preview", "2")) == 0
+    assert f"step 4: checkpoint {straight / 'checkpoints' / 'step_0000004'}, preview " \
+           f"{straight / 'samples' / 'step_0000004.png'}" in caplog.text  # where the preview went
     assert train.main(_fresh(setup, split, steps=2)) == 0
     with pytest.raises(train.CLIError, match="--resume"):
         train.main(_fresh(setup, split))
@@ -605,7 +609,10 @@ def test_without_progress_bars_the_loss_is_logged(setup, tmp_path, caplog, monke
     args = [a for a in _fresh(setup, tmp_path / "run", steps=4) if not (bar and a == "--no-progress")]
     assert train.main(args) == 0  # --log-every 2
     lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
-    assert [line.split(":")[0] for line in lines] == ["step 2", "step 4"] and ": loss " in lines[0]
+    assert [line.split(":")[0] for line in lines] == ["step 2 of 4", "step 4 of 4"] and ": loss " in lines[0]
+    assert re.search(r"images/s, about \d+:\d\d:\d\d left$", lines[0]) and lines[1].endswith("about 0:00:00 left")
+    saved = [r.getMessage() for r in caplog.records if ": checkpoint " in r.getMessage()]
+    assert saved and all(", preview " not in m for m in saved)  # --preview 0
 
 
 def test_throughput_leaves_out_checkpoint_time(setup, tmp_path, monkeypatch):
@@ -1077,6 +1084,17 @@ def test_cached_moments_are_the_encoder_outputs(setup, tmp_path, monkeypatch):
     assert len(inputs["again"]) == 2 and json.loads((tmp_path / "again" / "log.jsonl").read_text())["unreadable"] == 0
     with pytest.raises(ValueError, match="first_stage"):  # another seed: another random first stage
         train.main(_fresh(setup, tmp_path / "other", "--latents", str(cache), "--seed", "1", steps=1))
+
+
+def test_resume_without_the_latents_cache_says_to_pass_it_again(setup, tmp_path, caplog):
+    """A run trained from a --latents cache and resumed without it decodes images each step: the warning names the
+    cache and the remedy (it said "cached_moments True -> False")."""
+    cache = tmp_path / "latents"
+    assert train.main(_fresh(setup, tmp_path / "run", "--latents", str(cache), steps=2)) == 0
+    with caplog.at_level("WARNING", logger="rdm_fast"):
+        assert train.main(_args(setup, tmp_path / "run", "--resume", steps=3)) == 0
+    assert f"the run trained from a --latents cache ({cache.resolve()}); without --latents each step decodes" \
+        in caplog.text and "cached_moments" not in caplog.text
 
 
 def test_damaged_cache_files_are_named_when_the_cache_is_opened(setup, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 import time
+import warnings
 from array import array
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, overload
@@ -254,11 +255,33 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
 
 
+PILLOW_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)  # the size Pillow refuses by default (it warns from half)
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """This process's guard against decompression bombs: images of more than ``limit`` pixels (rounded up to
+    even) are refused, 0 lifts it. Pillow refuses from twice its ``MAX_IMAGE_PIXELS`` and warns, without naming
+    the file, from once it; :func:`load_rgb` silences that warning. Large drawings can be legitimate (a few
+    openclipart PNGs pass 600 million pixels)."""
+    Image.MAX_IMAGE_PIXELS = -(-limit // 2) if limit else None
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """An image as RGB, upright per its EXIF orientation, with transparency composited on white; 16-bit and
-    float grayscale images are first reduced to 8 bits (see :func:`_to_8bit`)."""
+    float grayscale images are first reduced to 8 bits (see :func:`_to_8bit`). PIL's DecompressionBombError, naming
+    the option that raises the limit, for a file above it (:func:`set_max_image_pixels`)."""
     if not stat.S_ISREG(os.stat(path).st_mode):  # Image.open would wait forever on a FIFO
         raise ValueError(f"{path} is not a regular file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # unnamed; the limit is the error
+        try:
+            return _load_rgb(path)
+        except Image.DecompressionBombError as e:
+            raise Image.DecompressionBombError(f"{e} (--max-image-pixels raises the limit, 0 lifts it, for trusted "
+                                               "images)") from None
+
+
+def _load_rgb(path: str | Path) -> Image.Image:
     with Image.open(path) as opened:
         opened.load()
         im = ImageOps.exif_transpose(opened)
