@@ -14,12 +14,13 @@ import logging
 import math
 import os
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ._cli import (LOCK_FILE, CLIError, HelpFormatter, OutDirLock, add_max_image_pixels, one_process, parse_args,
                    run, summary)
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=_positive, default=8, help="entries to return")
     s.add_argument("--encoder", help="encoder spec (default: the one the database was built with)")
     s.add_argument("--encoder-checkpoint", help="local weights file for the encoder")
-    s.add_argument("--contact-sheet", help="write a PNG grid of the query and its neighbours")
+    s.add_argument("--contact-sheet", help="write an image grid of the query (the caption's words, or the image) and "
+                                           "its neighbours; the format follows the suffix (PNG without one)")
     add_max_image_pixels(s)
     s.add_argument("--image-root", help="folder the database's relative sources are resolved against "
                                         "(default: the one recorded at build time)")
@@ -283,6 +285,17 @@ def _grey_tile(size: int) -> Image.Image:
     return Image.new("RGB", (size, size), (200, 200, 200))
 
 
+def _text_tile(text: str, size: int) -> Image.Image:
+    """A white ``size`` px tile with ``text`` wrapped in Pillow's default font (what fits; an ellipsis after)."""
+    tile = Image.new("RGB", (size, size), "white")
+    lines = textwrap.wrap(text, width=max(1, size // 7)) or [""]
+    rows = max(1, (size - 8) // 12)
+    if len(lines) > rows:
+        lines = lines[:rows - 1] + [lines[rows - 1][:max(1, size // 7 - 3)] + "..."]
+    ImageDraw.Draw(tile).multiline_text((4, 4), "\n".join(lines), fill="black", spacing=2)
+    return tile
+
+
 def _tile(path: Path, build: dict, xy: Sequence[int] | None, size: int) -> Image.Image | None:
     """``size`` px tile of the crop the database embedded from ``path`` (replayed from the ``build``'s crop mode,
     size and square, and the random crop's corner ``xy``; the whole image when the build recorded no crop, e.g.
@@ -376,7 +389,10 @@ def _write_contact_sheet(args, db: Database, query: Path | None, scores, ids, so
     build = db.manifest.get("build") or {}
     coords = db.patch_coords(ids).tolist() if db.manifest["has_patch_coords"] else [None] * len(ids)
     size = 128
-    tiles = [(_tile(query, {}, None, size) or _grey_tile(size), "query")] if query is not None else []
+    if query is not None:
+        tiles = [(_tile(query, {}, None, size) or _grey_tile(size), "query")]
+    else:  # a caption: its words on the query's tile
+        tiles = [(_text_tile(args.text, size), "query")]
     for r, (path, xy, score, i) in enumerate(zip(paths, coords, scores.tolist(), ids.tolist()), 1):
         tile = _tile(path, build, xy, size) if path is not None else None
         tiles.append((tile or _grey_tile(size), f"#{r} id {i}  {score:.3f}"))

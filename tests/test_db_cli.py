@@ -244,8 +244,11 @@ def test_contact_sheet_tiles_replay_the_build_crop(tmp_path, capsys, caplog, cro
     assert cli("search", str(path), "--text", "x", "--k", "3", "--device", "cpu", "--contact-sheet", str(sheet)) == 0
     assert "broken.png cannot be shown" in caplog.text
     png = np.asarray(Image.open(sheet).convert("RGB"))
-    for r, row in enumerate(_rows(capsys.readouterr().out)):
-        tile = png[4:4 + 128, 4 + r * 132:4 + r * 132 + 128]  # 3 tiles in a row, 4 px apart
+    caption = png[4:4 + 128, 4:4 + 128]  # the query's tile: the caption in black on white
+    assert (caption == 255).all(-1).mean() > 0.9 and (caption < 100).all(-1).any()
+    for r, row in enumerate(_rows(capsys.readouterr().out), 1):
+        y, x = 4 + r // 3 * (128 + 14 + 4), 4 + r % 3 * 132  # 3 tiles a row, 4 px apart, captions 14 px high
+        tile = png[y:y + 128, x:x + 128]
         name = row[3]
         if name == "broken.png":
             assert (tile == 200).all()
