@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "results so far are kept in OUT.progress/ until it is written, so "
                                                 "that a rerun after a kill continues from them")
     n.add_argument("--top-m-out", help="also write the proposal ranking here (.npy, (N, 2) int64: id, count)")
+    n.add_argument("--no-proposals", action="store_true",
+                   help="leave the database's proposal ranking (top-m sampling's pseudo-queries) as it is, e.g. for "
+                        "the neighbours of a validation split")
     n.add_argument("--backend", choices=BACKENDS, default="auto", help=backend_help)
     n.add_argument("--nprobe", type=_positive, help=nprobe_help)
     n.add_argument("--device", default="auto", help=device_help)
@@ -478,17 +481,20 @@ def _neighbors(args: argparse.Namespace, resume_dir: Path) -> int:
     ranked, counts = proposal_ranking(ids, len(db))
     if args.top_m_out:  # before the database's own ranking changes
         atomic_save_npy(args.top_m_out, np.stack([ranked.numpy(), counts.numpy()], 1))
-    old = db.manifest.get("proposals")
-    if old and not np.array_equal(db.proposal_ranking()[0].numpy(), ranked.numpy()):
-        log.warning("replacing the proposal ranking of %s (from %s queries x k=%s) with this run's (%d x k=%d): "
-                    "top-m sampling draws its pseudo-queries from it, so a sample run begun with the old one cannot "
-                    "be resumed", args.db, old.get("queries", "?"), old.get("k", "?"), ids.shape[0], args.k)
-    save_proposals(db.path, ranked.numpy(), counts.numpy(), queries=int(ids.shape[0]), k=args.k,
-                   queries_db=str(queries.path.resolve()) if queries is not None else None,
-                   exclude_self=args.exclude_self, dedup_threshold=args.dedup_threshold)
+    ranking = f"the proposal ranking of {args.db} is left as it was"
+    if not args.no_proposals:
+        old = db.manifest.get("proposals")
+        if old and not np.array_equal(db.proposal_ranking()[0].numpy(), ranked.numpy()):
+            log.warning("replacing the proposal ranking of %s (from %s queries x k=%s) with this run's (%d x k=%d): "
+                        "top-m sampling draws its pseudo-queries from it, so a sample run begun with the old one "
+                        "cannot be resumed (--no-proposals leaves it)", args.db, old.get("queries", "?"),
+                        old.get("k", "?"), ids.shape[0], args.k)
+        save_proposals(db.path, ranked.numpy(), counts.numpy(), queries=int(ids.shape[0]), k=args.k,
+                       queries_db=str(queries.path.resolve()) if queries is not None else None,
+                       exclude_self=args.exclude_self, dedup_threshold=args.dedup_threshold)
+        ranking = f"proposal ranking in {db.path / PROPOSALS}"
     shutil.rmtree(resume_dir, ignore_errors=True)  # last: a failed write above is retried without a new search
-    print(f"wrote {ids.shape[0]} x {args.k} neighbours to {', '.join(map(str, written))}; proposal ranking in "
-          f"{db.path / PROPOSALS}")
+    print(f"wrote {ids.shape[0]} x {args.k} neighbours to {', '.join(map(str, written))}; {ranking}")
     return 0
 
 

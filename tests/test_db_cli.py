@@ -203,6 +203,13 @@ def test_neighbors_and_proposals(built, tmp_path, capsys, caplog):
     assert cli("neighbors", str(work), "--queries", str(built / "db"), "--k", "2", "--out", str(pair),
                "--device", "cpu", "--no-progress") == 0  # the same ranking again: nothing to warn about
     assert "replacing the proposal ranking" not in caplog.text
+    kept, record = np.load(work / "proposals.npy"), Database.open(work).manifest["proposals"]
+    capsys.readouterr()
+    assert cli("neighbors", str(work), "--k", "3", "--exclude-self", "--out", str(tmp_path / "val.npz"),
+               "--no-proposals", "--device", "cpu", "--no-progress") == 0  # e.g. a validation split's neighbours
+    assert "the proposal ranking of" in capsys.readouterr().out and "replacing" not in caplog.text
+    assert np.array_equal(np.load(work / "proposals.npy"), kept) and Database.open(work).manifest["proposals"] == record
+    assert (tmp_path / "val.npz").is_file() and not (tmp_path / "val.npz.progress").exists()
     # the queries may be the database itself given again (so --exclude-self applies); the ranking records its path
     assert cli("neighbors", str(work), "--queries", str(work), "--exclude-self", "--k", "2", "--out", str(pair),
                "--device", "cpu", "--no-progress") == 0
