@@ -3,6 +3,7 @@ import-npz, and one-line errors with exit status 2; FAISS and Triton search back
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import shlex
@@ -308,11 +309,8 @@ def test_one_line_errors(built, tmp_path, capsys):
                                            "--out", db, "--crop-size", "16", "--workers", "0")
     assert "needs crop='random'" in _error(capsys, "build", "--images", str(built / "images"), "--encoder", SPEC,
                                            "--out", str(tmp_path / "n"), "--crops-per-image", "2")
-    try:
-        import faiss  # noqa: F401
-        unparsable = "--param 'x'"
-    except ImportError:  # the optional dependency: its absence is said first
-        unparsable = "FAISS indexes are unavailable"
+    # without the optional dependency, its absence is said first
+    unparsable = "--param 'x'" if importlib.util.find_spec("faiss") else "FAISS indexes are unavailable"
     assert unparsable in _error(capsys, "index", db, "--param", "x")
     np.savez(tmp_path / "8d-part_0.npz", embedding=np.zeros((3, 8)), img_id=np.arange(3),
              patch_coords=np.zeros((3, 2)))
