@@ -160,6 +160,9 @@ class StopRequest:
         for sig in self.SIGNALS:
             if signal.getsignal(sig) is not signal.SIG_IGN:  # an ignored signal (inherited, nohup) stays ignored
                 self._previous[sig] = signal.signal(sig, self._handle)
+            else:  # e.g. `cmd &` in a script: the shell makes background jobs ignore SIGINT
+                log.info("%s is ignored in this process (inherited): it does not stop the run%s",
+                         signal.Signals(sig).name, "; SIGTERM does" if sig == signal.SIGINT else "")
         return self
 
     def __exit__(self, *exc) -> None:

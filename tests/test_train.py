@@ -648,13 +648,15 @@ def test_a_stop_writes_the_pending_log_line(setup, tmp_path, monkeypatch):
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
 
 
-def test_stop_request_leaves_ignored_signals_ignored():
+def test_stop_request_leaves_ignored_signals_ignored(caplog):
     """A job started with SIGINT ignored (``nohup``, a background job of a script) kept it ignored only until
-    training installed its handler; handlers are restored afterwards."""
+    training installed its handler; handlers are restored afterwards. The log says that Ctrl-C will not stop it."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         term = signal.getsignal(signal.SIGTERM)
-        with train.StopRequest() as stop:
+        with caplog.at_level("INFO", logger="rdm_fast.train"), train.StopRequest() as stop:
+            assert "SIGINT is ignored in this process (inherited): it does not stop the run; SIGTERM does" \
+                in caplog.text
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) == stop._handle
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is term
