@@ -307,8 +307,9 @@ class OutDirLock:
         _HELD_LOCKS.add(self)
 
     def release(self) -> None:
-        """Unlock; the file stays (removing a lock file races with a run opening it), emptied of the holder's name
-        so that it does not read as held."""
+        """Unlock; the file stays, emptied of the holder's name so that it does not read as held (a holder that
+        removes it, as db neighbors removes its progress folder, is safe too: a run that opened the removed file
+        finds it gone once it holds the lock, and takes the new one)."""
         if self._held and not self._file.closed:
             self._file.truncate(0)
         self._forget()

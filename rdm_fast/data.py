@@ -52,7 +52,8 @@ from ._files import (TEMP_SUFFIX, array_file_problem, atomic_npy_memmap, atomic_
                      map_npz)
 from .config import RDMConfig
 from .rdm import RDM
-from .retrieval.build import load_rgb, random_fitted_window, replay_crop
+from .retrieval.build import (current_max_image_pixels, load_rgb, random_fitted_window, replay_crop,
+                              set_max_image_pixels)
 from .retrieval.context import check_database_for_model
 from .retrieval.database import Database
 from .retrieval.neighbors import DIGEST_KEYS, database_digest, neighbor_files, same_entries
@@ -145,6 +146,7 @@ class TrainingImages(Dataset):
         self.path, self.size, self.root = db.path, size, Path(root) if root else None
         self.crop, self.crop_size, self.square = build["crop"], int(build["crop_size"]), build.get("fit_square")
         self.random_crop, self.seed = random_crop, seed
+        self.max_pixels = current_max_image_pixels()  # for workers that do not inherit it (spawn, forkserver)
         self._warned: set[int] = set()  # entries already warned about (per data-loading process)
         self.count = len(db)
         if self.crop_size != size and not random_crop:
@@ -173,6 +175,7 @@ class TrainingImages(Dataset):
         i, epoch = key if isinstance(key, tuple) else (key, None)
         if self.random_crop and epoch is None:
             raise ValueError("random crops are drawn per epoch: ask for entries as (index, epoch)")
+        set_max_image_pixels(self.max_pixels)
         try:
             if self.random_crop:
                 pixels = self._random_crop(i, cast(int, epoch))

@@ -41,6 +41,7 @@ from ._distributed import Processes, process_device
 from ._files import array_file_problem, atomic_write_json, remove_stale_temps, sha256_file
 from .checkpoint import resolve_file
 from .config import RDMConfig, SamplingDefaults, preset_names
+from .data import derived_seed
 from .diffusion import Schedule
 from .diffusion.samplers import draw_noise
 from .encoders import EncoderUnavailable, embed_images, embed_texts, query_encoder
@@ -210,7 +211,7 @@ def load_model(args: argparse.Namespace, ckpt_file: Path | None, cfg: RDMConfig 
 
 MEMORY_ADVICE = "lower --batch-size (the images do not depend on it)"  # after an out-of-memory error
 GRID_SAMPLES = 64  # grid.png shows the first samples only
-START_NOISE, STEP_NOISE = 0, 1  # purposes of the per-sample streams
+START_NOISE, STEP_NOISE, PSEUDO_QUERIES = 0, 1, 2  # purposes of the seeded streams
 NOISE_STREAMS = "pcg64"  # how the per-sample streams are drawn, checked on resume; older versions seeded torch's
 # CPU generator with a 32-bit mix of (seed, purpose, sample), so samples of one run could share their noise
 
@@ -261,8 +262,9 @@ def read_context_file(path: str, dim: int, config_source: str) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-# run.json entries that a resumed run must share with the run it continues (the images depend on them)
-RESUME_KEYS = ("ckpt_file", "ckpt_sha256", "config", "n_samples", "steps", "timesteps", "sampler", "eta",
+# run.json entries that a resumed run must share with the run it continues (the images depend on them); the
+# checkpoint by content, so that a copy of it elsewhere (e.g. on a node's local disk) resumes
+RESUME_KEYS = ("ckpt_sha256", "config", "n_samples", "steps", "timesteps", "sampler", "eta",
                "guidance_scale", "seed", "dtype", "no_ema", "random_init", "context_source", "context_digest", "text",
                "image", "top_m", "k", "include_query", "search", "query_encoder")
 MAX_SAMPLES = 10**7  # images per run (the list of their indices alone takes about 0.4 GB)
@@ -301,8 +303,8 @@ def resumed_run_id(path: Path, run_info: dict) -> str:
                        "or start a new --out")
     current = json.loads(json.dumps(run_info))  # as it would be written (tuples as lists)
     changed = [key for key in RESUME_KEYS if previous.get(key) != current.get(key)]
-    if "ckpt_file" in changed and "ckpt_sha256" in changed:  # another file: that its contents differ goes unsaid
-        changed.remove("ckpt_sha256")
+    if "ckpt_sha256" in changed and "ckpt_sha256" in previous and previous.get("ckpt_file") != current["ckpt_file"]:
+        changed[changed.index("ckpt_sha256")] = "ckpt_file"  # another file (a copy of the same one resumes)
     changed = [RESUME_KEY_MEANINGS.get(key, key) if key in previous else f"{key}: not recorded by the older rdm_fast "
                "that began it" for key in changed]
     if changed:
@@ -372,16 +374,16 @@ class DatabaseContexts:
             raise CLIError(f"encoder {self.encoder.name} gave non-finite embeddings for the "
                            f"{'--text captions' if self.texts else '--image files'}")
 
-    def settings(self) -> dict:
+    def settings(self, digest_files: bool = True) -> dict:
         """What else decides the contexts: the search (exact, or which index with which parameters) and the
         query encoder (name, precision, and the --encoder-checkpoint file's resolved path and SHA-256: two CLIP
-        checkpoints of one architecture have the same size)."""
+        checkpoints of one architecture have the same size; None without ``digest_files``)."""
         search = self.db.search_settings
         exact = self.db.backend.endswith("-exact")  # the exact backends agree (ties broken by the lower id)
         weights = None if self.encoder_checkpoint is None else Path(self.encoder_checkpoint).resolve()
         encoder = None if self.encoder is None else {
             "name": self.encoder.name, "dtype": str(getattr(self.encoder, "dtype", torch.float32)),
-            "checkpoint": None if weights is None else [str(weights), sha256_file(weights)]}
+            "checkpoint": None if weights is None else [str(weights), sha256_file(weights) if digest_files else None]}
         return {"search": {**search, "backend": "exact" if exact else search["backend"]}, "query_encoder": encoder}
 
     def digest(self) -> str:
@@ -454,7 +456,8 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
     model = load_model(args, ckpt_file, cfg, device, dtype)
     cfg = model.config
     settings = sampling_settings(args, cfg)
-    generator = torch.Generator().manual_seed(args.seed)  # the --db pseudo-queries
+    # the --db pseudo-queries (a mixed seed: torch's generator keeps 32 bits, so --seed s and s + 2**32 drew alike)
+    generator = torch.Generator().manual_seed(derived_seed(args.seed, PSEUDO_QUERIES))
     if args.context_file:
         if contexts is None:  # the config came from the tensors
             contexts = read_context_file(args.context_file, cfg.context_dim,
@@ -481,7 +484,7 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
     run_info = {"ckpt": args.ckpt, "ckpt_file": None if ckpt_file is None else str(ckpt_file),
                 # by content: a file replaced at the same path (convert again into its folder) holds other weights,
                 # and a copy moved to another machine the same ones (a size and mtime would change with the copy)
-                "ckpt_sha256": None if ckpt_file is None else sha256_file(ckpt_file),
+                "ckpt_sha256": None if ckpt_file is None or not procs.main else sha256_file(ckpt_file),  # read once
                 # the training warm-up does not change the images (runs recorded before it was read compare)
                 "config": replace(cfg, warm_up_steps=0).to_dict(), "n_samples": n, "steps": settings.steps,
                 "timesteps": timesteps, "sampler": settings.sampler, "eta": settings.eta,
@@ -494,18 +497,19 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
                 "k": db_contexts.k if args.db else None,
                 "include_query": db_contexts.include_query if args.db else None, "png_levels": PNG_LEVELS,
                 "noise": NOISE_STREAMS,
-                **(db_contexts.settings() if args.db else {"search": None, "query_encoder": None}),
+                **(db_contexts.settings(procs.main) if args.db else {"search": None, "query_encoder": None}),
                 "args": vars(args)}  # the command line as given, for reproduction
     # every image carries its run's id: --resume keeps only the images of the run it continues (an interrupted new
     # run in the same --out leaves earlier runs' images behind), each written atomically (present = whole).
-    # Rank 0's view, so that every process shares out the same list while the first images appear.
-    run_id = resumed_run_id(out / "run.json", run_info) if args.resume else uuid.uuid4().hex
+    # Rank 0's view (the checkpoint files are digested there only), so that every process shares out the same list
+    # while the first images appear.
+    run_id = (resumed_run_id(out / "run.json", run_info) if args.resume else uuid.uuid4().hex) if procs.main else None
     if procs.main:  # before the others write (they wait below): what killed runs left half-written
         removed = remove_stale_temps(out, ["sample_*.png", "grid.png", "run.json"])
         if removed:
             log.info("removed %d temporary file%s left by an interrupted run", removed, "s"[:removed != 1])
     present = sample_images(out) if procs.main else {}  # index -> file, listed once (not a lookup per index)
-    kept = {i for i, file in present.items() if i < n and drawn_by(file, run_id)} if args.resume else set()
+    kept = {i for i, file in present.items() if i < n and drawn_by(file, cast(str, run_id))} if args.resume else set()
     run_id, missing = procs.from_rank0((run_id, [i for i in range(n) if i not in kept] if procs.main else None))
     run_info["run_id"] = run_id
     batches = [(b, min(b + args.batch_size, len(missing))) for b in range(0, len(missing), args.batch_size)]

@@ -238,8 +238,9 @@ def test_sample_resume_draws_only_the_missing_samples_and_refuses_other_settings
 
 def test_sample_resume_compares_the_checkpoint_by_content(tiny_dir, tmp_path, capsys):
     """Another model saved at the --ckpt path (convert again into its folder) would draw the remaining images:
-    --resume refuses it, and accepts a copy of the same file (another mtime); a training run's folder whose newest
-    checkpoint changed is refused as another file; a run.json without the digest names it as not recorded."""
+    --resume refuses it, and accepts a copy of the same file (another mtime, or another path); a training run's
+    folder whose newest checkpoint changed is refused as another file; a run.json without the digest names it as
+    not recorded."""
     model = tmp_path / "model"
     shutil.copytree(tiny_dir / "model", model)
     args = ["--ckpt", str(model), "--context-file", str(tiny_dir / "ctx.npy"), "--steps", "2", "--n-samples", "2",
@@ -257,12 +258,16 @@ def test_sample_resume_compares_the_checkpoint_by_content(tiny_dir, tmp_path, ca
     (model / "model.safetensors").write_bytes((tiny_dir / "model" / "model.safetensors").read_bytes())
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert cli(sample, *args, "--resume") == 0
-    del info["ckpt_sha256"]
+    digest = info.pop("ckpt_sha256")
     (tmp_path / "run" / "run.json").write_text(json.dumps(info))
     assert cli(sample, *args, "--resume") == 2
     assert "(ckpt_sha256: not recorded by the older rdm_fast that began it)" in capsys.readouterr().err
+    (tmp_path / "run" / "run.json").write_text(json.dumps({**info, "ckpt_sha256": digest}))
+    shutil.copytree(model, tmp_path / "local-copy")  # the same file at another path (e.g. a node's local disk)
+    assert cli(sample, *[str(tmp_path / "local-copy") if a == str(model) else a for a in args], "--resume") == 0
+    other.save_pretrained(tmp_path / "other")
     run = tmp_path / "training"
-    for step, weights in ((1, tiny_dir / "model"), (2, model)):
+    for step, weights in ((1, tiny_dir / "model"), (2, tmp_path / "other")):
         shutil.copytree(weights, run / "checkpoints" / f"step_{step:07d}")
         state = {"step": step, "ema_updates": step}
         (run / "checkpoints" / f"step_{step:07d}" / ckpt.TRAIN_STATE_FILE).write_text(json.dumps(state))

@@ -630,6 +630,34 @@ def test_decompression_bomb_limit_is_settable_and_named(tmp_path, monkeypatch):
     assert Image.MAX_IMAGE_PIXELS is None and build.load_rgb(path).size == (30, 20)
 
 
+def test_max_image_pixels_reaches_workers_and_is_a_build_argument(tmp_path, monkeypatch):
+    """The limit travels with the dataset (workers started by spawn or forkserver do not inherit the parent's), and
+    a build records it when it is not Pillow's default: a rerun under another limit, which would skip other
+    images, is refused as other arguments."""
+    import pickle
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "images" / "big.png")  # 1600 pixels
+    Image.new("RGB", (30, 30), "blue").save(tmp_path / "images" / "small.png")
+    build.set_max_image_pixels(1000)
+    crops = build.ImageCrops(tmp_path / "images", ["big.png"], 0, "center", 16, 1, 0)
+    build.set_max_image_pixels(build.PILLOW_MAX_PIXELS)  # a fresh worker's
+    item = pickle.loads(pickle.dumps(crops))[0]
+    assert not item["ok"] and "DecompressionBombError" in item["error"]
+    build.set_max_image_pixels(1000)
+    kw = dict(encoder=TinyEncoder(), images=tmp_path / "images", crop_size=16, workers=0, device="cpu",
+              progress=False)
+    out = build_database(tmp_path / "db", **kw)
+    assert Database.open(out).manifest["skipped"]["count"] == 1
+    build.set_max_image_pixels(0)
+    with pytest.raises(ValueError, match=r"different arguments \(they differ in: max_image_pixels\)"):
+        build_database(out, **kw)
+    build.set_max_image_pixels(build.PILLOW_MAX_PIXELS)  # the default is not recorded: older builds compare
+    assert "max_image_pixels" not in json.loads((build_database(tmp_path / "d2", **kw) / "progress" /
+                                                 "config.json").read_text())
+
+
 @pytest.mark.parametrize("mode", ["I;16", "I", "F"])
 def test_load_rgb_reduces_high_bit_depth_grayscale(tmp_path, mode):
     """A 16-bit grayscale PNG (and 32-bit integer / float TIFFs) keep their gradient instead of turning white."""

@@ -91,7 +91,7 @@ def test_open_clip_advice_keeps_the_installed_torch(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_open_clip)
-    with pytest.raises(EncoderUnavailable, match=r"pip install open_clip_torch torchvision==0\.\d+\.\*"):
+    with pytest.raises(EncoderUnavailable, match=r"pip install open_clip_torch \"torchvision==0\.\d+\.\*\""):
         clip.build("clip-vit-b-32", pretrained=False)
 
 

@@ -208,7 +208,7 @@ def open_clip_install(torch_version: str = torch.__version__) -> str:
     """How to install open_clip without replacing torch: its torchvision dependency, unpinned, pulls the newest
     torch (torch 2.N pairs with torchvision 0.(N + 15))."""
     major, minor = (torch_version.split("+")[0].split(".") + ["", ""])[:2]
-    match = f"torchvision==0.{int(minor) + 15}.*" if major == "2" and minor.isdigit() else \
+    match = f'"torchvision==0.{int(minor) + 15}.*"' if major == "2" and minor.isdigit() else \
         "the torchvision built for your torch"
     return f"pip install open_clip_torch {match} (an unpinned torchvision can replace the installed torch)"
 

@@ -266,6 +266,11 @@ def set_max_image_pixels(limit: int) -> None:
     Image.MAX_IMAGE_PIXELS = -(-limit // 2) if limit else None
 
 
+def current_max_image_pixels() -> int:
+    """The decompression-bomb limit in force (:func:`set_max_image_pixels`), 0 for none."""
+    return 0 if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """An image as RGB, upright per its EXIF orientation, with transparency composited on white; 16-bit and
     float grayscale images are first reduced to 8 bits (see :func:`_to_8bit`). PIL's DecompressionBombError, naming
@@ -430,6 +435,7 @@ class ImageCrops(Dataset):
                  square: int | None = None) -> None:
         self.root, self.sources, self.first = root, sources, first
         self.crop, self.size, self.crops, self.seed, self.square = crop, size, crops, seed, square
+        self.max_pixels = current_max_image_pixels()  # for workers that do not inherit it (spawn, forkserver)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -437,6 +443,7 @@ class ImageCrops(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = self.first + i
         size = (0, 0)
+        set_max_image_pixels(self.max_pixels)
         try:
             img = load_rgb(self.root / self.sources[i])
             size = img.size
@@ -705,8 +712,10 @@ def _warn_upscaling(root: Path, sources: PathList, size: int, target: str) -> No
         if not file.is_file():  # missing, or a FIFO (whose open would block): the build skips and counts it
             continue
         try:
-            with Image.open(file) as im:
-                sizes[file] = im.size
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # unnamed: see load_rgb
+                with Image.open(file) as im:
+                    sizes[file] = im.size
         except Exception:  # unreadable: the build skips and counts it
             continue
     small = [(file, wh) for file, wh in sizes.items() if size > MAX_UPSCALE * min(wh)]
@@ -763,6 +772,7 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     files_per_shard = max(1, shard_size // crops_per_image)
     n_shards = -(-len(sources) // files_per_shard)
     checkpoint = Path(encoder_checkpoint).resolve() if encoder_checkpoint else None
+    limit = current_max_image_pixels()  # the process's (set_max_image_pixels; the command line's option)
     config: dict[str, Any] = {
         "kind": "images", "encoder_spec": encoder if isinstance(encoder, str) else encoder.name,
         "encoder_checkpoint": str(checkpoint) if checkpoint else None,
@@ -772,7 +782,9 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
         "inputs_sha256": inputs_digest(sources, classes),
         "crop": crop, "crop_size": crop_size, "crops_per_image": crops_per_image, "shard_size": shard_size,
         "files_per_shard": files_per_shard, "class_from_folder": class_from_folder, "seed": seed,
-        **({"fit_square": fit_square} if fit_square is not None else {})}  # absent: as builds before the option
+        **({"fit_square": fit_square} if fit_square is not None else {}),  # absent: as builds before the option
+        # which images are refused as too large (absent: Pillow's default, as builds before the option)
+        **({"max_image_pixels": limit} if limit != PILLOW_MAX_PIXELS else {})}
     out = Path(out)
     ShardedBuild.check_arguments(out, config, partial=True)  # before the encoder is built (seconds to minutes)
     if isinstance(encoder, str) and (out / MANIFEST).is_file() and (out / PROGRESS / "config.json").is_file():
