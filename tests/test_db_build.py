@@ -500,6 +500,24 @@ def test_import_npz_refuses_to_resume_over_a_changed_part(parts, tmp_path):
         import_npz(files, out, INFO, shard_size=13, progress=False)
 
 
+def test_builds_recorded_by_older_versions_are_named_as_such(parts, tmp_path):
+    """A build or import recorded before its inputs were identified by content (parts without CRC-32s, an encoder
+    checkpoint by size) is refused as an older version's, not as one of other arguments."""
+    files, _ = parts
+    out = import_npz(files, tmp_path / "db", INFO, shard_size=13, progress=False)
+    config = out / "progress" / "config.json"
+    recorded = json.loads(config.read_text())
+    config.write_text(json.dumps({**recorded, "parts": [{k: v for k, v in p.items() if k != "crc32"}
+                                                        for p in recorded["parts"]]}))
+    with pytest.raises(ValueError, match="begun by an older rdm_fast, which recorded its inputs without parts"):
+        import_npz(files, out, INFO, shard_size=13, progress=False)
+    build.ShardedBuild.check_arguments(tmp_path, {"encoder_checkpoint_sha256": "ab"})  # no record: nothing to say
+    (tmp_path / "progress").mkdir()
+    (tmp_path / "progress" / "config.json").write_text(json.dumps({"encoder_checkpoint_bytes": 64}))
+    with pytest.raises(ValueError, match="older rdm_fast, which recorded its inputs without encoder_checkpoint_sha"):
+        build.ShardedBuild.check_arguments(tmp_path, {"encoder_checkpoint_sha256": "ab"})
+
+
 def test_import_npz_rerun_repairs_a_damaged_shard(parts, tmp_path, caplog):
     """A finished import whose shard file was truncated: the rerun imports that shard again, and says that the
     proposal ranking recorded in the manifest it replaces must be made again."""

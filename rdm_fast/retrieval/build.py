@@ -467,6 +467,13 @@ def _holds_files(progress: Path) -> bool:
     return not progress.is_dir() or any(not p.name.endswith(TEMP_SUFFIX) for p in progress.iterdir())
 
 
+# recorded arguments that older versions kept otherwise: key -> whether a recorded config is of such a version
+OLDER_RECORDS: dict[str, Callable[[dict], bool]] = {
+    "encoder_checkpoint_sha256": lambda c: "encoder_checkpoint_bytes" in c,  # the checkpoint's size
+    "parts": lambda c: any("crc32" not in p for p in c.get("parts") or ()),  # import-npz parts by size and rows
+}
+
+
 class ShardedBuild:
     """Resumable shard bookkeeping in ``out``: ``progress/config.json`` (the arguments that determine the
     result) and one done-record per finished shard. Used by image builds and npz imports."""
@@ -491,6 +498,10 @@ class ShardedBuild:
         config = json.loads(json.dumps(config))  # as it reads back from JSON
         names = set(config) if partial else set(previous) | set(config)
         keys = sorted(k for k in names - set(ignore) if previous.get(k) != config.get(k))
+        older = [k for k in keys if k in OLDER_RECORDS and OLDER_RECORDS[k](previous)]
+        if older:  # same arguments, recorded otherwise
+            raise ValueError(f"{out} holds a build begun by an older rdm_fast, which recorded its inputs without "
+                             f"{', '.join(older)} (contents that a rerun must match): build into a new --out")
         if keys:
             raise ValueError(f"{out} holds a build made with different arguments (they differ in: "
                              f"{', '.join(keys)}); rerun with the same arguments or choose a new --out")
