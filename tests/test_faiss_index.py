@@ -333,3 +333,14 @@ def test_estimate_memory_20m():
     flat = estimate_memory("flat", 20_927_907, 512)
     assert flat["total"] > 3 * flat["vectors"] > 24 * 2**30  # the storage is reallocated by doubling as it grows
     assert estimate_memory("hnsw", 1000, 64)["storage_growth"] == 2 * 4 * 1000 * 64
+
+
+def test_default_nprobe_searches_at_least_eight_cells():
+    """nlist / 20 cells (ScaNN's share) of a small database's few cells was one: a third of the exact neighbours
+    were lost. The default searches at least 8 (all of fewer), an explicit nprobe is kept."""
+    from rdm_fast.retrieval.faiss_index import _ivfpq_params
+
+    assert _ivfpq_params(10_000, 64, {"nlist": 8}, None)["nprobe"] == 8
+    assert _ivfpq_params(10_000, 64, {"nlist": 4}, None)["nprobe"] == 4
+    assert _ivfpq_params(10**6, 64, {"nlist": 4096}, None)["nprobe"] == 205
+    assert _ivfpq_params(10_000, 64, {"nlist": 16, "nprobe": 1}, None)["nprobe"] == 1
