@@ -478,6 +478,25 @@ def random_db(tmp_path):
     return emb, write_database(tmp_path / "r", emb, INFO, shard_size=70)
 
 
+def test_an_index_that_is_not_the_databases_is_named(random_db, tmp_path, caplog, capsys):
+    """Another database's index file copied in (another size than the manifest records): auto search falls back to
+    exact search with a warning, as for a missing file, and the faiss backend and info --verify name the file and
+    the command that rebuilds it (the search had failed under auto with an error naming neither)."""
+    pytest.importorskip("faiss")
+    from rdm_fast.retrieval.database import add_index
+
+    _, path = random_db
+    other = write_database(tmp_path / "other", np.ones((50, 16), np.float32), INFO)
+    add_index(path, "flat")
+    add_index(other, "flat")
+    shutil.copy(other / "index_flat.faiss", path / "index_flat.faiss")
+    assert Database.open(path, device="cpu").backend == "torch-exact"
+    assert "index_flat.faiss holds" in caplog.text and "not this database's index" in caplog.text
+    with pytest.raises(ValueError, match="not this database's index; rebuild it with python -m rdm_fast.db index"):
+        Database.open(path, backend="faiss", device="cpu")
+    assert "not this database's index" in _error(capsys, "info", str(path), "--verify")
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_faiss_index_backend(random_db, capsys, kind):
     pytest.importorskip("faiss")

@@ -413,9 +413,13 @@ class Database:
             proposals = manifest["proposals"]
             if not (path / proposals["file"]).is_file():
                 raise FileNotFoundError(f"{path / proposals['file']} is missing (listed in {MANIFEST})")
-        if verify and manifest.get("index") and not (path / manifest["index"]["file"]).is_file():
-            raise FileNotFoundError(f"{path / manifest['index']['file']} is missing (listed in {MANIFEST}): rebuild "
-                                    f"it with python -m rdm_fast.db index {path}")
+        if verify and manifest.get("index"):
+            if not (path / manifest["index"]["file"]).is_file():
+                raise FileNotFoundError(f"{path / manifest['index']['file']} is missing (listed in {MANIFEST}): "
+                                        f"rebuild it with python -m rdm_fast.db index {path}")
+            changed = _index_changed(path, manifest["index"])
+            if changed:
+                raise ValueError(changed)
         dev = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         kind = cls._pick_backend(path, manifest, backend, dev)
@@ -446,7 +450,7 @@ class Database:
             return f"FAISS is not usable here ({e}); install faiss-cpu or faiss-gpu"
         if not (path / manifest["index"]["file"]).is_file():
             return f"{path / manifest['index']['file']} is missing (listed in {MANIFEST})"
-        return None
+        return _index_changed(path, manifest["index"])
 
     @classmethod
     def _pick_backend(cls, path: Path, manifest: dict, backend: str, device: torch.device) -> str:
@@ -735,6 +739,16 @@ class Database:
         return torch.from_numpy(np.array(self._ranking()[:max(1, math.ceil(m * len(self))), 0]))
 
 
+def _index_changed(path: Path, index: dict) -> str | None:
+    """Why the database ``path``'s index file is not the one its manifest records (another size, e.g. another
+    database's index copied in), or None (indexes recorded before their size was are taken as they are)."""
+    file, recorded = path / index["file"], index.get("bytes")
+    if recorded is None or file.stat().st_size == recorded:
+        return None
+    return (f"{file} holds {file.stat().st_size} bytes but {MANIFEST} records {recorded}: not this database's index; "
+            f"rebuild it with python -m rdm_fast.db index {path}")
+
+
 def save_proposals(directory: str | Path, ids: np.ndarray, counts: np.ndarray, **info: Any) -> None:
     """Store a proposal ranking in the database directory and record it in the manifest: ``ids`` every entry
     once, in ranked order, ``counts`` how often each was a training neighbour (see neighbors.py). ValueError for
@@ -788,7 +802,7 @@ def add_index(directory: str | Path, kind: str = "auto", *, train_size: int | No
         tmp.replace(directory / file)
     finally:
         tmp.unlink(missing_ok=True)
-    entry = {"file": file, "kind": actual, "params": info}
+    entry = {"file": file, "kind": actual, "bytes": (directory / file).stat().st_size, "params": info}
     update_manifest(directory, lambda m: m.update(index=entry))
     if old and old["file"] != file:
         (directory / old["file"]).unlink(missing_ok=True)
