@@ -335,6 +335,14 @@ def test_rerun_repairs_a_finished_build_with_a_damaged_shard(image_dir, tmp_path
         in caplog.text and "nothing to do" not in caplog.text
     assert "resuming: 2 of 4 shards of this process are already done" in caplog.text
     assert files_of(out) == before
+    flipped = bytearray(before["emb_00003.npy"])  # corrupted in place (same size): --verify's advice repairs it
+    flipped[-1] ^= 0xFF
+    (out / "emb_00003.npy").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="it is corrupted; delete it, then rerun the db build or db import-npz"):
+        Database.open(out, verify=True)
+    (out / "emb_00003.npy").unlink()
+    build_database(out, encoder=SPEC, **kw)
+    assert files_of(out) == before
 
 
 def _cli_build(out: Path, image_dir: Path) -> list[str]:

@@ -291,15 +291,20 @@ def read_manifest(directory: str | Path) -> dict:
     return m
 
 
+# rerunning the build repairs a missing or resized shard file (retrieval.build.damaged_shard)
+REPAIR = "rerun the db build or db import-npz that made the database (it computes that shard again), or restore it"
+
+
 def _check_file(path: Path, size: int, sha256: str | None, verify: bool) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (listed in {MANIFEST})")
+        raise FileNotFoundError(f"{path} is missing (listed in {MANIFEST}): {REPAIR}")
     actual = path.stat().st_size
     if actual != size:
         raise ValueError(f"{path} has {actual} bytes but {MANIFEST} records {size}: it is truncated or was "
-                         "replaced; rebuild or restore it")
+                         f"replaced; {REPAIR}")
     if verify and sha256_file(path) != sha256:
-        raise ValueError(f"{path} does not match its SHA-256 checksum in {MANIFEST}: it is corrupted")
+        raise ValueError(f"{path} does not match its SHA-256 checksum in {MANIFEST}: it is corrupted; delete it, "
+                         f"then {REPAIR}")
 
 
 def _open_shard(path: Path, rows: int, dim: int) -> np.ndarray:
