@@ -251,9 +251,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "metadata   " + (", ".join(name for name, key in (("sources", "has_sources"), ("class ids", "has_class_ids"),
                                                            ("patch coords", "has_patch_coords")) if m[key])
                          or "none"),
-        "index      " + (f"{m['index']['kind']} ({m['index']['file']})" if m.get("index") else "none"),
+        "index      " + (f"{m['index']['kind']} ({m['index']['file']}{_index_params(m['index'])})" if m.get("index")
+                            else "none"),
         "proposals  " + (f"ranking from {m['proposals'].get('queries', '?')} queries x k={m['proposals'].get('k', '?')}"
-                         if m.get("proposals") else "none"),
+                         + _proposal_options(m["proposals"]) if m.get("proposals") else "none"),
         f"skipped    {m['skipped']['count'] or 'no'} unreadable inputs",
     ]
     enlarged = (m.get("enlarged") or {}).get("count")
@@ -275,6 +276,21 @@ def cmd_info(args: argparse.Namespace) -> int:
                      "files have no checksum)")
     print("\n".join(lines))
     return 0
+
+
+def _index_params(index: dict) -> str:
+    """The search parameters an index was built with, as `db info` shows them (e.g. ", nlist 512, nprobe 26")."""
+    params = index.get("params") or {}
+    shown = [f"{key} {params[key]}" for key in ("nlist", "m", "nbits", "nprobe", "M", "ef_search") if key in params]
+    return "".join(f", {item}" for item in shown)
+
+
+def _proposal_options(proposals: dict) -> str:
+    """How a proposal ranking's neighbours were found, as `db info` shows it."""
+    shown = (["exclude-self"] if proposals.get("exclude_self") else []) + (
+        [f"dedup-threshold {proposals['dedup_threshold']}"] if proposals.get("dedup_threshold") is not None else []) \
+        + ([f"queries from {proposals['queries_db']}"] if proposals.get("queries_db") else [])
+    return f" ({', '.join(shown)})" if shown else ""
 
 
 def _source_path(source: str, root: str | None) -> Path | None:

@@ -189,7 +189,7 @@ def test_neighbors_and_proposals(built, tmp_path, capsys, caplog):
     assert db.proposals(0.2).tolist() == ranking[:2, 0].tolist()
     assert db.manifest["proposals"]["k"] == 3 and db.manifest["proposals"]["exclude_self"]
     assert cli("info", str(work)) == 0
-    assert "proposals  ranking from 10 queries x k=3" in capsys.readouterr().out
+    assert "proposals  ranking from 10 queries x k=3 (exclude-self)" in capsys.readouterr().out
 
     pair = tmp_path / "nb.npy"
     assert not any("--exclude-self is not given" in r.getMessage() for r in caplog.records)
@@ -514,7 +514,8 @@ def test_faiss_index_backend(random_db, capsys, kind):
     np.testing.assert_array_equal(ids.numpy(), ref_ids)  # flat is exact; hnsw is exact at this size
     np.testing.assert_allclose(scores.numpy(), ref_scores, atol=1e-4)
     assert cli("info", str(path)) == 0
-    assert f"index      {kind} (index_{kind}.faiss)" in capsys.readouterr().out
+    shown = {"flat": "", "hnsw": ", M 32, ef_search 128"}[kind]  # the parameters it was built with
+    assert f"index      {kind} (index_{kind}.faiss{shown})" in capsys.readouterr().out
 
 
 def test_nprobe_reaches_the_ivfpq_search_and_is_warned_about_elsewhere(random_db, tmp_path, monkeypatch, caplog):

@@ -529,10 +529,12 @@ class ShardedBuild:
         damaged = damaged_shard(self.out)
         if damaged is None:
             return True
-        dropped = [key for key in ("index", "proposals") if read_manifest(self.out).get(key)]
+        records = {key: record for key in ("index", "proposals") if (record := read_manifest(self.out).get(key))}
         log.warning("%s is missing or not the size %s records: computing its shard again%s", self.out / damaged,
-                    MANIFEST, f" (the {' and '.join(dropped)} recorded there must be made again)" if dropped else "")
+                    MANIFEST, f" (the {' and '.join(records)} recorded there must be made again)" if records else "")
         (self.out / MANIFEST).unlink()  # the resume computes again the shards that no longer match their records
+        for record in records.values():  # their files, no longer listed, would only take disk space
+            (self.out / record["file"]).unlink(missing_ok=True)
         return False
 
     def record_file(self, j: int) -> Path:
