@@ -68,6 +68,13 @@ def test_commands_find_databases_by_name(built, tmp_path, capsys, monkeypatch):
     assert cli("info", "mydb") == 0 and "entries    10 x 16" in capsys.readouterr().out
     assert cli("search", "mydb", "--text", "x", "--k", "2", "--device", "cpu") == 0
     assert "no database 'other': neither a directory nor a database in" in _error(capsys, "info", "other")
+    assert "(it holds mydb; build one" in _error(capsys, "info", "other")  # the names there are listed
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydb").mkdir()  # e.g. the image folder the database was built from: the named database is meant
+    assert cli("info", "mydb") == 0 and "entries    10 x 16" in capsys.readouterr().out
+    shutil.copytree(built / "db", tmp_path / "here", dirs_exist_ok=True)
+    (home / "databases" / "here").mkdir()  # a database in the folder given wins over a name
+    assert cli("info", "here") == 0 and "database   here" in capsys.readouterr().out
 
 
 def test_import_checks_its_parts_before_building_the_encoder(tmp_path, capsys, monkeypatch):

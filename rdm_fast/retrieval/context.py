@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import RDMConfig
-from .database import Database
+from .database import MANIFEST, Database
 from .search import check_count, first_kept
 
 log = logging.getLogger("rdm_fast.retrieval")
@@ -40,18 +40,25 @@ def databases_dir() -> Path:
 
 
 def locate_database(name_or_path: str | Path) -> Path:
-    """A database directory given as a path, or by name under :func:`databases_dir` (``--db imagenet``)."""
+    """A database directory given as a path, or by name under :func:`databases_dir` (``--db imagenet``). A bare
+    name that is also a folder here: the folder where it holds a database, else the named database (with a log
+    line), else the folder (whose error then says what it lacks)."""
     path = Path(name_or_path)
+    named = databases_dir() / str(name_or_path)
     if path.exists():
+        if len(path.parts) == 1 and not (path / MANIFEST).is_file() and (named / MANIFEST).is_file():
+            log.info("%s here holds no database: using the database named %r, %s", path, str(name_or_path), named)
+            return named
         return path
     if len(path.parts) > 1:  # a path, not a name
         raise FileNotFoundError(f"database directory {path} does not exist")
-    named = databases_dir() / str(name_or_path)
     if named.exists():
         return named
+    known = sorted(p.name for p in databases_dir().glob("*") if (p / MANIFEST).is_file())
     raise FileNotFoundError(f"no database {str(name_or_path)!r}: neither a directory nor a database in "
-                            f"{databases_dir()} (build one with python -m rdm_fast.db build, or import the official "
-                            f"parts with python -m rdm_fast.db import-npz, then pass its path or put it there)")
+                            f"{databases_dir()} ({'it holds ' + ', '.join(known) if known else 'none there'}; build "
+                            "one with python -m rdm_fast.db build, or import the official parts with python -m "
+                            "rdm_fast.db import-npz, then pass its path or put it there)")
 
 
 def default_neighbors(cfg: RDMConfig, *, include_query: bool = True) -> int:
