@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"or one of {', '.join(b for b in BACKENDS if b != 'auto')}")
     device_help = "auto (cuda if available, else cpu), cpu, cuda or cuda:N"
     nprobe_help = ("with an ivfpq index (the faiss backend): inverted lists searched per query (default: the one "
-                   "recorded at build, nlist / 20); fewer is faster and less exact")
+                   "recorded at build, nlist / 20 and at least 8); fewer is faster and less exact")
     b = command("build", "embed images into a new database (resumable; torchrun for several GPUs)")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of jpg/jpeg/png/webp images (searched recursively, links to folders "

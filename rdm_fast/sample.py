@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-checkpoint", help="local weights of the database's encoder (for --text/--image)")
     p.add_argument("--search-backend", default="auto", choices=BACKENDS,
                    help="nearest-neighbour search backend for --db")
+    p.add_argument("--nprobe", type=int, metavar="N",
+                   help="with --db and an ivfpq index: inverted lists searched per query (default: the one recorded "
+                        "at build); fewer is faster and less exact")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n-samples", type=int, help="images to draw (default: one per context in the file; with "
                    "--db, one per --text or --image query, else 4)")
@@ -148,10 +151,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise CLIError(f"--top-m must be a fraction in (0, 1], got {args.top_m}")
     if args.text and not all(t.strip() for t in args.text):
         raise CLIError("--text captions must not be empty")
-    if (args.text or args.image or args.k is not None or args.no_query or args.search_backend != "auto") and \
-            not args.db:
-        raise CLIError("--text, --image, --k, --no-query and --search-backend are about retrieval from a database: "
-                       "add --db")
+    if (args.text or args.image or args.k is not None or args.no_query or args.search_backend != "auto" or
+            args.nprobe is not None) and not args.db:
+        raise CLIError("--text, --image, --k, --no-query, --search-backend and --nprobe are about retrieval from a "
+                       "database: add --db")
+    if args.nprobe is not None and args.nprobe < 1:
+        raise CLIError(f"--nprobe must be at least 1, got {args.nprobe}")
     if args.encoder_checkpoint and not (args.text or args.image):  # only queries are embedded here
         raise CLIError("--encoder-checkpoint is the weights of the encoder that embeds --text/--image queries: "
                        "without those it is not used")
@@ -344,7 +349,8 @@ class DatabaseContexts:
 
     def __init__(self, args: argparse.Namespace, cfg: RDMConfig, device: torch.device,
                  generator: torch.Generator) -> None:
-        self.db = Database.open(locate_database(args.db), backend=args.search_backend, device=device)
+        self.db = Database.open(locate_database(args.db), backend=args.search_backend, device=device,
+                                nprobe=args.nprobe)
         self.include_query = not args.no_query
         self.k = default_neighbors(cfg, include_query=self.include_query) if args.k is None else \
             args.k

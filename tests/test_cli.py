@@ -383,6 +383,9 @@ def test_sample_resume_refuses_another_search(tiny_dir, tmp_path, capsys):
     assert cli(sample, *args, "--search-backend", "faiss", "--resume") == 2
     assert "other settings (search)" in capsys.readouterr().err
     assert cli(sample, *args, "--search-backend", "torch", "--resume") == 0
+    probe = [*args[:-1], str(tmp_path / "probe")]
+    assert cli(sample, *probe, "--search-backend", "faiss", "--nprobe", "3") == 0  # reaches the search settings
+    assert json.loads((tmp_path / "probe" / "run.json").read_text())["search"]["nprobe"] == 3
 
 
 def test_sample_under_torchrun_shares_the_batches_and_equals_one_process(tiny_dir, tmp_path):
@@ -528,8 +531,11 @@ def test_context_file_errors(tiny_dir, tmp_path, capsys, make, message, n_sample
     (["--ckpt", "{t}/ctx512.npy"], r"ctx512.npy is a NumPy array, not a checkpoint$"),  # "truncated or corrupt?"
     (["--ckpt", "{d}/model", "--db", "{d}/nope"], "database directory .*nope does not exist"),
     (["--ckpt", "{d}/model", "--db", "{d}"], "manifest.json"),
-    (["--ckpt", "{d}/model", "--text", "a cat"], "--text, --image, --k, --no-query and --search-backend are about"),
-    (["--ckpt", "{d}/model", "--search-backend", "faiss"], "--search-backend are about retrieval from a database"),
+    (["--ckpt", "{d}/model", "--text", "a cat"],
+     "--text, --image, --k, --no-query, --search-backend and --nprobe are about"),
+    (["--ckpt", "{d}/model", "--nprobe", "4"], "--nprobe are about retrieval from a database"),
+    (["--ckpt", "{d}/model", "--db", "{d}/db", "--nprobe", "0"], "--nprobe must be at least 1, got 0"),
+    (["--ckpt", "{d}/model", "--search-backend", "faiss"], "--search-backend and --nprobe are about retrieval from"),
     (["--ckpt", "{d}/model", "--db", "{d}/db", "--encoder-checkpoint", "{d}/w.pt"],
      "--encoder-checkpoint is the weights of the encoder that embeds --text/--image queries: without those"),
     (["--ckpt", "{d}/model", "--db", "{d}/db", "--text", " "], "--text captions must not be empty"),
