@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out: only the samples without an image of that run "
                         "(each PNG names the run that drew it) are drawn; its "
-                        "run.json must record the same settings, checkpoint file (path and contents) and "
+                        "run.json must record the same settings, checkpoint file (by contents) and "
                         "conditioning: contexts, search (exact, or "
                         "which index) and query encoder (name, weights file, precision). --batch-size and the "
                         "number of processes may differ, and --device where the search does not depend on it (the "
