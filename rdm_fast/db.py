@@ -47,6 +47,10 @@ def _positive(value: str) -> int:
     return n
 
 
+# the parameters each index kind takes (retrieval.faiss_index, which needs faiss to import)
+INDEX_PARAMS = "flat: chunk; ivfpq: nlist, m, nbits, nprobe, chunk; hnsw: M, ef_construction, ef_search, chunk"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``db`` command line: one subcommand per step of a database's life."""
     p = argparse.ArgumentParser(prog="python -m rdm_fast.db", description=summary(__doc__))
@@ -139,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vectors sampled to train an ivfpq index (default: max(64 nlist, 16384), at most all)")
     x.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     x.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="index parameter passed to build_index (repeatable), e.g. nlist=4096")
+                   help=f"index parameter passed to build_index (repeatable), e.g. nlist=4096; {INDEX_PARAMS}")
     x.add_argument("--no-progress", action="store_true", help=no_progress)
 
     n = command("neighbors", "training neighbours of every entry and the top-m proposal list")

@@ -344,3 +344,12 @@ def test_default_nprobe_searches_at_least_eight_cells():
     assert _ivfpq_params(10_000, 64, {"nlist": 4}, None)["nprobe"] == 4
     assert _ivfpq_params(10**6, 64, {"nlist": 4096}, None)["nprobe"] == 205
     assert _ivfpq_params(10_000, 64, {"nlist": 16, "nprobe": 1}, None)["nprobe"] == 1
+
+
+def test_db_index_help_lists_each_kinds_parameters():
+    """`db index --help` lists the parameters build_index takes per kind (they were only in an error message)."""
+    from rdm_fast.db import INDEX_PARAMS
+    from rdm_fast.retrieval.faiss_index import _PARAMS
+
+    listed = {kind: set(names.split(", ")) for kind, names in (part.split(": ") for part in INDEX_PARAMS.split("; "))}
+    assert listed == _PARAMS
