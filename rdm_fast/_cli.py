@@ -153,8 +153,12 @@ def _say(line: str) -> None:
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """``parser.parse_args(argv)``, refusing empty values: an empty path would otherwise mean the current
-    directory (``Path("")``), or be taken for an option not given. Applies ``--max-image-pixels``."""
-    args = parser.parse_args(argv)
+    directory (``Path("")``), or be taken for an option not given; an unknown option is reported with the usage of
+    the subcommand it was given to (a parser's default ``subparser``). Applies ``--max-image-pixels``."""
+    args, unknown = parser.parse_known_args(argv)
+    command = args.__dict__.pop("subparser", None)  # a subcommand's parser (db): its usage, not the top level's
+    if unknown:
+        (command or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     for name, value in vars(args).items():
         if value == "" or (isinstance(value, list) and "" in value):
             raise CLIError(f"{_option_name(parser, name)} is empty")

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = HelpFormatter
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", formatter_class=fmt)
+        parser = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", formatter_class=fmt)
+        parser.set_defaults(subparser=parser)  # parse_args reports unknown options with this command's usage
+        return parser
 
     db_help = "database directory, or the name of one in $RDM_FAST_HOME/databases"
     no_progress = "no progress bar (e.g. in batch jobs' logs)"

@@ -695,3 +695,13 @@ def test_one_process_commands_refuse_torchrun(tmp_path, monkeypatch, capsys, arg
     assert run(convert.main, [str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "c")]) == 2
     assert capsys.readouterr().err.startswith("error: convert runs in one process")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_options_show_the_subcommands_usage(capsys):
+    """An option a subcommand does not take is reported with that subcommand's usage (it was the top level's,
+    "python -m rdm_fast.db [-h] COMMAND ...", which does not show the options that exist)."""
+    with pytest.raises(SystemExit) as e:
+        db_cli.main(["search", "db", "--text", "x", "--json"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: python -m rdm_fast.db search" in err
+    assert "unrecognized arguments: --json" in err
