@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text", help="caption query (encoders with a text tower)")
     q.add_argument("--image", help="image query")
     s.add_argument("--k", type=_positive, default=8, help="entries to return")
+    s.add_argument("--json", action="store_true",
+                   help="print the results as JSON (rank, score, id, source, class id, patch corner) instead of TSV")
     s.add_argument("--encoder", help="encoder spec (default: the one the database was built with)")
     s.add_argument("--encoder-checkpoint", help="local weights file for the encoder")
     s.add_argument("--contact-sheet", help="write an image grid of the query (the caption's words, or the image) and "
@@ -383,9 +385,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         query_tile = path
     scores, ids = scores[0].cpu(), ids[0].cpu()
     sources = db.sources(ids) if db.manifest["has_sources"] else ["-"] * len(ids)
-    print("rank\tscore\tid\tsource")
-    for r, (score, i, source) in enumerate(zip(scores.tolist(), ids.tolist(), sources), 1):
-        print(f"{r}\t{score:.4f}\t{i}\t{source}")
+    if args.json:  # every field the database holds for the results
+        classes = db.class_ids(ids).tolist() if db.manifest["has_class_ids"] else [None] * len(ids)
+        corners = db.patch_coords(ids).tolist() if db.manifest["has_patch_coords"] else [None] * len(ids)
+        print(json.dumps([{"rank": r, "score": score, "id": i, "source": source if source != "-" else None,
+                           "class_id": c, "patch_coords": xy}
+                          for r, (score, i, source, c, xy) in enumerate(zip(scores.tolist(), ids.tolist(), sources,
+                                                                            classes, corners), 1)], indent=2))
+    else:
+        print("rank\tscore\tid\tsource")
+        for r, (score, i, source) in enumerate(zip(scores.tolist(), ids.tolist(), sources), 1):
+            print(f"{r}\t{score:.4f}\t{i}\t{source}")
     if args.contact_sheet:
         _write_contact_sheet(args, db, query_tile, scores, ids, sources)
     return 0

@@ -130,6 +130,12 @@ def test_search_text_and_image_with_contact_sheet(built, tmp_path, capsys):
     assert [int(r[2]) for r in rows] == ref_ids[0].tolist() and [r[0] for r in rows] == ["1", "2", "3"]
     assert [r[3] for r in rows] == db.sources(ref_ids[0])
     np.testing.assert_allclose([float(r[1]) for r in rows], ref_scores[0].numpy(), atol=1e-4)
+    assert cli("search", str(built / "db"), "--text", "a red bird", "--k", "3", "--device", "cpu", "--json") == 0
+    found = json.loads(capsys.readouterr().out)  # with the class ids and random crops' corners the database holds
+    assert [(f["rank"], f["id"], f["source"]) for f in found] == [(int(r[0]), int(r[2]), r[3]) for r in rows]
+    assert [f["class_id"] for f in found] == db.class_ids(ref_ids[0]).tolist()
+    assert [f["patch_coords"] for f in found] == db.patch_coords(ref_ids[0]).tolist()
+    np.testing.assert_allclose([f["score"] for f in found], ref_scores[0].numpy(), atol=1e-4)
 
     sheet = tmp_path / "sheet.png"
     query = built / "images" / "b" / "7.png"
@@ -701,7 +707,7 @@ def test_unknown_options_show_the_subcommands_usage(capsys):
     """An option a subcommand does not take is reported with that subcommand's usage (it was the top level's,
     "python -m rdm_fast.db [-h] COMMAND ...", which does not show the options that exist)."""
     with pytest.raises(SystemExit) as e:
-        db_cli.main(["search", "db", "--text", "x", "--json"])
+        db_cli.main(["search", "db", "--text", "x", "--verify"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "usage: python -m rdm_fast.db search" in err
-    assert "unrecognized arguments: --json" in err
+    assert "unrecognized arguments: --verify" in err
