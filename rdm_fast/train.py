@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import shlex
 import signal
 import sys
 import time
@@ -548,6 +549,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs.close()
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run: the run records its data and settings, not the options about a
+    launch (--latents, --image-root, --workers, --device...), which are given again where they were given."""
+    parser = build_parser()
+    launch = "".join(f" {flag} {shlex.quote(str(getattr(args, dest)))}" for flag, dest in (
+        ("--latents", "latents"), ("--image-root", "image_root"), ("--workers", "workers"), ("--device", "device"))
+        if getattr(args, dest) is not None and getattr(args, dest) != parser.get_default(dest))
+    return (f"python -m rdm_fast.train --out {shlex.quote(str(args.out))} --resume --steps {args.steps}{launch}"
+            f"{' --no-progress' if args.no_progress else ''}")
+
+
 def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes,
            device: torch.device, held: contextlib.ExitStack) -> int:
     """The run: model, data, optimizer; then the steps. ``held`` keeps what the run holds until it ends."""
@@ -769,7 +781,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
             if stopping and done < args.steps:
                 vote.settle()
                 bar.close()
-                log.warning("stopped at step %d of %d by a signal: continue with --resume", done, args.steps)
+                log.warning("stopped at step %d of %d by a signal: continue with %s", done, args.steps,
+                            resume_command(args))
                 return STOPPED
         vote.settle()
     bar.close()

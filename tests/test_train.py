@@ -633,8 +633,9 @@ def test_throughput_leaves_out_checkpoint_time(setup, tmp_path, monkeypatch):
     assert records[1]["images_per_s"] > 8 / 100  # 8 images in well under 100 s, not in the save's 1000 s
 
 
-def test_a_stop_writes_the_pending_log_line(setup, tmp_path, monkeypatch):
-    """A signal's stop logs the steps since the last log line (they would be lost otherwise)."""
+def test_a_stop_writes_the_pending_log_line(setup, tmp_path, monkeypatch, caplog):
+    """A signal's stop logs the steps since the last log line (they would be lost otherwise), and the command that
+    continues the run, with the options a run does not record (here --latents)."""
     entered = train.StopRequest.__enter__
 
     def enter(self):
@@ -644,8 +645,12 @@ def test_a_stop_writes_the_pending_log_line(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.StopRequest, "__enter__", enter)
     out = tmp_path / "run"
-    assert train.main(_fresh(setup, out, steps=5) + ["--log-every", "100"]) == train.STOPPED
+    with caplog.at_level("WARNING", logger="rdm_fast.train"):
+        assert train.main(_fresh(setup, out, "--latents", str(tmp_path / "lat"), steps=5) + ["--log-every", "100"]) \
+            == train.STOPPED
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+    assert f"stopped at step 1 of 5 by a signal: continue with python -m rdm_fast.train --out {out} --resume " \
+        f"--steps 5 --latents {tmp_path / 'lat'} --workers 0 --device cpu --no-progress" in caplog.text
 
 
 def test_stop_request_leaves_ignored_signals_ignored(caplog):
