@@ -751,7 +751,8 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 now = time.perf_counter()
                 record = {"step": done, "loss": total[0] / max(total[1], 1.0), "lr": learning_rate(args, step),
                           "images_per_s": (done - ticked) * global_batch / (now - tick),
-                          "unreadable": int(procs.all_sum(torch.tensor([unreadable], device=device)).item())}
+                          "unreadable": int(procs.all_sum(torch.tensor([unreadable], device=device)).item()),
+                          "time": round(time.time(), 3)}  # wall clock (seconds since the epoch), for timelines
                 if not math.isfinite(record["loss"]):
                     raise CLIError(f"the loss is {record['loss']} at step {done} ({precision}): lower --lr, or "
                                    f"{_divergence_advice(args)}")

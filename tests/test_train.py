@@ -620,7 +620,7 @@ def test_throughput_leaves_out_checkpoint_time(setup, tmp_path, monkeypatch):
     counted in the next interval."""
     offset = [0.0]
     real_clock, real_save = time.perf_counter, train.save_checkpoint
-    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: real_clock() + offset[0]))
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: real_clock() + offset[0], time=time.time))
 
     def slow_save(*args, **kwargs):
         offset[0] += 1000.0  # a checkpoint that takes 1000 s
@@ -630,6 +630,7 @@ def test_throughput_leaves_out_checkpoint_time(setup, tmp_path, monkeypatch):
     assert train.main(_fresh(setup, tmp_path / "run", steps=4)) == 0  # log and save every 2 steps
     records = [json.loads(line) for line in (tmp_path / "run" / train.LOG).read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
+    assert abs(records[1]["time"] - time.time()) < 600 and records[0]["time"] <= records[1]["time"]  # wall clock
     assert records[1]["images_per_s"] > 8 / 100  # 8 images in well under 100 s, not in the save's 1000 s
 
 
@@ -1447,7 +1448,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes(setup, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == train.STOPPED, err[-2000:]
     step = int((out / "latest").read_text().split("_")[1])
-    assert 2 <= step < 10_000 and "continue with --resume" in err
+    assert 2 <= step < 10_000 and f"continue with python -m rdm_fast.train --out {out} --resume --steps 10000" in err
     assert train.main(_args(setup, out, "--resume", steps=step + 1)) == 0
     assert (out / "latest").read_text().strip() == f"step_{step + 1:07d}"
 
