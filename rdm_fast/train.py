@@ -34,8 +34,8 @@ import json
 import logging
 import math
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import sys
 import time
