@@ -222,6 +222,9 @@ class TrainingContexts:
         if ids.shape[1] < self.k:
             raise ValueError(f"{neighbors} holds {ids.shape[1]} neighbours per entry; the model's contexts take "
                              f"{self.k} (k_nn): recompute them with --k {self.k} or more")
+        if ids.shape[1] > self.k:
+            log.info("%s holds %d neighbours per entry: the model's contexts take the nearest %d (k_nn)", neighbors,
+                     ids.shape[1], self.k)
         ids = np.array(ids[:, :self.k], np.int64, order="C")  # a copy: the files are memory-mapped read-only
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.retrieval)):
             raise ValueError(f"{neighbors} holds ids outside {self.retrieval.path}'s {len(self.retrieval)} entries: "

@@ -279,6 +279,17 @@ def test_training_images_report_unreadable_files(setup, tmp_path, caplog):
     assert [m.split(":")[0] for m in warned] == ["training entry 3 cannot be used", "training entry 4 cannot be used"]
 
 
+def test_extra_neighbours_in_the_file_are_named(setup, caplog):
+    """A neighbours file with more columns than the model's k_nn (e.g. made with --k 4 for a k_nn of 3): the nearest
+    k_nn are used, and the log says so (they were dropped silently)."""
+    from dataclasses import replace
+
+    cfg = replace(RDMConfig.resolve(setup["cfg"]), k_nn=2)
+    with caplog.at_level("INFO", logger="rdm_fast.data"):
+        contexts = TrainingContexts(cfg, setup["db"], setup["db"], setup["nn"])
+    assert contexts.k == 2 and "holds 3 neighbours per entry: the model's contexts take the nearest 2" in caplog.text
+
+
 @pytest.mark.parametrize("text_token", [True, False])
 def test_training_contexts_follow_the_model_layout(setup, text_token):
     cfg = RDMConfig.resolve(setup["cfg"] if text_token else setup["cfg_plain"])
