@@ -555,7 +555,8 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
                              [seeded_generator(args.seed, START_NOISE, i) for i in samples], device)
             z = model.sample(batch, steps=settings.steps, sampler=settings.sampler, eta=settings.eta,
                              guidance_scale=settings.guidance_scale, x_T=x_T,
-                             generator=[seeded_generator(args.seed, STEP_NOISE, i) for i in samples],  # eta > 0 noise
+                             generator=[seeded_generator(args.seed, STEP_NOISE, i) for i in samples]
+                             if settings.eta > 0 else None,  # the noise of eta > 0 (none drawn at eta 0)
                              cuda_graph=False if args.no_cuda_graph else None,
                              progress=sys.stderr.isatty() and procs.main and not args.no_progress)  # terminals
             # read with the pixels, not before: non-finite latents (which decode refuses on the CPU: they are

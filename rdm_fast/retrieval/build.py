@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .._distributed import Processes, process_device
 from .._files import TEMP_SUFFIX, atomic_write_json, make_dirs, remove_stale_temps, sha256_file
 from ..encoders import Encoder, embed_images, resolve_encoder
-from .database import MANIFEST, new_manifest, read_manifest, write_manifest, write_shard
+from .database import MANIFEST, check_shard_file, new_manifest, read_manifest, write_manifest, write_shard
 from .search import check_count
 
 log = logging.getLogger("rdm_fast.retrieval")
@@ -585,8 +585,9 @@ def damaged_shard(out: Path) -> str | None:
         return MANIFEST
     for entry in shards:
         for name, size in ((entry["embeddings"], entry["bytes"]), (entry["meta"], entry["meta_bytes"])):
-            path = out / name
-            if not path.is_file() or path.stat().st_size != size:
+            try:
+                check_shard_file(out / name, size, None, verify=False)
+            except (FileNotFoundError, ValueError):
                 return name
     return None
 

@@ -295,7 +295,9 @@ def read_manifest(directory: str | Path) -> dict:
 REPAIR = "rerun the db build or db import-npz that made the database (it computes that shard again), or restore it"
 
 
-def _check_file(path: Path, size: int, sha256: str | None, verify: bool) -> None:
+def check_shard_file(path: Path, size: int, sha256: str | None, verify: bool) -> None:
+    """FileNotFoundError or ValueError (with the repair) unless the shard file ``path`` exists with the recorded
+    ``size`` (and, with ``verify``, its SHA-256)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (listed in {MANIFEST}): {REPAIR}")
     actual = path.stat().st_size
@@ -410,8 +412,8 @@ class Database:
         with tqdm(total=sum(s["bytes"] + s["meta_bytes"] for s in manifest["shards"]), desc="verifying", unit="B",
                   unit_scale=True, disable=None if verify else True) as bar:
             for s in manifest["shards"]:
-                _check_file(path / s["embeddings"], s["bytes"], s.get("sha256"), verify)
-                _check_file(path / s["meta"], s["meta_bytes"], s.get("meta_sha256"), verify)
+                check_shard_file(path / s["embeddings"], s["bytes"], s.get("sha256"), verify)
+                check_shard_file(path / s["meta"], s["meta_bytes"], s.get("meta_sha256"), verify)
                 shards.append(_open_shard(path / s["embeddings"], s["rows"], manifest["dim"]))
                 bar.update(s["bytes"] + s["meta_bytes"])
         if manifest.get("proposals"):
