@@ -372,10 +372,11 @@ def summary(doc: str) -> str:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends argparse's "(default: ...)" only where the help text states no default and there is one to show
-    (not for unset options or flags), so each option's default appears once."""
+    (not for unset options, flags or a repeatable option's empty list), so each option's default appears once."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or "default" in (action.help or ""):
+        if action.default is None or action.default is False or action.default == [] or \
+                "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -757,6 +757,16 @@ def test_help_shows_each_default_once(module, shown, capsys):
     assert all(text.count(s) == 1 for s in shown), text
 
 
+def test_help_shows_no_empty_list_default(capsys):
+    """A repeatable option's empty list is no default to show (``db index --param`` ended in "(default: [])")."""
+    from rdm_fast import db
+
+    with pytest.raises(SystemExit):
+        db.main(["index", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--param KEY=VALUE index parameter" in text and "(default: [])" not in text
+
+
 def test_db_too_small_wrong_dim_and_encoder(tiny_dir, tmp_path, capsys):
     write_database(tmp_path / "small", np.zeros((3, 64), np.float32), TEST_ENCODER)
     write_database(tmp_path / "dim", np.zeros((20, 16), np.float32), {**TEST_ENCODER, "dim": 16})
