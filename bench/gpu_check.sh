@@ -19,7 +19,7 @@
 # Usage there: bash bench/gpu_check.sh [full|tests|quick] (`tests`: phases 1, 2 and 4 only, with the whole budget;
 # `quick`: see below).
 # GPU_CHECK_BUDGET (seconds, default 560: the tests take about 265 s and the step script about 85 s on an H200, more
-# on a cold Triton cache: its limit of 200 s leaves room for the GroupNorm paths' compiles and timings)
+# on a cold Triton cache: its limit of 200 s leaves room for the kernels' compiles and auto mode's per-shape timings)
 # bounds the whole script; nothing is downloaded. Test output is verbose (one line per test, as it finishes), so
 # that a phase cut off by its limit still names its failures; benchmark runs are stopped with SIGINT, on which
 # pytest-benchmark still prints the table of those that finished.

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rdm_fast.sample", description=summary(__doc__),
                                 formatter_class=HelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--ckpt", help="official .ckpt, rdm_fast directory or .safetensors file")
+    model.add_argument("--ckpt", help="official .ckpt, rdm_fast file or directory, or a training run (its newest "
+                                      "checkpoint) or checkpoint")
     model.add_argument("--random-init", action="store_true",
                        help="random weights of --config (for smoke runs and benchmarks: the images are noise)")
     p.add_argument("--config", help=f"preset ({', '.join(preset_names())}) or config.yaml "

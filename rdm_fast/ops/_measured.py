@@ -1,9 +1,9 @@
 """Choosing between fast CUDA implementations of one op by timing them, once per call shape.
 
 Some ops have two fast forms whose order depends on the card and the shape (our fused Triton kernel against a
-vendor kernel plus a cheap pass, e.g. cuBLAS + a gating kernel, or SDPA at short sequences). In ``auto`` mode
-the first call of each shape times every candidate on the GPU (after a first call that compiles and autotunes
-it) and keeps the fastest; the figures are logged at INFO.
+vendor kernel plus a cheap pass, e.g. cuDNN + ``add_bias`` for the thin convolutions, or SDPA at short
+sequences). In ``auto`` mode the first call of each shape times every candidate on the GPU (after a first call
+that compiles and autotunes it) and keeps the fastest; the figures are logged at INFO.
 
 Candidates are timed as a sampling step runs them: replayed from a CUDA graph, back to back. Timing single
 eager calls (``triton.testing.do_bench``) measured our Python launch path instead of the GPU at small shapes:
