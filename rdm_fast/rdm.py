@@ -8,7 +8,8 @@ import math
 import numbers
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -74,11 +75,15 @@ def to_channels_last(module: nn.Module) -> None:
         module.to(memory_format=torch.channels_last)
 
 
-def on_own_device(method):
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def on_own_device(method: Callable[Concatenate[RDM, P], T]) -> Callable[Concatenate[RDM, P], T]:
     """Run an ``RDM`` method with the model's GPU current (:func:`~rdm_fast.models.layers.current_device`): its
     sampler steps and CUDA graphs as well as the networks' kernels."""
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self: RDM, *args: P.args, **kwargs: P.kwargs) -> T:
         with current_device(self.device):
             return method(self, *args, **kwargs)
     return wrapper

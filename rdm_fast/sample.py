@@ -26,7 +26,7 @@ import uuid
 import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence, cast
+from typing import Literal, Sequence, cast
 
 import numpy as np
 import torch
@@ -549,13 +549,14 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
             PngWriter(max_pending=2 * args.batch_size) as writer:
         batch = batch_contexts(order[slice(*mine[0])]) if mine else None
         for j, (first, end) in enumerate(mine):
+            assert batch is not None  # this batch's contexts, queued before the loop or in its previous step
             samples = missing[first:end]
             # each sample's start noise from its own stream (the same for any batching), copied to a GPU
             # without waiting for the queued retrieval
             x_T = draw_noise((len(samples), *cfg.latent_shape),
                              [seeded_generator(args.seed, START_NOISE, i) for i in samples], device)
-            z = model.sample(batch, steps=settings.steps, sampler=settings.sampler, eta=settings.eta,
-                             guidance_scale=settings.guidance_scale, x_T=x_T,
+            z = model.sample(batch, steps=settings.steps, sampler=cast(Literal["ddim", "plms"], settings.sampler),
+                             eta=settings.eta, guidance_scale=settings.guidance_scale, x_T=x_T,
                              generator=[seeded_generator(args.seed, STEP_NOISE, i) for i in samples]
                              if settings.eta > 0 else None,  # the noise of eta > 0 (none drawn at eta 0)
                              cuda_graph=False if args.no_cuda_graph else None,

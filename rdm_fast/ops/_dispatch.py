@@ -22,7 +22,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Concatenate, Generic, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -224,7 +224,7 @@ class Impl(Generic[R]):
     unavailable: Callable[[], str | None] = lambda: None
     fast_mode_only: bool = False
 
-    def supports(self, *args, **kwargs) -> bool:
+    def supports(self, *args: Any, **kwargs: Any) -> bool:
         """Whether this implementation is available and supports the call."""
         return self.unavailable() is None and self.unsupported(*args, **kwargs) is None
 
@@ -244,7 +244,7 @@ class Op(Generic[R]):
                 return impl
         raise KeyError(f"{self.name}: no implementation named {name!r}")
 
-    def select(self, device_type: str, *args, **kwargs) -> Impl[R]:
+    def select(self, device_type: str, *args: Any, **kwargs: Any) -> Impl[R]:
         """The implementation the current mode picks for this call."""
         return self._select(device_type, *args, **kwargs)[0]
 
@@ -276,7 +276,7 @@ class Op(Generic[R]):
             warn_missing_once(self.name, "; ".join(missing))
         return self.reference, reasons
 
-    def __call__(self, x: Tensor, *args, **kwargs) -> R:
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> R:
         impl, passed_over = self._select(x.device.type, x, *args, **kwargs)
         # under torch.compile the reasons can hold symbolic sizes, which str.join cannot trace: logged without them
         why = "" if torch.compiler.is_compiling() else "; ".join(passed_over)

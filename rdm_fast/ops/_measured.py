@@ -21,6 +21,7 @@ import functools
 import logging
 import statistics
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ class Measured:
         self.candidates = candidates
         self.chosen: dict[Hashable, str] = {}
 
-    def __call__(self, key: Hashable, describe: Callable[[], str], *args):
+    def __call__(self, key: Hashable, describe: Callable[[], str], *args: Any) -> Any:
         """Run the chosen candidate for ``key`` (a shape description), timing them all on its first call.
         ``describe()`` words the call for the log line."""
         name = self.chosen.get(key)
