@@ -68,19 +68,25 @@ def _naive(encoder, root: Path) -> np.ndarray:
     return np.concatenate(out)
 
 
+def record_rate(benchmark, **info) -> None:
+    """``info`` and, when the run was timed, images/s from the median round into ``extra_info`` (``benchmark.stats``
+    is None under ``--benchmark-disable``)."""
+    if benchmark.stats is not None:
+        info["images_per_s"] = round(N_IMAGES / benchmark.stats["median"], 2)
+    benchmark.extra_info.update(info)
+
+
 def test_db_build(benchmark, encoder, images, tmp_path_factory):
     benchmark.group = f"db-build-{encoder.name}-{N_IMAGES}"
     benchmark.pedantic(
         lambda out: build_database(out, encoder=encoder, images=images, crop="center", crop_size=encoder.image_size,
                                    batch_size=BATCH, workers=WORKERS, device="cpu", progress=False),
         setup=lambda: ((tmp_path_factory.mktemp("db"),), {}), rounds=2, iterations=1)
-    benchmark.extra_info.update(images_per_s=round(N_IMAGES / benchmark.stats["median"], 2), workers=WORKERS,
-                                encoder=encoder.name)
+    record_rate(benchmark, workers=WORKERS, encoder=encoder.name)
 
 
 def test_db_build_baseline_loop(benchmark, encoder, images):
     benchmark.group = f"db-build-{encoder.name}-{N_IMAGES}"
     emb = benchmark.pedantic(_naive, args=(encoder, images), rounds=2, iterations=1)
     assert emb.shape == (N_IMAGES, encoder.dim)
-    benchmark.extra_info.update(images_per_s=round(N_IMAGES / benchmark.stats["median"], 2), workers=0,
-                                encoder=encoder.name)
+    record_rate(benchmark, workers=0, encoder=encoder.name)

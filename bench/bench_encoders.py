@@ -53,7 +53,8 @@ def _run(benchmark, fn, device: str, batch: int) -> None:
 
     call()  # warm-up (lazy CUDA/cuDNN initialisation)
     benchmark.pedantic(call, rounds=5 if device == "cpu" else 20, iterations=1)
-    benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.mean, 1)
+    if benchmark.stats is not None:  # absent under --benchmark-disable
+        benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.mean, 1)
 
 
 def _group(name: str, device: str, batch: int, precision: str | None) -> str:

@@ -1,0 +1,33 @@
+"""Helpers of the pytest-benchmark suites in bench/, run here without timing anything."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_db_build  # noqa: E402
+import bench_encoders  # noqa: E402
+
+
+def fake_benchmark(stats=None) -> SimpleNamespace:
+    """pytest-benchmark's fixture as far as the suites use it; ``stats`` None as under ``--benchmark-disable``
+    (``pedantic`` then calls the function once and records nothing)."""
+    return SimpleNamespace(pedantic=lambda target, args=(), kwargs=None, **_: target(*args, **(kwargs or {})),
+                           stats=stats, extra_info={})
+
+
+def test_throughput_figures_only_from_timed_runs():
+    """``pytest bench/ --benchmark-disable`` (a quick pass of the suites) failed in the encoder and database-build
+    benchmarks, which read ``benchmark.stats`` (None there) for their images/s; timed runs still record them."""
+    calls = []
+    disabled = fake_benchmark()
+    bench_encoders._run(disabled, lambda: calls.append(1), "cpu", 8)
+    bench_db_build.record_rate(disabled, workers=2, encoder="clip")
+    assert len(calls) == 2 and disabled.extra_info == {"workers": 2, "encoder": "clip"}
+
+    timed = fake_benchmark(SimpleNamespace(stats=SimpleNamespace(mean=0.5)))
+    bench_encoders._run(timed, lambda: None, "cpu", 8)
+    assert timed.extra_info == {"images_per_s": 16.0}
+    timed = fake_benchmark({"median": 2.0})
+    bench_db_build.record_rate(timed, workers=0, encoder="clip")
+    assert timed.extra_info == {"images_per_s": bench_db_build.N_IMAGES / 2.0, "workers": 0, "encoder": "clip"}
