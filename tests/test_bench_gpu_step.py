@@ -68,3 +68,23 @@ def test_idle_time_counts_the_gaps_between_overlapping_work():
     assert st["gaps"] == 2 and st["median_gap"] == 6.0
     assert st["longest"] == [(9.0, "d", "e"), (3.0, "b", "c")]
     assert gpu_step.idle_time([])["gaps"] == 0
+
+
+def test_profile_keeps_the_kernel_breakdown_when_the_graph_idle_measurement_fails(monkeypatch, tmp_path):
+    """The graphed step's idle time (not yet run on a GPU) is measured apart from the per-kernel profile: its
+    failure (here the CUDA-graph capture, on the CPU) still leaves kernels_<preset>.txt and the breakdown."""
+    from bench_step import make_case
+
+    model, x, ctx = make_case("tiny", 2, torch.device("cpu"), torch.float32)
+    kernels = [("sm90_xmma_fprop_implicit_gemm", 2.0, 3), ("_attn_fwd_kernel", 1.0, 2)]
+    module_times = gpu_step.module_times
+    monkeypatch.setattr(gpu_step, "profile_kernels", lambda fn: (fn(), kernels)[1])  # the CUDA profiler's rows
+    monkeypatch.setattr(gpu_step, "module_times", lambda fn, unet: module_times(fn, unet, steps=1, cuda=False))
+    lines: list[str] = []
+    result: dict = {"preset": "tiny"}
+    gpu_step.profile_step(model, x, ctx, 2, tmp_path, result, lines.append)
+    assert result["kernel_ms"] == 3.0 and "graph_idle_ms" not in result
+    text = (tmp_path / "kernels_tiny.txt").read_text()
+    assert "3.00 ms kernel time" in text and "[attention (ours)] _attn_fwd_kernel" in text and "ResBlock" in text
+    assert any("convolution" in line and "2.00 ms" in line for line in lines)
+    assert "graph idle time FAILED" in lines[-1] and "CUDA graphs need CUDA tensors" in lines[-1]
