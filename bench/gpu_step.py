@@ -316,9 +316,11 @@ def trajectory_parity(model, x, ctx, result: dict, log, images: int = 4, steps: 
     """Whole ``RDM.sample`` trajectories in bf16 (``model``) and fp16 (a copy) as sampling runs them (auto mode:
     the fast kernels and the CUDA graph), and their decoded images, against the float32 plain-PyTorch trajectory
     from the same noise (TF32 off), for ``images`` of the batch: the final latents' relative L2 error, the images'
-    PSNR (range [-1, 1]), and whether they are finite and not blank. Results under ``trajectory_<dtype>_*``."""
+    PSNR (range [-1, 1]), and whether they are finite and not blank (fewer images where the batch holds fewer).
+    Results under ``trajectory_<dtype>_*``."""
     preset = result["preset"]
     x_T, c = x[:images].float(), ctx[:images]
+    images = x_T.shape[0]
     scale = model.config.sampling.guidance_scale
     run = dict(steps=steps, sampler="ddim", eta=0.0, guidance_scale=scale, x_T=x_T)  # deterministic: no noise
     try:
