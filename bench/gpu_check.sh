@@ -56,7 +56,7 @@ if [ "$MODE" = quick ]; then
   echo "tests rc=$? at $SECONDS s" >> "$OUT/tests.txt"
   grep -E "FAILED|ERROR| passed| failed|rc=" "$OUT/tests.txt" | grep -v "^\[gw.*PASSED" | sort -u
   # GPU_CHECK_STEP_ARGS replaces the presets (e.g. "--presets rdm768:16,imagenet:64": the first is timed first)
-  timeout "$(limit "${GPU_CHECK_STEP_LIMIT:-200}")" $PY bench/gpu_step.py --out "$OUT" \
+  timeout -k 15 "$(limit "${GPU_CHECK_STEP_LIMIT:-200}")" $PY bench/gpu_step.py --out "$OUT" \
     ${GPU_CHECK_STEP_ARGS:---presets imagenet:64,rdm768:16} >> "$OUT/log.txt" 2>&1
   echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
   timeout -s INT -k 15 "$(limit 90)" $PY -m pytest -q -p no:cacheprovider bench/bench_conv.py -k "not cpu" \
@@ -99,7 +99,7 @@ grep "build rc" "$OUT/log.txt"; grep -E "FAILED|ERROR| passed| failed|rc=" "$OUT
 [ "$MODE" = tests ] && exit 0
 
 # 3. whole guided step
-timeout "$(limit 200)" $PY bench/gpu_step.py --out "$OUT" >> "$OUT/log.txt" 2>&1
+timeout -k 15 "$(limit 200)" $PY bench/gpu_step.py --out "$OUT" >> "$OUT/log.txt" 2>&1
 echo "step rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 
 # 3a. the command line end to end (model build, retrieval-free contexts, 2 batches of 8 with CUDA graphs, decoding,
@@ -131,7 +131,7 @@ fi
 
 # 6. the torch.compile peer, in the time left
 if [ "$(left)" -gt 90 ]; then
-  timeout "$(limit 600)" $PY bench/gpu_step.py --out "$OUT" --variants torch-compile --timings-only \
+  timeout -k 15 "$(limit 600)" $PY bench/gpu_step.py --out "$OUT" --variants torch-compile --timings-only \
     >> "$OUT/log.txt" 2>&1
   echo "compile peer rc=$? at $SECONDS s" | tee -a "$OUT/log.txt"
 fi

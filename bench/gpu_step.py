@@ -18,7 +18,8 @@ small batches of 4 and 1 images with timings only; bf16, channels-last):
 5. the first stage's decoder at bench_decode.py's sizes (rdm768: 4 latents, imagenet: 16): parity of
    ``RDM.decode`` and of the NCHW plain-PyTorch decoder in bf16 against float32, and their CUDA-event timings.
 
-Run by ``bench/gpu_check.sh``; prints a short table last and writes the full tables to ``--out``.
+Run by ``bench/gpu_check.sh``; prints a short table last (also when stopped by SIGTERM at its time limit) and
+writes the full tables to ``--out``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import copy
 import logging
 import os
+import signal
 import statistics
 import sys
 import time
@@ -220,10 +222,12 @@ def module_times(fn, unet, steps: int = 3, cuda: bool = True) -> list[tuple[str,
     return sorted(rows, key=lambda r: -r[1])
 
 
-def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *, checks: bool = True) -> dict:
+def run_preset(result: dict, variants: list[str], out: Path, log, *, checks: bool = True) -> None:
+    """Every measurement of one preset (``result["preset"]`` at ``result["images"]``) into ``result``, as it
+    comes."""
+    preset, images = result["preset"], result["images"]
     torch.manual_seed(0)
     model, x, ctx = make_case(preset, images, torch.device("cuda"), torch.bfloat16)
-    result: dict = {"preset": preset, "images": images}
     if checks:
         check_parity(model, x, ctx, result, log)
     torch.cuda.empty_cache()
@@ -235,7 +239,6 @@ def run_preset(preset: str, images: int, variants: list[str], out: Path, log, *,
         time_decode(model, x[:DECODE_LATENTS.get(preset, images)], result, log)
     del model
     torch.cuda.empty_cache()
-    return result
 
 
 def check_parity(model, x, ctx, result: dict, log) -> None:
@@ -467,6 +470,16 @@ def open_log(path: Path, header: str = ""):
     return log
 
 
+def summary(results: list[dict], variants: list[str]) -> list[str]:
+    """The closing table: ms per step of each variant and preset, and the graph step's speed-up over torch-eager."""
+    lines = ["\npreset      images  " + "  ".join(f"{v[:14]:>14s}" for v in variants) + "   speed-up vs torch-eager"]
+    for r in results:
+        cells = "  ".join(f"{r[v]:11.2f} ms" if v in r else f"{'-':>14s}" for v in variants)
+        ratio = f"{r['torch-eager'] / r['rdm_fast']:.2f}x" if "rdm_fast" in r and "torch-eager" in r else "-"
+        lines.append(f"{r['preset']:10s} {r['images']:6d}  {cells}   {ratio}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="imagenet:64,rdm768:16,imagenet:4:timings,rdm768:1:timings",
@@ -486,16 +499,18 @@ def main() -> None:
     out = Path(args.out)
     log = open_log(out / "step.txt", f"backends {ops.available_backends()}")
     variants = args.variants.split(",")
-    results = []
-    for item in args.presets.split(","):
-        preset, images, *flags = item.split(":")
-        checks = not args.timings_only and "timings" not in flags
-        results.append(run_preset(preset, int(images), variants, out, log, checks=checks))
-    log("\npreset      images  " + "  ".join(f"{v[:14]:>14s}" for v in variants) + "   speed-up vs torch-eager")
-    for r in results:
-        cells = "  ".join(f"{r[v]:11.2f} ms" if v in r else f"{'-':>14s}" for v in variants)
-        ratio = f"{r['torch-eager'] / r['rdm_fast']:.2f}x" if "rdm_fast" in r and "torch-eager" in r else "-"
-        log(f"{r['preset']:10s} {r['images']:6d}  {cells}   {ratio}")
+    results: list[dict] = []
+    # gpu_check.sh stops this script with SIGTERM at its time limit: leave through the finally below, so that the
+    # table still holds what was measured (the lines above it were written as they came)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        for item in args.presets.split(","):
+            preset, images, *flags = item.split(":")
+            results.append({"preset": preset, "images": int(images)})
+            run_preset(results[-1], variants, out, log, checks=not args.timings_only and "timings" not in flags)
+    finally:
+        for line in summary(results, variants):
+            log(line)
 
 
 if __name__ == "__main__":

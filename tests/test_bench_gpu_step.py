@@ -1,9 +1,13 @@
 """bench/gpu_step.py's helpers that run without a GPU (the script itself runs on the device machine only)."""
 
 import copy
+import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from rdm_fast import RDM, ops
@@ -89,3 +93,33 @@ def test_profile_keeps_the_kernel_breakdown_when_the_graph_idle_measurement_fail
     assert "3.00 ms kernel time" in text and "[attention (ours)] _attn_fwd_kernel" in text and "ResBlock" in text
     assert any("convolution" in line and "2.00 ms" in line for line in lines)
     assert "graph idle time FAILED" in lines[-1] and "CUDA graphs need CUDA tensors" in lines[-1]
+
+
+def test_a_run_stopped_at_its_time_limit_still_writes_the_table(monkeypatch, tmp_path):
+    """gpu_check.sh stops the script with SIGTERM at its limit: the closing table still holds the presets measured
+    so far, the one cut off with what it had (here on the CPU, with run_preset standing in for the GPU work)."""
+    lines: list[str] = []
+
+    def run_preset(result, variants, out, log, *, checks=True):
+        result["rdm_fast"] = 50.0 if result["preset"] == "imagenet" else 40.0
+        if result["preset"] == "rdm768":
+            assert callable(signal.getsignal(signal.SIGTERM))  # else the signal would end this test process
+            os.kill(os.getpid(), signal.SIGTERM)
+        result["torch-eager"] = 150.0
+
+    monkeypatch.setattr(gpu_step, "open_log", lambda path, header="": lines.append)
+    monkeypatch.setattr(gpu_step, "run_preset", run_preset)
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+    monkeypatch.setattr(sys, "argv", ["gpu_step.py", "--out", str(tmp_path), "--variants", "rdm_fast,torch-eager",
+                                      "--presets", "imagenet:64,rdm768:16,imagenet:4"])
+    handler, level = signal.getsignal(signal.SIGTERM), logging.getLogger("rdm_fast").level
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            gpu_step.main()
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        logging.getLogger("rdm_fast").setLevel(level)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "speed-up vs torch-eager" in lines[-3]
+    assert lines[-2].split() == ["imagenet", "64", "50.00", "ms", "150.00", "ms", "3.00x"]
+    assert lines[-1].split() == ["rdm768", "16", "40.00", "ms", "-", "-"]
