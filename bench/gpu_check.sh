@@ -18,11 +18,14 @@
 # tests.txt, step.txt, kernels_<preset>.txt (two), tune.txt, bench.txt (the pytest-benchmark table).
 # Usage there: bash bench/gpu_check.sh [full|tests|quick] (`tests`: phases 1, 2 and 4 only, with the whole budget;
 # `quick`: see below).
-# GPU_CHECK_BUDGET (seconds, default 560: the tests take about 265 s and the step script about 85 s on an H200, more
-# on a cold Triton cache: its limit of 200 s leaves room for the kernels' compiles and auto mode's per-shape timings)
-# bounds the whole script; nothing is downloaded. Test output is verbose (one line per test, as it finishes), so
-# that a phase cut off by its limit still names its failures; benchmark runs are stopped with SIGINT, on which
-# pytest-benchmark still prints the table of those that finished.
+# Environment: GPU_CHECK_BUDGET (seconds, default 560) bounds the whole script: in run E (H200, 2026-11-27) the
+# tests took 285 s and the step script 137 s of its 200 s limit, before its trajectory, idle-time and decoder-parity
+# checks ran (not yet timed on a GPU); GPU_CHECK_TUNE=1 adds phase 3b; OUT (default /tmp/gpu_check), PYTHON
+# (default python3), TORCH_CUDA_ARCH_LIST (default 9.0) and MAX_JOBS (default 16, the extension build); `quick`
+# only: GPU_CHECK_TESTS, GPU_CHECK_STEP_ARGS, GPU_CHECK_STEP_LIMIT (below). Nothing is downloaded. Test output is
+# verbose (one line per test, as it finishes), so that a phase cut off by its limit still names its failures;
+# benchmark runs are stopped with SIGINT, on which pytest-benchmark still prints the table of those that finished,
+# and the step script with SIGTERM, on which it still writes its closing table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
