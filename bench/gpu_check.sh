@@ -27,6 +27,8 @@
 # benchmark runs are stopped with SIGINT, on which pytest-benchmark still prints the table of those that finished,
 # and the step script with SIGTERM, on which it still writes its closing table.
 set -uo pipefail
+MODE=${1:-}
+case "$MODE" in ""|full|tests|quick) ;; *) echo "unknown mode '$MODE': full, tests or quick (none: the default)"; exit 2;; esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -41,8 +43,6 @@ limit() { local want=$1 l; l=$(left); [ "$l" -lt "$want" ] && want=$l; [ "$want"
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-MODE=${1:-}
-case "$MODE" in ""|full|tests|quick) ;; *) echo "unknown mode '$MODE': full, tests or quick (none: the default)"; exit 2;; esac
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 6"
 
 # `quick`: after a full run, for the ops changed since: the extension (a failed build ends the run, rc 1), their GPU

@@ -1,10 +1,13 @@
-"""Helpers of the pytest-benchmark suites in bench/, run here without timing anything."""
+"""bench/'s suites and GPU check script, run here without timing anything or a GPU."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 import bench_db_build  # noqa: E402
 import bench_encoders  # noqa: E402
 
@@ -31,3 +34,13 @@ def test_throughput_figures_only_from_timed_runs():
     timed = fake_benchmark({"median": 2.0})
     bench_db_build.record_rate(timed, workers=0, encoder="clip")
     assert timed.extra_info == {"images_per_s": bench_db_build.N_IMAGES / 2.0, "workers": 0, "encoder": "clip"}
+
+
+def test_gpu_check_rejects_an_unknown_mode_before_any_work(tmp_path):
+    """A mistyped mode ends gpu_check.sh before it writes anything or starts Python (it queried the GPU and imported
+    torch first, out of a short lease)."""
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "ful"], capture_output=True, text=True,
+                         env={**os.environ, "OUT": str(out), "PYTHON": sys.executable}, timeout=120)
+    assert run.returncode == 2 and "unknown mode 'ful'" in run.stdout
+    assert not out.exists()
