@@ -21,7 +21,7 @@ import copy
 import pytest
 import torch
 
-from bench_step import make_case, sdpa_attention
+from bench_step import make_case, ops_ran, sdpa_attention
 
 from rdm_fast import RDM, ops
 from rdm_fast.models import autoencoder as autoencoder_module
@@ -73,5 +73,7 @@ def test_decode(benchmark, setup, variant):
                 torch.cuda.synchronize()
             return out
 
-        decode()  # warm-up: layout conversion, kernel selection, allocator
+        with ops_ran() as ran:
+            decode()  # warm-up: layout conversion, kernel selection, allocator
+        benchmark.extra_info["ops_ran"] = ran
         benchmark.pedantic(decode, rounds=10 if CUDA else 3, iterations=1, warmup_rounds=1)

@@ -18,12 +18,15 @@ Variants, all in the same run on the same weights (random, every parameter non-z
 
 On the CPU the fast kernels are only the C++ GroupNorm: ``rdm_fast-eager`` runs the plain-PyTorch references of
 every other op (float32 attention with explicit scores), against ``torch-eager``'s SDPA. CPU ratios are smoke
-figures, not the product's speed; ``extra_info["fast_backends"]`` records what was available.
+figures, not the product's speed; ``extra_info["fast_backends"]`` records what was loaded (Triton and the CUDA
+extension load on the CPU too) and ``extra_info["ops_ran"]`` which implementation each op took (:func:`ops_ran`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,6 +36,7 @@ from rdm_fast import RDM, ops
 from rdm_fast.models import unet as unet_module
 from rdm_fast.diffusion import guided
 from rdm_fast.diffusion.graphs import GraphedEps
+from rdm_fast.ops import _dispatch
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -55,6 +59,27 @@ def make_case(preset: str, images: int, device: torch.device, dtype: torch.dtype
     x = torch.randn(images, cfg.channels, cfg.image_size, cfg.image_size, device=device, generator=g)
     ctx = torch.randn(images, cfg.context_tokens, cfg.context_dim, device=device, generator=g)
     return model, x, ctx
+
+
+@contextlib.contextmanager
+def ops_ran() -> Iterator[dict[str, list[str]]]:
+    """A dict filled, when the block ends, with the implementations each rdm_fast op took inside it (op -> names):
+    an honest label for a variant whose fast path falls back (on the CPU, to the plain-PyTorch references)."""
+    ran: dict[str, set[str]] = {}
+    first_use = _dispatch.log_first_use
+
+    @_dispatch.eager_constant  # like the function it wraps: called eagerly while torch.compile traces
+    def record(op: str, impl: str, *args) -> None:
+        ran.setdefault(op, set()).add(impl)
+        first_use(op, impl, *args)
+
+    out: dict[str, list[str]] = {}
+    _dispatch.log_first_use = record
+    try:
+        yield out
+    finally:
+        _dispatch.log_first_use = first_use
+        out.update((op, sorted(impls)) for op, impls in sorted(ran.items()))
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -110,14 +135,16 @@ def test_guided_step(benchmark, setup, variant):
                                 fast_backends=ops.available_backends())
     mode = "reference" if variant.startswith("torch") else "auto"
     with ops.use_mode(mode), torch.inference_mode():
-        eps_fn = step_fn(variant, model, x, ctx)
+        with ops_ran() as ran:  # the graph's capture and the warm-up: a replay calls no op
+            eps_fn = step_fn(variant, model, x, ctx)
 
-        def step():
-            out = eps_fn(x, 500)
-            if CUDA:
-                torch.cuda.synchronize()
-            return out
+            def step():
+                out = eps_fn(x, 500)
+                if CUDA:
+                    torch.cuda.synchronize()
+                return out
 
-        for _ in range(3 if CUDA else 1):  # warm-up: autotuning, compilation, allocator
-            step()
+            for _ in range(3 if CUDA else 1):  # warm-up: autotuning, compilation, allocator
+                step()
+        benchmark.extra_info["ops_ran"] = ran
         benchmark.pedantic(step, rounds=20 if CUDA else 3, iterations=1, warmup_rounds=1)

@@ -20,7 +20,7 @@ import torch
 from rdm_fast import RDM, ops
 from rdm_fast.diffusion import eps_losses
 
-from bench_step import with_sdpa
+from bench_step import ops_ran, with_sdpa
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -71,8 +71,10 @@ def test_training_step(benchmark, setup, variant):
     unet.gradient_checkpointing = variant == "rdm_fast-checkpointed"
     try:
         with ops.use_mode("reference" if variant == "torch-sdpa" else "auto"):
-            for _ in range(3 if CUDA else 1):  # warm-up: autotuning, allocator
-                step()
+            with ops_ran() as ran:
+                for _ in range(3 if CUDA else 1):  # warm-up: autotuning, allocator
+                    step()
+            benchmark.extra_info["ops_ran"] = ran
             benchmark.pedantic(step, rounds=10 if CUDA else 3, iterations=1, warmup_rounds=0)
     finally:
         unet.gradient_checkpointing = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_step import make_case
+from bench_step import make_case, ops_ran
 
 from rdm_fast import ops
 
@@ -45,5 +45,7 @@ def test_unet_call(benchmark, model_and_inputs, mode):
         return out
 
     with ops.use_mode(mode):
-        call()  # warm-up: kernel selection, allocator, lazy extension load
+        with ops_ran() as ran:
+            call()  # warm-up: kernel selection, allocator, lazy extension load
+        benchmark.extra_info["ops_ran"] = ran
         benchmark.pedantic(call, rounds=ROUNDS[preset], iterations=1, warmup_rounds=1)

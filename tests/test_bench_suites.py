@@ -6,9 +6,15 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
+from rdm_fast import ops
+from rdm_fast.ops import _dispatch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_db_build  # noqa: E402
+import bench_step  # noqa: E402
 import bench_encoders  # noqa: E402
 
 
@@ -44,3 +50,21 @@ def test_gpu_check_rejects_an_unknown_mode_before_any_work(tmp_path):
                          env={**os.environ, "OUT": str(out), "PYTHON": sys.executable}, timeout=120)
     assert run.returncode == 2 and "unknown mode 'ful'" in run.stdout
     assert not out.exists()
+
+
+def test_ops_ran_names_the_implementation_each_op_took():
+    """The step, UNet, decoder and training benchmarks record which implementation each op took in their warm-up:
+    on the CPU, an auto-mode UNet call runs the C++ GroupNorm (where built) and the references of the other ops,
+    though ``fast_backends`` reports Triton and the CUDA extension loaded."""
+    model, x, ctx = bench_step.make_case("tiny", 1, torch.device("cpu"), torch.float32)
+    t = torch.full((1,), 500)
+    first_use = _dispatch.log_first_use
+    ran = {}
+    for mode in ("auto", "reference"):
+        with ops.use_mode(mode), torch.inference_mode(), bench_step.ops_ran() as ran[mode]:
+            model.unet(x, t, ctx)
+    assert _dispatch.log_first_use is first_use
+    assert {"group_norm", "attention", "layer_norm", "geglu"} <= ran["reference"].keys() <= ran["auto"].keys()
+    assert all(impls == ["reference"] for impls in ran["reference"].values())
+    assert ran["auto"]["group_norm"] == ["cpu-ext" if ops.available_backends()["cpu-ext"] else "reference"]
+    assert all(impls == ["reference"] for op, impls in ran["auto"].items() if op != "group_norm")
