@@ -42,9 +42,15 @@ def atomic_write(target: str | Path, write: Callable[[str], object], *, fsync: b
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, Exception) and not isinstance(e, OSError):  # a serialiser's own error for a full disk or
             raise OSError(f"cannot write {target}: {e}") from e       # a failed write (torch, safetensors)
-        if isinstance(e, OSError) and e.filename == tmp:
+        if isinstance(e, OSError) and _unnamed(e, tmp):
             raise _naming(e, target) from e
         raise
+
+
+def _unnamed(e: OSError, tmp: str) -> bool:
+    """Whether ``e`` names the temporary file ``tmp`` or no file (a failed write(2): a full disk, a file-size
+    limit, an I/O error), so that it should name the target instead."""
+    return e.filename in (tmp, None) and e.errno is not None and e.strerror is not None
 
 
 def _naming(e: OSError, target: Path) -> OSError:
@@ -84,18 +90,23 @@ def atomic_npy_memmap(target: str | Path, dtype: np.dtype | type, shape: tuple[i
         return
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
+    writing = True  # not while the caller's block runs: its errors are its own
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
         if hasattr(os, "posix_fallocate"):  # claim the disk space now: a full disk is an OSError here, not a
             with open(tmp, "r+b") as f:     # SIGBUS (killed without a message) when a write through the map hits it
                 os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+        writing = False
         yield array
+        writing = True
         array.flush()
         os.chmod(tmp, 0o666 & ~_UMASK)
         fsync_path(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if writing and isinstance(e, OSError) and _unnamed(e, tmp):
+            raise _naming(e, target) from e
         raise
 
 

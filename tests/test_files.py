@@ -286,3 +286,37 @@ def test_a_missing_folder_names_the_target(tmp_path):
         atomic_write(tmp_path / "gone" / "x.npz", lambda path: None)
     assert _one_line(e.value) == f"{tmp_path / 'gone' / 'x.npz'}: No such file or directory"
     assert str(e.value) == f"[Errno 2] No such file or directory: '{tmp_path / 'gone' / 'x.npz'}'"
+
+
+def test_a_failed_write_names_the_target(tmp_path, monkeypatch):
+    """A full disk or a file-size limit fails a write(2), whose OSError names no file ("[Errno 27] File too large"
+    was all a failed db build said): the atomic writers name the target, and leave nothing behind."""
+    import errno
+    import os
+
+    from rdm_fast._cli import _one_line
+    from rdm_fast._files import atomic_save_npy, atomic_write, atomic_write_json
+
+    def full(path):
+        with open(path, "wb") as f:
+            f.write(b"half")
+            raise OSError(errno.EFBIG, "File too large")
+
+    with pytest.raises(OSError) as e:
+        atomic_write(tmp_path / "a.bin", full)
+    assert _one_line(e.value) == f"{tmp_path / 'a.bin'}: File too large"
+    monkeypatch.setattr(np, "save", lambda f, *a, **k: full(f.name))
+    with pytest.raises(OSError) as e:
+        atomic_save_npy(tmp_path / "b.npy", np.zeros(3))
+    assert _one_line(e.value) == f"{tmp_path / 'b.npy'}: File too large"
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError) as e:
+        atomic_write_json(tmp_path / "c.json", {})
+    assert _one_line(e.value) == f"{tmp_path / 'c.json'}: Input/output error"
+    with pytest.raises(OSError) as e, atomic_npy_memmap(tmp_path / "d.npy", np.float16, (4, 2)):
+        pass  # the flush to disk fails
+    assert _one_line(e.value) == f"{tmp_path / 'd.npy'}: Input/output error"
+    with pytest.raises(OSError) as e, atomic_npy_memmap(tmp_path / "e.npy", np.float16, (4, 2)):
+        raise OSError(errno.EIO, "Input/output error")  # the caller's own error (e.g. reading an input): as it is
+    assert _one_line(e.value) == "[Errno 5] Input/output error"
+    assert list(tmp_path.iterdir()) == []
