@@ -711,3 +711,25 @@ def test_unknown_options_show_the_subcommands_usage(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "usage: python -m rdm_fast.db search" in err
     assert "unrecognized arguments: --verify" in err
+
+
+def test_a_failed_write_of_a_build_is_one_plain_line(built, tmp_path, capsys, monkeypatch):
+    """A build's writes of its arguments and manifest fail as the other writes do: "FILE: reason" (they are passed
+    to every process as text, which gave Python's "[Errno 27] File too large: 'FILE'"); a rerun completes."""
+    from rdm_fast.retrieval import database
+
+    real = database.atomic_write_json
+
+    def too_large(target, obj):
+        if Path(target).name == "manifest.json":
+            raise OSError(27, "File too large", str(target))
+        real(target, obj)
+
+    monkeypatch.setattr(database, "atomic_write_json", too_large)
+    out = tmp_path / "db"
+    args = ["build", "--images", str(built / "images"), "--encoder", SPEC, "--out", str(out), "--crop", "random",
+            "--crop-size", "32", "--shard-size", "4", "--workers", "0", "--device", "cpu", "--class-from-folder",
+            "--no-progress"]
+    assert _error(capsys, *args) == f"error: {out / 'manifest.json'}: File too large"
+    monkeypatch.setattr(database, "atomic_write_json", real)
+    assert cli(*args) == 0 and len(Database.open(out, device="cpu")) == 10

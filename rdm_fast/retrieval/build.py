@@ -622,6 +622,14 @@ def _check_same_build(procs: Processes, state: ShardedBuild) -> None:
                      "says which)")
 
 
+def _one_line(e: Exception) -> str:
+    """An error as the command lines print it: an OSError naming a file as "FILE: reason" (not Python's
+    "[Errno 27] File too large: 'FILE'"), as it reads where the error is raised again on every process."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
 def run_sharded(out: Path, config: dict, n_shards: int,
                 compute: Callable[[list[int], ShardedBuild, Processes], None],
                 finish: Callable[[list[dict]], None]) -> Path:
@@ -635,7 +643,7 @@ def run_sharded(out: Path, config: dict, n_shards: int,
             try:
                 complete = state.prepare()
             except (ValueError, OSError) as e:
-                error = (isinstance(e, FileNotFoundError), str(e))
+                error = (isinstance(e, FileNotFoundError), _one_line(e))
         complete, error = procs.from_rank0((complete, error))
         if error is not None:  # raised on every rank, so no process waits for the others forever
             raise (FileNotFoundError if error[0] else ValueError)(error[1])
@@ -663,7 +671,7 @@ def run_sharded(out: Path, config: dict, n_shards: int,
             try:
                 finish(state.records())
             except (ValueError, OSError) as e:
-                error = (isinstance(e, FileNotFoundError), str(e))
+                error = (isinstance(e, FileNotFoundError), _one_line(e))
         error = procs.from_rank0(error)
         if error is not None:  # on every rank, as above
             raise (FileNotFoundError if error[0] else ValueError)(error[1])
