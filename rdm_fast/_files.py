@@ -40,8 +40,10 @@ def atomic_write(target: str | Path, write: Callable[[str], object], *, fsync: b
         os.replace(tmp, target)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, Exception) and not isinstance(e, OSError):  # a serialiser's own error for a full disk or
-            raise OSError(f"cannot write {target}: {e}") from e       # a failed write (torch, safetensors)
+        # a serialiser's own error for a full disk or a failed write (torch, safetensors; NumPy's tofile under
+        # np.save raises an OSError without errno, "12800 requested and 10176 written")
+        if isinstance(e, Exception) and (not isinstance(e, OSError) or e.errno is None):
+            raise OSError(f"cannot write {target}: {e}") from e
         if isinstance(e, OSError) and _unnamed(e, tmp):
             raise _naming(e, target) from e
         raise

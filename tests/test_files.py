@@ -320,3 +320,23 @@ def test_a_failed_write_names_the_target(tmp_path, monkeypatch):
         raise OSError(errno.EIO, "Input/output error")  # the caller's own error (e.g. reading an input): as it is
     assert _one_line(e.value) == "[Errno 5] Input/output error"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_short_write_of_np_save_names_the_target(tmp_path):
+    """np.save writes an array with tofile, which reports a full disk as an OSError without errno ("12800
+    requested and 10176 written"): printed alone, it named no file. atomic_write names the target."""
+    import resource
+    import signal
+
+    from rdm_fast._files import atomic_save_npy
+
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old_limit[1]))
+    try:
+        with pytest.raises(OSError) as e:
+            atomic_save_npy(tmp_path / "a.npy", np.zeros(8192, np.uint8))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert str(e.value).startswith(f"cannot write {tmp_path / 'a.npy'}: ") and list(tmp_path.iterdir()) == []
