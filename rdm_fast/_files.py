@@ -71,6 +71,15 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def claim_disk_space(path: str | Path) -> None:
+    """Allocate the disk blocks of the file ``path`` (its size now) where the platform can, before it is written
+    through a memory map: a full disk is then an OSError here, not a SIGBUS (the process killed without a
+    message) when a write through the map reaches a block the disk has no room for."""
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+
 def atomic_save_npy(target: str | Path, array: np.ndarray) -> None:
     """``np.save`` under a temporary name, then rename (np.save on a path would append ``.npy`` to it)."""
     def write(tmp: str) -> None:
@@ -95,9 +104,7 @@ def atomic_npy_memmap(target: str | Path, dtype: np.dtype | type, shape: tuple[i
     writing = True  # not while the caller's block runs: its errors are its own
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        if hasattr(os, "posix_fallocate"):  # claim the disk space now: a full disk is an OSError here, not a
-            with open(tmp, "r+b") as f:     # SIGBUS (killed without a message) when a write through the map hits it
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+        claim_disk_space(tmp)
         writing = False
         yield array
         writing = True

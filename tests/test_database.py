@@ -425,6 +425,34 @@ def test_neighbors_starting_over_replaces_the_progress_files(tmp_path):
     assert sorted(p.name for p in resume.iterdir()) == ["ids.npy", "scores.npy", "state.json"]
 
 
+def test_neighbors_progress_files_claim_their_disk_space(tmp_path, monkeypatch):
+    """The progress files are written through memory maps: on a full disk a write through a map of a sparse file
+    is a SIGBUS (the process killed without a message), so their space is claimed first, and a full disk is an
+    OSError naming the file; nothing is left half-made, and the same call completes once there is room."""
+    import errno
+    import os
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this platform")
+    _, db = _planted(tmp_path)
+    ref_ids, _ = compute_neighbors(db, k=5, exclude_self=True, batch_size=7, progress=False)
+    real, claimed = os.posix_fallocate, []
+
+    def full(fd, offset, length):
+        claimed.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    resume = tmp_path / "nn.progress"
+    with pytest.raises(OSError) as e:
+        compute_neighbors(db, k=5, exclude_self=True, batch_size=7, progress=False, resume_dir=resume)
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(resume / "ids.npy"))
+    assert claimed == [128 + 34 * 5 * 8] and list(resume.iterdir()) == []
+    monkeypatch.setattr(os, "posix_fallocate", real)
+    ids, _ = compute_neighbors(db, k=5, exclude_self=True, batch_size=7, progress=False, resume_dir=resume)
+    assert torch.equal(ids, ref_ids)
+
+
 def test_neighbors_other_queries_and_errors(tmp_path):
     stored, db = _planted(tmp_path)
     queries = stored[[3, 20]] * 2.0

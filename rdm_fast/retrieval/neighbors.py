@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._files import TEMP_SUFFIX, atomic_save_npy, atomic_save_npz, atomic_write_json
+from .._files import TEMP_SUFFIX, atomic_save_npy, atomic_save_npz, atomic_write_json, claim_disk_space
 from .database import Database
 from .search import check_count, first_kept
 
@@ -37,14 +37,18 @@ def same_entries(a: Database, b: Database) -> bool:
 
 def _fresh_memmap(target: Path, dtype: type, shape: tuple[int, int]) -> np.memmap:
     """A new memory-mapped ``.npy`` array, made under a temporary name and renamed to ``target``: a file of that
-    name that another process still maps is replaced, not truncated under it."""
+    name that another process still maps is replaced, not truncated under it. Its disk space is claimed first
+    (a full disk is an OSError naming ``target``, not a SIGBUS when the search writes its results)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        claim_disk_space(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (tmp, None) and e.errno and e.strerror:
+            raise type(e)(e.errno, e.strerror, str(target)) from e
         raise
     return array
 
