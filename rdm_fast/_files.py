@@ -49,7 +49,19 @@ def atomic_write(target: str | Path, write: Callable[[str], object], *, fsync: b
         raise
 
 
-def _unnamed(e: OSError, tmp: str) -> bool:
+@contextmanager
+def naming_failed_writes(target: str | Path, tmp: str | None = None) -> Iterator[None]:
+    """An OSError raised in the block that names no file (a failed write(2): a full disk, a file-size limit, an
+    I/O error) or the temporary file ``tmp`` names ``target`` instead (the command lines print "FILE: reason")."""
+    try:
+        yield
+    except OSError as e:
+        if _unnamed(e, tmp):
+            raise _naming(e, Path(target)) from e
+        raise
+
+
+def _unnamed(e: OSError, tmp: str | None) -> bool:
     """Whether ``e`` names the temporary file ``tmp`` or no file (a failed write(2): a full disk, a file-size
     limit, an I/O error), so that it should name the target instead."""
     return e.filename in (tmp, None) and e.errno is not None and e.strerror is not None

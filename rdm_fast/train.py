@@ -54,7 +54,7 @@ from . import checkpoint as ckpt
 from ._cli import (CLIError, HelpFormatter, add_max_image_pixels, check_out_dir, claim_out_dir, parse_args, run,
                    summary)
 from ._distributed import Processes, process_device
-from ._files import atomic_write, atomic_write_json, fsync_path, remove_stale_temps
+from ._files import atomic_write, atomic_write_json, fsync_path, naming_failed_writes, remove_stale_temps
 from .config import WARM_UP_START, RDMConfig, preset_names
 from .data import (DRAWS, DROPOUT, TrainingContexts, TrainingImages, TrainingOrder, cached_moments, derived_seed,
                    existing_neighbors_file)
@@ -766,7 +766,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                         log.info("step %d of %d: loss %.4f, lr %.3g, %.1f images/s, about %s left", done, args.steps,
                                  record["loss"], record["lr"], record["images_per_s"],
                                  datetime.timedelta(seconds=round(left)))
-                    with open(out / LOG, "a") as f:
+                    with naming_failed_writes(out / LOG), open(out / LOG, "a") as f:  # a full disk names it
                         f.write(json.dumps(record) + "\n")
             if done % args.save_every == 0 or done == args.steps or stopping:
                 _check_finite_weights(unet, done, out, args)  # every process: none may wait on a failed save

@@ -810,6 +810,37 @@ def test_resume_after_a_torn_log_line_and_a_rolled_back_latest(setup, saved_run,
     assert "dropping 1 unreadable lines" in caplog.text and "removing" in caplog.text
 
 
+def test_a_failed_log_write_names_the_log(setup, saved_run, tmp_path, monkeypatch, capsys):
+    """A full disk fails the append to log.jsonl with an OSError that names no file ("error: [Errno 28] No space
+    left on device" was all a training run said): the error names log.jsonl; the checkpoints stay as they were."""
+    import builtins
+    import errno
+
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train, "open", lambda file, mode="r", *a, **k: Full(real_open(file, mode, *a, **k))
+                        if Path(file).name == "log.jsonl" and mode == "a" else real_open(file, mode, *a, **k),
+                        raising=False)
+    assert run(train.main, _args(setup, out, "--resume", steps=6)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {out / 'log.jsonl'}: No space left on device"
+    assert (out / "latest").read_text() == "step_0000004\n"
+
+
 def _truncate(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
 

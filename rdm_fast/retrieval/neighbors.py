@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._files import TEMP_SUFFIX, atomic_save_npy, atomic_save_npz, atomic_write_json, claim_disk_space
+from .._files import (TEMP_SUFFIX, atomic_save_npy, atomic_save_npz, atomic_write_json, claim_disk_space,
+                      naming_failed_writes)
 from .database import Database
 from .search import check_count, first_kept
 
@@ -42,13 +43,12 @@ def _fresh_memmap(target: Path, dtype: type, shape: tuple[int, int]) -> np.memma
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     try:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        claim_disk_space(tmp)
-        os.replace(tmp, target)
-    except BaseException as e:
+        with naming_failed_writes(target, tmp):
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            claim_disk_space(tmp)
+            os.replace(tmp, target)
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename in (tmp, None) and e.errno and e.strerror:
-            raise type(e)(e.errno, e.strerror, str(target)) from e
         raise
     return array
 
