@@ -259,17 +259,21 @@ def save_checkpoint(out: Path, step: int, model: RDM, ema: EMA, optimizer: torch
     tmp, final = root / f".{name}.tmp", root / name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    averaged = dict(model.state_dict())
-    averaged.update({f"unet.{k}": v for k, v in ema.state_dict().items()})
-    ckpt.save_safetensors(averaged, model.config.to_dict(), tmp)
-    raw = {k: v.detach().contiguous().cpu() for k, v in model.unet.state_dict().items()}
-    atomic_write(tmp / ckpt.TRAIN_WEIGHTS_FILE, lambda f: save_file(raw, f))
-    atomic_write(tmp / OPTIMIZER, lambda f: torch.save({"optimizer": optimizer.state_dict(),
-                                                         "scaler": scaler.state_dict()}, f))
-    atomic_write_json(tmp / ckpt.TRAIN_STATE_FILE, {"step": step, "ema_updates": ema.updates, "run": run_info})
-    for file in tmp.iterdir():
-        fsync_path(file)
-    fsync_path(tmp)
+    try:
+        averaged = dict(model.state_dict())
+        averaged.update({f"unet.{k}": v for k, v in ema.state_dict().items()})
+        ckpt.save_safetensors(averaged, model.config.to_dict(), tmp)
+        raw = {k: v.detach().contiguous().cpu() for k, v in model.unet.state_dict().items()}
+        atomic_write(tmp / ckpt.TRAIN_WEIGHTS_FILE, lambda f: save_file(raw, f))
+        atomic_write(tmp / OPTIMIZER, lambda f: torch.save({"optimizer": optimizer.state_dict(),
+                                                             "scaler": scaler.state_dict()}, f))
+        atomic_write_json(tmp / ckpt.TRAIN_STATE_FILE, {"step": step, "ema_updates": ema.updates, "run": run_info})
+        for file in tmp.iterdir():
+            fsync_path(file)
+        fsync_path(tmp)
+    except BaseException:  # a full disk: the finished files (the model's size each) would keep it full
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         _remove_checkpoint(final)
     os.replace(tmp, final)

@@ -841,6 +841,30 @@ def test_a_failed_log_write_names_the_log(setup, saved_run, tmp_path, monkeypatc
     assert (out / "latest").read_text() == "step_0000004\n"
 
 
+def test_a_failed_checkpoint_write_leaves_the_last_checkpoint_and_no_partial_one(setup, saved_run, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """A full disk while a checkpoint is written leaves the newest complete one and latest as they were, and
+    removes the partial checkpoint's folder (its finished files, the model's size each, stayed behind on the
+    full disk until a rerun started); the same --resume completes once there is room."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    real = train.atomic_write
+
+    def full(target, write, **kw):
+        if Path(target).name == "optimizer.pt":
+            raise OSError(28, "No space left on device", str(target))
+        real(target, write, **kw)
+
+    monkeypatch.setattr(train, "atomic_write", full)
+    args = _args(setup, out, "--resume", steps=6)
+    assert run(train.main, args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("optimizer.pt: No space left on device")
+    assert (out / "latest").read_text() == "step_0000004\n"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+    monkeypatch.setattr(train, "atomic_write", real)
+    assert train.main(args) == 0 and (out / "latest").read_text() == "step_0000006\n"
+
+
 def _truncate(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
 
