@@ -502,19 +502,26 @@ def cached_moments(directory: str | Path, model: RDM, images: TrainingImages, pr
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, mine), batch_size=batch_size,
                                              num_workers=workers, pin_memory=device.type == "cuda",
                                              generator=torch.Generator())  # not a global RNG draw
-        with torch.no_grad(), cache.shard_writer(run, procs.rank, len(mine), tuple(example.shape[1:])) as (
-                moments, readable), tqdm(total=len(mine), desc="encoding", unit="img",
-                                         disable=not progress or not procs.main) as bar:
-            for batch in loader:
-                values = model.encode_moments(batch["pixels"].to(device).float() / 127.5 - 1.0).cpu().numpy()
-                if not (np.isfinite(values).all() and np.abs(values).max() <= np.finfo(np.float16).max):
-                    raise ValueError("the first stage's outputs are not finite in float16: train without --latents")
-                rows = batch["index"].numpy() - mine.start
-                moments[rows], readable[rows] = values, batch["ok"].numpy()
-                bar.update(len(rows))
+        try:
+            with torch.no_grad(), cache.shard_writer(run, procs.rank, len(mine), tuple(example.shape[1:])) as (
+                    moments, readable), tqdm(total=len(mine), desc="encoding", unit="img",
+                                             disable=not progress or not procs.main) as bar:
+                for batch in loader:
+                    values = model.encode_moments(batch["pixels"].to(device).float() / 127.5 - 1.0).cpu().numpy()
+                    if not (np.isfinite(values).all() and np.abs(values).max() <= np.finfo(np.float16).max):
+                        raise ValueError("the first stage's outputs are not finite in float16: train without "
+                                         "--latents")
+                    rows = batch["index"].numpy() - mine.start
+                    moments[rows], readable[rows] = values, batch["ok"].numpy()
+                    bar.update(len(rows))
+            if procs.main:
+                wait_for_files([f for r in range(procs.world) for f in cache.shard_files(run, r)])
+                cache.commit(run, procs.world)
+        except BaseException:  # a fill that stopped is never used (its run token is this one's): its moments,
+            for file in cache.shard_files(run, procs.rank):  # the size of the share, would only fill the disk
+                file.unlink(missing_ok=True)
+            raise
         if procs.main:
-            wait_for_files([f for r in range(procs.world) for f in cache.shard_files(run, r)])
-            cache.commit(run, procs.world)
             log.info("stored the first stage's outputs for %d images in %s", len(images), cache.dir)
         else:
             wait_for_files([cache.dir / "manifest.json"])

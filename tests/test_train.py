@@ -581,6 +581,28 @@ def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
         train.main(_fresh(setup, tmp_path / "latents", "--latents", str(tmp_path / "a_file"), steps=1))
 
 
+@pytest.mark.parametrize("failing", ["readable", "manifest"])
+def test_a_latents_fill_that_fails_to_be_written_leaves_no_shards(setup, tmp_path, monkeypatch, capsys, failing):
+    """A full disk at the small files written after the moments (the readable flags, the manifest) left the
+    moments shard, the share's full size, under its final name: never used (each fill draws its own run token),
+    it stayed on the full disk, and a rerun wrote another beside it. The fill's shards go; a rerun completes."""
+    from rdm_fast import data
+
+    def full(target, *args):
+        raise OSError(28, "No space left on device", str(target))
+
+    name = "atomic_save_npy" if failing == "readable" else "atomic_write_json"
+    real = getattr(data, name)
+    monkeypatch.setattr(data, name, full)
+    cache = tmp_path / "lat"
+    args = _fresh(setup, tmp_path / "run", "--latents", str(cache), steps=1)
+    assert run(train.main, args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(": No space left on device")
+    assert sorted(p.name for p in cache.iterdir()) == []
+    monkeypatch.setattr(data, name, real)
+    assert train.main(args) == 0 and len(list(cache.glob("moments_*.npy"))) == 1
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_a_non_finite_loss_stops_with_a_one_line_error(setup, tmp_path, monkeypatch, capsys, precision):
     real = train.eps_losses
