@@ -356,8 +356,12 @@ def save_safetensors(tensors: Mapping[str, Tensor], config: dict[str, Any], dire
     weights = directory / WEIGHTS_FILE
     remove_stale_temps(directory, [WEIGHTS_FILE, CONFIG_FILE])  # what a killed save left there
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    atomic_write(directory / CONFIG_FILE,
-                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    try:
+        atomic_write(directory / CONFIG_FILE,
+                      lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    except BaseException:  # an earlier save's copy would describe other weights (and be reported as edited)
+        (directory / CONFIG_FILE).unlink(missing_ok=True)
+        raise
     return weights
 
 

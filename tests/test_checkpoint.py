@@ -329,6 +329,28 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     assert (tmp_path / "model.safetensors").read_bytes() == before
 
 
+def test_a_failed_config_json_write_leaves_no_copy_of_another_config(tmp_path, monkeypatch, caplog):
+    """config.json is written after the weights: a full disk there left the previous save's copy beside the new
+    weights, which loading then reported as edited ("edits to config.json have no effect"). The stale copy goes;
+    the new weights load with their own config."""
+    RDM.from_config("tiny").save_pretrained(tmp_path)
+    tree = RDM.from_config("tiny").config.to_dict()
+    tree["model"]["params"]["sampling"] = {**tree["model"]["params"].get("sampling", {}), "steps": 7}
+    other = RDM.from_config(tree)
+    real = ckpt.atomic_write
+
+    def full(target, write, **kw):
+        if Path(target).name == ckpt.CONFIG_FILE:
+            raise OSError(28, "No space left on device", str(target))
+        real(target, write, **kw)
+
+    monkeypatch.setattr(ckpt, "atomic_write", full)
+    with pytest.raises(OSError, match="No space left"):
+        other.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert RDM.from_pretrained(tmp_path).config.sampling.steps == 7 and "config.json" not in caplog.text
+
+
 def test_edited_config_json_is_reported_not_used(tmp_path, caplog):
     """config.json beside model.safetensors is a copy: the stored config loads, and a differing or unreadable copy
     is reported."""
