@@ -453,6 +453,29 @@ def test_neighbors_progress_files_claim_their_disk_space(tmp_path, monkeypatch):
     assert torch.equal(ids, ref_ids)
 
 
+def test_a_failed_scores_write_leaves_no_scores_of_another_run(tmp_path, monkeypatch):
+    """X.npy and X_scores.npy are two files: a full disk at the scores left an earlier save's scores beside the
+    new ids, which training would refuse as "computed for other databases". The stale scores go."""
+    from pathlib import Path
+
+    from rdm_fast.data import load_neighbors
+    from rdm_fast.retrieval import neighbors, save_neighbors
+
+    save_neighbors(tmp_path / "nn.npy", torch.zeros(4, 2, dtype=torch.int64), torch.zeros(4, 2))
+    real = neighbors.atomic_save_npy
+
+    def full(target, array):
+        if Path(target).name == "nn_scores.npy":
+            raise OSError(28, "No space left on device", str(target))
+        real(target, array)
+
+    monkeypatch.setattr(neighbors, "atomic_save_npy", full)
+    with pytest.raises(OSError, match="No space left"):
+        save_neighbors(tmp_path / "nn.npy", torch.ones(4, 2, dtype=torch.int64), torch.ones(4, 2))
+    ids, scores, _ = load_neighbors(tmp_path / "nn.npy")
+    assert ids.tolist() == [[1, 1]] * 4 and scores is None
+
+
 def test_neighbors_other_queries_and_errors(tmp_path):
     stored, db = _planted(tmp_path)
     queries = stored[[3, 20]] * 2.0

@@ -256,5 +256,9 @@ def save_neighbors(path: str | Path, ids: Tensor, scores: Tensor, *,
         atomic_save_npz(files[0], ids=ids_np, scores=scores_np, **digests)
     else:
         atomic_save_npy(files[0], ids_np)
-        atomic_save_npy(files[1], scores_np)
+        try:
+            atomic_save_npy(files[1], scores_np)
+        except BaseException:  # an earlier save's scores would pass for these ids' (training checks them)
+            files[1].unlink(missing_ok=True)
+            raise
     return files
