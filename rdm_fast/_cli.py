@@ -12,7 +12,7 @@ import socket
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from ._files import naming_failed_writes
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .ops import FastPathUnavailable, get_mode
@@ -303,10 +304,16 @@ class OutDirLock:
             if _still_at(self._file.fileno(), path / LOCK_FILE):
                 break
             self._file.close()
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        self._file.flush()
+        try:
+            with naming_failed_writes(path / LOCK_FILE):  # a full disk: the first write of most commands
+                self._file.seek(0)
+                self._file.truncate()
+                self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+                self._file.flush()
+        except OSError:
+            with suppress(OSError):  # the unwritten line fails again as the file is closed
+                self._file.close()
+            raise
         self._held = True
         _HELD_LOCKS.add(self)
 

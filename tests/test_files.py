@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 
@@ -124,6 +127,17 @@ def test_remove_stale_temps_of_patterns(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     assert remove_stale_temps(tmp_path, ["sample_*.png", "run.json"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.c3.tmp", "sample_00002.png"]
+
+
+def test_out_dir_lock_names_its_file_when_the_disk_is_full(tmp_path):
+    """Writing the holder's name into the lock file is the first write of sample, train and db neighbors: on a
+    full disk it said only "[Errno 27] File too large" (and closing the file raised the error a second time)."""
+    from rdm_fast._cli import OutDirLock, _one_line
+
+    with pytest.raises(OSError) as e, file_size_limit(0):
+        OutDirLock(tmp_path / "out")
+    assert _one_line(e.value) == f"{tmp_path / 'out' / '.rdm_fast.lock'}: File too large"
+    OutDirLock(tmp_path / "out").release()  # with room, the same folder is claimed
 
 
 def test_out_dir_lock_refuses_a_second_holder(tmp_path):
@@ -322,21 +336,27 @@ def test_a_failed_write_names_the_target(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_short_write_of_np_save_names_the_target(tmp_path):
-    """np.save writes an array with tofile, which reports a full disk as an OSError without errno ("12800
-    requested and 10176 written"): printed alone, it named no file. atomic_write names the target."""
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past ``limit`` bytes of a file fail with EFBIG ("File too large"), as on a full disk."""
     import resource
     import signal
 
-    from rdm_fast._files import atomic_save_npy
-
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed
     old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old_limit[1]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
     try:
-        with pytest.raises(OSError) as e:
-            atomic_save_npy(tmp_path / "a.npy", np.zeros(8192, np.uint8))
+        yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_a_short_write_of_np_save_names_the_target(tmp_path):
+    """np.save writes an array with tofile, which reports a full disk as an OSError without errno ("12800
+    requested and 10176 written"): printed alone, it named no file. atomic_write names the target."""
+    from rdm_fast._files import atomic_save_npy
+
+    with pytest.raises(OSError) as e, file_size_limit(4096):
+        atomic_save_npy(tmp_path / "a.npy", np.zeros(8192, np.uint8))
     assert str(e.value).startswith(f"cannot write {tmp_path / 'a.npy'}: ") and list(tmp_path.iterdir()) == []
