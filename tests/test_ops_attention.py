@@ -361,6 +361,21 @@ def test_triton_unsupported_reasons():
     assert "bfloat16" in interp(*_small(torch.bfloat16), 2)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_batch_chunks_keep_batch_times_heads_within_the_grid(monkeypatch):
+    """The launch slices: batch * heads per launch at most the grid's second axis (one sample per launch when
+    the heads alone exceed it), covering the batch in order. The interpreter has no grid limit, so the split
+    cases there check only the values."""
+    kernels = importlib.import_module("rdm_fast.kernels.attention")
+    monkeypatch.setattr(kernels, "MAX_GRID_Y", 7)
+    t = torch.arange(5.0)[:, None, None]
+    for heads, samples in ((1, [5]), (2, [3, 2]), (3, [2, 2, 1]), (7, [1] * 5), (8, [1] * 5)):
+        chunks = list(kernels._batch_chunks(heads, t, 2 * t))
+        assert [rows for rows, _ in chunks] == [n * heads for n in samples], heads
+        assert torch.equal(torch.cat([a for _, (a, _) in chunks]), t)
+        assert torch.equal(torch.cat([b for _, (_, b) in chunks]), 2 * t)
+
+
 def test_interpreter_impl_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "TRITON_INTERPRET" in ATTENTION.impl("triton-interpreter").unavailable()
