@@ -244,6 +244,14 @@ def _child_main() -> None:
         except RuntimeError as e:
             results["inference-mode keys"] = str(e).splitlines()[0]
 
+        # no queries: an empty output, and zero gradients for the keys and values (not the uninitialised memory
+        # the backward allocates them in)
+        q, k, v, grad_out, _ = _inputs((2, 0, 5, 2, 32, "float32", "dense", 1.0))
+        out = attention(q, k, v, 2)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+        results["no queries"] = None if out.shape == dq.shape == q.shape and not (dk.any() or dv.any()) else (
+            f"output {tuple(out.shape)}, dq {tuple(dq.shape)}, |dk| {dk.abs().max():.3g}, |dv| {dv.abs().max():.3g}")
+
         # The custom ops' registrations (schema, fake tensors, autograd, AOT dispatch).
         q, k, v, grad_out, _ = _inputs((1, 20, 17, 1, 32, "float32", "dense", 1.0))
         checks = torch.library.opcheck(torch.ops.rdm_fast.attention_triton.default, (q, k, v, 1))
@@ -265,7 +273,7 @@ interpreter_results = interpreter_fixture(__file__, timeout=900, RDM_FAST_OPS="a
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("name", [*INTERPRETER_CASES, *SHARED_CASES, *BATCH_SPLIT_CASES, "inference-mode keys",
-                                  "opcheck", "torch.compile"])
+                                  "no queries", "opcheck", "torch.compile"])
 def test_interpreter_matches_reference(interpreter_results, name):
     check_result(interpreter_results, name)
 
