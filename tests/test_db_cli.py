@@ -531,6 +531,24 @@ def test_faiss_index_backend(random_db, capsys, kind):
     assert f"index      {kind} (index_{kind}.faiss{shown})" in capsys.readouterr().out
 
 
+def test_the_search_backend_is_logged_by_the_searches(random_db, tmp_path, caplog):
+    """The search backend is logged where a search runs, not when a database is opened: commands that only read
+    one (db info, the build's summary, training) open it with the torch backend, and their log said "search
+    backend torch-exact" of a database that db search (and sample --db) search with its FAISS index."""
+    pytest.importorskip("faiss")
+    from rdm_fast.retrieval.database import add_index
+
+    emb, path = random_db
+    add_index(path, "flat")
+    with caplog.at_level("INFO", logger="rdm_fast"):
+        assert cli("info", str(path)) == 0
+        assert "opened" in caplog.text and "torch-exact" not in caplog.text
+        db = Database.open(path, backend="faiss", device="cpu")
+        db.search(torch.from_numpy(emb[:2]), 3)
+        db.search(torch.from_numpy(emb[2:4]), 3)
+    assert caplog.text.count(f"searching {path} with faiss-flat on cpu") == 1  # once, at the first search
+
+
 def test_nprobe_reaches_the_ivfpq_search_and_is_warned_about_elsewhere(random_db, tmp_path, monkeypatch, caplog):
     pytest.importorskip("faiss")
     from rdm_fast.retrieval.faiss_index import FaissSearch

@@ -433,8 +433,9 @@ class Database:
         db = cls(path, manifest, shards, kind, dev, {"nprobe": nprobe, "ef_search": ef_search,
                                                       "chunk_rows": chunk_rows,
                                                       "devices": None if device is None else [dev]})
-        log.info("opened %s: %d x %d embeddings from %s, search backend %s on %s", path, len(db), db.dim,
-                 db.encoder_name, db.backend, dev)
+        # the search backend is logged at the first search: the commands that only read (db info, build, train)
+        # open with backend "torch", which is not the one their database's searches use
+        log.info("opened %s: %d x %d embeddings from %s", path, len(db), db.dim, db.encoder_name)
         return db
 
     @staticmethod
@@ -550,6 +551,7 @@ class Database:
                 self._engine = FaissSearch.load(self.path / self.manifest["index"]["file"], mmap=True,
                                                 nprobe=opts["nprobe"], ef_search=opts["ef_search"],
                                                 vectors=self._scattered_shards())  # re-ranks candidates
+            log.info("searching %s with %s on %s", self.path, self.backend, self.device)
         return self._engine
 
     def check_encoder(self, name: str) -> None:
