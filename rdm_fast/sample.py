@@ -470,7 +470,9 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
             contexts = read_context_file(args.context_file, cfg.context_dim,
                                          "the preset the checkpoint's tensors match")
         n = args.n_samples or contexts.shape[0]
-        if n > contexts.shape[0]:
+        if n > contexts.shape[0] == 1:  # a (k, D) file
+            log.info("%d samples from 1 context: every sample gets it", n)
+        elif n > contexts.shape[0]:
             log.info("%d samples from %d contexts: the contexts are cycled (sample i gets context i mod %d)", n,
                      contexts.shape[0], contexts.shape[0])
         context_digest = hashlib.sha256(contexts.numpy().tobytes()).hexdigest()

@@ -797,6 +797,15 @@ def test_context_length_and_cycling_are_reported(tiny_dir, tmp_path, caplog, tok
     assert "3 samples from 2 contexts: the contexts are cycled" in caplog.text
 
 
+def test_one_context_for_several_samples_is_reported_in_the_singular(tiny_dir, tmp_path, caplog):
+    """A (k, D) context file conditions every sample (the log said "3 samples from 1 contexts: the contexts are
+    cycled (sample i gets context i mod 1)")."""
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32))
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--context-file", str(tmp_path / "c.npy"), "--out",
+               str(tmp_path / "o"), "--steps", "2", "--n-samples", "3") == 0
+    assert "3 samples from 1 context: every sample gets it" in caplog.text and "contexts" not in caplog.text
+
+
 def test_help_works_whatever_the_ops_mode(monkeypatch, capsys):
     monkeypatch.setenv("RDM_FAST_OPS", "bogus")
     with pytest.raises(SystemExit) as e:
