@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import SOURCE_CHECKOUT
 from . import checkpoint as ckpt
 from ._files import naming_failed_writes
 from .checkpoint import CheckpointError
@@ -69,11 +70,17 @@ def setup_logging() -> None:
     warnings.showwarning = _log_warning
 
 
+# where rdm_fast's own warnings come from: its package and, run from a source checkout, the checkout's kernels/
+_OWN_DIRS = tuple(os.path.join(d, "") for d in [os.path.dirname(os.path.abspath(__file__)), *(
+    [os.path.join(SOURCE_CHECKOUT, "kernels")] if SOURCE_CHECKOUT else [])])
+
+
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A Python warning as one log line (not the file, line number and source line that warnings prints): ours
     under "rdm_fast", other libraries' under "py.warnings" with their category, as logging.captureWarnings names
-    them."""
-    if f"{os.sep}rdm_fast{os.sep}" in str(filename):
+    them. Ours by the file's folder, not by a folder named rdm_fast on its path: a virtual environment inside a
+    checkout of that name holds the other libraries."""
+    if os.path.abspath(str(filename)).startswith(_OWN_DIRS):
         logging.getLogger("rdm_fast").warning("%s", message)
     else:
         logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)

@@ -814,13 +814,18 @@ def test_help_works_whatever_the_ops_mode(monkeypatch, capsys):
 
 
 def test_other_libraries_warnings_keep_their_origin(caplog):
-    """A warning from outside rdm_fast is logged under py.warnings with its category, not as ours."""
+    """A warning from outside rdm_fast is logged under py.warnings with its category, not as ours, also from a
+    virtual environment inside a checkout named rdm_fast (whose library warnings were logged as rdm_fast's)."""
+    import rdm_fast
     from rdm_fast._cli import _log_warning
 
     _log_warning(DeprecationWarning("old API"), DeprecationWarning, "/site-packages/pil/x.py", 3)
-    _log_warning(UserWarning("ours"), UserWarning, "/x/rdm_fast/rdm.py", 9)
+    _log_warning(UserWarning("ours"), UserWarning, str(Path(rdm_fast.__file__).parent / "rdm.py"), 9)
+    _log_warning(UserWarning("torch's"), UserWarning, "/home/u/rdm_fast/.venv/lib/python3.11/site-packages/torch/"
+                 "nn/modules/module.py", 7)
     assert [(r.name, r.getMessage()) for r in caplog.records] == [("py.warnings", "DeprecationWarning: old API"),
-                                                                  ("rdm_fast", "ours")]
+                                                                  ("rdm_fast", "ours"),
+                                                                  ("py.warnings", "UserWarning: torch's")]
 
 
 def test_python_warnings_are_one_log_line(tiny_dir, tmp_path, caplog):
