@@ -446,6 +446,25 @@ def test_missing_extension_warns_once_and_fast_mode_explains(fresh_dispatch, mon
         group_norm(x, w, b, 2, EPS)
 
 
+def test_a_missing_extension_is_not_blamed_for_calls_it_would_not_take(fresh_dispatch, monkeypatch, caplog):
+    """A call that needs gradients runs the reference with or without the (inference-only) extension: its log
+    line and fast mode's error give that reason, and the missing extension is warned about at the first call it
+    would have run (training without the extension was told that building it would bring back the fast path)."""
+    monkeypatch.setattr(GROUP_NORM.impl("cpu-ext"), "unavailable", lambda: "rdm_fast._C is not built")
+    x, w, b, _ = _make_inputs((2, 8, 3, 3), torch.float32)
+    x.requires_grad_(True)
+    with caplog.at_level(logging.INFO, logger="rdm_fast.ops"):
+        group_norm(x, w, b, 2, EPS)
+        assert [r.getMessage() for r in caplog.records] == [
+            "group_norm: reference (cpu, float32; not cpu-ext: inputs require grad (no backward kernel yet))"]
+        with ops.use_mode("fast"), pytest.raises(RuntimeError, match=r"require grad[^;]*\)$"):  # no build advice
+            group_norm(x, w, b, 2, EPS)
+        with torch.no_grad():
+            group_norm(x, w, b, 2, EPS)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "because rdm_fast._C is not built" in warnings[0]
+
+
 def test_loaded_extension_was_built_from_these_sources(cpu_ext):
     """The extension in use carries the digest of the csrc/ it was built from; run from a checkout, it equals the
     checkout's (a stale install would have been refused)."""

@@ -229,6 +229,16 @@ class Impl(Generic[R]):
         return self.unavailable() is None and self.unsupported(*args, **kwargs) is None
 
 
+def _refusal(impl: Impl, *args: Any, **kwargs: Any) -> str | None:
+    """Why an unavailable ``impl`` would refuse this call even if its backend were there (e.g. a call that needs
+    gradients, which the inference-only kernels never take), from its argument check; None where the check lets
+    the call through, or needs the missing backend itself (attention's asks the kernel module)."""
+    try:
+        return impl.unsupported(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - a check that cannot run without its backend
+        return None
+
+
 @dataclass(eq=False)
 class Op(Generic[R]):
     """An op with its implementations in preference order per device type."""
@@ -260,7 +270,11 @@ class Op(Generic[R]):
                 continue
             why = impl.unavailable()
             if why is not None:
-                missing.append(why)
+                refused = _refusal(impl, *args, **kwargs)
+                if refused is None:  # the missing backend would have run it: worth a warning
+                    missing.append(why)
+                else:  # installing it would change nothing for this call (e.g. one that needs gradients)
+                    why = refused
             else:
                 why = impl.unsupported(*args, **kwargs)
                 if why is None:
