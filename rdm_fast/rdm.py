@@ -107,6 +107,7 @@ class RDM(nn.Module):
         self.schedule = Schedule.linear(config.linear_start, config.linear_end, config.timesteps)
         self._graphs = GraphCache()  # the last captured guided step, reused by the next batch of the same shapes
         self._warned_lengths: set[int] = set()  # context lengths outside the conventions, warned about once
+        self._said_float32_eager = False  # that float32 sampling on CUDA runs eagerly by default (logged once)
 
     # ------------------------------------------------------------------ construction and checkpoints
     @classmethod
@@ -392,10 +393,7 @@ class RDM(nn.Module):
             x = x_T.to(self.device, torch.float32)
         coeffs = self.schedule.ddim(run.steps, run.eta)
         eps_fn = guided(self.unet, context, run.guidance_scale, prepare=self.unet.prepare_context)
-        if cuda_graph is None and self.device.type == "cuda" and self.dtype == torch.float32:
-            cuda_graph = False
-            log.info("float32 sampling on CUDA runs eagerly by default (cuda_graph=True replays CUDA graphs, "
-                     "not yet verified for float32 trajectories)")
+        cuda_graph = self._graph_default(cuda_graph)
         # the graph bakes in the weights' storage and the tensors cached from them: any change means a new capture
         weights = (cache_updates(), *((p.data_ptr(), None if p.is_inference() else p._version)
                                       for p in self.unet.parameters()))
@@ -404,6 +402,17 @@ class RDM(nn.Module):
         if run.sampler == "ddim":
             return sample_ddim(eps_fn, x, coeffs, generator=generator, progress=progress)
         return sample_plms(eps_fn, x, coeffs, progress=progress)
+
+    def _graph_default(self, cuda_graph: bool | None) -> bool | None:
+        """``cuda_graph`` as given, except that None means False for a float32 model on CUDA (graph replay of float32
+        trajectories is not verified yet), which is logged once per model, not at every batch."""
+        if cuda_graph is not None or self.device.type != "cuda" or self.dtype != torch.float32:
+            return cuda_graph
+        if not self._said_float32_eager:
+            self._said_float32_eager = True
+            log.info("float32 sampling on CUDA runs eagerly by default (cuda_graph=True replays CUDA graphs, "
+                     "not yet verified for float32 trajectories)")
+        return False
 
     def release_cuda_graph(self) -> None:
         """Free the CUDA graph :meth:`sample` keeps for a following batch of the same shapes (and its memory)."""

@@ -71,6 +71,18 @@ def test_graph_cache_reuses_the_capture_with_the_next_batchs_context(monkeypatch
         model.unet.prepare_context(a, 2).load_(model.unet.prepare_context(a[:1], 1))
 
 
+def test_float32_eager_default_is_said_once_per_model(monkeypatch, caplog):
+    """float32 models on CUDA sample eagerly unless asked for graphs; the log line saying so came at every
+    batch (a line per batch of python -m rdm_fast.sample without --bf16 on a GPU). (CPU: a model that says it
+    is on CUDA.)"""
+    model = RDM(RDMConfig.preset("tiny"))
+    monkeypatch.setattr(RDM, "device", property(lambda self: torch.device("cuda")))
+    with caplog.at_level("INFO", logger="rdm_fast"):
+        assert [model._graph_default(None) for _ in range(3)] == [False] * 3
+        assert model._graph_default(True) is True and model.to(torch.bfloat16)._graph_default(None) is None
+    assert caplog.text.count("float32 sampling on CUDA runs eagerly by default") == 1
+
+
 def _model(dtype: torch.dtype) -> tuple[RDM, torch.Tensor, torch.Tensor]:
     cfg = RDMConfig.preset("tiny")
     full, _, _ = official_checkpoint(cfg, seed=21)
@@ -225,7 +237,8 @@ def test_float32_sampling_defaults_to_eager(caplog):
     model, ctx, x_T = _model(torch.float32)
     with caplog.at_level("INFO", logger="rdm_fast"):
         model.sample(ctx, steps=2, guidance_scale=2.0, x_T=x_T)
-    assert "runs eagerly by default" in caplog.text and "captured in a CUDA graph" not in caplog.text
+        model.sample(ctx, steps=2, guidance_scale=2.0, x_T=x_T)  # a second batch: not said again
+    assert caplog.text.count("runs eagerly by default") == 1 and "captured in a CUDA graph" not in caplog.text
     caplog.clear()
     model, ctx, x_T = _model(torch.bfloat16)
     with caplog.at_level("INFO", logger="rdm_fast"):
