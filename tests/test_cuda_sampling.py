@@ -71,6 +71,32 @@ def test_graph_cache_reuses_the_capture_with_the_next_batchs_context(monkeypatch
         model.unet.prepare_context(a, 2).load_(model.unet.prepare_context(a[:1], 1))
 
 
+def test_a_failed_capture_is_not_tried_again_for_the_same_shapes(monkeypatch, caplog):
+    """A capture that fails (sampling goes on eagerly) was tried again at every batch of the same shapes: one more
+    warm-up call and one more "CUDA graph capture failed" warning per batch. Other shapes or guidance try again.
+    (CPU: a stand-in for a failing capture.)"""
+    from rdm_fast.diffusion import graphs
+
+    def failing(fn, x, enabled):
+        graphs.logger.warning("CUDA graph capture failed (RuntimeError: stand-in); sampling eagerly")
+        return fn
+
+    monkeypatch.setattr(graphs, "maybe_graphed", failing)
+    cfg = RDMConfig.preset("tiny")
+    model = RDM.from_state_dict(official_checkpoint(cfg, seed=5)[0], cfg)
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(2, 3, cfg.context_dim, generator=g) for _ in range(2))
+    x_T = torch.randn(2, cfg.channels, cfg.image_size, cfg.image_size, generator=g)
+    with caplog.at_level("WARNING", logger="rdm_fast"):
+        for context in (a, b, a):
+            model.sample(context, cuda_graph=True, steps=2, guidance_scale=2.0, x_T=x_T)
+        assert caplog.text.count("capture failed") == 1
+        model.sample(a, cuda_graph=True, steps=2, guidance_scale=3.0, x_T=x_T)
+        model.release_cuda_graph()
+        model.sample(a, cuda_graph=True, steps=2, guidance_scale=3.0, x_T=x_T)
+    assert caplog.text.count("capture failed") == 3
+
+
 def test_float32_eager_default_is_said_once_per_model(monkeypatch, caplog):
     """float32 models on CUDA sample eagerly unless asked for graphs; the log line saying so came at every
     batch (a line per batch of python -m rdm_fast.sample without --bf16 on a GPU). (CPU: a model that says it

@@ -82,6 +82,7 @@ class GraphCache:
 
     def __init__(self) -> None:
         self._last: tuple[Hashable, GraphedEps, PreparedContext] | None = None
+        self._failed: Hashable | None = None  # the key of the last capture that failed (not tried again)
 
     def __call__(self, eps_fn: EpsFn, x: Tensor, enabled: bool | None, key: Hashable) -> EpsFn:
         """``eps_fn`` (from :func:`~rdm_fast.diffusion.samplers.guided`) replayed from a graph, as
@@ -96,14 +97,18 @@ class GraphCache:
             captured.load_(context)  # this trajectory's keys/values where the graph reads them
             logger.debug("replaying the captured denoising step with a new context (x %s)", tuple(x.shape))
             return last
+        if self._failed == key:  # eagerly, without another warm-up call, capture and warning at every batch
+            return eps_fn
         self._last = None  # the old graph's memory goes before a new capture
         graphed = maybe_graphed(eps_fn, x, enabled)
         if isinstance(graphed, GraphedEps):
             self._last = (key, graphed, context)
+        else:
+            self._failed = key
         return graphed
 
     def clear(self) -> None:
-        self._last = None
+        self._last = self._failed = None
 
     def __deepcopy__(self, memo: dict) -> GraphCache:
         return GraphCache()
@@ -112,4 +117,4 @@ class GraphCache:
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self._last = None
+        self._last = self._failed = None
