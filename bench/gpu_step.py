@@ -11,11 +11,15 @@ small batches of 4 and 1 images with timings only; bf16, channels-last):
    against auto mode's timed choices between them and vendor kernels) and, with ``--variants ...,torch-compile``,
    ``torch-compile`` (that path through ``torch.compile``);
 3. a whole ``RDM.sample`` trajectory (20 DDIM steps, latents), per step: the guided steps plus the sampler's
-   update and the per-step Python; then, for 4 images, the bf16 and fp16 trajectories and their decoded images
-   against the float32 reference trajectory from the same noise (latents' relative L2 error, images' PSNR,
-   finite, not blank);
-4. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind;
-5. the first stage's decoder at bench_decode.py's sizes (rdm768: 4 latents, imagenet: 16): parity of
+   update and the per-step Python;
+
+then, once every preset's timings are in (a time limit cuts these diagnostics, not a preset's timings), for the
+presets with parity checks:
+
+4. for 4 images, the bf16 and fp16 trajectories and their decoded images against the float32 reference
+   trajectory from the same noise (latents' relative L2 error, images' PSNR, finite, not blank);
+5. a per-kernel breakdown of the fast eager step (torch.profiler, 3 steps), grouped by kind;
+6. the first stage's decoder at bench_decode.py's sizes (rdm768: 4 latents, imagenet: 16): parity of
    ``RDM.decode`` and of the NCHW plain-PyTorch decoder in bf16 against float32, and their CUDA-event timings.
 
 Run by ``bench/gpu_check.sh``; prints a short table last (also when stopped by SIGTERM at its time limit) and
@@ -222,23 +226,35 @@ def module_times(fn, unet, steps: int = 3, cuda: bool = True) -> list[tuple[str,
     return sorted(rows, key=lambda r: -r[1])
 
 
-def run_preset(result: dict, variants: list[str], out: Path, log, *, checks: bool = True) -> None:
-    """Every measurement of one preset (``result["preset"]`` at ``result["images"]``) into ``result``, as it
-    comes."""
-    preset, images = result["preset"], result["images"]
-    torch.manual_seed(0)
-    model, x, ctx = make_case(preset, images, torch.device("cuda"), torch.bfloat16)
+def run_preset(result: dict, variants: list[str], log, *, checks: bool = True) -> None:
+    """The headline measurements of one preset (``result["preset"]`` at ``result["images"]``) into ``result``, as
+    they come: parity (with ``checks``), the variants' step timings and ``RDM.sample``'s cost per step."""
+    model, x, ctx = _case(result)
     if checks:
         check_parity(model, x, ctx, result, log)
     torch.cuda.empty_cache()
     time_variants(model, x, ctx, variants, result, log)
     if checks:
         time_sampling(model, x, ctx, result, log)
-        trajectory_parity(model, x, ctx, result, log)
-        profile_step(model, x, ctx, images, out, result, log)
-        time_decode(model, x[:DECODE_LATENTS.get(preset, images)], result, log)
     del model
     torch.cuda.empty_cache()
+
+
+def diagnose_preset(result: dict, out: Path, log) -> None:
+    """What runs after every preset's timings (so that a time limit cuts these, not a preset's timings): the
+    half-precision trajectories, the per-kernel profile and the decoder, on the same weights (same seed)."""
+    model, x, ctx = _case(result)
+    preset, images = result["preset"], result["images"]
+    trajectory_parity(model, x, ctx, result, log)
+    profile_step(model, x, ctx, images, out, result, log)
+    time_decode(model, x[:DECODE_LATENTS.get(preset, images)], result, log)
+    del model
+    torch.cuda.empty_cache()
+
+
+def _case(result: dict):
+    torch.manual_seed(0)
+    return make_case(result["preset"], result["images"], torch.device("cuda"), torch.bfloat16)
 
 
 def check_parity(model, x, ctx, result: dict, log) -> None:
@@ -504,10 +520,16 @@ def main() -> None:
     # table still holds what was measured (the lines above it were written as they came)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
+        checked = []
         for item in args.presets.split(","):
             preset, images, *flags = item.split(":")
             results.append({"preset": preset, "images": int(images)})
-            run_preset(results[-1], variants, out, log, checks=not args.timings_only and "timings" not in flags)
+            checks = not args.timings_only and "timings" not in flags
+            run_preset(results[-1], variants, log, checks=checks)
+            if checks:
+                checked.append(results[-1])
+        for result in checked:
+            diagnose_preset(result, out, log)
     finally:
         for line in summary(results, variants):
             log(line)

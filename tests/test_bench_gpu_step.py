@@ -100,7 +100,7 @@ def test_a_run_stopped_at_its_time_limit_still_writes_the_table(monkeypatch, tmp
     so far, the one cut off with what it had (here on the CPU, with run_preset standing in for the GPU work)."""
     lines: list[str] = []
 
-    def run_preset(result, variants, out, log, *, checks=True):
+    def run_preset(result, variants, log, *, checks=True):
         result["rdm_fast"] = 50.0 if result["preset"] == "imagenet" else 40.0
         if result["preset"] == "rdm768":
             assert callable(signal.getsignal(signal.SIGTERM))  # else the signal would end this test process
@@ -123,3 +123,25 @@ def test_a_run_stopped_at_its_time_limit_still_writes_the_table(monkeypatch, tmp
     assert "speed-up vs torch-eager" in lines[-3]
     assert lines[-2].split() == ["imagenet", "64", "50.00", "ms", "150.00", "ms", "3.00x"]
     assert lines[-1].split() == ["rdm768", "16", "40.00", "ms", "-", "-"]
+
+
+def test_diagnostics_run_after_every_presets_timings(monkeypatch, tmp_path):
+    """The trajectories, profile and decoder checks of the checked presets come after the timings of all presets
+    (a time limit then cuts diagnostics, not rdm768's step timing behind imagenet's checks)."""
+    calls: list[tuple[str, str, int, bool]] = []
+    monkeypatch.setattr(gpu_step, "open_log", lambda path, header="": lambda line: None)
+    monkeypatch.setattr(gpu_step, "run_preset", lambda result, variants, log, *, checks=True: calls.append(
+        ("time", result["preset"], result["images"], checks)))
+    monkeypatch.setattr(gpu_step, "diagnose_preset", lambda result, out, log: calls.append(
+        ("diagnose", result["preset"], result["images"], True)))
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+    monkeypatch.setattr(sys, "argv", ["gpu_step.py", "--out", str(tmp_path), "--presets",
+                                      "imagenet:64,rdm768:16,imagenet:4:timings"])
+    handler, level = signal.getsignal(signal.SIGTERM), logging.getLogger("rdm_fast").level
+    try:
+        gpu_step.main()
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        logging.getLogger("rdm_fast").setLevel(level)
+    assert calls == [("time", "imagenet", 64, True), ("time", "rdm768", 16, True), ("time", "imagenet", 4, False),
+                     ("diagnose", "imagenet", 64, True), ("diagnose", "rdm768", 16, True)]
