@@ -10,6 +10,7 @@ from rdm_fast import RDMConfig
 from rdm_fast.retrieval.context import (check_database_for_model, default_neighbors, draw_pseudo_queries,
                                         locate_database, model_context)
 from rdm_fast.retrieval.database import Database, save_proposals, write_database
+from rdm_fast.retrieval.neighbors import compute_neighbors
 
 ENC = {"name": "test-64", "dim": 64, "normalized": False}
 
@@ -48,6 +49,23 @@ def test_query_first_then_neighbours_excluding_itself(db_and_data):
         torch.testing.assert_close(ctx[row], torch.from_numpy(data[expect]).float())
     # entry 5's duplicate (20) is its first neighbour; entry 20 itself would list 5 first
     assert torch.equal(ctx[0, 1], torch.from_numpy(data[20]).float())
+
+
+def test_own_entry_is_left_out_by_id_not_as_the_first_result(tmp_path):
+    """A query's own entry need not be its first result: an earlier entry pointing the same way (entry 9 is twice
+    entry 2: the same cosine, ties by lower id) ranks before it. Contexts and training neighbours drop the own
+    entry by its id, keeping the earlier entry (dropping the first result instead kept the query itself)."""
+    emb = np.random.default_rng(3).standard_normal((12, 64)).astype(np.float16)
+    emb[9] = emb[2] * 2
+    db = Database.open(write_database(tmp_path / "db", emb, ENC), backend="torch", device="cpu")
+    data = emb.astype(np.float64)
+    nearest = brute_force(data, data[9], 3, exclude=9)
+    assert nearest[0] == 2
+    ctx = model_context(db, config(text_token=False, k_nn=4, normalized=False), db.embeddings(torch.tensor([9])),
+                        query_ids=torch.tensor([9]))
+    torch.testing.assert_close(ctx[0], torch.from_numpy(data[[9] + nearest]).float())
+    ids, _ = compute_neighbors(db, k=3, exclude_self=True, progress=False)
+    assert ids[9].tolist() == nearest
 
 
 def test_text_token_layout_normalised(db_and_data):
