@@ -524,6 +524,7 @@ def test_proposal_ranking_and_top_m(tmp_path, data):
     assert db.manifest["proposals"]["file"] == "proposals.npy"
     assert db.proposals(0.1).tolist() == ranked[:5].tolist()
     assert db.proposals(0.001).tolist() == ranked[:1].tolist()  # at least one
+    assert db.proposals(0.05).tolist() == ranked[:3].tolist()  # 2.5 entries: ceil(m * N), not floor
     assert db.proposals(1.0).tolist() == ranked.tolist()
     with pytest.raises(ValueError) as e:
         db.proposals(0)
