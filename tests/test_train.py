@@ -37,7 +37,7 @@ from rdm_fast.data import (DRAWS, DROPOUT, SHUFFLE, MomentCache, TrainingContext
 from rdm_fast.diffusion import Schedule, eps_losses, noised
 from rdm_fast.models import unet as unet_module
 from rdm_fast.models.layers import official_names
-from rdm_fast.retrieval import Database, build_database, compute_neighbors, save_neighbors
+from rdm_fast.retrieval import Database, build_database, compute_neighbors, save_neighbors, write_database
 from rdm_fast.retrieval.build import make_crops, replay_crop
 
 ENV = child_env(OMP_NUM_THREADS="1")
@@ -305,6 +305,21 @@ def test_training_contexts_follow_the_model_layout(setup, text_token):
     assert got.shape == (3, cfg.context_tokens, 16)
     torch.testing.assert_close(got, want)
     assert not (nn == entries[:, None]).any()  # the entry itself is never its own neighbour
+
+
+def test_training_contexts_with_another_retrieval_database(setup, tmp_path):
+    """The text token's place holds the training entry's own embedding, the neighbours are entries of the retrieval
+    database: with two different databases (all other tests use one), taking either from the other shows."""
+    training = Database.open(setup["db"], backend="torch", device="cpu")
+    rows = np.random.default_rng(4).standard_normal((20, 16)).astype(np.float16)
+    other = Database.open(write_database(tmp_path / "other", rows, training.encoder_info), backend="torch",
+                          device="cpu")
+    ids, scores = compute_neighbors(other, training, k=3, progress=False)
+    save_neighbors(tmp_path / "nn.npz", ids, scores, databases=(other, training))
+    contexts = TrainingContexts(RDMConfig.resolve(setup["cfg"]), setup["db"], other.path, tmp_path / "nn.npz")
+    entries = torch.tensor([5, 0, 11])
+    want = torch.cat([training.embeddings(entries)[:, None], torch.from_numpy(rows).float()[ids[entries]]], 1)
+    torch.testing.assert_close(contexts(entries), F.normalize(want, dim=-1))
 
 
 def test_training_contexts_errors(setup, tmp_path):
