@@ -339,6 +339,11 @@ def test_training_contexts_errors(setup, tmp_path):
     np.savez(tmp_path / "self.npz", ids=with_self, scores=np.zeros(with_self.shape, np.float32))
     with pytest.raises(ValueError, match="--exclude-self"):
         TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "self.npz")
+    later = ids.copy()
+    later[4, 1] = 4  # an entry listed as its own second neighbour (not only the first column is checked)
+    np.savez(tmp_path / "later.npz", ids=later, scores=np.zeros(later.shape, np.float32))
+    with pytest.raises(ValueError, match="--exclude-self"):
+        TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "later.npz")
     shutil.copytree(setup["db"], tmp_path / "copy")  # the training database again, as the retrieval one
     with pytest.raises(ValueError, match="--exclude-self"):
         TrainingContexts(cfg, setup["db"], tmp_path / "copy", tmp_path / "self.npz")
