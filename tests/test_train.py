@@ -442,6 +442,22 @@ def test_derived_seeds_differ_by_purpose():
     assert len(set(seeds)) == len(seeds)
 
 
+def test_sample_draws_are_per_image_and_cover_every_timestep():
+    """Each image of a step draws its own timestep, noise and context-drop value from (seed, step, position): no two
+    positions alike, the same draws for a slice of the positions, and timesteps over all of [0, T) (the
+    reference's randint(0, T): t = 0 included)."""
+    model = SimpleNamespace(config=SimpleNamespace(channels=2, image_size=3), schedule=SimpleNamespace(num_timesteps=4))
+    cpu = torch.device("cpu")
+    draws = train.sample_draws(5, 2, range(64), model, cpu)
+    assert sorted(set(draws["t"].tolist())) == [0, 1, 2, 3]
+    for key in ("noise", "posterior", "drop"):
+        assert len({tuple(v.flatten().tolist()) for v in draws[key]}) == 64, key
+    assert not torch.equal(draws["posterior"], draws["noise"])  # two draws, not one used twice
+    part = train.sample_draws(5, 2, range(40, 48), model, cpu)
+    assert all(torch.equal(part[key], draws[key][40:48]) for key in draws)
+    assert not torch.equal(train.sample_draws(5, 3, range(40, 48), model, cpu)["noise"], part["noise"])
+
+
 def test_training_order_is_independent_of_the_split():
     n, seed = 23, 7
     whole = TrainingOrder(n, seed=seed, batch=12)
