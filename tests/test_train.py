@@ -1313,6 +1313,12 @@ def test_context_drop_zeroes_whole_contexts(setup, tmp_path, monkeypatch):
     dropped = (rows == 0).all(1)
     assert 0 < int(dropped.sum()) < len(rows)  # 12 draws at p = 0.5 (fixed seed): some of each
     assert bool((rows[~dropped] != 0).all())
+    # exactly the images whose drop draw is below p (an inverted test also drops about half, and at the default
+    # p = 0 would drop every context)
+    cfg = RDMConfig.resolve(setup["cfg"])
+    model = SimpleNamespace(config=cfg, schedule=SimpleNamespace(num_timesteps=1000))
+    draws = torch.cat([train.sample_draws(0, step, range(4), model, torch.device("cpu"))["drop"] for step in range(3)])
+    assert torch.equal(dropped, draws < 0.5)
 
 
 def test_first_stage_from_checkpoints(tmp_path):
