@@ -804,11 +804,16 @@ def test_a_run_that_finished_meanwhile_is_not_overwritten(setup, saved_run, tmp_
     assert not list(out.rglob(".*.tmp")) and (out / "checkpoints" / "step_0000004").is_dir()
 
 
-def test_resume_is_bit_exact_with_dropout(setup, tmp_path):
-    """Dropout draws from torch's global generator, which --resume does not restore: it is seeded per micro-batch."""
+def test_resume_is_bit_exact_with_dropout(setup, tmp_path, monkeypatch):
+    """Dropout draws from torch's global generator, which --resume does not restore: it is seeded per micro-batch,
+    from the step too (a seed without it would repeat one step's masks at every step)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     args = ("--config", str(setup["cfg_dropout"]), "--save-every", "1")
+    seeds, real_seed = [], torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: seeds.append(seed) or real_seed(seed))
     assert train.main(_fresh(setup, straight, *args, steps=2)) == 0
+    monkeypatch.undo()
+    assert {derived_seed(0, DROPOUT, 0, 0), derived_seed(0, DROPOUT, 1, 0)} <= set(seeds)
     assert train.main(_fresh(setup, split, *args, steps=1)) == 0
     torch.manual_seed(123)  # the global generator's state must not matter
     assert train.main(_args(setup, split, "--resume", steps=2)) == 0
