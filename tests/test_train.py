@@ -1291,17 +1291,33 @@ def test_interrupted_cache_fill_leaves_no_shard(setup, tmp_path, monkeypatch, ca
     assert TrainingMoments(MomentCache(cache, {})).readable().all()
 
 
-def test_cache_made_with_unreadable_images_says_so(setup, tmp_path, caplog):
+def test_cache_made_with_unreadable_images_says_so(setup, tmp_path, caplog, monkeypatch):
+    """An image that cannot be read is named, marked in the cache and left out of the loss (a batch of all 12
+    entries: the logged loss is the mean over the 11 others)."""
     partial = tmp_path / "imgs"
     shutil.copytree(setup["root"] / "imgs", partial)
     missing = TrainingImages(Database.open(setup["db"], backend="torch", device="cpu"), 32, partial).file(0)
     missing.unlink()
+    seen, real = [], train.eps_losses
+
+    def spy(unet, schedule, x0, context, t, noise):
+        losses = real(unet, schedule, x0, context, t, noise)
+        seen.append((context.detach().clone(), losses.detach().clone()))
+        return losses
+
+    monkeypatch.setattr(train, "eps_losses", spy)
     args = _fresh(setup, tmp_path / "run", "--latents", str(tmp_path / "cache"), "--image-root", str(partial),
-                  steps=1)
+                  steps=1, batch=12)
     assert train.main(args) == 0
     assert "1 training images could not be read when it was made" in caplog.text
     readable = np.concatenate([np.load(f) for f in sorted((tmp_path / "cache").glob("readable_*.npy"))])
     assert readable.sum() == len(readable) - 1
+    (context, losses), = seen
+    own = TrainingContexts(RDMConfig.resolve(setup["cfg"]), setup["db"], setup["db"], setup["nn"])(torch.tensor([0]))
+    unread = (context == own).flatten(1).all(1)
+    assert int(unread.sum()) == 1
+    logged = json.loads((tmp_path / "run" / "log.jsonl").read_text())["loss"]
+    assert logged == pytest.approx(float(losses[~unread].double().mean()), rel=1e-6)
 
 
 def test_context_drop_zeroes_whole_contexts(setup, tmp_path, monkeypatch):
