@@ -423,13 +423,23 @@ def test_training_contexts_refuse_neighbours_of_another_database(setup, tmp_path
     save_neighbors(tmp_path / "plain.npz", ids, scores)
     with pytest.raises(ValueError, match=r"plain\.npz does not match the databases.*scores differ"):
         TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "plain.npz")
+    # the right file with two rows exchanged (rows out of line with the entries, e.g. chunks joined out of order):
+    # every row's ids and scores still agree with each other, but not with the entry they are filed under
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    right_ids, right_scores = (t.numpy() for t in compute_neighbors(db, k=3, exclude_self=True, progress=False))
+    # two rows past the first that are not each other's neighbours (so no entry becomes its own neighbour)
+    i, j = next((i, j) for i in range(1, 12) for j in range(i + 1, 12)
+                if i not in right_ids[j] and j not in right_ids[i])
+    order = np.arange(12)
+    order[[i, j]] = j, i
+    save_neighbors(tmp_path / "swapped.npz", right_ids[order], right_scores[order])
+    with pytest.raises(ValueError, match=r"swapped\.npz does not match the databases"):
+        TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "swapped.npz")
     save_neighbors(tmp_path / "recorded.npz", ids, scores, databases=(other, other))
     with pytest.raises(ValueError, match=r"recorded\.npz was computed for another retrieval database"):
         TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "recorded.npz")
     TrainingContexts(cfg, tmp_path / "other", tmp_path / "other", tmp_path / "recorded.npz")  # its own databases
-    db = Database.open(setup["db"], backend="torch", device="cpu")
-    save_neighbors(tmp_path / "right.npy", setup["ids"], compute_neighbors(db, k=3, exclude_self=True,
-                                                                           progress=False)[1], databases=(db, db))
+    save_neighbors(tmp_path / "right.npy", right_ids, right_scores, databases=(db, db))
     TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "right.npy")  # .npy: scores beside it
 
 
