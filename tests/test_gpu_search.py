@@ -532,6 +532,18 @@ def test_vectors_gathers_original_rows_across_shards():
     torch.testing.assert_close(half.vectors(ids), torch.from_numpy(data)[ids], rtol=2e-3, atol=1e-3)
 
 
+def test_float16_rows_are_normalised_in_float32():
+    """Database shards are float16: their rows are upcast before the norm is taken and divided out, so a float32
+    copy holds them to float32 precision (normalised in float16, vectors and self-scores were off by ~1e-4)."""
+    rng = np.random.default_rng(7)
+    data = (rng.standard_normal((40, 24)) * rng.uniform(0.1, 50, (40, 1))).astype(np.float16)
+    index = GPUExactSearch(data, devices=["cpu", "cpu"], dtype=torch.float32)
+    torch.testing.assert_close(index.vectors(torch.arange(40)), torch.from_numpy(data).float(), rtol=1e-6, atol=0)
+    scores, ids = index.search(torch.from_numpy(data[:5]).float(), 1)
+    assert ids[:, 0].tolist() == list(range(5))
+    torch.testing.assert_close(scores[:, 0], torch.ones(5), rtol=0, atol=1e-6)
+
+
 def test_non_finite_rows_are_refused():
     """The kernel cannot rank NaN scores (and merge_candidates would put them first): such rows fail at load."""
     emb = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
