@@ -267,6 +267,17 @@ def test_random_crops_are_windows_of_the_short_side_resized_image_drawn_per_epoc
         images[0]
 
 
+def test_random_crops_of_the_entries_of_an_epoch_are_drawn_apart(setup, monkeypatch):
+    """Each entry's window comes from its own stream, (seed, epoch, entry): entries of one image size are not all
+    cut at one window (every entry reads the same noise image here, so equal windows give equal pixels)."""
+    same = Image.fromarray(np.random.default_rng(8).integers(0, 256, (24, 80, 3), np.uint8))
+    monkeypatch.setattr("rdm_fast.data.load_rgb", lambda path: same)
+    images = TrainingImages(Database.open(setup["db"], backend="torch", device="cpu"), 24, random_crop=True, seed=5)
+    items = [images[i, 0] for i in range(12)]
+    assert all(item["ok"] for item in items)
+    assert len({item["pixels"].numpy().tobytes() for item in items}) > 6  # 57 windows for 12 entries
+
+
 def test_training_images_report_unreadable_files(setup, tmp_path, caplog):
     """An unreadable entry is skipped, with one warning however often it is drawn."""
     db = Database.open(setup["db"], backend="torch", device="cpu")
