@@ -35,6 +35,7 @@ import mmap
 import numbers
 import os
 import zipfile
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -739,13 +740,15 @@ class Database:
         return torch.from_numpy(np.array(arr[:, 0])), torch.from_numpy(np.array(arr[:, 1]))
 
     def proposals(self, m: float) -> Tensor:
-        """The ids of the top fraction ``m`` (0 < m <= 1) of the proposal ranking (at least one id): the
-        pseudo-queries of top-m unconditional sampling. Reads only those rows of the ranking."""
+        """The ids of the top fraction ``m`` (0 < m <= 1) of the proposal ranking, ``ceil(m * N)`` of them (at least
+        one): the pseudo-queries of top-m unconditional sampling. ``m`` is taken as the decimal it prints as (0.07
+        of 100 entries is 7, where the binary float product 7.000000000000001 would round up to 8). Reads only
+        those rows of the ranking."""
         if isinstance(m, bool) or not isinstance(m, numbers.Real):
             raise TypeError(f"m must be a fraction in (0, 1], got {m!r}")
         if not 0 < m <= 1:
             raise ValueError(f"m must be a fraction in (0, 1], got {m}")
-        return torch.from_numpy(np.array(self._ranking()[:max(1, math.ceil(m * len(self))), 0]))
+        return torch.from_numpy(np.array(self._ranking()[:max(1, math.ceil(Fraction(str(float(m))) * len(self))), 0]))
 
 
 def _index_changed(path: Path, index: dict) -> str | None:
