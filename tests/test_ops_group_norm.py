@@ -191,11 +191,13 @@ def test_cpu_op_large_mean_offset(cpu_ext, channels_last, offset_in):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_cpu_op_constant_and_near_constant_groups(cpu_ext, channels_last):
-    """A group of one value (here 1000.1 + g) has x - mean = 0 exactly, so the output is the bias. The first pass
-    summed x itself in float32 runs of up to 4096 values: the mean came out ~1e-3 off, which rstd = 1/sqrt(eps)
-    made 0.8 (channels_last; 0.3 NCHW). It now sums x minus one value of the group (or channel)."""
+    """A group of one value (here +-(1000.1 + 0.37 g)) has x - mean = 0 exactly, so the output is the bias. The
+    first pass summed x itself in float32 runs of up to 4096 values: the mean came out ~1e-3 off, which
+    rstd = 1/sqrt(eps) made 0.8 (channels_last; 0.3 NCHW). It now sums x minus one value of the group (or channel)
+    of the same sample: the second sample's levels are negative, so a value of the first would not do."""
     gen = torch.Generator().manual_seed(3)
-    level = (1000.1 + torch.arange(16.0)).reshape(2, 8, 1, 1, 1).expand(2, 8, 4, 80, 80).reshape(2, 32, 80, 80)
+    level = (1000.1 + 0.37 * torch.arange(16.0)) * torch.tensor([1.0, -1.0]).repeat_interleave(8)
+    level = level.reshape(2, 8, 1, 1, 1).expand(2, 8, 4, 80, 80).reshape(2, 32, 80, 80)
     w, b = 1 + 0.5 * torch.randn(32, generator=gen), 0.5 * torch.randn(32, generator=gen)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = level.contiguous(memory_format=fmt)  # 6400 pixels: more than one run
