@@ -229,6 +229,21 @@ def test_eps_is_applied(cpu_ext, channels_last):
     assert_matches(torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, add, True), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_low_precision_outputs_round_to_nearest(cpu_ext, dtype, channels_last):
+    """With weight 0 every output is its channel's float32 bias, so the op must return exactly bias.to(dtype).
+    The 1-ulp tolerance of assert_matches let float16 outputs rounded toward zero (F16C's _MM_FROUND_TO_ZERO) or
+    bfloat16 ones truncated pass; rows of 8 and more values take the vectorised conversions."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 64, 4, 5, generator=gen).to(dtype)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    bias = torch.randn(64, generator=gen)
+    out = torch.ops.rdm_fast.group_norm(x, torch.zeros(64), bias, 8, EPS, None, False)
+    assert (bias.to(dtype).float() != bias).all()  # every value is rounded
+    assert torch.equal(out, bias.to(dtype)[:, None, None].expand_as(x))
+
+
 @needs_triton
 def test_nhwc_row_layouts_are_recognised():
     """Maps stored as pixel rows of C unit-strided channels, whatever the strides of their size-1 dims, take the
