@@ -244,6 +244,21 @@ def test_low_precision_outputs_round_to_nearest(cpu_ext, dtype, channels_last):
     assert torch.equal(out, bias.to(dtype)[:, None, None].expand_as(x))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_silu_is_accurate_to_a_few_float32_ulp(cpu_ext, channels_last):
+    """The SiLU's exp_poly is documented as accurate to about 1.6 float32 ulp, saturating beyond |x| = 87.3: the
+    op's float32 SiLU must stay within 1e-6 relative (~8 ulp) of float64 over [-200, 200] (1e-30 absolute where
+    it underflows). assert_matches' 1e-5 let a degree-5 polynomial (~3e-6 relative) pass, and no input reached the
+    clamp (without it, silu(100) came out near 0). Weight 0 makes every output silu(bias) exactly."""
+    bias = torch.linspace(-200, 200, 64 * 50)
+    x = torch.randn(2, 64 * 50, 3, 3)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    out = torch.ops.rdm_fast.group_norm(x, torch.zeros(bias.shape), bias, 64, EPS, None, True)
+    exact = (bias.double() / (1 + torch.exp(-bias.double())))[:, None, None]
+    err = (out.double() - exact).abs()
+    assert (err <= 1e-6 * exact.abs() + 1e-30).all(), (err / exact.abs()).max().item()
+
+
 @needs_triton
 def test_nhwc_row_layouts_are_recognised():
     """Maps stored as pixel rows of C unit-strided channels, whatever the strides of their size-1 dims, take the
