@@ -229,6 +229,24 @@ def test_eps_is_applied(cpu_ext, channels_last):
     assert_matches(torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, add, True), ref)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cpu_op_does_not_depend_on_the_thread_count(cpu_ext, channels_last):
+    """Each thread of the channels_last kernel sums the rows of its work items (chunks of rows of one sample) into
+    one buffer, cleared between items. With a thread per item, as on many-core machines, a buffer carried over from
+    one item to the next went unnoticed, so one thread (all 9 items in one range) must give the bits of several."""
+    x, w, b, add = _make_inputs((3, 32, 40, 30), torch.float32, channels_last)  # 1200 rows: 3 chunks of 512
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, add, True)
+        torch.set_num_threads(4)
+        several = torch.ops.rdm_fast.group_norm(x, w, b, 8, EPS, add, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, several)
+    assert_matches(one, group_norm_reference(x, w, b, 8, EPS, add=add, silu=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_low_precision_outputs_round_to_nearest(cpu_ext, dtype, channels_last):
