@@ -346,9 +346,12 @@ def test_fake_matches_the_op_on_channel_slices(cpu_ext):
                           test_utils=("test_faketensor",))
 
 
-def test_cpu_op_empty_batch(cpu_ext):
-    x = torch.randn(0, 32, 4, 4)
-    assert torch.ops.rdm_fast.group_norm(x, None, None, 8, EPS, None, True).shape == x.shape
+@pytest.mark.parametrize("shape", [(0, 32, 4, 4), (2, 32, 0, 4), (2, 32, 0)], ids=["batch", "height", "length"])
+def test_cpu_op_empty_input(cpu_ext, shape):
+    """Nothing to read: an empty batch, or samples with no spatial positions (whose groups the kernel must not
+    visit: their first value would be read from x's null data)."""
+    x = torch.randn(shape)
+    assert torch.ops.rdm_fast.group_norm(x, None, None, 8, EPS, torch.randn(shape[:2]), True).shape == x.shape
 
 
 def test_unsupported_layout_falls_back_in_auto_and_raises_in_fast(cpu_ext, fresh_dispatch):
