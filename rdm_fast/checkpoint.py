@@ -320,11 +320,13 @@ def unexpected_official(state: Mapping[str, Tensor], official: Mapping[str, str]
 
 
 def check_schedule(state: Mapping[str, Tensor], alphas_cumprod: Tensor, source: str) -> None:
-    """If the file carries the schedule, it must be the one the config describes."""
+    """If the file carries the schedule, it must be the one the config describes, to the precision it is stored
+    in (a checkpoint halved to float16 or bfloat16 rounds its schedule buffers too)."""
     stored = state.get("alphas_cumprod")
     if stored is None:
         return
-    if stored.shape != alphas_cumprod.shape or not torch.allclose(stored.double(), alphas_cumprod, rtol=1e-5,
+    rtol = max(1e-5, torch.finfo(stored.dtype).eps) if stored.is_floating_point() else 1e-5
+    if stored.shape != alphas_cumprod.shape or not torch.allclose(stored.double(), alphas_cumprod, rtol=rtol,
                                                                     atol=1e-7):
         raise CheckpointError(f"{source}: its alphas_cumprod differ from the configured schedule "
                               "(check linear_start, linear_end and timesteps in the config)")

@@ -487,3 +487,22 @@ def test_save_pretrained_refuses_files_and_other_outputs(tmp_path):
     (tmp_path / "m" / "state.json").write_text("{}")  # a training checkpoint's folder: its EMA weights alone
     with pytest.raises(ValueError, match="holds a training checkpoint: save the model into a folder of its own"):
         model.save_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_official_checkpoints_load(tmp_path, tiny_official, dtype):
+    """A checkpoint stored in float16 or bfloat16 (every tensor halved, the schedule buffers too) loads: its
+    alphas_cumprod are the configured ones to the precision they are stored in. A wrong schedule is still
+    refused."""
+    path, state = official_file(tmp_path, tiny_official)
+    half = {k: v.to(dtype) if v.is_floating_point() and k != "model_ema.decay" else v for k, v in state.items()}
+    half["alphas_cumprod"] = meta_model("tiny").schedule.alphas_cumprod.to(dtype)
+    torch.save({"state_dict": half}, path)
+    model = RDM.from_pretrained(path, "tiny")
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(model.official_state_dict()[key], half[ckpt.ema_name(key[len(ckpt.UNET_PREFIX):])].float())
+    half["alphas_cumprod"] = torch.cumprod(1 - torch.linspace(0.0015 ** 0.5, 0.015 ** 0.5, 1000) ** 2, 0).to(dtype)
+    torch.save({"state_dict": half}, path)
+    with pytest.raises(ckpt.CheckpointError, match="linear_start, linear_end"):
+        RDM.from_pretrained(path, "tiny")
+
