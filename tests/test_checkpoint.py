@@ -506,3 +506,42 @@ def test_half_precision_official_checkpoints_load(tmp_path, tiny_official, dtype
     with pytest.raises(ckpt.CheckpointError, match="linear_start, linear_end"):
         RDM.from_pretrained(path, "tiny")
 
+
+def test_ema_counters_without_ema_weights_load_the_raw_weights(tmp_path, tiny_official):
+    """A checkpoint whose EMA copies were pruned but whose counters remain has one set of UNet weights: those."""
+    _, full, _, _ = tiny_official
+    path, state = official_file(tmp_path, tiny_official, ema=False)
+    torch.save({**state, "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(3)}, path)
+    got = RDM.from_pretrained(path, "tiny").official_state_dict()
+    assert all(torch.equal(got[k], full[k]) for k in full)
+
+
+def test_a_weight_of_another_shape_with_as_many_values_is_a_mismatch(tmp_path, tiny_official):
+    """A 1x1 convolution stored as a linear layer's (out, in) matrix (as later LDM UNets store proj_in) holds as
+    many values as the model's (out, in, 1, 1) one: a mismatch all the same, named like any other."""
+    _, full, _, _ = tiny_official
+    key = next(k for k in full if k.endswith("proj_in.weight"))
+    torch.save({**full, key: full[key].flatten(1)}, tmp_path / "m.ckpt")
+    with pytest.raises(ckpt.StateDictMismatch) as e:
+        RDM.from_pretrained(tmp_path / "m.ckpt", "tiny")
+    assert e.value.mismatched == [f"{key} {tuple(full[key].shape[:2])} (model: {tuple(full[key].shape)})"]
+
+
+def test_unexpected_tensors_of_an_rdm_fast_file_are_reported(tmp_path):
+    """Tensors an rdm_fast file holds beyond the model's (another version's or model's) are named, not dropped
+    silently."""
+    path = _own_file(tmp_path / "own", **{"unet.extra_head.weight": torch.zeros(3)})
+    with pytest.warns(UserWarning, match="ignoring 1 unexpected tensors: unet.extra_head.weight"):
+        RDM.from_pretrained(path)
+
+
+def test_a_checkpoints_own_yaml_wins_over_the_folders_config_yaml(tmp_path, tiny_official):
+    """Beside NAME.ckpt, NAME.yaml describes that file; config.yaml is the folder's (a release's single model)."""
+    import yaml
+
+    path, _ = official_file(tmp_path, tiny_official)
+    for name, scale in (("model.yaml", 0.25), ("config.yaml", 0.5)):
+        tree = RDMConfig.preset("tiny").to_dict()
+        tree["model"]["params"]["scale_factor"] = scale
+        (tmp_path / name).write_text(yaml.safe_dump(tree))
+    assert RDM.from_pretrained(path).config.scale_factor == 0.25
