@@ -1351,3 +1351,16 @@ for module in sys.argv[1:]:
     for line, option in zip(errors, modules.values()):
         assert line.startswith("error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB; lower "), line
         assert option in line, line
+
+
+def test_convert_to_official_in_half_precision_keeps_the_ema_decay(tmp_path):
+    """--dtype fp16 stores the weights in float16 but LitEma's decay in float32: 0.9999 rounds to 1.0 in float16,
+    an EMA that would never move again if training resumed from the file."""
+    from test_checkpoint import training_checkpoint
+
+    training_checkpoint(tmp_path / "ck")
+    assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "off"), "--to", "official", "--dtype",
+               "fp16") == 0
+    state = torch.load(tmp_path / "off" / "model.ckpt", weights_only=True)["state_dict"]
+    assert state["model_ema.decay"].dtype == torch.float32 and state["model_ema.decay"].item() == pytest.approx(0.9999)
+    assert state[ckpt.UNET_PREFIX + "out.2.weight"].dtype == torch.float16
