@@ -492,3 +492,13 @@ def test_vq_codebook_size_must_be_positive():
 ])
 def test_legal_sizes_still_load(change):
     RDMConfig.from_dict(edited(**change))
+
+
+def test_settings_an_official_config_leaves_out_take_ldms_defaults():
+    """A config.yaml without timesteps or scale_factor means LatentDiffusion's defaults, 1000 and 1.0 (the schedule
+    and latent scale every checkpoint of it was trained with)."""
+    tree = yaml.safe_load(OFFICIAL_768)
+    for key in ("timesteps", "scale_factor"):
+        del tree["model"]["params"][key]
+    cfg = RDMConfig.from_dict(tree)
+    assert (cfg.timesteps, cfg.scale_factor) == (1000, 1.0)
