@@ -243,6 +243,11 @@ def test_schedule_mismatch(tmp_path, tiny_official):
     torch.save({**full, "alphas_cumprod": wrong}, tmp_path / "m.ckpt")
     with pytest.raises(ckpt.CheckpointError, match="linear_start, linear_end"):
         RDM.from_pretrained(tmp_path / "m.ckpt", "tiny")
+    # the configured betas over another number of timesteps
+    other = torch.cumprod(1 - torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 500) ** 2, 0)
+    torch.save({**full, "alphas_cumprod": other}, tmp_path / "m.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="and timesteps in the config"):
+        RDM.from_pretrained(tmp_path / "m.ckpt", "tiny")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage"])
