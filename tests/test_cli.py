@@ -1364,3 +1364,7 @@ def test_convert_to_official_in_half_precision_keeps_the_ema_decay(tmp_path):
     state = torch.load(tmp_path / "off" / "model.ckpt", weights_only=True)["state_dict"]
     assert state["model_ema.decay"].dtype == torch.float32 and state["model_ema.decay"].item() == pytest.approx(0.9999)
     assert state[ckpt.UNET_PREFIX + "out.2.weight"].dtype == torch.float16
+    # exactly the official layout: the model's tensors, LitEma's copy of the UNet alone and its two counters
+    names = RDM.from_pretrained(tmp_path / "ck").official_names().values()
+    assert state.keys() == {*names, *(ckpt.ema_name(n[len(ckpt.UNET_PREFIX):]) for n in names
+                                      if n.startswith(ckpt.UNET_PREFIX)), "model_ema.decay", "model_ema.num_updates"}
