@@ -288,6 +288,34 @@ def test_resume_after_failure_is_byte_identical(image_dir, tmp_path, caplog):
         build_database(tmp_path / "busy", encoder=TinyEncoder(), **kw)
 
 
+class HalfEncoder(TinyEncoder):
+    """TinyEncoder declaring float16 towers, as the CLIP encoders build them on a GPU (same outputs here)."""
+
+    dtype = torch.float16
+
+
+def test_resume_or_repair_in_another_encoder_precision_is_refused(image_dir, tmp_path, monkeypatch):
+    """A build begun on a GPU (float16 CLIP towers) and rerun on the CPU (float32) resumed silently, mixing shards of
+    two precisions in one database; a damaged shard's repair did the same. Both are refused; a complete database
+    still reruns as "nothing to do" on either device."""
+    kw = dict(images=image_dir, crop_size=32, batch_size=4, shard_size=3, workers=0, device="cpu", progress=False)
+    out = tmp_path / "db"
+    with pytest.raises(RuntimeError, match="injected"):
+        build_database(out, encoder=FailingEncoder(1), **kw)  # float32 shard 0, then killed
+    with pytest.raises(ValueError, match=r"differ in: encoder_precision \(it follows --device"):
+        build_database(out, encoder=HalfEncoder(), **kw)
+    build_database(out, encoder=TinyEncoder(), **kw)  # the same precision resumes
+    import rdm_fast.retrieval.build as build_module
+    monkeypatch.setattr(build_module, "resolve_encoder", lambda *a, **k: HalfEncoder())
+    half = build_database(tmp_path / "half", encoder=SPEC, **kw)
+    assert json.loads((half / "progress" / "config.json").read_text())["encoder_precision"] == "float16"
+    monkeypatch.setattr(build_module, "resolve_encoder", lambda *a, **k: TinyEncoder())
+    assert build_database(half, encoder=SPEC, **kw) == half  # complete: nothing to do, whatever the device
+    (half / "emb_00001.npy").unlink()
+    with pytest.raises(ValueError, match=r"differ in: encoder_precision"):
+        build_database(half, encoder=SPEC, **kw)
+
+
 def test_rerun_of_a_finished_build_does_not_build_the_encoder(image_dir, tmp_path, caplog, monkeypatch):
     kw = dict(images=image_dir, crop_size=32, batch_size=4, workers=0, device="cpu", progress=False)
     out = build_database(tmp_path / "db", encoder=SPEC, **kw)

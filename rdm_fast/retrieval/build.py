@@ -503,8 +503,10 @@ class ShardedBuild:
             raise ValueError(f"{out} holds a build begun by an older rdm_fast, which recorded its inputs without "
                              f"{', '.join(older)} (contents that a rerun must match): build into a new --out")
         if keys:
+            device = " (it follows --device: the CLIP towers run in float16 on a GPU, float32 on the CPU)" \
+                if "encoder_precision" in keys else ""
             raise ValueError(f"{out} holds a build made with different arguments (they differ in: "
-                             f"{', '.join(keys)}); rerun with the same arguments or choose a new --out")
+                             f"{', '.join(keys)}{device}); rerun with the same arguments or choose a new --out")
 
     def prepare(self) -> bool:
         """Check ``out`` (empty, or a build with the same arguments), record the arguments, delete temporary
@@ -810,13 +812,19 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     out = Path(out)
     ShardedBuild.check_arguments(out, config, partial=True)  # before the encoder is built (seconds to minutes)
     if isinstance(encoder, str) and (out / MANIFEST).is_file() and (out / PROGRESS / "config.json").is_file():
-        # every argument but the encoder's info, which follows from its name and checkpoint file, compared here
-        ShardedBuild.check_arguments(out, config, ignore=("encoder",))
+        # every argument but the encoder's info and precision, which follow from its name, checkpoint file and
+        # device, compared here (a damaged shard's repair compares them too, once the encoder is built)
+        ShardedBuild.check_arguments(out, config, ignore=("encoder", "encoder_precision"))
         if damaged_shard(out) is None:  # else the build computes that shard again (ShardedBuild.prepare)
             log.info("%s is already complete (same arguments): nothing to do", out)
             return out
     enc = resolve_encoder(encoder, device=dev, checkpoint=encoder_checkpoint) if isinstance(encoder, str) else encoder
     config["encoder"] = enc.info()
+    # shards embedded in another precision differ (float16 CLIP towers on a GPU, float32 on the CPU): a resume or
+    # repair on another device must not mix them (absent: float32, as builds before the key on the CPU)
+    precision = getattr(enc, "dtype", torch.float32)
+    if precision != torch.float32:
+        config["encoder_precision"] = str(precision).removeprefix("torch.")
 
     def compute(pending: list[int], state: ShardedBuild, procs: Processes) -> None:
         todo = sum(min(len(sources), (j + 1) * files_per_shard) - j * files_per_shard for j in pending)
