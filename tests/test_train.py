@@ -638,6 +638,27 @@ def test_resume_refuses_other_data_and_finishes_at_steps(setup, tmp_path):
         train.main(_fresh(setup, tmp_path / "latents", "--latents", str(tmp_path / "a_file"), steps=1))
 
 
+def test_resume_refuses_other_neighbours_at_the_same_path_and_another_seed(setup, tmp_path):
+    """Neighbours computed again into the same file (another db neighbors run) change every later step's contexts:
+    --resume compares the data by content (training_data), not by its paths; another --seed is refused too."""
+    nn = tmp_path / "nn.npz"
+    shutil.copy(setup["nn"], nn)
+    out = tmp_path / "run"
+
+    def args(*extra: str, **kw) -> list[str]:
+        argv = _args(setup, out, *extra, **kw)
+        argv[argv.index("--neighbors") + 1] = str(nn)
+        return argv
+
+    assert train.main(args("--random-init", "--config", str(setup["cfg"]), steps=2)) == 0
+    with pytest.raises(train.CLIError, match=r"other data or draws: seed 0 -> 5$"):
+        train.main(args("--resume", "--seed", "5", steps=3))
+    with np.load(setup["nn"]) as saved:  # the same neighbours, ranked otherwise
+        save_neighbors(nn, np.roll(saved["ids"], 1, axis=1), np.roll(saved["scores"], 1, axis=1))
+    with pytest.raises(train.CLIError, match=r"other data or draws: training_data [0-9a-f']+ -> [0-9a-f']+$"):
+        train.main(args("--resume", steps=3))
+
+
 @pytest.mark.parametrize("failing", ["readable", "manifest"])
 def test_a_latents_fill_that_fails_to_be_written_leaves_no_shards(setup, tmp_path, monkeypatch, capsys, failing):
     """A full disk at the small files written after the moments (the readable flags, the manifest) left the
