@@ -364,6 +364,39 @@ def test_sample_refuses_an_out_in_use_and_removes_killed_writes(tiny_dir, tmp_pa
     assert sorted(p.name for p in (tmp_path / "run").glob(".*")) == [".notes.txt.k4.tmp", ".rdm_fast.lock"]
 
 
+def test_sample_resume_refuses_each_setting_the_images_depend_on(tiny_dir, tmp_path, hash_encoder, capsys):
+    """Each option that changes the remaining images, changed alone, is refused on --resume with its name: the
+    sampler settings, precision, weights set, the model's config (a config.yaml other than the checkpoint's own),
+    the captions (their embeddings are not in context_digest), the neighbour count and the query's slot."""
+    tree = RDMConfig.preset("tiny").to_dict()
+    tree["model"]["params"]["scale_factor"] = 0.25  # tiny's is 0.5
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(tree))
+    args = ["--ckpt", str(tiny_dir / "model"), "--steps", "2", "--n-samples", "1", "--no-progress", "--out"]
+    runs = {"file": [*args, str(tmp_path / "file"), "--context-file", str(tiny_dir / "ctx.npy")],
+            "text": [*args, str(tmp_path / "text"), "--db", str(tiny_dir / "db"), "--text", "a red bird", "--k", "2"]}
+    for argv in runs.values():
+        assert cli(sample, *argv) == 0
+    for run_name, extra, key in [
+            ("file", ["--steps", "4"], "steps"), ("file", ["--sampler", "plms"], "sampler"),
+            ("file", ["--eta", "0.5"], "eta"), ("file", ["--guidance", "3"], "guidance_scale"),
+            ("file", ["--bf16"], "dtype"), ("file", ["--no-ema"], "no_ema"),
+            ("file", ["--config", str(tmp_path / "other.yaml")], "config"),
+            ("text", ["--text", "a blue bird"], "text"), ("text", ["--k", "1"], "k"),
+            ("text", ["--no-query"], "include_query")]:
+        capsys.readouterr()
+        assert cli(sample, *runs[run_name], *extra, "--resume") == 2, extra
+        changed = re.search(r"other settings \(([^)]*)\)", capsys.readouterr().err)
+        assert changed and key in changed[1].split(", "), (extra, changed)
+    for argv in runs.values():  # unchanged: resumes
+        assert cli(sample, *argv, "--resume") == 0
+    info = json.loads((tmp_path / "file" / "run.json").read_text())
+    del info["eta"]  # as a version that did not record it wrote run.json: not taken for equal
+    (tmp_path / "file" / "run.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert cli(sample, *runs["file"], "--resume") == 2
+    assert "other settings (eta: not recorded by the older rdm_fast that began it)" in capsys.readouterr().err
+
+
 def test_sample_resume_refuses_another_search(tiny_dir, tmp_path, capsys):
     """Neighbours found by another search (here a FAISS index instead of the exact search) would change the
     remaining images' contexts: --resume refuses; the exact backends count as one."""
