@@ -316,6 +316,20 @@ def test_resume_or_repair_in_another_encoder_precision_is_refused(image_dir, tmp
         build_database(half, encoder=SPEC, **kw)
 
 
+def test_resume_refuses_a_list_whose_class_ids_changed(image_dir, tmp_path):
+    """The class ids of an image list (its second column) are part of the inputs' digest: a list rewritten with
+    other ids for the same paths is refused on resume, else the remaining shards would carry the new ids."""
+    files = [image_dir / "cats" / f"c{i}.png" for i in range(4)]
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{f}\t{i}\n" for i, f in enumerate(files)))
+    kw = dict(image_list=lst, crop_size=32, batch_size=2, shard_size=2, workers=0, device="cpu", progress=False)
+    with pytest.raises(RuntimeError, match="injected"):
+        build_database(tmp_path / "db", encoder=FailingEncoder(1), **kw)  # shard 0 done, then killed
+    lst.write_text("".join(f"{f}\t{i + 1}\n" for i, f in enumerate(files)))
+    with pytest.raises(ValueError, match=r"differ in: inputs_sha256\)"):
+        build_database(tmp_path / "db", encoder=TinyEncoder(), **kw)
+
+
 def test_rerun_of_a_finished_build_does_not_build_the_encoder(image_dir, tmp_path, caplog, monkeypatch):
     kw = dict(images=image_dir, crop_size=32, batch_size=4, workers=0, device="cpu", progress=False)
     out = build_database(tmp_path / "db", encoder=SPEC, **kw)
