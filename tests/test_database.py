@@ -412,6 +412,40 @@ def test_neighbors_resume_after_a_kill(tmp_path, monkeypatch, caplog):
     assert "other settings: starting over" in caplog.text and len(searched) == 5
 
 
+@pytest.mark.parametrize("change", ["exclude_self", "dedup_threshold", "queries", "db"])
+def test_neighbors_resume_starts_over_for_each_other_setting(tmp_path, monkeypatch, caplog, change):
+    """The progress of a killed run is reused only by a run with its settings: each changed alone (the exclusion of
+    the query, the near-duplicate threshold, the queries' or the searched database's contents, the same count
+    of entries) starts over and gives that run's own results, not rows of the killed one."""
+    stored, db = _planted(tmp_path)
+    other = Database.open(write_database(tmp_path / "other", stored[::-1].copy(), INFO, shard_size=9),
+                          backend="torch", device="cpu")  # the same entries in another order
+    before = dict(db=db, queries_db=db, k=4, exclude_self=True, dedup_threshold=None, batch_size=7, progress=False)
+    after = {**before, **{"exclude_self": dict(exclude_self=False), "dedup_threshold": dict(dedup_threshold=0.99),
+                          "queries": dict(queries_db=other, exclude_self=False),
+                          "db": dict(db=other, exclude_self=False)}[change]}
+    if change in ("queries", "db"):
+        before["exclude_self"] = False  # (only for a database's own entries) the databases alone differ
+    expected = compute_neighbors(**after)
+    real, calls = Database.search, []
+
+    def search(self, queries, k, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed in the third batch
+        return real(self, queries, k, **kw)
+
+    monkeypatch.setattr(Database, "search", search)
+    resume = tmp_path / "nn.progress"
+    with pytest.raises(KeyboardInterrupt):
+        compute_neighbors(**before, resume_dir=resume)
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="rdm_fast.retrieval"):
+        ids, scores = compute_neighbors(**after, resume_dir=resume)
+    assert "other settings: starting over" in caplog.text
+    assert torch.equal(ids, expected[0]) and torch.equal(scores, expected[1])
+
+
 def test_neighbors_starting_over_replaces_the_progress_files(tmp_path):
     """A run that starts over makes its progress files under temporary names and renames them into place: writing
     them in place truncated a file another run still mapped (a bus error there, or rows of zeros saved)."""
