@@ -1265,6 +1265,23 @@ def test_cached_moments_are_the_encoder_outputs(setup, tmp_path, monkeypatch):
         train.main(_fresh(setup, tmp_path / "other", "--latents", str(cache), "--seed", "1", steps=1))
 
 
+def test_latents_cache_refuses_another_training_database_of_as_many_entries(setup, tmp_path):
+    """A --latents cache holds the first stage's outputs of one training database's crops: a run on another
+    database of the same count (the same images cropped with another seed) is refused, not given those latents."""
+    cache = tmp_path / "latents"
+    assert train.main(_fresh(setup, tmp_path / "first", "--latents", str(cache), steps=1)) == 0
+    other = build_database(tmp_path / "db", encoder=TinyEncoder(), images=setup["root"] / "imgs", crop="random",
+                           crop_size=32, batch_size=4, workers=0, device="cpu", progress=False, seed=1)
+    ids, scores = compute_neighbors(Database.open(other, backend="torch", device="cpu"), k=3, exclude_self=True,
+                                    progress=False)
+    save_neighbors(tmp_path / "nn.npz", ids, scores)
+    argv = _fresh(setup, tmp_path / "second", "--latents", str(cache), steps=1)
+    for flag, value in (("--training-db", other), ("--db", other), ("--neighbors", tmp_path / "nn.npz")):
+        argv[argv.index(flag) + 1] = str(value)
+    with pytest.raises(ValueError, match="first-stage outputs of another training_db"):
+        train.main(argv)
+
+
 def test_resume_without_the_latents_cache_says_to_pass_it_again(setup, tmp_path, caplog):
     """A run trained from a --latents cache and resumed without it decodes images each step: the warning names the
     cache and the remedy (it said "cached_moments True -> False")."""
