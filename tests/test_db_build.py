@@ -330,6 +330,17 @@ def test_resume_refuses_a_list_whose_class_ids_changed(image_dir, tmp_path):
         build_database(tmp_path / "db", encoder=TinyEncoder(), **kw)
 
 
+def test_resume_refuses_other_crops_per_image_with_as_many_files_per_shard(image_dir, tmp_path):
+    """Shards of one file each (shard_size 3 with 2 or 3 crops per image): the shard plan is the same, so only
+    crops_per_image itself tells the rerun apart; it is refused rather than adding shards of 3 crops to ones of 2."""
+    kw = dict(images=image_dir, crop="random", crop_size=32, batch_size=2, shard_size=3, workers=0, device="cpu",
+              progress=False)
+    with pytest.raises(RuntimeError, match="injected"):
+        build_database(tmp_path / "db", encoder=FailingEncoder(1), crops_per_image=2, **kw)
+    with pytest.raises(ValueError, match=r"differ in: crops_per_image\)"):
+        build_database(tmp_path / "db", encoder=TinyEncoder(), crops_per_image=3, **kw)
+
+
 def test_rerun_of_a_finished_build_does_not_build_the_encoder(image_dir, tmp_path, caplog, monkeypatch):
     kw = dict(images=image_dir, crop_size=32, batch_size=4, workers=0, device="cpu", progress=False)
     out = build_database(tmp_path / "db", encoder=SPEC, **kw)
