@@ -367,7 +367,8 @@ def test_sample_refuses_an_out_in_use_and_removes_killed_writes(tiny_dir, tmp_pa
 def test_sample_resume_refuses_each_setting_the_images_depend_on(tiny_dir, tmp_path, hash_encoder, capsys):
     """Each option that changes the remaining images, changed alone, is refused on --resume with its name: the
     sampler settings, precision, weights set, the model's config (a config.yaml other than the checkpoint's own),
-    the captions (their embeddings are not in context_digest), the neighbour count and the query's slot."""
+    the captions (their embeddings are not in context_digest), the neighbour count and the query's slot, an
+    --image file's contents."""
     tree = RDMConfig.preset("tiny").to_dict()
     tree["model"]["params"]["scale_factor"] = 0.25  # tiny's is 0.5
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(tree))
@@ -389,6 +390,14 @@ def test_sample_resume_refuses_each_setting_the_images_depend_on(tiny_dir, tmp_p
         assert changed and key in changed[1].split(", "), (extra, changed)
     for argv in runs.values():  # unchanged: resumes
         assert cli(sample, *argv, "--resume") == 0
+    query = tmp_path / "q.png"  # an --image query replaced at the same path: compared by its bytes
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(query)
+    image_run = [*args, str(tmp_path / "image"), "--db", str(tiny_dir / "db"), "--image", str(query)]
+    assert cli(sample, *image_run) == 0
+    Image.fromarray(np.full((40, 50, 3), 100, np.uint8)).save(query)
+    capsys.readouterr()
+    assert cli(sample, *image_run, "--resume") == 2
+    assert "other settings (context_digest: " in capsys.readouterr().err
     info = json.loads((tmp_path / "file" / "run.json").read_text())
     del info["eta"]  # as a version that did not record it wrote run.json: not taken for equal
     (tmp_path / "file" / "run.json").write_text(json.dumps(info))
