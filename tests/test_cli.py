@@ -406,6 +406,21 @@ def test_sample_resume_refuses_each_setting_the_images_depend_on(tiny_dir, tmp_p
     assert "other settings (eta: not recorded by the older rdm_fast that began it)" in capsys.readouterr().err
 
 
+def test_sample_resume_compares_the_database_by_content(tiny_dir, tmp_path, hash_encoder, capsys):
+    """A database rebuilt at the same path with other embeddings gives a caption other neighbours: --resume refuses
+    it (context_digest covers the shards' contents), not only other pseudo-queries."""
+    db = tmp_path / "db"
+    shutil.copytree(tiny_dir / "db", db)
+    args = ["--ckpt", str(tiny_dir / "model"), "--db", str(db), "--text", "a red bird", "--steps", "2",
+            "--n-samples", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    assert cli(sample, *args) == 0
+    shutil.rmtree(db)
+    write_database(db, np.random.default_rng(2).standard_normal((50, 64)).astype(np.float32), TEST_ENCODER)
+    capsys.readouterr()
+    assert cli(sample, *args, "--resume") == 2
+    assert "other settings (context_digest: " in capsys.readouterr().err
+
+
 def test_sample_resume_refuses_another_search(tiny_dir, tmp_path, capsys):
     """Neighbours found by another search (here a FAISS index instead of the exact search) would change the
     remaining images' contexts: --resume refuses; the exact backends count as one."""
