@@ -4,6 +4,7 @@ resumption after a failure or a kill, a 2-process torchrun build, and the stream
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -302,7 +303,7 @@ def test_resume_or_repair_in_another_encoder_precision_is_refused(image_dir, tmp
     out = tmp_path / "db"
     with pytest.raises(RuntimeError, match="injected"):
         build_database(out, encoder=FailingEncoder(1), **kw)  # float32 shard 0, then killed
-    with pytest.raises(ValueError, match=r"differ in: encoder_precision \(it follows --device"):
+    with pytest.raises(ValueError, match=r"differ in: encoder_precision \(encoder_precision follows --device"):
         build_database(out, encoder=HalfEncoder(), **kw)
     build_database(out, encoder=TinyEncoder(), **kw)  # the same precision resumes
     import rdm_fast.retrieval.build as build_module
@@ -314,6 +315,23 @@ def test_resume_or_repair_in_another_encoder_precision_is_refused(image_dir, tmp
     (half / "emb_00001.npy").unlink()
     with pytest.raises(ValueError, match=r"differ in: encoder_precision"):
         build_database(half, encoder=SPEC, **kw)
+
+
+def test_a_build_begun_by_an_older_version_resumes_with_a_warning_on_precision(image_dir, tmp_path, caplog):
+    """Builds begun before the encoder's precision was recorded (on every device) cannot be checked for it: they
+    resume as before, with a warning saying what to keep the same, and from then on the precision is recorded."""
+    kw = dict(images=image_dir, crop_size=32, batch_size=4, shard_size=3, workers=0, device="cpu", progress=False)
+    out = tmp_path / "db"
+    with pytest.raises(RuntimeError, match="injected"):
+        build_database(out, encoder=FailingEncoder(1), **kw)
+    config_file = out / "progress" / "config.json"
+    recorded = json.loads(config_file.read_text())
+    assert recorded.pop("encoder_precision") == "float32"  # recorded on the CPU too
+    config_file.write_text(json.dumps(recorded))  # as an older rdm_fast wrote it
+    with caplog.at_level(logging.WARNING, logger="rdm_fast"):
+        build_database(out, encoder=HalfEncoder(), **kw)
+    assert "did not record the encoder's precision" in caplog.text
+    assert json.loads(config_file.read_text())["encoder_precision"] == "float16"
 
 
 def test_resume_refuses_a_list_whose_class_ids_changed(image_dir, tmp_path):

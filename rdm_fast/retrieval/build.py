@@ -467,6 +467,10 @@ def _holds_files(progress: Path) -> bool:
     return not progress.is_dir() or any(not p.name.endswith(TEMP_SUFFIX) for p in progress.iterdir())
 
 
+# the precision the encoder embeds in, recorded with a build's arguments: shards of two precisions must not mix
+PRECISION = "encoder_precision"
+PRECISION_FOLLOWS = "the CLIP towers run in float16 on a GPU, float32 on the CPU"
+
 # recorded arguments that older versions kept otherwise: key -> whether a recorded config is of such a version
 OLDER_RECORDS: dict[str, Callable[[dict], bool]] = {
     "encoder_checkpoint_sha256": lambda c: "encoder_checkpoint_bytes" in c,  # the checkpoint's size
@@ -496,6 +500,11 @@ class ShardedBuild:
         except json.JSONDecodeError:
             raise ValueError(f"{config_file} is corrupted: delete {out} and build again") from None
         config = json.loads(json.dumps(config))  # as it reads back from JSON
+        if PRECISION in config and PRECISION not in previous and PRECISION not in ignore:
+            # recorded since the fourteenth session, on every device: an older build's precision is unknown
+            log.warning("%s was begun by an older rdm_fast, which did not record the encoder's precision: it is not "
+                        "checked; continue it on the kind of device it began on (%s)", out, PRECISION_FOLLOWS)
+            ignore = (*ignore, PRECISION)
         names = set(config) if partial else set(previous) | set(config)
         keys = sorted(k for k in names - set(ignore) if previous.get(k) != config.get(k))
         older = [k for k in keys if k in OLDER_RECORDS and OLDER_RECORDS[k](previous)]
@@ -503,8 +512,7 @@ class ShardedBuild:
             raise ValueError(f"{out} holds a build begun by an older rdm_fast, which recorded its inputs without "
                              f"{', '.join(older)} (contents that a rerun must match): build into a new --out")
         if keys:
-            device = " (it follows --device: the CLIP towers run in float16 on a GPU, float32 on the CPU)" \
-                if "encoder_precision" in keys else ""
+            device = f" ({PRECISION} follows --device: {PRECISION_FOLLOWS})" if PRECISION in keys else ""
             raise ValueError(f"{out} holds a build made with different arguments (they differ in: "
                              f"{', '.join(keys)}{device}); rerun with the same arguments or choose a new --out")
 
@@ -814,17 +822,15 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     if isinstance(encoder, str) and (out / MANIFEST).is_file() and (out / PROGRESS / "config.json").is_file():
         # every argument but the encoder's info and precision, which follow from its name, checkpoint file and
         # device, compared here (a damaged shard's repair compares them too, once the encoder is built)
-        ShardedBuild.check_arguments(out, config, ignore=("encoder", "encoder_precision"))
+        ShardedBuild.check_arguments(out, config, ignore=("encoder", PRECISION))
         if damaged_shard(out) is None:  # else the build computes that shard again (ShardedBuild.prepare)
             log.info("%s is already complete (same arguments): nothing to do", out)
             return out
     enc = resolve_encoder(encoder, device=dev, checkpoint=encoder_checkpoint) if isinstance(encoder, str) else encoder
     config["encoder"] = enc.info()
     # shards embedded in another precision differ (float16 CLIP towers on a GPU, float32 on the CPU): a resume or
-    # repair on another device must not mix them (absent: float32, as builds before the key on the CPU)
-    precision = getattr(enc, "dtype", torch.float32)
-    if precision != torch.float32:
-        config["encoder_precision"] = str(precision).removeprefix("torch.")
+    # repair on another device must not mix them
+    config[PRECISION] = str(getattr(enc, "dtype", torch.float32)).removeprefix("torch.")
 
     def compute(pending: list[int], state: ShardedBuild, procs: Processes) -> None:
         todo = sum(min(len(sources), (j + 1) * files_per_shard) - j * files_per_shard for j in pending)
