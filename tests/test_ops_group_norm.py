@@ -352,6 +352,8 @@ def test_cpu_op_empty_input(cpu_ext, shape):
     visit: their first value would be read from x's null data)."""
     x = torch.randn(shape)
     assert torch.ops.rdm_fast.group_norm(x, None, None, 8, EPS, torch.randn(shape[:2]), True).shape == x.shape
+    # the reference (the oracle and reference mode's path) gives the same empty result, not F.group_norm's error
+    assert group_norm_reference(x, None, None, 8, EPS, add=torch.randn(shape[:2]), silu=True).shape == x.shape
 
 
 def test_unsupported_layout_falls_back_in_auto_and_raises_in_fast(cpu_ext, fresh_dispatch):

@@ -84,6 +84,8 @@ def group_norm_reference(
     # NCHW on purpose: torch's CPU channels_last GroupNorm kernel loses precision when the mean is
     # large relative to the spread (error ~1.5 for x = 1000 + randn); the result is laid out like x.
     h = x.float().contiguous()
+    if h.numel() == 0:  # F.group_norm refuses samples without spatial positions; there is nothing to normalise
+        return _output_like(x, h)
     if add is not None:
         h = h + add.float()[(...,) + (None,) * (x.dim() - 2)]
     h = F.group_norm(
