@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import fail_writes_to
 from refdata import IMAGENET_TSV, RDM768_TSV, all_keys, section
 
 from rdm_fast import RDM, RDMConfig, checkpoint as ckpt
@@ -342,14 +343,7 @@ def test_a_failed_config_json_write_leaves_no_copy_of_another_config(tmp_path, m
     tree = RDM.from_config("tiny").config.to_dict()
     tree["model"]["params"]["sampling"] = {**tree["model"]["params"].get("sampling", {}), "steps": 7}
     other = RDM.from_config(tree)
-    real = ckpt.atomic_write
-
-    def full(target, write, **kw):
-        if Path(target).name == ckpt.CONFIG_FILE:
-            raise OSError(28, "No space left on device", str(target))
-        real(target, write, **kw)
-
-    monkeypatch.setattr(ckpt, "atomic_write", full)
+    fail_writes_to(monkeypatch, ckpt, "atomic_write", ckpt.CONFIG_FILE)
     with pytest.raises(OSError, match="No space left"):
         other.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

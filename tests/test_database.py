@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from faults import fail_writes_to
 
 from rdm_fast.encoders import Encoder, embed_texts, register_encoder
 
@@ -490,20 +491,11 @@ def test_neighbors_progress_files_claim_their_disk_space(tmp_path, monkeypatch):
 def test_a_failed_scores_write_leaves_no_scores_of_another_run(tmp_path, monkeypatch):
     """X.npy and X_scores.npy are two files: a full disk at the scores left an earlier save's scores beside the
     new ids, which training would refuse as "computed for other databases". The stale scores go."""
-    from pathlib import Path
-
     from rdm_fast.data import load_neighbors
     from rdm_fast.retrieval import neighbors, save_neighbors
 
     save_neighbors(tmp_path / "nn.npy", torch.zeros(4, 2, dtype=torch.int64), torch.zeros(4, 2))
-    real = neighbors.atomic_save_npy
-
-    def full(target, array):
-        if Path(target).name == "nn_scores.npy":
-            raise OSError(28, "No space left on device", str(target))
-        real(target, array)
-
-    monkeypatch.setattr(neighbors, "atomic_save_npy", full)
+    fail_writes_to(monkeypatch, neighbors, "atomic_save_npy", "nn_scores.npy")
     with pytest.raises(OSError, match="No space left"):
         save_neighbors(tmp_path / "nn.npy", torch.ones(4, 2, dtype=torch.int64), torch.ones(4, 2))
     ids, scores, _ = load_neighbors(tmp_path / "nn.npy")

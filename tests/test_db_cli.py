@@ -3,6 +3,7 @@ import-npz, and one-line errors with exit status 2; FAISS and Triton search back
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import io
 import json
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from child_env import child_env
+from faults import fail_writes_to
 from test_database import INFO, TinyEncoder, brute_force
 from rdm_fast import db as db_cli
 from rdm_fast._cli import run
@@ -736,14 +738,7 @@ def test_a_failed_write_of_a_build_is_one_plain_line(built, tmp_path, capsys, mo
     to every process as text, which gave Python's "[Errno 27] File too large: 'FILE'"); a rerun completes."""
     from rdm_fast.retrieval import database
 
-    real = database.atomic_write_json
-
-    def too_large(target, obj):
-        if Path(target).name == "manifest.json":
-            raise OSError(27, "File too large", str(target))
-        real(target, obj)
-
-    monkeypatch.setattr(database, "atomic_write_json", too_large)
+    real = fail_writes_to(monkeypatch, database, "atomic_write_json", "manifest.json", errno.EFBIG)
     out = tmp_path / "db"
     args = ["build", "--images", str(built / "images"), "--encoder", SPEC, "--out", str(out), "--crop", "random",
             "--crop-size", "32", "--shard-size", "4", "--workers", "0", "--device", "cpu", "--class-from-folder",

@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from child_env import child_env
+from faults import fail_writes_to
 from test_database import TinyEncoder
 from rdm_fast import RDM, RDMConfig, ops
 from rdm_fast import train
@@ -666,12 +667,8 @@ def test_a_latents_fill_that_fails_to_be_written_leaves_no_shards(setup, tmp_pat
     it stayed on the full disk, and a rerun wrote another beside it. The fill's shards go; a rerun completes."""
     from rdm_fast import data
 
-    def full(target, *args):
-        raise OSError(28, "No space left on device", str(target))
-
     name = "atomic_save_npy" if failing == "readable" else "atomic_write_json"
-    real = getattr(data, name)
-    monkeypatch.setattr(data, name, full)
+    real = fail_writes_to(monkeypatch, data, name)
     cache = tmp_path / "lat"
     args = _fresh(setup, tmp_path / "run", "--latents", str(cache), steps=1)
     assert run(train.main, args) == 2
@@ -953,14 +950,7 @@ def test_a_failed_checkpoint_write_leaves_the_last_checkpoint_and_no_partial_one
     full disk until a rerun started); the same --resume completes once there is room."""
     out = tmp_path / "run"
     shutil.copytree(saved_run, out)
-    real = train.atomic_write
-
-    def full(target, write, **kw):
-        if Path(target).name == "optimizer.pt":
-            raise OSError(28, "No space left on device", str(target))
-        real(target, write, **kw)
-
-    monkeypatch.setattr(train, "atomic_write", full)
+    real = fail_writes_to(monkeypatch, train, "atomic_write", "optimizer.pt")
     args = _args(setup, out, "--resume", steps=6)
     assert run(train.main, args) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("optimizer.pt: No space left on device")
