@@ -501,7 +501,7 @@ class ShardedBuild:
             raise ValueError(f"{config_file} is corrupted: delete {out} and build again") from None
         config = json.loads(json.dumps(config))  # as it reads back from JSON
         if PRECISION in config and PRECISION not in previous and PRECISION not in ignore:
-            # recorded since the fourteenth session, on every device: an older build's precision is unknown
+            # recorded on every device by builds since the key was added: an older build's precision is unknown
             log.warning("%s was begun by an older rdm_fast, which did not record the encoder's precision: it is not "
                         "checked; continue it on the kind of device it began on (%s)", out, PRECISION_FOLLOWS)
             ignore = (*ignore, PRECISION)
