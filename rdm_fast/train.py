@@ -564,11 +564,9 @@ def resume_command(args: argparse.Namespace) -> str:
             f"{' --no-progress' if args.no_progress else ''}")
 
 
-def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes,
-           device: torch.device, held: contextlib.ExitStack) -> int:
-    """The run: model, data, optimizer; then the steps. ``held`` keeps what the run holds until it ends."""
-    args.training_db, args.db = str(locate_database(args.training_db)), str(locate_database(args.db))
-    existing_neighbors_file(args.neighbors)  # before the (possibly large) model is built
+def _run_model(args: argparse.Namespace, out: Path, resume_from: Path | None, device: torch.device) -> RDM:
+    """The model to train: the resumed run's (``--config`` may only repeat its config) or a new one; float32 on
+    ``device``, the first stage frozen, the UNet in training mode."""
     if resume_from is not None:
         with _older_checkpoints_hint(resume_from, out):
             model = RDM.from_pretrained(resume_from)
@@ -584,9 +582,132 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         model = build_model(args)
     model = model.to(device, torch.float32)
     model.first_stage.requires_grad_(False).eval()
-    unet = model.unet.train()
-    unet.gradient_checkpointing = args.grad_checkpoint
+    model.unet.train()
+    model.unet.gradient_checkpointing = args.grad_checkpoint
+    return model
 
+
+def _check_images_exist(images: TrainingImages, args: argparse.Namespace) -> None:
+    """Moved images: one line before the run starts, not a warning per entry from the data workers first."""
+    looked = min(len(images), MOVED_CHECK)
+    files = [images.file(round(j * (len(images) - 1) / max(looked - 1, 1))) for j in range(looked)]
+    if not any(f.exists() for f in files):
+        raise CLIError(f"none of {len(files)} training images looked for exists, e.g. {files[0]}: "
+                       f"{_moved_hint(args)}")
+
+
+def _run_info(args: argparse.Namespace, cfg: RDMConfig, contexts: TrainingContexts, procs: Processes) -> dict:
+    """The run's data, draws and settings, as ``run.json`` and every checkpoint record them (``--resume``
+    compares them)."""
+    return {"draws": DRAWS_VERSION, "seed": args.seed,
+            "global_batch": args.batch_size * procs.world * args.accumulate, "lr": args.lr,
+            "weight_decay": args.weight_decay, "warmup": args.warmup, "cond_drop": args.cond_drop,
+            "grad_clip": args.grad_clip, "ema_decay": args.ema_decay, "precision": args.precision,
+            "training_db": str(Path(args.training_db).resolve()), "db": str(Path(args.db).resolve()),
+            "neighbors": str(Path(args.neighbors).resolve()), "training_data": contexts.digest(),
+            "random_crop": args.random_crop,
+            "cached_moments": args.latents is not None,
+            "latents": None if args.latents is None else str(Path(args.latents).resolve()),  # not compared
+            "batch_size": args.batch_size, "processes": procs.world, "accumulate": args.accumulate,
+            "save_every": args.save_every, "keep": args.keep, "log_every": args.log_every,
+            "preview": args.preview,
+            "config": cfg.to_dict()}
+
+
+def _check_resumed(before: dict, run_info: dict, args: argparse.Namespace, procs: Processes, resume_from: Path,
+                   out: Path) -> None:
+    """CLIError when this launch would continue the run with other data or draws than it had; a warning for the
+    settings that may change on a resume (CHANGEABLE_KEYS)."""
+    if before.get("draws") != DRAWS_VERSION:
+        raise CLIError(f"--resume: {resume_from} was saved by an older rdm_fast, whose random draws (batch "
+                       "order, noise, dropout) differ from this version's, so the run cannot continue exactly: "
+                       f"start a new --out (e.g. --init {resume_from})")
+    changed = [f"{k} {before.get(k, RESUME_DEFAULTS.get(k))!r} -> {run_info[k]!r}" for k in RESUME_KEYS
+               if before.get(k, RESUME_DEFAULTS.get(k)) != run_info[k]]
+    if before.get("global_batch") != run_info["global_batch"]:  # typically another number of processes
+        split = " x ".join(str(before.get(k, "?")) for k in ("processes", "batch_size", "accumulate"))
+        changed.append(f"the run's global batch is {split} (processes x images x micro-batches), this launch's "
+                       f"{procs.world} x {args.batch_size} x {args.accumulate}: run on as many processes as the "
+                       "run, or give --batch-size and --accumulate that make the same product")
+    if changed:
+        raise CLIError(f"--resume: the run in {out} was made with other data or draws: {'; '.join(changed)}")
+    changed = [f"{k} {before.get(k)!r} -> {run_info[k]!r}" for k in CHANGEABLE_KEYS
+               if before.get(k) != run_info[k]]
+    if before.get("cached_moments") and args.latents is None:  # the same draws, from the images: slower
+        where = f" ({before['latents']})" if before.get("latents") else ""
+        changed = [c for c in changed if not c.startswith("cached_moments")] + [
+            f"the run trained from a --latents cache{where}; without --latents each step decodes and encodes "
+            "its images (the same draws, slower): pass it again"]
+    if changed:
+        log.warning("resuming with changed settings: %s", "; ".join(changed))
+
+
+def _claim_out(out: Path, resume_from: Path | None, start: int, held: contextlib.ExitStack) -> None:
+    """The main process takes ``--out`` for this run (until ``held`` closes) and clears what killed runs left."""
+    held.enter_context(claim_out_dir(out))  # one run at a time into --out; makes it (the first write)
+    if ckpt.newest_run_checkpoint(out) != resume_from:  # read before the lock: another run wrote there meanwhile
+        raise CLIError(f"{out} changed while this run was starting (another run saved a checkpoint there): "
+                       "run the command again")
+    remove_stale_checkpoints(out, start)
+    remove_stale_temps(out, ["run.json", ckpt.RUN_LATEST, LOG])  # the other files killed writes left
+    if (out / "samples").is_dir():
+        remove_stale_temps(out / "samples", ["step_*.png"])
+
+
+class Meter:
+    """The losses, unreadable images and throughput since the last log line (on this process until
+    :meth:`record` sums them over the processes), and the unreadable images since this process started."""
+
+    def __init__(self, procs: Processes, device: torch.device, step: int) -> None:
+        self.procs, self.device = procs, device
+        self.loss_sum = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, images)
+        self.unreadable, self.unreadable_total = 0, 0
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        """Throughput counts from now and ``step`` on (after a checkpoint: training steps, not saving)."""
+        self.tick, self.ticked = time.perf_counter(), step
+
+    def add(self, losses: Tensor, ok: Tensor, unreadable: int) -> None:
+        """A micro-batch's per-image losses, which of its images could be read, and how many could not."""
+        self.loss_sum += torch.stack([losses.detach().sum().double(), ok.sum().double()])
+        self.unreadable += unreadable
+        self.unreadable_total += unreadable
+
+    def record(self, done: int, lr: float, global_batch: int) -> dict[str, Any]:
+        """The log record of the steps up to ``done`` (all processes take part), and a fresh count after it."""
+        total = self.procs.all_sum(self.loss_sum.clone()).tolist()
+        now = time.perf_counter()
+        record = {"step": done, "loss": total[0] / max(total[1], 1.0), "lr": lr,
+                  "images_per_s": (done - self.ticked) * global_batch / (now - self.tick),
+                  "unreadable": int(self.procs.all_sum(torch.tensor([self.unreadable], device=self.device)).item()),
+                  "time": round(time.time(), 3)}  # wall clock (seconds since the epoch), for timelines
+        self.loss_sum.zero_()
+        self.unreadable = 0
+        self.restart(done)
+        return record
+
+
+def _write_record(record: dict[str, Any], bar: tqdm, args: argparse.Namespace, out: Path, global_batch: int) -> None:
+    """The main process shows a log record (on the bar, or as a log line where no bar is seen) and appends it to
+    the run's log."""
+    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+    if bar.disable or not sys.stderr.isatty():  # no bar, or one whose frames a log file runs
+        # together into one line (a batch job without --no-progress): the loss as a log line
+        left = (args.steps - record["step"]) * global_batch / max(record["images_per_s"], 1e-9)
+        log.info("step %d of %d: loss %.4f, lr %.3g, %.1f images/s, about %s left", record["step"], args.steps,
+                 record["loss"], record["lr"], record["images_per_s"], datetime.timedelta(seconds=round(left)))
+    with naming_failed_writes(out / LOG), open(out / LOG, "a") as f:  # a full disk names it
+        f.write(json.dumps(record) + "\n")
+
+
+def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs: Processes,
+           device: torch.device, held: contextlib.ExitStack) -> int:
+    """The run: model, data, optimizer; then the steps. ``held`` keeps what the run holds until it ends."""
+    args.training_db, args.db = str(locate_database(args.training_db)), str(locate_database(args.db))
+    existing_neighbors_file(args.neighbors)  # before the (possibly large) model is built
+    model = _run_model(args, out, resume_from, device)
+    unet = model.unet
     if args.warmup is None:  # a new run (or one saved without it) warms up as its config's scheduler_config
         args.warmup = model.config.warm_up_steps
         if args.warmup:
@@ -595,76 +716,30 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
     contexts = TrainingContexts(model.config, args.training_db, args.db, args.neighbors)
     if model.config.retrieval_encoder is None:  # record it: sampling then refuses databases of other encoders
         model.config = replace(model.config, retrieval_encoder=contexts.retrieval.encoder_name)
-    cfg = model.config
-    images = TrainingImages(contexts.training, cfg.pixel_size, args.image_root, random_crop=args.random_crop,
-                            seed=args.seed)
-    if args.latents is None:  # moved images: one line now, not a warning per entry from the data workers first
-        looked = min(len(images), MOVED_CHECK)
-        files = [images.file(round(j * (len(images) - 1) / max(looked - 1, 1))) for j in range(looked)]
-        if not any(f.exists() for f in files):
-            raise CLIError(f"none of {len(files)} training images looked for exists, e.g. {files[0]}: "
-                           f"{_moved_hint(args)}")
-    precision = args.precision
-    global_batch = args.batch_size * procs.world * args.accumulate
+    images = TrainingImages(contexts.training, model.config.pixel_size, args.image_root,
+                            random_crop=args.random_crop, seed=args.seed)
+    if args.latents is None:
+        _check_images_exist(images, args)
+    run_info = _run_info(args, model.config, contexts, procs)
+    global_batch = run_info["global_batch"]
     if global_batch > len(images):
         log.warning("the global batch (%d) is larger than the %d training images: each step sees some images more "
                     "than once", global_batch, len(images))
-    run_info = {"draws": DRAWS_VERSION, "seed": args.seed, "global_batch": global_batch, "lr": args.lr,
-                "weight_decay": args.weight_decay, "warmup": args.warmup, "cond_drop": args.cond_drop,
-                "grad_clip": args.grad_clip, "ema_decay": args.ema_decay, "precision": precision,
-                "training_db": str(Path(args.training_db).resolve()), "db": str(Path(args.db).resolve()),
-                "neighbors": str(Path(args.neighbors).resolve()), "training_data": contexts.digest(),
-                "random_crop": args.random_crop,
-                "cached_moments": args.latents is not None,
-                "latents": None if args.latents is None else str(Path(args.latents).resolve()),  # not compared
-                "batch_size": args.batch_size, "processes": procs.world, "accumulate": args.accumulate,
-                "save_every": args.save_every, "keep": args.keep, "log_every": args.log_every,
-                "preview": args.preview,
-                "config": cfg.to_dict()}
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     ema = EMA(unet, args.ema_decay)
     start = 0
     if resume_from is not None:
         with _older_checkpoints_hint(resume_from, out):
             state = load_checkpoint(resume_from, model, ema, optimizer, scaler)
-        before = state["run"]
-        if before.get("draws") != DRAWS_VERSION:
-            raise CLIError(f"--resume: {resume_from} was saved by an older rdm_fast, whose random draws (batch "
-                           "order, noise, dropout) differ from this version's, so the run cannot continue exactly: "
-                           f"start a new --out (e.g. --init {resume_from})")
-        changed = [f"{k} {before.get(k, RESUME_DEFAULTS.get(k))!r} -> {run_info[k]!r}" for k in RESUME_KEYS
-                   if before.get(k, RESUME_DEFAULTS.get(k)) != run_info[k]]
-        if before.get("global_batch") != global_batch:  # typically another number of processes
-            split = " x ".join(str(before.get(k, "?")) for k in ("processes", "batch_size", "accumulate"))
-            changed.append(f"the run's global batch is {split} (processes x images x micro-batches), this launch's "
-                           f"{procs.world} x {args.batch_size} x {args.accumulate}: run on as many processes as the "
-                           "run, or give --batch-size and --accumulate that make the same product")
-        if changed:
-            raise CLIError(f"--resume: the run in {out} was made with other data or draws: {'; '.join(changed)}")
-        changed = [f"{k} {before.get(k)!r} -> {run_info[k]!r}" for k in CHANGEABLE_KEYS
-                   if before.get(k) != run_info[k]]
-        if before.get("cached_moments") and args.latents is None:  # the same draws, from the images: slower
-            where = f" ({before['latents']})" if before.get("latents") else ""
-            changed = [c for c in changed if not c.startswith("cached_moments")] + [
-                f"the run trained from a --latents cache{where}; without --latents each step decodes and encodes "
-                "its images (the same draws, slower): pass it again"]
-        if changed:
-            log.warning("resuming with changed settings: %s", "; ".join(changed))
+        _check_resumed(state["run"], run_info, args, procs, resume_from, out)
         for group in optimizer.param_groups:  # the optimizer's state carries the old ones
             group["weight_decay"] = args.weight_decay
         start = state["step"]
         log.info("resuming from %s at step %d", resume_from, start)
     if procs.main:
-        held.enter_context(claim_out_dir(out))  # one run at a time into --out; makes it (the first write)
-        if ckpt.newest_run_checkpoint(out) != resume_from:  # read before the lock: another run wrote there meanwhile
-            raise CLIError(f"{out} changed while this run was starting (another run saved a checkpoint there): "
-                           "run the command again")
-        remove_stale_checkpoints(out, start)
-        remove_stale_temps(out, ["run.json", ckpt.RUN_LATEST, LOG])  # the other files killed writes left
-        if (out / "samples").is_dir():
-            remove_stale_temps(out / "samples", ["step_*.png"])
+        _claim_out(out, resume_from, start, held)
     if start >= args.steps:
         log.info("%s is already at step %d of --steps %d", out, start, args.steps)
         return 0
@@ -686,17 +761,15 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                                               persistent_workers=args.workers > 0,
                                               worker_init_fn=_ignore_stop_signals,
                                               generator=torch.Generator()))  # not a global RNG draw
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                              enabled=precision != "fp32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16,
+                              enabled=args.precision != "fp32")
     preview = contexts(torch.arange(min(args.preview, len(images)))) if args.preview else None
     log.info("training %s steps %d -> %d: global batch %d (%d process%s x %d x %d micro-batches), %s on %s",
              f"{sum(p.numel() for p in unet.parameters()):,}-parameter UNet", start, args.steps, global_batch,
-             procs.world, "es"[:2 * (procs.world != 1)], args.batch_size, args.accumulate, precision, device)
+             procs.world, "es"[:2 * (procs.world != 1)], args.batch_size, args.accumulate, args.precision, device)
 
-    loss_sum = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, images) since the last log
-    unreadable, unreadable_total = 0, 0  # since the last log line, since the start of this process
+    meter = Meter(procs, device, start)
     stopping, vote = False, StopVote(procs, device)
-    tick, ticked = time.perf_counter(), start
     first_readable, first_file = 0, None  # the first step's readable images on this rank, and one of its files
     bar = tqdm(total=args.steps, initial=start, desc="training", unit="step",
                disable=args.no_progress or not procs.main)
@@ -714,8 +787,6 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                         raise CLIError(f"none of the first batch's images can be read, e.g. {first_file}: "
                                        f"{_moved_hint(args)}" + (" (and delete --latents)" if args.latents else ""))
                 ok = batch["ok"].to(device)
-                unreadable += int((~batch["ok"]).sum())
-                unreadable_total += int((~batch["ok"]).sum())
                 context = contexts(batch["index"]).to(device, non_blocking=True)
                 context = context * (draws["drop"] >= args.cond_drop)[:, None, None]
                 with torch.no_grad(), autocast:
@@ -735,7 +806,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                     losses = losses * ok  # unreadable images (zeros) take no part
                     # the mean over the global batch: DDP averages the ranks' gradients
                     scaler.scale(losses.sum() / (args.batch_size * args.accumulate)).backward()
-                loss_sum += torch.stack([losses.detach().sum().double(), ok.sum().double()])
+                meter.add(losses, ok, int((~batch["ok"]).sum()))  # counted on the host
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(args, step)
             if args.grad_clip:
@@ -751,27 +822,12 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 atomic_write_json(out / "run.json", {**run_info, "args": vars(args)})
             stopping = vote.cast(stop.requested)
             if done % args.log_every == 0 or done == args.steps or stopping:  # a stop writes the pending line
-                total = procs.all_sum(loss_sum.clone()).tolist()
-                now = time.perf_counter()
-                record = {"step": done, "loss": total[0] / max(total[1], 1.0), "lr": learning_rate(args, step),
-                          "images_per_s": (done - ticked) * global_batch / (now - tick),
-                          "unreadable": int(procs.all_sum(torch.tensor([unreadable], device=device)).item()),
-                          "time": round(time.time(), 3)}  # wall clock (seconds since the epoch), for timelines
+                record = meter.record(done, learning_rate(args, step), global_batch)
                 if not math.isfinite(record["loss"]):
-                    raise CLIError(f"the loss is {record['loss']} at step {done} ({precision}): lower --lr, or "
-                                   f"{_divergence_advice(args)}")
-                loss_sum.zero_()
-                unreadable, tick, ticked = 0, now, done
+                    raise CLIError(f"the loss is {record['loss']} at step {done} ({args.precision}): lower --lr, "
+                                   f"or {_divergence_advice(args)}")
                 if procs.main:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                    if bar.disable or not sys.stderr.isatty():  # no bar, or one whose frames a log file runs
-                        # together into one line (a batch job without --no-progress): the loss as a log line
-                        left = (args.steps - done) * global_batch / max(record["images_per_s"], 1e-9)
-                        log.info("step %d of %d: loss %.4f, lr %.3g, %.1f images/s, about %s left", done, args.steps,
-                                 record["loss"], record["lr"], record["images_per_s"],
-                                 datetime.timedelta(seconds=round(left)))
-                    with naming_failed_writes(out / LOG), open(out / LOG, "a") as f:  # a full disk names it
-                        f.write(json.dumps(record) + "\n")
+                    _write_record(record, bar, args, out, global_batch)
             if done % args.save_every == 0 or done == args.steps or stopping:
                 _check_finite_weights(unet, done, out, args)  # every process: none may wait on a failed save
                 if procs.main:
@@ -782,7 +838,7 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                         shown = f", preview {out / 'samples' / f'step_{done:07d}.png'}"
                     log.info("step %d: checkpoint %s%s", done, path, shown)
                 procs.barrier()
-                tick, ticked = time.perf_counter(), done  # the throughput of training steps, not of saving
+                meter.restart(done)  # the throughput of training steps, not of saving
             if stopping and done < args.steps:
                 vote.settle()
                 bar.close()
@@ -791,9 +847,9 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                 return STOPPED
         vote.settle()
     bar.close()
-    if unreadable_total:
+    if meter.unreadable_total:
         log.warning("%d draws of training images could not be read (this process) and gave no gradient",
-                    unreadable_total)
+                    meter.unreadable_total)
     log.info("done: %s (sample with python -m rdm_fast.sample --ckpt %s ...)", ckpt.newest_run_checkpoint(out), out)
     return 0
 
