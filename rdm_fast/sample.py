@@ -26,7 +26,7 @@ import uuid
 import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Sequence, cast
+from typing import Callable, Literal, Sequence, cast
 
 import numpy as np
 import torch
@@ -470,14 +470,8 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
             contexts = read_context_file(args.context_file, cfg.context_dim,
                                          "the preset the checkpoint's tensors match")
         n = args.n_samples or contexts.shape[0]
-        if n > contexts.shape[0] == 1:  # a (k, D) file
-            log.info("%d samples from 1 context: every sample gets it", n)
-        elif n > contexts.shape[0]:
-            log.info("%d samples from %d contexts: the contexts are cycled (sample i gets context i mod %d)", n,
-                     contexts.shape[0], contexts.shape[0])
+        batch_contexts: Callable[[torch.Tensor], torch.Tensor] = _cycled(contexts, n, device)
         context_digest = hashlib.sha256(contexts.numpy().tobytes()).hexdigest()
-        on_device = contexts.to(device)  # once; sample i takes context i mod B
-        batch_contexts = lambda index: on_device[index % on_device.shape[0]]  # noqa: E731
     else:
         try:
             batch_contexts = DatabaseContexts(args, cfg, device, generator)
@@ -508,6 +502,31 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
                 "noise": NOISE_STREAMS,
                 **(db_contexts.settings(procs.main) if args.db else {"search": None, "query_encoder": None}),
                 "args": vars(args)}  # the command line as given, for reproduction
+    run_id, missing = _images_to_draw(args, out, n, run_info, procs)
+    run_info["run_id"] = run_id
+    if procs.main:
+        log.info("sampling %d image%s: %s, %d step%s, eta %g, guidance %g, %s on %s%s", n, "s"[:n != 1],
+                 settings.sampler, timesteps, "s"[:timesteps != 1], settings.eta, settings.guidance_scale,
+                 str(dtype).replace("torch.", ""), device, f" and {procs.world - 1} more process"
+                 f"{'es' * (procs.world > 2)}" if procs.world > 1 else "")
+        if args.resume:
+            log.info("resuming: %d of the %d images exist, %d to draw", n - len(missing), n, len(missing))
+        atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
+    state["sampling"] = True
+    # under torchrun each process draws every world-th batch; sample i's noise depends on i alone
+    began = time.perf_counter()
+    shown = _draw_images(args, model, settings, batch_contexts, missing, procs, out, run_id, device)
+    procs.barrier()  # every process's images are written
+    if procs.main:
+        _finish(out, n, missing, shown, run_info, time.perf_counter() - began, started)
+    return 0
+
+
+def _images_to_draw(args: argparse.Namespace, out: Path, n: int, run_info: dict, procs: Processes
+                    ) -> tuple[str, list[int]]:
+    """The run's id and the indices of the images it draws: all ``n``, or with --resume those the run it
+    continues has not written. Earlier runs' images in ``out`` are named in warnings; temporary files that killed
+    runs left are removed. Every process gets rank 0's answer."""
     # every image carries its run's id: --resume keeps only the images of the run it continues (an interrupted new
     # run in the same --out leaves earlier runs' images behind), each written atomically (present = whole).
     # Rank 0's view (the checkpoint files are digested there only), so that every process shares out the same list
@@ -520,8 +539,6 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
     present = sample_images(out) if procs.main else {}  # index -> file, listed once (not a lookup per index)
     kept = {i for i, file in present.items() if i < n and drawn_by(file, cast(str, run_id))} if args.resume else set()
     run_id, missing = procs.from_rank0((run_id, [i for i in range(n) if i not in kept] if procs.main else None))
-    run_info["run_id"] = run_id
-    batches = [(b, min(b + args.batch_size, len(missing))) for b in range(0, len(missing), args.batch_size)]
     if procs.main:
         named = set(present.values())
         earlier = sum(p not in named for p in out.glob("sample_*.png")) + sum(i >= n for i in present)
@@ -532,19 +549,30 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
         if replaced:
             log.warning("%s holds %d of this run's image names from an earlier run: they are replaced (--resume "
                         "would keep that run's images and draw only the missing ones)", out, replaced)
-        log.info("sampling %d image%s: %s, %d step%s, eta %g, guidance %g, %s on %s%s", n, "s"[:n != 1],
-                 settings.sampler, timesteps, "s"[:timesteps != 1], settings.eta, settings.guidance_scale,
-                 str(dtype).replace("torch.", ""), device, f" and {procs.world - 1} more process"
-                 f"{'es' * (procs.world > 2)}" if procs.world > 1 else "")
-        if args.resume:
-            log.info("resuming: %d of the %d images exist, %d to draw", n - len(missing), n, len(missing))
-        atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
-    state["sampling"] = True
-    shown = {}  # samples below GRID_SAMPLES drawn here, for grid.png (a long run's images are not all kept)
-    # under torchrun each process draws every world-th batch; sample i's noise depends on i alone
+    return run_id, missing
+
+
+def _cycled(contexts: torch.Tensor, n: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The contexts of a --context-file's samples: sample i takes context i mod B (copied to ``device`` once)."""
+    if n > contexts.shape[0] == 1:  # a (k, D) file
+        log.info("%d samples from 1 context: every sample gets it", n)
+    elif n > contexts.shape[0]:
+        log.info("%d samples from %d contexts: the contexts are cycled (sample i gets context i mod %d)", n,
+                 contexts.shape[0], contexts.shape[0])
+    on_device = contexts.to(device)
+    return lambda index: on_device[index % on_device.shape[0]]
+
+
+def _draw_images(args: argparse.Namespace, model: RDM, settings: SamplingDefaults,
+                 batch_contexts: Callable[[torch.Tensor], torch.Tensor], missing: list[int], procs: Processes,
+                 out: Path, run_id: str, device: torch.device) -> dict[int, np.ndarray]:
+    """Sample, decode and write this process's share of the ``missing`` images (every world-th batch); returns
+    the drawn ones below GRID_SAMPLES, for grid.png (a long run's images are not all kept)."""
+    cfg = model.config
+    batches = [(b, min(b + args.batch_size, len(missing))) for b in range(0, len(missing), args.batch_size)]
     mine = batches[procs.rank::procs.world]  # (first, end) positions in ``missing``
     order = torch.tensor(missing, device=device)  # the samples' indices on the device, copied once
-    began = time.perf_counter()
+    shown = {}
     # PNGs are compressed on background threads while the next batch is queued on the device (PngWriter)
     with torch.inference_mode(), tqdm(total=sum(end - first for first, end in mine), desc="images", unit="img",
                                       disable=args.no_progress or not procs.main) as bar, \
@@ -581,10 +609,14 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
                 if i < GRID_SAMPLES:
                     shown[i] = img
             bar.update(len(pixels))
-    procs.barrier()  # every process's images are written
-    if not procs.main:
-        return 0
-    seconds = time.perf_counter() - began  # sampling, decoding and writing, after the model and data loads
+    return shown
+
+
+def _finish(out: Path, n: int, missing: list[int], shown: dict[int, np.ndarray], run_info: dict, seconds: float,
+            started: float) -> None:
+    """grid.png of the first samples, run.json marked complete, and the run's summary line (the main process,
+    once every process's images are written). ``seconds``: sampling, decoding and writing; ``started``: the
+    run's start (time.perf_counter)."""
     # the first samples that other processes or an earlier run drew are read back
     first_images = [shown[i] if i in shown else np.asarray(Image.open(out / f"sample_{i:05d}.png").convert("RGB"))
                     for i in range(min(n, GRID_SAMPLES))]
@@ -596,8 +628,6 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
              f" (the other {n - len(missing)} of {n} were there)" if len(missing) < n else "",
              f"the first {len(first_images)}" if len(first_images) > 1 else "of sample 0", out, seconds, rate,
              time.perf_counter() - started)
-    return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(run(main, memory_advice=MEMORY_ADVICE))
