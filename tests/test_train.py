@@ -300,6 +300,7 @@ def test_extra_neighbours_in_the_file_are_named(setup, caplog):
     with caplog.at_level("INFO", logger="rdm_fast.data"):
         contexts = TrainingContexts(cfg, setup["db"], setup["db"], setup["nn"])
     assert contexts.k == 2 and "holds 3 neighbours per entry: the model's contexts take the nearest 2" in caplog.text
+    assert torch.equal(contexts.ids, setup["ids"][:, :2])  # the first columns, the nearest (not the last ones)
 
 
 @pytest.mark.parametrize("text_token", [True, False])
@@ -1389,6 +1390,10 @@ def test_context_drop_zeroes_whole_contexts(setup, tmp_path, monkeypatch):
     model = SimpleNamespace(config=cfg, schedule=SimpleNamespace(num_timesteps=1000))
     draws = torch.cat([train.sample_draws(0, step, range(4), model, torch.device("cpu"))["drop"] for step in range(3)])
     assert torch.equal(dropped, draws < 0.5)
+    # the others are the contexts of the batch's own images (not, e.g., of the next entries')
+    entries = torch.cat([TrainingOrder(12, seed=0, batch=4).micro_batch(step, 0) for step in range(3)])
+    want = TrainingContexts(cfg, setup["db"], setup["db"], setup["nn"])(entries).flatten(1)
+    torch.testing.assert_close(rows[~dropped], want[~dropped])
 
 
 def test_first_stage_from_checkpoints(tmp_path):
