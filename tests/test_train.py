@@ -1076,6 +1076,61 @@ def test_accumulation_equals_one_large_batch(setup, tmp_path):
     _same_run(_weights(tmp_path / "acc", 2), _weights(tmp_path / "one", 2), steps=2)
 
 
+def test_the_first_step_moves_each_weight_by_its_learning_rate(setup, tmp_path):
+    """AdamW's first step moves each weight by the step's learning rate (m / sqrt(v) is the gradient's sign) after
+    the decoupled weight decay: the rate of step 0 is --lr, or the warm-up's start (1e-6 x --lr) with --warmup. An
+    optimizer given the rate of step 1 (the log, which computes it anew, still showed step 0's) or another weight
+    decay than --weight-decay moved the weights otherwise."""
+    torch.manual_seed(0)  # the --random-init weights (seed 0)
+    before = RDM.from_config(str(setup["cfg"])).unet.state_dict()
+    lr, decay = 1e-3, 10.0
+    assert train.main(_fresh(setup, tmp_path / "run", "--lr", str(lr), "--weight-decay", str(decay), "--warmup", "0",
+                             steps=1)) == 0
+    after = _weights(tmp_path / "run", 1)
+    moved = torch.cat([(after[k] - before[k] * (1 - lr * decay)).flatten() for k in before]).abs()
+    assert float(moved.max()) == pytest.approx(lr, rel=1e-3) and float(moved.max()) <= lr * (1 + 1e-4)
+    assert train.main(_fresh(setup, tmp_path / "warm", "--lr", str(lr), "--warmup", "2", steps=1)) == 0
+    after = _weights(tmp_path / "warm", 1)  # step 0 at 1e-9: within rounding of the initial weights
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) < 1e-7
+
+
+def test_the_ema_averages_the_weights_each_step_made(setup, tmp_path):
+    """Update n of the EMA moves it towards the weights of step n, after the optimizer made them (an EMA updated
+    before the step averaged the weights one step behind): shadow_2 = lerp(shadow_1, weights_2, 1 - min(decay,
+    3 / 12))."""
+    out = tmp_path / "run"
+    assert train.main(_fresh(setup, out, "--lr", "1e-3", "--save-every", "1", steps=2)) == 0
+    ema = [{k[len("unet."):]: v for k, v in load_file(str(out / "checkpoints" / f"step_{s:07d}" / "model.safetensors"))
+            .items() if k.startswith("unet.")} for s in (1, 2)]
+    weights, d = _weights(out, 2), min(0.9999, 3 / 12)
+    assert ema[1].keys() == weights.keys()
+    for k, w in weights.items():
+        torch.testing.assert_close(ema[1][k], ema[0][k] + (1 - d) * (w - ema[0][k]), rtol=1e-6, atol=1e-7)
+
+
+def test_the_step_gradient_is_the_global_batch_mean(setup, tmp_path, monkeypatch):
+    """The gradient a step clips (and AdamW then takes) is that of the mean loss over the global batch, unscaled:
+    the same with --accumulate and in fp16 (its loss scale undone first), and clipped to --grad-clip. AdamW
+    hardly sees a constant factor on the gradient, so weights alone did not show a loss left undivided by
+    --accumulate or a clip of the loss-scaled fp16 gradient."""
+    real, seen = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        norm = real(parameters, max_norm, *args, **kwargs)
+        clipped = torch.stack([p.grad.norm() for p in parameters if p.grad is not None]).norm()
+        seen.append((float(norm), float(clipped), max_norm))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    for name, extra, batch in (("one", (), 4), ("acc", ("--accumulate", "2"), 2), ("fp16", ("--fp16",), 4)):
+        assert train.main(_fresh(setup, tmp_path / name, "--grad-clip", "1e-3", *extra, steps=1, batch=batch)) == 0
+    (one, clipped, max_norm), acc, fp16 = seen
+    assert one > 1e-3 and clipped == pytest.approx(1e-3, rel=1e-4) and max_norm == 1e-3  # the clip did act
+    assert acc[0] == pytest.approx(one, rel=1e-4)
+    assert fp16[0] == pytest.approx(one, rel=2e-2) and fp16[1] == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_torchrun_two_processes_match_one(setup, tmp_path):
     """Also the first-stage cache, which the two processes fill together, and the processes' stop votes (every
     step, with no stop)."""
