@@ -1132,12 +1132,14 @@ def test_the_step_gradient_is_the_global_batch_mean(setup, tmp_path, monkeypatch
 
 
 def test_torchrun_two_processes_match_one(setup, tmp_path):
-    """Also the first-stage cache, which the two processes fill together, and the processes' stop votes (every
-    step, with no stop)."""
+    """Also the first-stage cache, which the two processes fill together, the processes' stop votes (every step,
+    with no stop), and --accumulate under DDP (gradients synchronised after the last micro-batch only: a sync after
+    the first one left each process its own gradients, and the processes apart)."""
     one = _fresh(setup, tmp_path / "one", "--latents", str(tmp_path / "latents1"), steps=5, batch=4)
     assert train.main(one) == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = _fresh(setup, tmp_path / "two", "--latents", str(tmp_path / "latents2"), steps=5, batch=2)
+    two = _fresh(setup, tmp_path / "two", "--latents", str(tmp_path / "latents2"), "--accumulate", "2", steps=5,
+                 batch=1)
     r = subprocess.run([*torchrun, "-m", "rdm_fast.train", *two], cwd=tmp_path, env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
