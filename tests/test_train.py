@@ -1618,6 +1618,21 @@ def test_mixed_precision_runs(setup, tmp_path):
         assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("precision, dtype", [("--bf16", torch.bfloat16), ("--fp16", torch.float16), (None, None)])
+def test_precision_runs_the_loss_under_autocast(setup, tmp_path, monkeypatch, precision, dtype):
+    """--bf16 and --fp16 run the UNet's passes under autocast in that dtype, and a float32 run under none. A loop
+    that never entered autocast trained every precision in float32 and passed the tests above (finite losses)."""
+    real, seen = train.eps_losses, []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "eps_losses", spy)
+    assert train.main(_fresh(setup, tmp_path / "run", *([precision] if precision else []), steps=2)) == 0
+    assert seen == [dtype, dtype]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_gradients_match_cpu(cpu_gradients, precision, monkeypatch):
