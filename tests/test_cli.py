@@ -800,6 +800,62 @@ def test_start_noise_and_images_do_not_depend_on_the_batch_size(tiny_dir, tmp_pa
     assert info["args"]["batch_size"] == 5 and info["args"]["no_cuda_graph"] is False
 
 
+@pytest.mark.parametrize("source", ["file", "text", "db"])
+def test_each_sample_is_conditioned_on_its_own_context_in_any_batch(tiny_dir, tmp_path, hash_encoder, monkeypatch,
+                                                                    source):
+    """Sample i is drawn with its own context (a file's context i mod B, --text query i mod T, or its own
+    pseudo-query's neighbours) in whichever batch it falls: the next batch's contexts are retrieved while the
+    current one denoises, and an off-by-one there, or contexts picked by a sample's position in its batch,
+    conditions images on other samples' contexts. The contexts differ from sample to sample here, so that each
+    call's rows can be matched to the samples whose start noise they come with."""
+    from rdm_fast.retrieval.context import model_context
+    from rdm_fast.sample import START_NOISE, seeded_generator
+    calls, drawn_ids = [], []
+    real_sample, real_draw = RDM.sample, sample.draw_pseudo_queries
+
+    def spy(self, context, **kw):
+        calls.append((context.clone(), kw["x_T"].clone()))
+        return real_sample(self, context, **kw)
+
+    def draw_spy(*args, **kw):
+        drawn_ids.append(real_draw(*args, **kw))
+        return drawn_ids[-1]
+
+    monkeypatch.setattr(RDM, "sample", spy)
+    monkeypatch.setattr(sample, "draw_pseudo_queries", draw_spy)
+    contexts = np.random.default_rng(4).standard_normal((3, 4, 64)).astype(np.float32)
+    np.save(tmp_path / "ctx3.npy", contexts)
+    texts = ["a red bird", "a blue car", "a green tree"]
+    given = {"file": ["--context-file", str(tmp_path / "ctx3.npy")],
+             "text": ["--db", str(tiny_dir / "db"), *(a for t in texts for a in ("--text", t))],
+             "db": ["--db", str(tiny_dir / "db"), "--top-m", "1"]}[source]
+    n = 5
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), *given, "--out", str(tmp_path / "out"), "--steps", "1",
+               "--n-samples", str(n), "--batch-size", "2", "--seed", "3", "--no-progress") == 0
+    db = Database.open(tiny_dir / "db")
+    cfg = RDMConfig.preset("tiny")
+    if source == "file":
+        want = torch.from_numpy(contexts)[torch.arange(n) % 3]
+    elif source == "text":
+        queries = _HashEncoder().encode_text(texts)[torch.arange(n) % 3]
+        want = model_context(db, cfg, queries)
+    else:
+        ids = drawn_ids[0]
+        assert len(ids) == n and len(set(ids.tolist())) > 1
+        want = model_context(db, cfg, db.embeddings(ids).float(), query_ids=ids)
+    noise = [torch.from_numpy(seeded_generator(3, START_NOISE, i).standard_normal(cfg.latent_shape,
+                                                                                  dtype=np.float32))
+             for i in range(n)]
+    assert [c.shape[0] for c, _ in calls] == [2, 2, 1]
+    seen = []
+    for context, x_T in calls:
+        for row, start in zip(context, x_T):
+            i = next(i for i in range(n) if torch.equal(noise[i], start))
+            seen.append(i)
+            torch.testing.assert_close(row, want[i], msg=f"sample {i}")
+    assert seen == list(range(n))
+
+
 @pytest.mark.parametrize("module,shown", [
     (sample, ["(default: 8)", "(default: 0.01)", "cuda:N (default: auto)", "(default: 0)",
               "--steps STEPS sampling steps, 1 to T/2 (default: the config's sampling.steps). As"]),
