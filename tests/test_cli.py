@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -773,11 +774,13 @@ def test_bad_context_file_fails_before_loading(tiny_dir, tmp_path, capsys, monke
 def test_start_noise_and_images_do_not_depend_on_the_batch_size(tiny_dir, tmp_path, monkeypatch, eta):
     """Sample i's noise (start, and each DDIM step's for eta > 0) is seeded by (seed, i): --batch-size 2 and 5
     draw the same start noise and give the same latents (to float rounding of the batched convolutions) and
-    images."""
+    images. The steps' noise comes from streams of its own, not again from the start noise's."""
     calls = []
     real = RDM.sample
 
     def spy(self, context, **kw):
+        for g, start in zip(kw["generator"] or (), kw["x_T"]):  # the first step's draw, from a copy of the stream
+            assert not np.array_equal(copy.deepcopy(g).standard_normal(start.shape, dtype=np.float32), start.numpy())
         z = real(self, context, **kw)
         calls.append((kw["x_T"], z))
         return z
