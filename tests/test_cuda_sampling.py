@@ -56,17 +56,24 @@ def test_graph_cache_reuses_the_capture_with_the_next_batchs_context(monkeypatch
     model.sample(b[:1], cuda_graph=True, steps=4, guidance_scale=3.0, x_T=x_T[:1])  # another batch size: too
     model.sample(a, cuda_graph=True, **kw)
     assert len(captures) == 4
+    longer = torch.randn(2, 4, cfg.context_dim, generator=g)  # another context length: its own keys/values
+    torch.testing.assert_close(model.sample(longer, cuda_graph=True, **kw),
+                               model.sample(longer, cuda_graph=False, **kw), rtol=0, atol=0)
+    size = (cfg.image_size // 2,) * 2  # another latent size (x's shape, with the same context)
+    model.sample(a, cuda_graph=True, steps=4, guidance_scale=2.0, size=size)
+    model.sample(a, cuda_graph=True, **kw)
+    assert len(captures) == 7
     with torch.no_grad():
         model.unet.out_conv.bias.add_(0.5)  # weights changed in place (a real graph would read stale copies)
     changed = model.sample(b, cuda_graph=True, **kw)
-    assert len(captures) == 5
+    assert len(captures) == 8
     torch.testing.assert_close(changed, model.sample(b, cuda_graph=False, **kw), rtol=0, atol=0)
     model.release_cuda_graph()  # the kept graph goes: the next call captures again
     model.sample(b, cuda_graph=True, **kw)
-    assert len(captures) == 6
+    assert len(captures) == 9
     with ops.use_mode("reference"):  # another ops mode runs other kernels: a new capture
         model.sample(b, cuda_graph=True, **kw)
-    assert len(captures) == 7
+    assert len(captures) == 10
     with pytest.raises(ValueError, match="contexts differ"):
         model.unet.prepare_context(a, 2).load_(model.unet.prepare_context(a[:1], 1))
 
