@@ -1028,7 +1028,7 @@ def test_sample_resume_compares_the_encoder_checkpoint_by_content(tiny_dir, tmp_
 
 def test_sample_context_options(tiny_dir, tmp_path, hash_encoder, monkeypatch):
     """--k sets the neighbours per query (0: the caption alone) and --no-query leaves the query out; run.json
-    records both."""
+    records both (the neighbours used where --k is not given)."""
     seen = []
     real = sample.model_context
 
@@ -1055,6 +1055,7 @@ def test_sample_context_options(tiny_dir, tmp_path, hash_encoder, monkeypatch):
 
     assert cli(sample, *base, "--no-query", "--out", str(tmp_path / "c")) == 0  # top-m pseudo-queries
     assert seen[-1][1].shape == (2, 3, 64)  # tiny has a text token: k_nn = 3 neighbours, no query
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["k"] == 3  # the default, as used, not None
 
 
 @pytest.mark.parametrize("extra,message", [
