@@ -1058,6 +1058,33 @@ def test_sample_context_options(tiny_dir, tmp_path, hash_encoder, monkeypatch):
     assert json.loads((tmp_path / "c" / "run.json").read_text())["k"] == 3  # the default, as used, not None
 
 
+def test_default_neighbours_of_a_model_without_a_text_token(tiny_dir, tmp_path, monkeypatch):
+    """Without a text token (the imagenet and ffhq layout) a context is the query and its k_nn - 1 nearest
+    neighbours, or with --no-query the k_nn nearest; run.json records the neighbours used. The command's default
+    taken without --no-query (k_nn - 1 neighbours, one slot left empty) passed the tests of the tiny preset, which
+    has a text token."""
+    shapes = []
+    real = sample.model_context
+
+    def spy(db, cfg, queries, **kw):
+        context = real(db, cfg, queries, **kw)
+        shapes.append(tuple(context.shape))
+        return context
+
+    monkeypatch.setattr(sample, "model_context", spy)
+    tree = RDMConfig.preset("tiny").to_dict()
+    tree["model"]["params"]["text_token"] = False
+    (tmp_path / "no_text.yaml").write_text(yaml.safe_dump(tree))
+    assert RDMConfig.resolve(str(tmp_path / "no_text.yaml")).text_token is False
+    base = ["--random-init", "--config", str(tmp_path / "no_text.yaml"), "--db", str(tiny_dir / "db"), "--steps",
+            "1", "--n-samples", "2", "--no-progress"]
+    for extra, k in (((), 2), (("--no-query",), 3)):
+        out = tmp_path / f"k{k}"
+        assert cli(sample, *base, *extra, "--out", str(out)) == 0
+        assert shapes[-1] == (2, 3, 64)  # k_nn = 3 tokens either way
+        assert json.loads((out / "run.json").read_text())["k"] == k
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--k", "2"], "about retrieval from a database: add --db"),
     (["--no-query"], "about retrieval from a database: add --db"),
