@@ -168,6 +168,8 @@ def test_ema_follows_litema():
             shadow[n] = shadow[n] - (1 - d) * (shadow[n] - p.detach())
     for n, s in ema.state_dict().items():
         torch.testing.assert_close(s, shadow[n], rtol=1e-6, atol=1e-7)
+        # outside autograd: an average that tracked the weights' graph grew it by a node per tensor every step
+        assert not s.requires_grad and s.grad_fn is None
     raw = {n: p.detach().clone() for n, p in model.named_parameters()}
     with ema.applied(model):
         for n, p in model.named_parameters():
