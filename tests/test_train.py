@@ -536,6 +536,8 @@ def test_resume_is_bit_exact_and_checkpoints_sample(setup, tmp_path, caplog):
         b = load_file(str(split / "checkpoints" / "step_0000004" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (straight / "latest").read_text().strip() == "step_0000004"
+    # every --save-every steps done (and at the end), not at the steps whose index is a multiple
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert (straight / "samples" / "step_0000004.png").is_file()
     state = json.loads((straight / "checkpoints" / "step_0000004" / TRAIN_STATE_FILE).read_text())
     assert state["step"] == 4 and state["ema_updates"] == 4
