@@ -1093,6 +1093,12 @@ def test_the_first_step_moves_each_weight_by_its_learning_rate(setup, tmp_path):
     after = _weights(tmp_path / "run", 1)
     moved = torch.cat([(after[k] - before[k] * (1 - lr * decay)).flatten() for k in before]).abs()
     assert float(moved.max()) == pytest.approx(lr, rel=1e-3) and float(moved.max()) <= lr * (1 + 1e-4)
+    # a resume's --weight-decay is the one its steps use (the optimizer's saved state holds the run's old one):
+    # AdamW's second step moves a weight by at most about the rate after the decay
+    assert train.main(_args(setup, tmp_path / "run", "--resume", "--weight-decay", "100", steps=2)) == 0
+    second = _weights(tmp_path / "run", 2)
+    moved = torch.cat([(second[k] - after[k] * (1 - lr * 100)).flatten() for k in after]).abs()
+    assert float(moved.max()) <= lr * 1.01
     assert train.main(_fresh(setup, tmp_path / "warm", "--lr", str(lr), "--warmup", "2", steps=1)) == 0
     after = _weights(tmp_path / "warm", 1)  # step 0 at 1e-9: within rounding of the initial weights
     assert max(float((after[k] - before[k]).abs().max()) for k in before) < 1e-7
