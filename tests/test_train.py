@@ -1158,6 +1158,10 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
             for d in ("latents1", "latents2"))  # one shard and two
     torch.testing.assert_close(b, a, rtol=2e-3, atol=1e-4)
     _same_run(_weights(tmp_path / "two", 5), _weights(tmp_path / "one", 5), steps=5)
+    # the logged loss is the global batch's mean, summed over the processes (not one process's, nor the largest)
+    logged = [[json.loads(line)["loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+              for d in ("one", "two")]
+    assert len(logged[0]) == 3 and logged[1] == pytest.approx(logged[0], rel=1e-3)
 
 
 def test_torchrun_random_crops_match_one_process(setup, tmp_path):
