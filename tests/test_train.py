@@ -1164,13 +1164,17 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     assert len(logged[0]) == 3 and logged[1] == pytest.approx(logged[0], rel=1e-3)
 
 
-def test_torchrun_random_crops_match_one_process(setup, tmp_path):
+def test_torchrun_random_crops_and_dropout_match_one_process(setup, tmp_path):
     """--random-crop's per-epoch windows depend on (seed, epoch, entry) alone: two processes with data-loading
-    workers (which receive (entry, epoch) keys) train the steps one process does, across an epoch boundary."""
-    one = _fresh(setup, tmp_path / "one", "--random-crop", steps=4, batch=4)
+    workers (which receive (entry, epoch) keys) train the steps one process does, across an epoch boundary. Dropout
+    masks are seeded by the step and the micro-batch's place (micro-batch x processes + process), so two processes
+    draw the masks one process with two micro-batches does (a seed without the process gave both processes one
+    mask, a seed without the micro-batch both micro-batches one)."""
+    dropout = ("--random-crop", "--config", str(setup["cfg_dropout"]))
+    one = _fresh(setup, tmp_path / "one", *dropout, "--accumulate", "2", steps=4, batch=2)
     assert train.main(one) == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = _fresh(setup, tmp_path / "two", "--random-crop", steps=4, batch=2)
+    two = _fresh(setup, tmp_path / "two", *dropout, steps=4, batch=2)
     two[two.index("--workers") + 1] = "1"  # a data-loading worker per process
     r = subprocess.run([*torchrun, "-m", "rdm_fast.train", *two], cwd=tmp_path, env=ENV, capture_output=True,
                        text=True, timeout=300)
