@@ -1215,6 +1215,39 @@ def test_first_batch_check_counts_every_micro_batch(setup, tmp_path):
                           batch=1))
 
 
+def test_unreadable_images_take_no_part_in_the_loss_or_its_log(setup, tmp_path, monkeypatch):
+    """An image that cannot be read (zeros in its place) gives no gradient and no logged loss: a step differentiates
+    the sum of its readable images' losses over the global batch, and the log shows their mean. A loop that kept
+    the zeros' losses trained on blank images, and a log that divided by every image understated the loss; the
+    first-batch check only needs the run to go on."""
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    entries = TrainingOrder(len(db), seed=0, batch=4).micro_batch(0, 0).tolist()
+    broken = Path(db.sources([entries[1]])[0]).name
+    images = tmp_path / "images"
+    shutil.copytree(setup["root"] / "imgs", images)
+    (images / broken).write_bytes(b"not an image any more")
+    losses, scaled = [], []
+    real_losses, real_scale = train.eps_losses, torch.amp.GradScaler.scale
+
+    def losses_spy(*args):
+        out = real_losses(*args)
+        losses.append(out.detach().clone())
+        return out
+
+    def scale_spy(self, outputs):
+        scaled.append(float(outputs.detach()))
+        return real_scale(self, outputs)
+
+    monkeypatch.setattr(train, "eps_losses", losses_spy)
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", scale_spy)
+    assert train.main(_fresh(setup, tmp_path / "run", "--image-root", str(images), steps=1)) == 0
+    ok = torch.tensor([Path(db.sources([e])[0]).name != broken for e in entries])
+    assert int(ok.sum()) == 3 and len(losses) == 1 and bool((losses[0] > 0).all())
+    assert scaled == pytest.approx([float(losses[0][ok].sum()) / 4], rel=1e-6)
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text())
+    assert record["loss"] == pytest.approx(float(losses[0][ok].mean()), rel=1e-6) and record["unreadable"] == 1
+
+
 def test_torchrun_first_batch_check_counts_every_process(setup, tmp_path):
     """The first step's unreadable-images check is over the global batch: one process whose only first image is
     unreadable trains on (as one process with that global batch does), and where no process can read one, every
