@@ -1487,17 +1487,17 @@ def test_context_drop_zeroes_whole_contexts(setup, tmp_path, monkeypatch):
         return real(unet, schedule, x0, context, t, noise)
 
     monkeypatch.setattr(train, "eps_losses", spy)
-    assert train.main(_fresh(setup, tmp_path / "run", "--cond-drop", "0.5", steps=3, batch=4)) == 0
+    assert train.main(_fresh(setup, tmp_path / "run", "--cond-drop", "0.3", steps=3, batch=4)) == 0
     rows = torch.cat(seen).flatten(1)
     dropped = (rows == 0).all(1)
-    assert 0 < int(dropped.sum()) < len(rows)  # 12 draws at p = 0.5 (fixed seed): some of each
+    assert 0 < int(dropped.sum()) < len(rows)  # 12 draws at p = 0.3 (fixed seed): some of each
     assert bool((rows[~dropped] != 0).all())
-    # exactly the images whose drop draw is below p (an inverted test also drops about half, and at the default
-    # p = 0 would drop every context)
+    # exactly the images whose drop draw is below p (an inverted test drops others, and at the default p = 0 would
+    # drop every context; p is not 0.5, where a drop with probability 1 - p is the same test)
     cfg = RDMConfig.resolve(setup["cfg"])
     model = SimpleNamespace(config=cfg, schedule=SimpleNamespace(num_timesteps=1000))
     draws = torch.cat([train.sample_draws(0, step, range(4), model, torch.device("cpu"))["drop"] for step in range(3)])
-    assert torch.equal(dropped, draws < 0.5)
+    assert torch.equal(dropped, draws < 0.3)
     # the others are the contexts of the batch's own images (not, e.g., of the next entries')
     entries = torch.cat([TrainingOrder(12, seed=0, batch=4).micro_batch(step, 0) for step in range(3)])
     want = TrainingContexts(cfg, setup["db"], setup["db"], setup["nn"])(entries).flatten(1)
