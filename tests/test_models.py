@@ -283,7 +283,7 @@ def test_shared_input_matches_duplicated_rows(attention_resolutions, channels_la
         model.unet.prepare_context(ctx, zero_rows=1, shared_input=True)
 
 
-def test_timestep_adds_match_per_block_projections_and_follow_weight_changes():
+def test_timestep_adds_match_per_block_projections_and_follow_weight_changes(fresh_dispatch):
     """Inference projects every ResBlock's timestep embedding in one GEMM (weights concatenated once, conv1's bias
     folded in); it equals the per-block projections of the plain path and follows in-place weight updates."""
     from rdm_fast.models.unet import TimestepAdds
@@ -493,7 +493,7 @@ def test_guided_step_on_cuda_matches_oracle(dtype, tol):
     assert torch.isfinite(out).all() and rel_err(out.float(), e_u + scale * (e_c - e_u)) < tol
 
 
-def test_channels_last_inference_writes_skips_into_slices(monkeypatch):
+def test_channels_last_inference_writes_skips_into_slices(monkeypatch, fresh_dispatch):
     """Channels-last inference builds no [h, skip] concatenation (producers write into the up stages' input
     buffers) and gives the same eps as the concatenating autograd path."""
     cfg = RDMConfig.preset("tiny")
@@ -534,7 +534,7 @@ def test_downsample_gives_cudnn_a_dense_copy_of_a_channel_slice(monkeypatch):
     torch.testing.assert_close(y, real(x.contiguous(), down.conv.weight, down.conv.bias, 2, 1))
 
 
-def test_channels_last_network_returns_contiguous_eps():
+def test_channels_last_network_returns_contiguous_eps(fresh_dispatch):
     """A channels-last UNet (inference, as RDM.sample runs it on CUDA) returns eps in NCHW memory, so that the
     samplers' fused step (contiguous tensors only) takes the guided eps; the values equal the plain path's."""
     cfg = RDMConfig.preset("tiny")
@@ -648,7 +648,7 @@ def test_sample_sees_weights_written_through_data():
                        b.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0))
 
 
-def test_refreshing_the_caches_reads_no_host_data_and_follows_inference_mode():
+def test_refreshing_the_caches_reads_no_host_data_and_follows_inference_mode(fresh_dispatch):
     """``RDM.sample`` refreshes the inference caches (fused qkv, transposed upsampling weights, ...) at every call:
     on CUDA that must queue device work only. A tensor made from host data (``torch.tensor(list, device=...)``:
     aten.lift_fresh) or a scalar read is a blocking copy that fails the GPU's sync-free sampling test; a CPU
