@@ -467,6 +467,46 @@ def test_derived_seeds_differ_by_purpose():
     assert len(set(seeds)) == len(seeds)
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["images", "latents-cache"])
+def test_training_noises_a_posterior_sample_of_each_image(setup, tmp_path, monkeypatch, cached):
+    """The clean latent x0 of a step is a sample of the KL posterior, scale_factor (mean + std * the image's own
+    posterior draw), as the reference trains (``encoder_posterior.sample()``), from the images and from the cache
+    of moments alike; taking the mean instead passed every other training test."""
+    seen: dict[str, list] = {"draws": [], "moments": [], "x0": [], "scale": []}
+    real_draws, real_losses = train.sample_draws, train.eps_losses
+    real_latents, real_encode = RDM.latents, RDM.encode
+
+    def draws(*args, **kwargs):
+        seen["draws"].append(out := real_draws(*args, **kwargs))
+        return out
+
+    def latents(self, moments, **kwargs):
+        seen["moments"].append(moments.detach().clone())
+        seen["scale"].append(self.config.scale_factor)
+        return real_latents(self, moments, **kwargs)
+
+    def encode(self, images, **kwargs):
+        seen["moments"].append(self.encode_moments(images).detach().clone())
+        seen["scale"].append(self.config.scale_factor)
+        return real_encode(self, images, **kwargs)
+
+    def losses(unet, schedule, x0, *args):
+        seen["x0"].append(x0.detach().clone())
+        return real_losses(unet, schedule, x0, *args)
+
+    monkeypatch.setattr(train, "sample_draws", draws)
+    monkeypatch.setattr(train, "eps_losses", losses)
+    monkeypatch.setattr(RDM, "latents", latents)
+    monkeypatch.setattr(RDM, "encode", encode)
+    extra = ("--latents", str(tmp_path / "latents")) if cached else ()
+    assert train.main(_fresh(setup, tmp_path / "run", *extra, steps=1, batch=4)) == 0
+    moments, x0 = seen["moments"][-1], seen["x0"][-1]
+    mean, logvar = moments.chunk(2, dim=1)
+    want = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * seen["draws"][-1]["posterior"]) * seen["scale"][-1]
+    assert not torch.allclose(want, mean * seen["scale"][-1], rtol=1e-2)  # the draw moves the latent
+    torch.testing.assert_close(x0, want, rtol=1e-5, atol=1e-6)
+
+
 def test_sample_draws_are_per_image_and_cover_every_timestep():
     """Each image of a step draws its own timestep, noise and context-drop value from (seed, step, position): no two
     positions alike, the same draws for a slice of the positions, and timesteps over all of [0, T) (the
