@@ -418,6 +418,9 @@ def test_mode_from_env_api_and_context_manager(fresh_dispatch, monkeypatch):
             assert ops.get_mode() == "fast"
         assert ops.get_mode() == "reference"
     assert ops.get_mode() == "auto"
+    with pytest.raises(KeyError), ops.use_mode("reference"):  # a body that raises restores the mode too
+        raise KeyError("body")
+    assert ops.get_mode() == "auto"
     ops.set_mode(None)
     assert ops.get_mode() == "fast"
 
