@@ -504,6 +504,24 @@ def test_missing_extension_warns_once_and_fast_mode_explains(fresh_dispatch, mon
         group_norm(x, w, b, 2, EPS)
 
 
+def test_a_missing_preferred_backend_is_warned_about_when_a_slower_fast_one_runs(fresh_dispatch, caplog):
+    """As on CUDA, where group_norm prefers the Triton kernels to the extension's and attention Triton to SDPA:
+    with the first implementation's backend missing, the next one runs, and the user is told once what is
+    missing (the warning of a fallback to the reference, for a fallback to a slower fast path)."""
+    from rdm_fast.ops._dispatch import Impl, Op
+
+    op = Op("demo", reference=Impl("reference", lambda x: x), by_device={"cpu": [
+        Impl("first", lambda x: x + 1, unavailable=lambda: "rdm_fast._C_cuda is not built"),
+        Impl("second", lambda x: x + 2)]})
+    with caplog.at_level(logging.INFO, logger="rdm_fast.ops"):
+        assert op(torch.zeros(1)).item() == 2
+        op(torch.zeros(1))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "demo: falling back to the slower second implementation because rdm_fast._C_cuda is not "
+                          "built; build it with `pip install --no-build-isolation .` from the rdm_fast source tree"),
+        (logging.INFO, "demo: second (cpu, float32; not first: rdm_fast._C_cuda is not built)")]
+
+
 def test_a_missing_extension_is_not_blamed_for_calls_it_would_not_take(fresh_dispatch, monkeypatch, caplog):
     """A call that needs gradients runs the reference with or without the (inference-only) extension: its log
     line and fast mode's error give that reason, and the missing extension is warned about at the first call it
