@@ -698,6 +698,14 @@ def test_ops_take_mixed_operands_under_autocast(dtype):
     assert torch.equal(ln, ops.layer_norm(x, w.to(dtype), b.to(dtype), 1e-5))
     with pytest.raises(ValueError, match="dtype"):
         ops.add_bias(x, bias, residual)
+    # ``out`` is the caller's buffer, never cast: one of autocast's dtype is written, a float32 one refused (a cast
+    # copy would take the result and leave the caller's buffer as it was, without an error)
+    out, out32 = torch.zeros_like(x), torch.zeros(x.shape)
+    with torch.autocast("cpu", dtype=dtype):
+        assert ops.add_bias(x, bias, residual, out=out) is out
+        with pytest.raises(ValueError, match=f"expected out of dtype {dtype}"):
+            ops.add_bias(x, bias, residual, out=out32)
+    assert torch.equal(out, got) and not out32.any()
 
 
 @pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf"), torch.tensor(-1.0)],
