@@ -520,6 +520,12 @@ def test_a_missing_preferred_backend_is_warned_about_when_a_slower_fast_one_runs
         (logging.WARNING, "demo: falling back to the slower second implementation because rdm_fast._C_cuda is not "
                           "built; build it with `pip install --no-build-isolation .` from the rdm_fast source tree"),
         (logging.INFO, "demo: second (cpu, float32; not first: rdm_fast._C_cuda is not built)")]
+    caplog.clear()
+    other = Op("other", reference=op.reference, by_device=op.by_device)  # once per op, not once per process
+    with caplog.at_level(logging.WARNING, logger="rdm_fast.ops"):
+        other(torch.zeros(1))
+    assert [r.getMessage().split(" because")[0] for r in caplog.records] == [
+        "other: falling back to the slower second implementation"]
 
 
 def test_a_missing_extension_is_not_blamed_for_calls_it_would_not_take(fresh_dispatch, monkeypatch, caplog):
