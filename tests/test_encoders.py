@@ -142,7 +142,7 @@ def clip_b32():
     return get_encoder("clip-vit-b-32", pretrained=False)
 
 
-@pytest.mark.parametrize("size", [(224, 224), (97, 310), (400, 256), (32, 32)])
+@pytest.mark.parametrize("size", [(224, 224), (97, 310), (400, 256), (32, 32), (300, 224)])
 def test_clip_preprocess_matches_independent_bicubic(size):
     from rdm_fast.encoders.clip import preprocess
 
@@ -183,8 +183,20 @@ def test_clip_text_tower(clip_b32):
     assert (emb[0] - emb[2]).abs().max() > 1e-3
     tokens = clip_b32.tokenizer(texts[:1])
     assert tokens.shape == (1, 77) and tokens[0, 0] == 49406 and tokens[0, 6] == 49407  # <sot> 5 words <eot>
+    # the raw text-tower output, not L2-normalised (normalized = False: the sampler normalises where rdm768 does)
+    with torch.no_grad():
+        torch.testing.assert_close(emb, clip_b32.model.encode_text(clip_b32.tokenizer(texts)))
+    assert (emb.norm(dim=-1) - 1).abs().min() > 1e-2
     assert clip_b32.info() == {"name": "clip-vit-b-32", "dim": 512, "normalized": False}
     assert clip_b32.image_size == 224
+
+
+def test_clip_towers_use_quick_gelu(clip_b32):
+    """OpenAI's CLIP weights were trained with QuickGELU, x * sigmoid(1.702 x), which open_clip's ViT configs
+    replace with exact GELU unless asked: with the released weights, GELU gives other embeddings, silently."""
+    x = torch.linspace(-4, 4, 101)
+    for tower in (clip_b32.model.transformer, clip_b32.model.visual.transformer):
+        torch.testing.assert_close(tower.resblocks[0].mlp.gelu(x), x * torch.sigmoid(1.702 * x))
 
 
 def test_clip_half_precision_as_the_reference_runs_it_on_a_gpu(clip_b32):
