@@ -120,6 +120,19 @@ def test_build_center_crops_match_independent_embeddings(image_dir, tmp_path):
     np.testing.assert_allclose(got, ref, rtol=5e-3, atol=5e-3)
 
 
+def test_build_none_crops_are_whole_images_resized(image_dir, tmp_path):
+    """crop="none": each whole image resized (bicubic) to crop_size x crop_size, nothing cut off; no corners. The
+    only builds of this mode replayed it with the same function, so an image not resized (then cut at its centre)
+    or resized bilinearly passed."""
+    out = build_database(tmp_path / "db", encoder=TinyEncoder(), images=image_dir, crop="none", crop_size=32,
+                         shard_size=5, workers=0, device="cpu", progress=False)
+    db = Database.open(out, device="cpu")
+    assert db.sources(torch.arange(len(db))) == GOOD and not db.manifest["has_patch_coords"]
+    ref = encode([np.asarray(Image.fromarray(reference_rgb(image_dir / s)).resize((32, 32), Image.BICUBIC))
+                  for s in GOOD])
+    np.testing.assert_allclose(db.embeddings(torch.arange(len(db))).numpy(), ref, rtol=5e-3, atol=5e-3)
+
+
 def test_random_crops_coords_and_workers(image_dir, tmp_path):
     kw = dict(encoder=TinyEncoder(), images=image_dir, crop="random", crop_size=32, crops_per_image=3,
               batch_size=6, shard_size=9, device="cpu", progress=False)
