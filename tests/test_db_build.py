@@ -198,6 +198,22 @@ def test_random_crops_of_fitted_squares(image_dir, tmp_path):
                            seed=seed, workers=0, device="cpu", progress=False)
 
 
+def test_random_crops_are_drawn_per_image_whatever_the_shards(image_dir, tmp_path):
+    """An image's windows come from (seed, its index in the whole input list): the rows do not depend on the shard
+    size, and images of one size (all fit_square squares) get different windows. A generator seeded with the
+    index within the shard gave every shard's n-th image the same windows, one seeded with the seed alone every
+    image: the tests used images of different sizes and compared builds of one shard size only."""
+    kw = dict(encoder=TinyEncoder(), images=image_dir, crop="random", crop_size=32, crops_per_image=2,
+              fit_square=48, workers=0, device="cpu", progress=False)
+    a = Database.open(build_database(tmp_path / "a", shard_size=2, **kw), device="cpu")  # one image a shard
+    b = Database.open(build_database(tmp_path / "b", shard_size=8, **kw), device="cpu")
+    ids = torch.arange(len(a))
+    assert len(a) == len(b) == 2 * len(GOOD) and len(a.manifest["shards"]) == 14 and len(b.manifest["shards"]) == 4
+    assert a.sources(ids) == b.sources(ids)
+    assert torch.equal(a.patch_coords(ids), b.patch_coords(ids)) and torch.equal(a.embeddings(ids), b.embeddings(ids))
+    assert len({tuple(c) for c in a.patch_coords(ids).tolist()}) > len(GOOD)  # 24 windows, 17 x 17 places
+
+
 def test_images_enlarged_for_their_crops_are_counted(image_dir, tmp_path, caplog, capsys):
     """Every image enlarged more than MAX_UPSCALE times for its crop is counted and named (the up-front check
     reads only a sample of the images): 96 px crops enlarge the 40x20 image 4.8 times, the others less."""
