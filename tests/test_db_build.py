@@ -233,6 +233,13 @@ def test_images_enlarged_for_their_crops_are_counted(image_dir, tmp_path, caplog
     normal = build_database(tmp_path / "normal", encoder=TinyEncoder(), images=image_dir, crop="center",
                             crop_size=32, workers=0, device="cpu", progress=False)
     assert Database.open(normal, device="cpu").manifest["enlarged"]["count"] == 0
+    # with fit_square, what an image is enlarged to is its square: 96 px squares enlarge the 40x20 one 4.8 times
+    # (counting by the 32 px crops counted none of them)
+    squares = build_database(tmp_path / "squares", encoder=TinyEncoder(), images=image_dir, crop="random",
+                             crop_size=32, fit_square=96, workers=0, device="cpu", progress=False)
+    assert Database.open(squares, device="cpu").manifest["enlarged"] == {
+        "count": 1, "files": [["dogs/small.png", 40, 20]], "uncounted_shards": 0}
+    assert "1 image had to be enlarged more than 4x for 96 px squares (listed in" in caplog.text
     # a build resumed from shards an older version finished (their done-records count nothing) says so
     kw = dict(encoder=TinyEncoder(), images=image_dir, crop="center", crop_size=96, shard_size=4, workers=0,
               device="cpu", progress=False)
