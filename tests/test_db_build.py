@@ -602,6 +602,20 @@ def test_import_npz_equals_the_data(parts, tmp_path):
     assert files_of(out) == before
 
 
+def test_import_npz_of_parts_with_and_without_class_ids(tmp_path):
+    """A part without class_id gives its rows -1, and the database then records no class ids (has_class_ids is
+    true only where every part has them); the other part's ids are kept. Every import test gave all parts or no
+    part class ids, so a manifest that claimed them where any part had them passed."""
+    rng = np.random.default_rng(5)
+    first = _official_part(tmp_path / "5x16-part_0.npz", rng, 5, 16, compressed=False, class_ids=True)
+    _official_part(tmp_path / "4x16-part_1.npz", rng, 4, 16, compressed=True, class_ids=False)
+    out = import_npz([tmp_path / "5x16-part_0.npz", tmp_path / "4x16-part_1.npz"], tmp_path / "db", INFO,
+                     shard_size=3, progress=False)
+    db = Database.open(out, device="cpu")
+    assert not db.manifest["has_class_ids"]
+    assert db.class_ids(torch.arange(9)).tolist() == first["class_id"].tolist() + [-1] * 4
+
+
 def test_import_npz_refuses_to_resume_over_a_changed_part(parts, tmp_path):
     """A part rewritten with other values of the same shape keeps its size, which was all a resume compared: the
     shards imported from its old values were kept. Its members' CRC-32s tell it apart."""
