@@ -248,6 +248,20 @@ def test_import_npz_cli(tmp_path, capsys):
     assert db.sources(torch.tensor([0, 20])) == ["100", "120"] and not db.manifest["has_class_ids"]
 
 
+def test_import_npz_cli_takes_pickled_img_ids_with_allow_pickle(tmp_path, capsys):
+    """img_id arrays of Python objects (bytes, str, numbers) are refused without --allow-pickle, naming it, and with
+    it stored as the strings they hold (bytes decoded, not "b'...'"). No test imported pickled ids."""
+    rng = np.random.default_rng(4)
+    part = tmp_path / "3x16-part_0.npz"
+    np.savez(part, embedding=rng.standard_normal((3, 16)).astype(np.float32),
+             img_id=np.array([b"oi_01", "oi_02", 3], dtype=object), patch_coords=np.zeros((3, 2), np.int64))
+    common = ["import-npz", str(part), "--encoder", SPEC, "--no-progress"]
+    assert "stores Python objects (pickled); pass --allow-pickle if you trust the file" in _error(
+        capsys, *common, "--out", str(tmp_path / "refused"))
+    assert cli(*common, "--out", str(tmp_path / "db"), "--allow-pickle") == 0
+    assert Database.open(tmp_path / "db", device="cpu").sources([0, 1, 2]) == ["oi_01", "oi_02", "3"]
+
+
 @pytest.mark.parametrize("crop", ["random", "none"])
 def test_contact_sheet_tiles_replay_the_build_crop(tmp_path, capsys, caplog, crop):
     """Each tile shows the crop that was embedded: a random crop of an image smaller than the crop size is
