@@ -51,11 +51,18 @@ def built(tmp_path_factory):
 
 
 def test_build_fit_square_is_recorded_and_shown(built, tmp_path, capsys):
-    """--fit-square reaches the build, which db info shows; without --crop random it is one error line."""
+    """--fit-square and --seed reach the build, which db info shows; without --crop random it is one error
+    line."""
     common = ["--images", str(built / "images"), "--encoder", SPEC, "--crop-size", "32", "--workers", "0",
               "--device", "cpu", "--no-progress"]
     assert cli("build", *common, "--out", str(tmp_path / "sq"), "--crop", "random", "--fit-square", "40") == 0
     capsys.readouterr()
+    # --seed reaches the build: its windows are another seed's (the build records the seed it drew them with)
+    assert cli("build", *common, "--out", str(tmp_path / "s3"), "--crop", "random", "--fit-square", "40",
+               "--seed", "3") == 0
+    seeded, default = (Database.open(tmp_path / name, device="cpu") for name in ("s3", "sq"))
+    assert seeded.manifest["build"]["seed"] == 3 and default.manifest["build"]["seed"] == 0
+    assert not torch.equal(seeded.patch_coords(torch.arange(10)), default.patch_coords(torch.arange(10)))
     assert cli("info", str(tmp_path / "sq")) == 0
     assert "crops      random, 32 px, of 40 px squares\n" in capsys.readouterr().out
     assert "fit_square (--fit-square) 40 needs crop='random' (--crop random)" in _error(
