@@ -1068,7 +1068,8 @@ def test_read_list_equals_whole_file_splitlines_in_any_blocks(tmp_path, monkeypa
     monkeypatch.setattr(build, "LIST_BLOCK", block)
     for content in [b"a.png\t1\r\nb/c.jpg\t2\n\n  \nraw\xff.png\t-3\rlast.png\t4",  # CRLF, CR, blank, no final EOL
                     b"x.png\x0cy.png\x1cz.png\xc2\x85w.png\xe2\x80\xa8v.png\n",  # splitlines' other breaks
-                    "été/ß.png\n日本/画像.webp\n".encode(), b"\n\n", b"only.png"]:
+                    "été/ß.png\n日本/画像.webp\n".encode(), b"\n\n", b"only.png",
+                    b" lead.png\t1\ntrail.png \t2\n two words.jpg\t5\n"]:  # spaces belong to file names
         file = tmp_path / "list.txt"
         file.write_bytes(content)
         paths, classes = build.read_list(file)
@@ -1090,6 +1091,11 @@ def test_read_list_errors_name_the_place(tmp_path, monkeypatch, block):
     file.write_bytes(b"a.png\t1\nb.png\t99999999999999999999\n")
     with pytest.raises(ValueError, match=r"list.txt:2: class id '99999999999999999999' is not a 64-bit"):
         build.read_list(file)
+    file.write_bytes(b"a.png\t1\nb.png\t2.5\n")  # not truncated to 2
+    with pytest.raises(ValueError, match=r"list.txt:2: class id '2.5' is not a 64-bit integer"):
+        build.read_list(file)
+    file.write_bytes(b"a.png\t4611686018427387905\n")  # exact: not through a float
+    assert build.read_list(file)[1].tolist() == [4611686018427387905]
     file.write_bytes(b"a.png\t1\nb.png\n")
     with pytest.raises(ValueError, match="1 of 2 lines have a class id"):
         build.read_list(file)
