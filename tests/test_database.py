@@ -765,7 +765,8 @@ def test_scattered_rows_are_read_through_their_own_maps(db_dir, data):
     assert all(a is not b and np.array_equal(a, b) for a, b in zip(scattered, db.shard_arrays))
 
 
-@pytest.mark.parametrize("names", [["a/1.jpg", "b/22.png"], ["café/1.jpg", "b/22.png"], ["x\udce9.jpg", "b/2.png"]])
+@pytest.mark.parametrize("names", [["a/1.jpg", "b/22.png"], ["café/1.jpg", "b/22.png"], ["x\udce9.jpg", "b/2.png"],
+                                   ["/" + "d/" * 150 + "long.jpg", "b/2.png"]])
 def test_sources_round_trip_through_the_compact_metadata(tmp_path, names):
     """Sources are kept as UTF-8 bytes per process (ASCII by one cast, others element by element, file names
     that are not UTF-8 through their surrogates) and come back as the strings written."""
