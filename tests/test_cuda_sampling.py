@@ -21,7 +21,7 @@ def test_graphs_off_or_cpu():
         maybe_graphed(fn, x, True)
 
 
-def test_graph_cache_reuses_the_capture_with_the_next_batchs_context(monkeypatch):
+def test_graph_cache_reuses_the_capture_with_the_next_batchs_context(monkeypatch, fresh_dispatch):
     """A following trajectory with the same shapes, guidance and weights replays the last capture with its own
     context copied in, and gets what eager sampling gives; other guidance, shapes or changed weights capture
     anew. (CPU: a stand-in for the CUDA graph that, like one, keeps running the captured function on its own

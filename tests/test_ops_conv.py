@@ -212,7 +212,7 @@ def test_views_spanning_2_31_elements_per_image_are_not_the_kernels():
     assert "out's elements within one image span 2^31" in impl.unsupported(dense, w, b, wide_out)
 
 
-def test_unet_routes_only_thin_inference_convolutions_to_the_op(monkeypatch):
+def test_unet_routes_only_thin_inference_convolutions_to_the_op(monkeypatch, fresh_dispatch):
     """The UNet's first and last convolutions go through ops.conv3x3 at inference and never in autograd or the
     plain-PyTorch mode; its other convolutions never do."""
     from rdm_fast import RDMConfig

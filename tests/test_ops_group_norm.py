@@ -278,7 +278,7 @@ def test_silu_is_accurate_to_a_few_float32_ulp(cpu_ext, channels_last):
 
 
 @needs_triton
-def test_nhwc_row_layouts_are_recognised():
+def test_nhwc_row_layouts_are_recognised(fresh_dispatch):
     """Maps stored as pixel rows of C unit-strided channels, whatever the strides of their size-1 dims, take the
     channels_last kernels (with the right row stride, tested in test_triton_group_norm.py); other strides do not."""
     from rdm_fast._layout import nhwc_row_stride
@@ -636,8 +636,9 @@ def test_cpu_baseline_isa_variant(cpu_ext, tmp_path):
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
-def test_compile_cold_start_fullgraph(tmp_path):
-    """torch.compile(fullgraph=True) over the dispatching API, with nothing loaded before tracing."""
+def test_compile_cold_start_fullgraph(tmp_path, fresh_dispatch):
+    """torch.compile(fullgraph=True) over the dispatching API, with nothing loaded before tracing (the child in
+    auto mode, whatever RDM_FAST_OPS this process was given)."""
     code = (
         "import sys, torch, rdm_fast.ops as ops\n"
         "x, w, b, a = torch.randn(2, 64, 8, 8), torch.randn(64), torch.randn(64), torch.randn(2, 64)\n"
