@@ -825,6 +825,30 @@ def test_load_rgb_reduces_high_bit_depth_grayscale(tmp_path, mode):
     np.testing.assert_array_equal(rgb, np.repeat(expect[..., None], 3, 2))
 
 
+@pytest.mark.parametrize("mode", ["L", "1", "P"])
+def test_load_rgb_gives_opaque_grayscale_bilevel_and_palette_images_their_colours(tmp_path, mode):
+    """Grayscale, bilevel and palette PNGs without transparency (the other modes common in image folders) come
+    out as their RGB colours: the only palette image of the tests had a transparent colour (the compositing
+    path), so a loader that read an opaque palette image's indices, or took it as grayscale, passed."""
+    from rdm_fast.retrieval.build import load_rgb
+
+    rng = np.random.default_rng(9)
+    if mode == "P":
+        palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+        index = rng.integers(0, 256, (12, 20), dtype=np.uint8)
+        img, expect = Image.fromarray(index, "L"), palette[index]
+        img.putpalette(palette.tobytes(), "RGB")  # makes it a palette image
+    else:
+        gray = rng.integers(0, 256, (12, 20), dtype=np.uint8)
+        gray = np.where(gray > 127, 255, 0).astype(np.uint8) if mode == "1" else gray
+        img, expect = Image.fromarray(gray).convert(mode), np.repeat(gray[..., None], 3, 2)
+    img.save(tmp_path / "m.png")
+    assert Image.open(tmp_path / "m.png").mode == mode and not Image.open(tmp_path / "m.png").has_transparency_data
+    rgb = np.asarray(load_rgb(tmp_path / "m.png"))
+    assert rgb.shape == (12, 20, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb, expect)
+
+
 def test_list_class_from_folder_gives_files_beside_the_list_no_class(tmp_path):
     rng = np.random.default_rng(4)
     (tmp_path / "cats").mkdir()
