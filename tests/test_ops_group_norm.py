@@ -337,6 +337,19 @@ def test_sizes_beyond_the_kernels_limits_fall_back():
         assert "loop counters" in GROUP_NORM.impl(impl).unsupported(near, None, None, 1, EPS)
 
 
+@needs_triton
+def test_a_channels_last_batch_above_the_grid_limit_never_reaches_the_triton_kernels(fresh_dispatch, monkeypatch):
+    """On CUDA without the extension, a channels_last batch above the channels_last kernels' grid limit went to
+    the last implementation, the Triton op, which runs those same kernels: its launcher raised ValueError instead
+    of the reference running. It goes to the reference now (selection only: meta tensors)."""
+    monkeypatch.setattr(GROUP_NORM.impl("cuda-ext"), "unavailable", lambda: "rdm_fast._C_cuda is not built")
+    big = torch.empty(65536, 16, 2, 2, device="meta").to(memory_format=torch.channels_last)
+    assert "launch grid" in GROUP_NORM.impl("triton").unsupported(big, None, None, 4, EPS)
+    assert GROUP_NORM.select("cuda", big, None, None, 4, EPS).name == "reference"
+    assert GROUP_NORM.select("cuda", big[:65535], None, None, 4, EPS).name == "triton-nhwc"
+    assert GROUP_NORM.select("cuda", big.contiguous(), None, None, 4, EPS).name == "triton"  # the NCHW kernel
+
+
 def test_fake_matches_the_op_on_channel_slices(cpu_ext):
     """The op itself (not the dispatcher, which makes slices channels_last first) returns NCHW for the channel
     slice of a channels_last map; its fake implementation must give the same strides."""

@@ -136,6 +136,15 @@ def _nhwc_unsupported(x: Tensor, weight, bias, num_groups, eps, *, add=None, sil
     return None
 
 
+def _triton_unsupported(x: Tensor, weight, bias, num_groups, eps, *, add=None, silu=False) -> str | None:
+    """The Triton op runs channels_last maps with the channels_last kernels, so their limits hold there too (a
+    batch above the grid's z limit, which triton-nhwc refused, reached this one where the extension is missing,
+    and failed in the kernel's launcher instead of running the reference)."""
+    if not x.is_contiguous() and is_nhwc_rows(x):
+        return _nhwc_unsupported(x, weight, bias, num_groups, eps, add=add, silu=silu)
+    return _unsupported(x, weight, bias, num_groups, eps, add=add, silu=silu)
+
+
 def _ext_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -206,7 +215,7 @@ GROUP_NORM = Op(
             # channels_last path and nothing to time per shape
             Impl("triton-nhwc", _triton_forward, _nhwc_unsupported, _triton_unavailable),
             Impl("cuda-ext", _ext_forward, _unsupported, _cuda_ext_unavailable),
-            Impl("triton", _triton_forward, _unsupported, _triton_unavailable),
+            Impl("triton", _triton_forward, _triton_unsupported, _triton_unavailable),
         ],
     },
 )
