@@ -164,6 +164,19 @@ def test_cuda_selection(fresh_dispatch):
             CROSS_ATTENTION.select("cuda", *bad)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_cuda_selection_takes_every_head_dim_of_the_flash_kernel(fresh_dispatch):
+    """Cross-attention's own head-dim check lists the flash kernel's head dims (16 to 128): every one of them
+    takes the fast path on CUDA, others the reference. Every case had head dim 32 or 64, so a list that had
+    lost 16 or 128 (layers of such heads silently on the reference) passed."""
+    from rdm_fast.kernels.attention import HEAD_DIMS
+
+    for d in sorted({*HEAD_DIMS, 8, 48, 256}):
+        args = list(make_inputs((1, 3, 2 * d, 2, 2, False, True), torch.bfloat16))  # two heads of d
+        expected = "triton" if d in HEAD_DIMS else "reference"
+        assert CROSS_ATTENTION.select("cuda", *args).name == expected, d
+
+
 def test_grad_flows_through_reference():
     x, lnw, lnb, eps, w_q, k, v, heads = make_inputs(CASES["b3-n17-c96-m11"], torch.float32)
     w_q.requires_grad_()
