@@ -350,6 +350,17 @@ def test_a_channels_last_batch_above_the_grid_limit_never_reaches_the_triton_ker
     assert GROUP_NORM.select("cuda", big.contiguous(), None, None, 4, EPS).name == "triton"  # the NCHW kernel
 
 
+@needs_triton
+def test_the_extension_takes_channels_last_batches_the_triton_kernels_cannot(fresh_dispatch, monkeypatch):
+    """On CUDA, a channels_last batch above the channels_last kernels' grid limit goes to the extension's kernel
+    (one program per sample and group: no such limit), not the reference; the only test of such batches asked
+    triton-nhwc alone, so an extension check refusing channels_last maps passed (selection only: meta tensors)."""
+    monkeypatch.setattr(GROUP_NORM.impl("cuda-ext"), "unavailable", lambda: None)
+    big = torch.empty(65536, 16, 2, 2, device="meta").to(memory_format=torch.channels_last)
+    assert GROUP_NORM.select("cuda", big, None, None, 4, EPS).name == "cuda-ext"
+    assert GROUP_NORM.select("cuda", big.contiguous(), None, None, 4, EPS).name == "cuda-ext"
+
+
 def test_fake_matches_the_op_on_channel_slices(cpu_ext):
     """The op itself (not the dispatcher, which makes slices channels_last first) returns NCHW for the channel
     slice of a channels_last map; its fake implementation must give the same strides."""
