@@ -525,6 +525,12 @@ def test_png_writer_writes_in_the_background_bounded_and_reports_failures(tmp_pa
     writer.write(pixels[0], tmp_path / "missing-dir" / "x.png")
     with pytest.raises(OSError):
         writer.close()
+    writer = images.PngWriter(workers=1)  # a failure stops the loop at its next write, not after the last batch
+    writer.write(pixels[0], tmp_path / "missing-dir" / "z.png")
+    writer._pending[0].exception(5)  # written (and failed)
+    with pytest.raises(OSError):
+        writer.write(pixels[1], tmp_path / "z1.png")
+    writer.close()
     with pytest.raises(KeyError), images.PngWriter() as writer:
         writer.write(pixels[0], tmp_path / "missing-dir" / "y.png")
         raise KeyError("the loop's own error")
@@ -1401,6 +1407,18 @@ def test_image_helpers_refuse_what_they_cannot_draw():
     with pytest.raises(ValueError, match="contact_sheet: no tiles"):
         images.contact_sheet([])
     assert images.grid(np.zeros((3, 8, 8, 3), np.uint8), columns=3).shape == (12, 32, 3)
+
+
+def test_grid_lays_the_images_out_row_by_row_on_white():
+    """grid: image i at row i // columns, column i % columns (default columns: ceil(sqrt(B))), ``pad`` white pixels
+    between and around the tiles, and the cells after the last image white."""
+    tiles = np.stack([np.full((2, 3, 3), 40 * i, np.uint8) for i in range(5)])  # non-square tiles, distinct levels
+    expected = np.full((2 * 3 + 1, 3 * 4 + 1, 3), 255, np.uint8)  # 2 rows, 3 columns, pad 1
+    for i in range(5):
+        r, c = divmod(i, 3)
+        expected[1 + 3 * r:3 + 3 * r, 1 + 4 * c:4 + 4 * c] = 40 * i
+    np.testing.assert_array_equal(images.grid(tiles, pad=1), expected)
+    np.testing.assert_array_equal(images.grid(tiles[:2], columns=1, pad=0), tiles[:2].reshape(4, 3, 3))
 
 
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
