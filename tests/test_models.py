@@ -410,6 +410,15 @@ def test_unet_input_errors():
     assert model.unet(x, 10, ctx).shape == x.shape  # a scalar timestep is broadcast
 
 
+def test_constructors_return_models_in_eval_mode(tmp_path):
+    """from_config, from_state_dict and from_pretrained give models ready to sample: every module in eval mode (a
+    config with dropout would otherwise drop activations while sampling)."""
+    model = RDM.from_config("tiny", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    for m in (model, RDM.from_state_dict(model.state_dict(), model.config), RDM.from_pretrained(tmp_path / "m")):
+        assert not any(module.training for module in m.modules())
+
+
 def test_from_config_starts_like_training():
     """Residual branches and the output conv start at zero (as in the reference training code): eps == 0."""
     model = RDM.from_config("tiny")
