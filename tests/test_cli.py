@@ -1409,6 +1409,26 @@ def test_image_helpers_refuse_what_they_cannot_draw():
     assert images.grid(np.zeros((3, 8, 8, 3), np.uint8), columns=3).shape == (12, 32, 3)
 
 
+def test_save_png_leaves_no_partial_image(tmp_path, monkeypatch):
+    """An image that exists is whole (``sample --resume`` keeps the images it finds): a write that fails part-way
+    leaves neither the image's name nor a temporary file behind, and an image of that name written before keeps its
+    bytes."""
+    pixels = np.full((4, 4, 3), 7, np.uint8)
+    kept = tmp_path / "sample_00000.png"
+    images.save_png(pixels, kept)
+    before = kept.read_bytes()
+
+    def partial(self, fp, *args, **kwargs):  # a few bytes, then a full disk
+        Path(fp).write_bytes(before[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", partial)
+    for target in (kept, tmp_path / "sample_00001.png"):
+        with pytest.raises(OSError, match="No space left"):
+            images.save_png(pixels[::-1], target)
+    assert kept.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["sample_00000.png"]
+
+
 def test_grid_lays_the_images_out_row_by_row_on_white():
     """grid: image i at row i // columns, column i % columns (default columns: ceil(sqrt(B))), ``pad`` white pixels
     between and around the tiles, and the cells after the last image white."""
