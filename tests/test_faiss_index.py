@@ -353,3 +353,47 @@ def test_db_index_help_lists_each_kinds_parameters():
 
     listed = {kind: set(names.split(", ")) for kind, names in (part.split(": ") for part in INDEX_PARAMS.split("; "))}
     assert listed == _PARAMS
+
+
+@pytest.fixture(scope="module")
+def small_ivfpq(tmp_path_factory):
+    """(shards, queries, index path) of an ivfpq index of 16 cells over 3000 planted vectors in three shards."""
+    folder = tmp_path_factory.mktemp("small_ivfpq")
+    x, q = planted(3000, DIM, n_queries=300, per_query=5)
+    shards = save_shards(x, folder)
+    build_index(shards, "ivfpq", out=folder / "i.faiss", progress=False, nlist=16, nbits=4)
+    return shards, q, folder / "i.faiss"
+
+
+def test_ivfpq_search_parameters_reach_the_search(small_ivfpq):
+    """Every cell searched (nprobe = nlist, above the stored 8) and every vector re-ranked (rerank = N) is the
+    exact search, also for more queries than one re-ranking block holds (2**24 / (N D) = 87 here); the stored
+    nprobe searches fewer cells."""
+    shards, q, out = small_ivfpq
+    x = np.concatenate([np.asarray(s) for s in shards])
+    ref_scores, ref_ids = brute_force(x, q, 10)
+    engine = FaissSearch.load(out, vectors=shards, nprobe=16, rerank=len(x))
+    assert engine.nprobe == 16 and FaissSearch.load(out).nprobe == 8
+    scores, ids = engine.search(torch.from_numpy(q), 10)
+    np.testing.assert_array_equal(ids.numpy(), ref_ids)
+    np.testing.assert_allclose(scores.numpy(), ref_scores, atol=2e-6)
+    _, ids = FaissSearch.load(out, vectors=shards, rerank=len(x)).search(torch.from_numpy(q), 10)
+    assert recall(ids.numpy(), ref_ids) < 1  # half the cells: some neighbours are missed
+
+
+@pytest.mark.parametrize("rerank", [True, False])
+def test_ivfpq_missing_results_come_last(small_ivfpq, rerank):
+    """One cell of 16 holds fewer than k = 400 vectors: the rest of each row is id -1 with score -inf, after the
+    found ids (distinct, with their cosine scores when re-ranked), whether or not candidates are re-ranked."""
+    shards, q, out = small_ivfpq
+    x = np.concatenate([np.asarray(s) for s in shards])
+    engine = FaissSearch.load(out, vectors=shards if rerank else None, nprobe=1, rerank=len(x))
+    scores, ids = (t.numpy() for t in engine.search(torch.from_numpy(q[:20]), 400))
+    found = ids >= 0
+    assert not found.all() and found.any(axis=1).all()
+    assert (np.sort(~found, axis=1, kind="stable") == ~found).all()  # the found ids first
+    assert (scores[~found] == -np.inf).all() and np.isfinite(scores[found]).all()
+    assert all(len(set(row[row >= 0])) == int((row >= 0).sum()) for row in ids)
+    if rerank:
+        np.testing.assert_allclose(scores[found], np.take_along_axis(cosine(x, q[:20]), np.maximum(ids, 0), 1)[found],
+                                   atol=2e-6)
