@@ -397,3 +397,18 @@ def test_ivfpq_missing_results_come_last(small_ivfpq, rerank):
     if rerank:
         np.testing.assert_allclose(scores[found], np.take_along_axis(cosine(x, q[:20]), np.maximum(ids, 0), 1)[found],
                                    atol=2e-6)
+
+
+def test_hnsw_ef_search_reaches_the_search(tmp_path):
+    """ef_search given at load is the one searched with (an exhaustive one finds the exact neighbours where the
+    stored one does not), and it is raised to k: faiss returns fewer than k results (id -1) below it."""
+    x, q = planted(2000, DIM, n_queries=100, per_query=10)
+    shards = save_shards(x, tmp_path)
+    build_index(shards, "hnsw", out=tmp_path / "h.faiss", progress=False, M=16, ef_construction=40, ef_search=1)
+    _, ref_ids = brute_force(x, q, 10)
+    _, ids = FaissSearch.load(tmp_path / "h.faiss").search(torch.from_numpy(q), 10)
+    assert recall(ids.numpy(), ref_ids) < 1
+    _, ids = FaissSearch.load(tmp_path / "h.faiss", ef_search=len(x)).search(torch.from_numpy(q), 10)
+    np.testing.assert_array_equal(ids.numpy(), ref_ids)
+    _, ids = FaissSearch.load(tmp_path / "h.faiss", ef_search=4).search(torch.from_numpy(q), 200)
+    assert (ids >= 0).all()
