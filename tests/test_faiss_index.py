@@ -412,3 +412,24 @@ def test_hnsw_ef_search_reaches_the_search(tmp_path):
     np.testing.assert_array_equal(ids.numpy(), ref_ids)
     _, ids = FaissSearch.load(tmp_path / "h.faiss", ef_search=4).search(torch.from_numpy(q), 200)
     assert (ids >= 0).all()
+
+
+def test_ivfpq_training_sample_comes_from_every_shard(tmp_path):
+    """The training vectors are drawn across all shards, about in proportion to their sizes (a sample of the first
+    rows or shards trains the cells on one part of a database built from differently ordered sources)."""
+    x, _ = planted(6000, DIM, n_queries=5)
+    arrays = save_shards(x, tmp_path)
+    logs = [[] for _ in arrays]
+
+    class SampleRecordingShard(RecordingShard):
+        def __getitem__(self, key):  # the training sample is gathered with index arrays, the adding with slices
+            rows = self.array[key]
+            if not isinstance(key, slice):
+                self.log.append(len(rows))
+            return rows
+
+    shards = [SampleRecordingShard(a, lg) for a, lg in zip(arrays, logs, strict=True)]
+    build_index(shards, "ivfpq", out=tmp_path / "i.faiss", progress=False, train_size=1500, nlist=8, nbits=4)
+    drawn = np.array([sum(lg) for lg in logs])
+    assert drawn.sum() == 1500
+    np.testing.assert_allclose(drawn / 1500, [len(a) / len(x) for a in arrays], atol=0.05)
