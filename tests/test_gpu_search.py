@@ -556,3 +556,15 @@ def test_non_finite_rows_are_refused():
     assert len(GPUExactSearch(emb, devices=["cpu"])) == 10  # normalised first: stored finite
     with pytest.raises(TypeError, match="k must be an integer"):
         GPUExactSearch(emb, devices=["cpu"]).search(torch.zeros(1, 8), 2.0)
+
+
+def test_rows_are_normalised_in_blocks_of_a_chunk(monkeypatch):
+    """A chunk is normalised in blocks of _NORMALIZE_ROWS rows (65536; 4 here), each written at its own place."""
+    from rdm_fast.retrieval import gpu_search
+
+    queries, rows = unit_data(5, 90, 16, seed=11, scale=True)
+    monkeypatch.setattr(gpu_search, "_NORMALIZE_ROWS", 4)
+    index = GPUExactSearch(rows, devices=["cpu", "cpu"], dtype=torch.float32, chunk_rows=10)
+    torch.testing.assert_close(index.vectors(torch.arange(90)), rows, rtol=1e-6, atol=0)
+    err = mismatch(*index.search(queries, 7), normalized(queries), normalized(rows), 7)
+    assert err is None, err
