@@ -568,3 +568,16 @@ def test_rows_are_normalised_in_blocks_of_a_chunk(monkeypatch):
     torch.testing.assert_close(index.vectors(torch.arange(90)), rows, rtol=1e-6, atol=0)
     err = mismatch(*index.search(queries, 7), normalized(queries), normalized(rows), 7)
     assert err is None, err
+
+
+def test_float16_rows_give_float32_scores():
+    """Rows stored as float16 are scored against the float32 queries in float32 (on the CPU path: the cosine of
+    the stored row), not rounded to float16 (~1e-4 off), nor with queries rounded to float16."""
+    gen = torch.Generator().manual_seed(12)
+    rows, queries = torch.randn(300, 40, generator=gen), torch.randn(6, 40, generator=gen)
+    stored = (rows / rows.norm(dim=1, keepdim=True)).half().double()
+    stored /= stored.norm(dim=1, keepdim=True)
+    scores, ids = GPUExactSearch(rows, devices=["cpu", "cpu"], dtype=torch.float16).search(queries, 9)
+    expected = (queries.double() / queries.double().norm(dim=1, keepdim=True)) @ stored.T
+    torch.testing.assert_close(scores.double(), expected.gather(1, ids), rtol=0, atol=1e-6)
+    assert torch.equal(ids, expected.topk(9, dim=1).indices)
