@@ -581,3 +581,20 @@ def test_float16_rows_give_float32_scores():
     expected = (queries.double() / queries.double().norm(dim=1, keepdim=True)) @ stored.T
     torch.testing.assert_close(scores.double(), expected.gather(1, ids), rtol=0, atol=1e-6)
     assert torch.equal(ids, expected.topk(9, dim=1).indices)
+
+
+@needs_triton
+def test_the_kernel_takes_k_up_to_its_limit(monkeypatch):
+    """k = MAX_K (64) still runs the kernel (here a stand-in with its contract), only larger k the reference."""
+    from rdm_fast.kernels import knn
+    from rdm_fast.retrieval import gpu_search
+
+    calls = []
+    monkeypatch.setattr(gpu_search, "_interpreter_forced", lambda: True)
+    monkeypatch.setattr(knn, "topk_inner_product", lambda q, db, k: calls.append(k) or exact_search(q, db, k))
+    queries, rows = unit_data(2, 300, 16, seed=9)
+    index = GPUExactSearch(rows, devices=["cpu"], dtype=torch.float32)
+    for k in (knn.MAX_K, knn.MAX_K + 1):
+        err = mismatch(*index.search(queries, k), normalized(queries), normalized(rows), k)
+        assert err is None, err
+    assert calls == [knn.MAX_K]
