@@ -767,3 +767,14 @@ def test_a_failed_write_of_a_build_is_one_plain_line(built, tmp_path, capsys, mo
     assert _error(capsys, *args) == f"error: {out / 'manifest.json'}: File too large"
     monkeypatch.setattr(database, "atomic_write_json", real)
     assert cli(*args) == 0 and len(Database.open(out, device="cpu")) == 10
+
+
+def test_auto_backend_takes_the_triton_search_before_an_index(random_db, monkeypatch):
+    """Where the Triton search can run, "auto" takes it (exact) even when the database has a FAISS index."""
+    pytest.importorskip("faiss")
+    from rdm_fast.retrieval.database import add_index
+
+    _, path = random_db
+    add_index(path, "flat", progress=False)
+    monkeypatch.setattr(Database, "_triton_unavailable", staticmethod(lambda device: None))
+    assert Database.open(path, device="cpu").backend == "triton-exact"
