@@ -778,3 +778,22 @@ def test_auto_backend_takes_the_triton_search_before_an_index(random_db, monkeyp
     add_index(path, "flat", progress=False)
     monkeypatch.setattr(Database, "_triton_unavailable", staticmethod(lambda device: None))
     assert Database.open(path, device="cpu").backend == "triton-exact"
+
+
+def test_faiss_backend_re_ranks_ivfpq_and_passes_ef_search(random_db):
+    """Database's FAISS backend gives an ivfpq index the database's vectors, so its scores are the exact cosine
+    similarities of the returned entries (PQ scores are ~0.05 off), and passes ef_search on to an hnsw index."""
+    pytest.importorskip("faiss")
+    from rdm_fast.retrieval.database import add_index
+
+    emb, path = random_db
+    queries = np.random.default_rng(7).standard_normal((8, 16)).astype(np.float32)
+    cos = brute_force(emb.astype(np.float16), queries, len(emb))
+    exact = np.take_along_axis(cos[0], np.argsort(cos[1], axis=1), 1)  # (Q, N) scores in id order
+    add_index(path, "ivfpq", progress=False, nlist=4, m=4, nbits=4)
+    scores, ids = Database.open(path, backend="faiss", device="cpu").search(torch.from_numpy(queries), 5)
+    np.testing.assert_allclose(scores.numpy(), np.take_along_axis(exact, ids.numpy(), 1), atol=1e-5)
+    add_index(path, "hnsw", progress=False, M=8)
+    db = Database.open(path, backend="faiss", device="cpu", ef_search=7)
+    db.search(torch.from_numpy(queries), 5)
+    assert db._search_engine().ef_search == 7
