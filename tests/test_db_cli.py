@@ -797,3 +797,22 @@ def test_faiss_backend_re_ranks_ivfpq_and_passes_ef_search(random_db):
     db = Database.open(path, backend="faiss", device="cpu", ef_search=7)
     db.search(torch.from_numpy(queries), 5)
     assert db._search_engine().ef_search == 7
+
+
+def test_triton_backend_normalises_for_the_kernel(random_db, monkeypatch):
+    """The kernel scores rows as given (here a stand-in with its contract: plain inner products): the Triton
+    backend stores the database's unnormalised rows normalised and normalises the queries, so it ranks by cosine."""
+    pytest.importorskip("triton")
+    from rdm_fast.kernels import knn
+    from rdm_fast.retrieval import gpu_search
+    from rdm_fast.retrieval.search import topk_lowest_id
+
+    emb, path = random_db
+    monkeypatch.setattr(Database, "_triton_unavailable", staticmethod(lambda device: None))
+    monkeypatch.setattr(gpu_search, "_interpreter_forced", lambda: True)
+    monkeypatch.setattr(knn, "topk_inner_product", lambda q, rows, k: topk_lowest_id(q.float() @ rows.float().T, k))
+    queries = np.random.default_rng(8).standard_normal((7, 16)).astype(np.float32) * 5
+    scores, ids = Database.open(path, backend="triton", device="cpu").search(torch.from_numpy(queries), 9)
+    ref_scores, ref_ids = brute_force(emb.astype(np.float16), queries, 9)
+    np.testing.assert_array_equal(ids.numpy(), ref_ids)
+    np.testing.assert_allclose(scores.numpy(), ref_scores, atol=2e-3)  # unit rows stored in fp16
