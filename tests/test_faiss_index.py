@@ -433,3 +433,23 @@ def test_ivfpq_training_sample_comes_from_every_shard(tmp_path):
     drawn = np.array([sum(lg) for lg in logs])
     assert drawn.sum() == 1500
     np.testing.assert_allclose(drawn / 1500, [len(a) / len(x) for a in arrays], atol=0.05)
+
+
+def test_flat_ties_cut_by_the_index_are_searched_again(tmp_path, monkeypatch):
+    """faiss may keep any subset of a tie group cut by its last place (this CPU build keeps the lowest ids; a
+    stand-in keeps the highest): flat searches again with more results until the k-th tie group is whole."""
+    x = np.repeat(np.eye(4, DIM, dtype=np.float16), 100, axis=0)  # four groups of 100 equal rows
+    shards = save_shards(x, tmp_path)
+    build_index(shards, "flat", out=tmp_path / "flat.faiss", progress=False)
+    engine = FaissSearch.load(tmp_path / "flat.faiss")
+
+    def highest_ids_of_ties(q, kk, device):
+        d, i = FaissSearch._search_index(engine, q, len(x), device)
+        order = np.lexsort((-i, -d), axis=-1)[:, :kk]
+        return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+    monkeypatch.setattr(engine, "_search_index", highest_ids_of_ties)
+    q = np.eye(4, DIM, dtype=np.float32)[[2, 0]] + np.eye(4, DIM, dtype=np.float32)[[3, 1]] / 2
+    for k in (10, 150):  # the k-th tie group cut by the first search's 2 k + 16 results (36), or not (316)
+        _, ids = engine.search(torch.from_numpy(q), k)
+        np.testing.assert_array_equal(ids.numpy(), np.array([[*range(200, 400)], [*range(200)]])[:, :k])
