@@ -513,7 +513,6 @@ def _main(args: argparse.Namespace, procs: Processes, held: contextlib.ExitStack
             log.info("resuming: %d of the %d images exist, %d to draw", n - len(missing), n, len(missing))
         atomic_write_json(out / "run.json", {**run_info, "complete": False})  # an interrupted run says what it was
     state["sampling"] = True
-    # under torchrun each process draws every world-th batch; sample i's noise depends on i alone
     began = time.perf_counter()
     shown = _draw_images(args, model, settings, batch_contexts, missing, procs, out, run_id, device)
     procs.barrier()  # every process's images are written
@@ -570,9 +569,10 @@ def _draw_images(args: argparse.Namespace, model: RDM, settings: SamplingDefault
     the drawn ones below GRID_SAMPLES, for grid.png (a long run's images are not all kept)."""
     cfg = model.config
     batches = [(b, min(b + args.batch_size, len(missing))) for b in range(0, len(missing), args.batch_size)]
+    # under torchrun each process draws every world-th batch; sample i's noise depends on i alone
     mine = batches[procs.rank::procs.world]  # (first, end) positions in ``missing``
     order = torch.tensor(missing, device=device)  # the samples' indices on the device, copied once
-    shown = {}
+    shown = {}  # samples below GRID_SAMPLES drawn here
     # PNGs are compressed on background threads while the next batch is queued on the device (PngWriter)
     with torch.inference_mode(), tqdm(total=sum(end - first for first, end in mine), desc="images", unit="img",
                                       disable=args.no_progress or not procs.main) as bar, \
@@ -628,6 +628,7 @@ def _finish(out: Path, n: int, missing: list[int], shown: dict[int, np.ndarray],
              f" (the other {n - len(missing)} of {n} were there)" if len(missing) < n else "",
              f"the first {len(first_images)}" if len(first_images) > 1 else "of sample 0", out, seconds, rate,
              time.perf_counter() - started)
+
 
 if __name__ == "__main__":
     raise SystemExit(run(main, memory_advice=MEMORY_ADVICE))
