@@ -253,6 +253,7 @@ def diagnose_preset(result: dict, out: Path, log) -> None:
 
 
 def _case(result: dict):
+    """The preset's model, latents and contexts (seed 0: the same weights for the timings and the diagnostics)."""
     torch.manual_seed(0)
     return make_case(result["preset"], result["images"], torch.device("cuda"), torch.bfloat16)
 
