@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,7 +263,7 @@ def test_map_npz_refuses_damaged_archives(tmp_path):
     header = np.lib.format.header_data_from_array_1_0(np.arange(100))
     with zipfile.ZipFile(tmp_path / "short.npz", "w", zipfile.ZIP_STORED) as z, z.open("ids.npy", "w") as f:
         np.lib.format.write_array_header_1_0(f, header)
-        f.write(np.arange(60).tobytes())
+        f.write(np.arange(99).tobytes())  # one row short: the smallest shortfall is caught
     with pytest.raises(ValueError, match="ids.npy is truncated"):
         map_npz(tmp_path / "short.npz")
     with pytest.raises(FileNotFoundError):
@@ -360,3 +361,71 @@ def test_a_short_write_of_np_save_names_the_target(tmp_path):
     with pytest.raises(OSError) as e, file_size_limit(4096):
         atomic_save_npy(tmp_path / "a.npy", np.zeros(8192, np.uint8))
     assert str(e.value).startswith(f"cannot write {tmp_path / 'a.npy'}: ") and list(tmp_path.iterdir()) == []
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    """mkstemp makes its temporary files 0600: the renamed files get 0666 less the umask, as open() would give
+    them (models, databases and samples shared with other users or groups were unreadable to them)."""
+    import os
+    import stat
+
+    from rdm_fast._files import atomic_save_npy, atomic_write_json
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write_json(tmp_path / "a.json", {})
+    atomic_save_npy(tmp_path / "b.npy", np.zeros(3))
+    with atomic_npy_memmap(tmp_path / "c.npy", np.float16, (4, 2)):
+        pass
+    for name in ("a.json", "b.npy", "c.npy"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_the_temporary_file_lies_beside_its_target(tmp_path):
+    """The temporary file is made in the target's folder (a rename across file systems is no atomic replacement)
+    and named ``.NAME.*.tmp``, the names remove_stale_temps finds after a kill."""
+    from rdm_fast._files import atomic_write
+
+    seen = []
+
+    def write(path):
+        seen.append(path)
+        open(path, "wb").close()
+
+    atomic_write(tmp_path / "x.bin", write)
+    (tmp_path / "sub").mkdir()
+    atomic_write(tmp_path / "sub" / "y.bin", write)
+    for tmp, folder, name in zip(map(Path, seen), (tmp_path, tmp_path / "sub"), ("x.bin", "y.bin"), strict=True):
+        assert tmp.parent == folder and tmp.name.startswith(f".{name}.") and tmp.name.endswith(TEMP_SUFFIX), tmp
+
+
+def test_remove_stale_temps_leaves_folders(tmp_path):
+    """Only files are temporaries: a folder whose name matches (".cache.tmp") is left, not unlinked (which raised
+    IsADirectoryError and stopped the cleanup)."""
+    (tmp_path / ".cache.tmp").mkdir()
+    (tmp_path / ".a.npy.x1.tmp").write_bytes(b"half")
+    assert remove_stale_temps(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.tmp"]
+
+
+def test_array_file_problem_names_what_the_file_is(tmp_path):
+    """The reason np.load failed, in words: a file of other bytes is "not a NumPy .npy or .npz file" (NumPy's own
+    message suggests allow_pickle); an .npz (a zip archive) or .npy with a problem gets NumPy's message."""
+    from rdm_fast._files import array_file_problem
+
+    (tmp_path / "t.npy").write_text("hello")
+    assert array_file_problem(tmp_path / "t.npy", ValueError("x")) == "not a NumPy .npy or .npz file"
+    np.savez(tmp_path / "a.npz", a=np.arange(3))
+    assert array_file_problem(tmp_path / "a.npz", ValueError("bad  member\n name")) == "bad member name"
+    np.save(tmp_path / "o.npy", np.array([{}], object))
+    assert array_file_problem(tmp_path / "o.npy", ValueError("Object arrays cannot be loaded when allow_pickle=False")
+                              ) == "it holds Python objects (pickled), not numbers"
+    assert array_file_problem(tmp_path / "missing.npy", ValueError("x")) == "No such file or directory"
+
+
+def test_make_dirs_passes_on_an_error_of_no_file_in_the_way(tmp_path):
+    """A dangling symbolic link where the folder goes is no file in the way: mkdir's own FileExistsError is passed
+    on, not "... is a file, not a folder"."""
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError):
+        make_dirs(tmp_path / "link")
