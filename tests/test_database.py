@@ -447,6 +447,107 @@ def test_neighbors_resume_starts_over_for_each_other_setting(tmp_path, monkeypat
     assert torch.equal(ids, expected[0]) and torch.equal(scores, expected[1])
 
 
+def _killed_search(monkeypatch, kill_at: list[int]) -> list[int]:
+    """Database.search raising KeyboardInterrupt (a kill) at its call number ``kill_at[0]`` (never at 0); returns
+    the list that counts the calls (clear it to count anew)."""
+    real, calls = Database.search, []
+
+    def search(self, queries, k, **kw):
+        calls.append(len(queries))
+        if len(calls) == kill_at[0]:
+            raise KeyboardInterrupt
+        return real(self, queries, k, **kw)
+
+    monkeypatch.setattr(Database, "search", search)
+    return calls
+
+
+def test_neighbors_never_resume_on_another_runs_files(tmp_path, monkeypatch):
+    """A run with other settings forgets the old state before it replaces the progress files: killed before its
+    first batch was done, it would leave the old run's state (14 queries done) beside its own files of zeros, and
+    the old run's next try would resume on them and save rows of zeros."""
+    _, db = _planted(tmp_path)
+    ref_ids, ref_scores = compute_neighbors(db, k=5, exclude_self=True, batch_size=7, progress=False)
+    run = {"k": 5, "exclude_self": True, "batch_size": 7, "progress": False, "resume_dir": tmp_path / "nn.progress"}
+    kill_at = [3]
+    calls = _killed_search(monkeypatch, kill_at)
+    with pytest.raises(KeyboardInterrupt):
+        compute_neighbors(db, **run)  # killed in its third batch
+    calls.clear()
+    kill_at[0] = 1
+    with pytest.raises(KeyboardInterrupt):
+        compute_neighbors(db, **{**run, "exclude_self": False})  # other settings, killed in its first batch
+    monkeypatch.undo()
+    ids, scores = compute_neighbors(db, **run)
+    assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
+
+
+def test_neighbors_results_are_no_views_of_the_progress_files(tmp_path, caplog):
+    """The results returned are in memory: changed by the caller, the progress files (and a rerun that finds them
+    done) keep the search's. Progress that cannot be used (an unreadable state, files of another shape beside a
+    matching state) starts over."""
+    _, db = _planted(tmp_path)
+    ref_ids, ref_scores = compute_neighbors(db, k=5, exclude_self=True, batch_size=7, progress=False)
+    resume = tmp_path / "nn.progress"
+    run = {"k": 5, "exclude_self": True, "batch_size": 7, "progress": False, "resume_dir": resume}
+    ids, scores = compute_neighbors(db, **run)
+    ids[:], scores[:] = -7, 0.5
+    ids, scores = compute_neighbors(db, **run)  # done already: read back
+    assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
+    np.save(resume / "ids.npy", np.zeros((34, 4), np.int64))
+    with caplog.at_level("WARNING", logger="rdm_fast.retrieval"):
+        ids, _ = compute_neighbors(db, **run)
+    assert torch.equal(ids, ref_ids) and "unreadable progress (shapes differ): starting over" in caplog.text
+    (resume / "state.json").write_text("{")  # cut short
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rdm_fast.retrieval"):
+        ids, _ = compute_neighbors(db, **run)
+    assert torch.equal(ids, ref_ids) and "unreadable progress" in caplog.text
+
+
+def test_neighbors_skip_the_missing_results_of_an_approximate_search(tmp_path, monkeypatch):
+    """An approximate index marks results it did not find with id -1 at the end of a row (FAISS): never taken as a
+    neighbour; more candidates are searched until k found ones remain."""
+    _, db = _planted(tmp_path)
+    ref_ids, ref_scores = compute_neighbors(db, k=5, batch_size=7, progress=False)
+    real = Database.search
+
+    def padded(self, queries, k, **kw):
+        scores, ids = real(self, queries, k, **kw)
+        if k < len(self):
+            ids[:, -1], scores[:, -1] = -1, float("-inf")
+        return scores, ids
+
+    monkeypatch.setattr(Database, "search", padded)
+    ids, scores = compute_neighbors(db, k=5, batch_size=7, progress=False)
+    assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
+
+
+def test_dedup_threshold_keeps_entries_exactly_at_it(tmp_path):
+    """dedup_threshold drops entries whose cosine similarity to the query exceeds it; one exactly at it stays
+    (one-hot vectors: cosines of exactly 1 and 0)."""
+    emb = np.zeros((6, 16), np.float32)
+    emb[np.arange(6), [0, 0, 1, 2, 3, 4]] = 1  # entries 0 and 1 point the same way, the others are orthogonal
+    db = Database.open(write_database(tmp_path / "db", emb, INFO), backend="torch", device="cpu")
+    ids, scores = compute_neighbors(db, k=2, exclude_self=True, dedup_threshold=1.0, progress=False)
+    assert ids[0].tolist() == [1, 2] and scores[0].tolist() == [1.0, 0.0]
+    ids, scores = compute_neighbors(db, k=2, exclude_self=True, dedup_threshold=0.0, progress=False)
+    assert ids[0].tolist() == [2, 3] and scores[0].tolist() == [0.0, 0.0]
+
+
+def test_database_digest_covers_every_shard(tmp_path):
+    """Databases that differ in their last shard alone have different digests (training refuses a neighbours file
+    of another database by them, and a resumed neighbours run its progress); a copy has the same digest."""
+    from rdm_fast.retrieval.neighbors import database_digest
+
+    emb = np.random.default_rng(4).standard_normal((20, 16)).astype(np.float32)
+    a = Database.open(write_database(tmp_path / "a", emb, INFO, shard_size=8), device="cpu")
+    emb[-1] *= -1
+    b = Database.open(write_database(tmp_path / "b", emb, INFO, shard_size=8), device="cpu")
+    shutil.copytree(a.path, tmp_path / "c")
+    assert database_digest(a) == database_digest(Database.open(tmp_path / "c", device="cpu")) != database_digest(b)
+
+
 def test_neighbors_starting_over_replaces_the_progress_files(tmp_path):
     """A run that starts over makes its progress files under temporary names and renames them into place: writing
     them in place truncated a file another run still mapped (a bus error there, or rows of zeros saved)."""
@@ -500,6 +601,19 @@ def test_a_failed_scores_write_leaves_no_scores_of_another_run(tmp_path, monkeyp
         save_neighbors(tmp_path / "nn.npy", torch.ones(4, 2, dtype=torch.int64), torch.ones(4, 2))
     ids, scores, _ = load_neighbors(tmp_path / "nn.npy")
     assert ids.tolist() == [[1, 1]] * 4 and scores is None
+    from rdm_fast._files import atomic_save_npy
+
+    def interrupted(target, array):  # Ctrl-C during the scores' write: they go too
+        if str(target).endswith("_scores.npy"):
+            raise KeyboardInterrupt
+        atomic_save_npy(target, array)
+
+    monkeypatch.setattr(neighbors, "atomic_save_npy", atomic_save_npy)
+    save_neighbors(tmp_path / "nn.npy", torch.zeros(4, 2, dtype=torch.int64), torch.zeros(4, 2))
+    monkeypatch.setattr(neighbors, "atomic_save_npy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_neighbors(tmp_path / "nn.npy", torch.ones(4, 2, dtype=torch.int64), torch.ones(4, 2))
+    assert not (tmp_path / "nn_scores.npy").exists()
 
 
 def test_neighbors_other_queries_and_errors(tmp_path):
@@ -557,6 +671,15 @@ def test_proposal_ranking_and_top_m(tmp_path, data):
     with pytest.raises(ValueError) as e:
         db.proposals(0)
     assert "fraction" in one_line(e)
+
+
+def test_proposal_ranking_breaks_ties_by_lower_id_in_large_rankings():
+    """Ties go to the lower id also where the sort has many equal counts to order: an unstable sort keeps small
+    inputs in order but not 2,000 entries of five distinct counts."""
+    neighbor_ids = torch.arange(2000).repeat_interleave(torch.arange(2000) % 5)  # entry i occurs i % 5 times
+    ids, counts = proposal_ranking(neighbor_ids[:, None], 2000)
+    expected = sorted(range(2000), key=lambda i: (-(i % 5), i))
+    assert ids.tolist() == expected and counts.tolist() == [i % 5 for i in expected]
 
 
 def test_non_finite_embeddings_are_refused(tmp_path, data):
@@ -877,7 +1000,8 @@ def test_neighbors_arguments_are_checked_by_name(tmp_path):
     for kwargs, error, message in (({"batch_size": 2.5}, TypeError, "batch_size must be an int, got 2.5"),
                                    ({"batch_size": None}, TypeError, "batch_size must be an int, got None"),
                                    ({"batch_size": 0}, ValueError, "batch_size must be at least 1, got 0"),
-                                   ({"dedup_threshold": "0.9"}, TypeError, "dedup_threshold is a cosine similarity")):
+                                   ({"dedup_threshold": "0.9"}, TypeError, "dedup_threshold is a cosine similarity"),
+                                   ({"dedup_threshold": 1.5}, ValueError, r"cosine similarity in \[-1, 1\], got 1.5")):
         with pytest.raises(error, match=message):
             compute_neighbors(db, k=2, progress=False, **kwargs)
     with pytest.raises(TypeError, match=r"compute_neighbors: db must be a Database \(Database.open\(path\)\), got str"):
