@@ -218,3 +218,53 @@ def test_contexts_refuse_an_approximate_search_that_found_too_few(db_and_data, m
                                          r"for query 1: search more of the index \(e.g. a larger nprobe\) or ask for "
                                          r"fewer"):
         model_context(db, cfg, db.embeddings(torch.tensor([0, 1])).to(device))
+
+
+def test_contexts_are_float32_whatever_the_queries_dtype(db_and_data):
+    """Half- or double-precision queries give the float32 contexts of float32 queries (within the rounding of the
+    queries themselves), also for the query alone (k = 0), where no float32 neighbour promotes the result."""
+    db, _ = db_and_data
+    cfg = config(text_token=False, k_nn=4, normalized=False)
+    q = torch.from_numpy(np.random.default_rng(6).standard_normal((2, 64))).float()
+    for k in (0, 3):
+        for dtype in (torch.float16, torch.float64):
+            ctx = model_context(db, cfg, q.to(dtype), k=k)
+            assert ctx.dtype == torch.float32, (k, dtype)
+            torch.testing.assert_close(ctx, model_context(db, cfg, q.to(dtype).float(), k=k))
+
+
+def test_normalisation_follows_normalized_embeddings_not_the_text_token(db_and_data):
+    """Contexts are L2-normalised where the model's normalized_embeddings says so, whether or not it has a text
+    token (the released models couple the two; a config may not)."""
+    db, _ = db_and_data
+    q = torch.from_numpy(np.random.default_rng(7).standard_normal((2, 64))).float() * 3
+    unit = torch.ones(2, 5)
+    for text_token, normalized in ((False, True), (True, False)):
+        ctx = model_context(db, config(text_token=text_token, k_nn=4, normalized=normalized), q, k=4)
+        assert torch.allclose(ctx.norm(dim=-1), unit, atol=1e-5) == normalized, (text_token, normalized)
+
+
+def test_pseudo_queries_follow_the_generator(db_and_data, tmp_path):
+    """The same seeded generator draws the same pseudo-queries (resumed sample runs rely on it), another seed
+    others; with and without a proposal ranking."""
+    db, _ = db_and_data
+    path = write_database(tmp_path / "ranked", np.random.default_rng(2).standard_normal((40, 64)).astype(np.float16),
+                          ENC)
+    save_proposals(path, np.arange(40)[::-1], np.arange(40)[::-1])
+    for database in (db, Database.open(path, backend="torch", device="cpu")):
+        draws = [draw_pseudo_queries(database, 50, 0.5, torch.Generator().manual_seed(seed)) for seed in (1, 1, 2)]
+        assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_a_short_search_names_the_query_it_failed(db_and_data, monkeypatch):
+    """The message names the query whose search came back short (the third of three here), not a column."""
+    db, _ = db_and_data
+
+    def padded(queries, k):
+        scores, ids = Database.search_checked(db, queries, k)
+        ids[2, -1], scores[2, -1] = -1, float("-inf")
+        return scores, ids
+
+    monkeypatch.setattr(db, "search_checked", padded)
+    with pytest.raises(ValueError, match="found fewer than 2 neighbours for query 2:"):
+        model_context(db, config(text_token=False, k_nn=3, normalized=False), db.embeddings(torch.tensor([0, 1, 2])))
