@@ -377,6 +377,139 @@ def test_projection_trainer_writes_the_shipped_weights_only_in_a_checkout(monkey
     assert f"default:{tp.PROJECTION_FILE}" in "".join(capsys.readouterr().out.split())
 
 
+def _toy_features(n_emoji: int, n_clipart: int, seed: int = 0):
+    """Random tower features through the trainer's own merge: ``n_emoji`` emoji captions of two views each, then
+    ``n_clipart`` clip-art captions of one image each (features far from zero mean and unit spread, so that the
+    standardisation matters)."""
+    from rdm_fast.encoders import train_projection as tp
+
+    g = torch.Generator().manual_seed(seed)
+
+    def part(source: str, n: int, views: int) -> dict:
+        return {"image": torch.randn(n * views, tp.IMAGE_FEATURES, generator=g) * 3 + 5,
+                "image_caption": torch.arange(n).repeat_interleave(views),
+                "text": torch.randn(n, tp.TEXT_FEATURES, generator=g) * 0.5 - 2,
+                "captions": [f"{source} caption {i}" for i in range(n)], "source": [source] * n}
+
+    return tp._merge([part("emoji", n_emoji, 2), part("clipart", n_clipart, 1)])
+
+
+def test_projection_splits_and_clipart_captions():
+    """Captions go to test / val / train by a hash of their text, 20 / 10 / 70 % (within 1.5 points over 10,000
+    captions); a clip-art caption is its folders' words (without "unsorted"), then its file name's words without
+    digits."""
+    from pathlib import Path
+
+    from rdm_fast.encoders import train_projection as tp
+
+    splits = [tp.split_of(f"caption {i}") for i in range(10_000)]
+    for name, share in (("test", 0.2), ("val", 0.1), ("train", 0.7)):
+        assert abs(splits.count(name) / 10_000 - share) < 0.015, name
+    assert tp.clipart_caption(Path("animals/mammals/canguro_architetto_franc_01.png")) == \
+        "animals mammals: canguro architetto franc"
+    assert tp.clipart_caption(Path("unsorted/food_and_drink/Star-12.png")) == "food and drink: Star"
+    assert tp.clipart_caption(Path("unsorted/Star-12.png")) == "Star"
+
+
+def test_projection_merge_and_folded_maps():
+    """Merged parts number their captions on (the clip art's owners follow the emoji captions) and take each
+    caption's first image row as its canonical view. The saved maps, the standardisation folded in, give the
+    bridge's own embeddings of raw features (weights stored as float16: within 2e-3)."""
+    from rdm_fast.encoders import train_projection as tp
+
+    feats = _toy_features(2, 3)
+    assert feats.image_caption.tolist() == [0, 0, 1, 1, 2, 3, 4]
+    assert feats.canonical.tolist() == [0, 2, 4, 5, 6]
+    assert feats.source == ["emoji"] * 2 + ["clipart"] * 3 and feats.captions[2] == "clipart caption 0"
+    assert feats.image.shape == (7, tp.IMAGE_FEATURES) and feats.text.shape == (5, tp.TEXT_FEATURES)
+    torch.manual_seed(0)
+    bridge = tp.Bridge(tp._stats(feats.image), tp._stats(feats.text))
+    tensors = bridge.folded()
+    assert tensors["image_proj.weight"].dtype == torch.float16 and tensors["image_proj.bias"].dtype == torch.float32
+    with torch.no_grad():
+        for prefix, embed, x in (("image_proj", bridge.embed_images, feats.image),
+                                 ("text_proj", bridge.embed_text, feats.text)):
+            torch.testing.assert_close(tp.project(tensors, prefix, x), embed(x), atol=2e-3, rtol=0)
+
+
+def test_projection_recall_counts_the_candidates_that_beat_the_match():
+    """recall@k is the share of rows whose match (the same row of the other side) is beaten by fewer than k
+    candidates; a tie does not beat it. Chance is min(k, n) / n."""
+    from rdm_fast.encoders import train_projection as tp
+
+    image = torch.tensor([[1.0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])  # images 0 and 1 are equal
+    # text -> image: every caption's image is best or tied best; image -> text: image 1 prefers caption 0
+    assert tp.recall(image, torch.eye(4), ks=(1, 2, 10)) == {
+        "t2i_R@1": 1.0, "t2i_R@2": 1.0, "t2i_R@10": 1.0, "i2t_R@1": 0.75, "i2t_R@2": 1.0, "i2t_R@10": 1.0,
+        "chance_R@1": 0.25, "chance_R@2": 0.5, "chance_R@10": 1.0, "candidates": 4}
+
+
+def test_projection_training_is_seeded_and_standardised_on_its_rows():
+    """The seed fixes the whole training (initialisation too, whatever the global generator's state); another seed
+    trains other weights. The standardisation uses the training captions' rows only, not the held-out ones."""
+    from rdm_fast.encoders import train_projection as tp
+
+    feats = _toy_features(6, 6)
+    train_ids = torch.tensor([0, 1, 2, 6, 7, 8])
+    settings = {"epochs": 1, "batch": 4, "lr": 1e-2, "weight_decay": 0.1, "dropout": 0.5, "emoji_weight": 2,
+                "seed": 3}
+    first = tp.train(feats, train_ids, **settings)
+    torch.manual_seed(99)
+    again = tp.train(feats, train_ids, **settings)
+    other = tp.train(feats, train_ids, **{**settings, "seed": 4})
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+    assert not torch.equal(first.image.weight, other.image.weight)
+    rows = torch.isin(feats.image_caption, train_ids)
+    assert rows.sum() == 9  # three emoji of two views, three clip-art images
+    torch.testing.assert_close(first.image_mean, feats.image[rows].mean(0))
+    torch.testing.assert_close(first.text_std, feats.text[train_ids].std(0))
+
+
+def test_projection_trainer_main_on_given_features(monkeypatch, tmp_path, capsys):
+    """main trains on train + val (or, --holdout val, train alone), reports each source on the held-out split, and
+    writes the weights with JSON metadata; a failed write leaves the earlier weights whole; --dropout 1 (a division
+    by zero) is refused before anything runs."""
+    import json
+
+    import safetensors.torch
+    from safetensors import safe_open
+
+    from rdm_fast.encoders import train_projection as tp
+
+    feats = _toy_features(30, 30)
+    monkeypatch.setattr(tp, "require_packages", lambda: None)
+    monkeypatch.setattr(tp, "OfflineEncoder", lambda projection: torch.nn.Identity())
+    monkeypatch.setattr(tp, "cached_features", lambda *args, **kwargs: feats)
+    out = tmp_path / "w" / "p.safetensors"
+    args = ["--out", str(out), "--cache", str(tmp_path / "cache"), "--epochs", "1", "--batch", "16"]
+    for holdout, train_splits in (("val", {"train"}), ("test", {"train", "val"})):
+        assert tp.main([*args, "--holdout", holdout]) == 0
+        with safe_open(str(out), "pt") as f:
+            meta = f.metadata()
+        data, metrics = json.loads(meta["data"]), json.loads(meta["metrics"])
+        assert json.loads(meta["settings"])["holdout"] == holdout and data["train_splits"] == sorted(train_splits)
+        assert data["train_captions"] == sum(tp.split_of(c) in train_splits for c in feats.captions)
+        for source in ("emoji", "clipart"):
+            held = sum(tp.split_of(c) == holdout and s == source for c, s in zip(feats.captions, feats.source))
+            assert metrics[f"{holdout}_{source}"]["candidates"] == held > 0, source
+    written = out.read_bytes()
+
+    def full_disk(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="cannot write .*p.safetensors: disk full"):
+        tp.main(args)
+    assert out.read_bytes() == written and sorted(p.name for p in out.parent.iterdir()) == ["p.safetensors"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tp.main([*args, "--dropout", "1"])
+    assert e.value.code == 2 and "--dropout must be in [0, 1), got 1.0" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def held_out(offline):
     """Features of 64 held-out emoji (never trained on): canonical renderings and their captions."""
