@@ -429,3 +429,18 @@ def test_make_dirs_passes_on_an_error_of_no_file_in_the_way(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
     with pytest.raises(FileExistsError):
         make_dirs(tmp_path / "link")
+
+
+def test_naming_failed_writes_names_the_target(tmp_path):
+    """An OSError of the block that names the temporary file, or no file (a failed write(2)), names the target
+    instead, keeping its errno; one naming another file (an input) is passed on as it is."""
+    from rdm_fast._files import naming_failed_writes
+
+    tmp = str(tmp_path / ".t.npy.x1.tmp")
+    for filename in (tmp, None):
+        with pytest.raises(OSError) as e, naming_failed_writes(tmp_path / "t.npy", tmp):
+            raise OSError(28, "No space left on device", filename)
+        assert (e.value.errno, e.value.filename) == (28, str(tmp_path / "t.npy")), filename
+    with pytest.raises(FileNotFoundError) as e, naming_failed_writes(tmp_path / "t.npy", tmp):
+        raise FileNotFoundError(2, "No such file or directory", "/elsewhere/input.png")
+    assert e.value.filename == "/elsewhere/input.png"
