@@ -143,6 +143,12 @@ def test_kl_encode_samples_with_generator():
     # float32 convolutions of a batch of 2 and of 1 differ by a few 1e-6 (their algorithms depend on the batch);
     # another noise draw would differ by O(1)
     torch.testing.assert_close(both[:1], a, rtol=1e-4, atol=1e-5)
+    # the posterior mean draws no noise: a generator given with sample=False keeps its state for the caller's next
+    # draws (drawing and discarding a sample advanced it, though the latents were the same)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        model.encode(images, sample=False, generator=g)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(5).get_state())
 
 
 def test_encode_and_unet_input_errors(caplog):
@@ -577,6 +583,20 @@ def test_channels_last_conversion_inside_inference_mode_keeps_the_model_trainabl
     assert z.grad is not None and model.unet.input_conv.weight.grad is not None
 
 
+def test_cpu_models_keep_their_layout_unless_asked():
+    """On the CPU, sample (channels_last default or False), encode and decode leave the weights in their NCHW
+    layout; only channels_last=True converts the UNet. The channels-last tests asked for it explicitly, so a default
+    (or False) that converted on the CPU too, or a first stage converted off CUDA, passed."""
+    model = RDM.from_config("tiny")
+    for kwargs in ({}, {"channels_last": False}):
+        model.sample(torch.randn(1, 4, 64), steps=1, **kwargs)
+        assert model.unet.input_conv.weight.is_contiguous(), kwargs
+    model.decode(model.encode(torch.zeros(1, 3, 32, 32)))
+    assert all(p.is_contiguous() for p in model.first_stage.parameters())
+    model.sample(torch.randn(1, 4, 64), steps=1, channels_last=True)
+    assert not model.unet.input_conv.weight.is_contiguous()
+
+
 @pytest.fixture
 def fake_cuda_device(monkeypatch) -> list:
     """``torch.cuda.device`` replaced by a context that records the devices entered (returned); cuda:0 current."""
@@ -655,6 +675,25 @@ def test_sample_sees_weights_written_through_data():
         p.data.copy_(q.data)
     assert torch.equal(a.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0),
                        b.sample(ctx, steps=2, x_T=x_T, guidance_scale=2.0))
+
+
+def test_decode_and_encode_see_weights_written_through_data():
+    """As sample: decode and encode_moments recompute the first stage's inference caches (the float32 copies of a
+    bfloat16 model's norm weights and conv1 biases) at every call, so writes through .data reach them; decode
+    without its refresh passed the tests. (In a float32 model most of these caches are views of the weights.)"""
+    torch.manual_seed(0)
+    a, b = RDM.from_config("tiny", dtype=torch.bfloat16), RDM.from_config("tiny", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in [*a.first_stage.parameters(), *b.first_stage.parameters()]:
+            p.add_(torch.randn_like(p) * 0.05)
+    z, images = torch.randn(1, 4, 16, 16), torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():  # the caches serve inference only (with autograd on they are computed afresh)
+        a.decode(z)  # fills a's caches from its own weights
+        a.encode_moments(images)
+        for p, q in zip(a.first_stage.parameters(), b.first_stage.parameters(), strict=True):
+            p.data.copy_(q.data)
+        assert torch.equal(a.decode(z), b.decode(z))
+        assert torch.equal(a.encode_moments(images), b.encode_moments(images))
 
 
 def test_refreshing_the_caches_reads_no_host_data_and_follows_inference_mode(fresh_dispatch):
@@ -952,6 +991,12 @@ def test_sample_matches_a_plain_guided_loop(name, sampler, steps, eta, scale):
     ({"size": (0, 0)}, ValueError, r"size must be \(H, W\), two positive ints"),
     ({"size": (True, 8)}, ValueError, r"size must be \(H, W\), two positive ints"),
     ({"context": torch.zeros(0, 4, 64)}, ValueError, r"context holds no samples"),
+    # the UNet's own checks refused these later, naming none of the model's conventions (or, for integers on a
+    # model that normalises its context, not at all)
+    ({"context": torch.randn(2, 4, 32)}, ValueError, "context embeddings have 32 dimensions but this model expects 64"),
+    ({"context": torch.zeros(2, 0, 64)}, ValueError, "context must hold at least one embedding per sample"),
+    ({"context": torch.ones(2, 4, 64, dtype=torch.long)}, ValueError, "context must hold floats, got torch.int64"),
+    ({"x_T": torch.zeros(2, 4, 8, 8)}, ValueError, r"x_T must have shape \(2, 4, 16, 16\), got \(2, 4, 8, 8\)"),
 ])
 def test_sample_argument_errors(kwargs, error, message):
     model = RDM.from_config("tiny")
@@ -1025,6 +1070,8 @@ def test_first_stage_is_frozen():
 @pytest.mark.parametrize("kwargs,error,message", [
     ({"context": torch.tensor([[[float("nan")] * 64]])}, ValueError, "context holds NaN or infinite values"),
     ({"context": torch.full((1, 4, 64), 1e20)}, ValueError, r"context embeddings have norms beyond 1.84e\+19"),
+    # every component below the limit, the norm (8 * 1.5e19) beyond it: its float32 square overflows all the same
+    ({"context": torch.full((1, 4, 64), 1.5e19)}, ValueError, r"context embeddings have norms beyond 1.84e\+19"),
     ({"x_T": torch.full((2, 4, 16, 16), float("inf"))}, ValueError, "x_T holds NaN or infinite values"),
     ({"context": np.zeros((2, 4, 64), np.float32)}, TypeError,
      r"context must be a torch.Tensor of shape \(B, k, 64\), got ndarray"),
@@ -1061,6 +1108,18 @@ def test_autoencoder_refuses_non_tensors_and_empty_batches():
     with pytest.raises(ValueError, match=r"decode: latents hold no samples \(batch of 0\)"):
         model.decode(torch.zeros(0, 4, 16, 16))
 
+
+
+def test_decode_clamps_to_the_image_range():
+    """decode's images lie in [-1, 1] whatever the decoder gives (as the reference's samples are clamped before
+    they are written as pixels). The oracle tests' decoders stayed inside the range, so a decode without its clamp
+    passed: here the output conv's bias pushes every pixel to +-5."""
+    model = RDM.from_config("tiny")
+    z = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        model.first_stage.decoder.conv_out.bias.copy_(torch.tensor([5.0, -5.0, 5.0]))
+        images = model.decode(z)
+    assert torch.equal(images[:, 0], torch.ones_like(images[:, 0])) and (images[:, 1] == -1).all()
 
 
 def test_latents_and_decode_check_their_inputs():
@@ -1124,6 +1183,14 @@ def test_unet_returns_eps_in_the_dtype_of_x():
         assert model.unet(x.bfloat16(), t, ctx).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_from_config_builds_the_model_in_the_given_dtype(dtype):
+    """from_config(dtype=...) gives every weight that precision (bench/floors.py counts bfloat16 traffic from such a
+    model); no test read it back, so a from_config that left the model in float32 passed."""
+    model = RDM.from_config("tiny", dtype=dtype)
+    assert model.dtype == dtype and {p.dtype for p in model.parameters()} == {dtype}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32, "bf16"])
 def test_from_config_refuses_dtypes_the_model_cannot_run_in(dtype):
     with pytest.raises(ValueError, match="dtype must be torch.float32, torch.float16 or torch.bfloat16"):
@@ -1155,6 +1222,17 @@ def test_zero_sized_maps_are_refused_by_name():
     with pytest.raises(ValueError, match=r"unet: H and W must be positive multiples of \d+, got \(0, 8\)"):
         rdm.unet(torch.randn(1, c, 0, 8), torch.tensor([5]), torch.randn(1, rdm.config.context_tokens,
                                                                         rdm.config.context_dim))
+
+
+def test_encode_refuses_sizes_that_are_not_multiples_of_the_downsampling():
+    """An image whose height or width is no multiple of the first stage's factor is refused by name (the
+    convolutions would otherwise round the latent's size, and decode would not give the image's size back)."""
+    rdm = RDM.from_config("tiny")
+    f = rdm.config.first_stage_config.ddconfig.downsample_factor
+    for h, w in ((8 * f + 1, 8 * f), (8 * f, 8 * f + 1)):
+        with pytest.raises(ValueError, match=rf"encode: images must be \(B, 3, H, W\) with H, W positive multiples of "
+                                             rf"{f}, got \(1, 3, {h}, {w}\)"):
+            rdm.encode(torch.zeros(1, 3, h, w))
 
 
 def test_encode_refuses_non_finite_images():
@@ -1192,6 +1270,17 @@ def test_meta_inputs_to_a_real_model_are_named(tmp_path):
                                       {"name": "t", "dim": 64, "normalized": False}), device="cpu")
     with pytest.raises(ValueError, match="queries are on the meta device"):
         db.search(torch.empty(2, 64, device="meta"), 2)
+
+
+def test_a_meta_model_takes_meta_inputs():
+    """A model built on the meta device (shapes only, as bench/floors.py builds one) takes meta inputs in encode,
+    decode and sample: only a real model refuses them. A check that refused every meta input passed the tests
+    above."""
+    rdm = RDM.from_config("tiny", device="meta")
+    c, f, s = rdm.config.channels, rdm.config.first_stage_config.ddconfig.downsample_factor, rdm.config.image_size
+    assert rdm.decode(torch.empty(1, c, 8, 8, device="meta")).shape == (1, 3, 8 * f, 8 * f)
+    assert rdm.encode(torch.empty(1, 3, 8 * f, 8 * f, device="meta"), sample=False).shape == (1, c, 8, 8)
+    assert rdm.sample(torch.empty(1, 4, 64, device="meta"), steps=1).shape == (1, c, s, s)
 
 
 def test_a_float64_state_dict_gives_a_runnable_model():
