@@ -128,7 +128,9 @@ def test_official_round_trip(tmp_path, tiny_official):
 def test_raw_weights_without_ema(tmp_path, tiny_official):
     _, full, _, _ = tiny_official
     path, _ = official_file(tmp_path, tiny_official)
-    model = RDM.from_pretrained(path, "tiny", use_ema=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an official file holds both sets: use_ema=False has nothing to warn about
+        model = RDM.from_pretrained(path, "tiny", use_ema=False)
     got = model.official_state_dict()
     assert all(torch.equal(got[k], full[k]) for k in full)
 
@@ -162,6 +164,40 @@ def test_no_ema_loads_a_training_checkpoints_raw_weights(tmp_path):
         RDM.from_pretrained(tmp_path / "ck", use_ema=False)
 
 
+def test_a_given_config_is_used_for_an_rdm_fast_file(tmp_path):
+    """config= is used for an rdm_fast file too (python -m rdm_fast.sample passes --config on), not only when the
+    file carries none: a config of the same shapes with other sampling defaults is the loaded model's. Taking the
+    file's own config whenever it has one passed every test."""
+    RDM.from_config("tiny").save_pretrained(tmp_path / "m")
+    tree = RDMConfig.preset("tiny").to_dict()
+    tree["model"]["params"]["sampling"] = {**tree["model"]["params"].get("sampling", {}), "steps": 7}
+    assert RDM.from_pretrained(tmp_path / "m", tree).config.sampling.steps == 7
+    assert RDM.from_pretrained(tmp_path / "m").config.sampling.steps == 20
+
+
+def test_checkpoint_config_tells_the_config_without_loading(tmp_path, tiny_official):
+    """checkpoint_config (what sample checks its options against before loading): the given config, else an
+    rdm_fast file's own, else an official file's config.yaml beside it; None where only the tensors tell or where
+    there is no checkpoint. No test called it with a config or on an rdm_fast file, so one that ignored the given
+    config, or read no rdm_fast file's config (None: the checks came only after loading), passed."""
+    import yaml
+
+    from rdm_fast.rdm import checkpoint_config
+
+    tree = RDMConfig.preset("tiny").to_dict()
+    tree["model"]["params"]["scale_factor"] = 0.25
+    RDM.from_config(tree).save_pretrained(tmp_path / "own")
+    assert checkpoint_config(tmp_path / "own").scale_factor == 0.25
+    assert checkpoint_config(tmp_path / "own" / "model.safetensors", "tiny") == RDMConfig.preset("tiny")
+    assert checkpoint_config(tmp_path / "missing.ckpt", "tiny") == RDMConfig.preset("tiny")
+    assert checkpoint_config(tmp_path / "missing.ckpt") is None
+    (tmp_path / "official").mkdir()
+    path, _ = official_file(tmp_path / "official", tiny_official)
+    assert checkpoint_config(path) is None  # only its tensors tell
+    (tmp_path / "official" / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert checkpoint_config(path).scale_factor == 0.25
+
+
 def test_config_inferred_from_yaml_beside_or_tensors(tmp_path, tiny_official):
     path, _ = official_file(tmp_path, tiny_official)
     assert RDM.from_pretrained(path).config == RDMConfig.preset("tiny")  # by matching tensors to a preset
@@ -182,6 +218,15 @@ def test_dtype_and_saved_dtype(tmp_path, tiny_official):
     back = RDM.from_pretrained(tmp_path / "half")
     assert {p.dtype for p in back.parameters()} == {torch.float32}
     assert RDM.from_pretrained(tmp_path / "half", dtype=torch.float16).dtype == torch.float16
+
+
+def test_from_pretrained_runs_the_model_where_asked(tmp_path):
+    """device reaches the loaded model together with dtype (the meta device stands in for a GPU on a machine
+    without one). A from_pretrained that dropped the device from its final move passed every test: every load
+    was on the CPU."""
+    RDM.from_config("tiny").save_pretrained(tmp_path / "m")
+    model = RDM.from_pretrained(tmp_path / "m", device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
 
 
 # ----------------------------------------------------------------------------------------------- failures
