@@ -116,6 +116,24 @@ def test_float32_eager_default_is_said_once_per_model(monkeypatch, caplog):
     assert caplog.text.count("float32 sampling on CUDA runs eagerly by default") == 1
 
 
+def test_sample_hands_the_graph_cache_the_resolved_default(monkeypatch):
+    """sample passes cuda_graph through _graph_default to the graph cache (on CUDA a float32 model's None becomes
+    False). Off CUDA the default changes nothing, so a sample that passed cuda_graph on unresolved passed every CPU
+    test. (CPU: a stand-in default that marks what it resolved, and a cache that records what it is given.)"""
+    model = RDM.from_config("tiny")
+    seen = []
+
+    def record(eps_fn, x, enabled, key):
+        seen.append(enabled)
+        return eps_fn
+
+    monkeypatch.setattr(RDM, "_graph_default", lambda self, cuda_graph: ("resolved", cuda_graph))
+    monkeypatch.setattr(model, "_graphs", record)
+    model.sample(torch.randn(1, 4, 64), steps=1)
+    model.sample(torch.randn(1, 4, 64), steps=1, cuda_graph=True)
+    assert seen == [("resolved", None), ("resolved", True)]
+
+
 def _model(dtype: torch.dtype) -> tuple[RDM, torch.Tensor, torch.Tensor]:
     cfg = RDMConfig.preset("tiny")
     full, _, _ = official_checkpoint(cfg, seed=21)
