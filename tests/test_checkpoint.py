@@ -164,6 +164,20 @@ def test_no_ema_loads_a_training_checkpoints_raw_weights(tmp_path):
         RDM.from_pretrained(tmp_path / "ck", use_ema=False)
 
 
+def test_training_weights_missing_a_tensor_are_refused(tmp_path):
+    """use_ema=False takes the UNet wholly from train_weights.safetensors: a tensor missing there is named, not
+    filled in from the EMA weights of model.safetensors (merging the raw weights over the whole file passed every
+    test: the raw and EMA sets were always complete)."""
+    from safetensors.torch import save_file
+
+    _, raw = training_checkpoint(tmp_path / "ck")
+    del raw["out_conv.bias"]
+    save_file(raw, tmp_path / "ck" / ckpt.TRAIN_WEIGHTS_FILE)
+    with pytest.raises(ckpt.StateDictMismatch, match=r"with train_weights.safetensors does not match .*\(missing 1 "
+                                                     r"tensors: unet.out_conv.bias\)"):
+        RDM.from_pretrained(tmp_path / "ck", use_ema=False)
+
+
 def test_a_given_config_is_used_for_an_rdm_fast_file(tmp_path):
     """config= is used for an rdm_fast file too (python -m rdm_fast.sample passes --config on), not only when the
     file carries none: a config of the same shapes with other sampling defaults is the loaded model's. Taking the
