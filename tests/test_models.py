@@ -1110,6 +1110,25 @@ def test_autoencoder_refuses_non_tensors_and_empty_batches():
 
 
 
+def test_half_precision_models_encode_and_decode_to_float32():
+    """encode, encode_moments and decode return float32 whatever the model's precision (as documented; callers
+    write decode's images as pixels and store encode_moments' output). Only float32 models' outputs were read, so
+    a decode or encode_moments that returned the model's bfloat16 passed."""
+    model = RDM.from_config("tiny", dtype=torch.bfloat16)
+    images, z = torch.rand(1, 3, 32, 32) * 2 - 1, torch.randn(1, 4, 16, 16)
+    assert model.encode_moments(images).dtype == model.encode(images).dtype == model.decode(z).dtype == torch.float32
+
+
+def test_sample_runs_from_x_T_in_float32():
+    """x_T of another float dtype starts the trajectory as its float32 copy: latents are float32 and equal those
+    from x_T.float() (a bfloat16 x_T is exact in float32). Keeping x_T's dtype passed every test (a bfloat16 x_T
+    then sampled a bfloat16 trajectory on a float32 model)."""
+    model = nonzero(RDM.from_config("tiny"))
+    context, x_T = torch.randn(1, 4, 64), torch.randn(1, 4, 16, 16).bfloat16()
+    latents = model.sample(context, steps=2, x_T=x_T)
+    assert latents.dtype == torch.float32 and torch.equal(latents, model.sample(context, steps=2, x_T=x_T.float()))
+
+
 def test_decode_clamps_to_the_image_range():
     """decode's images lie in [-1, 1] whatever the decoder gives (as the reference's samples are clamped before
     they are written as pixels). The oracle tests' decoders stayed inside the range, so a decode without its clamp
