@@ -226,6 +226,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return _read_safetensors(Path(path), lambda f: dict(f.metadata() or {}))
 
 
+def read_names(path: str | Path) -> list[str]:
+    """The tensor names of a ``.safetensors`` file, read from its header alone (no tensors)."""
+    return _read_safetensors(Path(path), lambda f: list(f.keys()))
+
+
 def _read_safetensors(path: Path, read: Callable[[Any], Any]) -> Any:
     """``read(f)`` on the opened safetensors file, CheckpointError if the file is damaged."""
     from safetensors import SafetensorError, safe_open

@@ -437,6 +437,14 @@ def _with_train_weights(state: dict[str, Tensor], path: Path) -> tuple[dict[str,
                       stacklevel=3)
         return state, str(path)
     raw, _ = ckpt.read_state_dict(raw_path)
+    names = {f"unet.{k}" for k in raw}
+    expected = {k for k in state if k.startswith("unet.")}
+    if names != expected:  # another run's file, or a damaged one: the config is not what is wrong
+        differ = [f"{what} {len(keys)}: {ckpt.describe(keys, 3)}" for what, keys in
+                  (("missing", sorted(expected - names)), ("unexpected", sorted(names - expected))) if keys]
+        raise ckpt.CheckpointError(
+            f"{raw_path} does not hold the UNet tensors of {path.name} beside it ({'; '.join(differ)}): is it from "
+            "another run, or damaged? without use_ema=False (CLI: --no-ema) the EMA weights load")
     log.info("%s: using the UNet's training weights from %s, not the EMA ones", path, raw_path.name)
     merged = {k: v for k, v in state.items() if not k.startswith("unet.")}
     merged.update({f"unet.{k}": v for k, v in raw.items()})
@@ -455,13 +463,11 @@ def checkpoint_config(path: str | Path, config: str | Path | dict | RDMConfig | 
         return None
     if not path.is_file():
         return None
-    if path.suffix == ".safetensors":
-        metadata = ckpt.read_metadata(path)
-        if metadata.get("format") != ckpt.FORMAT_NAME:
-            return None
-        own = ckpt.read_own_config(metadata, path)
-        assert own is not None  # an rdm_fast file's config is read from its metadata (or the read raises)
-        return RDMConfig.from_dict(own)
+    if path.suffix == ".safetensors":  # as from_pretrained tells its own files: metadata or tensor names
+        metadata, names = ckpt.read_metadata(path), ckpt.read_names(path)
+        if metadata.get("format") == ckpt.FORMAT_NAME or _is_own_layout(dict.fromkeys(names)):
+            own = ckpt.read_own_config(metadata, path)
+            return None if own is None else RDMConfig.from_dict(own)
     return _config_beside(path)
 
 

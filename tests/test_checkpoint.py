@@ -165,16 +165,22 @@ def test_no_ema_loads_a_training_checkpoints_raw_weights(tmp_path):
 
 
 def test_training_weights_missing_a_tensor_are_refused(tmp_path):
-    """use_ema=False takes the UNet wholly from train_weights.safetensors: a tensor missing there is named, not
-    filled in from the EMA weights of model.safetensors (merging the raw weights over the whole file passed every
-    test: the raw and EMA sets were always complete)."""
+    """use_ema=False takes the UNet wholly from train_weights.safetensors: a tensor missing there (or one too many)
+    is named, not filled in from the EMA weights of model.safetensors (merging the raw weights over the whole file
+    passed every test: the raw and EMA sets were always complete), and the message blames the file, not the
+    config (both files come from one run with one config)."""
     from safetensors.torch import save_file
 
     _, raw = training_checkpoint(tmp_path / "ck")
-    del raw["out_conv.bias"]
+    bias = raw.pop("out_conv.bias")
     save_file(raw, tmp_path / "ck" / ckpt.TRAIN_WEIGHTS_FILE)
-    with pytest.raises(ckpt.StateDictMismatch, match=r"with train_weights.safetensors does not match .*\(missing 1 "
-                                                     r"tensors: unet.out_conv.bias\)"):
+    with pytest.raises(ckpt.CheckpointError, match=r"train_weights.safetensors does not hold the UNet tensors of "
+                                                   r"model.safetensors beside it \(missing 1: unet.out_conv.bias\): "
+                                                   r"is it from another run, or damaged\?"):
+        RDM.from_pretrained(tmp_path / "ck", use_ema=False)
+    raw["out_conv.bias"], raw["extra.weight"] = bias, torch.zeros(2)
+    save_file(raw, tmp_path / "ck" / ckpt.TRAIN_WEIGHTS_FILE)
+    with pytest.raises(ckpt.CheckpointError, match=r"\(unexpected 1: unet.extra.weight\)"):
         RDM.from_pretrained(tmp_path / "ck", use_ema=False)
 
 
@@ -210,6 +216,20 @@ def test_checkpoint_config_tells_the_config_without_loading(tmp_path, tiny_offic
     assert checkpoint_config(path) is None  # only its tensors tell
     (tmp_path / "official" / "config.yaml").write_text(yaml.safe_dump(tree))
     assert checkpoint_config(path).scale_factor == 0.25
+    # safetensors files told apart as from_pretrained tells them: an rdm_fast-layout file without metadata takes
+    # the config.json beside it, an official-layout one the config.yaml beside it (both were None: the checks came
+    # only after loading)
+    from safetensors.torch import save_file
+
+    (tmp_path / "bare").mkdir()
+    save_file(RDM.from_config(tree).state_dict(), tmp_path / "bare" / "weights.safetensors")
+    assert checkpoint_config(tmp_path / "bare" / "weights.safetensors") is None
+    (tmp_path / "bare" / ckpt.CONFIG_FILE).write_text(json.dumps(tree))
+    assert checkpoint_config(tmp_path / "bare" / "weights.safetensors").scale_factor == 0.25
+    assert RDM.from_pretrained(tmp_path / "bare" / "weights.safetensors").config.scale_factor == 0.25
+    save_file(dict(tiny_official[1]), tmp_path / "official" / "weights.safetensors")
+    assert checkpoint_config(tmp_path / "official" / "weights.safetensors").scale_factor == 0.25
+    assert RDM.from_pretrained(tmp_path / "official" / "weights.safetensors").config.scale_factor == 0.25
 
 
 def test_config_inferred_from_yaml_beside_or_tensors(tmp_path, tiny_official):
