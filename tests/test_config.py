@@ -83,6 +83,9 @@ def test_preset_round_trip(name):
     cfg = RDMConfig.preset(name)
     assert RDMConfig.from_dict(cfg.to_dict()) == cfg
     assert RDMConfig.resolve(name) == cfg
+    # the tree convert --to official writes as config.yaml: the reference's UNetModel builds no transformers (and
+    # refuses a context_dim) unless told use_spatial_transformer, which rdm_fast's parser takes for granted
+    assert cfg.to_dict()["model"]["params"]["unet_config"]["params"]["use_spatial_transformer"] is True
 
 
 def test_official_yaml_loads_directly(tmp_path):
@@ -142,6 +145,15 @@ def edited(base: str = OFFICIAL_768, **changes) -> dict:
     (dict(sampling={"eta": 5, "sampler": "plms"}), r"sampling.eta must be 0 for plms"),
     (dict(sampling={"eta": -1.0}), r"sampling.eta must be finite and >= 0"),
     (dict(sampling={"steps": "fifty"}), "sampling.steps = 'fifty' must be int"),
+    # YAML's true/yes is no count (k_nn = True made a context of 2 tokens), nor is a fraction a channel multiple
+    # (channel_mult [1, 2, 3, 4.5] was truncated to [1, 2, 3, 4], another network than the file's)
+    (dict(k_nn=True), "model.params.k_nn = True must be int"),
+    (dict(unet_config__channel_mult=[1, 2, 3, 4.5]),
+     re.escape("unet_config.params.channel_mult = [1, 2, 3, 4.5] must be tuple[int, ...]")),
+    (dict(unet_config__attention_resolutions=[4, 2, True]),
+     re.escape("unet_config.params.attention_resolutions = [4, 2, True] must be tuple[int, ...]")),
+    # the latent the first stage makes is the one the UNet denoises
+    (dict(first_stage_config__embed_dim=8), "channels = 16 but first_stage_config.embed_dim = 8"),
 ])
 def test_unsupported_configs_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -185,6 +197,10 @@ def test_sampling_settings_resolve_against_the_defaults():
         defaults.resolve(steps=0)
     with pytest.raises(TypeError, match="^steps must be an int"):
         defaults.resolve(steps=True)
+    # an explicit 0 is a setting, not "unset": eta 0 (deterministic DDIM) under a default eta of 1, guidance 0 (the
+    # unconditional prediction alone) under a default of 2
+    other = SamplingDefaults(steps=10, eta=1.0, guidance_scale=2.0)
+    assert (other.resolve(eta=0.0).eta, other.resolve(guidance_scale=0.0).guidance_scale) == (0.0, 0.0)
 
 
 def test_floats_written_as_yaml_strings_are_read():
@@ -328,7 +344,8 @@ def test_the_released_warm_up_is_read_and_written_as_scheduler_config(caplog):
     assert written == tree["model"]["params"]["scheduler_config"]
     assert "scheduler_config" not in RDMConfig.preset("rdm768").to_dict()["model"]["params"]
     for change in ({"target": "ldm.lr_scheduler.LambdaWarmUpCosineScheduler"}, {"params": {"f_min": [0.1]}},
-                   {"params": {"warm_up_steps": [100, 100]}}, {"params": {"f_start": [0.5]}}):
+                   {"params": {"warm_up_steps": [100, 100]}}, {"params": {"f_start": [0.5]}},
+                   {"params": {"f_max": [0.5]}}):
         other = yaml.safe_load(OFFICIAL_IMAGENET)
         sched = other["model"]["params"]["scheduler_config"]
         sched["target"] = change.get("target", sched["target"])
@@ -360,6 +377,12 @@ def test_own_fields_without_a_matching_preset_keep_defaults(caplog):
     warning = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warning) == 1 and "lacks k_nn, text_token, normalized_embeddings, retrieval_encoder, sampling" \
         in warning[0].getMessage()
+    # the imagenet UNet on another first stage (a 16384-code VQ) is no released model either: its latents differ
+    caplog.clear()
+    with caplog.at_level("INFO", logger="rdm_fast.config"):
+        cfg = RDMConfig.from_dict(edited(OFFICIAL_IMAGENET, first_stage_config__n_embed=16384))
+    assert (cfg.retrieval_encoder, cfg.sampling) == (None, SamplingDefaults())
+    assert "matches no preset's architecture" in caplog.text
 
 
 def test_unsupported_conditioning_key_message():
@@ -453,6 +476,9 @@ def test_attention_resolutions_must_name_levels(resolutions):
     (dict(unet_config__num_head_channels=24), "unet_config.params.num_head_channels = 24"),  # 448 % 24 != 0
     (dict(unet_config__num_head_channels=-1, unet_config__num_heads=0), "unet_config.params.num_heads = 0"),
     (dict(unet_config__num_head_channels=-1, unet_config__num_heads=5), "unet_config.params.num_heads = 5"),
+    # the middle block's transformer at the last level (1344 channels) needs it too, listed there or not
+    (dict(unet_config__channel_mult=[2, 2, 2, 3], unet_config__attention_resolutions=[1],
+          unet_config__num_head_channels=128), "unet_config.params.num_head_channels = 128"),
     (dict(unet_config__transformer_depth=0), "unet_config.params.transformer_depth = 0"),
     (dict(unet_config__transformer_depth=-1), "unet_config.params.transformer_depth = -1"),
     (dict(unet_config__context_dim=0), "unet_config.params.context_dim = 0"),
@@ -502,3 +528,39 @@ def test_settings_an_official_config_leaves_out_take_ldms_defaults():
         del tree["model"]["params"][key]
     cfg = RDMConfig.from_dict(tree)
     assert (cfg.timesteps, cfg.scale_factor) == (1000, 1.0)
+
+
+# The released models as the reference describes them (RDM_FACTS.md: the families' table, the UNet's heads of 32
+# channels, the FFHQ model "as the ImageNet model with mc 224, mult 1,2,3,4, same otherwise"): the presets are
+# what official checkpoints load with, where no config.yaml comes with them, and whose conventions official
+# configs take. The key lists check only the tensors' shapes, so a wrong schedule, latent scale, retrieval
+# convention or sampling default passed every test.
+_IMAGENET_FACTS = dict(linear_start=0.0015, linear_end=0.0195, timesteps=1000, scale_factor=1.0, image_size=64,
+                       channels=3, pixel_size=256, kind="vq", n_embed=8192, context_dim=512, k_nn=4,
+                       text_token=False, normalized_embeddings=False, retrieval_encoder="clip-vit-b-32",
+                       sampling=SamplingDefaults(steps=100, sampler="ddim", eta=0.0, guidance_scale=2.0),
+                       model_channels=192, channel_mult=(1, 2, 3, 5), attention_resolutions=(2, 4, 8))
+RELEASED = {
+    "imagenet": _IMAGENET_FACTS,
+    "ffhq": {**_IMAGENET_FACTS, "model_channels": 224, "channel_mult": (1, 2, 3, 4)},
+    "rdm768": dict(linear_start=0.0015, linear_end=0.015, timesteps=1000, scale_factor=0.22765929, image_size=48,
+                   channels=16, pixel_size=768, kind="kl", n_embed=None, context_dim=768, k_nn=10, text_token=True,
+                   normalized_embeddings=True, retrieval_encoder="clip-vit-l-14",
+                   sampling=SamplingDefaults(steps=50, sampler="ddim", eta=0.0, guidance_scale=5.0),
+                   model_channels=448, channel_mult=(1, 2, 3, 4), attention_resolutions=(1, 2, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_presets_are_the_released_models(name):
+    cfg = RDMConfig.preset(name)
+    u, first = cfg.unet_config, cfg.first_stage_config
+    got = dict(linear_start=cfg.linear_start, linear_end=cfg.linear_end, timesteps=cfg.timesteps,
+               scale_factor=cfg.scale_factor, image_size=cfg.image_size, channels=cfg.channels,
+               pixel_size=cfg.pixel_size, kind=first.kind, n_embed=first.n_embed, context_dim=cfg.context_dim,
+               k_nn=cfg.k_nn, text_token=cfg.text_token, normalized_embeddings=cfg.normalized_embeddings,
+               retrieval_encoder=cfg.retrieval_encoder, sampling=cfg.sampling, model_channels=u.model_channels,
+               channel_mult=u.channel_mult, attention_resolutions=tuple(sorted(u.attention_resolutions)))
+    assert got == RELEASED[name]
+    assert (cfg.beta_schedule, cfg.parameterization) == ("linear", "eps")
+    assert all(u.heads(u.model_channels * m) == (u.model_channels * m // 32, 32) for m in u.channel_mult)
