@@ -232,6 +232,16 @@ def test_checkpoint_config_tells_the_config_without_loading(tmp_path, tiny_offic
     assert RDM.from_pretrained(tmp_path / "official" / "weights.safetensors").config.scale_factor == 0.25
 
 
+def test_train_state_counts_must_be_non_negative(tmp_path):
+    """A state.json whose step or EMA update count is negative is no checkpoint of rdm_fast.train (its count would
+    be exported as LitEma's num_updates)."""
+    file = tmp_path / ckpt.TRAIN_STATE_FILE
+    for key in ("step", "ema_updates"):
+        file.write_text(json.dumps({"step": 7, "ema_updates": 7, key: -1}))
+        with pytest.raises(ckpt.CheckpointError, match=f"{key} = -1 is not a count"):
+            ckpt.read_train_state(file)
+
+
 def test_config_inferred_from_yaml_beside_or_tensors(tmp_path, tiny_official):
     path, _ = official_file(tmp_path, tiny_official)
     assert RDM.from_pretrained(path).config == RDMConfig.preset("tiny")  # by matching tensors to a preset
@@ -369,6 +379,18 @@ def test_not_a_state_dict(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "m.ckpt")
     with pytest.raises(ckpt.CheckpointError, match="does not hold a state dict"):
         RDM.from_pretrained(tmp_path / "m.ckpt", "tiny")
+    # a mapping with other values than tensors (a checkpoint's bookkeeping without its state_dict) is none either
+    torch.save({"model.diffusion_model.out.2.bias": torch.zeros(4), "global_step": 3}, tmp_path / "m.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="does not hold a state dict"):
+        ckpt.read_state_dict(tmp_path / "m.ckpt")
+
+
+def test_legacy_torch_files_load(tmp_path, tiny_official):
+    """torch.save's pre-1.6 format (a bare pickle, as older checkpoints were written) is read like the zip one."""
+    _, full, _, _ = tiny_official
+    torch.save({"state_dict": full}, tmp_path / "m.ckpt", _use_new_zipfile_serialization=False)
+    state, _ = ckpt.read_state_dict(tmp_path / "m.ckpt")
+    assert state.keys() == full.keys() and all(torch.equal(state[k], full[k]) for k in full)
 
 
 def test_missing_paths(tmp_path):
@@ -378,6 +400,11 @@ def test_missing_paths(tmp_path):
         ckpt.read_state_dict(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="directory without model.safetensors or a single .ckpt"):
         RDM.from_pretrained(tmp_path)
+    # two .ckpt files: which one is meant is not guessed
+    for name in ("a.ckpt", "b.ckpt"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="directory without model.safetensors or a single .ckpt"):
+        ckpt.resolve_file(tmp_path)
 
 
 def test_newer_format_is_refused(tmp_path):
@@ -543,6 +570,14 @@ def test_save_and_load_refuse_dtypes_the_model_cannot_run_in(tmp_path, dtype):
         RDM.from_pretrained(tmp_path / "good", dtype=dtype)
     with pytest.raises(ValueError, match="dtype must be torch.float32"):
         ckpt.cast_floats({"w": torch.ones(1)}, dtype)
+
+
+def test_cast_floats_leaves_integer_tensors_alone():
+    """Only the floating-point tensors take the stored precision: an integer one (LitEma's update count in an
+    exported checkpoint) halved would be rounded, or past 65504 infinite (and refused as beyond the range)."""
+    count = torch.tensor(100_000, dtype=torch.int32)
+    cast = ckpt.cast_floats({"model_ema.num_updates": count, "w": torch.ones(2)}, torch.float16)
+    assert cast["model_ema.num_updates"] is count and cast["w"].dtype == torch.float16
 
 
 def test_save_pretrained_refuses_files_and_other_outputs(tmp_path):
