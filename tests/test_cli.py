@@ -1112,7 +1112,11 @@ def test_convert(tmp_path, tiny_official, capsys, caplog):
     cfg, full, _, _ = tiny_official
     torch.save({"state_dict": full}, tmp_path / "official.ckpt")
     caplog.set_level("INFO", logger="rdm_fast")
+    (tmp_path / "back").mkdir()  # what a killed export to the official format left there goes too
+    for name in (".model.ckpt.a1b2.tmp", ".config.yaml.c3d4.tmp"):
+        (tmp_path / "back" / name).write_bytes(b"left by a killed conversion")
     assert cli(convert, str(tmp_path / "official.ckpt"), "--out", str(tmp_path / "back"), "--to", "official") == 0
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["config.yaml", "model.ckpt"]
     assert any(r.name == "rdm_fast.rdm" for r in caplog.records)  # what the load says (only a training
     # checkpoint's "training weights, not the EMA ones" is left out, as both sets are exported)
     (tmp_path / "conv").mkdir()
@@ -1183,11 +1187,15 @@ def test_convert_training_checkpoints(tmp_path, capsys, caplog):
     assert capsys.readouterr().err.strip().endswith("state.json records no step and ema_updates: is it a checkpoint of "
                                                     "python -m rdm_fast.train?")
     for run, problem in (("lr=1e-4", "run = 'lr=1e-4' is not the run's settings"),
-                         ({"ema_decay": "0.99"}, "ema_decay = '0.99' is not a decay in [0, 1]")):
+                         ({"ema_decay": "0.99"}, "ema_decay = '0.99' is not a decay in [0, 1]"),
+                         ({"ema_decay": 1.5}, "ema_decay = 1.5 is not a decay in [0, 1]")):
         (tmp_path / "ck" / ckpt.TRAIN_STATE_FILE).write_text(json.dumps({"step": 7, "ema_updates": 7, "run": run}))
         assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "x"), "--to", "official") == 2
         assert problem in capsys.readouterr().err
     (tmp_path / "ck" / ckpt.TRAIN_STATE_FILE).write_text(json.dumps({"step": 7, "ema_updates": 7}))
+    # the official layout holds both sets of weights: --no-ema there is refused, not silently ignored
+    assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "x"), "--to", "official", "--no-ema") == 2
+    assert "--no-ema applies to --to rdm_fast" in capsys.readouterr().err and not (tmp_path / "x").exists()
     (tmp_path / "ck" / ckpt.TRAIN_WEIGHTS_FILE).write_bytes(b"garbage")
     for extra in (["--to", "official"], ["--no-ema"]):
         assert cli(convert, str(tmp_path / "ck"), "--out", str(tmp_path / "x"), *extra) == 2
@@ -1546,6 +1554,9 @@ def test_convert_to_official_in_half_precision_keeps_the_ema_decay(tmp_path):
     state = torch.load(tmp_path / "off" / "model.ckpt", weights_only=True)["state_dict"]
     assert state["model_ema.decay"].dtype == torch.float32 and state["model_ema.decay"].item() == pytest.approx(0.9999)
     assert state[ckpt.UNET_PREFIX + "out.2.weight"].dtype == torch.float16
+    # and LitEma's update count as LitEma keeps it, an int32 (a float count would be halved too: 2049 and above
+    # rounded, past 65504 infinite)
+    assert state["model_ema.num_updates"].dtype == torch.int32 and int(state["model_ema.num_updates"]) == 7
     # exactly the official layout: the model's tensors, LitEma's copy of the UNet alone and its two counters
     names = RDM.from_pretrained(tmp_path / "ck").official_names().values()
     assert state.keys() == {*names, *(ckpt.ema_name(n[len(ckpt.UNET_PREFIX):]) for n in names
