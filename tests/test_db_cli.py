@@ -93,6 +93,9 @@ def test_import_checks_its_parts_before_building_the_encoder(tmp_path, capsys, m
     monkeypatch.setattr(db_cli, "_encoder_info", never)
     assert f"part file {tmp_path / 'none.npz'} does not exist" in _error(
         capsys, "import-npz", str(tmp_path / "none.npz"), "--out", str(tmp_path / "db"), "--encoder", SPEC)
+    (tmp_path / "dir.npz").mkdir()
+    assert f"part {tmp_path / 'dir.npz'} is not a file" in _error(
+        capsys, "import-npz", str(tmp_path / "dir.npz"), "--out", str(tmp_path / "db"), "--encoder", SPEC)
 
 
 def test_info(built, tmp_path, capsys):
@@ -177,9 +180,9 @@ def test_search_text_and_image_with_contact_sheet(built, tmp_path, capsys):
     assert ".docx is not an image type Pillow writes" in capsys.readouterr().err
 
 
-def test_contact_sheet_of_a_database_without_sources(built, tmp_path, caplog):
+def test_contact_sheet_of_a_database_without_sources(built, tmp_path, caplog, capsys):
     """Embeddings without source images (e.g. imported): grey tiles, and a warning that says so rather than
-    pointing at --image-root."""
+    pointing at --image-root; --json gives null for the fields the database does not hold (not TSV's "-")."""
     write_database(tmp_path / "bare", np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32),
                    {"name": "tiny-test", "dim": 16, "normalized": False})
     sheet = tmp_path / "sheet.png"
@@ -188,6 +191,11 @@ def test_contact_sheet_of_a_database_without_sources(built, tmp_path, caplog):
                str(sheet)) == 0
     assert "records no source images" in caplog.text and "--image-root" not in caplog.text
     assert sheet.is_file()
+    capsys.readouterr()
+    assert cli("search", str(tmp_path / "bare"), "--encoder", SPEC, "--text", "x", "--k", "2", "--device", "cpu",
+               "--json") == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [(f["source"], f["class_id"], f["patch_coords"]) for f in found] == [(None, None, None)] * 2
 
 
 def test_neighbors_and_proposals(built, tmp_path, capsys, caplog):
@@ -197,7 +205,8 @@ def test_neighbors_and_proposals(built, tmp_path, capsys, caplog):
     top = tmp_path / "top.npy"
     assert cli("neighbors", str(work), "--k", "3", "--exclude-self", "--out", str(out), "--top-m-out", str(top),
                "--batch-size", "4", "--device", "cpu", "--no-progress") == 0
-    capsys.readouterr()
+    assert capsys.readouterr().out == (f"wrote 10 x 3 neighbours to {out}; proposal ranking in "
+                                       f"{work / 'proposals.npy'}\n")
     with np.load(out) as z:
         ids, scores = z["ids"], z["scores"]
     assert ids.dtype == np.int64 and scores.dtype == np.float32 and ids.shape == (10, 3)
@@ -253,6 +262,9 @@ def test_import_npz_cli(tmp_path, capsys):
     db = Database.open(tmp_path / "db", device="cpu")
     np.testing.assert_array_equal(db.embeddings(torch.arange(21)).numpy(), emb.astype(np.float16).astype(np.float32))
     assert db.sources(torch.tensor([0, 20])) == ["100", "120"] and not db.manifest["has_class_ids"]
+    # an encoder that cannot be built on the meta device (for its name and dimension) is built on the CPU
+    assert cli("import-npz", str(tmp_path / "21x16-part_0.npz"), "--out", str(tmp_path / "cpu"), "--encoder",
+               "test_db_cli:meta_less_encoder", "--no-progress") == 0
 
 
 def test_import_npz_cli_takes_pickled_img_ids_with_allow_pickle(tmp_path, capsys):
@@ -388,11 +400,17 @@ def test_neighbors_checks_outputs_and_queries_first(built, tmp_path, capsys):
     (tmp_path / "nb3.npz").mkdir()
     assert "--out " + str(tmp_path / "nb3.npz") + " is a directory" in _error(
         capsys, "neighbors", str(work), "--k", "3", "--out", str(tmp_path / "nb3.npz"), "--device", "cpu")
+    assert f"--top-m-out {tmp_path / 'top.txt'} must end in .npy" in _error(
+        capsys, "neighbors", str(work), "--k", "3", "--out", str(tmp_path / "nb5.npz"), "--top-m-out",
+        str(tmp_path / "top.txt"), "--device", "cpu")
+    assert "--dedup-threshold is a cosine similarity in [-1, 1], got 1.5" in _error(
+        capsys, "neighbors", str(work), "--k", "3", "--out", str(tmp_path / "nb6.npz"), "--dedup-threshold", "1.5",
+        "--device", "cpu")
     empty = write_database(tmp_path / "empty", np.zeros((0, 16)), INFO)
     assert "--queries " + str(empty) + " is empty" in _error(
         capsys, "neighbors", str(work), "--queries", str(empty), "--k", "3", "--out", str(tmp_path / "nb4.npz"),
         "--device", "cpu")
-    assert not any((tmp_path / f"nb{i}.npz").is_file() for i in (2, 4))
+    assert not any((tmp_path / f"nb{i}.npz").is_file() for i in (2, 4, 5, 6)) and not (tmp_path / "top.txt").exists()
     assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
 
 
@@ -816,3 +834,112 @@ def test_triton_backend_normalises_for_the_kernel(random_db, monkeypatch):
     ref_scores, ref_ids = brute_force(emb.astype(np.float16), queries, 9)
     np.testing.assert_array_equal(ids.numpy(), ref_ids)
     np.testing.assert_allclose(scores.numpy(), ref_scores, atol=2e-3)  # unit rows stored in fp16
+
+
+def test_counts_workers_and_defaults_of_the_command_line(built, tmp_path, capsys):
+    """Counts are at least 1, refused by argparse naming the option (--k 0 reached the search); --workers may be 0
+    but not negative, refused before the build. The defaults that decide what a database holds and what a search
+    returns are the ones --help states (a plain ``db build --list`` relies on them)."""
+    with pytest.raises(SystemExit) as e:
+        db_cli.main(["search", str(built / "db"), "--text", "x", "--k", "0"])
+    assert e.value.code == 2 and "argument --k: must be at least 1, got 0" in capsys.readouterr().err
+    assert "--workers must be at least 0, got -1" in _error(
+        capsys, "build", "--images", str(built / "images"), "--encoder", SPEC, "--out", str(tmp_path / "w"),
+        "--workers", "-1", "--device", "cpu", "--no-progress")
+    assert not (tmp_path / "w").exists()
+    parser = db_cli.build_parser()
+    build = parser.parse_args(["build", "--images", "i", "--encoder", "e", "--out", "o"])
+    assert (build.crop, build.crop_size, build.crops_per_image, build.fit_square, build.seed, build.shard_size,
+            build.batch_size) == ("center", 256, 1, None, 0, 100_000, 64)
+    assert parser.parse_args(["search", "d", "--text", "x"]).k == 8
+    assert parser.parse_args(["neighbors", "d", "--k", "2", "--out", "o"]).batch_size == 1024
+
+
+def test_build_prints_one_summary_line(built, tmp_path, capsys):
+    """db build ends with one line on stdout: entries, dimension, encoder, shards and the images it skipped as
+    unreadable (listed in the manifest)."""
+    images = tmp_path / "images"
+    shutil.copytree(built / "images" / "a", images)
+    (images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "db"
+    assert cli("build", "--images", str(images), "--encoder", SPEC, "--out", str(out), "--crop-size", "32",
+               "--workers", "0", "--device", "cpu", "--no-progress") == 0
+    assert capsys.readouterr().out == (f"{out}: 6 embeddings (16-d, tiny-test) in 1 shard; skipped 1 unreadable "
+                                       "image (see manifest.json)\n")
+
+
+def test_info_details(built, tmp_path, capsys):
+    """db info's size on disk, image folder, equal shards ("each"), crops per image, and each index parameter and
+    proposal option it records (a dedup threshold of 0 is one; the queries' database is named)."""
+    assert cli("info", str(built / "db")) == 0
+    out = capsys.readouterr().out
+    size = sum(f.stat().st_size for f in (built / "db").rglob("*") if f.is_file())
+    assert f"\non disk    {db_cli._human(size)}\n" in out and f"\nimages     {built / 'images'}\n" in out
+    even = write_database(tmp_path / "even", np.ones((8, 16)), INFO, shard_size=4,
+                          build={"crop": "random", "crop_size": 32, "crops_per_image": 3})
+    assert cli("info", str(even)) == 0
+    out = capsys.readouterr().out
+    assert "\nshards     2 (4 rows each)\n" in out and "\ncrops      random, 32 px, 3 per image\n" in out
+    params = {"nlist": 512, "m": 8, "nbits": 6, "nprobe": 26, "M": 32, "ef_search": 128, "chunk": 4096}
+    assert db_cli._index_params({"params": params}) == ", nlist 512, m 8, nbits 6, nprobe 26, M 32, ef_search 128"
+    assert db_cli._index_params({}) == ""
+    assert db_cli._proposal_options({"exclude_self": True, "dedup_threshold": 0.0, "queries_db": "/d/train"}) == \
+        " (exclude-self, dedup-threshold 0.0, queries from /d/train)"
+    assert db_cli._proposal_options({"exclude_self": False, "dedup_threshold": None, "queries_db": None}) == ""
+
+
+def test_sizes_are_shown_in_binary_units():
+    """db info's "on disk": bytes below 1 KiB, then KiB to TiB with one decimal (TiB also past 1024 TiB)."""
+    sizes = (0, 1023, 1024, 1536, 5 * 1024 ** 3, 3 * 1024 ** 4, 2048 * 1024 ** 4)
+    assert [db_cli._human(n) for n in sizes] == ["0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 GiB", "3.0 TiB",
+                                                 "2048.0 TiB"]
+
+
+def test_contact_sheet_names_are_checked_before_the_search(built, tmp_path, capsys, monkeypatch):
+    """The sheet's format follows its suffix in either case (.JPG), PNG without one; a suffix Pillow reads but
+    cannot write (.psd), an unknown one or a folder is refused before the encoder is built."""
+    common = ["search", str(built / "db"), "--text", "x", "--k", "2", "--device", "cpu", "--contact-sheet"]
+    assert cli(*common, str(tmp_path / "sheet")) == 0 and Image.open(tmp_path / "sheet").format == "PNG"
+    assert cli(*common, str(tmp_path / "sheet.JPG")) == 0 and Image.open(tmp_path / "sheet.JPG").format == "JPEG"
+
+    def never(*a, **k):
+        raise AssertionError("built the encoder")
+
+    monkeypatch.setattr(db_cli, "query_encoder", never)
+    assert ".psd is not an image type Pillow writes" in _error(capsys, *common, str(tmp_path / "sheet.psd"))
+    assert ".docx is not an image type Pillow writes" in _error(capsys, *common, str(tmp_path / "sheet.docx"))
+    assert f"--contact-sheet {tmp_path} is a directory" in _error(capsys, *common, str(tmp_path))
+    assert not (tmp_path / "sheet.psd").exists()
+
+
+def test_index_params_are_parsed_as_numbers_where_they_can_be():
+    """--param KEY=VALUE: an int where the value is one (nlist=4.0 would reach FAISS as a float), else a float,
+    else the text; an empty key or no "=" is refused."""
+    from rdm_fast._cli import CLIError
+
+    parsed = [db_cli._parse_param(t) for t in ("nlist=4096", "ratio=0.5", "metric=ip", "a=b=c", "s=")]
+    assert parsed == [("nlist", 4096), ("ratio", 0.5), ("metric", "ip"), ("a", "b=c"), ("s", "")]
+    assert type(parsed[0][1]) is int
+    for bad in ("nlist", "=4"):
+        with pytest.raises(CLIError, match="expected KEY=VALUE"):
+            db_cli._parse_param(bad)
+
+
+def meta_less_encoder(*, device="cpu", checkpoint=None, pretrained=True) -> TinyEncoder:
+    """The test encoder, except on the meta device, where it cannot be built (as some encoders' layers cannot)."""
+    if str(device) == "meta":
+        raise NotImplementedError("cannot be built on the meta device")
+    return TinyEncoder(device)
+
+
+def test_caption_tiles_end_in_an_ellipsis_where_the_words_do_not_fit(monkeypatch):
+    """A caption longer than the query's tile holds is cut to the lines that fit, the last ending in "..."."""
+    from PIL import ImageDraw
+
+    drawn = []
+    monkeypatch.setattr(ImageDraw.ImageDraw, "multiline_text", lambda self, xy, text, **kw: drawn.append(text))
+    db_cli._text_tile("a red bird", 128)
+    db_cli._text_tile(" ".join(["word"] * 200), 128)
+    assert drawn[0] == "a red bird"
+    lines = drawn[1].split("\n")
+    assert len(lines) == (128 - 8) // 12 and lines[-1].endswith("...") and len(lines[-1]) <= 128 // 7
