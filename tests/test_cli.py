@@ -339,6 +339,42 @@ def test_process_device_takes_the_local_gpu_and_makes_it_current(monkeypatch):
     with pytest.raises(ValueError, match="device 'cuda:7': this machine has 2 visible GPUs"):
         _distributed.parse_device("cuda:7")
     assert _distributed.parse_device("cuda:1") == torch.device("cuda:1")
+    assert _distributed.process_device("cuda:1") == torch.device("cuda:1") == current[-1]  # outside torchrun: any GPU
+    # one visible GPU per process (e.g. SLURM): cuda is that one, whatever the local rank
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _distributed.process_device("cuda") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"device 'cuda:1': this machine has 1 visible GPU \(cuda:0 to cuda:0;"):
+        _distributed.parse_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device cuda: no CUDA GPU is available here \(use cpu\)"):
+        _distributed.process_device("cuda")
+
+
+def test_processes_join_a_process_group_made_before(tmp_path, monkeypatch):
+    """Processes creates the process group only where none exists (a caller's own stays the caller's to close),
+    and on one process its collectives give back what they are given."""
+    import torch.distributed as dist
+
+    from rdm_fast._distributed import Processes
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    alone = Processes()
+    t = torch.ones(2)
+    assert (alone.world, alone.rank, alone.main, alone.owned) == (1, 0, True, False)
+    assert alone.from_rank0("x") == "x" and alone.all_sum(t) is t and t.tolist() == [1, 1]
+    alone.barrier()
+    alone.close()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun (the group made above has this one process)
+        joined = Processes()
+        assert not joined.owned
+        joined.close()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_sample_refuses_an_out_in_use_and_removes_killed_writes(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -684,6 +720,7 @@ def test_environment_and_output_errors_are_one_line_and_early(tiny_dir, tmp_path
      "--text"),
     ("db", ["build", "--images", "", "--encoder", "offline-lite0-minilm", "--out", "o"], "--images"),
     ("db", ["import-npz", "", "--encoder", "clip-vit-b-32", "--out", "o"], "parts"),
+    ("db", ["search", "d", "--text", ""], "--text"),  # an option of a subcommand other than the first
     ("train", ["--training-db", "d", "--db", "d", "--neighbors", "", "--steps", "1", "--out", "o", "--random-init"],
      "--neighbors"),
     ("convert", ["", "--out", "o"], "ckpt"),
@@ -705,6 +742,9 @@ def test_out_dir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
 
     check_out_dir(str(tmp_path / "new" / "deeper"))  # to be made: fine
     monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path))
+    with pytest.raises(CLIError, match=f"--out .*new: cannot write in {tmp_path} "):
+        check_out_dir(str(tmp_path / "new"))
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.X_OK)  # writable but not searchable
     with pytest.raises(CLIError, match=f"--out .*new: cannot write in {tmp_path} "):
         check_out_dir(str(tmp_path / "new"))
 
@@ -1302,6 +1342,56 @@ def test_error_and_interrupt_lines_are_single_writes(monkeypatch):
     monkeypatch.setattr(sys, "stderr", Recorder())
     assert run(fails, []) == 2 and run(interrupted, []) == 130
     assert writes == ["error: bad input second line\n", "interrupted\n"]
+    monkeypatch.setenv("RDM_FAST_DEBUG", "1")  # the traceback instead of the line
+    with pytest.raises(ValueError, match="bad input"):
+        run(fails, [])
+    assert len(writes) == 2
+
+
+def test_error_lines_name_a_rank_only_under_torchrun(capsys, monkeypatch):
+    """"[rank N]" goes before an error line only where WORLD_SIZE says there are other processes: a RANK left in
+    a single process's environment (e.g. by a job scheduler) does not make it one of several."""
+    def fails(argv):
+        raise ValueError("bad input")
+
+    monkeypatch.delenv("RDM_FAST_DEBUG", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setattr("rdm_fast._cli.setup_logging", lambda: None)
+    assert run(fails, []) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: bad input"
+
+
+def test_logging_setup_per_rank(monkeypatch):
+    """Under torchrun INFO lines come once (rank 0's); the other processes log warnings, saying whose they are;
+    other libraries log at WARNING and above."""
+    import logging
+
+    from rdm_fast._cli import setup_logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)  # restored afterwards, as the handlers below
+    with warnings.catch_warnings():  # setup_logging routes warnings into the log
+        for rank, level, prefix in (("1", logging.WARNING, "[rank 1] "), ("0", logging.INFO, "")):
+            monkeypatch.setattr(root, "handlers", [])  # a process without handlers yet: setup adds its own
+            monkeypatch.setenv("RANK", rank)
+            setup_logging()
+            assert root.handlers[0].formatter._fmt == prefix + "%(name)s: %(message)s"
+            assert logging.getLogger("rdm_fast").level == level and root.level == logging.WARNING
+
+
+def test_precision_flags_pick_their_dtypes():
+    """--bf16 and --fp16 (one or the other: their options are exclusive) pick their dtypes, float32 neither."""
+    from rdm_fast._cli import pick_dtype
+
+    assert [pick_dtype(*flags) for flags in ((False, False), (True, False), (False, True))] == [
+        torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_help_descriptions_are_the_docstrings_first_paragraph():
+    from rdm_fast._cli import summary
+
+    assert summary("Run ``x`` now,\nor later.\n\nDetails of ``y``.") == "Run x now,\nor later."
 
 
 def test_to_uint8_quantises_as_the_reference_scripts():
@@ -1330,6 +1420,11 @@ def test_folder_kinds_are_told_by_content(tmp_path):
     (other / "log.jsonl").write_text('{"step": 1}\n')
     (other / "run.json").write_text("[1, 2]")
     assert folder_kind(other) is None
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text('["format"]')  # JSON but not an object
+    (broken / "run.json").write_bytes(b'{"global_batch": \xff')  # neither JSON nor UTF-8
+    assert folder_kind(broken) is None
     (other / "progress").mkdir()
     (other / "progress" / "config.json").write_text("{}")  # a database build under way
     assert folder_kind(other) == "a database"
@@ -1493,6 +1588,8 @@ def test_out_of_memory_is_one_line_with_the_commands_advice(error, line, capsys,
 @pytest.mark.parametrize("error", [
     lambda: RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
                          "[127.0.0.1]:43557"),
+    lambda: RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:2375: "
+                         "Connection reset by peer"),
     lambda: torch.distributed.DistBackendError("NCCL communicator was aborted on rank 0"),
 ])
 def test_a_process_whose_peer_failed_says_so_in_one_line(error, capsys, monkeypatch):

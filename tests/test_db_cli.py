@@ -26,7 +26,7 @@ from test_database import INFO, TinyEncoder, brute_force
 from rdm_fast import db as db_cli
 from rdm_fast._cli import run
 from rdm_fast.retrieval import Database, compute_neighbors, write_database
-from rdm_fast.retrieval.build import load_query_image
+from rdm_fast.retrieval.build import PILLOW_MAX_PIXELS, current_max_image_pixels, load_query_image
 
 SPEC = "test_database:tiny_encoder"
 
@@ -323,6 +323,8 @@ def test_max_image_pixels_option(built, tmp_path, capsys, monkeypatch):
     assert "--max-image-pixels raises the limit" in _error(capsys, "search", str(built / "db"), "--image",
                                                            str(query), "--max-image-pixels", "1000")
     assert cli("search", str(built / "db"), "--image", str(query), "--max-image-pixels", "0") == 0
+    assert cli("search", str(built / "db"), "--text", "x", "--device", "cpu") == 0  # without it: Pillow's limit
+    assert current_max_image_pixels() == PILLOW_MAX_PIXELS
     assert "--max-image-pixels must be 0 (no limit) or more" in _error(
         capsys, "search", str(built / "db"), "--image", str(query), "--max-image-pixels", "-1")
 

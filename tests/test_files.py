@@ -171,6 +171,39 @@ def test_out_dir_lock_refuses_a_second_holder(tmp_path):
     assert len(shared) == 1 and "is in use" in shared[0]  # what rank 0 tells the other processes
 
 
+def test_out_dir_lock_replaces_a_killed_holders_name(tmp_path):
+    """A killed run leaves its line in the lock file (release empties it): the next holder's line replaces it, so
+    that a refused run names the live holder, not the dead one."""
+    import os
+    import socket
+
+    from rdm_fast._cli import OutDirLock
+
+    (tmp_path / ".rdm_fast.lock").write_text("process 1 on a-host-long-gone, with a longer line than ours\n")
+    lock = OutDirLock(tmp_path)
+    assert (tmp_path / ".rdm_fast.lock").read_text() == f"process {os.getpid()} on {socket.gethostname()}\n"
+    lock.release()
+
+
+def test_only_rank_0_checks_and_takes_the_out_lock(tmp_path, monkeypatch):
+    """Under torchrun rank 0 takes --out's lock: the other processes do not check it (rank 0 of their own run may
+    hold it by then) and take none; rank 0's answer, shared, decides for them."""
+    from rdm_fast._cli import CLIError, OutDirLock, check_out_dir, claim_out_dir
+
+    held = OutDirLock(tmp_path / "out")
+    with pytest.raises(CLIError, match="is in use by another run"):
+        check_out_dir(str(tmp_path / "out"))
+    monkeypatch.setenv("RANK", "1")
+    check_out_dir(str(tmp_path / "out"))
+    held.release()
+    with claim_out_dir(tmp_path / "free", lambda problem: problem):
+        pass
+    assert not (tmp_path / "free").exists()  # no lock taken on rank 1
+    refused = claim_out_dir(tmp_path / "free", lambda problem: "rank 0's refusal")
+    with pytest.raises(CLIError, match="^rank 0's refusal$"), refused:
+        pass
+
+
 def test_out_dir_lock_removed_by_its_holder(tmp_path, monkeypatch):
     """db neighbors removes its locked progress folder, then lets go of the lock: a run that opened the lock file
     before the removal takes the new file instead of the removed one (which would let a third run in beside it)."""
