@@ -197,6 +197,71 @@ def test_open_errors(tmp_path, db_dir):
     assert "meta_00002.npz is missing" in one_line(e)
 
 
+@pytest.mark.parametrize("change, expect", [
+    (lambda m: m.update(format_version="1"), "format_version is '1', expected an integer"),
+    (lambda m: m["encoder"].update(dim=8), "encoder must be {name, dim (= dim), normalized}"),
+    (lambda m: m["encoder"].update(normalized="yes"), "encoder must be {name, dim (= dim), normalized}"),
+    (lambda m: m.update(dtype="float32"), "dtype 'float32' is not float16"),
+    (lambda m: m.update(has_sources="yes"), "has_sources must be true or false"),
+    (lambda m: m["shards"][0].update(meta="../meta.npz"), "metadata file '../meta.npz' is not a plain file name"),
+    (lambda m: m["shards"][0].update(embeddings=".."), "shard file '..' is not a plain file name"),
+    (lambda m: m["shards"][0].update(bytes=-1), "bytes -1 is not a size"),
+    (lambda m: m.update(index={"file": "../i.faiss", "kind": "flat"}), "index file '../i.faiss' is not a plain"),
+    (lambda m: m.update(proposals="proposals.npy"), "missing or malformed entry"),
+])
+def test_every_manifest_field_is_checked(db_dir, change, expect):
+    """From a database mutation audit: dropping any one of these checks of read_manifest passed every test. A
+    manifest whose fields contradict each other or the format (an encoder of another width, a string version,
+    float32 shards, a path out of the directory, a negative size, a string where an entry belongs) is reported as
+    corrupted, naming the file, instead of being read on (or failing with a TypeError / AttributeError)."""
+    _rewrite(db_dir, change)
+    with pytest.raises(ValueError) as e:
+        read_manifest(db_dir)
+    assert "manifest.json is corrupted" in one_line(e) and expect in one_line(e)
+
+
+def test_a_manifest_that_is_not_utf8_is_corrupted(db_dir):
+    """From a database mutation audit: a manifest.json damaged into bytes that are not UTF-8 raised a bare
+    UnicodeDecodeError, naming no file."""
+    (db_dir / "manifest.json").write_bytes(b'{"format": "\xff\xfe"}')
+    with pytest.raises(ValueError, match="manifest.json is corrupted: not valid JSON"):
+        Database.open(db_dir)
+
+
+def test_open_refuses_grown_or_retyped_shard_files_and_a_missing_ranking(db_dir):
+    """From a database mutation audit (dropping each check passed every test): a metadata file larger than
+    recorded (another shard's copied over it), an embeddings file of another dtype at the same size (int16 for
+    float16) and a recorded proposal ranking whose file is gone are refused at open, not read on."""
+    meta = db_dir / "meta_00003.npz"  # 11 rows; meta_00000.npz holds 13
+    original = meta.read_bytes()
+    shutil.copy(db_dir / "meta_00000.npz", meta)
+    with pytest.raises(ValueError, match=r"meta_00003.npz has \d+ bytes but manifest.json records \d+"):
+        Database.open(db_dir, device="cpu")
+    meta.write_bytes(original)
+    shard = db_dir / "emb_00001.npy"
+    np.save(shard, np.zeros((13, 16), np.int16))  # the same number of bytes as the float16 shard
+    with pytest.raises(ValueError, match=r"holds int16 \(13, 16\), but manifest.json records float16 \(13, 16\)"):
+        Database.open(db_dir, device="cpu")
+    np.save(shard, np.zeros((13, 16), np.float16))
+    save_proposals(db_dir, np.arange(50), np.zeros(50, np.int64))
+    Database.open(db_dir, device="cpu")  # undamaged again
+    (db_dir / "proposals.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"proposals.npy is missing \(listed in manifest.json\)"):
+        Database.open(db_dir, device="cpu")
+
+
+def test_encoder_spec_and_info_are_the_recorded_ones(tmp_path, data):
+    """From a database mutation audit: encoder_spec ignoring the builder's factory spec, and encoder_info handing
+    out the manifest's own dict (a caller's edit changed the database's encoder), passed every test."""
+    assert Database.open(write_database(tmp_path / "a", data[0], INFO), device="cpu").encoder_spec == "tiny-test"
+    built = write_database(tmp_path / "b", data[0], INFO, build={"encoder_spec": "test_database:tiny_encoder"})
+    db = Database.open(built, device="cpu")
+    assert db.encoder_spec == "test_database:tiny_encoder"
+    info = db.encoder_info
+    info["name"] = "edited"
+    assert db.encoder_name == "tiny-test" and db.encoder_info == INFO
+
+
 def test_backend_choice_errors(db_dir):
     with pytest.raises(ValueError) as e:
         Database.open(db_dir, backend="scann")
@@ -221,19 +286,25 @@ def test_search_errors(db_dir):
                          (lambda: db.search(q, 0), "between 1 and the database size 50"),
                          (lambda: db.search(torch.cat([q, torch.full((1, 16), float("nan"))]), 3),
                           "query 2 holds NaN or infinite values"),
-                         (lambda: db.search(torch.cat([torch.zeros(1, 16), q]), 3), "query 0 is all zeros")]:
+                         (lambda: db.search(torch.cat([torch.zeros(1, 16), q]), 3), "query 0 is all zeros"),
+                         # the first bad query is named (a mutation audit: naming the last passed every test)
+                         (lambda: db.search(torch.cat([q[:1], torch.full((2, 16), float("inf"))]), 3),
+                          "query 1 holds NaN or infinite values")]:
         with pytest.raises(ValueError) as e:
             call()
         assert expect in one_line(e)
     with pytest.raises(ValueError, match=r"\(Q, 16\) float tensor or array .* got ndarray"):
         db.search(np.zeros((2, 16), np.int64), 3)
     scores, ids = db.search(q.double().numpy(), 3)  # an array: float32 CPU queries
+    assert db.checked_queries(q.double().numpy()).dtype == torch.float32
     ref_scores, ref_ids = db.search(q, 3)
     assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
     with pytest.raises(IndexError, match="id 50 is out of range"):
         db.embeddings(torch.tensor([3, 50]))
     with pytest.raises(IndexError, match="id -1 is out of range"):
         db.sources(torch.tensor([-1]))
+    with pytest.raises(ValueError, match="ids must be integers, got torch.bool"):  # a mask is no list of ids
+        db.embeddings(torch.tensor([True, False]))
     other = TinyEncoder()
     other.name = "other-encoder"
     with pytest.raises(ValueError) as e:
@@ -244,6 +315,11 @@ def test_search_errors(db_dir):
     with pytest.raises(ValueError) as e:
         db.search_images(narrow, torch.zeros(2, 3, 8, 8), 2)
     assert "returned (2, 15) for 2 images; it declares 16-d embeddings" in one_line(e)
+    wide = TinyEncoder()  # the database's encoder name, another width: refused before embedding anything
+    wide.dim = 8
+    for call in (lambda: db.search_images(wide, torch.zeros(2, 3, 8, 8), 2), lambda: db.search_text(wide, "a", 2)):
+        with pytest.raises(ValueError, match="encoder 'tiny-test' makes 8-d embeddings, .* holds 16-d ones"):
+            call()
     with pytest.raises(ValueError) as e:
         db.proposals(0.1)
     assert "no proposal ranking" in one_line(e)
@@ -671,6 +747,8 @@ def test_proposal_ranking_and_top_m(tmp_path, data):
     with pytest.raises(ValueError) as e:
         db.proposals(0)
     assert "fraction" in one_line(e)
+    with pytest.raises(ValueError, match=r"m must be a fraction in \(0, 1\], got 1.5"):  # a mutation audit's survivor
+        db.proposals(1.5)
 
 
 def test_proposal_ranking_breaks_ties_by_lower_id_in_large_rankings():
@@ -754,6 +832,13 @@ def test_open_file_and_unreadable_proposals(tmp_path, db_dir):
         Database.open(db_dir, device="cpu").proposals(0.5)
     assert one_line(e).startswith(f"{db_dir / 'proposals.npy'} holds id 1000000, outside the database's 50 entries")
     assert f"python -m rdm_fast.db neighbors {db_dir} --k K --out FILE" in str(e.value)
+    # from a mutation audit: an id one past the last entry and float ids were let through
+    np.save(db_dir / "proposals.npy", np.stack([np.r_[50, np.arange(1, 50)], np.zeros(50, np.int64)], 1))
+    with pytest.raises(ValueError, match="proposals.npy holds id 50, outside the database's 50 entries"):
+        Database.open(db_dir, device="cpu").proposals(0.5)
+    np.save(db_dir / "proposals.npy", np.stack([np.arange(50.0), np.zeros(50)], 1))
+    with pytest.raises(ValueError, match=r"proposals.npy holds float64 \(50, 2\), expected int64 \(50, 2\)"):
+        Database.open(db_dir, device="cpu").proposals(0.5)
 
 
 def test_save_proposals_refuses_what_every_read_would_refuse(db_dir):
@@ -934,7 +1019,11 @@ def test_write_database_refuses_what_is_no_embedding(tmp_path, data):
                             ({"encoder_info": {**INFO, "normalized": "no"}}, "normalized must be True or False"),
                             ({"encoder_info": {**INFO, "dim": 16.0}}, "dim must be a positive integer, got 16.0"),
                             ({"encoder_info": {**INFO, "dim": 0}}, "dim must be a positive integer, got 0"),
-                            ({"encoder_info": {**INFO, "name": 3}}, "name must be a non-empty string, got 3")):
+                            ({"encoder_info": {**INFO, "name": 3}}, "name must be a non-empty string, got 3"),
+                            # from a database mutation audit: a bool dim (True made a 1-d database) and an empty
+                            # name were accepted with their checks dropped
+                            ({"encoder_info": {**INFO, "dim": True}}, "dim must be a positive integer, got True"),
+                            ({"encoder_info": {**INFO, "name": ""}}, "name must be a non-empty string, got ''")):
         args = {"embeddings": emb, "encoder_info": INFO, **kwargs}
         with pytest.raises(ValueError) as e:
             write_database(tmp_path / "db", args.pop("embeddings"), args.pop("encoder_info"), **args)
@@ -947,6 +1036,10 @@ def test_write_database_refuses_what_is_no_embedding(tmp_path, data):
         write_database(tmp_path / "db", emb, INFO, shard_size=7.5)
     assert not (tmp_path / "db").exists()
     assert len(Database.open(write_database(tmp_path / "none", emb[:0], INFO, class_ids=[]), device="cpu")) == 0
+    # from a database mutation audit: writing into an existing database replaced its shards under its manifest
+    with pytest.raises(FileExistsError, match="manifest.json already exists: write the database into a new directory"):
+        write_database(tmp_path / "none", emb, INFO)
+    assert len(Database.open(tmp_path / "none", device="cpu", verify=True)) == 0
 
 
 def test_write_database_checks_everything_before_writing(tmp_path):
@@ -958,6 +1051,10 @@ def test_write_database_checks_everything_before_writing(tmp_path):
         write_database(tmp_path / "a", emb, INFO, count=3)
     with pytest.raises(TypeError, match=r"write_database: note=<object .*> cannot be stored in the manifest"):
         write_database(tmp_path / "b", emb, INFO, note=object())
+    circular: list = []
+    circular.append(circular)  # json's ValueError, not a TypeError (found by a mutation audit: not tested)
+    with pytest.raises(TypeError, match=r"write_database: note=\[\[...\]\] cannot be stored in the manifest"):
+        write_database(tmp_path / "b", emb, INFO, note=circular)
     bad = emb.copy()
     bad[7] = np.nan
     with pytest.raises(ValueError, match=r"embeddings row 7: the embedding is not finite"):

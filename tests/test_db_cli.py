@@ -553,6 +553,17 @@ def test_an_index_that_is_not_the_databases_is_named(random_db, tmp_path, caplog
     assert "not this database's index" in _error(capsys, "info", str(path), "--verify")
 
 
+def test_an_index_recorded_without_its_size_is_used(random_db):
+    """Indexes recorded before their size was are taken as they are (from a database mutation audit: taking a
+    missing size for another database's index passed every test; auto search then fell back to exact search)."""
+    pytest.importorskip("faiss")
+    from rdm_fast.retrieval.database import add_index, update_manifest
+
+    _, path = random_db
+    add_index(path, "flat")
+    update_manifest(path, lambda m: m["index"].pop("bytes"))
+    assert Database.open(path, device="cpu", verify=True).backend == "faiss-flat"
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_faiss_index_backend(random_db, capsys, kind):
     pytest.importorskip("faiss")
@@ -649,6 +660,32 @@ def test_replacing_an_index_removes_the_old_file(random_db):
     assert not (path / "index_flat.faiss").exists() and not any(f.exists() for f in killed)
     assert Database.open(path, backend="faiss", device="cpu").manifest["index"]["params"]["M"] == 8
 
+
+def test_an_index_replaced_in_place_is_never_recorded_with_the_old_ones_settings(random_db, monkeypatch):
+    """A failure (or kill) between replacing index_hnsw.faiss and recording the new index leaves none recorded,
+    never the new file under the old one's record (its build parameters), and an empty database is not indexed
+    (from a database mutation audit: dropping either step passed every test)."""
+    pytest.importorskip("faiss")
+    from rdm_fast.retrieval import database
+
+    _, path = random_db
+    database.add_index(path, "hnsw", M=8, progress=False)
+    real = database.update_manifest
+
+    def failing(directory, change):  # the record of the new index is not written: a full disk
+        probe: dict = {}
+        change(probe)
+        if probe.get("index"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(directory, change)
+
+    monkeypatch.setattr(database, "update_manifest", failing)
+    with pytest.raises(OSError):
+        database.add_index(path, "hnsw", M=16, progress=False)
+    assert database.read_manifest(path)["index"] is None
+    empty = write_database(path.parent / "empty", np.zeros((0, 16), np.float32), INFO)
+    with pytest.raises(ValueError, match="is empty: nothing to index"):
+        database.add_index(empty, "flat", progress=False)
 
 def test_triton_backend_wiring_on_cpu_shards(random_db, monkeypatch):
     """GPUExactSearch gets the memory-mapped shards as the parts of one database; on this machine its CPU path
