@@ -456,6 +456,39 @@ def test_a_failed_config_json_write_leaves_no_copy_of_another_config(tmp_path, m
     assert RDM.from_pretrained(tmp_path).config.sampling.steps == 7 and "config.json" not in caplog.text
 
 
+def test_an_interrupted_config_json_write_leaves_no_copy_of_another_config(tmp_path, monkeypatch):
+    """As for a full disk (above), so for Ctrl-C during config.json's write: the previous save's copy goes (from a
+    checkpoint mutation audit: removing it on Exceptions alone passed every test)."""
+    RDM.from_config("tiny").save_pretrained(tmp_path)
+    real = ckpt.atomic_write
+
+    def interrupted(target, *args, **kwargs):
+        if Path(target).name == ckpt.CONFIG_FILE:
+            raise KeyboardInterrupt
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "atomic_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        RDM.from_config("tiny").save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("missing", [ckpt.TRAIN_STATE_FILE, ckpt.WEIGHTS_FILE])
+def test_latest_naming_an_incomplete_checkpoint_is_refused(tmp_path, missing):
+    """A run's latest file naming a step folder without its state.json or its model.safetensors is an error, not a
+    load of half a checkpoint (from a checkpoint mutation audit: dropping either half of the check passed every
+    test)."""
+    step = tmp_path / ckpt.RUN_CHECKPOINTS / "step_0000004"
+    step.mkdir(parents=True)
+    for name in (ckpt.TRAIN_STATE_FILE, ckpt.WEIGHTS_FILE):
+        (step / name).write_text("")  # only their presence is checked here
+    (tmp_path / ckpt.RUN_LATEST).write_text("step_0000004\n")
+    assert ckpt.newest_run_checkpoint(tmp_path) == step
+    (step / missing).unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"latest names .*step_0000004, which is not a complete checkpoint"):
+        ckpt.newest_run_checkpoint(tmp_path)
+
+
 def test_edited_config_json_is_reported_not_used(tmp_path, caplog):
     """config.json beside model.safetensors is a copy: the stored config loads, and a differing or unreadable copy
     is reported."""
@@ -600,6 +633,10 @@ def test_save_pretrained_refuses_files_and_other_outputs(tmp_path):
     (tmp_path / "m" / "state.json").write_text("{}")  # a training checkpoint's folder: its EMA weights alone
     with pytest.raises(ValueError, match="holds a training checkpoint: save the model into a folder of its own"):
         model.save_pretrained(tmp_path / "m")
+    (tmp_path / "samples").mkdir()  # a sample run's images (a checkpoint mutation audit: not tested)
+    (tmp_path / "samples" / "sample_00000.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds a sample run: save the model into a folder of its own"):
+        model.save_pretrained(tmp_path / "samples")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

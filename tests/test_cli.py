@@ -1658,3 +1658,13 @@ def test_convert_to_official_in_half_precision_keeps_the_ema_decay(tmp_path):
     names = RDM.from_pretrained(tmp_path / "ck").official_names().values()
     assert state.keys() == {*names, *(ckpt.ema_name(n[len(ckpt.UNET_PREFIX):]) for n in names
                                       if n.startswith(ckpt.UNET_PREFIX)), "model_ema.decay", "model_ema.num_updates"}
+
+
+def test_official_checkpoint_defaults_to_litemas_decay():
+    """official_checkpoint without an ema_decay records LitEma's default, 0.9999, as the released models hold it (from
+    a convert mutation audit: another default passed every test, convert itself always passing the run's decay)."""
+    model = RDM.from_config("tiny")
+    state = convert.official_checkpoint(model, model, ema_updates=3)
+    assert state["model_ema.decay"].dtype == torch.float32
+    assert state["model_ema.decay"].item() == pytest.approx(0.9999, abs=1e-7)  # float32 of 0.9999
+    assert int(state["model_ema.num_updates"]) == 3
