@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on a random window of each image, drawn anew each epoch after its short side is "
                         "resized to the model's image size (the released ImageNet model's augmentation; build the "
                         "training database with --crop center); without it, each entry's database crop. Not with "
-                        "--latents; a resumed run keeps its own")
+                        "--latents; a resumed run keeps its own (given to a run made without it: refused)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out; with --init, --first-stage or --random-init "
                         "too, start the run that way when --out has no checkpoint yet (one command line for the "
