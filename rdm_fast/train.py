@@ -554,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def resume_command(args: argparse.Namespace) -> str:
-    """The command line that continues this run: the run records its data and settings, not the options about a
+    """The command line that continues this run: the run reuses its data and settings, not the options about a
     launch (--latents, --image-root, --workers, --device...), which are given again where they were given."""
     parser = build_parser()
     launch = "".join(f" {flag} {shlex.quote(str(getattr(args, dest)))}" for flag, dest in (
