@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the stored weights")
     p.add_argument("--no-ema", action="store_true",
                    help="store the UNet's raw weights instead of its EMA ones: an official checkpoint's, or a "
-                        "training checkpoint's train_weights.safetensors")
+                        "training checkpoint's train_weights.safetensors (--to rdm_fast only)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle a checkpoint with Python objects (runs code from the file: trusted files only)")
     args = parse_args(p, argv)

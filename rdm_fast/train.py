@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-loading processes per training process (default: 4, or the CPU count if lower)")
     p.add_argument("--seed", type=int, help="seed of the batch order, the noise and dropout draws and a new UNet's "
                                             f"weights (default 0{kept})")
-    p.add_argument("--device", default="auto", help="auto (this process's GPU, else the CPU), cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (this process's GPU, else the CPU), cpu, cuda or cuda:N (not under torchrun)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="unpickle checkpoints with Python objects (runs code from the file: trusted files only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in batch jobs' logs)")
