@@ -21,8 +21,8 @@ Ctrl-C stops after the current step with a checkpoint.
 renamed, the newest named in ``latest``): ``model.safetensors`` + ``config.json`` hold the EMA weights with the
 first stage, in rdm_fast's format (``python -m rdm_fast.sample --ckpt`` takes the directory, or the run's); the
 training weights, ``optimizer.pt`` and ``state.json`` let training resume. Also ``log.jsonl`` (loss, learning rate,
-images/s), ``run.json`` (the arguments) and ``samples/step_XXXXXXX.png`` (EMA samples of the first training
-contexts).
+images/s, unreadable images, wall-clock time), ``run.json`` (the run's data and settings, and the arguments) and
+``samples/step_XXXXXXX.png`` (EMA samples of the first training contexts).
 """
 
 from __future__ import annotations
