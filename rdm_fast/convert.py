@@ -5,8 +5,9 @@ memory-maps, and holds only the weights sampling needs (the EMA UNet when the ch
 ``--to official`` writes ``model.ckpt`` (a state dict in the layout of the official Lightning checkpoints, for the
 reference code) and ``config.yaml``: rdm_fast's config under the official YAML names, whose ``unet_config`` and
 ``first_stage_config`` are the reference code's, without the reference's own model fields (its
-``MinimalRETRODiffusion`` target, ``retrieval_cfg``, ``cond_stage_config``), which rdm_fast does not use; from a training checkpoint of ``python -m rdm_fast.train`` the UNet's training
-weights go under ``model.diffusion_model.`` and its EMA weights under ``model_ema.``, as LitEma stores them.
+``MinimalRETRODiffusion`` target, ``retrieval_cfg``, ``cond_stage_config``), which rdm_fast does not use. From a
+training checkpoint of ``python -m rdm_fast.train`` the UNet's training weights go under
+``model.diffusion_model.`` and its EMA weights under ``model_ema.``, as LitEma stores them.
 """
 
 from __future__ import annotations
