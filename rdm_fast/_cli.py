@@ -21,14 +21,13 @@ from tqdm.auto import tqdm
 
 from . import SOURCE_CHECKOUT
 from . import checkpoint as ckpt
-from ._files import naming_failed_writes
+from ._files import LOCK_FILE, naming_failed_writes
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .ops import FastPathUnavailable, get_mode
 from .retrieval.build import PILLOW_MAX_PIXELS, set_max_image_pixels
 
 log = logging.getLogger("rdm_fast")
-LOCK_FILE = ".rdm_fast.lock"
 _HELD_LOCKS: set[OutDirLock] = set()  # closed in forked children (DataLoader workers), which would share the lock
 
 

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 
 TEMP_SUFFIX = ".tmp"
+LOCK_FILE = ".rdm_fast.lock"  # the file a run holds its --out by (rdm_fast._cli.OutDirLock)
 CRC_BLOCK = 1 << 24  # bytes of a mapped .npz member checked at a time
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)

@@ -16,21 +16,23 @@ import os
 import shutil
 import textwrap
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ._cli import (LOCK_FILE, CLIError, HelpFormatter, OutDirLock, add_max_image_pixels, one_process, parse_args,
+from ._cli import (CLIError, HelpFormatter, OutDirLock, add_max_image_pixels, one_process, parse_args,
                    run, summary)
 from ._distributed import process_device
-from ._files import atomic_save_npy, atomic_write, make_dirs
+from ._files import LOCK_FILE, atomic_save_npy, atomic_write, make_dirs
 from .encoders import EncoderUnavailable, query_encoder, resolve_encoder
 from .images import contact_sheet
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
                         save_neighbors, save_proposals)
-from .retrieval.build import (CROP_MODES, MAX_UPSCALE, error_line, load_query_image, load_rgb, make_crops,
+from .retrieval.build import (CROP_MODES, PROGRESS, MAX_UPSCALE, error_line, load_query_image, load_rgb, make_crops,
                               query_image_size, replay_crop)
 from .retrieval.context import locate_database
 from .retrieval.database import BACKENDS, PROPOSALS
@@ -185,17 +187,45 @@ def _unavailable(spec: str, e: EncoderUnavailable) -> str:
     return str(e) if repr(spec) in str(e) else f"encoder {spec!r} is unavailable: {e}"
 
 
+@contextmanager
+def _build_lock(out: str) -> Iterator[None]:
+    """Hold a build's ``--out`` (the lock of its progress folder; rank 0 under torchrun) while the body runs: a
+    second build into it would delete the first's temporary files and race it to the manifest. A build that stops
+    before it records its arguments leaves no progress folder (and no --out it made) behind."""
+    path = Path(out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--out {out} is a file, not a folder")
+    made, progress = not path.exists(), path / PROGRESS
+    try:
+        make_dirs(progress)
+    except NotADirectoryError as e:  # a file above it
+        raise CLIError(f"--out {out}: {e}") from None
+    lock = OutDirLock(progress, out)
+    try:
+        yield
+    finally:
+        if progress.is_dir() and [p.name for p in progress.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(progress)
+            if made and not any(path.iterdir()):
+                path.rmdir()
+        lock.release()
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     """``db build``: embed an image folder or list into a new database (resumable)."""
     if args.workers < 0:
         raise CLIError(f"--workers must be at least 0, got {args.workers}")
     try:
-        out = build_database(args.out, encoder=args.encoder, images=args.images, image_list=args.list,
-                             crop=args.crop, crop_size=args.crop_size, crops_per_image=args.crops_per_image,
-                             batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers,
-                             device=args.device, encoder_checkpoint=args.encoder_checkpoint,
-                             class_from_folder=args.class_from_folder, seed=args.seed,
-                             fit_square=args.fit_square, progress=not args.no_progress)
+        with _build_lock(args.out):
+            out = build_database(args.out, encoder=args.encoder, images=args.images, image_list=args.list,
+                                 crop=args.crop, crop_size=args.crop_size, crops_per_image=args.crops_per_image,
+                                 batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers,
+                                 device=args.device, encoder_checkpoint=args.encoder_checkpoint,
+                                 class_from_folder=args.class_from_folder, seed=args.seed,
+                                 fit_square=args.fit_square, progress=not args.no_progress)
     except EncoderUnavailable as e:
         raise CLIError(_unavailable(args.encoder, e)) from None
     if int(os.environ.get("RANK", "0")) == 0:
@@ -221,8 +251,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         info = _encoder_info(args.encoder, "meta")
     except (RuntimeError, NotImplementedError):
         info = _encoder_info(args.encoder, "cpu")
-    out = import_npz(args.parts, args.out, info, encoder_spec=args.encoder, shard_size=args.shard_size,
-                     chunk_rows=args.chunk_rows, allow_pickle=args.allow_pickle, progress=not args.no_progress)
+    with _build_lock(args.out):
+        out = import_npz(args.parts, args.out, info, encoder_spec=args.encoder, shard_size=args.shard_size,
+                         chunk_rows=args.chunk_rows, allow_pickle=args.allow_pickle, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(out)
     return 0

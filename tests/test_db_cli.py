@@ -982,3 +982,37 @@ def test_caption_tiles_end_in_an_ellipsis_where_the_words_do_not_fit(monkeypatch
     assert drawn[0] == "a red bird"
     lines = drawn[1].split("\n")
     assert len(lines) == (128 - 8) // 12 and lines[-1].endswith("...") and len(lines[-1]) <= 128 // 7
+
+
+def test_builds_refuse_an_out_in_use_and_leave_no_lock_behind(built, tmp_path, capsys):
+    """A second build (or import) into the --out of a running one is refused instead of deleting the first's
+    temporary files and racing it to the manifest; the first's progress stays as it was. A build that stops before
+    it records its arguments (a folder that is no build) leaves no progress folder, nor an --out it made; a
+    finished build lets go of --out, so that it resumes (here: nothing to do)."""
+    from rdm_fast._cli import OutDirLock
+
+    out, progress = tmp_path / "db", tmp_path / "db" / "progress"
+    args = ["build", "--images", str(built / "images"), "--encoder", SPEC, "--out", str(out), "--crop-size", "32",
+            "--workers", "0", "--device", "cpu", "--no-progress"]
+    held = OutDirLock(progress, out)  # what a running build holds
+    (progress / "config.json").write_text("{}")
+    assert f"--out {out} is in use by another run (process" in _error(capsys, *args)
+    part = tmp_path / "3x16-part_0.npz"
+    np.savez(part, embedding=np.ones((3, 16), np.float32), img_id=np.arange(3), patch_coords=np.zeros((3, 2), int))
+    assert f"--out {out} is in use by another run (process" in _error(
+        capsys, "import-npz", str(part), "--out", str(out), "--encoder", SPEC, "--no-progress")
+    assert sorted(p.name for p in progress.iterdir()) == [".rdm_fast.lock", "config.json"]
+    held.release()
+    shutil.rmtree(out)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    other = [*args[:args.index("--out") + 1], str(tmp_path / "other"), *args[args.index("--out") + 2:]]
+    assert "is not empty and holds no resumable build" in _error(capsys, *other)
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]  # no progress folder left there
+    (tmp_path / "empty").mkdir()
+    assert "no images" in _error(capsys, args[0], "--images", str(tmp_path / "empty"), *args[3:])
+    assert not out.exists()  # made for the lock, removed with it
+    assert cli(*args) == 0 and cli(*args) == 0  # the finished build let go of --out
+    (tmp_path / "afile").write_text("")
+    assert f"--out {tmp_path / 'afile'} is a file, not a folder" in _error(
+        capsys, *args[:args.index("--out") + 1], str(tmp_path / "afile"), *args[args.index("--out") + 2:])

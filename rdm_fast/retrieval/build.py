@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .._distributed import Processes, process_device
-from .._files import TEMP_SUFFIX, atomic_write_json, make_dirs, remove_stale_temps, sha256_file
+from .._files import LOCK_FILE, TEMP_SUFFIX, atomic_write_json, make_dirs, remove_stale_temps, sha256_file
 from ..encoders import Encoder, embed_images, resolve_encoder
 from .database import MANIFEST, check_shard_file, new_manifest, read_manifest, write_manifest, write_shard
 from .search import check_count
@@ -463,8 +463,10 @@ class ImageCrops(Dataset):
 
 def _holds_files(progress: Path) -> bool:
     """Whether a build's ``progress/`` folder holds more than the temporary files of a killed first write (a build
-    killed before it recorded its arguments left nothing to resume, and nothing to protect)."""
-    return not progress.is_dir() or any(not p.name.endswith(TEMP_SUFFIX) for p in progress.iterdir())
+    killed before it recorded its arguments left nothing to resume, and nothing to protect; nor does the lock of
+    ``db build``, which a run takes before it looks)."""
+    return not progress.is_dir() or any(not p.name.endswith(TEMP_SUFFIX) and p.name != LOCK_FILE
+                                        for p in progress.iterdir())
 
 
 # the precision the encoder embeds in, recorded with a build's arguments: shards of two precisions must not mix
