@@ -6,6 +6,7 @@ point's errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,7 +34,8 @@ from rdm_fast import train
 from rdm_fast._cli import run
 from rdm_fast.ops import _extension
 from rdm_fast.checkpoint import TRAIN_STATE_FILE, TRAIN_WEIGHTS_FILE, CheckpointError
-from rdm_fast.data import (DRAWS, DROPOUT, SHUFFLE, MomentCache, TrainingContexts, TrainingImages, TrainingMoments,
+from rdm_fast._files import TEMP_SUFFIX
+from rdm_fast.data import (CROP, DRAWS, DROPOUT, SHUFFLE, MomentCache, TrainingContexts, TrainingImages, TrainingMoments,
                            TrainingOrder, derived_seed)
 from rdm_fast.diffusion import Schedule, eps_losses, noised
 from rdm_fast.models import unet as unet_module
@@ -240,6 +242,9 @@ def test_training_images_are_the_embedded_crops(setup):
     torch.testing.assert_close(got, db.embeddings(torch.arange(len(db))), rtol=2e-3, atol=2e-3)
     resized = TrainingImages(db, 16)[0]["pixels"]
     assert resized.shape == (3, 16, 16) and resized.dtype == torch.uint8
+    crop = Image.fromarray(images[0]["pixels"].numpy().transpose(1, 2, 0))  # resized bicubic, as center crops are
+    want = np.asarray(crop.resize((16, 16), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    assert np.array_equal(resized.numpy(), want)
 
 
 def test_random_crops_are_windows_of_the_short_side_resized_image_drawn_per_epoch(setup):
@@ -281,6 +286,48 @@ def test_random_crops_of_the_entries_of_an_epoch_are_drawn_apart(setup, monkeypa
     assert len({item["pixels"].numpy().tobytes() for item in items}) > 6  # 57 windows for 12 entries
 
 
+def test_random_crops_draw_from_their_own_stream(setup):
+    """The window of (seed, epoch, entry) comes from the CROP stream of those numbers: drawn from another purpose's
+    stream of the same numbers (a step's DRAWS, of (seed, step, row)), the crops would be tied to the noise."""
+    from rdm_fast.retrieval.build import load_rgb, random_fitted_window
+
+    images = TrainingImages(Database.open(setup["db"], backend="torch", device="cpu"), 24, random_crop=True, seed=5)
+    for i, epoch in ((0, 0), (7, 3), (11, 1)):
+        rng = np.random.default_rng(derived_seed(5, CROP, epoch, i))
+        want = random_fitted_window(load_rgb(images.file(i)), 24, rng)
+        assert np.array_equal(images[i, epoch]["pixels"].numpy().transpose(1, 2, 0), want), (i, epoch)
+
+
+def test_training_images_pickle_without_their_database(setup):
+    """A data-loading worker gets the dataset pickled: without its open database (whose memory maps would travel
+    as copies of the embeddings, gigabytes for a large database), which the worker opens itself."""
+    import pickle
+
+    images = TrainingImages(Database.open(setup["db"], backend="torch", device="cpu"), 32)
+    first = images[3]
+    copy = pickle.loads(pickle.dumps(images))
+    assert copy.__dict__["_db"] is None and images.__dict__["_db"] is not None
+    again = copy[3]
+    assert again["ok"] and torch.equal(again["pixels"], first["pixels"])
+
+
+def test_training_images_apply_the_pixel_limit_they_were_made_under(setup):
+    """Data-loading workers started by spawn or forkserver do not inherit the process's decompression-bomb limit
+    (--max-image-pixels): every item applies the limit that was in force when the dataset was made."""
+    from rdm_fast.retrieval.build import current_max_image_pixels, set_max_image_pixels
+
+    db = Database.open(setup["db"], backend="torch", device="cpu")
+    default = current_max_image_pixels()
+    try:
+        set_max_image_pixels(64)  # below every training image (the smallest is 37 x 30)
+        images = TrainingImages(db, 32)
+        set_max_image_pixels(default)  # what a fresh worker process has
+        assert images[0]["ok"] is False
+    finally:
+        set_max_image_pixels(default)
+    assert TrainingImages(db, 32)[0]["ok"] is True
+
+
 def test_training_images_report_unreadable_files(setup, tmp_path, caplog):
     """An unreadable entry is skipped, with one warning however often it is drawn."""
     db = Database.open(setup["db"], backend="torch", device="cpu")
@@ -291,6 +338,8 @@ def test_training_images_report_unreadable_files(setup, tmp_path, caplog):
     assert item["ok"] is False and item["index"] == 3 and int(item["pixels"].sum()) == 0
     warned = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
     assert [m.split(":")[0] for m in warned] == ["training entry 3 cannot be used", "training entry 4 cannot be used"]
+    # at the model's size, not the database's crop size: the batch it is drawn in is collated with the others
+    assert TrainingImages(db, 16, image_root=tmp_path)[3]["pixels"].shape == (3, 16, 16)
 
 
 def test_extra_neighbours_in_the_file_are_named(setup, caplog):
@@ -342,7 +391,10 @@ def test_training_contexts_errors(setup, tmp_path):
     ids = setup["ids"].numpy()
     for name, bad, match in [("short.npz", ids[:5], "neighbours of 5 entries"),
                              ("narrow.npz", ids[:, :2], "2 neighbours per entry"),
-                             ("range.npz", ids + 100, "outside")]:
+                             ("long.npz", np.concatenate([ids, ids[:1]]), "neighbours of 13 entries"),
+                             ("range.npz", ids + 100, "outside"),
+                             ("past_end.npz", np.where(ids == ids.max(), len(ids), ids), "outside"),
+                             ("negative.npz", np.where(ids == ids.min(), -1, ids), "outside")]:
         np.savez(tmp_path / name, ids=bad, scores=np.zeros(bad.shape, np.float32))
         with pytest.raises(ValueError, match=match):
             TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / name)
@@ -364,6 +416,31 @@ def test_training_contexts_errors(setup, tmp_path):
         TrainingContexts(cfg, setup["db"], tmp_path / "copy", tmp_path / "self.npz")
 
 
+def test_training_contexts_refuse_a_retrieval_database_of_another_encoder(setup, tmp_path):
+    """The training entry's own embedding (in the text token's place) and its neighbours' must come from one
+    encoder: a retrieval database of other embeddings (here the same vectors under another encoder's name, with
+    the right neighbours file) is refused."""
+    training = Database.open(setup["db"], backend="torch", device="cpu")
+    rows = training.embeddings(torch.arange(len(training))).numpy()
+    other = write_database(tmp_path / "other", rows, {**training.encoder_info, "name": "another-encoder"})
+    with pytest.raises(ValueError, match="queries come from encoder 'tiny-test', but .*other holds 'another-encoder'"):
+        TrainingContexts(RDMConfig.resolve(setup["cfg"]), setup["db"], other, setup["nn"])
+
+
+def test_context_normalisation_follows_normalized_embeddings(setup):
+    """Contexts are L2-normalised when the config's normalized_embeddings says so, with or without a text token
+    (the other tests' configs set both alike)."""
+    from dataclasses import replace
+
+    entries = torch.tensor([5, 0, 11])
+    for name in ("cfg", "cfg_plain"):
+        cfg = RDMConfig.resolve(setup[name])
+        plain, normed = (TrainingContexts(replace(cfg, normalized_embeddings=flag), setup["db"], setup["db"],
+                                          setup["nn"])(entries) for flag in (False, True))
+        assert not torch.allclose(plain.norm(dim=-1), torch.ones(3, cfg.context_tokens))  # not unit vectors
+        torch.testing.assert_close(normed, F.normalize(plain, dim=-1))
+
+
 def test_bad_neighbours_files_name_the_file_and_the_problem(tmp_path):
     from rdm_fast.data import load_neighbors
 
@@ -382,6 +459,31 @@ def test_bad_neighbours_files_name_the_file_and_the_problem(tmp_path):
     (tmp_path / "d.npz").write_bytes((tmp_path / "d.npz").read_bytes()[:1000])  # a copy that was cut off
     with pytest.raises(ValueError, match=r"d\.npz is not a readable neighbours file \(not a readable \.npz archive"):
         load_neighbors(tmp_path / "d.npz")
+
+
+def test_neighbours_files_of_other_shapes_or_types_are_refused(tmp_path):
+    """load_neighbors refuses ids that are not an (N, K) integer array and scores that are not one float per id
+    (they failed later, or not at all), and names an empty ids file (its EOFError escaped as it was); unsigned ids
+    are integer ids too."""
+    from rdm_fast.data import load_neighbors
+
+    ids = np.arange(6, dtype=np.int64).reshape(3, 2)
+    for name, arrays, message in (
+            ("flat.npz", {"ids": ids.ravel()}, r"holds int64 \(6,\); expected \(N, K\) integer neighbour ids"),
+            ("float.npz", {"ids": ids.astype(np.float32)}, r"holds float32 \(3, 2\); expected \(N, K\) integer"),
+            ("narrow.npz", {"ids": ids, "scores": np.zeros((3, 1), np.float32)},
+             r"holds scores float32 \(3, 1\) for ids \(3, 2\); expected one float score per id"),
+            ("whole.npz", {"ids": ids, "scores": np.zeros((3, 2), np.int32)},
+             r"holds scores int32 \(3, 2\) for ids \(3, 2\); expected one float score per id")):
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(ValueError, match=re.escape(name) + " " + message):
+            load_neighbors(tmp_path / name)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.npy is not a readable neighbours file \(not a NumPy"):
+        load_neighbors(tmp_path / "empty.npy")
+    np.savez(tmp_path / "unsigned.npz", ids=ids.astype(np.uint32), scores=np.zeros((3, 2), np.float32))
+    loaded, scores, _ = load_neighbors(tmp_path / "unsigned.npz")
+    assert loaded.dtype == np.uint32 and loaded.tolist() == ids.tolist() and scores.shape == (3, 2)
 
 
 def test_save_neighbors_refuses_what_training_could_not_use(setup, tmp_path):
@@ -450,6 +552,14 @@ def test_training_contexts_refuse_neighbours_of_another_database(setup, tmp_path
     save_neighbors(tmp_path / "swapped.npz", right_ids[order], right_scores[order])
     with pytest.raises(ValueError, match=r"swapped\.npz does not match the databases"):
         TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "swapped.npz")
+    nan_scores = right_scores.copy()
+    nan_scores[0, 0] = np.nan  # a damaged file: NaN compares as no difference
+    np.savez(tmp_path / "nan.npz", ids=right_ids, scores=nan_scores)
+    with pytest.raises(ValueError, match=r"nan\.npz does not match the databases"):
+        TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "nan.npz")
+    save_neighbors(tmp_path / "queries.npz", right_ids, right_scores, databases=(db, other))  # the right db searched
+    with pytest.raises(ValueError, match=r"queries\.npz was computed for another query database"):
+        TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "queries.npz")
     save_neighbors(tmp_path / "recorded.npz", ids, scores, databases=(other, other))
     with pytest.raises(ValueError, match=r"recorded\.npz was computed for another retrieval database"):
         TrainingContexts(cfg, setup["db"], setup["db"], tmp_path / "recorded.npz")
@@ -524,6 +634,8 @@ def test_sample_draws_are_per_image_and_cover_every_timestep():
 
 
 def test_training_order_is_independent_of_the_split():
+    with pytest.raises(ValueError, match="the training set is empty"):
+        TrainingOrder(0, seed=0, batch=1)
     n, seed = 23, 7
     whole = TrainingOrder(n, seed=seed, batch=12)
     for step in range(5):  # 60 positions: the stream crosses epoch boundaries
@@ -1437,7 +1549,7 @@ def test_damaged_cache_files_are_named_when_the_cache_is_opened(setup, tmp_path,
     only at the first training step; each damage is now named when the cache is opened, with the fix."""
     cache = tmp_path / "latents"
     assert train.main(_fresh(setup, tmp_path / "run", "--latents", str(cache), steps=1)) == 0
-    moments = next(cache.glob("moments_*.npy"))
+    moments, readable = next(cache.glob("moments_*.npy")), next(cache.glob("readable_*.npy"))
     full = np.load(moments)
 
     def damaged(name, damage):
@@ -1447,6 +1559,10 @@ def test_damaged_cache_files_are_named_when_the_cache_is_opened(setup, tmp_path,
         return copy
 
     cases = [("json", lambda d: (d / "manifest.json").write_text("{"), r"manifest.json is damaged \(Expecting"),
+             ("list", lambda d: (d / "manifest.json").write_text("[]"), r"manifest.json is damaged \(not a JSON object"),
+             ("float32", lambda d: np.save(d / moments.name, full.astype(np.float32)),
+              rf"{moments.name} holds float32 \(.*not the float16"),
+             ("flags", lambda d: (d / readable.name).unlink(), rf"{readable.name} is missing: delete"),
              ("cut", lambda d: (d / moments.name).write_bytes(moments.read_bytes()[:400]),
               rf"{moments.name} cannot be read \(.*\): delete .*cut to encode the images again"),
              ("shape", lambda d: np.save(d / moments.name, full[:, :2]),
@@ -1487,6 +1603,115 @@ def test_interrupted_cache_fill_leaves_no_shard(setup, tmp_path, monkeypatch, ca
     assert train.main(_fresh(setup, tmp_path / "run2", "--latents", str(cache), steps=1)) == 0
     assert "holds files of unfinished fills (1, 0.0 GiB)" in caplog.text and (cache / "moments_killed_0.npy").exists()
     assert TrainingMoments(MomentCache(cache, {})).readable().all()
+
+
+def test_a_cache_filled_by_several_processes_reads_back_every_entry(setup, tmp_path, monkeypatch):
+    """Under torchrun each process encodes its own share into its own shard (every other test fills one): here the
+    ranks of a world of 5 in turn (shares of 3 of the 12 entries, the last one empty), ranks 1-4 stopped where
+    they would wait for rank 0's manifest. The shares cover every entry once, each shard is filled from its own
+    first entry on, the manifest records each shard's entries, and every entry, and whether its image could be
+    read, reads back from the right shard (float16 storage: rtol 2e-3, atol 1e-4; the unreadable image's row holds
+    what the first stage made of its zero pixels)."""
+    from rdm_fast import data
+
+    class Waits(Exception):
+        pass
+
+    def no_wait(files):
+        raise Waits
+
+    torch.manual_seed(0)
+    model = RDM.from_config(RDMConfig.resolve(setup["cfg"]))
+    shutil.copytree(setup["root"] / "imgs", tmp_path / "imgs")
+    images = TrainingImages(Database.open(setup["db"], backend="torch", device="cpu"), 32, tmp_path / "imgs")
+    images.file(1).unlink()  # entry 1, in the first shard, cannot be read
+    cache, cpu = tmp_path / "latents", torch.device("cpu")
+    for rank in (4, 3, 2, 1, 0):
+        procs = SimpleNamespace(world=5, rank=rank, main=rank == 0, from_rank0=lambda value: "run0")
+        with monkeypatch.context() as m:
+            if rank:
+                m.setattr(data, "wait_for_files", no_wait)
+            with contextlib.nullcontext() if rank == 0 else pytest.raises(Waits):
+                stored = data.cached_moments(cache, model, images, procs, cpu, batch_size=2, workers=0,
+                                             progress=False)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 12)]
+    pixels = torch.stack([images[i]["pixels"] for i in range(len(images))]).float() / 127.5 - 1
+    with torch.no_grad():
+        want = model.encode_moments(pixels)
+    readable = [i != 1 for i in range(12)]
+    assert len(stored) == 12 and stored.readable().tolist() == readable
+    got = [stored[i] for i in range(12)]
+    assert [item["index"] for item in got] == list(range(12)) and [item["ok"] for item in got] == readable
+    torch.testing.assert_close(torch.stack([item["moments"] for item in got]), want, rtol=2e-3, atol=1e-4)
+
+
+def test_moment_cache_files(tmp_path):
+    """MomentCache's bookkeeping: the shares of ``world`` processes cover the entries once, in order, at most one
+    share's length apart; check_writable takes a folder of an unfinished cache (shards, hidden temporary files of
+    fills and probes) but not one of other files; unfinished_bytes counts and sizes every file besides the
+    manifest and write probes."""
+    for count in range(14):
+        for world in range(1, 6):
+            shares = [MomentCache.share(count, world, rank) for rank in range(world)]
+            assert [i for share in shares for i in share] == list(range(count)), (count, world)
+    cache = MomentCache(tmp_path / "cache", {"count": 4})
+    cache.dir.mkdir()
+    (cache.dir / "moments_a_0.npy").write_bytes(b"\0" * 1000)
+    (cache.dir / "readable_a_0.npy").write_bytes(b"\0" * 24)
+    (cache.dir / f".moments_b_0.npy.x1{TEMP_SUFFIX}").write_bytes(b"\0" * 100)  # a fill writing now
+    (cache.dir / f".probe.x2{TEMP_SUFFIX}").write_bytes(b"")  # another process's write probe
+    cache.check_writable()
+    assert cache.unfinished_bytes() == (3, 1124)
+    (cache.dir / "cat.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds 1 other file \(e.g. cat.png\)"):
+        cache.check_writable()
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "overflow"])
+def test_a_cache_fill_that_stops_leaves_no_shard(setup, tmp_path, monkeypatch, stop):
+    """A fill that stops leaves no files, also when its moments were already stored: at Ctrl-C while rank 0 waits
+    for the other processes' shards (a KeyboardInterrupt, not an Exception), and at outputs that float16 cannot hold
+    (finite in float32, infinite once stored), which are refused. Each fill has its own run token: its files would
+    never be used."""
+    from rdm_fast import data
+
+    if stop == "ctrl-c":
+        def interrupted(files):
+            assert all(f.exists() for f in files)  # this process's shard is written
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(data, "wait_for_files", interrupted)
+        error, match = KeyboardInterrupt, None
+    else:
+        real = RDM.encode_moments
+        monkeypatch.setattr(RDM, "encode_moments", lambda self, pixels: real(self, pixels) * 1e6)
+        error, match = ValueError, "the first stage's outputs are not finite in float16: train without --latents"
+    model = RDM.from_config(RDMConfig.resolve(setup["cfg"]))
+    images = TrainingImages(Database.open(setup["db"], backend="torch", device="cpu"), 32)
+    procs = SimpleNamespace(world=1, rank=0, main=True, from_rank0=lambda value: value)
+    with pytest.raises(error, match=match):
+        data.cached_moments(tmp_path / "latents", model, images, procs, torch.device("cpu"), batch_size=4,
+                            workers=0, progress=False)
+    assert list((tmp_path / "latents").iterdir()) == []
+
+
+def test_wait_for_files_waits_for_every_file(tmp_path, monkeypatch):
+    """Rank 0 waits until every process's shard exists, not the first one (the sleep is where another process
+    would write the missing file)."""
+    from rdm_fast import data
+
+    files = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    files[0].write_bytes(b"")
+    sleeps = []
+
+    def sleep(seconds):
+        files[len(sleeps) + 1].write_bytes(b"")
+        sleeps.append(seconds)
+
+    monkeypatch.setattr(data.time, "sleep", sleep)
+    data.wait_for_files(files, poll=0.5)
+    assert sleeps == [0.5, 0.5]
 
 
 def test_cache_made_with_unreadable_images_says_so(setup, tmp_path, caplog, monkeypatch):
