@@ -567,6 +567,8 @@ def test_png_writer_writes_in_the_background_bounded_and_reports_failures(tmp_pa
     with pytest.raises(OSError):
         writer.write(pixels[1], tmp_path / "z1.png")
     writer.close()
+    with images.PngWriter(workers=3) as writer:  # the number of writing threads asked for
+        assert writer._pool._max_workers == 3
     with pytest.raises(KeyError), images.PngWriter() as writer:
         writer.write(pixels[0], tmp_path / "missing-dir" / "y.png")
         raise KeyError("the loop's own error")
@@ -1509,6 +1511,8 @@ def test_image_helpers_refuse_what_they_cannot_draw():
         images.grid(np.zeros((2, 8, 8, 3), np.uint8), columns=0)
     with pytest.raises(ValueError, match="contact_sheet: no tiles"):
         images.contact_sheet([])
+    with pytest.raises(ValueError, match="contact_sheet: columns must be at least 1, got 0"):
+        images.contact_sheet([(Image.new("RGB", (8, 8)), "a")], columns=0)
     assert images.grid(np.zeros((3, 8, 8, 3), np.uint8), columns=3).shape == (12, 32, 3)
 
 
@@ -1530,6 +1534,46 @@ def test_save_png_leaves_no_partial_image(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="No space left"):
             images.save_png(pixels[::-1], target)
     assert kept.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["sample_00000.png"]
+
+
+def test_save_png_hands_on_fsync_and_writes_the_text(tmp_path, monkeypatch):
+    """save_png passes ``fsync`` to the atomic write (PngWriter's images are on disk before they take their names:
+    ``sample --resume`` keeps the images it finds) and stores ``text`` in the PNG's header (the run id resume
+    reads)."""
+    seen, real = [], images.atomic_write
+
+    def spy(target, write, *, fsync=False):
+        seen.append(fsync)
+        real(target, write, fsync=fsync)
+
+    monkeypatch.setattr(images, "atomic_write", spy)
+    pixels = np.full((4, 4, 3), 7, np.uint8)
+    images.save_png(pixels, tmp_path / "a.png", text={"rdm_fast_run": "abc"}, fsync=True)
+    images.save_png(pixels, tmp_path / "b.png")
+    assert seen == [True, False]
+    assert Image.open(tmp_path / "a.png").text == {"rdm_fast_run": "abc"}
+
+
+def test_contact_sheet_lays_out_captioned_tiles():
+    """contact_sheet: by default about sqrt(n) + 1 columns, never more than there are tiles (two tiles made a sheet
+    with an empty third column); each tile is followed by a 14 px caption strip, 4 px apart."""
+    tile = Image.new("RGB", (10, 10), "red")
+    for n, columns, rows in ((1, 1, 1), (2, 2, 1), (5, 4, 2), (10, 5, 2)):
+        sheet = images.contact_sheet([(tile, str(i)) for i in range(n)])
+        assert sheet.size == (columns * 14 + 4, rows * 28 + 4), n
+    assert images.contact_sheet([(tile, "a")] * 3, columns=1).size == (18, 3 * 28 + 4)
+
+
+def test_check_image_range_warns_only_far_outside_minus_one_to_one(caplog):
+    """check_image_range: a little past +-1 (a decoder's overshoot) passes silently; far past it on either side
+    (e.g. 0-255 pixels passed as floats, or their negatives) is warned about with the peak."""
+    with caplog.at_level("WARNING", logger="rdm_fast.images"):
+        images.check_image_range(torch.tensor([-1.3, 0.0, 1.3]).reshape(1, 3, 1, 1), "decoded", "the encoder")
+        assert caplog.text == ""
+        images.check_image_range(torch.full((1, 3, 2, 2), 255.0), "pixels", "the encoder")
+        images.check_image_range(torch.full((1, 3, 2, 2), -255.0), "negated", "the encoder")
+    assert "pixels: the images reach 255; the encoder expects values in [-1, 1]" in caplog.text
+    assert "negated: the images reach 255" in caplog.text
 
 
 def test_grid_lays_the_images_out_row_by_row_on_white():
