@@ -1635,6 +1635,9 @@ def test_out_of_memory_is_one_line_with_the_commands_advice(error, line, capsys,
     lambda: RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:2375: "
                          "Connection reset by peer"),
     lambda: torch.distributed.DistBackendError("NCCL communicator was aborted on rank 0"),
+    # the TCPStore of a process that ended (rank 0 hosts it): DistError's other kinds, not only the backend's
+    lambda: torch.distributed.DistNetworkError("failed to recv, got 0 bytes"),
+    lambda: torch.distributed.DistStoreError("wait timeout after 300000ms, keys: /default_pg/0//cuda//0"),
 ])
 def test_a_process_whose_peer_failed_says_so_in_one_line(error, capsys, monkeypatch):
     """Under torchrun, when one process fails, the others' next collective fails: they printed a gloo traceback
@@ -1712,3 +1715,135 @@ def test_official_checkpoint_defaults_to_litemas_decay():
     assert state["model_ema.decay"].dtype == torch.float32
     assert state["model_ema.decay"].item() == pytest.approx(0.9999, abs=1e-7)  # float32 of 0.9999
     assert int(state["model_ema.num_updates"]) == 3
+
+
+def test_log_lines_go_above_progress_bars_through_one_handler(monkeypatch):
+    """setup_logging adds its handler only to a process that has none (run() again, or an application's own
+    logging, must not print each line twice); its lines are written through tqdm, on a line of their own above a
+    running progress bar (a plain stream handler appended them to the bar's line); a record that cannot be
+    formatted does not raise out of the log call."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from rdm_fast._cli import setup_logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.delenv("RANK", raising=False)
+    with warnings.catch_warnings():  # setup_logging routes warnings into the log
+        setup_logging()
+        handler = root.handlers[0]
+        setup_logging()
+        assert root.handlers == [handler]
+        mine = logging.StreamHandler(io.StringIO())
+        monkeypatch.setattr(root, "handlers", [mine])
+        setup_logging()
+        assert root.handlers == [mine]
+    stream = io.StringIO()
+    handler.setStream(stream)
+    bar = tqdm(total=10, file=stream, ascii=True, mininterval=0)
+    bar.update(3)
+    handler.emit(logging.LogRecord("rdm_fast", logging.INFO, __file__, 1, "wrote %d images", (3,), None))
+    bar.close()
+    line = next(line for line in stream.getvalue().split("\n") if "wrote 3 images" in line)
+    assert line.split("\r")[-1].strip() == "rdm_fast: wrote 3 images", repr(stream.getvalue())
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # handleError's report to stderr, not the point here
+    handler.emit(logging.LogRecord("rdm_fast", logging.INFO, __file__, 1, "%d images", ("three",), None))
+
+
+def test_own_warnings_are_told_by_the_package_folder(caplog, monkeypatch):
+    """A warning is rdm_fast's by the folder its file is in: also given as a relative path (a module imported
+    through a relative sys.path entry), and not for a folder whose name merely begins with the package's (an
+    ``rdm_fast_old`` copy beside it)."""
+    import rdm_fast
+    from rdm_fast._cli import _log_warning
+
+    package = Path(rdm_fast.__file__).parent
+    monkeypatch.chdir(package.parent)
+    _log_warning(UserWarning("relative"), UserWarning, os.path.join(package.name, "rdm.py"), 5)
+    _log_warning(UserWarning("beside"), UserWarning, str(package) + "_old/rdm.py", 5)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("rdm_fast", "relative"),
+                                                                  ("py.warnings", "UserWarning: beside")]
+
+
+def test_one_line_of_an_error():
+    """An error's text on one line: indented continuation lines joined by single spaces; "FILE: reason" for an
+    OSError naming a file, Python's own text for one that names none (not "None: reason")."""
+    import errno
+
+    from rdm_fast._cli import _one_line
+
+    assert _one_line(ValueError("bad config:\n    unet.channels: 0\n")) == "bad config: unet.channels: 0"
+    assert _one_line(OSError(errno.EACCES, "Permission denied", "/x/y")) == "/x/y: Permission denied"
+    assert _one_line(OSError(errno.ENOSPC, "No space left on device")) == "[Errno 28] No space left on device"
+    assert _one_line(OSError("plain text")) == "plain text"
+
+
+def test_os_errors_and_memory_errors_without_advice_are_one_line(capsys, monkeypatch):
+    """A file that cannot be read or written is the user's error (exit status 2, the file named); running out of
+    memory in a command that gives no advice ends with the failed allocation (no dangling "; ")."""
+    def missing(argv):
+        raise FileNotFoundError(2, "No such file or directory", "/data/x.npz")
+
+    def no_memory(argv):
+        raise MemoryError()
+
+    monkeypatch.delenv("RDM_FAST_DEBUG", raising=False)
+    monkeypatch.setattr("rdm_fast._cli.setup_logging", lambda: None)
+    assert run(missing, []) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: /data/x.npz: No such file or directory"]
+    assert run(no_memory, []) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: out of memory: MemoryError"]
+
+
+def test_parse_args_refuses_extra_arguments_and_takes_values_after_double_dash(capsys):
+    """A stray positional argument is refused like an unknown option (argparse's exit status 2, the usage), not
+    ignored; after ``--`` a value that begins with "-" is a positional argument (a file named "-x.ckpt")."""
+    import argparse
+
+    from rdm_fast._cli import parse_args
+
+    parser = argparse.ArgumentParser(prog="convert")
+    parser.add_argument("ckpt")
+    parser.add_argument("--out")
+    assert parse_args(parser, ["--out", "o", "--", "-x.ckpt"]).ckpt == "-x.ckpt"
+    with pytest.raises(SystemExit) as e:
+        parse_args(parser, ["a.ckpt", "--out", "o", "extra"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: convert" in err and "unrecognized arguments: extra" in err
+
+
+def test_folder_kinds_ignore_other_tools_files_of_the_same_names(tmp_path):
+    """Another tool's state.json, safetensors weights (its metadata not rdm_fast's), a file named checkpoints or
+    a folder named *.ckpt do not make a folder a training checkpoint, a model or a training run."""
+    from safetensors.torch import save_file
+
+    from rdm_fast._cli import folder_kind
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "state.json").write_text("{}")
+    (other / "checkpoints").write_text("")
+    (other / "backup.ckpt").mkdir()
+    save_file({"w": torch.zeros(2)}, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert folder_kind(other) is None
+    (other / "sample_00000.png").write_bytes(b"")
+    assert folder_kind(other) == "a sample run"
+
+
+def test_out_dir_refusals_are_worded_for_the_user(tmp_path):
+    """The exact lines: a file given as --out, and another command's folder for a caller that names no kind."""
+    from rdm_fast._cli import CLIError, check_out_dir
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CLIError) as e:
+        check_out_dir(str(tmp_path / "afile"), "a sample run")
+    assert str(e.value) == f"--out {tmp_path / 'afile'} is a file, not a folder"
+    (tmp_path / "db" / "progress").mkdir(parents=True)
+    (tmp_path / "db" / "progress" / "config.json").write_text("{}")
+    with pytest.raises(CLIError) as e:
+        check_out_dir(str(tmp_path / "db"))
+    assert str(e.value) == f"--out {tmp_path / 'db'} holds a database: write this output into a folder of its own"

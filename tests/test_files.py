@@ -204,6 +204,51 @@ def test_only_rank_0_checks_and_takes_the_out_lock(tmp_path, monkeypatch):
         pass
 
 
+def test_out_dir_check_names_the_holder(tmp_path):
+    """check_out_dir's early refusal names the run that holds --out, as the lock's own refusal does (it read the
+    lock file from its end, or not at all, and said "a running process")."""
+    import os
+
+    from rdm_fast._cli import CLIError, OutDirLock, check_out_dir
+
+    held = OutDirLock(tmp_path / "out")
+    with pytest.raises(CLIError, match=f"is in use by another run \\(process {os.getpid()} on "):
+        check_out_dir(str(tmp_path / "out"))
+    held.release()
+
+
+@pytest.mark.parametrize("code", ["EACCES", "ENOLCK"])
+def test_out_dir_lock_on_file_systems_that_refuse_or_lack_flock(tmp_path, monkeypatch, caplog, code):
+    """flock held elsewhere may fail with EACCES instead of EAGAIN (both read as "in use"); a file system without
+    locks (ENOLCK, some network mounts) lets the run go on with a warning, and leaves the lock file as it was."""
+    import errno
+    import fcntl
+    import os
+
+    from rdm_fast._cli import CLIError, OutDirLock, check_out_dir
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".rdm_fast.lock").write_text("process 7 on elsewhere\n")
+    real = fcntl.flock
+
+    def flock(f, op):
+        if op & fcntl.LOCK_EX:
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        return real(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    if code == "EACCES":
+        with pytest.raises(CLIError, match=r"in use by another run \(process 7 on elsewhere\)"):
+            check_out_dir(str(tmp_path / "out"))
+        with pytest.raises(CLIError, match=r"in use by another run \(process 7 on elsewhere\)"):
+            OutDirLock(tmp_path / "out")
+        return
+    check_out_dir(str(tmp_path / "out"))
+    OutDirLock(tmp_path / "out").release()
+    assert "cannot lock" in caplog.text and "nothing stops another run from writing there too" in caplog.text
+    assert (tmp_path / "out" / ".rdm_fast.lock").read_text() == "process 7 on elsewhere\n"
+
+
 def test_out_dir_lock_removed_by_its_holder(tmp_path, monkeypatch):
     """db neighbors removes its locked progress folder, then lets go of the lock: a run that opened the lock file
     before the removal takes the new file instead of the removed one (which would let a third run in beside it)."""
