@@ -88,7 +88,7 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror and e.filename:  # "[Errno 17] File exists: 'x'" -> "x: File exists"
         return f"{e.filename}: {e.strerror}"
-    return " ".join(line.strip() for line in str(e).splitlines())
+    return " ".join(line.strip() for line in str(e).splitlines()) or type(e).__name__  # not a bare "error: "
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, *,
@@ -141,7 +141,7 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def _memory_line(e: BaseException) -> str:
     """The allocation that failed and what the device had, without PyTorch's allocator statistics and advice."""
-    text = _one_line(e) or type(e).__name__
+    text = _one_line(e)
     for tail in (" Including non-PyTorch memory", " Of the allocated memory"):
         text = text.split(tail)[0]
     if "DefaultCPUAllocator" in text:  # "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ..."

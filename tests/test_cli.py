@@ -1780,6 +1780,7 @@ def test_one_line_of_an_error():
     assert _one_line(OSError(errno.EACCES, "Permission denied", "/x/y")) == "/x/y: Permission denied"
     assert _one_line(OSError(errno.ENOSPC, "No space left on device")) == "[Errno 28] No space left on device"
     assert _one_line(OSError("plain text")) == "plain text"
+    assert _one_line(ValueError()) == "ValueError"  # no bare "error: " line for an error without a message
 
 
 def test_os_errors_and_memory_errors_without_advice_are_one_line(capsys, monkeypatch):
