@@ -15,9 +15,9 @@ import math
 import os
 import shutil
 import textwrap
-from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -32,7 +32,7 @@ from .encoders import EncoderUnavailable, query_encoder, resolve_encoder
 from .images import contact_sheet
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
                         save_neighbors, save_proposals)
-from .retrieval.build import (CROP_MODES, PROGRESS, MAX_UPSCALE, error_line, load_query_image, load_rgb, make_crops,
+from .retrieval.build import (CROP_MODES, MAX_UPSCALE, PROGRESS, error_line, load_query_image, load_rgb, make_crops,
                               query_image_size, replay_crop)
 from .retrieval.context import locate_database
 from .retrieval.database import BACKENDS, PROPOSALS
