@@ -9,6 +9,7 @@ and the top-m proposal list). ``--encoder`` takes a registered name or ``package
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -16,7 +17,6 @@ import os
 import shutil
 import textwrap
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -187,18 +187,15 @@ def _unavailable(spec: str, e: EncoderUnavailable) -> str:
     return str(e) if repr(spec) in str(e) else f"encoder {spec!r} is unavailable: {e}"
 
 
-@contextmanager
-def _build_lock(out: str) -> Iterator[None]:
-    """Hold a build's ``--out`` (the lock of its progress folder; rank 0 under torchrun) while the body runs: a
-    second build into it would delete the first's temporary files and race it to the manifest. A build that stops
-    before it records its arguments leaves no progress folder (and no --out it made) behind."""
-    path = Path(out)
+@contextlib.contextmanager
+def _progress_lock(progress: Path, out: str) -> Iterator[None]:
+    """Hold ``--out`` ``out`` by the lock in its progress folder ``progress`` while the body runs (rank 0 under
+    torchrun): a second run into it would rewrite or delete the files of the first. A run that stops before it
+    writes any progress leaves no progress folder behind, nor the empty folders made for it."""
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"--out {out} is a file, not a folder")
-    made, progress = not path.exists(), path / PROGRESS
+    made = [p for p in (progress, *progress.parents) if not p.exists()]  # deepest first
     try:
         make_dirs(progress)
     except NotADirectoryError as e:  # a file above it
@@ -209,9 +206,19 @@ def _build_lock(out: str) -> Iterator[None]:
     finally:
         if progress.is_dir() and [p.name for p in progress.iterdir()] == [LOCK_FILE]:
             shutil.rmtree(progress)
-            if made and not any(path.iterdir()):
-                path.rmdir()
+            for folder in made[1:]:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
         lock.release()
+
+
+def _build_lock(out: str) -> contextlib.AbstractContextManager[None]:
+    """A build's hold on ``--out`` (:func:`_progress_lock` of its progress folder): a second build into it would
+    delete the first's temporary files and race it to the manifest."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise CLIError(f"--out {out} is a file, not a folder")
+    return _progress_lock(Path(out) / PROGRESS, out)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -506,13 +513,8 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     if args.dedup_threshold is not None and not -1 <= args.dedup_threshold <= 1:
         raise CLIError(f"--dedup-threshold is a cosine similarity in [-1, 1], got {args.dedup_threshold}")
     resume_dir = Path(f"{args.out}.progress")  # the results so far: a killed run continues from them
-    lock = OutDirLock(resume_dir, args.out)  # one run at a time: a second would rewrite the files the first maps
-    try:
+    with _progress_lock(resume_dir, args.out):  # one run at a time: a second would rewrite the files the first maps
         return _neighbors(args, resume_dir)
-    finally:
-        if resume_dir.is_dir() and [p.name for p in resume_dir.iterdir()] == [LOCK_FILE]:
-            shutil.rmtree(resume_dir)  # a run that stopped before its search: no progress to keep
-        lock.release()
 
 
 def _neighbors(args: argparse.Namespace, resume_dir: Path) -> int:

@@ -1012,6 +1012,10 @@ def test_builds_refuse_an_out_in_use_and_leave_no_lock_behind(built, tmp_path, c
     (tmp_path / "empty").mkdir()
     assert "no images" in _error(capsys, args[0], "--images", str(tmp_path / "empty"), *args[3:])
     assert not out.exists()  # made for the lock, removed with it
+    nested = [*args[:args.index("--out") + 1], str(tmp_path / "new" / "db"), *args[args.index("--out") + 2:]]
+    nested[nested.index("--images") + 1] = str(tmp_path / "empty")
+    assert "no images" in _error(capsys, *nested)
+    assert not (tmp_path / "new").exists()  # every folder made for the lock
     assert cli(*args) == 0 and cli(*args) == 0  # the finished build let go of --out
     (tmp_path / "afile").write_text("")
     assert f"--out {tmp_path / 'afile'} is a file, not a folder" in _error(
