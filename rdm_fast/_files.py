@@ -146,6 +146,18 @@ def atomic_write_json(target: str | Path, obj: Any) -> None:
     atomic_write(target, lambda tmp: Path(tmp).write_text(text), fsync=True)
 
 
+def not_a_file(path: str | Path) -> str:
+    """Why ``path`` is not a regular file, for an error message that starts with its name: it does not exist, is
+    a broken link or a folder, or is a pipe, socket or device (``--list <(find ...)``: read more than once, or
+    by every process of a run, and relative to no folder of its own)."""
+    path = Path(path)
+    if not path.exists():
+        return f"is a broken link (to {os.readlink(path)})" if path.is_symlink() else "does not exist"
+    if path.is_dir():
+        return "is a directory"
+    return "is not a regular file (a pipe, socket or device): save its contents to a file and give that"
+
+
 def array_file_problem(path: str | Path, error: BaseException) -> str:
     """Why ``np.load(path, allow_pickle=False)`` failed, in words that do not invite unpickling a file that is
     simply not an array file (NumPy's own message suggests ``allow_pickle=True`` for any unknown bytes)."""

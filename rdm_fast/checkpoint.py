@@ -20,7 +20,7 @@ from typing import Any, Callable, Container, Mapping
 import torch
 from torch import Tensor
 
-from ._files import atomic_write, remove_stale_temps
+from ._files import atomic_write, not_a_file, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
         raise CheckpointError(f"checkpoint {path} is a directory, not a file (resolve_file finds the file in an "
                               "rdm_fast directory or training run)")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} {not_a_file(path)}")
     if path.suffix == ".safetensors":
         return _read_safetensors(path, lambda f: ({k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})))
     with open(path, "rb") as f:

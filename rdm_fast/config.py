@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ._files import not_a_file
+
 PRESETS_DIR = Path(__file__).parent / "configs"
 # rdm_fast's own model.params fields (retrieval conventions, sampling defaults), absent from official configs
 OWN_FIELDS = ("k_nn", "text_token", "normalized_embeddings", "retrieval_encoder", "sampling")
@@ -589,7 +591,7 @@ def preset_names() -> list[str]:
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} {not_a_file(path)}")
     try:
         tree = yaml.safe_load(path.read_text())
     except UnicodeDecodeError:

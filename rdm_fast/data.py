@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from ._distributed import Processes
 from ._files import (TEMP_SUFFIX, array_file_problem, atomic_npy_memmap, atomic_save_npy, atomic_write_json,
-                     map_npz)
+                     map_npz, not_a_file)
 from .config import RDMConfig
 from .rdm import RDM
 from .retrieval.build import (current_max_image_pixels, load_rgb, random_fitted_window, replay_crop,
@@ -90,7 +90,7 @@ def existing_neighbors_file(path: str | Path) -> Path:
     """The ids file of the neighbours ``path`` names; FileNotFoundError, saying how to make it, if it is missing."""
     file = neighbor_files(path)[0]
     if not file.is_file():
-        raise FileNotFoundError(f"neighbours file {file} does not exist (make it with python -m rdm_fast.db "
+        raise FileNotFoundError(f"neighbours file {file} {not_a_file(file)} (make it with python -m rdm_fast.db "
                                 "neighbors RETRIEVAL_DB --queries TRAINING_DB --k K --out FILE)")
     return file
 

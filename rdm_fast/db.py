@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from ._cli import (CLIError, HelpFormatter, OutDirLock, add_max_image_pixels, one_process, parse_args,
                    run, summary)
 from ._distributed import process_device
-from ._files import LOCK_FILE, atomic_save_npy, atomic_write, make_dirs
+from ._files import LOCK_FILE, atomic_save_npy, atomic_write, make_dirs, not_a_file
 from .encoders import EncoderUnavailable, query_encoder, resolve_encoder
 from .images import contact_sheet
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
@@ -252,8 +252,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     """``db import-npz``: the official {N}x{D}-part_{i}.npz files as a database, streamed."""
     for part in args.parts:  # before the encoder is built (seconds, for CLIP)
         if not Path(part).is_file():
-            raise CLIError(f"part file {part} does not exist" if not Path(part).exists() else
-                           f"part {part} is not a file")
+            raise CLIError(f"part file {part} {not_a_file(part)}")
     try:  # only the encoder's name/dim/normalisation are needed: build it without weights where it allows
         info = _encoder_info(args.encoder, "meta")
     except (RuntimeError, NotImplementedError):

@@ -38,7 +38,7 @@ from . import RDM
 from ._cli import (CLIError, HelpFormatter, add_max_image_pixels, check_out_dir, claim_out_dir, parse_args,
                    pick_dtype, run, summary)
 from ._distributed import Processes, process_device
-from ._files import array_file_problem, atomic_write_json, remove_stale_temps, sha256_file
+from ._files import array_file_problem, atomic_write_json, not_a_file, remove_stale_temps, sha256_file
 from .checkpoint import resolve_file
 from .config import RDMConfig, SamplingDefaults, preset_names
 from .data import derived_seed
@@ -234,7 +234,7 @@ def read_context_file(path: str, dim: int, config_source: str) -> torch.Tensor:
     the model's config, and so D, comes from)."""
     file = Path(path)
     if not file.is_file():
-        raise CLIError(f"context file {file} " + ("is a directory" if file.is_dir() else "does not exist"))
+        raise CLIError(f"context file {file} {not_a_file(file)}")
     try:
         arr = np.load(file, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:

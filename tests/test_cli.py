@@ -616,6 +616,8 @@ def bad_npy(tmp_path, array) -> str:
         (d / "cut.npz").read_bytes()[:500]), str(d / "cut.npz"))[2], r"cut.npz is not a readable .npy array \(File is "
      r"not a zip file\)$"),
     (lambda d: ((d / "dir.npy").mkdir(), str(d / "dir.npy"))[1], "context file .*dir.npy is a directory$"),
+    (lambda d: (os.mkfifo(d / "fifo.npy"), str(d / "fifo.npy"))[1],  # said "does not exist"
+     r"context file .*fifo.npy is not a regular file \(a pipe, socket or device\)"),
     (lambda d: bad_npy(d, np.zeros((0, 4, 64), np.float32)), r"holds no contexts \(shape \(0, 4, 64\)\)"),
 ])
 @pytest.mark.parametrize("n_samples", [[], ["--n-samples", "3"]])

@@ -1123,6 +1123,9 @@ def test_read_list_errors_name_the_place(tmp_path, monkeypatch, block):
     file.write_bytes(b"a.png\t1\nb.png\n")
     with pytest.raises(ValueError, match="1 of 2 lines have a class id"):
         build.read_list(file)
+    os.mkfifo(tmp_path / "pipe.txt")  # e.g. --list <(find ...): it was reported as missing
+    with pytest.raises(FileNotFoundError, match=r"image list .*pipe.txt is not a regular file \(a pipe"):
+        build.read_list(tmp_path / "pipe.txt")
 
 
 @pytest.mark.parametrize("with_classes", [False, True])

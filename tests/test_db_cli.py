@@ -94,7 +94,7 @@ def test_import_checks_its_parts_before_building_the_encoder(tmp_path, capsys, m
     assert f"part file {tmp_path / 'none.npz'} does not exist" in _error(
         capsys, "import-npz", str(tmp_path / "none.npz"), "--out", str(tmp_path / "db"), "--encoder", SPEC)
     (tmp_path / "dir.npz").mkdir()
-    assert f"part {tmp_path / 'dir.npz'} is not a file" in _error(
+    assert f"part file {tmp_path / 'dir.npz'} is a directory" in _error(
         capsys, "import-npz", str(tmp_path / "dir.npz"), "--out", str(tmp_path / "db"), "--encoder", SPEC)
 
 
@@ -439,6 +439,9 @@ def test_unreadable_query_images_are_one_line_errors(built, tmp_path, capsys):
         assert f"query image {tmp_path / name} cannot be read" in message and reason in message, message
     assert f"query image {tmp_path} is a folder, not an image" in _error(capsys, "search", str(built / "db"),
                                                                           "--image", str(tmp_path))
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "moved.png")
+    assert f"query image {tmp_path / 'dangling.png'} is a broken link (to {tmp_path / 'moved.png'})" in _error(
+        capsys, "search", str(built / "db"), "--image", str(tmp_path / "dangling.png"))
     with pytest.raises(ValueError, match="bomb.png cannot be read"):
         load_query_image(bomb, 32)  # what sample --image calls
 

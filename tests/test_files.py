@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rdm_fast._files import TEMP_SUFFIX, atomic_npy_memmap, make_dirs, map_npz, remove_stale_temps
+from rdm_fast._files import TEMP_SUFFIX, atomic_npy_memmap, make_dirs, map_npz, not_a_file, remove_stale_temps
 
 
 def test_memmap_is_filled_on_disk_and_renamed_when_done(tmp_path):
@@ -522,3 +523,15 @@ def test_naming_failed_writes_names_the_target(tmp_path):
     with pytest.raises(FileNotFoundError) as e, naming_failed_writes(tmp_path / "t.npy", tmp):
         raise FileNotFoundError(2, "No such file or directory", "/elsewhere/input.png")
     assert e.value.filename == "/elsewhere/input.png"
+
+
+def test_not_a_file_says_why(tmp_path):
+    """Each kind of path that is not a regular file gets its own reason; a pipe was reported as missing."""
+    assert not_a_file(tmp_path / "none") == "does not exist"
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone.npy")
+    assert not_a_file(tmp_path / "dangling") == f"is a broken link (to {tmp_path / 'gone.npy'})"
+    assert not_a_file(tmp_path) == "is a directory"
+    (tmp_path / "to_dir").symlink_to(tmp_path)
+    assert not_a_file(tmp_path / "to_dir") == "is a directory"
+    os.mkfifo(tmp_path / "pipe")
+    assert not_a_file(str(tmp_path / "pipe")).startswith("is not a regular file (a pipe, socket or device)")

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._files import not_a_file
 from .base import Encoder, EncoderUnavailable
 
 IMAGE_SIZE = 224
@@ -142,7 +143,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a CLIP weights file; FileNotFoundError if absent, ValueError if unreadable or not a state dict."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"CLIP checkpoint {path} does not exist")
+        raise FileNotFoundError(f"CLIP checkpoint {path} {not_a_file(path)}")
     state: object  # what the file holds, checked below
     try:
         if path.suffix == ".safetensors":
@@ -228,7 +229,7 @@ def build(name: str, *, device: str | torch.device = "cpu", checkpoint: str | No
     if checkpoint is not None:
         source = Path(checkpoint)
         if not source.is_file():
-            raise FileNotFoundError(f"CLIP checkpoint {source} does not exist")
+            raise FileNotFoundError(f"CLIP checkpoint {source} {not_a_file(source)}")
     elif pretrained:
         cached = _cache_candidates(arch)
         if not cached:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._files import not_a_file
 from .base import Encoder, EncoderUnavailable
 
 NAME = "offline-lite0-minilm"
@@ -155,7 +156,7 @@ def load_projection_file(path: str | Path) -> dict[str, Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{NAME}: projection weights file {path} does not exist")
+        raise FileNotFoundError(f"{NAME}: projection weights file {path} {not_a_file(path)}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .._distributed import Processes, process_device
-from .._files import LOCK_FILE, TEMP_SUFFIX, atomic_write_json, make_dirs, remove_stale_temps, sha256_file
+from .._files import LOCK_FILE, TEMP_SUFFIX, atomic_write_json, make_dirs, not_a_file, remove_stale_temps, sha256_file
 from ..encoders import Encoder, embed_images, resolve_encoder
 from .database import MANIFEST, check_shard_file, new_manifest, read_manifest, write_manifest, write_shard
 from .search import check_count
@@ -202,7 +202,7 @@ def read_list(file: str | Path) -> tuple[PathList, np.ndarray | None]:
     is never held as Python strings."""
     file = Path(file)
     if not file.is_file():
-        raise FileNotFoundError(f"image list {file} does not exist")
+        raise FileNotFoundError(f"image list {file} {not_a_file(file)}")
     classes = array("q")
 
     def blocks() -> Iterator[bytes | memoryview]:
@@ -419,7 +419,7 @@ def load_query_image(path: str | Path, size: int) -> Tensor:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"query image {file} " + ("is a folder, not an image" if file.is_dir() else
-                                                          "does not exist"))
+                                                          not_a_file(file)))
     try:
         pixels = make_crops(load_rgb(file), "center", size, 1, np.random.default_rng(0))[0][0]
     except Exception as e:  # decoders raise many types (OSError, SyntaxError, DecompressionBombError, ...)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._files import atomic_write
+from .._files import atomic_write, not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ class FaissSearch:
         database shards, with which ivfpq re-ranks ``rerank`` candidates (default max(100, 10 k)) exactly."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"FAISS index {path} does not exist")
+            raise FileNotFoundError(f"FAISS index {path} {not_a_file(path)}")
         try:
             index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
         except RuntimeError as e:

@@ -25,6 +25,7 @@ from numpy.lib import format as npformat
 from tqdm.auto import tqdm
 
 from .._distributed import Processes
+from .._files import not_a_file
 from .build import ShardedBuild, run_sharded
 from .database import check_encoder_info, new_manifest, write_manifest, write_shard
 from .search import check_count
@@ -96,7 +97,7 @@ def member_info(path: str | Path, name: str = "embedding") -> tuple[tuple[int, .
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} {not_a_file(path)}")
     try:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
