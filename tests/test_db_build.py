@@ -1102,6 +1102,24 @@ def test_read_list_equals_whole_file_splitlines_in_any_blocks(tmp_path, monkeypa
         assert (classes is None and expected_classes is None) or classes.tolist() == expected_classes
 
 
+@pytest.mark.parametrize("block", [1, 3, 4, 1 << 24])
+def test_read_list_skips_a_utf8_byte_order_mark(tmp_path, monkeypatch, block):
+    """Lists saved as "UTF-8 with BOM" (Windows editors, spreadsheet exports): the mark joined the first path, so
+    its image was skipped as unreadable. Offsets of errors still count from the file's first byte."""
+    monkeypatch.setattr(build, "LIST_BLOCK", block)
+    file = tmp_path / "list.txt"
+    file.write_bytes(b"\xef\xbb\xbfa.png\t3\r\nb/c.png\t4\r\n")
+    paths, classes = build.read_list(file)
+    assert list(paths) == ["a.png", "b/c.png"] and classes.tolist() == [3, 4]
+    file.write_bytes(b"\xef\xbb\xbf")
+    assert list(build.read_list(file)[0]) == []
+    file.write_bytes(b"a.png\n\xef\xbb\xbfb.png\n")  # only at the start: elsewhere it is part of a name
+    assert list(build.read_list(file)[0]) == ["a.png", "\ufeffb.png"]
+    file.write_bytes(b"\xef\xbb\xbfa.png\n\x00")
+    with pytest.raises(ValueError, match=r"NUL byte at offset 9\)"):
+        build.read_list(file)
+
+
 @pytest.mark.parametrize("block", [3, 1 << 24])
 def test_read_list_errors_name_the_place(tmp_path, monkeypatch, block):
     monkeypatch.setattr(build, "LIST_BLOCK", block)

@@ -12,6 +12,7 @@ rank 0 writes the manifest, so the result is identical to a single-process build
 
 from __future__ import annotations
 
+import codecs
 import errno
 import hashlib
 import json
@@ -198,8 +199,8 @@ def list_images(root: str | Path) -> PathList:
 
 def read_list(file: str | Path) -> tuple[PathList, np.ndarray | None]:
     """Paths (one a line; relative ones are relative to the list's folder) and, when every line has a
-    tab-separated second column, the class ids (int64). Read in blocks of whole lines, so that a list of 20M paths
-    is never held as Python strings."""
+    tab-separated second column, the class ids (int64). A UTF-8 byte-order mark at the start is skipped. Read in
+    blocks of whole lines, so that a list of 20M paths is never held as Python strings."""
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"image list {file} {not_a_file(file)}")
@@ -210,6 +211,10 @@ def read_list(file: str | Path) -> tuple[PathList, np.ndarray | None]:
         "\r" is a break only where the next byte is known not to be "\n"."""
         read, rest = 0, bytearray()
         with open(file, "rb") as f:
+            if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8:  # as editors that save "UTF-8 with BOM" begin
+                read = len(codecs.BOM_UTF8)                       # (it would join the first path's name)
+            else:
+                f.seek(0)
             while block := f.read(LIST_BLOCK):
                 if b"\0" in block:  # binary (an image, an archive) or UTF-16: no path holds a NUL byte
                     raise ValueError(f"image list {file} is not a text file (NUL byte at offset "
