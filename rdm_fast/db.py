@@ -35,7 +35,7 @@ from .retrieval import (Database, add_index, build_database, compute_neighbors, 
 from .retrieval.build import (CROP_MODES, MAX_UPSCALE, PROGRESS, error_line, load_query_image, load_rgb, make_crops,
                               query_image_size, replay_crop)
 from .retrieval.context import locate_database
-from .retrieval.database import BACKENDS, PROPOSALS
+from .retrieval.database import BACKENDS, MANIFEST, PROPOSALS
 from .retrieval.neighbors import neighbor_files, same_entries
 
 log = logging.getLogger("rdm_fast.db")
@@ -509,6 +509,9 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         if Path(args.top_m_out).suffix != ".npy":
             raise CLIError(f"--top-m-out {args.top_m_out} must end in .npy")
         _output_file(args.top_m_out, "--top-m-out")
+        if Path(args.top_m_out).resolve() in [f.resolve() for f in neighbor_files(args.out)]:
+            raise CLIError(f"--top-m-out {args.top_m_out} is a file of --out {args.out}: it would replace the "
+                           "neighbours written there; choose another name")
     if args.dedup_threshold is not None and not -1 <= args.dedup_threshold <= 1:
         raise CLIError(f"--dedup-threshold is a cosine similarity in [-1, 1], got {args.dedup_threshold}")
     resume_dir = Path(f"{args.out}.progress")  # the results so far: a killed run continues from them
@@ -516,11 +519,26 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         return _neighbors(args, resume_dir)
 
 
+def _database_files(db: Database) -> set[Path]:
+    """The files of ``db`` (manifest, shards, index, proposal ranking), resolved: no output may replace them."""
+    m = db.manifest
+    names = [MANIFEST, PROPOSALS, *(s[key] for s in m["shards"] for key in ("embeddings", "meta"))]
+    names += [m["index"]["file"]] if m.get("index") else []
+    return {(db.path / name).resolve() for name in names}
+
+
 def _neighbors(args: argparse.Namespace, resume_dir: Path) -> int:
     """``db neighbors`` once its arguments are checked and its ``--out`` is locked."""
     device = process_device(args.device)
     db = _open_for_search(args, device)
     queries = Database.open(locate_database(args.queries), backend="torch", device="cpu") if args.queries else None
+    for database in (db, queries) if queries is not None else (db,):  # before the search, not after it
+        own = _database_files(database)
+        for option, file in [("--out", f) for f in neighbor_files(args.out)] + (
+                [("--top-m-out", Path(args.top_m_out))] if args.top_m_out else []):
+            if file.resolve() in own:
+                raise CLIError(f"{option} {file} is a file of the database {database.path}: writing it would damage "
+                               "the database; choose a name outside it")
     if args.exclude_self and queries is not None and not same_entries(db, queries):
         raise CLIError(f"--exclude-self applies only when the queries are the database's own entries ({args.db} "
                        f"itself or a copy of it); to leave out entries of {args.db} that duplicate images of "

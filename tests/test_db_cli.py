@@ -416,6 +416,31 @@ def test_neighbors_checks_outputs_and_queries_first(built, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
 
 
+def test_neighbors_outputs_never_replace_the_databases_or_each_others_files(built, tmp_path, capsys):
+    """--out or --top-m-out naming a file of the database (a shard, its index or proposal ranking) overwrote it
+    after the search, damaging the database; --top-m-out naming --out's ids or scores file replaced the neighbours
+    just written, under a message that they were written. Both are refused before the search."""
+    work = tmp_path / "db"
+    shutil.copytree(built / "db", work)
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    for option, name in (("--out", "emb_00000.npy"), ("--out", "meta_00001.npz"), ("--top-m-out", "proposals.npy"),
+                         ("--top-m-out", "emb_00002.npy")):
+        outputs = {"--out": str(tmp_path / "nb.npz"), option: str(work / name)}
+        assert f"{option} {work / name} is a file of the database {work}" in _error(
+            capsys, "neighbors", str(work), "--k", "2", "--exclude-self", "--device", "cpu", "--no-progress",
+            *(x for pair in outputs.items() for x in pair))
+    assert f"is a file of the database {work}" in _error(  # of the queries' database too
+        capsys, "neighbors", str(built / "db"), "--queries", str(work), "--k", "2", "--device", "cpu",
+        "--no-progress", "--out", str(work / "emb_00000.npy"))
+    for top in ("nb.npy", "nb_scores.npy"):
+        assert f"--top-m-out {tmp_path / top} is a file of --out {tmp_path / 'nb.npy'}" in _error(
+            capsys, "neighbors", str(work), "--k", "2", "--exclude-self", "--device", "cpu", "--no-progress",
+            "--out", str(tmp_path / "nb.npy"), "--top-m-out", str(tmp_path / top))
+    assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+    assert Database.open(work, device="cpu", verify=True) is not None
+    assert not list(tmp_path.glob("nb*")) and not list(work.glob("*.progress"))
+
+
 def _png_claiming(path: Path, width: int, height: int) -> Path:
     """A 1x1 PNG whose header claims ``width`` x ``height`` pixels: a decompression bomb to PIL, without the memory."""
     buf = io.BytesIO()
