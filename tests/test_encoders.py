@@ -242,6 +242,8 @@ def test_clip_bad_inputs(clip_b32):
         clip_b32.encode_text([])
     with pytest.raises(TypeError, match="must be str"):
         clip_b32.encode_text(["a cat", 3])
+    with pytest.raises(ValueError, match="is not valid text"):  # non-UTF-8 command-line bytes: a random token
+        clip_b32.encode_text(["caf\udce9"])
 
 
 @pytest.fixture(scope="module")
@@ -615,6 +617,11 @@ def test_offline_bad_inputs(offline):
         offline.encode_text("a cat")
     with pytest.raises(ValueError, match="at least one"):
         offline.encode_text([])
+    # a caption given as non-UTF-8 bytes on the command line (db search --text, sample --text) reaches the encoder
+    # with lone surrogates: the tokenizer failed with a TypeError traceback
+    with pytest.raises(ValueError, match=r"caption 'caf\\udce9' is not valid text \(character 3 is a byte that is not "
+                                         "UTF-8"):
+        offline.encode_text(["a cat", "caf\udce9"])
 
 
 def test_offline_projection_file_errors(offline, tmp_path):

@@ -69,6 +69,11 @@ class Encoder(nn.Module, ABC):
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"{self.name}: captions must be str, got {type(t).__name__}")
+            try:  # lone surrogates: the bytes of a command line that was not UTF-8 (tokenizers failed on them)
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{self.name}: caption {t!r} is not valid text (character {e.start} is a byte "
+                                 "that is not UTF-8, e.g. from a terminal or file in another encoding)") from None
         return texts
 
 
