@@ -222,8 +222,8 @@ def test_auto_kind_and_bad_arguments(tmp_path):
 
 
 def test_ivfpq_small_train_and_default_m(tmp_path, caplog):
-    """Too few training vectors for the asked nlist: a smaller nlist with a warning. A dimension without a
-    divisor near D/8 still gets a valid PQ m by default."""
+    """Too few training vectors for the asked nlist: a smaller nlist with a warning (none at nlist 1). A dimension
+    without a divisor near D/8 still gets a valid PQ m by default."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2000, 100)).astype(np.float16)
     shards = save_shards(x, tmp_path)
@@ -235,6 +235,11 @@ def test_ivfpq_small_train_and_default_m(tmp_path, caplog):
     q = x[:20].astype(np.float32)
     _, ids = engine.search(torch.from_numpy(q), 3)
     assert (ids[:, 0].numpy() == np.arange(20)).all()  # each row finds itself with exact re-ranking
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # one cell cannot be made fewer: "too few for nlist=1; using nlist=1" was
+        info = build_index(shards[:1], "ivfpq", out=tmp_path / "j.faiss", progress=False, nlist=1, nbits=2,
+                           train_size=20)
+    assert info["nlist"] == 1 and "too few for nlist" not in caplog.text and "poorly trained" in caplog.text
 
 
 class RecordingShard:

@@ -116,7 +116,7 @@ def _ivfpq_params(n: int, dim: int, params: dict, train_size: int | None) -> dic
     # about sqrt(N) cells like the official ScaNN tree (4096 for 20.9M)
     nlist = forced_nlist or 1 << max(0, round(math.log2(math.sqrt(n))))
     t = min(n, train_size if train_size is not None else max(64 * nlist, 16384))
-    if nlist * MIN_POINTS_PER_CENTROID > t:
+    if nlist * MIN_POINTS_PER_CENTROID > t and nlist > 1:  # one cell is the fewest: said "using nlist=1" for 1
         smaller = max(1, t // MIN_POINTS_PER_CENTROID)
         smaller = smaller if forced_nlist else _pow2_at_most(smaller)
         log.warning("ivfpq: %d training vectors are too few for nlist=%d (%d per cell wanted); using nlist=%d",
