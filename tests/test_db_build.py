@@ -647,6 +647,22 @@ def test_builds_recorded_by_older_versions_are_named_as_such(parts, tmp_path):
         build.ShardedBuild.check_arguments(tmp_path, {"encoder_checkpoint_sha256": "ab"})
 
 
+def test_builds_and_imports_refuse_each_others_databases(image_dir, parts, tmp_path):
+    """An image build into an import's --out (or the reverse) listed every argument of either as differing, and
+    for an import added that the encoder's precision follows --device (which import-npz does not take): it names
+    the command that began the database."""
+    files, _ = parts
+    imported = import_npz(files, tmp_path / "imported", INFO, progress=False)
+    with pytest.raises(ValueError, match=r"imported holds a database begun by db import-npz, which db build cannot "
+                                         r"continue: choose a new --out$"):
+        build_database(imported, encoder=TinyEncoder(), images=image_dir, workers=0, device="cpu", progress=False)
+    built = build_database(tmp_path / "built", encoder=TinyEncoder(), images=image_dir, crop_size=32, workers=0,
+                           device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"built holds a database begun by db build, which db import-npz cannot "
+                                         r"continue: choose a new --out$"):
+        import_npz(files, built, INFO, progress=False)
+
+
 def test_import_npz_rerun_repairs_a_damaged_shard(parts, tmp_path, caplog):
     """A finished import whose shard file was truncated: the rerun imports that shard again, and says that the
     proposal ranking recorded in the manifest it replaces must be made again."""

@@ -478,6 +478,8 @@ def _holds_files(progress: Path) -> bool:
 PRECISION = "encoder_precision"
 PRECISION_FOLLOWS = "the CLIP towers run in float16 on a GPU, float32 on the CPU"
 
+MADE_BY = {"images": "db build", "npz": "db import-npz"}  # the command of each kind of recorded build
+
 # recorded arguments that older versions kept otherwise: key -> whether a recorded config is of such a version
 OLDER_RECORDS: dict[str, Callable[[dict], bool]] = {
     "encoder_checkpoint_sha256": lambda c: "encoder_checkpoint_bytes" in c,  # the checkpoint's size
@@ -507,6 +509,10 @@ class ShardedBuild:
         except json.JSONDecodeError:
             raise ValueError(f"{config_file} is corrupted: delete {out} and build again") from None
         config = json.loads(json.dumps(config))  # as it reads back from JSON
+        if previous.get("kind") != config.get("kind") and {previous.get("kind"), config.get("kind")} <= set(MADE_BY):
+            # not a list of differing arguments (and, for an import, a word on the encoder's precision it has none of)
+            raise ValueError(f"{out} holds a database begun by {MADE_BY[previous['kind']]}, which "
+                             f"{MADE_BY[config['kind']]} cannot continue: choose a new --out")
         if PRECISION in config and PRECISION not in previous and PRECISION not in ignore:
             # recorded on every device by builds since the key was added: an older build's precision is unknown
             log.warning("%s was begun by an older rdm_fast, which did not record the encoder's precision: it is not "
