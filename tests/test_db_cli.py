@@ -808,6 +808,9 @@ def test_neighbors_refuses_an_out_in_use(built, tmp_path, capsys):
     assert "k must be between 1 and" in _error(capsys, *args)
     assert not progress.exists()  # no progress folder is left by a run that stopped before its search
     args[args.index("--k") + 1] = "3"
+    # a search that fails on its first batch: its full-size result files hold nothing to resume
+    assert "query 0 has fewer than 3 database entries left" in _error(capsys, *args, "--dedup-threshold", "-1")
+    assert not progress.exists() and not (tmp_path / "nb.npz").exists()
     assert cli(*args) == 0 and not progress.exists()
     assert cli(*args) == 0  # the finished run let go of --out
 

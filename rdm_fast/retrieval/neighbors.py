@@ -93,6 +93,13 @@ class _Results:
             self.scores.flush()
             atomic_write_json(self.state, {"settings": self.settings, "done": done})
 
+    def discard_if_unrecorded(self) -> None:
+        """Remove the result files of a run that stopped before it recorded any queries: nothing in them can be
+        resumed (a run that failed on its first batch left two arrays of the full size behind)."""
+        if self.directory is not None and not self.state.is_file():
+            for name in ("ids.npy", "scores.npy"):
+                (self.directory / name).unlink(missing_ok=True)
+
 
 def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: int, exclude_self: bool = False,
                       dedup_threshold: float | None = None, batch_size: int = 1024, progress: bool = True,
@@ -143,43 +150,56 @@ def compute_neighbors(db: Database, queries_db: Database | None = None, *, k: in
                 "search": db.search_settings}  # an approximate index's results differ from another search's
     results = _Results(n, k, resume_dir, settings)
     all_ids, all_scores = torch.from_numpy(results.ids), torch.from_numpy(results.scores)  # views: filled in place
-    with tqdm(total=n, initial=results.done, desc="neighbours", unit="query", disable=not progress) as bar:
-        for start in range(results.done, n, batch_size):
-            qids = torch.arange(start, min(n, start + batch_size))
-            queries = queries_db.embeddings(qids)
-            bad = ~torch.isfinite(queries).all(1)
-            if bool(bad.any()):
-                raise ValueError(f"entry {int(qids[bad][0])} of {queries_db.path} holds NaN or infinite values: the "
-                                 f"database is damaged (check it with python -m rdm_fast.db info {queries_db.path} "
-                                 "--verify)")
-            rows, kk = torch.arange(len(qids)), first_k
-            while len(rows):
-                scores, ids = db.search(queries[rows], kk)
-                scores, ids = scores.cpu(), ids.cpu()
-                keep = ids >= 0  # approximate indexes mark missing results with -1
-                if exclude_self:
-                    keep &= ids != qids[rows, None]
-                if dedup_threshold is not None:
-                    keep &= scores <= dedup_threshold
-                done = keep.sum(1) >= k
-                pick = first_kept(keep[done], k)  # the first k kept candidates of each finished row, in rank order
-                all_ids[start + rows[done]] = ids[done].gather(1, pick)
-                all_scores[start + rows[done]] = scores[done].gather(1, pick)
-                rows = rows[~done]
-                if len(rows) and kk == len(db):
-                    excluded = (["itself"] if exclude_self else []) + (
-                        [f"near-duplicates (cosine above {dedup_threshold})"] if dedup_threshold is not None else [])
-                    left = (f"left after excluding {' and '.join(excluded)}" if excluded else
-                            f"found by the {db.backend} search")
-                    raise ValueError(f"query {int(qids[rows[0]])} has fewer than {k} database entries {left}")
-                kk = min(len(db), 2 * kk)
-            results.finished(start + len(qids))
-            bar.update(len(qids))
+    try:
+        with tqdm(total=n, initial=results.done, desc="neighbours", unit="query", disable=not progress) as bar:
+            for start in range(results.done, n, batch_size):
+                end = min(n, start + batch_size)
+                all_ids[start:end], all_scores[start:end] = _batch_neighbors(
+                    db, queries_db, torch.arange(start, end), k, first_k, exclude_self, dedup_threshold)
+                results.finished(end)
+                bar.update(end - start)
+    except BaseException:
+        results.discard_if_unrecorded()
+        raise
     if exclude_self and dedup_threshold is None and n:
         _warn_duplicates(all_scores[:, 0], db)
     if results.directory is None:
         return all_ids, all_scores
     return all_ids.clone(), all_scores.clone()  # in memory, not views of files the caller may remove
+
+
+def _batch_neighbors(db: Database, queries_db: Database, qids: Tensor, k: int, first_k: int, exclude_self: bool,
+                     dedup_threshold: float | None) -> tuple[Tensor, Tensor]:
+    """The (ids, scores) of the k kept neighbours of the entries ``qids`` of ``queries_db``: searched for the
+    ``first_k`` nearest, then twice as many for the rows that kept fewer than k, up to the whole database."""
+    queries = queries_db.embeddings(qids)
+    bad = ~torch.isfinite(queries).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"entry {int(qids[bad][0])} of {queries_db.path} holds NaN or infinite values: the "
+                         f"database is damaged (check it with python -m rdm_fast.db info {queries_db.path} --verify)")
+    out_ids, out_scores = torch.empty(len(qids), k, dtype=torch.int64), torch.empty(len(qids), k)
+    rows, kk = torch.arange(len(qids)), first_k
+    while len(rows):
+        scores, ids = db.search(queries[rows], kk)
+        scores, ids = scores.cpu(), ids.cpu()
+        keep = ids >= 0  # approximate indexes mark missing results with -1
+        if exclude_self:
+            keep &= ids != qids[rows, None]
+        if dedup_threshold is not None:
+            keep &= scores <= dedup_threshold
+        done = keep.sum(1) >= k
+        pick = first_kept(keep[done], k)  # the first k kept candidates of each finished row, in rank order
+        out_ids[rows[done]] = ids[done].gather(1, pick)
+        out_scores[rows[done]] = scores[done].gather(1, pick)
+        rows = rows[~done]
+        if len(rows) and kk == len(db):
+            excluded = (["itself"] if exclude_self else []) + (
+                [f"near-duplicates (cosine above {dedup_threshold})"] if dedup_threshold is not None else [])
+            left = (f"left after excluding {' and '.join(excluded)}" if excluded else
+                    f"found by the {db.backend} search")
+            raise ValueError(f"query {int(qids[rows[0]])} has fewer than {k} database entries {left}")
+        kk = min(len(db), 2 * kk)
+    return out_ids, out_scores
 
 
 DUPLICATE_COSINE = 0.99  # a nearest neighbour this similar to its query is taken for a copy of the same image
