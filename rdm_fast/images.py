@@ -25,7 +25,7 @@ def check_image_range(images: Tensor, what: str, expects: str) -> None:
     synchronise with the host)."""
     if images.device.type != "cpu" or not images.numel() or not images.is_floating_point():
         return
-    peak = float(images.abs().amax())
+    peak = float(images.detach().abs().amax())  # not the autograd tensor (PyTorch warns of float() on it)
     if not math.isfinite(peak):  # amax propagates NaN
         raise ValueError(f"{what}: the images hold NaN or infinite values")
     if peak > 1.5:

@@ -4,6 +4,7 @@ half-precision closeness, and the extension path against the plain-PyTorch path.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import oracle
@@ -1065,6 +1066,13 @@ def test_first_stage_is_frozen():
     z.requires_grad_()
     model.decode(z).sum().backward()
     assert z.grad is not None
+    # the same for encode, without a warning: its range check read the images' peak with float() on the
+    # autograd tensor, which PyTorch warns about ("Converting a tensor with requires_grad=True to a scalar")
+    images = (torch.rand(1, 3, 32, 32) * 2 - 1).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.encode(images, sample=False).sum().backward()
+    assert images.grad is not None
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
