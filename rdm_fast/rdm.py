@@ -387,6 +387,8 @@ class RDM(nn.Module):
             x = draw_noise(shape, generator, self.device)
         else:
             _check_tensor(x_T, "x_T", str(shape), self.device)
+            if not x_T.is_floating_point():  # as encode's noise: ints and bools are no draws
+                raise ValueError(f"x_T must hold floats (standard normal draws), got {x_T.dtype}")
             _check_finite_on_cpu(x_T, "x_T")
             if tuple(x_T.shape) != shape:
                 raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")

@@ -1088,6 +1088,9 @@ def test_first_stage_is_frozen():
     ({"guidance_scale": "5"}, TypeError, "guidance_scale must be a real number"),
     ({"eta": "0.5"}, TypeError, "eta must be a real number"),
     ({"steps": True}, TypeError, "steps must be an int"),
+    # integer or bool start noise was taken as draws (as encode's noise once was): refused like encode's
+    ({"x_T": torch.ones(2, 4, 16, 16, dtype=torch.long)}, ValueError, "x_T must hold floats.*got torch.int64"),
+    ({"x_T": torch.zeros(2, 4, 16, 16, dtype=torch.bool)}, ValueError, "x_T must hold floats.*got torch.bool"),
 ])
 def test_sample_refuses_non_tensors_and_non_finite_cpu_inputs(kwargs, error, message):
     model = RDM.from_config("tiny")
