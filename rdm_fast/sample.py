@@ -355,7 +355,7 @@ class DatabaseContexts:
         self.include_query = not args.no_query
         self.k = default_neighbors(cfg, include_query=self.include_query) if args.k is None else \
             args.k
-        check_database_for_model(self.db, cfg, self.k)
+        check_database_for_model(self.db, cfg, self.k, own_entry=not (args.text or args.image))
         self.cfg, self.device = cfg, device
         self.texts, self.images, self.query_ids, self.queries, self.encoder = args.text, args.image, None, None, None
         if args.text or args.image:

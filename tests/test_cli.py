@@ -951,6 +951,20 @@ def test_db_too_small_wrong_dim_and_encoder(tiny_dir, tmp_path, capsys):
     assert "was made by encoder 'test-64' but the model was trained on 'clip-vit-b-32'" in capsys.readouterr().err
 
 
+def test_text_and_image_queries_may_take_every_entry_as_a_neighbour(tiny_dir, tmp_path, hash_encoder, capsys):
+    """A --text or --image query is no database entry, so a database of k entries gives it k neighbours (as
+    model_context does); only pseudo-queries, whose own entry is left out, need k + 1. sample refused the text query
+    with "holds 3 entries; contexts with 3 neighbours need at least 4"."""
+    write_database(tmp_path / "small", np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32),
+                   TEST_ENCODER)
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "small"), "--text", "a red bird",
+               "--out", str(tmp_path / "t"), "--steps", "2") == 0
+    assert (tmp_path / "t" / "sample_00000.png").is_file()
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tmp_path / "small"), "--text", "a red bird",
+               "--k", "4", "--out", str(tmp_path / "u"), "--steps", "2") == 2
+    assert "holds 3 entries; contexts with 4 neighbours need at least 4" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("tokens,warned", [(4, False), (2, False), (1, False), (21, False), (22, True)])
 def test_context_length_and_cycling_are_reported(tiny_dir, tmp_path, caplog, tokens, warned):
     """The tiny model, like rdm768, takes a text token alone or with up to 20 neighbours (its config: 3): longer

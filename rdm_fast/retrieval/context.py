@@ -81,14 +81,16 @@ def check_database_embeddings(db: Database, cfg: RDMConfig) -> None:
                          f"{cfg.retrieval_encoder!r} embeddings")
 
 
-def check_database_for_model(db: Database, cfg: RDMConfig, neighbors: int | None = None) -> None:
+def check_database_for_model(db: Database, cfg: RDMConfig, neighbors: int | None = None, *,
+                             own_entry: bool = True) -> None:
     """Raise ValueError unless ``db``'s embeddings are the kind the model was trained on and it holds more than
-    ``neighbors`` entries (default: the model's convention)."""
+    ``neighbors`` entries (default: the model's convention); at least ``neighbors`` without ``own_entry``, for
+    queries that are no database entries (captions, query images), whose neighbours may be every entry."""
     check_database_embeddings(db, cfg)
     needed = default_neighbors(cfg) if neighbors is None else neighbors
-    if len(db) < needed + 1:
+    if len(db) < needed + own_entry:
         raise ValueError(f"{db.path} holds {len(db)} entries; contexts with {needed} neighbours need at least "
-                         f"{needed + 1}")
+                         f"{needed + own_entry}")
 
 
 def neighbour_context(db: Database, queries: Tensor, k: int, *, query_ids: Tensor | None = None,
