@@ -364,6 +364,9 @@ class MomentCache:
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{file} is damaged ({str(e).splitlines()[0]}): delete {self.dir} to encode the images "
                              "again") from None
+        if have.get("format") != self.FORMAT:  # another tool's folder (a database's manifest): not ours to delete
+            raise ValueError(f"--latents {self.dir} holds a manifest.json that is not a first-stage cache's (format "
+                             f"{have.get('format')!r}): give the cache a folder of its own")
         changed = [k for k in self.identity if have.get(k) != self.identity[k]]
         if changed:
             raise ValueError(f"{self.dir} holds first-stage outputs of another {', '.join(changed)}: delete it or "

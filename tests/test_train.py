@@ -1666,6 +1666,14 @@ def test_moment_cache_files(tmp_path):
     (cache.dir / "cat.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"holds 1 other file \(e.g. cat.png\)"):
         cache.check_writable()
+    # a manifest.json of another kind (a database's, --latents given a database by mistake) is no cache of other
+    # data, which the error told the user to delete ("holds first-stage outputs of another format, ...")
+    other = MomentCache(tmp_path / "db", {"count": 4})
+    other.dir.mkdir()
+    (other.dir / "manifest.json").write_text(json.dumps({"format": "rdm_fast-database", "count": 4}))
+    with pytest.raises(ValueError, match=r"^--latents .*db holds a manifest.json that is not a first-stage cache's "
+                                         r"\(format 'rdm_fast-database'\): give the cache a folder of its own$"):
+        other.manifest()
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "overflow"])
