@@ -482,6 +482,14 @@ def test_sample_resume_refuses_another_search(tiny_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "probe" / "run.json").read_text())["search"]["nprobe"] == 3
 
 
+def test_sample_nprobe_without_an_ivfpq_index_is_warned_about(tiny_dir, tmp_path, caplog):
+    """--nprobe only tunes an IVF-PQ index: the exact search ignores it, which sample now says as db search does
+    (it was silent)."""
+    assert cli(sample, "--ckpt", str(tiny_dir / "model"), "--db", str(tiny_dir / "db"), "--steps", "2",
+               "--nprobe", "4", "--out", str(tmp_path / "run")) == 0
+    assert "--nprobe applies to ivfpq indexes only; this search runs torch-exact, which ignores it" in caplog.text
+
+
 def test_sample_under_torchrun_shares_the_batches_and_equals_one_process(tiny_dir, tmp_path):
     """Two torchrun processes draw alternate batches; the images, grid.png and run.json's settings equal one
     process's (sample i's noise depends on i alone; same batches, so the same arithmetic)."""
