@@ -352,9 +352,6 @@ class DatabaseContexts:
                  generator: torch.Generator) -> None:
         self.db = Database.open(locate_database(args.db), backend=args.search_backend, device=device,
                                 nprobe=args.nprobe)
-        if args.nprobe and self.db.backend != "faiss-ivfpq":  # as db search says it
-            log.warning("--nprobe applies to ivfpq indexes only; this search runs %s, which ignores it",
-                        self.db.backend)
         self.include_query = not args.no_query
         self.k = default_neighbors(cfg, include_query=self.include_query) if args.k is None else \
             args.k

@@ -394,7 +394,8 @@ class Database:
         ``device``: where searches run (default: CUDA when available, else the CPU). ``verify`` checks the SHA-256
         of every shard's embeddings and metadata (reads them all; the index and proposals files have no
         checksum); their sizes are always checked. ``nprobe``/``ef_search`` tune FAISS
-        indexes; ``chunk_rows`` (an int >= 1) is the torch backend's streaming block.
+        indexes (an ``nprobe`` that the backend ignores is warned about); ``chunk_rows`` (an int >= 1) is the torch
+        backend's streaming block.
         """
         if not isinstance(path, (str, Path)) and not hasattr(path, "__fspath__"):
             raise TypeError(f"Database.open: path must be a str or a path-like object (the database directory), "
@@ -434,6 +435,8 @@ class Database:
         db = cls(path, manifest, shards, kind, dev, {"nprobe": nprobe, "ef_search": ef_search,
                                                       "chunk_rows": chunk_rows,
                                                       "devices": None if device is None else [dev]})
+        if nprobe is not None and db.backend != "faiss-ivfpq":  # a setting that changes nothing, said once
+            log.warning("--nprobe applies to ivfpq indexes only; this search runs %s, which ignores it", db.backend)
         # the search backend is logged at the first search: the commands that only read (db info, build, train)
         # open with backend "torch", which is not the one their database's searches use
         log.info("opened %s: %d x %d embeddings from %s", path, len(db), db.dim, db.encoder_name)
