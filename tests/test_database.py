@@ -208,6 +208,9 @@ def test_open_errors(tmp_path, db_dir):
     (lambda m: m["shards"][0].update(bytes=-1), "bytes -1 is not a size"),
     (lambda m: m.update(index={"file": "../i.faiss", "kind": "flat"}), "index file '../i.faiss' is not a plain"),
     (lambda m: m.update(proposals="proposals.npy"), "missing or malformed entry"),
+    (lambda m: m.update(build="x"), "build 'x' is not a dict or null"),  # encoder_spec, db info, db search read it
+    (lambda m: m.update(skipped={"count": "2"}), "skipped {'count': '2'} is not {count: int >= 0, files: list}"),
+    (lambda m: m.update(image_root=5), "image_root 5 is not a directory (a string) or null"),
 ])
 def test_every_manifest_field_is_checked(db_dir, change, expect):
     """From a database mutation audit: dropping any one of these checks of read_manifest passed every test. A
@@ -1064,7 +1067,11 @@ def test_write_database_checks_everything_before_writing(tmp_path):
         write_database(tmp_path / "d", emb, INFO, patch_coords=corners)
     with pytest.raises(ValueError, match="patch_coords must be integers"):
         write_database(tmp_path / "e", emb, INFO, patch_coords=np.full((10, 2), 1.7))
-    for name in "abcde":  # refused before anything was written
+    for name, entry in (("h", {"build": "crop"}), ("i", {"skipped": 2}), ("j", {"image_root": 5}),
+                        ("k", {"enlarged": [1]})):  # written, then Database.encoder_spec, db info, search failed
+        with pytest.raises(ValueError, match=rf"write_database: {next(iter(entry))} .* is not"):
+            write_database(tmp_path / name, emb, INFO, **entry)
+    for name in "abcdehijk":  # refused before anything was written
         assert not (tmp_path / name).exists() or not any((tmp_path / name).iterdir())
     db = Database.open(write_database(tmp_path / "f", torch.from_numpy(emb).bfloat16(), INFO, note=np.int64(3),
                                       patch_coords=corners.T), device="cpu")

@@ -125,6 +125,23 @@ RESERVED_KEYS = ("format", "format_version", "encoder", "dim", "count", "dtype",
                  "has_patch_coords", "shards", "index", "proposals")  # what a manifest's reader relies on
 
 
+def _extra_entries_problem(manifest: dict) -> str | None:
+    """Why an entry that rdm_fast's readers interpret beyond the reserved ones (``image_root``, ``build``,
+    ``skipped``, ``enlarged``: db info, db search, training data, ``Database.encoder_spec``) has a form they cannot
+    read, or None. Each may be absent."""
+    if manifest.get("image_root") is not None and not isinstance(manifest["image_root"], str):
+        return f"image_root {manifest['image_root']!r} is not a directory (a string) or null"
+    for key in ("build", "enlarged"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            return f"{key} {manifest[key]!r} is not a dict or null"
+    skipped = manifest.get("skipped")
+    if "skipped" in manifest and not (isinstance(skipped, dict) and isinstance(skipped.get("count"), int)
+                                      and not isinstance(skipped["count"], bool) and skipped["count"] >= 0
+                                      and isinstance(skipped.get("files"), list)):
+        return f"skipped {skipped!r} is not {{count: int >= 0, files: list}}"
+    return None
+
+
 def json_values(values: dict[str, Any], where: str) -> dict[str, Any]:
     """``values`` as they read back from the manifest's JSON (NumPy scalars and arrays as numbers and lists);
     TypeError naming a key whose value JSON cannot hold, before anything is written."""
@@ -210,6 +227,9 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
         raise ValueError(f"write_database: {', '.join(reserved)} {'is' if len(reserved) == 1 else 'are'} the "
                          "manifest's own (written by rdm_fast), not a keyword")
     extra = json_values(extra, "write_database")
+    problem = _extra_entries_problem(extra)  # a database every later reader of these entries would fail on
+    if problem:
+        raise ValueError(f"write_database: {problem}")
     for start in range(0, n, shard_size):  # every row checked before the first shard is written, a shard at a time
         _check_finite(emb[start:start + shard_size], lambda i: f"embeddings row {start + i}")  # called at once
     path = Path(path)
@@ -283,6 +303,9 @@ def read_manifest(directory: str | Path) -> dict:
         for key in ("index", "proposals"):
             if m.get(key) is not None:
                 _plain_name(m[key].get("file"), f"{key} file", file)
+        problem = _extra_entries_problem(m)
+        if problem:
+            raise ValueError(problem)
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{file} is corrupted: missing or malformed entry {e}") from None
     except ValueError as e:
