@@ -746,6 +746,8 @@ def test_proposal_ranking_and_top_m(tmp_path, data):
     assert db.proposals(0.05).tolist() == ranked[:3].tolist()  # 2.5 entries: ceil(m * N), not floor
     # m as the decimal it prints as: 0.14 * 50 is 7.000000000000001 in binary floats, 0.28 * 50 14.000000000000002
     assert len(db.proposals(0.14)) == 7 and len(db.proposals(np.float64(0.28))) == 14
+    # also in float32 (a config or array value), which float() widened to 0.10000000149011612: 6 entries, not 5
+    assert len(db.proposals(np.float32(0.1))) == 5 and len(db.proposals(np.float16(0.14))) == 7
     assert db.proposals(1.0).tolist() == ranked.tolist()
     with pytest.raises(ValueError) as e:
         db.proposals(0)

@@ -774,7 +774,9 @@ class Database:
             raise TypeError(f"m must be a fraction in (0, 1], got {m!r}")
         if not 0 < m <= 1:
             raise ValueError(f"m must be a fraction in (0, 1], got {m}")
-        return torch.from_numpy(np.array(self._ranking()[:max(1, math.ceil(Fraction(str(float(m))) * len(self))), 0]))
+        # a NumPy float prints in its own precision: float(np.float32(0.1)) prints as 0.10000000149011612
+        fraction = Fraction(str(m) if isinstance(m, np.floating) else str(float(m)))
+        return torch.from_numpy(np.array(self._ranking()[:max(1, math.ceil(fraction * len(self))), 0]))
 
 
 def _index_changed(path: Path, index: dict) -> str | None:
