@@ -613,6 +613,8 @@ def test_offline_bad_inputs(offline):
         offline.encode_images(torch.zeros(2, 4, 64, 64))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         offline.encode_images(torch.zeros(3, 64, 64))
+    with pytest.raises(TypeError, match=r"images must be a torch.Tensor .* got ndarray"):  # README calls it directly
+        offline.encode_images(np.zeros((2, 3, 64, 64), np.float32))
     with pytest.raises(TypeError, match="single str"):
         offline.encode_text("a cat")
     with pytest.raises(ValueError, match="at least one"):

@@ -53,7 +53,10 @@ class Encoder(nn.Module, ABC):
         return {"name": self.name, "dim": self.dim, "normalized": self.normalized}
 
     def check_images(self, images: Tensor) -> None:
-        """Raise ValueError unless ``images`` is a float (B, 3, H, W) batch."""
+        """Raise ValueError unless ``images`` is a float (B, 3, H, W) batch (TypeError unless it is a tensor)."""
+        if not isinstance(images, Tensor):  # encode_images(array) failed with "'numpy.ndarray' ... no attribute 'dim'"
+            raise TypeError(f"{self.name}: images must be a torch.Tensor (B, 3, H, W) in [-1, 1], got "
+                            f"{type(images).__name__} (a NumPy array: torch.from_numpy(a))")
         if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"{self.name}: expected float images (B, 3, H, W) in [-1, 1], "
                              f"got {images.dtype} {tuple(images.shape)}")
