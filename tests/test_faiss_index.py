@@ -216,6 +216,9 @@ def test_auto_kind_and_bad_arguments(tmp_path):
     for seed in (-1, 2**31 - 1):  # FAISS's C ints: an OverflowError traceback, or numpy's nameless message
         with pytest.raises(ValueError, match=rf"seed \(--seed\) must be in \[0, 2\*\*31 - 1\), got {seed}"):
             build_index(shards, "ivfpq", out=tmp_path / "b.faiss", seed=seed)
+    for seed in (1.5, "1"):  # "in method 'ClusteringParameters_seed_set', argument 2 of type 'int'", or '<=' on str
+        with pytest.raises(TypeError, match=rf"seed \(--seed\) must be an int, got {seed!r}"):
+            build_index(shards, "ivfpq", out=tmp_path / "b.faiss", seed=seed)
     with pytest.raises(ValueError, match="choose_kind|at least one"):
         choose_kind(0, 512)
     assert not (tmp_path / "b.faiss").exists()

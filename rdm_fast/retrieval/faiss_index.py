@@ -232,6 +232,8 @@ def build_index(shards: Sequence[np.ndarray], kind: str = "auto", *, out: str | 
     ``ef_construction`` (80), ``ef_search`` (128, stored in the index).
     """
     t0 = time.perf_counter()
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):  # 1.5: a SWIG TypeError, "1": '<='
+        raise TypeError(f"seed (--seed) must be an int, got {seed!r}")
     if not 0 <= seed < 2**31 - 1:  # FAISS keeps seed and seed + 1 as C ints
         raise ValueError(f"seed (--seed) must be in [0, 2**31 - 1), got {seed}")
     dim, offsets = _check_shards(shards)
