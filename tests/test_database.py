@@ -313,6 +313,13 @@ def test_search_errors(db_dir):
     with pytest.raises(ValueError) as e:
         db.search_images(other, torch.zeros(1, 3, 8, 8), 2)
     assert "'other-encoder'" in one_line(e)
+    # search's encoder= also takes the Encoder that search_text takes: the database's own one was refused as another
+    # encoder, its whole module repr in the message
+    assert torch.equal(db.search(q, 3, encoder=TinyEncoder())[1], ref_ids)
+    with pytest.raises(ValueError, match="queries come from encoder 'other-encoder', but .* holds 'tiny-test'"):
+        db.search(q, 3, encoder=other)
+    with pytest.raises(TypeError, match="search: encoder must be the queries' encoder name .* got dict"):
+        db.search(q, 3, encoder=TinyEncoder().info())
     narrow = TinyEncoder()  # declares 16-d embeddings but makes 15-d ones
     narrow.encode_images = lambda images: torch.zeros(images.shape[0], 15)
     with pytest.raises(ValueError) as e:

@@ -587,13 +587,19 @@ class Database:
             raise ValueError(f"queries come from encoder {name!r}, but {self.path} holds {self.encoder_name!r} "
                              "embeddings: use the database's encoder")
 
-    def search(self, queries: Tensor | np.ndarray, k: int, *, encoder: str | None = None) -> tuple[Tensor, Tensor]:
+    def search(self, queries: Tensor | np.ndarray, k: int, *, encoder: str | Encoder | None = None
+               ) -> tuple[Tensor, Tensor]:
         """The k entries most similar (cosine) to each of the (Q, D) ``queries`` (a tensor, or a NumPy array taken
         as float32 CPU queries): (scores (Q, k) float32, ids (Q, k) int64), best first, on the queries' device
-        (CPU ids and scores for an array). ``encoder`` names the queries' encoder
+        (CPU ids and scores for an array). ``encoder`` names the queries' encoder, or is that :class:`Encoder`
         (checked against the database's). Queries on the CPU must be finite and non-zero (ValueError); CUDA
         queries are not checked, which would synchronise with the host (sampling's retrieval runs without)."""
-        if encoder is not None:
+        if isinstance(encoder, Encoder):  # as search_text takes it: was compared as a name, its repr in the error
+            self._check_encoder_object(encoder, "search")
+        elif encoder is not None:
+            if not isinstance(encoder, str):
+                raise TypeError(f"search: encoder must be the queries' encoder name (a str) or Encoder, got "
+                                f"{type(encoder).__name__}")
             self.check_encoder(encoder)
         if len(self) == 0:
             raise ValueError(f"database {self.path} is empty: nothing to search")
