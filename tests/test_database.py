@@ -1028,6 +1028,10 @@ def test_write_database_refuses_what_is_no_embedding(tmp_path, data):
                             ({"embeddings": emb > 0}, "embeddings must be floating point, got bool"),
                             ({"embeddings": emb + 1j}, "embeddings must be floating point, got complex"),
                             ({"class_ids": np.full(50, 0.5)}, "class_ids must be integers, got float64"),
+                            # values beyond the stored integer type wrapped (2**64 - 1 became -1, "no class")
+                            ({"class_ids": np.full(50, 2**64 - 1, np.uint64)}, "class_ids are stored as int64"),
+                            ({"patch_coords": np.full((50, 2), 2**40)}, "patch_coords are stored as int32, whose "
+                             "range [-2147483648, 2147483647] does not hold 1099511627776 to 1099511627776"),
                             ({"encoder_info": {**INFO, "normalized": "no"}}, "normalized must be True or False"),
                             ({"encoder_info": {**INFO, "dim": 16.0}}, "dim must be a positive integer, got 16.0"),
                             ({"encoder_info": {**INFO, "dim": 0}}, "dim must be a positive integer, got 0"),

@@ -222,6 +222,10 @@ def write_database(path: str | Path, embeddings: np.ndarray | Tensor, encoder_in
             raise ValueError(f"{name} must have shape {shape} for {n} embeddings, got {np.shape(value)}")
         if np.size(value) and np.asarray(value).dtype.kind not in "iu":  # 0.5 was stored as 0
             raise ValueError(f"{name} must be integers, got {np.asarray(value).dtype}")
+        stored = np.iinfo(np.int64 if name == "class_ids" else np.int32)  # wrapped: 2**64 - 1 became -1 ("none")
+        if np.size(value) and not stored.min <= np.asarray(value).min() <= np.asarray(value).max() <= stored.max:
+            raise ValueError(f"{name} are stored as {stored.dtype}, whose range [{stored.min}, {stored.max}] does "
+                             f"not hold {np.asarray(value).min()} to {np.asarray(value).max()}")
     reserved = sorted(set(extra) & set(RESERVED_KEYS))
     if reserved:
         raise ValueError(f"write_database: {', '.join(reserved)} {'is' if len(reserved) == 1 else 'are'} the "
