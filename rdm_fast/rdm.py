@@ -81,9 +81,13 @@ T = TypeVar("T")
 
 def on_own_device(method: Callable[Concatenate[RDM, P], T]) -> Callable[Concatenate[RDM, P], T]:
     """Run an ``RDM`` method with the model's GPU current (:func:`~rdm_fast.models.layers.current_device`): its
-    sampler steps and CUDA graphs as well as the networks' kernels."""
+    sampler steps and CUDA graphs as well as the networks' kernels. ValueError for weights in a precision the
+    kernels do not run (float64, after ``.double()``: a kernel's "unsupported dtype" named no cause)."""
     @functools.wraps(method)
     def wrapper(self: RDM, *args: P.args, **kwargs: P.kwargs) -> T:
+        if self.dtype not in RUN_DTYPES:
+            raise ValueError(f"{method.__name__}: the model's weights are {self.dtype}, but it runs in float32, "
+                             "float16 or bfloat16: convert it with .float(), .half() or .to(torch.bfloat16)")
         with current_device(self.device):
             return method(self, *args, **kwargs)
     return wrapper

@@ -1227,6 +1227,19 @@ def test_from_config_refuses_dtypes_the_model_cannot_run_in(dtype):
         RDM.from_config("tiny", dtype=dtype)
 
 
+def test_a_model_moved_to_float64_is_refused_by_name():
+    """.double() bypasses from_config's dtype check: sample failed in a kernel ("conv3x3: unsupported x dtype
+    torch.float64"), which named neither the model's precision nor the fix."""
+    model = RDM.from_config("tiny").double()
+    calls = {"sample": lambda: model.sample(torch.randn(1, 4, 64), steps=2),
+             "decode": lambda: model.decode(torch.randn(1, 4, 16, 16)),
+             "encode_moments": lambda: model.encode(torch.zeros(1, 3, 32, 32))}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{name}: the model's weights are torch.float64, but it runs in "
+                                             r"float32, float16 or bfloat16: convert it with .float\(\)"):
+            call()
+
+
 def test_from_config_and_from_pretrained_name_a_bad_device(tmp_path):
     """Checked before any weights are read: torch's own message for "gpu" is a long list of device types."""
     for load in (lambda d: RDM.from_config("tiny", device=d),
