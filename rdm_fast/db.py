@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from PIL import Image, ImageDraw
 from ._cli import (CLIError, HelpFormatter, OutDirLock, add_max_image_pixels, one_process, parse_args,
                    run, summary)
 from ._distributed import process_device
-from ._files import LOCK_FILE, atomic_save_npy, atomic_write, make_dirs, not_a_file
+from ._files import LOCK_FILE, atomic_save_npy, atomic_write, make_dirs, not_a_file, remove_stale_temps
 from .encoders import EncoderUnavailable, query_encoder, resolve_encoder
 from .images import contact_sheet
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
@@ -513,6 +514,10 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         raise CLIError(f"--dedup-threshold is a cosine similarity in [-1, 1], got {args.dedup_threshold}")
     resume_dir = Path(f"{args.out}.progress")  # the results so far: a killed run continues from them
     with _progress_lock(resume_dir, args.out):  # one run at a time: a second would rewrite the files the first maps
+        # the temporary files a killed run's writes left (the lock keeps other runs off these names)
+        remove_stale_temps(resume_dir)
+        for file in neighbor_files(args.out) + ([Path(args.top_m_out)] if args.top_m_out else []):
+            remove_stale_temps(file.parent, [glob.escape(file.name)])
         return _neighbors(args, resume_dir)
 
 

@@ -387,6 +387,26 @@ def test_one_line_errors(built, tmp_path, capsys):
                                                "--encoder", SPEC)
 
 
+def test_neighbors_rerun_removes_the_temporary_files_a_killed_run_left(built, tmp_path):
+    """A run killed while it wrote --out, --top-m-out or a progress file left that write's temporary file (named as
+    atomic_write names them); the rerun, which resumes from the progress, kept those beside --out and --top-m-out
+    for good (a copy of the results each) where build, sample, train and convert remove theirs."""
+    work = tmp_path / "db"
+    shutil.copytree(built / "db", work)
+    out, top, progress = tmp_path / "nb.npz", tmp_path / "top.npy", tmp_path / "nb.npz.progress"
+    progress.mkdir()
+    left = [tmp_path / ".nb.npz.k1ll3d00.tmp", tmp_path / ".top.npy.k1ll3d01.tmp", progress / ".ids.npy.k1ll3d02.tmp",
+            progress / ".state.json.k1ll3d03.tmp"]
+    for file in left:
+        file.write_bytes(b"PK\x03\x04 cut short")
+    other = tmp_path / ".other.npz.k1ll3d04.tmp"  # another output's: not this run's to remove
+    other.write_bytes(b"")
+    assert cli("neighbors", str(work), "--k", "2", "--exclude-self", "--out", str(out), "--top-m-out", str(top),
+               "--device", "cpu", "--no-progress") == 0
+    assert not [file for file in left if file.exists()] and other.exists() and not progress.exists()
+    assert np.load(out)["ids"].shape == (10, 2) and np.load(top).shape == (10, 2)
+
+
 def test_neighbors_checks_outputs_and_queries_first(built, tmp_path, capsys):
     """Bad output paths and an empty query database fail before the search, leaving the database as it was."""
     work = tmp_path / "db"
