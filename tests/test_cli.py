@@ -1228,6 +1228,34 @@ def test_convert_to_official_never_pairs_weights_with_another_models_config(tmp_
     assert (tmp_path / "off" / "model.ckpt").is_file()
 
 
+def test_a_conversion_into_a_folder_another_run_writes_is_refused(tmp_path, capsys, monkeypatch):
+    """Two conversions into one --out at once: the later one deleted the earlier one's temporary file as a killed
+    export's, and the earlier one then replaced the model the later one had reported written. A conversion now
+    holds --out while it writes (here another run takes the folder while the model loads): the second is refused,
+    and the lock file does not stay among the model's files."""
+    from test_checkpoint import training_checkpoint
+    from rdm_fast._cli import OutDirLock
+
+    training_checkpoint(tmp_path / "ck")
+    out, held, real_load = tmp_path / "out", [], RDM.from_pretrained
+
+    def load_while_another_run_takes_out(*args, **kwargs):
+        if not held:
+            held.append(OutDirLock(out))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(RDM, "from_pretrained", load_while_another_run_takes_out)
+    for to in ("official", "rdm_fast"):
+        assert cli(convert, str(tmp_path / "ck"), "--out", str(out), "--to", to) == 2
+        assert f"--out {out} is in use by another run (process {os.getpid()}" in capsys.readouterr().err
+        assert [p.name for p in out.iterdir()] == [".rdm_fast.lock"]
+    held[0].release()
+    for to, files in (("official", ["config.yaml", "model.ckpt"]), ("rdm_fast", ["config.json", "model.safetensors"])):
+        shutil.rmtree(out)
+        assert cli(convert, str(tmp_path / "ck"), "--out", str(out), "--to", to) == 0
+        assert sorted(p.name for p in out.iterdir()) == files
+
+
 def test_convert_training_checkpoints(tmp_path, capsys, caplog):
     """--no-ema takes a training checkpoint's raw UNet; --to official stores raw and EMA weights (and does not also
     log that it uses the training weights, "not the EMA ones") and refuses a checkpoint whose state.json lacks the
