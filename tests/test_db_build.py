@@ -602,6 +602,23 @@ def test_import_npz_equals_the_data(parts, tmp_path):
     assert files_of(out) == before
 
 
+@pytest.mark.parametrize("member", ["embedding", "img_id"])
+def test_import_npz_names_a_part_whose_deflated_member_is_damaged(parts, tmp_path, member):
+    """Damaged bytes inside a deflated member fail its CRC (or its deflate stream) only as they are read: that
+    zipfile error (neither an OSError nor a ValueError) gave a traceback instead of a one-line error naming the
+    part; under torchrun only the process importing that part's rows hits it."""
+    files, _ = parts
+    with zipfile.ZipFile(files[1]) as z:
+        info = z.getinfo(f"{member}.npy")
+    data = bytearray(files[1].read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for i in range(start + info.compress_size // 2, start + info.compress_size // 2 + 8):
+        data[i] ^= 0x55
+    files[1].write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(str(files[1])) + r".* is corrupted \("):
+        import_npz(files, tmp_path / "db", INFO, shard_size=13, chunk_rows=7, progress=False)
+
+
 def test_import_npz_of_parts_with_and_without_class_ids(tmp_path):
     """A part without class_id gives its rows -1, and the database then records no class ids (has_class_ids is
     true only where every part has them); the other part's ids are kept. Every import test gave all parts or no

@@ -16,6 +16,7 @@ import logging
 import re
 import struct
 import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator, Sequence
@@ -66,8 +67,11 @@ def _member_stream(path: Path, name: str) -> Iterator[IO[bytes]]:
     with _open_zip(path) as zf:
         info = zf.getinfo(_member_name(zf, path, name))
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-            with zf.open(info) as f:
-                yield f
+            try:
+                with zf.open(info) as f:
+                    yield f
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a damaged member: its CRC or its deflate data
+                raise ValueError(f"{path}:{name} is corrupted ({e})") from None
             return
         with open(path, "rb") as f:
             f.seek(info.header_offset)
@@ -168,6 +172,8 @@ class Part:
                     raise ValueError(f"{self.path} lacks the array(s) {', '.join(missing)}")
                 img_id, coords = z["img_id"], z["patch_coords"]
                 class_id = z["class_id"] if "class_id" in z.files else None
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise ValueError(f"{self.path} is corrupted ({e})") from None
         except ValueError as e:
             if "allow_pickle" in str(e):
                 raise ValueError(f"{self.path} stores Python objects (pickled); pass --allow-pickle if you trust "
