@@ -111,8 +111,10 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except (RuntimeError, MemoryError) as e:
         if os.environ.get("RDM_FAST_DEBUG") or not (_out_of_memory(e) or _peer_failed(e)):
             raise
-        if _peer_failed(e):  # the process that failed first has printed why
-            _say("error: another process of this torchrun stopped (its error is above): this one stops too")
+        if _peer_failed(e):  # the process that failed first prints why (often after this line: it closes its
+            # connections before its error reaches run) unless it was killed, which torchrun's summary then says
+            _say("error: another process of this torchrun stopped (its own error line, which may come after this "
+                 "one, or torchrun's summary says why): this one stops too")
             return 2
         _say(f"error: out of memory: {_memory_line(e)}" + (f"; {memory_advice}" if memory_advice else ""))
         return 2

@@ -1693,7 +1693,9 @@ def test_out_of_memory_is_one_line_with_the_commands_advice(error, line, capsys,
 ])
 def test_a_process_whose_peer_failed_says_so_in_one_line(error, capsys, monkeypatch):
     """Under torchrun, when one process fails, the others' next collective fails: they printed a gloo traceback
-    each (from a torchrun audit). Outside torchrun such an error keeps its traceback."""
+    each (from a torchrun audit). The line does not say the failed process's error is above: that process closes
+    its connections before it prints its error, so its error came after the others' lines, and a killed process
+    prints none. Outside torchrun such an error keeps its traceback."""
     def fails(argv):
         raise error()
 
@@ -1701,7 +1703,8 @@ def test_a_process_whose_peer_failed_says_so_in_one_line(error, capsys, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert run(fails, []) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: another process of this torchrun stopped (its error is above): this one stops too"]
+        "error: another process of this torchrun stopped (its own error line, which may come after this one, or "
+        "torchrun's summary says why): this one stops too"]
     monkeypatch.setenv("RANK", "1")  # the other processes say which they are, as their log lines do
     assert run(fails, []) == 2
     assert capsys.readouterr().err.startswith("[rank 1] error: another process of this torchrun stopped")
