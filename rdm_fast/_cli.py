@@ -44,11 +44,13 @@ def one_process(command: str) -> None:
 
 
 class _TqdmHandler(logging.StreamHandler):
-    """Log records written through tqdm, so that they land on their own line above a running progress bar."""
+    """Log records written through tqdm, so that they land on their own line above a running progress bar. Each
+    goes out in one write with its newline (tqdm.write's separate write of ``end`` let two torchrun processes' log
+    lines run together on their shared, unbuffered stderr)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record) + "\n", file=self.stream, end="")
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 

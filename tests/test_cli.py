@@ -1402,6 +1402,30 @@ def test_error_and_interrupt_lines_are_single_writes(monkeypatch):
     assert len(writes) == 2
 
 
+def test_log_lines_are_single_writes(monkeypatch):
+    """Log lines too go out in one write with their newline: tqdm.write wrote the newline separately, and under
+    torchrun (whose processes share an unbuffered stderr) one process's line ran on with another's (a torchrun
+    audit saw "... 32 px images[rank 2] rdm_fast.train: ..." followed by an empty line)."""
+    import logging
+
+    from rdm_fast._cli import _TqdmHandler
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    handler = _TqdmHandler(Recorder())
+    handler.setFormatter(logging.Formatter("[rank 1] %(name)s: %(message)s"))
+    handler.emit(logging.LogRecord("rdm_fast.train", logging.WARNING, __file__, 1, "a warning", None, None))
+    assert [w for w in writes if w] == ["[rank 1] rdm_fast.train: a warning\n"]
+
+
 def test_error_lines_name_a_rank_only_under_torchrun(capsys, monkeypatch):
     """"[rank N]" goes before an error line only where WORLD_SIZE says there are other processes: a RANK left in
     a single process's environment (e.g. by a job scheduler) does not make it one of several."""
