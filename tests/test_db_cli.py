@@ -701,7 +701,9 @@ def test_replacing_an_index_removes_the_old_file(random_db):
     pytest.importorskip("faiss")
     _, path = random_db
     assert cli("index", str(path), "--kind", "flat", "--no-progress") == 0
-    killed = [path / ".index.hnsw.tmp", path / "..index.hnsw.tmp.k1ll.tmp", path / ".index.auto.tmp"]  # killed builds
+    # killed builds, one of them while it rewrote the manifest (which a rerun left behind for good)
+    killed = [path / ".index.hnsw.tmp", path / "..index.hnsw.tmp.k1ll.tmp", path / ".index.auto.tmp",
+              path / ".manifest.json.k1ll.tmp"]
     for f in killed:
         f.write_bytes(b"partial index")
     assert cli("index", str(path), "--kind", "hnsw", "--param", "M=8", "--no-progress") == 0

@@ -839,7 +839,7 @@ def add_index(directory: str | Path, kind: str = "auto", *, train_size: int | No
     stale = [directory / f".index.{k}.tmp" for k in ("auto", *INDEX_KINDS)]  # what killed builds left (gigabytes)
     for stale_file in stale:
         stale_file.unlink(missing_ok=True)
-    remove_stale_temps(directory, [file.name for file in stale])
+    remove_stale_temps(directory, [*(file.name for file in stale), MANIFEST])  # and of the manifest's rewrites
     tmp = directory / f".index.{kind}.tmp"
     try:
         info = build_index(db.shard_arrays, kind, out=tmp, train_size=train_size, seed=seed, progress=progress,
