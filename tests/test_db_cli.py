@@ -709,6 +709,11 @@ def test_replacing_an_index_removes_the_old_file(random_db):
     assert cli("index", str(path), "--kind", "hnsw", "--param", "M=8", "--no-progress") == 0
     assert not (path / "index_flat.faiss").exists() and not any(f.exists() for f in killed)
     assert Database.open(path, backend="faiss", device="cpu").manifest["index"]["params"]["M"] == 8
+    # a build of another kind killed after its file took its name, before the manifest recorded it: a later
+    # build (here of the recorded kind) removes that unrecorded index too (it stayed for good, as large as the index)
+    (path / "index_flat.faiss").write_bytes(b"an unrecorded index")
+    assert cli("index", str(path), "--kind", "hnsw", "--param", "M=8", "--no-progress") == 0
+    assert not (path / "index_flat.faiss").exists() and (path / "index_hnsw.faiss").is_file()
 
 
 def test_an_index_replaced_in_place_is_never_recorded_with_the_old_ones_settings(random_db, monkeypatch):

@@ -854,6 +854,7 @@ def add_index(directory: str | Path, kind: str = "auto", *, train_size: int | No
         tmp.unlink(missing_ok=True)
     entry = {"file": file, "kind": actual, "bytes": (directory / file).stat().st_size, "params": info}
     update_manifest(directory, lambda m: m.update(index=entry))
-    if old and old["file"] != file:
-        (directory / old["file"]).unlink(missing_ok=True)
+    # the old index, and any other kind's that a build killed before it recorded its file left unrecorded
+    for other in ({f"index_{k}.faiss" for k in INDEX_KINDS} | ({old["file"]} if old else set())) - {file}:
+        (directory / other).unlink(missing_ok=True)
     return entry
