@@ -264,9 +264,9 @@ def check_out_dir(path: str, kind: str | None = None) -> None:
         raise CLIError(f"--out {path}: cannot write in {parent} (no permission, or a read-only file system)")
 
 
-def _in_use(path: str | Path, holder: str) -> CLIError:
-    return CLIError(f"--out {path} is in use by another run ({holder or 'a running process'}): wait for it to end, "
-                    "or choose another --out")
+def _in_use(path: str | Path, holder: str, option: str = "--out") -> CLIError:
+    return CLIError(f"{option} {path} is in use by another run ({holder or 'a running process'}): wait for it to end"
+                    + (", or choose another --out" if option == "--out" else ""))
 
 
 def _check_lock(path: str) -> None:
@@ -294,8 +294,9 @@ class OutDirLock:
     or the end of the process (a killed run's lock goes with it): a second run into the same ``--out`` is refused
     instead of mixing its files with the first's."""
 
-    def __init__(self, path: Path, name: str | Path | None = None) -> None:
-        """``name``: the ``--out`` its error names (default ``path``; db neighbors locks its progress folder)."""
+    def __init__(self, path: Path, name: str | Path | None = None, option: str = "--out") -> None:
+        """``name``: the ``--out`` its error names (default ``path``; db neighbors locks its progress folder), as
+        ``option`` (db index: "database")."""
         self._held = False
         while True:  # again where the holder removed the file (with its folder) before it let go of it
             path.mkdir(parents=True, exist_ok=True)
@@ -310,7 +311,7 @@ class OutDirLock:
                 self._file.seek(0)
                 holder = self._file.read().strip()
                 self._file.close()
-                raise _in_use(path if name is None else name, holder) from None
+                raise _in_use(path if name is None else name, holder, option) from None
             if _still_at(self._file.fileno(), path / LOCK_FILE):
                 break
             self._file.close()

@@ -189,9 +189,10 @@ def _unavailable(spec: str, e: EncoderUnavailable) -> str:
 
 
 @contextlib.contextmanager
-def _progress_lock(progress: Path, out: str) -> Iterator[None]:
-    """Hold ``--out`` ``out`` by the lock in its progress folder ``progress`` while the body runs (rank 0 under
-    torchrun): a second run into it would rewrite or delete the files of the first. A run that stops before it
+def _progress_lock(progress: Path, out: str, option: str = "--out") -> Iterator[None]:
+    """Hold ``--out`` ``out`` (``option`` in the error that refuses a second run) by the lock in its progress
+    folder ``progress`` while the body runs (rank 0 under torchrun): a second run into it would rewrite or delete
+    the files of the first. A run that stops before it
     writes any progress leaves no progress folder behind, nor the empty folders made for it."""
     if int(os.environ.get("RANK", "0")) != 0:
         yield
@@ -201,7 +202,7 @@ def _progress_lock(progress: Path, out: str) -> Iterator[None]:
         make_dirs(progress)
     except NotADirectoryError as e:  # a file above it
         raise CLIError(f"--out {out}: {e}") from None
-    lock = OutDirLock(progress, out)
+    lock = OutDirLock(progress, out, option)
     try:
         yield
     finally:
@@ -493,8 +494,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.kind != "auto" and args.kind not in INDEX_KINDS:
         raise CLIError(f"--kind {args.kind!r}: expected auto or one of {', '.join(INDEX_KINDS)}")
     params = dict(_parse_param(t) for t in args.param)
-    entry = add_index(locate_database(args.db), args.kind, train_size=args.train_size, seed=args.seed,
-                      progress=not args.no_progress, **params)
+    path = locate_database(args.db)
+    # the lock a build of the database holds: a second index run (or a build) meanwhile deleted this one's
+    # temporary index file as stale
+    with _progress_lock(path / PROGRESS, args.db, "database"):
+        entry = add_index(path, args.kind, train_size=args.train_size, seed=args.seed, progress=not args.no_progress,
+                          **params)
     print(f"{args.db}: {entry['kind']} index written to {entry['file']}")
     return 0
 

@@ -716,6 +716,25 @@ def test_replacing_an_index_removes_the_old_file(random_db):
     assert not (path / "index_flat.faiss").exists() and (path / "index_hnsw.faiss").is_file()
 
 
+def test_index_holds_the_database(random_db, capsys):
+    """db index takes the lock a build of the database holds: a second index run (or a build) meanwhile deleted the
+    first's temporary index file as stale. A database without a progress folder is left without one."""
+    pytest.importorskip("faiss")
+    from rdm_fast._cli import OutDirLock
+
+    _, path = random_db
+    held = OutDirLock(path / "progress", path)  # what a running build (or index run) of the database holds
+    message = _error(capsys, "index", str(path), "--kind", "flat", "--no-progress")
+    assert message.startswith(f"error: database {path} is in use by another run (process ") and \
+        message.endswith("wait for it to end"), message  # no advice to choose another --out: it takes none
+    assert Database.open(path, device="cpu").manifest["index"] is None
+    held.release()
+    shutil.rmtree(path / "progress")
+    assert cli("index", str(path), "--kind", "flat", "--no-progress") == 0
+    assert Database.open(path, device="cpu").manifest["index"]["kind"] == "flat"
+    assert not (path / "progress").exists()
+
+
 def test_an_index_replaced_in_place_is_never_recorded_with_the_old_ones_settings(random_db, monkeypatch):
     """A failure (or kill) between replacing index_hnsw.faiss and recording the new index leaves none recorded,
     never the new file under the old one's record (its build parameters), and an empty database is not indexed
