@@ -493,6 +493,18 @@ def _check_args(args: argparse.Namespace) -> None:
             raise CLIError(f"--compile {args.compile}: not a torch.compile backend ({', '.join(backends)})")
 
 
+def _check_cpp_compiler() -> None:
+    """CLIError when inductor, compiling for the CPU, finds no C++ compiler: said before the run starts, not as
+    a traceback from the first step."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except RuntimeError as e:  # InvalidCxxCompiler
+        raise CLIError(f"--compile inductor needs a C++ compiler on the CPU: {e} (install one or set "
+                       "$CXX, or pass --compile aot_eager, which generates no code)") from None
+
+
 def sample_draws(seed: int, step: int, rows: range, model: RDM, device: torch.device) -> dict[str, Tensor]:
     """The timestep, noise, posterior noise (KL first stages) and context-drop draw of the images at positions
     ``rows`` of step ``step``'s global batch, on ``device``. Each image's draws come from a CPU generator seeded
@@ -546,6 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _fill_settings(args, resume_from)
     _check_args(args)
     device = process_device(args.device)  # also the current CUDA device
+    if args.compile == "inductor" and device.type == "cpu":
+        _check_cpp_compiler()
     procs = Processes("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
     try:
         with contextlib.ExitStack() as held:

@@ -1226,6 +1226,18 @@ def test_compiled_training_matches_uncompiled(setup, tmp_path):
     _same_run(_weights(tmp_path / "compiled", 2), _weights(tmp_path / "eager", 2), steps=2)
 
 
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(setup, tmp_path, monkeypatch, capsys):
+    """--compile (inductor) on the CPU with no C++ compiler to be found stops before the run starts with a
+    one-line error: it was an InductorError traceback from the first step, after the data and model had loaded."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    assert run(train.main, _fresh(setup, tmp_path / "run", "--compile", steps=1)) == 2
+    err = capsys.readouterr().err
+    assert "error: --compile inductor needs a C++ compiler on the CPU" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_accumulation_equals_one_large_batch(setup, tmp_path):
     assert train.main(_fresh(setup, tmp_path / "one", steps=2, batch=4)) == 0
     assert train.main(_fresh(setup, tmp_path / "acc", "--accumulate", "2", steps=2, batch=2)) == 0
