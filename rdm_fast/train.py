@@ -799,8 +799,10 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
                     first_file = first_file or images.file(int(batch["index"][0]))
                     if micro == args.accumulate - 1 and not int(procs.all_sum(  # the whole global batch's count
                             torch.tensor(first_readable, device=device))):
-                        raise CLIError(f"none of the first batch's images can be read, e.g. {first_file}: "
-                                       f"{_moved_hint(args)}" + (" (and delete --latents)" if args.latents else ""))
+                        hint = (_moved_hint(args) if not first_file.exists() else  # not moved: unreadable
+                                "the files exist; the warnings say why they cannot be used")
+                        raise CLIError(f"none of the first batch's images can be read, e.g. {first_file}: {hint}"
+                                       + (" (and delete --latents)" if args.latents else ""))
                 ok = batch["ok"].to(device)
                 context = contexts(batch["index"]).to(device, non_blocking=True)
                 context = context * (draws["drop"] >= args.cond_drop)[:, None, None]

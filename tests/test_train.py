@@ -1379,6 +1379,19 @@ def test_first_batch_check_counts_every_micro_batch(setup, tmp_path):
                           batch=1))
 
 
+def test_a_first_batch_of_unreadable_images_that_exist_is_not_called_moved(setup, tmp_path):
+    """Images that are where the database says but cannot be decoded (damaged, or over --max-image-pixels) stop
+    the run without the advice to pass --image-root, which was given whether or not the files existed."""
+    images = tmp_path / "images"
+    shutil.copytree(setup["root"] / "imgs", images)
+    for f in images.iterdir():
+        f.write_bytes(b"not an image any more")
+    with pytest.raises(train.CLIError, match=r"none of the first batch's images can be read, e.g. .*: the files "
+                                             r"exist; the warnings say why") as e:
+        train.main(_fresh(setup, tmp_path / "run", "--image-root", str(images), steps=1))
+    assert "--image-root" not in str(e.value)
+
+
 def test_unreadable_images_take_no_part_in_the_loss_or_its_log(setup, tmp_path, monkeypatch):
     """An image that cannot be read (zeros in its place) gives no gradient and no logged loss: a step differentiates
     the sum of its readable images' losses over the global batch, and the log shows their mean. A loop that kept
