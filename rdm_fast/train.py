@@ -733,6 +733,10 @@ def _train(args: argparse.Namespace, out: Path, resume_from: Path | None, procs:
         model.config = replace(model.config, retrieval_encoder=contexts.retrieval.encoder_name)
     images = TrainingImages(contexts.training, model.config.pixel_size, args.image_root,
                             random_crop=args.random_crop, seed=args.seed)
+    if args.random_crop and images.crop != "center" and procs.main:
+        log.warning("--random-crop trains on windows of each whole image, but %s holds --crop %s crops, whose "
+                    "neighbours the contexts are: build the training database with --crop center for --random-crop",
+                    contexts.training.path, images.crop)
     if args.latents is None:
         _check_images_exist(images, args)
     run_info = _run_info(args, model.config, contexts, procs)

@@ -737,6 +737,16 @@ def test_random_crop_runs_resume_exactly_and_keep_their_crops(setup, tmp_path):
         train.main(_fresh(setup, tmp_path / "cached", "--random-crop", "--latents", str(tmp_path / "lat")))
 
 
+def test_random_crop_on_a_database_of_other_crops_is_warned_about(setup, tmp_path, caplog):
+    """--random-crop keeps each entry's neighbours, found for its database crop: README says to build the training
+    database with --crop center for it; one of random crops (here) trained without a word."""
+    caplog.set_level("WARNING", logger="rdm_fast")
+    assert train.main(_fresh(setup, tmp_path / "fixed", steps=1)) == 0
+    assert "--crop center for --random-crop" not in caplog.text
+    assert train.main(_fresh(setup, tmp_path / "windows", "--random-crop", steps=1)) == 0
+    assert "holds --crop random crops" in caplog.text and "--crop center for --random-crop" in caplog.text
+
+
 def test_resume_takes_the_runs_own_data(setup, tmp_path, caplog):
     """A requeue may leave out the data, the batch and the seed: the run's recorded ones (an uninterrupted run's
     weights; the batch is not the default 8 here); a new run needs the data."""
