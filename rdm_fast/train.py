@@ -496,10 +496,12 @@ def _check_args(args: argparse.Namespace) -> None:
 def _check_cpp_compiler() -> None:
     """CLIError when inductor, compiling for the CPU, finds no C++ compiler: said before the run starts, not as
     a traceback from the first step."""
-    from torch._inductor import cpp_builder
-
     try:
-        cpp_builder.get_cpp_compiler()
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a private helper: torch versions without it fail at the first step, as before
+        return
+    try:
+        get_cpp_compiler()
     except RuntimeError as e:  # InvalidCxxCompiler
         raise CLIError(f"--compile inductor needs a C++ compiler on the CPU: {e} (install one or set "
                        "$CXX, or pass --compile aot_eager, which generates no code)") from None
