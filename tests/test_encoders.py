@@ -300,6 +300,22 @@ def test_clip_checkpoint_errors(b32_files, tmp_path):
         get_encoder("clip-vit-l-14", device="meta", checkpoint=str(b32_files / "b32.safetensors"))
 
 
+def test_clip_checkpoint_with_python_objects(tmp_path):
+    """A training script's torch.save of its args beside the weights (or of the whole model): the error passed on
+    torch's first line, its advice to unpickle the file (cut off, in terminal escapes), which no option here does."""
+    import argparse
+
+    from rdm_fast.encoders.clip import read_state_dict
+
+    path = tmp_path / "run.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(ValueError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert "holds Python objects besides tensors (argparse.Namespace)" in message and "state_dict()" in message
+    assert "\x1b" not in message and "can still be loaded" not in message
+
+
 @pytest.fixture
 def empty_caches(tmp_path, monkeypatch):
     """Point the Hugging Face hub cache and ~/.cache/clip at empty folders (for the CLIP tests)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -157,6 +158,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # every reader raises its own types for damaged files
+        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if unsafe:  # torch's advice (in terminal escapes) to unpickle it, which no rdm_fast option does
+            raise ValueError(f"CLIP checkpoint {path} holds Python objects besides tensors ({unsafe.group(1)}), "
+                             "which are not unpickled: save the model's state_dict() alone (torch.save or "
+                             "safetensors)") from exc
         first_line = (str(exc).strip().splitlines() or [""])[0][:120]
         raise ValueError(f"cannot read CLIP checkpoint {path} (expected an open_clip/OpenAI state dict as "
                          f".safetensors, .pt or .bin, or OpenAI's TorchScript .pt): {type(exc).__name__}: "
