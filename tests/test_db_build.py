@@ -427,6 +427,17 @@ def test_rerun_of_a_finished_build_does_not_build_the_encoder(image_dir, tmp_pat
         build_database(with_weights, encoder=SPEC, encoder_checkpoint=str(weights), **kw)
 
 
+def test_missing_encoder_checkpoint_is_named(image_dir, tmp_path):
+    """A mistyped --encoder-checkpoint failed in its hashing with a bare "PATH: No such file or directory", which
+    did not say which option (--images and --list are named); a folder gave "PATH: Is a directory"."""
+    kw = dict(images=image_dir, crop_size=32, workers=0, device="cpu", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"encoder checkpoint \(--encoder-checkpoint\) .*w\.pt does not exist"):
+        build_database(tmp_path / "db", encoder=SPEC, encoder_checkpoint=str(tmp_path / "w.pt"), **kw)
+    with pytest.raises(FileNotFoundError, match=r"\(--encoder-checkpoint\) .* is a directory"):
+        build_database(tmp_path / "db", encoder=SPEC, encoder_checkpoint=str(image_dir), **kw)
+    assert not (tmp_path / "db").exists()
+
+
 def test_rerun_repairs_a_finished_build_with_a_damaged_shard(image_dir, tmp_path, caplog):
     """A finished database whose shard file was truncated or lost: the rerun of its build said "nothing to do", then
     everything refused the database, asking for a rebuild. It computes those shards again, to the same bytes."""

@@ -816,6 +816,9 @@ def build_database(out: str | Path, *, encoder: Encoder | str, images: str | Pat
     dev = process_device(device)
     files_per_shard = max(1, shard_size // crops_per_image)
     n_shards = -(-len(sources) // files_per_shard)
+    if encoder_checkpoint and not Path(encoder_checkpoint).is_file():  # named before its hash's bare OSError
+        raise FileNotFoundError(f"encoder checkpoint (--encoder-checkpoint) {encoder_checkpoint} "
+                                f"{not_a_file(encoder_checkpoint)}")
     checkpoint = Path(encoder_checkpoint).resolve() if encoder_checkpoint else None
     limit = current_max_image_pixels()  # the process's (set_max_image_pixels; the command line's option)
     config: dict[str, Any] = {
