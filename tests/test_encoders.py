@@ -300,6 +300,22 @@ def test_clip_checkpoint_errors(b32_files, tmp_path):
         get_encoder("clip-vit-l-14", device="meta", checkpoint=str(b32_files / "b32.safetensors"))
 
 
+def test_clip_checkpoint_wrappers(tmp_path):
+    """Training frameworks wrap the weights: {"state_dict": ...} (open_clip's training, Lightning) was read, timm's
+    and DeiT's {"model": ..., "epoch": ...} was refused as holding no state dict; a file that fits neither now names
+    the entries that are not tensors."""
+    from rdm_fast.encoders.clip import read_state_dict
+
+    weights = {"module.w": torch.zeros(2), "b": torch.ones(1)}
+    for wrapper in ("state_dict", "model"):
+        torch.save({wrapper: weights, "epoch": 3}, tmp_path / "w.pt")
+        assert read_state_dict(tmp_path / "w.pt").keys() == {"w", "b"}
+    torch.save({"ema": weights, "epoch": 3}, tmp_path / "w.pt")
+    with pytest.raises(ValueError, match=r"does not hold a state dict of tensors \(entries that are not tensors: "
+                                         r"ema, epoch\)"):
+        read_state_dict(tmp_path / "w.pt")
+
+
 def test_clip_checkpoint_with_python_objects(tmp_path):
     """A training script's torch.save of its args beside the weights (or of the whole model): the error passed on
     torch's first line, its advice to unpickle the file (cut off, in terminal escapes), which no option here does."""

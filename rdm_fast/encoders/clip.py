@@ -19,9 +19,10 @@ the CPU and move it to the GPU in float32: ``sample`` and ``db search`` build th
 (:func:`rdm_fast.encoders.query_encoder`).
 
 Weights, in order: ``checkpoint=`` a local file (open_clip/OpenAI state dict as .safetensors, .bin/.pt/.pth,
-or OpenAI's TorchScript .pt); else, with ``pretrained=True``, the ``openai`` weights if open_clip already
-cached them (Hugging Face hub cache, or ``~/.cache/clip`` for the OpenAI URL download). Nothing is ever
-downloaded here. The OpenAI models use QuickGELU, so the architecture is built with it.
+possibly under a "state_dict" or "model" key and with DDP's "module." prefixes, or OpenAI's TorchScript .pt);
+else, with ``pretrained=True``, the ``openai`` weights if open_clip already cached them (Hugging Face hub cache,
+or ``~/.cache/clip`` for the OpenAI URL download). Nothing is ever downloaded here. The OpenAI models use
+QuickGELU, so the architecture is built with it.
 """
 
 from __future__ import annotations
@@ -167,10 +168,14 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"cannot read CLIP checkpoint {path} (expected an open_clip/OpenAI state dict as "
                          f".safetensors, .pt or .bin, or OpenAI's TorchScript .pt): {type(exc).__name__}: "
                          f"{first_line}") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # training scripts' {"state_dict": ..., "epoch": ...} (timm's: "model")
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"CLIP checkpoint {path} does not hold a state dict of tensors")
+        keys = [str(k) for k, v in state.items() if not isinstance(v, Tensor)][:5] if isinstance(state, dict) else []
+        raise ValueError(f"CLIP checkpoint {path} does not hold a state dict of tensors"
+                         + (f" (entries that are not tensors: {', '.join(keys)})" if keys else ""))
     return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items() if k not in _NON_PARAMETERS}
 
 
