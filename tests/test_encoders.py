@@ -191,6 +191,17 @@ def test_clip_text_tower(clip_b32):
     assert clip_b32.image_size == 224
 
 
+def test_clip_warns_of_captions_it_cuts(clip_b32, caplog):
+    """A caption longer than CLIP's 77-token context was cut to its first 75 tokens without a word (OpenAI's
+    clip.tokenize, which the reference called, refused it): the rest of a long prompt changed nothing."""
+    with caplog.at_level("WARNING", logger="rdm_fast"):
+        clip_b32.encode_text(["word " * 75, "a red car"])
+    assert not caplog.records  # 75 tokens and the two ends fit
+    with caplog.at_level("WARNING", logger="rdm_fast"):
+        clip_b32.encode_text(["word " * 76, "a red car", "word " * 90])
+    assert "2 caption(s) longer than CLIP's 75 tokens (up to 90): only their first 75 tokens" in caplog.text
+
+
 def test_clip_towers_use_quick_gelu(clip_b32):
     """OpenAI's CLIP weights were trained with QuickGELU, x * sigmoid(1.702 x), which open_clip's ViT configs
     replace with exact GELU unless asked: with the released weights, GELU gives other embeddings, silently."""

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._files import not_a_file
-from .base import Encoder, EncoderUnavailable
+from .base import Encoder, EncoderUnavailable, log
 
 IMAGE_SIZE = 224
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -94,7 +94,15 @@ class ClipEncoder(Encoder):
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:
-        tokens = self.tokenizer(self.check_texts(texts))
+        texts = self.check_texts(texts)
+        encode = getattr(self.tokenizer, "encode", None)  # open_clip's SimpleTokenizer: its tokens without the ends
+        if encode is not None:
+            limit = getattr(self.tokenizer, "context_length", 77) - 2  # the start and end tokens
+            lengths = [n for n in map(len, map(encode, texts)) if n > limit]
+            if lengths:  # the tokenizer cuts them silently (OpenAI's clip.tokenize refused them)
+                log.warning("%s: %d caption(s) longer than CLIP's %d tokens (up to %d): only their first %d tokens "
+                            "are embedded", self.name, len(lengths), limit, max(lengths), limit)
+        tokens = self.tokenizer(texts)
         return cast(_Towers, self.model).encode_text(tokens.to(self.device)).float()
 
 
