@@ -327,6 +327,21 @@ def test_clip_checkpoint_wrappers(tmp_path):
         read_state_dict(tmp_path / "w.pt")
 
 
+def test_clip_checkpoint_safetensors_by_content(tmp_path):
+    """A safetensors file without the suffix (a Hugging Face hub blob, a renamed download) went to torch.load, whose
+    error advised unpickling it with weights_only=False; so did any damaged bytes."""
+    from safetensors.torch import save_file
+
+    from rdm_fast.encoders.clip import read_state_dict
+
+    save_file({"w": torch.arange(3.0)}, str(tmp_path / "blob"))
+    assert torch.equal(read_state_dict(tmp_path / "blob")["w"], torch.arange(3.0))
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="cannot read CLIP checkpoint") as info:
+        read_state_dict(tmp_path / "noise.pt")
+    assert "weights_only" not in str(info.value) and "not a torch file of tensors" in str(info.value)
+
+
 def test_clip_checkpoint_with_python_objects(tmp_path):
     """A training script's torch.save of its args beside the weights (or of the whole model): the error passed on
     torch's first line, its advice to unpickle the file (cut off, in terminal escapes), which no option here does."""

@@ -142,6 +142,14 @@ def _unavailable(name: str, arch: str) -> EncoderUnavailable:
         f"or pass a local weights file (--encoder-checkpoint PATH)")
 
 
+def _is_safetensors(path: Path) -> bool:
+    """By name, or by content (a little-endian header size, then the JSON header): a hub blob has no suffix."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        return f.read(9)[8:] == b"{"
+
+
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -156,7 +164,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise FileNotFoundError(f"CLIP checkpoint {path} {not_a_file(path)}")
     state: object  # what the file holds, checked below
     try:
-        if path.suffix == ".safetensors":
+        if _is_safetensors(path):
             from safetensors.torch import load_file
 
             state = load_file(str(path))
@@ -173,6 +181,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                              "which are not unpickled: save the model's state_dict() alone (torch.save or "
                              "safetensors)") from exc
         first_line = (str(exc).strip().splitlines() or [""])[0][:120]
+        if "weights only load failed" in first_line.lower():  # torch's advice to unpickle: not for damaged bytes
+            first_line = "not a torch file of tensors"
         raise ValueError(f"cannot read CLIP checkpoint {path} (expected an open_clip/OpenAI state dict as "
                          f".safetensors, .pt or .bin, or OpenAI's TorchScript .pt): {type(exc).__name__}: "
                          f"{first_line}") from exc
