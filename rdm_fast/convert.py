@@ -62,12 +62,17 @@ def _holding(out: Path) -> Iterator[None]:
     """Hold ``--out`` while the model is written into it: a second conversion into the folder meanwhile is refused,
     instead of deleting this one's temporary files as stale and replacing the files it reported written (or pairing
     its config with the other's weights). The lock file goes with the lock: the folder holds only the model."""
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     lock = OutDirLock(out)
     try:
         yield
     finally:
         (out / LOCK_FILE).unlink(missing_ok=True)
         lock.release()
+        for folder in made:  # a conversion that failed before it wrote (values beyond --dtype) leaves none
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 def _export_official(args: argparse.Namespace, weights: Path, out: Path) -> Path:

@@ -81,13 +81,9 @@ T = TypeVar("T")
 
 def on_own_device(method: Callable[Concatenate[RDM, P], T]) -> Callable[Concatenate[RDM, P], T]:
     """Run an ``RDM`` method with the model's GPU current (:func:`~rdm_fast.models.layers.current_device`): its
-    sampler steps and CUDA graphs as well as the networks' kernels. ValueError for weights in a precision the
-    kernels do not run (float64, after ``.double()``: a kernel's "unsupported dtype" named no cause)."""
+    sampler steps and CUDA graphs as well as the networks' kernels."""
     @functools.wraps(method)
     def wrapper(self: RDM, *args: P.args, **kwargs: P.kwargs) -> T:
-        if self.dtype not in RUN_DTYPES:
-            raise ValueError(f"{method.__name__}: the model's weights are {self.dtype}, but it runs in float32, "
-                             "float16 or bfloat16: convert it with .float(), .half() or .to(torch.bfloat16)")
         with current_device(self.device):
             return method(self, *args, **kwargs)
     return wrapper
@@ -220,6 +216,13 @@ class RDM(nn.Module):
         """The UNet's weight precision (the first stage runs in it too)."""
         return self.unet.input_conv.weight.dtype
 
+    def _check_precision(self, what: str) -> None:
+        """ValueError for weights in a precision the kernels do not run (float64, after ``.double()``: a kernel's
+        "unsupported dtype" error named no cause)."""
+        if self.dtype not in RUN_DTYPES:
+            raise ValueError(f"{what}: the model's weights are {self.dtype}, but it runs in float32, float16 or "
+                             "bfloat16: convert it with .float(), .half() or .to(torch.bfloat16)")
+
     # ------------------------------------------------------------------ autoencoder
     def encode(self, images: Tensor, *, sample: bool = True,
                generator: Generators = None,
@@ -235,6 +238,7 @@ class RDM(nn.Module):
     def encode_moments(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> the first stage's deterministic output (fp32): the KL posterior's
         (mean, log-variance), or the VQ pre-quantisation latent. :meth:`latents` turns it into latents."""
+        self._check_precision("encode")
         dd = self.config.first_stage_config.ddconfig
         f = dd.downsample_factor
         _check_tensor(images, "encode: images", f"(B, {dd.in_channels}, H, W)", self.device)
@@ -283,6 +287,7 @@ class RDM(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents (B, C, h, w) -> images in [-1, 1] (fp32). VQ models snap to the codebook first.
         TypeError unless ``z`` is a tensor, ValueError for a batch of 0 (as :meth:`sample`)."""
+        self._check_precision("decode")
         _check_tensor(z, "decode: latents", f"(B, {self.config.channels}, h, w)", self.device)
         if z.dim() != 4 or z.shape[1] != self.config.channels or not z.shape[2] or not z.shape[3]:
             raise ValueError(f"decode: latents must be (B, {self.config.channels}, h, w) with h, w >= 1, got "
@@ -365,6 +370,7 @@ class RDM(nn.Module):
         which convolutions use NHWC kernels and the tokens of each spatial transformer are views of the feature
         maps (no layout copies).
         """
+        self._check_precision("sample")
         self.check_context(context)
         run = self.config.sampling.resolve(steps, sampler, eta, guidance_scale)
         if size is not None:
