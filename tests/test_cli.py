@@ -1372,18 +1372,24 @@ def test_sample_with_text_and_image_queries(tiny_dir, tmp_path, hash_encoder, mo
     assert sizes[-1] == 40  # the database's crop size
 
 
+class _Recorder:
+    """A stream that keeps each write's text in ``writes``: how many writes a message took."""
+
+    def __init__(self, writes: list[str]) -> None:
+        self.writes = writes
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
 def test_error_and_interrupt_lines_are_single_writes(monkeypatch):
     """Under torchrun the processes share one stderr: each message goes out in one write with its newline (print's
     separate newline let two processes' error lines run together in CI)."""
     writes: list[str] = []
-
-    class Recorder:
-        def write(self, text: str) -> int:
-            writes.append(text)
-            return len(text)
-
-        def flush(self) -> None:
-            pass
 
     def fails(argv):
         raise ValueError("bad input\nsecond line")
@@ -1393,7 +1399,7 @@ def test_error_and_interrupt_lines_are_single_writes(monkeypatch):
 
     monkeypatch.delenv("RDM_FAST_DEBUG", raising=False)
     monkeypatch.setattr("rdm_fast._cli.setup_logging", lambda: None)  # no log handler left on the recorder
-    monkeypatch.setattr(sys, "stderr", Recorder())
+    monkeypatch.setattr(sys, "stderr", _Recorder(writes))
     assert run(fails, []) == 2 and run(interrupted, []) == 130
     assert writes == ["error: bad input second line\n", "interrupted\n"]
     monkeypatch.setenv("RDM_FAST_DEBUG", "1")  # the traceback instead of the line
@@ -1412,15 +1418,7 @@ def test_log_lines_are_single_writes(monkeypatch):
 
     writes: list[str] = []
 
-    class Recorder:
-        def write(self, text: str) -> int:
-            writes.append(text)
-            return len(text)
-
-        def flush(self) -> None:
-            pass
-
-    handler = _TqdmHandler(Recorder())
+    handler = _TqdmHandler(_Recorder(writes))
     handler.setFormatter(logging.Formatter("[rank 1] %(name)s: %(message)s"))
     handler.emit(logging.LogRecord("rdm_fast.train", logging.WARNING, __file__, 1, "a warning", None, None))
     assert [w for w in writes if w] == ["[rank 1] rdm_fast.train: a warning\n"]
