@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import warnings
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import SOURCE_CHECKOUT
 from . import checkpoint as ckpt
-from ._files import LOCK_FILE, naming_failed_writes
+from ._files import LOCK_FILE, make_dirs, naming_failed_writes
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .ops import FastPathUnavailable, get_mode
@@ -341,6 +342,36 @@ class OutDirLock:
         _HELD_LOCKS.discard(self)
         self._held = False
         self._file.close()
+
+
+@contextmanager
+def holding(folder: Path, out: str | Path, option: str = "--out", *, keep_lock_file: bool = True) -> Iterator[None]:
+    """Hold ``out`` (``option`` in the error that refuses a second run) by an :class:`OutDirLock` in ``folder``
+    (its progress folder, or itself) while the body runs (rank 0 under torchrun): a second run into it would
+    rewrite or delete the first's files. A run that leaves nothing in ``folder`` but the lock file (or nothing at
+    all: ``keep_lock_file=False`` removes it, for an output that must hold only its own files) leaves no folder
+    behind, nor the empty folders made for it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        make_dirs(folder)
+    except NotADirectoryError as e:  # a file above it
+        raise CLIError(f"{option} {out}: {e}") from None
+    lock = OutDirLock(folder, out, option)
+    try:
+        yield
+    finally:
+        if not keep_lock_file:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+        if folder.is_dir() and [p.name for p in folder.iterdir()] in ([], [LOCK_FILE]):
+            shutil.rmtree(folder)
+            for parent in made[1:]:
+                if any(parent.iterdir()):
+                    break
+                parent.rmdir()
+        lock.release()
 
 
 def _still_at(fd: int, path: Path) -> bool:

@@ -13,18 +13,17 @@ training checkpoint of ``python -m rdm_fast.train`` the UNet's training weights 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import yaml
 
 from . import RDM
 from . import checkpoint as ckpt
-from ._cli import CLIError, HelpFormatter, OutDirLock, check_out_dir, one_process, parse_args, run, summary
-from ._files import LOCK_FILE, atomic_write, remove_stale_temps
+from ._cli import CLIError, HelpFormatter, check_out_dir, holding, one_process, parse_args, run, summary
+from ._files import atomic_write, remove_stale_temps
 from .config import preset_names
 
 log = logging.getLogger("rdm_fast.convert")
@@ -57,24 +56,6 @@ def _check_not_in_place(weights: Path, out: Path, to: str) -> None:
                        "model.ckpt written: choose another folder")
 
 
-@contextlib.contextmanager
-def _holding(out: Path) -> Iterator[None]:
-    """Hold ``--out`` while the model is written into it: a second conversion into the folder meanwhile is refused,
-    instead of deleting this one's temporary files as stale and replacing the files it reported written (or pairing
-    its config with the other's weights). The lock file goes with the lock: the folder holds only the model."""
-    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
-    lock = OutDirLock(out)
-    try:
-        yield
-    finally:
-        (out / LOCK_FILE).unlink(missing_ok=True)
-        lock.release()
-        for folder in made:  # a conversion that failed before it wrote (values beyond --dtype) leaves none
-            if any(folder.iterdir()):
-                break
-            folder.rmdir()
-
-
 def _export_official(args: argparse.Namespace, weights: Path, out: Path) -> Path:
     training = (weights.parent / ckpt.TRAIN_WEIGHTS_FILE).is_file()  # raw UNet weights beside the EMA ones
     train_state: dict[str, Any] = ckpt.read_train_state(weights.parent / ckpt.TRAIN_STATE_FILE) if training else \
@@ -98,7 +79,8 @@ def _export_official(args: argparse.Namespace, weights: Path, out: Path) -> Path
     ema = RDM.from_pretrained(weights, args.config, allow_pickle=args.allow_pickle) if training else None
     state = ckpt.cast_floats(official_checkpoint(raw, ema, train_state["ema_updates"], decay), DTYPES[args.dtype],
                              keep={"model_ema.decay"})
-    with _holding(out):
+    with holding(out, out, keep_lock_file=False):  # a second conversion meanwhile would delete this one's
+        # temporary files as stale and replace the files it reported written
         remove_stale_temps(out, ["model.ckpt", "config.yaml"])  # what a killed export left there
         # never a pair of one model's weights and another's config, even if killed midway: the old weights go
         # first, and the new weights come last (a folder without model.ckpt fails to load, loudly)
@@ -138,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("wrote %s and config.yaml (%s)", path, args.dtype)
         return 0
     model = RDM.from_pretrained(weights, args.config, use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
-    with _holding(Path(args.out)):
+    with holding(Path(args.out), args.out, keep_lock_file=False):
         path = model.save_pretrained(args.out, dtype=DTYPES[args.dtype])
     n = sum(t.numel() for t in model.state_dict().values())
     log.info("wrote %s (%s tensors, %s values, %s)", path, len(model.state_dict()), f"{n:,}", args.dtype)

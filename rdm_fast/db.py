@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Sequence
 
@@ -25,10 +24,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ._cli import (CLIError, HelpFormatter, OutDirLock, add_max_image_pixels, one_process, parse_args,
-                   run, summary)
+from ._cli import CLIError, HelpFormatter, add_max_image_pixels, holding, one_process, parse_args, run, summary
 from ._distributed import process_device
-from ._files import LOCK_FILE, atomic_save_npy, atomic_write, make_dirs, not_a_file, remove_stale_temps
+from ._files import atomic_save_npy, atomic_write, make_dirs, not_a_file, remove_stale_temps
 from .encoders import EncoderUnavailable, query_encoder, resolve_encoder
 from .images import contact_sheet
 from .retrieval import (Database, add_index, build_database, compute_neighbors, import_npz, proposal_ranking,
@@ -188,39 +186,12 @@ def _unavailable(spec: str, e: EncoderUnavailable) -> str:
     return str(e) if repr(spec) in str(e) else f"encoder {spec!r} is unavailable: {e}"
 
 
-@contextlib.contextmanager
-def _progress_lock(progress: Path, out: str, option: str = "--out") -> Iterator[None]:
-    """Hold ``--out`` ``out`` (``option`` in the error that refuses a second run) by the lock in its progress
-    folder ``progress`` while the body runs (rank 0 under torchrun): a second run into it would rewrite or delete
-    the files of the first. A run that stops before it
-    writes any progress leaves no progress folder behind, nor the empty folders made for it."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        yield
-        return
-    made = [p for p in (progress, *progress.parents) if not p.exists()]  # deepest first
-    try:
-        make_dirs(progress)
-    except NotADirectoryError as e:  # a file above it
-        raise CLIError(f"--out {out}: {e}") from None
-    lock = OutDirLock(progress, out, option)
-    try:
-        yield
-    finally:
-        if progress.is_dir() and [p.name for p in progress.iterdir()] == [LOCK_FILE]:
-            shutil.rmtree(progress)
-            for folder in made[1:]:
-                if any(folder.iterdir()):
-                    break
-                folder.rmdir()
-        lock.release()
-
-
 def _build_lock(out: str) -> contextlib.AbstractContextManager[None]:
-    """A build's hold on ``--out`` (:func:`_progress_lock` of its progress folder): a second build into it would
+    """A build's hold on ``--out`` (:func:`~rdm_fast._cli.holding` its progress folder): a second build into it would
     delete the first's temporary files and race it to the manifest."""
     if Path(out).exists() and not Path(out).is_dir():
         raise CLIError(f"--out {out} is a file, not a folder")
-    return _progress_lock(Path(out) / PROGRESS, out)
+    return holding(Path(out) / PROGRESS, out)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -497,7 +468,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     path = locate_database(args.db)
     # the lock a build of the database holds: a second index run (or a build) meanwhile deleted this one's
     # temporary index file as stale
-    with _progress_lock(path / PROGRESS, args.db, "database"):
+    with holding(path / PROGRESS, args.db, "database"):
         entry = add_index(path, args.kind, train_size=args.train_size, seed=args.seed, progress=not args.no_progress,
                           **params)
     print(f"{args.db}: {entry['kind']} index written to {entry['file']}")
@@ -518,7 +489,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     if args.dedup_threshold is not None and not -1 <= args.dedup_threshold <= 1:
         raise CLIError(f"--dedup-threshold is a cosine similarity in [-1, 1], got {args.dedup_threshold}")
     resume_dir = Path(f"{args.out}.progress")  # the results so far: a killed run continues from them
-    with _progress_lock(resume_dir, args.out):  # one run at a time: a second would rewrite the files the first maps
+    with holding(resume_dir, args.out):  # one run at a time: a second would rewrite the files the first maps
         # the temporary files a killed run's writes left (the lock keeps other runs off these names)
         remove_stale_temps(resume_dir)
         for file in neighbor_files(args.out) + ([Path(args.top_m_out)] if args.top_m_out else []):
